@@ -1,0 +1,1 @@
+"""Loopformer: transformers with built-in looped circuits."""

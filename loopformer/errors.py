@@ -1,0 +1,21 @@
+"""User-facing errors: each carries one line that names the field and the fix.
+
+The CLI catches `LoopformerError`, prints `error: <message>` and exits with status 2, so a user
+never sees a stack trace from deep inside JAX for a mistake they made.
+"""
+
+
+class LoopformerError(Exception):
+    """Base class for errors caused by user input (configs, files, flags)."""
+
+
+class ConfigError(LoopformerError):
+    """A config key, value, type or shape is invalid."""
+
+
+class DataError(LoopformerError):
+    """A data source or task setting is invalid."""
+
+
+class CheckpointError(LoopformerError):
+    """A checkpoint is missing, corrupt, or belongs to a different model."""
