@@ -1,0 +1,5 @@
+import sys
+
+from loopformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,430 @@
+"""Synthetic reasoning tasks with exact reference solvers.
+
+Every task draws one example as a full token list ``S = prompt + answer`` and packs it as next-token
+data: ``inputs = S[:-1]``, ``targets = S[1:]``, ``mask = 1.0`` where the target is an answer token,
+all right-padded with PAD (= 0) to ``seq_len``. ``difficulty`` is a task-specific positive integer
+(hops, bits, digits); ``seq_len(max_difficulty)`` is the padded length for a difficulty range.
+
+Tasks are built from the YAML key ``data.task_args`` with ``make_task(name, **task_args)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import string
+from typing import Any, ClassVar
+
+import numpy as np
+
+from loopformer.errors import DataError
+
+PAD = 0
+_NAMES = string.ascii_uppercase + string.ascii_lowercase + string.digits
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def _register(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def _check_int(field: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise DataError(f"{field} must be an integer, got {value!r}")
+    if value < lo:
+        raise DataError(f"{field} must be >= {lo}, got {value}")
+
+
+def _pack(seq: list[int] | np.ndarray, answer_start: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Next-token arrays for ``seq``, whose answer is ``seq[answer_start:]``, padded to ``seq_len``."""
+    n = len(seq) - 1
+    if n > seq_len:
+        raise ValueError(f"example needs seq_len >= {n}, got {seq_len}")
+    out = {
+        "inputs": np.zeros(seq_len, np.int32),
+        "targets": np.zeros(seq_len, np.int32),
+        "mask": np.zeros(seq_len, np.float32),
+    }
+    out["inputs"][:n] = seq[:-1]
+    out["targets"][:n] = seq[1:]
+    out["mask"][answer_start - 1 : n] = 1.0
+    return out
+
+
+def _tokens(inputs: np.ndarray) -> list[int]:
+    return [int(t) for t in np.asarray(inputs).ravel() if t != PAD]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Task(abc.ABC):
+    """A synthetic task: random generator, exact solver and renderer. Token id 0 is PAD."""
+
+    name: ClassVar[str]
+    difficulty_meaning: ClassVar[str] = "difficulty"
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids (all tokens are < vocab_size)."""
+
+    @abc.abstractmethod
+    def seq_len(self, max_difficulty: int) -> int:
+        """Padded length T of examples with difficulty <= max_difficulty."""
+
+    def max_difficulty(self) -> tuple[int | None, str]:
+        """Largest possible difficulty (None: unbounded) and the fix to suggest when exceeded."""
+        return None, ""
+
+    def validate_difficulty(self, lo: int, hi: int) -> None:
+        """Raise DataError unless 1 <= lo <= hi <= the task's largest possible difficulty."""
+        _check_int("difficulty (low end)", lo, 1)
+        _check_int("difficulty (high end)", hi, 1)
+        if lo > hi:
+            raise DataError(f"difficulty [{lo}, {hi}] is empty; write it as [low, high] with low <= high")
+        top, fix = self.max_difficulty()
+        if top is not None and hi > top:
+            raise DataError(
+                f"difficulty [{lo}, {hi}] is impossible for {self.name}: {self.difficulty_meaning} "
+                f"must be in [1, {top}]; lower the difficulty or {fix}"
+            )
+
+    def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
+        """One example: ``inputs``/``targets`` int32 [seq_len], ``mask`` float32 [seq_len]."""
+        seq, answer_start = self._sequence(rng, int(difficulty))
+        return _pack(seq, answer_start, seq_len)
+
+    @abc.abstractmethod
+    def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int] | np.ndarray, int]:
+        """Full token list S and the index in S where the answer starts."""
+
+    @abc.abstractmethod
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        """Reference solver: the answer tokens, computed from one example's inputs alone."""
+
+    def answer(self, example: dict[str, np.ndarray]) -> list[int]:
+        """The answer tokens stored in an example (its targets where mask == 1)."""
+        return [int(t) for t in np.asarray(example["targets"])[np.asarray(example["mask"]) > 0]]
+
+    @abc.abstractmethod
+    def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
+        """Short human-readable form of one example's prompt (and answer, if given)."""
+
+
+@_register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PointerChase(Task):
+    """Find the root of a node in a random forest of parent pointers.
+
+    Input: one edge ``child parent SEP`` per node in random order (every node has exactly one
+    outgoing edge; roots point to themselves), then ``QUERY q EQ root``. The only answer token is
+    ``root`` (target of the final EQ). Vocab: PAD=0, SEP=1, QUERY=2, EQ=3, node symbols
+    4..4+num_symbols-1; each example names its num_nodes nodes with distinct random symbols.
+    ``difficulty`` d = hops from q to its root (1 <= d <= num_nodes-1). Distractors are chains of
+    1..d hops (exactly d half the time, when the nodes left suffice), lone roots, and leaves hung
+    off nodes of depth < d, so no tree is deeper than d and "root of the deepest chain" is no
+    shortcut, unless num_nodes < 2*(d+1) leaves no room for a second chain of d hops.
+    T = 3*num_nodes + 3 for every d.
+    """
+
+    name: ClassVar[str] = "pointer_chase"
+    difficulty_meaning: ClassVar[str] = "hops from the query to its root"
+    num_nodes: int = 20
+    num_symbols: int = 32
+    SEP: ClassVar[int] = 1
+    QUERY: ClassVar[int] = 2
+    EQ: ClassVar[int] = 3
+    FIRST: ClassVar[int] = 4
+
+    def __post_init__(self) -> None:
+        _check_int("data.task_args.num_nodes", self.num_nodes, 2)
+        _check_int("data.task_args.num_symbols", self.num_symbols, 2)
+        if self.num_symbols < self.num_nodes:
+            raise DataError(
+                f"data.task_args.num_symbols={self.num_symbols} must be >= num_nodes={self.num_nodes}; "
+                "raise num_symbols or lower num_nodes"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.FIRST + self.num_symbols
+
+    def seq_len(self, max_difficulty: int) -> int:
+        return 3 * self.num_nodes + 3
+
+    def max_difficulty(self) -> tuple[int | None, str]:
+        return self.num_nodes - 1, "raise data.task_args.num_nodes"
+
+    def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[np.ndarray, int]:
+        n, d = self.num_nodes, difficulty
+        # Nodes 0..d are the query chain 0 -> 1 -> ... -> d (root); the rest are distractors.
+        parent = list(range(1, d + 1)) + [d] + [0] * (n - d - 1)
+        depth = list(range(d, -1, -1)) + [0] * (n - d - 1)
+        open_ = list(range(1, d + 1))  # nodes of depth < d: they may take a child
+        u = rng.random((n, 3)).tolist()
+        k = d + 1
+        while k < n:
+            left, (a, b, c) = n - k, u[k]
+            if left >= 2 and (k == d + 1 or a < 0.4):  # a chain of d hops half the time, else 1..d
+                hops = min(d if b < 0.5 else 1 + int(c * d), left - 1)
+                parent[k : k + hops + 1] = [*range(k + 1, k + hops + 1), k + hops]
+                depth[k : k + hops + 1] = range(hops, -1, -1)
+                open_ += range(k + (hops == d), k + hops + 1)
+                k += hops + 1
+                continue
+            if a < 0.5:  # a lone root
+                parent[k], depth[k] = k, 0
+                open_.append(k)
+            else:  # a leaf hanging off a random node of depth < d
+                p = open_[int(b * len(open_))]
+                parent[k], depth[k] = p, depth[p] + 1
+                if depth[k] < d:
+                    open_.append(k)
+            k += 1
+        sym = rng.permutation(self.num_symbols)[:n] + self.FIRST
+        order = rng.permutation(n)
+        edges = np.stack([sym[order], sym[np.array(parent)[order]], np.full(n, self.SEP)], axis=1)
+        seq = np.concatenate([edges.ravel(), [self.QUERY, sym[0], self.EQ, sym[d]]])
+        return seq, len(seq) - 1
+
+    def parse(self, inputs: np.ndarray) -> tuple[dict[int, int], int]:
+        """The parent map {child: parent} and the query node of one example's inputs."""
+        toks = _tokens(inputs)
+        q = toks.index(self.QUERY)
+        edges = toks[:q]
+        if len(edges) % 3 or any(t != self.SEP for t in edges[2::3]):
+            raise ValueError("edges are not a sequence of 'child parent SEP' triples")
+        parent = dict(zip(edges[0::3], edges[1::3], strict=True))
+        if len(parent) != len(edges) // 3:
+            raise ValueError("a node has more than one outgoing edge")
+        return parent, toks[q + 1]
+
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        parent, node = self.parse(inputs)
+        for _ in range(len(parent)):
+            if parent[node] == node:
+                return [node]
+            node = parent[node]
+        raise ValueError("the query does not reach a root (cycle)")
+
+    def _name(self, t: int) -> str:
+        i = t - self.FIRST
+        return _NAMES[i] if i < len(_NAMES) else f"<{i}>"
+
+    def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
+        parent, q = self.parse(inputs)
+        edges = " ".join(f"{self._name(c)}>{self._name(p)}" for c, p in parent.items())
+        root = self._name(answer[0]) if answer else "?"
+        return f"{edges} | root({self._name(q)}) = {root}"
+
+
+@_register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixParity(Task):
+    """Running parity of a bit string (the prefix-sums task of Bansal et al., 2022).
+
+    Input ``BOS b1..bn SEP p1..pn`` with p_i = (b1 + ... + bi) mod 2; the n answer tokens are the
+    p's, and an example is correct only if all of them are. Vocab: PAD=0, BOS=1, SEP=2, bit 0=3,
+    bit 1=4. ``difficulty`` = n bits. T = 2*max_difficulty + 1.
+    """
+
+    name: ClassVar[str] = "prefix_parity"
+    difficulty_meaning: ClassVar[str] = "number of bits"
+    BOS: ClassVar[int] = 1
+    SEP: ClassVar[int] = 2
+    ZERO: ClassVar[int] = 3
+
+    @property
+    def vocab_size(self) -> int:
+        return 5
+
+    def seq_len(self, max_difficulty: int) -> int:
+        return 2 * max_difficulty + 1
+
+    def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
+        bits = rng.integers(0, 2, difficulty)
+        parity = np.cumsum(bits) % 2
+        seq = [self.BOS, *(bits + self.ZERO).tolist(), self.SEP, *(parity + self.ZERO).tolist()]
+        return seq, difficulty + 2
+
+    def _bits(self, inputs: np.ndarray) -> list[int]:
+        toks = _tokens(inputs)
+        bits = [t - self.ZERO for t in toks[1 : toks.index(self.SEP)]]
+        if toks[0] != self.BOS or not bits or any(b not in (0, 1) for b in bits):
+            raise ValueError("inputs do not start with 'BOS bits SEP'")
+        return bits
+
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        out, p = [], 0
+        for b in self._bits(inputs):
+            p ^= b
+            out.append(p + self.ZERO)
+        return out
+
+    def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
+        bits = "".join(map(str, self._bits(inputs)))
+        ans = "".join(str(t - self.ZERO) for t in answer) if answer is not None else "?"
+        return f"{bits} | {ans}"
+
+
+@_register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PHop(Task):
+    """p-hop induction (Sanford et al., 2024; used by Saunshi et al., 2025 for looped models).
+
+    Input ``BOS H_p x1..xn EQ ans`` over an alphabet of ``alphabet`` symbols, n = ``length``. Start
+    at the last position; a hop goes to the previous occurrence of the current token and then one
+    step right (to the token that followed it); after p hops the token there is the single answer.
+    Every hop is guaranteed to exist and to move left (the chain is planted right to left). H_p
+    states p, since p varies inside a difficulty range. Vocab: PAD=0, BOS=1, EQ=2, symbols
+    3..3+alphabet-1, then H_1..H_{length-2}. ``difficulty`` = p (1 <= p <= length-2).
+    T = length + 3 for every p.
+    """
+
+    name: ClassVar[str] = "p_hop"
+    difficulty_meaning: ClassVar[str] = "hops p"
+    length: int = 64
+    alphabet: int = 4
+    BOS: ClassVar[int] = 1
+    EQ: ClassVar[int] = 2
+    FIRST: ClassVar[int] = 3
+
+    def __post_init__(self) -> None:
+        _check_int("data.task_args.length", self.length, 3)
+        _check_int("data.task_args.alphabet", self.alphabet, 2)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.FIRST + self.alphabet + self.length - 2
+
+    def seq_len(self, max_difficulty: int) -> int:
+        return self.length + 3
+
+    def max_difficulty(self) -> tuple[int | None, str]:
+        return self.length - 2, "raise data.task_args.length"
+
+    def _hop_token(self, p: int) -> int:
+        return self.FIRST + self.alphabet + p - 1
+
+    def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
+        n, a, p = self.length, self.alphabet, difficulty
+        u, free, other = rng.random(n), rng.integers(0, a, n), rng.integers(0, a - 1, n)
+        x = [0] * n
+        x[-1] = int(free[-1])
+        cur, hops = n - 1, 0
+        for i in range(n - 2, -1, -1):
+            s = x[cur]
+            # Hop here with at least chance 1/a, surely once the hops left fill the positions left.
+            if hops < p and i < cur - 1 and u[i] < max(1 / a, (p - hops) / (i + 1)):
+                x[i], cur, hops = s, i + 1, hops + 1
+            elif hops < p:  # still searching for s: any other symbol
+                o = int(other[i])
+                x[i] = o + (o >= s)
+            else:
+                x[i] = int(free[i])
+        sym = [t + self.FIRST for t in x]
+        seq = [self.BOS, self._hop_token(p), *sym, self.EQ, sym[cur]]
+        return seq, len(seq) - 1
+
+    def parse(self, inputs: np.ndarray) -> tuple[list[int], int]:
+        """The symbol tokens x1..xn and the hop count p of one example's inputs."""
+        toks = _tokens(inputs)
+        p = toks[1] - self._hop_token(1) + 1
+        x = toks[2 : toks.index(self.EQ)]
+        if toks[0] != self.BOS or not 1 <= p <= self.length - 2 or len(x) != self.length:
+            raise ValueError("inputs do not read 'BOS H_p x1..xn EQ'")
+        return x, p
+
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        x, p = self.parse(inputs)
+        cur = len(x) - 1
+        for hop in range(1, p + 1):
+            j = cur - 1
+            while j >= 0 and x[j] != x[cur]:
+                j -= 1
+            if j < 0 or j + 1 == cur:
+                raise ValueError(f"hop {hop} of {p} is undefined (no earlier occurrence that moves left)")
+            cur = j + 1
+        return [x[cur]]
+
+    def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
+        x, p = self.parse(inputs)
+        name = lambda t: _NAMES[26 + t - self.FIRST] if t - self.FIRST < 36 else f"<{t - self.FIRST}>"
+        ans = name(answer[0]) if answer else "?"
+        return f"{''.join(map(name, x))} | hop{p} = {ans}"
+
+
+@_register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Addition(Task):
+    """Addition of two d-digit numbers, digits reversed (least significant first).
+
+    Input ``BOS a_rev PLUS b_rev EQ c_rev``: a and b have exactly d digits (no leading zero unless
+    d = 1); the answer c = a + b is written with d+1 digits (leading zero kept), reversed, all d+1
+    of them answer tokens. Vocab: PAD=0, BOS=1, PLUS=2, EQ=3, digits 0..9 = 4..13.
+    ``difficulty`` = d. T = 3*max_difficulty + 3 (shorter examples are padded).
+    """
+
+    name: ClassVar[str] = "addition"
+    difficulty_meaning: ClassVar[str] = "digits per operand"
+    BOS: ClassVar[int] = 1
+    PLUS: ClassVar[int] = 2
+    EQ: ClassVar[int] = 3
+    ZERO: ClassVar[int] = 4
+
+    @property
+    def vocab_size(self) -> int:
+        return self.ZERO + 10
+
+    def seq_len(self, max_difficulty: int) -> int:
+        return 3 * max_difficulty + 3
+
+    def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
+        d = difficulty
+        a, b = rng.integers(0, 10, (2, d)).tolist()  # least significant digit first
+        if d > 1:
+            a[-1], b[-1] = rng.integers(1, 10, 2).tolist()
+        c, carry = [], 0
+        for i in range(d):
+            carry, digit = divmod(a[i] + b[i] + carry, 10)
+            c.append(digit)
+        c.append(carry)
+        z = self.ZERO
+        seq = [self.BOS, *(t + z for t in a), self.PLUS, *(t + z for t in b), self.EQ, *(t + z for t in c)]
+        return seq, 2 * d + 3
+
+    def parse(self, inputs: np.ndarray) -> tuple[list[int], list[int]]:
+        """The reversed digit lists of a and b from one example's inputs."""
+        toks = _tokens(inputs)
+        plus, eq = toks.index(self.PLUS), toks.index(self.EQ)
+        a, b = [t - self.ZERO for t in toks[1:plus]], [t - self.ZERO for t in toks[plus + 1 : eq]]
+        if toks[0] != self.BOS or not a or not b or any(not 0 <= t <= 9 for t in a + b):
+            raise ValueError("inputs do not read 'BOS a_rev PLUS b_rev EQ'")
+        return a, b
+
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        a, b = self.parse(inputs)
+        width = max(len(a), len(b)) + 1
+        total = int("".join(map(str, a[::-1]))) + int("".join(map(str, b[::-1])))
+        return [int(c) + self.ZERO for c in str(total).zfill(width)[::-1]]
+
+    def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
+        a, b = self.parse(inputs)
+        c = "".join(str(t - self.ZERO) for t in answer[::-1]) if answer is not None else "?"
+        return f"{''.join(map(str, a[::-1]))}+{''.join(map(str, b[::-1]))}={c}"
+
+
+def make_task(name: str, **kwargs: Any) -> Task:
+    """Build the task ``name`` from ``data.task_args``; DataError on an unknown name or argument."""
+    cls = TASKS.get(name)
+    if cls is None:
+        raise DataError(f"data.task={name!r} is not a task; valid tasks: {', '.join(sorted(TASKS))}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in kwargs:
+        if key not in valid:
+            raise DataError(
+                f"data.task_args.{key} is not an option of task {name!r}; "
+                f"valid options: {', '.join(valid) or 'none'}"
+            )
+    return cls(**kwargs)

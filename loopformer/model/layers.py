@@ -1,0 +1,129 @@
+"""Transformer building blocks: RoPE, causal attention, MLP, and the pre-/sandwich-norm block.
+
+Shapes: B batch, T sequence, W width of the stream the block lives in (d_model for prelude and coda,
+w_c inside a circuit), N heads, H head dim (W = N * H), F MLP hidden width.
+
+Every kernel carries logical axis names (``sharding`` metadata) so `loopformer.parallel` can map
+them onto a device mesh with one rules table; on one device they are inert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def normal_init(std: float, names: Sequence[str | None]) -> Any:
+    """A normal(std) initializer tagged with logical axis names."""
+    return nnx.with_partitioning(nnx.initializers.normal(std), tuple(names))
+
+
+def zeros_init(names: Sequence[str | None]) -> Any:
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), tuple(names))
+
+
+def rope(x_BTNH: Array, positions_BT: Array, base: float) -> Array:
+    """Rotary position embedding (rotate-half form) applied to queries or keys."""
+    half = x_BTNH.shape[-1] // 2
+    freq_H = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BTH = positions_BT[..., None].astype(jnp.float32) * freq_H
+    sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def attention_mask(segment_ids_BT: Array | None) -> Array | None:
+    """[B, 1, T, T] mask that keeps attention inside a packed document (causality is added apart)."""
+    if segment_ids_BT is None:
+        return None
+    return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with RoPE; no biases."""
+
+    def __init__(self, width: int, heads: int, *, std: float, out_std: float, rope_base: float,
+                 dtype: Any, rngs: nnx.Rngs):
+        self.heads, self.head_dim, self.rope_base = heads, width // heads, rope_base
+        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
+        self.qkv = nnx.Linear(width, 3 * width, kernel_init=normal_init(std, ("embed", "heads")), **kw)
+        self.out = nnx.Linear(width, width, kernel_init=normal_init(out_std, ("heads", "embed")), **kw)
+
+    def __call__(self, x_BTW: Array, positions_BT: Array, mask: Array | None) -> Array:
+        B, T, W = x_BTW.shape
+        q, k, v = jnp.split(self.qkv(x_BTW).reshape(B, T, 3 * self.heads, self.head_dim), 3, axis=2)
+        q, k = rope(q, positions_BT, self.rope_base), rope(k, positions_BT, self.rope_base)
+        y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        return self.out(y_BTNH.reshape(B, T, W))
+
+
+class MLP(nnx.Module):
+    """GELU MLP (W -> F -> W) or SwiGLU (gate * up, F hidden)."""
+
+    def __init__(self, width: int, hidden: int, kind: str, *, std: float, out_std: float, dtype: Any,
+                 rngs: nnx.Rngs):
+        self.kind = kind
+        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
+        n_in = 2 if kind == "swiglu" else 1
+        self.up = nnx.Linear(width, n_in * hidden, kernel_init=normal_init(std, ("embed", "mlp")), **kw)
+        self.down = nnx.Linear(hidden, width, kernel_init=normal_init(out_std, ("mlp", "embed")), **kw)
+
+    def __call__(self, x_BTW: Array) -> Array:
+        u = self.up(x_BTW)
+        if self.kind == "swiglu":
+            gate, u = jnp.split(u, 2, axis=-1)
+            return self.down(jax.nn.silu(gate) * u)
+        return self.down(jax.nn.gelu(u))
+
+
+class Block(nnx.Module):
+    """x + Attn(norm(x)), then + MLP(norm(x)). ``sandwich`` also normalises each sublayer's output
+    before it is added (Gemma-2 / Huginn style), which keeps deep unrolls bounded."""
+
+    def __init__(self, width: int, heads: int, hidden: int, *, mlp: str, norm: str, std: float,
+                 out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs):
+        self.sandwich = norm == "sandwich"
+        nk = dict(dtype=dtype, rngs=rngs, scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
+        self.attn_norm = nnx.RMSNorm(width, **nk)
+        self.attn = Attention(width, heads, std=std, out_std=out_std, rope_base=rope_base, dtype=dtype,
+                              rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(width, **nk)
+        self.mlp = MLP(width, hidden, mlp, std=std, out_std=out_std, dtype=dtype, rngs=rngs)
+        if self.sandwich:
+            self.attn_post_norm = nnx.RMSNorm(width, **nk)
+            self.mlp_post_norm = nnx.RMSNorm(width, **nk)
+
+    def __call__(self, x_BTW: Array, positions_BT: Array, mask: Array | None = None) -> Array:
+        a = self.attn(self.attn_norm(x_BTW), positions_BT, mask)
+        x_BTW = x_BTW + (self.attn_post_norm(a) if self.sandwich else a)
+        m = self.mlp(self.mlp_norm(x_BTW))
+        return x_BTW + (self.mlp_post_norm(m) if self.sandwich else m)
+
+
+def stacked(make: Any, count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Build ``count`` independent copies of ``make(rngs)`` with their parameters stacked on a
+    new leading axis (one compiled layer body instead of ``count``)."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(r: nnx.Rngs) -> nnx.Module:
+        return make(r)
+
+    return build(rngs)
+
+
+def run_stack(stack: nnx.Module, x_BTW: Array, positions_BT: Array, mask: Array | None) -> Array:
+    """Apply a stacked block module layer by layer (``lax.scan`` over the leading axis)."""
+    graphdef, state = nnx.split(stack)
+
+    def layer(x: Array, layer_state: Any) -> tuple[Array, None]:
+        return nnx.merge(graphdef, layer_state)(x, positions_BT, mask), None
+
+    return jax.lax.scan(layer, x_BTW, state)[0]

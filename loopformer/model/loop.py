@@ -1,0 +1,188 @@
+"""Loop mechanics: run a weight-tied step a *runtime* number of times, and sample that number.
+
+The loop count ``n`` is a traced int32, never a Python constant, so one compiled program serves
+every count. Truncated backprop (depth ``k``, static) splits the loop in two:
+
+    h <- step(h)   n - k times   in lax.fori_loop, under stop_gradient   (memory O(1) in n)
+    h <- step(h)   k times       in lax.scan with jax.checkpoint          (memory O(k))
+
+When n < k the scan masks its surplus steps (h passes through unchanged), so exactly n steps run.
+With k = 0 the whole loop is a fori_loop (inference: any n in 1..1000, one program).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+DISTRIBUTIONS = ("fixed", "uniform", "poisson_lognormal")
+
+
+@dataclass(frozen=True)
+class LoopDistribution:
+    """Training distribution of one circuit's loop count.
+
+    - ``fixed(n)``: always n.
+    - ``uniform(a, b)``: integers a..b inclusive.
+    - ``poisson_lognormal(mean, sigma)``: tau ~ N(log(mean) - sigma^2/2, sigma), n = Poisson(e^tau) + 1
+      (Geiping et al. 2025); E[e^tau] = mean, so E[n] = mean + 1 before the cap.
+    Every draw is clipped to [1, cap].
+    """
+
+    kind: str
+    a: float
+    b: float = 0.0
+    cap: int = 64
+
+    @staticmethod
+    def parse(text: str | int, cap: int = 64) -> LoopDistribution:
+        """Parse ``8``, ``"fixed(8)"``, ``"uniform(2, 8)"`` or ``"poisson_lognormal(8, 0.5)"``;
+        raises ValueError with the accepted forms."""
+        if isinstance(text, int | str) and not isinstance(text, bool) and str(text).strip().isdigit():
+            text = f"fixed({int(text)})"
+        m = re.fullmatch(r"\s*(\w+)\s*\(\s*([-\d.eE+]+)\s*(?:,\s*([-\d.eE+]+)\s*)?\)\s*", str(text))
+        forms = "an int, 'fixed(n)', 'uniform(a, b)' or 'poisson_lognormal(mean, sigma)'"
+        if not m or m.group(1) not in DISTRIBUTIONS:
+            raise ValueError(f"{text!r} is not a loop distribution; use {forms}")
+        kind, a, b = m.group(1), float(m.group(2)), m.group(3)
+        if (kind == "fixed") != (b is None):
+            raise ValueError(f"{text!r}: wrong number of arguments; use {forms}")
+        dist = LoopDistribution(kind, a, float(b) if b is not None else 0.0, cap)
+        dist.validate()
+        return dist
+
+    def validate(self) -> None:
+        if self.cap < 1:
+            raise ValueError(f"cap must be >= 1, got {self.cap}")
+        if self.kind == "fixed" and (self.a < 1 or self.a != int(self.a)):
+            raise ValueError(f"fixed(n) needs an integer n >= 1, got {self.a}")
+        if self.kind == "uniform" and not (1 <= self.a <= self.b and self.a == int(self.a) and self.b == int(self.b)):
+            raise ValueError(f"uniform(a, b) needs integers 1 <= a <= b, got ({self.a}, {self.b})")
+        if self.kind == "poisson_lognormal" and not (self.a > 0 and self.b >= 0):
+            raise ValueError(f"poisson_lognormal(mean, sigma) needs mean > 0, sigma >= 0, got ({self.a}, {self.b})")
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return f"fixed({int(self.a)})"
+        fmt = (lambda v: str(int(v))) if self.kind == "uniform" else (lambda v: f"{v:g}")
+        return f"{self.kind}({fmt(self.a)}, {fmt(self.b)})"
+
+    def mean(self) -> float:
+        """Expected count before the cap (used to scale initialisation by the effective depth)."""
+        if self.kind == "fixed":
+            return self.a
+        if self.kind == "uniform":
+            return (self.a + self.b) / 2
+        return self.a + 1.0
+
+    def typical_max(self) -> int:
+        """A count the distribution rarely exceeds (cap-limited); used for display only."""
+        if self.kind == "fixed":
+            return int(self.a)
+        if self.kind == "uniform":
+            return int(self.b)
+        return min(self.cap, int(math.ceil(self.a * math.exp(2 * self.b))) + 1)
+
+    def sample(self, key: Array) -> Array:
+        """One draw as an int32 scalar (jit-friendly)."""
+        if self.kind == "fixed":
+            n = jnp.asarray(int(self.a), jnp.int32)
+        elif self.kind == "uniform":
+            n = jax.random.randint(key, (), int(self.a), int(self.b) + 1, dtype=jnp.int32)
+        else:
+            k_tau, k_n = jax.random.split(key)
+            tau = jnp.log(self.a) - self.b**2 / 2 + self.b * jax.random.normal(k_tau, ())
+            n = jax.random.poisson(k_n, jnp.exp(tau), dtype=jnp.int32) + 1
+        return jnp.clip(n, 1, self.cap).astype(jnp.int32)
+
+
+def sample_loop_counts(dists: list[LoopDistribution] | tuple[LoopDistribution, ...], seed: int | Array, step: int | Array) -> Array:
+    """Loop counts for every circuit at a training step: int32 [num_circuits].
+
+    A pure function of (seed, step): every host draws the same counts, and a resumed run replays
+    exactly the counts of the run it continues.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0x100F), seed), step)
+    return jnp.stack([d.sample(jax.random.fold_in(key, i)) for i, d in enumerate(dists)])
+
+
+# ----------------------------------------------------------------------------- iteration
+
+StepFn = Callable[[PyTree, Array], Array]
+
+
+def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int) -> Array:
+    """h_n = step^n(h0), with gradient through the last ``min(n, k)`` steps only.
+
+    Args:
+      step: ``step(consts, h) -> h``, the weight-tied loop body. Everything it closes over must be
+        in ``consts`` so the no-gradient part can cut it explicitly.
+      consts: pytree of arrays the body reads (weights, the injected input e).
+      h0: initial state, any shape.
+      n: int32 scalar loop count (traced).
+      k: static truncation depth; 0 means "no gradient needed" (a single fori_loop).
+    """
+    n = jnp.asarray(n, jnp.int32)
+    if k == 0:
+        return jax.lax.fori_loop(0, n, lambda _, h: step(consts, h), h0)
+    n_free = jnp.maximum(n - k, 0)
+    consts_ng = jax.lax.stop_gradient(consts)
+    h = jax.lax.fori_loop(0, n_free, lambda _, h: step(consts_ng, h), jax.lax.stop_gradient(h0))
+    # Keep h0's gradient path when nothing ran without gradient (n <= k): h0 enters the scan directly.
+    h = jnp.where(n_free > 0, jax.lax.stop_gradient(h), h0)
+    body = jax.checkpoint(step)
+    n_grad = jnp.minimum(n, k)
+
+    def grad_step(h: Array, i: Array) -> tuple[Array, None]:
+        return jnp.where(i < n_grad, body(consts, h), h), None
+
+    return jax.lax.scan(grad_step, h, jnp.arange(k))[0]
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+TRACE_STATS = ("rel_change", "state_norm", "token_cosine")
+
+
+def state_stats(h_prev: Array, h: Array) -> Array:
+    """[3] diagnostics of one iteration for a state h: [B, T, W]:
+
+    - rel_change: mean over tokens of ||h_i - h_{i-1}|| / max(||h_i||, ||h_{i-1}||) (in [0, 2];
+      equals ||h_i - h_{i-1}|| / ||h_{i-1}|| near a fixed point, and stays finite from a zero start);
+    - state_norm: mean per-token norm ||h_i||;
+    - token_cosine: mean cosine similarity between distinct tokens of a sequence (1 = collapse).
+    """
+    h, h_prev = h.astype(jnp.float32), h_prev.astype(jnp.float32)
+    norm = jnp.linalg.norm(h, axis=-1)
+    denom = jnp.maximum(jnp.maximum(norm, jnp.linalg.norm(h_prev, axis=-1)), 1e-12)
+    rel = jnp.mean(jnp.linalg.norm(h - h_prev, axis=-1) / denom)
+    u = h / jnp.maximum(norm, 1e-12)[..., None]
+    T = h.shape[-2]
+    total = jnp.sum(jnp.sum(u, axis=-2) ** 2, axis=-1)  # ||sum_t u_t||^2 = T + sum_{s != t} cos
+    cos = jnp.mean((total - T) / max(T * (T - 1), 1))
+    return jnp.stack([rel, jnp.mean(norm), cos])
+
+
+def iterate_traced(step: StepFn, consts: PyTree, h0: Array, n: Array, trace_len: int) -> tuple[Array, Array]:
+    """Like ``iterate(..., k=0)`` but also records `state_stats` of iterations 1..trace_len:
+    returns (h_n, trace [trace_len, 3]); rows past n are NaN."""
+    trace0 = jnp.full((trace_len, len(TRACE_STATS)), jnp.nan, jnp.float32)
+
+    def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        h, trace = carry
+        h_new = step(consts, h)
+        row = state_stats(h, h_new)
+        trace = jax.lax.dynamic_update_slice(trace, row[None], (jnp.minimum(i, trace_len - 1), 0))
+        trace = jnp.where(i < trace_len, trace, carry[1])
+        return h_new, trace
+
+    return jax.lax.fori_loop(0, jnp.asarray(n, jnp.int32), body, (h0, trace0))

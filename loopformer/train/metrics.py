@@ -1,0 +1,179 @@
+"""Metric logging: `<run_dir>/metrics.jsonl`, tensorboard event files under `<run_dir>/tb/`, and the
+console progress line.
+
+Event files are written with tensorboard's own `EventFileWriter` (tensorflow is not needed).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class MetricsWriter:
+    """Writes scalars to <run_dir>/metrics.jsonl (one JSON object per line: {"step": int, "<name>": float,
+    ...}) and tensorboard event files under <run_dir>/tb/.
+
+    Resuming a run appends to metrics.jsonl and starts a new event file. With `enabled=False` (non-main
+    processes) every call is a no-op and nothing is written.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._jsonl: Any = None
+        self._tb: EventFileWriter | None = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+            self._tb = EventFileWriter(str(self.run_dir / TB_DIR), flush_secs=30)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """Logs `values` (names like "train/loss", "eval/2x/accuracy") at `step`."""
+        if self._tb is None:
+            return
+        step = int(step)
+        floats = {name: float(value) for name, value in values.items()}
+        self._jsonl.write(json.dumps({"step": step, **floats}) + "\n")
+        self._jsonl.flush()
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=name, simple_value=v) for name, v in floats.items()]
+        )
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def image(self, step: int, tag: str, png_bytes: bytes) -> None:
+        """Logs a PNG (e.g. a matplotlib plot) to tensorboard."""
+        if self._tb is None:
+            return
+        if png_bytes[:8] != _PNG_SIGNATURE:
+            raise ValueError(f"image {tag!r}: expected PNG bytes")
+        width, height = struct.unpack(">II", png_bytes[16:24])  # the IHDR chunk always comes first
+        image = summary_pb2.Summary.Image(height=height, width=width, encoded_image_string=png_bytes)
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=image)])
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        """Writes everything buffered so far to disk."""
+        if self._tb is not None:
+            self._jsonl.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the files; later calls are no-ops."""
+        if self._tb is not None:
+            self._jsonl.close()
+            self._tb.close()
+            self._jsonl = self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Parses <run_dir>/metrics.jsonl (an empty list if absent; a torn last line is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:  # only the last line can be cut short by a crash
+                raise
+    return records
+
+
+def read_tensorboard_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Reads every scalar under <run_dir>/tb/ back as {tag: [(step, value), ...]}.
+
+    Values are float32 (tensorboard's storage type); like tensorboard itself, points orphaned by a
+    resume from an earlier step are dropped.
+    """
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tb_dir = Path(run_dir) / TB_DIR
+    if not tb_dir.is_dir():
+        return {}
+    acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _format_rate(x: float) -> str:
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= threshold:
+            return f"{x / threshold:.1f}{suffix}"
+    return f"{x:.0f}"
+
+
+class ProgressLine:
+    """Formats the console progress line; the ETA extrapolates the wall time since construction."""
+
+    def __init__(self, total_steps: int, start_step: int, *, clock: Callable[[], float] = time.monotonic):
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self._clock = clock
+        self._start_time = clock()
+
+    def eta_seconds(self, step: int) -> float | None:
+        """Seconds left at the average pace since construction (None before the first step)."""
+        done, elapsed = step - self.start_step, self._clock() - self._start_time
+        if done <= 0 or elapsed <= 0:
+            return None
+        return max(self.total_steps - step, 0) * elapsed / done
+
+    def format(
+        self,
+        step: int,
+        metrics: Mapping[str, float],
+        tokens_per_s: float,
+        lr: float,
+        loops: Mapping[str, int],
+    ) -> str:
+        """One console line, e.g.
+
+        "step  120/2000 | loss 1.234 | acc 45.6% | 12.3k tok/s | lr 1.0e-03 | loops X=7 Y=3 | ETA 3m12s"
+
+        Metric names lose a "train/" prefix; accuracies are shown as percentages.
+        """
+        parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
+        for name, value in metrics.items():
+            name = name.removeprefix("train/")
+            if name in ("acc", "accuracy") or name.endswith("/accuracy"):
+                parts.append(f"{name.replace('accuracy', 'acc')} {100 * float(value):.1f}%")
+            else:
+                parts.append(f"{name} {float(value):.4g}")
+        parts.append(f"{_format_rate(tokens_per_s)} tok/s")
+        parts.append(f"lr {lr:.1e}")
+        if loops:
+            parts.append("loops " + " ".join(f"{k}={v}" for k, v in loops.items()))
+        eta = self.eta_seconds(step)
+        parts.append(f"ETA {'?' if eta is None else _format_duration(eta)}")
+        return " | ".join(parts)

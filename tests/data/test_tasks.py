@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+
+from loopformer.data.tasks import PAD, TASKS, Task, make_task
+from loopformer.errors import DataError
+
+# (task, task_args, difficulties, answer length for difficulty d)
+CASES = [
+    ("pointer_chase", {}, [1, 2, 5, 10, 19], lambda d: 1),
+    ("pointer_chase", {"num_nodes": 8, "num_symbols": 8}, [1, 3, 7], lambda d: 1),
+    ("prefix_parity", {}, [1, 3, 8, 20], lambda d: d),
+    ("p_hop", {}, [1, 4, 16, 62], lambda d: 1),
+    ("p_hop", {"length": 12, "alphabet": 2}, [1, 5, 10], lambda d: 1),
+    ("addition", {}, [1, 2, 5, 12], lambda d: d + 1),
+]
+
+
+def test_registry():
+    assert set(TASKS) == {"pointer_chase", "prefix_parity", "p_hop", "addition"}
+    for name, cls in TASKS.items():
+        assert cls.name == name and issubclass(cls, Task) and cls.__doc__
+
+
+@pytest.mark.parametrize("name,kwargs,diffs,answer_len", CASES)
+def test_generator_matches_solver(name, kwargs, diffs, answer_len):
+    task = make_task(name, **kwargs)
+    task.validate_difficulty(min(diffs), max(diffs))
+    seq_len = task.seq_len(max(diffs))
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        d = diffs[i % len(diffs)]
+        ex = task.example(rng, d, seq_len)
+        assert {k: (v.shape, v.dtype) for k, v in ex.items()} == {
+            "inputs": ((seq_len,), np.int32),
+            "targets": ((seq_len,), np.int32),
+            "mask": ((seq_len,), np.float32),
+        }
+        inputs, targets, mask = ex["inputs"], ex["targets"], ex["mask"]
+        assert task.solve(inputs) == task.answer(ex)
+        assert mask.sum() == answer_len(d) and set(np.unique(mask)) <= {0.0, 1.0}
+        n = int((inputs != PAD).sum())  # real tokens, then padding only
+        assert (inputs[:n] != PAD).all() and (inputs[n:] == PAD).all() and (targets[n:] == PAD).all()
+        np.testing.assert_array_equal(inputs[1:n], targets[: n - 1])  # next-token targets
+        assert mask[n - 1] == 1.0 and (mask[n:] == 0).all()  # the answer ends the sequence
+        assert inputs.min() >= 0 and max(inputs.max(), targets.max()) < task.vocab_size
+        assert isinstance(task.render(inputs), str) and isinstance(task.render(inputs, task.answer(ex)), str)
+
+
+@pytest.mark.parametrize("name,kwargs,diffs,answer_len", CASES)
+def test_deterministic_per_rng(name, kwargs, diffs, answer_len):
+    task = make_task(name, **kwargs)
+    seq_len = task.seq_len(max(diffs))
+    a = task.example(np.random.default_rng([3, 1]), diffs[-1], seq_len)
+    b = task.example(np.random.default_rng([3, 1]), diffs[-1], seq_len)
+    c = task.example(np.random.default_rng([3, 2]), diffs[-1], seq_len)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["inputs"], c["inputs"])
+
+
+def _depths(parent: dict[int, int]) -> dict[int, int]:
+    out = {}
+    for v in parent:
+        node, hops = v, 0
+        while parent[node] != node:
+            node, hops = parent[node], hops + 1
+            assert hops <= len(parent), "cycle that is not a root self-loop"
+        out[v] = hops
+    return out
+
+
+@pytest.mark.parametrize("d", [1, 3, 6, 12, 19])
+def test_pointer_chase_structure(d):
+    task = make_task("pointer_chase")
+    rng = np.random.default_rng(d)
+    ties = 0
+    for _ in range(100):
+        ex = task.example(rng, d, task.seq_len(d))
+        toks = ex["inputs"][: 3 * task.num_nodes].reshape(-1, 3)
+        assert (toks[:, 2] == task.SEP).all()
+        parent = dict(zip(toks[:, 0].tolist(), toks[:, 1].tolist(), strict=True))
+        assert len(parent) == task.num_nodes  # one outgoing edge per node, distinct names
+        assert set(parent.values()) <= set(parent)  # every parent is a node
+        depth = _depths(parent)  # every chain ends in a root that points to itself
+        q = int(ex["inputs"][3 * task.num_nodes + 1])
+        assert ex["inputs"][3 * task.num_nodes] == task.QUERY
+        assert depth[q] == d and max(depth.values()) == d
+        root = task.answer(ex)[0]
+        assert parent[root] == root and depth[root] == 0
+        roots_at_d = {_root(parent, v) for v, h in depth.items() if h == d}
+        ties += len(roots_at_d) > 1
+    if 2 * (d + 1) <= task.num_nodes:  # another chain of exactly d hops shows up regularly
+        assert ties >= 20
+
+
+def _root(parent: dict[int, int], v: int) -> int:
+    while parent[v] != v:
+        v = parent[v]
+    return v
+
+
+def test_p_hop_solver_checks_hops():
+    task = make_task("p_hop", length=6, alphabet=4)
+    a, b, c, d = (task.FIRST + i for i in range(4))
+    prompt = lambda p, x: np.array([task.BOS, task._hop_token(p), *x, task.EQ], np.int32)
+    x = [b, a, c, d, a, d]  # d (index 5) -> d at 3, then a (4) -> a at 1, then c (2) -> no earlier c
+    assert task.solve(prompt(1, x)) == [a]
+    assert task.solve(prompt(2, x)) == [c]
+    with pytest.raises(ValueError, match="hop 3"):
+        task.solve(prompt(3, x))
+    with pytest.raises(ValueError, match="hop 1"):
+        task.solve(prompt(1, [a, b, c, a, d, d]))  # the only earlier d is adjacent: no move
+
+
+def test_p_hop_answers_vary():
+    task = make_task("p_hop")
+    rng = np.random.default_rng(0)
+    answers = {task.answer(task.example(rng, 16, task.seq_len(16)))[0] for _ in range(50)}
+    assert len(answers) == task.alphabet
+
+
+def test_addition_and_parity_values():
+    add = make_task("addition")
+    rng = np.random.default_rng(0)
+    for d in (1, 3, 9):
+        ex = add.example(rng, d, add.seq_len(9))
+        lhs, c = add.render(ex["inputs"], add.answer(ex)).split("=")
+        a, b = lhs.split("+")
+        assert len(a) == len(b) == d and len(c) == d + 1 and int(a) + int(b) == int(c)
+    par = make_task("prefix_parity")
+    ex = par.example(rng, 12, par.seq_len(12))
+    bits, parity = par.render(ex["inputs"], par.answer(ex)).split(" | ")
+    assert parity == "".join(str(int(s) % 2) for s in np.cumsum([int(b) for b in bits]))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,needle",
+    [
+        ("nope", {}, "pointer_chase"),
+        ("pointer_chase", {"num_nodez": 3}, "num_nodez"),
+        ("pointer_chase", {"num_nodez": 3}, "num_symbols"),
+        ("pointer_chase", {"num_nodes": 40}, "num_symbols"),
+        ("pointer_chase", {"num_nodes": "20"}, "num_nodes"),
+        ("pointer_chase", {"num_nodes": 1}, "num_nodes"),
+        ("p_hop", {"alphabet": 1}, "alphabet"),
+        ("p_hop", {"length": 2.5}, "length"),
+        ("addition", {"digits": 3}, "digits"),
+    ],
+)
+def test_bad_task_args(name, kwargs, needle):
+    with pytest.raises(DataError, match=needle):
+        make_task(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,lo,hi,needle",
+    [
+        ("pointer_chase", 1, 20, "num_nodes"),
+        ("p_hop", 2, 63, "length"),
+        ("addition", 0, 3, "difficulty"),
+        ("prefix_parity", 4, 2, "difficulty"),
+        ("prefix_parity", 1, 2.0, "difficulty"),
+    ],
+)
+def test_impossible_difficulty(name, lo, hi, needle):
+    with pytest.raises(DataError, match=needle):
+        make_task(name).validate_difficulty(lo, hi)

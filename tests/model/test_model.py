@@ -1,0 +1,192 @@
+"""The looped transformer: unrolled equivalence, gates, slices, parameter counts, no recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.analysis.evaluate import Evaluator
+from loopformer.config import CircuitConfig, ModelConfig, StageConfig
+from loopformer.model.layers import run_stack
+from loopformer.model.transformer import build_model
+
+VOCAB = 17
+
+
+def two_circuit_cfg(mode="slice", inject="add", init="zeros", norm="pre", **x_kw):
+    x = CircuitConfig(name="X", depth=1, width=16, heads=2, read=mode, write=mode, inject=inject, init=init,
+                      loops="uniform(2, 5)", eval_loops=3, backprop=2, **x_kw)
+    y = CircuitConfig(name="Y", depth=2, width=16, heads=2, read=mode, write=mode, inject=inject, init=init,
+                      loops="fixed(2)", eval_loops=2, backprop=2)
+    return ModelConfig(d_model=32, heads=2, prelude=1, coda=1, norm=norm, stages=[StageConfig([x, y])])
+
+
+def randomize_writes(model, seed=1):
+    """At init, writes are zero and blocks near-identity; give every kernel O(1/sqrt(fan_in)) values
+    so circuits change the output and more loops change it more."""
+    key = jax.random.key(seed)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and path[-1] == "kernel":
+            key, sub = jax.random.split(key)
+            var.value = jax.random.normal(sub, var.value.shape) / np.sqrt(var.value.shape[-2])
+    return model
+
+
+def tokens(b=2, t=12, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, VOCAB)
+
+
+def group_module(group, index):
+    """The modules of circuit ``index`` of a stacked group, as plain (unstacked) nnx modules."""
+    def take(module):
+        gd, st = nnx.split(module)
+        return nnx.merge(gd, jax.tree.map(lambda a: a[index], st))
+    return {name: take(getattr(group, name)) for name in ("blocks", "out_norm", "write")
+            if hasattr(group, name)} | ({"adapter": take(group.adapter)} if hasattr(group, "adapter") else {})
+
+
+def unrolled_forward(model, toks, loops):
+    """Reference forward pass with every loop written as a Python for-loop, block by block."""
+    B, T = toks.shape
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    x = model.embed(toks)
+    x = run_stack(model.prelude, x, pos, None)
+    for stage in model.stages:
+        xn = stage.norm(x)
+        update = jnp.zeros_like(x)
+        for group in stage.groups:
+            for i, name in enumerate(group.names):
+                mods = group_module(group, i)
+                o, w = group.offsets[i], group.width
+                e = xn[..., o:o + w]
+                h = jnp.zeros_like(e)
+                blocks_gd, blocks_st = nnx.split(mods["blocks"])
+                for _ in range(loops[name]):
+                    h = h + e
+                    for layer in range(group.depth):
+                        block = nnx.merge(blocks_gd, jax.tree.map(lambda a, layer=layer: a[layer], blocks_st))
+                        h = block(h, pos, None)
+                out = mods["write"](mods["out_norm"](h))
+                update = update.at[..., o:o + w].add(out)
+        x = x + update
+    x = run_stack(model.coda, x, pos, None)
+    return model.embed.attend(model.final_norm(x))
+
+
+@pytest.mark.parametrize("loops", [{"X": 1, "Y": 1}, {"X": 4, "Y": 2}, {"X": 7, "Y": 3}])
+def test_loop_equals_python_unrolled(loops):
+    model = randomize_writes(build_model(two_circuit_cfg(), VOCAB, seed=0))
+    toks = tokens()
+    got, _ = model(toks, loops=model.loop_vector(loops))
+    want = unrolled_forward(model, toks, loops)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    # The training path (fori + checkpointed scan) computes the same function.
+    got_train, _ = model(toks, loops=model.loop_vector(loops), train=True)
+    np.testing.assert_allclose(got_train, want, rtol=2e-4, atol=2e-4)
+
+
+def test_loops_change_the_output():
+    model = randomize_writes(build_model(two_circuit_cfg(), VOCAB, seed=0))
+    a, _ = model(tokens(), loops=model.loop_vector({"X": 2}))
+    b, _ = model(tokens(), loops=model.loop_vector({"X": 5}))
+    assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_param_count_independent_of_loop_counts():
+    base = build_model(two_circuit_cfg(), VOCAB, seed=0).param_counts()
+    cfg = two_circuit_cfg()
+    cfg.stages[0].circuits[0].loops = "poisson_lognormal(30, 0.5)"
+    cfg.stages[0].circuits[0].eval_loops = 50
+    assert build_model(cfg, VOCAB, seed=0).param_counts() == base
+    # Y (two blocks) has twice X's block parameters plus the same read/write/norm parameters.
+    assert base["Y"] > base["X"]
+
+
+def test_gate_zero_equals_model_without_circuit():
+    cfg = two_circuit_cfg(mode="project")
+    full = randomize_writes(build_model(cfg, VOCAB, seed=0))
+    only_x_cfg = two_circuit_cfg(mode="project")
+    only_x_cfg.stages[0].circuits = only_x_cfg.stages[0].circuits[:1]
+    only_x = build_model(only_x_cfg, VOCAB, seed=5)
+    # Copy every shared weight and X's weights into the model built without Y.
+    full_params = nnx.to_pure_dict(nnx.state(full))
+    small = nnx.to_pure_dict(nnx.state(only_x))
+    small = jax.tree.map(lambda a: a, small)
+    for key in small:
+        if key != "stages":
+            small[key] = full_params[key]
+    small["stages"][0]["norm"] = full_params["stages"][0]["norm"]
+    small["stages"][0]["groups"][0] = full_params["stages"][0]["groups"][0]  # X's group
+    nnx.update(only_x, small)
+    toks = tokens()
+    gated, _ = full(toks, gates=full.gate_vector(["Y"]))
+    ungated, _ = full(toks)
+    without, _ = only_x(toks)
+    np.testing.assert_allclose(gated, without, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(gated - ungated).max()) > 1e-3
+
+
+def test_fill_replaces_a_gated_circuit():
+    model = randomize_writes(build_model(two_circuit_cfg(mode="project"), VOCAB, seed=0))
+    toks = tokens()
+    fill = jnp.zeros((2, 32)).at[1].set(0.5)
+    a, _ = model(toks, gates=model.gate_vector(["Y"]), fill=fill)
+    b, _ = model(toks, gates=model.gate_vector(["Y"]))
+    assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_slice_circuits_touch_only_their_slice():
+    model = randomize_writes(build_model(two_circuit_cfg(), VOCAB, seed=0))
+    stage = model.stages[0]
+    x = jax.random.normal(jax.random.key(2), (2, 12, 32))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    loops = model.loop_vector()
+    for gates, cols in (([1.0, 0.0], slice(0, 16)), ([0.0, 1.0], slice(16, 32))):
+        y, _ = stage(x, pos, None, loops, jnp.asarray(gates), None, train=False, key=jax.random.key(0))
+        delta = np.abs(np.asarray(y - x))
+        outside = np.ones(32, bool)
+        outside[cols] = False
+        assert delta[..., cols].max() > 1e-4
+        assert delta[..., outside].max() == 0.0
+
+
+@pytest.mark.parametrize("inject,init,norm", [("concat", "noise", "sandwich"), ("none", "input", "pre")])
+def test_other_modes_run_and_are_finite(inject, init, norm):
+    model = randomize_writes(build_model(two_circuit_cfg(inject=inject, init=init, norm=norm), VOCAB, seed=0))
+    logits, aux = model(tokens(), loops=model.loop_vector({"X": 40}), trace_len=4)
+    assert logits.shape == (2, 12, VOCAB) and bool(jnp.all(jnp.isfinite(logits)))
+    assert aux["trace/X"].shape == (4, 3)
+
+
+def test_eval_loop_counts_and_gates_do_not_recompile():
+    model = build_model(two_circuit_cfg(), VOCAB, seed=0)
+    params = nnx.to_pure_dict(nnx.state(model))
+    toks = np.asarray(tokens())
+    batch = {"inputs": toks, "targets": toks, "mask": np.ones_like(toks, np.float32)}
+    ev = Evaluator(model)
+    for loops, ablate in [({}, ()), ({"X": 1}, ()), ({"X": 64, "Y": 9}, ()), ({"X": 1000}, ("Y",))]:
+        ev.evaluate(params, [batch], loops, ablate)
+    assert ev.compiles == 1
+
+
+def test_describe_uses_circuit_notation():
+    model = build_model(two_circuit_cfg(), VOCAB, seed=0)
+    text = model.describe()
+    assert "(X1)^3 ⊕ (Y1∘Y2)^2" in text
+    counts = model.param_counts()
+    assert f"{sum(counts.values()):,}" in text
+    assert "effective depth at these loops: 6 blocks" in text  # 1 + max(1*3, 2*2) + 1
+
+
+def test_stacked_group_runs_same_shape_circuits_batched():
+    x = CircuitConfig(name="A", width=8, heads=2, eval_loops=2)
+    y = CircuitConfig(name="B", width=8, heads=2, eval_loops=5)
+    z = CircuitConfig(name="C", width=16, heads=2, eval_loops=1)
+    cfg = ModelConfig(d_model=32, heads=2, prelude=0, coda=0, stages=[StageConfig([x, y, z])])
+    model = build_model(cfg, VOCAB, seed=0)
+    groups = model.stages[0].groups
+    assert [g.names for g in groups] == [["A", "B"], ["C"]]
+    assert groups[0].blocks.attn.qkv.kernel.value.shape[:2] == (2, 1)  # [circuit, depth, ...]
+    logits, _ = randomize_writes(model)(tokens())
+    assert bool(jnp.all(jnp.isfinite(logits)))

@@ -1,0 +1,115 @@
+"""Tests for loopformer.train.metrics."""
+
+import io
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopformer.train.metrics import MetricsWriter, ProgressLine, read_metrics, read_tensorboard_scalars
+
+
+def tiny_png() -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1, 0.5), dpi=40)
+    ax.plot([0, 1], [1, 0])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def test_jsonl_and_tensorboard_round_trip(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.scalars(1, {"train/loss": np.float32(2.5), "train/accuracy": jnp.asarray(0.25)})
+        writer.scalars(2, {"train/loss": 1.75})
+        writer.scalars(2, {"eval/2x/accuracy": 0.5})
+    records = read_metrics(tmp_path)
+    assert records == [
+        {"step": 1, "train/loss": 2.5, "train/accuracy": 0.25},
+        {"step": 2, "train/loss": 1.75},
+        {"step": 2, "eval/2x/accuracy": 0.5},
+    ]
+    raw = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert all(type(v) in (int, float) for line in raw for v in json.loads(line).values())
+    assert read_tensorboard_scalars(tmp_path) == {
+        "train/loss": [(1, 2.5), (2, 1.75)],
+        "train/accuracy": [(1, 0.25)],
+        "eval/2x/accuracy": [(2, 0.5)],
+    }
+
+
+def test_resume_appends(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.scalars(1, {"loss": 3.0})
+    with MetricsWriter(tmp_path) as writer:
+        writer.scalars(2, {"loss": 2.0})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert read_tensorboard_scalars(tmp_path) == {"loss": [(1, 3.0), (2, 2.0)]}
+
+
+def test_tensorboard_values_are_float32(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.scalars(0, {"lr": 1e-3})
+    [(step, value)] = read_tensorboard_scalars(tmp_path)["lr"]
+    assert step == 0 and value == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_image(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    png = tiny_png()
+    with MetricsWriter(tmp_path) as writer:
+        writer.image(5, "plots/loops", png)
+        with pytest.raises(ValueError, match="PNG"):
+            writer.image(5, "bad", b"not a png")
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    [event] = acc.Images("plots/loops")
+    assert (event.step, event.width, event.height, event.encoded_image_string) == (5, 40, 20, png)
+
+
+def test_flush_makes_lines_visible(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    writer.scalars(3, {"loss": 1.0})
+    writer.flush()
+    assert read_metrics(tmp_path) == [{"step": 3, "loss": 1.0}]
+    assert read_tensorboard_scalars(tmp_path) == {"loss": [(3, 1.0)]}
+    writer.close()
+    writer.close()
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    writer = MetricsWriter(run, enabled=False)
+    writer.scalars(1, {"loss": 1.0})
+    writer.image(1, "plot", tiny_png())
+    writer.flush()
+    writer.close()
+    assert not run.exists()
+    assert read_metrics(run) == [] and read_tensorboard_scalars(run) == {}
+
+
+def test_read_metrics_skips_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_progress_line():
+    now = [100.0]
+    line = ProgressLine(total_steps=2000, start_step=100, clock=lambda: now[0])
+    assert line.format(100, {"train/loss": 2.0}, 0.0, 1e-3, {}).endswith("ETA ?")
+    now[0] += 20.0  # 20 steps in 20 s -> 1880 steps left take 31m20s
+    text = line.format(120, {"train/loss": 1.2345, "train/accuracy": 0.456}, 12345.0, 1e-3, {"X": 7, "Y": 3})
+    assert text == (
+        "step  120/2000 | loss 1.234 | acc 45.6% | 12.3k tok/s | lr 1.0e-03 | loops X=7 Y=3 | ETA 31m20s"
+    )
+    assert "ETA 0s" in line.format(2000, {"loss": 0.1}, 1e6, 1e-4, {})
+    long_run = ProgressLine(10000, 0, clock=lambda: now[0])
+    now[0] += 2.0  # 9999 steps left at 2 s/step
+    assert long_run.format(1, {}, 950.0, 3e-4, {}).endswith("950 tok/s | lr 3.0e-04 | ETA 5h33m")
