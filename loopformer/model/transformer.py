@@ -113,10 +113,7 @@ class LoopedTransformer(nnx.Module):
         if self.coda is not None:
             x = run_stack(self.coda, x, positions_BT, mask)
         x = self.final_norm(x)
-        if self.head is None:
-            logits = self.embed.attend(x.astype(jnp.float32))
-        else:
-            logits = self.head(x)
+        logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
         return logits.astype(jnp.float32), aux
 
     # ------------------------------------------------------------------ description

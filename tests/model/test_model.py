@@ -1,5 +1,7 @@
 """The looped transformer: unrolled equivalence, gates, slices, parameter counts, no recompiles."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,12 @@ def randomize_writes(model, seed=1):
     return model
 
 
+@functools.partial(nnx.jit, static_argnames=("train", "trace_len"))
+def forward(model, toks, loops=None, gates=None, fill=None, train=False, trace_len=0):
+    """Jitted model call (eager op-by-op dispatch is ~100x slower on CPU)."""
+    return model(toks, loops=loops, gates=gates, fill=fill, train=train, trace_len=trace_len)
+
+
 def tokens(b=2, t=12, seed=0):
     return jax.random.randint(jax.random.key(seed), (b, t), 0, VOCAB)
 
@@ -46,6 +54,7 @@ def group_module(group, index):
             if hasattr(group, name)} | ({"adapter": take(group.adapter)} if hasattr(group, "adapter") else {})
 
 
+@functools.partial(nnx.jit, static_argnames=("loops",))
 def unrolled_forward(model, toks, loops):
     """Reference forward pass with every loop written as a Python for-loop, block by block."""
     B, T = toks.shape
@@ -62,7 +71,7 @@ def unrolled_forward(model, toks, loops):
                 e = xn[..., o:o + w]
                 h = jnp.zeros_like(e)
                 blocks_gd, blocks_st = nnx.split(mods["blocks"])
-                for _ in range(loops[name]):
+                for _ in range(dict(loops)[name]):
                     h = h + e
                     for layer in range(group.depth):
                         block = nnx.merge(blocks_gd, jax.tree.map(lambda a, layer=layer: a[layer], blocks_st))
@@ -78,18 +87,18 @@ def unrolled_forward(model, toks, loops):
 def test_loop_equals_python_unrolled(loops):
     model = randomize_writes(build_model(two_circuit_cfg(), VOCAB, seed=0))
     toks = tokens()
-    got, _ = model(toks, loops=model.loop_vector(loops))
-    want = unrolled_forward(model, toks, loops)
+    got, _ = forward(model, toks, loops=model.loop_vector(loops))
+    want = unrolled_forward(model, toks, tuple(loops.items()))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
     # The training path (fori + checkpointed scan) computes the same function.
-    got_train, _ = model(toks, loops=model.loop_vector(loops), train=True)
+    got_train, _ = forward(model, toks, loops=model.loop_vector(loops), train=True)
     np.testing.assert_allclose(got_train, want, rtol=2e-4, atol=2e-4)
 
 
 def test_loops_change_the_output():
     model = randomize_writes(build_model(two_circuit_cfg(), VOCAB, seed=0))
-    a, _ = model(tokens(), loops=model.loop_vector({"X": 2}))
-    b, _ = model(tokens(), loops=model.loop_vector({"X": 5}))
+    a, _ = forward(model, tokens(), loops=model.loop_vector({"X": 2}))
+    b, _ = forward(model, tokens(), loops=model.loop_vector({"X": 5}))
     assert float(jnp.abs(a - b).max()) > 1e-3
 
 
@@ -120,9 +129,9 @@ def test_gate_zero_equals_model_without_circuit():
     small["stages"][0]["groups"][0] = full_params["stages"][0]["groups"][0]  # X's group
     nnx.update(only_x, small)
     toks = tokens()
-    gated, _ = full(toks, gates=full.gate_vector(["Y"]))
-    ungated, _ = full(toks)
-    without, _ = only_x(toks)
+    gated, _ = forward(full, toks, gates=full.gate_vector(["Y"]))
+    ungated, _ = forward(full, toks)
+    without, _ = forward(only_x, toks)
     np.testing.assert_allclose(gated, without, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(gated - ungated).max()) > 1e-3
 
@@ -131,8 +140,8 @@ def test_fill_replaces_a_gated_circuit():
     model = randomize_writes(build_model(two_circuit_cfg(mode="project"), VOCAB, seed=0))
     toks = tokens()
     fill = jnp.zeros((2, 32)).at[1].set(0.5)
-    a, _ = model(toks, gates=model.gate_vector(["Y"]), fill=fill)
-    b, _ = model(toks, gates=model.gate_vector(["Y"]))
+    a, _ = forward(model, toks, gates=model.gate_vector(["Y"]), fill=fill)
+    b, _ = forward(model, toks, gates=model.gate_vector(["Y"]))
     assert float(jnp.abs(a - b).max()) > 1e-3
 
 
@@ -154,7 +163,7 @@ def test_slice_circuits_touch_only_their_slice():
 @pytest.mark.parametrize("inject,init,norm", [("concat", "noise", "sandwich"), ("none", "input", "pre")])
 def test_other_modes_run_and_are_finite(inject, init, norm):
     model = randomize_writes(build_model(two_circuit_cfg(inject=inject, init=init, norm=norm), VOCAB, seed=0))
-    logits, aux = model(tokens(), loops=model.loop_vector({"X": 40}), trace_len=4)
+    logits, aux = forward(model, tokens(), loops=model.loop_vector({"X": 40}), trace_len=4)
     assert logits.shape == (2, 12, VOCAB) and bool(jnp.all(jnp.isfinite(logits)))
     assert aux["trace/X"].shape == (4, 3)
 
@@ -188,5 +197,5 @@ def test_stacked_group_runs_same_shape_circuits_batched():
     groups = model.stages[0].groups
     assert [g.names for g in groups] == [["A", "B"], ["C"]]
     assert groups[0].blocks.attn.qkv.kernel.value.shape[:2] == (2, 1)  # [circuit, depth, ...]
-    logits, _ = randomize_writes(model)(tokens())
+    logits, _ = forward(randomize_writes(model), tokens())
     assert bool(jnp.all(jnp.isfinite(logits)))

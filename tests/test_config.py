@@ -1,0 +1,82 @@
+"""Config loading, overrides and the documented one-line errors."""
+
+import pytest
+import yaml
+
+from loopformer.config import Config, load_config
+from loopformer.errors import ConfigError
+
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def test_quickstart_loads_and_round_trips(tmp_path):
+    cfg = load_config(QUICKSTART)
+    assert cfg.run.name == "quickstart" and cfg.model.d_model == 64
+    circuits = cfg.to_dict()["model"]["stages"][0]["circuits"]
+    assert all({"name", "depth", "width"} <= set(c) for c in circuits)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_overrides_by_path_index_and_circuit_name():
+    cfg = load_config(QUICKSTART, ["train.steps=7", "model.stages.0.circuits.Y.eval_loops=9",
+                                   "model.stages.0.circuits.0.loops=poisson_lognormal(8, 0.5)",
+                                   "data.eval_splits={a: [2, 3]}", "run.dir=/tmp/x"])
+    assert cfg.train.steps == 7
+    assert cfg.model.stages[0].circuits[1].eval_loops == 9
+    assert str(cfg.model.stages[0].circuits[0].distribution()) == "poisson_lognormal(8, 0.5)"
+    assert cfg.data.eval_splits == {"a": [2, 3]}
+    assert str(cfg.run_dir) == "/tmp/x/quickstart"
+
+
+def test_defaults_are_valid():
+    assert isinstance(load_config(None), Config)
+
+
+def test_integer_loops_mean_fixed():
+    cfg = load_config(QUICKSTART, ["model.stages.0.circuits.X.loops=5"])
+    assert str(cfg.model.stages[0].circuits[0].distribution()) == "fixed(5)"
+
+
+BAD = [
+    (["train.stepz=3"], r"unknown config key 'train.stepz': did you mean 'steps'\?"),
+    (["model.d_model=abc"], r"model.d_model: expected int, got 'abc'"),
+    (["train.steps"], r"malformed override 'train.steps': write key=value"),
+    (["=3"], r"malformed override"),
+    (["model.heads=3"], r"model.d_model \(64\) must be divisible by model.heads \(3\)"),
+    (["model.stages.0.circuits.X.heads=3"], r"circuits.X.width \(32\) must be divisible by .*heads \(3\)"),
+    (["model.stages.0.circuits.X.width=16"], r"slice circuit widths 16 \+ 32 = 48 must sum to model.d_model = 64"),
+    (["model.stages.0.circuits.X.backprop=0"], r"circuits.X.backprop \(truncation depth k\) must be >= 1"),
+    (["model.stages.0.circuits.X.loops=uniform(8, 2)"], r"circuits.X.loops: uniform\(a, b\) needs"),
+    (["model.stages.0.circuits.X.loops=many"], r"circuits.X.loops: 'many' is not a loop distribution"),
+    (["model.stages.0.circuits.X.inject=mul"], r"circuits.X.inject: 'mul' is not one of add, concat, none"),
+    (["model.stages.0.circuits.X.read=project"], r"read and write must both be"),
+    (["model.stages.0.circuits.Y.name=X"], r"circuit name 'X' is used twice"),
+    (["model.stages.0.circuits.Z.depth=2"], r"'model.stages.0.circuits.Z' is not an index 0..1 or a name in \['X', 'Y'\]"),
+    (["data.train_difficulty=[3, 1]"], r"data.train_difficulty: expected \[lo, hi\] with 1 <= lo <= hi"),
+    (["data.batch_size=10", "train.grad_accum=3"], r"data.batch_size \(10\) must be divisible by train.grad_accum \(3\)"),
+    (["model.compute_dtype=fp8"], r"model.compute_dtype: 'fp8' is not one of float32, bfloat16"),
+    (["mesh.data=0"], r"mesh.data must be >= 1 or -1"),
+    (["model.stages=[]"], r"model.stages: need at least one stage"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_config_gives_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(QUICKSTART, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)
