@@ -38,13 +38,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules whose import registers more subcommands (each keeps its own command code).
+COMMAND_MODULES = ("loopformer.analysis.commands", "loopformer.data.commands")
+
+
 def _load_subcommands() -> None:
-    # Analysis commands live in their own module; importing it registers them.
-    try:
-        import loopformer.analysis.commands  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "loopformer.analysis.commands":
-            raise
+    import importlib
+
+    for module in COMMAND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
 
 
 def main(argv: list[str] | None = None) -> int:
