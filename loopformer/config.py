@@ -26,6 +26,8 @@ INIT_MODES = ("zeros", "input", "noise")
 NORM_MODES = ("pre", "sandwich")
 MLP_KINDS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
+TEXT_FORMATS = ("auto", "text", "jsonl", "arrayrecord")
+TOKENIZERS = ("bytes", "bpe")
 
 
 @dataclass
@@ -92,6 +94,19 @@ class DataConfig:
     eval_splits: dict[str, list[int]] = field(default_factory=lambda: {"train": [1, 4]})
     eval_examples: int = 512
     eval_batch_size: int = 256
+    eval_loops: list[int] = field(default_factory=list)  # also eval with every circuit at each count (logged
+    # as eval/<split>/loops_<n>/<metric>), to see during training whether the model uses its loops
+    # --- text corpora (task: text); train_difficulty / eval_splits apply to synthetic tasks only.
+    # A text run's eval splits are val (held-out documents) and train (its first windows).
+    paths: list[str] = field(default_factory=list)  # files, globs, directories; "asset:NAME" = a shipped text;
+    # or one directory written by `loopformer prepare` (ArrayRecord shards)
+    format: str = "auto"  # auto (by extension) | text | jsonl | arrayrecord
+    text_field: str = "text"  # JSONL: the key that holds a document's text
+    doc_separator: str = ""  # split plain-text files into documents at this string ("" = one per file)
+    tokenizer: str = "bytes"  # bytes | bpe (byte-level BPE trained on the training split, saved with the run)
+    vocab_size: int = 1024  # bpe: vocabulary size including 3 specials and 256 bytes
+    seq_len: int = 256  # tokens per packed training window
+    val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of the text)
 
 
 @dataclass
@@ -188,6 +203,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
@@ -366,6 +386,17 @@ def validate(cfg: Config) -> None:
             (f"data.eval_splits.{k}", v) for k, v in d.eval_splits.items()]:
         _check(len(rng) == 2 and 1 <= rng[0] <= rng[1], f"{key}: expected [lo, hi] with 1 <= lo <= hi, got {rng}")
     _check(len(d.eval_splits) >= 1, "data.eval_splits: name at least one split, e.g. {train: [1, 4]}")
+    _check(all(n >= 1 for n in d.eval_loops), f"data.eval_loops: counts must be >= 1, got {d.eval_loops}")
+    _one_of(d.format, TEXT_FORMATS, "data.format")
+    _one_of(d.tokenizer, TOKENIZERS, "data.tokenizer")
+    _check(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}")
+    _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.task == "text":
+        _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
+               "or data.paths=['asset:kjv_genesis_exodus.txt']")
+        _check(d.tokenizer != "bpe" or d.vocab_size >= 260,
+               f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: it needs >= 260 "
+               f"(3 specials + 256 bytes + merges)")
     t = cfg.train
     _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")

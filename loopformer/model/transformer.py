@@ -46,7 +46,7 @@ class LoopedTransformer(nnx.Module):
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * train_depth)
         common = dict(mlp=cfg.mlp, norm=cfg.norm, std=std, out_std=out_std, rope_base=cfg.rope_base, dtype=dtype)
         hidden = max(1, int(round(cfg.mlp_ratio * d)))
-        self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(1.0, ("vocab", "embed")), rngs=rngs)
+        self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(std, ("vocab", "embed")), rngs=rngs)
         block = lambda r: Block(d, cfg.heads, hidden, rngs=r, **common)  # noqa: E731
         self.prelude = stacked(block, cfg.prelude, rngs) if cfg.prelude else None
         stages, first = [], 0
