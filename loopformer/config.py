@@ -48,6 +48,7 @@ class CircuitConfig:
     max_loops: int = 64  # cap on sampled training counts
     eval_loops: int = 4  # default count at evaluation
     backprop: int = 4  # truncation depth k: gradient flows through the last k iterations
+    state_norm: bool = False  # RMS-normalise the state after every iteration (bounded; fixed points possible)
 
     def distribution(self) -> LoopDistribution:
         return LoopDistribution.parse(self.loops, cap=self.max_loops)
@@ -55,7 +56,7 @@ class CircuitConfig:
     def shape_key(self) -> tuple:
         """Circuits with equal keys have identical parameter shapes and run batched (vmap)."""
         return (self.depth, self.width, self.heads, self.mlp_ratio, self.read, self.write, self.inject,
-                self.init, self.init_noise_std, self.backprop)
+                self.init, self.init_noise_std, self.backprop, self.state_norm)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from flax import nnx
 from loopformer.errors import LoopformerError
 from loopformer.model.loop import TRACE_STATS
 from loopformer.model.transformer import LoopedTransformer
-from loopformer.train.step import answer_sums, summarize
+from loopformer.train.step import answer_sums, packing, summarize
 
 Array = jax.Array
 Batch = dict[str, Any]
@@ -36,15 +36,16 @@ class Evaluator:
 
         def eval_fn(params: Any, batch: Batch, loops: Array, gates: Array, fill: Array) -> dict[str, Array]:
             self.compiles += 1  # runs at trace time only
-            logits, _ = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, gates=gates, fill=fill)
+            model = nnx.merge(self.graphdef, params)
+            logits, _ = model(batch["inputs"], loops=loops, gates=gates, fill=fill, **packing(batch))
             return answer_sums(logits, batch)
 
         def means_fn(params: Any, batch: Batch, loops: Array) -> dict[str, Array]:
-            _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, collect=True)
+            _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, collect=True, **packing(batch))
             return {k: v for k, v in aux.items() if k.startswith("mean_out/")}
 
         def trace_fn(params: Any, batch: Batch, loops: Array, trace_len: int) -> dict[str, Array]:
-            _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, trace_len=trace_len)
+            _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, trace_len=trace_len, **packing(batch))
             return {k: v for k, v in aux.items() if k.startswith("trace/")}
 
         self._eval = jax.jit(eval_fn)

@@ -59,6 +59,10 @@ class CircuitGroup(nnx.Module):
             # plain fan-in scaling lets the optimiser choose how much recall to use.
             self.adapter = stacked(lambda r: nnx.Linear(2 * w, w, kernel_init=normal_init(
                 1.0 / math.sqrt(2 * w), ("circuit", "circuit")), rngs=r, **lin), C, rngs)
+        if c0.state_norm:
+            # h_i = norm(stack(inject(h_{i-1}, e))): without it, residual blocks plus additive
+            # injection grow the state like i * e, so norm(h_i) stops changing with i.
+            self.loop_norm = stacked(lambda r: nnx.RMSNorm(w, dtype=dtype, rngs=r), C, rngs)
         self.out_norm = stacked(lambda r: nnx.RMSNorm(w, dtype=dtype, rngs=r), C, rngs)
         w_out = w if self.mode == "slice" else d_model
         self.write = stacked(lambda r: nnx.Linear(w, w_out, kernel_init=zeros_init(("circuit", "embed")),
@@ -78,19 +82,21 @@ class CircuitGroup(nnx.Module):
             e_CBTW = jax.vmap(lambda s: nnx.merge(r_gd, s)(xn_BTD))(r_state)
         blocks_gd, blocks_state = nnx.split(self.blocks)
         adapter = nnx.split(self.adapter) if self.inject == "concat" else (None, None)
+        loop_norm = nnx.split(self.loop_norm) if hasattr(self, "loop_norm") else (None, None)
         norm_gd, norm_state = nnx.split(self.out_norm)
         write_gd, write_state = nnx.split(self.write)
         k = self.backprop if train else 0
 
-        def one_circuit(blocks_s: Any, adapter_s: Any, norm_s: Any, write_s: Any, e: Array, n: Array,
-                        key_c: Array) -> tuple[Array, Array | None]:
+        def one_circuit(blocks_s: Any, adapter_s: Any, loop_norm_s: Any, norm_s: Any, write_s: Any, e: Array,
+                        n: Array, key_c: Array) -> tuple[Array, Array | None]:
             def step(consts: tuple, h: Array) -> Array:
-                b_s, a_s, e_ = consts
+                b_s, a_s, ln_s, e_ = consts
                 if self.inject == "add":
                     h = h + e_
                 elif self.inject == "concat":
                     h = nnx.merge(adapter[0], a_s)(jnp.concatenate([h, e_], axis=-1))
-                return run_stack(nnx.merge(blocks_gd, b_s), h, positions_BT, mask)
+                h = run_stack(nnx.merge(blocks_gd, b_s), h, positions_BT, mask)
+                return h if ln_s is None else nnx.merge(loop_norm[0], ln_s)(h)
 
             if self.init == "zeros":
                 h0 = jnp.zeros_like(e)
@@ -98,7 +104,7 @@ class CircuitGroup(nnx.Module):
                 h0 = e
             else:
                 h0 = (self.noise_std * jax.random.normal(key_c, e.shape)).astype(e.dtype)
-            consts = (blocks_s, adapter_s, e)
+            consts = (blocks_s, adapter_s, loop_norm_s, e)
             if trace_len:
                 h, trace = iterate_traced(step, consts, h0, n, trace_len)
             else:
@@ -106,7 +112,7 @@ class CircuitGroup(nnx.Module):
             return nnx.merge(write_gd, write_s)(nnx.merge(norm_gd, norm_s)(h)), trace
 
         keys = jax.random.split(key, C)
-        out_CBTW, trace = jax.vmap(one_circuit)(blocks_state, adapter[1], norm_state, write_state, e_CBTW,
+        out_CBTW, trace = jax.vmap(one_circuit)(blocks_state, adapter[1], loop_norm[1], norm_state, write_state, e_CBTW,
                                                 loops_C, keys)
         if self.mode == "slice":
             pad = [[(0, 0)] * 2 + [(o, self.d_model - o - w)] for o in self.offsets]

@@ -105,7 +105,8 @@ class LoopDistribution:
         return jnp.clip(n, 1, self.cap).astype(jnp.int32)
 
 
-def sample_loop_counts(dists: list[LoopDistribution] | tuple[LoopDistribution, ...], seed: int | Array, step: int | Array) -> Array:
+def sample_loop_counts(dists: list[LoopDistribution] | tuple[LoopDistribution, ...], seed: int | Array,
+                       step: int | Array) -> Array:
     """Loop counts for every circuit at a training step: int32 [num_circuits].
 
     A pure function of (seed, step): every host draws the same counts, and a resumed run replays

@@ -38,6 +38,11 @@ def answer_sums(logits_BTV: Array, batch: Batch, loss_scale: Array | float = 1.0
             "examples": has_answer.sum(), "example_correct": all_right.sum()}
 
 
+def packing(batch: Batch) -> dict[str, Array | None]:
+    """Model keywords of a packed text batch: its ``positions`` and ``segment_ids`` [B, T] (None if absent)."""
+    return {"positions_BT": batch.get("positions"), "segment_ids_BT": batch.get("segment_ids")}
+
+
 def summarize(sums: dict[str, Array | float]) -> dict[str, float]:
     """Turn `answer_sums` totals into loss / accuracy / token_accuracy."""
     tokens, examples = max(float(sums["tokens"]), 1.0), max(float(sums["examples"]), 1.0)
@@ -47,12 +52,18 @@ def summarize(sums: dict[str, Array | float]) -> dict[str, float]:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, dists: list[LoopDistribution],
                     circuit_names: list[str], seed: int, grad_accum: int,
-                    schedule: optax.Schedule) -> Callable[[State, Batch], tuple[State, dict[str, Array]]]:
+                    schedule: optax.Schedule, state_shardings: Any = None,
+                    batch_sharding: jax.sharding.NamedSharding | None = None,
+                    ) -> Callable[[State, Batch], tuple[State, dict[str, Array]]]:
     """Build ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
     The global batch [B, T] is split into ``grad_accum`` micro-batches run under ``lax.scan``;
     each micro-batch loss is normalised by the answer tokens of the *whole* batch, so the summed
     gradient equals the gradient of the full-batch mean loss exactly.
+
+    On a device mesh (`loopformer.parallel`): ``state_shardings`` pins the state's layout in and
+    out of the step (it never drifts between steps), and ``batch_sharding`` (rows over data/fsdp)
+    keeps every micro-batch split over the same devices.
     """
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, Array]]:
@@ -61,9 +72,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, di
         key = jax.random.fold_in(jax.random.key(seed), step)
         total_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+        if batch_sharding is not None:
+            spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+            micro = jax.lax.with_sharding_constraint(micro, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
 
         def loss_fn(p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
-            logits, _ = nnx.merge(graphdef, p)(mb["inputs"], loops=loops, train=True, key=key)
+            logits, _ = nnx.merge(graphdef, p)(mb["inputs"], loops=loops, train=True, key=key, **packing(mb))
             sums = answer_sums(logits, mb, 1.0 / total_tokens)
             return sums["loss_sum"], sums
 
@@ -72,6 +86,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, di
             return jax.tree.map(jnp.add, grads, g), sums
 
         zeros = jax.tree.map(jnp.zeros_like, params)
+        if state_shardings is not None:  # gradients live sharded like their params (FSDP: reduce-scatter)
+            zeros = jax.lax.with_sharding_constraint(zeros, state_shardings["params"])
         grads, sums = jax.lax.scan(accumulate, zeros, micro)
         sums = jax.tree.map(jnp.sum, sums)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -83,7 +99,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, di
         metrics.update({f"loops/{n}": loops[i] for i, n in enumerate(circuit_names)})
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None))
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> State:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,14 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from loopformer import parallel
 from loopformer.analysis.evaluate import Evaluator
 from loopformer.config import Config, config_from_dict
-from loopformer.data.pipeline import eval_batches, train_iterator
-from loopformer.data.tasks import Task, make_task
-from loopformer.errors import CheckpointError, ConfigError, DataError
+from loopformer.data.pipeline import eval_batches
+from loopformer.data.sources import DataSource, TaskSource, build_data, text_metrics
+from loopformer.data.tasks import Task
+from loopformer.errors import CheckpointError, ConfigError
+from loopformer.flops import FlopCounter, peak_flops
 from loopformer.model.transformer import LoopedTransformer, build_model
 from loopformer.train.checkpoint import Checkpoints
 from loopformer.train.metrics import MetricsWriter, ProgressLine
@@ -70,7 +74,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -91,9 +95,10 @@ def prepare_run_dir(cfg: Config) -> Path:
                 raise CheckpointError(
                     f"{run_dir} holds a run with a different model/task ({diff}); resume it with its own "
                     f"config, or pick a new run.name (or delete {run_dir}) to start fresh")
-    tmp = saved.with_suffix(".yaml.tmp")
-    tmp.write_text(cfg.to_yaml())
-    tmp.replace(saved)  # atomic: never a half-written config.yaml
+    if jax.process_index() == 0:
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(cfg.to_yaml())
+        tmp.replace(saved)  # atomic: never a half-written config.yaml
     return run_dir
 
 
@@ -114,17 +119,11 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def make_task_for(cfg: Config) -> Task:
-    task = make_task(cfg.data.task, **cfg.data.task_args)
-    for key, (lo, hi) in [("data.train_difficulty", cfg.data.train_difficulty)] + [
-            (f"data.eval_splits.{k}", v) for k, v in cfg.data.eval_splits.items()]:
-        try:
-            task.validate_difficulty(lo, hi)
-        except DataError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    return task
+    """The synthetic task of ``cfg`` (ConfigError for data.task=text: use ``build_data``)."""
+    return TaskSource(cfg).task
 
 
-def make_model(cfg: Config, task: Task) -> LoopedTransformer:
+def make_model(cfg: Config, task: Task | DataSource) -> LoopedTransformer:
     vocab = cfg.model.vocab_size or task.vocab_size
     if vocab < task.vocab_size:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than task '{cfg.data.task}' needs "
@@ -144,8 +143,7 @@ def abstract_like(tree: Any) -> Any:
 
 def restore_params(cfg: Config, step: int | None = None) -> tuple[LoopedTransformer, Any, int]:
     """Model structure and trained params of a run (latest checkpoint, or ``step``)."""
-    task = make_task_for(cfg)
-    model = make_model(cfg, task)
+    model = make_model(cfg, build_data(cfg))
     params = nnx.to_pure_dict(nnx.state(model))
     state = init_state(params, make_optimizer(cfg.train))
     ckpts = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
@@ -167,27 +165,42 @@ class TrainResult:
     sweep: list[dict[str, Any]] = field(default_factory=list)
 
 
-def evaluate_all(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], loops: dict[str, int] | None = None
-                 ) -> dict[str, dict[str, float]]:
-    return {name: evaluator.evaluate(params, batches, loops) for name, batches in eval_sets.items()}
+def evaluate_all(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], loops: dict[str, int] | None = None,
+                 bytes_per_token: dict[str, float | None] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per split; with ``bytes_per_token`` (text) also bits_per_byte and perplexity."""
+    bpt = bytes_per_token or {}
+    return {name: text_metrics(evaluator.evaluate(params, batches, loops), bpt.get(name))
+            for name, batches in eval_sets.items()}
+
+
+def _eval_line(metrics: dict[str, float]) -> str:
+    if "bits_per_byte" in metrics:
+        return f"loss {metrics['loss']:.3f} bpb {metrics['bits_per_byte']:.3f}"
+    return f"loss {metrics['loss']:.3f} acc {100 * metrics['accuracy']:.1f}%"
 
 
 def train(cfg: Config) -> TrainResult:
     """Train ``cfg`` from scratch, or resume its run directory from the latest checkpoint."""
+    parallel.initialize_distributed()  # multi-process runs only; before any JAX computation
     run_dir = prepare_run_dir(cfg)
-    task = make_task_for(cfg)
-    model = make_model(cfg, task)
+    source = build_data(cfg)
+    mesh = parallel.make_mesh(cfg.mesh)
+    parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
+    model = make_model(cfg, source)
     log(model.describe())
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx = make_optimizer(cfg.train)
-    state = init_state(params, tx)
-    seq_len = task.seq_len(cfg.data.train_difficulty[1])
-    if cfg.data.batch_size % jax.process_count():
-        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of "
-                          f"processes ({jax.process_count()})")
-    data_it = train_iterator(task, tuple(cfg.data.train_difficulty), cfg.data.batch_size // jax.process_count(),
-                             cfg.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+    shardings = parallel.train_state_shardings(model, tx, mesh)
+    state = parallel.shard_train_state(params, lambda p: init_state(p, tx), shardings)
+    log(f"{parallel.describe_mesh(mesh)}; {parallel.describe_sharding(params, shardings['params'])}")
+    seq_len = source.seq_len
+    data_it = source.train_iterator(cfg.data.batch_size // jax.process_count(), cfg.seed,
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+    if jax.process_index() == 0:
+        source.save(run_dir)  # text: tokenizer.json, next to the checkpoints
+    if source.describe():
+        log(source.describe())
     ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
     start = ckpts.latest_step()
@@ -198,31 +211,41 @@ def train(cfg: Config) -> TrainResult:
     circuits = model.circuit_names
     dists = [model.circuit_configs[n].distribution() for n in circuits]
     schedule = learning_rate_schedule(cfg.train)
-    train_step = make_train_step(graphdef, tx, dists, circuits, cfg.seed, cfg.train.grad_accum, schedule)
+    train_step = make_train_step(graphdef, tx, dists, circuits, cfg.seed, cfg.train.grad_accum, schedule,
+                                 state_shardings=shardings, batch_sharding=parallel.batch_sharding(mesh))
     evaluator = Evaluator(model)
-    eval_sets = make_eval_sets(cfg, task)
+    host_sets = source.eval_sets()
+    bytes_per_token = {name: source.bytes_per_token(batches) for name, batches in host_sets.items()}
+    eval_sets = {name: [parallel.put_global_batch(b, mesh) for b in batches] for name, batches in host_sets.items()}
+    flop_counter = FlopCounter(cfg.model, model.vocab_size, seq_len)
     writer = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
     progress = ProgressLine(cfg.train.steps, start)
     result = TrainResult(run_dir, start)
 
     def run_eval(step: int) -> None:
-        result.eval = evaluate_all(evaluator, state["params"], eval_sets)
+        result.eval = evaluate_all(evaluator, state["params"], eval_sets, None, bytes_per_token)
         scalars = {f"eval/{split}/{k}": v for split, m in result.eval.items() for k, v in m.items() if k != "examples"}
+        by_loops = {n: evaluate_all(evaluator, state["params"], eval_sets, {c: n for c in circuits}, bytes_per_token)
+                    for n in cfg.data.eval_loops}
+        scalars.update({f"eval/{split}/loops_{n}/{k}": v for n, res in by_loops.items() for split, m in res.items()
+                        for k, v in m.items() if k != "examples"})
         if cfg.eval.diagnostics:
             first = next(iter(eval_sets.values()))[0]
             for name, stats in evaluator.diagnostics(state["params"], first).items():
                 for stat, values in stats.items():
                     scalars[f"diag/{name}/{stat}"] = values[-1]
         writer.scalars(step, scalars)
-        log(f"eval @ {step}: " + "  ".join(f"{s}: loss {m['loss']:.3f} acc {100 * m['accuracy']:.1f}%"
-                                           for s, m in result.eval.items()))
+        log(f"eval @ {step}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in result.eval.items()))
+        for n, res in by_loops.items():
+            log(f"  loops={n}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in res.items()))
 
-    window_start, window_steps = time.time(), 0
+    window_start, window_steps, window_loops = time.time(), 0, []
     try:
         for step in range(start, cfg.train.steps):
-            batch = next(data_it)
+            batch = parallel.put_batch(next(data_it), mesh)
             state, metrics = train_step(state, batch)
             window_steps += 1
+            window_loops.append([metrics[f"loops/{n}"] for n in circuits])
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 metrics = jax.device_get(metrics)
@@ -231,13 +254,21 @@ def train(cfg: Config) -> TrainResult:
                 scalars = {f"train/{k}": float(v) for k, v in metrics.items() if not k.startswith("loops/")}
                 scalars.update({k: float(v) for k, v in metrics.items() if k.startswith("loops/")})
                 scalars["train/tokens_per_s"] = tok_s
+                if bytes_per_token.get("train"):  # text: at the train eval windows' bytes per token
+                    scalars["train/bits_per_byte"] = scalars["train/loss"] / bytes_per_token["train"] / math.log(2)
+                step_flops = flop_counter.train(np.asarray(jax.device_get(window_loops), np.float64))
+                peak, _ = peak_flops(cfg.model.compute_dtype)
+                scalars["train/mfu"] = float(np.sum(step_flops)) * cfg.data.batch_size * seq_len / max(elapsed, 1e-9) / peak
                 if not np.isfinite(scalars["train/loss"]):
                     raise FloatingPointError(f"loss is {scalars['train/loss']} at step {done}; lower train.lr or "
                                              f"raise train.warmup_steps")
                 writer.scalars(done, scalars)
-                log(progress.format(done, {"loss": scalars["train/loss"], "accuracy": scalars["train/accuracy"]},
+                shown = ({"loss": scalars["train/loss"], "bpb": scalars["train/bits_per_byte"]}
+                         if "train/bits_per_byte" in scalars else
+                         {"loss": scalars["train/loss"], "accuracy": scalars["train/accuracy"]})
+                log(progress.format(done, shown,
                                     tok_s, scalars["train/lr"], {n: int(metrics[f"loops/{n}"]) for n in circuits}))
-                window_start, window_steps = time.time(), 0
+                window_start, window_steps, window_loops = time.time(), 0, []
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 run_eval(done)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
@@ -248,8 +279,9 @@ def train(cfg: Config) -> TrainResult:
                 f"raise train.steps to continue")
             run_eval(start)
         if cfg.eval.sweep_loops:
-            result.sweep = final_sweep(evaluator, state["params"], eval_sets, cfg, model)
-            (run_dir / "final_sweep.json").write_text(json.dumps(result.sweep, indent=1))
+            result.sweep = final_sweep(evaluator, state["params"], eval_sets, cfg, model, bytes_per_token)
+            if jax.process_index() == 0:
+                (run_dir / "final_sweep.json").write_text(json.dumps(result.sweep, indent=1))
     finally:
         ckpts.close()
         writer.close()
@@ -257,12 +289,14 @@ def train(cfg: Config) -> TrainResult:
 
 
 def final_sweep(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], cfg: Config,
-                model: LoopedTransformer) -> list[dict[str, Any]]:
-    """Accuracy on every split with all circuits at each count in ``eval.sweep_loops``; prints a table."""
+                model: LoopedTransformer, bytes_per_token: dict[str, float | None] | None = None
+                ) -> list[dict[str, Any]]:
+    """Accuracy (text: also bits per byte) on every split with all circuits at each count in
+    ``eval.sweep_loops``; prints a table."""
     rows = []
     for n in cfg.eval.sweep_loops:
         loops = {c: n for c in model.circuit_names}
-        for split, metrics in evaluate_all(evaluator, params, eval_sets, loops).items():
+        for split, metrics in evaluate_all(evaluator, params, eval_sets, loops, bytes_per_token).items():
             rows.append({"loops": n, "split": split, **metrics})
     log(format_sweep_table(rows, cfg))
     return rows
@@ -271,8 +305,14 @@ def final_sweep(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], c
 def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     counts = list(dict.fromkeys(r["loops"] for r in rows))
-    acc = {(r["loops"], r["split"]): r["accuracy"] for r in rows}
     means = sorted({round(c.distribution().mean(), 1) for c in cfg.model.circuits()})
+    if rows and "bits_per_byte" in rows[0]:
+        bpb = {(r["loops"], r["split"]): r["bits_per_byte"] for r in rows}
+        lines = [f"bits per byte vs loop count (every circuit at n; training mean {', '.join(map(str, means))})",
+                 " | ".join(f"{h:>10}" for h in ["loops", *splits])]
+        lines += [" | ".join([f"{n:>10}"] + [f"{bpb[(n, s)]:>10.4f}" for s in splits]) for n in counts]
+        return "\n".join(lines)
+    acc = {(r["loops"], r["split"]): r["accuracy"] for r in rows}
     header = ["loops"] + [f"{s} {tuple(cfg.data.eval_splits[s])}" for s in splits]
     lines = [f"accuracy vs loop count (every circuit at n; training mean {', '.join(map(str, means))}; "
              f"difficulty [lo, hi] per split)",

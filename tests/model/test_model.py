@@ -16,11 +16,11 @@ from loopformer.model.transformer import build_model
 VOCAB = 17
 
 
-def two_circuit_cfg(mode="slice", inject="add", init="zeros", norm="pre", **x_kw):
+def two_circuit_cfg(mode="slice", inject="add", init="zeros", norm="pre", state_norm=False, **x_kw):
     x = CircuitConfig(name="X", depth=1, width=16, heads=2, read=mode, write=mode, inject=inject, init=init,
-                      loops="uniform(2, 5)", eval_loops=3, backprop=2, **x_kw)
+                      loops="uniform(2, 5)", eval_loops=3, backprop=2, state_norm=state_norm, **x_kw)
     y = CircuitConfig(name="Y", depth=2, width=16, heads=2, read=mode, write=mode, inject=inject, init=init,
-                      loops="fixed(2)", eval_loops=2, backprop=2)
+                      loops="fixed(2)", eval_loops=2, backprop=2, state_norm=state_norm)
     return ModelConfig(d_model=32, heads=2, prelude=1, coda=1, norm=norm, stages=[StageConfig([x, y])])
 
 
@@ -50,7 +50,7 @@ def group_module(group, index):
     def take(module):
         gd, st = nnx.split(module)
         return nnx.merge(gd, jax.tree.map(lambda a: a[index], st))
-    return {name: take(getattr(group, name)) for name in ("blocks", "out_norm", "write")
+    return {name: take(getattr(group, name)) for name in ("blocks", "out_norm", "write", "loop_norm")
             if hasattr(group, name)} | ({"adapter": take(group.adapter)} if hasattr(group, "adapter") else {})
 
 
@@ -76,6 +76,8 @@ def unrolled_forward(model, toks, loops):
                     for layer in range(group.depth):
                         block = nnx.merge(blocks_gd, jax.tree.map(lambda a, layer=layer: a[layer], blocks_st))
                         h = block(h, pos, None)
+                    if "loop_norm" in mods:
+                        h = mods["loop_norm"](h)
                 out = mods["write"](mods["out_norm"](h))
                 update = update.at[..., o:o + w].add(out)
         x = x + update
@@ -83,9 +85,10 @@ def unrolled_forward(model, toks, loops):
     return model.embed.attend(model.final_norm(x))
 
 
-@pytest.mark.parametrize("loops", [{"X": 1, "Y": 1}, {"X": 4, "Y": 2}, {"X": 7, "Y": 3}])
-def test_loop_equals_python_unrolled(loops):
-    model = randomize_writes(build_model(two_circuit_cfg(), VOCAB, seed=0))
+@pytest.mark.parametrize("loops,state_norm", [({"X": 1, "Y": 1}, False), ({"X": 4, "Y": 2}, True),
+                                              ({"X": 7, "Y": 3}, False)])
+def test_loop_equals_python_unrolled(loops, state_norm):
+    model = randomize_writes(build_model(two_circuit_cfg(state_norm=state_norm), VOCAB, seed=0))
     toks = tokens()
     got, _ = forward(model, toks, loops=model.loop_vector(loops))
     want = unrolled_forward(model, toks, tuple(loops.items()))

@@ -4,11 +4,13 @@ and a tiny run that learns."""
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
 from loopformer.config import load_config
 from loopformer.errors import CheckpointError, ConfigError
+from loopformer.train import trainer
 from loopformer.train.metrics import read_metrics, read_tensorboard_scalars
 from loopformer.train.trainer import restore_params, train
 
@@ -30,20 +32,44 @@ def losses(run_dir):
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
-def test_resume_is_bit_exact(tmp_path):
-    straight = train(tiny(tmp_path, "a", "train.steps=8", "train.checkpoint_every=4", "train.eval_every=4"))
-    train(tiny(tmp_path, "b", "train.steps=4", "train.checkpoint_every=4", "train.eval_every=4"))
-    resumed = train(tiny(tmp_path, "b", "train.steps=8", "train.checkpoint_every=4", "train.eval_every=4"))
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    """A run that crashes after its step-4 checkpoint and is restarted ends bit-identical to an
+    uninterrupted run (same losses, same eval, same parameters)."""
+    args = ["train.steps=8", "train.checkpoint_every=4", "train.eval_every=4"]
+    straight = train(tiny(tmp_path, "a", *args))
+
+    real = trainer.make_train_step
+
+    def crashing(*a, **k):
+        step_fn = real(*a, **k)
+
+        def step(state, batch):
+            if int(state["step"]) == 5:
+                raise RuntimeError("simulated crash")
+            return step_fn(state, batch)
+        return step
+
+    monkeypatch.setattr(trainer, "make_train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(tmp_path, "b", *args))
+    monkeypatch.setattr(trainer, "make_train_step", real)
+    resumed = train(tiny(tmp_path, "b", *args))
     a, b = losses(straight.run_dir), losses(resumed.run_dir)
-    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert sorted(a) == list(range(1, 9)) and set(b) == set(range(1, 9))
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # exact, not approximate
     assert straight.eval == resumed.eval
-    cfg = tiny(tmp_path, "a", "train.steps=8")
-    _, params_a, step_a = restore_params(cfg)
-    _, params_b, step_b = restore_params(tiny(tmp_path, "b", "train.steps=8"))
+    _, params_a, step_a = restore_params(tiny(tmp_path, "a", *args))
+    _, params_b, step_b = restore_params(tiny(tmp_path, "b", *args))
     assert step_a == step_b == 8
-    for x, y in zip(__import__("jax").tree.leaves(params_a), __import__("jax").tree.leaves(params_b), strict=True):
+    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_continuing_with_more_steps(tmp_path):
+    """A larger train.steps continues a finished run from its last checkpoint."""
+    train(tiny(tmp_path, "g", "train.steps=4", "train.checkpoint_every=4"))
+    more = train(tiny(tmp_path, "g", "train.steps=6", "train.checkpoint_every=4"))
+    assert more.step == 6 and sorted(losses(more.run_dir)) == list(range(1, 7))
 
 
 def test_run_directory_contents(tmp_path):
@@ -64,8 +90,8 @@ def test_run_directory_contents(tmp_path):
 
 def test_refuses_to_resume_a_different_model(tmp_path):
     train(tiny(tmp_path, "d", "train.steps=2", "train.checkpoint_every=2"))
-    with pytest.raises(CheckpointError, match=r"different model/task \(model.d_model: 32 -> 64\)"):
-        train(tiny(tmp_path, "d", "train.steps=4", "model.d_model=64"))
+    with pytest.raises(CheckpointError, match=r"different model/task \(model.prelude: 1 -> 2\)"):
+        train(tiny(tmp_path, "d", "train.steps=4", "model.prelude=2"))
     # Changing only the training length is a continuation, not a different run.
     assert train(tiny(tmp_path, "d", "train.steps=3")).step == 3
 

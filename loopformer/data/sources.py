@@ -1,0 +1,448 @@
+"""One entry point for training data: ``build_data(cfg)`` -> a `DataSource`, for synthetic tasks and
+for text corpora alike.
+
+A source gives the trainer and the analysis commands everything they need::
+
+    source.vocab_size, source.seq_len          model vocabulary, training window length T
+    source.train_iterator(B, seed, ...)        endless grain.DatasetIterator of batches (get/set_state)
+    source.eval_sets(splits, examples, B)      {split: [batch, ...]}, fixed on every call
+    source.bytes_per_token(batches)            text bytes per predicted token (None: not text)
+    text_metrics(metrics, bytes_per_token)     + bits_per_byte and perplexity (text only)
+    source.tokenizer                           encode/decode for text (None for synthetic tasks)
+
+A batch is ``inputs``/``targets`` int32 [B, T] and ``mask`` float32 [B, T]; text batches add
+``segment_ids`` and ``positions`` int32 [B, T] (documents packed into one window stay apart in
+attention, and positions restart at each document).
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from loopformer.config import Config, load_config
+from loopformer.data import pipeline
+from loopformer.data.tasks import TASKS, Task, make_task
+from loopformer.data.text import (
+    ARRAYRECORD_SUFFIXES,
+    META_FILE,
+    SPLITS,
+    ArrayRecordStream,
+    ArrayStream,
+    SplitStats,
+    TokenStream,
+    empty_window,
+    encode_document,
+    expand_paths,
+    iter_documents,
+    num_windows,
+    read_window,
+    split_of,
+)
+from loopformer.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, read_tokenizer
+from loopformer.errors import ConfigError, DataError
+
+Batch = dict[str, np.ndarray]
+TEXT_TASK = "text"
+TOKENIZER_FILE = "tokenizer.json"
+META_VERSION = 1
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def log(msg: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+class DataSource(abc.ABC):
+    """Training stream, eval sets and metrics of one run's data (see the module docstring)."""
+
+    task: Task | None = None
+    tokenizer: Tokenizer | None = None
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def seq_len(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def split_names(self) -> list[str]:
+        """Eval splits, in display order."""
+
+    @abc.abstractmethod
+    def train_iterator(self, batch_size: int, seed: int, *, shard_index: int = 0,
+                       shard_count: int = 1) -> grain.DatasetIterator:
+        """Endless batches of ``batch_size`` rows for process ``shard_index`` of ``shard_count``."""
+
+    @abc.abstractmethod
+    def eval_sets(self, splits: Sequence[str] | None = None, examples: int | None = None,
+                  batch_size: int | None = None) -> dict[str, list[Batch]]:
+        """The first ``examples`` examples (default data.eval_examples) of each split, in batches of
+        ``batch_size`` (default data.eval_batch_size); the last batch is padded with mask-0 rows."""
+
+    def bytes_per_token(self, batches: Sequence[Batch]) -> float | None:
+        """UTF-8 bytes per predicted token of host ``batches`` (None for synthetic tasks)."""
+        return None
+
+    def save(self, run_dir: Path) -> None:  # noqa: B027 - optional hook
+        """Write what a run needs to read its data later (the tokenizer) into ``run_dir``."""
+
+    def describe(self) -> str:
+        return ""
+
+
+# ----------------------------------------------------------------------------- synthetic tasks
+
+
+class TaskSource(DataSource):
+    """A synthetic task (`loopformer.data.tasks`) through `loopformer.data.pipeline`."""
+
+    def __init__(self, cfg: Config):
+        if cfg.data.task == TEXT_TASK:
+            raise ConfigError("data.task=text is a text corpus, not a synthetic task: build its data with "
+                              "loopformer.data.sources.build_data(cfg)")
+        if cfg.data.task not in TASKS:
+            raise DataError(f"data.task={cfg.data.task!r} is not a task; valid tasks: "
+                            f"{', '.join(sorted(TASKS))}, or {TEXT_TASK} for a text corpus (data.paths)")
+        self.cfg = cfg
+        self.task = make_task(cfg.data.task, **cfg.data.task_args)
+        for key, (lo, hi) in [("data.train_difficulty", cfg.data.train_difficulty)] + [
+                (f"data.eval_splits.{k}", v) for k, v in cfg.data.eval_splits.items()]:
+            try:
+                self.task.validate_difficulty(lo, hi)
+            except DataError as e:
+                raise ConfigError(f"{key}: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.task.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.task.seq_len(self.cfg.data.train_difficulty[1])
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.cfg.data.eval_splits)
+
+    def train_iterator(self, batch_size: int, seed: int, *, shard_index: int = 0,
+                       shard_count: int = 1) -> grain.DatasetIterator:
+        return pipeline.train_iterator(self.task, tuple(self.cfg.data.train_difficulty), batch_size, seed,
+                                       shard_index=shard_index, shard_count=shard_count)
+
+    def eval_sets(self, splits: Sequence[str] | None = None, examples: int | None = None,
+                  batch_size: int | None = None) -> dict[str, list[Batch]]:
+        d = self.cfg.data
+        examples, batch_size = examples or d.eval_examples, batch_size or d.eval_batch_size
+        return {s: pipeline.eval_batches(self.task, s, tuple(d.eval_splits[s]), examples, batch_size, self.cfg.seed)
+                for s in _check_splits(splits, self.split_names)}
+
+
+# ----------------------------------------------------------------------------- text corpora
+
+
+def _check_splits(splits: Sequence[str] | None, valid: list[str]) -> list[str]:
+    for s in splits or ():
+        if s not in valid:
+            raise DataError(f"no eval split '{s}'; this run's splits are {', '.join(valid)}")
+    return list(dict.fromkeys(splits)) if splits else valid
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    ckpt = run_dir / "checkpoints"
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def prepared_dir(cfg: Config) -> Path | None:
+    """The directory written by `loopformer prepare` that ``data.paths`` names, or None for raw files."""
+    d = cfg.data
+    paths = [Path(p).expanduser() for p in d.paths]
+    looks_prepared = len(paths) == 1 and (paths[0].name == META_FILE or (paths[0] / META_FILE).is_file())
+    if d.format == "arrayrecord" or (d.format == "auto" and looks_prepared):
+        if len(paths) != 1:
+            raise DataError(f"data.format=arrayrecord reads one directory made by `loopformer prepare`; "
+                            f"data.paths names {len(paths)}")
+        root = paths[0].parent if paths[0].name == META_FILE else paths[0]
+        if not (root / META_FILE).is_file():
+            hint = (" (it holds ArrayRecord files but no meta.json: an interrupted prepare?)"
+                    if root.is_dir() and any(p.suffix in ARRAYRECORD_SUFFIXES for p in root.iterdir()) else "")
+            raise DataError(f"{root}: not a prepared corpus, {META_FILE} is missing{hint}; run "
+                            f"`loopformer prepare --out {root}` with the corpus in data.paths")
+        return root
+    return None
+
+
+def read_meta(root: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{root / META_FILE} is unreadable; run `loopformer prepare` again") from None
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+        raise DataError(f"{root / META_FILE}: not a loopformer prepared corpus of version {META_VERSION}; "
+                        f"run `loopformer prepare` again")
+    return meta
+
+
+def make_tokenizer(cfg: Config, train_docs: Sequence[str]) -> Tokenizer:
+    """A fresh tokenizer of kind data.tokenizer (BPE: trained on ``train_docs``)."""
+    if cfg.data.tokenizer == "bytes":
+        return ByteTokenizer()
+    t0 = time.time()
+    tok = BPETokenizer.train(train_docs, cfg.data.vocab_size)
+    log(f"trained a byte-level BPE tokenizer: {tok.vocab_size} tokens from {len(train_docs)} documents "
+        f"in {time.time() - t0:.1f}s")
+    return tok
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class TextSource(DataSource):
+    """A text corpus (``data.task: text``): raw text/JSONL files tokenized at start-up, or a
+    directory of ArrayRecord shards written by `loopformer prepare`.
+
+    Nothing is read until needed: a run with a checkpoint takes its vocabulary from
+    ``<run_dir>/tokenizer.json`` without touching the corpus.
+    """
+
+    def __init__(self, cfg: Config):
+        if cfg.data.task != TEXT_TASK:
+            raise ConfigError(f"data.task={cfg.data.task!r} is not text")
+        self.cfg = cfg
+        self.prepared = prepared_dir(cfg)
+        self._tokenizer: Tokenizer | None = None
+        self._streams: dict[str, TokenStream] | None = None
+        self.stats: dict[str, SplitStats] = {}
+        self._token_bytes: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> Tokenizer:  # type: ignore[override]
+        if self._tokenizer is None:
+            self._tokenizer = self._resolve_tokenizer()
+        return self._tokenizer
+
+    def _resolve_tokenizer(self, train_docs: Sequence[str] | None = None) -> Tokenizer:
+        """The run's own tokenizer once it has a checkpoint, else the prepared corpus's, else bytes,
+        else a BPE trained on ``train_docs`` (the corpus's training split, read on demand)."""
+        run_file = self.cfg.run_dir / TOKENIZER_FILE
+        if run_file.is_file() and _has_checkpoint(self.cfg.run_dir):
+            return self._checked(read_tokenizer(run_file), run_file)
+        if self.prepared is not None:
+            return self._checked(read_tokenizer(self.prepared / TOKENIZER_FILE), self.prepared)
+        if self.cfg.data.tokenizer == "bytes":
+            return ByteTokenizer()
+        if train_docs is None:
+            self._load()  # trains the BPE on the way
+            assert self._tokenizer is not None
+            return self._tokenizer
+        return make_tokenizer(self.cfg, train_docs)
+
+    def _checked(self, tok: Tokenizer, where: Path) -> Tokenizer:
+        d = self.cfg.data
+        if tok.kind != d.tokenizer:
+            raise DataError(f"{where} uses a {tok.kind} tokenizer but data.tokenizer={d.tokenizer}; set "
+                            f"data.tokenizer={tok.kind} (or start a fresh run / prepare again)")
+        if tok.kind == "bpe" and tok.vocab_size > d.vocab_size:
+            raise DataError(f"{where} has a BPE vocabulary of {tok.vocab_size} but data.vocab_size="
+                            f"{d.vocab_size}; set data.vocab_size={tok.vocab_size}")
+        return tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.data.seq_len
+
+    @property
+    def split_names(self) -> list[str]:
+        return ["val", "train"]
+
+    # ------------------------------------------------------------------ corpus
+    @property
+    def streams(self) -> dict[str, TokenStream]:
+        if self._streams is None:
+            self._load()
+        assert self._streams is not None
+        return self._streams
+
+    def _load(self) -> None:
+        if self.prepared is not None:
+            self._load_prepared()
+        else:
+            self._load_files()
+        self._check_sizes()
+
+    def _load_files(self) -> None:
+        d = self.cfg.data
+        self.paths = expand_paths(d.paths)
+        docs: dict[str, list[str]] = {s: [] for s in SPLITS}
+        for doc in iter_documents(self.paths, d.format, d.text_field, d.doc_separator):
+            docs[split_of(doc, d.val_fraction)].append(doc)
+        self._check_documents({s: len(v) for s, v in docs.items()})
+        if self._tokenizer is None:
+            self._tokenizer = self._resolve_tokenizer(docs["train"])
+        dtype = token_dtype(self._tokenizer.vocab_size)
+        self._streams = {}
+        for split, texts in docs.items():
+            stats, parts = SplitStats(), []
+            for doc in texts:
+                ids = encode_document(self._tokenizer, doc)
+                stats.add(doc, ids)
+                parts.append(ids.astype(dtype))
+            self.stats[split] = stats
+            self._streams[split] = ArrayStream(np.concatenate(parts) if parts else np.zeros(0, dtype))
+
+    def _load_prepared(self) -> None:
+        root = self.prepared
+        assert root is not None
+        meta = read_meta(root)
+        d = self.cfg.data
+        if abs(float(meta.get("val_fraction", -1)) - d.val_fraction) > 1e-12:
+            raise DataError(f"{root} was prepared with val_fraction={meta.get('val_fraction')} but "
+                            f"data.val_fraction={d.val_fraction}; set it to match, or prepare again")
+        if self._tokenizer is None:
+            self._tokenizer = self._resolve_tokenizer()
+        self._streams = {}
+        for split in SPLITS:
+            info = meta["splits"][split]
+            files = [root / f for f in info["files"]]
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise DataError(f"{missing[0]} is missing: the prepared corpus {root} is incomplete; run "
+                                f"`loopformer prepare` again")
+            self.stats[split] = SplitStats(info["documents"], info["tokens"], info["bytes"])
+            self._streams[split] = ArrayRecordStream(files, info["tokens"], meta["chunk_tokens"], meta["dtype"])
+
+    def _where(self) -> str:
+        if self.prepared is not None:
+            return str(self.prepared)
+        names = [str(p) for p in getattr(self, "paths", [])] or list(self.cfg.data.paths)
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    def _check_documents(self, counts: dict[str, int]) -> None:
+        d, total = self.cfg.data, sum(counts.values())
+        for split, other in (("train", "val"), ("val", "train")):
+            if counts[split] == 0:
+                raise DataError(
+                    f"{self._where()}: all {total} document(s) fell in the {other} split (data.val_fraction="
+                    f"{d.val_fraction}), none in {split}; add documents, split files into documents with "
+                    f"data.doc_separator (e.g. '\\n\\n'), or change data.val_fraction")
+
+    def _check_sizes(self) -> None:
+        need = self.seq_len + 1
+        have = len(self.streams["train"])
+        if have < need:
+            raise DataError(f"{self._where()}: the training split has {have} tokens, fewer than one sequence "
+                            f"(data.seq_len + 1 = {need}); lower data.seq_len or add text")
+
+    # ------------------------------------------------------------------ batches
+    def train_iterator(self, batch_size: int, seed: int, *, shard_index: int = 0,
+                       shard_count: int = 1) -> grain.DatasetIterator:
+        """Full windows of the training stream, shuffled with ``seed`` (reshuffled each epoch),
+        repeated forever; process ``shard_index`` takes every ``shard_count``-th window."""
+        if not 0 <= shard_index < shard_count:
+            raise DataError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+        stream = self.streams["train"]
+        windows = num_windows(len(stream), self.seq_len, full_only=True)
+        ds = (grain.MapDataset.range(windows)
+              .shuffle(seed % 2**32)
+              .repeat()
+              .slice(slice(shard_index, None, shard_count))
+              .map(functools.partial(_window_at, stream, self.seq_len))
+              .batch(batch_size, drop_remainder=True))
+        return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+    def eval_sets(self, splits: Sequence[str] | None = None, examples: int | None = None,
+                  batch_size: int | None = None) -> dict[str, list[Batch]]:
+        """Windows 0, 1, ... of each split's stream in corpus order: the whole split when it has at
+        most ``examples`` windows (the last one right-padded)."""
+        d = self.cfg.data
+        examples = examples or d.eval_examples
+        out = {}
+        for split in _check_splits(splits, self.split_names):
+            stream = self.streams[split]
+            n = min(examples, num_windows(len(stream), self.seq_len, full_only=False))
+            rows = [read_window(stream, i, self.seq_len) for i in range(n)]
+            size = min(batch_size or d.eval_batch_size, n)
+            rows += [empty_window(self.seq_len)] * (-n % size)
+            out[split] = [{k: np.stack([r[k] for r in rows[i : i + size]]) for k in rows[0]}
+                          for i in range(0, len(rows), size)]
+        return out
+
+    def bytes_per_token(self, batches: Sequence[Batch]) -> float:
+        """UTF-8 bytes per predicted token (mask 1) of host ``batches``."""
+        if self._token_bytes is None:
+            self._token_bytes = self.tokenizer.token_bytes()
+        tokens = sum(float(np.sum(b["mask"])) for b in batches)
+        nbytes = sum(float(np.sum(self._token_bytes[np.asarray(b["targets"])] * b["mask"])) for b in batches)
+        return nbytes / max(tokens, 1.0)
+
+    def save(self, run_dir: Path) -> None:
+        self.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+
+    def describe(self) -> str:
+        parts = [f"{s} {st.documents:,} docs / {st.tokens:,} tokens / {st.bytes:,} bytes" for s, st in self.stats.items()]
+        return (f"text corpus {self._where()}: {self.tokenizer.kind} tokenizer (vocab {self.vocab_size}), "
+                f"seq_len {self.seq_len}; " + "; ".join(parts))
+
+
+def text_metrics(metrics: dict[str, float], bytes_per_token: float | None) -> dict[str, float]:
+    """``metrics`` (mean ``loss`` in nats per token) + ``bits_per_byte`` = loss / bytes_per_token /
+    ln 2 (comparable across tokenizers) and ``perplexity`` = exp(loss); unchanged when
+    ``bytes_per_token`` is None (synthetic tasks)."""
+    if bytes_per_token is None:
+        return dict(metrics)
+    return {**metrics, "bits_per_byte": metrics["loss"] / max(bytes_per_token, 1e-9) / math.log(2),
+            "perplexity": math.exp(min(metrics["loss"], 700.0))}
+
+
+def _window_at(stream: TokenStream, seq_len: int, index: int) -> Batch:
+    return read_window(stream, int(index), seq_len)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def build_data(cfg: Config) -> DataSource:
+    """The data source of ``cfg``: `TextSource` for ``data.task: text``, else `TaskSource`."""
+    return TextSource(cfg) if cfg.data.task == TEXT_TASK else TaskSource(cfg)
+
+
+def load_tokenizer(run: str | Path | Config) -> Tokenizer:
+    """The text tokenizer of a run directory (its ``tokenizer.json``) or of a config (built from its
+    corpus, or bytes). DataError for a synthetic-task run, which has no text tokenizer."""
+    if isinstance(run, Config):
+        cfg = run
+    else:
+        run_dir = Path(run)
+        if (run_dir / TOKENIZER_FILE).is_file():
+            return read_tokenizer(run_dir / TOKENIZER_FILE)
+        if not (run_dir / "config.yaml").is_file():
+            raise DataError(f"{run_dir}: no {TOKENIZER_FILE} or config.yaml; point at a run directory made by "
+                            f"`loopformer train`")
+        cfg = load_config(run_dir / "config.yaml")
+        cfg.run.dir, cfg.run.name = str(run_dir.resolve().parent), run_dir.resolve().name
+    if cfg.data.task != TEXT_TASK:
+        raise DataError(f"data.task={cfg.data.task!r} is a synthetic task with no text tokenizer "
+                        f"(only data.task=text runs read and write text)")
+    return TextSource(cfg).tokenizer

@@ -1,0 +1,183 @@
+"""Text corpora: packing, split, shuffled/sharded/resumable stream, BPE, prepare -> ArrayRecord, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from loopformer.cli import main
+from loopformer.config import load_config
+from loopformer.data.commands import prepare_corpus
+from loopformer.data.sources import build_data, load_tokenizer, text_metrics
+from loopformer.data.text import pack_window, split_of
+from loopformer.data.tokenizers import BOS, EOS, PAD, BPETokenizer, ByteTokenizer, read_tokenizer
+from loopformer.errors import DataError
+
+WORDS = ["the", "of", "and", "to", "in", "that", "he", "shall", "unto", "lord", "his", "for", "i", "with", "god",
+         "them", "is", "be", "naïve", "日本", "→"]
+
+
+def corpus(tmp_path, docs=48, name="corpus.txt"):
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, rng.integers(5, 40))) + "." for _ in range(docs)]
+    path = tmp_path / name
+    path.write_text("\n\n".join(texts), encoding="utf-8")
+    return path, texts
+
+
+def cfg_for(tmp_path, paths, *extra):
+    return load_config(None, ["data.task=text", f"data.paths={json.dumps([str(p) for p in paths])}",
+                              'data.doc_separator="\\n\\n"', "data.seq_len=16", "data.val_fraction=0.25",
+                              "data.eval_examples=8", "data.eval_batch_size=4", f"run.dir={tmp_path}/runs", *extra])
+
+
+def test_pack_window_segments_positions_and_mask():
+    a, b, c = 10, 11, 12
+    window = np.array([a, b, EOS, BOS, c, a, EOS, BOS, b])  # tail of doc 1 | doc 2 | head of doc 3
+    ex = pack_window(window, seq_len=10)
+    n = len(window) - 1
+    np.testing.assert_array_equal(ex["inputs"][:n], window[:-1])
+    np.testing.assert_array_equal(ex["targets"][:n], window[1:])
+    np.testing.assert_array_equal(ex["segment_ids"], [1, 1, 1, 2, 2, 2, 2, 3, 0, 0])
+    np.testing.assert_array_equal(ex["positions"], [0, 1, 2, 0, 1, 2, 3, 0, 0, 0])
+    # No target crosses a document boundary (EOS -> next BOS) and padding counts for nothing.
+    np.testing.assert_array_equal(ex["mask"], [1, 1, 0, 1, 1, 1, 0, 1, 0, 0])
+    assert ex["inputs"][n:].tolist() == ex["targets"][n:].tolist() == [PAD, PAD]
+
+
+def test_split_is_deterministic_disjoint_and_stable(tmp_path):
+    path, texts = corpus(tmp_path)
+    assert [split_of(t, 0.25) for t in texts] == [split_of(t, 0.25) for t in texts]
+    src = build_data(cfg_for(tmp_path, [path]))
+    tok = src.tokenizer
+
+    def docs(split):
+        stream = src.streams[split].read(0, 10**9)
+        return [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == BOS)[1:])]
+
+    train, val = docs("train"), docs("val")
+    assert set(train).isdisjoint(val) and sorted(train + val) == sorted(texts)
+    assert 0 < len(val) < len(texts) / 2
+    assert docs("val") == [t for t in texts if split_of(t, 0.25) == "val"]  # corpus order, same every time
+
+
+def test_train_stream_shuffles_shards_and_resumes_exactly(tmp_path):
+    path, _ = corpus(tmp_path)
+    src = build_data(cfg_for(tmp_path, [path]))
+    it = src.train_iterator(4, seed=3)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    resumed = src.train_iterator(4, seed=3)
+    resumed.set_state(state)
+    for want, got in zip(expected, [next(resumed) for _ in range(4)], strict=True):
+        assert want.keys() == got.keys() == {"inputs", "targets", "mask", "segment_ids", "positions"}
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k])
+    other_seed = next(src.train_iterator(4, seed=4))["inputs"]
+    assert not np.array_equal(next(src.train_iterator(4, seed=3))["inputs"], other_seed)
+    # Two processes see disjoint windows that together make up the single-process stream.
+    whole = next(src.train_iterator(4, seed=3))["inputs"]
+    p0, p1 = (next(src.train_iterator(2, seed=3, shard_index=i, shard_count=2))["inputs"] for i in (0, 1))
+    np.testing.assert_array_equal(np.stack([p0[0], p1[0], p0[1], p1[1]]), whole)
+
+
+def test_bpe_round_trip_and_save(tmp_path):
+    _, texts = corpus(tmp_path)
+    tok = BPETokenizer.train(texts, vocab_size=300)
+    assert 259 < tok.vocab_size <= 300
+    for s in [texts[0], "unseen ✓ emoji 🙂 and\ttabs\n\nnewlines  ", "", "   x__y 42"]:
+        assert tok.decode(tok.encode(s)) == s
+    assert len(tok.encode(texts[0])) < len(texts[0].encode())  # it compresses
+    assert BPETokenizer.train(texts, vocab_size=300).merges == tok.merges  # deterministic
+    tok.save(tmp_path / "tok.json")
+    again = read_tokenizer(tmp_path / "tok.json")
+    assert again.merges == tok.merges and again.encode(texts[1]) == tok.encode(texts[1])
+    assert ByteTokenizer().decode(ByteTokenizer().encode("héllo")) == "héllo"
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
+    path, _ = corpus(tmp_path)
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"record {i} " * (i + 3)}) for i in range(12)))
+    extra = [f"data.tokenizer={tokenizer}", "data.vocab_size=300"]
+    raw = build_data(cfg_for(tmp_path, [path, jsonl], *extra))
+    out = tmp_path / "prepared"
+    meta = prepare_corpus(cfg_for(tmp_path, [path, jsonl], *extra), out, chunk_tokens=64, shard_tokens=256,
+                          progress=False)
+    assert len(meta["splits"]["train"]["files"]) > 1  # several shards, windows straddle records
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    prepared = build_data(cfg_for(tmp_path, [out], *extra))
+    assert prepared.prepared == out and prepared.vocab_size == raw.vocab_size
+    a, b = raw.train_iterator(4, seed=1), prepared.train_iterator(4, seed=1)
+    for _ in range(3):
+        x, y = next(a), next(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for split, batches in raw.eval_sets().items():
+        for x, y in zip(batches, prepared.eval_sets()[split], strict=True):
+            np.testing.assert_array_equal(x["targets"], y["targets"])
+    with pytest.raises(DataError, match="already exists; pass --force"):
+        prepare_corpus(cfg_for(tmp_path, [path], *extra), out, progress=False)
+
+
+def test_metrics_and_tokenizer_of_a_config(tmp_path):
+    path, _ = corpus(tmp_path)
+    cfg = cfg_for(tmp_path, [path])
+    src = build_data(cfg)
+    sets = src.eval_sets()
+    assert set(sets) == {"val", "train"} and sets["val"][0]["inputs"].shape == (4, 16)
+    assert src.bytes_per_token(sets["train"]) == 1.0  # bytes: one per token (EOS stands for one)
+    bpe = build_data(cfg_for(tmp_path, [path], "data.tokenizer=bpe", "data.vocab_size=320"))
+    assert bpe.bytes_per_token(bpe.eval_sets()["train"]) > 1.5
+    m = text_metrics({"loss": 2.0, "accuracy": 0.0}, 2.0)
+    assert m["bits_per_byte"] == pytest.approx(2.0 / 2.0 / np.log(2)) and m["perplexity"] == pytest.approx(np.exp(2))
+    assert text_metrics({"loss": 2.0}, None) == {"loss": 2.0}
+    assert load_tokenizer(cfg).encode("ab") == [ord("a") + 3, ord("b") + 3]
+
+
+def error(tmp_path, paths, *extra):
+    with pytest.raises(DataError) as info:
+        src = build_data(cfg_for(tmp_path, paths, *extra))
+        src.train_iterator(2, 0)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert str(empty) in error(tmp_path, [empty]) and "empty" in error(tmp_path, [empty])
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café crème".encode("latin-1"))
+    msg = error(tmp_path, [latin])
+    assert str(latin) in msg and "not UTF-8" in msg and "iconv" in msg
+    msg = error(tmp_path, [tmp_path / "nope" / "*.txt"])
+    assert "matches no file" in msg and "nope" in msg
+    small, _ = corpus(tmp_path, name="small.txt")
+    msg = error(tmp_path, [small], "data.seq_len=100000")
+    assert str(small) in msg and "fewer than one sequence" in msg and "lower data.seq_len" in msg
+    msg = error(tmp_path, [corpus(tmp_path)[0]], "data.doc_separator=''")  # a single document: one split empty
+    assert "data.doc_separator" in msg
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\nnot json\n')
+    assert f"{bad_json}:2" in error(tmp_path, [bad_json])
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "train-00000.array_record").write_bytes(b"")
+    assert "meta.json is missing" in error(tmp_path, [half], "data.format=arrayrecord")
+
+
+def test_prepare_command_line(tmp_path, capsys):
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "p"
+    args = ["prepare", "--out", str(out), "data.task=text", f"data.paths=[{path}]", 'data.doc_separator="\\n\\n"',
+            "data.val_fraction=0.25"]
+    assert main(args) == 0
+    assert (out / "meta.json").is_file() and "train with data.paths" in capsys.readouterr().out
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["prepare", "--out", str(tmp_path / "q"), "data.task=text", "data.paths=[/no/such/*.txt]"]) == 2
+    assert "matches no file" in capsys.readouterr().err and not (tmp_path / "q").exists()

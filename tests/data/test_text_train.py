@@ -1,0 +1,68 @@
+"""Packed text through the model and the trainer: documents stay apart, metrics, resume, tokenizer."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.config import load_config
+from loopformer.data.sources import load_tokenizer
+from loopformer.data.text import encode_document, pack_window
+from loopformer.data.tokenizers import ByteTokenizer
+from loopformer.model.transformer import build_model
+from loopformer.train.metrics import read_metrics
+from loopformer.train.trainer import restore_params, train
+
+TINY = ["model.d_model=16", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
+        "model.stages=[{circuits: [{name: X, width: 16, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
+        "eval_loops: 2, backprop: 2}]}]"]
+
+
+def test_packed_documents_do_not_see_each_other():
+    cfg = load_config(None, TINY)
+    model = build_model(cfg.model, 259, seed=0)
+    tok = ByteTokenizer()
+    first, second = encode_document(tok, "in the beginning"), encode_document(tok, "let there be light")
+    ex = pack_window(np.concatenate([first, second]), seq_len=40)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, tokens, pos, seg: nnx.merge(graphdef, s)(tokens, positions_BT=pos, segment_ids_BT=seg)[0])
+    packed = forward(state, ex["inputs"][None], ex["positions"][None], ex["segment_ids"][None])
+    alone = forward(state, second[None, :-1], None, None)
+    n = len(second) - 1
+    np.testing.assert_allclose(packed[0, len(first) : len(first) + n], alone[0], atol=1e-5)
+
+
+def text_args(tmp_path):
+    text = "\n\n".join(f"chapter {i}: " + "and it was so. " * (3 + i % 5) for i in range(30))
+    (tmp_path / "c.txt").write_text(text)
+    return [*TINY, "data.task=text", f"data.paths=[{tmp_path}/c.txt]", 'data.doc_separator="\\n\\n"',
+            "data.seq_len=32", "data.val_fraction=0.2", "data.batch_size=4", "data.eval_examples=4",
+            "data.eval_batch_size=4", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2",
+            "train.checkpoint_every=2", "eval.sweep_loops=[]", "eval.diagnostics=false", f"run.dir={tmp_path}/runs"]
+
+
+def test_train_text_logs_bits_per_byte_at_several_loop_counts(tmp_path):
+    args = [*text_args(tmp_path), "data.eval_loops=[1, 3]", "eval.sweep_loops=[1, 2]"]
+    result = train(load_config(None, [*args, "run.name=a", "train.steps=2"]))
+    assert set(result.eval) == {"val", "train"} and result.eval["val"]["bits_per_byte"] > 0
+    rows = [r for r in read_metrics(result.run_dir) if "eval/val/bits_per_byte" in r]
+    assert rows and {"eval/val/loops_1/bits_per_byte", "eval/train/loops_3/perplexity"} <= set(rows[-1])
+    assert {(r["loops"], r["split"]) for r in result.sweep} == {(1, "val"), (1, "train"), (2, "val"), (2, "train")}
+    assert all("bits_per_byte" in r for r in result.sweep)
+    tok = load_tokenizer(result.run_dir)
+    assert (result.run_dir / "tokenizer.json").is_file() and tok.decode(tok.encode("so.")) == "so."
+    model, params, step = restore_params(load_config(None, [*args, "run.name=a"]))
+    assert step == 2 and model.vocab_size == 259 and jax.tree.leaves(params)
+
+
+@pytest.mark.slow
+def test_text_run_resumes_exactly(tmp_path):
+    args = [*text_args(tmp_path), "data.tokenizer=bpe", "data.vocab_size=300"]
+    straight = train(load_config(None, [*args, "run.name=a", "train.steps=4"]))
+    train(load_config(None, [*args, "run.name=b", "train.steps=2"]))
+    resumed = train(load_config(None, [*args, "run.name=b", "train.steps=4"]))
+    assert straight.eval == resumed.eval
+    losses = [{r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
+              for run in (straight.run_dir, resumed.run_dir)]
+    assert [losses[0][s] for s in (3, 4)] == [losses[1][s] for s in (3, 4)]  # same batches after the resume
+    assert load_tokenizer(straight.run_dir).merges == load_tokenizer(resumed.run_dir).merges
