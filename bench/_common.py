@@ -1,0 +1,121 @@
+"""Shared bench helpers: argument parsing, size presets, synthetic batches, timing, table/JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loopformer.config import ModelConfig, load_config  # noqa: E402
+from loopformer.flops import datasheet_peak, measure_matmul_flops  # noqa: E402
+
+# Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=64, heads=4, vocab=64, seq=64, batch=8, loops=8, dtype="float32", matmul=1024),
+    "small": dict(d_model=512, heads=8, vocab=4096, seq=512, batch=16, loops=8, dtype="bfloat16", matmul=4096),
+    "medium": dict(d_model=1024, heads=16, vocab=32768, seq=1024, batch=16, loops=16, dtype="bfloat16", matmul=8192),
+}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                   help="model preset (tiny: CPU default; small/medium: GPU/TPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of tables")
+    p.add_argument("--out", type=Path, help="also write the JSON document to this file")
+    return p
+
+
+def model_config(size: dict[str, Any], *, prelude: int = 1, coda: int = 1, depth: int = 1, loops: str = "fixed(1)",
+                 backprop: int = 1, inject: str = "none", init: str = "input") -> ModelConfig:
+    """A model whose core is one full-width circuit X (slice read/write): depth blocks looped n times."""
+    d, h = size["d_model"], size["heads"]
+    circuit = (f"{{name: X, depth: {depth}, width: {d}, heads: {h}, loops: '{loops}', max_loops: 1024, "
+               f"eval_loops: 1, backprop: {backprop}, inject: {inject}, init: {init}}}")
+    return load_config(None, [f"model.d_model={d}", f"model.heads={h}", f"model.prelude={prelude}",
+                              f"model.coda={coda}", f"model.compute_dtype={size['dtype']}",
+                              f"model.stages=[{{circuits: [{circuit}]}}]"]).model
+
+
+def synthetic_batch(size: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = (size["batch"], size["seq"])
+    return {"inputs": rng.integers(0, size["vocab"], shape, dtype=np.int32),
+            "targets": rng.integers(0, size["vocab"], shape, dtype=np.int32),
+            "mask": np.ones(shape, np.float32)}
+
+
+def block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    block(fn())
+    return time.perf_counter() - t0
+
+
+def summary(times: Sequence[float]) -> dict[str, float]:
+    return {"best_s": min(times), "median_s": statistics.median(times)}
+
+
+def environment() -> dict[str, Any]:
+    d = jax.devices()[0]
+    return {"jax": jax.__version__, "backend": d.platform, "device_kind": d.device_kind,
+            "device_count": jax.device_count(), "host_cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def peak(size: dict[str, Any]) -> dict[str, Any]:
+    """Denominator for MFU on one device: datasheet peak on GPU/TPU, a measured matmul on CPU (the
+    matmul is measured on accelerators too, for reference)."""
+    measured = measure_matmul_flops(size["matmul"], size["dtype"] if jax.devices()[0].platform != "cpu" else "float32")
+    sheet = datasheet_peak(jax.devices()[0], size["dtype"])
+    return {"peak_flops": sheet or measured, "source": "datasheet" if sheet else f"measured {size['matmul']}^3 matmul",
+            "datasheet_flops": sheet, "measured_matmul_flops": measured}
+
+
+def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) -> None:
+    doc = json.dumps(result, indent=1, default=float)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(doc + "\n")
+    if args.json:
+        print(doc)
+    else:
+        print("\n\n".join(tables))
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([title, line(header), sep, *(line(r) for r in cells)])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e6:
+            return f"{v:.4g}" if abs(v) < 10 else f"{v:,.1f}"
+        return f"{v:.3e}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def log(msg: str, args: argparse.Namespace) -> None:
+    """Progress on stderr (stdout stays clean for --json)."""
+    print(msg, file=sys.stderr, flush=True)

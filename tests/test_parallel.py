@@ -1,0 +1,307 @@
+"""Mesh sizing, the logical-axis rules, sharded state, FLOP counting, and (in subprocesses) training
+on 8 CPU devices and in two processes joined by jax.distributed (gloo)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+from loopformer import parallel
+from loopformer.config import MeshConfig, load_config
+from loopformer.errors import ConfigError
+from loopformer.flops import FlopCounter
+from loopformer.model.transformer import build_model
+from loopformer.train.optim import make_optimizer
+from loopformer.train.step import init_state
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "parallel" / "mesh_worker.py"
+# Subprocesses compile with LLVM's cheap settings: the checks are numerical, not about speed.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPFORMER_", "JAX_", "XLA_"))}
+    env.update(JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA, **extra)
+    return env
+
+
+# ----------------------------------------------------------------------------- mesh sizing
+
+
+@pytest.mark.parametrize("sizes, devices, want", [
+    ((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 1), 8, (2, 4, 1)), ((2, 2, -1), 8, (2, 2, 2)), ((1, 1, 1), 1, (1, 1, 1)),
+    ((-1, 1, 1), 1, (1, 1, 1)), ((4, 2, 1), 8, (4, 2, 1)),
+])
+def test_mesh_shape(sizes, devices, want):
+    assert parallel.mesh_shape(MeshConfig(*sizes), devices) == want
+
+
+@pytest.mark.parametrize("sizes, devices, match", [
+    ((2, 2, 1), 8, r"data x fsdp x tensor = 2 x 2 x 1 = 4, but there are 8 devices"),
+    ((-1, 3, 1), 8, r"8 devices cannot be split with fsdp=3 x tensor=1 = 3"),
+    ((-1, -1, 1), 8, r"only one of data/fsdp/tensor may be -1"),
+    ((0, 1, 1), 8, r"mesh.data must be >= 1 or -1"),
+])
+def test_mesh_shape_errors(sizes, devices, match):
+    with pytest.raises(ConfigError, match=match):
+        parallel.mesh_shape(MeshConfig(*sizes), devices)
+
+
+def test_make_mesh_single_device():
+    mesh = parallel.make_mesh(MeshConfig())
+    assert mesh.axis_names == parallel.MESH_AXES and mesh.devices.shape == (jax.device_count(), 1, 1)
+    assert "mesh data=1 fsdp=1 tensor=1" in parallel.describe_mesh(parallel.make_mesh(MeshConfig(), jax.devices()[:1]))
+
+
+# ----------------------------------------------------------------------------- logical axes
+
+
+MESH_222 = AbstractMesh((2, 2, 2), parallel.MESH_AXES)
+MESH_241 = AbstractMesh((2, 4, 1), parallel.MESH_AXES)
+
+
+def test_logical_to_spec_rules_and_leading_axes():
+    spec = parallel.logical_to_spec
+    assert spec(("embed", "heads"), (64, 192), MESH_222) == P("fsdp", "tensor")
+    assert spec(("mlp", "embed"), (256, 64), MESH_222) == P("tensor", "fsdp")
+    assert spec(("vocab", "embed"), (40, 64), MESH_222) == P("tensor", "fsdp")
+    # nnx.vmap-stacked layers [L, ...] and circuits [C, L, ...] carry no names: replicated.
+    assert spec(("embed", "heads"), (3, 2, 64, 192), MESH_222) == P(None, None, "fsdp", "tensor")
+    assert spec(("norm",), (2, 64), MESH_222) == P()
+    assert spec(None, (64,), MESH_222) == P()
+    # tensor has size 1: nothing to split over.
+    assert spec(("embed", "heads"), (64, 192), MESH_241) == P("fsdp")
+
+
+def test_logical_to_spec_fallbacks():
+    spec = parallel.logical_to_spec
+    assert spec(("vocab", "embed"), (41, 64), MESH_222) == P(None, "fsdp")  # 41 rows do not split in 2
+    assert spec(("embed", "heads"), (6, 192), MESH_241) == P()  # 6 does not split in 4
+    assert spec(("embed", "embed"), (64, 64), MESH_222) == P("fsdp")  # a mesh axis once per array
+    assert spec(("batch",), (16,), MESH_222) == P(("data", "fsdp"))
+    assert spec(("embed",), (64,), MESH_222, rules={"embed": None}) == P()
+    with pytest.raises(ConfigError, match="logical axis 'experts' has no sharding rule"):
+        spec(("experts", "embed"), (8, 64), MESH_222)
+
+
+def model_and_tx():
+    """The quickstart model with a projecting, concat-injecting circuit X and an untied head, abstract
+    (shapes and logical axis names only: no initialisation)."""
+    cfg = load_config("configs/quickstart.yaml", [
+        "model.tie_embeddings=false", "model.stages.0.circuits.X.read=project", "model.stages.0.circuits.X.write=project",
+        "model.stages.0.circuits.X.inject=concat"])
+    return nnx.eval_shape(lambda: build_model(cfg.model, 40, 0)), make_optimizer(cfg.train)
+
+
+def test_param_specs_cover_every_parameter():
+    model, _ = model_and_tx()
+    specs = parallel.param_specs(model, MESH_222)
+    params = nnx.to_pure_dict(nnx.state(model))
+    flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, P))[0]}
+    shapes = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert flat.keys() == shapes.keys()
+    for path, s in flat.items():
+        assert len(s) <= len(shapes[path]), path
+    g = "['stages'][0]['groups']"
+    assert flat[f"{g}[0]['blocks']['attn']['qkv']['kernel']"] == P(None, None, "fsdp", "tensor")  # [C, D, w, 3w]
+    assert flat[f"{g}[0]['read']['kernel']"] == P(None, "fsdp")  # [C, d_model, w]: (embed, circuit)
+    assert flat[f"{g}[0]['adapter']['kernel']"] == P()  # (circuit, circuit)
+    assert flat["['prelude']['mlp']['up']['kernel']"] == P(None, "fsdp", "tensor")
+    assert flat["['head']['kernel']"] == P("fsdp", "tensor")
+    assert flat["['final_norm']['scale']"] == P()
+
+
+def test_train_state_shardings_mirror_params():
+    model, tx = model_and_tx()
+    mesh = parallel.make_mesh(MeshConfig(), jax.devices()[:1])
+    shardings = parallel.train_state_shardings(model, tx, mesh)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), nnx.to_pure_dict(nnx.state(model)))
+    state = parallel.shard_train_state(params, lambda p: init_state(p, tx), shardings)
+    assert jax.tree.structure(state) == jax.tree.structure(shardings)
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+        assert x.sharding == s
+    np.testing.assert_array_equal(state["params"]["embed"]["embedding"], params["embed"]["embedding"])
+    assert "parameters" in parallel.describe_sharding(params, shardings["params"])
+
+
+def test_batch_size_checks():
+    mesh = parallel.make_mesh(MeshConfig(), jax.devices()[:1])
+    parallel.check_batch_size(6, 3, mesh)
+    batch = {"inputs": np.arange(12, dtype=np.int32).reshape(4, 3)}
+    placed = parallel.put_batch(batch, mesh)
+    np.testing.assert_array_equal(placed["inputs"], batch["inputs"])
+    np.testing.assert_array_equal(parallel.put_global_batch(batch, mesh)["inputs"], batch["inputs"])
+
+
+def test_distributed_request(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("LOOPFORMER_", "JAX_COORDINATOR", "SLURM_", "TPU_", "MEGASCALE_")):
+            monkeypatch.delenv(key)
+    assert parallel.distributed_request() is None
+    monkeypatch.setenv("LOOPFORMER_COORDINATOR", "10.0.0.1:1234")
+    with pytest.raises(ConfigError, match="also set LOOPFORMER_NUM_PROCESSES"):
+        parallel.distributed_request()
+    monkeypatch.setenv("LOOPFORMER_NUM_PROCESSES", "2")
+    monkeypatch.setenv("LOOPFORMER_PROCESS_ID", "2")
+    with pytest.raises(ConfigError, match=r"LOOPFORMER_PROCESS_ID=2 must be in \[0, LOOPFORMER_NUM_PROCESSES=2\)"):
+        parallel.distributed_request()
+    monkeypatch.setenv("LOOPFORMER_PROCESS_ID", "1")
+    assert parallel.distributed_request() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
+                                              "process_id": 1}
+    monkeypatch.setenv("LOOPFORMER_DISTRIBUTED", "0")
+    assert parallel.distributed_request() is None
+    monkeypatch.delenv("LOOPFORMER_DISTRIBUTED")
+    monkeypatch.delenv("LOOPFORMER_COORDINATOR")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[01-02]")
+    assert parallel.distributed_request() == {}
+    assert not jax.distributed.is_initialized()
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def test_flops_match_xla_cost_analysis():
+    """Analytic forward FLOPs (attention counted without the causal saving, as XLA computes it) agree
+    with XLA's own count for a model whose loops run once and stacks have depth 1 (XLA counts a loop
+    body once)."""
+    cfg = load_config("configs/quickstart.yaml", [
+        "model.d_model=128", "model.heads=4", "model.prelude=1", "model.coda=1", "model.tie_embeddings=false",
+        "model.stages=[{circuits: [{name: X, width: 64, heads: 2, loops: 'fixed(1)', eval_loops: 1}, "
+        "{name: Y, width: 64, heads: 2, read: project, write: project, inject: concat, loops: 'fixed(1)', "
+        "eval_loops: 1}]}]"]).model
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 64, 0)))
+    tokens = jax.ShapeDtypeStruct((2, 16), np.int32)
+    fwd = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
+    xla = fwd.lower(params, tokens).compile().cost_analysis()["flops"]
+    ours = FlopCounter(cfg, 64, 16, causal=False).forward() * 2 * 16
+    assert 0.95 * xla <= ours <= xla, (ours, xla)  # XLA also counts elementwise work (norms, softmax)
+
+
+def test_train_flops_counting():
+    cfg = load_config("configs/quickstart.yaml", [
+        "model.stages=[{circuits: [{name: X, width: 64, heads: 2, loops: 'fixed(1)', backprop: 4}]}]"]).model
+    c = FlopCounter(cfg, 64, 32)
+    per_x = c.forward({"X": 1}) - c.forward({"X": 0})
+    assert c.forward({"X": 8}) - c.forward({"X": 0}) == pytest.approx(8 * per_x)  # linear in loops
+    outside = c.train({"X": 0})  # 3 x forward of everything outside the loop
+    assert outside == pytest.approx(3 * c.forward({"X": 0}))
+    # Useful work (MFU): n forward + 2 min(n, k) backward iterations.
+    assert c.train({"X": 8}) - outside == pytest.approx((8 + 2 * 4) * per_x)
+    assert c.train({"X": 2}) - outside == pytest.approx(3 * 2 * per_x)
+    # Executed (HFU): the gradient scan always runs k masked iterations, each recomputed once.
+    assert c.train({"X": 2}, hardware=True) - outside == pytest.approx((4 + 3 * 4) * per_x)
+    assert c.train({"X": 8}, hardware=True) - outside == pytest.approx((8 + 3 * 4) * per_x)
+    steps = c.train(np.asarray([[8], [2]]))
+    assert steps.shape == (2,) and steps[0] == pytest.approx(c.train({"X": 8}))
+    with pytest.raises(KeyError, match="unknown circuits"):
+        c.forward({"Z": 1})
+
+
+# ----------------------------------------------------------------------------- 8 devices, 2 processes
+
+
+def run_worker(*meshes: str, timeout: int = 600) -> str:
+    proc = subprocess.run([sys.executable, str(WORKER), *meshes], cwd=ROOT, env=subprocess_env(8),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def test_mesh_2x2x2_matches_single_device():
+    """data x fsdp x tensor = 2 x 2 x 2 on 8 CPU devices: loss, gradients and two AdamW steps equal one
+    device; its checkpoint restores onto one device and training continues identically."""
+    out = run_worker("2,2,2")
+    assert "mesh (2, 2, 2): equal to single device" in out and "restored and continued" in out
+
+
+@pytest.mark.slow
+def test_all_meshes_match_single_device():
+    out = run_worker("8,1,1", "2,4,1", "2,2,2")
+    assert out.count("equal to single device") == 3
+    assert "checkpoint (8, 1, 1) -> (2, 2, 2): restored and continued" in out
+
+
+TINY = [
+    "model.vocab_size=32", "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
+    "model.stages=[{circuits: [{name: X, width: 32, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
+    "eval_loops: 2, backprop: 2}]}]",
+    "data.task_args={num_nodes: 5, num_symbols: 6}", "data.train_difficulty=[1, 2]",
+    "data.eval_splits={train: [1, 2]}", "data.batch_size=16", "data.eval_examples=32", "data.eval_batch_size=16",
+    "train.warmup_steps=2", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=2",
+    "eval.sweep_loops=[]", "eval.diagnostics=false", "mesh.data=2", "mesh.fsdp=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(tmp_path: Path, *overrides: str) -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.yaml", *TINY, f"run.dir={tmp_path}",
+           "run.name=mp", *overrides]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=subprocess_env(2, LOOPFORMER_COORDINATOR=f"127.0.0.1:{port}",
+                                                 LOOPFORMER_NUM_PROCESSES="2", LOOPFORMER_PROCESS_ID=str(i)))
+             for i in range(2)]
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=540)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for i, p in enumerate(done):
+        assert p.returncode == 0, f"process {i}:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return done
+
+
+def context(procs: list[subprocess.CompletedProcess], run: Path) -> str:
+    files = sorted(str(f.relative_to(run)) for f in run.rglob("*") if "checkpoints" in f.parts and f.parent.parent.name
+                   == "checkpoints") if run.exists() else []
+    return "\n".join([f"files: {files}"] + [f"--- process {i} stdout:\n{p.stdout[-2000:]}\n--- stderr:\n{p.stderr[-3000:]}"
+                                             for i, p in enumerate(procs)])
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_resume(tmp_path):
+    """Two processes x 2 CPU devices (mesh data=2, fsdp=2) joined by jax.distributed over gloo: train,
+    checkpoint (each process writes its shards and its data-iterator position), resume; only process 0
+    logs. The checkpoint then restores in a single process on one device."""
+    run = tmp_path / "mp"
+    first = launch_two(tmp_path, "train.steps=4")
+    why = context(first, run)
+    assert "mesh data=2 fsdp=2 tensor=1 over 4 cpu device(s) (cpu) in 2 process(es)" in first[0].stdout, why
+    assert "step 4/4" in first[0].stdout, why
+    assert "LoopedTransformer" not in first[1].stdout and "step " not in first[1].stdout, why  # gloo prints its own
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"], why
+    data_files = {p.name for p in (run / "checkpoints" / "4" / "data").iterdir()}
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files, why
+    second = launch_two(tmp_path, "train.steps=6")
+    why = context(second, run)
+    assert "resumed" in second[0].stdout and "from step 4" in second[0].stdout, why
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values()))), (losses, why)
+    assert all(r["train/mfu"] > 0 for r in rows if "train/mfu" in r)
+    # The two-process, four-device checkpoint restores onto this single-device process.
+    from loopformer.train.trainer import load_run_config, restore_params
+    _, params, step = restore_params(load_run_config(run))
+    assert step == 6 and np.isfinite(np.asarray(params["embed"]["embedding"])).all()
