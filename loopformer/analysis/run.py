@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from loopformer.analysis.evaluate import Evaluator
 from loopformer.config import Config
@@ -26,10 +25,7 @@ from loopformer.data.sources import DataSource, build_data, text_metrics
 from loopformer.data.tasks import Task
 from loopformer.errors import LoopformerError
 from loopformer.model.transformer import LoopedTransformer
-from loopformer.train.checkpoint import Checkpoints
-from loopformer.train.optim import make_optimizer
-from loopformer.train.step import init_state
-from loopformer.train.trainer import load_run_config, make_model
+from loopformer.train.trainer import load_run_config, restore_params
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
@@ -140,18 +136,8 @@ class LoadedRun:
 
 
 def restore(cfg: Config, data: DataSource, step: int | None = None) -> tuple[LoopedTransformer, Any, int]:
-    """Like `trainer.restore_params`, but the model and the train state are only *shaped*
-    (``eval_shape``: no initialisation is computed), which makes opening a run several times faster.
-    The returned model is abstract: use it for its structure (graphdef, circuit names, config)."""
-    model = nnx.eval_shape(lambda: make_model(cfg, data))
-    params = nnx.to_pure_dict(nnx.state(model))
-    state = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg.train)), params)
-    ckpts = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
-    try:
-        restored = ckpts.restore(state, None, step=step)
-    finally:
-        ckpts.close()
-    return model, restored["params"], int(restored["step"])
+    """`trainer.restore_params` with the run's already-built data source."""
+    return restore_params(cfg, step, data)
 
 
 def load_run(info: RunInfo, step: int | None = None) -> LoadedRun:

@@ -141,14 +141,19 @@ def abstract_like(tree: Any) -> Any:
                         tree)
 
 
-def restore_params(cfg: Config, step: int | None = None) -> tuple[LoopedTransformer, Any, int]:
-    """Model structure and trained params of a run (latest checkpoint, or ``step``)."""
-    model = make_model(cfg, build_data(cfg))
+def restore_params(cfg: Config, step: int | None = None, data: DataSource | None = None
+                   ) -> tuple[LoopedTransformer, Any, int]:
+    """Model structure and trained params of a run (latest checkpoint, or ``step``).
+
+    The model and train state are only *shaped* (``eval_shape``: no initialisation is computed),
+    so opening a run is fast; the returned model is abstract: use it for its structure (graphdef,
+    circuit names, config) and pass the returned params to it."""
+    model = nnx.eval_shape(lambda: make_model(cfg, data if data is not None else build_data(cfg)))
     params = nnx.to_pure_dict(nnx.state(model))
-    state = init_state(params, make_optimizer(cfg.train))
+    state = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg.train)), params)
     ckpts = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
     try:
-        restored = ckpts.restore(abstract_like(state), None, step=step)
+        restored = ckpts.restore(state, None, step=step)
     finally:
         ckpts.close()
     return model, restored["params"], int(restored["step"])
