@@ -1,22 +1,25 @@
 """The "think longer" benchmark: does a looped model trained on easy instances solve harder ones
 when given more loops, and how does it compare with equal-parameter and equal-compute baselines?
 
-For each task: train (1) a looped model (one circuit, loop count ~ U{2..6}, mean 4), (2) the same
-model with loops fixed at 1 (equal parameters), (3) a non-looped model whose circuit has depth 4
-= the looped model's mean effective depth (equal training compute), all with the same steps and
-batch. Evaluate at the training difficulty and at 2x and 4x harder instances; the looped model at
-loop counts 1 .. 8x its training mean.
+For each task: train (1) a looped model (one circuit X, loop count sampled from the task's
+distribution with mean m; m = 4 by default, 16 for prefix_parity), (2) the same model with loops fixed
+at 1 (equal parameters), (3) a non-looped model whose circuit has depth m = the looped model's mean
+effective depth (equal training compute), all with the same steps and batch. Evaluate at the training
+difficulty and at 2x and 4x harder instances; the looped model at loop counts 1 .. 8m. Each table
+ends with the bar's verdict at 2x (gain of the best count >= m over m, margin over both baselines).
 
     python bench/think_longer.py [--quick] [--json] [--tasks pointer_chase,p_hop] [--out DIR]
 
 Prints Markdown tables (and with --json one JSON document on stdout, everything else on stderr):
-{"tasks": {NAME: {"train_loops": int, "rows": [{"difficulty", "model", "loops", "accuracy"}]}}}
+{"tasks": {NAME: {"train_loops": int, "loops": str, "verdict": {...},
+                  "rows": [{"difficulty", "model", "loops", "accuracy", "wall_s", "tokens_seen"}]}}}
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -28,36 +31,64 @@ from loopformer.data.pipeline import eval_batches
 from loopformer.train.trainer import make_task_for, restore_params, train
 
 BASE = Path(__file__).resolve().parent.parent / "configs" / "bench" / "think_longer.yaml"
-TRAIN_LOOPS = 4  # mean of uniform(2, 6)
+X = "model.stages.0.circuits.X"
 
-# Task settings: (task_args, train difficulty, {"train", "2x", "4x"} difficulties). Each follows a
-# published setting scaled to a 2-core CPU (see README, "Think longer").
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One task of the suite: data, difficulties, and the looped model's loop schedule."""
+
+    task_args: dict
+    train: list[int]  # [lo, hi] training difficulty
+    splits: dict[str, list[int]]  # "train" / "2x" / "4x" -> [lo, hi]
+    loops: str = "uniform(2, 6)"  # training loop-count distribution of circuit X
+    train_loops: int = 4  # its mean: the eval default, the equal-compute depth, the sweep's unit
+    overrides: tuple[str, ...] = ()  # any other config changes (all three models)
+    steps: tuple[int, int] = (300, 1500)  # training steps per model: --quick, full
+
+    def counts(self) -> list[int]:
+        """Loop counts of the looped model's sweep: 1 .. 8x the training mean."""
+        m = self.train_loops
+        return sorted({1, 2, 4, m // 2 or 1, m, 3 * m // 2, 2 * m, 3 * m, 4 * m, 6 * m, 8 * m})
+
+
+# Each follows a published setting scaled to a 2-core CPU (see README, "Think longer").
 TASKS = {
-    "pointer_chase": ({"num_nodes": 20, "num_symbols": 20, "edge_tokens": True}, [1, 4],
-                      {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
-    "p_hop": ({"length": 48, "alphabet": 4}, [1, 4], {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
-    "addition": ({}, [1, 4], {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
-    "prefix_parity": ({}, [1, 8], {"train": [1, 8], "2x": [16, 16], "4x": [32, 32]}),
+    # DeepThinking's prefix sums (aligned labels, exact match), as in configs/quickstart.yaml: local
+    # attention everywhere, so the loop is the only way information crosses the string; truncated
+    # backprop (last 4 of n ~ U{8..16} iterations) plays the part of their progressive loss.
+    "prefix_parity": Setting({}, [1, 8], {"train": [1, 8], "2x": [16, 16], "4x": [32, 32]},
+                             loops="uniform(8, 16)", train_loops=12, steps=(600, 1500),
+                             overrides=(f"{X}.window=2", "model.window=2", f"{X}.state_norm=true", "model.norm=pre",
+                                        f"{X}.backprop=4", "train.lr=2e-3")),
+    "pointer_chase": Setting({"num_nodes": 20, "num_symbols": 20, "edge_tokens": True}, [1, 4],
+                             {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
+    "p_hop": Setting({"length": 48, "alphabet": 4}, [1, 4], {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
+    "addition": Setting({}, [1, 4], {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
 }
 
-MODELS = {
-    "looped": [],
-    "equal_params": ["model.stages.0.circuits.X.loops=fixed(1)", "model.stages.0.circuits.X.eval_loops=1",
-                     "model.stages.0.circuits.X.backprop=1"],
-    "equal_compute": [f"model.stages.0.circuits.X.depth={TRAIN_LOOPS}", "model.stages.0.circuits.X.loops=fixed(1)",
-                      "model.stages.0.circuits.X.eval_loops=1", "model.stages.0.circuits.X.backprop=1"],
-}
+
+def models(setting: Setting) -> dict[str, list[str]]:
+    """Config overrides of the three models: looped, equal parameters (loops fixed at 1) and equal
+    training compute (a non-looped circuit of depth = the looped model's mean effective depth)."""
+    once = [f"{X}.loops=fixed(1)", f"{X}.eval_loops=1", f"{X}.backprop=1"]
+    return {
+        "looped": [f"{X}.loops={setting.loops}", f"{X}.eval_loops={setting.train_loops}"],
+        "equal_params": once,
+        "equal_compute": [f"{X}.depth={setting.train_loops}", *once],
+    }
 
 
-def run_task(name: str, steps: int, out: Path, examples: int) -> dict:
-    task_args, train_diff, splits = TASKS[name]
+def run_task(name: str, quick: bool, out: Path, examples: int) -> dict:
+    setting = TASKS[name]
+    steps = setting.steps[0 if quick else 1]
     rows = []
-    for model_name, overrides in MODELS.items():
+    for model_name, model_overrides in models(setting).items():
         cfg = load_config(BASE, [
             f"run.dir={out}", f"run.name={name}-{model_name}", f"data.task={name}",
-            f"data.task_args={json.dumps(task_args)}", f"data.train_difficulty={train_diff}",
-            f"data.eval_splits={json.dumps(splits)}", f"train.steps={steps}", f"data.eval_examples={examples}",
-            *overrides])
+            f"data.task_args={json.dumps(setting.task_args)}", f"data.train_difficulty={setting.train}",
+            f"data.eval_splits={json.dumps(setting.splits)}", f"train.steps={steps}", f"data.eval_examples={examples}",
+            *setting.overrides, *model_overrides])
         t0 = time.time()
         with contextlib.redirect_stdout(sys.stderr):
             train(cfg)
@@ -65,15 +96,29 @@ def run_task(name: str, steps: int, out: Path, examples: int) -> dict:
         model, params, step = restore_params(cfg)
         task = make_task_for(cfg)
         evaluator = Evaluator(model)
-        counts = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) if model_name == "looped" else [1]
-        for split, (lo, hi) in splits.items():
+        counts = setting.counts() if model_name == "looped" else [1]
+        tokens_seen = step * cfg.data.batch_size * task.seq_len(setting.train[1])
+        for split, (lo, hi) in setting.splits.items():
             batches = eval_batches(task, split, (lo, hi), examples, 256, cfg.seed)
             for n in counts:
                 m = evaluator.evaluate(params, batches, {"X": n})
                 rows.append({"difficulty": split, "model": model_name, "loops": n, "accuracy": m["accuracy"],
-                             "wall_s": wall, "tokens_seen": step * cfg.data.batch_size * task.seq_len(train_diff[1])})
+                             "wall_s": wall, "tokens_seen": tokens_seen})
         print(f"[{name}] {model_name}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
-    return {"train_loops": TRAIN_LOOPS, "rows": rows}
+    return {"train_loops": setting.train_loops, "loops": setting.loops, "steps": steps, "rows": rows}
+
+
+def verdict(result: dict) -> dict:
+    """The bar at 2x: gain of the best larger count over the training count, and the margin over the
+    better baseline (percentage points)."""
+    acc = {(r["model"], r["difficulty"], r["loops"]): r["accuracy"] for r in result["rows"]}
+    m = result["train_loops"]
+    at_train = acc[("looped", "2x", m)]
+    best_n, best = max(((n, a) for (mod, d, n), a in acc.items() if mod == "looped" and d == "2x" and n >= m),
+                       key=lambda t: t[1])
+    base = max(acc[("equal_params", "2x", 1)], acc[("equal_compute", "2x", 1)])
+    gain, margin = 100 * (best - at_train), 100 * (best - base)
+    return {"best_loops": best_n, "gain_points": gain, "margin_points": margin, "holds": gain >= 20 and margin > 0}
 
 
 def markdown(name: str, result: dict) -> str:
@@ -83,32 +128,36 @@ def markdown(name: str, result: dict) -> str:
     counts = list(dict.fromkeys(r["loops"] for r in looped))
     acc = {(r["model"], r["difficulty"], r["loops"]): r["accuracy"] for r in rows}
     head = "| model | loops | " + " | ".join(splits) + " |"
-    lines = [f"### {name} (trained at mean {result['train_loops']} loops)", "", head,
+    lines = [f"### {name} (loops {result['loops']}, mean {result['train_loops']})", "", head,
              "|" + "---|" * (len(splits) + 2)]
     for n in counts:
         mark = " (train mean)" if n == result["train_loops"] else ""
         lines.append(f"| looped | {n}{mark} | " + " | ".join(f"{100 * acc[('looped', s, n)]:.1f}" for s in splits) + " |")
     for m in ("equal_params", "equal_compute"):
         lines.append(f"| {m} | 1 | " + " | ".join(f"{100 * acc[(m, s, 1)]:.1f}" for s in splits) + " |")
+    v = verdict(result)
+    lines += ["", f"2x: best {v['best_loops']} loops, {v['gain_points']:+.1f} points over the training count, "
+              f"{v['margin_points']:+.1f} over the better baseline: the bar {'holds' if v['holds'] else 'does not hold'}."]
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small budgets (300 steps, 128 eval examples)")
+    p.add_argument("--quick", action="store_true", help="small budgets (300 steps, prefix_parity 600; 128 eval examples)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--out", default="bench_runs/think_longer", help="run directories and results")
     args = p.parse_args()
-    steps, examples = (300, 128) if args.quick else (1500, 256)
+    examples = 128 if args.quick else 256
     out = Path(args.out)
     results = {}
     t0 = time.time()
     for name in args.tasks.split(","):
         if name not in TASKS:
             p.error(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-        results[name] = run_task(name, steps, out, examples)
-    doc = {"tasks": results, "steps": steps, "wall_s": time.time() - t0}
+        results[name] = run_task(name, args.quick, out, examples)
+        results[name]["verdict"] = verdict(results[name])
+    doc = {"tasks": results, "quick": args.quick, "wall_s": time.time() - t0}
     out.mkdir(parents=True, exist_ok=True)
     (out / "think_longer.json").write_text(json.dumps(doc, indent=1))
     text = "\n\n".join(markdown(n, r) for n, r in results.items())

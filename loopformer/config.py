@@ -49,6 +49,9 @@ class CircuitConfig:
     eval_loops: int = 4  # default count at evaluation
     backprop: int = 4  # truncation depth k: gradient flows through the last k iterations
     state_norm: bool = False  # RMS-normalise the state after every iteration (bounded; fixed points possible)
+    window: int = 0  # attention span inside the circuit: 0 = full causal; w = each token sees itself and
+    # the w - 1 tokens before it (a local step, like DeepThinking's convolutions: info travels w - 1
+    # positions per block per iteration, so longer inputs need more loops)
 
     def distribution(self) -> LoopDistribution:
         return LoopDistribution.parse(self.loops, cap=self.max_loops)
@@ -56,7 +59,7 @@ class CircuitConfig:
     def shape_key(self) -> tuple:
         """Circuits with equal keys have identical parameter shapes and run batched (vmap)."""
         return (self.depth, self.width, self.heads, self.mlp_ratio, self.read, self.write, self.inject,
-                self.init, self.init_noise_std, self.backprop, self.state_norm)
+                self.init, self.init_noise_std, self.backprop, self.state_norm, self.window)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class ModelConfig:
     norm: str = "pre"  # pre | sandwich
     prelude: int = 1
     coda: int = 1
+    window: int = 0  # attention span of prelude and coda blocks (0 = full causal; see CircuitConfig.window)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     tie_embeddings: bool = True
     rope_base: float = 10000.0
@@ -131,6 +135,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     sweep_loops: list[int] = field(default_factory=list)  # loop counts shown at the end of training
+    sweep_circuits: list[str] = field(default_factory=list)  # circuits set to each count (others stay at
+    # their eval_loops); empty = every circuit
     diagnostics: bool = True  # per-circuit state statistics at each eval
 
 
@@ -336,6 +342,7 @@ def validate(cfg: Config) -> None:
     _check(m.prelude >= 0 and m.coda >= 0, "model.prelude and model.coda must be >= 0")
     _check(m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 takes it from the task)")
     _check(m.mlp_ratio > 0, "model.mlp_ratio must be > 0")
+    _check(m.window >= 0, f"model.window must be 0 (full causal attention) or >= 1 tokens, got {m.window}")
     _one_of(m.norm, NORM_MODES, "model.norm")
     _one_of(m.mlp, MLP_KINDS, "model.mlp")
     _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
@@ -363,6 +370,7 @@ def validate(cfg: Config) -> None:
             _check(c.backprop >= 1, f"{p}.backprop (truncation depth k) must be >= 1, got {c.backprop}")
             _check(c.eval_loops >= 1, f"{p}.eval_loops must be >= 1, got {c.eval_loops}")
             _check(c.max_loops >= 1, f"{p}.max_loops must be >= 1, got {c.max_loops}")
+            _check(c.window >= 0, f"{p}.window must be 0 (full causal attention) or >= 1 tokens, got {c.window}")
             try:
                 c.distribution()
             except ValueError as e:
@@ -409,6 +417,9 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
     _check(all(n >= 1 for n in cfg.eval.sweep_loops), f"eval.sweep_loops: counts must be >= 1, got {cfg.eval.sweep_loops}")
+    names = [c.name for c in cfg.model.circuits()]
+    for name in cfg.eval.sweep_circuits:
+        _check(name in names, f"eval.sweep_circuits: '{name}' is not a circuit; circuits are {', '.join(names)}")
     for key in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, key)
         _check(v == -1 or v >= 1, f"mesh.{key} must be >= 1 or -1 (fill), got {v}")

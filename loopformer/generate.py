@@ -146,7 +146,8 @@ def answer_text(task: Task, inputs: np.ndarray, answer: Sequence[int]) -> str:
 def answer_examples(logits_fn: LogitsFn, params: Any, task: Task, examples: Mapping[str, np.ndarray],
                     settings: Sequence[tuple[dict[str, int], Array]]) -> list[dict[str, Any]]:
     """Autoregressive greedy answers to a batch of examples (``inputs``/``targets``/``mask`` [K, T]) at
-    each loop setting ((loops by name, loop vector) pairs). One dict per example: prompt (rendered),
+    each loop setting ((loops by name, loop vector) pairs); a task with aligned labels is answered by
+    one forward pass instead. One dict per example: prompt (rendered),
     true answer (tokens, text) and one prediction (loops, tokens, text, correct) per setting."""
     inputs = np.asarray(examples["inputs"])
     parts = [split_prompt({k: np.asarray(v)[i] for k, v in examples.items()}) for i in range(len(inputs))]
@@ -156,8 +157,13 @@ def answer_examples(logits_fn: LogitsFn, params: Any, task: Task, examples: Mapp
         truth = task.answer({k: np.asarray(v)[i] for k, v in examples.items()})
         out.append({"index": i, "prompt": task.render(inputs[i]),
                     "answer": {"tokens": truth, "text": answer_text(task, inputs[i], truth)}, "predictions": []})
+    mask = np.asarray(examples["mask"]) > 0
     for loops, loop_v in settings:
-        new = generate_batch(logits_fn, params, prompts, loop_v, max(lengths))
+        if task.labels_aligned:  # labels at input positions: one forward pass, argmax where mask
+            pred_BT = np.asarray(jnp.argmax(logits_fn(params, jnp.asarray(inputs), loop_v), axis=-1))
+            new = [pred_BT[i][mask[i]].tolist() for i in range(len(inputs))]
+        else:
+            new = generate_batch(logits_fn, params, prompts, loop_v, max(lengths))
         for i, ex in enumerate(out):
             pred = new[i][: lengths[i]]
             ex["predictions"].append({"loops": dict(loops), "tokens": pred, "text": answer_text(task, inputs[i], pred),

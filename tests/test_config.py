@@ -11,7 +11,7 @@ QUICKSTART = "configs/quickstart.yaml"
 
 def test_quickstart_loads_and_round_trips(tmp_path):
     cfg = load_config(QUICKSTART)
-    assert cfg.run.name == "quickstart" and cfg.model.d_model == 64
+    assert cfg.run.name == "quickstart" and cfg.model.d_model == 96
     circuits = cfg.to_dict()["model"]["stages"][0]["circuits"]
     assert all({"name", "depth", "width"} <= set(c) for c in circuits)
     path = tmp_path / "resolved.yaml"
@@ -44,10 +44,13 @@ BAD = [
     (["model.d_model=abc"], r"model.d_model: expected int, got 'abc'"),
     (["train.steps"], r"malformed override 'train.steps': write key=value"),
     (["=3"], r"malformed override"),
-    (["model.heads=3"], r"model.d_model \(64\) must be divisible by model.heads \(3\)"),
-    (["model.stages.0.circuits.X.heads=3"], r"circuits.X.width \(32\) must be divisible by .*heads \(3\)"),
-    (["model.stages.0.circuits.X.width=16"], r"slice circuit widths 16 \+ 32 = 48 must sum to model.d_model = 64"),
+    (["model.heads=5"], r"model.d_model \(96\) must be divisible by model.heads \(5\)"),
+    (["model.stages.0.circuits.X.heads=3"], r"circuits.X.width \(64\) must be divisible by .*heads \(3\)"),
+    (["model.stages.0.circuits.X.width=16"], r"slice circuit widths 16 \+ 32 = 48 must sum to model.d_model = 96"),
     (["model.stages.0.circuits.X.backprop=0"], r"circuits.X.backprop \(truncation depth k\) must be >= 1"),
+    (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full causal attention\) or >= 1"),
+    (["model.window=-2"], r"model.window must be 0"),
+    (["eval.sweep_circuits=[Z]"], r"eval.sweep_circuits: 'Z' is not a circuit; circuits are X, Y"),
     (["model.stages.0.circuits.X.loops=uniform(8, 2)"], r"circuits.X.loops: uniform\(a, b\) needs"),
     (["model.stages.0.circuits.X.loops=many"], r"circuits.X.loops: 'many' is not a loop distribution"),
     (["model.stages.0.circuits.X.inject=mul"], r"circuits.X.inject: 'mul' is not one of add, concat, none"),

@@ -192,6 +192,7 @@ def test_flops_match_xla_cost_analysis():
 
 def test_train_flops_counting():
     cfg = load_config("configs/quickstart.yaml", [
+        "model.d_model=64", "eval.sweep_circuits=[]",
         "model.stages=[{circuits: [{name: X, width: 64, heads: 2, loops: 'fixed(1)', backprop: 4}]}]"]).model
     c = FlopCounter(cfg, 64, 32)
     per_x = c.forward({"X": 1}) - c.forward({"X": 0})
@@ -238,6 +239,7 @@ TINY = [
     "model.vocab_size=32", "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
     "model.stages=[{circuits: [{name: X, width: 32, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
     "eval_loops: 2, backprop: 2}]}]",
+    "data.task=pointer_chase", "model.window=0",
     "data.task_args={num_nodes: 5, num_symbols: 6}", "data.train_difficulty=[1, 2]",
     "data.eval_splits={train: [1, 2]}", "data.batch_size=16", "data.eval_examples=32", "data.eval_batch_size=16",
     "train.warmup_steps=2", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=2",

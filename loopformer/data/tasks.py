@@ -103,6 +103,12 @@ class Task(abc.ABC):
     def solve(self, inputs: np.ndarray) -> list[int]:
         """Reference solver: the answer tokens, computed from one example's inputs alone."""
 
+    @property
+    def labels_aligned(self) -> bool:
+        """True when the answers are labels at input positions, predicted in one forward pass (no
+        answer tokens in the inputs), rather than next tokens generated after the prompt."""
+        return False
+
     def answer(self, example: dict[str, np.ndarray]) -> list[int]:
         """The answer tokens stored in an example (its targets where mask == 1)."""
         return [int(t) for t in np.asarray(example["targets"])[np.asarray(example["mask"]) > 0]]
@@ -247,9 +253,12 @@ class PointerChase(Task):
 class PrefixParity(Task):
     """Running parity of a bit string (the prefix-sums task of Bansal et al., 2022).
 
-    Input ``BOS b1..bn SEP p1..pn`` with p_i = (b1 + ... + bi) mod 2; the n answer tokens are the
-    p's, and an example is correct only if all of them are. Vocab: PAD=0, BOS=1, SEP=2, bit 0=3,
-    bit 1=4. ``difficulty`` = n bits. T = 2*max_difficulty + 1.
+    ``aligned`` (default, DeepThinking's form): input ``BOS b1..bn``, and the label at the position
+    of b_i is p_i = (b1 + ... + bi) mod 2, all n predicted in one forward pass (no answer tokens in
+    the input), so p_n depends on every bit. T = max_difficulty + 1.
+    ``aligned: false``: the language-model form ``BOS b1..bn SEP p1..pn``, answers as next tokens.
+    Either way an example is correct only if all n labels are. Vocab: PAD=0, BOS=1, SEP=2, bit 0=3,
+    bit 1=4 (labels use the bit tokens). ``difficulty`` = n bits.
     """
 
     name: ClassVar[str] = "prefix_parity"
@@ -257,13 +266,36 @@ class PrefixParity(Task):
     BOS: ClassVar[int] = 1
     SEP: ClassVar[int] = 2
     ZERO: ClassVar[int] = 3
+    aligned: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.aligned, bool):
+            raise DataError(f"data.task_args.aligned must be true or false, got {self.aligned!r}")
+
+    @property
+    def labels_aligned(self) -> bool:
+        return self.aligned
 
     @property
     def vocab_size(self) -> int:
         return 5
 
     def seq_len(self, max_difficulty: int) -> int:
-        return 2 * max_difficulty + 1
+        return max_difficulty + 1 if self.aligned else 2 * max_difficulty + 1
+
+    def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
+        if not self.aligned:
+            return super().example(rng, difficulty, seq_len)
+        bits = rng.integers(0, 2, int(difficulty))
+        n = len(bits) + 1
+        if n > seq_len:
+            raise ValueError(f"example needs seq_len >= {n}, got {seq_len}")
+        out = {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
+               "mask": np.zeros(seq_len, np.float32)}
+        out["inputs"][:n] = [self.BOS, *(bits + self.ZERO)]
+        out["targets"][1:n] = np.cumsum(bits) % 2 + self.ZERO
+        out["mask"][1:n] = 1.0
+        return out
 
     def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
         bits = rng.integers(0, 2, difficulty)
@@ -273,9 +305,10 @@ class PrefixParity(Task):
 
     def _bits(self, inputs: np.ndarray) -> list[int]:
         toks = _tokens(inputs)
-        bits = [t - self.ZERO for t in toks[1 : toks.index(self.SEP)]]
+        end = toks.index(self.SEP) if self.SEP in toks else len(toks)
+        bits = [t - self.ZERO for t in toks[1:end]]
         if toks[0] != self.BOS or not bits or any(b not in (0, 1) for b in bits):
-            raise ValueError("inputs do not start with 'BOS bits SEP'")
+            raise ValueError("inputs do not start with 'BOS bits'")
         return bits
 
     def solve(self, inputs: np.ndarray) -> list[int]:

@@ -47,7 +47,7 @@ class CircuitGroup(nnx.Module):
 
         def block(r: nnx.Rngs) -> Block:
             return Block(w, c0.heads, hidden, mlp=mlp, norm=norm, std=std, out_std=out_std,
-                         rope_base=rope_base, dtype=dtype, rngs=r)
+                         rope_base=rope_base, dtype=dtype, rngs=r, window=c0.window)
 
         lin = dict(use_bias=False, dtype=dtype)
         self.blocks = stacked(lambda r: stacked(block, c0.depth, r), C, rngs)

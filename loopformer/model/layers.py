@@ -47,11 +47,13 @@ def attention_mask(segment_ids_BT: Array | None) -> Array | None:
 
 
 class Attention(nnx.Module):
-    """Causal multi-head self-attention with RoPE; no biases."""
+    """Causal multi-head self-attention with RoPE; no biases. ``window`` w >= 1 restricts each query
+    to itself and the w - 1 keys before it (sliding-window attention); 0 is full causal attention."""
 
     def __init__(self, width: int, heads: int, *, std: float, out_std: float, rope_base: float,
-                 dtype: Any, rngs: nnx.Rngs):
+                 dtype: Any, rngs: nnx.Rngs, window: int = 0):
         self.heads, self.head_dim, self.rope_base = heads, width // heads, rope_base
+        self.window = window
         kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
         self.qkv = nnx.Linear(width, 3 * width, kernel_init=normal_init(std, ("embed", "heads")), **kw)
         self.out = nnx.Linear(width, width, kernel_init=normal_init(out_std, ("heads", "embed")), **kw)
@@ -60,7 +62,8 @@ class Attention(nnx.Module):
         B, T, W = x_BTW.shape
         q, k, v = jnp.split(self.qkv(x_BTW).reshape(B, T, 3 * self.heads, self.head_dim), 3, axis=2)
         q, k = rope(q, positions_BT, self.rope_base), rope(k, positions_BT, self.rope_base)
-        y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        span = (self.window - 1, 0) if self.window else None
+        y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=span)
         return self.out(y_BTNH.reshape(B, T, W))
 
 
@@ -88,12 +91,12 @@ class Block(nnx.Module):
     before it is added (Gemma-2 / Huginn style), which keeps deep unrolls bounded."""
 
     def __init__(self, width: int, heads: int, hidden: int, *, mlp: str, norm: str, std: float,
-                 out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs):
+                 out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, window: int = 0):
         self.sandwich = norm == "sandwich"
         nk = dict(dtype=dtype, rngs=rngs, scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
         self.attn_norm = nnx.RMSNorm(width, **nk)
         self.attn = Attention(width, heads, std=std, out_std=out_std, rope_base=rope_base, dtype=dtype,
-                              rngs=rngs)
+                              rngs=rngs, window=window)
         self.mlp_norm = nnx.RMSNorm(width, **nk)
         self.mlp = MLP(width, hidden, mlp, std=std, out_std=out_std, dtype=dtype, rngs=rngs)
         if self.sandwich:

@@ -47,7 +47,7 @@ class LoopedTransformer(nnx.Module):
         common = dict(mlp=cfg.mlp, norm=cfg.norm, std=std, out_std=out_std, rope_base=cfg.rope_base, dtype=dtype)
         hidden = max(1, int(round(cfg.mlp_ratio * d)))
         self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(std, ("vocab", "embed")), rngs=rngs)
-        block = lambda r: Block(d, cfg.heads, hidden, rngs=r, **common)  # noqa: E731
+        block = lambda r: Block(d, cfg.heads, hidden, rngs=r, window=cfg.window, **common)  # noqa: E731
         self.prelude = stacked(block, cfg.prelude, rngs) if cfg.prelude else None
         stages, first = [], 0
         for s in cfg.stages:
@@ -146,7 +146,7 @@ class LoopedTransformer(nnx.Module):
         chain += [f"[{s}]" for s in self.notation(loops)]
         chain += ([f"coda×{cfg.coda}"] if cfg.coda else []) + ["norm", "head" + (" (tied)" if cfg.tie_embeddings else "")]
         lines = [f"LoopedTransformer  d_model={cfg.d_model}  heads={cfg.heads}  vocab={self.vocab_size}  "
-                 f"norm={cfg.norm}  mlp={cfg.mlp}  params={total:,}",
+                 f"norm={cfg.norm}  mlp={cfg.mlp}  params={total:,}" + (f"  window={cfg.window}" if cfg.window else ""),
                  "  " + " ─ ".join(chain)]
         for s, stage in enumerate(cfg.stages):
             lines.append(f"  stage {s + 1}: {self.notation(loops)[s]}")
@@ -154,7 +154,8 @@ class LoopedTransformer(nnx.Module):
                 lines.append(
                     f"    {c.name:<6} depth {c.depth}  width {c.width:<4} heads {c.heads:<2} read/write {c.read:<7} "
                     f"inject {c.inject:<6} init {c.init:<5} train loops {c.distribution()!s:<24} eval {loops[c.name]:<3} "
-                    f"k={c.backprop:<3} params {counts[c.name]:,}")
+                    f"k={c.backprop:<3} params {counts[c.name]:,}"
+                    + (f"  window {c.window}" if c.window else "") + ("  state_norm" if c.state_norm else ""))
         per_circuit = total - counts["shared"]
         lines.append(f"  parameters: shared {counts['shared']:,} + circuits {per_circuit:,} = {total:,}")
         stored = cfg.prelude + cfg.coda + sum(c.depth for c in cfg.circuits())

@@ -296,11 +296,11 @@ def train(cfg: Config) -> TrainResult:
 def final_sweep(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], cfg: Config,
                 model: LoopedTransformer, bytes_per_token: dict[str, float | None] | None = None
                 ) -> list[dict[str, Any]]:
-    """Accuracy (text: also bits per byte) on every split with all circuits at each count in
-    ``eval.sweep_loops``; prints a table."""
+    """Accuracy (text: also bits per byte) on every split with the circuits of ``eval.sweep_circuits``
+    (default: all) at each count in ``eval.sweep_loops``, the others at their eval_loops; prints a table."""
     rows = []
     for n in cfg.eval.sweep_loops:
-        loops = {c: n for c in model.circuit_names}
+        loops = {c: n for c in cfg.eval.sweep_circuits or model.circuit_names}
         for split, metrics in evaluate_all(evaluator, params, eval_sets, loops, bytes_per_token).items():
             rows.append({"loops": n, "split": split, **metrics})
     log(format_sweep_table(rows, cfg))
@@ -310,16 +310,18 @@ def final_sweep(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], c
 def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     counts = list(dict.fromkeys(r["loops"] for r in rows))
-    means = sorted({round(c.distribution().mean(), 1) for c in cfg.model.circuits()})
+    swept = [c for c in cfg.model.circuits() if not cfg.eval.sweep_circuits or c.name in cfg.eval.sweep_circuits]
+    means = sorted({round(c.distribution().mean(), 1) for c in swept})
+    who = "every circuit" if len(swept) == len(cfg.model.circuits()) else "+".join(c.name for c in swept)
     if rows and "bits_per_byte" in rows[0]:
         bpb = {(r["loops"], r["split"]): r["bits_per_byte"] for r in rows}
-        lines = [f"bits per byte vs loop count (every circuit at n; training mean {', '.join(map(str, means))})",
+        lines = [f"bits per byte vs loop count ({who} at n; training mean {', '.join(map(str, means))})",
                  " | ".join(f"{h:>10}" for h in ["loops", *splits])]
         lines += [" | ".join([f"{n:>10}"] + [f"{bpb[(n, s)]:>10.4f}" for s in splits]) for n in counts]
         return "\n".join(lines)
     acc = {(r["loops"], r["split"]): r["accuracy"] for r in rows}
     header = ["loops"] + [f"{s} {tuple(cfg.data.eval_splits[s])}" for s in splits]
-    lines = [f"accuracy vs loop count (every circuit at n; training mean {', '.join(map(str, means))}; "
+    lines = [f"accuracy vs loop count ({who} at n; training mean {', '.join(map(str, means))}; "
              f"difficulty [lo, hi] per split)",
              " | ".join(f"{h:>14}" for h in header)]
     for n in counts:

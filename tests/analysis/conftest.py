@@ -25,6 +25,7 @@ TINY = [
     "model.stages=[{circuits: ["
     "{name: X, depth: 1, width: 8, heads: 2, mlp_ratio: 1, loops: 'uniform(1, 3)', eval_loops: 2, backprop: 1}, "
     "{name: Y, depth: 1, width: 8, heads: 2, mlp_ratio: 1, loops: 'fixed(2)', eval_loops: 3, backprop: 1}]}]",
+    "data.task=pointer_chase", "model.window=0",
     "data.task_args={num_nodes: 5, num_symbols: 6}", "data.train_difficulty=[1, 2]",
     "data.eval_splits={train: [1, 2], hard: [4, 4]}", "data.batch_size=8", "data.eval_examples=16",
     "data.eval_batch_size=32", "train.steps=3", "train.lr=0.03", "train.warmup_steps=1", "train.log_every=3",

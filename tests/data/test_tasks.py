@@ -9,6 +9,7 @@ CASES = [
     ("pointer_chase", {}, [1, 2, 5, 10, 19], lambda d: 1),
     ("pointer_chase", {"num_nodes": 8, "num_symbols": 8}, [1, 3, 7], lambda d: 1),
     ("prefix_parity", {}, [1, 3, 8, 20], lambda d: d),
+    ("prefix_parity", {"aligned": False}, [1, 3, 8, 20], lambda d: d),
     ("p_hop", {}, [1, 4, 16, 62], lambda d: 1),
     ("p_hop", {"length": 12, "alphabet": 2}, [1, 5, 10], lambda d: 1),
     ("addition", {}, [1, 2, 5, 12], lambda d: d + 1),
@@ -40,8 +41,12 @@ def test_generator_matches_solver(name, kwargs, diffs, answer_len):
         assert mask.sum() == answer_len(d) and set(np.unique(mask)) <= {0.0, 1.0}
         n = int((inputs != PAD).sum())  # real tokens, then padding only
         assert (inputs[:n] != PAD).all() and (inputs[n:] == PAD).all() and (targets[n:] == PAD).all()
-        np.testing.assert_array_equal(inputs[1:n], targets[: n - 1])  # next-token targets
-        assert mask[n - 1] == 1.0 and (mask[n:] == 0).all()  # the answer ends the sequence
+        if task.labels_aligned:  # a label at every input position after BOS, none in the inputs
+            np.testing.assert_array_equal(mask[:n], [0.0] + [1.0] * (n - 1))
+            assert (mask[n:] == 0).all() and (targets[1:n] != PAD).all()
+        else:
+            np.testing.assert_array_equal(inputs[1:n], targets[: n - 1])  # next-token targets
+            assert mask[n - 1] == 1.0 and (mask[n:] == 0).all()  # the answer ends the sequence
         assert inputs.min() >= 0 and max(inputs.max(), targets.max()) < task.vocab_size
         assert isinstance(task.render(inputs), str) and isinstance(task.render(inputs, task.answer(ex)), str)
 
@@ -126,10 +131,16 @@ def test_addition_and_parity_values():
         lhs, c = add.render(ex["inputs"], add.answer(ex)).split("=")
         a, b = lhs.split("+")
         assert len(a) == len(b) == d and len(c) == d + 1 and int(a) + int(b) == int(c)
-    par = make_task("prefix_parity")
-    ex = par.example(rng, 12, par.seq_len(12))
-    bits, parity = par.render(ex["inputs"], par.answer(ex)).split(" | ")
-    assert parity == "".join(str(int(s) % 2) for s in np.cumsum([int(b) for b in bits]))
+    for aligned in (True, False):
+        par = make_task("prefix_parity", aligned=aligned)
+        assert par.seq_len(12) == (13 if aligned else 25)
+        ex = par.example(rng, 12, par.seq_len(12))
+        bits, parity = par.render(ex["inputs"], par.answer(ex)).split(" | ")
+        assert len(bits) == 12 and parity == "".join(str(int(s) % 2) for s in np.cumsum([int(b) for b in bits]))
+    ex = make_task("prefix_parity").example(np.random.default_rng(1), 4, 6)  # DeepThinking's aligned form
+    bits = ex["inputs"][1:5] - 3
+    np.testing.assert_array_equal(ex["targets"][1:5] - 3, np.cumsum(bits) % 2)
+    assert ex["inputs"][0] == 1 and ex["inputs"][5] == 0 and ex["mask"].tolist() == [0, 1, 1, 1, 1, 0]
 
 
 @pytest.mark.parametrize(
@@ -144,6 +155,7 @@ def test_addition_and_parity_values():
         ("p_hop", {"alphabet": 1}, "alphabet"),
         ("p_hop", {"length": 2.5}, "length"),
         ("addition", {"digits": 3}, "digits"),
+        ("prefix_parity", {"aligned": "yes"}, "aligned"),
     ],
 )
 def test_bad_task_args(name, kwargs, needle):

@@ -202,3 +202,18 @@ def test_stacked_group_runs_same_shape_circuits_batched():
     assert groups[0].blocks.attn.qkv.kernel.value.shape[:2] == (2, 1)  # [circuit, depth, ...]
     logits, _ = forward(randomize_writes(model), tokens())
     assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_windowed_circuit_reach_grows_with_loops(n):
+    """A depth-1 circuit with window 2 moves information one position per iteration; prelude and coda
+    with window 1 see only their own token. So a changed token at p changes outputs at p .. p + n."""
+    x = CircuitConfig(name="X", depth=1, width=32, heads=2, window=2, loops="fixed(4)", eval_loops=4)
+    cfg = ModelConfig(d_model=32, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
+    model = randomize_writes(build_model(cfg, VOCAB, seed=0))
+    a = tokens(b=1, t=16)
+    b = a.at[0, 4].set((a[0, 4] + 1) % VOCAB)
+    la, _ = forward(model, a, loops=model.loop_vector({"X": n}))
+    lb, _ = forward(model, b, loops=model.loop_vector({"X": n}))
+    changed = np.asarray(jnp.abs(la - lb).max(-1)[0] > 0)  # beyond the reach: bit-identical
+    np.testing.assert_array_equal(np.flatnonzero(changed), np.arange(4, min(16, 4 + n + 1)))

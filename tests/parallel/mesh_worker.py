@@ -33,6 +33,7 @@ CONFIG = [
     # X and Y have one shape: one group with stacked weights [C=2, depth=1, ...]
     "model.stages=[{circuits: [{name: X, depth: 1, width: 16, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
     "backprop: 2}, {name: Y, depth: 1, width: 16, heads: 2, mlp_ratio: 2, loops: 'uniform(2, 4)', backprop: 2}]}]",
+    "data.task=pointer_chase", "model.window=0",
     "data.task_args={num_nodes: 5, num_symbols: 6}", "data.train_difficulty=[1, 2]", "data.eval_splits={train: [1, 2]}",
     "data.batch_size=16",
     "train.grad_accum=2", "train.warmup_steps=1", "train.steps=10",

@@ -18,6 +18,7 @@ TINY = [
     "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
     "model.stages=[{circuits: [{name: X, width: 32, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
     "eval_loops: 2, backprop: 2}]}]",
+    "data.task=pointer_chase", "model.window=0",
     "data.task_args={num_nodes: 5, num_symbols: 6}", "data.train_difficulty=[1, 2]",
     "data.eval_splits={train: [1, 2], hard: [4, 4]}", "data.batch_size=16", "data.eval_examples=64",
     "data.eval_batch_size=32", "train.warmup_steps=2", "train.log_every=1", "eval.sweep_loops=[]",
@@ -125,3 +126,24 @@ def test_tiny_run_learns(tmp_path):
     assert result.eval["train"]["accuracy"] > 0.25
     first = json.loads((cfg.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train/loss"] > 1.2  # it started near chance
+
+
+def test_final_sweep_moves_only_the_chosen_circuits(tmp_path, capsys):
+    cfg = load_config("configs/quickstart.yaml", ["eval.sweep_loops=[1, 8]", "eval.sweep_circuits=[X]"])
+
+    class Recorder:  # stands in for the Evaluator: records the loop counts each evaluation asks for
+        calls: list = []
+
+        def evaluate(self, params, batches, loops):
+            self.calls.append(dict(loops))
+            return {"loss": 0.5, "accuracy": loops["X"] / 10, "token_accuracy": 1.0, "examples": 4}
+
+    class Model:
+        circuit_names = ["X", "Y"]
+
+    rows = trainer.final_sweep(Recorder(), None, {"train": [], "2x": []}, cfg, Model())
+    assert Recorder.calls == [{"X": 1}, {"X": 1}, {"X": 8}, {"X": 8}]  # per split; Y is left at its eval_loops
+    assert [(r["loops"], r["split"], r["accuracy"]) for r in rows] == [
+        (1, "train", 0.1), (1, "2x", 0.1), (8, "train", 0.8), (8, "2x", 0.8)]
+    out = capsys.readouterr().out
+    assert "accuracy vs loop count (X at n; training mean 12.0" in out and "80.0%" in out
