@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from loopformer.data.tasks import PAD
 from loopformer.errors import LoopformerError
 from loopformer.model.loop import TRACE_STATS
 from loopformer.model.transformer import LoopedTransformer
@@ -41,8 +42,9 @@ class Evaluator:
             return answer_sums(logits, batch)
 
         def means_fn(params: Any, batch: Batch, loops: Array) -> dict[str, Array]:
-            _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, collect=True, **packing(batch))
-            return {k: v for k, v in aux.items() if k.startswith("mean_out/")}
+            real_BT = (batch["inputs"] != PAD).astype(jnp.float32)  # padding does not count towards the mean
+            _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, collect=real_BT, **packing(batch))
+            return {"tokens": real_BT.sum()} | {k: v for k, v in aux.items() if k.startswith("mean_out/")}
 
         def trace_fn(params: Any, batch: Batch, loops: Array, trace_len: int) -> dict[str, Array]:
             _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, trace_len=trace_len, **packing(batch))
@@ -91,10 +93,13 @@ class Evaluator:
         return out
 
     def circuit_means(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int] | None = None) -> Array:
-        """[num_circuits, d_model]: each circuit's mean output over the batches (for mean ablation)."""
+        """[num_circuits, d_model]: each circuit's mean output over the non-padding tokens of the
+        batches (for mean ablation)."""
         loop_v = self.loop_vector(loops)
         parts = [self._means(params, b, loop_v) for b in batches]
-        return jnp.stack([jnp.mean(jnp.stack([p[f"mean_out/{n}"] for p in parts]), axis=0) for n in self.names])
+        w = jnp.stack([p["tokens"] for p in parts])
+        w = w / jnp.maximum(w.sum(), 1.0)
+        return jnp.stack([jnp.einsum("b,bd->d", w, jnp.stack([p[f"mean_out/{n}"] for p in parts])) for n in self.names])
 
     def diagnostics(self, params: Any, batch: Batch, loops: Mapping[str, int] | None = None,
                     trace_len: int | None = None) -> dict[str, dict[str, list[float]]]:

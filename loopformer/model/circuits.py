@@ -145,12 +145,13 @@ class Stage(nnx.Module):
 
     def __call__(self, x_BTD: Array, positions_BT: Array, mask: Array | None, loops: Array, gates: Array,
                  fill: Array | None, *, train: bool, key: Array, trace_len: int = 0,
-                 collect: bool = False) -> tuple[Array, dict[str, Array]]:
+                 collect: bool | Array = False) -> tuple[Array, dict[str, Array]]:
         """x <- x + sum_c (g_c * out_c + (1 - g_c) * fill_c). ``loops``/``gates``: [num_circuits of
         the model] (this stage reads its own entries); ``fill``: [num_circuits, d_model] or None.
 
         aux (per circuit of this stage, by name): ``trace`` [trace_len, 3] when trace_len > 0, and
-        ``mean_out`` [d_model] (mean write over batch and tokens) when collect is True.
+        ``mean_out`` [d_model] (mean write over batch and tokens; weighted when ``collect`` is a
+        [B, T] weight array) unless collect is False.
         """
         xn = self.norm(x_BTD)
         update = jnp.zeros_like(x_BTD)
@@ -168,8 +169,10 @@ class Stage(nnx.Module):
                 name = self.names[m]
                 if trace is not None:
                     aux[f"trace/{name}"] = trace[i]
-                if collect:
-                    aux[f"mean_out/{name}"] = out_CBTD[i].astype(jnp.float32).mean(axis=(0, 1))
+                if collect is not False:
+                    out = out_CBTD[i].astype(jnp.float32)
+                    w_BT = jnp.ones(out.shape[:2]) if collect is True else jnp.asarray(collect, jnp.float32)
+                    aux[f"mean_out/{name}"] = (out * w_BT[..., None]).sum((0, 1)) / jnp.maximum(w_BT.sum(), 1.0)
         return x_BTD + update, aux
 
 

@@ -83,7 +83,7 @@ class LoopedTransformer(nnx.Module):
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens_BT: Array, *, loops: Array | None = None, gates: Array | None = None,
                  fill: Array | None = None, train: bool = False, key: Array | None = None, trace_len: int = 0,
-                 collect: bool = False, positions_BT: Array | None = None,
+                 collect: bool | Array = False, positions_BT: Array | None = None,
                  segment_ids_BT: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """Logits [B, T, vocab] (float32) and aux diagnostics.
 
@@ -94,7 +94,8 @@ class LoopedTransformer(nnx.Module):
           train: use each circuit's truncated backprop (else plain fori_loops).
           key: PRNG key for noise-initialised states (default: a fixed key).
           trace_len: record per-iteration state statistics for the first ``trace_len`` iterations.
-          collect: also return each circuit's mean output (for mean ablation).
+          collect: also return each circuit's mean output (for mean ablation): True averages over
+            every token; a float [B, T] array weights the tokens (e.g. 0 on padding).
         """
         B, T = tokens_BT.shape
         loops = self.loop_vector() if loops is None else jnp.asarray(loops, jnp.int32)

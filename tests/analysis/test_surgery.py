@@ -115,3 +115,14 @@ def test_a_tokenizer_plugs_in(run):
     assert tokenizer_of(tok) is tok
     out = generate_text(run.model, run.params, tok, "abcabcafed", max_new_tokens=3)
     assert len(out) == 3
+
+
+def test_mean_fill_ignores_padding(run):
+    """A circuit's mean output for mean ablation averages real tokens only: appending padding to every
+    row (causal attention: earlier outputs unchanged) leaves it unchanged."""
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, run.model.vocab_size, (4, 6)).astype(np.int32)
+    batch = {"inputs": inputs, "targets": inputs, "mask": np.ones_like(inputs, np.float32)}
+    padded = {k: np.pad(v, ((0, 0), (0, 5))) for k, v in batch.items()}
+    np.testing.assert_allclose(run.evaluator.circuit_means(run.params, [padded]),
+                               run.evaluator.circuit_means(run.params, [batch]), rtol=1e-5, atol=1e-6)
