@@ -1,0 +1,43 @@
+"""The think-longer benchmark's bookkeeping: loop grid, verdict at 2x and the Markdown table."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).parent.parent / "bench" / "think_longer.py")
+think_longer = importlib.util.module_from_spec(spec)
+sys.modules["think_longer"] = think_longer  # dataclasses look their module up
+spec.loader.exec_module(think_longer)
+
+
+def result(looped_2x: dict[int, float], params_2x: float, compute_2x: float, m: int = 4) -> dict:
+    rows = [{"difficulty": "train", "model": "looped", "loops": n, "accuracy": 1.0} for n in looped_2x]
+    rows += [{"difficulty": "2x", "model": "looped", "loops": n, "accuracy": a} for n, a in looped_2x.items()]
+    for model, acc in (("equal_params", params_2x), ("equal_compute", compute_2x)):
+        rows += [{"difficulty": d, "model": model, "loops": 1, "accuracy": a} for d, a in (("train", 1.0), ("2x", acc))]
+    return {"train_loops": m, "loops": "uniform(2, 6)", "rows": rows}
+
+
+def test_counts_run_to_eight_times_the_mean():
+    assert think_longer.TASKS["prefix_parity"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
+    assert max(think_longer.TASKS["addition"].counts()) == 32
+
+
+@pytest.mark.parametrize("looped,params,compute,holds,gain", [
+    ({1: 0.0, 4: 0.10, 8: 0.50, 16: 0.45}, 0.2, 0.3, True, 40.0),   # +40 over m=4, beats both
+    ({1: 0.9, 4: 0.10, 8: 0.25, 16: 0.2}, 0.0, 0.0, False, 15.0),   # the count below m does not count
+    ({1: 0.0, 4: 0.10, 8: 0.50}, 0.2, 0.6, False, 40.0),            # equal compute is better
+])
+def test_verdict(looped, params, compute, holds, gain):
+    v = think_longer.verdict(result(looped, params, compute))
+    assert v["holds"] is holds and v["gain_points"] == pytest.approx(gain)
+    assert v["margin_points"] == pytest.approx(100 * (max(a for n, a in looped.items() if n >= 4) - max(params, compute)))
+
+
+def test_markdown_marks_the_training_mean_and_states_the_verdict():
+    text = think_longer.markdown("toy", result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3))
+    assert "| looped | 4 (train mean) | 100.0 | 10.0 |" in text
+    assert "| equal_compute | 1 | 100.0 | 30.0 |" in text
+    assert "2x: best 8 loops, +40.0 points over the training count, +20.0 over the better baseline: the bar holds." in text
