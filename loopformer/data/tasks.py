@@ -37,16 +37,21 @@ def _check_int(field: str, value: Any, lo: int) -> None:
         raise DataError(f"{field} must be >= {lo}, got {value}")
 
 
-def _pack(seq: list[int] | np.ndarray, answer_start: int, seq_len: int) -> dict[str, np.ndarray]:
-    """Next-token arrays for ``seq``, whose answer is ``seq[answer_start:]``, padded to ``seq_len``."""
-    n = len(seq) - 1
+def _blank(n: int, seq_len: int) -> dict[str, np.ndarray]:
+    """All-PAD ``inputs``/``targets`` and a zero ``mask`` of length ``seq_len``, for an example of n tokens."""
     if n > seq_len:
         raise ValueError(f"example needs seq_len >= {n}, got {seq_len}")
-    out = {
+    return {
         "inputs": np.zeros(seq_len, np.int32),
         "targets": np.zeros(seq_len, np.int32),
         "mask": np.zeros(seq_len, np.float32),
     }
+
+
+def _pack(seq: list[int] | np.ndarray, answer_start: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Next-token arrays for ``seq``, whose answer is ``seq[answer_start:]``, padded to ``seq_len``."""
+    n = len(seq) - 1
+    out = _blank(n, seq_len)
     out["inputs"][:n] = seq[:-1]
     out["targets"][:n] = seq[1:]
     out["mask"][answer_start - 1 : n] = 1.0
@@ -288,10 +293,7 @@ class PrefixParity(Task):
             return super().example(rng, difficulty, seq_len)
         bits = rng.integers(0, 2, int(difficulty))
         n = len(bits) + 1
-        if n > seq_len:
-            raise ValueError(f"example needs seq_len >= {n}, got {seq_len}")
-        out = {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
-               "mask": np.zeros(seq_len, np.float32)}
+        out = _blank(n, seq_len)
         out["inputs"][:n] = [self.BOS, *(bits + self.ZERO)]
         out["targets"][1:n] = np.cumsum(bits) % 2 + self.ZERO
         out["mask"][1:n] = 1.0
