@@ -2,17 +2,19 @@
 when given more loops, and how does it compare with equal-parameter and equal-compute baselines?
 
 For each task: train (1) a looped model (one circuit X, loop count sampled from the task's
-distribution with mean m; m = 4 by default, 16 for prefix_parity), (2) the same model with loops fixed
+distribution with mean m; m = 4 by default, 12 for prefix_parity and maze), (2) the same model with loops fixed
 at 1 (equal parameters), (3) a non-looped model whose circuit has depth m = the looped model's mean
 effective depth (equal training compute), all with the same steps and batch. Evaluate at the training
 difficulty and at 2x and 4x harder instances; the looped model at loop counts 1 .. 8m. Each table
 ends with the bar's verdict at 2x (gain of the best count >= m over m, margin over both baselines).
 
-    python bench/think_longer.py [--quick] [--json] [--tasks pointer_chase,p_hop] [--out DIR]
+    python bench/think_longer.py [--quick] [--json] [--tasks maze,p_hop] [--seeds N] [--out DIR]
 
 Prints Markdown tables (and with --json one JSON document on stdout, everything else on stderr):
 {"tasks": {NAME: {"train_loops": int, "loops": str, "verdict": {...},
-                  "rows": [{"difficulty", "model", "loops", "accuracy", "wall_s", "tokens_seen"}]}}}
+                  "rows": [{"difficulty", "model", "loops", "accuracy", "seed", "wall_s", "tokens_seen"}]}}}
+With --seeds N every model is trained N times (seeds 0..N-1); tables show the mean (min–max) and
+the verdict uses the mean.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
 from loopformer.analysis.evaluate import Evaluator
-from loopformer.config import load_config
+from loopformer.config import Config, load_config
 from loopformer.data.pipeline import eval_batches
+from loopformer.model.loop import LoopDistribution
 from loopformer.train.trainer import make_task_for, restore_params, train
 
 BASE = Path(__file__).resolve().parent.parent / "configs" / "bench" / "think_longer.yaml"
@@ -61,6 +66,13 @@ TASKS = {
                              loops="uniform(8, 16)", train_loops=12, steps=(600, 1500),
                              overrides=(f"{X}.window=2", "model.window=2", f"{X}.state_norm=true", "model.norm=pre",
                                         f"{X}.backprop=4", "train.lr=2e-3")),
+    # DeepThinking's mazes as graph reachability: 2-row strip mazes (a spanning tree with one passage
+    # closed), bidirectional local attention (a path may run right to left; window 4 reaches the
+    # neighbouring columns), otherwise the prefix_parity recipe. d columns: train 1-8, 2x 16, 4x 32.
+    "maze": Setting({"rows": 2}, [1, 8], {"train": [1, 8], "2x": [16, 16], "4x": [32, 32]},
+                    loops="uniform(8, 16)", train_loops=12, steps=(600, 1500),
+                    overrides=(f"{X}.window=4", "model.window=1", "model.causal=false", f"{X}.state_norm=true",
+                               "model.norm=pre", f"{X}.backprop=4", "train.lr=2e-3")),
     "pointer_chase": Setting({"num_nodes": 20, "num_symbols": 20, "edge_tokens": True}, [1, 4],
                              {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
     "p_hop": Setting({"length": 48, "alphabet": 4}, [1, 4], {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
@@ -79,16 +91,24 @@ def models(setting: Setting) -> dict[str, list[str]]:
     }
 
 
-def run_task(name: str, quick: bool, out: Path, examples: int) -> dict:
+def config(name: str, model_name: str, steps: int, out: Path, examples: int, seed: int = 0) -> Config:
+    """The run config of one model of one task: the base config, the task's setting, the model's
+    overrides. ``seed`` sets initialisation, data order and the eval sets (seed 0: the base run)."""
+    setting = TASKS[name]
+    return load_config(BASE, [
+        f"seed={seed}", f"run.dir={out}", f"run.name={name}-{model_name}" + (f"-seed{seed}" if seed else ""),
+        f"data.task={name}",
+        f"data.task_args={json.dumps(setting.task_args)}", f"data.train_difficulty={setting.train}",
+        f"data.eval_splits={json.dumps(setting.splits)}", f"train.steps={steps}", f"data.eval_examples={examples}",
+        *setting.overrides, *models(setting)[model_name]])
+
+
+def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1) -> dict:
     setting = TASKS[name]
     steps = setting.steps[0 if quick else 1]
     rows = []
-    for model_name, model_overrides in models(setting).items():
-        cfg = load_config(BASE, [
-            f"run.dir={out}", f"run.name={name}-{model_name}", f"data.task={name}",
-            f"data.task_args={json.dumps(setting.task_args)}", f"data.train_difficulty={setting.train}",
-            f"data.eval_splits={json.dumps(setting.splits)}", f"train.steps={steps}", f"data.eval_examples={examples}",
-            *setting.overrides, *model_overrides])
+    for seed, model_name in itertools.product(range(seeds), models(setting)):
+        cfg = config(name, model_name, steps, out, examples, seed)
         t0 = time.time()
         with contextlib.redirect_stdout(sys.stderr):
             train(cfg)
@@ -103,15 +123,26 @@ def run_task(name: str, quick: bool, out: Path, examples: int) -> dict:
             for n in counts:
                 m = evaluator.evaluate(params, batches, {"X": n})
                 rows.append({"difficulty": split, "model": model_name, "loops": n, "accuracy": m["accuracy"],
-                             "wall_s": wall, "tokens_seen": tokens_seen})
-        print(f"[{name}] {model_name}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
-    return {"train_loops": setting.train_loops, "loops": setting.loops, "steps": steps, "rows": rows}
+                             "seed": seed, "wall_s": wall, "tokens_seen": tokens_seen})
+        print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
+    dist = LoopDistribution.parse(setting.loops)
+    loop_range = [int(dist.a) if dist.kind != "poisson_lognormal" else 1, dist.typical_max()]
+    return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range, "steps": steps,
+            "seeds": seeds, "rows": rows}
+
+
+def accuracies(rows: list[dict]) -> tuple[dict, dict]:
+    """Mean accuracy and (min, max) over seeds, keyed by (model, difficulty, loops)."""
+    by_key: dict[tuple, list[float]] = {}
+    for r in rows:
+        by_key.setdefault((r["model"], r["difficulty"], r["loops"]), []).append(r["accuracy"])
+    return ({k: sum(v) / len(v) for k, v in by_key.items()}, {k: (min(v), max(v)) for k, v in by_key.items()})
 
 
 def verdict(result: dict) -> dict:
     """The bar at 2x: gain of the best larger count over the training count, and the margin over the
-    better baseline (percentage points)."""
-    acc = {(r["model"], r["difficulty"], r["loops"]): r["accuracy"] for r in result["rows"]}
+    better baseline (percentage points), on accuracies averaged over seeds."""
+    acc = accuracies(result["rows"])[0]
     m = result["train_loops"]
     at_train = acc[("looped", "2x", m)]
     best_n, best = max(((n, a) for (mod, d, n), a in acc.items() if mod == "looped" and d == "2x" and n >= m),
@@ -126,19 +157,55 @@ def markdown(name: str, result: dict) -> str:
     splits = list(dict.fromkeys(r["difficulty"] for r in rows))
     looped = [r for r in rows if r["model"] == "looped"]
     counts = list(dict.fromkeys(r["loops"] for r in looped))
-    acc = {(r["model"], r["difficulty"], r["loops"]): r["accuracy"] for r in rows}
+    acc, spread = accuracies(rows)
+    seeds = result.get("seeds", 1)
+
+    def cell(key: tuple) -> str:  # mean, and with several seeds the range
+        lo, hi = spread[key]
+        return f"{100 * acc[key]:.1f}" + (f" ({100 * lo:.0f}–{100 * hi:.0f})" if seeds > 1 else "")
+
     head = "| model | loops | " + " | ".join(splits) + " |"
-    lines = [f"### {name} (loops {result['loops']}, mean {result['train_loops']})", "", head,
-             "|" + "---|" * (len(splits) + 2)]
+    title = f"### {name} (loops {result['loops']}, mean {result['train_loops']}"
+    title += f"; mean (min–max) over {seeds} seeds)" if seeds > 1 else ")"
+    lines = [title, "", head, "|" + "---|" * (len(splits) + 2)]
     for n in counts:
         mark = " (train mean)" if n == result["train_loops"] else ""
-        lines.append(f"| looped | {n}{mark} | " + " | ".join(f"{100 * acc[('looped', s, n)]:.1f}" for s in splits) + " |")
+        lines.append(f"| looped | {n}{mark} | " + " | ".join(cell(("looped", s, n)) for s in splits) + " |")
     for m in ("equal_params", "equal_compute"):
-        lines.append(f"| {m} | 1 | " + " | ".join(f"{100 * acc[(m, s, 1)]:.1f}" for s in splits) + " |")
+        lines.append(f"| {m} | 1 | " + " | ".join(cell((m, s, 1)) for s in splits) + " |")
     v = verdict(result)
     lines += ["", f"2x: best {v['best_loops']} loops, {v['gain_points']:+.1f} points over the training count, "
               f"{v['margin_points']:+.1f} over the better baseline: the bar {'holds' if v['holds'] else 'does not hold'}."]
     return "\n".join(lines)
+
+
+def plot(name: str, result: dict) -> bytes:
+    """PNG: the looped model's accuracy vs loop count per difficulty (solid), each baseline's accuracy
+    as a flat dashed / dotted line in the same colour, the training loop range shaded."""
+    from matplotlib.figure import Figure
+
+    rows = result["rows"]
+    splits = list(dict.fromkeys(r["difficulty"] for r in rows))
+    acc = accuracies(rows)[0]
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    lo, hi = result["loop_range"]
+    ax.axvspan(lo, hi, color="0.9", zorder=0, label=f"training loops {result['loops']}")
+    for i, split in enumerate(splits):
+        colour = f"C{i}"
+        pts = sorted((n, 100 * a) for (mod, d, n), a in acc.items() if mod == "looped" and d == split)
+        ax.plot(*zip(*pts, strict=True), "o-", color=colour, label=f"looped, {split}")
+        for model, style in (("equal_params", "--"), ("equal_compute", ":")):
+            ax.axhline(100 * acc[(model, split, 1)], color=colour, ls=style, lw=1.2,
+                       label=f"{model}, {split}" if i == 0 else None)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter("{x:g}")
+    ax.set(xlabel="loop count of X at evaluation", ylabel="exact match (%)", ylim=(-3, 103),
+           title=f"think longer: {name} ({result['steps']} steps per model)")
+    ax.legend(fontsize=7, loc="best")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
 
 
 def main() -> int:
@@ -147,6 +214,8 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--out", default="bench_runs/think_longer", help="run directories and results")
+    p.add_argument("--seeds", type=int, default=1, help="train every model with seeds 0..N-1; tables and the "
+                   "verdict use the mean over seeds (default 1: seed 0 only)")
     args = p.parse_args()
     examples = 128 if args.quick else 256
     out = Path(args.out)
@@ -155,13 +224,15 @@ def main() -> int:
     for name in args.tasks.split(","):
         if name not in TASKS:
             p.error(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-        results[name] = run_task(name, args.quick, out, examples)
+        results[name] = run_task(name, args.quick, out, examples, args.seeds)
         results[name]["verdict"] = verdict(results[name])
     doc = {"tasks": results, "quick": args.quick, "wall_s": time.time() - t0}
     out.mkdir(parents=True, exist_ok=True)
     (out / "think_longer.json").write_text(json.dumps(doc, indent=1))
     text = "\n\n".join(markdown(n, r) for n, r in results.items())
     (out / "think_longer.md").write_text(text + "\n")
+    for name, result in results.items():
+        (out / f"think_longer_{name}.png").write_bytes(plot(name, result))
     if args.json:
         print(text, file=sys.stderr)
         print(json.dumps(doc))

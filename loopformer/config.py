@@ -80,6 +80,8 @@ class ModelConfig:
     prelude: int = 1
     coda: int = 1
     window: int = 0  # attention span of prelude and coda blocks (0 = full causal; see CircuitConfig.window)
+    causal: bool = True  # false: bidirectional attention everywhere (the window reaches w - 1 tokens both
+    # ways); only for tasks whose labels sit at input positions (aligned), where no target is an input
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     tie_embeddings: bool = True
     rope_base: float = 10000.0

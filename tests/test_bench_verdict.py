@@ -17,11 +17,12 @@ def result(looped_2x: dict[int, float], params_2x: float, compute_2x: float, m: 
     rows += [{"difficulty": "2x", "model": "looped", "loops": n, "accuracy": a} for n, a in looped_2x.items()]
     for model, acc in (("equal_params", params_2x), ("equal_compute", compute_2x)):
         rows += [{"difficulty": d, "model": model, "loops": 1, "accuracy": a} for d, a in (("train", 1.0), ("2x", acc))]
-    return {"train_loops": m, "loops": "uniform(2, 6)", "rows": rows}
+    return {"train_loops": m, "loops": "uniform(2, 6)", "loop_range": [2, 6], "steps": 10, "rows": rows}
 
 
 def test_counts_run_to_eight_times_the_mean():
     assert think_longer.TASKS["prefix_parity"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
+    assert think_longer.TASKS["maze"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
     assert max(think_longer.TASKS["addition"].counts()) == 32
 
 
@@ -41,3 +42,31 @@ def test_markdown_marks_the_training_mean_and_states_the_verdict():
     assert "| looped | 4 (train mean) | 100.0 | 10.0 |" in text
     assert "| equal_compute | 1 | 100.0 | 30.0 |" in text
     assert "2x: best 8 loops, +40.0 points over the training count, +20.0 over the better baseline: the bar holds." in text
+
+
+def test_plot_is_a_png():
+    png = think_longer.plot("toy", result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3))
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_every_task_has_a_setting_its_task_accepts():
+    """Each benchmark setting names a real task, difficulties it can generate, and overrides that load."""
+    from loopformer.data.sources import build_data
+
+    for name in think_longer.TASKS:
+        for model_name in think_longer.models(think_longer.TASKS[name]):
+            cfg = think_longer.config(name, model_name, 10, Path("/tmp/unused"), 16)
+            assert build_data(cfg).task.name == name and cfg.train.steps == 10
+
+
+def test_several_seeds_are_averaged():
+    """Two seeds: the verdict is taken on the mean, and the table shows mean (min–max)."""
+    a, b = result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3), result({1: 0.0, 4: 0.3, 8: 0.3}, 0.0, 0.1)
+    for r in b["rows"]:
+        r["seed"] = 1
+    both = {**a, "seeds": 2, "rows": a["rows"] + b["rows"]}
+    v = think_longer.verdict(both)
+    assert v["best_loops"] == 8 and v["gain_points"] == pytest.approx(20.0)  # 0.4 at 8 vs 0.2 at 4
+    assert v["margin_points"] == pytest.approx(20.0) and v["holds"]  # baselines 0.1 and 0.2 on average
+    text = think_longer.markdown("toy", both)
+    assert "mean (min–max) over 2 seeds" in text and "| looped | 8 | 100.0 (100–100) | 40.0 (30–50) |" in text

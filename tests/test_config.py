@@ -83,3 +83,19 @@ def test_missing_and_malformed_files(tmp_path):
     top.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(top)
+
+
+@pytest.mark.parametrize("task,ok", [("addition", False), ("pointer_chase", False), ("prefix_parity", True),
+                                     ("maze", True), ("text", False)])
+def test_bidirectional_needs_aligned_labels(task, ok):
+    """model.causal=false would let a next-token model read its targets: refused, naming the field."""
+    from loopformer.data.sources import build_data
+
+    extra = ["data.paths=['asset:kjv_genesis_exodus.txt']"] if task == "text" else []
+    cfg = load_config(QUICKSTART, ["model.causal=false", f"data.task={task}", *extra])
+    if ok:
+        assert build_data(cfg).task.labels_aligned
+    else:
+        with pytest.raises(ConfigError, match=r"model.causal=false .*set model.causal=true") as info:
+            build_data(cfg)
+        assert "\n" not in str(info.value)

@@ -120,6 +120,10 @@ class TaskSource(DataSource):
                             f"{', '.join(sorted(TASKS))}, or {TEXT_TASK} for a text corpus (data.paths)")
         self.cfg = cfg
         self.task = make_task(cfg.data.task, **cfg.data.task_args)
+        if not cfg.model.causal and not self.task.labels_aligned:
+            raise ConfigError(f"model.causal=false needs labels at input positions, but task '{cfg.data.task}' "
+                              "predicts next tokens (bidirectional attention would see every target); set "
+                              "model.causal=true, or use an aligned task (e.g. prefix_parity, maze)")
         for key, (lo, hi) in [("data.train_difficulty", cfg.data.train_difficulty)] + [
                 (f"data.eval_splits.{k}", v) for k, v in cfg.data.eval_splits.items()]:
             try:
@@ -225,6 +229,9 @@ class TextSource(DataSource):
     def __init__(self, cfg: Config):
         if cfg.data.task != TEXT_TASK:
             raise ConfigError(f"data.task={cfg.data.task!r} is not text")
+        if not cfg.model.causal:
+            raise ConfigError("model.causal=false cannot train a language model on text (bidirectional attention "
+                              "would see every next token); set model.causal=true")
         self.cfg = cfg
         self.prepared = prepared_dir(cfg)
         self._tokenizer: Tokenizer | None = None

@@ -100,9 +100,10 @@ class Task(abc.ABC):
         seq, answer_start = self._sequence(rng, int(difficulty))
         return _pack(seq, answer_start, seq_len)
 
-    @abc.abstractmethod
     def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int] | np.ndarray, int]:
-        """Full token list S and the index in S where the answer starts."""
+        """Full token list S and the index in S where the answer starts (next-token tasks; a task
+        with aligned labels overrides `example` instead)."""
+        raise NotImplementedError(f"{self.name} has no next-token form; it overrides example()")
 
     @abc.abstractmethod
     def solve(self, inputs: np.ndarray) -> list[int]:
@@ -471,6 +472,154 @@ class Addition(Task):
         a, b = self.parse(inputs)
         c = "".join(str(t - self.ZERO) for t in answer[::-1]) if answer is not None else "?"
         return f"{''.join(map(str, a[::-1]))}+{''.join(map(str, b[::-1]))}={c}"
+
+
+@_register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Maze(Task):
+    """Reachability in a random maze (DeepThinking's mazes, Schwarzschild et al. 2021, as a graph task).
+
+    A ``rows`` x d grid of rooms (d = ``difficulty`` columns). The open passages between adjacent
+    rooms form a random spanning tree (randomised Kruskal) with one passage then closed, chosen so
+    that each of the two regions it leaves holds at least a quarter of the rooms; one random room is
+    the start. The label of every room is YES if it is reachable from the start, else NO, all
+    predicted in one forward pass (aligned labels; exact match over all rooms). A closed cut looks
+    like any other wall, so a room's label depends on the whole path back to the start: rooms
+    t passages away need about t loops of a local step.
+
+    Input, column by column: the ``rows`` rooms of a column top to bottom, then SEP, so grid
+    neighbours are 1 token apart (same column) or rows + 1 tokens apart (same row) for every d.
+    A room token is ``ROOM + right + 2*down + 4*start`` (right/down: the passage to its right /
+    lower neighbour is open). Vocab: PAD=0, SEP=1, rooms 2..9, NO=10, YES=11. T = (rows+1)*max_d.
+    Use with ``model.causal: false`` (a path may run right to left) and local attention
+    (``window: rows + 2`` reaches exactly the four neighbours' columns).
+    """
+
+    name: ClassVar[str] = "maze"
+    difficulty_meaning: ClassVar[str] = "columns of rooms"
+    rows: int = 2
+    SEP: ClassVar[int] = 1
+    ROOM: ClassVar[int] = 2
+    NO: ClassVar[int] = 10
+    YES: ClassVar[int] = 11
+
+    def __post_init__(self) -> None:
+        _check_int("data.task_args.rows", self.rows, 1)
+
+    @property
+    def labels_aligned(self) -> bool:
+        return True
+
+    @property
+    def vocab_size(self) -> int:
+        return self.YES + 1
+
+    def seq_len(self, max_difficulty: int) -> int:
+        return (self.rows + 1) * max_difficulty
+
+    def _maze(self, rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Passages right [rows, d] and down [rows, d] (bool) and the start room r * d + c."""
+        h, n = self.rows, self.rows * d
+        edges = [(r * d + c, r * d + c + 1) for r in range(h) for c in range(d - 1)]
+        edges += [(r * d + c, (r + 1) * d + c) for r in range(h - 1) for c in range(d)]
+        root = list(range(n))
+
+        def find(x: int) -> int:
+            while root[x] != x:
+                root[x] = root[root[x]]
+                x = root[x]
+            return x
+
+        tree = []
+        for i in rng.permutation(len(edges)):
+            a, b = edges[i]
+            if find(a) != find(b):
+                root[find(a)] = find(b)
+                tree.append((a, b))
+        if tree:  # close one passage that leaves two regions of >= n // 4 rooms each
+            sizes = [min(k := len(_component(n, tree[:i] + tree[i + 1:], a)), n - k) for i, (a, _) in enumerate(tree)]
+            ok = [i for i, m in enumerate(sizes) if m >= max(1, n // 4)] or [int(np.argmax(sizes))]
+            del tree[ok[int(rng.integers(len(ok)))]]
+        right, down = np.zeros((h, d), bool), np.zeros((h, d), bool)
+        for a, b in tree:
+            (down if b - a == d else right)[a // d, a % d] = True
+        return right, down, int(rng.integers(n))
+
+    def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
+        d, h = int(difficulty), self.rows
+        right, down, start = self._maze(rng, d)
+        rooms = self.ROOM + right + 2 * down
+        rooms.flat[start] += 4
+        edges = [(r * d + c, r * d + c + 1) for r, c in zip(*np.nonzero(right), strict=True)]
+        edges += [(r * d + c, (r + 1) * d + c) for r, c in zip(*np.nonzero(down), strict=True)]
+        reach = np.zeros(h * d, bool)
+        reach[list(_component(h * d, edges, start))] = True
+        labels = np.where(reach.reshape(h, d), self.YES, self.NO)
+        n = (h + 1) * d
+        out = _blank(n, seq_len)
+        cols = np.concatenate([rooms, np.full((1, d), self.SEP)]).T.ravel()  # column-major, SEP after each column
+        is_room = cols != self.SEP
+        out["inputs"][:n] = cols
+        out["targets"][:n][is_room] = labels.T.ravel()
+        out["mask"][:n][is_room] = 1.0
+        return out
+
+    def parse(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Passages right and down [rows, d] (bool) and the start (row, column) of one example."""
+        toks = np.asarray(_tokens(inputs))
+        h = self.rows
+        if len(toks) == 0 or len(toks) % (h + 1) or np.any(toks[h :: h + 1] != self.SEP):
+            raise ValueError(f"inputs are not columns of {h} rooms, each followed by SEP")
+        rooms = toks.reshape(-1, h + 1)[:, :h].T - self.ROOM
+        if np.any((rooms < 0) | (rooms > 7)) or np.count_nonzero(rooms >= 4) != 1:
+            raise ValueError("expected room tokens only, exactly one of them the start")
+        start = np.argwhere(rooms >= 4)[0]
+        return (rooms & 1).astype(bool), (rooms & 2).astype(bool), (int(start[0]), int(start[1]))
+
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        right, down, start = self.parse(inputs)
+        h, d = right.shape
+        seen, frontier = {start}, [start]
+        while frontier:  # breadth-first search over open passages, both directions
+            nxt = []
+            for r, c in frontier:
+                for ok, nb in ((c + 1 < d and right[r, c], (r, c + 1)), (c > 0 and right[r, c - 1], (r, c - 1)),
+                               (r + 1 < h and down[r, c], (r + 1, c)), (r > 0 and down[r - 1, c], (r - 1, c))):
+                    if ok and nb not in seen:
+                        seen.add(nb)
+                        nxt.append(nb)
+            frontier = nxt
+        return [self.YES if (r, c) in seen else self.NO for c in range(d) for r in range(h)]
+
+    def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
+        """Rows of rooms: S = start, rooms joined by '-' (open right); under a room '|' = open down;
+        with an answer, '#' marks rooms reachable from the start, '.' the others."""
+        right, down, (sr, sc) = self.parse(inputs)
+        h, d = right.shape
+        mark = None if answer is None else np.asarray(answer).reshape(d, h).T == self.YES
+        lines = []
+        for r in range(h):
+            cells = ["S" if (r, c) == (sr, sc) else ("o" if mark is None else "#" if mark[r, c] else ".")
+                     for c in range(d)]
+            lines.append("".join(cells[c] + ("-" if right[r, c] else " ") for c in range(d)).rstrip())
+            if r + 1 < h:
+                lines.append("".join("| " if down[r, c] else "  " for c in range(d)).rstrip())
+        return "\n".join(lines)
+
+
+def _component(n: int, edges: list[tuple[int, int]], start: int) -> set[int]:
+    """Nodes of an n-node undirected graph reachable from ``start``."""
+    adj: list[list[int]] = [[] for _ in range(n)]
+    for a, b in edges:
+        adj[a].append(b)
+        adj[b].append(a)
+    seen, stack = {start}, [start]
+    while stack:
+        for y in adj[stack.pop()]:
+            if y not in seen:
+                seen.add(y)
+                stack.append(y)
+    return seen
 
 
 def make_task(name: str, **kwargs: Any) -> Task:

@@ -34,7 +34,7 @@ class CircuitGroup(nnx.Module):
     """C same-shape circuits with stacked weights: blocks [C, D, ...], read/write [C, ...]."""
 
     def __init__(self, circuits: list[CircuitConfig], offsets: list[int], *, d_model: int, mlp: str, norm: str,
-                 std: float, out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs):
+                 std: float, out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, causal: bool = True):
         c0 = circuits[0]
         assert all(c.shape_key() == c0.shape_key() for c in circuits), "a group needs identical shapes"
         self.names = [c.name for c in circuits]
@@ -47,7 +47,7 @@ class CircuitGroup(nnx.Module):
 
         def block(r: nnx.Rngs) -> Block:
             return Block(w, c0.heads, hidden, mlp=mlp, norm=norm, std=std, out_std=out_std,
-                         rope_base=rope_base, dtype=dtype, rngs=r, window=c0.window)
+                         rope_base=rope_base, dtype=dtype, rngs=r, window=c0.window, causal=causal)
 
         lin = dict(use_bias=False, dtype=dtype)
         self.blocks = stacked(lambda r: stacked(block, c0.depth, r), C, rngs)
@@ -126,7 +126,7 @@ class Stage(nnx.Module):
     """A parallel bank (X)^M ⊕ (Y1∘Y2)^N ⊕ ...: circuits read norm(x) and their outputs add up."""
 
     def __init__(self, circuits: list[CircuitConfig], first_index: int, *, d_model: int, mlp: str, norm: str,
-                 std: float, out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs):
+                 std: float, out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, causal: bool = True):
         self.names = [c.name for c in circuits]
         self.first_index = first_index  # position of this stage's first circuit in the model's loop vector
         self.norm = nnx.RMSNorm(d_model, dtype=dtype, rngs=rngs)
@@ -140,7 +140,7 @@ class Stage(nnx.Module):
         self.group_index = [[self.names.index(c.name) for c in g] for g in groups.values()]
         self.groups = nnx.List([
             CircuitGroup(g, [offsets.get(c.name, 0) for c in g], d_model=d_model, mlp=mlp, norm=norm, std=std,
-                         out_std=out_std, rope_base=rope_base, dtype=dtype, rngs=rngs)
+                         out_std=out_std, rope_base=rope_base, dtype=dtype, rngs=rngs, causal=causal)
             for g in groups.values()])
 
     def __call__(self, x_BTD: Array, positions_BT: Array, mask: Array | None, loops: Array, gates: Array,

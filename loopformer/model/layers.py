@@ -1,4 +1,4 @@
-"""Transformer building blocks: RoPE, causal attention, MLP, and the pre-/sandwich-norm block.
+"""Transformer building blocks: RoPE, (causal or bidirectional) attention, MLP, pre-/sandwich-norm block.
 
 Shapes: B batch, T sequence, W width of the stream the block lives in (d_model for prelude and coda,
 w_c inside a circuit), N heads, H head dim (W = N * H), F MLP hidden width.
@@ -39,21 +39,30 @@ def rope(x_BTNH: Array, positions_BT: Array, base: float) -> Array:
     return out.astype(x_BTNH.dtype)
 
 
-def attention_mask(segment_ids_BT: Array | None) -> Array | None:
-    """[B, 1, T, T] mask that keeps attention inside a packed document (causality is added apart)."""
-    if segment_ids_BT is None:
-        return None
-    return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+def attention_mask(segment_ids_BT: Array | None, key_valid_BT: Array | None = None) -> Array | None:
+    """[B, 1, T, T] mask (True = may attend) that keeps attention inside a packed document and, with
+    ``key_valid_BT``, off padding keys (every query still sees itself, so no row is empty).
+    Causality and the local window are added apart, by the attention call."""
+    mask = None
+    if segment_ids_BT is not None:
+        mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    if key_valid_BT is not None:
+        T = key_valid_BT.shape[1]
+        keys = key_valid_BT[:, None, None, :] | jnp.eye(T, dtype=bool)[None, None]
+        mask = keys if mask is None else mask & keys
+    return mask
 
 
 class Attention(nnx.Module):
-    """Causal multi-head self-attention with RoPE; no biases. ``window`` w >= 1 restricts each query
-    to itself and the w - 1 keys before it (sliding-window attention); 0 is full causal attention."""
+    """Multi-head self-attention with RoPE; no biases. Causal by default; ``causal=False`` lets every
+    token see the whole (unpadded) sequence, for tasks whose labels sit at input positions.
+    ``window`` w >= 1 restricts each query to itself and the w - 1 keys before it (and, when not
+    causal, the w - 1 keys after it): sliding-window attention; 0 is no window."""
 
     def __init__(self, width: int, heads: int, *, std: float, out_std: float, rope_base: float,
-                 dtype: Any, rngs: nnx.Rngs, window: int = 0):
+                 dtype: Any, rngs: nnx.Rngs, window: int = 0, causal: bool = True):
         self.heads, self.head_dim, self.rope_base = heads, width // heads, rope_base
-        self.window = window
+        self.window, self.causal = window, causal
         kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
         self.qkv = nnx.Linear(width, 3 * width, kernel_init=normal_init(std, ("embed", "heads")), **kw)
         self.out = nnx.Linear(width, width, kernel_init=normal_init(out_std, ("heads", "embed")), **kw)
@@ -62,8 +71,8 @@ class Attention(nnx.Module):
         B, T, W = x_BTW.shape
         q, k, v = jnp.split(self.qkv(x_BTW).reshape(B, T, 3 * self.heads, self.head_dim), 3, axis=2)
         q, k = rope(q, positions_BT, self.rope_base), rope(k, positions_BT, self.rope_base)
-        span = (self.window - 1, 0) if self.window else None
-        y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=span)
+        span = (self.window - 1, 0 if self.causal else self.window - 1) if self.window else None
+        y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, local_window_size=span)
         return self.out(y_BTNH.reshape(B, T, W))
 
 
@@ -91,12 +100,13 @@ class Block(nnx.Module):
     before it is added (Gemma-2 / Huginn style), which keeps deep unrolls bounded."""
 
     def __init__(self, width: int, heads: int, hidden: int, *, mlp: str, norm: str, std: float,
-                 out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, window: int = 0):
+                 out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, window: int = 0,
+                 causal: bool = True):
         self.sandwich = norm == "sandwich"
         nk = dict(dtype=dtype, rngs=rngs, scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
         self.attn_norm = nnx.RMSNorm(width, **nk)
         self.attn = Attention(width, heads, std=std, out_std=out_std, rope_base=rope_base, dtype=dtype,
-                              rngs=rngs, window=window)
+                              rngs=rngs, window=window, causal=causal)
         self.mlp_norm = nnx.RMSNorm(width, **nk)
         self.mlp = MLP(width, hidden, mlp, std=std, out_std=out_std, dtype=dtype, rngs=rngs)
         if self.sandwich:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from loopformer.config import CircuitConfig, ModelConfig
+from loopformer.data.tasks import PAD
 from loopformer.model.circuits import Stage
 from loopformer.model.layers import Block, attention_mask, normal_init, run_stack, stacked
 
@@ -32,7 +33,8 @@ def effective_depth(cfg: ModelConfig, loops: dict[str, float] | None = None) -> 
 
 
 class LoopedTransformer(nnx.Module):
-    """Decoder-only transformer whose middle is one or more banks of looped circuits."""
+    """Transformer whose middle is one or more banks of looped circuits: a decoder (causal), or with
+    ``model.causal: false`` a bidirectional encoder for tasks with labels at input positions."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -44,7 +46,8 @@ class LoopedTransformer(nnx.Module):
         # mean loop counts), so a deep unroll starts with a stream of the same scale as a shallow one.
         train_depth = effective_depth(cfg, {c.name: c.distribution().mean() for c in cfg.circuits()})
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * train_depth)
-        common = dict(mlp=cfg.mlp, norm=cfg.norm, std=std, out_std=out_std, rope_base=cfg.rope_base, dtype=dtype)
+        common = dict(mlp=cfg.mlp, norm=cfg.norm, std=std, out_std=out_std, rope_base=cfg.rope_base, dtype=dtype,
+                      causal=cfg.causal)
         hidden = max(1, int(round(cfg.mlp_ratio * d)))
         self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(std, ("vocab", "embed")), rngs=rngs)
         block = lambda r: Block(d, cfg.heads, hidden, rngs=r, window=cfg.window, **common)  # noqa: E731
@@ -102,7 +105,8 @@ class LoopedTransformer(nnx.Module):
         gates = jnp.ones(len(self.circuit_names), jnp.float32) if gates is None else jnp.asarray(gates)
         key = jax.random.key(0) if key is None else key
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        mask = attention_mask(segment_ids_BT)
+        # Bidirectional attention would see right padding (causal attention never looks ahead to it).
+        mask = attention_mask(segment_ids_BT, None if self.cfg.causal else tokens_BT != PAD)
         x = self.embed(tokens_BT).astype(self.compute_dtype)
         if self.prelude is not None:
             x = run_stack(self.prelude, x, positions_BT, mask)
@@ -147,7 +151,8 @@ class LoopedTransformer(nnx.Module):
         chain += [f"[{s}]" for s in self.notation(loops)]
         chain += ([f"coda×{cfg.coda}"] if cfg.coda else []) + ["norm", "head" + (" (tied)" if cfg.tie_embeddings else "")]
         lines = [f"LoopedTransformer  d_model={cfg.d_model}  heads={cfg.heads}  vocab={self.vocab_size}  "
-                 f"norm={cfg.norm}  mlp={cfg.mlp}  params={total:,}" + (f"  window={cfg.window}" if cfg.window else ""),
+                 f"norm={cfg.norm}  mlp={cfg.mlp}  params={total:,}" + (f"  window={cfg.window}" if cfg.window else "")
+                 + ("" if cfg.causal else "  bidirectional"),
                  "  " + " ─ ".join(chain)]
         for s, stage in enumerate(cfg.stages):
             lines.append(f"  stage {s + 1}: {self.notation(loops)[s]}")

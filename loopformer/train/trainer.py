@@ -222,7 +222,7 @@ def train(cfg: Config) -> TrainResult:
     host_sets = source.eval_sets()
     bytes_per_token = {name: source.bytes_per_token(batches) for name, batches in host_sets.items()}
     eval_sets = {name: [parallel.put_global_batch(b, mesh) for b in batches] for name, batches in host_sets.items()}
-    flop_counter = FlopCounter(cfg.model, model.vocab_size, seq_len)
+    flop_counter = FlopCounter(cfg.model, model.vocab_size, seq_len, causal=cfg.model.causal)
     writer = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
     progress = ProgressLine(cfg.train.steps, start)
     result = TrainResult(run_dir, start)

@@ -13,11 +13,14 @@ CASES = [
     ("p_hop", {}, [1, 4, 16, 62], lambda d: 1),
     ("p_hop", {"length": 12, "alphabet": 2}, [1, 5, 10], lambda d: 1),
     ("addition", {}, [1, 2, 5, 12], lambda d: d + 1),
+    ("maze", {}, [1, 2, 5, 8, 16], lambda d: 2 * d),
+    ("maze", {"rows": 3}, [1, 4, 9], lambda d: 3 * d),
+    ("maze", {"rows": 1}, [1, 3, 10], lambda d: d),
 ]
 
 
 def test_registry():
-    assert set(TASKS) == {"pointer_chase", "prefix_parity", "p_hop", "addition"}
+    assert set(TASKS) == {"pointer_chase", "prefix_parity", "p_hop", "addition", "maze"}
     for name, cls in TASKS.items():
         assert cls.name == name and issubclass(cls, Task) and cls.__doc__
 
@@ -41,7 +44,10 @@ def test_generator_matches_solver(name, kwargs, diffs, answer_len):
         assert mask.sum() == answer_len(d) and set(np.unique(mask)) <= {0.0, 1.0}
         n = int((inputs != PAD).sum())  # real tokens, then padding only
         assert (inputs[:n] != PAD).all() and (inputs[n:] == PAD).all() and (targets[n:] == PAD).all()
-        if task.labels_aligned:  # a label at every input position after BOS, none in the inputs
+        if task.labels_aligned and name == "maze":  # a label at every room, none at the column separators
+            np.testing.assert_array_equal(mask[:n], (inputs[:n] != task.SEP).astype(np.float32))
+            assert (mask[n:] == 0).all() and set(targets[mask > 0]) <= {task.YES, task.NO}
+        elif task.labels_aligned:  # a label at every input position after BOS, none in the inputs
             np.testing.assert_array_equal(mask[:n], [0.0] + [1.0] * (n - 1))
             assert (mask[n:] == 0).all() and (targets[1:n] != PAD).all()
         else:
@@ -123,6 +129,63 @@ def test_p_hop_answers_vary():
     assert len(answers) == task.alphabet
 
 
+def _maze_distances(task, inputs):
+    """Passages from the start to every reachable room (BFS), from the parsed grid."""
+    right, down, start = task.parse(inputs)
+    h, d = right.shape
+    dist, frontier = {start: 0}, [start]
+    while frontier:
+        r, c = frontier.pop(0)
+        for ok, nb in ((c + 1 < d and right[r, c], (r, c + 1)), (c > 0 and right[r, c - 1], (r, c - 1)),
+                       (r + 1 < h and down[r, c], (r + 1, c)), (r > 0 and down[r - 1, c], (r - 1, c))):
+            if ok and nb not in dist:
+                dist[nb] = dist[(r, c)] + 1
+                frontier.append(nb)
+    return right, down, dist
+
+
+@pytest.mark.parametrize("rows,d", [(2, 1), (2, 8), (2, 16), (3, 6)])
+def test_maze_is_a_tree_with_one_cut(rows, d):
+    """rows*d rooms, rows*d - 2 open passages, no cycle (a spanning tree minus one edge: exactly two
+    regions), the start's region and the other both >= a quarter of the rooms; labels = the start's region."""
+    task = make_task("maze", rows=rows)
+    rng = np.random.default_rng(rows * 100 + d)
+    n = rows * d
+    for _ in range(50):
+        ex = task.example(rng, d, task.seq_len(d))
+        right, down, dist = _maze_distances(task, ex["inputs"])
+        assert right.sum() + down.sum() == n - 2 if n > 1 else right.sum() + down.sum() == 0
+        assert not right[:, -1].any() and not down[-1].any()  # no passage leaves the grid
+        reach = len(dist)
+        if n > 1:
+            assert min(reach, n - reach) >= max(1, n // 4)
+        labels = np.asarray(task.answer(ex)).reshape(d, rows).T
+        assert {rc for rc in zip(*np.nonzero(labels == task.YES), strict=True)} == set(dist)
+
+
+def test_maze_harder_mazes_need_more_steps():
+    """The difficulty knob: the farthest reachable room is farther (in passages) in longer mazes, and
+    a maze of d columns needs more than d steps in some cases (paths wind)."""
+    task = make_task("maze")
+    rng = np.random.default_rng(0)
+    far = {d: [max(_maze_distances(task, task.example(rng, d, task.seq_len(d))["inputs"])[2].values())
+               for _ in range(200)] for d in (4, 8, 16, 32)}
+    means = [np.mean(far[d]) for d in (4, 8, 16, 32)]
+    assert means == sorted(means) and means[-1] > 3 * means[1]
+    assert max(far[16]) > 16
+
+
+def test_maze_render():
+    task = make_task("maze")
+    ex = task.example(np.random.default_rng(5), 4, task.seq_len(4))
+    text = task.render(ex["inputs"], task.answer(ex))
+    assert text.count("S") == 1 and text.count("#") + text.count(".") == 7  # 8 rooms, the start among them
+    right, down, _ = task.parse(ex["inputs"])
+    assert text.count("-") == right.sum() and text.count("|") == down.sum()
+    with pytest.raises(ValueError, match="SEP"):
+        task.parse(ex["inputs"][:-1])
+
+
 def test_addition_and_parity_values():
     add = make_task("addition")
     rng = np.random.default_rng(0)
@@ -156,6 +219,8 @@ def test_addition_and_parity_values():
         ("p_hop", {"length": 2.5}, "length"),
         ("addition", {"digits": 3}, "digits"),
         ("prefix_parity", {"aligned": "yes"}, "aligned"),
+        ("maze", {"rows": 0}, "rows"),
+        ("maze", {"cols": 4}, "cols"),
     ],
 )
 def test_bad_task_args(name, kwargs, needle):

@@ -217,3 +217,32 @@ def test_windowed_circuit_reach_grows_with_loops(n):
     lb, _ = forward(model, b, loops=model.loop_vector({"X": n}))
     changed = np.asarray(jnp.abs(la - lb).max(-1)[0] > 0)  # beyond the reach: bit-identical
     np.testing.assert_array_equal(np.flatnonzero(changed), np.arange(4, min(16, 4 + n + 1)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_bidirectional_window_reaches_both_ways(n):
+    """``causal: false`` with window 2: a changed token at p changes outputs at p - n .. p + n after
+    n loops, and nothing else (the window reaches one token each way per iteration)."""
+    x = CircuitConfig(name="X", depth=1, width=32, heads=2, window=2, loops="fixed(4)", eval_loops=4)
+    cfg = ModelConfig(d_model=32, heads=2, prelude=1, coda=1, window=1, causal=False, stages=[StageConfig([x])])
+    model = randomize_writes(build_model(cfg, VOCAB, seed=0))
+    a = jnp.maximum(tokens(b=1, t=16), 1)  # no PAD: every token is real
+    b = a.at[0, 8].set(a[0, 8] % (VOCAB - 1) + 1)
+    la, _ = forward(model, a, loops=model.loop_vector({"X": n}))
+    lb, _ = forward(model, b, loops=model.loop_vector({"X": n}))
+    changed = np.asarray(jnp.abs(la - lb).max(-1)[0] > 0)
+    np.testing.assert_array_equal(np.flatnonzero(changed), np.arange(8 - n, 8 + n + 1))
+
+
+def test_bidirectional_ignores_right_padding():
+    """Bidirectional attention sees the tokens after a position, but never padding: the outputs at
+    real tokens do not depend on how much PAD follows (or on what the padded positions hold)."""
+    x = CircuitConfig(name="X", depth=1, width=32, heads=2, window=0, loops="fixed(3)", eval_loops=3)
+    cfg = ModelConfig(d_model=32, heads=2, prelude=1, coda=1, causal=False, stages=[StageConfig([x])])
+    model = randomize_writes(build_model(cfg, VOCAB, seed=0))
+    real = jnp.maximum(tokens(b=1, t=7), 1)
+    short, _ = forward(model, jnp.pad(real, ((0, 0), (0, 3))))
+    long, _ = forward(model, jnp.pad(real, ((0, 0), (0, 9))))
+    np.testing.assert_allclose(np.asarray(short[0, :7]), np.asarray(long[0, :7]), rtol=1e-5, atol=1e-5)
+    full, _ = forward(model, jnp.concatenate([real, jnp.maximum(tokens(b=1, t=3, seed=4), 1)], axis=1))
+    assert float(jnp.abs(full[0, :7] - short[0, :7]).max()) > 1e-3  # real tokens there would matter
