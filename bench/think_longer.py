@@ -125,10 +125,14 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1) -
                 rows.append({"difficulty": split, "model": model_name, "loops": n, "accuracy": m["accuracy"],
                              "seed": seed, "wall_s": wall, "tokens_seen": tokens_seen})
         print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
-    dist = LoopDistribution.parse(setting.loops)
-    loop_range = [int(dist.a) if dist.kind != "poisson_lognormal" else 1, dist.typical_max()]
-    return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range, "steps": steps,
-            "seeds": seeds, "rows": rows}
+    return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
+            "steps": steps, "seeds": seeds, "rows": rows}
+
+
+def loop_range(loops: str) -> list[int]:
+    """The loop counts a training distribution typically draws: [lo, hi]."""
+    dist = LoopDistribution.parse(loops)
+    return [int(dist.a) if dist.kind != "poisson_lognormal" else 1, dist.typical_max()]
 
 
 def accuracies(rows: list[dict]) -> tuple[dict, dict]:
@@ -196,13 +200,15 @@ def plot(name: str, result: dict) -> bytes:
         pts = sorted((n, 100 * a) for (mod, d, n), a in acc.items() if mod == "looped" and d == split)
         ax.plot(*zip(*pts, strict=True), "o-", color=colour, label=f"looped, {split}")
         for model, style in (("equal_params", "--"), ("equal_compute", ":")):
-            ax.axhline(100 * acc[(model, split, 1)], color=colour, ls=style, lw=1.2,
-                       label=f"{model}, {split}" if i == 0 else None)
+            ax.axhline(100 * acc[(model, split, 1)], color=colour, ls=style, lw=1.2)
+    m = result["train_loops"]
+    ax.plot([], [], "k--", lw=1.2, label="equal params (1 loop), colour = difficulty")
+    ax.plot([], [], "k:", lw=1.2, label=f"equal compute (depth {m}, 1 loop)")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter("{x:g}")
     ax.set(xlabel="loop count of X at evaluation", ylabel="exact match (%)", ylim=(-3, 103),
            title=f"think longer: {name} ({result['steps']} steps per model)")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="lower right")  # the looped curves reach 100 % on the right
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
@@ -214,6 +220,8 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--out", default="bench_runs/think_longer", help="run directories and results")
+    p.add_argument("--replot", action="store_true", help="redraw the tables and plots from --out's "
+                   "think_longer.json without training")
     p.add_argument("--seeds", type=int, default=1, help="train every model with seeds 0..N-1; tables and the "
                    "verdict use the mean over seeds (default 1: seed 0 only)")
     args = p.parse_args()
@@ -221,12 +229,22 @@ def main() -> int:
     out = Path(args.out)
     results = {}
     t0 = time.time()
-    for name in args.tasks.split(","):
-        if name not in TASKS:
-            p.error(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-        results[name] = run_task(name, args.quick, out, examples, args.seeds)
-        results[name]["verdict"] = verdict(results[name])
-    doc = {"tasks": results, "quick": args.quick, "wall_s": time.time() - t0}
+    if args.replot:
+        saved = out / "think_longer.json"
+        if not saved.is_file():
+            p.error(f"--replot: {saved} does not exist; run the benchmark with --out {out} first")
+        doc = json.loads(saved.read_text())
+        results = doc["tasks"]
+        for result in results.values():  # files written before loop_range was recorded lack it
+            result.setdefault("loop_range", loop_range(result["loops"]))
+            result["verdict"] = verdict(result)
+    else:
+        for name in args.tasks.split(","):
+            if name not in TASKS:
+                p.error(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+            results[name] = run_task(name, args.quick, out, examples, args.seeds)
+            results[name]["verdict"] = verdict(results[name])
+        doc = {"tasks": results, "quick": args.quick, "seeds": args.seeds, "wall_s": time.time() - t0}
     out.mkdir(parents=True, exist_ok=True)
     (out / "think_longer.json").write_text(json.dumps(doc, indent=1))
     text = "\n\n".join(markdown(n, r) for n, r in results.items())

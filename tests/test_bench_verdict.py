@@ -1,5 +1,6 @@
 """The think-longer benchmark's bookkeeping: loop grid, verdict at 2x and the Markdown table."""
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -70,3 +71,16 @@ def test_several_seeds_are_averaged():
     assert v["margin_points"] == pytest.approx(20.0) and v["holds"]  # baselines 0.1 and 0.2 on average
     text = think_longer.markdown("toy", both)
     assert "mean (min–max) over 2 seeds" in text and "| looped | 8 | 100.0 (100–100) | 40.0 (30–50) |" in text
+
+
+def test_maze_config_is_the_benchmarks_looped_model():
+    """configs/maze.yaml trains the same model and data as think_longer's looped maze run."""
+    from loopformer.config import load_config
+
+    bench = think_longer.config("maze", "looped", 1500, Path("/tmp/unused"), 256)
+    mine = load_config("configs/maze.yaml")
+    assert mine.model == bench.model and mine.data == bench.data
+    cadence = {"log_every", "eval_every", "checkpoint_every"}  # how often it reports, not what it learns
+    a, b = (dataclasses.asdict(c.train) for c in (mine, bench))
+    assert {k: v for k, v in a.items() if k not in cadence} == {k: v for k, v in b.items() if k not in cadence}
+    assert mine.seed == bench.seed

@@ -69,8 +69,9 @@ class CircuitGroup(nnx.Module):
                                                   rngs=r, **lin), C, rngs)
 
     def __call__(self, xn_BTD: Array, positions_BT: Array, mask: Array | None, loops_C: Array, *,
-                 train: bool, key: Array, trace_len: int = 0) -> tuple[Array, Array | None]:
-        """Run every circuit of the group on the normed stream.
+                 train: bool, key: Array, trace_len: int = 0, real_BT: Array | None = None) -> tuple[Array, Array | None]:
+        """Run every circuit of the group on the normed stream (``real_BT``: the tokens the trace
+        statistics average over).
 
         Returns (out_CBTD [C, B, T, d_model], trace [C, trace_len, 3] or None).
         """
@@ -106,7 +107,7 @@ class CircuitGroup(nnx.Module):
                 h0 = (self.noise_std * jax.random.normal(key_c, e.shape)).astype(e.dtype)
             consts = (blocks_s, adapter_s, loop_norm_s, e)
             if trace_len:
-                h, trace = iterate_traced(step, consts, h0, n, trace_len)
+                h, trace = iterate_traced(step, consts, h0, n, trace_len, real_BT)
             else:
                 h, trace = iterate(step, consts, h0, n, k), None
             return nnx.merge(write_gd, write_s)(nnx.merge(norm_gd, norm_s)(h)), trace
@@ -145,7 +146,7 @@ class Stage(nnx.Module):
 
     def __call__(self, x_BTD: Array, positions_BT: Array, mask: Array | None, loops: Array, gates: Array,
                  fill: Array | None, *, train: bool, key: Array, trace_len: int = 0,
-                 collect: bool | Array = False) -> tuple[Array, dict[str, Array]]:
+                 collect: bool | Array = False, real_BT: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """x <- x + sum_c (g_c * out_c + (1 - g_c) * fill_c). ``loops``/``gates``: [num_circuits of
         the model] (this stage reads its own entries); ``fill``: [num_circuits, d_model] or None.
 
@@ -159,7 +160,7 @@ class Stage(nnx.Module):
         for g, (group, members) in enumerate(zip(self.groups, self.group_index, strict=True)):
             idx = jnp.asarray([self.first_index + m for m in members])
             out_CBTD, trace = group(xn, positions_BT, mask, loops[idx], train=train,
-                                    key=jax.random.fold_in(key, g), trace_len=trace_len)
+                                    key=jax.random.fold_in(key, g), trace_len=trace_len, real_BT=real_BT)
             gate = gates[idx].astype(out_CBTD.dtype)[:, None, None, None]
             contrib = gate * out_CBTD
             if fill is not None:

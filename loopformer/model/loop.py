@@ -154,8 +154,9 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int) -> Array:
 TRACE_STATS = ("rel_change", "state_norm", "token_cosine")
 
 
-def state_stats(h_prev: Array, h: Array) -> Array:
-    """[3] diagnostics of one iteration for a state h: [B, T, W]:
+def state_stats(h_prev: Array, h: Array, real_BT: Array | None = None) -> Array:
+    """[3] diagnostics of one iteration for a state h: [B, T, W], over the real tokens (``real_BT``
+    [B, T] bool, default all; padding states never reach an output, so they do not count):
 
     - rel_change: mean over tokens of ||h_i - h_{i-1}|| / max(||h_i||, ||h_{i-1}||) (in [0, 2];
       equals ||h_i - h_{i-1}|| / ||h_{i-1}|| near a fixed point, and stays finite from a zero start);
@@ -163,25 +164,28 @@ def state_stats(h_prev: Array, h: Array) -> Array:
     - token_cosine: mean cosine similarity between distinct tokens of a sequence (1 = collapse).
     """
     h, h_prev = h.astype(jnp.float32), h_prev.astype(jnp.float32)
+    w_BT = jnp.ones(h.shape[:-1], jnp.float32) if real_BT is None else real_BT.astype(jnp.float32)
+    count = jnp.maximum(w_BT.sum(), 1.0)
     norm = jnp.linalg.norm(h, axis=-1)
     denom = jnp.maximum(jnp.maximum(norm, jnp.linalg.norm(h_prev, axis=-1)), 1e-12)
-    rel = jnp.mean(jnp.linalg.norm(h - h_prev, axis=-1) / denom)
-    u = h / jnp.maximum(norm, 1e-12)[..., None]
-    T = h.shape[-2]
-    total = jnp.sum(jnp.sum(u, axis=-2) ** 2, axis=-1)  # ||sum_t u_t||^2 = T + sum_{s != t} cos
-    cos = jnp.mean((total - T) / max(T * (T - 1), 1))
-    return jnp.stack([rel, jnp.mean(norm), cos])
+    rel = jnp.sum(w_BT * jnp.linalg.norm(h - h_prev, axis=-1) / denom) / count
+    u = w_BT[..., None] * h / jnp.maximum(norm, 1e-12)[..., None]
+    T_B = w_BT.sum(-1)
+    total_B = jnp.sum(jnp.sum(u, axis=-2) ** 2, axis=-1)  # ||sum_t u_t||^2 = T + sum_{s != t} cos
+    cos = jnp.mean((total_B - T_B) / jnp.maximum(T_B * (T_B - 1), 1.0))
+    return jnp.stack([rel, jnp.sum(w_BT * norm) / count, cos])
 
 
-def iterate_traced(step: StepFn, consts: PyTree, h0: Array, n: Array, trace_len: int) -> tuple[Array, Array]:
-    """Like ``iterate(..., k=0)`` but also records `state_stats` of iterations 1..trace_len:
-    returns (h_n, trace [trace_len, 3]); rows past n are NaN."""
+def iterate_traced(step: StepFn, consts: PyTree, h0: Array, n: Array, trace_len: int,
+                   real_BT: Array | None = None) -> tuple[Array, Array]:
+    """Like ``iterate(..., k=0)`` but also records `state_stats` (over ``real_BT`` tokens) of
+    iterations 1..trace_len: returns (h_n, trace [trace_len, 3]); rows past n are NaN."""
     trace0 = jnp.full((trace_len, len(TRACE_STATS)), jnp.nan, jnp.float32)
 
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         h, trace = carry
         h_new = step(consts, h)
-        row = state_stats(h, h_new)
+        row = state_stats(h, h_new, real_BT)
         trace = jax.lax.dynamic_update_slice(trace, row[None], (jnp.minimum(i, trace_len - 1), 0))
         trace = jnp.where(i < trace_len, trace, carry[1])
         return h_new, trace

@@ -96,7 +96,8 @@ class LoopedTransformer(nnx.Module):
           fill: float [num_circuits, d_model] output used in place of a gated-off circuit.
           train: use each circuit's truncated backprop (else plain fori_loops).
           key: PRNG key for noise-initialised states (default: a fixed key).
-          trace_len: record per-iteration state statistics for the first ``trace_len`` iterations.
+          trace_len: record per-iteration state statistics (over non-PAD tokens) for the first
+            ``trace_len`` iterations.
           collect: also return each circuit's mean output (for mean ablation): True averages over
             every token; a float [B, T] array weights the tokens (e.g. 0 on padding).
         """
@@ -113,7 +114,8 @@ class LoopedTransformer(nnx.Module):
         aux: dict[str, Array] = {}
         for s, stage in enumerate(self.stages):
             x, stage_aux = stage(x, positions_BT, mask, loops, gates, fill, train=train,
-                                 key=jax.random.fold_in(key, s), trace_len=trace_len, collect=collect)
+                                 key=jax.random.fold_in(key, s), trace_len=trace_len, collect=collect,
+                                 real_BT=tokens_BT != PAD)
             aux.update(stage_aux)
         if self.coda is not None:
             x = run_stack(self.coda, x, positions_BT, mask)

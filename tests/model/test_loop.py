@@ -135,3 +135,20 @@ def test_bad_distribution_is_rejected(text):
 def test_distribution_text_round_trip():
     for text in ["fixed(3)", "uniform(2, 8)", "poisson_lognormal(8, 0.5)"]:
         assert str(LoopDistribution.parse(text)) == text
+
+
+def test_trace_statistics_skip_padding():
+    """Stats over real tokens only: a batch padded with arbitrary states gives the unpadded numbers."""
+    from loopformer.model.loop import state_stats
+
+    h0, h1 = jax.random.normal(jax.random.key(0), (2, 2, 5, 8))
+    junk0, junk1 = 100 * jax.random.normal(jax.random.key(1), (2, 2, 3, 8))
+    real = jnp.concatenate([jnp.ones((2, 5), bool), jnp.zeros((2, 3), bool)], axis=1)
+    want = np.asarray(state_stats(h0, h1))
+    got = np.asarray(state_stats(jnp.concatenate([h0, junk0], 1), jnp.concatenate([h1, junk1], 1), real))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    ragged = real.at[1, 4].set(False)  # sequence 1 has 4 real tokens: its cosine averages its 12 pairs
+    u = np.asarray(h1 / jnp.linalg.norm(h1, axis=-1, keepdims=True))
+    cos = [(np.sum(u[0].sum(0) ** 2) - 5) / 20, (np.sum(u[1, :4].sum(0) ** 2) - 4) / 12]
+    got = np.asarray(state_stats(jnp.concatenate([h0, junk0], 1), jnp.concatenate([h1, junk1], 1), ragged))
+    assert got[2] == pytest.approx(np.mean(cos), rel=1e-5)
