@@ -246,7 +246,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def _format_examples(examples: list[dict[str, Any]]) -> str:
     lines = []
     for ex in examples:
-        lines.append(f"#{ex['index']}  {ex['prompt']}")
+        lines.append(f"#{ex['index']}  " + ex["prompt"].replace("\n", "\n" + " " * (len(str(ex["index"])) + 3)))
         truth = ex["answer"]
         rows = [["true answer", truth["text"], " ".join(map(str, truth["tokens"])), ""]]
         rows += [[tables.loops_str(p["loops"]), p["text"], " ".join(map(str, p["tokens"])), "✓" if p["correct"] else "✗"]

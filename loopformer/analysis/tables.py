@@ -19,12 +19,20 @@ def _is_number(cell: str) -> bool:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns padded to their widest cell: numbers right-aligned, text left-aligned."""
+    """Columns padded to their widest cell: numbers right-aligned, text left-aligned. A cell with
+    line breaks (a rendered maze) spans several lines; the other cells of its row sit on the first."""
     cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    widths = [max(len(line) for r in cells for line in r[i].split("\n")) for i in range(len(header))]
     right = [all(_is_number(r[i]) or r[i] in ("-", "") for r in cells[1:]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.rjust(w) if ra else c.ljust(w) for c, w, ra in zip(r, widths, right, strict=True))
-    return "\n".join([fmt(cells[0]).rstrip(), "  ".join("-" * w for w in widths)] + [fmt(r).rstrip() for r in cells[1:]])
+
+    def physical(row: list[str]) -> list[str]:
+        parts = [c.split("\n") for c in row]
+        height = max(map(len, parts))
+        return [fmt([p[k] if k < len(p) else "" for p in parts]).rstrip() for k in range(height)]
+
+    return "\n".join([fmt(cells[0]).rstrip(), "  ".join("-" * w for w in widths)] + [
+        line for r in cells[1:] for line in physical(r)])
 
 
 def pct(x: float) -> str:

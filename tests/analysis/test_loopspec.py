@@ -64,3 +64,11 @@ def test_verdict():
     assert verdict([1.0 / i for i in range(1, n + 1)], [float(i) for i in range(1, n + 1)], 3) == "drifting"
     assert verdict([0.3] * n, [5.0] * n, 3) == "moving"
     assert verdict([0.3] * 3, [5.0] * 3, 3) == "-"
+
+
+def test_format_table_multiline_cells():
+    from loopformer.analysis.tables import format_table
+
+    text = format_table(["loops", "answer", ""], [["X=1", "#-#\n. .", "✓"], ["X=24", "ab", "✗"]])
+    assert text.splitlines() == ["loops  answer", "-----  ------  -", "X=1    #-#     ✓", "       . .",
+                                 "X=24   ab      ✗"]
