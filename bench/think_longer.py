@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from loopformer.analysis.evaluate import Evaluator
 from loopformer.config import Config, load_config
 from loopformer.data.pipeline import eval_batches
@@ -106,7 +108,7 @@ def config(name: str, model_name: str, steps: int, out: Path, examples: int, see
 def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1) -> dict:
     setting = TASKS[name]
     steps = setting.steps[0 if quick else 1]
-    rows = []
+    rows, solved_at = [], {split: [] for split in setting.splits}
     for seed, model_name in itertools.product(range(seeds), models(setting)):
         cfg = config(name, model_name, steps, out, examples, seed)
         t0 = time.time()
@@ -120,13 +122,32 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1) -
         tokens_seen = step * cfg.data.batch_size * task.seq_len(setting.train[1])
         for split, (lo, hi) in setting.splits.items():
             batches = eval_batches(task, split, (lo, hi), examples, 256, cfg.seed)
+            first = np.full(examples, np.inf)  # the smallest count that solves each example
             for n in counts:
-                m = evaluator.evaluate(params, batches, {"X": n})
-                rows.append({"difficulty": split, "model": model_name, "loops": n, "accuracy": m["accuracy"],
+                correct = evaluator.correct(params, batches, {"X": n})
+                first = np.where(correct & (first == np.inf), n, first)
+                rows.append({"difficulty": split, "model": model_name, "loops": n, "accuracy": float(correct.mean()),
                              "seed": seed, "wall_s": wall, "tokens_seen": tokens_seen})
+            depths = [task.depth(x) for b in batches for x, m in zip(b["inputs"], b["mask"], strict=True) if m.sum()]
+            if model_name == "looped" and None not in depths:
+                solved_at[split] += list(zip(depths, first.tolist(), strict=True))
         print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
     return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
-            "steps": steps, "seeds": seeds, "rows": rows}
+            "steps": steps, "seeds": seeds, "rows": rows,
+            "depth": {s: depth_summary(pairs, setting.train_loops) for s, pairs in solved_at.items() if pairs}}
+
+
+def depth_summary(pairs: list[tuple[int, float]], m: int) -> dict:
+    """How the looped model's loops relate to the steps each instance needs: from (depth, smallest
+    solving count or inf) per example, the depth distribution, the share within m steps, and for the
+    solved examples the slack (smallest solving count - depth) of the swept counts."""
+    depth, first = np.array([p[0] for p in pairs], float), np.array([p[1] for p in pairs], float)
+    solved = np.isfinite(first)
+    slack = first[solved] - depth[solved]
+    return {"mean": float(depth.mean()), "max": int(depth.max()), "within_train_loops": float((depth <= m).mean()),
+            "median_slack": float(np.median(slack)) if solved.any() else None,
+            "slack_range": [float(slack.min()), float(slack.max())] if solved.any() else None,
+            "unsolved": float(1 - solved.mean())}
 
 
 def loop_range(loops: str) -> list[int]:
@@ -177,6 +198,14 @@ def markdown(name: str, result: dict) -> str:
         lines.append(f"| looped | {n}{mark} | " + " | ".join(cell(("looped", s, n)) for s in splits) + " |")
     for m in ("equal_params", "equal_compute"):
         lines.append(f"| {m} | 1 | " + " | ".join(cell((m, s, 1)) for s in splits) + " |")
+    if result.get("depth"):
+        lines += ["", "Steps each instance needs (`Task.depth`) against the looped model's loops:", ""]
+    for split, d in result.get("depth", {}).items():
+        slack = "" if d["median_slack"] is None else (
+            f"; solved first at depth {d['median_slack']:+.0f} loops (median over solved examples, swept counts; "
+            f"range {d['slack_range'][0]:+.0f} .. {d['slack_range'][1]:+.0f})")
+        lines.append(f"- {split}: mean {d['mean']:.1f}, max {d['max']}, {100 * d['within_train_loops']:.0f} % within "
+                     f"the training mean {result['train_loops']}{slack}; never solved: {100 * d['unsolved']:.1f} %")
     v = verdict(result)
     lines += ["", f"2x: best {v['best_loops']} loops, {v['gain_points']:+.1f} points over the training count, "
               f"{v['margin_points']:+.1f} over the better baseline: the bar {'holds' if v['holds'] else 'does not hold'}."]

@@ -84,3 +84,12 @@ def test_maze_config_is_the_benchmarks_looped_model():
     a, b = (dataclasses.asdict(c.train) for c in (mine, bench))
     assert {k: v for k, v in a.items() if k not in cadence} == {k: v for k, v in b.items() if k not in cadence}
     assert mine.seed == bench.seed
+
+
+def test_depth_summary():
+    """Depths 2, 5, 9 solved first at 3, 6 and never: slack +1 on both solved, a third unsolved."""
+    d = think_longer.depth_summary([(2, 3.0), (5, 6.0), (9, float("inf"))], m=4)
+    assert d == {"mean": pytest.approx(16 / 3), "max": 9, "within_train_loops": pytest.approx(1 / 3),
+                 "median_slack": 1.0, "slack_range": [1.0, 1.0], "unsolved": pytest.approx(1 / 3)}
+    text = think_longer.markdown("toy", {**result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3), "depth": {"2x": d}})
+    assert "- 2x: mean 5.3, max 9, 33 % within the training mean 4; solved first at depth +1 loops" in text

@@ -18,7 +18,7 @@ from loopformer.data.tasks import PAD
 from loopformer.errors import LoopformerError
 from loopformer.model.loop import TRACE_STATS
 from loopformer.model.transformer import LoopedTransformer
-from loopformer.train.step import answer_sums, packing, summarize
+from loopformer.train.step import answer_sums, exact_match, packing, summarize
 
 Array = jax.Array
 Batch = dict[str, Any]
@@ -50,7 +50,12 @@ class Evaluator:
             _, aux = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, trace_len=trace_len, **packing(batch))
             return {k: v for k, v in aux.items() if k.startswith("trace/")}
 
+        def correct_fn(params: Any, batch: Batch, loops: Array) -> Array:
+            logits, _ = nnx.merge(self.graphdef, params)(batch["inputs"], loops=loops, **packing(batch))
+            return exact_match(logits, batch)
+
         self._eval = jax.jit(eval_fn)
+        self._correct = jax.jit(correct_fn)
         self._means = jax.jit(means_fn)
         self._trace = jax.jit(trace_fn, static_argnums=3)
 
@@ -91,6 +96,13 @@ class Evaluator:
         out = summarize(totals)
         out["examples"] = int(totals["examples"])
         return out
+
+    def correct(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int] | None = None) -> np.ndarray:
+        """bool [examples]: exact match of each example of ``batches`` (in order; padding rows
+        dropped) at ``loops``."""
+        loop_v = self.loop_vector(loops)
+        return np.concatenate([np.asarray(self._correct(params, b, loop_v))[np.asarray(b["mask"]).sum(-1) > 0]
+                               for b in batches])  # rows without an answer pad the last batch
 
     def circuit_means(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int] | None = None) -> Array:
         """[num_circuits, d_model]: each circuit's mean output over the non-padding tokens of the

@@ -109,6 +109,13 @@ class Task(abc.ABC):
     def solve(self, inputs: np.ndarray) -> list[int]:
         """Reference solver: the answer tokens, computed from one example's inputs alone."""
 
+    def depth(self, inputs: np.ndarray) -> int | None:
+        """Sequential steps this instance needs: the longest chain of dependent local steps from the
+        input to an answer (bits for parity, passages to the farthest reachable room of a maze, hops
+        for pointer chasing and p-hop), i.e. about the loops a one-step-per-iteration solver needs.
+        None where the task defines none."""
+        return None
+
     @property
     def labels_aligned(self) -> bool:
         """True when the answers are labels at input positions, predicted in one forward pass (no
@@ -235,13 +242,20 @@ class PointerChase(Task):
             raise ValueError("a node has more than one outgoing edge")
         return parent, toks[q + 1]
 
-    def solve(self, inputs: np.ndarray) -> list[int]:
+    def _chase(self, inputs: np.ndarray) -> tuple[int, int]:
+        """(root, hops) of the query of one example."""
         parent, node = self.parse(inputs)
-        for _ in range(len(parent)):
+        for hops in range(len(parent)):
             if parent[node] == node:
-                return [node]
+                return node, hops
             node = parent[node]
         raise ValueError("the query does not reach a root (cycle)")
+
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        return [self._chase(inputs)[0]]
+
+    def depth(self, inputs: np.ndarray) -> int:
+        return self._chase(inputs)[1]
 
     def _name(self, t: int) -> str:
         i = t - self.FIRST
@@ -313,6 +327,9 @@ class PrefixParity(Task):
         if toks[0] != self.BOS or not bits or any(b not in (0, 1) for b in bits):
             raise ValueError("inputs do not start with 'BOS bits'")
         return bits
+
+    def depth(self, inputs: np.ndarray) -> int:
+        return len(self._bits(inputs))
 
     def solve(self, inputs: np.ndarray) -> list[int]:
         out, p = [], 0
@@ -394,6 +411,9 @@ class PHop(Task):
         if toks[0] != self.BOS or not 1 <= p <= self.length - 2 or len(x) != self.length:
             raise ValueError("inputs do not read 'BOS H_p x1..xn EQ'")
         return x, p
+
+    def depth(self, inputs: np.ndarray) -> int:
+        return self.parse(inputs)[1]
 
     def solve(self, inputs: np.ndarray) -> list[int]:
         x, p = self.parse(inputs)
@@ -576,20 +596,29 @@ class Maze(Task):
         start = np.argwhere(rooms >= 4)[0]
         return (rooms & 1).astype(bool), (rooms & 2).astype(bool), (int(start[0]), int(start[1]))
 
-    def solve(self, inputs: np.ndarray) -> list[int]:
+    def distances(self, inputs: np.ndarray) -> dict[tuple[int, int], int]:
+        """Passages from the start to every reachable room (row, column) of one example (BFS)."""
         right, down, start = self.parse(inputs)
         h, d = right.shape
-        seen, frontier = {start}, [start]
+        dist, frontier = {start: 0}, [start]
         while frontier:  # breadth-first search over open passages, both directions
             nxt = []
             for r, c in frontier:
                 for ok, nb in ((c + 1 < d and right[r, c], (r, c + 1)), (c > 0 and right[r, c - 1], (r, c - 1)),
                                (r + 1 < h and down[r, c], (r + 1, c)), (r > 0 and down[r - 1, c], (r - 1, c))):
-                    if ok and nb not in seen:
-                        seen.add(nb)
+                    if ok and nb not in dist:
+                        dist[nb] = dist[(r, c)] + 1
                         nxt.append(nb)
             frontier = nxt
-        return [self.YES if (r, c) in seen else self.NO for c in range(d) for r in range(h)]
+        return dist
+
+    def solve(self, inputs: np.ndarray) -> list[int]:
+        dist = self.distances(inputs)
+        h, d = self.rows, len(_tokens(inputs)) // (self.rows + 1)
+        return [self.YES if (r, c) in dist else self.NO for c in range(d) for r in range(h)]
+
+    def depth(self, inputs: np.ndarray) -> int:
+        return max(self.distances(inputs).values())
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
         """Rows of rooms: S = start, rooms joined by '-' (open right); under a room '|' = open down;

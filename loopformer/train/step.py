@@ -33,9 +33,16 @@ def answer_sums(logits_BTV: Array, batch: Batch, loss_scale: Array | float = 1.0
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     right = (jnp.argmax(logits_BTV, axis=-1) == batch["targets"]).astype(jnp.float32)
     has_answer = (mask.sum(-1) > 0).astype(jnp.float32)
-    all_right = jnp.all((right > 0) | (mask == 0), axis=-1).astype(jnp.float32) * has_answer
+    all_right = exact_match(logits_BTV, batch).astype(jnp.float32)
     return {"loss_sum": jnp.sum(ce * mask) * loss_scale, "tokens": mask.sum(), "token_correct": jnp.sum(right * mask),
             "examples": has_answer.sum(), "example_correct": all_right.sum()}
+
+
+def exact_match(logits_BTV: Array, batch: Batch) -> Array:
+    """bool [B]: every answer token (mask == 1) of the row is the argmax; False for rows without one."""
+    mask = batch["mask"]
+    right = jnp.argmax(logits_BTV, axis=-1) == batch["targets"]
+    return jnp.all(right | (mask == 0), axis=-1) & (mask.sum(-1) > 0)
 
 
 def packing(batch: Batch) -> dict[str, Array | None]:

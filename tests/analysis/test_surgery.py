@@ -126,3 +126,14 @@ def test_mean_fill_ignores_padding(run):
     padded = {k: np.pad(v, ((0, 0), (0, 5))) for k, v in batch.items()}
     np.testing.assert_allclose(run.evaluator.circuit_means(run.params, [padded]),
                                run.evaluator.circuit_means(run.params, [batch]), rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_correctness_matches_the_accuracy(run, eval_sets):
+    """Evaluator.correct: one bool per real example (the padding rows of the last batch dropped),
+    whose mean is evaluate()'s exact-match accuracy, at every loop count."""
+    for n in (1, 4):
+        for split in ("train", "hard"):
+            correct = run.evaluator.correct(run.params, eval_sets[split], {"X": n})
+            acc = run.evaluator.evaluate(run.params, eval_sets[split], {"X": n})["accuracy"]
+            assert correct.shape == (EXAMPLES,) and correct.dtype == bool
+            assert correct.mean() == pytest.approx(acc)

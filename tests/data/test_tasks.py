@@ -55,6 +55,12 @@ def test_generator_matches_solver(name, kwargs, diffs, answer_len):
             assert mask[n - 1] == 1.0 and (mask[n:] == 0).all()  # the answer ends the sequence
         assert inputs.min() >= 0 and max(inputs.max(), targets.max()) < task.vocab_size
         assert isinstance(task.render(inputs), str) and isinstance(task.render(inputs, task.answer(ex)), str)
+        if name in ("prefix_parity", "pointer_chase", "p_hop"):  # the difficulty is the chain length
+            assert task.depth(inputs) == d
+        elif name == "maze":  # the farthest reachable room: within the rooms, and YES-labelled rooms only
+            assert 0 <= task.depth(inputs) < mask.sum() and task.depth(inputs) < (targets == task.YES).sum()
+        else:
+            assert task.depth(inputs) is None
 
 
 @pytest.mark.parametrize("name,kwargs,diffs,answer_len", CASES)
@@ -129,21 +135,6 @@ def test_p_hop_answers_vary():
     assert len(answers) == task.alphabet
 
 
-def _maze_distances(task, inputs):
-    """Passages from the start to every reachable room (BFS), from the parsed grid."""
-    right, down, start = task.parse(inputs)
-    h, d = right.shape
-    dist, frontier = {start: 0}, [start]
-    while frontier:
-        r, c = frontier.pop(0)
-        for ok, nb in ((c + 1 < d and right[r, c], (r, c + 1)), (c > 0 and right[r, c - 1], (r, c - 1)),
-                       (r + 1 < h and down[r, c], (r + 1, c)), (r > 0 and down[r - 1, c], (r - 1, c))):
-            if ok and nb not in dist:
-                dist[nb] = dist[(r, c)] + 1
-                frontier.append(nb)
-    return right, down, dist
-
-
 @pytest.mark.parametrize("rows,d", [(2, 1), (2, 8), (2, 16), (3, 6)])
 def test_maze_is_a_tree_with_one_cut(rows, d):
     """rows*d rooms, rows*d - 2 open passages, no cycle (a spanning tree minus one edge: exactly two
@@ -153,7 +144,8 @@ def test_maze_is_a_tree_with_one_cut(rows, d):
     n = rows * d
     for _ in range(50):
         ex = task.example(rng, d, task.seq_len(d))
-        right, down, dist = _maze_distances(task, ex["inputs"])
+        right, down, _ = task.parse(ex["inputs"])
+        dist = task.distances(ex["inputs"])
         assert right.sum() + down.sum() == n - 2 if n > 1 else right.sum() + down.sum() == 0
         assert not right[:, -1].any() and not down[-1].any()  # no passage leaves the grid
         reach = len(dist)
@@ -168,8 +160,7 @@ def test_maze_harder_mazes_need_more_steps():
     a maze of d columns needs more than d steps in some cases (paths wind)."""
     task = make_task("maze")
     rng = np.random.default_rng(0)
-    far = {d: [max(_maze_distances(task, task.example(rng, d, task.seq_len(d))["inputs"])[2].values())
-               for _ in range(200)] for d in (4, 8, 16, 32)}
+    far = {d: [task.depth(task.example(rng, d, task.seq_len(d))["inputs"]) for _ in range(200)] for d in (4, 8, 16, 32)}
     means = [np.mean(far[d]) for d in (4, 8, 16, 32)]
     assert means == sorted(means) and means[-1] > 3 * means[1]
     assert max(far[16]) > 16
