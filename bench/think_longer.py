@@ -105,16 +105,32 @@ def config(name: str, model_name: str, steps: int, out: Path, examples: int, see
         *setting.overrides, *models(setting)[model_name]])
 
 
+WALL_RECORD = "think_longer_train_wall.json"
+
+
+def train_timed(cfg: Config) -> float:
+    """Train (or resume) one run; returns the wall seconds its training has taken in all. The total is
+    kept in the run directory, so a rerun over finished runs reports their training time, not 0."""
+    record = cfg.run_dir / WALL_RECORD
+    spent = json.loads(record.read_text())["train_wall_s"] if record.is_file() else 0.0
+    ckpts = cfg.run_dir / "checkpoints"
+    done = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
+    t0 = time.time()
+    with contextlib.redirect_stdout(sys.stderr):
+        train(cfg)
+    if done < cfg.train.steps or not record.is_file():  # this call trained (or nothing was recorded)
+        spent += time.time() - t0
+        record.write_text(json.dumps({"train_wall_s": spent, "steps": cfg.train.steps}))
+    return spent
+
+
 def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1) -> dict:
     setting = TASKS[name]
     steps = setting.steps[0 if quick else 1]
     rows, solved_at = [], {split: [] for split in setting.splits}
     for seed, model_name in itertools.product(range(seeds), models(setting)):
         cfg = config(name, model_name, steps, out, examples, seed)
-        t0 = time.time()
-        with contextlib.redirect_stdout(sys.stderr):
-            train(cfg)
-        wall = time.time() - t0
+        wall = train_timed(cfg)
         model, params, step = restore_params(cfg)
         task = make_task_for(cfg)
         evaluator = Evaluator(model)

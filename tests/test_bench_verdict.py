@@ -93,3 +93,21 @@ def test_depth_summary():
                  "median_slack": 1.0, "slack_range": [1.0, 1.0], "unsolved": pytest.approx(1 / 3)}
     text = think_longer.markdown("toy", {**result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3), "depth": {"2x": d}})
     assert "- 2x: mean 5.3, max 9, 33 % within the training mean 4; solved first at depth +1 loops" in text
+
+
+def test_train_time_survives_a_rerun(tmp_path, monkeypatch):
+    """A rerun over a finished run reports the time its training took, not the time of the no-op resume."""
+    import time
+
+    from loopformer.config import load_config
+
+    def fake_train(cfg):  # "trains" 0.2 s and leaves a checkpoint at train.steps
+        time.sleep(0.2 if not (cfg.run_dir / "checkpoints" / str(cfg.train.steps)).exists() else 0.0)
+        (cfg.run_dir / "checkpoints" / str(cfg.train.steps)).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(think_longer, "train", fake_train)
+    cfg = load_config(think_longer.BASE, [f"run.dir={tmp_path}", "train.steps=10"])
+    first = think_longer.train_timed(cfg)
+    assert first >= 0.2 and think_longer.train_timed(cfg) == first  # finished: the recorded time
+    more = think_longer.train_timed(load_config(think_longer.BASE, [f"run.dir={tmp_path}", "train.steps=20"]))
+    assert more >= first + 0.2  # continued training adds to it
