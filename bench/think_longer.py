@@ -236,7 +236,7 @@ def plot(name: str, result: dict) -> bytes:
     rows = result["rows"]
     splits = list(dict.fromkeys(r["difficulty"] for r in rows))
     acc = accuracies(rows)[0]
-    fig = Figure(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(8.0, 4.0))
     ax = fig.add_subplot()
     lo, hi = result["loop_range"]
     ax.axvspan(lo, hi, color="0.9", zorder=0, label=f"training loops {result['loops']}")
@@ -253,7 +253,7 @@ def plot(name: str, result: dict) -> bytes:
     ax.xaxis.set_major_formatter("{x:g}")
     ax.set(xlabel="loop count of X at evaluation", ylabel="exact match (%)", ylim=(-3, 103),
            title=f"think longer: {name} ({result['steps']} steps per model)")
-    ax.legend(fontsize=7, loc="lower right")  # the looped curves reach 100 % on the right
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no curve hidden
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
