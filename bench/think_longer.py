@@ -144,9 +144,10 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1) -
                 first = np.where(correct & (first == np.inf), n, first)
                 rows.append({"difficulty": split, "model": model_name, "loops": n, "accuracy": float(correct.mean()),
                              "seed": seed, "wall_s": wall, "tokens_seen": tokens_seen})
-            depths = [task.depth(x) for b in batches for x, m in zip(b["inputs"], b["mask"], strict=True) if m.sum()]
-            if model_name == "looped" and None not in depths:
-                solved_at[split] += list(zip(depths, first.tolist(), strict=True))
+            if model_name == "looped":
+                depths = [task.depth(x) for b in batches for x, m in zip(b["inputs"], b["mask"], strict=True) if m.sum()]
+                if None not in depths:
+                    solved_at[split] += list(zip(depths, first.tolist(), strict=True))
         print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
     return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
             "steps": steps, "seeds": seeds, "rows": rows,
@@ -168,8 +169,7 @@ def depth_summary(pairs: list[tuple[int, float]], m: int) -> dict:
 
 def loop_range(loops: str) -> list[int]:
     """The loop counts a training distribution typically draws: [lo, hi]."""
-    dist = LoopDistribution.parse(loops)
-    return [int(dist.a) if dist.kind != "poisson_lognormal" else 1, dist.typical_max()]
+    return list(LoopDistribution.parse(loops).typical_range())
 
 
 def accuracies(rows: list[dict]) -> tuple[dict, dict]:

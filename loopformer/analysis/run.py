@@ -64,9 +64,7 @@ class RunInfo:
     def training_range(self, circuit: str) -> tuple[int, int]:
         """The loop counts circuit ``circuit`` typically saw in training: [lo, hi] of its distribution."""
         c = next(c for c in self.cfg.model.circuits() if c.name == circuit)
-        dist = c.distribution()
-        lo = {"fixed": int(dist.a), "uniform": int(dist.a)}.get(dist.kind, 1)
-        return lo, dist.typical_max()
+        return c.distribution().typical_range()
 
     def training_label(self, circuit: str) -> str:
         c = next(c for c in self.cfg.model.circuits() if c.name == circuit)

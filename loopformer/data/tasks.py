@@ -537,8 +537,8 @@ class Maze(Task):
     def seq_len(self, max_difficulty: int) -> int:
         return (self.rows + 1) * max_difficulty
 
-    def _maze(self, rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Passages right [rows, d] and down [rows, d] (bool) and the start room r * d + c."""
+    def _maze(self, rng: np.random.Generator, d: int) -> tuple[list[tuple[int, int]], int]:
+        """The open passages (a, b) between rooms a < b (room r * d + c) and the start room."""
         h, n = self.rows, self.rows * d
         edges = [(r * d + c, r * d + c + 1) for r in range(h) for c in range(d - 1)]
         edges += [(r * d + c, (r + 1) * d + c) for r in range(h - 1) for c in range(d)]
@@ -560,20 +560,18 @@ class Maze(Task):
             sizes = [min(k := len(_component(n, tree[:i] + tree[i + 1:], a)), n - k) for i, (a, _) in enumerate(tree)]
             ok = [i for i, m in enumerate(sizes) if m >= max(1, n // 4)] or [int(np.argmax(sizes))]
             del tree[ok[int(rng.integers(len(ok)))]]
-        right, down = np.zeros((h, d), bool), np.zeros((h, d), bool)
-        for a, b in tree:
-            (down if b - a == d else right)[a // d, a % d] = True
-        return right, down, int(rng.integers(n))
+        return tree, int(rng.integers(n))
 
     def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
         d, h = int(difficulty), self.rows
-        right, down, start = self._maze(rng, d)
+        passages, start = self._maze(rng, d)
+        right, down = np.zeros((h, d), bool), np.zeros((h, d), bool)
+        for a, b in passages:
+            (down if b - a == d else right)[a // d, a % d] = True
         rooms = self.ROOM + right + 2 * down
         rooms.flat[start] += 4
-        edges = [(r * d + c, r * d + c + 1) for r, c in zip(*np.nonzero(right), strict=True)]
-        edges += [(r * d + c, (r + 1) * d + c) for r, c in zip(*np.nonzero(down), strict=True)]
         reach = np.zeros(h * d, bool)
-        reach[list(_component(h * d, edges, start))] = True
+        reach[list(_component(h * d, passages, start))] = True
         labels = np.where(reach.reshape(h, d), self.YES, self.NO)
         n = (h + 1) * d
         out = _blank(n, seq_len)

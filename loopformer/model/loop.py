@@ -92,6 +92,11 @@ class LoopDistribution:
             return int(self.b)
         return min(self.cap, int(math.ceil(self.a * math.exp(2 * self.b))) + 1)
 
+    def typical_range(self) -> tuple[int, int]:
+        """[lo, hi] of the counts the distribution typically draws (display only)."""
+        lo = int(self.a) if self.kind in ("fixed", "uniform") else 1
+        return lo, self.typical_max()
+
     def sample(self, key: Array) -> Array:
         """One draw as an int32 scalar (jit-friendly)."""
         if self.kind == "fixed":

@@ -106,8 +106,9 @@ class LoopedTransformer(nnx.Module):
         gates = jnp.ones(len(self.circuit_names), jnp.float32) if gates is None else jnp.asarray(gates)
         key = jax.random.key(0) if key is None else key
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
+        real_BT = tokens_BT != PAD
         # Bidirectional attention would see right padding (causal attention never looks ahead to it).
-        mask = attention_mask(segment_ids_BT, None if self.cfg.causal else tokens_BT != PAD)
+        mask = attention_mask(segment_ids_BT, None if self.cfg.causal else real_BT)
         x = self.embed(tokens_BT).astype(self.compute_dtype)
         if self.prelude is not None:
             x = run_stack(self.prelude, x, positions_BT, mask)
@@ -115,7 +116,7 @@ class LoopedTransformer(nnx.Module):
         for s, stage in enumerate(self.stages):
             x, stage_aux = stage(x, positions_BT, mask, loops, gates, fill, train=train,
                                  key=jax.random.fold_in(key, s), trace_len=trace_len, collect=collect,
-                                 real_BT=tokens_BT != PAD)
+                                 real_BT=real_BT)
             aux.update(stage_aux)
         if self.coda is not None:
             x = run_stack(self.coda, x, positions_BT, mask)

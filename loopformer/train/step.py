@@ -31,18 +31,22 @@ def answer_sums(logits_BTV: Array, batch: Batch, loss_scale: Array | float = 1.0
     """
     mask = batch["mask"].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    right = (jnp.argmax(logits_BTV, axis=-1) == batch["targets"]).astype(jnp.float32)
+    right_BT = jnp.argmax(logits_BTV, axis=-1) == batch["targets"]
     has_answer = (mask.sum(-1) > 0).astype(jnp.float32)
-    all_right = exact_match(logits_BTV, batch).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(ce * mask) * loss_scale, "tokens": mask.sum(), "token_correct": jnp.sum(right * mask),
+    all_right = _rows_right(right_BT, mask).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(ce * mask) * loss_scale, "tokens": mask.sum(),
+            "token_correct": jnp.sum(right_BT.astype(jnp.float32) * mask),
             "examples": has_answer.sum(), "example_correct": all_right.sum()}
 
 
 def exact_match(logits_BTV: Array, batch: Batch) -> Array:
     """bool [B]: every answer token (mask == 1) of the row is the argmax; False for rows without one."""
-    mask = batch["mask"]
-    right = jnp.argmax(logits_BTV, axis=-1) == batch["targets"]
-    return jnp.all(right | (mask == 0), axis=-1) & (mask.sum(-1) > 0)
+    return _rows_right(jnp.argmax(logits_BTV, axis=-1) == batch["targets"], batch["mask"])
+
+
+def _rows_right(right_BT: Array, mask_BT: Array) -> Array:
+    """bool [B]: rows with at least one answer token, all of them right."""
+    return jnp.all(right_BT | (mask_BT == 0), axis=-1) & (mask_BT.sum(-1) > 0)
 
 
 def packing(batch: Batch) -> dict[str, Array | None]:
