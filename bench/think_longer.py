@@ -52,6 +52,7 @@ class Setting:
     train_loops: int = 4  # its mean: the eval default, the equal-compute depth, the sweep's unit
     overrides: tuple[str, ...] = ()  # any other config changes (all three models)
     steps: tuple[int, int] = (300, 1500)  # training steps per model: --quick, full
+    task: str | None = None  # the task it runs (default: the setting's own name)
 
     def counts(self) -> list[int]:
         """Loop counts of the looped model's sweep: 1 .. 8x the training mean."""
@@ -75,6 +76,15 @@ TASKS = {
                     loops="uniform(8, 16)", train_loops=12, steps=(600, 1500),
                     overrides=(f"{X}.window=4", "model.window=1", "model.causal=false", f"{X}.state_norm=true",
                                "model.norm=pre", f"{X}.backprop=4", "train.lr=2e-3")),
+    # The same mazes entered from the left wall: the start is in the first column and keeps at least
+    # half the rooms, so the passages to the farthest reachable room grow with the columns: 55 % of
+    # the 2x mazes need more than the training mean of 12 (16 % with a start anywhere). Everything
+    # else is the maze setting; the setting was fixed before its first run.
+    "maze_entrance": Setting({"rows": 2, "entrance": True}, [1, 8], {"train": [1, 8], "2x": [16, 16], "4x": [32, 32]},
+                             loops="uniform(8, 16)", train_loops=12, steps=(600, 1500), task="maze",
+                             overrides=(f"{X}.window=4", "model.window=1", "model.causal=false",
+                                        f"{X}.state_norm=true", "model.norm=pre", f"{X}.backprop=4",
+                                        "train.lr=2e-3")),
     "pointer_chase": Setting({"num_nodes": 20, "num_symbols": 20, "edge_tokens": True}, [1, 4],
                              {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
     "p_hop": Setting({"length": 48, "alphabet": 4}, [1, 4], {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}),
@@ -99,7 +109,7 @@ def config(name: str, model_name: str, steps: int, out: Path, examples: int, see
     setting = TASKS[name]
     return load_config(BASE, [
         f"seed={seed}", f"run.dir={out}", f"run.name={name}-{model_name}" + (f"-seed{seed}" if seed else ""),
-        f"data.task={name}",
+        f"data.task={setting.task or name}",
         f"data.task_args={json.dumps(setting.task_args)}", f"data.train_difficulty={setting.train}",
         f"data.eval_splits={json.dumps(setting.splits)}", f"train.steps={steps}", f"data.eval_examples={examples}",
         *setting.overrides, *models(setting)[model_name]])

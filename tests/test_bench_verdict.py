@@ -24,6 +24,7 @@ def result(looped_2x: dict[int, float], params_2x: float, compute_2x: float, m: 
 def test_counts_run_to_eight_times_the_mean():
     assert think_longer.TASKS["prefix_parity"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
     assert think_longer.TASKS["maze"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
+    assert think_longer.TASKS["maze_entrance"].counts() == think_longer.TASKS["maze"].counts()
     assert max(think_longer.TASKS["addition"].counts()) == 32
 
 
@@ -57,7 +58,9 @@ def test_every_task_has_a_setting_its_task_accepts():
     for name in think_longer.TASKS:
         for model_name in think_longer.models(think_longer.TASKS[name]):
             cfg = think_longer.config(name, model_name, 10, Path("/tmp/unused"), 16)
-            assert build_data(cfg).task.name == name and cfg.train.steps == 10
+            task = build_data(cfg).task
+            assert task.name == (think_longer.TASKS[name].task or name) and cfg.train.steps == 10
+            assert {k: getattr(task, k) for k in think_longer.TASKS[name].task_args} == think_longer.TASKS[name].task_args
 
 
 def test_several_seeds_are_averaged():
@@ -73,12 +76,13 @@ def test_several_seeds_are_averaged():
     assert "mean (min–max) over 2 seeds" in text and "| looped | 8 | 100.0 (100–100) | 40.0 (30–50) |" in text
 
 
-def test_maze_config_is_the_benchmarks_looped_model():
-    """configs/maze.yaml trains the same model and data as think_longer's looped maze run."""
+@pytest.mark.parametrize("name", ["maze", "maze_entrance"])
+def test_maze_config_is_the_benchmarks_looped_model(name):
+    """configs/NAME.yaml trains the same model and data as think_longer's looped NAME run."""
     from loopformer.config import load_config
 
-    bench = think_longer.config("maze", "looped", 1500, Path("/tmp/unused"), 256)
-    mine = load_config("configs/maze.yaml")
+    bench = think_longer.config(name, "looped", 1500, Path("/tmp/unused"), 256)
+    mine = load_config(f"configs/{name}.yaml")
     assert mine.model == bench.model and mine.data == bench.data
     cadence = {"log_every", "eval_every", "checkpoint_every"}  # how often it reports, not what it learns
     a, b = (dataclasses.asdict(c.train) for c in (mine, bench))

@@ -502,8 +502,13 @@ class Maze(Task):
     A ``rows`` x d grid of rooms (d = ``difficulty`` columns). The open passages between adjacent
     rooms form a random spanning tree (randomised Kruskal) with one passage then closed, chosen so
     that each of the two regions it leaves holds at least a quarter of the rooms; one random room is
-    the start. The label of every room is YES if it is reachable from the start, else NO, all
-    predicted in one forward pass (aligned labels; exact match over all rooms). A closed cut looks
+    the start. With ``entrance: true`` the start is instead a random room of the first column (the
+    maze's entrance), and the closed passage also leaves the start's region at least half the rooms:
+    the region then spans at least d / 2 columns from the left wall, so the passages to its farthest
+    room grow with d (with a start anywhere, they need not).
+
+    The label of every room is YES if it is reachable from the start, else NO, all predicted in one
+    forward pass (aligned labels; exact match over all rooms). A closed cut looks
     like any other wall, so a room's label depends on the whole path back to the start: rooms
     t passages away need about t loops of a local step.
 
@@ -518,6 +523,7 @@ class Maze(Task):
     name: ClassVar[str] = "maze"
     difficulty_meaning: ClassVar[str] = "columns of rooms"
     rows: int = 2
+    entrance: bool = False
     SEP: ClassVar[int] = 1
     ROOM: ClassVar[int] = 2
     NO: ClassVar[int] = 10
@@ -525,6 +531,8 @@ class Maze(Task):
 
     def __post_init__(self) -> None:
         _check_int("data.task_args.rows", self.rows, 1)
+        if not isinstance(self.entrance, bool):
+            raise DataError(f"data.task_args.entrance must be true or false, got {self.entrance!r}")
 
     @property
     def labels_aligned(self) -> bool:
@@ -556,6 +564,13 @@ class Maze(Task):
             if find(a) != find(b):
                 root[find(a)] = find(b)
                 tree.append((a, b))
+        if self.entrance:  # the start in the first column; its region keeps >= n // 2 rooms
+            start = int(rng.integers(h)) * d
+            kept = [len(_component(n, tree[:i] + tree[i + 1:], start)) for i in range(len(tree))]
+            ok = [i for i, k in enumerate(kept) if k >= n // 2 and n - k >= max(1, n // 4)]
+            if tree:
+                del tree[(ok or [int(np.argmax(kept))])[int(rng.integers(len(ok) or 1))]]
+            return tree, start
         if tree:  # close one passage that leaves two regions of >= n // 4 rooms each
             sizes = [min(k := len(_component(n, tree[:i] + tree[i + 1:], a)), n - k) for i, (a, _) in enumerate(tree)]
             ok = [i for i, m in enumerate(sizes) if m >= max(1, n // 4)] or [int(np.argmax(sizes))]

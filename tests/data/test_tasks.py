@@ -16,6 +16,7 @@ CASES = [
     ("maze", {}, [1, 2, 5, 8, 16], lambda d: 2 * d),
     ("maze", {"rows": 3}, [1, 4, 9], lambda d: 3 * d),
     ("maze", {"rows": 1}, [1, 3, 10], lambda d: d),
+    ("maze", {"entrance": True}, [1, 2, 5, 8, 16], lambda d: 2 * d),
 ]
 
 
@@ -135,22 +136,26 @@ def test_p_hop_answers_vary():
     assert len(answers) == task.alphabet
 
 
-@pytest.mark.parametrize("rows,d", [(2, 1), (2, 8), (2, 16), (3, 6)])
-def test_maze_is_a_tree_with_one_cut(rows, d):
+@pytest.mark.parametrize("entrance", [False, True])
+@pytest.mark.parametrize("rows,d", [(2, 1), (2, 8), (2, 16), (3, 6), (1, 9)])
+def test_maze_is_a_tree_with_one_cut(rows, d, entrance):
     """rows*d rooms, rows*d - 2 open passages, no cycle (a spanning tree minus one edge: exactly two
-    regions), the start's region and the other both >= a quarter of the rooms; labels = the start's region."""
-    task = make_task("maze", rows=rows)
+    regions), the start's region and the other both >= a quarter of the rooms; labels = the start's
+    region. Entered from the left wall: the start is in column 0 and its region holds >= half the rooms."""
+    task = make_task("maze", rows=rows, entrance=entrance)
     rng = np.random.default_rng(rows * 100 + d)
     n = rows * d
     for _ in range(50):
         ex = task.example(rng, d, task.seq_len(d))
-        right, down, _ = task.parse(ex["inputs"])
+        right, down, (_, start_col) = task.parse(ex["inputs"])
         dist = task.distances(ex["inputs"])
         assert right.sum() + down.sum() == n - 2 if n > 1 else right.sum() + down.sum() == 0
         assert not right[:, -1].any() and not down[-1].any()  # no passage leaves the grid
         reach = len(dist)
         if n > 1:
             assert min(reach, n - reach) >= max(1, n // 4)
+        if entrance:
+            assert start_col == 0 and (n == 1 or reach >= n // 2)
         labels = np.asarray(task.answer(ex)).reshape(d, rows).T
         assert {rc for rc in zip(*np.nonzero(labels == task.YES), strict=True)} == set(dist)
 
@@ -164,6 +169,22 @@ def test_maze_harder_mazes_need_more_steps():
     means = [np.mean(far[d]) for d in (4, 8, 16, 32)]
     assert means == sorted(means) and means[-1] > 3 * means[1]
     assert max(far[16]) > 16
+
+
+def test_maze_entered_from_the_left_needs_steps_that_grow_with_its_length():
+    """Entered from the left wall, a d-column maze's start region reaches column >= d/2 - 1 (it holds
+    >= d of its 2d rooms), so every maze needs >= ceil(d/2) - 1 steps; with a start anywhere some 32-column
+    mazes need only a few. Doubling d about doubles the mean (the benchmark's 2x split is twice as deep)."""
+    far = {}
+    for entrance in (False, True):
+        task, rng = make_task("maze", entrance=entrance), np.random.default_rng(1)
+        far[entrance] = {d: np.array([task.depth(task.example(rng, d, task.seq_len(d))["inputs"]) for _ in range(200)])
+                         for d in (8, 16, 32)}
+    for d, depths in far[True].items():
+        assert depths.min() >= (d + 1) // 2 - 1
+    assert far[False][32].min() < 15 <= far[True][32].min()
+    assert 1.8 < far[True][32].mean() / far[True][16].mean() < 2.2
+    assert 1.8 < far[True][16].mean() / far[True][8].mean() < 2.2
 
 
 def test_maze_render():
@@ -212,6 +233,7 @@ def test_addition_and_parity_values():
         ("prefix_parity", {"aligned": "yes"}, "aligned"),
         ("maze", {"rows": 0}, "rows"),
         ("maze", {"cols": 4}, "cols"),
+        ("maze", {"entrance": 1}, "entrance"),
     ],
 )
 def test_bad_task_args(name, kwargs, needle):
