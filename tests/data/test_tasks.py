@@ -17,6 +17,8 @@ CASES = [
     ("maze", {"rows": 3}, [1, 4, 9], lambda d: 3 * d),
     ("maze", {"rows": 1}, [1, 3, 10], lambda d: d),
     ("maze", {"entrance": True}, [1, 2, 5, 8, 16], lambda d: 2 * d),
+    ("maze", {"entrance": True, "exit": True}, [1, 2, 5, 8, 16], lambda d: 2 * d),
+    ("maze", {"exit": True, "rows": 3}, [1, 4, 9], lambda d: 3 * d),
 ]
 
 
@@ -187,6 +189,21 @@ def test_maze_entered_from_the_left_needs_steps_that_grow_with_its_length():
     assert 1.8 < far[True][16].mean() / far[True][8].mean() < 2.2
 
 
+@pytest.mark.parametrize("rows,d", [(2, 1), (2, 2), (2, 8), (2, 16), (3, 6)])
+def test_maze_with_an_exit_spans_every_column(rows, d):
+    """entrance + exit: the start in column 0 and a room of the last column in its region, so the maze
+    needs >= d - 1 steps; one passage is still closed (n - 2 open, some rooms cut off)."""
+    task = make_task("maze", rows=rows, entrance=True, exit=True)
+    rng = np.random.default_rng(7 * d + rows)
+    n = rows * d
+    for _ in range(30):
+        inputs = task.example(rng, d, task.seq_len(d))["inputs"]
+        right, down, start = task.parse(inputs)
+        dist = task.distances(inputs)
+        assert start[1] == 0 and any(c == d - 1 for _, c in dist) and task.depth(inputs) >= d - 1
+        assert n == 1 or (right.sum() + down.sum() == n - 2 and len(dist) < n)
+
+
 def test_maze_render():
     task = make_task("maze")
     ex = task.example(np.random.default_rng(5), 4, task.seq_len(4))
@@ -234,6 +251,8 @@ def test_addition_and_parity_values():
         ("maze", {"rows": 0}, "rows"),
         ("maze", {"cols": 4}, "cols"),
         ("maze", {"entrance": 1}, "entrance"),
+        ("maze", {"exit": "yes"}, "exit"),
+        ("maze", {"exit": True, "rows": 1}, "rows >= 2"),
     ],
 )
 def test_bad_task_args(name, kwargs, needle):
