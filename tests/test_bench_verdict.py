@@ -115,3 +115,12 @@ def test_train_time_survives_a_rerun(tmp_path, monkeypatch):
     assert first >= 0.2 and think_longer.train_timed(cfg) == first  # finished: the recorded time
     more = think_longer.train_timed(load_config(think_longer.BASE, [f"run.dir={tmp_path}", "train.steps=20"]))
     assert more >= first + 0.2  # continued training adds to it
+
+
+def test_the_default_suite_covers_the_issues_tasks():
+    """The default run has a setting for each task the suite must have: prefix sums, p-hop, addition, a
+    graph task (a maze); every entry is a setting, and each task appears once."""
+    suite = think_longer.SUITE
+    assert set(suite) <= set(think_longer.TASKS) and len(set(suite)) == len(suite)
+    tasks = [think_longer.TASKS[n].task or n for n in suite]
+    assert sorted(tasks) == sorted(set(tasks)) and {"prefix_parity", "p_hop", "addition", "maze"} <= set(tasks)
