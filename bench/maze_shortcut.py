@@ -1,0 +1,79 @@
+"""Does a looped maze model use the start? Erase the start marker (the start room becomes a plain
+room) and compare exact match with and without it at the training mean of loops, per eval split.
+
+A model that floods reachability from the start must fail without it; a model that decides rooms
+from the maze alone (e.g. labelling a small closed-in pocket NO and the rest YES) keeps its accuracy.
+
+    python bench/think_longer.py --tasks maze_exit --out DIR      # train first
+    python bench/maze_shortcut.py --tasks maze_exit --out DIR [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from loopformer.analysis.evaluate import Evaluator
+from loopformer.data.pipeline import eval_batches
+from loopformer.train.trainer import make_task_for, restore_params
+
+_spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).with_name("think_longer.py"))
+think_longer = importlib.util.module_from_spec(_spec)
+sys.modules["think_longer"] = think_longer
+_spec.loader.exec_module(think_longer)
+
+
+def erase_start(inputs: np.ndarray, room: int) -> np.ndarray:
+    """Maze inputs [batch, seq] with every start room (tokens room+4 .. room+7) made a plain room."""
+    return np.where(inputs >= room + 4, inputs - 4, inputs)
+
+
+def check(name: str, out: Path, examples: int) -> list[dict]:
+    setting = think_longer.TASKS[name]
+    cfg = think_longer.config(name, "looped", setting.steps[1], out, examples)
+    if not (cfg.run_dir / "checkpoints").is_dir():
+        raise SystemExit(f"no trained run at {cfg.run_dir}; train it first with "
+                         f"`python bench/think_longer.py --tasks {name} --out {out}`")
+    model, params, _ = restore_params(cfg)
+    task, evaluator = make_task_for(cfg), Evaluator(model)
+    loops = {"X": setting.train_loops}
+    rows = []
+    for split, (lo, hi) in setting.splits.items():
+        batches = eval_batches(task, split, (lo, hi), examples, 256, cfg.seed)
+        erased = [{**b, "inputs": erase_start(np.asarray(b["inputs"]), task.ROOM)} for b in batches]
+        rows.append({"task": name, "difficulty": split, "loops": setting.train_loops,
+                     "with_start": float(evaluator.correct(params, batches, loops).mean()),
+                     "start_erased": float(evaluator.correct(params, erased, loops).mean())})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="maze_exit", help="comma-separated maze settings of think_longer")
+    p.add_argument("--out", default="bench_runs/think_longer", help="think_longer's --out holding the runs")
+    p.add_argument("--examples", type=int, default=256, help="eval examples per split (think_longer's: 256)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = p.parse_args()
+    rows = []
+    for name in args.tasks.split(","):
+        if (think_longer.TASKS.get(name) and (think_longer.TASKS[name].task or name)) != "maze":
+            p.error(f"{name!r} is not a maze setting of think_longer; choose from "
+                    + ", ".join(n for n, s in think_longer.TASKS.items() if (s.task or n) == "maze"))
+        rows += check(name, Path(args.out), args.examples)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+        return 0
+    print("| setting | split | loops | exact match with S | S erased |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['difficulty']} | {r['loops']} | {100 * r['with_start']:.1f} | "
+              f"{100 * r['start_erased']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
