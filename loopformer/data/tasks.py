@@ -37,6 +37,11 @@ def _check_int(field: str, value: Any, lo: int) -> None:
         raise DataError(f"{field} must be >= {lo}, got {value}")
 
 
+def _check_bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise DataError(f"{field} must be true or false, got {value!r}")
+
+
 def _blank(n: int, seq_len: int) -> dict[str, np.ndarray]:
     """All-PAD ``inputs``/``targets`` and a zero ``mask`` of length ``seq_len``, for an example of n tokens."""
     if n > seq_len:
@@ -165,8 +170,7 @@ class PointerChase(Task):
     def __post_init__(self) -> None:
         _check_int("data.task_args.num_nodes", self.num_nodes, 2)
         _check_int("data.task_args.num_symbols", self.num_symbols, 2)
-        if not isinstance(self.edge_tokens, bool):
-            raise DataError(f"data.task_args.edge_tokens must be true or false, got {self.edge_tokens!r}")
+        _check_bool("data.task_args.edge_tokens", self.edge_tokens)
         if self.num_symbols < self.num_nodes:
             raise DataError(
                 f"data.task_args.num_symbols={self.num_symbols} must be >= num_nodes={self.num_nodes}; "
@@ -289,8 +293,7 @@ class PrefixParity(Task):
     aligned: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.aligned, bool):
-            raise DataError(f"data.task_args.aligned must be true or false, got {self.aligned!r}")
+        _check_bool("data.task_args.aligned", self.aligned)
 
     @property
     def labels_aligned(self) -> bool:
@@ -537,9 +540,8 @@ class Maze(Task):
 
     def __post_init__(self) -> None:
         _check_int("data.task_args.rows", self.rows, 1)
-        for field in ("entrance", "exit"):
-            if not isinstance(getattr(self, field), bool):
-                raise DataError(f"data.task_args.{field} must be true or false, got {getattr(self, field)!r}")
+        _check_bool("data.task_args.entrance", self.entrance)
+        _check_bool("data.task_args.exit", self.exit)
         if self.exit and self.rows < 2:
             raise DataError("data.task_args.exit needs rows >= 2: in one row every closed passage cuts the "
                             "last column off; set rows: 2 or exit: false")
