@@ -60,10 +60,10 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args()
     rows = []
+    mazes = [n for n in think_longer.TASKS if think_longer.task_of(n) == "maze"]
     for name in args.tasks.split(","):
-        if (think_longer.TASKS.get(name) and (think_longer.TASKS[name].task or name)) != "maze":
-            p.error(f"{name!r} is not a maze setting of think_longer; choose from "
-                    + ", ".join(n for n, s in think_longer.TASKS.items() if (s.task or n) == "maze"))
+        if name not in mazes:
+            p.error(f"{name!r} is not a maze setting of think_longer; choose from {', '.join(mazes)}")
         rows += check(name, Path(args.out), args.examples)
     if args.json:
         print(json.dumps({"rows": rows}))

@@ -59,7 +59,7 @@ def test_every_task_has_a_setting_its_task_accepts():
         for model_name in think_longer.models(think_longer.TASKS[name]):
             cfg = think_longer.config(name, model_name, 10, Path("/tmp/unused"), 16)
             task = build_data(cfg).task
-            assert task.name == (think_longer.TASKS[name].task or name) and cfg.train.steps == 10
+            assert task.name == think_longer.task_of(name) and cfg.train.steps == 10
             assert {k: getattr(task, k) for k in think_longer.TASKS[name].task_args} == think_longer.TASKS[name].task_args
 
 
@@ -122,5 +122,5 @@ def test_the_default_suite_covers_the_issues_tasks():
     graph task (a maze); every entry is a setting, and each task appears once."""
     suite = think_longer.SUITE
     assert set(suite) <= set(think_longer.TASKS) and len(set(suite)) == len(suite)
-    tasks = [think_longer.TASKS[n].task or n for n in suite]
+    tasks = [think_longer.task_of(n) for n in suite]
     assert sorted(tasks) == sorted(set(tasks)) and {"prefix_parity", "p_hop", "addition", "maze"} <= set(tasks)
