@@ -76,7 +76,7 @@ def test_several_seeds_are_averaged():
     assert "mean (min–max) over 2 seeds" in text and "| looped | 8 | 100.0 (100–100) | 40.0 (30–50) |" in text
 
 
-@pytest.mark.parametrize("name", ["maze", "maze_entrance", "maze_exit"])
+@pytest.mark.parametrize("name", ["maze", "maze_entrance", "maze_exit", "maze3"])
 def test_maze_config_is_the_benchmarks_looped_model(name):
     """configs/NAME.yaml trains the same model and data as think_longer's looped NAME run."""
     from loopformer.config import load_config
