@@ -128,7 +128,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     log_every: int = 50
-    eval_every: int = 500
+    eval_every: int = 500  # steps between evaluations (and one at the end); 0: none while training
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
@@ -415,8 +415,9 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
     _check(t.grad_accum >= 1 and d.batch_size % t.grad_accum == 0,
            f"data.batch_size ({d.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
-    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+    _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0: no evaluation while training), got {t.eval_every}")
     _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
     _check(all(n >= 1 for n in cfg.eval.sweep_loops), f"eval.sweep_loops: counts must be >= 1, got {cfg.eval.sweep_loops}")
     names = [c.name for c in cfg.model.circuits()]

@@ -26,6 +26,7 @@ def test_counts_run_to_eight_times_the_mean():
     assert think_longer.TASKS["maze"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
     assert think_longer.TASKS["maze_entrance"].counts() == think_longer.TASKS["maze"].counts()
     assert max(think_longer.TASKS["addition"].counts()) == 32
+    assert think_longer.TASKS["maze3"].counts(quick=True) == [1, 2, 4, 6, 12, 18, 24, 48, 96]
 
 
 @pytest.mark.parametrize("looped,params,compute,holds,gain", [

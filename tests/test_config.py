@@ -61,6 +61,7 @@ BAD = [
     (["data.batch_size=10", "train.grad_accum=3"], r"data.batch_size \(10\) must be divisible by train.grad_accum \(3\)"),
     (["model.compute_dtype=fp8"], r"model.compute_dtype: 'fp8' is not one of float32, bfloat16"),
     (["mesh.data=0"], r"mesh.data must be >= 1 or -1"),
+    (["train.eval_every=-1"], r"train.eval_every must be >= 0 \(0: no evaluation while training\), got -1"),
     (["model.stages=[]"], r"model.stages: need at least one stage"),
 ]
 

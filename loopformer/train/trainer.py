@@ -274,7 +274,7 @@ def train(cfg: Config) -> TrainResult:
                 log(progress.format(done, shown,
                                     tok_s, scalars["train/lr"], {n: int(metrics[f"loops/{n}"]) for n in circuits}))
                 window_start, window_steps, window_loops = time.time(), 0, []
-            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+            if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 run_eval(done)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
                 ckpts.save(done, state, data_it)
@@ -282,7 +282,8 @@ def train(cfg: Config) -> TrainResult:
         if start >= cfg.train.steps:
             log(f"{run_dir} is already trained to step {start} (train.steps={cfg.train.steps}); "
                 f"raise train.steps to continue")
-            run_eval(start)
+            if cfg.train.eval_every:
+                run_eval(start)
         if cfg.eval.sweep_loops:
             result.sweep = final_sweep(evaluator, state["params"], eval_sets, cfg, model, bytes_per_token)
             if jax.process_index() == 0:

@@ -89,6 +89,14 @@ def test_run_directory_contents(tmp_path):
     assert again.step == 3 and len(losses(run)) == 3
 
 
+def test_eval_every_zero_trains_without_evaluating(tmp_path):
+    """train.eval_every=0: no evaluation during training or at its end (the checkpoint is still written)."""
+    result = train(tiny(tmp_path, "n", "train.steps=3", "train.eval_every=0", "train.checkpoint_every=3"))
+    assert result.eval == {} and (result.run_dir / "checkpoints" / "3").is_dir()
+    assert not any(k.startswith("eval/") for r in read_metrics(result.run_dir) for k in r)
+    assert train(tiny(tmp_path, "n", "train.steps=3", "train.eval_every=0")).eval == {}  # already trained
+
+
 def test_refuses_to_resume_a_different_model(tmp_path):
     train(tiny(tmp_path, "d", "train.steps=2", "train.checkpoint_every=2"))
     with pytest.raises(CheckpointError, match=r"different model/task \(model.prelude: 1 -> 2\)"):
