@@ -125,3 +125,14 @@ def test_the_default_suite_covers_the_issues_tasks():
     assert set(suite) <= set(think_longer.TASKS) and len(set(suite)) == len(suite)
     tasks = [think_longer.task_of(n) for n in suite]
     assert sorted(tasks) == sorted(set(tasks)) and {"prefix_parity", "p_hop", "addition", "maze"} <= set(tasks)
+
+
+def test_looped_only_reports_the_gain_without_judging_the_bar():
+    """--models looped: no baseline rows, the gain is reported, the bar is not judged (and not 'holds')."""
+    r = result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3)
+    r["rows"] = [row for row in r["rows"] if row["model"] == "looped"]
+    v = think_longer.verdict(r)
+    assert v["gain_points"] == pytest.approx(40.0) and v["margin_points"] is None and v["holds"] is False
+    text = think_longer.markdown("toy", r)
+    assert "equal_params" not in text and "+40.0 points over the training count, baselines not run" in text
+    assert think_longer.plot("toy", r).startswith(b"\x89PNG")
