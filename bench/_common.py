@@ -19,6 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loopformer.config import ModelConfig, load_config  # noqa: E402
+from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import datasheet_peak, measure_matmul_flops  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -99,11 +100,8 @@ def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) ->
 
 
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([title, line(header), sep, *(line(r) for r in cells)])
+    """``title`` over a Markdown table of ``rows`` (numbers formatted by `_fmt`)."""
+    return title + "\n" + format_table(header, [[_fmt(c) for c in r] for r in rows], markdown=True)
 
 
 def _fmt(v: Any) -> str:

@@ -32,10 +32,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from loopformer.analysis.evaluate import Evaluator
 from loopformer.config import TrainConfig
+from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.flops import FlopCounter
-from loopformer.model import circuits as circuits_module
+from loopformer.model import circuit as circuits_module
 from loopformer.model.transformer import build_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
 from loopformer.train.step import init_state, make_train_step
@@ -55,8 +55,7 @@ def train_step_for(cfg: Any, size: dict[str, Any]) -> tuple[Any, dict[str, Any],
     model, graphdef, params = build(cfg, size)
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
-    dists = [c.distribution() for c in cfg.circuits()]
-    step = make_train_step(graphdef, tx, dists, model.circuit_names, 0, 1, learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, cfg.schedules(), 0, 1, learning_rate_schedule(tcfg))
     return step, init_state(params, tx), model
 
 
@@ -110,7 +109,7 @@ def throughput(size: dict[str, Any], peak: dict[str, Any], rounds: int, steps: i
         C.block(m)
         C.log(f"  {name}: first train step (compile) {time.perf_counter() - t0:.1f}s", args)
         assert int(m["loops/X"]) == loops["X"], m
-        evaluator = Evaluator(model)
+        evaluator = evaluator_for(model)
         evaluator.evaluate(state["params"], [batch], loops)
         flops = FlopCounter(cfg, size["vocab"], size["seq"])
         variants[name] = {"step": step, "state": state, "evaluator": evaluator, "train": [], "infer": [], "loops": loops,
@@ -193,7 +192,7 @@ def compile_and_memory(size: dict[str, Any], args: Any) -> tuple[dict[str, Any],
 def sweep(size: dict[str, Any], reps: int, args: Any) -> dict[str, Any]:
     cfg = C.model_config(size, loops="fixed(1)", backprop=K)
     model, _, params = build(cfg, size)
-    evaluator = Evaluator(model)
+    evaluator = evaluator_for(model)
     batch = C.synthetic_batch(size)
     evaluator.evaluate(params, [batch], {"X": 1})  # compile once
     times = {n: [] for n in SWEEP_LOOPS}

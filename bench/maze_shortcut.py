@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from loopformer.analysis.evaluate import Evaluator
 from loopformer.data.pipeline import eval_batches
-from loopformer.train.trainer import make_task_for, restore_params
+from loopformer.data.sources import build_data
+from loopformer.evaluation.evaluator import evaluator_for
+from loopformer.train.runs import restore_params
 
 _spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).with_name("think_longer.py"))
 think_longer = importlib.util.module_from_spec(_spec)
@@ -39,8 +40,9 @@ def check(name: str, out: Path, examples: int) -> list[dict]:
     if not (cfg.run_dir / "checkpoints").is_dir():
         raise SystemExit(f"no trained run at {cfg.run_dir}; train it first with "
                          f"`python bench/think_longer.py --tasks {name} --out {out}`")
-    model, params, _ = restore_params(cfg)
-    task, evaluator = make_task_for(cfg), Evaluator(model)
+    data = build_data(cfg)
+    model, params, _ = restore_params(cfg, data=data)
+    task, evaluator = data.task, evaluator_for(model)
     loops = {"X": setting.train_loops}
     rows = []
     for split, (lo, hi) in setting.splits.items():

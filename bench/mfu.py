@@ -27,6 +27,7 @@ from flax import nnx
 
 from loopformer.config import TrainConfig, load_config
 from loopformer.flops import FlopCounter
+from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
 from loopformer.train.step import init_state, make_train_step
@@ -51,7 +52,8 @@ def cross_check(size: dict[str, Any]) -> dict[str, float]:
         c.eval_loops, c.depth = 1, 1
     graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg, size["vocab"], 0)))
     tokens = jax.ShapeDtypeStruct((size["batch"], size["seq"]), np.int32)
-    fwd = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
+    plan = make_plan([c.name for c in cfg.circuits()], {c.name: 1 for c in cfg.circuits()})
+    fwd = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, plan)[0])
     xla = float(fwd.lower(params, tokens).compile().cost_analysis()["flops"])
     ours = FlopCounter(cfg, size["vocab"], size["seq"], causal=False).forward() * size["batch"] * size["seq"]
     return {"analytic_forward_flops": ours, "xla_forward_flops": xla, "ratio": ours / xla}
@@ -71,8 +73,7 @@ def main() -> None:
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
     names = model.circuit_names
-    step = make_train_step(graphdef, tx, [c.distribution() for c in cfg.circuits()], names, 0, 1,
-                           learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, cfg.schedules(), 0, 1, learning_rate_schedule(tcfg))
     state = init_state(nnx.to_pure_dict(params), tx)
     batch = C.synthetic_batch(size)
     t0 = time.perf_counter()

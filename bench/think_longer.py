@@ -32,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from loopformer.analysis.evaluate import Evaluator
-from loopformer.config import Config, load_config
+from loopformer.config import Config, LoopDistribution, load_config
 from loopformer.data.pipeline import eval_batches
-from loopformer.model.loop import LoopDistribution
-from loopformer.train.trainer import make_task_for, restore_params, train
+from loopformer.data.sources import build_data
+from loopformer.evaluation.evaluator import evaluator_for
+from loopformer.evaluation.tables import format_table
+from loopformer.train.runs import restore_params
+from loopformer.train.trainer import train
 
 BASE = Path(__file__).resolve().parent.parent / "configs" / "bench" / "think_longer.yaml"
 X = "model.stages.0.circuits.X"
@@ -183,9 +185,10 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
     for seed, model_name in itertools.product(range(seeds), model_names):
         cfg = config(name, model_name, steps, out, examples, seed)
         wall = train_timed(cfg)
-        model, params, step = restore_params(cfg)
-        task = make_task_for(cfg)
-        evaluator = Evaluator(model)
+        data = build_data(cfg)
+        model, params, step = restore_params(cfg, data=data)
+        task = data.task
+        evaluator = evaluator_for(model)
         counts = setting.counts(quick) if model_name == "looped" else [1]
         tokens_seen = step * cfg.data.batch_size * task.seq_len(setting.train[1])
         for split, (lo, hi) in setting.splits.items():
@@ -259,15 +262,12 @@ def markdown(name: str, result: dict) -> str:
         lo, hi = spread[key]
         return f"{100 * acc[key]:.1f}" + (f" ({100 * lo:.0f}–{100 * hi:.0f})" if seeds > 1 else "")
 
-    head = "| model | loops | " + " | ".join(splits) + " |"
     title = f"### {name} (loops {result['loops']}, mean {result['train_loops']}"
     title += f"; mean (min–max) over {seeds} seeds)" if seeds > 1 else ")"
-    lines = [title, "", head, "|" + "---|" * (len(splits) + 2)]
-    for n in counts:
-        mark = " (train mean)" if n == result["train_loops"] else ""
-        lines.append(f"| looped | {n}{mark} | " + " | ".join(cell(("looped", s, n)) for s in splits) + " |")
-    for m in baselines_run(acc):
-        lines.append(f"| {m} | 1 | " + " | ".join(cell((m, s, 1)) for s in splits) + " |")
+    cells = [["looped", f"{n}" + (" (train mean)" if n == result["train_loops"] else "")]
+             + [cell(("looped", s, n)) for s in splits] for n in counts]
+    cells += [[m, "1"] + [cell((m, s, 1)) for s in splits] for m in baselines_run(acc)]
+    lines = [title, "", format_table(["model", "loops", *splits], cells, markdown=True)]
     if result.get("depth"):
         lines += ["", "Steps each instance needs (`Task.depth`) against the looped model's loops:", ""]
     for split, d in result.get("depth", {}).items():

@@ -19,3 +19,7 @@ class DataError(LoopformerError):
 
 class CheckpointError(LoopformerError):
     """A checkpoint is missing, corrupt, or belongs to a different model."""
+
+
+class PlanError(LoopformerError):
+    """A loop count, gate or circuit name given to run a model does not fit it."""

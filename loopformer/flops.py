@@ -88,15 +88,14 @@ class FlopCounter:
         ctx = (self.seq_len + 1) / 2 if self.causal else float(self.seq_len)
         d = m.d_model
         outside = 2.0 * d * self.vocab_size
-        outside += (m.prelude + m.coda) * _block(d, max(1, int(round(m.mlp_ratio * d))), m.mlp, ctx)
+        outside += (m.prelude + m.coda) * _block(d, m.mlp_hidden, m.mlp, ctx)
         per_iter, ks = [], []
         for c in m.circuits():
             w = c.width
-            hidden = max(1, int(round(c.mlp_ratio * w)))
-            if c.read == "project":
+            if c.io == "project":
                 outside += 2.0 * d * w
-            outside += 2.0 * w * (w if c.write == "slice" else d)
-            per_iter.append(c.depth * _block(w, hidden, m.mlp, ctx) + (4.0 * w * w if c.inject == "concat" else 0.0))
+            outside += 2.0 * w * (w if c.io == "slice" else d)
+            per_iter.append(c.depth * _block(w, c.mlp_hidden, m.mlp, ctx) + (4.0 * w * w if c.inject == "concat" else 0.0))
             ks.append(c.backprop)
         return outside, np.asarray(per_iter), np.asarray(ks, np.float64)
 
@@ -131,18 +130,6 @@ class FlopCounter:
         iters = np.maximum(n, k) + 3 * k if hardware else n + 2 * np.minimum(n, k)
         out = 3 * outside + np.sum(iters * per_iter, axis=-1)
         return float(out) if np.ndim(out) == 0 else out
-
-    def parameters_in_matmuls(self) -> int:
-        """Matmul weights touched once per token in a forward pass at one iteration per circuit
-        (a cross-check: forward ~ 2 x this + attention)."""
-        m = self.cfg
-        d = m.d_model
-        count = d * self.vocab_size + (m.prelude + m.coda) * (4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * int(
-            round(m.mlp_ratio * d)))
-        for c in m.circuits():
-            w, h = c.width, int(round(c.mlp_ratio * c.width))
-            count += c.depth * (4 * w * w + (3 if m.mlp == "swiglu" else 2) * w * h)
-        return count
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s

@@ -195,20 +195,14 @@ def _axis_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
     return None
 
 
-def _key(entry: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return entry
-
-
 def param_specs(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> PyTree:
     """PartitionSpecs of ``nnx.to_pure_dict(nnx.state(model))`` from the Variables' logical names."""
     state = nnx.state(model)
-    by_path = {tuple(path): logical_to_spec(_axis_names(var), var.shape, mesh, rules)
+    by_path = {"/".join(map(str, path)): logical_to_spec(_axis_names(var), var.shape, mesh, rules)
                for path, var in nnx.to_flat_state(state)}
     pure = nnx.to_pure_dict(state)
-    return jax.tree_util.tree_map_with_path(lambda p, _: by_path[tuple(_key(k) for k in p)], pure)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: by_path[jax.tree_util.keystr(p, simple=True, separator="/")], pure)
 
 
 def named(mesh: Mesh, specs: PyTree) -> PyTree:

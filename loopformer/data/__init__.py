@@ -1,1 +1,1 @@
-
+"""Data: synthetic tasks, text corpora and tokenizers, grain pipelines."""

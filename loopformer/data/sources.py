@@ -7,7 +7,6 @@ A source gives the trainer and the analysis commands everything they need::
     source.train_iterator(B, seed, ...)        endless grain.DatasetIterator of batches (get/set_state)
     source.eval_sets(splits, examples, B)      {split: [batch, ...]}, fixed on every call
     source.bytes_per_token(batches)            text bytes per predicted token (None: not text)
-    text_metrics(metrics, bytes_per_token)     + bits_per_byte and perplexity (text only)
     source.tokenizer                           encode/decode for text (None for synthetic tasks)
 
 A batch is ``inputs``/``targets`` int32 [B, T] and ``mask`` float32 [B, T]; text batches add
@@ -19,9 +18,8 @@ from __future__ import annotations
 
 import abc
 import functools
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ from loopformer.data.text import (
     read_window,
     split_of,
 )
-from loopformer.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, read_tokenizer
+from loopformer.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, read_tokenizer, tokenizer_kind, train_bpe
 from loopformer.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
@@ -203,14 +201,18 @@ def read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-def make_tokenizer(cfg: Config, train_docs: Sequence[str]) -> Tokenizer:
-    """A fresh tokenizer of kind data.tokenizer (BPE: trained on ``train_docs``)."""
-    if cfg.data.tokenizer == "bytes":
+def make_tokenizer(cfg: Config, train_docs: Iterable[str]) -> Tokenizer:
+    """A fresh tokenizer of data.tokenizer: bytes, a BPE trained on ``train_docs`` (only read for bpe),
+    or the tokenizer.json it names."""
+    setting = cfg.data.tokenizer
+    if setting == "bytes":
         return ByteTokenizer()
+    if setting != "bpe":
+        return read_tokenizer(setting, "data.tokenizer")
     t0 = time.time()
-    tok = BPETokenizer.train(train_docs, cfg.data.vocab_size)
-    log(f"trained a byte-level BPE tokenizer: {tok.vocab_size} tokens from {len(train_docs)} documents "
-        f"in {time.time() - t0:.1f}s")
+    tok = train_bpe(train_docs, cfg.data.vocab_size)
+    docs = f" from {len(train_docs)} documents" if isinstance(train_docs, Sized) else ""
+    log(f"trained a byte-level BPE tokenizer: {tok.vocab_size} tokens{docs} in {time.time() - t0:.1f}s")
     return tok
 
 
@@ -247,15 +249,16 @@ class TextSource(DataSource):
         return self._tokenizer
 
     def _resolve_tokenizer(self, train_docs: Sequence[str] | None = None) -> Tokenizer:
-        """The run's own tokenizer once it has a checkpoint, else the prepared corpus's, else bytes,
-        else a BPE trained on ``train_docs`` (the corpus's training split, read on demand)."""
+        """The run's own tokenizer once it has a checkpoint, else the prepared corpus's, else bytes or
+        the data.tokenizer file, else a BPE trained on ``train_docs`` (the corpus's training split,
+        read on demand)."""
         run_file = self.cfg.run_dir / TOKENIZER_FILE
         if run_file.is_file() and _has_checkpoint(self.cfg.run_dir):
             return self._checked(read_tokenizer(run_file), run_file)
         if self.prepared is not None:
-            return self._checked(read_tokenizer(self.prepared / TOKENIZER_FILE), self.prepared)
-        if self.cfg.data.tokenizer == "bytes":
-            return ByteTokenizer()
+            return self._checked(read_tokenizer(self.prepared / TOKENIZER_FILE), self.prepared / TOKENIZER_FILE)
+        if self.cfg.data.tokenizer != "bpe":
+            return make_tokenizer(self.cfg, ())
         if train_docs is None:
             self._load()  # trains the BPE on the way
             assert self._tokenizer is not None
@@ -263,13 +266,23 @@ class TextSource(DataSource):
         return make_tokenizer(self.cfg, train_docs)
 
     def _checked(self, tok: Tokenizer, where: Path) -> Tokenizer:
+        """``tok`` (saved with the run or the prepared corpus) if data.tokenizer asks for it: the same
+        kind, and for a path, the same file while it still exists (the saved copy is what counts)."""
         d = self.cfg.data
-        if tok.kind != d.tokenizer:
+        want = tokenizer_kind(d.tokenizer)
+        if tok.kind != want and not (want == "file" and isinstance(tok, HFTokenizer)):
+            fix = tok.kind if tok.kind in ("bytes", "bpe") else where  # a file: that copy of it
             raise DataError(f"{where} uses a {tok.kind} tokenizer but data.tokenizer={d.tokenizer}; set "
-                            f"data.tokenizer={tok.kind} (or start a fresh run / prepare again)")
-        if tok.kind == "bpe" and tok.vocab_size > d.vocab_size:
+                            f"data.tokenizer={fix} (or start a fresh run / prepare again)")
+        if tok.kind == "bpe" and want == "bpe" and tok.vocab_size > d.vocab_size:
             raise DataError(f"{where} has a BPE vocabulary of {tok.vocab_size} but data.vocab_size="
                             f"{d.vocab_size}; set data.vocab_size={tok.vocab_size}")
+        if want == "file" and Path(d.tokenizer).expanduser().is_file():
+            configured = read_tokenizer(d.tokenizer, "data.tokenizer")
+            if not (isinstance(configured, HFTokenizer) and isinstance(tok, HFTokenizer)
+                    and configured.hf.to_str() == tok.hf.to_str()):
+                raise DataError(f"{where} was made with a different tokenizer than data.tokenizer={d.tokenizer}; "
+                                f"point data.tokenizer at the file it used (or start a fresh run / prepare again)")
         return tok
 
     @property
@@ -375,7 +388,7 @@ class TextSource(DataSource):
               .shuffle(seed % 2**32)
               .repeat()
               .slice(slice(shard_index, None, shard_count))
-              .map(functools.partial(_window_at, stream, self.seq_len))
+              .map(functools.partial(_window_at, stream, self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id))
               .batch(batch_size, drop_remainder=True))
         return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
@@ -389,7 +402,8 @@ class TextSource(DataSource):
         for split in _check_splits(splits, self.split_names):
             stream = self.streams[split]
             n = min(examples, num_windows(len(stream), self.seq_len, full_only=False))
-            rows = [read_window(stream, i, self.seq_len) for i in range(n)]
+            tok = self.tokenizer
+            rows = [read_window(stream, i, self.seq_len, tok.bos_id, tok.eos_id) for i in range(n)]
             size = min(batch_size or d.eval_batch_size, n)
             rows += [empty_window(self.seq_len)] * (-n % size)
             out[split] = [{k: np.stack([r[k] for r in rows[i : i + size]]) for k in rows[0]}
@@ -413,18 +427,8 @@ class TextSource(DataSource):
                 f"seq_len {self.seq_len}; " + "; ".join(parts))
 
 
-def text_metrics(metrics: dict[str, float], bytes_per_token: float | None) -> dict[str, float]:
-    """``metrics`` (mean ``loss`` in nats per token) + ``bits_per_byte`` = loss / bytes_per_token /
-    ln 2 (comparable across tokenizers) and ``perplexity`` = exp(loss); unchanged when
-    ``bytes_per_token`` is None (synthetic tasks)."""
-    if bytes_per_token is None:
-        return dict(metrics)
-    return {**metrics, "bits_per_byte": metrics["loss"] / max(bytes_per_token, 1e-9) / math.log(2),
-            "perplexity": math.exp(min(metrics["loss"], 700.0))}
-
-
-def _window_at(stream: TokenStream, seq_len: int, index: int) -> Batch:
-    return read_window(stream, int(index), seq_len)
+def _window_at(stream: TokenStream, seq_len: int, bos: int, eos: int, index: int) -> Batch:
+    return read_window(stream, int(index), seq_len, bos, eos)
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -2,7 +2,8 @@
 
 Every task draws one example as a full token list ``S = prompt + answer`` and packs it as next-token
 data: ``inputs = S[:-1]``, ``targets = S[1:]``, ``mask = 1.0`` where the target is an answer token,
-all right-padded with PAD (= 0) to ``seq_len``. ``difficulty`` is a task-specific positive integer
+all right-padded with PAD (= 0) to ``seq_len``; ``segment_ids`` is 1 on the example's tokens and 0 on
+the padding. ``difficulty`` is a task-specific positive integer
 (hops, bits, digits); ``seq_len(max_difficulty)`` is the padded length for a difficulty range.
 
 Tasks are built from the YAML key ``data.task_args`` with ``make_task(name, **task_args)``.
@@ -43,13 +44,17 @@ def _check_bool(field: str, value: Any) -> None:
 
 
 def _blank(n: int, seq_len: int) -> dict[str, np.ndarray]:
-    """All-PAD ``inputs``/``targets`` and a zero ``mask`` of length ``seq_len``, for an example of n tokens."""
+    """All-PAD ``inputs``/``targets``, a zero ``mask`` and ``segment_ids`` 1 on the example's n tokens
+    (0 marks padding, which the model keeps apart from the real tokens), of length ``seq_len``."""
     if n > seq_len:
         raise ValueError(f"example needs seq_len >= {n}, got {seq_len}")
+    segment_ids = np.zeros(seq_len, np.int32)
+    segment_ids[:n] = 1
     return {
         "inputs": np.zeros(seq_len, np.int32),
         "targets": np.zeros(seq_len, np.int32),
         "mask": np.zeros(seq_len, np.float32),
+        "segment_ids": segment_ids,
     }
 
 

@@ -4,13 +4,16 @@ A split of a corpus is one *token stream*: its documents, in corpus order, each 
 ``BOS ids EOS`` and concatenated. Window ``k`` of a stream is ``stream[k*T : k*T + T + 1]`` and
 becomes one example (`pack_window`)::
 
-    inputs, targets   int32 [T]    window[:-1], window[1:] (right-padded with PAD in a short window)
-    mask              float32 [T]  1 where the target continues the same document (not BOS, not PAD)
+    inputs, targets   int32 [T]    window[:-1], window[1:] (right-padded with 0 in a short window)
+    mask              float32 [T]  1 where the target is predicted: every target but a BOS that follows
+                                   an EOS (the next document's start, which nothing predicts)
     segment_ids       int32 [T]    1, 2, ... per document piece in the window (0 on padding)
-    positions         int32 [T]    offset inside that piece (restarts at each BOS)
+    positions         int32 [T]    offset inside that piece (restarts at each BOS input)
 
-Every BOS starts a document, so the packing needs no side index: a stream held in memory
-(`ArrayStream`) and one read from ArrayRecord shards (`ArrayRecordStream`) give the same windows.
+BOS and EOS are the tokenizer's own ids (a tokenizer with one end-of-text token, like GPT-2's, uses
+it for both: its EOS target after a text token is predicted, the BOS after it is not). Every BOS input
+starts a segment, so the packing needs no side index: a stream held in memory (`ArrayStream`) and
+one read from ArrayRecord shards (`ArrayRecordStream`) give the same windows.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from loopformer.data.tokenizers import BOS, EOS, PAD, Tokenizer
+from loopformer.data.tokenizers import Tokenizer
 from loopformer.errors import DataError
 
 FORMATS = ("auto", "text", "jsonl", "arrayrecord")
@@ -141,10 +144,10 @@ def split_of(doc: str, val_fraction: float) -> str:
 
 
 def encode_document(tokenizer: Tokenizer, doc: str) -> np.ndarray:
-    """int32 [n + 2]: ``BOS ids EOS``."""
+    """int32 [n + 2]: ``BOS ids EOS`` with the tokenizer's ids."""
     ids = tokenizer.encode_array(doc)
     out = np.empty(len(ids) + 2, np.int32)
-    out[0], out[1:-1], out[-1] = BOS, ids, EOS
+    out[0], out[1:-1], out[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
     return out
 
 
@@ -207,7 +210,7 @@ class ArrayRecordStream:
 # ----------------------------------------------------------------------------- windows
 
 
-def pack_window(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+def pack_window(tokens: np.ndarray, seq_len: int, bos: int, eos: int) -> dict[str, np.ndarray]:
     """One example from ``tokens`` [n <= seq_len + 1] (see the module docstring); rows past n - 1
     are padding (all zero)."""
     n = max(len(tokens) - 1, 0)
@@ -219,10 +222,10 @@ def pack_window(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
     if n == 0:
         return out
     inputs, targets = tokens[:-1], tokens[1:]
-    starts = inputs == BOS
+    starts = inputs == bos
     index = np.arange(n)
     out["inputs"][:n], out["targets"][:n] = inputs, targets
-    out["mask"][:n] = (targets != BOS) & (targets != PAD)
+    out["mask"][:n] = ~((targets == bos) & (inputs == eos))
     out["segment_ids"][:n] = np.cumsum(starts) + (0 if starts[0] else 1)
     out["positions"][:n] = index - np.maximum.accumulate(np.where(starts, index, 0))
     return out
@@ -234,14 +237,14 @@ def num_windows(stream_len: int, seq_len: int, *, full_only: bool) -> int:
     return targets // seq_len if full_only else math.ceil(targets / seq_len)
 
 
-def read_window(stream: TokenStream, index: int, seq_len: int) -> dict[str, np.ndarray]:
+def read_window(stream: TokenStream, index: int, seq_len: int, bos: int, eos: int) -> dict[str, np.ndarray]:
     """Example ``index`` of ``stream``: `pack_window` of tokens [index*T, index*T + T + 1)."""
     start = index * seq_len
-    return pack_window(stream.read(start, start + seq_len + 1), seq_len)
+    return pack_window(stream.read(start, start + seq_len + 1), seq_len, bos, eos)
 
 
 def empty_window(seq_len: int) -> dict[str, np.ndarray]:
-    return pack_window(np.zeros(0, np.int32), seq_len)
+    return pack_window(np.zeros(0, np.int32), seq_len, 0, 0)
 
 
 @dataclass

@@ -1,22 +1,26 @@
-"""Text tokenizers: raw UTF-8 bytes, and a byte-level BPE trained locally on the corpus.
+"""Text tokenizers. ``data.tokenizer`` picks one:
 
-Both share one id layout: ``PAD=0, BOS=1, EOS=2``, then the 256 byte values at ``3..258``, then
-(BPE only) one id per learned merge. ``encode`` never emits the specials; the packer wraps each
-document as ``BOS ids EOS``. A tokenizer round-trips through a small JSON file saved with the run
-(``<run_dir>/tokenizer.json``), so a run never needs its corpus again to read or write text.
+    bytes                    `ByteTokenizer`: PAD=0, BOS=1, EOS=2, then the byte values at 3..258 (vocab 259)
+    bpe                      a byte-level BPE trained on the training split with the Hugging Face
+                             `tokenizers` library; its specials <pad>, <s>, </s> keep ids 0, 1, 2
+    path/to/tokenizer.json   a Hugging Face tokenizer file (GPT-2, Llama, ...) loaded as is; its
+                             BOS/EOS/PAD are found by name (`HFTokenizer.kind` is "file")
+
+``encode`` never emits specials, not even for a special token's text inside a document (the packer
+wraps each document as ``BOS ids EOS``). A run saves its tokenizer as ``<run_dir>/tokenizer.json``
+(``{"kind": "bytes"}``, or the standard Hugging Face file, a user's file unchanged), so a run never
+needs its corpus or the user's path again to read or write text.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import re
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import tokenizers as hf
 
 from loopformer.errors import DataError
 
@@ -24,27 +28,31 @@ PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIAL = 3
 NUM_BYTES = 256
 BYTE_VOCAB = NUM_SPECIAL + NUM_BYTES  # 259
-KINDS = ("bytes", "bpe")
+KINDS = ("bytes", "bpe", "file")
+BPE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids PAD, BOS, EOS of a trained BPE
 
-# GPT-2-style pre-tokenisation with the standard library's `re` (unicode aware): a word, a number,
-# a run of punctuation (each with at most one leading space), or whitespace. Merges never cross
-# piece boundaries, and the pieces of a text concatenate back to it exactly.
-_PIECES = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
+# Special tokens of common tokenizer files, most specific first. GPT-2 has only <|endoftext|>, so it
+# is both BOS and EOS; a file without a pad token pads with EOS (padding is masked out anyway).
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]", "<|startoftext|>", "[CLS]")
+EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]", "<|im_end|>", "<|eot_id|>", "<|end|>",
+             "[SEP]")
+PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>")
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # sentencepiece byte tokens: one byte each
+
+
+def tokenizer_kind(setting: str) -> str:
+    """The kind a ``data.tokenizer`` value asks for: bytes, bpe, or file (anything else is a path)."""
+    return setting if setting in ("bytes", "bpe") else "file"
 
 
 class Tokenizer:
-    """Base: ``encode(str) -> list[int]``, ``decode(list[int]) -> str`` and byte accounting."""
+    """``encode(str) -> list[int]``, ``decode(ids) -> str``, byte accounting and saving."""
 
     kind: str = ""
     bos_id, eos_id, pad_id = BOS, EOS, PAD
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab_bytes)
-
-    @property
-    def vocab_bytes(self) -> list[bytes]:
-        """The UTF-8 bytes each id stands for (empty for the specials)."""
         raise NotImplementedError
 
     def encode(self, text: str) -> list[int]:
@@ -56,24 +64,22 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; specials and out-of-range ids are skipped, broken UTF-8 becomes U+FFFD."""
-        table = self.vocab_bytes
-        return b"".join(table[i] for i in map(int, ids) if 0 <= i < len(table)).decode("utf-8", errors="replace")
+        raise NotImplementedError
 
     def token_bytes(self) -> np.ndarray:
         """int32 [vocab]: text bytes each id predicts, for bits per byte. EOS counts 1 (the document
-        break it stands for); PAD and BOS count 0 (never predicted)."""
-        out = np.array([len(b) for b in self.vocab_bytes], np.int32)
-        out[EOS] = 1
-        return out
+        break it stands for); PAD, BOS and other specials count 0."""
+        raise NotImplementedError
 
-    def to_json(self) -> dict[str, Any]:
+    def to_str(self) -> str:
+        """The contents of the saved ``tokenizer.json``."""
         raise NotImplementedError
 
     def save(self, path: str | Path) -> None:
-        """Write JSON atomically (tmp then rename)."""
+        """Write ``to_str()`` atomically (tmp then rename)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json()))
+        tmp.write_text(self.to_str(), encoding="utf-8")
         tmp.replace(path)
 
 
@@ -82,161 +88,148 @@ class ByteTokenizer(Tokenizer):
 
     kind = "bytes"
 
-    def __init__(self) -> None:
-        self._vocab = [b""] * NUM_SPECIAL + [bytes([b]) for b in range(NUM_BYTES)]
-
     @property
-    def vocab_bytes(self) -> list[bytes]:
-        return self._vocab
+    def vocab_size(self) -> int:
+        return BYTE_VOCAB
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + NUM_SPECIAL
 
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": "bytes"}
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i - NUM_SPECIAL for i in map(int, ids) if NUM_SPECIAL <= i < BYTE_VOCAB).decode("utf-8", "replace")
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.ones(BYTE_VOCAB, np.int32)
+        out[[PAD, BOS]] = 0
+        return out
+
+    def to_str(self) -> str:
+        return json.dumps({"kind": "bytes"})
 
 
-class BPETokenizer(Tokenizer):
-    """Byte-level BPE: merge ``i`` (a pair of ids) creates id ``259 + i``."""
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers.Tokenizer`: a trained BPE (kind "bpe") or a user's file (kind "file")."""
 
-    kind = "bpe"
-
-    def __init__(self, merges: list[tuple[int, int]]):
-        self.merges = [(int(a), int(b)) for a, b in merges]
-        self.ranks = {pair: i for i, pair in enumerate(self.merges)}
-        vocab = [b""] * NUM_SPECIAL + [bytes([b]) for b in range(NUM_BYTES)]
-        for a, b in self.merges:
-            if not (NUM_SPECIAL <= a < len(vocab) and NUM_SPECIAL <= b < len(vocab)):
-                raise DataError(f"BPE merge ({a}, {b}) refers to an id not defined before it: the tokenizer "
-                                f"file is corrupt; delete it to retrain")
-            vocab.append(vocab[a] + vocab[b])
-        self._vocab = vocab
-        self._cache: dict[str, list[int]] = {}
+    def __init__(self, tok: hf.Tokenizer, kind: str, where: str, text: str | None = None):
+        self.hf, self.kind = tok, kind
+        self._text = tok.to_str() if text is None else text  # saved unchanged
+        tok.no_truncation()  # a file's truncation/padding settings would silently cut documents
+        tok.no_padding()
+        tok.encode_special_tokens = True  # "</s>" inside a document is text, never a document break
+        self._vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        find = lambda names: next((i for i in map(tok.token_to_id, names) if i is not None), None)
+        eos = find(EOS_NAMES)
+        if eos is None:
+            raise DataError(f"{where} has no end-of-text token (one of {', '.join(EOS_NAMES[:4])}, ...) to separate "
+                            f"documents; add one to its special tokens, or set data.tokenizer=bpe or bytes")
+        bos, pad = find(BOS_NAMES), find(PAD_NAMES)
+        self.eos_id, self.bos_id = eos, eos if bos is None else bos
+        self.pad_id = eos if pad is None else pad
 
     @property
-    def vocab_bytes(self) -> list[bytes]:
-        return self._vocab
-
-    def _encode_piece(self, piece: str) -> list[int]:
-        ids = self._cache.get(piece)
-        if ids is not None:
-            return ids
-        ids = [b + NUM_SPECIAL for b in piece.encode("utf-8")]
-        while len(ids) > 1:
-            best = min(zip(ids, ids[1:], strict=False), key=lambda p: self.ranks.get(p, len(self.ranks)))
-            rank = self.ranks.get(best)
-            if rank is None:
-                break
-            ids = _merge(ids, best, BYTE_VOCAB + rank)
-        if len(self._cache) < 1_000_000:
-            self._cache[piece] = ids
-        return ids
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def encode_array(self, text: str) -> np.ndarray:
-        out: list[int] = []
-        for piece in _PIECES.findall(text):
-            out.extend(self._encode_piece(piece))
-        return np.asarray(out, np.int32)
+        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int32)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": "bpe", "vocab_size": self.vocab_size, "merges": self.merges}
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([i for i in map(int, ids) if 0 <= i < self._vocab_size], skip_special_tokens=True)
 
-    @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, progress: Callable[[int, int], None] | None = None
-              ) -> BPETokenizer:
-        """Learn ``vocab_size - 259`` merges from ``texts`` (fewer if pairs run out).
-
-        Deterministic: each step merges the most frequent adjacent pair, ties broken by the smaller
-        pair of ids; the result depends only on the multiset of pre-tokenised pieces.
-        """
-        if vocab_size < BYTE_VOCAB:
-            raise DataError(f"data.vocab_size={vocab_size} is too small for a BPE tokenizer: it needs >= "
-                            f"{BYTE_VOCAB} (3 specials + 256 bytes); raise it, or use data.tokenizer=bytes")
-        counts: Counter[str] = Counter()
-        for text in texts:
-            counts.update(_PIECES.findall(text))
-        words = [[b + NUM_SPECIAL for b in w.encode("utf-8")] for w in counts]
-        freq = list(counts.values())
-        pairs: Counter[tuple[int, int]] = Counter()
-        where: dict[tuple[int, int], set[int]] = {}
-        for i, w in enumerate(words):
-            for p in zip(w, w[1:], strict=False):
-                pairs[p] += freq[i]
-                where.setdefault(p, set()).add(i)
-        heap = [(-c, p) for p, c in pairs.items()]
-        heapq.heapify(heap)
-        merges: list[tuple[int, int]] = []
-        wanted = vocab_size - BYTE_VOCAB
-        while len(merges) < wanted and heap:
-            neg, pair = heapq.heappop(heap)
-            if pairs.get(pair, 0) != -neg:  # stale entry
+    def token_bytes(self) -> np.ndarray:
+        spec = json.loads(self._text)
+        decoder = json.dumps(spec.get("decoder"), ensure_ascii=False)
+        byte_level = '"ByteLevel"' in decoder  # GPT-2 style: one character per byte
+        metaspace = "\u2581" in decoder  # sentencepiece style: "▁" is a space
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+        alphabet = set(hf.pre_tokenizers.ByteLevel.alphabet())
+        added = self.hf.get_added_tokens_decoder()
+        out = np.zeros(self._vocab_size, np.int32)
+        for i in range(self._vocab_size):
+            token = added[i].content if i in added else self.hf.id_to_token(i)
+            if token is None or (i in added and added[i].special):
                 continue
-            if -neg < 2:
-                break
-            new_id = BYTE_VOCAB + len(merges)
-            merges.append(pair)
-            changed: set[tuple[int, int]] = set()
-            for i in where.pop(pair, ()):
-                old = words[i]
-                if len(old) < 2:
-                    continue
-                new = _merge(old, pair, new_id)
-                if len(new) == len(old):
-                    continue
-                for p in zip(old, old[1:], strict=False):
-                    pairs[p] -= freq[i]
-                    changed.add(p)
-                for p in zip(new, new[1:], strict=False):
-                    pairs[p] += freq[i]
-                    where.setdefault(p, set()).add(i)
-                    changed.add(p)
-                words[i] = new
-            pairs.pop(pair, None)
-            for p in changed:
-                c = pairs.get(p, 0)
-                if c > 0:
-                    heapq.heappush(heap, (-c, p))
-                else:
-                    pairs.pop(p, None)
-            if progress is not None:
-                progress(len(merges), wanted)
-        return cls(merges)
+            if i in added:
+                out[i] = len(token.encode("utf-8"))
+            elif byte_level and set(token) <= alphabet:
+                out[i] = len(token)
+            elif byte_fallback and _BYTE_FALLBACK.fullmatch(token):
+                out[i] = 1
+            elif metaspace:
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+            else:
+                out[i] = len(self.hf.decode([i], skip_special_tokens=False).encode("utf-8"))
+        out[[self.pad_id, self.bos_id]] = 0
+        out[self.eos_id] = 1
+        return out
+
+    def to_str(self) -> str:
+        return self._text
 
 
-def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    a, b = pair
-    out, i, n = [], 0, len(ids)
-    while i < n:
-        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE of at most ``vocab_size`` tokens (3 specials + 256 bytes + merges) learned from
+    ``texts``; deterministic for the same texts. Pairs seen once are not merged."""
+    if vocab_size <= BYTE_VOCAB:
+        raise DataError(f"data.vocab_size={vocab_size} is too small for data.tokenizer=bpe: it needs >= "
+                        f"{BYTE_VOCAB + 1} (3 specials + 256 bytes + merges); raise it, or use data.tokenizer=bytes")
+    tok = hf.Tokenizer(hf.models.BPE())
+    tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)  # exact round trip
+    tok.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(BPE_SPECIALS),
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    out = HFTokenizer(tok, "bpe", "the trained BPE")
+    assert (out.pad_id, out.bos_id, out.eos_id) == (PAD, BOS, EOS)
     return out
 
 
-def tokenizer_from_json(data: dict[str, Any], where: str = "tokenizer.json") -> Tokenizer:
-    """Inverse of ``to_json``; DataError naming ``where`` on anything malformed."""
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if kind == "bytes":
-        return ByteTokenizer()
-    if kind == "bpe" and isinstance(data.get("merges"), list):
-        try:
-            return BPETokenizer([tuple(m) for m in data["merges"]])
-        except (TypeError, ValueError):
-            pass
-    raise DataError(f"{where} is not a loopformer tokenizer (expected kind 'bytes' or 'bpe' with merges); "
-                    f"delete it to rebuild it from the corpus")
+def _is_our_bpe(data: dict) -> bool:
+    specials = [(t.get("id"), t.get("content")) for t in data.get("added_tokens") or [] if isinstance(t, dict)]
+    pre = data.get("pre_tokenizer") or {}
+    return (specials == list(enumerate(BPE_SPECIALS)) and (data.get("model") or {}).get("type") == "BPE"
+            and pre.get("type") == "ByteLevel")
 
 
-def read_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer JSON file written by ``Tokenizer.save``."""
-    path = Path(path)
+def tokenizer_from_json(text: str, where: str = "tokenizer.json", setting: str | None = None) -> Tokenizer:
+    """The tokenizer a ``tokenizer.json``'s text describes; DataError naming ``where`` on anything else.
+    ``setting`` (e.g. "data.tokenizer") names the config field the file came from, for the fix."""
+    fix = (f"point {setting} at a Hugging Face tokenizer.json (or use bytes / bpe)" if setting
+           else "delete it to rebuild it (a run trained on it needs a fresh run)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise DataError(f"{where} is not JSON, so not a tokenizer.json; {fix}") from None
+    if isinstance(data, dict) and data.get("kind") == "bytes":
+        return ByteTokenizer()
+    if isinstance(data, dict) and data.get("kind") == "bpe":
+        raise DataError(f"{where} is a BPE tokenizer from an older loopformer that this version cannot read; delete it "
+                        f"to retrain the BPE (a run trained on it needs a fresh run; a prepared corpus, prepare --force)")
+    if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
+        raise DataError(f"{where} is not a tokenizer (a Hugging Face tokenizer.json has a \"model\"); {fix}")
+    try:
+        tok = hf.Tokenizer.from_str(text)
+    except Exception as e:  # the library raises a bare Exception with a serde message
+        raise DataError(f"{where}: the tokenizers library cannot read it ({str(e).splitlines()[0][:200]}); "
+                        f"{fix}") from None
+    return HFTokenizer(tok, "bpe" if _is_our_bpe(data) else "file", where, text)
+
+
+def read_tokenizer(path: str | Path, setting: str | None = None) -> Tokenizer:
+    """Load a ``tokenizer.json``: one saved with a run or a prepared corpus, or (``setting`` = the config
+    field naming it) a user's Hugging Face file."""
+    path = Path(path).expanduser()
+    where = f"{setting}={path}" if setting else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"{path}: tokenizer file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DataError(f"{path} is corrupt (not JSON); delete it to rebuild it from the corpus") from None
-    return tokenizer_from_json(data, str(path))
+        raise DataError(f"{where}: no such file" + (f"; point {setting} at a tokenizer.json (or use bytes / bpe)"
+                                                    if setting else "")) from None
+    except IsADirectoryError:
+        raise DataError(f"{where} is a directory; point it at the tokenizer.json inside") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{where} is not UTF-8 text, so not a tokenizer.json (a sentencepiece .model file must be "
+                        f"converted to tokenizer.json first)") from None
+    except OSError as e:
+        raise DataError(f"{where}: cannot read it ({e.strerror})") from None
+    return tokenizer_from_json(text, where, setting)

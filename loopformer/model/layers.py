@@ -39,18 +39,14 @@ def rope(x_BTNH: Array, positions_BT: Array, base: float) -> Array:
     return out.astype(x_BTNH.dtype)
 
 
-def attention_mask(segment_ids_BT: Array | None, key_valid_BT: Array | None = None) -> Array | None:
-    """[B, 1, T, T] mask (True = may attend) that keeps attention inside a packed document and, with
-    ``key_valid_BT``, off padding keys (every query still sees itself, so no row is empty).
-    Causality and the local window are added apart, by the attention call."""
-    mask = None
-    if segment_ids_BT is not None:
-        mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-    if key_valid_BT is not None:
-        T = key_valid_BT.shape[1]
-        keys = key_valid_BT[:, None, None, :] | jnp.eye(T, dtype=bool)[None, None]
-        mask = keys if mask is None else mask & keys
-    return mask
+def attention_mask(segment_ids_BT: Array | None) -> Array | None:
+    """[B, 1, T, T] mask (True = may attend) that keeps each query inside its segment: a packed
+    document, or for padded examples the real tokens (segment >= 1) apart from the padding (segment 0).
+    Padding queries see padding keys, themselves included, so no row is empty. Causality and the
+    local window are added apart, by the attention call. None (no segment ids): attend everywhere."""
+    if segment_ids_BT is None:
+        return None
+    return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
 class Attention(nnx.Module):

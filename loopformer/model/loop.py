@@ -1,4 +1,5 @@
-"""Loop mechanics: run a weight-tied step a *runtime* number of times, and sample that number.
+"""Loop mechanics: run a weight-tied step a *runtime* number of times, sample that number, and
+measure what the iterations do to the state.
 
 The loop count ``n`` is a traced int32, never a Python constant, so one compiled program serves
 every count. Truncated backprop (depth ``k``, static) splits the loop in two:
@@ -12,113 +13,41 @@ With k = 0 the whole loop is a fori_loop (inference: any n in 1..1000, one progr
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from loopformer.config.loops import LoopDistribution
+
 Array = jax.Array
 PyTree = Any
 
-DISTRIBUTIONS = ("fixed", "uniform", "poisson_lognormal")
+# ----------------------------------------------------------------------------- sampling
 
 
-@dataclass(frozen=True)
-class LoopDistribution:
-    """Training distribution of one circuit's loop count.
-
-    - ``fixed(n)``: always n.
-    - ``uniform(a, b)``: integers a..b inclusive.
-    - ``poisson_lognormal(mean, sigma)``: tau ~ N(log(mean) - sigma^2/2, sigma), n = Poisson(e^tau) + 1
-      (Geiping et al. 2025); E[e^tau] = mean, so E[n] = mean + 1 before the cap.
-    Every draw is clipped to [1, cap].
-    """
-
-    kind: str
-    a: float
-    b: float = 0.0
-    cap: int = 64
-
-    @staticmethod
-    def parse(text: str | int, cap: int = 64) -> LoopDistribution:
-        """Parse ``8``, ``"fixed(8)"``, ``"uniform(2, 8)"`` or ``"poisson_lognormal(8, 0.5)"``;
-        raises ValueError with the accepted forms."""
-        if isinstance(text, int | str) and not isinstance(text, bool) and str(text).strip().isdigit():
-            text = f"fixed({int(text)})"
-        m = re.fullmatch(r"\s*(\w+)\s*\(\s*([-\d.eE+]+)\s*(?:,\s*([-\d.eE+]+)\s*)?\)\s*", str(text))
-        forms = "an int, 'fixed(n)', 'uniform(a, b)' or 'poisson_lognormal(mean, sigma)'"
-        if not m or m.group(1) not in DISTRIBUTIONS:
-            raise ValueError(f"{text!r} is not a loop distribution; use {forms}")
-        kind, a, b = m.group(1), float(m.group(2)), m.group(3)
-        if (kind == "fixed") != (b is None):
-            raise ValueError(f"{text!r}: wrong number of arguments; use {forms}")
-        dist = LoopDistribution(kind, a, float(b) if b is not None else 0.0, cap)
-        dist.validate()
-        return dist
-
-    def validate(self) -> None:
-        if self.cap < 1:
-            raise ValueError(f"cap must be >= 1, got {self.cap}")
-        if self.kind == "fixed" and (self.a < 1 or self.a != int(self.a)):
-            raise ValueError(f"fixed(n) needs an integer n >= 1, got {self.a}")
-        if self.kind == "uniform" and not (1 <= self.a <= self.b and self.a == int(self.a) and self.b == int(self.b)):
-            raise ValueError(f"uniform(a, b) needs integers 1 <= a <= b, got ({self.a}, {self.b})")
-        if self.kind == "poisson_lognormal" and not (self.a > 0 and self.b >= 0):
-            raise ValueError(f"poisson_lognormal(mean, sigma) needs mean > 0, sigma >= 0, got ({self.a}, {self.b})")
-
-    def __str__(self) -> str:
-        if self.kind == "fixed":
-            return f"fixed({int(self.a)})"
-        fmt = (lambda v: str(int(v))) if self.kind == "uniform" else (lambda v: f"{v:g}")
-        return f"{self.kind}({fmt(self.a)}, {fmt(self.b)})"
-
-    def mean(self) -> float:
-        """Expected count before the cap (used to scale initialisation by the effective depth)."""
-        if self.kind == "fixed":
-            return self.a
-        if self.kind == "uniform":
-            return (self.a + self.b) / 2
-        return self.a + 1.0
-
-    def typical_max(self) -> int:
-        """A count the distribution rarely exceeds (cap-limited); used for display only."""
-        if self.kind == "fixed":
-            return int(self.a)
-        if self.kind == "uniform":
-            return int(self.b)
-        return min(self.cap, int(math.ceil(self.a * math.exp(2 * self.b))) + 1)
-
-    def typical_range(self) -> tuple[int, int]:
-        """[lo, hi] of the counts the distribution typically draws (display only)."""
-        lo = int(self.a) if self.kind in ("fixed", "uniform") else 1
-        return lo, self.typical_max()
-
-    def sample(self, key: Array) -> Array:
-        """One draw as an int32 scalar (jit-friendly)."""
-        if self.kind == "fixed":
-            n = jnp.asarray(int(self.a), jnp.int32)
-        elif self.kind == "uniform":
-            n = jax.random.randint(key, (), int(self.a), int(self.b) + 1, dtype=jnp.int32)
-        else:
-            k_tau, k_n = jax.random.split(key)
-            tau = jnp.log(self.a) - self.b**2 / 2 + self.b * jax.random.normal(k_tau, ())
-            n = jax.random.poisson(k_n, jnp.exp(tau), dtype=jnp.int32) + 1
-        return jnp.clip(n, 1, self.cap).astype(jnp.int32)
+def sample_count(dist: LoopDistribution, key: Array) -> Array:
+    """One draw of ``dist`` as an int32 scalar (jit-friendly), clipped to [1, dist.cap]."""
+    if dist.kind == "fixed":
+        n = jnp.asarray(int(dist.a), jnp.int32)
+    elif dist.kind == "uniform":
+        n = jax.random.randint(key, (), int(dist.a), int(dist.b) + 1, dtype=jnp.int32)
+    else:
+        k_tau, k_n = jax.random.split(key)
+        tau = jnp.log(dist.a) - dist.b**2 / 2 + dist.b * jax.random.normal(k_tau, ())
+        n = jax.random.poisson(k_n, jnp.exp(tau), dtype=jnp.int32) + 1
+    return jnp.clip(n, 1, dist.cap).astype(jnp.int32)
 
 
-def sample_loop_counts(dists: list[LoopDistribution] | tuple[LoopDistribution, ...], seed: int | Array,
-                       step: int | Array) -> Array:
-    """Loop counts for every circuit at a training step: int32 [num_circuits].
+def sample_loops(dists: Mapping[str, LoopDistribution], seed: int | Array, step: int | Array) -> dict[str, Array]:
+    """Loop counts of every circuit at a training step, {name: int32 []}.
 
-    A pure function of (seed, step): every host draws the same counts, and a resumed run replays
-    exactly the counts of the run it continues.
+    A pure function of (seed, step, the circuit's position in ``dists``): every host draws the same
+    counts, and a resumed run replays exactly the counts of the run it continues.
     """
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0x100F), seed), step)
-    return jnp.stack([d.sample(jax.random.fold_in(key, i)) for i, d in enumerate(dists)])
+    return {name: sample_count(d, jax.random.fold_in(key, i)) for i, (name, d) in enumerate(dists.items())}
 
 
 # ----------------------------------------------------------------------------- iteration

@@ -20,23 +20,19 @@ from loopformer.errors import CheckpointError
 
 PyTree = Any
 
+OLDER_LAYOUT = ("comes from an older loopformer layout (before 0.2: circuit weights stored by group, "
+                "stages/S/groups/G) that this version cannot read; retrain the run with this version, or read it "
+                "with loopformer 0.1 (git commit 31e85c4 and earlier)")
 _STATE = "state"
 _DATA = "data"
 _ITERATORS = (grain.DatasetIterator, grain.DataLoaderIterator)
 
 
-def _key_name(key: Any) -> str:
-    """One path entry as a plain string, so that namedtuple fields match orbax's dict keys."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     """Maps "a/b/0/c" -> shape for every array-like leaf of `tree`."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", ()))
+            for path, leaf in leaves}
 
 
 def _with_default_sharding(abstract_state: PyTree) -> PyTree:
@@ -135,6 +131,8 @@ class Checkpoints:
         if state_metadata is None:  # orbax logs a warning and returns None when _METADATA is unreadable
             raise CheckpointError(corrupt.format(f"{step_dir / _STATE} has no readable metadata"))
         saved_shapes = _leaf_shapes(state_metadata)
+        if any("/groups/" in path for path in saved_shapes):
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} {OLDER_LAYOUT}")
         self._check_compatible(step, saved_shapes, _leaf_shapes(abstract_state))
         if data_iterator is not None and _DATA not in saved_items:
             raise CheckpointError(

@@ -20,8 +20,7 @@ def decay_mask(params: Any) -> Any:
     norm scales more than one dimension)."""
 
     def decayed(path: tuple, _: Any) -> bool:
-        last = path[-1]
-        return str(getattr(last, "key", getattr(last, "name", last))) in DECAYED_LEAVES
+        return jax.tree_util.keystr(path[-1:], simple=True) in DECAYED_LEAVES
 
     return jax.tree_util.tree_map_with_path(decayed, params)
 

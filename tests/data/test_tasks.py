@@ -41,12 +41,14 @@ def test_generator_matches_solver(name, kwargs, diffs, answer_len):
             "inputs": ((seq_len,), np.int32),
             "targets": ((seq_len,), np.int32),
             "mask": ((seq_len,), np.float32),
+            "segment_ids": ((seq_len,), np.int32),
         }
         inputs, targets, mask = ex["inputs"], ex["targets"], ex["mask"]
         assert task.solve(inputs) == task.answer(ex)
         assert mask.sum() == answer_len(d) and set(np.unique(mask)) <= {0.0, 1.0}
         n = int((inputs != PAD).sum())  # real tokens, then padding only
         assert (inputs[:n] != PAD).all() and (inputs[n:] == PAD).all() and (targets[n:] == PAD).all()
+        np.testing.assert_array_equal(ex["segment_ids"], (np.arange(seq_len) < n).astype(np.int32))  # 0 = padding
         if task.labels_aligned and name == "maze":  # a label at every room, none at the column separators
             np.testing.assert_array_equal(mask[:n], (inputs[:n] != task.SEP).astype(np.float32))
             assert (mask[n:] == 0).all() and set(targets[mask > 0]) <= {task.YES, task.NO}

@@ -23,14 +23,15 @@ from jax.sharding import PartitionSpec as P
 from loopformer import parallel
 from loopformer.config import MeshConfig, load_config
 from loopformer.data.pipeline import train_iterator
+from loopformer.data.sources import build_data
 from loopformer.train.checkpoint import Checkpoints
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
+from loopformer.train.runs import abstract_like, make_model
 from loopformer.train.step import init_state, make_train_step
-from loopformer.train.trainer import abstract_like, make_model, make_task_for
 
 CONFIG = [
     "model.vocab_size=32", "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
-    # X and Y have one shape: one group with stacked weights [C=2, depth=1, ...]
+    # X and Y have one shape: they run batched (weights stacked [C=2, depth=1, ...] inside the step)
     "model.stages=[{circuits: [{name: X, depth: 1, width: 16, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
     "backprop: 2}, {name: Y, depth: 1, width: 16, heads: 2, mlp_ratio: 2, loops: 'uniform(2, 4)', backprop: 2}]}]",
     "data.task=pointer_chase", "model.window=0",
@@ -51,24 +52,23 @@ def main(meshes: list[tuple[int, int, int]]) -> int:
     assert jax.device_count() == 8, jax.devices()
     t0 = time.time()
     cfg = load_config("configs/quickstart.yaml", CONFIG)
-    task = make_task_for(cfg)
+    data = build_data(cfg)
+    task = data.task
     # Abstract model + random host values: no eager initialisation (hundreds of tiny compiles on CPU).
-    model = nnx.eval_shape(lambda: make_model(cfg, task))
+    model = nnx.eval_shape(lambda: make_model(cfg, data))
     graphdef, abstract = nnx.split(model)
     rng = np.random.default_rng(0)
     host_params = jax.tree_util.tree_map_with_path(
         lambda path, x: np.ones(x.shape, x.dtype) if "scale" in jax.tree_util.keystr(path)
         else (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), nnx.to_pure_dict(abstract))
     tx = make_optimizer(cfg.train)
-    dists = [c.distribution() for c in cfg.model.circuits()]
-    names = [c.name for c in cfg.model.circuits()]
     it = train_iterator(task, tuple(cfg.data.train_difficulty), cfg.data.batch_size, cfg.seed)
     batches = [next(it) for _ in range(3)]
 
     def run(mesh):
         shardings = parallel.train_state_shardings(model, tx, mesh)
         state = parallel.shard_train_state(jax.tree.map(np.array, host_params), lambda p: init_state(p, tx), shardings)
-        step = make_train_step(graphdef, tx, dists, names, cfg.seed, cfg.train.grad_accum,
+        step = make_train_step(graphdef, tx, cfg.model.schedules(), cfg.seed, cfg.train.grad_accum,
                                learning_rate_schedule(cfg.train), state_shardings=shardings,
                                batch_sharding=parallel.batch_sharding(mesh))
         metrics, moments = [], None
@@ -93,9 +93,9 @@ def main(meshes: list[tuple[int, int, int]]) -> int:
         close(out["state"]["params"], ref["state"]["params"], f"{shape} params after 2 steps ", rtol=1e-4, atol=1e-5)
         # Layouts: what the rules promise, for parameters and their Adam moments alike.
         p, sh = out["state"]["params"], out["shardings"]
-        qkv = p["stages"][0]["groups"][0]["blocks"]["attn"]["qkv"]["kernel"]  # [C=2, D=1, w, 3w]
+        qkv = p["stages"][0]["circuits"]["Y"]["blocks"]["attn"]["qkv"]["kernel"]  # [D=1, w, 3w]
         emb = p["embed"]["embedding"]  # [vocab, d_model]
-        want_qkv = {(8, 1, 1): P(), (2, 4, 1): P(None, None, "fsdp"), (2, 2, 2): P(None, None, "fsdp", "tensor")}[shape]
+        want_qkv = {(8, 1, 1): P(), (2, 4, 1): P(None, "fsdp"), (2, 2, 2): P(None, "fsdp", "tensor")}[shape]
         want_emb = {(8, 1, 1): P(), (2, 4, 1): P(None, "fsdp"), (2, 2, 2): P("tensor", "fsdp")}[shape]
         assert qkv.sharding.spec == want_qkv, (shape, qkv.sharding.spec)
         assert emb.sharding.spec == want_emb, (shape, emb.sharding.spec)

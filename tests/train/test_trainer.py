@@ -1,5 +1,5 @@
-"""End-to-end training: bit-exact resume, refusal to resume a different model, run-dir errors,
-and a tiny run that learns."""
+"""End-to-end training: bit-exact resume, what a resume may change (the loop schedule) and may not
+(the architecture), run-dir errors, older layouts, and tiny runs that learn."""
 
 import json
 import math
@@ -7,12 +7,15 @@ import math
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from loopformer.config import load_config
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.train import trainer
+from loopformer.train.checkpoint import Checkpoints
 from loopformer.train.metrics import read_metrics, read_tensorboard_scalars
-from loopformer.train.trainer import restore_params, train
+from loopformer.train.runs import restore_params
+from loopformer.train.trainer import train
 
 TINY = [
     "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
@@ -97,12 +100,54 @@ def test_eval_every_zero_trains_without_evaluating(tmp_path):
     assert train(tiny(tmp_path, "n", "train.steps=3", "train.eval_every=0")).eval == {}  # already trained
 
 
-def test_refuses_to_resume_a_different_model(tmp_path):
+def test_refuses_to_resume_a_different_architecture_or_task(tmp_path):
     train(tiny(tmp_path, "d", "train.steps=2", "train.checkpoint_every=2"))
-    with pytest.raises(CheckpointError, match=r"different model/task \(model.prelude: 1 -> 2\)"):
+    with pytest.raises(CheckpointError, match=r"different architecture \(model.prelude: 1 -> 2\)"):
         train(tiny(tmp_path, "d", "train.steps=4", "model.prelude=2"))
+    with pytest.raises(CheckpointError, match=r"different architecture \(model.stages.0.circuits.X.heads: 2 -> 4\)"):
+        train(tiny(tmp_path, "d", "train.steps=4", "model.stages.0.circuits.X.heads=4"))
+    with pytest.raises(CheckpointError, match=r"different task \(data.task_args.num_nodes: 5 -> 6\)"):
+        train(tiny(tmp_path, "d", "train.steps=4", "data.task_args={num_nodes: 6, num_symbols: 6}"))
     # Changing only the training length is a continuation, not a different run.
     assert train(tiny(tmp_path, "d", "train.steps=3")).step == 3
+
+
+def test_resume_may_change_the_loop_schedule(tmp_path, capsys):
+    """A loop curriculum: the loop distribution, eval count and truncation change on resume, are logged,
+    recorded in config_changes.jsonl, and the new distribution is what the resumed steps sample."""
+    train(tiny(tmp_path, "s", "train.steps=2", "train.checkpoint_every=2", "train.eval_every=0"))
+    capsys.readouterr()
+    more = ["train.steps=6", "train.eval_every=0", "model.stages.0.circuits.X.loops=uniform(7, 9)",
+            "model.stages.0.circuits.X.eval_loops=8", "model.stages.0.circuits.X.backprop=1",
+            "model.stages.0.circuits.X.window=3"]
+    result = train(tiny(tmp_path, "s", *more))
+    out = capsys.readouterr().out
+    assert "loops of X: uniform(1, 3) -> uniform(7, 9) from step 2" in out
+    assert "eval_loops of X: 2 -> 8 from step 2" in out and "window of X: 0 -> 3 from step 2" in out
+    (record,) = [json.loads(line) for line in (result.run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert record["step"] == 2
+    assert {c["path"]: c["part"] for c in record["changes"]}["model.stages.0.circuits.X.loops"] == "schedule"
+    counts = {r["step"]: r["loops/X"] for r in read_metrics(result.run_dir) if "loops/X" in r}
+    assert {counts[s] for s in (1, 2)} <= {1, 2, 3} and {counts[s] for s in range(3, 7)} <= {7, 8, 9}
+
+
+def test_older_layouts_give_one_clear_line(tmp_path):
+    """Runs written before circuits were stored by name: the config (read/write fields) or the
+    checkpoint (stages/S/groups/G) says so, instead of a traceback."""
+    cfg = tiny(tmp_path, "old", "train.steps=2")
+    run = cfg.run_dir
+    (run / "checkpoints").mkdir(parents=True)
+    with Checkpoints(run / "checkpoints", async_save=False) as ckpts:
+        ckpts.save(2, {"params": {"stages": {"0": {"groups": {"0": {"write": np.zeros((2, 3))}}}}},
+                       "step": np.asarray(2)})
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2 in .* comes from an older loopformer layout"):
+        restore_params(cfg)
+    old = cfg.to_dict()
+    old["model"]["stages"][0]["circuits"][0] |= {"read": "slice", "write": "slice"}
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(CheckpointError, match=r"old comes from an older loopformer layout .* retrain"):
+        train(cfg)
 
 
 def test_unwritable_run_dir(tmp_path):
@@ -146,11 +191,8 @@ def test_final_sweep_moves_only_the_chosen_circuits(tmp_path, capsys):
             self.calls.append(dict(loops))
             return {"loss": 0.5, "accuracy": loops["X"] / 10, "token_accuracy": 1.0, "examples": 4}
 
-    class Model:
-        circuit_names = ["X", "Y"]
-
-    rows = trainer.final_sweep(Recorder(), None, {"train": [], "2x": []}, cfg, Model())
-    assert Recorder.calls == [{"X": 1}, {"X": 1}, {"X": 8}, {"X": 8}]  # per split; Y is left at its eval_loops
+    rows = trainer.final_sweep(Recorder(), None, {"train": [], "2x": []}, cfg)
+    assert Recorder.calls == [{"X": 1, "Y": 2}] * 2 + [{"X": 8, "Y": 2}] * 2  # per split; Y stays at its eval_loops
     assert [(r["loops"], r["split"], r["accuracy"]) for r in rows] == [
         (1, "train", 0.1), (1, "2x", 0.1), (8, "train", 0.8), (8, "2x", 0.8)]
     out = capsys.readouterr().out

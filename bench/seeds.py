@@ -1,0 +1,86 @@
+"""A config's end-of-training loop sweep over several seeds: mean (min–max) accuracy per loop count.
+
+Trains ``--config`` with seed = 0 .. N-1 (run ``<run.name>-seed<s>`` under ``--out``; an existing run
+resumes, a finished one is only read back), then tabulates each split's accuracy (text: bits per
+byte) at every count of ``eval.sweep_loops`` as the mean and range over seeds. A single seed is one
+sample: this is the number README quotes for the quickstart.
+
+    python bench/seeds.py --config configs/quickstart.yaml --seeds 3 [--out DIR] [--json] [key=value ...]
+
+JSON: {"config": str, "seeds": N, "metric": "accuracy" | "bits_per_byte",
+       "rows": [{"seed": int, "loops": int, "split": str, "accuracy": float, ...}], "wall_s": {seed: float}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loopformer.config import load_config  # noqa: E402
+from loopformer.evaluation.tables import format_table  # noqa: E402
+from loopformer.train.trainer import train  # noqa: E402
+
+
+def run_seeds(config: str, seeds: int, out: Path, overrides: list[str]) -> dict:
+    base = load_config(config, overrides)
+    rows, wall = [], {}
+    for seed in range(seeds):
+        cfg = load_config(config, [*overrides, f"seed={seed}", f"run.dir={out}", f"run.name={base.run.name}-seed{seed}"])
+        t0 = time.time()
+        with contextlib.redirect_stdout(sys.stderr):
+            result = train(cfg)
+        wall[seed] = time.time() - t0
+        rows += [{"seed": seed, **r} for r in result.sweep]
+        print(f"seed {seed}: {wall[seed]:.0f}s", file=sys.stderr, flush=True)
+    metric = "bits_per_byte" if rows and "bits_per_byte" in rows[0] else "accuracy"
+    return {"config": config, "overrides": overrides, "seeds": seeds, "metric": metric, "rows": rows, "wall_s": wall,
+            "splits": {k: list(v) for k, v in base.data.eval_splits.items()} if metric == "accuracy" else {}}
+
+
+def markdown(doc: dict) -> str:
+    """One row per loop count, one column per split: mean (min–max) over seeds (percent for accuracy)."""
+    rows, metric = doc["rows"], doc["metric"]
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    counts = list(dict.fromkeys(r["loops"] for r in rows))
+    scale, fmt = (100.0, "{:.1f}") if metric == "accuracy" else (1.0, "{:.3f}")
+
+    def cell(n: int, split: str) -> str:
+        v = scale * np.asarray([r[metric] for r in rows if r["loops"] == n and r["split"] == split])
+        return fmt.format(v.mean()) + (f" ({fmt.format(v.min())}–{fmt.format(v.max())})" if len(v) > 1 else "")
+
+    head = [f"{s} {doc['splits'][s]}" if s in doc.get("splits", {}) else s for s in splits]
+    table = format_table(["loops", *head], [[n] + [cell(n, s) for s in splits] for n in counts], markdown=True)
+    return f"{metric} vs loop count, mean (min–max) over {doc['seeds']} seeds of {doc['config']}\n\n{table}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML config with eval.sweep_loops set")
+    p.add_argument("--seeds", type=int, default=3, help="train seeds 0..N-1 (default 3)")
+    p.add_argument("--out", default="bench_runs/seeds", help="run directories (resumed if present)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every seed")
+    args = p.parse_args()
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    if not load_config(args.config, args.overrides).eval.sweep_loops:
+        p.error(f"{args.config} has no eval.sweep_loops: nothing to tabulate (set eval.sweep_loops=[1,4,16])")
+    doc = run_seeds(args.config, args.seeds, Path(args.out), args.overrides)
+    text = markdown(doc)
+    out = Path(args.out)
+    (out / "seeds.json").write_text(json.dumps(doc, indent=1))
+    (out / "seeds.md").write_text(text + "\n")
+    print(json.dumps(doc) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

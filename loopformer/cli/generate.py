@@ -1,0 +1,105 @@
+"""``loopformer generate``: a run's answers at chosen loop counts (synthetic examples, or a text prompt)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import numpy as np
+
+from loopformer.cli.common import command, emit, positive, run_flags
+from loopformer.cli.loopspec import parse_loops
+from loopformer.errors import PlanError
+from loopformer.evaluation import sweep, tables
+from loopformer.evaluation.run import AnalysisError, LoadedRun, real_rows
+from loopformer.inference.generate import answer_examples, generate_text, tokenizer_of
+from loopformer.train.runs import load_run, read_run
+
+MAX_SETTINGS = 16
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    run_flags(p, examples=False)
+    p.add_argument("--loops", action="append", metavar="CIRCUIT=SPEC",
+                   help="loop counts, e.g. X=32; a list or range (X=2,6,32) answers at each count, side by side")
+    p.add_argument("--example-split", metavar="NAME",
+                   help="synthetic tasks: answer examples of this eval split (default: the first split)")
+    p.add_argument("--count", type=positive, default=4, metavar="K", help="examples to show (default 4)")
+    p.add_argument("--prompt", metavar="TEXT", help="text runs: continue this prompt")
+    p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N", help="--prompt: tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
+    p.add_argument("--seed", type=int, default=0, help="--prompt: sampling seed")
+
+
+def _format_examples(examples: list[dict[str, Any]]) -> str:
+    lines = []
+    for ex in examples:
+        lines.append(f"#{ex['index']}  " + ex["prompt"].replace("\n", "\n" + " " * (len(str(ex["index"])) + 3)))
+        truth = ex["answer"]
+        rows = [["true answer", truth["text"], " ".join(map(str, truth["tokens"])), ""]]
+        rows += [[tables.loops_str(p["loops"]), p["text"], " ".join(map(str, p["tokens"])), "✓" if p["correct"] else "✗"]
+                 for p in ex["predictions"]]
+        lines += ["    " + line for line in tables.format_table(["loops", "answer", "token ids", ""], rows).splitlines()]
+    return "\n".join(lines)
+
+
+@command("generate", "show a run's answers at chosen loop counts (synthetic examples, or --prompt for text runs)",
+         _args)
+def generate_command(args: argparse.Namespace) -> int:
+    def body() -> tuple[dict[str, Any], str]:
+        info = read_run(args.run)
+        points = sweep.grid_points(parse_loops(args.loops, info.circuits, grid=True))
+        if len(points) > MAX_SETTINGS:
+            raise PlanError(f"--loops asks for {len(points)} settings; generate shows at most {MAX_SETTINGS} side by "
+                            f"side (use `loopformer sweep` for more)")
+        if args.prompt is not None and args.example_split is not None:
+            raise AnalysisError("give either --prompt TEXT or --example-split NAME, not both")
+        if not (math.isfinite(args.temperature) and args.temperature >= 0):
+            raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+        settings = [info.full_loops(p) for p in points]
+        if info.is_text:
+            if args.prompt is None:
+                raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
+                                    f"(--example-split is for synthetic tasks)")
+            return _generate_text(args, load_run(info, args.step), settings)
+        if args.prompt is not None:
+            raise AnalysisError(f"--prompt needs a text run, but {info.path} trains on the synthetic task "
+                                f"'{info.cfg.data.task}' (no tokenizer); use --example-split NAME to see its "
+                                f"examples answered (splits: {', '.join(info.splits)})")
+        if args.example_split is not None and args.example_split not in info.splits:
+            raise AnalysisError(f"--example-split {args.example_split}: this run has no eval split "
+                                f"'{args.example_split}'; its splits are {', '.join(info.splits)}")
+        split = args.example_split or next(iter(info.splits))
+        return _answer_examples(args, load_run(info, args.step), settings, split)
+
+    return emit(args, body)
+
+
+def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict[str, int]]) -> tuple[dict, str]:
+    tokenizer = tokenizer_of(run.info.data)
+    if tokenizer is None:
+        raise AnalysisError(f"{run.info.path}: its data source has no tokenizer to encode --prompt")
+    outs = []
+    for loops in settings:
+        text = generate_text(run.evaluator.logits, run.params, tokenizer, args.prompt, loops, args.max_new_tokens,
+                             args.temperature, args.seed)
+        outs.append({"loops": loops, "text": text})
+    doc = {"run": str(run.info.path), "step": run.step, "prompt": args.prompt, "temperature": args.temperature,
+           "generations": outs}
+    return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
+
+
+def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[dict[str, int]],
+                     split: str) -> tuple[dict, str]:
+    info, task = run.info, run.task
+    parts = [real_rows(b) for b in run.eval_sets([split], args.count)[split]]
+    batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    examples = answer_examples(run.evaluator.logits, run.params, task, batch, settings)
+    for ex in examples:
+        ex["split"] = split
+    doc = {"run": str(info.path), "step": run.step, "split": split, "decoding": "autoregressive greedy",
+           "examples": examples}
+    head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
+            f"answers decoded greedily, token by token from the prompt (not teacher-forced)")
+    return doc, head + "\n" + _format_examples(examples)

@@ -1,0 +1,79 @@
+"""``loopformer inspect``: what a run is, without restoring its weights: the architecture in the
+``(X1)^n ⊕ ...`` notation, parameters per circuit and per path, the loop schedules, the checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import jax
+from flax import nnx
+
+from loopformer.cli.common import command, emit, run_flags
+from loopformer.config import CircuitArch, CircuitBehaviour, LoopSchedule
+from loopformer.evaluation.tables import format_table
+from loopformer.model.describe import describe, notation
+from loopformer.train.runs import CHANGES_FILE, abstract_model, checkpoint_steps, read_run
+
+
+def _fields(obj: Any, cls: type) -> dict[str, Any]:
+    return {f: getattr(obj, f) for f in cls.__dataclass_fields__}
+
+
+def inspect_run(path: str) -> dict[str, Any]:
+    """The JSON document of `loopformer inspect`."""
+    info = read_run(path)
+    cfg = info.cfg
+    model = abstract_model(cfg, info.data)  # type: ignore[arg-type]
+    counts = model.param_counts()
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
+    params = {jax.tree_util.keystr(p, simple=True, separator="/"): list(x.shape) for p, x in flat}
+    circuits = {}
+    for s, stage in enumerate(cfg.model.stages):
+        for c in stage.circuits:
+            dist = c.distribution()
+            circuits[c.name] = {"stage": s, **_fields(c, CircuitArch), **_fields(c, CircuitBehaviour),
+                                "params": counts[c.name], "schedule": _fields(c, LoopSchedule),
+                                "training_mean": dist.mean(), "typical_range": list(dist.typical_range())}
+    history = []
+    changes = info.path / CHANGES_FILE
+    if changes.is_file():
+        history = [json.loads(line) for line in changes.read_text().splitlines() if line.strip()]
+    return {"run": str(info.path), "notation": notation(cfg.model), "symbolic": notation(cfg.model, {
+                c.name: "n" if len(cfg.model.circuits()) == 1 else f"n_{c.name}" for c in cfg.model.circuits()}),
+            "vocab_size": model.vocab_size, "d_model": cfg.model.d_model, "total_params": sum(counts.values()),
+            "shared_params": counts["shared"], "circuits": circuits, "params": params,
+            "steps": checkpoint_steps(info.path), "config_changes": history,
+            "describe": describe(cfg.model, model.vocab_size, counts)}
+
+
+def _text(doc: dict[str, Any]) -> str:
+    lines = [doc["describe"], "", f"parameters by path ({len(doc['params'])} arrays):"]
+    lines += ["  " + line for line in format_table(["path", "shape"], [[p, "x".join(map(str, s)) or "scalar"]
+                                                                      for p, s in doc["params"].items()]).splitlines()]
+    sched = [[n, c["schedule"]["loops"], c["schedule"]["max_loops"], c["schedule"]["eval_loops"],
+              c["schedule"]["backprop"]] for n, c in doc["circuits"].items()]
+    if sched:
+        lines += ["", "loop schedules:"]
+        lines += ["  " + line for line in format_table(["circuit", "train loops", "max", "eval", "backprop k"],
+                                                       sched).splitlines()]
+    for record in doc["config_changes"]:
+        lines.append(f"changed at step {record['step']}: "
+                     + "; ".join(f"{c['path']}: {c['old']!r} -> {c['new']!r}" for c in record["changes"]))
+    steps = doc["steps"]
+    lines += ["", f"checkpoints on disk: steps {', '.join(map(str, steps))}" if steps else "no checkpoints on disk"]
+    return "\n".join(lines)
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    run_flags(p, examples=False)
+
+
+@command("inspect", "a run's architecture, parameters by circuit and path, loop schedules and checkpoints", _args)
+def inspect_command(args: argparse.Namespace) -> int:
+    def body() -> tuple[dict[str, Any], str]:
+        doc = inspect_run(args.run)
+        return doc, _text(doc)
+
+    return emit(args, body)

@@ -1,0 +1,72 @@
+"""``--loops`` flags: ``X=16`` (one count), ``X=1:64`` (geometric-ish grid), ``X=1:64:4`` (linear),
+``X=1,2,8`` (a list).
+
+Every mistake raises `PlanError` with one line naming the flag and the accepted forms.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from loopformer.errors import PlanError
+from loopformer.model.plan import MAX_LOOPS
+
+FORMS = "CIRCUIT=N (e.g. X=16), and for sweeps CIRCUIT=A:B (grid 1,2,3,4,6,8,12,...), A:B:STEP or N1,N2,..."
+
+
+def geometric_grid(lo: int, hi: int) -> list[int]:
+    """lo, hi and every 2^k and 3 * 2^k in between: ``geometric_grid(1, 64)`` is
+    [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64] (about two points per doubling)."""
+    points, p = {lo, hi}, 1
+    while p <= hi:
+        points.update(v for v in (p, 3 * p) if lo <= v <= hi)
+        p *= 2
+    return sorted(points)
+
+
+def parse_counts(text: str, flag: str) -> list[int]:
+    """The loop counts of one spec (``16``, ``1:64``, ``1:64:4``, ``1,2,8``), sorted and unique."""
+    text = text.strip()
+    if not re.fullmatch(r"-?\d+(\s*[:,]\s*-?\d+)*", text):
+        raise PlanError(f"malformed {flag}: '{text}' is not a loop count; write {FORMS}")
+    nums = [int(t) for t in re.split(r"[:,]", text)]
+    for n in nums:
+        if n < 1:
+            raise PlanError(f"{flag}: loop counts must be >= 1, got {n}")
+        if n > MAX_LOOPS:
+            raise PlanError(f"{flag}: loop count {n} is above the limit of {MAX_LOOPS}")
+    if ":" in text and "," in text:
+        raise PlanError(f"malformed {flag}: mix of ':' and ','; write {FORMS}")
+    if ":" in text:
+        if len(nums) > 3:
+            raise PlanError(f"malformed {flag}: a range is A:B or A:B:STEP; write {FORMS}")
+        lo, hi = nums[0], nums[1]
+        if lo > hi:
+            raise PlanError(f"{flag}: the range {lo}:{hi} is empty; write it low:high")
+        return geometric_grid(lo, hi) if len(nums) == 2 else list(range(lo, hi + 1, nums[2]))
+    return sorted(set(nums))
+
+
+def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: bool) -> dict[str, list[int]]:
+    """``["X=1:64", "Y=4"]`` -> ``{"X": [1, 2, ..., 64], "Y": [4]}`` (circuits in the model's order).
+
+    With ``grid=False`` each circuit takes exactly one count (eval, generate with one setting).
+    """
+    out: dict[str, list[int]] = {}
+    for spec in specs or []:
+        flag = f"--loops {spec}"
+        name, sep, counts = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise PlanError(f"malformed {flag}: write {FORMS}")
+        if name not in circuits:
+            raise PlanError(f"unknown circuit '{name}' in {flag}; this run's circuits are {', '.join(circuits)}")
+        if name in out:
+            raise PlanError(f"{flag}: circuit '{name}' is given twice; pass one --loops per circuit")
+        values = parse_counts(counts, flag)
+        if not grid and len(values) > 1:
+            raise PlanError(f"{flag}: this command takes one count per circuit; use `loopformer sweep` "
+                                f"to evaluate a range of counts")
+        out[name] = values
+    return {c: out[c] for c in circuits if c in out}

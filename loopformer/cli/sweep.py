@@ -1,0 +1,87 @@
+"""``loopformer sweep``: accuracy and loss over loop counts of one or two circuits, and loop convergence."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from loopformer.cli.common import command, emit, run_flags, write_png
+from loopformer.cli.loopspec import parse_loops
+from loopformer.errors import PlanError
+from loopformer.evaluation import plots, sweep, tables
+from loopformer.evaluation.run import LoadedRun, log
+from loopformer.train.metrics import MetricsWriter
+from loopformer.train.runs import load_run, read_run
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Also traces each swept circuit's state, iteration by iteration up to the largest count swept, on "
+                "the first batch of each split: the relative change ||h_i - h_(i-1)|| / ||h|| and the state norm "
+                "(sweep_convergence.png, log y). Readings: fixed-point (the change falls below 0.1%%), settling "
+                "(the step keeps shrinking), drifting (the norm keeps growing), moving (steady steps at a steady "
+                "norm: oscillation or chaos, the 'overthinking' regime). All settings run on one compiled program.")
+    run_flags(p)
+    p.add_argument("--loops", action="append", metavar="CIRCUIT=SPEC", required=True,
+                   help="counts to sweep for one or two circuits: A:B (1:64 -> 1,2,3,4,6,8,12,16,24,32,48,64), "
+                        "A:B:STEP (linear) or N1,N2,...; unswept circuits stay at eval_loops")
+
+
+def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str, list[int]],
+                     pngs: dict[str, bytes]) -> Path:
+    """Write the sweep as its own tensorboard run, ``<run>/sweeps/<circuits>/tb`` (replacing the
+    previous sweep of those circuits, so repeated sweeps never pile up points): scalars
+    ``sweep/<split>/{accuracy,loss}`` at step = loop count of the first circuit (two circuits: one
+    curve per count n of the second, ``.../accuracy/<b>=<n>``), and the plots at the checkpoint's step.
+    Kept apart from ``<run>/tb`` because its steps are loop counts, not training steps."""
+    names = list(grid)
+    out = run.info.path / "sweeps" / "_".join(names)
+    shutil.rmtree(out, ignore_errors=True)
+    by_step: dict[int, dict[str, float]] = {}
+    for r in rows:
+        suffix = "" if len(names) == 1 else f"/{names[1]}={r['loops'][names[1]]}"
+        for k in ("accuracy", "loss"):
+            by_step.setdefault(r["loops"][names[0]], {})[f"sweep/{r['split']}/{k}{suffix}"] = r[k]
+    with MetricsWriter(out) as writer:
+        for n in sorted(by_step):
+            writer.scalars(n, by_step[n])
+        for name, png in pngs.items():
+            writer.image(run.step, f"sweep/{name}", png)
+    log(f"logged the sweep to {out} (tensorboard --logdir {run.info.path})")
+    return out
+
+
+@command("sweep", "accuracy/loss over loop counts of one or two circuits, and loop convergence "
+                  "(writes sweep.csv, sweep_*.png, and tensorboard under sweeps/)", _args)
+def sweep_command(args: argparse.Namespace) -> int:
+    def body() -> tuple[dict[str, Any], str]:
+        info = read_run(args.run)
+        splits = info.select_splits(args.split)
+        grid = parse_loops(args.loops, info.circuits, grid=True)
+        if len(grid) > 2:
+            raise PlanError(f"sweep takes one or two circuits (got {', '.join(grid)}); fix the others at "
+                            f"their eval_loops or evaluate single settings with `loopformer eval`")
+        run = load_run(info, args.step)
+        eval_sets = run.eval_sets(splits, args.examples)
+        before = run.evaluator.compiles
+        rows = sweep.sweep(run, eval_sets, grid)
+        compiles = run.evaluator.compiles - before  # one per batch shape (0 if this process has it already)
+        conv = sweep.convergence(run, eval_sets, {c: max(v) for c, v in grid.items()})
+        summary = sweep.summarize_convergence(conv, info.defaults)
+        name = "_".join(grid)
+        pngs = {name: plots.sweep_1d(rows, name, info, run.step) if len(grid) == 1 else
+                plots.sweep_2d(rows, grid, info, run.step), "convergence": plots.convergence(conv, info, run.step)}
+        tables.write_csv(info.path / "sweep.csv", rows)
+        files = [str(info.path / "sweep.csv")] + [write_png(info.path / f"sweep_{k}.png", v) for k, v in pngs.items()]
+        tb_dir = _log_tensorboard(run, rows, grid, pngs)
+        doc = {"run": str(info.path), "step": run.step, "grid": grid, "rows": rows, "convergence": conv,
+               "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)}
+        text = "\n".join([tables.header_line(info, run.step, args.examples), tables.sweep_table(rows, grid, info), "",
+                          tables.convergence_table(summary),
+                          f"programs compiled for these {len(rows)} evaluations: {compiles} "
+                          f"(loop counts are runtime inputs: one program per batch shape)",
+                          "wrote " + ", ".join(files)])
+        return doc, text
+
+    return emit(args, body)

@@ -1,0 +1,40 @@
+"""Typed run configuration: `schema` (the sections, each validating itself), `load` (YAML, overrides,
+differences between configs), `loops` (loop-count distributions)."""
+
+from loopformer.config.load import (
+    ARCHITECTURE,
+    BEHAVIOUR,
+    SCHEDULE,
+    SETTING,
+    TASK,
+    Change,
+    circuit_label,
+    config_changes,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    part_of,
+)
+from loopformer.config.loops import LoopDistribution
+from loopformer.config.schema import (
+    CircuitArch,
+    CircuitBehaviour,
+    CircuitConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    LoopSchedule,
+    MeshConfig,
+    ModelConfig,
+    RunConfig,
+    StageConfig,
+    TrainConfig,
+    mlp_hidden,
+)
+
+__all__ = [
+    "ARCHITECTURE", "BEHAVIOUR", "SCHEDULE", "SETTING", "TASK", "Change", "CircuitArch", "CircuitBehaviour",
+    "CircuitConfig", "Config", "DataConfig", "EvalConfig", "LoopDistribution", "LoopSchedule", "MeshConfig",
+    "ModelConfig", "RunConfig", "StageConfig", "TrainConfig", "circuit_label", "config_changes", "config_from_dict",
+    "load_config", "mlp_hidden", "parse_overrides", "part_of",
+]

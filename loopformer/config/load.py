@@ -1,0 +1,237 @@
+"""Building a `Config`: defaults <- YAML file <- ``a.b.c=value`` overrides, then validation; and the
+difference between two configs, part by part (what a resume may change).
+
+Every mistake a user can make in a config (unknown key, wrong type, impossible shape) raises one
+`ConfigError` whose message names the dotted field and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loopformer.config.schema import ARCHITECTURE, BEHAVIOUR, CIRCUIT_PARTS, SCHEDULE, Config, ModelConfig
+from loopformer.errors import ConfigError
+
+TASK = "task"  # the data a run learns: a resume must keep it, like the architecture
+SETTING = "setting"  # everything else (training, evaluation, data order): may change on resume
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert one YAML value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                              f"got {value!r}")
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} is not {tp}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, item, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{path}': {hint}valid keys here: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in a nested dict/list tree; a list of named items may be indexed by name
+    (``model.stages.0.circuits.X.eval_loops=16``)."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            names = [item.get("name") for item in node if isinstance(item, dict)]
+            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                idx = int(part)
+            elif part in names:
+                idx = names.index(part)
+            else:
+                raise ConfigError(f"override '{dotted}': '{where}' is not an index 0..{len(node) - 1}"
+                                  + (f" or a name in {names}" if any(names) else ""))
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i])}' is a value, not a mapping")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or " " in key.strip():
+            raise ConfigError(f"malformed override '{item}': write key=value, e.g. train.steps=200")
+        out.append((key.strip(), _parse_value(text)))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then validate."""
+    data: dict[str, Any] = Config().to_dict()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (pass --config with a path to a YAML file, "
+                              f"e.g. configs/quickstart.yaml)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            raise ConfigError(f"{p} is empty: write the run's settings in it (see configs/quickstart.yaml), or "
+                              f"leave out --config to train the defaults")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, data, train, ...)")
+        data = _merge(data, loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    return config_from_dict(data)
+
+
+def _merge(base: Any, new: Any) -> Any:
+    """Deep-merge mappings; lists and scalars in ``new`` replace those in ``base``."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        out = dict(base)
+        for k, v in new.items():
+            out[k] = _merge(base[k], v) if k in base and k not in ("task_args", "eval_splits") else v
+        return out
+    return new
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- differences
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting that differs between two configs: its dotted path, the two values, and its part
+    (architecture, task, schedule, behaviour or setting)."""
+
+    path: str
+    old: Any
+    new: Any
+    part: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.old!r} -> {self.new!r}"
+
+
+_MODEL_PARTS = {f.name: f.metadata.get("part", BEHAVIOUR) for f in dataclasses.fields(ModelConfig)}
+
+
+def part_of(path: str) -> str:
+    """The part a dotted config path belongs to: ``model.stages.0.circuits.1.loops`` -> schedule."""
+    keys = path.split(".")
+    if keys[0] == "model" and len(keys) > 1:
+        if keys[1] != "stages":
+            return _MODEL_PARTS.get(keys[1], ARCHITECTURE)
+        if len(keys) >= 6:  # model.stages.S.circuits.C.field
+            return CIRCUIT_PARTS.get(keys[5], ARCHITECTURE)
+        return ARCHITECTURE  # a stage or circuit added, removed or reordered
+    if keys[0] == "data" and len(keys) > 1 and keys[1] in ("task", "task_args", "tokenizer"):
+        return TASK
+    return SETTING
+
+
+def _walk(a: Any, b: Any, path: str, out: list[Change]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            _walk(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            named = isinstance(x, dict) and isinstance(y, dict) and x.get("name") and x.get("name") == y.get("name")
+            _walk(x, y, f"{path}.{x['name'] if named else i}", out)  # circuits by name, as overrides write them
+    elif a != b:
+        out.append(Change(path, a, b, part_of(path)))
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    """Every setting that differs between two config dicts (``Config.to_dict()``), leaf by leaf, in
+    the order of the config, each with its part. Lists of mappings (stages, circuits) are compared item
+    by item when their lengths agree (a circuit's path names it: ``model.stages.0.circuits.X.width``),
+    and as one architecture change when they do not."""
+    out: list[Change] = []
+    _walk(old, new, "", out)
+    return out
+
+
+def circuit_label(path: str) -> str:
+    """``model.stages.0.circuits.Y.loops`` -> ``loops of Y``; other paths unchanged."""
+    keys = path.split(".")
+    if len(keys) >= 6 and keys[:2] == ["model", "stages"] and keys[3] == "circuits":
+        return f"{'.'.join(keys[5:])} of {keys[4]}"
+    return path
+
+
+__all__ = ["ARCHITECTURE", "BEHAVIOUR", "SCHEDULE", "SETTING", "TASK", "Change", "circuit_label", "config_changes",
+           "config_from_dict", "load_config", "parse_overrides", "part_of"]

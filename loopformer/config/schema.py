@@ -1,0 +1,357 @@
+"""The typed run configuration, in sections that each validate themselves.
+
+A circuit is written in YAML as one entry, but its settings fall in three parts, and the trainer
+treats them differently when a run is resumed:
+
+- **architecture** (`CircuitArch`, and the model fields marked ``ARCH``): the weights depend on these
+  (their paths and shapes); a resume must keep them.
+- **loop schedule** (`LoopSchedule`): how often a circuit runs in training and evaluation; no weight
+  depends on it, so it may change on resume (a loop curriculum), and the change is logged.
+- **behaviour** (`CircuitBehaviour`, the other model fields): how the weights are used (attention
+  window, initial state, dtype); it may change on resume too, also logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loopformer.config.loops import LoopDistribution
+from loopformer.errors import ConfigError
+
+IO_MODES = ("slice", "project")
+INJECT_MODES = ("add", "concat", "none")
+INIT_MODES = ("zeros", "input", "noise")
+NORM_MODES = ("pre", "sandwich")
+MLP_KINDS = ("gelu", "swiglu")
+DTYPES = ("float32", "bfloat16")
+TEXT_FORMATS = ("auto", "text", "jsonl", "arrayrecord")
+TOKENIZER_KINDS = ("bytes", "bpe")  # or a path to a tokenizer.json
+
+ARCHITECTURE, SCHEDULE, BEHAVIOUR = "architecture", "schedule", "behaviour"
+
+
+def _arch(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A model field that weight shapes depend on."""
+    return field(default=default, metadata={"part": ARCHITECTURE}, **kw)
+
+
+def mlp_hidden(width: int, ratio: float) -> int:
+    """Hidden units of a block's MLP: round(ratio * width), at least 1."""
+    return max(1, int(round(ratio * width)))
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(value: str, options: tuple[str, ...], path: str) -> None:
+    _check(value in options, f"{path}: '{value}' is not one of {', '.join(options)}")
+
+
+# ----------------------------------------------------------------------------- circuits
+
+
+@dataclass
+class CircuitArch:
+    """What a circuit's weights depend on: a stack of ``depth`` blocks of width ``width``."""
+
+    name: str = "X"
+    depth: int = 1
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    io: str = "slice"  # slice: reads and writes its own columns of the stream | project: learned d_model <-> width
+    inject: str = "add"  # input injection each iteration: add | concat (a learned [h; e] -> width adapter) | none
+    state_norm: bool = False  # RMS-normalise the state after every iteration (bounded; fixed points possible)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return mlp_hidden(self.width, self.mlp_ratio)
+
+
+@dataclass
+class CircuitBehaviour:
+    """How a circuit's weights are used; no parameter depends on these."""
+
+    window: int = 0  # attention span inside the circuit: 0 = full; w = each token sees itself and the w - 1
+    # tokens before it (a local step, like DeepThinking's convolutions: information travels w - 1
+    # positions per block per iteration, so longer inputs need more loops)
+    init: str = "zeros"  # initial state: zeros | input | noise
+    init_noise_std: float = 1.0
+
+
+@dataclass
+class LoopSchedule:
+    """How many times a circuit runs: the training distribution (capped at ``max_loops``), the
+    truncation depth k of backprop, and the default count at evaluation."""
+
+    loops: str = "fixed(4)"  # training loop-count distribution (see LoopDistribution)
+    max_loops: int = 64  # cap on sampled training counts
+    eval_loops: int = 4  # default count at evaluation
+    backprop: int = 4  # truncation depth k: gradient flows through the last k iterations
+
+    def distribution(self) -> LoopDistribution:
+        return LoopDistribution.parse(self.loops, cap=self.max_loops)
+
+
+@dataclass
+class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
+    """One looped circuit as written in YAML: architecture, behaviour and loop schedule in one entry."""
+
+    def schedule(self) -> LoopSchedule:
+        return LoopSchedule(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoopSchedule)})
+
+    def validate(self, path: str) -> None:
+        c, p = self, path
+        _check(c.name.isidentifier(), f"{p}.name: '{c.name}' must be an identifier (letters, digits, _)")
+        _check(c.depth >= 1, f"{p}.depth must be >= 1, got {c.depth}")
+        _check(c.width >= 2, f"{p}.width must be >= 2, got {c.width}")
+        _check(c.heads >= 1, f"{p}.heads must be >= 1, got {c.heads}")
+        _check(c.width % c.heads == 0, f"{p}.width ({c.width}) must be divisible by {p}.heads ({c.heads})")
+        _check((c.width // c.heads) % 2 == 0, f"{p}: width / heads = {c.width // c.heads} must be even (RoPE rotates pairs)")
+        _check(c.mlp_ratio > 0, f"{p}.mlp_ratio must be > 0")
+        _one_of(c.io, IO_MODES, f"{p}.io")
+        _one_of(c.inject, INJECT_MODES, f"{p}.inject")
+        _one_of(c.init, INIT_MODES, f"{p}.init")
+        _check(c.window >= 0, f"{p}.window must be 0 (full attention) or >= 1 tokens, got {c.window}")
+        _check(c.backprop >= 1, f"{p}.backprop (truncation depth k) must be >= 1, got {c.backprop}")
+        _check(c.eval_loops >= 1, f"{p}.eval_loops must be >= 1, got {c.eval_loops}")
+        _check(c.max_loops >= 1, f"{p}.max_loops must be >= 1, got {c.max_loops}")
+        try:
+            c.distribution()
+        except ValueError as e:
+            raise ConfigError(f"{p}.loops: {e}") from None
+
+
+CIRCUIT_PARTS = {f.name: part for cls, part in ((CircuitArch, ARCHITECTURE), (CircuitBehaviour, BEHAVIOUR),
+                                                 (LoopSchedule, SCHEDULE)) for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class StageConfig:
+    """A parallel bank: its circuits read the same stream and their outputs are added (the ⊕)."""
+
+    circuits: list[CircuitConfig] = field(default_factory=lambda: [CircuitConfig()])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """embed -> prelude blocks -> stages (banks of looped circuits) -> coda blocks -> norm -> head."""
+
+    vocab_size: int = _arch(0)  # 0: taken from the data
+    d_model: int = _arch(64)
+    heads: int = _arch(4)
+    mlp_ratio: float = _arch(4.0)
+    mlp: str = _arch("gelu")  # gelu | swiglu
+    norm: str = _arch("pre")  # pre | sandwich (also normalises each sublayer's output)
+    prelude: int = _arch(1)
+    coda: int = _arch(1)
+    stages: list[StageConfig] = _arch(default_factory=lambda: [StageConfig()])  # [] = a plain transformer
+    tie_embeddings: bool = _arch(True)
+    window: int = 0  # attention span of prelude and coda blocks (0 = full; see CircuitBehaviour.window)
+    causal: bool = True  # false: bidirectional attention everywhere (the window reaches w - 1 tokens both
+    # ways); only for tasks whose labels sit at input positions (aligned), where no target is an input
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    compute_dtype: str = "float32"  # bfloat16: bf16 matmuls, fp32 parameters and logits
+
+    def circuits(self) -> list[CircuitConfig]:
+        return [c for s in self.stages for c in s.circuits]
+
+    def circuit(self, name: str) -> CircuitConfig:
+        return next(c for c in self.circuits() if c.name == name)
+
+    def schedules(self) -> dict[str, LoopSchedule]:
+        return {c.name: c.schedule() for c in self.circuits()}
+
+    @property
+    def mlp_hidden(self) -> int:
+        return mlp_hidden(self.d_model, self.mlp_ratio)
+
+    def validate(self) -> None:
+        m = self
+        _check(m.d_model >= 2, f"model.d_model must be >= 2, got {m.d_model}")
+        _check(m.heads >= 1, f"model.heads must be >= 1, got {m.heads}")
+        _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
+        _check((m.d_model // m.heads) % 2 == 0,
+               f"model.d_model / model.heads = {m.d_model // m.heads} must be even (RoPE rotates pairs)")
+        _check(m.prelude >= 0 and m.coda >= 0, "model.prelude and model.coda must be >= 0")
+        _check(m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 takes it from the data)")
+        _check(m.mlp_ratio > 0, "model.mlp_ratio must be > 0")
+        _check(m.window >= 0, f"model.window must be 0 (full attention) or >= 1 tokens, got {m.window}")
+        _one_of(m.norm, NORM_MODES, "model.norm")
+        _one_of(m.mlp, MLP_KINDS, "model.mlp")
+        _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
+        seen: set[str] = set()
+        for s, stage in enumerate(m.stages):
+            _check(len(stage.circuits) >= 1, f"model.stages.{s}.circuits: a stage needs at least one circuit")
+            for c in stage.circuits:
+                p = f"model.stages.{s}.circuits.{c.name}"
+                c.validate(p)
+                _check(c.name not in seen, f"{p}.name: circuit name '{c.name}' is used twice; names must be unique")
+                seen.add(c.name)
+            sliced = [c for c in stage.circuits if c.io == "slice"]
+            total = sum(c.width for c in sliced)
+            widths = " + ".join(str(c.width) for c in sliced)
+            if len(sliced) == len(stage.circuits):
+                _check(total == m.d_model, f"model.stages.{s}: slice circuit widths {widths} = {total} must sum to "
+                       f"model.d_model = {m.d_model} (or use io: project)")
+            else:
+                _check(total <= m.d_model,
+                       f"model.stages.{s}: slice circuit widths {widths} = {total} exceed model.d_model = {m.d_model}")
+
+
+# ----------------------------------------------------------------------------- data, training, evaluation
+
+
+@dataclass
+class DataConfig:
+    task: str = "pointer_chase"
+    task_args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64  # global batch (all processes, all accumulation steps)
+    train_difficulty: list[int] = field(default_factory=lambda: [1, 4])  # [lo, hi] inclusive
+    eval_splits: dict[str, list[int]] = field(default_factory=lambda: {"train": [1, 4]})
+    eval_examples: int = 512
+    eval_batch_size: int = 256
+    eval_loops: list[int] = field(default_factory=list)  # also eval with every circuit at each count (logged
+    # as eval/<split>/loops_<n>/<metric>), to see during training whether the model uses its loops
+    # --- text corpora (task: text); train_difficulty / eval_splits apply to synthetic tasks only.
+    # A text run's eval splits are val (held-out documents) and train (its first windows).
+    paths: list[str] = field(default_factory=list)  # files, globs, directories; "asset:NAME" = a shipped text;
+    # or one directory written by `loopformer prepare` (ArrayRecord shards)
+    format: str = "auto"  # auto (by extension) | text | jsonl | arrayrecord
+    text_field: str = "text"  # JSONL: the key that holds a document's text
+    doc_separator: str = ""  # split plain-text files into documents at this string ("" = one per file)
+    tokenizer: str = "bytes"  # bytes | bpe (trained on the training split) | a path to a tokenizer.json;
+    # saved with the run as <run>/tokenizer.json
+    vocab_size: int = 1024  # bpe: vocabulary size including the specials and the 256 bytes
+    seq_len: int = 256  # tokens per packed training window
+    val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of the text)
+
+    def validate(self) -> None:
+        d = self
+        _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+        _check(d.eval_examples >= 1, f"data.eval_examples must be >= 1, got {d.eval_examples}")
+        _check(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}")
+        for key, rng in [("data.train_difficulty", d.train_difficulty)] + [
+                (f"data.eval_splits.{k}", v) for k, v in d.eval_splits.items()]:
+            _check(len(rng) == 2 and 1 <= rng[0] <= rng[1], f"{key}: expected [lo, hi] with 1 <= lo <= hi, got {rng}")
+        _check(len(d.eval_splits) >= 1, "data.eval_splits: name at least one split, e.g. {train: [1, 4]}")
+        _check(all(n >= 1 for n in d.eval_loops), f"data.eval_loops: counts must be >= 1, got {d.eval_loops}")
+        _one_of(d.format, TEXT_FORMATS, "data.format")
+        _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
+               f"data.tokenizer: '{d.tokenizer}' is not bytes, bpe or a path to a tokenizer.json")
+        _check(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}")
+        _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+        if d.task == "text":
+            _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
+                   "or data.paths=['asset:kjv_genesis_exodus.txt']")
+            _check(d.tokenizer != "bpe" or d.vocab_size >= 260,
+                   f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: it needs >= 260 "
+                   f"(3 specials + 256 bytes + merges)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    log_every: int = 50
+    eval_every: int = 500  # steps between evaluations (and one at the end); 0: none while training
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+
+    def validate(self, batch_size: int) -> None:
+        t = self
+        _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+        _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+        _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+        _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+        _check(batch_size % t.grad_accum == 0,
+               f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+        _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0: no evaluation while training), got {t.eval_every}")
+        _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+
+
+@dataclass
+class EvalConfig:
+    sweep_loops: list[int] = field(default_factory=list)  # loop counts shown at the end of training
+    sweep_circuits: list[str] = field(default_factory=list)  # circuits set to each count (others stay at
+    # their eval_loops); empty = every circuit
+    diagnostics: bool = True  # per-circuit state statistics at each eval
+
+    def validate(self, circuits: list[str]) -> None:
+        _check(all(n >= 1 for n in self.sweep_loops), f"eval.sweep_loops: counts must be >= 1, got {self.sweep_loops}")
+        for name in self.sweep_circuits:
+            _check(name in circuits, f"eval.sweep_circuits: '{name}' is not a circuit; circuits are {', '.join(circuits)}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"
+    name: str = "run"
+
+    def validate(self) -> None:
+        _check(self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
+               f"run.name must be a plain directory name, got '{self.name}'")
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        for key in ("data", "fsdp", "tensor"):
+            v = getattr(self, key)
+            _check(v == -1 or v >= 1, f"mesh.{key} must be >= 1 or -1 (fill), got {v}")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first impossible setting."""
+        self.run.validate()
+        self.model.validate()
+        self.data.validate()
+        self.train.validate(self.data.batch_size)
+        self.eval.validate([c.name for c in self.model.circuits()])
+        self.mesh.validate()

@@ -1,0 +1,208 @@
+"""Tokenize a text corpus once into ArrayRecord shards (the library behind ``loopformer prepare``).
+
+    loopformer prepare --config configs/text_bytes.yaml --out data/kjv [key=value ...]
+
+writes ``<out>/``::
+
+    meta.json                           splits, token counts, chunk size, dtype, settings used
+    tokenizer.json                      the tokenizer (BPE: trained on the training split)
+    train-00000-of-00001.array_record   the training token stream in records of chunk_tokens tokens
+    val-00000-of-00001.array_record     the validation stream
+
+Everything is written into a hidden temporary directory that is renamed to ``<out>`` only when
+complete, so an interrupted prepare leaves nothing half-written. Train on it with
+``data.paths=[<out>]`` (the format is detected from meta.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loopformer.config import Config
+from loopformer.data.sources import META_VERSION, TEXT_TASK, TOKENIZER_FILE, make_tokenizer, prepared_dir, token_dtype
+from loopformer.data.text import META_FILE, SPLITS, SplitStats, encode_document, expand_paths, iter_documents, split_of
+from loopformer.errors import DataError
+
+CHUNK_TOKENS = 4096  # tokens per ArrayRecord record: a window read touches one or two records
+SHARD_TOKENS = 2**26  # tokens per shard file (128 MiB of uint16)
+_WRITER_OPTIONS = "group_size:1,uncompressed"  # random access to single records
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, label: str, total: int, unit: str = "B", stream: Any = None, enabled: bool = True):
+        self.label, self.total, self.unit, self.done = label, max(total, 1), unit, 0
+        self.stream, self.enabled = stream or sys.stderr, enabled
+        self._start = self._last = time.monotonic()
+        self._drawn = -1
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self._drawn = self.done
+        frac = min(self.done / self.total, 1.0)
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        rate = self.done / max(now - self._start, 1e-9)
+        self.stream.write(f"\r{self.label:<10} [{bar}] {100 * frac:5.1f}% {_human(self.done)}/{_human(self.total)}"
+                          f"{self.unit} {_human(rate)}{self.unit}/s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            if self._drawn != self.done:
+                self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _human(n: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+class ShardWriter:
+    """Appends documents to one split's token stream, cut into records of ``chunk`` tokens and
+    files of ``records_per_shard`` records (named ``<split>-NNNNN-of-MMMMM.array_record`` on close)."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, chunk: int, records_per_shard: int):
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.chunk, self.records_per_shard = chunk, records_per_shard
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.files: list[Path] = []
+        self.records_in_file = 0
+        self._writer: Any = None
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.buffer.append(tokens.astype(self.dtype))
+        self.buffered += len(tokens)
+        if self.buffered >= self.chunk:
+            stream = np.concatenate(self.buffer)
+            full = len(stream) // self.chunk * self.chunk
+            for i in range(0, full, self.chunk):
+                self._write(stream[i : i + self.chunk])
+            self.buffer, self.buffered = [stream[full:]], len(stream) - full
+
+    def _write(self, record: np.ndarray) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._writer is None or self.records_in_file == self.records_per_shard:
+            self._close_file()
+            path = self.directory / f"{self.split}-{len(self.files):05d}.array_record"
+            self._writer = ArrayRecordWriter(str(path), _WRITER_OPTIONS)
+            self.files.append(path)
+            self.records_in_file = 0
+        self._writer.write(record.astype(self.dtype.newbyteorder("<")).tobytes())
+        self.records_in_file += 1
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            if not self._writer.ok():
+                raise DataError(f"writing {self.files[-1]} failed (disk full?)")
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[str]:
+        """Flush the last partial record; rename the files to their final names; return them."""
+        if self.buffered:
+            self._write(np.concatenate(self.buffer))
+        self._close_file()
+        names = []
+        for i, path in enumerate(self.files):
+            final = path.with_name(f"{self.split}-{i:05d}-of-{len(self.files):05d}.array_record")
+            path.rename(final)
+            names.append(final.name)
+        return names
+
+
+def _documents(cfg: Config, paths: list[Path], progress: bool, label: str) -> Iterator[str]:
+    """The corpus's documents, with a progress bar over the bytes of its files."""
+    d = cfg.data
+    bar = Progress(label, sum(p.stat().st_size for p in paths), enabled=progress)
+    try:
+        for path in paths:
+            start = bar.done
+            for doc in iter_documents([path], d.format, d.text_field, d.doc_separator):
+                yield doc
+                bar.update(len(doc.encode("utf-8")))
+            bar.update(start + path.stat().st_size - bar.done)  # separators and skipped text
+    finally:
+        bar.close()
+
+
+def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_tokens: int = CHUNK_TOKENS,
+                   shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict[str, Any]:
+    """Tokenize ``cfg.data``'s corpus into ArrayRecord shards under ``out`` (atomically); returns the
+    meta.json contents. The training split, tokenizer and streams equal what training from the
+    raw files would build, so both paths give the same batches."""
+    d = cfg.data
+    if d.task != TEXT_TASK:
+        raise DataError(f"prepare tokenizes text corpora: set data.task=text and data.paths (got data.task="
+                        f"{d.task!r})")
+    if prepared_dir(cfg) is not None:
+        raise DataError(f"data.paths names a prepared corpus ({d.paths[0]}): point it at the raw text files")
+    if chunk_tokens < 1 or shard_tokens < chunk_tokens:
+        raise DataError(f"need 1 <= chunk_tokens <= shard_tokens, got {chunk_tokens} and {shard_tokens}")
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    paths = expand_paths(d.paths)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        train_docs = (doc for doc in _documents(cfg, paths, progress, "bpe words")  # read only to train a BPE
+                      if split_of(doc, d.val_fraction) == "train")
+        tokenizer = make_tokenizer(cfg, train_docs)
+        dtype = token_dtype(tokenizer.vocab_size)
+        writers = {s: ShardWriter(tmp, s, dtype, chunk_tokens, max(1, shard_tokens // chunk_tokens)) for s in SPLITS}
+        stats = {s: SplitStats() for s in SPLITS}
+        for doc in _documents(cfg, paths, progress, "tokenize"):
+            split = split_of(doc, d.val_fraction)
+            ids = encode_document(tokenizer, doc)
+            writers[split].add(ids)
+            stats[split].add(doc, ids)
+        for split in SPLITS:
+            if stats[split].documents == 0:
+                raise DataError(f"{', '.join(d.paths)}: no document fell in the {split} split "
+                                f"(data.val_fraction={d.val_fraction}); add documents, split files with "
+                                f"data.doc_separator (e.g. '\\n\\n'), or change data.val_fraction")
+        files = {s: w.close() for s, w in writers.items()}
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        meta = {"version": META_VERSION, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                "dtype": dtype.name, "chunk_tokens": chunk_tokens, "val_fraction": d.val_fraction,
+                "doc_separator": d.doc_separator, "format": d.format, "text_field": d.text_field,
+                "sources": [str(p) for p in paths],
+                "splits": {s: {"files": files[s], "documents": stats[s].documents, "tokens": stats[s].tokens,
+                               "bytes": stats[s].bytes} for s in SPLITS}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if out.exists():  # --force: swap the old directory out only once the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

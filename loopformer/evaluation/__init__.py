@@ -1,0 +1,1 @@
+"""Evaluation: the compiled evaluator, answer metrics, ablation, loop sweeps, tables and plots."""

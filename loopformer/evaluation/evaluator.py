@@ -1,0 +1,125 @@
+"""Evaluation at chosen loop counts, gates and fills, with one compiled program per batch shape.
+
+`Evaluator.evaluate(params, batches, loops={"X": 16, "Y": 2}, ablate=["Y"])` is the seam every
+analysis command (eval, ablate, sweep) and the trainer's periodic evaluation go through. Loop counts
+are full mappings (every circuit): callers fill in defaults with `loopformer.model.plan.resolve_loops`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from loopformer.evaluation.metrics import answer_sums, exact_match, summarize
+from loopformer.model.loop import TRACE_STATS
+from loopformer.model.plan import Plan, make_plan
+from loopformer.model.transformer import LoopedTransformer, forward_batch
+
+Array = jax.Array
+Batch = dict[str, Any]
+
+
+class Evaluator:
+    """Jitted evaluation of one model structure. Loop counts, gates and fills are traced inputs: a new
+    count or ablation never recompiles (`compiles` counts the programs traced)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, circuits: Sequence[str], d_model: int):
+        self.graphdef = graphdef
+        self.names = list(circuits)
+        self.d_model = d_model
+        self.compiles = 0
+
+        def run(params: Any, batch: Batch, plan: Plan) -> tuple[Array, Any]:
+            self.compiles += 1  # runs at trace time only
+            return forward_batch(nnx.merge(self.graphdef, params), batch, plan)
+
+        def sums_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
+            return answer_sums(run(params, batch, plan)[0], batch)
+
+        def means_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
+            diag = run(params, batch, plan)[1]
+            return {n: r.mean_out for n, r in diag.circuits.items()}
+
+        def trace_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
+            return {n: r.trace for n, r in run(params, batch, plan)[1].circuits.items()}
+
+        def correct_fn(params: Any, batch: Batch, plan: Plan) -> Array:
+            return exact_match(run(params, batch, plan)[0], batch)
+
+        def logits_fn(params: Any, tokens_BT: Array, plan: Plan, segment_ids_BT: Array | None) -> Array:
+            self.compiles += 1
+            return nnx.merge(self.graphdef, params)(tokens_BT, plan, segment_ids_BT=segment_ids_BT)[0]
+
+        self._sums, self._means, self._trace = jax.jit(sums_fn), jax.jit(means_fn), jax.jit(trace_fn)
+        self._correct, self._logits = jax.jit(correct_fn), jax.jit(logits_fn)
+
+    def plan(self, loops: Mapping[str, int], ablate: Sequence[str] = (), fill: Array | np.ndarray | None = None,
+             **static: Any) -> Plan:
+        """A plan at ``loops`` (every circuit); removed circuits write ``fill`` [num_circuits, d_model]
+        (zeros unless given, so zero and mean ablation share one program)."""
+        if fill is None:
+            fill = np.zeros((len(self.names), self.d_model), np.float32)
+        return make_plan(self.names, loops, ablate=ablate, fills=fill, **static)
+
+    def evaluate(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int], ablate: Sequence[str] = (),
+                 fill: Array | np.ndarray | None = None) -> dict[str, float]:
+        """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``;
+        ``ablate`` removes circuits, whose output is replaced by ``fill`` (zero or mean ablation)."""
+        plan = self.plan(loops, ablate, fill)
+        totals: dict[str, Any] = {}
+        for batch in batches:
+            sums = self._sums(params, batch, plan)
+            totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        return {**summarize(totals), "examples": int(totals["examples"])}
+
+    def correct(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int]) -> np.ndarray:
+        """bool [examples]: exact match of each example of ``batches`` (in order; rows without an
+        answer, which pad the last batch, dropped) at ``loops``."""
+        plan = self.plan(loops)
+        return np.concatenate([np.asarray(self._correct(params, b, plan))[np.asarray(b["mask"]).sum(-1) > 0]
+                               for b in batches])
+
+    def circuit_means(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int]) -> np.ndarray:
+        """[num_circuits, d_model]: each circuit's mean output over the real tokens of the batches
+        (for mean ablation)."""
+        plan = self.plan(loops, collect_means=True)
+        weights, means = [], []
+        for b in batches:
+            out = jax.device_get(self._means(params, b, plan))
+            seg = b.get("segment_ids")
+            weights.append(float(np.sum(np.asarray(seg) > 0)) if seg is not None else float(np.size(b["inputs"])))
+            means.append(np.stack([out[n] for n in self.names]))
+        w = np.asarray(weights) / max(sum(weights), 1.0)
+        return np.einsum("b,bcd->cd", w, np.stack(means)).astype(np.float32)
+
+    def diagnostics(self, params: Any, batch: Batch, loops: Mapping[str, int],
+                    trace_len: int | None = None) -> dict[str, dict[str, list[float]]]:
+        """Per circuit and iteration: rel_change, state_norm, token_cosine (lists up to the circuit's
+        count, at most ``trace_len``, default the largest count)."""
+        trace_len = trace_len or max(loops.values())
+        traces = jax.device_get(self._trace(params, batch, self.plan(loops, trace_len=trace_len)))
+        return {name: {stat: [float(v) for v in np.asarray(traces[name])[: loops[name], j]]
+                       for j, stat in enumerate(TRACE_STATS)} for name in self.names}
+
+    def logits(self, params: Any, tokens_BT: Array, loops: Mapping[str, int], segment_ids_BT: Array | None = None
+               ) -> Array:
+        """Logits [B, T, vocab] of a token buffer at ``loops`` (a `loopformer.inference` logits_fn)."""
+        return self._logits(params, tokens_BT, make_plan(self.names, loops), segment_ids_BT)
+
+
+@functools.lru_cache(maxsize=16)
+def _evaluator(graphdef: nnx.GraphDef, circuits: tuple[str, ...], d_model: int) -> Evaluator:
+    return Evaluator(graphdef, circuits, d_model)
+
+
+def evaluator_for(model: LoopedTransformer) -> Evaluator:
+    """The process's Evaluator for this model structure: runs of one architecture (and commands run
+    one after another in a process, e.g. tests or a notebook) share its compiled programs."""
+    return _evaluator(nnx.graphdef(model), tuple(model.circuit_names), model.d_model)

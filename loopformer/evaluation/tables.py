@@ -1,0 +1,137 @@
+"""Plain-text tables and CSV files for the analysis commands' rows (schema in `analysis.run`)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loopformer.evaluation.run import Row, RunInfo
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.strip().rstrip("%*").replace("e+", "e"))
+    except ValueError:
+        return False
+    return True
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, markdown: bool = False) -> str:
+    """Columns padded to their widest cell: numbers right-aligned, text left-aligned. A cell with
+    line breaks (a rendered maze) spans several lines; the other cells of its row sit on the first.
+    ``markdown``: a Markdown table (``| a | b |``, separator ``|---|---:|``; no multi-line cells)."""
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(line) for r in cells for line in r[i].split("\n")) for i in range(len(header))]
+    right = [all(_is_number(r[i]) or r[i] in ("-", "") for r in cells[1:]) for i in range(len(header))]
+    pad = lambda r: [c.rjust(w) if ra else c.ljust(w) for c, w, ra in zip(r, widths, right, strict=True)]  # noqa: E731
+    if markdown:
+        rule = ["-" * (w - 1) + (":" if ra else "-") for w, ra in zip(widths, right, strict=True)]
+        return "\n".join("| " + " | ".join(pad(r) if r is not rule else r) + " |" for r in [cells[0], rule, *cells[1:]])
+
+    def physical(row: list[str]) -> list[str]:
+        parts = [c.split("\n") for c in row]
+        height = max(map(len, parts))
+        return ["  ".join(pad([p[k] if k < len(p) else "" for p in parts])).rstrip() for k in range(height)]
+
+    return "\n".join(["  ".join(pad(cells[0])).rstrip(), "  ".join("-" * w for w in widths)] + [
+        line for r in cells[1:] for line in physical(r)])
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def loops_str(loops: Mapping[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in loops.items())
+
+
+def split_label(info: RunInfo, split: str) -> str:
+    rng = info.splits[split]
+    if rng is None:
+        return split
+    return f"{split} [{rng[0]}, {rng[1]}]" if rng[0] != rng[1] else f"{split} [{rng[0]}]"
+
+
+def header_line(info: RunInfo, step: int, examples: int) -> str:
+    if info.is_text:
+        return (f"{info.path} @ step {step} · text · {examples} windows per split · loss per token; "
+                f"token acc = next-token accuracy")
+    return (f"{info.path} @ step {step} · task {info.cfg.data.task} · {examples} examples per split "
+            f"(difficulty in brackets) · accuracy = exact match of every answer token")
+
+
+def eval_table(rows: Sequence[Row], info: RunInfo) -> str:
+    text = any("bits_per_byte" in r for r in rows)
+    body = [[split_label(info, r["split"]), loops_str(r["loops"]), ",".join(r["ablated"]) or "-", f"{r['loss']:.4f}"]
+            + ([f"{r['bits_per_byte']:.4f}"] if text else [pct(r["accuracy"])])
+            + [pct(r["token_accuracy"]), r["examples"]] for r in rows]
+    header = ["split", "loops", "ablated", "loss", "bits/byte" if text else "accuracy", "token acc", "examples"]
+    return format_table(header, body)
+
+
+def ablation_table(rows: Sequence[Row], info: RunInfo) -> str:
+    mode = rows[0]["mode"] if rows else "zero"
+    what = "zeros" if mode == "zero" else "its mean output over the split"
+    lines = [f"ablation ({mode}: a removed circuit's output is replaced by {what}); "
+             f"loops {loops_str(info.defaults)}; Δ vs baseline"]
+    body = [[split_label(info, r["split"]), r["label"], ",".join(r["kept"]) or "-", f"{r['loss']:.4f}",
+             f"{r['delta_loss']:+.4f}", pct(r["accuracy"]), f"{100 * r['delta_accuracy']:+.1f}"] for r in rows]
+    lines.append(format_table(["split", "setting", "circuits on", "loss", "Δloss", "accuracy", "Δacc (pts)"], body))
+    return "\n".join(lines)
+
+
+def sweep_table(rows: Sequence[Row], grid: Mapping[str, Sequence[int]], info: RunInfo) -> str:
+    """One circuit: a row per count, accuracy and loss per split. Two: an accuracy matrix per split."""
+    names = list(grid)
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    fixed = {c: n for c, n in info.defaults.items() if c not in grid}
+    notes = [f"{c}: trained on {info.training_label(c)}, default {info.defaults[c]} (*)" for c in names]
+    head = f"sweep over {' × '.join(names)} loops" + (f" ({loops_str(fixed)} fixed)" if fixed else "")
+    lines = [head + "; " + "; ".join(notes)]
+    at = {(r["split"], tuple(r["loops"][c] for c in names)): r for r in rows}
+    star = lambda c, n: f"{n}*" if n == info.defaults[c] else f"{n} "
+    if len(names) == 1:
+        (c,) = names
+        header = [c] + [f"{split_label(info, s)} {k}" for s in splits for k in ("acc", "loss")]
+        body = [[star(c, n)] + [v for s in splits for v in (pct(at[s, (n,)]["accuracy"]), f"{at[s, (n,)]['loss']:.4f}")]
+                for n in grid[c]]
+        lines.append(format_table(header, body))
+        return "\n".join(lines)
+    a, b = names
+    for s in splits:
+        lines.append(f"\n{split_label(info, s)}: accuracy, rows {a}, columns {b}")
+        body = [[star(a, m)] + [pct(at[s, (m, n)]["accuracy"]) for n in grid[b]] for m in grid[a]]
+        lines.append(format_table([f"{a} \\ {b}"] + [star(b, n) for n in grid[b]], body))
+    return "\n".join(lines)
+
+
+def convergence_table(summary: Sequence[Mapping[str, Any]]) -> str:
+    body = [[s["split"], s["circuit"], s["iterations"], f"{s['rel_change_default']:.2e}", f"{s['rel_change_last']:.2e}",
+             f"{s['norm_default']:.3g}", f"{s['norm_last']:.3g}", s["verdict"]] for s in summary]
+    return ("convergence: relative state change per iteration at the default count and at the last iteration swept\n"
+            + format_table(["split", "circuit", "iterations", "Δ@default", "Δ@last", "norm@default", "norm@last",
+                            "reading"], body))
+
+
+def flat_row(row: Row) -> dict[str, Any]:
+    """A row with ``loops`` spread into loops_<circuit> columns and lists joined by ';' (for CSV)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k == "loops":
+            out.update({f"loops_{c}": n for c, n in v.items()})
+        elif isinstance(v, list | tuple):
+            out[k] = ";".join(map(str, v))
+        else:
+            out[k] = v
+    return out
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    flat = [flat_row(r) for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)

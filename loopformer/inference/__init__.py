@@ -1,0 +1,1 @@
+"""Inference: generation at chosen loop counts (text continuations, task answers)."""

@@ -1,0 +1,106 @@
+"""How to run the circuits of one forward pass (`Plan`), and what the pass reports back (`Diagnostics`).
+
+A plan is a pytree keyed by circuit name, passed into the jitted forward: its arrays (loop counts,
+gates, fills, the PRNG key) are traced, so a new count or ablation never recompiles; its static
+fields (truncation depths, trace length, whether to collect means) choose the program.
+
+    loops  {name: int32 []}        iterations of each circuit
+    gates  {name: float32 []}      1 runs the circuit, 0 removes it (its output is replaced by the fill)
+    fills  {name: float32 [D]}     what a removed circuit writes (None: zeros, i.e. zero ablation)
+    key    PRNG key                noise-initialised states
+    backprop ((name, k), ...)      static: training with gradient through each circuit's last k iterations
+                                   (empty: inference, every loop a plain fori_loop)
+    trace_len                      static: record per-iteration state statistics of iterations 1..trace_len
+    collect_means                  static: report each circuit's mean output over the real tokens
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from loopformer.errors import PlanError
+
+Array = jax.Array
+MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would run for hours
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "gates", "fills", "key"],
+                   meta_fields=["backprop", "trace_len", "collect_means"])
+@dataclass(frozen=True)
+class Plan:
+    loops: Mapping[str, Array]
+    gates: Mapping[str, Array]
+    fills: Mapping[str, Array] | None = None
+    key: Array | None = None
+    backprop: tuple[tuple[str, int], ...] = ()
+    trace_len: int = 0
+    collect_means: bool = False
+
+    @property
+    def training(self) -> bool:
+        return bool(self.backprop)
+
+    def truncation(self, name: str) -> int:
+        """Backprop depth k of a circuit (0: no gradient needed, inference)."""
+        return dict(self.backprop).get(name, 0)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["trace", "mean_out"], meta_fields=[])
+@dataclass(frozen=True)
+class CircuitReport:
+    """What one circuit reports: ``trace`` [trace_len, 3] (`loopformer.model.loop.TRACE_STATS` of each
+    iteration; NaN past its count) when the plan traces; ``mean_out`` [D] when it collects means."""
+
+    trace: Array | None = None
+    mean_out: Array | None = None
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits"], meta_fields=[])
+@dataclass(frozen=True)
+class Diagnostics:
+    """The forward pass's report, one `CircuitReport` per circuit name."""
+
+    circuits: dict[str, CircuitReport] = field(default_factory=dict)
+
+
+def resolve_loops(defaults: Mapping[str, int], loops: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Every circuit's count: ``defaults`` (each circuit's eval_loops) overridden by ``loops``, checked:
+    PlanError on an unknown circuit or a count outside 1..MAX_LOOPS."""
+    out = dict(defaults)
+    for name, n in (loops or {}).items():
+        if name not in out:
+            raise PlanError(f"unknown circuit '{name}'; this model's circuits are {', '.join(out) or 'none'}")
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise PlanError(f"loop count of circuit '{name}' must be an integer, got {n!r}")
+        if not 1 <= int(n) <= MAX_LOOPS:
+            raise PlanError(f"loop count of circuit '{name}' must be in 1..{MAX_LOOPS}, got {n}")
+        out[name] = int(n)
+    return out
+
+
+def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, ablate: Sequence[str] = (),
+              fills: Mapping[str, Array] | Array | None = None, key: Array | None = None,
+              backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False) -> Plan:
+    """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
+    (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
+    by name or an array [num_circuits, D] in circuit order."""
+    missing = [c for c in circuits if c not in loops]
+    unknown = [c for c in list(loops) + list(ablate) if c not in circuits]
+    if unknown:
+        raise PlanError(f"unknown circuit '{unknown[0]}'; this model's circuits are {', '.join(circuits) or 'none'}")
+    if missing:
+        raise PlanError(f"no loop count for circuit(s) {', '.join(missing)}")
+    if fills is not None and not isinstance(fills, Mapping):
+        fills = {c: jnp.asarray(fills)[i] for i, c in enumerate(circuits)}
+    return Plan(loops={c: jnp.asarray(loops[c], jnp.int32) for c in circuits},
+                gates={c: jnp.asarray(0.0 if c in ablate else 1.0, jnp.float32) for c in circuits},
+                fills=None if fills is None else {c: jnp.asarray(fills[c], jnp.float32) for c in circuits},
+                key=jax.random.key(0) if key is None else key,
+                backprop=tuple((c, int(k)) for c, k in (backprop or {}).items()),
+                trace_len=int(trace_len), collect_means=bool(collect_means))

@@ -1,0 +1,144 @@
+"""The think-longer benchmark's bookkeeping: loop grid, verdict at 2x and the Markdown table."""
+
+import dataclasses
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).parents[2] / "bench" / "think_longer.py")
+think_longer = importlib.util.module_from_spec(spec)
+sys.modules["think_longer"] = think_longer  # dataclasses look their module up
+spec.loader.exec_module(think_longer)
+
+
+def squash(text: str) -> str:
+    """Table cells padded to their column width, as one space: '|  4 |' -> '| 4 |'."""
+    return re.sub(r" +", " ", text)
+
+
+def result(looped_2x: dict[int, float], params_2x: float, compute_2x: float, m: int = 4) -> dict:
+    rows = [{"difficulty": "train", "model": "looped", "loops": n, "accuracy": 1.0} for n in looped_2x]
+    rows += [{"difficulty": "2x", "model": "looped", "loops": n, "accuracy": a} for n, a in looped_2x.items()]
+    for model, acc in (("equal_params", params_2x), ("equal_compute", compute_2x)):
+        rows += [{"difficulty": d, "model": model, "loops": 1, "accuracy": a} for d, a in (("train", 1.0), ("2x", acc))]
+    return {"train_loops": m, "loops": "uniform(2, 6)", "loop_range": [2, 6], "steps": 10, "rows": rows}
+
+
+def test_counts_run_to_eight_times_the_mean():
+    assert think_longer.TASKS["prefix_parity"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
+    assert think_longer.TASKS["maze"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
+    assert think_longer.TASKS["maze_entrance"].counts() == think_longer.TASKS["maze"].counts()
+    assert max(think_longer.TASKS["addition"].counts()) == 32
+    assert think_longer.TASKS["maze3"].counts(quick=True) == [1, 2, 4, 6, 12, 18, 24, 48, 96]
+
+
+@pytest.mark.parametrize("looped,params,compute,holds,gain", [
+    ({1: 0.0, 4: 0.10, 8: 0.50, 16: 0.45}, 0.2, 0.3, True, 40.0),   # +40 over m=4, beats both
+    ({1: 0.9, 4: 0.10, 8: 0.25, 16: 0.2}, 0.0, 0.0, False, 15.0),   # the count below m does not count
+    ({1: 0.0, 4: 0.10, 8: 0.50}, 0.2, 0.6, False, 40.0),            # equal compute is better
+])
+def test_verdict(looped, params, compute, holds, gain):
+    v = think_longer.verdict(result(looped, params, compute))
+    assert v["holds"] is holds and v["gain_points"] == pytest.approx(gain)
+    assert v["margin_points"] == pytest.approx(100 * (max(a for n, a in looped.items() if n >= 4) - max(params, compute)))
+
+
+def test_markdown_marks_the_training_mean_and_states_the_verdict():
+    text = squash(think_longer.markdown("toy", result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3)))
+    assert "| looped | 4 (train mean) | 100.0 | 10.0 |" in text
+    assert "| equal_compute | 1 | 100.0 | 30.0 |" in text
+    assert "2x: best 8 loops, +40.0 points over the training count, +20.0 over the better baseline: the bar holds." in text
+
+
+def test_plot_is_a_png():
+    png = think_longer.plot("toy", result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3))
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_every_task_has_a_setting_its_task_accepts():
+    """Each benchmark setting names a real task, difficulties it can generate, and overrides that load."""
+    from loopformer.data.sources import build_data
+
+    for name in think_longer.TASKS:
+        for model_name in think_longer.models(think_longer.TASKS[name]):
+            cfg = think_longer.config(name, model_name, 10, Path("/tmp/unused"), 16)
+            task = build_data(cfg).task
+            assert task.name == think_longer.task_of(name) and cfg.train.steps == 10
+            assert {k: getattr(task, k) for k in think_longer.TASKS[name].task_args} == think_longer.TASKS[name].task_args
+
+
+def test_several_seeds_are_averaged():
+    """Two seeds: the verdict is taken on the mean, and the table shows mean (min–max)."""
+    a, b = result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3), result({1: 0.0, 4: 0.3, 8: 0.3}, 0.0, 0.1)
+    for r in b["rows"]:
+        r["seed"] = 1
+    both = {**a, "seeds": 2, "rows": a["rows"] + b["rows"]}
+    v = think_longer.verdict(both)
+    assert v["best_loops"] == 8 and v["gain_points"] == pytest.approx(20.0)  # 0.4 at 8 vs 0.2 at 4
+    assert v["margin_points"] == pytest.approx(20.0) and v["holds"]  # baselines 0.1 and 0.2 on average
+    text = squash(think_longer.markdown("toy", both))
+    assert "mean (min–max) over 2 seeds" in text and "| looped | 8 | 100.0 (100–100) | 40.0 (30–50) |" in text
+
+
+@pytest.mark.parametrize("name", ["maze", "maze_entrance", "maze_exit", "maze3"])
+def test_maze_config_is_the_benchmarks_looped_model(name):
+    """configs/NAME.yaml trains the same model and data as think_longer's looped NAME run."""
+    from loopformer.config import load_config
+
+    bench = think_longer.config(name, "looped", 1500, Path("/tmp/unused"), 256)
+    mine = load_config(f"configs/{name}.yaml")
+    assert mine.model == bench.model and mine.data == bench.data
+    cadence = {"log_every", "eval_every", "checkpoint_every"}  # how often it reports, not what it learns
+    a, b = (dataclasses.asdict(c.train) for c in (mine, bench))
+    assert {k: v for k, v in a.items() if k not in cadence} == {k: v for k, v in b.items() if k not in cadence}
+    assert mine.seed == bench.seed
+
+
+def test_depth_summary():
+    """Depths 2, 5, 9 solved first at 3, 6 and never: slack +1 on both solved, a third unsolved."""
+    d = think_longer.depth_summary([(2, 3.0), (5, 6.0), (9, float("inf"))], m=4)
+    assert d == {"mean": pytest.approx(16 / 3), "max": 9, "within_train_loops": pytest.approx(1 / 3),
+                 "median_slack": 1.0, "slack_range": [1.0, 1.0], "unsolved": pytest.approx(1 / 3)}
+    text = squash(think_longer.markdown("toy", {**result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3), "depth": {"2x": d}}))
+    assert "- 2x: mean 5.3, max 9, 33 % within the training mean 4; solved first at depth +1 loops" in text
+
+
+def test_train_time_survives_a_rerun(tmp_path, monkeypatch):
+    """A rerun over a finished run reports the time its training took, not the time of the no-op resume."""
+    import time
+
+    from loopformer.config import load_config
+
+    def fake_train(cfg):  # "trains" 0.2 s and leaves a checkpoint at train.steps
+        time.sleep(0.2 if not (cfg.run_dir / "checkpoints" / str(cfg.train.steps)).exists() else 0.0)
+        (cfg.run_dir / "checkpoints" / str(cfg.train.steps)).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(think_longer, "train", fake_train)
+    cfg = load_config(think_longer.BASE, [f"run.dir={tmp_path}", "train.steps=10"])
+    first = think_longer.train_timed(cfg)
+    assert first >= 0.2 and think_longer.train_timed(cfg) == first  # finished: the recorded time
+    more = think_longer.train_timed(load_config(think_longer.BASE, [f"run.dir={tmp_path}", "train.steps=20"]))
+    assert more >= first + 0.2  # continued training adds to it
+
+
+def test_the_default_suite_covers_the_issues_tasks():
+    """The default run has a setting for each task the suite must have: prefix sums, p-hop, addition, a
+    graph task (a maze); every entry is a setting, and each task appears once."""
+    suite = think_longer.SUITE
+    assert set(suite) <= set(think_longer.TASKS) and len(set(suite)) == len(suite)
+    tasks = [think_longer.task_of(n) for n in suite]
+    assert sorted(tasks) == sorted(set(tasks)) and {"prefix_parity", "p_hop", "addition", "maze"} <= set(tasks)
+
+
+def test_looped_only_reports_the_gain_without_judging_the_bar():
+    """--models looped: no baseline rows, the gain is reported, the bar is not judged (and not 'holds')."""
+    r = result({1: 0.0, 4: 0.1, 8: 0.5}, 0.2, 0.3)
+    r["rows"] = [row for row in r["rows"] if row["model"] == "looped"]
+    v = think_longer.verdict(r)
+    assert v["gain_points"] == pytest.approx(40.0) and v["margin_points"] is None and v["holds"] is False
+    text = squash(think_longer.markdown("toy", r))
+    assert "equal_params" not in text and "+40.0 points over the training count, baselines not run" in text
+    assert think_longer.plot("toy", r).startswith(b"\x89PNG")

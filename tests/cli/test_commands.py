@@ -1,0 +1,160 @@
+"""The analysis commands through `loopformer.cli.main`: JSON schemas, tables, files, user errors."""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from loopformer.cli import main
+from loopformer.evaluation.tables import sweep_table
+from loopformer.train.metrics import read_tensorboard_scalars
+from loopformer.train.runs import read_run
+from tests.conftest import EXAMPLES, STEP
+
+ROW_KEYS = {"split": str, "loops": dict, "ablated": list, "loss": float, "accuracy": float, "examples": int}
+
+
+def run_json(capsys, *argv):
+    assert main([*argv, "--examples", str(EXAMPLES), "--json"] if argv[0] != "generate" else [*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)  # exactly one JSON document on stdout
+
+
+def check_rows(rows):
+    for row in rows:
+        for key, kind in ROW_KEYS.items():
+            assert isinstance(row[key], kind), (key, row)
+        assert set(row["loops"]) == {"X", "Y"} and row["examples"] == EXAMPLES
+
+
+def test_eval(run_dir, capsys):
+    doc = run_json(capsys, "eval", "--run", str(run_dir))
+    check_rows(doc["rows"])
+    assert doc["step"] == STEP
+    assert [(r["split"], r["loops"], r["ablated"]) for r in doc["rows"]] == [
+        ("train", {"X": 2, "Y": 3}, []), ("hard", {"X": 2, "Y": 3}, [])]
+    doc = run_json(capsys, "eval", "--run", str(run_dir), "--loops", "X=1000", "--ablate", "Y", "--split", "hard")
+    (row,) = doc["rows"]
+    assert (row["split"], row["loops"], row["ablated"], row["mode"]) == ("hard", {"X": 1000, "Y": 3}, ["Y"], "zero")
+    assert main(["eval", "--run", str(run_dir), "--examples", str(EXAMPLES), "--split", "hard"]) == 0
+    table = capsys.readouterr().out
+    assert "hard [4]" in table and "X=2 Y=3" in table and "train [1, 2]" not in table
+
+
+def test_ablate(run_dir, capsys):
+    doc = run_json(capsys, "ablate", "--run", str(run_dir), "--mode", "mean")
+    check_rows(doc["rows"])
+    assert [(r["split"], r["label"]) for r in doc["rows"]] == [
+        (s, lab) for s in ("train", "hard") for lab in ("baseline", "-X", "-Y", "none")]
+    assert all(r["mode"] == "mean" and "delta_accuracy" in r for r in doc["rows"])
+    assert (run_dir / "ablation.csv").read_text().splitlines()[0].startswith("split,loops_X,loops_Y,ablated,loss")
+    assert (run_dir / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep(run_dir, capsys):
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "X=1:4")
+    check_rows(doc["rows"])
+    assert doc["grid"] == {"X": [1, 2, 3, 4]} and doc["compiles"] <= 1  # 0 if an earlier test compiled it
+    assert [(r["split"], r["loops"]["X"]) for r in doc["rows"]] == [(s, n) for s in ("train", "hard") for n in (1, 2, 3, 4)]
+    # The sweep at the default counts is `eval`.
+    evaluated = run_json(capsys, "eval", "--run", str(run_dir))["rows"]
+    at_default = [r for r in doc["rows"] if r["loops"] == {"X": 2, "Y": 3}]
+    assert at_default == evaluated
+    # Convergence of the swept circuit, per split, up to the largest count swept.
+    for split in ("train", "hard"):
+        stats = doc["convergence"][split]["X"]
+        assert {k: len(v) for k, v in stats.items()} == {"rel_change": 4, "state_norm": 4, "token_cosine": 4}
+    assert {s["verdict"] for s in doc["convergence_summary"]} <= {"fixed-point", "settling", "drifting", "moving"}
+    for name in ("sweep.csv", "sweep_X.png", "sweep_convergence.png"):
+        assert str(run_dir / name) in doc["files"] and (run_dir / name).stat().st_size > 0
+    # Tensorboard: its own run under sweeps/X, replaced (not appended to) by the next sweep of X.
+    assert doc["tensorboard"] == str(run_dir / "sweeps" / "X")
+    assert main(["sweep", "--run", str(run_dir), "--loops", "X=1:4", "--examples", str(EXAMPLES)]) == 0
+    tb = read_tensorboard_scalars(run_dir / "sweeps" / "X")
+    assert [step for step, _ in tb["sweep/hard/accuracy"]] == [1, 2, 3, 4]
+    assert read_tensorboard_scalars(run_dir) == {}  # the run's own curves are untouched
+
+
+def test_sweep_two_circuits(run_dir, capsys):
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "Y=2,4", "--loops", "X=1:3:2", "--split", "hard")
+    assert doc["grid"] == {"X": [1, 3], "Y": [2, 4]}
+    assert [(r["loops"]["X"], r["loops"]["Y"]) for r in doc["rows"]] == [(1, 2), (1, 4), (3, 2), (3, 4)]
+    assert set(doc["convergence"]["hard"]) == {"X", "Y"} and (run_dir / "sweep_X_Y.png").is_file()
+    table = sweep_table(doc["rows"], doc["grid"], read_run(run_dir))
+    assert "hard [4]: accuracy, rows X, columns Y" in table
+
+
+def test_generate(run_dir, capsys):
+    doc = run_json(capsys, "generate", "--run", str(run_dir), "--example-split", "hard", "--count", "3",
+                   "--loops", "X=1,6")
+    assert doc["split"] == "hard" and len(doc["examples"]) == 3
+    for ex in doc["examples"]:
+        assert " | root(" in ex["prompt"] and len(ex["answer"]["tokens"]) == 1
+        assert [p["loops"] for p in ex["predictions"]] == [{"X": 1, "Y": 3}, {"X": 6, "Y": 3}]
+        for p in ex["predictions"]:
+            assert len(p["tokens"]) == 1 and p["correct"] == (p["tokens"] == ex["answer"]["tokens"])
+    assert main(["generate", "--run", str(run_dir), "--count", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "#1" in out and "true answer" in out and "X=2 Y=3" in out
+
+
+def test_text_run(text_run_dir, capsys):
+    doc = run_json(capsys, "eval", "--run", str(text_run_dir), "--split", "val")
+    (row,) = doc["rows"]
+    assert row["split"] == "val" and row["bits_per_byte"] > 0
+    assert row["loops"] == {"X": 3}  # configs/text_bytes.yaml eval_loops
+    doc = run_json(capsys, "generate", "--run", str(text_run_dir), "--prompt", "In the beginning",
+                   "--max-new-tokens", "5", "--loops", "X=1,3")
+    assert [g["loops"] for g in doc["generations"]] == [{"X": 1}, {"X": 3}]
+    assert all(isinstance(g["text"], str) for g in doc["generations"])
+    assert main(["generate", "--run", str(text_run_dir)]) == 2
+    assert "trains on text: give --prompt TEXT" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def no_checkpoint_run(run_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("empty") / "untrained"
+    path.mkdir()
+    shutil.copy(run_dir / "config.yaml", path / "config.yaml")
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--loops", "Z=4"], "unknown circuit 'Z' in --loops Z=4; this run's circuits are X, Y"),
+    (["eval", "--loops", "X=0"], "--loops X=0: loop counts must be >= 1, got 0"),
+    (["sweep", "--loops", "X=1:"], "malformed --loops X=1:"),
+    (["eval", "--loops", "X16"], "malformed --loops X16"),
+    (["eval", "--loops", "X=1:8"], "one count per circuit"),
+    (["eval", "--ablate", "W"], "--ablate W: unknown circuit"),
+    (["eval", "--split", "nope"], "this run has no eval split 'nope'; its splits are train, hard"),
+    (["generate", "--example-split", "nope"], "no eval split 'nope'"),
+    (["eval", "--step", "99"], f"no checkpoint for step 99 in .*: available steps are {STEP}"),
+    (["generate", "--prompt", "hello"], "trains on the synthetic task 'pointer_chase'.*use --example-split"),
+    (["eval", "@missing"], "--run .*: no such directory"),
+    (["ablate", "@untrained"], "no checkpoint in .*untrained/checkpoints: train first"),
+])
+def test_user_errors(run_dir, no_checkpoint_run, capsys, argv, message):
+    if argv[1].startswith("@"):
+        where = {"@missing": run_dir.parent / "missing", "@untrained": no_checkpoint_run}[argv[1]]
+        argv = [argv[0], "--run", str(where)]
+    else:
+        argv = [argv[0], "--run", str(run_dir), *argv[1:]]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
+
+
+def test_inspect(run_dir, capsys):
+    assert main(["inspect", "--run", str(run_dir), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["notation"] == ["(X1)^2 ⊕ (Y1)^3"] and doc["steps"] == [STEP]
+    assert set(doc["circuits"]) == {"X", "Y"} and doc["circuits"]["X"]["schedule"]["loops"] == "uniform(1, 3)"
+    assert doc["params"]["stages/0/circuits/X/blocks/attn/qkv/kernel"] == [1, 8, 24]
+    assert any("/circuits/Y/" in p for p in doc["params"])
+    assert sum(doc["circuits"][c]["params"] for c in "XY") + doc["shared_params"] == doc["total_params"]
+    assert main(["inspect", "--run", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "stages/0/circuits/X/write/kernel" in text and f"checkpoints on disk: steps {STEP}" in text

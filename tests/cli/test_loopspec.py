@@ -1,0 +1,44 @@
+"""--loops parsing: grids, lists, ranges and the errors a user can make."""
+
+import pytest
+
+from loopformer.cli.loopspec import geometric_grid, parse_counts, parse_loops
+from loopformer.errors import PlanError
+
+
+def test_geometric_grid():
+    assert geometric_grid(1, 64) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    assert geometric_grid(5, 20) == [5, 6, 8, 12, 16, 20]
+    assert geometric_grid(7, 7) == [7]
+    assert geometric_grid(1, 1000)[-3:] == [512, 768, 1000]
+
+
+@pytest.mark.parametrize("text, counts", [
+    ("16", [16]), ("1:64", geometric_grid(1, 64)), ("2:10:4", [2, 6, 10]), ("1:8:3", [1, 4, 7]),
+    ("8,1,2,2", [1, 2, 8]), (" 3 , 5 ", [3, 5]), ("1000", [1000]),
+])
+def test_parse_counts(text, counts):
+    assert parse_counts(text, "--loops X=" + text) == counts
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0", "must be >= 1, got 0"), ("-3", "must be >= 1"), ("1:0:1", "must be >= 1"), ("8:2", "range 8:2 is empty"),
+    ("x", "malformed"), ("1:", "malformed"), ("1:2:3:4", "A:B or A:B:STEP"), ("1:4,8", "mix of"),
+    ("", "malformed"), ("99999", "above the limit"),
+])
+def test_parse_counts_errors(text, message):
+    with pytest.raises(PlanError, match=message):
+        parse_counts(text, "--loops X=" + text)
+
+
+def test_parse_loops():
+    assert parse_loops(["Y=4", "X=1:4"], ["X", "Y"], grid=True) == {"X": [1, 2, 3, 4], "Y": [4]}
+    assert parse_loops(None, ["X"], grid=False) == {}
+    with pytest.raises(PlanError, match="unknown circuit 'Z' in --loops Z=3; this run's circuits are X, Y"):
+        parse_loops(["Z=3"], ["X", "Y"], grid=False)
+    with pytest.raises(PlanError, match="malformed --loops X16"):
+        parse_loops(["X16"], ["X"], grid=False)
+    with pytest.raises(PlanError, match="given twice"):
+        parse_loops(["X=1", "X=2"], ["X"], grid=True)
+    with pytest.raises(PlanError, match="one count per circuit; use `loopformer sweep`"):
+        parse_loops(["X=1:8"], ["X"], grid=False)

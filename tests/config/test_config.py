@@ -1,0 +1,154 @@
+"""Config loading, overrides and the documented one-line errors."""
+
+import pytest
+import yaml
+
+from loopformer.config import (
+    ARCHITECTURE,
+    BEHAVIOUR,
+    SCHEDULE,
+    SETTING,
+    TASK,
+    Config,
+    LoopSchedule,
+    circuit_label,
+    config_changes,
+    load_config,
+    part_of,
+)
+from loopformer.errors import ConfigError
+
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def test_quickstart_loads_and_round_trips(tmp_path):
+    cfg = load_config(QUICKSTART)
+    assert cfg.run.name == "quickstart" and cfg.model.d_model == 96
+    circuits = cfg.to_dict()["model"]["stages"][0]["circuits"]
+    assert all({"name", "depth", "width"} <= set(c) for c in circuits)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_overrides_by_path_index_and_circuit_name():
+    cfg = load_config(QUICKSTART, ["train.steps=7", "model.stages.0.circuits.Y.eval_loops=9",
+                                   "model.stages.0.circuits.0.loops=poisson_lognormal(8, 0.5)",
+                                   "data.eval_splits={a: [2, 3]}", "run.dir=/tmp/x"])
+    assert cfg.train.steps == 7
+    assert cfg.model.stages[0].circuits[1].eval_loops == 9
+    assert str(cfg.model.stages[0].circuits[0].distribution()) == "poisson_lognormal(8, 0.5)"
+    assert cfg.data.eval_splits == {"a": [2, 3]}
+    assert str(cfg.run_dir) == "/tmp/x/quickstart"
+
+
+def test_defaults_are_valid():
+    assert isinstance(load_config(None), Config)
+
+
+def test_integer_loops_mean_fixed():
+    cfg = load_config(QUICKSTART, ["model.stages.0.circuits.X.loops=5"])
+    assert str(cfg.model.stages[0].circuits[0].distribution()) == "fixed(5)"
+
+
+BAD = [
+    (["train.stepz=3"], r"unknown config key 'train.stepz': did you mean 'steps'\?"),
+    (["model.d_model=abc"], r"model.d_model: expected int, got 'abc'"),
+    (["train.steps"], r"malformed override 'train.steps': write key=value"),
+    (["=3"], r"malformed override"),
+    (["model.heads=5"], r"model.d_model \(96\) must be divisible by model.heads \(5\)"),
+    (["model.stages.0.circuits.X.heads=3"], r"circuits.X.width \(64\) must be divisible by .*heads \(3\)"),
+    (["model.stages.0.circuits.X.width=16"], r"slice circuit widths 16 \+ 32 = 48 must sum to model.d_model = 96"),
+    (["model.stages.0.circuits.X.backprop=0"], r"circuits.X.backprop \(truncation depth k\) must be >= 1"),
+    (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full attention\) or >= 1"),
+    (["model.window=-2"], r"model.window must be 0"),
+    (["eval.sweep_circuits=[Z]"], r"eval.sweep_circuits: 'Z' is not a circuit; circuits are X, Y"),
+    (["model.stages.0.circuits.X.loops=uniform(8, 2)"], r"circuits.X.loops: uniform\(a, b\) needs"),
+    (["model.stages.0.circuits.X.loops=many"], r"circuits.X.loops: 'many' is not a loop distribution"),
+    (["model.stages.0.circuits.X.inject=mul"], r"circuits.X.inject: 'mul' is not one of add, concat, none"),
+    (["model.stages.0.circuits.X.read=project"], r"unknown config key 'model.stages.0.circuits.0.read': .*io"),
+    (["model.stages.0.circuits.X.io=proj"], r"circuits.X.io: 'proj' is not one of slice, project"),
+    (["data.tokenizer=gpt2"], r"data.tokenizer: 'gpt2' is not bytes, bpe or a path to a tokenizer.json"),
+    (["run.name=.."], r"run.name must be a plain directory name, got '..'"),
+    (["model.stages.0.circuits.Y.name=X"], r"circuit name 'X' is used twice"),
+    (["model.stages.0.circuits.Z.depth=2"], r"'model.stages.0.circuits.Z' is not an index 0..1 or a name in \['X', 'Y'\]"),
+    (["data.train_difficulty=[3, 1]"], r"data.train_difficulty: expected \[lo, hi\] with 1 <= lo <= hi"),
+    (["data.batch_size=10", "train.grad_accum=3"], r"data.batch_size \(10\) must be divisible by train.grad_accum \(3\)"),
+    (["model.compute_dtype=fp8"], r"model.compute_dtype: 'fp8' is not one of float32, bfloat16"),
+    (["mesh.data=0"], r"mesh.data must be >= 1 or -1"),
+    (["train.eval_every=-1"], r"train.eval_every must be >= 0 \(0: no evaluation while training\), got -1"),
+    (["model.stages=[{circuits: []}]"], r"model.stages.0.circuits: a stage needs at least one circuit"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_config_gives_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(QUICKSTART, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(empty)
+    top = tmp_path / "list.yaml"
+    top.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)
+
+
+@pytest.mark.parametrize("task,ok", [("addition", False), ("pointer_chase", False), ("prefix_parity", True),
+                                     ("maze", True), ("text", False)])
+def test_bidirectional_needs_aligned_labels(task, ok):
+    """model.causal=false would let a next-token model read its targets: refused, naming the field."""
+    from loopformer.data.sources import build_data
+
+    extra = ["data.paths=['asset:kjv_genesis_exodus.txt']"] if task == "text" else []
+    cfg = load_config(QUICKSTART, ["model.causal=false", f"data.task={task}", *extra])
+    if ok:
+        assert build_data(cfg).task.labels_aligned
+    else:
+        with pytest.raises(ConfigError, match=r"model.causal=false .*set model.causal=true") as info:
+            build_data(cfg)
+        assert "\n" not in str(info.value)
+
+
+def test_a_plain_transformer_has_no_stages():
+    cfg = load_config(QUICKSTART, ["model.stages=[]", "eval.sweep_circuits=[]"])
+    assert cfg.model.circuits() == [] and cfg.model.schedules() == {}
+
+
+def test_circuit_settings_fall_in_three_parts():
+    c = load_config(QUICKSTART).model.circuit("X")
+    assert c.schedule() == LoopSchedule(loops="uniform(8, 16)", max_loops=64, eval_loops=12, backprop=4)
+    assert part_of("model.stages.0.circuits.X.width") == ARCHITECTURE
+    assert part_of("model.stages.0.circuits.X.window") == BEHAVIOUR
+    assert part_of("model.stages.0.circuits.X.backprop") == SCHEDULE
+    assert part_of("model.d_model") == part_of("model.norm") == ARCHITECTURE
+    assert part_of("model.compute_dtype") == part_of("model.causal") == BEHAVIOUR
+    assert part_of("data.task_args.rows") == part_of("data.tokenizer") == TASK
+    assert part_of("train.lr") == part_of("data.train_difficulty") == part_of("seed") == SETTING
+
+
+def test_config_changes_name_circuits_and_parts():
+    old = load_config(QUICKSTART).to_dict()
+    new = load_config(QUICKSTART, ["model.stages.0.circuits.X.loops=uniform(8, 24)", "train.steps=3000",
+                                   "model.stages.0.circuits.Y.width=16", "model.stages.0.circuits.X.width=80"]).to_dict()
+    changes = config_changes(old, new)
+    assert [(c.path, c.part) for c in changes] == [
+        ("model.stages.0.circuits.X.width", ARCHITECTURE), ("model.stages.0.circuits.X.loops", SCHEDULE),
+        ("model.stages.0.circuits.Y.width", ARCHITECTURE), ("train.steps", SETTING)]
+    assert changes[1].old == "uniform(8, 16)" and changes[1].new == "uniform(8, 24)"
+    assert circuit_label(changes[1].path) == "loops of X"
+    assert config_changes(old, old) == []
+    fewer = load_config(QUICKSTART, ["model.stages.0.circuits=[{name: X, width: 96, heads: 4}]",
+                                     "eval.sweep_circuits=[]"]).to_dict()
+    assert [(c.path, c.part) for c in config_changes(old, fewer)][0] == ("model.stages.0.circuits", ARCHITECTURE)

@@ -1,0 +1,104 @@
+"""Ablation and sweeps against the model itself: a removed circuit equals a model built without it,
+a sweep reuses one program, means and per-example correctness skip padding."""
+
+import copy
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.evaluation.ablate import ablate, mean_fill
+from loopformer.evaluation.evaluator import evaluator_for
+from loopformer.evaluation.sweep import convergence, sweep
+from loopformer.model.transformer import build_model
+from loopformer.train.runs import load_run, read_run
+from tests.conftest import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return load_run(read_run(run_dir))
+
+
+@pytest.fixture(scope="module")
+def eval_sets(run):
+    return run.eval_sets(["train", "hard"], EXAMPLES)
+
+
+def test_ablation_equals_the_model_built_without_the_circuit(run, eval_sets):
+    # X and Y run batched under one vmap; the model without Y has X's weights at the same paths.
+    small_cfg = copy.deepcopy(run.info.cfg.model)
+    small_cfg.stages[0].circuits = small_cfg.stages[0].circuits[:1]
+    small = nnx.eval_shape(lambda: build_model(small_cfg, run.model.vocab_size, 0))
+    params = copy.deepcopy(run.params)
+    del params["stages"][0]["circuits"]["Y"]
+    evaluator = evaluator_for(small)
+    defaults = run.info.full_loops()
+    for split, batches in eval_sets.items():
+        ablated = run.evaluator.evaluate(run.params, batches, defaults, ablate=["Y"])
+        without = evaluator.evaluate(params, batches, {"X": 2})
+        full = run.evaluator.evaluate(run.params, batches, defaults)
+        assert ablated["loss"] == pytest.approx(without["loss"], rel=1e-5), split
+        assert ablated["accuracy"] == without["accuracy"]
+        assert abs(ablated["loss"] - full["loss"]) > 1e-4  # Y matters in this model
+
+
+def test_ablate_rows_and_mean_mode(run, eval_sets):
+    zero = ablate(run, eval_sets, "zero")
+    mean = ablate(run, eval_sets, "mean")
+    assert [r["label"] for r in zero[:4]] == ["baseline", "-X", "-Y", "none"]
+    by = {(r["split"], r["label"], r["mode"]): r for r in zero + mean}
+    for split in eval_sets:
+        base = by[split, "baseline", "zero"]
+        assert base["delta_loss"] == 0 and base["kept"] == ["X", "Y"]
+        assert by[split, "baseline", "mean"]["loss"] == base["loss"]
+        assert by[split, "-X", "zero"]["delta_loss"] == pytest.approx(by[split, "-X", "zero"]["loss"] - base["loss"])
+        assert by[split, "-X", "mean"]["loss"] != by[split, "-X", "zero"]["loss"]
+    # The mean is taken over the batches without padding rows (the first of the two here).
+    fill = mean_fill(run, eval_sets["train"])
+    np.testing.assert_allclose(fill, run.evaluator.circuit_means(run.params, eval_sets["train"][:1],
+                                                                 run.info.full_loops()))
+    assert fill.shape == (2, 16) and float(np.abs(fill).max()) > 0
+
+
+def test_a_sweep_compiles_one_program_for_any_count(run, eval_sets):
+    # 8 settings, counts up to 1000, at most one compile (none if an earlier test built the
+    # program for this batch shape: the evaluator is shared by every command in the process).
+    before = run.evaluator.compiles
+    rows = sweep(run, {"hard": eval_sets["hard"]}, {"X": [1, 2, 7, 1000], "Y": [1, 3]})
+    assert run.evaluator.compiles - before <= 1
+    sweep(run, {"hard": eval_sets["hard"]}, {"X": [5, 9], "Y": [2]})
+    assert run.evaluator.compiles - before <= 1
+    assert [(r["loops"]["X"], r["loops"]["Y"]) for r in rows][:3] == [(1, 1), (1, 3), (2, 1)]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert len({round(r["loss"], 6) for r in rows}) > 4  # the counts change the output
+    conv = convergence(run, {"hard": eval_sets["hard"]}, {"X": 4})
+    stats = conv["hard"]["X"]
+    assert set(conv["hard"]) == {"X"} and len(stats["rel_change"]) == len(stats["state_norm"]) == 4
+    assert all(0 <= v <= 2 for v in stats["rel_change"])
+
+
+def test_mean_fill_ignores_padding(run):
+    """A circuit's mean output for mean ablation averages real tokens only: appending padding (segment 0)
+    to every row leaves it unchanged."""
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, run.model.vocab_size, (4, 6)).astype(np.int32)
+    batch = {"inputs": inputs, "targets": inputs, "mask": np.ones_like(inputs, np.float32),
+             "segment_ids": np.ones_like(inputs)}
+    padded = {k: np.pad(v, ((0, 0), (0, 5))) for k, v in batch.items()}  # segment 0: padding
+    padded["inputs"][:, 6:] = rng.integers(1, run.model.vocab_size, (4, 5))  # whatever the padding holds
+    loops = run.info.full_loops()
+    np.testing.assert_allclose(run.evaluator.circuit_means(run.params, [padded], loops),
+                               run.evaluator.circuit_means(run.params, [batch], loops), rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_correctness_matches_the_accuracy(run, eval_sets):
+    """Evaluator.correct: one bool per real example (the padding rows of the last batch dropped),
+    whose mean is evaluate()'s exact-match accuracy, at every loop count."""
+    for n in (1, 4):
+        for split in ("train", "hard"):
+            loops = run.info.full_loops({"X": n})
+            correct = run.evaluator.correct(run.params, eval_sets[split], loops)
+            acc = run.evaluator.evaluate(run.params, eval_sets[split], loops)["accuracy"]
+            assert correct.shape == (EXAMPLES,) and correct.dtype == bool
+            assert correct.mean() == pytest.approx(acc)

@@ -1,0 +1,33 @@
+"""Pure helpers of the analysis: grid points, ablation settings, convergence verdicts, tables."""
+
+from loopformer.evaluation.ablate import ablation_sets
+from loopformer.evaluation.sweep import grid_points, verdict
+
+
+def test_grid_points_and_ablation_sets():
+    assert grid_points({"X": [1, 2], "Y": [3]}) == [{"X": 1, "Y": 3}, {"X": 2, "Y": 3}]
+    assert grid_points({}) == [{}]
+    assert ablation_sets(["X"]) == [("baseline", []), ("-X", ["X"])]
+    # With two circuits "only X" is "-Y": each distinct set is evaluated once.
+    assert ablation_sets(["X", "Y"]) == [("baseline", []), ("-X", ["X"]), ("-Y", ["Y"]), ("none", ["X", "Y"])]
+    three = ablation_sets(["X", "Y", "Z"])
+    assert [label for label, _ in three] == ["baseline", "-X", "-Y", "-Z", "only X", "only Y", "only Z", "none"]
+    assert dict(three)["only Y"] == ["X", "Z"]
+
+
+def test_verdict():
+    n = 20
+    assert verdict([0.5] * 3 + [1e-4] * (n - 3), [1.0] * n, 3) == "fixed-point"
+    assert verdict([0.5 / i**2 for i in range(1, n + 1)], [1.0] * n, 3) == "settling"
+    # Constant steps on a linearly growing state: rel_change ~ 1/i, but the state drifts.
+    assert verdict([1.0 / i for i in range(1, n + 1)], [float(i) for i in range(1, n + 1)], 3) == "drifting"
+    assert verdict([0.3] * n, [5.0] * n, 3) == "moving"
+    assert verdict([0.3] * 3, [5.0] * 3, 3) == "-"
+
+
+def test_format_table_multiline_cells():
+    from loopformer.evaluation.tables import format_table
+
+    text = format_table(["loops", "answer", ""], [["X=1", "#-#\n. .", "✓"], ["X=24", "ab", "✗"]])
+    assert text.splitlines() == ["loops  answer", "-----  ------  -", "X=1    #-#     ✓", "       . .",
+                                 "X=24   ab      ✗"]
