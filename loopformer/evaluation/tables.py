@@ -12,7 +12,7 @@ from loopformer.evaluation.run import Row, RunInfo
 
 def _is_number(cell: str) -> bool:
     try:
-        float(cell.strip().rstrip("%*").replace("e+", "e"))
+        float(cell.strip().rstrip("%*").replace("e+", "e").replace(",", ""))
     except ValueError:
         return False
     return True
