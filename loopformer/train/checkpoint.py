@@ -1,19 +1,34 @@
 """Checkpoints: a thin wrapper over `orbax.checkpoint.CheckpointManager`.
 
-Each step directory holds two orbax items: `state` (the train-state pytree, written with
-`StandardSave`, restored onto the shapes/dtypes/shardings of an abstract tree) and, optionally, `data`
-(the grain iterator state, written with grain's orbax handler). Atomicity comes from orbax: a step is
-written to a temporary directory and renamed when finished, and unfinished steps are never listed.
+Each step directory holds orbax items: `state` (the train-state pytree, written with `StandardSave`,
+restored onto the shapes/dtypes/shardings of an abstract tree), `checksums` (one checksum per array of
+`state`, JSON) and, optionally, `data` (the grain iterator state, written with grain's orbax handler).
+Atomicity comes from orbax: a step is written to a temporary directory and renamed when finished, and
+unfinished steps are never listed.
+
+Nothing silently wrong: `save` refuses a state holding NaN or inf (a diverged run must not replace a
+good checkpoint), and `restore` recomputes every array's checksum and compares it with the one saved
+(a changed byte on disk is an error naming the step and the fix, not a quietly different model), then
+checks that the restored values are finite. Checkpoints written before checksums existed restore
+without the comparison.
+
+The checksum of an array is ``sum_i fmix32(word_i ^ (i * 0x9E3779B9))`` over its 32-bit words
+(narrower dtypes widened, 64-bit ones split) modulo 2^32: integer addition is exact and order-free,
+so it is computed on device, under any sharding or mesh, and equal on restore to what was saved; any
+single changed word changes it (fmix32 is a bijection).
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from loopformer.errors import CheckpointError
@@ -25,6 +40,8 @@ OLDER_LAYOUT = ("comes from an older loopformer layout (before 0.2: circuit weig
                 "with loopformer 0.1 (git commit 31e85c4 and earlier)")
 _STATE = "state"
 _DATA = "data"
+_CHECKSUMS = "checksums"
+CHECKSUM_KIND = "fmix32-sum-v1"
 _ITERATORS = (grain.DatasetIterator, grain.DataLoaderIterator)
 
 
@@ -48,6 +65,62 @@ def _with_default_sharding(abstract_state: PyTree) -> PyTree:
     return jax.tree.map(fill, abstract_state)
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every bit into every other."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 words (same shape; 64-bit dtypes get a trailing axis of 2)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_digest(x: Any) -> tuple[jax.Array, jax.Array]:
+    """(checksum, all finite) of one array, on device: see the module docstring."""
+    x = jnp.asarray(x)
+    words = _words(x)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):  # flat position, built from iotas so sharding is kept
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    checksum = jnp.sum(_fmix32(words ^ (index * np.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(True)
+    return checksum, finite
+
+
+_digest = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
+
+
+def _host(x: Any) -> Any:
+    """A replicated scalar result on this host (also when the computation spans several processes)."""
+    return np.asarray(x.addressable_data(0) if hasattr(x, "addressable_data") else x).item()
+
+
+def state_digest(tree: PyTree) -> dict[str, dict[str, Any]]:
+    """``{"a/b/0/c": {"dtype": str, "checksum": int, "finite": bool}}`` for every array leaf of
+    ``tree`` (see the module docstring); one compiled program per tree structure."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = [leaf for _, leaf in flat]
+    digests = jax.tree.leaves(_digest(leaves))
+    out = {}
+    for i, (path, leaf) in enumerate(flat):
+        checksum, finite = digests[2 * i], digests[2 * i + 1]
+        out[jax.tree_util.keystr(path, simple=True, separator="/")] = {
+            "dtype": str(jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype),
+            "checksum": int(_host(checksum)), "finite": bool(_host(finite))}
+    return out
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     line = f"{type(error).__name__}: {text[0] if text else ''}"
@@ -64,7 +137,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=False, enable_async_checkpointing=async_save
         )
-        handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: grain.checkpoint.CheckpointHandler()}
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: grain.checkpoint.CheckpointHandler(),
+                    _CHECKSUMS: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._last_saved: int | None = None
 
@@ -82,14 +156,22 @@ class Checkpoints:
     def save(self, step: int, state: PyTree, data_iterator: Any = None, *, force: bool = False) -> bool:
         """Starts saving `state` (and `data_iterator`'s position) as `step`; returns whether it did.
 
-        Nothing is saved when `step` is not newer than the latest checkpoint. The save runs in the
-        background when async; call `wait()` before reading it from another process.
+        Nothing is saved when `step` is not newer than the latest checkpoint. FloatingPointError, and
+        nothing saved, when an array of `state` holds NaN or inf. The save runs in the background when
+        async; call `wait()` before reading it from another process.
         """
         if data_iterator is not None and not isinstance(data_iterator, _ITERATORS):
             raise TypeError(f"data_iterator must be a grain iterator, got {type(data_iterator).__name__}")
         if step in self._manager.all_steps():
             return False
-        items = {_STATE: ocp.args.StandardSave(state)}
+        digest = state_digest(state)
+        bad = [path for path, d in digest.items() if not d["finite"]]
+        if bad:
+            raise FloatingPointError(f"not saving step {step}: {bad[0]} holds NaN or inf"
+                                     + (f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""))
+        checksums = {"kind": CHECKSUM_KIND,
+                     "arrays": {path: {"dtype": d["dtype"], "checksum": d["checksum"]} for path, d in digest.items()}}
+        items = {_STATE: ocp.args.StandardSave(state), _CHECKSUMS: ocp.args.JsonSave(checksums)}
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -116,20 +198,19 @@ class Checkpoints:
                 f"{', '.join(map(str, steps))}"
             )
         step_dir = self.directory / str(step)
-        earlier = [s for s in steps if s < step]
-        corrupt = (
-            f"checkpoint step {step} in {self.directory} is corrupt or incomplete: delete {step_dir}"
-            + (f" or restore an earlier step with step={earlier[-1]}" if earlier else "")
-            + " ({})"
-        )
+        advice = self._advice(step, steps)
+
+        def corrupt(why: str) -> CheckpointError:
+            return CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt or incomplete ({why}); {advice}")
+
         try:
             metadata = self._manager.metadata(step)
             saved_items = set(metadata.item_handlers or {})
             state_metadata = metadata.item_metadata[_STATE]
         except Exception as e:
-            raise CheckpointError(corrupt.format(f"cannot read its metadata: {_first_line(e)}")) from e
+            raise corrupt(f"cannot read its metadata: {_first_line(e)}") from e
         if state_metadata is None:  # orbax logs a warning and returns None when _METADATA is unreadable
-            raise CheckpointError(corrupt.format(f"{step_dir / _STATE} has no readable metadata"))
+            raise corrupt(f"{step_dir / _STATE} has no readable metadata")
         saved_shapes = _leaf_shapes(state_metadata)
         if any("/groups/" in path for path in saved_shapes):
             raise CheckpointError(f"checkpoint step {step} in {self.directory} {OLDER_LAYOUT}")
@@ -142,11 +223,46 @@ class Checkpoints:
         items = {_STATE: ocp.args.StandardRestore(_with_default_sharding(abstract_state))}
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if _CHECKSUMS in saved_items:
+            items[_CHECKSUMS] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise CheckpointError(corrupt.format(_first_line(e))) from e
+            raise corrupt(_first_line(e)) from e
+        self._verify(step, steps, restored[_STATE], restored[_CHECKSUMS] if _CHECKSUMS in saved_items else None)
         return restored[_STATE]
+
+    def _advice(self, step: int, steps: list[int]) -> str:
+        """What to do about a bad checkpoint ``step``: delete it (the exact command); what happens then."""
+        others = [s for s in steps if s != step]
+        delete = f"delete it (rm -r {shlex.quote(str(self.directory / str(step)))})"
+        if not others:
+            return f"{delete} to train from scratch (it is the run's only checkpoint)"
+        other = ([s for s in others if s < step] or others)[-1]
+        return (f"{delete} and training resumes from step {others[-1]} (analysis commands can read step {other} "
+                f"now with --step {other})")
+
+    def _verify(self, step: int, steps: list[int], state: PyTree, saved: Any) -> None:
+        """CheckpointError when a restored array differs from the checksum saved with it, or holds
+        NaN/inf. Arrays restored into another dtype than they were saved in are not compared."""
+        digest = state_digest(state)
+        where = f"checkpoint step {step} in {self.directory}"
+        if saved is not None:
+            arrays = saved.get("arrays", {}) if isinstance(saved, Mapping) else {}
+            if not isinstance(saved, Mapping) or saved.get("kind") != CHECKSUM_KIND:
+                raise CheckpointError(f"{where} has unreadable checksums; " + self._advice(step, steps))
+            changed = [path for path, d in digest.items()
+                       if path in arrays and arrays[path].get("dtype") == d["dtype"]
+                       and arrays[path].get("checksum") != d["checksum"]]
+            if changed:
+                more = f" (and {len(changed) - 1} more arrays)" if len(changed) > 1 else ""
+                raise CheckpointError(f"{where} is corrupt: {changed[0]}{more} does not match the checksum saved with "
+                                      f"it (the file changed on disk); " + self._advice(step, steps))
+        bad = [path for path, d in digest.items() if not d["finite"]]
+        if bad:
+            more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+            raise CheckpointError(f"{where} holds NaN or inf in {bad[0]}{more}: the run had diverged when it was "
+                                  f"saved; " + self._advice(step, steps))
 
     def _check_compatible(
         self,

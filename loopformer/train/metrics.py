@@ -25,17 +25,21 @@ class MetricsWriter:
     """Writes scalars to <run_dir>/metrics.jsonl (one JSON object per line: {"step": int, "<name>": float,
     ...}) and tensorboard event files under <run_dir>/tb/.
 
-    Resuming a run appends to metrics.jsonl and starts a new event file. With `enabled=False` (non-main
-    processes) every call is a no-op and nothing is written.
+    Resuming a run appends to metrics.jsonl and starts a new event file; with ``resume_step`` (the step
+    training restarts from) the lines of later steps, logged before a crash and about to be trained
+    again, are dropped first, so no step appears twice. With `enabled=False` (non-main processes) every
+    call is a no-op and nothing is written.
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._jsonl: Any = None
         self._tb: EventFileWriter | None = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                truncate_metrics(self.run_dir, resume_step)
             self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
             self._tb = EventFileWriter(str(self.run_dir / TB_DIR), flush_secs=30)
 
@@ -97,6 +101,32 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             if i != len(lines) - 1:  # only the last line can be cut short by a crash
                 raise
     return records
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop the records of ``metrics.jsonl`` after ``step`` (and a torn last line), rewriting the file
+    atomically; returns how many were dropped (0: the file is left untouched)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:  # only the last line can be cut short by a crash
+                raise
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    if len(keep) == len(lines) and (not lines or text.endswith("\n")):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)
+    return len(lines) - len(keep)
 
 
 def read_tensorboard_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -6,11 +6,21 @@
       config_changes.jsonl   one line per resume that changed settings: {"step", "changes": [...]}
       checkpoints/           orbax: params, optimizer, step, grain iterator state
       tb/ metrics.jsonl      tensorboard events and logged scalars
+      .train.lock            held (flock) by the training process for the run's life: a second
+                             trainer on the directory stops with one line (multi-process runs: process i
+                             of n > 1 locks .train.lock.i); analysis commands take no lock
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,7 @@ from loopformer.train.step import init_state
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".train.lock"
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -84,9 +95,8 @@ def describe_change(change: Change) -> str:
     return f"{label}: {change.old!r} -> {change.new!r}"
 
 
-def prepare_run_dir(cfg: Config) -> tuple[Path, list[Change]]:
-    """Create the run directory (clear error if it cannot be written), check a resume against the
-    run's config (`resume_changes`) and write the new config. Returns the directory and the changes."""
+def make_run_dir(cfg: Config) -> Path:
+    """Create the run directory; ConfigError with the fix if it cannot be written."""
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +106,65 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, list[Change]]:
     except OSError as e:
         raise ConfigError(f"run.dir: cannot write to {run_dir} ({e.strerror or e}); set run.dir=<a writable "
                           f"directory> or run.name=<another name>") from None
+    return run_dir
+
+
+def lock_file(run_dir: Path, process: int = 0) -> Path:
+    return Path(run_dir) / (LOCK_FILE if process == 0 else f"{LOCK_FILE}.{process}")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, process: int | None = None) -> Iterator[Path]:
+    """Hold an exclusive OS lock (``flock``) on the run directory while training it.
+
+    The lock belongs to the open file, so the kernel releases it when the process exits, however it
+    exits (``kill -9`` included): a stale lock file never blocks a later run. The file also names the
+    holder (pid, host, start time) for the error the next trainer prints. In a multi-process run each
+    process locks its own file (``.train.lock`` for process 0, ``.train.lock.<i>``), so a second job
+    fails in every process at once instead of hanging in a collective. A filesystem without locks
+    (some network mounts) trains unlocked, with a note."""
+    process = jax.process_index() if process is None else process
+    path = lock_file(run_dir, process)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
+            raise ConfigError(f"{run_dir} is being trained by another process{holder}; wait for it to finish "
+                              f"(or stop it), or set run.name=<another name> to start a separate run") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            if process == 0:
+                print(f"note: {run_dir}'s filesystem has no file locks ({e.strerror}); nothing stops a second "
+                      f"trainer on this directory", flush=True)
+        else:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def trained_to(run_dir: Path) -> int | None:
+    """The newest checkpoint step on disk, or None."""
+    steps = checkpoint_steps(run_dir)
+    return steps[-1] if steps else None
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Path, list[Change]]:
+    """Create the run directory (`make_run_dir`), check a resume against the run's config
+    (`resume_changes`) and write the new config, unless the run is already trained to train.steps
+    (a rerun that trains nothing leaves config.yaml as it was). Returns the directory and the changes."""
+    run_dir = make_run_dir(cfg)
     changes = resume_changes(cfg, run_dir)
-    if jax.process_index() == 0:
+    done = trained_to(run_dir)
+    if jax.process_index() == 0 and not (done is not None and done >= cfg.train.steps):
         saved = run_dir / CONFIG_FILE
         tmp = saved.with_suffix(".yaml.tmp")
         tmp.write_text(cfg.to_yaml())

@@ -25,6 +25,7 @@ from loopformer.model.transformer import forward_batch
 Array = jax.Array
 Batch = dict[str, Array]
 State = dict[str, Any]
+FINITE = "finite"  # metric: loss, gradient norm and update all finite at this step (a bool, kept on device)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedules: Mapping[str, LoopSchedule],
@@ -32,6 +33,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                     batch_sharding: jax.sharding.NamedSharding | None = None,
                     ) -> Callable[[State, Batch], tuple[State, dict[str, Array]]]:
     """Build ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+    ``metrics[FINITE]`` says whether this step's loss, gradient norm and update were all finite; the
+    trainer collects it on device and checks it before logging, evaluating or saving (no host sync
+    per step).
 
     ``schedules`` (by circuit name, in model order) give each circuit's loop distribution and
     truncation depth. The global batch [B, T] is split into ``grad_accum`` micro-batches run under
@@ -73,9 +78,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1}
         tokens, examples = jnp.maximum(sums["tokens"], 1.0), jnp.maximum(sums["examples"], 1.0)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
         metrics = {"loss": sums["loss_sum"], "accuracy": sums["example_correct"] / examples,
-                   "token_accuracy": sums["token_correct"] / tokens, "grad_norm": optax.global_norm(grads),
-                   "lr": lr_schedule(step)}
+                   "token_accuracy": sums["token_correct"] / tokens, "grad_norm": grad_norm,
+                   "lr": lr_schedule(step), FINITE: finite}
         metrics.update({f"loops/{n}": v for n, v in loops.items()})
         return new_state, metrics
 

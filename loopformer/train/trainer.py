@@ -28,8 +28,16 @@ from loopformer.model.plan import resolve_loops
 from loopformer.train.checkpoint import Checkpoints
 from loopformer.train.metrics import MetricsWriter, ProgressLine
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
-from loopformer.train.runs import abstract_like, describe_change, make_model, prepare_run_dir, record_changes
-from loopformer.train.step import init_state, make_train_step
+from loopformer.train.runs import (
+    abstract_like,
+    describe_change,
+    make_model,
+    make_run_dir,
+    prepare_run_dir,
+    record_changes,
+    run_lock,
+)
+from loopformer.train.step import FINITE, init_state, make_train_step
 
 
 def log(msg: str) -> None:
@@ -63,9 +71,45 @@ def _eval_line(metrics: dict[str, float]) -> str:
     return f"loss {metrics['loss']:.3f} acc {100 * metrics['accuracy']:.1f}%"
 
 
+class _Divergence:
+    """Each step's on-device ``finite`` flag, collected without a host sync and checked (one sync)
+    before anything is logged, evaluated or saved: a NaN or inf is reported at the step it happened,
+    and no checkpoint after it is written, so the last good checkpoint is never rotated out by a bad one."""
+
+    def __init__(self, last_saved: int | None):
+        self.flags: list[tuple[int, Any]] = []
+        self.last_saved = last_saved
+
+    def add(self, step: int, finite: Any) -> None:
+        self.flags.append((step, finite))
+
+    def check(self) -> None:
+        flags = [bool(f) for f in jax.device_get([f for _, f in self.flags])]
+        steps = [s for s, _ in self.flags]
+        self.flags = []
+        if all(flags):
+            return
+        bad = steps[flags.index(False)]
+        kept = (f"the last checkpoint, step {self.last_saved}, is kept and a rerun resumes from it"
+                if self.last_saved is not None else "no checkpoint was written, so a rerun starts from scratch")
+        raise FloatingPointError(f"training diverged at step {bad}: the loss or gradient is NaN or inf; nothing "
+                                 f"from it was saved ({kept}); lower train.lr or raise train.warmup_steps "
+                                 f"(or train.grad_clip) and rerun")
+
+    def saved(self, step: int) -> None:
+        self.last_saved = step
+
+
 def train(cfg: Config) -> TrainResult:
-    """Train ``cfg`` from scratch, or resume its run directory from the latest checkpoint."""
+    """Train ``cfg`` from scratch, or resume its run directory from the latest checkpoint. The run
+    directory is locked for the whole call (`loopformer.train.runs.run_lock`): a second trainer on it
+    stops with a ConfigError."""
     parallel.initialize_distributed()  # multi-process runs only; before any JAX computation
+    with run_lock(make_run_dir(cfg)):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> TrainResult:
     run_dir, changes = prepare_run_dir(cfg)
     source = build_data(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
@@ -90,11 +134,14 @@ def train(cfg: Config) -> TrainResult:
     start = ckpts.latest_step()
     if start is not None:
         state = ckpts.restore(abstract_like(state), data_it, step=start)
-        log(f"resumed {run_dir} from step {start}")
-        for change in changes:
-            log(f"  {describe_change(change)} from step {start}")
-        record_changes(run_dir, start, changes)
+        if start < cfg.train.steps:  # a rerun that trains nothing changes nothing
+            log(f"resumed {run_dir} from step {start}")
+            for change in changes:
+                log(f"  {describe_change(change)} from step {start}")
+            record_changes(run_dir, start, changes)
+    divergence = _Divergence(start)
     start = int(state["step"])
+    training = start < cfg.train.steps
     circuits = model.circuit_names
     defaults = resolve_loops({c.name: c.eval_loops for c in cfg.model.circuits()})
     train_step = make_train_step(graphdef, tx, cfg.model.schedules(), cfg.seed, cfg.train.grad_accum,
@@ -105,7 +152,8 @@ def train(cfg: Config) -> TrainResult:
     bytes_per_token = {name: source.bytes_per_token(batches) for name, batches in host_sets.items()}
     eval_sets = {name: [parallel.put_global_batch(b, mesh) for b in batches] for name, batches in host_sets.items()}
     flop_counter = FlopCounter(cfg.model, model.vocab_size, seq_len, causal=cfg.model.causal)
-    writer = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
+    # Steps logged after the checkpoint we resume from (before a crash) are trained again: drop them.
+    writer = MetricsWriter(run_dir, enabled=jax.process_index() == 0 and training, resume_step=start)
     progress = ProgressLine(cfg.train.steps, start)
     result = TrainResult(run_dir, start)
 
@@ -131,10 +179,16 @@ def train(cfg: Config) -> TrainResult:
         for step in range(start, cfg.train.steps):
             batch = parallel.put_batch(next(data_it), mesh)
             state, metrics = train_step(state, batch)
+            done = step + 1
+            divergence.add(done, metrics.pop(FINITE))
             window_steps += 1
             window_loops.append([metrics[f"loops/{n}"] for n in circuits])
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            last = done == cfg.train.steps
+            evaluate = cfg.train.eval_every and (done % cfg.train.eval_every == 0 or last)
+            save = done % cfg.train.checkpoint_every == 0 or last
+            if done % cfg.train.log_every == 0 or last or evaluate or save:
+                divergence.check()  # one host sync, only at these steps
+            if done % cfg.train.log_every == 0 or last:
                 metrics = jax.device_get(metrics)
                 elapsed = time.time() - window_start
                 tok_s = window_steps * cfg.data.batch_size * seq_len / max(elapsed, 1e-9)
@@ -147,9 +201,6 @@ def train(cfg: Config) -> TrainResult:
                 peak, _ = peak_flops(cfg.model.compute_dtype)
                 step_flops = float(np.sum(flop_counter.train(loops_seen)))
                 scalars["train/mfu"] = step_flops * cfg.data.batch_size * seq_len / max(elapsed, 1e-9) / peak
-                if not np.isfinite(scalars["train/loss"]):
-                    raise FloatingPointError(f"loss is {scalars['train/loss']} at step {done}; lower train.lr or "
-                                             f"raise train.warmup_steps")
                 writer.scalars(done, scalars)
                 shown = ({"loss": scalars["train/loss"], "bpb": scalars["train/bits_per_byte"]}
                          if "train/bits_per_byte" in scalars else
@@ -157,10 +208,10 @@ def train(cfg: Config) -> TrainResult:
                 log(progress.format(done, shown,
                                     tok_s, scalars["train/lr"], {n: int(metrics[f"loops/{n}"]) for n in circuits}))
                 window_start, window_steps, window_loops = time.time(), 0, []
-            if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+            if evaluate:
                 run_eval(done)
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                ckpts.save(done, state, data_it)
+            if save and ckpts.save(done, state, data_it):
+                divergence.saved(done)
             result.step = done
         if start >= cfg.train.steps:
             log(f"{run_dir} is already trained to step {start} (train.steps={cfg.train.steps}); "

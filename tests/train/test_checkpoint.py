@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from loopformer.errors import CheckpointError
-from loopformer.train.checkpoint import Checkpoints
+from loopformer.train.checkpoint import Checkpoints, state_digest
 
 
 def make_state(width: int = 3, seed: int = 0) -> dict:
@@ -72,7 +72,7 @@ def test_restore_onto_different_mesh(tmp_path):
     code = f"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from loopformer.train.checkpoint import Checkpoints
+from loopformer.train.checkpoint import Checkpoints, state_digest
 x = jax.device_put(jnp.arange(64.0).reshape(8, 8),
                    NamedSharding(jax.make_mesh((2,), ("d",), devices=jax.devices()[:2]), P("d", None)))
 with Checkpoints({str(tmp_path)!r}) as ckpt:
@@ -226,11 +226,76 @@ def test_error_corrupt_checkpoint(tmp_path, damage):
     else:
         next((step_dir / "data").glob("*.json")).unlink()
     ckpt = Checkpoints(tmp_path / "ckpt")
-    match = r"step 2 in .* is corrupt or incomplete: delete .*ckpt/2 or restore an earlier step with step=1 "
+    match = (r"step 2 in .* is corrupt or incomplete \(.*\); delete it \(rm -r .*ckpt/2\) and training resumes from "
+             r"step 1 \(analysis commands can read step 1 now with --step 1\)$")
     with pytest.raises(CheckpointError, match=match) as err:
         ckpt.restore(abstract(make_state()), make_iterator())
     assert "\n" not in str(err.value)
     ckpt.restore(abstract(make_state()), make_iterator(), step=1)
+
+
+def flip_byte(step_dir: Path, where: float = 0.25) -> Path:
+    """Flip one bit inside the largest array chunk of a checkpoint step (a disk or copy error)."""
+    chunk = max((f for f in (step_dir / "state").rglob("d/*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[int(len(data) * where)] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):
+    """Issue #17.6: a changed byte inside a chunk used to load without error (different values). Every
+    array's checksum is saved with it and compared on restore; the error names the step, the array,
+    and the command that fixes it."""
+    big = {"params": {"w": jnp.arange(20000, dtype=jnp.float32).reshape(100, 200) / 7, "b": jnp.ones(3)},
+           "step": jnp.asarray(4, jnp.int32)}
+    ckpt = Checkpoints(tmp_path / "ckpt", async_save=False)
+    ckpt.save(2, big)
+    ckpt.save(4, big)
+    flip_byte(tmp_path / "ckpt" / "4")
+    with pytest.raises(CheckpointError, match=r"checkpoint step 4 in .* is corrupt: params/w does not match the "
+                       r"checksum saved with it .*; delete it \(rm -r .*ckpt/4\) and training resumes from step 2"):
+        Checkpoints(tmp_path / "ckpt").restore(abstract(big))
+    assert_trees_equal(Checkpoints(tmp_path / "ckpt").restore(abstract(big), step=2), big)
+
+
+def test_checksums_are_independent_of_layout_and_catch_any_single_change():
+    x = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    base = state_digest({"x": x})["x"]["checksum"]
+    sharded = jax.device_put(x, jax.sharding.SingleDeviceSharding(jax.devices()[-1]))
+    assert state_digest({"x": sharded})["x"]["checksum"] == base
+    for i, j in [(0, 0), (63, 47), (10, 20)]:
+        y = x.copy()
+        y.view(np.uint32)[i, j] ^= 1 << (i % 32)
+        assert state_digest({"x": y})["x"]["checksum"] != base
+    assert state_digest({"x": x.T.copy().T})["x"]["checksum"] == base  # values, not memory order
+    swapped = x.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert state_digest({"x": swapped})["x"]["checksum"] != base  # positions count
+    for dtype in (jnp.bfloat16, jnp.int8, jnp.bool_, jnp.uint32):
+        assert isinstance(state_digest({"x": jnp.ones((3, 2), dtype)})["x"]["checksum"], int)
+
+
+def test_nan_state_is_never_saved_nor_restored(tmp_path, monkeypatch):
+    """Issue #17.2: a diverged state must not become a checkpoint (it would rotate the good ones out),
+    and a NaN checkpoint from an older version is refused on restore instead of evaluating to loss nan."""
+    from loopformer.train import checkpoint
+
+    state = make_state()
+    state["params"]["dense"]["w"] = state["params"]["dense"]["w"].at[1, 2].set(jnp.nan)
+    ckpt = saved(tmp_path, steps=(1,))
+    with pytest.raises(FloatingPointError, match=r"not saving step 2: params/dense/w holds NaN or inf"):
+        ckpt.save(2, state)
+    assert ckpt.all_steps() == [1] and not (tmp_path / "ckpt" / "2").exists()
+    real = checkpoint.state_digest
+    monkeypatch.setattr(checkpoint, "state_digest",
+                        lambda tree: {k: {**v, "finite": True} for k, v in real(tree).items()})
+    assert ckpt.save(2, state)  # as a version without the check would have
+    ckpt.wait()
+    monkeypatch.setattr(checkpoint, "state_digest", real)
+    with pytest.raises(CheckpointError, match=r"step 2 in .* holds NaN or inf in params/dense/w.* diverged.*"
+                       r"rm -r .*ckpt/2\) and training resumes from step 1"):
+        Checkpoints(tmp_path / "ckpt").restore(abstract(state))
 
 
 def test_save_rejects_non_grain_iterator(tmp_path):

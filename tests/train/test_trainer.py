@@ -3,6 +3,11 @@
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -60,6 +65,8 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     resumed = train(tiny(tmp_path, "b", *args))
     a, b = losses(straight.run_dir), losses(resumed.run_dir)
     assert sorted(a) == list(range(1, 9)) and set(b) == set(range(1, 9))
+    # Issue #17.8: step 5, logged before the crash and trained again, appears once (not twice).
+    assert [r["step"] for r in read_metrics(resumed.run_dir) if "train/loss" in r] == list(range(1, 9))
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # exact, not approximate
     assert straight.eval == resumed.eval
     _, params_a, step_a = restore_params(tiny(tmp_path, "a", *args))
@@ -87,9 +94,13 @@ def test_run_directory_contents(tmp_path):
     assert [s for s, _ in tb["train/loss"]] == [1, 2, 3]
     # Loop counts are sampled per step from uniform(1, 3).
     assert {r["loops/X"] for r in rows if "loops/X" in r} <= {1.0, 2.0, 3.0}
-    # Already trained: a second call trains nothing and says so.
-    again = train(tiny(tmp_path, "c", "train.steps=3"))
+    # Already trained: a second call trains nothing and says so, and changes nothing in the run
+    # (issue #17.12: its overrides used to be written into config.yaml).
+    saved, lines = (run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()
+    again = train(tiny(tmp_path, "c", "train.steps=3", "train.lr=0.5", "model.stages.0.circuits.X.eval_loops=3"))
     assert again.step == 3 and len(losses(run)) == 3
+    assert (run / "config.yaml").read_text() == saved and (run / "metrics.jsonl").read_text() == lines
+    assert not (run / "config_changes.jsonl").exists()
 
 
 def test_eval_every_zero_trains_without_evaluating(tmp_path):
@@ -165,6 +176,114 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
             f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         train(tiny(tmp_path, "e", "train.steps=3"))
+
+
+def test_a_second_trainer_on_a_run_directory_stops(tmp_path, monkeypatch):
+    """Issue #17.1: two trainers on one run directory both exited 0 (the first one's checkpoints lost,
+    metrics interleaved, config.yaml overwritten). A trainer started while another one trains the
+    directory now stops at once with one line, before touching anything; the first one is unharmed."""
+    args = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=0"]
+    real = trainer.make_train_step
+    second: list[BaseException] = []
+
+    def with_a_second_trainer(*a, **k):
+        step_fn = real(*a, **k)
+
+        def step(state, batch):
+            if int(state["step"]) == 2 and not second:
+                try:
+                    train(tiny(tmp_path, "lock", *args, "train.lr=5e-3"))
+                except ConfigError as e:
+                    second.append(e)
+            return step_fn(state, batch)
+        return step
+
+    monkeypatch.setattr(trainer, "make_train_step", with_a_second_trainer)
+    first = train(tiny(tmp_path, "lock", *args))
+    assert len(second) == 1
+    assert re.fullmatch(rf".*lock is being trained by another process \(pid {os.getpid()} on .*\); wait for it to "
+                        r"finish \(or stop it\), or set run.name=<another name> to start a separate run", str(second[0]))
+    run = first.run_dir
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == tiny(tmp_path, "lock").train.lr != 5e-3
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3, 4]
+    assert Checkpoints(run / "checkpoints").all_steps() == [2, 4]
+    monkeypatch.setattr(trainer, "make_train_step", real)
+    assert train(tiny(tmp_path, "lock", "train.steps=5", "train.eval_every=0")).step == 5  # released on exit
+
+
+def test_the_run_lock_dies_with_its_process(tmp_path):
+    """The lock is the kernel's (flock), not a pid file: a trainer killed with SIGKILL leaves no lock
+    behind. Other processes of a multi-process run lock files of their own."""
+    from loopformer.train.runs import lock_file, run_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from loopformer.train.runs import run_lock\n"
+         "with run_lock(sys.argv[1], process=0):\n    print('locked', flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"is being trained by another process \(pid {holder.pid} on "), \
+                run_lock(tmp_path, process=0):
+            pass
+        with run_lock(tmp_path, process=1) as path:  # process 1 of a multi-process run: its own file
+            assert path == lock_file(tmp_path, 1) and path.name == ".train.lock.1"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_lock(tmp_path, process=0) as path:  # the kill released it; the stale file is harmless
+        assert path.is_file()
+
+
+def test_divergence_stops_before_a_checkpoint_is_written(tmp_path):
+    """Issue #17.2: NaN was only checked at log steps, so with the default log_every NaN checkpoints were
+    written and rotated the finite ones out; the rerun resumed NaN. Now each step's finite flag is
+    checked (on device, synced only at log/eval/checkpoint steps) before anything is saved: the run
+    stops naming the step, every checkpoint on disk is finite, and a rerun with a lower lr resumes."""
+    args = ["train.lr=1e6", "train.steps=12", "train.checkpoint_every=2", "train.log_every=50", "train.eval_every=0",
+            "train.keep_checkpoints=2"]
+    with pytest.raises(FloatingPointError, match=r"training diverged at step (\d+): the loss or gradient is NaN or "
+                       r"inf; nothing from it was saved \(the last checkpoint, step \d+, is kept") as info:
+        train(tiny(tmp_path, "nan", *args))
+    bad = int(re.search(r"step (\d+)", str(info.value)).group(1))
+    run = tmp_path / "nan"
+    steps = Checkpoints(run / "checkpoints").all_steps()
+    assert steps and max(steps) < bad
+    _, params, _ = restore_params(tiny(tmp_path, "nan", *args))  # restore also refuses non-finite values
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    assert all(np.isfinite(v) for r in read_metrics(run) for k, v in r.items() if k != "step")
+    with pytest.raises(FloatingPointError, match=rf"diverged at step {bad}"):  # the same lr diverges again
+        train(tiny(tmp_path, "nan", *args))
+    assert Checkpoints(run / "checkpoints").all_steps() == steps
+    fixed = train(tiny(tmp_path, "nan", *args[1:], "train.lr=1e-3"))
+    assert fixed.step == 12
+
+
+def test_the_corrupt_checkpoint_advice_works(tmp_path, capsys):
+    """Issue #17.9: the error for a corrupt checkpoint suggested `step=50`, which the trainer rejects.
+    Now it gives a shell command; running it lets training resume from the step before, and the
+    analysis commands read that step with the --step it names."""
+    from loopformer.cli import main
+
+    args = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=0"]
+    train(tiny(tmp_path, "bad", *args))
+    chunk = max((f for f in (tmp_path / "bad" / "checkpoints" / "4" / "state").rglob("d/*") if f.is_file()),
+                key=lambda f: f.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        train(tiny(tmp_path, "bad", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=0"))
+    msg = str(info.value)
+    assert "checkpoint step 4" in msg and "does not match the checksum" in msg and "step=" not in msg
+    flag = re.search(r"with (--step \d+)\)", msg).group(1)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "bad"), *flag.split(), "--examples", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    command = re.search(r"\((rm -r [^)]*)\)", msg).group(1)
+    subprocess.run(command, shell=True, check=True)
+    resumed = train(tiny(tmp_path, "bad", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=0"))
+    assert resumed.step == 6 and "resumed" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(resumed.run_dir) if "train/loss" in r] == list(range(1, 7))
 
 
 def test_tiny_run_learns(tmp_path):
