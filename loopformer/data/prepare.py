@@ -10,26 +10,56 @@ writes ``<out>/``::
     val-00000-of-00001.array_record     the validation stream
 
 Everything is written into a hidden temporary directory that is renamed to ``<out>`` only when
-complete, so an interrupted prepare leaves nothing half-written. Train on it with
-``data.paths=[<out>]`` (the format is detected from meta.json).
+complete, so an interrupted prepare leaves nothing half-written; the next prepare to the same ``<out>``
+removes what a killed one left (``.<out>.tmp-PID``, ``.<out>.old-PID`` of processes that are gone), and
+directory listings in ``data.paths`` never read hidden entries. Train on it with ``data.paths=[<out>]``
+(the format is detected from meta.json).
+
+Nothing it did not write is ever deleted: ``--force`` replaces only a directory that holds exactly a
+prepared corpus (meta.json of this version and the files it lists), never one that holds anything else
+(the source corpus, say), a plain file or a symbolic link.
+
+A corpus of one document (a book, ``input.txt``) is split by position, its last ``data.val_fraction``
+of tokens held out, exactly as training from the raw file splits it (meta.json: ``"split": "position"``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loopformer.config import Config
-from loopformer.data.sources import META_VERSION, TEXT_TASK, TOKENIZER_FILE, make_tokenizer, prepared_dir, token_dtype
-from loopformer.data.text import META_FILE, SPLITS, SplitStats, encode_document, expand_paths, iter_documents, split_of
+from loopformer.data.sources import (
+    META_VERSION,
+    TEXT_TASK,
+    TOKENIZER_FILE,
+    make_tokenizer,
+    prepared_dir,
+    split_one_document,
+    token_dtype,
+)
+from loopformer.data.text import (
+    HASH_SPLIT,
+    META_FILE,
+    POSITION_SPLIT,
+    SPLITS,
+    SplitStats,
+    encode_document,
+    expand_paths,
+    iter_documents,
+    split_of,
+    training_text,
+)
 from loopformer.errors import DataError
 
 CHUNK_TOKENS = 4096  # tokens per ArrayRecord record: a window read touches one or two records
@@ -148,6 +178,75 @@ def _documents(cfg: Config, paths: list[Path], progress: bool, label: str) -> It
         bar.close()
 
 
+# What prepare writes into <out> (and, while writing, into its hidden temporary directory).
+_OUTPUT_FILE = re.compile(r"(train|val)-\d{5}(-of-\d{5})?\.array_record|meta\.json|tokenizer\.json(\.tmp)?")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier call in this process: it is not writing any more
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove what killed prepares to ``out`` left beside it (``.<name>.tmp-PID`` / ``.<name>.old-PID``
+    of processes that no longer run, holding nothing but prepare's own files); returns them."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    removed = []
+    for entry in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(entry.name)
+        if not m or entry.is_symlink() or not entry.is_dir() or _alive(int(m.group(2))):
+            continue
+        if all(f.is_file() and _OUTPUT_FILE.fullmatch(f.name) for f in entry.iterdir()):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], force: bool) -> list[str]:
+    """DataError unless prepare may write ``out``; for an existing ``out`` (``force``), the names of the
+    files it holds, every one written by prepare (so replacing it deletes nothing else)."""
+    where = out.resolve()
+    for pattern in patterns:
+        folder = Path(pattern).expanduser()
+        if folder.is_dir() and (where == folder.resolve() or folder.resolve() in where.parents):
+            raise DataError(f"--out {out} is inside {pattern}, a directory data.paths reads: its shards would be read "
+                            f"back as text; write the prepared corpus outside it")
+    if not (out.exists() or out.is_symlink()):
+        return []
+    if not force:
+        raise DataError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    inside = [p for p in sources if where in p.resolve().parents]
+    if inside:
+        raise DataError(f"data.paths reads {inside[0]} from inside --out {out}: replacing {out} would delete the "
+                        f"corpus; write the prepared corpus to another --out")
+    refuse = (f"--force replaces only a directory written by `loopformer prepare`, so nothing was deleted; choose "
+              f"another --out, or remove {out} yourself")
+    if out.is_symlink() or not out.is_dir():
+        raise DataError(f"{out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a prepared corpus; {refuse}")
+    try:
+        meta = json.loads((out / META_FILE).read_text())
+        files = [f for s in SPLITS for f in meta["splits"][s]["files"]]
+        assert meta["version"] == META_VERSION and all(isinstance(f, str) for f in files)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise DataError(f"{out} is not a corpus written by `loopformer prepare` (no {META_FILE} of version "
+                        f"{META_VERSION}); {refuse}") from None
+    ours = {META_FILE, TOKENIZER_FILE, *files}
+    extra = sorted(e.name for e in out.iterdir() if e.name not in ours or not e.is_file() or e.is_symlink())
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise DataError(f"{out} holds {extra[0]}{more}, which `loopformer prepare` did not write; {refuse}")
+    return sorted(e.name for e in out.iterdir())
+
+
 def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_tokens: int = CHUNK_TOKENS,
                    shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict[str, Any]:
     """Tokenize ``cfg.data``'s corpus into ArrayRecord shards under ``out`` (atomically); returns the
@@ -162,20 +261,59 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
     if chunk_tokens < 1 or shard_tokens < chunk_tokens:
         raise DataError(f"need 1 <= chunk_tokens <= shard_tokens, got {chunk_tokens} and {shard_tokens}")
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise DataError(f"{out} already exists; pass --force to replace it, or choose another --out")
     paths = expand_paths(d.paths)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    replaced = _check_out(out, paths, d.paths, force)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in clean_leftovers(out):
+            print(f"removed {leftover}, left by an interrupted prepare", file=sys.stderr)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write to {out.parent} ({e.strerror or e}); choose a writable "
+                        f"--out") from None
+    try:
+        meta = _write(cfg, paths, tmp, chunk_tokens, shard_tokens, progress)
+        if replaced:  # --force: swap the old directory out only once the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            for name in replaced:  # exactly the files prepare wrote (checked by _check_out)
+                (old / name).unlink(missing_ok=True)
+            old.rmdir()
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"--out {out}: writing the prepared corpus failed ({e.strerror or e}; disk full or "
+                        f"read-only?); nothing was replaced") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write(cfg: Config, paths: list[Path], tmp: Path, chunk_tokens: int, shard_tokens: int,
+           progress: bool) -> dict[str, Any]:
+    """Tokenize the corpus into ``tmp`` (shards, tokenizer.json, meta.json); returns the meta."""
+    d = cfg.data
+    first = list(itertools.islice(iter_documents(paths, d.format, d.text_field, d.doc_separator), 2))
+    split_kind = POSITION_SPLIT if len(first) == 1 else HASH_SPLIT
+    if split_kind == POSITION_SPLIT:  # one document: split by position, as training from the file does
+        tokenizer = make_tokenizer(cfg, [training_text(first[0], d.val_fraction)])
+    else:
         train_docs = (doc for doc in _documents(cfg, paths, progress, "bpe words")  # read only to train a BPE
                       if split_of(doc, d.val_fraction) == "train")
         tokenizer = make_tokenizer(cfg, train_docs)
-        dtype = token_dtype(tokenizer.vocab_size)
-        writers = {s: ShardWriter(tmp, s, dtype, chunk_tokens, max(1, shard_tokens // chunk_tokens)) for s in SPLITS}
-        stats = {s: SplitStats() for s in SPLITS}
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: ShardWriter(tmp, s, dtype, chunk_tokens, max(1, shard_tokens // chunk_tokens)) for s in SPLITS}
+    stats = {s: SplitStats() for s in SPLITS}
+    if split_kind == POSITION_SPLIT:
+        parts, stats = split_one_document(tokenizer, first[0], d.val_fraction)
+        for split in SPLITS:
+            writers[split].add(parts[split])
+    else:
         for doc in _documents(cfg, paths, progress, "tokenize"):
             split = split_of(doc, d.val_fraction)
             ids = encode_document(tokenizer, doc)
@@ -186,23 +324,13 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
                 raise DataError(f"{', '.join(d.paths)}: no document fell in the {split} split "
                                 f"(data.val_fraction={d.val_fraction}); add documents, split files with "
                                 f"data.doc_separator (e.g. '\\n\\n'), or change data.val_fraction")
-        files = {s: w.close() for s, w in writers.items()}
-        tokenizer.save(tmp / TOKENIZER_FILE)
-        meta = {"version": META_VERSION, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-                "dtype": dtype.name, "chunk_tokens": chunk_tokens, "val_fraction": d.val_fraction,
-                "doc_separator": d.doc_separator, "format": d.format, "text_field": d.text_field,
-                "sources": [str(p) for p in paths],
-                "splits": {s: {"files": files[s], "documents": stats[s].documents, "tokens": stats[s].tokens,
-                               "bytes": stats[s].bytes} for s in SPLITS}}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if out.exists():  # --force: swap the old directory out only once the new one is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = {s: w.close() for s, w in writers.items()}
+    tokenizer.save(tmp / TOKENIZER_FILE)
+    meta = {"version": META_VERSION, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+            "dtype": dtype.name, "chunk_tokens": chunk_tokens, "val_fraction": d.val_fraction,
+            "doc_separator": d.doc_separator, "format": d.format, "text_field": d.text_field,
+            "sources": [str(p) for p in paths], "split": split_kind,
+            "splits": {s: {"files": files[s], "documents": stats[s].documents, "tokens": stats[s].tokens,
+                           "bytes": stats[s].bytes} for s in SPLITS}}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     return meta

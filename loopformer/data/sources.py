@@ -31,7 +31,9 @@ from loopformer.data import pipeline
 from loopformer.data.tasks import TASKS, Task, make_task
 from loopformer.data.text import (
     ARRAYRECORD_SUFFIXES,
+    HASH_SPLIT,
     META_FILE,
+    POSITION_SPLIT,
     SPLITS,
     ArrayRecordStream,
     ArrayStream,
@@ -42,8 +44,10 @@ from loopformer.data.text import (
     expand_paths,
     iter_documents,
     num_windows,
+    position_split,
     read_window,
     split_of,
+    training_text,
 )
 from loopformer.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, read_tokenizer, tokenizer_kind, train_bpe
 from loopformer.errors import ConfigError, DataError
@@ -220,6 +224,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+def split_one_document(tokenizer: Tokenizer, doc: str, val_fraction: float
+                       ) -> tuple[dict[str, np.ndarray], dict[str, SplitStats]]:
+    """A corpus of one document, split by position (`loopformer.data.text.position_split`): the
+    token streams of train and val and what each holds (the text's bytes shared out by where the cut
+    falls). Raw files and `loopformer prepare` both split a one-document corpus with this."""
+    parts = position_split(encode_document(tokenizer, doc), val_fraction)
+    total = len(doc.encode("utf-8"))
+    val_bytes = min(total, len(tokenizer.decode(parts["val"]).encode("utf-8")))
+    stats = {"train": SplitStats(1, len(parts["train"]), total - val_bytes),
+             "val": SplitStats(1, len(parts["val"]), val_bytes)}
+    return parts, stats
+
+
 class TextSource(DataSource):
     """A text corpus (``data.task: text``): raw text/JSONL files tokenized at start-up, or a
     directory of ArrayRecord shards written by `loopformer prepare`.
@@ -239,6 +256,7 @@ class TextSource(DataSource):
         self._tokenizer: Tokenizer | None = None
         self._streams: dict[str, TokenStream] | None = None
         self.stats: dict[str, SplitStats] = {}
+        self.split_kind = HASH_SPLIT  # or POSITION_SPLIT: a corpus of one document
         self._token_bytes: np.ndarray | None = None
 
     # ------------------------------------------------------------------ tokenizer
@@ -315,8 +333,12 @@ class TextSource(DataSource):
     def _load_files(self) -> None:
         d = self.cfg.data
         self.paths = expand_paths(d.paths)
+        every = list(iter_documents(self.paths, d.format, d.text_field, d.doc_separator))
+        if len(every) == 1:
+            self._load_one_document(every[0])
+            return
         docs: dict[str, list[str]] = {s: [] for s in SPLITS}
-        for doc in iter_documents(self.paths, d.format, d.text_field, d.doc_separator):
+        for doc in every:
             docs[split_of(doc, d.val_fraction)].append(doc)
         self._check_documents({s: len(v) for s, v in docs.items()})
         if self._tokenizer is None:
@@ -332,6 +354,18 @@ class TextSource(DataSource):
             self.stats[split] = stats
             self._streams[split] = ArrayStream(np.concatenate(parts) if parts else np.zeros(0, dtype))
 
+    def _load_one_document(self, doc: str) -> None:
+        """One document (a book, ``input.txt``; no data.doc_separator, or none found): a hash split
+        would put it all in one split, so it is split by position, the last data.val_fraction of its
+        tokens held out (`split_one_document`)."""
+        vf = self.cfg.data.val_fraction
+        self.split_kind = POSITION_SPLIT
+        if self._tokenizer is None:
+            self._tokenizer = self._resolve_tokenizer([training_text(doc, vf)])
+        dtype = token_dtype(self._tokenizer.vocab_size)
+        parts, self.stats = split_one_document(self._tokenizer, doc, vf)
+        self._streams = {s: ArrayStream(parts[s].astype(dtype)) for s in SPLITS}
+
     def _load_prepared(self) -> None:
         root = self.prepared
         assert root is not None
@@ -342,6 +376,7 @@ class TextSource(DataSource):
                             f"data.val_fraction={d.val_fraction}; set it to match, or prepare again")
         if self._tokenizer is None:
             self._tokenizer = self._resolve_tokenizer()
+        self.split_kind = meta.get("split", HASH_SPLIT)
         self._streams = {}
         for split in SPLITS:
             info = meta["splits"][split]
@@ -423,7 +458,13 @@ class TextSource(DataSource):
 
     def describe(self) -> str:
         parts = [f"{s} {st.documents:,} docs / {st.tokens:,} tokens / {st.bytes:,} bytes" for s, st in self.stats.items()]
-        return (f"text corpus {self._where()}: {self.tokenizer.kind} tokenizer (vocab {self.vocab_size}), "
+        if self.split_kind == POSITION_SPLIT:
+            parts = [f"{s} {st.tokens:,} tokens / {st.bytes:,} bytes" for s, st in self.stats.items()]
+            split = (f"one document, split by position: val is its last {100 * self.cfg.data.val_fraction:g}% of tokens "
+                     f"(data.val_fraction)")
+        else:
+            split = f"documents split by a hash of their text (data.val_fraction={self.cfg.data.val_fraction})"
+        return (f"text corpus {self._where()} ({split}): {self.tokenizer.kind} tokenizer (vocab {self.vocab_size}), "
                 f"seq_len {self.seq_len}; " + "; ".join(parts))
 
 

@@ -68,8 +68,9 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
         expanded = Path(pattern).expanduser()
         if glob.has_magic(pattern):
             found = [Path(p) for p in sorted(glob.glob(str(expanded), recursive=True)) if Path(p).is_file()]
-        elif expanded.is_dir():
-            found = sorted(p for p in expanded.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif expanded.is_dir():  # hidden files and directories (.git, a killed prepare's .x.tmp-PID) are not corpus
+            found = sorted(p for p in expanded.rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(expanded).parts))
         else:
             found = [expanded] if expanded.is_file() else []
         if not found:
@@ -138,9 +139,32 @@ def iter_documents(paths: Sequence[Path], fmt: str = "auto", text_field: str = "
 
 def split_of(doc: str, val_fraction: float) -> str:
     """``"val"`` for a stable ``val_fraction`` share of documents (by a hash of the text), else
-    ``"train"``; identical documents always land in the same split."""
+    ``"train"``; identical documents always land in the same split. (A corpus of one document is
+    split by position instead: `position_split`.)"""
     h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
     return "val" if h < val_fraction * 2.0**64 else "train"
+
+
+HASH_SPLIT, POSITION_SPLIT = "hash", "position"
+
+
+def val_tokens(n: int, val_fraction: float) -> int:
+    """Tokens of a one-document corpus's val split: the last ceil(val_fraction * n), at least 2 (one
+    target)."""
+    return min(max(2, math.ceil(val_fraction * n)), max(n - 1, 0))
+
+
+def position_split(tokens: np.ndarray, val_fraction: float) -> dict[str, np.ndarray]:
+    """A corpus of one document (a book, ``input.txt``): its token stream ``BOS ids EOS`` cut in two,
+    the last ``val_fraction`` of the tokens held out as val (nanoGPT's split), the rest train."""
+    cut = len(tokens) - val_tokens(len(tokens), val_fraction)
+    return {"train": tokens[:cut], "val": tokens[cut:]}
+
+
+def training_text(doc: str, val_fraction: float) -> str:
+    """The part of a one-document corpus a BPE is trained on: the text before its last
+    ``val_fraction`` (by characters: the token cut is only known once there is a tokenizer)."""
+    return doc[: len(doc) - math.ceil(val_fraction * len(doc))]
 
 
 def encode_document(tokenizer: Tokenizer, doc: str) -> np.ndarray:

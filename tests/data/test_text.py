@@ -1,6 +1,9 @@
 """Text corpora: packing, split, shuffled/sharded/resumable stream, BPE, prepare -> ArrayRecord, bad input."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from loopformer.config import load_config
 from loopformer.data.prepare import prepare_corpus
 from loopformer.data.sources import build_data, load_tokenizer
 from loopformer.data.text import pack_window, split_of
-from loopformer.data.tokenizers import BOS, EOS, PAD, ByteTokenizer, read_tokenizer, train_bpe
+from loopformer.data.tokenizers import BOS, EOS, NUM_SPECIAL, PAD, ByteTokenizer, read_tokenizer, train_bpe
 from loopformer.errors import DataError
 
 WORDS = ["the", "of", "and", "to", "in", "that", "he", "shall", "unto", "lord", "his", "for", "i", "with", "god",
@@ -168,8 +171,13 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     small, _ = corpus(tmp_path, name="small.txt")
     msg = error(tmp_path, [small], "data.seq_len=100000")
     assert str(small) in msg and "fewer than one sequence" in msg and "lower data.seq_len" in msg
-    msg = error(tmp_path, [corpus(tmp_path)[0]], "data.doc_separator=''")  # a single document: one split empty
-    assert "data.doc_separator" in msg
+    two = tmp_path / "two"  # two documents that both hash into train: the hash split cannot work
+    two.mkdir()
+    (two / "a.txt").write_text("first document " * 20)
+    (two / "b.txt").write_text("third document " * 20)
+    assert [split_of(p.read_text(), 0.25) for p in sorted(two.iterdir())] == ["train", "train"]
+    msg = error(tmp_path, [two], "data.doc_separator=''")
+    assert "all 2 document(s) fell in the train split" in msg and "data.doc_separator" in msg
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "ok"}\nnot json\n')
     assert f"{bad_json}:2" in error(tmp_path, [bad_json])
@@ -189,3 +197,122 @@ def test_prepare_command_line(tmp_path, capsys):
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(["prepare", "--out", str(tmp_path / "q"), "data.task=text", "data.paths=[/no/such/*.txt]"]) == 2
     assert "matches no file" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+# ----------------------------------------------------------------------------- issue #17: one-file corpora, prepare
+
+
+@pytest.mark.parametrize("separator", ["", "@@@"])  # none set, or set but not found
+def test_a_single_text_file_is_split_by_position(tmp_path, capsys, separator):
+    """Issue #17.10: a book / input.txt (one document) stopped with "all 1 document(s) fell in the train
+    split". It is now split by position: the last data.val_fraction of its tokens is val (nanoGPT's
+    split), said so in the description line."""
+    path, _ = corpus(tmp_path)
+    text = path.read_text()
+    src = build_data(cfg_for(tmp_path, [path], f"data.doc_separator={json.dumps(separator)}"))
+    train, val = src.streams["train"].read(0, 10**9), src.streams["val"].read(0, 10**9)
+    whole = np.concatenate([train, val])
+    np.testing.assert_array_equal(whole, [BOS, *ByteTokenizer().encode(text), EOS])  # cut, nothing lost or repeated
+    assert len(val) == int(np.ceil(0.25 * len(whole)))
+    tail = np.frombuffer(text.encode(), np.uint8)[-(len(val) - 1):]
+    assert val[-1] == EOS and np.array_equal(val[:-1] - NUM_SPECIAL, tail)  # the end of the text's bytes
+    assert src.stats["train"].bytes + src.stats["val"].bytes == len(text.encode())
+    line = src.describe()
+    assert "one document, split by position: val is its last 25% of tokens" in line
+    assert src.eval_sets()["val"][0]["inputs"].shape == (4, 16) and next(src.train_iterator(2, 0))["inputs"].shape == (2, 16)
+    many = build_data(cfg_for(tmp_path, [path]))  # the same file split into documents: the hash split
+    assert len(many.streams["train"]) > 0
+    assert "documents split by a hash of their text" in many.describe() and many.stats["train"].documents > 1
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_a_prepared_single_file_matches_the_raw_one(tmp_path, tokenizer):
+    """Prepared corpora follow the same rule: one document is split by position (meta.json says so)
+    and gives the same batches as the raw file."""
+    path, _ = corpus(tmp_path)
+    extra = ["data.doc_separator=''", f"data.tokenizer={tokenizer}", "data.vocab_size=300"]
+    raw = build_data(cfg_for(tmp_path, [path], *extra))
+    meta = prepare_corpus(cfg_for(tmp_path, [path], *extra), tmp_path / "p", chunk_tokens=64, progress=False)
+    assert meta["split"] == "position" and meta["splits"]["val"]["tokens"] == len(raw.streams["val"])
+    prepared = build_data(cfg_for(tmp_path, [tmp_path / "p"], *extra))
+    assert prepared.tokenizer.to_str() == raw.tokenizer.to_str()
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(prepared.streams[split].read(0, 10**9), raw.streams[split].read(0, 10**9))
+    x, y = next(raw.train_iterator(4, seed=1)), next(prepared.train_iterator(4, seed=1))
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+    assert len(prepared.streams["val"]) > 0
+    assert "split by position" in prepared.describe()
+
+
+def test_prepare_force_deletes_nothing_it_did_not_write(tmp_path):
+    """Issue #17.3: `prepare --force` deleted whatever was in --out, the source corpus included. It now
+    replaces only a directory holding exactly a corpus it wrote; everything else is refused, untouched."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path, _ = corpus(data)
+    cfg = cfg_for(tmp_path, [path])
+    with pytest.raises(DataError, match=r"data.paths reads .*corpus.txt from inside --out .*data: replacing"):
+        prepare_corpus(cfg, data, force=True, progress=False)
+    assert path.is_file()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"notes is not a corpus written by `loopformer prepare` \(no meta.json"):
+        prepare_corpus(cfg, other, force=True, progress=False)
+    plain = tmp_path / "plain.bin"
+    plain.write_text("x")
+    with pytest.raises(DataError, match=r"plain.bin is a file, not a prepared corpus; --force replaces only"):
+        prepare_corpus(cfg, plain, force=True, progress=False)
+    out = tmp_path / "out"
+    prepare_corpus(cfg, out, progress=False)
+    (out / "my_notes.txt").write_text("mine")  # a user's file put in a prepared corpus
+    with pytest.raises(DataError, match=r"out holds my_notes.txt, which `loopformer prepare` did not write"):
+        prepare_corpus(cfg, out, force=True, progress=False)
+    assert (other / "todo.txt").read_text() == "mine" and plain.read_text() == "x" and (out / "my_notes.txt").exists()
+    (out / "my_notes.txt").unlink()
+    meta = prepare_corpus(cfg_for(tmp_path, [path], "data.val_fraction=0.5"), out, force=True, progress=False)
+    assert json.loads((out / "meta.json").read_text()) == meta and meta["val_fraction"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no .out.old-PID left
+    with pytest.raises(DataError, match=r"--out .*data/prepared is inside .*data, a directory data.paths reads"):
+        prepare_corpus(cfg_for(tmp_path, [data]), data / "prepared", progress=False)
+
+
+def test_leftovers_of_a_killed_prepare_are_cleaned_and_never_read(tmp_path):
+    """Issue #17.3: a killed prepare left .NAME.tmp-PID (megabytes) forever, and a data.paths directory
+    listing walked into it. The next prepare to that --out removes what dead prepares left (and only
+    that); hidden entries are never read as corpus."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path, texts = corpus(src)
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True).stdout)  # a process that has exited
+    leftovers = {f".out.tmp-{pid}": ["train-00000.array_record", "tokenizer.json.tmp"],
+                 f".out.old-{pid}": ["meta.json", "tokenizer.json", "val-00000-of-00001.array_record"],
+                 f".out.tmp-{os.getppid()}": ["train-00000.array_record"],  # its process still runs: kept
+                 f".out.tmp-{pid + 1}": ["thesis.tex"]}  # not prepare's files: kept
+    for name, files in leftovers.items():
+        (src / name).mkdir()
+        for f in files:
+            (src / name / f).write_bytes(b"\x00\xff" * 100)
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref: not corpus")
+    listed = build_data(cfg_for(tmp_path, [src]))  # neither the leftovers nor .git are read
+    assert len(listed.streams["train"]) > 0
+    assert listed.stats["train"].documents + listed.stats["val"].documents == len(texts)
+    prepare_corpus(cfg_for(tmp_path, [path]), src / "out", progress=False)
+    assert sorted(p.name for p in src.iterdir() if p.name.startswith(".")) == sorted(
+        [".git", f".out.tmp-{os.getppid()}", f".out.tmp-{pid + 1}"])
+
+
+def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
+    """Issue #17.7: prepare into a read-only directory gave a raw PermissionError."""
+    path, _ = corpus(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match=r"--out .*file/out: cannot write to .*file \(.*\); choose a writable --out"):
+        prepare_corpus(cfg_for(tmp_path, [path]), blocker / "out", progress=False)
+    if os.geteuid() != 0:  # root writes into read-only directories anyway
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert main(["prepare", "--out", str(ro / "out"), "data.task=text", f"data.paths=[{path}]"]) == 2
+        assert "cannot write to" in capsys.readouterr().err
