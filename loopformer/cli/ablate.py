@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import command, emit, run_flags, write_png
+from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
 from loopformer.cli.eval import mode_flag
 from loopformer.evaluation import ablate, plots, tables
 from loopformer.train.runs import load_run, read_run
@@ -24,6 +24,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 def ablate_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
+        check_writable(info.path, "ablation.csv and ablation.png")
         splits = info.select_splits(args.split)
         run = load_run(info, args.step)
         rows = ablate.ablate(run, run.eval_sets(splits, args.examples), args.mode)

@@ -7,12 +7,14 @@ import argparse
 import contextlib
 import json
 import math
+import shlex
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loopformer.evaluation.run import log
+from loopformer.evaluation.run import AnalysisError, log
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
@@ -73,6 +75,18 @@ def emit(args: argparse.Namespace, body: Callable[[], tuple[dict[str, Any], str]
         doc, text = body()
     print(json.dumps(strict(doc), allow_nan=False) if args.json else text, file=out, flush=True)
     return 0
+
+
+def check_writable(run: Path, writes: str) -> None:
+    """AnalysisError, before any work is done, when a command cannot write its files (``writes``) into
+    the run directory ``run`` (a read-only run): the fix is a copy of the run."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=run, prefix=".write_test."):
+            pass
+    except OSError as e:
+        copy = shlex.quote(str(Path(run).resolve().name) + "_copy")
+        raise AnalysisError(f"{run} is not writable ({e.strerror or e}), and this command writes {writes} into it; "
+                            f"copy the run (cp -r {shlex.quote(str(run))} {copy}) and pass --run {copy}") from None
 
 
 def write_png(path: Path, png: bytes) -> str:

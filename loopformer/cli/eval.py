@@ -9,6 +9,7 @@ from loopformer.cli.common import command, emit, run_flags
 from loopformer.cli.loopspec import parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import ablate, tables
+from loopformer.model.plan import MAX_LOOPS
 from loopformer.train.runs import load_run, read_run
 
 
@@ -19,7 +20,7 @@ def mode_flag(p: argparse.ArgumentParser, help_text: str) -> None:
 def _args(p: argparse.ArgumentParser) -> None:
     run_flags(p)
     p.add_argument("--loops", action="append", metavar="CIRCUIT=N",
-                   help="loop count of a circuit, e.g. --loops X=16 (repeatable; 1..10000; others: eval_loops)")
+                   help=f"loop count of a circuit, e.g. --loops X=16 (repeatable; 1..{MAX_LOOPS}; others: eval_loops)")
     p.add_argument("--ablate", action="append", metavar="CIRCUIT", help="remove a circuit (repeatable)")
     mode_flag(p, "what replaces an ablated circuit's output: zeros, or its mean output over the split")
 

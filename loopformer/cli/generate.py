@@ -14,6 +14,7 @@ from loopformer.errors import PlanError
 from loopformer.evaluation import sweep, tables
 from loopformer.evaluation.run import AnalysisError, LoadedRun, real_rows
 from loopformer.inference.generate import answer_examples, generate_text, tokenizer_of
+from loopformer.model.plan import MAX_LOOPS
 from loopformer.train.runs import load_run, read_run
 
 MAX_SETTINGS = 16
@@ -22,7 +23,8 @@ MAX_SETTINGS = 16
 def _args(p: argparse.ArgumentParser) -> None:
     run_flags(p, examples=False)
     p.add_argument("--loops", action="append", metavar="CIRCUIT=SPEC",
-                   help="loop counts, e.g. X=32; a list or range (X=2,6,32) answers at each count, side by side")
+                   help=f"loop counts (1..{MAX_LOOPS}), e.g. X=32; a list or range (X=2,6,32) answers at each count, "
+                        f"side by side")
     p.add_argument("--example-split", metavar="NAME",
                    help="synthetic tasks: answer examples of this eval split (default: the first split)")
     p.add_argument("--count", type=positive, default=4, metavar="K", help="examples to show (default 4)")

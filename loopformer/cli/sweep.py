@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loopformer.cli.common import command, emit, run_flags, write_png
+from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
 from loopformer.cli.loopspec import parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import plots, sweep, tables
@@ -57,6 +57,7 @@ def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str,
 def sweep_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
+        check_writable(info.path, "sweep.csv, sweep_*.png and sweeps/")
         splits = info.select_splits(args.split)
         grid = parse_loops(args.loops, info.circuits, grid=True)
         if len(grid) > 2:

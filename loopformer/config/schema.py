@@ -14,6 +14,7 @@ treats them differently when a run is resumed:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,17 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
         _check(c.eval_loops >= 1, f"{p}.eval_loops must be >= 1, got {c.eval_loops}")
         _check(c.max_loops >= 1, f"{p}.max_loops must be >= 1, got {c.max_loops}")
         try:
-            c.distribution()
+            dist = c.distribution()
         except ValueError as e:
             raise ConfigError(f"{p}.loops: {e}") from None
+        # max_loops caps every training draw: below the counts loops draws, it would silently clamp them
+        # (and every summary would still show the uncapped distribution). A poisson_lognormal's long
+        # tail is cut by design, its bulk must not be.
+        top = {"fixed": dist.a, "uniform": dist.b}.get(dist.kind, dist.mean())
+        what = (f"the mean count ({top:g}) of loops={dist}: most draws" if dist.kind == "poisson_lognormal" else
+                f"counts that loops={dist} draws (up to {top:g}): they")
+        _check(c.max_loops >= top, f"{p}.max_loops={c.max_loops} is below {what} would be clamped to {c.max_loops}, "
+               f"silently changing the training distribution; raise max_loops to >= {math.ceil(top)} or lower loops")
 
 
 CIRCUIT_PARTS = {f.name: part for cls, part in ((CircuitArch, ARCHITECTURE), (CircuitBehaviour, BEHAVIOUR),

@@ -1,8 +1,10 @@
 """The analysis commands through `loopformer.cli.main`: JSON schemas, tables, files, user errors."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -158,3 +160,70 @@ def test_inspect(run_dir, capsys):
     assert main(["inspect", "--run", str(run_dir)]) == 0
     text = capsys.readouterr().out
     assert "stages/0/circuits/X/write/kernel" in text and f"checkpoints on disk: steps {STEP}" in text
+
+
+# ----------------------------------------------------------------------------- issue #17
+
+
+@pytest.mark.parametrize("command, written", [("sweep", "sweep.csv"), ("ablate", "ablation.csv")])
+def test_a_read_only_run_is_refused_before_any_work(run_dir, tmp_path, capsys, monkeypatch, command, written):
+    """Issue #17.7: sweep and ablate on a read-only run computed everything, then died with a traceback
+    writing their csv. They now check first and say how to go on (a copy of the run, which works)."""
+    from loopformer.cli import common
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    def no_work(*a, **k):
+        raise AssertionError("the run was restored before the write check")
+
+    monkeypatch.setattr(common.tempfile, "NamedTemporaryFile", read_only)  # as root, chmod cannot do it
+    monkeypatch.setattr(f"loopformer.cli.{command}.load_run", no_work)
+    argv = [command, "--run", str(run_dir)] + (["--loops", "X=1:2"] if command == "sweep" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(
+        rf"error: .* is not writable \(Permission denied\), and this command writes {written}.*; copy the run "
+        r"\(cp -r .*\) and pass --run ", err), err
+    monkeypatch.undo()
+    copy_cmd = re.search(r"\((cp -r [^)]*)\)", err).group(1)
+    subprocess.run(copy_cmd, shell=True, check=True, cwd=tmp_path)
+    copy = tmp_path / re.search(r"--run (\S+)$", err).group(1)
+    assert main([*argv[:2], str(copy), *argv[3:], "--examples", "8"]) == 0
+    assert (copy / written).is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_chmod_read_only_run(run_dir, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    shutil.copytree(run_dir, ro)
+    ro.chmod(0o555)
+    try:
+        assert main(["ablate", "--run", str(ro)]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_analysis_needs_no_lock(run_dir, capsys):
+    """Training locks its run directory; reading it (eval, generate, ...) does not, so a running training
+    can be looked at."""
+    from loopformer.train.runs import run_lock
+
+    with run_lock(run_dir, process=0):
+        assert main(["eval", "--run", str(run_dir), "--examples", "8", "--json"]) == 0
+        assert main(["generate", "--run", str(run_dir), "--count", "1", "--json"]) == 0
+    capsys.readouterr()
+
+
+def test_loops_help_gives_the_real_limit(capsys):
+    """Issue #17.12: --loops help said 1..1000; the limit is MAX_LOOPS (10000)."""
+    from loopformer.model.plan import MAX_LOOPS
+
+    for command in ("eval", "generate", "sweep"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(int(n) == MAX_LOOPS for n in re.findall(r"1\.\.(\d+)", text)), (command, text)
+        if command != "sweep":
+            assert f"1..{MAX_LOOPS}" in text, command

@@ -78,6 +78,12 @@ BAD = [
     (["mesh.data=0"], r"mesh.data must be >= 1 or -1"),
     (["train.eval_every=-1"], r"train.eval_every must be >= 0 \(0: no evaluation while training\), got -1"),
     (["model.stages=[{circuits: []}]"], r"model.stages.0.circuits: a stage needs at least one circuit"),
+    # issue #17 (more in tests/bad_inputs/): a cap below the training draws, zero counts named as such
+    (["model.stages.0.circuits.X.max_loops=4"], r"circuits.X.max_loops=4 is below counts that loops=uniform\(8, 16\) "
+     r"draws \(up to 16\): they would be clamped to 4, silently changing the training distribution"),
+    (["train.grad_accum=0"], r"^train.grad_accum must be >= 1, got 0$"),
+    (["model.heads=0"], r"^model.heads must be >= 1, got 0$"),
+    (["run.name=a/.."], r"run.name must be a plain directory name, got 'a/..'"),
 ]
 
 
