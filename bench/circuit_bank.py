@@ -44,7 +44,7 @@ def variant(cfg: Any, size: dict[str, Any], batched: bool) -> dict[str, Any]:
     graphdef, params = nnx.split(model)
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
-    step = make_train_step(graphdef, tx, cfg.schedules(), 0, 1, learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, cfg, 0, 1, learning_rate_schedule(tcfg))
     evaluator = Evaluator(graphdef, model.circuit_names, cfg.d_model)
     return {"step": step, "state": init_state(nnx.to_pure_dict(params), tx), "evaluator": evaluator,
             "loops": {c.name: c.eval_loops for c in cfg.circuits()}, "train": [], "infer": [],

@@ -55,7 +55,7 @@ def train_step_for(cfg: Any, size: dict[str, Any]) -> tuple[Any, dict[str, Any],
     model, graphdef, params = build(cfg, size)
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
-    step = make_train_step(graphdef, tx, cfg.schedules(), 0, 1, learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, cfg, 0, 1, learning_rate_schedule(tcfg))
     return step, init_state(params, tx), model
 
 

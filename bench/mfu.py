@@ -73,7 +73,7 @@ def main() -> None:
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
     names = model.circuit_names
-    step = make_train_step(graphdef, tx, cfg.schedules(), 0, 1, learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, cfg, 0, 1, learning_rate_schedule(tcfg))
     state = init_state(nnx.to_pure_dict(params), tx)
     batch = C.synthetic_batch(size)
     t0 = time.perf_counter()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import command, emit, run_flags
-from loopformer.cli.loopspec import parse_loops
+from loopformer.cli.common import command, emit, exit_caps, exit_flags, run_flags
+from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import ablate, tables
 from loopformer.model.plan import MAX_LOOPS
@@ -23,6 +23,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help=f"loop count of a circuit, e.g. --loops X=16 (repeatable; 1..{MAX_LOOPS}; others: eval_loops)")
     p.add_argument("--ablate", action="append", metavar="CIRCUIT", help="remove a circuit (repeatable)")
     mode_flag(p, "what replaces an ablated circuit's output: zeros, or its mean output over the split")
+    exit_flags(p, many=False)
 
 
 @command("eval", "loss and accuracy of a trained run at chosen loop counts and ablations", _args)
@@ -31,6 +32,8 @@ def eval_command(args: argparse.Namespace) -> int:
         info = read_run(args.run)
         splits = info.select_splits(args.split)
         loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
+        exits = (parse_exits(args.exit, info.circuits, many=False) or [{}])[0]
+        loops = exit_caps(info, exits, args.max_loops, loops)
         ablated = list(dict.fromkeys(args.ablate or []))
         for c in ablated:
             if c not in info.circuits:
@@ -39,7 +42,9 @@ def eval_command(args: argparse.Namespace) -> int:
         rows = []
         for split, batches in run.eval_sets(splits, args.examples).items():
             fill = ablate.mean_fill(run, batches) if ablated and args.mode == "mean" else None
-            row = run.row(split, batches, loops, ablated, fill)
+            row = run.row(split, batches, loops, ablated, fill, exits)
+            if exits:
+                row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(loops), exits)["histogram"]
             rows.append({**row, "mode": args.mode} if ablated else row)
         doc = {"run": str(info.path), "step": run.step, "rows": rows}
         return doc, tables.header_line(info, run.step, args.examples) + "\n" + tables.eval_table(rows, info)

@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from loopformer.cli.common import command, emit, positive, run_flags
-from loopformer.cli.loopspec import parse_loops
+from loopformer.cli.common import command, emit, exit_caps, exit_flags, positive, run_flags
+from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import sweep, tables
 from loopformer.evaluation.run import AnalysisError, LoadedRun, real_rows
-from loopformer.inference.generate import answer_examples, generate_text, tokenizer_of
+from loopformer.inference.decode import Sampling, decoder_for
+from loopformer.inference.generate import answer_examples, generate_batch, prompt_ids, tokenizer_of, until_eos
+from loopformer.model.cache import CachePolicy
 from loopformer.model.plan import MAX_LOOPS
 from loopformer.train.runs import load_run, read_run
 
@@ -31,7 +33,17 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", metavar="TEXT", help="text runs: continue this prompt")
     p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N", help="--prompt: tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="--prompt: sample among the K likeliest (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="--prompt: sample among the likeliest tokens holding probability P (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="--prompt: sampling seed")
+    p.add_argument("--cache", default="full", metavar="POLICY",
+                   help="--prompt: key/value cache of the loop iterations: full (exact), last, ring:K or first")
+    p.add_argument("--continuous", action="store_true",
+                   help="--prompt: start each new token's circuits from the previous token's final state")
+    p.add_argument("--no-cache", action="store_true",
+                   help="--prompt: recompute the whole prefix for every new token (the reference)")
+    exit_flags(p, many=False)
 
 
 def _format_examples(examples: list[dict[str, Any]]) -> str:
@@ -59,7 +71,12 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError("give either --prompt TEXT or --example-split NAME, not both")
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
             raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
-        settings = [info.full_loops(p) for p in points]
+        if args.top_k < 0 or not 0 < args.top_p <= 1:
+            raise AnalysisError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
+        args.policy = CachePolicy.parse(args.cache)
+        exits = (parse_exits(args.exit, info.circuits, many=False) or [{}])[0]
+        settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
+        args.exits = exits
         if info.is_text:
             if args.prompt is None:
                 raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
@@ -82,13 +99,27 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     tokenizer = tokenizer_of(run.info.data)
     if tokenizer is None:
         raise AnalysisError(f"{run.info.path}: its data source has no tokenizer to encode --prompt")
+    ids = prompt_ids(tokenizer, args.prompt)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     outs = []
     for loops in settings:
-        text = generate_text(run.evaluator.logits, run.params, tokenizer, args.prompt, loops, args.max_new_tokens,
-                             args.temperature, args.seed)
-        outs.append({"loops": loops, "text": text})
-    doc = {"run": str(run.info.path), "step": run.step, "prompt": args.prompt, "temperature": args.temperature,
-           "generations": outs}
+        if args.no_cache:
+            new = generate_batch(_logits(run, args.exits), run.params, [ids], loops, args.max_new_tokens,
+                                 seed=args.seed, sampling=sampling)[0]
+            mean_loops = {}
+        else:
+            decoder = decoder_for(run.model, args.policy, args.continuous)
+            out = decoder(run.params, [ids], loops, args.max_new_tokens, sampling, eos_id=getattr(tokenizer, "eos_id", None),
+                          exits=args.exits or None, seed=args.seed)
+            new = out.tokens[0, : out.lengths[0]].tolist()
+            mean_loops = {c: float(v[0, : out.lengths[0]].mean()) for c, v in out.loops.items()}
+        new = until_eos(tokenizer, new)
+        outs.append({"loops": loops, "text": tokenizer.decode(new), "tokens": new}
+                    | ({"mean_loops": mean_loops} if mean_loops else {})
+                    | ({"exit": {c: str(r) for c, r in args.exits.items()}} if args.exits else {}))
+    doc = {"run": str(run.info.path), "step": run.step, "prompt": args.prompt, "prompt_tokens": ids,
+           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+           "cache": None if args.no_cache else str(args.policy), "generations": outs}
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
 
 
@@ -97,7 +128,7 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     info, task = run.info, run.task
     parts = [real_rows(b) for b in run.eval_sets([split], args.count)[split]]
     batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-    examples = answer_examples(run.evaluator.logits, run.params, task, batch, settings)
+    examples = answer_examples(_logits(run, args.exits), run.params, task, batch, settings)
     for ex in examples:
         ex["split"] = split
     doc = {"run": str(info.path), "step": run.step, "split": split, "decoding": "autoregressive greedy",
@@ -105,3 +136,8 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
             f"answers decoded greedily, token by token from the prompt (not teacher-forced)")
     return doc, head + "\n" + _format_examples(examples)
+
+
+def _logits(run: LoadedRun, exits: dict[str, Any]) -> Any:
+    """The evaluator's logits function, with the exit rules bound in."""
+    return lambda params, tokens, loops, segments=None: run.evaluator.logits(params, tokens, loops, segments, exits)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -18,7 +19,8 @@ from loopformer.train.runs import CHANGES_FILE, abstract_model, checkpoint_steps
 
 
 def _fields(obj: Any, cls: type) -> dict[str, Any]:
-    return {f: getattr(obj, f) for f in cls.__dataclass_fields__}
+    return {f: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+            for f in cls.__dataclass_fields__ for v in [getattr(obj, f)]}
 
 
 def inspect_run(path: str) -> dict[str, Any]:

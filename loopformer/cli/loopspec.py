@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 
 from loopformer.errors import PlanError
+from loopformer.model.exits import ExitRule
 from loopformer.model.plan import MAX_LOOPS
 
 FORMS = "CIRCUIT=N (e.g. X=16), and for sweeps CIRCUIT=A:B (grid 1,2,3,4,6,8,12,...), A:B:STEP or N1,N2,..."
@@ -70,3 +71,57 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
                                 f"to evaluate a range of counts")
         out[name] = values
     return {c: out[c] for c in circuits if c in out}
+
+
+EXIT_FORMS = ("[CIRCUIT=]KIND:THRESHOLDS[,min=N][,every=K] with KIND latent_diff, kl, entropy_diff or learned "
+              "(e.g. latent_diff:0.01, X=kl:5e-4, learned:q=0.5; sweep: latent_diff:0.1,0.03,0.01)")
+
+
+def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool
+                ) -> list[dict[str, ExitRule]]:
+    """``--exit`` flags -> one {circuit: rule} per threshold (the flags' thresholds in order; several
+    only with ``many``, for sweeps). A rule without a circuit applies to every circuit; kl and
+    entropy_diff read the model's output, so without a name they need a one-circuit model."""
+    if not specs:
+        return []
+    per_flag = []
+    for spec in specs:
+        flag = f"--exit {spec}"
+        name, sep, rest = spec.partition("=")
+        if sep and ":" not in name and name.strip() != "q":
+            name, body = name.strip(), rest
+            if name not in circuits:
+                raise PlanError(f"unknown circuit '{name}' in {flag}; this run's circuits are {', '.join(circuits)}")
+            targets = [name]
+        else:
+            body, targets = spec, list(circuits)
+        kind, colon, values = body.partition(":")
+        if not colon:
+            raise PlanError(f"malformed {flag}: write {EXIT_FORMS}")
+        parts = [p.strip() for p in values.split(",") if p.strip()]
+        options = [p for p in parts if p.split("=")[0] in ("min", "every")]
+        thresholds = [p for p in parts if p not in options]
+        if not thresholds:
+            raise PlanError(f"malformed {flag}: no threshold; write {EXIT_FORMS}")
+        kind = kind.strip()
+        thresholds = [f"q={t.removeprefix('q=').strip()}" if kind == "learned" else t for t in thresholds]
+        rules = [ExitRule.parse(",".join([f"{kind}:{t}", *options])) for t in thresholds]
+        if rules[0].needs_readout and len(targets) > 1:
+            raise PlanError(f"{flag}: {kind} reads the model's output after every iteration, for one circuit at a "
+                            f"time; name it, e.g. --exit {circuits[0]}={body}")
+        per_flag.append((targets, rules))
+    count = max(len(r) for _, r in per_flag)
+    if count > 1 and not many:
+        raise PlanError("--exit: this command takes one threshold per rule; use `loopformer sweep` to compare thresholds")
+    if any(len(r) not in (1, count) for _, r in per_flag):
+        raise PlanError("--exit: flags with several thresholds must list the same number of them")
+    out = []
+    for i in range(count):
+        setting: dict[str, ExitRule] = {}
+        for targets, rules in per_flag:
+            for c in targets:
+                setting[c] = rules[i if len(rules) > 1 else 0]
+        if sum(r.needs_readout for r in setting.values()) > 1:
+            raise PlanError("--exit: only one circuit at a time can use kl or entropy_diff")
+        out.append({c: setting[c] for c in circuits if c in setting})
+    return out

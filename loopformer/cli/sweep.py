@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
-from loopformer.cli.loopspec import parse_loops
+from loopformer.cli.common import check_writable, command, emit, exit_caps, exit_flags, run_flags, write_png
+from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import plots, sweep, tables
 from loopformer.evaluation.run import LoadedRun, log
@@ -23,9 +23,11 @@ def _args(p: argparse.ArgumentParser) -> None:
                 "(the step keeps shrinking), drifting (the norm keeps growing), moving (steady steps at a steady "
                 "norm: oscillation or chaos, the 'overthinking' regime). All settings run on one compiled program.")
     run_flags(p)
-    p.add_argument("--loops", action="append", metavar="CIRCUIT=SPEC", required=True,
+    p.add_argument("--loops", action="append", metavar="CIRCUIT=SPEC",
                    help="counts to sweep for one or two circuits: A:B (1:64 -> 1,2,3,4,6,8,12,16,24,32,48,64), "
-                        "A:B:STEP (linear) or N1,N2,...; unswept circuits stay at eval_loops")
+                        "A:B:STEP (linear) or N1,N2,...; unswept circuits stay at eval_loops. With --exit: one "
+                        "count per circuit (the caps)")
+    exit_flags(p, many=True)
 
 
 def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str, list[int]],
@@ -59,6 +61,10 @@ def sweep_command(args: argparse.Namespace) -> int:
         info = read_run(args.run)
         check_writable(info.path, "sweep.csv, sweep_*.png and sweeps/")
         splits = info.select_splits(args.split)
+        if args.exit:
+            return _sweep_exits(args, info, splits)
+        if not args.loops:
+            raise PlanError("sweep needs --loops CIRCUIT=A:B (loop counts) or --exit RULE (exit thresholds)")
         grid = parse_loops(args.loops, info.circuits, grid=True)
         if len(grid) > 2:
             raise PlanError(f"sweep takes one or two circuits (got {', '.join(grid)}); fix the others at "
@@ -86,3 +92,28 @@ def sweep_command(args: argparse.Namespace) -> int:
         return doc, text
 
     return emit(args, body)
+
+
+def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tuple[dict[str, Any], str]:
+    """A row per split and exit threshold, at the caps (--max-loops, --loops, or each circuit's max_loops)."""
+    settings = parse_exits(args.exit, info.circuits, many=True)
+    loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
+    run = load_run(info, args.step)
+    eval_sets = run.eval_sets(splits, args.examples)
+    before = run.evaluator.compiles
+    rows = []
+    for split, batches in eval_sets.items():
+        for exits in settings:
+            caps = exit_caps(info, exits, args.max_loops, loops)
+            row = run.row(split, batches, caps, exits=exits)
+            row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(caps), exits)["histogram"]
+            rows.append(row)
+        log(f"sweep {split}: {len(settings)} exit settings")
+    compiles = run.evaluator.compiles - before
+    tables.write_csv(info.path / "sweep_exits.csv", [{k: v for k, v in r.items() if k != "histogram"} for r in rows])
+    doc = {"run": str(info.path), "step": run.step, "rows": rows, "compiles": compiles,
+           "files": [str(info.path / "sweep_exits.csv")]}
+    text = "\n".join([tables.header_line(info, run.step, args.examples), tables.exit_table(rows, info),
+                      f"programs compiled: {compiles} (thresholds are runtime inputs)",
+                      f"wrote {info.path / 'sweep_exits.csv'}"])
+    return doc, text

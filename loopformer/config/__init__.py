@@ -23,9 +23,11 @@ from loopformer.config.schema import (
     Config,
     DataConfig,
     EvalConfig,
+    HaltingConfig,
     LoopSchedule,
     MeshConfig,
     ModelConfig,
+    RouterConfig,
     RunConfig,
     StageConfig,
     TrainConfig,
@@ -34,7 +36,7 @@ from loopformer.config.schema import (
 
 __all__ = [
     "ARCHITECTURE", "BEHAVIOUR", "SCHEDULE", "SETTING", "TASK", "Change", "CircuitArch", "CircuitBehaviour",
-    "CircuitConfig", "Config", "DataConfig", "EvalConfig", "LoopDistribution", "LoopSchedule", "MeshConfig",
-    "ModelConfig", "RunConfig", "StageConfig", "TrainConfig", "circuit_label", "config_changes", "config_from_dict",
-    "load_config", "mlp_hidden", "parse_overrides", "part_of",
+    "CircuitConfig", "Config", "DataConfig", "EvalConfig", "HaltingConfig", "LoopDistribution", "LoopSchedule",
+    "MeshConfig", "ModelConfig", "RouterConfig", "RunConfig", "StageConfig", "TrainConfig", "circuit_label",
+    "config_changes", "config_from_dict", "load_config", "mlp_hidden", "parse_overrides", "part_of",
 ]

@@ -195,8 +195,12 @@ def part_of(path: str) -> str:
     if keys[0] == "model" and len(keys) > 1:
         if keys[1] != "stages":
             return _MODEL_PARTS.get(keys[1], ARCHITECTURE)
+        if len(keys) >= 6 and keys[5] == "halting":  # the head exists or not; its loss weights are settings
+            return ARCHITECTURE if len(keys) == 6 or keys[6] == "kind" else SETTING
         if len(keys) >= 6:  # model.stages.S.circuits.C.field
             return CIRCUIT_PARTS.get(keys[5], ARCHITECTURE)
+        if len(keys) >= 4 and keys[3] == "router":  # model.stages.S.router.field
+            return ARCHITECTURE if len(keys) == 4 or keys[4] in ("kind", "exit") else SETTING
         return ARCHITECTURE  # a stage or circuit added, removed or reordered
     if keys[0] == "data" and len(keys) > 1 and keys[1] in ("task", "task_args", "tokenizer"):
         return TASK

@@ -55,6 +55,49 @@ def _one_of(value: str, options: tuple[str, ...], path: str) -> None:
 
 # ----------------------------------------------------------------------------- circuits
 
+HALTING_KINDS = ("none", "ouro", "pondernet", "act")
+ROUTER_KINDS = ("none", "token_choice", "expert_choice")
+
+
+@dataclass
+class HaltingConfig:
+    """A learned exit (`loopformer.model.halting`): ``kind`` adds a halting head to the circuit (its
+    architecture); the rest are loss weights of training and the default exit quantile."""
+
+    kind: str = "none"  # none | ouro | pondernet | act
+    beta: float = 0.1  # ouro: entropy bonus weight (decays linearly to beta_final) | pondernet: KL weight
+    beta_final: float = 0.05  # ouro: beta at the last training step
+    prior: float = 0.2  # pondernet: the geometric prior's exit probability per step
+    tau: float = 0.01  # act: ponder-cost weight
+    eps: float = 0.01  # act: halt once the summed halting probabilities reach 1 - eps
+    q: float = 0.5  # ouro / pondernet: evaluation exits once the exit CDF reaches q
+
+    def validate(self, path: str) -> None:
+        _one_of(self.kind, HALTING_KINDS, f"{path}.kind")
+        _check(self.beta >= 0 and self.beta_final >= 0 and self.tau >= 0,
+               f"{path}: beta, beta_final and tau must be >= 0")
+        _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
+        _check(0 < self.eps < 1, f"{path}.eps must be in (0, 1), got {self.eps}")
+        _check(0 < self.q <= 1, f"{path}.q must be in (0, 1], got {self.q}")
+
+
+@dataclass
+class RouterConfig:
+    """A router over a stage's circuits (`loopformer.model.router`): ``kind`` (and ``exit``) add its
+    scoring layer (architecture); the rest are its settings."""
+
+    kind: str = "none"  # none | token_choice | expert_choice
+    exit: bool = True  # token_choice: an exit option besides the circuits
+    capacity: float = 0.5  # expert_choice: share of a sequence's tokens each circuit takes per round
+    balance: float = 0.01  # token_choice: load-balancing loss weight
+    aux: float = 1e-3  # expert_choice: BCE weight between scores and selections
+    compute: float = 0.0  # cost per round a token keeps running (pushes exits earlier)
+
+    def validate(self, path: str) -> None:
+        _one_of(self.kind, ROUTER_KINDS, f"{path}.kind")
+        _check(0 < self.capacity <= 1, f"{path}.capacity must be in (0, 1], got {self.capacity}")
+        _check(min(self.balance, self.aux, self.compute) >= 0, f"{path}: balance, aux and compute must be >= 0")
+
 
 @dataclass
 class CircuitArch:
@@ -68,6 +111,7 @@ class CircuitArch:
     io: str = "slice"  # slice: reads and writes its own columns of the stream | project: learned d_model <-> width
     inject: str = "add"  # input injection each iteration: add | concat (a learned [h; e] -> width adapter) | none
     state_norm: bool = False  # RMS-normalise the state after every iteration (bounded; fixed points possible)
+    halting: HaltingConfig = field(default_factory=HaltingConfig)  # a learned exit head (kind: none = no head)
 
     @property
     def mlp_hidden(self) -> int:
@@ -134,6 +178,7 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
                 f"counts that loops={dist} draws (up to {top:g}): they")
         _check(c.max_loops >= top, f"{p}.max_loops={c.max_loops} is below {what} would be clamped to {c.max_loops}, "
                f"silently changing the training distribution; raise max_loops to >= {math.ceil(top)} or lower loops")
+        c.halting.validate(f"{p}.halting")
 
 
 CIRCUIT_PARTS = {f.name: part for cls, part in ((CircuitArch, ARCHITECTURE), (CircuitBehaviour, BEHAVIOUR),
@@ -142,9 +187,11 @@ CIRCUIT_PARTS = {f.name: part for cls, part in ((CircuitArch, ARCHITECTURE), (Ci
 
 @dataclass
 class StageConfig:
-    """A parallel bank: its circuits read the same stream and their outputs are added (the ⊕)."""
+    """A parallel bank: its circuits read the same stream and their outputs are added (the ⊕); with a
+    router, the circuits run in rounds and the router picks, per token, which one runs next (or exit)."""
 
     circuits: list[CircuitConfig] = field(default_factory=lambda: [CircuitConfig()])
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 # ----------------------------------------------------------------------------- model
@@ -177,6 +224,10 @@ class ModelConfig:
     def circuit(self, name: str) -> CircuitConfig:
         return next(c for c in self.circuits() if c.name == name)
 
+    def halting_circuit(self) -> CircuitConfig | None:
+        """The circuit with a learned halting head (at most one per model), or None."""
+        return next((c for c in self.circuits() if c.halting.kind != "none"), None)
+
     def schedules(self) -> dict[str, LoopSchedule]:
         return {c.name: c.schedule() for c in self.circuits()}
 
@@ -198,6 +249,9 @@ class ModelConfig:
         _one_of(m.norm, NORM_MODES, "model.norm")
         _one_of(m.mlp, MLP_KINDS, "model.mlp")
         _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
+        halting = [c.name for c in m.circuits() if c.halting.kind != "none"]
+        _check(len(halting) <= 1, f"model: at most one circuit may have a halting head (it is read out after every "
+               f"iteration), got {', '.join(halting)}")
         seen: set[str] = set()
         for s, stage in enumerate(m.stages):
             _check(len(stage.circuits) >= 1, f"model.stages.{s}.circuits: a stage needs at least one circuit")
@@ -206,6 +260,11 @@ class ModelConfig:
                 c.validate(p)
                 _check(c.name not in seen, f"{p}.name: circuit name '{c.name}' is used twice; names must be unique")
                 seen.add(c.name)
+            stage.router.validate(f"model.stages.{s}.router")
+            if stage.router.kind != "none":
+                _check(all(c.halting.kind == "none" for c in stage.circuits),
+                       f"model.stages.{s}: a routed stage's circuits cannot also have a halting head (the router "
+                       f"decides their exits); set router.kind=none or halting.kind=none")
             sliced = [c for c in stage.circuits if c.io == "slice"]
             total = sum(c.width for c in sliced)
             widths = " + ".join(str(c.width) for c in sliced)

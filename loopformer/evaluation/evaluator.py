@@ -3,6 +3,8 @@
 `Evaluator.evaluate(params, batches, loops={"X": 16, "Y": 2}, ablate=["Y"])` is the seam every
 analysis command (eval, ablate, sweep) and the trainer's periodic evaluation go through. Loop counts
 are full mappings (every circuit): callers fill in defaults with `loopformer.model.plan.resolve_loops`.
+With ``exits={"X": rule}`` a circuit's count is its cap and tokens stop by the rule; every evaluation
+reports the iterations each circuit actually ran per real token (``mean_loops``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,19 @@ class Evaluator:
             return forward_batch(nnx.merge(self.graphdef, params), batch, plan)
 
         def sums_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
-            return answer_sums(run(params, batch, plan)[0], batch)
+            logits, diag = run(params, batch, plan)
+            valid = _valid(batch)
+            used = loops_used(diag, plan, batch["inputs"].shape)
+            return answer_sums(logits, batch) | {"real_tokens": valid.sum()} | {
+                f"loops/{n}": jnp.sum(u * valid) for n, u in used.items()}
+
+        def examples_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
+            logits, diag = run(params, batch, plan)
+            valid = _valid(batch)
+            count = jnp.maximum(valid.sum(-1), 1.0)
+            used = loops_used(diag, plan, batch["inputs"].shape)
+            return {"correct": exact_match(logits, batch), "used": used,
+                    "mean": {n: jnp.sum(u * valid, -1) / count for n, u in used.items()}}
 
         def means_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
             diag = run(params, batch, plan)[1]
@@ -58,6 +72,7 @@ class Evaluator:
 
         self._sums, self._means, self._trace = jax.jit(sums_fn), jax.jit(means_fn), jax.jit(trace_fn)
         self._correct, self._logits = jax.jit(correct_fn), jax.jit(logits_fn)
+        self._examples = jax.jit(examples_fn)
 
     def plan(self, loops: Mapping[str, int], ablate: Sequence[str] = (), fill: Array | np.ndarray | None = None,
              **static: Any) -> Plan:
@@ -68,16 +83,39 @@ class Evaluator:
         return make_plan(self.names, loops, ablate=ablate, fills=fill, **static)
 
     def evaluate(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int], ablate: Sequence[str] = (),
-                 fill: Array | np.ndarray | None = None) -> dict[str, float]:
-        """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``;
-        ``ablate`` removes circuits, whose output is replaced by ``fill`` (zero or mean ablation)."""
-        plan = self.plan(loops, ablate, fill)
+                 fill: Array | np.ndarray | None = None, exits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``, and
+        ``mean_loops`` {circuit: iterations per real token}; ``ablate`` removes circuits, whose output is
+        replaced by ``fill`` (zero or mean ablation); ``exits`` stops tokens by rules (`ExitRule`)."""
+        plan = self.plan(loops, ablate, fill, exits=exits)
         totals: dict[str, Any] = {}
         for batch in batches:
             sums = self._sums(params, batch, plan)
             totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
-        return {**summarize(totals), "examples": int(totals["examples"])}
+        real = max(float(totals["real_tokens"]), 1.0)
+        return {**summarize(totals), "examples": int(totals["examples"]),
+                "mean_loops": {n: float(totals[f"loops/{n}"]) / real for n in self.names}}
+
+    def examples(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
+                 exits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Per example (in order; the rows without an answer that pad the last batch dropped): exact
+        match ``correct`` bool [N] and ``loops`` {circuit: float [N]} (mean iterations over the example's
+        real tokens); and ``histogram`` {circuit: {iterations: tokens}} over every real token."""
+        plan = self.plan(loops, exits=exits)
+        correct, per_example, hist = [], {n: [] for n in self.names}, {n: {} for n in self.names}
+        for b in batches:
+            out = jax.device_get(self._examples(params, b, plan))
+            keep = np.asarray(b["mask"]).sum(-1) > 0
+            valid = np.asarray(_valid(b)) > 0
+            correct.append(np.asarray(out["correct"])[keep])
+            for n in self.names:
+                per_example[n].append(np.asarray(out["mean"][n])[keep])
+                used = np.rint(np.asarray(out["used"][n])[keep][valid[keep]]).astype(int)
+                for v, c in zip(*np.unique(used, return_counts=True), strict=True):
+                    hist[n][int(v)] = hist[n].get(int(v), 0) + int(c)
+        return {"correct": np.concatenate(correct), "loops": {n: np.concatenate(v) for n, v in per_example.items()},
+                "histogram": {n: dict(sorted(h.items())) for n, h in hist.items()}}
 
     def correct(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int]) -> np.ndarray:
         """bool [examples]: exact match of each example of ``batches`` (in order; rows without an
@@ -106,12 +144,25 @@ class Evaluator:
         trace_len = trace_len or max(loops.values())
         traces = jax.device_get(self._trace(params, batch, self.plan(loops, trace_len=trace_len)))
         return {name: {stat: [float(v) for v in np.asarray(traces[name])[: loops[name], j]]
-                       for j, stat in enumerate(TRACE_STATS)} for name in self.names}
+                       for j, stat in enumerate(TRACE_STATS)} for name in self.names if traces[name] is not None}
 
-    def logits(self, params: Any, tokens_BT: Array, loops: Mapping[str, int], segment_ids_BT: Array | None = None
-               ) -> Array:
+    def logits(self, params: Any, tokens_BT: Array, loops: Mapping[str, int], segment_ids_BT: Array | None = None,
+               exits: Mapping[str, Any] | None = None) -> Array:
         """Logits [B, T, vocab] of a token buffer at ``loops`` (a `loopformer.inference` logits_fn)."""
-        return self._logits(params, tokens_BT, make_plan(self.names, loops), segment_ids_BT)
+        return self._logits(params, tokens_BT, make_plan(self.names, loops, exits=exits), segment_ids_BT)
+
+
+def _valid(batch: Batch) -> Array:
+    """float32 [B, T]: 1 on real tokens (segment ids > 0, or every token when the batch has none)."""
+    seg = batch.get("segment_ids")
+    return jnp.ones(jnp.shape(batch["inputs"]), jnp.float32) if seg is None else (jnp.asarray(seg) > 0).astype(jnp.float32)
+
+
+def loops_used(diag: Any, plan: Plan, shape: tuple[int, ...]) -> dict[str, Array]:
+    """{circuit: float32 [B, T]}: iterations each token ran: the circuit's report when it has one (exits,
+    routing, halting), else its plan count."""
+    return {n: (r.used if r.used is not None else jnp.broadcast_to(jnp.asarray(plan.loops[n], jnp.float32), shape))
+            for n, r in diag.circuits.items()}
 
 
 @functools.lru_cache(maxsize=16)

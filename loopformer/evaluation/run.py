@@ -22,6 +22,7 @@ from loopformer.config import Config
 from loopformer.errors import LoopformerError
 from loopformer.evaluation.evaluator import Evaluator
 from loopformer.evaluation.metrics import text_metrics
+from loopformer.model.exits import ExitRule
 from loopformer.model.plan import resolve_loops
 from loopformer.model.transformer import LoopedTransformer
 
@@ -120,13 +121,17 @@ class LoadedRun:
         return self.info.data.eval_sets(splits, examples, batch)
 
     def row(self, split: str, batches: Sequence[Batch], loops: Mapping[str, int] | None = None,
-            ablate: Sequence[str] = (), fill: np.ndarray | jax.Array | None = None) -> Row:
-        """Evaluate one setting on one split: a row of the shared schema (text runs add
+            ablate: Sequence[str] = (), fill: np.ndarray | jax.Array | None = None,
+            exits: Mapping[str, ExitRule] | None = None) -> Row:
+        """Evaluate one setting on one split: a row of the shared schema, with ``mean_loops`` (iterations
+        each circuit ran per real token) and, with exit rules, ``exit`` {circuit: rule} (text runs add
         bits_per_byte and perplexity)."""
         full = self.info.full_loops(loops)
-        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill)
+        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits)
         row = {"split": split, "loops": full, "ablated": list(ablate), "loss": m["loss"], "accuracy": m["accuracy"],
-               "token_accuracy": m["token_accuracy"], "examples": m["examples"]}
+               "token_accuracy": m["token_accuracy"], "examples": m["examples"], "mean_loops": m["mean_loops"]}
+        if exits:
+            row["exit"] = {c: str(r) for c, r in exits.items()}
         if self.info.is_text:
             extra = text_metrics({"loss": m["loss"]}, self.info.data.bytes_per_token(batches))
             row.update({k: v for k, v in extra.items() if k != "loss"})

@@ -62,13 +62,35 @@ def header_line(info: RunInfo, step: int, examples: int) -> str:
             f"(difficulty in brackets) · accuracy = exact match of every answer token")
 
 
+def exit_str(row: Row) -> str:
+    """``X=latent_diff:0.01`` for a row's exit rules ('-' without)."""
+    return " ".join(f"{c}={r}" for c, r in (row.get("exit") or {}).items()) or "-"
+
+
+def mean_loops_str(row: Row) -> str:
+    return " ".join(f"{c}={v:.2f}" for c, v in row.get("mean_loops", {}).items())
+
+
 def eval_table(rows: Sequence[Row], info: RunInfo) -> str:
     text = any("bits_per_byte" in r for r in rows)
-    body = [[split_label(info, r["split"]), loops_str(r["loops"]), ",".join(r["ablated"]) or "-", f"{r['loss']:.4f}"]
+    exits = any(r.get("exit") for r in rows)
+    body = [[split_label(info, r["split"]), loops_str(r["loops"])] + ([exit_str(r), mean_loops_str(r)] if exits else [])
+            + [",".join(r["ablated"]) or "-", f"{r['loss']:.4f}"]
             + ([f"{r['bits_per_byte']:.4f}"] if text else [pct(r["accuracy"])])
             + [pct(r["token_accuracy"]), r["examples"]] for r in rows]
-    header = ["split", "loops", "ablated", "loss", "bits/byte" if text else "accuracy", "token acc", "examples"]
+    header = (["split", "loops (caps)" if exits else "loops"] + (["exit", "mean loops"] if exits else [])
+              + ["ablated", "loss", "bits/byte" if text else "accuracy", "token acc", "examples"])
     return format_table(header, body)
+
+
+def exit_table(rows: Sequence[Row], info: RunInfo) -> str:
+    """A sweep over exit thresholds: a row per split and rule, with the iterations actually run."""
+    text = any("bits_per_byte" in r for r in rows)
+    body = [[split_label(info, r["split"]), exit_str(r), loops_str(r["loops"]), mean_loops_str(r), f"{r['loss']:.4f}",
+             f"{r['bits_per_byte']:.4f}" if text else pct(r["accuracy"])] for r in rows]
+    return ("exit rules: each token stops when its rule fires (loops = the caps; mean loops = iterations run per "
+            "real token)\n" + format_table(["split", "exit", "loops (caps)", "mean loops", "loss",
+                                              "bits/byte" if text else "accuracy"], body))
 
 
 def ablation_table(rows: Sequence[Row], info: RunInfo) -> str:
@@ -116,11 +138,12 @@ def convergence_table(summary: Sequence[Mapping[str, Any]]) -> str:
 
 
 def flat_row(row: Row) -> dict[str, Any]:
-    """A row with ``loops`` spread into loops_<circuit> columns and lists joined by ';' (for CSV)."""
+    """A row with mappings (``loops``, ``mean_loops``) spread into <key>_<circuit> columns and lists joined
+    by ';' (for CSV)."""
     out: dict[str, Any] = {}
     for k, v in row.items():
-        if k == "loops":
-            out.update({f"loops_{c}": n for c, n in v.items()})
+        if isinstance(v, Mapping):
+            out.update({f"{k}_{c}": n for c, n in v.items()})
         elif isinstance(v, list | tuple):
             out[k] = ";".join(map(str, v))
         else:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from loopformer.errors import PlanError
+from loopformer.inference.decode import Sampling, sample
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import LoopedTransformer
 
@@ -62,13 +63,16 @@ def logits_fn(model: LoopedTransformer) -> LogitsFn:
 
 
 def generate_batch(logits_fn: LogitsFn, params: Any, prompts: Sequence[Sequence[int]], loops: Mapping[str, int],
-                   max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+                   max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                   sampling: Sampling | None = None) -> list[list[int]]:
     """Append ``max_new_tokens`` tokens to each prompt (all decoded together) with every circuit at
     ``loops``; returns the new tokens.
 
-    temperature 0 is greedy (argmax); > 0 samples from softmax(logits / temperature) with a key
-    derived from ``seed``. Each new token costs one full forward over [B, L] (no KV cache).
+    temperature 0 is greedy (argmax); > 0 samples (``sampling`` adds top-k / top-p, as
+    `loopformer.inference.decode.sample`) with a key derived from ``seed``. Each new token costs one full
+    forward over [B, L]: the reference for the cached `loopformer.inference.decode.Decoder`.
     """
+    sampling = sampling or Sampling(temperature=temperature)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PlanError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -82,25 +86,33 @@ def generate_batch(logits_fn: LogitsFn, params: Any, prompts: Sequence[Sequence[
     key = jax.random.key(seed)
     for t in range(max_new_tokens):
         logits = logits_fn(params, jnp.asarray(buf), loops, None)  # [B, L, V]
-        last_BV = logits[rows, lengths + t - 1]
-        if temperature > 0:
-            nxt = jax.random.categorical(jax.random.fold_in(key, t), last_BV / temperature, axis=-1)
-        else:
-            nxt = jnp.argmax(last_BV, axis=-1)
+        nxt = sample(logits[rows, lengths + t - 1], jax.random.fold_in(key, t), sampling)
         buf[rows, lengths + t] = np.asarray(nxt)
     return [buf[i, lengths[i] : lengths[i] + max_new_tokens].tolist() for i in rows]
 
 
-def generate_text(logits_fn: LogitsFn, params: Any, tokenizer: Tokenizer, prompt: str, loops: Mapping[str, int],
-                  max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
-    """The decoded continuation of ``prompt``. Documents are trained as ``BOS ids EOS``: the prompt
-    gets the tokenizer's ``bos_id`` in front when it has one, and the text stops at its ``eos_id``."""
-    bos, eos = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Documents are trained as ``BOS ids EOS``: the prompt gets the tokenizer's ``bos_id`` in front when
+    it has one."""
+    bos = getattr(tokenizer, "bos_id", None)
     ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt))
     if not ids:
         raise PlanError("--prompt encodes to no tokens; give a non-empty prompt")
-    new = generate_batch(logits_fn, params, [ids], loops, max_new_tokens, temperature, seed)[0]
-    return tokenizer.decode(new[: new.index(eos)] if eos in new else new)
+    return ids
+
+
+def until_eos(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
+    """``ids`` up to (without) the tokenizer's ``eos_id``."""
+    eos = getattr(tokenizer, "eos_id", None)
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def generate_text(logits_fn: LogitsFn, params: Any, tokenizer: Tokenizer, prompt: str, loops: Mapping[str, int],
+                  max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
+    """The decoded continuation of ``prompt`` (recomputing the prefix for every token), up to ``eos_id``."""
+    new = generate_batch(logits_fn, params, [prompt_ids(tokenizer, prompt)], loops, max_new_tokens, temperature, seed)[0]
+    return tokenizer.decode(until_eos(tokenizer, new))
 
 
 # ----------------------------------------------------------------------------- synthetic tasks

@@ -9,16 +9,19 @@ For one circuit c with depth D, width w and the normed residual stream xn: [B, T
 
 A bank adds ``g_c * out_c + (1 - g_c) * fill_c`` over its circuits (the plan's gates and fills):
 gate 1 runs the circuit, 0 removes it (fill 0: zero ablation; the circuit's mean output: mean ablation).
+With a router (`loopformer.model.router`) the bank runs in rounds instead, and the router picks which
+circuit each token runs next.
 
 Weights are stored by circuit name (``circuits/X/...``): a circuit's parameter paths depend only on its
-name and shapes. Circuits whose modules are interchangeable (same shapes and behaviour) and whose
-truncation depths agree run batched: their weights are stacked when the bank is called and one
-``vmap`` runs them, so a bank of many narrow circuits costs one kernel, not many.
+name and shapes. Circuits whose modules are interchangeable (same shapes and behaviour) and that run
+the same way (truncation depth, exit rule) run batched: their weights are stacked when the bank is
+called and one ``vmap`` runs them, so a bank of many narrow circuits costs one kernel, not many.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -26,12 +29,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopformer.config.schema import CircuitConfig
-from loopformer.model.layers import Block, normal_init, run_stack, stacked, zeros_init
-from loopformer.model.loop import iterate, iterate_traced
+from loopformer.config.schema import CircuitConfig, RouterConfig
+from loopformer.errors import PlanError
+from loopformer.model import halting as halting_math
+from loopformer.model.cache import CachePolicy
+from loopformer.model.exits import ExitRule, entropy, kl_divergence, latent_change
+from loopformer.model.layers import Block, normal_init, run_stack, run_stack_cached, stacked, zeros_init
+from loopformer.model.loop import iterate, iterate_traced, iterate_until
 from loopformer.model.plan import CircuitReport, Plan
+from loopformer.model.router import Router
 
 Array = jax.Array
+Readout = Callable[[Array], Array]  # the stream after a bank [B, T, D] -> logits [B, T, V]
 
 
 class Context(NamedTuple):
@@ -43,13 +52,28 @@ class Context(NamedTuple):
     valid_BT: Array | None
 
 
+class CircuitOut(NamedTuple):
+    """A circuit's run: ``out`` [B, T, O] what it writes (O = w for io slice, d_model for project);
+    ``trace`` [trace_len, 3]; ``used`` [B, T] iterations per token; with a halting head and a stash,
+    ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T], ``ponder`` [B, T] (ACT)."""
+
+    out: Array
+    trace: Array | None = None
+    used: Array | None = None
+    steps: Array | None = None
+    exit_p: Array | None = None
+    ponder: Array | None = None
+
+
 class Circuit(nnx.Module):
     """One circuit's weights: ``blocks`` [D, ...] (a stack of D blocks of width w), ``read`` (io:
-    project), ``adapter`` (inject: concat), ``loop_norm`` (state_norm), ``out_norm`` and ``write``."""
+    project), ``adapter`` (inject: concat), ``loop_norm`` (state_norm), ``out_norm``, ``write`` and
+    ``halt`` (the halting head, halting.kind != none)."""
 
     def __init__(self, c: CircuitConfig, *, d_model: int, mlp: str, norm: str, std: float, out_std: float,
                  rope_base: float, dtype: Any, causal: bool, rngs: nnx.Rngs):
         self.io, self.inject, self.init, self.noise_std = c.io, c.inject, c.init, c.init_noise_std
+        self.halting, self.act_eps = c.halting.kind, c.halting.eps
         w = c.width
         lin = dict(use_bias=False, dtype=dtype)
 
@@ -72,6 +96,21 @@ class Circuit(nnx.Module):
         self.out_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs)
         self.write = nnx.Linear(w, w if c.io == "slice" else d_model, kernel_init=zeros_init(("circuit", "embed")),
                                 rngs=rngs, **lin)
+        if c.halting.kind != "none":
+            # ACT starts by pondering (halting bias negative: lambda ~ 0.05); the others start neutral.
+            bias = -3.0 if c.halting.kind == "act" else 0.0
+            self.halt = nnx.Linear(w, 1, use_bias=True, kernel_init=normal_init(std, ("circuit", None)),
+                                   bias_init=nnx.initializers.constant(bias), dtype=dtype, rngs=rngs)
+
+    # ------------------------------------------------------------------ pieces
+    def begin(self, src: Array, key: Array) -> tuple[Array, Array]:
+        """(e, h_0) from ``src`` (io slice: its slice [B, T, w]; io project: the normed stream)."""
+        e = self.read(src) if self.io == "project" else src
+        if self.init == "zeros":
+            return e, jnp.zeros_like(e)
+        if self.init == "input":
+            return e, e
+        return e, (self.noise_std * jax.random.normal(key, e.shape)).astype(e.dtype)
 
     def iteration(self, h_BTW: Array, e_BTW: Array, ctx: Context) -> Array:
         """One loop step: h <- stack(inject(h, e)) (then the state norm)."""
@@ -82,19 +121,23 @@ class Circuit(nnx.Module):
         h_BTW = run_stack(self.blocks, h_BTW, ctx.positions_BT, ctx.mask)
         return self.loop_norm(h_BTW) if hasattr(self, "loop_norm") else h_BTW
 
-    def __call__(self, src: Array, n: Array, key: Array, ctx: Context, *, k: int = 0,
-                 trace_len: int = 0) -> tuple[Array, Array | None]:
-        """Run the loop ``n`` times (int32 []; gradient through the last k iterations when k > 0) on
-        ``src`` (io slice: its slice e [B, T, w]; io project: the normed stream [B, T, d_model]).
+    def emit(self, h: Array) -> Array:
+        """What the circuit writes for a state: write(norm(h)) (any leading axes)."""
+        return self.write(self.out_norm(h))
 
-        Returns (out [B, T, w or d_model], trace [trace_len, 3] or None)."""
-        e = self.read(src) if self.io == "project" else src
-        if self.init == "zeros":
-            h0 = jnp.zeros_like(e)
-        elif self.init == "input":
-            h0 = e
-        else:
-            h0 = (self.noise_std * jax.random.normal(key, e.shape)).astype(e.dtype)
+    def halt_prob(self, h: Array) -> Array:
+        """lambda = sigmoid(w . norm(h) + b) [...], the halting head's exit probability (float32)."""
+        return jax.nn.sigmoid(self.halt(self.out_norm(h))[..., 0].astype(jnp.float32))
+
+    # ------------------------------------------------------------------ the loop
+    def __call__(self, src: Array, n: Array, key: Array, ctx: Context, *, k: int = 0, trace_len: int = 0,
+                 exit: ExitRule | None = None, readout: Readout | None = None, stash: int = 0,
+                 bound: int = 0) -> CircuitOut:
+        """Run the loop on ``src``: ``n`` iterations (int32 [] or per token [B, T]; the cap when
+        ``exit`` is given), gradient through the last k when k > 0. ``trace_len`` records state
+        statistics; ``exit`` stops tokens by a rule (``readout`` maps this circuit's write to logits,
+        for the kl / entropy_diff rules); ``stash`` (halting circuits) keeps every iteration."""
+        e, h0 = self.begin(src, key)
         graphdef, state = nnx.split(self)
 
         def step(consts: tuple[Any, Array], h: Array) -> Array:  # everything it reads is in consts
@@ -102,9 +145,156 @@ class Circuit(nnx.Module):
 
         if trace_len:
             h, trace = iterate_traced(step, (state, e), h0, n, trace_len, ctx.valid_BT)
+            return CircuitOut(self.emit(h), trace=trace)
+        if exit is not None:
+            return self._until(step, (state, e), h0, n, exit, readout)
+        if self.halting == "act" or (self.halting != "none" and stash):
+            return self._stashed(step, (state, e), h0, n, k, stash)
+        h = iterate(step, (state, e), h0, n, k, bound=bound)
+        used = None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32)
+        return CircuitOut(self.emit(h), used=used)
+
+    def _stashed(self, step: Callable, consts: Any, h0: Array, n: Array, k: int, stash: int) -> CircuitOut:
+        """Every iteration kept (halting): exit distribution, per-step writes; ACT writes their mixture."""
+        if not stash:
+            if self.halting == "act":  # evaluation of an ACT circuit: its own halting rule, up to n
+                return self._until(step, consts, h0, n, ExitRule("learned", 1.0 - self.act_eps), None)
+            raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
+        h, states = iterate(step, consts, h0, n, k, stash=stash)
+        lambdas, steps = self.halt_prob(states), self.emit(states)  # [L, B, T], [L, B, T, O]
+        if self.halting == "act":
+            p, ponder = halting_math.act_exit(lambdas, n, self.act_eps)
+            return CircuitOut(jnp.einsum("lbt,lbto->bto", p.astype(steps.dtype), steps), used=ponder, steps=steps,
+                              exit_p=p, ponder=ponder)
+        p = halting_math.geometric_exit(lambdas, n)
+        t = jnp.arange(1, p.shape[0] + 1, dtype=jnp.float32)[:, None, None]
+        return CircuitOut(self.emit(h), used=jnp.sum(p * t, axis=0), steps=steps, exit_p=p)
+
+    def _until(self, step: Callable, consts: Any, h0: Array, n: Array, rule: ExitRule,
+               readout: Readout | None) -> CircuitOut:
+        """Inference with an exit rule (`loopformer.model.exits`)."""
+        shape = h0.shape[:-1]
+        if rule.kind == "latent_diff":
+            def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
+                return latent_change(h_prev, h) < rule.threshold, st
+            state0: Any = ()
+        elif rule.kind == "learned":
+            if self.halting == "none":
+                raise PlanError("exit rule learned:q=... needs a circuit trained with a halting head (halting.kind); "
+                                "use latent_diff, kl or entropy_diff for this one")
+            act = self.halting == "act"
+
+            def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
+                lam = jnp.where(active, self.halt_prob(h), 0.0)
+                if not act:  # survival prod (1 - lambda): stop once the exit CDF reaches q
+                    survive = st * (1.0 - lam)
+                    return 1.0 - survive >= rule.threshold, survive
+                total, mix = st  # ACT: halting mass so far and the mixture of writes
+                fire = (total + lam >= rule.threshold) | (i >= n)
+                p = jnp.where(fire, 1.0 - total, lam) * active
+                mix = mix + p[..., None].astype(mix.dtype) * self.emit(h)
+                return fire, (total + lam, mix)
+
+            out_width = self.write.kernel.value.shape[-1]
+            state0 = (jnp.ones(shape, jnp.float32) if not act else
+                      (jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, out_width), h0.dtype)))
         else:
-            h, trace = iterate(step, (state, e), h0, n, k), None
-        return self.write(self.out_norm(h)), trace
+            if readout is None:
+                raise PlanError(f"exit rule {rule.kind} reads the model's output after every iteration: only one "
+                                f"circuit of a model can use kl or entropy_diff at a time")
+
+            def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
+                logits = readout(self.emit(h))
+                change = kl_divergence(logits, st) if rule.kind == "kl" else jnp.abs(entropy(logits) - entropy(st))
+                return (change < rule.threshold) & (i >= 2), logits  # the first iteration has nothing to compare
+
+            state0 = readout(self.emit(h0))
+        h, used, st = iterate_until(step, consts, h0, n, stop, state0, min_loops=rule.min_loops,
+                                    check_every=rule.check_every)
+        out = st[1] if rule.kind == "learned" and self.halting == "act" else self.emit(h)
+        return CircuitOut(out, used=used)
+
+
+    # ------------------------------------------------------------------ decoding with a cache
+    def decode(self, src: Array, n: Array, key: Array, positions_Bt: Array, kv: tuple[Array, Array],
+               policy: CachePolicy, *, exit: ExitRule | None = None, h_init: Array | None = None
+               ) -> tuple[Array, tuple[Array, Array], Array, Array]:
+        """The loop on t new tokens with the circuit's cache ``kv`` ([S, D, B, T, N, H] each: slot, layer,
+        row, position): iteration i reads and writes slot ``policy.slot(i)``. ``h_init`` [B, t, w]
+        replaces the initial state (continuous thinking). With ``exit`` (latent_diff or learned) each
+        token stops on its own; rows whose tokens all stopped stop writing, and their later slots get
+        their last keys and values (so later tokens read a defined value).
+
+        Returns (out [B, t, O], kv, final states [B, t, w], iterations per token [B, t])."""
+        e, h0 = self.begin(src, key)
+        h0 = h0 if h_init is None else h_init.astype(h0.dtype)
+        B = src.shape[0]
+
+        def step(i: Array, h: Array, kv: tuple[Array, Array], write_B: Array) -> tuple[Array, tuple[Array, Array]]:
+            slot = policy.slot(i)
+            k_s, v_s = (jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False) for a in kv)
+            x = h + e if self.inject == "add" else (
+                self.adapter(jnp.concatenate([h, e], axis=-1)) if self.inject == "concat" else h)
+            x, (k_s, v_s) = run_stack_cached(self.blocks, x, positions_Bt, (k_s, v_s), write_B & policy.writes(i))
+            x = self.loop_norm(x) if hasattr(self, "loop_norm") else x
+            return x, tuple(jax.lax.dynamic_update_index_in_dim(a, b, slot, 0) for a, b in zip(kv, (k_s, v_s),
+                                                                                             strict=True))
+
+        if exit is None:
+            def body(i: Array, c: tuple) -> tuple:
+                return step(i, c[0], c[1], jnp.ones((B,), bool))
+
+            h, kv = jax.lax.fori_loop(0, n, body, (h0, kv))
+            return self.emit(h), kv, h, jnp.broadcast_to(jnp.asarray(n, jnp.float32), h.shape[:2])
+        if exit.kind not in ("latent_diff", "learned") or (exit.kind == "learned" and self.halting in ("none", "act")):
+            raise PlanError(f"decoding with a cache supports the exits latent_diff and learned (an ouro or pondernet "
+                            f"halting head), not {exit.kind} here; use --no-cache")
+        active0 = jnp.ones(h0.shape[:2], bool)
+
+        def cond(c: tuple) -> Array:
+            return (c[0] < n) & jnp.any(c[3])
+
+        def body_exit(c: tuple) -> tuple:
+            i, h, kv, active, used, wrote, survive = c
+            write_B = jnp.any(active, axis=1)
+            new, kv = step(i, h, kv, write_B)
+            h_next = jnp.where(active[..., None], new, h)
+            if exit.kind == "latent_diff":
+                fire = latent_change(h, h_next) < exit.threshold
+            else:
+                survive = survive * (1.0 - jnp.where(active, self.halt_prob(h_next), 0.0))
+                fire = 1.0 - survive >= exit.threshold
+            due = ((i + 1) >= exit.min_loops) & ((i + 1) % exit.check_every == 0)
+            used = used + active.astype(jnp.float32)
+            return i + 1, h_next, kv, active & ~(fire & due), used, wrote + write_B, survive
+
+        c0 = (jnp.zeros((), jnp.int32), h0, kv, active0, jnp.zeros(h0.shape[:2], jnp.float32),
+              jnp.zeros((B,), jnp.int32), jnp.ones(h0.shape[:2], jnp.float32))
+        _, h, kv, _, used, wrote, _ = jax.lax.while_loop(cond, body_exit, c0)
+        return self.emit(h), _fill(kv, wrote, n, positions_Bt, policy), h, used
+
+
+def _fill(kv: tuple[Array, Array], wrote_B: Array, n: Array, positions_Bt: Array, policy: CachePolicy
+          ) -> tuple[Array, tuple[Array, Array]]:
+    """Rows that stopped writing after ``wrote_B`` iterations: copy the keys and values of their last
+    iteration into the slots of iterations wrote .. n - 1, at the chunk's positions only."""
+    if policy.kind in ("last", "first"):
+        return kv
+    S, _, B, T = kv[0].shape[:4]
+    last = policy.slot(jnp.maximum(wrote_B - 1, 0))  # [B]
+    j = jnp.arange(S)[:, None]
+    if policy.kind == "full":
+        target = (j >= wrote_B[None]) & (j < n)  # [S, B]
+    else:  # ring: slot j is written by some later iteration i in [wrote, n) with i % K == j
+        target = ((j - wrote_B[None]) % policy.ring) < (n - wrote_B[None])
+    at_chunk = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], positions_Bt].set(True)
+    mask = target[:, None, :, None, None, None] & at_chunk[None, None, :, :, None, None]  # [S, 1, B, T, 1, 1]
+
+    def fill(a: Array) -> Array:
+        src = jnp.moveaxis(a, 0, 2)[:, jnp.arange(B), last]  # [D, B, T, N, H]: each row's last slot
+        return jnp.where(mask, src[None], a)
+
+    return tuple(fill(a) for a in kv)
 
 
 @dataclass(frozen=True)
@@ -126,7 +316,7 @@ class BankLayout:
             offsets.append(o if c.io == "slice" else None)
             o += c.width if c.io == "slice" else 0
         kinds = tuple((c.depth, c.width, c.heads, c.mlp_ratio, c.io, c.inject, c.state_norm, c.window, c.init,
-                       c.init_noise_std) for c in circuits)
+                       c.init_noise_std, c.halting.kind) for c in circuits)
         return BankLayout(tuple(c.name for c in circuits), tuple(c.width for c in circuits), tuple(offsets),
                           tuple(range(first_index, first_index + len(circuits))), kinds)
 
@@ -138,24 +328,34 @@ class Bank(nnx.Module):
     """A parallel bank (X)^M ⊕ (Y1∘Y2)^N ⊕ ...: circuits read norm(x) and their outputs add up."""
 
     def __init__(self, circuits: list[CircuitConfig], first_index: int, *, d_model: int, rngs: nnx.Rngs,
-                 batch_circuits: bool = True, **block_kw: Any):
+                 router: RouterConfig | None = None, batch_circuits: bool = True, **block_kw: Any):
         self.d_model = d_model
         self.norm = nnx.RMSNorm(d_model, dtype=block_kw["dtype"], rngs=rngs)
         self.circuits = nnx.Dict({c.name: Circuit(c, d_model=d_model, rngs=rngs, **block_kw) for c in circuits})
         self.layout = BankLayout.of(circuits, first_index)
         self.batch_circuits = batch_circuits
+        if router is not None and router.kind != "none":
+            self.router = Router(router, d_model, len(circuits), dtype=block_kw["dtype"], rngs=rngs)
 
     @property
     def names(self) -> tuple[str, ...]:
         return self.layout.names
 
+    @property
+    def routed(self) -> bool:
+        return hasattr(self, "router")
+
     def groups(self, plan: Plan) -> list[list[str]]:
-        """Circuits that run together under one vmap: same kind and the same truncation depth."""
+        """Circuits that run together under one vmap: same kind, truncation depth and exit rule, and no
+        per-step readout or halting stash (those run alone)."""
         if not self.batch_circuits:
             return [[n] for n in self.names]
         out: dict[tuple, list[str]] = {}
         for n in self.names:
-            out.setdefault((self.layout.kinds[self.layout.at(n)], plan.truncation(n)), []).append(n)
+            # exit thresholds are traced per circuit and halting circuits keep per-step stashes: both run alone
+            alone = plan.exit_of(n) is not None or self.layout.kinds[self.layout.at(n)][-1] != "none"
+            key = (n,) if alone else (self.layout.kinds[self.layout.at(n)], plan.truncation(n))
+            out.setdefault(key, []).append(n)
         return list(out.values())
 
     def _source(self, name: str, xn_BTD: Array) -> Array:
@@ -164,46 +364,156 @@ class Bank(nnx.Module):
         return xn_BTD if o is None else xn_BTD[..., o:o + self.layout.widths[i]]
 
     def _place(self, name: str, out: Array) -> Array:
-        """A circuit's output in the stream's coordinates [B, T, d_model]."""
+        """A circuit's output in the stream's coordinates [..., B, T, d_model]."""
         o = self.layout.offsets[self.layout.at(name)]
         if o is None:
             return out
-        return jnp.pad(out, [(0, 0), (0, 0), (o, self.d_model - o - out.shape[-1])])
+        return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(o, self.d_model - o - out.shape[-1])])
 
-    def _run(self, members: list[str], xn_BTD: Array, ctx: Context, plan: Plan) -> list[tuple[Array, Array | None]]:
-        keys = [jax.random.fold_in(plan.key, self.layout.index[self.layout.at(n)]) for n in members]
-        k, trace_len = plan.truncation(members[0]), plan.trace_len
+    def _key(self, plan: Plan, name: str) -> Array:
+        return jax.random.fold_in(plan.key, self.layout.index[self.layout.at(name)])
+
+    def _run(self, members: list[str], xn_BTD: Array, ctx: Context, plan: Plan,
+             readout: Readout | None) -> list[CircuitOut]:
+        kw = dict(k=plan.truncation(members[0]), trace_len=plan.trace_len, exit=plan.exit_of(members[0]),
+                  stash=plan.stash, bound=plan.bound)
         if len(members) == 1:
             name = members[0]
-            return [self.circuits[name](self._source(name, xn_BTD), plan.loops[name], keys[0], ctx, k=k,
-                                        trace_len=trace_len)]
+            return [self.circuits[name](self._source(name, xn_BTD), plan.loops[name], self._key(plan, name), ctx,
+                                        readout=readout, **kw)]
         graphdef = nnx.graphdef(self.circuits[members[0]])
         states = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(self.circuits[n]) for n in members])
         src = jnp.stack([self._source(n, xn_BTD) for n in members])
         loops = jnp.stack([plan.loops[n] for n in members])
+        keys = jnp.stack([self._key(plan, n) for n in members])
 
-        def one(state: Any, s: Array, n: Array, key: Array) -> tuple[Array, Array | None]:
-            return nnx.merge(graphdef, state)(s, n, key, ctx, k=k, trace_len=trace_len)
+        def one(state: Any, s: Array, n: Array, key: Array) -> CircuitOut:
+            return nnx.merge(graphdef, state)(s, n, key, ctx, **kw)
 
-        outs, traces = jax.vmap(one)(states, src, loops, jnp.stack(keys))
-        return [(outs[i], None if traces is None else traces[i]) for i in range(len(members))]
+        outs = jax.vmap(one)(states, src, loops, keys)
+        return [jax.tree.map(lambda a, i=i: a[i], outs) for i in range(len(members))]
 
-    def __call__(self, x_BTD: Array, ctx: Context, plan: Plan) -> tuple[Array, dict[str, CircuitReport]]:
-        """x <- x + sum_c (g_c * out_c + (1 - g_c) * fill_c); a report per circuit."""
+    def _contribution(self, name: str, out: Array, plan: Plan) -> Array:
+        """g * place(out) + (1 - g) * fill for one circuit's write ``out`` [..., B, T, O]."""
+        out_BTD = self._place(name, out)
+        gate = plan.gates[name].astype(out_BTD.dtype)
+        contrib = gate * out_BTD
+        if plan.fills is not None:
+            contrib = contrib + (1 - gate) * plan.fills[name].astype(out_BTD.dtype)
+        return contrib
+
+    def __call__(self, x_BTD: Array, ctx: Context, plan: Plan, readout: Readout | None = None
+                 ) -> tuple[Array, dict[str, CircuitReport], Array, Array | None]:
+        """x <- x + sum_c (g_c * out_c + (1 - g_c) * fill_c).
+
+        ``readout`` maps the stream after this bank to logits (through the rest of the model), for exit
+        rules that read the output. Returns (x, a report per circuit, auxiliary loss [], and for a
+        halting circuit with a stash the stream after each of its iterations [L, B, T, D] or None)."""
+        if self.routed:
+            return self._routed(x_BTD, ctx, plan)
         xn = self.norm(x_BTD)
+        groups = self.groups(plan)
+        # circuits that read the output after every iteration go last: they see the others' final writes
+        groups.sort(key=lambda g: any(plan.exit_of(n) is not None and plan.exit_of(n).needs_readout for n in g))
         update = jnp.zeros_like(x_BTD)
         reports: dict[str, CircuitReport] = {}
-        for members in self.groups(plan):
-            for name, (out, trace) in zip(members, self._run(members, xn, ctx, plan), strict=True):
-                out_BTD = self._place(name, out)
-                gate = plan.gates[name].astype(out_BTD.dtype)
-                contrib = gate * out_BTD
-                if plan.fills is not None:
-                    contrib = contrib + (1 - gate) * plan.fills[name].astype(out_BTD.dtype)
+        stepped: tuple[str, Array] | None = None
+        for members in groups:
+            base = x_BTD + update
+            own = None if readout is None else (lambda out, base=base, name=members[0]:
+                                                readout(base + self._contribution(name, out, plan)))
+            for name, res in zip(members, self._run(members, xn, ctx, plan, own), strict=True):
+                contrib = self._contribution(name, res.out, plan)
                 update = update + contrib
-                reports[name] = CircuitReport(trace=trace, mean_out=_mean_over(out_BTD, ctx.valid_BT)
-                                              if plan.collect_means else None)
-        return x_BTD + update, reports
+                if res.steps is not None:
+                    stepped = (name, contrib, res.steps)
+                reports[name] = CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder,
+                                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None)
+        x_out = x_BTD + update
+        streams = None
+        if stepped is not None:  # the stream as it would be after each iteration of the halting circuit
+            name, contrib, steps = stepped
+            streams = x_out[None] - contrib[None] + self._contribution(name, steps, plan)
+        return x_out, reports, jnp.zeros((), jnp.float32), streams
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, x_BtD: Array, positions_Bt: Array, kvs: dict[str, tuple[Array, Array]], plan: Plan,
+               policy: CachePolicy, h_init: dict[str, Array] | None = None
+               ) -> tuple[Array, dict[str, tuple[Array, Array]], dict[str, Array], dict[str, Array]]:
+        """The bank on t new tokens with its circuits' caches (`Circuit.decode`), circuit by circuit.
+        Returns (x, caches, final states {name: [B, t, w]}, iterations per token {name: [B, t]})."""
+        if self.routed:
+            raise PlanError("decoding with a cache does not run routed banks; use --no-cache")
+        xn = self.norm(x_BtD)
+        update = jnp.zeros_like(x_BtD)
+        kvs, states, used = dict(kvs), {}, {}
+        for name in self.names:
+            out, kvs[name], states[name], used[name] = self.circuits[name].decode(
+                self._source(name, xn), plan.loops[name], self._key(plan, name), positions_Bt, kvs[name], policy,
+                exit=plan.exit_of(name), h_init=None if h_init is None else h_init[name])
+            update = update + self._contribution(name, out, plan)
+        return x_BtD + update, kvs, states, used
+
+    # ------------------------------------------------------------------ routed
+    def _routed(self, x_BTD: Array, ctx: Context, plan: Plan
+                ) -> tuple[Array, dict[str, CircuitReport], Array, None]:
+        """Rounds r = 0 .. max_c n_c - 1: the router picks, per running token, the circuit that runs its
+        next iteration (circuit c is eligible while r < n_c) or exit; a circuit's state changes only for
+        the tokens it runs (copy-forward). Training runs ``plan.bound`` rounds in a checkpointed scan
+        (gradient through all of them); evaluation runs exactly the rounds needed."""
+        names = self.names
+        xn = self.norm(x_BTD)
+        loops = jnp.stack([jnp.asarray(plan.loops[n], jnp.int32) for n in names])
+        starts = [self.circuits[n].begin(self._source(n, xn), self._key(plan, n)) for n in names]
+        es = tuple(e for e, _ in starts)
+        graphdefs = [nnx.graphdef(self.circuits[n]) for n in names]
+        consts = (tuple(nnx.state(self.circuits[n]) for n in names), es, nnx.state(self.router))
+        router_gd = nnx.graphdef(self.router)
+        active0 = jnp.ones(x_BTD.shape[:2], bool)
+
+        def stream(cs: Any, hs: tuple) -> Array:
+            x = x_BTD
+            for i, n in enumerate(names):
+                x = x + self._contribution(n, nnx.merge(graphdefs[i], cs[0][i]).emit(hs[i]), plan)
+            return x
+
+        def round_(cs: Any, carry: tuple, r: Array) -> tuple:
+            hs, active, used, aux = carry
+            router = nnx.merge(router_gd, cs[2])
+            sel, gate, still, loss = router(stream(cs, hs), r < loops, active, ctx.valid_BT)
+            new_hs = []
+            exiting = active & ~still & ~jnp.any(sel, axis=0)  # chose exit this round: its kept states carry the gate
+            for i in range(len(names)):
+                circuit = nnx.merge(graphdefs[i], cs[0][i])
+                g = gate[i][..., None].astype(hs[i].dtype)
+                new = circuit.iteration(hs[i], cs[1][i], ctx) * g
+                new_hs.append(jnp.where(sel[i][..., None], new, jnp.where(exiting[..., None], hs[i] * g, hs[i])))
+            return tuple(new_hs), still, used + sel.astype(jnp.float32), aux + loss
+
+        carry0 = (tuple(h for _, h in starts), active0, jnp.zeros((len(names), *x_BTD.shape[:2]), jnp.float32),
+                  jnp.zeros((), jnp.float32))
+        rounds = jnp.max(loops)
+        if plan.training:
+            if plan.bound < 1:
+                raise PlanError("training a routed bank needs plan.bound (the most rounds) to set its scan length")
+            body = jax.checkpoint(lambda cs, carry, r: round_(cs, carry, r))
+
+            def scan_step(carry: tuple, r: Array) -> tuple[tuple, None]:
+                new = body(consts, carry, r)
+                return jax.tree.map(lambda a, b: jnp.where(r < rounds, a, b), new, carry), None
+
+            hs, _, used, aux = jax.lax.scan(scan_step, carry0, jnp.arange(plan.bound))[0]
+        else:  # stop as soon as every token has exited
+            def cond(c: tuple) -> Array:
+                return (c[0] < rounds) & jnp.any(c[1][1])
+
+            _, (hs, _, used, aux) = jax.lax.while_loop(cond, lambda c: (c[0] + 1, round_(consts, c[1], c[0])),
+                                                       (jnp.zeros((), jnp.int32), carry0))
+        update = sum(self._contribution(n, self.circuits[n].emit(hs[i]), plan) for i, n in enumerate(names))
+        reports = {n: CircuitReport(used=used[i], mean_out=_mean_over(self._contribution(
+            n, self.circuits[n].emit(hs[i]), plan), ctx.valid_BT) if plan.collect_means else None)
+            for i, n in enumerate(names)}
+        return x_BTD + update, reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32), None
 
 
 def _mean_over(out_BTD: Array, valid_BT: Array | None) -> Array:

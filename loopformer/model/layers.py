@@ -71,6 +71,27 @@ class Attention(nnx.Module):
         y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, local_window_size=span)
         return self.out(y_BTNH.reshape(B, T, W))
 
+    def cached(self, x_BtW: Array, positions_Bt: Array, kv: tuple[Array, Array], write: Array
+               ) -> tuple[Array, tuple[Array, Array]]:
+        """Causal attention of t new tokens at absolute ``positions_Bt`` over a key/value cache ``kv``
+        ([B, T, N, H] each, indexed by position): the new keys and values are written at their positions
+        (rows where ``write`` [B] is False keep the cache as it was), then every query reads the cached
+        positions <= its own (within the window). Returns (output [B, t, W], the updated cache)."""
+        B, t, W = x_BtW.shape
+        q, k, v = jnp.split(self.qkv(x_BtW).reshape(B, t, 3 * self.heads, self.head_dim), 3, axis=2)
+        q, k = rope(q, positions_Bt, self.rope_base), rope(k, positions_Bt, self.rope_base)
+        rows = jnp.arange(B)[:, None]
+        keep = write[:, None, None, None]
+        k_cache = jnp.where(keep, kv[0].at[rows, positions_Bt].set(k.astype(kv[0].dtype)), kv[0])
+        v_cache = jnp.where(keep, kv[1].at[rows, positions_Bt].set(v.astype(kv[1].dtype)), kv[1])
+        key_pos = jnp.arange(k_cache.shape[1])
+        visible = key_pos[None, None, :] <= positions_Bt[:, :, None]  # [B, t, T]
+        if self.window:
+            visible &= key_pos[None, None, :] > positions_Bt[:, :, None] - self.window
+        y_BtNH = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                              mask=visible[:, None])
+        return self.out(y_BtNH.reshape(B, t, W)), (k_cache, v_cache)
+
 
 class MLP(nnx.Module):
     """GELU MLP (W -> F -> W) or SwiGLU (gate * up, F hidden)."""
@@ -111,7 +132,15 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTW: Array, positions_BT: Array, mask: Array | None = None) -> Array:
         a = self.attn(self.attn_norm(x_BTW), positions_BT, mask)
-        x_BTW = x_BTW + (self.attn_post_norm(a) if self.sandwich else a)
+        return self._mlp(x_BTW + (self.attn_post_norm(a) if self.sandwich else a))
+
+    def cached(self, x_BtW: Array, positions_Bt: Array, kv: tuple[Array, Array], write: Array
+               ) -> tuple[Array, tuple[Array, Array]]:
+        """The block on t new tokens with a key/value cache (`Attention.cached`)."""
+        a, kv = self.attn.cached(self.attn_norm(x_BtW), positions_Bt, kv, write)
+        return self._mlp(x_BtW + (self.attn_post_norm(a) if self.sandwich else a)), kv
+
+    def _mlp(self, x_BTW: Array) -> Array:
         m = self.mlp(self.mlp_norm(x_BTW))
         return x_BTW + (self.mlp_post_norm(m) if self.sandwich else m)
 
@@ -136,3 +165,16 @@ def run_stack(stack: nnx.Module, x_BTW: Array, positions_BT: Array, mask: Array 
         return nnx.merge(graphdef, layer_state)(x, positions_BT, mask), None
 
     return jax.lax.scan(layer, x_BTW, state)[0]
+
+
+def run_stack_cached(stack: nnx.Module, x_BtW: Array, positions_Bt: Array, kv: tuple[Array, Array], write: Array
+                     ) -> tuple[Array, tuple[Array, Array]]:
+    """`run_stack` on new tokens with the stack's caches ``kv`` ([L, B, T, N, H] each)."""
+    graphdef, state = nnx.split(stack)
+
+    def layer(x: Array, layer_in: tuple) -> tuple[Array, tuple[Array, Array]]:
+        layer_state, k, v = layer_in
+        return nnx.merge(graphdef, layer_state).cached(x, positions_Bt, (k, v), write)
+
+    x, (k, v) = jax.lax.scan(layer, x_BtW, (state, kv[0], kv[1]))
+    return x, (k, v)

@@ -55,32 +55,116 @@ def sample_loops(dists: Mapping[str, LoopDistribution], seed: int | Array, step:
 StepFn = Callable[[PyTree, Array], Array]
 
 
-def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int) -> Array:
+def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound: int = 0,
+            stash: int = 0) -> Array | tuple[Array, Array]:
     """h_n = step^n(h0), with gradient through the last ``min(n, k)`` steps only.
 
     Args:
       step: ``step(consts, h) -> h``, the weight-tied loop body. Everything it closes over must be
         in ``consts`` so the no-gradient part can cut it explicitly.
       consts: pytree of arrays the body reads (weights, the injected input e).
-      h0: initial state, any shape.
-      n: int32 scalar loop count (traced).
-      k: static truncation depth; 0 means "no gradient needed" (a single fori_loop).
+      h0: initial state [..., W].
+      n: int32 loop count (traced): a scalar, or one count per token (shape h0.shape[:-1]). A token
+        past its count keeps its last state (copy-forward), so its neighbours read a stable value.
+      k: static truncation depth; 0 means "no gradient needed" (a fori_loop to the largest count).
+      bound: static upper bound of per-token counts when k > 0 (the loop is a scan of that length;
+        counts above it are clipped to it).
+      stash: static length L > 0 also returns the states h_1..h_n, [L, ...h0.shape] (zeros past n;
+        L must be >= max(n, k)); the first n - k are detached, the last min(n, k) carry gradient.
     """
     n = jnp.asarray(n, jnp.int32)
+    if n.ndim:
+        if stash:
+            raise ValueError("stash needs one loop count for every token (a scalar n)")
+        return _iterate_per_token(step, consts, h0, n, k, bound)
     if k == 0:
-        return jax.lax.fori_loop(0, n, lambda _, h: step(consts, h), h0)
+        if not stash:
+            return jax.lax.fori_loop(0, n, lambda _, h: step(consts, h), h0)
+        buf0 = jnp.zeros((stash, *h0.shape), h0.dtype)
+
+        def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+            h = step(consts, carry[0])
+            return h, jax.lax.dynamic_update_index_in_dim(carry[1], h, jnp.minimum(i, stash - 1), 0)
+
+        return jax.lax.fori_loop(0, jnp.minimum(n, stash), body, (h0, buf0))
     n_free = jnp.maximum(n - k, 0)
     consts_ng = jax.lax.stop_gradient(consts)
-    h = jax.lax.fori_loop(0, n_free, lambda _, h: step(consts_ng, h), jax.lax.stop_gradient(h0))
+    if stash:
+        def free(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+            h = step(consts_ng, carry[0])
+            return h, jax.lax.dynamic_update_index_in_dim(carry[1], h, i, 0)
+
+        h, buf = jax.lax.fori_loop(0, n_free, free, (jax.lax.stop_gradient(h0), jnp.zeros((stash, *h0.shape), h0.dtype)))
+    else:
+        h = jax.lax.fori_loop(0, n_free, lambda _, h: step(consts_ng, h), jax.lax.stop_gradient(h0))
     # Keep h0's gradient path when nothing ran without gradient (n <= k): h0 enters the scan directly.
     h = jnp.where(n_free > 0, jax.lax.stop_gradient(h), h0)
     body = jax.checkpoint(step)
     n_grad = jnp.minimum(n, k)
 
-    def grad_step(h: Array, i: Array) -> tuple[Array, None]:
-        return jnp.where(i < n_grad, body(consts, h), h), None
+    def grad_step(h: Array, i: Array) -> tuple[Array, Array | None]:
+        h = jnp.where(i < n_grad, body(consts, h), h)
+        return h, (jnp.where(i < n_grad, h, jnp.zeros_like(h)) if stash else None)
 
-    return jax.lax.scan(grad_step, h, jnp.arange(k))[0]
+    h, ys = jax.lax.scan(grad_step, h, jnp.arange(k))
+    if not stash:
+        return h
+    # rows n_free .. n_free + k - 1 (those past n are zero); n_free + k = max(n, k) <= stash
+    return h, jax.lax.dynamic_update_slice_in_dim(jax.lax.stop_gradient(buf), ys, n_free, 0)
+
+
+def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, bound: int) -> Array:
+    """`iterate` with one count per token: every iteration runs on all tokens and only those still
+    counting take the new state. With k > 0, token t's new state is detached outside its own last
+    min(n_t, k) iterations, so each token gets exactly the gradient of its own truncated loop."""
+    def keep(active: Array, new: Array, old: Array) -> Array:
+        return jnp.where(active[..., None], new, old)
+
+    if k == 0:
+        return jax.lax.fori_loop(0, jnp.max(n), lambda i, h: keep(i < n, step(consts, h), h), h0)
+    if bound < 1:
+        raise ValueError("per-token loop counts with gradient (k > 0) need a static bound on the counts")
+    n = jnp.minimum(n, bound)
+    body = jax.checkpoint(step)
+
+    def grad_step(h: Array, i: Array) -> tuple[Array, None]:
+        new = body(consts, h)
+        new = keep(i >= n - k, new, jax.lax.stop_gradient(new))
+        return keep(i < n, new, h), None
+
+    return jax.lax.scan(grad_step, h0, jnp.arange(bound))[0]
+
+
+StopFn = Callable[[Array, Array, Array, Array, PyTree], tuple[Array, PyTree]]
+
+
+def iterate_until(step: StepFn, consts: PyTree, h0: Array, n_max: Array, stop: StopFn, state0: PyTree, *,
+                  min_loops: int = 1, check_every: int = 1) -> tuple[Array, Array, PyTree]:
+    """Inference with exits: iterate every token until its exit rule fires or ``n_max`` iterations.
+
+    ``stop(i, h_prev, h, active, state) -> (fire [...], state)`` is asked after iteration i (1-based)
+    with the states before and after it and the tokens that ran it (``active``); a token stops when it
+    fires at an iteration i >= min_loops with i % check_every == 0, and keeps its state from then on
+    (copy-forward). The loop ends when no token runs.
+
+    Returns (h, used [...] float32: iterations each token ran, the rule's final state).
+    """
+    active0 = jnp.ones(h0.shape[:-1], bool)
+
+    def cond(c: tuple) -> Array:
+        return (c[0] < n_max) & jnp.any(c[2])
+
+    def body(c: tuple) -> tuple:
+        i, h, active, used, state = c
+        h_next = jnp.where(active[..., None], step(consts, h), h)
+        used = used + active.astype(jnp.float32)
+        fire, state = stop(i + 1, h, h_next, active, state)
+        due = ((i + 1) >= min_loops) & ((i + 1) % check_every == 0)
+        return i + 1, h_next, active & ~(fire & due), used, state
+
+    c = (jnp.zeros((), jnp.int32), h0, active0, jnp.zeros(h0.shape[:-1], jnp.float32), state0)
+    _, h, _, used, state = jax.lax.while_loop(cond, body, c)
+    return h, used, state
 
 
 # ----------------------------------------------------------------------------- diagnostics

@@ -12,6 +12,15 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    (empty: inference, every loop a plain fori_loop)
     trace_len                      static: record per-iteration state statistics of iterations 1..trace_len
     collect_means                  static: report each circuit's mean output over the real tokens
+    exits {name: ExitRule}         per-token exit rules (`loopformer.model.exits`; kinds static, thresholds
+                                   traced); the circuit's loop count is then the cap
+    stash                          static: L > 0 records every iteration of a halting circuit (its exit
+                                   distribution, and the logits after each iteration; L >= its count)
+    bound                          static: the largest per-token count or routed round when training
+                                   (the length of the scan that carries the gradient)
+
+Loop counts may be one per token ([B, T]) instead of one per circuit: a token past its count keeps its
+state (copy-forward).
 """
 
 from __future__ import annotations
@@ -25,13 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopformer.errors import PlanError
+from loopformer.model.exits import ExitRule
 
 Array = jax.Array
 MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would run for hours
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "gates", "fills", "key"],
-                   meta_fields=["backprop", "trace_len", "collect_means"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "gates", "fills", "key", "exits"],
+                   meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -41,6 +51,9 @@ class Plan:
     backprop: tuple[tuple[str, int], ...] = ()
     trace_len: int = 0
     collect_means: bool = False
+    exits: Mapping[str, ExitRule] = field(default_factory=dict)
+    stash: int = 0
+    bound: int = 0
 
     @property
     def training(self) -> bool:
@@ -50,23 +63,37 @@ class Plan:
         """Backprop depth k of a circuit (0: no gradient needed, inference)."""
         return dict(self.backprop).get(name, 0)
 
+    def exit_of(self, name: str) -> ExitRule | None:
+        return self.exits.get(name)
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["trace", "mean_out"], meta_fields=[])
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["trace", "mean_out", "used", "exit_p", "ponder"],
+                   meta_fields=[])
 @dataclass(frozen=True)
 class CircuitReport:
     """What one circuit reports: ``trace`` [trace_len, 3] (`loopformer.model.loop.TRACE_STATS` of each
-    iteration; NaN past its count) when the plan traces; ``mean_out`` [D] when it collects means."""
+    iteration; NaN past its count) when the plan traces; ``mean_out`` [D] when it collects means;
+    ``used`` [B, T] the iterations each token ran (exits, per-token counts, routing); with a halting
+    head and a stash, ``exit_p`` [L, B, T] the exit distribution and ``ponder`` [B, T] ACT's N + R."""
 
     trace: Array | None = None
     mean_out: Array | None = None
+    used: Array | None = None
+    exit_p: Array | None = None
+    ponder: Array | None = None
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits", "aux_loss", "step_logits"],
+                   meta_fields=[])
 @dataclass(frozen=True)
 class Diagnostics:
-    """The forward pass's report, one `CircuitReport` per circuit name."""
+    """The forward pass's report: one `CircuitReport` per circuit name; ``aux_loss`` [] the routers'
+    auxiliary losses (0 without a router); ``step_logits`` [L, B, T, V] the logits after every iteration
+    of an ouro / pondernet halting circuit when the plan stashes (for its per-step loss)."""
 
     circuits: dict[str, CircuitReport] = field(default_factory=dict)
+    aux_loss: Array | float = 0.0
+    step_logits: Array | None = None
 
 
 def resolve_loops(defaults: Mapping[str, int], loops: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -86,12 +113,14 @@ def resolve_loops(defaults: Mapping[str, int], loops: Mapping[str, int] | None =
 
 def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, ablate: Sequence[str] = (),
               fills: Mapping[str, Array] | Array | None = None, key: Array | None = None,
-              backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False) -> Plan:
+              backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False,
+              exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
-    by name or an array [num_circuits, D] in circuit order."""
+    by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules."""
+    exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
-    unknown = [c for c in list(loops) + list(ablate) if c not in circuits]
+    unknown = [c for c in list(loops) + list(ablate) + list(exits) if c not in circuits]
     if unknown:
         raise PlanError(f"unknown circuit '{unknown[0]}'; this model's circuits are {', '.join(circuits) or 'none'}")
     if missing:
@@ -103,4 +132,5 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 fills=None if fills is None else {c: jnp.asarray(fills[c], jnp.float32) for c in circuits},
                 key=jax.random.key(0) if key is None else key,
                 backprop=tuple((c, int(k)) for c, k in (backprop or {}).items()),
-                trace_len=int(trace_len), collect_means=bool(collect_means))
+                trace_len=int(trace_len), collect_means=bool(collect_means),
+                exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound))

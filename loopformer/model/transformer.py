@@ -18,8 +18,10 @@ import numpy as np
 from flax import nnx
 
 from loopformer.config.schema import ModelConfig
+from loopformer.errors import PlanError
+from loopformer.model.cache import CachePolicy, KVCache, empty_kv
 from loopformer.model.circuit import Bank, Context
-from loopformer.model.layers import Block, attention_mask, normal_init, run_stack, stacked
+from loopformer.model.layers import Block, attention_mask, normal_init, run_stack, run_stack_cached, stacked
 from loopformer.model.plan import Diagnostics, Plan
 
 Array = jax.Array
@@ -61,7 +63,8 @@ class LoopedTransformer(nnx.Module):
         self.prelude = stacked(block, cfg.prelude, rngs) if cfg.prelude else None
         stages, first = [], 0
         for s in cfg.stages:
-            stages.append(Bank(s.circuits, first, d_model=d, rngs=rngs, batch_circuits=batch_circuits, **common))
+            stages.append(Bank(s.circuits, first, d_model=d, rngs=rngs, router=s.router, batch_circuits=batch_circuits,
+                               **common))
             first += len(s.circuits)
         self.stages = nnx.List(stages)
         self.coda = stacked(block, cfg.coda, rngs) if cfg.coda else None
@@ -87,15 +90,84 @@ class LoopedTransformer(nnx.Module):
         x = self.embed(tokens_BT).astype(self.compute_dtype)
         if self.prelude is not None:
             x = run_stack(self.prelude, x, ctx.positions_BT, ctx.mask)
-        reports = {}
-        for stage in self.stages:
-            x, stage_reports = stage(x, ctx, plan)
+        reports, aux, step_logits = {}, jnp.zeros((), jnp.float32), None
+        readouts = any(r.needs_readout for r in plan.exits.values())
+        for s, stage in enumerate(self.stages):
+            readout = (lambda xs, s=s: self._rest(xs, s + 1, ctx, plan)) if readouts else None
+            x, stage_reports, stage_aux, streams = stage(x, ctx, plan, readout)
             reports.update(stage_reports)
+            aux = aux + stage_aux
+            if streams is not None and not self._act(stage_reports):  # ouro / pondernet: logits after every step
+                step_logits = jax.vmap(lambda xs, s=s: self._rest(xs, s + 1, ctx, plan))(streams)
+        return self._rest(x, len(self.stages), ctx, plan), Diagnostics(reports, aux, step_logits)
+
+    @staticmethod
+    def _act(reports: dict) -> bool:
+        return any(r.ponder is not None for r in reports.values())
+
+    def _rest(self, x: Array, first_stage: int, ctx: Context, plan: Plan) -> Array:
+        """Logits from the stream before stage ``first_stage``: the later stages, the coda, norm, head."""
+        for stage in list(self.stages)[first_stage:]:
+            x = stage(x, ctx, plan)[0]
         if self.coda is not None:
             x = run_stack(self.coda, x, ctx.positions_BT, ctx.mask)
         x = self.final_norm(x)
         logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32), Diagnostics(reports)
+        return logits.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ decoding with a cache
+    def empty_cache(self, batch: int, length: int, policy: CachePolicy, loops: dict[str, int]) -> KVCache:
+        """A cache for ``batch`` rows of ``length`` positions, each circuit with the slots ``policy``
+        needs for up to ``loops[name]`` iterations."""
+        dtype = self.compute_dtype
+
+        def stack_kv(stack: nnx.Module | None, extra: tuple[int, ...] = ()) -> tuple[Array, Array] | None:
+            if stack is None:
+                return None
+            attn = stack.attn
+            depth = attn.qkv.kernel.value.shape[0]
+            return empty_kv((*extra, depth), batch, length, attn.heads, attn.head_dim, dtype)
+
+        circuits, state = {}, {}
+        for stage in self.stages:
+            for name in stage.names:
+                c = stage.circuits[name]
+                circuits[name] = stack_kv(c.blocks, (policy.slots(loops[name]),))
+                state[name] = jnp.zeros((batch, c.write.kernel.value.shape[0]), dtype)
+        return KVCache(stack_kv(self.prelude), stack_kv(self.coda), circuits, state, jnp.zeros((batch,), jnp.int32))
+
+    def decode(self, tokens_Bt: Array, positions_Bt: Array, cache: KVCache, plan: Plan, policy: CachePolicy, *,
+               last_B: Array | None = None, continuous: bool = False) -> tuple[Array, KVCache, dict[str, Array]]:
+        """Logits [B, t, vocab] of t new tokens at ``positions_Bt`` given the cache of every earlier
+        position (causal models only), and the updated cache. ``last_B``: the index in the chunk of each
+        row's last real token, whose circuit states the cache keeps (default t - 1). ``continuous``
+        starts every circuit from the state the cache kept (Huginn's continuous thinking; t = 1).
+        Also returns the iterations each circuit ran per token {name: [B, t]}."""
+        if not self.causal:
+            raise PlanError("a bidirectional model (model.causal: false) cannot decode token by token; "
+                            "use --no-cache")
+        B, t = tokens_Bt.shape
+        write = jnp.ones((B,), bool)
+        x = self.embed(tokens_Bt).astype(self.compute_dtype)
+        prelude = coda = None
+        if self.prelude is not None:
+            x, prelude = run_stack_cached(self.prelude, x, positions_Bt, cache.prelude, write)
+        circuits, state, used = dict(cache.circuits), dict(cache.state), {}
+        last = jnp.full((B,), t - 1) if last_B is None else last_B
+        for stage in self.stages:
+            h_init = {n: jnp.broadcast_to(state[n][:, None], (B, t, state[n].shape[-1])) for n in stage.names
+                      } if continuous else None
+            x, kvs, states, stage_used = stage.decode(x, positions_Bt, {n: circuits[n] for n in stage.names}, plan,
+                                                      policy, h_init)
+            circuits.update(kvs)
+            used.update(stage_used)
+            state.update({n: s[jnp.arange(B), last] for n, s in states.items()})
+        if self.coda is not None:
+            x, coda = run_stack_cached(self.coda, x, positions_Bt, cache.coda, write)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
+        length = jnp.maximum(cache.length, positions_Bt[jnp.arange(B), last] + 1)
+        return logits.astype(jnp.float32), KVCache(prelude, coda, circuits, state, length), used
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: 'shared' (embed, prelude, coda, norms, head) and one entry per circuit."""

@@ -67,6 +67,20 @@ class MetricsWriter:
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=image)])
         self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
+    def histogram(self, step: int, tag: str, counts: Mapping[int, int]) -> None:
+        """Logs a histogram of integer values (e.g. the iteration each token exited at: {value: count})
+        to tensorboard, one bucket per value."""
+        if self._tb is None or not counts:
+            return
+        values = sorted(counts)
+        total = sum(counts.values())
+        proto = summary_pb2.HistogramProto(
+            min=float(values[0]), max=float(values[-1]), num=float(total),
+            sum=float(sum(v * c for v, c in counts.items())), sum_squares=float(sum(v * v * c for v, c in counts.items())),
+            bucket_limit=[v + 0.5 for v in values], bucket=[float(counts[v]) for v in values])
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, histo=proto)])
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
     def flush(self) -> None:
         """Writes everything buffered so far to disk."""
         if self._tb is not None:

@@ -8,7 +8,7 @@ process and replayed exactly after a resume.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from loopformer.config import LoopSchedule
+from loopformer.config import ModelConfig
 from loopformer.evaluation.metrics import answer_sums
 from loopformer.model.loop import sample_loops
 from loopformer.model.plan import Plan
 from loopformer.model.transformer import forward_batch
+from loopformer.train.losses import halting_beta, halting_terms
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -28,9 +29,9 @@ State = dict[str, Any]
 FINITE = "finite"  # metric: loss, gradient norm and update all finite at this step (a bool, kept on device)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedules: Mapping[str, LoopSchedule],
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, model: ModelConfig,
                     seed: int, grad_accum: int, lr_schedule: optax.Schedule, state_shardings: Any = None,
-                    batch_sharding: jax.sharding.NamedSharding | None = None,
+                    batch_sharding: jax.sharding.NamedSharding | None = None, total_steps: int = 1,
                     ) -> Callable[[State, Batch], tuple[State, dict[str, Array]]]:
     """Build ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
@@ -38,8 +39,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     trainer collects it on device and checks it before logging, evaluating or saving (no host sync
     per step).
 
-    ``schedules`` (by circuit name, in model order) give each circuit's loop distribution and
-    truncation depth. The global batch [B, T] is split into ``grad_accum`` micro-batches run under
+    ``model``'s loop schedules give each circuit's loop distribution and truncation depth; a halting
+    circuit or a router adds its loss terms (`loopformer.train.losses`; ``total_steps`` sets the
+    halting entropy schedule). The global batch [B, T] is split into ``grad_accum`` micro-batches run under
     ``lax.scan``; each micro-batch loss is normalised by the answer tokens of the *whole* batch, so the
     summed gradient equals the gradient of the full-batch mean loss exactly.
 
@@ -47,14 +49,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     the step (it never drifts between steps), and ``batch_sharding`` (rows over data/fsdp) keeps every
     micro-batch split over the same devices.
     """
+    schedules = model.schedules()
     dists = {name: s.distribution() for name, s in schedules.items()}
     backprop = tuple((name, s.backprop) for name, s in schedules.items())
+    halting = model.halting_circuit()
+    # static lengths: the halting circuit's stash (every iteration up to its cap), the routed rounds' scan
+    stash = max(halting.max_loops, halting.backprop) if halting is not None else 0
+    bound = max((c.max_loops for s in model.stages if s.router.kind != "none" for c in s.circuits), default=0)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, Array]]:
         step, params = state["step"], state["params"]
         loops = sample_loops(dists, seed, step)
         plan = Plan(loops=loops, gates={n: jnp.ones((), jnp.float32) for n in loops},
-                    key=jax.random.fold_in(jax.random.key(seed), step), backprop=backprop)
+                    key=jax.random.fold_in(jax.random.key(seed), step), backprop=backprop, stash=stash, bound=bound)
+        beta = halting_beta(halting.halting, step, total_steps) if halting is not None else 0.0
         total_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
         if batch_sharding is not None:
@@ -62,9 +70,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
             micro = jax.lax.with_sharding_constraint(micro, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
 
         def loss_fn(p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
-            logits, _ = forward_batch(nnx.merge(graphdef, p), mb, plan)
+            logits, diag = forward_batch(nnx.merge(graphdef, p), mb, plan)
             sums = answer_sums(logits, mb, 1.0 / total_tokens)
-            return sums["loss_sum"], sums
+            objective = sums["loss_sum"]
+            if halting is not None:
+                term, logs = halting_terms(diag, halting.name, halting.halting, mb, loops[halting.name], beta,
+                                           1.0 / total_tokens)
+                objective = term + (objective if halting.halting.kind == "act" else 0.0)
+                sums = sums | logs
+            objective = objective + diag.aux_loss / grad_accum  # routers: means over each micro-batch
+            return objective, sums | {"objective": objective, "aux_loss": diag.aux_loss / grad_accum}
 
         def accumulate(grads: Any, mb: Batch) -> tuple[Any, dict[str, Array]]:
             g, sums = jax.grad(loss_fn, has_aux=True)(params, mb)
@@ -83,6 +98,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         metrics = {"loss": sums["loss_sum"], "accuracy": sums["example_correct"] / examples,
                    "token_accuracy": sums["token_correct"] / tokens, "grad_norm": grad_norm,
                    "lr": lr_schedule(step), FINITE: finite}
+        if halting is not None or bound:
+            metrics["objective"], metrics["aux_loss"] = sums["objective"], sums["aux_loss"]
+        metrics.update({f"halting/{k[8:]}": v / tokens for k, v in sums.items() if k.startswith("halting_")})
         metrics.update({f"loops/{n}": v for n, v in loops.items()})
         return new_state, metrics
 

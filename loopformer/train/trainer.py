@@ -24,6 +24,7 @@ from loopformer.evaluation.metrics import text_metrics
 from loopformer.evaluation.tables import format_table
 from loopformer.flops import FlopCounter, peak_flops
 from loopformer.model.describe import describe
+from loopformer.model.exits import ExitRule
 from loopformer.model.plan import resolve_loops
 from loopformer.train.checkpoint import Checkpoints
 from loopformer.train.metrics import MetricsWriter, ProgressLine
@@ -61,8 +62,12 @@ def evaluate_all(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], 
     """Metrics per split at ``loops`` (every circuit); with ``bytes_per_token`` (text) also bits_per_byte
     and perplexity."""
     bpt = bytes_per_token or {}
-    return {name: text_metrics(evaluator.evaluate(params, batches, loops), bpt.get(name))
-            for name, batches in eval_sets.items()}
+    out = {}
+    for name, batches in eval_sets.items():
+        m = evaluator.evaluate(params, batches, loops)
+        mean_loops = m.pop("mean_loops")
+        out[name] = text_metrics(m, bpt.get(name)) | {f"mean_loops/{c}": v for c, v in mean_loops.items()}
+    return out
 
 
 def _eval_line(metrics: dict[str, float]) -> str:
@@ -144,9 +149,9 @@ def _train(cfg: Config) -> TrainResult:
     training = start < cfg.train.steps
     circuits = model.circuit_names
     defaults = resolve_loops({c.name: c.eval_loops for c in cfg.model.circuits()})
-    train_step = make_train_step(graphdef, tx, cfg.model.schedules(), cfg.seed, cfg.train.grad_accum,
+    train_step = make_train_step(graphdef, tx, cfg.model, cfg.seed, cfg.train.grad_accum,
                                  learning_rate_schedule(cfg.train), state_shardings=shardings,
-                                 batch_sharding=parallel.batch_sharding(mesh))
+                                 batch_sharding=parallel.batch_sharding(mesh), total_steps=cfg.train.steps)
     evaluator = evaluator_for(model)
     host_sets = source.eval_sets()
     bytes_per_token = {name: source.bytes_per_token(batches) for name, batches in host_sets.items()}
@@ -164,6 +169,15 @@ def _train(cfg: Config) -> TrainResult:
                     for n in cfg.data.eval_loops}
         scalars.update({f"eval/{split}/loops_{n}/{k}": v for n, res in by_loops.items() for split, m in res.items()
                         for k, v in m.items() if k != "examples"})
+        halting = cfg.model.halting_circuit()
+        if halting is not None and halting.halting.kind != "act":  # the learned exit at its default quantile
+            rule = {halting.name: ExitRule("learned", halting.halting.q)}
+            for split, batches in eval_sets.items():
+                m = evaluator.evaluate(state["params"], batches, defaults, exits=rule)
+                scalars[f"eval/{split}/learned/accuracy"] = m["accuracy"]
+                scalars[f"eval/{split}/learned/mean_loops"] = m["mean_loops"][halting.name]
+            hist = evaluator.examples(state["params"], next(iter(eval_sets.values())), defaults, exits=rule)["histogram"]
+            writer.histogram(step, f"halting/{halting.name}/exit_iteration", hist[halting.name])
         if cfg.eval.diagnostics and circuits:
             first = next(iter(eval_sets.values()))[0]
             for name, stats in evaluator.diagnostics(state["params"], first, defaults).items():

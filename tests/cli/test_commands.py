@@ -227,3 +227,34 @@ def test_loops_help_gives_the_real_limit(capsys):
         assert all(int(n) == MAX_LOOPS for n in re.findall(r"1\.\.(\d+)", text)), (command, text)
         if command != "sweep":
             assert f"1..{MAX_LOOPS}" in text, command
+
+
+def test_eval_and_sweep_with_exits(run_dir, capsys):
+    doc = run_json(capsys, "eval", "--run", str(run_dir), "--exit", "latent_diff:0.05", "--max-loops", "16",
+                   "--split", "hard")
+    (row,) = doc["rows"]
+    assert row["exit"] == {"X": "latent_diff:0.05", "Y": "latent_diff:0.05"} and row["loops"] == {"X": 16, "Y": 16}
+    assert 1 <= row["mean_loops"]["X"] <= 16 and sum(row["histogram"]["X"].values()) > 0
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--exit", "X=latent_diff:1e-6,0.05,10", "--split", "hard")
+    used = [r["mean_loops"]["X"] for r in doc["rows"]]
+    assert [r["exit"]["X"] for r in doc["rows"]] == ["latent_diff:1e-06", "latent_diff:0.05", "latent_diff:10"]
+    assert used == sorted(used, reverse=True) and used[-1] == 1.0  # looser thresholds stop earlier
+    assert doc["compiles"] <= 2  # thresholds are runtime inputs: one program per batch shape and function
+    assert all(r["loops"]["Y"] == 3 for r in doc["rows"])  # Y has no rule: its eval_loops
+    doc = run_json(capsys, "generate", "--run", str(run_dir), "--example-split", "hard", "--count", "2",
+                   "--exit", "X=kl:1e-3", "--max-loops", "8")
+    assert [p["loops"] for p in doc["examples"][0]["predictions"]] == [{"X": 8, "Y": 3}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--exit", "kl:1e-3"], "kl reads the model's output .* name it, e.g. --exit X=kl:1e-3"),
+    (["eval", "--exit", "learned:q=0.5"], "circuit X was trained without a halting head"),
+    (["eval", "--exit", "latent_diff:0.1,0.01"], "one threshold per rule; use `loopformer sweep`"),
+    (["eval", "--exit", "Z=latent_diff:0.1"], "unknown circuit 'Z' in --exit"),
+    (["sweep", "--exit", "latent:0.1"], "is not one of latent_diff:EPS"),
+    (["sweep"], "sweep needs --loops CIRCUIT=A:B .* or --exit RULE"),
+])
+def test_exit_errors(run_dir, capsys, argv, message):
+    assert main([argv[0], "--run", str(run_dir), *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err

@@ -68,7 +68,7 @@ def main(meshes: list[tuple[int, int, int]]) -> int:
     def run(mesh):
         shardings = parallel.train_state_shardings(model, tx, mesh)
         state = parallel.shard_train_state(jax.tree.map(np.array, host_params), lambda p: init_state(p, tx), shardings)
-        step = make_train_step(graphdef, tx, cfg.model.schedules(), cfg.seed, cfg.train.grad_accum,
+        step = make_train_step(graphdef, tx, cfg.model, cfg.seed, cfg.train.grad_accum,
                                learning_rate_schedule(cfg.train), state_shardings=shardings,
                                batch_sharding=parallel.batch_sharding(mesh))
         metrics, moments = [], None

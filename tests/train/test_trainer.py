@@ -308,7 +308,8 @@ def test_final_sweep_moves_only_the_chosen_circuits(tmp_path, capsys):
 
         def evaluate(self, params, batches, loops):
             self.calls.append(dict(loops))
-            return {"loss": 0.5, "accuracy": loops["X"] / 10, "token_accuracy": 1.0, "examples": 4}
+            return {"loss": 0.5, "accuracy": loops["X"] / 10, "token_accuracy": 1.0, "examples": 4,
+                    "mean_loops": dict(loops)}
 
     rows = trainer.final_sweep(Recorder(), None, {"train": [], "2x": []}, cfg)
     assert Recorder.calls == [{"X": 1, "Y": 2}] * 2 + [{"X": 8, "Y": 2}] * 2  # per split; Y stays at its eval_loops
@@ -330,3 +331,24 @@ def test_tiny_bidirectional_maze_run_learns(tmp_path):
     ev = train(cfg).eval["train"]
     assert ev["loss"] < 0.6 * math.log(2)
     assert ev["token_accuracy"] > 0.75 and ev["accuracy"] > 0.4
+
+
+@pytest.mark.parametrize("extra", [
+    ["model.stages.0.circuits.X.halting.kind=ouro", "model.stages.0.circuits.X.max_loops=4"],
+    ["model.stages.0.circuits.X.halting.kind=pondernet", "model.stages.0.circuits.X.max_loops=4"],
+    ["model.stages.0.circuits.X.halting.kind=act", "model.stages.0.circuits.X.max_loops=4"],
+    ["model.stages.0.router.kind=token_choice", "model.stages.0.router.compute=0.01",
+     "model.stages.0.circuits.X.max_loops=4"],
+], ids=["ouro", "pondernet", "act", "router"])
+def test_halting_and_routed_models_train(tmp_path, extra):
+    """The loss terms of a halting head or a router train end to end; evaluation reports the loops used,
+    and a halting model's learned exit is logged with its exit histogram."""
+    result = train(tiny(tmp_path, "h", "train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", *extra))
+    rows = read_metrics(result.run_dir)
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    assert 0 < result.eval["hard"]["mean_loops/X"] <= 4
+    if "halting" in extra[0]:
+        assert any("train/halting/steps" in r for r in rows)
+        assert ("eval/hard/learned/accuracy" in rows[-1]) == ("act" not in extra[0])
+    else:
+        assert any("train/aux_loss" in r and r["train/aux_loss"] > 0 for r in rows)

@@ -1,0 +1,141 @@
+"""Decoding speed and exactness: cached decoding (each cache policy) against recomputing the whole prefix
+for every new token, on the `configs/text_bytes.yaml` model shape with random weights (kernels ~
+N(0, 1/fan_in), so every layer and loop moves the logits; speed does not depend on the weights).
+
+    python bench/decode.py [--json] [--out FILE] [--loops 3] [--new 64,256,1024] [--batch 1,8]
+
+Per policy, batch and number of new tokens: greedy tokens/s (compile excluded: each program runs once
+before it is timed; best of --reps). The recompute path (`loopformer generate --no-cache`) is timed only
+up to --recompute-max new tokens (its cost grows with the square of the length). Exactness: the largest
+absolute difference between the full-policy cached logits and the recomputed ones along a greedy
+generation (teacher-forced on the recomputed tokens), and whether the greedy tokens match.
+
+JSON: {"rows": [{"policy", "batch", "new_tokens", "tokens_per_s", "bytes_per_token"}], "speedup_256": float,
+       "max_abs_logit_diff": float, "greedy_match": bool, "approximations": {policy: max_abs_logit_diff}}
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+from loopformer.config import load_config  # noqa: E402
+from loopformer.inference.decode import Decoder  # noqa: E402
+from loopformer.inference.generate import generate_batch, logits_fn  # noqa: E402
+from loopformer.model.cache import CachePolicy  # noqa: E402
+from loopformer.model.transformer import build_model  # noqa: E402
+
+POLICIES = ("full", "last", "ring:2", "first")
+PROMPT = 16  # prompt tokens
+
+
+def random_model() -> Any:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "text_bytes.yaml").model
+    model = build_model(cfg, 259, 0)
+    key = jax.random.key(1)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and path[-1] == "kernel":
+            key, sub = jax.random.split(key)
+            var[...] = jax.random.normal(sub, var[...].shape) / np.sqrt(var[...].shape[-2])
+    return model
+
+
+def prompts(batch: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[1, *rng.integers(3, 259, PROMPT - 1).tolist()] for _ in range(batch)]
+
+
+def best_time(fn: Any, reps: int) -> float:
+    fn()  # compile
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--loops", type=int, default=3, help="the circuit's loop count (text_bytes.yaml: eval_loops 3)")
+    p.add_argument("--new", default="64,256,1024", help="numbers of new tokens")
+    p.add_argument("--batch", default="1,8", help="batch sizes")
+    p.add_argument("--reps", type=int, default=2, help="timed repetitions (best kept)")
+    p.add_argument("--recompute-max", type=int, default=256, help="largest number of new tokens timed for recompute")
+    args = p.parse_args()
+    news, batches = [int(v) for v in args.new.split(",")], [int(v) for v in args.batch.split(",")]
+    model = random_model()
+    graphdef, params = nnx.graphdef(model), nnx.state(model)
+    loops = {"X": args.loops}
+    result: dict[str, Any] = {"bench": "decode", "env": C.environment(), "loops": args.loops, "prompt_tokens": PROMPT,
+                              "weights": "random (kernels ~ N(0, 1/fan_in))", "rows": []}
+    recompute = logits_fn(model)
+    for batch in batches:
+        for new in news:
+            ps = prompts(batch)
+            for policy in POLICIES:
+                dec = Decoder(graphdef, model.circuit_names, policy)
+                t = best_time(lambda dec=dec, ps=ps, new=new: dec(params, ps, loops, new), args.reps)
+                cache = model.empty_cache(1, 1, CachePolicy.parse(policy), loops)
+                row = {"policy": policy, "batch": batch, "new_tokens": new, "tokens_per_s": batch * new / t,
+                       "bytes_per_token": cache.nbytes_per_token(), "seconds": t}
+                result["rows"].append(row)
+                C.log(f"batch {batch} new {new} {policy}: {row['tokens_per_s']:.0f} tok/s", args)
+            if new <= args.recompute_max:
+                t = best_time(lambda ps=ps, new=new: generate_batch(recompute, params, ps, loops, new),
+                              max(1, args.reps - 1))
+                result["rows"].append({"policy": "recompute", "batch": batch, "new_tokens": new,
+                                       "tokens_per_s": batch * new / t, "bytes_per_token": 0, "seconds": t})
+                C.log(f"batch {batch} new {new} recompute: {batch * new / t:.0f} tok/s", args)
+    at = {(r["policy"], r["batch"], r["new_tokens"]): r["tokens_per_s"] for r in result["rows"]}
+    result["speedup_256"] = (at[("full", 1, 256)] / at[("recompute", 1, 256)]
+                             if ("recompute", 1, 256) in at and ("full", 1, 256) in at else None)
+    # exactness along a greedy generation of 256 tokens (batch 2, prompts of different lengths)
+    ps = [prompts(1)[0], prompts(1, seed=1)[0][:9]]
+    ref = np.asarray(generate_batch(recompute, params, ps, loops, 256))
+    full = recompute(params, *_buffer(ps, ref), loops)
+    want = np.stack([np.asarray(full)[i, len(q) - 1: len(q) - 1 + 256] for i, q in enumerate(ps)])
+    result["approximations"] = {}
+    for policy in POLICIES:
+        got = Decoder(graphdef, model.circuit_names, policy).score(params, ps, ref, loops)
+        diff = float(np.abs(got - want).max())
+        if policy == "full":
+            result["max_abs_logit_diff"] = diff
+            result["greedy_match"] = Decoder(graphdef, model.circuit_names, "full")(
+                params, ps, loops, 256).tokens.tolist() == ref.tolist()
+        else:
+            result["approximations"][policy] = diff
+    tables = [C.table(f"decode (text_bytes.yaml shape, random weights, {args.loops} loops, prompt {PROMPT} tokens; "
+                      f"tokens/s, compile excluded)", ["policy", "batch", "new tokens", "tokens/s", "cache bytes/token"],
+                      [[r["policy"], r["batch"], r["new_tokens"], r["tokens_per_s"], r["bytes_per_token"]]
+                       for r in result["rows"]]),
+              f"speedup_256 (full cache / recompute, batch 1): {result['speedup_256']}\n"
+              f"max |logit difference| full cache vs recompute over 256 greedy tokens: {result['max_abs_logit_diff']:.2e}; "
+              f"greedy tokens match: {result['greedy_match']}\n"
+              "approximations (max |logit difference|): "
+              + ", ".join(f"{k} {v:.3g}" for k, v in result["approximations"].items())]
+    C.emit(result, tables, args)
+
+
+def _buffer(ps: list[list[int]], new: np.ndarray) -> tuple[np.ndarray]:
+    """The recompute path's view: each prompt followed by its generated tokens, in one [B, L] buffer."""
+    L = -(-(max(len(q) for q in ps) + new.shape[1]) // 32) * 32
+    buf = np.zeros((len(ps), L), np.int32)
+    for i, q in enumerate(ps):
+        buf[i, : len(q)] = q
+        buf[i, len(q): len(q) + new.shape[1]] = new[i]
+    return (jax.numpy.asarray(buf),)
+
+
+if __name__ == "__main__":
+    main()

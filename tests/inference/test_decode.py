@@ -1,0 +1,182 @@
+"""Cached decoding against recomputing the prefix: exact for the full policy, approximations measured
+for the others; exits, sampling, stop tokens and one program per bucket."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.config import load_config
+from loopformer.errors import PlanError
+from loopformer.inference.decode import Decoder, Sampling, sample
+from loopformer.inference.generate import generate_batch, logits_fn
+from loopformer.model.cache import CachePolicy
+from loopformer.model.plan import make_plan
+from loopformer.model.transformer import build_model
+from tests.model.test_model import randomize_writes
+
+VOCAB = 40
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A text-shaped model: prelude, a 2-block circuit, coda, an untied head."""
+    cfg = load_config("configs/text_bytes.yaml", [
+        "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=1",
+        "model.stages.0.circuits.X.width=32", "model.stages.0.circuits.X.heads=2", "model.stages.0.circuits.X.window=3"])
+    return randomize_writes(build_model(cfg.model, VOCAB, 0))
+
+
+PROMPTS = [[1, 5, 9, 22, 30, 7], [1, 7, 8]]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill_then_steps(graphdef, params, tokens_BT, lengths_B, plan, policy):
+    """Logits of every position after the prompt, computed by prefill + one cached step per token."""
+    model = nnx.merge(graphdef, params)
+    B, T = tokens_BT.shape
+    P = 8
+    cache = model.empty_cache(B, T, policy, {"X": 4})
+    pos = jnp.broadcast_to(jnp.arange(P), (B, P))
+    first, cache, _ = model.decode(tokens_BT[:, :P], pos, cache, plan, policy, last_B=lengths_B - 1)
+    out = [first[jnp.arange(B), lengths_B - 1]]
+    for step in range(T - P - 1):
+        p = lengths_B + step
+        logits, cache, _ = model.decode(tokens_BT[jnp.arange(B), p][:, None], p[:, None], cache, plan, policy)
+        out.append(logits[:, 0])
+    return jnp.stack(out, 1)  # [B, T - P]: logits predicting the token after lengths - 1 + j
+
+
+def _reference(model, tokens_BT, lengths_B, loops):
+    full = logits_fn(model)(nnx.state(model), tokens_BT, loops)
+    return jnp.stack([full[jnp.arange(2), lengths_B - 1 + j] for j in range(tokens_BT.shape[1] - 8)], 1)
+
+
+def _tokens():
+    rng = np.random.default_rng(0)
+    buf = rng.integers(3, VOCAB, (2, 24)).astype(np.int32)
+    for i, p in enumerate(PROMPTS):
+        buf[i, : len(p)] = p
+    return jnp.asarray(buf), jnp.asarray([len(p) for p in PROMPTS])
+
+
+@pytest.mark.parametrize("policy,exact", [("full", True), ("ring:4", True), ("ring:2", False), ("last", False),
+                                          ("first", False)])
+def test_cached_logits_against_recompute(model, policy, exact):
+    """full (and a ring as long as the loop) reproduce the recomputed logits to float32 precision; the
+    sharing policies are approximations whose error is measured here, not hidden."""
+    tokens, lengths = _tokens()
+    plan = make_plan(["X"], {"X": 3})
+    got = _prefill_then_steps(nnx.graphdef(model), nnx.state(model), tokens, lengths, plan, CachePolicy.parse(policy))
+    want = _reference(model, tokens, lengths, {"X": 3})
+    diff = float(jnp.abs(got - want).max())
+    if exact:
+        assert diff <= 1e-4
+    else:
+        assert 1e-4 < diff < 100  # different, and finite
+
+
+def test_one_loop_makes_every_policy_exact(model):
+    tokens, lengths = _tokens()
+    plan = make_plan(["X"], {"X": 1})
+    want = _reference(model, tokens, lengths, {"X": 1})
+    for policy in ("last", "first", "ring:2"):
+        got = _prefill_then_steps(nnx.graphdef(model), nnx.state(model), tokens, lengths, plan, CachePolicy.parse(policy))
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_decoding_matches_recompute_and_is_one_program(model):
+    params = nnx.state(model)
+    dec = Decoder(nnx.graphdef(model), model.circuit_names, "full")
+    out = dec(params, PROMPTS, {"X": 3}, 20)
+    ref = generate_batch(logits_fn(model), params, PROMPTS, {"X": 3}, 20)
+    assert out.tokens.tolist() == ref and out.lengths.tolist() == [20, 20]
+    np.testing.assert_array_equal(out.loops["X"], 3)
+    dec(params, PROMPTS, {"X": 4}, 17)  # same bucket of slots (4) and of lengths (32): no new program
+    assert dec.compiles == 1
+    dec(params, PROMPTS, {"X": 4}, 17, Sampling(temperature=0.7, top_k=5, top_p=0.9))
+    assert dec.compiles == 1
+
+
+def test_stop_token_ends_a_row(model):
+    params = nnx.state(model)
+    dec = Decoder(nnx.graphdef(model), model.circuit_names, "full")
+    free = dec(params, PROMPTS, {"X": 3}, 12)
+    eos = int(free.tokens[0, 4])  # whatever row 0 says fifth becomes its stop token
+    stopped = dec(params, PROMPTS, {"X": 3}, 12, eos_id=eos)
+    first = free.tokens[0].tolist().index(eos)
+    assert stopped.lengths[0] == first + 1 and (stopped.tokens[0, first:] == eos).all()
+    np.testing.assert_array_equal(stopped.tokens[0, : first + 1], free.tokens[0, : first + 1])
+
+
+def test_exits_while_decoding(model):
+    params = nnx.state(model)
+    dec = Decoder(nnx.graphdef(model), model.circuit_names, "full")
+    tight = dec(params, PROMPTS, {"X": 6}, 10, exits={"X": "latent_diff:1e-9"})
+    loose = dec(params, PROMPTS, {"X": 6}, 10, exits={"X": "latent_diff:1e9"})
+    np.testing.assert_array_equal(loose.loops["X"], 1)
+    assert float(tight.loops["X"].mean()) > 5
+    with pytest.raises(PlanError, match="supports the exits latent_diff and learned"):
+        dec(params, PROMPTS, {"X": 6}, 10, exits={"X": "kl:1e-3"})
+
+
+def test_exited_rows_fill_their_later_slots(model):
+    """A token that stops at iteration m copies its last keys and values into the slots of m .. n - 1."""
+    graphdef, params = nnx.graphdef(model), nnx.state(model)
+    policy = CachePolicy.parse("full")
+    plan = make_plan(["X"], {"X": 4}, exits={"X": "latent_diff:1e9"})  # every token stops after one iteration
+
+    @jax.jit
+    def run(params):
+        m = nnx.merge(graphdef, params)
+        cache = m.empty_cache(2, 8, policy, {"X": 4})
+        return m.decode(jnp.asarray([[1, 5, 9], [1, 7, 8]]), jnp.broadcast_to(jnp.arange(3), (2, 3)), cache, plan,
+                        policy)[1]
+
+    k = run(params).circuits["X"][0]  # [slots, depth, B, T, N, H]
+    for slot in (1, 2, 3):
+        np.testing.assert_array_equal(k[slot, :, :, :3], k[0, :, :, :3])
+    assert float(jnp.abs(k[0, :, :, :3]).max()) > 0 and float(jnp.abs(k[:, :, :, 3:]).max()) == 0
+
+
+def test_continuous_thinking_starts_from_the_last_state(model):
+    """With continuous thinking a new token's circuit starts from the previous token's final state, which
+    the cache keeps per row: the same step gives other logits than from the circuit's initial state."""
+    policy, plan = CachePolicy.parse("full"), make_plan(["X"], {"X": 2})
+
+    @jax.jit
+    def step(params, continuous_state):
+        m = nnx.merge(nnx.graphdef(model), params)
+        cache = m.empty_cache(1, 8, policy, {"X": 2})
+        _, cache, _ = m.decode(jnp.asarray([[1, 5, 9]]), jnp.asarray([[0, 1, 2]]), cache, plan, policy)
+        plain = m.decode(jnp.asarray([[4]]), jnp.asarray([[3]]), cache, plan, policy)[0]
+        cont = m.decode(jnp.asarray([[4]]), jnp.asarray([[3]]), cache, plan, policy, continuous=True)[0]
+        return plain, cont, cache.state["X"]
+
+    plain, cont, state = step(nnx.state(model), None)
+    assert float(jnp.abs(state).max()) > 0 and float(jnp.abs(plain - cont).max()) > 1e-3
+    out = Decoder(nnx.graphdef(model), model.circuit_names, "full", continuous=True)(nnx.state(model), PROMPTS,
+                                                                                       {"X": 2}, 8)
+    assert out.tokens.shape == (2, 8)
+
+
+def test_sampling():
+    logits = jnp.asarray([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    key = jax.random.key(0)
+    assert sample(logits, key, Sampling()).tolist() == [1, 2]
+    assert sample(logits, key, Sampling(temperature=1.0, top_k=1)).tolist() == [1, 2]
+    assert sample(logits, key, Sampling(temperature=1.0, top_p=0.01)).tolist() == [1, 2]
+    draws = np.stack([sample(logits, jax.random.key(s), Sampling(temperature=1.0, top_k=2)) for s in range(200)])
+    assert set(draws[:, 0]) == {1, 2}  # only the two likeliest
+    draws = np.stack([sample(logits, jax.random.key(s), Sampling(temperature=1.0)) for s in range(200)])
+    assert set(draws[:, 0]) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("text,slots", [("full", 8), ("last", 1), ("ring:3", 3), ("first", 1)])
+def test_policies(text, slots):
+    assert CachePolicy.parse(text).slots(5) == slots
+    with pytest.raises(PlanError, match="not a cache policy"):
+        CachePolicy.parse("all")

@@ -1,0 +1,302 @@
+"""The model decides how long to think: per-token loop counts, exit rules, learned halting, routers."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.config import CircuitConfig, HaltingConfig, ModelConfig, RouterConfig, StageConfig
+from loopformer.errors import PlanError
+from loopformer.model import halting
+from loopformer.model.exits import ExitRule
+from loopformer.model.loop import iterate
+from loopformer.model.plan import make_plan
+from loopformer.model.transformer import build_model
+from tests.model.test_model import randomize_writes
+
+VOCAB = 11
+
+
+def one_circuit(window=1, halting_kind="none", router="none", state_norm=True, **kw):
+    x = CircuitConfig(name="X", depth=1, width=16, heads=2, window=window, state_norm=state_norm, loops="uniform(1, 6)",
+                      eval_loops=4, backprop=2, max_loops=8, halting=HaltingConfig(kind=halting_kind), **kw)
+    return ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[
+        StageConfig([x], router=RouterConfig(kind=router))])
+
+
+def tokens(b=2, t=7, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, VOCAB)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def run(graphdef, state, toks, plan):
+    return nnx.merge(graphdef, state)(toks, plan)
+
+
+def model_of(cfg, seed=0):
+    return nnx.split(randomize_writes(build_model(cfg, VOCAB, seed)))
+
+
+# ----------------------------------------------------------------------------- per-token counts
+
+
+def test_per_token_counts_equal_separate_runs_when_tokens_are_independent():
+    """Window 1 everywhere: no token reads another, so running each token at its own count is the
+    same as running the whole sequence at that count and reading that token."""
+    gd, st = model_of(one_circuit(window=1))
+    toks = tokens()
+    n_BT = jnp.asarray([[1, 4, 2, 6, 3, 1, 5], [2, 2, 6, 1, 4, 3, 3]])
+    per_token, diag = run(gd, st, toks, make_plan(["X"], {"X": n_BT}))
+    np.testing.assert_array_equal(diag.circuits["X"].used, n_BT)
+    for n in range(1, 7):
+        alone = run(gd, st, toks, make_plan(["X"], {"X": n}))[0]
+        np.testing.assert_allclose(per_token[n_BT == n], alone[n_BT == n], rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_counts_copy_stopped_tokens_forward():
+    """With interacting tokens (window 3) a stopped token keeps its last state and its neighbours read
+    that: the reference is a Python loop that updates only the tokens still counting."""
+    cfg = one_circuit(window=3)
+    model = randomize_writes(build_model(cfg, VOCAB, 0))
+    gd, st = nnx.split(model)
+    toks = tokens()
+    n_BT = jnp.asarray([[1, 4, 2, 6, 3, 1, 5], [2, 2, 6, 1, 4, 3, 3]])
+    got = run(gd, st, toks, make_plan(["X"], {"X": n_BT}))[0]
+
+    circuit = model.stages[0].circuits["X"]
+    from loopformer.model.circuit import Context
+    from loopformer.model.layers import run_stack
+
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    ctx = Context(pos, None, None)
+    x = run_stack(model.prelude, model.embed(toks), pos, None)
+    e, h = circuit.begin(model.stages[0].norm(x), None)
+    for i in range(6):
+        h = jnp.where((i < n_BT)[..., None], circuit.iteration(h, e, ctx), h)
+    x = run_stack(model.coda, x + circuit.emit(h), pos, None)
+    want = model.embed.attend(model.final_norm(x))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _grad_fn(gd, st, toks, plan, select):
+    def loss(s):
+        return jnp.sum(jnp.sum(nnx.merge(gd, s)(toks, plan)[0] ** 2, -1) * select)
+    return jax.grad(loss)(st)
+
+
+def _grads(gd, st, toks, plan, select=None):
+    """Gradient of the summed squared logits (of the ``select``-ed tokens) w.r.t. every parameter."""
+    return _grad_fn(gd, st, toks, plan, jnp.ones(toks.shape) if select is None else select)
+
+
+def test_per_token_truncated_backprop_is_exact():
+    """Each token gets the gradient of its own truncated loop (last min(n_t, k) iterations): with
+    independent tokens, the per-token gradient is the sum of the scalar runs' gradients, token by token."""
+    gd, st = model_of(one_circuit(window=1))
+    toks = tokens()
+    n_BT = jnp.asarray([[1, 4, 2, 6, 3, 1, 5], [2, 2, 6, 1, 4, 3, 3]])
+    got = _grads(gd, st, toks, make_plan(["X"], {"X": n_BT}, backprop={"X": 2}, bound=8))
+    want = None
+    for n in range(1, 7):
+        g = _grads(gd, st, toks, make_plan(["X"], {"X": n}, backprop={"X": 2}), (n_BT == n).astype(jnp.float32))
+        want = g if want is None else jax.tree.map(jnp.add, want, g)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_equal_per_token_counts_are_the_scalar_loop():
+    gd, st = model_of(one_circuit(window=3))
+    toks = tokens()
+    scalar = make_plan(["X"], {"X": 5}, backprop={"X": 2})
+    per_token = make_plan(["X"], {"X": jnp.full((2, 7), 5)}, backprop={"X": 2}, bound=8)
+    np.testing.assert_allclose(run(gd, st, toks, per_token)[0], run(gd, st, toks, scalar)[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(_grads(gd, st, toks, per_token)), jax.tree.leaves(_grads(gd, st, toks, scalar)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+
+
+def test_per_token_training_needs_a_bound():
+    with pytest.raises(ValueError, match="static bound"):
+        iterate(lambda c, h: h, (), jnp.zeros((2, 3, 4)), jnp.ones((2, 3), jnp.int32), 2)
+
+
+# ----------------------------------------------------------------------------- exit rules
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("latent_diff:0.01", ExitRule("latent_diff", 0.01)), ("kl:0.0005,min=2", ExitRule("kl", 5e-4, 2)),
+    ("entropy_diff:0.001,every=2", ExitRule("entropy_diff", 1e-3, 1, 2)), ("learned:q=0.5", ExitRule("learned", 0.5))])
+def test_exit_rules_parse_and_print(text, rule):
+    assert ExitRule.parse(text) == rule and str(rule) == text
+
+
+@pytest.mark.parametrize("text,message", [("latent:0.1", "is not one of"), ("learned:0.5", "learned:q=Q"),
+                                          ("kl:q=0.5", "KIND:EPS"), ("latent_diff:0", "must be > 0"),
+                                          ("learned:q=2", "<= 1"), ("kl:1e-3,after=2", "unknown option")])
+def test_bad_exit_rules(text, message):
+    with pytest.raises(PlanError, match=message):
+        ExitRule.parse(text)
+
+
+def test_latent_diff_exit_stops_each_token_at_its_first_small_change():
+    """Window 1: tokens are independent, so each token's exit iteration is the first iteration whose
+    relative state change falls below eps, as the traced per-iteration states show."""
+    cfg = one_circuit(window=1, state_norm=False)
+    model = randomize_writes(build_model(cfg, VOCAB, 0))
+    gd, st = nnx.split(model)
+    toks = tokens()
+    eps = 0.3
+    diag = run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"latent_diff:{eps}"}))[1]
+    # reference: every state h_1..h_8 of the plain loop
+    circuit = model.stages[0].circuits["X"]
+    from loopformer.model.circuit import Context
+    from loopformer.model.layers import run_stack
+
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    x = run_stack(model.prelude, model.embed(toks), pos, None)
+    e, h = circuit.begin(model.stages[0].norm(x), None)
+    first = np.full((2, 7), 8)
+    for i in range(1, 9):
+        h_new = circuit.iteration(h, e, Context(pos, None, None))
+        small = np.asarray(jnp.linalg.norm(h_new - h, axis=-1) / jnp.linalg.norm(h_new, axis=-1)) < eps
+        first = np.where(small & (first == 8) & (i < 8), i, first)
+        h = h_new
+    np.testing.assert_array_equal(diag.circuits["X"].used, first)
+    assert first.min() >= 1 and first.max() <= 8
+
+
+def test_exit_thresholds_share_one_program():
+    gd, st = model_of(one_circuit(window=3))
+    toks = tokens()
+    before = run._cache_size()
+    used = []
+    for eps in (1e-6, 0.05, 0.5, 10.0):
+        used.append(float(run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"latent_diff:{eps}"}))[1]
+                          .circuits["X"].used.mean()))
+    assert run._cache_size() - before == 1
+    assert used == sorted(used, reverse=True) and used[0] == 8 and used[-1] == 1  # looser: earlier exits
+
+
+@pytest.mark.parametrize("kind", ["kl", "entropy_diff"])
+def test_output_exits_run_to_the_cap_at_a_tiny_threshold_and_stop_early_when_loose(kind):
+    gd, st = model_of(one_circuit(window=3))
+    toks = tokens()
+    tight = run(gd, st, toks, make_plan(["X"], {"X": 6}, exits={"X": f"{kind}:1e-30"}))[1].circuits["X"].used
+    loose = run(gd, st, toks, make_plan(["X"], {"X": 6}, exits={"X": f"{kind}:100"}))[1].circuits["X"].used
+    assert float(tight.mean()) >= 5  # only an exactly unchanged distribution (a float32 fixed point) stops early
+    np.testing.assert_array_equal(loose, 2)  # the first comparison is after iteration 2
+
+
+def test_learned_exit_needs_a_halting_head():
+    gd, st = model_of(one_circuit())
+    with pytest.raises(PlanError, match="needs a circuit trained with a halting head"):
+        run(gd, st, tokens(), make_plan(["X"], {"X": 6}, exits={"X": "learned:q=0.5"}))
+
+
+# ----------------------------------------------------------------------------- learned halting
+
+
+def test_exit_distributions():
+    lam = jnp.asarray([0.5, 0.5, 0.5, 0.9, 0.9])[:, None]
+    p = halting.geometric_exit(lam, jnp.asarray(4))
+    np.testing.assert_allclose(p[:, 0], [0.5, 0.25, 0.125, 0.125, 0.0])  # the rest on the last step
+    p, ponder = halting.act_exit(jnp.asarray([0.3, 0.4, 0.5, 0.1, 0.1])[:, None], jnp.asarray(5), eps=0.01)
+    np.testing.assert_allclose(p[:, 0], [0.3, 0.4, 0.3, 0.0, 0.0], atol=1e-6)  # halts at 3 with remainder 0.3
+    np.testing.assert_allclose(ponder, [3.3], atol=1e-6)
+    p, ponder = halting.act_exit(jnp.asarray([0.1, 0.1, 0.1])[:, None], jnp.asarray(2), eps=0.01)
+    np.testing.assert_allclose(p[:, 0], [0.1, 0.9, 0.0], atol=1e-6)  # the cap takes the remainder
+    np.testing.assert_allclose(ponder, [2.9], atol=1e-6)
+    uniform = jnp.full((4, 1), 0.25)
+    assert float(halting.exit_entropy(uniform)[0]) == pytest.approx(np.log(4))
+    q = 0.5 ** np.arange(1, 5)
+    q = q / q.sum()
+    assert float(halting.kl_to_geometric(jnp.asarray(q)[:, None], jnp.asarray(4), 0.5)[0]) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ouro", "pondernet", "act"])
+def test_halting_circuit_stashes_every_iteration(kind):
+    gd, st = model_of(one_circuit(window=3, halting_kind=kind))
+    logits, diag = run(gd, st, tokens(), make_plan(["X"], {"X": 5}, backprop={"X": 2}, stash=8))
+    r = diag.circuits["X"]
+    assert r.exit_p.shape == (8, 2, 7)
+    np.testing.assert_allclose(r.exit_p.sum(0), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(r.exit_p[5:], 0.0)  # nothing past the loop count
+    if kind == "act":
+        assert diag.step_logits is None and r.ponder.shape == (2, 7)
+    else:  # logits after every iteration; the last one's are the model's output
+        assert diag.step_logits.shape == (8, 2, 7, VOCAB)
+        np.testing.assert_allclose(diag.step_logits[4], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_learned_exit_stops_at_the_quantile():
+    """Independent tokens (window 1): the learned exit stops each token at the first iteration whose exit
+    CDF reaches q, computed from the halting head over a stash of every iteration."""
+    gd, st = model_of(one_circuit(window=1, halting_kind="ouro"))
+    toks = tokens()
+    diag = run(gd, st, toks, make_plan(["X"], {"X": 8}, stash=8))[1]
+    cdf = np.cumsum(np.asarray(diag.circuits["X"].exit_p), axis=0)
+    for q in (0.3, 0.6, 0.9):
+        want = np.minimum(np.argmax(cdf >= q - 1e-6, axis=0) + 1, 8)
+        used = run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"learned:q={q}"}))[1].circuits["X"].used
+        np.testing.assert_array_equal(used, want)
+
+
+def test_act_evaluates_with_its_own_halting():
+    gd, st = model_of(one_circuit(window=1, halting_kind="act"))
+    diag = run(gd, st, tokens(), make_plan(["X"], {"X": 6}))[1]
+    assert diag.circuits["X"].used is not None and float(diag.circuits["X"].used.max()) <= 6
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+def two_routed(kind):
+    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=4, max_loops=6)
+    y = CircuitConfig(name="Y", width=8, heads=2, window=1, state_norm=True, eval_loops=2, max_loops=6)
+    return ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1,
+                       stages=[StageConfig([x, y], router=RouterConfig(kind=kind, capacity=0.5))])
+
+
+def test_token_choice_router_sends_each_token_to_one_circuit_per_round():
+    gd, st = model_of(two_routed("token_choice"))
+    diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 4, "Y": 2}))[1]
+    used = diag.circuits["X"].used + diag.circuits["Y"].used
+    assert float(used.max()) <= 4 and float(diag.circuits["Y"].used.max()) <= 2  # within each circuit's count
+    assert float(diag.aux_loss) > 0
+
+
+def test_forced_routes():
+    """A router whose bias always picks exit runs nothing; one that always picks X runs X at every round."""
+    model = build_model(two_routed("token_choice"), VOCAB, 0)
+    gd, st = nnx.split(model)
+    for bias, x_rounds in (([0.0, 0.0, 50.0], 0), ([50.0, 0.0, 0.0], 4)):
+        st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(
+            st["stages"][0]["router"]["score"]["kernel"].value)
+        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray(bias)
+        diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 4, "Y": 2}))[1]
+        np.testing.assert_array_equal(diag.circuits["X"].used, x_rounds)
+        np.testing.assert_array_equal(diag.circuits["Y"].used, 0)
+
+
+def test_expert_choice_router_takes_its_capacity():
+    gd, st = model_of(two_routed("expert_choice"))
+    diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 3, "Y": 3}))[1]
+    per_round = np.ceil(0.5 * 7)  # capacity 0.5 of 7 tokens, per sequence and round
+    for name in ("X", "Y"):
+        assert float(diag.circuits[name].used.sum(-1).max()) <= 3 * per_round
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
+def test_router_learns_through_the_selection(kind):
+    gd, st = model_of(two_routed(kind))
+    plan = make_plan(["X", "Y"], {"X": 4, "Y": 2}, backprop={"X": 1, "Y": 1}, bound=6)
+    grads = _grads(gd, st, tokens(), plan)
+    assert float(jnp.abs(grads["stages"][0]["router"]["score"]["kernel"]).max()) > 0
+    train, diag = run(gd, st, tokens(), plan)
+    infer = run(gd, st, tokens(), dataclasses.replace(plan, backprop=(), bound=0))[0]
+    np.testing.assert_allclose(train, infer, rtol=1e-4, atol=1e-4)  # the scan over the bound = the exact rounds
