@@ -27,6 +27,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, markdo
     right = [all(_is_number(r[i]) or r[i] in ("-", "") for r in cells[1:]) for i in range(len(header))]
     pad = lambda r: [c.rjust(w) if ra else c.ljust(w) for c, w, ra in zip(r, widths, right, strict=True)]  # noqa: E731
     if markdown:
+        widths = [max(w, 3) for w in widths]  # a Markdown rule needs three characters
         rule = ["-" * (w - 1) + (":" if ra else "-") for w, ra in zip(widths, right, strict=True)]
         return "\n".join("| " + " | ".join(pad(r) if r is not rule else r) + " |" for r in [cells[0], rule, *cells[1:]])
 
