@@ -1,0 +1,59 @@
+"""softmax(Q K^T / sqrt(H)) V, chosen per backend (``model.attention``).
+
+    xla      jax.nn.dot_product_attention's XLA path
+    einsum   two einsums and a float32 softmax with one boolean mask (causal, window, segments): on CPU
+             the fastest measured (bench/step_profile.py)
+    cudnn    cuDNN's fused flash attention (NVIDIA GPUs; bfloat16 / float16 inputs)
+    auto     einsum on CPU, cudnn on NVIDIA GPUs when the dtype allows, else xla
+
+Shapes: q [B, T, N, H]; k, v [B, S, K, H] with K dividing N (grouped-query attention: each key/value
+head serves N / K query heads); ``mask`` [B, 1, T, S] bool (True = may attend) or None; ``causal``
+compares query and key *positions* (``q_pos`` [B, T], ``k_pos`` [B, S]; default 0..T-1 and 0..S-1);
+``window`` (left, right) keys within [pos - left, pos + right] (None: unlimited).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+IMPLS = ("auto", "xla", "einsum", "cudnn")
+
+
+def resolve(impl: str, dtype: jnp.dtype) -> str:
+    """The implementation ``auto`` stands for on this backend (others unchanged)."""
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "einsum"
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def attend(q: Array, k: Array, v: Array, *, mask: Array | None = None, causal: bool = True,
+           window: tuple[int, int] | None = None, impl: str = "einsum", q_pos: Array | None = None,
+           k_pos: Array | None = None) -> Array:
+    """[B, T, N, H] attention output (see the module docstring)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if impl in ("xla", "cudnn") and q_pos is None and k_pos is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, local_window_size=window,
+                                            implementation=impl)
+    qp = jnp.broadcast_to(jnp.arange(T), (B, T)) if q_pos is None else q_pos
+    kp = jnp.broadcast_to(jnp.arange(S), (B, S)) if k_pos is None else k_pos
+    rel = qp[:, :, None] - kp[:, None, :]  # [B, T, S]: how far back each key is
+    visible = jnp.ones((B, T, S), bool) if mask is None else mask[:, 0]
+    if causal:
+        visible &= rel >= 0
+    if window is not None:
+        visible &= (rel <= window[0]) & (rel >= -window[1])
+    if impl in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], implementation=impl)
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
