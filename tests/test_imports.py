@@ -1,4 +1,4 @@
-"""Imports run one way: config <- model <- {evaluation, inference} <- train <- cli; data depends on
+"""Imports run one way: config <- model <- {evaluation, inference, surgery} <- train <- cli; data depends on
 config only; nothing imports the CLI. A new import against that direction fails here."""
 
 import ast
@@ -16,8 +16,9 @@ ALLOWED = {
     "flops": {"config", "errors"},
     "evaluation": {"config", "model", "errors"},
     "inference": {"config", "model", "errors"},
-    "train": {"config", "data", "model", "evaluation", "inference", "parallel", "flops", "errors"},
-    "cli": {"config", "data", "model", "evaluation", "inference", "train", "parallel", "flops", "errors"},
+    "surgery": {"config", "model", "errors"},
+    "train": {"config", "data", "model", "evaluation", "inference", "surgery", "parallel", "flops", "errors"},
+    "cli": {"config", "data", "model", "evaluation", "inference", "surgery", "train", "parallel", "flops", "errors"},
     "__main__": {"cli"},
     "__init__": set(),
 }

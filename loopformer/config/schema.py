@@ -27,6 +27,7 @@ INJECT_MODES = ("add", "concat", "none")
 INIT_MODES = ("zeros", "input", "noise")
 NORM_MODES = ("pre", "sandwich")
 MLP_KINDS = ("gelu", "swiglu")
+OUTPUT_MODES = ("residual", "replace")
 DTYPES = ("float32", "bfloat16")
 TEXT_FORMATS = ("auto", "text", "jsonl", "arrayrecord")
 TOKENIZER_KINDS = ("bytes", "bpe")  # or a path to a tokenizer.json
@@ -107,15 +108,23 @@ class CircuitArch:
     depth: int = 1
     width: int = 64
     heads: int = 4
+    kv_heads: int = 0  # key/value heads (grouped-query attention; 0 = heads); must divide heads
     mlp_ratio: float = 4.0
     io: str = "slice"  # slice: reads and writes its own columns of the stream | project: learned d_model <-> width
     inject: str = "add"  # input injection each iteration: add | concat (a learned [h; e] -> width adapter) | none
     state_norm: bool = False  # RMS-normalise the state after every iteration (bounded; fixed points possible)
     halting: HaltingConfig = field(default_factory=HaltingConfig)  # a learned exit head (kind: none = no head)
+    output: str = "residual"  # residual: x + write(out_norm(h_n)) | replace: the circuit reads its slice of the
+    # raw (unnormed) stream and its final state h_n replaces that slice (no out_norm, no write: a plain
+    # model's layers converted into a loop are exact at 1 loop; `loopformer convert`)
 
     @property
     def mlp_hidden(self) -> int:
         return mlp_hidden(self.width, self.mlp_ratio)
+
+    @property
+    def kv_head_count(self) -> int:
+        return self.kv_heads or self.heads
 
 
 @dataclass
@@ -156,12 +165,19 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
         _check(c.depth >= 1, f"{p}.depth must be >= 1, got {c.depth}")
         _check(c.width >= 2, f"{p}.width must be >= 2, got {c.width}")
         _check(c.heads >= 1, f"{p}.heads must be >= 1, got {c.heads}")
+        _check(c.kv_heads >= 0 and c.heads % c.kv_head_count == 0,
+               f"{p}.kv_heads ({c.kv_heads}) must divide {p}.heads ({c.heads}) (0 = as many as heads)")
         _check(c.width % c.heads == 0, f"{p}.width ({c.width}) must be divisible by {p}.heads ({c.heads})")
         _check((c.width // c.heads) % 2 == 0, f"{p}: width / heads = {c.width // c.heads} must be even (RoPE rotates pairs)")
         _check(c.mlp_ratio > 0, f"{p}.mlp_ratio must be > 0")
         _one_of(c.io, IO_MODES, f"{p}.io")
         _one_of(c.inject, INJECT_MODES, f"{p}.inject")
         _one_of(c.init, INIT_MODES, f"{p}.init")
+        _one_of(c.output, OUTPUT_MODES, f"{p}.output")
+        if c.output == "replace":
+            _check(c.io == "slice" and not c.state_norm and c.halting.kind == "none",
+                   f"{p}.output=replace: the final state replaces the circuit's slice of the stream, so it needs "
+                   f"io: slice, state_norm: false and no halting head")
         _check(c.window >= 0, f"{p}.window must be 0 (full attention) or >= 1 tokens, got {c.window}")
         _check(c.backprop >= 1, f"{p}.backprop (truncation depth k) must be >= 1, got {c.backprop}")
         _check(c.eval_loops >= 1, f"{p}.eval_loops must be >= 1, got {c.eval_loops}")
@@ -204,6 +220,8 @@ class ModelConfig:
     vocab_size: int = _arch(0)  # 0: taken from the data
     d_model: int = _arch(64)
     heads: int = _arch(4)
+    kv_heads: int = _arch(0)  # key/value heads of prelude and coda (grouped-query attention; 0 = heads)
+    qkv_bias: bool = _arch(False)  # biases on the query/key/value projections (Qwen2), in every block
     mlp_ratio: float = _arch(4.0)
     mlp: str = _arch("gelu")  # gelu | swiglu
     norm: str = _arch("pre")  # pre | sandwich (also normalises each sublayer's output)
@@ -214,7 +232,8 @@ class ModelConfig:
     window: int = 0  # attention span of prelude and coda blocks (0 = full; see CircuitBehaviour.window)
     causal: bool = True  # false: bidirectional attention everywhere (the window reaches w - 1 tokens both
     # ways); only for tasks whose labels sit at input positions (aligned), where no target is an input
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # RoPE theta
+    norm_eps: float = 1e-6  # epsilon of every RMSNorm: x * rsqrt(mean(x^2) + eps) * scale
     init_std: float = 0.02
     compute_dtype: str = "float32"  # bfloat16: bf16 matmuls, fp32 parameters and logits
 
@@ -235,10 +254,18 @@ class ModelConfig:
     def mlp_hidden(self) -> int:
         return mlp_hidden(self.d_model, self.mlp_ratio)
 
+    @property
+    def kv_head_count(self) -> int:
+        return self.kv_heads or self.heads
+
     def validate(self) -> None:
         m = self
         _check(m.d_model >= 2, f"model.d_model must be >= 2, got {m.d_model}")
         _check(m.heads >= 1, f"model.heads must be >= 1, got {m.heads}")
+        _check(m.kv_heads >= 0 and m.heads % m.kv_head_count == 0,
+               f"model.kv_heads ({m.kv_heads}) must divide model.heads ({m.heads}) (0 = as many as heads)")
+        _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+        _check(m.rope_base > 1, f"model.rope_base must be > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
         _check((m.d_model // m.heads) % 2 == 0,
                f"model.d_model / model.heads = {m.d_model // m.heads} must be even (RoPE rotates pairs)")
@@ -262,6 +289,8 @@ class ModelConfig:
                 seen.add(c.name)
             stage.router.validate(f"model.stages.{s}.router")
             if stage.router.kind != "none":
+                _check(all(c.output == "residual" for c in stage.circuits),
+                       f"model.stages.{s}: a routed stage's circuits must have output: residual")
                 _check(all(c.halting.kind == "none" for c in stage.circuits),
                        f"model.stages.{s}: a routed stage's circuits cannot also have a halting head (the router "
                        f"decides their exits); set router.kind=none or halting.kind=none")

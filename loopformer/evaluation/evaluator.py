@@ -83,11 +83,13 @@ class Evaluator:
         return make_plan(self.names, loops, ablate=ablate, fills=fill, **static)
 
     def evaluate(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int], ablate: Sequence[str] = (),
-                 fill: Array | np.ndarray | None = None, exits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 fill: Array | np.ndarray | None = None, exits: Mapping[str, Any] | None = None,
+                 schedules: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``, and
         ``mean_loops`` {circuit: iterations per real token}; ``ablate`` removes circuits, whose output is
-        replaced by ``fill`` (zero or mean ablation); ``exits`` stops tokens by rules (`ExitRule`)."""
-        plan = self.plan(loops, ablate, fill, exits=exits)
+        replaced by ``fill`` (zero or mean ablation); ``exits`` stops tokens by rules (`ExitRule`);
+        ``schedules`` runs the prelude / coda layers in another order (`loopformer.model.schedule`)."""
+        plan = self.plan(loops, ablate, fill, exits=exits, schedules=schedules)
         totals: dict[str, Any] = {}
         for batch in batches:
             sums = self._sums(params, batch, plan)

@@ -182,3 +182,43 @@ def ablation(rows: Sequence[Row], info: RunInfo, step: int) -> bytes:
     loops = ", ".join(f"{c}={n}" for c, n in info.defaults.items())
     fig.suptitle(_title(info, step, f"circuit ablation at loops {loops}"))
     return _png(fig)
+
+
+def rys_heatmap(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any], split: str, layers: int,
+                stack: str, info: RunInfo, step: int) -> bytes:
+    """One panel per repeat count: the change against the unmodified model of duplicating [start, end)
+    (rows: start layer, columns: end layer), as the RYS blog drew its scan; blue is better."""
+    text = info.is_text
+    key = "bits_per_byte" if text else "accuracy"
+    scale = 1.0 if text else 100.0
+    mine = [r for r in rows if r["split"] == split]
+    repeats = sorted({r["repeats"] for r in mine})
+    grids = {}
+    for rep in repeats:
+        g = np.full((layers, layers), np.nan)
+        for r in mine:
+            if r["repeats"] == rep:
+                g[r["start"], r["end"] - 1] = scale * (r[key] - baseline[key])
+        grids[rep] = g
+    span = max([float(np.nanmax(np.abs(g))) for g in grids.values()] + [1e-9])
+    fig = Figure(figsize=(0.8 + 4.2 * len(repeats), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(repeats)))
+    image = None
+    for ax, rep in zip(axes, repeats, strict=True):
+        g = grids[rep]
+        image = ax.imshow(g, origin="lower", cmap="RdBu_r" if text else "RdBu", vmin=-span, vmax=span)
+        if layers <= 12:
+            for (i, j), v in np.ndenumerate(g):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:+.2f}" if text else f"{v:+.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(layers), [str(j + 1) for j in range(layers)], fontsize=7)
+        ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
+        ax.set_xlabel("end layer j (block [i, j) is duplicated)")
+        ax.set_ylabel("start layer i")
+        ax.set_title(f"repeats {rep}: the block runs {rep + 1} times", fontsize=10)
+    what = "Δ bits per byte (lower is better)" if text else "Δ accuracy (points)"
+    fig.colorbar(image, ax=list(axes), label=f"{what} vs the unmodified model")
+    base = f"{baseline[key]:.4f} bpb" if text else f"{100 * baseline[key]:.1f}%"
+    fig.suptitle(_title(info, step, f"duplicating {stack} layers [i, j) on {split_label(info, split)} "
+                                    f"(unmodified: {base})"), fontsize=10)
+    return _png(fig)

@@ -122,12 +122,12 @@ class LoadedRun:
 
     def row(self, split: str, batches: Sequence[Batch], loops: Mapping[str, int] | None = None,
             ablate: Sequence[str] = (), fill: np.ndarray | jax.Array | None = None,
-            exits: Mapping[str, ExitRule] | None = None) -> Row:
+            exits: Mapping[str, ExitRule] | None = None, schedules: Mapping[str, Any] | None = None) -> Row:
         """Evaluate one setting on one split: a row of the shared schema, with ``mean_loops`` (iterations
         each circuit ran per real token) and, with exit rules, ``exit`` {circuit: rule} (text runs add
-        bits_per_byte and perplexity)."""
+        bits_per_byte and perplexity); ``schedules``: layer schedules of the prelude / coda."""
         full = self.info.full_loops(loops)
-        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits)
+        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits, schedules)
         row = {"split": split, "loops": full, "ablated": list(ablate), "loss": m["loss"], "accuracy": m["accuracy"],
                "token_accuracy": m["token_accuracy"], "examples": m["examples"], "mean_loops": m["mean_loops"]}
         if exits:

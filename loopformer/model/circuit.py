@@ -71,15 +71,18 @@ class Circuit(nnx.Module):
     ``halt`` (the halting head, halting.kind != none)."""
 
     def __init__(self, c: CircuitConfig, *, d_model: int, mlp: str, norm: str, std: float, out_std: float,
-                 rope_base: float, dtype: Any, causal: bool, rngs: nnx.Rngs):
+                 rope_base: float, dtype: Any, causal: bool, rngs: nnx.Rngs, qkv_bias: bool = False,
+                 norm_eps: float = 1e-6):
         self.io, self.inject, self.init, self.noise_std = c.io, c.inject, c.init, c.init_noise_std
         self.halting, self.act_eps = c.halting.kind, c.halting.eps
+        self.replace = c.output == "replace"
         w = c.width
         lin = dict(use_bias=False, dtype=dtype)
 
         def block(r: nnx.Rngs) -> Block:
             return Block(w, c.heads, c.mlp_hidden, mlp=mlp, norm=norm, std=std, out_std=out_std,
-                         rope_base=rope_base, dtype=dtype, rngs=r, window=c.window, causal=causal)
+                         rope_base=rope_base, dtype=dtype, rngs=r, window=c.window, causal=causal,
+                         kv_heads=c.kv_heads, qkv_bias=qkv_bias, norm_eps=norm_eps)
 
         self.blocks = stacked(block, c.depth, rngs)
         if c.io == "project":
@@ -92,10 +95,11 @@ class Circuit(nnx.Module):
         if c.state_norm:
             # h_i = norm(stack(inject(h_{i-1}, e))): without it, residual blocks plus additive
             # injection grow the state like i * e, so norm(h_i) stops changing with i.
-            self.loop_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs)
-        self.out_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs)
-        self.write = nnx.Linear(w, w if c.io == "slice" else d_model, kernel_init=zeros_init(("circuit", "embed")),
-                                rngs=rngs, **lin)
+            self.loop_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs, epsilon=norm_eps)
+        if not self.replace:  # output: replace writes its final state as it is
+            self.out_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs, epsilon=norm_eps)
+            self.write = nnx.Linear(w, w if c.io == "slice" else d_model,
+                                    kernel_init=zeros_init(("circuit", "embed")), rngs=rngs, **lin)
         if c.halting.kind != "none":
             # ACT starts by pondering (halting bias negative: lambda ~ 0.05); the others start neutral.
             bias = -3.0 if c.halting.kind == "act" else 0.0
@@ -121,8 +125,11 @@ class Circuit(nnx.Module):
         h_BTW = run_stack(self.blocks, h_BTW, ctx.positions_BT, ctx.mask)
         return self.loop_norm(h_BTW) if hasattr(self, "loop_norm") else h_BTW
 
-    def emit(self, h: Array) -> Array:
-        """What the circuit writes for a state: write(norm(h)) (any leading axes)."""
+    def emit(self, h: Array, e: Array | None = None) -> Array:
+        """What the circuit writes for a state: write(norm(h)) (any leading axes); for output: replace,
+        h - e (added to the stream, whose slice is e, it leaves h there)."""
+        if self.replace:
+            return h - e
         return self.write(self.out_norm(h))
 
     def halt_prob(self, h: Array) -> Array:
@@ -145,14 +152,14 @@ class Circuit(nnx.Module):
 
         if trace_len:
             h, trace = iterate_traced(step, (state, e), h0, n, trace_len, ctx.valid_BT)
-            return CircuitOut(self.emit(h), trace=trace)
+            return CircuitOut(self.emit(h, e), trace=trace)
         if exit is not None:
             return self._until(step, (state, e), h0, n, exit, readout)
         if self.halting == "act" or (self.halting != "none" and stash):
             return self._stashed(step, (state, e), h0, n, k, stash)
         h = iterate(step, (state, e), h0, n, k, bound=bound)
         used = None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32)
-        return CircuitOut(self.emit(h), used=used)
+        return CircuitOut(self.emit(h, e), used=used)
 
     def _stashed(self, step: Callable, consts: Any, h0: Array, n: Array, k: int, stash: int) -> CircuitOut:
         """Every iteration kept (halting): exit distribution, per-step writes; ACT writes their mixture."""
@@ -173,7 +180,7 @@ class Circuit(nnx.Module):
     def _until(self, step: Callable, consts: Any, h0: Array, n: Array, rule: ExitRule,
                readout: Readout | None) -> CircuitOut:
         """Inference with an exit rule (`loopformer.model.exits`)."""
-        shape = h0.shape[:-1]
+        shape, e = h0.shape[:-1], consts[1]
         if rule.kind == "latent_diff":
             def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
                 return latent_change(h_prev, h) < rule.threshold, st
@@ -204,14 +211,14 @@ class Circuit(nnx.Module):
                                 f"circuit of a model can use kl or entropy_diff at a time")
 
             def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
-                logits = readout(self.emit(h))
+                logits = readout(self.emit(h, e))
                 change = kl_divergence(logits, st) if rule.kind == "kl" else jnp.abs(entropy(logits) - entropy(st))
                 return (change < rule.threshold) & (i >= 2), logits  # the first iteration has nothing to compare
 
-            state0 = readout(self.emit(h0))
+            state0 = readout(self.emit(h0, e))
         h, used, st = iterate_until(step, consts, h0, n, stop, state0, min_loops=rule.min_loops,
                                     check_every=rule.check_every)
-        out = st[1] if rule.kind == "learned" and self.halting == "act" else self.emit(h)
+        out = st[1] if rule.kind == "learned" and self.halting == "act" else self.emit(h, e)
         return CircuitOut(out, used=used)
 
 
@@ -245,7 +252,7 @@ class Circuit(nnx.Module):
                 return step(i, c[0], c[1], jnp.ones((B,), bool))
 
             h, kv = jax.lax.fori_loop(0, n, body, (h0, kv))
-            return self.emit(h), kv, h, jnp.broadcast_to(jnp.asarray(n, jnp.float32), h.shape[:2])
+            return self.emit(h, e), kv, h, jnp.broadcast_to(jnp.asarray(n, jnp.float32), h.shape[:2])
         if exit.kind not in ("latent_diff", "learned") or (exit.kind == "learned" and self.halting in ("none", "act")):
             raise PlanError(f"decoding with a cache supports the exits latent_diff and learned (an ouro or pondernet "
                             f"halting head), not {exit.kind} here; use --no-cache")
@@ -271,7 +278,7 @@ class Circuit(nnx.Module):
         c0 = (jnp.zeros((), jnp.int32), h0, kv, active0, jnp.zeros(h0.shape[:2], jnp.float32),
               jnp.zeros((B,), jnp.int32), jnp.ones(h0.shape[:2], jnp.float32))
         _, h, kv, _, used, wrote, _ = jax.lax.while_loop(cond, body_exit, c0)
-        return self.emit(h), _fill(kv, wrote, n, positions_Bt, policy), h, used
+        return self.emit(h, e), _fill(kv, wrote, n, positions_Bt, policy), h, used
 
 
 def _fill(kv: tuple[Array, Array], wrote_B: Array, n: Array, positions_Bt: Array, policy: CachePolicy
@@ -308,6 +315,7 @@ class BankLayout:
     offsets: tuple[int | None, ...]
     index: tuple[int, ...]
     kinds: tuple[tuple, ...]
+    raw: tuple[bool, ...] = ()  # per circuit: reads the raw stream (output: replace), not the normed one
 
     @staticmethod
     def of(circuits: list[CircuitConfig], first_index: int) -> BankLayout:
@@ -315,10 +323,11 @@ class BankLayout:
         for c in circuits:
             offsets.append(o if c.io == "slice" else None)
             o += c.width if c.io == "slice" else 0
-        kinds = tuple((c.depth, c.width, c.heads, c.mlp_ratio, c.io, c.inject, c.state_norm, c.window, c.init,
-                       c.init_noise_std, c.halting.kind) for c in circuits)
+        kinds = tuple((c.depth, c.width, c.heads, c.kv_heads, c.mlp_ratio, c.io, c.inject, c.state_norm, c.window,
+                       c.init, c.init_noise_std, c.output, c.halting.kind) for c in circuits)
         return BankLayout(tuple(c.name for c in circuits), tuple(c.width for c in circuits), tuple(offsets),
-                          tuple(range(first_index, first_index + len(circuits))), kinds)
+                          tuple(range(first_index, first_index + len(circuits))), kinds,
+                          tuple(c.output == "replace" for c in circuits))
 
     def at(self, name: str) -> int:
         return self.names.index(name)
@@ -330,7 +339,7 @@ class Bank(nnx.Module):
     def __init__(self, circuits: list[CircuitConfig], first_index: int, *, d_model: int, rngs: nnx.Rngs,
                  router: RouterConfig | None = None, batch_circuits: bool = True, **block_kw: Any):
         self.d_model = d_model
-        self.norm = nnx.RMSNorm(d_model, dtype=block_kw["dtype"], rngs=rngs)
+        self.norm = nnx.RMSNorm(d_model, dtype=block_kw["dtype"], rngs=rngs, epsilon=block_kw.get("norm_eps", 1e-6))
         self.circuits = nnx.Dict({c.name: Circuit(c, d_model=d_model, rngs=rngs, **block_kw) for c in circuits})
         self.layout = BankLayout.of(circuits, first_index)
         self.batch_circuits = batch_circuits
@@ -358,8 +367,12 @@ class Bank(nnx.Module):
             out.setdefault(key, []).append(n)
         return list(out.values())
 
-    def _source(self, name: str, xn_BTD: Array) -> Array:
+    def _source(self, name: str, xn_BTD: Array | tuple[Array, Array]) -> Array:
+        """A circuit's input: its slice (or all) of the normed stream; given (normed, raw), a circuit with
+        output: replace reads the raw stream instead."""
         i = self.layout.at(name)
+        if isinstance(xn_BTD, tuple):
+            xn_BTD = xn_BTD[1] if self.layout.raw and self.layout.raw[i] else xn_BTD[0]
         o = self.layout.offsets[i]
         return xn_BTD if o is None else xn_BTD[..., o:o + self.layout.widths[i]]
 
@@ -373,7 +386,7 @@ class Bank(nnx.Module):
     def _key(self, plan: Plan, name: str) -> Array:
         return jax.random.fold_in(plan.key, self.layout.index[self.layout.at(name)])
 
-    def _run(self, members: list[str], xn_BTD: Array, ctx: Context, plan: Plan,
+    def _run(self, members: list[str], xn_BTD: Array | tuple[Array, Array], ctx: Context, plan: Plan,
              readout: Readout | None) -> list[CircuitOut]:
         kw = dict(k=plan.truncation(members[0]), trace_len=plan.trace_len, exit=plan.exit_of(members[0]),
                   stash=plan.stash, bound=plan.bound)
@@ -422,7 +435,7 @@ class Bank(nnx.Module):
             base = x_BTD + update
             own = None if readout is None else (lambda out, base=base, name=members[0]:
                                                 readout(base + self._contribution(name, out, plan)))
-            for name, res in zip(members, self._run(members, xn, ctx, plan, own), strict=True):
+            for name, res in zip(members, self._run(members, (xn, x_BTD), ctx, plan, own), strict=True):
                 contrib = self._contribution(name, res.out, plan)
                 update = update + contrib
                 if res.steps is not None:
@@ -449,7 +462,7 @@ class Bank(nnx.Module):
         kvs, states, used = dict(kvs), {}, {}
         for name in self.names:
             out, kvs[name], states[name], used[name] = self.circuits[name].decode(
-                self._source(name, xn), plan.loops[name], self._key(plan, name), positions_Bt, kvs[name], policy,
+                self._source(name, (xn, x_BtD)), plan.loops[name], self._key(plan, name), positions_Bt, kvs[name], policy,
                 exit=plan.exit_of(name), h_init=None if h_init is None else h_init[name])
             update = update + self._contribution(name, out, plan)
         return x_BtD + update, kvs, states, used

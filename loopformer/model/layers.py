@@ -50,23 +50,39 @@ def attention_mask(segment_ids_BT: Array | None) -> Array | None:
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with RoPE; no biases. Causal by default; ``causal=False`` lets every
+    """Multi-head self-attention with RoPE. Causal by default; ``causal=False`` lets every
     token see the whole (unpadded) sequence, for tasks whose labels sit at input positions.
     ``window`` w >= 1 restricts each query to itself and the w - 1 keys before it (and, when not
-    causal, the w - 1 keys after it): sliding-window attention; 0 is no window."""
+    causal, the w - 1 keys after it): sliding-window attention; 0 is no window.
+
+    Grouped-query attention: ``kv_heads`` K (a divisor of N; 0 = N) key/value heads, query head n
+    reading key/value head n // (N / K) (Llama's ``repeat_kv``). One fused projection ``qkv``
+    [W, (N + 2K) H] holds the queries, keys and values in that order (for K = N: [W, 3W]); ``qkv_bias``
+    adds its bias (Qwen2). The output projection has no bias."""
 
     def __init__(self, width: int, heads: int, *, std: float, out_std: float, rope_base: float,
-                 dtype: Any, rngs: nnx.Rngs, window: int = 0, causal: bool = True):
+                 dtype: Any, rngs: nnx.Rngs, window: int = 0, causal: bool = True, kv_heads: int = 0,
+                 qkv_bias: bool = False):
         self.heads, self.head_dim, self.rope_base = heads, width // heads, rope_base
+        self.kv_heads = kv_heads or heads
         self.window, self.causal = window, causal
-        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
-        self.qkv = nnx.Linear(width, 3 * width, kernel_init=normal_init(std, ("embed", "heads")), **kw)
-        self.out = nnx.Linear(width, width, kernel_init=normal_init(out_std, ("heads", "embed")), **kw)
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.qkv = nnx.Linear(width, (heads + 2 * self.kv_heads) * self.head_dim, use_bias=qkv_bias,
+                              kernel_init=normal_init(std, ("embed", "heads")),
+                              bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("heads",)), **kw)
+        self.out = nnx.Linear(width, width, use_bias=False, kernel_init=normal_init(out_std, ("heads", "embed")), **kw)
+
+    def _qkv(self, x_BTW: Array, positions_BT: Array) -> tuple[Array, Array, Array]:
+        """Queries [B, T, N, H] and keys, values [B, T, K, H], RoPE applied."""
+        B, T, _ = x_BTW.shape
+        N, K = self.heads, self.kv_heads
+        qkv = self.qkv(x_BTW).reshape(B, T, N + 2 * K, self.head_dim)
+        q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
+        return rope(q, positions_BT, self.rope_base), rope(k, positions_BT, self.rope_base), v
 
     def __call__(self, x_BTW: Array, positions_BT: Array, mask: Array | None) -> Array:
         B, T, W = x_BTW.shape
-        q, k, v = jnp.split(self.qkv(x_BTW).reshape(B, T, 3 * self.heads, self.head_dim), 3, axis=2)
-        q, k = rope(q, positions_BT, self.rope_base), rope(k, positions_BT, self.rope_base)
+        q, k, v = self._qkv(x_BTW, positions_BT)
         span = (self.window - 1, 0 if self.causal else self.window - 1) if self.window else None
         y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, local_window_size=span)
         return self.out(y_BTNH.reshape(B, T, W))
@@ -76,10 +92,10 @@ class Attention(nnx.Module):
         """Causal attention of t new tokens at absolute ``positions_Bt`` over a key/value cache ``kv``
         ([B, T, N, H] each, indexed by position): the new keys and values are written at their positions
         (rows where ``write`` [B] is False keep the cache as it was), then every query reads the cached
-        positions <= its own (within the window). Returns (output [B, t, W], the updated cache)."""
+        positions <= its own (within the window). The cache holds the K key/value heads only
+        ([B, T, K, H]). Returns (output [B, t, W], the updated cache)."""
         B, t, W = x_BtW.shape
-        q, k, v = jnp.split(self.qkv(x_BtW).reshape(B, t, 3 * self.heads, self.head_dim), 3, axis=2)
-        q, k = rope(q, positions_Bt, self.rope_base), rope(k, positions_Bt, self.rope_base)
+        q, k, v = self._qkv(x_BtW, positions_Bt)
         rows = jnp.arange(B)[:, None]
         keep = write[:, None, None, None]
         k_cache = jnp.where(keep, kv[0].at[rows, positions_Bt].set(k.astype(kv[0].dtype)), kv[0])
@@ -118,12 +134,13 @@ class Block(nnx.Module):
 
     def __init__(self, width: int, heads: int, hidden: int, *, mlp: str, norm: str, std: float,
                  out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, window: int = 0,
-                 causal: bool = True):
+                 causal: bool = True, kv_heads: int = 0, qkv_bias: bool = False, norm_eps: float = 1e-6):
         self.sandwich = norm == "sandwich"
-        nk = dict(dtype=dtype, rngs=rngs, scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
+        nk = dict(dtype=dtype, rngs=rngs, epsilon=norm_eps,
+                  scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
         self.attn_norm = nnx.RMSNorm(width, **nk)
         self.attn = Attention(width, heads, std=std, out_std=out_std, rope_base=rope_base, dtype=dtype,
-                              rngs=rngs, window=window, causal=causal)
+                              rngs=rngs, window=window, causal=causal, kv_heads=kv_heads, qkv_bias=qkv_bias)
         self.mlp_norm = nnx.RMSNorm(width, **nk)
         self.mlp = MLP(width, hidden, mlp, std=std, out_std=out_std, dtype=dtype, rngs=rngs)
         if self.sandwich:
@@ -157,14 +174,27 @@ def stacked(make: Any, count: int, rngs: nnx.Rngs) -> nnx.Module:
     return build(rngs)
 
 
-def run_stack(stack: nnx.Module, x_BTW: Array, positions_BT: Array, mask: Array | None) -> Array:
-    """Apply a stacked block module layer by layer (``lax.scan`` over the leading axis)."""
+def run_stack(stack: nnx.Module, x_BTW: Array, positions_BT: Array, mask: Array | None,
+              schedule: Array | None = None) -> Array:
+    """Apply a stacked block module layer by layer (``lax.scan`` over the leading axis).
+
+    ``schedule`` (int32 [S]): run the layers in this order instead, each entry a layer index, -1 a
+    skipped step (padding); the entry's weights are gathered from the stack inside the scan, so every
+    schedule of length S (any order, repeats, duplications) runs on one compiled program."""
     graphdef, state = nnx.split(stack)
 
     def layer(x: Array, layer_state: Any) -> tuple[Array, None]:
         return nnx.merge(graphdef, layer_state)(x, positions_BT, mask), None
 
-    return jax.lax.scan(layer, x_BTW, state)[0]
+    if schedule is None:
+        return jax.lax.scan(layer, x_BTW, state)[0]
+
+    def scheduled(x: Array, index: Array) -> tuple[Array, None]:
+        picked = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, jnp.maximum(index, 0), 0, keepdims=False),
+                              state)
+        return jax.lax.cond(index >= 0, lambda: layer(x, picked)[0], lambda: x), None
+
+    return jax.lax.scan(scheduled, x_BTW, jnp.asarray(schedule, jnp.int32))[0]
 
 
 def run_stack_cached(stack: nnx.Module, x_BtW: Array, positions_Bt: Array, kv: tuple[Array, Array], write: Array

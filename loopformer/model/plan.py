@@ -18,6 +18,9 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    distribution, and the logits after each iteration; L >= its count)
     bound                          static: the largest per-token count or routed round when training
                                    (the length of the scan that carries the gradient)
+    schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
+                                   in this order, -1 entries skipped (`loopformer.model.schedule`); every
+                                   schedule of one length S shares a program. Empty: each stack in order
 
 Loop counts may be one per token ([B, T]) instead of one per circuit: a token past its count keeps its
 state (copy-forward).
@@ -40,7 +43,7 @@ Array = jax.Array
 MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would run for hours
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "gates", "fills", "key", "exits"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "gates", "fills", "key", "exits", "schedules"],
                    meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound"])
 @dataclass(frozen=True)
 class Plan:
@@ -54,6 +57,7 @@ class Plan:
     exits: Mapping[str, ExitRule] = field(default_factory=dict)
     stash: int = 0
     bound: int = 0
+    schedules: Mapping[str, Array] = field(default_factory=dict)
 
     @property
     def training(self) -> bool:
@@ -114,10 +118,12 @@ def resolve_loops(defaults: Mapping[str, int], loops: Mapping[str, int] | None =
 def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, ablate: Sequence[str] = (),
               fills: Mapping[str, Array] | Array | None = None, key: Array | None = None,
               backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False,
-              exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0) -> Plan:
+              exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0,
+              schedules: Mapping[str, Array | np.ndarray] | None = None) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
-    by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules."""
+    by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
+    ``schedules`` maps "prelude" / "coda" to a layer schedule."""
     exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
     unknown = [c for c in list(loops) + list(ablate) + list(exits) if c not in circuits]
@@ -125,6 +131,9 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
         raise PlanError(f"unknown circuit '{unknown[0]}'; this model's circuits are {', '.join(circuits) or 'none'}")
     if missing:
         raise PlanError(f"no loop count for circuit(s) {', '.join(missing)}")
+    bad = [k for k in (schedules or {}) if k not in ("prelude", "coda")]
+    if bad:
+        raise PlanError(f"layer schedule for '{bad[0]}': only the plain stacks prelude and coda take one")
     if fills is not None and not isinstance(fills, Mapping):
         fills = {c: jnp.asarray(fills)[i] for i, c in enumerate(circuits)}
     return Plan(loops={c: jnp.asarray(loops[c], jnp.int32) for c in circuits},
@@ -133,4 +142,5 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 key=jax.random.key(0) if key is None else key,
                 backprop=tuple((c, int(k)) for c, k in (backprop or {}).items()),
                 trace_len=int(trace_len), collect_means=bool(collect_means),
-                exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound))
+                exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound),
+                schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()})

@@ -57,9 +57,10 @@ class LoopedTransformer(nnx.Module):
         d, dtype = cfg.d_model, jnp.dtype(cfg.compute_dtype)
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * max(init_depth, 0.5))
         common = dict(mlp=cfg.mlp, norm=cfg.norm, std=std, out_std=out_std, rope_base=cfg.rope_base, dtype=dtype,
-                      causal=cfg.causal)
+                      causal=cfg.causal, qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
         self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(std, ("vocab", "embed")), rngs=rngs)
-        block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, rngs=r, window=cfg.window, **common)  # noqa: E731
+        block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, rngs=r, window=cfg.window,  # noqa: E731
+                                kv_heads=cfg.kv_heads, **common)
         self.prelude = stacked(block, cfg.prelude, rngs) if cfg.prelude else None
         stages, first = [], 0
         for s in cfg.stages:
@@ -68,7 +69,7 @@ class LoopedTransformer(nnx.Module):
             first += len(s.circuits)
         self.stages = nnx.List(stages)
         self.coda = stacked(block, cfg.coda, rngs) if cfg.coda else None
-        self.final_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs)
+        self.final_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs, epsilon=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nnx.Linear(
             d, vocab_size, use_bias=False, kernel_init=normal_init(std, ("embed", "vocab")), dtype=dtype, rngs=rngs)
         self.compute_dtype = dtype
@@ -89,7 +90,7 @@ class LoopedTransformer(nnx.Module):
         ctx = Context(positions_BT, attention_mask(segment_ids_BT), None if segment_ids_BT is None else segment_ids_BT > 0)
         x = self.embed(tokens_BT).astype(self.compute_dtype)
         if self.prelude is not None:
-            x = run_stack(self.prelude, x, ctx.positions_BT, ctx.mask)
+            x = run_stack(self.prelude, x, ctx.positions_BT, ctx.mask, plan.schedules.get("prelude"))
         reports, aux, step_logits = {}, jnp.zeros((), jnp.float32), None
         readouts = any(r.needs_readout for r in plan.exits.values())
         for s, stage in enumerate(self.stages):
@@ -110,7 +111,7 @@ class LoopedTransformer(nnx.Module):
         for stage in list(self.stages)[first_stage:]:
             x = stage(x, ctx, plan)[0]
         if self.coda is not None:
-            x = run_stack(self.coda, x, ctx.positions_BT, ctx.mask)
+            x = run_stack(self.coda, x, ctx.positions_BT, ctx.mask, plan.schedules.get("coda"))
         x = self.final_norm(x)
         logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
         return logits.astype(jnp.float32)
@@ -126,14 +127,14 @@ class LoopedTransformer(nnx.Module):
                 return None
             attn = stack.attn
             depth = attn.qkv.kernel.value.shape[0]
-            return empty_kv((*extra, depth), batch, length, attn.heads, attn.head_dim, dtype)
+            return empty_kv((*extra, depth), batch, length, attn.kv_heads, attn.head_dim, dtype)
 
         circuits, state = {}, {}
         for stage in self.stages:
             for name in stage.names:
                 c = stage.circuits[name]
                 circuits[name] = stack_kv(c.blocks, (policy.slots(loops[name]),))
-                state[name] = jnp.zeros((batch, c.write.kernel.value.shape[0]), dtype)
+                state[name] = jnp.zeros((batch, c.blocks.attn_norm.scale.value.shape[-1]), dtype)
         return KVCache(stack_kv(self.prelude), stack_kv(self.coda), circuits, state, jnp.zeros((batch,), jnp.int32))
 
     def decode(self, tokens_Bt: Array, positions_Bt: Array, cache: KVCache, plan: Plan, policy: CachePolicy, *,
@@ -146,6 +147,8 @@ class LoopedTransformer(nnx.Module):
         if not self.causal:
             raise PlanError("a bidirectional model (model.causal: false) cannot decode token by token; "
                             "use --no-cache")
+        if plan.schedules:
+            raise PlanError("decoding with a cache runs the layers in their order (no layer schedule); use --no-cache")
         B, t = tokens_Bt.shape
         write = jnp.ones((B,), bool)
         x = self.embed(tokens_Bt).astype(self.compute_dtype)

@@ -77,7 +77,10 @@ def resume_changes(cfg: Config, run_dir: Path) -> list[Change]:
     saved = run_dir / CONFIG_FILE
     if not (saved.is_file() and checkpoint_steps(run_dir)):
         return []
-    changes = config_changes(_read_config_dict(saved, run_dir), cfg.to_dict())
+    old = _read_config_dict(saved, run_dir)
+    with contextlib.suppress(ConfigError):  # fields added since the run was written compare at their defaults
+        old = config_from_dict(old).to_dict()
+    changes = config_changes(old, cfg.to_dict())
     refused = [c for c in changes if c.part in (ARCHITECTURE, TASK)]
     if refused:
         what = "architecture" if refused[0].part == ARCHITECTURE else "task"

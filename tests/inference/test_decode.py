@@ -180,3 +180,21 @@ def test_policies(text, slots):
     assert CachePolicy.parse(text).slots(5) == slots
     with pytest.raises(PlanError, match="not a cache policy"):
         CachePolicy.parse("all")
+
+
+def test_grouped_query_attention_decodes_exactly_and_caches_only_kv_heads():
+    """kv_heads < heads (and q/k/v biases): the cache holds the key/value heads only, and the full policy
+    still reproduces the recomputed logits."""
+    cfg = load_config("configs/text_bytes.yaml", [
+        "model.d_model=32", "model.heads=4", "model.kv_heads=2", "model.qkv_bias=true", "model.prelude=1",
+        "model.coda=1", "model.stages.0.circuits.X.width=32", "model.stages.0.circuits.X.heads=4",
+        "model.stages.0.circuits.X.kv_heads=1"])
+    gqa = randomize_writes(build_model(cfg.model, VOCAB, 0))
+    assert gqa.prelude.attn.qkv.kernel.value.shape == (1, 32, (4 + 2 * 2) * 8)
+    cache = gqa.empty_cache(2, 24, CachePolicy.parse("full"), {"X": 4})
+    assert cache.prelude[0].shape == (1, 2, 24, 2, 8) and cache.circuits["X"][0].shape[-2] == 1
+    tokens, lengths = _tokens()
+    loops = {"X": 3}
+    cached = _prefill_then_steps(nnx.graphdef(gqa), nnx.state(gqa), tokens, lengths,
+                                 make_plan(["X"], loops), CachePolicy.parse("full"))
+    assert np.abs(np.asarray(cached) - np.asarray(_reference(gqa, tokens, lengths, loops))).max() < 1e-4

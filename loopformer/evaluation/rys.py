@@ -1,0 +1,73 @@
+"""Layer-duplication scans ("repeat yourself", RYS): every contiguous block [start, end) of a plain stack
+(prelude or coda) run ``repeats`` extra times, scored on a run's eval splits against the unmodified
+model. Each setting is a layer schedule (`loopformer.model.schedule`), a runtime input of the
+evaluator's program padded to one length, so the whole scan runs on the programs compiled for its
+first setting (one per batch shape).
+
+Rows: {"start", "end", "repeats", "split", "loss", "accuracy" (None for text), "bits_per_byte" (None for
+tasks)}; the baseline rows have the same fields without start / end / repeats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from loopformer.evaluation.run import AnalysisError, Batch, LoadedRun, RunInfo, log
+from loopformer.model.schedule import duplication, longest, padded, ranges
+
+STACKS = ("prelude", "coda")
+
+
+def stack_layers(info: RunInfo, stack: str) -> int:
+    """Layers of the run's ``stack``; AnalysisError when it has none to duplicate."""
+    if stack not in STACKS:
+        raise AnalysisError(f"--stack {stack}: choose prelude or coda")
+    layers = getattr(info.cfg.model, stack)
+    if layers < 1:
+        other = "coda" if stack == "prelude" else "prelude"
+        raise AnalysisError(f"{info.path} has no {stack} layers to duplicate (model.{stack}: 0); try --stack {other}")
+    return layers
+
+
+def _score(row: Mapping[str, Any], text: bool) -> dict[str, Any]:
+    return {"split": row["split"], "loss": row["loss"], "accuracy": None if text else row["accuracy"],
+            "bits_per_byte": row.get("bits_per_byte") if text else None}
+
+
+def scan(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], stack: str, repeats: Sequence[int],
+         loops: Mapping[str, int] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, baseline): every range of ``stack`` at every repeat count, on every split; circuits (if
+    any) at ``loops`` (default: their eval_loops)."""
+    layers = stack_layers(run.info, stack)
+    if not repeats or min(repeats) < 1:
+        raise AnalysisError(f"--repeats: counts must be >= 1, got {list(repeats)}")
+    length = longest(layers, repeats)
+    text = run.info.is_text
+    baseline, rows = [], []
+    for split, batches in eval_sets.items():
+        base = run.row(split, batches, loops, schedules={stack: padded(list(range(layers)), length)})
+        baseline.append(_score(base, text))
+        done, total = 0, len(repeats) * layers * (layers + 1) // 2
+        for r in repeats:
+            for start, end in ranges(layers):
+                order = padded(duplication(layers, start, end, r), length)
+                row = run.row(split, batches, loops, schedules={stack: order})
+                rows.append({"start": start, "end": end, "repeats": r} | _score(row, text))
+                done += 1
+                if done % 20 == 0 or done == total:
+                    log(f"rys {split}: {done}/{total} duplications")
+    return rows, baseline
+
+
+def metric(text: bool) -> str:
+    """The score a scan ranks by: bits per byte (lower is better) for text, else accuracy."""
+    return "bits_per_byte" if text else "accuracy"
+
+
+def best(rows: Sequence[Mapping[str, Any]], split: str, text: bool) -> Mapping[str, Any]:
+    """The best row of ``split`` (lowest bits per byte, or highest accuracy then lowest loss)."""
+    mine = [r for r in rows if r["split"] == split]
+    if text:
+        return min(mine, key=lambda r: r["bits_per_byte"])
+    return max(mine, key=lambda r: (r["accuracy"], -r["loss"]))

@@ -1,0 +1,165 @@
+"""Llama-family weights from a local Hugging Face folder (no download, no torch): ``config.json``, the
+``*.safetensors`` files (read with `safetensors`, numpy) and ``tokenizer.json``.
+
+Supported layouts: ``llama``, ``qwen2`` and ``mistral`` (model_type in config.json): RMSNorm with the
+checkpoint's ``rms_norm_eps``, RoPE (rotate-half, frequencies theta^(-2i/H)) with its ``rope_theta``,
+SwiGLU MLP, grouped-query attention, q/k/v biases (Qwen2), tied or untied output head. The model becomes
+a plain loopformer model (every layer in the prelude, ``model.stages: []``):
+
+    model.embed_tokens.weight [V, D]                 -> embed/embedding
+    model.layers.i.input_layernorm.weight            -> prelude/attn_norm/scale [i]
+    self_attn.{q,k,v}_proj.weight [out, D] (+ bias)  -> prelude/attn/qkv/kernel [i] = [q; k; v]^T (and bias)
+    self_attn.o_proj.weight                          -> prelude/attn/out/kernel [i] (transposed)
+    model.layers.i.post_attention_layernorm.weight   -> prelude/mlp_norm/scale [i]
+    mlp.gate_proj, mlp.up_proj [F, D]                -> prelude/mlp/up/kernel [i] = [gate; up]^T
+    mlp.down_proj [D, F]                             -> prelude/mlp/down/kernel [i] (transposed)
+    model.norm.weight                                -> final_norm/scale
+    lm_head.weight [V, D] (absent when tied)         -> head/kernel (transposed), or tied to the embedding
+
+What the layout cannot express (rope scaling, a head_dim other than hidden / heads, o_proj or MLP biases,
+an activation other than SiLU, Qwen2's per-layer sliding windows) is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from loopformer.config.schema import ModelConfig
+from loopformer.errors import CheckpointError, ConfigError
+from loopformer.model.transformer import build_model
+from loopformer.surgery.naming import fill
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+CONFIG, TOKENIZER = "config.json", "tokenizer.json"
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The folder's config.json, checked for the files an import needs."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"--hf {folder}: no such directory (point it at a local Hugging Face model folder "
+                              f"with config.json, *.safetensors and tokenizer.json)")
+    missing = [n for n in (CONFIG, TOKENIZER) if not (folder / n).is_file()]
+    if not list(folder.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise CheckpointError(f"--hf {folder}: {', '.join(missing)} missing (a Llama / Qwen2 / Mistral folder saved "
+                              f"with save_pretrained(..., safe_serialization=True) has them)")
+    try:
+        spec = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{folder / CONFIG} is not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{folder / CONFIG} is not a JSON object")
+    return spec
+
+
+def _rope(spec: dict[str, Any], where: Path) -> float:
+    params = spec.get("rope_parameters") or {}
+    scaling = spec.get("rope_scaling") or ({} if params.get("rope_type", "default") == "default" else params)
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind not in (None, "default"):
+        raise CheckpointError(f"{where}: rope scaling '{kind}' is not supported (plain RoPE only)")
+    return float(spec.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def model_config(spec: dict[str, Any], where: str | Path = CONFIG) -> ModelConfig:
+    """The plain loopformer model of a Hugging Face config.json (dict)."""
+    where = Path(where)
+    kind = spec.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type '{kind}' is not one of {', '.join(MODEL_TYPES)}")
+    try:
+        d, heads, layers = int(spec["hidden_size"]), int(spec["num_attention_heads"]), int(spec["num_hidden_layers"])
+        hidden, vocab = int(spec["intermediate_size"]), int(spec["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: missing or bad field {e}") from None
+    kv = int(spec.get("num_key_value_heads") or heads)
+    head_dim = spec.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads != d:
+        raise CheckpointError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {d} (not supported)")
+    if spec.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act '{spec.get('hidden_act')}' is not supported (SwiGLU with SiLU only)")
+    if spec.get("mlp_bias") or (kind == "llama" and spec.get("attention_bias")):
+        raise CheckpointError(f"{where}: biases on o_proj or the MLP (attention_bias / mlp_bias) are not supported")
+    window = 0
+    if kind == "qwen2" and spec.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: use_sliding_window (per-layer windows) is not supported")
+    if kind == "mistral" and spec.get("sliding_window"):
+        window = int(spec["sliding_window"])
+    cfg = ModelConfig(vocab_size=vocab, d_model=d, heads=heads, kv_heads=0 if kv == heads else kv,
+                      qkv_bias=kind == "qwen2", mlp_ratio=hidden / d, mlp="swiglu", norm="pre", prelude=layers, coda=0,
+                      stages=[], tie_embeddings=bool(spec.get("tie_word_embeddings", False)), window=window,
+                      rope_base=_rope(spec, where), norm_eps=float(spec.get("rms_norm_eps", 1e-6)))
+    if cfg.mlp_hidden != hidden:
+        raise CheckpointError(f"{where}: intermediate_size {hidden} is not round(mlp_ratio * hidden_size)")
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return cfg
+
+
+def read_tensors(folder: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's *.safetensors files, as numpy (bf16 via ml_dtypes)."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    out[name] = f.get_tensor(name)
+        except Exception as e:  # a truncated or foreign file
+            raise CheckpointError(f"{path}: cannot read it as safetensors ({type(e).__name__}: {e})") from None
+    return out
+
+
+def hf_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str | Path = "") -> dict[str, np.ndarray]:
+    """{loopformer path: array} of the Hugging Face ``tensors`` for the plain model ``cfg``."""
+    t = {k.removeprefix("model."): v for k, v in tensors.items()}
+
+    def get(name: str) -> np.ndarray:
+        if name not in t:
+            raise CheckpointError(f"{where}: tensor {name} is missing from the safetensors files")
+        return np.asarray(t[name], np.float32)
+
+    def stack(f: Any) -> np.ndarray:
+        return np.stack([f(f"layers.{i}.") for i in range(cfg.prelude)])
+
+    out = {
+        "embed/embedding": get("embed_tokens.weight"),
+        "final_norm/scale": get("norm.weight"),
+        "prelude/attn_norm/scale": stack(lambda p: get(p + "input_layernorm.weight")),
+        "prelude/mlp_norm/scale": stack(lambda p: get(p + "post_attention_layernorm.weight")),
+        "prelude/attn/qkv/kernel": stack(lambda p: np.concatenate(
+            [get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).T),
+        "prelude/attn/out/kernel": stack(lambda p: get(p + "self_attn.o_proj.weight").T),
+        "prelude/mlp/up/kernel": stack(lambda p: np.concatenate(
+            [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).T),
+        "prelude/mlp/down/kernel": stack(lambda p: get(p + "mlp.down_proj.weight").T),
+    }
+    if cfg.qkv_bias:
+        out["prelude/attn/qkv/bias"] = stack(lambda p: np.concatenate([get(p + f"self_attn.{n}_proj.bias")
+                                                                       for n in "qkv"]))
+    if not cfg.tie_embeddings:
+        out["head/kernel"] = get("lm_head.weight").T
+    return out
+
+
+def import_folder(folder: str | Path) -> tuple[ModelConfig, Any, Path]:
+    """(model config, params pytree, tokenizer.json path) of a local Hugging Face folder."""
+    folder = Path(folder)
+    spec = read_config(folder)
+    cfg = model_config(spec, folder / CONFIG)
+    tensors = read_tensors(folder)
+    if not cfg.tie_embeddings and "lm_head.weight" not in tensors and "model.lm_head.weight" not in tensors:
+        cfg.tie_embeddings = True  # saved without a head: it is the embedding
+    flat = hf_params(tensors, cfg, folder)
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(cfg, cfg.vocab_size, 0))))
+    return cfg, fill(abstract, flat, f"--hf {folder}"), folder / TOKENIZER

@@ -1,0 +1,52 @@
+"""A run directory written from weights made elsewhere (an import, a conversion): config.yaml, the data
+files (tokenizer.json), and a checkpoint in the trainer's format (params, a fresh optimizer state, the
+step, a fresh data-iterator position), so every analysis command reads it and `loopformer train`
+trains on from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from loopformer.config import Config
+from loopformer.data.sources import DataSource, build_data
+from loopformer.errors import CheckpointError
+from loopformer.train.checkpoint import Checkpoints
+from loopformer.train.optim import make_optimizer
+from loopformer.train.runs import CHECKPOINTS, checkpoint_steps, make_run_dir, prepare_run_dir
+from loopformer.train.step import init_state
+
+
+def out_dir(out: str, beside: Path | None = None) -> Path:
+    """``--out``: a path, or a bare name placed beside ``beside`` (the source run)."""
+    path = Path(out)
+    return beside.parent / out if beside is not None and len(path.parts) == 1 else path
+
+
+def point_at(cfg: Config, run_dir: Path) -> Config:
+    """``cfg`` with run.dir / run.name naming ``run_dir``."""
+    run_dir = run_dir.resolve()
+    cfg.run.dir, cfg.run.name = str(run_dir.parent), run_dir.name
+    cfg.validate()
+    return cfg
+
+
+def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step: int = 0) -> Path:
+    """Write ``cfg``'s run directory holding ``params`` at ``step``; CheckpointError when the directory
+    already holds a run. ``data`` is the source whose tokenizer the run keeps (default: ``cfg``'s)."""
+    run_dir = cfg.run_dir
+    if checkpoint_steps(run_dir):
+        raise CheckpointError(f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {run_dir})")
+    make_run_dir(cfg)
+    data = data if data is not None else build_data(cfg)
+    prepare_run_dir(cfg)
+    data.save(run_dir)
+    state = init_state(jax.tree.map(jnp.asarray, params), make_optimizer(cfg.train))
+    state["step"] = jnp.asarray(step, jnp.int32)
+    iterator = data.train_iterator(cfg.data.batch_size // jax.process_count(), cfg.seed)
+    with Checkpoints(run_dir / CHECKPOINTS, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
+        ckpts.save(step, state, iterator)
+    return run_dir

@@ -1,0 +1,83 @@
+"""`loopformer rys` and `loopformer convert` on a 6-layer plain run (issue #18)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from loopformer.cli import main
+from loopformer.config import load_config
+from loopformer.train.trainer import train
+from tests.conftest import make_run, tiny_config
+
+PLAIN = ["model.prelude=6", "model.coda=0", "model.stages=[]", "eval.sweep_circuits=[]"]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    return make_run(tiny_config(tmp_path_factory.mktemp("surgery"), "plain", *PLAIN))
+
+
+def cli_json(capsys, *argv):
+    assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_rys_scores_every_range_on_few_programs(plain_run, capsys):
+    doc = cli_json(capsys, "rys", "--run", str(plain_run), "--repeats", "1,2", "--examples", "40")
+    assert doc["stack"] == "prelude" and doc["layers"] == 6
+    for split in ("train", "hard"):
+        for r in (1, 2):
+            got = {(x["start"], x["end"]) for x in doc["rows"] if x["split"] == split and x["repeats"] == r}
+            assert len(got) == 21
+    assert doc["compiles"] <= 2  # one per batch shape (the two splits), whatever the schedule
+    row = doc["rows"][0]
+    assert set(row) == {"start", "end", "repeats", "split", "loss", "accuracy", "bits_per_byte"}
+    assert row["bits_per_byte"] is None and 0 <= row["accuracy"] <= 1
+    ev = cli_json(capsys, "eval", "--run", str(plain_run), "--examples", "40")
+    for base in doc["baseline"]:
+        ref = next(r for r in ev["rows"] if r["split"] == base["split"])
+        assert base["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    for f in ("rys.csv", "rys_train.png", "rys_hard.png"):
+        assert (plain_run / f).is_file()
+
+
+def test_rys_errors(plain_run, capsys):
+    assert main(["rys", "--run", str(plain_run), "--stack", "coda"]) == 2
+    assert "no coda layers to duplicate" in capsys.readouterr().err
+
+
+def test_convert_is_the_plain_model_at_one_loop_and_the_duplication_at_two(plain_run, capsys):
+    conv = cli_json(capsys, "convert", "--run", str(plain_run), "--core", "2:4", "--out", "plain_conv")
+    out = plain_run.parent / "plain_conv"
+    assert conv["run"] == str(out) and conv["layers"] == {"prelude": [0, 1], "core": [2, 3], "coda": [4, 5],
+                                                           "dropped": []}
+    plain = cli_json(capsys, "eval", "--run", str(plain_run), "--examples", "40")["rows"]
+    one = cli_json(capsys, "eval", "--run", str(out), "--examples", "40", "--loops", "X=1")["rows"]
+    two = cli_json(capsys, "eval", "--run", str(out), "--examples", "40", "--loops", "X=2")["rows"]
+    scan = cli_json(capsys, "rys", "--run", str(plain_run), "--examples", "40")["rows"]
+    for split in ("train", "hard"):
+        at = lambda rows, split=split: next(r for r in rows if r["split"] == split)  # noqa: E731
+        assert at(one)["loss"] == pytest.approx(at(plain)["loss"], abs=1e-5)
+        dup = next(r for r in scan if r["split"] == split and (r["start"], r["end"], r["repeats"]) == (2, 4, 1))
+        assert at(two)["loss"] == pytest.approx(dup["loss"], abs=1e-5)
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", "plain_conv"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["convert", "--run", str(plain_run), "--core", "2:9", "--out", "x"]) == 2
+    assert "not inside the model's 6 layers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_plain_model_trains_and_its_conversion_trains_on(tmp_path, capsys):
+    """model.stages: [] trains like any config; a converted run resumes from its step 0 with a new loop
+    schedule (logged as a schedule change)."""
+    cfg = tiny_config(tmp_path, "plain_train", *PLAIN)
+    result = train(cfg)
+    assert result.step == 3 and all(np.isfinite(m["loss"]) for m in result.eval.values())
+    assert main(["convert", "--run", str(cfg.run_dir), "--core", "1:5", "--out", "conv", "--inject", "concat"]) == 0
+    capsys.readouterr()
+    conv = load_config(tmp_path / "conv" / "config.yaml", ["model.stages.0.circuits.X.loops=uniform(1, 2)",
+                                                           "model.stages.0.circuits.X.max_loops=4"])
+    result = train(conv)
+    assert result.step == 3
+    assert "loops of X: uniform(1, 4) -> uniform(1, 2) from step 0" in capsys.readouterr().out

@@ -1,0 +1,96 @@
+"""A plain model converted into prelude + looped core + coda computes the plain model at 1 loop, and at n
+loops the core block run n times (the RYS duplication); bad recipes are one clear error."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.config import ModelConfig
+from loopformer.errors import CheckpointError, ConfigError
+from loopformer.model.plan import make_plan
+from loopformer.model.schedule import duplication, padded
+from loopformer.model.transformer import build_model
+from loopformer.surgery.convert import Recipe, converted_config, converted_params, parse_layers, parse_range
+from loopformer.surgery.hf import import_folder
+from tests.model.test_model import randomize_writes, tokens
+
+PLAIN = ModelConfig(d_model=32, heads=4, kv_heads=2, qkv_bias=True, prelude=5, coda=1, stages=[], mlp="swiglu",
+                    norm_eps=1e-5, window=3)
+
+
+@pytest.fixture(scope="module")
+def source():
+    model = randomize_writes(build_model(PLAIN, 17, 0))
+    return model, nnx.to_pure_dict(nnx.state(model))
+
+
+def run(cfg, params, toks, loops=None, schedules=None):
+    model = nnx.eval_shape(lambda: build_model(cfg, 17, 0))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    names = list(model.circuit_names)
+    plan = make_plan(names, loops or {n: 1 for n in names}, schedules=schedules)
+    return np.asarray(nnx.jit(lambda m, t, p: m(t, p)[0])(model, toks, plan))
+
+
+@pytest.mark.parametrize("inject", ["none", "add", "concat"])
+def test_one_loop_is_the_plain_model(source, inject):
+    _, params = source
+    toks = tokens()
+    cfg, new = converted_params(PLAIN, params, Recipe(core=(2, 4), inject=inject))
+    c = cfg.circuits()[0]
+    assert (cfg.prelude, cfg.coda, c.depth, c.width, c.output, c.kv_heads) == (2, 2, 2, 32, "replace", 2)
+    np.testing.assert_allclose(run(cfg, new, toks), run(PLAIN, params, toks), atol=2e-5)
+
+
+@pytest.mark.parametrize("inject", ["none", "concat"])
+def test_n_loops_run_the_core_block_n_times(source, inject):
+    _, params = source
+    toks = tokens()
+    cfg, new = converted_params(PLAIN, params, Recipe(core=(1, 4), inject=inject))
+    for n in (2, 3):
+        order = padded(duplication(5, 1, 4, n - 1), 12)  # the coda (layer 5) runs after the prelude
+        np.testing.assert_allclose(run(cfg, new, toks, {"X": n}),
+                                   run(dataclasses.replace(PLAIN), params, toks, schedules={"prelude": order}),
+                                   atol=5e-5)
+
+
+def test_dropped_layers_are_removed(source):
+    _, params = source
+    cfg, new = converted_params(PLAIN, params, Recipe(core=(3, 5), drop=parse_layers(["1:3"])))
+    assert (cfg.prelude, cfg.coda) == (1, 1)
+    np.testing.assert_array_equal(new["prelude"]["attn"]["qkv"]["kernel"][0], params["prelude"]["attn"]["qkv"]["kernel"][0])
+    np.testing.assert_array_equal(new["coda"]["mlp"]["up"]["kernel"][0], params["coda"]["mlp"]["up"]["kernel"][0])
+
+
+@pytest.mark.parametrize("recipe,message", [
+    (Recipe(core=(4, 9)), "not inside the model's 6 layers"),
+    (Recipe(core=(1, 3), drop=frozenset({2})), "is in the core"),
+    (Recipe(core=(1, 3), inject="gate"), "choose none, add or concat"),
+])
+def test_bad_recipes(recipe, message):
+    with pytest.raises(ConfigError, match=message):
+        converted_config(PLAIN, recipe)
+
+
+def test_only_plain_models_convert():
+    with pytest.raises(ConfigError, match="plain model"):
+        converted_config(ModelConfig(), Recipe(core=(0, 1)))
+
+
+def test_parsing():
+    assert parse_range("2:4", "--core") == (2, 4)
+    assert parse_layers(["4:6", "9,11"]) == {4, 5, 9, 11}
+    with pytest.raises(ConfigError, match="START < END"):
+        parse_range("4:2", "--core")
+
+
+def test_a_folder_without_weights_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        import_folder(tmp_path)
+    with pytest.raises(CheckpointError, match="no such directory"):
+        import_folder(tmp_path / "nope")

@@ -1,0 +1,112 @@
+"""Llama-family import: a tiny random model saved by `transformers` gives the same logits (within 1e-4)
+and the same greedy continuation here (`loopformer import` + `loopformer generate --json`).
+
+Needs the test extra ``hf`` (transformers with CPU torch; .ci/run installs it); skipped without it."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loopformer.cli import main
+from loopformer.surgery.hf import import_folder, model_config
+
+torch = pytest.importorskip("torch", reason="the HF import test needs the test extra: pip install -e '.[hf]'")
+transformers = pytest.importorskip("transformers", reason="the HF import test needs the test extra: pip install -e '.[hf]'")
+
+TEXT = Path(__file__).resolve().parents[2] / "loopformer" / "assets" / "kjv_genesis_exodus.txt"
+
+
+def make_tokenizer(path: Path, vocab: int = 300) -> int:
+    """A byte-level BPE with <s> and </s> written as a tokenizer.json; returns its vocab size."""
+    import tokenizers as hf
+
+    tok = hf.Tokenizer(hf.models.BPE())
+    tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT.read_text()[:20000]], trainer)
+    tok.save(str(path))
+    return tok.get_vocab_size()
+
+
+def save_tiny(folder: Path, kind: str, seed: int = 0) -> object:
+    """A random tiny ``kind`` model (grouped-query attention, non-default eps and theta) saved with its
+    tokenizer; weights ~ N(0, 0.2) so greedy choices are clear-cut."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(folder / "tokenizer.json")
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common, tie_word_embeddings=False)
+        model_cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+        model_cls = transformers.Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def hf_model(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / request.param
+    return folder, save_tiny(folder, request.param)
+
+
+def test_config_is_read_with_its_eps_theta_and_heads(hf_model):
+    folder, model = hf_model
+    cfg = model_config(json.loads((folder / "config.json").read_text()))
+    assert (cfg.prelude, cfg.coda, cfg.stages, cfg.d_model, cfg.heads, cfg.kv_head_count) == (3, 0, [], 32, 4, 2)
+    assert (cfg.norm_eps, cfg.rope_base, cfg.mlp, cfg.mlp_hidden) == (1e-5, 50000.0, "swiglu", 72)
+    assert cfg.qkv_bias == (model.config.model_type == "qwen2")
+    assert cfg.tie_embeddings == (model.config.model_type == "qwen2")
+
+
+def test_logits_match_transformers(hf_model):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from loopformer.model.plan import make_plan
+    from loopformer.model.transformer import build_model
+
+    folder, model = hf_model
+    cfg, params, _ = import_folder(folder)
+    ours = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, cfg.vocab_size, 0))),
+                     nnx.State(params) if not isinstance(params, nnx.State) else params)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
+    logits = np.asarray(ours(jnp.asarray(tokens), make_plan([], {}))[0])
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(logits - ref).max() < 1e-4
+
+
+def test_imported_run_generates_what_transformers_generates(hf_model, tmp_path, capsys):
+    folder, model = hf_model
+    out = tmp_path / "imported"
+    assert main(["import", "--hf", str(folder), "--out", str(out)]) == 0
+    capsys.readouterr()
+    prompt = "And God said, Let there be"
+    assert main(["generate", "--run", str(out), "--prompt", prompt, "--max-new-tokens", "12", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    ids = doc["prompt_tokens"]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    ref = ref[: ref.index(2)] if 2 in ref else ref
+    assert doc["generations"][0]["tokens"] == ref
+    assert main(["eval", "--run", str(out), "--json", "--examples", "4"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert all(np.isfinite(r["bits_per_byte"]) for r in rows)
+
+
