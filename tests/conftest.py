@@ -81,3 +81,16 @@ def text_run_dir(tmp_path_factory):
         f"run.dir={tmp_path_factory.mktemp('analysis_runs')}", "run.name=text", "model.d_model=16", "model.heads=2",
         "model.prelude=1", "model.coda=0", "model.mlp_ratio=1", "model.stages.0.circuits.X.width=16",
         "model.stages.0.circuits.X.heads=2", "model.stages.0.circuits.X.mlp_ratio=1", "data.seq_len=32"]))
+
+
+MIXTURE = [
+    "model.causal=false", "data.task=mixture",
+    "data.mixture=[{task: prefix_parity, train_difficulty: [1, 4], eval_splits: {train: [1, 4], 2x: [8, 8]}, "
+    "route: [X]}, {task: maze, task_args: {rows: 2}, train_difficulty: [1, 3], eval_splits: {train: [1, 3]}, route: [Y]}]",
+]
+
+
+@pytest.fixture(scope="session")
+def mixture_run_dir(tmp_path_factory):
+    """The tiny run's model on a routed mixture of prefix_parity and 2-row mazes (vocab 5 + 12)."""
+    return make_run(tiny_config(tmp_path_factory.mktemp("analysis_runs"), "mixture", *MIXTURE))

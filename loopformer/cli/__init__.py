@@ -1,5 +1,5 @@
-"""Command line: ``loopformer train | eval | ablate | sweep | generate | inspect | prepare | rys | convert |
-import`` (also ``python -m loopformer``). One module per command; nothing in the package imports this one.
+"""Command line: ``loopformer train | eval | ablate | sweep | generate | inspect | prepare | activity | rys |
+convert | import`` (also ``python -m loopformer``). One module per command; nothing in the package imports this one.
 
 User mistakes (bad config, missing run, unknown circuit) print one ``error:`` line and exit 2.
 """
@@ -12,7 +12,7 @@ import sys
 
 from loopformer.errors import LoopformerError
 
-MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare", "rys", "convert", "hf_import")
+MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare", "activity", "rys", "convert", "hf_import")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import argparse
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from loopformer.cli.common import command, emit, exit_caps, exit_flags, positive, run_flags
@@ -125,10 +126,12 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
 
 def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[dict[str, int]],
                      split: str) -> tuple[dict, str]:
-    info, task = run.info, run.task
+    info, task, logits = run.info, run.task, _logits(run, args.exits)
     parts = [real_rows(b) for b in run.eval_sets([split], args.count)[split]]
+    if info.cfg.data.mixture:
+        task, logits, parts = _mixture_view(run, split, logits, parts)
     batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-    examples = answer_examples(_logits(run, args.exits), run.params, task, batch, settings)
+    examples = answer_examples(logits, run.params, task, batch, settings)
     for ex in examples:
         ex["split"] = split
     doc = {"run": str(info.path), "step": run.step, "split": split, "decoding": "autoregressive greedy",
@@ -136,6 +139,24 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
             f"answers decoded greedily, token by token from the prompt (not teacher-forced)")
     return doc, head + "\n" + _format_examples(examples)
+
+
+def _mixture_view(run: LoadedRun, split: str, logits_fn: Any, parts: list[dict]) -> tuple[Any, Any, list[dict]]:
+    """A mixture run's split seen through its entry's own task and token ids: tokens move into the
+    shared vocabulary on the way in, the logits are cut to the entry's id range on the way out."""
+    data = run.info.data
+    k, _ = data.entry_of_split(split)
+    entry = data.entries[k]
+    if entry.task is None:
+        raise AnalysisError(f"--example-split {split}: a text entry's windows have no answers to show; use "
+                            f"`loopformer eval --split {split}` (bits per byte)")
+    off, size = data.offsets[k], entry.vocab_size
+
+    def logits(params: Any, tokens: Any, loops: Any, segments: Any = None) -> Any:
+        tokens = jnp.asarray(tokens)
+        return logits_fn(params, jnp.where(tokens > 0, tokens + off, 0), loops, segments)[..., off:off + size]
+
+    return entry.task, logits, [data.untag(b) for b in parts]
 
 
 def _logits(run: LoadedRun, exits: dict[str, Any]) -> Any:

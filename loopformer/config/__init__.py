@@ -26,6 +26,7 @@ from loopformer.config.schema import (
     HaltingConfig,
     LoopSchedule,
     MeshConfig,
+    MixtureEntry,
     ModelConfig,
     RouterConfig,
     RunConfig,
@@ -37,6 +38,6 @@ from loopformer.config.schema import (
 __all__ = [
     "ARCHITECTURE", "BEHAVIOUR", "SCHEDULE", "SETTING", "TASK", "Change", "CircuitArch", "CircuitBehaviour",
     "CircuitConfig", "Config", "DataConfig", "EvalConfig", "HaltingConfig", "LoopDistribution", "LoopSchedule",
-    "MeshConfig", "ModelConfig", "RouterConfig", "RunConfig", "StageConfig", "TrainConfig", "circuit_label",
+    "MeshConfig", "MixtureEntry", "ModelConfig", "RouterConfig", "RunConfig", "StageConfig", "TrainConfig", "circuit_label",
     "config_changes", "config_from_dict", "load_config", "mlp_hidden", "parse_overrides", "part_of",
 ]

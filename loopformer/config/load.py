@@ -99,7 +99,8 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            names = [item.get("name") for item in node if isinstance(item, dict)]
+            # named items: circuits by name, mixture entries by name (which defaults to their task)
+            names = [item.get("name") or item.get("task") for item in node if isinstance(item, dict)]
             if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
                 idx = int(part)
             elif part in names:
@@ -204,6 +205,8 @@ def part_of(path: str) -> str:
         return ARCHITECTURE  # a stage or circuit added, removed or reordered
     if keys[0] == "data" and len(keys) > 1 and keys[1] in ("task", "task_args", "tokenizer"):
         return TASK
+    if keys[:2] == ["data", "mixture"]:  # data.mixture.NAME.field: the entries and their tasks stay, the rest may change
+        return TASK if len(keys) <= 3 or keys[3] in ("task", "task_args", "name") else SETTING
     return SETTING
 
 

@@ -307,6 +307,58 @@ class ModelConfig:
 
 # ----------------------------------------------------------------------------- data, training, evaluation
 
+MIXTURE_TASK = "mixture"  # data.task of a run that trains on data.mixture
+SPLIT_SEP = "/"  # a mixture's eval splits are named NAME/SPLIT
+
+
+def _check_ranges(items: list[tuple[str, list[int]]]) -> None:
+    for key, rng in items:
+        _check(len(rng) == 2 and 1 <= rng[0] <= rng[1], f"{key}: expected [lo, hi] with 1 <= lo <= hi, got {rng}")
+
+
+@dataclass
+class MixtureEntry:
+    """One task of a multi-task run (``data.mixture``): what it draws and, with ``route``, which
+    circuits its examples may update (gradient routing; None = every parameter)."""
+
+    task: str = ""  # a synthetic task (prefix_parity, maze, ...) or text
+    name: str = ""  # its eval splits are NAME/SPLIT (default: the task)
+    weight: float = 1.0  # share of the training examples: weight / the sum of the weights
+    task_args: dict[str, Any] = field(default_factory=dict)
+    train_difficulty: list[int] = field(default_factory=lambda: [1, 4])
+    eval_splits: dict[str, list[int]] = field(default_factory=lambda: {"train": [1, 4]})
+    paths: list[str] = field(default_factory=list)  # text: the corpus (data.tokenizer, data.seq_len, ... apply)
+    route: list[str] | None = None  # circuits this entry's examples update (None: all parameters)
+    route_shared: bool = True  # with route: also the shared parameters (embeddings, prelude, coda, norms, head)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.task
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.task), f"{path}.task: name the entry's task, e.g. {{task: prefix_parity, weight: 1}}")
+        _check(bool(self.name) and SPLIT_SEP not in self.name and "." not in self.name,
+               f"{path}.name: '{self.name}' must be non-empty without '{SPLIT_SEP}' or '.' (it prefixes split names)")
+        _check(math.isfinite(self.weight) and self.weight > 0, f"{path}.weight must be > 0, got {self.weight}")
+        if self.task == "text":
+            _check(len(self.paths) >= 1, f"{path}.paths: name the corpus of a text entry, e.g. "
+                   f"paths: ['asset:kjv_genesis_exodus.txt']")
+        else:
+            _check(len(self.eval_splits) >= 1, f"{path}.eval_splits: name at least one split, e.g. {{train: [1, 4]}}")
+            _check_ranges([(f"{path}.train_difficulty", self.train_difficulty)]
+                          + [(f"{path}.eval_splits.{k}", v) for k, v in self.eval_splits.items()])
+            for k in self.eval_splits:
+                _check(SPLIT_SEP not in k, f"{path}.eval_splits.{k}: split names may not contain '{SPLIT_SEP}'")
+        if self.route is not None:
+            _check(len(self.route) == len(set(self.route)), f"{path}.route lists a circuit twice: {self.route}")
+            _check(bool(self.route) or self.route_shared, f"{path}: route: [] with route_shared: false updates "
+                   f"nothing; list circuits in route, set route_shared: true, or drop route (every parameter)")
+
+    def split_ranges(self) -> dict[str, list[int] | None]:
+        """This entry's eval splits (NAME/SPLIT) -> difficulty [lo, hi] (None for text)."""
+        if self.task == "text":
+            return {f"{self.name}{SPLIT_SEP}val": None, f"{self.name}{SPLIT_SEP}train": None}
+        return {f"{self.name}{SPLIT_SEP}{k}": v for k, v in self.eval_splits.items()}
+
 
 @dataclass
 class DataConfig:
@@ -331,16 +383,45 @@ class DataConfig:
     vocab_size: int = 1024  # bpe: vocabulary size including the specials and the 256 bytes
     seq_len: int = 256  # tokens per packed training window
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of the text)
+    # --- several tasks (task: mixture): batches mix the entries by weight; splits are NAME/SPLIT
+    mixture: list[MixtureEntry] = field(default_factory=list)
+
+    @property
+    def routed(self) -> bool:
+        """Whether any mixture entry routes its gradient (``route``)."""
+        return any(e.route is not None for e in self.mixture)
+
+    def task_label(self) -> str:
+        """``prefix_parity``, or for a mixture ``mixture(prefix_parity, maze)``."""
+        return f"{MIXTURE_TASK}({', '.join(e.name for e in self.mixture)})" if self.mixture else self.task
+
+    def split_ranges(self) -> dict[str, list[int] | None]:
+        """Every eval split -> its difficulty [lo, hi] (None for text splits)."""
+        if self.mixture:
+            return {k: v for e in self.mixture for k, v in e.split_ranges().items()}
+        if self.task == "text":
+            return {"val": None, "train": None}
+        return dict(self.eval_splits)
 
     def validate(self) -> None:
         d = self
         _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
         _check(d.eval_examples >= 1, f"data.eval_examples must be >= 1, got {d.eval_examples}")
         _check(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}")
-        for key, rng in [("data.train_difficulty", d.train_difficulty)] + [
-                (f"data.eval_splits.{k}", v) for k, v in d.eval_splits.items()]:
-            _check(len(rng) == 2 and 1 <= rng[0] <= rng[1], f"{key}: expected [lo, hi] with 1 <= lo <= hi, got {rng}")
+        _check_ranges([("data.train_difficulty", d.train_difficulty)]
+                      + [(f"data.eval_splits.{k}", v) for k, v in d.eval_splits.items()])
         _check(len(d.eval_splits) >= 1, "data.eval_splits: name at least one split, e.g. {train: [1, 4]}")
+        _check(bool(d.mixture) == (d.task == MIXTURE_TASK),
+               "data.mixture lists the tasks of a multi-task run: set data.task=mixture with it" if d.mixture else
+               "data.task=mixture needs data.mixture, e.g. [{task: prefix_parity, weight: 1}, {task: maze, weight: 1}]")
+        for i, e in enumerate(d.mixture):
+            e.validate(f"data.mixture.{e.name or i}")
+        names = [e.name for e in d.mixture]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        _check(dup is None, f"data.mixture: two entries are named '{dup}'; give one a name (name: {dup}_2): split "
+               f"names NAME/SPLIT must be unique")
+        _check(sum(e.task == "text" for e in d.mixture) <= 1,
+               "data.mixture: at most one text entry (it uses the run's one tokenizer, data.tokenizer)")
         _check(all(n >= 1 for n in d.eval_loops), f"data.eval_loops: counts must be >= 1, got {d.eval_loops}")
         _one_of(d.format, TEXT_FORMATS, "data.format")
         _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
@@ -350,6 +431,7 @@ class DataConfig:
         if d.task == "text":
             _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
                    "or data.paths=['asset:kjv_genesis_exodus.txt']")
+        if d.task == "text" or any(e.task == "text" for e in d.mixture):
             _check(d.tokenizer != "bpe" or d.vocab_size >= 260,
                    f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: it needs >= 260 "
                    f"(3 specials + 256 bytes + merges)")
@@ -452,3 +534,20 @@ class Config:
         self.train.validate(self.data.batch_size)
         self.eval.validate([c.name for c in self.model.circuits()])
         self.mesh.validate()
+        self._validate_routes()
+
+    def _validate_routes(self) -> None:
+        """Routes name circuits of the model; routing splits the loss by example, which the batch-level
+        terms of halting heads and routers do not allow."""
+        if not self.data.routed:
+            return
+        circuits = [c.name for c in self.model.circuits()]
+        for e in self.data.mixture:
+            for name in e.route or ():
+                _check(name in circuits, f"data.mixture.{e.name}.route: '{name}' is not a circuit; circuits are "
+                       f"{', '.join(circuits) or 'none'}")
+        extra = ([f"circuit {c.name} has a halting head" for c in self.model.circuits() if c.halting.kind != "none"]
+                 + [f"stage {s} has a router" for s, st in enumerate(self.model.stages) if st.router.kind != "none"])
+        _check(not extra, f"data.mixture: gradient routing (route) splits the loss example by example, but "
+               f"{extra[0] if extra else ''} (its loss terms are batch-level); drop route, or set halting.kind=none "
+               f"/ router.kind=none")

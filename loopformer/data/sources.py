@@ -476,7 +476,12 @@ def _window_at(stream: TokenStream, seq_len: int, bos: int, eos: int, index: int
 
 
 def build_data(cfg: Config) -> DataSource:
-    """The data source of ``cfg``: `TextSource` for ``data.task: text``, else `TaskSource`."""
+    """The data source of ``cfg``: `TextSource` for ``data.task: text``, `MixtureSource` for
+    ``data.task: mixture`` (`loopformer.data.mixture`), else `TaskSource`."""
+    if cfg.data.mixture:
+        from loopformer.data.mixture import MixtureSource  # it builds on this module's sources
+
+        return MixtureSource(cfg)
     return TextSource(cfg) if cfg.data.task == TEXT_TASK else TaskSource(cfg)
 
 

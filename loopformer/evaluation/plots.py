@@ -184,6 +184,44 @@ def ablation(rows: Sequence[Row], info: RunInfo, step: int) -> bytes:
     return _png(fig)
 
 
+def activity(examples: Sequence[Mapping[str, Any]], thresholds: Mapping[str, float], info: RunInfo,
+             step: int) -> bytes:
+    """Tokens x circuits for a few examples: each circuit's write norm per token (left; on = above the
+    split's threshold, outlined) and the change in the token's loss when it is removed (right; answer
+    tokens only, red = the circuit helped)."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
+
+    n = max(len(examples), 1)
+    fig = Figure(figsize=(12, 0.6 + 1.5 * n), layout="constrained")
+    axes = np.asarray(fig.subplots(n, 2, squeeze=False))
+    for (ax_w, ax_d), ex in zip(axes, examples, strict=False):
+        circuits = list(ex["write_norm"])
+        norms = np.asarray([ex["write_norm"][c] for c in circuits], float)
+        answer = np.asarray(ex["answer"], bool)
+        delta = np.where(answer[None], np.asarray([ex["delta_loss"][c] for c in circuits], float), np.nan)
+        im = ax_w.imshow(norms, aspect="auto", cmap="viridis", interpolation="nearest")
+        on = norms > thresholds[ex["split"]]
+        if on.any() and not on.all():
+            ax_w.contour(on.astype(float), levels=[0.5], colors="w", linewidths=0.6)
+        fig.colorbar(im, ax=ax_w, pad=0.01).ax.tick_params(labelsize=7)
+        span = max(float(np.nanmax(np.abs(delta))) if answer.any() else 0.0, 1e-6)
+        im = ax_d.imshow(delta, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -span, span),
+                         interpolation="nearest")
+        fig.colorbar(im, ax=ax_d, pad=0.01).ax.tick_params(labelsize=7)
+        for ax in (ax_w, ax_d):
+            ax.set_yticks(range(len(circuits)), circuits)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=7)
+        ax_w.set_title(f"{ex['split']} · example {ex['index']}: write norm ‖g·out‖ per token", fontsize=8)
+        ax_d.set_title(f"{ex['split']} · example {ex['index']}: Δ loss with the circuit removed (answer tokens)",
+                       fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("token position (real tokens)", fontsize=8)
+    fig.suptitle(_title(info, step, "circuit activity per token"), fontsize=10)
+    return _png(fig)
+
+
 def rys_heatmap(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any], split: str, layers: int,
                 stack: str, info: RunInfo, step: int) -> bytes:
     """One panel per repeat count: the change against the unmodified model of duplicating [start, end)

@@ -68,13 +68,14 @@ class RunInfo:
 
     @property
     def is_text(self) -> bool:
-        return self.data.task is None
+        """A text run (a mixture is not, even with a text entry: its text splits report bits per byte)."""
+        return self.data.task is None and not self.cfg.data.mixture
 
     @property
     def splits(self) -> dict[str, tuple[int, int] | None]:
-        """Eval split name -> difficulty range [lo, hi] (None for a text corpus's splits)."""
-        ranges = {} if self.is_text else self.cfg.data.eval_splits
-        return {k: (int(ranges[k][0]), int(ranges[k][1])) if k in ranges else None for k in self.data.split_names}
+        """Eval split name (a mixture's: NAME/SPLIT) -> difficulty range [lo, hi] (None for text splits)."""
+        ranges = self.cfg.data.split_ranges()
+        return {k: (int(ranges[k][0]), int(ranges[k][1])) if ranges.get(k) else None for k in self.data.split_names}
 
     def training_range(self, circuit: str) -> tuple[int, int]:
         """The loop counts circuit ``circuit`` typically saw in training: [lo, hi] of its distribution."""
@@ -89,7 +90,8 @@ class RunInfo:
             return list(self.splits)
         for name in names:
             if name not in self.splits:
-                where = "" if self.is_text else f" (data.eval_splits in {self.path / 'config.yaml'})"
+                key = "data.mixture" if self.cfg.data.mixture else "data.eval_splits"
+                where = "" if self.is_text else f" ({key} in {self.path / 'config.yaml'})"
                 raise AnalysisError(f"--split {name}: this run has no eval split '{name}'; its splits are "
                                     f"{', '.join(self.splits)}{where}")
         return list(dict.fromkeys(names))
@@ -132,8 +134,9 @@ class LoadedRun:
                "token_accuracy": m["token_accuracy"], "examples": m["examples"], "mean_loops": m["mean_loops"]}
         if exits:
             row["exit"] = {c: str(r) for c, r in exits.items()}
-        if self.info.is_text:
-            extra = text_metrics({"loss": m["loss"]}, self.info.data.bytes_per_token(batches))
+        bytes_per_token = self.info.data.bytes_per_token(batches)  # None unless the split is text
+        if bytes_per_token is not None:
+            extra = text_metrics({"loss": m["loss"]}, bytes_per_token)
             row.update({k: v for k, v in extra.items() if k != "loss"})
         return row
 

@@ -59,7 +59,7 @@ def header_line(info: RunInfo, step: int, examples: int) -> str:
     if info.is_text:
         return (f"{info.path} @ step {step} · text · {examples} windows per split · loss per token; "
                 f"token acc = next-token accuracy")
-    return (f"{info.path} @ step {step} · task {info.cfg.data.task} · {examples} examples per split "
+    return (f"{info.path} @ step {step} · task {info.cfg.data.task_label()} · {examples} examples per split "
             f"(difficulty in brackets) · accuracy = exact match of every answer token")
 
 
@@ -159,3 +159,15 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
+
+
+def activity_table(rows: Sequence[Row], thresholds: Mapping[str, float], info: RunInfo, mode: str) -> str:
+    """Per split and circuit: on-rate, mean write norm, mean Δloss when the circuit is removed."""
+    what = "zeros" if mode == "zero" else "its mean output"
+    lines = [f"circuit activity at loops {loops_str(info.defaults)}: on = write norm ||g·out|| above 10% of the "
+             f"split's largest per-circuit median write norm; Δloss = CE with the circuit removed ({mode}: "
+             f"{what}) - CE, per answer token"]
+    body = [[split_label(info, r["split"]), r["circuit"], pct(r["on_rate"]), f"{r['mean_write_norm']:.4g}",
+             f"{thresholds[r['split']]:.3g}", f"{r['mean_ablation_delta_loss']:+.4f}"] for r in rows]
+    lines.append(format_table(["split", "circuit", "on-rate", "mean write norm", "on above", "mean Δloss"], body))
+    return "\n".join(lines)

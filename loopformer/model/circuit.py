@@ -441,7 +441,9 @@ class Bank(nnx.Module):
                 if res.steps is not None:
                     stepped = (name, contrib, res.steps)
                 reports[name] = CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder,
-                                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None)
+                                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None,
+                                              write_norm=_write_norm(res.out, plan.gates[name]) if plan.collect_norms
+                                              else None)
         x_out = x_BTD + update
         streams = None
         if stepped is not None:  # the stream as it would be after each iteration of the halting circuit
@@ -524,9 +526,15 @@ class Bank(nnx.Module):
                                                        (jnp.zeros((), jnp.int32), carry0))
         update = sum(self._contribution(n, self.circuits[n].emit(hs[i]), plan) for i, n in enumerate(names))
         reports = {n: CircuitReport(used=used[i], mean_out=_mean_over(self._contribution(
-            n, self.circuits[n].emit(hs[i]), plan), ctx.valid_BT) if plan.collect_means else None)
+            n, self.circuits[n].emit(hs[i]), plan), ctx.valid_BT) if plan.collect_means else None,
+            write_norm=_write_norm(self.circuits[n].emit(hs[i]), plan.gates[n]) if plan.collect_norms else None)
             for i, n in enumerate(names)}
         return x_BTD + update, reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32), None
+
+
+def _write_norm(out_BTO: Array, gate: Array) -> Array:
+    """[B, T] ||g * out|| per token: how much a circuit writes into the stream (its on-indicator)."""
+    return jnp.linalg.norm(gate.astype(jnp.float32) * out_BTO.astype(jnp.float32), axis=-1)
 
 
 def _mean_over(out_BTD: Array, valid_BT: Array | None) -> Array:

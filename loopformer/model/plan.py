@@ -12,6 +12,7 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    (empty: inference, every loop a plain fori_loop)
     trace_len                      static: record per-iteration state statistics of iterations 1..trace_len
     collect_means                  static: report each circuit's mean output over the real tokens
+    collect_norms                  static: report each circuit's write norm ||g_c * out_c|| per token [B, T]
     exits {name: ExitRule}         per-token exit rules (`loopformer.model.exits`; kinds static, thresholds
                                    traced); the circuit's loop count is then the cap
     stash                          static: L > 0 records every iteration of a halting circuit (its exit
@@ -44,7 +45,7 @@ MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "gates", "fills", "key", "exits", "schedules"],
-                   meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound"])
+                   meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -54,6 +55,7 @@ class Plan:
     backprop: tuple[tuple[str, int], ...] = ()
     trace_len: int = 0
     collect_means: bool = False
+    collect_norms: bool = False
     exits: Mapping[str, ExitRule] = field(default_factory=dict)
     stash: int = 0
     bound: int = 0
@@ -71,20 +73,22 @@ class Plan:
         return self.exits.get(name)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["trace", "mean_out", "used", "exit_p", "ponder"],
-                   meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["trace", "mean_out", "used", "exit_p", "ponder", "write_norm"], meta_fields=[])
 @dataclass(frozen=True)
 class CircuitReport:
     """What one circuit reports: ``trace`` [trace_len, 3] (`loopformer.model.loop.TRACE_STATS` of each
     iteration; NaN past its count) when the plan traces; ``mean_out`` [D] when it collects means;
     ``used`` [B, T] the iterations each token ran (exits, per-token counts, routing); with a halting
-    head and a stash, ``exit_p`` [L, B, T] the exit distribution and ``ponder`` [B, T] ACT's N + R."""
+    head and a stash, ``exit_p`` [L, B, T] the exit distribution and ``ponder`` [B, T] ACT's N + R;
+    ``write_norm`` [B, T] ||g_c * out_c|| at each token when the plan collects norms (its on-indicator)."""
 
     trace: Array | None = None
     mean_out: Array | None = None
     used: Array | None = None
     exit_p: Array | None = None
     ponder: Array | None = None
+    write_norm: Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits", "aux_loss", "step_logits"],

@@ -22,6 +22,7 @@ from loopformer.model.loop import sample_loops
 from loopformer.model.plan import Plan
 from loopformer.model.transformer import forward_batch
 from loopformer.train.losses import halting_beta, halting_terms
+from loopformer.train.routing import Routing, freeze, routed_grads
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -32,7 +33,7 @@ FINITE = "finite"  # metric: loss, gradient norm and update all finite at this s
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, model: ModelConfig,
                     seed: int, grad_accum: int, lr_schedule: optax.Schedule, state_shardings: Any = None,
                     batch_sharding: jax.sharding.NamedSharding | None = None, total_steps: int = 1,
-                    ) -> Callable[[State, Batch], tuple[State, dict[str, Array]]]:
+                    routing: Routing | None = None) -> Callable[[State, Batch], tuple[State, dict[str, Array]]]:
     """Build ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
     ``metrics[FINITE]`` says whether this step's loss, gradient norm and update were all finite; the
@@ -48,6 +49,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
     On a device mesh (`loopformer.parallel`): ``state_shardings`` pins the state's layout in and out of
     the step (it never drifts between steps), and ``batch_sharding`` (rows over data/fsdp) keeps every
     micro-batch split over the same devices.
+
+    ``routing`` (`loopformer.train.routing`; a mixture with ``route``s, batches with ``task`` [B]): each
+    row's gradient reaches only its entry's route; parameters no entry may update stay frozen. None:
+    every row updates every parameter (the step is exactly the unrouted one).
     """
     schedules = model.schedules()
     dists = {name: s.distribution() for name, s in schedules.items()}
@@ -82,8 +87,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
             return objective, sums | {"objective": objective, "aux_loss": diag.aux_loss / grad_accum}
 
         def accumulate(grads: Any, mb: Batch) -> tuple[Any, dict[str, Array]]:
-            g, sums = jax.grad(loss_fn, has_aux=True)(params, mb)
+            if routing is not None:  # one backward pass per route group, each masked to its route
+                g, sums = routed_grads(lambda p: rows_fn(p, mb), params, mb["task"], routing)
+            else:
+                g, sums = jax.grad(loss_fn, has_aux=True)(params, mb)
             return jax.tree.map(jnp.add, grads, g), sums
+
+        def rows_fn(p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
+            """The objective per row [b] (routing: no halting or router terms, refused by the config)."""
+            logits, _ = forward_batch(nnx.merge(graphdef, p), mb, plan)
+            sums = answer_sums(logits, mb, 1.0 / total_tokens)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["targets"])
+            rows = jnp.sum(ce * mb["mask"].astype(jnp.float32), axis=-1) / total_tokens
+            return rows, sums | {"objective": sums["loss_sum"], "aux_loss": jnp.zeros((), jnp.float32)}
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         if state_shardings is not None:  # gradients live sharded like their params (FSDP: reduce-scatter)
@@ -91,6 +107,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
         grads, sums = jax.lax.scan(accumulate, zeros, micro)
         sums = jax.tree.map(jnp.sum, sums)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        if routing is not None:
+            updates = freeze(updates, routing.trainable(params))
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1}
         tokens, examples = jnp.maximum(sums["tokens"], 1.0), jnp.maximum(sums["examples"], 1.0)
         grad_norm = optax.global_norm(grads)

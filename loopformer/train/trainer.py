@@ -29,6 +29,7 @@ from loopformer.model.plan import resolve_loops
 from loopformer.train.checkpoint import Checkpoints
 from loopformer.train.metrics import MetricsWriter, ProgressLine
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
+from loopformer.train.routing import Routing
 from loopformer.train.runs import (
     abstract_like,
     describe_change,
@@ -149,9 +150,13 @@ def _train(cfg: Config) -> TrainResult:
     training = start < cfg.train.steps
     circuits = model.circuit_names
     defaults = resolve_loops({c.name: c.eval_loops for c in cfg.model.circuits()})
+    routing = Routing.of(cfg)
+    if routing is not None:
+        log(routing.describe(params))
     train_step = make_train_step(graphdef, tx, cfg.model, cfg.seed, cfg.train.grad_accum,
                                  learning_rate_schedule(cfg.train), state_shardings=shardings,
-                                 batch_sharding=parallel.batch_sharding(mesh), total_steps=cfg.train.steps)
+                                 batch_sharding=parallel.batch_sharding(mesh), total_steps=cfg.train.steps,
+                                 routing=routing)
     evaluator = evaluator_for(model)
     host_sets = source.eval_sets()
     bytes_per_token = {name: source.bytes_per_token(batches) for name, batches in host_sets.items()}
@@ -271,6 +276,7 @@ def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     else:
         title = (f"accuracy vs loop count ({who} at n; training mean {', '.join(map(str, means))}; "
                  f"difficulty [lo, hi] per split)")
-        header = ["loops"] + [f"{s} {tuple(cfg.data.eval_splits[s])}" for s in splits]
+        ranges = cfg.data.split_ranges()
+        header = ["loops"] + [f"{s} {tuple(ranges[s])}" if ranges.get(s) else s for s in splits]
         cells = [[n] + [f"{100 * value[(n, s)]['accuracy']:.1f}%" for s in splits] for n in counts]
     return title + "\n" + format_table(header, cells)

@@ -1,0 +1,48 @@
+"""``loopformer activity``: per token, each circuit's write norm (on-indicator) and the change in the
+token's loss when it is removed; per split, each circuit's on-rate and mean effect."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
+from loopformer.cli.eval import mode_flag
+from loopformer.cli.loopspec import parse_loops
+from loopformer.evaluation import activity, plots, tables
+from loopformer.model.plan import MAX_LOOPS
+from loopformer.train.runs import load_run, read_run
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.epilog = (f"A circuit is on at a token when its write norm exceeds {100 * activity.ON_FRACTION:g}%% of the "
+                "split's largest per-circuit median write norm. Δloss is measured at answer tokens (mask 1). "
+                "Writes activity.csv and activity.png (the first examples of each split: circuits x tokens).")
+    run_flags(p)
+    p.add_argument("--loops", action="append", metavar="CIRCUIT=N",
+                   help=f"loop count of a circuit (repeatable; 1..{MAX_LOOPS}; others: eval_loops)")
+    mode_flag(p, "what replaces a removed circuit's output: zeros, or its mean output over the split")
+
+
+@command("activity", "per-token circuit activity: write norms (on-indicators) and the loss change when each circuit "
+                     "is removed; per split, on-rates and mean effects (writes activity.csv/.png)", _args)
+def activity_command(args: argparse.Namespace) -> int:
+    def body() -> tuple[dict[str, Any], str]:
+        info = read_run(args.run)
+        check_writable(info.path, "activity.csv and activity.png")
+        splits = info.select_splits(args.split)
+        loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
+        run = load_run(info, args.step)
+        rows, thresholds, examples = activity.activity(run, run.eval_sets(splits, args.examples), loops, args.mode)
+        tables.write_csv(info.path / "activity.csv", rows)
+        files = [str(info.path / "activity.csv"),
+                 write_png(info.path / "activity.png", plots.activity(examples, thresholds, info, run.step))]
+        doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "loops": info.full_loops(loops),
+               "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds, "rows": rows, "examples": examples,
+               "files": files}
+        if not info.circuits:
+            return doc, f"{info.path} has no circuits (model.stages: []): nothing to measure"
+        return doc, "\n".join([tables.header_line(info, run.step, args.examples),
+                               tables.activity_table(rows, thresholds, info, args.mode), "wrote " + ", ".join(files)])
+
+    return emit(args, body)
