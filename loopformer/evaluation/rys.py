@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from loopformer.evaluation.run import AnalysisError, Batch, LoadedRun, RunInfo, log
 from loopformer.model.schedule import duplication, longest, padded, ranges
 
@@ -30,6 +32,20 @@ def stack_layers(info: RunInfo, stack: str) -> int:
     return layers
 
 
+def same_length(eval_sets: Mapping[str, Sequence[Batch]]) -> dict[str, list[Batch]]:
+    """Every batch right-padded to the longest sequence of any split (padding: token 0, mask 0, segment 0,
+    which attention keeps apart and no metric counts), so splits of different lengths share one program."""
+    target = max(np.shape(b["inputs"])[1] for batches in eval_sets.values() for b in batches)
+
+    def pad(b: Batch) -> Batch:
+        have = np.shape(b["inputs"])[1]
+        if have >= target or "segment_ids" not in b:  # without segment ids, padding would be attended to
+            return b
+        return {k: np.pad(np.asarray(v), [(0, 0), (0, target - have)]) if np.ndim(v) == 2 else v for k, v in b.items()}
+
+    return {split: [pad(b) for b in batches] for split, batches in eval_sets.items()}
+
+
 def _score(row: Mapping[str, Any], text: bool) -> dict[str, Any]:
     return {"split": row["split"], "loss": row["loss"], "accuracy": None if text else row["accuracy"],
             "bits_per_byte": row.get("bits_per_byte") if text else None}
@@ -38,12 +54,14 @@ def _score(row: Mapping[str, Any], text: bool) -> dict[str, Any]:
 def scan(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], stack: str, repeats: Sequence[int],
          loops: Mapping[str, int] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows, baseline): every range of ``stack`` at every repeat count, on every split; circuits (if
-    any) at ``loops`` (default: their eval_loops)."""
+    any) at ``loops`` (default: their eval_loops). Splits of different lengths are padded to one
+    (`same_length`): the scan compiles one program per batch shape, usually one."""
     layers = stack_layers(run.info, stack)
     if not repeats or min(repeats) < 1:
         raise AnalysisError(f"--repeats: counts must be >= 1, got {list(repeats)}")
     length = longest(layers, repeats)
     text = run.info.is_text
+    eval_sets = same_length(eval_sets)
     baseline, rows = [], []
     for split, batches in eval_sets.items():
         base = run.row(split, batches, loops, schedules={stack: padded(list(range(layers)), length)})

@@ -25,6 +25,7 @@ def describe(cfg: ModelConfig, vocab_size: int, counts: Mapping[str, int], loops
     chain += ([f"coda×{cfg.coda}"] if cfg.coda else []) + ["norm", "head" + (" (tied)" if cfg.tie_embeddings else "")]
     lines = [f"LoopedTransformer  d_model={cfg.d_model}  heads={cfg.heads}  vocab={vocab_size}  "
              f"norm={cfg.norm}  mlp={cfg.mlp}  params={total:,}" + (f"  window={cfg.window}" if cfg.window else "")
+             + (f"  kv_heads={cfg.kv_heads}" if cfg.kv_heads else "") + ("  qkv_bias" if cfg.qkv_bias else "")
              + ("" if cfg.causal else "  bidirectional"),
              "  " + " ─ ".join(chain)]
     for s, stage in enumerate(cfg.stages):
@@ -34,7 +35,8 @@ def describe(cfg: ModelConfig, vocab_size: int, counts: Mapping[str, int], loops
                 f"    {c.name:<6} depth {c.depth}  width {c.width:<4} heads {c.heads:<2} io {c.io:<7} "
                 f"inject {c.inject:<6} init {c.init:<5} train loops {c.distribution()!s:<24} eval {loops[c.name]:<3} "
                 f"k={c.backprop:<3} params {counts[c.name]:,}"
-                + (f"  window {c.window}" if c.window else "") + ("  state_norm" if c.state_norm else ""))
+                + (f"  window {c.window}" if c.window else "") + ("  state_norm" if c.state_norm else "")
+                + (f"  kv_heads {c.kv_heads}" if c.kv_heads else "") + ("  output replace" if c.output == "replace" else ""))
     lines.append(f"  parameters: shared {counts['shared']:,} + circuits {total - counts['shared']:,} = {total:,}")
     stored = cfg.prelude + cfg.coda + sum(c.depth for c in cfg.circuits())
     lines.append(f"  effective depth at these loops: {effective_depth(cfg, loops):g} blocks "
