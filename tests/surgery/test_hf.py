@@ -108,5 +108,15 @@ def test_imported_run_generates_what_transformers_generates(hf_model, tmp_path, 
     assert main(["eval", "--run", str(out), "--json", "--examples", "4"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert all(np.isfinite(r["bits_per_byte"]) for r in rows)
+    # rys and convert work on the imported run: 6 ranges of 3 layers; the conversion is exact at 1 loop
+    assert main(["rys", "--run", str(out), "--json", "--examples", "4"]) == 0
+    scan = json.loads(capsys.readouterr().out)
+    assert len(scan["rows"]) == 6 * len(rows) and scan["compiles"] <= 1
+    assert main(["convert", "--run", str(out), "--core", "1:3", "--out", "converted"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "converted"), "--json", "--examples", "4"]) == 0
+    conv = json.loads(capsys.readouterr().out)["rows"]
+    for a, b in zip(rows, conv, strict=True):
+        assert a["split"] == b["split"] and abs(a["loss"] - b["loss"]) < 1e-4
 
 
