@@ -33,3 +33,20 @@ def test_good_values():
                                    "model.stages.0.circuits.X.output=replace"])
     assert cfg.model.kv_head_count == 2 and cfg.model.circuit("X").output == "replace"
     assert load_config("configs/plain_parity.yaml").model.stages == []
+
+
+def test_a_run_written_before_these_fields_resumes(tmp_path):
+    """A config.yaml without kv_heads / qkv_bias / norm_eps / output compares at their defaults."""
+    import yaml
+
+    from loopformer.train.runs import resume_changes
+
+    cfg = load_config(QUICKSTART, [f"run.dir={tmp_path}", "run.name=old"])
+    old = cfg.to_dict()
+    for key in ("kv_heads", "qkv_bias", "norm_eps"):
+        del old["model"][key]
+    for c in old["model"]["stages"][0]["circuits"]:
+        del c["kv_heads"], c["output"]
+    (cfg.run_dir / "checkpoints" / "100").mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    assert resume_changes(cfg, cfg.run_dir) == []
