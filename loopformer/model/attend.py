@@ -57,3 +57,22 @@ def attend(q: Array, k: Array, v: Array, *, mask: Array | None = None, causal: b
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+
+
+def attend_split(q: Array, *parts: tuple[Array, Array, Array]) -> Array:
+    """Attention over several key/value sets at once, as if concatenated, without concatenating them
+    (decoding: the cache where it lies, and the new tokens). Each part is (k [B, S_i, K, H], v, visible
+    [B, T or 1, S_i] bool); q [B, T, N, H]. One float32 softmax over every part's scores."""
+    B, T, N, H = q.shape
+    K = parts[0][0].shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    scale = 1.0 / jnp.sqrt(jnp.float32(H))
+    scores = [jnp.where(vis[:, None, None], jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype),
+                                                        preferred_element_type=jnp.float32) * scale,
+                        jnp.finfo(jnp.float32).min) for k, _, vis in parts]
+    top = jnp.max(jnp.stack([s.max(-1) for s in scores]), axis=0)[..., None]
+    weights = [jnp.exp(s - top) for s in scores]
+    total = sum(w.sum(-1) for w in weights)[..., None]
+    out = sum(jnp.einsum("bkgts,bskh->btkgh", (w / total).astype(q.dtype), v.astype(q.dtype))
+              for w, (_, v, _) in zip(weights, parts, strict=True))
+    return out.reshape(B, T, N, H)

@@ -12,9 +12,11 @@ iteration i has its own keys and values; the policy keeps
     first     one slot written at the first iteration and read by every later one (Mixture-of-Recursions'
               recursive sharing)
 
-Shapes (B rows, T positions, N heads, H head dim): prelude / coda [L, B, T, N, H]; a circuit [S, D, B, T, N, H]
-for S slots and depth D; ``state`` [B, w] each circuit's final state of the row's last token (continuous
-thinking starts the next token there).
+Shapes (B rows, T positions, K key/value heads, H head dim): one (K, V) pair per layer, prelude / coda
+[B, T, K, H], a circuit's D layers [S, B, T, K, H] for S slots; ``state`` [B, w] each circuit's final
+state of the row's last token (continuous thinking starts the next token there). One array per layer,
+written once per decoding step, lets XLA update it in place: a step costs O(1) in the cache's length
+but for the attention reads.
 """
 
 from __future__ import annotations
@@ -74,29 +76,32 @@ class CachePolicy:
         return f"ring:{self.ring}" if self.kind == "ring" else self.kind
 
 
+KV = tuple[Array, Array]
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["prelude", "coda", "circuits", "state", "length"],
                    meta_fields=[])
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values per layer (each a (K, V) pair), the circuits' last states and each row's length."""
+    """Keys and values per layer, the circuits' last states and each row's length."""
 
-    prelude: tuple[Array, Array] | None
-    coda: tuple[Array, Array] | None
-    circuits: dict[str, tuple[Array, Array]] = field(default_factory=dict)
+    prelude: tuple[KV, ...] = ()
+    coda: tuple[KV, ...] = ()
+    circuits: dict[str, tuple[KV, ...]] = field(default_factory=dict)
     state: dict[str, Array] = field(default_factory=dict)
     length: Array | None = None
 
     def nbytes_per_token(self) -> int:
-        """Bytes of cache per position (every layer, slot and row share the position axis)."""
-        total = 0
-        for kv in [self.prelude, self.coda, *self.circuits.values()]:
-            if kv is not None:
-                k = kv[0]
-                total += 2 * k.dtype.itemsize * k.size // (k.shape[-4] * k.shape[-3])  # / (B * T)
-        return total
+        """Bytes of keys and values per position (every layer and slot)."""
+        arrays = [a for kv in (*self.prelude, *self.coda, *(kv for c in self.circuits.values() for kv in c)) for a in kv]
+        return sum(a.dtype.itemsize * a.size // (a.shape[-4] * a.shape[-3]) for a in arrays)
 
 
-def empty_kv(layers: tuple[int, ...], batch: int, length: int, heads: int, head_dim: int, dtype: Any
-             ) -> tuple[Array, Array]:
-    shape = (*layers, batch, length, heads, head_dim)
+def empty_kv(shape: tuple[int, ...], dtype: Any) -> KV:
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def store(buf: Array, new: Array, positions_Bt: Array) -> Array:
+    """``buf`` [..., B, T, K, H] with ``new`` [..., B, t, K, H] written at each row's positions."""
+    B = positions_Bt.shape[0]
+    return buf.at[..., jnp.arange(B)[:, None], positions_Bt, :, :].set(new.astype(buf.dtype))

@@ -32,9 +32,9 @@ from flax import nnx
 from loopformer.config.schema import CircuitConfig, RouterConfig
 from loopformer.errors import PlanError
 from loopformer.model import halting as halting_math
-from loopformer.model.cache import CachePolicy
+from loopformer.model.cache import CachePolicy, store
 from loopformer.model.exits import ExitRule, entropy, kl_divergence, latent_change
-from loopformer.model.layers import Block, normal_init, run_stack, run_stack_cached, stacked, zeros_init
+from loopformer.model.layers import Block, normal_init, run_stack, stack_layers, stacked, zeros_init
 from loopformer.model.loop import iterate, iterate_traced, iterate_until
 from loopformer.model.plan import CircuitReport, Plan
 from loopformer.model.router import Router
@@ -223,85 +223,91 @@ class Circuit(nnx.Module):
 
 
     # ------------------------------------------------------------------ decoding with a cache
-    def decode(self, src: Array, n: Array, key: Array, positions_Bt: Array, kv: tuple[Array, Array],
-               policy: CachePolicy, *, exit: ExitRule | None = None, h_init: Array | None = None
-               ) -> tuple[Array, tuple[Array, Array], Array, Array]:
-        """The loop on t new tokens with the circuit's cache ``kv`` ([S, D, B, T, N, H] each: slot, layer,
-        row, position): iteration i reads and writes slot ``policy.slot(i)``. ``h_init`` [B, t, w]
-        replaces the initial state (continuous thinking). With ``exit`` (latent_diff or learned) each
-        token stops on its own; rows whose tokens all stopped stop writing, and their later slots get
-        their last keys and values (so later tokens read a defined value).
+    def decode(self, src: Array, n: Array, key: Array, positions_Bt: Array, start_B: Array,
+               cache: tuple[tuple[Array, Array], ...], policy: CachePolicy, *, exit: ExitRule | None = None,
+               h_init: Array | None = None) -> tuple[Array, tuple[tuple[Array, Array], ...], Array, Array]:
+        """The loop on t new tokens over earlier tokens' keys and values ``cache`` (per layer of the
+        circuit, [S, B, T, K, H] each): iteration i attends to slot ``policy.slot(i)`` of the positions
+        before ``start_B`` and to the chunk itself, whose keys and values gather in a small [S, B, t, K, H]
+        buffer (iteration i writes its slot where ``policy.writes(i)``) that is stored once at the end.
+        ``h_init`` [B, t, w] replaces the initial state (continuous thinking). With ``exit`` (latent_diff or
+        learned) each token stops on its own; rows whose tokens all stopped stop writing, and their later
+        slots get their last keys and values (so later tokens read a defined value).
 
-        Returns (out [B, t, O], kv, final states [B, t, w], iterations per token [B, t])."""
+        Returns (out [B, t, O], the cache with the chunk stored, final states [B, t, w], iterations [B, t])."""
         e, h0 = self.begin(src, key)
         h0 = h0 if h_init is None else h_init.astype(h0.dtype)
-        B = src.shape[0]
+        B, t = positions_Bt.shape
+        layers = stack_layers(self.blocks)
+        S = cache[0][0].shape[0]
+        buf0 = tuple((jnp.zeros((S, *k.shape[1:2], t, *k.shape[3:]), k.dtype),) * 2 for k, _ in cache)
 
-        def step(i: Array, h: Array, kv: tuple[Array, Array], write_B: Array) -> tuple[Array, tuple[Array, Array]]:
+        def step(i: Array, h: Array, buf: tuple, write_B: Array) -> tuple[Array, tuple]:
             slot = policy.slot(i)
-            k_s, v_s = (jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False) for a in kv)
             x = h + e if self.inject == "add" else (
                 self.adapter(jnp.concatenate([h, e], axis=-1)) if self.inject == "concat" else h)
-            x, (k_s, v_s) = run_stack_cached(self.blocks, x, positions_Bt, (k_s, v_s), write_B & policy.writes(i))
-            x = self.loop_norm(x) if hasattr(self, "loop_norm") else x
-            return x, tuple(jax.lax.dynamic_update_index_in_dim(a, b, slot, 0) for a, b in zip(kv, (k_s, v_s),
-                                                                                             strict=True))
+            new_buf = []
+            for layer, (k_c, v_c), (k_b, v_b) in zip(layers, cache, buf, strict=True):
+                read = (jax.lax.dynamic_index_in_dim(k_c, slot, 0, False), jax.lax.dynamic_index_in_dim(v_c, slot, 0, False))
+                own = (jax.lax.dynamic_index_in_dim(k_b, slot, 0, False), jax.lax.dynamic_index_in_dim(v_b, slot, 0, False))
+                x, (k, v) = layer.cached(x, positions_Bt, read, start_B, (*own, ~policy.writes(i)))
+                keep = (write_B & policy.writes(i))[:, None, None, None]
+                new_buf.append(tuple(jax.lax.dynamic_update_index_in_dim(b, jnp.where(keep, f.astype(b.dtype), o), slot, 0)
+                                     for b, f, o in zip((k_b, v_b), (k, v), own, strict=True)))
+            return (self.loop_norm(x) if hasattr(self, "loop_norm") else x), tuple(new_buf)
 
         if exit is None:
-            def body(i: Array, c: tuple) -> tuple:
-                return step(i, c[0], c[1], jnp.ones((B,), bool))
+            h, buf = jax.lax.fori_loop(0, n, lambda i, c: step(i, c[0], c[1], jnp.ones((B,), bool)), (h0, buf0))
+            used = jnp.broadcast_to(jnp.asarray(n, jnp.float32), h.shape[:2])
+        else:
+            if exit.kind not in ("latent_diff", "learned") or (exit.kind == "learned" and self.halting in ("none", "act")):
+                raise PlanError(f"decoding with a cache supports the exits latent_diff and learned (an ouro or "
+                                f"pondernet halting head), not {exit.kind} here; use --no-cache")
 
-            h, kv = jax.lax.fori_loop(0, n, body, (h0, kv))
-            return self.emit(h, e), kv, h, jnp.broadcast_to(jnp.asarray(n, jnp.float32), h.shape[:2])
-        if exit.kind not in ("latent_diff", "learned") or (exit.kind == "learned" and self.halting in ("none", "act")):
-            raise PlanError(f"decoding with a cache supports the exits latent_diff and learned (an ouro or pondernet "
-                            f"halting head), not {exit.kind} here; use --no-cache")
-        active0 = jnp.ones(h0.shape[:2], bool)
+            def cond(c: tuple) -> Array:
+                return (c[0] < n) & jnp.any(c[3])
 
-        def cond(c: tuple) -> Array:
-            return (c[0] < n) & jnp.any(c[3])
+            def body(c: tuple) -> tuple:
+                i, h, buf, active, used, wrote, survive = c
+                write_B = jnp.any(active, axis=1)
+                new, buf = step(i, h, buf, write_B)
+                h_next = jnp.where(active[..., None], new, h)
+                if exit.kind == "latent_diff":
+                    fire = latent_change(h, h_next) < exit.threshold
+                else:
+                    survive = survive * (1.0 - jnp.where(active, self.halt_prob(h_next), 0.0))
+                    fire = 1.0 - survive >= exit.threshold
+                due = ((i + 1) >= exit.min_loops) & ((i + 1) % exit.check_every == 0)
+                used = used + active.astype(jnp.float32)
+                return i + 1, h_next, buf, active & ~(fire & due), used, wrote + write_B, survive
 
-        def body_exit(c: tuple) -> tuple:
-            i, h, kv, active, used, wrote, survive = c
-            write_B = jnp.any(active, axis=1)
-            new, kv = step(i, h, kv, write_B)
-            h_next = jnp.where(active[..., None], new, h)
-            if exit.kind == "latent_diff":
-                fire = latent_change(h, h_next) < exit.threshold
-            else:
-                survive = survive * (1.0 - jnp.where(active, self.halt_prob(h_next), 0.0))
-                fire = 1.0 - survive >= exit.threshold
-            due = ((i + 1) >= exit.min_loops) & ((i + 1) % exit.check_every == 0)
-            used = used + active.astype(jnp.float32)
-            return i + 1, h_next, kv, active & ~(fire & due), used, wrote + write_B, survive
-
-        c0 = (jnp.zeros((), jnp.int32), h0, kv, active0, jnp.zeros(h0.shape[:2], jnp.float32),
-              jnp.zeros((B,), jnp.int32), jnp.ones(h0.shape[:2], jnp.float32))
-        _, h, kv, _, used, wrote, _ = jax.lax.while_loop(cond, body_exit, c0)
-        return self.emit(h, e), _fill(kv, wrote, n, positions_Bt, policy), h, used
+            c0 = (jnp.zeros((), jnp.int32), h0, buf0, jnp.ones((B, t), bool), jnp.zeros((B, t), jnp.float32),
+                  jnp.zeros((B,), jnp.int32), jnp.ones((B, t), jnp.float32))
+            _, h, buf, _, used, wrote, _ = jax.lax.while_loop(cond, body, c0)
+            buf = _fill(buf, wrote, n, policy)
+        cache = tuple(tuple(store(c, b, positions_Bt) for c, b in zip(layer_c, layer_b, strict=True))
+                      for layer_c, layer_b in zip(cache, buf, strict=True))
+        return self.emit(h), cache, h, used
 
 
-def _fill(kv: tuple[Array, Array], wrote_B: Array, n: Array, positions_Bt: Array, policy: CachePolicy
-          ) -> tuple[Array, tuple[Array, Array]]:
+def _fill(buf: tuple, wrote_B: Array, n: Array, policy: CachePolicy) -> tuple:
     """Rows that stopped writing after ``wrote_B`` iterations: copy the keys and values of their last
-    iteration into the slots of iterations wrote .. n - 1, at the chunk's positions only."""
+    iteration into the slots of iterations wrote .. n - 1 (``buf``: per layer (k, v) [S, B, t, K, H])."""
     if policy.kind in ("last", "first"):
-        return kv
-    S, _, B, T = kv[0].shape[:4]
+        return buf
+    S, B = buf[0][0].shape[:2]
     last = policy.slot(jnp.maximum(wrote_B - 1, 0))  # [B]
     j = jnp.arange(S)[:, None]
     if policy.kind == "full":
         target = (j >= wrote_B[None]) & (j < n)  # [S, B]
     else:  # ring: slot j is written by some later iteration i in [wrote, n) with i % K == j
         target = ((j - wrote_B[None]) % policy.ring) < (n - wrote_B[None])
-    at_chunk = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], positions_Bt].set(True)
-    mask = target[:, None, :, None, None, None] & at_chunk[None, None, :, :, None, None]  # [S, 1, B, T, 1, 1]
 
     def fill(a: Array) -> Array:
-        src = jnp.moveaxis(a, 0, 2)[:, jnp.arange(B), last]  # [D, B, T, N, H]: each row's last slot
-        return jnp.where(mask, src[None], a)
+        src = jnp.moveaxis(a, 0, 1)[jnp.arange(B), last]  # [B, t, K, H]: each row's last slot
+        return jnp.where(target[:, :, None, None, None], src[None], a)
 
-    return tuple(fill(a) for a in kv)
+    return tuple(tuple(fill(a) for a in kv) for kv in buf)
 
 
 @dataclass(frozen=True)
@@ -452,22 +458,23 @@ class Bank(nnx.Module):
         return x_out, reports, jnp.zeros((), jnp.float32), streams
 
     # ------------------------------------------------------------------ decoding
-    def decode(self, x_BtD: Array, positions_Bt: Array, kvs: dict[str, tuple[Array, Array]], plan: Plan,
+    def decode(self, x_BtD: Array, positions_Bt: Array, start_B: Array, caches: dict[str, tuple], plan: Plan,
                policy: CachePolicy, h_init: dict[str, Array] | None = None
-               ) -> tuple[Array, dict[str, tuple[Array, Array]], dict[str, Array], dict[str, Array]]:
-        """The bank on t new tokens with its circuits' caches (`Circuit.decode`), circuit by circuit.
+               ) -> tuple[Array, dict[str, tuple], dict[str, Array], dict[str, Array]]:
+        """The bank on t new tokens over its circuits' caches (`Circuit.decode`), circuit by circuit.
         Returns (x, caches, final states {name: [B, t, w]}, iterations per token {name: [B, t]})."""
         if self.routed:
             raise PlanError("decoding with a cache does not run routed banks; use --no-cache")
         xn = self.norm(x_BtD)
         update = jnp.zeros_like(x_BtD)
-        kvs, states, used = dict(kvs), {}, {}
+        caches, states, used = dict(caches), {}, {}
         for name in self.names:
-            out, kvs[name], states[name], used[name] = self.circuits[name].decode(
-                self._source(name, (xn, x_BtD)), plan.loops[name], self._key(plan, name), positions_Bt, kvs[name], policy,
-                exit=plan.exit_of(name), h_init=None if h_init is None else h_init[name])
+            out, caches[name], states[name], used[name] = self.circuits[name].decode(
+                self._source(name, (xn, x_BtD)), plan.loops[name], self._key(plan, name), positions_Bt, start_B,
+                caches[name],
+                policy, exit=plan.exit_of(name), h_init=None if h_init is None else h_init[name])
             update = update + self._contribution(name, out, plan)
-        return x_BtD + update, kvs, states, used
+        return x_BtD + update, caches, states, used
 
     # ------------------------------------------------------------------ routed
     def _routed(self, x_BTD: Array, ctx: Context, plan: Plan

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from loopformer.model.attend import attend, attend_split
+
 Array = jax.Array
 
 
@@ -87,26 +89,29 @@ class Attention(nnx.Module):
         y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, local_window_size=span)
         return self.out(y_BTNH.reshape(B, T, W))
 
-    def cached(self, x_BtW: Array, positions_Bt: Array, kv: tuple[Array, Array], write: Array
-               ) -> tuple[Array, tuple[Array, Array]]:
-        """Causal attention of t new tokens at absolute ``positions_Bt`` over a key/value cache ``kv``
-        ([B, T, N, H] each, indexed by position): the new keys and values are written at their positions
-        (rows where ``write`` [B] is False keep the cache as it was), then every query reads the cached
-        positions <= its own (within the window). The cache holds the K key/value heads only
-        ([B, T, K, H]). Returns (output [B, t, W], the updated cache)."""
+    def cached(self, x_BtW: Array, positions_Bt: Array, cache: tuple[Array, Array] | None, start_B: Array,
+               shared: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """Causal attention of t new tokens at absolute ``positions_Bt`` over earlier tokens' keys and values
+        ``cache`` ([B, T, K, H] each, indexed by position; only positions < ``start_B`` [B] are read) and
+        the chunk's own. ``shared`` (k, v, use) [B, t, K, H], [] bool: attend to these keys and values of
+        the chunk instead of its fresh ones where ``use`` (a cache policy reusing an earlier iteration's).
+        Returns (output [B, t, W], the chunk's fresh keys and values [B, t, K, H] for the caller to store)."""
         B, t, W = x_BtW.shape
         q, k, v = self._qkv(x_BtW, positions_Bt)
-        rows = jnp.arange(B)[:, None]
-        keep = write[:, None, None, None]
-        k_cache = jnp.where(keep, kv[0].at[rows, positions_Bt].set(k.astype(kv[0].dtype)), kv[0])
-        v_cache = jnp.where(keep, kv[1].at[rows, positions_Bt].set(v.astype(kv[1].dtype)), kv[1])
-        key_pos = jnp.arange(k_cache.shape[1])
-        visible = key_pos[None, None, :] <= positions_Bt[:, :, None]  # [B, t, T]
+        k_own, v_own = (k, v) if shared is None else (jnp.where(shared[2], shared[0], k), jnp.where(shared[2], shared[1], v))
+        own_visible = positions_Bt[:, None, :] <= positions_Bt[:, :, None]  # [B, t, t] causal within the chunk
         if self.window:
-            visible &= key_pos[None, None, :] > positions_Bt[:, :, None] - self.window
-        y_BtNH = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                              mask=visible[:, None])
-        return self.out(y_BtNH.reshape(B, t, W)), (k_cache, v_cache)
+            own_visible &= positions_Bt[:, None, :] > positions_Bt[:, :, None] - self.window
+        if cache is None:
+            y_BtNH = attend(q, k_own, v_own, mask=own_visible[:, None], causal=False, impl="einsum")
+        else:  # two key sets, one softmax: the cache is read where it lies (no concatenated copy)
+            T = cache[0].shape[1]
+            cache_pos = jnp.arange(T)[None, None, :]
+            cache_visible = cache_pos < start_B[:, None, None]  # [B, 1, T]
+            if self.window:
+                cache_visible = cache_visible & (cache_pos > positions_Bt[:, :, None] - self.window)
+            y_BtNH = attend_split(q, (cache[0], cache[1], cache_visible), (k_own, v_own, own_visible))
+        return self.out(y_BtNH.reshape(B, t, W)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -151,10 +156,10 @@ class Block(nnx.Module):
         a = self.attn(self.attn_norm(x_BTW), positions_BT, mask)
         return self._mlp(x_BTW + (self.attn_post_norm(a) if self.sandwich else a))
 
-    def cached(self, x_BtW: Array, positions_Bt: Array, kv: tuple[Array, Array], write: Array
-               ) -> tuple[Array, tuple[Array, Array]]:
-        """The block on t new tokens with a key/value cache (`Attention.cached`)."""
-        a, kv = self.attn.cached(self.attn_norm(x_BtW), positions_Bt, kv, write)
+    def cached(self, x_BtW: Array, positions_Bt: Array, cache: tuple[Array, Array] | None, start_B: Array,
+               shared: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """The block on t new tokens with earlier tokens' keys and values (`Attention.cached`)."""
+        a, kv = self.attn.cached(self.attn_norm(x_BtW), positions_Bt, cache, start_B, shared)
         return self._mlp(x_BtW + (self.attn_post_norm(a) if self.sandwich else a)), kv
 
     def _mlp(self, x_BTW: Array) -> Array:
@@ -197,14 +202,20 @@ def run_stack(stack: nnx.Module, x_BTW: Array, positions_BT: Array, mask: Array 
     return jax.lax.scan(scheduled, x_BTW, jnp.asarray(schedule, jnp.int32))[0]
 
 
-def run_stack_cached(stack: nnx.Module, x_BtW: Array, positions_Bt: Array, kv: tuple[Array, Array], write: Array
-                     ) -> tuple[Array, tuple[Array, Array]]:
-    """`run_stack` on new tokens with the stack's caches ``kv`` ([L, B, T, N, H] each)."""
+def stack_layers(stack: nnx.Module) -> list[nnx.Module]:
+    """The layers of a stacked block module, one module each (their weights sliced from the stack)."""
     graphdef, state = nnx.split(stack)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(jax.tree.leaves(state)[0].shape[0])]
 
-    def layer(x: Array, layer_in: tuple) -> tuple[Array, tuple[Array, Array]]:
-        layer_state, k, v = layer_in
-        return nnx.merge(graphdef, layer_state).cached(x, positions_Bt, (k, v), write)
 
-    x, (k, v) = jax.lax.scan(layer, x_BtW, (state, kv[0], kv[1]))
-    return x, (k, v)
+def run_stack_cached(stack: nnx.Module, x_BtW: Array, positions_Bt: Array,
+                     caches: Sequence[tuple[Array, Array]] | None, start_B: Array
+                     ) -> tuple[Array, list[tuple[Array, Array]]]:
+    """`run_stack` on new tokens over earlier tokens' keys and values (one (K, V) [B, T, K, H] per layer,
+    or None), layer by layer. Returns (x, the chunk's fresh (k, v) [B, t, K, H] per layer)."""
+    fresh = []
+    for i, block in enumerate(stack_layers(stack)):
+        x_BtW, kv = block.cached(x_BtW, positions_Bt, None if caches is None else caches[i], start_B)
+        fresh.append(kv)
+    return x_BtW, fresh

@@ -19,7 +19,7 @@ from flax import nnx
 
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import PlanError
-from loopformer.model.cache import CachePolicy, KVCache, empty_kv
+from loopformer.model.cache import CachePolicy, KVCache, empty_kv, store
 from loopformer.model.circuit import Bank, Context
 from loopformer.model.layers import Block, attention_mask, normal_init, run_stack, run_stack_cached, stacked
 from loopformer.model.plan import Diagnostics, Plan
@@ -122,51 +122,55 @@ class LoopedTransformer(nnx.Module):
         needs for up to ``loops[name]`` iterations."""
         dtype = self.compute_dtype
 
-        def stack_kv(stack: nnx.Module | None, extra: tuple[int, ...] = ()) -> tuple[Array, Array] | None:
+        def stack_kv(stack: nnx.Module | None, slots: tuple[int, ...] = ()) -> tuple:
             if stack is None:
-                return None
+                return ()
             attn = stack.attn
-            depth = attn.qkv.kernel.value.shape[0]
-            return empty_kv((*extra, depth), batch, length, attn.kv_heads, attn.head_dim, dtype)
+            depth = attn.qkv.kernel.shape[0]
+            return tuple(empty_kv((*slots, batch, length, attn.kv_heads, attn.head_dim), dtype) for _ in range(depth))
 
         circuits, state = {}, {}
         for stage in self.stages:
             for name in stage.names:
                 c = stage.circuits[name]
                 circuits[name] = stack_kv(c.blocks, (policy.slots(loops[name]),))
-                state[name] = jnp.zeros((batch, c.blocks.attn_norm.scale.value.shape[-1]), dtype)
+                state[name] = jnp.zeros((batch, c.write.kernel.shape[0]), dtype)
         return KVCache(stack_kv(self.prelude), stack_kv(self.coda), circuits, state, jnp.zeros((batch,), jnp.int32))
 
     def decode(self, tokens_Bt: Array, positions_Bt: Array, cache: KVCache, plan: Plan, policy: CachePolicy, *,
                last_B: Array | None = None, continuous: bool = False) -> tuple[Array, KVCache, dict[str, Array]]:
-        """Logits [B, t, vocab] of t new tokens at ``positions_Bt`` given the cache of every earlier
-        position (causal models only), and the updated cache. ``last_B``: the index in the chunk of each
-        row's last real token, whose circuit states the cache keeps (default t - 1). ``continuous``
-        starts every circuit from the state the cache kept (Huginn's continuous thinking; t = 1).
-        Also returns the iterations each circuit ran per token {name: [B, t]}."""
+        """Logits [B, t, vocab] of t new tokens at ``positions_Bt`` (consecutive from each row's first)
+        given the cache of every earlier position (causal models only), and the cache with them stored.
+        ``last_B``: the index in the chunk of each row's last real token, whose circuit states the cache
+        keeps (default t - 1). ``continuous`` starts every circuit from the state the cache kept
+        (Huginn's continuous thinking; t = 1). Also returns the iterations each circuit ran per token
+        {name: [B, t]}."""
         if not self.causal:
             raise PlanError("a bidirectional model (model.causal: false) cannot decode token by token; "
                             "use --no-cache")
-        if plan.schedules:
-            raise PlanError("decoding with a cache runs the layers in their order (no layer schedule); use --no-cache")
         B, t = tokens_Bt.shape
-        write = jnp.ones((B,), bool)
+        start = positions_Bt[:, 0]
         x = self.embed(tokens_Bt).astype(self.compute_dtype)
-        prelude = coda = None
-        if self.prelude is not None:
-            x, prelude = run_stack_cached(self.prelude, x, positions_Bt, cache.prelude, write)
+
+        def stack(module: nnx.Module | None, kvs: tuple, x: Array) -> tuple[Array, tuple]:
+            if module is None:
+                return x, kvs
+            x, fresh = run_stack_cached(module, x, positions_Bt, kvs, start)
+            return x, tuple(tuple(store(c, f, positions_Bt) for c, f in zip(kv, new, strict=True))
+                            for kv, new in zip(kvs, fresh, strict=True))
+
+        x, prelude = stack(self.prelude, cache.prelude, x)
         circuits, state, used = dict(cache.circuits), dict(cache.state), {}
         last = jnp.full((B,), t - 1) if last_B is None else last_B
-        for stage in self.stages:
-            h_init = {n: jnp.broadcast_to(state[n][:, None], (B, t, state[n].shape[-1])) for n in stage.names
+        for bank in self.stages:
+            h_init = {n: jnp.broadcast_to(state[n][:, None], (B, t, state[n].shape[-1])) for n in bank.names
                       } if continuous else None
-            x, kvs, states, stage_used = stage.decode(x, positions_Bt, {n: circuits[n] for n in stage.names}, plan,
-                                                      policy, h_init)
+            x, kvs, states, bank_used = bank.decode(x, positions_Bt, start, {n: circuits[n] for n in bank.names},
+                                                    plan, policy, h_init)
             circuits.update(kvs)
-            used.update(stage_used)
+            used.update(bank_used)
             state.update({n: s[jnp.arange(B), last] for n, s in states.items()})
-        if self.coda is not None:
-            x, coda = run_stack_cached(self.coda, x, positions_Bt, cache.coda, write)
+        x, coda = stack(self.coda, cache.coda, x)
         x = self.final_norm(x)
         logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
         length = jnp.maximum(cache.length, positions_Bt[jnp.arange(B), last] + 1)

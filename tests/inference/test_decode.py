@@ -136,10 +136,10 @@ def test_exited_rows_fill_their_later_slots(model):
         return m.decode(jnp.asarray([[1, 5, 9], [1, 7, 8]]), jnp.broadcast_to(jnp.arange(3), (2, 3)), cache, plan,
                         policy)[1]
 
-    k = run(params).circuits["X"][0]  # [slots, depth, B, T, N, H]
-    for slot in (1, 2, 3):
-        np.testing.assert_array_equal(k[slot, :, :, :3], k[0, :, :, :3])
-    assert float(jnp.abs(k[0, :, :, :3]).max()) > 0 and float(jnp.abs(k[:, :, :, 3:]).max()) == 0
+    for k, _ in run(params).circuits["X"]:  # per layer of the circuit: [slots, B, T, K, H]
+        for slot in (1, 2, 3):
+            np.testing.assert_array_equal(k[slot, :, :3], k[0, :, :3])
+        assert float(jnp.abs(k[0, :, :3]).max()) > 0 and float(jnp.abs(k[:, :, 3:]).max()) == 0
 
 
 def test_continuous_thinking_starts_from_the_last_state(model):
