@@ -29,6 +29,7 @@ NORM_MODES = ("pre", "sandwich")
 MLP_KINDS = ("gelu", "swiglu")
 OUTPUT_MODES = ("residual", "replace")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "xla", "einsum", "cudnn")
 TEXT_FORMATS = ("auto", "text", "jsonl", "arrayrecord")
 TOKENIZER_KINDS = ("bytes", "bpe")  # or a path to a tokenizer.json
 
@@ -236,6 +237,8 @@ class ModelConfig:
     norm_eps: float = 1e-6  # epsilon of every RMSNorm: x * rsqrt(mean(x^2) + eps) * scale
     init_std: float = 0.02
     compute_dtype: str = "float32"  # bfloat16: bf16 matmuls, fp32 parameters and logits
+    attention: str = "auto"  # auto | xla | einsum | cudnn: the attention kernel (auto: einsum on CPU, cuDNN's
+    # flash attention on NVIDIA GPUs for bf16/fp16, else XLA's; see loopformer/model/attend.py)
 
     def circuits(self) -> list[CircuitConfig]:
         return [c for s in self.stages for c in s.circuits]
@@ -276,6 +279,7 @@ class ModelConfig:
         _one_of(m.norm, NORM_MODES, "model.norm")
         _one_of(m.mlp, MLP_KINDS, "model.mlp")
         _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
+        _one_of(m.attention, ATTENTION_IMPLS, "model.attention")
         halting = [c.name for c in m.circuits() if c.halting.kind != "none"]
         _check(len(halting) <= 1, f"model: at most one circuit may have a halting head (it is read out after every "
                f"iteration), got {', '.join(halting)}")

@@ -17,15 +17,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from loopformer.errors import PlanError
+
 Array = jax.Array
 IMPLS = ("auto", "xla", "einsum", "cudnn")
 
 
 def resolve(impl: str, dtype: jnp.dtype) -> str:
-    """The implementation ``auto`` stands for on this backend (others unchanged)."""
+    """The implementation ``auto`` stands for on this backend (others unchanged; cudnn only on a GPU)."""
+    backend = jax.default_backend()
+    if impl == "cudnn" and backend != "gpu":
+        raise PlanError(f"model.attention=cudnn needs an NVIDIA GPU, but JAX runs on {backend}; use auto, xla or einsum")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
     if backend == "cpu":
         return "einsum"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):

@@ -72,7 +72,7 @@ class Circuit(nnx.Module):
 
     def __init__(self, c: CircuitConfig, *, d_model: int, mlp: str, norm: str, std: float, out_std: float,
                  rope_base: float, dtype: Any, causal: bool, rngs: nnx.Rngs, qkv_bias: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, attention: str = "auto"):
         self.io, self.inject, self.init, self.noise_std = c.io, c.inject, c.init, c.init_noise_std
         self.halting, self.act_eps = c.halting.kind, c.halting.eps
         self.replace = c.output == "replace"
@@ -82,7 +82,7 @@ class Circuit(nnx.Module):
         def block(r: nnx.Rngs) -> Block:
             return Block(w, c.heads, c.mlp_hidden, mlp=mlp, norm=norm, std=std, out_std=out_std,
                          rope_base=rope_base, dtype=dtype, rngs=r, window=c.window, causal=causal,
-                         kv_heads=c.kv_heads, qkv_bias=qkv_bias, norm_eps=norm_eps)
+                         kv_heads=c.kv_heads, qkv_bias=qkv_bias, norm_eps=norm_eps, attention=attention)
 
         self.blocks = stacked(block, c.depth, rngs)
         if c.io == "project":

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopformer.model.attend import attend, attend_split
+from loopformer.model.attend import attend, attend_split, resolve
 
 Array = jax.Array
 
@@ -64,8 +64,9 @@ class Attention(nnx.Module):
 
     def __init__(self, width: int, heads: int, *, std: float, out_std: float, rope_base: float,
                  dtype: Any, rngs: nnx.Rngs, window: int = 0, causal: bool = True, kv_heads: int = 0,
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, attention: str = "auto"):
         self.heads, self.head_dim, self.rope_base = heads, width // heads, rope_base
+        self.impl = resolve(attention, dtype)  # model.attention, resolved for this backend
         self.kv_heads = kv_heads or heads
         self.window, self.causal = window, causal
         kw = dict(dtype=dtype, rngs=rngs)
@@ -86,7 +87,7 @@ class Attention(nnx.Module):
         B, T, W = x_BTW.shape
         q, k, v = self._qkv(x_BTW, positions_BT)
         span = (self.window - 1, 0 if self.causal else self.window - 1) if self.window else None
-        y_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, local_window_size=span)
+        y_BTNH = attend(q, k, v, mask=mask, causal=self.causal, window=span, impl=self.impl)
         return self.out(y_BTNH.reshape(B, T, W))
 
     def cached(self, x_BtW: Array, positions_Bt: Array, cache: tuple[Array, Array] | None, start_B: Array,
@@ -139,13 +140,15 @@ class Block(nnx.Module):
 
     def __init__(self, width: int, heads: int, hidden: int, *, mlp: str, norm: str, std: float,
                  out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, window: int = 0,
-                 causal: bool = True, kv_heads: int = 0, qkv_bias: bool = False, norm_eps: float = 1e-6):
+                 causal: bool = True, kv_heads: int = 0, qkv_bias: bool = False, norm_eps: float = 1e-6,
+                 attention: str = "auto"):
         self.sandwich = norm == "sandwich"
         nk = dict(dtype=dtype, rngs=rngs, epsilon=norm_eps,
                   scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
         self.attn_norm = nnx.RMSNorm(width, **nk)
         self.attn = Attention(width, heads, std=std, out_std=out_std, rope_base=rope_base, dtype=dtype,
-                              rngs=rngs, window=window, causal=causal, kv_heads=kv_heads, qkv_bias=qkv_bias)
+                              rngs=rngs, window=window, causal=causal, kv_heads=kv_heads, qkv_bias=qkv_bias,
+                              attention=attention)
         self.mlp_norm = nnx.RMSNorm(width, **nk)
         self.mlp = MLP(width, hidden, mlp, std=std, out_std=out_std, dtype=dtype, rngs=rngs)
         if self.sandwich:

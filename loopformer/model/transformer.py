@@ -57,7 +57,7 @@ class LoopedTransformer(nnx.Module):
         d, dtype = cfg.d_model, jnp.dtype(cfg.compute_dtype)
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * max(init_depth, 0.5))
         common = dict(mlp=cfg.mlp, norm=cfg.norm, std=std, out_std=out_std, rope_base=cfg.rope_base, dtype=dtype,
-                      causal=cfg.causal, qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
+                      causal=cfg.causal, qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps, attention=cfg.attention)
         self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(std, ("vocab", "embed")), rngs=rngs)
         block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, rngs=r, window=cfg.window,  # noqa: E731
                                 kv_heads=cfg.kv_heads, **common)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from loopformer.errors import PlanError
 from loopformer.model.attend import attend, resolve
 
 
@@ -56,3 +57,22 @@ def test_positions_select_the_visible_cache(impl):
 
 def test_auto_is_einsum_on_cpu():
     assert resolve("auto", jnp.float32) == "einsum" and resolve("xla", jnp.float32) == "xla"
+    with pytest.raises(PlanError, match="model.attention=cudnn needs an NVIDIA GPU"):
+        resolve("cudnn", jnp.bfloat16)
+
+
+def test_models_with_either_kernel_agree():
+    """model.attention changes the kernel, not the function: same parameters, same logits (windows,
+    bidirectional attention and padding included)."""
+    from loopformer.config import load_config
+    from loopformer.model.plan import make_plan
+    from loopformer.model.transformer import build_model
+
+    logits = []
+    for impl in ("xla", "einsum"):
+        cfg = load_config("configs/maze3.yaml", [f"model.attention={impl}"]).model
+        model = build_model(cfg, 12, 0)
+        toks = jax.random.randint(jax.random.key(0), (2, 16), 0, 12)
+        seg = jnp.asarray([[1] * 12 + [0] * 4, [1] * 16])
+        logits.append(model(toks, make_plan(["X"], {"X": 3}), segment_ids_BT=seg)[0])
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
