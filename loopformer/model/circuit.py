@@ -287,7 +287,7 @@ class Circuit(nnx.Module):
             buf = _fill(buf, wrote, n, policy)
         cache = tuple(tuple(store(c, b, positions_Bt) for c, b in zip(layer_c, layer_b, strict=True))
                       for layer_c, layer_b in zip(cache, buf, strict=True))
-        return self.emit(h), cache, h, used
+        return self.emit(h, e), cache, h, used
 
 
 def _fill(buf: tuple, wrote_B: Array, n: Array, policy: CachePolicy) -> tuple:

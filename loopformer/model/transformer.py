@@ -134,7 +134,7 @@ class LoopedTransformer(nnx.Module):
             for name in stage.names:
                 c = stage.circuits[name]
                 circuits[name] = stack_kv(c.blocks, (policy.slots(loops[name]),))
-                state[name] = jnp.zeros((batch, c.write.kernel.shape[0]), dtype)
+                state[name] = jnp.zeros((batch, c.blocks.attn_norm.scale.shape[-1]), dtype)  # [B, w]
         return KVCache(stack_kv(self.prelude), stack_kv(self.coda), circuits, state, jnp.zeros((batch,), jnp.int32))
 
     def decode(self, tokens_Bt: Array, positions_Bt: Array, cache: KVCache, plan: Plan, policy: CachePolicy, *,
@@ -148,6 +148,8 @@ class LoopedTransformer(nnx.Module):
         if not self.causal:
             raise PlanError("a bidirectional model (model.causal: false) cannot decode token by token; "
                             "use --no-cache")
+        if plan.schedules:
+            raise PlanError("decoding with a cache runs the layers in their order (no layer schedule); use --no-cache")
         B, t = tokens_Bt.shape
         start = positions_Bt[:, 0]
         x = self.embed(tokens_Bt).astype(self.compute_dtype)

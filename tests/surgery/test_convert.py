@@ -58,6 +58,24 @@ def test_n_loops_run_the_core_block_n_times(source, inject):
                                    atol=5e-5)
 
 
+def test_a_converted_model_decodes_with_the_cache(source):
+    """Cached greedy decoding of the converted model (a replace circuit) = recomputing the prefix."""
+    from loopformer.inference.decode import decoder_for
+    from loopformer.inference.generate import generate_batch, logits_fn
+
+    _, params = source
+    cfg, new = converted_params(PLAIN, params, Recipe(core=(2, 4), inject="concat"))
+    model = nnx.eval_shape(lambda: build_model(cfg, 17, 0))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, new)
+    nnx.update(model, state)
+    prompts = [[1, 5, 9, 3], [2, 7]]
+    for n in (1, 3):
+        ref = generate_batch(logits_fn(model), nnx.state(model), prompts, {"X": n}, 6)
+        out = decoder_for(model)(nnx.state(model), prompts, {"X": n}, 6)
+        assert out.tokens.tolist() == ref
+
+
 def test_dropped_layers_are_removed(source):
     _, params = source
     cfg, new = converted_params(PLAIN, params, Recipe(core=(3, 5), drop=parse_layers(["1:3"])))
