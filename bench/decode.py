@@ -10,8 +10,13 @@ up to --recompute-max new tokens (its cost grows with the square of the length).
 absolute difference between the full-policy cached logits and the recomputed ones along a greedy
 generation (teacher-forced on the recomputed tokens), and whether the greedy tokens match.
 
+Per-token exits while decoding: `latent_diff` at three thresholds against none, the loop count capped at 8, at
+batch 1 (an exit saves its iterations) and batch 8 (a row waits for the batch's slowest token); on the random
+weights by default (their states never settle, so no token exits early) or on a trained text run (``--run``).
+
 JSON: {"rows": [{"policy", "batch", "new_tokens", "tokens_per_s", "bytes_per_token"}], "speedup_256": float,
-       "max_abs_logit_diff": float, "greedy_match": bool, "approximations": {policy: max_abs_logit_diff}}
+       "max_abs_logit_diff": float, "greedy_match": bool, "approximations": {policy: max_abs_logit_diff},
+       "exits": [{"exit", "batch", "new_tokens", "tokens_per_s", "mean_loops"}]}
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from loopformer.config import load_config  # noqa: E402
 from loopformer.inference.decode import Decoder  # noqa: E402
 from loopformer.inference.generate import generate_batch, logits_fn  # noqa: E402
 from loopformer.model.cache import CachePolicy  # noqa: E402
+from loopformer.model.exits import ExitRule  # noqa: E402
 from loopformer.model.transformer import build_model  # noqa: E402
+from loopformer.train.runs import load_run, read_run  # noqa: E402
 
 POLICIES = ("full", "last", "ring:2", "first")
 PROMPT = 16  # prompt tokens
@@ -71,6 +78,8 @@ def main() -> None:
     p.add_argument("--new", default="64,256,1024", help="numbers of new tokens")
     p.add_argument("--batch", default="1,8", help="batch sizes")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions (best kept)")
+    p.add_argument("--run", help="measure the exits on this trained text run (e.g. runs/text_bytes) instead of the "
+                                 "random weights, whose states never settle")
     p.add_argument("--recompute-max", type=int, default=256, help="largest number of new tokens timed for recompute")
     args = p.parse_args()
     news, batches = [int(v) for v in args.new.split(",")], [int(v) for v in args.batch.split(",")]
@@ -97,6 +106,8 @@ def main() -> None:
                 result["rows"].append({"policy": "recompute", "batch": batch, "new_tokens": new,
                                        "tokens_per_s": batch * new / t, "bytes_per_token": 0, "seconds": t})
                 C.log(f"batch {batch} new {new} recompute: {batch * new / t:.0f} tok/s", args)
+    result["exits"] = exit_rows(model, graphdef, params, args)
+    result["exits_weights"] = "random" if not args.run else f"trained: {args.run}"
     at = {(r["policy"], r["batch"], r["new_tokens"]): r["tokens_per_s"] for r in result["rows"]}
     result["speedup_256"] = (at[("full", 1, 256)] / at[("recompute", 1, 256)]
                              if ("recompute", 1, 256) in at and ("full", 1, 256) in at else None)
@@ -123,8 +134,44 @@ def main() -> None:
               f"max |logit difference| full cache vs recompute over 256 greedy tokens: {result['max_abs_logit_diff']:.2e}; "
               f"greedy tokens match: {result['greedy_match']}\n"
               "approximations (max |logit difference|): "
-              + ", ".join(f"{k} {v:.3g}" for k, v in result["approximations"].items())]
+              + ", ".join(f"{k} {v:.3g}" for k, v in result["approximations"].items()),
+              C.table(f"per-token exits while decoding (full cache, cap {EXIT_CAP} loops, {EXIT_NEW} new tokens; "
+                      ("random weights: where a token exits says nothing about text, the speed does)" if not args.run
+                       else f"weights of {args.run}; prompts from its val split)"),
+                      ["exit", "batch", "tokens/s", "mean loops per token"],
+                      [[r["exit"], r["batch"], r["tokens_per_s"], r["mean_loops"]] for r in result["exits"]])]
     C.emit(result, tables, args)
+
+
+EXIT_CAP, EXIT_NEW = 8, 256
+EXIT_RULES = ("none", "latent_diff:0.1", "latent_diff:0.03", "latent_diff:0.01")
+
+
+def exit_rows(model: Any, graphdef: Any, params: Any, args: Any) -> list[dict]:
+    """Tokens/s and the mean iterations a generated token ran, with per-token exits (`latent_diff`) capped at
+    EXIT_CAP loops, at batch 1 (where an exit saves its iterations) and batch 8 (where a row waits for the
+    batch's slowest token: Huginn's caveat)."""
+    rows = []
+    circuit = "X"
+    if args.run:  # a trained model: where its tokens exit means something; prompts from its own val text
+        run = load_run(read_run(args.run))
+        model, params, circuit = run.model, run.params, run.info.circuits[0]
+        graphdef = nnx.graphdef(model)
+        val = next(iter(run.eval_sets([run.info.data.split_names[-1]], 8).values()))[0]["inputs"]
+    for batch in (1, 8):
+        ps = prompts(batch) if not args.run else [[int(t) for t in val[i, :PROMPT]] for i in range(batch)]
+        dec = Decoder(graphdef, model.circuit_names, "full")
+        for rule in EXIT_RULES:
+            exits = None if rule == "none" else {circuit: ExitRule.parse(rule)}
+            def go(dec=dec, ps=ps, exits=exits):  # noqa: ANN202
+                return dec(params, ps, {circuit: EXIT_CAP}, EXIT_NEW, exits=exits)
+            t = best_time(go, args.reps)
+            used = go().loops[circuit]
+            rows.append({"exit": rule, "batch": batch, "new_tokens": EXIT_NEW, "tokens_per_s": batch * EXIT_NEW / t,
+                         "mean_loops": float(np.mean(used)), "seconds": t})
+            C.log(f"exits batch {batch} {rule}: {rows[-1]['tokens_per_s']:.0f} tok/s, {rows[-1]['mean_loops']:.2f} loops",
+                  args)
+    return rows
 
 
 def _buffer(ps: list[list[int]], new: np.ndarray) -> tuple[np.ndarray]:

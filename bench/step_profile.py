@@ -180,13 +180,13 @@ def optimizer_row(s: dict[str, int], reps: int) -> dict:
 
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
-    p.set_defaults(size="huginn")
+    size = next(a for a in p._actions if a.dest == "size")  # this bench's own shapes, not _common's sizes
+    size.choices, size.default, size.help = sorted(PRESETS), "huginn", "shape: huginn (the peer's) or tiny"
     p.add_argument("--loops", default="4,8,16", help="loop counts r of the train step")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (best kept)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="huginn", help="shape")
     args = p.parse_args()
-    s = PRESETS[args.preset]
-    result: dict[str, Any] = {"bench": "step_profile", "preset": args.preset, "shape": s, "env": C.environment()}
+    s = PRESETS[args.size]
+    result: dict[str, Any] = {"bench": "step_profile", "preset": args.size, "shape": s, "env": C.environment()}
     with nnx.use_eager_sharding(False):  # modules built outside build_model carry logical axis names
         parts, attn = part_rows(s, args.reps)
     parts.append(optimizer_row(s, args.reps))

@@ -39,11 +39,12 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="--prompt: sample among the likeliest tokens holding probability P (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="--prompt: sampling seed")
     p.add_argument("--cache", default="full", metavar="POLICY",
-                   help="--prompt: key/value cache of the loop iterations: full (exact), last, ring:K or first")
+                   help="key/value cache of the loop iterations (text prompts; answers of causal tasks): full (exact), "
+                        "last, ring:K or first")
     p.add_argument("--continuous", action="store_true",
-                   help="--prompt: start each new token's circuits from the previous token's final state")
+                   help="with the cache: start each new token's circuits from the previous token's final state")
     p.add_argument("--no-cache", action="store_true",
-                   help="--prompt: recompute the whole prefix for every new token (the reference)")
+                   help="recompute the whole prefix for every new token (the reference)")
     exit_flags(p, many=False)
 
 
@@ -131,14 +132,31 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     if info.cfg.data.mixture:
         task, logits, parts = _mixture_view(run, split, logits, parts)
     batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-    examples = answer_examples(logits, run.params, task, batch, settings)
+    decode, cache = _answer_decoder(args, run)
+    examples = answer_examples(logits, run.params, task, batch, settings, decode)
     for ex in examples:
         ex["split"] = split
     doc = {"run": str(info.path), "step": run.step, "split": split, "decoding": "autoregressive greedy",
-           "examples": examples}
+           "cache": cache, "examples": examples}
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
             f"answers decoded greedily, token by token from the prompt (not teacher-forced)")
     return doc, head + "\n" + _format_examples(examples)
+
+
+def _answer_decoder(args: argparse.Namespace, run: LoadedRun) -> tuple[Any, str | None]:
+    """Cached greedy decoding for a causal single-task run's answers (and the policy's name), or (None, None):
+    the recompute path, for --no-cache, a mixture (its answers read a slice of the logits) and exits that read
+    the output every iteration (kl, entropy_diff: the cache supports latent_diff and learned)."""
+    cfg = run.info.cfg
+    if (args.no_cache or not cfg.model.causal or cfg.data.mixture or run.task.labels_aligned
+            or any(rule.needs_readout for rule in args.exits.values())):
+        return None, None
+    decoder = decoder_for(run.model, args.policy, args.continuous)
+
+    def decode(params: Any, prompts: Any, loops: dict[str, int], n: int) -> list[list[int]]:
+        return decoder(params, prompts, loops, n, exits=args.exits or None).tokens.tolist()
+
+    return decode, str(args.policy)
 
 
 def _mixture_view(run: LoadedRun, split: str, logits_fn: Any, parts: list[dict]) -> tuple[Any, Any, list[dict]]:

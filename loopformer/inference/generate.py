@@ -1,6 +1,8 @@
 """Generation at chosen loop counts: continue token prompts, answer synthetic-task examples.
 
-Decoding recomputes the full forward pass for every new token (no KV cache): the prompts sit in a
+This is the recompute path, the reference that cached decoding (`loopformer.inference.decode`, what
+`loopformer generate --prompt` uses unless ``--no-cache``) is tested against, and what answers the
+synthetic tasks: it runs the full forward pass for every new token. The prompts sit in a
 fixed [B, L] buffer (L = longest prompt + max_new_tokens rounded up to a multiple of 32, filled with
 token 0 after each prompt), so one compiled program serves every step, every loop count and prompts
 of similar length; causal attention keeps what follows a position from affecting it. A text corpus
@@ -133,12 +135,16 @@ def answer_text(task: Any, inputs: np.ndarray, answer: Sequence[int]) -> str:
     return full[len(stem):] if full.startswith(stem) else full
 
 
+DecodeFn = Callable[[Any, Sequence[Sequence[int]], Mapping[str, int], int], list[list[int]]]
+
+
 def answer_examples(logits_fn: LogitsFn, params: Any, task: Any, examples: Mapping[str, np.ndarray],
-                    settings: Sequence[Mapping[str, int]]) -> list[dict[str, Any]]:
+                    settings: Sequence[Mapping[str, int]], decode: DecodeFn | None = None) -> list[dict[str, Any]]:
     """Autoregressive greedy answers to a batch of examples (``inputs``/``targets``/``mask`` [K, T], and
     ``segment_ids``) at each loop setting (every circuit's count); a task with aligned labels is
-    answered by one forward pass instead. One dict per example: prompt (rendered), true answer
-    (tokens, text) and one prediction (loops, tokens, text, correct) per setting."""
+    answered by one forward pass instead. ``decode(params, prompts, loops, n)`` (a cached decoder's
+    greedy tokens) replaces the recompute path when given. One dict per example: prompt (rendered), true
+    answer (tokens, text) and one prediction (loops, tokens, text, correct) per setting."""
     inputs = np.asarray(examples["inputs"])
     parts = [split_prompt({k: np.asarray(v)[i] for k, v in examples.items()}) for i in range(len(inputs))]
     prompts, lengths = [p for p, _ in parts], [n for _, n in parts]
@@ -154,6 +160,8 @@ def answer_examples(logits_fn: LogitsFn, params: Any, task: Any, examples: Mappi
             seg = None if segments is None else jnp.asarray(segments)
             pred_BT = np.asarray(jnp.argmax(logits_fn(params, jnp.asarray(inputs), loops, seg), axis=-1))
             new = [pred_BT[i][mask[i]].tolist() for i in range(len(inputs))]
+        elif decode is not None:
+            new = decode(params, prompts, loops, max(lengths))
         else:
             new = generate_batch(logits_fn, params, prompts, loops, max(lengths))
         for i, ex in enumerate(out):

@@ -101,6 +101,14 @@ def test_generate(run_dir, capsys):
     assert "#1" in out and "true answer" in out and "X=2 Y=3" in out
 
 
+def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, capsys):
+    args = ["generate", "--run", str(run_dir), "--example-split", "hard", "--count", "6", "--loops", "X=1,6"]
+    cached, recomputed = run_json(capsys, *args), run_json(capsys, *args, "--no-cache")
+    assert cached["cache"] == "full" and recomputed["cache"] is None
+    assert [[p["tokens"] for p in ex["predictions"]] for ex in cached["examples"]] == \
+        [[p["tokens"] for p in ex["predictions"]] for ex in recomputed["examples"]]
+
+
 def test_text_run(text_run_dir, capsys):
     doc = run_json(capsys, "eval", "--run", str(text_run_dir), "--split", "val")
     (row,) = doc["rows"]
