@@ -502,14 +502,14 @@ class Bank(nnx.Module):
         def round_(cs: Any, carry: tuple, r: Array) -> tuple:
             hs, active, used, aux = carry
             router = nnx.merge(router_gd, cs[2])
-            sel, gate, still, loss = router(stream(cs, hs), r < loops, active, ctx.valid_BT)
+            sel, soft, still, loss = router(stream(cs, hs), r < loops, active, ctx.valid_BT)
             new_hs = []
-            exiting = active & ~still & ~jnp.any(sel, axis=0)  # chose exit this round: its kept states carry the gate
             for i in range(len(names)):
                 circuit = nnx.merge(graphdefs[i], cs[0][i])
-                g = gate[i][..., None].astype(hs[i].dtype)
-                new = circuit.iteration(hs[i], cs[1][i], ctx) * g
-                new_hs.append(jnp.where(sel[i][..., None], new, jnp.where(exiting[..., None], hs[i] * g, hs[i])))
+                cand = circuit.iteration(hs[i], cs[1][i], ctx)
+                # straight-through: the hard choice in value, the soft state h + q (cand - h) in gradient
+                step = soft[i][..., None].astype(hs[i].dtype) * (cand - hs[i])
+                new_hs.append(jnp.where(sel[i][..., None], cand, hs[i]) + step)
             return tuple(new_hs), still, used + sel.astype(jnp.float32), aux + loss
 
         carry0 = (tuple(h for _, h in starts), active0, jnp.zeros((len(names), *x_BTD.shape[:2]), jnp.float32),

@@ -8,10 +8,13 @@ circuit runs next, or whether the token exits.
                    of every sequence (Mixture-of-Recursions); a token no circuit takes exits. Auxiliary BCE
                    between the scores and the selections (MoR: 1e-3).
 
-Shapes stay static: every circuit computes its step for every token and the selection masks which
-tokens take it. The router learns through the selected update, scaled by g / stop_gradient(g) (its
-value is the hard choice, its gradient reaches the score g). ``compute`` adds a cost per round a token
-keeps running, which pushes exits earlier.
+Shapes stay static: every circuit computes its candidate step h~ for every token and the selection masks
+which tokens take it. The router learns by a straight-through estimator: circuit c's new state is
+hard + (q_c - stop_gradient(q_c)) (h~_c - h_c), where q_c is the router's probability (token choice) or
+score (expert choice) of c; its value is the hard choice, its gradient that of the soft state
+h_c + q_c (h~_c - h_c), so the router sees whether running c would have lowered the loss. (Scaling the new
+state by q / stop_gradient(q) instead gives almost no signal: a state norm removes the scale.) ``compute``
+adds a cost per round a token keeps running, which pushes exits earlier.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ class Router(nnx.Module):
         """One round. ``eligible_C`` bool [C]: circuits allowed to run this round (within their loop
         count); ``active_BT``: tokens still running.
 
-        Returns (selected [C, B, T] bool, gate [C, B, T] (1 in value, carrying the router's gradient),
-        still running afterwards [B, T], auxiliary loss []). A token that exits this round has its states
-        scaled by its gate too (``gate`` applies wherever the token ran nothing but exited)."""
+        Returns (selected [C, B, T] bool, soft [C, B, T] = q - stop_gradient(q) (0 in value, the router's
+        gradient; 0 for tokens not running and circuits not eligible), still running afterwards [B, T],
+        auxiliary loss [])."""
         s = self.score(self.norm(x_BTD)).astype(jnp.float32)  # [B, T, C(+1)]
         C = eligible_C.shape[0]
         valid = jnp.ones(active_BT.shape, bool) if valid_BT is None else valid_BT
@@ -58,19 +61,19 @@ class Router(nnx.Module):
             allowed = jnp.concatenate([eligible_C, jnp.ones((int(self.with_exit),), bool)])
             probs = jax.nn.softmax(jnp.where(allowed, s, -1e9), axis=-1)
             choice = jnp.argmax(probs, axis=-1)
-            picked = jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
             sel = (choice[None] == jnp.arange(C)[:, None, None]) & running[None]
             still = active_BT & ~(running & (choice == C)) if self.with_exit else active_BT
             still = still & jnp.any(eligible_C)
-            # every choice scales the state it leaves by g / stop_gradient(g) (1 in value): running a circuit
-            # scales that circuit's new state, exiting scales every circuit's kept state, so both options learn
-            gate = jnp.broadcast_to(picked / jax.lax.stop_gradient(picked), sel.shape)
+            q = jnp.moveaxis(probs[..., :C], -1, 0)  # [C, B, T]; the exit option learns through the softmax
+            soft = (q - jax.lax.stop_gradient(q)) * (running[None] & eligible_C[:, None, None])
             share = sel.sum((1, 2)) / count  # f_c
             mean_p = jnp.sum(probs[..., :C] * running[..., None], axis=(0, 1)) / count  # P_c
-            loss = self.balance * C * jnp.sum(share * mean_p)
+            # Switch's balance spreads tokens over circuits; over one circuit it would only penalise running
+            # it (P_X down, towards the exit), so it applies from two circuits on
+            loss = self.balance * C * jnp.sum(share * mean_p) if C > 1 else jnp.zeros((), jnp.float32)
             if self.with_exit:
                 loss = loss + self.compute * jnp.sum((1.0 - probs[..., C]) * running) / count
-            return sel, gate, still, loss
+            return sel, soft, still, loss
         # expert choice: each eligible circuit takes the top ceil(capacity * T) running tokens per sequence
         scores = jax.nn.sigmoid(s)  # [B, T, C]
         k = max(1, math.ceil(self.capacity * x_BTD.shape[1]))
@@ -79,10 +82,11 @@ class Router(nnx.Module):
         picked = jnp.zeros(masked.shape, bool).at[
             jnp.arange(C)[:, None, None], jnp.arange(masked.shape[1])[None, :, None], idx].set(top >= 0)
         sel = picked & running[None] & eligible_C[:, None, None]  # [C, B, T]
-        gate = jnp.moveaxis(scores / jax.lax.stop_gradient(scores), -1, 0)
+        q = jnp.moveaxis(scores, -1, 0)
+        soft = (q - jax.lax.stop_gradient(q)) * (running[None] & eligible_C[:, None, None])
         still = active_BT & jnp.any(sel, axis=0)
         target = jnp.moveaxis(sel, 0, -1).astype(jnp.float32)
         bce = -(target * jnp.log(scores + 1e-6) + (1 - target) * jnp.log(1 - scores + 1e-6))
         loss = self.aux * jnp.sum(bce * running[..., None]) / (count * C)
         loss = loss + self.compute * jnp.sum(scores * running[..., None]) / (count * C)
-        return sel, gate, still, loss
+        return sel, soft, still, loss

@@ -270,6 +270,16 @@ def test_token_choice_router_sends_each_token_to_one_circuit_per_round():
     assert float(diag.aux_loss) > 0
 
 
+def test_one_circuit_has_no_balance_loss():
+    """Switch balancing spreads tokens over circuits; with one circuit it would only push tokens to exit, so
+    a one-circuit router without a compute cost has no auxiliary loss (two circuits: > 0, above)."""
+    x = CircuitConfig(name="X", width=16, heads=2, window=3, state_norm=True, eval_loops=4, max_loops=6)
+    cfg = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1,
+                      stages=[StageConfig([x], router=RouterConfig(kind="token_choice", balance=0.5, compute=0.0))])
+    gd, st = model_of(cfg)
+    assert float(run(gd, st, tokens(), make_plan(["X"], {"X": 4}))[1].aux_loss) == 0.0
+
+
 def test_forced_routes():
     """A router whose bias always picks exit runs nothing; one that always picks X runs X at every round."""
     model = build_model(two_routed("token_choice"), VOCAB, 0)
