@@ -136,8 +136,8 @@ def main() -> None:
               "approximations (max |logit difference|): "
               + ", ".join(f"{k} {v:.3g}" for k, v in result["approximations"].items()),
               C.table(f"per-token exits while decoding (full cache, cap {EXIT_CAP} loops, {EXIT_NEW} new tokens; "
-                      ("random weights: where a token exits says nothing about text, the speed does)" if not args.run
-                       else f"weights of {args.run}; prompts from its val split)"),
+                      + ("random weights: where a token exits says nothing about text, the speed does)" if not args.run
+                         else f"weights of {args.run}; prompts from its val split)"),
                       ["exit", "batch", "tokens/s", "mean loops per token"],
                       [[r["exit"], r["batch"], r["tokens_per_s"], r["mean_loops"]] for r in result["exits"]])]
     C.emit(result, tables, args)
