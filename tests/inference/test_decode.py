@@ -63,8 +63,10 @@ def _tokens():
     return jnp.asarray(buf), jnp.asarray([len(p) for p in PROMPTS])
 
 
-@pytest.mark.parametrize("policy,exact", [("full", True), ("ring:4", True), ("ring:2", False), ("last", False),
-                                          ("first", False)])
+# full stays in the fast suite; the other policies (about 20 s each on 2 cores) run with the slow tests
+@pytest.mark.parametrize("policy,exact", [("full", True)] + [pytest.param(p, e, marks=pytest.mark.slow) for p, e in
+                                                             (("ring:4", True), ("ring:2", False), ("last", False),
+                                                              ("first", False))])
 def test_cached_logits_against_recompute(model, policy, exact):
     """full (and a ring as long as the loop) reproduce the recomputed logits to float32 precision; the
     sharing policies are approximations whose error is measured here, not hidden."""

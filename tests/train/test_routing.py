@@ -150,6 +150,7 @@ def test_bad_routes_and_mixtures(extra, message):
         load_config("configs/quickstart.yaml", [*TINY, *extra])
 
 
+@pytest.mark.slow  # two short training runs (about 60 s on 2 cores)
 def test_a_routed_mixture_run_resumes_bit_exactly_and_may_change_its_routes(tmp_path, capsys, monkeypatch):
     from loopformer.errors import CheckpointError
     from loopformer.train import trainer
