@@ -64,8 +64,8 @@ class Router(nnx.Module):
             sel = (choice[None] == jnp.arange(C)[:, None, None]) & running[None]
             still = active_BT & ~(running & (choice == C)) if self.with_exit else active_BT
             still = still & jnp.any(eligible_C)
-            q = jnp.moveaxis(probs[..., :C], -1, 0)  # [C, B, T]; the exit option learns through the softmax
-            soft = (q - jax.lax.stop_gradient(q)) * (running[None] & eligible_C[:, None, None])
+            # [C, B, T]; the exit option learns through the softmax
+            soft = _straight_through(jnp.moveaxis(probs[..., :C], -1, 0), running, eligible_C)
             share = sel.sum((1, 2)) / count  # f_c
             mean_p = jnp.sum(probs[..., :C] * running[..., None], axis=(0, 1)) / count  # P_c
             # Switch's balance spreads tokens over circuits; over one circuit it would only penalise running
@@ -82,11 +82,15 @@ class Router(nnx.Module):
         picked = jnp.zeros(masked.shape, bool).at[
             jnp.arange(C)[:, None, None], jnp.arange(masked.shape[1])[None, :, None], idx].set(top >= 0)
         sel = picked & running[None] & eligible_C[:, None, None]  # [C, B, T]
-        q = jnp.moveaxis(scores, -1, 0)
-        soft = (q - jax.lax.stop_gradient(q)) * (running[None] & eligible_C[:, None, None])
+        soft = _straight_through(jnp.moveaxis(scores, -1, 0), running, eligible_C)
         still = active_BT & jnp.any(sel, axis=0)
         target = jnp.moveaxis(sel, 0, -1).astype(jnp.float32)
         bce = -(target * jnp.log(scores + 1e-6) + (1 - target) * jnp.log(1 - scores + 1e-6))
         loss = self.aux * jnp.sum(bce * running[..., None]) / (count * C)
         loss = loss + self.compute * jnp.sum(scores * running[..., None]) / (count * C)
         return sel, soft, still, loss
+
+
+def _straight_through(q_CBT: Array, running_BT: Array, eligible_C: Array) -> Array:
+    """q - stop_gradient(q): 0 in value, q's gradient; 0 for tokens not running and circuits not eligible."""
+    return (q_CBT - jax.lax.stop_gradient(q_CBT)) * (running_BT[None] & eligible_C[:, None, None])
