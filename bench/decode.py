@@ -157,7 +157,7 @@ def exit_rows(model: Any, graphdef: Any, params: Any, args: Any) -> list[dict]:
         run = load_run(read_run(args.run))
         model, params, circuit = run.model, run.params, run.info.circuits[0]
         graphdef = nnx.graphdef(model)
-        val = next(iter(run.eval_sets([run.info.data.split_names[-1]], 8).values()))[0]["inputs"]
+        val = run.eval_sets(["val"], 8)["val"][0]["inputs"]
     for batch in (1, 8):
         ps = prompts(batch) if not args.run else [[int(t) for t in val[i, :PROMPT]] for i in range(batch)]
         dec = Decoder(graphdef, model.circuit_names, "full")
