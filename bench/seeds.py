@@ -3,7 +3,7 @@
 Trains ``--config`` with seed = 0 .. N-1 (run ``<run.name>-seed<s>`` under ``--out``; an existing run
 resumes, a finished one is only read back), then tabulates each split's accuracy (text: bits per
 byte) at every count of ``eval.sweep_loops`` as the mean and range over seeds. A single seed is one
-sample: this is the number README quotes for the quickstart.
+sample: this is the table README.md and docs/quickstart.md quote for the quickstart.
 
     python bench/seeds.py --config configs/quickstart.yaml --seeds 3 [--out DIR] [--json] [key=value ...]
 

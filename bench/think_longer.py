@@ -72,7 +72,7 @@ def maze_recipe(rows: int) -> tuple[str, ...]:
             "model.norm=pre", f"{X}.backprop=4", "train.lr=2e-3")
 
 
-# Each follows a published setting scaled to a 2-core CPU (see README, "Think longer").
+# Each follows a published setting scaled to a 2-core CPU (see docs/think_longer.md).
 TASKS = {
     # DeepThinking's prefix sums (aligned labels, exact match), as in configs/quickstart.yaml: local
     # attention everywhere, so the loop is the only way information crosses the string; truncated
@@ -97,7 +97,7 @@ TASKS = {
     # every 2x maze needs more than 12. Declared after maze_entrance's run (2x: 84.0 % at 12 loops,
     # gain +16.0; its 2x mazes span 7-13 columns), before its own first run; the recipe is unchanged.
     # Its run found a shortcut: the rooms cut off are few, and the model solves 4x mazes with 4-12
-    # loops by labelling that pocket NO and the rest YES (README), so it is not in the suite.
+    # loops by labelling that pocket NO and the rest YES (docs/think_longer.md), so it is not in the suite.
     "maze_exit": dataclasses.replace(MAZE, task_args={"rows": 2, "entrance": True, "exit": True}, task="maze"),
     # 3-row mazes entered from the left wall (the maze_entrance rule), declared after the three 2-row
     # designs' runs and before its own first run: in 2-row strips the start's region spans too few
@@ -107,7 +107,7 @@ TASKS = {
     "maze3": dataclasses.replace(MAZE, task_args={"rows": 3, "entrance": True}, task="maze",
                                  overrides=maze_recipe(3)),
     # Global-lookup tasks (full attention, loops U{2..6}). None learned its task in 1,500 steps
-    # (README); the suite gives them 1,000 so that it fits in an hour on 2 cores.
+    # (docs/think_longer.md); the suite gives them 1,000 so that it fits in an hour on 2 cores.
     "pointer_chase": Setting({"num_nodes": 20, "num_symbols": 20, "edge_tokens": True}, [1, 4],
                              {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]}, steps=(60, 1000)),
     "p_hop": Setting({"length": 48, "alphabet": 4}, [1, 4], {"train": [1, 4], "2x": [8, 8], "4x": [16, 16]},
