@@ -23,3 +23,11 @@ class CheckpointError(LoopformerError):
 
 class PlanError(LoopformerError):
     """A loop count, gate or circuit name given to run a model does not fit it."""
+
+
+class AnalysisError(LoopformerError):
+    """A flag of an analysis command does not fit the run (no such run, unknown split, impossible request)."""
+
+
+class DecodingError(PlanError):
+    """Cached decoding cannot run this model or plan exactly (recomputing the whole prefix can)."""

@@ -1,5 +1,5 @@
 """Typed run configuration: `schema` (the sections, each validating itself), `load` (YAML, overrides,
-differences between configs), `loops` (loop-count distributions)."""
+differences between configs). The registered choices its fields name live in `loopformer.variants`."""
 
 from loopformer.config.load import (
     ARCHITECTURE,
@@ -15,7 +15,6 @@ from loopformer.config.load import (
     parse_overrides,
     part_of,
 )
-from loopformer.config.loops import LoopDistribution
 from loopformer.config.schema import (
     CircuitArch,
     CircuitBehaviour,
@@ -34,6 +33,7 @@ from loopformer.config.schema import (
     TrainConfig,
     mlp_hidden,
 )
+from loopformer.variants.loops import LoopDistribution
 
 __all__ = [
     "ARCHITECTURE", "BEHAVIOUR", "SCHEDULE", "SETTING", "TASK", "Change", "CircuitArch", "CircuitBehaviour",

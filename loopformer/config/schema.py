@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopformer.config.loops import LoopDistribution
 from loopformer.errors import ConfigError
+from loopformer.variants.halting import HALTINGS, Halting
+from loopformer.variants.loops import LoopDistribution
+from loopformer.variants.position import POSITIONS
+from loopformer.variants.registry import Registry
+from loopformer.variants.routing import ROUTERS, RouterKind
+from loopformer.variants.state import INITS, INJECTIONS
 
 IO_MODES = ("slice", "project")
-INJECT_MODES = ("add", "concat", "none")
-INIT_MODES = ("zeros", "input", "noise")
 NORM_MODES = ("pre", "sandwich")
 MLP_KINDS = ("gelu", "swiglu")
 OUTPUT_MODES = ("residual", "replace")
@@ -51,19 +54,16 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _one_of(value: str, options: tuple[str, ...], path: str) -> None:
-    _check(value in options, f"{path}: '{value}' is not one of {', '.join(options)}")
+def _one_of(value: str, options: tuple[str, ...] | Registry, path: str) -> None:
+    names = options.names() if isinstance(options, Registry) else options
+    _check(value in names, f"{path}: '{value}' is not one of {', '.join(names)}")
 
 
 # ----------------------------------------------------------------------------- circuits
 
-HALTING_KINDS = ("none", "ouro", "pondernet", "act")
-ROUTER_KINDS = ("none", "token_choice", "expert_choice")
-
-
 @dataclass
 class HaltingConfig:
-    """A learned exit (`loopformer.model.halting`): ``kind`` adds a halting head to the circuit (its
+    """A learned exit (`loopformer.variants.halting`): ``kind`` adds a halting head to the circuit (its
     architecture); the rest are loss weights of training and the default exit quantile."""
 
     kind: str = "none"  # none | ouro | pondernet | act
@@ -75,17 +75,26 @@ class HaltingConfig:
     q: float = 0.5  # ouro / pondernet: evaluation exits once the exit CDF reaches q
 
     def validate(self, path: str) -> None:
-        _one_of(self.kind, HALTING_KINDS, f"{path}.kind")
+        _one_of(self.kind, HALTINGS, f"{path}.kind")
         _check(self.beta >= 0 and self.beta_final >= 0 and self.tau >= 0,
                f"{path}: beta, beta_final and tau must be >= 0")
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
         _check(0 < self.eps < 1, f"{path}.eps must be in (0, 1), got {self.eps}")
         _check(0 < self.q <= 1, f"{path}.q must be in (0, 1], got {self.q}")
+        self.rule().validate(path)
+
+    def rule(self) -> Halting:
+        """The halting kind with these settings."""
+        return Halting.of(self)
+
+    @property
+    def has_head(self) -> bool:
+        return self.kind in HALTINGS and HALTINGS.get(self.kind).has_head
 
 
 @dataclass
 class RouterConfig:
-    """A router over a stage's circuits (`loopformer.model.router`): ``kind`` (and ``exit``) add its
+    """A router over a stage's circuits (`loopformer.variants.routing`): ``kind`` (and ``exit``) add its
     scoring layer (architecture); the rest are its settings."""
 
     kind: str = "none"  # none | token_choice | expert_choice
@@ -96,9 +105,16 @@ class RouterConfig:
     compute: float = 0.0  # cost per round a token keeps running (pushes exits earlier)
 
     def validate(self, path: str) -> None:
-        _one_of(self.kind, ROUTER_KINDS, f"{path}.kind")
+        _one_of(self.kind, ROUTERS, f"{path}.kind")
         _check(0 < self.capacity <= 1, f"{path}.capacity must be in (0, 1], got {self.capacity}")
         _check(min(self.balance, self.aux, self.compute) >= 0, f"{path}: balance, aux and compute must be >= 0")
+
+    def rule(self) -> RouterKind:
+        return RouterKind.of(self)
+
+    @property
+    def routes(self) -> bool:
+        return self.kind in ROUTERS and ROUTERS.get(self.kind).routes
 
 
 @dataclass
@@ -126,6 +142,16 @@ class CircuitArch:
     @property
     def kv_head_count(self) -> int:
         return self.kv_heads or self.heads
+
+    @property
+    def sliced(self) -> bool:
+        """io: slice (reads and writes its own columns of the stream)."""
+        return self.io == "slice"
+
+    @property
+    def replaces(self) -> bool:
+        """output: replace (its final state replaces its slice of the raw stream)."""
+        return self.output == "replace"
 
 
 @dataclass
@@ -172,11 +198,11 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
         _check((c.width // c.heads) % 2 == 0, f"{p}: width / heads = {c.width // c.heads} must be even (RoPE rotates pairs)")
         _check(c.mlp_ratio > 0, f"{p}.mlp_ratio must be > 0")
         _one_of(c.io, IO_MODES, f"{p}.io")
-        _one_of(c.inject, INJECT_MODES, f"{p}.inject")
-        _one_of(c.init, INIT_MODES, f"{p}.init")
+        _one_of(c.inject, INJECTIONS, f"{p}.inject")
+        _one_of(c.init, INITS, f"{p}.init")
         _one_of(c.output, OUTPUT_MODES, f"{p}.output")
         if c.output == "replace":
-            _check(c.io == "slice" and not c.state_norm and c.halting.kind == "none",
+            _check(c.io == "slice" and not c.state_norm and not c.halting.has_head,
                    f"{p}.output=replace: the final state replaces the circuit's slice of the stream, so it needs "
                    f"io: slice, state_norm: false and no halting head")
         _check(c.window >= 0, f"{p}.window must be 0 (full attention) or >= 1 tokens, got {c.window}")
@@ -188,11 +214,8 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
         except ValueError as e:
             raise ConfigError(f"{p}.loops: {e}") from None
         # max_loops caps every training draw: below the counts loops draws, it would silently clamp them
-        # (and every summary would still show the uncapped distribution). A poisson_lognormal's long
-        # tail is cut by design, its bulk must not be.
-        top = {"fixed": dist.a, "uniform": dist.b}.get(dist.kind, dist.mean())
-        what = (f"the mean count ({top:g}) of loops={dist}: most draws" if dist.kind == "poisson_lognormal" else
-                f"counts that loops={dist} draws (up to {top:g}): they")
+        # (and every summary would still show the uncapped distribution)
+        top, what = dist.bulk()
         _check(c.max_loops >= top, f"{p}.max_loops={c.max_loops} is below {what} would be clamped to {c.max_loops}, "
                f"silently changing the training distribution; raise max_loops to >= {math.ceil(top)} or lower loops")
         c.halting.validate(f"{p}.halting")
@@ -234,6 +257,7 @@ class ModelConfig:
     causal: bool = True  # false: bidirectional attention everywhere (the window reaches w - 1 tokens both
     # ways); only for tasks whose labels sit at input positions (aligned), where no target is an input
     rope_base: float = 10000.0  # RoPE theta
+    position: str = "rope"  # rope | none (NoPE): how attention sees positions (loopformer/variants/position.py)
     norm_eps: float = 1e-6  # epsilon of every RMSNorm: x * rsqrt(mean(x^2) + eps) * scale
     init_std: float = 0.02
     compute_dtype: str = "float32"  # bfloat16: bf16 matmuls, fp32 parameters and logits
@@ -248,7 +272,7 @@ class ModelConfig:
 
     def halting_circuit(self) -> CircuitConfig | None:
         """The circuit with a learned halting head (at most one per model), or None."""
-        return next((c for c in self.circuits() if c.halting.kind != "none"), None)
+        return next((c for c in self.circuits() if c.halting.has_head), None)
 
     def schedules(self) -> dict[str, LoopSchedule]:
         return {c.name: c.schedule() for c in self.circuits()}
@@ -280,7 +304,8 @@ class ModelConfig:
         _one_of(m.mlp, MLP_KINDS, "model.mlp")
         _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
         _one_of(m.attention, ATTENTION_IMPLS, "model.attention")
-        halting = [c.name for c in m.circuits() if c.halting.kind != "none"]
+        _one_of(m.position, POSITIONS, "model.position")
+        halting = [c.name for c in m.circuits() if c.halting.has_head]
         _check(len(halting) <= 1, f"model: at most one circuit may have a halting head (it is read out after every "
                f"iteration), got {', '.join(halting)}")
         seen: set[str] = set()
@@ -292,10 +317,10 @@ class ModelConfig:
                 _check(c.name not in seen, f"{p}.name: circuit name '{c.name}' is used twice; names must be unique")
                 seen.add(c.name)
             stage.router.validate(f"model.stages.{s}.router")
-            if stage.router.kind != "none":
+            if stage.router.routes:
                 _check(all(c.output == "residual" for c in stage.circuits),
                        f"model.stages.{s}: a routed stage's circuits must have output: residual")
-                _check(all(c.halting.kind == "none" for c in stage.circuits),
+                _check(not any(c.halting.has_head for c in stage.circuits),
                        f"model.stages.{s}: a routed stage's circuits cannot also have a halting head (the router "
                        f"decides their exits); set router.kind=none or halting.kind=none")
             sliced = [c for c in stage.circuits if c.io == "slice"]
@@ -550,8 +575,8 @@ class Config:
             for name in e.route or ():
                 _check(name in circuits, f"data.mixture.{e.name}.route: '{name}' is not a circuit; circuits are "
                        f"{', '.join(circuits) or 'none'}")
-        extra = ([f"circuit {c.name} has a halting head" for c in self.model.circuits() if c.halting.kind != "none"]
-                 + [f"stage {s} has a router" for s, st in enumerate(self.model.stages) if st.router.kind != "none"])
+        extra = ([f"circuit {c.name} has a halting head" for c in self.model.circuits() if c.halting.has_head]
+                 + [f"stage {s} has a router" for s, st in enumerate(self.model.stages) if st.router.routes])
         _check(not extra, f"data.mixture: gradient routing (route) splits the loss example by example, but "
                f"{extra[0] if extra else ''} (its loss terms are batch-level); drop route, or set halting.kind=none "
                f"/ router.kind=none")

@@ -1,16 +1,9 @@
-"""Key/value caches for decoding, and the policies that decide which loop iteration writes which slot.
+"""Key/value caches for decoding (the policies that decide which loop iteration writes which slot are
+registered classes in `loopformer.variants.cache`).
 
 A causal model's attention at position t only reads positions <= t, so a token's keys and values never
 change once computed: decoding caches them and runs each new token alone. In a looped circuit every
-iteration i has its own keys and values; the policy keeps
-
-    full      one slot per iteration (exact; memory grows with the loop count: slots = the count rounded
-              up to a power of two, so raising the count within a bucket never recompiles)
-    last      one slot: while decoding, earlier tokens are read at their final iteration (prefill still
-              attends to its own tokens at every iteration; Ouro: 0.1 GSM8K points lost)
-    ring:K    K slots, iteration i writes and reads slot i mod K
-    first     one slot written at the first iteration and read by every later one (Mixture-of-Recursions'
-              recursive sharing)
+iteration i has its own keys and values, kept in the slots the policy says.
 
 Shapes (B rows, T positions, K key/value heads, H head dim): one (K, V) pair per layer, prelude / coda
 [B, T, K, H], a circuit's D layers [S, B, T, K, H] for S slots; ``state`` [B, w] each circuit's final
@@ -22,60 +15,13 @@ but for the attention reads.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from loopformer.errors import PlanError
-
 Array = jax.Array
-POLICIES = "full, last, ring:K or first"
-
-
-@dataclass(frozen=True)
-class CachePolicy:
-    kind: str = "full"
-    ring: int = 0
-
-    @staticmethod
-    def parse(text: str) -> CachePolicy:
-        m = re.fullmatch(r"\s*(full|last|first|ring:(\d+))\s*", text or "")
-        if not m:
-            raise PlanError(f"--cache {text}: not a cache policy; use {POLICIES}")
-        if m.group(2) is not None:
-            if int(m.group(2)) < 1:
-                raise PlanError(f"--cache {text}: ring:K needs K >= 1")
-            return CachePolicy("ring", int(m.group(2)))
-        return CachePolicy(m.group(1))
-
-    def slots(self, loops: int) -> int:
-        """Slots a circuit run up to ``loops`` iterations needs."""
-        if self.kind == "full":
-            return 1 << max(loops - 1, 0).bit_length()  # the count's power-of-two bucket
-        return self.ring if self.kind == "ring" else 1
-
-    def slot(self, i: Array) -> Array:
-        """The slot iteration i (0-based) reads and, where it writes, writes."""
-        if self.kind == "full":
-            return i
-        return i % self.ring if self.kind == "ring" else jnp.zeros_like(i)
-
-    def writes(self, i: Array) -> Array:
-        """Whether iteration i writes its keys and values ("first": only iteration 0)."""
-        return (i == 0) if self.kind == "first" else jnp.ones_like(i, bool)
-
-    @property
-    def exact(self) -> bool:
-        """Whether cached decoding computes what the full forward pass does."""
-        return self.kind == "full"
-
-    def __str__(self) -> str:
-        return f"ring:{self.ring}" if self.kind == "ring" else self.kind
-
-
 KV = tuple[Array, Array]
 
 

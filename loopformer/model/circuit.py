@@ -12,6 +12,11 @@ gate 1 runs the circuit, 0 removes it (fill 0: zero ablation; the circuit's mean
 With a router (`loopformer.model.router`) the bank runs in rounds instead, and the router picks which
 circuit each token runs next.
 
+One iteration function (`Circuit.iteration`) serves training, evaluation, prefill and cached decoding:
+with a decoding context it reads earlier tokens' keys and values from the circuit's cache and gathers the
+chunk's own per iteration. The variants it is built from (initial state, injection, halting kind, exit
+rule, cache policy) are registered classes in `loopformer.variants`.
+
 Weights are stored by circuit name (``circuits/X/...``): a circuit's parameter paths depend only on its
 name and shapes. Circuits whose modules are interchangeable (same shapes and behaviour) and that run
 the same way (truncation depth, exit rule) run batched: their weights are stacked when the bank is
@@ -20,7 +25,6 @@ called and one ``vmap`` runs them, so a bank of many narrow circuits costs one k
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -30,32 +34,47 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopformer.config.schema import CircuitConfig, RouterConfig
-from loopformer.errors import PlanError
-from loopformer.model import halting as halting_math
-from loopformer.model.cache import CachePolicy, store
-from loopformer.model.exits import ExitRule, entropy, kl_divergence, latent_change
-from loopformer.model.layers import Block, normal_init, run_stack, stack_layers, stacked, zeros_init
-from loopformer.model.loop import iterate, iterate_traced, iterate_until
-from loopformer.model.plan import CircuitReport, Plan
+from loopformer.errors import DecodingError, PlanError
+from loopformer.model.cache import store
+from loopformer.model.layers import Block, BlockSettings, normal_init, run_stack, stack_layers, stacked, zeros_init
+from loopformer.model.loop import Until, iterate, iterate_traced, iterate_until
+from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
+from loopformer.variants.cache import CachePolicy
+from loopformer.variants.exits import ExitRule, exit_rule
+from loopformer.variants.halting import Halting
+from loopformer.variants.state import INITS, INJECTIONS
 
 Array = jax.Array
 Readout = Callable[[Array], Array]  # the stream after a bank [B, T, D] -> logits [B, T, V]
+KV = tuple[Array, Array]
+
+
+class Decoding(NamedTuple):
+    """Cached decoding of a chunk of t new tokens: each row's first new position ``start_B`` [B] (cache
+    positions before it are read) and the cache ``policy``."""
+
+    start_B: Array
+    policy: CachePolicy
 
 
 class Context(NamedTuple):
     """What every layer of one forward pass shares: token positions [B, T], the attention mask
-    [B, 1, T, T] (or None) and the real (non-padding) tokens [B, T] bool (or None: all real)."""
+    [B, 1, T, T] (or None), the real (non-padding) tokens [B, T] bool (or None: all real), and when
+    decoding with a cache, `Decoding`."""
 
     positions_BT: Array
     mask: Array | None
     valid_BT: Array | None
+    decoding: Decoding | None = None
 
 
 class CircuitOut(NamedTuple):
     """A circuit's run: ``out`` [B, T, O] what it writes (O = w for io slice, d_model for project);
     ``trace`` [trace_len, 3]; ``used`` [B, T] iterations per token; with a halting head and a stash,
-    ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T], ``ponder`` [B, T] (ACT)."""
+    ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T], ``ponder`` [B, T] (ACT);
+    when decoding, ``cache`` its keys and values with the chunk stored and ``state`` [B, t, w] the final
+    states."""
 
     out: Array
     trace: Array | None = None
@@ -63,67 +82,90 @@ class CircuitOut(NamedTuple):
     steps: Array | None = None
     exit_p: Array | None = None
     ponder: Array | None = None
+    cache: tuple[KV, ...] | None = None
+    state: Array | None = None
+
+
+class _Probe(NamedTuple):
+    """What an exit rule reads of the circuit it stops (`loopformer.variants.exits.Probe`)."""
+
+    circuit: Circuit
+    e: Array
+    n: Array
+    readout: Readout | None
+    out_width: int
+
+    @property
+    def halting(self) -> Halting:
+        return self.circuit.halting
+
+    def emit(self, h: Array) -> Array:
+        return self.circuit.emit(h, self.e)
+
+    def halt_prob(self, h: Array) -> Array:
+        return self.circuit.halt_prob(h)
 
 
 class Circuit(nnx.Module):
     """One circuit's weights: ``blocks`` [D, ...] (a stack of D blocks of width w), ``read`` (io:
     project), ``adapter`` (inject: concat), ``loop_norm`` (state_norm), ``out_norm``, ``write`` and
-    ``halt`` (the halting head, halting.kind != none)."""
+    ``halt`` (a halting kind with a head)."""
 
-    def __init__(self, c: CircuitConfig, *, d_model: int, mlp: str, norm: str, std: float, out_std: float,
-                 rope_base: float, dtype: Any, causal: bool, rngs: nnx.Rngs, qkv_bias: bool = False,
-                 norm_eps: float = 1e-6, attention: str = "auto"):
-        self.io, self.inject, self.init, self.noise_std = c.io, c.inject, c.init, c.init_noise_std
-        self.halting, self.act_eps = c.halting.kind, c.halting.eps
-        self.replace = c.output == "replace"
-        w = c.width
+    def __init__(self, c: CircuitConfig, *, d_model: int, settings: BlockSettings, rngs: nnx.Rngs):
+        self.project, self.replace = not c.sliced, c.replaces
+        self.init, self.noise_std = INITS.get(c.init)(), c.init_noise_std
+        self.injection = INJECTIONS.get(c.inject)()
+        self.halting = c.halting.rule()
+        w, dtype = c.width, settings.dtype
         lin = dict(use_bias=False, dtype=dtype)
-
-        def block(r: nnx.Rngs) -> Block:
-            return Block(w, c.heads, c.mlp_hidden, mlp=mlp, norm=norm, std=std, out_std=out_std,
-                         rope_base=rope_base, dtype=dtype, rngs=r, window=c.window, causal=causal,
-                         kv_heads=c.kv_heads, qkv_bias=qkv_bias, norm_eps=norm_eps, attention=attention)
-
-        self.blocks = stacked(block, c.depth, rngs)
-        if c.io == "project":
-            self.read = nnx.Linear(d_model, w, kernel_init=normal_init(std, ("embed", "circuit")), rngs=rngs, **lin)
-        if c.inject == "concat":
-            # [h; e] -> w. Initialised to pass h through plus a small e term would bias the loop;
-            # plain fan-in scaling lets the optimiser choose how much recall to use.
-            self.adapter = nnx.Linear(2 * w, w, kernel_init=normal_init(1.0 / math.sqrt(2 * w), ("circuit", "circuit")),
-                                      rngs=rngs, **lin)
+        self.blocks = stacked(lambda r: _circuit_block(c, settings, r), c.depth, rngs)
+        if self.project:
+            self.read = nnx.Linear(d_model, w, kernel_init=normal_init(settings.std, ("embed", "circuit")), rngs=rngs,
+                                   **lin)
+        self.injection.build(self, w, dtype=dtype, rngs=rngs)
         if c.state_norm:
             # h_i = norm(stack(inject(h_{i-1}, e))): without it, residual blocks plus additive
             # injection grow the state like i * e, so norm(h_i) stops changing with i.
-            self.loop_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs, epsilon=norm_eps)
+            self.loop_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs, epsilon=settings.norm_eps)
         if not self.replace:  # output: replace writes its final state as it is
-            self.out_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs, epsilon=norm_eps)
-            self.write = nnx.Linear(w, w if c.io == "slice" else d_model,
+            self.out_norm = nnx.RMSNorm(w, dtype=dtype, rngs=rngs, epsilon=settings.norm_eps)
+            self.write = nnx.Linear(w, d_model if self.project else w,
                                     kernel_init=zeros_init(("circuit", "embed")), rngs=rngs, **lin)
-        if c.halting.kind != "none":
-            # ACT starts by pondering (halting bias negative: lambda ~ 0.05); the others start neutral.
-            bias = -3.0 if c.halting.kind == "act" else 0.0
-            self.halt = nnx.Linear(w, 1, use_bias=True, kernel_init=normal_init(std, ("circuit", None)),
-                                   bias_init=nnx.initializers.constant(bias), dtype=dtype, rngs=rngs)
+        if self.halting.has_head:
+            self.halt = nnx.Linear(w, 1, use_bias=True, kernel_init=normal_init(settings.std, ("circuit", None)),
+                                   bias_init=nnx.initializers.constant(self.halting.head_bias), dtype=dtype, rngs=rngs)
 
     # ------------------------------------------------------------------ pieces
     def begin(self, src: Array, key: Array) -> tuple[Array, Array]:
         """(e, h_0) from ``src`` (io slice: its slice [B, T, w]; io project: the normed stream)."""
-        e = self.read(src) if self.io == "project" else src
-        if self.init == "zeros":
-            return e, jnp.zeros_like(e)
-        if self.init == "input":
-            return e, e
-        return e, (self.noise_std * jax.random.normal(key, e.shape)).astype(e.dtype)
+        e = self.read(src) if self.project else src
+        return e, self.init(e, key, self.noise_std)
 
-    def iteration(self, h_BTW: Array, e_BTW: Array, ctx: Context) -> Array:
-        """One loop step: h <- stack(inject(h, e)) (then the state norm)."""
-        if self.inject == "add":
-            h_BTW = h_BTW + e_BTW
-        elif self.inject == "concat":
-            h_BTW = self.adapter(jnp.concatenate([h_BTW, e_BTW], axis=-1))
-        h_BTW = run_stack(self.blocks, h_BTW, ctx.positions_BT, ctx.mask)
-        return self.loop_norm(h_BTW) if hasattr(self, "loop_norm") else h_BTW
+    def iteration(self, h_BTW: Array, e_BTW: Array, ctx: Context, i: Array | None = None,
+                  cache: tuple[KV, ...] | None = None, chunk: tuple[KV, ...] = ()) -> tuple[Array, tuple[KV, ...]]:
+        """Iteration i (0-based): h <- stack(inject(h, e)), then the state norm. When decoding, the stack
+        reads earlier tokens' keys and values from ``cache`` (per layer [S, B, T, K, H]) at the policy's
+        slot for i, and the chunk's own from ``chunk`` (per layer [S, B, t, K, H]), where it also stores
+        this iteration's (if the policy writes at i). Returns (h, chunk)."""
+        x = self.injection(self, h_BTW, e_BTW)
+        if ctx.decoding is None:
+            x = run_stack(self.blocks, x, ctx.positions_BT, ctx.mask)
+        else:
+            x, chunk = self._cached_stack(x, ctx, i, cache, chunk)
+        return (self.loop_norm(x) if hasattr(self, "loop_norm") else x), chunk
+
+    def _cached_stack(self, x: Array, ctx: Context, i: Array, cache: tuple[KV, ...], chunk: tuple[KV, ...]
+                      ) -> tuple[Array, tuple[KV, ...]]:
+        policy = ctx.decoding.policy
+        slot, writes = policy.slot(i), policy.writes(i)
+        at = lambda a: jax.lax.dynamic_index_in_dim(a, slot, 0, False)  # noqa: E731
+        new = []
+        for layer, (k_c, v_c), (k_b, v_b) in zip(stack_layers(self.blocks), cache, chunk, strict=True):
+            own = (at(k_b), at(v_b))
+            x, (k, v) = layer.cached(x, ctx.positions_BT, (at(k_c), at(v_c)), ctx.decoding.start_B, (*own, ~writes))
+            new.append(tuple(jax.lax.dynamic_update_index_in_dim(b, jnp.where(writes, f.astype(b.dtype), o), slot, 0)
+                             for b, f, o in zip((k_b, v_b), (k, v), own, strict=True)))
+        return x, tuple(new)
 
     def emit(self, h: Array, e: Array | None = None) -> Array:
         """What the circuit writes for a state: write(norm(h)) (any leading axes); for output: replace,
@@ -137,220 +179,166 @@ class Circuit(nnx.Module):
         return jax.nn.sigmoid(self.halt(self.out_norm(h))[..., 0].astype(jnp.float32))
 
     # ------------------------------------------------------------------ the loop
-    def __call__(self, src: Array, n: Array, key: Array, ctx: Context, *, k: int = 0, trace_len: int = 0,
-                 exit: ExitRule | None = None, readout: Readout | None = None, stash: int = 0,
-                 bound: int = 0) -> CircuitOut:
-        """Run the loop on ``src``: ``n`` iterations (int32 [] or per token [B, T]; the cap when
-        ``exit`` is given), gradient through the last k when k > 0. ``trace_len`` records state
-        statistics; ``exit`` stops tokens by a rule (``readout`` maps this circuit's write to logits,
-        for the kl / entropy_diff rules); ``stash`` (halting circuits) keeps every iteration."""
-        e, h0 = self.begin(src, key)
+    def __call__(self, src: Array, ctx: Context, run: CircuitPlan, *, readout: Readout | None = None,
+                 cache: tuple[KV, ...] | None = None, h_init: Array | None = None) -> CircuitOut:
+        """Run the loop on ``src`` as ``run`` says: ``run.loops`` iterations (int32 [] or per token; the cap
+        under an exit rule), gradient through the last ``run.backprop`` when > 0, state statistics of the
+        first ``run.trace_len``, every iteration kept (``run.stash``, halting circuits in training).
+        ``readout`` maps this circuit's write to logits (exit rules that read the output). When decoding
+        (``ctx.decoding``), ``cache`` holds earlier tokens' keys and values, and ``h_init`` [B, t, w]
+        replaces the initial state (continuous thinking)."""
+        e, h0 = self.begin(src, run.key)
+        h0 = h0 if h_init is None else h_init.astype(h0.dtype)
+        n = run.loops
         graphdef, state = nnx.split(self)
+        consts = (state, e)
 
         def step(consts: tuple[Any, Array], h: Array) -> Array:  # everything it reads is in consts
-            return nnx.merge(graphdef, consts[0]).iteration(h, consts[1], ctx)
+            return nnx.merge(graphdef, consts[0]).iteration(h, consts[1], ctx)[0]
 
-        if trace_len:
-            h, trace = iterate_traced(step, (state, e), h0, n, trace_len, ctx.valid_BT)
+        if (run.trace_len or run.backprop or run.stash) and ctx.decoding is not None:
+            raise DecodingError("decoding with a cache runs inference only (no trace, gradient or stash)")
+        if run.trace_len:
+            h, trace = iterate_traced(step, consts, h0, n, run.trace_len, ctx.valid_BT)
             return CircuitOut(self.emit(h, e), trace=trace)
-        if exit is not None:
-            return self._until(step, (state, e), h0, n, exit, readout)
-        if self.halting == "act" or (self.halting != "none" and stash):
-            return self._stashed(step, (state, e), h0, n, k, stash)
-        h = iterate(step, (state, e), h0, n, k, bound=bound)
-        used = None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32)
-        return CircuitOut(self.emit(h, e), used=used)
+        if run.exit is None and run.stash and self.halting.has_head:  # training a halting circuit
+            return self._stashed(step, consts, h0, n, run.backprop, run.stash)
+        if run.exit is None and run.backprop:
+            if self.halting.mixes_output:
+                raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
+            h = iterate(step, consts, h0, n, run.backprop, bound=run.bound)  # training: truncated backprop
+            return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32))
+        return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache)
+
+    def _infer(self, graphdef: nnx.GraphDef, consts: tuple[Any, Array], h0: Array, n: Array, rule: ExitRule | None,
+               readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None) -> CircuitOut:
+        """Inference, with or without an exit rule, with or without a cache: `iterate_until`."""
+        e = consts[1]
+        if rule is None and self.halting.mixes_output:  # ACT evaluates with its own halting rule, up to n
+            rule = exit_rule("learned", self.halting.default_q())
+        probe = _Probe(self, e, n, readout, self.write.kernel.value.shape[-1] if hasattr(self, "write") else e.shape[-1])
+        chunk0 = () if cache is None else self._chunk(cache, h0)
+
+        def step(consts: tuple[Any, Array], i: Array, h: Array, chunk: tuple) -> tuple[Array, tuple]:
+            return nnx.merge(graphdef, consts[0]).iteration(h, consts[1], ctx, i, cache, chunk)
+
+        if rule is None:
+            loop = iterate_until(step, consts, h0, n, side0=chunk0)
+            out = self.emit(loop.h, e)
+        else:
+            loop = iterate_until(step, consts, h0, n, stop=lambda i, hp, h, a, st: rule.stop(probe, i, hp, h, a, st),
+                                 state0=rule.start(probe, h0), due=rule.due, side0=chunk0)
+            out = rule.output(probe, loop.state, self.emit(loop.h, e))
+        used = None if rule is None and jnp.ndim(n) == 0 and cache is None else loop.used
+        if cache is None:
+            return CircuitOut(out, used=used)
+        cache = self._store(step, consts, loop, n, ctx, cache, early=rule is not None)
+        return CircuitOut(out, used=used, cache=cache, state=loop.h)
+
+    def _chunk(self, cache: tuple[KV, ...], h0: Array) -> tuple[KV, ...]:
+        """Per layer, a [S, B, t, K, H] buffer for the chunk's keys and values of each slot."""
+        t = h0.shape[1]
+        return tuple((jnp.zeros((k.shape[0], k.shape[1], t, *k.shape[3:]), k.dtype),) * 2 for k, _ in cache)
+
+    def _store(self, step: Callable, consts: Any, loop: Until, n: Array, ctx: Context, cache: tuple[KV, ...], *,
+               early: bool) -> tuple[KV, ...]:
+        """The cache with the chunk's keys and values stored at its positions. A loop that ended before
+        ``n`` (every token stopped) leaves the slots of iterations ran .. n - 1 unwritten; a later token
+        running that long reads there what the forward pass computes: the keys and values of the frozen
+        final states, which one more iteration gives (exact for one-block circuits; deeper blocks attend
+        to neighbours that may still have been running at those iterations)."""
+        policy, chunk = ctx.decoding.policy, loop.side
+        S, B = chunk[0][0].shape[:2]
+
+        def fill(chunk: tuple) -> tuple:
+            extra = step(consts, loop.ran, loop.h, chunk)[1]
+            ran = jnp.broadcast_to(loop.ran, (B,))
+            target = policy.later_slots(ran, n, S)  # [S, B]
+            src = policy.slot(loop.ran)
+
+            def put(a: Array, b: Array) -> Array:
+                fresh = jax.lax.dynamic_index_in_dim(b, src, 0, True)  # [1, B, t, K, H]
+                return jnp.where(target[:, :, None, None, None], fresh, a)
+
+            return tuple(tuple(put(a, b) for a, b in zip(kv, kv_new, strict=True)) for kv, kv_new in
+                         zip(chunk, extra, strict=True))
+
+        if early:  # only an exit rule ends the loop before n
+            chunk = jax.lax.cond(loop.ran < n, fill, lambda c: c, chunk)
+        pos = ctx.positions_BT
+        return tuple((store(k_c, k_b, pos), store(v_c, v_b, pos)) for (k_c, v_c), (k_b, v_b) in zip(cache, chunk,
+                                                                                                 strict=True))
 
     def _stashed(self, step: Callable, consts: Any, h0: Array, n: Array, k: int, stash: int) -> CircuitOut:
-        """Every iteration kept (halting): exit distribution, per-step writes; ACT writes their mixture."""
-        if not stash:
-            if self.halting == "act":  # evaluation of an ACT circuit: its own halting rule, up to n
-                return self._until(step, consts, h0, n, ExitRule("learned", 1.0 - self.act_eps), None)
-            raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
+        """Training a halting circuit: every iteration kept, its exit distribution and per-step writes; a
+        kind that mixes its output writes the p-weighted mixture."""
         h, states = iterate(step, consts, h0, n, k, stash=stash)
         lambdas, steps = self.halt_prob(states), self.emit(states)  # [L, B, T], [L, B, T, O]
-        if self.halting == "act":
-            p, ponder = halting_math.act_exit(lambdas, n, self.act_eps)
-            return CircuitOut(jnp.einsum("lbt,lbto->bto", p.astype(steps.dtype), steps), used=ponder, steps=steps,
-                              exit_p=p, ponder=ponder)
-        p = halting_math.geometric_exit(lambdas, n)
-        t = jnp.arange(1, p.shape[0] + 1, dtype=jnp.float32)[:, None, None]
-        return CircuitOut(self.emit(h), used=jnp.sum(p * t, axis=0), steps=steps, exit_p=p)
-
-    def _until(self, step: Callable, consts: Any, h0: Array, n: Array, rule: ExitRule,
-               readout: Readout | None) -> CircuitOut:
-        """Inference with an exit rule (`loopformer.model.exits`)."""
-        shape, e = h0.shape[:-1], consts[1]
-        if rule.kind == "latent_diff":
-            def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
-                return latent_change(h_prev, h) < rule.threshold, st
-            state0: Any = ()
-        elif rule.kind == "learned":
-            if self.halting == "none":
-                raise PlanError("exit rule learned:q=... needs a circuit trained with a halting head (halting.kind); "
-                                "use latent_diff, kl or entropy_diff for this one")
-            act = self.halting == "act"
-
-            def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
-                lam = jnp.where(active, self.halt_prob(h), 0.0)
-                if not act:  # survival prod (1 - lambda): stop once the exit CDF reaches q
-                    survive = st * (1.0 - lam)
-                    return 1.0 - survive >= rule.threshold, survive
-                total, mix = st  # ACT: halting mass so far and the mixture of writes
-                fire = (total + lam >= rule.threshold) | (i >= n)
-                p = jnp.where(fire, 1.0 - total, lam) * active
-                mix = mix + p[..., None].astype(mix.dtype) * self.emit(h)
-                return fire, (total + lam, mix)
-
-            out_width = self.write.kernel.value.shape[-1]
-            state0 = (jnp.ones(shape, jnp.float32) if not act else
-                      (jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, out_width), h0.dtype)))
-        else:
-            if readout is None:
-                raise PlanError(f"exit rule {rule.kind} reads the model's output after every iteration: only one "
-                                f"circuit of a model can use kl or entropy_diff at a time")
-
-            def stop(i: Array, h_prev: Array, h: Array, active: Array, st: Any) -> tuple[Array, Any]:
-                logits = readout(self.emit(h, e))
-                change = kl_divergence(logits, st) if rule.kind == "kl" else jnp.abs(entropy(logits) - entropy(st))
-                return (change < rule.threshold) & (i >= 2), logits  # the first iteration has nothing to compare
-
-            state0 = readout(self.emit(h0, e))
-        h, used, st = iterate_until(step, consts, h0, n, stop, state0, min_loops=rule.min_loops,
-                                    check_every=rule.check_every)
-        out = st[1] if rule.kind == "learned" and self.halting == "act" else self.emit(h, e)
-        return CircuitOut(out, used=used)
+        p, used, ponder = self.halting.distribution(lambdas, n)
+        out = jnp.einsum("lbt,lbto->bto", p.astype(steps.dtype), steps) if self.halting.mixes_output else self.emit(h)
+        return CircuitOut(out, used=used, steps=steps, exit_p=p, ponder=ponder)
 
 
-    # ------------------------------------------------------------------ decoding with a cache
-    def decode(self, src: Array, n: Array, key: Array, positions_Bt: Array, start_B: Array,
-               cache: tuple[tuple[Array, Array], ...], policy: CachePolicy, *, exit: ExitRule | None = None,
-               h_init: Array | None = None) -> tuple[Array, tuple[tuple[Array, Array], ...], Array, Array]:
-        """The loop on t new tokens over earlier tokens' keys and values ``cache`` (per layer of the
-        circuit, [S, B, T, K, H] each): iteration i attends to slot ``policy.slot(i)`` of the positions
-        before ``start_B`` and to the chunk itself, whose keys and values gather in a small [S, B, t, K, H]
-        buffer (iteration i writes its slot where ``policy.writes(i)``) that is stored once at the end.
-        ``h_init`` [B, t, w] replaces the initial state (continuous thinking). With ``exit`` (latent_diff or
-        learned) each token stops on its own; rows whose tokens all stopped stop writing, and their later
-        slots get their last keys and values (so later tokens read a defined value).
-
-        Returns (out [B, t, O], the cache with the chunk stored, final states [B, t, w], iterations [B, t])."""
-        e, h0 = self.begin(src, key)
-        h0 = h0 if h_init is None else h_init.astype(h0.dtype)
-        B, t = positions_Bt.shape
-        layers = stack_layers(self.blocks)
-        S = cache[0][0].shape[0]
-        buf0 = tuple((jnp.zeros((S, *k.shape[1:2], t, *k.shape[3:]), k.dtype),) * 2 for k, _ in cache)
-
-        def step(i: Array, h: Array, buf: tuple, write_B: Array) -> tuple[Array, tuple]:
-            slot = policy.slot(i)
-            x = h + e if self.inject == "add" else (
-                self.adapter(jnp.concatenate([h, e], axis=-1)) if self.inject == "concat" else h)
-            new_buf = []
-            for layer, (k_c, v_c), (k_b, v_b) in zip(layers, cache, buf, strict=True):
-                read = (jax.lax.dynamic_index_in_dim(k_c, slot, 0, False), jax.lax.dynamic_index_in_dim(v_c, slot, 0, False))
-                own = (jax.lax.dynamic_index_in_dim(k_b, slot, 0, False), jax.lax.dynamic_index_in_dim(v_b, slot, 0, False))
-                x, (k, v) = layer.cached(x, positions_Bt, read, start_B, (*own, ~policy.writes(i)))
-                keep = (write_B & policy.writes(i))[:, None, None, None]
-                new_buf.append(tuple(jax.lax.dynamic_update_index_in_dim(b, jnp.where(keep, f.astype(b.dtype), o), slot, 0)
-                                     for b, f, o in zip((k_b, v_b), (k, v), own, strict=True)))
-            return (self.loop_norm(x) if hasattr(self, "loop_norm") else x), tuple(new_buf)
-
-        if exit is None:
-            h, buf = jax.lax.fori_loop(0, n, lambda i, c: step(i, c[0], c[1], jnp.ones((B,), bool)), (h0, buf0))
-            used = jnp.broadcast_to(jnp.asarray(n, jnp.float32), h.shape[:2])
-        else:
-            if exit.kind not in ("latent_diff", "learned") or (exit.kind == "learned" and self.halting in ("none", "act")):
-                raise PlanError(f"decoding with a cache supports the exits latent_diff and learned (an ouro or "
-                                f"pondernet halting head), not {exit.kind} here; use --no-cache")
-
-            def cond(c: tuple) -> Array:
-                return (c[0] < n) & jnp.any(c[3])
-
-            def body(c: tuple) -> tuple:
-                i, h, buf, active, used, wrote, survive = c
-                write_B = jnp.any(active, axis=1)
-                new, buf = step(i, h, buf, write_B)
-                h_next = jnp.where(active[..., None], new, h)
-                if exit.kind == "latent_diff":
-                    fire = latent_change(h, h_next) < exit.threshold
-                else:
-                    survive = survive * (1.0 - jnp.where(active, self.halt_prob(h_next), 0.0))
-                    fire = 1.0 - survive >= exit.threshold
-                due = ((i + 1) >= exit.min_loops) & ((i + 1) % exit.check_every == 0)
-                used = used + active.astype(jnp.float32)
-                return i + 1, h_next, buf, active & ~(fire & due), used, wrote + write_B, survive
-
-            c0 = (jnp.zeros((), jnp.int32), h0, buf0, jnp.ones((B, t), bool), jnp.zeros((B, t), jnp.float32),
-                  jnp.zeros((B,), jnp.int32), jnp.ones((B, t), jnp.float32))
-            _, h, buf, _, used, wrote, _ = jax.lax.while_loop(cond, body, c0)
-            buf = _fill(buf, wrote, n, policy)
-        cache = tuple(tuple(store(c, b, positions_Bt) for c, b in zip(layer_c, layer_b, strict=True))
-                      for layer_c, layer_b in zip(cache, buf, strict=True))
-        return self.emit(h, e), cache, h, used
-
-
-def _fill(buf: tuple, wrote_B: Array, n: Array, policy: CachePolicy) -> tuple:
-    """Rows that stopped writing after ``wrote_B`` iterations: copy the keys and values of their last
-    iteration into the slots of iterations wrote .. n - 1 (``buf``: per layer (k, v) [S, B, t, K, H])."""
-    if policy.kind in ("last", "first"):
-        return buf
-    S, B = buf[0][0].shape[:2]
-    last = policy.slot(jnp.maximum(wrote_B - 1, 0))  # [B]
-    j = jnp.arange(S)[:, None]
-    if policy.kind == "full":
-        target = (j >= wrote_B[None]) & (j < n)  # [S, B]
-    else:  # ring: slot j is written by some later iteration i in [wrote, n) with i % K == j
-        target = ((j - wrote_B[None]) % policy.ring) < (n - wrote_B[None])
-
-    def fill(a: Array) -> Array:
-        src = jnp.moveaxis(a, 0, 1)[jnp.arange(B), last]  # [B, t, K, H]: each row's last slot
-        return jnp.where(target[:, :, None, None, None], src[None], a)
-
-    return tuple(tuple(fill(a) for a in kv) for kv in buf)
+def _circuit_block(c: CircuitConfig, settings: BlockSettings, rngs: nnx.Rngs) -> Block:
+    return Block(c.width, c.heads, c.mlp_hidden, settings, rngs=rngs, window=c.window, kv_heads=c.kv_heads)
 
 
 @dataclass(frozen=True)
 class BankLayout:
     """Where a bank's circuits sit (static, hashable): names in order, each one's width, slice offset
-    (None for io: project), position in the model (for PRNG keys), and kind (circuits of one kind have
-    interchangeable modules, so they may run under one vmap)."""
+    (None for io: project), position in the model (for PRNG keys), kind (circuits of one kind have
+    interchangeable modules, so they may run under one vmap), whether it reads the raw stream (output:
+    replace) and whether it has a halting head (those run alone: they stash per-step writes)."""
 
     names: tuple[str, ...]
     widths: tuple[int, ...]
     offsets: tuple[int | None, ...]
     index: tuple[int, ...]
     kinds: tuple[tuple, ...]
-    raw: tuple[bool, ...] = ()  # per circuit: reads the raw stream (output: replace), not the normed one
+    raw: tuple[bool, ...] = ()
+    halting: tuple[bool, ...] = ()
 
     @staticmethod
     def of(circuits: list[CircuitConfig], first_index: int) -> BankLayout:
         offsets, o = [], 0
         for c in circuits:
-            offsets.append(o if c.io == "slice" else None)
-            o += c.width if c.io == "slice" else 0
+            offsets.append(o if c.sliced else None)
+            o += c.width if c.sliced else 0
         kinds = tuple((c.depth, c.width, c.heads, c.kv_heads, c.mlp_ratio, c.io, c.inject, c.state_norm, c.window,
                        c.init, c.init_noise_std, c.output, c.halting.kind) for c in circuits)
         return BankLayout(tuple(c.name for c in circuits), tuple(c.width for c in circuits), tuple(offsets),
                           tuple(range(first_index, first_index + len(circuits))), kinds,
-                          tuple(c.output == "replace" for c in circuits))
+                          tuple(c.replaces for c in circuits), tuple(c.halting.has_head for c in circuits))
 
     def at(self, name: str) -> int:
         return self.names.index(name)
 
 
+class BankOut(NamedTuple):
+    """A bank's run: the stream ``x`` after it [B, T, D], a report per circuit, the routers' auxiliary loss
+    [], for a halting circuit with a stash the stream after each of its iterations [L, B, T, D] (else
+    None), and when decoding each circuit's cache and final states [B, t, w]."""
+
+    x: Array
+    reports: dict[str, CircuitReport]
+    aux_loss: Array
+    streams: Array | None = None
+    caches: dict[str, tuple[KV, ...]] | None = None
+    states: dict[str, Array] | None = None
+
+
 class Bank(nnx.Module):
     """A parallel bank (X)^M ⊕ (Y1∘Y2)^N ⊕ ...: circuits read norm(x) and their outputs add up."""
 
-    def __init__(self, circuits: list[CircuitConfig], first_index: int, *, d_model: int, rngs: nnx.Rngs,
-                 router: RouterConfig | None = None, batch_circuits: bool = True, **block_kw: Any):
+    def __init__(self, circuits: list[CircuitConfig], first_index: int, *, d_model: int, settings: BlockSettings,
+                 rngs: nnx.Rngs, router: RouterConfig | None = None, batch_circuits: bool = True):
         self.d_model = d_model
-        self.norm = nnx.RMSNorm(d_model, dtype=block_kw["dtype"], rngs=rngs, epsilon=block_kw.get("norm_eps", 1e-6))
-        self.circuits = nnx.Dict({c.name: Circuit(c, d_model=d_model, rngs=rngs, **block_kw) for c in circuits})
+        self.norm = nnx.RMSNorm(d_model, dtype=settings.dtype, rngs=rngs, epsilon=settings.norm_eps)
+        self.circuits = nnx.Dict({c.name: Circuit(c, d_model=d_model, settings=settings, rngs=rngs) for c in circuits})
         self.layout = BankLayout.of(circuits, first_index)
         self.batch_circuits = batch_circuits
-        if router is not None and router.kind != "none":
-            self.router = Router(router, d_model, len(circuits), dtype=block_kw["dtype"], rngs=rngs)
+        if router is not None and router.routes:
+            self.router = Router(router, d_model, len(circuits), dtype=settings.dtype, rngs=rngs)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -360,27 +348,26 @@ class Bank(nnx.Module):
     def routed(self) -> bool:
         return hasattr(self, "router")
 
-    def groups(self, plan: Plan) -> list[list[str]]:
+    def groups(self, plan: Plan, decoding: bool = False) -> list[list[str]]:
         """Circuits that run together under one vmap: same kind, truncation depth and exit rule, and no
-        per-step readout or halting stash (those run alone)."""
-        if not self.batch_circuits:
+        per-step readout, halting stash or cache (those run alone)."""
+        if not self.batch_circuits or decoding:
             return [[n] for n in self.names]
         out: dict[tuple, list[str]] = {}
         for n in self.names:
             # exit thresholds are traced per circuit and halting circuits keep per-step stashes: both run alone
-            alone = plan.exit_of(n) is not None or self.layout.kinds[self.layout.at(n)][-1] != "none"
+            alone = plan.exit_of(n) is not None or self.layout.halting[self.layout.at(n)]
             key = (n,) if alone else (self.layout.kinds[self.layout.at(n)], plan.truncation(n))
             out.setdefault(key, []).append(n)
         return list(out.values())
 
-    def _source(self, name: str, xn_BTD: Array | tuple[Array, Array]) -> Array:
-        """A circuit's input: its slice (or all) of the normed stream; given (normed, raw), a circuit with
-        output: replace reads the raw stream instead."""
+    def _source(self, name: str, xn_BTD: Array, x_BTD: Array) -> Array:
+        """A circuit's input: its slice (or all) of the normed stream, or of the raw stream for a circuit
+        with output: replace."""
         i = self.layout.at(name)
-        if isinstance(xn_BTD, tuple):
-            xn_BTD = xn_BTD[1] if self.layout.raw and self.layout.raw[i] else xn_BTD[0]
+        src = x_BTD if self.layout.raw[i] else xn_BTD
         o = self.layout.offsets[i]
-        return xn_BTD if o is None else xn_BTD[..., o:o + self.layout.widths[i]]
+        return src if o is None else src[..., o:o + self.layout.widths[i]]
 
     def _place(self, name: str, out: Array) -> Array:
         """A circuit's output in the stream's coordinates [..., B, T, d_model]."""
@@ -389,27 +376,19 @@ class Bank(nnx.Module):
             return out
         return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(o, self.d_model - o - out.shape[-1])])
 
-    def _key(self, plan: Plan, name: str) -> Array:
-        return jax.random.fold_in(plan.key, self.layout.index[self.layout.at(name)])
+    def _run(self, plan: Plan, name: str) -> CircuitPlan:
+        return plan.circuit(name, jax.random.fold_in(plan.key, self.layout.index[self.layout.at(name)]))
 
-    def _run(self, members: list[str], xn_BTD: Array | tuple[Array, Array], ctx: Context, plan: Plan,
-             readout: Readout | None) -> list[CircuitOut]:
-        kw = dict(k=plan.truncation(members[0]), trace_len=plan.trace_len, exit=plan.exit_of(members[0]),
-                  stash=plan.stash, bound=plan.bound)
-        if len(members) == 1:
-            name = members[0]
-            return [self.circuits[name](self._source(name, xn_BTD), plan.loops[name], self._key(plan, name), ctx,
-                                        readout=readout, **kw)]
+    def _batched(self, members: list[str], srcs: list[Array], ctx: Context, plan: Plan) -> list[CircuitOut]:
+        """Interchangeable circuits under one vmap (their weights stacked)."""
         graphdef = nnx.graphdef(self.circuits[members[0]])
         states = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(self.circuits[n]) for n in members])
-        src = jnp.stack([self._source(n, xn_BTD) for n in members])
-        loops = jnp.stack([plan.loops[n] for n in members])
-        keys = jnp.stack([self._key(plan, n) for n in members])
+        runs = jax.tree.map(lambda *xs: jnp.stack(xs), *[self._run(plan, n) for n in members])
 
-        def one(state: Any, s: Array, n: Array, key: Array) -> CircuitOut:
-            return nnx.merge(graphdef, state)(s, n, key, ctx, **kw)
+        def one(state: Any, s: Array, run: CircuitPlan) -> CircuitOut:
+            return nnx.merge(graphdef, state)(s, ctx, run)
 
-        outs = jax.vmap(one)(states, src, loops, keys)
+        outs = jax.vmap(one)(states, jnp.stack(srcs), runs)
         return [jax.tree.map(lambda a, i=i: a[i], outs) for i in range(len(members))]
 
     def _contribution(self, name: str, out: Array, plan: Plan) -> Array:
@@ -421,64 +400,62 @@ class Bank(nnx.Module):
             contrib = contrib + (1 - gate) * plan.fills[name].astype(out_BTD.dtype)
         return contrib
 
-    def __call__(self, x_BTD: Array, ctx: Context, plan: Plan, readout: Readout | None = None
-                 ) -> tuple[Array, dict[str, CircuitReport], Array, Array | None]:
+    def _report(self, name: str, res: CircuitOut, contrib: Array, ctx: Context, plan: Plan) -> CircuitReport:
+        return CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder,
+                             mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None,
+                             write_norm=_write_norm(res.out, plan.gates[name]) if plan.collect_norms else None)
+
+    def __call__(self, x_BTD: Array, ctx: Context, plan: Plan, readout: Readout | None = None,
+                 caches: dict[str, tuple[KV, ...]] | None = None, h_init: dict[str, Array] | None = None) -> BankOut:
         """x <- x + sum_c (g_c * out_c + (1 - g_c) * fill_c).
 
         ``readout`` maps the stream after this bank to logits (through the rest of the model), for exit
-        rules that read the output. Returns (x, a report per circuit, auxiliary loss [], and for a
-        halting circuit with a stash the stream after each of its iterations [L, B, T, D] or None)."""
+        rules that read the output. When decoding (``ctx.decoding``), ``caches`` holds each circuit's keys
+        and values and ``h_init`` its initial states (continuous thinking)."""
         if self.routed:
+            if ctx.decoding is not None:
+                raise DecodingError("decoding with a cache does not run routed banks (a token's iterations move "
+                                    "between circuits, so no iteration owns a cache slot)")
             return self._routed(x_BTD, ctx, plan)
         xn = self.norm(x_BTD)
-        groups = self.groups(plan)
+        groups = self.groups(plan, ctx.decoding is not None)
         # circuits that read the output after every iteration go last: they see the others' final writes
         groups.sort(key=lambda g: any(plan.exit_of(n) is not None and plan.exit_of(n).needs_readout for n in g))
         update = jnp.zeros_like(x_BTD)
         reports: dict[str, CircuitReport] = {}
-        stepped: tuple[str, Array] | None = None
+        new_caches: dict[str, tuple[KV, ...]] = {}
+        states: dict[str, Array] = {}
+        stepped: tuple[str, Array, Array] | None = None
         for members in groups:
-            base = x_BTD + update
-            own = None if readout is None else (lambda out, base=base, name=members[0]:
-                                                readout(base + self._contribution(name, out, plan)))
-            for name, res in zip(members, self._run(members, (xn, x_BTD), ctx, plan, own), strict=True):
+            srcs = [self._source(n, xn, x_BTD) for n in members]
+            if len(members) > 1:
+                results = self._batched(members, srcs, ctx, plan)
+            else:
+                name, base = members[0], x_BTD + update
+                own = None if readout is None else (lambda out, base=base, name=name:
+                                                    readout(base + self._contribution(name, out, plan)))
+                results = [self.circuits[name](srcs[0], ctx, self._run(plan, name), readout=own,
+                                               cache=None if caches is None else caches[name],
+                                               h_init=None if h_init is None else h_init[name])]
+            for name, res in zip(members, results, strict=True):
                 contrib = self._contribution(name, res.out, plan)
                 update = update + contrib
                 if res.steps is not None:
                     stepped = (name, contrib, res.steps)
-                reports[name] = CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder,
-                                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None,
-                                              write_norm=_write_norm(res.out, plan.gates[name]) if plan.collect_norms
-                                              else None)
+                reports[name] = self._report(name, res, contrib, ctx, plan)
+                if res.cache is not None:
+                    new_caches[name], states[name] = res.cache, res.state
         x_out = x_BTD + update
         streams = None
         if stepped is not None:  # the stream as it would be after each iteration of the halting circuit
             name, contrib, steps = stepped
             streams = x_out[None] - contrib[None] + self._contribution(name, steps, plan)
-        return x_out, reports, jnp.zeros((), jnp.float32), streams
-
-    # ------------------------------------------------------------------ decoding
-    def decode(self, x_BtD: Array, positions_Bt: Array, start_B: Array, caches: dict[str, tuple], plan: Plan,
-               policy: CachePolicy, h_init: dict[str, Array] | None = None
-               ) -> tuple[Array, dict[str, tuple], dict[str, Array], dict[str, Array]]:
-        """The bank on t new tokens over its circuits' caches (`Circuit.decode`), circuit by circuit.
-        Returns (x, caches, final states {name: [B, t, w]}, iterations per token {name: [B, t]})."""
-        if self.routed:
-            raise PlanError("decoding with a cache does not run routed banks; use --no-cache")
-        xn = self.norm(x_BtD)
-        update = jnp.zeros_like(x_BtD)
-        caches, states, used = dict(caches), {}, {}
-        for name in self.names:
-            out, caches[name], states[name], used[name] = self.circuits[name].decode(
-                self._source(name, (xn, x_BtD)), plan.loops[name], self._key(plan, name), positions_Bt, start_B,
-                caches[name],
-                policy, exit=plan.exit_of(name), h_init=None if h_init is None else h_init[name])
-            update = update + self._contribution(name, out, plan)
-        return x_BtD + update, caches, states, used
+        decoded = ctx.decoding is not None
+        return BankOut(x_out, reports, jnp.zeros((), jnp.float32), streams, new_caches if decoded else None,
+                       states if decoded else None)
 
     # ------------------------------------------------------------------ routed
-    def _routed(self, x_BTD: Array, ctx: Context, plan: Plan
-                ) -> tuple[Array, dict[str, CircuitReport], Array, None]:
+    def _routed(self, x_BTD: Array, ctx: Context, plan: Plan) -> BankOut:
         """Rounds r = 0 .. max_c n_c - 1: the router picks, per running token, the circuit that runs its
         next iteration (circuit c is eligible while r < n_c) or exit; a circuit's state changes only for
         the tokens it runs (copy-forward). Training runs ``plan.bound`` rounds in a checkpointed scan
@@ -486,7 +463,7 @@ class Bank(nnx.Module):
         names = self.names
         xn = self.norm(x_BTD)
         loops = jnp.stack([jnp.asarray(plan.loops[n], jnp.int32) for n in names])
-        starts = [self.circuits[n].begin(self._source(n, xn), self._key(plan, n)) for n in names]
+        starts = [self.circuits[n].begin(self._source(n, xn, x_BTD), self._run(plan, n).key) for n in names]
         es = tuple(e for e, _ in starts)
         graphdefs = [nnx.graphdef(self.circuits[n]) for n in names]
         consts = (tuple(nnx.state(self.circuits[n]) for n in names), es, nnx.state(self.router))
@@ -506,7 +483,7 @@ class Bank(nnx.Module):
             new_hs = []
             for i in range(len(names)):
                 circuit = nnx.merge(graphdefs[i], cs[0][i])
-                cand = circuit.iteration(hs[i], cs[1][i], ctx)
+                cand = circuit.iteration(hs[i], cs[1][i], ctx)[0]
                 # straight-through: the hard choice in value, the soft state h + q (cand - h) in gradient
                 step = soft[i][..., None].astype(hs[i].dtype) * (cand - hs[i])
                 new_hs.append(jnp.where(sel[i][..., None], cand, hs[i]) + step)
@@ -531,12 +508,11 @@ class Bank(nnx.Module):
 
             _, (hs, _, used, aux) = jax.lax.while_loop(cond, lambda c: (c[0] + 1, round_(consts, c[1], c[0])),
                                                        (jnp.zeros((), jnp.int32), carry0))
-        update = sum(self._contribution(n, self.circuits[n].emit(hs[i]), plan) for i, n in enumerate(names))
-        reports = {n: CircuitReport(used=used[i], mean_out=_mean_over(self._contribution(
-            n, self.circuits[n].emit(hs[i]), plan), ctx.valid_BT) if plan.collect_means else None,
-            write_norm=_write_norm(self.circuits[n].emit(hs[i]), plan.gates[n]) if plan.collect_norms else None)
-            for i, n in enumerate(names)}
-        return x_BTD + update, reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32), None
+        writes = {n: self.circuits[n].emit(hs[i]) for i, n in enumerate(names)}
+        contribs = {n: self._contribution(n, writes[n], plan) for n in names}
+        reports = {n: self._report(n, CircuitOut(writes[n], used=used[i]), contribs[n], ctx, plan)
+                   for i, n in enumerate(names)}
+        return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
 
 
 def _write_norm(out_BTO: Array, gate: Array) -> Array:

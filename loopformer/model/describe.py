@@ -36,7 +36,7 @@ def describe(cfg: ModelConfig, vocab_size: int, counts: Mapping[str, int], loops
                 f"inject {c.inject:<6} init {c.init:<5} train loops {c.distribution()!s:<24} eval {loops[c.name]:<3} "
                 f"k={c.backprop:<3} params {counts[c.name]:,}"
                 + (f"  window {c.window}" if c.window else "") + ("  state_norm" if c.state_norm else "")
-                + (f"  kv_heads {c.kv_heads}" if c.kv_heads else "") + ("  output replace" if c.output == "replace" else ""))
+                + (f"  kv_heads {c.kv_heads}" if c.kv_heads else "") + ("  output replace" if c.replaces else ""))
     lines.append(f"  parameters: shared {counts['shared']:,} + circuits {total - counts['shared']:,} = {total:,}")
     stored = cfg.prelude + cfg.coda + sum(c.depth for c in cfg.circuits())
     lines.append(f"  effective depth at these loops: {effective_depth(cfg, loops):g} blocks "

@@ -1,4 +1,4 @@
-"""Transformer building blocks: RoPE, (causal or bidirectional) attention, MLP, pre-/sandwich-norm block.
+"""Transformer building blocks: (causal or bidirectional) attention, MLP, pre-/sandwich-norm block.
 
 Shapes: B batch, T sequence, W width of the stream the block lives in (d_model for prelude and coda,
 w_c inside a circuit), N heads, H head dim (W = N * H), F MLP hidden width.
@@ -10,6 +10,7 @@ them onto a device mesh with one rules table; on one device they are inert.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -17,8 +18,35 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopformer.model.attend import attend, attend_split, resolve
+from loopformer.variants.position import POSITIONS, Position
 
 Array = jax.Array
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """What every block of a model shares (the model config's behaviour, resolved once): MLP kind, norm
+    placement, initialisation scales (``out_std`` for residual-branch outputs), dtype, causality, position
+    scheme, qkv bias, norm epsilon and the attention implementation."""
+
+    swiglu: bool = False
+    sandwich: bool = False
+    std: float = 0.02
+    out_std: float = 0.02
+    dtype: Any = jnp.float32
+    causal: bool = True
+    position: Position = POSITIONS.get("rope")()
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
+    attention: str = "auto"
+
+    @staticmethod
+    def of(cfg: Any, out_std: float) -> BlockSettings:
+        """From a `ModelConfig` and the residual-output scale."""
+        return BlockSettings(swiglu=cfg.mlp == "swiglu", sandwich=cfg.norm == "sandwich", std=cfg.init_std,
+                             out_std=out_std, dtype=jnp.dtype(cfg.compute_dtype), causal=cfg.causal,
+                             position=POSITIONS.get(cfg.position, "model.position")(cfg.rope_base),
+                             qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps, attention=cfg.attention)
 
 
 def normal_init(std: float, names: Sequence[str | None]) -> Any:
@@ -28,17 +56,6 @@ def normal_init(std: float, names: Sequence[str | None]) -> Any:
 
 def zeros_init(names: Sequence[str | None]) -> Any:
     return nnx.with_partitioning(nnx.initializers.zeros_init(), tuple(names))
-
-
-def rope(x_BTNH: Array, positions_BT: Array, base: float) -> Array:
-    """Rotary position embedding (rotate-half form) applied to queries or keys."""
-    half = x_BTNH.shape[-1] // 2
-    freq_H = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BTH = positions_BT[..., None].astype(jnp.float32) * freq_H
-    sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
 
 
 def attention_mask(segment_ids_BT: Array | None) -> Array | None:
@@ -62,26 +79,25 @@ class Attention(nnx.Module):
     [W, (N + 2K) H] holds the queries, keys and values in that order (for K = N: [W, 3W]); ``qkv_bias``
     adds its bias (Qwen2). The output projection has no bias."""
 
-    def __init__(self, width: int, heads: int, *, std: float, out_std: float, rope_base: float,
-                 dtype: Any, rngs: nnx.Rngs, window: int = 0, causal: bool = True, kv_heads: int = 0,
-                 qkv_bias: bool = False, attention: str = "auto"):
-        self.heads, self.head_dim, self.rope_base = heads, width // heads, rope_base
-        self.impl = resolve(attention, dtype)  # model.attention, resolved for this backend
+    def __init__(self, width: int, heads: int, s: BlockSettings, *, rngs: nnx.Rngs, window: int = 0,
+                 kv_heads: int = 0):
+        self.heads, self.head_dim, self.position = heads, width // heads, s.position
+        self.impl = resolve(s.attention, s.dtype)  # model.attention, resolved for this backend
         self.kv_heads = kv_heads or heads
-        self.window, self.causal = window, causal
-        kw = dict(dtype=dtype, rngs=rngs)
-        self.qkv = nnx.Linear(width, (heads + 2 * self.kv_heads) * self.head_dim, use_bias=qkv_bias,
-                              kernel_init=normal_init(std, ("embed", "heads")),
+        self.window, self.causal = window, s.causal
+        kw = dict(dtype=s.dtype, rngs=rngs)
+        self.qkv = nnx.Linear(width, (heads + 2 * self.kv_heads) * self.head_dim, use_bias=s.qkv_bias,
+                              kernel_init=normal_init(s.std, ("embed", "heads")),
                               bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("heads",)), **kw)
-        self.out = nnx.Linear(width, width, use_bias=False, kernel_init=normal_init(out_std, ("heads", "embed")), **kw)
+        self.out = nnx.Linear(width, width, use_bias=False, kernel_init=normal_init(s.out_std, ("heads", "embed")), **kw)
 
     def _qkv(self, x_BTW: Array, positions_BT: Array) -> tuple[Array, Array, Array]:
-        """Queries [B, T, N, H] and keys, values [B, T, K, H], RoPE applied."""
+        """Queries [B, T, N, H] and keys, values [B, T, K, H], the position scheme applied."""
         B, T, _ = x_BTW.shape
         N, K = self.heads, self.kv_heads
         qkv = self.qkv(x_BTW).reshape(B, T, N + 2 * K, self.head_dim)
         q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
-        return rope(q, positions_BT, self.rope_base), rope(k, positions_BT, self.rope_base), v
+        return self.position(q, positions_BT), self.position(k, positions_BT), v
 
     def __call__(self, x_BTW: Array, positions_BT: Array, mask: Array | None) -> Array:
         B, T, W = x_BTW.shape
@@ -118,17 +134,15 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """GELU MLP (W -> F -> W) or SwiGLU (gate * up, F hidden)."""
 
-    def __init__(self, width: int, hidden: int, kind: str, *, std: float, out_std: float, dtype: Any,
-                 rngs: nnx.Rngs):
-        self.kind = kind
-        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
-        n_in = 2 if kind == "swiglu" else 1
-        self.up = nnx.Linear(width, n_in * hidden, kernel_init=normal_init(std, ("embed", "mlp")), **kw)
-        self.down = nnx.Linear(hidden, width, kernel_init=normal_init(out_std, ("mlp", "embed")), **kw)
+    def __init__(self, width: int, hidden: int, s: BlockSettings, *, rngs: nnx.Rngs):
+        self.swiglu = s.swiglu
+        kw = dict(use_bias=False, dtype=s.dtype, rngs=rngs)
+        self.up = nnx.Linear(width, (2 if s.swiglu else 1) * hidden, kernel_init=normal_init(s.std, ("embed", "mlp")), **kw)
+        self.down = nnx.Linear(hidden, width, kernel_init=normal_init(s.out_std, ("mlp", "embed")), **kw)
 
     def __call__(self, x_BTW: Array) -> Array:
         u = self.up(x_BTW)
-        if self.kind == "swiglu":
+        if self.swiglu:
             gate, u = jnp.split(u, 2, axis=-1)
             return self.down(jax.nn.silu(gate) * u)
         return self.down(jax.nn.gelu(u))
@@ -138,19 +152,15 @@ class Block(nnx.Module):
     """x + Attn(norm(x)), then + MLP(norm(x)). ``sandwich`` also normalises each sublayer's output
     before it is added (Gemma-2 / Huginn style), which keeps deep unrolls bounded."""
 
-    def __init__(self, width: int, heads: int, hidden: int, *, mlp: str, norm: str, std: float,
-                 out_std: float, rope_base: float, dtype: Any, rngs: nnx.Rngs, window: int = 0,
-                 causal: bool = True, kv_heads: int = 0, qkv_bias: bool = False, norm_eps: float = 1e-6,
-                 attention: str = "auto"):
-        self.sandwich = norm == "sandwich"
-        nk = dict(dtype=dtype, rngs=rngs, epsilon=norm_eps,
+    def __init__(self, width: int, heads: int, hidden: int, s: BlockSettings, *, rngs: nnx.Rngs, window: int = 0,
+                 kv_heads: int = 0):
+        self.sandwich = s.sandwich
+        nk = dict(dtype=s.dtype, rngs=rngs, epsilon=s.norm_eps,
                   scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
         self.attn_norm = nnx.RMSNorm(width, **nk)
-        self.attn = Attention(width, heads, std=std, out_std=out_std, rope_base=rope_base, dtype=dtype,
-                              rngs=rngs, window=window, causal=causal, kv_heads=kv_heads, qkv_bias=qkv_bias,
-                              attention=attention)
+        self.attn = Attention(width, heads, s, rngs=rngs, window=window, kv_heads=kv_heads)
         self.mlp_norm = nnx.RMSNorm(width, **nk)
-        self.mlp = MLP(width, hidden, mlp, std=std, out_std=out_std, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(width, hidden, s, rngs=rngs)
         if self.sandwich:
             self.attn_post_norm = nnx.RMSNorm(width, **nk)
             self.mlp_post_norm = nnx.RMSNorm(width, **nk)

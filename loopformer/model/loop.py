@@ -14,12 +14,12 @@ With k = 0 the whole loop is a fori_loop (inference: any n in 1..1000, one progr
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from loopformer.config.loops import LoopDistribution
+from loopformer.variants.loops import LoopDistribution
 
 Array = jax.Array
 PyTree = Any
@@ -29,15 +29,7 @@ PyTree = Any
 
 def sample_count(dist: LoopDistribution, key: Array) -> Array:
     """One draw of ``dist`` as an int32 scalar (jit-friendly), clipped to [1, dist.cap]."""
-    if dist.kind == "fixed":
-        n = jnp.asarray(int(dist.a), jnp.int32)
-    elif dist.kind == "uniform":
-        n = jax.random.randint(key, (), int(dist.a), int(dist.b) + 1, dtype=jnp.int32)
-    else:
-        k_tau, k_n = jax.random.split(key)
-        tau = jnp.log(dist.a) - dist.b**2 / 2 + dist.b * jax.random.normal(k_tau, ())
-        n = jax.random.poisson(k_n, jnp.exp(tau), dtype=jnp.int32) + 1
-    return jnp.clip(n, 1, dist.cap).astype(jnp.int32)
+    return dist.draw(key)
 
 
 def sample_loops(dists: Mapping[str, LoopDistribution], seed: int | Array, step: int | Array) -> dict[str, Array]:
@@ -135,36 +127,59 @@ def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int
     return jax.lax.scan(grad_step, h0, jnp.arange(bound))[0]
 
 
+CachedStepFn = Callable[[PyTree, Array, Array, PyTree], tuple[Array, PyTree]]
 StopFn = Callable[[Array, Array, Array, Array, PyTree], tuple[Array, PyTree]]
 
 
-def iterate_until(step: StepFn, consts: PyTree, h0: Array, n_max: Array, stop: StopFn, state0: PyTree, *,
-                  min_loops: int = 1, check_every: int = 1) -> tuple[Array, Array, PyTree]:
-    """Inference with exits: iterate every token until its exit rule fires or ``n_max`` iterations.
+class Until(NamedTuple):
+    """An inference loop's result: the final states h [..., W], ``used`` [...] float32 iterations each token
+    ran, the stop rule's final state, the side state the step carried (a decoding chunk's keys and values),
+    and ``ran`` int32 [] the iterations the loop itself ran (its last token's count)."""
 
-    ``stop(i, h_prev, h, active, state) -> (fire [...], state)`` is asked after iteration i (1-based)
-    with the states before and after it and the tokens that ran it (``active``); a token stops when it
-    fires at an iteration i >= min_loops with i % check_every == 0, and keeps its state from then on
-    (copy-forward). The loop ends when no token runs.
+    h: Array
+    used: Array
+    state: PyTree
+    side: PyTree
+    ran: Array
 
-    Returns (h, used [...] float32: iterations each token ran, the rule's final state).
+
+def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, stop: StopFn | None = None,
+                  state0: PyTree = (), due: Callable[[Array], Array] | None = None, side0: PyTree = ()) -> Until:
+    """Inference (no gradient): iterate every token until its stop rule fires or it reaches its count.
+
+    The one loop of evaluation, prefill and cached decoding. ``step(consts, i, h, side) -> (h, side)`` runs
+    iteration i (0-based) on every token; ``side`` is what the step carries besides the state (decoding: the
+    chunk's keys and values of each iteration; ``()`` otherwise). ``n`` is the cap, int32 [] or one per
+    token (shape h0.shape[:-1]). ``stop(i, h_prev, h, active, state) -> (fire, state)`` is asked after
+    iteration i (1-based) with the states before and after it and the tokens that ran it (``active``); a
+    token stops when it fires at an iteration where ``due(i)`` holds, and keeps its state from then on
+    (copy-forward: every token still runs the step, so its neighbours read a defined value). The loop ends
+    when no token runs. Without a stop rule and with one count, it is a plain ``fori_loop``.
     """
-    active0 = jnp.ones(h0.shape[:-1], bool)
+    n = jnp.asarray(n, jnp.int32)
+    if stop is None and n.ndim == 0:
+        h, side = jax.lax.fori_loop(0, n, lambda i, c: step(consts, i, *c), (h0, side0))
+        return Until(h, jnp.broadcast_to(n.astype(jnp.float32), h0.shape[:-1]), state0, side, n)
+    due = due or (lambda i: jnp.ones((), bool))
+    n_max = jnp.max(n)
 
     def cond(c: tuple) -> Array:
         return (c[0] < n_max) & jnp.any(c[2])
 
     def body(c: tuple) -> tuple:
-        i, h, active, used, state = c
-        h_next = jnp.where(active[..., None], step(consts, h), h)
+        i, h, active, used, state, side = c
+        new, side = step(consts, i, h, side)
+        h_next = jnp.where(active[..., None], new, h)
         used = used + active.astype(jnp.float32)
-        fire, state = stop(i + 1, h, h_next, active, state)
-        due = ((i + 1) >= min_loops) & ((i + 1) % check_every == 0)
-        return i + 1, h_next, active & ~(fire & due), used, state
+        if stop is not None:
+            fire, state = stop(i + 1, h, h_next, active, state)
+            active = active & ~(fire & due(i + 1))
+        return i + 1, h_next, active & (i + 1 < n), used, state, side
 
-    c = (jnp.zeros((), jnp.int32), h0, active0, jnp.zeros(h0.shape[:-1], jnp.float32), state0)
-    _, h, _, used, state = jax.lax.while_loop(cond, body, c)
-    return h, used, state
+    c = (jnp.zeros((), jnp.int32), h0, jnp.ones(h0.shape[:-1], bool), jnp.zeros(h0.shape[:-1], jnp.float32), state0,
+         side0)
+    ran, h, _, used, state, side = jax.lax.while_loop(cond, body, c)
+    return Until(h, used, state, side, ran)
 
 
 # ----------------------------------------------------------------------------- diagnostics

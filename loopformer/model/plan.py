@@ -13,7 +13,7 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
     trace_len                      static: record per-iteration state statistics of iterations 1..trace_len
     collect_means                  static: report each circuit's mean output over the real tokens
     collect_norms                  static: report each circuit's write norm ||g_c * out_c|| per token [B, T]
-    exits {name: ExitRule}         per-token exit rules (`loopformer.model.exits`; kinds static, thresholds
+    exits {name: ExitRule}         per-token exit rules (`loopformer.variants.exits`; kinds static, thresholds
                                    traced); the circuit's loop count is then the cap
     stash                          static: L > 0 records every iteration of a halting circuit (its exit
                                    distribution, and the logits after each iteration; L >= its count)
@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopformer.config.schema import ModelConfig
 from loopformer.errors import PlanError
-from loopformer.model.exits import ExitRule
+from loopformer.variants.exits import ExitRule
 
 Array = jax.Array
 MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would run for hours
@@ -71,6 +72,27 @@ class Plan:
 
     def exit_of(self, name: str) -> ExitRule | None:
         return self.exits.get(name)
+
+    def circuit(self, name: str, key: Array) -> CircuitPlan:
+        """How to run one circuit (its PRNG ``key`` folded from the plan's by the caller)."""
+        return CircuitPlan(self.loops[name], key, self.exit_of(name), self.truncation(name), self.trace_len,
+                           self.stash, self.bound)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "key", "exit"],
+                   meta_fields=["backprop", "trace_len", "stash", "bound"])
+@dataclass(frozen=True)
+class CircuitPlan:
+    """One circuit's part of a `Plan`: its count ``loops`` (int32 [] or per token [B, T]; the cap under an exit
+    rule), PRNG ``key``, ``exit`` rule, and the static truncation depth, trace length, stash and bound."""
+
+    loops: Array
+    key: Array
+    exit: ExitRule | None = None
+    backprop: int = 0
+    trace_len: int = 0
+    stash: int = 0
+    bound: int = 0
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -116,6 +138,21 @@ def resolve_loops(defaults: Mapping[str, int], loops: Mapping[str, int] | None =
         if not 1 <= int(n) <= MAX_LOOPS:
             raise PlanError(f"loop count of circuit '{name}' must be in 1..{MAX_LOOPS}, got {n}")
         out[name] = int(n)
+    return out
+
+
+def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[str, int],
+              max_loops: int | None = None) -> dict[str, int]:
+    """``loops`` with every exiting circuit at its cap: ``max_loops`` if given, else its count in ``loops``
+    if it has one, else the larger of its max_loops and eval_loops (a halting head was trained up to its
+    max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head)."""
+    out = dict(loops)
+    for c, rule in exits.items():
+        cfg = model.circuit(c)
+        if rule.needs_head and not cfg.halting.has_head:
+            raise PlanError(f"exit {c}={rule}: circuit {c} was trained without a halting head (halting.kind: none); "
+                            f"use latent_diff, kl or entropy_diff for it")
+        out[c] = max_loops or loops.get(c) or max(cfg.max_loops, cfg.eval_loops)
     return out
 
 

@@ -18,11 +18,12 @@ import numpy as np
 from flax import nnx
 
 from loopformer.config.schema import ModelConfig
-from loopformer.errors import PlanError
-from loopformer.model.cache import CachePolicy, KVCache, empty_kv, store
-from loopformer.model.circuit import Bank, Context
-from loopformer.model.layers import Block, attention_mask, normal_init, run_stack, run_stack_cached, stacked
+from loopformer.errors import DecodingError
+from loopformer.model.cache import KVCache, empty_kv, store
+from loopformer.model.circuit import Bank, Context, Decoding
+from loopformer.model.layers import Block, BlockSettings, attention_mask, normal_init, run_stack, run_stack_cached, stacked
 from loopformer.model.plan import Diagnostics, Plan
+from loopformer.variants.cache import CachePolicy
 
 Array = jax.Array
 
@@ -46,7 +47,10 @@ class LoopedTransformer(nnx.Module):
 
     Only the architecture and behaviour fields of ``cfg`` shape it; the loop schedule enters once,
     through ``init_depth`` (GPT-2 style: residual-branch outputs shrink with the expected effective
-    depth, so a deep unroll starts with a stream of the same scale as a shallow one)."""
+    depth, so a deep unroll starts with a stream of the same scale as a shallow one).
+
+    The forward pass (`__call__`) and cached decoding (`decode`) are one path: embed, the plain stacks and
+    the banks run with or without a decoding context, and the head exists once (`_head`)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, init_depth: float, rngs: nnx.Rngs,
                  batch_circuits: bool = True):
@@ -54,25 +58,24 @@ class LoopedTransformer(nnx.Module):
         self.d_model = cfg.d_model
         self.causal = cfg.causal
         self.circuit_names = tuple(c.name for c in cfg.circuits())
-        d, dtype = cfg.d_model, jnp.dtype(cfg.compute_dtype)
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * max(init_depth, 0.5))
-        common = dict(mlp=cfg.mlp, norm=cfg.norm, std=std, out_std=out_std, rope_base=cfg.rope_base, dtype=dtype,
-                      causal=cfg.causal, qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps, attention=cfg.attention)
-        self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(std, ("vocab", "embed")), rngs=rngs)
-        block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, rngs=r, window=cfg.window,  # noqa: E731
-                                kv_heads=cfg.kv_heads, **common)
+        d = cfg.d_model
+        settings = BlockSettings.of(cfg, out_std=cfg.init_std / math.sqrt(2 * max(init_depth, 0.5)))
+        self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), rngs=rngs)
+        block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, settings, rngs=r, window=cfg.window,  # noqa: E731
+                                kv_heads=cfg.kv_heads)
         self.prelude = stacked(block, cfg.prelude, rngs) if cfg.prelude else None
         stages, first = [], 0
         for s in cfg.stages:
-            stages.append(Bank(s.circuits, first, d_model=d, rngs=rngs, router=s.router, batch_circuits=batch_circuits,
-                               **common))
+            stages.append(Bank(s.circuits, first, d_model=d, settings=settings, rngs=rngs, router=s.router,
+                               batch_circuits=batch_circuits))
             first += len(s.circuits)
         self.stages = nnx.List(stages)
         self.coda = stacked(block, cfg.coda, rngs) if cfg.coda else None
-        self.final_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs, epsilon=cfg.norm_eps)
+        self.final_norm = nnx.RMSNorm(d, dtype=settings.dtype, rngs=rngs, epsilon=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nnx.Linear(
-            d, vocab_size, use_bias=False, kernel_init=normal_init(std, ("embed", "vocab")), dtype=dtype, rngs=rngs)
-        self.compute_dtype = dtype
+            d, vocab_size, use_bias=False, kernel_init=normal_init(cfg.init_std, ("embed", "vocab")),
+            dtype=settings.dtype, rngs=rngs)
+        self.compute_dtype = settings.dtype
 
     def __call__(self, tokens_BT: Array, plan: Plan, *, positions_BT: Array | None = None,
                  segment_ids_BT: Array | None = None) -> tuple[Array, Diagnostics]:
@@ -81,40 +84,56 @@ class LoopedTransformer(nnx.Module):
         Args:
           tokens_BT: int32 token ids.
           plan: how to run the circuits (`loopformer.model.plan`).
-          positions_BT: RoPE positions (default 0..T-1; packed documents restart at 0).
+          positions_BT: token positions (default 0..T-1; packed documents restart at 0).
           segment_ids_BT: tokens attend within their segment; segment 0 is padding (default: one
             segment, no padding).
         """
         B, T = tokens_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
         ctx = Context(positions_BT, attention_mask(segment_ids_BT), None if segment_ids_BT is None else segment_ids_BT > 0)
-        x = self.embed(tokens_BT).astype(self.compute_dtype)
-        if self.prelude is not None:
-            x = run_stack(self.prelude, x, ctx.positions_BT, ctx.mask, plan.schedules.get("prelude"))
+        x = self._stack(self.prelude, self._embed(tokens_BT), ctx, plan.schedules.get("prelude"))[0]
         reports, aux, step_logits = {}, jnp.zeros((), jnp.float32), None
         readouts = any(r.needs_readout for r in plan.exits.values())
         for s, stage in enumerate(self.stages):
             readout = (lambda xs, s=s: self._rest(xs, s + 1, ctx, plan)) if readouts else None
-            x, stage_reports, stage_aux, streams = stage(x, ctx, plan, readout)
-            reports.update(stage_reports)
-            aux = aux + stage_aux
-            if streams is not None and not self._act(stage_reports):  # ouro / pondernet: logits after every step
-                step_logits = jax.vmap(lambda xs, s=s: self._rest(xs, s + 1, ctx, plan))(streams)
+            res = stage(x, ctx, plan, readout)
+            x = res.x
+            reports.update(res.reports)
+            aux = aux + res.aux_loss
+            if res.streams is not None and not self._mixes(stage):  # per-step losses: logits after every step
+                step_logits = jax.vmap(lambda xs, s=s: self._rest(xs, s + 1, ctx, plan))(res.streams)
         return self._rest(x, len(self.stages), ctx, plan), Diagnostics(reports, aux, step_logits)
 
     @staticmethod
-    def _act(reports: dict) -> bool:
-        return any(r.ponder is not None for r in reports.values())
+    def _mixes(stage: Bank) -> bool:
+        """Whether the stage's halting circuit writes the mixture of its iterations (no per-step logits)."""
+        return any(stage.circuits[n].halting.mixes_output for n in stage.names)
+
+    def _embed(self, tokens: Array) -> Array:
+        return self.embed(tokens).astype(self.compute_dtype)
+
+    def _stack(self, stack: nnx.Module | None, x: Array, ctx: Context, schedule: Array | None = None,
+               kv: tuple = ()) -> tuple[Array, tuple]:
+        """A plain stack (prelude or coda) on the stream; when decoding, over and into its cache ``kv``."""
+        if stack is None:
+            return x, kv
+        if ctx.decoding is None:
+            return run_stack(stack, x, ctx.positions_BT, ctx.mask, schedule), kv
+        x, fresh = run_stack_cached(stack, x, ctx.positions_BT, kv, ctx.decoding.start_B)
+        return x, tuple(tuple(store(c, f, ctx.positions_BT) for c, f in zip(layer, new, strict=True))
+                        for layer, new in zip(kv, fresh, strict=True))
+
+    def _head(self, x: Array) -> Array:
+        """Logits [..., vocab] float32 from the stream after the coda."""
+        x = self.final_norm(x)
+        logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
+        return logits.astype(jnp.float32)
 
     def _rest(self, x: Array, first_stage: int, ctx: Context, plan: Plan) -> Array:
         """Logits from the stream before stage ``first_stage``: the later stages, the coda, norm, head."""
         for stage in list(self.stages)[first_stage:]:
-            x = stage(x, ctx, plan)[0]
-        if self.coda is not None:
-            x = run_stack(self.coda, x, ctx.positions_BT, ctx.mask, plan.schedules.get("coda"))
-        x = self.final_norm(x)
-        logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32)
+            x = stage(x, ctx, plan).x
+        return self._head(self._stack(self.coda, x, ctx, plan.schedules.get("coda"))[0])
 
     # ------------------------------------------------------------------ decoding with a cache
     def empty_cache(self, batch: int, length: int, policy: CachePolicy, loops: dict[str, int]) -> KVCache:
@@ -137,46 +156,49 @@ class LoopedTransformer(nnx.Module):
                 state[name] = jnp.zeros((batch, c.blocks.attn_norm.scale.shape[-1]), dtype)  # [B, w]
         return KVCache(stack_kv(self.prelude), stack_kv(self.coda), circuits, state, jnp.zeros((batch,), jnp.int32))
 
+    def check_decoding(self, plan: Plan) -> None:
+        """DecodingError (one line) when cached decoding cannot compute what the forward pass does for ``plan``
+        (call it before tracing; `decode` calls it too)."""
+        if not self.causal:
+            raise DecodingError("a bidirectional model (model.causal: false) cannot decode token by token: every "
+                                "token attends to later ones")
+        if plan.schedules:
+            raise DecodingError("decoding with a cache runs the layers in their order (no layer schedule)")
+        reading = [n for n, r in plan.exits.items() if r.needs_readout]
+        if reading:
+            raise DecodingError(f"decoding with a cache cannot run the exit rule {plan.exits[reading[0]].kind} of "
+                                f"circuit {reading[0]}: it reads the output through the layers after the circuit, whose "
+                                f"cache holds earlier tokens at their final iteration, not at each of its iterations")
+        if any(stage.routed for stage in self.stages):
+            raise DecodingError("decoding with a cache does not run routed banks (a token's iterations move between "
+                                "circuits, so no iteration owns a cache slot)")
+
     def decode(self, tokens_Bt: Array, positions_Bt: Array, cache: KVCache, plan: Plan, policy: CachePolicy, *,
                last_B: Array | None = None, continuous: bool = False) -> tuple[Array, KVCache, dict[str, Array]]:
         """Logits [B, t, vocab] of t new tokens at ``positions_Bt`` (consecutive from each row's first)
         given the cache of every earlier position (causal models only), and the cache with them stored.
+        The same layers and circuit iterations as the forward pass, with a decoding context.
         ``last_B``: the index in the chunk of each row's last real token, whose circuit states the cache
         keeps (default t - 1). ``continuous`` starts every circuit from the state the cache kept
         (Huginn's continuous thinking; t = 1). Also returns the iterations each circuit ran per token
         {name: [B, t]}."""
-        if not self.causal:
-            raise PlanError("a bidirectional model (model.causal: false) cannot decode token by token; "
-                            "use --no-cache")
-        if plan.schedules:
-            raise PlanError("decoding with a cache runs the layers in their order (no layer schedule); use --no-cache")
+        self.check_decoding(plan)
         B, t = tokens_Bt.shape
-        start = positions_Bt[:, 0]
-        x = self.embed(tokens_Bt).astype(self.compute_dtype)
-
-        def stack(module: nnx.Module | None, kvs: tuple, x: Array) -> tuple[Array, tuple]:
-            if module is None:
-                return x, kvs
-            x, fresh = run_stack_cached(module, x, positions_Bt, kvs, start)
-            return x, tuple(tuple(store(c, f, positions_Bt) for c, f in zip(kv, new, strict=True))
-                            for kv, new in zip(kvs, fresh, strict=True))
-
-        x, prelude = stack(self.prelude, cache.prelude, x)
+        ctx = Context(positions_Bt, None, None, Decoding(positions_Bt[:, 0], policy))
+        x, prelude = self._stack(self.prelude, self._embed(tokens_Bt), ctx, kv=cache.prelude)
         circuits, state, used = dict(cache.circuits), dict(cache.state), {}
         last = jnp.full((B,), t - 1) if last_B is None else last_B
         for bank in self.stages:
             h_init = {n: jnp.broadcast_to(state[n][:, None], (B, t, state[n].shape[-1])) for n in bank.names
                       } if continuous else None
-            x, kvs, states, bank_used = bank.decode(x, positions_Bt, start, {n: circuits[n] for n in bank.names},
-                                                    plan, policy, h_init)
-            circuits.update(kvs)
-            used.update(bank_used)
-            state.update({n: s[jnp.arange(B), last] for n, s in states.items()})
-        x, coda = stack(self.coda, cache.coda, x)
-        x = self.final_norm(x)
-        logits = self.embed.attend(x.astype(jnp.float32)) if self.head is None else self.head(x)
+            res = bank(x, ctx, plan, caches={n: circuits[n] for n in bank.names}, h_init=h_init)
+            x = res.x
+            circuits.update(res.caches)
+            used.update({n: r.used for n, r in res.reports.items()})
+            state.update({n: s[jnp.arange(B), last] for n, s in res.states.items()})
+        x, coda = self._stack(self.coda, x, ctx, kv=cache.coda)
         length = jnp.maximum(cache.length, positions_Bt[jnp.arange(B), last] + 1)
-        return logits.astype(jnp.float32), KVCache(prelude, coda, circuits, state, length), used
+        return self._head(x), KVCache(prelude, coda, circuits, state, length), used
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: 'shared' (embed, prelude, coda, norms, head) and one entry per circuit."""

@@ -11,11 +11,11 @@ from flax import nnx
 
 from loopformer.config import CircuitConfig, HaltingConfig, ModelConfig, RouterConfig, StageConfig
 from loopformer.errors import PlanError
-from loopformer.model import halting
-from loopformer.model.exits import ExitRule
 from loopformer.model.loop import iterate
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
+from loopformer.variants import halting
+from loopformer.variants.exits import ExitRule, exit_rule
 from tests.model.test_model import randomize_writes
 
 VOCAB = 11
@@ -76,7 +76,7 @@ def test_per_token_counts_copy_stopped_tokens_forward():
     x = run_stack(model.prelude, model.embed(toks), pos, None)
     e, h = circuit.begin(model.stages[0].norm(x), None)
     for i in range(6):
-        h = jnp.where((i < n_BT)[..., None], circuit.iteration(h, e, ctx), h)
+        h = jnp.where((i < n_BT)[..., None], circuit.iteration(h, e, ctx)[0], h)
     x = run_stack(model.coda, x + circuit.emit(h), pos, None)
     want = model.embed.attend(model.final_norm(x))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -129,14 +129,14 @@ def test_per_token_training_needs_a_bound():
 
 
 @pytest.mark.parametrize("text,rule", [
-    ("latent_diff:0.01", ExitRule("latent_diff", 0.01)), ("kl:0.0005,min=2", ExitRule("kl", 5e-4, 2)),
-    ("entropy_diff:0.001,every=2", ExitRule("entropy_diff", 1e-3, 1, 2)), ("learned:q=0.5", ExitRule("learned", 0.5))])
+    ("latent_diff:0.01", exit_rule("latent_diff", 0.01)), ("kl:0.0005,min=2", exit_rule("kl", 5e-4, 2)),
+    ("entropy_diff:0.001,every=2", exit_rule("entropy_diff", 1e-3, 1, 2)), ("learned:q=0.5", exit_rule("learned", 0.5))])
 def test_exit_rules_parse_and_print(text, rule):
     assert ExitRule.parse(text) == rule and str(rule) == text
 
 
 @pytest.mark.parametrize("text,message", [("latent:0.1", "is not one of"), ("learned:0.5", "learned:q=Q"),
-                                          ("kl:q=0.5", "KIND:EPS"), ("latent_diff:0", "must be > 0"),
+                                          ("kl:q=0.5", "write kl:EPS"), ("latent_diff:0", "must be > 0"),
                                           ("learned:q=2", "<= 1"), ("kl:1e-3,after=2", "unknown option")])
 def test_bad_exit_rules(text, message):
     with pytest.raises(PlanError, match=message):
@@ -162,7 +162,7 @@ def test_latent_diff_exit_stops_each_token_at_its_first_small_change():
     e, h = circuit.begin(model.stages[0].norm(x), None)
     first = np.full((2, 7), 8)
     for i in range(1, 9):
-        h_new = circuit.iteration(h, e, Context(pos, None, None))
+        h_new = circuit.iteration(h, e, Context(pos, None, None))[0]
         small = np.asarray(jnp.linalg.norm(h_new - h, axis=-1) / jnp.linalg.norm(h_new, axis=-1)) < eps
         first = np.where(small & (first == 8) & (i < 8), i, first)
         h = h_new

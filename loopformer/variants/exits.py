@@ -1,0 +1,228 @@
+"""Exit rules: when a token stops iterating a circuit at inference (no training needed, except ``learned``).
+
+A rule is checked after each iteration i (1-based) for every token still running; a token whose rule
+fires stops and keeps its last state (copy-forward), so its neighbours keep reading a stable value.
+The plan's loop count of the circuit is the cap (``max_loops``).
+
+    latent_diff:EPS     ||h_i - h_{i-1}|| / ||h_i|| < EPS            (Huginn's default 0.03)
+    kl:EPS              KL(p_i || p_{i-1}) < EPS on the next-token distributions read out through the
+                        rest of the model after each iteration (Huginn: 5e-4 .. 1e-3)
+    entropy_diff:EPS    |H(p_i) - H(p_{i-1})| < EPS (same readout)
+    patience:K          the top-1 prediction (same readout) unchanged for K iterations in a row (PABEE)
+    learned:q=Q         a circuit trained with a halting head: its halting kind's stop test
+                        (ouro / pondernet: the exit CDF 1 - prod_{j<=i} (1 - lambda_j) reaches Q)
+
+Options follow after commas: ``latent_diff:0.01,min=2,every=2`` (``min``: never stop before iteration
+min; ``every``: check only every k-th iteration). A new rule is one class here: its threshold's range,
+its stop test (`ExitRule.start` / `ExitRule.stop`) and, when it reads the model's output, ``needs_readout``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from loopformer.errors import PlanError
+from loopformer.variants.halting import Halting
+from loopformer.variants.registry import Registry
+
+Array = jax.Array
+EXITS: Registry = Registry("exit rule")
+
+
+class Probe(Protocol):
+    """What a rule may read of the circuit it stops: its write of a state (``emit(h)`` [..., O]), the
+    model's logits given that write (``readout``; None when the model cannot read out here), its halting
+    head (``halt_prob(h)`` [...], and ``halting`` the kind), the cap ``n`` and the write's width."""
+
+    n: Array
+    out_width: int
+    halting: Halting
+    readout: Any
+
+    def emit(self, h: Array) -> Array: ...
+
+    def halt_prob(self, h: Array) -> Array: ...
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """A rule (static: its kind, min_loops, check_every) and its threshold (traced inside a plan, so
+    sweeping thresholds reuses one compiled program). Build one with `ExitRule.parse` or `exit_rule`."""
+
+    threshold: float | Array
+    min_loops: int = 1
+    check_every: int = 1
+    kind: ClassVar[str] = ""
+    needs_readout: ClassVar[bool] = False  # reads the model's output distribution after every iteration
+    needs_head: ClassVar[bool] = False  # reads the circuit's halting head
+    prefix: ClassVar[str] = ""  # written before the threshold: KIND:PREFIX VALUE (learned:q=0.5)
+    placeholder: ClassVar[str] = "EPS"
+    at_most_one: ClassVar[bool] = False  # threshold in (0, 1]
+
+    @staticmethod
+    def parse(text: str) -> ExitRule:
+        """``latent_diff:0.01``, ``kl:5e-4,min=2``, ``learned:q=0.5,every=2``; PlanError naming the forms."""
+        forms = ", ".join(EXITS.get(n).form() for n in EXITS.names())
+        forms = f"{forms}, optionally followed by ,min=N and ,every=K"
+        m = re.fullmatch(r"\s*(\w+)\s*:\s*(?:(\w+)\s*=\s*)?([-+\d.eE]+)\s*((?:,\s*\w+\s*=\s*\d+\s*)*)", text or "")
+        if not m or m.group(1) not in EXITS:
+            raise PlanError(f"exit rule '{text}' is not one of {forms}")
+        cls = EXITS.get(m.group(1))
+        if (m.group(2) or "") != cls.prefix.rstrip("="):
+            raise PlanError(f"exit rule '{text}': write {cls.form()} (the forms: {forms})")
+        options = {}
+        for opt in filter(None, (o.strip() for o in m.group(4).split(","))):
+            key, _, value = opt.partition("=")
+            if key.strip() not in ("min", "every"):
+                raise PlanError(f"exit rule '{text}': unknown option '{key.strip()}' (min=N, every=K)")
+            options[key.strip()] = int(value)
+        try:
+            threshold = float(m.group(3))
+        except ValueError:
+            raise PlanError(f"exit rule '{text}': '{m.group(3)}' is not a number") from None
+        if not (threshold > 0 and (not cls.at_most_one or threshold <= 1)):
+            raise PlanError(f"exit rule '{text}': the threshold must be > 0" + (" and <= 1" if cls.at_most_one else ""))
+        rule = cls(threshold, options.get("min", 1), options.get("every", 1))
+        if rule.min_loops < 1 or rule.check_every < 1:
+            raise PlanError(f"exit rule '{text}': min and every must be >= 1")
+        return rule
+
+    @classmethod
+    def form(cls) -> str:
+        return f"{cls.kind}:{cls.prefix}{cls.placeholder}"
+
+    def due(self, i: Array) -> Array:
+        """Whether the rule may stop a token after iteration i (1-based)."""
+        return (i >= self.min_loops) & (i % self.check_every == 0)
+
+    # --- what each rule defines
+    def start(self, probe: Probe, h0: Array) -> Any:
+        """The rule's state before the first iteration (a pytree)."""
+        return ()
+
+    def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
+        """After iteration i (1-based), states h_prev -> h [..., w] of the tokens that ran it (``active``):
+        (fire [...] bool, the new state)."""
+        raise NotImplementedError
+
+    def output(self, probe: Probe, state: Any, out: Array) -> Array:
+        """What the circuit writes once every token stopped (``out``: the write of the final states)."""
+        return out
+
+    def __str__(self) -> str:
+        value = f"{self.threshold:g}" if isinstance(self.threshold, int | float) else "<traced>"
+        return f"{self.kind}:{self.prefix}{value}" + (f",min={self.min_loops}" if self.min_loops > 1 else "") + (
+            f",every={self.check_every}" if self.check_every > 1 else "")
+
+
+def exit_rule(kind: str, threshold: float | Array, min_loops: int = 1, check_every: int = 1) -> ExitRule:
+    """The rule registered as ``kind`` (PlanError naming the kinds if none)."""
+    return EXITS.get(kind, "exit rule", PlanError)(threshold, min_loops, check_every)
+
+
+def _register(name: str) -> Any:
+    """Register an exit rule class: in the table, and as a pytree (threshold traced, the rest static)."""
+    def add(cls: type) -> type:
+        cls = EXITS.register(name)(dataclass(frozen=True)(cls))
+        return jax.tree_util.register_dataclass(cls, data_fields=["threshold"], meta_fields=["min_loops", "check_every"])
+    return add
+
+
+def latent_change(h_prev: Array, h: Array) -> Array:
+    """[...]: ||h - h_prev|| / ||h|| per token (over the last axis), in float32."""
+    h, h_prev = h.astype(jnp.float32), h_prev.astype(jnp.float32)
+    return jnp.linalg.norm(h - h_prev, axis=-1) / jnp.maximum(jnp.linalg.norm(h, axis=-1), 1e-12)
+
+
+def kl_divergence(logits: Array, prev_logits: Array) -> Array:
+    """[...]: KL(p || p_prev) of two logit arrays over their last axis."""
+    lp, lq = jax.nn.log_softmax(logits.astype(jnp.float32)), jax.nn.log_softmax(prev_logits.astype(jnp.float32))
+    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+
+def entropy(logits: Array) -> Array:
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+
+
+@_register("latent_diff")
+class LatentDiff(ExitRule):
+    def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
+        return latent_change(h_prev, h) < self.threshold, state
+
+
+class _OutputChange(ExitRule):
+    """Rules on the next-token distribution read out after every iteration."""
+
+    needs_readout = True
+
+    def change(self, logits: Array, prev: Array) -> Array:
+        raise NotImplementedError
+
+    def _logits(self, probe: Probe, h: Array) -> Array:
+        if probe.readout is None:
+            raise PlanError(f"exit rule {self.kind} reads the model's output after every iteration: only one circuit "
+                            f"of a model can use kl or entropy_diff at a time")
+        return probe.readout(probe.emit(h))
+
+    def start(self, probe: Probe, h0: Array) -> Any:
+        return self._logits(probe, h0)
+
+    def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
+        logits = self._logits(probe, h)
+        return (self.change(logits, state) < self.threshold) & (i >= 2), logits  # iteration 1 has nothing to compare
+
+
+@_register("kl")
+class KL(_OutputChange):
+    def change(self, logits: Array, prev: Array) -> Array:
+        return kl_divergence(logits, prev)
+
+
+@_register("entropy_diff")
+class EntropyDiff(_OutputChange):
+    def change(self, logits: Array, prev: Array) -> Array:
+        return jnp.abs(entropy(logits) - entropy(prev))
+
+
+@_register("learned")
+class Learned(ExitRule):
+    """The circuit's own halting head decides (`loopformer.variants.halting`)."""
+
+    prefix, placeholder = "q=", "Q"
+    needs_head = True
+    at_most_one = True
+
+    def start(self, probe: Probe, h0: Array) -> Any:
+        return probe.halting.exit_init(h0.shape[:-1], probe.out_width, h0.dtype)
+
+    def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
+        lam = jnp.where(active, probe.halt_prob(h), 0.0)
+        return probe.halting.exit_step(i, probe.n, lam, active, state, lambda: probe.emit(h), self.threshold)
+
+    def output(self, probe: Probe, state: Any, out: Array) -> Array:
+        return probe.halting.exit_output(state, out)
+
+
+
+@_register("patience")
+class Patience(_OutputChange):
+    """patience:K: stop once the top-1 next-token prediction has not changed for K iterations in a row
+    (patience-based early exit, Zhou et al. 2020, "BERT Loses Patience")."""
+
+    placeholder = "K"
+
+    def start(self, probe: Probe, h0: Array) -> Any:
+        top = jnp.argmax(self._logits(probe, h0), axis=-1)
+        return top, jnp.zeros(top.shape, jnp.float32)
+
+    def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
+        prev, streak = state
+        top = jnp.argmax(self._logits(probe, h), axis=-1)
+        streak = jnp.where(top == prev, streak + 1.0, 0.0)
+        return streak >= self.threshold, (top, streak)

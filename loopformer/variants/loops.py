@@ -1,0 +1,183 @@
+"""Loop-count distributions: how many times a circuit runs at each training step.
+
+    fixed(n)                    always n
+    uniform(a, b)               integers a..b inclusive
+    poisson_lognormal(m, s)     tau ~ N(log(m) - s^2/2, s), n = Poisson(e^tau) + 1 (Geiping et al. 2025);
+                                E[e^tau] = m, so E[n] = m + 1 before the cap
+
+Every draw is clipped to [1, cap]. A YAML ``loops:`` value is ``8`` (= fixed(8)) or ``NAME(args)``; a new
+distribution is one class here, registered under its name, with its arguments as dataclass fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from loopformer.variants.registry import Registry
+
+Array = jax.Array
+DISTRIBUTIONS: Registry = Registry("loop distribution")
+
+
+@dataclass(frozen=True)
+class LoopDistribution:
+    """Training distribution of one circuit's loop count (its arguments are the subclass's fields)."""
+
+    cap: int = field(default=64, kw_only=True)
+    kind: ClassVar[str] = ""
+
+    @staticmethod
+    def parse(text: str | int, cap: int = 64) -> LoopDistribution:
+        """``8``, ``"fixed(8)"``, ``"uniform(2, 8)"``, ``"poisson_lognormal(8, 0.5)"``; ValueError naming the forms."""
+        forms = ", ".join(f"'{c.form()}'" for c in _classes())
+        if isinstance(text, int | str) and not isinstance(text, bool) and str(text).strip().isdigit():
+            text = f"fixed({int(text)})"
+        m = re.fullmatch(r"\s*(\w+)\s*\(\s*([^()]*)\)\s*", str(text))
+        if not m or m.group(1) not in DISTRIBUTIONS:
+            raise ValueError(f"{text!r} is not a loop distribution; use an int or {forms}")
+        cls = DISTRIBUTIONS.get(m.group(1))
+        args = [a.strip() for a in m.group(2).split(",")] if m.group(2).strip() else []
+        if len(args) != len(cls.arg_names()):
+            raise ValueError(f"{text!r}: wrong number of arguments; use an int or {forms}")
+        try:
+            values = [float(a) for a in args]
+        except ValueError:
+            raise ValueError(f"{text!r}: the arguments must be numbers; use an int or {forms}") from None
+        if cap < 1:
+            raise ValueError(f"cap must be >= 1, got {cap}")
+        dist = cls(*values, cap=cap)
+        dist.validate()
+        return dist
+
+    @classmethod
+    def arg_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "cap")
+
+    @classmethod
+    def form(cls) -> str:
+        return f"{cls.kind}({', '.join(cls.arg_names())})"
+
+    def args(self) -> tuple[float, ...]:
+        return tuple(getattr(self, n) for n in self.arg_names())
+
+    # --- what each distribution defines
+    def validate(self) -> None:
+        """ValueError naming the form when the arguments are impossible."""
+
+    def sample(self, key: Array) -> Array:
+        """One draw, int32 [] before the cap (jit-friendly)."""
+        raise NotImplementedError
+
+    def mean(self) -> float:
+        """Expected count before the cap (scales initialisation by the effective depth)."""
+        raise NotImplementedError
+
+    def typical_range(self) -> tuple[int, int]:
+        """[lo, hi] of the counts it typically draws (display only)."""
+        raise NotImplementedError
+
+    def bulk(self) -> tuple[float, str]:
+        """(a count most draws stay at or below, and how to say it): ``max_loops`` must reach it, or the
+        cap would silently change the distribution."""
+        hi = self.typical_range()[1]
+        return hi, f"counts that loops={self} draws (up to {hi:g}): they"
+
+    # --- shared
+    def draw(self, key: Array) -> Array:
+        """One draw clipped to [1, cap], int32 []."""
+        return jnp.clip(self.sample(key), 1, self.cap).astype(jnp.int32)
+
+    def typical_max(self) -> int:
+        return self.typical_range()[1]
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(_fmt(v) for v in self.args())})"
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _classes() -> list[type[LoopDistribution]]:
+    return [DISTRIBUTIONS.get(n) for n in DISTRIBUTIONS.names()]
+
+
+def _integers(*values: float) -> bool:
+    return all(float(v).is_integer() for v in values)
+
+
+@DISTRIBUTIONS.register("fixed")
+@dataclass(frozen=True)
+class Fixed(LoopDistribution):
+    n: float
+
+    def validate(self) -> None:
+        if self.n < 1 or not _integers(self.n):
+            raise ValueError(f"fixed(n) needs an integer n >= 1, got {self.n}")
+
+    def sample(self, key: Array) -> Array:
+        return jnp.asarray(int(self.n), jnp.int32)
+
+    def mean(self) -> float:
+        return float(self.n)
+
+    def typical_range(self) -> tuple[int, int]:
+        return int(self.n), int(self.n)
+
+
+@DISTRIBUTIONS.register("uniform")
+@dataclass(frozen=True)
+class Uniform(LoopDistribution):
+    a: float
+    b: float
+
+    def validate(self) -> None:
+        if not (1 <= self.a <= self.b and _integers(self.a, self.b)):
+            raise ValueError(f"uniform(a, b) needs integers 1 <= a <= b, got ({self.a}, {self.b})")
+
+    def sample(self, key: Array) -> Array:
+        return jax.random.randint(key, (), int(self.a), int(self.b) + 1, dtype=jnp.int32)
+
+    def mean(self) -> float:
+        return (self.a + self.b) / 2
+
+    def typical_range(self) -> tuple[int, int]:
+        return int(self.a), int(self.b)
+
+
+@DISTRIBUTIONS.register("poisson_lognormal")
+@dataclass(frozen=True)
+class PoissonLognormal(LoopDistribution):
+    mean_count: float
+    sigma: float
+
+    def validate(self) -> None:
+        if not (self.mean_count > 0 and self.sigma >= 0):
+            raise ValueError(f"poisson_lognormal(mean, sigma) needs mean > 0, sigma >= 0, got "
+                             f"({self.mean_count}, {self.sigma})")
+
+    def sample(self, key: Array) -> Array:
+        k_tau, k_n = jax.random.split(key)
+        tau = jnp.log(self.mean_count) - self.sigma**2 / 2 + self.sigma * jax.random.normal(k_tau, ())
+        return jax.random.poisson(k_n, jnp.exp(tau), dtype=jnp.int32) + 1
+
+    def mean(self) -> float:
+        return self.mean_count + 1.0
+
+    def typical_range(self) -> tuple[int, int]:
+        return 1, min(self.cap, int(math.ceil(self.mean_count * math.exp(2 * self.sigma))) + 1)
+
+    def bulk(self) -> tuple[float, str]:
+        # the long tail is cut by design; the bulk (around the mean) must not be
+        return self.mean(), f"the mean count ({self.mean():g}) of loops={self}: most draws"
+
+    @classmethod
+    def form(cls) -> str:
+        return f"{cls.kind}(mean, sigma)"
