@@ -33,7 +33,6 @@ import numpy as np
 from loopformer.data.tokenizers import Tokenizer
 from loopformer.errors import DataError
 
-FORMATS = ("auto", "text", "jsonl", "arrayrecord")
 SPLITS = ("train", "val")
 ASSET_PREFIX = "asset:"
 META_FILE = "meta.json"

@@ -28,7 +28,6 @@ PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIAL = 3
 NUM_BYTES = 256
 BYTE_VOCAB = NUM_SPECIAL + NUM_BYTES  # 259
-KINDS = ("bytes", "bpe", "file")
 BPE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids PAD, BOS, EOS of a trained BPE
 
 # Special tokens of common tokenizer files, most specific first. GPT-2 has only <|endoftext|>, so it

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from loopformer.errors import PlanError
 
 Array = jax.Array
-IMPLS = ("auto", "xla", "einsum", "cudnn")
 
 
 def resolve(impl: str, dtype: jnp.dtype) -> str:

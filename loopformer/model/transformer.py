@@ -10,7 +10,7 @@ are padding (attention keeps real tokens apart from them; statistics skip them).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,15 @@ from loopformer.model.plan import Diagnostics, Plan
 from loopformer.variants.cache import CachePolicy
 
 Array = jax.Array
+
+
+class Decoded(NamedTuple):
+    """A decoding step: logits [B, t, vocab] of the new tokens, the cache with them stored, and the
+    iterations each circuit ran per token {name: [B, t]}."""
+
+    logits: Array
+    cache: KVCache
+    loops: dict[str, Array]
 
 
 def effective_depth(cfg: ModelConfig, loops: dict[str, float] | None = None) -> float:
@@ -174,7 +183,7 @@ class LoopedTransformer(nnx.Module):
                                 "circuits, so no iteration owns a cache slot)")
 
     def decode(self, tokens_Bt: Array, positions_Bt: Array, cache: KVCache, plan: Plan, policy: CachePolicy, *,
-               last_B: Array | None = None, continuous: bool = False) -> tuple[Array, KVCache, dict[str, Array]]:
+               last_B: Array | None = None, continuous: bool = False) -> Decoded:
         """Logits [B, t, vocab] of t new tokens at ``positions_Bt`` (consecutive from each row's first)
         given the cache of every earlier position (causal models only), and the cache with them stored.
         The same layers and circuit iterations as the forward pass, with a decoding context.
@@ -198,7 +207,7 @@ class LoopedTransformer(nnx.Module):
             state.update({n: s[jnp.arange(B), last] for n, s in res.states.items()})
         x, coda = self._stack(self.coda, x, ctx, kv=cache.coda)
         length = jnp.maximum(cache.length, positions_Bt[jnp.arange(B), last] + 1)
-        return self._head(x), KVCache(prelude, coda, circuits, state, length), used
+        return Decoded(self._head(x), KVCache(prelude, coda, circuits, state, length), used)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: 'shared' (embed, prelude, coda, norms, head) and one entry per circuit."""
