@@ -42,8 +42,18 @@ def test_overrides_by_path_index_and_circuit_name():
     assert str(cfg.run_dir) == "/tmp/x/quickstart"
 
 
-def test_defaults_are_valid():
-    assert isinstance(load_config(None), Config)
+def test_defaults_are_valid(tmp_path):
+    """No --config trains the defaults: they pass validation unchanged, round-trip through YAML, and are
+    one full-width circuit X looped 4 times between one prelude and one coda layer."""
+    cfg = load_config(None)
+    assert cfg == Config()
+    (x,) = cfg.model.circuits()
+    assert (cfg.model.d_model, cfg.model.heads, cfg.model.prelude, cfg.model.coda) == (64, 4, 1, 1)
+    assert (x.name, x.width, str(x.distribution()), x.eval_loops, x.backprop) == ("X", 64, "fixed(4)", 4, 4)
+    assert (cfg.train.steps, cfg.train.lr, cfg.data.batch_size, str(cfg.run_dir)) == (1000, 1e-3, 64, "runs/run")
+    path = tmp_path / "defaults.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
 
 
 def test_integer_loops_mean_fixed():

@@ -19,9 +19,12 @@ def _take(it, n: int) -> list[dict]:
 
 
 def test_split_seed_deterministic():
-    assert split_seed(1, "train", 5).integers(1 << 62) == split_seed(1, "train", 5).integers(1 << 62)
-    draws = {split_seed(*key).integers(1 << 62) for key in [(1, "train", 5), (2, "train", 5), (1, "ood", 5)]}
-    assert len(draws | {split_seed(1, "train", 6).integers(1 << 62)}) == 4
+    """The same (seed, split, index) draws the same numbers in every process (the split name is hashed
+    with crc32, not Python's per-process hash), so examples are fixed numbers, pinned here; any change
+    of seed, split or index draws others."""
+    keys = [(1, "train", 5), (2, "train", 5), (1, "ood", 5), (1, "train", 6)]
+    assert [int(split_seed(*key).integers(1 << 62)) for key in keys] == [
+        1023280845930544281, 534097144149071601, 3048986941459727224, 2531562382192089279]
 
 
 def test_train_batches_follow_the_global_stream():
