@@ -247,9 +247,20 @@ def test_learned_exit_stops_at_the_quantile():
 
 
 def test_act_evaluates_with_its_own_halting():
+    """Independent tokens (window 1): evaluation stops each token at ACT's own N, the first iteration
+    whose halting probabilities sum to 1 - eps (or the loop count), read from the training path's stash;
+    the ponder cost there is N plus the remainder at N."""
     gd, st = model_of(one_circuit(window=1, halting_kind="act"))
-    diag = run(gd, st, tokens(), make_plan(["X"], {"X": 6}))[1]
-    assert diag.circuits["X"].used is not None and float(diag.circuits["X"].used.max()) <= 6
+    st["stages"][0]["circuits"]["X"]["halt"]["bias"].value = jnp.zeros((1,))  # at init (-3) every token runs 6
+    toks = tokens()
+    stashed = run(gd, st, toks, make_plan(["X"], {"X": 6}, stash=8))[1].circuits["X"]
+    p = np.asarray(stashed.exit_p)
+    want = np.minimum(np.argmax(np.cumsum(p, axis=0) >= 1 - HaltingConfig().eps - 1e-6, axis=0) + 1, 6)
+    assert len(np.unique(want)) > 1  # tokens stop at different iterations
+    used = run(gd, st, toks, make_plan(["X"], {"X": 6}))[1].circuits["X"].used
+    np.testing.assert_array_equal(used, want)
+    remainder = np.take_along_axis(p, want[None] - 1, axis=0)[0]
+    np.testing.assert_allclose(stashed.ponder, want + remainder, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- routers

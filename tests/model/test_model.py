@@ -189,12 +189,45 @@ def test_slice_circuits_touch_only_their_slice():
         assert delta[..., outside].max() == 0.0
 
 
-@pytest.mark.parametrize("inject,init,norm", [("concat", "noise", "sandwich"), ("none", "input", "pre")])
-def test_other_modes_run_and_are_finite(inject, init, norm):
-    model = randomize_writes(build_model(two_circuit_cfg(inject=inject, init=init, norm=norm), VOCAB, seed=0))
-    logits, diag = forward(model, tokens(), {"X": 40}, trace_len=4)
+def same_weights(cfgs):
+    """One randomised model per config, all with the first one's weights (the configs differ in behaviour only)."""
+    models = [build_model(cfg, VOCAB, seed=0) for cfg in cfgs]
+    randomize_writes(models[0])
+    for m in models[1:]:
+        nnx.update(m, nnx.state(models[0]))
+    return models
+
+
+def check_long_run_is_finite(model, cfg):
+    logits, diag = forward(model, tokens(), {"X": 40}, trace_len=4, cfg=cfg)
     assert logits.shape == (2, 12, VOCAB) and bool(jnp.all(jnp.isfinite(logits)))
     assert diag.circuits["X"].trace.shape == (4, 3) and diag.circuits["X"].mean_out is None
+
+
+def test_a_noise_start_of_spread_zero_is_the_zero_start():
+    """init noise (concat injection, sandwich norm): h_0 ~ N(0, init_noise_std^2) gives the zero start's
+    logits at spread 0 and other logits at spread 1 (Y gated off: only X's start differs); finite at 40 loops."""
+    cfgs = [two_circuit_cfg(inject="concat", norm="sandwich", init=init, init_noise_std=std)
+            for init, std in (("zeros", 1.0), ("noise", 0.0), ("noise", 1.0))]
+    zeros, spread0, spread1 = (forward(m, tokens(), {"X": 2}, ablate=["Y"], cfg=c)[0]
+                               for m, c in zip(same_weights(cfgs), cfgs, strict=True))
+    np.testing.assert_allclose(spread0, zeros, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(spread1 - zeros).max()) > 1e-3
+    check_long_run_is_finite(same_weights(cfgs[2:])[0], cfgs[2])
+
+
+def test_no_injection_from_the_input_start():
+    """inject none, init input: h_0 = e, h_i = stack(h_{i-1}). At one loop that is stack(e), the logits of
+    add from zeros (stack(0 + e)); at three it is not (add puts e back every iteration); finite at 40 loops."""
+    cfgs = [two_circuit_cfg(), two_circuit_cfg(inject="none", init="input")]
+    add, none = same_weights(cfgs)
+    for loops, same in (({"X": 1, "Y": 1}, True), ({"X": 3, "Y": 1}, False)):
+        a, b = forward(add, tokens(), loops, cfg=cfgs[0])[0], forward(none, tokens(), loops, cfg=cfgs[1])[0]
+        if same:
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+        else:
+            assert float(jnp.abs(b - a).max()) > 1e-3
+    check_long_run_is_finite(none, cfgs[1])
 
 
 def test_eval_loop_counts_and_gates_do_not_recompile():
