@@ -37,11 +37,11 @@ from scipy import stats
 from loopformer.config import load_config
 from loopformer.data.sources import build_data
 from loopformer.evaluation.evaluator import evaluator_for
-from loopformer.evaluation.metrics import text_metrics
 from loopformer.evaluation.tables import format_table
-from loopformer.model.exits import ExitRule
-from loopformer.train.runs import restore_params
+from loopformer.metrics import text_metrics
+from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
+from loopformer.variants.exits import exit_rule
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).with_name("think_longer.py"))
@@ -110,7 +110,7 @@ def run_task(name: str, out: Path, examples: int, steps: int | None = None) -> d
               for s, bs in sets.items()}
     ev = evaluator_for(model)
     policies = [(f"fixed:{n}", {"X": n}, {}) for n in setting.counts()]
-    policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": ExitRule(kind, eps)}) for kind, values in EXITS.items()
+    policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}) for kind, values in EXITS.items()
                  for eps in values]
     rows, inst = rows_for(ev, params, sets, policies, "looped")
     variants = {}
@@ -121,7 +121,7 @@ def run_task(name: str, out: Path, examples: int, steps: int | None = None) -> d
         vmodel, vparams, _ = trained(vcfg, out)
         vev = evaluator_for(vmodel)
         if variant == "halting":
-            vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": ExitRule("learned", q)}) for q in QUANTILES]
+            vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}) for q in QUANTILES]
             vpolicies.append((f"halting model, fixed:{setting.train_loops}", {"X": setting.train_loops}, {}))
         else:
             vpolicies = [(f"router (cap {n})", {"X": n}, {}) for n in (setting.train_loops, 2 * setting.train_loops, cap)]
@@ -166,7 +166,7 @@ def run_text(out: Path, steps: int | None = None) -> dict:
     ev = evaluator_for(model)
     rows = []
     policies = [(f"fixed:{n}", {"X": n}, None) for n in TEXT_FIXED]
-    policies += [(f"{k}:{eps:g}", {"X": 32}, {"X": ExitRule(k, eps)}) for k, values in TEXT_EXITS.items() for eps in values]
+    policies += [(f"{k}:{eps:g}", {"X": 32}, {"X": exit_rule(k, eps)}) for k, values in TEXT_EXITS.items() for eps in values]
     for name, loops, exits in policies:
         m = ev.evaluate(params, sets["val"], loops, exits=exits)
         bpb = text_metrics({"loss": m["loss"]}, bpt)["bits_per_byte"]

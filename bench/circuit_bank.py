@@ -26,7 +26,7 @@ from loopformer.config import TrainConfig, load_config  # noqa: E402
 from loopformer.evaluation.evaluator import Evaluator  # noqa: E402
 from loopformer.model.transformer import build_model  # noqa: E402
 from loopformer.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
-from loopformer.train.step import init_state, make_train_step  # noqa: E402
+from loopformer.train.step import StepSettings, init_state, make_train_step  # noqa: E402
 
 
 def bank_config(size: dict[str, Any], circuits: int) -> Any:
@@ -44,7 +44,7 @@ def variant(cfg: Any, size: dict[str, Any], batched: bool) -> dict[str, Any]:
     graphdef, params = nnx.split(model)
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
-    step = make_train_step(graphdef, tx, cfg, 0, 1, learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, StepSettings(cfg, learning_rate_schedule(tcfg)))
     evaluator = Evaluator(graphdef, model.circuit_names, cfg.d_model)
     return {"step": step, "state": init_state(nnx.to_pure_dict(params), tx), "evaluator": evaluator,
             "loops": {c.name: c.eval_loops for c in cfg.circuits()}, "train": [], "infer": [],

@@ -35,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import load_config  # noqa: E402
+from loopformer.evaluation.run import load_run  # noqa: E402
 from loopformer.inference.decode import Decoder  # noqa: E402
 from loopformer.inference.generate import generate_batch, logits_fn  # noqa: E402
-from loopformer.model.cache import CachePolicy  # noqa: E402
-from loopformer.model.exits import ExitRule  # noqa: E402
 from loopformer.model.transformer import build_model  # noqa: E402
-from loopformer.train.runs import load_run, read_run  # noqa: E402
+from loopformer.runs.read import read_run  # noqa: E402
+from loopformer.variants.cache import CachePolicy  # noqa: E402
+from loopformer.variants.exits import ExitRule  # noqa: E402
 
 POLICIES = ("full", "last", "ring:2", "first")
 PROMPT = 16  # prompt tokens

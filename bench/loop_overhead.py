@@ -38,7 +38,7 @@ from loopformer.flops import FlopCounter
 from loopformer.model import circuit as circuits_module
 from loopformer.model.transformer import build_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
-from loopformer.train.step import init_state, make_train_step
+from loopformer.train.step import StepSettings, init_state, make_train_step
 
 COMPILE_LOOPS = (1, 8, 64)
 SWEEP_LOOPS = (1, 2, 4, 8, 16, 32, 64)
@@ -55,7 +55,7 @@ def train_step_for(cfg: Any, size: dict[str, Any]) -> tuple[Any, dict[str, Any],
     model, graphdef, params = build(cfg, size)
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
-    step = make_train_step(graphdef, tx, cfg, 0, 1, learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, StepSettings(cfg, learning_rate_schedule(tcfg)))
     return step, init_state(params, tx), model
 
 

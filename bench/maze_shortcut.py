@@ -21,7 +21,7 @@ import numpy as np
 from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
 from loopformer.evaluation.evaluator import evaluator_for
-from loopformer.train.runs import restore_params
+from loopformer.runs.restore import restore_params
 
 _spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).with_name("think_longer.py"))
 think_longer = importlib.util.module_from_spec(_spec)

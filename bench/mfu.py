@@ -30,7 +30,7 @@ from loopformer.flops import FlopCounter
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
-from loopformer.train.step import init_state, make_train_step
+from loopformer.train.step import StepSettings, init_state, make_train_step
 
 
 def looped_config(size: dict[str, Any], loops: str | None = None, loops_y: str = "uniform(2, 4)") -> Any:
@@ -73,7 +73,7 @@ def main() -> None:
     tcfg = TrainConfig(steps=10**6, warmup_steps=10)
     tx = make_optimizer(tcfg)
     names = model.circuit_names
-    step = make_train_step(graphdef, tx, cfg, 0, 1, learning_rate_schedule(tcfg))
+    step = make_train_step(graphdef, tx, StepSettings(cfg, learning_rate_schedule(tcfg)))
     state = init_state(nnx.to_pure_dict(params), tx)
     batch = C.synthetic_batch(size)
     t0 = time.perf_counter()

@@ -37,8 +37,9 @@ from pathlib import Path
 
 from loopformer.config import Config, load_config
 from loopformer.evaluation.activity import activity
+from loopformer.evaluation.run import load_run
 from loopformer.evaluation.tables import format_table
-from loopformer.train.runs import load_run, read_run
+from loopformer.runs.read import read_run
 from loopformer.train.trainer import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "routing.yaml"

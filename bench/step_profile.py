@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import TrainConfig, load_config  # noqa: E402
-from loopformer.model.layers import MLP, Attention, rope  # noqa: E402
+from loopformer.model.layers import MLP, Attention, BlockSettings  # noqa: E402
 from loopformer.model.transformer import build_model  # noqa: E402
 from loopformer.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
-from loopformer.train.step import init_state, make_train_step  # noqa: E402
+from loopformer.train.step import StepSettings, init_state, make_train_step  # noqa: E402
+from loopformer.variants.position import rope  # noqa: E402
 
 Array = jax.Array
 PRESETS = {"huginn": dict(width=256, heads=4, hidden=1024, batch=32, seq=128, vocab=259, prelude=2, depth=2, coda=2),
@@ -90,14 +91,14 @@ def part_rows(s: dict[str, int], reps: int) -> tuple[list[dict], dict[str, float
         rows.append({"part": name, "ms": 1e3 * t, "ceiling_ms": 1e3 * ceiling, "ratio": t / ceiling if shapes else None,
                      "flops": 3 * flops})
 
-    attn = Attention(W, N, std=0.02, out_std=0.02, rope_base=10000.0, dtype=jnp.float32, rngs=rngs)
+    attn = Attention(W, N, BlockSettings(), rngs=rngs)
     attn_flops = 2 * BT * W * 4 * W + 4 * B * N * T * T * H
     module_part("attention (qkv, RoPE, softmax(QK^T)V, out)", attn, lambda m, xx: m(xx, pos, None), attn_flops,
                 [(1, BT, W, 3 * W), (1, BT, W, W), (B * N, T, H, T), (B * N, T, T, H)])
     for impl in ("xla", "einsum"):
         attn_times[impl] = 1e3 * best(fwd_bwd(lambda st, xx, impl=impl: _attention(impl, nnx.merge(
             nnx.graphdef(attn), st), xx, pos)), nnx.state(attn), x, reps=reps)
-    mlp = MLP(W, F, "swiglu", std=0.02, out_std=0.02, dtype=jnp.float32, rngs=rngs)
+    mlp = MLP(W, F, BlockSettings(swiglu=True), rngs=rngs)
     module_part("MLP (SwiGLU)", mlp, lambda m, xx: m(xx), 2 * BT * 3 * W * F, [(1, BT, W, 2 * F), (1, BT, F, W)])
     norm = nnx.RMSNorm(W, rngs=rngs)
     module_part("RMSNorm", norm, lambda m, xx: m(xx), 0.0, [])
@@ -123,7 +124,7 @@ def _attention(impl: str, attn: Attention, x: Array, pos: Array) -> Array:
     """The attention part with one implementation of softmax(QK^T / sqrt(H)) V (causal)."""
     B, T, W = x.shape
     q, k, v = jnp.split(attn.qkv(x).reshape(B, T, 3 * attn.heads, attn.head_dim), 3, axis=2)
-    q, k = rope(q, pos, attn.rope_base), rope(k, pos, attn.rope_base)
+    q, k = attn.position(q, pos), attn.position(k, pos)
     if impl == "xla":
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     else:
@@ -147,7 +148,7 @@ def step_rows(s: dict[str, int], loops: list[int], reps: int) -> list[dict]:
         graphdef, params = nnx.split(model)
         tcfg = TrainConfig(steps=10**6, warmup_steps=10)
         tx = make_optimizer(tcfg)
-        step = make_train_step(graphdef, tx, cfg, 0, 1, learning_rate_schedule(tcfg))
+        step = make_train_step(graphdef, tx, StepSettings(cfg, learning_rate_schedule(tcfg)))
         state = init_state(nnx.to_pure_dict(params), tx)
         rng = np.random.default_rng(0)
         batch = {"inputs": rng.integers(3, s["vocab"], (B, T), dtype=np.int32),

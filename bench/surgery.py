@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loopformer.cli import main as cli  # noqa: E402
 from loopformer.config import load_config  # noqa: E402
 from loopformer.evaluation import rys  # noqa: E402
+from loopformer.evaluation.run import load_run  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.model.schedule import duplication, longest, padded  # noqa: E402
-from loopformer.train.runs import load_run, read_run  # noqa: E402
+from loopformer.runs.read import read_run  # noqa: E402
 from loopformer.train.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

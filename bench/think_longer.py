@@ -37,7 +37,7 @@ from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
-from loopformer.train.runs import restore_params
+from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 
 BASE = Path(__file__).resolve().parent.parent / "configs" / "bench" / "think_longer.yaml"

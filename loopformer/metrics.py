@@ -2,6 +2,9 @@
 
 A batch's answer tokens are where ``mask == 1``; an example counts as correct only if every one of
 its answer tokens is the argmax (exact match). Sums are returned, so batches add up exactly.
+
+One definition for both sides: the train step's loss is `answer_sums`'s, and the evaluator reports
+the same sums (`summarize`); this module imports nothing of loopformer.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ from flax import nnx
 
 from loopformer.config import load_config
 from loopformer.data.sources import build_data
-from loopformer.train.checkpoint import Checkpoints
+from loopformer.runs.checkpoint import Checkpoints
+from loopformer.runs.prepare import prepare_run_dir
+from loopformer.runs.restore import make_model
 from loopformer.train.optim import make_optimizer
-from loopformer.train.runs import make_model, prepare_run_dir
 from loopformer.train.step import init_state
 
 # Two same-shape circuits (run batched under one vmap) on slices of a 16-wide stream.

@@ -265,6 +265,7 @@ def test_two_processes_train_checkpoint_resume(tmp_path):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values()))), (losses, why)
     assert all(r["train/mfu"] > 0 for r in rows if "train/mfu" in r)
     # The two-process, four-device checkpoint restores onto this single-device process.
-    from loopformer.train.runs import load_run_config, restore_params
+    from loopformer.runs.read import load_run_config
+    from loopformer.runs.restore import restore_params
     _, params, step = restore_params(load_run_config(run))
     assert step == 6 and np.isfinite(np.asarray(params["embed"]["embedding"])).all()

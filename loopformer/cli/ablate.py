@@ -8,7 +8,8 @@ from typing import Any
 from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
 from loopformer.cli.eval import mode_flag
 from loopformer.evaluation import ablate, plots, tables
-from loopformer.train.runs import load_run, read_run
+from loopformer.evaluation.run import load_run
+from loopformer.runs.read import read_run
 
 
 def _args(p: argparse.ArgumentParser) -> None:

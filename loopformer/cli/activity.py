@@ -10,8 +10,9 @@ from loopformer.cli.common import check_writable, command, emit, run_flags, writ
 from loopformer.cli.eval import mode_flag
 from loopformer.cli.loopspec import parse_loops
 from loopformer.evaluation import activity, plots, tables
+from loopformer.evaluation.run import load_run
 from loopformer.model.plan import MAX_LOOPS
-from loopformer.train.runs import load_run, read_run
+from loopformer.runs.read import read_run
 
 
 def _args(p: argparse.ArgumentParser) -> None:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loopformer.errors import PlanError
-from loopformer.evaluation.run import AnalysisError, log
+from loopformer.errors import AnalysisError, PlanError
+from loopformer.runs.log import log
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}

@@ -8,10 +8,10 @@ import shlex
 from typing import Any
 
 from loopformer.cli.common import command, emit, positive, run_flags
-from loopformer.evaluation.run import log
+from loopformer.evaluation.run import load_run
+from loopformer.runs.log import log
+from loopformer.runs.read import read_run
 from loopformer.surgery.convert import INJECTS, Recipe, converted_params, layout, parse_layers, parse_range
-from loopformer.train.newrun import out_dir, point_at, write_run
-from loopformer.train.runs import load_run, read_run
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", "turn a trained plain model into prelude + one looped circuit + coda, as a new run", _args)
 def convert_command(args: argparse.Namespace) -> int:
+    # the new run's checkpoint holds a fresh optimizer state: the trainer's part, imported only here
+    from loopformer.train.newrun import out_dir, point_at, write_run
+
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
         recipe = Recipe(core=parse_range(args.core, "--core"), drop=parse_layers(args.drop), name=args.name,

@@ -9,8 +9,9 @@ from loopformer.cli.common import command, emit, exit_caps, exit_flags, run_flag
 from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import ablate, tables
+from loopformer.evaluation.run import load_run
 from loopformer.model.plan import MAX_LOOPS
-from loopformer.train.runs import load_run, read_run
+from loopformer.runs.read import read_run
 
 
 def mode_flag(p: argparse.ArgumentParser, help_text: str) -> None:

@@ -11,14 +11,14 @@ import numpy as np
 
 from loopformer.cli.common import command, emit, exit_caps, exit_flags, positive, run_flags
 from loopformer.cli.loopspec import parse_exits, parse_loops
-from loopformer.errors import PlanError
+from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import sweep, tables
-from loopformer.evaluation.run import AnalysisError, LoadedRun, real_rows
+from loopformer.evaluation.run import LoadedRun, load_run, real_rows
 from loopformer.inference.decode import Sampling, decoder_for
 from loopformer.inference.generate import answer_examples, generate_batch, prompt_ids, tokenizer_of, until_eos
-from loopformer.model.cache import CachePolicy
 from loopformer.model.plan import MAX_LOOPS
-from loopformer.train.runs import load_run, read_run
+from loopformer.runs.read import read_run
+from loopformer.variants.cache import CachePolicy
 
 MAX_SETTINGS = 16
 

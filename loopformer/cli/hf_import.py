@@ -9,9 +9,8 @@ from typing import Any
 
 from loopformer.cli.common import command, emit
 from loopformer.config import load_config
-from loopformer.evaluation.run import log
+from loopformer.runs.log import log
 from loopformer.surgery.hf import import_folder
-from loopformer.train.newrun import point_at, write_run
 
 DEFAULT_TEXT = "asset:kjv_genesis_exodus.txt"
 
@@ -30,6 +29,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 @command("import", "import a local Hugging Face Llama / Qwen2 / Mistral folder as a run", _args)
 def import_command(args: argparse.Namespace) -> int:
+    # the new run's checkpoint holds a fresh optimizer state: the trainer's part, imported only here
+    from loopformer.train.newrun import point_at, write_run
+
     def body() -> tuple[dict[str, Any], str]:
         model, params, tokenizer = import_folder(args.hf)
         paths = args.data or [DEFAULT_TEXT]

@@ -15,7 +15,9 @@ from loopformer.cli.common import command, emit, run_flags
 from loopformer.config import CircuitArch, CircuitBehaviour, LoopSchedule
 from loopformer.evaluation.tables import format_table
 from loopformer.model.describe import describe, notation
-from loopformer.train.runs import CHANGES_FILE, abstract_model, checkpoint_steps, read_run
+from loopformer.runs.layout import RunDir
+from loopformer.runs.read import read_run
+from loopformer.runs.restore import abstract_model
 
 
 def _fields(obj: Any, cls: type) -> dict[str, Any]:
@@ -39,14 +41,14 @@ def inspect_run(path: str) -> dict[str, Any]:
                                 "params": counts[c.name], "schedule": _fields(c, LoopSchedule),
                                 "training_mean": dist.mean(), "typical_range": list(dist.typical_range())}
     history = []
-    changes = info.path / CHANGES_FILE
+    changes = RunDir(info.path).changes
     if changes.is_file():
         history = [json.loads(line) for line in changes.read_text().splitlines() if line.strip()]
     return {"run": str(info.path), "notation": notation(cfg.model), "symbolic": notation(cfg.model, {
                 c.name: "n" if len(cfg.model.circuits()) == 1 else f"n_{c.name}" for c in cfg.model.circuits()}),
             "vocab_size": model.vocab_size, "d_model": cfg.model.d_model, "total_params": sum(counts.values()),
             "shared_params": counts["shared"], "circuits": circuits, "params": params,
-            "steps": checkpoint_steps(info.path), "config_changes": history,
+            "steps": RunDir(info.path).checkpoint_steps(), "config_changes": history,
             "describe": describe(cfg.model, model.vocab_size, counts)}
 
 

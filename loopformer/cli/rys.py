@@ -6,9 +6,10 @@ import argparse
 from typing import Any
 
 from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
+from loopformer.errors import AnalysisError
 from loopformer.evaluation import plots, rys, tables
-from loopformer.evaluation.run import AnalysisError
-from loopformer.train.runs import load_run, read_run
+from loopformer.evaluation.run import load_run
+from loopformer.runs.read import read_run
 
 TOP = 5
 

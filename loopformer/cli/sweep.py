@@ -11,9 +11,10 @@ from loopformer.cli.common import check_writable, command, emit, exit_caps, exit
 from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import plots, sweep, tables
-from loopformer.evaluation.run import LoadedRun, log
-from loopformer.train.metrics import MetricsWriter
-from loopformer.train.runs import load_run, read_run
+from loopformer.evaluation.run import LoadedRun, load_run
+from loopformer.runs.log import log
+from loopformer.runs.read import read_run
+from loopformer.runs.scalars import MetricsWriter
 
 
 def _args(p: argparse.ArgumentParser) -> None:

@@ -51,19 +51,13 @@ from loopformer.data.text import (
 )
 from loopformer.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, read_tokenizer, tokenizer_kind, train_bpe
 from loopformer.errors import ConfigError, DataError
+from loopformer.runs.layout import CONFIG_FILE, TOKENIZER_FILE, RunDir
+from loopformer.runs.log import log
 
 Batch = dict[str, np.ndarray]
 TEXT_TASK = "text"
-TOKENIZER_FILE = "tokenizer.json"
 META_VERSION = 1
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-
-
-def log(msg: str) -> None:
-    import jax
-
-    if jax.process_index() == 0:
-        print(msg, flush=True)
 
 
 class DataSource(abc.ABC):
@@ -168,11 +162,6 @@ def _check_splits(splits: Sequence[str] | None, valid: list[str]) -> list[str]:
     return list(dict.fromkeys(splits)) if splits else valid
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    ckpt = run_dir / "checkpoints"
-    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
-
-
 def prepared_dir(cfg: Config) -> Path | None:
     """The directory written by `loopformer prepare` that ``data.paths`` names, or None for raw files."""
     d = cfg.data
@@ -270,8 +259,9 @@ class TextSource(DataSource):
         """The run's own tokenizer once it has a checkpoint, else the prepared corpus's, else bytes or
         the data.tokenizer file, else a BPE trained on ``train_docs`` (the corpus's training split,
         read on demand)."""
-        run_file = self.cfg.run_dir / TOKENIZER_FILE
-        if run_file.is_file() and _has_checkpoint(self.cfg.run_dir):
+        run = RunDir(self.cfg.run_dir)
+        run_file = run.tokenizer
+        if run_file.is_file() and run.checkpoint_steps():
             return self._checked(read_tokenizer(run_file), run_file)
         if self.prepared is not None:
             return self._checked(read_tokenizer(self.prepared / TOKENIZER_FILE), self.prepared / TOKENIZER_FILE)
@@ -454,7 +444,7 @@ class TextSource(DataSource):
         return nbytes / max(tokens, 1.0)
 
     def save(self, run_dir: Path) -> None:
-        self.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+        self.tokenizer.save(RunDir(run_dir).tokenizer)
 
     def describe(self) -> str:
         parts = [f"{s} {st.documents:,} docs / {st.tokens:,} tokens / {st.bytes:,} bytes" for s, st in self.stats.items()]
@@ -492,12 +482,12 @@ def load_tokenizer(run: str | Path | Config) -> Tokenizer:
         cfg = run
     else:
         run_dir = Path(run)
-        if (run_dir / TOKENIZER_FILE).is_file():
-            return read_tokenizer(run_dir / TOKENIZER_FILE)
-        if not (run_dir / "config.yaml").is_file():
-            raise DataError(f"{run_dir}: no {TOKENIZER_FILE} or config.yaml; point at a run directory made by "
+        if RunDir(run_dir).tokenizer.is_file():
+            return read_tokenizer(RunDir(run_dir).tokenizer)
+        if not RunDir(run_dir).config.is_file():
+            raise DataError(f"{run_dir}: no {TOKENIZER_FILE} or {CONFIG_FILE}; point at a run directory made by "
                             f"`loopformer train`")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(RunDir(run_dir).config)
         cfg.run.dir, cfg.run.name = str(run_dir.resolve().parent), run_dir.resolve().name
     if cfg.data.task != TEXT_TASK:
         raise DataError(f"data.task={cfg.data.task!r} is a synthetic task with no text tokenizer "

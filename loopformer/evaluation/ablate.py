@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from loopformer.evaluation.run import Batch, LoadedRun, Row, log
+from loopformer.evaluation.run import Batch, LoadedRun, Row
+from loopformer.runs.log import log
 
 MODES = ("zero", "mean")
 

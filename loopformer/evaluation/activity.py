@@ -26,9 +26,10 @@ import optax
 from flax import nnx
 
 from loopformer.evaluation.ablate import mean_fill
-from loopformer.evaluation.run import Batch, LoadedRun, log
+from loopformer.evaluation.run import Batch, LoadedRun
 from loopformer.model.plan import Plan
 from loopformer.model.transformer import forward_batch
+from loopformer.runs.log import log
 
 Array = jax.Array
 ON_FRACTION = 0.1  # on: write norm > ON_FRACTION * the split's largest per-circuit median write norm

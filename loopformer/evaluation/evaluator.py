@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from loopformer.evaluation.metrics import answer_sums, exact_match, summarize
+from loopformer.metrics import answer_sums, exact_match, summarize
 from loopformer.model.loop import TRACE_STATS
 from loopformer.model.plan import Plan, make_plan
 from loopformer.model.transformer import LoopedTransformer, forward_batch

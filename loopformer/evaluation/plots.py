@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from loopformer.evaluation.run import Row, RunInfo
+from loopformer.evaluation.run import Row
 from loopformer.evaluation.sweep import verdict
 from loopformer.evaluation.tables import split_label
+from loopformer.runs.read import RunInfo
 
 DPI = 110
 

@@ -1,5 +1,5 @@
-"""A run as the analysis sees it: what its config says (`RunInfo`) and, once restored, its params and
-evaluator (`LoadedRun`). Opening a run directory is `loopformer.train.runs`; nothing here reads files.
+"""A run as the analysis sees it, once restored: its params and evaluator (`LoadedRun`, from
+`load_run`). Opening a run directory and restoring its weights is `loopformer.runs`.
 
 Rows produced by the analysis commands share one schema::
 
@@ -9,96 +9,23 @@ Rows produced by the analysis commands share one schema::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
 
-from loopformer.config import Config
-from loopformer.errors import LoopformerError
-from loopformer.evaluation.evaluator import Evaluator
-from loopformer.evaluation.metrics import text_metrics
-from loopformer.model.exits import ExitRule
-from loopformer.model.plan import resolve_loops
+from loopformer.evaluation.evaluator import Evaluator, evaluator_for
+from loopformer.metrics import text_metrics
 from loopformer.model.transformer import LoopedTransformer
+from loopformer.runs.log import log
+from loopformer.runs.read import RunInfo
+from loopformer.runs.restore import restore_params
+from loopformer.variants.exits import ExitRule
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
-
-
-class AnalysisError(LoopformerError):
-    """A flag of an analysis command does not fit the run (unknown split, impossible request)."""
-
-
-def log(msg: str) -> None:
-    """Progress messages go to stderr, so stdout carries only the table or the JSON document."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-class EvalData(Protocol):
-    """What the analysis reads of a run's data source (`loopformer.data.sources.DataSource`)."""
-
-    task: Any  # the synthetic task, or None for text
-    split_names: list[str]
-
-    def eval_sets(self, splits: Sequence[str] | None = None, examples: int | None = None,
-                  batch_size: int | None = None) -> dict[str, list[Batch]]: ...
-
-    def bytes_per_token(self, batches: Sequence[Batch]) -> float | None: ...
-
-
-@dataclass
-class RunInfo:
-    """What ``config.yaml`` says about a run: enough to check flags before restoring anything.
-    ``data`` is the run's data source (a synthetic task, or a text corpus read only when needed)."""
-
-    path: Path
-    cfg: Config
-    data: EvalData
-    circuits: list[str] = field(init=False)
-    defaults: dict[str, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.circuits = [c.name for c in self.cfg.model.circuits()]
-        self.defaults = {c.name: c.eval_loops for c in self.cfg.model.circuits()}
-
-    @property
-    def is_text(self) -> bool:
-        """A text run (a mixture is not, even with a text entry: its text splits report bits per byte)."""
-        return self.data.task is None and not self.cfg.data.mixture
-
-    @property
-    def splits(self) -> dict[str, tuple[int, int] | None]:
-        """Eval split name (a mixture's: NAME/SPLIT) -> difficulty range [lo, hi] (None for text splits)."""
-        ranges = self.cfg.data.split_ranges()
-        return {k: (int(ranges[k][0]), int(ranges[k][1])) if ranges.get(k) else None for k in self.data.split_names}
-
-    def training_range(self, circuit: str) -> tuple[int, int]:
-        """The loop counts circuit ``circuit`` typically saw in training: [lo, hi] of its distribution."""
-        return self.cfg.model.circuit(circuit).distribution().typical_range()
-
-    def training_label(self, circuit: str) -> str:
-        return str(self.cfg.model.circuit(circuit).distribution())
-
-    def select_splits(self, names: Sequence[str] | None) -> list[str]:
-        """``names`` (default: every eval split), checked against the run's eval splits."""
-        if not names:
-            return list(self.splits)
-        for name in names:
-            if name not in self.splits:
-                key = "data.mixture" if self.cfg.data.mixture else "data.eval_splits"
-                where = "" if self.is_text else f" ({key} in {self.path / 'config.yaml'})"
-                raise AnalysisError(f"--split {name}: this run has no eval split '{name}'; its splits are "
-                                    f"{', '.join(self.splits)}{where}")
-        return list(dict.fromkeys(names))
-
-    def full_loops(self, loops: Mapping[str, int] | None = None) -> dict[str, int]:
-        """Every circuit's count: its eval_loops default, overridden by ``loops`` (checked)."""
-        return resolve_loops(self.defaults, loops)
 
 
 @dataclass
@@ -139,6 +66,13 @@ class LoadedRun:
             extra = text_metrics({"loss": m["loss"]}, bytes_per_token)
             row.update({k: v for k, v in extra.items() if k != "loss"})
         return row
+
+
+def load_run(info: RunInfo, step: int | None = None) -> LoadedRun:
+    """Restore the latest checkpoint of ``info`` (or ``step``)."""
+    model, params, restored = restore_params(info.cfg, step, info.data)
+    log(f"loaded {info.path} at step {restored}")
+    return LoadedRun(info, model, params, restored, evaluator_for(model))
 
 
 def real_rows(batch: Batch) -> Batch:

@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from loopformer.evaluation.run import AnalysisError, Batch, LoadedRun, RunInfo, log
+from loopformer.errors import AnalysisError
+from loopformer.evaluation.run import Batch, LoadedRun
 from loopformer.model.schedule import duplication, longest, padded, ranges
+from loopformer.runs.log import log
+from loopformer.runs.read import RunInfo
 
 STACKS = ("prelude", "coda")
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from loopformer.evaluation.run import Batch, LoadedRun, Row, log, real_rows
+from loopformer.evaluation.run import Batch, LoadedRun, Row, real_rows
+from loopformer.runs.log import log
 
 Convergence = dict[str, dict[str, dict[str, list[float]]]]  # split -> circuit -> stat -> [iteration]
 

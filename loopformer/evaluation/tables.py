@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loopformer.evaluation.run import Row, RunInfo
+from loopformer.evaluation.run import Row
+from loopformer.runs.read import RunInfo
 
 
 def _is_number(cell: str) -> bool:

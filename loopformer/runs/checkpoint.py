@@ -12,6 +12,9 @@ good checkpoint), and `restore` recomputes every array's checksum and compares i
 checks that the restored values are finite. Checkpoints written before checksums existed restore
 without the comparison.
 
+A partial restore reads only some top-level parts of the saved state (the analysis commands read
+``params`` and ``step``, never the optimizer state): those parts are checked and verified the same way.
+
 The checksum of an array is ``sum_i fmix32(word_i ^ (i * 0x9E3779B9))`` over its 32-bit words
 (narrower dtypes widened, 64-bit ones split) modulo 2^32: integer addition is exact and order-free,
 so it is computed on device, under any sharding or mesh, and equal on restore to what was saved; any
@@ -32,12 +35,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from loopformer.errors import CheckpointError
+from loopformer.runs.layout import OLDER_LAYOUT
 
 PyTree = Any
 
-OLDER_LAYOUT = ("comes from an older loopformer layout (before 0.2: circuit weights stored by group, "
-                "stages/S/groups/G) that this version cannot read; retrain the run with this version, or read it "
-                "with loopformer 0.1 (git commit 31e85c4 and earlier)")
 _STATE = "state"
 _DATA = "data"
 _CHECKSUMS = "checksums"
@@ -50,6 +51,12 @@ def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", ()))
             for path, leaf in leaves}
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+    """``tree`` as shapes, dtypes and shardings only (what `Checkpoints.restore` restores onto)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
 
 
 def _with_default_sharding(abstract_state: PyTree) -> PyTree:
@@ -180,10 +187,13 @@ class Checkpoints:
             self._last_saved = step
         return saved
 
-    def restore(self, abstract_state: PyTree, data_iterator: Any = None, step: int | None = None) -> PyTree:
+    def restore(self, abstract_state: PyTree, data_iterator: Any = None, step: int | None = None, *,
+                partial: bool = False) -> PyTree:
         """Restores `step` (default: latest) onto `abstract_state`'s shapes, dtypes and shardings.
 
-        When `data_iterator` is given, its position is restored in place from the same step.
+        When `data_iterator` is given, its position is restored in place from the same step. With
+        `partial`, `abstract_state` is a dict of some top-level parts of the saved state (e.g. params
+        and step): only those are read, and only they must match the checkpoint.
         """
         steps = self.all_steps()
         if not steps:
@@ -214,23 +224,43 @@ class Checkpoints:
         saved_shapes = _leaf_shapes(state_metadata)
         if any("/groups/" in path for path in saved_shapes):
             raise CheckpointError(f"checkpoint step {step} in {self.directory} {OLDER_LAYOUT}")
+        if partial:  # the parts not asked for are neither read nor compared
+            saved_shapes = {path: shape for path, shape in saved_shapes.items()
+                            if path.split("/")[0] in abstract_state}
         self._check_compatible(step, saved_shapes, _leaf_shapes(abstract_state))
         if data_iterator is not None and _DATA not in saved_items:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} has no data-iterator state: "
                 "restore without a data iterator, or start the data pipeline from the beginning"
             )
-        items = {_STATE: ocp.args.StandardRestore(_with_default_sharding(abstract_state))}
+        target = _with_default_sharding(abstract_state)
+        items: dict[str, Any] = {}
+        if not partial:
+            items[_STATE] = ocp.args.StandardRestore(target)
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         if _CHECKSUMS in saved_items:
             items[_CHECKSUMS] = ocp.args.JsonRestore()
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            restored = dict(self._manager.restore(step, args=ocp.args.Composite(**items))) if items else {}
+            if partial:
+                restored[_STATE] = self._restore_parts(step_dir / _STATE, target)
         except Exception as e:
             raise corrupt(_first_line(e)) from e
         self._verify(step, steps, restored[_STATE], restored[_CHECKSUMS] if _CHECKSUMS in saved_items else None)
         return restored[_STATE]
+
+    @staticmethod
+    def _restore_parts(directory: Path, target: PyTree) -> PyTree:
+        """The parts of a saved state that ``target`` names (orbax's partial restore: what is not asked
+        for is not read)."""
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            return handler.restore(directory, args=args)
+        finally:
+            handler.close()
 
     def _advice(self, step: int, steps: list[int]) -> str:
         """What to do about a bad checkpoint ``step``: delete it (the exact command); what happens then."""

@@ -1,5 +1,5 @@
-"""Metric logging: `<run_dir>/metrics.jsonl`, tensorboard event files under `<run_dir>/tb/`, and the
-console progress line.
+"""A run's logged metrics: `<run_dir>/metrics.jsonl` and tensorboard event files under `<run_dir>/tb/`
+(written by the trainer and by ``loopformer sweep``, read back by the tests and the tools).
 
 Event files are written with tensorboard's own `EventFileWriter` (tensorflow is not needed).
 """
@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
+from loopformer.runs.layout import RunDir
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -40,8 +40,8 @@ class MetricsWriter:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 truncate_metrics(self.run_dir, resume_step)
-            self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
-            self._tb = EventFileWriter(str(self.run_dir / TB_DIR), flush_secs=30)
+            self._jsonl = open(RunDir(self.run_dir).metrics, "a", encoding="utf-8")  # noqa: SIM115
+            self._tb = EventFileWriter(str(RunDir(self.run_dir).tb), flush_secs=30)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Logs `values` (names like "train/loss", "eval/2x/accuracy") at `step`."""
@@ -103,7 +103,7 @@ class MetricsWriter:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Parses <run_dir>/metrics.jsonl (an empty list if absent; a torn last line is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return []
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -120,7 +120,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def truncate_metrics(run_dir: str | Path, step: int) -> int:
     """Drop the records of ``metrics.jsonl`` after ``step`` (and a torn last line), rewriting the file
     atomically; returns how many were dropped (0: the file is left untouched)."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return 0
     text = path.read_text(encoding="utf-8")
@@ -151,73 +151,9 @@ def read_tensorboard_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, f
     """
     from tensorboard.backend.event_processing import event_accumulator
 
-    tb_dir = Path(run_dir) / TB_DIR
+    tb_dir = RunDir(run_dir).tb
     if not tb_dir.is_dir():
         return {}
     acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={event_accumulator.SCALARS: 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def _format_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _format_rate(x: float) -> str:
-    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= threshold:
-            return f"{x / threshold:.1f}{suffix}"
-    return f"{x:.0f}"
-
-
-class ProgressLine:
-    """Formats the console progress line; the ETA extrapolates the wall time since construction."""
-
-    def __init__(self, total_steps: int, start_step: int, *, clock: Callable[[], float] = time.monotonic):
-        self.total_steps = total_steps
-        self.start_step = start_step
-        self._clock = clock
-        self._start_time = clock()
-
-    def eta_seconds(self, step: int) -> float | None:
-        """Seconds left at the average pace since construction (None before the first step)."""
-        done, elapsed = step - self.start_step, self._clock() - self._start_time
-        if done <= 0 or elapsed <= 0:
-            return None
-        return max(self.total_steps - step, 0) * elapsed / done
-
-    def format(
-        self,
-        step: int,
-        metrics: Mapping[str, float],
-        tokens_per_s: float,
-        lr: float,
-        loops: Mapping[str, int],
-    ) -> str:
-        """One console line, e.g.
-
-        "step  120/2000 | loss 1.234 | acc 45.6% | 12.3k tok/s | lr 1.0e-03 | loops X=7 Y=3 | ETA 3m12s"
-
-        Metric names lose a "train/" prefix; accuracies are shown as percentages.
-        """
-        parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
-        for name, value in metrics.items():
-            name = name.removeprefix("train/")
-            if name in ("acc", "accuracy") or name.endswith("/accuracy"):
-                parts.append(f"{name.replace('accuracy', 'acc')} {100 * float(value):.1f}%")
-            else:
-                parts.append(f"{name} {float(value):.4g}")
-        parts.append(f"{_format_rate(tokens_per_s)} tok/s")
-        parts.append(f"lr {lr:.1e}")
-        if loops:
-            parts.append("loops " + " ".join(f"{k}={v}" for k, v in loops.items()))
-        eta = self.eta_seconds(step)
-        parts.append(f"ETA {'?' if eta is None else _format_duration(eta)}")
-        return " | ".join(parts)

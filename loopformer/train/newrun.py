@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError
-from loopformer.train.checkpoint import Checkpoints
+from loopformer.runs.checkpoint import Checkpoints
+from loopformer.runs.layout import RunDir
+from loopformer.runs.prepare import make_run_dir, prepare_run_dir
 from loopformer.train.optim import make_optimizer
-from loopformer.train.runs import CHECKPOINTS, checkpoint_steps, make_run_dir, prepare_run_dir
 from loopformer.train.step import init_state
 
 
@@ -38,7 +39,7 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
     """Write ``cfg``'s run directory holding ``params`` at ``step``; CheckpointError when the directory
     already holds a run. ``data`` is the source whose tokenizer the run keeps (default: ``cfg``'s)."""
     run_dir = cfg.run_dir
-    if checkpoint_steps(run_dir):
+    if RunDir(run_dir).checkpoint_steps():
         raise CheckpointError(f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {run_dir})")
     make_run_dir(cfg)
     data = data if data is not None else build_data(cfg)
@@ -47,6 +48,6 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
     state = init_state(jax.tree.map(jnp.asarray, params), make_optimizer(cfg.train))
     state["step"] = jnp.asarray(step, jnp.int32)
     iterator = data.train_iterator(cfg.data.batch_size // jax.process_count(), cfg.seed)
-    with Checkpoints(run_dir / CHECKPOINTS, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
+    with Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
         ckpts.save(step, state, iterator)
     return run_dir

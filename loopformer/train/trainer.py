@@ -1,6 +1,8 @@
 """The outer training loop: resume, train steps, periodic evaluation, checkpoints, logs.
 
-The run directory's layout and the resume rules (what may change) are `loopformer.train.runs`.
+The run directory (its layout, the resume rules: what may change, the lock) is `loopformer.runs`.
+`train` starts or resumes a run (`_initial`, `_resume`) and hands the step loop to `_Loop`, which logs,
+evaluates and saves at the configured steps.
 """
 
 from __future__ import annotations
@@ -8,44 +10,37 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 
 from loopformer import parallel
-from loopformer.config import Config
-from loopformer.data.sources import build_data
+from loopformer.config import Change, Config
+from loopformer.data.sources import DataSource, build_data
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
-from loopformer.evaluation.metrics import text_metrics
 from loopformer.evaluation.tables import format_table
 from loopformer.flops import FlopCounter, peak_flops
+from loopformer.metrics import text_metrics
 from loopformer.model.describe import describe
-from loopformer.model.exits import ExitRule
-from loopformer.model.plan import resolve_loops
-from loopformer.train.checkpoint import Checkpoints
-from loopformer.train.metrics import MetricsWriter, ProgressLine
-from loopformer.train.optim import learning_rate_schedule, make_optimizer
-from loopformer.train.routing import Routing
-from loopformer.train.runs import (
-    abstract_like,
-    describe_change,
-    make_model,
-    make_run_dir,
-    prepare_run_dir,
-    record_changes,
-    run_lock,
-)
-from loopformer.train.step import FINITE, init_state, make_train_step
-
-
-def log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-
+from loopformer.model.plan import exit_caps, resolve_loops
+from loopformer.model.transformer import LoopedTransformer
+from loopformer.runs.checkpoint import Checkpoints, abstract_like
+from loopformer.runs.layout import RunDir
+from loopformer.runs.lock import run_lock
+from loopformer.runs.log import log, log_to
+from loopformer.runs.prepare import describe_change, make_run_dir, prepare_run_dir, record_changes
+from loopformer.runs.restore import make_model
+from loopformer.runs.scalars import MetricsWriter
+from loopformer.train.optim import make_optimizer
+from loopformer.train.progress import ProgressLine
+from loopformer.train.step import FINITE, State, StepSettings, init_state, make_train_step
+from loopformer.variants.exits import exit_rule
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -108,18 +103,27 @@ class _Divergence:
 
 def train(cfg: Config) -> TrainResult:
     """Train ``cfg`` from scratch, or resume its run directory from the latest checkpoint. The run
-    directory is locked for the whole call (`loopformer.train.runs.run_lock`): a second trainer on it
-    stops with a ConfigError."""
+    directory is locked for the whole call (`loopformer.runs.lock.run_lock`): a second trainer on it
+    stops with a ConfigError. Progress is logged to stdout."""
     parallel.initialize_distributed()  # multi-process runs only; before any JAX computation
-    with run_lock(make_run_dir(cfg)):
+    with log_to("stdout"), run_lock(make_run_dir(cfg)):
         return _train(cfg)
 
 
-def _train(cfg: Config) -> TrainResult:
-    run_dir, changes = prepare_run_dir(cfg)
-    source = build_data(cfg)
-    mesh = parallel.make_mesh(cfg.mesh)
-    parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
+@dataclass
+class _Initial:
+    """A freshly initialised train state and what it was built from."""
+
+    model: LoopedTransformer
+    graphdef: nnx.GraphDef
+    params: Any  # the initial params (a pure dict)
+    tx: optax.GradientTransformation
+    shardings: Any  # of the train state, on the mesh
+    state: State
+
+
+def _initial(cfg: Config, source: DataSource, mesh: jax.sharding.Mesh) -> _Initial:
+    """The model of ``cfg`` (described in the log) and its initial train state, sharded on ``mesh``."""
     model = make_model(cfg, source)
     log(describe(cfg.model, model.vocab_size, model.param_counts()))
     graphdef, params = nnx.split(model)
@@ -128,123 +132,229 @@ def _train(cfg: Config) -> TrainResult:
     shardings = parallel.train_state_shardings(model, tx, mesh)
     state = parallel.shard_train_state(params, lambda p: init_state(p, tx), shardings)
     log(f"{parallel.describe_mesh(mesh)}; {parallel.describe_sharding(params, shardings['params'])}")
-    seq_len = source.seq_len
+    return _Initial(model, graphdef, params, tx, shardings, state)
+
+
+def _train_iterator(cfg: Config, source: DataSource, run_dir: Path) -> Any:
+    """This process's shard of the training stream; the data files (text: tokenizer.json) are saved
+    with the run and the source described in the log."""
     data_it = source.train_iterator(cfg.data.batch_size // jax.process_count(), cfg.seed,
                                     shard_index=jax.process_index(), shard_count=jax.process_count())
     if jax.process_index() == 0:
         source.save(run_dir)  # text: tokenizer.json, next to the checkpoints
     if source.describe():
         log(source.describe())
-    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
-                        async_save=cfg.train.async_checkpoint)
+    return data_it
+
+
+def _resume(ckpts: Checkpoints, state: State, data_it: Any, cfg: Config, run_dir: Path,
+            changes: list[Change]) -> tuple[State, int | None]:
+    """(the state of the latest checkpoint, or ``state`` when there is none; that checkpoint's step).
+    A resume that trains on logs and records what it changes (``changes``)."""
     start = ckpts.latest_step()
-    if start is not None:
-        state = ckpts.restore(abstract_like(state), data_it, step=start)
-        if start < cfg.train.steps:  # a rerun that trains nothing changes nothing
-            log(f"resumed {run_dir} from step {start}")
-            for change in changes:
-                log(f"  {describe_change(change)} from step {start}")
-            record_changes(run_dir, start, changes)
-    divergence = _Divergence(start)
+    if start is None:
+        return state, None
+    state = ckpts.restore(abstract_like(state), data_it, step=start)
+    if start < cfg.train.steps:  # a rerun that trains nothing changes nothing
+        log(f"resumed {run_dir} from step {start}")
+        for change in changes:
+            log(f"  {describe_change(change)} from step {start}")
+        record_changes(run_dir, start, changes)
+    return state, start
+
+
+@dataclass
+class _Evals:
+    """The eval splits, on device, and each split's text bytes per token (None: not text)."""
+
+    sets: dict[str, list]
+    bytes_per_token: dict[str, float | None]
+
+    @classmethod
+    def of(cls, source: DataSource, mesh: jax.sharding.Mesh) -> _Evals:
+        host_sets = source.eval_sets()
+        bytes_per_token = {name: source.bytes_per_token(batches) for name, batches in host_sets.items()}
+        return cls({name: [parallel.put_global_batch(b, mesh) for b in batches] for name, batches in host_sets.items()},
+                   bytes_per_token)
+
+
+class _Window:
+    """The steps since the last train log: wall time, count, and each step's loop counts (on device)."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.loops = time.time(), 0, []
+
+    def add(self, metrics: dict[str, Any], circuits: list[str]) -> None:
+        self.steps += 1
+        self.loops.append([metrics[f"loops/{n}"] for n in circuits])
+
+
+def _train(cfg: Config) -> TrainResult:
+    run_dir, changes = prepare_run_dir(cfg)
+    source = build_data(cfg)
+    mesh = parallel.make_mesh(cfg.mesh)
+    parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
+    init = _initial(cfg, source, mesh)
+    data_it = _train_iterator(cfg, source, run_dir)
+    ckpts = Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpoint)
+    state, restored = _resume(ckpts, init.state, data_it, cfg, run_dir, changes)
     start = int(state["step"])
-    training = start < cfg.train.steps
-    circuits = model.circuit_names
-    defaults = resolve_loops({c.name: c.eval_loops for c in cfg.model.circuits()})
-    routing = Routing.of(cfg)
-    if routing is not None:
-        log(routing.describe(params))
-    train_step = make_train_step(graphdef, tx, cfg.model, cfg.seed, cfg.train.grad_accum,
-                                 learning_rate_schedule(cfg.train), state_shardings=shardings,
-                                 batch_sharding=parallel.batch_sharding(mesh), total_steps=cfg.train.steps,
-                                 routing=routing)
-    evaluator = evaluator_for(model)
-    host_sets = source.eval_sets()
-    bytes_per_token = {name: source.bytes_per_token(batches) for name, batches in host_sets.items()}
-    eval_sets = {name: [parallel.put_global_batch(b, mesh) for b in batches] for name, batches in host_sets.items()}
-    flop_counter = FlopCounter(cfg.model, model.vocab_size, seq_len, causal=cfg.model.causal)
+    settings = StepSettings.of(cfg)
+    if settings.routing is not None:
+        log(settings.routing.describe(init.params))
+    train_step = make_train_step(init.graphdef, init.tx, settings, state_shardings=init.shardings,
+                                 batch_sharding=parallel.batch_sharding(mesh))
+    evaluator, evals = evaluator_for(init.model), _Evals.of(source, mesh)
+    flop_counter = FlopCounter(cfg.model, init.model.vocab_size, source.seq_len, causal=cfg.model.causal)
     # Steps logged after the checkpoint we resume from (before a crash) are trained again: drop them.
-    writer = MetricsWriter(run_dir, enabled=jax.process_index() == 0 and training, resume_step=start)
-    progress = ProgressLine(cfg.train.steps, start)
-    result = TrainResult(run_dir, start)
-
-    def run_eval(step: int) -> None:
-        result.eval = evaluate_all(evaluator, state["params"], eval_sets, defaults, bytes_per_token)
-        scalars = {f"eval/{split}/{k}": v for split, m in result.eval.items() for k, v in m.items() if k != "examples"}
-        by_loops = {n: evaluate_all(evaluator, state["params"], eval_sets, {c: n for c in circuits}, bytes_per_token)
-                    for n in cfg.data.eval_loops}
-        scalars.update({f"eval/{split}/loops_{n}/{k}": v for n, res in by_loops.items() for split, m in res.items()
-                        for k, v in m.items() if k != "examples"})
-        halting = cfg.model.halting_circuit()
-        if halting is not None and halting.halting.kind != "act":  # the learned exit at its default quantile
-            rule = {halting.name: ExitRule("learned", halting.halting.q)}
-            for split, batches in eval_sets.items():
-                m = evaluator.evaluate(state["params"], batches, defaults, exits=rule)
-                scalars[f"eval/{split}/learned/accuracy"] = m["accuracy"]
-                scalars[f"eval/{split}/learned/mean_loops"] = m["mean_loops"][halting.name]
-            hist = evaluator.examples(state["params"], next(iter(eval_sets.values())), defaults, exits=rule)["histogram"]
-            writer.histogram(step, f"halting/{halting.name}/exit_iteration", hist[halting.name])
-        if cfg.eval.diagnostics and circuits:
-            first = next(iter(eval_sets.values()))[0]
-            for name, stats in evaluator.diagnostics(state["params"], first, defaults).items():
-                for stat, values in stats.items():
-                    scalars[f"diag/{name}/{stat}"] = values[-1]
-        writer.scalars(step, scalars)
-        log(f"eval @ {step}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in result.eval.items()))
-        for n, res in by_loops.items():
-            log(f"  loops={n}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in res.items()))
-
-    window_start, window_steps, window_loops = time.time(), 0, []
+    writer = MetricsWriter(run_dir, enabled=jax.process_index() == 0 and start < cfg.train.steps, resume_step=start)
+    loop = _Loop(cfg, train_step, data_it, mesh, ckpts, _Divergence(restored), evaluator, evals, writer,
+                 ProgressLine(cfg.train.steps, start), flop_counter, source.seq_len, init.model.circuit_names,
+                 TrainResult(run_dir, start))
     try:
-        for step in range(start, cfg.train.steps):
-            batch = parallel.put_batch(next(data_it), mesh)
-            state, metrics = train_step(state, batch)
-            done = step + 1
-            divergence.add(done, metrics.pop(FINITE))
-            window_steps += 1
-            window_loops.append([metrics[f"loops/{n}"] for n in circuits])
-            last = done == cfg.train.steps
-            evaluate = cfg.train.eval_every and (done % cfg.train.eval_every == 0 or last)
-            save = done % cfg.train.checkpoint_every == 0 or last
-            if done % cfg.train.log_every == 0 or last or evaluate or save:
-                divergence.check()  # one host sync, only at these steps
-            if done % cfg.train.log_every == 0 or last:
-                metrics = jax.device_get(metrics)
-                elapsed = time.time() - window_start
-                tok_s = window_steps * cfg.data.batch_size * seq_len / max(elapsed, 1e-9)
-                scalars = {f"train/{k}": float(v) for k, v in metrics.items() if not k.startswith("loops/")}
-                scalars.update({k: float(v) for k, v in metrics.items() if k.startswith("loops/")})
-                scalars["train/tokens_per_s"] = tok_s
-                if bytes_per_token.get("train"):  # text: at the train eval windows' bytes per token
-                    scalars["train/bits_per_byte"] = scalars["train/loss"] / bytes_per_token["train"] / math.log(2)
-                loops_seen = np.asarray(jax.device_get(window_loops), np.float64).reshape(window_steps, len(circuits))
-                peak, _ = peak_flops(cfg.model.compute_dtype)
-                step_flops = float(np.sum(flop_counter.train(loops_seen)))
-                scalars["train/mfu"] = step_flops * cfg.data.batch_size * seq_len / max(elapsed, 1e-9) / peak
-                writer.scalars(done, scalars)
-                shown = ({"loss": scalars["train/loss"], "bpb": scalars["train/bits_per_byte"]}
-                         if "train/bits_per_byte" in scalars else
-                         {"loss": scalars["train/loss"], "accuracy": scalars["train/accuracy"]})
-                log(progress.format(done, shown,
-                                    tok_s, scalars["train/lr"], {n: int(metrics[f"loops/{n}"]) for n in circuits}))
-                window_start, window_steps, window_loops = time.time(), 0, []
-            if evaluate:
-                run_eval(done)
-            if save and ckpts.save(done, state, data_it):
-                divergence.saved(done)
-            result.step = done
-        if start >= cfg.train.steps:
-            log(f"{run_dir} is already trained to step {start} (train.steps={cfg.train.steps}); "
-                f"raise train.steps to continue")
-            if cfg.train.eval_every:
-                run_eval(start)
-        if cfg.eval.sweep_loops:
-            result.sweep = final_sweep(evaluator, state["params"], eval_sets, cfg, bytes_per_token)
-            if jax.process_index() == 0:
-                (run_dir / "final_sweep.json").write_text(json.dumps(result.sweep, indent=1))
+        state = loop.run(state, start)
+        loop.finish(state, start)
     finally:
         ckpts.close()
         writer.close()
-    return result
+    return loop.result
+
+
+@dataclass
+class _Loop:
+    """The step loop and what it does at the configured steps: log, evaluate, save."""
+
+    cfg: Config
+    train_step: Callable[[State, Any], tuple[State, dict[str, Any]]]
+    data_it: Any
+    mesh: jax.sharding.Mesh
+    ckpts: Checkpoints
+    divergence: _Divergence
+    evaluator: Evaluator
+    evals: _Evals
+    writer: MetricsWriter
+    progress: ProgressLine
+    flop_counter: FlopCounter
+    seq_len: int
+    circuits: list[str]
+    result: TrainResult
+    defaults: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.defaults = resolve_loops({c.name: c.eval_loops for c in self.cfg.model.circuits()})
+
+    def run(self, state: State, start: int) -> State:
+        """Train from step ``start`` to train.steps; returns the last state."""
+        t = self.cfg.train
+        window = _Window()
+        for step in range(start, t.steps):
+            batch = parallel.put_batch(next(self.data_it), self.mesh)
+            state, metrics = self.train_step(state, batch)
+            done = step + 1
+            self.divergence.add(done, metrics.pop(FINITE))
+            window.add(metrics, self.circuits)
+            last = done == t.steps
+            evaluate = t.eval_every and (done % t.eval_every == 0 or last)
+            save = done % t.checkpoint_every == 0 or last
+            if done % t.log_every == 0 or last or evaluate or save:
+                self.divergence.check()  # one host sync, only at these steps
+            if done % t.log_every == 0 or last:
+                self.log_train(done, metrics, window)
+                window = _Window()
+            if evaluate:
+                self.evaluate(state["params"], done)
+            if save and self.ckpts.save(done, state, self.data_it):
+                self.divergence.saved(done)
+            self.result.step = done
+        return state
+
+    def finish(self, state: State, start: int) -> None:
+        """After the steps: a run already trained says so (and evaluates); the final sweep."""
+        cfg = self.cfg
+        if start >= cfg.train.steps:
+            log(f"{self.result.run_dir} is already trained to step {start} (train.steps={cfg.train.steps}); "
+                f"raise train.steps to continue")
+            if cfg.train.eval_every:
+                self.evaluate(state["params"], start)
+        if cfg.eval.sweep_loops:
+            self.result.sweep = final_sweep(self.evaluator, state["params"], self.evals.sets, cfg,
+                                            self.evals.bytes_per_token)
+            if jax.process_index() == 0:
+                RunDir(self.result.run_dir).final_sweep.write_text(json.dumps(self.result.sweep, indent=1))
+
+    def log_train(self, done: int, metrics: dict[str, Any], window: _Window) -> None:
+        """Write the train scalars of step ``done`` and print the progress line."""
+        metrics = jax.device_get(metrics)
+        scalars = self.train_scalars(metrics, window)
+        self.writer.scalars(done, scalars)
+        shown = ({"loss": scalars["train/loss"], "bpb": scalars["train/bits_per_byte"]}
+                 if "train/bits_per_byte" in scalars else
+                 {"loss": scalars["train/loss"], "accuracy": scalars["train/accuracy"]})
+        log(self.progress.format(done, shown, scalars["train/tokens_per_s"], scalars["train/lr"],
+                                 {n: int(metrics[f"loops/{n}"]) for n in self.circuits}))
+
+    def train_scalars(self, metrics: dict[str, Any], window: _Window) -> dict[str, float]:
+        """train/* (the step's metrics, throughput, model FLOPs utilisation over ``window``) and loops/*."""
+        cfg, seq_len = self.cfg, self.seq_len
+        elapsed = time.time() - window.start
+        tok_s = window.steps * cfg.data.batch_size * seq_len / max(elapsed, 1e-9)
+        scalars = {f"train/{k}": float(v) for k, v in metrics.items() if not k.startswith("loops/")}
+        scalars.update({k: float(v) for k, v in metrics.items() if k.startswith("loops/")})
+        scalars["train/tokens_per_s"] = tok_s
+        bytes_per_token = self.evals.bytes_per_token
+        if bytes_per_token.get("train"):  # text: at the train eval windows' bytes per token
+            scalars["train/bits_per_byte"] = scalars["train/loss"] / bytes_per_token["train"] / math.log(2)
+        loops_seen = np.asarray(jax.device_get(window.loops), np.float64).reshape(window.steps, len(self.circuits))
+        peak, _ = peak_flops(cfg.model.compute_dtype)
+        step_flops = float(np.sum(self.flop_counter.train(loops_seen)))
+        scalars["train/mfu"] = step_flops * cfg.data.batch_size * seq_len / max(elapsed, 1e-9) / peak
+        return scalars
+
+    def evaluate(self, params: Any, step: int) -> None:
+        """The periodic evaluation: every split at the default loops (``result.eval``) and at each count
+        of data.eval_loops; a halting circuit's learned exit; diagnostics. Logged and written."""
+        cfg, evals = self.cfg, self.evals
+        self.result.eval = evaluate_all(self.evaluator, params, evals.sets, self.defaults, evals.bytes_per_token)
+        scalars = {f"eval/{split}/{k}": v for split, m in self.result.eval.items() for k, v in m.items()
+                   if k != "examples"}
+        by_loops = {n: evaluate_all(self.evaluator, params, evals.sets, {c: n for c in self.circuits},
+                                    evals.bytes_per_token) for n in cfg.data.eval_loops}
+        scalars.update({f"eval/{split}/loops_{n}/{k}": v for n, res in by_loops.items() for split, m in res.items()
+                        for k, v in m.items() if k != "examples"})
+        scalars.update(self.learned_exit_scalars(params, step))
+        scalars.update(self.diagnostic_scalars(params))
+        self.writer.scalars(step, scalars)
+        log(f"eval @ {step}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in self.result.eval.items()))
+        for n, res in by_loops.items():
+            log(f"  loops={n}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in res.items()))
+
+    def learned_exit_scalars(self, params: Any, step: int) -> dict[str, float]:
+        """A halting circuit (not act): accuracy and mean loops with its learned exit at its default
+        quantile; the histogram of exit iterations is written at ``step``."""
+        halting = self.cfg.model.halting_circuit()
+        if halting is None or halting.halting.rule().mixes_output:
+            return {}
+        rule = {halting.name: exit_rule("learned", halting.halting.rule().default_q())}
+        caps = self.defaults | exit_caps(self.cfg.model, rule, {})  # the same cap as eval --exit
+        scalars = {}
+        for split, batches in self.evals.sets.items():
+            m = self.evaluator.evaluate(params, batches, caps, exits=rule)
+            scalars[f"eval/{split}/learned/accuracy"] = m["accuracy"]
+            scalars[f"eval/{split}/learned/mean_loops"] = m["mean_loops"][halting.name]
+        first = next(iter(self.evals.sets.values()))
+        hist = self.evaluator.examples(params, first, caps, exits=rule)["histogram"]
+        self.writer.histogram(step, f"halting/{halting.name}/exit_iteration", hist[halting.name])
+        return scalars
+
+    def diagnostic_scalars(self, params: Any) -> dict[str, float]:
+        """eval.diagnostics: each circuit's last-iteration statistics on the first eval batch."""
+        if not (self.cfg.eval.diagnostics and self.circuits):
+            return {}
+        first = next(iter(self.evals.sets.values()))[0]
+        return {f"diag/{name}/{stat}": values[-1]
+                for name, stats in self.evaluator.diagnostics(params, first, self.defaults).items()
+                for stat, values in stats.items()}
 
 
 def final_sweep(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], cfg: Config,
@@ -257,7 +367,8 @@ def final_sweep(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], c
         loops = resolve_loops(defaults, {c: n for c in cfg.eval.sweep_circuits or defaults})
         for split, metrics in evaluate_all(evaluator, params, eval_sets, loops, bytes_per_token).items():
             rows.append({"loops": n, "split": split, **metrics})
-    log(format_sweep_table(rows, cfg))
+    with log_to("stdout"):  # the trainer's output, also when called on its own
+        log(format_sweep_table(rows, cfg))
     return rows
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from loopformer.cli import main
 from loopformer.evaluation.tables import sweep_table
-from loopformer.train.metrics import read_tensorboard_scalars
-from loopformer.train.runs import read_run
+from loopformer.runs.read import read_run
+from loopformer.runs.scalars import read_tensorboard_scalars
 from tests.conftest import EXAMPLES, STEP
 
 ROW_KEYS = {"split": str, "loops": dict, "ablated": list, "loss": float, "accuracy": float, "examples": int}
@@ -216,7 +216,7 @@ def test_a_chmod_read_only_run(run_dir, tmp_path, capsys):
 def test_analysis_needs_no_lock(run_dir, capsys):
     """Training locks its run directory; reading it (eval, generate, ...) does not, so a running training
     can be looked at."""
-    from loopformer.train.runs import run_lock
+    from loopformer.runs.lock import run_lock
 
     with run_lock(run_dir, process=0):
         assert main(["eval", "--run", str(run_dir), "--examples", "8", "--json"]) == 0

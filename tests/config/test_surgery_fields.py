@@ -39,7 +39,7 @@ def test_a_run_written_before_these_fields_resumes(tmp_path):
     """A config.yaml without kv_heads / qkv_bias / norm_eps / output compares at their defaults."""
     import yaml
 
-    from loopformer.train.runs import resume_changes
+    from loopformer.runs.prepare import resume_changes
 
     cfg = load_config(QUICKSTART, [f"run.dir={tmp_path}", "run.name=old"])
     old = cfg.to_dict()

@@ -11,8 +11,8 @@ from loopformer.data.text import encode_document, pack_window
 from loopformer.data.tokenizers import ByteTokenizer
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
-from loopformer.train.metrics import read_metrics
-from loopformer.train.runs import restore_params
+from loopformer.runs.restore import restore_params
+from loopformer.runs.scalars import read_metrics
 from loopformer.train.trainer import train
 
 TINY = ["model.d_model=16", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",

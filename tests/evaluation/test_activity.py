@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from loopformer.evaluation.activity import ON_FRACTION, SplitActivity, _token_stats, activity, activity_rows
-from loopformer.train.runs import load_run, read_run
+from loopformer.evaluation.run import load_run
+from loopformer.runs.read import read_run
 from tests.conftest import EXAMPLES
 
 

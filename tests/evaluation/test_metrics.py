@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopformer.evaluation.metrics import answer_sums, exact_match, summarize, text_metrics
+from loopformer.metrics import answer_sums, exact_match, summarize, text_metrics
 
 
 def test_sums_and_exact_match():

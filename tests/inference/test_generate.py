@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
+from loopformer.evaluation.run import load_run
 from loopformer.inference.generate import generate_batch, generate_text, logits_fn, tokenizer_of
-from loopformer.train.runs import load_run, read_run
+from loopformer.runs.read import read_run
 from tests.conftest import EXAMPLES
 
 

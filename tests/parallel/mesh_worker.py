@@ -24,10 +24,10 @@ from loopformer import parallel
 from loopformer.config import MeshConfig, load_config
 from loopformer.data.pipeline import train_iterator
 from loopformer.data.sources import build_data
-from loopformer.train.checkpoint import Checkpoints
+from loopformer.runs.checkpoint import Checkpoints, abstract_like
+from loopformer.runs.restore import make_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
-from loopformer.train.runs import abstract_like, make_model
-from loopformer.train.step import init_state, make_train_step
+from loopformer.train.step import StepSettings, init_state, make_train_step
 
 CONFIG = [
     "model.vocab_size=32", "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
@@ -68,8 +68,8 @@ def main(meshes: list[tuple[int, int, int]]) -> int:
     def run(mesh):
         shardings = parallel.train_state_shardings(model, tx, mesh)
         state = parallel.shard_train_state(jax.tree.map(np.array, host_params), lambda p: init_state(p, tx), shardings)
-        step = make_train_step(graphdef, tx, cfg.model, cfg.seed, cfg.train.grad_accum,
-                               learning_rate_schedule(cfg.train), state_shardings=shardings,
+        settings = StepSettings(cfg.model, learning_rate_schedule(cfg.train), cfg.seed, cfg.train.grad_accum)
+        step = make_train_step(graphdef, tx, settings, state_shardings=shardings,
                                batch_sharding=parallel.batch_sharding(mesh))
         metrics, moments = [], None
         for b in batches[:2]:

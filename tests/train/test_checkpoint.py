@@ -1,4 +1,4 @@
-"""Tests for loopformer.train.checkpoint (orbax CheckpointManager wrapper)."""
+"""Tests for loopformer.runs.checkpoint (orbax CheckpointManager wrapper)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from loopformer.errors import CheckpointError
-from loopformer.train.checkpoint import Checkpoints, state_digest
+from loopformer.runs.checkpoint import Checkpoints, state_digest
 
 
 def make_state(width: int = 3, seed: int = 0) -> dict:
@@ -72,7 +72,7 @@ def test_restore_onto_different_mesh(tmp_path):
     code = f"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from loopformer.train.checkpoint import Checkpoints, state_digest
+from loopformer.runs.checkpoint import Checkpoints, state_digest
 x = jax.device_put(jnp.arange(64.0).reshape(8, 8),
                    NamedSharding(jax.make_mesh((2,), ("d",), devices=jax.devices()[:2]), P("d", None)))
 with Checkpoints({str(tmp_path)!r}) as ckpt:
@@ -279,7 +279,7 @@ def test_checksums_are_independent_of_layout_and_catch_any_single_change():
 def test_nan_state_is_never_saved_nor_restored(tmp_path, monkeypatch):
     """Issue #17.2: a diverged state must not become a checkpoint (it would rotate the good ones out),
     and a NaN checkpoint from an older version is refused on restore instead of evaluating to loss nan."""
-    from loopformer.train import checkpoint
+    from loopformer.runs import checkpoint
 
     state = make_state()
     state["params"]["dense"]["w"] = state["params"]["dense"]["w"].at[1, 2].set(jnp.nan)

@@ -1,4 +1,4 @@
-"""Tests for loopformer.train.metrics."""
+"""Tests for loopformer.runs.scalars and loopformer.train.progress."""
 
 import io
 import json
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopformer.train.metrics import MetricsWriter, ProgressLine, read_metrics, read_tensorboard_scalars
+from loopformer.runs.scalars import MetricsWriter, read_metrics, read_tensorboard_scalars
+from loopformer.train.progress import ProgressLine
 
 
 def tiny_png() -> bytes:

@@ -14,10 +14,10 @@ from loopformer.errors import ConfigError
 from loopformer.model.loop import sample_loops
 from loopformer.model.plan import Plan
 from loopformer.model.transformer import forward_batch
+from loopformer.runs.restore import make_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
 from loopformer.train.routing import Routing, owner, routed_grads
-from loopformer.train.runs import make_model
-from loopformer.train.step import init_state, make_train_step
+from loopformer.train.step import StepSettings, init_state, make_train_step
 
 TINY = [
     "model.d_model=16", "model.heads=2", "model.prelude=1", "model.coda=1", "model.mlp_ratio=1", "model.causal=false",
@@ -109,7 +109,8 @@ def test_the_step_leaves_unrouted_and_frozen_parameters_unchanged():
     routing = Routing.of(cfg)
     description = routing.describe(params)
     tx = make_optimizer(cfg.train)
-    step = make_train_step(graphdef, tx, cfg.model, cfg.seed, 1, learning_rate_schedule(cfg.train), routing=routing)
+    step = make_train_step(graphdef, tx, StepSettings(cfg.model, learning_rate_schedule(cfg.train), cfg.seed,
+                                                      routing=routing))
     before = leaves_by_owner(params)  # the step donates its state
     new, metrics = step(init_state(params, tx), batch)
     after = leaves_by_owner(new["params"])
@@ -124,7 +125,7 @@ def test_one_group_routing_a_circuit_alone_moves_only_that_circuit():
     cfg, graphdef, params, batch = setup(mixture(", route: [X], route_shared: false",
                                                  ", route: [X], route_shared: false"))
     tx = optax.sgd(0.1)
-    step = make_train_step(graphdef, tx, cfg.model, cfg.seed, 1, lambda s: 0.1, routing=Routing.of(cfg))
+    step = make_train_step(graphdef, tx, StepSettings(cfg.model, lambda s: 0.1, cfg.seed, routing=Routing.of(cfg)))
     before = leaves_by_owner(params)
     new, _ = step(init_state(params, tx), batch)
     after = leaves_by_owner(new["params"])
@@ -153,8 +154,8 @@ def test_bad_routes_and_mixtures(extra, message):
 @pytest.mark.slow  # two short training runs (about 60 s on 2 cores)
 def test_a_routed_mixture_run_resumes_bit_exactly_and_may_change_its_routes(tmp_path, capsys, monkeypatch):
     from loopformer.errors import CheckpointError
+    from loopformer.runs.scalars import read_metrics
     from loopformer.train import trainer
-    from loopformer.train.metrics import read_metrics
     from loopformer.train.trainer import train
 
     def cfg(name, *extra):

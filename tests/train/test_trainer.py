@@ -16,10 +16,10 @@ import yaml
 
 from loopformer.config import load_config
 from loopformer.errors import CheckpointError, ConfigError
+from loopformer.runs.checkpoint import Checkpoints
+from loopformer.runs.restore import restore_params
+from loopformer.runs.scalars import read_metrics, read_tensorboard_scalars
 from loopformer.train import trainer
-from loopformer.train.checkpoint import Checkpoints
-from loopformer.train.metrics import read_metrics, read_tensorboard_scalars
-from loopformer.train.runs import restore_params
 from loopformer.train.trainer import train
 
 TINY = [
@@ -214,10 +214,10 @@ def test_a_second_trainer_on_a_run_directory_stops(tmp_path, monkeypatch):
 def test_the_run_lock_dies_with_its_process(tmp_path):
     """The lock is the kernel's (flock), not a pid file: a trainer killed with SIGKILL leaves no lock
     behind. Other processes of a multi-process run lock files of their own."""
-    from loopformer.train.runs import lock_file, run_lock
+    from loopformer.runs.lock import lock_file, run_lock
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from loopformer.train.runs import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from loopformer.runs.lock import run_lock\n"
          "with run_lock(sys.argv[1], process=0):\n    print('locked', flush=True); time.sleep(600)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -1,0 +1,89 @@
+"""The files of a run directory, named in one place. This module imports nothing of loopformer, so
+every part of the package may use it (the data layer, below `loopformer.runs`, included).
+
+    <run.dir>/<run.name>/
+      config.yaml            resolved config of the latest start (a resume may change all but the
+                             architecture and the task)
+      config_changes.jsonl   one line per resume that changed settings: {"step", "changes": [...]}
+      checkpoints/<step>/    orbax: params, optimizer, step, grain iterator state, checksums
+      tokenizer.json         text runs: the run's tokenizer (written next to the checkpoints)
+      metrics.jsonl, tb/     logged scalars and tensorboard events
+      final_sweep.json       eval.sweep_loops: the end-of-training sweep
+      .train.lock            held (flock) by the training process for the run's life: a second
+                             trainer on the directory stops with one line (multi-process runs: process i
+                             of n > 1 locks .train.lock.i); analysis commands take no lock
+
+The analysis commands write their outputs into the run as well (ablation.csv/.png, activity.csv/.png,
+rys.csv, rys_<split>.png, sweeps/<circuits>/); each command names its own files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+CHANGES_FILE = "config_changes.jsonl"
+CHECKPOINTS = "checkpoints"
+TOKENIZER_FILE = "tokenizer.json"
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+FINAL_SWEEP_FILE = "final_sweep.json"
+LOCK_FILE = ".train.lock"
+WRITE_PROBE = ".write_test."  # prefix of the file a writability check creates and removes
+
+OLDER_LAYOUT = ("comes from an older loopformer layout (before 0.2: circuit weights stored by group, "
+                "stages/S/groups/G) that this version cannot read; retrain the run with this version, or read it "
+                "with loopformer 0.1 (git commit 31e85c4 and earlier)")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of the run directory ``path`` (nothing is read or created by constructing one)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def changes(self) -> Path:
+        return self.path / CHANGES_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def tb(self) -> Path:
+        return self.path / TB_DIR
+
+    @property
+    def final_sweep(self) -> Path:
+        return self.path / FINAL_SWEEP_FILE
+
+    def lock(self, process: int = 0) -> Path:
+        """The lock file of training process ``process`` (``.train.lock``, or ``.train.lock.<i>``)."""
+        return self.path / (LOCK_FILE if process == 0 else f"{LOCK_FILE}.{process}")
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps with a checkpoint directory on disk (finished or not), ascending; cheap, no orbax."""
+        ckpt = self.checkpoints
+        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+    def trained_to(self) -> int | None:
+        """The newest checkpoint step on disk, or None."""
+        steps = self.checkpoint_steps()
+        return steps[-1] if steps else None

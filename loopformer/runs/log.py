@@ -1,0 +1,35 @@
+"""Progress messages: the one `log` of the package. This module imports nothing of loopformer, so
+every part may use it (the data layer's "trained a BPE tokenizer" included).
+
+A message goes to stderr, so that an analysis command's stdout carries only its table or JSON
+document; the trainer's progress is what ``loopformer train`` prints, so it logs to stdout
+(`log_to`). Only process 0 of a multi-process run prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Literal
+
+Stream = Literal["stdout", "stderr"]
+_stream: list[Stream] = ["stderr"]  # looked up on sys at each call (tests replace sys.stdout / sys.stderr)
+
+
+def log(msg: str) -> None:
+    """Print ``msg`` (flushed) on the current log stream, on process 0 only."""
+    import jax  # imported here: a module this low in the package stays cheap to import
+
+    if jax.process_index() == 0:
+        print(msg, file=getattr(sys, _stream[-1]), flush=True)
+
+
+@contextlib.contextmanager
+def log_to(stream: Stream) -> Iterator[None]:
+    """`log` writes to ``stream`` inside the block (the trainer: stdout)."""
+    _stream.append(stream)
+    try:
+        yield
+    finally:
+        _stream.pop()

@@ -1,0 +1,81 @@
+"""Starting a run directory: create it (`make_run_dir`), check what a resume changes against the config
+the run was trained with (`resume_changes`), write the new config (`prepare_run_dir`) and keep the
+run's history of settings (`record_changes`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import jax
+
+from loopformer.config import ARCHITECTURE, SCHEDULE, TASK, Change, Config, circuit_label, config_changes, config_from_dict
+from loopformer.errors import CheckpointError, ConfigError
+from loopformer.runs.layout import WRITE_PROBE, RunDir
+from loopformer.runs.read import read_config_dict
+
+
+def resume_changes(cfg: Config, run_dir: Path) -> list[Change]:
+    """What ``cfg`` changes against the config a run directory was trained with (nothing for a fresh
+    directory). CheckpointError naming the first field when the architecture or the task differs."""
+    saved = RunDir(run_dir).config
+    if not (saved.is_file() and RunDir(run_dir).checkpoint_steps()):
+        return []
+    old = read_config_dict(saved, run_dir)
+    with contextlib.suppress(ConfigError):  # fields added since the run was written compare at their defaults
+        old = config_from_dict(old).to_dict()
+    changes = config_changes(old, cfg.to_dict())
+    refused = [c for c in changes if c.part in (ARCHITECTURE, TASK)]
+    if refused:
+        what = "architecture" if refused[0].part == ARCHITECTURE else "task"
+        raise CheckpointError(
+            f"{run_dir} holds a run with a different {what} ({refused[0]}); resume it with its own {what}, "
+            f"or pick a new run.name (or delete {run_dir}) to start fresh")
+    return changes
+
+
+def describe_change(change: Change) -> str:
+    """``loops of X: uniform(8, 16) -> uniform(8, 24)``."""
+    label = circuit_label(change.path)
+    if change.part == SCHEDULE:
+        return f"{label}: {change.old} -> {change.new}"
+    return f"{label}: {change.old!r} -> {change.new!r}"
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """Create the run directory; ConfigError with the fix if it cannot be written."""
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f"{WRITE_PROBE}{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run.dir: cannot write to {run_dir} ({e.strerror or e}); set run.dir=<a writable "
+                          f"directory> or run.name=<another name>") from None
+    return run_dir
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Path, list[Change]]:
+    """Create the run directory (`make_run_dir`), check a resume against the run's config
+    (`resume_changes`) and write the new config, unless the run is already trained to train.steps
+    (a rerun that trains nothing leaves config.yaml as it was). Returns the directory and the changes."""
+    run_dir = make_run_dir(cfg)
+    changes = resume_changes(cfg, run_dir)
+    done = RunDir(run_dir).trained_to()
+    if jax.process_index() == 0 and not (done is not None and done >= cfg.train.steps):
+        saved = RunDir(run_dir).config
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(cfg.to_yaml())
+        tmp.replace(saved)  # atomic: never a half-written config.yaml
+    return run_dir, changes
+
+
+def record_changes(run_dir: Path, step: int, changes: list[Change]) -> None:
+    """Append a resume's changes to ``config_changes.jsonl`` (the run's history of settings)."""
+    if not changes or jax.process_index() != 0:
+        return
+    line = {"step": step, "changes": [{"path": c.path, "old": c.old, "new": c.new, "part": c.part} for c in changes]}
+    with open(RunDir(run_dir).changes, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")

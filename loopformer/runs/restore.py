@@ -1,0 +1,47 @@
+"""A run's model and trained weights: `make_model` (initialised), `abstract_model` (shapes only) and
+`restore_params` (the params of a checkpoint, read without the optimizer state: no optimizer is
+built to restore a run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from loopformer.config import Config
+from loopformer.data.sources import DataSource, build_data
+from loopformer.errors import ConfigError
+from loopformer.model.transformer import LoopedTransformer, build_model
+from loopformer.runs.checkpoint import Checkpoints
+from loopformer.runs.layout import RunDir
+
+
+def make_model(cfg: Config, data: DataSource) -> LoopedTransformer:
+    """A freshly initialised model of ``cfg`` with the vocabulary of its data."""
+    vocab = cfg.model.vocab_size or data.vocab_size
+    if vocab < data.vocab_size:
+        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the data needs ({data.vocab_size}); set "
+                          f"model.vocab_size=0 to take it from the data")
+    return build_model(cfg.model, vocab, cfg.seed)
+
+
+def abstract_model(cfg: Config, data: DataSource | None = None) -> LoopedTransformer:
+    """The model of ``cfg``, shaped only (``eval_shape``: nothing initialised): its structure, circuit
+    names and parameter shapes."""
+    return nnx.eval_shape(lambda: make_model(cfg, data if data is not None else build_data(cfg)))
+
+
+def restore_params(cfg: Config, step: int | None = None, data: DataSource | None = None
+                   ) -> tuple[LoopedTransformer, Any, int]:
+    """Model structure and trained params of a run (latest checkpoint, or ``step``).
+
+    The model is only *shaped* (no initialisation is computed) and only the params and the step are
+    read from the checkpoint (checked against their checksums), so opening a run is fast; the returned
+    model is abstract: use it for its structure and pass the returned params to it."""
+    model = abstract_model(cfg, data)
+    params = nnx.to_pure_dict(nnx.state(model))
+    wanted = {"params": params, "step": jax.ShapeDtypeStruct((), "int32")}
+    with Checkpoints(RunDir(cfg.run_dir).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
+        restored = ckpts.restore(wanted, None, step=step, partial=True)
+    return model, restored["params"], int(restored["step"])

@@ -1,0 +1,101 @@
+"""loopformer.runs: the run directory's one layout, the one log, and restoring a run's params without
+its optimizer state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.errors import CheckpointError
+from loopformer.runs.checkpoint import Checkpoints
+from loopformer.runs.layout import RunDir
+from loopformer.runs.log import log, log_to
+from loopformer.runs.read import load_run_config
+from loopformer.runs.restore import abstract_model, restore_params
+from tests.conftest import STEP
+
+
+def test_the_layout_names_every_file(tmp_path):
+    run = RunDir(tmp_path)
+    assert {k: getattr(run, k).name for k in ("config", "changes", "checkpoints", "tokenizer", "metrics", "tb",
+                                              "final_sweep")} == {
+        "config": "config.yaml", "changes": "config_changes.jsonl", "checkpoints": "checkpoints",
+        "tokenizer": "tokenizer.json", "metrics": "metrics.jsonl", "tb": "tb", "final_sweep": "final_sweep.json"}
+    assert (run.lock(0).name, run.lock(2).name) == (".train.lock", ".train.lock.2")
+    assert run.checkpoint_steps() == [] and run.trained_to() is None
+    for name in ("12", "3", "tmp", "7.orbax-checkpoint-tmp"):
+        (run.checkpoints / name).mkdir(parents=True)
+    assert run.checkpoint_steps() == [3, 12] and run.trained_to() == 12
+
+
+def test_one_log_to_stderr_and_the_trainer_logs_to_stdout(capsys):
+    log("analysis")
+    with log_to("stdout"):
+        log("training")
+        with log_to("stderr"):
+            log("nested")
+        log("training again")
+    log("analysis again")
+    captured = capsys.readouterr()
+    assert captured.out == "training\ntraining again\n"
+    assert captured.err == "analysis\nnested\nanalysis again\n"
+
+
+def parts_state():
+    params = {"dense": {"w": jnp.arange(12.0).reshape(4, 3), "b": jnp.ones(3)}}
+    return {"params": params, "opt_state": {"mu": jax.tree.map(jnp.zeros_like, params), "count": jnp.asarray(3)},
+            "step": jnp.asarray(5, jnp.int32)}
+
+
+def wanted(state):
+    return jax.eval_shape(lambda: {"params": state["params"], "step": state["step"]})
+
+
+def test_a_partial_restore_reads_only_the_parts_asked_for(tmp_path):
+    state = parts_state()
+    with Checkpoints(tmp_path / "ckpt", async_save=False) as ckpts:
+        ckpts.save(5, state)
+    restored = Checkpoints(tmp_path / "ckpt").restore(wanted(state), partial=True)
+    assert set(restored) == {"params", "step"} and int(restored["step"]) == 5
+    np.testing.assert_array_equal(np.asarray(restored["params"]["dense"]["w"]), np.asarray(state["params"]["dense"]["w"]))
+    with pytest.raises(CheckpointError, match=r"different shapes \(leaf 'opt_state/count' is in the checkpoint but "
+                       r"not in the model, and 2 more\)"):
+        Checkpoints(tmp_path / "ckpt").restore(wanted(state), partial=False)  # a full restore reads every part
+    bigger = wanted(state)
+    bigger["params"]["dense"]["w"] = jax.ShapeDtypeStruct((5, 3), jnp.float32)
+    with pytest.raises(CheckpointError, match=r"'params/dense/w' has shape \[4, 3\] there but \[5, 3\] here"):
+        Checkpoints(tmp_path / "ckpt").restore(bigger, partial=True)
+
+
+def test_a_partial_restore_checks_the_checksums(tmp_path):
+    """A flipped byte in the params is caught by the checksum saved with them, as in a full restore."""
+    from tests.train.test_checkpoint import flip_byte
+
+    state = {"params": {"w": jnp.arange(20000, dtype=jnp.float32).reshape(100, 200) / 7},
+             "opt_state": {"count": jnp.asarray(1)}, "step": jnp.asarray(4, jnp.int32)}
+    with Checkpoints(tmp_path / "ckpt", async_save=False) as ckpts:
+        ckpts.save(2, state)
+        ckpts.save(4, state)
+    flip_byte(tmp_path / "ckpt" / "4")
+    with pytest.raises(CheckpointError, match=r"checkpoint step 4 in .* is corrupt: params/w does not match the "
+                       r"checksum saved with it .*; delete it \(rm -r .*ckpt/4\)"):
+        Checkpoints(tmp_path / "ckpt").restore(wanted(state), partial=True)
+    assert int(Checkpoints(tmp_path / "ckpt").restore(wanted(state), step=2, partial=True)["step"]) == 4
+
+
+def test_restore_params_reads_the_trained_params(run_dir):
+    """restore_params returns what the checkpoint holds (the run the trainer's pieces wrote), the step,
+    and the abstract model it fits."""
+    from loopformer.train.optim import make_optimizer
+    from loopformer.train.step import init_state
+
+    cfg = load_run_config(run_dir)
+    model, params, step = restore_params(cfg)
+    assert step == STEP
+    tx = make_optimizer(cfg.train)
+    full = jax.eval_shape(lambda: init_state(nnx.to_pure_dict(nnx.state(abstract_model(cfg))), tx))
+    saved = Checkpoints(RunDir(run_dir).checkpoints).restore(full)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(nnx.to_pure_dict(nnx.state(model))) == jax.tree.structure(params)
