@@ -1,11 +1,26 @@
-"""Tiny runs shared by the analysis and command tests.
+"""The one tiny config (`TINY`) and the runs the tests share.
 
-Its checkpoint holds randomised weights (every kernel ~ N(0, 1/fan_in), circuit writes included)
-rather than a few training steps: circuits then change the output clearly, so ablations and loop
-counts have visible effects, and no train step has to compile. The run directory is written with
-the trainer's own pieces (config.yaml by `prepare_run_dir`, orbax checkpoint by `Checkpoints`);
-tests/cli/test_end_to_end.py (slow) covers a run made by `train` itself.
+`run_dir` (and the text and mixture runs): a checkpoint of randomised weights (every kernel ~
+N(0, 1/fan_in), circuit writes included) rather than a few training steps: circuits then change the
+output clearly, so ablations and loop counts have visible effects, and no train step has to compile.
+The run directory is written with the trainer's own pieces (config.yaml by `prepare_run_dir`, orbax
+checkpoint by `Checkpoints`). `run` is it loaded once for every test that reads it in-process.
+
+`trained_run`: the tiny config trained by `train` itself for 4 steps, once per session, for the tests
+that need a real run (resume, continue, the run directory's files, eval of a trained run). Tests read
+it as it is; a test that trains on or damages a run works on a copy (`copy_run`).
+
+Compiling dominates the suite's time on CPU, so before JAX starts this file sets two things (a
+variable you set yourself wins): XLA's cheap LLVM settings (the tests check numbers, not speed; the
+multi-device subprocesses of tests/test_parallel.py use the same) and JAX's persistent compilation
+cache in .pytest_cache/jax (a program compiled once, by any test, any worker or an earlier run, is
+read back instead of compiled again: every `train` call and every analysis command builds new jitted
+functions, so without it each one compiled the same programs again).
 """
+
+import os
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,11 +29,25 @@ from flax import nnx
 
 from loopformer.config import load_config
 from loopformer.data.sources import build_data
+from loopformer.evaluation.run import load_run
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.prepare import prepare_run_dir
+from loopformer.runs.read import read_run
 from loopformer.runs.restore import make_model
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
+from loopformer.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Set before the first computation starts JAX's backend (importing jax, flax or loopformer does not).
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{FAST_XLA} {os.environ.get('XLA_FLAGS', '')}".strip()  # flags you set come later and win
+if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, if you set it, is used as it is
+    jax.config.update("jax_compilation_cache_dir", str(ROOT / ".pytest_cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program, however quick
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # of any size
+# A size limit turns on the cache's file lock, so pytest-xdist workers never read a half-written entry.
+jax.config.update("jax_compilation_cache_max_size", 2 << 30)
 
 # Two same-shape circuits (run batched under one vmap) on slices of a 16-wide stream.
 TINY = [
@@ -73,6 +102,38 @@ def make_run(cfg):
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
     return make_run(tiny_config(tmp_path_factory.mktemp("analysis_runs")))
+
+
+@pytest.fixture(scope="session")
+def run(run_dir):
+    """`run_dir` loaded (model, params, evaluator): read it, do not change it."""
+    return load_run(read_run(run_dir))
+
+
+# `trained_run`: every step logged, checkpoints and evaluations (with diagnostics) at steps 2 and 4.
+TRAINED = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=1",
+           "eval.diagnostics=true"]
+
+
+def trained_config(root, name="trained", *extra):
+    """`trained_run`'s config in ``root``/``name`` (``extra`` on top). The same settings compile the same
+    programs, so training with them again reads every program from the compilation cache."""
+    return tiny_config(root, name, *TRAINED, *extra)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The tiny config trained by `train` for 4 steps (a TrainResult): read it, do not change it."""
+    return train(trained_config(tmp_path_factory.mktemp("trained_runs")))
+
+
+def copy_run(result, root, name="trained"):
+    """A copy of a trained run in ``root``/``name`` with config.yaml saying so, as if it had been trained
+    there (a resume sees no run.dir change); returns its directory."""
+    dst = Path(root) / name
+    shutil.copytree(result.run_dir, dst)
+    (dst / "config.yaml").write_text(load_config(dst / "config.yaml", [f"run.dir={root}", f"run.name={name}"]).to_yaml())
+    return dst
 
 
 @pytest.fixture(scope="session")

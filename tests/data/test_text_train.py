@@ -14,10 +14,7 @@ from loopformer.model.transformer import build_model
 from loopformer.runs.restore import restore_params
 from loopformer.runs.scalars import read_metrics
 from loopformer.train.trainer import train
-
-TINY = ["model.d_model=16", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
-        "model.stages=[{circuits: [{name: X, width: 16, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
-        "eval_loops: 2, backprop: 2}]}]"]
+from tests.conftest import TINY
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -27,7 +24,7 @@ def test_packed_documents_do_not_see_each_other():
     first, second = encode_document(tok, "in the beginning"), encode_document(tok, "let there be light")
     ex = pack_window(np.concatenate([first, second]), seq_len=40, bos=tok.bos_id, eos=tok.eos_id)
     graphdef, state = nnx.split(model)
-    plan = make_plan(["X"], {"X": 2})
+    plan = make_plan(["X", "Y"], {"X": 2, "Y": 3})
     forward = jax.jit(lambda s, tokens, pos, seg: nnx.merge(graphdef, s)(tokens, plan, positions_BT=pos,
                                                                         segment_ids_BT=seg)[0])
     packed = forward(state, ex["inputs"][None], ex["positions"][None], ex["segment_ids"][None])

@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 
 from loopformer.evaluation.activity import ON_FRACTION, SplitActivity, _token_stats, activity, activity_rows
-from loopformer.evaluation.run import load_run
-from loopformer.runs.read import read_run
 from tests.conftest import EXAMPLES
-
-
-@pytest.fixture(scope="module")
-def run(run_dir):
-    return load_run(read_run(run_dir))
 
 
 def test_mean_delta_loss_is_the_ablation_loss_change(run):

@@ -9,16 +9,9 @@ from flax import nnx
 
 from loopformer.evaluation.ablate import ablate, mean_fill
 from loopformer.evaluation.evaluator import evaluator_for
-from loopformer.evaluation.run import load_run
 from loopformer.evaluation.sweep import convergence, sweep
 from loopformer.model.transformer import build_model
-from loopformer.runs.read import read_run
 from tests.conftest import EXAMPLES
-
-
-@pytest.fixture(scope="module")
-def run(run_dir):
-    return load_run(read_run(run_dir))
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from loopformer.evaluation.run import load_run
 from loopformer.inference.generate import generate_batch, generate_text, logits_fn, tokenizer_of
-from loopformer.runs.read import read_run
 from tests.conftest import EXAMPLES
-
-
-@pytest.fixture(scope="module")
-def run(run_dir):
-    return load_run(read_run(run_dir))
 
 
 @pytest.fixture(scope="module")

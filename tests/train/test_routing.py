@@ -18,14 +18,11 @@ from loopformer.runs.restore import make_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
 from loopformer.train.routing import Routing, owner, routed_grads
 from loopformer.train.step import StepSettings, init_state, make_train_step
+from tests.conftest import TINY
 
-TINY = [
-    "model.d_model=16", "model.heads=2", "model.prelude=1", "model.coda=1", "model.mlp_ratio=1", "model.causal=false",
-    "model.stages=[{circuits: [{name: X, depth: 1, width: 8, heads: 2, mlp_ratio: 1, loops: 'uniform(1, 3)', "
-    "eval_loops: 2, backprop: 2}, {name: Y, depth: 1, width: 8, heads: 2, mlp_ratio: 1, loops: 'fixed(2)', "
-    "eval_loops: 2, backprop: 1}]}]",
-    "data.task=mixture", "data.batch_size=8", "train.warmup_steps=0", "train.grad_clip=0",
-]
+# The tiny config, bidirectional with a coda layer, on a mixture (entries set per test).
+ROUTED = [*TINY, "model.coda=1", "model.causal=false", "model.stages.0.circuits.X.backprop=2",
+          "model.stages.0.circuits.Y.eval_loops=2", "data.task=mixture", "train.warmup_steps=0", "train.grad_clip=0"]
 
 
 def mixture(parity: str = "", maze: str = "") -> str:
@@ -34,7 +31,7 @@ def mixture(parity: str = "", maze: str = "") -> str:
 
 
 def setup(*extra):
-    cfg = load_config("configs/quickstart.yaml", [*TINY, *extra])
+    cfg = load_config("configs/quickstart.yaml", [*ROUTED, *extra])
     data = build_data(cfg)
     model = make_model(cfg, data)
     graphdef, params = nnx.split(model)
@@ -60,6 +57,17 @@ def rows_fn(cfg, graphdef, batch, row_weight=None):
     return f
 
 
+def gradient(cfg, graphdef, batch, routing=None):
+    """``(params, row_weight [B]) ->`` the gradient of the weighted per-row CE, routed by ``routing`` (None:
+    plain), jitted: one program for every weighting (eager dispatch, op by op, is slow on CPU)."""
+    def grad(params, row_weight):
+        f = rows_fn(cfg, graphdef, batch, row_weight)
+        if routing is None:
+            return jax.grad(lambda p: f(p)[0].sum())(params)
+        return routed_grads(f, params, batch["task"], routing)[0]
+    return jax.jit(grad)
+
+
 def leaves_by_owner(tree):
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -69,23 +77,21 @@ def leaves_by_owner(tree):
 
 def test_a_routed_example_gives_exactly_zero_gradient_outside_its_route():
     cfg, graphdef, params, batch = setup(mixture(", route: [X], route_shared: false", ", route: [Y]"))
-    routing = Routing.of(cfg)
-    grads, _ = routed_grads(rows_fn(cfg, graphdef, batch), params, batch["task"], routing)
+    routed, plain_grad = gradient(cfg, graphdef, batch, Routing.of(cfg)), gradient(cfg, graphdef, batch)
     parity_only = jnp.asarray(batch["task"] == 0, jnp.float32)
-    g_parity, _ = routed_grads(rows_fn(cfg, graphdef, batch, parity_only), params, batch["task"], routing)
+    grads, g_parity = routed(params, jnp.ones_like(parity_only)), routed(params, parity_only)
     by = leaves_by_owner(g_parity)
     # parity examples (route X, not shared): Y and every shared leaf get exactly 0.0, X does not
     assert all(np.all(g == 0.0) for g in by["Y"] + by[None])
     assert all(np.any(g != 0.0) for g in by["X"] if g.size > 1)
     # the maze rows' gradient on Y and on the shared leaves is the plain gradient of the maze rows alone
     maze_only = 1.0 - parity_only
-    plain = jax.grad(lambda p: rows_fn(cfg, graphdef, batch, maze_only)(p)[0].sum())(params)
-    full, ref = leaves_by_owner(grads), leaves_by_owner(plain)
+    full, ref = leaves_by_owner(grads), leaves_by_owner(plain_grad(params, maze_only))
     for key in ("Y", None):
         for a, b in zip(full[key], ref[key], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # and X's is the parity rows' alone
-    plain_x = leaves_by_owner(jax.grad(lambda p: rows_fn(cfg, graphdef, batch, parity_only)(p)[0].sum())(params))
+    plain_x = leaves_by_owner(plain_grad(params, parity_only))
     for a, b in zip(full["X"], plain_x["X"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -94,9 +100,8 @@ def test_routes_that_list_everything_give_the_unrouted_gradient():
     cfg, graphdef, params, batch = setup(mixture(", route: [X, Y]", ", route: [Y, X], route_shared: true"))
     routing = Routing.of(cfg)
     assert len(routing.groups) == 2  # two groups, both covering every leaf
-    f = rows_fn(cfg, graphdef, batch)
-    routed, _ = routed_grads(f, params, batch["task"], routing)
-    plain = jax.grad(lambda p: f(p)[0].sum())(params)
+    ones = jnp.ones(batch["task"].shape, jnp.float32)
+    routed, plain = gradient(cfg, graphdef, batch, routing)(params, ones), gradient(cfg, graphdef, batch)(params, ones)
     for a, b in zip(jax.tree.leaves(routed), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
@@ -134,7 +139,7 @@ def test_one_group_routing_a_circuit_alone_moves_only_that_circuit():
 
 
 def test_no_route_is_no_routing():
-    cfg = load_config("configs/quickstart.yaml", [*TINY, mixture()])
+    cfg = load_config("configs/quickstart.yaml", [*ROUTED, mixture()])
     assert Routing.of(cfg) is None
 
 
@@ -148,7 +153,7 @@ def test_no_route_is_no_routing():
 ])
 def test_bad_routes_and_mixtures(extra, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/quickstart.yaml", [*TINY, *extra])
+        load_config("configs/quickstart.yaml", [*ROUTED, *extra])
 
 
 @pytest.mark.slow  # two short training runs (about 60 s on 2 cores)
@@ -160,7 +165,7 @@ def test_a_routed_mixture_run_resumes_bit_exactly_and_may_change_its_routes(tmp_
 
     def cfg(name, *extra):
         return load_config("configs/quickstart.yaml", [
-            *TINY, mixture(", route: [X], route_shared: false", ", route: [Y]"), f"run.dir={tmp_path}",
+            *ROUTED, mixture(", route: [X], route_shared: false", ", route: [Y]"), f"run.dir={tmp_path}",
             f"run.name={name}", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2",
             "eval.sweep_loops=[]", *extra])
 
