@@ -21,16 +21,21 @@ from loopformer.errors import ConfigError
 from loopformer.model.transformer import build_model
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
+from tests.conftest import FAST_XLA, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "parallel" / "mesh_worker.py"
-# Subprocesses compile with LLVM's cheap settings: the checks are numerical, not about speed.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
+    """A clean environment with ``devices`` CPU devices, LLVM's cheap settings (the checks are numerical,
+    not about speed) and the suite's compilation cache (tests/conftest.py): a program another process
+    compiled, in this run or an earlier one, is read back."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPFORMER_", "JAX_", "XLA_"))}
-    env.update(JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA, **extra)
+    env.update(JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA,
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+               JAX_COMPILATION_CACHE_MAX_SIZE=str(jax.config.jax_compilation_cache_max_size), **extra)
     return env
 
 
@@ -196,16 +201,9 @@ def test_all_meshes_match_single_device():
     assert "checkpoint (8, 1, 1) -> (2, 2, 2): restored and continued" in out
 
 
-TINY = [
-    "model.vocab_size=32", "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=0", "model.mlp_ratio=2",
-    "model.stages=[{circuits: [{name: X, width: 32, heads: 2, mlp_ratio: 2, loops: 'uniform(1, 3)', "
-    "eval_loops: 2, backprop: 2}]}]",
-    "data.task=pointer_chase", "model.window=0",
-    "data.task_args={num_nodes: 5, num_symbols: 6}", "data.train_difficulty=[1, 2]",
-    "data.eval_splits={train: [1, 2]}", "data.batch_size=16", "data.eval_examples=32", "data.eval_batch_size=16",
-    "train.warmup_steps=2", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=2",
-    "eval.sweep_loops=[]", "eval.diagnostics=false", "mesh.data=2", "mesh.fsdp=2",
-]
+# The tiny config with a 32-entry vocabulary, trained on a data=2 x fsdp=2 mesh.
+MESHED = [*TINY, "model.vocab_size=32", "data.eval_splits={train: [1, 2]}", "train.log_every=1",
+          "train.eval_every=100", "train.checkpoint_every=2", "mesh.data=2", "mesh.fsdp=2"]
 
 
 def free_port() -> int:
@@ -216,7 +214,7 @@ def free_port() -> int:
 
 def launch_two(tmp_path: Path, *overrides: str) -> list[subprocess.CompletedProcess]:
     port = free_port()
-    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.yaml", *TINY, f"run.dir={tmp_path}",
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.yaml", *MESHED, f"run.dir={tmp_path}",
            "run.name=mp", *overrides]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=subprocess_env(2, LOOPFORMER_COORDINATOR=f"127.0.0.1:{port}",
