@@ -42,12 +42,15 @@ def _prefill_then_steps(graphdef, params, tokens_BT, lengths_B, plan, policy):
     cache = model.empty_cache(B, T, policy, {"X": 4})
     pos = jnp.broadcast_to(jnp.arange(P), (B, P))
     first, cache, _ = model.decode(tokens_BT[:, :P], pos, cache, plan, policy, last_B=lengths_B - 1)
-    out = [first[jnp.arange(B), lengths_B - 1]]
-    for step in range(T - P - 1):
-        p = lengths_B + step
+
+    def step(cache, j):  # a scan, not a Python loop: one decode step to compile, not T - P - 1
+        p = lengths_B + j
         logits, cache, _ = model.decode(tokens_BT[jnp.arange(B), p][:, None], p[:, None], cache, plan, policy)
-        out.append(logits[:, 0])
-    return jnp.stack(out, 1)  # [B, T - P]: logits predicting the token after lengths - 1 + j
+        return cache, logits[:, 0]
+
+    _, rest = jax.lax.scan(step, cache, jnp.arange(T - P - 1))
+    # [B, T - P]: logits predicting the token after lengths - 1 + j
+    return jnp.concatenate([first[jnp.arange(B), lengths_B - 1][:, None], rest.swapaxes(0, 1)], 1)
 
 
 def _reference(model, tokens_BT, lengths_B, loops):
