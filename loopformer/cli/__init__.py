@@ -1,4 +1,6 @@
-"""Command line: ``loopformer train | eval | ablate | sweep | generate | inspect | prepare | activity | rys |
+"""Train transformers with built-in looped circuits, then evaluate, ablate, sweep, decode and operate on them.
+
+Command line: ``loopformer train | eval | ablate | sweep | generate | inspect | prepare | activity | rys |
 convert | import`` (also ``python -m loopformer``). One module per command; nothing in the package imports this one.
 
 User mistakes (bad config, missing run, unknown circuit) print one ``error:`` line and exit 2.
@@ -10,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from loopformer.errors import LoopformerError
+from loopformer.errors import DecodingError, LoopformerError
 
 MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare", "activity", "rys", "convert", "hf_import")
 
@@ -27,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
+    except DecodingError as e:  # the model layer says why; the command line knows the way around it
+        print(f"error: {e}; use --no-cache (recomputes the prefix every token)", file=sys.stderr)
+        return 2
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

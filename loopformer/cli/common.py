@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loopformer.errors import AnalysisError, PlanError
+from loopformer.errors import AnalysisError
+from loopformer.model import plan
 from loopformer.runs.log import log
+from loopformer.variants.exits import EXITS
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
@@ -60,8 +62,8 @@ def run_flags(p: argparse.ArgumentParser, *, examples: bool = True) -> None:
 def exit_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
     """--exit and --max-loops (the cap of the circuits that exit)."""
     p.add_argument("--exit", action="append", metavar="[CIRCUIT=]RULE",
-                   help="stop each token's iterations by a rule: latent_diff:EPS, kl:EPS, entropy_diff:EPS, "
-                        "learned:q=Q (a halting head), options ,min=N ,every=K; without CIRCUIT, every circuit"
+                   help="stop each token's iterations by a rule: " + ", ".join(EXITS.get(n).form() for n in EXITS.names())
+                        + " (learned: a halting head), options ,min=N ,every=K; without CIRCUIT, every circuit"
                         + ("; several thresholds (latent_diff:0.1,0.03,0.01) are compared" if many else ""))
     p.add_argument("--max-loops", type=positive, metavar="N",
                    help="--exit: the most iterations of an exiting circuit (default: its max_loops, may exceed "
@@ -69,16 +71,9 @@ def exit_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
 
 
 def exit_caps(info: Any, exits: dict[str, Any], max_loops: int | None, loops: dict[str, int]) -> dict[str, int]:
-    """``loops`` with every exiting circuit at its cap: --max-loops, or its --loops count, or the larger
-    of its max_loops and eval_loops."""
-    out = dict(loops)
-    for c, rule in exits.items():
-        cfg = info.cfg.model.circuit(c)
-        if rule.kind == "learned" and cfg.halting.kind == "none":
-            raise PlanError(f"--exit {c}=learned:q=...: circuit {c} was trained without a halting head "
-                            f"(halting.kind: none); use latent_diff, kl or entropy_diff for it")
-        out[c] = max_loops or loops.get(c) or max(cfg.max_loops, cfg.eval_loops)
-    return out
+    """``loops`` with every exiting circuit at its cap (`loopformer.model.plan.exit_caps`: --max-loops, or its
+    --loops count, or the larger of its max_loops and eval_loops)."""
+    return plan.exit_caps(info.cfg.model, exits, loops, max_loops)
 
 
 def strict(value: Any) -> Any:

@@ -10,8 +10,8 @@ import re
 from collections.abc import Sequence
 
 from loopformer.errors import PlanError
-from loopformer.model.exits import ExitRule
 from loopformer.model.plan import MAX_LOOPS
+from loopformer.variants.exits import ExitRule
 
 FORMS = "CIRCUIT=N (e.g. X=16), and for sweeps CIRCUIT=A:B (grid 1,2,3,4,6,8,12,...), A:B:STEP or N1,N2,..."
 

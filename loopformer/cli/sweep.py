@@ -22,7 +22,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                 "the first batch of each split: the relative change ||h_i - h_(i-1)|| / ||h|| and the state norm "
                 "(sweep_convergence.png, log y). Readings: fixed-point (the change falls below 0.1%%), settling "
                 "(the step keeps shrinking), drifting (the norm keeps growing), moving (steady steps at a steady "
-                "norm: oscillation or chaos, the 'overthinking' regime). All settings run on one compiled program.")
+                "norm: oscillation or chaos, the 'overthinking' regime). All settings share one compiled program per batch "
+                "shape (each split length compiles its own).")
     run_flags(p)
     p.add_argument("--loops", action="append", metavar="CIRCUIT=SPEC",
                    help="counts to sweep for one or two circuits: A:B (1:64 -> 1,2,3,4,6,8,12,16,24,32,48,64), "

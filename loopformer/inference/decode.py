@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 
 from loopformer.errors import PlanError
-from loopformer.model.cache import CachePolicy
 from loopformer.model.plan import Plan, make_plan
 from loopformer.model.transformer import LoopedTransformer
+from loopformer.variants.cache import CachePolicy
 
 Array = jax.Array
 PROMPT_BUCKET = 32
@@ -148,8 +148,10 @@ class Decoder:
             buf[i, : len(p)] = p
         slots = tuple((n, self.policy.slots(int(loops[n]))) for n in self.names)
         fn = jax.jit(self._score, static_argnums=(5,))
+        plan = make_plan(self.names, loops)
+        nnx.merge(self.graphdef, params).check_decoding(plan)
         return np.asarray(fn(params, jnp.asarray(buf), jnp.asarray(lengths), jnp.asarray(continuations, jnp.int32),
-                             make_plan(self.names, loops), slots))
+                             plan, slots))
 
     def __call__(self, params: Any, prompts: Sequence[Sequence[int]], loops: Mapping[str, int], max_new_tokens: int,
                  sampling: Sampling | None = None, *, eos_id: int | None = None, exits: Mapping[str, Any] | None = None,
@@ -166,6 +168,7 @@ class Decoder:
         for i, p in enumerate(prompts):
             buf[i, : len(p)] = p
         plan = make_plan(self.names, loops, exits=exits)
+        nnx.merge(self.graphdef, params).check_decoding(plan)  # refusals before tracing: one clear line
         slots = tuple((n, self.policy.slots(int(loops[n]))) for n in self.names)  # static: one program per bucket
         out, count, used = self._run(params, jnp.asarray(buf), jnp.asarray(lengths), plan, sampling or Sampling(), N,
                                      slots, eos_id, jax.random.key(seed))
