@@ -412,10 +412,7 @@ class Bank(nnx.Module):
         ``readout`` maps the stream after this bank to logits (through the rest of the model), for exit
         rules that read the output. When decoding (``ctx.decoding``), ``caches`` holds each circuit's keys
         and values and ``h_init`` its initial states (continuous thinking)."""
-        if self.routed:
-            if ctx.decoding is not None:
-                raise DecodingError("decoding with a cache does not run routed banks (a token's iterations move "
-                                    "between circuits, so no iteration owns a cache slot)")
+        if self.routed:  # never while decoding: LoopedTransformer.check_decoding refuses routed banks
             return self._routed(x_BTD, ctx, plan)
         xn = self.norm(x_BTD)
         groups = self.groups(plan, ctx.decoding is not None)

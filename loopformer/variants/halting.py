@@ -38,12 +38,12 @@ class Halting:
     """A circuit's halting kind with the settings of its ``HaltingConfig`` (hashable: a model keeps it as
     static structure)."""
 
-    beta: float = 0.1
-    beta_final: float = 0.05
-    prior: float = 0.2
-    tau: float = 0.01
-    eps: float = 0.01
-    q: float = 0.5
+    beta: float  # the settings and their defaults are HaltingConfig's (`Halting.of` copies them)
+    beta_final: float
+    prior: float
+    tau: float
+    eps: float
+    q: float
 
     kind: ClassVar[str] = ""
     has_head: ClassVar[bool] = True  # adds the head lambda = sigmoid(w . norm(h) + b)
