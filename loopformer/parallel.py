@@ -210,8 +210,9 @@ def named(mesh: Mesh, specs: PyTree) -> PyTree:
 
 
 def train_state_shardings(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                          rules: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """NamedShardings of the train state {"params", "opt_state", "step"} (see `loopformer.train.step`)."""
+                          rules: Mapping[str, Any] | None = None, *, ema: bool = False) -> dict[str, Any]:
+    """NamedShardings of the train state {"params", "opt_state", "step"} (see `loopformer.train.step`);
+    with ``ema`` also "ema" (the EMA weights), sharded like the params."""
     pspecs = param_specs(model, mesh, rules)
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                    nnx.to_pure_dict(nnx.state(model)))
@@ -221,8 +222,11 @@ def train_state_shardings(model: nnx.Module, tx: optax.GradientTransformation, m
     opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, pspecs,
                                       transform_non_params=lambda _: PartitionSpec(),
                                       is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return {"params": named(mesh, pspecs), "opt_state": named(mesh, opt_specs),
-            "step": NamedSharding(mesh, PartitionSpec())}
+    shardings = {"params": named(mesh, pspecs), "opt_state": named(mesh, opt_specs),
+                 "step": NamedSharding(mesh, PartitionSpec())}
+    if ema:
+        shardings["ema"] = named(mesh, pspecs)
+    return shardings
 
 
 def shard_train_state(params: PyTree, init: Any, shardings: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def ablate_command(args: argparse.Namespace) -> int:
         info = read_run(args.run)
         check_writable(info.path, "ablation.csv and ablation.png")
         splits = info.select_splits(args.split)
-        run = load_run(info, args.step)
+        run = load_run(info, args.step, raw=args.raw_weights)
         rows = ablate.ablate(run, run.eval_sets(splits, args.examples), args.mode)
         tables.write_csv(info.path / "ablation.csv", rows)
         files = [str(info.path / "ablation.csv"),

@@ -33,7 +33,7 @@ def activity_command(args: argparse.Namespace) -> int:
         check_writable(info.path, "activity.csv and activity.png")
         splits = info.select_splits(args.split)
         loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
-        run = load_run(info, args.step)
+        run = load_run(info, args.step, raw=args.raw_weights)
         rows, thresholds, examples = activity.activity(run, run.eval_sets(splits, args.examples), loops, args.mode)
         tables.write_csv(info.path / "activity.csv", rows)
         files = [str(info.path / "activity.csv"),

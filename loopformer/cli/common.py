@@ -1,5 +1,5 @@
-"""What the commands share: the registry, the analysis flags (--run, --step, --split, --examples,
---json) and printing exactly one JSON document or one table."""
+"""What the commands share: the registry, the analysis flags (--run, --step, --raw-weights, --split,
+--examples, --json) and printing exactly one JSON document or one table."""
 
 from __future__ import annotations
 
@@ -48,10 +48,14 @@ def positive(text: str) -> int:
     return value
 
 
-def run_flags(p: argparse.ArgumentParser, *, examples: bool = True) -> None:
-    """--run, --step, --json and (with ``examples``) --split, --examples."""
+def run_flags(p: argparse.ArgumentParser, *, examples: bool = True, weights: bool = True) -> None:
+    """--run, --step, --json, (with ``weights``) --raw-weights and (with ``examples``) --split, --examples."""
     p.add_argument("--run", required=True, help="run directory made by `loopformer train`, e.g. runs/quickstart")
     p.add_argument("--step", type=positive, help="checkpoint step to load (default: the latest)")
+    if weights:
+        p.add_argument("--raw-weights", action="store_true",
+                       help="a run trained with train.ema: read the params the optimizer trained, not their moving "
+                            "average (the EMA weights, read by default)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of tables")
     if examples:
         p.add_argument("--split", action="append", metavar="NAME",

@@ -48,7 +48,7 @@ def convert_command(args: argparse.Namespace) -> int:
         pre, core, post = layout(info.cfg.model, recipe)  # checks the layers before restoring anything
         cfg = copy.deepcopy(info.cfg)
         target = out_dir(args.out, info.path)
-        run = load_run(info, args.step)
+        run = load_run(info, args.step, raw=args.raw_weights)
         cfg.model, params = converted_params(info.cfg.model, run.params, recipe)
         point_at(cfg, target)
         out = write_run(cfg, params, info.data)

@@ -6,11 +6,12 @@ import argparse
 from typing import Any
 
 from loopformer.cli.common import command, emit, exit_caps, exit_flags, run_flags
-from loopformer.cli.loopspec import parse_exits, parse_loops
+from loopformer.cli.loopspec import parse_exits, parse_loops, split_auto
+from loopformer.config import ModelConfig
 from loopformer.errors import PlanError
 from loopformer.evaluation import ablate, tables
 from loopformer.evaluation.run import load_run
-from loopformer.model.plan import MAX_LOOPS
+from loopformer.model.plan import MAX_LOOPS, difficulty_rules
 from loopformer.runs.read import read_run
 
 
@@ -21,10 +22,24 @@ def mode_flag(p: argparse.ArgumentParser, help_text: str) -> None:
 def _args(p: argparse.ArgumentParser) -> None:
     run_flags(p)
     p.add_argument("--loops", action="append", metavar="CIRCUIT=N",
-                   help=f"loop count of a circuit, e.g. --loops X=16 (repeatable; 1..{MAX_LOOPS}; others: eval_loops)")
+                   help=f"loop count of a circuit, e.g. --loops X=16 (repeatable; 1..{MAX_LOOPS}; others: eval_loops); "
+                        f"X=auto gives each example the count of X's training rule loops: per_difficulty(a, b)")
     p.add_argument("--ablate", action="append", metavar="CIRCUIT", help="remove a circuit (repeatable)")
     mode_flag(p, "what replaces an ablated circuit's output: zeros, or its mean output over the split")
     exit_flags(p, many=False)
+
+
+def auto_rules(model: ModelConfig, auto: list[str], loops: dict[str, int]) -> dict[str, tuple[float, float, int]]:
+    """The per-difficulty rules of the circuits given as ``--loops X=auto`` (PlanError for a circuit given a
+    count too, or trained without such a rule)."""
+    rules = difficulty_rules(model, auto)
+    for c in auto:
+        if c in loops or auto.count(c) > 1:
+            raise PlanError(f"--loops {c}: circuit '{c}' is given twice; pass one --loops per circuit")
+        if c not in rules:
+            raise PlanError(f"--loops {c}=auto: circuit {c} was trained with loops {model.circuit(c).loops}, not a rule "
+                            f"per difficulty (loops: per_difficulty(a, b)); give a count, e.g. --loops {c}=16")
+    return rules
 
 
 @command("eval", "loss and accuracy of a trained run at chosen loop counts and ablations", _args)
@@ -32,18 +47,24 @@ def eval_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
         splits = info.select_splits(args.split)
-        loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
+        specs, auto = split_auto(args.loops, info.circuits)
+        loops = {c: v[0] for c, v in parse_loops(specs, info.circuits, grid=False).items()}
+        rules = auto_rules(info.cfg.model, auto, loops)
         exits = (parse_exits(args.exit, info.circuits, many=False) or [{}])[0]
+        both = [c for c in rules if c in exits]
+        if both:
+            raise PlanError(f"--loops {both[0]}=auto and --exit for {both[0]}: an exit rule sets its own counts; "
+                            f"drop one")
         loops = exit_caps(info, exits, args.max_loops, loops)
         ablated = list(dict.fromkeys(args.ablate or []))
         for c in ablated:
             if c not in info.circuits:
                 raise PlanError(f"--ablate {c}: unknown circuit; this run's circuits are {', '.join(info.circuits)}")
-        run = load_run(info, args.step)
+        run = load_run(info, args.step, raw=args.raw_weights)
         rows = []
         for split, batches in run.eval_sets(splits, args.examples).items():
             fill = ablate.mean_fill(run, batches) if ablated and args.mode == "mean" else None
-            row = run.row(split, batches, loops, ablated, fill, exits)
+            row = run.row(split, batches, loops, ablated, fill, exits, by_difficulty=rules)
             if exits:
                 row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(loops), exits)["histogram"]
             rows.append({**row, "mode": args.mode} if ablated else row)

@@ -83,7 +83,7 @@ def generate_command(args: argparse.Namespace) -> int:
             if args.prompt is None:
                 raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
                                     f"(--example-split is for synthetic tasks)")
-            return _generate_text(args, load_run(info, args.step), settings)
+            return _generate_text(args, load_run(info, args.step, raw=args.raw_weights), settings)
         if args.prompt is not None:
             raise AnalysisError(f"--prompt needs a text run, but {info.path} trains on the synthetic task "
                                 f"'{info.cfg.data.task}' (no tokenizer); use --example-split NAME to see its "
@@ -92,7 +92,7 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--example-split {args.example_split}: this run has no eval split "
                                 f"'{args.example_split}'; its splits are {', '.join(info.splits)}")
         split = args.example_split or next(iter(info.splits))
-        return _answer_examples(args, load_run(info, args.step), settings, split)
+        return _answer_examples(args, load_run(info, args.step, raw=args.raw_weights), settings, split)
 
     return emit(args, body)
 

@@ -71,7 +71,7 @@ def _text(doc: dict[str, Any]) -> str:
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    run_flags(p, examples=False)
+    run_flags(p, examples=False, weights=False)
 
 
 @command("inspect", "a run's architecture, parameters by circuit and path, loop schedules and checkpoints", _args)

@@ -49,6 +49,24 @@ def parse_counts(text: str, flag: str) -> list[int]:
     return sorted(set(nums))
 
 
+AUTO = "auto"  # --loops X=auto: each example its training rule's count (loops: per_difficulty(a, b))
+
+
+def split_auto(specs: Sequence[str] | None, circuits: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the ``--loops`` specs that are counts, the circuits given as ``CIRCUIT=auto``)."""
+    rest, auto = [], []
+    for spec in specs or []:
+        name, sep, value = spec.partition("=")
+        if sep and value.strip().lower() == AUTO:
+            if name.strip() not in circuits:
+                raise PlanError(f"unknown circuit '{name.strip()}' in --loops {spec}; this run's circuits are "
+                                f"{', '.join(circuits)}")
+            auto.append(name.strip())
+        else:
+            rest.append(spec)
+    return rest, auto
+
+
 def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: bool) -> dict[str, list[int]]:
     """``["X=1:64", "Y=4"]`` -> ``{"X": [1, 2, ..., 64], "Y": [4]}`` (circuits in the model's order).
 

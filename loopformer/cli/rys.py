@@ -65,7 +65,7 @@ def rys_command(args: argparse.Namespace) -> int:
         layers = rys.stack_layers(info, stack)
         check_writable(info.path, "rys.csv and rys_<split>.png")
         splits = info.select_splits(args.split)
-        run = load_run(info, args.step)
+        run = load_run(info, args.step, raw=args.raw_weights)
         eval_sets = run.eval_sets(splits, args.examples)
         before = run.evaluator.compiles
         rows, baseline = rys.scan(run, eval_sets, stack, args.repeats)

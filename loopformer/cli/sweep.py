@@ -71,7 +71,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         if len(grid) > 2:
             raise PlanError(f"sweep takes one or two circuits (got {', '.join(grid)}); fix the others at "
                             f"their eval_loops or evaluate single settings with `loopformer eval`")
-        run = load_run(info, args.step)
+        run = load_run(info, args.step, raw=args.raw_weights)
         eval_sets = run.eval_sets(splits, args.examples)
         before = run.evaluator.compiles
         rows = sweep.sweep(run, eval_sets, grid)
@@ -100,7 +100,7 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     """A row per split and exit threshold, at the caps (--max-loops, --loops, or each circuit's max_loops)."""
     settings = parse_exits(args.exit, info.circuits, many=True)
     loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
-    run = load_run(info, args.step)
+    run = load_run(info, args.step, raw=args.raw_weights)
     eval_sets = run.eval_sets(splits, args.examples)
     before = run.evaluator.compiles
     rows = []

@@ -390,6 +390,15 @@ class MixtureEntry:
 
 
 @dataclass
+class CurriculumStage:
+    """One stage of a difficulty curriculum (``data.curriculum``): training steps before ``until`` draw
+    their examples from ``difficulty`` [lo, hi] (after the previous stage's ``until``)."""
+
+    until: int = 0
+    difficulty: list[int] = field(default_factory=lambda: [1, 1])
+
+
+@dataclass
 class DataConfig:
     task: str = "pointer_chase"
     task_args: dict[str, Any] = field(default_factory=dict)
@@ -414,6 +423,10 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of the text)
     # --- several tasks (task: mixture): batches mix the entries by weight; splits are NAME/SPLIT
     mixture: list[MixtureEntry] = field(default_factory=list)
+    # --- a difficulty curriculum (synthetic tasks): [{until: STEP, difficulty: [lo, hi]}, ...] in order of
+    # until; each stage's range applies before its step, train_difficulty after the last. Deterministic in
+    # (seed, step), so a resumed run draws what an uninterrupted one would (loopformer.data.pipeline.Curriculum)
+    curriculum: list[CurriculumStage] = field(default_factory=list)
 
     @property
     def routed(self) -> bool:
@@ -431,6 +444,22 @@ class DataConfig:
         if self.task == "text":
             return {"val": None, "train": None}
         return dict(self.eval_splits)
+
+    def _validate_curriculum(self) -> None:
+        if not self.curriculum:
+            return
+        _check(self.task not in ("text", MIXTURE_TASK), f"data.curriculum: a difficulty curriculum needs a synthetic "
+               f"task, not data.task={self.task}; drop data.curriculum")
+        lo, hi = self.train_difficulty
+        last = 0
+        for j, stage in enumerate(self.curriculum):
+            key = f"data.curriculum.{j}"
+            _check(isinstance(stage.until, int) and stage.until > last,
+                   f"{key}.until must be a step after the previous stage's ({last}), got {stage.until}")
+            _check_ranges([(f"{key}.difficulty", stage.difficulty)])
+            _check(stage.difficulty[1] <= hi, f"{key}.difficulty {stage.difficulty} reaches above data.train_difficulty's "
+                   f"hi {hi} (sequences are sized by it); lower the stage or raise train_difficulty")
+            last = stage.until
 
     def validate(self) -> None:
         d = self
@@ -452,6 +481,7 @@ class DataConfig:
         _check(sum(e.task == "text" for e in d.mixture) <= 1,
                "data.mixture: at most one text entry (it uses the run's one tokenizer, data.tokenizer)")
         _check(all(n >= 1 for n in d.eval_loops), f"data.eval_loops: counts must be >= 1, got {d.eval_loops}")
+        self._validate_curriculum()
         _one_of(d.format, TEXT_FORMATS, "data.format")
         _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
                f"data.tokenizer: '{d.tokenizer}' is not bytes, bpe or a path to a tokenizer.json")
@@ -482,6 +512,15 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
+    # EMA weights (TRM, HRM): an exponential moving average of the params, ema = decay * ema + (1 - decay) *
+    # params after every optimizer step. Saved with the checkpoints; evaluation and the analysis commands use it.
+    ema: float = 0.0  # the decay, in (0, 1), e.g. 0.999; 0 = off
+    # Progressive loss (Bansal et al. 2022, incremental progress training): the objective is
+    # (1 - alpha) * L(full counts) + alpha * L(partial), where each circuit of progressive_circuits runs
+    # n_free ~ U{0..n-1} iterations without gradient, then k ~ U{1..min(n - n_free, backprop)} with it, and
+    # the loss is read there. The loop learns a step that improves any state it reaches, not a schedule.
+    progressive: float = 0.0  # alpha; 0 = off (the objective is exactly the plain one)
+    progressive_circuits: list[str] = field(default_factory=list)  # empty: every circuit whose count varies
 
     def validate(self, batch_size: int) -> None:
         t = self
@@ -496,6 +535,10 @@ class TrainConfig:
             _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0: no evaluation while training), got {t.eval_every}")
         _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+        _check(t.ema == 0 or 0 < t.ema < 1, f"train.ema (the decay of the EMA weights) must be in (0, 1), e.g. "
+               f"train.ema=0.999, or 0 to turn it off; got {t.ema}")
+        _check(0 <= t.progressive <= 1, f"train.progressive (alpha of the progressive loss) must be in [0, 1], "
+               f"got {t.progressive}")
 
 
 @dataclass
@@ -564,6 +607,54 @@ class Config:
         self.eval.validate([c.name for c in self.model.circuits()])
         self.mesh.validate()
         self._validate_routes()
+        self._validate_per_difficulty()
+        self._validate_progressive()
+
+    def progressive_circuits(self) -> list[str]:
+        """The circuits the progressive loss truncates: train.progressive_circuits, or every circuit whose
+        training count varies (not fixed(n)), or if none does every circuit that loops (fixed(n), n > 1);
+        [] when train.progressive is 0."""
+        if not self.train.progressive:
+            return []
+        circuits = self.model.circuits()
+        return (list(self.train.progressive_circuits) or [c.name for c in circuits if c.distribution().kind != "fixed"]
+                or [c.name for c in circuits if c.distribution().typical_range()[1] > 1])
+
+    def _validate_progressive(self) -> None:
+        if not self.train.progressive:
+            return
+        circuits = [c.name for c in self.model.circuits()]
+        for name in self.train.progressive_circuits:
+            _check(name in circuits, f"train.progressive_circuits: '{name}' is not a circuit; circuits are "
+                   f"{', '.join(circuits) or 'none'}")
+        _check(bool(self.progressive_circuits()), "train.progressive: no circuit loops (every one runs fixed(1)), so "
+               "there is nothing to truncate; set train.progressive=0")
+        why = ("a circuit has a halting head" if self.model.halting_circuit() is not None else
+               "a stage has a router" if any(s.router.routes for s in self.model.stages) else
+               "data.mixture routes gradients" if self.data.routed else "")
+        _check(not why, f"train.progressive: the progressive loss truncates loops at random counts, but {why} (its "
+               f"loss terms read the full count); set train.progressive=0")
+
+    def _validate_per_difficulty(self) -> None:
+        """per_difficulty loops read each example's difficulty: a synthetic task, no halting head or
+        router on that circuit, and max_loops reaching the largest training count."""
+        his = ([e.train_difficulty[1] for e in self.data.mixture if e.task != "text"] if self.data.mixture else
+               [] if self.data.task == "text" else [self.data.train_difficulty[1]])
+        for s, stage in enumerate(self.model.stages):
+            for c in stage.circuits:
+                dist = c.distribution()
+                if not dist.per_example:
+                    continue
+                p = f"model.stages.{s}.circuits.{c.name}.loops"
+                _check(bool(his) and not (self.data.mixture and any(e.task == "text" for e in self.data.mixture)),
+                       f"{p}={dist}: counts per difficulty need a synthetic task (text has no difficulty); "
+                       f"use fixed, uniform or poisson_lognormal")
+                _check(not c.halting.has_head and not stage.router.routes,
+                       f"{p}={dist}: a circuit with a halting head or in a routed stage needs one count per step; "
+                       f"use fixed, uniform or poisson_lognormal")
+                top = dist.at(max(his))
+                _check(c.max_loops >= top, f"{p}={dist} gives {top} loops at difficulty {max(his)} (the training "
+                       f"range's hi), above max_loops={c.max_loops}; raise max_loops to >= {top}")
 
     def _validate_routes(self) -> None:
         """Routes name circuits of the model; routing splits the loss by example, which the batch-level

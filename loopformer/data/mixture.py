@@ -177,6 +177,8 @@ class MixtureSource(DataSource):
         out = self.tag(ex, k, T)
         if self.has_text and "positions" not in out:
             out["positions"] = np.arange(T, dtype=np.int32)
+        if "difficulty" not in out:  # a text row in a batch of task rows: no difficulty
+            out["difficulty"] = np.zeros(T, np.int32)
         return out
 
     def train_iterator(self, batch_size: int, seed: int, *, shard_index: int = 0,

@@ -2,7 +2,10 @@
 
 Every example is a pure function of ``(seed, split, index)`` (see ``example_at``), so streams are
 reproducible, need no shuffling, and shard by index. A batch is a dict of numpy arrays:
-``inputs``/``targets`` int32 [B, T] and ``mask`` float32 [B, T].
+``inputs``/``targets`` int32 [B, T], ``mask`` float32 [B, T], ``segment_ids`` int32 [B, T] and
+``difficulty`` int32 [B, T] (the example's difficulty at each of its tokens, 0 on padding: the loop-count
+rule ``per_difficulty`` reads it). A training stream may follow a difficulty curriculum (`Curriculum`):
+the range its examples are drawn from then depends on the step they belong to.
 
 Checkpointing the training iterator (verified against grain 0.2.18 and orbax-checkpoint 0.12.8):
 
@@ -26,6 +29,8 @@ Checkpointing the training iterator (verified against grain 0.2.18 and orbax-che
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import functools
 import zlib
 
@@ -40,6 +45,7 @@ __all__ = [
     "CheckpointHandler",
     "CheckpointRestore",
     "CheckpointSave",
+    "Curriculum",
     "eval_batches",
     "example_at",
     "split_seed",
@@ -59,9 +65,38 @@ def split_seed(seed: int, split: str, index: int) -> np.random.Generator:
 def example_at(
     task: Task, seed: int, split: str, index: int, difficulty: tuple[int, int], seq_len: int
 ) -> dict[str, np.ndarray]:
-    """Example ``index`` of ``split``: difficulty drawn uniformly in [lo, hi], then ``task.example``."""
+    """Example ``index`` of ``split``: difficulty d drawn uniformly in [lo, hi], then ``task.example``,
+    with ``difficulty`` [T] = d on the example's tokens (``segment_ids`` > 0), 0 on padding."""
     rng = split_seed(seed, split, index)
-    return task.example(rng, int(rng.integers(difficulty[0], difficulty[1] + 1)), seq_len)
+    d = int(rng.integers(difficulty[0], difficulty[1] + 1))
+    ex = task.example(rng, d, seq_len)
+    ex["difficulty"] = np.where(ex["segment_ids"] > 0, d, 0).astype(np.int32)
+    return ex
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """Difficulty ranges that open up over training: stage j's range [lo_j, hi_j] applies from its
+    step s_j until the next stage's (s_0 = 0; the last range lasts to the end). The examples of step s
+    are examples s*B .. (s+1)*B - 1 of the global stream (B the global batch), so the range of every
+    example is a function of its index: the stream stays deterministic in (seed, index) and a resumed
+    run draws exactly what an uninterrupted one would."""
+
+    steps: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+    global_batch: int
+
+    def range_at(self, step: int) -> tuple[int, int]:
+        """The difficulty range of training step ``step`` (0-based)."""
+        j = bisect.bisect_right(self.steps, step) - 1
+        return self.ranges[max(j, 0)]
+
+    def hi(self) -> int:
+        return max(hi for _, hi in self.ranges)
+
+
+def _curriculum_example(task: Task, seed: int, curriculum: Curriculum, seq_len: int, index: int) -> dict[str, np.ndarray]:
+    return example_at(task, seed, "train", index, curriculum.range_at(index // curriculum.global_batch), seq_len)
 
 
 def _is_int(value: object) -> bool:
@@ -89,16 +124,25 @@ def train_dataset(
     *,
     shard_index: int = 0,
     shard_count: int = 1,
+    curriculum: Curriculum | None = None,
 ) -> grain.IterDataset:
     """Endless stream of training batches of ``batch_size`` (per process) examples.
 
     Example i of the global stream is ``example_at(task, seed, "train", i, ...)``; process
     ``shard_index`` of ``shard_count`` reads examples ``shard_index, shard_index + shard_count, ...``.
+    With a ``curriculum``, example i draws its difficulty from the range of step i // global batch;
+    sequences are padded to ``difficulty``'s hi (the final range) throughout, so every batch has one shape.
     """
     lo, hi = _check(task, difficulty, seed, batch_size=batch_size, shard_count=shard_count)
     if not _is_int(shard_index) or not 0 <= shard_index < shard_count:
         raise DataError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
-    make = functools.partial(example_at, task, seed, "train", difficulty=(lo, hi), seq_len=task.seq_len(hi))
+    if curriculum is None:
+        make = functools.partial(example_at, task, seed, "train", difficulty=(lo, hi), seq_len=task.seq_len(hi))
+    else:
+        if curriculum.hi() > hi:
+            raise DataError(f"a curriculum range reaches difficulty {curriculum.hi()}, above the training range's "
+                            f"hi {hi}")
+        make = functools.partial(_curriculum_example, task, seed, curriculum, task.seq_len(hi))
     return (
         grain.MapDataset.range(STREAM_LENGTH)
         .map(make)
@@ -116,9 +160,11 @@ def train_iterator(
     *,
     shard_index: int = 0,
     shard_count: int = 1,
+    curriculum: Curriculum | None = None,
 ) -> grain.DatasetIterator:
     """``iter(train_dataset(...))``: supports ``get_state()`` / ``set_state()`` for checkpointing."""
-    ds = train_dataset(task, difficulty, batch_size, seed, shard_index=shard_index, shard_count=shard_count)
+    ds = train_dataset(task, difficulty, batch_size, seed, shard_index=shard_index, shard_count=shard_count,
+                       curriculum=curriculum)
     return iter(ds)
 
 

@@ -141,8 +141,13 @@ class TaskSource(DataSource):
 
     def train_iterator(self, batch_size: int, seed: int, *, shard_index: int = 0,
                        shard_count: int = 1) -> grain.DatasetIterator:
-        return pipeline.train_iterator(self.task, tuple(self.cfg.data.train_difficulty), batch_size, seed,
-                                       shard_index=shard_index, shard_count=shard_count)
+        d = self.cfg.data
+        curriculum = None if not d.curriculum else pipeline.Curriculum(
+            steps=(0, *(stage.until for stage in d.curriculum)),
+            ranges=(*(tuple(stage.difficulty) for stage in d.curriculum), tuple(d.train_difficulty)),
+            global_batch=d.batch_size)
+        return pipeline.train_iterator(self.task, tuple(d.train_difficulty), batch_size, seed,
+                                       shard_index=shard_index, shard_count=shard_count, curriculum=curriculum)
 
     def eval_sets(self, splits: Sequence[str] | None = None, examples: int | None = None,
                   batch_size: int | None = None) -> dict[str, list[Batch]]:

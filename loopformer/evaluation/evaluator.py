@@ -84,12 +84,15 @@ class Evaluator:
 
     def evaluate(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int], ablate: Sequence[str] = (),
                  fill: Array | np.ndarray | None = None, exits: Mapping[str, Any] | None = None,
-                 schedules: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 schedules: Mapping[str, Any] | None = None,
+                 by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> dict[str, Any]:
         """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``, and
         ``mean_loops`` {circuit: iterations per real token}; ``ablate`` removes circuits, whose output is
         replaced by ``fill`` (zero or mean ablation); ``exits`` stops tokens by rules (`ExitRule`);
-        ``schedules`` runs the prelude / coda layers in another order (`loopformer.model.schedule`)."""
-        plan = self.plan(loops, ablate, fill, exits=exits, schedules=schedules)
+        ``schedules`` runs the prelude / coda layers in another order (`loopformer.model.schedule`);
+        ``by_difficulty`` {circuit: (a, b, cap)} gives each example round(a * difficulty + b) iterations of
+        that circuit (its entry in ``loops`` is then unused; `loopformer.model.plan.difficulty_rules`)."""
+        plan = self.plan(loops, ablate, fill, exits=exits, schedules=schedules, by_difficulty=by_difficulty)
         totals: dict[str, Any] = {}
         for batch in batches:
             sums = self._sums(params, batch, plan)
@@ -100,11 +103,12 @@ class Evaluator:
                 "mean_loops": {n: float(totals[f"loops/{n}"]) / real for n in self.names}}
 
     def examples(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
-                 exits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 exits: Mapping[str, Any] | None = None,
+                 by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> dict[str, Any]:
         """Per example (in order; the rows without an answer that pad the last batch dropped): exact
         match ``correct`` bool [N] and ``loops`` {circuit: float [N]} (mean iterations over the example's
         real tokens); and ``histogram`` {circuit: {iterations: tokens}} over every real token."""
-        plan = self.plan(loops, exits=exits)
+        plan = self.plan(loops, exits=exits, by_difficulty=by_difficulty)
         correct, per_example, hist = [], {n: [] for n in self.names}, {n: {} for n in self.names}
         for b in batches:
             out = jax.device_get(self._examples(params, b, plan))
@@ -119,10 +123,11 @@ class Evaluator:
         return {"correct": np.concatenate(correct), "loops": {n: np.concatenate(v) for n, v in per_example.items()},
                 "histogram": {n: dict(sorted(h.items())) for n, h in hist.items()}}
 
-    def correct(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int]) -> np.ndarray:
+    def correct(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
+                by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> np.ndarray:
         """bool [examples]: exact match of each example of ``batches`` (in order; rows without an
-        answer, which pad the last batch, dropped) at ``loops``."""
-        plan = self.plan(loops)
+        answer, which pad the last batch, dropped) at ``loops`` (and ``by_difficulty``, as in `evaluate`)."""
+        plan = self.plan(loops, by_difficulty=by_difficulty)
         return np.concatenate([np.asarray(self._correct(params, b, plan))[np.asarray(b["mask"]).sum(-1) > 0]
                                for b in batches])
 

@@ -21,7 +21,7 @@ from loopformer.metrics import text_metrics
 from loopformer.model.transformer import LoopedTransformer
 from loopformer.runs.log import log
 from loopformer.runs.read import RunInfo
-from loopformer.runs.restore import restore_params
+from loopformer.runs.restore import RAW_WEIGHTS, restore_weights
 from loopformer.variants.exits import ExitRule
 
 Batch = dict[str, np.ndarray]
@@ -37,6 +37,7 @@ class LoadedRun:
     params: Any
     step: int
     evaluator: Evaluator
+    weights: str = RAW_WEIGHTS  # which weights ``params`` are: "EMA weights" (train.ema) or "raw weights"
 
     @property
     def task(self) -> Any:
@@ -51,12 +52,15 @@ class LoadedRun:
 
     def row(self, split: str, batches: Sequence[Batch], loops: Mapping[str, int] | None = None,
             ablate: Sequence[str] = (), fill: np.ndarray | jax.Array | None = None,
-            exits: Mapping[str, ExitRule] | None = None, schedules: Mapping[str, Any] | None = None) -> Row:
+            exits: Mapping[str, ExitRule] | None = None, schedules: Mapping[str, Any] | None = None,
+            by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> Row:
         """Evaluate one setting on one split: a row of the shared schema, with ``mean_loops`` (iterations
         each circuit ran per real token) and, with exit rules, ``exit`` {circuit: rule} (text runs add
-        bits_per_byte and perplexity); ``schedules``: layer schedules of the prelude / coda."""
+        bits_per_byte and perplexity); ``schedules``: layer schedules of the prelude / coda;
+        ``by_difficulty``: circuits whose counts follow each example's difficulty (``loops`` says "auto")."""
         full = self.info.full_loops(loops)
-        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits, schedules)
+        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits, schedules, by_difficulty)
+        full = full | {c: "auto" for c in by_difficulty or {}}
         row = {"split": split, "loops": full, "ablated": list(ablate), "loss": m["loss"], "accuracy": m["accuracy"],
                "token_accuracy": m["token_accuracy"], "examples": m["examples"], "mean_loops": m["mean_loops"]}
         if exits:
@@ -68,11 +72,12 @@ class LoadedRun:
         return row
 
 
-def load_run(info: RunInfo, step: int | None = None) -> LoadedRun:
-    """Restore the latest checkpoint of ``info`` (or ``step``)."""
-    model, params, restored = restore_params(info.cfg, step, info.data)
-    log(f"loaded {info.path} at step {restored}")
-    return LoadedRun(info, model, params, restored, evaluator_for(model))
+def load_run(info: RunInfo, step: int | None = None, *, raw: bool = False) -> LoadedRun:
+    """Restore the latest checkpoint of ``info`` (or ``step``): its EMA weights when the run has them
+    (train.ema; the log line says so), else or with ``raw`` the params the optimizer trained."""
+    model, params, restored, weights = restore_weights(info.cfg, step, info.data, raw=raw)
+    log(f"loaded {info.path} at step {restored}" + (f" ({weights})" if raw or weights != RAW_WEIGHTS else ""))
+    return LoadedRun(info, model, params, restored, evaluator_for(model), weights)
 
 
 def real_rows(batch: Batch) -> Batch:

@@ -206,7 +206,7 @@ class Circuit(nnx.Module):
         if run.exit is None and run.backprop:
             if self.halting.mixes_output:
                 raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
-            h = iterate(step, consts, h0, n, run.backprop, bound=run.bound)  # training: truncated backprop
+            h = iterate(step, consts, h0, n, run.backprop, bound=run.bound, grad=run.grad)  # truncated backprop
             return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32))
         return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache)
 
@@ -357,7 +357,8 @@ class Bank(nnx.Module):
         for n in self.names:
             # exit thresholds are traced per circuit and halting circuits keep per-step stashes: both run alone
             alone = plan.exit_of(n) is not None or self.layout.halting[self.layout.at(n)]
-            key = (n,) if alone else (self.layout.kinds[self.layout.at(n)], plan.truncation(n))
+            shapes = (jnp.ndim(plan.loops[n]), None if n not in plan.grads else jnp.ndim(plan.grads[n]))  # stackable
+            key = (n,) if alone else (self.layout.kinds[self.layout.at(n)], plan.truncation(n), shapes)
             out.setdefault(key, []).append(n)
         return list(out.values())
 

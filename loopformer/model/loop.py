@@ -48,8 +48,9 @@ StepFn = Callable[[PyTree, Array], Array]
 
 
 def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound: int = 0,
-            stash: int = 0) -> Array | tuple[Array, Array]:
-    """h_n = step^n(h0), with gradient through the last ``min(n, k)`` steps only.
+            stash: int = 0, grad: Array | None = None) -> Array | tuple[Array, Array]:
+    """h_n = step^n(h0), with gradient through the last ``min(n, k)`` steps only (``min(n, k, grad)`` with
+    ``grad``).
 
     Args:
       step: ``step(consts, h) -> h``, the weight-tied loop body. Everything it closes over must be
@@ -63,12 +64,21 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound:
         counts above it are clipped to it).
       stash: static length L > 0 also returns the states h_1..h_n, [L, ...h0.shape] (zeros past n;
         L must be >= max(n, k)); the first n - k are detached, the last min(n, k) carry gradient.
+      grad: traced iterations with gradient (like n: a scalar or one per token), at most k: the progressive
+        loss's random truncation (k stays the static scan length). None: k.
     """
     n = jnp.asarray(n, jnp.int32)
+    if grad is not None and (stash or k == 0):
+        raise ValueError("a traced gradient depth (grad) needs k > 0 and no stash")
     if n.ndim:
         if stash:
             raise ValueError("stash needs one loop count for every token (a scalar n)")
-        return _iterate_per_token(step, consts, h0, n, k, bound)
+        return _iterate_per_token(step, consts, h0, n, k, bound, grad)
+    if grad is not None:
+        g = jnp.clip(jnp.asarray(grad, jnp.int32), 1, k)
+        if g.ndim:
+            raise ValueError("a gradient depth per token (grad) needs a loop count per token (n)")
+        return _truncated(step, consts, h0, n, k, g)
     if k == 0:
         if not stash:
             return jax.lax.fori_loop(0, n, lambda _, h: step(consts, h), h0)
@@ -105,10 +115,26 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound:
     return h, jax.lax.dynamic_update_slice_in_dim(jax.lax.stop_gradient(buf), ys, n_free, 0)
 
 
-def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, bound: int) -> Array:
+def _truncated(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, g: Array) -> Array:
+    """h_n with gradient through the last min(n, g) iterations (g <= k traced, k static): n - min(n, g)
+    detached steps in a fori_loop, then a scan of k whose steps past min(n, g) pass h through."""
+    n_grad = jnp.minimum(n, g)
+    h = jax.lax.fori_loop(0, n - n_grad, lambda _, h: step(jax.lax.stop_gradient(consts), h), jax.lax.stop_gradient(h0))
+    h = jnp.where(n > n_grad, jax.lax.stop_gradient(h), h0)  # h0's gradient path when nothing ran without it
+    body = jax.checkpoint(step)
+
+    def grad_step(h: Array, i: Array) -> tuple[Array, None]:
+        return jnp.where(i < n_grad, body(consts, h), h), None
+
+    return jax.lax.scan(grad_step, h, jnp.arange(k))[0]
+
+
+def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, bound: int,
+                       grad: Array | None = None) -> Array:
     """`iterate` with one count per token: every iteration runs on all tokens and only those still
     counting take the new state. With k > 0, token t's new state is detached outside its own last
-    min(n_t, k) iterations, so each token gets exactly the gradient of its own truncated loop."""
+    min(n_t, k) iterations (min(n_t, k, grad_t) with ``grad``), so each token gets exactly the gradient
+    of its own truncated loop."""
     def keep(active: Array, new: Array, old: Array) -> Array:
         return jnp.where(active[..., None], new, old)
 
@@ -117,11 +143,12 @@ def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int
     if bound < 1:
         raise ValueError("per-token loop counts with gradient (k > 0) need a static bound on the counts")
     n = jnp.minimum(n, bound)
+    depth = k if grad is None else jnp.clip(jnp.asarray(grad, jnp.int32), 1, k)
     body = jax.checkpoint(step)
 
     def grad_step(h: Array, i: Array) -> tuple[Array, None]:
         new = body(consts, h)
-        new = keep(i >= n - k, new, jax.lax.stop_gradient(new))
+        new = keep(i >= n - depth, new, jax.lax.stop_gradient(new))
         return keep(i < n, new, h), None
 
     return jax.lax.scan(grad_step, h0, jnp.arange(bound))[0]

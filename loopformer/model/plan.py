@@ -10,6 +10,10 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
     key    PRNG key                noise-initialised states
     backprop ((name, k), ...)      static: training with gradient through each circuit's last k iterations
                                    (empty: inference, every loop a plain fori_loop)
+    grads  {name: int32 [] or [B, T]}  training: gradient through the last min(g, k) iterations instead of k
+                                   (the progressive loss's random k; empty: k)
+    by_difficulty ((name, a, b, cap), ...)  static: counts round(a * difficulty + b) clipped to [1, cap] per
+                                   token, from the batch's ``difficulty`` (`Plan.for_batch`; loops X=auto)
     trace_len                      static: record per-iteration state statistics of iterations 1..trace_len
     collect_means                  static: report each circuit's mean output over the real tokens
     collect_norms                  static: report each circuit's write norm ||g_c * out_c|| per token [B, T]
@@ -29,6 +33,7 @@ state (copy-forward).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,8 +50,10 @@ Array = jax.Array
 MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would run for hours
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "gates", "fills", "key", "exits", "schedules"],
-                   meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms"])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["loops", "gates", "fills", "key", "exits", "schedules", "grads"],
+                   meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms",
+                                "by_difficulty"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -61,6 +68,23 @@ class Plan:
     stash: int = 0
     bound: int = 0
     schedules: Mapping[str, Array] = field(default_factory=dict)
+    grads: Mapping[str, Array] = field(default_factory=dict)
+    by_difficulty: tuple[tuple[str, float, float, int], ...] = ()
+
+    def for_batch(self, difficulty_BT: Array | None) -> Plan:
+        """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
+        0 on padding); unchanged when it has none. PlanError when it needs them and the batch has none."""
+        if not self.by_difficulty:
+            return self
+        if difficulty_BT is None:
+            names = ", ".join(n for n, *_ in self.by_difficulty)
+            raise PlanError(f"loops of {names} follow each example's difficulty, but these batches carry none (text "
+                            f"has no difficulty); give a count, e.g. --loops {self.by_difficulty[0][0]}=8")
+        d = jnp.asarray(difficulty_BT, jnp.float32)
+        loops = dict(self.loops)
+        for name, a, b, cap in self.by_difficulty:
+            loops[name] = jnp.clip(jnp.round(a * d + b), 1, cap).astype(jnp.int32)
+        return dataclasses.replace(self, loops=loops, by_difficulty=())
 
     @property
     def training(self) -> bool:
@@ -76,15 +100,16 @@ class Plan:
     def circuit(self, name: str, key: Array) -> CircuitPlan:
         """How to run one circuit (its PRNG ``key`` folded from the plan's by the caller)."""
         return CircuitPlan(self.loops[name], key, self.exit_of(name), self.truncation(name), self.trace_len,
-                           self.stash, self.bound)
+                           self.stash, self.bound, self.grads.get(name))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "key", "exit"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "key", "exit", "grad"],
                    meta_fields=["backprop", "trace_len", "stash", "bound"])
 @dataclass(frozen=True)
 class CircuitPlan:
     """One circuit's part of a `Plan`: its count ``loops`` (int32 [] or per token [B, T]; the cap under an exit
-    rule), PRNG ``key``, ``exit`` rule, and the static truncation depth, trace length, stash and bound."""
+    rule), PRNG ``key``, ``exit`` rule, the static truncation depth, trace length, stash and bound, and
+    ``grad`` (None, or the traced iterations <= backprop that carry gradient)."""
 
     loops: Array
     key: Array
@@ -93,6 +118,7 @@ class CircuitPlan:
     trace_len: int = 0
     stash: int = 0
     bound: int = 0
+    grad: Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -141,6 +167,18 @@ def resolve_loops(defaults: Mapping[str, int], loops: Mapping[str, int] | None =
     return out
 
 
+def difficulty_rules(model: ModelConfig, circuits: Sequence[str] | None = None,
+                     cap: int = MAX_LOOPS) -> dict[str, tuple[float, float, int]]:
+    """{circuit: (a, b, cap)} for the circuits (default: all) trained with loops per_difficulty(a, b): the
+    rule evaluation applies (``auto``), capped at ``cap`` (not at max_loops: harder instances get more)."""
+    out = {}
+    for c in model.circuits():
+        dist = c.distribution()
+        if (circuits is None or c.name in circuits) and dist.per_example:
+            out[c.name] = (dist.a, dist.b, cap)
+    return out
+
+
 def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[str, int],
               max_loops: int | None = None) -> dict[str, int]:
     """``loops`` with every exiting circuit at its cap: ``max_loops`` if given, else its count in ``loops``
@@ -160,11 +198,14 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
               fills: Mapping[str, Array] | Array | None = None, key: Array | None = None,
               backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False,
               exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0,
-              schedules: Mapping[str, Array | np.ndarray] | None = None) -> Plan:
+              schedules: Mapping[str, Array | np.ndarray] | None = None,
+              by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
     by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
-    ``schedules`` maps "prelude" / "coda" to a layer schedule."""
+    ``schedules`` maps "prelude" / "coda" to a layer schedule; ``by_difficulty`` maps circuits to (a, b, cap):
+    their counts follow each example's difficulty (`Plan.for_batch`; their entries in ``loops`` are then
+    placeholders)."""
     exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
     unknown = [c for c in list(loops) + list(ablate) + list(exits) if c not in circuits]
@@ -184,4 +225,5 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 backprop=tuple((c, int(k)) for c, k in (backprop or {}).items()),
                 trace_len=int(trace_len), collect_means=bool(collect_means),
                 exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound),
-                schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()})
+                schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()},
+                by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()))

@@ -221,7 +221,8 @@ class LoopedTransformer(nnx.Module):
 
 def forward_batch(model: LoopedTransformer, batch: dict[str, Array], plan: Plan) -> tuple[Array, Diagnostics]:
     """The model on a batch dictionary: ``inputs`` [B, T], and for packed or padded data ``positions``
-    and ``segment_ids`` (0 = padding)."""
+    and ``segment_ids`` (0 = padding); a plan with per-difficulty counts reads ``difficulty`` [B, T]."""
+    plan = plan.for_batch(batch.get("difficulty"))
     return model(batch["inputs"], plan, positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"))
 
 

@@ -4,7 +4,7 @@
     log         `log`: progress messages (stderr; the trainer's go to stdout)
     checkpoint  `Checkpoints`: orbax checkpoints with per-array checksums; full or partial restore
     read        `load_run_config`, `read_run` -> `RunInfo`: a run's config, before any weights are read
-    restore     `make_model`, `abstract_model`, `restore_params`: a run's model and trained params
+    restore     `make_model`, `abstract_model`, `restore_params`: a run's model and trained (EMA) params
     prepare     `prepare_run_dir`, `resume_changes`, `record_changes`: the trainer starting or resuming a run
     lock        `run_lock`: one trainer per run directory
 

@@ -13,7 +13,8 @@ checks that the restored values are finite. Checkpoints written before checksums
 without the comparison.
 
 A partial restore reads only some top-level parts of the saved state (the analysis commands read
-``params`` and ``step``, never the optimizer state): those parts are checked and verified the same way.
+``params`` or ``ema`` and ``step``, never the optimizer state): those parts are checked and verified the
+same way. `Checkpoints.saved_parts` names the parts a step holds (``ema``: a run with EMA weights).
 
 The checksum of an array is ``sum_i fmix32(word_i ^ (i * 0x9E3779B9))`` over its 32-bit words
 (narrower dtypes widened, 64-bit ones split) modulo 2^32: integer addition is exact and order-free,
@@ -159,6 +160,20 @@ class Checkpoints:
         """The newest finished step, or None when there is none."""
         steps = self.all_steps()
         return steps[-1] if steps else None
+
+    def saved_parts(self, step: int | None = None) -> set[str]:
+        """The top-level parts of the state saved at ``step`` (default: latest), e.g. {"params", "opt_state",
+        "step"} and "ema" for a run with EMA weights; read from the metadata only. Empty when there is no
+        such step or its metadata is unreadable (`restore` then says why)."""
+        steps = self.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step not in steps:
+            return set()
+        try:
+            state_metadata = self._manager.metadata(step).item_metadata[_STATE]
+        except Exception:
+            return set()
+        return {path.split("/")[0] for path in _leaf_shapes(state_metadata)} if state_metadata is not None else set()
 
     def save(self, step: int, state: PyTree, data_iterator: Any = None, *, force: bool = False) -> bool:
         """Starts saving `state` (and `data_iterator`'s position) as `step`; returns whether it did.

@@ -1,6 +1,6 @@
 """A run's model and trained weights: `make_model` (initialised), `abstract_model` (shapes only) and
 `restore_params` (the params of a checkpoint, read without the optimizer state: no optimizer is
-built to restore a run)."""
+built to restore a run; a run's EMA weights when it has them)."""
 
 from __future__ import annotations
 
@@ -32,16 +32,29 @@ def abstract_model(cfg: Config, data: DataSource | None = None) -> LoopedTransfo
     return nnx.eval_shape(lambda: make_model(cfg, data if data is not None else build_data(cfg)))
 
 
-def restore_params(cfg: Config, step: int | None = None, data: DataSource | None = None
+EMA_WEIGHTS, RAW_WEIGHTS = "EMA weights", "raw weights"
+
+
+def restore_weights(cfg: Config, step: int | None = None, data: DataSource | None = None, *, raw: bool = False
+                    ) -> tuple[LoopedTransformer, Any, int, str]:
+    """`restore_params`, and which weights it read: `EMA_WEIGHTS` (the checkpoint's "ema", the moving
+    average of train.ema, unless ``raw``) or `RAW_WEIGHTS` (its "params": a run without EMA weights, or ``raw``)."""
+    model = abstract_model(cfg, data)
+    params = nnx.to_pure_dict(nnx.state(model))
+    with Checkpoints(RunDir(cfg.run_dir).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
+        part = "ema" if not raw and "ema" in ckpts.saved_parts(step) else "params"
+        restored = ckpts.restore({part: params, "step": jax.ShapeDtypeStruct((), "int32")}, None, step=step,
+                                 partial=True)
+    return model, restored[part], int(restored["step"]), EMA_WEIGHTS if part == "ema" else RAW_WEIGHTS
+
+
+def restore_params(cfg: Config, step: int | None = None, data: DataSource | None = None, *, raw: bool = False
                    ) -> tuple[LoopedTransformer, Any, int]:
-    """Model structure and trained params of a run (latest checkpoint, or ``step``).
+    """Model structure and trained params of a run (latest checkpoint, or ``step``): its EMA weights when
+    it has them (train.ema), else (or with ``raw``) the params the optimizer trained.
 
     The model is only *shaped* (no initialisation is computed) and only the params and the step are
     read from the checkpoint (checked against their checksums), so opening a run is fast; the returned
     model is abstract: use it for its structure and pass the returned params to it."""
-    model = abstract_model(cfg, data)
-    params = nnx.to_pure_dict(nnx.state(model))
-    wanted = {"params": params, "step": jax.ShapeDtypeStruct((), "int32")}
-    with Checkpoints(RunDir(cfg.run_dir).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
-        restored = ckpts.restore(wanted, None, step=step, partial=True)
-    return model, restored["params"], int(restored["step"])
+    model, params, restored, _ = restore_weights(cfg, step, data, raw=raw)
+    return model, params, restored

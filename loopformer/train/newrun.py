@@ -45,7 +45,7 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
     data = data if data is not None else build_data(cfg)
     prepare_run_dir(cfg)
     data.save(run_dir)
-    state = init_state(jax.tree.map(jnp.asarray, params), make_optimizer(cfg.train))
+    state = init_state(jax.tree.map(jnp.asarray, params), make_optimizer(cfg.train), ema=cfg.train.ema > 0)
     state["step"] = jnp.asarray(step, jnp.int32)
     iterator = data.train_iterator(cfg.data.batch_size // jax.process_count(), cfg.seed)
     with Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:

@@ -1,6 +1,7 @@
 """The jitted train step.
 
-Training state is explicit and pure: ``{"params": dict, "opt_state": optax state, "step": int32}``;
+Training state is explicit and pure: ``{"params": dict, "opt_state": optax state, "step": int32}``
+(with train.ema, also ``"ema"``: the EMA weights, shaped like the params, updated after each step);
 the model's structure (an nnx GraphDef) is static and merged with the params inside the step. The
 step samples each circuit's loop count from (seed, step), so the counts are identical on every
 process and replayed exactly after a resume.
@@ -12,6 +13,7 @@ gradients (`_gradients`, each micro-batch's loss from `_Objective`), apply the o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +57,16 @@ class StepSettings:
     grad_accum: int = 1
     total_steps: int = 1
     routing: Routing | None = None
+    progressive: float = 0.0  # alpha of the progressive loss (train.progressive)
+    progressive_circuits: tuple[str, ...] = ()  # the circuits it truncates
+    ema: float = 0.0  # decay of the EMA weights (train.ema; 0: off): the state's "ema" follows the params
 
     @classmethod
     def of(cls, cfg: Config) -> StepSettings:
         """A run's settings: ``cfg``'s model, learning-rate schedule, seed, grad_accum, steps and routing."""
         return cls(cfg.model, learning_rate_schedule(cfg.train), cfg.seed, cfg.train.grad_accum, cfg.train.steps,
-                   Routing.of(cfg))
+                   Routing.of(cfg), progressive=cfg.train.progressive,
+                   progressive_circuits=tuple(cfg.progressive_circuits()), ema=cfg.train.ema)
 
 
 @dataclass(frozen=True)
@@ -71,24 +77,45 @@ class _LoopPlan:
     backprop: tuple[tuple[str, int], ...]  # circuit -> truncated backprop depth
     halting: CircuitConfig | None  # the halting circuit, if any
     stash: int  # static: the halting circuit's stash (every iteration up to its cap)
-    bound: int  # static: the routed rounds' scan length (0: no router)
+    bound: int  # static: the routed rounds' or per-difficulty counts' scan length (0: neither)
 
     @classmethod
     def of(cls, model: ModelConfig) -> _LoopPlan:
         schedules = model.schedules()
         halting = model.halting_circuit()
-        return cls(dists={name: s.distribution() for name, s in schedules.items()},
-                   backprop=tuple((name, s.backprop) for name, s in schedules.items()), halting=halting,
+        dists = {name: s.distribution() for name, s in schedules.items()}
+        return cls(dists=dists, backprop=tuple((name, s.backprop) for name, s in schedules.items()), halting=halting,
                    stash=max(halting.max_loops, halting.backprop) if halting is not None else 0,
-                   bound=max((c.max_loops for s in model.stages if s.router.routes for c in s.circuits),
-                             default=0))
+                   bound=max([c.max_loops for s in model.stages if s.router.routes for c in s.circuits]
+                             + [d.cap for d in dists.values() if d.per_example], default=0))
 
     def sample(self, seed: int, step: Array) -> tuple[dict[str, Array], Plan]:
-        """(each circuit's loop count, the forward plan) of train step ``step``."""
+        """(each circuit's loop count, the forward plan) of train step ``step``. A per-difficulty circuit's
+        count is its cap here; the plan resolves each token's from the batch (`Plan.for_batch`)."""
         loops = sample_loops(self.dists, seed, step)
+        by_difficulty = {n: (d.a, d.b, d.cap) for n, d in self.dists.items() if d.per_example}
         plan = make_plan(list(loops), loops, key=jax.random.fold_in(jax.random.key(seed), step),
-                         backprop=dict(self.backprop), stash=self.stash, bound=self.bound)
+                         backprop=dict(self.backprop), stash=self.stash, bound=self.bound, by_difficulty=by_difficulty)
         return loops, plan
+
+
+PROGRESSIVE_KEY = 0x9806  # folds the progressive loss's draws apart from the plan's noise key
+
+
+def progressive_plan(plan: Plan, circuits: tuple[str, ...], key: Array) -> Plan:
+    """The partial run of the progressive loss (Bansal et al. 2022): for each circuit in ``circuits`` with
+    count n (scalar or per token) and truncation depth k, n_free ~ U{0..n-1} iterations without gradient,
+    then g ~ U{1..min(n - n_free, k)} with it: the plan's count becomes n_free + g, its gradient depth g.
+    ``plan`` must have its counts resolved (`Plan.for_batch`)."""
+    loops, grads = dict(plan.loops), dict(plan.grads)
+    for i, name in enumerate(circuits):
+        n = jnp.asarray(plan.loops[name], jnp.int32)
+        u_free, u_grad = jax.random.uniform(jax.random.fold_in(key, i), (2, *n.shape))
+        n_free = jnp.floor(u_free * n).astype(jnp.int32)  # 0 .. n - 1
+        room = jnp.minimum(n - n_free, plan.truncation(name))
+        g = 1 + jnp.floor(u_grad * room).astype(jnp.int32)  # 1 .. room
+        loops[name], grads[name] = n_free + g, g
+    return dataclasses.replace(plan, loops=loops, grads=grads)
 
 
 @dataclass(frozen=True)
@@ -104,13 +131,23 @@ class _Objective:
     progress: tuple[Array, int]  # (this step, the run's total steps): a halting kind's loss schedule
     total_tokens: Array
     grad_accum: int
+    progressive: tuple[float, tuple[str, ...], Array | None] = (0.0, (), None)  # (alpha, circuits, key)
 
     def loss(self, p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
-        """(the objective, sums for the metrics)."""
+        """(the objective, sums for the metrics). With the progressive loss, the objective is
+        (1 - alpha) * L(full counts) + alpha * L(`progressive_plan`); the metrics are the full counts'."""
         total_tokens, halting, loops = self.total_tokens, self.halting, self.loops
-        logits, diag = forward_batch(nnx.merge(self.graphdef, p), mb, self.plan)
+        model = nnx.merge(self.graphdef, p)
+        plan = self.plan.for_batch(mb.get("difficulty"))
+        logits, diag = forward_batch(model, mb, plan)
         sums = answer_sums(logits, mb, 1.0 / total_tokens)
         objective = sums["loss_sum"]
+        alpha, circuits, key = self.progressive
+        if alpha:
+            partial = answer_sums(forward_batch(model, mb, progressive_plan(plan, circuits, key))[0], mb,
+                                  1.0 / total_tokens)["loss_sum"]
+            objective = (1 - alpha) * objective + alpha * partial
+            sums = sums | {"progressive_loss": partial}
         if halting is not None:
             rule = halting.halting.rule()
             term, logs = halting_terms(diag, halting.name, rule, mb, loops[halting.name], self.progress,
@@ -123,7 +160,7 @@ class _Objective:
     def rows(self, p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
         """The objective per row [b] (routing: no halting or router terms, refused by the config)."""
         total_tokens = self.total_tokens
-        logits, _ = forward_batch(nnx.merge(self.graphdef, p), mb, self.plan)
+        logits, _ = forward_batch(nnx.merge(self.graphdef, p), mb, self.plan.for_batch(mb.get("difficulty")))
         sums = answer_sums(logits, mb, 1.0 / total_tokens)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["targets"])
         rows = jnp.sum(ce * mb["mask"].astype(jnp.float32), axis=-1) / total_tokens
@@ -158,13 +195,21 @@ def _gradients(objective: _Objective, params: Any, micro: Batch, routing: Routin
     return grads, jax.tree.map(jnp.sum, sums)
 
 
-def _update(tx: optax.GradientTransformation, state: State, grads: Any, routing: Routing | None) -> tuple[State, Any]:
-    """(the next state, the updates applied)."""
+def _update(tx: optax.GradientTransformation, state: State, grads: Any, routing: Routing | None,
+            ema: float = 0.0) -> tuple[State, Any]:
+    """(the next state, the updates applied). ``ema`` (a decay; 0: off): the state's "ema" moves towards
+    the new params, ema <- ema * decay + (1 - decay) * params."""
     params = state["params"]
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     if routing is not None:
         updates = freeze(updates, routing.trainable(params))
-    return {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}, updates
+    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+    if ema:
+        if "ema" not in state:
+            raise ValueError("the step keeps EMA weights (ema > 0) but the state has none: build it with "
+                             "init_state(params, tx, ema=True)")
+        new["ema"] = optax.incremental_update(new["params"], state["ema"], step_size=1 - ema)
+    return new, updates
 
 
 def _metrics(sums: dict[str, Array], grads: Any, updates: Any, loops: dict[str, Array], lr: Array,
@@ -180,6 +225,8 @@ def _metrics(sums: dict[str, Array], grads: Any, updates: Any, loops: dict[str, 
     if objective_terms:
         metrics["objective"], metrics["aux_loss"] = sums["objective"], sums["aux_loss"]
     metrics.update({f"halting/{k[8:]}": v / tokens for k, v in sums.items() if k.startswith("halting_")})
+    if "progressive_loss" in sums:
+        metrics["progressive_loss"] = sums["progressive_loss"]
     metrics.update({f"loops/{n}": v for n, v in loops.items()})
     return metrics
 
@@ -209,10 +256,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
         loops, plan = loop_plan.sample(settings.seed, step)
         total_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
         micro = _micro_batches(batch, settings.grad_accum, batch_sharding)
+        if plan.by_difficulty:  # the mean count per real token, for the logs
+            resolved, real = plan.for_batch(batch["difficulty"]).loops, batch["difficulty"] > 0
+            loops = loops | {n: jnp.sum(jnp.where(real, resolved[n], 0)) / jnp.maximum(real.sum(), 1)
+                             for n, *_ in plan.by_difficulty}
+        progressive = (settings.progressive, settings.progressive_circuits,
+                       jax.random.fold_in(jax.random.fold_in(jax.random.key(PROGRESSIVE_KEY), settings.seed), step))
         objective = _Objective(graphdef, plan, loops, halting, (step, settings.total_steps), total_tokens,
-                               settings.grad_accum)
+                               settings.grad_accum, progressive)
         grads, sums = _gradients(objective, state["params"], micro, settings.routing, state_shardings)
-        new_state, updates = _update(tx, state, grads, settings.routing)
+        new_state, updates = _update(tx, state, grads, settings.routing, settings.ema)
         metrics = _metrics(sums, grads, updates, loops, settings.lr_schedule(step),
                            halting is not None or bool(loop_plan.bound))
         return new_state, metrics
@@ -223,5 +276,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
                    out_shardings=(state_shardings, None))
 
 
-def init_state(params: Any, tx: optax.GradientTransformation) -> State:
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+def init_state(params: Any, tx: optax.GradientTransformation, ema: bool = False) -> State:
+    """The train state at step 0; with ``ema`` (train.ema > 0) also "ema", the EMA weights, starting as
+    a copy of ``params``."""
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.copy, params)  # its own buffers: the step donates the state
+    return state

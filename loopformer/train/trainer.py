@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -28,14 +29,14 @@ from loopformer.evaluation.tables import format_table
 from loopformer.flops import FlopCounter, peak_flops
 from loopformer.metrics import text_metrics
 from loopformer.model.describe import describe
-from loopformer.model.plan import exit_caps, resolve_loops
+from loopformer.model.plan import difficulty_rules, exit_caps, resolve_loops
 from loopformer.model.transformer import LoopedTransformer
 from loopformer.runs.checkpoint import Checkpoints, abstract_like
 from loopformer.runs.layout import RunDir
 from loopformer.runs.lock import run_lock
 from loopformer.runs.log import log, log_to
 from loopformer.runs.prepare import describe_change, make_run_dir, prepare_run_dir, record_changes
-from loopformer.runs.restore import make_model
+from loopformer.runs.restore import EMA_WEIGHTS, make_model
 from loopformer.runs.scalars import MetricsWriter
 from loopformer.train.optim import make_optimizer
 from loopformer.train.progress import ProgressLine
@@ -54,16 +55,23 @@ class TrainResult:
 
 
 def evaluate_all(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], loops: dict[str, int],
-                 bytes_per_token: dict[str, float | None] | None = None) -> dict[str, dict[str, float]]:
-    """Metrics per split at ``loops`` (every circuit); with ``bytes_per_token`` (text) also bits_per_byte
-    and perplexity."""
+                 bytes_per_token: dict[str, float | None] | None = None,
+                 by_difficulty: dict[str, tuple[float, float, int]] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per split at ``loops`` (every circuit; ``by_difficulty``: those circuits' counts per example,
+    as `Evaluator.evaluate`); with ``bytes_per_token`` (text) also bits_per_byte and perplexity."""
     bpt = bytes_per_token or {}
     out = {}
     for name, batches in eval_sets.items():
-        m = evaluator.evaluate(params, batches, loops)
+        m = evaluator.evaluate(params, batches, loops, by_difficulty=by_difficulty)
         mean_loops = m.pop("mean_loops")
         out[name] = text_metrics(m, bpt.get(name)) | {f"mean_loops/{c}": v for c, v in mean_loops.items()}
     return out
+
+
+def eval_weights(state: State) -> tuple[Any, str]:
+    """The weights evaluation reads, and their name for the log: the EMA weights (train.ema) when the
+    state holds them ("EMA weights"), else the params ("": the plain case is not named)."""
+    return (state["ema"], EMA_WEIGHTS) if "ema" in state else (state["params"], "")
 
 
 def _eval_line(metrics: dict[str, float]) -> str:
@@ -129,8 +137,9 @@ def _initial(cfg: Config, source: DataSource, mesh: jax.sharding.Mesh) -> _Initi
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx = make_optimizer(cfg.train)
-    shardings = parallel.train_state_shardings(model, tx, mesh)
-    state = parallel.shard_train_state(params, lambda p: init_state(p, tx), shardings)
+    ema = cfg.train.ema > 0
+    shardings = parallel.train_state_shardings(model, tx, mesh, ema=ema)
+    state = parallel.shard_train_state(params, lambda p: init_state(p, tx, ema), shardings)
     log(f"{parallel.describe_mesh(mesh)}; {parallel.describe_sharding(params, shardings['params'])}")
     return _Initial(model, graphdef, params, tx, shardings, state)
 
@@ -150,17 +159,30 @@ def _train_iterator(cfg: Config, source: DataSource, run_dir: Path) -> Any:
 def _resume(ckpts: Checkpoints, state: State, data_it: Any, cfg: Config, run_dir: Path,
             changes: list[Change]) -> tuple[State, int | None]:
     """(the state of the latest checkpoint, or ``state`` when there is none; that checkpoint's step).
-    A resume that trains on logs and records what it changes (``changes``)."""
+    A resume that trains on logs and records what it changes (``changes``). EMA weights (train.ema)
+    turned on where the checkpoint has none start from its params; turned off, they are dropped (both
+    logged). A run already trained keeps the checkpoint's as they are, for its evaluation."""
     start = ckpts.latest_step()
     if start is None:
         return state, None
-    state = ckpts.restore(abstract_like(state), data_it, step=start)
-    if start < cfg.train.steps:  # a rerun that trains nothing changes nothing
+    trains_on = start < cfg.train.steps  # a rerun that trains nothing changes nothing
+    saved = ckpts.saved_parts(start)
+    wanted = {k: v for k, v in state.items() if k != "ema"}
+    if "ema" in saved and ("ema" in state or not trains_on):
+        wanted["ema"] = state["params"]  # restored onto the params' shapes and shardings
+    # partial: a checkpoint's EMA weights that are not wanted are not read
+    restored = ckpts.restore(abstract_like(wanted), data_it, step=start, partial="ema" in saved and "ema" not in wanted)
+    if trains_on:
         log(f"resumed {run_dir} from step {start}")
         for change in changes:
             log(f"  {describe_change(change)} from step {start}")
+        if "ema" in state and "ema" not in saved:
+            restored["ema"] = jax.tree.map(jnp.copy, restored["params"])
+            log(f"  train.ema: checkpoint step {start} has no EMA weights; their average starts from its params")
+        elif "ema" in saved and "ema" not in state:
+            log(f"  train.ema: the EMA weights of checkpoint step {start} are dropped; evaluation uses the params")
         record_changes(run_dir, start, changes)
-    return state, start
+    return restored, start
 
 
 @dataclass
@@ -263,7 +285,7 @@ class _Loop:
                 self.log_train(done, metrics, window)
                 window = _Window()
             if evaluate:
-                self.evaluate(state["params"], done)
+                self.evaluate(state, done)
             if save and self.ckpts.save(done, state, self.data_it):
                 self.divergence.saved(done)
             self.result.step = done
@@ -276,9 +298,12 @@ class _Loop:
             log(f"{self.result.run_dir} is already trained to step {start} (train.steps={cfg.train.steps}); "
                 f"raise train.steps to continue")
             if cfg.train.eval_every:
-                self.evaluate(state["params"], start)
+                self.evaluate(state, start)
         if cfg.eval.sweep_loops:
-            self.result.sweep = final_sweep(self.evaluator, state["params"], self.evals.sets, cfg,
+            params, weights = eval_weights(state)
+            if weights:
+                log(f"final sweep ({weights}):")
+            self.result.sweep = final_sweep(self.evaluator, params, self.evals.sets, cfg,
                                             self.evals.bytes_per_token)
             if jax.process_index() == 0:
                 RunDir(self.result.run_dir).final_sweep.write_text(json.dumps(self.result.sweep, indent=1))
@@ -311,11 +336,13 @@ class _Loop:
         scalars["train/mfu"] = step_flops * cfg.data.batch_size * seq_len / max(elapsed, 1e-9) / peak
         return scalars
 
-    def evaluate(self, params: Any, step: int) -> None:
-        """The periodic evaluation: every split at the default loops (``result.eval``) and at each count
-        of data.eval_loops; a halting circuit's learned exit; diagnostics. Logged and written."""
+    def evaluate(self, state: State, step: int) -> None:
+        """The periodic evaluation (of `eval_weights`): every split at the default loops (``result.eval``)
+        and at each count of data.eval_loops; a halting circuit's learned exit; diagnostics. Logged and written."""
         cfg, evals = self.cfg, self.evals
-        self.result.eval = evaluate_all(self.evaluator, params, evals.sets, self.defaults, evals.bytes_per_token)
+        params, weights = eval_weights(state)
+        self.result.eval = evaluate_all(self.evaluator, params, evals.sets, self.defaults, evals.bytes_per_token,
+                                        difficulty_rules(self.cfg.model))  # per_difficulty circuits: their rule
         scalars = {f"eval/{split}/{k}": v for split, m in self.result.eval.items() for k, v in m.items()
                    if k != "examples"}
         by_loops = {n: evaluate_all(self.evaluator, params, evals.sets, {c: n for c in self.circuits},
@@ -325,7 +352,8 @@ class _Loop:
         scalars.update(self.learned_exit_scalars(params, step))
         scalars.update(self.diagnostic_scalars(params))
         self.writer.scalars(step, scalars)
-        log(f"eval @ {step}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in self.result.eval.items()))
+        at = f"{step} ({weights})" if weights else step
+        log(f"eval @ {at}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in self.result.eval.items()))
         for n, res in by_loops.items():
             log(f"  loops={n}: " + "  ".join(f"{s}: {_eval_line(m)}" for s, m in res.items()))
 
@@ -362,10 +390,14 @@ def final_sweep(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], c
     """Accuracy (text: also bits per byte) on every split with the circuits of ``eval.sweep_circuits``
     (default: all) at each count in ``eval.sweep_loops``, the others at their eval_loops; prints a table."""
     defaults = {c.name: c.eval_loops for c in cfg.model.circuits()}
+    swept = cfg.eval.sweep_circuits or list(defaults)
+    rules = difficulty_rules(cfg.model)  # circuits not swept keep their rule; a swept one's rule is the row "auto"
     rows = []
-    for n in cfg.eval.sweep_loops:
-        loops = resolve_loops(defaults, {c: n for c in cfg.eval.sweep_circuits or defaults})
-        for split, metrics in evaluate_all(evaluator, params, eval_sets, loops, bytes_per_token).items():
+    for n in [*cfg.eval.sweep_loops, *(["auto"] if any(c in rules for c in swept) else [])]:
+        auto = n == "auto"
+        loops = defaults if auto else resolve_loops(defaults, {c: n for c in swept})
+        fixed = {c: r for c, r in rules.items() if auto or c not in swept}
+        for split, metrics in evaluate_all(evaluator, params, eval_sets, loops, bytes_per_token, fixed).items():
             rows.append({"loops": n, "split": split, **metrics})
     with log_to("stdout"):  # the trainer's output, also when called on its own
         log(format_sweep_table(rows, cfg))
@@ -377,7 +409,8 @@ def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     counts = list(dict.fromkeys(r["loops"] for r in rows))
     swept = [c for c in cfg.model.circuits() if not cfg.eval.sweep_circuits or c.name in cfg.eval.sweep_circuits]
-    means = sorted({round(c.distribution().mean(), 1) for c in swept})
+    means = sorted({str(c.distribution()) if c.distribution().per_example else str(round(c.distribution().mean(), 1))
+                    for c in swept})
     who = "every circuit" if len(swept) == len(cfg.model.circuits()) else "+".join(c.name for c in swept)
     value = {(r["loops"], r["split"]): r for r in rows}
     if rows and "bits_per_byte" in rows[0]:

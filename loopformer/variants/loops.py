@@ -4,6 +4,9 @@
     uniform(a, b)               integers a..b inclusive
     poisson_lognormal(m, s)     tau ~ N(log(m) - s^2/2, s), n = Poisson(e^tau) + 1 (Geiping et al. 2025);
                                 E[e^tau] = m, so E[n] = m + 1 before the cap
+    per_difficulty(a, b)        each example its own count round(a * difficulty + b) (Fan et al. 2024's
+                                T(n)), read from the batch's ``difficulty``; the same rule at evaluation
+                                (``--loops X=auto``), where it is not capped
 
 Every draw is clipped to [1, cap]. A YAML ``loops:`` value is ``8`` (= fixed(8)) or ``NAME(args)``; a new
 distribution is one class here, registered under its name, with its arguments as dataclass fields.
@@ -32,6 +35,7 @@ class LoopDistribution:
 
     cap: int = field(default=64, kw_only=True)
     kind: ClassVar[str] = ""
+    per_example: ClassVar[bool] = False  # counts come from each example's difficulty (`counts`), not a draw
 
     @staticmethod
     def parse(text: str | int, cap: int = 64) -> LoopDistribution:
@@ -181,3 +185,44 @@ class PoissonLognormal(LoopDistribution):
     @classmethod
     def form(cls) -> str:
         return f"{cls.kind}(mean, sigma)"
+
+
+@DISTRIBUTIONS.register("per_difficulty")
+@dataclass(frozen=True)
+class PerDifficulty(LoopDistribution):
+    """round(a * difficulty + b) iterations for each example, every token of it (Fan et al. 2024: the loop
+    count T(n) grows with the instance). ``cap`` clips training counts (max_loops must reach a * hi + b
+    of the training range, which `Config.validate` checks); evaluation's ``auto`` uses the rule uncapped."""
+
+    a: float
+    b: float
+    per_example: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        if not (self.a >= 0 and self.a + self.b >= 1):
+            raise ValueError(f"per_difficulty(a, b) needs a >= 0 and a + b >= 1 (at least one loop at difficulty 1), "
+                             f"got ({_fmt(self.a)}, {_fmt(self.b)})")
+
+    def counts(self, difficulty: Array, cap: int | None = None) -> Array:
+        """int32 counts round(a * d + b) clipped to [1, cap] (default: this distribution's cap), elementwise
+        over ``difficulty`` (padding, d = 0, gets max(1, round(b)))."""
+        n = jnp.round(self.a * jnp.asarray(difficulty, jnp.float32) + self.b)
+        return jnp.clip(n, 1, self.cap if cap is None else cap).astype(jnp.int32)
+
+    def at(self, difficulty: int) -> int:
+        """The count of one difficulty (uncapped)."""
+        return max(1, int(round(self.a * difficulty + self.b)))
+
+    def sample(self, key: Array) -> Array:  # no difficulty: the count of the largest instances the cap allows
+        return jnp.asarray(self.cap, jnp.int32)
+
+    def mean(self) -> float:
+        """Unknown without the data: the midpoint of [a + b, cap] (cap = max_loops, which must reach the
+        training range's largest count), used only to scale initialisation and for display."""
+        return (max(1.0, self.a + self.b) + self.cap) / 2
+
+    def typical_range(self) -> tuple[int, int]:
+        return self.at(1), self.cap
+
+    def bulk(self) -> tuple[float, str]:
+        return self.at(1), f"the count of difficulty 1 under loops={self}: it"  # the data check is Config's

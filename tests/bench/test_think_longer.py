@@ -142,3 +142,61 @@ def test_looped_only_reports_the_gain_without_judging_the_bar():
     text = squash(think_longer.markdown("toy", r))
     assert "equal_params" not in text and "+40.0 points over the training count, baselines not run" in text
     assert think_longer.plot("toy", r).startswith(b"\x89PNG")
+
+
+def held_out(val: dict[int, float], test: dict[int, float], seed: int = 0, model: str = "looped",
+             difficulty: str = "2x") -> list[dict]:
+    return [{"difficulty": difficulty, "split": split, "model": model, "loops": n, "accuracy": a, "seed": seed}
+            for split, accs in (("val", val), ("test", test)) for n, a in accs.items()]
+
+
+def test_selection_chooses_on_val_and_reports_test():
+    """The count with the best validation accuracy (ties: fewer loops) is scored on test, whatever the test
+    accuracies of the other counts: test's own best (16 here) is never looked at."""
+    rows = held_out({4: 0.2, 8: 0.9, 16: 0.9}, {4: 0.1, 8: 0.7, 16: 1.0})
+    rows += held_out({4: 0.5, 8: 0.4}, {4: 0.3, 8: 0.8}, seed=1)
+    assert think_longer.select(rows) == [
+        {"seed": 0, "model": "looped", "difficulty": "2x", "loops": 8, "val_accuracy": 0.9, "test_accuracy": 0.7},
+        {"seed": 1, "model": "looped", "difficulty": "2x", "loops": 4, "val_accuracy": 0.5, "test_accuracy": 0.3}]
+    assert think_longer.select([r for r in rows if r["split"] == "test"]) == []  # old records: nothing chosen
+    acc = think_longer.accuracies(rows)[0]  # tables read test rows only
+    assert acc[("looped", "2x", 8)] == pytest.approx(0.75) and acc[("looped", "2x", 16)] == 1.0
+
+
+def test_fixed_rule_scales_the_training_mean_with_the_difficulty():
+    setting = think_longer.TASKS["prefix_parity"]  # mean 12, trained to 8 bits
+    assert [setting.rule(s) for s in ("train", "2x", "4x")] == [12, 24, 48]
+    assert think_longer.TASKS["addition"].rule("4x") == 16  # mean 4, 8 -> 32 digits
+    rows = held_out({12: 0.5, 24: 0.9}, {12: 0.4, 24: 0.8}) + held_out({1: 0.3}, {1: 0.2}, model="equal_params")
+    assert think_longer.fixed_rule(rows, setting) == [
+        {"seed": 0, "model": "looped", "difficulty": "2x", "loops": 24, "test_accuracy": 0.8}]
+
+
+@pytest.mark.parametrize("second_seed,meets", [(0.96, True), (0.80, False)])
+def test_targets_need_every_seed_and_the_margin(second_seed, meets):
+    """prefix_parity's bar: the minimum over seeds of the selected test accuracy reaches 95 % at 2x and 90 %
+    at 4x, 30 points above the better baseline's mean."""
+    rows = []
+    for seed, acc in ((0, 0.99), (1, second_seed)):
+        for d in ("2x", "4x"):
+            rows += held_out({12: 0.1, 24: acc}, {12: 0.1, 24: acc}, seed=seed, difficulty=d)
+            rows += held_out({1: 0.5}, {1: 0.5}, seed=seed, model="equal_params", difficulty=d)
+            rows += held_out({1: 0.6}, {1: 0.6}, seed=seed, model="equal_compute", difficulty=d)
+    result = {"train_loops": 12, "rows": rows, "selected": think_longer.select(rows)}
+    v = think_longer.verdict(result, "prefix_parity")
+    assert v["selected"]["2x"]["min"] == pytest.approx(min(0.99, second_seed))
+    assert v["selected"]["2x"]["min_margin_points"] == pytest.approx(100 * (min(0.99, second_seed) - 0.6))
+    assert v["meets_targets"] is meets
+    text = squash(think_longer.markdown("prefix_parity", {**result, "loops": "uniform(8, 16)", "seeds": 2}))
+    assert f"| looped | 2x | 99.0 @24 | {100 * second_seed:.1f} @24 |" in text
+    assert ("Target (every seed" in text) and (("): met" in text) is meets)
+
+
+def test_ablation_models_drop_one_recipe_entry_each():
+    setting = dataclasses.replace(think_longer.TASKS["prefix_parity"],
+                                  recipe=(("progressive", ("train.progressive=0.5",)), ("ema", ("train.ema=0.99",))))
+    m = think_longer.models(setting, ablate=True)
+    assert m["looped"][-2:] == ["train.progressive=0.5", "train.ema=0.99"]
+    assert m["looped-no-progressive"] == [*m["looped"][:-2], "train.ema=0.99"]
+    assert m["looped-no-ema"] == [*m["looped"][:-2], "train.progressive=0.5"]
+    assert "train.progressive=0.5" not in m["equal_params"] and set(think_longer.models(setting)) == set(think_longer.MODELS)

@@ -89,8 +89,11 @@ BAD = [
     (["train.eval_every=-1"], r"train.eval_every must be >= 0 \(0: no evaluation while training\), got -1"),
     (["model.stages=[{circuits: []}]"], r"model.stages.0.circuits: a stage needs at least one circuit"),
     # issue #17 (more in tests/bad_inputs/): a cap below the training draws, zero counts named as such
-    (["model.stages.0.circuits.X.max_loops=4"], r"circuits.X.max_loops=4 is below counts that loops=uniform\(8, 16\) "
+    (["model.stages.0.circuits.X.loops=uniform(8, 16)", "model.stages.0.circuits.X.max_loops=4"],
+     r"circuits.X.max_loops=4 is below counts that loops=uniform\(8, 16\) "
      r"draws \(up to 16\): they would be clamped to 4, silently changing the training distribution"),
+    (["model.stages.0.circuits.X.max_loops=10"], r"^model.stages.0.circuits.X.loops=per_difficulty\(2, 4\) gives 20 loops "
+     r"at difficulty 8 \(the training range's hi\), above max_loops=10; raise max_loops to >= 20$"),
     (["train.grad_accum=0"], r"^train.grad_accum must be >= 1, got 0$"),
     (["model.heads=0"], r"^model.heads must be >= 1, got 0$"),
     (["run.name=a/.."], r"run.name must be a plain directory name, got 'a/..'"),
@@ -127,7 +130,8 @@ def test_bidirectional_needs_aligned_labels(task, ok):
     """model.causal=false would let a next-token model read its targets: refused, naming the field."""
     from loopformer.data.sources import build_data
 
-    extra = ["data.paths=['asset:kjv_genesis_exodus.txt']"] if task == "text" else []
+    extra = (["data.paths=['asset:kjv_genesis_exodus.txt']", "model.stages.0.circuits.X.loops=uniform(8, 16)"]
+             if task == "text" else [])  # text has no difficulty for the quickstart's per_difficulty loops
     cfg = load_config(QUICKSTART, ["model.causal=false", f"data.task={task}", *extra])
     if ok:
         assert build_data(cfg).task.labels_aligned
@@ -144,7 +148,7 @@ def test_a_plain_transformer_has_no_stages():
 
 def test_circuit_settings_fall_in_three_parts():
     c = load_config(QUICKSTART).model.circuit("X")
-    assert c.schedule() == LoopSchedule(loops="uniform(8, 16)", max_loops=64, eval_loops=12, backprop=4)
+    assert c.schedule() == LoopSchedule(loops="per_difficulty(2, 4)", max_loops=20, eval_loops=20, backprop=4)
     assert part_of("model.stages.0.circuits.X.width") == ARCHITECTURE
     assert part_of("model.stages.0.circuits.X.window") == BEHAVIOUR
     assert part_of("model.stages.0.circuits.X.backprop") == SCHEDULE
@@ -156,13 +160,13 @@ def test_circuit_settings_fall_in_three_parts():
 
 def test_config_changes_name_circuits_and_parts():
     old = load_config(QUICKSTART).to_dict()
-    new = load_config(QUICKSTART, ["model.stages.0.circuits.X.loops=uniform(8, 24)", "train.steps=3000",
+    new = load_config(QUICKSTART, ["model.stages.0.circuits.X.loops=per_difficulty(2, 2)", "train.steps=4000",
                                    "model.stages.0.circuits.Y.width=16", "model.stages.0.circuits.X.width=80"]).to_dict()
     changes = config_changes(old, new)
     assert [(c.path, c.part) for c in changes] == [
         ("model.stages.0.circuits.X.width", ARCHITECTURE), ("model.stages.0.circuits.X.loops", SCHEDULE),
         ("model.stages.0.circuits.Y.width", ARCHITECTURE), ("train.steps", SETTING)]
-    assert changes[1].old == "uniform(8, 16)" and changes[1].new == "uniform(8, 24)"
+    assert changes[1].old == "per_difficulty(2, 4)" and changes[1].new == "per_difficulty(2, 2)"
     assert circuit_label(changes[1].path) == "loops of X"
     assert config_changes(old, old) == []
     fewer = load_config(QUICKSTART, ["model.stages.0.circuits=[{name: X, width: 96, heads: 4}]",

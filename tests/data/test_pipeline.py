@@ -35,6 +35,7 @@ def test_train_batches_follow_the_global_stream():
         "targets": ((4, seq_len), np.int32),
         "mask": ((4, seq_len), np.float32),
         "segment_ids": ((4, seq_len), np.int32),
+        "difficulty": ((4, seq_len), np.int32),
     }
     for i in range(4):
         expected = example_at(TASK, 7, "train", i, DIFF, seq_len)

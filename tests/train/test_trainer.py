@@ -304,22 +304,29 @@ def test_tiny_run_learns(tmp_path):
 
 
 def test_final_sweep_moves_only_the_chosen_circuits(tmp_path, capsys):
+    """X swept at 1 and 8 with Y at its eval_loops, then (X trained per_difficulty(2, 4)) the row "auto":
+    X at its rule per example."""
     cfg = load_config("configs/quickstart.yaml", ["eval.sweep_loops=[1, 8]", "eval.sweep_circuits=[X]"])
 
     class Recorder:  # stands in for the Evaluator: records the loop counts each evaluation asks for
         calls: list = []
 
-        def evaluate(self, params, batches, loops):
-            self.calls.append(dict(loops))
-            return {"loss": 0.5, "accuracy": loops["X"] / 10, "token_accuracy": 1.0, "examples": 4,
-                    "mean_loops": dict(loops)}
+        def evaluate(self, params, batches, loops, by_difficulty=None):
+            rules = {c: r[:2] for c, r in (by_difficulty or {}).items()}
+            self.calls.append((dict(loops), rules))
+            return {"loss": 0.5, "accuracy": 0.95 if rules else loops["X"] / 10, "token_accuracy": 1.0,
+                    "examples": 4, "mean_loops": dict(loops)}
 
     rows = trainer.final_sweep(Recorder(), None, {"train": [], "2x": []}, cfg)
-    assert Recorder.calls == [{"X": 1, "Y": 2}] * 2 + [{"X": 8, "Y": 2}] * 2  # per split; Y stays at its eval_loops
+    # per split; Y stays at its eval_loops
+    assert Recorder.calls == ([({"X": 1, "Y": 2}, {})] * 2 + [({"X": 8, "Y": 2}, {})] * 2
+                              + [({"X": 20, "Y": 2}, {"X": (2, 4)})] * 2)
     assert [(r["loops"], r["split"], r["accuracy"]) for r in rows] == [
-        (1, "train", 0.1), (1, "2x", 0.1), (8, "train", 0.8), (8, "2x", 0.8)]
+        (1, "train", 0.1), (1, "2x", 0.1), (8, "train", 0.8), (8, "2x", 0.8), ("auto", "train", 0.95),
+        ("auto", "2x", 0.95)]
     out = capsys.readouterr().out
-    assert "accuracy vs loop count (X at n; training mean 12.0" in out and "80.0%" in out
+    assert "accuracy vs loop count (X at n; training mean per_difficulty(2, 4)" in out and "80.0%" in out
+    assert "auto" in out and "95.0%" in out
 
 
 @pytest.mark.slow  # 200 steps

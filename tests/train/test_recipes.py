@@ -1,0 +1,249 @@
+"""The think-longer recipes: progressive loss, loop counts per difficulty, the difficulty curriculum.
+
+Each test checks numbers against a reference: a traced gradient depth equals the static one, alpha 0 is
+the plain objective, per-difficulty counts equal running each example alone at its count, and a
+curriculum's stream is a function of (seed, index) that follows its stages.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.cli.eval import auto_rules
+from loopformer.cli.loopspec import split_auto
+from loopformer.config import LoopDistribution
+from loopformer.data import pipeline
+from loopformer.data.sources import build_data
+from loopformer.data.tasks import make_task
+from loopformer.errors import ConfigError, PlanError
+from loopformer.evaluation.evaluator import evaluator_for
+from loopformer.metrics import answer_sums
+from loopformer.model.loop import iterate
+from loopformer.model.plan import difficulty_rules, make_plan
+from loopformer.model.transformer import forward_batch
+from loopformer.runs.restore import make_model
+from loopformer.train.optim import make_optimizer
+from loopformer.train.step import StepSettings, _Objective, init_state, make_train_step, progressive_plan
+from tests.conftest import tiny_config
+
+X = "model.stages.0.circuits.X"
+Y = "model.stages.0.circuits.Y"
+
+
+def _step(consts, h):
+    w, e = consts
+    return jnp.tanh(h @ w + e)
+
+
+def _consts(width=8):
+    kw, ke = jax.random.split(jax.random.key(0))
+    return jax.random.normal(kw, (width, width)) / np.sqrt(width), jax.random.normal(ke, (3, width))
+
+
+# ----------------------------------------------------------------------------- progressive loss
+
+
+@pytest.mark.parametrize(("n", "g"), [(7, 1), (7, 3), (2, 3), (5, 4)])
+def test_a_traced_gradient_depth_equals_the_static_one(n, g):
+    """iterate(k=4, grad=g) is iterate(k=min(g, 4)): same state, same gradients (weights and h0)."""
+    consts, h0 = _consts(), jax.random.normal(jax.random.key(1), (3, 8))
+
+    def loss(c, h, k, grad):
+        return jnp.sum(iterate(_step, c, h, jnp.int32(n), k, grad=grad) ** 2)
+
+    ref = jax.value_and_grad(loss, argnums=(0, 1))(consts, h0, min(g, 4), None)
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(consts, h0, 4, jnp.int32(g))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_depth_per_token_is_each_tokens_own_truncation():
+    """Per-token counts and depths: each row's value and h0-gradient equal a scalar run at its (n, g)."""
+    consts, h0 = _consts(), jax.random.normal(jax.random.key(1), (3, 8))
+    n, g = jnp.array([6, 2, 5], jnp.int32), jnp.array([2, 2, 4], jnp.int32)
+    got = jax.jacrev(lambda h: iterate(_step, consts, h, n, 4, bound=8, grad=g))(h0)  # [3, 8, 3, 8]
+    for r in range(3):
+        ref = jax.jacrev(lambda h, r=r: iterate(_step, consts, h, n[r], 4, grad=g[r])[r])(h0)
+        np.testing.assert_allclose(got[r], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_progressive_draws_cover_the_bansal_ranges():
+    """n_free ~ U{0..n-1}, g ~ U{1..min(n - n_free, k)}: the partial count n_free + g lies in 1..n, every
+    reachable pair is drawn, and counts per token are drawn per token."""
+    plan = make_plan(["X"], {"X": 6}, backprop={"X": 3})
+    pairs = set()
+    for s in range(400):
+        p = progressive_plan(plan, ("X",), jax.random.key(s))
+        total, g = int(p.loops["X"]), int(p.grads["X"])
+        pairs.add((total - g, g))
+    expected = {(f, g) for f in range(6) for g in range(1, min(6 - f, 3) + 1)}
+    assert pairs == expected
+    per_token = make_plan(["X"], {"X": jnp.full((4, 5), 6, jnp.int32)}, backprop={"X": 3})
+    p = progressive_plan(per_token, ("X",), jax.random.key(0))
+    assert p.loops["X"].shape == (4, 5) and len(np.unique(np.asarray(p.grads["X"]))) > 1
+
+
+def _one_step(cfg, batch):
+    source = build_data(cfg)
+    model = make_model(cfg, source)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(cfg.train)
+    step = make_train_step(graphdef, tx, StepSettings.of(cfg))
+    return step(init_state(params, tx), batch)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_progressive_objective_mixes_the_full_and_partial_losses(tmp_path, run, alpha):
+    """objective = (1 - alpha) * L(full counts) + alpha * L(partial run), the partial run being the model at
+    `progressive_plan`'s counts with gradient through its last g iterations; alpha 0 is the plain loss."""
+    graphdef = nnx.graphdef(run.model)
+    batch = jax.tree.map(jnp.asarray, run.eval_sets(["train"], 8)["train"][0])
+    plan = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 2, "Y": 1})
+    key = next(k for k in map(jax.random.key, range(50)) if int(progressive_plan(plan, ("X",), k).loops["X"]) < 3)
+    total = batch["mask"].sum()
+    objective = _Objective(graphdef, plan, plan.loops, None, (jnp.int32(0), 1), total, 1, (alpha, ("X",), key))
+
+    def ce(p, pl):
+        return answer_sums(forward_batch(nnx.merge(graphdef, p), batch, pl)[0], batch, 1.0 / total)["loss_sum"]
+
+    partial = progressive_plan(plan, ("X",), key)
+    ref = lambda p: (1 - alpha) * ce(p, plan) + alpha * ce(p, partial)  # noqa: E731
+    value, grads = jax.value_and_grad(lambda p: objective.loss(p, batch)[0])(run.params)
+    ref_value, ref_grads = jax.value_and_grad(ref)(run.params)
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    if alpha:
+        assert abs(float(ce(run.params, partial)) - float(ce(run.params, plan))) > 1e-4  # the mix matters
+
+
+def test_progressive_alpha_zero_trains_exactly_as_before(tmp_path):
+    base = tiny_config(tmp_path, "p0", f"{X}.loops=uniform(3, 5)", f"{X}.backprop=2")
+    batch = next(build_data(base).train_iterator(8, 0))
+    plain, m0 = _one_step(base, batch)
+    zero, mz = _one_step(tiny_config(tmp_path, "p1", f"{X}.loops=uniform(3, 5)", f"{X}.backprop=2",
+                                     "train.progressive=0.0"), batch)
+    for a, b in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(zero["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, mh = _one_step(tiny_config(tmp_path, "p2", f"{X}.loops=uniform(3, 5)", f"{X}.backprop=2",
+                                  "train.progressive=0.5"), batch)
+    assert float(mh["loss"]) == pytest.approx(float(m0["loss"]), rel=1e-6)  # the metrics are the full counts'
+    assert "progressive_loss" in mh and "progressive_loss" not in mz
+
+
+def test_progressive_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.progressive .* \[0, 1\]"):
+        tiny_config(tmp_path, "a", "train.progressive=1.5")
+    with pytest.raises(ConfigError, match="train.progressive_circuits: 'Z' is not a circuit"):
+        tiny_config(tmp_path, "b", "train.progressive=0.5", "train.progressive_circuits=[Z]")
+    with pytest.raises(ConfigError, match="no circuit loops"):
+        tiny_config(tmp_path, "c", "train.progressive=0.5", f"{X}.loops=fixed(1)", f"{Y}.loops=fixed(1)")
+    # no count varies: every circuit that loops (Bansal et al. truncate a fixed maximum count)
+    assert tiny_config(tmp_path, "c", "train.progressive=0.5", f"{X}.loops=fixed(1)").progressive_circuits() == ["Y"]
+    cfg = tiny_config(tmp_path, "d", "train.progressive=0.5")
+    assert cfg.progressive_circuits() == ["X"]  # X varies (uniform(1, 3)), Y is fixed(2)
+
+
+# ----------------------------------------------------------------------------- loops per difficulty
+
+
+def test_per_difficulty_distribution():
+    d = LoopDistribution.parse("per_difficulty(1, 2)", cap=12)
+    assert d.per_example and d.at(8) == 10 and d.at(30) == 32
+    np.testing.assert_array_equal(d.counts(jnp.array([0, 1, 8, 30])), [2, 3, 10, 12])  # capped at 12
+    np.testing.assert_array_equal(LoopDistribution.parse("per_difficulty(0.5, 0.5)").counts(jnp.array([1, 3, 4])),
+                                  [1, 2, 2])  # 1, 2, round(2.5) = 2 (half to even, like at())
+    with pytest.raises(ValueError, match="per_difficulty"):
+        LoopDistribution.parse("per_difficulty(-1, 2)")
+
+
+def test_per_difficulty_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"gives 6 loops at difficulty 2 .* raise max_loops to >= 6"):
+        tiny_config(tmp_path, "a", f"{X}.loops=per_difficulty(2, 2)", f"{X}.max_loops=5")
+    with pytest.raises(ConfigError, match="need a synthetic task"):
+        tiny_config(tmp_path, "b", f"{X}.loops=per_difficulty(1, 1)", "data.task=text",
+                    "data.paths=['asset:kjv_genesis_exodus.txt']")
+
+
+def test_per_difficulty_counts_equal_each_example_alone(tmp_path, run):
+    """A batch evaluated with counts round(a * d + b) per example gives each example the logits it has
+    when run alone at its own count, in one compiled program for the whole batch."""
+    model, params = run.model, run.params
+    batches = run.eval_sets(["train", "hard"], 8)
+    batch = {k: np.concatenate([batches["train"][0][k], batches["hard"][0][k]]) for k in batches["train"][0]}
+    diff = batch["difficulty"].max(-1)
+    assert len(set(diff.tolist())) >= 2, "the batch mixes difficulties"
+    a, b = 1.0, 1.0
+    merged = nnx.merge(nnx.graphdef(model), nnx.state(model))
+    nnx.update(merged, params)
+    plan = make_plan(["X", "Y"], {"X": 99, "Y": 3}, by_difficulty={"X": (a, b, 50)})
+    logits = np.asarray(forward_batch(merged, batch, plan)[0])
+    for r in range(len(diff)):
+        alone = {k: v[r:r + 1] for k, v in batch.items()}
+        ref = forward_batch(merged, alone, make_plan(["X", "Y"], {"X": int(a * diff[r] + b), "Y": 3}))[0]
+        np.testing.assert_allclose(logits[r], np.asarray(ref)[0], rtol=1e-5, atol=1e-5)
+    evaluator = evaluator_for(model)
+    got = evaluator.evaluate(params, [batch], {"X": 99, "Y": 3}, by_difficulty={"X": (a, b, 50)})
+    real = batch["segment_ids"] > 0
+    assert got["mean_loops"]["X"] == pytest.approx(float((a * batch["difficulty"] + b)[real].mean()))
+    with pytest.raises(PlanError, match="carry none"):
+        forward_batch(merged, {k: v for k, v in batch.items() if k != "difficulty"}, plan)
+
+
+def test_per_difficulty_trains_and_evaluates_by_its_rule(tmp_path):
+    """A train step with per-difficulty counts logs the mean count per real token, and `difficulty_rules`
+    / --loops X=auto pick the rule up (refused for a circuit trained without one)."""
+    cfg = tiny_config(tmp_path, "pd", f"{X}.loops=per_difficulty(2, 1)", f"{X}.max_loops=5")
+    batch = next(build_data(cfg).train_iterator(8, 0))
+    _, metrics = _one_step(cfg, batch)
+    real = batch["difficulty"] > 0
+    assert float(metrics["loops/X"]) == pytest.approx(float((2 * batch["difficulty"] + 1)[real].mean()))
+    assert difficulty_rules(cfg.model) == {"X": (2.0, 1.0, 10_000)}
+    assert split_auto(["X=auto", "Y=4"], ["X", "Y"]) == (["Y=4"], ["X"])
+    assert auto_rules(cfg.model, ["X"], {"Y": 4}) == {"X": (2.0, 1.0, 10_000)}
+    with pytest.raises(PlanError, match=r"--loops Y=auto: circuit Y was trained with loops fixed\(2\)"):
+        auto_rules(cfg.model, ["Y"], {})
+
+
+# ----------------------------------------------------------------------------- curriculum
+
+
+def test_examples_carry_their_difficulty():
+    task = make_task("prefix_parity")
+    ex = pipeline.example_at(task, 0, "train", 3, (2, 6), 8)
+    n = int(ex["segment_ids"].sum())
+    assert set(ex["difficulty"][:n].tolist()) == {n - 1} and not ex["difficulty"][n:].any()
+
+
+def test_curriculum_follows_its_stages_and_resumes_exactly():
+    task = make_task("prefix_parity")
+    cur = pipeline.Curriculum(steps=(0, 2, 4), ranges=((1, 2), (1, 4), (1, 8)), global_batch=4)
+    assert [cur.range_at(s) for s in (0, 1, 2, 3, 4, 100)] == [(1, 2)] * 2 + [(1, 4)] * 2 + [(1, 8)] * 2
+    it = pipeline.train_iterator(task, (1, 8), 4, 0, curriculum=cur)
+    batches = [next(it) for _ in range(6)]
+    assert all(b["inputs"].shape == (4, 9) for b in batches)  # one shape: padded to the final hi
+    for s, b in enumerate(batches):
+        lo, hi = cur.range_at(s)
+        d = b["difficulty"].max(-1)
+        assert lo <= d.min() and d.max() <= hi
+        ref = [pipeline.example_at(task, 0, "train", s * 4 + i, cur.range_at(s), 9) for i in range(4)]
+        np.testing.assert_array_equal(b["inputs"], np.stack([r["inputs"] for r in ref]))
+    it2 = pipeline.train_iterator(task, (1, 8), 4, 0, curriculum=cur)
+    next(it2)
+    state = it2.get_state()
+    fresh = pipeline.train_iterator(task, (1, 8), 4, 0, curriculum=cur)
+    fresh.set_state(state)
+    np.testing.assert_array_equal(next(fresh)["inputs"], batches[1]["inputs"])
+
+
+def test_curriculum_config(tmp_path):
+    cfg = tiny_config(tmp_path, "c", "data.curriculum=[{until: 2, difficulty: [1, 1]}]", "train.steps=3")
+    it = build_data(cfg).train_iterator(8, 0)
+    assert [int(next(it)["difficulty"].max()) for _ in range(3)][:2] == [1, 1]
+    with pytest.raises(ConfigError, match=r"data.curriculum.1.until must be a step after the previous stage's \(5\)"):
+        tiny_config(tmp_path, "d", "data.curriculum=[{until: 5, difficulty: [1, 1]}, {until: 3, difficulty: [1, 2]}]")
+    with pytest.raises(ConfigError, match=r"data.curriculum.0.difficulty \[1, 9\] reaches above"):
+        tiny_config(tmp_path, "e", "data.curriculum=[{until: 5, difficulty: [1, 9]}]")
