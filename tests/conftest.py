@@ -34,6 +34,7 @@ from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.prepare import prepare_run_dir
 from loopformer.runs.read import read_run
 from loopformer.runs.restore import make_model
+from loopformer.train import trainer
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
 from loopformer.train.trainer import train
@@ -113,6 +114,26 @@ def run(run_dir):
 # `trained_run`: every step logged, checkpoints and evaluations (with diagnostics) at steps 2 and 4.
 TRAINED = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=1",
            "eval.diagnostics=true"]
+
+
+def train_until_crash(cfg, step, monkeypatch):
+    """Train ``cfg`` with a crash raised when the state reaches ``step`` (after the checkpoints before it),
+    as a killed trainer would leave the run; the real train step is put back afterwards."""
+    real = trainer.make_train_step
+
+    def crashing(*a, **k):
+        step_fn = real(*a, **k)
+
+        def crashing_step(state, batch):
+            if int(state["step"]) == step:
+                raise RuntimeError("simulated crash")
+            return step_fn(state, batch)
+        return crashing_step
+
+    monkeypatch.setattr(trainer, "make_train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    monkeypatch.setattr(trainer, "make_train_step", real)
 
 
 def trained_config(root, name="trained", *extra):

@@ -520,7 +520,8 @@ class TrainConfig:
     # n_free ~ U{0..n-1} iterations without gradient, then k ~ U{1..min(n - n_free, backprop)} with it, and
     # the loss is read there. The loop learns a step that improves any state it reaches, not a schedule.
     progressive: float = 0.0  # alpha; 0 = off (the objective is exactly the plain one)
-    progressive_circuits: list[str] = field(default_factory=list)  # empty: every circuit whose count varies
+    # empty: every circuit whose count varies, or if none does every circuit that loops (Config.progressive_circuits)
+    progressive_circuits: list[str] = field(default_factory=list)
 
     def validate(self, batch_size: int) -> None:
         t = self

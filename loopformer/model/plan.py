@@ -45,6 +45,7 @@ import numpy as np
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import PlanError
 from loopformer.variants.exits import ExitRule
+from loopformer.variants.loops import PerDifficulty
 
 Array = jax.Array
 MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would run for hours
@@ -80,10 +81,9 @@ class Plan:
             names = ", ".join(n for n, *_ in self.by_difficulty)
             raise PlanError(f"loops of {names} follow each example's difficulty, but these batches carry none (text "
                             f"has no difficulty); give a count, e.g. --loops {self.by_difficulty[0][0]}=8")
-        d = jnp.asarray(difficulty_BT, jnp.float32)
         loops = dict(self.loops)
         for name, a, b, cap in self.by_difficulty:
-            loops[name] = jnp.clip(jnp.round(a * d + b), 1, cap).astype(jnp.int32)
+            loops[name] = PerDifficulty(a, b, cap=cap).counts(difficulty_BT)
         return dataclasses.replace(self, loops=loops, by_difficulty=())
 
     @property

@@ -160,7 +160,7 @@ class _Objective:
     def rows(self, p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
         """The objective per row [b] (routing: no halting or router terms, refused by the config)."""
         total_tokens = self.total_tokens
-        logits, _ = forward_batch(nnx.merge(self.graphdef, p), mb, self.plan.for_batch(mb.get("difficulty")))
+        logits, _ = forward_batch(nnx.merge(self.graphdef, p), mb, self.plan)
         sums = answer_sums(logits, mb, 1.0 / total_tokens)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["targets"])
         rows = jnp.sum(ce * mb["mask"].astype(jnp.float32), axis=-1) / total_tokens

@@ -25,7 +25,7 @@ from loopformer.train import trainer
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import StepSettings, init_state, make_train_step
 from loopformer.train.trainer import train
-from tests.conftest import copy_run, tiny_config, trained_config
+from tests.conftest import copy_run, tiny_config, train_until_crash, trained_config
 
 DECAY = 0.9
 # trained_run's settings with EMA weights and a checkpoint at every step (the raw params of each step)
@@ -108,21 +108,7 @@ def test_a_resumed_run_continues_the_average_exactly(tmp_path, monkeypatch, caps
     and the evaluation read the EMA weights (logged, and equal to evaluating them here)."""
     straight = train(trained_config(tmp_path, "a", *EMA_RUN))
     assert "eval @ 4 (EMA weights): " in capsys.readouterr().out
-    real = trainer.make_train_step
-
-    def crashing(*a, **k):
-        step_fn = real(*a, **k)
-
-        def step(state, batch):
-            if int(state["step"]) == 2:
-                raise RuntimeError("simulated crash")
-            return step_fn(state, batch)
-        return step
-
-    monkeypatch.setattr(trainer, "make_train_step", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(trained_config(tmp_path, "b", *EMA_RUN))
-    monkeypatch.setattr(trainer, "make_train_step", real)
+    train_until_crash(trained_config(tmp_path, "b", *EMA_RUN), 2, monkeypatch)
     resumed = train(trained_config(tmp_path, "b", *EMA_RUN))
     cfg_a, cfg_b = trained_config(tmp_path, "a", *EMA_RUN), trained_config(tmp_path, "b", *EMA_RUN)
     for step in (3, 4):

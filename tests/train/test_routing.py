@@ -18,7 +18,7 @@ from loopformer.runs.restore import make_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
 from loopformer.train.routing import Routing, owner, routed_grads
 from loopformer.train.step import StepSettings, init_state, make_train_step
-from tests.conftest import TINY
+from tests.conftest import TINY, train_until_crash
 
 # The tiny config, bidirectional with a coda layer, on a mixture (entries set per test).
 ROUTED = [*TINY, "model.coda=1", "model.causal=false", "model.stages.0.circuits.X.backprop=2",
@@ -160,7 +160,6 @@ def test_bad_routes_and_mixtures(extra, message):
 def test_a_routed_mixture_run_resumes_bit_exactly_and_may_change_its_routes(tmp_path, capsys, monkeypatch):
     from loopformer.errors import CheckpointError
     from loopformer.runs.scalars import read_metrics
-    from loopformer.train import trainer
     from loopformer.train.trainer import train
 
     def cfg(name, *extra):
@@ -174,21 +173,7 @@ def test_a_routed_mixture_run_resumes_bit_exactly_and_may_change_its_routes(tmp_
 
     straight = train(cfg("a", "train.steps=4"))
     assert "gradient routing: prefix_parity -> X; maze -> Y + shared" in capsys.readouterr().out
-    real = trainer.make_train_step
-
-    def crashing(*a, **k):  # a crash after the step-2 checkpoint
-        step_fn = real(*a, **k)
-
-        def step(state, batch):
-            if int(state["step"]) == 2:
-                raise RuntimeError("crash")
-            return step_fn(state, batch)
-        return step
-
-    monkeypatch.setattr(trainer, "make_train_step", crashing)
-    with pytest.raises(RuntimeError, match="crash"):
-        train(cfg("b", "train.steps=4"))
-    monkeypatch.setattr(trainer, "make_train_step", real)
+    train_until_crash(cfg("b", "train.steps=4"), 2, monkeypatch)  # a crash after the step-2 checkpoint
     resumed = train(cfg("b", "train.steps=4"))
     assert losses(straight.run_dir) == losses(resumed.run_dir)  # exact: the mixed stream resumed from its state
     # weights and routes may change on resume (logged); an entry's task may not

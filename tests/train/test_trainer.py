@@ -25,7 +25,7 @@ from loopformer.runs.restore import restore_params
 from loopformer.runs.scalars import read_metrics, read_tensorboard_scalars
 from loopformer.train import trainer
 from loopformer.train.trainer import train
-from tests.conftest import copy_run, tiny_config, trained_config
+from tests.conftest import copy_run, tiny_config, train_until_crash, trained_config
 
 # The learning tests' model: one 32-wide circuit (their measured losses are for it).
 LEARNER = [
@@ -43,21 +43,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, trained_run):
     """A run that crashes after its step-2 checkpoint and is restarted ends bit-identical to the
     uninterrupted `trained_run` (same losses, same eval, same parameters)."""
     straight = trained_run
-    real = trainer.make_train_step
-
-    def crashing(*a, **k):
-        step_fn = real(*a, **k)
-
-        def step(state, batch):
-            if int(state["step"]) == 3:
-                raise RuntimeError("simulated crash")
-            return step_fn(state, batch)
-        return step
-
-    monkeypatch.setattr(trainer, "make_train_step", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(trained_config(tmp_path, "b"))
-    monkeypatch.setattr(trainer, "make_train_step", real)
+    train_until_crash(trained_config(tmp_path, "b"), 3, monkeypatch)
     resumed = train(trained_config(tmp_path, "b"))
     a, b = losses(straight.run_dir), losses(resumed.run_dir)
     assert sorted(a) == list(range(1, 5)) and set(b) == set(range(1, 5))
