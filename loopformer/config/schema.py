@@ -257,7 +257,13 @@ class ModelConfig:
     causal: bool = True  # false: bidirectional attention everywhere (the window reaches w - 1 tokens both
     # ways); only for tasks whose labels sit at input positions (aligned), where no target is an input
     rope_base: float = 10000.0  # RoPE theta
-    position: str = "rope"  # rope | none (NoPE): how attention sees positions (loopformer/variants/position.py)
+    position: str = _arch("rope")  # rope | none (NoPE) | abacus (NoPE + each digit's place in its number): how the
+    # model sees positions (loopformer/variants/position.py)
+    abacus_size: int = _arch(128)  # abacus: place embeddings 1 .. abacus_size - 1 (the data must fit: checked)
+    abacus_digits: list[int] = _arch(default_factory=list)  # abacus: the digit token ids [lo, hi] (inclusive);
+    # [] = the data's (a task's digit or bit tokens; the byte tokenizer's '0'..'9')
+    position_offset: int = 0  # abacus: training adds U{0..K} per example to every place (McLeish et al.'s
+    # random offset; 0 = none), so places past the trained lengths are seen; evaluation adds none
     norm_eps: float = 1e-6  # epsilon of every RMSNorm: x * rsqrt(mean(x^2) + eps) * scale
     init_std: float = 0.02
     compute_dtype: str = "float32"  # bfloat16: bf16 matmuls, fp32 parameters and logits
@@ -285,6 +291,29 @@ class ModelConfig:
     def kv_head_count(self) -> int:
         return self.kv_heads or self.heads
 
+    @property
+    def places(self) -> bool:
+        """Whether the model embeds each digit's place (model.position: abacus)."""
+        return POSITIONS.get(self.position, "model.position").places
+
+    def _validate_abacus(self) -> None:
+        m = self
+        _check(isinstance(m.abacus_size, int) and m.abacus_size >= 2,
+               f"model.abacus_size must be an integer >= 2 (places 1 .. size - 1), got {m.abacus_size!r}")
+        d = m.abacus_digits
+        _check(isinstance(d, list) and (d == [] or (len(d) == 2 and all(isinstance(v, int) and v >= 0 for v in d)
+                                                      and d[0] <= d[1])),
+               f"model.abacus_digits must be [lo, hi], the digit token ids (0 <= lo <= hi), or [] to take them from "
+               f"the data; got {d!r}")
+        _check(isinstance(m.position_offset, int) and 0 <= m.position_offset < m.abacus_size - 1,
+               f"model.position_offset must be an integer in 0 .. abacus_size - 2 = {m.abacus_size - 2}, got "
+               f"{m.position_offset!r}; lower it or raise model.abacus_size")
+        if not m.places:
+            _check(m.position_offset == 0, f"model.position_offset={m.position_offset} only moves abacus places: "
+                   f"model.position={m.position} is shift-invariant (an offset changes nothing); set "
+                   f"model.position=abacus or model.position_offset=0")
+            _check(not d, f"model.abacus_digits={d} is read only by model.position=abacus (got {m.position}); drop it")
+
     def validate(self) -> None:
         m = self
         _check(m.d_model >= 2, f"model.d_model must be >= 2, got {m.d_model}")
@@ -305,6 +334,7 @@ class ModelConfig:
         _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
         _one_of(m.attention, ATTENTION_IMPLS, "model.attention")
         _one_of(m.position, POSITIONS, "model.position")
+        self._validate_abacus()
         halting = [c.name for c in m.circuits() if c.halting.has_head]
         _check(len(halting) <= 1, f"model: at most one circuit may have a halting head (it is read out after every "
                f"iteration), got {', '.join(halting)}")

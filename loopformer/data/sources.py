@@ -94,6 +94,16 @@ class DataSource(abc.ABC):
         """UTF-8 bytes per predicted token of host ``batches`` (None for synthetic tasks)."""
         return None
 
+    @property
+    def digits(self) -> tuple[int, int] | None:
+        """The token ids [lo, hi] of the digits 0..9 (or a task's bits), for abacus places; None if it has none."""
+        return None
+
+    @property
+    def max_place(self) -> int | None:
+        """The longest run of digit tokens in any example of the training and eval splits (None: unbounded)."""
+        return None
+
     def save(self, run_dir: Path) -> None:  # noqa: B027 - optional hook
         """Write what a run needs to read its data later (the tokenizer) into ``run_dir``."""
 
@@ -134,6 +144,15 @@ class TaskSource(DataSource):
     @property
     def seq_len(self) -> int:
         return self.task.seq_len(self.cfg.data.train_difficulty[1])
+
+    @property
+    def digits(self) -> tuple[int, int] | None:
+        return self.task.digits
+
+    @property
+    def max_place(self) -> int | None:
+        d = self.cfg.data
+        return max(self.task.max_place(hi) for _, hi in [d.train_difficulty, *d.eval_splits.values()])
 
     @property
     def split_names(self) -> list[str]:
@@ -301,6 +320,14 @@ class TextSource(DataSource):
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    @property
+    def digits(self) -> tuple[int, int] | None:
+        """The bytes '0'..'9' under the byte tokenizer (a BPE merges digits into multi-digit tokens: none)."""
+        if tokenizer_kind(self.cfg.data.tokenizer) != "bytes":
+            return None
+        zero = int(self.tokenizer.encode_array("0")[0])
+        return zero, zero + 9
 
     @property
     def seq_len(self) -> int:

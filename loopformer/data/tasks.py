@@ -78,6 +78,11 @@ class Task(abc.ABC):
 
     name: ClassVar[str]
     difficulty_meaning: ClassVar[str] = "difficulty"
+    digits: ClassVar[tuple[int, int] | None] = None  # the token ids [lo, hi] of the digits of its numbers (abacus)
+
+    def max_place(self, max_difficulty: int) -> int:
+        """The longest run of digit tokens in an example of difficulty <= max_difficulty (abacus places)."""
+        return self.seq_len(max_difficulty)
 
     @property
     @abc.abstractmethod
@@ -295,7 +300,11 @@ class PrefixParity(Task):
     BOS: ClassVar[int] = 1
     SEP: ClassVar[int] = 2
     ZERO: ClassVar[int] = 3
+    digits: ClassVar[tuple[int, int]] = (3, 4)  # the bits
     aligned: bool = True
+
+    def max_place(self, max_difficulty: int) -> int:
+        return max_difficulty
 
     def __post_init__(self) -> None:
         _check_bool("data.task_args.aligned", self.aligned)
@@ -459,6 +468,10 @@ class Addition(Task):
     PLUS: ClassVar[int] = 2
     EQ: ClassVar[int] = 3
     ZERO: ClassVar[int] = 4
+    digits: ClassVar[tuple[int, int]] = (4, 13)
+
+    def max_place(self, max_difficulty: int) -> int:
+        return max_difficulty + 1  # the sum's carry digit
 
     @property
     def vocab_size(self) -> int:

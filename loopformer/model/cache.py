@@ -25,17 +25,19 @@ Array = jax.Array
 KV = tuple[Array, Array]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["prelude", "coda", "circuits", "state", "length"],
-                   meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["prelude", "coda", "circuits", "state", "length", "place"], meta_fields=[])
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values per layer, the circuits' last states and each row's length."""
+    """Keys and values per layer, the circuits' last states, each row's length, and (abacus models) the
+    place of each row's last token inside its number [B] (0: not a digit), where the next digit's run goes on."""
 
     prelude: tuple[KV, ...] = ()
     coda: tuple[KV, ...] = ()
     circuits: dict[str, tuple[KV, ...]] = field(default_factory=dict)
     state: dict[str, Array] = field(default_factory=dict)
     length: Array | None = None
+    place: Array | None = None
 
     def nbytes_per_token(self) -> int:
         """Bytes of keys and values per position (every layer and slot)."""

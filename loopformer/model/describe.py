@@ -26,7 +26,7 @@ def describe(cfg: ModelConfig, vocab_size: int, counts: Mapping[str, int], loops
     lines = [f"LoopedTransformer  d_model={cfg.d_model}  heads={cfg.heads}  vocab={vocab_size}  "
              f"norm={cfg.norm}  mlp={cfg.mlp}  params={total:,}" + (f"  window={cfg.window}" if cfg.window else "")
              + (f"  kv_heads={cfg.kv_heads}" if cfg.kv_heads else "") + ("  qkv_bias" if cfg.qkv_bias else "")
-             + ("" if cfg.causal else "  bidirectional"),
+             + ("" if cfg.causal else "  bidirectional") + _position(cfg),
              "  " + " ─ ".join(chain)]
     for s, stage in enumerate(cfg.stages):
         lines.append(f"  stage {s + 1}: {notation(cfg, loops)[s]}")
@@ -42,3 +42,13 @@ def describe(cfg: ModelConfig, vocab_size: int, counts: Mapping[str, int], loops
     lines.append(f"  effective depth at these loops: {effective_depth(cfg, loops):g} blocks "
                  f"(weights of {stored} blocks stored)")
     return "\n".join(lines)
+
+
+def _position(cfg: ModelConfig) -> str:
+    """The position scheme when it is not RoPE: ``  position=abacus (places 1..127, offset U{0..32})``."""
+    if cfg.position == "rope":
+        return ""
+    if not cfg.places:
+        return f"  position={cfg.position}"
+    return (f"  position={cfg.position} (places 1..{cfg.abacus_size - 1}"
+            + (f", training offset U{{0..{cfg.position_offset}}}" if cfg.position_offset else "") + ")")

@@ -23,6 +23,8 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    distribution, and the logits after each iteration; L >= its count)
     bound                          static: the largest per-token count or routed round when training
                                    (the length of the scan that carries the gradient)
+    position_offset                static: K > 0 adds one offset from U{0..K} per row to every abacus place
+                                   (training; drawn from the plan's key; 0: none)
     schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
                                    in this order, -1 entries skipped (`loopformer.model.schedule`); every
                                    schedule of one length S shares a program. Empty: each stack in order
@@ -54,7 +56,7 @@ MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["loops", "gates", "fills", "key", "exits", "schedules", "grads"],
                    meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms",
-                                "by_difficulty"])
+                                "by_difficulty", "position_offset"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -71,6 +73,7 @@ class Plan:
     schedules: Mapping[str, Array] = field(default_factory=dict)
     grads: Mapping[str, Array] = field(default_factory=dict)
     by_difficulty: tuple[tuple[str, float, float, int], ...] = ()
+    position_offset: int = 0
 
     def for_batch(self, difficulty_BT: Array | None) -> Plan:
         """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
@@ -199,13 +202,13 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
               backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False,
               exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0,
               schedules: Mapping[str, Array | np.ndarray] | None = None,
-              by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> Plan:
+              by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, position_offset: int = 0) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
     by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
     ``schedules`` maps "prelude" / "coda" to a layer schedule; ``by_difficulty`` maps circuits to (a, b, cap):
     their counts follow each example's difficulty (`Plan.for_batch`; their entries in ``loops`` are then
-    placeholders)."""
+    placeholders); ``position_offset`` K > 0 shifts each row's abacus places by a draw from U{0..K} (training)."""
     exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
     unknown = [c for c in list(loops) + list(ablate) + list(exits) if c not in circuits]
@@ -226,4 +229,5 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 trace_len=int(trace_len), collect_means=bool(collect_means),
                 exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound),
                 schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()},
-                by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()))
+                by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()),
+                position_offset=int(position_offset))

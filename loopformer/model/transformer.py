@@ -18,14 +18,16 @@ import numpy as np
 from flax import nnx
 
 from loopformer.config.schema import ModelConfig
-from loopformer.errors import DecodingError
+from loopformer.errors import ConfigError, DecodingError
 from loopformer.model.cache import KVCache, empty_kv, store
 from loopformer.model.circuit import Bank, Context, Decoding
 from loopformer.model.layers import Block, BlockSettings, attention_mask, normal_init, run_stack, run_stack_cached, stacked
 from loopformer.model.plan import Diagnostics, Plan
 from loopformer.variants.cache import CachePolicy
+from loopformer.variants.position import digit_places
 
 Array = jax.Array
+OFFSET_KEY = 0xABAC  # folds the abacus offsets' draws apart from the plan's other uses of its key
 
 
 class Decoded(NamedTuple):
@@ -62,7 +64,7 @@ class LoopedTransformer(nnx.Module):
     the banks run with or without a decoding context, and the head exists once (`_head`)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, init_depth: float, rngs: nnx.Rngs,
-                 batch_circuits: bool = True):
+                 batch_circuits: bool = True, digits: tuple[int, int] | None = None):
         self.vocab_size = vocab_size
         self.d_model = cfg.d_model
         self.causal = cfg.causal
@@ -70,6 +72,10 @@ class LoopedTransformer(nnx.Module):
         d = cfg.d_model
         settings = BlockSettings.of(cfg, out_std=cfg.init_std / math.sqrt(2 * max(init_depth, 0.5)))
         self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), rngs=rngs)
+        # abacus: a learned vector per place 1 .. abacus_size - 1 of a digit inside its number (row 0 unused)
+        self.abacus = nnx.Embed(cfg.abacus_size, d, embedding_init=normal_init(cfg.init_std, (None, "embed")),
+                                rngs=rngs) if cfg.places else None
+        self.digits = tuple(cfg.abacus_digits) or (tuple(digits) if digits else None)
         block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, settings, rngs=r, window=cfg.window,  # noqa: E731
                                 kv_heads=cfg.kv_heads)
         self.prelude = stacked(block, cfg.prelude, rngs) if cfg.prelude else None
@@ -100,7 +106,13 @@ class LoopedTransformer(nnx.Module):
         B, T = tokens_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
         ctx = Context(positions_BT, attention_mask(segment_ids_BT), None if segment_ids_BT is None else segment_ids_BT > 0)
-        x = self._stack(self.prelude, self._embed(tokens_BT), ctx, plan.schedules.get("prelude"))[0]
+        places = None
+        if self.abacus is not None:
+            places = digit_places(tokens_BT, self._digits(), positions_BT)
+            if plan.position_offset:  # McLeish et al.'s random offset: one draw per row, digits only
+                offset_B = jax.random.randint(jax.random.fold_in(plan.key, OFFSET_KEY), (B,), 0, plan.position_offset + 1)
+                places = jnp.where(places > 0, places + offset_B[:, None], 0)
+        x = self._stack(self.prelude, self._embed(tokens_BT, places), ctx, plan.schedules.get("prelude"))[0]
         reports, aux, step_logits = {}, jnp.zeros((), jnp.float32), None
         readouts = any(r.needs_readout for r in plan.exits.values())
         for s, stage in enumerate(self.stages):
@@ -118,8 +130,19 @@ class LoopedTransformer(nnx.Module):
         """Whether the stage's halting circuit writes the mixture of its iterations (no per-step logits)."""
         return any(stage.circuits[n].halting.mixes_output for n in stage.names)
 
-    def _embed(self, tokens: Array) -> Array:
-        return self.embed(tokens).astype(self.compute_dtype)
+    def _digits(self) -> tuple[int, int]:
+        if self.digits is None:
+            raise ConfigError("model.position=abacus needs the digit token ids: set model.abacus_digits=[lo, hi] "
+                              "(this model was built without data to take them from)")
+        return self.digits
+
+    def _embed(self, tokens_BT: Array, places_BT: Array | None = None) -> Array:
+        """Token embeddings [B, T, d], plus with abacus each digit's place embedding (0: none)."""
+        x = self.embed(tokens_BT)
+        if places_BT is not None:
+            size = self.abacus.embedding.shape[0]
+            x = x + jnp.where((places_BT > 0)[..., None], self.abacus(jnp.clip(places_BT, 0, size - 1)), 0.0)
+        return x.astype(self.compute_dtype)
 
     def _stack(self, stack: nnx.Module | None, x: Array, ctx: Context, schedule: Array | None = None,
                kv: tuple = ()) -> tuple[Array, tuple]:
@@ -163,7 +186,8 @@ class LoopedTransformer(nnx.Module):
                 c = stage.circuits[name]
                 circuits[name] = stack_kv(c.blocks, (policy.slots(loops[name]),))
                 state[name] = jnp.zeros((batch, c.blocks.attn_norm.scale.shape[-1]), dtype)  # [B, w]
-        return KVCache(stack_kv(self.prelude), stack_kv(self.coda), circuits, state, jnp.zeros((batch,), jnp.int32))
+        return KVCache(stack_kv(self.prelude), stack_kv(self.coda), circuits, state, jnp.zeros((batch,), jnp.int32),
+                       jnp.zeros((batch,), jnp.int32))
 
     def check_decoding(self, plan: Plan) -> None:
         """DecodingError (one line) when cached decoding cannot compute what the forward pass does for ``plan``
@@ -194,9 +218,13 @@ class LoopedTransformer(nnx.Module):
         self.check_decoding(plan)
         B, t = tokens_Bt.shape
         ctx = Context(positions_Bt, None, None, Decoding(positions_Bt[:, 0], policy))
-        x, prelude = self._stack(self.prelude, self._embed(tokens_Bt), ctx, kv=cache.prelude)
-        circuits, state, used = dict(cache.circuits), dict(cache.state), {}
         last = jnp.full((B,), t - 1) if last_B is None else last_B
+        places, place = None, cache.place
+        if self.abacus is not None:  # runs of digits go on from the cache's last token
+            places = digit_places(tokens_Bt, self._digits(), carry_B=cache.place)
+            place = places[jnp.arange(B), last]
+        x, prelude = self._stack(self.prelude, self._embed(tokens_Bt, places), ctx, kv=cache.prelude)
+        circuits, state, used = dict(cache.circuits), dict(cache.state), {}
         for bank in self.stages:
             h_init = {n: jnp.broadcast_to(state[n][:, None], (B, t, state[n].shape[-1])) for n in bank.names
                       } if continuous else None
@@ -207,7 +235,7 @@ class LoopedTransformer(nnx.Module):
             state.update({n: s[jnp.arange(B), last] for n, s in res.states.items()})
         x, coda = self._stack(self.coda, x, ctx, kv=cache.coda)
         length = jnp.maximum(cache.length, positions_Bt[jnp.arange(B), last] + 1)
-        return Decoded(self._head(x), KVCache(prelude, coda, circuits, state, length), used)
+        return Decoded(self._head(x), KVCache(prelude, coda, circuits, state, length, place), used)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: 'shared' (embed, prelude, coda, norms, head) and one entry per circuit."""
@@ -230,10 +258,12 @@ def _size(state: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int, *, batch_circuits: bool = True) -> LoopedTransformer:
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int, *, batch_circuits: bool = True,
+                digits: tuple[int, int] | None = None) -> LoopedTransformer:
     """Initialise a model (parameters from ``seed``, output scale from the loop schedule's training
     depth) on the default device; `loopformer.parallel` places it on a mesh using the logical axis
-    names the kernels carry."""
+    names the kernels carry. ``digits``: the digit token ids [lo, hi] an abacus model reads when
+    model.abacus_digits is [] (the data's)."""
     with nnx.use_eager_sharding(False):
         return LoopedTransformer(cfg, vocab_size, init_depth=training_depth(cfg), rngs=nnx.Rngs(params=seed),
-                                 batch_circuits=batch_circuits)
+                                 batch_circuits=batch_circuits, digits=digits)

@@ -23,7 +23,29 @@ def make_model(cfg: Config, data: DataSource) -> LoopedTransformer:
     if vocab < data.vocab_size:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the data needs ({data.vocab_size}); set "
                           f"model.vocab_size=0 to take it from the data")
-    return build_model(cfg.model, vocab, cfg.seed)
+    return build_model(cfg.model, vocab, cfg.seed, digits=abacus_digits(cfg, data, vocab))
+
+
+def abacus_digits(cfg: Config, data: DataSource, vocab: int) -> tuple[int, int] | None:
+    """The digit token ids an abacus model reads (model.abacus_digits, else the data's), checked against the
+    vocabulary and, where the data bound their runs, against model.abacus_size; None for other models."""
+    m = cfg.model
+    if not m.places:
+        return None
+    digits = tuple(m.abacus_digits) or data.digits
+    if digits is None:
+        raise ConfigError(f"model.position=abacus: the data ({cfg.data.task_label()}) has no digit tokens to take; set "
+                          f"model.abacus_digits=[lo, hi] (the ids of the digits), or use model.position=rope")
+    if digits[1] >= vocab:
+        raise ConfigError(f"model.abacus_digits={list(digits)} reaches past the vocabulary ({vocab} ids); give ids "
+                          f"below {vocab}")
+    top = data.max_place
+    if top is not None and top + m.position_offset >= m.abacus_size:
+        raise ConfigError(f"model.abacus_size={m.abacus_size} holds places up to {m.abacus_size - 1}, but the data's "
+                          f"numbers reach place {top}" + (f" (+ position_offset {m.position_offset} in training)"
+                                                         if m.position_offset else "")
+                          + f"; raise model.abacus_size to >= {top + m.position_offset + 1}")
+    return digits
 
 
 def abstract_model(cfg: Config, data: DataSource | None = None) -> LoopedTransformer:

@@ -78,6 +78,7 @@ class _LoopPlan:
     halting: CircuitConfig | None  # the halting circuit, if any
     stash: int  # static: the halting circuit's stash (every iteration up to its cap)
     bound: int  # static: the routed rounds' or per-difficulty counts' scan length (0: neither)
+    position_offset: int = 0  # abacus places shifted by U{0..K} per row (model.position_offset)
 
     @classmethod
     def of(cls, model: ModelConfig) -> _LoopPlan:
@@ -87,7 +88,8 @@ class _LoopPlan:
         return cls(dists=dists, backprop=tuple((name, s.backprop) for name, s in schedules.items()), halting=halting,
                    stash=max(halting.max_loops, halting.backprop) if halting is not None else 0,
                    bound=max([c.max_loops for s in model.stages if s.router.routes for c in s.circuits]
-                             + [d.cap for d in dists.values() if d.per_example], default=0))
+                             + [d.cap for d in dists.values() if d.per_example], default=0),
+                   position_offset=model.position_offset)
 
     def sample(self, seed: int, step: Array) -> tuple[dict[str, Array], Plan]:
         """(each circuit's loop count, the forward plan) of train step ``step``. A per-difficulty circuit's
@@ -95,7 +97,8 @@ class _LoopPlan:
         loops = sample_loops(self.dists, seed, step)
         by_difficulty = {n: (d.a, d.b, d.cap) for n, d in self.dists.items() if d.per_example}
         plan = make_plan(list(loops), loops, key=jax.random.fold_in(jax.random.key(seed), step),
-                         backprop=dict(self.backprop), stash=self.stash, bound=self.bound, by_difficulty=by_difficulty)
+                         backprop=dict(self.backprop), stash=self.stash, bound=self.bound, by_difficulty=by_difficulty,
+                         position_offset=self.position_offset)
         return loops, plan
 
 

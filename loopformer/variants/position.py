@@ -2,8 +2,15 @@
 
     rope    rotary position embedding (rotate-half form) of queries and keys, theta = model.rope_base
     none    no position signal (NoPE): a causal model still tells positions apart through the mask
+    abacus  NoPE attention, and each digit's embedding plus a learned vector for its place inside its
+            number (McLeish et al. 2024, "Transformers can do arithmetic with the right embeddings"):
+            a digit that follows k - 1 digits has place k (1 = the number's first digit as written; the
+            tasks write numbers least significant digit first, so place k is the 10^(k-1) column).
+            ``model.position_offset: K`` adds one offset drawn from U{0..K} per example to every place
+            in training, so that places past the trained lengths have been seen (evaluation adds none)
 
-A new scheme is one class here: it transforms queries and keys given their positions.
+A new scheme is one class here: it transforms queries and keys given their positions (and with
+``places`` set, the model adds a place embedding read from `digit_places`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ POSITIONS: Registry = Registry("position scheme")
 class Position:
     base: float = 10000.0
     kind: ClassVar[str] = ""
+    places: ClassVar[bool] = False  # the model adds an embedding of each digit's place (`digit_places`)
 
     def __call__(self, x_BTNH: Array, positions_BT: Array) -> Array:
         """Queries or keys [B, T, N, H] at ``positions_BT`` [B, T]."""
@@ -53,3 +61,30 @@ class Rope(Position):
 class NoPosition(Position):
     def __call__(self, x_BTNH: Array, positions_BT: Array) -> Array:
         return x_BTNH
+
+
+@POSITIONS.register("abacus")
+@dataclass(frozen=True)
+class Abacus(NoPosition):
+    places: ClassVar[bool] = True
+
+
+def digit_places(tokens_BT: Array, digits: tuple[int, int], positions_BT: Array | None = None,
+                 carry_B: Array | None = None) -> Array:
+    """Each token's place inside its number [B, T] int32: 0 for a token outside ``digits`` (the inclusive
+    id range [lo, hi] of the digit tokens), else 1 + the digits right before it in the same run.
+
+    ``positions_BT`` (packed documents restart at 0) keeps a run from crossing into the next document:
+    place <= position + 1. ``carry_B`` continues runs from earlier tokens (cached decoding: the place of
+    each row's last token before this chunk). Closed form of the scan p_t = digit_t ? p_{t-1} + 1 : 0:
+    p_t = t - (the last non-digit index <= t), with the carry as a non-digit at index -1 - carry."""
+    B, T = tokens_BT.shape
+    lo, hi = digits
+    is_digit = (tokens_BT >= lo) & (tokens_BT <= hi)
+    t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    start = jnp.full((B, 1), -1, jnp.int32) if carry_B is None else (-1 - carry_B.astype(jnp.int32))[:, None]
+    last_other = jax.lax.cummax(jnp.where(is_digit, start, t), axis=1)
+    places = jnp.where(is_digit, t - last_other, 0)
+    if positions_BT is not None:
+        places = jnp.minimum(places, positions_BT.astype(jnp.int32) + 1)
+    return places

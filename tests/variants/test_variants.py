@@ -38,7 +38,7 @@ def small_model(*extra):
                                         "expert_choice"),
     ("model.stages.0.circuits.X.inject=mul", "circuits.X.inject: 'mul' is not one of add, concat, none"),
     ("model.stages.0.circuits.X.init=ones", "circuits.X.init: 'ones' is not one of zeros, input, noise"),
-    ("model.position=alibi", "model.position: 'alibi' is not one of rope, none"),
+    ("model.position=alibi", "model.position: 'alibi' is not one of rope, none, abacus"),
     ("model.stages.0.circuits.X.loops='geometric(3)'", "circuits.X.loops: 'geometric(3)' is not a loop distribution; "
                                                       "use an int or 'fixed(n)', 'uniform(a, b)', "
                                                       "'poisson_lognormal(mean, sigma)'"),

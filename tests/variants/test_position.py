@@ -1,0 +1,147 @@
+"""Position schemes: abacus places against a reference loop, the random offset as a shift of the place
+table, cached decoding of an abacus model against recomputing, and the config's checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.config import load_config
+from loopformer.data.sources import build_data
+from loopformer.errors import ConfigError
+from loopformer.model.plan import make_plan
+from loopformer.model.transformer import build_model
+from loopformer.runs.restore import make_model
+from loopformer.variants.cache import CachePolicy
+from loopformer.variants.position import digit_places
+from tests.inference.test_decode import _prefill_then_steps, _reference
+from tests.model.test_model import randomize_writes
+from tests.variants.test_variants import SMALL, VOCAB, small_model
+
+DIGITS = (10, 19)
+
+
+def _reference_places(tokens, lo, hi, positions=None, carry=None):
+    """p_t = p_{t-1} + 1 on a digit, else 0 (the scan digit_places has in closed form)."""
+    out = np.zeros(tokens.shape, np.int32)
+    for b, row in enumerate(tokens):
+        p = 0 if carry is None else int(carry[b])
+        for t, tok in enumerate(row):
+            p = p + 1 if lo <= tok <= hi else 0
+            if positions is not None:
+                p = min(p, int(positions[b, t]) + 1)
+            out[b, t] = p
+    return out
+
+
+def test_digit_places_equal_the_running_count():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 25, (6, 30)).astype(np.int32)  # about half digits: runs of every length
+    carry = rng.integers(0, 4, 6).astype(np.int32)
+    positions = np.concatenate([np.arange(12), np.arange(18)])[None].repeat(6, 0)  # two packed documents
+    np.testing.assert_array_equal(digit_places(jnp.asarray(tokens), DIGITS), _reference_places(tokens, *DIGITS))
+    np.testing.assert_array_equal(digit_places(jnp.asarray(tokens), DIGITS, carry_B=jnp.asarray(carry)),
+                                  _reference_places(tokens, *DIGITS, carry=carry))
+    np.testing.assert_array_equal(digit_places(jnp.asarray(tokens), DIGITS, jnp.asarray(positions)),
+                                  _reference_places(tokens, *DIGITS, positions))
+    # "12+345": 1 2 . 1 2 3
+    assert digit_places(jnp.asarray([[11, 12, 3, 13, 14, 15]]), DIGITS).tolist() == [[1, 2, 0, 1, 2, 3]]
+
+
+def _abacus(*extra):
+    return small_model("model.position=abacus", f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]",
+                       "model.abacus_size=24", *extra)
+
+
+def test_abacus_adds_each_digits_place_and_ignores_positions():
+    model = _abacus()
+    toks = jnp.asarray([[1, 11, 12, 13, 3, 14, 15, 2]], jnp.int32)
+    plan = make_plan(["X"], {"X": 2})
+    a, _ = model(toks, plan)
+    b, _ = model(toks, plan, positions_BT=jnp.arange(8)[None] + 17)  # NoPE attention: a shift changes nothing
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # the place embedding is what reads the digits' places: zero it and a digit's place no longer matters
+    moved = jnp.asarray([[1, 11, 12, 3, 13, 14, 15, 2]], jnp.int32)
+    assert float(jnp.abs(model(moved, plan)[0][0, -1] - a[0, -1]).max()) > 1e-4
+    model.abacus.embedding.value = jnp.zeros_like(model.abacus.embedding.value)
+    np.testing.assert_allclose(model(toks, plan)[0], small_model("model.position=none")(toks, plan)[0], atol=1e-5)
+
+
+def test_training_offset_shifts_every_rows_places_by_one_draw():
+    """With position_offset K each row runs as the offset-free model whose place table is moved down by
+    one o in 0..K (place p reads row p + o); rows draw different offsets; K = 0 adds nothing."""
+    K = 5
+    model = _abacus()
+    rng = np.random.default_rng(1)
+    toks = jnp.asarray(rng.integers(1, 22, (8, 10)), jnp.int32)
+    key = jax.random.key(3)
+    got, _ = model(toks, make_plan(["X"], {"X": 2}, key=key, position_offset=K))
+    np.testing.assert_array_equal(model(toks, make_plan(["X"], {"X": 2}, key=key, position_offset=0))[0],
+                                  model(toks, make_plan(["X"], {"X": 2}))[0])
+    table = model.abacus.embedding.value
+    found = []
+    for o in range(K + 1):
+        moved = _abacus()
+        nnx.update(moved, nnx.state(model))
+        moved.abacus.embedding.value = jnp.concatenate([table[o:], jnp.zeros((o, table.shape[1]))])
+        want, _ = moved(toks, make_plan(["X"], {"X": 2}))
+        found.append(np.abs(np.asarray(got) - np.asarray(want)).max(axis=(1, 2)) < 1e-5)
+    found = np.array(found)  # [K + 1, B]
+    assert (found.sum(0) >= 1).all()  # every row is one of the shifts
+    assert len({int(np.argmax(f)) for f in found.T}) > 1  # and not all rows draw the same
+
+
+def test_cached_decoding_of_an_abacus_model_equals_recomputing():
+    cfg = load_config("configs/text_bytes.yaml", [
+        "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=1", "model.position=abacus",
+        f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]", "model.abacus_size=40",
+        "model.stages.0.circuits.X.width=32", "model.stages.0.circuits.X.heads=2"])
+    model = randomize_writes(build_model(cfg.model, VOCAB, 0))
+    rng = np.random.default_rng(0)
+    # digit runs that cross the prefill / step boundary (prefill covers 8 positions)
+    tokens = jnp.asarray(np.where(rng.random((2, 24)) < 0.7, rng.integers(10, 20, (2, 24)),
+                                  rng.integers(3, 10, (2, 24))), jnp.int32)
+    lengths = jnp.asarray([6, 3])
+    got = _prefill_then_steps(nnx.graphdef(model), nnx.state(model), tokens, lengths, make_plan(["X"], {"X": 3}),
+                              CachePolicy.parse("full"))
+    want = _reference(model, tokens, lengths, {"X": 3})
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.position_offset=4"], "model.position_offset=4 only moves abacus places: model.position=rope is "
+                                  "shift-invariant"),
+    (["model.abacus_digits=[3, 12]"], "model.abacus_digits=[3, 12] is read only by model.position=abacus"),
+    (["model.position=abacus", "model.abacus_digits=[5]"], "model.abacus_digits must be [lo, hi]"),
+    (["model.position=abacus", "model.abacus_size=8", "model.position_offset=7"],
+     "model.position_offset must be an integer in 0 .. abacus_size - 2 = 6"),
+])
+def test_bad_position_settings_get_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        load_config("configs/text_bytes.yaml", overrides)
+
+
+def _task_cfg(task, *extra):
+    return load_config("configs/quickstart.yaml", [f"data.task={task}", "data.train_difficulty=[1, 8]",
+                                                   "data.eval_splits={train: [1, 8], 2x: [16, 16]}",
+                                                   "model.stages.0.circuits.X.loops=uniform(2, 4)",
+                                                   "model.position=abacus", *extra])
+
+
+def test_abacus_takes_the_datas_digits_and_checks_the_table_holds_its_places():
+    cfg = _task_cfg("addition", "model.causal=true")
+    assert make_model(cfg, build_data(cfg)).digits == (4, 13)
+    cfg = _task_cfg("prefix_parity")
+    assert make_model(cfg, build_data(cfg)).digits == (3, 4)
+    # addition's 2x split reaches place 17 (16 digits and the carry); with an offset of 8 that needs 26 rows
+    cfg = _task_cfg("addition", "model.causal=true", "model.abacus_size=25", "model.position_offset=8")
+    with pytest.raises(ConfigError, match=r"model.abacus_size=25 holds places up to 24, but the data's numbers reach "
+                                          r"place 17 \(\+ position_offset 8 in training\); raise model.abacus_size to "
+                                          r">= 26"):
+        make_model(cfg, build_data(cfg))
+    cfg = _task_cfg("maze", "data.task_args={rows: 2}")
+    with pytest.raises(ConfigError, match=r"model.position=abacus: the data \(maze\) has no digit tokens"):
+        make_model(cfg, build_data(cfg))
+    cfg = load_config("configs/text_bytes.yaml", ["model.position=abacus", *SMALL])
+    assert make_model(cfg, build_data(cfg)).digits == (3 + ord("0"), 3 + ord("9"))
