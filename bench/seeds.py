@@ -41,8 +41,35 @@ def run_seeds(config: str, seeds: int, out: Path, overrides: list[str]) -> dict:
         rows += [{"seed": seed, **r} for r in result.sweep]
         print(f"seed {seed}: {wall[seed]:.0f}s", file=sys.stderr, flush=True)
     metric = "bits_per_byte" if rows and "bits_per_byte" in rows[0] else "accuracy"
-    return {"config": config, "overrides": overrides, "seeds": seeds, "metric": metric, "rows": rows, "wall_s": wall,
-            "splits": {k: list(v) for k, v in base.data.eval_splits.items()} if metric == "accuracy" else {}}
+    circuits = base.model.circuits()
+    doc = {"config": config, "overrides": overrides, "seeds": seeds, "metric": metric, "rows": rows, "wall_s": wall,
+           "splits": {k: list(v) for k, v in base.data.eval_splits.items()} if metric == "accuracy" else {}}
+    if metric == "bits_per_byte" and len(circuits) == 1:
+        doc["text_criterion"] = text_criterion(rows, circuits[0].distribution().mean())
+    return doc
+
+
+# Issue #24's text criterion: on held-out text, bits per byte fall by >= GAIN from 1 loop to the best count,
+# and at 4x the trained mean loops they are at most SLACK above the best.
+GAIN, SLACK = 0.05, 0.01
+
+
+def text_criterion(rows: list[dict], mean_loops: float, split: str = "val") -> dict:
+    """Per seed on ``split``: bits per byte at 1 loop, the best count and its value, the value at 4x the
+    training mean (the swept count nearest to it), and whether both parts of the criterion hold."""
+    four = 4 * mean_loops
+    out = {"split": split, "mean_loops": mean_loops, "gain": GAIN, "slack": SLACK, "seeds": []}
+    for seed in sorted({r["seed"] for r in rows}):
+        curve = {r["loops"]: r["bits_per_byte"] for r in rows if r["seed"] == seed and r["split"] == split
+                 and isinstance(r["loops"], int)}
+        if 1 not in curve:
+            continue
+        best = min(curve, key=curve.get)
+        at4 = min(curve, key=lambda n: (abs(n - four), n))
+        out["seeds"].append({"seed": seed, "at_1": curve[1], "best_loops": best, "best": curve[best], "loops_4x": at4,
+                             "at_4x": curve[at4], "gain": curve[1] - curve[best], "excess_4x": curve[at4] - curve[best],
+                             "holds": curve[1] - curve[best] >= GAIN and curve[at4] - curve[best] <= SLACK})
+    return out
 
 
 def markdown(doc: dict) -> str:
@@ -54,11 +81,22 @@ def markdown(doc: dict) -> str:
 
     def cell(n: int, split: str) -> str:
         v = scale * np.asarray([r[metric] for r in rows if r["loops"] == n and r["split"] == split])
+        if not len(v):
+            return "—"
         return fmt.format(v.mean()) + (f" ({fmt.format(v.min())}–{fmt.format(v.max())})" if len(v) > 1 else "")
 
     head = [f"{s} {doc['splits'][s]}" if s in doc.get("splits", {}) else s for s in splits]
     table = format_table(["loops", *head], [[n] + [cell(n, s) for s in splits] for n in counts], markdown=True)
-    return f"{metric} vs loop count, mean (min–max) over {doc['seeds']} seeds of {doc['config']}\n\n{table}"
+    text = f"{metric} vs loop count, mean (min–max) over {doc['seeds']} seeds of {doc['config']}\n\n{table}"
+    crit = doc.get("text_criterion")
+    if crit and crit["seeds"]:
+        lines = [f"Text criterion on {crit['split']} (gain from 1 loop to the best >= {crit['gain']}; at 4x the "
+                 f"training mean {crit['mean_loops']:g} at most {crit['slack']} above the best):", ""]
+        lines += [f"- seed {c['seed']}: 1 loop {c['at_1']:.4f}, best {c['best']:.4f} at {c['best_loops']} loops "
+                  f"(gain {c['gain']:.4f}), {c['loops_4x']} loops {c['at_4x']:.4f} (+{c['excess_4x']:.4f}): "
+                  + ("holds" if c["holds"] else "does not hold") for c in crit["seeds"]]
+        text += "\n\n" + "\n".join(lines)
+    return text
 
 
 def main() -> int:

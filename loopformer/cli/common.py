@@ -38,6 +38,14 @@ def command(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], 
     return register
 
 
+def loop_count(text: str) -> int:
+    """An argparse type: a loop count in 1..MAX_LOOPS (a typo of extra zeros would run for hours)."""
+    value = positive(text)
+    if value > plan.MAX_LOOPS:
+        raise argparse.ArgumentTypeError(f"loop count {value} is above the limit of {plan.MAX_LOOPS}")
+    return value
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)

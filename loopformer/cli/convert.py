@@ -7,7 +7,7 @@ import copy
 import shlex
 from typing import Any
 
-from loopformer.cli.common import command, emit, positive, run_flags
+from loopformer.cli.common import command, emit, loop_count, positive, run_flags
 from loopformer.evaluation.run import load_run
 from loopformer.runs.log import log
 from loopformer.runs.read import read_run
@@ -30,8 +30,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="input injection: none (h_i = core(h_(i-1)), init input; default), add (re-adds the "
                         "core's input each loop, init zeros) or concat (a learned [h; x] adapter starting as [I; 0])")
     p.add_argument("--loops", default="uniform(1, 4)", help="the circuit's training loop counts (default uniform(1, 4))")
-    p.add_argument("--eval-loops", type=positive, default=1, help="its default count at evaluation (default 1)")
-    p.add_argument("--max-loops", type=positive, default=64, help="cap on training counts (default 64)")
+    p.add_argument("--eval-loops", type=loop_count, default=1, help="its default count at evaluation (default 1)")
+    p.add_argument("--max-loops", type=loop_count, default=64, help="cap on training counts (default 64)")
     p.add_argument("--backprop", type=positive, default=4, help="truncated backprop depth k (default 4)")
 
 

@@ -76,7 +76,7 @@ def generate_command(args: argparse.Namespace) -> int:
         if args.top_k < 0 or not 0 < args.top_p <= 1:
             raise AnalysisError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
         args.policy = CachePolicy.parse(args.cache)
-        exits = (parse_exits(args.exit, info.circuits, many=False) or [{}])[0]
+        exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops) or [{}])[0]
         settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
         args.exits = exits
         if info.is_text:

@@ -95,13 +95,21 @@ EXIT_FORMS = ("[CIRCUIT=]KIND:THRESHOLDS[,min=N][,every=K] with KIND latent_diff
               "(e.g. latent_diff:0.01, X=kl:5e-4, learned:q=0.5; sweep: latent_diff:0.1,0.03,0.01)")
 
 
-def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool
+def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool, max_loops: int | None = None
                 ) -> list[dict[str, ExitRule]]:
     """``--exit`` flags -> one {circuit: rule} per threshold (the flags' thresholds in order; several
     only with ``many``, for sweeps). A rule without a circuit applies to every circuit; kl and
-    entropy_diff read the model's output, so without a name they need a one-circuit model."""
+    entropy_diff read the model's output, so without a name they need a one-circuit model. PlanError for
+    ``--max-loops`` (``max_loops``) without an exit, a run with no circuits, or a circuit given two rules."""
+    if max_loops is not None and max_loops > MAX_LOOPS:
+        raise PlanError(f"--max-loops {max_loops}: loop count {max_loops} is above the limit of {MAX_LOOPS}")
     if not specs:
+        if max_loops is not None:
+            raise PlanError(f"--max-loops {max_loops} caps the circuits that exit, and no --exit is given; add --exit "
+                            f"RULE, or give a fixed count with --loops")
         return []
+    if not circuits:
+        raise PlanError(f"--exit {specs[0]}: this run has no looped circuits, so nothing can exit; drop --exit")
     per_flag = []
     for spec in specs:
         flag = f"--exit {spec}"
@@ -127,6 +135,11 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         if rules[0].needs_readout and len(targets) > 1:
             raise PlanError(f"{flag}: {kind} reads the model's output after every iteration, for one circuit at a "
                             f"time; name it, e.g. --exit {circuits[0]}={body}")
+        for earlier, (done, _) in zip(specs, per_flag, strict=False):
+            twice = [c for c in targets if c in done]
+            if twice:
+                raise PlanError(f"--exit {earlier} and --exit {spec} both set circuit {twice[0]}'s rule; pass one "
+                                f"--exit per circuit")
         per_flag.append((targets, rules))
     count = max(len(r) for _, r in per_flag)
     if count > 1 and not many:

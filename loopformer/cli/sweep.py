@@ -65,6 +65,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         splits = info.select_splits(args.split)
         if args.exit:
             return _sweep_exits(args, info, splits)
+        parse_exits(None, info.circuits, many=True, max_loops=args.max_loops)  # --max-loops needs --exit
         if not args.loops:
             raise PlanError("sweep needs --loops CIRCUIT=A:B (loop counts) or --exit RULE (exit thresholds)")
         grid = parse_loops(args.loops, info.circuits, grid=True)

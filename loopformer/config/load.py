@@ -83,9 +83,33 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice (YAML lets the last value win with no word)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, naming the key and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return _yaml(text) if text.strip() else ""
+    except DuplicateKey as e:
+        raise ConfigError(f"override value {text!r}: {e}") from None
     except yaml.YAMLError:
         return text
 
@@ -139,8 +163,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p} (pass --config with a path to a YAML file, "
                               f"e.g. configs/quickstart.yaml)")
+        raw = p.read_bytes()
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            what = ("UTF-16 (it starts with a byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+                    else f"not UTF-8 text (bad byte at offset {e.start})")
+            raise ConfigError(f"{p}: {what}; a config is a UTF-8 YAML file, e.g. configs/quickstart.yaml") from None
+        if "\x00" in text:
+            raise ConfigError(f"{p}: a binary file (it holds NUL bytes), not a YAML config; pass a YAML file such "
+                              f"as configs/quickstart.yaml")
+        try:
+            loaded = _yaml(text)
+        except DuplicateKey as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if loaded is None:

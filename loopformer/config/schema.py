@@ -21,7 +21,7 @@ from typing import Any
 
 from loopformer.errors import ConfigError
 from loopformer.variants.halting import HALTINGS, Halting
-from loopformer.variants.loops import LoopDistribution
+from loopformer.variants.loops import MAX_LOOPS, LoopDistribution
 from loopformer.variants.position import POSITIONS
 from loopformer.variants.registry import Registry
 from loopformer.variants.routing import ROUTERS, RouterKind
@@ -207,8 +207,8 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
                    f"io: slice, state_norm: false and no halting head")
         _check(c.window >= 0, f"{p}.window must be 0 (full attention) or >= 1 tokens, got {c.window}")
         _check(c.backprop >= 1, f"{p}.backprop (truncation depth k) must be >= 1, got {c.backprop}")
-        _check(c.eval_loops >= 1, f"{p}.eval_loops must be >= 1, got {c.eval_loops}")
-        _check(c.max_loops >= 1, f"{p}.max_loops must be >= 1, got {c.max_loops}")
+        _check(1 <= c.eval_loops <= MAX_LOOPS, f"{p}.eval_loops must be in 1..{MAX_LOOPS}, got {c.eval_loops}")
+        _check(1 <= c.max_loops <= MAX_LOOPS, f"{p}.max_loops must be in 1..{MAX_LOOPS}, got {c.max_loops}")
         try:
             dist = c.distribution()
         except ValueError as e:

@@ -44,13 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopformer.config.schema import ModelConfig
+from loopformer.config.schema import MAX_LOOPS, ModelConfig
 from loopformer.errors import PlanError
 from loopformer.variants.exits import ExitRule
 from loopformer.variants.loops import PerDifficulty
 
 Array = jax.Array
-MAX_LOOPS = 10_000  # far past anything useful; guards against a typo that would run for hours
 
 
 @functools.partial(jax.tree_util.register_dataclass,

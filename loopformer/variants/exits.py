@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from loopformer.errors import PlanError
 from loopformer.variants.halting import Halting
+from loopformer.variants.loops import MAX_LOOPS
 from loopformer.variants.registry import Registry
 
 Array = jax.Array
@@ -88,8 +89,8 @@ class ExitRule:
         if not (threshold > 0 and (not cls.at_most_one or threshold <= 1)):
             raise PlanError(f"exit rule '{text}': the threshold must be > 0" + (" and <= 1" if cls.at_most_one else ""))
         rule = cls(threshold, options.get("min", 1), options.get("every", 1))
-        if rule.min_loops < 1 or rule.check_every < 1:
-            raise PlanError(f"exit rule '{text}': min and every must be >= 1")
+        if not (1 <= rule.min_loops <= MAX_LOOPS and 1 <= rule.check_every <= MAX_LOOPS):
+            raise PlanError(f"exit rule '{text}': min and every must be in 1..{MAX_LOOPS}")
         return rule
 
     @classmethod

@@ -25,6 +25,9 @@ import jax.numpy as jnp
 
 from loopformer.variants.registry import Registry
 
+MAX_LOOPS = 10_000  # the most iterations anything may ask for: far past anything useful; a typo of extra
+# zeros would otherwise run for hours
+
 Array = jax.Array
 DISTRIBUTIONS: Registry = Registry("loop distribution")
 

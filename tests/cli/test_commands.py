@@ -113,7 +113,7 @@ def test_text_run(text_run_dir, capsys):
     doc = run_json(capsys, "eval", "--run", str(text_run_dir), "--split", "val")
     (row,) = doc["rows"]
     assert row["split"] == "val" and row["bits_per_byte"] > 0
-    assert row["loops"] == {"X": 3}  # configs/text_bytes.yaml eval_loops
+    assert row["loops"] == {"X": 5}  # configs/text_bytes.yaml eval_loops
     doc = run_json(capsys, "generate", "--run", str(text_run_dir), "--prompt", "In the beginning",
                    "--max-new-tokens", "5", "--loops", "X=1,3")
     assert [g["loops"] for g in doc["generations"]] == [{"X": 1}, {"X": 3}]

@@ -71,7 +71,7 @@ def test_abacus_adds_each_digits_place_and_ignores_positions():
 def test_training_offset_shifts_every_rows_places_by_one_draw():
     """With position_offset K each row runs as the offset-free model whose place table is moved down by
     one o in 0..K (place p reads row p + o); rows draw different offsets; K = 0 adds nothing."""
-    K = 5
+    K = 3
     model = _abacus()
     rng = np.random.default_rng(1)
     toks = jnp.asarray(rng.integers(1, 22, (8, 10)), jnp.int32)
