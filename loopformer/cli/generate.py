@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,6 +73,15 @@ def generate_command(args: argparse.Namespace) -> int:
                             f"side (use `loopformer sweep` for more)")
         if args.prompt is not None and args.example_split is not None:
             raise AnalysisError("give either --prompt TEXT or --example-split NAME, not both")
+        if not 0 <= args.seed < 2**32:
+            raise AnalysisError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+        if args.prompt is not None:
+            try:
+                args.prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+                bad = args.prompt[e.start].encode("utf-8", "surrogateescape")
+                raise AnalysisError(f"--prompt is not UTF-8 text (byte 0x{bad.hex()} at character {e.start}); pass "
+                                    f"the prompt in UTF-8") from None
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
             raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
         if args.top_k < 0 or not 0 < args.top_p <= 1:
@@ -102,7 +113,8 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     if tokenizer is None:
         raise AnalysisError(f"{run.info.path}: its data source has no tokenizer to encode --prompt")
     ids = prompt_ids(tokenizer, args.prompt)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    _check_memory(args, run, len(ids), settings)
+    sampling = Sampling(args.temperature, min(args.top_k, run.model.vocab_size), args.top_p)  # K >= vocab: all
     outs = []
     for loops in settings:
         if args.no_cache:
@@ -123,6 +135,23 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
            "cache": None if args.no_cache else str(args.policy), "generations": outs}
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
+
+
+def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, settings: list[dict[str, int]]) -> None:
+    """AnalysisError when the key/value cache of the prompt and --max-new-tokens would take more than half of
+    this machine's memory (recomputing without a cache holds at least as much per token)."""
+    policy = CachePolicy.parse("full") if args.no_cache else args.policy
+    per_token = max(jax.eval_shape(lambda loops=loops: run.model.empty_cache(1, 1, policy, loops)).nbytes_per_token()
+                    for loops in settings)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = max(1, memory // 2 // max(per_token, 1) - prompt_len)
+    if args.max_new_tokens > fits:
+        need = per_token * (prompt_len + args.max_new_tokens)
+        raise AnalysisError(f"--max-new-tokens {args.max_new_tokens} needs a {need / 2**30:,.1f} GiB key/value cache "
+                            f"({per_token:,} bytes per token), more than half of this machine's "
+                            f"{memory / 2**30:.0f} GiB; ask for at most {fits:,} tokens"
+                            + ("" if args.no_cache or str(policy) == "last" else ", or keep fewer iterations with "
+                               "--cache last"))
 
 
 def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[dict[str, int]],

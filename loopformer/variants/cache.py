@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from loopformer.errors import PlanError
+from loopformer.variants.loops import MAX_LOOPS
 from loopformer.variants.registry import Registry
 
 Array = jax.Array
@@ -104,12 +105,14 @@ class Ring(CachePolicy):
 
     @classmethod
     def build(cls, arg: int | None, text: str) -> CachePolicy:
-        if arg is None or arg < 1:
-            raise PlanError(f"--cache {text}: ring:K needs K >= 1")
+        if arg is None or not 1 <= arg <= MAX_LOOPS:
+            raise PlanError(f"--cache {text}: ring:K needs K in 1..{MAX_LOOPS}")
         return cls(arg)
 
     def slots(self, loops: int) -> int:
-        return self.ring
+        # a ring at least as long as the loop is the full cache (iteration i < loops <= K writes slot i either
+        # way): no more slots than the full policy's bucket, however large K is
+        return min(self.ring, Full().slots(loops))
 
     def slot(self, i: Array) -> Array:
         return i % self.ring

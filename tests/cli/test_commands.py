@@ -109,13 +109,34 @@ def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, 
         [[p["tokens"] for p in ex["predictions"]] for ex in recomputed["examples"]]
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--max-new-tokens", "100000000000"], r"--max-new-tokens 100000000000 needs a [\d,.]+ GiB key/value cache "
+                                           r"\([\d,]+ bytes per token\), more than half of this machine's \d+ GiB; "
+                                           r"ask for at most [\d,]+ tokens, or keep fewer iterations with --cache last"),
+    (["--seed", "99999999999999999999999"], r"--seed must be in 0..4294967295, got 99999999999999999999999"),
+    (["--cache", "ring:99999999999"], r"--cache ring:99999999999: ring:K needs K in 1..10000"),
+])
+def test_text_generation_refuses_what_cannot_run(text_run_dir, capsys, argv, message):
+    assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", *argv]) == 2
+    *before, line = capsys.readouterr().err.strip().splitlines()  # the memory check runs after "loaded RUN"
+    assert re.search("^error: " + message + "$", line), line
+    assert all(b.startswith("loaded ") for b in before), before
+
+
+def test_non_utf8_prompt_is_one_line(run_dir, capsys):
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python's argv holds for these bytes
+    assert main(["generate", "--run", str(run_dir), "--prompt", prompt]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "error: --prompt is not UTF-8 text (byte 0xe9 at character 3); pass the prompt in UTF-8"
+
+
 def test_text_run(text_run_dir, capsys):
     doc = run_json(capsys, "eval", "--run", str(text_run_dir), "--split", "val")
     (row,) = doc["rows"]
     assert row["split"] == "val" and row["bits_per_byte"] > 0
     assert row["loops"] == {"X": 5}  # configs/text_bytes.yaml eval_loops
     doc = run_json(capsys, "generate", "--run", str(text_run_dir), "--prompt", "In the beginning",
-                   "--max-new-tokens", "5", "--loops", "X=1,3")
+                   "--max-new-tokens", "5", "--loops", "X=1,3", "--top-k", "1000000000000")  # K >= vocab: all
     assert [g["loops"] for g in doc["generations"]] == [{"X": 1}, {"X": 3}]
     assert all(isinstance(g["text"], str) for g in doc["generations"])
     assert main(["generate", "--run", str(text_run_dir)]) == 2

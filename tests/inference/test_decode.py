@@ -183,11 +183,14 @@ def test_sampling():
     assert set(draws[:, 0]) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("text,slots", [("full", 8), ("last", 1), ("ring:3", 3), ("first", 1)])
+@pytest.mark.parametrize("text,slots", [("full", 8), ("last", 1), ("ring:3", 3), ("first", 1), ("ring:6", 6),
+                                        ("ring:10000", 8)])
 def test_policies(text, slots):
-    assert CachePolicy.parse(text).slots(5) == slots
+    assert CachePolicy.parse(text).slots(5) == slots  # a ring longer than the full bucket is the full cache
     with pytest.raises(PlanError, match="not a cache policy"):
         CachePolicy.parse("all")
+    with pytest.raises(PlanError, match=r"ring:K needs K in 1..10000"):
+        CachePolicy.parse("ring:99999999999")
 
 
 def test_grouped_query_attention_decodes_exactly_and_caches_only_kv_heads():
