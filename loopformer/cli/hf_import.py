@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from pathlib import Path
 from typing import Any
 
 from loopformer.cli.common import command, emit
@@ -30,9 +29,10 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("import", "import a local Hugging Face Llama / Qwen2 / Mistral folder as a run", _args)
 def import_command(args: argparse.Namespace) -> int:
     # the new run's checkpoint holds a fresh optimizer state: the trainer's part, imported only here
-    from loopformer.train.newrun import point_at, write_run
+    from loopformer.train.newrun import out_dir, point_at, write_run
 
     def body() -> tuple[dict[str, Any], str]:
+        target = out_dir(args.out)  # before reading any weights: an empty --out is refused at once
         model, params, tokenizer = import_folder(args.hf)
         paths = args.data or [DEFAULT_TEXT]
         cfg = load_config(None, ["data.task=text", f"data.paths={paths!r}", "data.doc_separator='\n\n'",
@@ -41,7 +41,7 @@ def import_command(args: argparse.Namespace) -> int:
                                  "data.val_fraction=0.1", "train.lr=1e-4", "train.warmup_steps=10",
                                  "model.stages=[]", *args.overrides])
         cfg.model = model
-        out = write_run(point_at(cfg, Path(args.out)), params)
+        out = write_run(point_at(cfg, target), params)
         log(f"wrote {out}")
         layers = model.prelude
         doc = {"run": str(out), "hf": str(args.hf), "layers": layers, "d_model": model.d_model, "heads": model.heads,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
-from loopformer.errors import CheckpointError
+from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.layout import RunDir
 from loopformer.runs.prepare import make_run_dir, prepare_run_dir
@@ -22,7 +22,10 @@ from loopformer.train.step import init_state
 
 
 def out_dir(out: str, beside: Path | None = None) -> Path:
-    """``--out``: a path, or a bare name placed beside ``beside`` (the source run)."""
+    """``--out``: a path, or a bare name placed beside ``beside`` (the source run); ConfigError for an empty one
+    (it would write the run into the current directory)."""
+    if not out.strip() or Path(out) == Path("."):
+        raise ConfigError(f"--out {out!r}: name the new run's directory, e.g. --out runs/NAME (it is created)")
     path = Path(out)
     return beside.parent / out if beside is not None and len(path.parts) == 1 else path
 
@@ -41,6 +44,10 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
     run_dir = cfg.run_dir
     if RunDir(run_dir).checkpoint_steps():
         raise CheckpointError(f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {run_dir})")
+    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if held:  # never overwrite a config.yaml or anything else a user keeps there
+        raise CheckpointError(f"{run_dir} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                              f"pick another --out, or an empty or new directory")
     make_run_dir(cfg)
     data = data if data is not None else build_data(cfg)
     prepare_run_dir(cfg)

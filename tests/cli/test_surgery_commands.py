@@ -65,6 +65,15 @@ def test_convert_is_the_plain_model_at_one_loop_and_the_duplication_at_two(plain
     assert "already holds a run" in capsys.readouterr().err
     assert main(["convert", "--run", str(plain_run), "--core", "2:9", "--out", "x"]) == 2
     assert "not inside the model's 6 layers" in capsys.readouterr().err
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", ""]) == 2  # not the current directory
+    assert capsys.readouterr().err.strip().endswith("error: --out '': name the new run's directory, e.g. --out runs/NAME "
+                                                    "(it is created)")
+    kept = plain_run.parent / "kept"
+    kept.mkdir()
+    (kept / "config.yaml").write_text("mine")
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", str(kept)]) == 2
+    assert "kept is not empty (config.yaml); pick another --out" in capsys.readouterr().err
+    assert (kept / "config.yaml").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == ["config.yaml"]
 
 
 @pytest.mark.slow
