@@ -57,19 +57,27 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def prepare_run_dir(cfg: Config) -> tuple[Path, list[Change]]:
+def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Change]]:
     """Create the run directory (`make_run_dir`), check a resume against the run's config
-    (`resume_changes`) and write the new config, unless the run is already trained to train.steps
-    (a rerun that trains nothing leaves config.yaml as it was). Returns the directory and the changes."""
+    (`resume_changes`) and, with ``write``, write the new config (`write_config`). Returns the directory
+    and the changes. The trainer writes later, once the data, model and checkpoint have accepted the new
+    config: a resume that fails on them leaves the run's config.yaml as it was."""
     run_dir = make_run_dir(cfg)
     changes = resume_changes(cfg, run_dir)
+    if write:
+        write_config(cfg, run_dir)
+    return run_dir, changes
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """Write ``cfg`` as the run's config.yaml (atomically), unless the run is already trained to train.steps
+    (a rerun that trains nothing leaves config.yaml as it was)."""
     done = RunDir(run_dir).trained_to()
     if jax.process_index() == 0 and not (done is not None and done >= cfg.train.steps):
         saved = RunDir(run_dir).config
         tmp = saved.with_suffix(".yaml.tmp")
         tmp.write_text(cfg.to_yaml())
         tmp.replace(saved)  # atomic: never a half-written config.yaml
-    return run_dir, changes
 
 
 def record_changes(run_dir: Path, step: int, changes: list[Change]) -> None:

@@ -35,7 +35,7 @@ from loopformer.runs.checkpoint import Checkpoints, abstract_like
 from loopformer.runs.layout import RunDir
 from loopformer.runs.lock import run_lock
 from loopformer.runs.log import log, log_to
-from loopformer.runs.prepare import describe_change, make_run_dir, prepare_run_dir, record_changes
+from loopformer.runs.prepare import describe_change, make_run_dir, prepare_run_dir, record_changes, write_config
 from loopformer.runs.restore import EMA_WEIGHTS, make_model
 from loopformer.runs.scalars import MetricsWriter
 from loopformer.train.optim import make_optimizer
@@ -212,22 +212,23 @@ class _Window:
 
 
 def _train(cfg: Config) -> TrainResult:
-    run_dir, changes = prepare_run_dir(cfg)
+    run_dir, changes = prepare_run_dir(cfg, write=False)  # config.yaml is written once everything accepted cfg
     source = build_data(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
     parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
     init = _initial(cfg, source, mesh)
     data_it = _train_iterator(cfg, source, run_dir)
+    evaluator, evals = evaluator_for(init.model), _Evals.of(source, mesh)
     ckpts = Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
     state, restored = _resume(ckpts, init.state, data_it, cfg, run_dir, changes)
+    write_config(cfg, run_dir)  # data, model and checkpoint took it: a resume that failed left config.yaml as it was
     start = int(state["step"])
     settings = StepSettings.of(cfg)
     if settings.routing is not None:
         log(settings.routing.describe(init.params))
     train_step = make_train_step(init.graphdef, init.tx, settings, state_shardings=init.shardings,
                                  batch_sharding=parallel.batch_sharding(mesh))
-    evaluator, evals = evaluator_for(init.model), _Evals.of(source, mesh)
     flop_counter = FlopCounter(cfg.model, init.model.vocab_size, source.seq_len, causal=cfg.model.causal)
     # Steps logged after the checkpoint we resume from (before a crash) are trained again: drop them.
     writer = MetricsWriter(run_dir, enabled=jax.process_index() == 0 and start < cfg.train.steps, resume_step=start)

@@ -9,6 +9,7 @@ from loopformer.config import load_config
 from loopformer.data.sources import load_tokenizer
 from loopformer.data.text import encode_document, pack_window
 from loopformer.data.tokenizers import ByteTokenizer
+from loopformer.errors import DataError
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.runs.restore import restore_params
@@ -54,6 +55,12 @@ def test_train_text_logs_bits_per_byte_at_several_loop_counts(tmp_path):
     assert (result.run_dir / "tokenizer.json").is_file() and tok.decode(tok.encode("so.")) == "so."
     model, params, step = restore_params(load_config(None, [*args, "run.name=a"]))
     assert step == 2 and model.vocab_size == 259 and jax.tree.leaves(params)
+    # a resume whose data cannot be read fails before writing anything: the run stays usable (#27.2)
+    before = (result.run_dir / "config.yaml").read_bytes()
+    with pytest.raises(DataError, match="nonexistent"):
+        train(load_config(None, [*args, "run.name=a", "train.steps=4", "data.paths=[/nonexistent/corpus.txt]"]))
+    assert (result.run_dir / "config.yaml").read_bytes() == before
+    assert not (result.run_dir / "config_changes.jsonl").exists()
 
 
 @pytest.mark.slow
