@@ -40,9 +40,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="--prompt: sample among the likeliest tokens holding probability P (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="--prompt: sampling seed")
-    p.add_argument("--cache", default="full", metavar="POLICY",
+    p.add_argument("--cache", metavar="POLICY",
                    help="key/value cache of the loop iterations (text prompts; answers of causal tasks): full (exact), "
-                        "last, ring:K or first")
+                        "last, ring:K or first (default full)")
     p.add_argument("--continuous", action="store_true",
                    help="with the cache: start each new token's circuits from the previous token's final state")
     p.add_argument("--no-cache", action="store_true",
@@ -86,7 +86,12 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
         if args.top_k < 0 or not 0 < args.top_p <= 1:
             raise AnalysisError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
-        args.policy = CachePolicy.parse(args.cache)
+        if args.no_cache and (args.cache is not None or args.continuous):
+            given = " and ".join(f for f, on in (("--cache", args.cache is not None), ("--continuous", args.continuous))
+                                 if on)
+            raise AnalysisError(f"--no-cache recomputes the whole prefix for every token, so {given} (settings of "
+                                f"cached decoding) would do nothing; drop one or the other")
+        args.policy = CachePolicy.parse(args.cache or "full")
         exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops) or [{}])[0]
         settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
         args.exits = exits
@@ -133,7 +138,7 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
                     | ({"exit": {c: str(r) for c, r in args.exits.items()}} if args.exits else {}))
     doc = {"run": str(run.info.path), "step": run.step, "prompt": args.prompt, "prompt_tokens": ids,
            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-           "cache": None if args.no_cache else str(args.policy), "generations": outs}
+           "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "generations": outs}
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
 
 
@@ -166,7 +171,7 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     for ex in examples:
         ex["split"] = split
     doc = {"run": str(info.path), "step": run.step, "split": split, "decoding": "autoregressive greedy",
-           "cache": cache, "examples": examples}
+           "cache": cache, "continuous": args.continuous and cache is not None, "examples": examples}
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
             f"answers decoded greedily, token by token from the prompt (not teacher-forced)")
     return doc, head + "\n" + _format_examples(examples)

@@ -9,7 +9,7 @@ from loopformer.config import load_config
 from loopformer.data.sources import load_tokenizer
 from loopformer.data.text import encode_document, pack_window
 from loopformer.data.tokenizers import ByteTokenizer
-from loopformer.errors import DataError
+from loopformer.errors import CheckpointError, DataError
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.runs.restore import restore_params
@@ -61,6 +61,8 @@ def test_train_text_logs_bits_per_byte_at_several_loop_counts(tmp_path):
         train(load_config(None, [*args, "run.name=a", "train.steps=4", "data.paths=[/nonexistent/corpus.txt]"]))
     assert (result.run_dir / "config.yaml").read_bytes() == before
     assert not (result.run_dir / "config_changes.jsonl").exists()
+    with pytest.raises(CheckpointError, match=r"a different task \(data.vocab_size: 1024 -> 2048\)"):  # #27.11
+        train(load_config(None, [*args, "run.name=a", "train.steps=4", "data.vocab_size=2048"]))
 
 
 @pytest.mark.slow
