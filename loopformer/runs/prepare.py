@@ -19,8 +19,15 @@ from loopformer.runs.read import read_config_dict
 def resume_changes(cfg: Config, run_dir: Path) -> list[Change]:
     """What ``cfg`` changes against the config a run directory was trained with (nothing for a fresh
     directory). CheckpointError naming the first field when the architecture or the task differs."""
-    saved = RunDir(run_dir).config
-    if not (saved.is_file() and RunDir(run_dir).checkpoint_steps()):
+    layout = RunDir(run_dir)
+    orphans = [p.name for p in (layout.metrics, layout.tb) if p.exists()]
+    if orphans and not layout.checkpoints.exists():  # a crash before the first save leaves checkpoints/ empty, not gone
+        raise CheckpointError(
+            f"{run_dir} holds {' and '.join(orphans)} of an earlier run but no checkpoints/ to resume from (deleted?); "
+            f"training it again would mix the two runs' metrics. Move them aside (mv {run_dir} {run_dir}.old) or pick "
+            f"a new run.name")
+    saved = layout.config
+    if not (saved.is_file() and layout.checkpoint_steps()):
         return []
     old = read_config_dict(saved, run_dir)
     with contextlib.suppress(ConfigError):  # fields added since the run was written compare at their defaults
@@ -64,6 +71,8 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
     config: a resume that fails on them leaves the run's config.yaml as it was."""
     run_dir = make_run_dir(cfg)
     changes = resume_changes(cfg, run_dir)
+    # checkpoints/ exists from the start, so that metrics without it mean a deleted run (resume_changes)
+    RunDir(run_dir).checkpoints.mkdir(exist_ok=True)
     if write:
         write_config(cfg, run_dir)
     return run_dir, changes

@@ -58,6 +58,21 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, trained_run):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_a_run_whose_checkpoints_were_deleted_is_not_mixed_with_a_new_one(tmp_path, trained_run, monkeypatch):
+    """Issue #27.10: metrics.jsonl and tb/ without checkpoints/ are refused in one line, nothing touched."""
+    run_dir = copy_run(trained_run, tmp_path, "orphan")
+    shutil.rmtree(run_dir / "checkpoints")
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"holds metrics.jsonl and tb of an earlier run but no checkpoints/ to "
+                                              r"resume from \(deleted\?\); .* Move them aside"):
+        train(trained_config(tmp_path, "orphan"))
+    assert (run_dir / "metrics.jsonl").read_bytes() == before and not (run_dir / "checkpoints").exists()
+    # a trainer killed before its first checkpoint left metrics and an empty checkpoints/: a rerun starts over
+    train_until_crash(trained_config(tmp_path, "early"), 1, monkeypatch)
+    assert (tmp_path / "early" / "metrics.jsonl").exists() and not list((tmp_path / "early" / "checkpoints").iterdir())
+    assert train(trained_config(tmp_path, "early")).step == 4
+
+
 def test_continuing_with_more_steps(tmp_path, trained_run):
     """A larger train.steps continues a finished run from its last checkpoint."""
     copy_run(trained_run, tmp_path, "g")
