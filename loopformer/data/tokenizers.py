@@ -130,7 +130,17 @@ class HFTokenizer(Tokenizer):
         return self._vocab_size
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int32)
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception (e.g. WordLevel without [UNK])
+            raise DataError(f"the tokenizer cannot encode this text ({e}); give it an unknown token, or use "
+                            f"data.tokenizer=bpe or bytes") from None
+        return np.asarray(ids, np.int32)
+
+    def unencodable(self, text: str) -> list[str]:
+        """The characters of ``text`` (but whitespace) this tokenizer drops: no token covers them and it has no
+        unknown token to stand for them."""
+        return [c for c in dict.fromkeys(text) if not c.isspace() and not len(self.encode_array(c))]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode([i for i in map(int, ids) if 0 <= i < self._vocab_size], skip_special_tokens=True)

@@ -96,6 +96,11 @@ def generate_batch(logits_fn: LogitsFn, params: Any, prompts: Sequence[Sequence[
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Documents are trained as ``BOS ids EOS``: the prompt gets the tokenizer's ``bos_id`` in front when
     it has one."""
+    dropped = tokenizer.unencodable(prompt) if hasattr(tokenizer, "unencodable") else []
+    if dropped:
+        raise PlanError(f"--prompt: the run's tokenizer has no token for {', '.join(map(repr, dropped[:5]))}"
+                        + (f" (and {len(dropped) - 5} more)" if len(dropped) > 5 else "")
+                        + " and no unknown token, so they would be dropped silently; leave them out of the prompt")
     bos = getattr(tokenizer, "bos_id", None)
     ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt))
     if not ids:

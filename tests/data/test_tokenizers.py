@@ -178,3 +178,23 @@ def test_bad_tokenizer_files_raise_one_line_errors(tmp_path):
         assert msg.startswith(f"data.tokenizer={bad}") and expected in msg
     ByteTokenizer().save(tmp_path / "bytes.json")
     assert read_tokenizer(tmp_path / "bytes.json").kind == "bytes"
+
+
+def test_text_a_tokenizer_cannot_encode_is_named_not_dropped():
+    """Issue #27.4 and its WordLevel traceback: a BPE without an unknown token drops characters it has no
+    token for (refused for prompts, naming them); a WordLevel without [UNK] raises inside tokenizers (one line)."""
+    from loopformer.data.tokenizers import HFTokenizer
+    from loopformer.errors import PlanError
+    from loopformer.inference.generate import prompt_ids
+
+    bpe = HFTokenizer(HF(models.BPE(vocab={"a": 0, "b": 1, "</s>": 2, "ab": 3}, merges=[("a", "b")])), "file", "t.json")
+    assert bpe.encode("ab日本a") == [3, 0] and bpe.unencodable("ab 日本a日") == ["日", "本"]
+    with pytest.raises(PlanError, match=r"^--prompt: the run's tokenizer has no token for '日', '本' and no unknown "
+                                        r"token, so they would be dropped silently"):
+        prompt_ids(bpe, "ab日本")
+    assert prompt_ids(bpe, "ab a") == [2, 3, 0]  # BOS (its end-of-text token), then the text
+    word = HF(models.WordLevel({"hi": 0, "</s>": 1}))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(DataError, match=r"^the tokenizer cannot encode this text \(WordLevel error: Missing \[UNK\] "
+                                        r"token from the vocabulary\); give it an unknown token"):
+        HFTokenizer(word, "file", "w.json").encode("hi there")
