@@ -79,6 +79,10 @@ def model_config(spec: dict[str, Any], where: str | Path = CONFIG) -> ModelConfi
         hidden, vocab = int(spec["intermediate_size"]), int(spec["vocab_size"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: missing or bad field {e}") from None
+    for name, value in (("hidden_size", d), ("num_attention_heads", heads), ("num_hidden_layers", layers),
+                        ("intermediate_size", hidden), ("vocab_size", vocab)):
+        if value < 1:
+            raise CheckpointError(f"{where}: {name} must be >= 1, got {value}")
     kv = int(spec.get("num_key_value_heads") or heads)
     head_dim = spec.get("head_dim")
     if head_dim is not None and int(head_dim) * heads != d:
@@ -121,12 +125,29 @@ def read_tensors(folder: str | Path) -> dict[str, np.ndarray]:
 
 
 def hf_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str | Path = "") -> dict[str, np.ndarray]:
-    """{loopformer path: array} of the Hugging Face ``tensors`` for the plain model ``cfg``."""
+    """{loopformer path: array} of the Hugging Face ``tensors`` for the plain model ``cfg``. CheckpointError
+    naming the tensor for one that is missing, has another shape (or is stored transposed), or that the
+    config leaves unused (e.g. a layer beyond num_hidden_layers)."""
     t = {k.removeprefix("model."): v for k, v in tensors.items()}
+    used: set[str] = set()
+    D, V, F = cfg.d_model, cfg.vocab_size, cfg.mlp_hidden
+    hd = D // cfg.heads
+    q, kv = cfg.heads * hd, cfg.kv_head_count * hd
+    shapes = {"embed_tokens.weight": (V, D), "norm.weight": (D,), "lm_head.weight": (V, D),
+              "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+              "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D), "self_attn.v_proj.weight": (kv, D),
+              "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+              "self_attn.o_proj.weight": (D, q), "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D),
+              "mlp.down_proj.weight": (D, F)}
 
     def get(name: str) -> np.ndarray:
         if name not in t:
             raise CheckpointError(f"{where}: tensor {name} is missing from the safetensors files")
+        want, got = shapes[name.split(".", 2)[-1] if name.startswith("layers.") else name], tuple(t[name].shape)
+        if got != want:
+            how = "is stored transposed" if got == want[::-1] else "has another shape"
+            raise CheckpointError(f"{where}: tensor {name} {how}: {list(got)}, where config.json implies {list(want)}")
+        used.add(name)
         return np.asarray(t[name], np.float32)
 
     def stack(f: Any) -> np.ndarray:
@@ -149,6 +170,13 @@ def hf_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str | Pat
                                                                        for n in "qkv"]))
     if not cfg.tie_embeddings:
         out["head/kernel"] = get("lm_head.weight").T
+    # rotary inverse frequencies are recomputed, and a tied head may be saved as a copy of the embedding
+    unused = sorted(n for n in t if n not in used and not n.endswith("rotary_emb.inv_freq")
+                    and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    if unused:
+        raise CheckpointError(f"{where}: {len(unused)} tensor(s) that config.json leaves unused ({', '.join(unused[:3])}"
+                              + (", ..." if len(unused) > 3 else "") + f"; it says {cfg.prelude} layers): fix "
+                              f"config.json or the safetensors files")
     return out
 
 
@@ -161,5 +189,23 @@ def import_folder(folder: str | Path) -> tuple[ModelConfig, Any, Path]:
     if not cfg.tie_embeddings and "lm_head.weight" not in tensors and "model.lm_head.weight" not in tensors:
         cfg.tie_embeddings = True  # saved without a head: it is the embedding
     flat = hf_params(tensors, cfg, folder)
+    _check_tokenizer(folder / TOKENIZER, cfg.vocab_size)
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(cfg, cfg.vocab_size, 0))))
     return cfg, fill(abstract, flat, f"--hf {folder}"), folder / TOKENIZER
+
+
+def _check_tokenizer(path: Path, vocab: int) -> None:
+    """CheckpointError unless ``path`` is a tokenizer whose ids all have a row in the model's ``vocab``-row
+    embedding (a model may have more rows than the tokenizer has tokens, padded for speed; not fewer)."""
+    import tokenizers as hf
+
+    try:
+        tok = hf.Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+        raise CheckpointError(f"{path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1) + 1
+    if top > vocab:
+        raise CheckpointError(f"{path} has token ids up to {top - 1}, but the model's vocabulary (config.json "
+                              f"vocab_size, the embedding's rows) is {vocab}: they belong to different models; use "
+                              f"the tokenizer the weights were trained with")

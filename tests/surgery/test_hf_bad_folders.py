@@ -1,0 +1,72 @@
+"""`loopformer import` on broken Hugging Face folders (written here with numpy and safetensors, no torch):
+each gets one line naming the field or tensor (issue #27), and a good folder still imports."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from loopformer.cli import main
+from loopformer.data.tokenizers import train_bpe
+from loopformer.errors import CheckpointError
+from loopformer.surgery.hf import import_folder
+
+D, F, LAYERS, HEADS = 16, 32, 2, 2
+
+
+def write_folder(folder: Path, vocab: int = 300, layers: int = LAYERS, config: dict | None = None,
+                 tensors: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """A tiny Llama folder: config.json, model.safetensors (random weights), a byte-level BPE tokenizer.json."""
+    folder.mkdir(parents=True)
+    spec = {"model_type": "llama", "hidden_size": D, "intermediate_size": F, "num_hidden_layers": layers,
+            "num_attention_heads": HEADS, "vocab_size": vocab, "tie_word_embeddings": True} | (config or {})
+    (folder / "config.json").write_text(json.dumps(spec))
+    rng = np.random.default_rng(0)
+    w = {"model.embed_tokens.weight": (vocab, D), "model.norm.weight": (D,)}
+    for i in range(LAYERS if layers < 1 else layers):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+              p + "self_attn.q_proj.weight": (D, D), p + "self_attn.k_proj.weight": (D, D),
+              p + "self_attn.v_proj.weight": (D, D), p + "self_attn.o_proj.weight": (D, D),
+              p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)}
+    arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in w.items() if k not in drop} | (tensors or {})
+    save_file(arrays, str(folder / "model.safetensors"))
+    text = "In the beginning God created the heaven and the earth. " * 40
+    (folder / "tokenizer.json").write_text(train_bpe([text], 280).to_str())
+    return folder
+
+
+def test_a_good_numpy_folder_imports(tmp_path):
+    cfg, params, _ = import_folder(write_folder(tmp_path / "good"))
+    assert cfg.prelude == LAYERS and params["prelude"]["attn"]["qkv"]["kernel"].shape == (LAYERS, D, 3 * D)
+
+
+L1 = "model.layers.1."
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(config={"num_hidden_layers": 0}), r"config.json: num_hidden_layers must be >= 1, got 0"),
+    (dict(tensors={L1 + "mlp.down_proj.weight": np.zeros((32, 50), np.float32)}),
+     r"tensor layers.1.mlp.down_proj.weight has another shape: \[32, 50\], where config.json implies \[16, 32\]"),
+    (dict(tensors={L1 + "mlp.down_proj.weight": np.zeros((F, D), np.float32)}),
+     r"tensor layers.1.mlp.down_proj.weight is stored transposed: \[32, 16\], where config.json implies \[16, 32\]"),
+    (dict(config={"num_hidden_layers": 1}),
+     r"9 tensor\(s\) that config.json leaves unused \(layers.1.input_layernorm.weight, .*; it says 1 layers\)"),
+    (dict(drop=(L1 + "self_attn.k_proj.weight",)), r"tensor layers.1.self_attn.k_proj.weight is missing"),
+    (dict(vocab=200), r"tokenizer.json has token ids up to 279, but the model's vocabulary .* is 200"),
+])
+def test_a_broken_folder_is_one_line(tmp_path, kwargs, message):
+    folder = write_folder(tmp_path / "bad", **kwargs)
+    with pytest.raises(CheckpointError, match=message):
+        import_folder(folder)
+
+
+def test_the_command_says_it_in_one_line_and_writes_nothing(tmp_path, capsys):
+    folder = write_folder(tmp_path / "bad", config={"num_hidden_layers": 1})
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "leaves unused" in line and not (tmp_path / "run").exists()
+    assert main(["import", "--hf", str(folder), "--out", ""]) == 2
+    assert "--out '': name the new run's directory" in capsys.readouterr().err
