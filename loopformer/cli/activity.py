@@ -9,6 +9,7 @@ from typing import Any
 from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
 from loopformer.cli.eval import mode_flag
 from loopformer.cli.loopspec import parse_loops
+from loopformer.errors import AnalysisError
 from loopformer.evaluation import activity, plots, tables
 from loopformer.evaluation.run import load_run
 from loopformer.model.plan import MAX_LOOPS
@@ -30,6 +31,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 def activity_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
+        if not info.circuits:
+            raise AnalysisError(f"{info.path} has no circuits (model.stages: []): activity measures what each looped "
+                                f"circuit does, so there is nothing to measure (`loopformer convert` makes one)")
         check_writable(info.path, "activity.csv and activity.png")
         splits = info.select_splits(args.split)
         loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
@@ -41,8 +45,6 @@ def activity_command(args: argparse.Namespace) -> int:
         doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "loops": info.full_loops(loops),
                "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds, "rows": rows, "examples": examples,
                "files": files}
-        if not info.circuits:
-            return doc, f"{info.path} has no circuits (model.stages: []): nothing to measure"
         return doc, "\n".join([tables.header_line(info, run.step, args.examples),
                                tables.activity_table(rows, thresholds, info, args.mode), "wrote " + ", ".join(files)])
 

@@ -6,12 +6,13 @@ import argparse
 from typing import Any
 
 from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
-from loopformer.errors import AnalysisError
+from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, rys, tables
 from loopformer.evaluation.run import load_run
 from loopformer.runs.read import read_run
 
 TOP = 5
+MAX_REPEATS = 64  # far past the 1-3 extra runs the duplication experiments use; a typo would build a huge schedule
 
 
 def _repeats(text: str) -> list[int]:
@@ -60,6 +61,9 @@ def _table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], text: boo
                 "rys_<split>.png)", _args)
 def rys_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
+        if max(args.repeats) > MAX_REPEATS:
+            raise PlanError(f"--repeats {max(args.repeats)}: at most {MAX_REPEATS} extra runs of a block (each adds "
+                            f"the block's layers to every schedule); ask for fewer, e.g. --repeats 1,2,3")
         info = read_run(args.run)
         stack = args.stack or ("prelude" if info.cfg.model.prelude else "coda")
         layers = rys.stack_layers(info, stack)

@@ -42,6 +42,12 @@ def test_rys_scores_every_range_on_few_programs(plain_run, capsys):
         assert (plain_run / f).is_file()
 
 
+def test_activity_on_a_plain_model_is_one_line(plain_run, capsys):
+    assert main(["activity", "--run", str(plain_run)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "has no circuits (model.stages: []): activity measures" in line
+
+
 def test_rys_errors(plain_run, capsys):
     assert main(["rys", "--run", str(plain_run), "--stack", "coda"]) == 2
     assert "no coda layers to duplicate" in capsys.readouterr().err
