@@ -41,6 +41,18 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, markdo
         line for r in cells[1:] for line in physical(r)])
 
 
+def score(row: Row) -> str:
+    """A row's headline number: bits per byte on a text split, else exact-match accuracy (a mixture of text
+    and tasks has both kinds of split)."""
+    return f"{row['bits_per_byte']:.4f}" if "bits_per_byte" in row else pct(row["accuracy"])
+
+
+def score_name(rows: Sequence[Row]) -> str:
+    """The header of `score`'s column: bits/byte, accuracy, or both for a mixture of text and tasks."""
+    text = [("bits_per_byte" in r) for r in rows]
+    return "bits/byte" if all(text) and text else "accuracy / bits/byte" if any(text) else "accuracy"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -74,25 +86,22 @@ def mean_loops_str(row: Row) -> str:
 
 
 def eval_table(rows: Sequence[Row], info: RunInfo) -> str:
-    text = any("bits_per_byte" in r for r in rows)
     exits = any(r.get("exit") for r in rows)
     body = [[split_label(info, r["split"]), loops_str(r["loops"])] + ([exit_str(r), mean_loops_str(r)] if exits else [])
-            + [",".join(r["ablated"]) or "-", f"{r['loss']:.4f}"]
-            + ([f"{r['bits_per_byte']:.4f}"] if text else [pct(r["accuracy"])])
-            + [pct(r["token_accuracy"]), r["examples"]] for r in rows]
+            + [",".join(r["ablated"]) or "-", f"{r['loss']:.4f}", score(r), pct(r["token_accuracy"]), r["examples"]]
+            for r in rows]
     header = (["split", "loops (caps)" if exits else "loops"] + (["exit", "mean loops"] if exits else [])
-              + ["ablated", "loss", "bits/byte" if text else "accuracy", "token acc", "examples"])
+              + ["ablated", "loss", score_name(rows), "token acc", "examples"])
     return format_table(header, body)
 
 
 def exit_table(rows: Sequence[Row], info: RunInfo) -> str:
     """A sweep over exit thresholds: a row per split and rule, with the iterations actually run."""
-    text = any("bits_per_byte" in r for r in rows)
     body = [[split_label(info, r["split"]), exit_str(r), loops_str(r["loops"]), mean_loops_str(r), f"{r['loss']:.4f}",
-             f"{r['bits_per_byte']:.4f}" if text else pct(r["accuracy"])] for r in rows]
+             score(r)] for r in rows]
     return ("exit rules: each token stops when its rule fires (loops = the caps; mean loops = iterations run per "
-            "real token)\n" + format_table(["split", "exit", "loops (caps)", "mean loops", "loss",
-                                              "bits/byte" if text else "accuracy"], body))
+            "real token)\n" + format_table(["split", "exit", "loops (caps)", "mean loops", "loss", score_name(rows)],
+                                              body))
 
 
 def ablation_table(rows: Sequence[Row], info: RunInfo) -> str:

@@ -25,7 +25,7 @@ from loopformer import parallel
 from loopformer.config import Change, Config
 from loopformer.data.sources import DataSource, build_data
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
-from loopformer.evaluation.tables import format_table
+from loopformer.evaluation.tables import format_table, score, score_name
 from loopformer.flops import FlopCounter, peak_flops
 from loopformer.metrics import text_metrics
 from loopformer.model.describe import describe
@@ -414,14 +414,11 @@ def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
                     for c in swept})
     who = "every circuit" if len(swept) == len(cfg.model.circuits()) else "+".join(c.name for c in swept)
     value = {(r["loops"], r["split"]): r for r in rows}
-    if rows and "bits_per_byte" in rows[0]:
-        title = f"bits per byte vs loop count ({who} at n; training mean {', '.join(map(str, means))})"
-        header = ["loops", *splits]
-        cells = [[n] + [f"{value[(n, s)]['bits_per_byte']:.4f}" for s in splits] for n in counts]
-    else:
-        title = (f"accuracy vs loop count ({who} at n; training mean {', '.join(map(str, means))}; "
-                 f"difficulty [lo, hi] per split)")
-        ranges = cfg.data.split_ranges()
-        header = ["loops"] + [f"{s} {tuple(ranges[s])}" if ranges.get(s) else s for s in splits]
-        cells = [[n] + [f"{100 * value[(n, s)]['accuracy']:.1f}%" for s in splits] for n in counts]
+    what = {"bits/byte": "bits per byte", "accuracy": "accuracy"}.get(score_name(rows), "accuracy (bits per byte on "
+                                                                                         "text splits)")
+    ranges = cfg.data.split_ranges()
+    title = (f"{what} vs loop count ({who} at n; training mean {', '.join(map(str, means))}"
+             + ("; difficulty [lo, hi] per split)" if any(ranges.get(s) for s in splits) else ")"))
+    header = ["loops"] + [f"{s} {tuple(ranges[s])}" if ranges.get(s) else s for s in splits]
+    cells = [[n] + [score(value[(n, s)]) for s in splits] for n in counts]
     return title + "\n" + format_table(header, cells)

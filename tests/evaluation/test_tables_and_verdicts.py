@@ -31,3 +31,22 @@ def test_format_table_multiline_cells():
     text = format_table(["loops", "answer", ""], [["X=1", "#-#\n. .", "✓"], ["X=24", "ab", "✗"]])
     assert text.splitlines() == ["loops  answer", "-----  ------  -", "X=1    #-#     ✓", "       . .",
                                  "X=24   ab      ✗"]
+
+
+def test_a_mixture_of_text_and_a_task_shows_each_splits_own_metric_in_either_order():
+    """Issue #27: with a text entry first the final table raised KeyError 'bits_per_byte'; with a task first
+    the text splits read "accuracy 0.0 %". Each split now shows its own number."""
+    from loopformer.config import load_config
+    from loopformer.train.trainer import format_sweep_table
+
+    cfg = load_config(None, ["data.task=mixture", "data.mixture=[{task: prefix_parity, name: parity, train_difficulty: "
+                             "[1, 4], eval_splits: {train: [1, 4]}}, {task: text, name: kjv, paths: "
+                             "['asset:kjv_genesis_exodus.txt']}]"])
+    text = [{"loops": n, "split": "kjv/val", "accuracy": 0.0, "bits_per_byte": 2.5 - 0.1 * n} for n in (1, 2)]
+    task = [{"loops": n, "split": "parity/train", "accuracy": 0.25 * n} for n in (1, 2)]
+    for rows in (text + task, task + text):
+        table = format_sweep_table(rows, cfg)
+        assert table.startswith("accuracy (bits per byte on text splits) vs loop count")
+        lines = table.splitlines()
+        one = next(line for line in lines if line.split()[:1] == ["1"])
+        assert "2.4000" in one and "25.0%" in one and "0.0%" not in one
