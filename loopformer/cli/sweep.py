@@ -12,7 +12,7 @@ from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import plots, sweep, tables
 from loopformer.evaluation.run import LoadedRun, load_run
-from loopformer.runs.log import log
+from loopformer.runs.log import log, progress
 from loopformer.runs.read import read_run
 from loopformer.runs.scalars import MetricsWriter
 
@@ -106,7 +106,7 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     before = run.evaluator.compiles
     rows = []
     for split, batches in eval_sets.items():
-        for exits in settings:
+        for exits in progress(settings, f"sweep {split}"):
             caps = exit_caps(info, exits, args.max_loops, loops)
             row = run.row(split, batches, caps, exits=exits)
             row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(caps), exits)["histogram"]

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from loopformer.evaluation.run import Batch, LoadedRun, Row
-from loopformer.runs.log import log
+from loopformer.runs.log import log, progress
 
 MODES = ("zero", "mean")
 
@@ -56,7 +56,7 @@ def ablate(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], mode: str =
     for split, batches in eval_sets.items():
         fill = mean_fill(run, batches) if mode == "mean" else None
         base = None
-        for label, removed in ablation_sets(circuits):
+        for label, removed in progress(ablation_sets(circuits), f"ablate {split}"):
             row = run.row(split, batches, None, removed, fill)
             base = base or row
             row.update(label=label, mode=mode, kept=[c for c in circuits if c not in removed],

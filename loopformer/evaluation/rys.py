@@ -18,7 +18,7 @@ import numpy as np
 from loopformer.errors import AnalysisError
 from loopformer.evaluation.run import Batch, LoadedRun
 from loopformer.model.schedule import duplication, longest, padded, ranges
-from loopformer.runs.log import log
+from loopformer.runs.log import log, progress
 from loopformer.runs.read import RunInfo
 
 STACKS = ("prelude", "coda")
@@ -69,15 +69,13 @@ def scan(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], stack: str, r
     for split, batches in eval_sets.items():
         base = run.row(split, batches, loops, schedules={stack: padded(list(range(layers)), length)})
         baseline.append(_score(base, text))
-        done, total = 0, len(repeats) * layers * (layers + 1) // 2
-        for r in repeats:
-            for start, end in ranges(layers):
-                order = padded(duplication(layers, start, end, r), length)
-                row = run.row(split, batches, loops, schedules={stack: order})
-                rows.append({"start": start, "end": end, "repeats": r} | _score(row, text))
-                done += 1
-                if done % 20 == 0 or done == total:
-                    log(f"rys {split}: {done}/{total} duplications")
+        settings = [(r, start, end) for r in repeats for start, end in ranges(layers)]
+        for done, (r, start, end) in enumerate(progress(settings, f"rys {split}"), 1):
+            order = padded(duplication(layers, start, end, r), length)
+            row = run.row(split, batches, loops, schedules={stack: order})
+            rows.append({"start": start, "end": end, "repeats": r} | _score(row, text))
+            if done % 20 == 0 or done == len(settings):
+                log(f"rys {split}: {done}/{len(settings)} duplications")
     return rows, baseline
 
 

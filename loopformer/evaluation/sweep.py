@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from loopformer.evaluation.run import Batch, LoadedRun, Row, real_rows
-from loopformer.runs.log import log
+from loopformer.runs.log import log, progress
 
 Convergence = dict[str, dict[str, dict[str, list[float]]]]  # split -> circuit -> stat -> [iteration]
 
@@ -29,7 +29,7 @@ def sweep(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], grid: Mappin
     """One row per split and grid point; circuits not in ``grid`` stay at their eval_loops."""
     rows, points = [], grid_points(grid)
     for split, batches in eval_sets.items():
-        for i, loops in enumerate(points):
+        for i, loops in enumerate(progress(points, f"sweep {split}")):
             rows.append(run.row(split, batches, loops))
             if (i + 1) % 10 == 0 or i + 1 == len(points):
                 log(f"sweep {split}: {i + 1}/{len(points)} settings")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Iterable, Iterator
+from typing import Literal, TypeVar
+
+T = TypeVar("T")
 
 Stream = Literal["stdout", "stderr"]
 _stream: list[Stream] = ["stderr"]  # looked up on sys at each call (tests replace sys.stdout / sys.stderr)
@@ -33,3 +35,17 @@ def log_to(stream: Stream) -> Iterator[None]:
         yield
     finally:
         _stream.pop()
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """``items`` with a progress bar (tqdm) on the log stream while it is a terminal, refreshed at least
+    every 10 s: long analysis commands (sweep, rys, ablate) show where they are. Off a terminal (pipes, CI,
+    tests) nothing is drawn; the commands' own `log` lines still say what was done."""
+    from tqdm import tqdm
+
+    stream = getattr(sys, _stream[-1])
+    import jax
+
+    off = jax.process_index() != 0 or not (hasattr(stream, "isatty") and stream.isatty())
+    yield from tqdm(items, desc=desc, total=total, file=stream, disable=off, leave=False, mininterval=0.5,
+                    maxinterval=10.0, dynamic_ncols=True)
