@@ -84,8 +84,14 @@ def rys_command(args: argparse.Namespace) -> int:
                "rows": rows, "baseline": baseline, "compiles": compiles, "files": files}
         if not rows:
             raise AnalysisError("nothing to scan")
-        text = "\n".join([tables.header_line(info, run.step, args.examples),
-                          f"duplicating blocks of the {layers} {stack} layers, repeats {args.repeats}",
+        scanned = f"duplicating blocks of the {layers} {stack} layer{'s' if layers > 1 else ''}, repeats {args.repeats}"
+        if info.circuits:  # a looped run: only its plain stacks have layers to duplicate
+            other = "coda" if stack == "prelude" else "prelude"
+            scanned += (f" (a looped run: rys duplicates layers of its plain {stack}, not its circuits "
+                        f"{', '.join(info.circuits)}, which loop already; --stack {other} scans the other stack, and "
+                        f"`loopformer convert` loops a block of a plain model)")
+            doc["note"] = scanned
+        text = "\n".join([tables.header_line(info, run.step, args.examples), scanned,
                           _table(rows, baseline, info.is_text),
                           f"programs compiled for these {len(rows) + len(baseline)} evaluations: {compiles} "
                           f"(layer schedules are runtime inputs)", "wrote " + ", ".join(files)])

@@ -287,3 +287,12 @@ def test_exit_errors(run_dir, capsys, argv, message):
     assert main([argv[0], "--run", str(run_dir), *argv[1:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_rys_on_a_looped_run_says_what_it_scanned(run_dir, tmp_path, capsys):
+    """Issue #27: on a looped run rys scans a plain stack's layers, and says so (not "best of 1 settings")."""
+    copy = shutil.copytree(run_dir, tmp_path / "looped")  # rys writes rys.csv into the run: not the shared one
+    doc = run_json(capsys, "rys", "--run", str(copy), "--examples", "8", "--split", "train")
+    assert doc["stack"] == "prelude" and doc["layers"] == 1
+    assert "a looped run: rys duplicates layers of its plain prelude, not its circuits X, Y" in doc["note"]
+    assert "--stack coda" in doc["note"] and "loopformer convert" in doc["note"]

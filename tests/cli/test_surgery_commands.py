@@ -46,6 +46,9 @@ def test_activity_on_a_plain_model_is_one_line(plain_run, capsys):
     assert main(["activity", "--run", str(plain_run)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and "has no circuits (model.stages: []): activity measures" in line
+    assert main(["eval", "--run", str(plain_run), "--exit", "latent_diff:0.1"]) == 2  # #27.8: not ignored
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "error: --exit latent_diff:0.1: this run has no looped circuits, so nothing can exit; drop --exit"
 
 
 def test_rys_errors(plain_run, capsys):
