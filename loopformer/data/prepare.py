@@ -25,6 +25,7 @@ of tokens held out, exactly as training from the raw file splits it (meta.json: 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -61,6 +62,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.errors import DataError
+from loopformer.runs.lock import exclusive
 
 CHUNK_TOKENS = 4096  # tokens per ArrayRecord record: a window read touches one or two records
 SHARD_TOKENS = 2**26  # tokens per shard file (128 MiB of uint16)
@@ -262,9 +264,28 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
         raise DataError(f"need 1 <= chunk_tokens <= shard_tokens, got {chunk_tokens} and {shard_tokens}")
     out = Path(out).expanduser()
     paths = expand_paths(d.paths)
-    replaced = _check_out(out, paths, d.paths, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write to {out.parent} ({e.strerror or e}); choose a writable "
+                        f"--out") from None
+    # one prepare per --out: a second would find the first's output half made (and clean its work away)
+    busy = f"--out {out} is being written by another `loopformer prepare`{{holder}}; wait for it, or choose another --out"
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive(out.parent / f".{out.name}.prepare.lock", busy, remove=True))
+        except OSError as e:
+            raise DataError(f"--out {out}: cannot write to {out.parent} ({e.strerror or e}); choose a writable "
+                            f"--out") from None
+        return _prepare_locked(cfg, out, paths, force, chunk_tokens, shard_tokens, progress)
+
+
+def _prepare_locked(cfg: Config, out: Path, paths: list[Path], force: bool, chunk_tokens: int, shard_tokens: int,
+                    progress: bool) -> dict[str, Any]:
+    """`prepare_corpus` holding the --out lock."""
+    d = cfg.data
+    replaced = _check_out(out, paths, d.paths, force)
+    try:
         for leftover in clean_leftovers(out):
             print(f"removed {leftover}, left by an interrupted prepare", file=sys.stderr)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

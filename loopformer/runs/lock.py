@@ -1,4 +1,5 @@
-"""The trainer's lock on a run directory (`run_lock`): one training process per run."""
+"""Exclusive locks: the trainer's on a run directory (`run_lock`: one training process per run), and
+`exclusive` for any one file (`loopformer prepare`'s on its --out)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,51 @@ def lock_file(run_dir: Path, process: int = 0) -> Path:
 
 
 @contextlib.contextmanager
+def exclusive(path: Path, busy: str, *, unlocked_note: str | None = None, remove: bool = False) -> Iterator[Path]:
+    """Hold an exclusive OS lock (``flock``) on the file ``path`` (created) for the block. Held by another
+    process: ConfigError ``busy`` + " (pid P on HOST, since T)" + "; ..." (``busy`` may hold ``{holder}``).
+    The kernel releases the lock when the process exits, however it exits; a filesystem without locks
+    runs unlocked, logging ``unlocked_note`` if given. ``remove`` deletes the file when the block ends (a
+    process that opened it just before then finds it unlinked once it holds the lock, and counts as busy)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    locked = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if remove and os.fstat(fd).st_ino != _inode(path):  # the holder removed it as we opened it
+                raise BlockingIOError
+            locked = True
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
+            raise ConfigError(busy.replace("{holder}", holder)) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            if unlocked_note:
+                log(unlocked_note.replace("{reason}", str(e.strerror)))
+        else:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield path
+    finally:
+        if remove and locked:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # before releasing: nobody can lock this file after us
+        os.close(fd)  # releases the lock
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: Path, process: int | None = None) -> Iterator[Path]:
     """Hold an exclusive OS lock (``flock``) on the run directory while training it.
 
@@ -34,28 +80,9 @@ def run_lock(run_dir: Path, process: int | None = None) -> Iterator[Path]:
     fails in every process at once instead of hanging in a collective. A filesystem without locks
     (some network mounts) trains unlocked, with a note."""
     process = jax.process_index() if process is None else process
-    path = lock_file(run_dir, process)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-                holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
-            raise ConfigError(f"{run_dir} is being trained by another process{holder}; wait for it to finish "
-                              f"(or stop it), or set run.name=<another name> to start a separate run") from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            if process == 0:
-                log(f"note: {run_dir}'s filesystem has no file locks ({e.strerror}); nothing stops a second "
-                    f"trainer on this directory")
-        else:
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+    with exclusive(lock_file(run_dir, process),
+                   f"{run_dir} is being trained by another process{{holder}}; wait for it to finish (or stop it), or set "
+                   f"run.name=<another name> to start a separate run",
+                   unlocked_note=(f"note: {run_dir}'s filesystem has no file locks ({{reason}}); nothing stops a second "
+                                  f"trainer on this directory") if process == 0 else None) as path:
         yield path
-    finally:
-        os.close(fd)  # releases the lock

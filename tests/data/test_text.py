@@ -14,7 +14,7 @@ from loopformer.data.prepare import prepare_corpus
 from loopformer.data.sources import build_data, load_tokenizer
 from loopformer.data.text import pack_window, split_of
 from loopformer.data.tokenizers import BOS, EOS, NUM_SPECIAL, PAD, ByteTokenizer, read_tokenizer, train_bpe
-from loopformer.errors import DataError
+from loopformer.errors import ConfigError, DataError
 
 WORDS = ["the", "of", "and", "to", "in", "that", "he", "shall", "unto", "lord", "his", "for", "i", "with", "god",
          "them", "is", "be", "naïve", "日本", "→"]
@@ -276,7 +276,7 @@ def test_prepare_force_deletes_nothing_it_did_not_write(tmp_path):
     (out / "my_notes.txt").unlink()
     meta = prepare_corpus(cfg_for(tmp_path, [path], "data.val_fraction=0.5"), out, force=True, progress=False)
     assert json.loads((out / "meta.json").read_text()) == meta and meta["val_fraction"] == 0.5
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no .out.old-PID left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no .out.old-PID, no lock
     with pytest.raises(DataError, match=r"--out .*data/prepared is inside .*data, a directory data.paths reads"):
         prepare_corpus(cfg_for(tmp_path, [data]), data / "prepared", progress=False)
 
@@ -306,6 +306,23 @@ def test_leftovers_of_a_killed_prepare_are_cleaned_and_never_read(tmp_path):
     prepare_corpus(cfg_for(tmp_path, [path]), src / "out", progress=False)
     assert sorted(p.name for p in src.iterdir() if p.name.startswith(".")) == sorted(
         [".git", f".out.tmp-{os.getppid()}", f".out.tmp-{pid + 1}"])
+
+
+def test_a_second_prepare_on_one_out_names_the_first(tmp_path):
+    """Issue #27: two prepares into one --out; the loser blamed "disk full or read-only?". It now names the
+    other prepare, and touches nothing."""
+    from loopformer.runs.lock import exclusive
+
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "out"
+    # what a running prepare holds (flock locks belong to the open file: a second open in this process
+    # conflicts as another process's would)
+    busy = r"^--out .*out is being written by another `loopformer prepare` \(pid \d+ on .*, since .*\); wait for it"
+    with exclusive(tmp_path / ".out.prepare.lock", "held", remove=True), pytest.raises(ConfigError, match=busy):
+        prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    assert not out.exists()
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)  # once it is done, the next one runs
+    assert (out / "meta.json").is_file()
 
 
 def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
