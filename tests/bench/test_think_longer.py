@@ -31,7 +31,7 @@ def test_counts_run_to_eight_times_the_mean():
     assert think_longer.TASKS["prefix_parity"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
     assert think_longer.TASKS["maze"].counts() == [1, 2, 4, 6, 12, 18, 24, 36, 48, 72, 96]
     assert think_longer.TASKS["maze_entrance"].counts() == think_longer.TASKS["maze"].counts()
-    assert max(think_longer.TASKS["addition"].counts()) == 32
+    assert max(think_longer.TASKS["addition"].counts()) == 64  # 8x its training mean of 8
     assert think_longer.TASKS["maze3"].counts(quick=True) == [1, 2, 4, 6, 12, 18, 24, 48, 96]
 
 
@@ -166,7 +166,7 @@ def test_selection_chooses_on_val_and_reports_test():
 def test_fixed_rule_scales_the_training_mean_with_the_difficulty():
     setting = think_longer.TASKS["prefix_parity"]  # mean 12, trained to 8 bits
     assert [setting.rule(s) for s in ("train", "2x", "4x")] == [12, 24, 48]
-    assert think_longer.TASKS["addition"].rule("4x") == 16  # mean 4, 8 -> 32 digits
+    assert think_longer.TASKS["addition"].rule("4x") == 32  # mean 8, 8 -> 32 digits
     rows = held_out({12: 0.5, 24: 0.9}, {12: 0.4, 24: 0.8}) + held_out({1: 0.3}, {1: 0.2}, model="equal_params")
     assert think_longer.fixed_rule(rows, setting) == [
         {"seed": 0, "model": "looped", "difficulty": "2x", "loops": 24, "test_accuracy": 0.8}]
