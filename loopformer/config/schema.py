@@ -22,7 +22,7 @@ from typing import Any
 from loopformer.errors import ConfigError
 from loopformer.variants.halting import HALTINGS, Halting
 from loopformer.variants.loops import MAX_LOOPS, LoopDistribution
-from loopformer.variants.position import POSITIONS
+from loopformer.variants.position import POSITIONS, RopeScaling
 from loopformer.variants.registry import Registry
 from loopformer.variants.routing import ROUTERS, RouterKind
 from loopformer.variants.state import INITS, INJECTIONS
@@ -257,6 +257,8 @@ class ModelConfig:
     causal: bool = True  # false: bidirectional attention everywhere (the window reaches w - 1 tokens both
     # ways); only for tasks whose labels sit at input positions (aligned), where no target is an input
     rope_base: float = 10000.0  # RoPE theta
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # {} or {kind: linear | llama3, factor, and for
+    # llama3 low_freq_factor, high_freq_factor, original_max}: Hugging Face's rope_scaling (variants/position.py)
     position: str = _arch("rope")  # rope | none (NoPE) | abacus (NoPE + each digit's place in its number): how the
     # model sees positions (loopformer/variants/position.py)
     abacus_size: int = _arch(128)  # abacus: place embeddings 1 .. abacus_size - 1 (the data must fit: checked)
@@ -335,6 +337,12 @@ class ModelConfig:
         _one_of(m.attention, ATTENTION_IMPLS, "model.attention")
         _one_of(m.position, POSITIONS, "model.position")
         self._validate_abacus()
+        try:
+            scaling = RopeScaling.of(m.rope_scaling, "model.rope_scaling")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _check(scaling is None or m.position == "rope", f"model.rope_scaling scales RoPE's frequencies, but "
+               f"model.position={m.position}; drop model.rope_scaling or set model.position=rope")
         halting = [c.name for c in m.circuits() if c.halting.has_head]
         _check(len(halting) <= 1, f"model: at most one circuit may have a halting head (it is read out after every "
                f"iteration), got {', '.join(halting)}")

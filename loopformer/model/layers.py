@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopformer.model.attend import attend, attend_split, resolve
-from loopformer.variants.position import POSITIONS, Position
+from loopformer.variants.position import POSITIONS, Position, RopeScaling
 
 Array = jax.Array
 
@@ -45,7 +45,8 @@ class BlockSettings:
         """From a `ModelConfig` and the residual-output scale."""
         return BlockSettings(swiglu=cfg.mlp == "swiglu", sandwich=cfg.norm == "sandwich", std=cfg.init_std,
                              out_std=out_std, dtype=jnp.dtype(cfg.compute_dtype), causal=cfg.causal,
-                             position=POSITIONS.get(cfg.position, "model.position")(cfg.rope_base),
+                             position=POSITIONS.get(cfg.position, "model.position")(
+                                 cfg.rope_base, RopeScaling.of(cfg.rope_scaling, "model.rope_scaling")),
                              qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps, attention=cfg.attention)
 
 

@@ -16,7 +16,8 @@ a plain loopformer model (every layer in the prelude, ``model.stages: []``):
     model.norm.weight                                -> final_norm/scale
     lm_head.weight [V, D] (absent when tied)         -> head/kernel (transposed), or tied to the embedding
 
-What the layout cannot express (rope scaling, a head_dim other than hidden / heads, o_proj or MLP biases,
+RoPE scaling ``linear`` and ``llama3`` become ``model.rope_scaling``. What the layout cannot express (dynamic
+rope scaling, a head_dim other than hidden / heads, o_proj or MLP biases,
 an activation other than SiLU, Qwen2's per-layer sliding windows) is refused with one line.
 """
 
@@ -33,6 +34,7 @@ from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.model.transformer import build_model
 from loopformer.surgery.naming import fill
+from loopformer.variants.position import ROPE_SCALINGS, RopeScaling
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 CONFIG, TOKENIZER = "config.json", "tokenizer.json"
@@ -59,13 +61,29 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return spec
 
 
-def _rope(spec: dict[str, Any], where: Path) -> float:
+def _rope(spec: dict[str, Any], where: Path) -> tuple[float, dict[str, Any]]:
+    """(theta, model.rope_scaling) of a config.json: plain RoPE, or linear / llama3 scaling (`RopeScaling`)."""
     params = spec.get("rope_parameters") or {}
     scaling = spec.get("rope_scaling") or ({} if params.get("rope_type", "default") == "default" else params)
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
-    if kind not in (None, "default"):
-        raise CheckpointError(f"{where}: rope scaling '{kind}' is not supported (plain RoPE only)")
-    return float(spec.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    theta = float(spec.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
+    if kind in (None, "default"):
+        return theta, {}
+    if kind == "dynamic":
+        raise CheckpointError(f"{where}: rope scaling 'dynamic' is not supported: its frequencies change with the "
+                              f"sequence length, so keys already in a decoding cache would no longer match (use a "
+                              f"config with linear or llama3 scaling, or none)")
+    if kind not in ROPE_SCALINGS:
+        raise CheckpointError(f"{where}: rope scaling '{kind}' is not supported (plain, {', '.join(ROPE_SCALINGS)})")
+    out = {"kind": kind, "factor": scaling.get("factor")}
+    if kind == "llama3":
+        out |= {"low_freq_factor": scaling.get("low_freq_factor"), "high_freq_factor": scaling.get("high_freq_factor"),
+                "original_max": scaling.get("original_max_position_embeddings")}
+    try:
+        RopeScaling.of(out, "rope_scaling")
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return theta, out
 
 
 def model_config(spec: dict[str, Any], where: str | Path = CONFIG) -> ModelConfig:
@@ -96,10 +114,11 @@ def model_config(spec: dict[str, Any], where: str | Path = CONFIG) -> ModelConfi
         raise CheckpointError(f"{where}: use_sliding_window (per-layer windows) is not supported")
     if kind == "mistral" and spec.get("sliding_window"):
         window = int(spec["sliding_window"])
+    theta, rope_scaling = _rope(spec, where)
     cfg = ModelConfig(vocab_size=vocab, d_model=d, heads=heads, kv_heads=0 if kv == heads else kv,
                       qkv_bias=kind == "qwen2", mlp_ratio=hidden / d, mlp="swiglu", norm="pre", prelude=layers, coda=0,
                       stages=[], tie_embeddings=bool(spec.get("tie_word_embeddings", False)), window=window,
-                      rope_base=_rope(spec, where), norm_eps=float(spec.get("rms_norm_eps", 1e-6)))
+                      rope_base=theta, rope_scaling=rope_scaling, norm_eps=float(spec.get("rms_norm_eps", 1e-6)))
     if cfg.mlp_hidden != hidden:
         raise CheckpointError(f"{where}: intermediate_size {hidden} is not round(mlp_ratio * hidden_size)")
     try:

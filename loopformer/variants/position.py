@@ -27,9 +27,71 @@ Array = jax.Array
 POSITIONS: Registry = Registry("position scheme")
 
 
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for contexts past the pretraining length, as Hugging Face configs declare it
+    (``rope_scaling`` / ``rope_parameters``). Frequencies f_i = base^(-i/half), i < half, become:
+
+        linear   f_i / factor                 (position interpolation: positions divided by factor)
+        llama3   wavelength w_i = 2 pi / f_i against the original context L: w_i < L / high_freq_factor keeps
+                 f_i; w_i > L / low_freq_factor takes f_i / factor; between them s = (L / w_i - low) / (high - low)
+                 blends (1 - s) f_i / factor + s f_i   (Llama 3.1)
+
+    Both are static (a function of i), so the forward pass, cached decoding and recomputing agree exactly.
+    (``dynamic`` NTK scaling changes every frequency with the sequence length, which keys already in a cache
+    cannot follow: loopformer refuses it rather than decode something transformers would not.)"""
+
+    kind: str = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max: int = 8192
+
+    @staticmethod
+    def of(spec: dict, where: str) -> RopeScaling | None:
+        """From ``{kind, factor, low_freq_factor, high_freq_factor, original_max}`` ({} = none); ValueError
+        naming ``where`` and the field."""
+        if not spec:
+            return None
+        unknown = sorted(set(spec) - {"kind", "factor", "low_freq_factor", "high_freq_factor", "original_max"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key '{unknown[0]}' (kind, factor, low_freq_factor, high_freq_factor, "
+                             f"original_max)")
+        kind = spec.get("kind")
+        if kind not in ROPE_SCALINGS:
+            raise ValueError(f"{where}.kind: '{kind}' is not one of {', '.join(ROPE_SCALINGS)}")
+        try:
+            out = RopeScaling(kind, float(spec.get("factor", 1.0)), float(spec.get("low_freq_factor", 1.0)),
+                              float(spec.get("high_freq_factor", 4.0)), int(spec.get("original_max", 8192)))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: factor, low_freq_factor, high_freq_factor must be numbers and original_max "
+                             f"an integer, got {spec}") from None
+        if out.factor <= 0 or (kind == "llama3" and not (0 < out.low_freq_factor < out.high_freq_factor
+                                                         and out.original_max >= 1)):
+            raise ValueError(f"{where}: need factor > 0, and for llama3 0 < low_freq_factor < high_freq_factor and "
+                             f"original_max >= 1; got {spec}")
+        return out
+
+    def apply(self, freq_H: Array) -> Array:
+        """The scaled inverse frequencies [half] (float32)."""
+        if self.kind == "linear":
+            return freq_H / self.factor
+        wavelen = 2 * jnp.pi / freq_H
+        low_wavelen, high_wavelen = self.original_max / self.low_freq_factor, self.original_max / self.high_freq_factor
+        scaled = jnp.where(wavelen > low_wavelen, freq_H / self.factor, freq_H)
+        smooth = (self.original_max / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, blended, scaled)
+
+
 @dataclass(frozen=True)
 class Position:
     base: float = 10000.0
+    scaling: RopeScaling | None = None  # rope only
     kind: ClassVar[str] = ""
     places: ClassVar[bool] = False  # the model adds an embedding of each digit's place (`digit_places`)
 
@@ -38,10 +100,13 @@ class Position:
         raise NotImplementedError
 
 
-def rope(x_BTNH: Array, positions_BT: Array, base: float) -> Array:
-    """Rotary position embedding (rotate-half form) applied to queries or keys."""
+def rope(x_BTNH: Array, positions_BT: Array, base: float, scaling: RopeScaling | None = None) -> Array:
+    """Rotary position embedding (rotate-half form) applied to queries or keys, frequencies base^(-i/half)
+    (scaled by ``scaling``)."""
     half = x_BTNH.shape[-1] // 2
     freq_H = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is not None:
+        freq_H = scaling.apply(freq_H)
     angle_BTH = positions_BT[..., None].astype(jnp.float32) * freq_H
     sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -53,7 +118,7 @@ def rope(x_BTNH: Array, positions_BT: Array, base: float) -> Array:
 @dataclass(frozen=True)
 class Rope(Position):
     def __call__(self, x_BTNH: Array, positions_BT: Array) -> Array:
-        return rope(x_BTNH, positions_BT, self.base)
+        return rope(x_BTNH, positions_BT, self.base, self.scaling)
 
 
 @POSITIONS.register("none")

@@ -32,7 +32,7 @@ def make_tokenizer(path: Path, vocab: int = 300) -> int:
     return tok.get_vocab_size()
 
 
-def save_tiny(folder: Path, kind: str, seed: int = 0) -> object:
+def save_tiny(folder: Path, kind: str, seed: int = 0, rope_scaling: dict | None = None) -> object:
     """A random tiny ``kind`` model (grouped-query attention, non-default eps and theta) saved with its
     tokenizer; weights ~ N(0, 0.2) so greedy choices are clear-cut."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -40,6 +40,8 @@ def save_tiny(folder: Path, kind: str, seed: int = 0) -> object:
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if rope_scaling:
+        common["rope_scaling"] = {"rope_theta": 50000.0} | rope_scaling
     if kind == "llama":
         config = transformers.LlamaConfig(**common, tie_word_embeddings=False)
         model_cls = transformers.LlamaForCausalLM
@@ -120,3 +122,61 @@ def test_imported_run_generates_what_transformers_generates(hf_model, tmp_path, 
         assert a["split"] == b["split"] and abs(a["loss"] - b["loss"]) < 1e-4
 
 
+
+
+# head_dim 8: wavelengths 2 pi x (1, 15, 224, 3344); with original_max 16, high 4 and low 1 they fall in
+# llama3's kept, blended and divided bands
+SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16},
+            "linear": {"rope_type": "linear", "factor": 2.0}}
+
+
+@pytest.mark.parametrize("kind", SCALINGS)
+def test_rope_scaling_matches_transformers(kind, tmp_path, capsys):
+    """Issue #26: Llama 3.x's rope_scaling (and linear) import, give transformers' logits, and (llama3) the same
+    greedy continuation through cached decoding."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from loopformer.model.plan import make_plan
+    from loopformer.model.transformer import build_model
+
+    folder = tmp_path / kind
+    model = save_tiny(folder, "llama", rope_scaling=SCALINGS[kind])
+    cfg, params, _ = import_folder(folder)
+    assert cfg.rope_scaling["kind"] == kind and cfg.rope_base == 50000.0
+    ours = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, cfg.vocab_size, 0))), params)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
+    logits = np.asarray(ours(jnp.asarray(tokens), make_plan([], {}))[0])
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+            k: v for k, v in model.config.to_dict().items() if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                                   "num_hidden_layers", "num_attention_heads",
+                                                                   "num_key_value_heads", "rms_norm_eps")},
+            rope_theta=50000.0, tie_word_embeddings=False)).eval()
+        plain.load_state_dict(model.state_dict())
+        unscaled = plain(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(logits - ref).max() < 1e-4 and np.abs(unscaled - ref).max() > 1e-2  # the scaling matters
+    if kind == "llama3":
+        out = tmp_path / "run"
+        assert main(["import", "--hf", str(folder), "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["generate", "--run", str(out), "--prompt", "And God said, Let there be light", "--max-new-tokens",
+                     "24", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        ids = doc["prompt_tokens"]
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=2,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+        assert doc["generations"][0]["tokens"] == (want[: want.index(2)] if 2 in want else want)
+
+
+def test_dynamic_rope_scaling_is_refused_in_one_line(tmp_path):
+    from loopformer.errors import CheckpointError
+
+    spec = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 72, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 300, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    with pytest.raises(CheckpointError, match=r"rope scaling 'dynamic' is not supported: its frequencies change with "
+                                              r"the sequence length"):
+        model_config(spec)
