@@ -117,7 +117,7 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     tokenizer = tokenizer_of(run.info.data)
     if tokenizer is None:
         raise AnalysisError(f"{run.info.path}: its data source has no tokenizer to encode --prompt")
-    ids = prompt_ids(tokenizer, args.prompt)
+    ids = prompt_ids(tokenizer, args.prompt, run.info.cfg.data.prompt_format)
     _check_memory(args, run, len(ids), settings)
     sampling = Sampling(args.temperature, min(args.top_k, run.model.vocab_size), args.top_p)  # K >= vocab: all
     outs = []

@@ -36,7 +36,8 @@ def import_command(args: argparse.Namespace) -> int:
         model, params, tokenizer = import_folder(args.hf)
         paths = args.data or [DEFAULT_TEXT]
         cfg = load_config(None, ["data.task=text", f"data.paths={paths!r}", "data.doc_separator='\n\n'",
-                                 f"data.tokenizer={str(tokenizer.resolve())!r}", "data.seq_len=128",
+                                 f"data.tokenizer={str(tokenizer.resolve())!r}", "data.prompt_format=tokenizer",
+                                 "data.seq_len=128",
                                  "data.batch_size=8", "data.eval_examples=64", "data.eval_batch_size=16",
                                  "data.val_fraction=0.1", "train.lr=1e-4", "train.warmup_steps=10",
                                  "model.stages=[]", *args.overrides])

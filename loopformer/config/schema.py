@@ -35,6 +35,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "einsum", "cudnn")
 TEXT_FORMATS = ("auto", "text", "jsonl", "arrayrecord")
 TOKENIZER_KINDS = ("bytes", "bpe")  # or a path to a tokenizer.json
+PROMPT_FORMATS = ("documents", "tokenizer")
 
 ARCHITECTURE, SCHEDULE, BEHAVIOUR = "architecture", "schedule", "behaviour"
 
@@ -456,6 +457,8 @@ class DataConfig:
     doc_separator: str = ""  # split plain-text files into documents at this string ("" = one per file)
     tokenizer: str = "bytes"  # bytes | bpe (trained on the training split) | a path to a tokenizer.json;
     # saved with the run as <run>/tokenizer.json
+    prompt_format: str = "documents"  # how `generate --prompt` encodes: documents (BOS + ids, as documents are
+    # trained) | tokenizer (the tokenizer.json's own post-processor: what transformers does; `import` sets it)
     vocab_size: int = 1024  # bpe: vocabulary size including the specials and the 256 bytes
     seq_len: int = 256  # tokens per packed training window
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of the text)
@@ -523,6 +526,10 @@ class DataConfig:
         _one_of(d.format, TEXT_FORMATS, "data.format")
         _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
                f"data.tokenizer: '{d.tokenizer}' is not bytes, bpe or a path to a tokenizer.json")
+        _one_of(d.prompt_format, PROMPT_FORMATS, "data.prompt_format")
+        _check(d.prompt_format != "tokenizer" or d.tokenizer not in TOKENIZER_KINDS,
+               f"data.prompt_format=tokenizer reads a tokenizer.json's post-processor, and data.tokenizer="
+               f"{d.tokenizer} has none; use data.prompt_format=documents")
         _check(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}")
         _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
         if d.task == "text":

@@ -137,6 +137,14 @@ class HFTokenizer(Tokenizer):
                             f"data.tokenizer=bpe or bytes") from None
         return np.asarray(ids, np.int32)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """``text`` with the special tokens the tokenizer's own post-processor adds (Llama 3's
+        <|begin_of_text|>; nothing for Qwen2's): what transformers' tokenizer gives."""
+        try:
+            return list(self.hf.encode(text, add_special_tokens=True).ids)
+        except Exception as e:  # noqa: BLE001 - as in encode_array
+            raise DataError(f"the tokenizer cannot encode this text ({e})") from None
+
     def unencodable(self, text: str) -> list[str]:
         """The characters of ``text`` (but whitespace) this tokenizer drops: no token covers them and it has no
         unknown token to stand for them."""

@@ -93,16 +93,20 @@ def generate_batch(logits_fn: LogitsFn, params: Any, prompts: Sequence[Sequence[
     return [buf[i, lengths[i] : lengths[i] + max_new_tokens].tolist() for i in rows]
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Documents are trained as ``BOS ids EOS``: the prompt gets the tokenizer's ``bos_id`` in front when
-    it has one."""
+def prompt_ids(tokenizer: Tokenizer, prompt: str, prompt_format: str = "documents") -> list[int]:
+    """The prompt's token ids. ``documents`` (data.prompt_format): documents are trained as ``BOS ids EOS``, so the
+    prompt gets the tokenizer's ``bos_id`` in front when it has one; ``tokenizer``: the tokenizer.json's own
+    post-processor decides (an imported model's prompts, as transformers encodes them)."""
     dropped = tokenizer.unencodable(prompt) if hasattr(tokenizer, "unencodable") else []
     if dropped:
         raise PlanError(f"--prompt: the run's tokenizer has no token for {', '.join(map(repr, dropped[:5]))}"
                         + (f" (and {len(dropped) - 5} more)" if len(dropped) > 5 else "")
                         + " and no unknown token, so they would be dropped silently; leave them out of the prompt")
-    bos = getattr(tokenizer, "bos_id", None)
-    ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt))
+    if prompt_format == "tokenizer" and hasattr(tokenizer, "encode_prompt"):
+        ids = tokenizer.encode_prompt(prompt)
+    else:
+        bos = getattr(tokenizer, "bos_id", None)
+        ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt))
     if not ids:
         raise PlanError("--prompt encodes to no tokens; give a non-empty prompt")
     return ids

@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers", reason="the HF import test ne
 TEXT = Path(__file__).resolve().parents[2] / "loopformer" / "assets" / "kjv_genesis_exodus.txt"
 
 
-def make_tokenizer(path: Path, vocab: int = 300) -> int:
-    """A byte-level BPE with <s> and </s> written as a tokenizer.json; returns its vocab size."""
+def make_tokenizer(path: Path, vocab: int = 300, bos: bool = False) -> int:
+    """A byte-level BPE with <s> and </s> written as a tokenizer.json; with ``bos`` its post-processor puts
+    <s> before every text, as Llama 3's puts <|begin_of_text|> (Qwen2's adds nothing). Returns its vocab size."""
     import tokenizers as hf
 
     tok = hf.Tokenizer(hf.models.BPE())
@@ -28,6 +29,8 @@ def make_tokenizer(path: Path, vocab: int = 300) -> int:
     trainer = hf.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
                                      initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TEXT.read_text()[:20000]], trainer)
+    if bos:
+        tok.post_processor = hf.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(path))
     return tok.get_vocab_size()
 
@@ -36,7 +39,7 @@ def save_tiny(folder: Path, kind: str, seed: int = 0, rope_scaling: dict | None 
     """A random tiny ``kind`` model (grouped-query attention, non-default eps and theta) saved with its
     tokenizer; weights ~ N(0, 0.2) so greedy choices are clear-cut."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = make_tokenizer(folder / "tokenizer.json")
+    vocab = make_tokenizer(folder / "tokenizer.json", bos=kind == "llama")
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -102,6 +105,10 @@ def test_imported_run_generates_what_transformers_generates(hf_model, tmp_path, 
     assert main(["generate", "--run", str(out), "--prompt", prompt, "--max-new-tokens", "12", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     ids = doc["prompt_tokens"]
+    # the prompt is encoded as transformers' tokenizer encodes it (#26): <s> first where the tokenizer's
+    # post-processor adds it (the llama folder's), nothing added where it adds nothing (qwen2's)
+    assert ids == transformers.AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"]
+    assert (ids[0] == 1) == (model.config.model_type == "llama")
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2,
                              pad_token_id=0)[0, len(ids):].tolist()
