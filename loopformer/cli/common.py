@@ -71,6 +71,32 @@ def run_flags(p: argparse.ArgumentParser, *, examples: bool = True, weights: boo
         p.add_argument("--examples", type=positive, default=DEFAULT_EXAMPLES, metavar="N", help=EXAMPLES_HELP)
 
 
+def probe_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", metavar="FILE.jsonl",
+                   help="text runs: score on a probe file ({\"prompt\": ..., \"answer\": ...} per line; "
+                        "asset:probes_arithmetic.jsonl ships) instead of the eval splits: the answers' loss per token "
+                        "and greedy exact match")
+
+
+def probe_sets(args: argparse.Namespace, run: Any) -> dict[str, list[Any]] | None:
+    """``{"probe": batches}`` of ``--probe`` for a loaded text run (`loopformer.data.probes`), or None without it."""
+    if not getattr(args, "probe", None):
+        return None
+    from loopformer.data.probes import probe_batches, read_probes
+    from loopformer.inference.generate import prompt_ids, tokenizer_of
+
+    if getattr(args, "split", None):
+        raise AnalysisError("give either --probe FILE or --split NAME: a probe file replaces the eval splits")
+    tokenizer = tokenizer_of(run.info.data)
+    if tokenizer is None:
+        raise AnalysisError(f"--probe needs a text run (prompts and answers are text), but {run.info.path} trains on "
+                            f"the synthetic task '{run.info.cfg.data.task}'")
+    fmt = run.info.cfg.data.prompt_format
+    probes = read_probes(args.probe)
+    return {"probe": probe_batches(probes, lambda text: prompt_ids(tokenizer, text, fmt), tokenizer.encode,
+                                   min(16, len(probes)))}
+
+
 def exit_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
     """--exit and --max-loops (the cap of the circuits that exit)."""
     p.add_argument("--exit", action="append", metavar="[CIRCUIT=]RULE",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import command, emit, exit_caps, exit_flags, run_flags
+from loopformer.cli.common import command, emit, exit_caps, exit_flags, probe_flag, probe_sets, run_flags
 from loopformer.cli.loopspec import parse_exits, parse_loops, split_auto
 from loopformer.config import ModelConfig
 from loopformer.errors import PlanError
@@ -27,6 +27,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate", action="append", metavar="CIRCUIT", help="remove a circuit (repeatable)")
     mode_flag(p, "what replaces an ablated circuit's output: zeros, or its mean output over the split")
     exit_flags(p, many=False)
+    probe_flag(p)
 
 
 def auto_rules(model: ModelConfig, auto: list[str], loops: dict[str, int]) -> dict[str, tuple[float, float, int]]:
@@ -46,7 +47,7 @@ def auto_rules(model: ModelConfig, auto: list[str], loops: dict[str, int]) -> di
 def eval_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
-        splits = info.select_splits(args.split)
+        splits = [] if args.probe else info.select_splits(args.split)
         specs, auto = split_auto(args.loops, info.circuits)
         loops = {c: v[0] for c, v in parse_loops(specs, info.circuits, grid=False).items()}
         rules = auto_rules(info.cfg.model, auto, loops)
@@ -62,13 +63,13 @@ def eval_command(args: argparse.Namespace) -> int:
                 raise PlanError(f"--ablate {c}: unknown circuit; this run's circuits are {', '.join(info.circuits)}")
         run = load_run(info, args.step, raw=args.raw_weights)
         rows = []
-        for split, batches in run.eval_sets(splits, args.examples).items():
+        for split, batches in (probe_sets(args, run) or run.eval_sets(splits, args.examples)).items():
             fill = ablate.mean_fill(run, batches) if ablated and args.mode == "mean" else None
             row = run.row(split, batches, loops, ablated, fill, exits, by_difficulty=rules)
             if exits:
                 row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(loops), exits)["histogram"]
             rows.append({**row, "mode": args.mode} if ablated else row)
-        doc = {"run": str(info.path), "step": run.step, "rows": rows}
+        doc = {"run": str(info.path), "step": run.step, "rows": rows} | ({"probe": args.probe} if args.probe else {})
         return doc, tables.header_line(info, run.step, args.examples) + "\n" + tables.eval_table(rows, info)
 
     return emit(args, body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
+from loopformer.cli.common import check_writable, command, emit, probe_flag, probe_sets, run_flags, write_png
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, rys, tables
 from loopformer.evaluation.run import load_run
@@ -33,6 +33,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     run_flags(p)
     p.add_argument("--stack", choices=rys.STACKS, help="the stack to duplicate in (default: prelude, or coda "
                                                         "when the prelude is empty)")
+    probe_flag(p)
     p.add_argument("--repeats", type=_repeats, default=[1], metavar="R1,R2,...",
                    help="extra runs of the block (default 1: the block runs twice)")
 
@@ -68,9 +69,9 @@ def rys_command(args: argparse.Namespace) -> int:
         stack = args.stack or ("prelude" if info.cfg.model.prelude else "coda")
         layers = rys.stack_layers(info, stack)
         check_writable(info.path, "rys.csv and rys_<split>.png")
-        splits = info.select_splits(args.split)
+        splits = [] if args.probe else info.select_splits(args.split)
         run = load_run(info, args.step, raw=args.raw_weights)
-        eval_sets = run.eval_sets(splits, args.examples)
+        eval_sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)
         before = run.evaluator.compiles
         rows, baseline = rys.scan(run, eval_sets, stack, args.repeats)
         compiles = run.evaluator.compiles - before
@@ -81,6 +82,7 @@ def rys_command(args: argparse.Namespace) -> int:
             png = plots.rys_heatmap(rows, base, base["split"], layers, stack, info, run.step)
             files.append(write_png(info.path / f"rys_{base['split']}.png", png))
         doc = {"run": str(info.path), "step": run.step, "stack": stack, "layers": layers, "repeats": args.repeats,
+               "probe": args.probe,
                "rows": rows, "baseline": baseline, "compiles": compiles, "files": files}
         if not rows:
             raise AnalysisError("nothing to scan")

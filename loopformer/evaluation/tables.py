@@ -62,7 +62,7 @@ def loops_str(loops: Mapping[str, int]) -> str:
 
 
 def split_label(info: RunInfo, split: str) -> str:
-    rng = info.splits[split]
+    rng = info.splits.get(split)  # None: text, or a probe set
     if rng is None:
         return split
     return f"{split} [{rng[0]}, {rng[1]}]" if rng[0] != rng[1] else f"{split} [{rng[0]}]"

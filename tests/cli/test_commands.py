@@ -296,3 +296,41 @@ def test_rys_on_a_looped_run_says_what_it_scanned(run_dir, tmp_path, capsys):
     assert doc["stack"] == "prelude" and doc["layers"] == 1
     assert "a looped run: rys duplicates layers of its plain prelude, not its circuits X, Y" in doc["note"]
     assert "--stack coda" in doc["note"] and "loopformer convert" in doc["note"]
+
+
+def test_probe_scores_the_answers_against_a_reference(text_run_dir, tmp_path, capsys):
+    """Issue #26: `eval --probe` scores each answer given its prompt: the loss is the mean negative
+    log-likelihood of the answers' tokens and the accuracy the share of answers that are the argmax token by
+    token (what greedy decoding reproduces), both computed here from the full forward pass."""
+    import jax
+    import numpy as np
+
+    from loopformer.evaluation.run import load_run
+    from loopformer.inference.generate import logits_fn, prompt_ids, tokenizer_of
+
+    probes = [("In the beginning", " God"), ("And God said", ", Let"), ("the", " earth")]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in probes))
+    doc = run_json(capsys, "eval", "--run", str(text_run_dir), "--probe", str(path))
+    (row,) = doc["rows"]
+    assert row["split"] == "probe" and row["examples"] == 3 and doc["probe"] == str(path)
+    run = load_run(read_run(text_run_dir))
+    tok, fn = tokenizer_of(run.info.data), logits_fn(run.model)
+    nll, tokens, exact = 0.0, 0, 0
+    for prompt, answer in probes:
+        p, a = prompt_ids(tok, prompt), tok.encode(answer)
+        logits = np.asarray(fn(run.params, np.asarray([p + a]), run.info.full_loops()))[0, len(p) - 1 : -1]
+        logp = np.asarray(jax.nn.log_softmax(logits))
+        nll -= float(sum(logp[i, t] for i, t in enumerate(a)))
+        tokens += len(a)
+        exact += bool((logits.argmax(-1) == np.asarray(a)).all())
+    assert row["loss"] == pytest.approx(nll / tokens, rel=1e-4) and row["accuracy"] == pytest.approx(exact / 3)
+    # the shipped set is what its generator writes, and rys scans on it
+    from loopformer.data.probes import ARITHMETIC, arithmetic_probes, read_probes
+
+    assert read_probes(f"asset:{ARITHMETIC}") == arithmetic_probes(64, seed=0)
+    copy = shutil.copytree(text_run_dir, tmp_path / "text")
+    scan = run_json(capsys, "rys", "--run", str(copy), "--probe", f"asset:{ARITHMETIC}")
+    assert scan["probe"] == f"asset:{ARITHMETIC}" and {r["split"] for r in scan["rows"]} == {"probe"}
+    assert main(["eval", "--run", str(text_run_dir), "--probe", str(path), "--split", "val"]) == 2
+    assert "give either --probe FILE or --split NAME" in capsys.readouterr().err

@@ -1,0 +1,37 @@
+"""Probe files: parsing (one line per bad probe), batching (mask on the answer's targets only)."""
+
+import numpy as np
+import pytest
+
+from loopformer.data.probes import probe_batches, read_probes
+from loopformer.errors import DataError
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"prompt": "a", "answer": "b"}\nnot json\n', r"p.jsonl:2: not a JSON object"),
+    ('{"prompt": "a", "answer": ""}\n', r"p.jsonl:1: a probe is .* with a non-empty answer"),
+    ('{"prompt": "a"}\n', r"p.jsonl:1: a probe is"),
+    ("\n\n", r"the file holds no probes"),
+])
+def test_bad_probe_files_are_one_line(tmp_path, text, message):
+    (tmp_path / "p.jsonl").write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_probes(tmp_path / "p.jsonl")
+
+
+def test_missing_files_and_assets(tmp_path):
+    with pytest.raises(DataError, match=r"--probe .*nope.jsonl: no such file"):
+        read_probes(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=r"--probe asset:nope.jsonl: no such file"):
+        read_probes("asset:nope.jsonl")
+
+
+def test_batches_mask_exactly_the_answer():
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    (batch,) = probe_batches([("ab", "cd"), ("xyz", "w")], lambda s: [1, *enc(s)], enc, batch_size=2)
+    assert batch["inputs"].shape == (2, 16)
+    np.testing.assert_array_equal(batch["inputs"][0, :4], [1, 97, 98, 99])
+    np.testing.assert_array_equal(batch["targets"][0, :4], [97, 98, 99, 100])
+    np.testing.assert_array_equal(batch["mask"][0, :5], [0, 0, 1, 1, 0])  # targets c, d
+    np.testing.assert_array_equal(batch["mask"][1, :5], [0, 0, 0, 1, 0])  # target w
+    assert batch["segment_ids"].sum() == 4 + 4
