@@ -1,7 +1,7 @@
 """Train transformers with built-in looped circuits, then evaluate, ablate, sweep, decode and operate on them.
 
 Command line: ``loopformer train | eval | ablate | sweep | generate | inspect | prepare | activity | rys |
-convert | import`` (also ``python -m loopformer``). One module per command; nothing in the package imports this one.
+convert | import | export`` (also ``python -m loopformer``). One module per command; nothing in the package imports this one.
 
 User mistakes (bad config, missing run, unknown circuit) print one ``error:`` line and exit 2.
 """
@@ -14,7 +14,8 @@ import sys
 
 from loopformer.errors import DecodingError, LoopformerError
 
-MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare", "activity", "rys", "convert", "hf_import")
+MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare", "activity", "rys", "convert", "hf_import",
+           "export")
 
 
 def main(argv: list[str] | None = None) -> int:

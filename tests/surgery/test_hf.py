@@ -187,3 +187,33 @@ def test_dynamic_rope_scaling_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"rope scaling 'dynamic' is not supported: its frequencies change with "
                                               r"the sequence length"):
         model_config(spec)
+
+
+def test_export_gives_transformers_the_same_logits(hf_model, tmp_path, capsys):
+    """Issue #26: `loopformer export` writes a folder AutoModelForCausalLM loads with no remote code, whose logits
+    equal loopformer's: for the imported model, and for its conversion unrolled at 2 loops (5 layers)."""
+    from loopformer.evaluation.run import load_run
+    from loopformer.inference.generate import logits_fn
+    from loopformer.runs.read import read_run
+
+    folder, _ = hf_model
+    run_dir = tmp_path / "imported"
+    assert main(["import", "--hf", str(folder), "--out", str(run_dir)]) == 0
+    assert main(["convert", "--run", str(run_dir), "--core", "1:3", "--out", "looped"]) == 0
+    tokens = np.random.default_rng(1).integers(0, 250, (2, 24))
+    for run, loops, layers in ((run_dir, {}, 3), (tmp_path / "looped", {"X": 2}, 5)):
+        out = tmp_path / f"export_{run.name}"
+        argv = ["export", "--run", str(run), "--out", str(out), "--json"] + [f"--loops={c}={n}" for c, n in loops.items()]
+        capsys.readouterr()
+        assert main(argv) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["layers"] == layers and {"config.json", "model.safetensors", "tokenizer.json"} <= set(doc["files"])
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            ref = hf(torch.tensor(tokens)).logits.numpy()
+        loaded = load_run(read_run(run))
+        ours = np.asarray(logits_fn(loaded.model)(loaded.params, np.asarray(tokens), loaded.info.full_loops(loops)))
+        assert np.abs(ours - ref).max() < 1e-4, run
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 2  # not empty: nothing overwritten
+    assert "already exists and is not empty" in capsys.readouterr().err
+

@@ -1,0 +1,152 @@
+"""A run as a Hugging Face folder (`loopformer export`): config.json, model.safetensors and tokenizer.json
+that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with no remote code.
+
+What exports: a Llama-layout model (SwiGLU, pre-norm RMSNorm, RoPE with optional linear / llama3 scaling,
+full causal attention; q/k/v biases make it Qwen2) whose looped circuits can be *unrolled* into plain layers
+at given loop counts: one full-width circuit per stage, no input injection, its final state replacing the
+stream (``output: replace``, as `loopformer convert` makes). The layers are written in the order they run:
+prelude, each circuit's blocks repeated n times, coda; each repetition a copy of the tied weights (what
+mergekit's passthrough merges write). The inverse of `loopformer.surgery.hf`'s mapping:
+
+    embed/embedding                  -> model.embed_tokens.weight
+    <stack>/attn/qkv/kernel [D, (N+2K)H] -> self_attn.{q,k,v}_proj.weight (rows of its transpose; biases likewise)
+    <stack>/attn/out/kernel          -> self_attn.o_proj.weight (transposed)
+    <stack>/mlp/up/kernel [D, 2F]    -> mlp.gate_proj.weight, mlp.up_proj.weight (gate first, transposed)
+    <stack>/mlp/down/kernel          -> mlp.down_proj.weight (transposed)
+    attn_norm, mlp_norm, final_norm  -> input_layernorm, post_attention_layernorm, model.norm
+    head/kernel (untied)             -> lm_head.weight (transposed)
+
+Anything else is refused in one line that says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loopformer.config.schema import ModelConfig
+from loopformer.errors import CheckpointError
+from loopformer.surgery.naming import circuit_prefix, flat
+
+SUBLAYERS = ("attn_norm/scale", "attn/qkv/kernel", "attn/qkv/bias", "attn/out/kernel", "mlp_norm/scale",
+             "mlp/up/kernel", "mlp/down/kernel")
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """CheckpointError (one line, the first reason) unless ``cfg`` unrolls into a Llama / Qwen2 layout."""
+    why = ("model.mlp is gelu (the layout has SwiGLU)" if cfg.mlp != "swiglu" else
+           "model.norm is sandwich (the layout normalises before each sublayer only)" if cfg.norm != "pre" else
+           f"model.position is {cfg.position} (the layout has RoPE)" if cfg.position != "rope" else
+           "model.causal is false (causal language models only)" if not cfg.causal else
+           f"model.window is {cfg.window} (full attention only)" if cfg.window else "")
+    for s, stage in enumerate(cfg.stages):
+        if why:
+            break
+        if len(stage.circuits) > 1 or stage.router.routes:
+            routed = " with a router" if stage.router.routes else ""
+            why = f"stage {s} runs {len(stage.circuits)} circuits side by side{routed}"
+            break
+        c = stage.circuits[0]
+        why = (f"circuit {c.name} has width {c.width}, not the full {cfg.d_model}" if c.width != cfg.d_model else
+               f"circuit {c.name} injects its input (inject: {c.inject})" if c.inject != "none" else
+               f"circuit {c.name} adds to the stream (output: {c.output}), it does not replace it"
+               if c.output != "replace" else
+               f"circuit {c.name} starts from init {c.init}, not the stream" if c.init != "input" else
+               f"circuit {c.name} has a halting head" if c.halting.has_head else
+               f"circuit {c.name} has its own attention window {c.window}" if c.window else
+               f"circuit {c.name}'s heads or MLP differ from the model's" if (
+                   c.heads, c.kv_head_count, c.mlp_hidden) != (cfg.heads, cfg.kv_head_count, cfg.mlp_hidden) else "")
+    if why:
+        raise CheckpointError(f"cannot export: {why}; transformers' Llama layout runs plain layers (loopformer "
+                              f"convert makes circuits that unroll into them)")
+
+
+def unrolled(cfg: ModelConfig, params: Any, loops: Mapping[str, int]) -> list[dict[str, np.ndarray]]:
+    """The plain layers the model runs at ``loops`` (every circuit's count), in order: {sublayer: array}."""
+    check_exportable(cfg)
+    src = {k: np.asarray(v, np.float32) for k, v in flat(params).items()}
+
+    def stack(prefix: str, depth: int) -> list[dict[str, np.ndarray]]:
+        return [{sub: src[prefix + sub][i] for sub in SUBLAYERS if prefix + sub in src} for i in range(depth)]
+
+    layers = stack("prelude/", cfg.prelude)
+    for s, stage in enumerate(cfg.stages):
+        c = stage.circuits[0]
+        layers += stack(circuit_prefix(s, c.name) + "blocks/", c.depth) * int(loops[c.name])
+    return layers + stack("coda/", cfg.coda)
+
+
+def hf_tensors(cfg: ModelConfig, params: Any, loops: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """{Hugging Face name: array} of the unrolled model."""
+    src = {k: np.asarray(v, np.float32) for k, v in flat(params).items()}
+    H = cfg.d_model // cfg.heads
+    q, kv = cfg.heads * H, cfg.kv_head_count * H
+    out = {"model.embed_tokens.weight": src["embed/embedding"], "model.norm.weight": src["final_norm/scale"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = src["head/kernel"].T
+    for i, layer in enumerate(unrolled(cfg, params, loops)):
+        p = f"model.layers.{i}."
+        qkv = layer["attn/qkv/kernel"].T  # [(N + 2K) H, D]: q, k, v rows
+        up = layer["mlp/up/kernel"].T  # [2F, D]: gate, up rows
+        F = up.shape[0] // 2
+        out |= {p + "input_layernorm.weight": layer["attn_norm/scale"],
+                p + "post_attention_layernorm.weight": layer["mlp_norm/scale"],
+                p + "self_attn.q_proj.weight": qkv[:q], p + "self_attn.k_proj.weight": qkv[q : q + kv],
+                p + "self_attn.v_proj.weight": qkv[q + kv :], p + "self_attn.o_proj.weight": layer["attn/out/kernel"].T,
+                p + "mlp.gate_proj.weight": up[:F], p + "mlp.up_proj.weight": up[F:],
+                p + "mlp.down_proj.weight": layer["mlp/down/kernel"].T}
+        if "attn/qkv/bias" in layer:
+            b = layer["attn/qkv/bias"]
+            out |= {p + "self_attn.q_proj.bias": b[:q], p + "self_attn.k_proj.bias": b[q : q + kv],
+                    p + "self_attn.v_proj.bias": b[q + kv :]}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig, vocab: int, layers: int, tokenizer: Any, max_positions: int) -> dict[str, Any]:
+    """config.json of the unrolled model: Llama, or Qwen2 with q/k/v biases."""
+    kind = "qwen2" if cfg.qkv_bias else "llama"
+    out = {"architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"], "model_type": kind,
+           "vocab_size": vocab, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_hidden,
+           "num_hidden_layers": layers, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_head_count,
+           "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
+           "max_position_embeddings": max_positions, "tie_word_embeddings": cfg.tie_embeddings,
+           "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+           "bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None)}
+    r = cfg.rope_scaling
+    if r:
+        llama3 = {"low_freq_factor": float(r.get("low_freq_factor", 1.0)),
+                  "high_freq_factor": float(r.get("high_freq_factor", 4.0)),
+                  "original_max_position_embeddings": int(r.get("original_max", 8192))}
+        out["rope_scaling"] = ({"rope_type": r["kind"], "factor": float(r.get("factor", 1.0))}
+                               | (llama3 if r["kind"] == "llama3" else {}))
+    return out
+
+
+def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray], tokenizer_json: Path) -> Path:
+    """Write the folder atomically (a temporary sibling renamed into place); CheckpointError if ``out`` holds
+    anything."""
+    from safetensors.numpy import save_file
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"--out {out} already exists and is not empty; pick a new directory")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"--out {out}: writing the folder failed ({e.strerror or e}); nothing was written") from None
+    return out
