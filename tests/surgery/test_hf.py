@@ -138,6 +138,7 @@ SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 
             "linear": {"rope_type": "linear", "factor": 2.0}}
 
 
+@pytest.mark.slow  # end to end with transformers: CI runs it with the slow tests
 @pytest.mark.parametrize("kind", SCALINGS)
 def test_rope_scaling_matches_transformers(kind, tmp_path, capsys):
     """Issue #26: Llama 3.x's rope_scaling (and linear) import, give transformers' logits, and (llama3) the same
@@ -189,6 +190,7 @@ def test_dynamic_rope_scaling_is_refused_in_one_line(tmp_path):
         model_config(spec)
 
 
+@pytest.mark.slow  # end to end with transformers: CI runs it with the slow tests
 def test_export_gives_transformers_the_same_logits(hf_model, tmp_path, capsys):
     """Issue #26: `loopformer export` writes a folder AutoModelForCausalLM loads with no remote code, whose logits
     equal loopformer's: for the imported model, and for its conversion unrolled at 2 loops (5 layers)."""
