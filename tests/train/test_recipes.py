@@ -95,7 +95,8 @@ def _one_step(cfg, batch):
     return step(init_state(params, tx), batch)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3])
+# alpha 0 (the plain loss) runs with the slow tests: the fast suite keeps the mix at 0.3
+@pytest.mark.parametrize("alpha", [pytest.param(0.0, marks=pytest.mark.slow), 0.3])
 def test_progressive_objective_mixes_the_full_and_partial_losses(tmp_path, run, alpha):
     """objective = (1 - alpha) * L(full counts) + alpha * L(partial run), the partial run being the model at
     `progressive_plan`'s counts with gradient through its last g iterations; alpha 0 is the plain loss."""
@@ -120,6 +121,7 @@ def test_progressive_objective_mixes_the_full_and_partial_losses(tmp_path, run, 
         assert abs(float(ce(run.params, partial)) - float(ce(run.params, plan))) > 1e-4  # the mix matters
 
 
+@pytest.mark.slow  # two train steps to compile; CI runs it with the slow tests
 def test_progressive_loss_logs_the_full_counts_metrics(tmp_path):
     """A train step with the progressive loss reports the same loss as one without (its metrics are the
     full counts'), plus progressive_loss. (Alpha 0 giving the plain objective and gradients is checked
@@ -180,10 +182,11 @@ def test_per_difficulty_counts_equal_each_example_alone(tmp_path, run):
     merged = nnx.merge(nnx.graphdef(model), nnx.state(model))
     nnx.update(merged, params)
     plan = make_plan(["X", "Y"], {"X": 99, "Y": 3}, by_difficulty={"X": (a, b, 50)})
-    logits = np.asarray(forward_batch(merged, batch, plan)[0])
+    forward = nnx.jit(lambda m, b, p: forward_batch(m, b, p)[0])  # counts are traced: one program per shape
+    logits = np.asarray(forward(merged, batch, plan))
     for r in range(len(diff)):
         alone = {k: v[r:r + 1] for k, v in batch.items()}
-        ref = forward_batch(merged, alone, make_plan(["X", "Y"], {"X": int(a * diff[r] + b), "Y": 3}))[0]
+        ref = forward(merged, alone, make_plan(["X", "Y"], {"X": int(a * diff[r] + b), "Y": 3}))
         np.testing.assert_allclose(logits[r], np.asarray(ref)[0], rtol=1e-5, atol=1e-5)
     evaluator = evaluator_for(model)
     got = evaluator.evaluate(params, [batch], {"X": 99, "Y": 3}, by_difficulty={"X": (a, b, 50)})

@@ -49,6 +49,12 @@ def test_digit_places_equal_the_running_count():
     assert digit_places(jnp.asarray([[11, 12, 3, 13, 14, 15]]), DIGITS).tolist() == [[1, 2, 0, 1, 2, 3]]
 
 
+@nnx.jit
+def _forward(model, toks, plan, positions=None):
+    """The model's logits, compiled: one program per model structure (the eager forward is slow)."""
+    return model(toks, plan, positions_BT=positions)[0]
+
+
 def _abacus(*extra):
     return small_model("model.position=abacus", f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]",
                        "model.abacus_size=24", *extra)
@@ -58,14 +64,15 @@ def test_abacus_adds_each_digits_place_and_ignores_positions():
     model = _abacus()
     toks = jnp.asarray([[1, 11, 12, 13, 3, 14, 15, 2]], jnp.int32)
     plan = make_plan(["X"], {"X": 2})
-    a, _ = model(toks, plan)
-    b, _ = model(toks, plan, positions_BT=jnp.arange(8)[None] + 17)  # NoPE attention: a shift changes nothing
+    a = _forward(model, toks, plan)
+    b = _forward(model, toks, plan, jnp.arange(8)[None] + 17)  # NoPE attention: a shift changes nothing
     np.testing.assert_allclose(a, b, atol=1e-5)
     # the place embedding is what reads the digits' places: zero it and a digit's place no longer matters
     moved = jnp.asarray([[1, 11, 12, 3, 13, 14, 15, 2]], jnp.int32)
-    assert float(jnp.abs(model(moved, plan)[0][0, -1] - a[0, -1]).max()) > 1e-4
+    assert float(jnp.abs(_forward(model, moved, plan)[0, -1] - a[0, -1]).max()) > 1e-4
     model.abacus.embedding.value = jnp.zeros_like(model.abacus.embedding.value)
-    np.testing.assert_allclose(model(toks, plan)[0], small_model("model.position=none")(toks, plan)[0], atol=1e-5)
+    np.testing.assert_allclose(_forward(model, toks, plan), _forward(small_model("model.position=none"), toks, plan),
+                               atol=1e-5)
 
 
 def test_training_offset_shifts_every_rows_places_by_one_draw():
@@ -76,16 +83,16 @@ def test_training_offset_shifts_every_rows_places_by_one_draw():
     rng = np.random.default_rng(1)
     toks = jnp.asarray(rng.integers(1, 22, (8, 10)), jnp.int32)
     key = jax.random.key(3)
-    got, _ = model(toks, make_plan(["X"], {"X": 2}, key=key, position_offset=K))
-    np.testing.assert_array_equal(model(toks, make_plan(["X"], {"X": 2}, key=key, position_offset=0))[0],
-                                  model(toks, make_plan(["X"], {"X": 2}))[0])
+    got = _forward(model, toks, make_plan(["X"], {"X": 2}, key=key, position_offset=K))
+    np.testing.assert_array_equal(_forward(model, toks, make_plan(["X"], {"X": 2}, key=key, position_offset=0)),
+                                  _forward(model, toks, make_plan(["X"], {"X": 2})))
     table = model.abacus.embedding.value
     found = []
     for o in range(K + 1):
         moved = _abacus()
         nnx.update(moved, nnx.state(model))
         moved.abacus.embedding.value = jnp.concatenate([table[o:], jnp.zeros((o, table.shape[1]))])
-        want, _ = moved(toks, make_plan(["X"], {"X": 2}))
+        want = _forward(moved, toks, make_plan(["X"], {"X": 2}))
         found.append(np.abs(np.asarray(got) - np.asarray(want)).max(axis=(1, 2)) < 1e-5)
     found = np.array(found)  # [K + 1, B]
     assert (found.sum(0) >= 1).all()  # every row is one of the shifts
