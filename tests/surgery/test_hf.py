@@ -96,6 +96,7 @@ def test_logits_match_transformers(hf_model):
     assert np.abs(logits - ref).max() < 1e-4
 
 
+@pytest.mark.slow  # end to end with transformers (import, generate, eval, rys, convert): CI runs it with the slow tests
 def test_imported_run_generates_what_transformers_generates(hf_model, tmp_path, capsys):
     folder, model = hf_model
     out = tmp_path / "imported"
