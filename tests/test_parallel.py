@@ -187,6 +187,7 @@ def run_worker(*meshes: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # an 8-device subprocess (30-45 s on 2 cores): CI runs it with the slow tests
 def test_mesh_2x2x2_matches_single_device():
     """data x fsdp x tensor = 2 x 2 x 2 on 8 CPU devices: loss, gradients and two AdamW steps equal one
     device; its checkpoint restores onto one device and training continues identically."""

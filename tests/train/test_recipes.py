@@ -95,8 +95,8 @@ def _one_step(cfg, batch):
     return step(init_state(params, tx), batch)
 
 
-# alpha 0 (the plain loss) runs with the slow tests: the fast suite keeps the mix at 0.3
-@pytest.mark.parametrize("alpha", [pytest.param(0.0, marks=pytest.mark.slow), 0.3])
+@pytest.mark.slow  # gradients of the two-circuit run, op by op (30-60 s on 2 cores): CI runs it with the slow tests
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_progressive_objective_mixes_the_full_and_partial_losses(tmp_path, run, alpha):
     """objective = (1 - alpha) * L(full counts) + alpha * L(partial run), the partial run being the model at
     `progressive_plan`'s counts with gradient through its last g iterations; alpha 0 is the plain loss."""
