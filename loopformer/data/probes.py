@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loopformer.data.tasks import pack_answer
 from loopformer.data.text import ASSET_PREFIX, asset_path
 from loopformer.errors import DataError
 
@@ -69,14 +70,7 @@ def probe_batches(probes: Sequence[Probe], encode_prompt: Callable[[str], list[i
             raise DataError(f"probe answer {answer!r} encodes to no tokens")
         seqs.append((p + a, len(p)))
     T = -(-max(len(s) - 1 for s, _ in seqs) // 16) * 16
-    rows = []
-    for seq, start in seqs:
-        n = len(seq) - 1
-        row = {k: np.zeros(T, np.int32) for k in ("inputs", "targets", "segment_ids")}
-        row["mask"] = np.zeros(T, np.float32)
-        row["inputs"][:n], row["targets"][:n], row["segment_ids"][:n] = seq[:-1], seq[1:], 1
-        row["mask"][start - 1 : n] = 1.0  # the targets that are answer tokens
-        rows.append(row)
+    rows = [pack_answer(seq, start, T) for seq, start in seqs]  # mask: the targets that are answer tokens
     while len(rows) % batch_size:  # a full last batch (one program): padding rows have no answer
         rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
     return [{k: np.stack([r[k] for r in rows[i : i + batch_size]]) for k in rows[0]}

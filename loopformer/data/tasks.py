@@ -58,7 +58,7 @@ def _blank(n: int, seq_len: int) -> dict[str, np.ndarray]:
     }
 
 
-def _pack(seq: list[int] | np.ndarray, answer_start: int, seq_len: int) -> dict[str, np.ndarray]:
+def pack_answer(seq: list[int] | np.ndarray, answer_start: int, seq_len: int) -> dict[str, np.ndarray]:
     """Next-token arrays for ``seq``, whose answer is ``seq[answer_start:]``, padded to ``seq_len``."""
     n = len(seq) - 1
     out = _blank(n, seq_len)
@@ -113,7 +113,7 @@ class Task(abc.ABC):
     def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
         """One example: ``inputs``/``targets`` int32 [seq_len], ``mask`` float32 [seq_len]."""
         seq, answer_start = self._sequence(rng, int(difficulty))
-        return _pack(seq, answer_start, seq_len)
+        return pack_answer(seq, answer_start, seq_len)
 
     def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int] | np.ndarray, int]:
         """Full token list S and the index in S where the answer starts (next-token tasks; a task
