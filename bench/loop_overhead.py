@@ -66,8 +66,11 @@ def python_unrolled(n: int):
     rematerialised steps). Active while a function is traced."""
     original = circuits_module.iterate
 
-    def iterate_python(step, consts, h0, n_traced, k):
-        del n_traced
+    def iterate_python(step, consts, h0, n_traced, k, *, bound=0, grad=None):
+        # the bench's counts are fixed per run (n is static here): no per-token bound or gradient cap
+        del n_traced, bound
+        if grad is not None:
+            raise ValueError("python_unrolled: a per-step gradient cap (grad) is not modelled by the unrolled baseline")
         h = h0
         if k == 0:
             for _ in range(n):

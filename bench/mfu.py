@@ -105,6 +105,9 @@ def main() -> None:
     result["mfu"] = result["achieved_model_flops_per_s"] / peak["peak_flops"]
     result["hfu"] = result["achieved_hardware_flops_per_s"] / peak["peak_flops"]
     result["cross_check"] = cc = cross_check(size)
+    # XLA's GPU cost analysis leaves out the matmuls it hands to cuBLAS (custom calls): on an H200 it gave
+    # 8.5x (small) and 602x (medium) fewer FLOPs than the matmuls alone, so the check means something on CPU only
+    cc["valid"] = jax.devices()[0].platform == "cpu"
     result["seconds"] = time.perf_counter() - t_start
     env = result["env"]
     head = (f"mfu --size {args.size}: {env['device_count']} x {env['device_kind']} ({env['backend']}), "
@@ -116,7 +119,8 @@ def main() -> None:
     tables = [head, C.table(f"train steps (loops X,Y sampled per step); overall MFU {result['mfu']:.3f}, "
                             f"HFU {result['hfu']:.3f}, {result['tokens_per_s']:,.0f} tok/s",
                             ["loops X,Y", "ms", "tok/s", "model FLOP/s", "MFU", "HFU"], step_rows),
-              C.table("analytic vs XLA forward FLOPs (loops=1, depth 1, non-causal attention; XLA adds elementwise ops)",
+              C.table("analytic vs XLA forward FLOPs (loops=1, depth 1, non-causal attention; XLA adds elementwise ops)"
+                      + ("" if cc["valid"] else "; NOT A CHECK on this backend: XLA's count leaves out library matmuls"),
                       ["analytic", "XLA cost_analysis", "ratio"],
                       [[cc["analytic_forward_flops"], cc["xla_forward_flops"], cc["ratio"]]])]
     C.emit(result, tables, args)
