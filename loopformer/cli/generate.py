@@ -120,6 +120,11 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     ids = prompt_ids(tokenizer, args.prompt, run.info.cfg.data.prompt_format)
     _check_memory(args, run, len(ids), settings)
     sampling = Sampling(args.temperature, min(args.top_k, run.model.vocab_size), args.top_p)  # K >= vocab: all
+    stops = list(run.info.cfg.data.stop_ids) or [tokenizer.eos_id]
+    beyond = [i for i in stops if i >= run.model.vocab_size]
+    if beyond:
+        raise AnalysisError(f"data.stop_ids {beyond} are not token ids of this model (vocabulary {run.model.vocab_size}); "
+                            f"edit data.stop_ids in {run.info.path}/config.yaml ([] stops at the tokenizer's end-of-text)")
     outs = []
     for loops in settings:
         if args.no_cache:
@@ -128,17 +133,18 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
             mean_loops = {}
         else:
             decoder = decoder_for(run.model, args.policy, args.continuous)
-            out = decoder(run.params, [ids], loops, args.max_new_tokens, sampling, eos_id=getattr(tokenizer, "eos_id", None),
+            out = decoder(run.params, [ids], loops, args.max_new_tokens, sampling, eos_id=stops,
                           exits=args.exits or None, seed=args.seed)
             new = out.tokens[0, : out.lengths[0]].tolist()
             mean_loops = {c: float(v[0, : out.lengths[0]].mean()) for c, v in out.loops.items()}
-        new = until_eos(tokenizer, new)
+        new = until_eos(tokenizer, new, stops)
         outs.append({"loops": loops, "text": tokenizer.decode(new), "tokens": new}
                     | ({"mean_loops": mean_loops} if mean_loops else {})
                     | ({"exit": {c: str(r) for c, r in args.exits.items()}} if args.exits else {}))
     doc = {"run": str(run.info.path), "step": run.step, "prompt": args.prompt, "prompt_tokens": ids,
            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-           "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "generations": outs}
+           "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "stop_ids": stops,
+           "generations": outs}
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from loopformer.cli.common import command, emit
 from loopformer.config import load_config
 from loopformer.runs.log import log
-from loopformer.surgery.hf import import_folder
+from loopformer.surgery.hf import import_folder, stop_ids
 
 DEFAULT_TEXT = "asset:kjv_genesis_exodus.txt"
 
@@ -34,10 +34,11 @@ def import_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         target = out_dir(args.out)  # before reading any weights: an empty --out is refused at once
         model, params, tokenizer = import_folder(args.hf)
+        stops = stop_ids(args.hf, model.vocab_size)
         paths = args.data or [DEFAULT_TEXT]
         cfg = load_config(None, ["data.task=text", f"data.paths={paths!r}", "data.doc_separator='\n\n'",
                                  f"data.tokenizer={str(tokenizer.resolve())!r}", "data.prompt_format=tokenizer",
-                                 "data.seq_len=128",
+                                 f"data.stop_ids={stops}", "data.seq_len=128",
                                  "data.batch_size=8", "data.eval_examples=64", "data.eval_batch_size=16",
                                  "data.val_fraction=0.1", "train.lr=1e-4", "train.warmup_steps=10",
                                  "model.stages=[]", *args.overrides])
@@ -46,7 +47,8 @@ def import_command(args: argparse.Namespace) -> int:
         log(f"wrote {out}")
         layers = model.prelude
         doc = {"run": str(out), "hf": str(args.hf), "layers": layers, "d_model": model.d_model, "heads": model.heads,
-               "kv_heads": model.kv_head_count, "vocab_size": model.vocab_size, "tokenizer": str(tokenizer)}
+               "kv_heads": model.kv_head_count, "vocab_size": model.vocab_size, "tokenizer": str(tokenizer),
+               "stop_ids": stops}
         q = shlex.quote(str(out))
         text = (f"imported {args.hf} into {out}: {layers} layers, d_model {model.d_model}, {model.heads} heads "
                 f"({model.kv_head_count} key/value), vocab {model.vocab_size}\n"

@@ -459,6 +459,8 @@ class DataConfig:
     # saved with the run as <run>/tokenizer.json
     prompt_format: str = "documents"  # how `generate --prompt` encodes: documents (BOS + ids, as documents are
     # trained) | tokenizer (the tokenizer.json's own post-processor: what transformers does; `import` sets it)
+    stop_ids: list[int] = field(default_factory=list)  # `generate` ends a row at any of these token ids ([]: the
+    # tokenizer's end-of-text); `import` sets them from the folder's generation_config.json (eos_token_id)
     vocab_size: int = 1024  # bpe: vocabulary size including the specials and the 256 bytes
     seq_len: int = 256  # tokens per packed training window
     val_fraction: float = 0.05  # share of documents held out for validation (chosen by a hash of the text)
@@ -527,6 +529,9 @@ class DataConfig:
         _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
                f"data.tokenizer: '{d.tokenizer}' is not bytes, bpe or a path to a tokenizer.json")
         _one_of(d.prompt_format, PROMPT_FORMATS, "data.prompt_format")
+        _check(isinstance(d.stop_ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                    for i in d.stop_ids),
+               f"data.stop_ids must be a list of token ids (integers >= 0), got {d.stop_ids!r}")
         _check(d.prompt_format != "tokenizer" or d.tokenizer not in TOKENIZER_KINDS,
                f"data.prompt_format=tokenizer reads a tokenizer.json's post-processor, and data.tokenizer="
                f"{d.tokenizer} has none; use data.prompt_format=documents")

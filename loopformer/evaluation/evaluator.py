@@ -46,7 +46,8 @@ class Evaluator:
             valid = _valid(batch)
             used = loops_used(diag, plan, batch["inputs"].shape)
             return answer_sums(logits, batch) | {"real_tokens": valid.sum()} | {
-                f"loops/{n}": jnp.sum(u * valid) for n, u in used.items()}
+                f"loops/{n}": jnp.sum(u * valid) for n, u in used.items()} | {
+                f"computed/{n}": c for n, c in loops_computed(diag, plan, used).items()}
 
         def examples_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
             logits, diag = run(params, batch, plan)
@@ -86,8 +87,10 @@ class Evaluator:
                  fill: Array | np.ndarray | None = None, exits: Mapping[str, Any] | None = None,
                  schedules: Mapping[str, Any] | None = None,
                  by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> dict[str, Any]:
-        """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``, and
-        ``mean_loops`` {circuit: iterations per real token}; ``ablate`` removes circuits, whose output is
+        """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``,
+        ``mean_loops`` {circuit: iterations per real token} and ``computed_loops`` {circuit: token-iterations its
+        blocks executed per real token: padding, tokens that wait for the batch's slowest and the compacted
+        buffer's slack included, so >= mean_loops}; ``ablate`` removes circuits, whose output is
         replaced by ``fill`` (zero or mean ablation); ``exits`` stops tokens by rules (`ExitRule`);
         ``schedules`` runs the prelude / coda layers in another order (`loopformer.model.schedule`);
         ``by_difficulty`` {circuit: (a, b, cap)} gives each example round(a * difficulty + b) iterations of
@@ -100,7 +103,8 @@ class Evaluator:
         totals = jax.device_get(totals)
         real = max(float(totals["real_tokens"]), 1.0)
         return {**summarize(totals), "examples": int(totals["examples"]),
-                "mean_loops": {n: float(totals[f"loops/{n}"]) / real for n in self.names}}
+                "mean_loops": {n: float(totals[f"loops/{n}"]) / real for n in self.names},
+                "computed_loops": {n: float(totals[f"computed/{n}"]) / real for n in self.names}}
 
     def examples(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
                  exits: Mapping[str, Any] | None = None,
@@ -163,6 +167,17 @@ def _valid(batch: Batch) -> Array:
     """float32 [B, T]: 1 on real tokens (segment ids > 0, or every token when the batch has none)."""
     seg = batch.get("segment_ids")
     return jnp.ones(jnp.shape(batch["inputs"]), jnp.float32) if seg is None else (jnp.asarray(seg) > 0).astype(jnp.float32)
+
+
+def loops_computed(diag: Any, plan: Plan, used: dict[str, Array]) -> dict[str, Array]:
+    """{circuit: float32 []}: token-iterations its blocks executed over the batch, from its report
+    (`CircuitReport.computed`); a circuit without one (routed banks) ran every token of the batch for as
+    many iterations as its longest-running token."""
+    out = {}
+    for n, u in used.items():
+        r = diag.circuits.get(n)
+        out[n] = r.computed if r is not None and r.computed is not None else jnp.max(u) * u.size
+    return out
 
 
 def loops_used(diag: Any, plan: Plan, shape: tuple[int, ...]) -> dict[str, Array]:

@@ -62,7 +62,8 @@ class LoadedRun:
         m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits, schedules, by_difficulty)
         full = full | {c: "auto" for c in by_difficulty or {}}
         row = {"split": split, "loops": full, "ablated": list(ablate), "loss": m["loss"], "accuracy": m["accuracy"],
-               "token_accuracy": m["token_accuracy"], "examples": m["examples"], "mean_loops": m["mean_loops"]}
+               "token_accuracy": m["token_accuracy"], "examples": m["examples"], "mean_loops": m["mean_loops"],
+               "computed_loops": m["computed_loops"]}
         if exits:
             row["exit"] = {c: str(r) for c, r in exits.items()}
         bytes_per_token = self.info.data.bytes_per_token(batches)  # None unless the split is text

@@ -85,23 +85,28 @@ def mean_loops_str(row: Row) -> str:
     return " ".join(f"{c}={v:.2f}" for c, v in row.get("mean_loops", {}).items())
 
 
+def computed_str(row: Row) -> str:
+    return " ".join(f"{c}={v:.2f}" for c, v in row.get("computed_loops", {}).items()) or "-"
+
+
 def eval_table(rows: Sequence[Row], info: RunInfo) -> str:
     exits = any(r.get("exit") for r in rows)
-    body = [[split_label(info, r["split"]), loops_str(r["loops"])] + ([exit_str(r), mean_loops_str(r)] if exits else [])
+    body = [[split_label(info, r["split"]), loops_str(r["loops"])]
+            + ([exit_str(r), mean_loops_str(r), computed_str(r)] if exits else [])
             + [",".join(r["ablated"]) or "-", f"{r['loss']:.4f}", score(r), pct(r["token_accuracy"]), r["examples"]]
             for r in rows]
-    header = (["split", "loops (caps)" if exits else "loops"] + (["exit", "mean loops"] if exits else [])
+    header = (["split", "loops (caps)" if exits else "loops"] + (["exit", "mean loops", "computed"] if exits else [])
               + ["ablated", "loss", score_name(rows), "token acc", "examples"])
     return format_table(header, body)
 
 
 def exit_table(rows: Sequence[Row], info: RunInfo) -> str:
     """A sweep over exit thresholds: a row per split and rule, with the iterations actually run."""
-    body = [[split_label(info, r["split"]), exit_str(r), loops_str(r["loops"]), mean_loops_str(r), f"{r['loss']:.4f}",
-             score(r)] for r in rows]
+    body = [[split_label(info, r["split"]), exit_str(r), loops_str(r["loops"]), mean_loops_str(r), computed_str(r),
+             f"{r['loss']:.4f}", score(r)] for r in rows]
     return ("exit rules: each token stops when its rule fires (loops = the caps; mean loops = iterations run per "
-            "real token)\n" + format_table(["split", "exit", "loops (caps)", "mean loops", "loss", score_name(rows)],
-                                              body))
+            "real token; computed = token-iterations executed per real token, with waiting and padding)\n"
+            + format_table(["split", "exit", "loops (caps)", "mean loops", "computed", "loss", score_name(rows)], body))
 
 
 def ablation_table(rows: Sequence[Row], info: RunInfo) -> str:

@@ -85,7 +85,7 @@ class Decoder:
         self._run = jax.jit(self._generate, static_argnums=(5, 6, 7))
 
     def _generate(self, params: Any, prompts_BP: Array, lengths_B: Array, plan: Plan, sampling: Sampling,
-                  new: int, slots: tuple[tuple[str, int], ...], eos: int | None, key: Array) -> tuple:
+                  new: int, slots: tuple[tuple[str, int], ...], stops: tuple[int, ...], key: Array) -> tuple:
         self.compiles += 1  # trace time only
         model = nnx.merge(self.graphdef, params)
         B, P = prompts_BP.shape
@@ -97,7 +97,8 @@ class Decoder:
         # loops[n][:, j]: the iterations that produced new token j (token 0: the prompt's last position)
         loops0 = {n: jnp.zeros((B, new), jnp.float32).at[:, 0].set(used[n][jnp.arange(B), lengths_B - 1])
                   for n in self.names}
-        done0 = (first == eos) if eos is not None else jnp.zeros((B,), bool)
+        stop_ids = jnp.asarray(stops, jnp.int32)
+        done0 = jnp.isin(first, stop_ids)
         count0 = jnp.ones((B,), jnp.int32)
 
         def cond(c: tuple) -> Array:
@@ -113,7 +114,7 @@ class Decoder:
             out = out.at[:, step].set(nxt)
             loops = {n: loops[n].at[:, step].set(jnp.where(done, 0.0, used[n][:, 0])) for n in self.names}
             count = count + (~done).astype(jnp.int32)
-            done = done | ((nxt == eos) if eos is not None else False)
+            done = done | jnp.isin(nxt, stop_ids)
             return step + 1, cache, out, loops, done, count
 
         _, _, out, loops, _, count = jax.lax.while_loop(
@@ -154,10 +155,11 @@ class Decoder:
                              plan, slots))
 
     def __call__(self, params: Any, prompts: Sequence[Sequence[int]], loops: Mapping[str, int], max_new_tokens: int,
-                 sampling: Sampling | None = None, *, eos_id: int | None = None, exits: Mapping[str, Any] | None = None,
+                 sampling: Sampling | None = None, *, eos_id: int | Sequence[int] | None = None,
+                 exits: Mapping[str, Any] | None = None,
                  seed: int = 0) -> Generated:
         """Continue each prompt by ``max_new_tokens`` tokens with every circuit at ``loops`` (the caps when
-        ``exits`` are given), stopping a row at ``eos_id``."""
+        ``exits`` are given), stopping a row at ``eos_id`` (one id or several: any of them)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise PlanError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -171,9 +173,16 @@ class Decoder:
         nnx.merge(self.graphdef, params).check_decoding(plan)  # refusals before tracing: one clear line
         slots = tuple((n, self.policy.slots(int(loops[n]))) for n in self.names)  # static: one program per bucket
         out, count, used = self._run(params, jnp.asarray(buf), jnp.asarray(lengths), plan, sampling or Sampling(), N,
-                                     slots, eos_id, jax.random.key(seed))
+                                     slots, stop_tuple(eos_id), jax.random.key(seed))
         out, count = np.asarray(out)[:, :max_new_tokens], np.minimum(np.asarray(count), max_new_tokens)
         return Generated(out, count, {n: np.asarray(v)[:, :max_new_tokens] for n, v in used.items()})
+
+
+def stop_tuple(ids: int | Sequence[int] | None) -> tuple[int, ...]:
+    """Stop ids as the static tuple the decoding program is compiled for (None: none)."""
+    if ids is None:
+        return ()
+    return (int(ids),) if isinstance(ids, int | np.integer) else tuple(int(i) for i in ids)
 
 
 @functools.lru_cache(maxsize=8)

@@ -112,11 +112,11 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, prompt_format: str = "document
     return ids
 
 
-def until_eos(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
-    """``ids`` up to (without) the tokenizer's ``eos_id``."""
-    eos = getattr(tokenizer, "eos_id", None)
+def until_eos(tokenizer: Tokenizer, ids: Sequence[int], stops: Sequence[int] | None = None) -> list[int]:
+    """``ids`` up to (without) the first of ``stops`` (default: the tokenizer's ``eos_id``)."""
+    stops = set(stops) if stops else {getattr(tokenizer, "eos_id", None)}
     ids = [int(i) for i in ids]
-    return ids[: ids.index(eos)] if eos in ids else ids
+    return next((ids[:k] for k, i in enumerate(ids) if i in stops), ids)
 
 
 def generate_text(logits_fn: LogitsFn, params: Any, tokenizer: Tokenizer, prompt: str, loops: Mapping[str, int],

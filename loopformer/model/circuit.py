@@ -25,6 +25,7 @@ called and one ``vmap`` runs them, so a bank of many narrow circuits costs one k
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -74,7 +75,8 @@ class CircuitOut(NamedTuple):
     ``trace`` [trace_len, 3]; ``used`` [B, T] iterations per token; with a halting head and a stash,
     ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T], ``ponder`` [B, T] (ACT);
     when decoding, ``cache`` its keys and values with the chunk stored and ``state`` [B, t, w] the final
-    states."""
+    states; in inference, ``computed`` [] the token-iterations its blocks executed (masked: every token of
+    the batch at every iteration the loop ran; compacted: the gathered buffer's size at each)."""
 
     out: Array
     trace: Array | None = None
@@ -84,6 +86,13 @@ class CircuitOut(NamedTuple):
     ponder: Array | None = None
     cache: tuple[KV, ...] | None = None
     state: Array | None = None
+    computed: Array | None = None
+
+
+# Compacted inference gathers the running tokens into a buffer of one of these shares of the sequence
+# (rounded up; the smallest that holds every row's running tokens): one program per share, picked by
+# lax.switch at run time.
+COMPACT_SHARES = (1, 2, 4, 8)
 
 
 class _Probe(NamedTuple):
@@ -208,32 +217,117 @@ class Circuit(nnx.Module):
                 raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
             h = iterate(step, consts, h0, n, run.backprop, bound=run.bound, grad=run.grad)  # truncated backprop
             return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32))
-        return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache)
+        return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache, run.compact)
 
     def _infer(self, graphdef: nnx.GraphDef, consts: tuple[Any, Array], h0: Array, n: Array, rule: ExitRule | None,
-               readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None) -> CircuitOut:
-        """Inference, with or without an exit rule, with or without a cache: `iterate_until`."""
+               readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None, compact_ok: bool = True
+               ) -> CircuitOut:
+        """Inference, with or without an exit rule, with or without a cache: `iterate_until`. Compacted
+        (``compact_ok``, `Plan.compact`) when tokens may stop at different iterations, there is no cache and
+        the circuit is one block: then a frozen token's keys and values never change (they depend on its own
+        state only), so they are computed once, in the iteration after it stops, and reused."""
         e = consts[1]
         if rule is None and self.halting.mixes_output:  # ACT evaluates with its own halting rule, up to n
             rule = exit_rule("learned", self.halting.default_q())
         probe = _Probe(self, e, n, readout, self.write.kernel.value.shape[-1] if hasattr(self, "write") else e.shape[-1])
         chunk0 = () if cache is None else self._chunk(cache, h0)
 
-        def step(consts: tuple[Any, Array], i: Array, h: Array, chunk: tuple) -> tuple[Array, tuple]:
+        def step(consts: tuple[Any, Array], i: Array, h: Array, chunk: tuple, fresh: Array) -> tuple[Array, tuple]:
+            del fresh  # every token runs the step
             return nnx.merge(graphdef, consts[0]).iteration(h, consts[1], ctx, i, cache, chunk)
 
+        B, T = h0.shape[:2]
+        adaptive = rule is not None or jnp.ndim(n) > 0  # tokens may stop at different iterations
+        compact = adaptive and compact_ok and cache is None and self.depth == 1
+        side0, active0 = chunk0, None
+        if cache is None and adaptive and ctx.valid_BT is not None:
+            active0 = ctx.valid_BT  # padding never reaches an output: it need not run
+        if compact:
+            step = self._compact_step(graphdef, ctx)
+            side0 = (self._kv_buffers(h0), jnp.zeros((), jnp.float32))
         if rule is None:
-            loop = iterate_until(step, consts, h0, n, side0=chunk0)
+            loop = iterate_until(step, consts, h0, n, side0=side0, active0=active0)
             out = self.emit(loop.h, e)
         else:
             loop = iterate_until(step, consts, h0, n, stop=lambda i, hp, h, a, st: rule.stop(probe, i, hp, h, a, st),
-                                 state0=rule.start(probe, h0), due=rule.due, side0=chunk0)
+                                 state0=rule.start(probe, h0), due=rule.due, side0=side0, active0=active0)
             out = rule.output(probe, loop.state, self.emit(loop.h, e))
         used = None if rule is None and jnp.ndim(n) == 0 and cache is None else loop.used
+        computed = loop.side[1] if compact else loop.ran.astype(jnp.float32) * B * T
         if cache is None:
-            return CircuitOut(out, used=used)
+            return CircuitOut(out, used=used, computed=computed)
         cache = self._store(step, consts, loop, n, ctx, cache, early=rule is not None)
         return CircuitOut(out, used=used, cache=cache, state=loop.h)
+
+    @property
+    def depth(self) -> int:
+        return jax.tree.leaves(nnx.state(self.blocks))[0].shape[0]
+
+    def _kv_buffers(self, h0: Array) -> KV:
+        """Zeroed keys and values [B, T, K, H] of the (one) block, for compacted inference."""
+        attn = stack_layers(self.blocks)[0].attn
+        shape = (*h0.shape[:2], attn.kv_heads, attn.head_dim)
+        # float32 holds any compute dtype's values exactly; attention casts them back to its own
+        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+
+    def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context) -> Callable:
+        """The compacted iteration: ``step(consts, i, h, (kv, computed), fresh)``. The fresh tokens (those
+        that ran the previous iteration) are gathered into an [R, c] buffer: the R rows that hold any, then
+        in each the fresh tokens in sequence order, R and c the smallest of B / COMPACT_SHARES and
+        T / COMPACT_SHARES that hold them (R = B or c = T gathers nothing along that axis). They run the block
+        over their rows' keys and values, storing their own. Tokens that stopped in the previous iteration
+        run once more this way, which stores the keys and values of their final state; their new state is
+        discarded by the loop."""
+        B, T = ctx.positions_BT.shape
+        row_caps = sorted({-(-B // share) for share in COMPACT_SHARES})
+        tok_caps = sorted({-(-T // share) for share in COMPACT_SHARES})
+        seg = None if ctx.mask is None else ctx.mask[:, 0]  # [B, T, T]
+
+        def gathered(R: int, c: int) -> Callable:
+            def run(consts: tuple[Any, Array], h: Array, kv: KV, fresh: Array) -> tuple[Array, KV]:
+                circuit = nnx.merge(graphdef, consts[0])
+                rows = _select(jnp.any(fresh, axis=-1), R) if R < B else None  # [R], B in empty slots
+                take = (lambda a: a) if rows is None else (lambda a: a[jnp.minimum(rows, B - 1)])  # noqa: E731
+                h_r, e_r, f_r, pos_r, kv_r = take(h), take(consts[1]), take(fresh), take(ctx.positions_BT), \
+                    tuple(take(b) for b in kv)
+                if rows is not None:
+                    f_r = f_r & (rows < B)[:, None]
+                seg_r = None if seg is None else take(seg)
+                if c < T:
+                    idx = _select(f_r, c)  # [R, c], T in empty slots
+                    at = jnp.arange(f_r.shape[0])[:, None], jnp.minimum(idx, T - 1)
+                    h_c, e_c, pos_c, write = h_r[at], e_r[at], pos_r[at], idx < T
+                    mask = None if seg_r is None else seg_r[at][:, None]
+                else:
+                    idx, h_c, e_c, pos_c, write = None, h_r, e_r, pos_r, f_r
+                    mask = None if seg_r is None else seg_r[:, None]
+                x = circuit.injection(circuit, h_c, e_c)
+                x, kv_r = stack_layers(circuit.blocks)[0].compact(x, pos_c, idx, kv_r, write, mask)
+                x = (circuit.loop_norm(x) if hasattr(circuit, "loop_norm") else x).astype(h.dtype)
+                if idx is None:
+                    h_r = jnp.where(write[..., None], x, h_r)
+                else:
+                    h_r = h_r.at[jnp.arange(f_r.shape[0])[:, None], idx].set(x, mode="drop")
+                if rows is None:
+                    return h_r, kv_r
+                return h.at[rows].set(h_r, mode="drop"), tuple(b.at[rows].set(b_r, mode="drop")
+                                                               for b, b_r in zip(kv, kv_r, strict=True))
+            return run
+
+        branches = [gathered(R, c) for R in row_caps for c in tok_caps]
+        sizes = jnp.asarray([R * c for R in row_caps for c in tok_caps], jnp.float32)
+
+        def step(consts: tuple[Any, Array], i: Array, h: Array, side: tuple, fresh: Array) -> tuple[Array, tuple]:
+            del i
+            kv, computed = side
+            per_row = jnp.sum(fresh, axis=-1)
+            r = jnp.sum(jnp.asarray(row_caps) < jnp.sum(per_row > 0))
+            t = jnp.sum(jnp.asarray(tok_caps) < jnp.max(per_row))
+            which = r * len(tok_caps) + t
+            h, kv = jax.lax.switch(which, branches, consts, h, kv, fresh)
+            return h, (kv, computed + sizes[which])
+
+        return step
 
     def _chunk(self, cache: tuple[KV, ...], h0: Array) -> tuple[KV, ...]:
         """Per layer, a [S, B, t, K, H] buffer for the chunk's keys and values of each slot."""
@@ -251,7 +345,7 @@ class Circuit(nnx.Module):
         S, B = chunk[0][0].shape[:2]
 
         def fill(chunk: tuple) -> tuple:
-            extra = step(consts, loop.ran, loop.h, chunk)[1]
+            extra = step(consts, loop.ran, loop.h, chunk, jnp.ones(loop.h.shape[:-1], bool))[1]
             ran = jnp.broadcast_to(loop.ran, (B,))
             target = policy.later_slots(ran, n, S)  # [S, B]
             src = policy.slot(loop.ran)
@@ -384,7 +478,9 @@ class Bank(nnx.Module):
         """Interchangeable circuits under one vmap (their weights stacked)."""
         graphdef = nnx.graphdef(self.circuits[members[0]])
         states = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(self.circuits[n]) for n in members])
-        runs = jax.tree.map(lambda *xs: jnp.stack(xs), *[self._run(plan, n) for n in members])
+        # never compacted: under vmap, lax.switch runs every branch
+        runs = jax.tree.map(lambda *xs: jnp.stack(xs), *[dataclasses.replace(self._run(plan, n), compact=False)
+                                                         for n in members])
 
         def one(state: Any, s: Array, run: CircuitPlan) -> CircuitOut:
             return nnx.merge(graphdef, state)(s, ctx, run)
@@ -402,7 +498,7 @@ class Bank(nnx.Module):
         return contrib
 
     def _report(self, name: str, res: CircuitOut, contrib: Array, ctx: Context, plan: Plan) -> CircuitReport:
-        return CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder,
+        return CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder, computed=res.computed,
                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None,
                              write_norm=_write_norm(res.out, plan.gates[name]) if plan.collect_norms else None)
 
@@ -511,6 +607,18 @@ class Bank(nnx.Module):
         reports = {n: self._report(n, CircuitOut(writes[n], used=used[i]), contribs[n], ctx, plan)
                    for i, n in enumerate(names)}
         return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
+
+
+def _select(mask: Array, cap: int) -> Array:
+    """int32 [..., cap]: the indices of ``mask``'s True entries along its last axis (length N), in order,
+    then N in the slots left (an index past the end: gathers clip it, scatters with mode="drop" skip it).
+    The caller guarantees at most ``cap`` True entries per row."""
+    N = mask.shape[-1]
+    slot = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, cap)  # every False entry writes the spare slot cap
+    out = jnp.full((*mask.shape[:-1], cap + 1), N, jnp.int32)
+    lead = tuple(jnp.indices(mask.shape[:-1], sparse=True))
+    lead = tuple(a[..., None] for a in lead)
+    return out.at[(*lead, slot)].set(jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), mask.shape))[..., :cap]
 
 
 def _write_norm(out_BTO: Array, gate: Array) -> Array:

@@ -132,6 +132,34 @@ class Attention(nnx.Module):
         return self.out(y_BtNH.reshape(B, t, W)), (k, v)
 
 
+    def compact(self, x_BcW: Array, positions_Bc: Array, index_Bc: Array | None, kv: tuple[Array, Array],
+                write_Bc: Array, mask_B1cT: Array | None) -> tuple[Array, tuple[Array, Array]]:
+        """Attention of c gathered tokens over every token of their rows, whose keys and values are ``kv``
+        ([B, T, K, H] each). ``index_Bc`` [B, c] are the gathered tokens' sequence indices (T: an empty slot;
+        None: c = T, every token in order), ``positions_Bc`` their RoPE positions. First the gathered tokens'
+        fresh keys and values are written where ``write_Bc``, so each query sees the other tokens' stored
+        ones and the gathered ones' new ones. Causality and the window compare sequence indices, as
+        `__call__` does; ``mask_B1cT`` the gathered rows of the segment mask. Returns (output [B, c, W], the
+        updated keys and values)."""
+        B, c, W = x_BcW.shape
+        T = kv[0].shape[1]
+        q, k, v = self._qkv(x_BcW, positions_Bc)
+        if index_Bc is None:
+            w = write_Bc[..., None, None]
+            kv = tuple(jnp.where(w, new.astype(buf.dtype), buf) for buf, new in zip(kv, (k, v), strict=True))
+            q_pos = k_pos = None
+        else:  # empty slots (index T) fall outside the buffer and are dropped
+            rows = jnp.arange(B)[:, None]
+            kv = tuple(buf.at[rows, index_Bc].set(new.astype(buf.dtype), mode="drop")
+                       for buf, new in zip(kv, (k, v), strict=True))
+            q_pos, k_pos = jnp.minimum(index_Bc, T - 1), jnp.broadcast_to(jnp.arange(T), (B, T))
+        span = (self.window - 1, 0 if self.causal else self.window - 1) if self.window else None
+        impl = "einsum" if self.impl == "einsum" or q_pos is not None else self.impl
+        y = attend(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask=mask_B1cT, causal=self.causal, window=span,
+                   impl=impl, q_pos=q_pos, k_pos=k_pos)
+        return self.out(y.reshape(B, c, W)), kv
+
+
 class MLP(nnx.Module):
     """GELU MLP (W -> F -> W) or SwiGLU (gate * up, F hidden)."""
 
@@ -175,6 +203,12 @@ class Block(nnx.Module):
         """The block on t new tokens with earlier tokens' keys and values (`Attention.cached`)."""
         a, kv = self.attn.cached(self.attn_norm(x_BtW), positions_Bt, cache, start_B, shared)
         return self._mlp(x_BtW + (self.attn_post_norm(a) if self.sandwich else a)), kv
+
+    def compact(self, x_BcW: Array, positions_Bc: Array, index_Bc: Array, kv: tuple[Array, Array], write_Bc: Array,
+                mask_B1cT: Array | None) -> tuple[Array, tuple[Array, Array]]:
+        """The block on c gathered tokens over the whole sequence's keys and values (`Attention.compact`)."""
+        a, kv = self.attn.compact(self.attn_norm(x_BcW), positions_Bc, index_Bc, kv, write_Bc, mask_B1cT)
+        return self._mlp(x_BcW + (self.attn_post_norm(a) if self.sandwich else a)), kv
 
     def _mlp(self, x_BTW: Array) -> Array:
         m = self.mlp(self.mlp_norm(x_BTW))

@@ -154,7 +154,7 @@ def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int
     return jax.lax.scan(grad_step, h0, jnp.arange(bound))[0]
 
 
-CachedStepFn = Callable[[PyTree, Array, Array, PyTree], tuple[Array, PyTree]]
+CachedStepFn = Callable[[PyTree, Array, Array, PyTree, Array], tuple[Array, PyTree]]
 StopFn = Callable[[Array, Array, Array, Array, PyTree], tuple[Array, PyTree]]
 
 
@@ -171,21 +171,27 @@ class Until(NamedTuple):
 
 
 def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, stop: StopFn | None = None,
-                  state0: PyTree = (), due: Callable[[Array], Array] | None = None, side0: PyTree = ()) -> Until:
+                  state0: PyTree = (), due: Callable[[Array], Array] | None = None, side0: PyTree = (),
+                  active0: Array | None = None) -> Until:
     """Inference (no gradient): iterate every token until its stop rule fires or it reaches its count.
 
-    The one loop of evaluation, prefill and cached decoding. ``step(consts, i, h, side) -> (h, side)`` runs
-    iteration i (0-based) on every token; ``side`` is what the step carries besides the state (decoding: the
-    chunk's keys and values of each iteration; ``()`` otherwise). ``n`` is the cap, int32 [] or one per
-    token (shape h0.shape[:-1]). ``stop(i, h_prev, h, active, state) -> (fire, state)`` is asked after
-    iteration i (1-based) with the states before and after it and the tokens that ran it (``active``); a
-    token stops when it fires at an iteration where ``due(i)`` holds, and keeps its state from then on
-    (copy-forward: every token still runs the step, so its neighbours read a defined value). The loop ends
-    when no token runs. Without a stop rule and with one count, it is a plain ``fori_loop``.
+    The one loop of evaluation, prefill and cached decoding. ``step(consts, i, h, side, fresh) -> (h, side)``
+    runs iteration i (0-based); ``side`` is what the step carries besides the state (decoding: the chunk's
+    keys and values of each iteration; compacted evaluation: each layer's keys and values; ``()``
+    otherwise); ``fresh`` [...] bool marks the tokens that ran the previous iteration (all at i = 0): every
+    other token's state is frozen and was frozen when the previous iteration ran, so a step may reuse what
+    it computed from them then (their keys and values) and compute only the fresh tokens. ``n`` is the cap,
+    int32 [] or one per token (shape h0.shape[:-1]). ``stop(i, h_prev, h, active, state) -> (fire, state)``
+    is asked after iteration i (1-based) with the states before and after it and the tokens that ran it
+    (``active``); a token stops when it fires at an iteration where ``due(i)`` holds, and keeps its state
+    from then on (copy-forward: its neighbours read the keys and values of its frozen state). ``active0``
+    (default all) are the tokens that run at all (evaluation leaves padding out: no real token reads it).
+    The loop ends when no token runs. Without a stop rule and with one count, it is a plain ``fori_loop``.
     """
     n = jnp.asarray(n, jnp.int32)
-    if stop is None and n.ndim == 0:
-        h, side = jax.lax.fori_loop(0, n, lambda i, c: step(consts, i, *c), (h0, side0))
+    everyone = jnp.ones(h0.shape[:-1], bool)
+    if stop is None and n.ndim == 0 and active0 is None:
+        h, side = jax.lax.fori_loop(0, n, lambda i, c: step(consts, i, *c, everyone), (h0, side0))
         return Until(h, jnp.broadcast_to(n.astype(jnp.float32), h0.shape[:-1]), state0, side, n)
     due = due or (lambda i: jnp.ones((), bool))
     n_max = jnp.max(n)
@@ -194,18 +200,19 @@ def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, st
         return (c[0] < n_max) & jnp.any(c[2])
 
     def body(c: tuple) -> tuple:
-        i, h, active, used, state, side = c
-        new, side = step(consts, i, h, side)
+        i, h, active, fresh, used, state, side = c
+        new, side = step(consts, i, h, side, fresh)
         h_next = jnp.where(active[..., None], new, h)
         used = used + active.astype(jnp.float32)
+        ran = active
         if stop is not None:
             fire, state = stop(i + 1, h, h_next, active, state)
             active = active & ~(fire & due(i + 1))
-        return i + 1, h_next, active & (i + 1 < n), used, state, side
+        return i + 1, h_next, active & (i + 1 < n), ran, used, state, side
 
-    c = (jnp.zeros((), jnp.int32), h0, jnp.ones(h0.shape[:-1], bool), jnp.zeros(h0.shape[:-1], jnp.float32), state0,
-         side0)
-    ran, h, _, used, state, side = jax.lax.while_loop(cond, body, c)
+    active = everyone if active0 is None else active0 & (n > 0)
+    c = (jnp.zeros((), jnp.int32), h0, active, everyone, jnp.zeros(h0.shape[:-1], jnp.float32), state0, side0)
+    ran, h, _, _, used, state, side = jax.lax.while_loop(cond, body, c)
     return Until(h, used, state, side, ran)
 
 

@@ -25,6 +25,10 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    (the length of the scan that carries the gradient)
     position_offset                static: K > 0 adds one offset from U{0..K} per row to every abacus place
                                    (training; drawn from the plan's key; 0: none)
+    compact                        static: in evaluation with exits or per-token counts, one-block circuits
+                                   compute only the tokens still running (gathered into a dense buffer of a
+                                   few static sizes), reusing the frozen tokens' keys and values; False: every
+                                   token runs every iteration (masked). Both give the same logits
     schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
                                    in this order, -1 entries skipped (`loopformer.model.schedule`); every
                                    schedule of one length S shares a program. Empty: each stack in order
@@ -55,7 +59,7 @@ Array = jax.Array
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["loops", "gates", "fills", "key", "exits", "schedules", "grads"],
                    meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms",
-                                "by_difficulty", "position_offset"])
+                                "by_difficulty", "position_offset", "compact"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -73,6 +77,7 @@ class Plan:
     grads: Mapping[str, Array] = field(default_factory=dict)
     by_difficulty: tuple[tuple[str, float, float, int], ...] = ()
     position_offset: int = 0
+    compact: bool = True
 
     def for_batch(self, difficulty_BT: Array | None) -> Plan:
         """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
@@ -102,16 +107,17 @@ class Plan:
     def circuit(self, name: str, key: Array) -> CircuitPlan:
         """How to run one circuit (its PRNG ``key`` folded from the plan's by the caller)."""
         return CircuitPlan(self.loops[name], key, self.exit_of(name), self.truncation(name), self.trace_len,
-                           self.stash, self.bound, self.grads.get(name))
+                           self.stash, self.bound, self.grads.get(name), self.compact)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "key", "exit", "grad"],
-                   meta_fields=["backprop", "trace_len", "stash", "bound"])
+                   meta_fields=["backprop", "trace_len", "stash", "bound", "compact"])
 @dataclass(frozen=True)
 class CircuitPlan:
     """One circuit's part of a `Plan`: its count ``loops`` (int32 [] or per token [B, T]; the cap under an exit
     rule), PRNG ``key``, ``exit`` rule, the static truncation depth, trace length, stash and bound, and
-    ``grad`` (None, or the traced iterations <= backprop that carry gradient)."""
+    ``grad`` (None, or the traced iterations <= backprop that carry gradient), and whether inference may
+    compact (`Plan.compact`)."""
 
     loops: Array
     key: Array
@@ -121,17 +127,21 @@ class CircuitPlan:
     stash: int = 0
     bound: int = 0
     grad: Array | None = None
+    compact: bool = True
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["trace", "mean_out", "used", "exit_p", "ponder", "write_norm"], meta_fields=[])
+                   data_fields=["trace", "mean_out", "used", "exit_p", "ponder", "write_norm", "computed"],
+                   meta_fields=[])
 @dataclass(frozen=True)
 class CircuitReport:
     """What one circuit reports: ``trace`` [trace_len, 3] (`loopformer.model.loop.TRACE_STATS` of each
     iteration; NaN past its count) when the plan traces; ``mean_out`` [D] when it collects means;
     ``used`` [B, T] the iterations each token ran (exits, per-token counts, routing); with a halting
     head and a stash, ``exit_p`` [L, B, T] the exit distribution and ``ponder`` [B, T] ACT's N + R;
-    ``write_norm`` [B, T] ||g_c * out_c|| at each token when the plan collects norms (its on-indicator)."""
+    ``write_norm`` [B, T] ||g_c * out_c|| at each token when the plan collects norms (its on-indicator);
+    ``computed`` [] in inference, the token-iterations its blocks executed over the batch (padding included;
+    `CircuitOut.computed`)."""
 
     trace: Array | None = None
     mean_out: Array | None = None
@@ -139,6 +149,7 @@ class CircuitReport:
     exit_p: Array | None = None
     ponder: Array | None = None
     write_norm: Array | None = None
+    computed: Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits", "aux_loss", "step_logits"],
@@ -201,13 +212,15 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
               backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False,
               exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0,
               schedules: Mapping[str, Array | np.ndarray] | None = None,
-              by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, position_offset: int = 0) -> Plan:
+              by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, position_offset: int = 0,
+              compact: bool = True) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
     by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
     ``schedules`` maps "prelude" / "coda" to a layer schedule; ``by_difficulty`` maps circuits to (a, b, cap):
     their counts follow each example's difficulty (`Plan.for_batch`; their entries in ``loops`` are then
-    placeholders); ``position_offset`` K > 0 shifts each row's abacus places by a draw from U{0..K} (training)."""
+    placeholders); ``position_offset`` K > 0 shifts each row's abacus places by a draw from U{0..K} (training);
+    ``compact`` False runs every token at every iteration in inference (`Plan.compact`)."""
     exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
     unknown = [c for c in list(loops) + list(ablate) + list(exits) if c not in circuits]
@@ -229,4 +242,4 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound),
                 schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()},
                 by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()),
-                position_offset=int(position_offset))
+                position_offset=int(position_offset), compact=bool(compact))

@@ -37,7 +37,7 @@ from loopformer.surgery.naming import fill
 from loopformer.variants.position import ROPE_SCALINGS, RopeScaling
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
-CONFIG, TOKENIZER = "config.json", "tokenizer.json"
+CONFIG, TOKENIZER, GENERATION = "config.json", "tokenizer.json", "generation_config.json"
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -59,6 +59,24 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise CheckpointError(f"{folder / CONFIG} is not a JSON object")
     return spec
+
+
+def stop_ids(folder: str | Path, vocab: int) -> list[int]:
+    """The token ids generation ends at: generation_config.json's ``eos_token_id`` (one id or a list, e.g. Llama
+    3's end-of-text, end-of-message and end-of-turn); [] without the file or the key. Checked against ``vocab``."""
+    path = Path(folder) / GENERATION
+    if not path.is_file():
+        return []
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+    ids = spec.get("eos_token_id") if isinstance(spec, dict) else None
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id {spec.get('eos_token_id')!r} must be token ids in 0..{vocab - 1}; "
+                              f"fix or remove it")
+    return list(dict.fromkeys(ids))
 
 
 def _rope(spec: dict[str, Any], where: Path) -> tuple[float, dict[str, Any]]:

@@ -63,8 +63,9 @@ def evaluate_all(evaluator: Evaluator, params: Any, eval_sets: dict[str, list], 
     out = {}
     for name, batches in eval_sets.items():
         m = evaluator.evaluate(params, batches, loops, by_difficulty=by_difficulty)
-        mean_loops = m.pop("mean_loops")
-        out[name] = text_metrics(m, bpt.get(name)) | {f"mean_loops/{c}": v for c, v in mean_loops.items()}
+        mean_loops, computed = m.pop("mean_loops"), m.pop("computed_loops")
+        out[name] = (text_metrics(m, bpt.get(name)) | {f"mean_loops/{c}": v for c, v in mean_loops.items()}
+                     | {f"computed_loops/{c}": v for c, v in computed.items()})
     return out
 
 

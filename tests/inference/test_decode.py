@@ -12,7 +12,7 @@ from flax import nnx
 from loopformer.config import load_config
 from loopformer.errors import PlanError
 from loopformer.inference.decode import Decoder, Sampling, sample
-from loopformer.inference.generate import generate_batch, logits_fn
+from loopformer.inference.generate import generate_batch, logits_fn, until_eos
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.variants.cache import CachePolicy
@@ -115,6 +115,12 @@ def test_stop_token_ends_a_row(model):
     first = free.tokens[0].tolist().index(eos)
     assert stopped.lengths[0] == first + 1 and (stopped.tokens[0, first:] == eos).all()
     np.testing.assert_array_equal(stopped.tokens[0, : first + 1], free.tokens[0, : first + 1])
+    # several stop ids (generation_config.json's eos_token_id list): a row ends at the first of any
+    other = int(free.tokens[0, 2])
+    both = dec(params, PROMPTS, {"X": 3}, 12, eos_id=[eos, other])
+    first_any = min(free.tokens[0].tolist().index(t) for t in (eos, other))
+    assert both.lengths[0] == first_any + 1
+    assert until_eos(None, free.tokens[0].tolist(), [eos, other]) == free.tokens[0, :first_any].tolist()
 
 
 def test_exits_while_decoding(model):

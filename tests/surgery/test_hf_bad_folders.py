@@ -70,3 +70,19 @@ def test_the_command_says_it_in_one_line_and_writes_nothing(tmp_path, capsys):
     assert line.startswith("error: ") and "leaves unused" in line and not (tmp_path / "run").exists()
     assert main(["import", "--hf", str(folder), "--out", ""]) == 2
     assert "--out '': name the new run's directory" in capsys.readouterr().err
+
+
+def test_generation_config_stop_ids_reach_the_run_and_bad_ones_are_one_line(tmp_path, capsys):
+    """generation_config.json's eos_token_id (a list, as Llama 3 instruct models ship it) becomes the run's
+    data.stop_ids, which `generate` ends rows at; ids outside the vocabulary are refused at import."""
+    folder = write_folder(tmp_path / "good")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7, 5]}))
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stop_ids"] == [5, 7]
+    assert "stop_ids:\n  - 5\n  - 7" in (tmp_path / "run" / "config.yaml").read_text()
+    assert main(["generate", "--run", str(tmp_path / "run"), "--prompt", "In the", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stop_ids"] == [5, 7]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 300}))
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run2")]) == 2
+    assert "generation_config.json: eos_token_id 300 must be token ids in 0..299" in capsys.readouterr().err

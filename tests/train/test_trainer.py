@@ -316,7 +316,7 @@ def test_final_sweep_moves_only_the_chosen_circuits(tmp_path, capsys):
             rules = {c: r[:2] for c, r in (by_difficulty or {}).items()}
             self.calls.append((dict(loops), rules))
             return {"loss": 0.5, "accuracy": 0.95 if rules else loops["X"] / 10, "token_accuracy": 1.0,
-                    "examples": 4, "mean_loops": dict(loops)}
+                    "examples": 4, "mean_loops": dict(loops), "computed_loops": dict(loops)}
 
     rows = trainer.final_sweep(Recorder(), None, {"train": [], "2x": []}, cfg)
     # per split; Y stays at its eval_loops

@@ -1,0 +1,110 @@
+"""Compacted inference (`Plan.compact`): only the tokens still running are computed, the frozen tokens' keys
+and values reused. It must give the masked loop's logits and loop counts, and execute fewer token-iterations."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from loopformer.config import load_config
+from loopformer.model.circuit import COMPACT_SHARES
+from loopformer.model.plan import make_plan
+from loopformer.model.transformer import build_model
+from tests.model.test_model import randomize_writes
+
+VOCAB = 40
+X = "model.stages.0.circuits.X"
+
+
+def _model(*overrides):
+    cfg = load_config("configs/text_bytes.yaml", [
+        "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=1", f"{X}.depth=1", f"{X}.width=32",
+        f"{X}.heads=2", *overrides])
+    return randomize_writes(build_model(cfg.model, VOCAB, 0))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run(graphdef, params, tokens, segments, plan):
+    logits, diag = nnx.merge(graphdef, params)(tokens, plan, segment_ids_BT=segments)
+    return logits, diag.circuits["X"].used, diag.circuits["X"].computed
+
+
+def _tokens(B=3, T=24, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(1, VOCAB, (B, T)), jnp.int32)
+
+
+def _both(model, tokens, segments=None, **plan_kw):
+    graphdef, params = nnx.split(model)
+    out = {c: _run(graphdef, params, tokens, segments, make_plan(["X"], compact=c, **plan_kw)) for c in (True, False)}
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("overrides,eps", [
+    ((), 0.01),  # causal, RoPE, additive injection
+    ((f"{X}.window=3", f"{X}.init=noise"), 0.02),
+    (("model.causal=false", f"{X}.inject=concat"), 0.1),
+], ids=["causal", "window-noise", "bidirectional-concat"])
+def test_compacted_exits_give_the_masked_logits(overrides, eps):
+    model = _model(*overrides)
+    tokens = _tokens()
+    (lc, uc, cc), (lm, um, cm) = _both(model, tokens, loops={"X": 16}, exits={"X": f"latent_diff:{eps}"})
+    used = np.asarray(um)
+    assert len(np.unique(used)) > 2 and used.min() < 16  # tokens stop at many different iterations
+    np.testing.assert_array_equal(np.asarray(uc), used)
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
+    assert float(cc) < float(cm)
+
+
+def test_compacted_per_token_counts_with_padding_and_packed_segments():
+    """Per-token counts (no exit rule), padding (segment 0) and two packed documents: padding starts stopped;
+    every real token's logits equal the masked loop's."""
+    model = _model()
+    tokens = _tokens(B=2, T=20, seed=1)
+    segments = jnp.asarray([[1] * 8 + [2] * 8 + [0] * 4, [1] * 20], jnp.int32)
+    counts = jnp.asarray(np.random.default_rng(2).integers(1, 9, (2, 20)), jnp.int32)
+    (lc, uc, cc), (lm, um, _) = _both(model, tokens, segments, loops={"X": counts})
+    real = np.asarray(segments) > 0
+    np.testing.assert_allclose(np.asarray(lc)[real], np.asarray(lm)[real], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(uc)[real], np.asarray(counts)[real])
+    assert (np.asarray(uc)[~real] == 0).all()  # padding never ran
+
+
+def test_computed_counts_the_gathered_buffer_of_each_iteration():
+    """Hand count: T = 16, buckets of 16, 8, 4, 2 tokens; token 0 of each row runs 6 iterations, the others 1.
+    Iteration 1 computes all 16; iteration 2 the 16 that ran iteration 1 (15 of them only to store the keys
+    and values of their final state); iterations 3-6 token 0 alone (bucket 2). Masked: 6 x 16 per row."""
+    assert COMPACT_SHARES == (1, 2, 4, 8)
+    model = _model()
+    B, T = 2, 16
+    counts = jnp.ones((B, T), jnp.int32).at[:, 0].set(6)
+    (lc, _, cc), (lm, _, cm) = _both(model, _tokens(B, T), loops={"X": counts})
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
+    assert float(cc) == B * (16 + 16 + 4 * 2)
+    assert float(cm) == B * 6 * 16
+
+
+def test_deeper_circuits_and_fixed_counts_run_masked():
+    """A two-block circuit's frozen token has later-layer keys and values that depend on its running
+    neighbours, so it is never compacted; nor is a fixed count (every token runs every iteration)."""
+    model = _model(f"{X}.depth=2")
+    tokens = _tokens()
+    (lc, _, cc), (lm, _, cm) = _both(model, tokens, loops={"X": 12}, exits={"X": "latent_diff:0.15"})
+    np.testing.assert_array_equal(np.asarray(lc), np.asarray(lm))
+    assert float(cc) == float(cm)
+    (_, _, cc), _ = _both(_model(), tokens, loops={"X": 5})
+    assert float(cc) == 5 * tokens.size
+
+
+def test_rows_that_have_stopped_leave_the_buffer():
+    """Hand count: B = 4, T = 8, one count per row (1, 1, 1, 6), as loops per difficulty give. Iterations 1-2
+    compute every row (iteration 2 stores the final keys and values of the rows that stopped); iterations 3-6
+    row 3 alone (R = 1 of the buckets 4, 2, 1). Masked: 6 x 32."""
+    model = _model()
+    counts = jnp.asarray([[1] * 8, [1] * 8, [1] * 8, [6] * 8], jnp.int32)
+    (lc, _, cc), (lm, _, cm) = _both(model, _tokens(4, 8), loops={"X": counts})
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
+    assert float(cc) == 32 + 32 + 4 * 8
+    assert float(cm) == 6 * 32
