@@ -12,6 +12,7 @@ from loopformer.evaluation.run import load_run
 from loopformer.runs.read import read_run
 
 TOP = 5
+SCREEN = 256  # examples per split the whole scan runs on by default; the TOP best are rescored on --examples
 MAX_REPEATS = 64  # far past the 1-3 extra runs the duplication experiments use; a typo would build a huge schedule
 
 
@@ -36,20 +37,26 @@ def _args(p: argparse.ArgumentParser) -> None:
     probe_flag(p)
     p.add_argument("--repeats", type=_repeats, default=[1], metavar="R1,R2,...",
                    help="extra runs of the block (default 1: the block runs twice)")
+    p.add_argument("--screen", type=int, default=SCREEN, metavar="N",
+                   help=f"score every setting on the first N examples of each split, then the {TOP} best of each "
+                        f"(and the unmodified model) on all --examples (default {SCREEN}; 0: every setting on all)")
 
 
 def _fmt(row: dict[str, Any], text: bool) -> str:
     return f"{row['bits_per_byte']:.4f}" if text else f"{100 * row['accuracy']:.1f}%"
 
 
-def _table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], text: bool) -> str:
+def _table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], text: bool, scanned: int,
+           screened: dict[str, int] | None) -> str:
     key = rys.metric(text)
     out = []
     for base in baseline:
         split = base["split"]
         mine = [r for r in rows if r["split"] == split]
-        ranked = sorted(mine, key=lambda r: r[key], reverse=not text)[:TOP]
-        head = f"split {split}: unmodified {_fmt(base, text)} (loss {base['loss']:.4f}); best of {len(mine)} settings:"
+        ranked = rys.ranked(mine, text)[:TOP]
+        of = (f"the best {len(mine)} of {scanned} settings scored on {screened[split]} examples, rescored on "
+              f"{base['examples']}" if screened else f"best of {len(mine)} settings")
+        head = f"split {split}: unmodified {_fmt(base, text)} (loss {base['loss']:.4f}); {of}:"
         cells = [[f"[{r['start']}, {r['end']})", r["repeats"], _fmt(r, text),
                   f"{(r[key] - base[key]) * (1 if text else 100):+.{4 if text else 1}f}", f"{r['loss']:.4f}"]
                  for r in ranked]
@@ -65,6 +72,9 @@ def rys_command(args: argparse.Namespace) -> int:
         if max(args.repeats) > MAX_REPEATS:
             raise PlanError(f"--repeats {max(args.repeats)}: at most {MAX_REPEATS} extra runs of a block (each adds "
                             f"the block's layers to every schedule); ask for fewer, e.g. --repeats 1,2,3")
+        if args.screen < 0:
+            raise PlanError(f"--screen {args.screen}: give a number of examples >= 1, or 0 to score every setting on "
+                            f"all --examples")
         info = read_run(args.run)
         stack = args.stack or ("prelude" if info.cfg.model.prelude else "coda")
         layers = rys.stack_layers(info, stack)
@@ -73,7 +83,10 @@ def rys_command(args: argparse.Namespace) -> int:
         run = load_run(info, args.step, raw=args.raw_weights)
         eval_sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)
         before = run.evaluator.compiles
-        rows, baseline = rys.scan(run, eval_sets, stack, args.repeats)
+        subset = rys.screen(eval_sets, args.screen) if args.screen else eval_sets
+        screening = any(len(subset[s]) < len(eval_sets[s]) for s in eval_sets)
+        rows, baseline = rys.scan(run, subset if screening else eval_sets, stack, args.repeats)
+        best_rows, best_base = rys.rescore(run, eval_sets, stack, rows, TOP) if screening else (rows, baseline)
         compiles = run.evaluator.compiles - before
         tables.write_csv(info.path / "rys.csv", [dict(r, **{"change": r[rys.metric(info.is_text)] - b[
             rys.metric(info.is_text)]}) for b in baseline for r in rows if r["split"] == b["split"]])
@@ -83,7 +96,9 @@ def rys_command(args: argparse.Namespace) -> int:
             files.append(write_png(info.path / f"rys_{base['split']}.png", png))
         doc = {"run": str(info.path), "step": run.step, "stack": stack, "layers": layers, "repeats": args.repeats,
                "probe": args.probe,
-               "rows": rows, "baseline": baseline, "compiles": compiles, "files": files}
+               "rows": rows, "baseline": baseline, "compiles": compiles, "files": files,
+               "screen": ({"examples": {b["split"]: b["examples"] for b in baseline}, "rescored": best_rows,
+                           "baseline": best_base} if screening else None)}
         if not rows:
             raise AnalysisError("nothing to scan")
         scanned = f"duplicating blocks of the {layers} {stack} layer{'s' if layers > 1 else ''}, repeats {args.repeats}"
@@ -93,9 +108,11 @@ def rys_command(args: argparse.Namespace) -> int:
                         f"{', '.join(info.circuits)}, which loop already; --stack {other} scans the other stack, and "
                         f"`loopformer convert` loops a block of a plain model)")
             doc["note"] = scanned
+        evaluations = len(rows) + len(baseline) + (len(best_rows) + len(best_base) if screening else 0)
         text = "\n".join([tables.header_line(info, run.step, args.examples), scanned,
-                          _table(rows, baseline, info.is_text),
-                          f"programs compiled for these {len(rows) + len(baseline)} evaluations: {compiles} "
+                          _table(best_rows, best_base, info.is_text, len(rows) // max(len(baseline), 1),
+                                 {b["split"]: b["examples"] for b in baseline} if screening else None),
+                          f"programs compiled for these {evaluations} evaluations: {compiles} "
                           f"(layer schedules are runtime inputs)", "wrote " + ", ".join(files)])
         return doc, text
 

@@ -5,7 +5,11 @@ evaluator's program padded to one length, so the whole scan runs on the programs
 first setting (one per batch shape).
 
 Rows: {"start", "end", "repeats", "split", "loss", "accuracy" (None for text), "bits_per_byte" (None for
-tasks)}; the baseline rows have the same fields without start / end / repeats.
+tasks), "examples"}; the baseline rows have the same fields without start / end / repeats.
+
+A scan over L (L + 1) / 2 blocks times the repeat counts is many evaluations; `screen` takes the first
+batches of each split, so that the whole scan runs on a subset, and `rescore` scores the best settings of
+the screen (and the unmodified model) again on every example.
 """
 
 from __future__ import annotations
@@ -51,7 +55,42 @@ def same_length(eval_sets: Mapping[str, Sequence[Batch]]) -> dict[str, list[Batc
 
 def _score(row: Mapping[str, Any], text: bool) -> dict[str, Any]:
     return {"split": row["split"], "loss": row["loss"], "accuracy": None if text else row["accuracy"],
-            "bits_per_byte": row.get("bits_per_byte") if text else None}
+            "bits_per_byte": row.get("bits_per_byte") if text else None, "examples": row["examples"]}
+
+
+def screen(eval_sets: Mapping[str, Sequence[Batch]], examples: int) -> dict[str, list[Batch]]:
+    """The first whole batches of each split that hold at least ``examples`` examples (whole batches: the
+    screen runs on the programs the full scan compiles)."""
+    out = {}
+    for split, batches in eval_sets.items():
+        taken, count = [], 0
+        for b in batches:
+            if count >= examples:
+                break
+            taken.append(b)
+            count += int(np.sum(np.asarray(b["mask"]).sum(-1) > 0))
+        out[split] = taken
+    return out
+
+
+def rescore(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], stack: str, rows: Sequence[Mapping[str, Any]],
+            keep: int, loops: Mapping[str, int] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, baseline) on every example of ``eval_sets``: the unmodified model and, per split, the ``keep`` best
+    settings of ``rows`` (a screen's: ranked as `best` ranks)."""
+    layers = stack_layers(run.info, stack)
+    repeats = sorted({r["repeats"] for r in rows})
+    length = longest(layers, repeats)
+    text = run.info.is_text
+    eval_sets = same_length(eval_sets)
+    out, baseline = [], []
+    for split, batches in eval_sets.items():
+        baseline.append(_score(run.row(split, batches, loops, schedules={stack: padded(list(range(layers)), length)}),
+                               text))
+        for r in ranked([r for r in rows if r["split"] == split], text)[:keep]:
+            order = padded(duplication(layers, r["start"], r["end"], r["repeats"]), length)
+            row = run.row(split, batches, loops, schedules={stack: order})
+            out.append({"start": r["start"], "end": r["end"], "repeats": r["repeats"]} | _score(row, text))
+    return out, baseline
 
 
 def scan(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], stack: str, repeats: Sequence[int],
@@ -84,9 +123,13 @@ def metric(text: bool) -> str:
     return "bits_per_byte" if text else "accuracy"
 
 
+def ranked(rows: Sequence[Mapping[str, Any]], text: bool) -> list[Mapping[str, Any]]:
+    """``rows`` best first: lowest bits per byte, or highest accuracy then lowest loss."""
+    if text:
+        return sorted(rows, key=lambda r: r["bits_per_byte"])
+    return sorted(rows, key=lambda r: (-r["accuracy"], r["loss"]))
+
+
 def best(rows: Sequence[Mapping[str, Any]], split: str, text: bool) -> Mapping[str, Any]:
     """The best row of ``split`` (lowest bits per byte, or highest accuracy then lowest loss)."""
-    mine = [r for r in rows if r["split"] == split]
-    if text:
-        return min(mine, key=lambda r: r["bits_per_byte"])
-    return max(mine, key=lambda r: (r["accuracy"], -r["loss"]))
+    return ranked([r for r in rows if r["split"] == split], text)[0]

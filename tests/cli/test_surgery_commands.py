@@ -32,7 +32,8 @@ def test_rys_scores_every_range_on_few_programs(plain_run, capsys):
             assert len(got) == 21
     assert doc["compiles"] <= 1  # splits padded to one length: one program, whatever the schedule
     row = doc["rows"][0]
-    assert set(row) == {"start", "end", "repeats", "split", "loss", "accuracy", "bits_per_byte"}
+    assert set(row) == {"start", "end", "repeats", "split", "loss", "accuracy", "bits_per_byte", "examples"}
+    assert doc["screen"] is None  # 40 examples: fewer than the screen, so every setting is scored on all
     assert row["bits_per_byte"] is None and 0 <= row["accuracy"] <= 1
     ev = cli_json(capsys, "eval", "--run", str(plain_run), "--examples", "40")
     for base in doc["baseline"]:
@@ -40,6 +41,28 @@ def test_rys_scores_every_range_on_few_programs(plain_run, capsys):
         assert base["loss"] == pytest.approx(ref["loss"], abs=1e-5)
     for f in ("rys.csv", "rys_train.png", "rys_hard.png"):
         assert (plain_run / f).is_file()
+
+
+def test_rys_screens_on_a_subset_and_rescores_the_best_on_every_example(plain_run, capsys):
+    """Issue #26.5: the scan runs on the first batches of each split; the best settings and the unmodified
+    model are scored again on all examples, where they equal what a full scan gives them."""
+    full = cli_json(capsys, "rys", "--run", str(plain_run), "--examples", "48", "--screen", "0")
+    doc = cli_json(capsys, "rys", "--run", str(plain_run), "--examples", "48", "--screen", "16")
+    screen = doc["screen"]
+    assert all(16 <= n < 48 for n in screen["examples"].values())
+    assert all(r["examples"] == screen["examples"][r["split"]] for r in doc["rows"])
+    assert len(doc["rows"]) == len(full["rows"])  # every setting screened
+    for r in screen["rescored"]:
+        assert r["examples"] == 48
+        ref = next(f for f in full["rows"] if (f["split"], f["start"], f["end"], f["repeats"])
+                   == (r["split"], r["start"], r["end"], r["repeats"]))
+        assert r["loss"] == pytest.approx(ref["loss"], abs=1e-5) and r["accuracy"] == ref["accuracy"]
+    for split in ("train", "hard"):
+        mine = [r for r in screen["rescored"] if r["split"] == split]
+        screened = sorted((r for r in doc["rows"] if r["split"] == split), key=lambda r: (-r["accuracy"], r["loss"]))
+        assert [(r["start"], r["end"]) for r in mine] == [(r["start"], r["end"]) for r in screened[:5]]
+    assert main(["rys", "--run", str(plain_run), "--screen", "-1"]) == 2
+    assert "--screen -1: give a number of examples >= 1, or 0" in capsys.readouterr().err
 
 
 def test_activity_on_a_plain_model_is_one_line(plain_run, capsys):
