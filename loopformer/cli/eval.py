@@ -12,6 +12,7 @@ from loopformer.errors import PlanError
 from loopformer.evaluation import ablate, tables
 from loopformer.evaluation.run import load_run
 from loopformer.model.plan import MAX_LOOPS, difficulty_rules
+from loopformer.runs.log import log, progress
 from loopformer.runs.read import read_run
 
 
@@ -63,12 +64,15 @@ def eval_command(args: argparse.Namespace) -> int:
                 raise PlanError(f"--ablate {c}: unknown circuit; this run's circuits are {', '.join(info.circuits)}")
         run = load_run(info, args.step, raw=args.raw_weights)
         rows = []
-        for split, batches in (probe_sets(args, run) or run.eval_sets(splits, args.examples)).items():
+        sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)
+        for split, batches in progress(sets.items(), "eval", total=len(sets)):
             fill = ablate.mean_fill(run, batches) if ablated and args.mode == "mean" else None
             row = run.row(split, batches, loops, ablated, fill, exits, by_difficulty=rules)
             if exits:
                 row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(loops), exits)["histogram"]
             rows.append({**row, "mode": args.mode} if ablated else row)
+            if exits:  # an exit sweep of one setting can take minutes: say where it is
+                log(f"eval {split}: {tables.score(row)} at {tables.mean_loops_str(row)} loops per token")
         doc = {"run": str(info.path), "step": run.step, "rows": rows} | ({"probe": args.probe} if args.probe else {})
         return doc, tables.header_line(info, run.step, args.examples) + "\n" + tables.eval_table(rows, info)
 
