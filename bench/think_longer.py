@@ -150,6 +150,12 @@ TASKS = {
 # one GPU session that had a machine: at 2,500 steps the looped model had not learned the training lengths
 # (16.4 %, flat in loop count) while equal_params reached 75.4 %. Nothing else changes.
 TASKS["addition_long"] = dataclasses.replace(TASKS["addition"], steps=(60, 10000), task="addition")
+# Addition with every answer digit asked for in one pass (labels at answer slots, as parity's are), declared
+# 2026-12-04 before its first run, after addition_long showed the next-token form never needs the loop (the
+# carry into a place follows from the previous answer digit, docs/think_longer.md). Everything else is the
+# addition setting: abacus places with offsets up to 32 for every model, 2,500 steps, U{6..11}, the looped
+# model's loops per difficulty d + 4.
+TASKS["addition_aligned"] = dataclasses.replace(TASKS["addition"], task_args={"aligned": True}, task="addition")
 # What `python bench/think_longer.py` runs: one setting per task of the issue (and pointer chasing).
 # The graph task is maze3, whose steps grow fastest with the maze of the designs without a known
 # shortcut (chosen when it was declared, before its first run); maze, maze_entrance and maze_exit,

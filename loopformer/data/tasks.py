@@ -460,6 +460,13 @@ class Addition(Task):
     d = 1); the answer c = a + b is written with d+1 digits (leading zero kept), reversed, all d+1
     of them answer tokens. Vocab: PAD=0, BOS=1, PLUS=2, EQ=3, digits 0..9 = 4..13.
     ``difficulty`` = d. T = 3*max_difficulty + 3 (shorter examples are padded).
+
+    In this next-token form the model sees c_{i-1} when it predicts c_i, and the carry into place i is
+    [c_{i-1} < a_{i-1} + b_{i-1}]: every digit is a constant-depth function of two places.
+    ``aligned: true`` asks for all d+1 digits in one forward pass instead: input ``BOS a_rev PLUS b_rev EQ
+    SLOT^(d+1)`` (SLOT = 14, vocab 15), the label of the i-th slot c_i, so c_i depends on the carry chain
+    below it (`depth`: the longest chain, about the iterations a place-by-place solver needs). Slots count
+    as digits for abacus places (they are the answer's places). T = 3*max_difficulty + 4.
     """
 
     name: ClassVar[str] = "addition"
@@ -468,20 +475,32 @@ class Addition(Task):
     PLUS: ClassVar[int] = 2
     EQ: ClassVar[int] = 3
     ZERO: ClassVar[int] = 4
-    digits: ClassVar[tuple[int, int]] = (4, 13)
+    SLOT: ClassVar[int] = 14
+    aligned: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bool("data.task_args.aligned", self.aligned)
+
+    @property
+    def digits(self) -> tuple[int, int]:  # type: ignore[override]
+        return (self.ZERO, self.SLOT if self.aligned else self.ZERO + 9)
+
+    @property
+    def labels_aligned(self) -> bool:
+        return self.aligned
 
     def max_place(self, max_difficulty: int) -> int:
         return max_difficulty + 1  # the sum's carry digit
 
     @property
     def vocab_size(self) -> int:
-        return self.ZERO + 10
+        return self.ZERO + 10 + (1 if self.aligned else 0)
 
     def seq_len(self, max_difficulty: int) -> int:
-        return 3 * max_difficulty + 3
+        return 3 * max_difficulty + (4 if self.aligned else 3)
 
-    def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
-        d = difficulty
+    def _operands(self, rng: np.random.Generator, d: int) -> tuple[list[int], list[int], list[int]]:
+        """(a, b, c = a + b) as reversed digit lists, c with d + 1 digits."""
         a, b = rng.integers(0, 10, (2, d)).tolist()  # least significant digit first
         if d > 1:
             a[-1], b[-1] = rng.integers(1, 10, 2).tolist()
@@ -490,9 +509,41 @@ class Addition(Task):
             carry, digit = divmod(a[i] + b[i] + carry, 10)
             c.append(digit)
         c.append(carry)
+        return a, b, c
+
+    def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
+        d = difficulty
+        a, b, c = self._operands(rng, d)
         z = self.ZERO
         seq = [self.BOS, *(t + z for t in a), self.PLUS, *(t + z for t in b), self.EQ, *(t + z for t in c)]
         return seq, 2 * d + 3
+
+    def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
+        if not self.aligned:
+            return super().example(rng, difficulty, seq_len)
+        d = int(difficulty)
+        a, b, c = self._operands(rng, d)
+        z, n = self.ZERO, 3 * d + 4
+        out = _blank(n, seq_len)
+        out["inputs"][:n] = [self.BOS, *(t + z for t in a), self.PLUS, *(t + z for t in b), self.EQ,
+                             *([self.SLOT] * (d + 1))]
+        out["targets"][2 * d + 3 : n] = [t + z for t in c]
+        out["mask"][2 * d + 3 : n] = 1.0
+        return out
+
+    def depth(self, inputs: np.ndarray) -> int | None:
+        """Aligned form: 1 + the longest carry chain (a place that generates a carry, a + b >= 10, then the
+        places it runs through, a + b = 9): the places a solver that moves carries one place per step needs.
+        The next-token form: None (constant depth, see the class docstring)."""
+        if not self.aligned:
+            return None
+        a, b = self.parse(inputs)
+        longest = run = 0
+        for x, y in zip(a, b, strict=True):
+            s = x + y
+            run = 1 if s >= 10 else run + 1 if (s == 9 and run) else 0
+            longest = max(longest, run)
+        return 1 + longest
 
     def parse(self, inputs: np.ndarray) -> tuple[list[int], list[int]]:
         """The reversed digit lists of a and b from one example's inputs."""

@@ -93,6 +93,9 @@ class CircuitOut(NamedTuple):
 # (rounded up; the smallest that holds every row's running tokens): one program per share, picked by
 # lax.switch at run time.
 COMPACT_SHARES = (1, 2, 4, 8)
+# ... and by default only batches of at least this many tokens compact: below it the extra programs cost more
+# to compile than the skipped work saves (bench/compact.py: 1.04x at 64 x 33 tokens, 1.31x at 64 x 129)
+COMPACT_MIN_TOKENS = 4096
 
 
 class _Probe(NamedTuple):
@@ -220,10 +223,11 @@ class Circuit(nnx.Module):
         return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache, run.compact)
 
     def _infer(self, graphdef: nnx.GraphDef, consts: tuple[Any, Array], h0: Array, n: Array, rule: ExitRule | None,
-               readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None, compact_ok: bool = True
-               ) -> CircuitOut:
+               readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None,
+               compact_ok: bool | None = None) -> CircuitOut:
         """Inference, with or without an exit rule, with or without a cache: `iterate_until`. Compacted
-        (``compact_ok``, `Plan.compact`) when tokens may stop at different iterations, there is no cache and
+        (``compact_ok``: `Plan.compact`, None: batches of COMPACT_MIN_TOKENS or more) when tokens may stop at
+        different iterations, there is no cache and
         the circuit is one block: then a frozen token's keys and values never change (they depend on its own
         state only), so they are computed once, in the iteration after it stops, and reused."""
         e = consts[1]
@@ -238,6 +242,8 @@ class Circuit(nnx.Module):
 
         B, T = h0.shape[:2]
         adaptive = rule is not None or jnp.ndim(n) > 0  # tokens may stop at different iterations
+        if compact_ok is None:
+            compact_ok = B * T >= COMPACT_MIN_TOKENS
         compact = adaptive and compact_ok and cache is None and self.depth == 1
         side0, active0 = chunk0, None
         if cache is None and adaptive and ctx.valid_BT is not None:

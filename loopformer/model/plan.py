@@ -28,7 +28,9 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
     compact                        static: in evaluation with exits or per-token counts, one-block circuits
                                    compute only the tokens still running (gathered into a dense buffer of a
                                    few static sizes), reusing the frozen tokens' keys and values; False: every
-                                   token runs every iteration (masked). Both give the same logits
+                                   token runs every iteration (masked); None (default): compact batches of at
+                                   least COMPACT_MIN_TOKENS tokens, where it pays for its extra programs. Both
+                                   give the same logits
     schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
                                    in this order, -1 entries skipped (`loopformer.model.schedule`); every
                                    schedule of one length S shares a program. Empty: each stack in order
@@ -77,7 +79,7 @@ class Plan:
     grads: Mapping[str, Array] = field(default_factory=dict)
     by_difficulty: tuple[tuple[str, float, float, int], ...] = ()
     position_offset: int = 0
-    compact: bool = True
+    compact: bool | None = None
 
     def for_batch(self, difficulty_BT: Array | None) -> Plan:
         """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
@@ -127,7 +129,7 @@ class CircuitPlan:
     stash: int = 0
     bound: int = 0
     grad: Array | None = None
-    compact: bool = True
+    compact: bool | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -213,14 +215,15 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
               exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0,
               schedules: Mapping[str, Array | np.ndarray] | None = None,
               by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, position_offset: int = 0,
-              compact: bool = True) -> Plan:
+              compact: bool | None = None) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
     by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
     ``schedules`` maps "prelude" / "coda" to a layer schedule; ``by_difficulty`` maps circuits to (a, b, cap):
     their counts follow each example's difficulty (`Plan.for_batch`; their entries in ``loops`` are then
     placeholders); ``position_offset`` K > 0 shifts each row's abacus places by a draw from U{0..K} (training);
-    ``compact`` False runs every token at every iteration in inference (`Plan.compact`)."""
+    ``compact`` True / False forces compacted / masked inference, None leaves it to the batch's size
+    (`Plan.compact`)."""
     exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
     unknown = [c for c in list(loops) + list(ablate) + list(exits) if c not in circuits]
@@ -242,4 +245,4 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound),
                 schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()},
                 by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()),
-                position_offset=int(position_offset), compact=bool(compact))
+                position_offset=int(position_offset), compact=None if compact is None else bool(compact))

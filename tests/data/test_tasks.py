@@ -237,6 +237,31 @@ def test_addition_and_parity_values():
     assert ex["inputs"][0] == 1 and ex["inputs"][5] == 0 and ex["mask"].tolist() == [0, 1, 1, 1, 1, 0]
 
 
+def test_aligned_addition_asks_for_every_digit_in_one_pass():
+    """``aligned: true``: the answer's d + 1 places are SLOT tokens in the input, labelled with c's digits;
+    the next-token form's examples are unchanged, and depth is the longest carry chain + 1."""
+    add, plain = make_task("addition", aligned=True), make_task("addition")
+    assert (add.vocab_size, plain.vocab_size) == (15, 14) and add.seq_len(8) == 28 and plain.seq_len(8) == 27
+    assert add.digits == (4, 14) and plain.digits == (4, 13) and add.labels_aligned and not plain.labels_aligned
+    ex = add.example(np.random.default_rng(0), 3, add.seq_len(4))
+    inputs, targets, mask = ex["inputs"], ex["targets"], ex["mask"]
+    assert inputs[:13].tolist()[-4:] == [add.SLOT] * 4 and inputs[8] == add.EQ and inputs[13:].tolist() == [0, 0, 0]
+    a, b = add.parse(inputs)
+    total = int("".join(map(str, a[::-1]))) + int("".join(map(str, b[::-1])))
+    assert [t - add.ZERO for t in add.answer(ex)] == [int(ch) for ch in str(total).zfill(4)[::-1]]
+    assert add.answer(ex) == add.solve(inputs) and mask.tolist() == [0] * 9 + [1] * 4 + [0] * 3
+    assert (targets[:9] == 0).all()
+    # depth: 1 + the longest carry chain (generate at a place, then propagate through places summing to 9)
+    def depth(a_rev, b_rev):
+        z = add.ZERO
+        toks = [add.BOS, *(x + z for x in a_rev), add.PLUS, *(x + z for x in b_rev), add.EQ]
+        return add.depth(np.asarray(toks + [add.SLOT] * (len(a_rev) + 1)))
+    assert depth([1, 2, 3], [1, 2, 3]) == 1  # no carry
+    assert depth([5, 4, 4, 1], [5, 5, 5, 1]) == 4  # generate at place 0, propagate through places 1 and 2
+    assert depth([9, 5, 0], [0, 5, 9]) == 3  # place 0 sums to 9 with no carry in; the chain starts at place 1
+    assert plain.depth(inputs[:9]) is None
+
+
 @pytest.mark.parametrize(
     "name,kwargs,needle",
     [
