@@ -102,6 +102,7 @@ def test_ema_off_keeps_no_average_and_trains_exactly_as_with_it(tmp_path):
     assert m_off == m_on
 
 
+@pytest.mark.slow  # fast-suite margin under 8 minutes; CI runs it with the slow tests
 def test_a_resumed_run_continues_the_average_exactly(tmp_path, monkeypatch, capsys, trained_run):
     """Train 2 steps, crash, resume to 4 == train 4 in one go (EMA and params); the average is the hand
     computation from the raw params of every checkpoint; training is bit-identical to `trained_run` (no EMA),
@@ -154,6 +155,7 @@ def test_restore_params_and_load_run_read_the_ema_weights(tmp_path, trained_run)
     assert load_run(read_run(trained_run.run_dir)).weights != EMA_WEIGHTS
 
 
+@pytest.mark.slow  # fast-suite margin under 8 minutes; CI runs it with the slow tests
 def test_turning_ema_on_and_off_at_a_resume(tmp_path, capsys, trained_run):
     """A run without EMA weights resumed with train.ema starts the average from its params (logged and
     recorded in config_changes.jsonl); resumed again with train.ema=0 the average is dropped (logged)."""
