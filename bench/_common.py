@@ -50,6 +50,19 @@ def model_config(size: dict[str, Any], *, prelude: int = 1, coda: int = 1, depth
                               f"model.stages=[{{circuits: [{circuit}]}}]"]).model
 
 
+def random_kernels(model: Any, seed: int = 1) -> Any:
+    """``model`` with every kernel drawn from N(0, 1/fan_in) (in place; returned): at initialisation writes are
+    zero and blocks near-identity, so every layer and loop should move the output for speed or exactness runs."""
+    from flax import nnx
+
+    key = jax.random.key(seed)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and path[-1] == "kernel":
+            key, sub = jax.random.split(key)
+            var[...] = jax.random.normal(sub, var[...].shape) / np.sqrt(var[...].shape[-2])
+    return model
+
+
 def synthetic_batch(size: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shape = (size["batch"], size["seq"])

@@ -44,16 +44,6 @@ from loopformer.model.transformer import build_model, forward_batch  # noqa: E40
 EXITS = ("latent_diff:0.1", "latent_diff:0.03", "latent_diff:0.01")
 
 
-def random_model(cfg: Any, vocab: int) -> Any:
-    model = build_model(cfg, vocab, 0)
-    key = jax.random.key(1)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param) and path[-1] == "kernel":
-            key, sub = jax.random.split(key)
-            var[...] = jax.random.normal(sub, var[...].shape) / np.sqrt(var[...].shape[-2])
-    return model
-
-
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64, help="examples per batch")
@@ -67,7 +57,7 @@ def main() -> None:
         f"model.stages.0.circuits.Y.width={args.width // 2}"]
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", wide)
     task = make_task(cfg.data.task, **cfg.data.task_args)
-    model = random_model(cfg.model, task.vocab_size)
+    model = C.random_kernels(build_model(cfg.model, task.vocab_size, 0))
     graphdef, params = nnx.split(model)
     batch = eval_batches(task, "bench", (1, args.max_bits), args.batch, args.batch, 0)[0]
     valid = np.asarray(batch["segment_ids"]) > 0 if "segment_ids" in batch else np.ones(batch["inputs"].shape, bool)

@@ -49,13 +49,7 @@ PROMPT = 16  # prompt tokens
 
 def random_model() -> Any:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "text_bytes.yaml").model
-    model = build_model(cfg, 259, 0)
-    key = jax.random.key(1)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param) and path[-1] == "kernel":
-            key, sub = jax.random.split(key)
-            var[...] = jax.random.normal(sub, var[...].shape) / np.sqrt(var[...].shape[-2])
-    return model
+    return C.random_kernels(build_model(cfg, 259, 0))
 
 
 def prompts(batch: int, seed: int = 0) -> list[list[int]]:

@@ -47,7 +47,7 @@ class Evaluator:
             used = loops_used(diag, plan, batch["inputs"].shape)
             return answer_sums(logits, batch) | {"real_tokens": valid.sum()} | {
                 f"loops/{n}": jnp.sum(u * valid) for n, u in used.items()} | {
-                f"computed/{n}": c for n, c in loops_computed(diag, plan, used).items()}
+                f"computed/{n}": c for n, c in loops_computed(diag, used).items()}
 
         def examples_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
             logits, diag = run(params, batch, plan)
@@ -169,7 +169,7 @@ def _valid(batch: Batch) -> Array:
     return jnp.ones(jnp.shape(batch["inputs"]), jnp.float32) if seg is None else (jnp.asarray(seg) > 0).astype(jnp.float32)
 
 
-def loops_computed(diag: Any, plan: Plan, used: dict[str, Array]) -> dict[str, Array]:
+def loops_computed(diag: Any, used: dict[str, Array]) -> dict[str, Array]:
     """{circuit: float32 []}: token-iterations its blocks executed over the batch, from its report
     (`CircuitReport.computed`); a circuit without one (routed banks) ran every token of the batch for as
     many iterations as its longest-running token."""

@@ -271,7 +271,7 @@ class Circuit(nnx.Module):
 
     def _kv_buffers(self, h0: Array) -> KV:
         """Zeroed keys and values [B, T, K, H] of the (one) block, for compacted inference."""
-        attn = stack_layers(self.blocks)[0].attn
+        attn = self.blocks.attn  # the stack's attention: its static shapes are every layer's
         shape = (*h0.shape[:2], attn.kv_heads, attn.head_dim)
         # float32 holds any compute dtype's values exactly; attention casts them back to its own
         return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)

@@ -92,6 +92,11 @@ class Attention(nnx.Module):
                               bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("heads",)), **kw)
         self.out = nnx.Linear(width, width, use_bias=False, kernel_init=normal_init(s.out_std, ("heads", "embed")), **kw)
 
+    @property
+    def _span(self) -> tuple[int, int] | None:
+        """``attend``'s window (keys left, keys right) for ``window`` (None: unlimited)."""
+        return (self.window - 1, 0 if self.causal else self.window - 1) if self.window else None
+
     def _qkv(self, x_BTW: Array, positions_BT: Array) -> tuple[Array, Array, Array]:
         """Queries [B, T, N, H] and keys, values [B, T, K, H], the position scheme applied."""
         B, T, _ = x_BTW.shape
@@ -103,8 +108,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BTW: Array, positions_BT: Array, mask: Array | None) -> Array:
         B, T, W = x_BTW.shape
         q, k, v = self._qkv(x_BTW, positions_BT)
-        span = (self.window - 1, 0 if self.causal else self.window - 1) if self.window else None
-        y_BTNH = attend(q, k, v, mask=mask, causal=self.causal, window=span, impl=self.impl)
+        y_BTNH = attend(q, k, v, mask=mask, causal=self.causal, window=self._span, impl=self.impl)
         return self.out(y_BTNH.reshape(B, T, W))
 
     def cached(self, x_BtW: Array, positions_Bt: Array, cache: tuple[Array, Array] | None, start_B: Array,
@@ -153,10 +157,9 @@ class Attention(nnx.Module):
             kv = tuple(buf.at[rows, index_Bc].set(new.astype(buf.dtype), mode="drop")
                        for buf, new in zip(kv, (k, v), strict=True))
             q_pos, k_pos = jnp.minimum(index_Bc, T - 1), jnp.broadcast_to(jnp.arange(T), (B, T))
-        span = (self.window - 1, 0 if self.causal else self.window - 1) if self.window else None
         impl = "einsum" if self.impl == "einsum" or q_pos is not None else self.impl
-        y = attend(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask=mask_B1cT, causal=self.causal, window=span,
-                   impl=impl, q_pos=q_pos, k_pos=k_pos)
+        y = attend(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask=mask_B1cT, causal=self.causal,
+                   window=self._span, impl=impl, q_pos=q_pos, k_pos=k_pos)
         return self.out(y.reshape(B, c, W)), kv
 
 
