@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loopformer.errors import AnalysisError
+from loopformer.errors import AnalysisError, PlanError
 from loopformer.model import plan
 from loopformer.runs.log import log
 from loopformer.variants.exits import EXITS
@@ -97,8 +97,8 @@ def probe_sets(args: argparse.Namespace, run: Any) -> dict[str, list[Any]] | Non
                                    min(16, len(probes)))}
 
 
-def exit_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
-    """--exit and --max-loops (the cap of the circuits that exit)."""
+def exit_flags(p: argparse.ArgumentParser, *, many: bool, compact: bool = True) -> None:
+    """--exit and --max-loops (the cap of the circuits that exit); with ``compact``, --compact."""
     p.add_argument("--exit", action="append", metavar="[CIRCUIT=]RULE",
                    help="stop each token's iterations by a rule: " + ", ".join(EXITS.get(n).form() for n in EXITS.names())
                         + " (learned: a halting head), options ,min=N ,every=K; without CIRCUIT, every circuit"
@@ -106,6 +106,23 @@ def exit_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
     p.add_argument("--max-loops", type=positive, metavar="N",
                    help="--exit: the most iterations of an exiting circuit (default: its max_loops, may exceed "
                         "anything seen in training)")
+    if not compact:
+        return
+    p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
+                   help="tokens that stopped (--exit, or --loops X=auto): on computes only the running ones of a "
+                        "one-block circuit, gathered into a dense buffer; off masks every token at every iteration; "
+                        "auto (default) compacts batches of >= 4,096 tokens. Same results either way")
+
+
+COMPACT = {"auto": None, "on": True, "off": False}  # --compact -> Plan.compact
+
+
+def compact_choice(args: argparse.Namespace, stops: bool) -> bool | None:
+    """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early."""
+    if args.compact != "auto" and not stops:
+        raise PlanError(f"--compact {args.compact} chooses how tokens that stopped early are run, and none can: "
+                        f"add --exit (or --loops X=auto), or drop --compact")
+    return COMPACT[args.compact]
 
 
 def exit_caps(info: Any, exits: dict[str, Any], max_loops: int | None, loops: dict[str, int]) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import command, emit, exit_caps, exit_flags, probe_flag, probe_sets, run_flags
+from loopformer.cli.common import command, compact_choice, emit, exit_caps, exit_flags, probe_flag, probe_sets, run_flags
 from loopformer.cli.loopspec import parse_exits, parse_loops, split_auto
 from loopformer.config import ModelConfig
 from loopformer.errors import PlanError
@@ -58,6 +58,7 @@ def eval_command(args: argparse.Namespace) -> int:
             raise PlanError(f"--loops {both[0]}=auto and --exit for {both[0]}: an exit rule sets its own counts; "
                             f"drop one")
         loops = exit_caps(info, exits, args.max_loops, loops)
+        compact = compact_choice(args, bool(exits or rules))
         ablated = list(dict.fromkeys(args.ablate or []))
         for c in ablated:
             if c not in info.circuits:
@@ -67,9 +68,8 @@ def eval_command(args: argparse.Namespace) -> int:
         sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)
         for split, batches in progress(sets.items(), "eval", total=len(sets)):
             fill = ablate.mean_fill(run, batches) if ablated and args.mode == "mean" else None
-            row = run.row(split, batches, loops, ablated, fill, exits, by_difficulty=rules)
-            if exits:
-                row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(loops), exits)["histogram"]
+            row = run.row(split, batches, loops, ablated, fill, exits, by_difficulty=rules, histogram=bool(exits),
+                          compact=compact)
             rows.append({**row, "mode": args.mode} if ablated else row)
             if exits:  # an exit sweep of one setting can take minutes: say where it is
                 log(f"eval {split}: {tables.score(row)} at {tables.mean_loops_str(row)} loops per token")

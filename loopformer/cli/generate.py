@@ -47,7 +47,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="with the cache: start each new token's circuits from the previous token's final state")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole prefix for every new token (the reference)")
-    exit_flags(p, many=False)
+    exit_flags(p, many=False, compact=False)  # decoding runs one token at a time: nothing to compact
 
 
 def _format_examples(examples: list[dict[str, Any]]) -> str:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, emit, exit_caps, exit_flags, run_flags, write_png
+from loopformer.cli.common import check_writable, command, compact_choice, emit, exit_caps, exit_flags, run_flags, write_png
 from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import plots, sweep, tables
@@ -66,6 +66,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         if args.exit:
             return _sweep_exits(args, info, splits)
         parse_exits(None, info.circuits, many=True, max_loops=args.max_loops)  # --max-loops needs --exit
+        compact_choice(args, stops=False)  # --compact too
         if not args.loops:
             raise PlanError("sweep needs --loops CIRCUIT=A:B (loop counts) or --exit RULE (exit thresholds)")
         grid = parse_loops(args.loops, info.circuits, grid=True)
@@ -101,6 +102,7 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     """A row per split and exit threshold, at the caps (--max-loops, --loops, or each circuit's max_loops)."""
     settings = parse_exits(args.exit, info.circuits, many=True)
     loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
+    compact = compact_choice(args, stops=True)
     run = load_run(info, args.step, raw=args.raw_weights)
     eval_sets = run.eval_sets(splits, args.examples)
     before = run.evaluator.compiles
@@ -108,8 +110,7 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     for split, batches in eval_sets.items():
         for exits in progress(settings, f"sweep {split}"):
             caps = exit_caps(info, exits, args.max_loops, loops)
-            row = run.row(split, batches, caps, exits=exits)
-            row["histogram"] = run.evaluator.examples(run.params, batches, info.full_loops(caps), exits)["histogram"]
+            row = run.row(split, batches, caps, exits=exits, histogram=True, compact=compact)
             rows.append(row)
         log(f"sweep {split}: {len(settings)} exit settings")
     compiles = run.evaluator.compiles - before

@@ -36,6 +36,7 @@ ATTENTION_IMPLS = ("auto", "xla", "einsum", "cudnn")
 TEXT_FORMATS = ("auto", "text", "jsonl", "arrayrecord")
 TOKENIZER_KINDS = ("bytes", "bpe")  # or a path to a tokenizer.json
 PROMPT_FORMATS = ("documents", "tokenizer")
+TRAIN_STAGES = ("all", "gate")
 
 ARCHITECTURE, SCHEDULE, BEHAVIOUR = "architecture", "schedule", "behaviour"
 
@@ -74,9 +75,14 @@ class HaltingConfig:
     tau: float = 0.01  # act: ponder-cost weight
     eps: float = 0.01  # act: halt once the summed halting probabilities reach 1 - eps
     q: float = 0.5  # ouro / pondernet: evaluation exits once the exit CDF reaches q
+    # train.stage=gate (Ouro stage II): the head's target to continue after step t is
+    # sigmoid(gate_k * (improvement of step t + 1 - gate_gamma)), the improvement in per-token CE
+    gate_k: float = 50.0
+    gate_gamma: float = 0.005
 
     def validate(self, path: str) -> None:
         _one_of(self.kind, HALTINGS, f"{path}.kind")
+        _check(self.gate_k > 0, f"{path}.gate_k must be > 0 (the slope of stage II's targets), got {self.gate_k}")
         _check(self.beta >= 0 and self.beta_final >= 0 and self.tau >= 0,
                f"{path}: beta, beta_final and tau must be >= 0")
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
@@ -100,7 +106,10 @@ class RouterConfig:
 
     kind: str = "none"  # none | token_choice | expert_choice
     exit: bool = True  # token_choice: an exit option besides the circuits
-    capacity: float = 0.5  # expert_choice: share of a sequence's tokens each circuit takes per round
+    capacity: float = 0.5  # expert_choice: share of a sequence's tokens each circuit takes at round 0 ...
+    # ... and at round r: capacities[r] (the last one past the list), or if empty MoR's linear schedule
+    # capacity * (R - r) / R over the bank's R = max_loops rounds
+    capacities: list[float] = field(default_factory=list)
     balance: float = 0.01  # token_choice: load-balancing loss weight
     aux: float = 1e-3  # expert_choice: BCE weight between scores and selections
     compute: float = 0.0  # cost per round a token keeps running (pushes exits earlier)
@@ -108,6 +117,8 @@ class RouterConfig:
     def validate(self, path: str) -> None:
         _one_of(self.kind, ROUTERS, f"{path}.kind")
         _check(0 < self.capacity <= 1, f"{path}.capacity must be in (0, 1], got {self.capacity}")
+        _check(all(0 < c <= 1 for c in self.capacities),
+               f"{path}.capacities: each round's share must be in (0, 1], got {self.capacities}")
         _check(min(self.balance, self.aux, self.compute) >= 0, f"{path}: balance, aux and compute must be >= 0")
 
     def rule(self) -> RouterKind:
@@ -572,6 +583,9 @@ class TrainConfig:
     progressive: float = 0.0  # alpha; 0 = off (the objective is exactly the plain one)
     # empty: every circuit whose count varies, or if none does every circuit that loops (Config.progressive_circuits)
     progressive_circuits: list[str] = field(default_factory=list)
+    # all: every parameter trains on the model's objective | gate: Ouro's stage II, only the halting head
+    # trains (on the per-step loss improvement, halting.gate_k / gate_gamma), every other parameter frozen
+    stage: str = "all"
 
     def validate(self, batch_size: int) -> None:
         t = self
@@ -590,6 +604,7 @@ class TrainConfig:
                f"train.ema=0.999, or 0 to turn it off; got {t.ema}")
         _check(0 <= t.progressive <= 1, f"train.progressive (alpha of the progressive loss) must be in [0, 1], "
                f"got {t.progressive}")
+        _check(t.stage in TRAIN_STAGES, f"train.stage must be one of {', '.join(TRAIN_STAGES)}, got {t.stage!r}")
 
 
 @dataclass
@@ -660,6 +675,20 @@ class Config:
         self._validate_routes()
         self._validate_per_difficulty()
         self._validate_progressive()
+        self._validate_stage()
+
+    def _validate_stage(self) -> None:
+        """train.stage=gate trains the halting head of an Ouro or PonderNet circuit, nothing else."""
+        if self.train.stage != "gate":
+            return
+        c = self.model.halting_circuit()
+        _check(c is not None, "train.stage=gate trains a halting head (Ouro stage II), but no circuit has one; set "
+               "halting.kind=ouro on a circuit and train stage I first, or train.stage=all")
+        _check(c.halting.rule().gate_stage, f"train.stage=gate: circuit {c.name}'s halting.kind={c.halting.kind} "
+               "reads its head as halting mass, not an exit probability per step; stage II needs ouro or pondernet")
+        why = ("train.progressive is on" if self.train.progressive else
+               "data.mixture routes gradients" if self.data.routed else "")
+        _check(not why, f"train.stage=gate freezes everything but the halting head, but {why}; turn it off")
 
     def progressive_circuits(self) -> list[str]:
         """The circuits the progressive loss truncates: train.progressive_circuits, or every circuit whose

@@ -41,13 +41,16 @@ class Evaluator:
             self.compiles += 1  # runs at trace time only
             return forward_batch(nnx.merge(self.graphdef, params), batch, plan)
 
-        def sums_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
+        def sums_used_fn(params: Any, batch: Batch, plan: Plan) -> tuple[dict[str, Array], dict[str, Array]]:
             logits, diag = run(params, batch, plan)
             valid = _valid(batch)
             used = loops_used(diag, plan, batch["inputs"].shape)
             return answer_sums(logits, batch) | {"real_tokens": valid.sum()} | {
                 f"loops/{n}": jnp.sum(u * valid) for n, u in used.items()} | {
-                f"computed/{n}": c for n, c in loops_computed(diag, used).items()}
+                f"computed/{n}": c for n, c in loops_computed(diag, used).items()}, used
+
+        def sums_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
+            return sums_used_fn(params, batch, plan)[0]
 
         def examples_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
             logits, diag = run(params, batch, plan)
@@ -73,7 +76,7 @@ class Evaluator:
 
         self._sums, self._means, self._trace = jax.jit(sums_fn), jax.jit(means_fn), jax.jit(trace_fn)
         self._correct, self._logits = jax.jit(correct_fn), jax.jit(logits_fn)
-        self._examples = jax.jit(examples_fn)
+        self._examples, self._sums_used = jax.jit(examples_fn), jax.jit(sums_used_fn)
 
     def plan(self, loops: Mapping[str, int], ablate: Sequence[str] = (), fill: Array | np.ndarray | None = None,
              **static: Any) -> Plan:
@@ -86,7 +89,8 @@ class Evaluator:
     def evaluate(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int], ablate: Sequence[str] = (),
                  fill: Array | np.ndarray | None = None, exits: Mapping[str, Any] | None = None,
                  schedules: Mapping[str, Any] | None = None,
-                 by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> dict[str, Any]:
+                 by_difficulty: Mapping[str, tuple[float, float, int]] | None = None,
+                 histogram: bool = False, compact: bool | None = None) -> dict[str, Any]:
         """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``,
         ``mean_loops`` {circuit: iterations per real token} and ``computed_loops`` {circuit: token-iterations its
         blocks executed per real token: padding, tokens that wait for the batch's slowest and the compacted
@@ -94,17 +98,26 @@ class Evaluator:
         replaced by ``fill`` (zero or mean ablation); ``exits`` stops tokens by rules (`ExitRule`);
         ``schedules`` runs the prelude / coda layers in another order (`loopformer.model.schedule`);
         ``by_difficulty`` {circuit: (a, b, cap)} gives each example round(a * difficulty + b) iterations of
-        that circuit (its entry in ``loops`` is then unused; `loopformer.model.plan.difficulty_rules`)."""
-        plan = self.plan(loops, ablate, fill, exits=exits, schedules=schedules, by_difficulty=by_difficulty)
+        that circuit (its entry in ``loops`` is then unused; `loopformer.model.plan.difficulty_rules`).
+        ``histogram``: also ``histogram`` {circuit: {iterations: real tokens}}, from the same pass.
+        ``compact``: `Plan.compact` (None: by the batch's size)."""
+        plan = self.plan(loops, ablate, fill, exits=exits, schedules=schedules, by_difficulty=by_difficulty,
+                         compact=compact)
         totals: dict[str, Any] = {}
+        hist: dict[str, dict[int, int]] = {n: {} for n in self.names}
         for batch in batches:
-            sums = self._sums(params, batch, plan)
+            if histogram:
+                sums, used = self._sums_used(params, batch, plan)
+                _count(hist, jax.device_get(used), np.asarray(_valid(batch)) > 0)
+            else:
+                sums = self._sums(params, batch, plan)
             totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
         real = max(float(totals["real_tokens"]), 1.0)
-        return {**summarize(totals), "examples": int(totals["examples"]),
-                "mean_loops": {n: float(totals[f"loops/{n}"]) / real for n in self.names},
-                "computed_loops": {n: float(totals[f"computed/{n}"]) / real for n in self.names}}
+        out = {**summarize(totals), "examples": int(totals["examples"]),
+               "mean_loops": {n: float(totals[f"loops/{n}"]) / real for n in self.names},
+               "computed_loops": {n: float(totals[f"computed/{n}"]) / real for n in self.names}}
+        return out | ({"histogram": {n: dict(sorted(h.items())) for n, h in hist.items()}} if histogram else {})
 
     def examples(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
                  exits: Mapping[str, Any] | None = None,
@@ -121,9 +134,7 @@ class Evaluator:
             correct.append(np.asarray(out["correct"])[keep])
             for n in self.names:
                 per_example[n].append(np.asarray(out["mean"][n])[keep])
-                used = np.rint(np.asarray(out["used"][n])[keep][valid[keep]]).astype(int)
-                for v, c in zip(*np.unique(used, return_counts=True), strict=True):
-                    hist[n][int(v)] = hist[n].get(int(v), 0) + int(c)
+            _count(hist, {n: np.asarray(u)[keep] for n, u in out["used"].items()}, valid[keep])
         return {"correct": np.concatenate(correct), "loops": {n: np.concatenate(v) for n, v in per_example.items()},
                 "histogram": {n: dict(sorted(h.items())) for n, h in hist.items()}}
 
@@ -167,6 +178,13 @@ def _valid(batch: Batch) -> Array:
     """float32 [B, T]: 1 on real tokens (segment ids > 0, or every token when the batch has none)."""
     seg = batch.get("segment_ids")
     return jnp.ones(jnp.shape(batch["inputs"]), jnp.float32) if seg is None else (jnp.asarray(seg) > 0).astype(jnp.float32)
+
+
+def _count(hist: dict[str, dict[int, int]], used: Mapping[str, Any], valid: np.ndarray) -> None:
+    """Add each circuit's real tokens (``valid`` bool [B, T]) by iterations run (``used`` [B, T]) to ``hist``."""
+    for n, h in hist.items():
+        for v, c in zip(*np.unique(np.rint(np.asarray(used[n])[valid]).astype(int), return_counts=True), strict=True):
+            h[int(v)] = h.get(int(v), 0) + int(c)
 
 
 def loops_computed(diag: Any, used: dict[str, Array]) -> dict[str, Array]:

@@ -53,19 +53,25 @@ class LoadedRun:
     def row(self, split: str, batches: Sequence[Batch], loops: Mapping[str, int] | None = None,
             ablate: Sequence[str] = (), fill: np.ndarray | jax.Array | None = None,
             exits: Mapping[str, ExitRule] | None = None, schedules: Mapping[str, Any] | None = None,
-            by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> Row:
+            by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, histogram: bool = False,
+            compact: bool | None = None) -> Row:
         """Evaluate one setting on one split: a row of the shared schema, with ``mean_loops`` (iterations
         each circuit ran per real token) and, with exit rules, ``exit`` {circuit: rule} (text runs add
         bits_per_byte and perplexity); ``schedules``: layer schedules of the prelude / coda;
-        ``by_difficulty``: circuits whose counts follow each example's difficulty (``loops`` says "auto")."""
+        ``by_difficulty``: circuits whose counts follow each example's difficulty (``loops`` says "auto");
+        ``histogram``: also ``histogram`` {circuit: {iterations: real tokens}} from the same pass;
+        ``compact``: compacted (True) or masked (False) execution of stopping tokens, None: by batch size."""
         full = self.info.full_loops(loops)
-        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits, schedules, by_difficulty)
+        m = self.evaluator.evaluate(self.params, batches, full, ablate, fill, exits, schedules, by_difficulty,
+                                    histogram=histogram, compact=compact)
         full = full | {c: "auto" for c in by_difficulty or {}}
         row = {"split": split, "loops": full, "ablated": list(ablate), "loss": m["loss"], "accuracy": m["accuracy"],
                "token_accuracy": m["token_accuracy"], "examples": m["examples"], "mean_loops": m["mean_loops"],
                "computed_loops": m["computed_loops"]}
         if exits:
             row["exit"] = {c: str(r) for c, r in exits.items()}
+        if histogram:
+            row["histogram"] = m["histogram"]
         bytes_per_token = self.info.data.bytes_per_token(batches)  # None unless the split is text
         if bytes_per_token is not None:
             extra = text_metrics({"loss": m["loss"]}, bytes_per_token)

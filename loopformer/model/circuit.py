@@ -73,7 +73,8 @@ class Context(NamedTuple):
 class CircuitOut(NamedTuple):
     """A circuit's run: ``out`` [B, T, O] what it writes (O = w for io slice, d_model for project);
     ``trace`` [trace_len, 3]; ``used`` [B, T] iterations per token; with a halting head and a stash,
-    ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T], ``ponder`` [B, T] (ACT);
+    ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T] and the head's
+    ``exit_lambda`` [L, B, T], ``ponder`` [B, T] (ACT);
     when decoding, ``cache`` its keys and values with the chunk stored and ``state`` [B, t, w] the final
     states; in inference, ``computed`` [] the token-iterations its blocks executed (masked: every token of
     the batch at every iteration the loop ran; compacted: the gathered buffer's size at each)."""
@@ -87,6 +88,7 @@ class CircuitOut(NamedTuple):
     cache: tuple[KV, ...] | None = None
     state: Array | None = None
     computed: Array | None = None
+    exit_lambda: Array | None = None
 
 
 # Compacted inference gathers the running tokens into a buffer of one of these shares of the sequence
@@ -376,7 +378,7 @@ class Circuit(nnx.Module):
         lambdas, steps = self.halt_prob(states), self.emit(states)  # [L, B, T], [L, B, T, O]
         p, used, ponder = self.halting.distribution(lambdas, n)
         out = jnp.einsum("lbt,lbto->bto", p.astype(steps.dtype), steps) if self.halting.mixes_output else self.emit(h)
-        return CircuitOut(out, used=used, steps=steps, exit_p=p, ponder=ponder)
+        return CircuitOut(out, used=used, steps=steps, exit_p=p, ponder=ponder, exit_lambda=lambdas)
 
 
 def _circuit_block(c: CircuitConfig, settings: BlockSettings, rngs: nnx.Rngs) -> Block:
@@ -438,7 +440,8 @@ class Bank(nnx.Module):
         self.layout = BankLayout.of(circuits, first_index)
         self.batch_circuits = batch_circuits
         if router is not None and router.routes:
-            self.router = Router(router, d_model, len(circuits), dtype=settings.dtype, rngs=rngs)
+            self.router = Router(router, d_model, len(circuits), dtype=settings.dtype, rngs=rngs,
+                                 rounds=max(c.max_loops for c in circuits), causal=settings.causal)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -505,6 +508,7 @@ class Bank(nnx.Module):
 
     def _report(self, name: str, res: CircuitOut, contrib: Array, ctx: Context, plan: Plan) -> CircuitReport:
         return CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder, computed=res.computed,
+                             exit_lambda=res.exit_lambda,
                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None,
                              write_norm=_write_norm(res.out, plan.gates[name]) if plan.collect_norms else None)
 
@@ -579,7 +583,7 @@ class Bank(nnx.Module):
         def round_(cs: Any, carry: tuple, r: Array) -> tuple:
             hs, active, used, aux = carry
             router = nnx.merge(router_gd, cs[2])
-            sel, soft, still, loss = router(stream(cs, hs), r < loops, active, ctx.valid_BT)
+            sel, soft, still, loss = router(stream(cs, hs), r < loops, active, ctx.valid_BT, r, plan.training)
             new_hs = []
             for i in range(len(names)):
                 circuit = nnx.merge(graphdefs[i], cs[0][i])

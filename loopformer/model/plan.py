@@ -133,14 +133,16 @@ class CircuitPlan:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["trace", "mean_out", "used", "exit_p", "ponder", "write_norm", "computed"],
+                   data_fields=["trace", "mean_out", "used", "exit_p", "ponder", "write_norm", "computed",
+                                "exit_lambda"],
                    meta_fields=[])
 @dataclass(frozen=True)
 class CircuitReport:
     """What one circuit reports: ``trace`` [trace_len, 3] (`loopformer.model.loop.TRACE_STATS` of each
     iteration; NaN past its count) when the plan traces; ``mean_out`` [D] when it collects means;
     ``used`` [B, T] the iterations each token ran (exits, per-token counts, routing); with a halting
-    head and a stash, ``exit_p`` [L, B, T] the exit distribution and ``ponder`` [B, T] ACT's N + R;
+    head and a stash, ``exit_p`` [L, B, T] the exit distribution, ``exit_lambda`` [L, B, T] the head's
+    lambda_t and ``ponder`` [B, T] ACT's N + R;
     ``write_norm`` [B, T] ||g_c * out_c|| at each token when the plan collects norms (its on-indicator);
     ``computed`` [] in inference, the token-iterations its blocks executed over the batch (padding included;
     `CircuitOut.computed`)."""
@@ -152,6 +154,7 @@ class CircuitReport:
     ponder: Array | None = None
     write_norm: Array | None = None
     computed: Array | None = None
+    exit_lambda: Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits", "aux_loss", "step_logits"],

@@ -22,18 +22,20 @@ Array = jax.Array
 
 
 class Router(nnx.Module):
-    def __init__(self, cfg: RouterConfig, d_model: int, circuits: int, *, dtype: Any, rngs: nnx.Rngs):
-        self.rule = RouterKind.of(cfg)
+    def __init__(self, cfg: RouterConfig, d_model: int, circuits: int, *, dtype: Any, rngs: nnx.Rngs,
+                 rounds: int = 1, causal: bool = True):
+        self.rule = RouterKind.of(cfg, rounds=rounds)
+        self.causal = causal
         self.norm = nnx.RMSNorm(d_model, dtype=dtype, rngs=rngs)
         bias = self.rule.score_bias(circuits)
         self.score = nnx.Linear(d_model, self.rule.scores(circuits), use_bias=True,
                                 kernel_init=normal_init(0.02, ("embed", None)),
                                 bias_init=lambda *_: jnp.asarray(bias, dtype), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD: Array, eligible_C: Array, active_BT: Array, valid_BT: Array | None
-                 ) -> tuple[Array, Array, Array, Array]:
-        """One round. ``eligible_C`` bool [C]: circuits allowed to run this round (within their loop
-        count); ``active_BT``: tokens still running.
+    def __call__(self, x_BTD: Array, eligible_C: Array, active_BT: Array, valid_BT: Array | None,
+                 r: Array | int = 0, training: bool = True) -> tuple[Array, Array, Array, Array]:
+        """Round ``r``. ``eligible_C`` bool [C]: circuits allowed to run this round (within their loop
+        count); ``active_BT``: tokens still running; ``training``: else a causal model selects causally.
 
         Returns (selected [C, B, T] bool, soft [C, B, T] = q - stop_gradient(q) (0 in value, the router's
         gradient; 0 for tokens not running and circuits not eligible), still running afterwards [B, T],
@@ -41,4 +43,5 @@ class Router(nnx.Module):
         s = self.score(self.norm(x_BTD)).astype(jnp.float32)  # [B, T, C(+1)]
         valid = jnp.ones(active_BT.shape, bool) if valid_BT is None else valid_BT
         running = active_BT & valid
-        return self.rule.select(s, eligible_C, active_BT, running, jnp.maximum(running.sum(), 1.0))
+        return self.rule.select(s, eligible_C, active_BT, running, jnp.maximum(running.sum(), 1.0), r,
+                                causal_inference=self.causal and not training)

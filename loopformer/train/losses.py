@@ -8,6 +8,8 @@ tokens), so micro-batches add up to the full-batch mean exactly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
 from loopformer.model.plan import Diagnostics
@@ -22,3 +24,20 @@ def halting_terms(diag: Diagnostics, name: str, rule: Halting, batch: dict[str, 
     sums for logging over the answer tokens). ``progress``: (this step, the run's total steps)."""
     report = diag.circuits[name]
     return rule.loss(report.exit_p, report.used, report.ponder, diag.step_logits, batch, n, *progress, scale)
+
+
+def gate_terms(diag: Diagnostics, name: str, rule: Halting, batch: dict[str, Array], n: Array,
+               scale: Array | float) -> tuple[Array, dict[str, Array]]:
+    """(Ouro stage II's objective for the halting circuit ``name``: its head's BCE against the per-step
+    loss improvement (`Halting.gate_loss`); sums for logging)."""
+    return rule.gate_loss(diag.circuits[name].exit_lambda, diag.step_logits, batch, n, scale)
+
+
+def gate_leaves(params: Any, circuit: str) -> Any:
+    """Pytree of bools like ``params``: True on the halting head of ``circuit`` (the only leaves stage II
+    trains)."""
+    def is_gate(path: tuple, _: Any) -> bool:
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        return any(keys[i:i + 3] == ["circuits", circuit, "halt"] for i in range(len(keys)))
+
+    return jax.tree_util.tree_map_with_path(is_gate, params)

@@ -28,7 +28,7 @@ from loopformer.metrics import answer_sums
 from loopformer.model.loop import sample_loops
 from loopformer.model.plan import Plan, make_plan
 from loopformer.model.transformer import forward_batch
-from loopformer.train.losses import halting_terms
+from loopformer.train.losses import gate_leaves, gate_terms, halting_terms
 from loopformer.train.optim import learning_rate_schedule
 from loopformer.train.routing import Routing, freeze, routed_grads
 
@@ -60,13 +60,14 @@ class StepSettings:
     progressive: float = 0.0  # alpha of the progressive loss (train.progressive)
     progressive_circuits: tuple[str, ...] = ()  # the circuits it truncates
     ema: float = 0.0  # decay of the EMA weights (train.ema; 0: off): the state's "ema" follows the params
+    stage: str = "all"  # train.stage: "gate" trains only the halting head, on Ouro's stage II objective
 
     @classmethod
     def of(cls, cfg: Config) -> StepSettings:
         """A run's settings: ``cfg``'s model, learning-rate schedule, seed, grad_accum, steps and routing."""
         return cls(cfg.model, learning_rate_schedule(cfg.train), cfg.seed, cfg.train.grad_accum, cfg.train.steps,
                    Routing.of(cfg), progressive=cfg.train.progressive,
-                   progressive_circuits=tuple(cfg.progressive_circuits()), ema=cfg.train.ema)
+                   progressive_circuits=tuple(cfg.progressive_circuits()), ema=cfg.train.ema, stage=cfg.train.stage)
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,15 @@ class _Objective:
     total_tokens: Array
     grad_accum: int
     progressive: tuple[float, tuple[str, ...], Array | None] = (0.0, (), None)  # (alpha, circuits, key)
+    gate: Any = None  # train.stage=gate: the halting head's leaves (`gate_leaves`); the rest get no gradient
 
     def loss(self, p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
         """(the objective, sums for the metrics). With the progressive loss, the objective is
-        (1 - alpha) * L(full counts) + alpha * L(`progressive_plan`); the metrics are the full counts'."""
+        (1 - alpha) * L(full counts) + alpha * L(`progressive_plan`); the metrics are the full counts'.
+        In the gate stage it is the halting head's stage II term alone (the metrics' loss is still the CE)."""
         total_tokens, halting, loops = self.total_tokens, self.halting, self.loops
+        if self.gate is not None:  # frozen leaves: no backward pass through the LM's weights
+            p = jax.tree.map(lambda x, g: x if g else jax.lax.stop_gradient(x), p, self.gate)
         model = nnx.merge(self.graphdef, p)
         plan = self.plan.for_batch(mb.get("difficulty"))
         logits, diag = forward_batch(model, mb, plan)
@@ -151,7 +156,12 @@ class _Objective:
                                   1.0 / total_tokens)["loss_sum"]
             objective = (1 - alpha) * objective + alpha * partial
             sums = sums | {"progressive_loss": partial}
-        if halting is not None:
+        if self.gate is not None:
+            term, logs = gate_terms(diag, halting.name, halting.halting.rule(), mb, loops[halting.name],
+                                    1.0 / total_tokens)
+            objective = term
+            sums = sums | logs
+        elif halting is not None:
             rule = halting.halting.rule()
             term, logs = halting_terms(diag, halting.name, rule, mb, loops[halting.name], self.progress,
                                        1.0 / total_tokens)
@@ -199,13 +209,16 @@ def _gradients(objective: _Objective, params: Any, micro: Batch, routing: Routin
 
 
 def _update(tx: optax.GradientTransformation, state: State, grads: Any, routing: Routing | None,
-            ema: float = 0.0) -> tuple[State, Any]:
+            ema: float = 0.0, trainable: Any = None) -> tuple[State, Any]:
     """(the next state, the updates applied). ``ema`` (a decay; 0: off): the state's "ema" moves towards
-    the new params, ema <- ema * decay + (1 - decay) * params."""
+    the new params, ema <- ema * decay + (1 - decay) * params. ``trainable`` (bools like the params, or
+    None: all): the leaves that may move; the others' updates (weight decay and momentum included) are 0."""
     params = state["params"]
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     if routing is not None:
         updates = freeze(updates, routing.trainable(params))
+    if trainable is not None:
+        updates = freeze(updates, trainable)
     new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
     if ema:
         if "ema" not in state:
@@ -253,6 +266,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
     """
     loop_plan = _LoopPlan.of(settings.model)
     halting = loop_plan.halting
+    if settings.stage == "gate" and (halting is None or not halting.halting.rule().gate_stage):
+        raise ValueError("stage gate trains an ouro or pondernet halting head; the model has none")
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, Array]]:
         step = state["step"]
@@ -265,10 +280,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
                              for n, *_ in plan.by_difficulty}
         progressive = (settings.progressive, settings.progressive_circuits,
                        jax.random.fold_in(jax.random.fold_in(jax.random.key(PROGRESSIVE_KEY), settings.seed), step))
+        gate = gate_leaves(state["params"], halting.name) if settings.stage == "gate" else None
         objective = _Objective(graphdef, plan, loops, halting, (step, settings.total_steps), total_tokens,
-                               settings.grad_accum, progressive)
+                               settings.grad_accum, progressive, gate)
         grads, sums = _gradients(objective, state["params"], micro, settings.routing, state_shardings)
-        new_state, updates = _update(tx, state, grads, settings.routing, settings.ema)
+        new_state, updates = _update(tx, state, grads, settings.routing, settings.ema, gate)
         metrics = _metrics(sums, grads, updates, loops, settings.lr_schedule(step),
                            halting is not None or bool(loop_plan.bound))
         return new_state, metrics

@@ -334,7 +334,9 @@ class _Loop:
             scalars["train/bits_per_byte"] = scalars["train/loss"] / bytes_per_token["train"] / math.log(2)
         loops_seen = np.asarray(jax.device_get(window.loops), np.float64).reshape(window.steps, len(self.circuits))
         peak, _ = peak_flops(cfg.model.compute_dtype)
-        step_flops = float(np.sum(self.flop_counter.train(loops_seen)))
+        # the gate stage runs the LM forward only (no gradient reaches its weights)
+        count = self.flop_counter.forward if cfg.train.stage == "gate" else self.flop_counter.train
+        step_flops = float(np.sum(count(loops_seen)))
         scalars["train/mfu"] = step_flops * cfg.data.batch_size * seq_len / max(elapsed, 1e-9) / peak
         return scalars
 

@@ -12,6 +12,13 @@ Over a horizon of n iterations (the loop count):
                 t < N, p(N) = R = 1 - sum_{j<N} lambda_j; the circuit writes sum_t p(t) out_t; loss CE of that
                 + tau (N + R)
 
+Stage II (Ouro, ``train.stage: gate``): with the LM frozen, only the head trains, on the per-step loss
+improvement. From the per-token CE_t of every iteration (no gradient), continuing after t is worth
+I_{t+1} = max(0, CE_t - CE_{t+1}); its target is w_t = sigmoid(k (I_{t+1} - gamma)), and the head's loss
+is the BCE -[w_t log(1 - lambda_t) + (1 - w_t) log lambda_t], averaged over t = 1..n-1 (lambda_n is not
+read: the n-th iteration always exits). Ouro pairs lambda_t with I_t, the step just taken; we pair it
+with the step it decides (``gate_targets``).
+
 Shapes: lambdas and p are [L, ...] over a stash of L >= n iterations (rows past n are zero). A new kind
 is one class here: its head, exit distribution, inference stop test and loss terms.
 """
@@ -44,12 +51,15 @@ class Halting:
     tau: float
     eps: float
     q: float
+    gate_k: float
+    gate_gamma: float
 
     kind: ClassVar[str] = ""
     has_head: ClassVar[bool] = True  # adds the head lambda = sigmoid(w . norm(h) + b)
     head_bias: ClassVar[float] = 0.0  # b at initialisation
     mixes_output: ClassVar[bool] = False  # the circuit writes the p-weighted mixture of its iterations' writes
     adds_to_ce: ClassVar[bool] = False  # its loss term adds to the plain CE (else it replaces it)
+    gate_stage: ClassVar[bool] = False  # lambda_t is an exit hazard: train.stage=gate (Ouro stage II) applies
 
     @staticmethod
     def of(cfg: Any, where: str = "halting.kind") -> Halting:
@@ -68,6 +78,22 @@ class Halting:
              n: Array, step: Array, total_steps: int, scale: Array | float) -> tuple[Array, dict[str, Array]]:
         """(its objective term: sums over the answer tokens times ``scale``; sums to log)."""
         raise NotImplementedError
+
+    def gate_loss(self, lambdas: Array, step_logits: Array, batch: dict[str, Array], n: Array,
+                  scale: Array | float) -> tuple[Array, dict[str, Array]]:
+        """Stage II's term (module docstring): the head's BCE against the per-step loss improvement, a sum
+        over the answer tokens times ``scale``; no gradient reaches the per-step losses."""
+        mask = batch["mask"].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(jax.lax.stop_gradient(step_logits),
+                                                             batch["targets"][None])  # [L, B, T]
+        target, rows = gate_targets(ce, n, self.gate_k, self.gate_gamma)
+        lam = jnp.clip(lambdas, 1e-6, 1 - 1e-6)
+        bce = -(target * jnp.log1p(-lam) + (1 - target) * jnp.log(lam))  # [L, B, T]
+        per_token = jnp.sum(bce * rows, axis=0) / jnp.maximum(jnp.sum(rows, axis=0), 1.0)
+        logs = {"halting_gate_bce": jnp.sum(per_token * mask),
+                "halting_gate_continue": jnp.sum(jnp.sum(target * rows, axis=0)
+                                                 / jnp.maximum(jnp.sum(rows, axis=0), 1.0) * mask)}
+        return jnp.sum(per_token * mask) * scale, logs
 
     # --- inference: the learned exit
     def default_q(self) -> float:
@@ -126,6 +152,18 @@ def act_exit(lambdas: Array, n: Array, eps: float) -> tuple[Array, Array]:
     return p, steps + rest
 
 
+def gate_targets(ce: Array, n: Array, k: float, gamma: float) -> tuple[Array, Array]:
+    """Stage II's continuation targets from the per-step losses ``ce`` [L, ...] (row t - 1 is CE_t):
+    (w [L, ...], with w_t = sigmoid(k (max(0, CE_t - CE_{t+1}) - gamma)) in row t - 1; the rows that
+    count [L, ...], t = 1..n-1 (the last row and rows from n on are 0 in both)."""
+    L = ce.shape[0]
+    t = jnp.arange(1, L + 1).reshape((L,) + (1,) * (ce.ndim - 1))
+    gain = jnp.maximum(ce[:-1] - ce[1:], 0.0)  # [L - 1, ...]: what iteration t + 1 improved
+    gain = jnp.concatenate([gain, jnp.zeros_like(ce[:1])], axis=0)
+    rows = (t < n).astype(ce.dtype) * jnp.ones_like(ce)
+    return jax.nn.sigmoid(k * (gain - gamma)) * rows, rows
+
+
 def exit_entropy(p: Array) -> Array:
     """[...]: H(p) over the step axis."""
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=0)
@@ -143,6 +181,8 @@ def kl_to_geometric(p: Array, n: Array, prior: float) -> Array:
 @dataclass(frozen=True)
 class _Geometric(Halting):
     """Ouro and PonderNet: the geometric exit distribution, a per-step CE under it, and a regulariser."""
+
+    gate_stage = True
 
     def distribution(self, lambdas: Array, n: Array) -> tuple[Array, Array, Array | None]:
         p = geometric_exit(lambdas, n)

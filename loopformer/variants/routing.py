@@ -4,9 +4,13 @@ each token (`loopformer.model.router` holds the scoring layer; ``stages.S.router
     token_choice   scores s = W . norm(x_r) over the C circuits (and exit): each running token takes its
                    argmax; the chosen circuit runs one iteration for it. Load-balancing loss (Switch):
                    C * sum_c f_c P_c (f_c: share of the round's assignments, P_c: mean probability).
-    expert_choice  scores sigmoid(w_c . norm(x_r)): each circuit takes the top capacity * T running tokens
-                   of every sequence (Mixture-of-Recursions); a token no circuit takes exits. Auxiliary BCE
-                   between the scores and the selections (MoR: 1e-3).
+    expert_choice  scores sigmoid(w_c . norm(x_r)): at round r each circuit takes the top k_r = ceil(c_r T)
+                   running tokens of every sequence, and a token no circuit takes exits (Mixture-of-Recursions'
+                   hierarchical filtering). Per-round capacities c_r: ``capacities``, or MoR's linear
+                   schedule c_r = capacity (R - r) / R over the bank's R = max_loops rounds (the last
+                   capacity holds past the list). An auxiliary BCE (MoR: 1e-3) teaches each score whether
+                   its token is selected; a causal model's inference selects by it, sigmoid > 0.5 (top-k
+                   over a sequence would read later tokens), a bidirectional model's by top-k as in training.
 
 Both learn by a straight-through estimator: circuit c's new state is hard + (q_c - stop_gradient(q_c))
 (h~_c - h_c), where q_c is the router's probability (token choice) or score (expert choice) of c; its value
@@ -38,13 +42,16 @@ class RouterKind:
     balance: float = 0.01
     aux: float = 1e-3
     compute: float = 0.0
+    capacities: tuple[float, ...] = ()
+    rounds: int = 1  # the bank's largest max_loops (expert choice's default capacity schedule)
     kind: ClassVar[str] = ""
     routes: ClassVar[bool] = True
 
     @staticmethod
-    def of(cfg: Any, where: str = "router.kind") -> RouterKind:
+    def of(cfg: Any, where: str = "router.kind", rounds: int = 1) -> RouterKind:
         cls = ROUTERS.get(cfg.kind, where)
-        return cls(exit=cfg.exit, capacity=cfg.capacity, balance=cfg.balance, aux=cfg.aux, compute=cfg.compute)
+        return cls(exit=cfg.exit, capacity=cfg.capacity, balance=cfg.balance, aux=cfg.aux, compute=cfg.compute,
+                   capacities=tuple(cfg.capacities), rounds=max(int(rounds), 1))
 
     def scores(self, circuits: int) -> int:
         """Outputs of the scoring layer for ``circuits`` circuits."""
@@ -53,10 +60,11 @@ class RouterKind:
     def score_bias(self, circuits: int) -> list[float]:
         return [0.0] * self.scores(circuits)
 
-    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array
-               ) -> tuple[Array, Array, Array, Array]:
-        """One round from the scores ``s``: (selected [C, B, T] bool, soft [C, B, T] = q - stop_gradient(q),
-        still running [B, T], auxiliary loss [])."""
+    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array,
+               r: Array | int = 0, causal_inference: bool = False) -> tuple[Array, Array, Array, Array]:
+        """Round ``r`` from the scores ``s``: (selected [C, B, T] bool, soft [C, B, T] = q - stop_gradient(q),
+        still running [B, T], auxiliary loss []). ``causal_inference``: a causal model's evaluation or
+        decoding (a token's choice may not read later tokens)."""
         raise NotImplementedError
 
 
@@ -81,8 +89,8 @@ class TokenChoice(RouterKind):
         # the exit option starts unlikely (bias -2): tokens first learn to run, then to stop
         return [0.0] * circuits + [-2.0] * int(self.exit)
 
-    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array
-               ) -> tuple[Array, Array, Array, Array]:
+    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array,
+               r: Array | int = 0, causal_inference: bool = False) -> tuple[Array, Array, Array, Array]:
         C = eligible_C.shape[0]
         allowed = jnp.concatenate([eligible_C, jnp.ones((int(self.exit),), bool)])
         probs = jax.nn.softmax(jnp.where(allowed, s_BTS, -1e9), axis=-1)
@@ -105,15 +113,29 @@ class TokenChoice(RouterKind):
 @ROUTERS.register("expert_choice")
 @dataclass(frozen=True)
 class ExpertChoice(RouterKind):
-    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array
-               ) -> tuple[Array, Array, Array, Array]:
-        C = eligible_C.shape[0]
+    def schedule(self) -> tuple[float, ...]:
+        """c_r for r = 0, 1, ...: ``capacities``, or MoR's linear capacity (R - r) / R over R rounds."""
+        return self.capacities or tuple(self.capacity * (self.rounds - r) / self.rounds for r in range(self.rounds))
+
+    def takes(self, r: Array | int, T: int) -> Array:
+        """k_r = ceil(c_r T) [] int32: the tokens of a sequence each circuit takes at round ``r``."""
+        caps = jnp.asarray(self.schedule(), jnp.float32)
+        c = caps[jnp.minimum(jnp.asarray(r, jnp.int32), caps.shape[0] - 1)]
+        return jnp.maximum(jnp.ceil(c * T - 1e-6), 1).astype(jnp.int32)
+
+    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array,
+               r: Array | int = 0, causal_inference: bool = False) -> tuple[Array, Array, Array, Array]:
+        C, T = eligible_C.shape[0], s_BTS.shape[1]
         scores = jax.nn.sigmoid(s_BTS)  # [B, T, C]
-        k = max(1, math.ceil(self.capacity * s_BTS.shape[1]))
-        masked = jnp.moveaxis(jnp.where(running_BT[..., None], scores, -1.0), -1, 0)  # [C, B, T]
-        top, idx = jax.lax.top_k(masked, k)  # exactly k per circuit and sequence (ties broken by position)
-        picked = jnp.zeros(masked.shape, bool).at[
-            jnp.arange(C)[:, None, None], jnp.arange(masked.shape[1])[None, :, None], idx].set(top >= 0)
+        if causal_inference:  # the auxiliary BCE's predictor: each token decides alone
+            picked = jnp.moveaxis(scores > 0.5, -1, 0)
+        else:  # the top k_r running tokens per circuit and sequence (ties broken by position)
+            k_max = max(1, math.ceil(max(self.schedule()) * T - 1e-6))
+            masked = jnp.moveaxis(jnp.where(running_BT[..., None], scores, -1.0), -1, 0)  # [C, B, T]
+            top, idx = jax.lax.top_k(masked, k_max)  # sorted: rank j < k_r is in round r's top k_r
+            keep = (top >= 0) & (jnp.arange(k_max) < self.takes(r, T))
+            picked = jnp.zeros(masked.shape, bool).at[
+                jnp.arange(C)[:, None, None], jnp.arange(masked.shape[1])[None, :, None], idx].set(keep)
         sel = picked & running_BT[None] & eligible_C[:, None, None]  # [C, B, T]
         soft = straight_through(jnp.moveaxis(scores, -1, 0), running_BT, eligible_C)
         still = active_BT & jnp.any(sel, axis=0)

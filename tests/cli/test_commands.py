@@ -264,6 +264,13 @@ def test_eval_and_sweep_with_exits(run_dir, capsys):
     (row,) = doc["rows"]
     assert row["exit"] == {"X": "latent_diff:0.05", "Y": "latent_diff:0.05"} and row["loops"] == {"X": 16, "Y": 16}
     assert 1 <= row["mean_loops"]["X"] <= 16 and sum(row["histogram"]["X"].values()) > 0
+    # --compact on / off: the same rows, the executed work measured differently (one-block X compacts)
+    on, off = (run_json(capsys, "eval", "--run", str(run_dir), "--exit", "X=latent_diff:0.2", "--max-loops",
+                        "16", "--split", "hard", "--compact", c)["rows"][0] for c in ("on", "off"))
+    assert len(on["histogram"]["X"]) > 1 and on["histogram"] == off["histogram"]  # tokens stop at several counts
+    for key in ("loss", "accuracy"):
+        assert on[key] == pytest.approx(off[key], rel=1e-5), key
+    assert on["mean_loops"] == off["mean_loops"] and on["computed_loops"]["X"] < off["computed_loops"]["X"]
     doc = run_json(capsys, "sweep", "--run", str(run_dir), "--exit", "X=latent_diff:1e-6,0.05,10", "--split", "hard")
     used = [r["mean_loops"]["X"] for r in doc["rows"]]
     assert [r["exit"]["X"] for r in doc["rows"]] == ["latent_diff:1e-06", "latent_diff:0.05", "latent_diff:10"]

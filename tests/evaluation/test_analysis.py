@@ -96,3 +96,19 @@ def test_per_example_correctness_matches_the_accuracy(run, eval_sets):
             acc = run.evaluator.evaluate(run.params, eval_sets[split], loops)["accuracy"]
             assert correct.shape == (EXAMPLES,) and correct.dtype == bool
             assert correct.mean() == pytest.approx(acc)
+
+
+def test_an_exit_histogram_comes_from_the_evaluation_pass(run, eval_sets):
+    """evaluate(histogram=True) counts real tokens by iterations run in the pass that scores them: the same
+    counts as the per-example pass, the same metrics as without it, summing to the real tokens."""
+    from loopformer.variants.exits import exit_rule
+
+    loops, exits = run.info.full_loops({"X": 8}), {"X": exit_rule("latent_diff", 0.05)}
+    batches = eval_sets["hard"]
+    with_hist = run.evaluator.evaluate(run.params, batches, loops, exits=exits, histogram=True)
+    plain = run.evaluator.evaluate(run.params, batches, loops, exits=exits)
+    hist = run.evaluator.examples(run.params, batches, loops, exits)["histogram"]
+    assert with_hist["histogram"] == hist and "histogram" not in plain
+    assert {k: v for k, v in with_hist.items() if k != "histogram"} == plain
+    mean = sum(k * v for k, v in hist["X"].items()) / sum(hist["X"].values())
+    assert mean == pytest.approx(plain["mean_loops"]["X"], rel=1e-6)

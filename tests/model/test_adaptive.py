@@ -266,10 +266,10 @@ def test_act_evaluates_with_its_own_halting():
 # ----------------------------------------------------------------------------- routers
 
 
-def two_routed(kind):
+def two_routed(kind, causal=True):
     x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=4, max_loops=6)
     y = CircuitConfig(name="Y", width=8, heads=2, window=1, state_norm=True, eval_loops=2, max_loops=6)
-    return ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1,
+    return ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=causal,
                        stages=[StageConfig([x, y], router=RouterConfig(kind=kind, capacity=0.5))])
 
 
@@ -305,16 +305,55 @@ def test_forced_routes():
 
 
 def test_expert_choice_router_takes_its_capacity():
-    gd, st = model_of(two_routed("expert_choice"))
+    gd, st = model_of(two_routed("expert_choice", causal=False))
     diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 3, "Y": 3}))[1]
-    per_round = np.ceil(0.5 * 7)  # capacity 0.5 of 7 tokens, per sequence and round
+    # MoR's linear schedule over R = 6 rounds from capacity 0.5: k_r = ceil(0.5 (6 - r) / 6 * 7) = 4, 3, 3
     for name in ("X", "Y"):
-        assert float(diag.circuits[name].used.sum(-1).max()) <= 3 * per_round
+        assert float(diag.circuits[name].used.sum(-1).max()) <= 4 + 3 + 3
+
+
+def one_routed(causal=False, **router):
+    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=4, max_loops=4)
+    return ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=causal,
+                       stages=[StageConfig([x], router=RouterConfig(kind="expert_choice", **router))])
+
+
+@pytest.mark.parametrize(("router", "hist"), [
+    # linear from 1.0 over R = 4 rounds: k_r = ceil(7 (4 - r) / 4) = 7, 6, 4, 2, each a subset of the last
+    ({"capacity": 1.0}, {1: 1, 2: 2, 3: 2, 4: 2}),
+    # explicit: k = 4, 4, 2 and the last again: 3 tokens never run, 2 stop after round 1, 2 run all 4
+    ({"capacities": [0.5, 0.5, 0.25]}, {0: 3, 2: 2, 4: 2})])
+def test_expert_choice_filters_tokens_round_by_round(router, hist):
+    """Mixture-of-Recursions' hierarchical filtering: at round r the circuit takes the top k_r of the tokens
+    it took at r - 1, so with one circuit tokens stop after every round (not only after round 0)."""
+    gd, st = model_of(one_routed(**router))
+    used = np.asarray(run(gd, st, tokens(), make_plan(["X"], {"X": 4}))[1].circuits["X"].used)
+    for row in used:
+        assert dict(zip(*np.unique(row, return_counts=True), strict=True)) == hist
+
+
+def test_expert_choice_inference_is_causal_in_a_decoder():
+    """Top-k over a sequence reads later tokens; a causal model's inference selects by the auxiliary
+    predictor (sigmoid > 0.5), so changing the last token changes no earlier position's loops or logits."""
+    gd, st = model_of(one_routed(causal=True, capacity=1.0))
+    st["stages"][0]["router"]["score"]["kernel"].value = 3.0 * jax.random.normal(
+        jax.random.key(3), st["stages"][0]["router"]["score"]["kernel"].value.shape)
+    a = tokens(t=12)
+    b = a.at[:, -1].set((a[:, -1] + 1) % VOCAB)
+    plan = make_plan(["X"], {"X": 4})
+    (la, da), (lb, db) = run(gd, st, a, plan), run(gd, st, b, plan)
+    np.testing.assert_array_equal(da.circuits["X"].used[:, :-1], db.circuits["X"].used[:, :-1])
+    np.testing.assert_allclose(la[:, :-1], lb[:, :-1], rtol=1e-6, atol=1e-6)
+    assert len(np.unique(np.asarray(da.circuits["X"].used))) > 1  # tokens do stop at different rounds
+    # the training selection (top-k of the sequence) is not causal: the same change moves earlier tokens
+    train = make_plan(["X"], {"X": 4}, backprop={"X": 1}, bound=4)
+    ua, ub = (np.asarray(run(gd, st, t, train)[1].circuits["X"].used) for t in (a, b))
+    assert (ua[:, :-1] != ub[:, :-1]).any()
 
 
 @pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
 def test_router_learns_through_the_selection(kind):
-    gd, st = model_of(two_routed(kind))
+    gd, st = model_of(two_routed(kind, causal=kind == "token_choice"))  # a decoder's expert choice infers by threshold
     plan = make_plan(["X", "Y"], {"X": 4, "Y": 2}, backprop={"X": 1, "Y": 1}, bound=6)
     grads = _grads(gd, st, tokens(), plan)
     assert float(jnp.abs(grads["stages"][0]["router"]["score"]["kernel"]).max()) > 0

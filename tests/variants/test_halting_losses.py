@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopformer.variants.halting import HALTINGS
+from loopformer.variants.halting import HALTINGS, gate_targets
 
-SETTINGS = dict(beta=0.1, beta_final=0.01, prior=0.5, tau=0.01, eps=0.01, q=0.5)
+SETTINGS = dict(beta=0.1, beta_final=0.01, prior=0.5, tau=0.01, eps=0.01, q=0.5, gate_k=50.0, gate_gamma=0.005)
 LAMBDAS = [0.5, 0.2, 0.9]  # the head's lambda after steps 1, 2, 3
 LOGITS = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [-1.0, 0.0, 3.0]]  # step t's logits over 3 classes
 TARGET = 2
@@ -88,3 +88,30 @@ def test_act_ponder_cost_is_n_plus_remainder():
     p1, _, ponder1 = kind.distribution(jnp.asarray([0.995, 0.5, 0.4], jnp.float32)[:, None, None], n)
     np.testing.assert_allclose(np.asarray(p1)[:, 0, 0], [1.0, 0.0, 0.0], rtol=1e-6)
     assert float(ponder1[0, 0]) == pytest.approx(2.0, rel=1e-6)
+
+
+# --- Ouro stage II: the head's BCE against the per-step loss improvement -------------------------------------
+
+
+def test_gate_targets_pair_each_step_with_the_improvement_it_decides():
+    """Row t - 1 holds w_t = sigmoid(k (max(0, CE_t - CE_{t+1}) - gamma)) for t < n; the last row and rows
+    from n on count for nothing."""
+    ce = jnp.asarray([1.0, 0.5, 0.499, 0.6, 0.1], jnp.float32)[:, None]
+    w, rows = gate_targets(ce, jnp.full((1,), 4, jnp.int32), 50.0, 0.005)
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    want = [sig(50 * (0.5 - 0.005)), sig(50 * (0.001 - 0.005)), sig(50 * (0.0 - 0.005)), 0.0, 0.0]
+    np.testing.assert_allclose(np.asarray(w)[:, 0], want, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(rows)[:, 0], [1, 1, 1, 0, 0])  # t = 4 = n: no decision
+
+
+@pytest.mark.parametrize("kind", ["ouro", "pondernet"])
+def test_gate_loss_is_the_mean_bce_over_the_decided_steps(kind):
+    lam, logits, batch, n = _inputs()
+    loss, logs = _kind(kind).gate_loss(lam, logits, batch, n, 1.0)
+    ce = [_ce(z, TARGET) for z in LOGITS]  # 3.07, 1.46, 0.07: every step improves
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    w = [sig(50 * (max(ce[t] - ce[t + 1], 0) - 0.005)) for t in range(2)]
+    bce = [-(w[t] * math.log(1 - LAMBDAS[t]) + (1 - w[t]) * math.log(LAMBDAS[t])) for t in range(2)]
+    assert float(loss) == pytest.approx(sum(bce) / 2, rel=1e-5)
+    assert float(logs["halting_gate_continue"]) == pytest.approx(sum(w) / 2, rel=1e-5)
+    assert not HALTINGS.get("act").gate_stage and HALTINGS.get(kind).gate_stage
