@@ -1,23 +1,42 @@
-"""Adaptive computation: does a policy that decides per token how long to loop match the best fixed loop
-count with fewer iterations, and does the compute it spends follow the difficulty of the instance?
+"""Adaptive computation, measured fairly: does a policy that decides per token how long to loop match the
+best fixed loop count for less executed compute and wall-clock, and does its compute follow difficulty?
 
-Per task (prefix_parity and maze3, think_longer's settings; seed 0), three models trained with the same
-data and budget: think_longer's looped model, the same with an Ouro halting head
-(``configs/adaptive/<task>_halting.yaml``) and with a token-choice router over its bank
-(``configs/adaptive/<task>_router.yaml``). Evaluated at the training difficulty, 2x and 4x, one row per
-policy: every fixed count of the think-longer sweep; the training-free exits latent_diff, kl and
-entropy_diff at several thresholds (looped model); the learned gate at several quantiles (halting
-model); the router (caps m, 2m, 8m rounds); exits and gates capped at 8m = 96 iterations. Columns: exact-match
-accuracy, mean loops per real token, and the Spearman correlation between each instance's loops and its
-``Task.depth``, over the instances of all difficulties pooled.
+Setting (declared before its first run; #25). Per task (prefix_parity and maze3, think_longer's settings),
+per seed 0..S-1, three models trained with the same data, steps and truncated backprop (the router's
+states carry gradient through its last ``backprop`` rounds, as the loops do): think_longer's looped model
+(with its recipe), the same with an Ouro halting head (``configs/adaptive/<task>_halting.yaml``) and
+with a token-choice router over its bank (``configs/adaptive/<task>_router.yaml``). Every difficulty
+(train, 2x, 4x) has two held-out sets from the same generator, "val" and "test" (think_longer's, 256
+examples each, batches of 64). Policies: every fixed count of the think-longer sweep and the
+difficulty rule ``auto`` (it reads each instance's length: a reference, not a policy the bar counts)
+on the looped model; the training-free exits latent_diff, kl and entropy_diff at several thresholds
+(looped model); the learned gate at several quantiles (halting model); the router at caps m, 2m and 8m
+rounds; exits and gates capped at 8m = 96 iterations; evaluation as the library does it by default
+(``--compact auto``).
 
-    python bench/adaptive.py [--tasks prefix_parity,maze3,text] [--json] [--out DIR] [--examples N]
+Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
+token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
+(`loopformer.flops`: the forward outside the loops, the executed iterations, and for kl / entropy_diff
+one read of the logits per executed iteration); wall-clock per token at batch 64 (the faster of two
+passes after one warm-up batch; all policies of a seed timed in one process); and the Spearman
+correlation between each instance's loops and its ``Task.depth``, the instances of all difficulties of
+that split pooled.
+
+Selection, per (seed, difficulty): the best fixed count is the one with the best val accuracy (ties: the
+fewest loops); per non-fixed family (each exit kind, the learned gate, the router) the setting with the
+fewest val FLOPs among those within 1 point of the best fixed count's val accuracy (else its most
+accurate on val). Both are reported on test. The bar (#25), at 2x on test for every seed: some family's
+selection is within 1 point of the best fixed count's accuracy, at <= 0.6x its FLOPs per token, <= 0.7x
+its wall-clock per token, with Spearman >= 0.6.
+
+    python bench/adaptive.py [--tasks prefix_parity,maze3,text] [--seeds 3] [--json] [--out DIR] [--examples N]
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
 Poisson-lognormal loops and a state norm), bits per byte vs mean loops per policy on the val split.
 
-JSON: {"tasks": {NAME: {"rows": [{"difficulty", "policy", "accuracy", "mean_loops", "depth_spearman",
-"model", ...}], "bar": {...}}}}; tables (Markdown) and a Pareto plot per task in --out.
+JSON: {"tasks": {NAME: {"rows": [{"seed", "difficulty", "split", "policy", "family", "model", "accuracy",
+"mean_loops", "computed_loops", "flops_per_token", "seconds_per_token", "depth_spearman"}],
+"selected": [...], "bar": {...}}}}; tables (Markdown) and a Pareto plot per task in --out.
 """
 
 from __future__ import annotations
@@ -35,10 +54,13 @@ import numpy as np
 from scipy import stats
 
 from loopformer.config import load_config
+from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
+from loopformer.flops import FlopCounter
 from loopformer.metrics import text_metrics
+from loopformer.model.plan import difficulty_rules
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 from loopformer.variants.exits import exit_rule
@@ -54,6 +76,11 @@ EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001), "kl": (1e-3, 1e-4, 1e-5
 QUANTILES = (0.3, 0.5, 0.7, 0.9)
 TEXT_FIXED = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 TEXT_EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003), "kl": (1e-2, 1e-3, 1e-4)}
+SPLITS = ("val", "test")  # think_longer's held-out sets: settings are chosen on val, reported on test
+BATCH = 64  # wall-clock per token is measured at batch 64
+TIMINGS = 2  # passes per policy and set; the faster one is reported
+# the bar (#25): within 1 point of the best fixed count, <= 0.6x its FLOPs, <= 0.7x its time, Spearman >= 0.6
+WITHIN, FLOPS_RATIO, TIME_RATIO, SPEARMAN = 0.01, 0.6, 0.7, 0.6
 
 
 def log(msg: str) -> None:
@@ -71,89 +98,161 @@ def trained(cfg, out: Path):  # noqa: ANN001, ANN201
     return model, params, data
 
 
-def rows_for(evaluator, params, sets: dict, policies: list[tuple[str, dict, dict]], model: str) -> tuple[list, dict]:  # noqa: ANN001
-    """One row per (difficulty, policy); and per policy the (loops, correct) of every instance."""
-    rows, per_instance = [], {}
-    for name, loops, exits in policies:
-        for split, batches in sets.items():
-            ex = evaluator.examples(params, batches, loops, exits or None)
-            used = ex["loops"]["X"]
-            rows.append({"difficulty": split, "policy": name, "model": model, "accuracy": float(ex["correct"].mean()),
-                         "mean_loops": float(np.mean(used)), "cap": loops["X"],
-                         "histogram": ex["histogram"]["X"]})
-            per_instance.setdefault(name, []).append((split, used))
-        log(f"  {model} {name}: " + " ".join(f"{r['difficulty']} {100 * r['accuracy']:.1f}% @ {r['mean_loops']:.1f}"
-                                           for r in rows[-len(sets):]))
-    return rows, per_instance
+def family(policy: str) -> str:
+    """fixed | auto | latent_diff | kl | entropy_diff | learned | router | halting model (its fixed count)."""
+    return policy.split(":")[0].split(" (")[0].split(",")[0]
 
 
-def spearman(per_instance: dict, depths: dict) -> dict:
-    """Spearman correlation of instances' loops with their depth, all difficulties pooled (None when the
-    loops do not vary, e.g. a fixed count)."""
-    out = {}
-    for name, parts in per_instance.items():
-        loops = np.concatenate([u for _, u in parts])
-        depth = np.concatenate([depths[split] for split, _ in parts])
-        out[name] = None if np.ptp(loops) == 0 else float(stats.spearmanr(loops, depth).statistic)
+def measure(ev, params, batches: list, cfg, vocab: int, loops: dict, exits: dict | None,  # noqa: ANN001
+            rules: dict | None = None) -> dict:
+    """One policy on one held-out set: accuracy, loops, executed work and time per token, per-instance loops."""
+    ev.examples(params, batches[:1], loops, exits or None, rules)  # compile (and warm) outside the timing
+    seconds = []
+    for _ in range(TIMINGS):  # the faster of two passes: the machine is shared
+        t0 = time.perf_counter()
+        ex = ev.examples(params, batches, loops, exits or None, rules)
+        seconds.append(time.perf_counter() - t0)
+    seconds = min(seconds)
+    hist = ex["histogram"]["X"]
+    tokens = max(sum(hist.values()), 1)
+    seq_len = batches[0]["inputs"].shape[1]
+    counter = FlopCounter(cfg.model, vocab, seq_len, causal=cfg.model.causal)
+    computed = ex["computed_loops"]["X"]
+    flops = counter.forward({"X": computed})
+    if exits and any(r.needs_readout for r in exits.values()):
+        flops += counter.readout() * computed
+    return {"accuracy": float(ex["correct"].mean()), "mean_loops": sum(int(k) * v for k, v in hist.items()) / tokens,
+            "computed_loops": computed, "flops_per_token": flops, "seconds_per_token": seconds / tokens,
+            "instance_loops": ex["loops"]["X"]}
+
+
+def held_out(task, setting, examples: int, seed: int) -> dict:  # noqa: ANN001
+    """{(difficulty, split): batches}: think_longer's val and test sets, in batches of 64."""
+    return {(d, s): eval_batches(task, f"{d}/{s}", tuple(rng), examples, BATCH, seed)
+            for d, rng in setting.splits.items() for s in SPLITS}
+
+
+def score_model(model_name: str, cfg, model, params, data, sets: dict, policies: list, seed: int) -> list[dict]:  # noqa: ANN001
+    ev = evaluator_for(model)
+    rows = []
+    for policy, loops, exits, rules in policies:
+        for (difficulty, split), batches in sets.items():
+            m = measure(ev, params, batches, cfg, model.vocab_size, loops, exits, rules)
+            rows.append({"seed": seed, "model": model_name, "policy": policy, "family": family(policy),
+                         "difficulty": difficulty, "split": split, "cap": loops["X"], **m})
+        test = [r for r in rows[-len(sets):] if r["split"] == "test"]
+        log(f"  seed {seed} {model_name} {policy}: " + " ".join(
+            f"{r['difficulty']} {100 * r['accuracy']:.1f}% @ {r['mean_loops']:.1f} "
+            f"({r['flops_per_token'] / 1e6:.2f} MFLOP, {1e6 * r['seconds_per_token']:.0f} us)" for r in test))
+    return rows
+
+
+def spearman(rows: list[dict], depths: dict) -> None:
+    """Per (seed, model, policy, split): Spearman of instance loops vs depth, difficulties pooled (None when the
+    loops do not vary), written into each row; the per-instance loops are dropped from the rows."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["seed"], r["model"], r["policy"], r["split"]), []).append(r)
+    for (seed, _, _, split), rs in groups.items():
+        loops = np.concatenate([r["instance_loops"] for r in rs])
+        depth = np.concatenate([depths[(seed, r["difficulty"], split)] for r in rs])
+        rho = None if np.ptp(loops) == 0 else float(stats.spearmanr(loops, depth).statistic)
+        for r in rs:
+            r["depth_spearman"] = rho
+            del r["instance_loops"]
+
+
+def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None) -> dict:
+    setting = think_longer.TASKS[name]
+    m = setting.train_loops
+    cap = 8 * m
+    steps = steps or setting.steps[1]
+    rows, depths = [], {}
+    for seed in range(seeds):
+        cfg = think_longer.config(name, "looped", steps, out, examples, seed)
+        model, params, data = trained(cfg, out)
+        sets = held_out(data.task, setting, examples, seed)
+        for (d, s), bs in sets.items():
+            depths[(seed, d, s)] = np.asarray([data.task.depth(x) for b in bs
+                                               for x, msk in zip(b["inputs"], b["mask"], strict=True) if msk.sum()])
+        policies = [(f"fixed:{n}", {"X": n}, None, None) for n in setting.counts()]
+        rules = difficulty_rules(cfg.model, ["X"])
+        if rules:
+            policies.append(("auto (difficulty rule)", {"X": cap}, None, rules))
+        policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}, None)
+                     for kind, values in EXITS.items() for eps in values]
+        rows += score_model("looped", cfg, model, params, data, sets, policies, seed)
+        for variant in ("halting", "router"):
+            vcfg = load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
+                               [f"seed={seed}", f"run.dir={out}", f"run.name={name}-{variant}-seed{seed}",
+                                f"data.eval_examples={examples}", f"train.steps={steps}", "train.eval_every=0",
+                                "train.checkpoint_every=100000"])
+            vmodel, vparams, vdata = trained(vcfg, out)
+            if variant == "halting":
+                vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES]
+                vpolicies.append((f"halting model, fixed:{m}", {"X": m}, None, None))
+            else:
+                vpolicies = [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, cap)]
+            rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, vpolicies, seed)
+        (out / f"adaptive_{name}.rows.partial.json").write_text(json.dumps(
+            [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]))
+    spearman(rows, depths)
+    selected = select(rows)
+    return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": m,
+            "seeds": seeds, "steps": steps,
+            "depth": {f"{d}/{s}": {"mean": float(np.mean(np.concatenate([v for (_, d2, s2), v in depths.items()
+                                                                          if (d2, s2) == (d, s)]))),
+                                   "max": int(max(v.max() for (_, d2, s2), v in depths.items() if (d2, s2) == (d, s)))}
+                      for d in setting.splits for s in SPLITS}}
+
+
+NON_FIXED = ("latent_diff", "kl", "entropy_diff", "learned", "router")
+
+
+def select(rows: list[dict]) -> list[dict]:
+    """Per (seed, difficulty): the best fixed count and each non-fixed family's setting, chosen on val (module
+    docstring), with their test rows and the test ratios to the best fixed count."""
+    at = {(r["seed"], r["difficulty"], r["split"], r["model"], r["policy"]): r for r in rows}
+    out = []
+    for seed, difficulty in dict.fromkeys((r["seed"], r["difficulty"]) for r in rows):
+        val = [r for r in rows if (r["seed"], r["difficulty"], r["split"]) == (seed, difficulty, "val")]
+        fixed = [r for r in val if r["model"] == "looped" and r["family"] == "fixed"]
+        best = max(r["accuracy"] for r in fixed)
+        fx = min((r for r in fixed if r["accuracy"] == best), key=lambda r: r["cap"])
+        fx_test = at[(seed, difficulty, "test", "looped", fx["policy"])]
+        entry = {"seed": seed, "difficulty": difficulty, "best_fixed": {
+            "policy": fx["policy"], "val_accuracy": fx["accuracy"], **_test(fx_test)}, "families": {}}
+        for fam in NON_FIXED:
+            cands = [r for r in val if r["family"] == fam]
+            if not cands:
+                continue
+            close = [r for r in cands if r["accuracy"] >= best - WITHIN - 1e-9]
+            pick = (min(close, key=lambda r: r["flops_per_token"]) if close
+                    else max(cands, key=lambda r: (r["accuracy"], -r["flops_per_token"])))
+            t = at[(seed, difficulty, "test", pick["model"], pick["policy"])]
+            entry["families"][fam] = {"policy": pick["policy"], "val_accuracy": pick["accuracy"], **_test(t),
+                                      "flops_ratio": t["flops_per_token"] / fx_test["flops_per_token"],
+                                      "time_ratio": t["seconds_per_token"] / fx_test["seconds_per_token"],
+                                      "accuracy_gap": t["accuracy"] - fx_test["accuracy"]}
+        out.append(entry)
     return out
 
 
-def run_task(name: str, out: Path, examples: int, steps: int | None = None) -> dict:
-    setting = think_longer.TASKS[name]
-    cap = 8 * setting.train_loops
-    steps = steps or setting.steps[1]
-    cfg = think_longer.config(name, "looped", steps, out, examples)
-    model, params, data = trained(cfg, out)
-    task = data.task
-    sets = {s: data.eval_sets([s], examples, 256)[s] for s in setting.splits}
-    depths = {s: np.asarray([task.depth(x) for b in bs for x, m in zip(b["inputs"], b["mask"], strict=True) if m.sum()])
-              for s, bs in sets.items()}
-    ev = evaluator_for(model)
-    policies = [(f"fixed:{n}", {"X": n}, {}) for n in setting.counts()]
-    policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}) for kind, values in EXITS.items()
-                 for eps in values]
-    rows, inst = rows_for(ev, params, sets, policies, "looped")
-    variants = {}
-    for variant in ("halting", "router"):
-        vcfg = load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
-                           [f"run.dir={out}", f"run.name={name}-{variant}", f"data.eval_examples={examples}",
-                            f"train.steps={steps}", "train.eval_every=0", "train.checkpoint_every=100000"])
-        vmodel, vparams, _ = trained(vcfg, out)
-        vev = evaluator_for(vmodel)
-        if variant == "halting":
-            vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}) for q in QUANTILES]
-            vpolicies.append((f"halting model, fixed:{setting.train_loops}", {"X": setting.train_loops}, {}))
-        else:
-            vpolicies = [(f"router (cap {n})", {"X": n}, {}) for n in (setting.train_loops, 2 * setting.train_loops, cap)]
-        vrows, vinst = rows_for(vev, vparams, sets, vpolicies, variant)
-        rows += vrows
-        inst |= vinst
-        variants[variant] = str(vcfg.run_dir)
-    rho = spearman(inst, depths)
-    for r in rows:
-        r["depth_spearman"] = rho[r["policy"]]
-    return {"rows": rows, "bar": bar(rows), "cap": cap, "train_loops": setting.train_loops, "runs": variants,
-            "depth": {s: {"mean": float(d.mean()), "max": int(d.max())} for s, d in depths.items()}}
+def _test(r: dict) -> dict:
+    return {"test_accuracy": r["accuracy"], "test_mean_loops": r["mean_loops"], "test_flops": r["flops_per_token"],
+            "test_seconds": r["seconds_per_token"], "test_spearman": r["depth_spearman"]}
 
 
-def bar(rows: list[dict]) -> dict:
-    """The issue's bar at 2x: a non-fixed policy within 1 point of the best fixed count's accuracy, at most
-    0.6x that count's loops, and Spearman >= 0.6 with depth. The best fixed count is the smallest count
-    reaching the best fixed accuracy."""
-    at2 = [r for r in rows if r["difficulty"] == "2x"]
-    fixed = [r for r in at2 if r["policy"].startswith("fixed:")]
-    best = max(r["accuracy"] for r in fixed)
-    best_n = min(int(r["policy"][6:]) for r in fixed if r["accuracy"] == best)
-    adaptive = [r for r in at2 if not r["policy"].startswith("fixed:") and "fixed:" not in r["policy"]]
-    ok = [r for r in adaptive if r["accuracy"] >= best - 0.01 and r["mean_loops"] <= 0.6 * best_n
-          and (r["depth_spearman"] or 0) >= 0.6]
-    within = [r for r in adaptive if r["accuracy"] >= best - 0.01]
-    cheapest = min(within, key=lambda r: r["mean_loops"]) if within else None
-    return {"best_fixed_accuracy": best, "best_fixed_loops": best_n, "holds": bool(ok),
-            "passing": [r["policy"] for r in ok],
-            "cheapest_within_1pt": None if cheapest is None else {
-                k: cheapest[k] for k in ("policy", "accuracy", "mean_loops", "depth_spearman")},
-            "best_adaptive": max(adaptive, key=lambda r: (r["accuracy"], -r["mean_loops"]))["policy"] if adaptive else None}
+def passes(f: dict) -> bool:
+    return (f["accuracy_gap"] >= -WITHIN - 1e-9 and f["flops_ratio"] <= FLOPS_RATIO and f["time_ratio"] <= TIME_RATIO
+            and (f["test_spearman"] or 0.0) >= SPEARMAN)
+
+
+def bar(selected: list[dict], seeds: int) -> dict:
+    """At 2x: per seed the families whose test numbers meet every condition; the bar holds when every seed has one."""
+    per_seed = {e["seed"]: [fam for fam, f in e["families"].items() if passes(f)]
+                for e in selected if e["difficulty"] == "2x"}
+    return {"holds": len(per_seed) == seeds and all(per_seed.values()), "passing": per_seed}
 
 
 def run_text(out: Path, steps: int | None = None) -> dict:
@@ -182,49 +281,47 @@ def markdown(name: str, result: dict) -> str:
         body = [[r["policy"], f"{r['bits_per_byte']:.4f}", f"{r['mean_loops']:.2f}"] for r in rows]
         return (f"### text (configs/adaptive/text_ponder.yaml, loops {result['trained']}; val bits per byte)\n\n"
                 + format_table(["policy", "bits/byte", "mean loops"], body, markdown=True))
-    splits = list(dict.fromkeys(r["difficulty"] for r in rows))
-    policies = list(dict.fromkeys((r["model"], r["policy"]) for r in rows))
-    at = {(r["model"], r["policy"], r["difficulty"]): r for r in rows}
+    head = ["seed", "difficulty", "policy (chosen on val)", "test acc %", "mean loops", "MFLOP/token",
+            "us/token", "FLOPs ratio", "time ratio", "Spearman", "bar"]
     body = []
-    for model, policy in policies:
-        cells = [model, policy]
-        for s in splits:
-            r = at[(model, policy, s)]
-            cells.append(f"{100 * r['accuracy']:.1f} @ {r['mean_loops']:.1f}")
-        rho = at[(model, policy, splits[0])]["depth_spearman"]
-        cells.append("-" if rho is None else f"{rho:.2f}")
-        body.append(cells)
+    for e in result["selected"]:
+        f0 = e["best_fixed"]
+        body.append([e["seed"], e["difficulty"], f"best fixed: {f0['policy']}", f"{100 * f0['test_accuracy']:.1f}",
+                     f"{f0['test_mean_loops']:.1f}", f"{f0['test_flops'] / 1e6:.2f}", f"{1e6 * f0['test_seconds']:.0f}",
+                     "1", "1", "-", ""])
+        for f in e["families"].values():
+            rho = f["test_spearman"]
+            body.append(["", "", f["policy"], f"{100 * f['test_accuracy']:.1f}", f"{f['test_mean_loops']:.1f}",
+                         f"{f['test_flops'] / 1e6:.2f}", f"{1e6 * f['test_seconds']:.0f}", f"{f['flops_ratio']:.2f}",
+                         f"{f['time_ratio']:.2f}", "-" if rho is None else f"{rho:.2f}",
+                         ("yes" if passes(f) else "no") if e["difficulty"] == "2x" else ""])
     b = result["bar"]
-    cheap = b["cheapest_within_1pt"]
-    verdict = (f"2x: best fixed count {b['best_fixed_loops']} at {100 * b['best_fixed_accuracy']:.1f} %; "
-               + (f"the bar holds ({', '.join(b['passing'])})" if b["holds"] else "the bar does not hold")
-               + ("; cheapest policy within 1 point: none" if cheap is None else
-                  f"; cheapest policy within 1 point: {cheap['policy']} at {cheap['mean_loops']:.1f} loops "
-                  f"({cheap['mean_loops'] / b['best_fixed_loops']:.2f}x), Spearman "
-                  + ("-" if cheap["depth_spearman"] is None else f"{cheap['depth_spearman']:.2f}")))
-    return (f"### {name} (accuracy % @ mean loops per token; Spearman of loops vs depth, difficulties pooled)\n\n"
-            + format_table(["model", "policy", *splits, "Spearman"], body, markdown=True) + "\n\n" + verdict)
+    verdict = ("the bar holds at 2x on every seed" if b["holds"] else "the bar does not hold at 2x on every seed") + (
+        " (" + "; ".join(f"seed {s}: {', '.join(v) or 'none'}" for s, v in b["passing"].items()) + ")")
+    return (f"### {name}: per seed and difficulty, the best fixed count and each family's setting chosen on val, "
+            f"on test\n\n" + format_table(head, body, markdown=True) + "\n\n" + verdict)
 
 
 def pareto(name: str, result: dict) -> bytes:
-    """PNG: accuracy vs mean loops per token at each difficulty, one marker style per policy family."""
+    """PNG: test accuracy vs executed FLOPs per token at each difficulty (seed 0), one marker per family."""
     from matplotlib.figure import Figure
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r["split"] == "test" and r["seed"] == 0]
     splits = list(dict.fromkeys(r["difficulty"] for r in rows))
     fig = Figure(figsize=(4.2 * len(splits), 3.8))
-    styles = {"fixed": ("o-", "k"), "latent_diff": ("s", "C0"), "kl": ("^", "C1"), "entropy_diff": ("v", "C2"),
-              "learned": ("D", "C3"), "router": ("*", "C4"), "halting model": ("x", "C3")}
+    styles = {"fixed": ("o-", "k"), "auto": ("P", "C5"), "latent_diff": ("s", "C0"), "kl": ("^", "C1"),
+              "entropy_diff": ("v", "C2"), "learned": ("D", "C3"), "router": ("*", "C4"), "halting model": ("x", "C3")}
     for i, split in enumerate(splits):
         ax = fig.add_subplot(1, len(splits), i + 1)
-        for family, (marker, colour) in styles.items():
-            pts = sorted((r["mean_loops"], 100 * r["accuracy"]) for r in rows
-                         if r["difficulty"] == split and r["policy"].split(":")[0].split(" (")[0].split(",")[0] == family)
+        for fam, (marker, colour) in styles.items():
+            pts = sorted((r["flops_per_token"] / 1e6, 100 * r["accuracy"]) for r in rows
+                         if r["difficulty"] == split and r["family"] == fam)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker, color=colour, label=family, ms=5)
+                ax.plot(*zip(*pts, strict=True), marker, color=colour, label=fam, ms=5)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter("{x:g}")
-        ax.set(xlabel="mean loops per token", ylabel="exact match (%)", title=f"{name}: {split}", ylim=(-3, 103))
+        ax.set(xlabel="executed MFLOP per token", ylabel="exact match (%)", title=f"{name}: {split} (test, seed 0)",
+               ylim=(-3, 103))
     fig.axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -235,7 +332,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
     p.add_argument("--out", default="bench_runs/adaptive", help="run directories and results")
-    p.add_argument("--examples", type=int, default=256, help="eval examples per split (think_longer's: 256)")
+    p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every model (default 3)")
     p.add_argument("--steps", type=int, help="training steps of every model (default: think_longer's / the config's; "
                    "a smaller number is a smoke run of the pipeline, not results)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -247,7 +345,8 @@ def main() -> int:
         if name not in (*TASKS, "text"):
             p.error(f"unknown task {name!r}; choose from {', '.join([*TASKS, 'text'])}")
         t = time.time()
-        results[name] = run_text(out, args.steps) if name == "text" else run_task(name, out, args.examples, args.steps)
+        results[name] = run_text(out, args.steps) if name == "text" else run_task(name, out, args.examples, args.seeds,
+                                                                                     args.steps)
         results[name]["wall_s"] = time.time() - t
         if name != "text":
             (out / f"adaptive_{name}.png").write_bytes(pareto(name, results[name]))

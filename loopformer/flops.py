@@ -120,6 +120,13 @@ class FlopCounter:
         outside, per_iter, _ = self._parts
         return float(outside + np.sum(self._loops(loops) * per_iter, axis=-1))
 
+    def readout(self) -> float:
+        """FLOPs per token of one read of the logits from the stream (the coda's blocks and the head): what
+        an exit rule that compares output distributions (kl, entropy_diff) adds per executed iteration."""
+        m = self.cfg
+        ctx = (self.seq_len + 1) / 2 if self.causal else float(self.seq_len)
+        return 2.0 * m.d_model * self.vocab_size + m.coda * _block(m.d_model, m.mlp_hidden, m.mlp, ctx)
+
     def train(self, loops: Mapping[str, float] | Sequence[float] | np.ndarray | None = None, *,
               hardware: bool = False) -> float | np.ndarray:
         """Training FLOPs per token (forward + backward) at these loop counts; ``loops`` may also be an

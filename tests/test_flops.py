@@ -48,3 +48,24 @@ def test_train_flops_counting():
     assert steps.shape == (2,) and steps[0] == pytest.approx(c.train({"X": 8}))
     with pytest.raises(KeyError, match="unknown circuits"):
         c.forward({"Z": 1})
+
+
+def test_readout_flops_match_xla_for_the_coda_and_head():
+    """One read of the logits (coda + head): the analytic count agrees with XLA's count of that program
+    (coda depth 1: XLA counts a scanned stack's body once)."""
+    cfg = load_config("configs/quickstart.yaml", ["model.d_model=128", "model.heads=4", "model.coda=1",
+                                                  "model.tie_embeddings=false", "model.stages=[]",
+                                                  "eval.sweep_circuits=[]"]).model
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 64, 0)))
+    model = nnx.merge(graphdef, params)
+    pos = jax.ShapeDtypeStruct((2, 16), np.int32)
+    x = jax.ShapeDtypeStruct((2, 16, 128), np.float32)
+
+    def readout(m, x, pos):
+        from loopformer.model.layers import run_stack
+
+        return m.embed.attend(m.final_norm(run_stack(m.coda, x, pos, None)))
+
+    xla = jax.jit(readout, static_argnums=()).lower(model, x, pos).compile().cost_analysis()["flops"]
+    ours = FlopCounter(cfg, 64, 16, causal=False).readout() * 2 * 16
+    assert 0.95 * xla <= ours <= xla, (ours, xla)

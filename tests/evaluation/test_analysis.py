@@ -112,3 +112,12 @@ def test_an_exit_histogram_comes_from_the_evaluation_pass(run, eval_sets):
     assert {k: v for k, v in with_hist.items() if k != "histogram"} == plain
     mean = sum(k * v for k, v in hist["X"].items()) / sum(hist["X"].values())
     assert mean == pytest.approx(plain["mean_loops"]["X"], rel=1e-6)
+
+
+def test_per_example_pass_reports_the_executed_work_of_the_scoring_pass(run, eval_sets):
+    from loopformer.variants.exits import exit_rule
+
+    loops, exits = run.info.full_loops({"X": 8}), {"X": exit_rule("latent_diff", 0.05)}
+    ex = run.evaluator.examples(run.params, eval_sets["hard"], loops, exits)
+    m = run.evaluator.evaluate(run.params, eval_sets["hard"], loops, exits=exits)
+    assert ex["computed_loops"] == pytest.approx(m["computed_loops"], rel=1e-6)

@@ -304,6 +304,26 @@ def test_forced_routes():
         np.testing.assert_array_equal(diag.circuits["Y"].used, 0)
 
 
+@pytest.mark.parametrize("k", [2, 5])
+def test_a_routed_bank_truncates_backprop_as_a_loop_does(k):
+    """A router forced to pick X every round is X's loop; trained with backprop k, its circuit gets the
+    gradient of the loop's last k iterations, exactly as the unrouted loop's truncation gives it."""
+    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=5, max_loops=6, backprop=k)
+    plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
+    routed = dataclasses.replace(plain, stages=[StageConfig([x], router=RouterConfig(kind="token_choice"))])
+    gd, st = model_of(routed)
+    st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(st["stages"][0]["router"]["score"]["kernel"].value)
+    st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([50.0, 0.0])  # always X, never exit
+    pgd, pst = nnx.split(build_model(plain, VOCAB, 0))
+    nnx.update(pst, nnx.State({k_: v for k_, v in st.items() if k_ != "stages"}))
+    pst["stages"][0]["circuits"] = st["stages"][0]["circuits"]
+    got = _grads(gd, st, tokens(), make_plan(["X"], {"X": 5}, backprop={"X": k}, bound=6))
+    want = _grads(pgd, pst, tokens(), make_plan(["X"], {"X": 5}, backprop={"X": k}))
+    for a, b in zip(jax.tree.leaves(got["stages"][0]["circuits"]), jax.tree.leaves(want["stages"][0]["circuits"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_expert_choice_router_takes_its_capacity():
     gd, st = model_of(two_routed("expert_choice", causal=False))
     diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 3, "Y": 3}))[1]
