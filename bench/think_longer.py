@@ -156,6 +156,16 @@ TASKS["addition_long"] = dataclasses.replace(TASKS["addition"], steps=(60, 10000
 # addition setting: abacus places with offsets up to 32 for every model, 2,500 steps, U{6..11}, the looped
 # model's loops per difficulty d + 4.
 TASKS["addition_aligned"] = dataclasses.replace(TASKS["addition"], task_args={"aligned": True}, task="addition")
+# Addition whose difficulty is the carry chain, declared 2026-12-04 before its first run, after addition_aligned
+# showed that random pairs' chains stay short (at most 5) and that its 2x failure was reading unseen places:
+# every operand has 32 digits (every place is seen in training), an example of difficulty d has its longest
+# carry chain exactly d (`data.task_args.width`), trained on chains 1-8, tested at 16 and 32. Abacus places
+# without offsets (no place is new at test time); 2,500 steps; the parity recipe for the looped model (loops
+# per difficulty 2d + 4, max_loops 20; the baselines' unit is U{8..16}'s mean, 12).
+TASKS["addition_chain"] = Setting({"aligned": True, "width": 32}, [1, 8], {"train": [1, 8], "2x": [16, 16], "4x": [32, 32]},
+                                  loops="uniform(8, 16)", train_loops=12, steps=(60, 2500), task="addition",
+                                  overrides=("model.position=abacus",),
+                                  recipe=(("per_difficulty", (f"{X}.loops=per_difficulty(2, 4)", f"{X}.max_loops=20")),))
 # What `python bench/think_longer.py` runs: one setting per task of the issue (and pointer chasing).
 # The graph task is maze3, whose steps grow fastest with the maze of the designs without a known
 # shortcut (chosen when it was declared, before its first run); maze, maze_entrance and maze_exit,

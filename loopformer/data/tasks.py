@@ -451,6 +451,17 @@ class PHop(Task):
         return f"{''.join(map(name, x))} | hop{p} = {ans}"
 
 
+def _longest_chain(a: list[int], b: list[int]) -> int:
+    """The longest carry chain of reversed digit lists: a place with a + b >= 10 and the places after it
+    with a + b = 9 that pass its carry on."""
+    longest = run = 0
+    for x, y in zip(a, b, strict=True):
+        s = x + y
+        run = 1 if s >= 10 else run + 1 if (s == 9 and run) else 0
+        longest = max(longest, run)
+    return longest
+
+
 @_register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Addition(Task):
@@ -467,19 +478,36 @@ class Addition(Task):
     SLOT^(d+1)`` (SLOT = 14, vocab 15), the label of the i-th slot c_i, so c_i depends on the carry chain
     below it (`depth`: the longest chain, about the iterations a place-by-place solver needs). Slots count
     as digits for abacus places (they are the answer's places). T = 3*max_difficulty + 4.
+
+    ``width: W`` (with ``aligned``) makes the carry chain the difficulty instead of the length: every
+    operand has W digits, and an example of difficulty d has its longest carry chain exactly d (one place
+    that generates a carry, a + b >= 10, then d - 1 that propagate it, a + b = 9, planted at a random
+    place), so every place is seen in training and only the chain grows with difficulty (``depth`` d + 1).
+    T = 3W + 4.
     """
 
     name: ClassVar[str] = "addition"
-    difficulty_meaning: ClassVar[str] = "digits per operand"
     BOS: ClassVar[int] = 1
     PLUS: ClassVar[int] = 2
     EQ: ClassVar[int] = 3
     ZERO: ClassVar[int] = 4
     SLOT: ClassVar[int] = 14
     aligned: bool = False
+    width: int = 0  # > 0 (aligned only): W digits per operand, difficulty = the longest carry chain
 
     def __post_init__(self) -> None:
         _check_bool("data.task_args.aligned", self.aligned)
+        _check_int("data.task_args.width", self.width, 0)
+        if self.width and not self.aligned:
+            raise DataError("data.task_args.width (carry chains as the difficulty) asks for every answer digit in "
+                            "one pass: add aligned: true, or drop width")
+
+    @property
+    def difficulty_meaning(self) -> str:  # type: ignore[override]
+        return "the longest carry chain" if self.width else "digits per operand"
+
+    def max_difficulty(self) -> tuple[int | None, str]:
+        return (self.width, f"raise data.task_args.width (now {self.width})") if self.width else (None, "")
 
     @property
     def digits(self) -> tuple[int, int]:  # type: ignore[override]
@@ -490,26 +518,53 @@ class Addition(Task):
         return self.aligned
 
     def max_place(self, max_difficulty: int) -> int:
-        return max_difficulty + 1  # the sum's carry digit
+        return (self.width or max_difficulty) + 1  # the sum's carry digit
 
     @property
     def vocab_size(self) -> int:
         return self.ZERO + 10 + (1 if self.aligned else 0)
 
     def seq_len(self, max_difficulty: int) -> int:
-        return 3 * max_difficulty + (4 if self.aligned else 3)
+        return 3 * (self.width or max_difficulty) + (4 if self.aligned else 3)
 
     def _operands(self, rng: np.random.Generator, d: int) -> tuple[list[int], list[int], list[int]]:
-        """(a, b, c = a + b) as reversed digit lists, c with d + 1 digits."""
-        a, b = rng.integers(0, 10, (2, d)).tolist()  # least significant digit first
-        if d > 1:
-            a[-1], b[-1] = rng.integers(1, 10, 2).tolist()
+        """(a, b, c = a + b) as reversed digit lists, c with one digit more than a and b: d digits each, or
+        with ``width`` W digits each and a longest carry chain of exactly d (`_chained`)."""
+        if self.width:
+            a, b = self._chained(rng, d)
+        else:
+            a, b = rng.integers(0, 10, (2, d)).tolist()  # least significant digit first
+            if d > 1:
+                a[-1], b[-1] = rng.integers(1, 10, 2).tolist()
         c, carry = [], 0
-        for i in range(d):
-            carry, digit = divmod(a[i] + b[i] + carry, 10)
+        for x, y in zip(a, b, strict=True):
+            carry, digit = divmod(x + y + carry, 10)
             c.append(digit)
         c.append(carry)
         return a, b, c
+
+    def _chained(self, rng: np.random.Generator, d: int) -> tuple[list[int], list[int]]:
+        """W-digit a and b whose longest carry chain is exactly d: a generating place at a random p, d - 1
+        propagating places after it, a place that does not propagate after those; the other places random,
+        redrawn a few times if they make a longer chain, then (rarely) drawn with sums <= 8 (no chain at all)."""
+        W = self.width
+        p = int(rng.integers(0, W - d + 1))
+        for attempt in range(9):
+            if attempt < 8:
+                a, b = rng.integers(0, 10, (2, W)).tolist()
+            else:
+                a = rng.integers(0, 9, W).tolist()
+                b = [int(rng.integers(0, 9 - x)) for x in a]  # a + b <= 8
+            a[p] = int(rng.integers(1, 10))
+            b[p] = int(rng.integers(10 - a[p], 10))  # generates
+            for i in range(p + 1, p + d):
+                a[i] = int(rng.integers(0, 10))
+                b[i] = 9 - a[i]  # propagates
+            if p + d < W and a[p + d] + b[p + d] == 9:
+                b[p + d] = (b[p + d] + 1) % 10 if a[p + d] + (b[p + d] + 1) % 10 != 9 else b[p + d] - 1
+            if _longest_chain(a, b) == d:
+                return a, b
+        raise AssertionError("unreachable: the last draw has no chain but the planted one")
 
     def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
         d = difficulty
@@ -521,14 +576,14 @@ class Addition(Task):
     def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
         if not self.aligned:
             return super().example(rng, difficulty, seq_len)
-        d = int(difficulty)
-        a, b, c = self._operands(rng, d)
-        z, n = self.ZERO, 3 * d + 4
+        a, b, c = self._operands(rng, int(difficulty))
+        L = len(a)  # digits per operand: the difficulty, or the width
+        z, n = self.ZERO, 3 * L + 4
         out = _blank(n, seq_len)
         out["inputs"][:n] = [self.BOS, *(t + z for t in a), self.PLUS, *(t + z for t in b), self.EQ,
-                             *([self.SLOT] * (d + 1))]
-        out["targets"][2 * d + 3 : n] = [t + z for t in c]
-        out["mask"][2 * d + 3 : n] = 1.0
+                             *([self.SLOT] * (L + 1))]
+        out["targets"][2 * L + 3 : n] = [t + z for t in c]
+        out["mask"][2 * L + 3 : n] = 1.0
         return out
 
     def depth(self, inputs: np.ndarray) -> int | None:
@@ -537,13 +592,7 @@ class Addition(Task):
         The next-token form: None (constant depth, see the class docstring)."""
         if not self.aligned:
             return None
-        a, b = self.parse(inputs)
-        longest = run = 0
-        for x, y in zip(a, b, strict=True):
-            s = x + y
-            run = 1 if s >= 10 else run + 1 if (s == 9 and run) else 0
-            longest = max(longest, run)
-        return 1 + longest
+        return 1 + _longest_chain(*self.parse(inputs))
 
     def parse(self, inputs: np.ndarray) -> tuple[list[int], list[int]]:
         """The reversed digit lists of a and b from one example's inputs."""

@@ -262,6 +262,32 @@ def test_aligned_addition_asks_for_every_digit_in_one_pass():
     assert plain.depth(inputs[:9]) is None
 
 
+def test_addition_with_carry_chains_as_the_difficulty():
+    """``width: W``: every example has W-digit operands and its longest carry chain is exactly its
+    difficulty (depth d + 1), at every place of the chain's start; labels are the sum's digits."""
+    add = make_task("addition", aligned=True, width=12)
+    assert add.seq_len(1) == add.seq_len(12) == 40 and add.max_place(3) == 13
+    rng = np.random.default_rng(0)
+    starts = set()
+    for i in range(300):
+        d = 1 + i % 12
+        ex = add.example(rng, d, add.seq_len(12))
+        a, b = add.parse(ex["inputs"])
+        assert len(a) == len(b) == 12 and add.depth(ex["inputs"]) == d + 1
+        assert add.answer(ex) == add.solve(ex["inputs"]) and ex["mask"].sum() == 13
+        run, end = 0, None  # where the longest chain ends
+        for j, x in enumerate(np.asarray(a) + np.asarray(b)):
+            run = 1 if x >= 10 else run + 1 if (x == 9 and run) else 0
+            end = j if run == d and end is None else end
+        starts.add(end - d + 1)
+    assert len(starts) >= 10  # the planted chain starts anywhere (0..12 - d)
+    with pytest.raises(DataError, match=r"the longest carry chain must be in \[1, 12\]; lower the difficulty or "
+                                        r"raise data.task_args.width"):
+        add.validate_difficulty(1, 13)
+    with pytest.raises(DataError, match="data.task_args.width .* add aligned: true"):
+        make_task("addition", width=12)
+
+
 @pytest.mark.parametrize(
     "name,kwargs,needle",
     [
