@@ -22,7 +22,8 @@ from loopformer.surgery.export import check_exportable, hf_config, hf_tensors, w
 def _args(p: argparse.ArgumentParser) -> None:
     p.epilog = ("A looped circuit is unrolled into plain layers at its count (--loops, default its eval_loops): "
                 "each repetition a copy of its tied weights. Exports Llama-layout models (Qwen2 with q/k/v "
-                "biases): plain ones, imported ones, and those whose circuits `loopformer convert` made.")
+                "biases, Mistral with a sliding window): plain ones, imported ones, and those whose circuits "
+                "`loopformer convert` made.")
     run_flags(p, examples=False)
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
     p.add_argument("--loops", action="append", metavar="CIRCUIT=N", help="the count each circuit is unrolled at")

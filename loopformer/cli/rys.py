@@ -43,6 +43,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _fmt(row: dict[str, Any], text: bool) -> str:
+    if text and row.get("accuracy") is not None:  # a probe: answers' bits per byte, and greedy exact match
+        return f"{row['bits_per_byte']:.4f} ({100 * row['accuracy']:.1f}% exact)"
     return f"{row['bits_per_byte']:.4f}" if text else f"{100 * row['accuracy']:.1f}%"
 
 
@@ -109,7 +111,7 @@ def rys_command(args: argparse.Namespace) -> int:
                         f"`loopformer convert` loops a block of a plain model)")
             doc["note"] = scanned
         evaluations = len(rows) + len(baseline) + (len(best_rows) + len(best_base) if screening else 0)
-        text = "\n".join([tables.header_line(info, run.step, args.examples), scanned,
+        text = "\n".join([tables.header_line(info, run.step, args.examples, args.probe), scanned,
                           _table(best_rows, best_base, info.is_text, len(rows) // max(len(baseline), 1),
                                  {b["split"]: b["examples"] for b in baseline} if screening else None),
                           f"programs compiled for these {evaluations} evaluations: {compiles} "

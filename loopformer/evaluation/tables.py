@@ -42,9 +42,11 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, markdo
 
 
 def score(row: Row) -> str:
-    """A row's headline number: bits per byte on a text split, else exact-match accuracy (a mixture of text
-    and tasks has both kinds of split)."""
-    return f"{row['bits_per_byte']:.4f}" if "bits_per_byte" in row else pct(row["accuracy"])
+    """A row's headline number: bits per byte on a text split (a probe's also its answers' exact match), else
+    exact-match accuracy (a mixture of text and tasks has both kinds of split)."""
+    if "bits_per_byte" not in row:
+        return pct(row["accuracy"])
+    return f"{row['bits_per_byte']:.4f}" + (f" ({pct(row['accuracy'])} exact)" if row["split"] == "probe" else "")
 
 
 def score_name(rows: Sequence[Row]) -> str:
@@ -68,7 +70,10 @@ def split_label(info: RunInfo, split: str) -> str:
     return f"{split} [{rng[0]}, {rng[1]}]" if rng[0] != rng[1] else f"{split} [{rng[0]}]"
 
 
-def header_line(info: RunInfo, step: int, examples: int) -> str:
+def header_line(info: RunInfo, step: int, examples: int, probe: str | None = None) -> str:
+    if probe:
+        return (f"{info.path} @ step {step} · probe {probe} · loss = the answers' loss per token; accuracy = answers "
+                f"greedy decoding reproduces exactly; token acc = answer tokens right")
     if info.is_text:
         return (f"{info.path} @ step {step} · text · {examples} windows per split · loss per token; "
                 f"token acc = next-token accuracy")

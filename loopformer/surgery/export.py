@@ -2,7 +2,9 @@
 that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with no remote code.
 
 What exports: a Llama-layout model (SwiGLU, pre-norm RMSNorm, RoPE with optional linear / llama3 scaling,
-full causal attention; q/k/v biases make it Qwen2) whose looped circuits can be *unrolled* into plain layers
+causal attention; q/k/v biases make it Qwen2, a sliding window (``model.window``, as an imported Mistral's)
+makes it Mistral, whose ``sliding_window`` w lets each query see itself and the w - 1 keys before it, as
+loopformer's window does) whose looped circuits can be *unrolled* into plain layers
 at given loop counts: one full-width circuit per stage, no input injection, its final state replacing the
 stream (``output: replace``, as `loopformer convert` makes). The layers are written in the order they run:
 prelude, each circuit's blocks repeated n times, coda; each repetition a copy of the tied weights (what
@@ -39,12 +41,13 @@ SUBLAYERS = ("attn_norm/scale", "attn/qkv/kernel", "attn/qkv/bias", "attn/out/ke
 
 
 def check_exportable(cfg: ModelConfig) -> None:
-    """CheckpointError (one line, the first reason) unless ``cfg`` unrolls into a Llama / Qwen2 layout."""
+    """CheckpointError (one line, the first reason) unless ``cfg`` unrolls into a Llama / Qwen2 / Mistral layout."""
     why = ("model.mlp is gelu (the layout has SwiGLU)" if cfg.mlp != "swiglu" else
            "model.norm is sandwich (the layout normalises before each sublayer only)" if cfg.norm != "pre" else
            f"model.position is {cfg.position} (the layout has RoPE)" if cfg.position != "rope" else
            "model.causal is false (causal language models only)" if not cfg.causal else
-           f"model.window is {cfg.window} (full attention only)" if cfg.window else "")
+           f"model.window is {cfg.window} with q/k/v biases (Mistral's layout has the window, Qwen2's the biases)"
+           if cfg.window and cfg.qkv_bias else "")
     for s, stage in enumerate(cfg.stages):
         if why:
             break
@@ -59,7 +62,8 @@ def check_exportable(cfg: ModelConfig) -> None:
                if c.output != "replace" else
                f"circuit {c.name} starts from init {c.init}, not the stream" if c.init != "input" else
                f"circuit {c.name} has a halting head" if c.halting.has_head else
-               f"circuit {c.name} has its own attention window {c.window}" if c.window else
+               f"circuit {c.name} has its own attention window {c.window or 'none'} (the model's: "
+               f"{cfg.window or 'none'})" if c.window != cfg.window else
                f"circuit {c.name}'s heads or MLP differ from the model's" if (
                    c.heads, c.kv_head_count, c.mlp_hidden) != (cfg.heads, cfg.kv_head_count, cfg.mlp_hidden) else "")
     if why:
@@ -109,15 +113,18 @@ def hf_tensors(cfg: ModelConfig, params: Any, loops: Mapping[str, int]) -> dict[
 
 
 def hf_config(cfg: ModelConfig, vocab: int, layers: int, tokenizer: Any, max_positions: int) -> dict[str, Any]:
-    """config.json of the unrolled model: Llama, or Qwen2 with q/k/v biases."""
-    kind = "qwen2" if cfg.qkv_bias else "llama"
-    out = {"architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"], "model_type": kind,
+    """config.json of the unrolled model: Llama, Qwen2 with q/k/v biases, or Mistral with a sliding window."""
+    kind = "qwen2" if cfg.qkv_bias else "mistral" if cfg.window else "llama"
+    out = {"architectures": [{"qwen2": "Qwen2", "mistral": "Mistral", "llama": "Llama"}[kind] + "ForCausalLM"],
+           "model_type": kind,
            "vocab_size": vocab, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_hidden,
            "num_hidden_layers": layers, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_head_count,
            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
            "max_position_embeddings": max_positions, "tie_word_embeddings": cfg.tie_embeddings,
            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
            "bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None)}
+    if kind == "mistral":
+        out["sliding_window"] = cfg.window
     r = cfg.rope_scaling
     if r:
         llama3 = {"low_freq_factor": float(r.get("low_freq_factor", 1.0)),

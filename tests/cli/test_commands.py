@@ -339,5 +339,9 @@ def test_probe_scores_the_answers_against_a_reference(text_run_dir, tmp_path, ca
     copy = shutil.copytree(text_run_dir, tmp_path / "text")
     scan = run_json(capsys, "rys", "--run", str(copy), "--probe", f"asset:{ARITHMETIC}")
     assert scan["probe"] == f"asset:{ARITHMETIC}" and {r["split"] for r in scan["rows"]} == {"probe"}
+    assert all(0 <= r["accuracy"] <= 1 for r in scan["rows"] + scan["baseline"])  # greedy exact match, kept
+    assert main(["eval", "--run", str(text_run_dir), "--probe", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "probe " + str(path) in out and "windows per split" not in out and "exact)" in out
     assert main(["eval", "--run", str(text_run_dir), "--probe", str(path), "--split", "val"]) == 2
     assert "give either --probe FILE or --split NAME" in capsys.readouterr().err

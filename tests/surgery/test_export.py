@@ -10,7 +10,7 @@ from loopformer.config import load_config
 from loopformer.errors import CheckpointError
 from loopformer.model.transformer import build_model
 from loopformer.surgery.convert import Recipe, converted_config
-from loopformer.surgery.export import check_exportable, hf_tensors, unrolled
+from loopformer.surgery.export import check_exportable, hf_config, hf_tensors, unrolled
 
 PLAIN = ["model.stages=[]", "model.prelude=4", "model.coda=0", "model.mlp=swiglu", "model.norm=pre", "model.d_model=16",
          "model.heads=2"]
@@ -39,7 +39,7 @@ def test_a_converted_model_unrolls_in_running_order():
     (dict(mlp="gelu"), "model.mlp is gelu"),
     (dict(norm="sandwich"), "model.norm is sandwich"),
     (dict(position="none"), "model.position is none"),
-    (dict(window=4), "model.window is 4"),
+    (dict(window=4, qkv_bias=True), "model.window is 4 with q/k/v biases"),  # a window alone exports as Mistral
 ])
 def test_what_does_not_unroll_is_one_line(change, why):
     with pytest.raises(CheckpointError, match=f"^cannot export: {why}"):
@@ -51,3 +51,14 @@ def test_circuits_that_inject_or_add_do_not_unroll():
     with pytest.raises(CheckpointError, match=r"circuit X injects its input \(inject: add\)"):
         check_exportable(looped)
     check_exportable(converted_config(plain(), Recipe(core=(1, 3))))  # inject none, output replace: fine
+
+
+def test_a_window_exports_as_mistral_when_its_circuits_share_it():
+    windowed = converted_config(dataclasses.replace(plain(), window=4), Recipe(core=(1, 3)))
+    check_exportable(windowed)  # convert gives the circuit the model's window
+    spec = hf_config(windowed, 40, 8, None, 2048)
+    assert (spec["model_type"], spec["architectures"], spec["sliding_window"]) == ("mistral", ["MistralForCausalLM"], 4)
+    assert "sliding_window" not in hf_config(plain(), 40, 4, None, 2048)  # no window: Llama
+    windowed.stages[0].circuits[0].window = 2
+    with pytest.raises(CheckpointError, match=r"circuit X has its own attention window 2 \(the model's: 4\)"):
+        check_exportable(windowed)

@@ -1,5 +1,6 @@
-"""Llama-family import: a tiny random model saved by `transformers` gives the same logits (within 1e-4)
-and the same greedy continuation here (`loopformer import` + `loopformer generate --json`).
+"""Llama-family import: a tiny random model saved by `transformers` (Llama, Qwen2, and Mistral with a sliding
+window shorter than the test sequences) gives the same logits (within 1e-4) and the same greedy continuation
+here (`loopformer import` + `loopformer generate --json`), and `loopformer export` gives it back.
 
 Needs the test extra ``hf`` (transformers with CPU torch; .ci/run installs it); skipped without it."""
 
@@ -35,11 +36,12 @@ def make_tokenizer(path: Path, vocab: int = 300, bos: bool = False) -> int:
     return tok.get_vocab_size()
 
 
-def save_tiny(folder: Path, kind: str, seed: int = 0, rope_scaling: dict | None = None) -> object:
+def save_tiny(folder: Path, kind: str, seed: int = 0, rope_scaling: dict | None = None, window: int | None = None) -> object:
     """A random tiny ``kind`` model (grouped-query attention, non-default eps and theta) saved with its
-    tokenizer; weights ~ N(0, 0.2) so greedy choices are clear-cut."""
+    tokenizer; weights ~ N(0, 0.2) so greedy choices are clear-cut. Llama and Mistral folders' tokenizers add a
+    BOS; ``window`` is Mistral's sliding_window."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = make_tokenizer(folder / "tokenizer.json", bos=kind == "llama")
+    vocab = make_tokenizer(folder / "tokenizer.json", bos=kind in ("llama", "mistral"))
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -48,6 +50,9 @@ def save_tiny(folder: Path, kind: str, seed: int = 0, rope_scaling: dict | None 
     if kind == "llama":
         config = transformers.LlamaConfig(**common, tie_word_embeddings=False)
         model_cls = transformers.LlamaForCausalLM
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=window)
+        model_cls = transformers.MistralForCausalLM
     else:
         config = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         model_cls = transformers.Qwen2ForCausalLM
@@ -63,10 +68,13 @@ def save_tiny(folder: Path, kind: str, seed: int = 0, rope_scaling: dict | None 
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+WINDOW = 8  # the Mistral's sliding_window: shorter than every test sequence, so the window matters
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def hf_model(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf") / request.param
-    return folder, save_tiny(folder, request.param)
+    return folder, save_tiny(folder, request.param, window=WINDOW if request.param == "mistral" else None)
 
 
 def test_config_is_read_with_its_eps_theta_and_heads(hf_model):
@@ -76,6 +84,7 @@ def test_config_is_read_with_its_eps_theta_and_heads(hf_model):
     assert (cfg.norm_eps, cfg.rope_base, cfg.mlp, cfg.mlp_hidden) == (1e-5, 50000.0, "swiglu", 72)
     assert cfg.qkv_bias == (model.config.model_type == "qwen2")
     assert cfg.tie_embeddings == (model.config.model_type == "qwen2")
+    assert cfg.window == (WINDOW if model.config.model_type == "mistral" else 0)
 
 
 def test_logits_match_transformers(hf_model):
@@ -94,6 +103,12 @@ def test_logits_match_transformers(hf_model):
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits.numpy()
     assert np.abs(logits - ref).max() < 1e-4
+    if model.config.model_type == "mistral":  # the sliding window matters: full attention gives other logits
+        full = transformers.MistralForCausalLM(transformers.MistralConfig(
+            **(model.config.to_dict() | {"sliding_window": None}))).eval()
+        full.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert np.abs(full(torch.tensor(tokens)).logits.numpy() - ref).max() > 1e-2
 
 
 @pytest.mark.slow  # end to end with transformers (import, generate, eval, rys, convert): CI runs it with the slow tests
@@ -107,9 +122,10 @@ def test_imported_run_generates_what_transformers_generates(hf_model, tmp_path, 
     doc = json.loads(capsys.readouterr().out)
     ids = doc["prompt_tokens"]
     # the prompt is encoded as transformers' tokenizer encodes it (#26): <s> first where the tokenizer's
-    # post-processor adds it (the llama folder's), nothing added where it adds nothing (qwen2's)
+    # post-processor adds it (the llama and mistral folders'), nothing added where it adds nothing (qwen2's);
+    # the prompt and its continuation run past the Mistral's window, in the cache too
     assert ids == transformers.AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"]
-    assert (ids[0] == 1) == (model.config.model_type == "llama")
+    assert (ids[0] == 1) == (model.config.model_type in ("llama", "mistral")) and len(ids) > WINDOW
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2,
                              pad_token_id=0)[0, len(ids):].tolist()
@@ -194,12 +210,14 @@ def test_dynamic_rope_scaling_is_refused_in_one_line(tmp_path):
 @pytest.mark.slow  # end to end with transformers: CI runs it with the slow tests
 def test_export_gives_transformers_the_same_logits(hf_model, tmp_path, capsys):
     """Issue #26: `loopformer export` writes a folder AutoModelForCausalLM loads with no remote code, whose logits
-    equal loopformer's: for the imported model, and for its conversion unrolled at 2 loops (5 layers)."""
+    equal loopformer's: for the imported model, and for its conversion unrolled at 2 loops (5 layers). The
+    Mistral, with its sliding window, exports as a Mistral (the others as what they were)."""
     from loopformer.evaluation.run import load_run
     from loopformer.inference.generate import logits_fn
     from loopformer.runs.read import read_run
 
-    folder, _ = hf_model
+    folder, model = hf_model
+    kind = model.config.model_type
     run_dir = tmp_path / "imported"
     assert main(["import", "--hf", str(folder), "--out", str(run_dir)]) == 0
     assert main(["convert", "--run", str(run_dir), "--core", "1:3", "--out", "looped"]) == 0
@@ -212,6 +230,8 @@ def test_export_gives_transformers_the_same_logits(hf_model, tmp_path, capsys):
         doc = json.loads(capsys.readouterr().out)
         assert doc["layers"] == layers and {"config.json", "model.safetensors", "tokenizer.json"} <= set(doc["files"])
         hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert doc["model_type"] == hf.config.model_type == kind
+        assert getattr(hf.config, "sliding_window", None) == (WINDOW if kind == "mistral" else None)
         with torch.no_grad():
             ref = hf(torch.tensor(tokens)).logits.numpy()
         loaded = load_run(read_run(run))
