@@ -3,8 +3,8 @@ best fixed loop count for less executed compute and wall-clock, and does its com
 
 Setting (declared before its first run; #25). Per task (prefix_parity and maze3, think_longer's settings),
 per seed 0..S-1, three models trained with the same data, steps and truncated backprop (the router's
-states carry gradient through its last ``backprop`` rounds, as the loops do): think_longer's looped model
-(with its recipe), the same with an Ouro halting head (``configs/adaptive/<task>_halting.yaml``) and
+states carry gradient through its last 4 rounds, ``router.backprop=4``, as the loops' do): think_longer's
+looped model (with its recipe), the same with an Ouro halting head (``configs/adaptive/<task>_halting.yaml``) and
 with a token-choice router over its bank (``configs/adaptive/<task>_router.yaml``). Every difficulty
 (train, 2x, 4x) has two held-out sets from the same generator, "val" and "test" (think_longer's, 256
 examples each, batches of 64). Policies: every fixed count of the think-longer sweep and the
@@ -79,6 +79,7 @@ TEXT_EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003), "kl": (1e-2, 1e-3, 1e-4)}
 SPLITS = ("val", "test")  # think_longer's held-out sets: settings are chosen on val, reported on test
 BATCH = 64  # wall-clock per token is measured at batch 64
 TIMINGS = 2  # passes per policy and set; the faster one is reported
+ROUTER_BACKPROP = 4  # the router's states carry gradient through its last 4 rounds, as the loops' (backprop 4)
 # the bar (#25): within 1 point of the best fixed count, <= 0.6x its FLOPs, <= 0.7x its time, Spearman >= 0.6
 WITHIN, FLOPS_RATIO, TIME_RATIO, SPEARMAN = 0.01, 0.6, 0.7, 0.6
 
@@ -183,10 +184,11 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                      for kind, values in EXITS.items() for eps in values]
         rows += score_model("looped", cfg, model, params, data, sets, policies, seed)
         for variant in ("halting", "router"):
+            same_backprop = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
             vcfg = load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
                                [f"seed={seed}", f"run.dir={out}", f"run.name={name}-{variant}-seed{seed}",
                                 f"data.eval_examples={examples}", f"train.steps={steps}", "train.eval_every=0",
-                                "train.checkpoint_every=100000"])
+                                "train.checkpoint_every=100000", *same_backprop])
             vmodel, vparams, vdata = trained(vcfg, out)
             if variant == "halting":
                 vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES]

@@ -113,9 +113,14 @@ class RouterConfig:
     balance: float = 0.01  # token_choice: load-balancing loss weight
     aux: float = 1e-3  # expert_choice: BCE weight between scores and selections
     compute: float = 0.0  # cost per round a token keeps running (pushes exits earlier)
+    # rounds whose states carry gradient, the last k (the truncation a loop's backprop is); 0: every round.
+    # A router's early choices learn only through the states after them: truncated, they see only `compute`
+    backprop: int = 0
 
     def validate(self, path: str) -> None:
         _one_of(self.kind, ROUTERS, f"{path}.kind")
+        _check(isinstance(self.backprop, int) and not isinstance(self.backprop, bool) and self.backprop >= 0,
+               f"{path}.backprop (rounds with gradient; 0: every round) must be an integer >= 0, got {self.backprop!r}")
         _check(0 < self.capacity <= 1, f"{path}.capacity must be in (0, 1], got {self.capacity}")
         _check(all(0 < c <= 1 for c in self.capacities),
                f"{path}.capacities: each round's share must be in (0, 1], got {self.capacities}")

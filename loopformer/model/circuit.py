@@ -563,8 +563,8 @@ class Bank(nnx.Module):
         """Rounds r = 0 .. max_c n_c - 1: the router picks, per running token, the circuit that runs its
         next iteration (circuit c is eligible while r < n_c) or exit; a circuit's state changes only for
         the tokens it runs (copy-forward). Training runs ``plan.bound`` rounds in a checkpointed scan, the
-        states carrying gradient through the last k rounds (k: the circuits' largest backprop, as a looped
-        circuit's truncation); evaluation runs exactly the rounds needed."""
+        states carrying gradient through every round, or with ``router.backprop`` k through the last k (a
+        loop's truncation); evaluation runs exactly the rounds needed."""
         names = self.names
         xn = self.norm(x_BTD)
         loops = jnp.stack([jnp.asarray(plan.loops[n], jnp.int32) for n in names])
@@ -601,13 +601,15 @@ class Bank(nnx.Module):
             if plan.bound < 1:
                 raise PlanError("training a routed bank needs plan.bound (the most rounds) to set its scan length")
             body = jax.checkpoint(lambda cs, carry, r: round_(cs, carry, r))
-            # truncated backprop, as a looped circuit has it: the states carry gradient through the last k
-            # rounds only (k: the bank's largest backprop); the routers' auxiliary losses learn from every round
-            k = max(plan.truncation(n) for n in names)
+            # router.backprop = k > 0: the states carry gradient through the last k rounds only, as a loop's
+            # truncation (the routers' auxiliary losses still learn from every round); 0: through every round
+            k = self.router.rule.backprop
 
             def scan_step(carry: tuple, r: Array) -> tuple[tuple, None]:
-                cut = r <= rounds - k  # the state entering round rounds - k is a constant
-                carry = (jax.tree.map(lambda h: jnp.where(cut, jax.lax.stop_gradient(h), h), carry[0]), *carry[1:])
+                if k:
+                    cut = r <= rounds - k  # the state entering round rounds - k is a constant
+                    carry = (jax.tree.map(lambda h: jnp.where(cut, jax.lax.stop_gradient(h), h), carry[0]),
+                             *carry[1:])
                 new = body(consts, carry, r)
                 return jax.tree.map(lambda a, b: jnp.where(r < rounds, a, b), new, carry), None
 

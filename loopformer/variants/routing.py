@@ -43,6 +43,7 @@ class RouterKind:
     aux: float = 1e-3
     compute: float = 0.0
     capacities: tuple[float, ...] = ()
+    backprop: int = 0  # training: the states carry gradient through the last k rounds (0: every round)
     rounds: int = 1  # the bank's largest max_loops (expert choice's default capacity schedule)
     kind: ClassVar[str] = ""
     routes: ClassVar[bool] = True
@@ -51,7 +52,7 @@ class RouterKind:
     def of(cfg: Any, where: str = "router.kind", rounds: int = 1) -> RouterKind:
         cls = ROUTERS.get(cfg.kind, where)
         return cls(exit=cfg.exit, capacity=cfg.capacity, balance=cfg.balance, aux=cfg.aux, compute=cfg.compute,
-                   capacities=tuple(cfg.capacities), rounds=max(int(rounds), 1))
+                   capacities=tuple(cfg.capacities), backprop=cfg.backprop, rounds=max(int(rounds), 1))
 
     def scores(self, circuits: int) -> int:
         """Outputs of the scoring layer for ``circuits`` circuits."""

@@ -304,13 +304,15 @@ def test_forced_routes():
         np.testing.assert_array_equal(diag.circuits["Y"].used, 0)
 
 
-@pytest.mark.parametrize("k", [2, 5])
-def test_a_routed_bank_truncates_backprop_as_a_loop_does(k):
-    """A router forced to pick X every round is X's loop; trained with backprop k, its circuit gets the
-    gradient of the loop's last k iterations, exactly as the unrouted loop's truncation gives it."""
+@pytest.mark.parametrize(("router_backprop", "k"), [(2, 2), (0, 5)])
+def test_a_routed_bank_truncates_backprop_as_a_loop_does(router_backprop, k):
+    """A router forced to pick X every round is X's loop; trained with router.backprop k, its circuit gets the
+    gradient of the loop's last k iterations, exactly as the unrouted loop's truncation gives it (0: every
+    round, the loop's whole gradient)."""
     x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=5, max_loops=6, backprop=k)
     plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
-    routed = dataclasses.replace(plain, stages=[StageConfig([x], router=RouterConfig(kind="token_choice"))])
+    router = RouterConfig(kind="token_choice", backprop=router_backprop)
+    routed = dataclasses.replace(plain, stages=[StageConfig([x], router=router)])
     gd, st = model_of(routed)
     st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(st["stages"][0]["router"]["score"]["kernel"].value)
     st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([50.0, 0.0])  # always X, never exit
