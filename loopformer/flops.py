@@ -115,10 +115,12 @@ class FlopCounter:
             raise ValueError(f"expected loop counts for {len(self.names)} circuits {self.names}, got shape {arr.shape}")
         return arr
 
-    def forward(self, loops: Mapping[str, float] | Sequence[float] | np.ndarray | None = None) -> float:
-        """Forward FLOPs per token (inference at these loop counts)."""
+    def forward(self, loops: Mapping[str, float] | Sequence[float] | np.ndarray | None = None) -> float | np.ndarray:
+        """Forward FLOPs per token (inference at these loop counts); ``loops`` may also be an array [steps, C],
+        giving one value per step."""
         outside, per_iter, _ = self._parts
-        return float(outside + np.sum(self._loops(loops) * per_iter, axis=-1))
+        out = outside + np.sum(self._loops(loops) * per_iter, axis=-1)
+        return float(out) if np.ndim(out) == 0 else out
 
     def readout(self) -> float:
         """FLOPs per token of one read of the logits from the stream (the coda's blocks and the head): what

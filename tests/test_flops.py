@@ -46,6 +46,8 @@ def test_train_flops_counting():
     assert c.train({"X": 8}, hardware=True) - outside == pytest.approx((8 + 3 * 4) * per_x)
     steps = c.train(np.asarray([[8], [2]]))
     assert steps.shape == (2,) and steps[0] == pytest.approx(c.train({"X": 8}))
+    fwd = c.forward(np.asarray([[8], [2]]))  # per step too (the gate stage's MFU counts the forward only)
+    assert fwd.shape == (2,) and fwd[1] == pytest.approx(c.forward({"X": 2}))
     with pytest.raises(KeyError, match="unknown circuits"):
         c.forward({"Z": 1})
 

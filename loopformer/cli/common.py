@@ -118,11 +118,12 @@ def exit_flags(p: argparse.ArgumentParser, *, many: bool, compact: bool = True) 
 COMPACT = {"auto": None, "on": True, "off": False}  # --compact -> Plan.compact
 
 
-def compact_choice(args: argparse.Namespace, stops: bool) -> bool | None:
-    """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early."""
+def compact_choice(args: argparse.Namespace, stops: bool, how: str = "--exit (or --loops X=auto)") -> bool | None:
+    """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early (``how``: what
+    would make them stop, in this command)."""
     if args.compact != "auto" and not stops:
         raise PlanError(f"--compact {args.compact} chooses how tokens that stopped early are run, and none can: "
-                        f"add --exit (or --loops X=auto), or drop --compact")
+                        f"add {how}, or drop --compact")
     return COMPACT[args.compact]
 
 

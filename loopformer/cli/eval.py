@@ -59,10 +59,15 @@ def eval_command(args: argparse.Namespace) -> int:
                             f"drop one")
         loops = exit_caps(info, exits, args.max_loops, loops)
         compact = compact_choice(args, bool(exits or rules))
-        ablated = list(dict.fromkeys(args.ablate or []))
+        ablated = list(args.ablate or [])
         for c in ablated:
             if c not in info.circuits:
                 raise PlanError(f"--ablate {c}: unknown circuit; this run's circuits are {', '.join(info.circuits)}")
+            if ablated.count(c) > 1:
+                raise PlanError(f"--ablate {c} is given twice; pass each circuit once")
+            if c in exits or c in rules:
+                how = f"--exit {c}=..." if c in exits else f"--loops {c}=auto"
+                raise PlanError(f"--ablate {c} removes circuit {c}, so {how} (how long it runs) means nothing; drop one")
         run = load_run(info, args.step, raw=args.raw_weights)
         rows = []
         sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)

@@ -125,8 +125,12 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         if not colon:
             raise PlanError(f"malformed {flag}: write {EXIT_FORMS}")
         parts = [p.strip() for p in values.split(",") if p.strip()]
-        options = [p for p in parts if p.split("=")[0] in ("min", "every")]
+        options = [p for p in parts if p.split("=")[0].strip() in ("min", "every")]
         thresholds = [p for p in parts if p not in options]
+        unknown = [p for p in thresholds if "=" in p and not (kind.strip() == "learned" and p.startswith("q="))]
+        if unknown:
+            raise PlanError(f"{flag}: unknown option '{unknown[0].split('=')[0].strip()}' (the options are min=N and "
+                            f"every=K)")
         if not thresholds:
             raise PlanError(f"malformed {flag}: no threshold; write {EXIT_FORMS}")
         kind = kind.strip()
@@ -140,6 +144,9 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
             if twice:
                 raise PlanError(f"--exit {earlier} and --exit {spec} both set circuit {twice[0]}'s rule; pass one "
                                 f"--exit per circuit")
+        if max_loops is not None and rules[0].min_loops > max_loops:
+            raise PlanError(f"{flag}: min={rules[0].min_loops} is above --max-loops {max_loops}, so no token could stop "
+                            f"by the rule; lower min or raise --max-loops")
         per_flag.append((targets, rules))
     count = max(len(r) for _, r in per_flag)
     if count > 1 and not many:

@@ -61,12 +61,12 @@ def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str,
 def sweep_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
-        check_writable(info.path, "sweep.csv, sweep_*.png and sweeps/")
+        check_writable(info.path, "sweep_exits.csv" if args.exit else "sweep.csv, sweep_*.png and sweeps/")
         splits = info.select_splits(args.split)
         if args.exit:
             return _sweep_exits(args, info, splits)
         parse_exits(None, info.circuits, many=True, max_loops=args.max_loops)  # --max-loops needs --exit
-        compact_choice(args, stops=False)  # --compact too
+        compact_choice(args, stops=False, how="--exit")  # --compact too
         if not args.loops:
             raise PlanError("sweep needs --loops CIRCUIT=A:B (loop counts) or --exit RULE (exit thresholds)")
         grid = parse_loops(args.loops, info.circuits, grid=True)

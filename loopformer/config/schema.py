@@ -82,7 +82,10 @@ class HaltingConfig:
 
     def validate(self, path: str) -> None:
         _one_of(self.kind, HALTINGS, f"{path}.kind")
-        _check(self.gate_k > 0, f"{path}.gate_k must be > 0 (the slope of stage II's targets), got {self.gate_k}")
+        _check(math.isfinite(self.gate_k) and self.gate_k > 0,
+               f"{path}.gate_k must be a finite number > 0 (the slope of stage II's targets), got {self.gate_k}")
+        _check(math.isfinite(self.gate_gamma) and self.gate_gamma >= 0,
+               f"{path}.gate_gamma must be a finite number >= 0 (the loss improvement worth a step), got {self.gate_gamma}")
         _check(self.beta >= 0 and self.beta_final >= 0 and self.tau >= 0,
                f"{path}: beta, beta_final and tau must be >= 0")
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
@@ -124,6 +127,8 @@ class RouterConfig:
         _check(0 < self.capacity <= 1, f"{path}.capacity must be in (0, 1], got {self.capacity}")
         _check(all(0 < c <= 1 for c in self.capacities),
                f"{path}.capacities: each round's share must be in (0, 1], got {self.capacities}")
+        _check(not self.capacities or self.kind == "expert_choice",
+               f"{path}.capacities: per-round shares are expert_choice's (kind is {self.kind}); drop them")
         _check(min(self.balance, self.aux, self.compute) >= 0, f"{path}: balance, aux and compute must be >= 0")
 
     def rule(self) -> RouterKind:
@@ -372,6 +377,11 @@ class ModelConfig:
                 _check(c.name not in seen, f"{p}.name: circuit name '{c.name}' is used twice; names must be unique")
                 seen.add(c.name)
             stage.router.validate(f"model.stages.{s}.router")
+            rounds = max(c.max_loops for c in stage.circuits)
+            _check(len(stage.router.capacities) <= rounds,
+                   f"model.stages.{s}.router.capacities: {len(stage.router.capacities)} shares, but the stage runs at "
+                   f"most {rounds} rounds in training (its circuits' max_loops; the last share holds past the list); "
+                   f"give at most {rounds}")
             if stage.router.routes:
                 _check(all(c.output == "residual" for c in stage.circuits),
                        f"model.stages.{s}: a routed stage's circuits must have output: residual")
@@ -633,6 +643,10 @@ class RunConfig:
     def validate(self) -> None:
         _check(self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
                f"run.name must be a plain directory name, got '{self.name}'")
+        # orbax reads a checkpoint path as a glob pattern: a run under a [ or ] saves checkpoints it cannot read back
+        where = str(Path(self.dir).absolute() / self.name)
+        _check(not any(ch in where for ch in "[]"), f"run.name / run.dir: the run directory {where} has a '[' or ']', "
+               f"which the checkpoint library reads as a pattern (its checkpoints could not be read back); rename it")
 
 
 @dataclass

@@ -201,10 +201,15 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
               max_loops: int | None = None) -> dict[str, int]:
     """``loops`` with every exiting circuit at its cap: ``max_loops`` if given, else its count in ``loops``
     if it has one, else the larger of its max_loops and eval_loops (a halting head was trained up to its
-    max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head)."""
+    max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head, or any rule in
+    a routed stage, whose router decides when each token stops)."""
     out = dict(loops)
+    routed = {c.name for s in model.stages if s.router.routes for c in s.circuits}
     for c, rule in exits.items():
         cfg = model.circuit(c)
+        if c in routed:
+            raise PlanError(f"exit {c}={rule}: circuit {c} is in a routed stage, whose router decides when each token "
+                            f"stops; drop --exit (its loop count caps the router's rounds)")
         if rule.needs_head and not cfg.halting.has_head:
             raise PlanError(f"exit {c}={rule}: circuit {c} was trained without a halting head (halting.kind: none); "
                             f"use latent_diff, kl or entropy_diff for it")

@@ -24,6 +24,7 @@ from flax import nnx
 from loopformer import parallel
 from loopformer.config import Change, Config
 from loopformer.data.sources import DataSource, build_data
+from loopformer.errors import ConfigError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.evaluation.tables import format_table, score, score_name
 from loopformer.flops import FlopCounter, peak_flops
@@ -223,6 +224,9 @@ def _train(cfg: Config) -> TrainResult:
     ckpts = Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
     state, restored = _resume(ckpts, init.state, data_it, cfg, run_dir, changes)
+    if cfg.train.stage == "gate" and restored is None:
+        raise ConfigError(f"train.stage=gate trains the exit gate of a trained model, but {run_dir} has no checkpoint: "
+                          f"train it first (train.stage=all), then resume with more train.steps and train.stage=gate")
     write_config(cfg, run_dir)  # data, model and checkpoint took it: a resume that failed left config.yaml as it was
     start = int(state["step"])
     settings = StepSettings.of(cfg)

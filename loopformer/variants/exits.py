@@ -64,6 +64,7 @@ class ExitRule:
     prefix: ClassVar[str] = ""  # written before the threshold: KIND:PREFIX VALUE (learned:q=0.5)
     placeholder: ClassVar[str] = "EPS"
     at_most_one: ClassVar[bool] = False  # threshold in (0, 1]
+    whole: ClassVar[bool] = False  # the threshold counts iterations (a whole number)
 
     @staticmethod
     def parse(text: str) -> ExitRule:
@@ -88,6 +89,8 @@ class ExitRule:
             raise PlanError(f"exit rule '{text}': '{m.group(3)}' is not a number") from None
         if not (threshold > 0 and (not cls.at_most_one or threshold <= 1)):
             raise PlanError(f"exit rule '{text}': the threshold must be > 0" + (" and <= 1" if cls.at_most_one else ""))
+        if cls.whole and threshold != int(threshold):
+            raise PlanError(f"exit rule '{text}': {cls.placeholder} counts iterations; give a whole number")
         rule = cls(threshold, options.get("min", 1), options.get("every", 1))
         if not (1 <= rule.min_loops <= MAX_LOOPS and 1 <= rule.check_every <= MAX_LOOPS):
             raise PlanError(f"exit rule '{text}': min and every must be in 1..{MAX_LOOPS}")
@@ -217,6 +220,7 @@ class Patience(_OutputChange):
     (patience-based early exit, Zhou et al. 2020, "BERT Loses Patience")."""
 
     placeholder = "K"
+    whole = True
 
     def start(self, probe: Probe, h0: Array) -> Any:
         top = jnp.argmax(self._logits(probe, h0), axis=-1)

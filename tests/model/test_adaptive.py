@@ -382,3 +382,14 @@ def test_router_learns_through_the_selection(kind):
     train, diag = run(gd, st, tokens(), plan)
     infer = run(gd, st, tokens(), dataclasses.replace(plan, backprop=(), bound=0))[0]
     np.testing.assert_allclose(train, infer, rtol=1e-4, atol=1e-4)  # the scan over the bound = the exact rounds
+
+
+def test_an_exit_rule_is_refused_on_a_routed_stage():
+    """The router decides when each token of a routed stage stops (`Bank._routed` reads no exit rule): an exit
+    rule there would be reported and never applied, so it is refused in one line."""
+    from loopformer.model.plan import exit_caps
+    from loopformer.variants.exits import exit_rule
+
+    with pytest.raises(PlanError, match="^exit X=latent_diff:0.1: circuit X is in a routed stage, whose router "
+                                        "decides when each token stops; drop --exit"):
+        exit_caps(two_routed("token_choice"), {"X": exit_rule("latent_diff", 0.1)}, {"X": 4, "Y": 2})

@@ -55,6 +55,26 @@ def test_gate_stage_config_is_checked(tmp_path):
         tiny_config(tmp_path, "b", "train.stage=gate")
     with pytest.raises(ConfigError, match="halting.kind=act reads its head as halting mass"):
         tiny_config(tmp_path, "c", *HEAD, f"{X}.halting.kind=act", "train.stage=gate")
-    with pytest.raises(ConfigError, match="halting.gate_k must be > 0"):
-        tiny_config(tmp_path, "d", *HEAD, f"{X}.halting.gate_k=0")
+    for bad in ("gate_k=0", "gate_k=inf", "gate_gamma=-1", "gate_gamma=nan"):
+        with pytest.raises(ConfigError, match=f"halting.{bad.split('=')[0]} must be a finite number"):
+            tiny_config(tmp_path, "d", *HEAD, f"{X}.halting.{bad}")
     assert tiny_config(tmp_path, "e", *HEAD, "train.stage=gate").train.stage == "gate"
+
+
+def test_the_gate_stage_trains_on_from_a_checkpoint_and_logs(tmp_path):
+    """Through the trainer: stage I, then a resume in the gate stage logs every step (its MFU counts the
+    forward only) and saves; a fresh run cannot start in the gate stage (its LM would be random)."""
+    from loopformer.runs.scalars import read_metrics
+    from loopformer.train.trainer import train
+
+    common = (*HEAD, "train.eval_every=0", "train.log_every=1", "train.checkpoint_every=2", "data.eval_examples=16",
+              "eval.sweep_loops=[]")
+    with pytest.raises(ConfigError, match="train.stage=gate trains the exit gate of a trained model, but .* has no "
+                                          "checkpoint: train it first"):
+        train(tiny_config(tmp_path, "fresh", *common, "train.steps=2", "train.stage=gate"))
+    train(tiny_config(tmp_path, "g", *common, "train.steps=2"))
+    train(tiny_config(tmp_path, "g", *common, "train.steps=4", "train.stage=gate"))
+    rows = read_metrics(tmp_path / "g")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("train/halting/gate_bce" in r and r["train/mfu"] > 0 for r in rows[2:])
+    assert (tmp_path / "g" / "checkpoints" / "4").exists()
