@@ -67,10 +67,13 @@ def split_auto(specs: Sequence[str] | None, circuits: Sequence[str]) -> tuple[li
     return rest, auto
 
 
-def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: bool) -> dict[str, list[int]]:
+def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: bool,
+                single: str = "this command takes one count per circuit; use `loopformer sweep` to evaluate a range "
+                              "of counts") -> dict[str, list[int]]:
     """``["X=1:64", "Y=4"]`` -> ``{"X": [1, 2, ..., 64], "Y": [4]}`` (circuits in the model's order).
 
-    With ``grid=False`` each circuit takes exactly one count (eval, generate with one setting).
+    With ``grid=False`` each circuit takes exactly one count (eval, generate with one setting); ``single`` says
+    why when a range is given.
     """
     out: dict[str, list[int]] = {}
     for spec in specs or []:
@@ -85,8 +88,7 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
             raise PlanError(f"{flag}: circuit '{name}' is given twice; pass one --loops per circuit")
         values = parse_counts(counts, flag)
         if not grid and len(values) > 1:
-            raise PlanError(f"{flag}: this command takes one count per circuit; use `loopformer sweep` "
-                                f"to evaluate a range of counts")
+            raise PlanError(f"{flag}: {single}")
         out[name] = values
     return {c: out[c] for c in circuits if c in out}
 

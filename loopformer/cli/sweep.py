@@ -101,7 +101,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tuple[dict[str, Any], str]:
     """A row per split and exit threshold, at the caps (--max-loops, --loops, or each circuit's max_loops)."""
     settings = parse_exits(args.exit, info.circuits, many=True)
-    loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
+    loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False, single=(
+        "with --exit, --loops gives each circuit one count, its cap; a range of counts is a sweep without --exit")).items()}
     compact = compact_choice(args, stops=True)
     run = load_run(info, args.step, raw=args.raw_weights)
     eval_sets = run.eval_sets(splits, args.examples)
