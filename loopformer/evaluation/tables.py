@@ -135,17 +135,22 @@ def sweep_table(rows: Sequence[Row], grid: Mapping[str, Sequence[int]], info: Ru
     lines = [head + "; " + "; ".join(notes)]
     at = {(r["split"], tuple(r["loops"][c] for c in names)): r for r in rows}
     star = lambda c, n: f"{n}*" if n == info.defaults[c] else f"{n} "
+    # text splits: bits per byte (a window's exact match means nothing); task splits: exact-match accuracy
+    first = {s: next(r for r in rows if r["split"] == s) for s in splits}
+    key = {s: ("bits/byte", lambda r: f"{r['bits_per_byte']:.4f}") if "bits_per_byte" in first[s] else
+           ("acc", lambda r: pct(r["accuracy"])) for s in splits}
     if len(names) == 1:
         (c,) = names
-        header = [c] + [f"{split_label(info, s)} {k}" for s in splits for k in ("acc", "loss")]
-        body = [[star(c, n)] + [v for s in splits for v in (pct(at[s, (n,)]["accuracy"]), f"{at[s, (n,)]['loss']:.4f}")]
+        header = [c] + [f"{split_label(info, s)} {k}" for s in splits for k in (key[s][0], "loss")]
+        body = [[star(c, n)] + [v for s in splits for v in (key[s][1](at[s, (n,)]), f"{at[s, (n,)]['loss']:.4f}")]
                 for n in grid[c]]
         lines.append(format_table(header, body))
         return "\n".join(lines)
     a, b = names
     for s in splits:
-        lines.append(f"\n{split_label(info, s)}: accuracy, rows {a}, columns {b}")
-        body = [[star(a, m)] + [pct(at[s, (m, n)]["accuracy"]) for n in grid[b]] for m in grid[a]]
+        what = "bits per byte" if key[s][0] == "bits/byte" else "accuracy"
+        lines.append(f"\n{split_label(info, s)}: {what}, rows {a}, columns {b}")
+        body = [[star(a, m)] + [key[s][1](at[s, (m, n)]) for n in grid[b]] for m in grid[a]]
         lines.append(format_table([f"{a} \\ {b}"] + [star(b, n) for n in grid[b]], body))
     return "\n".join(lines)
 

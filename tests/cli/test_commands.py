@@ -345,3 +345,11 @@ def test_probe_scores_the_answers_against_a_reference(text_run_dir, tmp_path, ca
     assert "probe " + str(path) in out and "windows per split" not in out and "exact)" in out
     assert main(["eval", "--run", str(text_run_dir), "--probe", str(path), "--split", "val"]) == 2
     assert "give either --probe FILE or --split NAME" in capsys.readouterr().err
+
+
+def test_a_text_sweep_reports_bits_per_byte(text_run_dir, tmp_path, capsys):
+    """A text window's exact match means nothing: the sweep table of a text run shows bits per byte."""
+    copy = shutil.copytree(text_run_dir, tmp_path / "text_sweep")  # sweep writes into the run
+    assert main(["sweep", "--run", str(copy), "--loops", "X=1:2"]) == 0
+    out = capsys.readouterr().out
+    assert "val bits/byte" in out and "val acc" not in out

@@ -210,7 +210,7 @@ def test_dynamic_rope_scaling_is_refused_in_one_line(tmp_path):
 @pytest.mark.slow  # end to end with transformers: CI runs it with the slow tests
 def test_export_gives_transformers_the_same_logits(hf_model, tmp_path, capsys):
     """Issue #26: `loopformer export` writes a folder AutoModelForCausalLM loads with no remote code, whose logits
-    equal loopformer's: for the imported model, and for its conversion unrolled at 2 loops (5 layers). The
+    equal loopformer's: for the imported model, and for its conversion unrolled at 3 loops (7 layers). The
     Mistral, with its sliding window, exports as a Mistral (the others as what they were)."""
     from loopformer.evaluation.run import load_run
     from loopformer.inference.generate import logits_fn
@@ -222,7 +222,7 @@ def test_export_gives_transformers_the_same_logits(hf_model, tmp_path, capsys):
     assert main(["import", "--hf", str(folder), "--out", str(run_dir)]) == 0
     assert main(["convert", "--run", str(run_dir), "--core", "1:3", "--out", "looped"]) == 0
     tokens = np.random.default_rng(1).integers(0, 250, (2, 24))
-    for run, loops, layers in ((run_dir, {}, 3), (tmp_path / "looped", {"X": 2}, 5)):
+    for run, loops, layers in ((run_dir, {}, 3), (tmp_path / "looped", {"X": 3}, 7)):
         out = tmp_path / f"export_{run.name}"
         argv = ["export", "--run", str(run), "--out", str(out), "--json"] + [f"--loops={c}={n}" for c, n in loops.items()]
         capsys.readouterr()
