@@ -239,7 +239,9 @@ def rys_heatmap(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any], 
             if r["repeats"] == rep:
                 g[r["start"], r["end"] - 1] = scale * (r[key] - baseline[key])
         grids[rep] = g
-    span = max([float(np.nanmax(np.abs(g))) for g in grids.values()] + [1e-9])
+    # the colour scale spans at least 1 point of accuracy (0.01 bits per byte): a change far below that, the
+    # noise of a few examples, stays pale instead of saturating the map
+    span = max([float(np.nanmax(np.abs(g))) for g in grids.values() if np.isfinite(g).any()] + [0.01 if text else 1.0])
     fig = Figure(figsize=(0.8 + 4.2 * len(repeats), 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(repeats)))
     image = None
