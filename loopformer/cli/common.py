@@ -56,10 +56,21 @@ def positive(text: str) -> int:
     return value
 
 
+def step_number(text: str) -> int:
+    """--step: a checkpoint step, 0 included (the only checkpoint of an imported or converted run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a checkpoint step (an integer >= 0), got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a checkpoint step (an integer >= 0), got {value}")
+    return value
+
+
 def run_flags(p: argparse.ArgumentParser, *, examples: bool = True, weights: bool = True) -> None:
     """--run, --step, --json, (with ``weights``) --raw-weights and (with ``examples``) --split, --examples."""
     p.add_argument("--run", required=True, help="run directory made by `loopformer train`, e.g. runs/quickstart")
-    p.add_argument("--step", type=positive, help="checkpoint step to load (default: the latest)")
+    p.add_argument("--step", type=step_number, help="checkpoint step to load (default: the latest)")
     if weights:
         p.add_argument("--raw-weights", action="store_true",
                        help="a run trained with train.ema: read the params the optimizer trained, not their moving "

@@ -17,6 +17,7 @@ from loopformer.runs.layout import RunDir
 from loopformer.runs.log import log
 from loopformer.runs.read import read_run
 from loopformer.surgery.export import check_exportable, hf_config, hf_tensors, write_folder
+from loopformer.train.newrun import outside_runs
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def export_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         if not args.out.strip():
             raise AnalysisError("--out '': name the folder to write, e.g. --out exported/NAME")
+        outside_runs(Path(args.out))
         info = read_run(args.run)
         check_exportable(info.cfg.model)  # before any weight is read
         tokenizer_json = RunDir(info.path).tokenizer

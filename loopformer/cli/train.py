@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from loopformer.cli.common import command
+from loopformer.errors import ConfigError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -12,10 +14,25 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
 
 
+def check_own_run(config: str | None, run_dir: Path) -> None:
+    """ConfigError when ``config`` is the config.yaml of a run directory other than the one it names: a copied
+    run's config still points at the original, and training it would resume (and change) that one."""
+    if not config:
+        return
+    home = Path(config).expanduser().absolute().parent
+    if (Path(config).name == "config.yaml" and (home / "checkpoints").is_dir()
+            and home.resolve() != run_dir.expanduser().absolute().resolve()):
+        raise ConfigError(f"--config {config} is the config of the run in {home}, but its run.dir / run.name name "
+                          f"{run_dir} (a copied or moved run?); training would resume that one. Add "
+                          f"run.dir={home.parent} run.name={home.name} to train this copy")
+
+
 @command("train", "train a config from scratch, or resume its run directory", _args)
 def train_command(args: argparse.Namespace) -> int:
     from loopformer.config import load_config
     from loopformer.train.trainer import train
 
-    train(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    check_own_run(args.config, cfg.run_dir)
+    train(cfg)
     return 0

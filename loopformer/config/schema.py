@@ -460,7 +460,7 @@ class CurriculumStage:
     their examples from ``difficulty`` [lo, hi] (after the previous stage's ``until``)."""
 
     until: int = 0
-    difficulty: list[int] = field(default_factory=lambda: [1, 1])
+    difficulty: list[int] = field(default_factory=list)  # required: [] is refused
 
 
 @dataclass
@@ -525,6 +525,8 @@ class DataConfig:
             key = f"data.curriculum.{j}"
             _check(isinstance(stage.until, int) and stage.until > last,
                    f"{key}.until must be a step after the previous stage's ({last}), got {stage.until}")
+            _check(bool(stage.difficulty), f"{key}.difficulty is missing: give the stage's range, e.g. "
+                   f"{{until: {stage.until}, difficulty: [{lo}, {hi}]}}")
             _check_ranges([(f"{key}.difficulty", stage.difficulty)])
             _check(stage.difficulty[1] <= hi, f"{key}.difficulty {stage.difficulty} reaches above data.train_difficulty's "
                    f"hi {hi} (sequences are sized by it); lower the stage or raise train_difficulty")

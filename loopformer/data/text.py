@@ -44,8 +44,12 @@ ARRAYRECORD_SUFFIXES = (".array_record", ".arrayrecord")
 
 
 def asset_path(name: str) -> Path:
-    """A text shipped with the package under ``loopformer/assets/``."""
+    """A text shipped with the package under ``loopformer/assets/`` (a bare file name: ``asset:`` never
+    reaches outside that folder)."""
     path = Path(str(resources.files("loopformer") / "assets" / name))
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise DataError(f"data.paths: {ASSET_PREFIX}{name!s} must name one shipped file, e.g. "
+                        f"{ASSET_PREFIX}kjv_genesis_exodus.txt (no directories)")
     if not path.is_file():
         shipped = sorted(p.name for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
         raise DataError(f"data.paths: {ASSET_PREFIX}{name} is not a shipped asset; shipped texts: "

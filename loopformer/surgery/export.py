@@ -153,7 +153,11 @@ def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
-    except OSError as e:
+    except (OSError, Exception) as e:  # safetensors reports a full disk as its own error, not an OSError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"--out {out}: writing the folder failed ({e.strerror or e}); nothing was written") from None
+        why = getattr(e, "strerror", None) or str(e).split(": ")[-1]
+        raise CheckpointError(f"--out {out}: writing the folder failed ({why}); nothing was written") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: no half-written temporary folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -27,7 +27,17 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
     if not out.strip() or Path(out) == Path("."):
         raise ConfigError(f"--out {out!r}: name the new run's directory, e.g. --out runs/NAME (it is created)")
     path = Path(out)
-    return beside.parent / out if beside is not None and len(path.parts) == 1 else path
+    return outside_runs(beside.parent / out if beside is not None and len(path.parts) == 1 else path)
+
+
+def outside_runs(out: Path, flag: str = "--out") -> Path:
+    """``out`` when no run directory (config.yaml beside checkpoints/) holds it; ConfigError otherwise: a folder
+    written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them."""
+    for parent in out.expanduser().absolute().parents:
+        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
+            raise ConfigError(f"{flag} {out} is inside the run {parent}; write it outside any run directory (a folder "
+                              f"there can be taken for a checkpoint or pruned with them)")
+    return out
 
 
 def point_at(cfg: Config, run_dir: Path) -> Config:

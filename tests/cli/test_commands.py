@@ -353,3 +353,29 @@ def test_a_text_sweep_reports_bits_per_byte(text_run_dir, tmp_path, capsys):
     assert main(["sweep", "--run", str(copy), "--loops", "X=1:2"]) == 0
     out = capsys.readouterr().out
     assert "val bits/byte" in out and "val acc" not in out
+
+
+def test_a_copied_run_does_not_resume_the_original(run_dir, tmp_path, capsys):
+    """Issue #27 (second pass): a run's config.yaml names its run directory; training the config of a copy would
+    resume and change the original. Refused in one line that says how to train the copy."""
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert main(["train", "-c", str(copy / "config.yaml"), "train.steps=99"]) == 2
+    err = capsys.readouterr().err
+    assert f"is the config of the run in {copy}" in err and f"run.dir={tmp_path} run.name=copy" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_outputs_inside_a_run_are_refused_and_step_0_is_a_step(run_dir, capsys):
+    """A folder written into a run can be read as a checkpoint or pruned with them; --step 0 names the only
+    checkpoint of an imported or converted run (it was refused as not positive)."""
+    assert main(["export", "--run", str(run_dir), "--out", str(run_dir / "checkpoints" / "99")]) == 2
+    assert f"is inside the run {run_dir}" in capsys.readouterr().err
+    from loopformer.errors import ConfigError
+    from loopformer.train.newrun import out_dir
+
+    with pytest.raises(ConfigError, match="is inside the run"):  # convert and import place their --out by it
+        out_dir(str(run_dir / "sub"))
+    assert main(["eval", "--run", str(run_dir), "--step", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "positive integer" not in err and "step 0" in err

@@ -337,3 +337,12 @@ def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
         ro.mkdir(mode=0o555)
         assert main(["prepare", "--out", str(ro / "out"), "data.task=text", f"data.paths=[{path}]"]) == 2
         assert "cannot write to" in capsys.readouterr().err
+
+
+def test_asset_names_stay_inside_the_assets_folder():
+    from loopformer.data.text import asset_path
+
+    for name in ("../../pyproject.toml", "", "sub/kjv_genesis_exodus.txt", ".."):
+        with pytest.raises(DataError, match="must name one shipped file"):
+            asset_path(name)
+    assert asset_path("kjv_genesis_exodus.txt").is_file()
