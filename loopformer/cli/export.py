@@ -13,11 +13,10 @@ from loopformer.cli.loopspec import parse_loops
 from loopformer.errors import AnalysisError, CheckpointError
 from loopformer.evaluation.run import load_run
 from loopformer.inference.generate import tokenizer_of
-from loopformer.runs.layout import RunDir
+from loopformer.runs.layout import RunDir, outside_runs
 from loopformer.runs.log import log
 from loopformer.runs.read import read_run
 from loopformer.surgery.export import check_exportable, hf_config, hf_tensors, write_folder
-from loopformer.train.newrun import outside_runs
 
 
 def _args(p: argparse.ArgumentParser) -> None:

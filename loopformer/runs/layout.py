@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopformer.errors import ConfigError
+
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -87,3 +89,13 @@ class RunDir:
         """The newest checkpoint step on disk, or None."""
         steps = self.checkpoint_steps()
         return steps[-1] if steps else None
+
+
+def outside_runs(out: Path, flag: str = "--out") -> Path:
+    """``out`` when no run directory (config.yaml beside checkpoints/) holds it; ConfigError otherwise: a folder
+    written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them."""
+    for parent in out.expanduser().absolute().parents:
+        if (parent / CONFIG_FILE).is_file() and (parent / CHECKPOINTS).is_dir():
+            raise ConfigError(f"{flag} {out} is inside the run {parent}; write it outside any run directory (a folder "
+                              f"there can be taken for a checkpoint or pruned with them)")
+    return out

@@ -15,7 +15,7 @@ from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
-from loopformer.runs.layout import RunDir
+from loopformer.runs.layout import RunDir, outside_runs
 from loopformer.runs.prepare import make_run_dir, prepare_run_dir
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
@@ -28,16 +28,6 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
         raise ConfigError(f"--out {out!r}: name the new run's directory, e.g. --out runs/NAME (it is created)")
     path = Path(out)
     return outside_runs(beside.parent / out if beside is not None and len(path.parts) == 1 else path)
-
-
-def outside_runs(out: Path, flag: str = "--out") -> Path:
-    """``out`` when no run directory (config.yaml beside checkpoints/) holds it; ConfigError otherwise: a folder
-    written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them."""
-    for parent in out.expanduser().absolute().parents:
-        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
-            raise ConfigError(f"{flag} {out} is inside the run {parent}; write it outside any run directory (a folder "
-                              f"there can be taken for a checkpoint or pruned with them)")
-    return out
 
 
 def point_at(cfg: Config, run_dir: Path) -> Config:
