@@ -46,25 +46,24 @@ def loop_count(text: str) -> int:
     return value
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _integer(lo: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lo``, else "expected <what>, got ..."."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def step_number(text: str) -> int:
-    """--step: a checkpoint step, 0 included (the only checkpoint of an imported or converted run)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a checkpoint step (an integer >= 0), got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a checkpoint step (an integer >= 0), got {value}")
-    return value
+positive = _integer(1, "a positive integer")
+# --step: a checkpoint step, 0 included (the only checkpoint of an imported or converted run)
+step_number = _integer(0, "a checkpoint step (an integer >= 0)")
 
 
 def run_flags(p: argparse.ArgumentParser, *, examples: bool = True, weights: bool = True) -> None:
