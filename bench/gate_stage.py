@@ -35,6 +35,7 @@ from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
+from loopformer.runs.layout import RunDir
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 from loopformer.variants.exits import exit_rule
@@ -63,7 +64,7 @@ def runs(task: str, seed: int, out: Path, extra: int, examples: int) -> dict[str
     common = [f"run.dir={out}", f"seed={seed}", "train.eval_every=0", f"data.eval_examples={examples}",
               "eval.sweep_loops=[]"]
     base = load_config(path, [*common, f"run.name={task}-s{seed}-stage1"])
-    if not (base.run_dir / "checkpoints").exists() or not any((base.run_dir / "checkpoints").iterdir()):
+    if RunDir(base.run_dir).trained_to() is None:
         log(f"[{task} seed {seed}] stage I, {base.train.steps} steps: {_train(base):.0f}s")
     total = base.train.steps + extra
     cfgs = {}

@@ -93,7 +93,7 @@ def probe_sets(args: argparse.Namespace, run: Any) -> dict[str, list[Any]] | Non
     if not getattr(args, "probe", None):
         return None
     from loopformer.data.probes import probe_batches, read_probes
-    from loopformer.evaluation.rys import PROBE
+    from loopformer.evaluation.run import PROBE_SPLIT
     from loopformer.inference.generate import prompt_ids, tokenizer_of
 
     if getattr(args, "split", None):
@@ -104,7 +104,7 @@ def probe_sets(args: argparse.Namespace, run: Any) -> dict[str, list[Any]] | Non
                             f"the synthetic task '{run.info.cfg.data.task}'")
     fmt = run.info.cfg.data.prompt_format
     probes = read_probes(args.probe)
-    return {PROBE: probe_batches(probes, lambda text: prompt_ids(tokenizer, text, fmt), tokenizer.encode,
+    return {PROBE_SPLIT: probe_batches(probes, lambda text: prompt_ids(tokenizer, text, fmt), tokenizer.encode,
                                    min(16, len(probes)))}
 
 

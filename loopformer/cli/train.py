@@ -7,6 +7,7 @@ from pathlib import Path
 
 from loopformer.cli.common import command
 from loopformer.errors import ConfigError
+from loopformer.runs.layout import CONFIG_FILE, RunDir
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,7 @@ def check_own_run(config: str | None, run_dir: Path) -> None:
     if not config:
         return
     home = Path(config).expanduser().absolute().parent
-    if (Path(config).name == "config.yaml" and (home / "checkpoints").is_dir()
+    if (Path(config).name == CONFIG_FILE and RunDir(home).holds_run
             and home.resolve() != run_dir.expanduser().absolute().resolve()):
         raise ConfigError(f"--config {config} is the config of the run in {home}, but its run.dir / run.name name "
                           f"{run_dir} (a copied or moved run?); training would resume that one. Add "

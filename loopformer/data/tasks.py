@@ -560,8 +560,8 @@ class Addition(Task):
             for i in range(p + 1, p + d):
                 a[i] = int(rng.integers(0, 10))
                 b[i] = 9 - a[i]  # propagates
-            if p + d < W and a[p + d] + b[p + d] == 9:
-                b[p + d] = (b[p + d] + 1) % 10 if a[p + d] + (b[p + d] + 1) % 10 != 9 else b[p + d] - 1
+            if p + d < W and a[p + d] + b[p + d] == 9:  # would propagate: now a + b = 10, or 0 where b was 9
+                b[p + d] = (b[p + d] + 1) % 10
             if _longest_chain(a, b) == d:
                 return a, b
         raise AssertionError("unreachable: the last draw has no chain but the planted one")

@@ -41,16 +41,13 @@ class Evaluator:
             self.compiles += 1  # runs at trace time only
             return forward_batch(nnx.merge(self.graphdef, params), batch, plan)
 
-        def sums_used_fn(params: Any, batch: Batch, plan: Plan) -> tuple[dict[str, Array], dict[str, Array]]:
+        def sums_fn(params: Any, batch: Batch, plan: Plan) -> tuple[dict[str, Array], dict[str, Array]]:
             logits, diag = run(params, batch, plan)
             valid = _valid(batch)
             used = loops_used(diag, plan, batch["inputs"].shape)
             return answer_sums(logits, batch) | {"real_tokens": valid.sum()} | {
                 f"loops/{n}": jnp.sum(u * valid) for n, u in used.items()} | {
-                f"computed/{n}": c for n, c in loops_computed(diag, used).items()}, used
-
-        def sums_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
-            return sums_used_fn(params, batch, plan)[0]
+                f"computed/{n}": c for n, c in loops_computed(diag, used).items()}, used  # used: for histograms
 
         def examples_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
             logits, diag = run(params, batch, plan)
@@ -77,7 +74,7 @@ class Evaluator:
 
         self._sums, self._means, self._trace = jax.jit(sums_fn), jax.jit(means_fn), jax.jit(trace_fn)
         self._correct, self._logits = jax.jit(correct_fn), jax.jit(logits_fn)
-        self._examples, self._sums_used = jax.jit(examples_fn), jax.jit(sums_used_fn)
+        self._examples = jax.jit(examples_fn)
 
     def plan(self, loops: Mapping[str, int], ablate: Sequence[str] = (), fill: Array | np.ndarray | None = None,
              **static: Any) -> Plan:
@@ -107,11 +104,9 @@ class Evaluator:
         totals: dict[str, Any] = {}
         hist: dict[str, dict[int, int]] = {n: {} for n in self.names}
         for batch in batches:
+            sums, used = self._sums(params, batch, plan)
             if histogram:
-                sums, used = self._sums_used(params, batch, plan)
                 _count(hist, jax.device_get(used), np.asarray(_valid(batch)) > 0)
-            else:
-                sums = self._sums(params, batch, plan)
             totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
         real = max(float(totals["real_tokens"]), 1.0)

@@ -26,6 +26,7 @@ from loopformer.variants.exits import ExitRule
 
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
+PROBE_SPLIT = "probe"  # the split a probe file is scored as (eval --probe, rys --probe)
 
 
 @dataclass

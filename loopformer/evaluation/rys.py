@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from loopformer.errors import AnalysisError
-from loopformer.evaluation.run import Batch, LoadedRun
+from loopformer.evaluation.run import PROBE_SPLIT, Batch, LoadedRun
 from loopformer.model.schedule import duplication, longest, padded, ranges
 from loopformer.runs.log import log, progress
 from loopformer.runs.read import RunInfo
@@ -56,12 +56,9 @@ def same_length(eval_sets: Mapping[str, Sequence[Batch]]) -> dict[str, list[Batc
 def _score(row: Mapping[str, Any], text: bool) -> dict[str, Any]:
     """A scored setting's numbers; a text split's exact match of whole windows means nothing (None), a probe
     split's is the share of answers greedy decoding reproduces (`loopformer.data.probes`)."""
-    exact = not text or row["split"] == PROBE
+    exact = not text or row["split"] == PROBE_SPLIT
     return {"split": row["split"], "loss": row["loss"], "accuracy": row["accuracy"] if exact else None,
             "bits_per_byte": row.get("bits_per_byte") if text else None, "examples": row["examples"]}
-
-
-PROBE = "probe"  # the split name of `loopformer ... --probe FILE` (`loopformer.cli.common.probe_sets`)
 
 
 def screen(eval_sets: Mapping[str, Sequence[Batch]], examples: int) -> dict[str, list[Batch]]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loopformer.evaluation.run import Row
+from loopformer.evaluation.run import PROBE_SPLIT, Row
 from loopformer.runs.read import RunInfo
 
 
@@ -46,7 +46,7 @@ def score(row: Row) -> str:
     exact-match accuracy (a mixture of text and tasks has both kinds of split)."""
     if "bits_per_byte" not in row:
         return pct(row["accuracy"])
-    return f"{row['bits_per_byte']:.4f}" + (f" ({pct(row['accuracy'])} exact)" if row.get("split") == "probe" else "")
+    return f"{row['bits_per_byte']:.4f}" + (f" ({pct(row['accuracy'])} exact)" if row.get("split") == PROBE_SPLIT else "")
 
 
 def score_name(rows: Sequence[Row]) -> str:

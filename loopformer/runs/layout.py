@@ -76,6 +76,11 @@ class RunDir:
     def final_sweep(self) -> Path:
         return self.path / FINAL_SWEEP_FILE
 
+    @property
+    def holds_run(self) -> bool:
+        """Whether a run lives here: its config.yaml beside its checkpoints/."""
+        return self.config.is_file() and self.checkpoints.is_dir()
+
     def lock(self, process: int = 0) -> Path:
         """The lock file of training process ``process`` (``.train.lock``, or ``.train.lock.<i>``)."""
         return self.path / (LOCK_FILE if process == 0 else f"{LOCK_FILE}.{process}")
@@ -95,7 +100,7 @@ def outside_runs(out: Path, flag: str = "--out") -> Path:
     """``out`` when no run directory (config.yaml beside checkpoints/) holds it; ConfigError otherwise: a folder
     written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them."""
     for parent in out.expanduser().absolute().parents:
-        if (parent / CONFIG_FILE).is_file() and (parent / CHECKPOINTS).is_dir():
+        if RunDir(parent).holds_run:
             raise ConfigError(f"{flag} {out} is inside the run {parent}; write it outside any run directory (a folder "
                               f"there can be taken for a checkpoint or pruned with them)")
     return out

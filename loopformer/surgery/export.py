@@ -153,7 +153,7 @@ def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
-    except (OSError, Exception) as e:  # safetensors reports a full disk as its own error, not an OSError
+    except Exception as e:  # an OSError, or safetensors' own error for a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or str(e).split(": ")[-1]
         raise CheckpointError(f"--out {out}: writing the folder failed ({why}); nothing was written") from None

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from loopformer.model.plan import Diagnostics
+from loopformer.train.routing import owner, path_keys
 from loopformer.variants.halting import Halting
 
 Array = jax.Array
@@ -36,8 +37,7 @@ def gate_terms(diag: Diagnostics, name: str, rule: Halting, batch: dict[str, Arr
 def gate_leaves(params: Any, circuit: str) -> Any:
     """Pytree of bools like ``params``: True on the halting head of ``circuit`` (the only leaves stage II
     trains)."""
-    def is_gate(path: tuple, _: Any) -> bool:
-        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        return any(keys[i:i + 3] == ["circuits", circuit, "halt"] for i in range(len(keys)))
+    def is_gate(path: tuple, _: Any) -> bool:  # stages/S/circuits/NAME/halt/{kernel,bias}
+        return owner(path) == circuit and "halt" in path_keys(path)
 
     return jax.tree_util.tree_map_with_path(is_gate, params)

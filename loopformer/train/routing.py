@@ -27,9 +27,14 @@ SHARED = None  # the owner of a parameter outside every circuit
 Route = tuple[tuple[str, ...] | None, bool]  # (circuits or None = every parameter, route_shared)
 
 
+def path_keys(path: tuple) -> list[str]:
+    """A parameter's path as strings (``stages/0/circuits/X/halt/kernel``)."""
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
 def owner(path: tuple) -> str | None:
     """The circuit a parameter belongs to (``stages/S/circuits/NAME/...`` -> NAME), or None (shared)."""
-    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    keys = path_keys(path)
     for i in range(len(keys) - 2):
         if keys[i] == "stages" and keys[i + 2] == "circuits" and i + 3 < len(keys):
             return keys[i + 3]

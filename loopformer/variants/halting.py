@@ -89,10 +89,10 @@ class Halting:
         target, rows = gate_targets(ce, n, self.gate_k, self.gate_gamma)
         lam = jnp.clip(lambdas, 1e-6, 1 - 1e-6)
         bce = -(target * jnp.log1p(-lam) + (1 - target) * jnp.log(lam))  # [L, B, T]
-        per_token = jnp.sum(bce * rows, axis=0) / jnp.maximum(jnp.sum(rows, axis=0), 1.0)
+        decided = jnp.maximum(jnp.sum(rows, axis=0), 1.0)  # [B, T]: the steps each token's gate decides
+        per_token = jnp.sum(bce * rows, axis=0) / decided
         logs = {"halting_gate_bce": jnp.sum(per_token * mask),
-                "halting_gate_continue": jnp.sum(jnp.sum(target * rows, axis=0)
-                                                 / jnp.maximum(jnp.sum(rows, axis=0), 1.0) * mask)}
+                "halting_gate_continue": jnp.sum(jnp.sum(target * rows, axis=0) / decided * mask)}
         return jnp.sum(per_token * mask) * scale, logs
 
     # --- inference: the learned exit
@@ -160,7 +160,7 @@ def gate_targets(ce: Array, n: Array, k: float, gamma: float) -> tuple[Array, Ar
     t = jnp.arange(1, L + 1).reshape((L,) + (1,) * (ce.ndim - 1))
     gain = jnp.maximum(ce[:-1] - ce[1:], 0.0)  # [L - 1, ...]: what iteration t + 1 improved
     gain = jnp.concatenate([gain, jnp.zeros_like(ce[:1])], axis=0)
-    rows = (t < n).astype(ce.dtype) * jnp.ones_like(ce)
+    rows = jnp.broadcast_to(t < n, ce.shape).astype(ce.dtype)
     return jax.nn.sigmoid(k * (gain - gamma)) * rows, rows
 
 
