@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from loopformer.errors import DecodingError, LoopformerError
 
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C, so that a command's cleanup runs (temporary
+    # folders removed, checkpoints finished, locks released) instead of the process vanishing mid-write.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return COMMANDS[args.command][2](args)
     except DecodingError as e:  # the model layer says why; the command line knows the way around it
@@ -42,6 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (a BaseException, like KeyboardInterrupt: `except Exception` lets it by)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

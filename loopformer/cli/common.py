@@ -67,10 +67,10 @@ step_number = _integer(0, "a checkpoint step (an integer >= 0)")
 
 
 def run_flags(p: argparse.ArgumentParser, *, examples: bool = True, weights: bool = True) -> None:
-    """--run, --step, --json, (with ``weights``) --raw-weights and (with ``examples``) --split, --examples."""
+    """--run, --json, (with ``weights``) --step and --raw-weights, (with ``examples``) --split and --examples."""
     p.add_argument("--run", required=True, help="run directory made by `loopformer train`, e.g. runs/quickstart")
-    p.add_argument("--step", type=step_number, help="checkpoint step to load (default: the latest)")
     if weights:
+        p.add_argument("--step", type=step_number, help="checkpoint step to load (default: the latest)")
         p.add_argument("--raw-weights", action="store_true",
                        help="a run trained with train.ema: read the params the optimizer trained, not their moving "
                             "average (the EMA weights, read by default)")

@@ -34,7 +34,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="synthetic tasks: answer examples of this eval split (default: the first split)")
     p.add_argument("--count", type=positive, default=4, metavar="K", help="examples to show (default 4)")
     p.add_argument("--prompt", metavar="TEXT", help="text runs: continue this prompt")
-    p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N", help="--prompt: tokens to generate")
+    p.add_argument("--max-new-tokens", type=positive, metavar="N", help="--prompt: tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="--prompt: sample among the K likeliest (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
@@ -99,7 +99,9 @@ def generate_command(args: argparse.Namespace) -> int:
             if args.prompt is None:
                 raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
                                     f"(--example-split is for synthetic tasks)")
+            args.max_new_tokens = args.max_new_tokens or 64
             return _generate_text(args, load_run(info, args.step, raw=args.raw_weights), settings)
+        _refuse_text_flags(args, info)
         if args.prompt is not None:
             raise AnalysisError(f"--prompt needs a text run, but {info.path} trains on the synthetic task "
                                 f"'{info.cfg.data.task}' (no tokenizer); use --example-split NAME to see its "
@@ -148,6 +150,35 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
 
 
+def _recomputed_why(info: Any, args: argparse.Namespace) -> str | None:
+    """Why a task run's answers take the recompute path rather than cached decoding (None: they are cached)."""
+    cfg = info.cfg
+    return ("the model is bidirectional" if not cfg.model.causal else
+            "a mixture's answers read a slice of the logits" if cfg.data.mixture else
+            f"task '{cfg.data.task}' labels every input position (no answer is decoded token by token)"
+            if info.data.task.labels_aligned else
+            "an exit rule reads the output every iteration (kl, entropy_diff)"
+            if any(rule.needs_readout for rule in args.exits.values()) else None)
+
+
+def _refuse_text_flags(args: argparse.Namespace, info: Any) -> None:
+    """AnalysisError for settings a synthetic-task run would accept and not use: those of prompt continuation
+    (its answers are decoded greedily to the answer's length), and those of cached decoding where its answers
+    are recomputed."""
+    given = [flag for flag, on in (("--max-new-tokens", args.max_new_tokens is not None),
+                                   ("--temperature", args.temperature != 0.0), ("--top-k", args.top_k != 0),
+                                   ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)) if on]
+    if given and args.prompt is None:
+        raise AnalysisError(f"{' and '.join(given)} set(s) how a --prompt is continued, but {info.path} trains on "
+                            f"the synthetic task '{info.cfg.data.task}', whose answers are decoded greedily to the "
+                            f"answer's length; drop {' and '.join(given)}")
+    why = None if args.no_cache else _recomputed_why(info, args)
+    given = [f for f, on in (("--cache", args.cache is not None), ("--continuous", args.continuous)) if on]
+    if why is not None and given:
+        raise AnalysisError(f"{' and '.join(given)} set(s) cached decoding, but this run's answers are recomputed "
+                            f"({why}); drop {' and '.join(given)}")
+
+
 def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, settings: list[dict[str, int]]) -> None:
     """AnalysisError when the key/value cache of the prompt and --max-new-tokens would take more than half of
     this machine's memory (recomputing without a cache holds at least as much per token)."""
@@ -155,6 +186,18 @@ def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, set
     per_token = max(jax.eval_shape(lambda loops=loops: run.model.empty_cache(1, 1, policy, loops)).nbytes_per_token()
                     for loops in settings)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # Attention materialises [heads, T, T] float32 scores and their softmax (about 16 bytes per head and pair):
+    # the prefill's T is the prompt, recomputation's the prompt and every new token.
+    heads = max([run.info.cfg.model.heads] + [c.heads for c in run.info.cfg.model.circuits()])
+    longest = math.isqrt(memory // 2 // (16 * heads + 8))
+    span = prompt_len + (args.max_new_tokens if args.no_cache else 0)
+    if span > longest:
+        raise AnalysisError(f"the prompt is {prompt_len:,} tokens"
+                            + (f" and --no-cache recomputes {prompt_len + args.max_new_tokens:,}" if args.no_cache else "")
+                            + f"; attention over {span:,} tokens needs about {span**2 * (16 * heads + 8) / 2**30:,.0f} "
+                            f"GiB, more than half of this machine's {memory / 2**30:.0f} GiB; give a prompt of at most "
+                            f"{max(1, longest - (args.max_new_tokens if args.no_cache else 0)):,} tokens"
+                            f" (the run trained on {run.info.cfg.data.seq_len:,})")
     fits = max(1, memory // 2 // max(per_token, 1) - prompt_len)
     if args.max_new_tokens > fits:
         need = per_token * (prompt_len + args.max_new_tokens)
@@ -187,9 +230,7 @@ def _answer_decoder(args: argparse.Namespace, run: LoadedRun) -> tuple[Any, str 
     """Cached greedy decoding for a causal single-task run's answers (and the policy's name), or (None, None):
     the recompute path, for --no-cache, a mixture (its answers read a slice of the logits) and exits that read
     the output every iteration (kl, entropy_diff: the cache supports latent_diff and learned)."""
-    cfg = run.info.cfg
-    if (args.no_cache or not cfg.model.causal or cfg.data.mixture or run.task.labels_aligned
-            or any(rule.needs_readout for rule in args.exits.values())):
+    if args.no_cache or _recomputed_why(run.info, args) is not None:
         return None, None
     decoder = decoder_for(run.model, args.policy, args.continuous)
 

@@ -85,6 +85,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                 plots.sweep_2d(rows, grid, info, run.step), "convergence": plots.convergence(conv, info, run.step)}
         tables.write_csv(info.path / "sweep.csv", rows)
         files = [str(info.path / "sweep.csv")] + [write_png(info.path / f"sweep_{k}.png", v) for k, v in pngs.items()]
+        _remove_stale_plots(info, set(pngs))
         tb_dir = _log_tensorboard(run, rows, grid, pngs)
         doc = {"run": str(info.path), "step": run.step, "grid": grid, "rows": rows, "convergence": conv,
                "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)}
@@ -96,6 +97,17 @@ def sweep_command(args: argparse.Namespace) -> int:
         return doc, text
 
     return emit(args, body)
+
+
+def _remove_stale_plots(info: Any, written: set[str]) -> None:
+    """Remove the plots an earlier sweep over other circuits left (sweep_X_Y.png beside a new sweep_X.png):
+    they would sit beside a sweep.csv that no longer holds their numbers."""
+    names = {a for a in info.circuits} | {f"{a}_{b}" for a in info.circuits for b in info.circuits if a != b}
+    for name in sorted(names - written):
+        stale = info.path / f"sweep_{name}.png"
+        if stale.is_file():
+            stale.unlink()
+            log(f"removed {stale} (an earlier sweep's; sweep.csv now holds {' x '.join(sorted(written - {'convergence'}))})")
 
 
 def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tuple[dict[str, Any], str]:

@@ -22,6 +22,7 @@ from loopformer.metrics import answer_sums, exact_match, summarize
 from loopformer.model.loop import TRACE_STATS
 from loopformer.model.plan import Plan, make_plan
 from loopformer.model.transformer import LoopedTransformer, forward_batch
+from loopformer.runs.log import progress
 
 Array = jax.Array
 Batch = dict[str, Any]
@@ -103,8 +104,12 @@ class Evaluator:
                          compact=compact)
         totals: dict[str, Any] = {}
         hist: dict[str, dict[int, int]] = {n: {} for n in self.names}
-        for batch in batches:
+        # Exits make an evaluation run for minutes (tokens run to --max-loops): a bar per batch, each batch
+        # awaited so that the bar measures the work, not its asynchronous dispatch.
+        for batch in progress(batches, "evaluate", total=len(batches)) if exits else batches:
             sums, used = self._sums(params, batch, plan)
+            if exits:
+                jax.block_until_ready(sums)
             if histogram:
                 _count(hist, jax.device_get(used), np.asarray(_valid(batch)) > 0)
             totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)

@@ -16,12 +16,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from loopformer.errors import AnalysisError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.metrics import text_metrics
 from loopformer.model.transformer import LoopedTransformer
 from loopformer.runs.log import log
 from loopformer.runs.read import RunInfo
-from loopformer.runs.restore import RAW_WEIGHTS, restore_weights
+from loopformer.runs.restore import ONLY_WEIGHTS, restore_weights
 from loopformer.variants.exits import ExitRule
 
 Batch = dict[str, np.ndarray]
@@ -38,7 +39,8 @@ class LoadedRun:
     params: Any
     step: int
     evaluator: Evaluator
-    weights: str = RAW_WEIGHTS  # which weights ``params`` are: "EMA weights" (train.ema) or "raw weights"
+    weights: str = ONLY_WEIGHTS  # which weights ``params`` are: "EMA weights" (train.ema), "raw weights" (the
+    # optimizer's, beside an EMA) or "weights" (a run without EMA)
 
     @property
     def task(self) -> Any:
@@ -84,7 +86,10 @@ def load_run(info: RunInfo, step: int | None = None, *, raw: bool = False) -> Lo
     """Restore the latest checkpoint of ``info`` (or ``step``): its EMA weights when the run has them
     (train.ema; the log line says so), else or with ``raw`` the params the optimizer trained."""
     model, params, restored, weights = restore_weights(info.cfg, step, info.data, raw=raw)
-    log(f"loaded {info.path} at step {restored}" + (f" ({weights})" if raw or weights != RAW_WEIGHTS else ""))
+    if raw and weights == ONLY_WEIGHTS:  # the flag would be accepted and change nothing
+        raise AnalysisError(f"--raw-weights: {info.path} keeps no EMA weights at step {restored} (train.ema is off), "
+                            f"so the weights the optimizer trained are the only ones; drop --raw-weights")
+    log(f"loaded {info.path} at step {restored}" + (f" ({weights})" if weights != ONLY_WEIGHTS else ""))
     return LoadedRun(info, model, params, restored, evaluator_for(model), weights)
 
 

@@ -24,8 +24,11 @@ single changed word changes it (fmix32 is a bijection).
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shlex
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ _DATA = "data"
 _CHECKSUMS = "checksums"
 CHECKSUM_KIND = "fmix32-sum-v1"
 _ITERATORS = (grain.DatasetIterator, grain.DataLoaderIterator)
+_OS_ERROR = re.compile(r": ([A-Z][a-z][^:\[\]]*) \[os_error_code='\d+'\]")  # tensorstore's form of an OS error
 
 
 def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -197,7 +201,9 @@ class Checkpoints:
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         self.directory.mkdir(parents=True, exist_ok=True)
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._check_space(step, state)
+        with self._disk_errors(step):
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             self._last_saved = step
         return saved
@@ -334,9 +340,40 @@ class Checkpoints:
                 f"({problems[first]}{more}): use the config it was trained with, or a fresh run directory"
             )
 
+    def _check_space(self, step: int, state: PyTree) -> None:
+        """CheckpointError before a save that the disk cannot hold: the checkpoint library would fail mid-write
+        with pages of tracebacks from its threads. The bytes are this process's share (replica 0 of each
+        addressable shard), written uncompressed, plus 1 MiB of metadata."""
+        need = 2**20 + sum(shard.data.nbytes for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
+                           for shard in x.addressable_shards if shard.replica_id == 0)
+        need += sum(np.asarray(x).nbytes for x in jax.tree.leaves(state) if not isinstance(x, jax.Array))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise CheckpointError(f"not saving step {step}: {self.directory} has {free / 2**20:,.1f} MiB free and the "
+                                  f"checkpoint takes {need / 2**20:,.1f} MiB; free some space (df -h "
+                                  f"{shlex.quote(str(self.directory))}) and run the command again" + self._kept())
+
+    def _kept(self) -> str:
+        steps = self.all_steps()
+        return f" (the checkpoints there, up to step {steps[-1]}, are intact)" if steps else ""
+
+    @contextlib.contextmanager
+    def _disk_errors(self, step: int | None) -> Iterator[None]:
+        """A write that fails on the file system (disk full, read-only, quota) as one CheckpointError."""
+        try:
+            yield
+        except Exception as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else _OS_ERROR.search(str(e))
+            if not why:
+                raise
+            why = why if isinstance(why, str) else why.group(1)
+            raise CheckpointError(f"saving {'a checkpoint' if step is None else f'step {step}'} into {self.directory} "
+                                  f"failed: {why}; fix the disk and run the command again" + self._kept()) from None
+
     def wait(self) -> None:
         """Blocks until any in-flight save has finished."""
-        self._manager.wait_until_finished()
+        with self._disk_errors(self._last_saved):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for in-flight saves and releases orbax's resources."""

@@ -55,19 +55,23 @@ def abstract_model(cfg: Config, data: DataSource | None = None) -> LoopedTransfo
 
 
 EMA_WEIGHTS, RAW_WEIGHTS = "EMA weights", "raw weights"
+ONLY_WEIGHTS = "weights"  # a checkpoint without a moving average: its params are the only weights there are
 
 
 def restore_weights(cfg: Config, step: int | None = None, data: DataSource | None = None, *, raw: bool = False
                     ) -> tuple[LoopedTransformer, Any, int, str]:
     """`restore_params`, and which weights it read: `EMA_WEIGHTS` (the checkpoint's "ema", the moving
-    average of train.ema, unless ``raw``) or `RAW_WEIGHTS` (its "params": a run without EMA weights, or ``raw``)."""
+    average of train.ema, unless ``raw``), `RAW_WEIGHTS` (its "params", with ``raw``, beside an "ema") or
+    `ONLY_WEIGHTS` (its "params": the checkpoint keeps no moving average)."""
     model = abstract_model(cfg, data)
     params = nnx.to_pure_dict(nnx.state(model))
     with Checkpoints(RunDir(cfg.run_dir).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
-        part = "ema" if not raw and "ema" in ckpts.saved_parts(step) else "params"
+        has_ema = "ema" in ckpts.saved_parts(step)
+        part = "ema" if has_ema and not raw else "params"
         restored = ckpts.restore({part: params, "step": jax.ShapeDtypeStruct((), "int32")}, None, step=step,
                                  partial=True)
-    return model, restored[part], int(restored["step"]), EMA_WEIGHTS if part == "ema" else RAW_WEIGHTS
+    return (model, restored[part], int(restored["step"]),
+            EMA_WEIGHTS if part == "ema" else RAW_WEIGHTS if has_ema else ONLY_WEIGHTS)
 
 
 def restore_params(cfg: Config, step: int | None = None, data: DataSource | None = None, *, raw: bool = False

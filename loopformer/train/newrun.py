@@ -5,6 +5,9 @@ trains on from it."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.layout import RunDir, outside_runs
-from loopformer.runs.prepare import make_run_dir, prepare_run_dir
+from loopformer.runs.prepare import write_config
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
 
@@ -40,7 +43,10 @@ def point_at(cfg: Config, run_dir: Path) -> Config:
 
 def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step: int = 0) -> Path:
     """Write ``cfg``'s run directory holding ``params`` at ``step``; CheckpointError when the directory
-    already holds a run. ``data`` is the source whose tokenizer the run keeps (default: ``cfg``'s)."""
+    already holds anything. ``data`` is the source whose tokenizer the run keeps (default: ``cfg``'s).
+
+    The run is written into a temporary sibling (``.NAME.partial-PID``) renamed into place when complete, so
+    a full disk, a read-only parent, Ctrl-C or SIGTERM leave no half-written run (and one clear line)."""
     run_dir = cfg.run_dir
     if RunDir(run_dir).checkpoint_steps():
         raise CheckpointError(f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {run_dir})")
@@ -48,13 +54,38 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
     if held:  # never overwrite a config.yaml or anything else a user keeps there
         raise CheckpointError(f"{run_dir} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
                               f"pick another --out, or an empty or new directory")
-    make_run_dir(cfg)
     data = data if data is not None else build_data(cfg)
-    prepare_run_dir(cfg)
-    data.save(run_dir)
     state = init_state(jax.tree.map(jnp.asarray, params), make_optimizer(cfg.train), ema=cfg.train.ema > 0)
     state["step"] = jnp.asarray(step, jnp.int32)
     iterator = data.train_iterator(cfg.data.batch_size // jax.process_count(), cfg.seed)
-    with Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
-        ckpts.save(step, state, iterator)
+    tmp = run_dir.parent / f".{run_dir.name}.partial-{os.getpid()}"
+    try:
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            RunDir(tmp).checkpoints.mkdir(parents=True)
+        except OSError as e:
+            raise CheckpointError(f"--out {run_dir}: cannot write to {run_dir.parent} ({e.strerror or e}); choose a "
+                                  f"writable directory") from None
+        write_config(cfg, tmp)  # names run_dir: the folder is renamed into it below
+        data.save(tmp)
+        with Checkpoints(RunDir(tmp).checkpoints, keep=cfg.train.keep_checkpoints, async_save=False) as ckpts:
+            ckpts.save(step, state, iterator)
+        try:
+            tmp.rename(run_dir)  # replaces an empty directory atomically
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise CheckpointError(f"--out {run_dir}: another process wrote it meanwhile; pick another --out") from None
+            raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"--out {run_dir}: writing the run failed ({e.strerror or e}); nothing was written"
+                              ) from None
+    except CheckpointError as e:  # a disk too full for the checkpoint: said of --out, not of the temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"--out {run_dir}: {str(e).replace(str(tmp), str(run_dir))}; nothing was written"
+                              ) from None
+    except BaseException:  # Ctrl-C, SIGTERM (the command line turns it into SystemExit): nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return run_dir

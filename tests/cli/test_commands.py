@@ -85,6 +85,10 @@ def test_sweep_two_circuits(run_dir, capsys):
     assert set(doc["convergence"]["hard"]) == {"X", "Y"} and (run_dir / "sweep_X_Y.png").is_file()
     table = sweep_table(doc["rows"], doc["grid"], read_run(run_dir))
     assert "hard [4]: accuracy, rows X, columns Y" in table
+    # A later sweep of X alone rewrites sweep.csv: the 2-D plot, whose numbers are gone, goes with it.
+    (run_dir / "sweep_X.png").unlink(missing_ok=True)
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "X=1:2", "--split", "hard")
+    assert not (run_dir / "sweep_X_Y.png").exists() and (run_dir / "sweep_X.png").is_file()
 
 
 def test_generate(run_dir, capsys):
@@ -115,6 +119,9 @@ def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, 
                                            r"ask for at most [\d,]+ tokens, or keep fewer iterations with --cache last"),
     (["--seed", "99999999999999999999999"], r"--seed must be in 0..4294967295, got 99999999999999999999999"),
     (["--cache", "ring:99999999999"], r"--cache ring:99999999999: ring:K needs K in 1..10000"),
+    (["--prompt", "x" * 3_000_000], r"the prompt is 3,000,00\d tokens; attention over 3,000,00\d tokens needs about "
+                                    r"[\d,]+ GiB, more than half of this machine's \d+ GiB; give a prompt of at most "
+                                    r"[\d,]+ tokens \(the run trained on \d+\)"),  # was an out-of-memory traceback
 ])
 def test_text_generation_refuses_what_cannot_run(text_run_dir, capsys, argv, message):
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", *argv]) == 2
@@ -176,6 +183,13 @@ def test_user_errors(run_dir, no_checkpoint_run, capsys, argv, message):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
+
+
+def test_inspect_reads_no_weights_so_takes_no_step(run_dir, capsys):
+    """`inspect --step 99` printed the run as if the step existed (it reads no checkpoint): refused by argparse."""
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "--run", str(run_dir), "--step", "99"])
+    assert info.value.code == 2 and "unrecognized arguments: --step 99" in capsys.readouterr().err
 
 
 def test_inspect(run_dir, capsys):

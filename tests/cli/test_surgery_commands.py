@@ -1,6 +1,8 @@
 """`loopformer rys` and `loopformer convert` on a 6-layer plain run (issue #18)."""
 
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -122,3 +124,38 @@ def test_a_plain_model_trains_and_its_conversion_trains_on(tmp_path, capsys):
     result = train(conv)
     assert result.step == 3
     assert "loops of X: uniform(1, 4) -> uniform(1, 2) from step 0" in capsys.readouterr().out
+
+
+def test_convert_leaves_nothing_behind_on_a_full_disk_or_sigterm(plain_run, capsys, monkeypatch):
+    """A full disk during `convert` (or `import`: one writer, loopformer.train.newrun.write_run) flooded the
+    terminal with the checkpoint library's tracebacks and left a half-written run; SIGTERM left it too. Now:
+    one line, or "terminated" with status 143, and neither the run nor its temporary folder on disk."""
+    import os
+    import shutil
+    import signal
+
+    from loopformer.runs import checkpoint
+
+    def nothing_written(name):
+        assert not (plain_run.parent / name).exists()
+        assert not [p.name for p in plain_run.parent.iterdir() if ".partial-" in p.name]
+
+    before = signal.getsignal(signal.SIGTERM)
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", "full"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("loaded ")]
+    assert re.fullmatch(rf"error: --out {plain_run.parent / 'full'}: not saving step 0: {plain_run.parent / 'full'}/"
+                        r"checkpoints has 0.0 MiB free and the checkpoint takes [\d.]+ MiB; free some space .* and run "
+                        r"the command again; nothing was written", line), line
+    nothing_written("full")
+    monkeypatch.undo()
+
+    def killed(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a scheduler would, mid-save
+        time.sleep(5)  # the handler interrupts this
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", killed)
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", "killed"]) == 143
+    assert capsys.readouterr().err.strip().endswith("terminated")
+    nothing_written("killed")
+    assert signal.getsignal(signal.SIGTERM) is before  # the command line's handler is removed again

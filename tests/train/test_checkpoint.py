@@ -1,6 +1,7 @@
 """Tests for loopformer.runs.checkpoint (orbax CheckpointManager wrapper)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +307,37 @@ def test_save_rejects_non_grain_iterator(tmp_path):
 def test_invalid_keep(tmp_path):
     with pytest.raises(CheckpointError, match="keep"):
         Checkpoints(tmp_path, keep=0)
+
+
+TENSORSTORE_DISK_FULL = ("RESOURCE_EXHAUSTED: Error writing \"params.w/0.0\" in OCDBT database at local file \"/x/\": "
+                         "Failed to write 886837 bytes to file 7: No space left on device [os_error_code='28']")
+
+
+def test_a_disk_too_full_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    """A full disk made the checkpoint library fail mid-write with pages of tracebacks from its threads: the
+    free space is checked first, and the checkpoints already there are named as intact."""
+    state = make_state()
+    with Checkpoints(tmp_path / "ckpt", async_save=False) as ckpts:
+        ckpts.save(7, state)
+        real = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5000))
+        with pytest.raises(CheckpointError, match=r"^not saving step 8: .*ckpt has 0.0 MiB free and the checkpoint takes "
+                                                  r"1.0 MiB; free some space \(df -h .*\) and run the command again "
+                                                  r"\(the checkpoints there, up to step 7, are intact\)$"):
+            ckpts.save(8, state)
+        assert ckpts.all_steps() == [7]
+
+
+def test_a_file_system_error_mid_write_is_one_line(tmp_path, monkeypatch):
+    """What the free-space check cannot foresee (another writer filling the disk, a quota) arrives from the
+    checkpoint library as a ValueError wrapping tensorstore's message: one line with the OS's reason."""
+    with Checkpoints(tmp_path / "ckpt", async_save=False) as ckpts:
+        def fail(*a, **k):
+            raise ValueError(TENSORSTORE_DISK_FULL)
+        monkeypatch.setattr(ckpts._manager, "save", fail)
+        with pytest.raises(CheckpointError, match=r"^saving step 3 into .*ckpt failed: No space left on device; fix "
+                                                  r"the disk and run the command again$"):
+            ckpts.save(3, make_state())
+        monkeypatch.setattr(ckpts._manager, "save", lambda *a, **k: 1 / 0)  # not the disk: a real bug stays loud
+        with pytest.raises(ZeroDivisionError):
+            ckpts.save(3, make_state())

@@ -13,14 +13,14 @@ import pytest
 from flax import nnx
 
 from loopformer.data.sources import build_data
-from loopformer.errors import ConfigError
+from loopformer.errors import AnalysisError, ConfigError
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.run import load_run
 from loopformer.model.plan import resolve_loops
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.layout import RunDir
 from loopformer.runs.read import read_run
-from loopformer.runs.restore import EMA_WEIGHTS, make_model, restore_params
+from loopformer.runs.restore import EMA_WEIGHTS, ONLY_WEIGHTS, make_model, restore_params
 from loopformer.train import trainer
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import StepSettings, init_state, make_train_step
@@ -152,7 +152,9 @@ def test_restore_params_and_load_run_read_the_ema_weights(tmp_path, trained_run)
     assert_equal(load_run(read_run(cfg.run_dir), raw=True).params, saved["params"])
     with Checkpoints(RunDir(trained_run.run_dir).checkpoints, async_save=False) as ckpts:
         assert "ema" not in ckpts.saved_parts()  # a run written without EMA (or before it existed)
-    assert load_run(read_run(trained_run.run_dir)).weights != EMA_WEIGHTS
+    assert load_run(read_run(trained_run.run_dir)).weights == ONLY_WEIGHTS
+    with pytest.raises(AnalysisError, match="--raw-weights: .* keeps no EMA weights at step 4 .*; drop --raw-weights"):
+        load_run(read_run(trained_run.run_dir), raw=True)  # it would be accepted and change nothing
 
 
 @pytest.mark.slow  # fast-suite margin under 8 minutes; CI runs it with the slow tests
