@@ -32,7 +32,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                         f"side by side")
     p.add_argument("--example-split", metavar="NAME",
                    help="synthetic tasks: answer examples of this eval split (default: the first split)")
-    p.add_argument("--count", type=positive, default=4, metavar="K", help="examples to show (default 4)")
+    p.add_argument("--count", type=positive, metavar="K", help="synthetic tasks: examples to show (default 4)")
     p.add_argument("--prompt", metavar="TEXT", help="text runs: continue this prompt")
     p.add_argument("--max-new-tokens", type=positive, metavar="N", help="--prompt: tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
@@ -99,9 +99,11 @@ def generate_command(args: argparse.Namespace) -> int:
             if args.prompt is None:
                 raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
                                     f"(--example-split is for synthetic tasks)")
+            if args.count is not None:
+                raise AnalysisError(f"--count sets how many examples of a synthetic task are answered; {info.path} "
+                                    f"trains on text and continues the one --prompt: drop --count")
             args.max_new_tokens = args.max_new_tokens or 64
             return _generate_text(args, load_run(info, args.step, raw=args.raw_weights), settings)
-        _refuse_text_flags(args, info)
         if args.prompt is not None:
             raise AnalysisError(f"--prompt needs a text run, but {info.path} trains on the synthetic task "
                                 f"'{info.cfg.data.task}' (no tokenizer); use --example-split NAME to see its "
@@ -109,6 +111,7 @@ def generate_command(args: argparse.Namespace) -> int:
         if args.example_split is not None and args.example_split not in info.splits:
             raise AnalysisError(f"--example-split {args.example_split}: this run has no eval split "
                                 f"'{args.example_split}'; its splits are {', '.join(info.splits)}")
+        _refuse_text_flags(args, info)
         split = args.example_split or next(iter(info.splits))
         return _answer_examples(args, load_run(info, args.step, raw=args.raw_weights), settings, split)
 
@@ -168,7 +171,7 @@ def _refuse_text_flags(args: argparse.Namespace, info: Any) -> None:
     given = [flag for flag, on in (("--max-new-tokens", args.max_new_tokens is not None),
                                    ("--temperature", args.temperature != 0.0), ("--top-k", args.top_k != 0),
                                    ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)) if on]
-    if given and args.prompt is None:
+    if given:
         raise AnalysisError(f"{' and '.join(given)} set(s) how a --prompt is continued, but {info.path} trains on "
                             f"the synthetic task '{info.cfg.data.task}', whose answers are decoded greedily to the "
                             f"answer's length; drop {' and '.join(given)}")
@@ -211,7 +214,7 @@ def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, set
 def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[dict[str, int]],
                      split: str) -> tuple[dict, str]:
     info, task, logits = run.info, run.task, _logits(run, args.exits)
-    parts = [real_rows(b) for b in run.eval_sets([split], args.count)[split]]
+    parts = [real_rows(b) for b in run.eval_sets([split], args.count or 4)[split]]
     if info.cfg.data.mixture:
         task, logits, parts = _mixture_view(run, split, logits, parts)
     batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}

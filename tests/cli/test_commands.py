@@ -148,6 +148,8 @@ def test_text_run(text_run_dir, capsys):
     assert all(isinstance(g["text"], str) for g in doc["generations"])
     assert main(["generate", "--run", str(text_run_dir)]) == 2
     assert "trains on text: give --prompt TEXT" in capsys.readouterr().err
+    assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--count", "3"]) == 2  # was ignored
+    assert "--count sets how many examples of a synthetic task are answered" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
