@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from loopformer.cli.common import command, compact_choice, emit, exit_caps, exit_flags, probe_flag, probe_sets, run_flags
-from loopformer.cli.loopspec import parse_exits, parse_loops, split_auto
+from loopformer.cli.loopspec import circuits_phrase, parse_exits, parse_loops, split_auto
 from loopformer.config import ModelConfig
 from loopformer.errors import PlanError
 from loopformer.evaluation import ablate, tables
@@ -60,9 +60,12 @@ def eval_command(args: argparse.Namespace) -> int:
         loops = exit_caps(info, exits, args.max_loops, loops)
         compact = compact_choice(args, bool(exits or rules))
         ablated = list(args.ablate or [])
+        if args.mode != "zero" and not ablated:
+            raise PlanError(f"--mode {args.mode} sets what replaces an ablated circuit's output, and no --ablate is "
+                            f"given; add --ablate CIRCUIT, or drop --mode")
         for c in ablated:
             if c not in info.circuits:
-                raise PlanError(f"--ablate {c}: unknown circuit; this run's circuits are {', '.join(info.circuits)}")
+                raise PlanError(f"--ablate {c}: unknown circuit; {circuits_phrase(info.circuits)}")
             if ablated.count(c) > 1:
                 raise PlanError(f"--ablate {c} is given twice; pass each circuit once")
             if c in exits or c in rules:

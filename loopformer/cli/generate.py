@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ from loopformer.evaluation import sweep, tables
 from loopformer.evaluation.run import LoadedRun, load_run, real_rows
 from loopformer.inference.decode import Sampling, decoder_for
 from loopformer.inference.generate import answer_examples, generate_batch, prompt_ids, tokenizer_of, until_eos
+from loopformer.model.attend import attention_overflow, memory_bytes
 from loopformer.model.plan import MAX_LOOPS
 from loopformer.runs.read import read_run
 from loopformer.variants.cache import CachePolicy
@@ -86,6 +86,11 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
         if args.top_k < 0 or not 0 < args.top_p <= 1:
             raise AnalysisError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
+        sampling = [f for f, on in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                                    ("--seed", args.seed != 0)) if on]
+        if args.temperature == 0 and sampling and args.prompt is not None:
+            raise AnalysisError(f"{' and '.join(sampling)} set(s) how tokens are sampled, and --temperature 0 (the "
+                                f"default) decodes greedily; give --temperature > 0, or drop {' and '.join(sampling)}")
         if args.no_cache and (args.cache is not None or args.continuous):
             given = " and ".join(f for f, on in (("--cache", args.cache is not None), ("--continuous", args.continuous))
                                  if on)
@@ -188,19 +193,16 @@ def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, set
     policy = CachePolicy.parse("full") if args.no_cache else args.policy
     per_token = max(jax.eval_shape(lambda loops=loops: run.model.empty_cache(1, 1, policy, loops)).nbytes_per_token()
                     for loops in settings)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    # Attention materialises [heads, T, T] float32 scores and their softmax (about 16 bytes per head and pair):
-    # the prefill's T is the prompt, recomputation's the prompt and every new token.
-    heads = max([run.info.cfg.model.heads] + [c.heads for c in run.info.cfg.model.circuits()])
-    longest = math.isqrt(memory // 2 // (16 * heads + 8))
+    memory = memory_bytes()
+    # the prefill attends over the prompt; recomputation over the prompt and every new token
     span = prompt_len + (args.max_new_tokens if args.no_cache else 0)
-    if span > longest:
+    too_big = attention_overflow(1, span, run.info.cfg.model.max_heads)
+    if too_big:
         raise AnalysisError(f"the prompt is {prompt_len:,} tokens"
-                            + (f" and --no-cache recomputes {prompt_len + args.max_new_tokens:,}" if args.no_cache else "")
-                            + f"; attention over {span:,} tokens needs about {span**2 * (16 * heads + 8) / 2**30:,.0f} "
-                            f"GiB, more than half of this machine's {memory / 2**30:.0f} GiB; give a prompt of at most "
-                            f"{max(1, longest - (args.max_new_tokens if args.no_cache else 0)):,} tokens"
-                            f" (the run trained on {run.info.cfg.data.seq_len:,})")
+                            + (f" and --no-cache recomputes {span:,}" if args.no_cache else "")
+                            + f"; {too_big}; give a shorter prompt"
+                            + (" or fewer --max-new-tokens" if args.no_cache else "")
+                            + f" (the run trained on {run.info.cfg.data.seq_len:,})")
     fits = max(1, memory // 2 // max(per_token, 1) - prompt_len)
     if args.max_new_tokens > fits:
         need = per_token * (prompt_len + args.max_new_tokens)

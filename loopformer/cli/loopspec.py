@@ -52,6 +52,12 @@ def parse_counts(text: str, flag: str) -> list[int]:
 AUTO = "auto"  # --loops X=auto: each example its training rule's count (loops: per_difficulty(a, b))
 
 
+def circuits_phrase(circuits: Sequence[str]) -> str:
+    """The phrase naming a run's circuits ("this run's circuits are X, Y"), or saying it has none."""
+    return (f"this run's circuits are {', '.join(circuits)}" if circuits else
+            "this run has no circuits (a plain transformer: nothing loops)")
+
+
 def split_auto(specs: Sequence[str] | None, circuits: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the ``--loops`` specs that are counts, the circuits given as ``CIRCUIT=auto``)."""
     rest, auto = [], []
@@ -59,8 +65,7 @@ def split_auto(specs: Sequence[str] | None, circuits: Sequence[str]) -> tuple[li
         name, sep, value = spec.partition("=")
         if sep and value.strip().lower() == AUTO:
             if name.strip() not in circuits:
-                raise PlanError(f"unknown circuit '{name.strip()}' in --loops {spec}; this run's circuits are "
-                                f"{', '.join(circuits)}")
+                raise PlanError(f"unknown circuit '{name.strip()}' in --loops {spec}; {circuits_phrase(circuits)}")
             auto.append(name.strip())
         else:
             rest.append(spec)
@@ -83,7 +88,7 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
         if not sep or not name:
             raise PlanError(f"malformed {flag}: write {FORMS}")
         if name not in circuits:
-            raise PlanError(f"unknown circuit '{name}' in {flag}; this run's circuits are {', '.join(circuits)}")
+            raise PlanError(f"unknown circuit '{name}' in {flag}; {circuits_phrase(circuits)}")
         if name in out:
             raise PlanError(f"{flag}: circuit '{name}' is given twice; pass one --loops per circuit")
         values = parse_counts(counts, flag)
@@ -119,7 +124,7 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         if sep and ":" not in name and name.strip() != "q":
             name, body = name.strip(), rest
             if name not in circuits:
-                raise PlanError(f"unknown circuit '{name}' in {flag}; this run's circuits are {', '.join(circuits)}")
+                raise PlanError(f"unknown circuit '{name}' in {flag}; {circuits_phrase(circuits)}")
             targets = [name]
         else:
             body, targets = spec, list(circuits)

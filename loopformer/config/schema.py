@@ -300,6 +300,11 @@ class ModelConfig:
     def circuit(self, name: str) -> CircuitConfig:
         return next(c for c in self.circuits() if c.name == name)
 
+    @property
+    def max_heads(self) -> int:
+        """The most attention heads of any block (prelude, coda or a circuit's): what bounds attention's memory."""
+        return max([self.heads] + [c.heads for c in self.circuits()])
+
     def halting_circuit(self) -> CircuitConfig | None:
         """The circuit with a learned halting head (at most one per model), or None."""
         return next((c for c in self.circuits() if c.halting.has_head), None)
@@ -633,6 +638,8 @@ class EvalConfig:
 
     def validate(self, circuits: list[str]) -> None:
         _check(all(n >= 1 for n in self.sweep_loops), f"eval.sweep_loops: counts must be >= 1, got {self.sweep_loops}")
+        _check(not self.sweep_loops or bool(circuits), f"eval.sweep_loops={self.sweep_loops} sweeps the loop counts of "
+               f"circuits, and this model has none (model.stages: []); set eval.sweep_loops=[]")
         for name in self.sweep_circuits:
             _check(name in circuits, f"eval.sweep_circuits: '{name}' is not a circuit; circuits are {', '.join(circuits)}")
 

@@ -19,6 +19,7 @@ import numpy as np
 from loopformer.errors import AnalysisError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.metrics import text_metrics
+from loopformer.model.attend import attention_overflow
 from loopformer.model.transformer import LoopedTransformer
 from loopformer.runs.log import log
 from loopformer.runs.read import RunInfo
@@ -51,7 +52,19 @@ class LoadedRun:
         """The first ``examples`` examples (text: windows) of each split, the trainer's eval examples
         first, in batches of at most data.eval_batch_size."""
         batch = min(self.info.cfg.data.eval_batch_size, examples)
-        return self.info.data.eval_sets(splits, examples, batch)
+        return self.check_fits(self.info.data.eval_sets(splits, examples, batch))
+
+    def check_fits(self, sets: dict[str, list[Batch]]) -> dict[str, list[Batch]]:
+        """``sets``, after an AnalysisError for batches whose attention would not fit in memory (a run imported
+        or configured with a huge data.seq_len; a huge probe): one line instead of an out-of-memory traceback."""
+        for split, batches in sets.items():
+            if batches:
+                rows, length = np.shape(batches[0]["inputs"])[:2]
+                too_big = attention_overflow(rows, length, self.info.cfg.model.max_heads)
+                if too_big:
+                    raise AnalysisError(f"split {split}: {too_big}; evaluate shorter sequences or smaller batches "
+                                        f"(data.seq_len, data.eval_batch_size in {self.info.path}/config.yaml)")
+        return sets
 
     def row(self, split: str, batches: Sequence[Batch], loops: Mapping[str, int] | None = None,
             ablate: Sequence[str] = (), fill: np.ndarray | jax.Array | None = None,

@@ -14,12 +14,41 @@ compares query and key *positions* (``q_pos`` [B, T], ``k_pos`` [B, S]; default 
 
 from __future__ import annotations
 
+import math
+import os
+
 import jax
 import jax.numpy as jnp
 
 from loopformer.errors import PlanError
 
 Array = jax.Array
+
+
+def scores_bytes(batch: int, length: int, heads: int) -> int:
+    """Bytes one attention layer holds at once over ``length`` tokens (a lower bound of a forward pass's peak):
+    the [B, heads, T, T] float32 scores and their softmax (about 16 bytes per head and pair, measured on CPU
+    with the einsum kernel) and the [B, T, T] mask and relative positions (8 bytes)."""
+    return batch * length * length * (16 * heads + 8)
+
+
+def memory_bytes() -> int:
+    """The memory of the first device (its allocator's limit on an accelerator; the host's RAM on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def attention_overflow(batch: int, length: int, heads: int) -> str | None:
+    """None when attention over ``length`` tokens in batches of ``batch`` fits in half of the device's memory,
+    else a phrase saying what it needs (for the caller's one-line error, which names its own fix)."""
+    need, memory = scores_bytes(batch, length, heads), memory_bytes()
+    if need <= memory // 2:
+        return None
+    longest = math.isqrt(memory // 2 // scores_bytes(batch, 1, heads))
+    return (f"attention over {length:,} tokens in batches of {batch:,} needs about {need / 2**30:,.0f} GiB, more "
+            f"than half of this machine's {memory / 2**30:.0f} GiB (at most {longest:,} tokens fit)")
 
 
 def resolve(impl: str, dtype: jnp.dtype) -> str:

@@ -213,6 +213,9 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
         if rule.needs_head and not cfg.halting.has_head:
             raise PlanError(f"exit {c}={rule}: circuit {c} was trained without a halting head (halting.kind: none); "
                             f"use latent_diff, kl or entropy_diff for it")
+        if max_loops and c in loops and loops[c] != max_loops:  # one of the two would be silently dropped
+            raise PlanError(f"--loops {c}={loops[c]} and --max-loops {max_loops} both cap circuit {c}, which exits by "
+                            f"a rule; give one")
         out[c] = max_loops or loops.get(c) or max(cfg.max_loops, cfg.eval_loops)
     return out
 

@@ -29,6 +29,7 @@ from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.evaluation.tables import format_table, score, score_name
 from loopformer.flops import FlopCounter, peak_flops
 from loopformer.metrics import text_metrics
+from loopformer.model.attend import attention_overflow
 from loopformer.model.describe import describe
 from loopformer.model.plan import difficulty_rules, exit_caps, resolve_loops
 from loopformer.model.transformer import LoopedTransformer
@@ -218,6 +219,7 @@ def _train(cfg: Config) -> TrainResult:
     source = build_data(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
     parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
+    _check_attention_fits(cfg, source.seq_len, mesh)
     init = _initial(cfg, source, mesh)
     data_it = _train_iterator(cfg, source, run_dir)
     evaluator, evals = evaluator_for(init.model), _Evals.of(source, mesh)
@@ -247,6 +249,18 @@ def _train(cfg: Config) -> TrainResult:
         ckpts.close()
         writer.close()
     return loop.result
+
+
+def _check_attention_fits(cfg: Config, seq_len: int, mesh: jax.sharding.Mesh) -> None:
+    """ConfigError, before anything is written, when one attention layer over data.seq_len tokens would not fit
+    in a device's memory (a lower bound of a step's need): a clear line instead of an out-of-memory traceback
+    at the first step."""
+    micro = max(cfg.data.batch_size // cfg.train.grad_accum // parallel.data_parallel_size(mesh), 1)
+    for rows, what in ((micro, "data.batch_size"), (cfg.data.eval_batch_size, "data.eval_batch_size")):
+        too_big = attention_overflow(rows, seq_len, cfg.model.max_heads)
+        if too_big:
+            raise ConfigError(f"data.seq_len={seq_len}: {too_big}; lower data.seq_len or {what}"
+                              + (" (or raise train.grad_accum)" if what == "data.batch_size" else ""))
 
 
 @dataclass

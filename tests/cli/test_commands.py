@@ -119,9 +119,9 @@ def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, 
                                            r"ask for at most [\d,]+ tokens, or keep fewer iterations with --cache last"),
     (["--seed", "99999999999999999999999"], r"--seed must be in 0..4294967295, got 99999999999999999999999"),
     (["--cache", "ring:99999999999"], r"--cache ring:99999999999: ring:K needs K in 1..10000"),
-    (["--prompt", "x" * 3_000_000], r"the prompt is 3,000,00\d tokens; attention over 3,000,00\d tokens needs about "
-                                    r"[\d,]+ GiB, more than half of this machine's \d+ GiB; give a prompt of at most "
-                                    r"[\d,]+ tokens \(the run trained on \d+\)"),  # was an out-of-memory traceback
+    (["--prompt", "x" * 3_000_000], r"the prompt is 3,000,00\d tokens; attention over 3,000,00\d tokens in batches "
+                                    r"of 1 needs about [\d,]+ GiB, more than half of this machine's \d+ GiB \(at most "
+                                    r"[\d,]+ tokens fit\); give a shorter prompt \(the run trained on \d+\)"),
 ])
 def test_text_generation_refuses_what_cannot_run(text_run_dir, capsys, argv, message):
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", *argv]) == 2
@@ -143,11 +143,15 @@ def test_text_run(text_run_dir, capsys):
     assert row["split"] == "val" and row["bits_per_byte"] > 0
     assert row["loops"] == {"X": 5}  # configs/text_bytes.yaml eval_loops
     doc = run_json(capsys, "generate", "--run", str(text_run_dir), "--prompt", "In the beginning",
-                   "--max-new-tokens", "5", "--loops", "X=1,3", "--top-k", "1000000000000")  # K >= vocab: all
+                   "--max-new-tokens", "5", "--loops", "X=1,3", "--top-k", "1000000000000",  # K >= vocab: all
+                   "--temperature", "1")
     assert [g["loops"] for g in doc["generations"]] == [{"X": 1}, {"X": 3}]
     assert all(isinstance(g["text"], str) for g in doc["generations"])
     assert main(["generate", "--run", str(text_run_dir)]) == 2
     assert "trains on text: give --prompt TEXT" in capsys.readouterr().err
+    assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--top-p", "0.5"]) == 2  # greedy: unused
+    assert "--top-p set(s) how tokens are sampled, and --temperature 0 (the default) decodes greedily" in \
+        capsys.readouterr().err
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--count", "3"]) == 2  # was ignored
     assert "--count sets how many examples of a synthetic task are answered" in capsys.readouterr().err
 

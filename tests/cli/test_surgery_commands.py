@@ -159,3 +159,10 @@ def test_convert_leaves_nothing_behind_on_a_full_disk_or_sigterm(plain_run, caps
     assert capsys.readouterr().err.strip().endswith("terminated")
     nothing_written("killed")
     assert signal.getsignal(signal.SIGTERM) is before  # the command line's handler is removed again
+
+
+def test_loop_flags_on_a_plain_run_say_it_has_no_circuits(plain_run, capsys):
+    """A plain run's refusals ended in "this run's circuits are " and nothing."""
+    assert main(["eval", "--run", str(plain_run), "--loops", "X=2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "unknown circuit 'X' in --loops X=2; this run has no circuits (a plain transformer: nothing loops)")

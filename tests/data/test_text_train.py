@@ -76,3 +76,22 @@ def test_text_run_resumes_exactly(tmp_path):
               for run in (straight.run_dir, resumed.run_dir)]
     assert [losses[0][s] for s in (3, 4)] == [losses[1][s] for s in (3, 4)]  # same batches after the resume
     assert load_tokenizer(straight.run_dir).to_str() == load_tokenizer(resumed.run_dir).to_str()
+
+
+def test_a_sequence_whose_attention_cannot_fit_is_one_line(tmp_path, run):
+    """data.seq_len=200000 ran out of memory with a traceback at the first step (training) or batch (every
+    analysis command, e.g. a run imported with a huge seq_len): refused first, with how long a sequence fits."""
+    from loopformer.errors import AnalysisError, ConfigError
+
+    cfg = load_config("configs/text_bytes.yaml", [f"run.dir={tmp_path}", "data.seq_len=200000", "data.batch_size=4"])
+    with pytest.raises(ConfigError, match=r"^data.seq_len=200000: attention over 200,000 tokens in batches of 4 needs "
+                                          r"about [\d,]+ GiB, more than half of this machine's \d+ GiB \(at most [\d,]+ "
+                                          r"tokens fit\); lower data.seq_len or data.batch_size \(or raise "
+                                          r"train.grad_accum\)$"):
+        train(cfg)
+    assert not (tmp_path / cfg.run.name / "config.yaml").exists()
+    huge = {"hard": [{"inputs": np.zeros((2, 300_000), np.int32)}]}
+    with pytest.raises(AnalysisError, match=r"^split hard: attention over 300,000 tokens in batches of 2 .*; evaluate "
+                                            r"shorter sequences or smaller batches \(data.seq_len, data.eval_batch_size"):
+        run.check_fits(huge)
+    assert run.check_fits({"hard": []}) == {"hard": []}
