@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,15 @@ from loopformer.inference.generate import tokenizer_of
 from loopformer.runs.layout import RunDir, outside_runs
 from loopformer.runs.log import log
 from loopformer.runs.read import read_run
-from loopformer.surgery.export import check_exportable, hf_config, hf_tensors, write_folder
+from loopformer.surgery.export import (
+    check_exportable,
+    check_out,
+    check_space,
+    export_bytes,
+    hf_config,
+    hf_tensors,
+    write_folder,
+)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -35,27 +42,29 @@ def export_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         if not args.out.strip():
             raise AnalysisError("--out '': name the folder to write, e.g. --out exported/NAME")
-        outside_runs(Path(args.out))
+        out = outside_runs(Path(args.out).expanduser())
+        check_out(out)  # before any weight is read: a --out that cannot be written is refused at once
         info = read_run(args.run)
-        check_exportable(info.cfg.model)  # before any weight is read
+        check_exportable(info.cfg.model)
         tokenizer_json = RunDir(info.path).tokenizer
         if not tokenizer_json.is_file() or '"kind": "bytes"' in tokenizer_json.read_text()[:200]:
             raise CheckpointError(f"cannot export {info.path}: it has no tokenizer.json that transformers reads (byte-"
                                   f"tokenizer and synthetic-task runs); train with data.tokenizer=bpe or a file")
         loops = info.full_loops({c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()})
         run = load_run(info, args.step, raw=args.raw_weights)
+        # from the shapes, before the unrolled copies are made: --loops 10000 would fill the memory, then the disk
+        check_space(out, export_bytes(info.cfg.model, run.params, loops) + tokenizer_json.stat().st_size)
         tensors = hf_tensors(info.cfg.model, run.params, loops)
         layers = len({k.split(".")[2] for k in tensors if k.startswith("model.layers.")})
         config = hf_config(info.cfg.model, run.model.vocab_size, layers, tokenizer_of(info.data),
                            max(info.cfg.data.seq_len, 2048))
-        out = write_folder(Path(args.out).expanduser(), config, tensors, tokenizer_json)
+        out = write_folder(out, config, tensors, tokenizer_json)
         log(f"wrote {out}")
         doc = {"run": str(info.path), "step": run.step, "out": str(out), "loops": loops, "layers": layers,
                "model_type": config["model_type"], "files": sorted(p.name for p in out.iterdir())}
-        q = shlex.quote(str(out))
         text = (f"exported {info.path} @ step {run.step} as a {config['model_type']} model of {layers} layers"
                 + (f" (circuits unrolled at {json.dumps(loops)})" if loops else "") + f" into {out}\n"
-                f"  load it: transformers.AutoModelForCausalLM.from_pretrained({q!r})")
+                f"  load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")  # a Python literal
         return doc, text
 
     return emit(args, body)

@@ -4,14 +4,51 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 from typing import Any
 
 from loopformer.cli.common import command, emit
 from loopformer.config import load_config
+from loopformer.config.load import parse_overrides
+from loopformer.errors import ConfigError
 from loopformer.runs.log import log
-from loopformer.surgery.hf import import_folder, stop_ids
+from loopformer.surgery.hf import (
+    CONFIG,
+    TOKENIZER,
+    check_seq_len,
+    import_folder,
+    max_positions,
+    model_config,
+    read_config,
+    stop_ids,
+)
 
 DEFAULT_TEXT = "asset:kjv_genesis_exodus.txt"
+DEFAULT_SEQ_LEN = 128
+# how the imported model runs, not what it is: the only model fields an override may set (config.json sets the rest)
+RUNTIME_FIELDS = ("compute_dtype", "attention")
+
+
+def _fixed(key: str, folder: Path) -> str | None:
+    """What the folder fixes of the override ``key`` (a sentence), or None when import honours it."""
+    keys = key.split(".")
+    if keys[0] == "model" and (len(keys) != 2 or keys[1] not in RUNTIME_FIELDS):
+        return (f"an imported model's architecture comes from {folder / CONFIG} (import honours only "
+                f"model.{' and model.'.join(RUNTIME_FIELDS)} of the model section)")
+    if keys[:2] in (["data", "tokenizer"], ["data", "vocab_size"]):
+        return f"an imported run's tokenizer is {folder / TOKENIZER}, the one the weights were trained with"
+    if keys[:2] == ["data", "task"]:
+        return "an imported run is a text run (data.task=text), its data the --data files"
+    return None
+
+
+def check_overrides(overrides: list[str], folder: Path) -> None:
+    """ConfigError for an override of what the folder fixes (the model but `RUNTIME_FIELDS`, the tokenizer, the
+    task): the imported run would drop it without a word, or pair the weights with another tokenizer."""
+    for item, (key, _) in zip(overrides, parse_overrides(overrides), strict=True):
+        why = _fixed(key, folder)
+        if why:
+            raise ConfigError(f"{item}: {why}; drop the override")
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +60,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", metavar="PATH",
                    help=f"text the run evaluates on (data.paths; default the shipped {DEFAULT_TEXT})")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data.seq_len=512, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (data.seq_len=512, train.lr=3e-5, model.compute_dtype=bfloat16, ...; the "
+                        "architecture and tokenizer are the folder's)")
 
 
 @command("import", "import a local Hugging Face Llama / Qwen2 / Mistral folder as a run", _args)
@@ -33,15 +72,21 @@ def import_command(args: argparse.Namespace) -> int:
 
     def body() -> tuple[dict[str, Any], str]:
         target = out_dir(args.out)  # before reading any weights: an empty --out is refused at once
-        model, params, tokenizer = import_folder(args.hf)
-        stops = stop_ids(args.hf, model.vocab_size)
+        folder = Path(args.hf)
+        spec = read_config(folder)
+        check_overrides(args.overrides, folder)
+        stops = stop_ids(folder, model_config(spec, folder / CONFIG).vocab_size)
         paths = args.data or [DEFAULT_TEXT]
+        seq_len = min(DEFAULT_SEQ_LEN, max_positions(spec) or DEFAULT_SEQ_LEN)
         cfg = load_config(None, ["data.task=text", f"data.paths={paths!r}", "data.doc_separator='\n\n'",
-                                 f"data.tokenizer={str(tokenizer.resolve())!r}", "data.prompt_format=tokenizer",
-                                 f"data.stop_ids={stops}", "data.seq_len=128",
+                                 f"data.tokenizer={str((folder / TOKENIZER).resolve())!r}",
+                                 "data.prompt_format=tokenizer", f"data.stop_ids={stops}", f"data.seq_len={seq_len}",
                                  "data.batch_size=8", "data.eval_examples=64", "data.eval_batch_size=16",
                                  "data.val_fraction=0.1", "train.lr=1e-4", "train.warmup_steps=10",
                                  "model.stages=[]", *args.overrides])
+        check_seq_len(spec, cfg.data.seq_len, folder)
+        model, params, tokenizer = import_folder(folder)
+        model.compute_dtype, model.attention = cfg.model.compute_dtype, cfg.model.attention  # overrides kept
         cfg.model = model
         out = write_run(point_at(cfg, target), params)
         log(f"wrote {out}")

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from loopformer.cli.common import command
-from loopformer.data.prepare import CHUNK_TOKENS, SHARD_TOKENS
+from loopformer.data.prepare import CHUNK_TOKENS, SHARD_TOKENS, check_sizes
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     from loopformer.config import load_config
     from loopformer.data.prepare import prepare_corpus
 
+    check_sizes(args.chunk_tokens, args.shard_tokens, ("--chunk-tokens", "--shard-tokens"))  # the flags' names
     cfg = load_config(args.config, args.overrides)
     t0 = time.time()
     meta = prepare_corpus(cfg, args.out, force=args.force, chunk_tokens=args.chunk_tokens,

@@ -249,6 +249,18 @@ def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], forc
     return sorted(e.name for e in out.iterdir())
 
 
+def check_sizes(chunk_tokens: int, shard_tokens: int,
+                names: tuple[str, str] = ("chunk_tokens", "shard_tokens")) -> None:
+    """DataError unless 1 <= chunk_tokens <= shard_tokens (a shard holds whole records); ``names``: what the
+    caller calls them (the command line's --chunk-tokens and --shard-tokens)."""
+    chunk, shard = names
+    if chunk_tokens < 1:
+        raise DataError(f"{chunk} {chunk_tokens}: give a number of tokens per record >= 1 (default {CHUNK_TOKENS})")
+    if shard_tokens < chunk_tokens:
+        raise DataError(f"{shard} {shard_tokens} is below {chunk} {chunk_tokens}: a shard holds whole records; give "
+                        f"{shard} >= {chunk_tokens} (default {SHARD_TOKENS})")
+
+
 def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_tokens: int = CHUNK_TOKENS,
                    shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict[str, Any]:
     """Tokenize ``cfg.data``'s corpus into ArrayRecord shards under ``out`` (atomically); returns the
@@ -260,8 +272,7 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
                         f"{d.task!r})")
     if prepared_dir(cfg) is not None:
         raise DataError(f"data.paths names a prepared corpus ({d.paths[0]}): point it at the raw text files")
-    if chunk_tokens < 1 or shard_tokens < chunk_tokens:
-        raise DataError(f"need 1 <= chunk_tokens <= shard_tokens, got {chunk_tokens} and {shard_tokens}")
+    check_sizes(chunk_tokens, shard_tokens)
     out = Path(out).expanduser()
     paths = expand_paths(d.paths)
     try:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -135,13 +137,60 @@ def hf_config(cfg: ModelConfig, vocab: int, layers: int, tokenizer: Any, max_pos
     return out
 
 
+def export_bytes(cfg: ModelConfig, params: Any, loops: Mapping[str, int]) -> int:
+    """Bytes of the float32 tensors `hf_tensors` makes of ``params`` at ``loops``, from their shapes alone
+    (no copy is made): each circuit's blocks count once per loop."""
+    size = {k: int(np.prod(np.shape(v))) for k, v in flat(params).items()}
+    stacks = [("prelude/", 1), ("coda/", 1)] + [(circuit_prefix(s, st.circuits[0].name) + "blocks/",
+                                                  int(loops[st.circuits[0].name])) for s, st in enumerate(cfg.stages)]
+    n = size["embed/embedding"] + size["final_norm/scale"] + (0 if cfg.tie_embeddings else size["head/kernel"])
+    n += sum(size.get(prefix + sub, 0) * times for prefix, times in stacks for sub in SUBLAYERS)
+    return 4 * n
+
+
+def _existing_parent(out: Path) -> Path:
+    """The nearest folder above ``out`` that exists: where the folder (and its parents) will be made;
+    CheckpointError when it is a file, which no folder can be made in."""
+    parent = next(p for p in out.parents if p.exists())  # a relative path's last parent is "."
+    if not parent.is_dir():
+        raise CheckpointError(f"--out {out}: {parent} is a file, not a directory; choose an --out whose parents are "
+                              f"directories")
+    return parent
+
+
+def check_out(out: Path) -> None:
+    """CheckpointError (one line) unless the folder ``out`` can be written: new or an empty directory, in a
+    writable directory. Cheap: the command calls it before any weight is read."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a directory; pick a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise CheckpointError(f"--out {out} already exists and is not empty; pick a new directory")
+    parent = _existing_parent(out)
+    try:  # a read-only file system or directory: a probe says so for root too, where permission bits do not
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write_test."):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"--out {out}: cannot write to {parent} ({e.strerror or e}); choose a writable "
+                              f"directory") from None
+
+
+def check_space(out: Path, need: int) -> None:
+    """CheckpointError when the disk under ``out`` has fewer than ``need`` bytes free (before writing any)."""
+    parent = _existing_parent(out)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise CheckpointError(f"--out {out}: the export takes {need / 2**20:,.1f} MiB and {parent} has "
+                              f"{free / 2**20:,.1f} MiB free (the unrolled layers grow with --loops); free some "
+                              f"space (df -h {shlex.quote(str(parent))}), lower --loops, or choose another --out")
+
+
 def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray], tokenizer_json: Path) -> Path:
     """Write the folder atomically (a temporary sibling renamed into place); CheckpointError if ``out`` holds
-    anything."""
+    anything, cannot be written, or its disk has too little space for the tensors and the tokenizer."""
     from safetensors.numpy import save_file
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"--out {out} already exists and is not empty; pick a new directory")
+    check_out(out)
+    check_space(out, sum(v.nbytes for v in tensors.values()) + tokenizer_json.stat().st_size)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,21 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return spec
 
 
+def max_positions(spec: dict[str, Any]) -> int | None:
+    """config.json's ``max_position_embeddings`` (the longest sequence the model was trained for), or None."""
+    n = spec.get("max_position_embeddings")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+
+
+def check_seq_len(spec: dict[str, Any], seq_len: int, where: str | Path) -> None:
+    """ConfigError for a ``data.seq_len`` past the folder's ``max_position_embeddings``: positions the model never
+    saw, whose attention can also run far past the memory (a run's later commands would fail on it)."""
+    most = max_positions(spec)
+    if most is not None and seq_len > most:
+        raise ConfigError(f"data.seq_len={seq_len} is above max_position_embeddings {most} of {where}: the model "
+                          f"was not trained on longer sequences; pass data.seq_len={most} or less")
+
+
 def stop_ids(folder: str | Path, vocab: int) -> list[int]:
     """The token ids generation ends at: generation_config.json's ``eos_token_id`` (one id or a list, e.g. Llama
     3's end-of-text, end-of-message and end-of-turn); [] without the file or the key. Checked against ``vocab``."""

@@ -1,0 +1,173 @@
+"""`loopformer export`, `import` and `prepare` on hostile inputs (hostile pass 3, items 4, 7 and 8): export's load
+hint is a Python literal, --out is checked before any weight is read and the disk before the unrolled copies are
+made; import refuses overrides the folder fixes and a seq_len past its positions; prepare names its flags."""
+
+import ast
+import dataclasses
+import errno
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+from loopformer.cli import export as export_cli
+from loopformer.cli import hf_import, main
+from loopformer.config import load_config
+from loopformer.data.prepare import prepare_corpus
+from loopformer.errors import CheckpointError, DataError
+from loopformer.model.transformer import build_model
+from loopformer.runs.read import read_run
+from loopformer.surgery import export
+from loopformer.surgery.convert import Recipe, converted_config
+from tests.surgery.test_export import plain
+from tests.surgery.test_hf_bad_folders import write_folder
+
+POSITIONS = 64  # the folder's max_position_embeddings: below import's default data.seq_len (128)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("hf") / "tiny", config={"max_position_embeddings": POSITIONS})
+
+
+@pytest.fixture(scope="module")
+def imported(folder):
+    """The folder imported with overrides import honours: the model's runtime fields and a train setting."""
+    out = folder.parent / "run"
+    assert main(["import", "--hf", str(folder), "--out", str(out), "model.compute_dtype=bfloat16",
+                 "model.attention=xla", "train.lr=3e-4"]) == 0
+    return out
+
+
+def error_line(capsys) -> str:
+    """The one line a refusal prints (the log's "loaded ..." lines aside)."""
+    (line,) = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("loaded ")]
+    return line
+
+
+def unreachable(*args, **kwargs):
+    raise AssertionError("reached: the input should have been refused before this")
+
+
+def test_export_prints_a_python_literal_to_load_the_folder(imported, tmp_path, capsys):
+    out = tmp_path / "sp ace 'q' [b]"
+    assert main(["export", "--run", str(imported), "--out", str(out)]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    literal = re.fullmatch(r"\s*load it: transformers\.AutoModelForCausalLM\.from_pretrained\((.*)\)", hint).group(1)
+    assert ast.literal_eval(literal) == str(out) and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tie,bias", [(True, False), (False, True)])
+def test_export_bytes_are_the_tensors_bytes_and_grow_with_the_loops(tie, bias):
+    cfg = converted_config(dataclasses.replace(plain(), tie_embeddings=tie, qkv_bias=bias), Recipe(core=(1, 3)))
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg, 40, 0)))
+    size = {n: export.export_bytes(cfg, params, {"X": n}) for n in (1, 2, 3, 10000)}
+    for n in (1, 3):
+        assert size[n] == sum(v.nbytes for v in export.hf_tensors(cfg, params, {"X": n}).values())
+    assert size[10000] == size[1] + 9999 * (size[2] - size[1])
+
+
+def test_export_refuses_a_disk_too_small_before_unrolling(imported, tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "new" / "big"
+    with monkeypatch.context() as m:
+        m.setattr(export_cli, "hf_tensors", unreachable)  # refused before the unrolled copies are made
+        assert main(["export", "--run", str(imported), "--out", str(out)]) == 2
+    line = error_line(capsys)
+    assert re.fullmatch(rf"error: --out {re.escape(str(out))}: the export takes [\d.]+ MiB and "
+                        rf"{re.escape(str(tmp_path))} has 0\.0 MiB free \(the unrolled layers grow with --loops\); free "
+                        r"some space \(df -h .*\), lower --loops, or choose another --out", line), line
+    with pytest.raises(CheckpointError, match=r"the export takes [\d.]+ MiB and .* has 0\.0 MiB free"):
+        export.write_folder(out, {}, export.hf_tensors(plain(), nnx.to_pure_dict(nnx.state(build_model(plain(), 40, 0))),
+                                                       {}), imported / "tokenizer.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, not even the parent
+
+
+def test_export_checks_out_before_any_weight_is_read(imported, tmp_path, capsys, monkeypatch):
+    full, afile, ro = tmp_path / "full", tmp_path / "afile", tmp_path / "ro"
+    full.mkdir()
+    (full / "kept").write_text("mine")
+    afile.write_text("mine")
+    ro.mkdir()
+    real = tempfile.NamedTemporaryFile
+
+    def probe(*args, dir=None, **kwargs):  # a read-only directory (chmod does not stop root: say it here)
+        if dir is not None and Path(dir) == ro:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(export.tempfile, "NamedTemporaryFile", probe)
+    monkeypatch.setattr(export_cli, "load_run", unreachable)
+    monkeypatch.chdir(tmp_path)
+    for out, message in [
+        (full, f"--out {full} already exists and is not empty; pick a new directory"),
+        (afile, f"--out {afile} is a file, not a directory; pick a new directory"),
+        (afile / "sub", f"--out {afile}/sub: {afile} is a file, not a directory; choose an --out whose parents are "
+                        f"directories"),
+        (Path("afile/sub/deeper"), "--out afile/sub/deeper: afile is a file, not a directory; choose an --out whose "
+                                   "parents are directories"),
+        (ro / "new", f"--out {ro}/new: cannot write to {ro} (Read-only file system); choose a writable directory"),
+        (imported / "x", f"--out {imported}/x is inside the run {imported}; write it outside any run directory"),
+    ]:
+        assert main(["export", "--run", str(imported), "--out", str(out)]) == 2
+        assert error_line(capsys).startswith(f"error: {message}")
+    assert (full / "kept").read_text() == afile.read_text() == "mine" and not list(ro.iterdir())
+
+
+def test_import_keeps_the_overrides_it_honours(imported):
+    cfg = read_run(imported).cfg
+    assert (cfg.model.compute_dtype, cfg.model.attention, cfg.train.lr) == ("bfloat16", "xla", 3e-4)
+    assert cfg.model.d_model == 16 and cfg.model.prelude == 2  # the folder's
+    assert cfg.data.seq_len == POSITIONS  # the default (128) capped at the folder's max_position_embeddings
+
+
+@pytest.mark.parametrize("override,why", [
+    ("model.d_model=32", "an imported model's architecture comes from {folder}/config.json (import honours only "
+                         "model.compute_dtype and model.attention of the model section)"),
+    ("model.heads=2", "an imported model's architecture comes from {folder}/config.json"),
+    ("model.prelude=2", "an imported model's architecture comes from {folder}/config.json"),
+    ("model.rope_base=500.0", "an imported model's architecture comes from {folder}/config.json"),
+    ("data.tokenizer=bytes", "an imported run's tokenizer is {folder}/tokenizer.json, the one the weights were "
+                             "trained with"),
+    ("data.task=parity", "an imported run is a text run (data.task=text), its data the --data files"),
+])
+def test_import_refuses_overrides_the_folder_fixes(folder, tmp_path, capsys, monkeypatch, override, why):
+    monkeypatch.setattr(hf_import, "import_folder", unreachable)  # refused before the weights are read
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "r"), "data.seq_len=32", override]) == 2
+    assert error_line(capsys).startswith(f"error: {override}: {why.format(folder=folder)}")
+    assert not (tmp_path / "r").exists()
+
+
+def test_import_refuses_a_seq_len_past_the_folders_positions(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(hf_import, "import_folder", unreachable)
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "r"), "data.seq_len=100000"]) == 2
+    assert error_line(capsys) == (f"error: data.seq_len=100000 is above max_position_embeddings {POSITIONS} of "
+                                  f"{folder}: the model was not trained on longer sequences; pass data.seq_len="
+                                  f"{POSITIONS} or less")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--chunk-tokens", "0"], "--chunk-tokens 0: give a number of tokens per record >= 1 (default 4096)"),
+    (["--chunk-tokens", "-5"], "--chunk-tokens -5: give a number of tokens per record >= 1 (default 4096)"),
+    (["--chunk-tokens", "64", "--shard-tokens", "10"], "--shard-tokens 10 is below --chunk-tokens 64: a shard holds "
+                                                       "whole records; give --shard-tokens >= 64 (default 67108864)"),
+    (["--shard-tokens", "0"], "--shard-tokens 0 is below --chunk-tokens 4096"),
+])
+def test_prepare_names_its_flags(tmp_path, capsys, flags, message):
+    assert main(["prepare", "--out", str(tmp_path / "p"), *flags]) == 2
+    assert error_line(capsys).startswith(f"error: {message}")
+    assert not (tmp_path / "p").exists()
+
+
+def test_prepare_corpus_names_its_arguments(tmp_path):
+    """The library's callers pass chunk_tokens= and shard_tokens=: its messages name those."""
+    text = tmp_path / "a.txt"
+    text.write_text("In the beginning.\n\n" * 20)
+    cfg = load_config(None, ["data.task=text", f"data.paths=[{str(text)!r}]"])
+    with pytest.raises(DataError, match=r"^shard_tokens 8 is below chunk_tokens 16: a shard holds whole records"):
+        prepare_corpus(cfg, tmp_path / "p", chunk_tokens=16, shard_tokens=8, progress=False)
