@@ -7,6 +7,7 @@ from typing import Any
 
 from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
 from loopformer.cli.eval import mode_flag
+from loopformer.errors import AnalysisError
 from loopformer.evaluation import ablate, plots, tables
 from loopformer.evaluation.run import load_run
 from loopformer.runs.read import read_run
@@ -25,13 +26,17 @@ def _args(p: argparse.ArgumentParser) -> None:
 def ablate_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
+        if not info.circuits:
+            raise AnalysisError(f"{info.path} has no circuits (model.stages: []): ablate removes looped circuits, so "
+                                f"there is nothing to remove (`loopformer convert` makes one; `loopformer rys` scans a "
+                                f"plain model's layers)")
         check_writable(info.path, "ablation.csv and ablation.png")
         splits = info.select_splits(args.split)
         run = load_run(info, args.step, raw=args.raw_weights)
         rows = ablate.ablate(run, run.eval_sets(splits, args.examples), args.mode)
+        png = plots.ablation(rows, info, run.step)  # rendered first: the two files are written one right after the other
         tables.write_csv(info.path / "ablation.csv", rows)
-        files = [str(info.path / "ablation.csv"),
-                 write_png(info.path / "ablation.png", plots.ablation(rows, info, run.step))]
+        files = [str(info.path / "ablation.csv"), write_png(info.path / "ablation.png", png)]
         doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "rows": rows, "files": files}
         return doc, "\n".join([tables.header_line(info, run.step, args.examples), tables.ablation_table(rows, info),
                                "wrote " + ", ".join(files)])

@@ -39,9 +39,9 @@ def activity_command(args: argparse.Namespace) -> int:
         loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
         run = load_run(info, args.step, raw=args.raw_weights)
         rows, thresholds, examples = activity.activity(run, run.eval_sets(splits, args.examples), loops, args.mode)
+        png = plots.activity(examples, thresholds, info, run.step)  # first: the files are written one after the other
         tables.write_csv(info.path / "activity.csv", rows)
-        files = [str(info.path / "activity.csv"),
-                 write_png(info.path / "activity.png", plots.activity(examples, thresholds, info, run.step))]
+        files = [str(info.path / "activity.csv"), write_png(info.path / "activity.png", png)]
         doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "loops": info.full_loops(loops),
                "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds, "rows": rows, "examples": examples,
                "files": files}

@@ -16,6 +16,7 @@ from typing import Any
 
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.model import plan
+from loopformer.runs.layout import replace_file
 from loopformer.runs.log import log
 from loopformer.variants.exits import EXITS
 
@@ -103,9 +104,9 @@ def probe_sets(args: argparse.Namespace, run: Any) -> dict[str, list[Any]] | Non
         raise AnalysisError(f"--probe needs a text run (prompts and answers are text), but {run.info.path} trains on "
                             f"the synthetic task '{run.info.cfg.data.task}'")
     fmt = run.info.cfg.data.prompt_format
-    probes = read_probes(args.probe)
-    return {PROBE_SPLIT: probe_batches(probes, lambda text: prompt_ids(tokenizer, text, fmt), tokenizer.encode,
-                                   min(16, len(probes)))}
+    probes = read_probes(args.probe)[: args.examples]  # --examples: the first N probes (a file holds tens)
+    return run.check_fits({PROBE_SPLIT: probe_batches(probes, lambda text: prompt_ids(tokenizer, text, fmt),
+                                                      tokenizer.encode, min(16, len(probes)))})
 
 
 def exit_flags(p: argparse.ArgumentParser, *, many: bool, compact: bool = True) -> None:
@@ -177,6 +178,7 @@ def check_writable(run: Path, writes: str) -> None:
 
 
 def write_png(path: Path, png: bytes) -> str:
-    path.write_bytes(png)
+    """Write a plot into place (`replace_file`: never half of one) and log it; the path."""
+    replace_file(path, png)
     log(f"wrote {path}")
     return str(path)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from loopformer.cli.common import check_writable, command, emit, probe_flag, probe_sets, run_flags, write_png
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, rys, tables
-from loopformer.evaluation.run import load_run
-from loopformer.runs.read import read_run
+from loopformer.evaluation.run import PROBE_SPLIT, load_run
+from loopformer.runs.log import log
+from loopformer.runs.read import RunInfo, read_run
 
 TOP = 5
 SCREEN = 256  # examples per split the whole scan runs on by default; the TOP best are rescored on --examples
@@ -29,8 +36,11 @@ def _repeats(text: str) -> list[int]:
 def _args(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Every contiguous block [i, j) of the stack's L layers (L (L + 1) / 2 of them) runs r extra times "
                 "(layers 0..j-1, then i..j-1 r times, then j..L-1), with no training, and is scored against the "
-                "unmodified model. Writes rys.csv and rys_<split>.png (start x end, the change) into the run. Every "
-                "setting is a runtime layer schedule: the scan runs on one compiled program per batch shape.")
+                "unmodified model. Writes rys.csv and rys_<split>.png (start x end, the change) into the run, replacing an "
+                "earlier scan's set (its plots of splits this scan does not score are removed); two scans at once "
+                "write one after the other, and the last to finish wins. With --probe, --examples takes the first N "
+                "probes. Every setting is a runtime layer schedule: the scan runs on one compiled program per batch "
+                "shape.")
     run_flags(p)
     p.add_argument("--stack", choices=rys.STACKS, help="the stack to duplicate in (default: prelude, or coda "
                                                         "when the prelude is empty)")
@@ -67,6 +77,90 @@ def _table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], text: boo
     return "\n\n".join(out)
 
 
+def _outputs(info: RunInfo) -> list[Path]:
+    """Every file a scan writes, replaces or removes: rys.csv, and rys_<split>.png of each eval split and of a
+    probe set."""
+    return [info.path / "rys.csv"] + [info.path / f"rys_{s}.png" for s in dict.fromkeys([*info.splits, PROBE_SPLIT])]
+
+
+def _check_outputs(paths: Sequence[Path]) -> None:
+    """AnalysisError, before the scan, for an earlier file the scan could not replace or remove (read-only, or a
+    read-only file mounted into the run): found at the end, it would cost the scan and leave no new set."""
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise AnalysisError(f"{path} is read-only, and rys replaces it (or removes it, for a split the scan does not "
+                                f"score); make it writable, or copy the run (cp -r) and pass --run COPY")
+
+
+@contextlib.contextmanager
+def _one_set(run_dir: Path, paths: Sequence[Path]) -> Iterator[None]:
+    """Write a scan's files (``paths``: every one the block may replace or remove) as one set: under a lock on the
+    run directory, so two scans at once write one after the other (the last one's set stays whole), and with the
+    earlier files kept aside, so a failure part way (an error, Ctrl-C, SIGTERM) puts them all back."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    saved: dict[Path, Path] = {}
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: unlocked, as the trainer's lock does
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a few file writes: wait for them
+        for path in paths:
+            if path.exists():
+                saved[path] = _keep(path)
+        try:
+            yield
+        except BaseException:
+            for path in paths:
+                with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
+                    if path in saved:  # (a link to the same file is left in place: `finally` removes it)
+                        os.replace(saved[path], path)
+                    else:
+                        path.unlink(missing_ok=True)  # a new file where the earlier scan had none
+            raise
+    finally:
+        for keep in saved.values():
+            keep.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
+
+
+def _keep(path: Path) -> Path:
+    """A hard link (or, where links fail, a copy) of ``path`` beside it: the file as it is, whatever replaces it."""
+    keep = path.with_name(f".{path.name}.{os.getpid()}.old")
+    keep.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, keep)
+        except OSError:
+            shutil.copy2(path, keep)
+    except OSError as e:
+        raise AnalysisError(f"cannot keep a copy of {path} while rys replaces it ({e.strerror or e}): make the run "
+                            f"writable (or free disk space) and run the command again") from None
+    return keep
+
+
+def _write(info: RunInfo, rows: list[dict[str, Any]], pngs: dict[str, bytes]) -> list[str]:
+    """Write rys.csv and a plot per split (rendered beforehand: the set's writes follow each other at once) and
+    remove the plots of splits this scan did not score, which rys.csv no longer holds; the files written."""
+    outputs = _outputs(info)
+    with _one_set(info.path, outputs):
+        stale = [p for p in outputs[1:] if p.stem[len("rys_"):] not in pngs and p.is_file()]  # under the lock
+        tables.write_csv(info.path / "rys.csv", rows)
+        files = [str(info.path / "rys.csv")] + [write_png(info.path / f"rys_{s}.png", png) for s, png in pngs.items()]
+        for path in stale:
+            path.unlink()
+            log(f"removed {path} (an earlier scan's; rys.csv now holds {', '.join(pngs)})")
+    return files
+
+
+def _header(info: RunInfo, step: int, baseline: Sequence[dict[str, Any]], probe: str | None) -> str:
+    """The table's first line with the examples the scan scored (a text split may hold fewer windows than
+    --examples asks for)."""
+    counts = {b["split"]: b["examples"] for b in baseline}
+    if probe:
+        return tables.header_line(info, step, 0, probe) + f" · {counts[PROBE_SPLIT]} probes"
+    same = set(counts.values())
+    scored = same.pop() if len(same) == 1 else " / ".join(f"{n} ({s})" for s, n in counts.items())
+    return tables.header_line(info, step, scored)  # a count per split, when they differ
+
+
 @command("rys", "scan duplications of every contiguous block of layers of a plain stack (writes rys.csv, "
                 "rys_<split>.png)", _args)
 def rys_command(args: argparse.Namespace) -> int:
@@ -81,6 +175,7 @@ def rys_command(args: argparse.Namespace) -> int:
         stack = args.stack or ("prelude" if info.cfg.model.prelude else "coda")
         layers = rys.stack_layers(info, stack)
         check_writable(info.path, "rys.csv and rys_<split>.png")
+        _check_outputs(_outputs(info))
         splits = [] if args.probe else info.select_splits(args.split)
         run = load_run(info, args.step, raw=args.raw_weights)
         eval_sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)
@@ -90,19 +185,17 @@ def rys_command(args: argparse.Namespace) -> int:
         rows, baseline = rys.scan(run, subset if screening else eval_sets, stack, args.repeats)
         best_rows, best_base = rys.rescore(run, eval_sets, stack, rows, TOP) if screening else (rows, baseline)
         compiles = run.evaluator.compiles - before
-        tables.write_csv(info.path / "rys.csv", [dict(r, **{"change": r[rys.metric(info.is_text)] - b[
-            rys.metric(info.is_text)]}) for b in baseline for r in rows if r["split"] == b["split"]])
-        files = [str(info.path / "rys.csv")]
-        for base in baseline:
-            png = plots.rys_heatmap(rows, base, base["split"], layers, stack, info, run.step)
-            files.append(write_png(info.path / f"rys_{base['split']}.png", png))
+        if not rows:
+            raise AnalysisError("nothing to scan")
+        key = rys.metric(info.is_text)
+        pngs = {b["split"]: plots.rys_heatmap(rows, b, b["split"], layers, stack, info, run.step) for b in baseline}
+        files = _write(info, [dict(r, change=r[key] - b[key]) for b in baseline for r in rows if r["split"] == b["split"]],
+                       pngs)
         doc = {"run": str(info.path), "step": run.step, "stack": stack, "layers": layers, "repeats": args.repeats,
                "probe": args.probe,
                "rows": rows, "baseline": baseline, "compiles": compiles, "files": files,
                "screen": ({"examples": {b["split"]: b["examples"] for b in baseline}, "rescored": best_rows,
                            "baseline": best_base} if screening else None)}
-        if not rows:
-            raise AnalysisError("nothing to scan")
         scanned = f"duplicating blocks of the {layers} {stack} layer{'s' if layers > 1 else ''}, repeats {args.repeats}"
         if info.circuits:  # a looped run: only its plain stacks have layers to duplicate
             other = "coda" if stack == "prelude" else "prelude"
@@ -111,7 +204,7 @@ def rys_command(args: argparse.Namespace) -> int:
                         f"`loopformer convert` loops a block of a plain model)")
             doc["note"] = scanned
         evaluations = len(rows) + len(baseline) + (len(best_rows) + len(best_base) if screening else 0)
-        text = "\n".join([tables.header_line(info, run.step, args.examples, args.probe), scanned,
+        text = "\n".join([_header(info, run.step, best_base, args.probe), scanned,
                           _table(best_rows, best_base, info.is_text, len(rows) // max(len(baseline), 1),
                                  {b["split"]: b["examples"] for b in baseline} if screening else None),
                           f"programs compiled for these {evaluations} evaluations: {compiles} "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from loopformer.evaluation.run import PROBE_SPLIT, Row
+from loopformer.runs.layout import replace_file
 from loopformer.runs.read import RunInfo
 
 
@@ -60,7 +62,8 @@ def pct(x: float) -> str:
 
 
 def loops_str(loops: Mapping[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in loops.items())
+    """``X=4 Y=2``; "no loops" for a model without circuits (a blank label read as a bug)."""
+    return " ".join(f"{k}={v}" for k, v in loops.items()) or "no loops"
 
 
 def split_label(info: RunInfo, split: str) -> str:
@@ -178,12 +181,14 @@ def flat_row(row: Row) -> dict[str, Any]:
 
 
 def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    """``rows`` (`flat_row`) as a CSV file at ``path``, replaced whole (`replace_file`)."""
     flat = [flat_row(r) for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(flat)
+    text = io.StringIO()  # the csv module's "\r\n" line ends, as a file opened with newline="" keeps them
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(flat)
+    replace_file(path, text.getvalue().encode("utf-8"))
 
 
 def activity_table(rows: Sequence[Row], thresholds: Mapping[str, float], info: RunInfo, mode: str) -> str:

@@ -19,10 +19,11 @@ rys.csv, rys_<split>.png, sweeps/<circuits>/); each command names its own files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopformer.errors import ConfigError
+from loopformer.errors import AnalysisError, ConfigError
 
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
@@ -94,6 +95,23 @@ class RunDir:
         """The newest checkpoint step on disk, or None."""
         steps = self.checkpoint_steps()
         return steps[-1] if steps else None
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, renamed into place: a kill leaves the old file
+    or the new one, never half of one. AnalysisError naming a file that cannot be written (read-only, which a
+    rename would get past, a full disk, a folder in its place)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename stays on one filesystem
+    try:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError("the file is read-only")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise AnalysisError(f"cannot write {path} ({e.strerror or e}): make it and its folder writable (or free disk "
+                            f"space) and run the command again") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def outside_runs(out: Path, flag: str = "--out") -> Path:

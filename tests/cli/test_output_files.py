@@ -1,0 +1,145 @@
+"""The analysis commands' output files (hostile pass 3b, findings 5-8): written through a temporary file and
+renamed, one error line for a file that cannot be written, rys's files one consistent set, rys --probe with
+--examples, rys's header count, ablate on a run without circuits."""
+
+import fcntl
+import json
+import os
+import shutil
+
+import pytest
+
+from loopformer.cli import main
+from loopformer.cli import rys as rys_cli
+from loopformer.cli.common import write_png
+from loopformer.errors import AnalysisError
+from loopformer.evaluation import tables
+from tests.conftest import make_run, tiny_config
+
+PLAIN = ["model.prelude=3", "model.coda=0", "model.stages=[]", "eval.sweep_circuits=[]"]  # 6 blocks to scan
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    return make_run(tiny_config(tmp_path_factory.mktemp("outputs"), "plain", *PLAIN))
+
+
+def hidden(folder):
+    """Temporary and kept-aside files (.<name>.<pid>.tmp / .old) left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def contents(folder, names):
+    return {n: (folder / n).read_bytes() for n in names}
+
+
+def one_error(capsys):
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: "), line
+    return line
+
+
+@pytest.mark.parametrize("write", [lambda p: tables.write_csv(p, [{"a": 2}]), lambda p: write_png(p, b"new")])
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, write):
+    """write_csv / write_png opened the final name: a kill truncated it, and a read-only file was a traceback."""
+    path = tmp_path / "out.dat"
+    path.write_bytes(b"old")
+
+    def fail(*a):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(os, "replace", fail)  # the data is written, the rename fails
+    with pytest.raises(AnalysisError, match=rf"^cannot write {path} \(Read-only file system\): make it and its folder "):
+        write(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old" and hidden(tmp_path) == []
+    monkeypatch.setattr(os, "access", lambda p, mode: False)  # chmod a-w (root is not stopped by chmod)
+    with pytest.raises(AnalysisError, match=r"\(the file is read-only\)"):
+        write(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old"
+    (tmp_path / "dir.dat").mkdir()
+    with pytest.raises(AnalysisError, match=r"dir.dat \(Is a directory\)"):
+        write(tmp_path / "dir.dat")
+    write(path)
+    assert path.read_bytes() in (b"a\r\n2\r\n", b"new") and hidden(tmp_path) == []
+
+
+def test_rys_files_are_one_scans_set(plain_run, capsys, monkeypatch):
+    """Finding 5: a scan stopped between its files, or a later scan of fewer splits, left rys.csv of one scan
+    beside plots of another; two scans at once interleaved their files."""
+    names = ["rys.csv", "rys_train.png", "rys_hard.png"]
+    assert main(["rys", "--run", str(plain_run), "--examples", "8"]) == 0
+    old = contents(plain_run, names)
+    real = rys_cli.write_png
+
+    def stopped(path, png):  # Ctrl-C after the csv and the first plot are in place (a plot unlike the old one)
+        if path.name == "rys_hard.png":
+            raise KeyboardInterrupt
+        return real(path, b"the new scan's plot")
+    monkeypatch.setattr(rys_cli, "write_png", stopped)
+    assert main(["rys", "--run", str(plain_run), "--examples", "16"]) == 130
+    assert contents(plain_run, names) == old and hidden(plain_run) == []  # the new csv (16 examples) is gone too
+    monkeypatch.undo()
+
+    locked = []
+
+    def probing(path, png):  # another scan cannot write while this one does
+        fd = os.open(plain_run, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked.append(path.name)
+        finally:
+            os.close(fd)
+        return real(path, png)
+    monkeypatch.setattr(rys_cli, "write_png", probing)
+    capsys.readouterr()
+    assert main(["rys", "--run", str(plain_run), "--examples", "16", "--split", "train"]) == 0
+    assert locked == ["rys_train.png"]
+    assert f"removed {plain_run / 'rys_hard.png'} (an earlier scan's; rys.csv now holds train)" in capsys.readouterr().err
+    assert not (plain_run / "rys_hard.png").exists() and hidden(plain_run) == []
+    rows = (plain_run / "rys.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and all(",train," in r for r in rows[1:])
+
+
+def test_rys_refuses_a_read_only_output_before_the_scan(plain_run, capsys, monkeypatch):
+    """Finding 6: a read-only rys.csv or plot (a file mounted read-only into the run) was a traceback after
+    the scan, with part of the set already rewritten."""
+    assert main(["rys", "--run", str(plain_run), "--examples", "8"]) == 0
+    old = contents(plain_run, ["rys.csv", "rys_train.png", "rys_hard.png"])
+    capsys.readouterr()
+    ro = plain_run / "rys_hard.png"
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != os.fspath(ro))
+    assert main(["rys", "--run", str(plain_run), "--examples", "16"]) == 2
+    assert one_error(capsys) == (f"error: {ro} is read-only, and rys replaces it (or removes it, for a split the scan "
+                                 f"does not score); make it writable, or copy the run (cp -r) and pass --run COPY")
+    assert contents(plain_run, old) == old  # and nothing was loaded or scanned: one line, no "loaded"
+
+
+def test_rys_examples_takes_the_first_probes_and_the_header_counts_what_was_scored(text_run_dir, tmp_path, capsys):
+    """Findings 7 and 8: --examples with --probe was ignored (every probe scored); a text run's header said
+    --examples windows per split however few the split held."""
+    run = tmp_path / "text"
+    shutil.copytree(text_run_dir, run)
+    probes = tmp_path / "p.jsonl"
+    probes.write_text("".join(json.dumps({"prompt": f"What is {i} + 1? ", "answer": str(i + 1)}) + "\n"
+                              for i in range(20)))
+    assert main(["rys", "--run", str(run), "--probe", str(probes), "--examples", "5"]) == 0
+    assert "· 5 probes\n" in capsys.readouterr().out
+    assert main(["rys", "--run", str(run), "--probe", str(probes), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [b["examples"] for b in doc["baseline"]] == [20] and doc["rows"][0]["examples"] == 20
+    assert main(["rys", "--run", str(run), "--split", "val", "--examples", "100000"]) == 0
+    out = capsys.readouterr().out
+    windows = int(out.split(" · text · ")[1].split()[0])
+    assert 0 < windows < 100000 and f"{windows} windows per split" in out and f"rescored on {windows}:" in out
+
+
+def test_ablate_on_a_run_without_circuits_is_one_line(plain_run, capsys):
+    """Finding 7: ablate on a plain run wrote three baseline rows and an empty plot; activity refused."""
+    assert main(["ablate", "--run", str(plain_run)]) == 2
+    assert one_error(capsys) == (
+        f"error: {plain_run} has no circuits (model.stages: []): ablate removes looped circuits, so there is nothing "
+        f"to remove (`loopformer convert` makes one; `loopformer rys` scans a plain model's layers)")
+    assert not (plain_run / "ablation.csv").exists() and not (plain_run / "ablation.png").exists()
