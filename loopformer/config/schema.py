@@ -638,8 +638,6 @@ class EvalConfig:
 
     def validate(self, circuits: list[str]) -> None:
         _check(all(n >= 1 for n in self.sweep_loops), f"eval.sweep_loops: counts must be >= 1, got {self.sweep_loops}")
-        _check(not self.sweep_loops or bool(circuits), f"eval.sweep_loops={self.sweep_loops} sweeps the loop counts of "
-               f"circuits, and this model has none (model.stages: []); set eval.sweep_loops=[]")
         for name in self.sweep_circuits:
             _check(name in circuits, f"eval.sweep_circuits: '{name}' is not a circuit; circuits are {', '.join(circuits)}")
 

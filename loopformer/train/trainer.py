@@ -319,7 +319,10 @@ class _Loop:
                 f"raise train.steps to continue")
             if cfg.train.eval_every:
                 self.evaluate(state, start)
-        if cfg.eval.sweep_loops:
+        if cfg.eval.sweep_loops and not cfg.model.circuits():  # e.g. the quickstart's config with model.stages=[]
+            log(f"no final sweep: eval.sweep_loops={cfg.eval.sweep_loops} sweeps circuits' loop counts, and this model "
+                f"has none")
+        elif cfg.eval.sweep_loops:
             params, weights = eval_weights(state)
             if weights:
                 log(f"final sweep ({weights}):")

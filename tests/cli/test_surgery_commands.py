@@ -114,9 +114,11 @@ def test_convert_is_the_plain_model_at_one_loop_and_the_duplication_at_two(plain
 def test_a_plain_model_trains_and_its_conversion_trains_on(tmp_path, capsys):
     """model.stages: [] trains like any config; a converted run resumes from its step 0 with a new loop
     schedule (logged as a schedule change)."""
-    cfg = tiny_config(tmp_path, "plain_train", *PLAIN)
+    cfg = tiny_config(tmp_path, "plain_train", *PLAIN, "eval.sweep_loops=[1, 2]")  # the quickstart's sweep, kept
     result = train(cfg)
     assert result.step == 3 and all(np.isfinite(m["loss"]) for m in result.eval.values())
+    assert "no final sweep: eval.sweep_loops=[1, 2] sweeps circuits' loop counts" in capsys.readouterr().out
+    assert not (cfg.run_dir / "final_sweep.json").exists()  # was a table of identical rows "loops 1", "loops 2"
     assert main(["convert", "--run", str(cfg.run_dir), "--core", "1:5", "--out", "conv", "--inject", "concat"]) == 0
     capsys.readouterr()
     conv = load_config(tmp_path / "conv" / "config.yaml", ["model.stages.0.circuits.X.loops=uniform(1, 2)",
