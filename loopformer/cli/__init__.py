@@ -16,12 +16,13 @@ import sys
 import threading
 
 from loopformer.errors import DecodingError, LoopformerError
+from loopformer.runs import stop
+from loopformer.runs.stop import Terminated
 
 MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare", "activity", "rys", "convert", "hf_import",
            "export")
 
 
-MAX_EXAMPLES = 100_000  # per split: building more holds them all in memory for minutes (10,000: ±1% at 95%)
 
 
 def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
@@ -43,9 +44,14 @@ def _end_process(code: int) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    for name in MODULES:
-        importlib.import_module(f"loopformer.cli.{name}")  # each registers its command
+    try:
+        for name in MODULES:
+            importlib.import_module(f"loopformer.cli.{name}")  # each registers its command (and imports JAX)
+    except KeyboardInterrupt:  # Ctrl-C in the first second: not a traceback through `import jax`
+        print("interrupted", file=sys.stderr)
+        return 130
     from loopformer.cli.common import COMMANDS
+    from loopformer.config.schema import MAX_EVAL_EXAMPLES
 
     parser = argparse.ArgumentParser(prog="loopformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,19 +59,24 @@ def _main(argv: list[str] | None) -> int:
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     examples = getattr(args, "examples", None)
-    if examples is not None and examples > MAX_EXAMPLES:
-        print(f"error: --examples {examples}: at most {MAX_EXAMPLES:,} per split (they are all built in memory "
+    if examples is not None and examples > MAX_EVAL_EXAMPLES:
+        print(f"error: --examples {examples}: at most {MAX_EVAL_EXAMPLES:,} per split (they are all built in memory "
               f"first); 10,000 already gives ±1% at 95%", file=sys.stderr)
         return 2
     # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C, so that a command's cleanup runs (temporary
     # folders removed, checkpoints finished, locks released) instead of the process vanishing mid-write.
-    _terminated.clear()
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    stop.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    # (a signal the parent set to be ignored, e.g. SIGINT of a background job, stays ignored)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+                if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         code = COMMANDS[args.command][2](args)
-        if _terminated:  # the signal's exception was swallowed where Python cannot raise (a gc callback)
-            print("terminated (the signal came where it could not stop the command, which finished)", file=sys.stderr)
-            return 128 + signal.SIGTERM
+        signum = stop.requested()
+        if signum is not None:  # its exception was swallowed where Python cannot raise it (a gc callback)
+            what = "terminated" if signum == signal.SIGTERM else "interrupted"
+            print(f"{what} (the signal came where it could not stop the command, which finished)", file=sys.stderr)
+            return 128 + signum
         return code
     except DecodingError as e:  # the model layer says why; the command line knows the way around it
         print(f"error: {e}; use --no-cache (recomputes the prefix every token)", file=sys.stderr)
@@ -83,24 +94,17 @@ def _main(argv: list[str] | None) -> int:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread (a BaseException, like KeyboardInterrupt: `except Exception` lets it by)."""
-
-
-_terminated: list[bool] = []
-
-
-def _terminate(signum: int, frame: object) -> None:
-    """First SIGTERM: unwind (`Terminated`); it is remembered, in case Python swallows the exception (it does
-    in gc callbacks), and the default action is back, so a second SIGTERM ends the process at once."""
-    _terminated.append(True)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGTERM raises `Terminated`, SIGINT KeyboardInterrupt, to unwind the command. The signal is remembered, in
+    case Python swallows the exception (it does in gc callbacks), and the usual handling is back, so a second
+    SIGTERM ends the process at once and a second Ctrl-C interrupts again."""
+    stop.request(signum)
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise KeyboardInterrupt

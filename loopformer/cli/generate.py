@@ -23,6 +23,7 @@ from loopformer.runs.read import read_run
 from loopformer.variants.cache import CachePolicy
 
 MAX_SETTINGS = 16
+MAX_COUNT = 1000  # examples shown: each is printed with its answers at every setting
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -113,6 +114,9 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--prompt needs a text run, but {info.path} trains on the synthetic task "
                                 f"'{info.cfg.data.task}' (no tokenizer); use --example-split NAME to see its "
                                 f"examples answered (splits: {', '.join(info.splits)})")
+        if args.count is not None and args.count > MAX_COUNT:
+            raise AnalysisError(f"--count {args.count}: generate shows at most {MAX_COUNT} examples (use `loopformer "
+                                f"eval --examples N` to score more)")
         if args.example_split is not None and args.example_split not in info.splits:
             raise AnalysisError(f"--example-split {args.example_split}: this run has no eval split "
                                 f"'{args.example_split}'; its splits are {', '.join(info.splits)}")

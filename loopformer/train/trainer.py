@@ -29,10 +29,11 @@ from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.evaluation.tables import format_table, score, score_name
 from loopformer.flops import FlopCounter, peak_flops
 from loopformer.metrics import text_metrics
-from loopformer.model.attend import attention_overflow
+from loopformer.model.attend import attention_overflow, memory_bytes
 from loopformer.model.describe import describe
 from loopformer.model.plan import difficulty_rules, exit_caps, resolve_loops
 from loopformer.model.transformer import LoopedTransformer
+from loopformer.runs import stop
 from loopformer.runs.checkpoint import Checkpoints, abstract_like
 from loopformer.runs.layout import RunDir
 from loopformer.runs.lock import run_lock
@@ -141,6 +142,7 @@ def _initial(cfg: Config, source: DataSource, mesh: jax.sharding.Mesh) -> _Initi
     params = nnx.to_pure_dict(params)
     tx = make_optimizer(cfg.train)
     ema = cfg.train.ema > 0
+    _check_state_fits(cfg, sum(model.param_counts().values()), mesh)
     shardings = parallel.train_state_shardings(model, tx, mesh, ema=ema)
     state = parallel.shard_train_state(params, lambda p: init_state(p, tx, ema), shardings)
     log(f"{parallel.describe_mesh(mesh)}; {parallel.describe_sharding(params, shardings['params'])}")
@@ -251,6 +253,19 @@ def _train(cfg: Config) -> TrainResult:
     return loop.result
 
 
+def _check_state_fits(cfg: Config, params: int, mesh: jax.sharding.Mesh) -> None:
+    """ConfigError, before the state is allocated, when the float32 params, AdamW's two moments, the gradient
+    (and the EMA weights) cannot fit in the mesh's memory even spread evenly: XLA would wait for memory that never
+    comes (a hang that ignores SIGTERM, seen with model.d_model=1000000)."""
+    copies = 4 + (cfg.train.ema > 0)
+    need, memory = 4 * params * copies, memory_bytes() * mesh.devices.size
+    if need > memory:
+        raise ConfigError(f"the model has {params:,} parameters: its training state ({copies} float32 copies: params, "
+                          f"gradient, AdamW's two moments{', EMA' if copies > 4 else ''}) takes {need / 2**30:,.1f} GiB, "
+                          f"more than the {memory / 2**30:,.0f} GiB of memory here; lower model.d_model or the "
+                          f"layer counts")
+
+
 def _check_attention_fits(cfg: Config, seq_len: int, mesh: jax.sharding.Mesh) -> None:
     """ConfigError, before anything is written, when one attention layer over data.seq_len tokens would not fit
     in a device's memory (a lower bound of a step's need): a clear line instead of an out-of-memory traceback
@@ -291,6 +306,7 @@ class _Loop:
         t = self.cfg.train
         window = _Window()
         for step in range(start, t.steps):
+            stop.check()  # a signal whose exception Python dropped still stops training here
             batch = parallel.put_batch(next(self.data_it), self.mesh)
             state, metrics = self.train_step(state, batch)
             done = step + 1

@@ -7,29 +7,32 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import loopformer.cli.inspect  # noqa: F401  (registers the command)
 from loopformer.cli import Terminated, main
 from loopformer.cli.common import COMMANDS
 
 
-def test_a_swallowed_sigterm_still_ends_with_status_143(run_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_swallowed_signal_still_ends_with_its_status(run_dir, capsys, monkeypatch, sig, code, word):
     """Python drops an exception raised where it cannot propagate (a gc callback): the command then finished,
     and exited 0 as if never signalled. The signal is remembered and reported."""
     help_text, add_args, _ = COMMANDS["inspect"]
 
     def swallowing(args):
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
             time.sleep(5)  # interrupted by the handler
-        except Terminated:
+        except (Terminated, KeyboardInterrupt):
             pass  # what a gc callback does with it
         return 0
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(sig)
     monkeypatch.setitem(COMMANDS, "inspect", (help_text, add_args, swallowing))
-    assert main(["inspect", "--run", str(run_dir)]) == 143
-    assert "terminated (the signal came where it could not stop the command" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert main(["inspect", "--run", str(run_dir)]) == code
+    assert f"{word} (the signal came where it could not stop the command" in capsys.readouterr().err
+    assert signal.getsignal(sig) is before
 
 
 def test_an_interrupted_process_exits_without_the_interpreters_teardown(tmp_path):

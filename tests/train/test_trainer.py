@@ -21,6 +21,7 @@ import yaml
 from loopformer.config import load_config
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
+from loopformer.runs.layout import RunDir
 from loopformer.runs.restore import restore_params
 from loopformer.runs.scalars import read_metrics, read_tensorboard_scalars
 from loopformer.train import trainer
@@ -392,3 +393,30 @@ def test_halting_and_routed_models_train(tmp_path, capsys, extra):
     assert row["accuracy"] == rows[-1]["eval/hard/learned/accuracy"]
     assert row["mean_loops"]["X"] == pytest.approx(rows[-1]["eval/hard/learned/mean_loops"], rel=1e-6)
     assert 1 <= row["mean_loops"]["X"] < 2  # some tokens stop after one iteration
+
+
+def test_a_model_too_big_for_memory_is_one_line_before_anything_is_allocated(tmp_path):
+    """model.d_model=1000000 hung in XLA waiting for memory (ignoring SIGTERM) after writing the run's config."""
+    cfg = load_config("configs/plain_parity.yaml", [f"run.dir={tmp_path}", "model.d_model=1000000", "train.steps=2"])
+    with pytest.raises(ConfigError, match=r"^the model has [\d,]+ parameters: its training state \(4 float32 copies: "
+                                          r"params, gradient, AdamW's two moments\) takes [\d,.]+ GiB, more than the "
+                                          r"[\d,]+ GiB of memory here; lower model.d_model or the layer counts$"):
+        train(cfg)
+    assert not (tmp_path / cfg.run.name / "config.yaml").exists()
+
+
+def test_a_stop_whose_exception_was_dropped_ends_training_at_the_next_step(tmp_path):
+    """A SIGTERM whose exception Python dropped (a gc callback) let a trainer run all its steps; the command
+    line records it (`loopformer.runs.stop`) and the step loop checks it, so training stops at the next step."""
+    import signal
+
+    from loopformer.runs import stop
+
+    cfg = tiny_config(tmp_path, "stopped", "train.steps=50")
+    stop.request(signal.SIGTERM)
+    try:
+        with pytest.raises(stop.Terminated):
+            train(cfg)
+    finally:
+        stop.clear()
+    assert RunDir(cfg.run_dir).checkpoint_steps() == []  # stopped before the first step
