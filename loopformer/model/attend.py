@@ -33,8 +33,12 @@ def scores_bytes(batch: int, length: int, heads: int) -> int:
 
 
 def memory_bytes() -> int:
-    """The memory of the first device (its allocator's limit on an accelerator; the host's RAM on CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """The memory of this process's first device (its allocator's limit on an accelerator; the host's RAM on CPU).
+    Only a local device reports its memory (another process's raises)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except jax.errors.JaxRuntimeError:  # a backend without memory statistics
+        stats = {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
