@@ -96,6 +96,7 @@ def _main(argv: list[str] | None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        stop.clear()  # reported above: a later command or training in this process (tests, a notebook) starts clean
 
 
 def _on_signal(signum: int, frame: object) -> None:

@@ -12,6 +12,7 @@ import pytest
 import loopformer.cli.inspect  # noqa: F401  (registers the command)
 from loopformer.cli import Terminated, main
 from loopformer.cli.common import COMMANDS
+from loopformer.runs import stop
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
@@ -33,6 +34,7 @@ def test_a_swallowed_signal_still_ends_with_its_status(run_dir, capsys, monkeypa
     assert main(["inspect", "--run", str(run_dir)]) == code
     assert f"{word} (the signal came where it could not stop the command" in capsys.readouterr().err
     assert signal.getsignal(sig) is before
+    assert stop.requested() is None  # reported, then cleared: a later training in this process is not stopped
 
 
 def test_an_interrupted_process_exits_without_the_interpreters_teardown(tmp_path):
