@@ -87,14 +87,12 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
         if args.top_k < 0 or not 0 < args.top_p <= 1:
             raise AnalysisError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
-        sampling = [f for f, on in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
-                                    ("--seed", args.seed != 0)) if on]
+        sampling = _given((("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)))
         if args.temperature == 0 and sampling and args.prompt is not None:
-            raise AnalysisError(f"{' and '.join(sampling)} set(s) how tokens are sampled, and --temperature 0 (the "
-                                f"default) decodes greedily; give --temperature > 0, or drop {' and '.join(sampling)}")
-        if args.no_cache and (args.cache is not None or args.continuous):
-            given = " and ".join(f for f, on in (("--cache", args.cache is not None), ("--continuous", args.continuous))
-                                 if on)
+            raise AnalysisError(f"{sampling} set(s) how tokens are sampled, and --temperature 0 (the default) decodes "
+                                f"greedily; give --temperature > 0, or drop {sampling}")
+        given = _given((("--cache", args.cache is not None), ("--continuous", args.continuous)))
+        if args.no_cache and given:
             raise AnalysisError(f"--no-cache recomputes the whole prefix for every token, so {given} (settings of "
                                 f"cached decoding) would do nothing; drop one or the other")
         args.policy = CachePolicy.parse(args.cache or "full")
@@ -162,6 +160,11 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
 
 
+def _given(flags: tuple[tuple[str, bool], ...]) -> str:
+    """The flags of ``flags`` (name, whether it was given) that were given, as "--a and --b" ("" for none)."""
+    return " and ".join(flag for flag, on in flags if on)
+
+
 def _recomputed_why(info: Any, args: argparse.Namespace) -> str | None:
     """Why a task run's answers take the recompute path rather than cached decoding (None: they are cached)."""
     cfg = info.cfg
@@ -177,18 +180,17 @@ def _refuse_text_flags(args: argparse.Namespace, info: Any) -> None:
     """AnalysisError for settings a synthetic-task run would accept and not use: those of prompt continuation
     (its answers are decoded greedily to the answer's length), and those of cached decoding where its answers
     are recomputed."""
-    given = [flag for flag, on in (("--max-new-tokens", args.max_new_tokens is not None),
-                                   ("--temperature", args.temperature != 0.0), ("--top-k", args.top_k != 0),
-                                   ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)) if on]
+    given = _given((("--max-new-tokens", args.max_new_tokens is not None), ("--temperature", args.temperature != 0.0),
+                    ("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)))
     if given:
-        raise AnalysisError(f"{' and '.join(given)} set(s) how a --prompt is continued, but {info.path} trains on "
-                            f"the synthetic task '{info.cfg.data.task}', whose answers are decoded greedily to the "
-                            f"answer's length; drop {' and '.join(given)}")
+        raise AnalysisError(f"{given} set(s) how a --prompt is continued, but {info.path} trains on the synthetic task "
+                            f"'{info.cfg.data.task}', whose answers are decoded greedily to the answer's length; drop "
+                            f"{given}")
     why = None if args.no_cache else _recomputed_why(info, args)
-    given = [f for f, on in (("--cache", args.cache is not None), ("--continuous", args.continuous)) if on]
+    given = _given((("--cache", args.cache is not None), ("--continuous", args.continuous)))
     if why is not None and given:
-        raise AnalysisError(f"{' and '.join(given)} set(s) cached decoding, but this run's answers are recomputed "
-                            f"({why}); drop {' and '.join(given)}")
+        raise AnalysisError(f"{given} set(s) cached decoding, but this run's answers are recomputed ({why}); drop "
+                            f"{given}")
 
 
 def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, settings: list[dict[str, int]]) -> None:

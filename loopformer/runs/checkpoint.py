@@ -363,10 +363,10 @@ class Checkpoints:
         try:
             yield
         except Exception as e:
-            why = e.strerror if isinstance(e, OSError) and e.strerror else _OS_ERROR.search(str(e))
-            if not why:
+            found = _OS_ERROR.search(str(e))
+            why = e.strerror if isinstance(e, OSError) and e.strerror else found.group(1) if found else None
+            if why is None:
                 raise
-            why = why if isinstance(why, str) else why.group(1)
             raise CheckpointError(f"saving {'a checkpoint' if step is None else f'step {step}'} into {self.directory} "
                                   f"failed: {why}; fix the disk and run the command again" + self._kept()) from None
 

@@ -137,12 +137,13 @@ class _Initial:
 def _initial(cfg: Config, source: DataSource, mesh: jax.sharding.Mesh) -> _Initial:
     """The model of ``cfg`` (described in the log) and its initial train state, sharded on ``mesh``."""
     model = make_model(cfg, source)
-    log(describe(cfg.model, model.vocab_size, model.param_counts()))
+    counts = model.param_counts()
+    log(describe(cfg.model, model.vocab_size, counts))
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx = make_optimizer(cfg.train)
     ema = cfg.train.ema > 0
-    _check_state_fits(cfg, sum(model.param_counts().values()), mesh)
+    _check_state_fits(cfg, sum(counts.values()), mesh)
     shardings = parallel.train_state_shardings(model, tx, mesh, ema=ema)
     state = parallel.shard_train_state(params, lambda p: init_state(p, tx, ema), shardings)
     log(f"{parallel.describe_mesh(mesh)}; {parallel.describe_sharding(params, shardings['params'])}")
