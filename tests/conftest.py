@@ -62,6 +62,7 @@ TINY = [
     "data.eval_batch_size=32", "train.steps=3", "train.lr=0.03", "train.warmup_steps=1", "train.log_every=3",
     "train.eval_every=3", "train.checkpoint_every=3", "train.async_checkpoint=false", "eval.sweep_loops=[]",
     "eval.diagnostics=false", "train.progressive=0",  # the quickstart's progressive loss doubles a step's cost
+    "train.iteration_loss=0", "train.iteration_loss_circuit=",  # the quickstart's window of 4: X here has backprop 1
 ]
 EXAMPLES = 40  # per split in the tests: 2 batches of 32 (the last one padded)
 STEP = 7

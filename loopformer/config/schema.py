@@ -608,6 +608,12 @@ class TrainConfig:
     progressive: float = 0.0  # alpha; 0 = off (the objective is exactly the plain one)
     # empty: every circuit whose count varies, or if none does every circuit that loops (Config.progressive_circuits)
     progressive_circuits: list[str] = field(default_factory=list)
+    # Loss at every iteration of a window (Yang et al. 2024): the CE is averaged over the logits read after each
+    # of the last W iterations of one circuit (n, n - 1, ..., n - W + 1; W <= its backprop, so each carries
+    # gradient), so the answer is asked for before the last iteration and must stay right after it.
+    iteration_loss: int = 0  # W; 0 = off (1: exactly the plain loss)
+    # the circuit it reads; empty: the one circuit whose training count varies (or the one that loops)
+    iteration_loss_circuit: str = ""
     # all: every parameter trains on the model's objective | gate: Ouro's stage II, only the halting head
     # trains (on the per-step loss improvement, halting.gate_k / gate_gamma), every other parameter frozen
     stage: str = "all"
@@ -629,6 +635,9 @@ class TrainConfig:
                f"train.ema=0.999, or 0 to turn it off; got {t.ema}")
         _check(0 <= t.progressive <= 1, f"train.progressive (alpha of the progressive loss) must be in [0, 1], "
                f"got {t.progressive}")
+        _check(isinstance(t.iteration_loss, int) and not isinstance(t.iteration_loss, bool) and t.iteration_loss >= 0,
+               f"train.iteration_loss (iterations whose loss is averaged, W) must be an integer >= 0 (0: off), "
+               f"got {t.iteration_loss!r}")
         _check(t.stage in TRAIN_STAGES, f"train.stage must be one of {', '.join(TRAIN_STAGES)}, got {t.stage!r}")
 
 
@@ -695,6 +704,8 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError on the first impossible setting."""
+        # a seed past 32 bits was a traceback from JAX's key, after the run directory was written
+        _check(0 <= self.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {self.seed}")
         self.run.validate()
         self.model.validate()
         self.data.validate()
@@ -704,6 +715,7 @@ class Config:
         self._validate_routes()
         self._validate_per_difficulty()
         self._validate_progressive()
+        self._validate_iteration_loss()
         self._validate_stage()
 
     def _validate_stage(self) -> None:
@@ -743,6 +755,42 @@ class Config:
                "data.mixture routes gradients" if self.data.routed else "")
         _check(not why, f"train.progressive: the progressive loss truncates loops at random counts, but {why} (its "
                f"loss terms read the full count); set train.progressive=0")
+
+    def iteration_window(self) -> tuple[str, int] | None:
+        """(circuit, W) of the loss at each of the last W iterations (train.iteration_loss), or None when off.
+        The circuit is train.iteration_loss_circuit, or the one whose training count varies, or the one that
+        loops (ConfigError when that is not exactly one)."""
+        W = self.train.iteration_loss
+        if not W:
+            return None
+        circuits = self.model.circuits()
+        if self.train.iteration_loss_circuit:
+            return self.train.iteration_loss_circuit, W
+        names = ([c.name for c in circuits if c.distribution().kind != "fixed"]
+                 or [c.name for c in circuits if c.distribution().typical_range()[1] > 1])
+        _check(len(names) == 1, f"train.iteration_loss: it reads one circuit's iterations, and "
+               f"{'no circuit loops' if not names else 'circuits ' + ', '.join(names) + ' all loop'}; "
+               + ("set train.iteration_loss=0" if not names else f"name one: train.iteration_loss_circuit={names[0]}"))
+        return names[0], W
+
+    def _validate_iteration_loss(self) -> None:
+        if not self.train.iteration_loss:  # (the circuit may stay named: train.iteration_loss=0 turns it off)
+            return
+        names = [c.name for c in self.model.circuits()]
+        name = self.train.iteration_loss_circuit
+        _check(not name or name in names, f"train.iteration_loss_circuit: '{name}' is not a circuit; circuits are "
+               f"{', '.join(names) or 'none'}; name one, or turn the loss off with train.iteration_loss=0")
+        name, W = self.iteration_window()
+        k = self.model.circuit(name).backprop
+        _check(k >= W, f"train.iteration_loss={W}: the window must lie in circuit {name}'s iterations with gradient "
+               f"(its backprop, {k}); use train.iteration_loss<={k} or raise its backprop")
+        why = ("a circuit has a halting head" if self.model.halting_circuit() is not None else
+               "a stage has a router" if any(s.router.routes for s in self.model.stages) else
+               "data.mixture routes gradients" if self.data.routed else
+               "train.progressive is on" if self.train.progressive else
+               "train.stage=gate" if self.train.stage == "gate" else "")
+        _check(not why, f"train.iteration_loss reads the logits after each of the last iterations, but {why} (it has "
+               f"its own loss over the iterations); set train.iteration_loss=0")
 
     def _validate_per_difficulty(self) -> None:
         """per_difficulty loops read each example's difficulty: a synthetic task, no halting head or

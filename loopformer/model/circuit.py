@@ -38,7 +38,7 @@ from loopformer.config.schema import CircuitConfig, RouterConfig
 from loopformer.errors import DecodingError, PlanError
 from loopformer.model.cache import store
 from loopformer.model.layers import Block, BlockSettings, normal_init, run_stack, stack_layers, stacked, zeros_init
-from loopformer.model.loop import Until, iterate, iterate_traced, iterate_until
+from loopformer.model.loop import Until, iterate, iterate_traced, iterate_until, iterate_window
 from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
 from loopformer.variants.cache import CachePolicy
@@ -74,7 +74,8 @@ class CircuitOut(NamedTuple):
     """A circuit's run: ``out`` [B, T, O] what it writes (O = w for io slice, d_model for project);
     ``trace`` [trace_len, 3]; ``used`` [B, T] iterations per token; with a halting head and a stash,
     ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T] and the head's
-    ``exit_lambda`` [L, B, T], ``ponder`` [B, T] (ACT);
+    ``exit_lambda`` [L, B, T], ``ponder`` [B, T] (ACT); with a window of W (`CircuitPlan.window`), ``steps``
+    [W, B, T, O] the writes of iterations n, n - 1, ..., n - W + 1;
     when decoding, ``cache`` its keys and values with the chunk stored and ``state`` [B, t, w] the final
     states; in inference, ``computed`` [] the token-iterations its blocks executed (masked: every token of
     the batch at every iteration the loop ran; compacted: the gathered buffer's size at each)."""
@@ -197,7 +198,8 @@ class Circuit(nnx.Module):
                  cache: tuple[KV, ...] | None = None, h_init: Array | None = None) -> CircuitOut:
         """Run the loop on ``src`` as ``run`` says: ``run.loops`` iterations (int32 [] or per token; the cap
         under an exit rule), gradient through the last ``run.backprop`` when > 0, state statistics of the
-        first ``run.trace_len``, every iteration kept (``run.stash``, halting circuits in training).
+        first ``run.trace_len``, every iteration kept (``run.stash``, halting circuits in training), the last
+        ``run.window`` kept (the loss at each of them, train.iteration_loss).
         ``readout`` maps this circuit's write to logits (exit rules that read the output). When decoding
         (``ctx.decoding``), ``cache`` holds earlier tokens' keys and values, and ``h_init`` [B, t, w]
         replaces the initial state (continuous thinking)."""
@@ -217,6 +219,10 @@ class Circuit(nnx.Module):
             return CircuitOut(self.emit(h, e), trace=trace)
         if run.exit is None and run.stash and self.halting.has_head:  # training a halting circuit
             return self._stashed(step, consts, h0, n, run.backprop, run.stash)
+        if run.exit is None and run.window:  # training with a loss after each of the last W iterations
+            h, states, _ = iterate_window(step, consts, h0, n, run.backprop, run.window, bound=run.bound)
+            return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32),
+                              steps=self.emit(states, e))
         if run.exit is None and run.backprop:
             if self.halting.mixes_output:
                 raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
@@ -418,8 +424,9 @@ class BankLayout:
 
 class BankOut(NamedTuple):
     """A bank's run: the stream ``x`` after it [B, T, D], a report per circuit, the routers' auxiliary loss
-    [], for a halting circuit with a stash the stream after each of its iterations [L, B, T, D] (else
-    None), and when decoding each circuit's cache and final states [B, t, w]."""
+    [], for a halting circuit with a stash the stream after each of its iterations [L, B, T, D] (a
+    windowed circuit: after each of its last W), else None, and when decoding each circuit's cache and
+    final states [B, t, w]."""
 
     x: Array
     reports: dict[str, CircuitReport]
@@ -453,13 +460,14 @@ class Bank(nnx.Module):
 
     def groups(self, plan: Plan, decoding: bool = False) -> list[list[str]]:
         """Circuits that run together under one vmap: same kind, truncation depth and exit rule, and no
-        per-step readout, halting stash or cache (those run alone)."""
+        per-step readout, halting stash, window or cache (those run alone)."""
         if not self.batch_circuits or decoding:
             return [[n] for n in self.names]
         out: dict[tuple, list[str]] = {}
         for n in self.names:
             # exit thresholds are traced per circuit and halting circuits keep per-step stashes: both run alone
-            alone = plan.exit_of(n) is not None or self.layout.halting[self.layout.at(n)]
+            alone = (plan.exit_of(n) is not None or self.layout.halting[self.layout.at(n)]
+                     or n in dict(plan.windows))
             shapes = (jnp.ndim(plan.loops[n]), None if n not in plan.grads else jnp.ndim(plan.grads[n]))  # stackable
             key = (n,) if alone else (self.layout.kinds[self.layout.at(n)], plan.truncation(n), shapes)
             out.setdefault(key, []).append(n)
@@ -551,7 +559,7 @@ class Bank(nnx.Module):
                     new_caches[name], states[name] = res.cache, res.state
         x_out = x_BTD + update
         streams = None
-        if stepped is not None:  # the stream as it would be after each iteration of the halting circuit
+        if stepped is not None:  # the stream as it would be after each (stashed) iteration of that circuit
             name, contrib, steps = stepped
             streams = x_out[None] - contrib[None] + self._contribution(name, steps, plan)
         decoded = ctx.decoding is not None

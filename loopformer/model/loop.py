@@ -115,26 +115,32 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound:
     return h, jax.lax.dynamic_update_slice_in_dim(jax.lax.stop_gradient(buf), ys, n_free, 0)
 
 
-def _truncated(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, g: Array) -> Array:
+def _truncated(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, g: Array | int,
+               emit: bool = False) -> Array | tuple[Array, Array]:
     """h_n with gradient through the last min(n, g) iterations (g <= k traced, k static): n - min(n, g)
-    detached steps in a fori_loop, then a scan of k whose steps past min(n, g) pass h through."""
+    detached steps in a fori_loop, then a scan of k whose steps past min(n, g) pass h through. ``emit``
+    also returns the scan's states [k, ...]: row i is h_{n - min(n, g) + i + 1} (rows from min(n, g) on
+    repeat h_n)."""
     n_grad = jnp.minimum(n, g)
     h = jax.lax.fori_loop(0, n - n_grad, lambda _, h: step(jax.lax.stop_gradient(consts), h), jax.lax.stop_gradient(h0))
     h = jnp.where(n > n_grad, jax.lax.stop_gradient(h), h0)  # h0's gradient path when nothing ran without it
     body = jax.checkpoint(step)
 
-    def grad_step(h: Array, i: Array) -> tuple[Array, None]:
-        return jnp.where(i < n_grad, body(consts, h), h), None
+    def grad_step(h: Array, i: Array) -> tuple[Array, Array | None]:
+        h = jnp.where(i < n_grad, body(consts, h), h)
+        return h, (h if emit else None)
 
-    return jax.lax.scan(grad_step, h, jnp.arange(k))[0]
+    h, ys = jax.lax.scan(grad_step, h, jnp.arange(k))
+    return (h, ys) if emit else h
 
 
 def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, bound: int,
-                       grad: Array | None = None) -> Array:
+                       grad: Array | None = None, emit: bool = False) -> Array | tuple[Array, Array]:
     """`iterate` with one count per token: every iteration runs on all tokens and only those still
     counting take the new state. With k > 0, token t's new state is detached outside its own last
     min(n_t, k) iterations (min(n_t, k, grad_t) with ``grad``), so each token gets exactly the gradient
-    of its own truncated loop."""
+    of its own truncated loop. ``emit`` (k > 0) also returns the states [bound, ...]: row i is each token's
+    state after iteration min(i + 1, n_t)."""
     def keep(active: Array, new: Array, old: Array) -> Array:
         return jnp.where(active[..., None], new, old)
 
@@ -146,12 +152,40 @@ def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int
     depth = k if grad is None else jnp.clip(jnp.asarray(grad, jnp.int32), 1, k)
     body = jax.checkpoint(step)
 
-    def grad_step(h: Array, i: Array) -> tuple[Array, None]:
+    def grad_step(h: Array, i: Array) -> tuple[Array, Array | None]:
         new = body(consts, h)
         new = keep(i >= n - depth, new, jax.lax.stop_gradient(new))
-        return keep(i < n, new, h), None
+        h = keep(i < n, new, h)
+        return h, (h if emit else None)
 
-    return jax.lax.scan(grad_step, h0, jnp.arange(bound))[0]
+    h, ys = jax.lax.scan(grad_step, h0, jnp.arange(bound))
+    return (h, ys) if emit else h
+
+
+def iterate_window(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, window: int, *,
+                   bound: int = 0) -> tuple[Array, Array, Array]:
+    """`iterate` with gradient through the last min(n, k) steps, also returning the last ``window`` states:
+    (h_n, states [window, ...h0.shape] with row j = h_{n - j}, valid [window, ...h0.shape[:-1]] bool: n - j >= 1).
+
+    Rows past a token's first iteration (n - j < 1) hold h_1 and are not valid. Because window <= k, every
+    valid row lies in the part with gradient: row j carries gradient through iterations n - k + 1 .. n - j
+    (Yang et al. 2024's loss window under truncated backprop). ``n`` is a scalar, or one count per token with
+    ``bound`` (static, the largest count) as in `iterate`.
+    """
+    if not 1 <= window <= k:
+        raise ValueError(f"a window of {window} states needs 1 <= window <= k (the gradient depth, {k})")
+    n = jnp.asarray(n, jnp.int32)
+    if n.ndim:
+        h, ys = _iterate_per_token(step, consts, h0, n, k, bound, emit=True)
+        last = jnp.minimum(n, bound) - 1  # each token's row of h_n
+    else:
+        h, ys = _truncated(step, consts, h0, n, k, k, emit=True)
+        last = jnp.minimum(n, k) - 1
+    j = jnp.arange(window).reshape((window,) + (1,) * (h0.ndim - 1))
+    rows = last - j  # [window, ...]: the row of h_{n - j}
+    valid = jnp.broadcast_to(rows >= 0, (window, *h0.shape[:-1]))
+    rows = jnp.broadcast_to(jnp.maximum(rows, 0), (window, *h0.shape[:-1]))
+    return h, jnp.take_along_axis(ys, rows[..., None], axis=0), valid
 
 
 CachedStepFn = Callable[[PyTree, Array, Array, PyTree, Array], tuple[Array, PyTree]]

@@ -21,6 +21,8 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    traced); the circuit's loop count is then the cap
     stash                          static: L > 0 records every iteration of a halting circuit (its exit
                                    distribution, and the logits after each iteration; L >= its count)
+    windows ((name, W), ...)       static: training, the circuit also reports its last W states (W <= its
+                                   truncation depth) and the model the logits after each (train.iteration_loss)
     bound                          static: the largest per-token count or routed round when training
                                    (the length of the scan that carries the gradient)
     position_offset                static: K > 0 adds one offset from U{0..K} per row to every abacus place
@@ -61,7 +63,7 @@ Array = jax.Array
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["loops", "gates", "fills", "key", "exits", "schedules", "grads"],
                    meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms",
-                                "by_difficulty", "position_offset", "compact"])
+                                "by_difficulty", "position_offset", "compact", "windows"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -80,6 +82,7 @@ class Plan:
     by_difficulty: tuple[tuple[str, float, float, int], ...] = ()
     position_offset: int = 0
     compact: bool | None = None
+    windows: tuple[tuple[str, int], ...] = ()
 
     def for_batch(self, difficulty_BT: Array | None) -> Plan:
         """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
@@ -109,17 +112,17 @@ class Plan:
     def circuit(self, name: str, key: Array) -> CircuitPlan:
         """How to run one circuit (its PRNG ``key`` folded from the plan's by the caller)."""
         return CircuitPlan(self.loops[name], key, self.exit_of(name), self.truncation(name), self.trace_len,
-                           self.stash, self.bound, self.grads.get(name), self.compact)
+                           self.stash, self.bound, self.grads.get(name), self.compact, dict(self.windows).get(name, 0))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "key", "exit", "grad"],
-                   meta_fields=["backprop", "trace_len", "stash", "bound", "compact"])
+                   meta_fields=["backprop", "trace_len", "stash", "bound", "compact", "window"])
 @dataclass(frozen=True)
 class CircuitPlan:
     """One circuit's part of a `Plan`: its count ``loops`` (int32 [] or per token [B, T]; the cap under an exit
     rule), PRNG ``key``, ``exit`` rule, the static truncation depth, trace length, stash and bound, and
-    ``grad`` (None, or the traced iterations <= backprop that carry gradient), and whether inference may
-    compact (`Plan.compact`)."""
+    ``grad`` (None, or the traced iterations <= backprop that carry gradient), whether inference may
+    compact (`Plan.compact`), and ``window`` (training: report the last W states; `Plan.windows`)."""
 
     loops: Array
     key: Array
@@ -130,6 +133,7 @@ class CircuitPlan:
     bound: int = 0
     grad: Array | None = None
     compact: bool | None = None
+    window: int = 0
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -163,7 +167,8 @@ class CircuitReport:
 class Diagnostics:
     """The forward pass's report: one `CircuitReport` per circuit name; ``aux_loss`` [] the routers'
     auxiliary losses (0 without a router); ``step_logits`` [L, B, T, V] the logits after every iteration
-    of an ouro / pondernet halting circuit when the plan stashes (for its per-step loss)."""
+    of an ouro / pondernet halting circuit when the plan stashes (for its per-step loss), or after each of
+    the last W iterations of a circuit the plan windows (`Plan.windows`, row j: iteration n - j)."""
 
     circuits: dict[str, CircuitReport] = field(default_factory=dict)
     aux_loss: Array | float = 0.0
@@ -226,7 +231,7 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
               exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0,
               schedules: Mapping[str, Array | np.ndarray] | None = None,
               by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, position_offset: int = 0,
-              compact: bool | None = None) -> Plan:
+              compact: bool | None = None, windows: Mapping[str, int] | None = None) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
     by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
@@ -234,10 +239,10 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
     their counts follow each example's difficulty (`Plan.for_batch`; their entries in ``loops`` are then
     placeholders); ``position_offset`` K > 0 shifts each row's abacus places by a draw from U{0..K} (training);
     ``compact`` True / False forces compacted / masked inference, None leaves it to the batch's size
-    (`Plan.compact`)."""
+    (`Plan.compact`); ``windows`` maps a circuit to W: training reads the logits after its last W iterations."""
     exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
-    unknown = [c for c in list(loops) + list(ablate) + list(exits) if c not in circuits]
+    unknown = [c for c in list(loops) + list(ablate) + list(exits) + list(windows or {}) if c not in circuits]
     if unknown:
         raise PlanError(f"unknown circuit '{unknown[0]}'; this model's circuits are {', '.join(circuits) or 'none'}")
     if missing:
@@ -256,4 +261,5 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 exits={c: exits[c] for c in circuits if c in exits}, stash=int(stash), bound=int(bound),
                 schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()},
                 by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()),
-                position_offset=int(position_offset), compact=None if compact is None else bool(compact))
+                position_offset=int(position_offset), compact=None if compact is None else bool(compact),
+                windows=tuple((c, int(w)) for c, w in (windows or {}).items()))

@@ -28,7 +28,7 @@ from loopformer.metrics import answer_sums
 from loopformer.model.loop import sample_loops
 from loopformer.model.plan import Plan, make_plan
 from loopformer.model.transformer import forward_batch
-from loopformer.train.losses import gate_leaves, gate_terms, halting_terms
+from loopformer.train.losses import gate_leaves, gate_terms, halting_terms, iteration_terms
 from loopformer.train.optim import learning_rate_schedule
 from loopformer.train.routing import Routing, freeze, routed_grads
 
@@ -61,13 +61,15 @@ class StepSettings:
     progressive_circuits: tuple[str, ...] = ()  # the circuits it truncates
     ema: float = 0.0  # decay of the EMA weights (train.ema; 0: off): the state's "ema" follows the params
     stage: str = "all"  # train.stage: "gate" trains only the halting head, on Ouro's stage II objective
+    iteration_loss: tuple[str, int] | None = None  # (circuit, W): the loss at each of its last W iterations
 
     @classmethod
     def of(cls, cfg: Config) -> StepSettings:
         """A run's settings: ``cfg``'s model, learning-rate schedule, seed, grad_accum, steps and routing."""
         return cls(cfg.model, learning_rate_schedule(cfg.train), cfg.seed, cfg.train.grad_accum, cfg.train.steps,
                    Routing.of(cfg), progressive=cfg.train.progressive,
-                   progressive_circuits=tuple(cfg.progressive_circuits()), ema=cfg.train.ema, stage=cfg.train.stage)
+                   progressive_circuits=tuple(cfg.progressive_circuits()), ema=cfg.train.ema, stage=cfg.train.stage,
+                   iteration_loss=cfg.iteration_window())
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,10 @@ class _LoopPlan:
     stash: int  # static: the halting circuit's stash (every iteration up to its cap)
     bound: int  # static: the routed rounds' or per-difficulty counts' scan length (0: neither)
     position_offset: int = 0  # abacus places shifted by U{0..K} per row (model.position_offset)
+    windows: tuple[tuple[str, int], ...] = ()  # static: (circuit, W) whose last W iterations are read out
 
     @classmethod
-    def of(cls, model: ModelConfig) -> _LoopPlan:
+    def of(cls, model: ModelConfig, iteration_loss: tuple[str, int] | None = None) -> _LoopPlan:
         schedules = model.schedules()
         halting = model.halting_circuit()
         dists = {name: s.distribution() for name, s in schedules.items()}
@@ -90,7 +93,7 @@ class _LoopPlan:
                    stash=max(halting.max_loops, halting.backprop) if halting is not None else 0,
                    bound=max([c.max_loops for s in model.stages if s.router.routes for c in s.circuits]
                              + [d.cap for d in dists.values() if d.per_example], default=0),
-                   position_offset=model.position_offset)
+                   position_offset=model.position_offset, windows=(iteration_loss,) if iteration_loss else ())
 
     def sample(self, seed: int, step: Array) -> tuple[dict[str, Array], Plan]:
         """(each circuit's loop count, the forward plan) of train step ``step``. A per-difficulty circuit's
@@ -99,7 +102,7 @@ class _LoopPlan:
         by_difficulty = {n: (d.a, d.b, d.cap) for n, d in self.dists.items() if d.per_example}
         plan = make_plan(list(loops), loops, key=jax.random.fold_in(jax.random.key(seed), step),
                          backprop=dict(self.backprop), stash=self.stash, bound=self.bound, by_difficulty=by_difficulty,
-                         position_offset=self.position_offset)
+                         position_offset=self.position_offset, windows=dict(self.windows))
         return loops, plan
 
 
@@ -126,7 +129,8 @@ def progressive_plan(plan: Plan, circuits: tuple[str, ...], key: Array) -> Plan:
 class _Objective:
     """One step's objective on a micro-batch: the answer tokens' cross-entropy normalised by the answer
     tokens of the *whole* batch (so micro-batch gradients add up to the full-batch mean's exactly),
-    plus the halting circuit's and the routers' terms."""
+    plus the halting circuit's and the routers' terms; with the plan's window (train.iteration_loss), the
+    CE averaged over the circuit's last W iterations instead."""
 
     graphdef: nnx.GraphDef
     plan: Plan
@@ -156,6 +160,9 @@ class _Objective:
                                   1.0 / total_tokens)["loss_sum"]
             objective = (1 - alpha) * objective + alpha * partial
             sums = sums | {"progressive_loss": partial}
+        for name, _ in plan.windows:  # the metrics' loss stays the final iteration's
+            objective, logs = iteration_terms(diag, mb, plan.loops[name], 1.0 / total_tokens)
+            sums = sums | logs
         if self.gate is not None:
             term, logs = gate_terms(diag, halting.name, halting.halting.rule(), mb, loops[halting.name],
                                     1.0 / total_tokens)
@@ -241,8 +248,9 @@ def _metrics(sums: dict[str, Array], grads: Any, updates: Any, loops: dict[str, 
     if objective_terms:
         metrics["objective"], metrics["aux_loss"] = sums["objective"], sums["aux_loss"]
     metrics.update({f"halting/{k[8:]}": v / tokens for k, v in sums.items() if k.startswith("halting_")})
-    if "progressive_loss" in sums:
-        metrics["progressive_loss"] = sums["progressive_loss"]
+    for key in ("progressive_loss", "iteration_loss"):
+        if key in sums:
+            metrics[key] = sums[key]
     metrics.update({f"loops/{n}": v for n, v in loops.items()})
     return metrics
 
@@ -264,7 +272,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
     the step (it never drifts between steps), and ``batch_sharding`` (rows over data/fsdp) keeps every
     micro-batch split over the same devices.
     """
-    loop_plan = _LoopPlan.of(settings.model)
+    loop_plan = _LoopPlan.of(settings.model, settings.iteration_loss)
     halting = loop_plan.halting
     if settings.stage == "gate" and (halting is None or not halting.halting.rule().gate_stage):
         raise ValueError("stage gate trains an ouro or pondernet halting head; the model has none")
@@ -286,7 +294,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
         grads, sums = _gradients(objective, state["params"], micro, settings.routing, state_shardings)
         new_state, updates = _update(tx, state, grads, settings.routing, settings.ema, gate)
         metrics = _metrics(sums, grads, updates, loops, settings.lr_schedule(step),
-                           halting is not None or bool(loop_plan.bound))
+                           halting is not None or bool(loop_plan.bound) or bool(loop_plan.windows))
         return new_state, metrics
 
     if state_shardings is None:

@@ -37,7 +37,7 @@ CONFIG = [
     "data.task=pointer_chase", "model.window=0",
     "data.task_args={num_nodes: 5, num_symbols: 6}", "data.train_difficulty=[1, 2]", "data.eval_splits={train: [1, 2]}",
     "data.batch_size=16",
-    "train.grad_accum=2", "train.warmup_steps=1", "train.steps=10", "train.progressive=0",
+    "train.grad_accum=2", "train.warmup_steps=1", "train.steps=10", "train.progressive=0", "train.iteration_loss=0",
 ]
 
 

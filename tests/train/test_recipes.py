@@ -1,9 +1,13 @@
-"""The think-longer recipes: progressive loss, loop counts per difficulty, the difficulty curriculum.
+"""The think-longer recipes: progressive loss, the loss at each iteration of a window, loop counts per
+difficulty, the difficulty curriculum.
 
 Each test checks numbers against a reference: a traced gradient depth equals the static one, alpha 0 is
-the plain objective, per-difficulty counts equal running each example alone at its count, and a
+the plain objective, a window's states are the runs to n - j with their own gradient depth and its loss the
+mean of their losses, per-difficulty counts equal running each example alone at its count, and a
 curriculum's stream is a function of (seed, index) that follows its stages.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +24,11 @@ from loopformer.data.tasks import make_task
 from loopformer.errors import ConfigError, PlanError
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.metrics import answer_sums
-from loopformer.model.loop import iterate
-from loopformer.model.plan import difficulty_rules, make_plan
+from loopformer.model.loop import iterate, iterate_window
+from loopformer.model.plan import Diagnostics, difficulty_rules, make_plan
 from loopformer.model.transformer import forward_batch
 from loopformer.runs.restore import make_model
+from loopformer.train.losses import iteration_terms
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import StepSettings, _Objective, init_state, make_train_step, progressive_plan
 from tests.conftest import tiny_config
@@ -147,6 +152,127 @@ def test_progressive_config_is_checked(tmp_path):
     assert tiny_config(tmp_path, "c", "train.progressive=0.5", f"{X}.loops=fixed(1)").progressive_circuits() == ["Y"]
     cfg = tiny_config(tmp_path, "d", "train.progressive=0.5")
     assert cfg.progressive_circuits() == ["X"]  # X varies (uniform(1, 3)), Y is fixed(2)
+
+
+# ----------------------------------------------------------------------------- loss at each iteration of a window
+
+
+@pytest.mark.parametrize("n", [1, 2, 6])
+def test_a_window_holds_the_last_states_with_their_own_gradient_depth(n):
+    """Row j of iterate_window(k=4, W=3) is h_{n-j}, carrying gradient through iterations n-3 .. n-j: the
+    value and gradients (weights and h0) of iterate(n - j, k=4, grad=4 - j); rows with n - j < 1 are invalid."""
+    consts, h0 = _consts(), jax.random.normal(jax.random.key(1), (3, 8))
+    for j in range(3):
+        def got(c, h, j=j):
+            return jnp.sum(iterate_window(_step, c, h, jnp.int32(n), 4, 3)[1][j] ** 2)
+
+        _, _, valid = iterate_window(_step, consts, h0, jnp.int32(n), 4, 3)
+        assert bool(valid[j].all()) == (n - j >= 1) and valid.shape == (3, 3)
+        if n - j < 1:
+            continue
+
+        def ref(c, h, j=j):
+            return jnp.sum(iterate(_step, c, h, jnp.int32(n - j), 4, grad=jnp.int32(4 - j)) ** 2)
+
+        for a, b in zip(jax.tree.leaves(jax.value_and_grad(got, argnums=(0, 1))(consts, h0)),
+                        jax.tree.leaves(jax.value_and_grad(ref, argnums=(0, 1))(consts, h0)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_window_with_counts_per_token_is_each_tokens_own():
+    """Per-token counts: each token's rows (values and h0-gradients) equal a scalar run at its own n."""
+    consts, h0 = _consts(), jax.random.normal(jax.random.key(1), (3, 8))
+    n = jnp.array([6, 1, 3], jnp.int32)
+    states = jax.jacrev(lambda h: iterate_window(_step, consts, h, n, 4, 2, bound=8)[1])(h0)  # [2, 3, 8, 3, 8]
+    _, values, valid = iterate_window(_step, consts, h0, n, 4, 2, bound=8)
+    np.testing.assert_array_equal(valid, [[True, True, True], [True, False, True]])
+    for r in range(3):
+        ref_v = iterate_window(_step, consts, h0, n[r], 4, 2)[1][:, r]
+        ref_g = jax.jacrev(lambda h, r=r: iterate_window(_step, consts, h, n[r], 4, 2)[1][:, r])(h0)
+        for j in range(2 if int(n[r]) > 1 else 1):
+            np.testing.assert_allclose(values[j, r], ref_v[j], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(states[j, r], ref_g[j], rtol=1e-5, atol=1e-6)
+
+
+def test_iteration_loss_is_the_mean_ce_over_the_window(tmp_path, run):
+    """The objective with a window of W on X (count 4) is the per-token mean of the CE at counts 4, 3, ... 4 - W + 1;
+    W = 1 is the plain loss. Counts per token: rows before a token's first iteration do not count."""
+    graphdef = nnx.graphdef(run.model)
+    batch = jax.tree.map(jnp.asarray, run.eval_sets(["train"], 8)["train"][0])
+    total = batch["mask"].sum()
+    forward = jax.jit(lambda p, pl: forward_batch(nnx.merge(graphdef, p), batch, pl))
+
+    def ce(n):
+        plan = make_plan(["X", "Y"], {"X": n, "Y": 3})
+        return float(answer_sums(forward(run.params, plan)[0], batch, 1.0 / total)["loss_sum"])
+
+    losses = {n: ce(n) for n in (2, 3, 4)}
+    assert len({round(v, 5) for v in losses.values()}) == 3  # the counts differ in loss: the mean is a real check
+    for W, ref in ((1, losses[4]), (3, sum(losses.values()) / 3)):
+        plan = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 3, "Y": 1}, windows={"X": W})
+        objective = _Objective(graphdef, plan, plan.loops, None, (jnp.int32(0), 1), total, 1)
+        value, sums = objective.loss(run.params, batch)
+        assert float(value) == pytest.approx(ref, rel=1e-5)
+        assert float(sums["loss_sum"]) == pytest.approx(losses[4], rel=1e-6)  # the metrics stay the final count's
+    # per token: a token at count 1 reads its one iteration only (the mean is over its valid rows)
+    logits = jnp.stack([jnp.zeros((1, 2, 3)), jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]]))])  # [W=2, 1, 2, V]
+    b = {"targets": jnp.array([[0, 1]]), "mask": jnp.ones((1, 2))}
+    got, _ = iteration_terms(Diagnostics(step_logits=logits), b, jnp.array([[1, 5]]), 1.0)
+    uniform = np.log(3.0)
+    assert float(got) == pytest.approx(uniform + (uniform - np.log(0.8)) / 2, rel=1e-5)
+
+
+def test_iteration_loss_config_is_checked(tmp_path):
+    assert tiny_config(tmp_path, "a", "train.iteration_loss=1").iteration_window() == ("X", 1)  # X varies
+    assert tiny_config(tmp_path, "a").iteration_window() is None
+    with pytest.raises(ConfigError, match=r"train.iteration_loss=3: .* backprop, 1\); use train.iteration_loss<=1"):
+        tiny_config(tmp_path, "b", "train.iteration_loss=3")
+    with pytest.raises(ConfigError, match="circuits X, Y all loop; name one: train.iteration_loss_circuit=X"):
+        tiny_config(tmp_path, "c", "train.iteration_loss=1", f"{X}.loops=fixed(3)")
+    with pytest.raises(ConfigError, match="train.iteration_loss_circuit: 'Z' is not a circuit"):
+        tiny_config(tmp_path, "d", "train.iteration_loss=1", "train.iteration_loss_circuit=Z")
+    assert tiny_config(tmp_path, "e", "train.iteration_loss_circuit=X").iteration_window() is None  # off: 0
+    with pytest.raises(ConfigError, match="but train.progressive is on"):
+        tiny_config(tmp_path, "f", "train.iteration_loss=1", "train.progressive=0.5")
+    with pytest.raises(ConfigError, match="must be an integer >= 0"):
+        tiny_config(tmp_path, "g", "train.iteration_loss=-1")
+
+
+@pytest.mark.slow  # two train steps to compile; CI runs it with the slow tests
+def test_iteration_loss_trains_and_logs(tmp_path):
+    """A train step with train.iteration_loss reports the same loss as one without (the metrics are the final
+    count's) and logs iteration_loss, which is the objective; with counts per difficulty too."""
+    for extra in ((f"{X}.backprop=2",), (f"{X}.loops=per_difficulty(1, 1)", f"{X}.backprop=2", f"{X}.max_loops=3")):
+        base = tiny_config(tmp_path, "w0", *extra)
+        batch = next(build_data(base).train_iterator(8, 0))
+        _, m0 = _one_step(base, batch)
+        _, mw = _one_step(tiny_config(tmp_path, "w2", *extra, "train.iteration_loss=2"), batch)
+        assert float(mw["loss"]) == pytest.approx(float(m0["loss"]), rel=1e-6)
+        assert float(mw["iteration_loss"]) == pytest.approx(float(mw["objective"]), rel=1e-6)
+        assert "iteration_loss" not in m0 and np.isfinite(float(mw["grad_norm"]))
+
+
+@pytest.mark.slow  # gradients of the two-circuit run, op by op: CI runs it with the slow tests
+def test_iteration_loss_gradients_are_the_mean_of_each_iterations(tmp_path, run):
+    """With X at count 4, backprop 2 and a window of 2, the objective and its gradients equal the mean of the
+    CE at count 4 (gradient through iterations 3-4) and at count 3 (gradient through iteration 3 only)."""
+    graphdef = nnx.graphdef(run.model)
+    batch = jax.tree.map(jnp.asarray, run.eval_sets(["train"], 8)["train"][0])
+    total = batch["mask"].sum()
+    plan = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 2, "Y": 1}, windows={"X": 2})
+    objective = _Objective(graphdef, plan, plan.loops, None, (jnp.int32(0), 1), total, 1)
+    last = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 2, "Y": 1})
+    before = dataclasses.replace(make_plan(["X", "Y"], {"X": 3, "Y": 3}, backprop={"X": 2, "Y": 1}),
+                                 grads={"X": jnp.int32(1)})
+
+    def ce(p, pl):
+        return answer_sums(forward_batch(nnx.merge(graphdef, p), batch, pl)[0], batch, 1.0 / total)["loss_sum"]
+
+    value, grads = jax.value_and_grad(lambda p: objective.loss(p, batch)[0])(run.params)
+    ref_value, ref_grads = jax.value_and_grad(lambda p: (ce(p, last) + ce(p, before)) / 2)(run.params)
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- loops per difficulty
