@@ -44,33 +44,31 @@ def _end_process(code: int) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    try:
-        for name in MODULES:
-            importlib.import_module(f"loopformer.cli.{name}")  # each registers its command (and imports JAX)
-    except KeyboardInterrupt:  # Ctrl-C in the first second: not a traceback through `import jax`
-        print("interrupted", file=sys.stderr)
-        return 130
-    from loopformer.cli.common import COMMANDS
-    from loopformer.config.schema import MAX_EVAL_EXAMPLES
-
-    parser = argparse.ArgumentParser(prog="loopformer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
-    examples = getattr(args, "examples", None)
-    if examples is not None and examples > MAX_EVAL_EXAMPLES:
-        print(f"error: --examples {examples}: at most {MAX_EVAL_EXAMPLES:,} per split (they are all built in memory "
-              f"first); 10,000 already gives ±1% at 95%", file=sys.stderr)
-        return 2
     # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C, so that a command's cleanup runs (temporary
-    # folders removed, checkpoints finished, locks released) instead of the process vanishing mid-write.
+    # folders removed, checkpoints finished, locks released) instead of the process vanishing mid-write. Installed
+    # before the imports: a Ctrl-C there that JAX's gc callback swallowed let the command run to the end (status 0).
     stop.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     # (a signal the parent set to be ignored, e.g. SIGINT of a background job, stays ignored)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
                 if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}
     try:
+        for name in MODULES:
+            importlib.import_module(f"loopformer.cli.{name}")  # each registers its command (and imports JAX)
+        stop.check()  # a signal whose exception an import swallowed: "interrupted", not a traceback or a full run
+        from loopformer.cli.common import COMMANDS
+        from loopformer.config.schema import MAX_EVAL_EXAMPLES
+
+        parser = argparse.ArgumentParser(prog="loopformer", description=__doc__.splitlines()[0])
+        sub = parser.add_subparsers(dest="command", required=True)
+        for name, (help_text, add_args, _) in COMMANDS.items():
+            add_args(sub.add_parser(name, help=help_text, description=help_text))
+        args = parser.parse_args(argv)
+        examples = getattr(args, "examples", None)
+        if examples is not None and examples > MAX_EVAL_EXAMPLES:
+            print(f"error: --examples {examples}: at most {MAX_EVAL_EXAMPLES:,} per split (they are all built in "
+                  f"memory first); 10,000 already gives ±1% at 95%", file=sys.stderr)
+            return 2
         code = COMMANDS[args.command][2](args)
         signum = stop.requested()
         if signum is not None:  # its exception was swallowed where Python cannot raise it (a gc callback)
@@ -104,8 +102,34 @@ def _on_signal(signum: int, frame: object) -> None:
     case Python swallows the exception (it does in gc callbacks), and the usual handling is back, so a second
     SIGTERM ends the process at once and a second Ctrl-C interrupts again."""
     stop.request(signum)
+    _quiet_after_stop()
     if signum == signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated
     signal.signal(signal.SIGINT, signal.default_int_handler)
     raise KeyboardInterrupt
+
+
+def _quiet_after_stop() -> None:
+    """Once a signal unwinds a command, what it leaves behind prints no tracebacks above the one line: the checkpoint
+    library's I/O threads calling back into the event loop the unwinding closed ("RuntimeError: Event loop is
+    closed"), and the signal's own exception where Python drops it ("Exception ignored in: <function
+    _xla_gc_callback>": the signal is recorded, `stop`, and reported). Every other error prints as before."""
+    if getattr(sys.excepthook, "quiet_after_stop", False):
+        return
+    except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+
+    def closed_loop(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    def hook(kind: type[BaseException], error: BaseException, tb: object) -> None:
+        if not closed_loop(error):
+            except_hook(kind, error, tb)
+
+    def unraisable(info: object) -> None:
+        error = getattr(info, "exc_value", None)
+        if not (closed_loop(error) or isinstance(error, (KeyboardInterrupt, Terminated))):
+            unraisable_hook(info)
+
+    hook.quiet_after_stop = True  # type: ignore[attr-defined]
+    sys.excepthook, sys.unraisablehook = hook, unraisable

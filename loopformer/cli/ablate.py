@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
+from loopformer.cli.common import check_writable, command, emit, one_set, run_flags, write_png
 from loopformer.cli.eval import mode_flag
 from loopformer.errors import AnalysisError
 from loopformer.evaluation import ablate, plots, tables
@@ -35,8 +35,9 @@ def ablate_command(args: argparse.Namespace) -> int:
         run = load_run(info, args.step, raw=args.raw_weights)
         rows = ablate.ablate(run, run.eval_sets(splits, args.examples), args.mode)
         png = plots.ablation(rows, info, run.step)  # rendered first: the two files are written one right after the other
-        tables.write_csv(info.path / "ablation.csv", rows)
-        files = [str(info.path / "ablation.csv"), write_png(info.path / "ablation.png", png)]
+        with one_set(info.path, [info.path / "ablation.csv", info.path / "ablation.png"], "ablate"):
+            tables.write_csv(info.path / "ablation.csv", rows)
+            files = [str(info.path / "ablation.csv"), write_png(info.path / "ablation.png", png)]
         doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "rows": rows, "files": files}
         return doc, "\n".join([tables.header_line(info, run.step, args.examples), tables.ablation_table(rows, info),
                                "wrote " + ", ".join(files)])

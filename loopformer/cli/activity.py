@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, emit, run_flags, write_png
+from loopformer.cli.common import check_writable, command, emit, one_set, run_flags, write_png
 from loopformer.cli.eval import mode_flag
 from loopformer.cli.loopspec import parse_loops
 from loopformer.errors import AnalysisError
@@ -40,8 +40,9 @@ def activity_command(args: argparse.Namespace) -> int:
         run = load_run(info, args.step, raw=args.raw_weights)
         rows, thresholds, examples = activity.activity(run, run.eval_sets(splits, args.examples), loops, args.mode)
         png = plots.activity(examples, thresholds, info, run.step)  # first: the files are written one after the other
-        tables.write_csv(info.path / "activity.csv", rows)
-        files = [str(info.path / "activity.csv"), write_png(info.path / "activity.png", png)]
+        with one_set(info.path, [info.path / "activity.csv", info.path / "activity.png"], "activity"):
+            tables.write_csv(info.path / "activity.csv", rows)
+            files = [str(info.path / "activity.csv"), write_png(info.path / "activity.png", png)]
         doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "loops": info.full_loops(loops),
                "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds, "rows": rows, "examples": examples,
                "files": files}

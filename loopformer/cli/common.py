@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
+import os
 import shlex
+import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +185,48 @@ def write_png(path: Path, png: bytes) -> str:
     replace_file(path, png)
     log(f"wrote {path}")
     return str(path)
+
+
+@contextlib.contextmanager
+def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
+    """Write a command's files (``paths``: every one the block may replace or remove; ``name``: the command) as one
+    set: under a lock on the run directory, so two commands at once (two sweeps, a sweep and a rys) write one after
+    the other (the last one's set stays whole, never one's CSV beside the other's plots), and with the earlier files
+    kept aside, so a failure part way (an error, Ctrl-C, SIGTERM) puts them all back."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    saved: dict[Path, Path] = {}
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: unlocked, as the trainer's lock does
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a few file writes: wait for them
+        for path in paths:
+            if path.exists():
+                saved[path] = _keep(path, name)
+        try:
+            yield
+        except BaseException:
+            for path in paths:
+                with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
+                    if path in saved:  # (a link to the same file is left in place: `finally` removes it)
+                        os.replace(saved[path], path)
+                    else:
+                        path.unlink(missing_ok=True)  # a new file where the earlier scan had none
+            raise
+    finally:
+        for keep in saved.values():
+            keep.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
+
+
+def _keep(path: Path, name: str) -> Path:
+    """A hard link (or, where links fail, a copy) of ``path`` beside it: the file as it is, whatever replaces it."""
+    keep = path.with_name(f".{path.name}.{os.getpid()}.old")
+    keep.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, keep)
+        except OSError:
+            shutil.copy2(path, keep)
+    except OSError as e:
+        raise AnalysisError(f"cannot keep a copy of {path} while {name} replaces it ({e.strerror or e}): make the run "
+                            f"writable (or free disk space) and run the command again") from None
+    return keep

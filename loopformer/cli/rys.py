@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, emit, probe_flag, probe_sets, run_flags, write_png
+from loopformer.cli.common import check_writable, command, emit, one_set, probe_flag, probe_sets, run_flags, write_png
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, rys, tables
 from loopformer.evaluation.run import PROBE_SPLIT, load_run
@@ -92,55 +89,11 @@ def _check_outputs(paths: Sequence[Path]) -> None:
                                 f"score); make it writable, or copy the run (cp -r) and pass --run COPY")
 
 
-@contextlib.contextmanager
-def _one_set(run_dir: Path, paths: Sequence[Path]) -> Iterator[None]:
-    """Write a scan's files (``paths``: every one the block may replace or remove) as one set: under a lock on the
-    run directory, so two scans at once write one after the other (the last one's set stays whole), and with the
-    earlier files kept aside, so a failure part way (an error, Ctrl-C, SIGTERM) puts them all back."""
-    fd = os.open(run_dir, os.O_RDONLY)
-    saved: dict[Path, Path] = {}
-    try:
-        with contextlib.suppress(OSError):  # a filesystem without locks: unlocked, as the trainer's lock does
-            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a few file writes: wait for them
-        for path in paths:
-            if path.exists():
-                saved[path] = _keep(path)
-        try:
-            yield
-        except BaseException:
-            for path in paths:
-                with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
-                    if path in saved:  # (a link to the same file is left in place: `finally` removes it)
-                        os.replace(saved[path], path)
-                    else:
-                        path.unlink(missing_ok=True)  # a new file where the earlier scan had none
-            raise
-    finally:
-        for keep in saved.values():
-            keep.unlink(missing_ok=True)
-        os.close(fd)  # releases the lock
-
-
-def _keep(path: Path) -> Path:
-    """A hard link (or, where links fail, a copy) of ``path`` beside it: the file as it is, whatever replaces it."""
-    keep = path.with_name(f".{path.name}.{os.getpid()}.old")
-    keep.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(path, keep)
-        except OSError:
-            shutil.copy2(path, keep)
-    except OSError as e:
-        raise AnalysisError(f"cannot keep a copy of {path} while rys replaces it ({e.strerror or e}): make the run "
-                            f"writable (or free disk space) and run the command again") from None
-    return keep
-
-
 def _write(info: RunInfo, rows: list[dict[str, Any]], pngs: dict[str, bytes]) -> list[str]:
     """Write rys.csv and a plot per split (rendered beforehand: the set's writes follow each other at once) and
     remove the plots of splits this scan did not score, which rys.csv no longer holds; the files written."""
     outputs = _outputs(info)
-    with _one_set(info.path, outputs):
+    with one_set(info.path, outputs, "rys"):
         stale = [p for p in outputs[1:] if p.stem[len("rys_"):] not in pngs and p.is_file()]  # under the lock
         tables.write_csv(info.path / "rys.csv", rows)
         files = [str(info.path / "rys.csv")] + [write_png(info.path / f"rys_{s}.png", png) for s, png in pngs.items()]

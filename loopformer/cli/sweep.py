@@ -7,7 +7,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, compact_choice, emit, exit_caps, exit_flags, run_flags, write_png
+from loopformer.cli.common import (
+    check_writable,
+    command,
+    compact_choice,
+    emit,
+    exit_caps,
+    exit_flags,
+    one_set,
+    run_flags,
+    write_png,
+)
 from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import PlanError
 from loopformer.evaluation import plots, sweep, tables
@@ -83,9 +93,10 @@ def sweep_command(args: argparse.Namespace) -> int:
         name = "_".join(grid)
         pngs = {name: plots.sweep_1d(rows, name, info, run.step) if len(grid) == 1 else
                 plots.sweep_2d(rows, grid, info, run.step), "convergence": plots.convergence(conv, info, run.step)}
-        tables.write_csv(info.path / "sweep.csv", rows)
-        files = [str(info.path / "sweep.csv")] + [write_png(info.path / f"sweep_{k}.png", v) for k, v in pngs.items()]
-        _remove_stale_plots(info, set(pngs))
+        with one_set(info.path, [info.path / "sweep.csv", *_plots(info)], "sweep"):
+            tables.write_csv(info.path / "sweep.csv", rows)
+            files = [str(info.path / "sweep.csv")] + [write_png(info.path / f"sweep_{k}.png", v) for k, v in pngs.items()]
+            _remove_stale_plots(info, set(pngs))
         tb_dir = _log_tensorboard(run, rows, grid, pngs)
         doc = {"run": str(info.path), "step": run.step, "grid": grid, "rows": rows, "convergence": conv,
                "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)}
@@ -99,11 +110,20 @@ def sweep_command(args: argparse.Namespace) -> int:
     return emit(args, body)
 
 
+def _plot_names(info: Any) -> set[str]:
+    """The names of every plot a sweep of this run may write (sweep_<name>.png): one circuit, two, convergence."""
+    return ({"convergence"} | {a for a in info.circuits}
+            | {f"{a}_{b}" for a in info.circuits for b in info.circuits if a != b})
+
+
+def _plots(info: Any) -> list[Path]:
+    return [info.path / f"sweep_{name}.png" for name in sorted(_plot_names(info))]
+
+
 def _remove_stale_plots(info: Any, written: set[str]) -> None:
     """Remove the plots an earlier sweep over other circuits left (sweep_X_Y.png beside a new sweep_X.png):
     they would sit beside a sweep.csv that no longer holds their numbers."""
-    names = {a for a in info.circuits} | {f"{a}_{b}" for a in info.circuits for b in info.circuits if a != b}
-    for name in sorted(names - written):
+    for name in sorted(_plot_names(info) - written):
         stale = info.path / f"sweep_{name}.png"
         if stale.is_file():
             stale.unlink()

@@ -102,6 +102,16 @@ class Progress:
             self.stream.flush()
 
 
+@contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """The ArrayRecord writer's RuntimeError for a failed write ("write() failed: No space left on device; writing
+    ...") as the OSError it is, which `prepare_corpus` reports as one line (it was a traceback on a full disk)."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise OSError(str(e).split("failed: ", 1)[-1].split(";")[0]) from None
+
+
 def _human(n: float) -> str:
     for unit in ("", "k", "M", "G"):
         if abs(n) < 1000:
@@ -136,20 +146,22 @@ class ShardWriter:
     def _write(self, record: np.ndarray) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        if self._writer is None or self.records_in_file == self.records_per_shard:
-            self._close_file()
-            path = self.directory / f"{self.split}-{len(self.files):05d}.array_record"
-            self._writer = ArrayRecordWriter(str(path), _WRITER_OPTIONS)
-            self.files.append(path)
-            self.records_in_file = 0
-        self._writer.write(record.astype(self.dtype.newbyteorder("<")).tobytes())
+        with _os_errors():
+            if self._writer is None or self.records_in_file == self.records_per_shard:
+                self._close_file()
+                path = self.directory / f"{self.split}-{len(self.files):05d}.array_record"
+                self._writer = ArrayRecordWriter(str(path), _WRITER_OPTIONS)
+                self.files.append(path)
+                self.records_in_file = 0
+            self._writer.write(record.astype(self.dtype.newbyteorder("<")).tobytes())
         self.records_in_file += 1
 
     def _close_file(self) -> None:
         if self._writer is not None:
             if not self._writer.ok():
                 raise DataError(f"writing {self.files[-1]} failed (disk full?)")
-            self._writer.close()
+            with _os_errors():
+                self._writer.close()
             self._writer = None
 
     def close(self) -> list[str]:

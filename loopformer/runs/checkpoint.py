@@ -340,18 +340,32 @@ class Checkpoints:
                 f"({problems[first]}{more}): use the config it was trained with, or a fresh run directory"
             )
 
-    def _check_space(self, step: int, state: PyTree) -> None:
-        """CheckpointError before a save that the disk cannot hold: the checkpoint library would fail mid-write
-        with pages of tracebacks from its threads. The bytes are this process's share (replica 0 of each
-        addressable shard), written uncompressed, plus 1 MiB of metadata."""
+    @staticmethod
+    def _bytes(state: PyTree) -> int:
+        """What a checkpoint of ``state`` takes on disk: this process's share (replica 0 of each addressable
+        shard), written uncompressed, plus 1 MiB of metadata."""
         need = 2**20 + sum(shard.data.nbytes for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
                            for shard in x.addressable_shards if shard.replica_id == 0)
-        need += sum(np.asarray(x).nbytes for x in jax.tree.leaves(state) if not isinstance(x, jax.Array))
-        free = shutil.disk_usage(self.directory).free
+        return need + sum(np.asarray(x).nbytes for x in jax.tree.leaves(state) if not isinstance(x, jax.Array))
+
+    def _check_space(self, step: int, state: PyTree) -> None:
+        """CheckpointError before a save that the disk cannot hold: the checkpoint library would fail mid-write
+        with pages of tracebacks from its threads."""
+        need, free = self._bytes(state), shutil.disk_usage(self.directory).free
         if free < need:
             raise CheckpointError(f"not saving step {step}: {self.directory} has {free / 2**20:,.1f} MiB free and the "
                                   f"checkpoint takes {need / 2**20:,.1f} MiB; free some space (df -h "
                                   f"{shlex.quote(str(self.directory))}) and run the command again" + self._kept())
+
+    def check_room(self, state: PyTree, where: str) -> None:
+        """CheckpointError, before any training, when the disk cannot hold one checkpoint of ``state``
+        (``where``: the directory to name, e.g. the run's): else the steps up to the first save would be
+        trained and lost. A later save checks again (`_check_space`), as the disk may fill meanwhile."""
+        need, free = self._bytes(state), shutil.disk_usage(self.directory).free
+        if free < need:
+            raise CheckpointError(f"{where} has {free / 2**20:,.1f} MiB free and one checkpoint of this run takes "
+                                  f"{need / 2**20:,.1f} MiB; free some space (df -h {shlex.quote(where)}) or set "
+                                  f"run.dir=<a disk with room>, then train again" + self._kept())
 
     def _kept(self) -> str:
         steps = self.all_steps()
@@ -376,8 +390,10 @@ class Checkpoints:
             self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for in-flight saves and releases orbax's resources."""
-        self._manager.close()
+        """Waits for in-flight saves and releases orbax's resources; a save that failed on the file system
+        (a disk that filled while it was written) is one CheckpointError."""
+        with self._disk_errors(self._last_saved):
+            self._manager.close()
 
     def __enter__(self) -> Checkpoints:
         return self

@@ -5,7 +5,9 @@ run's history of settings (`record_changes`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import shlex
 from pathlib import Path
 
 import jax
@@ -59,8 +61,13 @@ def make_run_dir(cfg: Config) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"run.dir: cannot write to {run_dir} ({e.strerror or e}); set run.dir=<a writable "
-                          f"directory> or run.name=<another name>") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free some space (df -h {shlex.quote(str(run_dir))}) or set run.dir=<a disk with room>"
+        elif RunDir(run_dir).holds_run:  # a resume: another directory would start a new run, not continue this one
+            fix = "make it writable to train it on, or set run.dir / run.name to start a separate run"
+        else:
+            fix = "set run.dir=<a writable directory> or run.name=<another name>"
+        raise ConfigError(f"run.dir: cannot write to {run_dir} ({e.strerror or e}); {fix}") from None
     return run_dir
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +79,25 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
                 raise CheckpointError(f"--out {run_dir}: another process wrote it meanwhile; pick another --out") from None
             raise
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise CheckpointError(f"--out {run_dir}: writing the run failed ({e.strerror or e}); nothing was written"
                               ) from None
     except CheckpointError as e:  # a disk too full for the checkpoint: said of --out, not of the temporary folder
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise CheckpointError(f"--out {run_dir}: {str(e).replace(str(tmp), str(run_dir))}; nothing was written"
                               ) from None
     except BaseException:  # Ctrl-C, SIGTERM (the command line turns it into SystemExit): nothing half-written
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     return run_dir
+
+
+def _discard(tmp: Path) -> None:
+    """Remove the temporary run folder. A save that a signal interrupted leaves the checkpoint library's writer
+    threads running for a moment, and they created folders in it after one removal (an empty
+    ``0.orbax-checkpoint-tmp/`` was left behind): removed again until it stays gone, for at most a second."""
+    for _ in range(20):
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.05)
+        if not tmp.exists():
+            return

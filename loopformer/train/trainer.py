@@ -7,10 +7,13 @@ evaluates and saves at the configured steps.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +27,18 @@ from flax import nnx
 from loopformer import parallel
 from loopformer.config import Change, Config
 from loopformer.data.sources import DataSource, build_data
-from loopformer.errors import ConfigError
+from loopformer.errors import CheckpointError, ConfigError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.evaluation.tables import format_table, score, score_name
 from loopformer.flops import FlopCounter, peak_flops
 from loopformer.metrics import text_metrics
-from loopformer.model.attend import attention_overflow, memory_bytes
+from loopformer.model.attend import attention_overflow, memory_bytes, scores_bytes
 from loopformer.model.describe import describe
 from loopformer.model.plan import difficulty_rules, exit_caps, resolve_loops
 from loopformer.model.transformer import LoopedTransformer
 from loopformer.runs import stop
 from loopformer.runs.checkpoint import Checkpoints, abstract_like
-from loopformer.runs.layout import RunDir
+from loopformer.runs.layout import RunDir, replace_file
 from loopformer.runs.lock import run_lock
 from loopformer.runs.log import log, log_to
 from loopformer.runs.prepare import describe_change, make_run_dir, prepare_run_dir, record_changes, write_config
@@ -118,8 +121,27 @@ def train(cfg: Config) -> TrainResult:
     directory is locked for the whole call (`loopformer.runs.lock.run_lock`): a second trainer on it
     stops with a ConfigError. Progress is logged to stdout."""
     parallel.initialize_distributed()  # multi-process runs only; before any JAX computation
-    with log_to("stdout"), run_lock(make_run_dir(cfg)):
+    with log_to("stdout"), _disk_full(cfg.run_dir), run_lock(make_run_dir(cfg)):
         return _train(cfg)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextlib.contextmanager
+def _disk_full(run_dir: Path) -> Iterator[None]:
+    """A disk that fills (or turns read-only) while the run writes its metrics, tensorboard files, config or
+    final sweep, as one CheckpointError naming the run directory; checkpoints say so themselves, before writing."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        what = f"writing {e.filename}" if e.filename else f"writing into {run_dir}"
+        steps = RunDir(run_dir).checkpoint_steps()
+        resumes = f"it resumes from step {max(steps)}" if steps else "it starts again (no checkpoint was written)"
+        fix = "make it writable" if e.errno == errno.EROFS else f"free some space (df -h {shlex.quote(str(run_dir))})"
+        raise CheckpointError(f"{what} failed ({e.strerror}); {fix} and train again: {resumes}") from None
 
 
 @dataclass
@@ -224,10 +246,12 @@ def _train(cfg: Config) -> TrainResult:
     parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
     _check_attention_fits(cfg, source.seq_len, mesh)
     init = _initial(cfg, source, mesh)
-    data_it = _train_iterator(cfg, source, run_dir)
-    evaluator, evals = evaluator_for(init.model), _Evals.of(source, mesh)
     ckpts = Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
+    if (ckpts.latest_step() or 0) < cfg.train.steps:  # before any step is trained and lost at the first save
+        ckpts.check_room(init.state, str(run_dir))
+    data_it = _train_iterator(cfg, source, run_dir)
+    evaluator, evals = evaluator_for(init.model), _Evals.of(source, mesh)
     state, restored = _resume(ckpts, init.state, data_it, cfg, run_dir, changes)
     if cfg.train.stage == "gate" and restored is None:
         raise ConfigError(f"train.stage=gate trains the exit gate of a trained model, but {run_dir} has no checkpoint: "
@@ -271,12 +295,23 @@ def _check_attention_fits(cfg: Config, seq_len: int, mesh: jax.sharding.Mesh) ->
     """ConfigError, before anything is written, when one attention layer over data.seq_len tokens would not fit
     in a device's memory (a lower bound of a step's need): a clear line instead of an out-of-memory traceback
     at the first step."""
-    micro = max(cfg.data.batch_size // cfg.train.grad_accum // parallel.data_parallel_size(mesh), 1)
+    heads, dp = cfg.model.max_heads, parallel.data_parallel_size(mesh)
+    micro = max(cfg.data.batch_size // cfg.train.grad_accum // dp, 1)
     for rows, what in ((micro, "data.batch_size"), (cfg.data.eval_batch_size, "data.eval_batch_size")):
-        too_big = attention_overflow(rows, seq_len, cfg.model.max_heads)
-        if too_big:
-            raise ConfigError(f"data.seq_len={seq_len}: {too_big}; lower data.seq_len or {what}"
-                              + (" (or raise train.grad_accum)" if what == "data.batch_size" else ""))
+        too_big = attention_overflow(rows, seq_len, heads)
+        if not too_big:
+            continue
+        accum = " (or raise train.grad_accum)" if what == "data.batch_size" else ""
+        fit = memory_bytes() // 2 // scores_bytes(1, seq_len, heads)  # rows of data.seq_len tokens that fit
+        if fit < 1:  # not even one sequence: the length is what to lower
+            raise ConfigError(f"data.seq_len={seq_len}: {too_big}; lower data.seq_len or {what}{accum}")
+        # the batch is what to lower (the longest sequence that fits a huge batch, "1 tokens", is no advice)
+        total = fit * (cfg.train.grad_accum * dp if what == "data.batch_size" else 1)
+        size = cfg.data.batch_size if what == "data.batch_size" else rows
+        raise ConfigError(f"{what}={size}: attention over {seq_len:,} tokens in batches of {rows:,} needs about "
+                          f"{scores_bytes(rows, seq_len, heads) / 2**30:,.0f} GiB, more than half of this machine's "
+                          f"{memory_bytes() / 2**30:.0f} GiB; at data.seq_len={seq_len} at most {total:,} fit: lower "
+                          f"{what}{accum}")
 
 
 @dataclass
@@ -346,7 +381,7 @@ class _Loop:
             self.result.sweep = final_sweep(self.evaluator, params, self.evals.sets, cfg,
                                             self.evals.bytes_per_token)
             if jax.process_index() == 0:
-                RunDir(self.result.run_dir).final_sweep.write_text(json.dumps(self.result.sweep, indent=1))
+                replace_file(RunDir(self.result.run_dir).final_sweep, json.dumps(self.result.sweep, indent=1).encode())
 
     def log_train(self, done: int, metrics: dict[str, Any], window: _Window) -> None:
         """Write the train scalars of step ``done`` and print the progress line."""

@@ -171,3 +171,24 @@ def test_prepare_corpus_names_its_arguments(tmp_path):
     cfg = load_config(None, ["data.task=text", f"data.paths=[{str(text)!r}]"])
     with pytest.raises(DataError, match=r"^shard_tokens 8 is below chunk_tokens 16: a shard holds whole records"):
         prepare_corpus(cfg, tmp_path / "p", chunk_tokens=16, shard_tokens=8, progress=False)
+
+
+def test_prepare_onto_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """Pass 5: the ArrayRecord writer's RuntimeError on a full disk was a traceback (its temporary folder was removed)."""
+    from array_record.python import array_record_module
+
+    class Full:
+        def __init__(self, path, options):
+            pass
+
+        def write(self, data):
+            raise RuntimeError("write() failed: No space left on device; writing x.array_record; at byte 200704")
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", Full)
+    text = tmp_path / "a.txt"
+    text.write_text("In the beginning.\n\n" * 20)
+    cfg = load_config(None, ["data.task=text", f"data.paths=[{str(text)!r}]"])
+    with pytest.raises(DataError, match=r"^--out .*p: writing the prepared corpus failed \(No space left on device; disk "
+                                        r"full or read-only\?\); nothing was replaced$"):
+        prepare_corpus(cfg, tmp_path / "p", chunk_tokens=16, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

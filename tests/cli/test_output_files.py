@@ -1,6 +1,7 @@
 """The analysis commands' output files (hostile pass 3b, findings 5-8): written through a temporary file and
 renamed, one error line for a file that cannot be written, rys's files one consistent set, rys --probe with
---examples, rys's header count, ablate on a run without circuits."""
+--examples, rys's header count, ablate on a run without circuits; (pass 5) ablate's, activity's and sweep's files
+one set too."""
 
 import fcntl
 import json
@@ -9,8 +10,11 @@ import shutil
 
 import pytest
 
+from loopformer.cli import ablate as ablate_cli
+from loopformer.cli import activity as activity_cli
 from loopformer.cli import main
 from loopformer.cli import rys as rys_cli
+from loopformer.cli import sweep as sweep_cli
 from loopformer.cli.common import write_png
 from loopformer.errors import AnalysisError
 from loopformer.evaluation import tables
@@ -143,3 +147,34 @@ def test_ablate_on_a_run_without_circuits_is_one_line(plain_run, capsys):
         f"error: {plain_run} has no circuits (model.stages: []): ablate removes looped circuits, so there is nothing "
         f"to remove (`loopformer convert` makes one; `loopformer rys` scans a plain model's layers)")
     assert not (plain_run / "ablation.csv").exists() and not (plain_run / "ablation.png").exists()
+
+
+@pytest.fixture(scope="module")
+def looped_run(tmp_path_factory):
+    return make_run(tiny_config(tmp_path_factory.mktemp("outputs"), "looped"))
+
+
+@pytest.mark.parametrize("cli, argv, names", [
+    (ablate_cli, ["ablate"], ["ablation.csv", "ablation.png"]),
+    (activity_cli, ["activity"], ["activity.csv", "activity.png"]),
+    (sweep_cli, ["sweep", "--loops", "X=1,2"], ["sweep.csv", "sweep_X.png", "sweep_convergence.png"]),
+])
+def test_ablate_activity_and_sweep_files_are_one_set(looped_run, capsys, monkeypatch, cli, argv, names):
+    """Pass 5: ablate, activity and sweep wrote their files one by one without rys's lock: Ctrl-C between them, or
+    two commands at once (two sweeps, a sweep and a rys), left one command's CSV beside another's plots."""
+    args = [*argv, "--run", str(looped_run), "--examples", "8"]
+    assert main(args) == 0
+    old = contents(looped_run, names)
+
+    def stopped(path, png):  # Ctrl-C after the csv is in place; the lock on the run is held meanwhile
+        fd = os.open(looped_run, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_png", stopped)
+    assert main([*args[:-1], "16"]) == 130
+    assert contents(looped_run, names) == old and hidden(looped_run) == []  # the csv of 16 examples is gone too

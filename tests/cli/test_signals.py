@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -53,3 +54,60 @@ def test_an_interrupted_process_exits_without_the_interpreters_teardown(tmp_path
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 143 and done.stderr.strip().endswith("terminated"), done.stderr
     assert "teardown ran" not in done.stdout  # os._exit: no atexit handlers, no runtime teardown
+
+
+def test_after_a_signal_the_libraries_leftovers_print_no_tracebacks(monkeypatch, capsys):
+    """SIGTERM during `import`'s checkpoint save printed "RuntimeError: Event loop is closed" tracebacks (its I/O
+    threads calling back into the loop the signal closed), and a Ctrl-C that JAX's gc callback swallowed printed
+    "Exception ignored in: <function _xla_gc_callback>", above the one line; other errors still print."""
+    from loopformer import cli
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    cli._quiet_after_stop()
+    cli._quiet_after_stop()  # once per process, however many signals
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    for error in (KeyboardInterrupt(), Terminated(), RuntimeError("Event loop is closed")):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                                 err_msg=None, object=None))
+    assert capsys.readouterr().err == ""
+    sys.excepthook(ValueError, ValueError("a real bug"), None)
+    assert capsys.readouterr().err.strip() == "ValueError: a real bug"
+
+
+def test_a_ctrl_c_swallowed_while_the_commands_import_still_interrupts(monkeypatch, capsys):
+    """Ctrl-C in the first second, where JAX's gc callback swallowed its KeyboardInterrupt, let the command run to
+    the end with status 0: the handler is installed before the imports and the recorded signal checked after."""
+    from loopformer import cli
+
+    real = cli.importlib.import_module
+
+    def import_module(name):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted by the handler
+        except KeyboardInterrupt:
+            pass  # what the gc callback does with it
+        return real(name)
+
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # _quiet_after_stop replaces it
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    assert main(["inspect", "--run", "/nonexistent"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_the_temporary_run_of_an_interrupted_save_is_removed_even_if_written_to_meanwhile(tmp_path):
+    """A signal during `import` / `convert`'s save left `.NAME.partial-PID/checkpoints/0.orbax-checkpoint-tmp/`:
+    the library's writer threads made it again after the one removal. The removal is repeated until it stays gone."""
+    import threading
+
+    from loopformer.train.newrun import _discard
+
+    tmp = tmp_path / ".run.partial-1"
+    (tmp / "checkpoints").mkdir(parents=True)
+    late = threading.Timer(0.02, lambda: (tmp / "checkpoints" / "0.orbax-checkpoint-tmp").mkdir(parents=True))
+    late.start()
+    _discard(tmp)
+    late.join()
+    assert not tmp.exists()

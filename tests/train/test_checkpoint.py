@@ -341,3 +341,19 @@ def test_a_file_system_error_mid_write_is_one_line(tmp_path, monkeypatch):
         monkeypatch.setattr(ckpts._manager, "save", lambda *a, **k: 1 / 0)  # not the disk: a real bug stays loud
         with pytest.raises(ZeroDivisionError):
             ckpts.save(3, make_state())
+
+
+def test_an_async_save_that_fails_on_the_disk_is_one_line_when_closed(tmp_path, monkeypatch):
+    """A disk that filled while a save ran in the background surfaced as the library's ValueError (with pages of
+    its threads' tracebacks) from `close`: now one line, like a save that fails in the foreground."""
+    ckpts = Checkpoints(tmp_path / "ckpt", async_save=False)
+    real = ckpts._manager.close
+
+    def fail():
+        real()
+        raise ValueError(TENSORSTORE_DISK_FULL)
+
+    monkeypatch.setattr(ckpts._manager, "close", fail)
+    with pytest.raises(CheckpointError, match=r"^saving a checkpoint into .*ckpt failed: No space left on device; fix "
+                                              r"the disk and run the command again$"):
+        ckpts.close()

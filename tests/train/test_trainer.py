@@ -3,6 +3,7 @@
 learn. Most tests start from the session's `trained_run` (tests/conftest.py) or train its config again,
 so their programs come from the compilation cache."""
 
+import errno
 import json
 import math
 import os
@@ -420,3 +421,68 @@ def test_a_stop_whose_exception_was_dropped_ends_training_at_the_next_step(tmp_p
     finally:
         stop.clear()
     assert RunDir(cfg.run_dir).checkpoint_steps() == []  # stopped before the first step
+
+
+def test_a_disk_too_full_for_one_checkpoint_is_refused_before_the_first_step(tmp_path, monkeypatch, trained_run):
+    """A full disk trained until the first checkpoint, then refused it (the steps were lost): the free space is
+    checked against one checkpoint before any step, naming the run directory; nothing of the run is written."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5000))
+    cfg = tiny_config(tmp_path, "full")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(cfg.run_dir))} has 0.0 MiB free and one checkpoint of "
+                                              r"this run takes [\d.]+ MiB; free some space \(df -h .*full\) or set "
+                                              r"run.dir=<a disk with room>, then train again$"):
+        train(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == [".train.lock", "checkpoints"]
+    run = copy_run(trained_run, tmp_path, "more")  # a resume: its checkpoints are named as intact
+    with pytest.raises(CheckpointError, match=r"then train again \(the checkpoints there, up to step 4, are intact\)$"):
+        train(trained_config(tmp_path, "more", "train.steps=8"))
+    assert RunDir(run).checkpoint_steps() == [2, 4]
+
+
+def test_a_disk_that_fills_while_metrics_are_written_is_one_line(tmp_path, monkeypatch):
+    """metrics.jsonl failing to flush on a full disk was a traceback (and another from closing it)."""
+    from loopformer.runs.scalars import MetricsWriter
+
+    def full(self, step, values):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(MetricsWriter, "scalars", full)
+    cfg = tiny_config(tmp_path, "fills")
+    with pytest.raises(CheckpointError, match=rf"^writing into {re.escape(str(cfg.run_dir))} failed \(No space left on "
+                                              r"device\); free some space \(df -h .*fills\) and train again: it starts "
+                                              r"again \(no checkpoint was written\)$"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("field", ["data.batch_size", "data.eval_batch_size"])
+def test_a_batch_whose_attention_cannot_fit_names_the_batch(tmp_path, field):
+    """data.batch_size=100000000 blamed data.seq_len, with "at most 1 tokens fit": the batch is named, with the
+    largest that fits at this data.seq_len."""
+    cfg = tiny_config(tmp_path, "huge", f"{field}=100000000")
+    accum = r" \(or raise train.grad_accum\)" if field == "data.batch_size" else ""
+    with pytest.raises(ConfigError, match=rf"^{field}=100000000: attention over \d+ tokens in batches of 100,000,000 "
+                                          rf"needs about [\d,]+ GiB, more than half of this machine's \d+ GiB; at "
+                                          rf"data.seq_len=\d+ at most [\d,]+ fit: lower {field}{accum}$"):
+        train(cfg)
+    assert not (cfg.run_dir / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "make it writable to train it on, or set run.dir / run.name to "
+                                                     "start a separate run"),
+                                       (errno.ENOSPC, r"free some space \(df -h .*ro\) or set run.dir=<a disk with room>")])
+def test_a_read_only_or_full_run_directory_names_its_own_fix(tmp_path, monkeypatch, trained_run, code, fix):
+    """Resuming a read-only run was told to "set run.dir=<a writable directory>", which starts another run."""
+    from pathlib import Path
+
+    from loopformer.runs.prepare import make_run_dir
+
+    copy_run(trained_run, tmp_path, "ro")
+    cfg = trained_config(tmp_path, "ro", "train.steps=8")
+
+    def refused(self, *a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    with pytest.raises(ConfigError, match=rf"^run.dir: cannot write to .*ro \({os.strerror(code)}\); {fix}$"):
+        make_run_dir(cfg)
