@@ -33,6 +33,9 @@ def train_command(args: argparse.Namespace) -> int:
     from loopformer.config import load_config
     from loopformer.train.trainer import train
 
+    if not args.config and not args.overrides:  # it would train the defaults into runs/run, surely not what was meant
+        raise ConfigError("train needs a config: loopformer train -c configs/quickstart.yaml (or key=value settings "
+                          "over the defaults, e.g. run.name=mine)")
     cfg = load_config(args.config, args.overrides)
     check_own_run(args.config, cfg.run_dir)
     train(cfg)

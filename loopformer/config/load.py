@@ -150,6 +150,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip() or " " in key.strip():
+            if item.endswith((".yaml", ".yml")) or Path(item).is_file():  # the config without its flag
+                raise ConfigError(f"'{item}' is a config file, not a key=value override: give it with --config "
+                                  f"(e.g. loopformer train -c {item})")
             raise ConfigError(f"malformed override '{item}': write key=value, e.g. train.steps=200")
         out.append((key.strip(), _parse_value(text)))
     return out

@@ -156,6 +156,24 @@ def test_text_run(text_run_dir, capsys):
     assert "--count sets how many examples of a synthetic task are answered" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["train"], "error: train needs a config: loopformer train -c configs/quickstart.yaml (or key=value settings "
+                "over the defaults, e.g. run.name=mine)"),
+    (["train", "configs/quickstart.yaml"], "error: 'configs/quickstart.yaml' is a config file, not a key=value override: "
+                                           "give it with --config (e.g. loopformer train -c configs/quickstart.yaml)"),
+])
+def test_train_without_its_config_is_one_line(tmp_path, monkeypatch, capsys, argv, line):
+    """`loopformer train` alone trained the defaults into runs/run; a config given without -c was a 'malformed
+    override'. Neither writes anything."""
+    monkeypatch.chdir(tmp_path)
+    if len(argv) > 1:
+        (tmp_path / "configs").mkdir()
+        (tmp_path / "configs" / "quickstart.yaml").write_text("seed: 0\n")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture(scope="module")
 def no_checkpoint_run(run_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("empty") / "untrained"
