@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -121,8 +122,28 @@ def train(cfg: Config) -> TrainResult:
     directory is locked for the whole call (`loopformer.runs.lock.run_lock`): a second trainer on it
     stops with a ConfigError. Progress is logged to stdout."""
     parallel.initialize_distributed()  # multi-process runs only; before any JAX computation
-    with log_to("stdout"), _disk_full(cfg.run_dir), run_lock(make_run_dir(cfg)):
-        return _train(cfg)
+    fresh = not cfg.run_dir.exists()
+    with log_to("stdout"), _disk_full(cfg.run_dir), run_lock(make_run_dir(cfg)) as lock:
+        try:
+            return _train(cfg)
+        except BaseException:
+            if fresh and jax.process_count() == 1:
+                _discard_unused(cfg.run_dir, lock)
+            raise
+
+
+def _discard_unused(run_dir: Path, lock: Path) -> None:
+    """Remove the run directory this call created when it holds no file but ``lock`` (a config refused for its
+    data, memory or disk space before anything was written): the folder is not left behind. Called while
+    holding the lock; the lock file is unlinked before it is released (as `exclusive(remove=True)` does)."""
+    if any(p.is_file() and p != lock for p in run_dir.rglob("*")):
+        return
+    for child in run_dir.iterdir():
+        if child != lock:
+            shutil.rmtree(child, ignore_errors=True)
+    with contextlib.suppress(OSError):  # something else appeared meanwhile: leave it
+        lock.unlink()
+        run_dir.rmdir()
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)

@@ -433,7 +433,7 @@ def test_a_disk_too_full_for_one_checkpoint_is_refused_before_the_first_step(tmp
                                               r"this run takes [\d.]+ MiB; free some space \(df -h .*full\) or set "
                                               r"run.dir=<a disk with room>, then train again$"):
         train(cfg)
-    assert sorted(p.name for p in cfg.run_dir.iterdir()) == [".train.lock", "checkpoints"]
+    assert not cfg.run_dir.exists()  # the folder this call made (checkpoints/ and the lock) is not left behind
     run = copy_run(trained_run, tmp_path, "more")  # a resume: its checkpoints are named as intact
     with pytest.raises(CheckpointError, match=r"then train again \(the checkpoints there, up to step 4, are intact\)$"):
         train(trained_config(tmp_path, "more", "train.steps=8"))
@@ -465,7 +465,11 @@ def test_a_batch_whose_attention_cannot_fit_names_the_batch(tmp_path, field):
                                           rf"needs about [\d,]+ GiB, more than half of this machine's \d+ GiB; at "
                                           rf"data.seq_len=\d+ at most [\d,]+ fit: lower {field}{accum}$"):
         train(cfg)
-    assert not (cfg.run_dir / "config.yaml").exists()
+    assert not cfg.run_dir.exists()
+    cfg.run_dir.mkdir(parents=True)  # a folder the user made is theirs: refused, it stays
+    with pytest.raises(ConfigError, match=rf"^{field}=100000000"):
+        train(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == [".train.lock", "checkpoints"]
 
 
 @pytest.mark.parametrize("code, fix", [(errno.EROFS, "make it writable to train it on, or set run.dir / run.name to "
