@@ -63,7 +63,13 @@ def _main(argv: list[str] | None) -> int:
         sub = parser.add_subparsers(dest="command", required=True)
         for name, (help_text, add_args, _) in COMMANDS.items():
             add_args(sub.add_parser(name, help=help_text, description=help_text))
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value settings after a flag (`train a=1 -c cfg b=2`): argparse takes one run of positionals only
+        if extra and isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         examples = getattr(args, "examples", None)
         if examples is not None and examples > MAX_EVAL_EXAMPLES:
             print(f"error: --examples {examples}: at most {MAX_EVAL_EXAMPLES:,} per split (they are all built in "

@@ -174,6 +174,22 @@ def test_train_without_its_config_is_one_line(tmp_path, monkeypatch, capsys, arg
     assert not (tmp_path / "runs").exists()
 
 
+def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
+    """`train a=1 -c cfg b=2` was "unrecognized arguments: b=2" (argparse takes one run of positionals); any other
+    unknown argument still is."""
+    import loopformer.cli  # noqa: F401  (registers the commands)
+    from loopformer.cli.common import COMMANDS
+
+    seen = {}
+    help_text, add_args, _ = COMMANDS["train"]
+    monkeypatch.setitem(COMMANDS, "train", (help_text, add_args, lambda args: seen.update(vars(args)) or 0))
+    assert main(["train", "train.steps=1", "-c", "cfg.yaml", "run.dir=/tmp/x", "seed=3"]) == 0
+    assert seen["config"] == "cfg.yaml" and seen["overrides"] == ["train.steps=1", "run.dir=/tmp/x", "seed=3"]
+    with pytest.raises(SystemExit):
+        main(["train", "-c", "cfg.yaml", "a=1", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def no_checkpoint_run(run_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("empty") / "untrained"
