@@ -470,6 +470,17 @@ class CurriculumStage:
     difficulty: list[int] = field(default_factory=list)  # required: [] is refused
 
 
+# data settings that only text reads (a synthetic task builds its own examples and vocabulary)
+TEXT_ONLY = ("paths", "format", "text_field", "doc_separator", "tokenizer", "prompt_format", "stop_ids", "vocab_size",
+             "seq_len", "val_fraction")
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name``."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 @dataclass
 class DataConfig:
     task: str = "pointer_chase"
@@ -576,6 +587,12 @@ class DataConfig:
         if d.task == "text":
             _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
                    "or data.paths=['asset:kjv_genesis_exodus.txt']")
+        elif not any(e.task == "text" for e in d.mixture):  # a setting that would be silently unused
+            unused = next((f for f in TEXT_ONLY if getattr(d, f) != _default(DataConfig, f)), None)
+            if unused is not None:
+                raise ConfigError(f"data.{unused}={getattr(d, unused)} is a setting of text data, and data.task="
+                                  f"{d.task_label()} builds its own examples, so it would not be used; drop it (or "
+                                  f"train on text: data.task=text)")
         if d.task == "text" or any(e.task == "text" for e in d.mixture):
             _check(d.tokenizer != "bpe" or d.vocab_size >= 260,
                    f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: it needs >= 260 "
