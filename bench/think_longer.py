@@ -127,9 +127,14 @@ TASKS = {
     # Recipe (#24), declared 2026-12-04 before its first run with it: loops per difficulty 2d + 4 for d
     # columns (6..20 in training, 36 at 2x, 68 at 4x), the prefix_parity recipe; the generator's steps per
     # maze (Task.depth) reach 14 in training, 25 at 2x and 44 at 4x, all within the rule.
+    # Added to the recipe 2026-12-04 17:10 UTC, before its first run with it (the record before it,
+    # think_longer_maze3_recipe_3seeds_cpu, left seed 0 at 82.8 % at 2x): the loss at each of X's last 4
+    # iterations (train.iteration_loss, as the quickstart, where it made the failing seed extrapolate).
     "maze3": dataclasses.replace(MAZE, task_args={"rows": 3, "entrance": True}, task="maze",
                                  overrides=maze_recipe(3),
-                                 recipe=(("per_difficulty", (f"{X}.loops=per_difficulty(2, 4)", f"{X}.max_loops=20")),)),
+                                 recipe=(("per_difficulty", (f"{X}.loops=per_difficulty(2, 4)", f"{X}.max_loops=20")),
+                                         ("iteration_loss", ("train.iteration_loss=4",
+                                                             "train.iteration_loss_circuit=X")))),
     # Global-lookup tasks (full attention, loops U{2..6}). None learned its task in 1,500 steps
     # (docs/think_longer.md); the suite gives them 1,000 so that it fits in an hour on 2 cores.
     "pointer_chase": Setting({"num_nodes": 20, "num_symbols": 20, "edge_tokens": True}, [1, 4],
