@@ -23,8 +23,6 @@ MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare",
            "export")
 
 
-
-
 def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
     """Run one command; its exit status. ``process`` (default: when ``argv`` is None, i.e. the console script):
     this call is the whole process, so an interrupted command ends it at once (`_end_process`)."""

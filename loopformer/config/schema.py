@@ -53,6 +53,7 @@ def mlp_hidden(width: int, ratio: float) -> int:
 
 MAX_EVAL_EXAMPLES = 100_000  # examples per eval split (data.eval_examples, --examples): built in memory first
 
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
@@ -475,12 +476,6 @@ TEXT_ONLY = ("paths", "format", "text_field", "doc_separator", "tokenizer", "pro
              "seq_len", "val_fraction")
 
 
-def _default(cls: type, name: str) -> Any:
-    """The default of dataclass ``cls``'s field ``name``."""
-    f = cls.__dataclass_fields__[name]
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
 @dataclass
 class DataConfig:
     task: str = "pointer_chase"
@@ -588,7 +583,8 @@ class DataConfig:
             _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
                    "or data.paths=['asset:kjv_genesis_exodus.txt']")
         elif not any(e.task == "text" for e in d.mixture):  # a setting that would be silently unused
-            unused = next((f for f in TEXT_ONLY if getattr(d, f) != _default(DataConfig, f)), None)
+            defaults = DataConfig()
+            unused = next((f for f in TEXT_ONLY if getattr(d, f) != getattr(defaults, f)), None)
             if unused is not None:
                 raise ConfigError(f"data.{unused}={getattr(d, unused)} is a setting of text data, and data.task="
                                   f"{d.task_label()} builds its own examples, so it would not be used; drop it (or "
@@ -754,8 +750,13 @@ class Config:
         [] when train.progressive is 0."""
         if not self.train.progressive:
             return []
+        return list(self.train.progressive_circuits) or self._looping_circuits()
+
+    def _looping_circuits(self) -> list[str]:
+        """The circuits a loop recipe applies to by default: every circuit whose training count varies (not
+        fixed(n)), or if none does every circuit that loops (fixed(n), n > 1)."""
         circuits = self.model.circuits()
-        return (list(self.train.progressive_circuits) or [c.name for c in circuits if c.distribution().kind != "fixed"]
+        return ([c.name for c in circuits if c.distribution().kind != "fixed"]
                 or [c.name for c in circuits if c.distribution().typical_range()[1] > 1])
 
     def _validate_progressive(self) -> None:
@@ -780,11 +781,9 @@ class Config:
         W = self.train.iteration_loss
         if not W:
             return None
-        circuits = self.model.circuits()
         if self.train.iteration_loss_circuit:
             return self.train.iteration_loss_circuit, W
-        names = ([c.name for c in circuits if c.distribution().kind != "fixed"]
-                 or [c.name for c in circuits if c.distribution().typical_range()[1] > 1])
+        names = self._looping_circuits()
         _check(len(names) == 1, f"train.iteration_loss: it reads one circuit's iterations, and "
                f"{'no circuit loops' if not names else 'circuits ' + ', '.join(names) + ' all loop'}; "
                + ("set train.iteration_loss=0" if not names else f"name one: train.iteration_loss_circuit={names[0]}"))
