@@ -26,9 +26,15 @@ MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare",
 def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
     """Run one command; its exit status. ``process`` (default: when ``argv`` is None, i.e. the console script):
     this call is the whole process, so an interrupted command ends it at once (`_end_process`)."""
+    whole = argv is None if process is None else process
+    if whole:
+        _quiet_noise()
     code = _main(argv)
-    if code in (130, 128 + signal.SIGTERM) and (argv is None if process is None else process):
+    if code in (130, 128 + signal.SIGTERM) and whole:
         _end_process(code)
+    if whole:  # the work is done and reported: a signal while the interpreter exits must not turn it into 130 / 143
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     return code
 
 
@@ -106,7 +112,7 @@ def _on_signal(signum: int, frame: object) -> None:
     case Python swallows the exception (it does in gc callbacks), and the usual handling is back, so a second
     SIGTERM ends the process at once and a second Ctrl-C interrupts again."""
     stop.request(signum)
-    _quiet_after_stop()
+    _quiet_noise()
     if signum == signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated
@@ -114,11 +120,13 @@ def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _quiet_after_stop() -> None:
-    """Once a signal unwinds a command, what it leaves behind prints no tracebacks above the one line: the checkpoint
-    library's I/O threads calling back into the event loop the unwinding closed ("RuntimeError: Event loop is
-    closed"), and the signal's own exception where Python drops it ("Exception ignored in: <function
-    _xla_gc_callback>": the signal is recorded, `stop`, and reported). Every other error prints as before."""
+def _quiet_noise() -> None:
+    """What a stopped or failed command leaves behind prints no tracebacks above its one line: the checkpoint
+    library's I/O threads calling back into an event loop that the unwinding (a signal, a disk that filled) closed
+    ("RuntimeError: Event loop is closed", once per pending write), and a signal's own exception where Python drops
+    it ("Exception ignored in: <function _xla_gc_callback>": the signal is recorded, `stop`, and reported).
+    Installed for the whole process by the console script, and by the first signal in any other caller (tests).
+    Every other error prints as before."""
     if getattr(sys.excepthook, "quiet_after_stop", False):
         return
     except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook

@@ -9,6 +9,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -187,39 +188,84 @@ def write_png(path: Path, png: bytes) -> str:
     return str(path)
 
 
+_JOURNAL = ".analysis-set.json"  # in a run directory while a command writes its set: what to put back
+_KEPT = re.compile(r"\.(.+)\.(\d+)\.old")  # `_keep`'s copies
+
+
 @contextlib.contextmanager
 def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
-    """Write a command's files (``paths``: every one the block may replace or remove; ``name``: the command) as one
-    set: under a lock on the run directory, so two commands at once (two sweeps, a sweep and a rys) write one after
-    the other (the last one's set stays whole, never one's CSV beside the other's plots), and with the earlier files
-    kept aside, so a failure part way (an error, Ctrl-C, SIGTERM) puts them all back."""
+    """Write a command's files (``paths``: every one the block may replace or remove, inside ``run_dir``;
+    ``name``: the command) as one set: under a lock on the run directory, so two commands at once (two sweeps, a
+    sweep and a rys) write one after the other (the last one's set stays whole, never one's CSV beside the
+    other's plots), and with the earlier files kept aside, so a failure part way (an error, Ctrl-C, SIGTERM) puts
+    them all back. A journal (`_JOURNAL`) names the kept files while the block runs: a command killed outright
+    (kill -9, a lost machine) part way leaves it, and the next command to write a set puts the earlier set back
+    first (`_recover`), so a mix of old and new files lasts only until then."""
     fd = os.open(run_dir, os.O_RDONLY)
     saved: dict[Path, Path] = {}
+    journal = run_dir / _JOURNAL
     try:
         with contextlib.suppress(OSError):  # a filesystem without locks: unlocked, as the trainer's lock does
             fcntl.flock(fd, fcntl.LOCK_EX)  # held for a few file writes: wait for them
-        for path in paths:
-            if path.exists():
-                saved[path] = _keep(path, name)
+        _recover(run_dir)
+        kept = {path: _kept_name(path) for path in paths if path.exists()}
+        record = {"command": name, "pid": os.getpid(),
+                  "kept": {os.path.relpath(p, run_dir): os.path.relpath(k, run_dir) for p, k in kept.items()},
+                  "new": [os.path.relpath(p, run_dir) for p in paths if p not in kept]}
+        replace_file(journal, json.dumps(record, indent=1).encode())  # AnalysisError if it cannot be written
         try:
+            for path, keep in kept.items():
+                saved[path] = _keep(path, keep, name)
             yield
         except BaseException:
             for path in paths:
                 with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
                     if path in saved:  # (a link to the same file is left in place: `finally` removes it)
                         os.replace(saved[path], path)
-                    else:
+                    elif path not in kept:
                         path.unlink(missing_ok=True)  # a new file where the earlier scan had none
             raise
+        finally:
+            journal.unlink(missing_ok=True)  # before the kept files go: a journal always finds what it names
     finally:
         for keep in saved.values():
             keep.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
 
 
-def _keep(path: Path, name: str) -> Path:
-    """A hard link (or, where links fail, a copy) of ``path`` beside it: the file as it is, whatever replaces it."""
-    keep = path.with_name(f".{path.name}.{os.getpid()}.old")
+def _recover(run_dir: Path) -> None:
+    """Put back the set that a command killed outright while writing it left behind (its journal, `one_set`),
+    and remove kept copies that no journal names (a kill after the journal went). Called under the lock."""
+    journal = run_dir / _JOURNAL
+    try:
+        entry = json.loads(journal.read_text(encoding="utf-8"))
+        kept, new, command = dict(entry["kept"]), list(entry["new"]), str(entry["command"])
+    except FileNotFoundError:
+        entry = None
+    except (OSError, ValueError, KeyError, TypeError):  # not one `one_set` wrote (it writes whole files): ignored
+        entry = None
+        journal.unlink(missing_ok=True)
+    if entry is not None:
+        for path, keep in kept.items():
+            if (run_dir / keep).is_file():
+                os.replace(run_dir / keep, run_dir / path)
+        for path in new:
+            (run_dir / path).unlink(missing_ok=True)
+        journal.unlink()
+        log(f"put back the files in {run_dir} that an earlier {command} (pid {entry.get('pid')}) was killed while "
+            f"replacing")
+    for leftover in run_dir.iterdir():
+        if _KEPT.fullmatch(leftover.name) and leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
+def _kept_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.old")
+
+
+def _keep(path: Path, keep: Path, name: str) -> Path:
+    """A hard link (or, where links fail, a copy) of ``path`` as ``keep``: the file as it is, whatever replaces
+    it."""
     keep.unlink(missing_ok=True)
     try:
         try:

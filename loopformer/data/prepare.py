@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,43 +62,11 @@ from loopformer.data.text import (
 )
 from loopformer.errors import DataError
 from loopformer.runs.lock import exclusive
+from loopformer.runs.log import progress_bar
 
 CHUNK_TOKENS = 4096  # tokens per ArrayRecord record: a window read touches one or two records
 SHARD_TOKENS = 2**26  # tokens per shard file (128 MiB of uint16)
 _WRITER_OPTIONS = "group_size:1,uncompressed"  # random access to single records
-
-
-class Progress:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
-
-    def __init__(self, label: str, total: int, unit: str = "B", stream: Any = None, enabled: bool = True):
-        self.label, self.total, self.unit, self.done = label, max(total, 1), unit, 0
-        self.stream, self.enabled = stream or sys.stderr, enabled
-        self._start = self._last = time.monotonic()
-        self._drawn = -1
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        self._drawn = self.done
-        frac = min(self.done / self.total, 1.0)
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        rate = self.done / max(now - self._start, 1e-9)
-        self.stream.write(f"\r{self.label:<10} [{bar}] {100 * frac:5.1f}% {_human(self.done)}/{_human(self.total)}"
-                          f"{self.unit} {_human(rate)}{self.unit}/s")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            if self._drawn != self.done:
-                self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 @contextlib.contextmanager
@@ -110,14 +77,6 @@ def _os_errors() -> Iterator[None]:
         yield
     except RuntimeError as e:
         raise OSError(str(e).split("failed: ", 1)[-1].split(";")[0]) from None
-
-
-def _human(n: float) -> str:
-    for unit in ("", "k", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}T"
 
 
 class ShardWriter:
@@ -180,16 +139,15 @@ class ShardWriter:
 def _documents(cfg: Config, paths: list[Path], progress: bool, label: str) -> Iterator[str]:
     """The corpus's documents, with a progress bar over the bytes of its files."""
     d = cfg.data
-    bar = Progress(label, sum(p.stat().st_size for p in paths), enabled=progress)
-    try:
+    with progress_bar(label, sum(p.stat().st_size for p in paths), unit="B", enabled=progress) as bar:
         for path in paths:
-            start = bar.done
+            read = 0
             for doc in iter_documents([path], d.format, d.text_field, d.doc_separator):
                 yield doc
-                bar.update(len(doc.encode("utf-8")))
-            bar.update(start + path.stat().st_size - bar.done)  # separators and skipped text
-    finally:
-        bar.close()
+                size = len(doc.encode("utf-8"))
+                read += size
+                bar.update(size)
+            bar.update(path.stat().st_size - read)  # separators and skipped text
 
 
 # What prepare writes into <out> (and, while writing, into its hidden temporary directory).

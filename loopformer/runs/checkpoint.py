@@ -25,6 +25,7 @@ single changed word changes it (fmix32 is a bijection).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shlex
 import shutil
@@ -49,6 +50,40 @@ _CHECKSUMS = "checksums"
 CHECKSUM_KIND = "fmix32-sum-v1"
 _ITERATORS = (grain.DatasetIterator, grain.DataLoaderIterator)
 _OS_ERROR = re.compile(r": ([A-Z][a-z][^:\[\]]*) \[os_error_code='\d+'\]")  # tensorstore's form of an OS error
+
+
+def _file_system_reason(error: BaseException | None) -> str | None:
+    """Why a checkpoint write failed on the file system ("No space left on device"), from ``error`` or an
+    exception it was raised from or during; None when it failed for another reason."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        found = _OS_ERROR.search(str(error))
+        if found:
+            return found.group(1)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _FileSystemNoise(logging.Filter):
+    """Drops the checkpoint library's ERROR records (with their tracebacks) about a write that failed on the
+    file system: the failure surfaces as `Checkpoints`' one CheckpointError (`_disk_errors`), which names the
+    reason, the directory and the checkpoints kept; the same failure logged by each of orbax's threads
+    stood above it as hundreds of lines. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_file_system_reason(error) or _OS_ERROR.search(record.getMessage()))
+
+
+def _quiet_file_system_noise() -> None:
+    logger = logging.getLogger("absl")  # orbax logs through absl's logger
+    if not any(isinstance(f, _FileSystemNoise) for f in logger.filters):
+        logger.addFilter(_FileSystemNoise())
 
 
 def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -153,6 +188,7 @@ class Checkpoints:
                     _CHECKSUMS: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._last_saved: int | None = None
+        _quiet_file_system_noise()
 
     def all_steps(self) -> list[int]:
         """Finished checkpoint steps, ascending (a save still in flight is not included)."""
@@ -377,8 +413,7 @@ class Checkpoints:
         try:
             yield
         except Exception as e:
-            found = _OS_ERROR.search(str(e))
-            why = e.strerror if isinstance(e, OSError) and e.strerror else found.group(1) if found else None
+            why = _file_system_reason(e)
             if why is None:
                 raise
             raise CheckpointError(f"saving {'a checkpoint' if step is None else f'step {step}'} into {self.directory} "

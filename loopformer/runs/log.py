@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -41,11 +41,21 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
     """``items`` with a progress bar (tqdm) on the log stream while it is a terminal, refreshed at least
     every 10 s: long analysis commands (sweep, rys, ablate) show where they are. Off a terminal (pipes, CI,
     tests) nothing is drawn; the commands' own `log` lines still say what was done."""
+    with progress_bar(desc, total) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
+def progress_bar(desc: str, total: float | None = None, unit: str = "it", enabled: bool = True) -> Any:
+    """A tqdm bar updated by hand (``bar.update(n)``; close it, or use it as a context manager), drawn on the log
+    stream under the same rule as `progress`; ``unit="B"`` counts bytes (kB, MB). A bar that is off counts
+    nothing: keep your own count."""
     from tqdm import tqdm
 
     stream = getattr(sys, _stream[-1])
     import jax
 
-    off = jax.process_index() != 0 or not (hasattr(stream, "isatty") and stream.isatty())
-    yield from tqdm(items, desc=desc, total=total, file=stream, disable=off, leave=False, mininterval=0.5,
-                    maxinterval=10.0, dynamic_ncols=True)
+    off = (not enabled or jax.process_index() != 0 or not (hasattr(stream, "isatty") and stream.isatty()))
+    return tqdm(desc=desc, total=total, unit=unit, unit_scale=unit == "B", file=stream, disable=off, leave=False,
+                mininterval=0.5, maxinterval=10.0, dynamic_ncols=True)

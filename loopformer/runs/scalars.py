@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer import event_file_writer
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from loopformer.runs.layout import RunDir
@@ -42,6 +44,7 @@ class MetricsWriter:
                 truncate_metrics(self.run_dir, resume_step)
             self._jsonl = open(RunDir(self.run_dir).metrics, "a", encoding="utf-8")  # noqa: SIM115
             self._tb = EventFileWriter(str(RunDir(self.run_dir).tb), flush_secs=30)
+            _quiet_writer_thread()
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Logs `values` (names like "train/loss", "eval/2x/accuracy") at `step`."""
@@ -90,15 +93,35 @@ class MetricsWriter:
     def close(self) -> None:
         """Flushes and closes the files; later calls are no-ops."""
         if self._tb is not None:
-            self._jsonl.close()
-            self._tb.close()
+            jsonl, tb = self._jsonl, self._tb
             self._jsonl = self._tb = None
+            try:
+                tb.flush()  # raises what the writer's thread met (a disk that filled): `close` alone drops it
+            finally:
+                jsonl.close()
+                tb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _quiet_writer_thread() -> None:
+    """No "Exception in thread" traceback from tensorboard's writer thread (a disk that filled between two of its
+    flushes): the writer keeps the exception and raises it in the caller at the next `scalars`, `flush` or
+    `close`, where the trainer reports it as one line. Exceptions of every other thread print as before."""
+    if getattr(threading.excepthook, "quiet_writer_thread", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not isinstance(args.thread, getattr(event_file_writer, "_AsyncWriterThread", ())):
+            previous(args)
+
+    hook.quiet_writer_thread = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

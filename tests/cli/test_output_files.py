@@ -178,3 +178,35 @@ def test_ablate_activity_and_sweep_files_are_one_set(looped_run, capsys, monkeyp
     monkeypatch.setattr(cli, "write_png", stopped)
     assert main([*args[:-1], "16"]) == 130
     assert contents(looped_run, names) == old and hidden(looped_run) == []  # the csv of 16 examples is gone too
+
+
+def test_a_set_killed_outright_part_way_is_put_back_by_the_next_command(tmp_path):
+    """kill -9 (or a lost machine) while a command replaced its files left a mix of the old and new set: the
+    journal it wrote first names what to put back, and the next command to write a set does so before its own."""
+    import subprocess
+    import sys
+
+    from loopformer.cli.common import one_set
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "sweep.csv").write_text("old csv")
+    (run / "sweep_X.png").write_bytes(b"old png")
+    (run / ".sweep.csv.999999.old").write_text("a copy no journal names")
+    script = ("import os, signal, sys\n"
+              "from pathlib import Path\n"
+              "from loopformer.cli.common import one_set\n"
+              "from loopformer.runs.layout import replace_file\n"  # as every command writes its files
+              "run = Path(sys.argv[1])\n"
+              "with one_set(run, [run / 'sweep.csv', run / 'sweep_X.png', run / 'sweep_Y.png'], 'sweep'):\n"
+              "    replace_file(run / 'sweep.csv', b'new csv')\n"
+              "    replace_file(run / 'sweep_Y.png', b'new png')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9
+    assert (run / "sweep.csv").read_text() == "new csv" and (run / ".analysis-set.json").exists()  # the mix
+    with one_set(run, [run / "ablation.csv"], "ablate"):
+        (run / "ablation.csv").write_text("ablation")
+    assert contents(run, ["sweep.csv", "sweep_X.png", "ablation.csv"]) == {
+        "sweep.csv": b"old csv", "sweep_X.png": b"old png", "ablation.csv": b"ablation"}
+    assert not (run / "sweep_Y.png").exists() and hidden(run) == []

@@ -56,6 +56,22 @@ def test_an_interrupted_process_exits_without_the_interpreters_teardown(tmp_path
     assert "teardown ran" not in done.stdout  # os._exit: no atexit handlers, no runtime teardown
 
 
+def test_a_signal_after_the_command_finished_keeps_its_status(tmp_path):
+    """A signal that landed after the command had done its work (while the interpreter exits) gave 130 / 143
+    with the output complete, as if it had been interrupted: the console script's status is the command's."""
+    script = ("import os, signal, sys, time\n"
+              "from loopformer.cli import main\n"
+              f"code = main(['inspect', '--run', {str(tmp_path / 'none')!r}], process=True)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(0.2)\n"
+              "print('exiting', code)\n"
+              "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "exiting 2" in done.stdout, (done.returncode, done.stderr)
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
 def test_after_a_signal_the_libraries_leftovers_print_no_tracebacks(monkeypatch, capsys):
     """SIGTERM during `import`'s checkpoint save printed "RuntimeError: Event loop is closed" tracebacks (its I/O
     threads calling back into the loop the signal closed), and a Ctrl-C that JAX's gc callback swallowed printed
@@ -64,8 +80,8 @@ def test_after_a_signal_the_libraries_leftovers_print_no_tracebacks(monkeypatch,
 
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
-    cli._quiet_after_stop()
-    cli._quiet_after_stop()  # once per process, however many signals
+    cli._quiet_noise()
+    cli._quiet_noise()  # once per process, however many signals
     sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
     for error in (KeyboardInterrupt(), Terminated(), RuntimeError("Event loop is closed")):
         sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
@@ -91,7 +107,7 @@ def test_a_ctrl_c_swallowed_while_the_commands_import_still_interrupts(monkeypat
         return real(name)
 
     monkeypatch.setattr(cli.importlib, "import_module", import_module)
-    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # _quiet_after_stop replaces it
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # _quiet_noise replaces it
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     assert main(["inspect", "--run", "/nonexistent"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"

@@ -88,6 +88,39 @@ def test_trained_bpe_round_trips_and_is_deterministic(tmp_path):
         train_bpe(texts, vocab_size=259)
 
 
+def test_bpe_training_leaves_the_main_thread_free_for_a_ctrl_c():
+    """Python runs signal handlers on the main thread between its own steps, so a Ctrl-C during the tokenizers
+    library's training (Rust, up to minutes) waited for it to end. The training runs on a worker thread (where
+    the library reads the texts) and the main thread, waiting, is interrupted at once; the worker's errors still
+    reach the caller."""
+    import _thread
+    import threading
+
+    readers, release = [], threading.Event()
+
+    def texts():
+        readers.append(threading.current_thread())
+        yield "hello hello world"
+        release.wait(60)  # the training, stuck
+
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_bpe(texts(), vocab_size=300)
+    finally:
+        release.set()
+        timer.cancel()
+    assert readers and readers[0] is not threading.main_thread()
+
+    def broken():
+        yield "text"
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    with pytest.raises(Exception, match="invalid start byte"):
+        train_bpe(broken(), vocab_size=300)
+
+
 def test_gpt2_style_file_loads_as_is(tmp_path):
     path = gpt2_style(tmp_path / "gpt2.json", documents())
     tok = read_tokenizer(path, "data.tokenizer")

@@ -357,3 +357,34 @@ def test_an_async_save_that_fails_on_the_disk_is_one_line_when_closed(tmp_path, 
     with pytest.raises(CheckpointError, match=r"^saving a checkpoint into .*ckpt failed: No space left on device; fix "
                                               r"the disk and run the command again$"):
         ckpts.close()
+
+
+def test_the_checkpoint_library_logs_no_tracebacks_about_a_full_disk(tmp_path):
+    """A disk that filled during a background save printed hundreds of lines (each orbax thread logged the same
+    failure with its traceback) above the one CheckpointError: those records are dropped, every other passes."""
+    import logging
+    import sys
+
+    Checkpoints(tmp_path / "ckpt", async_save=False).close()  # installs the filter on absl's logger
+    logger = logging.getLogger("absl")
+
+    def record(level, msg, error=None):
+        exc_info = None
+        if error is not None:
+            try:
+                raise error
+            except Exception:
+                exc_info = sys.exc_info()
+        return logger.makeRecord("absl", level, __file__, 1, msg, (), exc_info)
+
+    def passes(rec):
+        return all(f.filter(rec) for f in logger.filters)
+
+    assert not passes(record(logging.ERROR, "_SignalingThread.run() raised an exception: " + TENSORSTORE_DISK_FULL))
+    assert not passes(record(logging.ERROR, "Save Finalize thread (save_finalize) failed.",
+                             ValueError(TENSORSTORE_DISK_FULL)))
+    assert not passes(record(logging.ERROR, "Failed to run 4 Handler Commit operations",
+                             OSError(28, "No space left on device")))
+    assert passes(record(logging.ERROR, "Save Finalize thread (save_finalize) failed.", ZeroDivisionError()))
+    assert passes(record(logging.ERROR, "something else went wrong"))
+    assert passes(record(logging.WARNING, TENSORSTORE_DISK_FULL))  # below ERROR: not ours to judge

@@ -114,3 +114,30 @@ def test_progress_line():
     long_run = ProgressLine(10000, 0, clock=lambda: now[0])
     now[0] += 2.0  # 9999 steps left at 2 s/step
     assert long_run.format(1, {}, 950.0, 3e-4, {}).endswith("950 tok/s | lr 3.0e-04 | ETA 5h33m")
+
+
+def test_a_disk_that_fills_under_the_tensorboard_writer_is_raised_not_printed(tmp_path, monkeypatch):
+    """tensorboard's writer thread printed "Exception in thread" when the disk filled between two of its flushes,
+    and `close` dropped the error: it is now raised in the caller (the trainer makes it one line), not printed."""
+    import errno
+    import threading
+
+    printed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: printed.append(args.exc_type))
+    writer = MetricsWriter(tmp_path)
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    worker = writer._tb._async_writer._worker
+    monkeypatch.setattr(worker._record_writer, "write", full)
+    writer.scalars(1, {"train/loss": 1.0})
+    worker.join(timeout=30)  # the thread met the full disk and ended
+    assert not worker.is_alive()
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.close()
+    assert printed == []
+    other = threading.Thread(target=lambda: 1 / 0)  # another thread's exception still reaches the hook
+    other.start()
+    other.join()
+    assert printed == [ZeroDivisionError]
