@@ -30,12 +30,13 @@ def ablate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"{info.path} has no circuits (model.stages: []): ablate removes looped circuits, so "
                                 f"there is nothing to remove (`loopformer convert` makes one; `loopformer rys` scans a "
                                 f"plain model's layers)")
-        check_writable(info.path, "ablation.csv and ablation.png")
+        outputs = [info.path / "ablation.csv", info.path / "ablation.png"]
+        check_writable(info.path, "ablation.csv and ablation.png", outputs)
         splits = info.select_splits(args.split)
         run = load_run(info, args.step, raw=args.raw_weights)
         rows = ablate.ablate(run, run.eval_sets(splits, args.examples), args.mode)
         png = plots.ablation(rows, info, run.step)  # rendered first: the two files are written one right after the other
-        with one_set(info.path, [info.path / "ablation.csv", info.path / "ablation.png"], "ablate"):
+        with one_set(info.path, outputs, "ablate"):
             tables.write_csv(info.path / "ablation.csv", rows)
             files = [str(info.path / "ablation.csv"), write_png(info.path / "ablation.png", png)]
         doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "rows": rows, "files": files}

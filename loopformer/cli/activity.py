@@ -34,13 +34,14 @@ def activity_command(args: argparse.Namespace) -> int:
         if not info.circuits:
             raise AnalysisError(f"{info.path} has no circuits (model.stages: []): activity measures what each looped "
                                 f"circuit does, so there is nothing to measure (`loopformer convert` makes one)")
-        check_writable(info.path, "activity.csv and activity.png")
+        outputs = [info.path / "activity.csv", info.path / "activity.png"]
+        check_writable(info.path, "activity.csv and activity.png", outputs)
         splits = info.select_splits(args.split)
         loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
         run = load_run(info, args.step, raw=args.raw_weights)
         rows, thresholds, examples = activity.activity(run, run.eval_sets(splits, args.examples), loops, args.mode)
         png = plots.activity(examples, thresholds, info, run.step)  # first: the files are written one after the other
-        with one_set(info.path, [info.path / "activity.csv", info.path / "activity.png"], "activity"):
+        with one_set(info.path, outputs, "activity"):
             tables.write_csv(info.path / "activity.csv", rows)
             files = [str(info.path / "activity.csv"), write_png(info.path / "activity.png", png)]
         doc = {"run": str(info.path), "step": run.step, "mode": args.mode, "loops": info.full_loops(loops),

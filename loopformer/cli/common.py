@@ -169,9 +169,11 @@ def emit(args: argparse.Namespace, body: Callable[[], tuple[dict[str, Any], str]
     return 0
 
 
-def check_writable(run: Path, writes: str) -> None:
+def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
     """AnalysisError, before any work is done, when a command cannot write its files (``writes``) into
-    the run directory ``run`` (a read-only run): the fix is a copy of the run."""
+    the run directory ``run`` (a read-only run: the fix is a copy of the run), or cannot replace or remove one
+    of its earlier ``files`` (one made read-only, or mounted read-only into the run): found at the end, it would
+    cost the work and leave no new set."""
     try:
         with tempfile.NamedTemporaryFile(dir=run, prefix=".write_test."):
             pass
@@ -179,6 +181,10 @@ def check_writable(run: Path, writes: str) -> None:
         copy = shlex.quote(str(Path(run).resolve().name) + "_copy")
         raise AnalysisError(f"{run} is not writable ({e.strerror or e}), and this command writes {writes} into it; "
                             f"copy the run (cp -r {shlex.quote(str(run))} {copy}) and pass --run {copy}") from None
+    for path in files:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
+                                f"has no such file); make it writable, or copy the run (cp -r) and pass --run COPY")
 
 
 def write_png(path: Path, png: bytes) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,15 +79,6 @@ def _outputs(info: RunInfo) -> list[Path]:
     return [info.path / "rys.csv"] + [info.path / f"rys_{s}.png" for s in dict.fromkeys([*info.splits, PROBE_SPLIT])]
 
 
-def _check_outputs(paths: Sequence[Path]) -> None:
-    """AnalysisError, before the scan, for an earlier file the scan could not replace or remove (read-only, or a
-    read-only file mounted into the run): found at the end, it would cost the scan and leave no new set."""
-    for path in paths:
-        if path.exists() and not os.access(path, os.W_OK):
-            raise AnalysisError(f"{path} is read-only, and rys replaces it (or removes it, for a split the scan does not "
-                                f"score); make it writable, or copy the run (cp -r) and pass --run COPY")
-
-
 def _write(info: RunInfo, rows: list[dict[str, Any]], pngs: dict[str, bytes]) -> list[str]:
     """Write rys.csv and a plot per split (rendered beforehand: the set's writes follow each other at once) and
     remove the plots of splits this scan did not score, which rys.csv no longer holds; the files written."""
@@ -127,8 +117,7 @@ def rys_command(args: argparse.Namespace) -> int:
         info = read_run(args.run)
         stack = args.stack or ("prelude" if info.cfg.model.prelude else "coda")
         layers = rys.stack_layers(info, stack)
-        check_writable(info.path, "rys.csv and rys_<split>.png")
-        _check_outputs(_outputs(info))
+        check_writable(info.path, "rys.csv and rys_<split>.png", _outputs(info))
         splits = [] if args.probe else info.select_splits(args.split)
         run = load_run(info, args.step, raw=args.raw_weights)
         eval_sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)

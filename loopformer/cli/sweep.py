@@ -71,7 +71,8 @@ def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str,
 def sweep_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
-        check_writable(info.path, "sweep_exits.csv" if args.exit else "sweep.csv, sweep_*.png and sweeps/")
+        check_writable(info.path, "sweep_exits.csv" if args.exit else "sweep.csv, sweep_*.png and sweeps/",
+                       [info.path / "sweep_exits.csv"] if args.exit else [info.path / "sweep.csv", *_plots(info)])
         splits = info.select_splits(args.split)
         if args.exit:
             return _sweep_exits(args, info, splits)

@@ -387,21 +387,26 @@ class Checkpoints:
     def _check_space(self, step: int, state: PyTree) -> None:
         """CheckpointError before a save that the disk cannot hold: the checkpoint library would fail mid-write
         with pages of tracebacks from its threads."""
-        need, free = self._bytes(state), shutil.disk_usage(self.directory).free
-        if free < need:
-            raise CheckpointError(f"not saving step {step}: {self.directory} has {free / 2**20:,.1f} MiB free and the "
-                                  f"checkpoint takes {need / 2**20:,.1f} MiB; free some space (df -h "
-                                  f"{shlex.quote(str(self.directory))}) and run the command again" + self._kept())
+        if short := self._shortfall(state):
+            free, need = short
+            raise CheckpointError(f"not saving step {step}: {self.directory} has {free} MiB free and the checkpoint "
+                                  f"takes {need} MiB; free some space (df -h {shlex.quote(str(self.directory))}) and "
+                                  f"run the command again" + self._kept())
 
     def check_room(self, state: PyTree, where: str) -> None:
         """CheckpointError, before any training, when the disk cannot hold one checkpoint of ``state``
         (``where``: the directory to name, e.g. the run's): else the steps up to the first save would be
         trained and lost. A later save checks again (`_check_space`), as the disk may fill meanwhile."""
+        if short := self._shortfall(state):
+            free, need = short
+            raise CheckpointError(f"{where} has {free} MiB free and one checkpoint of this run takes {need} MiB; free "
+                                  f"some space (df -h {shlex.quote(where)}) or set run.dir=<a disk with room>, then "
+                                  f"train again" + self._kept())
+
+    def _shortfall(self, state: PyTree) -> tuple[str, str] | None:
+        """(free, needed) MiB, formatted, when the disk cannot hold a checkpoint of ``state``; else None."""
         need, free = self._bytes(state), shutil.disk_usage(self.directory).free
-        if free < need:
-            raise CheckpointError(f"{where} has {free / 2**20:,.1f} MiB free and one checkpoint of this run takes "
-                                  f"{need / 2**20:,.1f} MiB; free some space (df -h {shlex.quote(where)}) or set "
-                                  f"run.dir=<a disk with room>, then train again" + self._kept())
+        return (f"{free / 2**20:,.1f}", f"{need / 2**20:,.1f}") if free < need else None
 
     def _kept(self) -> str:
         steps = self.all_steps()

@@ -116,8 +116,8 @@ def test_rys_refuses_a_read_only_output_before_the_scan(plain_run, capsys, monke
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != os.fspath(ro))
     assert main(["rys", "--run", str(plain_run), "--examples", "16"]) == 2
-    assert one_error(capsys) == (f"error: {ro} is read-only, and rys replaces it (or removes it, for a split the scan "
-                                 f"does not score); make it writable, or copy the run (cp -r) and pass --run COPY")
+    assert one_error(capsys) == (f"error: {ro} is read-only, and this command replaces it (or removes it, where its "
+                                 f"new set has no such file); make it writable, or copy the run (cp -r) and pass --run COPY")
     assert contents(plain_run, old) == old  # and nothing was loaded or scanned: one line, no "loaded"
 
 
@@ -210,3 +210,21 @@ def test_a_set_killed_outright_part_way_is_put_back_by_the_next_command(tmp_path
     assert contents(run, ["sweep.csv", "sweep_X.png", "ablation.csv"]) == {
         "sweep.csv": b"old csv", "sweep_X.png": b"old png", "ablation.csv": b"ablation"}
     assert not (run / "sweep_Y.png").exists() and hidden(run) == []
+
+
+@pytest.mark.parametrize("argv, name", [(["ablate"], "ablation.png"), (["activity"], "activity.csv"),
+                                        (["sweep", "--loops", "X=1,2"], "sweep.csv")])
+def test_every_analysis_command_refuses_a_read_only_output_before_its_work(looped_run, capsys, monkeypatch, argv,
+                                                                           name):
+    """rys checked its earlier files before the scan; ablate, activity and sweep found a read-only one only when
+    they came to replace it, after the work (their set then rolled back: no new files, the work lost)."""
+    args = [*argv, "--run", str(looped_run), "--examples", "8"]
+    assert main(args) == 0
+    capsys.readouterr()
+    ro = looped_run / name
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != os.fspath(ro))
+    assert main(args) == 2
+    assert one_error(capsys) == (f"error: {ro} is read-only, and this command replaces it (or removes it, where its "
+                                 f"new set has no such file); make it writable, or copy the run (cp -r) and pass "
+                                 f"--run COPY")
