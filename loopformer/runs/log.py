@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
@@ -37,10 +38,14 @@ def log_to(stream: Stream) -> Iterator[None]:
         _stream.pop()
 
 
+TICK_S = 5.0  # a bar on a terminal is redrawn at least this often, however long one item takes
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """``items`` with a progress bar (tqdm) on the log stream while it is a terminal, refreshed at least
-    every 10 s: long analysis commands (sweep, rys, ablate) show where they are. Off a terminal (pipes, CI,
-    tests) nothing is drawn; the commands' own `log` lines still say what was done."""
+    """``items`` with a progress bar (tqdm) on the log stream while it is a terminal, redrawn at least every
+    `TICK_S` seconds (its elapsed time moves while one item takes long: a rys setting over a long probe, one
+    eval batch with exits): long analysis commands (sweep, rys, ablate) show where they are. Off a terminal
+    (pipes, CI, tests) nothing is drawn; the commands' own `log` lines still say what was done."""
     with progress_bar(desc, total) as bar:
         for item in items:
             yield item
@@ -57,5 +62,26 @@ def progress_bar(desc: str, total: float | None = None, unit: str = "it", enable
     import jax
 
     off = (not enabled or jax.process_index() != 0 or not (hasattr(stream, "isatty") and stream.isatty()))
-    return tqdm(desc=desc, total=total, unit=unit, unit_scale=unit == "B", file=stream, disable=off, leave=False,
-                mininterval=0.5, maxinterval=10.0, dynamic_ncols=True)
+    bar = tqdm(desc=desc, total=total, unit=unit, unit_scale=unit == "B", file=stream, disable=off, leave=False,
+               mininterval=0.5, maxinterval=10.0, dynamic_ncols=True)
+    if not off:
+        _tick(bar)
+    return bar
+
+
+def _tick(bar: Any) -> None:
+    """Redraw ``bar`` every `TICK_S` seconds from a daemon thread until it closes (tqdm redraws only on an
+    update; its lock keeps the two threads' redraws apart)."""
+    closed = threading.Event()
+    close = bar.close
+
+    def ticking() -> None:
+        while not closed.wait(TICK_S):
+            bar.refresh()
+
+    def closing() -> None:
+        closed.set()
+        close()
+
+    bar.close = closing
+    threading.Thread(target=ticking, name=f"tick {bar.desc}", daemon=True).start()

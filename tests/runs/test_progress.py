@@ -29,3 +29,24 @@ def test_a_bar_updated_by_hand_counts_bytes_on_a_terminal_only(monkeypatch):
             bar.update(1_500_000)
         assert ("tokenize" in stream.getvalue() and "/3.00M" in stream.getvalue()) == drawn
         assert drawn or stream.getvalue() == ""
+
+
+def test_a_bar_is_redrawn_while_one_item_takes_long(monkeypatch):
+    """A rys setting over a 10,000-character probe, or one eval batch with exits, ran for minutes with a frozen
+    bar: the bar is redrawn every few seconds however long an item takes, and the redrawing stops with it."""
+    import time
+
+    from loopformer.runs import log
+
+    monkeypatch.setattr(log, "TICK_S", 0.05)
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    items = progress(iter(range(2)), "rys train", total=2)
+    next(items)
+    drawn = stream.getvalue().count("\r")
+    time.sleep(0.5)  # the first item, taking long
+    assert stream.getvalue().count("\r") >= drawn + 3
+    assert list(items) == [1]
+    closed = stream.getvalue()
+    time.sleep(0.2)
+    assert stream.getvalue() == closed  # no redraw after the bar closed
