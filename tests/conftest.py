@@ -64,6 +64,8 @@ TINY = [
     "eval.diagnostics=false", "train.progressive=0",  # the quickstart's progressive loss doubles a step's cost
     "train.iteration_loss=0", "train.iteration_loss_circuit=",  # the quickstart's window of 4: X here has backprop 1
 ]
+# TINY's task settings back at their defaults: what a text run built from TINY adds (a text run refuses them)
+TASK_DEFAULTS = ["data.task_args={}", "data.train_difficulty=[1, 4]", "data.eval_splits={train: [1, 4]}"]
 EXAMPLES = 40  # per split in the tests: 2 batches of 32 (the last one padded)
 STEP = 7
 

@@ -66,8 +66,9 @@ def _main(argv: list[str] | None) -> int:
         parser = argparse.ArgumentParser(prog="loopformer", description=__doc__.splitlines()[0])
         sub = parser.add_subparsers(dest="command", required=True)
         for name, (help_text, add_args, _) in COMMANDS.items():
-            add_args(sub.add_parser(name, help=help_text, description=help_text))
+            _once(sub.add_parser(name, help=help_text, description=help_text), add_args)
         args, extra = parser.parse_known_args(argv)
+        vars(args).pop(_GIVEN, None)
         # key=value settings after a flag (`train a=1 -c cfg b=2`): argparse takes one run of positionals only
         if extra and isinstance(getattr(args, "overrides", None), list) and all(
                 "=" in e and not e.startswith("-") for e in extra):
@@ -105,6 +106,31 @@ def _main(argv: list[str] | None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stop.clear()  # reported above: a later command or training in this process (tests, a notebook) starts clean
+
+
+_GIVEN = "_flags_given"  # in the namespace while parsing: the single-value flags seen so far
+
+
+class _StoreOnce(argparse._StoreAction):
+    """A flag that takes one value refuses a second (argparse lets the last one win: `train -c a.yaml -c b.yaml`
+    trained b alone, `eval --run A --run B` evaluated B). Repeatable flags use action="append"."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        given = namespace.__dict__.setdefault(_GIVEN, set())
+        if self.dest in given:
+            parser.error(f"{'/'.join(self.option_strings)} is given twice; give it once (the last one would win with "
+                         f"no word)")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _once(parser: argparse.ArgumentParser, add_args: object) -> None:
+    """Add a command's flags (``add_args``) to ``parser``, every single-value flag as `_StoreOnce`."""
+    add_args(parser)  # type: ignore[operator]
+    for action in parser._actions:
+        if type(action) is argparse._StoreAction and action.option_strings:
+            action.__class__ = _StoreOnce
 
 
 def _on_signal(signum: int, frame: object) -> None:

@@ -93,7 +93,9 @@ def sweep_command(args: argparse.Namespace) -> int:
         summary = sweep.summarize_convergence(conv, info.defaults)
         name = "_".join(grid)
         pngs = {name: plots.sweep_1d(rows, name, info, run.step) if len(grid) == 1 else
-                plots.sweep_2d(rows, grid, info, run.step), "convergence": plots.convergence(conv, info, run.step)}
+                plots.sweep_2d(rows, grid, info, run.step)}
+        if any(conv.values()):  # circuits in a routed stage keep no per-iteration trace: nothing to plot
+            pngs["convergence"] = plots.convergence(conv, info, run.step)
         with one_set(info.path, [info.path / "sweep.csv", *_plots(info)], "sweep"):
             tables.write_csv(info.path / "sweep.csv", rows)
             files = [str(info.path / "sweep.csv")] + [write_png(info.path / f"sweep_{k}.png", v) for k, v in pngs.items()]
@@ -102,7 +104,8 @@ def sweep_command(args: argparse.Namespace) -> int:
         doc = {"run": str(info.path), "step": run.step, "grid": grid, "rows": rows, "convergence": conv,
                "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)}
         text = "\n".join([tables.header_line(info, run.step, args.examples), tables.sweep_table(rows, grid, info), "",
-                          tables.convergence_table(summary),
+                          tables.convergence_table(summary) if any(conv.values()) else
+                          "convergence: none traced (the circuits of a routed stage keep no per-iteration trace)",
                           f"programs compiled for these {len(rows)} evaluations: {compiles} "
                           f"(loop counts are runtime inputs: one program per batch shape)",
                           "wrote " + ", ".join(files)])

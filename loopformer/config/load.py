@@ -164,7 +164,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (pass --config with a path to a YAML file, "
+            raise ConfigError(f"config file not found: {str(path) or repr('')} (pass --config with a path to a YAML file, "
                               f"e.g. configs/quickstart.yaml)")
         raw = p.read_bytes()
         try:

@@ -52,6 +52,13 @@ def mlp_hidden(width: int, ratio: float) -> int:
 
 
 MAX_EVAL_EXAMPLES = 100_000  # examples per eval split (data.eval_examples, --examples): built in memory first
+# Past these a setting is surely a typo (a 20-digit number), and it would not fail cleanly: a layer count builds
+# one layer at a time (hours before memory is checked), sizes overflow JAX's random bits (a traceback), and a
+# window is compared inside jitted code as a 32-bit integer (an overflow traceback after the run was written).
+MAX_LAYERS = 10_000  # model.prelude, model.coda, a circuit's depth
+MAX_WIDTH = 2**20  # model.d_model, a circuit's width, the vocabulary
+MAX_HIDDEN = 2**24  # an MLP's hidden units (mlp_ratio x width)
+MAX_WINDOW = 2**31 - 1  # an attention window, in tokens
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -65,6 +72,18 @@ def _one_of(value: str, options: tuple[str, ...] | Registry, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- circuits
+
+def _check_read(cfg: Any, reads: tuple[str, ...], path: str) -> None:
+    """ConfigError for a setting of ``cfg`` (a `HaltingConfig` or `RouterConfig`) changed from its default that its
+    kind does not read (``reads``): `halting.tau` on ouro, `router.capacity` on token_choice would be accepted and
+    unused."""
+    defaults = type(cfg)()
+    unread = [f.name for f in dataclasses.fields(cfg)
+              if f.name != "kind" and f.name not in reads and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    if unread:
+        raise ConfigError(f"{path}.{unread[0]}={getattr(cfg, unread[0])} is not read by {path}.kind={cfg.kind} (it "
+                          f"reads {', '.join(reads) or 'none of its settings'}); drop it")
+
 
 @dataclass
 class HaltingConfig:
@@ -94,6 +113,7 @@ class HaltingConfig:
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
         _check(0 < self.eps < 1, f"{path}.eps must be in (0, 1), got {self.eps}")
         _check(0 < self.q <= 1, f"{path}.q must be in (0, 1], got {self.q}")
+        _check_read(self, HALTINGS.get(self.kind).reads, path)
         self.rule().validate(path)
 
     def rule(self) -> Halting:
@@ -133,6 +153,7 @@ class RouterConfig:
         _check(not self.capacities or self.kind == "expert_choice",
                f"{path}.capacities: per-round shares are expert_choice's (kind is {self.kind}); drop them")
         _check(min(self.balance, self.aux, self.compute) >= 0, f"{path}: balance, aux and compute must be >= 0")
+        _check_read(self, ROUTERS.get(self.kind).reads, path)
 
     def rule(self) -> RouterKind:
         return RouterKind.of(self)
@@ -214,24 +235,30 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
     def validate(self, path: str) -> None:
         c, p = self, path
         _check(c.name.isidentifier(), f"{p}.name: '{c.name}' must be an identifier (letters, digits, _)")
-        _check(c.depth >= 1, f"{p}.depth must be >= 1, got {c.depth}")
-        _check(c.width >= 2, f"{p}.width must be >= 2, got {c.width}")
+        _check(1 <= c.depth <= MAX_LAYERS, f"{p}.depth must be in 1..{MAX_LAYERS:,}, got {c.depth}")
+        _check(2 <= c.width <= MAX_WIDTH, f"{p}.width must be in 2..{MAX_WIDTH:,}, got {c.width}")
         _check(c.heads >= 1, f"{p}.heads must be >= 1, got {c.heads}")
         _check(c.kv_heads >= 0 and c.heads % c.kv_head_count == 0,
                f"{p}.kv_heads ({c.kv_heads}) must divide {p}.heads ({c.heads}) (0 = as many as heads)")
         _check(c.width % c.heads == 0, f"{p}.width ({c.width}) must be divisible by {p}.heads ({c.heads})")
         _check((c.width // c.heads) % 2 == 0, f"{p}: width / heads = {c.width // c.heads} must be even (RoPE rotates pairs)")
-        _check(c.mlp_ratio > 0, f"{p}.mlp_ratio must be > 0")
+        _check(0 < c.mlp_ratio < math.inf, f"{p}.mlp_ratio must be a finite number > 0, got {c.mlp_ratio}")
+        _check(c.mlp_hidden <= MAX_HIDDEN, f"{p}.mlp_ratio={c.mlp_ratio:g} gives {c.mlp_hidden:,} hidden units; at "
+               f"most {MAX_HIDDEN:,}")
         _one_of(c.io, IO_MODES, f"{p}.io")
         _one_of(c.inject, INJECTIONS, f"{p}.inject")
         _one_of(c.init, INITS, f"{p}.init")
+        _check(c.init == "noise" or c.init_noise_std == CircuitConfig.init_noise_std,
+               f"{p}.init_noise_std={c.init_noise_std} is read only by init: noise (got {c.init}); drop it")
         _one_of(c.output, OUTPUT_MODES, f"{p}.output")
         if c.output == "replace":
             _check(c.io == "slice" and not c.state_norm and not c.halting.has_head,
                    f"{p}.output=replace: the final state replaces the circuit's slice of the stream, so it needs "
                    f"io: slice, state_norm: false and no halting head")
-        _check(c.window >= 0, f"{p}.window must be 0 (full attention) or >= 1 tokens, got {c.window}")
-        _check(c.backprop >= 1, f"{p}.backprop (truncation depth k) must be >= 1, got {c.backprop}")
+        _check(0 <= c.window <= MAX_WINDOW, f"{p}.window must be 0 (full attention) or 1..{MAX_WINDOW:,} tokens, "
+               f"got {c.window}")
+        _check(1 <= c.backprop <= MAX_LOOPS, f"{p}.backprop (truncation depth k) must be in 1..{MAX_LOOPS}, got "
+               f"{c.backprop}")
         _check(1 <= c.eval_loops <= MAX_LOOPS, f"{p}.eval_loops must be in 1..{MAX_LOOPS}, got {c.eval_loops}")
         _check(1 <= c.max_loops <= MAX_LOOPS, f"{p}.max_loops must be in 1..{MAX_LOOPS}, got {c.max_loops}")
         try:
@@ -241,6 +268,7 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
         # max_loops caps every training draw: below the counts loops draws, it would silently clamp them
         # (and every summary would still show the uncapped distribution)
         top, what = dist.bulk()
+        _check(top <= MAX_LOOPS, f"{p}.loops: {what} would be past the limit of {MAX_LOOPS} loops; lower loops")
         _check(c.max_loops >= top, f"{p}.max_loops={c.max_loops} is below {what} would be clamped to {c.max_loops}, "
                f"silently changing the training distribution; raise max_loops to >= {math.ceil(top)} or lower loops")
         c.halting.validate(f"{p}.halting")
@@ -330,8 +358,8 @@ class ModelConfig:
 
     def _validate_abacus(self) -> None:
         m = self
-        _check(isinstance(m.abacus_size, int) and m.abacus_size >= 2,
-               f"model.abacus_size must be an integer >= 2 (places 1 .. size - 1), got {m.abacus_size!r}")
+        _check(isinstance(m.abacus_size, int) and 2 <= m.abacus_size <= MAX_WIDTH,
+               f"model.abacus_size must be an integer in 2..{MAX_WIDTH:,} (places 1 .. size - 1), got {m.abacus_size!r}")
         d = m.abacus_digits
         _check(isinstance(d, list) and (d == [] or (len(d) == 2 and all(isinstance(v, int) and v >= 0 for v in d)
                                                       and d[0] <= d[1])),
@@ -345,22 +373,29 @@ class ModelConfig:
                    f"model.position={m.position} is shift-invariant (an offset changes nothing); set "
                    f"model.position=abacus or model.position_offset=0")
             _check(not d, f"model.abacus_digits={d} is read only by model.position=abacus (got {m.position}); drop it")
+            _check(m.abacus_size == ModelConfig.abacus_size, f"model.abacus_size={m.abacus_size} is read only by "
+                   f"model.position=abacus (got {m.position}); drop it")
 
     def validate(self) -> None:
         m = self
-        _check(m.d_model >= 2, f"model.d_model must be >= 2, got {m.d_model}")
+        _check(2 <= m.d_model <= MAX_WIDTH, f"model.d_model must be in 2..{MAX_WIDTH:,}, got {m.d_model}")
         _check(m.heads >= 1, f"model.heads must be >= 1, got {m.heads}")
         _check(m.kv_heads >= 0 and m.heads % m.kv_head_count == 0,
                f"model.kv_heads ({m.kv_heads}) must divide model.heads ({m.heads}) (0 = as many as heads)")
-        _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+        _check(0 < m.norm_eps < math.inf, f"model.norm_eps must be a finite number > 0, got {m.norm_eps}")
         _check(m.rope_base > 1, f"model.rope_base must be > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
         _check((m.d_model // m.heads) % 2 == 0,
                f"model.d_model / model.heads = {m.d_model // m.heads} must be even (RoPE rotates pairs)")
-        _check(m.prelude >= 0 and m.coda >= 0, "model.prelude and model.coda must be >= 0")
-        _check(m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 takes it from the data)")
-        _check(m.mlp_ratio > 0, "model.mlp_ratio must be > 0")
-        _check(m.window >= 0, f"model.window must be 0 (full attention) or >= 1 tokens, got {m.window}")
+        _check(0 <= m.prelude <= MAX_LAYERS and 0 <= m.coda <= MAX_LAYERS,
+               f"model.prelude and model.coda must be in 0..{MAX_LAYERS:,} layers, got {m.prelude} and {m.coda}")
+        _check(0 <= m.vocab_size <= MAX_WIDTH,
+               f"model.vocab_size must be in 0..{MAX_WIDTH:,} (0 takes it from the data), got {m.vocab_size}")
+        _check(0 < m.mlp_ratio < math.inf, f"model.mlp_ratio must be a finite number > 0, got {m.mlp_ratio}")
+        _check(m.mlp_hidden <= MAX_HIDDEN, f"model.mlp_ratio={m.mlp_ratio:g} gives {m.mlp_hidden:,} hidden units; at "
+               f"most {MAX_HIDDEN:,}")
+        _check(0 <= m.window <= MAX_WINDOW,
+               f"model.window must be 0 (full attention) or 1..{MAX_WINDOW:,} tokens, got {m.window}")
         _one_of(m.norm, NORM_MODES, "model.norm")
         _one_of(m.mlp, MLP_KINDS, "model.mlp")
         _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
@@ -472,6 +507,7 @@ class CurriculumStage:
 
 
 # data settings that only text reads (a synthetic task builds its own examples and vocabulary)
+TASK_ONLY = ("task_args", "train_difficulty", "eval_splits")  # read by synthetic tasks alone
 TEXT_ONLY = ("paths", "format", "text_field", "doc_separator", "tokenizer", "prompt_format", "stop_ids", "vocab_size",
              "seq_len", "val_fraction")
 
@@ -565,7 +601,8 @@ class DataConfig:
                f"names NAME/SPLIT must be unique")
         _check(sum(e.task == "text" for e in d.mixture) <= 1,
                "data.mixture: at most one text entry (it uses the run's one tokenizer, data.tokenizer)")
-        _check(all(n >= 1 for n in d.eval_loops), f"data.eval_loops: counts must be >= 1, got {d.eval_loops}")
+        _check(all(1 <= n <= MAX_LOOPS for n in d.eval_loops),
+               f"data.eval_loops: counts must be in 1..{MAX_LOOPS}, got {d.eval_loops}")
         self._validate_curriculum()
         _one_of(d.format, TEXT_FORMATS, "data.format")
         _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
@@ -582,6 +619,11 @@ class DataConfig:
         if d.task == "text":
             _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
                    "or data.paths=['asset:kjv_genesis_exodus.txt']")
+            defaults = DataConfig()
+            unused = next((f for f in TASK_ONLY if getattr(d, f) != getattr(defaults, f)), None)
+            _check(unused is None, f"data.{unused}={getattr(d, unused or 'task')} is a setting of synthetic tasks, and "
+                   f"data.task=text evaluates on its held-out documents (the split 'val'), so it would not be used; "
+                   f"drop it")
         elif not any(e.task == "text" for e in d.mixture):  # a setting that would be silently unused
             defaults = DataConfig()
             unused = next((f for f in TEXT_ONLY if getattr(d, f) != getattr(defaults, f)), None)
@@ -593,6 +635,7 @@ class DataConfig:
             _check(d.tokenizer != "bpe" or d.vocab_size >= 260,
                    f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: it needs >= 260 "
                    f"(3 specials + 256 bytes + merges)")
+            _check(d.vocab_size <= MAX_WIDTH, f"data.vocab_size must be at most {MAX_WIDTH:,}, got {d.vocab_size}")
 
 
 @dataclass
@@ -662,7 +705,8 @@ class EvalConfig:
     diagnostics: bool = True  # per-circuit state statistics at each eval
 
     def validate(self, circuits: list[str]) -> None:
-        _check(all(n >= 1 for n in self.sweep_loops), f"eval.sweep_loops: counts must be >= 1, got {self.sweep_loops}")
+        _check(all(1 <= n <= MAX_LOOPS for n in self.sweep_loops),
+               f"eval.sweep_loops: counts must be in 1..{MAX_LOOPS}, got {self.sweep_loops}")
         for name in self.sweep_circuits:
             _check(name in circuits, f"eval.sweep_circuits: '{name}' is not a circuit; circuits are {', '.join(circuits)}")
 
@@ -826,6 +870,8 @@ class Config:
                        f"{p}={dist}: a circuit with a halting head or in a routed stage needs one count per step; "
                        f"use fixed, uniform or poisson_lognormal")
                 top = dist.at(max(his))
+                _check(top <= MAX_LOOPS, f"{p}={dist} gives {top} loops at difficulty {max(his)} (the training range's "
+                       f"hi), past the limit of {MAX_LOOPS}; lower loops")
                 _check(c.max_loops >= top, f"{p}={dist} gives {top} loops at difficulty {max(his)} (the training "
                        f"range's hi), above max_loops={c.max_loops}; raise max_loops to >= {top}")
 

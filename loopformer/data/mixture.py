@@ -67,6 +67,7 @@ class MixtureSource(DataSource):
         self.cfg = cfg
         self.entries = [self._resolve(e, cfg) for e in cfg.data.mixture]
         weights = np.asarray([e.weight for e in cfg.data.mixture], np.float64)
+        weights = weights / weights.max()  # two weights of 1e308 summed to inf: every share was nan
         self.cumulative = np.cumsum(weights) / weights.sum()
         self._offsets: list[int] | None = None
 

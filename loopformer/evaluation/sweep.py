@@ -45,7 +45,7 @@ def convergence(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], loops:
     out: Convergence = {}
     for split, batches in eval_sets.items():
         diag = run.evaluator.diagnostics(run.params, real_rows(batches[0]), full, trace_len)
-        out[split] = {c: diag[c] for c in loops}
+        out[split] = {c: diag[c] for c in loops if c in diag}  # a routed bank keeps no per-iteration trace
     return out
 
 

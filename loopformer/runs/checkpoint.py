@@ -399,9 +399,10 @@ class Checkpoints:
         trained and lost. A later save checks again (`_check_space`), as the disk may fill meanwhile."""
         if short := self._shortfall(state):
             free, need = short
+            df = shlex.quote(str(Path(where).parent))  # `where` may be a run directory the refusal removes
             raise CheckpointError(f"{where} has {free} MiB free and one checkpoint of this run takes {need} MiB; free "
-                                  f"some space (df -h {shlex.quote(where)}) or set run.dir=<a disk with room>, then "
-                                  f"train again" + self._kept())
+                                  f"some space (df -h {df}) or set run.dir=<a disk with room>, then train again"
+                                  + self._kept())
 
     def _shortfall(self, state: PyTree) -> tuple[str, str] | None:
         """(free, needed) MiB, formatted, when the disk cannot hold a checkpoint of ``state``; else None."""

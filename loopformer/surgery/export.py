@@ -198,6 +198,8 @@ def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors writes it readable by its owner only (0600): give it config.json's mode, the umask's
+        os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
         if out.exists():
             out.rmdir()  # empty, checked above

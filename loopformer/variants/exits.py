@@ -19,6 +19,7 @@ its stop test (`ExitRule.start` / `ExitRule.stop`) and, when it reads the model'
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -82,13 +83,16 @@ class ExitRule:
             key, _, value = opt.partition("=")
             if key.strip() not in ("min", "every"):
                 raise PlanError(f"exit rule '{text}': unknown option '{key.strip()}' (min=N, every=K)")
+            if key.strip() in options:  # the last one would win with no word
+                raise PlanError(f"exit rule '{text}': {key.strip()}= is given twice; give it once")
             options[key.strip()] = int(value)
         try:
             threshold = float(m.group(3))
         except ValueError:
             raise PlanError(f"exit rule '{text}': '{m.group(3)}' is not a number") from None
-        if not (threshold > 0 and (not cls.at_most_one or threshold <= 1)):
-            raise PlanError(f"exit rule '{text}': the threshold must be > 0" + (" and <= 1" if cls.at_most_one else ""))
+        if not (0 < threshold < math.inf and (not cls.at_most_one or threshold <= 1)):  # 1e400 reads as inf
+            raise PlanError(f"exit rule '{text}': the threshold must be a finite number > 0"
+                            + (" and <= 1" if cls.at_most_one else ""))
         if cls.whole and threshold != int(threshold):
             raise PlanError(f"exit rule '{text}': {cls.placeholder} counts iterations; give a whole number")
         rule = cls(threshold, options.get("min", 1), options.get("every", 1))

@@ -60,6 +60,7 @@ class Halting:
     mixes_output: ClassVar[bool] = False  # the circuit writes the p-weighted mixture of its iterations' writes
     adds_to_ce: ClassVar[bool] = False  # its loss term adds to the plain CE (else it replaces it)
     gate_stage: ClassVar[bool] = False  # lambda_t is an exit hazard: train.stage=gate (Ouro stage II) applies
+    reads: ClassVar[tuple[str, ...]] = ()  # the settings this kind uses (a config refuses the others, changed)
 
     @staticmethod
     def of(cfg: Any, where: str = "halting.kind") -> Halting:
@@ -119,6 +120,7 @@ class Halting:
 @dataclass(frozen=True)
 class NoHalting(Halting):
     has_head = False
+    reads = ()
 
     def exit_init(self, shape: tuple[int, ...], out_width: int, dtype: Any) -> Any:
         raise PlanError("exit rule learned:q=... needs a circuit trained with a halting head (halting.kind); "
@@ -183,6 +185,7 @@ class _Geometric(Halting):
     """Ouro and PonderNet: the geometric exit distribution, a per-step CE under it, and a regulariser."""
 
     gate_stage = True
+    reads = ("beta", "q", "gate_k", "gate_gamma")
 
     def distribution(self, lambdas: Array, n: Array) -> tuple[Array, Array, Array | None]:
         p = geometric_exit(lambdas, n)
@@ -205,6 +208,8 @@ class _Geometric(Halting):
 @HALTINGS.register("ouro")
 @dataclass(frozen=True)
 class Ouro(_Geometric):
+    reads = (*_Geometric.reads, "beta_final")
+
     def beta_at(self, step: Array, total_steps: int) -> Array:
         """The entropy weight: beta decays linearly to beta_final over training."""
         frac = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
@@ -217,6 +222,8 @@ class Ouro(_Geometric):
 @HALTINGS.register("pondernet")
 @dataclass(frozen=True)
 class PonderNet(_Geometric):
+    reads = (*_Geometric.reads, "prior")
+
     def regulariser(self, p: Array, n: Array, step: Array, total_steps: int) -> Array:
         return self.beta * kl_to_geometric(p, n, self.prior)
 
@@ -225,6 +232,7 @@ class PonderNet(_Geometric):
 @dataclass(frozen=True)
 class ACT(Halting):
     head_bias = -3.0  # starts by pondering (lambda ~ 0.05)
+    reads = ("tau", "eps")
     mixes_output = True
     adds_to_ce = True
 

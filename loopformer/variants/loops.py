@@ -57,6 +57,8 @@ class LoopDistribution:
             values = [float(a) for a in args]
         except ValueError:
             raise ValueError(f"{text!r}: the arguments must be numbers; use an int or {forms}") from None
+        if not all(math.isfinite(v) for v in values):  # inf became an OverflowError in int(round(inf))
+            raise ValueError(f"{text!r}: the arguments must be finite numbers; use an int or {forms}")
         if cap < 1:
             raise ValueError(f"cap must be >= 1, got {cap}")
         dist = cls(*values, cap=cap)
@@ -109,7 +111,7 @@ class LoopDistribution:
 
 
 def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:g}"
 
 
 def _classes() -> list[type[LoopDistribution]]:
@@ -166,9 +168,10 @@ class PoissonLognormal(LoopDistribution):
     sigma: float
 
     def validate(self) -> None:
-        if not (self.mean_count > 0 and self.sigma >= 0):
-            raise ValueError(f"poisson_lognormal(mean, sigma) needs mean > 0, sigma >= 0, got "
-                             f"({self.mean_count}, {self.sigma})")
+        # sigma past 10 puts nearly every draw at 1 and the rest past any cap (and e^(2 sigma) overflows past 354)
+        if not (self.mean_count > 0 and 0 <= self.sigma <= 10):
+            raise ValueError(f"poisson_lognormal(mean, sigma) needs mean > 0, 0 <= sigma <= 10, got "
+                             f"({_fmt(self.mean_count)}, {_fmt(self.sigma)})")
 
     def sample(self, key: Array) -> Array:
         k_tau, k_n = jax.random.split(key)

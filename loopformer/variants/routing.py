@@ -47,6 +47,7 @@ class RouterKind:
     rounds: int = 1  # the bank's largest max_loops (expert choice's default capacity schedule)
     kind: ClassVar[str] = ""
     routes: ClassVar[bool] = True
+    reads: ClassVar[tuple[str, ...]] = ()  # the settings this kind uses (a config refuses the others, changed)
 
     @staticmethod
     def of(cfg: Any, where: str = "router.kind", rounds: int = 1) -> RouterKind:
@@ -83,6 +84,8 @@ class NoRouter(RouterKind):
 @ROUTERS.register("token_choice")
 @dataclass(frozen=True)
 class TokenChoice(RouterKind):
+    reads = ("exit", "balance", "compute", "backprop")
+
     def scores(self, circuits: int) -> int:
         return circuits + int(self.exit)
 
@@ -114,6 +117,8 @@ class TokenChoice(RouterKind):
 @ROUTERS.register("expert_choice")
 @dataclass(frozen=True)
 class ExpertChoice(RouterKind):
+    reads = ("capacity", "capacities", "aux", "compute", "backprop")
+
     def schedule(self) -> tuple[float, ...]:
         """c_r for r = 0, 1, ...: ``capacities``, or MoR's linear capacity (R - r) / R over R rounds."""
         return self.capacities or tuple(self.capacity * (self.rounds - r) / self.rounds for r in range(self.rounds))

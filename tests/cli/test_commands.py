@@ -12,7 +12,7 @@ from loopformer.cli import main
 from loopformer.evaluation.tables import sweep_table
 from loopformer.runs.read import read_run
 from loopformer.runs.scalars import read_tensorboard_scalars
-from tests.conftest import EXAMPLES, STEP
+from tests.conftest import EXAMPLES, STEP, make_run, tiny_config
 
 ROW_KEYS = {"split": str, "loops": dict, "ablated": list, "loss": float, "accuracy": float, "examples": int}
 
@@ -78,6 +78,15 @@ def test_sweep(run_dir, capsys):
     assert read_tensorboard_scalars(run_dir) == {}  # the run's own curves are untouched
 
 
+def test_a_sweep_of_a_routed_stage_has_no_convergence_to_plot(tmp_path, capsys):
+    """A routed bank keeps no per-iteration trace of its circuits: the sweep was a KeyError traceback."""
+    run_dir = make_run(tiny_config(tmp_path, "routed", "model.stages.0.router={kind: expert_choice}",
+                                   "model.stages.0.circuits.X.loops=fixed(3)"))
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "X=1:2")
+    assert doc["convergence"] == {"train": {}, "hard": {}} and [r["loops"]["X"] for r in doc["rows"]] == [1, 2, 1, 2]
+    assert not (run_dir / "sweep_convergence.png").exists() and (run_dir / "sweep_X.png").is_file()
+
+
 def test_sweep_two_circuits(run_dir, capsys):
     doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "Y=2,4", "--loops", "X=1:3:2", "--split", "hard")
     assert doc["grid"] == {"X": [1, 3], "Y": [2, 4]}
@@ -124,7 +133,8 @@ def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, 
                                     r"[\d,]+ tokens fit\); give a shorter prompt \(the run trained on \d+\)"),
 ])
 def test_text_generation_refuses_what_cannot_run(text_run_dir, capsys, argv, message):
-    assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", *argv]) == 2
+    prompt = [] if "--prompt" in argv else ["--prompt", "In"]
+    assert main(["generate", "--run", str(text_run_dir), *prompt, *argv]) == 2
     *before, line = capsys.readouterr().err.strip().splitlines()  # the memory check runs after "loaded RUN"
     assert re.search("^error: " + message + "$", line), line
     assert all(b.startswith("loaded ") for b in before), before
@@ -223,6 +233,26 @@ def test_user_errors(run_dir, no_checkpoint_run, capsys, argv, message):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
+
+
+@pytest.mark.parametrize("argv, flag", [(["train", "-c", "a.yaml", "-c", "b.yaml"], "--config/-c"),
+                                        (["train", "--config=a.yaml", "-c", "a.yaml"], "--config/-c"),
+                                        (["eval", "--run", "A", "--run", "B"], "--run"),
+                                        (["generate", "--run", "A", "--temperature", "0.5", "--temperature", "1"],
+                                         "--temperature")])
+def test_a_single_value_flag_given_twice_is_refused(capsys, argv, flag):
+    """Pass 6: argparse let the last of two values win with no word (`train -c a.yaml -c b.yaml` trained b alone,
+    `eval --run A --run B` evaluated B). Repeatable flags (--loops, --exit, --split) stay repeatable."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"error: {flag} is given twice; give it once" in capsys.readouterr().err
+
+
+def test_repeatable_flags_stay_repeatable(run_dir, capsys):
+    assert main(["eval", "--run", str(run_dir), "--split", "train", "--split", "hard", "--examples", "8",
+                 "--loops", "X=1", "--loops", "Y=2"]) == 0
+    assert "given twice" not in capsys.readouterr().err
 
 
 def test_inspect_reads_no_weights_so_takes_no_step(run_dir, capsys):
@@ -353,7 +383,7 @@ def test_exit_errors(run_dir, capsys, argv, message):
 def test_rys_on_a_looped_run_says_what_it_scanned(run_dir, tmp_path, capsys):
     """Issue #27: on a looped run rys scans a plain stack's layers, and says so (not "best of 1 settings")."""
     copy = shutil.copytree(run_dir, tmp_path / "looped")  # rys writes rys.csv into the run: not the shared one
-    doc = run_json(capsys, "rys", "--run", str(copy), "--examples", "8", "--split", "train")
+    doc = run_json(capsys, "rys", "--run", str(copy), "--split", "train")
     assert doc["stack"] == "prelude" and doc["layers"] == 1
     assert "a looped run: rys duplicates layers of its plain prelude, not its circuits X, Y" in doc["note"]
     assert "--stack coda" in doc["note"] and "loopformer convert" in doc["note"]

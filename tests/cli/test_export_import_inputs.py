@@ -60,6 +60,15 @@ def test_export_prints_a_python_literal_to_load_the_folder(imported, tmp_path, c
     assert ast.literal_eval(literal) == str(out) and (out / "model.safetensors").is_file()
 
 
+def test_export_writes_every_file_with_the_same_mode(imported, tmp_path):
+    """safetensors wrote model.safetensors readable by its owner only (0600) beside a 0644 config.json: another
+    user (or a serving process) could read the config and not the weights."""
+    out = tmp_path / "hf"
+    assert main(["export", "--run", str(imported), "--out", str(out)]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
 @pytest.mark.parametrize("tie,bias", [(True, False), (False, True)])
 def test_export_bytes_are_the_tensors_bytes_and_grow_with_the_loops(tie, bias):
     cfg = converted_config(dataclasses.replace(plain(), tie_embeddings=tie, qkv_bias=bias), Recipe(core=(1, 3)))

@@ -17,6 +17,7 @@ from loopformer.config import (
     part_of,
 )
 from loopformer.errors import ConfigError
+from tests.conftest import TASK_DEFAULTS
 
 QUICKSTART = "configs/quickstart.yaml"
 
@@ -69,8 +70,8 @@ BAD = [
     (["model.heads=5"], r"model.d_model \(96\) must be divisible by model.heads \(5\)"),
     (["model.stages.0.circuits.X.heads=3"], r"circuits.X.width \(64\) must be divisible by .*heads \(3\)"),
     (["model.stages.0.circuits.X.width=16"], r"slice circuit widths 16 \+ 32 = 48 must sum to model.d_model = 96"),
-    (["model.stages.0.circuits.X.backprop=0"], r"circuits.X.backprop \(truncation depth k\) must be >= 1"),
-    (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full attention\) or >= 1"),
+    (["model.stages.0.circuits.X.backprop=0"], r"circuits.X.backprop \(truncation depth k\) must be in 1..10000, got 0"),
+    (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full attention\) or 1..2,147,483,647 tokens"),
     (["model.window=-2"], r"model.window must be 0"),
     (["eval.sweep_circuits=[Z]"], r"eval.sweep_circuits: 'Z' is not a circuit; circuits are X, Y"),
     (["model.stages.0.circuits.X.loops=uniform(8, 2)"], r"circuits.X.loops: uniform\(a, b\) needs"),
@@ -110,6 +111,8 @@ def test_bad_config_gives_one_clear_error(overrides, message):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="^config file not found: '' "):  # -c "": it named '.'
+        load_config("")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -130,8 +133,8 @@ def test_bidirectional_needs_aligned_labels(task, ok):
     """model.causal=false would let a next-token model read its targets: refused, naming the field."""
     from loopformer.data.sources import build_data
 
-    extra = (["data.paths=['asset:kjv_genesis_exodus.txt']", "model.stages.0.circuits.X.loops=uniform(8, 16)"]
-             if task == "text" else [])  # text has no difficulty for the quickstart's per_difficulty loops
+    extra = (["data.paths=['asset:kjv_genesis_exodus.txt']", "model.stages.0.circuits.X.loops=uniform(8, 16)",
+              *TASK_DEFAULTS] if task == "text" else [])  # text has no difficulty (per_difficulty loops, splits)
     cfg = load_config(QUICKSTART, ["model.causal=false", f"data.task={task}", *extra])
     if ok:
         assert build_data(cfg).task.labels_aligned

@@ -18,7 +18,7 @@ def test_parts():
 @pytest.mark.parametrize("overrides,message", [
     (["model.kv_heads=3"], r"model.kv_heads \(3\) must divide model.heads \(4\)"),
     (["model.stages.0.circuits.X.kv_heads=3"], r"circuits.X.kv_heads \(3\) must divide"),
-    (["model.norm_eps=0"], r"model.norm_eps must be > 0"),
+    (["model.norm_eps=0"], r"model.norm_eps must be a finite number > 0"),
     (["model.stages.0.circuits.X.output=swap"], r"circuits.X.output: 'swap' is not one of residual, replace"),
     (["model.stages.0.circuits.X.output=replace"], r"output=replace: .* needs io: slice, state_norm: false"),
 ])

@@ -59,6 +59,13 @@ def test_mixing_follows_the_weights_and_the_seed():
     np.testing.assert_array_equal(batches[0], batches[1])  # two fresh iterators: the same first batch
 
 
+def test_huge_weights_keep_their_shares():
+    """Two weights of 1e308 summed to inf: every share was nan (numpy warned) and the mixture was not the one asked."""
+    src = build_data(mixture(PARITY + ", weight: 1e308}", MAZE + ", weight: 1e308}"))
+    tasks = np.array([src.entry_at(0, i) for i in range(2000)])
+    assert abs(tasks.mean() - 0.5) < 0.05
+
+
 def test_resume_and_shards():
     src = build_data(mixture(PARITY + "}", MAZE + "}"))
     it = src.train_iterator(8, 5)

@@ -15,7 +15,7 @@ from loopformer.model.transformer import build_model
 from loopformer.runs.restore import restore_params
 from loopformer.runs.scalars import read_metrics
 from loopformer.train.trainer import train
-from tests.conftest import TINY
+from tests.conftest import TASK_DEFAULTS, TINY
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -37,7 +37,7 @@ def test_packed_documents_do_not_see_each_other():
 def text_args(tmp_path):
     text = "\n\n".join(f"chapter {i}: " + "and it was so. " * (3 + i % 5) for i in range(30))
     (tmp_path / "c.txt").write_text(text)
-    return [*TINY, "data.task=text", f"data.paths=[{tmp_path}/c.txt]", 'data.doc_separator="\\n\\n"',
+    return [*TINY, *TASK_DEFAULTS, "data.task=text", f"data.paths=[{tmp_path}/c.txt]", 'data.doc_separator="\\n\\n"',
             "data.seq_len=32", "data.val_fraction=0.2", "data.batch_size=4", "data.eval_examples=4",
             "data.eval_batch_size=4", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2",
             "train.checkpoint_every=2", "eval.sweep_loops=[]", "eval.diagnostics=false", f"run.dir={tmp_path}/runs"]

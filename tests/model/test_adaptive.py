@@ -136,7 +136,7 @@ def test_exit_rules_parse_and_print(text, rule):
 
 
 @pytest.mark.parametrize("text,message", [("latent:0.1", "is not one of"), ("learned:0.5", "learned:q=Q"),
-                                          ("kl:q=0.5", "write kl:EPS"), ("latent_diff:0", "must be > 0"),
+                                          ("kl:q=0.5", "write kl:EPS"), ("latent_diff:0", "must be a finite number > 0"),
                                           ("learned:q=2", "<= 1"), ("kl:1e-3,after=2", "unknown option")])
 def test_bad_exit_rules(text, message):
     with pytest.raises(PlanError, match=message):

@@ -31,7 +31,7 @@ from loopformer.runs.restore import make_model
 from loopformer.train.losses import iteration_terms
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import StepSettings, _Objective, init_state, make_train_step, progressive_plan
-from tests.conftest import tiny_config
+from tests.conftest import TASK_DEFAULTS, tiny_config
 
 X = "model.stages.0.circuits.X"
 Y = "model.stages.0.circuits.Y"
@@ -293,7 +293,7 @@ def test_per_difficulty_config_is_checked(tmp_path):
         tiny_config(tmp_path, "a", f"{X}.loops=per_difficulty(2, 2)", f"{X}.max_loops=5")
     with pytest.raises(ConfigError, match="need a synthetic task"):
         tiny_config(tmp_path, "b", f"{X}.loops=per_difficulty(1, 1)", "data.task=text",
-                    "data.paths=['asset:kjv_genesis_exodus.txt']")
+                    "data.paths=['asset:kjv_genesis_exodus.txt']", *TASK_DEFAULTS)
 
 
 def test_per_difficulty_counts_equal_each_example_alone(tmp_path, run):

@@ -430,10 +430,12 @@ def test_a_disk_too_full_for_one_checkpoint_is_refused_before_the_first_step(tmp
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5000))
     cfg = tiny_config(tmp_path, "full")
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(cfg.run_dir))} has 0.0 MiB free and one checkpoint of "
-                                              r"this run takes [\d.]+ MiB; free some space \(df -h .*full\) or set "
-                                              r"run.dir=<a disk with room>, then train again$"):
+                                              rf"this run takes [\d.]+ MiB; free some space \(df -h "
+                                              rf"{re.escape(str(cfg.run_dir.parent))}\) or set run.dir=<a disk with "
+                                              rf"room>, then train again$"):
         train(cfg)
     assert not cfg.run_dir.exists()  # the folder this call made (checkpoints/ and the lock) is not left behind
+    assert cfg.run_dir.parent.exists()  # what the line says to look at (it named the folder just removed)
     run = copy_run(trained_run, tmp_path, "more")  # a resume: its checkpoints are named as intact
     with pytest.raises(CheckpointError, match=r"then train again \(the checkpoints there, up to step 4, are intact\)$"):
         train(trained_config(tmp_path, "more", "train.steps=8"))
