@@ -86,8 +86,15 @@ def run_flags(p: argparse.ArgumentParser, *, examples: bool = True, weights: boo
         p.add_argument("--examples", type=positive, default=DEFAULT_EXAMPLES, metavar="N", help=EXAMPLES_HELP)
 
 
+def probe_file(text: str) -> str:
+    """An argparse type: a probe file's name (an empty one was taken for no --probe: the splits were scored)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a probe file (e.g. asset:probes_arithmetic.jsonl), got {text!r}")
+    return text
+
+
 def probe_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--probe", metavar="FILE.jsonl",
+    p.add_argument("--probe", metavar="FILE.jsonl", type=probe_file,
                    help="text runs: score on a probe file ({\"prompt\": ..., \"answer\": ...} per line; "
                         "asset:probes_arithmetic.jsonl ships) instead of the eval splits: the answers' loss per token "
                         "and greedy exact match")

@@ -23,6 +23,7 @@ from loopformer.runs.read import read_run
 from loopformer.variants.cache import CachePolicy
 
 MAX_SETTINGS = 16
+MAX_TEMPERATURE = 1e30  # logits are divided by it in float32: 1e300 was inf (numpy's overflow warning on stderr)
 MAX_COUNT = 1000  # examples shown: each is printed with its answers at every setting
 
 
@@ -85,6 +86,9 @@ def generate_command(args: argparse.Namespace) -> int:
                                     f"the prompt in UTF-8") from None
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
             raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+        if args.temperature > MAX_TEMPERATURE:
+            raise AnalysisError(f"--temperature {args.temperature:g} is past the largest, {MAX_TEMPERATURE:g} (from "
+                                f"about 100 on, every token is about equally likely)")
         if args.top_k < 0 or not 0 < args.top_p <= 1:
             raise AnalysisError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
         sampling = _given((("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)))
@@ -95,7 +99,7 @@ def generate_command(args: argparse.Namespace) -> int:
         if args.no_cache and given:
             raise AnalysisError(f"--no-cache recomputes the whole prefix for every token, so {given} (settings of "
                                 f"cached decoding) would do nothing; drop one or the other")
-        args.policy = CachePolicy.parse(args.cache or "full")
+        args.policy = CachePolicy.parse("full" if args.cache is None else args.cache)  # --cache '' is no policy
         exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops) or [{}])[0]
         settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
         args.exits = exits

@@ -72,10 +72,11 @@ def import_command(args: argparse.Namespace) -> int:
 
     def body() -> tuple[dict[str, Any], str]:
         target = out_dir(args.out)  # before reading any weights: an empty --out is refused at once
+        spec = read_config(args.hf)  # the flag as given: Path('') is the current directory
         folder = Path(args.hf)
-        spec = read_config(folder)
         check_overrides(args.overrides, folder)
-        stops = stop_ids(folder, model_config(spec, folder / CONFIG).vocab_size)
+        vocab = model_config(spec, folder / CONFIG).vocab_size
+        stops = stop_ids(folder, vocab)
         paths = args.data or [DEFAULT_TEXT]
         seq_len = min(DEFAULT_SEQ_LEN, max_positions(spec) or DEFAULT_SEQ_LEN)
         cfg = load_config(None, ["data.task=text", f"data.paths={paths!r}", "data.doc_separator='\n\n'",
@@ -85,6 +86,11 @@ def import_command(args: argparse.Namespace) -> int:
                                  "data.val_fraction=0.1", "train.lr=1e-4", "train.warmup_steps=10",
                                  "model.stages=[]", *args.overrides])
         check_seq_len(spec, cfg.data.seq_len, folder)
+        outside = [i for i in cfg.data.stop_ids if i >= vocab]  # the run was written, and generate refused it
+        if outside:
+            raise ConfigError(f"data.stop_ids {outside} are not token ids of {folder}'s model (vocabulary {vocab}); "
+                              f"give ids below {vocab}, or drop data.stop_ids (the folder's generation_config.json "
+                              f"sets them)")
         model, params, tokenizer = import_folder(folder)
         model.compute_dtype, model.attention = cfg.model.compute_dtype, cfg.model.attention  # overrides kept
         cfg.model = model
@@ -93,7 +99,7 @@ def import_command(args: argparse.Namespace) -> int:
         layers = model.prelude
         doc = {"run": str(out), "hf": str(args.hf), "layers": layers, "d_model": model.d_model, "heads": model.heads,
                "kv_heads": model.kv_head_count, "vocab_size": model.vocab_size, "tokenizer": str(tokenizer),
-               "stop_ids": stops}
+               "stop_ids": cfg.data.stop_ids}  # an override's (the folder's were reported over it)
         q = shlex.quote(str(out))
         text = (f"imported {args.hf} into {out}: {layers} layers, d_model {model.d_model}, {model.heads} heads "
                 f"({model.kv_head_count} key/value), vocab {model.vocab_size}\n"

@@ -142,7 +142,8 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
             raise PlanError(f"malformed {flag}: no threshold; write {EXIT_FORMS}")
         kind = kind.strip()
         thresholds = [f"q={t.removeprefix('q=').strip()}" if kind == "learned" else t for t in thresholds]
-        rules = [ExitRule.parse(",".join([f"{kind}:{t}", *options])) for t in thresholds]
+        # a threshold given twice is one setting (like a loop count given twice): it was evaluated and written twice
+        rules = list(dict.fromkeys(ExitRule.parse(",".join([f"{kind}:{t}", *options])) for t in thresholds))
         if rules[0].needs_readout and len(targets) > 1:
             raise PlanError(f"{flag}: {kind} reads the model's output after every iteration, for one circuit at a "
                             f"time; name it, e.g. --exit {circuits[0]}={body}")

@@ -7,6 +7,7 @@ import time
 
 from loopformer.cli.common import command
 from loopformer.data.prepare import CHUNK_TOKENS, SHARD_TOKENS, check_sizes
+from loopformer.errors import ConfigError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 def prepare_command(args: argparse.Namespace) -> int:
     from loopformer.config import load_config
     from loopformer.data.prepare import prepare_corpus
-
+    if not args.out.strip():  # it was the current directory ("." already exists; with --force, "remove . yourself")
+        raise ConfigError(f"--out {args.out!r}: name the directory to write, e.g. --out prepared/NAME")
     check_sizes(args.chunk_tokens, args.shard_tokens, ("--chunk-tokens", "--shard-tokens"))  # the flags' names
     cfg = load_config(args.config, args.overrides)
     t0 = time.time()

@@ -448,6 +448,12 @@ MIXTURE_TASK = "mixture"  # data.task of a run that trains on data.mixture
 SPLIT_SEP = "/"  # a mixture's eval splits are named NAME/SPLIT
 
 
+def _check_paths(paths: list[str], key: str) -> None:
+    """An empty entry of a corpus's paths reads as the current directory: every file under it would be read."""
+    _check(all(p.strip() for p in paths), f"{key}: {paths} holds an empty path, which would read every file under "
+           f"the current directory; name the corpus (files, globs or a directory)")
+
+
 def _check_ranges(items: list[tuple[str, list[int]]]) -> None:
     for key, rng in items:
         _check(len(rng) == 2 and 1 <= rng[0] <= rng[1], f"{key}: expected [lo, hi] with 1 <= lo <= hi, got {rng}")
@@ -476,10 +482,18 @@ class MixtureEntry:
         _check(bool(self.name) and SPLIT_SEP not in self.name and "." not in self.name,
                f"{path}.name: '{self.name}' must be non-empty without '{SPLIT_SEP}' or '.' (it prefixes split names)")
         _check(math.isfinite(self.weight) and self.weight > 0, f"{path}.weight must be > 0, got {self.weight}")
+        defaults = MixtureEntry()
         if self.task == "text":
             _check(len(self.paths) >= 1, f"{path}.paths: name the corpus of a text entry, e.g. "
                    f"paths: ['asset:kjv_genesis_exodus.txt']")
+            _check_paths(self.paths, f"{path}.paths")
+            unused = next((f for f in TASK_ONLY if getattr(self, f) != getattr(defaults, f)), None)
+            _check(unused is None, f"{path}.{unused}={getattr(self, unused or 'task')} is a setting of synthetic tasks, "
+                   f"and a text entry evaluates on its held-out documents (the splits {self.name}{SPLIT_SEP}val and "
+                   f"{self.name}{SPLIT_SEP}train), so it would not be used; drop it")
         else:
+            _check(not self.paths, f"{path}.paths={self.paths} names a corpus, which only a text entry reads, and "
+                   f"{path}.task={self.task} builds its own examples; drop it (or set task: text)")
             _check(len(self.eval_splits) >= 1, f"{path}.eval_splits: name at least one split, e.g. {{train: [1, 4]}}")
             _check_ranges([(f"{path}.train_difficulty", self.train_difficulty)]
                           + [(f"{path}.eval_splits.{k}", v) for k, v in self.eval_splits.items()])
@@ -619,6 +633,7 @@ class DataConfig:
         if d.task == "text":
             _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
                    "or data.paths=['asset:kjv_genesis_exodus.txt']")
+            _check_paths(d.paths, "data.paths")
             defaults = DataConfig()
             unused = next((f for f in TASK_ONLY if getattr(d, f) != getattr(defaults, f)), None)
             _check(unused is None, f"data.{unused}={getattr(d, unused or 'task')} is a setting of synthetic tasks, and "
@@ -636,6 +651,10 @@ class DataConfig:
                    f"data.vocab_size={d.vocab_size} is too small for data.tokenizer=bpe: it needs >= 260 "
                    f"(3 specials + 256 bytes + merges)")
             _check(d.vocab_size <= MAX_WIDTH, f"data.vocab_size must be at most {MAX_WIDTH:,}, got {d.vocab_size}")
+            # bytes and a tokenizer.json bring their own vocabulary: the size would be accepted and unused
+            _check(d.tokenizer == "bpe" or d.vocab_size == DataConfig.vocab_size,
+                   f"data.vocab_size={d.vocab_size} is read only by data.tokenizer=bpe (the size of the BPE trained on "
+                   f"the corpus), and data.tokenizer={d.tokenizer} has its own vocabulary; drop it")
 
 
 @dataclass
@@ -677,7 +696,13 @@ class TrainConfig:
     def validate(self, batch_size: int) -> None:
         t = self
         _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
-        _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+        _check(0 < t.lr < math.inf, f"train.lr must be a finite number > 0, got {t.lr}")
+        # AdamW's settings: out of range they train a NaN at the first step, blamed on train.lr, or (a negative
+        # decay) grow the weights without a word
+        _check(0 <= t.weight_decay < math.inf, f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+        for key in ("b1", "b2"):
+            _check(0 <= getattr(t, key) < 1, f"train.{key} (AdamW's moment decay) must be in [0, 1), e.g. "
+                   f"{getattr(TrainConfig, key)}, got {getattr(t, key)}")
         _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
         _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")

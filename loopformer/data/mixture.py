@@ -57,6 +57,11 @@ class _Entry:
             return self.task.seq_len(self.cfg.train_difficulty[1])
         return self.text.seq_len  # type: ignore[union-attr]
 
+    def eval_seq_len(self) -> int:
+        if self.task is not None:
+            return max(self.task.seq_len(hi) for _, hi in self.cfg.eval_splits.values())
+        return self.text.seq_len  # type: ignore[union-attr]
+
 
 class MixtureSource(DataSource):
     """The entries of ``data.mixture`` as one data source (see the module docstring)."""
@@ -116,6 +121,18 @@ class MixtureSource(DataSource):
     @property
     def seq_len(self) -> int:
         return max(e.seq_len() for e in self.entries)
+
+    @property
+    def eval_seq_len(self) -> int:
+        return max(e.eval_seq_len() for e in self.entries)
+
+    def length_settings(self) -> tuple[str, str]:
+        """The settings of the entries with the longest training and eval sequences."""
+        def setting(e: _Entry, key: str) -> str:
+            return f"data.mixture.{e.cfg.name}.{key}" if e.task is not None else "data.seq_len"
+
+        return (setting(max(self.entries, key=lambda e: e.seq_len()), "train_difficulty"),
+                setting(max(self.entries, key=lambda e: e.eval_seq_len()), "eval_splits"))
 
     @property
     def has_text(self) -> bool:

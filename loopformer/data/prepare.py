@@ -226,6 +226,9 @@ def check_sizes(chunk_tokens: int, shard_tokens: int,
     chunk, shard = names
     if chunk_tokens < 1:
         raise DataError(f"{chunk} {chunk_tokens}: give a number of tokens per record >= 1 (default {CHUNK_TOKENS})")
+    if shard_tokens < chunk_tokens and chunk_tokens > SHARD_TOKENS:  # past the default shard: the record is the typo
+        raise DataError(f"{chunk} {chunk_tokens} is above {shard} {shard_tokens}: a shard holds whole records; lower "
+                        f"{chunk} (default {CHUNK_TOKENS})")
     if shard_tokens < chunk_tokens:
         raise DataError(f"{shard} {shard_tokens} is below {chunk} {chunk_tokens}: a shard holds whole records; give "
                         f"{shard} >= {chunk_tokens} (default {SHARD_TOKENS})")

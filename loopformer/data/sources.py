@@ -110,6 +110,15 @@ class DataSource(abc.ABC):
     def describe(self) -> str:
         return ""
 
+    @property
+    def eval_seq_len(self) -> int:
+        """The longest sequence of an eval split (a synthetic task's eval range may reach past training's)."""
+        return self.seq_len
+
+    def length_settings(self) -> tuple[str, str]:
+        """The settings that set ``seq_len`` and ``eval_seq_len``, for a refusal to name."""
+        return "data.seq_len", "data.seq_len"
+
 
 # ----------------------------------------------------------------------------- synthetic tasks
 
@@ -144,6 +153,13 @@ class TaskSource(DataSource):
     @property
     def seq_len(self) -> int:
         return self.task.seq_len(self.cfg.data.train_difficulty[1])
+
+    @property
+    def eval_seq_len(self) -> int:
+        return max(self.task.seq_len(hi) for _, hi in self.cfg.data.eval_splits.values())
+
+    def length_settings(self) -> tuple[str, str]:
+        return "data.train_difficulty", "data.eval_splits"
 
     @property
     def digits(self) -> tuple[int, int] | None:

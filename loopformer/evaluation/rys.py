@@ -35,6 +35,10 @@ def stack_layers(info: RunInfo, stack: str) -> int:
     layers = getattr(info.cfg.model, stack)
     if layers < 1:
         other = "coda" if stack == "prelude" else "prelude"
+        if getattr(info.cfg.model, other) < 1:  # each stack pointed at the other, both empty
+            raise AnalysisError(f"{info.path} has no plain layers to duplicate (model.prelude and model.coda: 0): "
+                                f"every layer is in its circuits, which loop already; rys scans the plain layers of a "
+                                f"prelude or coda (`loopformer sweep` varies a circuit's loops)")
         raise AnalysisError(f"{info.path} has no {stack} layers to duplicate (model.{stack}: 0); try --stack {other}")
     return layers
 

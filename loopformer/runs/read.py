@@ -104,6 +104,8 @@ class RunInfo:
 def read_run(path: str | Path) -> RunInfo:
     """Parse ``<path>/config.yaml``; the config's run.dir/run.name are re-pointed at ``path`` so a
     moved or copied run directory still finds its own checkpoints."""
+    if not str(path).strip():  # Path('') is the current directory: "no run at ." named no input
+        raise AnalysisError("--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart")
     path = Path(path)
     if not path.is_dir():
         raise AnalysisError(f"--run {path}: no such directory (point --run at a directory made by "

@@ -42,6 +42,9 @@ CONFIG, TOKENIZER, GENERATION = "config.json", "tokenizer.json", "generation_con
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     """The folder's config.json, checked for the files an import needs."""
+    if not str(folder).strip():  # Path('') is the current directory: "--hf .: ... missing" named no input
+        raise CheckpointError("--hf '': name a local Hugging Face model folder (config.json, *.safetensors, "
+                              "tokenizer.json)")
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"--hf {folder}: no such directory (point it at a local Hugging Face model folder "

@@ -265,7 +265,7 @@ def _train(cfg: Config) -> TrainResult:
     source = build_data(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
     parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
-    _check_attention_fits(cfg, source.seq_len, mesh)
+    _check_attention_fits(cfg, source, mesh)
     init = _initial(cfg, source, mesh)
     ckpts = Checkpoints(RunDir(run_dir).checkpoints, keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
@@ -312,27 +312,31 @@ def _check_state_fits(cfg: Config, params: int, mesh: jax.sharding.Mesh) -> None
                           f"layer counts")
 
 
-def _check_attention_fits(cfg: Config, seq_len: int, mesh: jax.sharding.Mesh) -> None:
-    """ConfigError, before anything is written, when one attention layer over data.seq_len tokens would not fit
-    in a device's memory (a lower bound of a step's need): a clear line instead of an out-of-memory traceback
-    at the first step."""
+def _check_attention_fits(cfg: Config, source: DataSource, mesh: jax.sharding.Mesh) -> None:
+    """ConfigError, before anything is written, when one attention layer over a training or an eval batch would not
+    fit in a device's memory (a lower bound of a step's need): a clear line instead of an out-of-memory traceback
+    at the first step, or (an eval split of a synthetic task reaching past training's lengths) a traceback while its
+    examples are built."""
     heads, dp = cfg.model.max_heads, parallel.data_parallel_size(mesh)
     micro = max(cfg.data.batch_size // cfg.train.grad_accum // dp, 1)
-    for rows, what in ((micro, "data.batch_size"), (cfg.data.eval_batch_size, "data.eval_batch_size")):
+    train_len, eval_len = source.length_settings()
+    for rows, what, seq_len, length in ((micro, "data.batch_size", source.seq_len, train_len),
+                                        (cfg.data.eval_batch_size, "data.eval_batch_size", source.eval_seq_len, eval_len)):
         too_big = attention_overflow(rows, seq_len, heads)
         if not too_big:
             continue
         accum = " (or raise train.grad_accum)" if what == "data.batch_size" else ""
-        fit = memory_bytes() // 2 // scores_bytes(1, seq_len, heads)  # rows of data.seq_len tokens that fit
+        fit = memory_bytes() // 2 // scores_bytes(1, seq_len, heads)  # rows of seq_len tokens that fit
         if fit < 1:  # not even one sequence: the length is what to lower
-            raise ConfigError(f"data.seq_len={seq_len}: {too_big}; lower data.seq_len or {what}{accum}")
+            where = f"{length}={seq_len}" if length == "data.seq_len" else f"{length} (sequences of {seq_len:,} tokens)"
+            raise ConfigError(f"{where}: {too_big}; lower {length} or {what}{accum}")
         # the batch is what to lower (the longest sequence that fits a huge batch, "1 tokens", is no advice)
         total = fit * (cfg.train.grad_accum * dp if what == "data.batch_size" else 1)
         size = cfg.data.batch_size if what == "data.batch_size" else rows
         raise ConfigError(f"{what}={size}: attention over {seq_len:,} tokens in batches of {rows:,} needs about "
                           f"{scores_bytes(rows, seq_len, heads) / 2**30:,.0f} GiB, more than half of this machine's "
-                          f"{memory_bytes() / 2**30:.0f} GiB; at data.seq_len={seq_len} at most {total:,} fit: lower "
-                          f"{what}{accum}")
+                          f"{memory_bytes() / 2**30:.0f} GiB; at {seq_len:,} tokens ({length}) at most {total:,} fit: "
+                          f"lower {what}{accum}")
 
 
 @dataclass

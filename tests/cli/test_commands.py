@@ -128,6 +128,10 @@ def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, 
                                            r"ask for at most [\d,]+ tokens, or keep fewer iterations with --cache last"),
     (["--seed", "99999999999999999999999"], r"--seed must be in 0..4294967295, got 99999999999999999999999"),
     (["--cache", "ring:99999999999"], r"--cache ring:99999999999: ring:K needs K in 1..10000"),
+    # #27 pass 7: --cache '' decoded with the full cache; 1e300 divided the logits by inf (numpy's warning on stderr)
+    (["--cache", ""], r"--cache : not a cache policy; use full, last, ring:K, first"),
+    (["--temperature", "1e300"], r"--temperature 1e\+300 is past the largest, 1e\+30 \(from about 100 on, every "
+                                 r"token is about equally likely\)"),
     (["--prompt", "x" * 3_000_000], r"the prompt is 3,000,00\d tokens; attention over 3,000,00\d tokens in batches "
                                     r"of 1 needs about [\d,]+ GiB, more than half of this machine's \d+ GiB \(at most "
                                     r"[\d,]+ tokens fit\); give a shorter prompt \(the run trained on \d+\)"),
@@ -253,6 +257,47 @@ def test_repeatable_flags_stay_repeatable(run_dir, capsys):
     assert main(["eval", "--run", str(run_dir), "--split", "train", "--split", "hard", "--examples", "8",
                  "--loops", "X=1", "--loops", "Y=2"]) == 0
     assert "given twice" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "rys"])
+def test_an_empty_probe_is_refused(text_run_dir, capsys, command):
+    """#27 pass 7: `--probe ''` was taken for no --probe: the eval splits were scored instead."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--run", str(text_run_dir), "--probe", ""])
+    assert info.value.code == 2
+    assert "argument --probe: expected a probe file (e.g. asset:probes_arithmetic.jsonl), got ''" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--run", ""], "--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart"),
+    (["import", "--hf", "", "--out", "x"], "--hf '': name a local Hugging Face model folder (config.json, "
+                                           "*.safetensors, tokenizer.json)"),
+])
+def test_an_empty_folder_flag_is_named(tmp_path, capsys, argv, message, monkeypatch):
+    """#27 pass 7: '' was the current directory ("no run at .", "--hf .: ... missing")."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not list(tmp_path.iterdir())
+
+
+def test_rys_on_a_run_without_plain_layers_says_so(tmp_path, capsys):
+    """#27 pass 7: with no prelude and no coda, each stack's refusal pointed at the other ("try --stack coda")."""
+    flat = make_run(tiny_config(tmp_path, "flat", "model.prelude=0"))
+    for stack in ([], ["--stack", "prelude"], ["--stack", "coda"]):
+        assert main(["rys", "--run", str(flat), *stack]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {flat} has no plain layers to duplicate (model.prelude and model.coda: 0): every layer is in its "
+            f"circuits, which loop already; rys scans the plain layers of a prelude or coda (`loopformer sweep` "
+            f"varies a circuit's loops)")
+
+
+def test_a_threshold_given_twice_is_one_setting(run_dir, capsys):
+    """#27 pass 7: `sweep --exit X=latent_diff:0.1,0.1` evaluated and wrote the same setting twice (a loop count
+    given twice was one)."""
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--split", "train", "--exit", "X=latent_diff:0.1,0.1")
+    assert [r["exit"] for r in doc["rows"]] == [{"X": "latent_diff:0.1"}]
 
 
 def test_inspect_reads_no_weights_so_takes_no_step(run_dir, capsys):

@@ -166,10 +166,18 @@ def test_import_refuses_a_seq_len_past_the_folders_positions(folder, tmp_path, c
     (["--chunk-tokens", "64", "--shard-tokens", "10"], "--shard-tokens 10 is below --chunk-tokens 64: a shard holds "
                                                        "whole records; give --shard-tokens >= 64 (default 67108864)"),
     (["--shard-tokens", "0"], "--shard-tokens 0 is below --chunk-tokens 4096"),
+    # #27 pass 7: a 20-digit record size was told to raise --shard-tokens to 20 digits; --out '' was the current
+    # directory ("remove . yourself")
+    (["--chunk-tokens", "99999999999999999999"], "--chunk-tokens 99999999999999999999 is above --shard-tokens "
+                                                 "67108864: a shard holds whole records; lower --chunk-tokens (default "
+                                                 "4096)$"),
+    (["--out", ""], "--out '': name the directory to write, e.g. --out prepared/NAME$"),
 ])
 def test_prepare_names_its_flags(tmp_path, capsys, flags, message):
-    assert main(["prepare", "--out", str(tmp_path / "p"), *flags]) == 2
-    assert error_line(capsys).startswith(f"error: {message}")
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "p")]
+    assert main(["prepare", *out, *flags]) == 2
+    line = error_line(capsys)
+    assert line == f"error: {message[:-1]}" if message.endswith("$") else line.startswith(f"error: {message}")
     assert not (tmp_path / "p").exists()
 
 

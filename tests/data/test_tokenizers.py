@@ -153,7 +153,7 @@ def test_llama_style_file_counts_metaspace_and_byte_fallback(tmp_path):
 def test_a_tokenizer_file_trains_a_text_source_and_is_saved_unchanged(tmp_path, style):
     corpus = write_corpus(tmp_path)
     path = style(tmp_path / "tokenizer-src.json", documents())
-    cfg = cfg_for(tmp_path, corpus, f"data.tokenizer={path}", "data.vocab_size=260")  # vocab_size: bpe only
+    cfg = cfg_for(tmp_path, corpus, f"data.tokenizer={path}")
     src = build_data(cfg)
     sets = src.eval_sets()
     assert src.tokenizer.kind == "file" and src.vocab_size == read_tokenizer(path).vocab_size > 260

@@ -86,3 +86,12 @@ def test_generation_config_stop_ids_reach_the_run_and_bad_ones_are_one_line(tmp_
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 300}))
     assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run2")]) == 2
     assert "generation_config.json: eos_token_id 300 must be token ids in 0..299" in capsys.readouterr().err
+    # an override past the vocabulary wrote a run that generate refused (#27 pass 7); one within it is reported
+    (folder / "generation_config.json").unlink()
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run3"), "data.stop_ids=[5000]"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: data.stop_ids [5000] are not token ids of {folder}'s model (vocabulary 300); give ids "
+                    f"below 300, or drop data.stop_ids (the folder's generation_config.json sets them)")
+    assert not (tmp_path / "run3").exists()
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run4"), "data.stop_ids=[9]", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stop_ids"] == [9]

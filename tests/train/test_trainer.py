@@ -457,6 +457,31 @@ def test_a_disk_that_fills_while_metrics_are_written_is_one_line(tmp_path, monke
         train(cfg)
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    # an eval split's range past training's: its examples were built (a traceback from numpy at 20 digits, else
+    # an out-of-memory one at the first evaluation) and nothing checked their length
+    (["data.eval_splits={train: [1, 2], long: [1, 99999999999999999999]}"],
+     r"^data.eval_splits \(sequences of [\d,]{27} tokens\): attention over .* lower data.eval_splits or "
+     r"data.eval_batch_size$"),
+    (["data.eval_splits={train: [1, 2], long: [1, 5000]}", "data.eval_batch_size=100000000"],
+     r"^data.eval_batch_size=100000000: attention over 5,00\d tokens in batches of 100,000,000 .* at 5,00\d tokens "
+     r"\(data.eval_splits\) at most [\d,]+ fit: lower data.eval_batch_size$"),
+    (["model.causal=false", "data.task=mixture", "data.mixture=[{task: prefix_parity, eval_splits: {a: [1, "
+      "99999999999999999999]}}, {task: maze, task_args: {rows: 2}, train_difficulty: [1, 3], eval_splits: {t: [1, 3]}}]"],
+     r"^data.mixture.prefix_parity.eval_splits \(sequences of [\d,]{27} tokens\): .* lower "
+     r"data.mixture.prefix_parity.eval_splits or data.eval_batch_size$"),
+    # a task's length is its difficulty: the line named data.seq_len, which a task refuses
+    (["data.train_difficulty=[1, 100000]"],
+     r"^data.train_difficulty \(sequences of [\d,]+ tokens\): .* lower data.train_difficulty or data.batch_size"),
+])
+def test_a_task_whose_sequences_cannot_fit_names_its_difficulty(tmp_path, settings, message):
+    """#27 pass 7."""
+    cfg = tiny_config(tmp_path, "long", "data.task=prefix_parity", "data.task_args={}", *settings)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not cfg.run_dir.exists()
+
+
 @pytest.mark.parametrize("field", ["data.batch_size", "data.eval_batch_size"])
 def test_a_batch_whose_attention_cannot_fit_names_the_batch(tmp_path, field):
     """data.batch_size=100000000 blamed data.seq_len, with "at most 1 tokens fit": the batch is named, with the
@@ -465,7 +490,8 @@ def test_a_batch_whose_attention_cannot_fit_names_the_batch(tmp_path, field):
     accum = r" \(or raise train.grad_accum\)" if field == "data.batch_size" else ""
     with pytest.raises(ConfigError, match=rf"^{field}=100000000: attention over \d+ tokens in batches of 100,000,000 "
                                           rf"needs about [\d,]+ GiB, more than half of this machine's \d+ GiB; at "
-                                          rf"data.seq_len=\d+ at most [\d,]+ fit: lower {field}{accum}$"):
+                                          rf"[\d,]+ tokens \(data.(train_difficulty|eval_splits)\) at most [\d,]+ fit: "
+                                          rf"lower {field}{accum}$"):
         train(cfg)
     assert not cfg.run_dir.exists()
     cfg.run_dir.mkdir(parents=True)  # a folder the user made is theirs: refused, it stays
