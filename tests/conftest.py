@@ -20,6 +20,7 @@ functions, so without it each one compiled the same programs again).
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import jax
@@ -49,6 +50,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every prog
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # of any size
 # A size limit turns on the cache's file lock, so pytest-xdist workers never read a half-written entry.
 jax.config.update("jax_compilation_cache_max_size", 2 << 30)
+# A suite started as a background job without job control (`nohup ... &`, some CI runners) inherits SIGINT
+# ignored, and Python then never delivers it: the tests of Ctrl-C handling need it delivered as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Two same-shape circuits (run batched under one vmap) on slices of a 16-wide stream.
 TINY = [
