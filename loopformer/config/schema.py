@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,20 @@ def _one_of(value: str, options: tuple[str, ...] | Registry, path: str) -> None:
 
 # ----------------------------------------------------------------------------- circuits
 
+def _changed(cfg: Any, names: Iterable[str]) -> str | None:
+    """The first of ``names`` whose value in ``cfg`` (a config dataclass) differs from its default: a setting that was
+    given, which the caller has found nothing would read."""
+    defaults = type(cfg)()
+    return next((n for n in names if getattr(cfg, n) != getattr(defaults, n)), None)
+
+
 def _check_read(cfg: Any, reads: tuple[str, ...], path: str) -> None:
     """ConfigError for a setting of ``cfg`` (a `HaltingConfig` or `RouterConfig`) changed from its default that its
     kind does not read (``reads``): `halting.tau` on ouro, `router.capacity` on token_choice would be accepted and
     unused."""
-    defaults = type(cfg)()
-    unread = [f.name for f in dataclasses.fields(cfg)
-              if f.name != "kind" and f.name not in reads and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    unread = _changed(cfg, (f.name for f in dataclasses.fields(cfg) if f.name != "kind" and f.name not in reads))
     if unread:
-        raise ConfigError(f"{path}.{unread[0]}={getattr(cfg, unread[0])} is not read by {path}.kind={cfg.kind} (it "
+        raise ConfigError(f"{path}.{unread}={getattr(cfg, unread)} is not read by {path}.kind={cfg.kind} (it "
                           f"reads {', '.join(reads) or 'none of its settings'}); drop it")
 
 
@@ -482,12 +488,11 @@ class MixtureEntry:
         _check(bool(self.name) and SPLIT_SEP not in self.name and "." not in self.name,
                f"{path}.name: '{self.name}' must be non-empty without '{SPLIT_SEP}' or '.' (it prefixes split names)")
         _check(math.isfinite(self.weight) and self.weight > 0, f"{path}.weight must be > 0, got {self.weight}")
-        defaults = MixtureEntry()
         if self.task == "text":
             _check(len(self.paths) >= 1, f"{path}.paths: name the corpus of a text entry, e.g. "
                    f"paths: ['asset:kjv_genesis_exodus.txt']")
             _check_paths(self.paths, f"{path}.paths")
-            unused = next((f for f in TASK_ONLY if getattr(self, f) != getattr(defaults, f)), None)
+            unused = _changed(self, TASK_ONLY)
             _check(unused is None, f"{path}.{unused}={getattr(self, unused or 'task')} is a setting of synthetic tasks, "
                    f"and a text entry evaluates on its held-out documents (the splits {self.name}{SPLIT_SEP}val and "
                    f"{self.name}{SPLIT_SEP}train), so it would not be used; drop it")
@@ -634,14 +639,12 @@ class DataConfig:
             _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
                    "or data.paths=['asset:kjv_genesis_exodus.txt']")
             _check_paths(d.paths, "data.paths")
-            defaults = DataConfig()
-            unused = next((f for f in TASK_ONLY if getattr(d, f) != getattr(defaults, f)), None)
+            unused = _changed(d, TASK_ONLY)
             _check(unused is None, f"data.{unused}={getattr(d, unused or 'task')} is a setting of synthetic tasks, and "
                    f"data.task=text evaluates on its held-out documents (the split 'val'), so it would not be used; "
                    f"drop it")
         elif not any(e.task == "text" for e in d.mixture):  # a setting that would be silently unused
-            defaults = DataConfig()
-            unused = next((f for f in TEXT_ONLY if getattr(d, f) != getattr(defaults, f)), None)
+            unused = _changed(d, TEXT_ONLY)
             if unused is not None:
                 raise ConfigError(f"data.{unused}={getattr(d, unused)} is a setting of text data, and data.task="
                                   f"{d.task_label()} builds its own examples, so it would not be used; drop it (or "
