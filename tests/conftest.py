@@ -175,7 +175,7 @@ def text_run_dir(tmp_path_factory):
 
 
 MIXTURE = [
-    "model.causal=false", "data.task=mixture",
+    *TASK_DEFAULTS, "model.causal=false", "data.task=mixture",
     "data.mixture=[{task: prefix_parity, train_difficulty: [1, 4], eval_splits: {train: [1, 4], 2x: [8, 8]}, "
     "route: [X]}, {task: maze, task_args: {rows: 2}, train_difficulty: [1, 3], eval_splits: {train: [1, 3]}, route: [Y]}]",
 ]

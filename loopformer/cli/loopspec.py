@@ -91,6 +91,9 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
             raise PlanError(f"unknown circuit '{name}' in {flag}; {circuits_phrase(circuits)}")
         if name in out:
             raise PlanError(f"{flag}: circuit '{name}' is given twice; pass one --loops per circuit")
+        if counts.strip().lower() == AUTO:  # eval removes these first (split_auto)
+            raise PlanError(f"{flag}: {AUTO} (each example at its training rule's count) is read by `loopformer eval` "
+                            f"only; give this command a count, e.g. --loops {name}=8")
         values = parse_counts(counts, flag)
         if not grid and len(values) > 1:
             raise PlanError(f"{flag}: {single}")

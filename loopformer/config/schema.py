@@ -74,6 +74,21 @@ def _one_of(value: str, options: tuple[str, ...] | Registry, path: str) -> None:
 
 # ----------------------------------------------------------------------------- circuits
 
+def _check_mlp_and_window(block: Any, prefix: str) -> None:
+    """The MLP width and attention window of the model's plain layers or of a circuit (``prefix``)."""
+    _check(0 < block.mlp_ratio < math.inf, f"{prefix}.mlp_ratio must be a finite number > 0, got {block.mlp_ratio}")
+    _check(block.mlp_hidden <= MAX_HIDDEN, f"{prefix}.mlp_ratio={block.mlp_ratio:g} gives {block.mlp_hidden:,} hidden "
+           f"units; at most {MAX_HIDDEN:,}")
+    _check(0 <= block.window <= MAX_WINDOW, f"{prefix}.window must be 0 (full attention) or 1..{MAX_WINDOW:,} tokens, "
+           f"got {block.window}")
+
+
+def _check_once(items: list, key: str) -> None:
+    """ConfigError when a list of counts or names holds one twice (it would be run and reported twice)."""
+    twice = next((x for i, x in enumerate(items) if x in items[:i]), None)
+    _check(twice is None, f"{key} lists {twice!r} twice: {items}; give each once")
+
+
 def _changed(cfg: Any, names: Iterable[str]) -> str | None:
     """The first of ``names`` whose value in ``cfg`` (a config dataclass) differs from its default: a setting that was
     given, which the caller has found nothing would read."""
@@ -248,9 +263,7 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
                f"{p}.kv_heads ({c.kv_heads}) must divide {p}.heads ({c.heads}) (0 = as many as heads)")
         _check(c.width % c.heads == 0, f"{p}.width ({c.width}) must be divisible by {p}.heads ({c.heads})")
         _check((c.width // c.heads) % 2 == 0, f"{p}: width / heads = {c.width // c.heads} must be even (RoPE rotates pairs)")
-        _check(0 < c.mlp_ratio < math.inf, f"{p}.mlp_ratio must be a finite number > 0, got {c.mlp_ratio}")
-        _check(c.mlp_hidden <= MAX_HIDDEN, f"{p}.mlp_ratio={c.mlp_ratio:g} gives {c.mlp_hidden:,} hidden units; at "
-               f"most {MAX_HIDDEN:,}")
+        _check_mlp_and_window(c, p)
         _one_of(c.io, IO_MODES, f"{p}.io")
         _one_of(c.inject, INJECTIONS, f"{p}.inject")
         _one_of(c.init, INITS, f"{p}.init")
@@ -261,8 +274,6 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
             _check(c.io == "slice" and not c.state_norm and not c.halting.has_head,
                    f"{p}.output=replace: the final state replaces the circuit's slice of the stream, so it needs "
                    f"io: slice, state_norm: false and no halting head")
-        _check(0 <= c.window <= MAX_WINDOW, f"{p}.window must be 0 (full attention) or 1..{MAX_WINDOW:,} tokens, "
-               f"got {c.window}")
         _check(1 <= c.backprop <= MAX_LOOPS, f"{p}.backprop (truncation depth k) must be in 1..{MAX_LOOPS}, got "
                f"{c.backprop}")
         _check(1 <= c.eval_loops <= MAX_LOOPS, f"{p}.eval_loops must be in 1..{MAX_LOOPS}, got {c.eval_loops}")
@@ -397,11 +408,7 @@ class ModelConfig:
                f"model.prelude and model.coda must be in 0..{MAX_LAYERS:,} layers, got {m.prelude} and {m.coda}")
         _check(0 <= m.vocab_size <= MAX_WIDTH,
                f"model.vocab_size must be in 0..{MAX_WIDTH:,} (0 takes it from the data), got {m.vocab_size}")
-        _check(0 < m.mlp_ratio < math.inf, f"model.mlp_ratio must be a finite number > 0, got {m.mlp_ratio}")
-        _check(m.mlp_hidden <= MAX_HIDDEN, f"model.mlp_ratio={m.mlp_ratio:g} gives {m.mlp_hidden:,} hidden units; at "
-               f"most {MAX_HIDDEN:,}")
-        _check(0 <= m.window <= MAX_WINDOW,
-               f"model.window must be 0 (full attention) or 1..{MAX_WINDOW:,} tokens, got {m.window}")
+        _check_mlp_and_window(m, "model")
         _one_of(m.norm, NORM_MODES, "model.norm")
         _one_of(m.mlp, MLP_KINDS, "model.mlp")
         _one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
@@ -622,6 +629,7 @@ class DataConfig:
                "data.mixture: at most one text entry (it uses the run's one tokenizer, data.tokenizer)")
         _check(all(1 <= n <= MAX_LOOPS for n in d.eval_loops),
                f"data.eval_loops: counts must be in 1..{MAX_LOOPS}, got {d.eval_loops}")
+        _check_once(d.eval_loops, "data.eval_loops")
         self._validate_curriculum()
         _one_of(d.format, TEXT_FORMATS, "data.format")
         _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
@@ -643,7 +651,11 @@ class DataConfig:
             _check(unused is None, f"data.{unused}={getattr(d, unused or 'task')} is a setting of synthetic tasks, and "
                    f"data.task=text evaluates on its held-out documents (the split 'val'), so it would not be used; "
                    f"drop it")
-        elif not any(e.task == "text" for e in d.mixture):  # a setting that would be silently unused
+        if d.mixture:  # each entry draws and evaluates with its own task settings
+            unused = _changed(d, TASK_ONLY)
+            _check(unused is None, f"data.{unused}={getattr(d, unused or 'task')} is not read by a mixture: each "
+                   f"entry has its own (data.mixture.N.{unused}); move it into the entries it is for")
+        if d.task != "text" and not any(e.task == "text" for e in d.mixture):  # a setting that would be silently unused
             unused = _changed(d, TEXT_ONLY)
             if unused is not None:
                 raise ConfigError(f"data.{unused}={getattr(d, unused)} is a setting of text data, and data.task="
@@ -735,6 +747,8 @@ class EvalConfig:
     def validate(self, circuits: list[str]) -> None:
         _check(all(1 <= n <= MAX_LOOPS for n in self.sweep_loops),
                f"eval.sweep_loops: counts must be in 1..{MAX_LOOPS}, got {self.sweep_loops}")
+        _check_once(self.sweep_loops, "eval.sweep_loops")
+        _check_once(self.sweep_circuits, "eval.sweep_circuits")
         for name in self.sweep_circuits:
             _check(name in circuits, f"eval.sweep_circuits: '{name}' is not a circuit; circuits are {', '.join(circuits)}")
 

@@ -18,10 +18,10 @@ from loopformer.runs.restore import make_model
 from loopformer.train.optim import learning_rate_schedule, make_optimizer
 from loopformer.train.routing import Routing, owner, routed_grads
 from loopformer.train.step import StepSettings, init_state, make_train_step
-from tests.conftest import TINY, train_until_crash
+from tests.conftest import TASK_DEFAULTS, TINY, train_until_crash
 
 # The tiny config, bidirectional with a coda layer, on a mixture (entries set per test).
-ROUTED = [*TINY, "model.coda=1", "model.causal=false", "model.stages.0.circuits.X.backprop=2",
+ROUTED = [*TINY, *TASK_DEFAULTS, "model.coda=1", "model.causal=false", "model.stages.0.circuits.X.backprop=2",
           "model.stages.0.circuits.Y.eval_loops=2", "data.task=mixture", "train.warmup_steps=0", "train.grad_clip=0"]
 
 

@@ -27,7 +27,7 @@ from loopformer.runs.restore import restore_params
 from loopformer.runs.scalars import read_metrics, read_tensorboard_scalars
 from loopformer.train import trainer
 from loopformer.train.trainer import train
-from tests.conftest import copy_run, tiny_config, train_until_crash, trained_config
+from tests.conftest import TASK_DEFAULTS, copy_run, tiny_config, train_until_crash, trained_config
 
 # The learning tests' model: one 32-wide circuit (their measured losses are for it).
 LEARNER = [
@@ -466,7 +466,7 @@ def test_a_disk_that_fills_while_metrics_are_written_is_one_line(tmp_path, monke
     (["data.eval_splits={train: [1, 2], long: [1, 5000]}", "data.eval_batch_size=100000000"],
      r"^data.eval_batch_size=100000000: attention over 5,00\d tokens in batches of 100,000,000 .* at 5,00\d tokens "
      r"\(data.eval_splits\) at most [\d,]+ fit: lower data.eval_batch_size$"),
-    (["model.causal=false", "data.task=mixture", "data.mixture=[{task: prefix_parity, eval_splits: {a: [1, "
+    ([*TASK_DEFAULTS, "model.causal=false", "data.task=mixture", "data.mixture=[{task: prefix_parity, eval_splits: {a: [1, "
       "99999999999999999999]}}, {task: maze, task_args: {rows: 2}, train_difficulty: [1, 3], eval_splits: {t: [1, 3]}}]"],
      r"^data.mixture.prefix_parity.eval_splits \(sequences of [\d,]{27} tokens\): .* lower "
      r"data.mixture.prefix_parity.eval_splits or data.eval_batch_size$"),
