@@ -111,26 +111,26 @@ def _main(argv: list[str] | None) -> int:
 _GIVEN = "_flags_given"  # in the namespace while parsing: the single-value flags seen so far
 
 
-class _StoreOnce(argparse._StoreAction):
+class _StoreOnce(argparse.Action):
     """A flag that takes one value refuses a second (argparse lets the last one win: `train -c a.yaml -c b.yaml`
     trained b alone, `eval --run A --run B` evaluated B). Repeatable flags use action="append"."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
         given = namespace.__dict__.setdefault(_GIVEN, set())
-        if self.dest in given:
+        if self.dest in given and self.option_strings:  # positionals (train's key=value settings) may come in runs
             parser.error(f"{'/'.join(self.option_strings)} is given twice; give it once (the last one would win with "
                          f"no word)")
         given.add(self.dest)
-        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, self.dest, values)
 
 
 def _once(parser: argparse.ArgumentParser, add_args: object) -> None:
-    """Add a command's flags (``add_args``) to ``parser``, every single-value flag as `_StoreOnce`."""
+    """Add a command's flags (``add_args``) to ``parser``, every single-value flag (the default action, store)
+    as `_StoreOnce`: registered for the parser before its flags are added."""
+    parser.register("action", None, _StoreOnce)
+    parser.register("action", "store", _StoreOnce)
     add_args(parser)  # type: ignore[operator]
-    for action in parser._actions:
-        if type(action) is argparse._StoreAction and action.option_strings:
-            action.__class__ = _StoreOnce
 
 
 def _on_signal(signum: int, frame: object) -> None:
