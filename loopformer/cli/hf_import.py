@@ -39,12 +39,14 @@ def _fixed(key: str, folder: Path) -> str | None:
         return f"an imported run's tokenizer is {folder / TOKENIZER}, the one the weights were trained with"
     if keys[:2] == ["data", "task"]:
         return "an imported run is a text run (data.task=text), its data the --data files"
+    if keys[0] == "run":
+        return "--out names the imported run's directory"
     return None
 
 
 def check_overrides(overrides: list[str], folder: Path) -> None:
     """ConfigError for an override of what the folder fixes (the model but `RUNTIME_FIELDS`, the tokenizer, the
-    task): the imported run would drop it without a word, or pair the weights with another tokenizer."""
+    task, the run directory): the imported run would drop it without a word, or pair the weights with another tokenizer."""
     for item, (key, _) in zip(overrides, parse_overrides(overrides), strict=True):
         why = _fixed(key, folder)
         if why:

@@ -24,10 +24,15 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("prepare", "tokenize a text corpus once into ArrayRecord shards for training", _args)
 def prepare_command(args: argparse.Namespace) -> int:
     from loopformer.config import load_config
+    from loopformer.config.load import parse_overrides
     from loopformer.data.prepare import prepare_corpus
     if not args.out.strip():  # it was the current directory ("." already exists; with --force, "remove . yourself")
         raise ConfigError(f"--out {args.out!r}: name the directory to write, e.g. --out prepared/NAME")
     check_sizes(args.chunk_tokens, args.shard_tokens, ("--chunk-tokens", "--shard-tokens"))  # the flags' names
+    for item, (key, _) in zip(args.overrides, parse_overrides(args.overrides), strict=True):
+        if key.split(".")[0] != "data":  # the config is a training config: the rest of it is for train
+            raise ConfigError(f"{item}: prepare reads the data section alone (data.paths, data.tokenizer, ...), so "
+                              f"{key} would not be used; drop it")
     cfg = load_config(args.config, args.overrides)
     t0 = time.time()
     meta = prepare_corpus(cfg, args.out, force=args.force, chunk_tokens=args.chunk_tokens,

@@ -60,6 +60,7 @@ MAX_LAYERS = 10_000  # model.prelude, model.coda, a circuit's depth
 MAX_WIDTH = 2**20  # model.d_model, a circuit's width, the vocabulary
 MAX_HIDDEN = 2**24  # an MLP's hidden units (mlp_ratio x width)
 MAX_WINDOW = 2**31 - 1  # an attention window, in tokens
+MAX_STEPS = 2**31 - 1  # training steps and step intervals: the step counter is int32 (and at 1 ms a step, 25 days)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -710,6 +711,9 @@ class TrainConfig:
 
     def validate(self, batch_size: int) -> None:
         t = self
+        for key in ("steps", "warmup_steps", "log_every", "checkpoint_every", "eval_every"):
+            _check(getattr(t, key) <= MAX_STEPS, f"train.{key} must be at most {MAX_STEPS:,} steps (the step counter "
+                   f"is a 32-bit integer), got {getattr(t, key)}")
         _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
         _check(0 < t.lr < math.inf, f"train.lr must be a finite number > 0, got {t.lr}")
         # AdamW's settings: out of range they train a NaN at the first step, blamed on train.lr, or (a negative

@@ -186,7 +186,11 @@ def clean_leftovers(out: Path) -> list[Path]:
 def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], force: bool) -> list[str]:
     """DataError unless prepare may write ``out``; for an existing ``out`` (``force``), the names of the
     files it holds, every one written by prepare (so replacing it deletes nothing else)."""
-    where = out.resolve()
+    try:
+        where = out.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
+        raise DataError(f"--out {out}: a symlink in a loop (it leads back to itself); remove it or choose another "
+                        f"--out") from None
     for pattern in patterns:
         folder = Path(pattern).expanduser()
         if folder.is_dir() and (where == folder.resolve() or folder.resolve() in where.parents):

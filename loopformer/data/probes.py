@@ -35,7 +35,9 @@ def read_probes(path: str | Path) -> list[Probe]:
     except DataError:
         p = Path(text_path)  # not a shipped asset: the line below says so
     if not p.is_file():
-        raise DataError(f"--probe {path}: no such file (a JSONL file of {{\"prompt\": ..., \"answer\": ...}} lines, "
+        what = ("a directory" if p.is_dir() else "not a regular file" if p.exists()
+                else "a symlink that leads nowhere (or in a loop)" if p.is_symlink() else "no such file")
+        raise DataError(f"--probe {path}: {what} (a JSONL file of {{\"prompt\": ..., \"answer\": ...}} lines, "
                         f"or asset:{ARITHMETIC})")
     try:
         lines = p.read_text(encoding="utf-8").splitlines()

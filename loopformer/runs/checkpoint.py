@@ -71,11 +71,15 @@ class _FileSystemNoise(logging.Filter):
     """Drops the checkpoint library's ERROR records (with their tracebacks) about a write that failed on the
     file system: the failure surfaces as `Checkpoints`' one CheckpointError (`_disk_errors`), which names the
     reason, the directory and the checkpoints kept; the same failure logged by each of orbax's threads
-    stood above it as hundreds of lines. Every other record passes."""
+    stood above it as hundreds of lines. Likewise its "Failed to read Metadata file" records about a damaged
+    checkpoint, logged by each read of it: `Checkpoints.restore` names the step as corrupt in one line. Every
+    other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
+        if record.getMessage().startswith("Failed to read Metadata file"):
+            return False
         error = record.exc_info[1] if record.exc_info else None
         return not (_file_system_reason(error) or _OS_ERROR.search(record.getMessage()))
 
@@ -181,6 +185,7 @@ class Checkpoints:
         if keep < 1:
             raise CheckpointError(f"keep={keep} is invalid: keep at least 1 checkpoint")
         self.directory = Path(directory).expanduser().absolute()
+        _quiet_file_system_noise()  # before the manager: it reads the checkpoints' metadata as it opens
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=False, enable_async_checkpointing=async_save
         )
@@ -188,7 +193,6 @@ class Checkpoints:
                     _CHECKSUMS: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._last_saved: int | None = None
-        _quiet_file_system_noise()
 
     def all_steps(self) -> list[int]:
         """Finished checkpoint steps, ascending (a save still in flight is not included)."""
@@ -245,12 +249,13 @@ class Checkpoints:
         return saved
 
     def restore(self, abstract_state: PyTree, data_iterator: Any = None, step: int | None = None, *,
-                partial: bool = False) -> PyTree:
+                partial: bool = False, step_key: str | None = None) -> PyTree:
         """Restores `step` (default: latest) onto `abstract_state`'s shapes, dtypes and shardings.
 
         When `data_iterator` is given, its position is restored in place from the same step. With
         `partial`, `abstract_state` is a dict of some top-level parts of the saved state (e.g. params
-        and step): only those are read, and only they must match the checkpoint.
+        and step): only those are read, and only they must match the checkpoint. ``step_key`` names the
+        state's entry that holds its own step: a checkpoint whose folder names another step is refused.
         """
         steps = self.all_steps()
         if not steps:
@@ -305,6 +310,10 @@ class Checkpoints:
         except Exception as e:
             raise corrupt(_first_line(e)) from e
         self._verify(step, steps, restored[_STATE], restored[_CHECKSUMS] if _CHECKSUMS in saved_items else None)
+        if step_key is not None and int(restored[_STATE][step_key]) != step:  # renamed or copied from elsewhere:
+            # training would go on from another step than it says, and every report would name the wrong one
+            raise corrupt(f"its folder is named {step}, but it holds the state of step "
+                          f"{int(restored[_STATE][step_key])}")
         return restored[_STATE]
 
     @staticmethod

@@ -29,7 +29,14 @@ def resume_changes(cfg: Config, run_dir: Path) -> list[Change]:
             f"training it again would mix the two runs' metrics. Move them aside (mv {run_dir} {run_dir}.old) or pick "
             f"a new run.name")
     saved = layout.config
-    if not (saved.is_file() and layout.checkpoint_steps()):
+    steps = layout.checkpoint_steps()
+    if steps and not saved.is_file():  # the trainer writes config.yaml before its first checkpoint
+        what = "missing" if not (saved.exists() or saved.is_symlink()) else "not a readable file"
+        raise CheckpointError(
+            f"{run_dir} holds checkpoints (step {steps[-1]}) but its config.yaml is {what}, so nothing says what they "
+            f"were trained with; put the run's config.yaml back to resume it, or pick a new run.name (or move "
+            f"{run_dir} aside) to start fresh")
+    if not steps:
         return []
     old = read_config_dict(saved, run_dir)
     with contextlib.suppress(ConfigError):  # fields added since the run was written compare at their defaults
@@ -79,7 +86,11 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
     run_dir = make_run_dir(cfg)
     changes = resume_changes(cfg, run_dir)
     # checkpoints/ exists from the start, so that metrics without it mean a deleted run (resume_changes)
-    RunDir(run_dir).checkpoints.mkdir(exist_ok=True)
+    checkpoints = RunDir(run_dir).checkpoints
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise CheckpointError(f"{checkpoints} is a file, where the run keeps its checkpoints (a folder); move it aside, "
+                              f"or pick a new run.name")
+    checkpoints.mkdir(exist_ok=True)
     if write:
         write_config(cfg, run_dir)
     return run_dir, changes

@@ -31,7 +31,10 @@ def read_config_dict(path: Path, run_dir: Path) -> dict[str, Any]:
     """The config file ``path`` of run ``run_dir`` as a dict; CheckpointError when it is corrupt or
     comes from an older layout."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # a binary or re-encoded file: yaml never sees it
+        raise CheckpointError(f"{path} is corrupt (not UTF-8 text: bad byte at offset {e.start}); delete {run_dir} "
+                              f"to start over") from None
     except yaml.YAMLError:
         raise CheckpointError(f"{path} is corrupt (not YAML); delete {run_dir} to start over") from None
     if not isinstance(data, dict):

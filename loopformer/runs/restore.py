@@ -69,7 +69,7 @@ def restore_weights(cfg: Config, step: int | None = None, data: DataSource | Non
         has_ema = "ema" in ckpts.saved_parts(step)
         part = "ema" if has_ema and not raw else "params"
         restored = ckpts.restore({part: params, "step": jax.ShapeDtypeStruct((), "int32")}, None, step=step,
-                                 partial=True)
+                                 partial=True, step_key="step")
     return (model, restored[part], int(restored["step"]),
             EMA_WEIGHTS if part == "ema" else RAW_WEIGHTS if has_ema else ONLY_WEIGHTS)
 

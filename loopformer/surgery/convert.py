@@ -52,6 +52,10 @@ class Recipe:
     backprop: int = 4
 
 
+RECIPE_FLAGS = {"name": "--name", "loops": "--loops", "max_loops": "--max-loops", "eval_loops": "--eval-loops",
+                "backprop": "--backprop", "inject": "--inject"}  # `loopformer convert`'s flag of each circuit field
+
+
 def parse_range(text: str, flag: str) -> tuple[int, int]:
     """``"B:C"`` -> (B, C)."""
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
@@ -110,7 +114,11 @@ def converted_config(cfg: ModelConfig, recipe: Recipe) -> ModelConfig:
                             loops=recipe.loops, max_loops=recipe.max_loops, eval_loops=recipe.eval_loops,
                             backprop=recipe.backprop)
     out = dataclasses.replace(cfg, prelude=len(pre), coda=len(post), stages=[StageConfig(circuits=[circuit])])
-    out.validate()
+    try:
+        out.validate()
+    except ConfigError as e:  # the circuit's fields are the command's flags: name them as the user wrote them
+        circuit_field = rf"model\.stages\.0\.circuits\.{re.escape(recipe.name)}\.(\w+)"
+        raise ConfigError(re.sub(circuit_field, lambda m: RECIPE_FLAGS.get(m.group(1), m.group(0)), str(e))) from None
     return out
 
 

@@ -161,6 +161,9 @@ def _existing_parent(out: Path) -> Path:
 def check_out(out: Path) -> None:
     """CheckpointError (one line) unless the folder ``out`` can be written: new or an empty directory, in a
     writable directory. Cheap: the command calls it before any weight is read."""
+    if out.is_symlink() and not out.exists():  # a loop or a dangling link: writing it failed as "Not a directory"
+        raise CheckpointError(f"--out {out} is a symlink that leads nowhere (or in a loop); remove it or pick a new "
+                              f"directory")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a directory; pick a new directory")
     if out.is_dir() and any(out.iterdir()):

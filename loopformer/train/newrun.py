@@ -31,7 +31,13 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
     if not out.strip() or Path(out) == Path("."):
         raise ConfigError(f"--out {out!r}: name the new run's directory, e.g. --out runs/NAME (it is created)")
     path = Path(out)
-    return outside_runs(beside.parent / out if beside is not None and len(path.parts) == 1 else path)
+    path = beside.parent / out if beside is not None and len(path.parts) == 1 else path
+    try:
+        path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
+        raise ConfigError(f"--out {out}: a symlink in a loop (it leads back to itself); remove it or choose another "
+                          f"--out") from None
+    return outside_runs(path)
 
 
 def point_at(cfg: Config, run_dir: Path) -> Config:

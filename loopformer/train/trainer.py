@@ -220,7 +220,8 @@ def _resume(ckpts: Checkpoints, state: State, data_it: Any, cfg: Config, run_dir
     if "ema" in saved and ("ema" in state or not trains_on):
         wanted["ema"] = state["params"]  # restored onto the params' shapes and shardings
     # partial: a checkpoint's EMA weights that are not wanted are not read
-    restored = ckpts.restore(abstract_like(wanted), data_it, step=start, partial="ema" in saved and "ema" not in wanted)
+    restored = ckpts.restore(abstract_like(wanted), data_it, step=start, partial="ema" in saved and "ema" not in wanted,
+                             step_key="step")
     if trains_on:
         log(f"resumed {run_dir} from step {start}")
         for change in changes:

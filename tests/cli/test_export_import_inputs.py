@@ -127,6 +127,28 @@ def test_export_checks_out_before_any_weight_is_read(imported, tmp_path, capsys,
     assert (full / "kept").read_text() == afile.read_text() == "mine" and not list(ro.iterdir())
 
 
+def test_an_out_that_is_a_symlink_loop_is_one_line(imported, folder, tmp_path, capsys, monkeypatch):
+    """#27 pass 8: convert, import and prepare were an OSError traceback ("Too many levels of symbolic links"),
+    export said "writing the folder failed (Not a directory)" after reading the weights."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    loop = str(tmp_path / "a")
+    monkeypatch.setattr(export_cli, "load_run", unreachable)
+    monkeypatch.setattr(hf_import, "import_folder", unreachable)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("In the beginning.\n\n" * 20)
+    for argv, message in [
+        (["export", "--run", str(imported), "--out", loop], f"--out {loop} is a symlink that leads nowhere (or in a "
+                                                            f"loop); remove it or pick a new directory"),
+        (["convert", "--run", str(imported), "--core", "0:1", "--out", loop], f"--out {loop}: a symlink in a loop"),
+        (["import", "--hf", str(folder), "--out", loop], f"--out {loop}: a symlink in a loop (it leads back to itself)"),
+        (["prepare", "--out", loop, "data.task=text", f"data.paths=[{str(corpus)!r}]"],
+         f"--out {loop}: a symlink in a loop (it leads back to itself); remove it or choose another --out"),
+    ]:
+        assert main(argv) == 2, argv
+        assert error_line(capsys).startswith(f"error: {message}"), argv
+
+
 def test_import_keeps_the_overrides_it_honours(imported):
     cfg = read_run(imported).cfg
     assert (cfg.model.compute_dtype, cfg.model.attention, cfg.train.lr) == ("bfloat16", "xla", 3e-4)
@@ -143,6 +165,9 @@ def test_import_keeps_the_overrides_it_honours(imported):
     ("data.tokenizer=bytes", "an imported run's tokenizer is {folder}/tokenizer.json, the one the weights were "
                              "trained with"),
     ("data.task=parity", "an imported run is a text run (data.task=text), its data the --data files"),
+    # #27 pass 8: run.name / run.dir were accepted and dropped (the run went to --out)
+    ("run.name=x", "--out names the imported run's directory"),
+    ("run.dir=/tmp", "--out names the imported run's directory"),
 ])
 def test_import_refuses_overrides_the_folder_fixes(folder, tmp_path, capsys, monkeypatch, override, why):
     monkeypatch.setattr(hf_import, "import_folder", unreachable)  # refused before the weights are read

@@ -81,6 +81,20 @@ def test_rys_errors(plain_run, capsys):
     assert "no coda layers to duplicate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "line"), [
+    (["--name", ""], "error: --name: '' must be an identifier (letters, digits, _)"),
+    (["--loops", "fixed(0)"], "error: --loops: fixed(n) needs an integer n >= 1, got 0.0"),
+    (["--loops", "uniform(8, 16)", "--max-loops", "4"], "error: --max-loops=4 is below counts that loops=uniform(8, 16) "
+     "draws (up to 16): they would be clamped to 4, silently changing the training distribution; raise max_loops to "
+     ">= 16 or lower loops"),
+])
+def test_convert_names_its_flags_not_the_config_fields_they_fill(plain_run, tmp_path, capsys, flags, line):
+    """The circuit convert writes is a config, checked as one; its errors named model.stages.0.circuits..name."""
+    assert main(["convert", "--run", str(plain_run), "--core", "1:2", "--out", str(tmp_path / "new"), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "new").exists()
+
+
 def test_convert_is_the_plain_model_at_one_loop_and_the_duplication_at_two(plain_run, capsys):
     conv = cli_json(capsys, "convert", "--run", str(plain_run), "--core", "2:4", "--out", "plain_conv")
     out = plain_run.parent / "plain_conv"

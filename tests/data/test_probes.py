@@ -26,6 +26,16 @@ def test_missing_files_and_assets(tmp_path):
         read_probes("asset:nope.jsonl")
 
 
+def test_a_folder_or_a_device_is_named_as_such(tmp_path):  # #27 pass 8: both said "no such file"
+    with pytest.raises(DataError, match=r"--probe .*: a directory \(a JSONL file"):
+        read_probes(tmp_path)
+    with pytest.raises(DataError, match=r"--probe /dev/null: not a regular file"):
+        read_probes("/dev/null")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(DataError, match=r"--probe .*loop: a symlink that leads nowhere \(or in a loop\)"):
+        read_probes(tmp_path / "loop")
+
+
 def test_batches_mask_exactly_the_answer():
     enc = lambda s: [ord(c) for c in s]  # noqa: E731
     (batch,) = probe_batches([("ab", "cd"), ("xyz", "w")], lambda s: [1, *enc(s)], enc, batch_size=2)

@@ -75,6 +75,50 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_mixed_with_a_new_one(tmp_pa
     assert train(trained_config(tmp_path, "early")).step == 4
 
 
+def test_a_run_whose_config_or_checkpoints_folder_is_damaged_is_one_line(tmp_path, trained_run, capsys):
+    """#27 pass 8: a run with checkpoints whose config.yaml was deleted, is a folder or a symlink loop resumed
+    with no check of the architecture or task; a binary config.yaml was a UnicodeDecodeError traceback (train and
+    every analysis command); a file named checkpoints was a FileExistsError traceback; a damaged checkpoint's
+    metadata printed an ERROR:absl record above the one line."""
+    from loopformer.cli import main
+
+    for name, damage, message in [
+        ("gone", lambda c: c.unlink(), r"holds checkpoints \(step 4\) but its config.yaml is missing, so nothing says"),
+        ("folder", lambda c: (c.unlink(), c.mkdir()), r"holds checkpoints \(step 4\) but its config.yaml is not a "
+                                                      r"readable file"),
+        ("loop", lambda c: (c.unlink(), c.symlink_to(c)), r"its config.yaml is not a readable file"),
+        ("binary", lambda c: c.write_bytes(b"\xab\xcd" * 50), r"config.yaml is corrupt \(not UTF-8 text: bad byte at "
+                                                             r"offset 0\); delete .* to start over"),
+    ]:
+        run_dir = copy_run(trained_run, tmp_path, name)
+        damage(run_dir / "config.yaml")
+        before = sorted(p.name for p in run_dir.iterdir())
+        with pytest.raises(CheckpointError, match=message):
+            train(trained_config(tmp_path, name, "train.steps=6"))
+        assert sorted(p.name for p in run_dir.iterdir()) == before and RunDir(run_dir).checkpoint_steps() == [2, 4]
+    assert main(["eval", "--run", str(tmp_path / "binary")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    run_dir = copy_run(trained_run, tmp_path, "afile")
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "metrics.jsonl").unlink()
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    (run_dir / "checkpoints").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"checkpoints is a file, where the run keeps its checkpoints \(a folder\)"):
+        train(trained_config(tmp_path, "afile"))
+    assert (run_dir / "checkpoints").read_text() == "mine"
+    run_dir = copy_run(trained_run, tmp_path, "meta")
+    for f in (run_dir / "checkpoints" / "4").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\xcb" * 20)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if not line.startswith("loaded ")] == [err[-1]], err
+    assert err[-1].startswith("error: checkpoint step 4 in ")
+    assert "is corrupt or incomplete (cannot read its metadata" in err[-1]
+
+
 def test_continuing_with_more_steps(tmp_path, trained_run):
     """A larger train.steps continues a finished run from its last checkpoint."""
     copy_run(trained_run, tmp_path, "g")
@@ -174,6 +218,20 @@ def test_corrupt_checkpoint_is_reported(tmp_path, trained_run):
             f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         train(trained_config(tmp_path, "e", "train.steps=6"))
+
+
+def test_a_renamed_checkpoint_folder_is_refused(tmp_path, trained_run):
+    """A step folder renamed (4 -> 9) was listed as step 9 by inspect while eval said "loaded at step 4", and
+    training resumed with the step counter at 4; both now read it as a damaged checkpoint."""
+    from loopformer.runs.restore import restore_params
+
+    run = copy_run(trained_run, tmp_path, "renamed")
+    (run / "checkpoints" / "4").rename(run / "checkpoints" / "9")
+    line = r"checkpoint step 9 in .* is corrupt or incomplete \(its folder is named 9, but it holds the state of step 4\)"
+    with pytest.raises(CheckpointError, match=line):
+        restore_params(trained_config(tmp_path, "renamed"))
+    with pytest.raises(CheckpointError, match=line):
+        train(trained_config(tmp_path, "renamed", "train.steps=12"))
 
 
 def test_a_second_trainer_on_a_run_directory_stops(tmp_path, monkeypatch):
