@@ -26,7 +26,8 @@ def decay_mask(params: Any) -> Any:
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """0 -> lr over warmup_steps, then cosine to lr * min_lr_ratio at train.steps."""
+    """0 -> lr over warmup_steps, then cosine to lr * min_lr_ratio at train.steps (a warmup as long as the run or
+    longer ends at step steps - 1, so the run still reaches its peak lr)."""
     warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1),
