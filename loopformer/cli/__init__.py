@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from loopformer.errors import DecodingError, LoopformerError
+from loopformer.errors import ConfigError, DecodingError, LoopformerError
 from loopformer.runs import stop
 from loopformer.runs.stop import Terminated
 
@@ -36,6 +36,28 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     return code
+
+
+def _check_platforms() -> None:
+    """ConfigError (one line) when ``JAX_PLATFORMS`` names a platform JAX cannot start here (``gpu`` on a machine
+    without one, a typo): the first JAX call of the command raised it as pages of traceback, after `train` had made
+    its run directory. Checked only when the variable is set (starting the backend is what checks it)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if not platforms:
+        return
+    import jax
+
+    from loopformer.parallel import distributed_request
+    if distributed_request() is not None:  # a multi-process run: the backend may start only after the trainer's
+        return  # jax.distributed.initialize (parallel.initialize_distributed), so it is not started here
+
+    try:
+        jax.devices()
+    except Exception as e:  # RuntimeError; an AssertionError inside JAX for `cuda` without its plugin
+        why = str(e).split(" (set JAX_PLATFORMS")[0].strip() or f"{type(e).__name__} in JAX's backend setup"
+        raise ConfigError(f"JAX_PLATFORMS={platforms!r}: JAX cannot start it on this machine ({why}); unset "
+                          f"JAX_PLATFORMS to use what the machine has (or name one it has, e.g. JAX_PLATFORMS=cpu)"
+                          ) from None
 
 
 def _end_process(code: int) -> None:
@@ -80,6 +102,7 @@ def _main(argv: list[str] | None) -> int:
             print(f"error: --examples {examples}: at most {MAX_EVAL_EXAMPLES:,} per split (they are all built in "
                   f"memory first); 10,000 already gives ±1% at 95%", file=sys.stderr)
             return 2
+        _check_platforms()
         code = COMMANDS[args.command][2](args)
         signum = stop.requested()
         if signum is not None:  # its exception was swallowed where Python cannot raise it (a gc callback)

@@ -754,7 +754,8 @@ class EvalConfig:
         _check_once(self.sweep_loops, "eval.sweep_loops")
         _check_once(self.sweep_circuits, "eval.sweep_circuits")
         for name in self.sweep_circuits:
-            _check(name in circuits, f"eval.sweep_circuits: '{name}' is not a circuit; circuits are {', '.join(circuits)}")
+            have = f"circuits are {', '.join(circuits)}" if circuits else "the model has none: set eval.sweep_circuits=[]"
+            _check(name in circuits, f"eval.sweep_circuits: '{name}' is not a circuit; {have}")
 
 
 @dataclass

@@ -61,6 +61,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.errors import DataError
+from loopformer.runs.layout import mount_point
 from loopformer.runs.lock import exclusive
 from loopformer.runs.log import progress_bar
 
@@ -198,16 +199,22 @@ def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], forc
                             f"back as text; write the prepared corpus outside it")
     if not (out.exists() or out.is_symlink()):
         return []
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        if mount_point(out):  # the corpus is renamed into place, which a mount point refuses ("busy")
+            raise DataError(f"--out {out} is a mount point, and the corpus is written beside it and renamed into "
+                            f"place; give a folder inside it, e.g. --out {out / 'corpus'}")
+        return []  # an empty directory: the corpus is renamed onto it, as onto a new one
+    refuse = (f"--force replaces only a directory written by `loopformer prepare`, so nothing was deleted; choose "
+              f"another --out, or remove {out} yourself")
+    if out.is_symlink() or not out.is_dir():  # said before "pass --force", which would refuse it too
+        raise DataError(f"--out {out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a directory; "
+                        f"choose another --out" + ("" if not force else f" ({refuse})"))
     if not force:
         raise DataError(f"{out} already exists; pass --force to replace it, or choose another --out")
     inside = [p for p in sources if where in p.resolve().parents]
     if inside:
         raise DataError(f"data.paths reads {inside[0]} from inside --out {out}: replacing {out} would delete the "
                         f"corpus; write the prepared corpus to another --out")
-    refuse = (f"--force replaces only a directory written by `loopformer prepare`, so nothing was deleted; choose "
-              f"another --out, or remove {out} yourself")
-    if out.is_symlink() or not out.is_dir():
-        raise DataError(f"{out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a prepared corpus; {refuse}")
     try:
         meta = json.loads((out / META_FILE).read_text())
         files = [f for s in SPLITS for f in meta["splits"][s]["files"]]

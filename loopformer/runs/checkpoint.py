@@ -29,6 +29,7 @@ import logging
 import re
 import shlex
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,13 @@ class _FileSystemNoise(logging.Filter):
     file system: the failure surfaces as `Checkpoints`' one CheckpointError (`_disk_errors`), which names the
     reason, the directory and the checkpoints kept; the same failure logged by each of orbax's threads
     stood above it as hundreds of lines. Likewise its "Failed to read Metadata file" records about a damaged
-    checkpoint, logged by each read of it: `Checkpoints.restore` names the step as corrupt in one line. Every
-    other record passes."""
+    checkpoint, logged by each read of it: `Checkpoints.restore` names the step as corrupt in one line; and its
+    WARNING that it removes the unfinished folder a failed save left (``<step>.orbax-checkpoint-tmp``) when the
+    resumed run saves that step again, which printed above the resumed run's log. Every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Attempted to create temporary directory"):
+            return False  # the next save's removal of the unfinished folder of one that failed (a full disk, a kill)
         if record.levelno < logging.ERROR:
             return True
         if record.getMessage().startswith("Failed to read Metadata file"):
@@ -88,6 +92,10 @@ def _quiet_file_system_noise() -> None:
     logger = logging.getLogger("absl")  # orbax logs through absl's logger
     if not any(isinstance(f, _FileSystemNoise) for f in logger.filters):
         logger.addFilter(_FileSystemNoise())
+    # a save that failed on a full disk leaves one of the library's coroutines unawaited: Python printed "sys:1:
+    # RuntimeWarning: coroutine 'JsonCheckpointHandler.async_save' was never awaited" (and a tracemalloc hint)
+    # below the one line, at exit
+    warnings.filterwarnings("ignore", r"coroutine '.*CheckpointHandler\.async_save' was never awaited", RuntimeWarning)
 
 
 def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -418,8 +426,11 @@ class Checkpoints:
         need, free = self._bytes(state), shutil.disk_usage(self.directory).free
         return (f"{free / 2**20:,.1f}", f"{need / 2**20:,.1f}") if free < need else None
 
-    def _kept(self) -> str:
-        steps = self.all_steps()
+    def _kept(self, failed: int | None = None) -> str:
+        """The checkpoints a failure leaves, for its message. ``failed``: the step whose save failed. After a failed
+        save the library still reports a save in progress, and `all_steps` dropped the step saved before it, which
+        was complete ("up to step 42" beside a finished 43)."""
+        steps = self.all_steps() if failed is None else sorted(s for s in self._manager.all_steps() if s != failed)
         return f" (the checkpoints there, up to step {steps[-1]}, are intact)" if steps else ""
 
     @contextlib.contextmanager
@@ -432,7 +443,7 @@ class Checkpoints:
             if why is None:
                 raise
             raise CheckpointError(f"saving {'a checkpoint' if step is None else f'step {step}'} into {self.directory} "
-                                  f"failed: {why}; fix the disk and run the command again" + self._kept()) from None
+                                  f"failed: {why}; fix the disk and run the command again" + self._kept(step)) from None
 
     def wait(self) -> None:
         """Blocks until any in-flight save has finished."""

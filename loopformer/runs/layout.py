@@ -20,6 +20,7 @@ rys.csv, rys_<split>.png, sweeps/<circuits>/); each command names its own files.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,23 @@ def replace_file(path: Path, data: bytes) -> None:
                             f"space) and run the command again") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def mount_point(path: Path) -> bool:
+    """Whether the directory ``path`` is a mount point, a bind mount of a folder of the same disk (a container's
+    volume) included, which `os.path.ismount` misses: a folder cannot be renamed onto one ("Device or resource
+    busy"), so a command that writes its output beside ``path`` and renames it into place cannot use it."""
+    if not path.is_dir():
+        return False
+    if os.path.ismount(path):
+        return True
+    try:
+        where = os.path.realpath(path)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            # field 5: the mount point, with spaces, tabs, newlines and backslashes as octal escapes
+            return any(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split(" ")[4]) == where for line in f)
+    except (OSError, IndexError):  # no /proc (macOS): ismount's answer stands
+        return False
 
 
 def outside_runs(out: Path, flag: str = "--out") -> Path:

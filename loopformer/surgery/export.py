@@ -36,6 +36,7 @@ import numpy as np
 
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError
+from loopformer.runs.layout import mount_point
 from loopformer.surgery.naming import circuit_prefix, flat
 
 SUBLAYERS = ("attn_norm/scale", "attn/qkv/kernel", "attn/qkv/bias", "attn/out/kernel", "mlp_norm/scale",
@@ -168,6 +169,9 @@ def check_out(out: Path) -> None:
         raise CheckpointError(f"--out {out} is a file, not a directory; pick a new directory")
     if out.is_dir() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} already exists and is not empty; pick a new directory")
+    if mount_point(out):  # the rename into place fails on it: "Device or resource busy"
+        raise CheckpointError(f"--out {out} is a mount point, and the folder is written beside it and renamed into "
+                              f"place; give a folder inside it, e.g. --out {out / 'hf'}")
     parent = _existing_parent(out)
     try:  # a read-only file system or directory: a probe says so for root too, where permission bits do not
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".write_test."):

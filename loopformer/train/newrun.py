@@ -19,7 +19,7 @@ from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
-from loopformer.runs.layout import RunDir, outside_runs
+from loopformer.runs.layout import RunDir, mount_point, outside_runs
 from loopformer.runs.prepare import write_config
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
@@ -37,6 +37,9 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
     except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
         raise ConfigError(f"--out {out}: a symlink in a loop (it leads back to itself); remove it or choose another "
                           f"--out") from None
+    if mount_point(path):  # the run is renamed into place: "Device or resource busy"
+        raise ConfigError(f"--out {out} is a mount point, and the run is written beside it and renamed into place; "
+                          f"give a folder inside it, e.g. --out {path / 'run'}")
     return outside_runs(path)
 
 
@@ -90,8 +93,10 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
                               ) from None
     except CheckpointError as e:  # a disk too full for the checkpoint: said of --out, not of the temporary folder
         _discard(tmp)
-        raise CheckpointError(f"--out {run_dir}: {str(e).replace(str(tmp), str(run_dir))}; nothing was written"
-                              ) from None
+        why = str(e).replace(str(tmp), str(run_dir))
+        if why.startswith(f"--out {run_dir}: "):  # the parent's own error above: said once
+            why = why.removeprefix(f"--out {run_dir}: ")
+        raise CheckpointError(f"--out {run_dir}: {why}; nothing was written") from None
     except BaseException:  # Ctrl-C, SIGTERM (the command line turns it into SystemExit): nothing half-written
         _discard(tmp)
         raise

@@ -149,6 +149,58 @@ def test_an_out_that_is_a_symlink_loop_is_one_line(imported, folder, tmp_path, c
         assert error_line(capsys).startswith(f"error: {message}"), argv
 
 
+def test_an_out_that_is_a_mount_point_is_refused_before_the_work(imported, folder, tmp_path, capsys, monkeypatch):
+    """#27 pass 9: export, import and prepare write --out beside it and rename it into place, which a mount point
+    (a container's volume, a bind mount) refuses: "writing the folder failed (Device or resource busy)" after
+    all the work. Now one line up front, naming a folder inside it."""
+    from loopformer.data import prepare as prepare_module
+    from loopformer.train import newrun
+
+    mount = tmp_path / "vol"
+    mount.mkdir()
+    for module in (export, newrun, prepare_module):
+        monkeypatch.setattr(module, "mount_point", lambda p: Path(p) == mount)
+    monkeypatch.setattr(export_cli, "load_run", unreachable)
+    monkeypatch.setattr(hf_import, "import_folder", unreachable)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("In the beginning.\n\n" * 20)
+    for argv, message in [
+        (["export", "--run", str(imported), "--out", str(mount)], f"--out {mount} is a mount point, and the folder is "
+                                                                  f"written beside it and renamed into place; give a "
+                                                                  f"folder inside it, e.g. --out {mount}/hf"),
+        (["import", "--hf", str(folder), "--out", str(mount)], f"--out {mount} is a mount point, and the run is "
+                                                               f"written beside it and renamed into place"),
+        (["prepare", "--out", str(mount), "data.task=text", f"data.paths=[{str(corpus)!r}]"],
+         f"--out {mount} is a mount point, and the corpus is written beside it and renamed into place; give a folder "
+         f"inside it, e.g. --out {mount}/corpus"),
+    ]:
+        assert main(argv) == 2, argv
+        assert error_line(capsys).startswith(f"error: {message}"), argv
+    assert not list(mount.iterdir())
+
+
+def test_mount_point_of_the_root_a_folder_and_a_file():
+    from loopformer.runs.layout import mount_point
+
+    assert mount_point(Path("/")) and not mount_point(Path(__file__).parent) and not mount_point(Path(__file__))
+
+
+def test_import_into_a_read_only_parent_names_out_once(folder, tmp_path, capsys, monkeypatch):
+    """#27 pass 9: "error: --out X: --out X: cannot write to ..." (the inner error wrapped again)."""
+    real = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # the temporary run's folders (chmod does not stop root: say it here)
+        if ".partial-" in str(self):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "ro" / "run"
+    assert main(["import", "--hf", str(folder), "--out", str(out)]) == 2
+    assert error_line(capsys) == (f"error: --out {out}: cannot write to {out.parent} (Read-only file system); choose a "
+                                  f"writable directory; nothing was written")
+
+
 def test_import_keeps_the_overrides_it_honours(imported):
     cfg = read_run(imported).cfg
     assert (cfg.model.compute_dtype, cfg.model.attention, cfg.train.lr) == ("bfloat16", "xla", 3e-4)

@@ -127,3 +127,17 @@ def test_the_temporary_run_of_an_interrupted_save_is_removed_even_if_written_to_
     _discard(tmp)
     late.join()
     assert not tmp.exists()
+
+
+@pytest.mark.parametrize("platforms", ["nonsense", "tpu"])
+def test_a_platform_jax_cannot_start_is_one_line(tmp_path, platforms):
+    """#27 pass 9: JAX_PLATFORMS=gpu / tpu / a typo on a machine without it was 100+ lines of traceback from the
+    command's first JAX call (after `train` had made its run directory)."""
+    env = {**os.environ, "JAX_PLATFORMS": platforms}
+    done = subprocess.run([sys.executable, "-m", "loopformer", "train", "-c", "configs/quickstart.yaml",
+                           f"run.dir={tmp_path}", "run.name=r"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: JAX_PLATFORMS='{platforms}': JAX cannot start it on this machine (")
+    assert done.stderr.strip().endswith("unset JAX_PLATFORMS to use what the machine has (or name one it has, e.g. "
+                                        "JAX_PLATFORMS=cpu)") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "r").exists()

@@ -266,8 +266,16 @@ def test_prepare_force_deletes_nothing_it_did_not_write(tmp_path):
         prepare_corpus(cfg, other, force=True, progress=False)
     plain = tmp_path / "plain.bin"
     plain.write_text("x")
-    with pytest.raises(DataError, match=r"plain.bin is a file, not a prepared corpus; --force replaces only"):
+    with pytest.raises(DataError, match=r"plain.bin is a file, not a directory; choose another --out \(--force "
+                                        r"replaces only"):
         prepare_corpus(cfg, plain, force=True, progress=False)
+    # #27 pass 9: without --force a file was told "already exists; pass --force", which then refused it
+    with pytest.raises(DataError, match=r"^--out .*plain.bin is a file, not a directory; choose another --out$"):
+        prepare_corpus(cfg, plain, progress=False)
+    empty = tmp_path / "empty"  # #27 pass 9: an empty directory was "already exists; pass --force", then refused
+    empty.mkdir()
+    prepare_corpus(cfg, empty, progress=False)
+    assert (empty / "meta.json").is_file()
     out = tmp_path / "out"
     prepare_corpus(cfg, out, progress=False)
     (out / "my_notes.txt").write_text("mine")  # a user's file put in a prepared corpus

@@ -343,6 +343,24 @@ def test_a_file_system_error_mid_write_is_one_line(tmp_path, monkeypatch):
             ckpts.save(3, make_state())
 
 
+def test_a_save_that_fails_mid_write_names_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    """#27 pass 9: a disk filled by `dd` while a run saved every step said "up to step 42, are intact" beside a
+    complete 43: after the failed save the library still reports a save in progress, and the step saved before it
+    was left out of the list as if it were the one in flight."""
+    with Checkpoints(tmp_path / "ckpt", async_save=False) as ckpts:
+        ckpts.save(6, make_state())
+        ckpts.save(7, make_state())
+
+        def fail(*a, **k):
+            monkeypatch.setattr(ckpts._manager, "is_saving_in_progress", lambda: True)
+            raise ValueError(TENSORSTORE_DISK_FULL)
+
+        monkeypatch.setattr(ckpts._manager, "save", fail)
+        with pytest.raises(CheckpointError, match=r"failed: No space left on device; fix the disk and run the command "
+                                                  r"again \(the checkpoints there, up to step 7, are intact\)$"):
+            ckpts.save(8, make_state())
+
+
 def test_an_async_save_that_fails_on_the_disk_is_one_line_when_closed(tmp_path, monkeypatch):
     """A disk that filled while a save ran in the background surfaced as the library's ValueError (with pages of
     its threads' tracebacks) from `close`: now one line, like a save that fails in the foreground."""
@@ -388,3 +406,19 @@ def test_the_checkpoint_library_logs_no_tracebacks_about_a_full_disk(tmp_path):
     assert passes(record(logging.ERROR, "Save Finalize thread (save_finalize) failed.", ZeroDivisionError()))
     assert passes(record(logging.ERROR, "something else went wrong"))
     assert passes(record(logging.WARNING, TENSORSTORE_DISK_FULL))  # below ERROR: not ours to judge
+    # #27 pass 9: a resume after a save that failed (a full disk) printed this above the resumed run's log
+    assert not passes(record(logging.WARNING, "Attempted to create temporary directory /r/checkpoints/73.orbax-"
+                             "checkpoint-tmp which already exists. Removing existing directory since it is not finalized."))
+
+
+def test_a_failed_save_leaves_no_warning_about_an_unawaited_coroutine(tmp_path):
+    """#27 pass 9: a save that failed on a full disk printed "sys:1: RuntimeWarning: coroutine
+    'JsonCheckpointHandler.async_save' was never awaited" and a tracemalloc hint below the one line, at exit."""
+    import warnings
+
+    Checkpoints(tmp_path / "ckpt", async_save=False).close()  # installs the filter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit("coroutine 'JsonCheckpointHandler.async_save' was never awaited", RuntimeWarning,
+                               "sys", 1)
+        warnings.warn_explicit("coroutine 'mine' was never awaited", RuntimeWarning, "sys", 1)
+    assert [str(w.message) for w in caught] == ["coroutine 'mine' was never awaited"]
