@@ -57,7 +57,7 @@ def convert_command(args: argparse.Namespace) -> int:
         c = cfg.model.circuits()[0]
         train = (f"loopformer train -c {shlex.quote(str(out / 'config.yaml'))} train.steps=N "
                  f"{shlex.quote(f'model.stages.0.circuits.{c.name}.loops={c.loops}')}")
-        doc = {"run": str(out), "source": str(info.path), "step": run.step,
+        doc = {"run": str(out), "source": str(info.path), "step": run.step, "weights": run.weights,
                "layers": {"prelude": pre, "core": core, "coda": post, "dropped": sorted(recipe.drop)},
                "circuit": {"name": c.name, "depth": c.depth, "width": c.width, "inject": c.inject, "init": c.init,
                            "output": c.output, "loops": c.loops, "eval_loops": c.eval_loops}, "train": train}

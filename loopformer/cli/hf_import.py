@@ -81,7 +81,9 @@ def import_command(args: argparse.Namespace) -> int:
         stops = stop_ids(folder, vocab)
         paths = args.data or [DEFAULT_TEXT]
         seq_len = min(DEFAULT_SEQ_LEN, max_positions(spec) or DEFAULT_SEQ_LEN)
-        cfg = load_config(None, ["data.task=text", f"data.paths={paths!r}", "data.doc_separator='\n\n'",
+        # a blank line ends a document: "\\n\\n" in YAML's double quotes (a Python '\\n\\n' inside single quotes was
+        # folded by YAML into one newline, so every line was a document)
+        cfg = load_config(None, ["data.task=text", f"data.paths={paths!r}", "data.doc_separator=\"\\n\\n\"",
                                  f"data.tokenizer={str((folder / TOKENIZER).resolve())!r}",
                                  "data.prompt_format=tokenizer", f"data.stop_ids={stops}", f"data.seq_len={seq_len}",
                                  "data.batch_size=8", "data.eval_examples=64", "data.eval_batch_size=16",

@@ -76,7 +76,13 @@ def _table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], text: boo
 def _outputs(info: RunInfo) -> list[Path]:
     """Every file a scan writes, replaces or removes: rys.csv, and rys_<split>.png of each eval split and of a
     probe set."""
-    return [info.path / "rys.csv"] + [info.path / f"rys_{s}.png" for s in dict.fromkeys([*info.splits, PROBE_SPLIT])]
+    return [info.path / "rys.csv"] + [_png(info, s) for s in dict.fromkeys([*info.splits, PROBE_SPLIT])]
+
+
+def _png(info: RunInfo, split: str) -> Path:
+    """rys_<split>.png; a mixture's split NAME/SPLIT is written as rys_NAME_SPLIT.png (the '/' named a folder that
+    is not there, and the scan failed after its work)."""
+    return info.path / f"rys_{split.replace('/', '_')}.png"
 
 
 def _write(info: RunInfo, rows: list[dict[str, Any]], pngs: dict[str, bytes]) -> list[str]:
@@ -84,9 +90,10 @@ def _write(info: RunInfo, rows: list[dict[str, Any]], pngs: dict[str, bytes]) ->
     remove the plots of splits this scan did not score, which rys.csv no longer holds; the files written."""
     outputs = _outputs(info)
     with one_set(info.path, outputs, "rys"):
-        stale = [p for p in outputs[1:] if p.stem[len("rys_"):] not in pngs and p.is_file()]  # under the lock
+        written = {_png(info, s) for s in pngs}
+        stale = [p for p in outputs[1:] if p not in written and p.is_file()]  # under the lock
         tables.write_csv(info.path / "rys.csv", rows)
-        files = [str(info.path / "rys.csv")] + [write_png(info.path / f"rys_{s}.png", png) for s, png in pngs.items()]
+        files = [str(info.path / "rys.csv")] + [write_png(_png(info, s), png) for s, png in pngs.items()]
         for path in stale:
             path.unlink()
             log(f"removed {path} (an earlier scan's; rys.csv now holds {', '.join(pngs)})")
@@ -133,7 +140,8 @@ def rys_command(args: argparse.Namespace) -> int:
         pngs = {b["split"]: plots.rys_heatmap(rows, b, b["split"], layers, stack, info, run.step) for b in baseline}
         files = _write(info, [dict(r, change=r[key] - b[key]) for b in baseline for r in rows if r["split"] == b["split"]],
                        pngs)
-        doc = {"run": str(info.path), "step": run.step, "stack": stack, "layers": layers, "repeats": args.repeats,
+        doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
+               "stack": stack, "layers": layers, "repeats": args.repeats,
                "probe": args.probe,
                "rows": rows, "baseline": baseline, "compiles": compiles, "files": files,
                "screen": ({"examples": {b["split"]: b["examples"] for b in baseline}, "rescored": best_rows,

@@ -37,12 +37,17 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                               f"got {value!r}")
         return _build(tp, value, path)
     if origin in (typing.Union, types.UnionType):
+        errors = []
         for arg in typing.get_args(tp):
             try:
                 return _convert(value, arg, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: {value!r} is not {tp}")
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]  # the first form's ("expected a list, got 'X'"), not the null's
+    if tp is type(None):  # the null of an optional field (it took any value: route: X was kept as the string 'X')
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, got {value!r}")
+        return None
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -93,16 +98,33 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys are the defaults the others override
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, str | int | float | bool) and key in seen:
-                raise DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
-            seen[key] = line
+            if isinstance(key, str | int | float | bool):  # a list or mapping key is refused below (unhashable)
+                if key in seen:
+                    raise DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
         return super().construct_mapping(node, deep)
 
 
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What YAML found wrong and where (its first line, "while scanning for the next token", says neither)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    out = f"{context}, {problem}" if context and context.startswith("expected") else problem
+    if mark is not None:
+        out += f" at line {mark.line + 1} column {mark.column + 1}"
+    if "'\\t'" in problem:
+        out += "; indent with spaces, and write a space, not a tab, after a colon"
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -181,7 +203,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except DuplicateKey as e:
             raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
         if loaded is None:
             raise ConfigError(f"{p} is empty: write the run's settings in it (see configs/quickstart.yaml), or "
                               f"leave out --config to train the defaults")

@@ -468,6 +468,13 @@ def _check_paths(paths: list[str], key: str) -> None:
            f"the current directory; name the corpus (files, globs or a directory)")
 
 
+def _check_split_names(key: str, splits: dict[str, list[int]]) -> None:
+    """Split names are what --split selects and what metrics and files are named by: a blank one was refused
+    only when the data was built (after `train` printed its mesh), without naming the setting."""
+    for k in splits:
+        _check(str(k).strip() != "", f"{key}: a split name is blank ({k!r}); name it, e.g. {{train: [1, 4]}}")
+
+
 def _check_ranges(items: list[tuple[str, list[int]]]) -> None:
     for key, rng in items:
         _check(len(rng) == 2 and 1 <= rng[0] <= rng[1], f"{key}: expected [lo, hi] with 1 <= lo <= hi, got {rng}")
@@ -510,6 +517,7 @@ class MixtureEntry:
             _check(len(self.eval_splits) >= 1, f"{path}.eval_splits: name at least one split, e.g. {{train: [1, 4]}}")
             _check_ranges([(f"{path}.train_difficulty", self.train_difficulty)]
                           + [(f"{path}.eval_splits.{k}", v) for k, v in self.eval_splits.items()])
+            _check_split_names(f"{path}.eval_splits", self.eval_splits)
             for k in self.eval_splits:
                 _check(SPLIT_SEP not in k, f"{path}.eval_splits.{k}: split names may not contain '{SPLIT_SEP}'")
         if self.route is not None:
@@ -617,6 +625,7 @@ class DataConfig:
         _check_ranges([("data.train_difficulty", d.train_difficulty)]
                       + [(f"data.eval_splits.{k}", v) for k, v in d.eval_splits.items()])
         _check(len(d.eval_splits) >= 1, "data.eval_splits: name at least one split, e.g. {train: [1, 4]}")
+        _check_split_names("data.eval_splits", d.eval_splits)
         _check(bool(d.mixture) == (d.task == MIXTURE_TASK),
                "data.mixture lists the tasks of a multi-task run: set data.task=mixture with it" if d.mixture else
                "data.task=mixture needs data.mixture, e.g. [{task: prefix_parity, weight: 1}, {task: maze, weight: 1}]")
@@ -644,6 +653,11 @@ class DataConfig:
                f"{d.tokenizer} has none; use data.prompt_format=documents")
         _check(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}")
         _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+        escaped = [e for e in ("\\n", "\\t", "\\r") if e in d.doc_separator]  # a backslash and a letter
+        _check(not escaped, f"data.doc_separator={d.doc_separator!r} holds {escaped[0] if escaped else ''} as a "
+               f"backslash and a letter, not a line break (YAML reads escapes in double quotes only), so files would "
+               f"not be split; write doc_separator: \"\\n\\n\" in a config, or 'data.doc_separator=\"\\n\\n\"' on "
+               f"the command line")
         if d.task == "text":
             _check(len(d.paths) >= 1, "data.paths: name the corpus for data.task=text, e.g. data.paths=['corpus/*.txt'] "
                    "or data.paths=['asset:kjv_genesis_exodus.txt']")

@@ -15,6 +15,7 @@ A new scheme is one class here: it transforms queries and keys given their posit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -66,9 +67,12 @@ class RopeScaling:
         try:
             out = RopeScaling(kind, float(spec.get("factor", 1.0)), float(spec.get("low_freq_factor", 1.0)),
                               float(spec.get("high_freq_factor", 4.0)), int(spec.get("original_max", 8192)))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: original_max: .inf
             raise ValueError(f"{where}: factor, low_freq_factor, high_freq_factor must be numbers and original_max "
                              f"an integer, got {spec}") from None
+        if not all(math.isfinite(v) for v in (out.factor, out.low_freq_factor, out.high_freq_factor)):
+            raise ValueError(f"{where}: factor, low_freq_factor and high_freq_factor must be finite numbers (nan or inf "
+                             f"would make the rotations nan or erase positions), got {spec}")
         if out.factor <= 0 or (kind == "llama3" and not (0 < out.low_freq_factor < out.high_freq_factor
                                                          and out.original_max >= 1)):
             raise ValueError(f"{where}: need factor > 0, and for llama3 0 < low_freq_factor < high_freq_factor and "

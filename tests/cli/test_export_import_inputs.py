@@ -286,3 +286,9 @@ def test_prepare_onto_a_full_disk_is_one_line(tmp_path, monkeypatch):
                                         r"full or read-only\?\); nothing was replaced$"):
         prepare_corpus(cfg, tmp_path / "p", chunk_tokens=16, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_import_splits_documents_at_blank_lines(imported):
+    """import's corpus is split at blank lines: its '\\n\\n' in YAML single quotes was folded into one newline,
+    so every line of the text was a document (issue 27 pass 10)."""
+    assert load_config(imported / "config.yaml").data.doc_separator == "\n\n"

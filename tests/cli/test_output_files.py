@@ -228,3 +228,15 @@ def test_every_analysis_command_refuses_a_read_only_output_before_its_work(loope
     assert one_error(capsys) == (f"error: {ro} is read-only, and this command replaces it (or removes it, where its "
                                  f"new set has no such file); make it writable, or copy the run (cp -r) and pass "
                                  f"--run COPY")
+
+
+def test_rys_plots_of_a_mixture_split(tmp_path):
+    """A mixture's splits are NAME/SPLIT: rys wrote rys_NAME/SPLIT.png into a folder that is not there and failed
+    after the scan ("cannot write ... make it writable"); the plot is rys_NAME_SPLIT.png (issue 27 pass 10)."""
+    from types import SimpleNamespace
+    info = SimpleNamespace(path=tmp_path, splits=["parity/train", "maze/train"])
+    rows = [{"start": 0, "end": 1, "repeats": 1, "split": s, "loss": 1.0} for s in info.splits]
+    files = rys_cli._write(info, rows, {s: b"png" for s in info.splits})
+    assert files == [str(tmp_path / "rys.csv"), str(tmp_path / "rys_parity_train.png"), str(tmp_path / "rys_maze_train.png")]
+    rys_cli._write(info, rows[:1], {"parity/train": b"png"})  # the plot of a split no longer scanned is removed
+    assert sorted(p.name for p in tmp_path.glob("rys*")) == ["rys.csv", "rys_parity_train.png"]

@@ -175,3 +175,17 @@ def test_config_changes_name_circuits_and_parts():
     fewer = load_config(QUICKSTART, ["model.stages.0.circuits=[{name: X, width: 96, heads: 4}]",
                                      "eval.sweep_circuits=[]"]).to_dict()
     assert [(c.path, c.part) for c in config_changes(old, fewer)][0] == ("model.stages.0.circuits", ARCHITECTURE)
+
+
+def test_yaml_merge_keys_and_anchors(tmp_path):
+    """A merge key (`<<: *base`) is valid YAML: its keys are defaults the mapping's own keys override,
+    not keys given twice (it was "not valid YAML (could not determine a constructor ...)"; issue 27 pass 10)."""
+    f = tmp_path / "merge.yaml"
+    f.write_text("train:\n  steps: 2\nmodel:\n  d_model: 16\n  heads: 2\n  stages:\n    - circuits:\n"
+                 "      - &c {name: X, depth: 1, width: 8, heads: 2, loops: 'fixed(2)', eval_loops: 2, backprop: 1}\n"
+                 "      - <<: *c\n        name: Y\n        depth: 2\n")
+    circuits = load_config(f).model.stages[0].circuits
+    assert [(c.name, c.depth, c.width, c.loops) for c in circuits] == [("X", 1, 8, "fixed(2)"), ("Y", 2, 8, "fixed(2)")]
+    f.write_text("train:\n  steps: 2\n  lr: 0.1\n  steps: 3\n")  # a key given twice is still refused
+    with pytest.raises(ConfigError, match="key 'steps' is given twice"):
+        load_config(f)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from loopformer.cli import main
 from loopformer.data.sources import build_data
 from loopformer.errors import AnalysisError, ConfigError
 from loopformer.evaluation.evaluator import evaluator_for
@@ -20,7 +21,7 @@ from loopformer.model.plan import resolve_loops
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.layout import RunDir
 from loopformer.runs.read import read_run
-from loopformer.runs.restore import EMA_WEIGHTS, ONLY_WEIGHTS, make_model, restore_params
+from loopformer.runs.restore import EMA_WEIGHTS, ONLY_WEIGHTS, RAW_WEIGHTS, make_model, restore_params
 from loopformer.train import trainer
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import StepSettings, init_state, make_train_step
@@ -133,7 +134,7 @@ def test_a_resumed_run_continues_the_average_exactly(tmp_path, monkeypatch, caps
         assert m["loss"] == pytest.approx(mine[split]["loss"], rel=1e-5)
 
 
-def test_restore_params_and_load_run_read_the_ema_weights(tmp_path, trained_run):
+def test_restore_params_and_load_run_read_the_ema_weights(tmp_path, capsys, trained_run):
     """A run with EMA weights: restore_params and load_run (every analysis command) return exactly the
     checkpoint's "ema", and --raw-weights (raw=True) its "params"; a run without returns its params."""
     cfg = trained_config(tmp_path, "r", *EMA_RUN)
@@ -155,6 +156,11 @@ def test_restore_params_and_load_run_read_the_ema_weights(tmp_path, trained_run)
     assert load_run(read_run(trained_run.run_dir)).weights == ONLY_WEIGHTS
     with pytest.raises(AnalysisError, match="--raw-weights: .* keeps no EMA weights at step 4 .*; drop --raw-weights"):
         load_run(read_run(trained_run.run_dir), raw=True)  # it would be accepted and change nothing
+    # every --json document says which weights it read (the EMA and raw documents were alike; issue 27 pass 10)
+    for flags, weights in (([], EMA_WEIGHTS), (["--raw-weights"], RAW_WEIGHTS)):
+        capsys.readouterr()
+        assert main(["eval", "--run", str(cfg.run_dir), "--examples", "4", "--json", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["weights"] == weights
 
 
 @pytest.mark.slow  # fast-suite margin under 8 minutes; CI runs it with the slow tests
