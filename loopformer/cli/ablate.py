@@ -39,8 +39,7 @@ def ablate_command(args: argparse.Namespace) -> int:
         with one_set(info.path, outputs, "ablate"):
             tables.write_csv(info.path / "ablation.csv", rows)
             files = [str(info.path / "ablation.csv"), write_png(info.path / "ablation.png", png)]
-        doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
-               "mode": args.mode, "rows": rows, "files": files}
+        doc = {**run.provenance(), "mode": args.mode, "rows": rows, "files": files}
         return doc, "\n".join([tables.header_line(info, run.step, args.examples), tables.ablation_table(rows, info),
                                "wrote " + ", ".join(files)])
 

@@ -44,8 +44,7 @@ def activity_command(args: argparse.Namespace) -> int:
         with one_set(info.path, outputs, "activity"):
             tables.write_csv(info.path / "activity.csv", rows)
             files = [str(info.path / "activity.csv"), write_png(info.path / "activity.png", png)]
-        doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
-               "mode": args.mode, "loops": info.full_loops(loops),
+        doc = {**run.provenance(), "mode": args.mode, "loops": info.full_loops(loops),
                "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds, "rows": rows, "examples": examples,
                "files": files}
         return doc, "\n".join([tables.header_line(info, run.step, args.examples),

@@ -81,8 +81,7 @@ def eval_command(args: argparse.Namespace) -> int:
             rows.append({**row, "mode": args.mode} if ablated else row)
             if exits:  # an exit sweep of one setting can take minutes: say where it is
                 log(f"eval {split}: {tables.score(row)} at {tables.mean_loops_str(row)} loops per token")
-        doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
-               "rows": rows} | ({"probe": args.probe} if args.probe else {})
+        doc = {**run.provenance(), "rows": rows} | ({"probe": args.probe} if args.probe else {})
         return doc, tables.header_line(info, run.step, args.examples, args.probe) + "\n" + tables.eval_table(rows, info)
 
     return emit(args, body)

@@ -60,8 +60,7 @@ def export_command(args: argparse.Namespace) -> int:
                            max(info.cfg.data.seq_len, 2048))
         out = write_folder(out, config, tensors, tokenizer_json)
         log(f"wrote {out}")
-        doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
-               "out": str(out), "loops": loops, "layers": layers,
+        doc = {**run.provenance(), "out": str(out), "loops": loops, "layers": layers,
                "model_type": config["model_type"], "files": sorted(p.name for p in out.iterdir())}
         text = (f"exported {info.path} @ step {run.step} as a {config['model_type']} model of {layers} layers"
                 + (f" (circuits unrolled at {json.dumps(loops)})" if loops else "") + f" into {out}\n"

@@ -157,7 +157,7 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
         outs.append({"loops": loops, "text": tokenizer.decode(new), "tokens": new}
                     | ({"mean_loops": mean_loops} if mean_loops else {})
                     | ({"exit": {c: str(r) for c, r in args.exits.items()}} if args.exits else {}))
-    doc = {"run": str(run.info.path), "step": run.step, "weights": run.weights, "prompt": args.prompt, "prompt_tokens": ids,
+    doc = {**run.provenance(), "prompt": args.prompt, "prompt_tokens": ids,
            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
            "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "stop_ids": stops,
            "generations": outs}
@@ -234,8 +234,7 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     examples = answer_examples(logits, run.params, task, batch, settings, decode)
     for ex in examples:
         ex["split"] = split
-    doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
-           "split": split, "decoding": "autoregressive greedy",
+    doc = {**run.provenance(), "split": split, "decoding": "autoregressive greedy",
            "cache": cache, "continuous": args.continuous and cache is not None, "examples": examples}
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
             f"answers decoded greedily, token by token from the prompt (not teacher-forced)")

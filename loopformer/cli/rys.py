@@ -140,8 +140,7 @@ def rys_command(args: argparse.Namespace) -> int:
         pngs = {b["split"]: plots.rys_heatmap(rows, b, b["split"], layers, stack, info, run.step) for b in baseline}
         files = _write(info, [dict(r, change=r[key] - b[key]) for b in baseline for r in rows if r["split"] == b["split"]],
                        pngs)
-        doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
-               "stack": stack, "layers": layers, "repeats": args.repeats,
+        doc = {**run.provenance(), "stack": stack, "layers": layers, "repeats": args.repeats,
                "probe": args.probe,
                "rows": rows, "baseline": baseline, "compiles": compiles, "files": files,
                "screen": ({"examples": {b["split"]: b["examples"] for b in baseline}, "rescored": best_rows,

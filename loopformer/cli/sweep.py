@@ -101,8 +101,7 @@ def sweep_command(args: argparse.Namespace) -> int:
             files = [str(info.path / "sweep.csv")] + [write_png(info.path / f"sweep_{k}.png", v) for k, v in pngs.items()]
             _remove_stale_plots(info, set(pngs))
         tb_dir = _log_tensorboard(run, rows, grid, pngs)
-        doc = {"run": str(info.path), "step": run.step, "weights": run.weights,
-               "grid": grid, "rows": rows, "convergence": conv,
+        doc = {**run.provenance(), "grid": grid, "rows": rows, "convergence": conv,
                "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)}
         text = "\n".join([tables.header_line(info, run.step, args.examples), tables.sweep_table(rows, grid, info), "",
                           tables.convergence_table(summary) if any(conv.values()) else
@@ -153,7 +152,7 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
         log(f"sweep {split}: {len(settings)} exit settings")
     compiles = run.evaluator.compiles - before
     tables.write_csv(info.path / "sweep_exits.csv", [{k: v for k, v in r.items() if k != "histogram"} for r in rows])
-    doc = {"run": str(info.path), "step": run.step, "weights": run.weights, "rows": rows, "compiles": compiles,
+    doc = {**run.provenance(), "rows": rows, "compiles": compiles,
            "files": [str(info.path / "sweep_exits.csv")]}
     text = "\n".join([tables.header_line(info, run.step, args.examples), tables.exit_table(rows, info),
                       f"programs compiled: {compiles} (thresholds are runtime inputs)",

@@ -43,6 +43,10 @@ class LoadedRun:
     weights: str = ONLY_WEIGHTS  # which weights ``params`` are: "EMA weights" (train.ema), "raw weights" (the
     # optimizer's, beside an EMA) or "weights" (a run without EMA)
 
+    def provenance(self) -> dict[str, Any]:
+        """Where a command's numbers come from, the head of its JSON document: the run, the step, which weights."""
+        return {"run": str(self.info.path), "step": self.step, "weights": self.weights}
+
     @property
     def task(self) -> Any:
         """The synthetic task (None for a text run)."""
