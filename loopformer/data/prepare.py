@@ -61,7 +61,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.errors import DataError
-from loopformer.runs.layout import mount_point
+from loopformer.runs.layout import unwritable_target
 from loopformer.runs.lock import exclusive
 from loopformer.runs.log import progress_bar
 
@@ -187,11 +187,10 @@ def clean_leftovers(out: Path) -> list[Path]:
 def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], force: bool) -> list[str]:
     """DataError unless prepare may write ``out``; for an existing ``out`` (``force``), the names of the
     files it holds, every one written by prepare (so replacing it deletes nothing else)."""
-    try:
-        where = out.resolve()
-    except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
-        raise DataError(f"--out {out}: a symlink in a loop (it leads back to itself); remove it or choose another "
-                        f"--out") from None
+    problem = unwritable_target(out, "corpus", "corpus")
+    if problem:
+        raise DataError(problem)
+    where = out.resolve()
     for pattern in patterns:
         folder = Path(pattern).expanduser()
         if folder.is_dir() and (where == folder.resolve() or folder.resolve() in where.parents):
@@ -200,9 +199,6 @@ def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], forc
     if not (out.exists() or out.is_symlink()):
         return []
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        if mount_point(out):  # the corpus is renamed into place, which a mount point refuses ("busy")
-            raise DataError(f"--out {out} is a mount point, and the corpus is written beside it and renamed into "
-                            f"place; give a folder inside it, e.g. --out {out / 'corpus'}")
         return []  # an empty directory: the corpus is renamed onto it, as onto a new one
     refuse = (f"--force replaces only a directory written by `loopformer prepare`, so nothing was deleted; choose "
               f"another --out, or remove {out} yourself")

@@ -132,6 +132,25 @@ def mount_point(path: Path) -> bool:
         return False
 
 
+def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> str | None:
+    """Why ``out`` cannot receive ``what`` (a run, a corpus, a folder), which a command writes beside it and
+    renames into place; None when nothing stands in the way. Two things do, whatever the command: a symlink
+    that leads nowhere or in a loop (resolving it fails; renaming onto it fails as "Not a directory") and a
+    mount point (renaming onto it fails as "Device or resource busy"). ``child`` names the folder inside a
+    mount point that the message suggests."""
+    dangling = out.is_symlink() and not out.exists()
+    try:
+        out.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
+        dangling = True
+    if dangling:
+        return f"{flag} {out} is a symlink that leads nowhere (or in a loop); remove it or choose another {flag}"
+    if mount_point(out):
+        return (f"{flag} {out} is a mount point, and the {what} is written beside it and renamed into place; give a "
+                f"folder inside it, e.g. {flag} {out / child}")
+    return None
+
+
 def outside_runs(out: Path, flag: str = "--out") -> Path:
     """``out`` when no run directory (config.yaml beside checkpoints/) holds it; ConfigError otherwise: a folder
     written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them."""

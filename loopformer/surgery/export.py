@@ -36,7 +36,7 @@ import numpy as np
 
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError
-from loopformer.runs.layout import mount_point
+from loopformer.runs.layout import unwritable_target
 from loopformer.surgery.naming import circuit_prefix, flat
 
 SUBLAYERS = ("attn_norm/scale", "attn/qkv/kernel", "attn/qkv/bias", "attn/out/kernel", "mlp_norm/scale",
@@ -162,16 +162,13 @@ def _existing_parent(out: Path) -> Path:
 def check_out(out: Path) -> None:
     """CheckpointError (one line) unless the folder ``out`` can be written: new or an empty directory, in a
     writable directory. Cheap: the command calls it before any weight is read."""
-    if out.is_symlink() and not out.exists():  # a loop or a dangling link: writing it failed as "Not a directory"
-        raise CheckpointError(f"--out {out} is a symlink that leads nowhere (or in a loop); remove it or pick a new "
-                              f"directory")
+    problem = unwritable_target(out, "folder", "hf")
+    if problem:
+        raise CheckpointError(problem)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a directory; pick a new directory")
     if out.is_dir() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} already exists and is not empty; pick a new directory")
-    if mount_point(out):  # the rename into place fails on it: "Device or resource busy"
-        raise CheckpointError(f"--out {out} is a mount point, and the folder is written beside it and renamed into "
-                              f"place; give a folder inside it, e.g. --out {out / 'hf'}")
     parent = _existing_parent(out)
     try:  # a read-only file system or directory: a probe says so for root too, where permission bits do not
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".write_test."):

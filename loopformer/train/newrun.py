@@ -19,7 +19,7 @@ from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
-from loopformer.runs.layout import RunDir, mount_point, outside_runs
+from loopformer.runs.layout import RunDir, outside_runs, unwritable_target
 from loopformer.runs.prepare import write_config
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
@@ -32,14 +32,9 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
         raise ConfigError(f"--out {out!r}: name the new run's directory, e.g. --out runs/NAME (it is created)")
     path = Path(out)
     path = beside.parent / out if beside is not None and len(path.parts) == 1 else path
-    try:
-        path.resolve()
-    except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
-        raise ConfigError(f"--out {out}: a symlink in a loop (it leads back to itself); remove it or choose another "
-                          f"--out") from None
-    if mount_point(path):  # the run is renamed into place: "Device or resource busy"
-        raise ConfigError(f"--out {out} is a mount point, and the run is written beside it and renamed into place; "
-                          f"give a folder inside it, e.g. --out {path / 'run'}")
+    problem = unwritable_target(path, "run", "run")
+    if problem:
+        raise ConfigError(problem)
     return outside_runs(path)
 
 
