@@ -28,13 +28,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+def _got(value: Any) -> str:
+    """``value`` as an error shows it; text holding a tab says so: YAML does not read a tab as a space, so a value
+    like '\\t5' or '{a:\\t[1, 2]}' was kept as text and refused without saying why."""
+    tab = isinstance(value, str) and "\t" in value
+    return f"{value!r}" + (" (it holds a tab, which YAML does not read as a space: write spaces)" if tab else "")
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check/convert one YAML value against a type annotation."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                              f"got {value!r}")
+                              f"got {_got(value)}")
         return _build(tp, value, path)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -46,17 +53,22 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         raise errors[0]  # the first form's ("expected a list, got 'X'"), not the null's
     if tp is type(None):  # the null of an optional field (it took any value: route: X was kept as the string 'X')
         if value is not None:
-            raise ConfigError(f"{path}: expected null, got {value!r}")
+            raise ConfigError(f"{path}: expected null, got {_got(value)}")
         return None
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {_got(value)}")
         return [_convert(v, item, f"{path}.{i}") for i, v in enumerate(value)]
     if origin is dict:
         _, item = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {_got(value)}")
+        odd = next((k for k in value if k is None or isinstance(k, bool)), 0)
+        if odd != 0:  # YAML reads an unquoted null, ~ or true as a value: it became the name "None" or "True"
+            word = "null" if odd is None else str(odd).lower()
+            raise ConfigError(f"{path}: the key {word} is a YAML value, not a name; quote it ('{word}': ...) or use "
+                              f"another word")
         return {str(k): _convert(v, item, f"{path}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
@@ -70,7 +82,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}")
     return value
 
 
@@ -128,8 +140,11 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 def _parse_value(text: str) -> Any:
+    """An override's value read as YAML; text that is not YAML is kept as a string (``loops=uniform(1, 3)``)."""
+    if not text.strip():
+        return text  # "" or blank as given: data.doc_separator=$'\t' is a tab, not ""
     try:
-        return _yaml(text) if text.strip() else ""
+        return _yaml(text)
     except DuplicateKey as e:
         raise ConfigError(f"override value {text!r}: {e}") from None
     except yaml.YAMLError:

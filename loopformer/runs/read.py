@@ -97,7 +97,10 @@ class RunInfo:
                 where = "" if self.is_text else f" ({key} in {RunDir(self.path).config})"
                 raise AnalysisError(f"--split {name}: this run has no eval split '{name}'; its splits are "
                                     f"{', '.join(self.splits)}{where}")
-        return list(dict.fromkeys(names))
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:  # it was run once and reported once, as if given once: say so rather than guess
+            raise AnalysisError(f"--split {twice} is given twice; give each split once")
+        return list(names)
 
     def full_loops(self, loops: Mapping[str, int] | None = None) -> dict[str, int]:
         """Every circuit's count: its eval_loops default, overridden by ``loops`` (checked)."""

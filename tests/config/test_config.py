@@ -98,6 +98,10 @@ BAD = [
     (["train.grad_accum=0"], r"^train.grad_accum must be >= 1, got 0$"),
     (["model.heads=0"], r"^model.heads must be >= 1, got 0$"),
     (["run.name=a/.."], r"run.name must be a plain directory name, got 'a/..'"),
+    # #27 pass 10: a tab kept the value as text, refused without saying why
+    (["train.steps=\t5"], r"^train.steps: expected int, got '\\t5' \(it holds a tab, which YAML does not read as a "
+     r"space: write spaces\)$"),
+    (["data.eval_splits={a:\t[1, 2]}"], r"^data.eval_splits: expected a mapping, got .* \(it holds a tab"),
 ]
 
 
@@ -106,6 +110,11 @@ def test_bad_config_gives_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(QUICKSTART, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_a_blank_override_value_is_kept_as_given():
+    """#27 pass 10: a value of only whitespace was read as "", so data.doc_separator=<tab> kept each file whole."""
+    assert load_config("configs/text_bytes.yaml", ["data.doc_separator=\t"]).data.doc_separator == "\t"
 
 
 def test_missing_and_malformed_files(tmp_path):
