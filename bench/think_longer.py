@@ -9,18 +9,21 @@ difficulty and at 2x and 4x harder instances; the looped model at loop counts 1 
 ends with the bar's verdict at 2x (gain of the best count >= m over m, margin over both baselines).
 
     python bench/think_longer.py [--quick] [--json] [--tasks maze,p_hop] [--seeds N] [--models looped] [--out DIR]
+    python bench/think_longer.py --floor --tasks NAME   # what a setting gives away, before training on it
 
 Honest selection: every difficulty has two held-out sets from the same generator, "val" and "test"
 (different examples). The loop count reported for a difficulty is the one with the best validation
 accuracy (ties: the fewest loops), scored on test ("selected"); beside it, a fixed rule chosen before any
 run: the training mean scaled by the difficulty, m * hi / hi_train ("rule": m, 2m and 4m at train, 2x and
-4x). The sweep tables show test accuracy at every count.
+4x). The sweep tables show test accuracy at every count. Each difficulty also reports what it gives away
+without a model ("floor": a constant answer's test accuracy and the share of fixed answer positions).
 
 Prints Markdown tables (and with --json one JSON document on stdout, everything else on stderr):
 {"tasks": {NAME: {"train_loops": int, "loops": str, "recipe": {...}, "verdict": {...},
                   "rows": [{"difficulty", "split", "model", "loops", "accuracy", "seed", "wall_s", "tokens_seen"}],
                   "selected": [{"seed", "model", "difficulty", "loops", "val_accuracy", "test_accuracy"}],
-                  "rule": [{"seed", "model", "difficulty", "loops", "test_accuracy"}]}}}
+                  "rule": [{"seed", "model", "difficulty", "loops", "test_accuracy"}],
+                  "floor": {DIFFICULTY: {"constant_accuracy", "fixed_positions"}}}}}
 ("split": "val" | "test"). With --seeds N every model is trained N times (seeds 0..N-1); tables show the
 mean (min–max), the verdict the mean and the minimum over seeds. --models trains a subset (e.g. only the
 looped model over more seeds: the gain is then reported, the bar not judged). --ablate trains, beside the
@@ -44,6 +47,7 @@ import numpy as np
 from loopformer.config import Config, LoopDistribution, load_config
 from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
+from loopformer.data.tasks import make_task
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
 from loopformer.runs.restore import restore_params
@@ -254,7 +258,7 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
     count (looped models) or at 1 (baselines), the selection on val and the fixed rule."""
     setting = TASKS[name]
     steps = setting.steps[0 if quick else 1]
-    rows, solved_at = [], {split: [] for split in setting.splits}
+    rows, solved_at, floors = [], {split: [] for split in setting.splits}, {split: [] for split in setting.splits}
     for seed, model_name in itertools.product(range(seeds), model_names):
         cfg = config(name, model_name, steps, out, examples, seed)
         wall = train_timed(cfg)
@@ -265,8 +269,10 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
         counts = setting.counts(quick) if is_looped(model_name) else [1]
         tokens_seen = step * cfg.data.batch_size * task.seq_len(setting.train[1])
         for split, (lo, hi) in setting.splits.items():
-            for held_out in SPLITS:
-                batches = eval_batches(task, f"{split}/{held_out}", (lo, hi), examples, 256, cfg.seed)
+            sets = {h: eval_batches(task, f"{split}/{h}", (lo, hi), examples, 256, cfg.seed) for h in SPLITS}
+            if model_name == model_names[0]:  # the examples depend on the seed, not on the model
+                floors[split].append(answer_floor(sets["val"], sets["test"]))
+            for held_out, batches in sets.items():
                 first = np.full(examples, np.inf)  # the smallest count that solves each example
                 for n in counts:
                     correct = evaluator.correct(params, batches, {"X": n})
@@ -286,7 +292,8 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
     return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
             "recipe": {k: list(v) for k, v in setting.recipe}, "steps": steps, "seeds": seeds, "rows": rows,
             "selected": select(rows), "rule": fixed_rule(rows, setting),
-            "depth": {s: depth_summary(pairs, setting.train_loops) for s, pairs in solved_at.items() if pairs}}
+            "depth": {s: depth_summary(pairs, setting.train_loops) for s, pairs in solved_at.items() if pairs},
+            "floor": {s: {k: float(np.mean([f[k] for f in fs])) for k in fs[0]} for s, fs in floors.items() if fs}}
 
 
 def select(rows: list[dict]) -> list[dict]:
@@ -324,6 +331,49 @@ def depth_summary(pairs: list[tuple[int, float]], m: int) -> dict:
             "median_slack": float(np.median(slack)) if solved.any() else None,
             "slack_range": [float(slack.min()), float(slack.max())] if solved.any() else None,
             "unsolved": float(1 - solved.mean())}
+
+
+def answer_floor(val: list[dict], test: list[dict]) -> dict:
+    """What a split gives away without any model: from its validation batches, the most common target at
+    each answer position, scored on its test batches by exact match ("constant_accuracy"), and the share
+    of answer positions whose target is the same in every validation example ("fixed_positions"). A split
+    whose answers are nearly fixed (addition_chain's 4x: a carry chain as long as the width leaves one
+    free digit) measures nothing, however well a model scores on it."""
+    targets = np.concatenate([b["targets"] for b in val])
+    mask = np.concatenate([b["mask"] for b in val]) > 0
+    T = targets.shape[1]
+    majority = np.full(T, -1)
+    fixed = []
+    for t in range(T):
+        seen = targets[mask[:, t], t]
+        if seen.size:
+            values, counts = np.unique(seen, return_counts=True)
+            majority[t] = values[counts.argmax()]
+            fixed.append(len(values) == 1)
+    correct = [np.all((b["targets"] == majority[: b["targets"].shape[1]]) | (b["mask"] <= 0), axis=1)
+               for b in test]
+    real = [b["mask"].sum(1) > 0 for b in test]  # padding rows of a last batch are no examples
+    hits = np.concatenate([c[r] for c, r in zip(correct, real, strict=True)])
+    return {"constant_accuracy": float(hits.mean()) if hits.size else 0.0,
+            "fixed_positions": float(np.mean(fixed)) if fixed else 0.0}
+
+
+# A split that a constant answer solves this often is flagged. Fixed positions alone are no flag: a 3-row maze
+# at 32 columns fixes 62 % of its answer cells (the design's walls) and a constant answer solves 1.6 % of it.
+GIVEAWAY = 0.2
+
+
+def setting_floor(name: str, examples: int, seeds: int) -> dict:
+    """`answer_floor` of each difficulty of setting ``name`` (mean over seeds 0..seeds-1), from its generator
+    alone: what a new setting gives away, checked before a model is trained on it (``--floor``)."""
+    setting = TASKS[name]
+    task = make_task(task_of(name), **setting.task_args)
+    out = {}
+    for split, (lo, hi) in setting.splits.items():
+        fs = [answer_floor(*(eval_batches(task, f"{split}/{h}", (lo, hi), examples, 256, seed) for h in SPLITS))
+              for seed in range(seeds)]
+        out[split] = {k: float(np.mean([f[k] for f in fs])) for k in fs[0]}
+    return out
 
 
 def loop_range(loops: str) -> list[int]:
@@ -413,6 +463,14 @@ def markdown(name: str, result: dict) -> str:
             f"range {d['slack_range'][0]:+.0f} .. {d['slack_range'][1]:+.0f})")
         lines.append(f"- {split}: mean {d['mean']:.1f}, max {d['max']}, {100 * d['within_train_loops']:.0f} % within "
                      f"the training mean {result['train_loops']}{slack}; never solved: {100 * d['unsolved']:.1f} %")
+    if result.get("floor"):
+        lines += ["", "What each split gives away without a model (the validation answers' most common digit at each "
+                      "position, scored on test; the share of answer positions fixed in every validation example):", ""]
+    for split, f in result.get("floor", {}).items():
+        flag = (" **a constant answer solves this split this often: it measures little**"
+                if f["constant_accuracy"] >= GIVEAWAY else "")
+        lines.append(f"- {split}: constant answer {100 * f['constant_accuracy']:.1f} %, fixed positions "
+                     f"{100 * f['fixed_positions']:.0f} %{flag}")
     v = verdict(result, name)
     against = ("baselines not run: the bar is not judged" if v["margin_points"] is None else
                f"{v['margin_points']:+.1f} over the better baseline: the bar {'holds' if v['holds'] else 'does not hold'}")
@@ -496,6 +554,9 @@ def main() -> int:
                    f"(default: all of {','.join(MODELS)})")
     p.add_argument("--seeds", type=int, default=1, help="train every model with seeds 0..N-1; tables and the "
                    "verdict use the mean over seeds (default 1: seed 0 only)")
+    p.add_argument("--floor", action="store_true", help="train nothing: print what each difficulty of --tasks gives "
+                   "away without a model (a constant answer's test accuracy, the share of fixed answer positions), "
+                   "to check a setting before its first run")
     p.add_argument("--ablate", action="store_true", help="also train the looped model once per entry of its task's "
                    "recipe with that entry switched off (models looped-no-NAME), every seed")
     args = p.parse_args()
@@ -508,6 +569,20 @@ def main() -> int:
     out = Path(args.out)
     results = {}
     t0 = time.time()
+    if args.floor:
+        unknown = [n for n in args.tasks.split(",") if n not in TASKS]
+        if unknown:
+            p.error(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        floors = {n: setting_floor(n, examples, args.seeds) for n in args.tasks.split(",")}
+        cells = [[n, split, f"{100 * f['constant_accuracy']:.1f}", f"{100 * f['fixed_positions']:.0f}",
+                  "yes" if f["constant_accuracy"] >= GIVEAWAY else ""]
+                 for n, by_split in floors.items() for split, f in by_split.items()]
+        table = format_table(["task", "difficulty", "constant answer %", "fixed positions %", "flagged"], cells,
+                             markdown=True)
+        print(table, file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps({"floor": floors, "examples": examples, "seeds": args.seeds}))
+        return 0
     if args.replot:
         saved = out / "think_longer.json"
         if not saved.is_file():

@@ -106,6 +106,53 @@ def test_depth_summary():
     assert "- 2x: mean 5.3, max 9, 33 % within the training mean 4; solved first at depth +1 loops" in text
 
 
+def test_answer_floor_by_hand():
+    """Answers at positions 1-2 (position 0 is the prompt): position 1 is 5 in every val example, position 2
+    is 7, 7, 3. The constant answer (5, 7) matches the first test row; the second differs at position 2;
+    the third is padding (mask 0), no example."""
+    import numpy as np
+
+    mask = np.array([[0, 1, 1]] * 3, float)
+    val = [{"targets": np.array([[0, 5, 7], [0, 5, 7], [0, 5, 3]]), "mask": mask}]
+    test = [{"targets": np.array([[0, 5, 7], [0, 5, 3], [0, 0, 0]]), "mask": np.array([[0, 1, 1], [0, 1, 1], [0, 0, 0]])}]
+    assert think_longer.answer_floor(val, test) == {"constant_accuracy": 0.5, "fixed_positions": 0.5}
+    text = squash(think_longer.markdown("toy", {**result({1: 0.0, 4: 0.1}, 0.2, 0.3),
+                                                "floor": {"2x": {"constant_accuracy": 0.19, "fixed_positions": 0.6},
+                                                          "4x": {"constant_accuracy": 0.2, "fixed_positions": 0.97}}}))
+    assert "- 2x: constant answer 19.0 %, fixed positions 60 %\n" in text  # fixed walls, no giveaway: no flag
+    assert "- 4x: constant answer 20.0 %, fixed positions 97 % **a constant answer solves this split" in text
+
+
+def test_answer_floor_flags_addition_chains_as_long_as_the_width():
+    """addition_chain's 4x (a carry chain of 32 in 32 places) fixes all answer digits but the first: the floor
+    says so before any model is trained; its training chains (1-8) leave most digits free."""
+    from loopformer.data.pipeline import eval_batches
+    from loopformer.data.tasks import make_task
+
+    setting = think_longer.TASKS["addition_chain"]
+    task = make_task("addition", **setting.task_args)
+
+    def floor(split):
+        lo, hi = setting.splits[split]
+        return think_longer.answer_floor(*(eval_batches(task, f"{split}/{h}", (lo, hi), 64, 64, 0)
+                                           for h in think_longer.SPLITS))
+
+    assert floor("4x")["fixed_positions"] == pytest.approx(32 / 33) and floor("4x")["constant_accuracy"] >= 0.2
+    assert floor("train")["fixed_positions"] < 0.1 and floor("train")["constant_accuracy"] == 0.0
+
+
+def test_floor_mode_trains_nothing_and_flags_the_giveaway(monkeypatch, capsys):
+    import json
+
+    monkeypatch.setattr(think_longer, "train", lambda cfg: pytest.fail("--floor trained a model"))
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", "--floor", "--tasks", "addition_chain", "--quick", "--json"])
+    assert think_longer.main() == 0
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert doc["floor"]["addition_chain"]["4x"]["constant_accuracy"] >= think_longer.GIVEAWAY
+    assert "| addition_chain | 4x |" in squash(out.err) and "| yes |" in squash(out.err)
+
+
 def test_train_time_survives_a_rerun(tmp_path, monkeypatch):
     """A rerun over a finished run reports the time its training took, not the time of the no-op resume."""
     import time
