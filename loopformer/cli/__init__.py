@@ -9,6 +9,7 @@ User mistakes (bad config, missing run, unknown circuit) print one ``error:`` li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
     if whole:
         _quiet_noise()
     code = _main(argv)
-    if code in (130, 128 + signal.SIGTERM) and whole:
+    if code in (130, 128 + signal.SIGTERM, 128 + signal.SIGPIPE) and whole:
         _end_process(code)
     if whole:  # the work is done and reported: a signal while the interpreter exits must not turn it into 130 / 143
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -60,6 +61,15 @@ def _check_platforms() -> None:
                           ) from None
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: its reader is gone, and the interpreter's flush at exit would raise again
+    ("Exception ignored ... BrokenPipeError")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _end_process(code: int) -> None:
     """Exit without the interpreter's teardown: after an interrupt, XLA's compiler threads may still run, and
     tearing the runtime down under them crashes (status 139 instead of 130 / 143). The command's own cleanup
@@ -74,6 +84,11 @@ def _main(argv: list[str] | None) -> int:
     # folders removed, checkpoints finished, locks released) instead of the process vanishing mid-write. Installed
     # before the imports: a Ctrl-C there that JAX's gc callback swallowed let the command run to the end (status 0).
     stop.clear()
+    if sys.stdout is None:  # started with stdout closed (`>&-`): every print would be dropped, and the status 0
+        if sys.stderr is not None:
+            print("error: standard output is closed (`>&-`), so the command's tables, JSON and log would be lost; "
+                  "send it to a file, or to /dev/null to discard it", file=sys.stderr)
+        return 2
     main_thread = threading.current_thread() is threading.main_thread()
     # (a signal the parent set to be ignored, e.g. SIGINT of a background job, stays ignored)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -119,6 +134,12 @@ def _main(argv: list[str] | None) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # the reader of stdout exited (`| head -1`): stop as a pipe's writer does, no traceback
+        _drop_stdout()
+        with contextlib.suppress(OSError):
+            print("stopped: standard output was closed (the program reading it exited, e.g. `| head`); what was "
+                  "written before stands; to keep all of it, redirect it to a file or through `tee`", file=sys.stderr)
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

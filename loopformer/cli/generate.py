@@ -113,9 +113,10 @@ def generate_command(args: argparse.Namespace) -> int:
             args.max_new_tokens = args.max_new_tokens or 64
             return _generate_text(args, load_run(info, args.step, raw=args.raw_weights), settings)
         if args.prompt is not None:
-            raise AnalysisError(f"--prompt needs a text run, but {info.path} trains on the synthetic task "
-                                f"'{info.cfg.data.task}' (no tokenizer); use --example-split NAME to see its "
-                                f"examples answered (splits: {', '.join(info.splits)})")
+            what = ("a mixture (its entries' token ids share one vocabulary, so no one tokenizer encodes a prompt)"
+                    if info.cfg.data.task == "mixture" else f"the synthetic task '{info.cfg.data.task}' (no tokenizer)")
+            raise AnalysisError(f"--prompt needs a text run, but {info.path} trains on {what}; use --example-split "
+                                f"NAME to see its examples answered (splits: {', '.join(info.splits)})")
         if args.count is not None and args.count > MAX_COUNT:
             raise AnalysisError(f"--count {args.count}: generate shows at most {MAX_COUNT} examples (use `loopformer "
                                 f"eval --examples N` to score more)")
@@ -123,10 +124,21 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--example-split {args.example_split}: this run has no eval split "
                                 f"'{args.example_split}'; its splits are {', '.join(info.splits)}")
         _refuse_text_flags(args, info)
-        split = args.example_split or next(iter(info.splits))
+        split = args.example_split or _first_answered(info)
         return _answer_examples(args, load_run(info, args.step, raw=args.raw_weights), settings, split)
 
     return emit(args, body)
+
+
+def _first_answered(info: Any) -> str:
+    """The split `generate` answers by default: the first one with answers (a mixture's text entries have none, and
+    its first split may be one: the error then named an --example-split that was not given)."""
+    data = info.data
+    for split in info.splits:
+        if not hasattr(data, "entry_of_split") or data.entries[data.entry_of_split(split)[0]].task is not None:
+            return split
+    raise AnalysisError(f"{info.path}: every eval split is a text entry's, whose windows have no answers to show; use "
+                        f"`loopformer eval` (bits per byte)")
 
 
 def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict[str, int]]) -> tuple[dict, str]:

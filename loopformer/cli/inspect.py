@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ from flax import nnx
 
 from loopformer.cli.common import command, emit, run_flags
 from loopformer.config import CircuitArch, CircuitBehaviour, LoopSchedule
+from loopformer.errors import AnalysisError
 from loopformer.evaluation.tables import format_table
 from loopformer.model.describe import describe, notation
 from loopformer.runs.layout import RunDir
@@ -23,6 +25,34 @@ from loopformer.runs.restore import abstract_model
 def _fields(obj: Any, cls: type) -> dict[str, Any]:
     return {f: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
             for f in cls.__dataclass_fields__ for v in [getattr(obj, f)]}
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    """The records of ``config_changes.jsonl`` ([] without one); AnalysisError naming a line that is not one (the
+    file edited or damaged by hand)."""
+    if not path.is_file():
+        return []
+    fix = "fix or delete that line (the file is the run's history of settings; nothing else reads it)"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise AnalysisError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); {fix.replace('that line', 'it')}"
+                            ) from None
+    history = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        changes = record.get("changes") if isinstance(record, dict) else None
+        if not (isinstance(record.get("step") if record else None, int) and isinstance(changes, list)
+                and all(isinstance(c, dict) and {"path", "old", "new"} <= c.keys() for c in changes)):
+            raise AnalysisError(f"{path}:{number}: not a record of the run's changes ({{\"step\": N, \"changes\": "
+                                f"[{{\"path\", \"old\", \"new\"}}, ...]}}); {fix}")
+        history.append(record)
+    return history
 
 
 def inspect_run(path: str) -> dict[str, Any]:
@@ -40,10 +70,7 @@ def inspect_run(path: str) -> dict[str, Any]:
             circuits[c.name] = {"stage": s, **_fields(c, CircuitArch), **_fields(c, CircuitBehaviour),
                                 "params": counts[c.name], "schedule": _fields(c, LoopSchedule),
                                 "training_mean": dist.mean(), "typical_range": list(dist.typical_range())}
-    history = []
-    changes = RunDir(info.path).changes
-    if changes.is_file():
-        history = [json.loads(line) for line in changes.read_text().splitlines() if line.strip()]
+    history = _history(RunDir(info.path).changes)
     return {"run": str(info.path), "notation": notation(cfg.model), "symbolic": notation(cfg.model, {
                 c.name: "n" if len(cfg.model.circuits()) == 1 else f"n_{c.name}" for c in cfg.model.circuits()}),
             "vocab_size": model.vocab_size, "d_model": cfg.model.d_model, "total_params": sum(counts.values()),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loopformer.errors import ConfigError
+from loopformer.runs.layout import too_long
 from loopformer.variants.halting import HALTINGS, Halting
 from loopformer.variants.loops import MAX_LOOPS, LoopDistribution
 from loopformer.variants.position import POSITIONS, RopeScaling
@@ -781,9 +782,11 @@ class RunConfig:
         _check(self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
                f"run.name must be a plain directory name, got '{self.name}'")
         # orbax reads a checkpoint path as a glob pattern: a run under a [ or ] saves checkpoints it cannot read back
-        where = str(Path(self.dir).absolute() / self.name)
+        where = str(Path(self.dir).expanduser().absolute() / self.name)
         _check(not any(ch in where for ch in "[]"), f"run.name / run.dir: the run directory {where} has a '[' or ']', "
                f"which the checkpoint library reads as a pattern (its checkpoints could not be read back); rename it")
+        long = too_long(Path(where), "run.name / run.dir")
+        _check(long is None, long or "")
 
 
 @dataclass
@@ -810,7 +813,7 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.dir) / self.run.name
+        return Path(self.run.dir).expanduser() / self.run.name  # ~ as a shell reads it (a YAML value keeps it literal)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

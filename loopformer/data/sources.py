@@ -412,6 +412,13 @@ class TextSource(DataSource):
         if abs(float(meta.get("val_fraction", -1)) - d.val_fraction) > 1e-12:
             raise DataError(f"{root} was prepared with val_fraction={meta.get('val_fraction')} but "
                             f"data.val_fraction={d.val_fraction}; set it to match, or prepare again")
+        # settings that prepare read, and that a run on its shards would record without using (issue 27 pass 11)
+        if d.tokenizer == "bpe" and meta.get("tokenizer") == "bpe" and meta.get("vocab_size") != d.vocab_size:
+            raise DataError(f"{root} was prepared with a BPE of vocab_size={meta.get('vocab_size')} but "
+                            f"data.vocab_size={d.vocab_size}; set it to match, or prepare again")
+        if "doc_separator" in meta and meta["doc_separator"] != d.doc_separator:
+            raise DataError(f"{root} was prepared with doc_separator={meta['doc_separator']!r} but "
+                            f"data.doc_separator={d.doc_separator!r}; set it to match, or prepare again")
         if self._tokenizer is None:
             self._tokenizer = self._resolve_tokenizer()
         self.split_kind = meta.get("split", HASH_SPLIT)

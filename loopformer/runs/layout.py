@@ -132,12 +132,37 @@ def mount_point(path: Path) -> bool:
         return False
 
 
+NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS)
+PATH_ROOM = 3840  # bytes of a folder's absolute path, leaving room below PATH_MAX (4096) for the files written in it
+SIBLING = 24  # bytes a temporary sibling adds to a name (".NAME.partial-PID", ".NAME.tmp-PID")
+
+
+def too_long(path: Path, what: str, slack: int = 0) -> str | None:
+    """Why ``path`` cannot be made (a name in it longer than NAME_MAX - ``slack`` bytes, ``slack`` being what a
+    temporary sibling adds to the last one; or the whole longer than PATH_ROOM), naming it as ``what``; None when
+    neither: otherwise the first file written there fails as "File name too long", a traceback."""
+    full = Path(os.path.abspath(path))
+    for i, name in enumerate(full.parts):
+        room = NAME_MAX - (slack if i == len(full.parts) - 1 else 0)
+        if len(os.fsencode(name)) > room:
+            return (f"{what}: the name {name[:24]}... is {len(os.fsencode(name)):,} bytes, and a name can be at most "
+                    f"{room} here; choose a shorter one")
+    if len(os.fsencode(str(full))) > PATH_ROOM:
+        return (f"{what}: the path is {len(os.fsencode(str(full))):,} bytes, and the files written in it need it "
+                f"under {PATH_ROOM:,} (the limit of a path is 4,096); choose a shorter one")
+    return None
+
+
 def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> str | None:
     """Why ``out`` cannot receive ``what`` (a run, a corpus, a folder), which a command writes beside it and
-    renames into place; None when nothing stands in the way. Two things do, whatever the command: a symlink
+    renames into place; None when nothing stands in the way. Three things do, whatever the command: a symlink
     that leads nowhere or in a loop (resolving it fails; renaming onto it fails as "Not a directory") and a
-    mount point (renaming onto it fails as "Device or resource busy"). ``child`` names the folder inside a
-    mount point that the message suggests."""
+    mount point (renaming onto it fails as "Device or resource busy"); and a name too long for the filesystem,
+    with its sibling's suffix (`too_long`). ``child`` names the folder inside a mount point that the message
+    suggests."""
+    long = too_long(out, f"{flag} {out}", SIBLING)
+    if long:
+        return long
     dangling = out.is_symlink() and not out.exists()
     try:
         out.resolve()

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def read_run(path: str | Path) -> RunInfo:
     if not str(path).strip():  # Path('') is the current directory: "no run at ." named no input
         raise AnalysisError("--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart")
     path = Path(path)
-    if not path.is_dir():
+    if not os.path.isdir(path):  # (Path.is_dir raises on a name too long for the filesystem)
         raise AnalysisError(f"--run {path}: no such directory (point --run at a directory made by "
                             f"`loopformer train`, e.g. runs/quickstart)")
     cfg = load_run_config(path)

@@ -18,6 +18,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer import event_file_writer
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from loopformer.errors import CheckpointError
 from loopformer.runs.layout import RunDir
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -124,20 +125,42 @@ def _quiet_writer_thread() -> None:
     threading.excepthook = hook
 
 
+def _records(path: Path) -> tuple[str, list[tuple[str, dict | None]]]:
+    """The text of ``metrics.jsonl`` and its non-blank lines, each with its record (None: a torn last line, which
+    only a crash leaves). CheckpointError naming the file and line for anything else that is not a record (a file
+    edited or damaged by hand): the trainer would fail on it, or drop what it cannot read."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (bad byte at offset {e.start}), so its records cannot be read; "
+                              f"restore the file, or move it aside (the run's checkpoints do not need it)") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    parsed: list[tuple[str, dict | None]] = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            parsed.append((line, record))
+        elif record is None and i == len(lines) - 1:  # only the last line can be cut short by a crash
+            parsed.append((line, None))
+        else:
+            number = text.splitlines().index(line) + 1
+            raise CheckpointError(f"{path}:{number}: not a record of the run's metrics (a JSON object with its "
+                                  f"\"step\"), so the file was edited or damaged; fix or delete that line, or move "
+                                  f"the file aside (the run's checkpoints do not need it)")
+    return text, parsed
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Parses <run_dir>/metrics.jsonl (an empty list if absent; a torn last line is skipped)."""
+    """Parses <run_dir>/metrics.jsonl (an empty list if absent; a torn last line is skipped); CheckpointError
+    naming a line that is not a record."""
     path = RunDir(run_dir).metrics
     if not path.exists():
         return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:  # only the last line can be cut short by a crash
-                raise
-    return records
+    return [record for _, record in _records(path)[1] if record is not None]
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> int:
@@ -146,18 +169,8 @@ def truncate_metrics(run_dir: str | Path, step: int) -> int:
     path = RunDir(run_dir).metrics
     if not path.exists():
         return 0
-    text = path.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if line.strip()]
-    keep = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:  # only the last line can be cut short by a crash
-                raise
-            continue
-        if record.get("step", 0) <= step:
-            keep.append(line)
+    text, lines = _records(path)
+    keep = [line for line, record in lines if record is not None and record["step"] <= step]
     if len(keep) == len(lines) and (not lines or text.endswith("\n")):
         return 0
     tmp = path.with_name(path.name + ".tmp")

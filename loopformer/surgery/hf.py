@@ -24,6 +24,7 @@ an activation other than SiLU, Qwen2's per-layer sliding windows) is refused wit
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +98,35 @@ def stop_ids(folder: str | Path, vocab: int) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def _field(spec: dict[str, Any], key: str, kind: type, default: Any, where: Path) -> Any:
+    """config.json's ``key`` as ``kind`` (int: a whole number, float: a number, bool: true or false); ``default``
+    when it is absent or null. CheckpointError for another type: `int("2")`, `float([1])` or `bool("false")`
+    (true) would read it wrongly, or fail as a traceback."""
+    value = spec.get(key)
+    if value is None:
+        return default
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+            kind is float or float(value).is_integer())
+    if not ok:
+        want = {bool: "true or false", int: "a whole number", float: "a finite number"}[kind]
+        raise CheckpointError(f"{where}: {key} must be {want}, got {value!r}")
+    return kind(value)
+
+
 def _rope(spec: dict[str, Any], where: Path) -> tuple[float, dict[str, Any]]:
     """(theta, model.rope_scaling) of a config.json: plain RoPE, or linear / llama3 scaling (`RopeScaling`)."""
     params = spec.get("rope_parameters") or {}
     scaling = spec.get("rope_scaling") or ({} if params.get("rope_type", "default") == "default" else params)
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
-    theta = float(spec.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
+    theta = 10000.0
+    for source, key in ((spec, "rope_theta"), (params, "rope_parameters.rope_theta"),
+                        (scaling, "rope_scaling.rope_theta")):
+        if source.get("rope_theta") is not None:  # the first one given (0 included: it is refused, not replaced)
+            theta = _field({key: source["rope_theta"]}, key, float, None, where)
+            break
     if kind in (None, "default"):
         return theta, {}
     if kind == "dynamic":
@@ -128,33 +152,35 @@ def model_config(spec: dict[str, Any], where: str | Path = CONFIG) -> ModelConfi
     kind = spec.get("model_type")
     if kind not in MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type '{kind}' is not one of {', '.join(MODEL_TYPES)}")
-    try:
-        d, heads, layers = int(spec["hidden_size"]), int(spec["num_attention_heads"]), int(spec["num_hidden_layers"])
-        hidden, vocab = int(spec["intermediate_size"]), int(spec["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: missing or bad field {e}") from None
+    required = [_field(spec, key, int, None, where) for key in ("hidden_size", "num_attention_heads",
+                                                              "num_hidden_layers", "intermediate_size", "vocab_size")]
+    d, heads, layers, hidden, vocab = required
     for name, value in (("hidden_size", d), ("num_attention_heads", heads), ("num_hidden_layers", layers),
                         ("intermediate_size", hidden), ("vocab_size", vocab)):
+        if value is None:
+            raise CheckpointError(f"{where}: missing field '{name}'")
         if value < 1:
             raise CheckpointError(f"{where}: {name} must be >= 1, got {value}")
-    kv = int(spec.get("num_key_value_heads") or heads)
-    head_dim = spec.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != d:
+    kv = _field(spec, "num_key_value_heads", int, None, where) or heads
+    head_dim = _field(spec, "head_dim", int, None, where)
+    if head_dim is not None and head_dim * heads != d:
         raise CheckpointError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {d} (not supported)")
     if spec.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act '{spec.get('hidden_act')}' is not supported (SwiGLU with SiLU only)")
-    if spec.get("mlp_bias") or (kind == "llama" and spec.get("attention_bias")):
+    if _field(spec, "mlp_bias", bool, False, where) or (kind == "llama" and _field(spec, "attention_bias", bool, False,
+                                                                                  where)):
         raise CheckpointError(f"{where}: biases on o_proj or the MLP (attention_bias / mlp_bias) are not supported")
     window = 0
-    if kind == "qwen2" and spec.get("use_sliding_window"):
+    if kind == "qwen2" and _field(spec, "use_sliding_window", bool, False, where):
         raise CheckpointError(f"{where}: use_sliding_window (per-layer windows) is not supported")
-    if kind == "mistral" and spec.get("sliding_window"):
-        window = int(spec["sliding_window"])
+    if kind == "mistral":
+        window = _field(spec, "sliding_window", int, 0, where)
     theta, rope_scaling = _rope(spec, where)
     cfg = ModelConfig(vocab_size=vocab, d_model=d, heads=heads, kv_heads=0 if kv == heads else kv,
                       qkv_bias=kind == "qwen2", mlp_ratio=hidden / d, mlp="swiglu", norm="pre", prelude=layers, coda=0,
-                      stages=[], tie_embeddings=bool(spec.get("tie_word_embeddings", False)), window=window,
-                      rope_base=theta, rope_scaling=rope_scaling, norm_eps=float(spec.get("rms_norm_eps", 1e-6)))
+                      stages=[], tie_embeddings=_field(spec, "tie_word_embeddings", bool, False, where), window=window,
+                      rope_base=theta, rope_scaling=rope_scaling,
+                      norm_eps=_field(spec, "rms_norm_eps", float, 1e-6, where))
     if cfg.mlp_hidden != hidden:
         raise CheckpointError(f"{where}: intermediate_size {hidden} is not round(mlp_ratio * hidden_size)")
     try:

@@ -44,7 +44,7 @@ from loopformer.runs.lock import run_lock
 from loopformer.runs.log import log, log_to
 from loopformer.runs.prepare import describe_change, make_run_dir, prepare_run_dir, record_changes, write_config
 from loopformer.runs.restore import EMA_WEIGHTS, make_model
-from loopformer.runs.scalars import MetricsWriter
+from loopformer.runs.scalars import MetricsWriter, read_metrics
 from loopformer.train.optim import make_optimizer
 from loopformer.train.progress import ProgressLine
 from loopformer.train.step import FINITE, State, StepSettings, init_state, make_train_step
@@ -263,6 +263,7 @@ class _Window:
 
 def _train(cfg: Config) -> TrainResult:
     run_dir, changes = prepare_run_dir(cfg, write=False)  # config.yaml is written once everything accepted cfg
+    read_metrics(run_dir)  # a metrics.jsonl damaged by hand is refused (naming its line) before anything is written
     source = build_data(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
     parallel.check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)

@@ -1,10 +1,12 @@
 """The analysis commands through `loopformer.cli.main`: JSON schemas, tables, files, user errors."""
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -508,3 +510,55 @@ def test_outputs_inside_a_run_are_refused_and_step_0_is_a_step(run_dir, capsys):
     assert main(["eval", "--run", str(run_dir), "--step", "0"]) == 2
     err = capsys.readouterr().err
     assert "positive integer" not in err and "step 0" in err
+
+
+def test_generate_defaults_to_the_first_split_with_answers(tmp_path):
+    """A mixture whose text entry comes first: `generate` without --example-split refused "--example-split
+    kjv/val: a text entry's windows have no answers", a flag not given; it answers the first task split (issue 27
+    pass 11), and says so when every split is text."""
+    from types import SimpleNamespace
+
+    from loopformer.cli.generate import _first_answered
+    from loopformer.errors import AnalysisError
+
+    entries = [SimpleNamespace(task=None), SimpleNamespace(task="prefix_parity")]
+    data = SimpleNamespace(entries=entries, entry_of_split=lambda s: (0 if s.startswith("kjv/") else 1, s))
+    info = SimpleNamespace(path=tmp_path, data=data, splits=["kjv/val", "kjv/train", "prefix_parity/train"])
+    assert _first_answered(info) == "prefix_parity/train"
+    assert _first_answered(SimpleNamespace(path=tmp_path, data=object(), splits=["train", "hard"])) == "train"
+    with pytest.raises(AnalysisError, match="every eval split is a text entry's"):
+        _first_answered(SimpleNamespace(path=tmp_path, data=data, splits=["kjv/val"]))
+
+
+@pytest.mark.parametrize("line", ['{"step": 3, "changes": [garbage', '{"step": 4, "changes": [1]}', "[]"])
+def test_inspect_names_a_damaged_line_of_config_changes(run_dir, tmp_path, capsys, line):
+    """#27 pass 11: a config_changes.jsonl line edited by hand was a JSONDecodeError (or KeyError) traceback."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "config_changes.jsonl").write_text(line + "\n")
+    assert main(["inspect", "--run", str(copy)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"error: {copy}/config_changes.jsonl:1: not a record of the run's changes")
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_pipe_on_stdout_is_one_line(run_dir, monkeypatch, capsys):
+    """#27 pass 11: `loopformer inspect ... | head -1` (or `| true`) ended in a BrokenPipeError traceback, `train`'s
+    too; now one line on stderr and status 141, as a pipe's writer ends."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["inspect", "--run", str(run_dir)]) == 141
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("stopped: standard output was closed")
+
+
+def test_a_closed_stdout_is_refused_before_any_work():
+    """#27 pass 11: with stdout closed (`>&-`) every print was dropped and the command ended with status 0."""
+    code = "import sys; from loopformer.cli import main; sys.exit(main(['eval', '--run', 'nowhere']))"
+    done = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" >&-', sys.executable, code], stderr=subprocess.PIPE,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "error: standard output is closed" in done.stderr

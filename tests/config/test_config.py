@@ -102,6 +102,11 @@ BAD = [
     (["train.steps=\t5"], r"^train.steps: expected int, got '\\t5' \(it holds a tab, which YAML does not read as a "
      r"space: write spaces\)$"),
     (["data.eval_splits={a:\t[1, 2]}"], r"^data.eval_splits: expected a mapping, got .* \(it holds a tab"),
+    # #27 pass 11: a name past the filesystem's limits was a traceback ("File name too long") at the first file
+    (["run.name=" + "n" * 256], r"^run.name / run.dir: the name n{24}\.\.\. is 256 bytes, and a name can be at most 255 "
+     r"here; choose a shorter one$"),
+    (["run.dir=/" + "/".join(["d" * 200] * 20)], r"^run.name / run.dir: the path is [0-9,]+ bytes, and the files "
+     r"written in it need it under 3,840"),
 ]
 
 
@@ -110,6 +115,14 @@ def test_bad_config_gives_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(QUICKSTART, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_run_dir_reads_a_tilde_as_the_home_directory():
+    """#27 pass 11: run.dir=~/runs (a YAML value keeps ~ literal) made a folder named ~ in the current directory, then
+    the checkpoint library (which expands it) failed as a traceback: both now read the home directory."""
+    from pathlib import Path
+    cfg = load_config(QUICKSTART, ["run.dir=~/runs", "run.name=qs"])
+    assert cfg.run_dir == Path.home() / "runs" / "qs"
 
 
 def test_a_blank_override_value_is_kept_as_given():

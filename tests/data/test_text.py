@@ -191,6 +191,21 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     assert "meta.json is missing" in error(tmp_path, [half], "data.format=arrayrecord")
 
 
+def test_settings_prepare_read_must_match_its_corpus(tmp_path):
+    """Issue #27 pass 11: a run on a prepared corpus with another data.vocab_size (BPE) or data.doc_separator was
+    accepted, recorded in its config.yaml and unused (the shards hold the prepared tokens); like val_fraction, both
+    must match."""
+    path, _ = corpus(tmp_path)
+    extra = ("data.tokenizer=bpe", "data.vocab_size=300")
+    prepare_corpus(cfg_for(tmp_path, [path], *extra), tmp_path / "p", chunk_tokens=64, progress=False)
+    assert build_data(cfg_for(tmp_path, [tmp_path / "p"], *extra)).vocab_size == 300
+    assert error(tmp_path, [tmp_path / "p"], "data.tokenizer=bpe", "data.vocab_size=500") == (
+        f"{tmp_path / 'p'} was prepared with a BPE of vocab_size=300 but data.vocab_size=500; set it to match, or "
+        f"prepare again")
+    assert "was prepared with doc_separator='\\n\\n' but data.doc_separator='@'" in error(
+        tmp_path, [tmp_path / "p"], *extra, "data.doc_separator=@")
+
+
 def test_prepare_command_line(tmp_path, capsys):
     path, _ = corpus(tmp_path)
     out = tmp_path / "p"

@@ -56,6 +56,14 @@ L1 = "model.layers.1."
      r"9 tensor\(s\) that config.json leaves unused \(layers.1.input_layernorm.weight, .*; it says 1 layers\)"),
     (dict(drop=(L1 + "self_attn.k_proj.weight",)), r"tensor layers.1.self_attn.k_proj.weight is missing"),
     (dict(vocab=200), r"tokenizer.json has token ids up to 279, but the model's vocabulary .* is 200"),
+    # issue 27, pass 11: a field of another type was a traceback (float("abc")) or read wrongly (bool("false") is
+    # true: tied embeddings), and rope_theta 0 became 10000
+    (dict(config={"rope_theta": "abc"}), r"config.json: rope_theta must be a finite number, got 'abc'$"),
+    (dict(config={"rms_norm_eps": [1]}), r"config.json: rms_norm_eps must be a finite number, got \[1\]$"),
+    (dict(config={"tie_word_embeddings": "false"}), r"tie_word_embeddings must be true or false, got 'false'$"),
+    (dict(config={"num_key_value_heads": "2"}), r"num_key_value_heads must be a whole number, got '2'$"),
+    (dict(config={"hidden_size": 16.5}), r"hidden_size must be a whole number, got 16.5$"),
+    (dict(config={"rope_theta": 0}), r"config.json: model.rope_base must be > 1, got 0.0$"),
 ])
 def test_a_broken_folder_is_one_line(tmp_path, kwargs, message):
     folder = write_folder(tmp_path / "bad", **kwargs)

@@ -141,3 +141,26 @@ def test_a_disk_that_fills_under_the_tensorboard_writer_is_raised_not_printed(tm
     other.start()
     other.join()
     assert printed == [ZeroDivisionError]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"garbage\n", r"metrics.jsonl:1: not a record of the run's metrics"),
+    (b"[1, 2]\n", r"metrics.jsonl:1: not a record"),
+    (b'{"loss": 1.0}\n', r"metrics.jsonl:1: not a record"),
+    (b"caf\xe9\n", r"metrics.jsonl: not UTF-8 text \(bad byte at offset 3\)"),
+])
+def test_a_metrics_file_damaged_by_hand_is_one_line(tmp_path, bad, message):
+    """#27 pass 11: a line that is not a record, anywhere but at the end (where a crash can cut one short), was a
+    traceback when a resume trimmed the file (JSONDecodeError, AttributeError, UnicodeDecodeError); now one line
+    naming the file and line, and the file is left as it was."""
+    from loopformer.errors import CheckpointError
+    from loopformer.runs.scalars import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(bad + b'{"step": 1, "loss": 2.0}\n')
+    for call in (lambda: read_metrics(tmp_path), lambda: truncate_metrics(tmp_path, 1)):
+        with pytest.raises(CheckpointError, match=message):
+            call()
+    assert path.read_bytes() == bad + b'{"step": 1, "loss": 2.0}\n'
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a torn last line is still skipped and trimmed
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}] and truncate_metrics(tmp_path, 1) == 1
