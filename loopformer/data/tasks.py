@@ -484,6 +484,17 @@ class Addition(Task):
     that generates a carry, a + b >= 10, then d - 1 that propagate it, a + b = 9, planted at a random
     place), so every place is seen in training and only the chain grows with difficulty (``depth`` d + 1).
     T = 3W + 4.
+
+    ``paired: true`` is a one-pass form in which each place is one token holding both digits: input ``BOS
+    p_0 .. p_{L-1} SLOT`` with p_i = PAIR + 10 a_i + b_i (PAIR = 15, vocab 115), the label at p_i is c_i and
+    at SLOT the carry digit c_L, so reading is local (place i's digits sit at position i + 1) and what grows
+    with the numbers is only the carry. L = d places (``difficulty`` = digits, T = d + 2), or with ``runs:
+    true`` L = 2d + 6 places holding two runs of d places whose digits sum to 9, one after a place that
+    generates a carry (a + b >= 10: the carry passes through the run, whose answer digits are 0) and one
+    after a place that does not (a + b <= 8: 9s), each ended by a place summing to anything but 9, in random
+    order, with two random places before, between or after them. A run's answer digits then depend on a
+    place up to d + 1 places back, and a run looks the same from inside whichever head it has, so no
+    shortcut of bounded reach solves it (``difficulty`` = d, ``depth`` d + 2, T = 2d + 8).
     """
 
     name: ClassVar[str] = "addition"
@@ -492,39 +503,62 @@ class Addition(Task):
     EQ: ClassVar[int] = 3
     ZERO: ClassVar[int] = 4
     SLOT: ClassVar[int] = 14
+    PAIR: ClassVar[int] = 15  # paired form: place i is the token PAIR + 10 a_i + b_i
     aligned: bool = False
     width: int = 0  # > 0 (aligned only): W digits per operand, difficulty = the longest carry chain
+    paired: bool = False  # one token per place holding both digits, every answer digit in one pass
+    runs: bool = False  # (paired only) difficulty = the length of a carry run and of a run without carry
 
     def __post_init__(self) -> None:
         _check_bool("data.task_args.aligned", self.aligned)
         _check_int("data.task_args.width", self.width, 0)
+        _check_bool("data.task_args.paired", self.paired)
+        _check_bool("data.task_args.runs", self.runs)
         if self.width and not self.aligned:
             raise DataError("data.task_args.width (carry chains as the difficulty) asks for every answer digit in "
                             "one pass: add aligned: true, or drop width")
+        if self.paired and (self.aligned or self.width):
+            raise DataError("data.task_args.paired is a one-pass form of its own (both digits of a place in one "
+                            "token): drop aligned and width, or drop paired")
+        if self.runs and not self.paired:
+            raise DataError("data.task_args.runs (runs of places summing to 9 as the difficulty) is a paired form: "
+                            "add paired: true, or drop runs")
 
     @property
     def difficulty_meaning(self) -> str:  # type: ignore[override]
+        if self.runs:
+            return "the length of the runs of places summing to 9"
         return "the longest carry chain" if self.width else "digits per operand"
+
+    def _places(self, d: int) -> int:
+        """Digits per operand in an example of difficulty d."""
+        return self.width or (2 * d + 6 if self.runs else d)
 
     def max_difficulty(self) -> tuple[int | None, str]:
         return (self.width, f"raise data.task_args.width (now {self.width})") if self.width else (None, "")
 
     @property
     def digits(self) -> tuple[int, int]:  # type: ignore[override]
+        if self.paired:  # the slot and the pairs (SLOT = PAIR - 1)
+            return (self.SLOT, self.PAIR + 99)
         return (self.ZERO, self.SLOT if self.aligned else self.ZERO + 9)
 
     @property
     def labels_aligned(self) -> bool:
-        return self.aligned
+        return self.aligned or self.paired
 
     def max_place(self, max_difficulty: int) -> int:
-        return (self.width or max_difficulty) + 1  # the sum's carry digit
+        return self._places(max_difficulty) + 1  # the sum's carry digit
 
     @property
     def vocab_size(self) -> int:
+        if self.paired:
+            return self.PAIR + 100
         return self.ZERO + 10 + (1 if self.aligned else 0)
 
     def seq_len(self, max_difficulty: int) -> int:
+        if self.paired:
+            return self._places(max_difficulty) + 2
         return 3 * (self.width or max_difficulty) + (4 if self.aligned else 3)
 
     def _operands(self, rng: np.random.Generator, d: int) -> tuple[list[int], list[int], list[int]]:
@@ -532,6 +566,8 @@ class Addition(Task):
         with ``width`` W digits each and a longest carry chain of exactly d (`_chained`)."""
         if self.width:
             a, b = self._chained(rng, d)
+        elif self.runs:
+            a, b = self._runs(rng, d)
         else:
             a, b = rng.integers(0, 10, (2, d)).tolist()  # least significant digit first
             if d > 1:
@@ -566,6 +602,33 @@ class Addition(Task):
                 return a, b
         raise AssertionError("unreachable: the last draw has no chain but the planted one")
 
+    def _runs(self, rng: np.random.Generator, d: int) -> tuple[list[int], list[int]]:
+        """2d + 6 places (reversed digit lists a, b): a run of d places summing to 9 after a place that generates
+        a carry, one after a place that does not, each ended by a place not summing to 9, in random order, and
+        two random places each put before, between or after the two runs."""
+        def place(kind: str) -> tuple[int, int]:
+            if kind == "generate":  # a + b >= 10
+                x = int(rng.integers(1, 10))
+                return x, int(rng.integers(10 - x, 10))
+            if kind == "kill":  # a + b <= 8
+                x = int(rng.integers(0, 9))
+                return x, int(rng.integers(0, 9 - x))
+            if kind == "propagate":  # a + b = 9
+                x = int(rng.integers(0, 10))
+                return x, 9 - x
+            x, y = rng.integers(0, 10, 2).tolist()
+            if kind == "end" and x + y == 9:  # anything but 9: now 10 (or 0 where y was 9)
+                y = (y + 1) % 10
+            return x, y
+
+        runs = [["generate", *["propagate"] * d, "end"], ["kill", *["propagate"] * d, "end"]]
+        first, second = (runs[i] for i in rng.permutation(2))
+        gaps: list[list[str]] = [[], [], []]  # before, between, after the runs
+        for _ in range(2):
+            gaps[int(rng.integers(0, 3))].append("random")
+        pairs = [place(k) for k in gaps[0] + first + gaps[1] + second + gaps[2]]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+
     def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
         d = difficulty
         a, b, c = self._operands(rng, d)
@@ -574,6 +637,14 @@ class Addition(Task):
         return seq, 2 * d + 3
 
     def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
+        if self.paired:
+            a, b, c = self._operands(rng, int(difficulty))
+            n = len(a) + 2
+            out = _blank(n, seq_len)
+            out["inputs"][:n] = [self.BOS, *(self.PAIR + 10 * x + y for x, y in zip(a, b, strict=True)), self.SLOT]
+            out["targets"][1:n] = [t + self.ZERO for t in c]
+            out["mask"][1:n] = 1.0
+            return out
         if not self.aligned:
             return super().example(rng, difficulty, seq_len)
         a, b, c = self._operands(rng, int(difficulty))
@@ -587,16 +658,24 @@ class Addition(Task):
         return out
 
     def depth(self, inputs: np.ndarray) -> int | None:
-        """Aligned form: 1 + the longest carry chain (a place that generates a carry, a + b >= 10, then the
-        places it runs through, a + b = 9): the places a solver that moves carries one place per step needs.
+        """One-pass forms (aligned, paired): 1 + the longest carry chain (a place that generates a carry, a + b >=
+        10, then the places it runs through, a + b = 9): the places a solver that moves carries one place per step
+        needs.
         The next-token form: None (constant depth, see the class docstring)."""
-        if not self.aligned:
+        if not self.labels_aligned:
             return None
         return 1 + _longest_chain(*self.parse(inputs))
 
     def parse(self, inputs: np.ndarray) -> tuple[list[int], list[int]]:
         """The reversed digit lists of a and b from one example's inputs."""
         toks = _tokens(inputs)
+        if self.paired:
+            pairs = [t - self.PAIR for t in toks[1:-1]]
+            if toks[0] != self.BOS or toks[-1] != self.SLOT or not pairs or any(not 0 <= t <= 99 for t in pairs):
+                raise ValueError("inputs do not read 'BOS pairs SLOT'")
+            return [t // 10 for t in pairs], [t % 10 for t in pairs]
+        if self.PLUS not in toks or self.EQ not in toks:
+            raise ValueError("inputs do not read 'BOS a_rev PLUS b_rev EQ'")
         plus, eq = toks.index(self.PLUS), toks.index(self.EQ)
         a, b = [t - self.ZERO for t in toks[1:plus]], [t - self.ZERO for t in toks[plus + 1 : eq]]
         if toks[0] != self.BOS or not a or not b or any(not 0 <= t <= 9 for t in a + b):

@@ -13,6 +13,8 @@ CASES = [
     ("p_hop", {}, [1, 4, 16, 62], lambda d: 1),
     ("p_hop", {"length": 12, "alphabet": 2}, [1, 5, 10], lambda d: 1),
     ("addition", {}, [1, 2, 5, 12], lambda d: d + 1),
+    ("addition", {"paired": True}, [1, 2, 5, 12], lambda d: d + 1),
+    ("addition", {"paired": True, "runs": True}, [1, 2, 5, 12], lambda d: 2 * d + 7),
     ("maze", {}, [1, 2, 5, 8, 16], lambda d: 2 * d),
     ("maze", {"rows": 3}, [1, 4, 9], lambda d: 3 * d),
     ("maze", {"rows": 1}, [1, 3, 10], lambda d: d),
@@ -64,6 +66,8 @@ def test_generator_matches_solver(name, kwargs, diffs, answer_len):
             assert task.depth(inputs) == d
         elif name == "maze":  # the farthest reachable room: within the rooms, and YES-labelled rooms only
             assert 0 <= task.depth(inputs) < mask.sum() and task.depth(inputs) < (targets == task.YES).sum()
+        elif task.labels_aligned:  # one-pass addition: 1 + the longest carry chain, within the places
+            assert 1 <= task.depth(inputs) <= mask.sum()
         else:
             assert task.depth(inputs) is None
 
@@ -286,6 +290,64 @@ def test_addition_with_carry_chains_as_the_difficulty():
         add.validate_difficulty(1, 13)
     with pytest.raises(DataError, match="data.task_args.width .* add aligned: true"):
         make_task("addition", width=12)
+
+
+def test_paired_addition_holds_both_digits_of_a_place_in_one_token():
+    """``paired: true``: input ``BOS p_0 .. p_{d-1} SLOT``, p_i = PAIR + 10 a_i + b_i, labels c_i at p_i and the
+    carry digit at SLOT; everything else (answers, depth, rendering) as the other forms."""
+    add = make_task("addition", paired=True)
+    assert (add.vocab_size, add.seq_len(8), add.max_place(8), add.digits) == (115, 10, 9, (14, 114))
+    assert add.labels_aligned and add.difficulty_meaning == "digits per operand"
+    ex = add.example(np.random.default_rng(0), 3, add.seq_len(4))
+    inputs = ex["inputs"].tolist()
+    a, b = add.parse(ex["inputs"])
+    assert inputs == [1, *(15 + 10 * x + y for x, y in zip(a, b, strict=True)), 14, 0]
+    total = int("".join(map(str, a[::-1]))) + int("".join(map(str, b[::-1])))
+    assert [t - add.ZERO for t in add.answer(ex)] == [int(ch) for ch in str(total).zfill(4)[::-1]]
+    assert ex["mask"].tolist() == [0, 1, 1, 1, 1, 0] and add.render(ex["inputs"], add.answer(ex)) == (
+        f"{''.join(map(str, a[::-1]))}+{''.join(map(str, b[::-1]))}={str(total).zfill(4)}")
+    # 5 + 5 generates, 4 + 5 and 4 + 5 propagate (the carry reaches place 3), 1 + 1 stops it
+    toks = np.asarray([1, 15 + 55, 15 + 45, 15 + 45, 15 + 11, 14])
+    assert add.depth(toks) == 4 and add.solve(toks) == [4 + c for c in (0, 0, 0, 3, 0)]
+    with pytest.raises(ValueError, match="BOS pairs SLOT"):
+        add.parse(toks[:-1])
+
+
+def test_paired_addition_with_runs_as_the_difficulty():
+    """``runs: true``: 2d + 6 places holding one run of d places summing to 9 after a place that generates a
+    carry (answer digits 0) and one after a place that does not (9s), in either order, anywhere."""
+    add = make_task("addition", paired=True, runs=True)
+    assert add.seq_len(8) == 24 and add.seq_len(32) == 72 and add.max_place(16) == 39
+    assert add.difficulty_meaning == "the length of the runs of places summing to 9"
+    rng = np.random.default_rng(0)
+    orders, starts = set(), set()
+    for i in range(300):
+        d = 1 + i % 12
+        ex = add.example(rng, d, add.seq_len(12))
+        a, b = add.parse(ex["inputs"])
+        sums, digits = np.add(a, b), [t - add.ZERO for t in add.answer(ex)]
+        assert len(a) == 2 * d + 6 and add.answer(ex) == add.solve(ex["inputs"])
+        if d >= 2:  # (two random places can make a chain of 3)
+            assert add.depth(ex["inputs"]) == d + 2
+        found = []  # (head's sum >= 10, start) of every run of exactly d nines with a head before it
+        j = 0
+        while j < len(sums):
+            k = j
+            while k < len(sums) and sums[k] == 9:
+                k += 1
+            if k - j == d and j > 0 and sums[j - 1] != 9:
+                found.append((bool(sums[j - 1] >= 10), j))
+                assert digits[j:k] == ([0] * d if sums[j - 1] >= 10 else [9] * d)
+            j = max(k, j + 1)
+        heads = [g for g, _ in found]
+        assert True in heads and False in heads  # a run with the carry and one without
+        orders.add(heads.index(True) < heads.index(False))
+        starts.add(found[0][1])
+    assert orders == {True, False} and starts >= {1, 2, 3}  # either run first, after 0, 1 or 2 random places
+    with pytest.raises(DataError, match="runs .* add paired: true"):
+        make_task("addition", runs=True)
+    with pytest.raises(DataError, match="paired is a one-pass form .* drop aligned and width"):
+        make_task("addition", paired=True, aligned=True)
 
 
 @pytest.mark.parametrize(
