@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loopformer.config import load_config  # noqa: E402
+from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.train.trainer import train  # noqa: E402
 
@@ -109,6 +110,10 @@ def main() -> int:
     args = p.parse_args()
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
+    for key, flag in (("seed", "--seeds"), ("run.dir", "--out")):
+        given = next((o for o in args.overrides if o.split("=")[0].strip() == key), None)
+        if given:  # each seed's run sets both: the override was accepted and not used
+            p.error(f"{given}: every seed's run sets {key} (seeds 0..N-1 under --out); use {flag} instead")
     if not load_config(args.config, args.overrides).eval.sweep_loops:
         p.error(f"{args.config} has no eval.sweep_loops: nothing to tabulate (set eval.sweep_loops=[1,4,16])")
     doc = run_seeds(args.config, args.seeds, Path(args.out), args.overrides)
@@ -121,4 +126,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except LoopformerError as e:  # a bad --config or override, an --out that is a file: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -48,6 +48,7 @@ from loopformer.config import Config, LoopDistribution, load_config
 from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
 from loopformer.data.tasks import make_task
+from loopformer.errors import LoopformerError
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
 from loopformer.runs.restore import restore_params
@@ -580,14 +581,19 @@ def main() -> int:
     model_names = tuple(args.models.split(","))
     if not model_names or not set(model_names) <= set(MODELS) or "looped" not in model_names:
         p.error(f"--models {args.models}: choose from {','.join(MODELS)}, including looped (the sweep)")
+    names = args.tasks.split(",")
+    unknown = [n for n in names if n not in TASKS]  # all of them before any training: a typo in the last one was
+    if unknown:  # refused after the others had trained (hours), and their results were not written
+        p.error(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    for flag, given in (("--models", model_names), ("--tasks", names)):
+        twice = next((n for n in given if given.count(n) > 1), None)
+        if twice:  # a model given twice was trained and counted twice: its seeds counted double in the verdict
+            p.error(f"{flag} names {twice} twice; give each once")
     out = Path(args.out)
     results = {}
     t0 = time.time()
     if args.floor:
-        unknown = [n for n in args.tasks.split(",") if n not in TASKS]
-        if unknown:
-            p.error(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-        floors = {n: setting_floor(n, examples, args.seeds) for n in args.tasks.split(",")}
+        floors = {n: setting_floor(n, examples, args.seeds) for n in names}
         cells = [[n, split, f"{100 * f['constant_accuracy']:.1f}", f"{100 * f['fixed_positions']:.0f}",
                   "yes" if f["constant_accuracy"] >= GIVEAWAY else ""]
                  for n, by_split in floors.items() for split, f in by_split.items()]
@@ -607,9 +613,7 @@ def main() -> int:
             result.setdefault("loop_range", loop_range(result["loops"]))
             result["verdict"] = verdict(result, name)
     else:
-        for name in args.tasks.split(","):
-            if name not in TASKS:
-                p.error(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+        for name in names:
             ablations = tuple(m for m in models(TASKS[name], ablate=True) if m.startswith("looped-no-"))
             results[name] = run_task(name, args.quick, out, examples, args.seeds,
                                      model_names + (ablations if args.ablate else ()))
@@ -631,4 +635,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except LoopformerError as e:  # a setting a run refuses (an --out that is a file): its one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from loopformer.evaluation.run import LoadedRun, load_run
 from loopformer.runs.log import log, progress
 from loopformer.runs.read import read_run
 from loopformer.runs.scalars import MetricsWriter
+
+MAX_SETTINGS = 4096  # grid points per split (64 x 64): more would run for hours, and 10,000 x 10,000 filled memory
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +87,11 @@ def sweep_command(args: argparse.Namespace) -> int:
         if len(grid) > 2:
             raise PlanError(f"sweep takes one or two circuits (got {', '.join(grid)}); fix the others at "
                             f"their eval_loops or evaluate single settings with `loopformer eval`")
+        settings = math.prod(len(v) for v in grid.values())
+        if settings > MAX_SETTINGS:
+            raise PlanError(f"--loops {' --loops '.join(args.loops)}: {settings:,} settings per split, and a sweep "
+                            f"evaluates at most {MAX_SETTINGS:,} (e.g. 64 x 64 counts); give fewer counts, e.g. "
+                            f"{next(iter(grid))}=A:B (a grid of about two counts per doubling)")
         run = load_run(info, args.step, raw=args.raw_weights)
         eval_sets = run.eval_sets(splits, args.examples)
         before = run.evaluator.compiles

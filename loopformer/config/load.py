@@ -200,6 +200,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = Config().to_dict()
     if path is not None:
         p = Path(path)
+        if str(path) and p.exists() and not p.is_file():  # a FIFO is not read: with no writer it would wait forever
+            kind = "a directory" if p.is_dir() else "a pipe or a device, not a file"
+            raise ConfigError(f"config file {path} is {kind}; pass --config with a path to a YAML file, e.g. "
+                              f"configs/quickstart.yaml")
         if not p.is_file():
             raise ConfigError(f"config file not found: {str(path) or repr('')} (pass --config with a path to a YAML file, "
                               f"e.g. configs/quickstart.yaml)")

@@ -61,7 +61,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.errors import DataError
-from loopformer.runs.layout import unwritable_target
+from loopformer.runs.layout import dead_siblings, unwritable_target
 from loopformer.runs.lock import exclusive
 from loopformer.runs.log import progress_bar
 
@@ -155,30 +155,12 @@ def _documents(cfg: Config, paths: list[Path], progress: bool, label: str) -> It
 _OUTPUT_FILE = re.compile(r"(train|val)-\d{5}(-of-\d{5})?\.array_record|meta\.json|tokenizer\.json(\.tmp)?")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # an earlier call in this process: it is not writing any more
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_leftovers(out: Path) -> list[Path]:
     """Remove what killed prepares to ``out`` left beside it (``.<name>.tmp-PID`` / ``.<name>.old-PID``
     of processes that no longer run, holding nothing but prepare's own files); returns them."""
-    if not out.parent.is_dir():
-        return []
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
     removed = []
-    for entry in sorted(out.parent.iterdir()):
-        m = pattern.fullmatch(entry.name)
-        if not m or entry.is_symlink() or not entry.is_dir() or _alive(int(m.group(2))):
-            continue
-        if all(f.is_file() and _OUTPUT_FILE.fullmatch(f.name) for f in entry.iterdir()):
+    for entry in dead_siblings(out, ("tmp", "old"), _OUTPUT_FILE):
+        if all(f.is_file() for f in entry.iterdir()):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed

@@ -159,7 +159,10 @@ class TaskSource(DataSource):
         return max(self.task.seq_len(hi) for _, hi in self.cfg.data.eval_splits.values())
 
     def length_settings(self) -> tuple[str, str]:
-        return "data.train_difficulty", "data.eval_splits"
+        # a length no difficulty changes is set by the task's arguments (addition's width): lowering the
+        # difficulties, as the refusal said, changed nothing
+        fixed = self.cfg.data.task_args and self.task.seq_len(1) == max(self.seq_len, self.eval_seq_len)
+        return ("data.task_args", "data.task_args") if fixed else ("data.train_difficulty", "data.eval_splits")
 
     @property
     def digits(self) -> tuple[int, int] | None:

@@ -68,6 +68,12 @@ def pack_answer(seq: list[int] | np.ndarray, answer_start: int, seq_len: int) ->
     return out
 
 
+def _digit_text(token: int, zero: int, base: int = 10) -> str:
+    """A digit token as its digit; any other token (a wrong prediction) as <id>, never as a digit it is not."""
+    d = int(token) - zero
+    return str(d) if 0 <= d < base else f"<{int(token)}>"
+
+
 def _tokens(inputs: np.ndarray) -> list[int]:
     return [int(t) for t in np.asarray(inputs).ravel() if t != PAD]
 
@@ -357,7 +363,7 @@ class PrefixParity(Task):
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
         bits = "".join(map(str, self._bits(inputs)))
-        ans = "".join(str(t - self.ZERO) for t in answer) if answer is not None else "?"
+        ans = "".join(_digit_text(t, self.ZERO, 2) for t in answer) if answer is not None else "?"
         return f"{bits} | {ans}"
 
 
@@ -690,7 +696,7 @@ class Addition(Task):
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
         a, b = self.parse(inputs)
-        c = "".join(str(t - self.ZERO) for t in answer[::-1]) if answer is not None else "?"
+        c = "".join(_digit_text(t, self.ZERO) for t in answer[::-1]) if answer is not None else "?"
         return f"{''.join(map(str, a[::-1]))}+{''.join(map(str, b[::-1]))}={c}"
 
 

@@ -176,6 +176,36 @@ def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> 
     return None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (this process counts as not: an earlier call in it writes no more)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_siblings(out: Path, kinds: tuple[str, ...], written: re.Pattern[str]) -> list[Path]:
+    """The temporary folders ``.<name>.<kind>-PID`` beside ``out`` (``kind`` one of ``kinds``) of processes that no
+    longer run, holding nothing but names ``written`` matches (what that command writes there, so nothing of the
+    user's): what a writer killed before it renamed its work into place (``kill -9``, a crash) left behind."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.({'|'.join(kinds)})-(\d+)")
+    found = []
+    for entry in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(entry.name)
+        if not m or entry.is_symlink() or not entry.is_dir() or process_alive(int(m.group(2))):
+            continue
+        if all(written.fullmatch(f.name) for f in entry.iterdir()):
+            found.append(entry)
+    return found
+
+
 def outside_runs(out: Path, flag: str = "--out") -> Path:
     """``out`` when no run directory (config.yaml beside checkpoints/) holds it; ConfigError otherwise: a folder
     written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -36,9 +37,11 @@ import numpy as np
 
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError
-from loopformer.runs.layout import unwritable_target
+from loopformer.runs.layout import dead_siblings, unwritable_target
+from loopformer.runs.log import log
 from loopformer.surgery.naming import circuit_prefix, flat
 
+WRITTEN = re.compile(r"config\.json|model\.safetensors|tokenizer\.json")  # what write_folder puts in its folder
 SUBLAYERS = ("attn_norm/scale", "attn/qkv/kernel", "attn/qkv/bias", "attn/out/kernel", "mlp_norm/scale",
              "mlp/up/kernel", "mlp/down/kernel")
 
@@ -198,6 +201,9 @@ def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in dead_siblings(out, ("tmp",), WRITTEN):  # of an export killed with kill -9
+            shutil.rmtree(leftover, ignore_errors=True)
+            log(f"removed {leftover}, left by an interrupted export")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,10 +20,13 @@ from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
-from loopformer.runs.layout import RunDir, outside_runs, unwritable_target
+from loopformer.runs.layout import RunDir, dead_siblings, outside_runs, unwritable_target
+from loopformer.runs.log import log
 from loopformer.runs.prepare import write_config
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import init_state
+
+_WRITTEN = re.compile(r"config\.yaml(\.tmp)?|checkpoints|tokenizer\.json(\.tmp)?")  # what write_run puts in its folder
 
 
 def out_dir(out: str, beside: Path | None = None) -> Path:
@@ -67,6 +71,9 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
     try:
         try:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
+            for leftover in dead_siblings(run_dir, ("partial",), _WRITTEN):  # of a writer killed with kill -9
+                shutil.rmtree(leftover, ignore_errors=True)
+                log(f"removed {leftover}, left by an interrupted import or convert")
             shutil.rmtree(tmp, ignore_errors=True)
             RunDir(tmp).checkpoints.mkdir(parents=True)
         except OSError as e:

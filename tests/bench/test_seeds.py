@@ -35,3 +35,26 @@ def test_text_criterion_per_seed():
 def test_four_times_the_mean_is_the_nearest_swept_count(mean, expected):
     crit = seeds.text_criterion(_rows(0, {1: 3.0, 8: 2.9, 12: 2.8, 24: 2.7}), mean)
     assert crit["seeds"][0]["loops_4x"] == expected  # 10 is as near 8 as 12 is: the smaller wins
+
+
+def test_a_setting_every_seed_sets_is_refused(monkeypatch, capsys):
+    """#27 pass 12: `seed=5` or `run.dir=X` among the overrides was accepted and replaced by each seed's own."""
+    monkeypatch.setattr(seeds, "run_seeds", lambda *a: pytest.fail("trained"))
+    for override, flag in (("seed=5", "--seeds"), ("run.dir=/tmp/x", "--out")):
+        monkeypatch.setattr(sys, "argv", ["seeds.py", "--config", "configs/quickstart.yaml", override])
+        with pytest.raises(SystemExit) as info:
+            seeds.main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"{override}: every seed's run sets" in err and f"use {flag} instead" in err
+
+
+def test_a_bad_config_is_one_line(tmp_path):
+    """#27 pass 12: a missing --config, a bad override or an --out that is a file was a traceback."""
+    import subprocess
+
+    script = Path(__file__).parents[2] / "bench" / "seeds.py"
+    done = subprocess.run([sys.executable, str(script), "--config", str(tmp_path / "none.yaml")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: config file not found: {tmp_path / 'none.yaml'} (pass --config with a path to a YAML file, e.g. "
+        f"configs/quickstart.yaml)"]

@@ -247,3 +247,18 @@ def test_ablation_models_drop_one_recipe_entry_each():
     assert m["looped-no-progressive"] == [*m["looped"][:-2], "train.ema=0.99"]
     assert m["looped-no-ema"] == [*m["looped"][:-2], "train.progressive=0.5"]
     assert "train.progressive=0.5" not in m["equal_params"] and set(think_longer.models(setting)) == set(think_longer.MODELS)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "prefix_parity,typo"], "unknown task 'typo'"),
+    (["--tasks", "prefix_parity", "--models", "looped,looped"], "--models names looped twice; give each once"),
+    (["--floor", "--tasks", "addition_runs,addition_runs"], "--tasks names addition_runs twice"),
+])
+def test_every_task_and_model_is_checked_before_any_training(argv, message, monkeypatch, capsys):
+    """#27 pass 12: a typo in the last of --tasks was refused after the others had trained (hours), their results
+    unwritten; a model given twice was trained and counted twice (its seeds doubled in the verdict)."""
+    monkeypatch.setattr(think_longer, "train", lambda cfg: pytest.fail("trained before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", "--quick", *argv])
+    with pytest.raises(SystemExit) as info:
+        think_longer.main()
+    assert info.value.code == 2 and message in capsys.readouterr().err

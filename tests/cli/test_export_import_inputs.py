@@ -291,3 +291,24 @@ def test_import_splits_documents_at_blank_lines(imported):
     """import's corpus is split at blank lines: its '\\n\\n' in YAML single quotes was folded into one newline,
     so every line of the text was a document (issue 27 pass 10)."""
     assert load_config(imported / "config.yaml").data.doc_separator == "\n\n"
+
+
+def test_what_a_kill_9_left_is_removed_by_the_next_write_of_that_out(imported, folder, tmp_path, capsys):
+    """#27 pass 12: `kill -9` during `export`, `import` or `convert` left its hidden temporary folder
+    (``.NAME.tmp-PID``, ``.NAME.partial-PID``: the whole checkpoint) beside --out for good; the next write of that
+    --out now removes one whose process is gone, and keeps one that holds anything it does not write."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = {tmp_path / f".hf.tmp-{dead.pid}": ["config.json", "model.safetensors"],
+            tmp_path / f".run.partial-{dead.pid}": ["config.yaml", "checkpoints/0/x"],
+            tmp_path / f".run.partial-{dead.pid + 1}": ["config.yaml", "mine.txt"]}
+    for leftover, files in left.items():
+        for name in files:
+            (leftover / name).parent.mkdir(parents=True, exist_ok=True)
+            (leftover / name).write_text("half")
+    assert main(["export", "--run", str(imported), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run")]) == 0
+    assert f"removed {tmp_path}/.hf.tmp-{dead.pid}, left by an interrupted export" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".run.partial-{dead.pid + 1}", "hf", "run"]

@@ -1,5 +1,7 @@
 """Config loading, overrides and the documented one-line errors."""
 
+import os
+
 import pytest
 import yaml
 
@@ -135,6 +137,12 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="^config file not found: '' "):  # -c "": it named '.'
         load_config("")
+    fifo = tmp_path / "fifo.yaml"  # #27 pass 12: a directory or a FIFO was "not found" (it is there)
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"^config file .*fifo.yaml is a pipe or a device, not a file; pass --config"):
+        load_config(fifo)
+    with pytest.raises(ConfigError, match=r"^config file .* is a directory; pass --config with a path to a YAML file"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -241,6 +241,17 @@ def test_addition_and_parity_values():
     assert ex["inputs"][0] == 1 and ex["inputs"][5] == 0 and ex["mask"].tolist() == [0, 1, 1, 1, 1, 0]
 
 
+def test_a_wrong_token_renders_as_its_id_not_as_a_digit():
+    """#27 pass 12: `generate` showed an untrained paired-addition model's pair token 42 as the digits "38" (and
+    parity's BOS as "-2"): the answer column read as a number the model never wrote."""
+    add = make_task("addition", paired=True)
+    ex = add.example(np.random.default_rng(0), 3, add.seq_len(3))
+    assert add.render(ex["inputs"], [4, 42, 13, 4]).endswith("=09<42>0")  # reversed: the last place first
+    par = make_task("prefix_parity")
+    ex = par.example(np.random.default_rng(0), 3, par.seq_len(3))
+    assert par.render(ex["inputs"], [3, 1, 5]).endswith(" | 0<1><5>")
+
+
 def test_aligned_addition_asks_for_every_digit_in_one_pass():
     """``aligned: true``: the answer's d + 1 places are SLOT tokens in the input, labelled with c's digits;
     the next-token form's examples are unchanged, and depth is the longest carry chain + 1."""

@@ -531,6 +531,10 @@ def test_a_disk_that_fills_while_metrics_are_written_is_one_line(tmp_path, monke
     # a task's length is its difficulty: the line named data.seq_len, which a task refuses
     (["data.train_difficulty=[1, 100000]"],
      r"^data.train_difficulty \(sequences of [\d,]+ tokens\): .* lower data.train_difficulty or data.batch_size"),
+    # #27 pass 12: a length the task's arguments set (addition's width) blamed data.train_difficulty, already [1, 4]
+    (["data.task=addition", "data.task_args={aligned: true, width: 1000000}", "data.train_difficulty=[1, 4]",
+      "data.eval_splits={train: [1, 4]}"],
+     r"^data.task_args \(sequences of 3,000,004 tokens\): .* lower data.task_args or data.batch_size"),
 ])
 def test_a_task_whose_sequences_cannot_fit_names_its_difficulty(tmp_path, settings, message):
     """#27 pass 7."""
@@ -543,13 +547,13 @@ def test_a_task_whose_sequences_cannot_fit_names_its_difficulty(tmp_path, settin
 @pytest.mark.parametrize("field", ["data.batch_size", "data.eval_batch_size"])
 def test_a_batch_whose_attention_cannot_fit_names_the_batch(tmp_path, field):
     """data.batch_size=100000000 blamed data.seq_len, with "at most 1 tokens fit": the batch is named, with the
-    largest that fits at this data.seq_len."""
+    largest that fits at this data.seq_len (the length's setting: pointer_chase's is its task_args, #27 pass 12)."""
     cfg = tiny_config(tmp_path, "huge", f"{field}=100000000")
     accum = r" \(or raise train.grad_accum\)" if field == "data.batch_size" else ""
     with pytest.raises(ConfigError, match=rf"^{field}=100000000: attention over \d+ tokens in batches of 100,000,000 "
                                           rf"needs about [\d,]+ GiB, more than half of this machine's \d+ GiB; at "
-                                          rf"[\d,]+ tokens \(data.(train_difficulty|eval_splits)\) at most [\d,]+ fit: "
-                                          rf"lower {field}{accum}$"):
+                                          rf"[\d,]+ tokens \(data.(train_difficulty|eval_splits|task_args)\) at most "
+                                          rf"[\d,]+ fit: lower {field}{accum}$"):
         train(cfg)
     assert not cfg.run_dir.exists()
     cfg.run_dir.mkdir(parents=True)  # a folder the user made is theirs: refused, it stays
