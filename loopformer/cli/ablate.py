@@ -40,7 +40,7 @@ def ablate_command(args: argparse.Namespace) -> int:
             tables.write_csv(info.path / "ablation.csv", rows)
             files = [str(info.path / "ablation.csv"), write_png(info.path / "ablation.png", png)]
         doc = {**run.provenance(), "mode": args.mode, "rows": rows, "files": files}
-        return doc, "\n".join([tables.header_line(info, run.step, args.examples), tables.ablation_table(rows, info),
+        return doc, "\n".join([tables.header_line(info, run.step, tables.scored(rows)), tables.ablation_table(rows, info),
                                "wrote " + ", ".join(files)])
 
     return emit(args, body)

@@ -11,7 +11,7 @@ from loopformer.cli.eval import mode_flag
 from loopformer.cli.loopspec import parse_loops
 from loopformer.errors import AnalysisError
 from loopformer.evaluation import activity, plots, tables
-from loopformer.evaluation.run import load_run
+from loopformer.evaluation.run import load_run, real_rows
 from loopformer.model.plan import MAX_LOOPS
 from loopformer.runs.read import read_run
 
@@ -39,15 +39,17 @@ def activity_command(args: argparse.Namespace) -> int:
         splits = info.select_splits(args.split)
         loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False).items()}
         run = load_run(info, args.step, raw=args.raw_weights)
-        rows, thresholds, examples = activity.activity(run, run.eval_sets(splits, args.examples), loops, args.mode)
+        sets = run.eval_sets(splits, args.examples)
+        counts = {s: sum(len(real_rows(b)["mask"]) for b in batches) for s, batches in sets.items()}
+        rows, thresholds, examples = activity.activity(run, sets, loops, args.mode)
         png = plots.activity(examples, thresholds, info, run.step)  # first: the files are written one after the other
         with one_set(info.path, outputs, "activity"):
             tables.write_csv(info.path / "activity.csv", rows)
             files = [str(info.path / "activity.csv"), write_png(info.path / "activity.png", png)]
         doc = {**run.provenance(), "mode": args.mode, "loops": info.full_loops(loops),
-               "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds, "rows": rows, "examples": examples,
-               "files": files}
-        return doc, "\n".join([tables.header_line(info, run.step, args.examples),
+               "examples_per_split": counts, "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds,
+               "rows": rows, "examples": examples, "files": files}
+        return doc, "\n".join([tables.header_line(info, run.step, tables.scored(counts)),
                                tables.activity_table(rows, thresholds, info, args.mode), "wrote " + ", ".join(files)])
 
     return emit(args, body)

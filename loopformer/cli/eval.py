@@ -86,6 +86,7 @@ def eval_command(args: argparse.Namespace) -> int:
             if exits:  # an exit sweep of one setting can take minutes: say where it is
                 log(f"eval {split}: {tables.score(row)} at {tables.mean_loops_str(row)} loops per token")
         doc = {**run.provenance(), "rows": rows} | ({"probe": args.probe} if args.probe else {})
-        return doc, tables.header_line(info, run.step, args.examples, args.probe) + "\n" + tables.eval_table(rows, info)
+        head = tables.header_line(info, run.step, tables.scored(rows), args.probe)
+        return doc, head + "\n" + tables.eval_table(rows, info)
 
     return emit(args, body)

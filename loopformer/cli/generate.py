@@ -246,10 +246,15 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     examples = answer_examples(logits, run.params, task, batch, settings, decode)
     for ex in examples:
         ex["split"] = split
-    doc = {**run.provenance(), "split": split, "decoding": "autoregressive greedy",
-           "cache": cache, "continuous": args.continuous and cache is not None, "examples": examples}
+    # a task with aligned labels is answered by one forward pass (argmax at each labelled position), not decoded
+    aligned = task.labels_aligned
+    doc = {**run.provenance(), "split": split, "decoding": "one pass, argmax per position" if aligned else
+           "autoregressive greedy", "cache": cache, "continuous": args.continuous and cache is not None,
+           "examples": examples}
+    how = ("answers read in one forward pass (argmax at each labelled position)" if aligned else
+           "answers decoded greedily, token by token from the prompt (not teacher-forced)")
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
-            f"answers decoded greedily, token by token from the prompt (not teacher-forced)")
+            f"{how}")
     return doc, head + "\n" + _format_examples(examples)
 
 

@@ -106,9 +106,7 @@ def _header(info: RunInfo, step: int, baseline: Sequence[dict[str, Any]], probe:
     counts = {b["split"]: b["examples"] for b in baseline}
     if probe:
         return tables.header_line(info, step, 0, probe) + f" · {counts[PROBE_SPLIT]} probes"
-    same = set(counts.values())
-    scored = same.pop() if len(same) == 1 else " / ".join(f"{n} ({s})" for s, n in counts.items())
-    return tables.header_line(info, step, scored)  # a count per split, when they differ
+    return tables.header_line(info, step, tables.scored(counts))  # a count per split, when they differ
 
 
 @command("rys", "scan duplications of every contiguous block of layers of a plain stack (writes rys.csv, "

@@ -111,7 +111,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         tb_dir = _log_tensorboard(run, rows, grid, pngs)
         doc = {**run.provenance(), "grid": grid, "rows": rows, "convergence": conv,
                "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)}
-        text = "\n".join([tables.header_line(info, run.step, args.examples), tables.sweep_table(rows, grid, info), "",
+        text = "\n".join([tables.header_line(info, run.step, tables.scored(rows)), tables.sweep_table(rows, grid, info), "",
                           tables.convergence_table(summary) if any(conv.values()) else
                           "convergence: none traced (the circuits of a routed stage keep no per-iteration trace)",
                           f"programs compiled for these {len(rows)} evaluations: {compiles} "
@@ -162,7 +162,7 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     tables.write_csv(info.path / "sweep_exits.csv", [{k: v for k, v in r.items() if k != "histogram"} for r in rows])
     doc = {**run.provenance(), "rows": rows, "compiles": compiles,
            "files": [str(info.path / "sweep_exits.csv")]}
-    text = "\n".join([tables.header_line(info, run.step, args.examples), tables.exit_table(rows, info),
+    text = "\n".join([tables.header_line(info, run.step, tables.scored(rows)), tables.exit_table(rows, info),
                       f"programs compiled: {compiles} (thresholds are runtime inputs)",
                       f"wrote {info.path / 'sweep_exits.csv'}"])
     return doc, text

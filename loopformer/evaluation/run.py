@@ -104,7 +104,8 @@ def load_run(info: RunInfo, step: int | None = None, *, raw: bool = False) -> Lo
     (train.ema; the log line says so), else or with ``raw`` the params the optimizer trained."""
     model, params, restored, weights = restore_weights(info.cfg, step, info.data, raw=raw)
     if raw and weights == ONLY_WEIGHTS:  # the flag would be accepted and change nothing
-        raise AnalysisError(f"--raw-weights: {info.path} keeps no EMA weights at step {restored} (train.ema is off), "
+        why = "train.ema was off when it was saved" if info.cfg.train.ema else "train.ema is off"  # turned on since
+        raise AnalysisError(f"--raw-weights: {info.path} keeps no EMA weights at step {restored} ({why}), "
                             f"so the weights the optimizer trained are the only ones; drop --raw-weights")
     log(f"loaded {info.path} at step {restored}" + (f" ({weights})" if weights != ONLY_WEIGHTS else ""))
     return LoadedRun(info, model, params, restored, evaluator_for(model), weights)

@@ -70,14 +70,15 @@ def verdict(rel_change: Sequence[float], state_norm: Sequence[float], default: i
 
 
 def summarize_convergence(conv: Convergence, defaults: Mapping[str, int]) -> list[dict[str, Any]]:
-    """Rows {split, circuit, iterations, rel_change_default, rel_change_last, norm_default, norm_last, verdict}."""
+    """Rows {split, circuit, iterations, rel_change_default, rel_change_last, norm_default, norm_last, verdict};
+    the values at the default count are None when the sweep stopped before it (it was the last swept's)."""
     out = []
     for split, per_circuit in conv.items():
         for circuit, stats in per_circuit.items():
             r, norms = stats["rel_change"], stats["state_norm"]
-            at = min(defaults[circuit], len(r)) - 1
+            at = defaults[circuit] - 1 if defaults[circuit] <= len(r) else None
             out.append({"split": split, "circuit": circuit, "iterations": len(r),
-                        "rel_change_default": r[at], "rel_change_last": r[-1],
-                        "norm_default": norms[at], "norm_last": norms[-1],
+                        "rel_change_default": None if at is None else r[at], "rel_change_last": r[-1],
+                        "norm_default": None if at is None else norms[at], "norm_last": norms[-1],
                         "verdict": verdict(r, norms, defaults[circuit])})
     return out

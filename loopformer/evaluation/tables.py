@@ -73,7 +73,16 @@ def split_label(info: RunInfo, split: str) -> str:
     return f"{split} [{rng[0]}, {rng[1]}]" if rng[0] != rng[1] else f"{split} [{rng[0]}]"
 
 
-def header_line(info: RunInfo, step: int, examples: int, probe: str | None = None) -> str:
+def scored(counts: Mapping[str, int] | Sequence[Row]) -> int | str:
+    """The examples scored per split ({split: count}, or rows with "split" and "examples") for `header_line`: one
+    count, or a count per split where they differ (a text split may hold fewer windows than --examples asks for)."""
+    if not isinstance(counts, Mapping):
+        counts = {r["split"]: r["examples"] for r in counts}
+    same = set(counts.values())
+    return same.pop() if len(same) == 1 else " / ".join(f"{n} ({s})" for s, n in counts.items())
+
+
+def header_line(info: RunInfo, step: int, examples: int | str, probe: str | None = None) -> str:
     if probe:
         return (f"{info.path} @ step {step} · probe {probe} · loss = the answers' loss per token; accuracy = answers "
                 f"greedy decoding reproduces exactly; token acc = answer tokens right")
@@ -159,8 +168,9 @@ def sweep_table(rows: Sequence[Row], grid: Mapping[str, Sequence[int]], info: Ru
 
 
 def convergence_table(summary: Sequence[Mapping[str, Any]]) -> str:
-    body = [[s["split"], s["circuit"], s["iterations"], f"{s['rel_change_default']:.2e}", f"{s['rel_change_last']:.2e}",
-             f"{s['norm_default']:.3g}", f"{s['norm_last']:.3g}", s["verdict"]] for s in summary]
+    at = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731  (None: the sweep stopped before it)
+    body = [[s["split"], s["circuit"], s["iterations"], at(s["rel_change_default"], ".2e"), f"{s['rel_change_last']:.2e}",
+             at(s["norm_default"], ".3g"), f"{s['norm_last']:.3g}", s["verdict"]] for s in summary]
     return ("convergence: relative state change per iteration at the default count and at the last iteration swept\n"
             + format_table(["split", "circuit", "iterations", "Δ@default", "Δ@last", "norm@default", "norm@last",
                             "reading"], body))

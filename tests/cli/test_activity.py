@@ -38,6 +38,18 @@ def test_activity_on_a_single_task_run(run_dir, capsys):
 def test_activity_on_a_text_run(text_run_dir, capsys):
     doc = run_json(capsys, "activity", "--run", str(text_run_dir), "--examples", "4", "--split", "val")
     check(doc, ["val"], ["X"])
+    assert doc["examples_per_split"] == {"val": 4}
+
+
+def test_headers_count_the_windows_a_text_split_holds(text_run_dir, capsys):
+    """#27 pass 13: a text split holds fewer windows than --examples may ask for; the header said the number asked
+    (`activity`, `ablate` and `sweep` show no other count)."""
+    held = run_json(capsys, "eval", "--run", str(text_run_dir), "--split", "val", "--examples", "100000")["rows"][0]
+    assert held["examples"] < 100000
+    for command in (["activity"], ["ablate"], ["sweep", "--loops", "X=1,2"], ["eval"]):
+        assert main([*command, "--run", str(text_run_dir), "--split", "val", "--examples", "100000"]) == 0
+        header = capsys.readouterr().out.splitlines()[0]
+        assert f" · {held['examples']} windows per split · " in header, (command, header)
 
 
 def test_a_mixture_run_in_every_analysis_command(mixture_run_dir, capsys):
@@ -55,6 +67,8 @@ def test_a_mixture_run_in_every_analysis_command(mixture_run_dir, capsys):
     (first, _) = doc["examples"]
     assert len(first["answer"]["tokens"]) == 8 and all(t in (3, 4) for t in first["answer"]["tokens"])  # its own ids
     assert all(t in (3, 4) for t in first["predictions"][0]["tokens"])  # argmax over the entry's ids only
+    # #27 pass 13: parity labels every input position, so its answers are one forward pass (was "autoregressive greedy")
+    assert doc["decoding"] == "one pass, argmax per position"
     assert main(["eval", "--run", run, *n, "--split", "maze/2x"]) == 2
     err = capsys.readouterr().err
     assert "no eval split 'maze/2x'; its splits are prefix_parity/train, prefix_parity/2x, maze/train (data.mixture" in err

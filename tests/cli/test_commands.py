@@ -89,6 +89,27 @@ def test_a_sweep_of_a_routed_stage_has_no_convergence_to_plot(tmp_path, capsys):
     assert not (run_dir / "sweep_convergence.png").exists() and (run_dir / "sweep_X.png").is_file()
 
 
+def test_a_sweep_below_the_default_count_reports_nothing_at_it(run_dir, capsys):
+    """#27 pass 13: swept to 1 loop (X's default is 2), Δ@default and norm@default were the last swept iteration's."""
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "X=1", "--split", "hard")
+    (row,) = [r for r in doc["convergence_summary"] if r["circuit"] == "X"]
+    assert row["iterations"] == 1 and row["rel_change_default"] is None and row["norm_default"] is None
+    assert main(["sweep", "--run", str(run_dir), "--loops", "X=1", "--split", "hard", "--examples", str(EXAMPLES)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("hard") and " X " in x]
+    assert line.split()[2:4] == ["1", "-"]
+    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "X=1:3", "--split", "hard")
+    (row,) = [r for r in doc["convergence_summary"] if r["circuit"] == "X"]
+    assert row["rel_change_default"] == doc["convergence"]["hard"]["X"]["rel_change"][1]
+
+
+def test_raw_weights_of_a_checkpoint_saved_before_ema_was_turned_on(tmp_path, capsys):
+    """#27 pass 13: a run resumed with train.ema has checkpoints from before it without EMA weights; --raw-weights on one
+    said "(train.ema is off)", which its config.yaml contradicts."""
+    run_dir = make_run(tiny_config(tmp_path, "ema_later", "train.ema=0.9"))  # its checkpoint holds no EMA weights
+    assert main(["eval", "--run", str(run_dir), "--raw-weights", "--examples", "4"]) == 2
+    assert f"keeps no EMA weights at step {STEP} (train.ema was off when it was saved), so" in capsys.readouterr().err
+
+
 def test_sweep_two_circuits(run_dir, capsys):
     doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "Y=2,4", "--loops", "X=1:3:2", "--split", "hard")
     assert doc["grid"] == {"X": [1, 3], "Y": [2, 4]}
@@ -105,7 +126,7 @@ def test_sweep_two_circuits(run_dir, capsys):
 def test_generate(run_dir, capsys):
     doc = run_json(capsys, "generate", "--run", str(run_dir), "--example-split", "hard", "--count", "3",
                    "--loops", "X=1,6")
-    assert doc["split"] == "hard" and len(doc["examples"]) == 3
+    assert doc["split"] == "hard" and len(doc["examples"]) == 3 and doc["decoding"] == "autoregressive greedy"
     for ex in doc["examples"]:
         assert " | root(" in ex["prompt"] and len(ex["answer"]["tokens"]) == 1
         assert [p["loops"] for p in ex["predictions"]] == [{"X": 1, "Y": 3}, {"X": 6, "Y": 3}]
