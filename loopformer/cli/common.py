@@ -203,6 +203,7 @@ def write_png(path: Path, png: bytes) -> str:
 
 _JOURNAL = ".analysis-set.json"  # in a run directory while a command writes its set: what to put back
 _KEPT = re.compile(r"\.(.+)\.(\d+)\.old")  # `_keep`'s copies
+_OUTPUT = re.compile(r"[^/.][^/]*\.(csv|png)")  # the files a set holds: CSVs and plots directly in the run
 
 
 @contextlib.contextmanager
@@ -253,6 +254,9 @@ def _recover(run_dir: Path) -> None:
     try:
         entry = json.loads(journal.read_text(encoding="utf-8"))
         kept, new, command = dict(entry["kept"]), list(entry["new"]), str(entry["command"])
+        if not all(_OUTPUT.fullmatch(p) for p in [*kept, *new]) or not all(
+                re.fullmatch(rf"\.{re.escape(p)}\.\d+\.old", k) for p, k in kept.items()):
+            raise ValueError("names files no set holds")  # edited by hand or copied: put back and remove nothing
     except FileNotFoundError:
         entry = None
     except (OSError, ValueError, KeyError, TypeError):  # not one `one_set` wrote (it writes whole files): ignored

@@ -38,6 +38,8 @@ def _got(value: Any) -> str:
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check/convert one YAML value against a type annotation."""
     origin = typing.get_origin(tp)
+    if isinstance(value, _Spelled) and origin not in (typing.Union, types.UnionType):  # each form of a union decides
+        return str(value) if tp is str else _convert(value.number, tp, path)  # the text for a string, else the number
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
@@ -71,7 +73,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                               f"another word")
         return {str(k): _convert(v, item, f"{path}.{k}") for k, v in value.items()}
     if tp is Any:
-        return value
+        return _numbers(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -119,6 +121,36 @@ class _StrictLoader(yaml.SafeLoader):
                     raise DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
                 seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+class _Spelled(str):
+    """A YAML number written in a form that ``str`` does not give back (``010`` is 8, ``12:30:00`` 45000, ``0x1F``,
+    ``1_000``, ``.inf``): its text, read as text by a string field (run.name=010 named the run 8), and the number."""
+
+    number: int | float
+
+
+def _number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    read = yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else yaml.SafeLoader.construct_yaml_float
+    value = read(loader, node)
+    if node.value == str(value):
+        return value
+    spelled = _Spelled(node.value)
+    spelled.number = value
+    return spelled
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with every `_Spelled` number the number it reads as (a free-form mapping keeps YAML's reading)."""
+    if isinstance(value, _Spelled):
+        return value.number
+    if isinstance(value, dict):
+        return {_numbers(k): _numbers(v) for k, v in value.items()}
+    return [_numbers(v) for v in value] if isinstance(value, list) else value
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _number)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _number)
 
 
 def _yaml(text: str) -> Any:

@@ -76,6 +76,8 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(expanded).parts))
         else:
             found = [expanded] if expanded.is_file() else []
+            if expanded.exists() and not found:  # /dev/zero, a FIFO: there, but no corpus (a FIFO is not opened)
+                raise DataError(f"data.paths: '{pattern}' is a pipe or a device, not a file; name the corpus files")
         if not found:
             what = "glob" if glob.has_magic(pattern) else "path"
             raise DataError(f"data.paths: {what} '{pattern}' matches no file (relative paths are read from "

@@ -41,7 +41,7 @@ def exclusive(path: Path, busy: str, *, unlocked_note: str | None = None, remove
             locked = True
         except BlockingIOError:
             holder = ""
-            with contextlib.suppress(OSError, ValueError, KeyError):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not one this module wrote
                 info = json.loads(os.pread(fd, 4096, 0) or b"{}")
                 holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
             raise ConfigError(busy.replace("{holder}", holder)) from None

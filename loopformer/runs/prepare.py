@@ -85,12 +85,14 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
     config: a resume that fails on them leaves the run's config.yaml as it was."""
     run_dir = make_run_dir(cfg)
     changes = resume_changes(cfg, run_dir)
+    layout = RunDir(run_dir)
+    for path, folder in ((layout.checkpoints, True), (layout.tb, True), (layout.metrics, False),
+                         (layout.changes, False), (layout.tokenizer, False), (layout.final_sweep, False)):
+        if path.exists() and path.is_dir() != folder:  # each would fail as a traceback where the trainer writes it
+            raise CheckpointError(f"{path} is a {'file' if folder else 'folder'}, where the run keeps its {path.name} "
+                                  f"(a {'folder' if folder else 'file'}); move it aside, or pick a new run.name")
     # checkpoints/ exists from the start, so that metrics without it mean a deleted run (resume_changes)
-    checkpoints = RunDir(run_dir).checkpoints
-    if checkpoints.exists() and not checkpoints.is_dir():
-        raise CheckpointError(f"{checkpoints} is a file, where the run keeps its checkpoints (a folder); move it aside, "
-                              f"or pick a new run.name")
-    checkpoints.mkdir(exist_ok=True)
+    layout.checkpoints.mkdir(exist_ok=True)
     if write:
         write_config(cfg, run_dir)
     return run_dir, changes

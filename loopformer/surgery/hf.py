@@ -195,13 +195,20 @@ def read_tensors(folder: str | Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     out: dict[str, np.ndarray] = {}
+    source: dict[str, Path] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="numpy") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                names = list(f.keys())
+                for name in names:
                     out[name] = f.get_tensor(name)
         except Exception as e:  # a truncated or foreign file
             raise CheckpointError(f"{path}: cannot read it as safetensors ({type(e).__name__}: {e})") from None
+        twice = [n for n in names if n in source]  # a stale copy beside the real files: the last one read won
+        if twice:
+            raise CheckpointError(f"{path} and {source[twice[0]]} both hold tensor {twice[0]}: one of them is from "
+                                  f"another save; move it out of the folder")
+        source |= dict.fromkeys(names, path)
     return out
 
 

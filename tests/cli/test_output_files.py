@@ -212,6 +212,27 @@ def test_a_set_killed_outright_part_way_is_put_back_by_the_next_command(tmp_path
     assert not (run / "sweep_Y.png").exists() and hidden(run) == []
 
 
+@pytest.mark.parametrize("entry", [{"kept": {}, "new": ["../victim.csv"]}, {"kept": {}, "new": ["checkpoints"]},
+                                   {"kept": {"config.yaml": "sweep.csv"}, "new": []},
+                                   {"kept": {"sweep.csv": "../victim.csv"}, "new": []}, {"kept": {}, "new": "a.csv"}])
+def test_a_journal_edited_or_copied_in_touches_no_file_a_set_does_not_hold(tmp_path, entry):
+    """A journal naming files outside the run (`../victim.csv` was deleted), the run's own files (config.yaml was
+    replaced by sweep.csv) or a folder (a traceback) is not one a command wrote: it is removed, and nothing else."""
+    from loopformer.cli.common import one_set
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    files = {"config.yaml": b"model: {}", "sweep.csv": b"old csv", "a.csv": b"a"}
+    for name, data in files.items():
+        (run / name).write_bytes(data)
+    (tmp_path / "victim.csv").write_bytes(b"precious")
+    (run / ".analysis-set.json").write_text(json.dumps({"command": "sweep", "pid": 1, **entry}))
+    with one_set(run, [run / "ablation.csv"], "ablate"):
+        (run / "ablation.csv").write_text("ablation")
+    assert contents(run, files) == files and (run / "checkpoints").is_dir() and hidden(run) == []
+    assert (tmp_path / "victim.csv").read_bytes() == b"precious"
+
+
 @pytest.mark.parametrize("argv, name", [(["ablate"], "ablation.png"), (["activity"], "activity.csv"),
                                         (["sweep", "--loops", "X=1,2"], "sweep.csv")])
 def test_every_analysis_command_refuses_a_read_only_output_before_its_work(looped_run, capsys, monkeypatch, argv,

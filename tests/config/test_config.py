@@ -132,6 +132,20 @@ def test_a_blank_override_value_is_kept_as_given():
     assert load_config("configs/text_bytes.yaml", ["data.doc_separator=\t"]).data.doc_separator == "\t"
 
 
+@pytest.mark.parametrize("text", ["010", "0x1F", "12:30:00", "1_000", "+5", "1.50", ".inf"])
+def test_a_name_written_as_an_odd_number_is_kept_as_written(tmp_path, text):
+    """#27 pass 14: YAML 1.1 reads 010 as 8, 12:30:00 as 45000 and 1_000 as 1000, so run.name=010 trained into runs/8
+    (and a split named 010 was "8"); a string field now keeps the text, a number field the number."""
+    cfg = load_config(QUICKSTART, [f"run.name={text}", f"data.eval_splits={{{text}: [1, 2]}}"])
+    assert cfg.run.name == text and list(cfg.data.eval_splits) == [text]
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run: {{name: {text}}}\nseed: 0x10\ntrain: {{steps: 1_000}}\neval: {{sweep_loops: [010, 12:30]}}\n")
+    cfg = load_config(path)
+    assert (cfg.run.name, cfg.seed, cfg.train.steps, cfg.eval.sweep_loops) == (text, 16, 1000, [8, 750])
+    assert load_config(path, ["data.task_args={width: 0x10}"]).data.task_args == {"width": 16}
+    assert yaml.safe_load(cfg.to_yaml())["run"]["name"] == text  # saved quoted: the run reads back its own name
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

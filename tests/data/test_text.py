@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +173,10 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     assert str(latin) in msg and "not UTF-8" in msg and "iconv" in msg
     msg = error(tmp_path, [tmp_path / "nope" / "*.txt"])
     assert "matches no file" in msg and "nope" in msg
+    fifo = tmp_path / "fifo"  # #27 pass 14: said "matches no file" (and a device, /dev/zero, too)
+    os.mkfifo(fifo)
+    for there in (fifo, Path("/dev/zero")):
+        assert error(tmp_path, [there]) == f"data.paths: '{there}' is a pipe or a device, not a file; name the corpus files"
     small, _ = corpus(tmp_path, name="small.txt")
     msg = error(tmp_path, [small], "data.seq_len=100000")
     assert str(small) in msg and "fewer than one sequence" in msg and "lower data.seq_len" in msg

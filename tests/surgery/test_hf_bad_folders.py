@@ -71,6 +71,16 @@ def test_a_broken_folder_is_one_line(tmp_path, kwargs, message):
         import_folder(folder)
 
 
+def test_a_tensor_in_two_safetensors_files_is_one_line(tmp_path):
+    """#27 pass 14: a stale safetensors file beside the real one (another save, zeroed weights here) was read too,
+    and whichever file sorted last gave the tensor: the import was silently another model's."""
+    folder = write_folder(tmp_path / "two")
+    save_file({"model.norm.weight": np.zeros(D, np.float32)}, str(folder / "zz-old.safetensors"))
+    with pytest.raises(CheckpointError, match=r"zz-old.safetensors and .*/model.safetensors both hold tensor "
+                                              r"model.norm.weight: one of them is from another save; move it out"):
+        import_folder(folder)
+
+
 def test_the_command_says_it_in_one_line_and_writes_nothing(tmp_path, capsys):
     folder = write_folder(tmp_path / "bad", config={"num_hidden_layers": 1})
     assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run")]) == 2

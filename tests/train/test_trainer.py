@@ -119,6 +119,22 @@ def test_a_run_whose_config_or_checkpoints_folder_is_damaged_is_one_line(tmp_pat
     assert "is corrupt or incomplete (cannot read its metadata" in err[-1]
 
 
+@pytest.mark.parametrize("name, folder", [("metrics.jsonl", True), ("config_changes.jsonl", True),
+                                          ("tokenizer.json", True), ("final_sweep.json", True), ("tb", False)])
+def test_a_run_file_of_the_wrong_kind_is_one_line_before_training(tmp_path, trained_run, name, folder):
+    """#27 pass 14: a resume where metrics.jsonl, config_changes.jsonl or tokenizer.json is a folder, or tb a file,
+    was a traceback (IsADirectoryError, FileExistsError); a folder named final_sweep.json was found after the
+    training, as "make it writable"."""
+    run_dir = copy_run(trained_run, tmp_path, "kind")
+    path = run_dir / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    path.mkdir() if folder else path.write_text("mine")
+    want = ("folder", "file") if folder else ("file", "folder")
+    with pytest.raises(CheckpointError, match=rf"{name} is a {want[0]}, where the run keeps its {name} \(a {want[1]}"):
+        train(trained_config(tmp_path, "kind", "train.steps=6"))
+    assert RunDir(run_dir).checkpoint_steps() == [2, 4] and path.is_dir() == folder
+
+
 def test_continuing_with_more_steps(tmp_path, trained_run):
     """A larger train.steps continues a finished run from its last checkpoint."""
     copy_run(trained_run, tmp_path, "g")
@@ -289,6 +305,24 @@ def test_the_run_lock_dies_with_its_process(tmp_path):
         holder.wait()
     with run_lock(tmp_path, process=0) as path:  # the kill released it; the stale file is harmless
         assert path.is_file()
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"pid"', b'{"pid": 1}', b"\xff"])
+def test_a_lock_file_written_by_something_else_still_names_the_busy_run(tmp_path, content):
+    """The next trainer reads the holder's pid, host and start from the lock file: one that holds other JSON (a
+    list: a traceback, "list indices must be integers") is a busy run without a holder."""
+    import fcntl
+
+    from loopformer.runs.lock import lock_file, run_lock
+
+    fd = os.open(lock_file(tmp_path), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, content)
+        with pytest.raises(ConfigError, match=r"is being trained by another process; wait"), run_lock(tmp_path, 0):
+            pass
+    finally:
+        os.close(fd)
 
 
 def test_divergence_stops_before_a_checkpoint_is_written(tmp_path):
