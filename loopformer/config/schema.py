@@ -331,10 +331,10 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE theta
     rope_scaling: dict[str, Any] = field(default_factory=dict)  # {} or {kind: linear | llama3, factor, and for
     # llama3 low_freq_factor, high_freq_factor, original_max}: Hugging Face's rope_scaling (variants/position.py)
-    position: str = _arch("rope")  # rope | none (NoPE) | abacus (NoPE + each digit's place in its number): how the
-    # model sees positions (loopformer/variants/position.py)
+    position: str = _arch("rope")  # rope | none (NoPE) | abacus (NoPE + each digit's place in its number) | coupled
+    # (RoPE over each digit's place: position coupling): how the model sees positions (loopformer/variants/position.py)
     abacus_size: int = _arch(128)  # abacus: place embeddings 1 .. abacus_size - 1 (the data must fit: checked)
-    abacus_digits: list[int] = _arch(default_factory=list)  # abacus: the digit token ids [lo, hi] (inclusive);
+    abacus_digits: list[int] = _arch(default_factory=list)  # abacus, coupled: the digit token ids [lo, hi] (inclusive);
     # [] = the data's (a task's digit or bit tokens; the byte tokenizer's '0'..'9')
     position_offset: int = 0  # abacus: training adds U{0..K} per example to every place (McLeish et al.'s
     # random offset; 0 = none), so places past the trained lengths are seen; evaluation adds none
@@ -375,6 +375,13 @@ class ModelConfig:
         """Whether the model embeds each digit's place (model.position: abacus)."""
         return POSITIONS.get(self.position, "model.position").places
 
+    @property
+    def reads_places(self) -> bool:
+        """Whether the model reads each digit's place (abacus embeds it, coupled rotates by it): it needs the
+        digit token ids."""
+        scheme = POSITIONS.get(self.position, "model.position")
+        return scheme.places or scheme.on_places
+
     def _validate_abacus(self) -> None:
         m = self
         _check(isinstance(m.abacus_size, int) and 2 <= m.abacus_size <= MAX_WIDTH,
@@ -388,10 +395,12 @@ class ModelConfig:
                f"model.position_offset must be an integer in 0 .. abacus_size - 2 = {m.abacus_size - 2}, got "
                f"{m.position_offset!r}; lower it or raise model.abacus_size")
         if not m.places:
+            why = ("rotates by digit places and takes no offset" if m.reads_places else
+                   "is shift-invariant (an offset changes nothing)")
             _check(m.position_offset == 0, f"model.position_offset={m.position_offset} only moves abacus places: "
-                   f"model.position={m.position} is shift-invariant (an offset changes nothing); set "
-                   f"model.position=abacus or model.position_offset=0")
-            _check(not d, f"model.abacus_digits={d} is read only by model.position=abacus (got {m.position}); drop it")
+                   f"model.position={m.position} {why}; set model.position=abacus or model.position_offset=0")
+            _check(not d or m.reads_places, f"model.abacus_digits={d} is read only by model.position=abacus or coupled "
+                   f"(got {m.position}); drop it")
             _check(m.abacus_size == ModelConfig.abacus_size, f"model.abacus_size={m.abacus_size} is read only by "
                    f"model.position=abacus (got {m.position}); drop it")
 

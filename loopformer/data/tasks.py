@@ -501,6 +501,11 @@ class Addition(Task):
     order, with two random places before, between or after them. A run's answer digits then depend on a
     place up to d + 1 places back, and a run looks the same from inside whichever head it has, so no
     shortcut of bounded reach solves it (``difficulty`` = d, ``depth`` d + 2, T = 2d + 8).
+
+    ``pad: true`` (next-token and aligned forms) writes each operand with one digit more than it has, a
+    leading zero (which, reversed, comes last), as Cho et al. and Fan et al. write operands: the sum's last
+    digit, the final carry, then has a digit of both operands at its place like every other digit, instead of
+    a place that only the answer has. T grows by 2.
     """
 
     name: ClassVar[str] = "addition"
@@ -514,12 +519,17 @@ class Addition(Task):
     width: int = 0  # > 0 (aligned only): W digits per operand, difficulty = the longest carry chain
     paired: bool = False  # one token per place holding both digits, every answer digit in one pass
     runs: bool = False  # (paired only) difficulty = the length of a carry run and of a run without carry
+    pad: bool = False  # operands written with a leading zero, as long as the sum (not with paired)
 
     def __post_init__(self) -> None:
         _check_bool("data.task_args.aligned", self.aligned)
         _check_int("data.task_args.width", self.width, 0)
         _check_bool("data.task_args.paired", self.paired)
         _check_bool("data.task_args.runs", self.runs)
+        _check_bool("data.task_args.pad", self.pad)
+        if self.pad and self.paired:
+            raise DataError("data.task_args.pad writes separate operands with a leading zero; the paired form has no "
+                            "separate operands (its last slot holds the carry): drop pad or paired")
         if self.width and not self.aligned:
             raise DataError("data.task_args.width (carry chains as the difficulty) asks for every answer digit in "
                             "one pass: add aligned: true, or drop width")
@@ -565,7 +575,11 @@ class Addition(Task):
     def seq_len(self, max_difficulty: int) -> int:
         if self.paired:
             return self._places(max_difficulty) + 2
-        return 3 * (self.width or max_difficulty) + (4 if self.aligned else 3)
+        return 3 * (self.width or max_difficulty) + (4 if self.aligned else 3) + (2 if self.pad else 0)
+
+    def _written(self, a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
+        """The operands as the input writes them (reversed): with ``pad`` a leading zero each."""
+        return (a + [0], b + [0]) if self.pad else (a, b)
 
     def _operands(self, rng: np.random.Generator, d: int) -> tuple[list[int], list[int], list[int]]:
         """(a, b, c = a + b) as reversed digit lists, c with one digit more than a and b: d digits each, or
@@ -638,9 +652,10 @@ class Addition(Task):
     def _sequence(self, rng: np.random.Generator, difficulty: int) -> tuple[list[int], int]:
         d = difficulty
         a, b, c = self._operands(rng, d)
+        a, b = self._written(a, b)
         z = self.ZERO
         seq = [self.BOS, *(t + z for t in a), self.PLUS, *(t + z for t in b), self.EQ, *(t + z for t in c)]
-        return seq, 2 * d + 3
+        return seq, 2 * len(a) + 3
 
     def example(self, rng: np.random.Generator, difficulty: int, seq_len: int) -> dict[str, np.ndarray]:
         if self.paired:
@@ -654,13 +669,15 @@ class Addition(Task):
         if not self.aligned:
             return super().example(rng, difficulty, seq_len)
         a, b, c = self._operands(rng, int(difficulty))
-        L = len(a)  # digits per operand: the difficulty, or the width
-        z, n = self.ZERO, 3 * L + 4
+        a, b = self._written(a, b)
+        L = len(c) - 1  # digits per operand: the difficulty, or the width
+        W = len(a)  # as written (L + 1 with pad)
+        z, n = self.ZERO, L + 1 + 2 * W + 3
         out = _blank(n, seq_len)
         out["inputs"][:n] = [self.BOS, *(t + z for t in a), self.PLUS, *(t + z for t in b), self.EQ,
                              *([self.SLOT] * (L + 1))]
-        out["targets"][2 * L + 3 : n] = [t + z for t in c]
-        out["mask"][2 * L + 3 : n] = 1.0
+        out["targets"][2 * W + 3 : n] = [t + z for t in c]
+        out["mask"][2 * W + 3 : n] = 1.0
         return out
 
     def depth(self, inputs: np.ndarray) -> int | None:
@@ -690,7 +707,7 @@ class Addition(Task):
 
     def solve(self, inputs: np.ndarray) -> list[int]:
         a, b = self.parse(inputs)
-        width = max(len(a), len(b)) + 1
+        width = max(len(a), len(b)) + (0 if self.pad else 1)  # padded operands are as long as the sum
         total = int("".join(map(str, a[::-1]))) + int("".join(map(str, b[::-1])))
         return [int(c) + self.ZERO for c in str(total).zfill(width)[::-1]]
 

@@ -60,14 +60,22 @@ class Decoding(NamedTuple):
 
 
 class Context(NamedTuple):
-    """What every layer of one forward pass shares: token positions [B, T], the attention mask
-    [B, 1, T, T] (or None), the real (non-padding) tokens [B, T] bool (or None: all real), and when
-    decoding with a cache, `Decoding`."""
+    """What every layer of one forward pass shares: token positions [B, T] (the sequence index: a cache
+    slot when decoding), the attention mask [B, 1, T, T] (or None), the real (non-padding) tokens [B, T]
+    bool (or None: all real), when decoding with a cache `Decoding`, and ``rope_BT`` [B, T] the positions
+    the position scheme rotates by where they are not ``positions_BT`` (model.position=coupled: each
+    token's digit place)."""
 
     positions_BT: Array
     mask: Array | None
     valid_BT: Array | None
     decoding: Decoding | None = None
+    rope_BT: Array | None = None
+
+    @property
+    def rotary(self) -> Array:
+        """The positions queries and keys are rotated by [B, T]."""
+        return self.positions_BT if self.rope_BT is None else self.rope_BT
 
 
 class CircuitOut(NamedTuple):
@@ -164,7 +172,7 @@ class Circuit(nnx.Module):
         this iteration's (if the policy writes at i). Returns (h, chunk)."""
         x = self.injection(self, h_BTW, e_BTW)
         if ctx.decoding is None:
-            x = run_stack(self.blocks, x, ctx.positions_BT, ctx.mask)
+            x = run_stack(self.blocks, x, ctx.rotary, ctx.mask)
         else:
             x, chunk = self._cached_stack(x, ctx, i, cache, chunk)
         return (self.loop_norm(x) if hasattr(self, "loop_norm") else x), chunk
@@ -177,7 +185,8 @@ class Circuit(nnx.Module):
         new = []
         for layer, (k_c, v_c), (k_b, v_b) in zip(stack_layers(self.blocks), cache, chunk, strict=True):
             own = (at(k_b), at(v_b))
-            x, (k, v) = layer.cached(x, ctx.positions_BT, (at(k_c), at(v_c)), ctx.decoding.start_B, (*own, ~writes))
+            x, (k, v) = layer.cached(x, ctx.positions_BT, (at(k_c), at(v_c)), ctx.decoding.start_B, (*own, ~writes),
+                                    rope_Bt=ctx.rope_BT)
             new.append(tuple(jax.lax.dynamic_update_index_in_dim(b, jnp.where(writes, f.astype(b.dtype), o), slot, 0)
                              for b, f, o in zip((k_b, v_b), (k, v), own, strict=True)))
         return x, tuple(new)
@@ -302,7 +311,7 @@ class Circuit(nnx.Module):
                 circuit = nnx.merge(graphdef, consts[0])
                 rows = _select(jnp.any(fresh, axis=-1), R) if R < B else None  # [R], B in empty slots
                 take = (lambda a: a) if rows is None else (lambda a: a[jnp.minimum(rows, B - 1)])  # noqa: E731
-                h_r, e_r, f_r, pos_r, kv_r = take(h), take(consts[1]), take(fresh), take(ctx.positions_BT), \
+                h_r, e_r, f_r, pos_r, kv_r = take(h), take(consts[1]), take(fresh), take(ctx.rotary), \
                     tuple(take(b) for b in kv)
                 if rows is not None:
                     f_r = f_r & (rows < B)[:, None]

@@ -48,6 +48,8 @@ def _position(cfg: ModelConfig) -> str:
     """The position scheme when it is not RoPE: ``  position=abacus (places 1..127, offset U{0..32})``."""
     if cfg.position == "rope":
         return ""
+    if cfg.position == "coupled":
+        return "  position=coupled (RoPE over each digit's place in its number)"
     if not cfg.places:
         return f"  position={cfg.position}"
     return (f"  position={cfg.position} (places 1..{cfg.abacus_size - 1}"

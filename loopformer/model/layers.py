@@ -112,14 +112,16 @@ class Attention(nnx.Module):
         return self.out(y_BTNH.reshape(B, T, W))
 
     def cached(self, x_BtW: Array, positions_Bt: Array, cache: tuple[Array, Array] | None, start_B: Array,
-               shared: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+               shared: tuple[Array, Array, Array] | None = None, rope_Bt: Array | None = None
+               ) -> tuple[Array, tuple[Array, Array]]:
         """Causal attention of t new tokens at absolute ``positions_Bt`` over earlier tokens' keys and values
         ``cache`` ([B, T, K, H] each, indexed by position; only positions < ``start_B`` [B] are read) and
         the chunk's own. ``shared`` (k, v, use) [B, t, K, H], [] bool: attend to these keys and values of
         the chunk instead of its fresh ones where ``use`` (a cache policy reusing an earlier iteration's).
+        ``rope_Bt``: the positions the scheme rotates by, where not ``positions_Bt`` (coupled: digit places).
         Returns (output [B, t, W], the chunk's fresh keys and values [B, t, K, H] for the caller to store)."""
         B, t, W = x_BtW.shape
-        q, k, v = self._qkv(x_BtW, positions_Bt)
+        q, k, v = self._qkv(x_BtW, positions_Bt if rope_Bt is None else rope_Bt)
         k_own, v_own = (k, v) if shared is None else (jnp.where(shared[2], shared[0], k), jnp.where(shared[2], shared[1], v))
         own_visible = positions_Bt[:, None, :] <= positions_Bt[:, :, None]  # [B, t, t] causal within the chunk
         if self.window:
@@ -202,9 +204,10 @@ class Block(nnx.Module):
         return self._mlp(x_BTW + (self.attn_post_norm(a) if self.sandwich else a))
 
     def cached(self, x_BtW: Array, positions_Bt: Array, cache: tuple[Array, Array] | None, start_B: Array,
-               shared: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+               shared: tuple[Array, Array, Array] | None = None, rope_Bt: Array | None = None
+               ) -> tuple[Array, tuple[Array, Array]]:
         """The block on t new tokens with earlier tokens' keys and values (`Attention.cached`)."""
-        a, kv = self.attn.cached(self.attn_norm(x_BtW), positions_Bt, cache, start_B, shared)
+        a, kv = self.attn.cached(self.attn_norm(x_BtW), positions_Bt, cache, start_B, shared, rope_Bt)
         return self._mlp(x_BtW + (self.attn_post_norm(a) if self.sandwich else a)), kv
 
     def compact(self, x_BcW: Array, positions_Bc: Array, index_Bc: Array, kv: tuple[Array, Array], write_Bc: Array,
@@ -261,12 +264,13 @@ def stack_layers(stack: nnx.Module) -> list[nnx.Module]:
 
 
 def run_stack_cached(stack: nnx.Module, x_BtW: Array, positions_Bt: Array,
-                     caches: Sequence[tuple[Array, Array]] | None, start_B: Array
+                     caches: Sequence[tuple[Array, Array]] | None, start_B: Array, rope_Bt: Array | None = None
                      ) -> tuple[Array, list[tuple[Array, Array]]]:
     """`run_stack` on new tokens over earlier tokens' keys and values (one (K, V) [B, T, K, H] per layer,
-    or None), layer by layer. Returns (x, the chunk's fresh (k, v) [B, t, K, H] per layer)."""
+    or None), layer by layer; ``rope_Bt`` as in `Attention.cached`. Returns (x, the chunk's fresh (k, v)
+    [B, t, K, H] per layer)."""
     fresh = []
     for i, block in enumerate(stack_layers(stack)):
-        x_BtW, kv = block.cached(x_BtW, positions_Bt, None if caches is None else caches[i], start_B)
+        x_BtW, kv = block.cached(x_BtW, positions_Bt, None if caches is None else caches[i], start_B, rope_Bt=rope_Bt)
         fresh.append(kv)
     return x_BtW, fresh

@@ -24,7 +24,7 @@ from loopformer.model.circuit import Bank, Context, Decoding
 from loopformer.model.layers import Block, BlockSettings, attention_mask, normal_init, run_stack, run_stack_cached, stacked
 from loopformer.model.plan import Diagnostics, Plan
 from loopformer.variants.cache import CachePolicy
-from loopformer.variants.position import digit_places
+from loopformer.variants.position import POSITIONS, digit_places
 
 Array = jax.Array
 OFFSET_KEY = 0xABAC  # folds the abacus offsets' draws apart from the plan's other uses of its key
@@ -75,6 +75,8 @@ class LoopedTransformer(nnx.Module):
         # abacus: a learned vector per place 1 .. abacus_size - 1 of a digit inside its number (row 0 unused)
         self.abacus = nnx.Embed(cfg.abacus_size, d, embedding_init=normal_init(cfg.init_std, (None, "embed")),
                                 rngs=rngs) if cfg.places else None
+        # coupled: RoPE over each token's digit place (variants/position.py)
+        self.coupled = POSITIONS.get(cfg.position, "model.position").on_places
         self.digits = tuple(cfg.abacus_digits) or (tuple(digits) if digits else None)
         block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, settings, rngs=r, window=cfg.window,  # noqa: E731
                                 kv_heads=cfg.kv_heads)
@@ -105,14 +107,14 @@ class LoopedTransformer(nnx.Module):
         """
         B, T = tokens_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        ctx = Context(positions_BT, attention_mask(segment_ids_BT), None if segment_ids_BT is None else segment_ids_BT > 0)
-        places = None
-        if self.abacus is not None:
-            places = digit_places(tokens_BT, self._digits(), positions_BT)
-            if plan.position_offset:  # McLeish et al.'s random offset: one draw per row, digits only
-                offset_B = jax.random.randint(jax.random.fold_in(plan.key, OFFSET_KEY), (B,), 0, plan.position_offset + 1)
-                places = jnp.where(places > 0, places + offset_B[:, None], 0)
-        x = self._stack(self.prelude, self._embed(tokens_BT, places), ctx, plan.schedules.get("prelude"))[0]
+        places = digit_places(tokens_BT, self._digits(), positions_BT) if self.reads_places else None
+        ctx = Context(positions_BT, attention_mask(segment_ids_BT), None if segment_ids_BT is None else segment_ids_BT > 0,
+                      rope_BT=places if self.coupled else None)
+        if self.abacus is not None and plan.position_offset:  # McLeish et al.'s random offset: one per row, digits only
+            offset_B = jax.random.randint(jax.random.fold_in(plan.key, OFFSET_KEY), (B,), 0, plan.position_offset + 1)
+            places = jnp.where(places > 0, places + offset_B[:, None], 0)
+        x = self._stack(self.prelude, self._embed(tokens_BT, places if self.abacus is not None else None), ctx,
+                        plan.schedules.get("prelude"))[0]
         reports, aux, step_logits = {}, jnp.zeros((), jnp.float32), None
         readouts = any(r.needs_readout for r in plan.exits.values())
         for s, stage in enumerate(self.stages):
@@ -130,9 +132,15 @@ class LoopedTransformer(nnx.Module):
         """Whether the stage's halting circuit writes the mixture of its iterations (no per-step logits)."""
         return any(stage.circuits[n].halting.mixes_output for n in stage.names)
 
+    @property
+    def reads_places(self) -> bool:
+        """Whether the model reads each digit's place (abacus embeds it, coupled rotates by it)."""
+        return self.abacus is not None or self.coupled
+
     def _digits(self) -> tuple[int, int]:
         if self.digits is None:
-            raise ConfigError("model.position=abacus needs the digit token ids: set model.abacus_digits=[lo, hi] "
+            scheme = "coupled" if self.coupled else "abacus"
+            raise ConfigError(f"model.position={scheme} needs the digit token ids: set model.abacus_digits=[lo, hi] "
                               "(this model was built without data to take them from)")
         return self.digits
 
@@ -150,8 +158,8 @@ class LoopedTransformer(nnx.Module):
         if stack is None:
             return x, kv
         if ctx.decoding is None:
-            return run_stack(stack, x, ctx.positions_BT, ctx.mask, schedule), kv
-        x, fresh = run_stack_cached(stack, x, ctx.positions_BT, kv, ctx.decoding.start_B)
+            return run_stack(stack, x, ctx.rotary, ctx.mask, schedule), kv
+        x, fresh = run_stack_cached(stack, x, ctx.positions_BT, kv, ctx.decoding.start_B, ctx.rope_BT)
         return x, tuple(tuple(store(c, f, ctx.positions_BT) for c, f in zip(layer, new, strict=True))
                         for layer, new in zip(kv, fresh, strict=True))
 
@@ -217,13 +225,15 @@ class LoopedTransformer(nnx.Module):
         {name: [B, t]}."""
         self.check_decoding(plan)
         B, t = tokens_Bt.shape
-        ctx = Context(positions_Bt, None, None, Decoding(positions_Bt[:, 0], policy))
         last = jnp.full((B,), t - 1) if last_B is None else last_B
         places, place = None, cache.place
-        if self.abacus is not None:  # runs of digits go on from the cache's last token
+        if self.reads_places:  # runs of digits go on from the cache's last token
             places = digit_places(tokens_Bt, self._digits(), carry_B=cache.place)
             place = places[jnp.arange(B), last]
-        x, prelude = self._stack(self.prelude, self._embed(tokens_Bt, places), ctx, kv=cache.prelude)
+        ctx = Context(positions_Bt, None, None, Decoding(positions_Bt[:, 0], policy),
+                      rope_BT=places if self.coupled else None)
+        x, prelude = self._stack(self.prelude, self._embed(tokens_Bt, places if self.abacus is not None else None), ctx,
+                                 kv=cache.prelude)
         circuits, state, used = dict(cache.circuits), dict(cache.state), {}
         for bank in self.stages:
             h_init = {n: jnp.broadcast_to(state[n][:, None], (B, t, state[n].shape[-1])) for n in bank.names

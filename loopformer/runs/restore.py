@@ -27,20 +27,21 @@ def make_model(cfg: Config, data: DataSource) -> LoopedTransformer:
 
 
 def abacus_digits(cfg: Config, data: DataSource, vocab: int) -> tuple[int, int] | None:
-    """The digit token ids an abacus model reads (model.abacus_digits, else the data's), checked against the
-    vocabulary and, where the data bound their runs, against model.abacus_size; None for other models."""
+    """The digit token ids an abacus or coupled model reads (model.abacus_digits, else the data's), checked
+    against the vocabulary and, for abacus where the data bound their runs, against model.abacus_size; None for
+    other models."""
     m = cfg.model
-    if not m.places:
+    if not m.reads_places:
         return None
     digits = tuple(m.abacus_digits) or data.digits
     if digits is None:
-        raise ConfigError(f"model.position=abacus: the data ({cfg.data.task_label()}) has no digit tokens to take; set "
-                          f"model.abacus_digits=[lo, hi] (the ids of the digits), or use model.position=rope")
+        raise ConfigError(f"model.position={m.position}: the data ({cfg.data.task_label()}) has no digit tokens to "
+                          f"take; set model.abacus_digits=[lo, hi] (the ids of the digits), or use model.position=rope")
     if digits[1] >= vocab:
         raise ConfigError(f"model.abacus_digits={list(digits)} reaches past the vocabulary ({vocab} ids); give ids "
                           f"below {vocab}")
     top = data.max_place
-    if top is not None and top + m.position_offset >= m.abacus_size:
+    if m.places and top is not None and top + m.position_offset >= m.abacus_size:
         raise ConfigError(f"model.abacus_size={m.abacus_size} holds places up to {m.abacus_size - 1}, but the data's "
                           f"numbers reach place {top}" + (f" (+ position_offset {m.position_offset} in training)"
                                                          if m.position_offset else "")

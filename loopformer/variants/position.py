@@ -8,9 +8,16 @@
             tasks write numbers least significant digit first, so place k is the 10^(k-1) column).
             ``model.position_offset: K`` adds one offset drawn from U{0..K} per example to every place
             in training, so that places past the trained lengths have been seen (evaluation adds none)
+    coupled RoPE that rotates each token by its digit place instead of its index in the sequence (position
+            coupling, Cho et al. 2024, "Position coupling: improving length generalization of arithmetic
+            transformers using task structure"): the digits of one place in every number share a position
+            and every other token sits at 0, so attention compares places, and a query at place i finds
+            place i + 1 at the same relative rotation however long the numbers are. The causal mask and
+            windows still compare sequence indices
 
-A new scheme is one class here: it transforms queries and keys given their positions (and with
-``places`` set, the model adds a place embedding read from `digit_places`).
+A new scheme is one class here: it transforms queries and keys given their positions (with ``places``
+set, the model adds a place embedding read from `digit_places`; with ``on_places`` the positions it is
+given are those places).
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ class Position:
     scaling: RopeScaling | None = None  # rope only
     kind: ClassVar[str] = ""
     places: ClassVar[bool] = False  # the model adds an embedding of each digit's place (`digit_places`)
+    on_places: ClassVar[bool] = False  # the scheme rotates by each token's digit place, not its sequence index
 
     def __call__(self, x_BTNH: Array, positions_BT: Array) -> Array:
         """Queries or keys [B, T, N, H] at ``positions_BT`` [B, T]."""
@@ -136,6 +144,12 @@ class NoPosition(Position):
 @dataclass(frozen=True)
 class Abacus(NoPosition):
     places: ClassVar[bool] = True
+
+
+@POSITIONS.register("coupled")
+@dataclass(frozen=True)
+class Coupled(Rope):
+    on_places: ClassVar[bool] = True
 
 
 def digit_places(tokens_BT: Array, digits: tuple[int, int], positions_BT: Array | None = None,

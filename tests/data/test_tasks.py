@@ -277,6 +277,25 @@ def test_aligned_addition_asks_for_every_digit_in_one_pass():
     assert plain.depth(inputs[:9]) is None
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_padded_addition_writes_each_operand_as_long_as_the_sum(aligned):
+    """``pad: true``: a and b get a leading zero (last, reversed), so the sum's final carry sits at a place both
+    operands have; the answer is the unpadded sum's, and the sequence grows by exactly those two zeros."""
+    pad, plain = make_task("addition", pad=True, aligned=aligned), make_task("addition", aligned=aligned)
+    assert pad.seq_len(8) == plain.seq_len(8) + 2 and pad.max_place(8) == plain.max_place(8) == 9
+    for d in (1, 4, 8):
+        got, want = pad.example(np.random.default_rng(d), d, pad.seq_len(8)), plain.example(
+            np.random.default_rng(d), d, plain.seq_len(8))
+        a, b = pad.parse(got["inputs"])
+        assert len(a) == len(b) == d + 1 and a[-1] == b[-1] == 0 and (a[:-1], b[:-1]) == plain.parse(want["inputs"])
+        assert pad.answer(got) == plain.answer(want) == pad.solve(got["inputs"])  # d + 1 digits either way
+        assert got["mask"].sum() == want["mask"].sum() == d + 1
+        if aligned:
+            assert pad.depth(got["inputs"]) == plain.depth(want["inputs"])
+    with pytest.raises(DataError, match="data.task_args.pad writes separate operands"):
+        make_task("addition", pad=True, paired=True)
+
+
 def test_addition_with_carry_chains_as_the_difficulty():
     """``width: W``: every example has W-digit operands and its longest carry chain is exactly its
     difficulty (depth d + 1), at every place of the chain's start; labels are the sum's digits."""

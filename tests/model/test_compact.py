@@ -45,7 +45,8 @@ def _both(model, tokens, segments=None, **plan_kw):
 @pytest.mark.parametrize("overrides,eps", [
     ((), 0.01),  # causal, RoPE, additive injection
     (("model.causal=false", f"{X}.inject=concat", f"{X}.init=noise"), 0.1),
-], ids=["causal", "bidirectional-concat-noise"])
+    (("model.position=coupled", "model.abacus_digits=[10, 19]"), 0.01),  # gathered tokens rotate by their places
+], ids=["causal", "bidirectional-concat-noise", "coupled"])
 def test_compacted_exits_give_the_masked_logits(overrides, eps):
     model = _model(*overrides)
     tokens = _tokens()

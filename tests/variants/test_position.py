@@ -1,5 +1,6 @@
 """Position schemes: abacus places against a reference loop, the random offset as a shift of the place
-table, cached decoding of an abacus model against recomputing, and the config's checks."""
+table, coupled RoPE as RoPE over the places, cached decoding of abacus and coupled models against
+recomputing, and the config's checks."""
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,22 @@ def test_abacus_adds_each_digits_place_and_ignores_positions():
                                atol=1e-5)
 
 
+def test_coupled_is_rope_over_each_tokens_digit_place():
+    """A coupled model computes what the same weights under RoPE compute when given the digit places as
+    positions (the causal mask still follows the sequence), so the sequence positions change nothing and a
+    number's digits attend to each other by place, wherever the number stands."""
+    coupled = small_model("model.position=coupled", f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]")
+    rope = small_model()
+    nnx.update(rope, nnx.state(coupled))
+    toks = jnp.asarray([[1, 11, 12, 13, 3, 14, 15, 2, 16, 17, 18, 19], [5, 6, 10, 10, 10, 10, 10, 4, 11, 3, 2, 12]],
+                       jnp.int32)
+    plan = make_plan(["X"], {"X": 2})
+    got = _forward(coupled, toks, plan)
+    np.testing.assert_allclose(got, _forward(rope, toks, plan, digit_places(toks, DIGITS)), atol=1e-5)
+    np.testing.assert_allclose(got, _forward(coupled, toks, plan, jnp.arange(12)[None].repeat(2, 0) + 17), atol=1e-5)
+    assert float(jnp.abs(got - _forward(rope, toks, plan)).max()) > 1e-3  # the sequence's RoPE differs
+
+
 def test_training_offset_shifts_every_rows_places_by_one_draw():
     """With position_offset K each row runs as the offset-free model whose place table is moved down by
     one o in 0..K (place p reads row p + o); rows draw different offsets; K = 0 adds nothing."""
@@ -99,10 +116,12 @@ def test_training_offset_shifts_every_rows_places_by_one_draw():
     assert len({int(np.argmax(f)) for f in found.T}) > 1  # and not all rows draw the same
 
 
-def test_cached_decoding_of_an_abacus_model_equals_recomputing():
+@pytest.mark.parametrize("scheme", [["model.position=abacus", "model.abacus_size=40"], ["model.position=coupled"]],
+                         ids=["abacus", "coupled"])
+def test_cached_decoding_of_a_place_reading_model_equals_recomputing(scheme):
     cfg = load_config("configs/text_bytes.yaml", [
-        "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=1", "model.position=abacus",
-        f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]", "model.abacus_size=40",
+        "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=1", *scheme,
+        f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]",
         "model.stages.0.circuits.X.width=32", "model.stages.0.circuits.X.heads=2"])
     model = randomize_writes(build_model(cfg.model, VOCAB, 0))
     rng = np.random.default_rng(0)
@@ -119,7 +138,10 @@ def test_cached_decoding_of_an_abacus_model_equals_recomputing():
 @pytest.mark.parametrize("overrides,message", [
     (["model.position_offset=4"], "model.position_offset=4 only moves abacus places: model.position=rope is "
                                   "shift-invariant"),
-    (["model.abacus_digits=[3, 12]"], "model.abacus_digits=[3, 12] is read only by model.position=abacus"),
+    (["model.abacus_digits=[3, 12]"], "model.abacus_digits=[3, 12] is read only by model.position=abacus or coupled"),
+    (["model.position=coupled", "model.position_offset=4"], "model.position_offset=4 only moves abacus places: "
+                                                            "model.position=coupled rotates by digit places"),
+    (["model.position=coupled", "model.abacus_size=40"], "model.abacus_size=40 is read only by model.position=abacus"),
     (["model.position=abacus", "model.abacus_digits=[5]"], "model.abacus_digits must be [lo, hi]"),
     (["model.position=abacus", "model.abacus_size=8", "model.position_offset=7"],
      "model.position_offset must be an integer in 0 .. abacus_size - 2 = 6"),
@@ -152,3 +174,9 @@ def test_abacus_takes_the_datas_digits_and_checks_the_table_holds_its_places():
         make_model(cfg, build_data(cfg))
     cfg = load_config("configs/text_bytes.yaml", ["model.position=abacus", *SMALL])
     assert make_model(cfg, build_data(cfg)).digits == (3 + ord("0"), 3 + ord("9"))
+    # coupled reads the same digits, and has no place table to fill (any length of number)
+    cfg = _task_cfg("addition", "model.causal=true", "model.position=coupled")
+    assert make_model(cfg, build_data(cfg)).digits == (4, 13)
+    cfg = _task_cfg("maze", "data.task_args={rows: 2}", "model.position=coupled")
+    with pytest.raises(ConfigError, match=r"model.position=coupled: the data \(maze\) has no digit tokens"):
+        make_model(cfg, build_data(cfg))
