@@ -9,9 +9,9 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loopformer.config import ModelConfig, load_config  # noqa: E402
+from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import datasheet_peak, measure_matmul_flops  # noqa: E402
 
@@ -37,6 +38,39 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of tables")
     p.add_argument("--out", type=Path, help="also write the JSON document to this file")
     return p
+
+
+def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
+    """Refuse, before any work, a count flag below its minimum (``{"--seeds": 1, "--width": 0}``; a flag left at
+    None is not checked): argparse's one error line naming the flag, exit 2. A count of 0 or -1 used to crash
+    deep inside (an empty concatenate or min()), print the library's traceback, or fall back to a default."""
+    for flag, minimum in minimums.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < minimum:
+            p.error(f"{flag} must be >= {minimum}, got {value}")
+
+
+def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1) -> list[int]:
+    """A comma-separated list of whole numbers >= ``minimum`` (``--loops 4,8,16``); anything else, an empty
+    list included, is argparse's one error line naming the flag (exit 2)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        p.error(f"{flag} {text!r}: give comma-separated whole numbers >= {minimum}, e.g. {minimum},{minimum + 1}")
+    return values
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """Run a bench script's ``main`` and exit with its code; a setting the library refuses (a
+    `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2."""
+    try:
+        code = main()
+    except LoopformerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 def model_config(size: dict[str, Any], *, prelude: int = 1, coda: int = 1, depth: int = 1, loops: str = "fixed(1)",

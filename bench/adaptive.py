@@ -65,6 +65,9 @@ from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 from loopformer.variants.exits import exit_rule
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).with_name("think_longer.py"))
 think_longer = importlib.util.module_from_spec(_spec)
@@ -167,7 +170,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
     setting = think_longer.TASKS[name]
     m = setting.train_loops
     cap = 8 * m
-    steps = steps or setting.steps[1]
+    steps = setting.steps[1] if steps is None else steps
     rows, depths = [], {}
     for seed in range(seeds):
         cfg = think_longer.config(name, "looped", steps, out, examples, seed)
@@ -260,7 +263,7 @@ def bar(selected: list[dict], seeds: int) -> dict:
 def run_text(out: Path, steps: int | None = None) -> dict:
     cfg = load_config(ROOT / "configs" / "adaptive" / "text_ponder.yaml",
                       [f"run.dir={out}", "run.name=text_ponder", "eval.sweep_loops=[]"]
-                      + ([f"train.steps={steps}"] if steps else []))
+                      + ([f"train.steps={steps}"] if steps is not None else []))
     model, params, data = trained(cfg, out)
     sets = data.eval_sets(["val"])
     bpt = data.bytes_per_token(sets["val"])
@@ -335,17 +338,27 @@ def main() -> int:
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
     p.add_argument("--out", default="bench_runs/adaptive", help="run directories and results")
     p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every model (default 3)")
-    p.add_argument("--steps", type=int, help="training steps of every model (default: think_longer's / the config's; "
-                   "a smaller number is a smoke run of the pipeline, not results)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every model (default 3; >= 1)")
+    p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
+                   "config's; a smaller number is a smoke run of the pipeline, not results)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = p.parse_args()
+    # every flag before any training: --seeds 0 crashed after nothing trained (an empty concatenate), --examples 0
+    # was the library's traceback, --steps 0 trained each model its default steps
+    C.at_least(p, args, {"--seeds": 1, "--examples": 1, "--steps": 1})
+    names = args.tasks.split(",")
+    unknown = [n for n in names if n not in (*TASKS, "text")]  # all of them: a typo in the last was refused
+    if unknown:  # after the others had trained (hours)
+        p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join([*TASKS, 'text'])}")
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:  # trained once, scored and reported twice
+        p.error(f"--tasks names {twice} twice; give each once")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a directory; give a directory for the runs and results")
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()
-    for name in args.tasks.split(","):
-        if name not in (*TASKS, "text"):
-            p.error(f"unknown task {name!r}; choose from {', '.join([*TASKS, 'text'])}")
+    for name in names:
         t = time.time()
         results[name] = run_text(out, args.steps) if name == "text" else run_task(name, out, args.examples, args.seeds,
                                                                                      args.steps)
@@ -361,4 +374,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_main(main)

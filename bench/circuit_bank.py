@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import TrainConfig, load_config  # noqa: E402
+from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.evaluator import Evaluator  # noqa: E402
 from loopformer.model.transformer import build_model  # noqa: E402
 from loopformer.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -57,8 +58,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (best round reported)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per round")
     args = p.parse_args()
+    C.at_least(p, args, {"--circuits": 1, "--rounds": 1, "--steps": 1})  # 0 rounds or steps: an empty min() / 0 division
     size = dict(C.SIZES[args.size])
-    cfg = bank_config(size, args.circuits)
+    try:
+        cfg = bank_config(size, args.circuits)
+    except LoopformerError as e:  # circuits that do not split d_model into widths the heads divide
+        p.error(f"--circuits {args.circuits}: {e} (d_model {size['d_model']}: try 2 or 4)")
     batch = C.synthetic_batch(size)
     runs = {"batched": variant(cfg, size, True), "sequential": variant(cfg, size, False)}
     for name, v in runs.items():  # compile
@@ -93,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

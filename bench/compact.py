@@ -38,6 +38,7 @@ import _common as C  # noqa: E402
 from loopformer.config import load_config  # noqa: E402
 from loopformer.data.pipeline import eval_batches  # noqa: E402
 from loopformer.data.tasks import make_task  # noqa: E402
+from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.model.plan import make_plan  # noqa: E402
 from loopformer.model.transformer import build_model, forward_batch  # noqa: E402
 
@@ -52,14 +53,22 @@ def main() -> None:
     p.add_argument("--width", type=int, default=0, help="widen the model: X's width W, Y's W / 2, d_model their sum "
                    "(0: the quickstart's 96, 64, 32)")
     args = p.parse_args()
+    # every flag before the model is built: 0 or a negative was the library's traceback (--reps 0: an empty min())
+    C.at_least(p, args, {"--batch": 1, "--max-bits": 1, "--reps": 1, "--width": 0})
     wide = [] if not args.width else [
         f"model.d_model={args.width + args.width // 2}", f"model.stages.0.circuits.X.width={args.width}",
         f"model.stages.0.circuits.Y.width={args.width // 2}"]
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", wide)
+    try:
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", wide)
+    except LoopformerError as e:  # e.g. a width whose model is not divisible by the heads
+        p.error(f"--width {args.width}: {e} (0 keeps the quickstart's widths)")
     task = make_task(cfg.data.task, **cfg.data.task_args)
+    try:
+        batch = eval_batches(task, "bench", (1, args.max_bits), args.batch, args.batch, 0)[0]
+    except LoopformerError as e:
+        p.error(f"--max-bits {args.max_bits} / --batch {args.batch}: {e}")
     model = C.random_kernels(build_model(cfg.model, task.vocab_size, 0))
     graphdef, params = nnx.split(model)
-    batch = eval_batches(task, "bench", (1, args.max_bits), args.batch, args.batch, 0)[0]
     valid = np.asarray(batch["segment_ids"]) > 0 if "segment_ids" in batch else np.ones(batch["inputs"].shape, bool)
     real = float(valid.sum())
     x = next(c for c in cfg.model.circuits() if c.name == "X")
@@ -114,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

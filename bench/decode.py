@@ -77,7 +77,8 @@ def main() -> None:
                                  "random weights, whose states never settle")
     p.add_argument("--recompute-max", type=int, default=256, help="largest number of new tokens timed for recompute")
     args = p.parse_args()
-    news, batches = [int(v) for v in args.new.split(",")], [int(v) for v in args.batch.split(",")]
+    C.at_least(p, args, {"--loops": 1, "--reps": 1, "--recompute-max": 0})
+    news, batches = C.int_list(p, "--new", args.new), C.int_list(p, "--batch", args.batch)
     model = random_model()
     graphdef, params = nnx.graphdef(model), nnx.state(model)
     loops = {"X": args.loops}
@@ -180,4 +181,4 @@ def _buffer(ps: list[list[int]], new: np.ndarray) -> tuple[np.ndarray]:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -40,6 +40,9 @@ from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 from loopformer.variants.exits import exit_rule
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {"prefix_parity": "parity", "maze3": "maze3"}  # -> configs/adaptive/<name>_halting.yaml
 QUANTILES = (0.3, 0.5, 0.7, 0.9)
@@ -144,10 +147,14 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_gate_stage"))
     args = ap.parse_args()
+    C.at_least(ap, args, {"--seeds": 1, "--extra": 1, "--examples": 1})
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        ap.error(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if unknown or not tasks:
+        ap.error(f"--tasks: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(TASKS)}")
+    twice = next((t for t in tasks if tasks.count(t) > 1), None)
+    if twice:
+        ap.error(f"--tasks names {twice} twice; give each once")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"tasks": {}, "setting": {"quantiles": QUANTILES, "cap": CAP, "fixed": FIXED, "extra": args.extra,
                                        "seeds": args.seeds, "examples": args.examples}}
@@ -167,4 +174,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_main(main)

@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="train steps per variant per round")
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "compile", "sweep"])
     args = p.parse_args()
+    C.at_least(p, args, {"--rounds": 1, "--steps": 1})
     size = dict(C.SIZES[args.size])
     t_start = time.perf_counter()
     result: dict[str, Any] = {"bench": "loop_overhead", "size": args.size, "preset": size, "env": C.environment()}
@@ -274,4 +275,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -23,6 +23,9 @@ from loopformer.data.sources import build_data
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.runs.restore import restore_params
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("think_longer", Path(__file__).with_name("think_longer.py"))
 think_longer = importlib.util.module_from_spec(_spec)
 sys.modules["think_longer"] = think_longer
@@ -61,11 +64,14 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=256, help="eval examples per split (think_longer's: 256)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args()
+    C.at_least(p, args, {"--examples": 1})
     rows = []
     mazes = [n for n in think_longer.TASKS if think_longer.task_of(n) == "maze"]
-    for name in args.tasks.split(","):
+    names = args.tasks.split(",")
+    for name in names:  # all of them before the first is read
         if name not in mazes:
             p.error(f"{name!r} is not a maze setting of think_longer; choose from {', '.join(mazes)}")
+    for name in names:
         rows += check(name, Path(args.out), args.examples)
     if args.json:
         print(json.dumps({"rows": rows}))
@@ -78,4 +84,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_main(main)

@@ -63,6 +63,7 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="timed train steps (after one compile step)")
     args = p.parse_args()
+    C.at_least(p, args, {"--steps": 1})  # 0: a division by zero after the compile
     size = dict(C.SIZES[args.size])
     t_start = time.perf_counter()
     result: dict[str, Any] = {"bench": "mfu", "size": args.size, "preset": size, "env": C.environment()}
@@ -127,4 +128,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 from loopformer.config import load_config  # noqa: E402
 from loopformer.data.sources import build_data  # noqa: E402
@@ -75,8 +77,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("overrides", nargs="+", metavar="key=value", help="the change whose cost is measured")
     args = p.parse_args()
-    if args.steps < 1 or args.rounds < 1:
-        p.error("--steps and --rounds must be >= 1")
+    C.at_least(p, args, {"--steps": 1, "--rounds": 1})
     doc = measure(args.config, args.overrides, args.steps, args.rounds)
     print(json.dumps(doc) if args.json else
           f"{args.config}: base {doc['base_ms']:.1f} ms/step, with {' '.join(args.overrides)} "
@@ -85,4 +86,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_main(main)

@@ -42,6 +42,9 @@ from loopformer.evaluation.tables import format_table
 from loopformer.runs.read import read_run
 from loopformer.train.trainer import train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "routing.yaml"
 MODELS = ("routed", "unrouted", "routed_shared")
 DEFAULT_MODELS = MODELS  # routed and unrouted were declared before the first run; routed_shared after it
@@ -185,4 +188,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_main(main)

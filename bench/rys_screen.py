@@ -37,7 +37,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=2500)
     p.add_argument("--screen", type=int, default=256)
     args = p.parse_args()
-    repeats = [int(r) for r in args.repeats.split(",")]
+    C.at_least(p, args, {"--examples": 1, "--screen": 0})  # --screen 0: the full scan only
+    repeats = C.int_list(p, "--repeats", args.repeats)
     info = read_run(args.run)
     run = load_run(info)
     sets = run.eval_sets(info.select_splits(None), args.examples)
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 from loopformer.config import load_config  # noqa: E402
-from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.train.trainer import train  # noqa: E402
 
@@ -108,8 +110,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every seed")
     args = p.parse_args()
-    if args.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    C.at_least(p, args, {"--seeds": 1})
     for key, flag in (("seed", "--seeds"), ("run.dir", "--out")):
         given = next((o for o in args.overrides if o.split("=")[0].strip() == key), None)
         if given:  # each seed's run sets both: the override was accepted and not used
@@ -126,8 +127,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LoopformerError as e:  # a bad --config or override, an --out that is a file: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    C.run_main(main)  # a bad --config or override, an --out that is a file: one line, no traceback

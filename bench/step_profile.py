@@ -186,6 +186,8 @@ def main() -> None:
     p.add_argument("--loops", default="4,8,16", help="loop counts r of the train step")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (best kept)")
     args = p.parse_args()
+    C.at_least(p, args, {"--reps": 1})
+    loops = C.int_list(p, "--loops", args.loops)
     s = PRESETS[args.size]
     result: dict[str, Any] = {"bench": "step_profile", "preset": args.size, "shape": s, "env": C.environment()}
     with nnx.use_eager_sharding(False):  # modules built outside build_model carry logical axis names
@@ -193,7 +195,7 @@ def main() -> None:
     parts.append(optimizer_row(s, args.reps))
     result["parts"], result["attention"] = parts, attn
     result["matmul_4096_gflops"] = C.measure_matmul_flops(4096, "float32") / 1e9
-    result["steps"] = step_rows(s, [int(v) for v in args.loops.split(",")], args.reps)
+    result["steps"] = step_rows(s, loops, args.reps)
     tables = [
         C.table(f"block parts, forward + backward (batch {s['batch']} x {s['seq']}, width {s['width']}); ceiling = the "
                 f"part's matmuls alone", ["part", "ms", "ceiling ms", "ratio", "model FLOPs"],
@@ -207,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -46,6 +46,9 @@ from loopformer.model.schedule import duplication, longest, padded  # noqa: E402
 from loopformer.runs.read import read_run  # noqa: E402
 from loopformer.train.trainer import train  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, CORE, REPEATS = 6, (2, 4), (1, 2, 3)
 
@@ -203,4 +206,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_main(main)

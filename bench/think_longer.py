@@ -48,11 +48,13 @@ from loopformer.config import Config, LoopDistribution, load_config
 from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
 from loopformer.data.tasks import make_task
-from loopformer.errors import LoopformerError
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 BASE = Path(__file__).resolve().parent.parent / "configs" / "bench" / "think_longer.yaml"
 X = "model.stages.0.circuits.X"
@@ -645,8 +647,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LoopformerError as e:  # a setting a run refuses (an --out that is a file): its one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    C.run_main(main)  # a setting a run refuses (an --out that is a file): its one line, no traceback

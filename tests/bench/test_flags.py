@@ -1,0 +1,130 @@
+"""#27: a bad count or list flag of a bench script is refused up front in one line naming the flag (exit 2), before
+any training or model building; a setting the library refuses is one line too, never a traceback."""
+
+import functools
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[2] / "bench"
+HEAVY = ("train", "trained", "run_task", "run_text", "run_seeds", "measure", "check", "runs", "build_model",
+         "random_model", "bank_config", "throughput", "part_rows", "read_run", "run_setting")
+
+
+@functools.cache
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_flags", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"{name}_flags"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+CASES = [
+    ("adaptive", ["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    ("adaptive", ["--seeds", "-1"], "--seeds must be >= 1, got -1"),
+    ("adaptive", ["--examples", "0"], "--examples must be >= 1, got 0"),
+    ("adaptive", ["--steps", "0"], "--steps must be >= 1, got 0"),  # was: each model's default steps
+    ("adaptive", ["--steps", "-5"], "--steps must be >= 1, got -5"),
+    ("adaptive", ["--tasks", "prefix_parity,typo"], "unknown task 'typo' in --tasks"),
+    ("adaptive", ["--tasks", "maze3,maze3"], "--tasks names maze3 twice"),
+    ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
+    ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),
+    ("compact", ["--width", "-3"], "--width must be >= 0, got -3"),
+    ("compact", ["--width", "5"], "--width 5: model.d_model (7) must be divisible by model.heads (4)"),
+    ("compact", ["--reps", "0"], "--reps must be >= 1, got 0"),
+    ("circuit_bank", ["--circuits", "0"], "--circuits must be >= 1, got 0"),
+    ("circuit_bank", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ("circuit_bank", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("decode", ["--loops", "0"], "--loops must be >= 1, got 0"),
+    ("decode", ["--reps", "0"], "--reps must be >= 1, got 0"),
+    ("decode", ["--recompute-max", "-1"], "--recompute-max must be >= 0, got -1"),
+    ("decode", ["--new", ""], "--new '': give comma-separated whole numbers >= 1"),
+    ("decode", ["--new", "64,x"], "--new '64,x': give comma-separated whole numbers >= 1"),
+    ("decode", ["--batch", "1,0"], "--batch '1,0': give comma-separated whole numbers >= 1"),
+    ("gate_stage", ["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    ("gate_stage", ["--extra", "0"], "--extra must be >= 1, got 0"),
+    ("gate_stage", ["--examples", "-1"], "--examples must be >= 1, got -1"),
+    ("gate_stage", ["--tasks", ","], "--tasks: unknown empty list"),
+    ("gate_stage", ["--tasks", "maze3,maze3"], "--tasks names maze3 twice"),
+    ("loop_overhead", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ("loop_overhead", ["--steps", "-1"], "--steps must be >= 1, got -1"),
+    ("mfu", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("recipe_cost", ["--config", "configs/quickstart.yaml", "--rounds", "0", "train.ema=0.99"],
+     "--rounds must be >= 1, got 0"),
+    ("rys_screen", ["--run", "runs/none", "--examples", "0"], "--examples must be >= 1, got 0"),
+    ("rys_screen", ["--run", "runs/none", "--screen", "-1"], "--screen must be >= 0, got -1"),
+    ("rys_screen", ["--run", "runs/none", "--repeats", "0,1"], "--repeats '0,1': give comma-separated whole numbers"),
+    ("step_profile", ["--reps", "0"], "--reps must be >= 1, got 0"),
+    ("step_profile", ["--loops", "4,,8"], "--loops '4,,8': give comma-separated whole numbers >= 1"),
+    ("maze_shortcut", ["--examples", "0"], "--examples must be >= 1, got 0"),
+    ("maze_shortcut", ["--tasks", "maze_exit,prefix_parity"], "'prefix_parity' is not a maze setting"),
+    ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+    ("think_longer", ["--seeds", "-1"], "--seeds must be >= 1, got -1"),
+]
+
+
+@pytest.mark.parametrize("name,argv,message", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_a_bad_flag_is_one_line_before_any_work(name, argv, message, monkeypatch, capsys, tmp_path):
+    module = script(name)
+    for attr in HEAVY:  # the refusal comes first: nothing trains, builds a model or reads a run
+        if callable(getattr(module, attr, None)):
+            monkeypatch.setattr(module, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    out = [] if name in ("rys_screen", "recipe_cost", "decode", "mfu", "step_profile", "compact", "circuit_bank",
+                         "loop_overhead") else ["--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, *out])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert info.value.code == 2 and "Traceback" not in err and len(errors) == 1 and message in errors[0], err
+    assert not (tmp_path / "out").exists()  # not even the output directory
+
+
+def test_adaptive_out_that_is_a_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "f").write_text("")
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--out", str(tmp_path / "f")])
+    with pytest.raises(SystemExit) as info:
+        script("adaptive").main()
+    assert info.value.code == 2 and f"--out {tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_adaptive_steps_none_is_the_default_and_a_number_is_used(monkeypatch, tmp_path):
+    """`steps or default` made --steps 0 train the default; only None (flag absent) means the default now."""
+    adaptive = script("adaptive")
+    seen = []
+    monkeypatch.setattr(adaptive, "trained", lambda cfg, out: seen.append(cfg.train.steps) or pytest.skip("seen"))
+    with pytest.raises(pytest.skip.Exception):
+        adaptive.run_text(tmp_path, 7)
+    assert seen == [7]
+
+
+def test_run_main_prints_a_library_error_in_one_line(capsys):
+    from loopformer.errors import ConfigError
+
+    common = script("_common")
+
+    def main():
+        raise ConfigError("model.d_model must be in 2..1,048,576, got -5")
+
+    with pytest.raises(SystemExit) as info:
+        common.run_main(main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: model.d_model must be in 2..1,048,576, got -5"]
+    with pytest.raises(SystemExit) as info:
+        common.run_main(lambda: 0)
+    assert info.value.code == 0
+
+
+@pytest.mark.parametrize("name,argv,message", [
+    ("adaptive", ["--seeds", "0"], "adaptive.py: error: --seeds must be >= 1, got 0"),
+    ("compact", ["--reps", "0"], "compact.py: error: --reps must be >= 1, got 0"),
+])
+def test_as_a_script_no_traceback(name, argv, message):
+    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == message
