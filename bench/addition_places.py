@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 import think_longer as tl  # noqa: E402
 
 from loopformer.data.pipeline import eval_batches  # noqa: E402
@@ -82,17 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models.split(",")
     if any(m not in tl.models(tl.TASKS[args.setting], ablate=True) for m in models):
         p.error(f"--models {args.models}: choose from {', '.join(tl.models(tl.TASKS[args.setting], ablate=True))}")
-    try:
-        digits = [int(d) for d in args.digits.split(",")]
-    except ValueError:
-        p.error(f"--digits {args.digits!r}: give digit counts like 8,12,16")
-    if args.seeds < 1 or args.examples < 1 or min(digits) < 1:
-        p.error("--seeds, --examples and every --digits count must be >= 1")
-    try:
-        rows = run(args.setting, args.runs, models, args.seeds, digits, args.examples)
-    except LoopformerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    digits = C.int_list(p, "--digits", args.digits)
+    C.at_least(p, args, {"--seeds": 1, "--examples": 1})
+    rows = run(args.setting, args.runs, models, args.seeds, digits, args.examples)
     width = max(digits) + 1
     print(format_table(["seed", "model", "digits", "loops", "exact %"] + [f"p{i}" for i in range(1, width + 1)],
                        [[r["seed"], r["model"], r["digits"], r["loops"], f"{100 * r['exact']:.1f}",
@@ -107,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_main(main)  # no trained runs under --runs, a bad override: one line, no traceback
