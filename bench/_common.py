@@ -22,6 +22,7 @@ from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import datasheet_peak, measure_matmul_flops  # noqa: E402
+from loopformer.model.attend import memory_bytes  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
 SIZES: dict[str, dict[str, Any]] = {
@@ -36,8 +37,31 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default="tiny",
                    help="model preset (tiny: CPU default; small/medium: GPU/TPU)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of tables")
-    p.add_argument("--out", type=Path, help="also write the JSON document to this file")
+    p.add_argument("--out", type=out_file, help="also write the JSON document to this file")
     return p
+
+
+def out_file(text: str) -> Path:
+    """An argparse type: a file to write, checked before any work (a folder, or a file as its parent, was a
+    traceback when the document was written at the end, and the results were lost with it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("'': name the file to write")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it, e.g. {path / 'result.json'}")
+    parent = next(a for a in path.absolute().parents if a.exists())  # the nearest one there (/ always is)
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} (permission denied)")
+    return path
+
+
+def folder(text: str) -> Path:
+    """An argparse type: a folder to read; an empty string is refused (``Path("")`` is the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("'': name the folder")
+    return Path(text)
 
 
 def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
@@ -50,26 +74,67 @@ def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, minimums: Map
             p.error(f"{flag} must be >= {minimum}, got {value}")
 
 
-def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1) -> list[int]:
-    """A comma-separated list of whole numbers >= ``minimum`` (``--loops 4,8,16``); anything else, an empty
-    list included, is argparse's one error line naming the flag (exit 2)."""
+def at_most(p: argparse.ArgumentParser, args: argparse.Namespace, maximums: Mapping[str, tuple[int, str]]) -> None:
+    """Refuse a count flag above its maximum (``{"--loops": (10000, "the loop limit")}``), as `at_least` does
+    below: the library refused it later naming its own field (``data.eval_examples``), or it ran out of memory."""
+    for flag, (maximum, why) in maximums.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value > maximum:
+            p.error(f"{flag} {value}: at most {maximum:,} ({why})")
+
+
+def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1,
+             maximum: tuple[int, str] | None = None) -> list[int]:
+    """A comma-separated list of distinct whole numbers >= ``minimum`` (``--loops 4,8,16``) and, with ``maximum``
+    (value, why), at most that; anything else, an empty list or a number given twice (measured and reported twice)
+    included, is argparse's one error line naming the flag (exit 2)."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
     if not values or min(values) < minimum:
         p.error(f"{flag} {text!r}: give comma-separated whole numbers >= {minimum}, e.g. {minimum},{minimum + 1}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        p.error(f"{flag} {text!r}: {twice[0]} is given twice; give each once")
+    if maximum is not None and max(values) > maximum[0]:
+        p.error(f"{flag} {text!r}: {max(values)} is above {maximum[0]:,} ({maximum[1]})")
     return values
+
+
+def fits_memory(p: argparse.ArgumentParser, flag: str, value: int, need: Callable[[int], int], what: str,
+                otherwise: str = "") -> None:
+    """Refuse, before any work, a size flag whose ``need(value)`` bytes (a lower bound of the peak, e.g.
+    `scores_bytes` of attention or a key/value cache; increasing in the value) exceed half of the device's memory:
+    argparse's one line naming the flag and the largest value that fits (a huge value was an out-of-memory
+    traceback from XLA). ``what`` names the need; ``otherwise`` is the advice when not even 1 fits."""
+    memory = memory_bytes()
+    if need(value) <= memory // 2:
+        return
+    lo, hi = 0, value  # need(lo) fits (0: nothing is asked), need(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if need(mid) <= memory // 2 else (lo, mid)
+    fit = f"at most {flag} {lo:,} fits" if lo else f"not even {flag} 1 fits{otherwise and '; ' + otherwise}"
+    p.error(f"{flag} {value}: {what} needs about {need(value) / 2**30:,.1f} GiB, more than half of this machine's "
+            f"{memory / 2**30:.0f} GiB; {fit}")
 
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a bench script's ``main`` and exit with its code; a setting the library refuses (a
-    `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2."""
+    `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2;
+    Ctrl-C is "interrupted", exit 130, without the interpreter's teardown (as `loopformer` ends: a Ctrl-C during
+    a compile printed a traceback, then the teardown crashed under XLA's compiler threads, status 139)."""
     try:
         code = main()
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     sys.exit(code)
 
 

@@ -24,11 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import think_longer as tl  # noqa: E402
 
+from loopformer.config.schema import MAX_EVAL_EXAMPLES  # noqa: E402
 from loopformer.data.pipeline import eval_batches  # noqa: E402
 from loopformer.data.sources import build_data  # noqa: E402
+from loopformer.data.tasks import make_task  # noqa: E402
 from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.evaluator import evaluator_for  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
+from loopformer.model.attend import scores_bytes  # noqa: E402
 from loopformer.runs.restore import restore_params  # noqa: E402
 
 
@@ -69,13 +72,13 @@ def run(setting: str, runs: Path, models: list[str], seeds: int, digits: list[in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", default="addition_coupled")
-    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--runs", type=C.folder, required=True)
     p.add_argument("--models", default="looped,equal_params")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--digits", default="8,12,16,32")
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=C.out_file)
     args = p.parse_args(argv)
     if args.setting not in tl.TASKS or tl.task_of(args.setting) != "addition":
         p.error(f"--setting {args.setting!r}: choose an addition setting of bench/think_longer.py "
@@ -83,8 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models.split(",")
     if any(m not in tl.models(tl.TASKS[args.setting], ablate=True) for m in models):
         p.error(f"--models {args.models}: choose from {', '.join(tl.models(tl.TASKS[args.setting], ablate=True))}")
+    if len(set(models)) < len(models):  # it was scored and reported twice
+        p.error(f"--models {args.models}: a model is given twice; give each once")
     digits = C.int_list(p, "--digits", args.digits)
     C.at_least(p, args, {"--seeds": 1, "--examples": 1})
+    C.at_most(p, args, {"--examples": (MAX_EVAL_EXAMPLES, "each set is built in memory first")})
+    # every set of --examples is one batch: attention over a huge digit count ran out of memory in XLA
+    task = make_task("addition", **tl.TASKS[args.setting].task_args)
+    heads = tl.config(args.setting, models[0], 1, args.runs, 1).model.max_heads
+    C.fits_memory(p, "--digits", max(digits), lambda d: scores_bytes(args.examples, task.seq_len(d), heads),
+                  f"attention over {args.examples:,} examples of {task.seq_len(max(digits)):,} tokens", "lower --examples")
     rows = run(args.setting, args.runs, models, args.seeds, digits, args.examples)
     width = max(digits) + 1
     print(format_table(["seed", "model", "digits", "loops", "exact %"] + [f"p{i}" for i in range(1, width + 1)],
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         for r in rows]), file=sys.stderr if args.json else sys.stdout)
     doc = {"setting": args.setting, "rows": rows}
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1))
     if args.json:
         print(json.dumps(doc))

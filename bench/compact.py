@@ -36,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import load_config  # noqa: E402
+from loopformer.config.schema import MAX_LOOPS  # noqa: E402
 from loopformer.data.pipeline import eval_batches  # noqa: E402
 from loopformer.data.tasks import make_task  # noqa: E402
 from loopformer.errors import LoopformerError  # noqa: E402
+from loopformer.model.attend import scores_bytes  # noqa: E402
 from loopformer.model.plan import make_plan  # noqa: E402
 from loopformer.model.transformer import build_model, forward_batch  # noqa: E402
 
@@ -63,6 +65,20 @@ def main() -> None:
     except LoopformerError as e:  # e.g. a width whose model is not divisible by the heads
         p.error(f"--width {args.width}: {e} (0 keeps the quickstart's widths)")
     task = make_task(cfg.data.task, **cfg.data.task_args)
+    x = next(c for c in cfg.model.circuits() if c.name == "X")
+    rule = x.distribution()
+    a, b = rule.a, rule.b
+    cap = int(round(a * args.max_bits + b))
+    # before the examples are built: a huge --max-bits ran out of memory in XLA (or, with a small --batch, ran
+    # past the loop limit for hours)
+    if cap > MAX_LOOPS:
+        p.error(f"--max-bits {args.max_bits}: X runs {a:g} n + {b:g} = {cap:,} loops on the longest string, past the "
+                f"limit of {MAX_LOOPS:,}; at most --max-bits {int((MAX_LOOPS - b) // a):,}")
+    heads, length = cfg.model.max_heads, task.seq_len
+    C.fits_memory(p, "--batch", args.batch, lambda n: scores_bytes(n, length(1), heads),
+                  f"attention over {args.batch:,} strings even of 1 bit")
+    C.fits_memory(p, "--max-bits", args.max_bits, lambda n: scores_bytes(args.batch, length(n), heads),
+                  f"attention over {args.batch:,} strings of {length(args.max_bits):,} tokens")
     try:
         batch = eval_batches(task, "bench", (1, args.max_bits), args.batch, args.batch, 0)[0]
     except LoopformerError as e:
@@ -71,10 +87,6 @@ def main() -> None:
     graphdef, params = nnx.split(model)
     valid = np.asarray(batch["segment_ids"]) > 0 if "segment_ids" in batch else np.ones(batch["inputs"].shape, bool)
     real = float(valid.sum())
-    x = next(c for c in cfg.model.circuits() if c.name == "X")
-    rule = x.distribution()
-    a, b = rule.a, rule.b
-    cap = int(round(a * args.max_bits + b))
 
     @jax.jit
     def run(params: Any, batch: dict, plan: Any) -> tuple[jax.Array, dict]:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import load_config  # noqa: E402
+from loopformer.config.schema import MAX_LOOPS  # noqa: E402
 from loopformer.evaluation.run import load_run  # noqa: E402
 from loopformer.inference.decode import Decoder  # noqa: E402
 from loopformer.inference.generate import generate_batch, logits_fn  # noqa: E402
@@ -78,8 +79,17 @@ def main() -> None:
     p.add_argument("--recompute-max", type=int, default=256, help="largest number of new tokens timed for recompute")
     args = p.parse_args()
     C.at_least(p, args, {"--loops": 1, "--reps": 1, "--recompute-max": 0})
+    C.at_most(p, args, {"--loops": (MAX_LOOPS, "the loop limit")})
     news, batches = C.int_list(p, "--new", args.new), C.int_list(p, "--batch", args.batch)
     model = random_model()
+    # before anything runs: a huge --new, --batch or --loops was an out-of-memory traceback from XLA (the full
+    # cache holds every iteration's keys and values of every token)
+    per_token = max(model.empty_cache(1, 1, CachePolicy.parse(policy), {"X": args.loops}).nbytes_per_token()
+                    for policy in POLICIES)
+    C.fits_memory(p, "--batch", max(batches), lambda b: b * per_token * (PROMPT + 1),
+                  f"the key/value cache of {max(batches):,} prompts at {args.loops} loops")
+    C.fits_memory(p, "--new", max(news), lambda n: max(batches) * per_token * (PROMPT + n),
+                  f"the key/value cache of {max(batches):,} x {PROMPT + max(news):,} tokens at {args.loops} loops")
     graphdef, params = nnx.graphdef(model), nnx.state(model)
     loops = {"X": args.loops}
     result: dict[str, Any] = {"bench": "decode", "env": C.environment(), "loops": args.loops, "prompt_tokens": PROMPT,

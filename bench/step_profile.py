@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import TrainConfig, load_config  # noqa: E402
+from loopformer.config.schema import MAX_LOOPS  # noqa: E402
 from loopformer.model.layers import MLP, Attention, BlockSettings  # noqa: E402
 from loopformer.model.transformer import build_model  # noqa: E402
 from loopformer.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -187,7 +188,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (best kept)")
     args = p.parse_args()
     C.at_least(p, args, {"--reps": 1})
-    loops = C.int_list(p, "--loops", args.loops)
+    loops = C.int_list(p, "--loops", args.loops, maximum=(MAX_LOOPS, "the loop limit"))
     s = PRESETS[args.size]
     result: dict[str, Any] = {"bench": "step_profile", "preset": args.size, "shape": s, "env": C.environment()}
     with nnx.use_eager_sharding(False):  # modules built outside build_model carry logical axis names

@@ -168,12 +168,34 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
         new = until_eos(tokenizer, new, stops)
         outs.append({"loops": loops, "text": tokenizer.decode(new), "tokens": new}
                     | ({"mean_loops": mean_loops} if mean_loops else {})
-                    | ({"exit": {c: str(r) for c, r in args.exits.items()}} if args.exits else {}))
+                    | ({"exit": _rules(args.exits)} if args.exits else {}))
     doc = {**run.provenance(), "prompt": args.prompt, "prompt_tokens": ids,
            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
            "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "stop_ids": stops,
            "generations": outs}
-    return doc, "\n".join(f"[{tables.loops_str(o['loops'])}] {args.prompt}{o['text']}" for o in outs)
+    return doc, "\n".join(f"[{tables.loops_str(o['loops'])}{_ran(o)}] {args.prompt}{o['text']}" for o in outs)
+
+
+def _ran(generation: dict[str, Any]) -> str:
+    """After the loop caps of a text generation with --exit: each exiting circuit's rule and its mean loops per token
+    (the line showed the caps alone, as if every token ran them)."""
+    if "exit" not in generation:
+        return ""
+    mean = generation.get("mean_loops", {})
+    return "".join(f"; {c} exits by {r}" + (f", {mean[c]:.2f} loops per token" if c in mean else "")
+                   for c, r in generation["exit"].items())
+
+
+def _rules(exits: dict[str, Any]) -> dict[str, str]:
+    return {c: str(r) for c, r in exits.items()}
+
+
+def _exit_note(exits: dict[str, Any]) -> str:
+    """What the header says of --exit: the loop counts shown for an exiting circuit are its cap, not what ran (a
+    task run's answers showed "X=20" and no word of the rule, in the table and the JSON)."""
+    if not exits:
+        return ""
+    return " · " + ", ".join(f"{c} exits by {r}" for c, r in _rules(exits).items()) + " (its count shown is the cap)"
 
 
 def _given(flags: tuple[tuple[str, bool], ...]) -> str:
@@ -250,11 +272,11 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     aligned = task.labels_aligned
     doc = {**run.provenance(), "split": split, "decoding": "one pass, argmax per position" if aligned else
            "autoregressive greedy", "cache": cache, "continuous": args.continuous and cache is not None,
-           "examples": examples}
+           "examples": examples} | ({"exit": _rules(args.exits)} if args.exits else {})
     how = ("answers read in one forward pass (argmax at each labelled position)" if aligned else
            "answers decoded greedily, token by token from the prompt (not teacher-forced)")
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
-            f"{how}")
+            f"{how}" + _exit_note(args.exits))
     return doc, head + "\n" + _format_examples(examples)
 
 

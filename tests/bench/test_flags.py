@@ -64,6 +64,22 @@ CASES = [
     ("maze_shortcut", ["--tasks", "maze_exit,prefix_parity"], "'prefix_parity' is not a maze setting"),
     ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "0"], "--seeds must be >= 1, got 0"),
     ("think_longer", ["--seeds", "-1"], "--seeds must be >= 1, got -1"),
+    # the fifteenth pass: huge counts, repeated list entries and an --out that cannot be written
+    ("compact", ["--max-bits", "100000"], "--max-bits 100000: X runs 2 n + 4 = 200,004 loops on the longest string, "
+     "past the limit of 10,000; at most --max-bits 4,998"),
+    ("compact", ["--out", "/"], "argument --out: / is a directory; name a file in it"),
+    ("compact", ["--out", "/dev/null/x.json"], "argument --out: /dev/null/x.json: /dev/null is a file, not a directory"),
+    ("compact", ["--out", ""], "argument --out: '': name the file to write"),
+    ("decode", ["--loops", "100000"], "--loops 100000: at most 10,000 (the loop limit)"),
+    ("decode", ["--new", "64,64"], "--new '64,64': 64 is given twice; give each once"),
+    ("step_profile", ["--loops", "100000"], "--loops '100000': 100000 is above 10,000 (the loop limit)"),
+    ("addition_places", ["--runs", "r", "--examples", "100000000"],
+     "--examples 100000000: at most 100,000 (each set is built in memory first)"),  # named data.eval_examples
+    ("addition_places", ["--runs", "r", "--models", "looped,looped"], "--models looped,looped: a model is given twice"),
+    ("addition_places", ["--runs", "r", "--digits", "8,8"], "--digits '8,8': 8 is given twice"),
+    ("addition_places", ["--runs", ""], "argument --runs: '': name the folder"),  # was "--runs .: no trained ..."
+    ("addition_places", ["--runs", "r", "--digits", "100000"],  # an out-of-memory traceback from XLA
+     "--digits 100000: attention over 256 examples of 300,005 tokens needs about"),
 ]
 
 
@@ -128,3 +144,36 @@ def test_as_a_script_no_traceback(name, argv, message):
                           timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == message
+
+
+@pytest.mark.parametrize("name,argv,message", [
+    # 8 GiB: half of it holds 64 x 965^2 scores of 4 heads (72 bytes a pair), strings of up to 964 bits
+    ("compact", ["--max-bits", "4000"], "--max-bits 4000: attention over 64 strings of 4,001 tokens needs about "
+     "68.7 GiB, more than half of this machine's 8 GiB; at most --max-bits 964 fits"),
+    ("compact", ["--batch", "1000000000"], "--batch 1000000000: attention over 1,000,000,000 strings even of 1 bit "
+     "needs about 268.2 GiB, more than half of this machine's 8 GiB; at most --batch 14,913,080 fits"),
+    ("decode", ["--new", "1000000000", "--batch", "1"], "--new 1000000000: the key/value cache of 1 x 1,000,000,016 "
+     "tokens at 3 loops needs about 7,629.4 GiB, more than half of this machine's 8 GiB; at most --new"),
+])
+def test_a_size_past_memory_names_the_flag_and_the_largest_that_fits(name, argv, message, monkeypatch, capsys):
+    """#27 fifteenth pass: a size whose attention or key/value cache cannot fit was an out-of-memory traceback from
+    XLA (compact.py --max-bits, the known leftover; decode.py --new); now argparse's one line, before any work."""
+    module = script(name)
+    monkeypatch.setattr(module.C, "memory_bytes", lambda: 8 << 30)
+    monkeypatch.setattr(module, "eval_batches" if name == "compact" else "Decoder",
+                        lambda *a, **k: pytest.fail("the work started before the refusal"))
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and message in err.splitlines()[-1], err
+
+
+def test_ctrl_c_in_a_bench_script_is_one_line_and_status_130():
+    """A Ctrl-C printed a KeyboardInterrupt traceback (during a compile, then a crash in the teardown: -11)."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import _common as C\n"
+            "def main():\n    raise KeyboardInterrupt\n"
+            "C.run_main(main)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=BENCH.parent)
+    assert done.returncode == 130 and done.stderr == "interrupted\n", done.stderr

@@ -137,6 +137,18 @@ def test_generate(run_dir, capsys):
     assert "#1" in out and "true answer" in out and "X=2 Y=3" in out
 
 
+def test_generate_with_exit_says_the_rule_beside_the_cap(run_dir, text_run_dir, capsys):
+    """#27 fifteenth pass: `generate --exit` on a task run showed "X=3" (the cap) in its table and JSON with no word of
+    the rule, as if every token ran 3 loops; a text run's line showed the cap alone too (its JSON had the rule)."""
+    doc = run_json(capsys, "generate", "--run", str(run_dir), "--count", "2", "--exit", "X=latent_diff:0.1")
+    assert doc["exit"] == {"X": "latent_diff:0.1"}
+    assert main(["generate", "--run", str(run_dir), "--count", "2", "--exit", "X=latent_diff:0.1"]) == 0
+    assert "· X exits by latent_diff:0.1 (its count shown is the cap)\n" in capsys.readouterr().out
+    assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--max-new-tokens", "2", "--exit",
+                 "latent_diff:0.1"]) == 0
+    assert re.match(r"\[X=\d+; X exits by latent_diff:0.1, [\d.]+ loops per token\] In", capsys.readouterr().out)
+
+
 def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, capsys):
     args = ["generate", "--run", str(run_dir), "--example-split", "hard", "--count", "6", "--loops", "X=1,6"]
     cached, recomputed = run_json(capsys, *args), run_json(capsys, *args, "--no-cache")
