@@ -14,9 +14,17 @@ Per-token exits while decoding: `latent_diff` at three thresholds against none, 
 batch 1 (an exit saves its iterations) and batch 8 (a row waits for the batch's slowest token); on the random
 weights by default (their states never settle, so no token exits early) or on a trained text run (``--run``).
 
+Compacted against masked decoding with exits (`Decoder(..., compact=True)`: the prefill and every step compute
+only the rows and tokens still running; one-block circuits only, so the model here is the text_bytes.yaml shape
+with X of depth 1, random weights): per batch (--compact-batch) and threshold, tokens/s of each mode, the mean
+loops, the executed token-iterations of X per generated token (prefill included) and whether the greedy tokens
+match. ``--compact-only`` runs this part alone.
+
 JSON: {"rows": [{"policy", "batch", "new_tokens", "tokens_per_s", "bytes_per_token"}], "speedup_256": float,
        "max_abs_logit_diff": float, "greedy_match": bool, "approximations": {policy: max_abs_logit_diff},
-       "exits": [{"exit", "batch", "new_tokens", "tokens_per_s", "mean_loops"}]}
+       "exits": [{"exit", "batch", "new_tokens", "tokens_per_s", "mean_loops"}],
+       "compact": [{"exit", "batch", "new_tokens", "mode", "tokens_per_s", "mean_loops", "computed_per_token",
+                    "greedy_match"}]}
 """
 
 from __future__ import annotations
@@ -77,10 +85,18 @@ def main() -> None:
     p.add_argument("--run", help="measure the exits on this trained text run (e.g. runs/text_bytes) instead of the "
                                  "random weights, whose states never settle")
     p.add_argument("--recompute-max", type=int, default=256, help="largest number of new tokens timed for recompute")
+    p.add_argument("--compact-batch", default="8,32", help="batch sizes of the compacted-against-masked exit rows")
+    p.add_argument("--compact-only", action="store_true", help="measure only compacted against masked decoding")
     args = p.parse_args()
     C.at_least(p, args, {"--loops": 1, "--reps": 1, "--recompute-max": 0})
     C.at_most(p, args, {"--loops": (MAX_LOOPS, "the loop limit")})
     news, batches = C.int_list(p, "--new", args.new), C.int_list(p, "--batch", args.batch)
+    compact_batches = C.int_list(p, "--compact-batch", args.compact_batch)
+    if args.compact_only:
+        result = {"bench": "decode", "env": C.environment(), "prompt_tokens": PROMPT,
+                  "compact": compact_rows(compact_batches, args)}
+        C.emit(result, [compact_table(result["compact"])], args)
+        return
     model = random_model()
     # before anything runs: a huge --new, --batch or --loops was an out-of-memory traceback from XLA (the full
     # cache holds every iteration's keys and values of every token)
@@ -146,7 +162,8 @@ def main() -> None:
                          else f"weights of {args.run}; prompts from its val split)"),
                       ["exit", "batch", "tokens/s", "mean loops per token"],
                       [[r["exit"], r["batch"], r["tokens_per_s"], r["mean_loops"]] for r in result["exits"]])]
-    C.emit(result, tables, args)
+    result["compact"] = compact_rows(compact_batches, args)
+    C.emit(result, [*tables, compact_table(result["compact"])], args)
 
 
 EXIT_CAP, EXIT_NEW = 8, 256
@@ -178,6 +195,44 @@ def exit_rows(model: Any, graphdef: Any, params: Any, args: Any) -> list[dict]:
             C.log(f"exits batch {batch} {rule}: {rows[-1]['tokens_per_s']:.0f} tok/s, {rows[-1]['mean_loops']:.2f} loops",
                   args)
     return rows
+
+
+def compact_rows(batches: list[int], args: Any) -> list[dict]:
+    """Masked (compact off) against compacted (on) cached decoding with exits, on a one-block circuit (the
+    text_bytes.yaml shape with X of depth 1, random weights), EXIT_NEW greedy tokens capped at EXIT_CAP loops."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "text_bytes.yaml",
+                      ["model.stages.0.circuits.X.depth=1"]).model
+    model = C.random_kernels(build_model(cfg, 259, 0))
+    graphdef, params = nnx.graphdef(model), nnx.state(model)
+    rows = []
+    for batch in batches:
+        ps = prompts(batch)
+        dec = Decoder(graphdef, model.circuit_names, "full")
+        for rule in EXIT_RULES[1:]:
+            tokens = {}
+            for mode, compact in (("off", False), ("on", True)):
+                def go(dec=dec, ps=ps, rule=rule, compact=compact):  # noqa: ANN202
+                    return dec(params, ps, {"X": EXIT_CAP}, EXIT_NEW, exits={"X": ExitRule.parse(rule)}, compact=compact)
+                t = best_time(go, args.reps)
+                out = go()
+                tokens[mode] = out.tokens.tolist()
+                rows.append({"exit": rule, "batch": batch, "new_tokens": EXIT_NEW, "mode": mode,
+                             "tokens_per_s": batch * EXIT_NEW / t, "mean_loops": float(np.mean(out.loops["X"])),
+                             "computed_per_token": out.computed["X"] / (batch * EXIT_NEW), "seconds": t})
+                C.log(f"compact {mode} batch {batch} {rule}: {rows[-1]['tokens_per_s']:.0f} tok/s, "
+                      f"{rows[-1]['computed_per_token']:.2f} computed per token", args)
+            for r in rows[-2:]:
+                r["greedy_match"] = tokens["on"] == tokens["off"]
+    return rows
+
+
+def compact_table(rows: list[dict]) -> str:
+    return C.table(f"compacted against masked decoding with exits (text_bytes.yaml shape, X of depth 1, random "
+                   f"weights, cap {EXIT_CAP} loops, {EXIT_NEW} new tokens; computed: X's token-iterations per new "
+                   f"token, prefill included)",
+                   ["exit", "batch", "compact", "tokens/s", "mean loops", "computed", "same tokens"],
+                   [[r["exit"], r["batch"], r["mode"], r["tokens_per_s"], r["mean_loops"], r["computed_per_token"],
+                     r["greedy_match"]] for r in rows])
 
 
 def _buffer(ps: list[list[int]], new: np.ndarray) -> tuple[np.ndarray]:

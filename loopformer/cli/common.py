@@ -134,7 +134,8 @@ def exit_flags(p: argparse.ArgumentParser, *, many: bool, compact: bool = True) 
     p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
                    help="tokens that stopped (--exit, or --loops X=auto): on computes only the running ones of a "
                         "one-block circuit, gathered into a dense buffer; off masks every token at every iteration; "
-                        "auto (default) compacts batches of >= 4,096 tokens. Same results either way")
+                        "auto (default) compacts batches (decoding: prefills and steps) of >= 4,096 tokens. Same "
+                        "results either way")
 
 
 COMPACT = {"auto": None, "on": True, "off": False}  # --compact -> Plan.compact

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopformer.cli.common import command, emit, exit_caps, exit_flags, positive, run_flags
+from loopformer.cli.common import command, compact_choice, emit, exit_caps, exit_flags, positive, run_flags
 from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import sweep, tables
@@ -49,7 +49,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="with the cache: start each new token's circuits from the previous token's final state")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole prefix for every new token (the reference)")
-    exit_flags(p, many=False, compact=False)  # decoding runs one token at a time: nothing to compact
+    exit_flags(p, many=False)  # --compact: the prefill and every step of cached decoding (and --no-cache)
 
 
 def _format_examples(examples: list[dict[str, Any]]) -> str:
@@ -103,6 +103,7 @@ def generate_command(args: argparse.Namespace) -> int:
         exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops) or [{}])[0]
         settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
         args.exits = exits
+        args.compact_plan = compact_choice(args, bool(exits), how="--exit")
         if info.is_text:
             if args.prompt is None:
                 raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
@@ -156,13 +157,13 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     outs = []
     for loops in settings:
         if args.no_cache:
-            new = generate_batch(_logits(run, args.exits), run.params, [ids], loops, args.max_new_tokens,
+            new = generate_batch(_logits(run, args.exits, args.compact_plan), run.params, [ids], loops, args.max_new_tokens,
                                  seed=args.seed, sampling=sampling)[0]
             mean_loops = {}
         else:
             decoder = decoder_for(run.model, args.policy, args.continuous)
             out = decoder(run.params, [ids], loops, args.max_new_tokens, sampling, eos_id=stops,
-                          exits=args.exits or None, seed=args.seed)
+                          exits=args.exits or None, compact=args.compact_plan, seed=args.seed)
             new = out.tokens[0, : out.lengths[0]].tolist()
             mean_loops = {c: float(v[0, : out.lengths[0]].mean()) for c, v in out.loops.items()}
         new = until_eos(tokenizer, new, stops)
@@ -259,7 +260,7 @@ def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, set
 
 def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[dict[str, int]],
                      split: str) -> tuple[dict, str]:
-    info, task, logits = run.info, run.task, _logits(run, args.exits)
+    info, task, logits = run.info, run.task, _logits(run, args.exits, args.compact_plan)
     parts = [real_rows(b) for b in run.eval_sets([split], args.count or 4)[split]]
     if info.cfg.data.mixture:
         task, logits, parts = _mixture_view(run, split, logits, parts)
@@ -289,7 +290,7 @@ def _answer_decoder(args: argparse.Namespace, run: LoadedRun) -> tuple[Any, str 
     decoder = decoder_for(run.model, args.policy, args.continuous)
 
     def decode(params: Any, prompts: Any, loops: dict[str, int], n: int) -> list[list[int]]:
-        return decoder(params, prompts, loops, n, exits=args.exits or None).tokens.tolist()
+        return decoder(params, prompts, loops, n, exits=args.exits or None, compact=args.compact_plan).tokens.tolist()
 
     return decode, str(args.policy)
 
@@ -312,6 +313,7 @@ def _mixture_view(run: LoadedRun, split: str, logits_fn: Any, parts: list[dict])
     return entry.task, logits, [data.untag(b) for b in parts]
 
 
-def _logits(run: LoadedRun, exits: dict[str, Any]) -> Any:
-    """The evaluator's logits function, with the exit rules bound in."""
-    return lambda params, tokens, loops, segments=None: run.evaluator.logits(params, tokens, loops, segments, exits)
+def _logits(run: LoadedRun, exits: dict[str, Any], compact: bool | None = None) -> Any:
+    """The evaluator's logits function, with the exit rules and --compact bound in."""
+    return lambda params, tokens, loops, segments=None: run.evaluator.logits(params, tokens, loops, segments, exits,
+                                                                             compact)

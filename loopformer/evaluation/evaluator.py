@@ -175,9 +175,11 @@ class Evaluator:
                        for j, stat in enumerate(TRACE_STATS)} for name in self.names if traces[name] is not None}
 
     def logits(self, params: Any, tokens_BT: Array, loops: Mapping[str, int], segment_ids_BT: Array | None = None,
-               exits: Mapping[str, Any] | None = None) -> Array:
-        """Logits [B, T, vocab] of a token buffer at ``loops`` (a `loopformer.inference` logits_fn)."""
-        return self._logits(params, tokens_BT, make_plan(self.names, loops, exits=exits), segment_ids_BT)
+               exits: Mapping[str, Any] | None = None, compact: bool | None = None) -> Array:
+        """Logits [B, T, vocab] of a token buffer at ``loops`` (a `loopformer.inference` logits_fn); ``compact``:
+        `Plan.compact`."""
+        return self._logits(params, tokens_BT, make_plan(self.names, loops, exits=exits, compact=compact),
+                            segment_ids_BT)
 
 
 def _valid(batch: Batch) -> Array:

@@ -9,13 +9,18 @@ keys and values later tokens read; ``full`` is exact (the same logits as recompu
     gen = decoder_for(model, "full")             # model: a LoopedTransformer (shapes suffice)
     out = gen(params, prompts, loops={"X": 8}, max_new_tokens=64, sampling=Sampling(temperature=0.8))
     out.tokens, out.lengths, out.loops            # [B, N] new tokens, [B] how many before the stop, per circuit
+
+With exits, ``compact=True`` (`Plan.compact`; None: chunks of COMPACT_MIN_TOKENS tokens or more, False:
+masked) runs a one-block circuit's iterations on the tokens still running only, gathered into a dense
+buffer of a few static sizes; the logits are the masked ones. ``out.computed`` counts the token-iterations
+each circuit's blocks executed.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -66,6 +71,8 @@ class Generated:
     tokens: np.ndarray  # [B, max_new_tokens] (after a row's stop token: the stop token again)
     lengths: np.ndarray  # [B] new tokens up to and including the stop token (max_new_tokens if none)
     loops: dict[str, np.ndarray]  # {circuit: [B, max_new_tokens]} iterations each new token ran
+    # {circuit: token-iterations its blocks executed, prefill and every step (rows already stopped included)}
+    computed: dict[str, float] = field(default_factory=dict)
 
 
 def _bucket(n: int, size: int) -> int:
@@ -91,7 +98,8 @@ class Decoder:
         B, P = prompts_BP.shape
         cache = model.empty_cache(B, P + new, self.policy, dict(slots))
         positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-        logits, cache, used = model.decode(prompts_BP, positions, cache, plan, self.policy, last_B=lengths_B - 1)
+        logits, cache, used, computed0 = model.decode(prompts_BP, positions, cache, plan, self.policy,
+                                                      last_B=lengths_B - 1)
         first = sample(logits[jnp.arange(B), lengths_B - 1], jax.random.fold_in(key, 0), sampling)
         out0 = jnp.zeros((B, new), jnp.int32).at[:, 0].set(first)
         # loops[n][:, j]: the iterations that produced new token j (token 0: the prompt's last position)
@@ -105,21 +113,23 @@ class Decoder:
             return (c[0] < new) & ~jnp.all(c[4])
 
         def body(c: tuple) -> tuple:
-            step, cache, out, loops, done, count = c
+            step, cache, out, loops, done, count, computed = c
             token = out[:, step - 1]
             pos = (lengths_B + step - 1)[:, None]
-            logits, cache, used = model.decode(token[:, None], pos, cache, plan, self.policy, continuous=self.continuous)
+            logits, cache, used, ran = model.decode(token[:, None], pos, cache, plan, self.policy,
+                                                    continuous=self.continuous)
+            computed = {n: computed[n] + ran[n] for n in self.names}
             nxt = sample(logits[:, 0], jax.random.fold_in(key, step), sampling)
             nxt = jnp.where(done, token, nxt)  # a finished row repeats its stop token
             out = out.at[:, step].set(nxt)
             loops = {n: loops[n].at[:, step].set(jnp.where(done, 0.0, used[n][:, 0])) for n in self.names}
             count = count + (~done).astype(jnp.int32)
             done = done | jnp.isin(nxt, stop_ids)
-            return step + 1, cache, out, loops, done, count
+            return step + 1, cache, out, loops, done, count, computed
 
-        _, _, out, loops, _, count = jax.lax.while_loop(
-            cond, body, (jnp.ones((), jnp.int32), cache, out0, loops0, done0, count0))
-        return out, count, loops
+        _, _, out, loops, _, count, computed = jax.lax.while_loop(
+            cond, body, (jnp.ones((), jnp.int32), cache, out0, loops0, done0, count0, computed0))
+        return out, count, loops, computed
 
     def _score(self, params: Any, prompts_BP: Array, lengths_B: Array, follow_BN: Array, plan: Plan,
                slots: tuple[tuple[str, int], ...]) -> Array:
@@ -128,20 +138,21 @@ class Decoder:
         (B, P), N = prompts_BP.shape, follow_BN.shape[1]
         cache = model.empty_cache(B, P + N, self.policy, dict(slots))
         positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-        logits, cache, _ = model.decode(prompts_BP, positions, cache, plan, self.policy, last_B=lengths_B - 1)
+        logits, cache = model.decode(prompts_BP, positions, cache, plan, self.policy, last_B=lengths_B - 1)[:2]
 
         def step(cache: Any, j: Array) -> tuple[Any, Array]:
-            out, cache, _ = model.decode(follow_BN[:, j][:, None], (lengths_B + j)[:, None], cache, plan, self.policy,
-                                         continuous=self.continuous)
+            out, cache = model.decode(follow_BN[:, j][:, None], (lengths_B + j)[:, None], cache, plan, self.policy,
+                                         continuous=self.continuous)[:2]
             return cache, out[:, 0]
 
         _, rest = jax.lax.scan(step, cache, jnp.arange(N - 1))
         return jnp.concatenate([logits[jnp.arange(B), lengths_B - 1][:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
 
-    def score(self, params: Any, prompts: Sequence[Sequence[int]], continuations: np.ndarray, loops: Mapping[str, int]
-              ) -> np.ndarray:
+    def score(self, params: Any, prompts: Sequence[Sequence[int]], continuations: np.ndarray, loops: Mapping[str, int],
+              *, exits: Mapping[str, Any] | None = None, compact: bool | None = None) -> np.ndarray:
         """Teacher-forced cached decoding: logits [B, N, V] predicting each token of ``continuations``
-        [B, N] after its prompt (position j: given the prompt and continuation[:j])."""
+        [B, N] after its prompt (position j: given the prompt and continuation[:j]); ``exits`` and
+        ``compact`` as in `__call__`."""
         lengths = np.asarray([len(p) for p in prompts], np.int32)
         P = _bucket(int(lengths.max()), PROMPT_BUCKET)
         buf = np.zeros((len(prompts), P), np.int32)
@@ -149,17 +160,20 @@ class Decoder:
             buf[i, : len(p)] = p
         slots = tuple((n, self.policy.slots(int(loops[n]))) for n in self.names)
         fn = jax.jit(self._score, static_argnums=(5,))
-        plan = make_plan(self.names, loops)
+        plan = make_plan(self.names, loops, exits=exits, compact=compact)
         nnx.merge(self.graphdef, params).check_decoding(plan)
         return np.asarray(fn(params, jnp.asarray(buf), jnp.asarray(lengths), jnp.asarray(continuations, jnp.int32),
                              plan, slots))
 
     def __call__(self, params: Any, prompts: Sequence[Sequence[int]], loops: Mapping[str, int], max_new_tokens: int,
                  sampling: Sampling | None = None, *, eos_id: int | Sequence[int] | None = None,
-                 exits: Mapping[str, Any] | None = None,
+                 exits: Mapping[str, Any] | None = None, compact: bool | None = None,
                  seed: int = 0) -> Generated:
         """Continue each prompt by ``max_new_tokens`` tokens with every circuit at ``loops`` (the caps when
-        ``exits`` are given), stopping a row at ``eos_id`` (one id or several: any of them)."""
+        ``exits`` are given), stopping a row at ``eos_id`` (one id or several: any of them). ``compact``
+        (`Plan.compact`): with exits, run a one-block circuit's iterations on the running tokens only (True),
+        every token (False), or by the size of the chunk (None: prefill and steps of COMPACT_MIN_TOKENS tokens
+        or more); the same tokens and logits either way."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise PlanError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -169,13 +183,14 @@ class Decoder:
         buf = np.zeros((len(prompts), P), np.int32)
         for i, p in enumerate(prompts):
             buf[i, : len(p)] = p
-        plan = make_plan(self.names, loops, exits=exits)
+        plan = make_plan(self.names, loops, exits=exits, compact=compact)
         nnx.merge(self.graphdef, params).check_decoding(plan)  # refusals before tracing: one clear line
         slots = tuple((n, self.policy.slots(int(loops[n]))) for n in self.names)  # static: one program per bucket
-        out, count, used = self._run(params, jnp.asarray(buf), jnp.asarray(lengths), plan, sampling or Sampling(), N,
-                                     slots, stop_tuple(eos_id), jax.random.key(seed))
+        out, count, used, computed = self._run(params, jnp.asarray(buf), jnp.asarray(lengths), plan,
+                                               sampling or Sampling(), N, slots, stop_tuple(eos_id), jax.random.key(seed))
         out, count = np.asarray(out)[:, :max_new_tokens], np.minimum(np.asarray(count), max_new_tokens)
-        return Generated(out, count, {n: np.asarray(v)[:, :max_new_tokens] for n, v in used.items()})
+        return Generated(out, count, {n: np.asarray(v)[:, :max_new_tokens] for n, v in used.items()},
+                         {n: float(v) for n, v in computed.items()})
 
 
 def stop_tuple(ids: int | Sequence[int] | None) -> tuple[int, ...]:

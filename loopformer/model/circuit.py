@@ -86,7 +86,8 @@ class CircuitOut(NamedTuple):
     [W, B, T, O] the writes of iterations n, n - 1, ..., n - W + 1;
     when decoding, ``cache`` its keys and values with the chunk stored and ``state`` [B, t, w] the final
     states; in inference, ``computed`` [] the token-iterations its blocks executed (masked: every token of
-    the batch at every iteration the loop ran; compacted: the gathered buffer's size at each)."""
+    the batch at every iteration the loop ran; compacted: the gathered buffer's size at each; when decoding,
+    also the iteration that fills the cache slots of a loop that stopped early)."""
 
     out: Array
     trace: Array | None = None
@@ -243,10 +244,10 @@ class Circuit(nnx.Module):
                readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None,
                compact_ok: bool | None = None) -> CircuitOut:
         """Inference, with or without an exit rule, with or without a cache: `iterate_until`. Compacted
-        (``compact_ok``: `Plan.compact`, None: batches of COMPACT_MIN_TOKENS or more) when tokens may stop at
-        different iterations, there is no cache and
-        the circuit is one block: then a frozen token's keys and values never change (they depend on its own
-        state only), so they are computed once, in the iteration after it stops, and reused."""
+        (``compact_ok``: `Plan.compact`, None: batches or decoding chunks of COMPACT_MIN_TOKENS or more) when
+        tokens may stop at different iterations and the circuit is one block: then a frozen token's keys and
+        values never change (they depend on its own state only), so they are computed once, in the iteration
+        after it stops, and reused (when decoding, also for the cache slots of the later iterations)."""
         e = consts[1]
         if rule is None and self.halting.mixes_output:  # ACT evaluates with its own halting rule, up to n
             rule = exit_rule("learned", self.halting.default_q())
@@ -261,13 +262,13 @@ class Circuit(nnx.Module):
         adaptive = rule is not None or jnp.ndim(n) > 0  # tokens may stop at different iterations
         if compact_ok is None:
             compact_ok = B * T >= COMPACT_MIN_TOKENS
-        compact = adaptive and compact_ok and cache is None and self.depth == 1
+        compact = adaptive and compact_ok and self.depth == 1
         side0, active0 = chunk0, None
         if cache is None and adaptive and ctx.valid_BT is not None:
             active0 = ctx.valid_BT  # padding never reaches an output: it need not run
         if compact:
-            step = self._compact_step(graphdef, ctx)
-            side0 = (self._kv_buffers(h0), jnp.zeros((), jnp.float32))
+            step = self._compact_step(graphdef, ctx, cache)
+            side0 = (self._kv_buffers(h0), jnp.zeros((), jnp.float32), chunk0)
         if rule is None:
             loop = iterate_until(step, consts, h0, n, side0=side0, active0=active0)
             out = self.emit(loop.h, e)
@@ -279,8 +280,8 @@ class Circuit(nnx.Module):
         computed = loop.side[1] if compact else loop.ran.astype(jnp.float32) * B * T
         if cache is None:
             return CircuitOut(out, used=used, computed=computed)
-        cache = self._store(step, consts, loop, n, ctx, cache, early=rule is not None)
-        return CircuitOut(out, used=used, cache=cache, state=loop.h)
+        cache, filled = self._store(step, consts, loop, n, ctx, cache, early=rule is not None, compact=compact)
+        return CircuitOut(out, used=used, cache=cache, state=loop.h, computed=computed + filled)
 
     @property
     def depth(self) -> int:
@@ -293,21 +294,26 @@ class Circuit(nnx.Module):
         # float32 holds any compute dtype's values exactly; attention casts them back to its own
         return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
-    def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context) -> Callable:
-        """The compacted iteration: ``step(consts, i, h, (kv, computed), fresh)``. The fresh tokens (those
+    def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context, cache: tuple[KV, ...] | None = None) -> Callable:
+        """The compacted iteration: ``step(consts, i, h, (kv, computed, chunk), fresh)``. The fresh tokens (those
         that ran the previous iteration) are gathered into an [R, c] buffer: the R rows that hold any, then
         in each the fresh tokens in sequence order, R and c the smallest of B / COMPACT_SHARES and
         T / COMPACT_SHARES that hold them (R = B or c = T gathers nothing along that axis). They run the block
-        over their rows' keys and values, storing their own. Tokens that stopped in the previous iteration
-        run once more this way, which stores the keys and values of their final state; their new state is
-        discarded by the loop."""
+        over their rows' keys and values ``kv`` (each token's, from its current state), storing their own.
+        Tokens that stopped in the previous iteration run once more this way, which stores the keys and values
+        of their final state; their new state is discarded by the loop.
+
+        When decoding (``cache``: the earlier positions' keys and values per slot), the gathered rows also read
+        their cache at the policy's slot for i, and the chunk's keys and values of iteration i (``chunk``, per
+        slot, as the masked step keeps them) are ``kv`` after the step, written where the policy writes at i:
+        a frozen token's keys and values at iteration i are those of its final state, which ``kv`` holds."""
         B, T = ctx.positions_BT.shape
         row_caps = sorted({-(-B // share) for share in COMPACT_SHARES})
         tok_caps = sorted({-(-T // share) for share in COMPACT_SHARES})
         seg = None if ctx.mask is None else ctx.mask[:, 0]  # [B, T, T]
 
         def gathered(R: int, c: int) -> Callable:
-            def run(consts: tuple[Any, Array], h: Array, kv: KV, fresh: Array) -> tuple[Array, KV]:
+            def run(consts: tuple[Any, Array], h: Array, kv: KV, fresh: Array, dec: tuple) -> tuple[Array, KV]:
                 circuit = nnx.merge(graphdef, consts[0])
                 rows = _select(jnp.any(fresh, axis=-1), R) if R < B else None  # [R], B in empty slots
                 take = (lambda a: a) if rows is None else (lambda a: a[jnp.minimum(rows, B - 1)])  # noqa: E731
@@ -322,10 +328,16 @@ class Circuit(nnx.Module):
                     h_c, e_c, pos_c, write = h_r[at], e_r[at], pos_r[at], idx < T
                     mask = None if seg_r is None else seg_r[at][:, None]
                 else:
-                    idx, h_c, e_c, pos_c, write = None, h_r, e_r, pos_r, f_r
+                    at, idx, h_c, e_c, pos_c, write = None, None, h_r, e_r, pos_r, f_r
                     mask = None if seg_r is None else seg_r[:, None]
+                earlier = shared = None
+                if dec:  # (earlier keys, values at the slot [B, S, K, H], the chunk's at the slot [B, T, K, H], use)
+                    k_e, v_e, k_s, v_s, use = dec
+                    abs_r = take(ctx.positions_BT)
+                    earlier = (take(k_e), take(v_e), take(ctx.decoding.start_B), abs_r if at is None else abs_r[at])
+                    shared = (take(k_s), take(v_s), use)
                 x = circuit.injection(circuit, h_c, e_c)
-                x, kv_r = stack_layers(circuit.blocks)[0].compact(x, pos_c, idx, kv_r, write, mask)
+                x, kv_r = stack_layers(circuit.blocks)[0].compact(x, pos_c, idx, kv_r, write, mask, earlier, shared)
                 x = (circuit.loop_norm(x) if hasattr(circuit, "loop_norm") else x).astype(h.dtype)
                 if idx is None:
                     h_r = jnp.where(write[..., None], x, h_r)
@@ -339,16 +351,26 @@ class Circuit(nnx.Module):
 
         branches = [gathered(R, c) for R in row_caps for c in tok_caps]
         sizes = jnp.asarray([R * c for R in row_caps for c in tok_caps], jnp.float32)
+        policy = None if ctx.decoding is None else ctx.decoding.policy
 
         def step(consts: tuple[Any, Array], i: Array, h: Array, side: tuple, fresh: Array) -> tuple[Array, tuple]:
-            del i
-            kv, computed = side
+            kv, computed, chunk = side
             per_row = jnp.sum(fresh, axis=-1)
             r = jnp.sum(jnp.asarray(row_caps) < jnp.sum(per_row > 0))
             t = jnp.sum(jnp.asarray(tok_caps) < jnp.max(per_row))
             which = r * len(tok_caps) + t
-            h, kv = jax.lax.switch(which, branches, consts, h, kv, fresh)
-            return h, (kv, computed + sizes[which])
+            dec = ()
+            if cache is not None:  # one block: one layer of cache and chunk
+                slot, writes = policy.slot(i), policy.writes(i)
+                at = lambda a: jax.lax.dynamic_index_in_dim(a, slot, 0, False)  # noqa: E731
+                (k_c, v_c), = cache
+                (k_b, v_b), = chunk
+                dec = (at(k_c), at(v_c), at(k_b), at(v_b), ~writes)
+            h, kv = jax.lax.switch(which, branches, consts, h, kv, fresh, dec)
+            if cache is not None:
+                chunk = (tuple(jax.lax.dynamic_update_index_in_dim(b, jnp.where(writes, f.astype(b.dtype), at(b)), slot, 0)
+                               for b, f in zip(chunk[0], kv, strict=True)),)
+            return h, (kv, computed + sizes[which], chunk)
 
         return step
 
@@ -358,17 +380,24 @@ class Circuit(nnx.Module):
         return tuple((jnp.zeros((k.shape[0], k.shape[1], t, *k.shape[3:]), k.dtype),) * 2 for k, _ in cache)
 
     def _store(self, step: Callable, consts: Any, loop: Until, n: Array, ctx: Context, cache: tuple[KV, ...], *,
-               early: bool) -> tuple[KV, ...]:
-        """The cache with the chunk's keys and values stored at its positions. A loop that ended before
-        ``n`` (every token stopped) leaves the slots of iterations ran .. n - 1 unwritten; a later token
-        running that long reads there what the forward pass computes: the keys and values of the frozen
-        final states, which one more iteration gives (exact for one-block circuits; deeper blocks attend
-        to neighbours that may still have been running at those iterations)."""
-        policy, chunk = ctx.decoding.policy, loop.side
-        S, B = chunk[0][0].shape[:2]
+               early: bool, compact: bool = False) -> tuple[tuple[KV, ...], Array]:
+        """The cache with the chunk's keys and values stored at its positions, and the token-iterations the
+        fill below executed. A loop that ended before ``n`` (every token stopped) leaves the slots of
+        iterations ran .. n - 1 unwritten; a later token running that long reads there what the forward pass
+        computes: the keys and values of the frozen final states, which one more iteration gives (exact for
+        one-block circuits; deeper blocks attend to neighbours that may still have been running at those
+        iterations). Masked, that iteration runs every token; compacted, only those that ran the loop's last
+        iteration (every other token's keys and values are those of its final state already)."""
+        policy = ctx.decoding.policy
+        chunk = loop.side[2] if compact else loop.side
+        S, B, t = chunk[0][0].shape[:3]
 
-        def fill(chunk: tuple) -> tuple:
-            extra = step(consts, loop.ran, loop.h, chunk, jnp.ones(loop.h.shape[:-1], bool))[1]
+        def fill(chunk: tuple) -> tuple[tuple, Array]:
+            if compact:
+                side = step(consts, loop.ran, loop.h, (*loop.side[:2], chunk), loop.fresh)[1]
+                extra, cost = side[2], side[1] - loop.side[1]
+            else:
+                extra, cost = step(consts, loop.ran, loop.h, chunk, jnp.ones(loop.h.shape[:-1], bool))[1], B * t
             ran = jnp.broadcast_to(loop.ran, (B,))
             target = policy.later_slots(ran, n, S)  # [S, B]
             src = policy.slot(loop.ran)
@@ -378,13 +407,14 @@ class Circuit(nnx.Module):
                 return jnp.where(target[:, :, None, None, None], fresh, a)
 
             return tuple(tuple(put(a, b) for a, b in zip(kv, kv_new, strict=True)) for kv, kv_new in
-                         zip(chunk, extra, strict=True))
+                         zip(chunk, extra, strict=True)), jnp.asarray(cost, jnp.float32)
 
+        filled = jnp.zeros((), jnp.float32)
         if early:  # only an exit rule ends the loop before n
-            chunk = jax.lax.cond(loop.ran < n, fill, lambda c: c, chunk)
+            chunk, filled = jax.lax.cond(loop.ran < n, fill, lambda c: (c, jnp.zeros((), jnp.float32)), chunk)
         pos = ctx.positions_BT
         return tuple((store(k_c, k_b, pos), store(v_c, v_b, pos)) for (k_c, v_c), (k_b, v_b) in zip(cache, chunk,
-                                                                                                 strict=True))
+                                                                                                 strict=True)), filled
 
     def _stashed(self, step: Callable, consts: Any, h0: Array, n: Array, k: int, stash: int) -> CircuitOut:
         """Training a halting circuit: every iteration kept, its exit distribution and per-step writes; a

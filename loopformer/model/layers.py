@@ -139,14 +139,21 @@ class Attention(nnx.Module):
 
 
     def compact(self, x_BcW: Array, positions_Bc: Array, index_Bc: Array | None, kv: tuple[Array, Array],
-                write_Bc: Array, mask_B1cT: Array | None) -> tuple[Array, tuple[Array, Array]]:
+                write_Bc: Array, mask_B1cT: Array | None, earlier: tuple[Array, Array, Array, Array] | None = None,
+                shared: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
         """Attention of c gathered tokens over every token of their rows, whose keys and values are ``kv``
         ([B, T, K, H] each). ``index_Bc`` [B, c] are the gathered tokens' sequence indices (T: an empty slot;
         None: c = T, every token in order), ``positions_Bc`` their RoPE positions. First the gathered tokens'
         fresh keys and values are written where ``write_Bc``, so each query sees the other tokens' stored
         ones and the gathered ones' new ones. Causality and the window compare sequence indices, as
         `__call__` does; ``mask_B1cT`` the gathered rows of the segment mask. Returns (output [B, c, W], the
-        updated keys and values)."""
+        updated keys and values).
+
+        Cached decoding of a chunk (causal; its T tokens at consecutive positions): ``earlier`` (keys and
+        values [B, S, K, H] of earlier positions, start_B [B], the gathered tokens' positions [B, c]) is read
+        where a position is < start_B, in one softmax with the chunk's own, as `cached` reads its cache; and
+        ``shared`` (keys, values [B, T, K, H], use []) replaces the chunk's (updated) keys and values where
+        ``use`` (a cache policy reusing an earlier iteration's), as in `cached`."""
         B, c, W = x_BcW.shape
         T = kv[0].shape[1]
         q, k, v = self._qkv(x_BcW, positions_Bc)
@@ -159,8 +166,22 @@ class Attention(nnx.Module):
             kv = tuple(buf.at[rows, index_Bc].set(new.astype(buf.dtype), mode="drop")
                        for buf, new in zip(kv, (k, v), strict=True))
             q_pos, k_pos = jnp.minimum(index_Bc, T - 1), jnp.broadcast_to(jnp.arange(T), (B, T))
+        own = kv if shared is None else tuple(jnp.where(shared[2], s.astype(b.dtype), b)
+                                              for s, b in zip(shared[:2], kv, strict=True))
+        if earlier is not None:
+            q_i = jnp.arange(T)[None] if q_pos is None else q_pos  # [B or 1, c]
+            k_i = jnp.arange(T)[None, None, :]
+            own_visible = k_i <= q_i[..., None]  # [B or 1, c, T]
+            k_e, v_e, start_B, at_Bc = earlier
+            cache_pos = jnp.arange(k_e.shape[1])[None, None, :]
+            cache_visible = cache_pos < start_B[:, None, None]  # [B, 1, S]
+            if self.window:
+                own_visible &= k_i > q_i[..., None] - self.window
+                cache_visible = cache_visible & (cache_pos > at_Bc[:, :, None] - self.window)
+            y = attend_split(q, (k_e, v_e, cache_visible), (own[0], own[1], own_visible))
+            return self.out(y.reshape(B, c, W)), kv
         impl = "einsum" if self.impl == "einsum" or q_pos is not None else self.impl
-        y = attend(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask=mask_B1cT, causal=self.causal,
+        y = attend(q, own[0].astype(q.dtype), own[1].astype(q.dtype), mask=mask_B1cT, causal=self.causal,
                    window=self._span, impl=impl, q_pos=q_pos, k_pos=k_pos)
         return self.out(y.reshape(B, c, W)), kv
 
@@ -211,9 +232,12 @@ class Block(nnx.Module):
         return self._mlp(x_BtW + (self.attn_post_norm(a) if self.sandwich else a)), kv
 
     def compact(self, x_BcW: Array, positions_Bc: Array, index_Bc: Array, kv: tuple[Array, Array], write_Bc: Array,
-                mask_B1cT: Array | None) -> tuple[Array, tuple[Array, Array]]:
-        """The block on c gathered tokens over the whole sequence's keys and values (`Attention.compact`)."""
-        a, kv = self.attn.compact(self.attn_norm(x_BcW), positions_Bc, index_Bc, kv, write_Bc, mask_B1cT)
+                mask_B1cT: Array | None, earlier: tuple[Array, Array, Array, Array] | None = None,
+                shared: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """The block on c gathered tokens over the whole sequence's keys and values, and when decoding the
+        cache's (`Attention.compact`)."""
+        a, kv = self.attn.compact(self.attn_norm(x_BcW), positions_Bc, index_Bc, kv, write_Bc, mask_B1cT, earlier,
+                                  shared)
         return self._mlp(x_BcW + (self.attn_post_norm(a) if self.sandwich else a)), kv
 
     def _mlp(self, x_BTW: Array) -> Array:

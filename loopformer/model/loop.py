@@ -195,13 +195,16 @@ StopFn = Callable[[Array, Array, Array, Array, PyTree], tuple[Array, PyTree]]
 class Until(NamedTuple):
     """An inference loop's result: the final states h [..., W], ``used`` [...] float32 iterations each token
     ran, the stop rule's final state, the side state the step carried (a decoding chunk's keys and values),
-    and ``ran`` int32 [] the iterations the loop itself ran (its last token's count)."""
+    ``ran`` int32 [] the iterations the loop itself ran (its last token's count), and ``fresh`` [...] bool the
+    tokens that ran its last iteration (a compacted decoding step computes the keys and values of their final
+    states once more, for the cache slots the loop never reached)."""
 
     h: Array
     used: Array
     state: PyTree
     side: PyTree
     ran: Array
+    fresh: Array
 
 
 def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, stop: StopFn | None = None,
@@ -211,10 +214,11 @@ def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, st
 
     The one loop of evaluation, prefill and cached decoding. ``step(consts, i, h, side, fresh) -> (h, side)``
     runs iteration i (0-based); ``side`` is what the step carries besides the state (decoding: the chunk's
-    keys and values of each iteration; compacted evaluation: each layer's keys and values; ``()``
-    otherwise); ``fresh`` [...] bool marks the tokens that ran the previous iteration (all at i = 0): every
-    other token's state is frozen and was frozen when the previous iteration ran, so a step may reuse what
-    it computed from them then (their keys and values) and compute only the fresh tokens. ``n`` is the cap,
+    keys and values of each iteration; compacted evaluation and decoding: also the block's current keys and
+    values of every token; ``()`` otherwise); ``fresh`` [...] bool marks the tokens that ran the previous
+    iteration (all at i = 0): every other token's state is frozen and was frozen when the previous iteration
+    ran, so a step may reuse what it computed from them then (their keys and values) and compute only the
+    fresh tokens. ``n`` is the cap,
     int32 [] or one per token (shape h0.shape[:-1]). ``stop(i, h_prev, h, active, state) -> (fire, state)``
     is asked after iteration i (1-based) with the states before and after it and the tokens that ran it
     (``active``); a token stops when it fires at an iteration where ``due(i)`` holds, and keeps its state
@@ -226,7 +230,7 @@ def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, st
     everyone = jnp.ones(h0.shape[:-1], bool)
     if stop is None and n.ndim == 0 and active0 is None:
         h, side = jax.lax.fori_loop(0, n, lambda i, c: step(consts, i, *c, everyone), (h0, side0))
-        return Until(h, jnp.broadcast_to(n.astype(jnp.float32), h0.shape[:-1]), state0, side, n)
+        return Until(h, jnp.broadcast_to(n.astype(jnp.float32), h0.shape[:-1]), state0, side, n, everyone)
     due = due or (lambda i: jnp.ones((), bool))
     n_max = jnp.max(n)
 
@@ -246,8 +250,8 @@ def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, st
 
     active = everyone if active0 is None else active0 & (n > 0)
     c = (jnp.zeros((), jnp.int32), h0, active, everyone, jnp.zeros(h0.shape[:-1], jnp.float32), state0, side0)
-    ran, h, _, _, used, state, side = jax.lax.while_loop(cond, body, c)
-    return Until(h, used, state, side, ran)
+    ran, h, _, fresh, used, state, side = jax.lax.while_loop(cond, body, c)
+    return Until(h, used, state, side, ran, fresh)
 
 
 # ----------------------------------------------------------------------------- diagnostics

@@ -27,7 +27,8 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    (the length of the scan that carries the gradient)
     position_offset                static: K > 0 adds one offset from U{0..K} per row to every abacus place
                                    (training; drawn from the plan's key; 0: none)
-    compact                        static: in evaluation with exits or per-token counts, one-block circuits
+    compact                        static: in evaluation and cached decoding (prefill and each step) with exits
+                                   or per-token counts, one-block circuits
                                    compute only the tokens still running (gathered into a dense buffer of a
                                    few static sizes), reusing the frozen tokens' keys and values; False: every
                                    token runs every iteration (masked); None (default): compact batches of at

@@ -31,12 +31,15 @@ OFFSET_KEY = 0xABAC  # folds the abacus offsets' draws apart from the plan's oth
 
 
 class Decoded(NamedTuple):
-    """A decoding step: logits [B, t, vocab] of the new tokens, the cache with them stored, and the
-    iterations each circuit ran per token {name: [B, t]}."""
+    """A decoding step: logits [B, t, vocab] of the new tokens, the cache with them stored, the
+    iterations each circuit ran per token {name: [B, t]}, and the token-iterations each circuit's blocks
+    executed {name: float32 []} (masked: every token of the chunk at every iteration its loop ran; compacted:
+    the gathered buffer's size at each; both with the fill of a loop that stopped before its cap)."""
 
     logits: Array
     cache: KVCache
     loops: dict[str, Array]
+    computed: dict[str, Array]
 
 
 def effective_depth(cfg: ModelConfig, loops: dict[str, float] | None = None) -> float:
@@ -222,7 +225,8 @@ class LoopedTransformer(nnx.Module):
         ``last_B``: the index in the chunk of each row's last real token, whose circuit states the cache
         keeps (default t - 1). ``continuous`` starts every circuit from the state the cache kept
         (Huginn's continuous thinking; t = 1). Also returns the iterations each circuit ran per token
-        {name: [B, t]}."""
+        {name: [B, t]} and the token-iterations its blocks executed (`Decoded`); with ``plan.compact`` (and
+        exits, and a one-block circuit) only the tokens still running are computed, as in evaluation."""
         self.check_decoding(plan)
         B, t = tokens_Bt.shape
         last = jnp.full((B,), t - 1) if last_B is None else last_B
@@ -234,7 +238,7 @@ class LoopedTransformer(nnx.Module):
                       rope_BT=places if self.coupled else None)
         x, prelude = self._stack(self.prelude, self._embed(tokens_Bt, places if self.abacus is not None else None), ctx,
                                  kv=cache.prelude)
-        circuits, state, used = dict(cache.circuits), dict(cache.state), {}
+        circuits, state, used, computed = dict(cache.circuits), dict(cache.state), {}, {}
         for bank in self.stages:
             h_init = {n: jnp.broadcast_to(state[n][:, None], (B, t, state[n].shape[-1])) for n in bank.names
                       } if continuous else None
@@ -242,10 +246,11 @@ class LoopedTransformer(nnx.Module):
             x = res.x
             circuits.update(res.caches)
             used.update({n: r.used for n, r in res.reports.items()})
+            computed.update({n: r.computed for n, r in res.reports.items()})
             state.update({n: s[jnp.arange(B), last] for n, s in res.states.items()})
         x, coda = self._stack(self.coda, x, ctx, kv=cache.coda)
         length = jnp.maximum(cache.length, positions_Bt[jnp.arange(B), last] + 1)
-        return Decoded(self._head(x), KVCache(prelude, coda, circuits, state, length, place), used)
+        return Decoded(self._head(x), KVCache(prelude, coda, circuits, state, length, place), used, computed)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: 'shared' (embed, prelude, coda, norms, head) and one entry per circuit."""

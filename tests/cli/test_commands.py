@@ -157,6 +157,16 @@ def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, 
         [[p["tokens"] for p in ex["predictions"]] for ex in recomputed["examples"]]
 
 
+def test_generate_answers_alike_compacted_and_masked(run_dir, capsys):
+    """#25: --compact on / off with --exit (cached decoding of one-block X: the prefill and every step): the
+    same answers."""
+    args = ["generate", "--run", str(run_dir), "--example-split", "hard", "--count", "4", "--exit",
+            "X=latent_diff:0.2", "--max-loops", "16"]
+    on, off = (run_json(capsys, *args, "--compact", c) for c in ("on", "off"))
+    assert [[p["tokens"] for p in ex["predictions"]] for ex in on["examples"]] == \
+        [[p["tokens"] for p in ex["predictions"]] for ex in off["examples"]]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--max-new-tokens", "100000000000"], r"--max-new-tokens 100000000000 needs a [\d,.]+ GiB key/value cache "
                                            r"\([\d,]+ bytes per token\), more than half of this machine's \d+ GiB; "

@@ -1,6 +1,7 @@
 """Cached decoding against recomputing the prefix: exact for the full policy, approximations measured
 for the others; exits, sampling, stop tokens and one program per bucket."""
 
+import dataclasses
 import functools
 
 import jax
@@ -34,23 +35,32 @@ PROMPTS = [[1, 5, 9, 22, 30, 7], [1, 7, 8]]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _prefill_then_steps(graphdef, params, tokens_BT, lengths_B, plan, policy, loops=4):
-    """Logits of every position after the prompt, computed by prefill + one cached step per token."""
+def _decoded(graphdef, params, tokens_BT, lengths_B, plan, policy, loops=4):
+    """Prefill of the first 8 positions, then one cached step per token (teacher-forced): the logits of every
+    position after each prompt [B, T - 8, V], the token-iterations circuit X executed in the prefill and in the
+    steps, and the iterations X ran in each step [T - 9, B]."""
     model = nnx.merge(graphdef, params)
     B, T = tokens_BT.shape
     P = 8
     cache = model.empty_cache(B, T, policy, {"X": loops})
     pos = jnp.broadcast_to(jnp.arange(P), (B, P))
-    first, cache, _ = model.decode(tokens_BT[:, :P], pos, cache, plan, policy, last_B=lengths_B - 1)
+    first = model.decode(tokens_BT[:, :P], pos, cache, plan, policy, last_B=lengths_B - 1)
 
-    def step(cache, j):  # a scan, not a Python loop: one decode step to compile, not T - P - 1
+    def step(carry, j):  # a scan, not a Python loop: one decode step to compile, not T - P - 1
+        cache, computed = carry
         p = lengths_B + j
-        logits, cache, _ = model.decode(tokens_BT[jnp.arange(B), p][:, None], p[:, None], cache, plan, policy)
-        return cache, logits[:, 0]
+        out = model.decode(tokens_BT[jnp.arange(B), p][:, None], p[:, None], cache, plan, policy)
+        return (out.cache, computed + out.computed["X"]), (out.logits[:, 0], out.loops["X"][:, 0])
 
-    _, rest = jax.lax.scan(step, cache, jnp.arange(T - P - 1))
+    (_, computed), (rest, used) = jax.lax.scan(step, (first.cache, jnp.zeros((), jnp.float32)), jnp.arange(T - P - 1))
     # [B, T - P]: logits predicting the token after lengths - 1 + j
-    return jnp.concatenate([first[jnp.arange(B), lengths_B - 1][:, None], rest.swapaxes(0, 1)], 1)
+    logits = jnp.concatenate([first.logits[jnp.arange(B), lengths_B - 1][:, None], rest.swapaxes(0, 1)], 1)
+    return logits, first.computed["X"], computed, used
+
+
+def _prefill_then_steps(graphdef, params, tokens_BT, lengths_B, plan, policy, loops=4):
+    """Logits of every position after the prompt, computed by prefill + one cached step per token."""
+    return _decoded(graphdef, params, tokens_BT, lengths_B, plan, policy, loops)[0]
 
 
 def _reference(model, tokens_BT, lengths_B, loops):
@@ -154,6 +164,66 @@ def test_cached_exits_equal_recompute_with_mixed_exit_counts(depth):
         want = jnp.stack([full[jnp.arange(2), lengths - 1 + j] for j in range(tokens.shape[1] - 8)], 1)
         got = _prefill_then_steps(nnx.graphdef(m), nnx.state(m), tokens, lengths, plan, policy, 12)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    if depth == 2:  # compaction asked for: a two-block circuit still runs masked, with the same logits and work
+        masked = _decoded(nnx.graphdef(m), nnx.state(m), tokens, lengths, plan, policy, 12)
+        forced = _decoded(nnx.graphdef(m), nnx.state(m), tokens, lengths, dataclasses.replace(plan, compact=True),
+                          policy, 12)
+        for a, b in zip(forced, masked, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _one_block(window=0):
+    cfg = load_config("configs/text_bytes.yaml", [
+        "model.d_model=32", "model.heads=2", "model.prelude=1", "model.coda=1", "model.stages.0.circuits.X.depth=1",
+        "model.stages.0.circuits.X.width=32", "model.stages.0.circuits.X.heads=2",
+        f"model.stages.0.circuits.X.window={window}"])
+    return randomize_writes(build_model(cfg.model, VOCAB, 0))
+
+
+@pytest.mark.parametrize("window", [0, 3], ids=["causal", "causal-window-3"])
+def test_compacted_cached_decoding_gives_the_masked_and_recomputed_logits(window):
+    """Compacted cached decoding (`Plan.compact`, one-block circuit, exits): in the prefill and in every step only
+    the rows and tokens still running are computed, the frozen ones' keys and values (of the iteration after
+    they stopped) reused for the later slots of the cache. Four rows whose tokens stop at different iterations:
+    the logits equal the masked decoding's and the recomputed forward pass's to 1e-5, and fewer
+    token-iterations run than masked, in the prefill and in the steps."""
+    m = _one_block(window)
+    rng = np.random.default_rng(3)
+    B, T = 4, 20
+    tokens = jnp.asarray(rng.integers(3, VOCAB, (B, T)), jnp.int32)
+    lengths = jnp.asarray([8, 3, 6, 5], jnp.int32)
+    policy = CachePolicy.parse("full")
+    plan = make_plan(["X"], {"X": 12}, exits={"X": "latent_diff:0.1"})
+    full, diag = jax.jit(lambda p, t, plan: nnx.merge(nnx.graphdef(m), p)(t, plan))(nnx.state(m), tokens, plan)
+    assert np.asarray(diag.circuits["X"].used).max() < 12
+    want = jnp.stack([full[jnp.arange(B), lengths - 1 + j] for j in range(T - 8)], 1)
+    runs = {c: _decoded(nnx.graphdef(m), nnx.state(m), tokens, lengths, dataclasses.replace(plan, compact=c), policy, 12)
+            for c in (True, False)}
+    (lc, pc, sc, uc), (lm, pm, sm, um) = runs[True], runs[False]
+    used = np.asarray(um)
+    assert (used.min(1) < used.max(1)).sum() >= 3  # in most steps the rows' tokens stop at different iterations
+    np.testing.assert_array_equal(np.asarray(uc), used)
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(want), atol=1e-5, rtol=1e-5)
+    assert float(pc) < float(pm) and float(sc) < float(sm)
+
+
+def test_compacted_greedy_decoding_gives_the_same_tokens():
+    """The Decoder with exits and compact on, off, and the recompute path: the same greedy tokens and loop
+    counts; compacted runs fewer token-iterations (`Generated.computed`)."""
+    m = _one_block()
+    params, names = nnx.state(m), m.circuit_names
+    exits = {"X": "latent_diff:0.1"}
+    dec = Decoder(nnx.graphdef(m), names, "full")
+    on = dec(params, PROMPTS, {"X": 12}, 16, exits=exits, compact=True)
+    off = dec(params, PROMPTS, {"X": 12}, 16, exits=exits, compact=False)
+    forward = jax.jit(lambda p, t, plan: nnx.merge(nnx.graphdef(m), p)(t, plan)[0])
+    ref = generate_batch(lambda p, t, loops, seg=None: forward(p, t, make_plan(names, loops, exits=exits)), params,
+                         PROMPTS, {"X": 12}, 16)
+    assert on.tokens.tolist() == off.tokens.tolist() == ref
+    np.testing.assert_array_equal(on.loops["X"], off.loops["X"])
+    assert len(np.unique(on.loops["X"])) > 1
+    assert on.computed["X"] < off.computed["X"]
 
 
 def test_continuous_thinking_starts_from_the_last_state(model):
@@ -165,7 +235,7 @@ def test_continuous_thinking_starts_from_the_last_state(model):
     def step(params, continuous_state):
         m = nnx.merge(nnx.graphdef(model), params)
         cache = m.empty_cache(1, 8, policy, {"X": 2})
-        _, cache, _ = m.decode(jnp.asarray([[1, 5, 9]]), jnp.asarray([[0, 1, 2]]), cache, plan, policy)
+        cache = m.decode(jnp.asarray([[1, 5, 9]]), jnp.asarray([[0, 1, 2]]), cache, plan, policy).cache
         plain = m.decode(jnp.asarray([[4]]), jnp.asarray([[3]]), cache, plan, policy)[0]
         cont = m.decode(jnp.asarray([[4]]), jnp.asarray([[3]]), cache, plan, policy, continuous=True)[0]
         return plain, cont, cache.state["X"]
