@@ -13,8 +13,9 @@ The plan's loop count of the circuit is the cap (``max_loops``).
                         (ouro / pondernet: the exit CDF 1 - prod_{j<=i} (1 - lambda_j) reaches Q)
 
 Options follow after commas: ``latent_diff:0.01,min=2,every=2`` (``min``: never stop before iteration
-min; ``every``: check only every k-th iteration). A new rule is one class here: its threshold's range,
-its stop test (`ExitRule.start` / `ExitRule.stop`) and, when it reads the model's output, ``needs_readout``.
+min; ``every``: check only every k-th iteration). A new rule is one class registered with `register_exit`:
+its threshold's range, its stop test (`ExitRule.start` / `ExitRule.stop`) and, when it reads the model's
+output, ``needs_readout``.
 """
 
 from __future__ import annotations
@@ -133,11 +134,27 @@ def exit_rule(kind: str, threshold: float | Array, min_loops: int = 1, check_eve
     return EXITS.get(kind, "exit rule", PlanError)(threshold, min_loops, check_every)
 
 
-def _register(name: str) -> Any:
-    """Register an exit rule class: in the table, and as a pytree (threshold traced, the rest static)."""
+def register_exit(name: str) -> Any:
+    """Register an exit rule class (a decorator): in the table, and as a pytree (threshold traced, the rest
+    static). Every rule, the library's and a user's, is registered this way.
+
+    The kind is written into the static part on purpose: JAX (0.10) compares the tree structures of two
+    dataclass nodes with equal fields as equal whatever their classes (``structure(KL(t)) ==
+    structure(LatentDiff(t))``) while hashing them apart, so a jit cache could run a program traced for one
+    rule on a plan holding another, depending on the process's hash seed. It did: kl scored with latent_diff's
+    stop rule in ``bench/adaptive.py`` and, rarely, in ``tests/model/test_adaptive.py``
+    (`tests/variants/test_variants.py::test_exit_rule_kinds_have_distinct_tree_structures`)."""
     def add(cls: type) -> type:
         cls = EXITS.register(name)(dataclass(frozen=True)(cls))
-        return jax.tree_util.register_dataclass(cls, data_fields=["threshold"], meta_fields=["min_loops", "check_every"])
+
+        def flatten(rule: ExitRule) -> tuple[tuple[Any], tuple[str, int, int]]:
+            return (rule.threshold,), (name, rule.min_loops, rule.check_every)
+
+        def unflatten(aux: tuple[str, int, int], children: tuple[Any]) -> ExitRule:
+            return cls(children[0], aux[1], aux[2])
+
+        jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+        return cls
     return add
 
 
@@ -158,7 +175,7 @@ def entropy(logits: Array) -> Array:
     return -jnp.sum(jnp.exp(lp) * lp, axis=-1)
 
 
-@_register("latent_diff")
+@register_exit("latent_diff")
 class LatentDiff(ExitRule):
     def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
         return latent_change(h_prev, h) < self.threshold, state
@@ -186,19 +203,19 @@ class _OutputChange(ExitRule):
         return (self.change(logits, state) < self.threshold) & (i >= 2), logits  # iteration 1 has nothing to compare
 
 
-@_register("kl")
+@register_exit("kl")
 class KL(_OutputChange):
     def change(self, logits: Array, prev: Array) -> Array:
         return kl_divergence(logits, prev)
 
 
-@_register("entropy_diff")
+@register_exit("entropy_diff")
 class EntropyDiff(_OutputChange):
     def change(self, logits: Array, prev: Array) -> Array:
         return jnp.abs(entropy(logits) - entropy(prev))
 
 
-@_register("learned")
+@register_exit("learned")
 class Learned(ExitRule):
     """The circuit's own halting head decides (`loopformer.variants.halting`)."""
 
@@ -218,7 +235,7 @@ class Learned(ExitRule):
 
 
 
-@_register("patience")
+@register_exit("patience")
 class Patience(_OutputChange):
     """patience:K: stop once the top-1 next-token prediction has not changed for K iterations in a row
     (patience-based early exit, Zhou et al. 2020, "BERT Loses Patience")."""

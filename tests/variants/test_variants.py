@@ -15,7 +15,7 @@ from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.train.losses import halting_terms
 from loopformer.variants.cache import POLICIES, CachePolicy
-from loopformer.variants.exits import EXITS, ExitRule, LatentDiff, Patience
+from loopformer.variants.exits import EXITS, ExitRule, LatentDiff, Patience, exit_rule, register_exit
 from loopformer.variants.halting import HALTINGS, _Geometric
 from loopformer.variants.loops import LoopDistribution
 from loopformer.variants.registry import Registry
@@ -110,8 +110,7 @@ def test_patience_stops_after_k_unchanged_predictions():
 
 
 # --- a new exit rule: one class, registered; nothing else changes -----------------------------------------------
-@EXITS.register("test_after")
-@dataclass(frozen=True)
+@register_exit("test_after")
 class _After(ExitRule):
     """test_after:N: stop every token after N iterations (a rule whose answer is known)."""
 
@@ -120,8 +119,6 @@ class _After(ExitRule):
     def stop(self, probe, i, h_prev, h, active, state):
         return jnp.broadcast_to(i >= self.threshold, active.shape), state
 
-
-jax.tree_util.register_dataclass(_After, data_fields=["threshold"], meta_fields=["min_loops", "check_every"])
 
 
 def test_a_new_exit_rule_runs_in_the_forward_pass_and_in_cached_decoding():
@@ -183,3 +180,29 @@ def test_no_position_scheme_ignores_positions_and_rope_does_not():
 def test_exit_rules_registered():
     assert EXITS.names()[:5] == ("latent_diff", "kl", "entropy_diff", "learned", "patience")
     assert isinstance(ExitRule.parse("latent_diff:0.1,min=2"), LatentDiff)
+
+
+def test_exit_rule_kinds_have_distinct_tree_structures():
+    """Two rules of different kinds with the same settings must never share a compiled program: a plan's tree
+    structure (the jit cache key) carries the kind. With JAX's dataclass registration it did not (the
+    structures compared equal), and kl was once scored with latent_diff's stop rule."""
+    kinds = [k for k in EXITS.names() if k != "learned"] + ["learned"]
+    structures = [jax.tree.structure(exit_rule(k, 1.0, 2, 3)) for k in kinds]
+    for i, a in enumerate(structures):
+        for j, b in enumerate(structures):
+            assert (a == b) == (i == j), (kinds[i], kinds[j])
+    rule = exit_rule("kl", 0.5, 2, 3)
+    leaves, tree = jax.tree.flatten(rule)
+    assert leaves == [0.5] and jax.tree.unflatten(tree, leaves) == rule
+    assert jax.tree.structure(exit_rule("kl", 0.5)) == jax.tree.structure(exit_rule("kl", 1e-3))  # one program
+
+    calls = []
+
+    @jax.jit
+    def kind_of(rule, x):
+        calls.append(type(rule).kind)
+        return x + rule.threshold
+
+    for k in kinds:
+        kind_of(exit_rule(k, 1.0), jnp.zeros(()))
+    assert calls == kinds  # each kind traced its own program
