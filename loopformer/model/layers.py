@@ -69,6 +69,14 @@ def attention_mask(segment_ids_BT: Array | None) -> Array | None:
     return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
+def _shared(kv: tuple[Array, Array], shared: tuple[Array, Array, Array] | None) -> tuple[Array, Array]:
+    """A chunk's keys and values, or ``shared`` (k, v, use []) in their place where ``use`` (a cache policy
+    reusing an earlier iteration's)."""
+    if shared is None:
+        return kv
+    return tuple(jnp.where(shared[2], s, b) for s, b in zip(shared[:2], kv, strict=True))
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with RoPE. Causal by default; ``causal=False`` lets every
     token see the whole (unpadded) sequence, for tasks whose labels sit at input positions.
@@ -122,20 +130,31 @@ class Attention(nnx.Module):
         Returns (output [B, t, W], the chunk's fresh keys and values [B, t, K, H] for the caller to store)."""
         B, t, W = x_BtW.shape
         q, k, v = self._qkv(x_BtW, positions_Bt if rope_Bt is None else rope_Bt)
-        k_own, v_own = (k, v) if shared is None else (jnp.where(shared[2], shared[0], k), jnp.where(shared[2], shared[1], v))
-        own_visible = positions_Bt[:, None, :] <= positions_Bt[:, :, None]  # [B, t, t] causal within the chunk
-        if self.window:
-            own_visible &= positions_Bt[:, None, :] > positions_Bt[:, :, None] - self.window
+        k_own, v_own = _shared((k, v), shared)
+        own_visible = self._visible(positions_Bt, positions_Bt)  # [B, t, t] causal within the chunk
         if cache is None:
             y_BtNH = attend(q, k_own, v_own, mask=own_visible[:, None], causal=False, impl="einsum")
         else:  # two key sets, one softmax: the cache is read where it lies (no concatenated copy)
-            T = cache[0].shape[1]
-            cache_pos = jnp.arange(T)[None, None, :]
-            cache_visible = cache_pos < start_B[:, None, None]  # [B, 1, T]
-            if self.window:
-                cache_visible = cache_visible & (cache_pos > positions_Bt[:, :, None] - self.window)
+            cache_visible = self._cache_visible(cache[0].shape[1], start_B, positions_Bt)
             y_BtNH = attend_split(q, (cache[0], cache[1], cache_visible), (k_own, v_own, own_visible))
         return self.out(y_BtNH.reshape(B, t, W)), (k, v)
+
+    def _visible(self, q_Bc: Array, k_BT: Array) -> Array:
+        """[B, c, T] bool: which of a chunk's own keys (indices ``k_BT``) each query (``q_Bc``) sees: causal,
+        and within the window (leading axes broadcast)."""
+        visible = k_BT[..., None, :] <= q_Bc[..., :, None]
+        if self.window:
+            visible &= k_BT[..., None, :] > q_Bc[..., :, None] - self.window
+        return visible
+
+    def _cache_visible(self, S: int, start_B: Array, positions_Bc: Array) -> Array:
+        """[B, 1 or c, S] bool: which cached positions queries at absolute ``positions_Bc`` see: those before
+        the chunk (< ``start_B``), and within the window."""
+        cache_pos = jnp.arange(S)[None, None, :]
+        visible = cache_pos < start_B[:, None, None]
+        if self.window:
+            visible = visible & (cache_pos > positions_Bc[:, :, None] - self.window)
+        return visible
 
 
     def compact(self, x_BcW: Array, positions_Bc: Array, index_Bc: Array | None, kv: tuple[Array, Array],
@@ -166,18 +185,11 @@ class Attention(nnx.Module):
             kv = tuple(buf.at[rows, index_Bc].set(new.astype(buf.dtype), mode="drop")
                        for buf, new in zip(kv, (k, v), strict=True))
             q_pos, k_pos = jnp.minimum(index_Bc, T - 1), jnp.broadcast_to(jnp.arange(T), (B, T))
-        own = kv if shared is None else tuple(jnp.where(shared[2], s.astype(b.dtype), b)
-                                              for s, b in zip(shared[:2], kv, strict=True))
+        own = _shared(kv, shared)
         if earlier is not None:
-            q_i = jnp.arange(T)[None] if q_pos is None else q_pos  # [B or 1, c]
-            k_i = jnp.arange(T)[None, None, :]
-            own_visible = k_i <= q_i[..., None]  # [B or 1, c, T]
             k_e, v_e, start_B, at_Bc = earlier
-            cache_pos = jnp.arange(k_e.shape[1])[None, None, :]
-            cache_visible = cache_pos < start_B[:, None, None]  # [B, 1, S]
-            if self.window:
-                own_visible &= k_i > q_i[..., None] - self.window
-                cache_visible = cache_visible & (cache_pos > at_Bc[:, :, None] - self.window)
+            own_visible = self._visible(jnp.arange(T)[None] if q_pos is None else q_pos, jnp.arange(T)[None])
+            cache_visible = self._cache_visible(k_e.shape[1], start_B, at_Bc)
             y = attend_split(q, (k_e, v_e, cache_visible), (own[0], own[1], own_visible))
             return self.out(y.reshape(B, c, W)), kv
         impl = "einsum" if self.impl == "einsum" or q_pos is not None else self.impl
