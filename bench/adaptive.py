@@ -12,7 +12,12 @@ difficulty rule ``auto`` (it reads each instance's length: a reference, not a po
 on the looped model; the training-free exits latent_diff, kl and entropy_diff at several thresholds
 (looped model); the learned gate at several quantiles (halting model); the router at caps m, 2m and 8m
 rounds; exits and gates capped at 8m = 96 iterations; evaluation as the library does it by default
-(``--compact auto``).
+(``--compact auto``: at batch 64 these tasks' batches are under its 4,096 tokens, so they run masked, every token
+until the batch's slowest stops). ``--compact on`` (added 2026-12-05, before its first run, after the maze3 seed-0
+record showed exits executing up to 5x the fixed count's FLOPs masked) forces compacted execution of every policy
+in which tokens may stop at different iterations (exits, the gate, the difficulty rule): the same predictions
+(``tests/model/test_adaptive.py``), executed FLOPs and time of the compacted path, bucket slack included. The
+JSON records which (``compact``).
 
 Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
 token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
@@ -53,6 +58,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from loopformer.cli.common import COMPACT
 from loopformer.config import load_config
 from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
@@ -108,13 +114,14 @@ def family(policy: str) -> str:
 
 
 def measure(ev, params, batches: list, cfg, vocab: int, loops: dict, exits: dict | None,  # noqa: ANN001
-            rules: dict | None = None) -> dict:
-    """One policy on one held-out set: accuracy, loops, executed work and time per token, per-instance loops."""
-    ev.examples(params, batches[:1], loops, exits or None, rules)  # compile (and warm) outside the timing
+            rules: dict | None = None, compact: bool | None = None) -> dict:
+    """One policy on one held-out set: accuracy, loops, executed work and time per token, per-instance loops;
+    ``compact``: `Plan.compact` (None: the library's default)."""
+    ev.examples(params, batches[:1], loops, exits or None, rules, compact)  # compile (and warm) outside the timing
     seconds = []
     for _ in range(TIMINGS):  # the faster of two passes: the machine is shared
         t0 = time.perf_counter()
-        ex = ev.examples(params, batches, loops, exits or None, rules)
+        ex = ev.examples(params, batches, loops, exits or None, rules, compact)
         seconds.append(time.perf_counter() - t0)
     seconds = min(seconds)
     hist = ex["histogram"]["X"]
@@ -136,12 +143,14 @@ def held_out(task, setting, examples: int, seed: int) -> dict:  # noqa: ANN001
             for d, rng in setting.splits.items() for s in SPLITS}
 
 
-def score_model(model_name: str, cfg, model, params, data, sets: dict, policies: list, seed: int) -> list[dict]:  # noqa: ANN001
+def score_model(model_name: str, cfg, model, params, data, sets: dict, policies: list, seed: int,  # noqa: ANN001
+                compact: bool | None = None) -> list[dict]:
     ev = evaluator_for(model)
     rows = []
     for policy, loops, exits, rules in policies:
+        stops = bool(exits) or bool(rules)  # tokens may stop at different iterations: --compact applies
         for (difficulty, split), batches in sets.items():
-            m = measure(ev, params, batches, cfg, model.vocab_size, loops, exits, rules)
+            m = measure(ev, params, batches, cfg, model.vocab_size, loops, exits, rules, compact if stops else None)
             rows.append({"seed": seed, "model": model_name, "policy": policy, "family": family(policy),
                          "difficulty": difficulty, "split": split, "cap": loops["X"], **m})
         test = [r for r in rows[-len(sets):] if r["split"] == "test"]
@@ -166,7 +175,8 @@ def spearman(rows: list[dict], depths: dict) -> None:
             del r["instance_loops"]
 
 
-def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None) -> dict:
+def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
+             compact: bool | None = None) -> dict:
     setting = think_longer.TASKS[name]
     m = setting.train_loops
     cap = 8 * m
@@ -185,7 +195,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
             policies.append(("auto (difficulty rule)", {"X": cap}, None, rules))
         policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}, None)
                      for kind, values in EXITS.items() for eps in values]
-        rows += score_model("looped", cfg, model, params, data, sets, policies, seed)
+        rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
         for variant in ("halting", "router"):
             same_backprop = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
             vcfg = load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
@@ -198,7 +208,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                 vpolicies.append((f"halting model, fixed:{m}", {"X": m}, None, None))
             else:
                 vpolicies = [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, cap)]
-            rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, vpolicies, seed)
+            rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, vpolicies, seed, compact)
         (out / f"adaptive_{name}.rows.partial.json").write_text(json.dumps(
             [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]))
     spearman(rows, depths)
@@ -260,7 +270,7 @@ def bar(selected: list[dict], seeds: int) -> dict:
     return {"holds": len(per_seed) == seeds and all(per_seed.values()), "passing": per_seed}
 
 
-def run_text(out: Path, steps: int | None = None) -> dict:
+def run_text(out: Path, steps: int | None = None, compact: bool | None = None) -> dict:
     cfg = load_config(ROOT / "configs" / "adaptive" / "text_ponder.yaml",
                       [f"run.dir={out}", "run.name=text_ponder", "eval.sweep_loops=[]"]
                       + ([f"train.steps={steps}"] if steps is not None else []))
@@ -272,7 +282,7 @@ def run_text(out: Path, steps: int | None = None) -> dict:
     policies = [(f"fixed:{n}", {"X": n}, None) for n in TEXT_FIXED]
     policies += [(f"{k}:{eps:g}", {"X": 32}, {"X": exit_rule(k, eps)}) for k, values in TEXT_EXITS.items() for eps in values]
     for name, loops, exits in policies:
-        m = ev.evaluate(params, sets["val"], loops, exits=exits)
+        m = ev.evaluate(params, sets["val"], loops, exits=exits, compact=compact if exits else None)
         bpb = text_metrics({"loss": m["loss"]}, bpt)["bits_per_byte"]
         rows.append({"difficulty": "val", "policy": name, "model": "text_ponder", "bits_per_byte": bpb,
                      "mean_loops": m["mean_loops"]["X"], "cap": loops["X"]})
@@ -342,6 +352,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
                    "config's; a smaller number is a smoke run of the pipeline, not results)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
+                   help="how policies whose tokens stop at different iterations run: auto (default, the library's: "
+                        "masked below 4,096 tokens a batch), on (compacted: only the running tokens), off (masked)")
     args = p.parse_args()
     # every flag before any training: --seeds 0 crashed after nothing trained (an empty concatenate), --examples 0
     # was the library's traceback, --steps 0 trained each model its default steps
@@ -360,12 +373,13 @@ def main() -> int:
     results, t0 = {}, time.time()
     for name in names:
         t = time.time()
-        results[name] = run_text(out, args.steps) if name == "text" else run_task(name, out, args.examples, args.seeds,
-                                                                                     args.steps)
+        compact = COMPACT[args.compact]
+        results[name] = (run_text(out, args.steps, compact) if name == "text"
+                         else run_task(name, out, args.examples, args.seeds, args.steps, compact))
         results[name]["wall_s"] = time.time() - t
         if name != "text":
             (out / f"adaptive_{name}.png").write_bytes(pareto(name, results[name]))
-    doc = {"tasks": results, "wall_s": time.time() - t0}
+    doc = {"tasks": results, "compact": args.compact, "wall_s": time.time() - t0}
     (out / "adaptive.json").write_text(json.dumps(doc, indent=1))
     text = "\n\n".join(markdown(n, r) for n, r in results.items())
     (out / "adaptive.md").write_text(text + "\n")

@@ -122,12 +122,14 @@ class Evaluator:
 
     def examples(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
                  exits: Mapping[str, Any] | None = None,
-                 by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> dict[str, Any]:
+                 by_difficulty: Mapping[str, tuple[float, float, int]] | None = None,
+                 compact: bool | None = None) -> dict[str, Any]:
         """Per example (in order; the rows without an answer that pad the last batch dropped): exact
         match ``correct`` bool [N] and ``loops`` {circuit: float [N]} (mean iterations over the example's
         real tokens); ``histogram`` {circuit: {iterations: tokens}} over every real token; and
-        ``computed_loops`` {circuit: token-iterations executed per real token} (as `evaluate`'s)."""
-        plan = self.plan(loops, exits=exits, by_difficulty=by_difficulty)
+        ``computed_loops`` {circuit: token-iterations executed per real token} (as `evaluate`'s).
+        ``compact``: `Plan.compact` (None: by the batch's size)."""
+        plan = self.plan(loops, exits=exits, by_difficulty=by_difficulty, compact=compact)
         correct, per_example, hist = [], {n: [] for n in self.names}, {n: {} for n in self.names}
         computed, real = dict.fromkeys(self.names, 0.0), 0.0
         for b in batches:

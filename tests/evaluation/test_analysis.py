@@ -121,3 +121,19 @@ def test_per_example_pass_reports_the_executed_work_of_the_scoring_pass(run, eva
     ex = run.evaluator.examples(run.params, eval_sets["hard"], loops, exits)
     m = run.evaluator.evaluate(run.params, eval_sets["hard"], loops, exits=exits)
     assert ex["computed_loops"] == pytest.approx(m["computed_loops"], rel=1e-6)
+
+
+def test_per_example_pass_runs_compacted_when_asked(run, eval_sets):
+    """examples(compact=True) (bench/adaptive.py --compact on): the same answers, loops and histogram as the
+    masked pass, fewer executed token-iterations of the one-block circuit X, and evaluate(compact=True)'s."""
+    from loopformer.variants.exits import exit_rule
+
+    loops, exits = run.info.full_loops({"X": 8}), {"X": exit_rule("latent_diff", 0.2)}
+    batches = eval_sets["hard"]
+    on, off = (run.evaluator.examples(run.params, batches, loops, exits, compact=c) for c in (True, False))
+    np.testing.assert_array_equal(on["correct"], off["correct"])
+    np.testing.assert_allclose(on["loops"]["X"], off["loops"]["X"])
+    assert on["histogram"] == off["histogram"] and len(on["histogram"]["X"]) > 1  # tokens stop at different counts
+    assert on["computed_loops"]["X"] < off["computed_loops"]["X"]
+    m = run.evaluator.evaluate(run.params, batches, loops, exits=exits, compact=True)
+    assert on["computed_loops"] == pytest.approx(m["computed_loops"], rel=1e-6)
