@@ -648,13 +648,26 @@ class Bank(nnx.Module):
             if plan.bound < 1:
                 raise PlanError("training a routed bank needs plan.bound (the most rounds) to set its scan length")
             body = jax.checkpoint(lambda cs, carry, r: round_(cs, carry, r))
-            # router.backprop = k > 0: the states carry gradient through the last k rounds only, as a loop's
-            # truncation (the routers' auxiliary losses still learn from every round); 0: through every round
+            # router.backprop = k > 0: each token's states carry gradient through the last k rounds it ran
+            # (a loop's truncation, per token as per-token loop counts have it; the routers' auxiliary losses
+            # still learn from every round); 0: through every round. A token's rounds are known only once
+            # it has exited, so a first pass without gradient finds them: cutting at the bank's last k rounds
+            # instead left a token that exited earlier no gradient of the task loss at all, and the compute
+            # cost alone then drove every token to exit at round 0 (bench/adaptive.py's routers).
             k = self.router.rule.backprop
+            ran = None
+            if k:
+                def probe(carry: tuple, r: Array) -> tuple[tuple, None]:
+                    new = round_(jax.lax.stop_gradient(consts), carry, r)
+                    return jax.tree.map(lambda a, b: jnp.where(r < rounds, a, b), new, carry), None
+
+                used0 = jax.lax.scan(probe, jax.lax.stop_gradient(carry0), jnp.arange(plan.bound))[0][2]
+                ran = jax.lax.stop_gradient(used0.sum(0))  # [B, T] rounds each token ran (one circuit a round)
 
             def scan_step(carry: tuple, r: Array) -> tuple[tuple, None]:
                 if k:
-                    cut = r <= rounds - k  # the state entering round rounds - k is a constant
+                    # the state a token enters round ran - k with is a constant (none before its first round)
+                    cut = ((r <= ran - k) & (r > 0))[..., None]
                     carry = (jax.tree.map(lambda h: jnp.where(cut, jax.lax.stop_gradient(h), h), carry[0]),
                              *carry[1:])
                 new = body(consts, carry, r)

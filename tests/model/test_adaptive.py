@@ -330,6 +330,35 @@ def test_a_routed_bank_truncates_backprop_as_a_loop_does(router_backprop, k):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_routed_bank_truncates_each_token_at_its_own_last_rounds():
+    """router.backprop k cuts each token's state k rounds before that token exits, as per-token loop counts
+    do: with independent tokens (window 1), a token that ran <= k rounds gets the whole gradient, as with
+    router.backprop 0. The defect this catches: a cut at the bank's last k rounds left every token that exited
+    earlier no gradient of the task loss (the bench's routers then all exited at round 0)."""
+    x = CircuitConfig(name="X", width=8, heads=2, window=1, state_norm=True, eval_loops=8, max_loops=8, backprop=2)
+
+    def routed(backprop):
+        cfg = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[
+            StageConfig([x], router=RouterConfig(kind="token_choice", backprop=backprop))])
+        gd, st = model_of(cfg)
+        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 1.0])  # tokens exit at many rounds
+        return gd, st
+
+    toks = tokens(b=4, t=7)
+    plan = make_plan(["X"], {"X": 8}, backprop={"X": 2}, bound=8)
+    gd, st = routed(2)
+    ran = np.asarray(run(gd, st, toks, plan)[1].circuits["X"].used)
+    short, long = (ran >= 1) & (ran <= 2), ran > 2
+    assert short.any() and long.any() and (ran < 6).any()  # some exit before the bank's last 2 rounds
+    blocks = lambda g: jax.tree.leaves(g["stages"][0]["circuits"]["X"]["blocks"])  # noqa: E731
+    for select, equal in ((short, True), (long, False)):
+        got = _grads(gd, st, toks, plan, jnp.asarray(select, jnp.float32))
+        full = _grads(*routed(0), toks, plan, jnp.asarray(select, jnp.float32))
+        assert max(float(jnp.abs(g).max()) for g in blocks(got)) > 0  # the task loss reaches the loop's weights
+        same = all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(blocks(got), blocks(full), strict=True))
+        assert same == equal
+
+
 def test_expert_choice_router_takes_its_capacity():
     gd, st = model_of(two_routed("expert_choice", causal=False))
     diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 3, "Y": 3}))[1]
