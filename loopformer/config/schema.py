@@ -162,8 +162,8 @@ class RouterConfig:
     balance: float = 0.01  # token_choice: load-balancing loss weight
     aux: float = 1e-3  # expert_choice: BCE weight between scores and selections
     compute: float = 0.0  # cost per round a token keeps running (pushes exits earlier)
-    # rounds whose states carry gradient, the last k (the truncation a loop's backprop is); 0: every round.
-    # A router's early choices learn only through the states after them: truncated, they see only `compute`
+    # rounds whose states carry gradient: each token's last k rounds before it exits (the truncation a loop's
+    # backprop is, per token); 0: every round
     backprop: int = 0
 
     def validate(self, path: str) -> None:
