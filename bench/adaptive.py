@@ -15,9 +15,9 @@ rounds; exits and gates capped at 8m = 96 iterations; evaluation as the library 
 (``--compact auto``: at batch 64 these tasks' batches are under its 4,096 tokens, so they run masked, every token
 until the batch's slowest stops). ``--compact on`` (added 2026-12-05, before its first run, after the maze3 seed-0
 record showed exits executing up to 5x the fixed count's FLOPs masked) forces compacted execution of every policy
-in which tokens may stop at different iterations (exits, the gate, the difficulty rule): the same predictions
-(``tests/model/test_adaptive.py``), executed FLOPs and time of the compacted path, bucket slack included. The
-JSON records which (``compact``).
+in which tokens may stop at different iterations (exits, the gate, the difficulty rule, the router's exits): the
+same predictions (``tests/model/test_compact.py``, ``tests/model/test_adaptive.py``), executed FLOPs and time of the
+compacted path, bucket slack included. The JSON records which (``compact``).
 
 Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
 token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
@@ -148,7 +148,8 @@ def score_model(model_name: str, cfg, model, params, data, sets: dict, policies:
     ev = evaluator_for(model)
     rows = []
     for policy, loops, exits, rules in policies:
-        stops = bool(exits) or bool(rules)  # tokens may stop at different iterations: --compact applies
+        # tokens may stop at different iterations (exits, the difficulty rule, the router): --compact applies
+        stops = bool(exits) or bool(rules) or model_name == "router"
         for (difficulty, split), batches in sets.items():
             m = measure(ev, params, batches, cfg, model.vocab_size, loops, exits, rules, compact if stops else None)
             rows.append({"seed": seed, "model": model_name, "policy": policy, "family": family(policy),

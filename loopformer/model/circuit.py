@@ -674,17 +674,56 @@ class Bank(nnx.Module):
                 return jax.tree.map(lambda a, b: jnp.where(r < rounds, a, b), new, carry), None
 
             hs, _, used, aux = jax.lax.scan(scan_step, carry0, jnp.arange(plan.bound))[0]
-        else:  # stop as soon as every token has exited
-            def cond(c: tuple) -> Array:
-                return (c[0] < rounds) & jnp.any(c[1][1])
+        else:  # stop as soon as every token has exited (padding never runs: it does not hold the loop open)
+            if ctx.valid_BT is not None:
+                carry0 = (carry0[0], ctx.valid_BT, *carry0[2:])
+            B, T = x_BTD.shape[:2]
+            compact = plan.compact if plan.compact is not None else B * T >= COMPACT_MIN_TOKENS
+            if compact and len(names) == 1 and self.circuits[names[0]].depth == 1 and ctx.decoding is None:
+                hs, used, aux, computed = self._routed_compact(graphdefs[0], router_gd, stream, consts, carry0,
+                                                               loops, rounds, ctx)
+            else:
+                def cond(c: tuple) -> Array:
+                    return (c[0] < rounds) & jnp.any(c[1][1])
 
-            _, (hs, _, used, aux) = jax.lax.while_loop(cond, lambda c: (c[0] + 1, round_(consts, c[1], c[0])),
-                                                       (jnp.zeros((), jnp.int32), carry0))
+                ran, (hs, _, used, aux) = jax.lax.while_loop(
+                    cond, lambda c: (c[0] + 1, round_(consts, c[1], c[0])), (jnp.zeros((), jnp.int32), carry0))
+                computed = ran.astype(jnp.float32) * B * T  # every circuit computes every token each round
         writes = {n: self.circuits[n].emit(hs[i]) for i, n in enumerate(names)}
         contribs = {n: self._contribution(n, writes[n], plan) for n in names}
-        reports = {n: self._report(n, CircuitOut(writes[n], used=used[i]), contribs[n], ctx, plan)
+        reports = {n: self._report(n, CircuitOut(writes[n], used=used[i],
+                                                 computed=None if plan.training else computed), contribs[n], ctx, plan)
                    for i, n in enumerate(names)}
         return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
+
+
+    def _routed_compact(self, graphdef: nnx.GraphDef, router_gd: nnx.GraphDef, stream: Callable, consts: Any,
+                        carry0: tuple, loops: Array, rounds: Array, ctx: Context) -> tuple:
+        """Evaluation of a one-circuit routed bank whose circuit is one block, compacted as exits are
+        (`Circuit._compact_step`): at round r the router picks from every token's stream (cheap: a norm and a
+        linear map), and only the tokens that ran round r - 1 (all at r = 0) run the block. Those the router
+        keeps take the new state; those it exited keep theirs, and their keys and values are now those of
+        their final state, which every later round reads. The masked rounds' outputs (test). Returns
+        ((h,), used [1, B, T], the auxiliary loss summed over rounds, token-iterations executed)."""
+        circuit = self.circuits[self.names[0]]
+        step = circuit._compact_step(graphdef, ctx)
+        hs0, active0, used0, aux0 = carry0
+
+        def cond(c: tuple) -> Array:
+            return (c[0] < rounds) & jnp.any(c[2])
+
+        def body(c: tuple) -> tuple:
+            r, h, active, used, aux, side, fresh = c
+            router = nnx.merge(router_gd, consts[2])
+            sel, _, still, loss = router(stream(consts, (h,)), r < loops, active, ctx.valid_BT, r, False)
+            new, side = step((consts[0][0], consts[1][0]), r, h, side, fresh)
+            h = jnp.where(sel[0][..., None], new, h)
+            return r + 1, h, still, used + sel.astype(jnp.float32), aux + loss, side, sel[0]
+
+        side0 = (circuit._kv_buffers(hs0[0]), jnp.zeros((), jnp.float32), ())
+        c0 = (jnp.zeros((), jnp.int32), hs0[0], active0, used0, aux0, side0, jnp.ones(active0.shape, bool))
+        _, h, _, used, aux, side, _ = jax.lax.while_loop(cond, body, c0)
+        return (h,), used, aux, side[1]
 
 
 def _select(mask: Array, cap: int) -> Array:

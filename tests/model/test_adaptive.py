@@ -359,6 +359,36 @@ def test_a_routed_bank_truncates_each_token_at_its_own_last_rounds():
         assert same == equal
 
 
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
+def test_a_compacted_routed_bank_gives_the_masked_rounds(kind):
+    """Evaluation of a one-circuit routed bank compacted (only the tokens that ran the previous round run the
+    block; an exited token's keys and values are those of its final state): the masked rounds' logits and
+    rounds per token, with fewer token-iterations executed; padding does not hold the rounds open."""
+    x = CircuitConfig(name="X", width=16, heads=2, window=3, state_norm=True, eval_loops=8, max_loops=8)
+    router = RouterConfig(kind=kind, **({"capacities": [1.0, 0.8, 0.6, 0.5, 0.4, 0.3]} if kind == "expert_choice"
+                                        else {}))
+    cfg = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=False,
+                      stages=[StageConfig([x], router=router)])
+    gd, st = model_of(cfg)
+    if kind == "token_choice":
+        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 1.0])  # tokens exit at many rounds
+    toks = tokens(b=4, t=9)
+    segments = jnp.ones(toks.shape, jnp.int32).at[1, 6:].set(0).at[3, 2:].set(0)  # padding at the ends
+
+    @jax.jit
+    def go(plan):
+        logits, diag = nnx.merge(gd, st)(toks, plan, segment_ids_BT=segments)
+        return logits, diag.circuits["X"].used, diag.circuits["X"].computed
+
+    (lc, uc, cc), (lm, um, cm) = (go(make_plan(["X"], {"X": 8}, compact=c)) for c in (True, False))
+    used, real = np.asarray(um), np.asarray(segments) > 0
+    assert len(np.unique(used[real])) > 2  # tokens exit at several rounds
+    np.testing.assert_array_equal(np.asarray(uc), used)
+    np.testing.assert_allclose(np.asarray(lc)[real], np.asarray(lm)[real], atol=1e-5, rtol=1e-5)
+    assert float(cm) == min(used[real].max() + 1, 8) * toks.size  # masked: every token, until the last exits
+    assert float(cc) < float(cm)
+
+
 def test_expert_choice_router_takes_its_capacity():
     gd, st = model_of(two_routed("expert_choice", causal=False))
     diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 3, "Y": 3}))[1]
