@@ -58,7 +58,8 @@ def eval_command(args: argparse.Namespace) -> int:
             raise PlanError(f"--loops {both[0]}=auto and --exit for {both[0]}: an exit rule sets its own counts; "
                             f"drop one")
         loops = exit_caps(info, exits, args.max_loops, loops)
-        compact = compact_choice(args, bool(exits or rules))
+        routed = any(s.router.routes for s in info.cfg.model.stages)  # a router stops tokens too
+        compact = compact_choice(args, bool(exits or rules or routed), how="--exit (or --loops X=auto, or a router)")
         ablated = list(args.ablate or [])
         if args.mode != "zero" and not ablated:
             raise PlanError(f"--mode {args.mode} sets what replaces an ablated circuit's output, and no --ablate is "

@@ -87,6 +87,10 @@ def test_a_sweep_of_a_routed_stage_has_no_convergence_to_plot(tmp_path, capsys):
     doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "X=1:2")
     assert doc["convergence"] == {"train": {}, "hard": {}} and [r["loops"]["X"] for r in doc["rows"]] == [1, 2, 1, 2]
     assert not (run_dir / "sweep_convergence.png").exists() and (run_dir / "sweep_X.png").is_file()
+    # #25: a router stops tokens, so eval --compact on / off is a choice here (it was refused: "none can stop")
+    on, off = (run_json(capsys, "eval", "--run", str(run_dir), "--split", "hard", "--compact", c)["rows"][0]
+               for c in ("on", "off"))
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-5) and on["mean_loops"] == off["mean_loops"]
 
 
 def test_a_sweep_below_the_default_count_reports_nothing_at_it(run_dir, capsys):
