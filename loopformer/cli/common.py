@@ -20,7 +20,7 @@ from typing import Any
 
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.model import plan
-from loopformer.runs.layout import replace_file
+from loopformer.runs.layout import replace_file, special
 from loopformer.runs.log import log
 from loopformer.variants.exits import EXITS
 
@@ -189,6 +189,7 @@ def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
         copy = shlex.quote(str(Path(run).resolve().name) + "_copy")
         raise AnalysisError(f"{run} is not writable ({e.strerror or e}), and this command writes {writes} into it; "
                             f"copy the run (cp -r {shlex.quote(str(run))} {copy}) and pass --run {copy}") from None
+    _check_journal(Path(run) / _JOURNAL)  # before the work: it is read when the new set is written
     for path in files:
         if path.exists() and not os.access(path, os.W_OK):
             raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
@@ -248,10 +249,20 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _check_journal(journal: Path) -> None:
+    """AnalysisError when the journal's name holds something `one_set` never writes: a FIFO blocked its read
+    forever, a folder was a traceback where the journal is removed."""
+    kind = special(journal)
+    if kind:
+        raise AnalysisError(f"{journal} is {kind}, where sweep, ablate, activity and rys keep the journal of the "
+                            f"files they are replacing; remove it")
+
+
 def _recover(run_dir: Path) -> None:
     """Put back the set that a command killed outright while writing it left behind (its journal, `one_set`),
     and remove kept copies that no journal names (a kill after the journal went). Called under the lock."""
     journal = run_dir / _JOURNAL
+    _check_journal(journal)
     try:
         entry = json.loads(journal.read_text(encoding="utf-8"))
         kept, new, command = dict(entry["kept"]), list(entry["new"]), str(entry["command"])
