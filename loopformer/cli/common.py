@@ -14,7 +14,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +141,37 @@ def exit_flags(p: argparse.ArgumentParser, *, many: bool, compact: bool = True) 
 COMPACT = {"auto": None, "on": True, "off": False}  # --compact -> Plan.compact
 
 
-def compact_choice(args: argparse.Namespace, stops: bool, how: str = "--exit (or --loops X=auto)") -> bool | None:
-    """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early (``how``: what
-    would make them stop, in this command)."""
-    if args.compact != "auto" and not stops:
+def _stopping(info: Any, stopping: Iterable[str], halting: bool = True) -> list[str]:
+    """The circuits whose tokens may stop early: ``stopping`` and (with ``halting``) the ACT circuits, which stop by
+    their own rule."""
+    acts = [c.name for c in info.cfg.model.circuits() if c.halting.rule().mixes_output] if halting else []
+    return list(dict.fromkeys([*stopping, *acts]))
+
+
+def compact_note(args: argparse.Namespace, info: Any, stopping: Iterable[str]) -> dict[str, str]:
+    """{"compact": auto | on | off} for a --json document where tokens may stop early (`computed_loops` and a
+    decoding's `computed` count what ran, which --compact chooses), else {}."""
+    return {"compact": args.compact} if _stopping(info, stopping) else {}
+
+
+def compact_choice(args: argparse.Namespace, info: Any, stopping: Iterable[str],
+                   how: str = "--exit (or --loops X=auto)", *, halting: bool = True) -> bool | None:
+    """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early (``stopping``: the
+    circuits given an exit rule or a count per example; with ``halting``, ACT circuits too, which stop by their own
+    rule; ``how``: what would make them stop, in this command), or when every circuit that can is of several
+    blocks (only a one-block circuit is compacted: on and off ran the same masked program)."""
+    if args.compact == "auto":
+        return None
+    model = info.cfg.model
+    stopping = _stopping(info, stopping, halting)
+    if not stopping:
         raise PlanError(f"--compact {args.compact} chooses how tokens that stopped early are run, and none can: "
                         f"add {how}, or drop --compact")
+    depths = {c: model.circuit(c).depth for c in stopping}
+    if min(depths.values()) > 1:
+        raise PlanError(f"--compact {args.compact} chooses how a one-block circuit runs the tokens that stopped, and "
+                        f"the circuits that stop early have more blocks ("
+                        + ", ".join(f"{c}: {d}" for c, d in depths.items()) + "), which always mask them; drop --compact")
     return COMPACT[args.compact]
 
 

@@ -163,8 +163,32 @@ def test_generate_answers_alike_compacted_and_masked(run_dir, capsys):
     args = ["generate", "--run", str(run_dir), "--example-split", "hard", "--count", "4", "--exit",
             "X=latent_diff:0.2", "--max-loops", "16"]
     on, off = (run_json(capsys, *args, "--compact", c) for c in ("on", "off"))
+    assert (on["compact"], off["compact"]) == ("on", "off")  # #27 pass 16: not recorded
     assert [[p["tokens"] for p in ex["predictions"]] for ex in on["examples"]] == \
         [[p["tokens"] for p in ex["predictions"]] for ex in off["examples"]]
+
+
+def test_compact_is_refused_where_it_chooses_nothing_and_kept_for_act(tmp_path):
+    """#27 pass 16: --compact on / off with exits only on circuits of two blocks was accepted and changed nothing
+    (only a one-block circuit is compacted); on an ACT run without --exit it was refused as "none can" stop,
+    though ACT circuits stop by their own rule (and are compacted)."""
+    from types import SimpleNamespace
+
+    from loopformer.cli.common import compact_choice, compact_note
+    from loopformer.errors import PlanError
+
+    deep = SimpleNamespace(cfg=tiny_config(tmp_path, "deep", "model.stages.0.circuits.Y.depth=2"))
+    on = SimpleNamespace(compact="on")
+    with pytest.raises(PlanError, match=r"^--compact on chooses how a one-block circuit runs the tokens that stopped, "
+                                        r"and the circuits that stop early have more blocks \(Y: 2\), which always "
+                                        r"mask them; drop --compact$"):
+        compact_choice(on, deep, ["Y"])
+    assert compact_choice(on, deep, ["X", "Y"]) is True
+    act = SimpleNamespace(cfg=tiny_config(tmp_path, "act", "model.stages.0.circuits.X.halting.kind=act"))
+    assert compact_choice(on, act, []) is True and compact_note(on, act, []) == {"compact": "on"}
+    with pytest.raises(PlanError, match="none can"):
+        compact_choice(on, act, [], halting=False)
+    assert compact_note(SimpleNamespace(compact="auto"), deep, []) == {}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -439,8 +463,11 @@ def test_eval_and_sweep_with_exits(run_dir, capsys):
     assert row["exit"] == {"X": "latent_diff:0.05", "Y": "latent_diff:0.05"} and row["loops"] == {"X": 16, "Y": 16}
     assert 1 <= row["mean_loops"]["X"] <= 16 and sum(row["histogram"]["X"].values()) > 0
     # --compact on / off: the same rows, the executed work measured differently (one-block X compacts)
-    on, off = (run_json(capsys, "eval", "--run", str(run_dir), "--exit", "X=latent_diff:0.2", "--max-loops",
-                        "16", "--split", "hard", "--compact", c)["rows"][0] for c in ("on", "off"))
+    docs = [run_json(capsys, "eval", "--run", str(run_dir), "--exit", "X=latent_diff:0.2", "--max-loops",
+                     "16", "--split", "hard", "--compact", c) for c in ("on", "off")]
+    # #27 pass 16: computed_loops depends on --compact, and the document did not say which was chosen
+    assert [d["compact"] for d in docs] == ["on", "off"]
+    on, off = (d["rows"][0] for d in docs)
     assert len(on["histogram"]["X"]) > 1 and on["histogram"] == off["histogram"]  # tokens stop at several counts
     for key in ("loss", "accuracy"):
         assert on[key] == pytest.approx(off[key], rel=1e-5), key
@@ -449,6 +476,7 @@ def test_eval_and_sweep_with_exits(run_dir, capsys):
     used = [r["mean_loops"]["X"] for r in doc["rows"]]
     assert [r["exit"]["X"] for r in doc["rows"]] == ["latent_diff:1e-06", "latent_diff:0.05", "latent_diff:10"]
     assert used == sorted(used, reverse=True) and used[-1] == 1.0  # looser thresholds stop earlier
+    assert doc["compact"] == "auto"
     assert doc["compiles"] <= 2  # thresholds are runtime inputs: one program per batch shape and function
     assert all(r["loops"]["Y"] == 3 for r in doc["rows"])  # Y has no rule: its eval_loops
     doc = run_json(capsys, "generate", "--run", str(run_dir), "--example-split", "hard", "--count", "2",
