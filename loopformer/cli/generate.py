@@ -180,7 +180,8 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
                     | ({"mean_loops": mean_loops} if mean_loops else {})
                     | ({"exit": _rules(args.exits)} if args.exits else {}))
     doc = {**run.provenance(), "prompt": args.prompt, "prompt_tokens": ids,
-           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+           "max_new_tokens": args.max_new_tokens,
            "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "stop_ids": stops,
            "generations": outs} | compact_note(args, run.info, args.exits)
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}{_ran(o)}] {args.prompt}{o['text']}" for o in outs)

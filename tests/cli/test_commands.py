@@ -227,8 +227,9 @@ def test_text_run(text_run_dir, capsys):
     assert row["loops"] == {"X": 5}  # configs/text_bytes.yaml eval_loops
     doc = run_json(capsys, "generate", "--run", str(text_run_dir), "--prompt", "In the beginning",
                    "--max-new-tokens", "5", "--loops", "X=1,3", "--top-k", "1000000000000",  # K >= vocab: all
-                   "--temperature", "1")
+                   "--temperature", "1", "--seed", "9")
     assert [g["loops"] for g in doc["generations"]] == [{"X": 1}, {"X": 3}]
+    assert (doc["seed"], doc["max_new_tokens"]) == (9, 5)  # #27 pass 16: a sampled text did not say its seed
     assert all(isinstance(g["text"], str) for g in doc["generations"])
     assert main(["generate", "--run", str(text_run_dir)]) == 2
     assert "trains on text: give --prompt TEXT" in capsys.readouterr().err
