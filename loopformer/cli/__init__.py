@@ -9,6 +9,7 @@ User mistakes (bad config, missing run, unknown circuit) print one ``error:`` li
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import importlib
 import os
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
     whole = argv is None if process is None else process
     if whole:
         _quiet_noise()
+        _escape_unencodable()
     code = _main(argv)
     if code in (130, 128 + signal.SIGTERM, 128 + signal.SIGPIPE) and whole:
         _end_process(code)
@@ -37,6 +39,16 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     return code
+
+
+def _escape_unencodable() -> None:
+    """Write characters that stdout's or stderr's encoding cannot hold (``±``, ``·``, ``✓`` under
+    PYTHONIOENCODING=ascii or a Latin-1 locale) as escapes (``\\xb1``): they were a UnicodeEncodeError traceback,
+    even for --help."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, LookupError, ValueError, TypeError):
+            if codecs.lookup(stream.encoding).name != "utf-8":
+                stream.reconfigure(errors="backslashreplace")
 
 
 def _check_platforms() -> None:

@@ -34,7 +34,7 @@ MAX_SETTINGS = 4096  # grid points per split (64 x 64): more would run for hours
 def _args(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Also traces each swept circuit's state, iteration by iteration up to the largest count swept, on "
                 "the first batch of each split: the relative change ||h_i - h_(i-1)|| / ||h|| and the state norm "
-                "(sweep_convergence.png, log y). Readings: fixed-point (the change falls below 0.1%%), settling "
+                "(sweep_convergence.png, log y). Readings: fixed-point (the change falls below 0.1%), settling "
                 "(the step keeps shrinking), drifting (the norm keeps growing), moving (steady steps at a steady "
                 "norm: oscillation or chaos, the 'overthinking' regime). All settings share one compiled program per batch "
                 "shape (each split length compiles its own).")

@@ -457,6 +457,35 @@ def test_loops_help_gives_the_real_limit(capsys):
             assert f"1..{MAX_LOOPS}" in text, command
 
 
+def test_help_prints_a_percent_sign_once(capsys):
+    """#27 pass 16: the epilogs of activity and sweep said "10%%" and "0.1%%" (argparse formats help strings, not
+    epilogs, with %)."""
+    from loopformer.cli.common import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "%%" not in text, command
+    assert "exceeds 10% of" in " ".join(_help(capsys, "activity").split())
+
+
+def _help(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_a_terminal_that_cannot_encode_gets_escapes_not_a_traceback():
+    """#27 pass 16: under PYTHONIOENCODING=ascii (or a Latin-1 locale) `eval --help` was a UnicodeEncodeError
+    traceback at its ±; now the character is written as an escape."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-m", "loopformer", "eval", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "\\xb11%" in done.stdout
+
+
 def test_eval_and_sweep_with_exits(run_dir, capsys):
     doc = run_json(capsys, "eval", "--run", str(run_dir), "--exit", "latent_diff:0.05", "--max-loops", "16",
                    "--split", "hard")
