@@ -150,6 +150,8 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False, single=(
         "with --exit, --loops gives each circuit one count, its cap; a range of counts is a sweep without --exit")).items()}
     compact = compact_choice(args, info, [c for s in settings for c in s])
+    for exits in settings:  # each setting's caps checked before the run is loaded
+        exit_caps(info, exits, args.max_loops, loops)
     run = load_run(info, args.step, raw=args.raw_weights)
     eval_sets = run.eval_sets(splits, args.examples)
     before = run.evaluator.compiles
