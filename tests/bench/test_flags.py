@@ -11,7 +11,7 @@ import pytest
 
 BENCH = Path(__file__).parents[2] / "bench"
 HEAVY = ("train", "trained", "run_task", "run_text", "run_seeds", "measure", "check", "runs", "build_model",
-         "random_model", "bank_config", "throughput", "part_rows", "read_run", "run_setting")
+         "random_model", "bank_config", "throughput", "part_rows", "read_run", "run_setting", "train_timed")
 
 
 @functools.cache
@@ -78,6 +78,12 @@ CASES = [
     ("addition_places", ["--runs", "r", "--models", "looped,looped"], "--models looped,looped: a model is given twice"),
     ("addition_places", ["--runs", "r", "--digits", "8,8"], "--digits '8,8': 8 is given twice"),
     ("addition_places", ["--runs", ""], "argument --runs: '': name the folder"),  # was "--runs .: no trained ..."
+    # the sixteenth pass: repeated names in the scripts that did not check them, --skip of everything
+    ("maze_shortcut", ["--tasks", "maze3,maze3"], "--tasks names maze3 twice; give each once"),
+    ("routing", ["--models", "routed,routed"], "--models names routed twice; give each once"),
+    ("loop_overhead", ["--skip", "compile", "compile"], "--skip names compile twice; give each once"),
+    ("loop_overhead", ["--skip", "throughput", "compile", "sweep"],
+     "--skip throughput compile sweep leaves nothing to measure; skip at most two"),  # wrote an empty document
     ("addition_places", ["--runs", "r", "--digits", "100000"],  # an out-of-memory traceback from XLA
      "--digits 100000: attention over 256 examples of 300,005 tokens needs about"),
 ]
