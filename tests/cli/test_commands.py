@@ -657,6 +657,19 @@ def test_a_closed_pipe_on_stdout_is_one_line(run_dir, monkeypatch, capsys):
     assert err.startswith("stopped: standard output was closed")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line(run_dir):
+    """#27 pass 16: stdout on a full disk (`> out.json`; here /dev/full) was an OSError traceback from print, and
+    `train` said "writing into RUN failed ... free some space (df -h RUN)", blaming its run directory."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "loopformer", "inspect", "--run", str(run_dir)], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: standard output could not be written (No space left on device); what the command prints there is "
+        "lost: send it where there is space (or to /dev/null)"]
+
+
 def test_a_closed_stdout_is_refused_before_any_work():
     """#27 pass 11: with stdout closed (`>&-`) every print was dropped and the command ended with status 0."""
     code = "import sys; from loopformer.cli import main; sys.exit(main(['eval', '--run', 'nowhere']))"
