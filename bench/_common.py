@@ -83,6 +83,13 @@ def at_most(p: argparse.ArgumentParser, args: argparse.Namespace, maximums: Mapp
             p.error(f"{flag} {value}: at most {maximum:,} ({why})")
 
 
+def once(p: argparse.ArgumentParser, flag: str, names: Sequence[str]) -> None:
+    """Refuse a name given twice in a list flag (``--tasks a,a``): it was trained, scored or reported twice."""
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        p.error(f"{flag} names {twice} twice; give each once")
+
+
 def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1,
              maximum: tuple[int, str] | None = None) -> list[int]:
     """A comma-separated list of distinct whole numbers >= ``minimum`` (``--loops 4,8,16``) and, with ``maximum``

@@ -364,9 +364,7 @@ def main() -> int:
     unknown = [n for n in names if n not in (*TASKS, "text")]  # all of them: a typo in the last was refused
     if unknown:  # after the others had trained (hours)
         p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join([*TASKS, 'text'])}")
-    twice = next((n for n in names if names.count(n) > 1), None)
-    if twice:  # trained once, scored and reported twice
-        p.error(f"--tasks names {twice} twice; give each once")
+    C.once(p, "--tasks", names)  # trained once, scored and reported twice
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file, not a directory; give a directory for the runs and results")

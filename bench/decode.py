@@ -92,6 +92,16 @@ def main() -> None:
     C.at_most(p, args, {"--loops": (MAX_LOOPS, "the loop limit")})
     news, batches = C.int_list(p, "--new", args.new), C.int_list(p, "--batch", args.batch)
     compact_batches = C.int_list(p, "--compact-batch", args.compact_batch)
+    unused = [f"--{d.replace('_', '-')}" for d in ("run", "new", "batch", "loops", "recompute_max")
+              if getattr(args, d) != p.get_default(d)]
+    if args.compact_only and unused:  # accepted and not read: the rows were of random weights, whatever --run said
+        p.error(f"--compact-only measures its own rows alone (random weights, {EXIT_NEW} new tokens, batches "
+                f"--compact-batch), so {' and '.join(unused)} would not be used; drop them, or drop --compact-only")
+    if args.run:  # before the policy rows (minutes): a run that is missing or not a text run failed after them
+        info = read_run(args.run)
+        if not info.is_text:
+            p.error(f"--run {args.run}: a text run is needed (its val split gives the prompts), and it trains on "
+                    f"the task '{info.cfg.data.task}'")
     if args.compact_only:
         result = {"bench": "decode", "env": C.environment(), "prompt_tokens": PROMPT,
                   "compact": compact_rows(compact_batches, args)}

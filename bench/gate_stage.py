@@ -152,9 +152,7 @@ def main() -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         ap.error(f"--tasks: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(TASKS)}")
-    twice = next((t for t in tasks if tasks.count(t) > 1), None)
-    if twice:
-        ap.error(f"--tasks names {twice} twice; give each once")
+    C.once(ap, "--tasks", tasks)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"tasks": {}, "setting": {"quantiles": QUANTILES, "cap": CAP, "fixed": FIXED, "extra": args.extra,
                                        "seeds": args.seeds, "examples": args.examples}}

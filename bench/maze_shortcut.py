@@ -71,6 +71,7 @@ def main() -> int:
     for name in names:  # all of them before the first is read
         if name not in mazes:
             p.error(f"{name!r} is not a maze setting of think_longer; choose from {', '.join(mazes)}")
+    C.once(p, "--tasks", names)  # scored and reported twice
     for name in names:
         rows += check(name, Path(args.out), args.examples)
     if args.json:

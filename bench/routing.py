@@ -160,6 +160,7 @@ def main() -> int:
     models = args.models.split(",")
     if not models or not set(models) <= set(MODELS) or not set(models) & set(ROUTED):
         p.error(f"--models {args.models}: choose from {','.join(MODELS)}, including a routed one")
+    C.once(p, "--models", models)  # trained twice, the second replacing the first
     steps, examples, act = (STEPS[0], EXAMPLES[0], ACTIVITY_EXAMPLES[0]) if args.quick else (
         STEPS[1], EXAMPLES[1], ACTIVITY_EXAMPLES[1])
     out = Path(args.out)

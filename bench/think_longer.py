@@ -598,9 +598,7 @@ def main() -> int:
     if unknown:  # refused after the others had trained (hours), and their results were not written
         p.error(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
     for flag, given in (("--models", model_names), ("--tasks", names)):
-        twice = next((n for n in given if given.count(n) > 1), None)
-        if twice:  # a model given twice was trained and counted twice: its seeds counted double in the verdict
-            p.error(f"{flag} names {twice} twice; give each once")
+        C.once(p, flag, given)  # a model given twice was trained and counted twice: its seeds counted double
     out = Path(args.out)
     results = {}
     t0 = time.time()

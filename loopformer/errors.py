@@ -31,3 +31,7 @@ class AnalysisError(LoopformerError):
 
 class DecodingError(PlanError):
     """Cached decoding cannot run this model or plan exactly (recomputing the whole prefix can)."""
+
+
+class OutputError(LoopformerError):
+    """Standard output could not be written (a full disk behind `> file`, /dev/full): not the run's files."""

@@ -9,14 +9,16 @@ User mistakes (bad config, missing run, unknown circuit) print one ``error:`` li
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import importlib
 import os
 import signal
 import sys
 import threading
+from typing import Any
 
-from loopformer.errors import ConfigError, DecodingError, LoopformerError
+from loopformer.errors import ConfigError, DecodingError, LoopformerError, OutputError
 from loopformer.runs import stop
 from loopformer.runs.stop import Terminated
 
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
     whole = argv is None if process is None else process
     if whole:
         _quiet_noise()
+        _escape_unencodable()
+        if sys.stdout is not None:
+            sys.stdout = _Guarded(sys.stdout)
     code = _main(argv)
     if code in (130, 128 + signal.SIGTERM, 128 + signal.SIGPIPE) and whole:
         _end_process(code)
@@ -37,6 +42,42 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     return code
+
+
+def _escape_unencodable() -> None:
+    """Write characters that stdout's or stderr's encoding cannot hold (``±``, ``·``, ``✓`` under
+    PYTHONIOENCODING=ascii or a Latin-1 locale) as escapes (``\\xb1``): they were a UnicodeEncodeError traceback,
+    even for --help."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, LookupError, ValueError, TypeError):
+            if codecs.lookup(stream.encoding).name != "utf-8":
+                stream.reconfigure(errors="backslashreplace")
+
+
+class _Guarded:
+    """stdout whose write errors other than a closed pipe (a full disk behind `> out.json`, /dev/full) are an
+    OutputError: they were a traceback, and `train` blamed its run directory ("free some space (df -h RUN)")."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _guard(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(f"standard output could not be written ({e.strerror or e}); what the command prints "
+                              f"there is lost: send it where there is space (or to /dev/null)") from None
+
+    def write(self, text: str) -> int:
+        return self._guard("write", text)
+
+    def flush(self) -> None:
+        self._guard("flush")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _check_platforms() -> None:
@@ -74,7 +115,8 @@ def _end_process(code: int) -> None:
     """Exit without the interpreter's teardown: after an interrupt, XLA's compiler threads may still run, and
     tearing the runtime down under them crashes (status 139 instead of 130 / 143). The command's own cleanup
     (temporary folders, checkpoints, locks) has already run as the exception unwound."""
-    sys.stdout.flush()
+    with contextlib.suppress(OSError, LoopformerError):  # a stdout that cannot be written (a full disk)
+        sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
@@ -125,6 +167,10 @@ def _main(argv: list[str] | None) -> int:
             print(f"{what} (the signal came where it could not stop the command, which finished)", file=sys.stderr)
             return 128 + signum
         return code
+    except OutputError as e:  # nothing more can be written there: the interpreter's flush at exit would fail again
+        _drop_stdout()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except DecodingError as e:  # the model layer says why; the command line knows the way around it
         print(f"error: {e}; use --no-cache (recomputes the prefix every token)", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from loopformer.runs.read import read_run
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.epilog = (f"A circuit is on at a token when its write norm exceeds {100 * activity.ON_FRACTION:g}%% of the "
+    p.epilog = (f"A circuit is on at a token when its write norm exceeds {100 * activity.ON_FRACTION:g}% of the "
                 "split's largest per-circuit median write norm. Δloss is measured at answer tokens (mask 1). "
                 "Writes activity.csv and activity.png (the first examples of each split: circuits x tokens).")
     run_flags(p)

@@ -14,13 +14,13 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.model import plan
-from loopformer.runs.layout import replace_file
+from loopformer.runs.layout import replace_file, special
 from loopformer.runs.log import log
 from loopformer.variants.exits import EXITS
 
@@ -141,12 +141,40 @@ def exit_flags(p: argparse.ArgumentParser, *, many: bool, compact: bool = True) 
 COMPACT = {"auto": None, "on": True, "off": False}  # --compact -> Plan.compact
 
 
-def compact_choice(args: argparse.Namespace, stops: bool, how: str = "--exit (or --loops X=auto)") -> bool | None:
-    """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early (``how``: what
-    would make them stop, in this command)."""
-    if args.compact != "auto" and not stops:
+def _stopping(info: Any, stopping: Iterable[str], halting: bool = True, routed: bool = False) -> list[str]:
+    """The circuits whose tokens may stop early: ``stopping``, (with ``halting``) the ACT circuits, which stop by
+    their own rule, and (with ``routed``: evaluation) the circuit of a one-circuit routed stage, whose router stops
+    them (a routed bank of several circuits is never compacted)."""
+    model = info.cfg.model
+    acts = [c.name for c in model.circuits() if c.halting.rule().mixes_output] if halting else []
+    routers = [s.circuits[0].name for s in model.stages if s.router.routes and len(s.circuits) == 1] if routed else []
+    return list(dict.fromkeys([*stopping, *acts, *routers]))
+
+
+def compact_note(args: argparse.Namespace, info: Any, stopping: Iterable[str], routed: bool = False) -> dict[str, str]:
+    """{"compact": auto | on | off} for a --json document where tokens may stop early (`computed_loops` and a
+    decoding's `computed` count what ran, which --compact chooses), else {}."""
+    return {"compact": args.compact} if _stopping(info, stopping, routed=routed) else {}
+
+
+def compact_choice(args: argparse.Namespace, info: Any, stopping: Iterable[str],
+                   how: str = "--exit (or --loops X=auto)", *, halting: bool = True, routed: bool = False) -> bool | None:
+    """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early (``stopping``: the
+    circuits given an exit rule or a count per example; with ``halting``, ACT circuits too, which stop by their own
+    rule; ``how``: what would make them stop, in this command), or when every circuit that can is of several
+    blocks (only a one-block circuit is compacted: on and off ran the same masked program)."""
+    if args.compact == "auto":
+        return None
+    model = info.cfg.model
+    stopping = _stopping(info, stopping, halting, routed)
+    if not stopping:
         raise PlanError(f"--compact {args.compact} chooses how tokens that stopped early are run, and none can: "
                         f"add {how}, or drop --compact")
+    depths = {c: model.circuit(c).depth for c in stopping}
+    if min(depths.values()) > 1:
+        raise PlanError(f"--compact {args.compact} chooses how a one-block circuit runs the tokens that stopped, and "
+                        f"the circuits that stop early have more blocks ("
+                        + ", ".join(f"{c}: {d}" for c, d in depths.items()) + "), which always mask them; drop --compact")
     return COMPACT[args.compact]
 
 
@@ -189,6 +217,7 @@ def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
         copy = shlex.quote(str(Path(run).resolve().name) + "_copy")
         raise AnalysisError(f"{run} is not writable ({e.strerror or e}), and this command writes {writes} into it; "
                             f"copy the run (cp -r {shlex.quote(str(run))} {copy}) and pass --run {copy}") from None
+    _check_journal(Path(run) / _JOURNAL)  # before the work: it is read when the new set is written
     for path in files:
         if path.exists() and not os.access(path, os.W_OK):
             raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
@@ -248,10 +277,20 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _check_journal(journal: Path) -> None:
+    """AnalysisError when the journal's name holds something `one_set` never writes: a FIFO blocked its read
+    forever, a folder was a traceback where the journal is removed."""
+    kind = special(journal)
+    if kind:
+        raise AnalysisError(f"{journal} is {kind}, where sweep, ablate, activity and rys keep the journal of the "
+                            f"files they are replacing; remove it")
+
+
 def _recover(run_dir: Path) -> None:
     """Put back the set that a command killed outright while writing it left behind (its journal, `one_set`),
     and remove kept copies that no journal names (a kill after the journal went). Called under the lock."""
     journal = run_dir / _JOURNAL
+    _check_journal(journal)
     try:
         entry = json.loads(journal.read_text(encoding="utf-8"))
         kept, new, command = dict(entry["kept"]), list(entry["new"]), str(entry["command"])

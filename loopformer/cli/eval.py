@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopformer.cli.common import command, compact_choice, emit, exit_caps, exit_flags, probe_flag, probe_sets, run_flags
+from loopformer.cli.common import (
+    command,
+    compact_choice,
+    compact_note,
+    emit,
+    exit_caps,
+    exit_flags,
+    probe_flag,
+    probe_sets,
+    run_flags,
+)
 from loopformer.cli.loopspec import circuits_phrase, parse_exits, parse_loops, split_auto
 from loopformer.config import ModelConfig
 from loopformer.errors import PlanError
@@ -58,8 +68,7 @@ def eval_command(args: argparse.Namespace) -> int:
             raise PlanError(f"--loops {both[0]}=auto and --exit for {both[0]}: an exit rule sets its own counts; "
                             f"drop one")
         loops = exit_caps(info, exits, args.max_loops, loops)
-        routed = any(s.router.routes for s in info.cfg.model.stages)  # a router stops tokens too
-        compact = compact_choice(args, bool(exits or rules or routed), how="--exit (or --loops X=auto, or a router)")
+        compact = compact_choice(args, info, [*exits, *rules], routed=True)
         ablated = list(args.ablate or [])
         if args.mode != "zero" and not ablated:
             raise PlanError(f"--mode {args.mode} sets what replaces an ablated circuit's output, and no --ablate is "
@@ -87,6 +96,7 @@ def eval_command(args: argparse.Namespace) -> int:
             if exits:  # an exit sweep of one setting can take minutes: say where it is
                 log(f"eval {split}: {tables.score(row)} at {tables.mean_loops_str(row)} loops per token")
         doc = {**run.provenance(), "rows": rows} | ({"probe": args.probe} if args.probe else {})
+        doc |= compact_note(args, info, [*exits, *rules], routed=True)
         head = tables.header_line(info, run.step, tables.scored(rows), args.probe)
         return doc, head + "\n" + tables.eval_table(rows, info)
 

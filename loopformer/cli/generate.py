@@ -10,7 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopformer.cli.common import command, compact_choice, emit, exit_caps, exit_flags, positive, run_flags
+from loopformer.cli.common import (
+    command,
+    compact_choice,
+    compact_note,
+    emit,
+    exit_caps,
+    exit_flags,
+    positive,
+    run_flags,
+)
 from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import sweep, tables
@@ -103,7 +112,7 @@ def generate_command(args: argparse.Namespace) -> int:
         exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops) or [{}])[0]
         settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
         args.exits = exits
-        args.compact_plan = compact_choice(args, bool(exits), how="--exit")
+        args.compact_plan = compact_choice(args, info, exits, how="--exit")
         if info.is_text:
             if args.prompt is None:
                 raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
@@ -171,9 +180,10 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
                     | ({"mean_loops": mean_loops} if mean_loops else {})
                     | ({"exit": _rules(args.exits)} if args.exits else {}))
     doc = {**run.provenance(), "prompt": args.prompt, "prompt_tokens": ids,
-           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+           "max_new_tokens": args.max_new_tokens,
            "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "stop_ids": stops,
-           "generations": outs}
+           "generations": outs} | compact_note(args, run.info, args.exits)
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}{_ran(o)}] {args.prompt}{o['text']}" for o in outs)
 
 
@@ -274,6 +284,7 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     doc = {**run.provenance(), "split": split, "decoding": "one pass, argmax per position" if aligned else
            "autoregressive greedy", "cache": cache, "continuous": args.continuous and cache is not None,
            "examples": examples} | ({"exit": _rules(args.exits)} if args.exits else {})
+    doc |= compact_note(args, info, args.exits)
     how = ("answers read in one forward pass (argmax at each labelled position)" if aligned else
            "answers decoded greedily, token by token from the prompt (not teacher-forced)")
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "

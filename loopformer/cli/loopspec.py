@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from loopformer.errors import PlanError
 from loopformer.model.plan import MAX_LOOPS
-from loopformer.variants.exits import ExitRule
+from loopformer.variants.exits import EXITS, ExitRule
 
 FORMS = "CIRCUIT=N (e.g. X=16), and for sweeps CIRCUIT=A:B (grid 1,2,3,4,6,8,12,...), A:B:STEP or N1,N2,..."
 
@@ -101,8 +101,11 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
     return {c: out[c] for c in circuits if c in out}
 
 
-EXIT_FORMS = ("[CIRCUIT=]KIND:THRESHOLDS[,min=N][,every=K] with KIND latent_diff, kl, entropy_diff or learned "
-              "(e.g. latent_diff:0.01, X=kl:5e-4, learned:q=0.5; sweep: latent_diff:0.1,0.03,0.01)")
+def exit_forms() -> str:
+    """How --exit is written, with the kinds registered now (`register_exit`: a hand-kept list left patience out)."""
+    *kinds, last = EXITS.names()
+    return (f"[CIRCUIT=]KIND:THRESHOLDS[,min=N][,every=K] with KIND {', '.join(kinds)} or {last} (e.g. "
+            f"latent_diff:0.01, X=kl:5e-4, learned:q=0.5; sweep: latent_diff:0.1,0.03,0.01)")
 
 
 def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool, max_loops: int | None = None
@@ -133,7 +136,7 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
             body, targets = spec, list(circuits)
         kind, colon, values = body.partition(":")
         if not colon:
-            raise PlanError(f"malformed {flag}: write {EXIT_FORMS}")
+            raise PlanError(f"malformed {flag}: write {exit_forms()}")
         parts = [p.strip() for p in values.split(",") if p.strip()]
         options = [p for p in parts if p.split("=")[0].strip() in ("min", "every")]
         thresholds = [p for p in parts if p not in options]
@@ -142,7 +145,7 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
             raise PlanError(f"{flag}: unknown option '{unknown[0].split('=')[0].strip()}' (the options are min=N and "
                             f"every=K)")
         if not thresholds:
-            raise PlanError(f"malformed {flag}: no threshold; write {EXIT_FORMS}")
+            raise PlanError(f"malformed {flag}: no threshold; write {exit_forms()}")
         kind = kind.strip()
         thresholds = [f"q={t.removeprefix('q=').strip()}" if kind == "learned" else t for t in thresholds]
         # a threshold given twice is one setting (like a loop count given twice): it was evaluated and written twice

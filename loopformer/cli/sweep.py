@@ -12,6 +12,7 @@ from loopformer.cli.common import (
     check_writable,
     command,
     compact_choice,
+    compact_note,
     emit,
     exit_caps,
     exit_flags,
@@ -33,7 +34,7 @@ MAX_SETTINGS = 4096  # grid points per split (64 x 64): more would run for hours
 def _args(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Also traces each swept circuit's state, iteration by iteration up to the largest count swept, on "
                 "the first batch of each split: the relative change ||h_i - h_(i-1)|| / ||h|| and the state norm "
-                "(sweep_convergence.png, log y). Readings: fixed-point (the change falls below 0.1%%), settling "
+                "(sweep_convergence.png, log y). Readings: fixed-point (the change falls below 0.1%), settling "
                 "(the step keeps shrinking), drifting (the norm keeps growing), moving (steady steps at a steady "
                 "norm: oscillation or chaos, the 'overthinking' regime). All settings share one compiled program per batch "
                 "shape (each split length compiles its own).")
@@ -80,7 +81,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         if args.exit:
             return _sweep_exits(args, info, splits)
         parse_exits(None, info.circuits, many=True, max_loops=args.max_loops)  # --max-loops needs --exit
-        compact_choice(args, stops=False, how="--exit")  # --compact too
+        compact_choice(args, info, [], how="--exit", halting=False)  # --compact too (not passed on here)
         if not args.loops:
             raise PlanError("sweep needs --loops CIRCUIT=A:B (loop counts) or --exit RULE (exit thresholds)")
         grid = parse_loops(args.loops, info.circuits, grid=True)
@@ -110,7 +111,8 @@ def sweep_command(args: argparse.Namespace) -> int:
             _remove_stale_plots(info, set(pngs))
         tb_dir = _log_tensorboard(run, rows, grid, pngs)
         doc = {**run.provenance(), "grid": grid, "rows": rows, "convergence": conv,
-               "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)}
+               "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)
+               } | compact_note(args, info, [])
         text = "\n".join([tables.header_line(info, run.step, tables.scored(rows)), tables.sweep_table(rows, grid, info), "",
                           tables.convergence_table(summary) if any(conv.values()) else
                           "convergence: none traced (the circuits of a routed stage keep no per-iteration trace)",
@@ -147,7 +149,9 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     settings = parse_exits(args.exit, info.circuits, many=True, max_loops=args.max_loops)
     loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False, single=(
         "with --exit, --loops gives each circuit one count, its cap; a range of counts is a sweep without --exit")).items()}
-    compact = compact_choice(args, stops=True)
+    compact = compact_choice(args, info, [c for s in settings for c in s])
+    for exits in settings:  # each setting's caps checked before the run is loaded
+        exit_caps(info, exits, args.max_loops, loops)
     run = load_run(info, args.step, raw=args.raw_weights)
     eval_sets = run.eval_sets(splits, args.examples)
     before = run.evaluator.compiles
@@ -161,7 +165,7 @@ def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tupl
     compiles = run.evaluator.compiles - before
     tables.write_csv(info.path / "sweep_exits.csv", [{k: v for k, v in r.items() if k != "histogram"} for r in rows])
     doc = {**run.provenance(), "rows": rows, "compiles": compiles,
-           "files": [str(info.path / "sweep_exits.csv")]}
+           "files": [str(info.path / "sweep_exits.csv")]} | compact_note(args, info, [c for s in settings for c in s])
     text = "\n".join([tables.header_line(info, run.step, tables.scored(rows)), tables.exit_table(rows, info),
                       f"programs compiled: {compiles} (thresholds are runtime inputs)",
                       f"wrote {info.path / 'sweep_exits.csv'}"])

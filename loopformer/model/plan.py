@@ -208,7 +208,8 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
     """``loops`` with every exiting circuit at its cap: ``max_loops`` if given, else its count in ``loops``
     if it has one, else the larger of its max_loops and eval_loops (a halting head was trained up to its
     max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head, or any rule in
-    a routed stage, whose router decides when each token stops)."""
+    a routed stage, whose router decides when each token stops) or that could stop no token (min / every past
+    the cap)."""
     out = dict(loops)
     routed = {c.name for s in model.stages if s.router.routes for c in s.circuits}
     for c, rule in exits.items():
@@ -223,6 +224,11 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
             raise PlanError(f"--loops {c}={loops[c]} and --max-loops {max_loops} both cap circuit {c}, which exits by "
                             f"a rule; give one")
         out[c] = max_loops or loops.get(c) or max(cfg.max_loops, cfg.eval_loops)
+        first = -(-rule.min_loops // rule.check_every) * rule.check_every  # the first iteration it may stop after
+        if first > out[c]:  # every token ran to the cap, as if no rule were given
+            raise PlanError(f"exit {c}={rule}: the rule first checks after iteration {first}, past circuit {c}'s cap of "
+                            f"{out[c]} loops, so no token could stop by it; lower min or every, or raise the cap "
+                            f"({f'--loops {c}=N' if c in loops and not max_loops else '--max-loops N'})")
     return out
 
 

@@ -98,6 +98,14 @@ class RunDir:
         return steps[-1] if steps else None
 
 
+def special(path: Path) -> str | None:
+    """What ``path`` is when it exists but is not a regular file ("a folder", "a pipe or a device"), else None.
+    Checked before a run's file is opened: a FIFO with no writer blocks the reader forever."""
+    if path.is_file() or not path.exists():
+        return None
+    return "a folder" if path.is_dir() else "a pipe or a device"
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file beside it, renamed into place: a kill leaves the old file
     or the new one, never half of one. AnalysisError naming a file that cannot be written (read-only, which a

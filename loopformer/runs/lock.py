@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 from loopformer.errors import ConfigError
-from loopformer.runs.layout import RunDir
+from loopformer.runs.layout import RunDir, special
 from loopformer.runs.log import log
 
 
@@ -31,6 +31,9 @@ def exclusive(path: Path, busy: str, *, unlocked_note: str | None = None, remove
     The kernel releases the lock when the process exits, however it exits; a filesystem without locks
     runs unlocked, logging ``unlocked_note`` if given. ``remove`` deletes the file when the block ends (a
     process that opened it just before then finds it unlinked once it holds the lock, and counts as busy)."""
+    kind = special(path)
+    if kind:  # a folder: IsADirectoryError; a FIFO opens, then fails as the holder is written (EINVAL)
+        raise ConfigError(f"{path} is {kind}, where loopformer keeps a lock file; remove it")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     locked = False
     try:

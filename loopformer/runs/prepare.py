@@ -14,7 +14,7 @@ import jax
 
 from loopformer.config import ARCHITECTURE, SCHEDULE, TASK, Change, Config, circuit_label, config_changes, config_from_dict
 from loopformer.errors import CheckpointError, ConfigError
-from loopformer.runs.layout import WRITE_PROBE, RunDir
+from loopformer.runs.layout import WRITE_PROBE, RunDir, special
 from loopformer.runs.read import read_config_dict
 
 
@@ -88,8 +88,10 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
     layout = RunDir(run_dir)
     for path, folder in ((layout.checkpoints, True), (layout.tb, True), (layout.metrics, False),
                          (layout.changes, False), (layout.tokenizer, False), (layout.final_sweep, False)):
-        if path.exists() and path.is_dir() != folder:  # each would fail as a traceback where the trainer writes it
-            raise CheckpointError(f"{path} is a {'file' if folder else 'folder'}, where the run keeps its {path.name} "
+        # each would fail as a traceback where the trainer writes it, and a FIFO would block it forever
+        kind = ("a file" if path.exists() and not path.is_dir() else None) if folder else special(path)
+        if kind:
+            raise CheckpointError(f"{path} is {kind}, where the run keeps its {path.name} "
                                   f"(a {'folder' if folder else 'file'}); move it aside, or pick a new run.name")
     # checkpoints/ exists from the start, so that metrics without it mean a deleted run (resume_changes)
     layout.checkpoints.mkdir(exist_ok=True)

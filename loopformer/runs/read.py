@@ -16,7 +16,7 @@ from loopformer.config import Config, config_from_dict
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import AnalysisError, CheckpointError
 from loopformer.model.plan import resolve_loops
-from loopformer.runs.layout import OLDER_LAYOUT, RunDir
+from loopformer.runs.layout import OLDER_LAYOUT, RunDir, special
 
 
 def _older_layout(data: Any) -> bool:
@@ -49,6 +49,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config of an existing run (for the analysis commands)."""
     run_dir = Path(run_dir)
     path = RunDir(run_dir).config
+    kind = special(path)
+    if kind:  # a FIFO would block the read forever; either was called missing
+        raise CheckpointError(f"{path} is {kind}, not the run's config file; put the run's config.yaml back")
     if not path.is_file():
         raise CheckpointError(f"no run at {run_dir}: {path} is missing (train first, or point --run at a "
                               f"directory made by `loopformer train`)")

@@ -144,6 +144,9 @@ def register_exit(name: str) -> Any:
     rule on a plan holding another, depending on the process's hash seed. It did: kl scored with latent_diff's
     stop rule in ``bench/adaptive.py`` and, rarely, in ``tests/model/test_adaptive.py``
     (`tests/variants/test_variants.py::test_exit_rule_kinds_have_distinct_tree_structures`)."""
+    if not re.fullmatch(r"\w+", name):  # `ExitRule.parse` reads KIND as a word: the rule was listed and unusable
+        raise ValueError(f"exit rule name {name!r}: give letters, digits and _ only (--exit reads KIND:THRESHOLD)")
+
     def add(cls: type) -> type:
         cls = EXITS.register(name)(dataclass(frozen=True)(cls))
 

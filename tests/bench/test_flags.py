@@ -11,7 +11,7 @@ import pytest
 
 BENCH = Path(__file__).parents[2] / "bench"
 HEAVY = ("train", "trained", "run_task", "run_text", "run_seeds", "measure", "check", "runs", "build_model",
-         "random_model", "bank_config", "throughput", "part_rows", "read_run", "run_setting")
+         "random_model", "bank_config", "throughput", "part_rows", "read_run", "run_setting", "train_timed")
 
 
 @functools.cache
@@ -78,6 +78,15 @@ CASES = [
     ("addition_places", ["--runs", "r", "--models", "looped,looped"], "--models looped,looped: a model is given twice"),
     ("addition_places", ["--runs", "r", "--digits", "8,8"], "--digits '8,8': 8 is given twice"),
     ("addition_places", ["--runs", ""], "argument --runs: '': name the folder"),  # was "--runs .: no trained ..."
+    # the sixteenth pass: repeated names in the scripts that did not check them, --skip of everything
+    ("maze_shortcut", ["--tasks", "maze3,maze3"], "--tasks names maze3 twice; give each once"),
+    ("routing", ["--models", "routed,routed"], "--models names routed twice; give each once"),
+    ("loop_overhead", ["--skip", "compile", "compile"], "--skip names compile twice; give each once"),
+    ("loop_overhead", ["--skip", "throughput", "compile", "sweep"],
+     "--skip throughput compile sweep leaves nothing to measure; skip at most two"),  # wrote an empty document
+    ("decode", ["--compact-only", "--new", "4", "--loops", "2"],  # the rows were random weights' at 256 tokens
+     "--compact-only measures its own rows alone (random weights, 256 new tokens, batches --compact-batch), so --new "
+     "and --loops would not be used; drop them, or drop --compact-only"),
     ("addition_places", ["--runs", "r", "--digits", "100000"],  # an out-of-memory traceback from XLA
      "--digits 100000: attention over 256 examples of 300,005 tokens needs about"),
 ]
@@ -177,3 +186,16 @@ def test_ctrl_c_in_a_bench_script_is_one_line_and_status_130():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=BENCH.parent)
     assert done.returncode == 130 and done.stderr == "interrupted\n", done.stderr
+
+
+def test_decode_run_of_a_task_is_refused_before_any_work(run_dir, monkeypatch, capsys):
+    """#27 pass 16: bench/decode.py --run of a synthetic-task run (or a missing one) failed at the exit rows, after
+    every policy row had been timed (minutes); --compact-only with --run measured random weights."""
+    module = script("decode")
+    monkeypatch.setattr(module, "random_model", lambda: pytest.fail("random_model ran before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--run", str(run_dir)])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--run {run_dir}: a text run is needed (its val split gives the prompts), and " \
+        f"it trains on the task 'pointer_chase'" in err, err

@@ -87,10 +87,21 @@ def test_a_sweep_of_a_routed_stage_has_no_convergence_to_plot(tmp_path, capsys):
     doc = run_json(capsys, "sweep", "--run", str(run_dir), "--loops", "X=1:2")
     assert doc["convergence"] == {"train": {}, "hard": {}} and [r["loops"]["X"] for r in doc["rows"]] == [1, 2, 1, 2]
     assert not (run_dir / "sweep_convergence.png").exists() and (run_dir / "sweep_X.png").is_file()
-    # #25: a router stops tokens, so eval --compact on / off is a choice here (it was refused: "none can stop")
-    on, off = (run_json(capsys, "eval", "--run", str(run_dir), "--split", "hard", "--compact", c)["rows"][0]
-               for c in ("on", "off"))
-    assert on["loss"] == pytest.approx(off["loss"], rel=1e-5) and on["mean_loops"] == off["mean_loops"]
+    # a routed bank of two circuits is never compacted: --compact on / off would choose nothing
+    assert main(["eval", "--run", str(run_dir), "--compact", "on"]) == 2
+    assert "none can" in capsys.readouterr().err
+
+
+def test_eval_of_a_one_circuit_router_takes_compact(tmp_path, capsys):
+    """#25: a one-circuit router stops tokens and evaluates compacted, so eval --compact on / off is a choice (it was
+    refused: "none can stop"); the same numbers, the choice recorded."""
+    x = "{name: X, depth: 1, width: 16, heads: 2, mlp_ratio: 1, loops: fixed(3)}"
+    run_dir = make_run(tiny_config(tmp_path, "routed1", "model.stages.0.router={kind: token_choice}",
+                                   f"model.stages.0.circuits=[{x}]"))
+    on, off = (run_json(capsys, "eval", "--run", str(run_dir), "--split", "hard", "--compact", c) for c in ("on", "off"))
+    assert (on["compact"], off["compact"]) == ("on", "off")
+    assert on["rows"][0]["loss"] == pytest.approx(off["rows"][0]["loss"], rel=1e-5)
+    assert on["rows"][0]["mean_loops"] == off["rows"][0]["mean_loops"]
 
 
 def test_a_sweep_below_the_default_count_reports_nothing_at_it(run_dir, capsys):
@@ -167,8 +178,32 @@ def test_generate_answers_alike_compacted_and_masked(run_dir, capsys):
     args = ["generate", "--run", str(run_dir), "--example-split", "hard", "--count", "4", "--exit",
             "X=latent_diff:0.2", "--max-loops", "16"]
     on, off = (run_json(capsys, *args, "--compact", c) for c in ("on", "off"))
+    assert (on["compact"], off["compact"]) == ("on", "off")  # #27 pass 16: not recorded
     assert [[p["tokens"] for p in ex["predictions"]] for ex in on["examples"]] == \
         [[p["tokens"] for p in ex["predictions"]] for ex in off["examples"]]
+
+
+def test_compact_is_refused_where_it_chooses_nothing_and_kept_for_act(tmp_path):
+    """#27 pass 16: --compact on / off with exits only on circuits of two blocks was accepted and changed nothing
+    (only a one-block circuit is compacted); on an ACT run without --exit it was refused as "none can" stop,
+    though ACT circuits stop by their own rule (and are compacted)."""
+    from types import SimpleNamespace
+
+    from loopformer.cli.common import compact_choice, compact_note
+    from loopformer.errors import PlanError
+
+    deep = SimpleNamespace(cfg=tiny_config(tmp_path, "deep", "model.stages.0.circuits.Y.depth=2"))
+    on = SimpleNamespace(compact="on")
+    with pytest.raises(PlanError, match=r"^--compact on chooses how a one-block circuit runs the tokens that stopped, "
+                                        r"and the circuits that stop early have more blocks \(Y: 2\), which always "
+                                        r"mask them; drop --compact$"):
+        compact_choice(on, deep, ["Y"])
+    assert compact_choice(on, deep, ["X", "Y"]) is True
+    act = SimpleNamespace(cfg=tiny_config(tmp_path, "act", "model.stages.0.circuits.X.halting.kind=act"))
+    assert compact_choice(on, act, []) is True and compact_note(on, act, []) == {"compact": "on"}
+    with pytest.raises(PlanError, match="none can"):
+        compact_choice(on, act, [], halting=False)
+    assert compact_note(SimpleNamespace(compact="auto"), deep, []) == {}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -207,8 +242,9 @@ def test_text_run(text_run_dir, capsys):
     assert row["loops"] == {"X": 5}  # configs/text_bytes.yaml eval_loops
     doc = run_json(capsys, "generate", "--run", str(text_run_dir), "--prompt", "In the beginning",
                    "--max-new-tokens", "5", "--loops", "X=1,3", "--top-k", "1000000000000",  # K >= vocab: all
-                   "--temperature", "1")
+                   "--temperature", "1", "--seed", "9")
     assert [g["loops"] for g in doc["generations"]] == [{"X": 1}, {"X": 3}]
+    assert (doc["seed"], doc["max_new_tokens"]) == (9, 5)  # #27 pass 16: a sampled text did not say its seed
     assert all(isinstance(g["text"], str) for g in doc["generations"])
     assert main(["generate", "--run", str(text_run_dir)]) == 2
     assert "trains on text: give --prompt TEXT" in capsys.readouterr().err
@@ -436,6 +472,35 @@ def test_loops_help_gives_the_real_limit(capsys):
             assert f"1..{MAX_LOOPS}" in text, command
 
 
+def test_help_prints_a_percent_sign_once(capsys):
+    """#27 pass 16: the epilogs of activity and sweep said "10%%" and "0.1%%" (argparse formats help strings, not
+    epilogs, with %)."""
+    from loopformer.cli.common import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "%%" not in text, command
+    assert "exceeds 10% of" in " ".join(_help(capsys, "activity").split())
+
+
+def _help(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_a_terminal_that_cannot_encode_gets_escapes_not_a_traceback():
+    """#27 pass 16: under PYTHONIOENCODING=ascii (or a Latin-1 locale) `eval --help` was a UnicodeEncodeError
+    traceback at its ±; now the character is written as an escape."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-m", "loopformer", "eval", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "\\xb11%" in done.stdout
+
+
 def test_eval_and_sweep_with_exits(run_dir, capsys):
     doc = run_json(capsys, "eval", "--run", str(run_dir), "--exit", "latent_diff:0.05", "--max-loops", "16",
                    "--split", "hard")
@@ -443,8 +508,11 @@ def test_eval_and_sweep_with_exits(run_dir, capsys):
     assert row["exit"] == {"X": "latent_diff:0.05", "Y": "latent_diff:0.05"} and row["loops"] == {"X": 16, "Y": 16}
     assert 1 <= row["mean_loops"]["X"] <= 16 and sum(row["histogram"]["X"].values()) > 0
     # --compact on / off: the same rows, the executed work measured differently (one-block X compacts)
-    on, off = (run_json(capsys, "eval", "--run", str(run_dir), "--exit", "X=latent_diff:0.2", "--max-loops",
-                        "16", "--split", "hard", "--compact", c)["rows"][0] for c in ("on", "off"))
+    docs = [run_json(capsys, "eval", "--run", str(run_dir), "--exit", "X=latent_diff:0.2", "--max-loops",
+                     "16", "--split", "hard", "--compact", c) for c in ("on", "off")]
+    # #27 pass 16: computed_loops depends on --compact, and the document did not say which was chosen
+    assert [d["compact"] for d in docs] == ["on", "off"]
+    on, off = (d["rows"][0] for d in docs)
     assert len(on["histogram"]["X"]) > 1 and on["histogram"] == off["histogram"]  # tokens stop at several counts
     for key in ("loss", "accuracy"):
         assert on[key] == pytest.approx(off[key], rel=1e-5), key
@@ -453,6 +521,7 @@ def test_eval_and_sweep_with_exits(run_dir, capsys):
     used = [r["mean_loops"]["X"] for r in doc["rows"]]
     assert [r["exit"]["X"] for r in doc["rows"]] == ["latent_diff:1e-06", "latent_diff:0.05", "latent_diff:10"]
     assert used == sorted(used, reverse=True) and used[-1] == 1.0  # looser thresholds stop earlier
+    assert doc["compact"] == "auto"
     assert doc["compiles"] <= 2  # thresholds are runtime inputs: one program per batch shape and function
     assert all(r["loops"]["Y"] == 3 for r in doc["rows"])  # Y has no rule: its eval_loops
     doc = run_json(capsys, "generate", "--run", str(run_dir), "--example-split", "hard", "--count", "2",
@@ -601,6 +670,19 @@ def test_a_closed_pipe_on_stdout_is_one_line(run_dir, monkeypatch, capsys):
     assert main(["inspect", "--run", str(run_dir)]) == 141
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith("stopped: standard output was closed")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line(run_dir):
+    """#27 pass 16: stdout on a full disk (`> out.json`; here /dev/full) was an OSError traceback from print, and
+    `train` said "writing into RUN failed ... free some space (df -h RUN)", blaming its run directory."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "loopformer", "inspect", "--run", str(run_dir)], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: standard output could not be written (No space left on device); what the command prints there is "
+        "lost: send it where there is space (or to /dev/null)"]
 
 
 def test_a_closed_stdout_is_refused_before_any_work():

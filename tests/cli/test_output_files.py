@@ -233,6 +233,24 @@ def test_a_journal_edited_or_copied_in_touches_no_file_a_set_does_not_hold(tmp_p
     assert (tmp_path / "victim.csv").read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_journal_that_is_a_fifo_or_a_folder_is_one_line_before_the_work(looped_run, capsys, kind):
+    """#27 pass 16: a FIFO named .analysis-set.json made every sweep, ablate, activity and rys wait forever after
+    its work (reading the journal); a folder was a traceback (IsADirectoryError) there. Now one line up front."""
+    journal = looped_run / ".analysis-set.json"
+    os.mkfifo(journal) if kind == "fifo" else journal.mkdir()
+    try:
+        assert main(["ablate", "--run", str(looped_run), "--examples", "8"]) == 2
+        out = capsys.readouterr()
+        what = "a pipe or a device" if kind == "fifo" else "a folder"
+        assert out.err.strip().splitlines() == [
+            f"error: {journal} is {what}, where sweep, ablate, activity and rys keep the journal of the files they "
+            f"are replacing; remove it"]
+        assert "ablate" not in out.err.split("error:")[0]  # before the work: no progress line
+    finally:
+        journal.unlink() if kind == "fifo" else journal.rmdir()
+
+
 @pytest.mark.parametrize("argv, name", [(["ablate"], "ablation.png"), (["activity"], "activity.csv"),
                                         (["sweep", "--loops", "X=1,2"], "sweep.csv")])
 def test_every_analysis_command_refuses_a_read_only_output_before_its_work(looped_run, capsys, monkeypatch, argv,

@@ -1,6 +1,8 @@
 """loopformer.runs: the run directory's one layout, the one log, and restoring a run's params without
 its optimizer state."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,18 @@ def test_the_layout_names_every_file(tmp_path):
     for name in ("12", "3", "tmp", "7.orbax-checkpoint-tmp"):
         (run.checkpoints / name).mkdir(parents=True)
     assert run.checkpoint_steps() == [3, 12] and run.trained_to() == 12
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_run_config_that_is_a_fifo_or_a_folder_is_named_so(tmp_path, kind):
+    """#27 pass 16: every analysis command said "no run at ...: config.yaml is missing" of a config.yaml that is a
+    FIFO or a folder (train said "not a readable file")."""
+    path = tmp_path / "config.yaml"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    what = "a pipe or a device" if kind == "fifo" else "a folder"
+    with pytest.raises(CheckpointError, match=rf"^{path} is {what}, not the run's config file; put the run's "
+                                              rf"config.yaml back$"):
+        load_run_config(tmp_path)
 
 
 def test_one_log_to_stderr_and_the_trainer_logs_to_stdout(capsys):

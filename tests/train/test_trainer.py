@@ -135,6 +135,33 @@ def test_a_run_file_of_the_wrong_kind_is_one_line_before_training(tmp_path, trai
     assert RunDir(run_dir).checkpoint_steps() == [2, 4] and path.is_dir() == folder
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config_changes.jsonl", "final_sweep.json"])
+def test_a_run_file_that_is_a_fifo_is_one_line_before_training(tmp_path, trained_run, name):
+    """#27 pass 16: a resume where metrics.jsonl was a FIFO waited forever for a writer, printing nothing (the
+    check above took only a folder for a file)."""
+    run_dir = copy_run(trained_run, tmp_path, "fifo")
+    path = run_dir / name
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    with pytest.raises(CheckpointError, match=rf"{name} is a pipe or a device, where the run keeps its {name} \(a file"):
+        train(trained_config(tmp_path, "fifo", "train.steps=6"))
+    assert RunDir(run_dir).checkpoint_steps() == [2, 4]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_lock_file_that_is_a_fifo_or_a_folder_is_one_line(tmp_path, kind):
+    """#27 pass 16: a .train.lock that is a FIFO was a traceback (OSError EINVAL, writing the holder), a folder
+    IsADirectoryError."""
+    from loopformer.runs.lock import lock_file, run_lock
+
+    path = lock_file(tmp_path)
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    what = "a pipe or a device" if kind == "fifo" else "a folder"
+    want = rf"\.train\.lock is {what}, where loopformer keeps a lock file; remove it$"
+    with pytest.raises(ConfigError, match=want), run_lock(tmp_path, 0):
+        pass
+
+
 def test_continuing_with_more_steps(tmp_path, trained_run):
     """A larger train.steps continues a finished run from its last checkpoint."""
     copy_run(trained_run, tmp_path, "g")

@@ -182,6 +182,19 @@ def test_exit_rules_registered():
     assert isinstance(ExitRule.parse("latent_diff:0.1,min=2"), LatentDiff)
 
 
+@pytest.mark.parametrize("name", ["bad name", "x:y", "", "a-b"])
+def test_an_exit_rule_name_that_exit_cannot_read_is_refused(name):
+    """#27 pass 16: register_exit took any name; one that is not a word was listed among the forms by
+    `--exit`'s error and could never be parsed ("exit rule 'bad name:0.1' is not one of ..., bad name:EPS")."""
+    from loopformer.variants.exits import EXITS, ExitRule, register_exit
+
+    with pytest.raises(ValueError, match="give letters, digits and _ only"):
+        @register_exit(name)
+        class Rule(ExitRule):
+            pass
+    assert name not in EXITS.names()
+
+
 def test_exit_rule_kinds_have_distinct_tree_structures():
     """Two rules of different kinds with the same settings must never share a compiled program: a plan's tree
     structure (the jit cache key) carries the kind. With JAX's dataclass registration it did not (the
