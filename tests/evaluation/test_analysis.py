@@ -125,7 +125,7 @@ def test_per_example_pass_reports_the_executed_work_of_the_scoring_pass(run, eva
 
 def test_per_example_pass_runs_compacted_when_asked(run, eval_sets):
     """examples(compact=True) (bench/adaptive.py --compact on): the same answers, loops and histogram as the
-    masked pass, fewer executed token-iterations of the one-block circuit X, and evaluate(compact=True)'s."""
+    masked pass, and fewer executed token-iterations of the one-block circuit X."""
     from loopformer.variants.exits import exit_rule
 
     loops, exits = run.info.full_loops({"X": 8}), {"X": exit_rule("latent_diff", 0.2)}
@@ -135,5 +135,3 @@ def test_per_example_pass_runs_compacted_when_asked(run, eval_sets):
     np.testing.assert_allclose(on["loops"]["X"], off["loops"]["X"])
     assert on["histogram"] == off["histogram"] and len(on["histogram"]["X"]) > 1  # tokens stop at different counts
     assert on["computed_loops"]["X"] < off["computed_loops"]["X"]
-    m = run.evaluator.evaluate(run.params, batches, loops, exits=exits, compact=True)
-    assert on["computed_loops"] == pytest.approx(m["computed_loops"], rel=1e-6)

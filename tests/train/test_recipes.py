@@ -211,7 +211,7 @@ def test_iteration_loss_is_the_mean_ce_over_the_window(tmp_path, run):
     for W, ref in ((1, losses[4]), (3, sum(losses.values()) / 3)):
         plan = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 3, "Y": 1}, windows={"X": W})
         objective = _Objective(graphdef, plan, plan.loops, None, (jnp.int32(0), 1), total, 1)
-        value, sums = objective.loss(run.params, batch)
+        value, sums = jax.jit(objective.loss)(run.params, batch)  # eager, it took ~30 s
         assert float(value) == pytest.approx(ref, rel=1e-5)
         assert float(sums["loss_sum"]) == pytest.approx(losses[4], rel=1e-6)  # the metrics stay the final count's
     # per token: a token at count 1 reads its one iteration only (the mean is over its valid rows)
