@@ -68,7 +68,8 @@ def eval_command(args: argparse.Namespace) -> int:
             raise PlanError(f"--loops {both[0]}=auto and --exit for {both[0]}: an exit rule sets its own counts; "
                             f"drop one")
         loops = exit_caps(info, exits, args.max_loops, loops)
-        compact = compact_choice(args, info, [*exits, *rules], routed=True)
+        stopping = [*exits, *rules]  # circuits whose tokens may stop early (a one-circuit router's too)
+        compact = compact_choice(args, info, stopping, routed=True)
         ablated = list(args.ablate or [])
         if args.mode != "zero" and not ablated:
             raise PlanError(f"--mode {args.mode} sets what replaces an ablated circuit's output, and no --ablate is "
@@ -96,7 +97,7 @@ def eval_command(args: argparse.Namespace) -> int:
             if exits:  # an exit sweep of one setting can take minutes: say where it is
                 log(f"eval {split}: {tables.score(row)} at {tables.mean_loops_str(row)} loops per token")
         doc = {**run.provenance(), "rows": rows} | ({"probe": args.probe} if args.probe else {})
-        doc |= compact_note(args, info, [*exits, *rules], routed=True)
+        doc |= compact_note(args, info, stopping, routed=True)
         head = tables.header_line(info, run.step, tables.scored(rows), args.probe)
         return doc, head + "\n" + tables.eval_table(rows, info)
 

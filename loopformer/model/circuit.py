@@ -110,6 +110,11 @@ COMPACT_SHARES = (1, 2, 4, 8)
 COMPACT_MIN_TOKENS = 4096
 
 
+def _compacts(choice: bool | None, B: int, T: int) -> bool:
+    """Whether inference over [B, T] tokens compacts: `Plan.compact` when given, else the batch's size."""
+    return B * T >= COMPACT_MIN_TOKENS if choice is None else choice
+
+
 class _Probe(NamedTuple):
     """What an exit rule reads of the circuit it stops (`loopformer.variants.exits.Probe`)."""
 
@@ -260,9 +265,7 @@ class Circuit(nnx.Module):
 
         B, T = h0.shape[:2]
         adaptive = rule is not None or jnp.ndim(n) > 0  # tokens may stop at different iterations
-        if compact_ok is None:
-            compact_ok = B * T >= COMPACT_MIN_TOKENS
-        compact = adaptive and compact_ok and self.depth == 1
+        compact = adaptive and _compacts(compact_ok, B, T) and self.depth == 1
         side0, active0 = chunk0, None
         if cache is None and adaptive and ctx.valid_BT is not None:
             active0 = ctx.valid_BT  # padding never reaches an output: it need not run
@@ -678,8 +681,8 @@ class Bank(nnx.Module):
             if ctx.valid_BT is not None:
                 carry0 = (carry0[0], ctx.valid_BT, *carry0[2:])
             B, T = x_BTD.shape[:2]
-            compact = plan.compact if plan.compact is not None else B * T >= COMPACT_MIN_TOKENS
-            if compact and len(names) == 1 and self.circuits[names[0]].depth == 1 and ctx.decoding is None:
+            one_block = len(names) == 1 and self.circuits[names[0]].depth == 1
+            if _compacts(plan.compact, B, T) and one_block and ctx.decoding is None:
                 hs, used, aux, computed = self._routed_compact(graphdefs[0], router_gd, stream, consts, carry0,
                                                                loops, rounds, ctx)
             else:
@@ -695,7 +698,6 @@ class Bank(nnx.Module):
                                                  computed=None if plan.training else computed), contribs[n], ctx, plan)
                    for i, n in enumerate(names)}
         return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
-
 
     def _routed_compact(self, graphdef: nnx.GraphDef, router_gd: nnx.GraphDef, stream: Callable, consts: Any,
                         carry0: tuple, loops: Array, rounds: Array, ctx: Context) -> tuple:
