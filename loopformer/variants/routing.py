@@ -62,17 +62,18 @@ class RouterKind:
     def score_bias(self, circuits: int) -> list[float]:
         return [0.0] * self.scores(circuits)
 
-    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array,
+    def select(self, s_BTS: Array, eligible_CBT: Array, active_BT: Array, running_BT: Array, count: Array,
                r: Array | int = 0, causal_inference: bool = False) -> tuple[Array, Array, Array, Array]:
-        """Round ``r`` from the scores ``s``: (selected [C, B, T] bool, soft [C, B, T] = q - stop_gradient(q),
+        """Round ``r`` from the scores ``s`` and each token's eligible circuits ``eligible_CBT`` (within its
+        loop count): (selected [C, B, T] bool, soft [C, B, T] = q - stop_gradient(q),
         still running [B, T], auxiliary loss []). ``causal_inference``: a causal model's evaluation or
         decoding (a token's choice may not read later tokens)."""
         raise NotImplementedError
 
 
-def straight_through(q_CBT: Array, running_BT: Array, eligible_C: Array) -> Array:
+def straight_through(q_CBT: Array, running_BT: Array, eligible_CBT: Array) -> Array:
     """q - stop_gradient(q): 0 in value, q's gradient; 0 for tokens not running and circuits not eligible."""
-    return (q_CBT - jax.lax.stop_gradient(q_CBT)) * (running_BT[None] & eligible_C[:, None, None])
+    return (q_CBT - jax.lax.stop_gradient(q_CBT)) * (running_BT[None] & eligible_CBT)
 
 
 @ROUTERS.register("none")
@@ -93,17 +94,18 @@ class TokenChoice(RouterKind):
         # the exit option starts unlikely (bias -2): tokens first learn to run, then to stop
         return [0.0] * circuits + [-2.0] * int(self.exit)
 
-    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array,
+    def select(self, s_BTS: Array, eligible_CBT: Array, active_BT: Array, running_BT: Array, count: Array,
                r: Array | int = 0, causal_inference: bool = False) -> tuple[Array, Array, Array, Array]:
-        C = eligible_C.shape[0]
-        allowed = jnp.concatenate([eligible_C, jnp.ones((int(self.exit),), bool)])
+        C = eligible_CBT.shape[0]
+        allowed = jnp.concatenate([jnp.moveaxis(eligible_CBT, 0, -1), jnp.ones((*active_BT.shape, int(self.exit)), bool)],
+                                  axis=-1)  # [B, T, C(+1)]
         probs = jax.nn.softmax(jnp.where(allowed, s_BTS, -1e9), axis=-1)
         choice = jnp.argmax(probs, axis=-1)
         sel = (choice[None] == jnp.arange(C)[:, None, None]) & running_BT[None]
         still = active_BT & ~(running_BT & (choice == C)) if self.exit else active_BT
-        still = still & jnp.any(eligible_C)
+        still = still & jnp.any(eligible_CBT, axis=0)  # a token past every circuit's count stops
         # [C, B, T]; the exit option learns through the softmax
-        soft = straight_through(jnp.moveaxis(probs[..., :C], -1, 0), running_BT, eligible_C)
+        soft = straight_through(jnp.moveaxis(probs[..., :C], -1, 0), running_BT, eligible_CBT)
         share = sel.sum((1, 2)) / count  # f_c
         mean_p = jnp.sum(probs[..., :C] * running_BT[..., None], axis=(0, 1)) / count  # P_c
         # Switch's balance spreads tokens over circuits; over one circuit it would only penalise running it
@@ -129,21 +131,21 @@ class ExpertChoice(RouterKind):
         c = caps[jnp.minimum(jnp.asarray(r, jnp.int32), caps.shape[0] - 1)]
         return jnp.maximum(jnp.ceil(c * T - 1e-6), 1).astype(jnp.int32)
 
-    def select(self, s_BTS: Array, eligible_C: Array, active_BT: Array, running_BT: Array, count: Array,
+    def select(self, s_BTS: Array, eligible_CBT: Array, active_BT: Array, running_BT: Array, count: Array,
                r: Array | int = 0, causal_inference: bool = False) -> tuple[Array, Array, Array, Array]:
-        C, T = eligible_C.shape[0], s_BTS.shape[1]
+        C, T = eligible_CBT.shape[0], s_BTS.shape[1]
         scores = jax.nn.sigmoid(s_BTS)  # [B, T, C]
         if causal_inference:  # the auxiliary BCE's predictor: each token decides alone
             picked = jnp.moveaxis(scores > 0.5, -1, 0)
-        else:  # the top k_r running tokens per circuit and sequence (ties broken by position)
+        else:  # the top k_r running tokens per circuit and sequence (ties broken by position) within their counts
             k_max = max(1, math.ceil(max(self.schedule()) * T - 1e-6))
-            masked = jnp.moveaxis(jnp.where(running_BT[..., None], scores, -1.0), -1, 0)  # [C, B, T]
+            masked = jnp.where(running_BT[None] & eligible_CBT, jnp.moveaxis(scores, -1, 0), -1.0)  # [C, B, T]
             top, idx = jax.lax.top_k(masked, k_max)  # sorted: rank j < k_r is in round r's top k_r
             keep = (top >= 0) & (jnp.arange(k_max) < self.takes(r, T))
             picked = jnp.zeros(masked.shape, bool).at[
                 jnp.arange(C)[:, None, None], jnp.arange(masked.shape[1])[None, :, None], idx].set(keep)
-        sel = picked & running_BT[None] & eligible_C[:, None, None]  # [C, B, T]
-        soft = straight_through(jnp.moveaxis(scores, -1, 0), running_BT, eligible_C)
+        sel = picked & running_BT[None] & eligible_CBT  # [C, B, T]
+        soft = straight_through(jnp.moveaxis(scores, -1, 0), running_BT, eligible_CBT)
         still = active_BT & jnp.any(sel, axis=0)
         target = jnp.moveaxis(sel, 0, -1).astype(jnp.float32)
         bce = -(target * jnp.log(scores + 1e-6) + (1 - target) * jnp.log(1 - scores + 1e-6))

@@ -389,6 +389,38 @@ def test_a_compacted_routed_bank_gives_the_masked_rounds(kind):
     assert float(cc) < float(cm)
 
 
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
+def test_a_routed_bank_caps_each_token_at_its_own_count(kind):
+    """Per-token loop counts (loops: per_difficulty) on a routed stage cap each token's rounds: a batch whose
+    rows have counts 2, 5 and 8 gives each row the logits and rounds it has alone at its scalar count, in
+    training (a scan of plan.bound rounds), in masked and in compacted evaluation; no token runs past its
+    count."""
+    x = CircuitConfig(name="X", width=16, heads=2, window=3, state_norm=True, eval_loops=8, max_loops=8, backprop=2)
+    router = RouterConfig(kind=kind, **({"capacities": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]} if kind == "expert_choice"
+                                        else {}))
+    cfg = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=False,
+                      stages=[StageConfig([x], router=router)])
+    gd, st = model_of(cfg)
+    if kind == "token_choice":
+        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 0.5])  # tokens exit at many rounds
+    toks = tokens(b=3, t=9)
+    counts = np.array([2, 5, 8])
+    per_token = jnp.asarray(np.repeat(counts[:, None], toks.shape[1], 1), jnp.int32)
+    plans = {"train": lambda n: make_plan(["X"], {"X": n}, backprop={"X": 2}, bound=8),
+             "masked": lambda n: make_plan(["X"], {"X": n}, compact=False),
+             "compacted": lambda n: make_plan(["X"], {"X": n}, compact=True)}
+    for name, plan in plans.items():
+        logits, diag = run(gd, st, toks, plan(per_token))
+        used = np.asarray(diag.circuits["X"].used)
+        assert (used <= counts[:, None]).all(), name
+        for r, n in enumerate(counts):
+            ref_logits, ref = run(gd, st, toks[r:r + 1], plan(n))
+            np.testing.assert_array_equal(used[r], np.asarray(ref.circuits["X"].used)[0], err_msg=name)
+            np.testing.assert_allclose(np.asarray(logits)[r], np.asarray(ref_logits)[0], rtol=1e-5, atol=1e-5,
+                                       err_msg=name)
+    assert (used == counts[:, None]).any() and (used < counts[:, None]).any()  # some stop at the cap, some before
+
+
 def test_expert_choice_router_takes_its_capacity():
     gd, st = model_of(two_routed("expert_choice", causal=False))
     diag = run(gd, st, tokens(), make_plan(["X", "Y"], {"X": 3, "Y": 3}))[1]
