@@ -19,12 +19,14 @@ in which tokens may stop at different iterations (exits, the gate, the difficult
 same predictions (``tests/model/test_compact.py``, ``tests/model/test_adaptive.py``), executed FLOPs and time of the
 compacted path, bucket slack included. The JSON records which (``compact``).
 
-The router trained with its looped model's loop rule (declared 2026-12-05 21:00 UTC, before its first run, after
-the parity record in which the router, trained with ``uniform(8, 16)`` as the configs have it, extrapolated on
-one seed of three, as the looped model without its recipe does): the router model's X takes the looped
-model's ``per_difficulty`` recipe entry (each token's count caps its rounds; the router may stop it earlier), run
-``<task>-router_per_difficulty-seed<S>``, and is scored at caps m, 2m, 4m and 8m rounds (4m added with it: the best
-fixed counts at 2x were 3m-4m). The JSON records the router's loop overrides (``router_loops``).
+The router and the halting model trained with their looped model's loop rule (declared 2026-12-05 21:00 UTC,
+before their first runs, after the parity record in which the router and the gate, trained with ``uniform(8, 16)``
+as the configs have it, extrapolated on one seed of three at best, as the looped model without its recipe does):
+their X takes the looped model's ``per_difficulty`` recipe entry (for the router each token's count caps its
+rounds, which it may stop earlier; for the halting head it is where the rest of each token's exit distribution
+falls), runs ``<task>-{router,halting}_per_difficulty-seed<S>``; the router is scored at caps m, 2m, 4m and 8m
+rounds (4m added with it: the best fixed counts at 2x were 3m-4m). The JSON records their loop overrides
+(``variant_loops``).
 
 Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
 token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
@@ -96,7 +98,7 @@ SPLITS = think_longer.SPLITS  # its held-out sets: settings are chosen on val, r
 BATCH = 64  # wall-clock per token is measured at batch 64
 TIMINGS = 2  # passes per policy and set; the faster one is reported
 ROUTER_BACKPROP = 4  # the router's states carry gradient through its last 4 rounds, as the loops' (backprop 4)
-ROUTER_RECIPE = ("per_difficulty",)  # the looped model's recipe entries the router model trains with too
+VARIANT_RECIPE = ("per_difficulty",)  # the looped model's recipe entries the halting and router models train with too
 # the bar (#25): within 1 point of the best fixed count, <= 0.6x its FLOPs, <= 0.7x its time, Spearman >= 0.6
 WITHIN, FLOPS_RATIO, TIME_RATIO, SPEARMAN = 0.01, 0.6, 0.7, 0.6
 
@@ -191,7 +193,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
     cap = 8 * m
     steps = setting.steps[1] if steps is None else steps
     rows, depths = [], {}
-    router_loops = [o for entry, overrides in setting.recipe if entry in ROUTER_RECIPE for o in overrides]
+    variant_loops = [o for entry, overrides in setting.recipe if entry in VARIANT_RECIPE for o in overrides]
     for seed in range(seeds):
         cfg = think_longer.config(name, "looped", steps, out, examples, seed)
         model, params, data = trained(cfg, out)
@@ -207,12 +209,12 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                      for kind, values in EXITS.items() for eps in values]
         rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
         for variant in ("halting", "router"):
-            extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}", *router_loops] if variant == "router" else []
-            tag = "router_per_difficulty" if variant == "router" and router_loops else variant
+            extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
+            tag = f"{variant}_per_difficulty" if variant_loops else variant
             vcfg = load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
                                [f"seed={seed}", f"run.dir={out}", f"run.name={name}-{tag}-seed{seed}",
                                 f"data.eval_examples={examples}", f"train.steps={steps}", "train.eval_every=0",
-                                "train.checkpoint_every=100000", *extra])
+                                "train.checkpoint_every=100000", *extra, *variant_loops])
             vmodel, vparams, vdata = trained(vcfg, out)
             if variant == "halting":
                 vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES]
@@ -225,7 +227,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
     spearman(rows, depths)
     selected = select(rows)
     return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": m,
-            "router_loops": router_loops,
+            "variant_loops": variant_loops,
             "seeds": seeds, "steps": steps,
             "depth": {f"{d}/{s}": {"mean": float(np.mean(np.concatenate([v for (_, d2, s2), v in depths.items()
                                                                           if (d2, s2) == (d, s)]))),

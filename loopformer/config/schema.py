@@ -926,8 +926,8 @@ class Config:
                f"its own loss over the iterations); set train.iteration_loss=0")
 
     def _validate_per_difficulty(self) -> None:
-        """per_difficulty loops read each example's difficulty: a synthetic task, no halting head on that
-        circuit, and max_loops reaching the largest training count."""
+        """per_difficulty loops read each example's difficulty: a synthetic task, and max_loops reaching the
+        largest training count."""
         his = ([e.train_difficulty[1] for e in self.data.mixture if e.task != "text"] if self.data.mixture else
                [] if self.data.task == "text" else [self.data.train_difficulty[1]])
         for s, stage in enumerate(self.model.stages):
@@ -939,11 +939,8 @@ class Config:
                 _check(bool(his) and not (self.data.mixture and any(e.task == "text" for e in self.data.mixture)),
                        f"{p}={dist}: counts per difficulty need a synthetic task (text has no difficulty); "
                        f"use fixed, uniform or poisson_lognormal")
-                # a routed stage reads per-token counts as each token's cap on its rounds; a halting head's
-                # loss weighs one set of iterations per step
-                _check(not c.halting.has_head,
-                       f"{p}={dist}: a circuit with a halting head needs one count per step; "
-                       f"use fixed, uniform or poisson_lognormal")
+                # a routed stage reads per-token counts as each token's cap on its rounds, a halting head as
+                # the step where the rest of each token's exit distribution falls
                 top = dist.at(max(his))
                 _check(top <= MAX_LOOPS, f"{p}={dist} gives {top} loops at difficulty {max(his)} (the training range's "
                        f"hi), past the limit of {MAX_LOOPS}; lower loops")

@@ -63,7 +63,8 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound:
       bound: static upper bound of per-token counts when k > 0 (the loop is a scan of that length;
         counts above it are clipped to it).
       stash: static length L > 0 also returns the states h_1..h_n, [L, ...h0.shape] (zeros past n;
-        L must be >= max(n, k)); the first n - k are detached, the last min(n, k) carry gradient.
+        L must be >= max(n, k)); the first n - k are detached, the last min(n, k) carry gradient. With one
+        count per token (k > 0), L is the bound and rows past a token's count repeat its h_n.
       grad: traced iterations with gradient (like n: a scalar or one per token), at most k: the progressive
         loss's random truncation (k stays the static scan length). None: k.
     """
@@ -71,8 +72,10 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound:
     if grad is not None and (stash or k == 0):
         raise ValueError("a traced gradient depth (grad) needs k > 0 and no stash")
     if n.ndim:
-        if stash:
-            raise ValueError("stash needs one loop count for every token (a scalar n)")
+        if stash:  # rows past a token's count repeat its last state (a halting head's p is 0 there)
+            if k == 0 or grad is not None:
+                raise ValueError("a stash with one count per token needs k > 0 and no traced gradient depth")
+            return _iterate_per_token(step, consts, h0, n, k, stash, emit=True)
         return _iterate_per_token(step, consts, h0, n, k, bound, grad)
     if grad is not None:
         g = jnp.clip(jnp.asarray(grad, jnp.int32), 1, k)

@@ -146,7 +146,7 @@ class _Objective:
         """(the objective, sums for the metrics). With the progressive loss, the objective is
         (1 - alpha) * L(full counts) + alpha * L(`progressive_plan`); the metrics are the full counts'.
         In the gate stage it is the halting head's stage II term alone (the metrics' loss is still the CE)."""
-        total_tokens, halting, loops = self.total_tokens, self.halting, self.loops
+        total_tokens, halting = self.total_tokens, self.halting
         if self.gate is not None:  # frozen leaves: no backward pass through the LM's weights
             p = jax.tree.map(lambda x, g: x if g else jax.lax.stop_gradient(x), p, self.gate)
         model = nnx.merge(self.graphdef, p)
@@ -164,13 +164,14 @@ class _Objective:
             objective, logs = iteration_terms(diag, mb, plan.loops[name], 1.0 / total_tokens)
             sums = sums | logs
         if self.gate is not None:
-            term, logs = gate_terms(diag, halting.name, halting.halting.rule(), mb, loops[halting.name],
+            term, logs = gate_terms(diag, halting.name, halting.halting.rule(), mb, plan.loops[halting.name],
                                     1.0 / total_tokens)
             objective = term
             sums = sums | logs
         elif halting is not None:
             rule = halting.halting.rule()
-            term, logs = halting_terms(diag, halting.name, rule, mb, loops[halting.name], self.progress,
+            # plan.loops: each token's own count where the counts follow its difficulty
+            term, logs = halting_terms(diag, halting.name, rule, mb, plan.loops[halting.name], self.progress,
                                        1.0 / total_tokens)
             objective = term + (objective if rule.adds_to_ce else 0.0)
             sums = sums | logs

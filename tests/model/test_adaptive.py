@@ -237,6 +237,44 @@ def test_halting_circuit_stashes_every_iteration(kind):
         np.testing.assert_allclose(diag.step_logits[4], logits, rtol=1e-4, atol=1e-4)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _halting_grads(gd, st, toks, plan):
+    def loss(s):
+        logits, diag = nnx.merge(gd, s)(toks, plan)
+        weights = jnp.arange(1.0, 9.0)[:, None, None]  # a per-step loss of the exit distribution
+        return jnp.sum(logits ** 2) + jnp.sum(diag.circuits["X"].exit_p * weights)
+    return jax.grad(loss)(st)
+
+
+@pytest.mark.parametrize("kind", ["ouro", "act"])
+def test_a_halting_circuit_takes_per_token_counts(kind):
+    """loops: per_difficulty on a halting circuit: each row of a batch with counts 2, 5 and 8 gets, in
+    training (a stash of 8, gradient through each token's last 2 iterations), the exit distribution, ponder
+    cost, logits and gradient it has alone at its scalar count; its exit mass ends at its count."""
+    gd, st = model_of(one_circuit(window=3, halting_kind=kind))
+    toks = tokens(b=3, t=7)
+    counts = np.array([2, 5, 8])
+    per_token = jnp.asarray(np.repeat(counts[:, None], toks.shape[1], 1), jnp.int32)
+    plan = lambda n: make_plan(["X"], {"X": n}, backprop={"X": 2}, stash=8, bound=8)  # noqa: E731
+    logits, diag = run(gd, st, toks, plan(per_token))
+    r = diag.circuits["X"]
+    p = np.asarray(r.exit_p)
+    np.testing.assert_allclose(p.sum(0), 1.0, rtol=1e-5)
+    want = None
+    for row, n in enumerate(counts):
+        ref_logits, ref = run(gd, st, toks[row:row + 1], plan(int(n)))
+        np.testing.assert_array_equal(p[n:, row], 0.0)  # no exit mass past the row's count
+        np.testing.assert_allclose(p[:, row], np.asarray(ref.circuits["X"].exit_p)[:, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(logits)[row], np.asarray(ref_logits)[0], rtol=1e-5, atol=1e-5)
+        if kind == "act":
+            np.testing.assert_allclose(np.asarray(r.ponder)[row], np.asarray(ref.circuits["X"].ponder)[0], rtol=1e-5)
+        g = _halting_grads(gd, st, toks[row:row + 1], plan(int(n)))
+        want = g if want is None else jax.tree.map(jnp.add, want, g)
+    got = _halting_grads(gd, st, toks, plan(per_token))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
 def test_learned_exit_stops_at_the_quantile():
     """Independent tokens (window 1): the learned exit stops each token at the first iteration whose exit
     CDF reaches q, computed from the halting head over a stash of every iteration."""
