@@ -30,8 +30,11 @@ rounds (4m added with it: the best fixed counts at 2x were 3m-4m). The JSON reco
 
 Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
 token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
-(`loopformer.flops`: the forward outside the loops, the executed iterations, and for kl / entropy_diff
-one read of the logits per executed iteration); wall-clock per token at batch 64 (the faster of two
+(`loopformer.flops`: the forward outside the loops, the executed iterations, for kl / entropy_diff
+one read of the logits per executed iteration, and for the router its scores and the stream's write for every
+token at every round its bank ran, ``scored_rounds``, `FlopCounter.routing`: counted since 2026-12-05, before the
+first run of the per_difficulty router below; the records before it left them out, under 0.1 of an iteration per
+round); wall-clock per token at batch 64 (the faster of two
 passes after one warm-up batch; all policies of a seed timed in one process); and the Spearman
 correlation between each instance's loops and its ``Task.depth``, the instances of all difficulties of
 that split pooled.
@@ -49,7 +52,7 @@ its wall-clock per token, with Spearman >= 0.6.
 Poisson-lognormal loops and a state norm), bits per byte vs mean loops per policy on the val split.
 
 JSON: {"tasks": {NAME: {"rows": [{"seed", "difficulty", "split", "policy", "family", "model", "accuracy",
-"mean_loops", "computed_loops", "flops_per_token", "seconds_per_token", "depth_spearman"}],
+"mean_loops", "computed_loops", "scored_rounds", "flops_per_token", "seconds_per_token", "depth_spearman"}],
 "selected": [...], "bar": {...}}}}; tables (Markdown) and a Pareto plot per task in --out.
 """
 
@@ -142,8 +145,11 @@ def measure(ev, params, batches: list, cfg, vocab: int, loops: dict, exits: dict
     flops = counter.forward({"X": computed})
     if exits and any(r.needs_readout for r in exits.values()):
         flops += counter.readout() * computed
+    scored = ex["scored_rounds"].get("X", 0.0)  # a router scores every token at every round its bank runs
+    flops += counter.routing() * scored
     return {"accuracy": float(ex["correct"].mean()), "mean_loops": sum(int(k) * v for k, v in hist.items()) / tokens,
-            "computed_loops": computed, "flops_per_token": flops, "seconds_per_token": seconds / tokens,
+            "computed_loops": computed, "scored_rounds": scored, "flops_per_token": flops,
+            "seconds_per_token": seconds / tokens,
             "instance_loops": ex["loops"]["X"]}
 
 

@@ -122,6 +122,17 @@ class FlopCounter:
         out = outside + np.sum(self._loops(loops) * per_iter, axis=-1)
         return float(out) if np.ndim(out) == 0 else out
 
+    def routing(self) -> float:
+        """FLOPs per token of one round of the model's routed stage: each circuit's write into the stream and
+        the router's scores (a linear map of the normed stream to one score per circuit, plus the exit), which
+        every token of the batch gets at every round the bank runs (0 without a router)."""
+        for stage in self.cfg.stages:
+            if stage.router.routes:
+                d = self.cfg.d_model
+                writes = sum(2.0 * c.width * (c.width if c.io == "slice" else d) for c in stage.circuits)
+                return writes + 2.0 * d * (len(stage.circuits) + int(stage.router.exit))
+        return 0.0
+
     def readout(self) -> float:
         """FLOPs per token of one read of the logits from the stream (the coda's blocks and the head): what
         an exit rule that compares output distributions (kl, entropy_diff) adds per executed iteration."""

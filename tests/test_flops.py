@@ -71,3 +71,26 @@ def test_readout_flops_match_xla_for_the_coda_and_head():
     xla = jax.jit(readout, static_argnums=()).lower(model, x, pos).compile().cost_analysis()["flops"]
     ours = FlopCounter(cfg, 64, 16, causal=False).readout() * 2 * 16
     assert 0.95 * xla <= ours <= xla, (ours, xla)
+
+
+def test_routing_flops_match_xla_for_the_writes_and_scores():
+    """One round of a routed stage outside its blocks (each circuit's write of its state and the router's
+    scores of the normed stream, which every token gets at every round): the analytic count agrees with XLA's."""
+    cfg = load_config("configs/adaptive/parity_router.yaml", [
+        "model.stages.0.circuits=[{name: X, width: 64, heads: 4, window: 2}, "
+        "{name: Y, width: 32, heads: 2, io: project, window: 2}]"]).model
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 8, 0)))
+    bank = nnx.merge(graphdef, params).stages[0]
+    h = {"X": jax.ShapeDtypeStruct((2, 16, 64), np.float32), "Y": jax.ShapeDtypeStruct((2, 16, 32), np.float32)}
+    x = jax.ShapeDtypeStruct((2, 16, 64), np.float32)
+
+    def round_outside_blocks(bank, x, h):
+        writes = [bank.circuits[n].emit(h[n]) for n in ("X", "Y")]
+        stream = x + writes[0] + writes[1]  # X's slice is the whole stream here (width = d_model)
+        return bank.router.score(bank.router.norm(stream))
+
+    xla = jax.jit(round_outside_blocks).lower(bank, x, h).compile().cost_analysis()["flops"]
+    ours = FlopCounter(cfg, 8, 16).routing() * 2 * 16
+    assert 0.9 * xla <= ours <= xla, (ours, xla)  # XLA also counts the norms and the adds
+    assert ours == 2 * 16 * (2 * 64 * 64 + 2 * 32 * 64 + 2 * 64 * 3)  # writes w x w (slice), w x d; 2 scores + exit
+    assert FlopCounter(load_config("configs/quickstart.yaml").model, 8, 16).routing() == 0.0

@@ -57,7 +57,8 @@ class Evaluator:
             used = loops_used(diag, plan, batch["inputs"].shape)
             return {"correct": exact_match(logits, batch), "used": used, "real": valid.sum(),
                     "mean": {n: jnp.sum(u * valid, -1) / count for n, u in used.items()},
-                    "computed": loops_computed(diag, used)}
+                    "computed": loops_computed(diag, used),
+                    "scored": {n: r.scored for n, r in diag.circuits.items() if r.scored is not None}}
 
         def means_fn(params: Any, batch: Batch, plan: Plan) -> dict[str, Array]:
             diag = run(params, batch, plan)[1]
@@ -127,15 +128,17 @@ class Evaluator:
         """Per example (in order; the rows without an answer that pad the last batch dropped): exact
         match ``correct`` bool [N] and ``loops`` {circuit: float [N]} (mean iterations over the example's
         real tokens); ``histogram`` {circuit: {iterations: tokens}} over every real token; and
-        ``computed_loops`` {circuit: token-iterations executed per real token} (as `evaluate`'s).
+        ``computed_loops`` {circuit: token-iterations executed per real token} (as `evaluate`'s);
+        ``scored_rounds`` {circuit of a routed bank: token-rounds its router scored per real token}.
         ``compact``: `Plan.compact` (None: by the batch's size)."""
         plan = self.plan(loops, exits=exits, by_difficulty=by_difficulty, compact=compact)
         correct, per_example, hist = [], {n: [] for n in self.names}, {n: {} for n in self.names}
-        computed, real = dict.fromkeys(self.names, 0.0), 0.0
+        computed, real, scored = dict.fromkeys(self.names, 0.0), 0.0, {}
         for b in batches:
             out = jax.device_get(self._examples(params, b, plan))
             real += float(out["real"])
             computed = {n: computed[n] + float(out["computed"][n]) for n in self.names}
+            scored = {n: scored.get(n, 0.0) + float(s) for n, s in out["scored"].items()}
             keep = np.asarray(b["mask"]).sum(-1) > 0
             valid = np.asarray(_valid(b)) > 0
             correct.append(np.asarray(out["correct"])[keep])
@@ -144,7 +147,8 @@ class Evaluator:
             _count(hist, {n: np.asarray(u)[keep] for n, u in out["used"].items()}, valid[keep])
         return {"correct": np.concatenate(correct), "loops": {n: np.concatenate(v) for n, v in per_example.items()},
                 "histogram": {n: dict(sorted(h.items())) for n, h in hist.items()},
-                "computed_loops": {n: c / max(real, 1.0) for n, c in computed.items()}}
+                "computed_loops": {n: c / max(real, 1.0) for n, c in computed.items()},
+                "scored_rounds": {n: s / max(real, 1.0) for n, s in scored.items()}}
 
     def correct(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
                 by_difficulty: Mapping[str, tuple[float, float, int]] | None = None) -> np.ndarray:

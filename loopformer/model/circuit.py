@@ -87,7 +87,9 @@ class CircuitOut(NamedTuple):
     when decoding, ``cache`` its keys and values with the chunk stored and ``state`` [B, t, w] the final
     states; in inference, ``computed`` [] the token-iterations its blocks executed (masked: every token of
     the batch at every iteration the loop ran; compacted: the gathered buffer's size at each; when decoding,
-    also the iteration that fills the cache slots of a loop that stopped early)."""
+    also the iteration that fills the cache slots of a loop that stopped early); in inference of a routed
+    bank, ``scored`` [] the token-rounds its router scored (every token of the batch at every round the bank
+    ran: the stream's writes and the router's scores are computed for all of them)."""
 
     out: Array
     trace: Array | None = None
@@ -99,6 +101,7 @@ class CircuitOut(NamedTuple):
     state: Array | None = None
     computed: Array | None = None
     exit_lambda: Array | None = None
+    scored: Array | None = None
 
 
 # Compacted inference gathers the running tokens into a buffer of one of these shares of the sequence
@@ -558,7 +561,7 @@ class Bank(nnx.Module):
 
     def _report(self, name: str, res: CircuitOut, contrib: Array, ctx: Context, plan: Plan) -> CircuitReport:
         return CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder, computed=res.computed,
-                             exit_lambda=res.exit_lambda,
+                             exit_lambda=res.exit_lambda, scored=res.scored,
                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None,
                              write_norm=_write_norm(res.out, plan.gates[name]) if plan.collect_norms else None)
 
@@ -683,8 +686,8 @@ class Bank(nnx.Module):
             B, T = x_BTD.shape[:2]
             one_block = len(names) == 1 and self.circuits[names[0]].depth == 1
             if _compacts(plan.compact, B, T) and one_block and ctx.decoding is None:
-                hs, used, aux, computed = self._routed_compact(graphdefs[0], router_gd, stream, consts, carry0,
-                                                               loops, rounds, ctx)
+                hs, used, aux, computed, ran = self._routed_compact(graphdefs[0], router_gd, stream, consts, carry0,
+                                                                    loops, rounds, ctx)
             else:
                 def cond(c: tuple) -> Array:
                     return (c[0] < rounds) & jnp.any(c[1][1])
@@ -692,10 +695,11 @@ class Bank(nnx.Module):
                 ran, (hs, _, used, aux) = jax.lax.while_loop(
                     cond, lambda c: (c[0] + 1, round_(consts, c[1], c[0])), (jnp.zeros((), jnp.int32), carry0))
                 computed = ran.astype(jnp.float32) * B * T  # every circuit computes every token each round
+            scored = ran.astype(jnp.float32) * B * T  # the router scores every token's stream each round
         writes = {n: self.circuits[n].emit(hs[i]) for i, n in enumerate(names)}
         contribs = {n: self._contribution(n, writes[n], plan) for n in names}
-        reports = {n: self._report(n, CircuitOut(writes[n], used=used[i],
-                                                 computed=None if plan.training else computed), contribs[n], ctx, plan)
+        reports = {n: self._report(n, CircuitOut(writes[n], used=used[i], computed=None if plan.training else computed,
+                                                 scored=None if plan.training else scored), contribs[n], ctx, plan)
                    for i, n in enumerate(names)}
         return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
 
@@ -706,7 +710,7 @@ class Bank(nnx.Module):
         linear map), and only the tokens that ran round r - 1 (all at r = 0) run the block. Those the router
         keeps take the new state; those it exited keep theirs, and their keys and values are now those of
         their final state, which every later round reads. The masked rounds' outputs (test). Returns
-        ((h,), used [1, B, T], the auxiliary loss summed over rounds, token-iterations executed)."""
+        ((h,), used [1, B, T], the auxiliary loss summed over rounds, token-iterations executed, rounds run)."""
         circuit = self.circuits[self.names[0]]
         step = circuit._compact_step(graphdef, ctx)
         hs0, active0, used0, aux0 = carry0
@@ -724,8 +728,8 @@ class Bank(nnx.Module):
 
         side0 = (circuit._kv_buffers(hs0[0]), jnp.zeros((), jnp.float32), ())
         c0 = (jnp.zeros((), jnp.int32), hs0[0], active0, used0, aux0, side0, jnp.ones(active0.shape, bool))
-        _, h, _, used, aux, side, _ = jax.lax.while_loop(cond, body, c0)
-        return (h,), used, aux, side[1]
+        ran, h, _, used, aux, side, _ = jax.lax.while_loop(cond, body, c0)
+        return (h,), used, aux, side[1], ran
 
 
 def _select(mask: Array, cap: int) -> Array:

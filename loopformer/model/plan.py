@@ -139,7 +139,7 @@ class CircuitPlan:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["trace", "mean_out", "used", "exit_p", "ponder", "write_norm", "computed",
-                                "exit_lambda"],
+                                "exit_lambda", "scored"],
                    meta_fields=[])
 @dataclass(frozen=True)
 class CircuitReport:
@@ -150,7 +150,7 @@ class CircuitReport:
     lambda_t and ``ponder`` [B, T] ACT's N + R;
     ``write_norm`` [B, T] ||g_c * out_c|| at each token when the plan collects norms (its on-indicator);
     ``computed`` [] in inference, the token-iterations its blocks executed over the batch (padding included;
-    `CircuitOut.computed`)."""
+    `CircuitOut.computed`); ``scored`` [] in inference of a routed bank, the token-rounds its router scored."""
 
     trace: Array | None = None
     mean_out: Array | None = None
@@ -160,6 +160,7 @@ class CircuitReport:
     write_norm: Array | None = None
     computed: Array | None = None
     exit_lambda: Array | None = None
+    scored: Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits", "aux_loss", "step_logits"],

@@ -416,15 +416,18 @@ def test_a_compacted_routed_bank_gives_the_masked_rounds(kind):
     @jax.jit
     def go(plan):
         logits, diag = nnx.merge(gd, st)(toks, plan, segment_ids_BT=segments)
-        return logits, diag.circuits["X"].used, diag.circuits["X"].computed
+        r = diag.circuits["X"]
+        return logits, r.used, r.computed, r.scored
 
-    (lc, uc, cc), (lm, um, cm) = (go(make_plan(["X"], {"X": 8}, compact=c)) for c in (True, False))
+    (lc, uc, cc, sc), (lm, um, cm, sm) = (go(make_plan(["X"], {"X": 8}, compact=c)) for c in (True, False))
     used, real = np.asarray(um), np.asarray(segments) > 0
     assert len(np.unique(used[real])) > 2  # tokens exit at several rounds
     np.testing.assert_array_equal(np.asarray(uc), used)
     np.testing.assert_allclose(np.asarray(lc)[real], np.asarray(lm)[real], atol=1e-5, rtol=1e-5)
-    assert float(cm) == min(used[real].max() + 1, 8) * toks.size  # masked: every token, until the last exits
+    rounds = min(used[real].max() + 1, 8)  # until the last token exits (the round it exits in included)
+    assert float(cm) == rounds * toks.size  # masked: every token, every round
     assert float(cc) < float(cm)
+    assert float(sm) == float(sc) == rounds * toks.size  # the router scores every token every round, either way
 
 
 @pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
