@@ -613,6 +613,19 @@ def test_a_copied_run_does_not_resume_the_original(run_dir, tmp_path, capsys):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
+def test_a_runs_config_is_a_template_for_a_run_the_settings_name(run_dir, tmp_path):
+    """Issue #27 (seventeenth pass): `train -c RUN/config.yaml run.name=new` was refused as a copied run that "would
+    resume" run.name=new (which did not exist), and its fix trained the original; the settings name the run."""
+    from loopformer.cli.train import check_own_run
+    from loopformer.errors import ConfigError
+
+    config = str(run_dir / "config.yaml")
+    check_own_run(config, tmp_path / "new", ["train.steps=9", f"run.dir={tmp_path}", "run.name=new"])
+    check_own_run(config, run_dir.parent / "new", ["run.name=new"])
+    with pytest.raises(ConfigError, match="a copied or moved run"):
+        check_own_run(config, tmp_path / "new", ["train.steps=9"])
+
+
 def test_outputs_inside_a_run_are_refused_and_step_0_is_a_step(run_dir, capsys):
     """A folder written into a run can be read as a checkpoint or pruned with them; --step 0 names the only
     checkpoint of an imported or converted run (it was refused as not positive)."""
