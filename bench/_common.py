@@ -19,6 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loopformer.config import ModelConfig, load_config  # noqa: E402
+from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import datasheet_peak, measure_matmul_flops  # noqa: E402
@@ -30,6 +31,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": dict(d_model=512, heads=8, vocab=4096, seq=512, batch=16, loops=8, dtype="bfloat16", matmul=4096),
     "medium": dict(d_model=1024, heads=16, vocab=32768, seq=1024, batch=16, loops=16, dtype="bfloat16", matmul=8192),
 }
+
+
+def about(doc: str) -> str:
+    """A script's --help description: its docstring's first paragraph (its first line cut a sentence short)."""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -62,6 +68,12 @@ def folder(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder")
     return Path(text)
+
+# Upper bounds of `at_most` for the flags several scripts share: past them the library refused the setting naming its
+# own field (data.eval_examples, train.steps), or the script built examples or seeds without end
+EXAMPLES = (MAX_EVAL_EXAMPLES, "each set is built in memory first")
+STEPS = (MAX_STEPS, "the step counter is a 32-bit integer")
+SEEDS = (1000, "seeds 0..N-1, each trained or drawn in turn")
 
 
 def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
