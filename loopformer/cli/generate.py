@@ -94,7 +94,7 @@ def generate_command(args: argparse.Namespace) -> int:
                 raise AnalysisError(f"--prompt is not UTF-8 text (byte 0x{bad.hex()} at character {e.start}); pass "
                                     f"the prompt in UTF-8") from None
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
-            raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+            raise AnalysisError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
         if args.temperature > MAX_TEMPERATURE:
             raise AnalysisError(f"--temperature {args.temperature:g} is past the largest, {MAX_TEMPERATURE:g} (from "
                                 f"about 100 on, every token is about equally likely)")
