@@ -324,6 +324,13 @@ def test_user_errors(run_dir, no_checkpoint_run, capsys, argv, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
 
 
+def test_a_run_that_is_a_symlink_loop_is_named_so(tmp_path, capsys):
+    """#27 pass 17: a --run symlink in a loop (or to nothing) was "no such directory": it is there."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert main(["eval", "--run", str(tmp_path / "loop")]) == 2
+    assert "--run " + str(tmp_path / "loop") + ": a symlink that leads nowhere (or in a loop)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, flag", [(["train", "-c", "a.yaml", "-c", "b.yaml"], "--config/-c"),
                                         (["train", "--config=a.yaml", "-c", "a.yaml"], "--config/-c"),
                                         (["eval", "--run", "A", "--run", "B"], "--run"),
