@@ -169,8 +169,10 @@ class RouterConfig:
 
     def validate(self, path: str) -> None:
         _one_of(self.kind, ROUTERS, f"{path}.kind")
-        _check(isinstance(self.backprop, int) and not isinstance(self.backprop, bool) and self.backprop >= 0,
-               f"{path}.backprop (rounds with gradient; 0: every round) must be an integer >= 0, got {self.backprop!r}")
+        # (past the loop limit it was an OverflowError traceback from JAX at the first step)
+        _check(isinstance(self.backprop, int) and not isinstance(self.backprop, bool) and 0 <= self.backprop <= MAX_LOOPS,
+               f"{path}.backprop (rounds with gradient; 0: every round) must be an integer in 0..{MAX_LOOPS}, got "
+               f"{self.backprop!r}")
         _check(0 < self.capacity <= 1, f"{path}.capacity must be in (0, 1], got {self.capacity}")
         _check(all(0 < c <= 1 for c in self.capacities),
                f"{path}.capacities: each round's share must be in (0, 1], got {self.capacities}")
