@@ -102,6 +102,12 @@ def test_eval_of_a_one_circuit_router_takes_compact(tmp_path, capsys):
     assert (on["compact"], off["compact"]) == ("on", "off")
     assert on["rows"][0]["loss"] == pytest.approx(off["rows"][0]["loss"], rel=1e-5)
     assert on["rows"][0]["mean_loops"] == off["rows"][0]["mean_loops"]
+    # #27 pass 17: generate refused it as "none can" stop, though its recomputed answers (--no-cache) run the same
+    # forward pass, which compacts the bank; cached decoding never compacts a routed bank, and still refuses it
+    gen = run_json(capsys, "generate", "--run", str(run_dir), "--no-cache", "--compact", "on", "--count", "1")
+    assert gen["compact"] == "on"
+    assert main(["generate", "--run", str(run_dir), "--compact", "on", "--count", "1"]) == 2
+    assert "none can" in capsys.readouterr().err
 
 
 def test_a_sweep_below_the_default_count_reports_nothing_at_it(run_dir, capsys):
