@@ -22,7 +22,7 @@ from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
-from loopformer.flops import datasheet_peak, measure_matmul_flops  # noqa: E402
+from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -211,12 +211,15 @@ def environment() -> dict[str, Any]:
 
 
 def peak(size: dict[str, Any]) -> dict[str, Any]:
-    """Denominator for MFU on one device: datasheet peak on GPU/TPU, a measured matmul on CPU (the
-    matmul is measured on accelerators too, for reference)."""
+    """Denominator for MFU on one device: ``LOOPFORMER_PEAK_FLOPS`` when set (bench/README.md; it was ignored here),
+    else the datasheet peak on GPU/TPU, a measured matmul on CPU (the matmul is measured on accelerators too, for
+    reference)."""
     measured = measure_matmul_flops(size["matmul"], size["dtype"] if jax.devices()[0].platform != "cpu" else "float32")
     sheet = datasheet_peak(jax.devices()[0], size["dtype"])
-    return {"peak_flops": sheet or measured, "source": "datasheet" if sheet else f"measured {size['matmul']}^3 matmul",
-            "datasheet_flops": sheet, "measured_matmul_flops": measured}
+    override = peak_override()
+    source = PEAK_ENV if override else "datasheet" if sheet else f"measured {size['matmul']}^3 matmul"
+    return {"peak_flops": override or sheet or measured, "source": source, "datasheet_flops": sheet,
+            "measured_matmul_flops": measured}
 
 
 def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from loopformer.errors import LoopformerError
+
 BENCH = Path(__file__).parents[2] / "bench"
 HEAVY = ("train", "trained", "run_task", "run_text", "run_seeds", "measure", "check", "runs", "build_model",
          "random_model", "bank_config", "throughput", "part_rows", "read_run", "run_setting", "train_timed")
@@ -225,3 +227,17 @@ def test_help_describes_the_script_in_whole_sentences(name, monkeypatch, capsys)
     help_text = "".join(capsys.readouterr().out.split())  # (argparse wraps lines at spaces and hyphens)
     first = "".join(module.__doc__.split("\n\n")[0].split())
     assert info.value.code == 0 and first in help_text, (first, help_text)
+
+
+def test_mfu_reads_the_peak_flops_override(monkeypatch):
+    """#27 pass 17: bench/README.md says LOOPFORMER_PEAK_FLOPS overrides the peak; bench/mfu.py's denominator ignored
+    it (and a bad value is one line, as training's)."""
+    monkeypatch.syspath_prepend(str(BENCH))  # (a script run as a file finds _common beside it)
+    common = script("mfu").C
+    monkeypatch.setattr(common, "measure_matmul_flops", lambda *a, **k: 1e9)
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", "5e12")
+    peak = common.peak(common.SIZES["tiny"])
+    assert (peak["peak_flops"], peak["source"]) == (5e12, "LOOPFORMER_PEAK_FLOPS")
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", "abc")
+    with pytest.raises(LoopformerError, match="LOOPFORMER_PEAK_FLOPS='abc' must be a finite number"):
+        common.peak(common.SIZES["tiny"])
