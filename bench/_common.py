@@ -19,9 +19,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loopformer.config import ModelConfig, load_config  # noqa: E402
+from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
-from loopformer.flops import datasheet_peak, measure_matmul_flops  # noqa: E402
+from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -30,6 +31,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": dict(d_model=512, heads=8, vocab=4096, seq=512, batch=16, loops=8, dtype="bfloat16", matmul=4096),
     "medium": dict(d_model=1024, heads=16, vocab=32768, seq=1024, batch=16, loops=16, dtype="bfloat16", matmul=8192),
 }
+
+
+def about(doc: str) -> str:
+    """A script's --help description: its docstring's first paragraph (its first line cut a sentence short)."""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -62,6 +68,12 @@ def folder(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder")
     return Path(text)
+
+# Upper bounds of `at_most` for the flags several scripts share: past them the library refused the setting naming its
+# own field (data.eval_examples, train.steps), or the script built examples or seeds without end
+EXAMPLES = (MAX_EVAL_EXAMPLES, "each set is built in memory first")
+STEPS = (MAX_STEPS, "the step counter is a 32-bit integer")
+SEEDS = (1000, "seeds 0..N-1, each trained or drawn in turn")
 
 
 def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
@@ -199,12 +211,15 @@ def environment() -> dict[str, Any]:
 
 
 def peak(size: dict[str, Any]) -> dict[str, Any]:
-    """Denominator for MFU on one device: datasheet peak on GPU/TPU, a measured matmul on CPU (the
-    matmul is measured on accelerators too, for reference)."""
+    """Denominator for MFU on one device: ``LOOPFORMER_PEAK_FLOPS`` when set (bench/README.md; it was ignored here),
+    else the datasheet peak on GPU/TPU, a measured matmul on CPU (the matmul is measured on accelerators too, for
+    reference)."""
     measured = measure_matmul_flops(size["matmul"], size["dtype"] if jax.devices()[0].platform != "cpu" else "float32")
     sheet = datasheet_peak(jax.devices()[0], size["dtype"])
-    return {"peak_flops": sheet or measured, "source": "datasheet" if sheet else f"measured {size['matmul']}^3 matmul",
-            "datasheet_flops": sheet, "measured_matmul_flops": measured}
+    override = peak_override()
+    source = PEAK_ENV if override else "datasheet" if sheet else f"measured {size['matmul']}^3 matmul"
+    return {"peak_flops": override or sheet or measured, "source": source, "datasheet_flops": sheet,
+            "measured_matmul_flops": measured}
 
 
 def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) -> None:

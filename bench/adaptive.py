@@ -364,7 +364,7 @@ def pareto(name: str, result: dict) -> bytes:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
     p.add_argument("--out", default="bench_runs/adaptive", help="run directories and results")
     p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
@@ -379,6 +379,7 @@ def main() -> int:
     # every flag before any training: --seeds 0 crashed after nothing trained (an empty concatenate), --examples 0
     # was the library's traceback, --steps 0 trained each model its default steps
     C.at_least(p, args, {"--seeds": 1, "--examples": 1, "--steps": 1})
+    C.at_most(p, args, {"--seeds": C.SEEDS, "--examples": C.EXAMPLES, "--steps": C.STEPS})
     names = args.tasks.split(",")
     unknown = [n for n in names if n not in (*TASKS, "text")]  # all of them: a typo in the last was refused
     if unknown:  # after the others had trained (hours)

@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import think_longer as tl  # noqa: E402
 
-from loopformer.config.schema import MAX_EVAL_EXAMPLES  # noqa: E402
 from loopformer.data.pipeline import eval_batches  # noqa: E402
 from loopformer.data.sources import build_data  # noqa: E402
 from loopformer.data.tasks import make_task  # noqa: E402
@@ -70,7 +69,7 @@ def run(setting: str, runs: Path, models: list[str], seeds: int, digits: list[in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--setting", default="addition_coupled")
     p.add_argument("--runs", type=C.folder, required=True)
     p.add_argument("--models", default="looped,equal_params")
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--models {args.models}: a model is given twice; give each once")
     digits = C.int_list(p, "--digits", args.digits)
     C.at_least(p, args, {"--seeds": 1, "--examples": 1})
-    C.at_most(p, args, {"--examples": (MAX_EVAL_EXAMPLES, "each set is built in memory first")})
+    C.at_most(p, args, {"--examples": C.EXAMPLES})
     # every set of --examples is one batch: attention over a huge digit count ran out of memory in XLA
     task = make_task("addition", **tl.TASKS[args.setting].task_args)
     heads = tl.config(args.setting, models[0], 1, args.runs, 1).model.max_heads

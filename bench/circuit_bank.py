@@ -53,7 +53,7 @@ def variant(cfg: Any, size: dict[str, Any], batched: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = C.parser(__doc__.splitlines()[0])
+    p = C.parser(C.about(__doc__))
     p.add_argument("--circuits", type=int, default=4, help="circuits in the bank (d_model / C wide each)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (best round reported)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per round")

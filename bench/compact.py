@@ -48,7 +48,7 @@ EXITS = ("latent_diff:0.1", "latent_diff:0.03", "latent_diff:0.01")
 
 
 def main() -> None:
-    p = C.parser(__doc__.splitlines()[0])
+    p = C.parser(C.about(__doc__))
     p.add_argument("--batch", type=int, default=64, help="examples per batch")
     p.add_argument("--max-bits", type=int, default=32, help="longest parity string (difficulties 1..N, mixed)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best kept)")

@@ -77,7 +77,7 @@ def best_time(fn: Any, reps: int) -> float:
 
 
 def main() -> None:
-    p = C.parser(__doc__.splitlines()[0])
+    p = C.parser(C.about(__doc__))
     p.add_argument("--loops", type=int, default=3, help="the circuit's loop count (text_bytes.yaml: eval_loops 3)")
     p.add_argument("--new", default="64,256,1024", help="numbers of new tokens")
     p.add_argument("--batch", default="1,8", help="batch sizes")

@@ -139,7 +139,7 @@ def markdown(task: str, result: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=C.about(__doc__))
     ap.add_argument("--tasks", default="prefix_parity,maze3")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--extra", type=int, default=500, help="steps of each continuation")
@@ -148,6 +148,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_gate_stage"))
     args = ap.parse_args()
     C.at_least(ap, args, {"--seeds": 1, "--extra": 1, "--examples": 1})
+    C.at_most(ap, args, {"--seeds": C.SEEDS, "--examples": C.EXAMPLES})
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:

@@ -217,7 +217,7 @@ def sweep(size: dict[str, Any], reps: int, args: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = C.parser(__doc__.splitlines()[0])
+    p = C.parser(C.about(__doc__))
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (throughput)")
     p.add_argument("--steps", type=int, default=3, help="train steps per variant per round")
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "compile", "sweep"])

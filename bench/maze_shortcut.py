@@ -58,13 +58,14 @@ def check(name: str, out: Path, examples: int) -> list[dict]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="maze_exit", help="comma-separated maze settings of think_longer")
     p.add_argument("--out", default="bench_runs/think_longer", help="think_longer's --out holding the runs")
     p.add_argument("--examples", type=int, default=256, help="eval examples per split (think_longer's: 256)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args()
     C.at_least(p, args, {"--examples": 1})
+    C.at_most(p, args, {"--examples": C.EXAMPLES})
     rows = []
     mazes = [n for n in think_longer.TASKS if think_longer.task_of(n) == "maze"]
     names = args.tasks.split(",")

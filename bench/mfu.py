@@ -60,7 +60,7 @@ def cross_check(size: dict[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-    p = C.parser(__doc__.splitlines()[0])
+    p = C.parser(C.about(__doc__))
     p.add_argument("--steps", type=int, default=10, help="timed train steps (after one compile step)")
     args = p.parse_args()
     C.at_least(p, args, {"--steps": 1})  # 0: a division by zero after the compile

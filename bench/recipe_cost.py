@@ -70,7 +70,7 @@ def measure(config: str, overrides: list[str], steps: int, rounds: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20, help="steps per timed block (default 20)")
     p.add_argument("--rounds", type=int, default=5, help="timed blocks of each (default 5)")

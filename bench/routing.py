@@ -148,7 +148,7 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help=f"{STEPS[0]} steps per model and {EXAMPLES[0]} examples: "
                    "a smoke run, not the result")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from loopformer.cli.rys import TOP  # noqa: E402
+from loopformer.cli.rys import MAX_REPEATS, TOP  # noqa: E402
 from loopformer.evaluation import rys  # noqa: E402
 from loopformer.evaluation.run import load_run  # noqa: E402
 from loopformer.runs.read import read_run  # noqa: E402
@@ -31,14 +31,16 @@ def key(r: dict) -> tuple:
 
 
 def main() -> None:
-    p = C.parser(__doc__.splitlines()[0])
+    p = C.parser(C.about(__doc__))
     p.add_argument("--run", required=True, help="a trained run with a plain prelude (e.g. configs/plain_parity.yaml)")
     p.add_argument("--repeats", default="1,2,3")
     p.add_argument("--examples", type=int, default=2500)
     p.add_argument("--screen", type=int, default=256)
     args = p.parse_args()
     C.at_least(p, args, {"--examples": 1, "--screen": 0})  # --screen 0: the full scan only
-    repeats = C.int_list(p, "--repeats", args.repeats)
+    C.at_most(p, args, {"--examples": C.EXAMPLES})  # (it built 1e11 examples without end)
+    repeats = C.int_list(p, "--repeats", args.repeats, maximum=(MAX_REPEATS, "rys's limit: each adds the block's "
+                                                                 "layers to every schedule"))
     info = read_run(args.run)
     run = load_run(info)
     sets = run.eval_sets(info.select_splits(None), args.examples)

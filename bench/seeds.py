@@ -103,7 +103,7 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--config", required=True, help="YAML config with eval.sweep_loops set")
     p.add_argument("--seeds", type=int, default=3, help="train seeds 0..N-1 (default 3)")
     p.add_argument("--out", default="bench_runs/seeds", help="run directories (resumed if present)")

@@ -181,7 +181,7 @@ def optimizer_row(s: dict[str, int], reps: int) -> dict:
 
 
 def main() -> None:
-    p = C.parser(__doc__.splitlines()[0])
+    p = C.parser(C.about(__doc__))
     size = next(a for a in p._actions if a.dest == "size")  # this bench's own shapes, not _common's sizes
     size.choices, size.default, size.help = sorted(PRESETS), "huginn", "shape: huginn (the peer's) or tiny"
     p.add_argument("--loops", default="4,8,16", help="loop counts r of the train step")

@@ -577,7 +577,7 @@ def plot(name: str, result: dict) -> bytes:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help="small budgets (120 training steps per model, 60 for the "
                    "global-lookup tasks; 64 eval examples; no 3x and 6x loop counts): a smoke run of the whole "
                    "suite, not its results")
@@ -597,8 +597,16 @@ def main() -> int:
     p.add_argument("--ablate", action="store_true", help="also train the looped model once per entry of its task's "
                    "recipe with that entry switched off (models looped-no-NAME), every seed")
     args = p.parse_args()
-    if args.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    C.at_least(p, args, {"--seeds": 1})
+    C.at_most(p, args, {"--seeds": C.SEEDS})  # --floor drew every seed's examples: 1e20 hung
+    # flags the chosen mode does not read were accepted and ignored (--floor trains and writes nothing, --replot
+    # redraws --out's results as they are)
+    unread = {"--floor": ("--replot", "--ablate", "--models", "--out"),
+              "--replot": ("--ablate", "--quick", "--models", "--seeds", "--tasks")}
+    for mode, flags in unread.items():
+        given = [f for f in flags if getattr(args, f[2:]) != p.get_default(f[2:])] if getattr(args, mode[2:]) else []
+        if given:
+            p.error(f"{mode} reads none of {' and '.join(given)}; drop them, or drop {mode}")
     examples = 64 if args.quick else 256
     model_names = tuple(args.models.split(","))
     if not model_names or not set(model_names) <= set(MODELS) or "looped" not in model_names:

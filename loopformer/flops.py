@@ -30,6 +30,7 @@ MFU (model FLOPs utilisation) uses model FLOPs; HFU uses hardware FLOPs.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopformer.config import ModelConfig
+from loopformer.errors import ConfigError
 
 # Dense (no sparsity) peak FLOP/s per JAX device from vendor datasheets: (bf16, fp32-matmul).
 # fp32 matmuls run as TF32 on NVIDIA (XLA's default precision) and as bf16 passes on TPU. A TPU v2/v3
@@ -184,6 +186,25 @@ def measure_matmul_flops(size: int = 2048, dtype: str = "float32", reps: int = 5
     return 2.0 * size**3 / best
 
 
+PEAK_ENV = "LOOPFORMER_PEAK_FLOPS"
+
+
+def peak_override() -> float | None:
+    """``LOOPFORMER_PEAK_FLOPS`` (FLOP/s per device), or None when unset; ConfigError for anything but a finite number
+    > 0 (it was a ValueError or ZeroDivisionError traceback at the first logged step, or a negative MFU)."""
+    text = os.environ.get(PEAK_ENV)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ConfigError(f"environment variable {PEAK_ENV}={text!r} must be a finite number of FLOP/s per device > 0, "
+                          f"e.g. 9.89e14 (or unset it: the peak is then the datasheet's or measured)")
+    return value
+
+
 @functools.cache
 def peak_flops(dtype: str = "float32", matmul_size: int = 1024) -> tuple[float, str]:
     """Peak FLOP/s of all devices of the job together, and where the number comes from.
@@ -193,9 +214,9 @@ def peak_flops(dtype: str = "float32", matmul_size: int = 1024) -> tuple[float, 
     matmul measured on this host, times the number of processes. ``LOOPFORMER_PEAK_FLOPS`` (per
     device) overrides both.
     """
-    override = os.environ.get("LOOPFORMER_PEAK_FLOPS")
+    override = peak_override()
     if override:
-        return float(override) * jax.device_count(), "LOOPFORMER_PEAK_FLOPS"
+        return override * jax.device_count(), PEAK_ENV
     device = jax.devices()[0]
     peak = datasheet_peak(device, dtype)
     if peak is not None:

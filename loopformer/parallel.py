@@ -64,9 +64,16 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"environment variable {name}={value!r} must be an integer") from None
 
 
+_OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "auto")
+
+
 def distributed_request() -> dict[str, Any] | None:
     """The ``jax.distributed.initialize`` arguments the environment asks for, or None (one process)."""
-    if os.environ.get("LOOPFORMER_DISTRIBUTED", "").lower() in ("0", "false", "no", "off"):
+    switch = os.environ.get("LOOPFORMER_DISTRIBUTED", "")
+    if switch and switch.lower() not in _OFF + _ON:  # a typo (ture) ran one process, or auto-detected, silently
+        raise ConfigError(f"environment variable LOOPFORMER_DISTRIBUTED={switch!r} must be one of "
+                          f"{', '.join(_ON)} (start JAX's multi-process runtime) or {', '.join(_OFF)} (one process)")
+    if switch.lower() in _OFF:
         return None
     coordinator = os.environ.get("LOOPFORMER_COORDINATOR")
     if coordinator:
@@ -80,7 +87,7 @@ def distributed_request() -> dict[str, Any] | None:
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
                 "num_processes": _env_int("JAX_NUM_PROCESSES"), "process_id": _env_int("JAX_PROCESS_ID")}
-    if os.environ.get("LOOPFORMER_DISTRIBUTED", "").lower() in ("1", "true", "yes", "on", "auto"):
+    if switch.lower() in _ON:
         return {}  # jax auto-detects: Cloud TPU, SLURM, Open MPI, Kubernetes
     if (_env_int("SLURM_NTASKS") or 1) > 1 and "SLURM_STEP_NODELIST" in os.environ:
         return {}

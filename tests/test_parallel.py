@@ -166,6 +166,9 @@ def test_distributed_request(monkeypatch):
                                               "process_id": 1}
     monkeypatch.setenv("LOOPFORMER_DISTRIBUTED", "0")
     assert parallel.distributed_request() is None
+    monkeypatch.setenv("LOOPFORMER_DISTRIBUTED", "ture")  # #27 pass 17: a typo was read as unset
+    with pytest.raises(ConfigError, match=r"^environment variable LOOPFORMER_DISTRIBUTED='ture' must be one of 1, "):
+        parallel.distributed_request()
     monkeypatch.delenv("LOOPFORMER_DISTRIBUTED")
     monkeypatch.delenv("LOOPFORMER_COORDINATOR")
     monkeypatch.setenv("SLURM_NTASKS", "4")

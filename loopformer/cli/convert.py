@@ -11,7 +11,16 @@ from loopformer.cli.common import command, emit, loop_count, positive, run_flags
 from loopformer.evaluation.run import load_run
 from loopformer.runs.log import log
 from loopformer.runs.read import read_run
-from loopformer.surgery.convert import INJECTS, Recipe, converted_config, converted_params, layout, parse_layers, parse_range
+from loopformer.surgery.convert import (
+    INJECTS,
+    Recipe,
+    as_flags,
+    converted_config,
+    converted_params,
+    layout,
+    parse_layers,
+    parse_range,
+)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -46,8 +55,10 @@ def convert_command(args: argparse.Namespace) -> int:
                         inject=args.inject, loops=args.loops, max_loops=args.max_loops, eval_loops=args.eval_loops,
                         backprop=args.backprop)
         pre, core, post = layout(info.cfg.model, recipe)  # checks the layers before restoring anything
-        converted_config(info.cfg.model, recipe)  # and the circuit's settings
         cfg = copy.deepcopy(info.cfg)
+        cfg.model = converted_config(info.cfg.model, recipe)  # and the circuit's settings,
+        with as_flags(recipe):  # with the run's data (per_difficulty's counts at its training range's hi)
+            cfg.validate()
         target = out_dir(args.out, info.path)
         run = load_run(info, args.step, raw=args.raw_weights)
         cfg.model, params = converted_params(info.cfg.model, run.params, recipe)

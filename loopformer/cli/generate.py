@@ -94,7 +94,7 @@ def generate_command(args: argparse.Namespace) -> int:
                 raise AnalysisError(f"--prompt is not UTF-8 text (byte 0x{bad.hex()} at character {e.start}); pass "
                                     f"the prompt in UTF-8") from None
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
-            raise AnalysisError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+            raise AnalysisError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
         if args.temperature > MAX_TEMPERATURE:
             raise AnalysisError(f"--temperature {args.temperature:g} is past the largest, {MAX_TEMPERATURE:g} (from "
                                 f"about 100 on, every token is about equally likely)")
@@ -112,7 +112,11 @@ def generate_command(args: argparse.Namespace) -> int:
         exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops) or [{}])[0]
         settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
         args.exits = exits
-        args.compact_plan = compact_choice(args, info, exits, how="--exit")
+        # a routed bank stops tokens by its router, and is compacted in a forward pass, not in cached decoding:
+        # --compact applies to it where the answers (or --no-cache's prefixes) are recomputed (it was refused as
+        # "none can" stop, though eval compacts the same pass)
+        args.routed = args.no_cache or (not info.is_text and _recomputed_why(info, args) is not None)
+        args.compact_plan = compact_choice(args, info, exits, how="--exit", routed=args.routed)
         if info.is_text:
             if args.prompt is None:
                 raise AnalysisError(f"{info.path} trains on text: give --prompt TEXT to continue "
@@ -183,7 +187,7 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
            "max_new_tokens": args.max_new_tokens,
            "cache": None if args.no_cache else str(args.policy), "continuous": args.continuous, "stop_ids": stops,
-           "generations": outs} | compact_note(args, run.info, args.exits)
+           "generations": outs} | compact_note(args, run.info, args.exits, routed=args.routed)
     return doc, "\n".join(f"[{tables.loops_str(o['loops'])}{_ran(o)}] {args.prompt}{o['text']}" for o in outs)
 
 
@@ -284,7 +288,7 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     doc = {**run.provenance(), "split": split, "decoding": "one pass, argmax per position" if aligned else
            "autoregressive greedy", "cache": cache, "continuous": args.continuous and cache is not None,
            "examples": examples} | ({"exit": _rules(args.exits)} if args.exits else {})
-    doc |= compact_note(args, info, args.exits)
+    doc |= compact_note(args, info, args.exits, routed=args.routed)
     how = ("answers read in one forward pass (argmax at each labelled position)" if aligned else
            "answers decoded greedily, token by token from the prompt (not teacher-forced)")
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "

@@ -69,7 +69,9 @@ def inspect_run(path: str) -> dict[str, Any]:
             dist = c.distribution()
             circuits[c.name] = {"stage": s, **_fields(c, CircuitArch), **_fields(c, CircuitBehaviour),
                                 "params": counts[c.name], "schedule": _fields(c, LoopSchedule),
-                                "training_mean": dist.mean(), "typical_range": list(dist.typical_range())}
+                                "training_mean": dist.mean(), "typical_range": list(dist.typical_range()),
+                                # the stage's router decides each token's rounds (it was left out of the document)
+                                "router": dataclasses.asdict(stage.router) if stage.router.routes else None}
     history = _history(RunDir(info.path).changes)
     return {"run": str(info.path), "notation": notation(cfg.model), "symbolic": notation(cfg.model, {
                 c.name: "n" if len(cfg.model.circuits()) == 1 else f"n_{c.name}" for c in cfg.model.circuits()}),

@@ -9,6 +9,9 @@ from loopformer.cli.common import command
 from loopformer.data.prepare import CHUNK_TOKENS, SHARD_TOKENS, check_sizes
 from loopformer.errors import ConfigError
 
+# the data settings a prepared corpus is made of (the others, data.seq_len, data.batch_size, ..., are training's)
+READS = ("task", "paths", "format", "text_field", "doc_separator", "tokenizer", "vocab_size", "val_fraction")
+
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config whose data section names the corpus (data.paths, "
@@ -33,6 +36,9 @@ def prepare_command(args: argparse.Namespace) -> int:
         if key.split(".")[0] != "data":  # the config is a training config: the rest of it is for train
             raise ConfigError(f"{item}: prepare reads the data section alone (data.paths, data.tokenizer, ...), so "
                               f"{key} would not be used; drop it")
+        if "." in key and key.split(".")[1] not in READS:  # data.seq_len: accepted and ignored
+            raise ConfigError(f"{item}: prepare reads {', '.join(f'data.{k}' for k in READS)}; {key} is read when "
+                              f"training on the prepared corpus, so here it would not be used; drop it")
     cfg = load_config(args.config, args.overrides)
     t0 = time.time()
     meta = prepare_corpus(cfg, args.out, force=args.force, chunk_tokens=args.chunk_tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from loopformer.cli.common import command
@@ -15,10 +16,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
 
 
-def check_own_run(config: str | None, run_dir: Path) -> None:
+def check_own_run(config: str | None, run_dir: Path, overrides: Sequence[str] = ()) -> None:
     """ConfigError when ``config`` is the config.yaml of a run directory other than the one it names: a copied
-    run's config still points at the original, and training it would resume (and change) that one."""
-    if not config:
+    run's config still points at the original, and training it would resume (and change) that one. A run named by
+    the settings (``run.name=new``: a run's config as the template of another) is the user's choice."""
+    if not config or any(o.split("=", 1)[0].strip() in ("run", "run.dir", "run.name") for o in overrides):
         return
     home = Path(config).expanduser().absolute().parent
     if (Path(config).name == CONFIG_FILE and RunDir(home).holds_run
@@ -37,6 +39,6 @@ def train_command(args: argparse.Namespace) -> int:
         raise ConfigError("train needs a config: loopformer train -c configs/quickstart.yaml (or key=value settings "
                           "over the defaults, e.g. run.name=mine)")
     cfg = load_config(args.config, args.overrides)
-    check_own_run(args.config, cfg.run_dir)
+    check_own_run(args.config, cfg.run_dir, args.overrides)
     train(cfg)
     return 0

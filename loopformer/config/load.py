@@ -236,6 +236,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             kind = "a directory" if p.is_dir() else "a pipe or a device, not a file"
             raise ConfigError(f"config file {path} is {kind}; pass --config with a path to a YAML file, e.g. "
                               f"configs/quickstart.yaml")
+        if not p.is_file() and str(path) and p.is_symlink():  # it is there: "not found" sent the user looking for it
+            raise ConfigError(f"config file {path} is a symlink that leads nowhere (or in a loop); pass --config with a "
+                              f"path to a YAML file, e.g. configs/quickstart.yaml")
         if not p.is_file():
             raise ConfigError(f"config file not found: {str(path) or repr('')} (pass --config with a path to a YAML file, "
                               f"e.g. configs/quickstart.yaml)")

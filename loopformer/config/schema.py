@@ -131,8 +131,9 @@ class HaltingConfig:
                f"{path}.gate_k must be a finite number > 0 (the slope of stage II's targets), got {self.gate_k}")
         _check(math.isfinite(self.gate_gamma) and self.gate_gamma >= 0,
                f"{path}.gate_gamma must be a finite number >= 0 (the loss improvement worth a step), got {self.gate_gamma}")
-        _check(self.beta >= 0 and self.beta_final >= 0 and self.tau >= 0,
-               f"{path}: beta, beta_final and tau must be >= 0")
+        # an infinite weight trained a NaN at step 1, blamed on train.lr
+        bad = next((k for k in ("beta", "beta_final", "tau") if not 0 <= getattr(self, k) < math.inf), None)
+        _check(bad is None, f"{path}.{bad} must be a finite number >= 0, got {getattr(self, bad or 'beta')}")
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
         _check(0 < self.eps < 1, f"{path}.eps must be in (0, 1), got {self.eps}")
         _check(0 < self.q <= 1, f"{path}.q must be in (0, 1], got {self.q}")
@@ -168,14 +169,18 @@ class RouterConfig:
 
     def validate(self, path: str) -> None:
         _one_of(self.kind, ROUTERS, f"{path}.kind")
-        _check(isinstance(self.backprop, int) and not isinstance(self.backprop, bool) and self.backprop >= 0,
-               f"{path}.backprop (rounds with gradient; 0: every round) must be an integer >= 0, got {self.backprop!r}")
+        # (past the loop limit it was an OverflowError traceback from JAX at the first step)
+        _check(isinstance(self.backprop, int) and not isinstance(self.backprop, bool) and 0 <= self.backprop <= MAX_LOOPS,
+               f"{path}.backprop (rounds with gradient; 0: every round) must be an integer in 0..{MAX_LOOPS}, got "
+               f"{self.backprop!r}")
         _check(0 < self.capacity <= 1, f"{path}.capacity must be in (0, 1], got {self.capacity}")
         _check(all(0 < c <= 1 for c in self.capacities),
                f"{path}.capacities: each round's share must be in (0, 1], got {self.capacities}")
         _check(not self.capacities or self.kind == "expert_choice",
                f"{path}.capacities: per-round shares are expert_choice's (kind is {self.kind}); drop them")
-        _check(min(self.balance, self.aux, self.compute) >= 0, f"{path}: balance, aux and compute must be >= 0")
+        # (min() let a nan through, and an infinite weight trained a NaN at step 1, blamed on train.lr)
+        bad = next((k for k in ("balance", "aux", "compute") if not 0 <= getattr(self, k) < math.inf), None)
+        _check(bad is None, f"{path}.{bad} must be a finite number >= 0, got {getattr(self, bad or 'aux')}")
         _check_read(self, ROUTERS.get(self.kind).reads, path)
 
     def rule(self) -> RouterKind:
@@ -288,8 +293,11 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
         # (and every summary would still show the uncapped distribution)
         top, what = dist.bulk()
         _check(top <= MAX_LOOPS, f"{p}.loops: {what} would be past the limit of {MAX_LOOPS} loops; lower loops")
-        _check(c.max_loops >= top, f"{p}.max_loops={c.max_loops} is below {what} would be clamped to {c.max_loops}, "
-               f"silently changing the training distribution; raise max_loops to >= {math.ceil(top)} or lower loops")
+        # (per_difficulty's counts grow with the data's difficulty, which Config._validate_per_difficulty reads: here
+        # only difficulty 1 is known, and "raise max_loops to >= a + b" was refused again at the training range's hi)
+        _check(c.max_loops >= top or dist.per_example, f"{p}.max_loops={c.max_loops} is below {what} would be clamped "
+               f"to {c.max_loops}, silently changing the training distribution; raise max_loops to >= {math.ceil(top)} "
+               f"or lower loops")
         c.halting.validate(f"{p}.halting")
 
 
@@ -411,7 +419,7 @@ class ModelConfig:
         _check(m.kv_heads >= 0 and m.heads % m.kv_head_count == 0,
                f"model.kv_heads ({m.kv_heads}) must divide model.heads ({m.heads}) (0 = as many as heads)")
         _check(0 < m.norm_eps < math.inf, f"model.norm_eps must be a finite number > 0, got {m.norm_eps}")
-        _check(m.rope_base > 1, f"model.rope_base must be > 1, got {m.rope_base}")
+        _check(1 < m.rope_base < math.inf, f"model.rope_base must be a finite number > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
         _check((m.d_model // m.heads) % 2 == 0,
                f"model.d_model / model.heads = {m.d_model // m.heads} must be even (RoPE rotates pairs)")
@@ -432,6 +440,10 @@ class ModelConfig:
             raise ConfigError(str(e)) from None
         _check(scaling is None or m.position == "rope", f"model.rope_scaling scales RoPE's frequencies, but "
                f"model.position={m.position}; drop model.rope_scaling or set model.position=rope")
+        # (accepted and ignored: none and abacus rotate nothing)
+        _check(m.rope_base == ModelConfig.rope_base or POSITIONS.get(m.position).rotates, f"model.rope_base="
+               f"{m.rope_base:g} is read only by RoPE (model.position=rope or coupled), and model.position={m.position} "
+               f"rotates nothing; drop it")
         halting = [c.name for c in m.circuits() if c.halting.has_head]
         _check(len(halting) <= 1, f"model: at most one circuit may have a halting head (it is read out after every "
                f"iteration), got {', '.join(halting)}")

@@ -78,6 +78,9 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
             found = [expanded] if expanded.is_file() else []
             if expanded.exists() and not found:  # /dev/zero, a FIFO: there, but no corpus (a FIFO is not opened)
                 raise DataError(f"data.paths: '{pattern}' is a pipe or a device, not a file; name the corpus files")
+            if expanded.is_symlink() and not found:  # there: "matches no file" sent the user looking for it
+                raise DataError(f"data.paths: '{pattern}' is a symlink that leads nowhere (or in a loop); name the "
+                                f"corpus files")
         if not found:
             what = "glob" if glob.has_magic(pattern) else "path"
             raise DataError(f"data.paths: {what} '{pattern}' matches no file (relative paths are read from "

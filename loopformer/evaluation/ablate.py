@@ -47,8 +47,9 @@ def mean_fill(run: LoadedRun, batches: Sequence[Batch]) -> np.ndarray:
 
 
 def ablate(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], mode: str = "zero") -> list[Row]:
-    """Rows (the shared schema plus label, mode, kept, delta_loss, delta_accuracy) per split and setting;
-    deltas are against the split's baseline (negative delta_accuracy: the circuit was needed)."""
+    """Rows (the shared schema plus label, mode, kept, delta_loss, delta_accuracy, and on a text split
+    delta_bits_per_byte) per split and setting; deltas are against the split's baseline (negative delta_accuracy,
+    positive delta_bits_per_byte: the circuit was needed)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     circuits = run.info.circuits
@@ -61,6 +62,8 @@ def ablate(run: LoadedRun, eval_sets: Mapping[str, Sequence[Batch]], mode: str =
             base = base or row
             row.update(label=label, mode=mode, kept=[c for c in circuits if c not in removed],
                        delta_loss=row["loss"] - base["loss"], delta_accuracy=row["accuracy"] - base["accuracy"])
+            if "bits_per_byte" in row:  # a text split's number (its windows' exact match is 0 either way)
+                row["delta_bits_per_byte"] = row["bits_per_byte"] - base["bits_per_byte"]
             rows.append(row)
         log(f"ablate {split}: done")
     return rows

@@ -165,17 +165,23 @@ def ablation(rows: Sequence[Row], info: RunInfo, step: int) -> bytes:
     ax_acc, ax_loss = fig.subplots(1, 2)
     width = 0.8 / len(splits)
     x = np.arange(len(settings))
+    # a text split's exact match is 0 with or without a circuit: a text run shows bits per byte, a mixture the
+    # accuracy of its task splits (every split's loss is beside it)
+    text = all("bits_per_byte" in r for r in rows)
     for i, s in enumerate(splits):
-        acc = [100 * at[s, lab]["accuracy"] for lab in settings]
+        score = [at[s, lab]["bits_per_byte"] if text else 100 * at[s, lab]["accuracy"] for lab in settings]
         loss = [at[s, lab]["loss"] for lab in settings]
-        ax_acc.bar(x + (i - (len(splits) - 1) / 2) * width, acc, width, label=s)
+        if text or "bits_per_byte" not in at[s, settings[0]]:
+            ax_acc.bar(x + (i - (len(splits) - 1) / 2) * width, score, width, label=s)
         ax_loss.bar(x + (i - (len(splits) - 1) / 2) * width, loss, width, label=s)
     mode = rows[0]["mode"]
-    for ax, ylabel in ((ax_acc, "accuracy (% exact match)"), (ax_loss, "loss (cross-entropy per answer token)")):
+    for ax, ylabel in ((ax_acc, "bits per byte" if text else "accuracy (% exact match)"),
+                       (ax_loss, "loss (cross-entropy per answer token)")):
         ax.set_xticks(x, settings)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
-    ax_acc.set_ylim(0, 102)
+    if not text:
+        ax_acc.set_ylim(0, 102)
     ax_acc.legend(fontsize=8, title="split")
     what = "zeros" if mode == "zero" else "its mean output"
     fig.supxlabel(f"setting: '-X' = circuit X removed, 'only X' = every other circuit removed, 'none' = all removed "

@@ -131,9 +131,14 @@ def ablation_table(rows: Sequence[Row], info: RunInfo) -> str:
     what = "zeros" if mode == "zero" else "its mean output over the split"
     lines = [f"ablation ({mode}: a removed circuit's output is replaced by {what}); "
              f"loops {loops_str(info.defaults)}; Δ vs baseline"]
+    # text splits: bits per byte (a window's exact match is 0 with or without a circuit); task splits: accuracy
+    delta = lambda r: (f"{r['delta_bits_per_byte']:+.4f}" if "delta_bits_per_byte" in r else
+                       f"{100 * r['delta_accuracy']:+.1f}")
     body = [[split_label(info, r["split"]), r["label"], ",".join(r["kept"]) or "-", f"{r['loss']:.4f}",
-             f"{r['delta_loss']:+.4f}", pct(r["accuracy"]), f"{100 * r['delta_accuracy']:+.1f}"] for r in rows]
-    lines.append(format_table(["split", "setting", "circuits on", "loss", "Δloss", "accuracy", "Δacc (pts)"], body))
+             f"{r['delta_loss']:+.4f}", score(r), delta(r)] for r in rows]
+    name = score_name(rows)
+    what = {"accuracy": "Δacc (pts)", "bits/byte": "Δbits/byte"}.get(name, "Δacc (pts) / Δbits/byte")
+    lines.append(format_table(["split", "setting", "circuits on", "loss", "Δloss", name, what], body))
     return "\n".join(lines)
 
 

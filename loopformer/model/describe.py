@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from loopformer.config.schema import ModelConfig
+from loopformer.config.schema import ModelConfig, RouterConfig
 from loopformer.model.transformer import effective_depth
 
 
@@ -29,19 +29,28 @@ def describe(cfg: ModelConfig, vocab_size: int, counts: Mapping[str, int], loops
              + ("" if cfg.causal else "  bidirectional") + _position(cfg),
              "  " + " ─ ".join(chain)]
     for s, stage in enumerate(cfg.stages):
-        lines.append(f"  stage {s + 1}: {notation(cfg, loops)[s]}")
+        lines.append(f"  stage {s + 1}: {notation(cfg, loops)[s]}" + _router(stage.router))
         for c in stage.circuits:
             lines.append(
                 f"    {c.name:<6} depth {c.depth}  width {c.width:<4} heads {c.heads:<2} io {c.io:<7} "
                 f"inject {c.inject:<6} init {c.init:<5} train loops {c.distribution()!s:<24} eval {loops[c.name]:<3} "
                 f"k={c.backprop:<3} params {counts[c.name]:,}"
                 + (f"  window {c.window}" if c.window else "") + ("  state_norm" if c.state_norm else "")
-                + (f"  kv_heads {c.kv_heads}" if c.kv_heads else "") + ("  output replace" if c.replaces else ""))
+                + (f"  kv_heads {c.kv_heads}" if c.kv_heads else "") + ("  output replace" if c.replaces else "")
+                + (f"  halting {c.halting.kind}" if c.halting.has_head else ""))
     lines.append(f"  parameters: shared {counts['shared']:,} + circuits {total - counts['shared']:,} = {total:,}")
     stored = cfg.prelude + cfg.coda + sum(c.depth for c in cfg.circuits())
     lines.append(f"  effective depth at these loops: {effective_depth(cfg, loops):g} blocks "
                  f"(weights of {stored} blocks stored)")
     return "\n".join(lines)
+
+
+def _router(router: RouterConfig) -> str:
+    """``  router expert_choice (capacity 0.5, capacities [1.0, 0.5], ...)`` for a routed stage (the loop counts are
+    then caps: a routed stage was described as a plain loop), else ""."""
+    if not router.routes:
+        return ""
+    return f"  router {router.kind} (" + ", ".join(f"{k} {getattr(router, k)}" for k in router.rule().reads) + ")"
 
 
 def _position(cfg: ModelConfig) -> str:

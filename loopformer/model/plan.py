@@ -225,10 +225,11 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
             raise PlanError(f"--loops {c}={loops[c]} and --max-loops {max_loops} both cap circuit {c}, which exits by "
                             f"a rule; give one")
         out[c] = max_loops or loops.get(c) or max(cfg.max_loops, cfg.eval_loops)
-        first = -(-rule.min_loops // rule.check_every) * rule.check_every  # the first iteration it may stop after
+        first = rule.first_stop()
         if first > out[c]:  # every token ran to the cap, as if no rule were given
-            raise PlanError(f"exit {c}={rule}: the rule first checks after iteration {first}, past circuit {c}'s cap of "
-                            f"{out[c]} loops, so no token could stop by it; lower min or every, or raise the cap "
+            raise PlanError(f"exit {c}={rule}: the rule can first stop a token after iteration {first}, past circuit "
+                            f"{c}'s cap of {out[c]} loops, so no token could stop by it; lower "
+                            f"{'K, ' if rule.whole else ''}min or every, or raise the cap "
                             f"({f'--loops {c}=N' if c in loops and not max_loops else '--max-loops N'})")
     return out
 

@@ -118,7 +118,8 @@ def read_run(path: str | Path) -> RunInfo:
         raise AnalysisError("--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart")
     path = Path(path)
     if not os.path.isdir(path):  # (Path.is_dir raises on a name too long for the filesystem)
-        raise AnalysisError(f"--run {path}: no such directory (point --run at a directory made by "
+        what = "a symlink that leads nowhere (or in a loop)" if os.path.islink(path) else "no such directory"
+        raise AnalysisError(f"--run {path}: {what} (point --run at a directory made by "
                             f"`loopformer train`, e.g. runs/quickstart)")
     cfg = load_run_config(path)
     cfg.run.dir, cfg.run.name = str(path.resolve().parent), path.resolve().name

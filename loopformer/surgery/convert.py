@@ -21,9 +21,10 @@ residual circuit (x + write(out_norm(h))) could not be exact, whatever its weigh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,12 +115,19 @@ def converted_config(cfg: ModelConfig, recipe: Recipe) -> ModelConfig:
                             loops=recipe.loops, max_loops=recipe.max_loops, eval_loops=recipe.eval_loops,
                             backprop=recipe.backprop)
     out = dataclasses.replace(cfg, prelude=len(pre), coda=len(post), stages=[StageConfig(circuits=[circuit])])
-    try:
+    with as_flags(recipe):
         out.validate()
-    except ConfigError as e:  # the circuit's fields are the command's flags: name them as the user wrote them
+    return out
+
+
+@contextlib.contextmanager
+def as_flags(recipe: Recipe) -> Iterator[None]:
+    """A ConfigError about the new circuit's fields, naming them as the command's flags (the user wrote those)."""
+    try:
+        yield
+    except ConfigError as e:
         circuit_field = rf"model\.stages\.0\.circuits\.{re.escape(recipe.name)}\.(\w+)"
         raise ConfigError(re.sub(circuit_field, lambda m: RECIPE_FLAGS.get(m.group(1), m.group(0)), str(e))) from None
-    return out
 
 
 def converted_params(cfg: ModelConfig, params: Any, recipe: Recipe) -> tuple[ModelConfig, Any]:

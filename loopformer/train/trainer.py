@@ -31,7 +31,7 @@ from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.evaluation.tables import format_table, score, score_name
-from loopformer.flops import FlopCounter, peak_flops
+from loopformer.flops import FlopCounter, peak_flops, peak_override
 from loopformer.metrics import text_metrics
 from loopformer.model.attend import attention_overflow, memory_bytes, scores_bytes
 from loopformer.model.describe import describe
@@ -122,6 +122,7 @@ def train(cfg: Config) -> TrainResult:
     directory is locked for the whole call (`loopformer.runs.lock.run_lock`): a second trainer on it
     stops with a ConfigError. Progress is logged to stdout."""
     parallel.initialize_distributed()  # multi-process runs only; before any JAX computation
+    peak_override()  # a bad LOOPFORMER_PEAK_FLOPS, before anything is written (it failed at the first logged step)
     fresh = not cfg.run_dir.exists()
     with log_to("stdout"), _disk_full(cfg.run_dir), run_lock(make_run_dir(cfg)) as lock:
         try:

@@ -109,6 +109,16 @@ class ExitRule:
         """Whether the rule may stop a token after iteration i (1-based)."""
         return (i >= self.min_loops) & (i % self.check_every == 0)
 
+    def first_stop(self) -> int:
+        """The first iteration after which the rule can stop a token: its first check (min=, every=) at or after
+        the iterations the rule itself needs (`earliest`)."""
+        first = max(self.min_loops, self.earliest())
+        return -(-first // self.check_every) * self.check_every
+
+    def earliest(self) -> int:
+        """The first iteration after which the rule itself can fire (before min= and every=)."""
+        return 1
+
     # --- what each rule defines
     def start(self, probe: Probe, h0: Array) -> Any:
         """The rule's state before the first iteration (a pytree)."""
@@ -192,6 +202,9 @@ class _OutputChange(ExitRule):
     def change(self, logits: Array, prev: Array) -> Array:
         raise NotImplementedError
 
+    def earliest(self) -> int:
+        return 2  # iteration 1 has nothing to compare (`stop`)
+
     def _logits(self, probe: Probe, h: Array) -> Array:
         if probe.readout is None:
             raise PlanError(f"exit rule {self.kind} reads the model's output after every iteration: only one circuit "
@@ -245,6 +258,10 @@ class Patience(_OutputChange):
 
     placeholder = "K"
     whole = True
+
+    def earliest(self) -> int:
+        # K unchanged predictions in a row: none can stop before iteration K (K past the cap stopped none, silently)
+        return max(1, int(self.threshold)) if isinstance(self.threshold, int | float) else 1
 
     def start(self, probe: Probe, h0: Array) -> Any:
         top = jnp.argmax(self._logits(probe, h0), axis=-1)

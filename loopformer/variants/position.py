@@ -106,6 +106,7 @@ class Position:
     kind: ClassVar[str] = ""
     places: ClassVar[bool] = False  # the model adds an embedding of each digit's place (`digit_places`)
     on_places: ClassVar[bool] = False  # the scheme rotates by each token's digit place, not its sequence index
+    rotates: ClassVar[bool] = False  # the scheme is RoPE's rotation (it reads model.rope_base)
 
     def __call__(self, x_BTNH: Array, positions_BT: Array) -> Array:
         """Queries or keys [B, T, N, H] at ``positions_BT`` [B, T]."""
@@ -129,6 +130,8 @@ def rope(x_BTNH: Array, positions_BT: Array, base: float, scaling: RopeScaling |
 @POSITIONS.register("rope")
 @dataclass(frozen=True)
 class Rope(Position):
+    rotates: ClassVar[bool] = True
+
     def __call__(self, x_BTNH: Array, positions_BT: Array) -> Array:
         return rope(x_BTNH, positions_BT, self.base, self.scaling)
 

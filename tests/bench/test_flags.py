@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from loopformer.errors import LoopformerError
+
 BENCH = Path(__file__).parents[2] / "bench"
 HEAVY = ("train", "trained", "run_task", "run_text", "run_seeds", "measure", "check", "runs", "build_model",
          "random_model", "bank_config", "throughput", "part_rows", "read_run", "run_setting", "train_timed")
@@ -89,6 +91,19 @@ CASES = [
      "and --loops would not be used; drop them, or drop --compact-only"),
     ("addition_places", ["--runs", "r", "--digits", "100000"],  # an out-of-memory traceback from XLA
      "--digits 100000: attention over 256 examples of 300,005 tokens needs about"),
+    # the seventeenth pass: sizes the library refused naming its own field, or built without end; modes' unread flags
+    ("adaptive", ["--examples", "99999999999"], "--examples 99999999999: at most 100,000 (each set is built in memory"),
+    ("adaptive", ["--steps", "99999999999999999999"], "--steps 99999999999999999999: at most 2,147,483,647 (the step"),
+    ("adaptive", ["--seeds", "99999999999"], "--seeds 99999999999: at most 1,000"),  # it trained seed 0 on
+    ("gate_stage", ["--examples", "99999999999"], "--examples 99999999999: at most 100,000"),  # and left --out
+    ("maze_shortcut", ["--examples", "99999999999"], "--examples 99999999999: at most 100,000"),
+    ("rys_screen", ["--run", "runs/none", "--examples", "99999999999"], "--examples 99999999999: at most 100,000"),  # hung
+    ("rys_screen", ["--run", "runs/none", "--repeats", "1,1000000"], "--repeats '1,1000000': 1000000 is above 64"),
+    ("think_longer", ["--floor", "--seeds", "99999999999999999999"], "--seeds 99999999999999999999: at most 1,000"),  # hung
+    ("think_longer", ["--floor", "--ablate"], "--floor reads none of --ablate and --out; drop them, or drop --floor"),
+    ("think_longer", ["--floor", "--replot"], "--floor reads none of --replot and --out"),
+    ("think_longer", ["--replot", "--tasks", "maze3", "--seeds", "3"],
+     "--replot reads none of --seeds and --tasks; drop them, or drop --replot"),
 ]
 
 
@@ -199,3 +214,30 @@ def test_decode_run_of_a_task_is_refused_before_any_work(run_dir, monkeypatch, c
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"--run {run_dir}: a text run is needed (its val split gives the prompts), and " \
         f"it trains on the task 'pointer_chase'" in err, err
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")))
+def test_help_describes_the_script_in_whole_sentences(name, monkeypatch, capsys):
+    """#27 (seventeenth pass): --help showed the docstring's first line, which cut the sentence short in 8 scripts
+    ("does a policy that decides per token how long to loop match the")."""
+    module = script(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    help_text = "".join(capsys.readouterr().out.split())  # (argparse wraps lines at spaces and hyphens)
+    first = "".join(module.__doc__.split("\n\n")[0].split())
+    assert info.value.code == 0 and first in help_text, (first, help_text)
+
+
+def test_mfu_reads_the_peak_flops_override(monkeypatch):
+    """#27 pass 17: bench/README.md says LOOPFORMER_PEAK_FLOPS overrides the peak; bench/mfu.py's denominator ignored
+    it (and a bad value is one line, as training's)."""
+    monkeypatch.syspath_prepend(str(BENCH))  # (a script run as a file finds _common beside it)
+    common = script("mfu").C
+    monkeypatch.setattr(common, "measure_matmul_flops", lambda *a, **k: 1e9)
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", "5e12")
+    peak = common.peak(common.SIZES["tiny"])
+    assert (peak["peak_flops"], peak["source"]) == (5e12, "LOOPFORMER_PEAK_FLOPS")
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", "abc")
+    with pytest.raises(LoopformerError, match="LOOPFORMER_PEAK_FLOPS='abc' must be a finite number"):
+        common.peak(common.SIZES["tiny"])

@@ -102,6 +102,12 @@ def test_eval_of_a_one_circuit_router_takes_compact(tmp_path, capsys):
     assert (on["compact"], off["compact"]) == ("on", "off")
     assert on["rows"][0]["loss"] == pytest.approx(off["rows"][0]["loss"], rel=1e-5)
     assert on["rows"][0]["mean_loops"] == off["rows"][0]["mean_loops"]
+    # #27 pass 17: generate refused it as "none can" stop, though its recomputed answers (--no-cache) run the same
+    # forward pass, which compacts the bank; cached decoding never compacts a routed bank, and still refuses it
+    gen = run_json(capsys, "generate", "--run", str(run_dir), "--no-cache", "--compact", "on", "--count", "1")
+    assert gen["compact"] == "on"
+    assert main(["generate", "--run", str(run_dir), "--compact", "on", "--count", "1"]) == 2
+    assert "none can" in capsys.readouterr().err
 
 
 def test_a_sweep_below_the_default_count_reports_nothing_at_it(run_dir, capsys):
@@ -322,6 +328,13 @@ def test_user_errors(run_dir, no_checkpoint_run, capsys, argv, message):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
+
+
+def test_a_run_that_is_a_symlink_loop_is_named_so(tmp_path, capsys):
+    """#27 pass 17: a --run symlink in a loop (or to nothing) was "no such directory": it is there."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert main(["eval", "--run", str(tmp_path / "loop")]) == 2
+    assert "--run " + str(tmp_path / "loop") + ": a symlink that leads nowhere (or in a loop)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, flag", [(["train", "-c", "a.yaml", "-c", "b.yaml"], "--config/-c"),
@@ -611,6 +624,19 @@ def test_a_copied_run_does_not_resume_the_original(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"is the config of the run in {copy}" in err and f"run.dir={tmp_path} run.name=copy" in err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_a_runs_config_is_a_template_for_a_run_the_settings_name(run_dir, tmp_path):
+    """Issue #27 (seventeenth pass): `train -c RUN/config.yaml run.name=new` was refused as a copied run that "would
+    resume" run.name=new (which did not exist), and its fix trained the original; the settings name the run."""
+    from loopformer.cli.train import check_own_run
+    from loopformer.errors import ConfigError
+
+    config = str(run_dir / "config.yaml")
+    check_own_run(config, tmp_path / "new", ["train.steps=9", f"run.dir={tmp_path}", "run.name=new"])
+    check_own_run(config, run_dir.parent / "new", ["run.name=new"])
+    with pytest.raises(ConfigError, match="a copied or moved run"):
+        check_own_run(config, tmp_path / "new", ["train.steps=9"])
 
 
 def test_outputs_inside_a_run_are_refused_and_step_0_is_a_step(run_dir, capsys):

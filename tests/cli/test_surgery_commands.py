@@ -87,6 +87,12 @@ def test_rys_errors(plain_run, capsys):
     (["--loops", "uniform(8, 16)", "--max-loops", "4"], "error: --max-loops=4 is below counts that loops=uniform(8, 16) "
      "draws (up to 16): they would be clamped to 4, silently changing the training distribution; raise max_loops to "
      ">= 16 or lower loops"),
+    # #27 pass 17: checked at difficulty 1 alone, it advised max_loops >= 104 (refused again at the data's hi), or
+    # passed and was refused after the weights were read, naming model.stages.0.circuits.X.loops
+    (["--loops", "per_difficulty(100, 4)"], "error: --loops=per_difficulty(100, 4) gives 204 loops at difficulty 2 "
+     "(the training range's hi), above max_loops=64; raise max_loops to >= 204"),
+    (["--loops", "per_difficulty(40, 4)"], "error: --loops=per_difficulty(40, 4) gives 84 loops at difficulty 2 "
+     "(the training range's hi), above max_loops=64; raise max_loops to >= 84"),
 ])
 def test_convert_names_its_flags_not_the_config_fields_they_fill(plain_run, tmp_path, capsys, flags, line):
     """The circuit convert writes is a config, checked as one; its errors named model.stages.0.circuits..name."""

@@ -157,6 +157,9 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(fifo)
     with pytest.raises(ConfigError, match=r"^config file .* is a directory; pass --config with a path to a YAML file"):
         load_config(tmp_path)
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")  # #27 pass 17: "not found" (it is there)
+    with pytest.raises(ConfigError, match=r"^config file .*loop.yaml is a symlink that leads nowhere \(or in a loop\)"):
+        load_config(tmp_path / "loop.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

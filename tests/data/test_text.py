@@ -177,6 +177,10 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     os.mkfifo(fifo)
     for there in (fifo, Path("/dev/zero")):
         assert error(tmp_path, [there]) == f"data.paths: '{there}' is a pipe or a device, not a file; name the corpus files"
+    loop = tmp_path / "loop.txt"  # #27 pass 17: a symlink in a loop "matched no file" (it is there)
+    loop.symlink_to(loop)
+    assert error(tmp_path, [loop]) == (f"data.paths: '{loop}' is a symlink that leads nowhere (or in a loop); name "
+                                       f"the corpus files")
     small, _ = corpus(tmp_path, name="small.txt")
     msg = error(tmp_path, [small], "data.seq_len=100000")
     assert str(small) in msg and "fewer than one sequence" in msg and "lower data.seq_len" in msg

@@ -50,3 +50,25 @@ def test_a_mixture_of_text_and_a_task_shows_each_splits_own_metric_in_either_ord
         lines = table.splitlines()
         one = next(line for line in lines if line.split()[:1] == ["1"])
         assert "2.4000" in one and "25.0%" in one and "0.0%" not in one
+
+
+def test_ablation_of_a_text_split_shows_bits_per_byte():
+    """#27 pass 17: `ablate` on a text run showed "accuracy 0.0%" and "Δacc +0.0" (a window's exact match) for
+    every setting, whatever the circuit did; text splits now show bits per byte and its change, task splits accuracy."""
+    from types import SimpleNamespace
+
+    from loopformer.evaluation.tables import ablation_table
+
+    info = SimpleNamespace(defaults={"X": 5}, splits={"train": [1, 4]})
+    row = lambda split, label, loss, acc, **text: {"split": split, "label": label, "kept": ["X"] if label == "baseline"
+                                                  else [], "loss": loss, "accuracy": acc, "mode": "zero", **text}
+    text = [row("val", "baseline", 5.0, 0.0, bits_per_byte=7.5, delta_bits_per_byte=0.0),
+            row("val", "-X", 5.2, 0.0, bits_per_byte=7.75, delta_bits_per_byte=0.25)]
+    task = [row("train", "baseline", 1.0, 0.5), row("train", "-X", 1.5, 0.25)]
+    for r in text + task:
+        r.update(delta_loss=0.0, delta_accuracy=r["accuracy"] - (0.5 if r["split"] == "train" else 0.0))
+    table = ablation_table(text, info)
+    assert "bits/byte" in table and "Δbits/byte" in table and "accuracy" not in table and "+0.2500" in table
+    mixed = ablation_table(text + task, info).splitlines()
+    assert "accuracy / bits/byte" in mixed[1]
+    assert "7.7500" in mixed[4] and "+0.2500" in mixed[4] and "25.0%" in mixed[6] and "-25.0" in mixed[6]

@@ -252,6 +252,22 @@ def test_describe_uses_circuit_notation():
     assert "effective depth at these loops: 6 blocks" in text  # 1 + max(1*3, 2*2) + 1
 
 
+def test_describe_names_a_stages_router_and_a_circuits_halting_head():
+    """#27 pass 17: `inspect` (and training's first lines) described a routed stage and a halting circuit as plain
+    loops, and inspect's JSON left the router out."""
+    from loopformer.config.schema import HaltingConfig, RouterConfig
+
+    x = CircuitConfig(name="X", width=16, heads=2, loops="uniform(2, 5)", max_loops=5, eval_loops=3, backprop=2)
+    routed = ModelConfig(d_model=16, heads=2, stages=[StageConfig([x], router=RouterConfig(
+        kind="expert_choice", capacities=[1.0, 0.5], backprop=2))])
+    text = describe(routed, VOCAB, build_model(routed, VOCAB, seed=0).param_counts())
+    assert "stage 1: (X1)^3  router expert_choice (capacity 0.5, capacities [1.0, 0.5], aux 0.001, compute 0.0, " \
+           "backprop 2)" in text
+    halting = dataclasses.replace(x, halting=HaltingConfig(kind="ouro"))
+    cfg = ModelConfig(d_model=16, heads=2, stages=[StageConfig([halting])])
+    assert "  halting ouro" in describe(cfg, VOCAB, build_model(cfg, VOCAB, seed=0).param_counts())
+
+
 def same_shape_cfg():
     a = CircuitConfig(name="A", width=8, heads=2, eval_loops=2, backprop=2)
     b = CircuitConfig(name="B", width=8, heads=2, eval_loops=5, backprop=2)

@@ -63,7 +63,7 @@ L1 = "model.layers.1."
     (dict(config={"tie_word_embeddings": "false"}), r"tie_word_embeddings must be true or false, got 'false'$"),
     (dict(config={"num_key_value_heads": "2"}), r"num_key_value_heads must be a whole number, got '2'$"),
     (dict(config={"hidden_size": 16.5}), r"hidden_size must be a whole number, got 16.5$"),
-    (dict(config={"rope_theta": 0}), r"config.json: model.rope_base must be > 1, got 0.0$"),
+    (dict(config={"rope_theta": 0}), r"config.json: model.rope_base must be a finite number > 1, got 0.0$"),
 ])
 def test_a_broken_folder_is_one_line(tmp_path, kwargs, message):
     folder = write_folder(tmp_path / "bad", **kwargs)

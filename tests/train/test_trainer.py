@@ -641,3 +641,14 @@ def test_a_read_only_or_full_run_directory_names_its_own_fix(tmp_path, monkeypat
     monkeypatch.setattr(Path, "write_text", refused)
     with pytest.raises(ConfigError, match=rf"^run.dir: cannot write to .*ro \({os.strerror(code)}\); {fix}$"):
         make_run_dir(cfg)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1e9", "nan"])
+def test_a_bad_peak_flops_setting_is_refused_before_the_run_is_written(value, tmp_path, monkeypatch):
+    """#27 pass 17: LOOPFORMER_PEAK_FLOPS=abc was a ValueError traceback at the first logged step (0: a
+    ZeroDivisionError; negative: a negative MFU), after the run directory was written."""
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", value)
+    with pytest.raises(ConfigError, match=rf"^environment variable LOOPFORMER_PEAK_FLOPS='{value}' must be a finite "
+                                          r"number of FLOP/s per device > 0"):
+        train(tiny_config(tmp_path, "peak"))
+    assert not (tmp_path / "peak").exists()
