@@ -620,7 +620,8 @@ class Bank(nnx.Module):
         loop's truncation); evaluation runs exactly the rounds needed."""
         names = self.names
         xn = self.norm(x_BTD)
-        loops = jnp.stack([jnp.asarray(plan.loops[n], jnp.int32) for n in names])
+        # [C, B, T]: each circuit's count per token (per_difficulty loops give each token its own)
+        loops = jnp.stack([jnp.broadcast_to(jnp.asarray(plan.loops[n], jnp.int32), x_BTD.shape[:2]) for n in names])
         starts = [self.circuits[n].begin(self._source(n, xn, x_BTD), self._run(plan, n).key) for n in names]
         es = tuple(e for e, _ in starts)
         graphdefs = [nnx.graphdef(self.circuits[n]) for n in names]

@@ -32,11 +32,10 @@ class Router(nnx.Module):
                                 kernel_init=normal_init(0.02, ("embed", None)),
                                 bias_init=lambda *_: jnp.asarray(bias, dtype), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD: Array, eligible_C: Array, active_BT: Array, valid_BT: Array | None,
+    def __call__(self, x_BTD: Array, eligible_CBT: Array, active_BT: Array, valid_BT: Array | None,
                  r: Array | int = 0, training: bool = True) -> tuple[Array, Array, Array, Array]:
-        """Round ``r``. ``eligible_C`` bool [C], or [C, B, T] where loop counts are per token (per_difficulty):
-        circuits allowed to run this round (within their loop count); ``active_BT``: tokens still running;
-        ``training``: else a causal model selects causally.
+        """Round ``r``. ``eligible_CBT`` bool [C, B, T]: the circuits each token may run this round (within its
+        loop count); ``active_BT``: tokens still running; ``training``: else a causal model selects causally.
 
         Returns (selected [C, B, T] bool, soft [C, B, T] = q - stop_gradient(q) (0 in value, the router's
         gradient; 0 for tokens not running and circuits not eligible), still running afterwards [B, T],
@@ -44,7 +43,5 @@ class Router(nnx.Module):
         s = self.score(self.norm(x_BTD)).astype(jnp.float32)  # [B, T, C(+1)]
         valid = jnp.ones(active_BT.shape, bool) if valid_BT is None else valid_BT
         running = active_BT & valid
-        per_circuit = eligible_C[:, None, None] if eligible_C.ndim == 1 else eligible_C
-        eligible_CBT = jnp.broadcast_to(per_circuit, (eligible_C.shape[0], *active_BT.shape))
         return self.rule.select(s, eligible_CBT, active_BT, running, jnp.maximum(running.sum(), 1.0), r,
                                 causal_inference=self.causal and not training)

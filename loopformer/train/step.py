@@ -134,7 +134,6 @@ class _Objective:
 
     graphdef: nnx.GraphDef
     plan: Plan
-    loops: dict[str, Array]
     halting: CircuitConfig | None
     progress: tuple[Array, int]  # (this step, the run's total steps): a halting kind's loss schedule
     total_tokens: Array
@@ -290,7 +289,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
         progressive = (settings.progressive, settings.progressive_circuits,
                        jax.random.fold_in(jax.random.fold_in(jax.random.key(PROGRESSIVE_KEY), settings.seed), step))
         gate = gate_leaves(state["params"], halting.name) if settings.stage == "gate" else None
-        objective = _Objective(graphdef, plan, loops, halting, (step, settings.total_steps), total_tokens,
+        objective = _Objective(graphdef, plan, halting, (step, settings.total_steps), total_tokens,
                                settings.grad_accum, progressive, gate)
         grads, sums = _gradients(objective, state["params"], micro, settings.routing, state_shardings)
         new_state, updates = _update(tx, state, grads, settings.routing, settings.ema, gate)

@@ -397,19 +397,25 @@ def test_a_routed_bank_truncates_each_token_at_its_own_last_rounds():
         assert same == equal
 
 
+def routed_model(kind, capacities, exit_bias, **x):
+    """A bidirectional model whose one stage is X (width 16, window 3, up to 8 rounds) under a ``kind`` router:
+    expert choice with ``capacities``, token choice with the exit's bias at ``exit_bias`` (tokens exit at many
+    rounds). ``x``: more settings of X. Returns (graphdef, state)."""
+    circuit = CircuitConfig(name="X", width=16, heads=2, window=3, state_norm=True, eval_loops=8, max_loops=8, **x)
+    router = RouterConfig(kind=kind, **({"capacities": capacities} if kind == "expert_choice" else {}))
+    gd, st = model_of(ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=False,
+                                  stages=[StageConfig([circuit], router=router)]))
+    if kind == "token_choice":
+        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, exit_bias])
+    return gd, st
+
+
 @pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
 def test_a_compacted_routed_bank_gives_the_masked_rounds(kind):
     """Evaluation of a one-circuit routed bank compacted (only the tokens that ran the previous round run the
     block; an exited token's keys and values are those of its final state): the masked rounds' logits and
     rounds per token, with fewer token-iterations executed; padding does not hold the rounds open."""
-    x = CircuitConfig(name="X", width=16, heads=2, window=3, state_norm=True, eval_loops=8, max_loops=8)
-    router = RouterConfig(kind=kind, **({"capacities": [1.0, 0.8, 0.6, 0.5, 0.4, 0.3]} if kind == "expert_choice"
-                                        else {}))
-    cfg = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=False,
-                      stages=[StageConfig([x], router=router)])
-    gd, st = model_of(cfg)
-    if kind == "token_choice":
-        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 1.0])  # tokens exit at many rounds
+    gd, st = routed_model(kind, [1.0, 0.8, 0.6, 0.5, 0.4, 0.3], 1.0)
     toks = tokens(b=4, t=9)
     segments = jnp.ones(toks.shape, jnp.int32).at[1, 6:].set(0).at[3, 2:].set(0)  # padding at the ends
 
@@ -436,14 +442,7 @@ def test_a_routed_bank_caps_each_token_at_its_own_count(kind):
     rows have counts 2, 5 and 8 gives each row the logits and rounds it has alone at its scalar count, in
     training (a scan of plan.bound rounds), in masked and in compacted evaluation; no token runs past its
     count."""
-    x = CircuitConfig(name="X", width=16, heads=2, window=3, state_norm=True, eval_loops=8, max_loops=8, backprop=2)
-    router = RouterConfig(kind=kind, **({"capacities": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]} if kind == "expert_choice"
-                                        else {}))
-    cfg = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=False,
-                      stages=[StageConfig([x], router=router)])
-    gd, st = model_of(cfg)
-    if kind == "token_choice":
-        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 0.5])  # tokens exit at many rounds
+    gd, st = routed_model(kind, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5], 0.5, backprop=2)
     toks = tokens(b=3, t=9)
     counts = np.array([2, 5, 8])
     per_token = jnp.asarray(np.repeat(counts[:, None], toks.shape[1], 1), jnp.int32)
