@@ -98,6 +98,13 @@ def _changed(cfg: Any, names: Iterable[str]) -> str | None:
     return next((n for n in names if getattr(cfg, n) != getattr(defaults, n)), None)
 
 
+def _check_weights(cfg: Any, names: tuple[str, ...], path: str) -> None:
+    """Loss weights ``names`` of ``cfg`` must be finite and >= 0 (a NaN passes min(), and an infinite weight
+    trained a NaN at step 1, blamed on train.lr)."""
+    bad = next((k for k in names if not 0 <= getattr(cfg, k) < math.inf), None)
+    _check(bad is None, f"{path}.{bad} must be a finite number >= 0, got {getattr(cfg, bad or names[0])}")
+
+
 def _check_read(cfg: Any, reads: tuple[str, ...], path: str) -> None:
     """ConfigError for a setting of ``cfg`` (a `HaltingConfig` or `RouterConfig`) changed from its default that its
     kind does not read (``reads``): `halting.tau` on ouro, `router.capacity` on token_choice would be accepted and
@@ -131,9 +138,7 @@ class HaltingConfig:
                f"{path}.gate_k must be a finite number > 0 (the slope of stage II's targets), got {self.gate_k}")
         _check(math.isfinite(self.gate_gamma) and self.gate_gamma >= 0,
                f"{path}.gate_gamma must be a finite number >= 0 (the loss improvement worth a step), got {self.gate_gamma}")
-        # an infinite weight trained a NaN at step 1, blamed on train.lr
-        bad = next((k for k in ("beta", "beta_final", "tau") if not 0 <= getattr(self, k) < math.inf), None)
-        _check(bad is None, f"{path}.{bad} must be a finite number >= 0, got {getattr(self, bad or 'beta')}")
+        _check_weights(self, ("beta", "beta_final", "tau"), path)
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
         _check(0 < self.eps < 1, f"{path}.eps must be in (0, 1), got {self.eps}")
         _check(0 < self.q <= 1, f"{path}.q must be in (0, 1], got {self.q}")
@@ -178,9 +183,7 @@ class RouterConfig:
                f"{path}.capacities: each round's share must be in (0, 1], got {self.capacities}")
         _check(not self.capacities or self.kind == "expert_choice",
                f"{path}.capacities: per-round shares are expert_choice's (kind is {self.kind}); drop them")
-        # (min() let a nan through, and an infinite weight trained a NaN at step 1, blamed on train.lr)
-        bad = next((k for k in ("balance", "aux", "compute") if not 0 <= getattr(self, k) < math.inf), None)
-        _check(bad is None, f"{path}.{bad} must be a finite number >= 0, got {getattr(self, bad or 'aux')}")
+        _check_weights(self, ("balance", "aux", "compute"), path)
         _check_read(self, ROUTERS.get(self.kind).reads, path)
 
     def rule(self) -> RouterKind:
