@@ -110,7 +110,7 @@ def test_progressive_objective_mixes_the_full_and_partial_losses(tmp_path, run, 
     plan = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 2, "Y": 1})
     key = next(k for k in map(jax.random.key, range(50)) if int(progressive_plan(plan, ("X",), k).loops["X"]) < 3)
     total = batch["mask"].sum()
-    objective = _Objective(graphdef, plan, plan.loops, None, (jnp.int32(0), 1), total, 1, (alpha, ("X",), key))
+    objective = _Objective(graphdef, plan, None, (jnp.int32(0), 1), total, 1, (alpha, ("X",), key))
 
     def ce(p, pl):
         return answer_sums(forward_batch(nnx.merge(graphdef, p), batch, pl)[0], batch, 1.0 / total)["loss_sum"]
@@ -210,7 +210,7 @@ def test_iteration_loss_is_the_mean_ce_over_the_window(tmp_path, run):
     assert len({round(v, 5) for v in losses.values()}) == 3  # the counts differ in loss: the mean is a real check
     for W, ref in ((1, losses[4]), (3, sum(losses.values()) / 3)):
         plan = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 3, "Y": 1}, windows={"X": W})
-        objective = _Objective(graphdef, plan, plan.loops, None, (jnp.int32(0), 1), total, 1)
+        objective = _Objective(graphdef, plan, None, (jnp.int32(0), 1), total, 1)
         value, sums = jax.jit(objective.loss)(run.params, batch)  # eager, it took ~30 s
         assert float(value) == pytest.approx(ref, rel=1e-5)
         assert float(sums["loss_sum"]) == pytest.approx(losses[4], rel=1e-6)  # the metrics stay the final count's
@@ -260,7 +260,7 @@ def test_iteration_loss_gradients_are_the_mean_of_each_iterations(tmp_path, run)
     batch = jax.tree.map(jnp.asarray, run.eval_sets(["train"], 8)["train"][0])
     total = batch["mask"].sum()
     plan = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 2, "Y": 1}, windows={"X": 2})
-    objective = _Objective(graphdef, plan, plan.loops, None, (jnp.int32(0), 1), total, 1)
+    objective = _Objective(graphdef, plan, None, (jnp.int32(0), 1), total, 1)
     last = make_plan(["X", "Y"], {"X": 4, "Y": 3}, backprop={"X": 2, "Y": 1})
     before = dataclasses.replace(make_plan(["X", "Y"], {"X": 3, "Y": 3}, backprop={"X": 2, "Y": 1}),
                                  grads={"X": jnp.int32(1)})
