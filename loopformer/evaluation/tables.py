@@ -106,8 +106,15 @@ def computed_str(row: Row) -> str:
     return " ".join(f"{c}={v:.2f}" for c, v in row.get("computed_loops", {}).items()) or "-"
 
 
+def stops_early(row: Row) -> bool:
+    """Whether some circuit's tokens ran fewer iterations than its count (an exit rule, a router's exits, or
+    counts per difficulty, ``auto``): its loops are then caps, and the mean loops run say what ran."""
+    return bool(row.get("exit")) or any(not isinstance(n, int) or row.get("mean_loops", {}).get(c, n) < n - 1e-6
+                                        for c, n in row["loops"].items())
+
+
 def eval_table(rows: Sequence[Row], info: RunInfo) -> str:
-    exits = any(r.get("exit") for r in rows)
+    exits = any(stops_early(r) for r in rows)  # a routed stage's rounds, too: its loops are only the caps
     body = [[split_label(info, r["split"]), loops_str(r["loops"])]
             + ([exit_str(r), mean_loops_str(r), computed_str(r)] if exits else [])
             + [",".join(r["ablated"]) or "-", f"{r['loss']:.4f}", score(r), pct(r["token_accuracy"]), r["examples"]]

@@ -72,3 +72,22 @@ def test_ablation_of_a_text_split_shows_bits_per_byte():
     mixed = ablation_table(text + task, info).splitlines()
     assert "accuracy / bits/byte" in mixed[1]
     assert "7.7500" in mixed[4] and "+0.2500" in mixed[4] and "25.0%" in mixed[6] and "-25.0" in mixed[6]
+
+
+def test_eval_shows_the_rounds_a_router_or_a_rule_ran_beside_its_caps():
+    """A routed stage's tokens stop before its count, as exits' do: the eval table showed only the cap (X=12) for a
+    router that ran 4.5 rounds per token. Rows whose tokens ran fewer iterations than their count (or counts per
+    difficulty, auto) get the mean loops and computed columns; fixed counts do not."""
+    from types import SimpleNamespace
+
+    from loopformer.evaluation.tables import eval_table, stops_early
+
+    info = SimpleNamespace(splits={"train": [1, 8]}, is_text=False)
+    row = {"split": "train", "loops": {"X": 12}, "ablated": [], "loss": 0.1, "accuracy": 0.5, "token_accuracy": 0.9,
+           "examples": 8, "mean_loops": {"X": 12.0}, "computed_loops": {"X": 12.0}}
+    routed = row | {"mean_loops": {"X": 4.5}, "computed_loops": {"X": 7.25}}
+    assert not stops_early(row) and stops_early(routed) and stops_early(row | {"loops": {"X": "auto"}})
+    assert "mean loops" not in eval_table([row], info)
+    table = eval_table([routed], info)
+    assert table.splitlines()[0].split()[:3] == ["split", "loops", "(caps)"]
+    assert "X=4.50" in table and "X=7.25" in table
