@@ -177,6 +177,11 @@ def _main(argv: list[str] | None) -> int:
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a file or folder this user may not read or write (root may, so it went unseen)
+        what = e.filename or "a file the command needs"
+        print(f"error: {what}: {e.strerror or 'permission denied'} for this user; make it readable (and writable, "
+              f"where the command writes), or copy it where this user may", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

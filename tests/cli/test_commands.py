@@ -717,3 +717,32 @@ def test_a_closed_stdout_is_refused_before_any_work():
     done = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" >&-', sys.executable, code], stderr=subprocess.PIPE,
                           text=True, timeout=60)
     assert done.returncode == 2 and "error: standard output is closed" in done.stderr
+
+
+@pytest.mark.parametrize("target", ["config", "run_config", "probe"])
+def test_a_file_this_user_may_not_read_is_one_line(run_dir, text_run_dir, tmp_path, capsys, monkeypatch, target):
+    """#27 pass 18, as a user other than root (chmod 000): an unreadable --config, run config.yaml or --probe was a
+    PermissionError traceback."""
+    import errno
+    from pathlib import Path
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text('{"prompt": "a", "answer": "b"}\n')
+    path, argv = {"config": (tmp_path / "c.yaml", ["train", "-c", str(tmp_path / "c.yaml")]),
+                  "run_config": (run_dir / "config.yaml", ["eval", "--run", str(run_dir)]),
+                  "probe": (probe, ["eval", "--run", str(text_run_dir), "--probe", str(probe)])}[target]
+    path.touch()
+
+    def denied(read):
+        def reader(self, *a, **k):
+            if Path(self) == path:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return read(self, *a, **k)
+        return reader
+
+    monkeypatch.setattr(Path, "read_text", denied(Path.read_text))
+    monkeypatch.setattr(Path, "read_bytes", denied(Path.read_bytes))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {path}: Permission denied for this user; make it "
+                                                        f"readable (and writable, where the command writes), or copy "
+                                                        f"it where this user may")
