@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         for r in rows]), file=sys.stderr if args.json else sys.stdout)
     doc = {"setting": args.setting, "rows": rows}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1))
+        C.write_out(args.out, json.dumps(doc, indent=1), "in the table above")
     if args.json:
         print(json.dumps(doc))
     return 0

@@ -145,7 +145,7 @@ def main() -> int:
     ap.add_argument("--extra", type=int, default=500, help="steps of each continuation")
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_gate_stage"))
+    ap.add_argument("--out", type=C.out_folder, default=Path("runs/bench_gate_stage"))
     args = ap.parse_args()
     C.at_least(ap, args, {"--seeds": 1, "--extra": 1, "--examples": 1})
     C.at_most(ap, args, {"--seeds": C.SEEDS, "--examples": C.EXAMPLES})

@@ -584,7 +584,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--tasks", default=",".join(SUITE), help=f"comma-separated settings (default: {','.join(SUITE)}); "
                    "any of " + ",".join(TASKS))
-    p.add_argument("--out", default="bench_runs/think_longer", help="run directories and results")
+    p.add_argument("--out", type=C.out_folder, default="bench_runs/think_longer", help="run directories and results")
     p.add_argument("--replot", action="store_true", help="redraw the tables and plots from --out's "
                    "think_longer.json without training")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated models to train and evaluate "
