@@ -391,11 +391,20 @@ def test_rys_on_a_run_without_plain_layers_says_so(tmp_path, capsys):
             f"varies a circuit's loops)")
 
 
-def test_a_threshold_given_twice_is_one_setting(run_dir, capsys):
-    """#27 pass 7: `sweep --exit X=latent_diff:0.1,0.1` evaluated and wrote the same setting twice (a loop count
-    given twice was one)."""
-    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--split", "train", "--exit", "X=latent_diff:0.1,0.1")
-    assert [r["exit"] for r in doc["rows"]] == [{"X": "latent_diff:0.1"}]
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--exit", "X=latent_diff:0.1,0.1"], "--exit X=latent_diff:0.1,0.1 lists the threshold latent_diff:0.1 "
+                                                   "twice; give each once"),
+    (["sweep", "--exit", "X=latent_diff:0.1,1e-1"], "lists the threshold latent_diff:0.1 twice"),
+    (["sweep", "--loops", "X=2,4,2"], "--loops X=2,4,2 lists 2 twice; give each count once"),
+    (["eval", "--loops", "X=2,2"], "--loops X=2,2 lists 2 twice"),
+])
+def test_a_list_entry_given_twice_is_refused(run_dir, capsys, argv, message):
+    """#27 pass 7: `sweep --exit X=latent_diff:0.1,0.1` evaluated and wrote the same setting twice; it was then
+    merged with no word, as loop counts and rys repeats were, where every other list refuses a repeat (--split,
+    --ablate, eval.sweep_loops, the bench scripts' lists): pass 18 refuses it everywhere."""
+    assert main([argv[0], "--run", str(run_dir), *argv[1:]]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
 
 
 def test_inspect_reads_no_weights_so_takes_no_step(run_dir, capsys):
