@@ -498,6 +498,10 @@ def _check_split_names(key: str, splits: dict[str, list[int]]) -> None:
     only when the data was built (after `train` printed its mesh), without naming the setting."""
     for k in splits:
         _check(str(k).strip() != "", f"{key}: a split name is blank ({k!r}); name it, e.g. {{train: [1, 4]}}")
+        # a mixture's entries were refused one; a task's 'a/b' took a mixture's form, and rys wrote its plot and a
+        # split 'a_b''s to one file (rys_a_b.png), the second replacing the first
+        _check(SPLIT_SEP not in str(k), f"{key}.{k}: split names may not contain '{SPLIT_SEP}' (it joins a mixture's "
+               f"entry and split, NAME{SPLIT_SEP}SPLIT); use another name, e.g. {str(k).replace(SPLIT_SEP, '-')}")
 
 
 def _check_ranges(items: list[tuple[str, list[int]]]) -> None:
@@ -543,8 +547,6 @@ class MixtureEntry:
             _check_ranges([(f"{path}.train_difficulty", self.train_difficulty)]
                           + [(f"{path}.eval_splits.{k}", v) for k, v in self.eval_splits.items()])
             _check_split_names(f"{path}.eval_splits", self.eval_splits)
-            for k in self.eval_splits:
-                _check(SPLIT_SEP not in k, f"{path}.eval_splits.{k}: split names may not contain '{SPLIT_SEP}'")
         if self.route is not None:
             _check(len(self.route) == len(set(self.route)), f"{path}.route lists a circuit twice: {self.route}")
             _check(bool(self.route) or self.route_shared, f"{path}: route: [] with route_shared: false updates "
