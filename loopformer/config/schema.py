@@ -422,6 +422,10 @@ class ModelConfig:
         _check(m.kv_heads >= 0 and m.heads % m.kv_head_count == 0,
                f"model.kv_heads ({m.kv_heads}) must divide model.heads ({m.heads}) (0 = as many as heads)")
         _check(0 < m.norm_eps < math.inf, f"model.norm_eps must be a finite number > 0, got {m.norm_eps}")
+        # nan or 1e300 (inf in float32) diverged at step 1, blamed on train.lr; -1 trained as 1; 0 a model of zeros,
+        # whose every gradient is zero
+        _check(0 < m.init_std <= 1, f"model.init_std (the weights' initial standard deviation) must be in (0, 1], "
+               f"e.g. 0.02, got {m.init_std}")
         _check(1 < m.rope_base < math.inf, f"model.rope_base must be a finite number > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
         _check((m.d_model // m.heads) % 2 == 0,

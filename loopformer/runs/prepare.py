@@ -14,7 +14,7 @@ import jax
 
 from loopformer.config import ARCHITECTURE, SCHEDULE, TASK, Change, Config, circuit_label, config_changes, config_from_dict
 from loopformer.errors import CheckpointError, ConfigError
-from loopformer.runs.layout import WRITE_PROBE, RunDir, read_only, special
+from loopformer.runs.layout import WRITE_PROBE, RunDir, outside_runs, read_only, special
 from loopformer.runs.read import read_config_dict
 
 
@@ -62,6 +62,9 @@ def describe_change(change: Change) -> str:
 def make_run_dir(cfg: Config) -> Path:
     """Create the run directory; ConfigError with the fix if it cannot be written."""
     run_dir = cfg.run_dir
+    # inside another run, its checkpoints/ above all, the run was read as a corrupt checkpoint of that one (with
+    # advice to delete it) or pruned with its checkpoints
+    outside_runs(run_dir, "run.dir / run.name")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f"{WRITE_PROBE}{jax.process_index()}"

@@ -697,3 +697,17 @@ def test_an_unreadable_checkpoint_is_not_called_corrupt(tmp_path, monkeypatch, t
     with pytest.raises(CheckpointError, match=rf"^checkpoint step 4 in .* cannot be read by this user \({step_dir} is "
                                               rf"not readable\); make it readable \(chmod -R u\+rX {step_dir}\)$"):
         restore_params(load_config(run / "config.yaml"))
+
+
+@pytest.mark.parametrize("inside", [("", "checkpoints"), ("checkpoints", "5"), ("", "inner")])
+def test_a_run_inside_another_run_is_refused(tmp_path, trained_run, inside):
+    """#27 pass 18: `run.dir=OUTER/checkpoints run.name=5` trained a run that OUTER then read as its corrupt step 5
+    ("delete it (rm -r ...)"), and that its checkpoint pruning would delete; `run.dir=OUTER run.name=checkpoints` wrote
+    a config, metrics and tb/ into OUTER's checkpoints/ (export, convert and import refused such an --out already)."""
+    outer = copy_run(trained_run, tmp_path, "outer")
+    folder, name = inside
+    before = sorted(p.name for p in (outer / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=rf"^run.dir / run.name {re.escape(str(outer / folder / name))} is inside the "
+                                          rf"run {re.escape(str(outer))}; write it outside any run directory"):
+        train(tiny_config(outer / folder, name))
+    assert sorted(p.name for p in (outer / "checkpoints").iterdir()) == before and not (outer / "inner").exists()
