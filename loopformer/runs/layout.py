@@ -89,9 +89,11 @@ class RunDir:
         return self.path / (LOCK_FILE if process == 0 else f"{LOCK_FILE}.{process}")
 
     def checkpoint_steps(self) -> list[int]:
-        """Steps with a checkpoint directory on disk (finished or not), ascending; cheap, no orbax."""
+        """Steps with a checkpoint directory on disk (finished or not), ascending; cheap, no orbax. A file (or a link to
+        nowhere) named like a step is none: `inspect` listed it, and a resume to its step left config.yaml as it was,
+        taking it for a rerun that trains nothing."""
         ckpt = self.checkpoints
-        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()) if ckpt.is_dir() else []
 
     def trained_to(self) -> int | None:
         """The newest checkpoint step on disk, or None."""
