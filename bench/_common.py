@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loopformer.cli import FLAGS_GIVEN, single_flags  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
@@ -38,8 +39,22 @@ def about(doc: str) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A script's parser: a single-value flag given twice is refused (`--steps 5 --steps 10` ran 10 with no word), as
+    loopformer's commands refuse it (`loopformer.cli.single_flags`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        single_flags(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        vars(parsed).pop(FLAGS_GIVEN, None)
+        return parsed, extra
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny",
                    help="model preset (tiny: CPU default; small/medium: GPU/TPU)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of tables")

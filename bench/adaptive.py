@@ -58,7 +58,6 @@ JSON: {"tasks": {NAME: {"rows": [{"seed", "difficulty", "split", "policy", "fami
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -364,7 +363,7 @@ def pareto(name: str, result: dict) -> bytes:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
     p.add_argument("--out", type=C.out_folder, default="bench_runs/adaptive", help="run directories and results")
     p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")

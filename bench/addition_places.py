@@ -13,7 +13,6 @@ twice it; baselines: 1). Prints a table and with --json one document
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -69,7 +68,7 @@ def run(setting: str, runs: Path, models: list[str], seeds: int, digits: list[in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--setting", default="addition_coupled")
     p.add_argument("--runs", type=C.folder, required=True)
     p.add_argument("--models", default="looped,equal_params")

@@ -22,7 +22,6 @@ JSON: {"tasks": {T: {"rows": [{"seed", "model", "policy", "difficulty", "split",
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -139,7 +138,7 @@ def markdown(task: str, result: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=C.about(__doc__))
+    ap = C.ArgumentParser(description=C.about(__doc__))
     ap.add_argument("--tasks", default="prefix_parity,maze3")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--extra", type=int, default=500, help="steps of each continuation")

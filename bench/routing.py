@@ -28,7 +28,6 @@ model cannot have it, so the shipped corpus does not fit this model.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -148,7 +147,7 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help=f"{STEPS[0]} steps per model and {EXAMPLES[0]} examples: "
                    "a smoke run, not the result")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

@@ -32,7 +32,6 @@ looped model, one model per recipe entry with that entry switched off ("looped-n
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -577,7 +576,7 @@ def plot(name: str, result: dict) -> bytes:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help="small budgets (120 training steps per model, 60 for the "
                    "global-lookup tasks; 64 eval examples; no 3x and 6x loop counts): a smoke run of the whole "
                    "suite, not its results")

@@ -109,6 +109,11 @@ CASES = [
      "argument --out: /dev/null/x: /dev/null is a file, not a directory"),
     ("routing", ["--out", ""], "argument --out: '': name the folder to write"),
     ("surgery", ["--out", "/dev/null"], "argument --out: /dev/null is a file, not a directory"),
+    # a single-value flag given twice: the last one won with no word (loopformer's commands refuse it)
+    ("mfu", ["--steps", "1", "--steps", "2"], "--steps is given twice; give it once"),
+    ("seeds", ["--config", "a.yaml", "--config", "b.yaml"], "--config is given twice; give it once"),
+    ("think_longer", ["--seeds", "1", "--seeds", "2"], "--seeds is given twice; give it once"),
+    ("loop_overhead", ["--skip", "compile", "--skip", "sweep"], "--skip is given twice; give it once"),
 ]
 
 
