@@ -379,3 +379,16 @@ def test_asset_names_stay_inside_the_assets_folder():
         with pytest.raises(DataError, match="must name one shipped file"):
             asset_path(name)
     assert asset_path("kjv_genesis_exodus.txt").is_file()
+
+
+@pytest.mark.parametrize("name", ["meta.json", "train-00000-of-00001.array_record"])
+def test_a_prepared_corpus_this_user_may_not_read(tmp_path, monkeypatch, name):
+    """#27 pass 18, as a user other than root (chmod 000): an unreadable shard was a RuntimeError traceback from the
+    ArrayRecord library, an unreadable meta.json "unreadable; run `loopformer prepare` again" (the corpus is whole)."""
+    path, _ = corpus(tmp_path)
+    prepare_corpus(cfg_for(tmp_path, [path]), tmp_path / "p", chunk_tokens=64, progress=False)
+    hidden, real = tmp_path / "p" / name, os.access
+    assert hidden.is_file()
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != hidden and real(p, mode, **k))
+    assert error(tmp_path, [tmp_path / "p"]) == (f"{hidden}: this user may not read it; make the prepared corpus "
+                                                 f"readable (chmod -R u+rX {tmp_path / 'p'})")

@@ -655,15 +655,17 @@ def test_a_bad_peak_flops_setting_is_refused_before_the_run_is_written(value, tm
 
 
 @pytest.mark.parametrize("part", ["checkpoints", "checkpoints/4", "tb", "metrics.jsonl", "config.yaml",
-                                  "final_sweep.json", ".train.lock"])
+                                  "config_changes.jsonl", "final_sweep.json", ".train.lock"])
 def test_a_read_only_part_of_a_run_is_refused_before_any_training(tmp_path, monkeypatch, trained_run, part):
     """#27 pass 18, as a user other than root (chmod a-w): a read-only checkpoints/ hung the checkpoint library forever
     at the first save; metrics.jsonl, tb/ and .train.lock were PermissionError tracebacks; final_sweep.json was refused
-    after the whole training; config.yaml was replaced, read-only or not."""
+    after the whole training; config.yaml was replaced, read-only or not; config_changes.jsonl was a traceback after
+    the run's files were checked."""
     from pathlib import Path
 
     run = copy_run(trained_run, tmp_path, "ro")
     (run / "final_sweep.json").write_text("{}")
+    (run / "config_changes.jsonl").touch()
     ro, real = run / part, os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **k: not (Path(p) == ro and mode & os.W_OK) and real(p, mode, **k))
     steps = RunDir(run).checkpoint_steps()
