@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import os
 import shlex
 import time
 from collections.abc import Iterable, Sequence, Sized
@@ -210,6 +211,11 @@ def prepared_dir(cfg: Config) -> Path | None:
     """The directory written by `loopformer prepare` that ``data.paths`` names, or None for raw files."""
     d = cfg.data
     paths = [Path(p).expanduser() for p in d.paths]
+    for path in paths:  # a folder this user may not enter: every check under it was a PermissionError traceback
+        nearest = next(a for a in (path, *path.parents) if os.access(a, os.F_OK))
+        if nearest.is_dir() and not os.access(nearest, os.R_OK | os.X_OK):
+            raise DataError(f"data.paths: this user may not read the folder {nearest}; make it readable (chmod -R u+rX "
+                            f"{shlex.quote(str(nearest))})")
     looks_prepared = len(paths) == 1 and (paths[0].name == META_FILE or (paths[0] / META_FILE).is_file())
     if d.format == "arrayrecord" or (d.format == "auto" and looks_prepared):
         if len(paths) != 1:

@@ -392,3 +392,15 @@ def test_a_prepared_corpus_this_user_may_not_read(tmp_path, monkeypatch, name):
     monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != hidden and real(p, mode, **k))
     assert error(tmp_path, [tmp_path / "p"]) == (f"{hidden}: this user may not read it; make the prepared corpus "
                                                  f"readable (chmod -R u+rX {tmp_path / 'p'})")
+
+
+@pytest.mark.parametrize("pattern", ["", "*.txt"])
+def test_a_corpus_folder_this_user_may_not_enter(tmp_path, monkeypatch, pattern):
+    """#27 pass 18, as a user other than root (chmod 000 on the folder data.paths names, or holds a glob in): a
+    PermissionError traceback from the check for a prepared corpus's meta.json."""
+    path, _ = corpus(tmp_path)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: not (Path(p) == tmp_path and mode & os.R_OK)
+                        and real(p, mode, **k))
+    assert error(tmp_path, [tmp_path / pattern] if pattern else [tmp_path]) == (
+        f"data.paths: this user may not read the folder {tmp_path}; make it readable (chmod -R u+rX {tmp_path})")
