@@ -728,6 +728,17 @@ def test_a_closed_stdout_is_refused_before_any_work():
     assert done.returncode == 2 and "error: standard output is closed" in done.stderr
 
 
+def test_a_run_folder_this_user_may_not_read_is_named(run_dir, capsys, monkeypatch):
+    """#27 pass 18, as a user other than root (chmod 000 on the run): a PermissionError traceback naming config.yaml."""
+    from pathlib import Path
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != run_dir and real(p, mode, **k))
+    assert main(["eval", "--run", str(run_dir)]) == 2
+    assert capsys.readouterr().err == (f"error: --run {run_dir}: this user may not read the folder; make it readable "
+                                       f"(chmod -R u+rX {run_dir})\n")
+
+
 @pytest.mark.parametrize("target", ["config", "run_config", "probe"])
 def test_a_file_this_user_may_not_read_is_one_line(run_dir, text_run_dir, tmp_path, capsys, monkeypatch, target):
     """#27 pass 18, as a user other than root (chmod 000): an unreadable --config, run config.yaml or --probe was a
