@@ -18,9 +18,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loopformer.cli import FLAGS_GIVEN, single_flags  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
-from loopformer.errors import LoopformerError  # noqa: E402
+from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
@@ -38,8 +39,22 @@ def about(doc: str) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A script's parser: a single-value flag given twice is refused (`--steps 5 --steps 10` ran 10 with no word), as
+    loopformer's commands refuse it (`loopformer.cli.single_flags`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        single_flags(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        vars(parsed).pop(FLAGS_GIVEN, None)
+        return parsed, extra
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny",
                    help="model preset (tiny: CPU default; small/medium: GPU/TPU)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of tables")
@@ -60,6 +75,30 @@ def out_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} (permission denied)")
+    if path.exists() and not os.access(path, os.W_OK):  # a traceback after the work, which was lost with it
+        raise argparse.ArgumentTypeError(f"{text} is read-only for this user; make it writable or name another file")
+    return path
+
+
+def out_folder(text: str) -> Path:
+    """An argparse type: the folder a script writes its runs and results into, checked before any work (a folder this
+    user may not write was refused by the first training, naming run.dir, which the user never gave; a read-only
+    result file in it was a traceback after the work)."""
+    if not text:
+        raise argparse.ArgumentTypeError("'': name the folder to write")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; give a directory for the runs and results")
+    nearest = next(a for a in (path.absolute(), *path.absolute().parents) if a.exists())
+    if not nearest.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {nearest} is a file, not a directory")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write in {nearest} (permission denied); make it writable or "
+                                         f"choose another folder")
+    fixed = next((f for f in path.iterdir() if f.is_file() and not os.access(f, os.W_OK)), None) if path.is_dir() else None
+    if fixed:
+        raise argparse.ArgumentTypeError(f"{text}: {fixed.name} is read-only for this user, and the results are "
+                                         f"written there; make it writable or choose another folder")
     return path
 
 
@@ -223,14 +262,24 @@ def peak(size: dict[str, Any]) -> dict[str, Any]:
 
 
 def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) -> None:
+    """Print the result (``--json``: the document, else the tables), then write the document to ``--out``."""
     doc = json.dumps(result, indent=1, default=float)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(doc + "\n")
     if args.json:
-        print(doc)
+        print(doc, flush=True)
     else:
-        print("\n\n".join(tables))
+        print("\n\n".join(tables), flush=True)
+    if args.out:
+        write_out(args.out, doc + "\n", "printed above")
+
+
+def write_out(path: Path, text: str, shown: str) -> None:
+    """Write a script's document to ``--out``; a failure (a full disk, a file made read-only meanwhile) is one
+    AnalysisError naming it (a traceback after the work), the document being ``shown`` elsewhere."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise AnalysisError(f"--out {path}: cannot write it ({e.strerror or e}); the results are {shown}") from None
 
 
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -58,7 +58,6 @@ JSON: {"tasks": {NAME: {"rows": [{"seed", "difficulty", "split", "policy", "fami
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -364,9 +363,9 @@ def pareto(name: str, result: dict) -> bytes:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
-    p.add_argument("--out", default="bench_runs/adaptive", help="run directories and results")
+    p.add_argument("--out", type=C.out_folder, default="bench_runs/adaptive", help="run directories and results")
     p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every model (default 3; >= 1)")
     p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
@@ -386,8 +385,6 @@ def main() -> int:
         p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join([*TASKS, 'text'])}")
     C.once(p, "--tasks", names)  # trained once, scored and reported twice
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} is a file, not a directory; give a directory for the runs and results")
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()
     for name in names:

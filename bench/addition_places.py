@@ -13,7 +13,6 @@ twice it; baselines: 1). Prints a table and with --json one document
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -69,7 +68,7 @@ def run(setting: str, runs: Path, models: list[str], seeds: int, digits: list[in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--setting", default="addition_coupled")
     p.add_argument("--runs", type=C.folder, required=True)
     p.add_argument("--models", default="looped,equal_params")
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         for r in rows]), file=sys.stderr if args.json else sys.stdout)
     doc = {"setting": args.setting, "rows": rows}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1))
+        C.write_out(args.out, json.dumps(doc, indent=1), "in the table above")
     if args.json:
         print(json.dumps(doc))
     return 0

@@ -22,7 +22,6 @@ JSON: {"tasks": {T: {"rows": [{"seed", "model", "policy", "difficulty", "split",
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -139,13 +138,13 @@ def markdown(task: str, result: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=C.about(__doc__))
+    ap = C.ArgumentParser(description=C.about(__doc__))
     ap.add_argument("--tasks", default="prefix_parity,maze3")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--extra", type=int, default=500, help="steps of each continuation")
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_gate_stage"))
+    ap.add_argument("--out", type=C.out_folder, default=Path("runs/bench_gate_stage"))
     args = ap.parse_args()
     C.at_least(ap, args, {"--seeds": 1, "--extra": 1, "--examples": 1})
     C.at_most(ap, args, {"--seeds": C.SEEDS, "--examples": C.EXAMPLES})

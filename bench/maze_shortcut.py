@@ -10,7 +10,6 @@ from the maze alone (e.g. labelling a small closed-in pocket NO and the rest YES
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
@@ -58,7 +57,7 @@ def check(name: str, out: Path, examples: int) -> list[dict]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="maze_exit", help="comma-separated maze settings of think_longer")
     p.add_argument("--out", default="bench_runs/think_longer", help="think_longer's --out holding the runs")
     p.add_argument("--examples", type=int, default=256, help="eval examples per split (think_longer's: 256)")

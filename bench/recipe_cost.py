@@ -13,7 +13,6 @@ JSON: {"config": str, "overrides": [str], "steps": int, "rounds": int, "base_ms"
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -70,7 +69,7 @@ def measure(config: str, overrides: list[str], steps: int, rounds: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=20, help="steps per timed block (default 20)")
     p.add_argument("--rounds", type=int, default=5, help="timed blocks of each (default 5)")

@@ -28,7 +28,6 @@ model cannot have it, so the shipped corpus does not fit this model.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -148,11 +147,11 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help=f"{STEPS[0]} steps per model and {EXAMPLES[0]} examples: "
                    "a smoke run, not the result")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.add_argument("--out", default="bench_runs/routing", help="run directories and results")
+    p.add_argument("--out", type=C.out_folder, default="bench_runs/routing", help="run directories and results")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)} (default: all three; routed and unrouted "
                         "were declared before the first run, routed_shared after it)")

@@ -13,7 +13,6 @@ JSON: {"config": str, "seeds": N, "metric": "accuracy" | "bits_per_byte",
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -103,10 +102,10 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--config", required=True, help="YAML config with eval.sweep_loops set")
     p.add_argument("--seeds", type=int, default=3, help="train seeds 0..N-1 (default 3)")
-    p.add_argument("--out", default="bench_runs/seeds", help="run directories (resumed if present)")
+    p.add_argument("--out", type=C.out_folder, default="bench_runs/seeds", help="run directories (resumed if present)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every seed")
     args = p.parse_args()

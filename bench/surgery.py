@@ -26,7 +26,6 @@ JSON: {"settings": {...}, "rows": [{"setting", "model", "loops", "split", "metri
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -179,9 +178,9 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.add_argument("--out", type=Path, default=Path("runs/bench_surgery"), help="where the runs go")
+    p.add_argument("--out", type=C.out_folder, default=Path("runs/bench_surgery"), help="where the runs go")
     p.add_argument("--only", choices=sorted(SETTINGS), action="append", help="run only these settings")
     p.add_argument("--smoke", action="store_true", help="a few steps per model: checks the script, measures nothing")
     args = p.parse_args()

@@ -32,7 +32,6 @@ looped model, one model per recipe entry with that entry switched off ("looped-n
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -577,14 +576,14 @@ def plot(name: str, result: dict) -> bytes:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help="small budgets (120 training steps per model, 60 for the "
                    "global-lookup tasks; 64 eval examples; no 3x and 6x loop counts): a smoke run of the whole "
                    "suite, not its results")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--tasks", default=",".join(SUITE), help=f"comma-separated settings (default: {','.join(SUITE)}); "
                    "any of " + ",".join(TASKS))
-    p.add_argument("--out", default="bench_runs/think_longer", help="run directories and results")
+    p.add_argument("--out", type=C.out_folder, default="bench_runs/think_longer", help="run directories and results")
     p.add_argument("--replot", action="store_true", help="redraw the tables and plots from --out's "
                    "think_longer.json without training")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated models to train and evaluate "

@@ -147,7 +147,7 @@ def _main(argv: list[str] | None) -> int:
         for name, (help_text, add_args, _) in COMMANDS.items():
             _once(sub.add_parser(name, help=help_text, description=help_text), add_args)
         args, extra = parser.parse_known_args(argv)
-        vars(args).pop(_GIVEN, None)
+        vars(args).pop(FLAGS_GIVEN, None)
         # key=value settings after a flag (`train a=1 -c cfg b=2`): argparse takes one run of positionals only
         if extra and isinstance(getattr(args, "overrides", None), list) and all(
                 "=" in e and not e.startswith("-") for e in extra):
@@ -177,6 +177,11 @@ def _main(argv: list[str] | None) -> int:
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a file or folder this user may not read or write (root may, so it went unseen)
+        what = e.filename or "a file the command needs"
+        print(f"error: {what}: {e.strerror or 'permission denied'} for this user; make it readable (and writable, "
+              f"where the command writes), or copy it where this user may", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -198,7 +203,7 @@ def _main(argv: list[str] | None) -> int:
         stop.clear()  # reported above: a later command or training in this process (tests, a notebook) starts clean
 
 
-_GIVEN = "_flags_given"  # in the namespace while parsing: the single-value flags seen so far
+FLAGS_GIVEN = "_flags_given"  # in the namespace while parsing: the single-value flags seen so far
 
 
 class _StoreOnce(argparse.Action):
@@ -207,7 +212,7 @@ class _StoreOnce(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
-        given = namespace.__dict__.setdefault(_GIVEN, set())
+        given = namespace.__dict__.setdefault(FLAGS_GIVEN, set())
         if self.dest in given and self.option_strings:  # positionals (train's key=value settings) may come in runs
             parser.error(f"{'/'.join(self.option_strings)} is given twice; give it once (the last one would win with "
                          f"no word)")
@@ -216,11 +221,16 @@ class _StoreOnce(argparse.Action):
 
 
 def _once(parser: argparse.ArgumentParser, add_args: object) -> None:
-    """Add a command's flags (``add_args``) to ``parser``, every single-value flag (the default action, store)
-    as `_StoreOnce`: registered for the parser before its flags are added."""
+    """Add a command's flags (``add_args``) to ``parser``, every single-value flag as `_StoreOnce` (`single_flags`)."""
+    single_flags(parser)
+    add_args(parser)  # type: ignore[operator]
+
+
+def single_flags(parser: argparse.ArgumentParser) -> None:
+    """Make every single-value flag (the default action, store) that is added to ``parser`` from now on refuse a second
+    value (`_StoreOnce`); the namespace then holds `FLAGS_GIVEN` until the caller drops it. The bench scripts use it."""
     parser.register("action", None, _StoreOnce)
     parser.register("action", "store", _StoreOnce)
-    add_args(parser)  # type: ignore[operator]
 
 
 def _on_signal(signum: int, frame: object) -> None:

@@ -46,7 +46,10 @@ def parse_counts(text: str, flag: str) -> list[int]:
         if lo > hi:
             raise PlanError(f"{flag}: the range {lo}:{hi} is empty; write it low:high")
         return geometric_grid(lo, hi) if len(nums) == 2 else list(range(lo, hi + 1, nums[2]))
-    return sorted(set(nums))
+    twice = next((n for n in nums if nums.count(n) > 1), None)
+    if twice is not None:  # refused as everywhere else a list repeats an entry (eval.sweep_loops, --split, bench lists)
+        raise PlanError(f"{flag} lists {twice} twice; give each count once")
+    return sorted(nums)
 
 
 AUTO = "auto"  # --loops X=auto: each example its training rule's count (loops: per_difficulty(a, b))
@@ -148,8 +151,10 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
             raise PlanError(f"malformed {flag}: no threshold; write {exit_forms()}")
         kind = kind.strip()
         thresholds = [f"q={t.removeprefix('q=').strip()}" if kind == "learned" else t for t in thresholds]
-        # a threshold given twice is one setting (like a loop count given twice): it was evaluated and written twice
-        rules = list(dict.fromkeys(ExitRule.parse(",".join([f"{kind}:{t}", *options])) for t in thresholds))
+        rules = [ExitRule.parse(",".join([f"{kind}:{t}", *options])) for t in thresholds]
+        twice = next((r for r in rules if rules.count(r) > 1), None)
+        if twice is not None:  # evaluated and written twice (pass 7), then merged with no word (as a list repeats)
+            raise PlanError(f"{flag} lists the threshold {twice} twice; give each once")
         if rules[0].needs_readout and len(targets) > 1:
             raise PlanError(f"{flag}: {kind} reads the model's output after every iteration, for one circuit at a "
                             f"time; name it, e.g. --exit {circuits[0]}={body}")

@@ -26,7 +26,7 @@ def _repeats(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected counts like 1,2,3, got '{text}'") from None
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"expected counts >= 1 like 1,2,3, got '{text}'")
-    return sorted(set(counts))
+    return counts
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -113,6 +113,10 @@ def _header(info: RunInfo, step: int, baseline: Sequence[dict[str, Any]], probe:
                 "rys_<split>.png)", _args)
 def rys_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
+        twice = next((r for r in args.repeats if args.repeats.count(r) > 1), None)
+        if twice is not None:  # scanned once, with no word, where every other list refuses a repeat
+            raise PlanError(f"--repeats {','.join(map(str, args.repeats))} lists {twice} twice; give each count once")
+        args.repeats = sorted(args.repeats)
         if max(args.repeats) > MAX_REPEATS:
             raise PlanError(f"--repeats {max(args.repeats)}: at most {MAX_REPEATS} extra runs of a block (each adds "
                             f"the block's layers to every schedule); ask for fewer, e.g. --repeats 1,2,3")

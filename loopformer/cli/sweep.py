@@ -76,7 +76,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
         check_writable(info.path, "sweep_exits.csv" if args.exit else "sweep.csv, sweep_*.png and sweeps/",
-                       [info.path / "sweep_exits.csv"] if args.exit else [info.path / "sweep.csv", *_plots(info)])
+                       [info.path / "sweep_exits.csv"] if args.exit else [info.path / "sweep.csv", *_plots(info),
+                                                                           *_tensorboard_folders(info)])
         splits = info.select_splits(args.split)
         if args.exit:
             return _sweep_exits(args, info, splits)
@@ -128,6 +129,13 @@ def _plot_names(info: Any) -> set[str]:
     """The names of every plot a sweep of this run may write (sweep_<name>.png): one circuit, two, convergence."""
     return ({"convergence"} | {a for a in info.circuits}
             | {f"{a}_{b}" for a in info.circuits for b in info.circuits if a != b})
+
+
+def _tensorboard_folders(info: Any) -> list[Path]:
+    """sweeps/ and the folders under it, which a sweep replaces (`_log_tensorboard`): one read-only was found after the
+    new CSV and plots were written, beside the earlier sweep's tensorboard run."""
+    tb = info.path / "sweeps"
+    return [tb, *sorted(p for p in tb.rglob("*") if p.is_dir())] if tb.is_dir() else []
 
 
 def _plots(info: Any) -> list[Path]:

@@ -102,8 +102,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-class DuplicateKey(yaml.YAMLError):
+class Refused(yaml.YAMLError):
+    """YAML that reads, and that a config refuses (the message says why): a key given twice, aliases past any config."""
+
+
+class DuplicateKey(Refused):
     """A mapping names one key twice (YAML lets the last value win with no word)."""
+
+
+class YAMLSize(Refused):
+    """A document whose aliases expand past any config (a YAML "billion laughs"), or hold themselves."""
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -153,8 +161,41 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:int", _number)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _number)
 
 
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; aliases (*a) can repeat a node far past any real one
+
+
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values ``node`` holds once its aliases are copied out (as the config's checks and merges do); a
+    YAMLSize past MAX_YAML_VALUES or for a node that holds itself: nine aliases of nine
+    aliases of ... under data.task_args ran a minute without a word, growing towards 9^9 values."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise YAMLSize(f"the alias at line {node.start_mark.line + 1} holds itself (a YAML node that contains its own "
+                       f"anchor); write the value out")
+    open_.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode) else
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    size = 1 + sum(_expanded(child, sizes, open_) for child in children)
+    open_.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise YAMLSize(f"the value at line {node.start_mark.line + 1} expands to more than {MAX_YAML_VALUES:,} values "
+                       f"through its aliases (*name); a config holds a few hundred: write it without them")
+    sizes[key] = size
+    return size
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -177,7 +218,7 @@ def _parse_value(text: str) -> Any:
         return text  # "" or blank as given: data.doc_separator=$'\t' is a tab, not ""
     try:
         return _yaml(text)
-    except DuplicateKey as e:
+    except Refused as e:
         raise ConfigError(f"override value {text!r}: {e}") from None
     except yaml.YAMLError:
         return text
@@ -254,7 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               f"as configs/quickstart.yaml")
         try:
             loaded = _yaml(text)
-        except DuplicateKey as e:
+        except Refused as e:
             raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None

@@ -422,6 +422,10 @@ class ModelConfig:
         _check(m.kv_heads >= 0 and m.heads % m.kv_head_count == 0,
                f"model.kv_heads ({m.kv_heads}) must divide model.heads ({m.heads}) (0 = as many as heads)")
         _check(0 < m.norm_eps < math.inf, f"model.norm_eps must be a finite number > 0, got {m.norm_eps}")
+        # nan or 1e300 (inf in float32) diverged at step 1, blamed on train.lr; -1 trained as 1; 0 a model of zeros,
+        # whose every gradient is zero
+        _check(0 < m.init_std <= 1, f"model.init_std (the weights' initial standard deviation) must be in (0, 1], "
+               f"e.g. 0.02, got {m.init_std}")
         _check(1 < m.rope_base < math.inf, f"model.rope_base must be a finite number > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
         _check((m.d_model // m.heads) % 2 == 0,
@@ -498,6 +502,10 @@ def _check_split_names(key: str, splits: dict[str, list[int]]) -> None:
     only when the data was built (after `train` printed its mesh), without naming the setting."""
     for k in splits:
         _check(str(k).strip() != "", f"{key}: a split name is blank ({k!r}); name it, e.g. {{train: [1, 4]}}")
+        # a mixture's entries were refused one; a task's 'a/b' took a mixture's form, and rys wrote its plot and a
+        # split 'a_b''s to one file (rys_a_b.png), the second replacing the first
+        _check(SPLIT_SEP not in str(k), f"{key}.{k}: split names may not contain '{SPLIT_SEP}' (it joins a mixture's "
+               f"entry and split, NAME{SPLIT_SEP}SPLIT); use another name, e.g. {str(k).replace(SPLIT_SEP, '-')}")
 
 
 def _check_ranges(items: list[tuple[str, list[int]]]) -> None:
@@ -543,8 +551,6 @@ class MixtureEntry:
             _check_ranges([(f"{path}.train_difficulty", self.train_difficulty)]
                           + [(f"{path}.eval_splits.{k}", v) for k, v in self.eval_splits.items()])
             _check_split_names(f"{path}.eval_splits", self.eval_splits)
-            for k in self.eval_splits:
-                _check(SPLIT_SEP not in k, f"{path}.eval_splits.{k}: split names may not contain '{SPLIT_SEP}'")
         if self.route is not None:
             _check(len(self.route) == len(set(self.route)), f"{path}.route lists a circuit twice: {self.route}")
             _check(bool(self.route) or self.route_shared, f"{path}: route: [] with route_shared: false updates "

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import abc
 import functools
+import os
+import shlex
 import time
 from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
@@ -51,7 +53,7 @@ from loopformer.data.text import (
 )
 from loopformer.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, read_tokenizer, tokenizer_kind, train_bpe
 from loopformer.errors import ConfigError, DataError
-from loopformer.runs.layout import CONFIG_FILE, TOKENIZER_FILE, RunDir
+from loopformer.runs.layout import CONFIG_FILE, TOKENIZER_FILE, RunDir, unreadable
 from loopformer.runs.log import log
 
 Batch = dict[str, np.ndarray]
@@ -209,6 +211,11 @@ def prepared_dir(cfg: Config) -> Path | None:
     """The directory written by `loopformer prepare` that ``data.paths`` names, or None for raw files."""
     d = cfg.data
     paths = [Path(p).expanduser() for p in d.paths]
+    for path in paths:  # a folder this user may not enter: every check under it was a PermissionError traceback
+        nearest = next(a for a in (path, *path.parents) if os.access(a, os.F_OK))
+        if nearest.is_dir() and not os.access(nearest, os.R_OK | os.X_OK):
+            raise DataError(f"data.paths: this user may not read the folder {nearest}; make it readable (chmod -R u+rX "
+                            f"{shlex.quote(str(nearest))})")
     looks_prepared = len(paths) == 1 and (paths[0].name == META_FILE or (paths[0] / META_FILE).is_file())
     if d.format == "arrayrecord" or (d.format == "auto" and looks_prepared):
         if len(paths) != 1:
@@ -227,6 +234,10 @@ def prepared_dir(cfg: Config) -> Path | None:
 def read_meta(root: Path) -> dict[str, Any]:
     import json
 
+    hidden = unreadable(root / META_FILE)
+    if hidden:  # "run prepare again" would rebuild a corpus that is whole
+        raise DataError(f"{hidden}: this user may not read it; make the prepared corpus readable (chmod -R u+rX "
+                        f"{shlex.quote(str(root))})")
     try:
         meta = json.loads((root / META_FILE).read_text())
     except (OSError, ValueError):
@@ -433,6 +444,10 @@ class TextSource(DataSource):
             if missing:
                 raise DataError(f"{missing[0]} is missing: the prepared corpus {root} is incomplete; run "
                                 f"`loopformer prepare` again")
+            hidden = unreadable(*files)
+            if hidden:  # the ArrayRecord library's RuntimeError traceback
+                raise DataError(f"{hidden}: this user may not read it; make the prepared corpus readable (chmod -R "
+                                f"u+rX {shlex.quote(str(root))})")
             self.stats[split] = SplitStats(info["documents"], info["tokens"], info["bytes"])
             self._streams[split] = ArrayRecordStream(files, info["tokens"], meta["chunk_tokens"], meta["dtype"])
 

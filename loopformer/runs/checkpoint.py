@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from loopformer.errors import CheckpointError
-from loopformer.runs.layout import OLDER_LAYOUT
+from loopformer.runs.layout import OLDER_LAYOUT, read_only, unreadable
 
 PyTree = Any
 
@@ -73,13 +73,16 @@ class _FileSystemNoise(logging.Filter):
     file system: the failure surfaces as `Checkpoints`' one CheckpointError (`_disk_errors`), which names the
     reason, the directory and the checkpoints kept; the same failure logged by each of orbax's threads
     stood above it as hundreds of lines. Likewise its "Failed to read Metadata file" records about a damaged
-    checkpoint, logged by each read of it: `Checkpoints.restore` names the step as corrupt in one line; and its
+    checkpoint, logged by each read of it: `Checkpoints.restore` names the step as corrupt in one line (or, its
+    "Failed to get existing items" WARNING, as unreadable); and its
     WARNING that it removes the unfinished folder a failed save left (``<step>.orbax-checkpoint-tmp``) when the
     resumed run saves that step again, which printed above the resumed run's log. Every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith("Attempted to create temporary directory"):
             return False  # the next save's removal of the unfinished folder of one that failed (a full disk, a kill)
+        if record.getMessage().startswith("Failed to get existing items from directory"):
+            return False  # a step folder it cannot read: `Checkpoints.restore` says which file, in one line
         if record.levelno < logging.ERROR:
             return True
         if record.getMessage().startswith("Failed to read Metadata file"):
@@ -249,6 +252,10 @@ class Checkpoints:
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         self.directory.mkdir(parents=True, exist_ok=True)
+        if read_only(self.directory):  # the checkpoint library waited forever for its own failed writer
+            raise CheckpointError(f"not saving step {step}: {self.directory} is read-only for this user; make it "
+                                  f"writable (chmod -R u+w {shlex.quote(str(self.directory))}) and run the command "
+                                  f"again" + self._kept())
         self._check_space(step, state)
         with self._disk_errors(step):
             saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -279,6 +286,10 @@ class Checkpoints:
             )
         step_dir = self.directory / str(step)
         advice = self._advice(step, steps)
+        hidden = unreadable(step_dir)
+        if hidden:  # the library read it as missing, and the step was called corrupt, with advice to delete it
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read by this user ({hidden} is "
+                                  f"not readable); make it readable (chmod -R u+rX {shlex.quote(str(step_dir))})")
 
         def corrupt(why: str) -> CheckpointError:
             return CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt or incomplete ({why}); {advice}")

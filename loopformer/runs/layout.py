@@ -19,6 +19,7 @@ rys.csv, rys_<split>.png, sweeps/<circuits>/); each command names its own files.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -88,9 +89,11 @@ class RunDir:
         return self.path / (LOCK_FILE if process == 0 else f"{LOCK_FILE}.{process}")
 
     def checkpoint_steps(self) -> list[int]:
-        """Steps with a checkpoint directory on disk (finished or not), ascending; cheap, no orbax."""
+        """Steps with a checkpoint directory on disk (finished or not), ascending; cheap, no orbax. A file (or a link to
+        nowhere) named like a step is none: `inspect` listed it, and a resume to its step left config.yaml as it was,
+        taking it for a rerun that trains nothing."""
         ckpt = self.checkpoints
-        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()) if ckpt.is_dir() else []
 
     def trained_to(self) -> int | None:
         """The newest checkpoint step on disk, or None."""
@@ -104,6 +107,23 @@ def special(path: Path) -> str | None:
     if path.is_file() or not path.exists():
         return None
     return "a folder" if path.is_dir() else "a pipe or a device"
+
+
+def unreadable(*paths: Path) -> Path | None:
+    """The first of ``paths``, or of what lies under a folder among them, that this user may not read (a folder: list
+    and enter); None when none. Root reads anything, so this matters to everyone else: an unreadable file was a
+    PermissionError traceback, or the library reading it called it missing or corrupt."""
+    for top in paths:
+        for path in itertools.chain([top], top.rglob("*") if top.is_dir() else ()):  # lazy: top is checked first
+            if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+                return path
+    return None
+
+
+def read_only(*paths: Path) -> Path | None:
+    """The first of ``paths`` that exists and this user may not write (a folder: create and remove in it); None when
+    none (root writes anything)."""
+    return next((p for p in paths if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))), None)
 
 
 def replace_file(path: Path, data: bytes) -> None:

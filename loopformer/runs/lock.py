@@ -8,6 +8,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import socket
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import jax
 
 from loopformer.errors import ConfigError
-from loopformer.runs.layout import RunDir, special
+from loopformer.runs.layout import RunDir, read_only, special
 from loopformer.runs.log import log
 
 
@@ -34,6 +35,9 @@ def exclusive(path: Path, busy: str, *, unlocked_note: str | None = None, remove
     kind = special(path)
     if kind:  # a folder: IsADirectoryError; a FIFO opens, then fails as the holder is written (EINVAL)
         raise ConfigError(f"{path} is {kind}, where loopformer keeps a lock file; remove it")
+    if read_only(path):  # opening it to write was a PermissionError traceback
+        raise ConfigError(f"{path} is read-only for this user, where loopformer keeps a lock file; make it writable "
+                          f"(chmod u+w {shlex.quote(str(path))}) or remove it")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     locked = False
     try:

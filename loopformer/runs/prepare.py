@@ -14,7 +14,7 @@ import jax
 
 from loopformer.config import ARCHITECTURE, SCHEDULE, TASK, Change, Config, circuit_label, config_changes, config_from_dict
 from loopformer.errors import CheckpointError, ConfigError
-from loopformer.runs.layout import WRITE_PROBE, RunDir, special
+from loopformer.runs.layout import WRITE_PROBE, RunDir, outside_runs, read_only, special
 from loopformer.runs.read import read_config_dict
 
 
@@ -62,6 +62,9 @@ def describe_change(change: Change) -> str:
 def make_run_dir(cfg: Config) -> Path:
     """Create the run directory; ConfigError with the fix if it cannot be written."""
     run_dir = cfg.run_dir
+    # inside another run, its checkpoints/ above all, the run was read as a corrupt checkpoint of that one (with
+    # advice to delete it) or pruned with its checkpoints
+    outside_runs(run_dir, "run.dir / run.name")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f"{WRITE_PROBE}{jax.process_index()}"
@@ -93,6 +96,14 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
         if kind:
             raise CheckpointError(f"{path} is {kind}, where the run keeps its {path.name} "
                                   f"(a {'folder' if folder else 'file'}); move it aside, or pick a new run.name")
+    # written as training goes (step folders pruned, too): one read-only was a traceback at the first log line or
+    # after the whole training (final_sweep.json), and a read-only checkpoints/ hung the checkpoint library forever
+    ckpt_folders = sorted(p for p in layout.checkpoints.rglob("*") if p.is_dir()) if layout.checkpoints.is_dir() else []
+    fixed = read_only(layout.config, layout.changes, layout.metrics, layout.tokenizer, layout.final_sweep, layout.tb,
+                      layout.checkpoints, *ckpt_folders)
+    if fixed:
+        raise CheckpointError(f"{fixed} is read-only for this user, and training writes it; make it writable (chmod -R "
+                              f"u+w {shlex.quote(str(run_dir))}) to train the run on, or pick a new run.name")
     # checkpoints/ exists from the start, so that metrics without it mean a deleted run (resume_changes)
     layout.checkpoints.mkdir(exist_ok=True)
     if write:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,9 @@ def read_run(path: str | Path) -> RunInfo:
         what = "a symlink that leads nowhere (or in a loop)" if os.path.islink(path) else "no such directory"
         raise AnalysisError(f"--run {path}: {what} (point --run at a directory made by "
                             f"`loopformer train`, e.g. runs/quickstart)")
+    if not os.access(path, os.R_OK | os.X_OK):  # the PermissionError named config.yaml, not the folder
+        raise AnalysisError(f"--run {path}: this user may not read the folder; make it readable (chmod -R u+rX "
+                            f"{shlex.quote(str(path))})")
     cfg = load_run_config(path)
     cfg.run.dir, cfg.run.name = str(path.resolve().parent), path.resolve().name
     return RunInfo(path, cfg, build_data(cfg))

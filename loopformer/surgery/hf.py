@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from flax import nnx
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.model.transformer import build_model
+from loopformer.runs.layout import unreadable
 from loopformer.surgery.naming import fill
 from loopformer.variants.position import ROPE_SCALINGS, RopeScaling
 
@@ -50,12 +53,19 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise CheckpointError(f"--hf {folder}: no such directory (point it at a local Hugging Face model folder "
                               f"with config.json, *.safetensors and tokenizer.json)")
+    if not os.access(folder, os.R_OK | os.X_OK):  # its files' checks were a PermissionError traceback
+        raise CheckpointError(f"--hf {folder}: this user may not read the folder; make it readable (chmod -R u+rX "
+                              f"{shlex.quote(str(folder))})")
     missing = [n for n in (CONFIG, TOKENIZER) if not (folder / n).is_file()]
     if not list(folder.glob("*.safetensors")):
         missing.append("*.safetensors")
     if missing:
         raise CheckpointError(f"--hf {folder}: {', '.join(missing)} missing (a Llama / Qwen2 / Mistral folder saved "
                               f"with save_pretrained(..., safe_serialization=True) has them)")
+    hidden = unreadable(folder / CONFIG, folder / TOKENIZER, *folder.glob("*.safetensors"))
+    if hidden:  # config.json was a traceback, a safetensors file "No such file or directory"
+        raise CheckpointError(f"--hf {folder}: this user may not read {hidden.name}; make it readable (chmod -R u+rX "
+                              f"{shlex.quote(str(folder))})")
     try:
         spec = json.loads((folder / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

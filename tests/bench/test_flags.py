@@ -104,6 +104,16 @@ CASES = [
     ("think_longer", ["--floor", "--replot"], "--floor reads none of --replot and --out"),
     ("think_longer", ["--replot", "--tasks", "maze3", "--seeds", "3"],
      "--replot reads none of --seeds and --tasks; drop them, or drop --replot"),
+    # the eighteenth pass: an --out folder that cannot be written was refused by the first training, naming run.dir
+    ("seeds", ["--config", "configs/quickstart.yaml", "--out", "/dev/null/x"],
+     "argument --out: /dev/null/x: /dev/null is a file, not a directory"),
+    ("routing", ["--out", ""], "argument --out: '': name the folder to write"),
+    ("surgery", ["--out", "/dev/null"], "argument --out: /dev/null is a file, not a directory"),
+    # a single-value flag given twice: the last one won with no word (loopformer's commands refuse it)
+    ("mfu", ["--steps", "1", "--steps", "2"], "--steps is given twice; give it once"),
+    ("seeds", ["--config", "a.yaml", "--config", "b.yaml"], "--config is given twice; give it once"),
+    ("think_longer", ["--seeds", "1", "--seeds", "2"], "--seeds is given twice; give it once"),
+    ("loop_overhead", ["--skip", "compile", "--skip", "sweep"], "--skip is given twice; give it once"),
 ]
 
 
@@ -129,7 +139,7 @@ def test_adaptive_out_that_is_a_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["adaptive.py", "--out", str(tmp_path / "f")])
     with pytest.raises(SystemExit) as info:
         script("adaptive").main()
-    assert info.value.code == 2 and f"--out {tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err
+    assert info.value.code == 2 and f"--out: {tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_adaptive_steps_none_is_the_default_and_a_number_is_used(monkeypatch, tmp_path):
@@ -241,3 +251,46 @@ def test_mfu_reads_the_peak_flops_override(monkeypatch):
     monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", "abc")
     with pytest.raises(LoopformerError, match="LOOPFORMER_PEAK_FLOPS='abc' must be a finite number"):
         common.peak(common.SIZES["tiny"])
+
+
+@pytest.mark.parametrize("name,argv", [("seeds", ["--config", "configs/quickstart.yaml"]), ("routing", []),
+                                       ("adaptive", []), ("gate_stage", []), ("surgery", []), ("think_longer", []),
+                                       ("circuit_bank", [])])
+def test_an_out_this_user_may_not_write_is_refused_before_any_work(name, argv, monkeypatch, capsys, tmp_path):
+    """#27 pass 18, as a user other than root: a folder --out in a read-only folder was refused by the first training,
+    naming run.dir (which the user never gave); a read-only result file (seeds.json, an --out file) was a traceback
+    after the work, and its results were lost."""
+    import os
+
+    module, real = script(name), os.access
+    for attr in HEAVY:
+        if callable(getattr(module, attr, None)):
+            monkeypatch.setattr(module, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    file = name == "circuit_bank"
+    ro = tmp_path / ("out.json" if file else "out/seeds.json")
+    ro.parent.mkdir(exist_ok=True)
+    ro.write_text("{}")
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != ro and real(p, mode, **k))
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--out", str(ro if file else ro.parent)])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    message = (f"{ro} is read-only for this user; make it writable" if file else
+               f"{ro.parent}: seeds.json is read-only for this user, and the results are written there")
+    assert info.value.code == 2 and f"argument --out: {message}" in capsys.readouterr().err
+    assert ro.read_text() == "{}"
+
+
+def test_an_out_file_that_cannot_be_written_after_the_work_is_one_line(monkeypatch, capsys, tmp_path):
+    """#27 pass 18: a full disk (or a file made read-only meanwhile) at --out was a traceback after the work; the
+    results are printed first, then the one line."""
+    import argparse
+    import errno
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(LoopformerError, match=r"^--out .*r.json: cannot write it \(No space left on device\); the "
+                                              r"results are printed above$"):
+        script("circuit_bank").C.emit({"a": 1}, ["table"], argparse.Namespace(json=False, out=tmp_path / "r.json"))
+    assert capsys.readouterr().out == "table\n"

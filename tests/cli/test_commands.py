@@ -391,11 +391,20 @@ def test_rys_on_a_run_without_plain_layers_says_so(tmp_path, capsys):
             f"varies a circuit's loops)")
 
 
-def test_a_threshold_given_twice_is_one_setting(run_dir, capsys):
-    """#27 pass 7: `sweep --exit X=latent_diff:0.1,0.1` evaluated and wrote the same setting twice (a loop count
-    given twice was one)."""
-    doc = run_json(capsys, "sweep", "--run", str(run_dir), "--split", "train", "--exit", "X=latent_diff:0.1,0.1")
-    assert [r["exit"] for r in doc["rows"]] == [{"X": "latent_diff:0.1"}]
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--exit", "X=latent_diff:0.1,0.1"], "--exit X=latent_diff:0.1,0.1 lists the threshold latent_diff:0.1 "
+                                                   "twice; give each once"),
+    (["sweep", "--exit", "X=latent_diff:0.1,1e-1"], "lists the threshold latent_diff:0.1 twice"),
+    (["sweep", "--loops", "X=2,4,2"], "--loops X=2,4,2 lists 2 twice; give each count once"),
+    (["eval", "--loops", "X=2,2"], "--loops X=2,2 lists 2 twice"),
+])
+def test_a_list_entry_given_twice_is_refused(run_dir, capsys, argv, message):
+    """#27 pass 7: `sweep --exit X=latent_diff:0.1,0.1` evaluated and wrote the same setting twice; it was then
+    merged with no word, as loop counts and rys repeats were, where every other list refuses a repeat (--split,
+    --ablate, eval.sweep_loops, the bench scripts' lists): pass 18 refuses it everywhere."""
+    assert main([argv[0], "--run", str(run_dir), *argv[1:]]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
 
 
 def test_inspect_reads_no_weights_so_takes_no_step(run_dir, capsys):
@@ -717,3 +726,43 @@ def test_a_closed_stdout_is_refused_before_any_work():
     done = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" >&-', sys.executable, code], stderr=subprocess.PIPE,
                           text=True, timeout=60)
     assert done.returncode == 2 and "error: standard output is closed" in done.stderr
+
+
+def test_a_run_folder_this_user_may_not_read_is_named(run_dir, capsys, monkeypatch):
+    """#27 pass 18, as a user other than root (chmod 000 on the run): a PermissionError traceback naming config.yaml."""
+    from pathlib import Path
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != run_dir and real(p, mode, **k))
+    assert main(["eval", "--run", str(run_dir)]) == 2
+    assert capsys.readouterr().err == (f"error: --run {run_dir}: this user may not read the folder; make it readable "
+                                       f"(chmod -R u+rX {run_dir})\n")
+
+
+@pytest.mark.parametrize("target", ["config", "run_config", "probe"])
+def test_a_file_this_user_may_not_read_is_one_line(run_dir, text_run_dir, tmp_path, capsys, monkeypatch, target):
+    """#27 pass 18, as a user other than root (chmod 000): an unreadable --config, run config.yaml or --probe was a
+    PermissionError traceback."""
+    import errno
+    from pathlib import Path
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text('{"prompt": "a", "answer": "b"}\n')
+    path, argv = {"config": (tmp_path / "c.yaml", ["train", "-c", str(tmp_path / "c.yaml")]),
+                  "run_config": (run_dir / "config.yaml", ["eval", "--run", str(run_dir)]),
+                  "probe": (probe, ["eval", "--run", str(text_run_dir), "--probe", str(probe)])}[target]
+    path.touch()
+
+    def denied(read):
+        def reader(self, *a, **k):
+            if Path(self) == path:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return read(self, *a, **k)
+        return reader
+
+    monkeypatch.setattr(Path, "read_text", denied(Path.read_text))
+    monkeypatch.setattr(Path, "read_bytes", denied(Path.read_bytes))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {path}: Permission denied for this user; make it "
+                                                        f"readable (and writable, where the command writes), or copy "
+                                                        f"it where this user may")

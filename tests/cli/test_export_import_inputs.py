@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import errno
 import itertools
+import os
 import re
 import shutil
 import tempfile
@@ -312,3 +313,18 @@ def test_what_a_kill_9_left_is_removed_by_the_next_write_of_that_out(imported, f
     assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "run")]) == 0
     assert f"removed {tmp_path}/.hf.tmp-{dead.pid}, left by an interrupted export" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".run.partial-{dead.pid + 1}", "hf", "run"]
+
+
+@pytest.mark.parametrize("name", ["", "config.json", "tokenizer.json", "model.safetensors"])
+def test_import_of_a_folder_this_user_may_not_read(folder, tmp_path, capsys, monkeypatch, name):
+    """#27 pass 18, as a user other than root (chmod 000): an unreadable config.json (or folder) was a PermissionError
+    traceback, and an unreadable model.safetensors "cannot read it as safetensors (FileNotFoundError: No such file or
+    directory)"."""
+    hf = tmp_path / "hf"
+    shutil.copytree(folder, hf)
+    hidden, real = hf / name, os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != hidden and real(p, mode, **k))
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "out")]) == 2
+    what = name or "the folder"
+    assert error_line(capsys) == f"error: --hf {hf}: this user may not read {what}; make it readable (chmod -R u+rX {hf})"
+    assert not (tmp_path / "out").exists()

@@ -252,11 +252,14 @@ def test_a_journal_that_is_a_fifo_or_a_folder_is_one_line_before_the_work(looped
 
 
 @pytest.mark.parametrize("argv, name", [(["ablate"], "ablation.png"), (["activity"], "activity.csv"),
-                                        (["sweep", "--loops", "X=1,2"], "sweep.csv")])
+                                        (["sweep", "--loops", "X=1,2"], "sweep.csv"),
+                                        (["sweep", "--loops", "X=1,2"], "sweeps/X/tb")])
 def test_every_analysis_command_refuses_a_read_only_output_before_its_work(looped_run, capsys, monkeypatch, argv,
                                                                            name):
     """rys checked its earlier files before the scan; ablate, activity and sweep found a read-only one only when
-    they came to replace it, after the work (their set then rolled back: no new files, the work lost)."""
+    they came to replace it, after the work (their set then rolled back: no new files, the work lost). A read-only
+    folder of sweep's tensorboard run (#27 pass 18, as a user other than root) was found after the new CSV and
+    plots were written, beside the earlier sweep's tensorboard run."""
     args = [*argv, "--run", str(looped_run), "--examples", "8"]
     assert main(args) == 0
     capsys.readouterr()

@@ -379,3 +379,28 @@ def test_asset_names_stay_inside_the_assets_folder():
         with pytest.raises(DataError, match="must name one shipped file"):
             asset_path(name)
     assert asset_path("kjv_genesis_exodus.txt").is_file()
+
+
+@pytest.mark.parametrize("name", ["meta.json", "train-00000-of-00001.array_record"])
+def test_a_prepared_corpus_this_user_may_not_read(tmp_path, monkeypatch, name):
+    """#27 pass 18, as a user other than root (chmod 000): an unreadable shard was a RuntimeError traceback from the
+    ArrayRecord library, an unreadable meta.json "unreadable; run `loopformer prepare` again" (the corpus is whole)."""
+    path, _ = corpus(tmp_path)
+    prepare_corpus(cfg_for(tmp_path, [path]), tmp_path / "p", chunk_tokens=64, progress=False)
+    hidden, real = tmp_path / "p" / name, os.access
+    assert hidden.is_file()
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != hidden and real(p, mode, **k))
+    assert error(tmp_path, [tmp_path / "p"]) == (f"{hidden}: this user may not read it; make the prepared corpus "
+                                                 f"readable (chmod -R u+rX {tmp_path / 'p'})")
+
+
+@pytest.mark.parametrize("pattern", ["", "*.txt"])
+def test_a_corpus_folder_this_user_may_not_enter(tmp_path, monkeypatch, pattern):
+    """#27 pass 18, as a user other than root (chmod 000 on the folder data.paths names, or holds a glob in): a
+    PermissionError traceback from the check for a prepared corpus's meta.json."""
+    path, _ = corpus(tmp_path)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: not (Path(p) == tmp_path and mode & os.R_OK)
+                        and real(p, mode, **k))
+    assert error(tmp_path, [tmp_path / pattern] if pattern else [tmp_path]) == (
+        f"data.paths: this user may not read the folder {tmp_path}; make it readable (chmod -R u+rX {tmp_path})")

@@ -113,3 +113,14 @@ def test_restore_params_reads_the_trained_params(run_dir):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.structure(nnx.to_pure_dict(nnx.state(model))) == jax.tree.structure(params)
+
+
+def test_a_file_named_like_a_step_is_no_checkpoint(tmp_path):
+    """#27 pass 18: a file (or a dangling link) `checkpoints/6` was a checkpoint step: `inspect` listed it, and a
+    resume with train.steps=6 trained from step 4 to 6 but left config.yaml at its old settings (train.steps 4, the
+    old run.dir), taken for a rerun that trains nothing."""
+    layout = RunDir(tmp_path)
+    (layout.checkpoints / "4").mkdir(parents=True)
+    (layout.checkpoints / "6").write_text("x")
+    (layout.checkpoints / "8").symlink_to(tmp_path / "nowhere")
+    assert layout.checkpoint_steps() == [4] and layout.trained_to() == 4

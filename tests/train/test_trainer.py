@@ -652,3 +652,64 @@ def test_a_bad_peak_flops_setting_is_refused_before_the_run_is_written(value, tm
                                           r"number of FLOP/s per device > 0"):
         train(tiny_config(tmp_path, "peak"))
     assert not (tmp_path / "peak").exists()
+
+
+@pytest.mark.parametrize("part", ["checkpoints", "checkpoints/4", "tb", "metrics.jsonl", "config.yaml",
+                                  "config_changes.jsonl", "final_sweep.json", ".train.lock"])
+def test_a_read_only_part_of_a_run_is_refused_before_any_training(tmp_path, monkeypatch, trained_run, part):
+    """#27 pass 18, as a user other than root (chmod a-w): a read-only checkpoints/ hung the checkpoint library forever
+    at the first save; metrics.jsonl, tb/ and .train.lock were PermissionError tracebacks; final_sweep.json was refused
+    after the whole training; config.yaml was replaced, read-only or not; config_changes.jsonl was a traceback after
+    the run's files were checked."""
+    from pathlib import Path
+
+    run = copy_run(trained_run, tmp_path, "ro")
+    (run / "final_sweep.json").write_text("{}")
+    (run / "config_changes.jsonl").touch()
+    ro, real = run / part, os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: not (Path(p) == ro and mode & os.W_OK) and real(p, mode, **k))
+    steps = RunDir(run).checkpoint_steps()
+    with pytest.raises((CheckpointError, ConfigError), match=rf"^{re.escape(str(ro))} is read-only for this user"):
+        train(trained_config(tmp_path, "ro", "train.steps=8"))
+    assert RunDir(run).checkpoint_steps() == steps and (run / "final_sweep.json").read_text() == "{}"
+
+
+def test_a_checkpoint_folder_made_read_only_mid_run_is_one_line(tmp_path, monkeypatch, trained_run):
+    """#27 pass 18: a save into a read-only checkpoints/ waited forever for the checkpoint library's failed writer."""
+    from pathlib import Path
+
+    run = copy_run(trained_run, tmp_path, "ro")
+    ckpts, real = Checkpoints(RunDir(run).checkpoints), os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != RunDir(run).checkpoints and real(p, mode, **k))
+    with pytest.raises(CheckpointError, match=r"^not saving step 9: .*checkpoints is read-only for this user; make it "
+                                              r"writable \(chmod -R u\+w .*\) and run the command again \(the "
+                                              r"checkpoints there, up to step 4, are intact\)$"):
+        ckpts.save(9, {"w": np.ones(2, np.float32)})
+    ckpts.close()
+
+
+def test_an_unreadable_checkpoint_is_not_called_corrupt(tmp_path, monkeypatch, trained_run):
+    """#27 pass 18, as a user other than root (chmod -R a-r): a step folder this user may not read was "corrupt or
+    incomplete", with advice to delete it (rm -r), after a WARNING of the checkpoint library."""
+    from pathlib import Path
+
+    run = copy_run(trained_run, tmp_path, "ur")
+    step_dir, real = RunDir(run).checkpoints / "4", os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != step_dir and real(p, mode, **k))
+    with pytest.raises(CheckpointError, match=rf"^checkpoint step 4 in .* cannot be read by this user \({step_dir} is "
+                                              rf"not readable\); make it readable \(chmod -R u\+rX {step_dir}\)$"):
+        restore_params(load_config(run / "config.yaml"))
+
+
+@pytest.mark.parametrize("inside", [("", "checkpoints"), ("checkpoints", "5"), ("", "inner")])
+def test_a_run_inside_another_run_is_refused(tmp_path, trained_run, inside):
+    """#27 pass 18: `run.dir=OUTER/checkpoints run.name=5` trained a run that OUTER then read as its corrupt step 5
+    ("delete it (rm -r ...)"), and that its checkpoint pruning would delete; `run.dir=OUTER run.name=checkpoints` wrote
+    a config, metrics and tb/ into OUTER's checkpoints/ (export, convert and import refused such an --out already)."""
+    outer = copy_run(trained_run, tmp_path, "outer")
+    folder, name = inside
+    before = sorted(p.name for p in (outer / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=rf"^run.dir / run.name {re.escape(str(outer / folder / name))} is inside the "
+                                          rf"run {re.escape(str(outer))}; write it outside any run directory"):
+        train(tiny_config(outer / folder, name))
+    assert sorted(p.name for p in (outer / "checkpoints").iterdir()) == before and not (outer / "inner").exists()
