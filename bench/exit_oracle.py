@@ -35,7 +35,6 @@ batch 64 (the faster of two passes) and its ratio.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
@@ -173,9 +172,10 @@ def markdown(name: str, result: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=C.about(__doc__))
+    p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3")
-    p.add_argument("--out", default="bench_runs/adaptive", help="bench/adaptive.py's run directories; results")
+    p.add_argument("--out", type=C.out_folder, default="bench_runs/adaptive",
+                   help="bench/adaptive.py's run directories; results")
     p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3; >= 1)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -188,8 +188,6 @@ def main() -> int:
         p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join(adaptive.TASKS)}")
     C.once(p, "--tasks", names)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} is a file, not a directory; give bench/adaptive.py's --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = {n: run_task(n, out, args.examples, args.seeds) for n in names}
