@@ -603,7 +603,9 @@ def main() -> int:
     unread = {"--floor": ("--replot", "--ablate", "--models", "--out"),
               "--replot": ("--ablate", "--quick", "--models", "--seeds", "--tasks")}
     for mode, flags in unread.items():
-        given = [f for f in flags if getattr(args, f[2:]) != p.get_default(f[2:])] if getattr(args, mode[2:]) else []
+        # (as strings: argparse passes a string default through the flag's type, --out's Path, get_default does not)
+        given = [f for f in flags if str(getattr(args, f[2:])) != str(p.get_default(f[2:]))] \
+            if getattr(args, mode[2:]) else []
         if given:
             p.error(f"{mode} reads none of {' and '.join(given)}; drop them, or drop {mode}")
     examples = 64 if args.quick else 256
