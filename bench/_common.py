@@ -272,6 +272,14 @@ def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) ->
         write_out(args.out, doc + "\n", "printed above")
 
 
+def report(out: Path, stem: str, doc: dict[str, Any], text: str, as_json: bool) -> None:
+    """A folder script's results: printed (``as_json``: the document on one line, else the Markdown ``text``), then
+    written to ``out``/<stem>.json (indented) and <stem>.md, each by `write_out`."""
+    print(json.dumps(doc) if as_json else text, flush=True)
+    write_out(out / f"{stem}.json", json.dumps(doc, indent=1), "printed above")
+    write_out(out / f"{stem}.md", text + "\n", "printed above")
+
+
 def write_out(path: Path, text: str, shown: str) -> None:
     """Write a script's document to ``--out``; a failure (a full disk, a file made read-only meanwhile) is one
     AnalysisError naming it (a traceback after the work), the document being ``shown`` elsewhere."""

@@ -396,10 +396,7 @@ def main() -> int:
         if name != "text":
             (out / f"adaptive_{name}.png").write_bytes(pareto(name, results[name]))
     doc = {"tasks": results, "compact": args.compact, "wall_s": time.time() - t0}
-    (out / "adaptive.json").write_text(json.dumps(doc, indent=1))
-    text = "\n\n".join(markdown(n, r) for n, r in results.items())
-    (out / "adaptive.md").write_text(text + "\n")
-    print(json.dumps(doc) if args.json else text)
+    C.report(out, "adaptive", doc, "\n\n".join(markdown(n, r) for n, r in results.items()), args.json)
     return 0
 
 

@@ -36,7 +36,6 @@ batch 64 (the faster of two passes) and its ratio.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -117,7 +116,8 @@ def run_task(name: str, out: Path, examples: int, seeds: int) -> dict:
         cfg = think_longer.config(name, "looped", setting.steps[1], out, examples, seed)
         model, params, data = adaptive.trained(cfg, out)
         ev = evaluator_for(model)
-        sets = {s: adaptive.held_out(data.task, setting, examples, seed)[(DIFFICULTY, s)] for s in adaptive.SPLITS}
+        held = adaptive.held_out(data.task, setting, examples, seed)
+        sets = {s: held[(DIFFICULTY, s)] for s in adaptive.SPLITS}
         counts = setting.counts()
         acc = {n: float(ev.correct(params, sets["val"], {"X": n}).mean()) for n in counts}
         best = max(counts, key=lambda n: (acc[n], -n))
@@ -192,10 +192,7 @@ def main() -> int:
     t0 = time.time()
     results = {n: run_task(n, out, args.examples, args.seeds) for n in names}
     doc = {"tasks": results, "wall_s": time.time() - t0}
-    (out / "exit_oracle.json").write_text(json.dumps(doc, indent=1))
-    text = "\n\n".join(markdown(n, r) for n, r in results.items())
-    (out / "exit_oracle.md").write_text(text + "\n")
-    print(json.dumps(doc) if args.json else text)
+    C.report(out, "exit_oracle", doc, "\n\n".join(markdown(n, r) for n, r in results.items()), args.json)
     return 0
 
 

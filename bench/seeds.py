@@ -14,7 +14,6 @@ JSON: {"config": str, "seeds": N, "metric": "accuracy" | "bits_per_byte",
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -117,11 +116,7 @@ def main() -> int:
     if not load_config(args.config, args.overrides).eval.sweep_loops:
         p.error(f"{args.config} has no eval.sweep_loops: nothing to tabulate (set eval.sweep_loops=[1,4,16])")
     doc = run_seeds(args.config, args.seeds, Path(args.out), args.overrides)
-    text = markdown(doc)
-    out = Path(args.out)
-    (out / "seeds.json").write_text(json.dumps(doc, indent=1))
-    (out / "seeds.md").write_text(text + "\n")
-    print(json.dumps(doc) if args.json else text)
+    C.report(Path(args.out), "seeds", doc, markdown(doc), args.json)
     return 0
 
 
