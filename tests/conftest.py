@@ -31,6 +31,7 @@ from flax import nnx
 from loopformer.config import load_config
 from loopformer.data.sources import build_data
 from loopformer.evaluation.run import load_run
+from loopformer.model import plan as plan_module
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.prepare import prepare_run_dir
 from loopformer.runs.read import read_run
@@ -51,12 +52,19 @@ if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, if yo
     jax.config.update("jax_compilation_cache_dir", str(ROOT / ".pytest_cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program, however quick
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # of any size
-# A size limit turns on the cache's file lock, so pytest-xdist workers never read a half-written entry.
-jax.config.update("jax_compilation_cache_max_size", 2 << 30)
+# No size limit (JAX's default): a limit turns on the cache's LRU eviction, which lists and stats every entry under a
+# file lock at each write, ~0.3 s per write once the suite has written its ~2,000 programs (a quarter of the suite's
+# time). Without the lock a pytest-xdist worker may read an entry the other is still writing: JAX then warns,
+# compiles the program itself and carries on.
 # A suite started as a background job without job control (`nohup ... &`, some CI runners) inherits SIGINT
 # ignored, and Python then never delivers it: the tests of Ctrl-C handling need it delivered as in a terminal.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Compacted inference in two buffer sizes (the whole batch, a quarter of its rows and of its tokens) instead of
+# 4 x 4 (`Plan.compact_shares`): every compacted program traces and compiles a branch per size, and the logits
+# and counts the tests check do not depend on the sizes (the tests of the sizes themselves give theirs).
+plan_module.COMPACT_SHARES = (1, 4)
 
 # Two same-shape circuits (run batched under one vmap) on slices of a 16-wide stream.
 TINY = [

@@ -39,7 +39,7 @@ from loopformer.errors import DecodingError, PlanError
 from loopformer.model.cache import store
 from loopformer.model.layers import Block, BlockSettings, normal_init, run_stack, stack_layers, stacked, zeros_init
 from loopformer.model.loop import Until, iterate, iterate_traced, iterate_until, iterate_window
-from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
+from loopformer.model.plan import COMPACT_SHARES, CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
 from loopformer.variants.cache import CachePolicy
 from loopformer.variants.exits import ExitRule, exit_rule
@@ -104,12 +104,9 @@ class CircuitOut(NamedTuple):
     scored: Array | None = None
 
 
-# Compacted inference gathers the running tokens into a buffer of one of these shares of the sequence
-# (rounded up; the smallest that holds every row's running tokens): one program per share, picked by
-# lax.switch at run time.
-COMPACT_SHARES = (1, 2, 4, 8)
-# ... and by default only batches of at least this many tokens compact: below it the extra programs cost more
-# to compile than the skipped work saves (bench/compact.py: 1.04x at 64 x 33 tokens, 1.31x at 64 x 129)
+# Compacted inference (in buffers of `Plan.compact_shares`) by default only in batches of at least this many tokens:
+# below it the extra programs cost more to compile than the skipped work saves (bench/compact.py: 1.04x at 64 x 33
+# tokens, 1.31x at 64 x 129)
 COMPACT_MIN_TOKENS = 4096
 
 
@@ -246,11 +243,12 @@ class Circuit(nnx.Module):
                 raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
             h = iterate(step, consts, h0, n, run.backprop, bound=run.bound, grad=run.grad)  # truncated backprop
             return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32))
-        return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache, run.compact)
+        return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache, run.compact,
+                           run.compact_shares)
 
     def _infer(self, graphdef: nnx.GraphDef, consts: tuple[Any, Array], h0: Array, n: Array, rule: ExitRule | None,
                readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None,
-               compact_ok: bool | None = None) -> CircuitOut:
+               compact_ok: bool | None = None, shares: tuple[int, ...] = COMPACT_SHARES) -> CircuitOut:
         """Inference, with or without an exit rule, with or without a cache: `iterate_until`. Compacted
         (``compact_ok``: `Plan.compact`, None: batches or decoding chunks of COMPACT_MIN_TOKENS or more) when
         tokens may stop at different iterations and the circuit is one block: then a frozen token's keys and
@@ -273,7 +271,7 @@ class Circuit(nnx.Module):
         if cache is None and adaptive and ctx.valid_BT is not None:
             active0 = ctx.valid_BT  # padding never reaches an output: it need not run
         if compact:
-            step = self._compact_step(graphdef, ctx, cache)
+            step = self._compact_step(graphdef, ctx, shares, cache)
             side0 = (self._kv_buffers(h0), jnp.zeros((), jnp.float32), chunk0)
         if rule is None:
             loop = iterate_until(step, consts, h0, n, side0=side0, active0=active0)
@@ -300,11 +298,12 @@ class Circuit(nnx.Module):
         # float32 holds any compute dtype's values exactly; attention casts them back to its own
         return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
-    def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context, cache: tuple[KV, ...] | None = None) -> Callable:
+    def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context, shares: tuple[int, ...],
+                      cache: tuple[KV, ...] | None = None) -> Callable:
         """The compacted iteration: ``step(consts, i, h, (kv, computed, chunk), fresh)``. The fresh tokens (those
         that ran the previous iteration) are gathered into an [R, c] buffer: the R rows that hold any, then
-        in each the fresh tokens in sequence order, R and c the smallest of B / COMPACT_SHARES and
-        T / COMPACT_SHARES that hold them (R = B or c = T gathers nothing along that axis). They run the block
+        in each the fresh tokens in sequence order, R and c the smallest of B / ``shares`` and
+        T / ``shares`` that hold them (R = B or c = T gathers nothing along that axis). They run the block
         over their rows' keys and values ``kv`` (each token's, from its current state), storing their own.
         Tokens that stopped in the previous iteration run once more this way, which stores the keys and values
         of their final state; their new state is discarded by the loop.
@@ -314,8 +313,8 @@ class Circuit(nnx.Module):
         slot, as the masked step keeps them) are ``kv`` after the step, written where the policy writes at i:
         a frozen token's keys and values at iteration i are those of its final state, which ``kv`` holds."""
         B, T = ctx.positions_BT.shape
-        row_caps = sorted({-(-B // share) for share in COMPACT_SHARES})
-        tok_caps = sorted({-(-T // share) for share in COMPACT_SHARES})
+        row_caps = sorted({-(-B // share) for share in shares})
+        tok_caps = sorted({-(-T // share) for share in shares})
         seg = None if ctx.mask is None else ctx.mask[:, 0]  # [B, T, T]
 
         def gathered(R: int, c: int) -> Callable:
@@ -688,7 +687,7 @@ class Bank(nnx.Module):
             one_block = len(names) == 1 and self.circuits[names[0]].depth == 1
             if _compacts(plan.compact, B, T) and one_block and ctx.decoding is None:
                 hs, used, aux, computed, ran = self._routed_compact(graphdefs[0], router_gd, stream, consts, carry0,
-                                                                    loops, rounds, ctx)
+                                                                    loops, rounds, ctx, plan.compact_shares)
             else:
                 def cond(c: tuple) -> Array:
                     return (c[0] < rounds) & jnp.any(c[1][1])
@@ -705,7 +704,7 @@ class Bank(nnx.Module):
         return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
 
     def _routed_compact(self, graphdef: nnx.GraphDef, router_gd: nnx.GraphDef, stream: Callable, consts: Any,
-                        carry0: tuple, loops: Array, rounds: Array, ctx: Context) -> tuple:
+                        carry0: tuple, loops: Array, rounds: Array, ctx: Context, shares: tuple[int, ...]) -> tuple:
         """Evaluation of a one-circuit routed bank whose circuit is one block, compacted as exits are
         (`Circuit._compact_step`): at round r the router picks from every token's stream (cheap: a norm and a
         linear map), and only the tokens that ran round r - 1 (all at r = 0) run the block. Those the router
@@ -713,7 +712,7 @@ class Bank(nnx.Module):
         their final state, which every later round reads. The masked rounds' outputs (test). Returns
         ((h,), used [1, B, T], the auxiliary loss summed over rounds, token-iterations executed, rounds run)."""
         circuit = self.circuits[self.names[0]]
-        step = circuit._compact_step(graphdef, ctx)
+        step = circuit._compact_step(graphdef, ctx, shares)
         hs0, active0, used0, aux0 = carry0
 
         def cond(c: tuple) -> Array:

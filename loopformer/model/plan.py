@@ -34,6 +34,9 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    token runs every iteration (masked); None (default): compact batches of at
                                    least COMPACT_MIN_TOKENS tokens, where it pays for its extra programs. Both
                                    give the same logits
+    compact_shares                 static: the buffer sizes of compacted inference, as shares of the batch's rows and
+                                   of the sequence (a cap ceil(B / s) by ceil(T / s) per pair: one compiled branch
+                                   each); default COMPACT_SHARES, read when the plan is made
     schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
                                    in this order, -1 entries skipped (`loopformer.model.schedule`); every
                                    schedule of one length S shares a program. Empty: each stack in order
@@ -60,11 +63,16 @@ from loopformer.variants.loops import PerDifficulty
 
 Array = jax.Array
 
+# Compacted inference gathers the running tokens into a buffer of one of these shares of the rows and of the sequence
+# (rounded up; the smallest that holds every row's running tokens): one program per pair, picked by lax.switch at
+# run time. Finer shares waste less of the buffer and cost more branches to trace and compile.
+COMPACT_SHARES = (1, 2, 4, 8)
+
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["loops", "gates", "fills", "key", "exits", "schedules", "grads"],
                    meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms",
-                                "by_difficulty", "position_offset", "compact", "windows"])
+                                "by_difficulty", "position_offset", "compact", "windows", "compact_shares"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -84,6 +92,7 @@ class Plan:
     position_offset: int = 0
     compact: bool | None = None
     windows: tuple[tuple[str, int], ...] = ()
+    compact_shares: tuple[int, ...] = field(default_factory=lambda: COMPACT_SHARES)
 
     def for_batch(self, difficulty_BT: Array | None) -> Plan:
         """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
@@ -113,17 +122,19 @@ class Plan:
     def circuit(self, name: str, key: Array) -> CircuitPlan:
         """How to run one circuit (its PRNG ``key`` folded from the plan's by the caller)."""
         return CircuitPlan(self.loops[name], key, self.exit_of(name), self.truncation(name), self.trace_len,
-                           self.stash, self.bound, self.grads.get(name), self.compact, dict(self.windows).get(name, 0))
+                           self.stash, self.bound, self.grads.get(name), self.compact, dict(self.windows).get(name, 0),
+                           self.compact_shares)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "key", "exit", "grad"],
-                   meta_fields=["backprop", "trace_len", "stash", "bound", "compact", "window"])
+                   meta_fields=["backprop", "trace_len", "stash", "bound", "compact", "window", "compact_shares"])
 @dataclass(frozen=True)
 class CircuitPlan:
     """One circuit's part of a `Plan`: its count ``loops`` (int32 [] or per token [B, T]; the cap under an exit
     rule), PRNG ``key``, ``exit`` rule, the static truncation depth, trace length, stash and bound, and
     ``grad`` (None, or the traced iterations <= backprop that carry gradient), whether inference may
-    compact (`Plan.compact`), and ``window`` (training: report the last W states; `Plan.windows`)."""
+    compact (`Plan.compact`, in buffers of `Plan.compact_shares`), and ``window`` (training: report the last W states;
+    `Plan.windows`)."""
 
     loops: Array
     key: Array
@@ -135,6 +146,7 @@ class CircuitPlan:
     grad: Array | None = None
     compact: bool | None = None
     window: int = 0
+    compact_shares: tuple[int, ...] = field(default_factory=lambda: COMPACT_SHARES)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -240,7 +252,8 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
               exits: Mapping[str, ExitRule | str] | None = None, stash: int = 0, bound: int = 0,
               schedules: Mapping[str, Array | np.ndarray] | None = None,
               by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, position_offset: int = 0,
-              compact: bool | None = None, windows: Mapping[str, int] | None = None) -> Plan:
+              compact: bool | None = None, windows: Mapping[str, int] | None = None,
+              compact_shares: Sequence[int] | None = None) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
     by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
@@ -248,7 +261,8 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
     their counts follow each example's difficulty (`Plan.for_batch`; their entries in ``loops`` are then
     placeholders); ``position_offset`` K > 0 shifts each row's abacus places by a draw from U{0..K} (training);
     ``compact`` True / False forces compacted / masked inference, None leaves it to the batch's size
-    (`Plan.compact`); ``windows`` maps a circuit to W: training reads the logits after its last W iterations."""
+    (`Plan.compact`) and ``compact_shares`` its buffers (None: COMPACT_SHARES); ``windows`` maps a circuit to W:
+    training reads the logits after its last W iterations."""
     exits = {c: r if isinstance(r, ExitRule) else ExitRule.parse(r) for c, r in (exits or {}).items()}
     missing = [c for c in circuits if c not in loops]
     unknown = [c for c in list(loops) + list(ablate) + list(exits) + list(windows or {}) if c not in circuits]
@@ -271,4 +285,5 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 schedules={k: jnp.asarray(v, jnp.int32) for k, v in (schedules or {}).items()},
                 by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()),
                 position_offset=int(position_offset), compact=None if compact is None else bool(compact),
-                windows=tuple((c, int(w)) for c, w in (windows or {}).items()))
+                windows=tuple((c, int(w)) for c, w in (windows or {}).items()),
+                compact_shares=COMPACT_SHARES if compact_shares is None else tuple(int(s) for s in compact_shares))

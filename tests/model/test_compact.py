@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 from loopformer.config import load_config
-from loopformer.model.circuit import COMPACT_SHARES
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from tests.model.test_model import randomize_writes
@@ -76,11 +75,10 @@ def test_computed_counts_the_gathered_buffer_of_each_iteration():
     """Hand count: T = 16, buckets of 16, 8, 4, 2 tokens; token 0 of each row runs 6 iterations, the others 1.
     Iteration 1 computes all 16; iteration 2 the 16 that ran iteration 1 (15 of them only to store the keys
     and values of their final state); iterations 3-6 token 0 alone (bucket 2). Masked: 6 x 16 per row."""
-    assert COMPACT_SHARES == (1, 2, 4, 8)
     model = _model()
     B, T = 2, 16
     counts = jnp.ones((B, T), jnp.int32).at[:, 0].set(6)
-    (lc, _, cc), (lm, _, cm) = _both(model, _tokens(B, T), loops={"X": counts})
+    (lc, _, cc), (lm, _, cm) = _both(model, _tokens(B, T), loops={"X": counts}, compact_shares=(1, 2, 4, 8))
     np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
     assert float(cc) == B * (16 + 16 + 4 * 2)
     assert float(cm) == B * 6 * 16
@@ -104,7 +102,7 @@ def test_rows_that_have_stopped_leave_the_buffer():
     row 3 alone (R = 1 of the buckets 4, 2, 1). Masked: 6 x 32."""
     model = _model()
     counts = jnp.asarray([[1] * 8, [1] * 8, [1] * 8, [6] * 8], jnp.int32)
-    (lc, _, cc), (lm, _, cm) = _both(model, _tokens(4, 8), loops={"X": counts})
+    (lc, _, cc), (lm, _, cm) = _both(model, _tokens(4, 8), loops={"X": counts}, compact_shares=(1, 2, 4, 8))
     np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
     assert float(cc) == 32 + 32 + 4 * 8
     assert float(cm) == 6 * 32
