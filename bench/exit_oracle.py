@@ -24,11 +24,18 @@ model of ``bench/adaptive.py`` (think_longer's run, trained if missing) at 2x, o
   token runs k more loops than the oracle's, at most N, k from ``MARGINS``, the smallest k whose val accuracy
   is within 1 point of N's (else the most accurate) chosen on val and reported on test.
 
+- **finer buckets** (``--compact-shares``, declared 2026-12-06 04:10 UTC before its first run, after the records
+  above showed executing 32-35 token-iterations per token for 20-24 run): the same rules with the compacted
+  buffers at other shares of the batch's rows and tokens (`Plan.compact_shares`; the library's are 1, 2, 4, 8). The
+  setting run: 1, 1.5, 2, 3, 4, 6, 8, 16, to see how much of the executed-minus-run slack is the buckets' coarseness
+  (the rest: the iteration that stores a stopped token's keys and values, and BOS held to N). Results go to
+  ``exit_oracle_shares.{md,json}`` in ``--out``.
+
 Columns: test accuracy, mean loops per real token, executed token-iterations per real token, executed FLOPs per
 token (`loopformer.flops`, as bench/adaptive.py counts them) and their ratio to N's, wall-clock per token at
 batch 64 (the faster of two passes) and its ratio.
 
-    python bench/exit_oracle.py [--tasks prefix_parity,maze3] [--seeds 3] [--out DIR] [--json]
+    python bench/exit_oracle.py [--tasks prefix_parity,maze3] [--seeds 3] [--compact-shares 1,2,4,8] [--out DIR] [--json]
 
 ``--out`` must hold (or will get) bench/adaptive.py's looped runs: give the same ``--out`` to reuse them.
 """
@@ -47,7 +54,7 @@ from flax import nnx
 
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.flops import FlopCounter
-from loopformer.model.plan import make_plan
+from loopformer.model.plan import COMPACT_SHARES, make_plan
 from loopformer.model.transformer import forward_batch
 from loopformer.runs.log import progress
 
@@ -87,10 +94,13 @@ def oracle_counts(right_nNT: np.ndarray, mask_NT: np.ndarray, best: int) -> np.n
     return np.where(mask_NT > 0, first, best).astype(np.int32)
 
 
-def scored(ev, params, batches: list, cfg, vocab: int, loops: list[dict], compact: bool | None) -> dict:  # noqa: ANN001
-    """Accuracy, loops, executed work, FLOPs and time per token of per-batch ``loops`` on ``batches``."""
+def scored(ev, params, batches: list, cfg, vocab: int, loops: list[dict], compact: bool | None,  # noqa: ANN001
+           shares: tuple[float, ...] | None = None) -> dict:
+    """Accuracy, loops, executed work, FLOPs and time per token of per-batch ``loops`` on ``batches`` (compacted in
+    buffers of ``shares``: `Plan.compact_shares`, None the library's)."""
     def once() -> dict:
-        outs = [ev.examples(params, [b], lp, compact=compact) for b, lp in zip(batches, loops, strict=True)]
+        outs = [ev.examples(params, [b], lp, compact=compact, compact_shares=shares)
+                for b, lp in zip(batches, loops, strict=True)]
         return {"correct": np.concatenate([o["correct"] for o in outs]),
                 "tokens": [sum(o["histogram"]["X"].values()) for o in outs],
                 "hist": [o["histogram"]["X"] for o in outs], "computed": [o["computed_loops"]["X"] for o in outs]}
@@ -109,7 +119,7 @@ def scored(ev, params, batches: list, cfg, vocab: int, loops: list[dict], compac
             "flops_per_token": counter.forward({"X": computed}), "seconds_per_token": min(seconds) / tokens}
 
 
-def run_task(name: str, out: Path, examples: int, seeds: int) -> dict:
+def run_task(name: str, out: Path, examples: int, seeds: int, shares: tuple[float, ...] | None = None) -> dict:
     setting = think_longer.TASKS[name]
     rows = []
     for seed in range(seeds):
@@ -130,15 +140,15 @@ def run_task(name: str, out: Path, examples: int, seeds: int) -> dict:
             for k in MARGINS:
                 per_batch = np.split(np.where(mask > 0, np.minimum(first + k, best), best), cut)
                 margins[(split, k)] = [{"X": jnp.asarray(o)} for o in per_batch]
-        val = {k: float(np.concatenate([ev.examples(params, [b], lp, compact=True)["correct"]
+        val = {k: float(np.concatenate([ev.examples(params, [b], lp, compact=True, compact_shares=shares)["correct"]
                                         for b, lp in zip(sets["val"], margins[("val", k)], strict=True)]).mean())
                for k in MARGINS}
         near = [k for k in MARGINS if val[k] >= acc[best] - adaptive.WITHIN]
         k = min(near) if near else max(MARGINS, key=lambda k: (val[k], -k))
         batches = sets["test"]
         fixed = scored(ev, params, batches, cfg, model.vocab_size, [{"X": best}] * len(batches), None)
-        orc = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", 0)], True)
-        orck = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", k)], True)
+        orc = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", 0)], True, shares)
+        orck = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", k)], True, shares)
         row = {"seed": seed, "difficulty": DIFFICULTY, "best_fixed": best, "best_fixed_val_accuracy": acc[best],
                "fixed": fixed, "oracle": orc,
                "no_slack_ratio": orc["mean_loops"] / best,
@@ -171,6 +181,19 @@ def markdown(name: str, result: dict) -> str:
                     "executed/token", "FLOPs ratio", "time ratio", "no-slack ratio"], rows)
 
 
+def compact_shares(p: C.ArgumentParser, text: str) -> tuple[float, ...]:
+    """``--compact-shares 1,1.5,2``: distinct finite numbers >= 1, or argparse's one error line naming the flag."""
+    try:
+        shares = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        shares = ()
+    if not shares or not all(np.isfinite(x) and x >= 1 for x in shares):
+        p.error(f"--compact-shares {text!r}: give comma-separated shares >= 1 (1: the whole batch, 2: half its rows "
+                f"and tokens, ...), e.g. 1,2,4,8")
+    C.once(p, "--compact-shares", [f"{x:g}" for x in shares])
+    return shares
+
+
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3")
@@ -178,6 +201,8 @@ def main() -> int:
                    help="bench/adaptive.py's run directories; results")
     p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3; >= 1)")
+    p.add_argument("--compact-shares", default=None,
+                   help="comma-separated buffer shares >= 1 of compacted execution (default: the library's 1,2,4,8)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = p.parse_args()
     C.at_least(p, args, {"--seeds": 1, "--examples": 1})
@@ -187,12 +212,14 @@ def main() -> int:
     if unknown:
         p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join(adaptive.TASKS)}")
     C.once(p, "--tasks", names)
+    shares = None if args.compact_shares is None else compact_shares(p, args.compact_shares)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    results = {n: run_task(n, out, args.examples, args.seeds) for n in names}
-    doc = {"tasks": results, "wall_s": time.time() - t0}
-    C.report(out, "exit_oracle", doc, "\n\n".join(markdown(n, r) for n, r in results.items()), args.json)
+    results = {n: run_task(n, out, args.examples, args.seeds, shares) for n in names}
+    doc = {"tasks": results, "compact_shares": list(shares or COMPACT_SHARES), "wall_s": time.time() - t0}
+    C.report(out, "exit_oracle" if shares is None else "exit_oracle_shares", doc,
+             "\n\n".join(markdown(n, r) for n, r in results.items()), args.json)
     return 0
 
 

@@ -90,7 +90,8 @@ class Evaluator:
                  fill: Array | np.ndarray | None = None, exits: Mapping[str, Any] | None = None,
                  schedules: Mapping[str, Any] | None = None,
                  by_difficulty: Mapping[str, tuple[float, float, int]] | None = None,
-                 histogram: bool = False, compact: bool | None = None) -> dict[str, Any]:
+                 histogram: bool = False, compact: bool | None = None,
+                 compact_shares: Sequence[float] | None = None) -> dict[str, Any]:
         """Loss / accuracy (exact match per example) / token_accuracy / examples over ``batches``,
         ``mean_loops`` {circuit: iterations per real token} and ``computed_loops`` {circuit: token-iterations its
         blocks executed per real token: padding, tokens that wait for the batch's slowest and the compacted
@@ -100,9 +101,9 @@ class Evaluator:
         ``by_difficulty`` {circuit: (a, b, cap)} gives each example round(a * difficulty + b) iterations of
         that circuit (its entry in ``loops`` is then unused; `loopformer.model.plan.difficulty_rules`).
         ``histogram``: also ``histogram`` {circuit: {iterations: real tokens}}, from the same pass.
-        ``compact``: `Plan.compact` (None: by the batch's size)."""
+        ``compact``, ``compact_shares``: `Plan.compact` (None: by the batch's size) and its buffers."""
         plan = self.plan(loops, ablate, fill, exits=exits, schedules=schedules, by_difficulty=by_difficulty,
-                         compact=compact)
+                         compact=compact, compact_shares=compact_shares)
         totals: dict[str, Any] = {}
         hist: dict[str, dict[int, int]] = {n: {} for n in self.names}
         # Exits make an evaluation run for minutes (tokens run to --max-loops): a bar per batch, each batch
@@ -124,14 +125,14 @@ class Evaluator:
     def examples(self, params: Any, batches: Sequence[Batch], loops: Mapping[str, int],
                  exits: Mapping[str, Any] | None = None,
                  by_difficulty: Mapping[str, tuple[float, float, int]] | None = None,
-                 compact: bool | None = None) -> dict[str, Any]:
+                 compact: bool | None = None, compact_shares: Sequence[float] | None = None) -> dict[str, Any]:
         """Per example (in order; the rows without an answer that pad the last batch dropped): exact
         match ``correct`` bool [N] and ``loops`` {circuit: float [N]} (mean iterations over the example's
         real tokens); ``histogram`` {circuit: {iterations: tokens}} over every real token; and
         ``computed_loops`` {circuit: token-iterations executed per real token} (as `evaluate`'s);
         ``scored_rounds`` {circuit of a routed bank: token-rounds its router scored per real token}.
-        ``compact``: `Plan.compact` (None: by the batch's size)."""
-        plan = self.plan(loops, exits=exits, by_difficulty=by_difficulty, compact=compact)
+        ``compact``, ``compact_shares``: `Plan.compact` (None: by the batch's size) and its buffers."""
+        plan = self.plan(loops, exits=exits, by_difficulty=by_difficulty, compact=compact, compact_shares=compact_shares)
         correct, per_example, hist = [], {n: [] for n in self.names}, {n: {} for n in self.names}
         computed, real, scored = dict.fromkeys(self.names, 0.0), 0.0, {}
         for b in batches:

@@ -26,6 +26,7 @@ called and one ``vmap`` runs them, so a bank of many narrow circuits costs one k
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -248,7 +249,7 @@ class Circuit(nnx.Module):
 
     def _infer(self, graphdef: nnx.GraphDef, consts: tuple[Any, Array], h0: Array, n: Array, rule: ExitRule | None,
                readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None,
-               compact_ok: bool | None = None, shares: tuple[int, ...] = COMPACT_SHARES) -> CircuitOut:
+               compact_ok: bool | None = None, shares: tuple[float, ...] = COMPACT_SHARES) -> CircuitOut:
         """Inference, with or without an exit rule, with or without a cache: `iterate_until`. Compacted
         (``compact_ok``: `Plan.compact`, None: batches or decoding chunks of COMPACT_MIN_TOKENS or more) when
         tokens may stop at different iterations and the circuit is one block: then a frozen token's keys and
@@ -298,7 +299,7 @@ class Circuit(nnx.Module):
         # float32 holds any compute dtype's values exactly; attention casts them back to its own
         return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
-    def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context, shares: tuple[int, ...],
+    def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context, shares: tuple[float, ...],
                       cache: tuple[KV, ...] | None = None) -> Callable:
         """The compacted iteration: ``step(consts, i, h, (kv, computed, chunk), fresh)``. The fresh tokens (those
         that ran the previous iteration) are gathered into an [R, c] buffer: the R rows that hold any, then
@@ -313,8 +314,8 @@ class Circuit(nnx.Module):
         slot, as the masked step keeps them) are ``kv`` after the step, written where the policy writes at i:
         a frozen token's keys and values at iteration i are those of its final state, which ``kv`` holds."""
         B, T = ctx.positions_BT.shape
-        row_caps = sorted({-(-B // share) for share in shares})
-        tok_caps = sorted({-(-T // share) for share in shares})
+        row_caps = sorted({math.ceil(B / share) for share in shares})
+        tok_caps = sorted({math.ceil(T / share) for share in shares})
         seg = None if ctx.mask is None else ctx.mask[:, 0]  # [B, T, T]
 
         def gathered(R: int, c: int) -> Callable:
@@ -704,7 +705,7 @@ class Bank(nnx.Module):
         return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
 
     def _routed_compact(self, graphdef: nnx.GraphDef, router_gd: nnx.GraphDef, stream: Callable, consts: Any,
-                        carry0: tuple, loops: Array, rounds: Array, ctx: Context, shares: tuple[int, ...]) -> tuple:
+                        carry0: tuple, loops: Array, rounds: Array, ctx: Context, shares: tuple[float, ...]) -> tuple:
         """Evaluation of a one-circuit routed bank whose circuit is one block, compacted as exits are
         (`Circuit._compact_step`): at round r the router picks from every token's stream (cheap: a norm and a
         linear map), and only the tokens that ran round r - 1 (all at r = 0) run the block. Those the router

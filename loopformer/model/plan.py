@@ -34,9 +34,9 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    token runs every iteration (masked); None (default): compact batches of at
                                    least COMPACT_MIN_TOKENS tokens, where it pays for its extra programs. Both
                                    give the same logits
-    compact_shares                 static: the buffer sizes of compacted inference, as shares of the batch's rows and
-                                   of the sequence (a cap ceil(B / s) by ceil(T / s) per pair: one compiled branch
-                                   each); default COMPACT_SHARES, read when the plan is made
+    compact_shares                 static: the buffer sizes of compacted inference, as shares s >= 1 of the batch's
+                                   rows and of the sequence (caps ceil(B / s) by ceil(T / s), one compiled branch per
+                                   pair); default COMPACT_SHARES, read when the plan is made
     schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
                                    in this order, -1 entries skipped (`loopformer.model.schedule`); every
                                    schedule of one length S shares a program. Empty: each stack in order
@@ -92,7 +92,7 @@ class Plan:
     position_offset: int = 0
     compact: bool | None = None
     windows: tuple[tuple[str, int], ...] = ()
-    compact_shares: tuple[int, ...] = field(default_factory=lambda: COMPACT_SHARES)
+    compact_shares: tuple[float, ...] = field(default_factory=lambda: COMPACT_SHARES)
 
     def for_batch(self, difficulty_BT: Array | None) -> Plan:
         """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
@@ -146,7 +146,7 @@ class CircuitPlan:
     grad: Array | None = None
     compact: bool | None = None
     window: int = 0
-    compact_shares: tuple[int, ...] = field(default_factory=lambda: COMPACT_SHARES)
+    compact_shares: tuple[float, ...] = field(default_factory=lambda: COMPACT_SHARES)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -253,7 +253,7 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
               schedules: Mapping[str, Array | np.ndarray] | None = None,
               by_difficulty: Mapping[str, tuple[float, float, int]] | None = None, position_offset: int = 0,
               compact: bool | None = None, windows: Mapping[str, int] | None = None,
-              compact_shares: Sequence[int] | None = None) -> Plan:
+              compact_shares: Sequence[float] | None = None) -> Plan:
     """A plan for a model with these ``circuits`` (in model order). ``loops`` must name every circuit
     (use `resolve_loops` to fill in defaults); ``ablate`` gates circuits off; ``fills`` is a mapping
     by name or an array [num_circuits, D] in circuit order; ``exits`` maps circuits to exit rules;
@@ -275,6 +275,10 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
         raise PlanError(f"layer schedule for '{bad[0]}': only the plain stacks prelude and coda take one")
     if fills is not None and not isinstance(fills, Mapping):
         fills = {c: jnp.asarray(fills)[i] for i, c in enumerate(circuits)}
+    shares = COMPACT_SHARES if compact_shares is None else tuple(float(x) for x in compact_shares)
+    if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or len(set(shares)) < len(shares):
+        raise PlanError(f"compact_shares {list(shares)}: give distinct shares of at least 1, e.g. 1, 2, 4, 8 (a buffer of "
+                        f"the whole batch, of half its rows and tokens, ...)")
     return Plan(loops={c: jnp.asarray(loops[c], jnp.int32) for c in circuits},
                 gates={c: jnp.asarray(0.0 if c in ablate else 1.0, jnp.float32) for c in circuits},
                 fills=None if fills is None else {c: jnp.asarray(fills[c], jnp.float32) for c in circuits},
@@ -286,4 +290,4 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
                 by_difficulty=tuple((c, float(a), float(b), int(cap)) for c, (a, b, cap) in (by_difficulty or {}).items()),
                 position_offset=int(position_offset), compact=None if compact is None else bool(compact),
                 windows=tuple((c, int(w)) for c, w in (windows or {}).items()),
-                compact_shares=COMPACT_SHARES if compact_shares is None else tuple(int(s) for s in compact_shares))
+                compact_shares=shares)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from loopformer.config import load_config
+from loopformer.errors import PlanError
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from tests.model.test_model import randomize_writes
@@ -82,6 +83,24 @@ def test_computed_counts_the_gathered_buffer_of_each_iteration():
     np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
     assert float(cc) == B * (16 + 16 + 4 * 2)
     assert float(cm) == B * 6 * 16
+
+
+def test_finer_shares_fit_the_running_tokens_closer():
+    """Hand count: T = 16, tokens 0-9 of each row run 6 iterations, the others 1. Shares 1, 1.5, 3, 8 give
+    token buckets of 16, 11, 6 and 2: iterations 1-2 compute all 16 tokens of each row, iterations 3-6 the
+    10 still running in a buffer of 11 (shares 1, 2, 4, 8 would take 16). The logits are the masked loop's."""
+    model = _model()
+    B, T = 2, 16
+    counts = jnp.ones((B, T), jnp.int32).at[:, :10].set(6)
+    (lc, _, cc), (lm, _, _) = _both(model, _tokens(B, T), loops={"X": counts}, compact_shares=(1, 1.5, 3, 8))
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
+    assert float(cc) == B * (16 + 16 + 4 * 11)
+
+
+@pytest.mark.parametrize("shares", [(0.5, 1), (1, 1), (), (1, float("nan"))])
+def test_shares_below_one_repeated_or_none_are_refused(shares):
+    with pytest.raises(PlanError, match=r"^compact_shares .*: give distinct shares of at least 1"):
+        make_plan(["X"], {"X": 2}, compact_shares=shares)
 
 
 def test_deeper_circuits_and_fixed_counts_run_masked():
