@@ -86,6 +86,20 @@ EXAMPLES = 40  # per split in the tests: 2 batches of 32 (the last one padded)
 STEP = 7
 
 
+# The test files that take longest (on a 2-core CPU, of the fast suite and of the slow one), longest first. CI's
+# pytest-xdist (--dist loadfile) hands whole files to the two workers in collection order, so a long file that
+# is collected last runs alone at the end (the slow suite's router training did: ~100 s with one core idle).
+# Collected first, the long files run side by side and the short ones fill in after them.
+LONGEST_FIRST = ("train/test_router_training.py", "test_parallel.py", "train/test_ema.py", "model/test_adaptive.py",
+                 "cli/test_commands.py", "inference/test_decode.py", "train/test_trainer.py", "train/test_recipes.py",
+                 "model/test_model.py", "model/test_attend.py", "variants/test_position.py", "variants/test_variants.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {ROOT / "tests" / f: i for i, f in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: the rest keep their order
+
+
 def tiny_config(root, name="tiny", *extra):
     return load_config("configs/quickstart.yaml", [*TINY, f"run.dir={root}", f"run.name={name}", *extra])
 
