@@ -279,6 +279,8 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
     if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or len(set(shares)) < len(shares):
         raise PlanError(f"compact_shares {list(shares)}: give distinct shares of at least 1, e.g. 1, 2, 4, 8 (a buffer of "
                         f"the whole batch, of half its rows and tokens, ...)")
+    if compact is False:
+        shares = ()  # masked: no buffers, and no separate program per setting of them
     return Plan(loops={c: jnp.asarray(loops[c], jnp.int32) for c in circuits},
                 gates={c: jnp.asarray(0.0 if c in ablate else 1.0, jnp.float32) for c in circuits},
                 fills=None if fills is None else {c: jnp.asarray(fills[c], jnp.float32) for c in circuits},
