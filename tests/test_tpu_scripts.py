@@ -32,3 +32,12 @@ def test_a_switch_that_is_not_0_or_1_is_refused(name, env, tmp_path):
 def test_spot_1_creates_a_spot_tpu(tmp_path):
     out = _script("create.sh", tmp_path, SPOT="1")
     assert out.returncode == 0 and "--spot" in out.stdout, out
+
+
+def test_the_slurm_script_outside_slurm_says_to_submit_it(tmp_path):
+    # #27 pass 19: run with bash, it stopped at "SLURM_JOB_NODELIST: unbound variable"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run(["bash", str(ROOT / "tpu" / "slurm_gpu.sbatch"), "configs/quickstart.yaml"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "submit it with sbatch" in out.stderr, out
+    assert len(out.stderr.splitlines()) == 1
