@@ -316,10 +316,15 @@ def no_checkpoint_run(run_dir, tmp_path_factory):
     (["generate", "--prompt", "hello"], "trains on the synthetic task 'pointer_chase'.*use --example-split"),
     (["eval", "@missing"], "--run .*: no such directory"),
     (["ablate", "@untrained"], "no checkpoint in .*untrained/checkpoints: train first"),
+    # #27 pass 19: a file was "no such directory", and a run's checkpoints/ "train first"
+    (["inspect", "@config"], r"--run .*/config.yaml: a file, not a directory \(point --run at the run that holds it, "),
+    (["inspect", "@checkpoints"], r"checkpoints/config.yaml is missing \(.*checkpoints lies inside the run .*: point "
+                                  r"--run at it\)$"),
 ])
 def test_user_errors(run_dir, no_checkpoint_run, capsys, argv, message):
     if argv[1].startswith("@"):
-        where = {"@missing": run_dir.parent / "missing", "@untrained": no_checkpoint_run}[argv[1]]
+        where = {"@missing": run_dir.parent / "missing", "@untrained": no_checkpoint_run,
+                 "@config": run_dir / "config.yaml", "@checkpoints": run_dir / "checkpoints"}[argv[1]]
         argv = [argv[0], "--run", str(where)]
     else:
         argv = [argv[0], "--run", str(run_dir), *argv[1:]]
