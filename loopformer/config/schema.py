@@ -695,6 +695,7 @@ class DataConfig:
         _check(isinstance(d.stop_ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                     for i in d.stop_ids),
                f"data.stop_ids must be a list of token ids (integers >= 0), got {d.stop_ids!r}")
+        _check_once(d.stop_ids, "data.stop_ids")
         _check(d.prompt_format != "tokenizer" or d.tokenizer not in TOKENIZER_KINDS,
                f"data.prompt_format=tokenizer reads a tokenizer.json's post-processor, and data.tokenizer="
                f"{d.tokenizer} has none; use data.prompt_format=documents")
