@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,6 +68,13 @@ def _env_int(name: str) -> int | None:
 _OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "auto")
 
 
+def _check_address(name: str, value: str) -> None:
+    """ConfigError unless ``value`` is HOST:PORT (without a port, jax.distributed raised an IndexError)."""
+    host, _, port = value.rpartition(":")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"environment variable {name}={value!r} must be HOST:PORT, e.g. 10.0.0.1:1234")
+
+
 def distributed_request() -> dict[str, Any] | None:
     """The ``jax.distributed.initialize`` arguments the environment asks for, or None (one process)."""
     switch = os.environ.get("LOOPFORMER_DISTRIBUTED", "")
@@ -77,6 +85,7 @@ def distributed_request() -> dict[str, Any] | None:
         return None
     coordinator = os.environ.get("LOOPFORMER_COORDINATOR")
     if coordinator:
+        _check_address("LOOPFORMER_COORDINATOR", coordinator)
         num, pid = _env_int("LOOPFORMER_NUM_PROCESSES"), _env_int("LOOPFORMER_PROCESS_ID")
         if num is None or pid is None:
             raise ConfigError("LOOPFORMER_COORDINATOR is set: also set LOOPFORMER_NUM_PROCESSES (the number of "
@@ -85,6 +94,7 @@ def distributed_request() -> dict[str, Any] | None:
             raise ConfigError(f"LOOPFORMER_PROCESS_ID={pid} must be in [0, LOOPFORMER_NUM_PROCESSES={num})")
         return {"coordinator_address": coordinator, "num_processes": num, "process_id": pid}
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        _check_address("JAX_COORDINATOR_ADDRESS", os.environ["JAX_COORDINATOR_ADDRESS"])
         return {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
                 "num_processes": _env_int("JAX_NUM_PROCESSES"), "process_id": _env_int("JAX_PROCESS_ID")}
     if switch.lower() in _ON:
@@ -107,7 +117,15 @@ def initialize_distributed() -> bool:
         return False
     # CPU processes talk through gloo; harmless for GPU/TPU backends (it only configures the CPU client).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**{k: v for k, v in request.items() if v is not None})
+    if request.get("num_processes"):  # it waits for every process: say so, rather than wait without a word
+        print(f"waiting for {request['num_processes']} processes at {request['coordinator_address']} (this is "
+              f"process {request['process_id']})", file=sys.stderr, flush=True)
+    try:
+        jax.distributed.initialize(**{k: v for k, v in request.items() if v is not None})
+    except ValueError as e:  # LOOPFORMER_DISTRIBUTED=1 where JAX detects no cluster: a traceback
+        raise ConfigError(f"JAX's multi-process runtime found no cluster to join ({e}); set LOOPFORMER_COORDINATOR, "
+                          f"LOOPFORMER_NUM_PROCESSES and LOOPFORMER_PROCESS_ID, or unset LOOPFORMER_DISTRIBUTED for "
+                          f"one process") from None
     return True
 
 

@@ -154,6 +154,9 @@ def test_distributed_request(monkeypatch):
         if key.startswith(("LOOPFORMER_", "JAX_COORDINATOR", "SLURM_", "TPU_", "MEGASCALE_")):
             monkeypatch.delenv(key)
     assert parallel.distributed_request() is None
+    monkeypatch.setenv("LOOPFORMER_COORDINATOR", "10.0.0.1")  # #27 pass 19: an IndexError inside jax.distributed
+    with pytest.raises(ConfigError, match=r"^environment variable LOOPFORMER_COORDINATOR='10.0.0.1' must be HOST:PORT"):
+        parallel.distributed_request()
     monkeypatch.setenv("LOOPFORMER_COORDINATOR", "10.0.0.1:1234")
     with pytest.raises(ConfigError, match="also set LOOPFORMER_NUM_PROCESSES"):
         parallel.distributed_request()
@@ -175,6 +178,21 @@ def test_distributed_request(monkeypatch):
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[01-02]")
     assert parallel.distributed_request() == {}
     assert not jax.distributed.is_initialized()
+
+
+def test_distributed_on_where_jax_finds_no_cluster(monkeypatch):
+    # #27 pass 19: LOOPFORMER_DISTRIBUTED=1 on one machine was a ValueError traceback from jax.distributed
+    def no_cluster(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    for key in list(os.environ):
+        if key.startswith(("LOOPFORMER_", "JAX_COORDINATOR", "SLURM_", "TPU_", "MEGASCALE_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("LOOPFORMER_DISTRIBUTED", "1")
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(ConfigError, match=r"^JAX's multi-process runtime found no cluster to join \(coordinator_address "
+                       r"should be defined.\); set LOOPFORMER_COORDINATOR, .* or unset LOOPFORMER_DISTRIBUTED"):
+        parallel.initialize_distributed()
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -16,6 +16,15 @@
                                             # one shared run directory: every host writes its shards there)
 : "${SPOT:=0}"                              # 1: create a spot (preemptible) TPU
 
+# A switch is 0 or 1: any other value (yes, true) read as 0 and silently created an on-demand TPU.
+check_switch() {
+  if [[ "$2" != 0 && "$2" != 1 ]]; then
+    echo "error: $1=$2: give 1 (on) or 0 (off)" >&2
+    exit 2
+  fi
+}
+check_switch SPOT "$SPOT"
+
 if [[ -z "$PROJECT" ]]; then
   echo "error: set PROJECT or run 'gcloud config set project <id>'" >&2
   exit 2

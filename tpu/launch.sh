@@ -15,6 +15,7 @@ if [[ $# -lt 1 ]]; then
 fi
 config=$1
 shift
+check_switch FOREGROUND "${FOREGROUND:-0}"
 args=$(printf '%q ' --config "$config" "$@")
 run="cd ~/$REMOTE_DIR && export LOOPFORMER_DISTRIBUTED=1"
 if [[ "${FOREGROUND:-0}" == 1 ]]; then

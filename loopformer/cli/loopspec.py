@@ -32,7 +32,10 @@ def parse_counts(text: str, flag: str) -> list[int]:
     if not re.fullmatch(r"-?\d+(\s*[:,]\s*-?\d+)*", text):
         raise PlanError(f"malformed {flag}: '{text}' is not a loop count; write {FORMS}")
     nums = [int(t) for t in re.split(r"[:,]", text)]
-    for n in nums:
+    # A:B:STEP's step is no loop count (X=1:3:0 was "loop counts must be >= 1, got 0")
+    if ":" in text and len(nums) == 3 and nums[2] < 1:
+        raise PlanError(f"{flag}: the step of A:B:STEP must be >= 1, got {nums[2]}")
+    for n in nums[:2] if ":" in text and len(nums) == 3 else nums:
         if n < 1:
             raise PlanError(f"{flag}: loop counts must be >= 1, got {n}")
         if n > MAX_LOOPS:

@@ -62,6 +62,8 @@ MAX_WIDTH = 2**20  # model.d_model, a circuit's width, the vocabulary
 MAX_HIDDEN = 2**24  # an MLP's hidden units (mlp_ratio x width)
 MAX_WINDOW = 2**31 - 1  # an attention window, in tokens
 MAX_STEPS = 2**31 - 1  # training steps and step intervals: the step counter is int32 (and at 1 ms a step, 25 days)
+MAX_NOISE_STD = 1e3  # a circuit's init_noise_std: a state of that size is already far past any trained one
+F32_MAX = 3.4028234663852886e38  # the largest float32: a setting above it is inf inside JAX (a NaN loss at step 1)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -98,11 +100,20 @@ def _changed(cfg: Any, names: Iterable[str]) -> str | None:
     return next((n for n in names if getattr(cfg, n) != getattr(defaults, n)), None)
 
 
+def _check_f32(value: float, key: str) -> None:
+    """ConfigError for a finite ``value`` that float32 cannot hold: JAX reads it as inf (a NaN loss at step 1,
+    blamed on train.lr)."""
+    _check(not F32_MAX < abs(value) < math.inf, f"{key}={value:g} is past float32's largest number ({F32_MAX:.3g}) "
+           f"and would be inf in training; lower it")
+
+
 def _check_weights(cfg: Any, names: tuple[str, ...], path: str) -> None:
     """Loss weights ``names`` of ``cfg`` must be finite and >= 0 (a NaN passes min(), and an infinite weight
-    trained a NaN at step 1, blamed on train.lr)."""
+    trained a NaN at step 1, blamed on train.lr), also in float32 (`_check_f32`)."""
     bad = next((k for k in names if not 0 <= getattr(cfg, k) < math.inf), None)
     _check(bad is None, f"{path}.{bad} must be a finite number >= 0, got {getattr(cfg, bad or names[0])}")
+    for k in names:
+        _check_f32(getattr(cfg, k), f"{path}.{k}")
 
 
 def _check_read(cfg: Any, reads: tuple[str, ...], path: str) -> None:
@@ -138,6 +149,8 @@ class HaltingConfig:
                f"{path}.gate_k must be a finite number > 0 (the slope of stage II's targets), got {self.gate_k}")
         _check(math.isfinite(self.gate_gamma) and self.gate_gamma >= 0,
                f"{path}.gate_gamma must be a finite number >= 0 (the loss improvement worth a step), got {self.gate_gamma}")
+        _check_f32(self.gate_k, f"{path}.gate_k")
+        _check_f32(self.gate_gamma, f"{path}.gate_gamma")
         _check_weights(self, ("beta", "beta_final", "tau"), path)
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
         _check(0 < self.eps < 1, f"{path}.eps must be in (0, 1), got {self.eps}")
@@ -279,6 +292,9 @@ class CircuitConfig(LoopSchedule, CircuitBehaviour, CircuitArch):
         _one_of(c.init, INITS, f"{p}.init")
         _check(c.init == "noise" or c.init_noise_std == CircuitConfig.init_noise_std,
                f"{p}.init_noise_std={c.init_noise_std} is read only by init: noise (got {c.init}); drop it")
+        # (NaN or 1e300 started every state at NaN / inf, a NaN loss blamed on train.lr; -1 ran as 1; 0 is init: zeros)
+        _check(0 < c.init_noise_std <= MAX_NOISE_STD, f"{p}.init_noise_std (the initial state's standard deviation) "
+               f"must be in (0, {MAX_NOISE_STD:g}], e.g. 1.0 (0 is init: zeros), got {c.init_noise_std}")
         _one_of(c.output, OUTPUT_MODES, f"{p}.output")
         if c.output == "replace":
             _check(c.io == "slice" and not c.state_norm and not c.halting.has_head,
@@ -679,6 +695,7 @@ class DataConfig:
         _check(isinstance(d.stop_ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                     for i in d.stop_ids),
                f"data.stop_ids must be a list of token ids (integers >= 0), got {d.stop_ids!r}")
+        _check_once(d.stop_ids, "data.stop_ids")
         _check(d.prompt_format != "tokenizer" or d.tokenizer not in TOKENIZER_KINDS,
                f"data.prompt_format=tokenizer reads a tokenizer.json's post-processor, and data.tokenizer="
                f"{d.tokenizer} has none; use data.prompt_format=documents")
@@ -764,6 +781,7 @@ class TrainConfig:
         # AdamW's settings: out of range they train a NaN at the first step, blamed on train.lr, or (a negative
         # decay) grow the weights without a word
         _check(0 <= t.weight_decay < math.inf, f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+        _check_f32(t.weight_decay, "train.weight_decay")
         for key in ("b1", "b2"):
             _check(0 <= getattr(t, key) < 1, f"train.{key} (AdamW's moment decay) must be in [0, 1), e.g. "
                    f"{getattr(TrainConfig, key)}, got {getattr(t, key)}")
@@ -901,6 +919,7 @@ class Config:
         if not self.train.progressive:
             return
         circuits = [c.name for c in self.model.circuits()]
+        _check_once(self.train.progressive_circuits, "train.progressive_circuits")
         for name in self.train.progressive_circuits:
             _check(name in circuits, f"train.progressive_circuits: '{name}' is not a circuit; circuits are "
                    f"{', '.join(circuits) or 'none'}")

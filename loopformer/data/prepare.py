@@ -62,7 +62,7 @@ from loopformer.data.text import (
 )
 from loopformer.errors import DataError
 from loopformer.runs.layout import dead_siblings, unwritable_target
-from loopformer.runs.lock import exclusive
+from loopformer.runs.lock import exclusive, in_use
 from loopformer.runs.log import progress_bar
 
 CHUNK_TOKENS = 4096  # tokens per ArrayRecord record: a window read touches one or two records
@@ -253,11 +253,20 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
         return _prepare_locked(cfg, out, paths, force, chunk_tokens, shard_tokens, progress)
 
 
+def _check_unread(out: Path, replaced: list[str]) -> None:
+    """DataError when ``out``, a corpus --force would replace, is read by a training (`runs.lock.shared`): it
+    trained on, and resumed from, the new corpus at the old one's position, without a word."""
+    if replaced and in_use(out / META_FILE):
+        raise DataError(f"--out {out} is being read by a training (a run whose data.paths names it), and --force would "
+                        f"replace the corpus under it; wait for it to finish, or choose another --out")
+
+
 def _prepare_locked(cfg: Config, out: Path, paths: list[Path], force: bool, chunk_tokens: int, shard_tokens: int,
                     progress: bool) -> dict[str, Any]:
     """`prepare_corpus` holding the --out lock."""
     d = cfg.data
     replaced = _check_out(out, paths, d.paths, force)
+    _check_unread(out, replaced)
     try:
         for leftover in clean_leftovers(out):
             print(f"removed {leftover}, left by an interrupted prepare", file=sys.stderr)
@@ -270,6 +279,7 @@ def _prepare_locked(cfg: Config, out: Path, paths: list[Path], force: bool, chun
     try:
         meta = _write(cfg, paths, tmp, chunk_tokens, shard_tokens, progress)
         if replaced:  # --force: swap the old directory out only once the new one is complete
+            _check_unread(out, replaced)
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from loopformer.config.schema import MAX_WIDTH
 from loopformer.errors import DataError
 
 PAD = 0
@@ -914,4 +915,10 @@ def make_task(name: str, **kwargs: Any) -> Task:
                 f"data.task_args.{key} is not an option of task {name!r}; "
                 f"valid options: {', '.join(valid) or 'none'}"
             )
-    return cls(**kwargs)
+    task = cls(**kwargs)
+    # (pointer_chase's num_symbols of 1e8 drew a permutation of 1e8 symbols per example, until the machine ran out of
+    # memory; 1e11 was a model of 1.6e12 parameters, blamed on model.d_model)
+    if task.vocab_size > MAX_WIDTH:
+        raise DataError(f"data.task_args={kwargs} gives task {name!r} a vocabulary of {task.vocab_size:,} tokens, more "
+                        f"than the {MAX_WIDTH:,} a model may have (model.vocab_size); lower them")
+    return task

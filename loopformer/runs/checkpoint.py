@@ -29,6 +29,7 @@ import logging
 import re
 import shlex
 import shutil
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ _STATE = "state"
 _DATA = "data"
 _CHECKSUMS = "checksums"
 CHECKSUM_KIND = "fmix32-sum-v1"
+_REMOVED_RETRIES = 3  # reads of the latest step while a trainer prunes the ones it read
 _ITERATORS = (grain.DatasetIterator, grain.DataLoaderIterator)
 _OS_ERROR = re.compile(r": ([A-Z][a-z][^:\[\]]*) \[os_error_code='\d+'\]")  # tensorstore's form of an OS error
 
@@ -277,13 +279,40 @@ class Checkpoints:
             raise CheckpointError(
                 f"no checkpoint in {self.directory}: train first, or point --run at a run directory"
             )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise CheckpointError(
                 f"no checkpoint for step {step} in {self.directory}: available steps are "
                 f"{', '.join(map(str, steps))}"
             )
+        # A trainer of this run prunes its older checkpoints as it saves (train.keep_checkpoints): a step removed while
+        # it was read was called unreadable ("chmod") or corrupt ("delete it ... to train from scratch"). The latest
+        # is read again from the steps now on disk; a step asked for by number is named as removed.
+        for _ in range(_REMOVED_RETRIES):
+            at = steps[-1] if step is None else step
+            try:
+                return self._restore_step(abstract_state, data_iterator, at, steps, partial=partial, step_key=step_key)
+            except CheckpointError:
+                if not self._removed(at):
+                    raise
+            steps = sorted(self._manager.all_steps(read=True))
+            if step is not None or not steps:
+                break
+        raise CheckpointError(f"checkpoint step {at} in {self.directory} was removed while it was read (a trainer of this "
+                              f"run prunes its older checkpoints as it saves, train.keep_checkpoints); "
+                              + (f"read one it keeps (--step {steps[-1]}), or " if step is not None and steps else "")
+                              + "run the command again")
+
+    def _removed(self, step: int) -> bool:
+        """Whether checkpoint ``step`` is gone from disk, or going: while a newer step has appeared (a trainer saved it
+        and is pruning this one) its removal is given a moment."""
+        step_dir = self.directory / str(step)
+        if step_dir.exists() and max(self._manager.all_steps(read=True), default=step) > step:
+            time.sleep(0.5)
+        return not step_dir.exists()
+
+    def _restore_step(self, abstract_state: PyTree, data_iterator: Any, step: int, steps: list[int], *,
+                      partial: bool, step_key: str | None) -> PyTree:
+        """`restore` of ``step``, one of ``steps`` (the finished steps)."""
         step_dir = self.directory / str(step)
         advice = self._advice(step, steps)
         hidden = unreadable(step_dir)

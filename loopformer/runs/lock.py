@@ -69,6 +69,42 @@ def exclusive(path: Path, busy: str, *, unlocked_note: str | None = None, remove
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def shared(path: Path) -> Iterator[None]:
+    """Hold a shared OS lock (``flock``) on the existing file ``path`` for the block: a training reading a prepared
+    corpus, which `prepare --force` then refuses to replace (`in_use`). A file that cannot be opened or locked is
+    read unlocked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def in_use(path: Path) -> bool:
+    """Whether another process holds a lock on the file ``path`` (`shared`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _inode(path: Path) -> int | None:
     try:
         return os.stat(path).st_ino

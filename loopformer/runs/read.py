@@ -46,6 +46,12 @@ def read_config_dict(path: Path, run_dir: Path) -> dict[str, Any]:
     return data
 
 
+def _enclosing_run(path: Path) -> Path | None:
+    """The run directory that ``path`` lies inside (its checkpoints/ or a step of them), or None."""
+    return next((p for p in path.parents if p.name and RunDir(p).config.is_file() and RunDir(p).checkpoints.is_dir()),
+                None)
+
+
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config of an existing run (for the analysis commands)."""
     run_dir = Path(run_dir)
@@ -54,8 +60,10 @@ def load_run_config(run_dir: str | Path) -> Config:
     if kind:  # a FIFO would block the read forever; either was called missing
         raise CheckpointError(f"{path} is {kind}, not the run's config file; put the run's config.yaml back")
     if not path.is_file():
-        raise CheckpointError(f"no run at {run_dir}: {path} is missing (train first, or point --run at a "
-                              f"directory made by `loopformer train`)")
+        outer = _enclosing_run(run_dir)
+        raise CheckpointError(f"no run at {run_dir}: {path} is missing (" + (
+            f"{run_dir} lies inside the run {outer}: point --run at it)" if outer else
+            "train first, or point --run at a directory made by `loopformer train`)"))
     return config_from_dict(read_config_dict(path, run_dir))
 
 
@@ -119,9 +127,11 @@ def read_run(path: str | Path) -> RunInfo:
         raise AnalysisError("--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart")
     path = Path(path)
     if not os.path.isdir(path):  # (Path.is_dir raises on a name too long for the filesystem)
-        what = "a symlink that leads nowhere (or in a loop)" if os.path.islink(path) else "no such directory"
-        raise AnalysisError(f"--run {path}: {what} (point --run at a directory made by "
-                            f"`loopformer train`, e.g. runs/quickstart)")
+        what = ("a symlink that leads nowhere (or in a loop)" if os.path.islink(path) else
+                "a file, not a directory" if os.path.exists(path) else "no such directory")  # (a file was "no such")
+        outer = _enclosing_run(path) if os.path.exists(path) else None
+        raise AnalysisError(f"--run {path}: {what} (point --run at " + (f"the run that holds it, {outer})" if outer else
+                            "a directory made by `loopformer train`, e.g. runs/quickstart)"))
     if not os.access(path, os.R_OK | os.X_OK):  # the PermissionError named config.yaml, not the folder
         raise AnalysisError(f"--run {path}: this user may not read the folder; make it readable (chmod -R u+rX "
                             f"{shlex.quote(str(path))})")

@@ -50,9 +50,10 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError("--hf '': name a local Hugging Face model folder (config.json, *.safetensors, "
                               "tokenizer.json)")
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"--hf {folder}: no such directory (point it at a local Hugging Face model folder "
-                              f"with config.json, *.safetensors and tokenizer.json)")
+    if not folder.is_dir():  # (a file, e.g. the folder's config.json, was "no such directory")
+        what = f"a file, not a directory (point it at the folder that holds it, {folder.parent}" if folder.exists() \
+            else "no such directory (point it at a local Hugging Face model folder"
+        raise CheckpointError(f"--hf {folder}: {what} with config.json, *.safetensors and tokenizer.json)")
     if not os.access(folder, os.R_OK | os.X_OK):  # its files' checks were a PermissionError traceback
         raise CheckpointError(f"--hf {folder}: this user may not read the folder; make it readable (chmod -R u+rX "
                               f"{shlex.quote(str(folder))})")

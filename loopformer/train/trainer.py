@@ -27,7 +27,8 @@ from flax import nnx
 
 from loopformer import parallel
 from loopformer.config import Change, Config
-from loopformer.data.sources import DataSource, build_data
+from loopformer.data.sources import TEXT_TASK, DataSource, build_data, prepared_dir
+from loopformer.data.text import META_FILE
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.evaluation.tables import format_table, score, score_name
@@ -40,7 +41,7 @@ from loopformer.model.transformer import LoopedTransformer
 from loopformer.runs import stop
 from loopformer.runs.checkpoint import Checkpoints, abstract_like
 from loopformer.runs.layout import RunDir, replace_file
-from loopformer.runs.lock import run_lock
+from loopformer.runs.lock import run_lock, shared
 from loopformer.runs.log import log, log_to
 from loopformer.runs.prepare import describe_change, make_run_dir, prepare_run_dir, record_changes, write_config
 from loopformer.runs.restore import EMA_WEIGHTS, make_model
@@ -117,6 +118,13 @@ class _Divergence:
         self.last_saved = step
 
 
+def _reading_corpus(cfg: Config) -> contextlib.AbstractContextManager:
+    """A shared lock on the prepared corpus that data.paths names, for the training: `prepare --force` refuses to
+    replace it meanwhile (it did, and the run went on, and resumed, on the new corpus without a word)."""
+    corpus = prepared_dir(cfg) if cfg.data.task == TEXT_TASK else None
+    return shared(corpus / META_FILE) if corpus is not None else contextlib.nullcontext()
+
+
 def train(cfg: Config) -> TrainResult:
     """Train ``cfg`` from scratch, or resume its run directory from the latest checkpoint. The run
     directory is locked for the whole call (`loopformer.runs.lock.run_lock`): a second trainer on it
@@ -126,7 +134,8 @@ def train(cfg: Config) -> TrainResult:
     fresh = not cfg.run_dir.exists()
     with log_to("stdout"), _disk_full(cfg.run_dir), run_lock(make_run_dir(cfg)) as lock:
         try:
-            return _train(cfg)
+            with _reading_corpus(cfg):
+                return _train(cfg)
         except BaseException:
             if fresh and jax.process_count() == 1:
                 _discard_unused(cfg.run_dir, lock)

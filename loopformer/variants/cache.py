@@ -40,7 +40,7 @@ class CachePolicy:
     def parse(text: str) -> CachePolicy:
         """``full``, ``last``, ``first`` or ``ring:K``; PlanError naming the forms."""
         forms = ", ".join(POLICIES.get(n).form or n for n in POLICIES.names())
-        m = re.fullmatch(r"\s*(\w+)(?::(\d+))?\s*", text or "")
+        m = re.fullmatch(r"\s*(\w+)(?::(-?\d+))?\s*", text or "")  # (ring:-1 was "not a cache policy")
         if not m or m.group(1) not in POLICIES:
             raise PlanError(f"--cache {text}: not a cache policy; use {forms}")
         cls = POLICIES.get(m.group(1))

@@ -259,6 +259,11 @@ def test_text_run(text_run_dir, capsys):
         capsys.readouterr().err
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--count", "3"]) == 2  # was ignored
     assert "--count sets how many examples of a synthetic task are answered" in capsys.readouterr().err
+    for flag, value, message in (("--top-p", "0", "--top-p must be in (0, 1] (1 = every token), got 0.0"),
+                                 ("--top-k", "-1", "--top-k must be >= 0 (0 = every token), got -1")):
+        # #27 pass 19: each was refused naming both flags ("--top-k must be >= 0 and --top-p in (0, 1]")
+        assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--temperature", "1", flag, value]) == 2
+        assert f"error: {message}\n" == capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, line", [
@@ -316,10 +321,15 @@ def no_checkpoint_run(run_dir, tmp_path_factory):
     (["generate", "--prompt", "hello"], "trains on the synthetic task 'pointer_chase'.*use --example-split"),
     (["eval", "@missing"], "--run .*: no such directory"),
     (["ablate", "@untrained"], "no checkpoint in .*untrained/checkpoints: train first"),
+    # #27 pass 19: a file was "no such directory", and a run's checkpoints/ "train first"
+    (["inspect", "@config"], r"--run .*/config.yaml: a file, not a directory \(point --run at the run that holds it, "),
+    (["inspect", "@checkpoints"], r"checkpoints/config.yaml is missing \(.*checkpoints lies inside the run .*: point "
+                                  r"--run at it\)$"),
 ])
 def test_user_errors(run_dir, no_checkpoint_run, capsys, argv, message):
     if argv[1].startswith("@"):
-        where = {"@missing": run_dir.parent / "missing", "@untrained": no_checkpoint_run}[argv[1]]
+        where = {"@missing": run_dir.parent / "missing", "@untrained": no_checkpoint_run,
+                 "@config": run_dir / "config.yaml", "@checkpoints": run_dir / "checkpoints"}[argv[1]]
         argv = [argv[0], "--run", str(where)]
     else:
         argv = [argv[0], "--run", str(run_dir), *argv[1:]]

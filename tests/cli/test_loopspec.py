@@ -15,7 +15,7 @@ def test_geometric_grid():
 
 @pytest.mark.parametrize("text, counts", [
     ("16", [16]), ("1:64", geometric_grid(1, 64)), ("2:10:4", [2, 6, 10]), ("1:8:3", [1, 4, 7]),
-    ("8,1,2", [1, 2, 8]), (" 3 , 5 ", [3, 5]), ("1000", [1000]),
+    ("8,1,2", [1, 2, 8]), (" 3 , 5 ", [3, 5]), ("1000", [1000]), ("1:10:20000", [1]),
 ])
 def test_parse_counts(text, counts):
     assert parse_counts(text, "--loops X=" + text) == counts
@@ -26,6 +26,8 @@ def test_parse_counts(text, counts):
     ("x", "malformed"), ("1:", "malformed"), ("1:2:3:4", "A:B or A:B:STEP"), ("1:4,8", "mix of"),
     ("", "malformed"), ("99999", "above the limit"),
     ("8,1,2,2", r"^--loops X=8,1,2,2 lists 2 twice; give each count once$"),  # #27 pass 18: merged with no word
+    # #27 pass 19: the step was called a loop count ("loop counts must be >= 1, got 0")
+    ("1:3:0", r"^--loops X=1:3:0: the step of A:B:STEP must be >= 1, got 0$"), ("1:3:-1", "the step of A:B:STEP"),
 ])
 def test_parse_counts_errors(text, message):
     with pytest.raises(PlanError, match=message):

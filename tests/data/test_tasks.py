@@ -398,6 +398,11 @@ def test_paired_addition_with_runs_as_the_difficulty():
         ("maze", {"entrance": 1}, "entrance"),
         ("maze", {"exit": "yes"}, "exit"),
         ("maze", {"exit": True, "rows": 1}, "rows >= 2"),
+        # #27 pass 19: a permutation of 1e8 symbols per example, until the machine ran out of memory
+        ("pointer_chase", {"num_nodes": 5, "num_symbols": 99999999}, "a vocabulary of 100,000,003 tokens, more than "
+         "the 1,048,576 a model may have"),
+        ("pointer_chase", {"num_symbols": 1025, "edge_tokens": True}, "vocabulary of 1,051,654 tokens"),
+        ("p_hop", {"alphabet": 99999999999}, "vocabulary of 100,000,000,064 tokens"),
     ],
 )
 def test_bad_task_args(name, kwargs, needle):

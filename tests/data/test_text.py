@@ -16,6 +16,7 @@ from loopformer.data.sources import build_data, load_tokenizer
 from loopformer.data.text import pack_window, split_of
 from loopformer.data.tokenizers import BOS, EOS, NUM_SPECIAL, PAD, ByteTokenizer, read_tokenizer, train_bpe
 from loopformer.errors import ConfigError, DataError
+from loopformer.train.trainer import _reading_corpus
 
 WORDS = ["the", "of", "and", "to", "in", "that", "he", "shall", "unto", "lord", "his", "for", "i", "with", "god",
          "them", "is", "be", "naïve", "日本", "→"]
@@ -271,6 +272,20 @@ def test_a_prepared_single_file_matches_the_raw_one(tmp_path, tokenizer):
     np.testing.assert_array_equal(x["inputs"], y["inputs"])
     assert len(prepared.streams["val"]) > 0
     assert "split by position" in prepared.describe()
+
+
+def test_prepare_force_refuses_a_corpus_a_training_reads(tmp_path):
+    """#27 pass 19: `prepare --force` replaced a corpus while a training read it, and the run went on (and resumed) on
+    the new corpus without a word. The trainer holds a shared lock on its meta.json (`trainer._reading_corpus`)."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "out"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    busy = (r"^--out .*out is being read by a training \(a run whose data.paths names it\), and --force would replace "
+            r"the corpus under it; wait for it to finish")
+    with _reading_corpus(cfg_for(tmp_path, [out])), pytest.raises(DataError, match=busy):
+        prepare_corpus(cfg_for(tmp_path, [path]), out, force=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+    prepare_corpus(cfg_for(tmp_path, [path]), out, force=True, progress=False)
 
 
 def test_prepare_force_deletes_nothing_it_did_not_write(tmp_path):

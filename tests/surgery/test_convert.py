@@ -112,3 +112,6 @@ def test_a_folder_without_weights_is_one_clear_error(tmp_path):
         import_folder(tmp_path)
     with pytest.raises(CheckpointError, match="no such directory"):
         import_folder(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"config.json: a file, not a directory \(point it at the folder that "
+                       r"holds it, "):  # #27 pass 19: it was "no such directory"
+        import_folder(tmp_path / "config.json")

@@ -235,6 +235,30 @@ def test_error_corrupt_checkpoint(tmp_path, damage):
     ckpt.restore(abstract(make_state()), make_iterator(), step=1)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("asked", [None, 2])
+def test_a_step_pruned_by_a_trainer_while_it_is_read(tmp_path, monkeypatch, asked):
+    # #27 pass 19: eval of a run whose trainer pruned the step as it was read said "cannot be read by this user
+    # (chmod ...)" or "corrupt or incomplete; delete it (rm -r ...) to train from scratch"
+    reader = saved(tmp_path, steps=(1, 2))
+    read = Checkpoints._restore_step
+
+    def pruned_first(self, *args, **kwargs):
+        if not (tmp_path / "ckpt" / "3").exists():  # the trainer saves step 3 and prunes 1 and 2 (keep=1)
+            trainer = Checkpoints(tmp_path / "ckpt", keep=1, async_save=False)
+            trainer.save(3, make_state(seed=3))
+            trainer.close()
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoints, "_restore_step", pruned_first)
+    if asked is None:  # the latest: read again from the steps on disk
+        assert_trees_equal(reader.restore(abstract(make_state())), make_state(seed=3))
+        return
+    with pytest.raises(CheckpointError, match=r"^checkpoint step 2 in .* was removed while it was read \(a trainer of "
+                       r"this run prunes .*\); read one it keeps \(--step 3\), or run the command again$"):
+        reader.restore(abstract(make_state()), step=2)
+
+
 def flip_byte(step_dir: Path, where: float = 0.25) -> Path:
     """Flip one bit inside the largest array chunk of a checkpoint step (a disk or copy error)."""
     chunk = max((f for f in (step_dir / "state").rglob("d/*") if f.is_file()), key=lambda f: f.stat().st_size)

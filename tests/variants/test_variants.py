@@ -79,7 +79,7 @@ def test_cache_policies_parse_and_print():
     assert [CachePolicy.parse("ring:3").slots(8), CachePolicy.parse("full").slots(5), CachePolicy.parse("last").slots(8)] \
         == [3, 8, 1]
     ring = "ring:K needs K in 1..10000"
-    for text, message in (("ring", ring), ("ring:0", ring), ("full:2", "no argument"),
+    for text, message in (("ring", ring), ("ring:0", ring), ("ring:-1", ring), ("full:2", "no argument"),
                           ("lru", "not a cache policy; use full, last, ring:K, first")):
         with pytest.raises(PlanError, match=message):
             CachePolicy.parse(text)
