@@ -33,9 +33,10 @@ def parse_counts(text: str, flag: str) -> list[int]:
         raise PlanError(f"malformed {flag}: '{text}' is not a loop count; write {FORMS}")
     nums = [int(t) for t in re.split(r"[:,]", text)]
     # A:B:STEP's step is no loop count (X=1:3:0 was "loop counts must be >= 1, got 0")
-    if ":" in text and len(nums) == 3 and nums[2] < 1:
+    stepped = ":" in text and len(nums) == 3
+    if stepped and nums[2] < 1:
         raise PlanError(f"{flag}: the step of A:B:STEP must be >= 1, got {nums[2]}")
-    for n in nums[:2] if ":" in text and len(nums) == 3 else nums:
+    for n in nums[:2] if stepped else nums:
         if n < 1:
             raise PlanError(f"{flag}: loop counts must be >= 1, got {n}")
         if n > MAX_LOOPS:

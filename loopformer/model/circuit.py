@@ -40,7 +40,7 @@ from loopformer.errors import DecodingError, PlanError
 from loopformer.model.cache import store
 from loopformer.model.layers import Block, BlockSettings, normal_init, run_stack, stack_layers, stacked, zeros_init
 from loopformer.model.loop import Until, iterate, iterate_traced, iterate_until, iterate_window
-from loopformer.model.plan import COMPACT_SHARES, CircuitPlan, CircuitReport, Plan
+from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
 from loopformer.variants.cache import CachePolicy
 from loopformer.variants.exits import ExitRule, exit_rule
@@ -245,11 +245,11 @@ class Circuit(nnx.Module):
             h = iterate(step, consts, h0, n, run.backprop, bound=run.bound, grad=run.grad)  # truncated backprop
             return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32))
         return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache, run.compact,
-                           run.compact_shares)
+                           shares=run.compact_shares)
 
     def _infer(self, graphdef: nnx.GraphDef, consts: tuple[Any, Array], h0: Array, n: Array, rule: ExitRule | None,
                readout: Readout | None, ctx: Context, cache: tuple[KV, ...] | None,
-               compact_ok: bool | None = None, shares: tuple[float, ...] = COMPACT_SHARES) -> CircuitOut:
+               compact_ok: bool | None = None, *, shares: tuple[float, ...]) -> CircuitOut:
         """Inference, with or without an exit rule, with or without a cache: `iterate_until`. Compacted
         (``compact_ok``: `Plan.compact`, None: batches or decoding chunks of COMPACT_MIN_TOKENS or more) when
         tokens may stop at different iterations and the circuit is one block: then a frozen token's keys and
