@@ -365,6 +365,8 @@ class ModelConfig:
     # [] = the data's (a task's digit or bit tokens; the byte tokenizer's '0'..'9')
     position_offset: int = 0  # abacus: training adds U{0..K} per example to every place (McLeish et al.'s
     # random offset; 0 = none), so places past the trained lengths are seen; evaluation adds none
+    place_window: int = _arch(0)  # abacus, coupled: attention only between tokens at most W digit places apart
+    # (every non-digit sits at place 0; 0 = no such window), so a query sees the same places however long the numbers
     norm_eps: float = 1e-6  # epsilon of every RMSNorm: x * rsqrt(mean(x^2) + eps) * scale
     init_std: float = 0.02
     compute_dtype: str = "float32"  # bfloat16: bf16 matmuls, fp32 parameters and logits
@@ -421,6 +423,10 @@ class ModelConfig:
         _check(isinstance(m.position_offset, int) and 0 <= m.position_offset < m.abacus_size - 1,
                f"model.position_offset must be an integer in 0 .. abacus_size - 2 = {m.abacus_size - 2}, got "
                f"{m.position_offset!r}; lower it or raise model.abacus_size")
+        _check(isinstance(m.place_window, int) and 0 <= m.place_window <= MAX_WINDOW,
+               f"model.place_window must be 0 (no window) or 1..{MAX_WINDOW:,} digit places, got {m.place_window!r}")
+        _check(not m.place_window or m.reads_places, f"model.place_window={m.place_window} compares digit places, which "
+               f"only model.position=abacus or coupled reads (got {m.position}); set one of them or drop it")
         if not m.places:
             why = ("rotates by digit places and takes no offset" if m.reads_places else
                    "is shift-invariant (an offset changes nothing)")

@@ -81,6 +81,7 @@ class LoopedTransformer(nnx.Module):
         # coupled: RoPE over each token's digit place (variants/position.py)
         self.coupled = POSITIONS.get(cfg.position, "model.position").on_places
         self.digits = tuple(cfg.abacus_digits) or (tuple(digits) if digits else None)
+        self.place_window = cfg.place_window  # attention between tokens at most this many digit places apart (0: any)
         block = lambda r: Block(d, cfg.heads, cfg.mlp_hidden, settings, rngs=r, window=cfg.window,  # noqa: E731
                                 kv_heads=cfg.kv_heads)
         self.prelude = stacked(block, cfg.prelude, rngs) if cfg.prelude else None
@@ -111,8 +112,8 @@ class LoopedTransformer(nnx.Module):
         B, T = tokens_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
         places = digit_places(tokens_BT, self._digits(), positions_BT) if self.reads_places else None
-        ctx = Context(positions_BT, attention_mask(segment_ids_BT), None if segment_ids_BT is None else segment_ids_BT > 0,
-                      rope_BT=places if self.coupled else None)
+        ctx = Context(positions_BT, self._mask(segment_ids_BT, places),
+                      None if segment_ids_BT is None else segment_ids_BT > 0, rope_BT=places if self.coupled else None)
         if self.abacus is not None and plan.position_offset:  # McLeish et al.'s random offset: one per row, digits only
             offset_B = jax.random.randint(jax.random.fold_in(plan.key, OFFSET_KEY), (B,), 0, plan.position_offset + 1)
             places = jnp.where(places > 0, places + offset_B[:, None], 0)
@@ -129,6 +130,16 @@ class LoopedTransformer(nnx.Module):
             if res.streams is not None and not self._mixes(stage):  # per-step losses: logits after every step
                 step_logits = jax.vmap(lambda xs, s=s: self._rest(xs, s + 1, ctx, plan))(res.streams)
         return self._rest(x, len(self.stages), ctx, plan), Diagnostics(reports, aux, step_logits)
+
+    def _mask(self, segment_ids_BT: Array | None, places_BT: Array | None) -> Array | None:
+        """[B, 1, T, T] attention mask: within each segment, and with ``place_window`` W only between tokens whose
+        digit places differ by at most W (|p_q - p_k| <= W; non-digits at 0), so that every query meets the same
+        places at the same distances however long the numbers are. Each token sees itself: no row is empty."""
+        mask = attention_mask(segment_ids_BT)
+        if not self.place_window:
+            return mask
+        near = (jnp.abs(places_BT[:, :, None] - places_BT[:, None, :]) <= self.place_window)[:, None]
+        return near if mask is None else mask & near
 
     @staticmethod
     def _mixes(stage: Bank) -> bool:
@@ -208,6 +219,9 @@ class LoopedTransformer(nnx.Module):
                                 "token attends to later ones")
         if plan.schedules:
             raise DecodingError("decoding with a cache runs the layers in their order (no layer schedule)")
+        if self.place_window:
+            raise DecodingError(f"decoding with a cache does not keep the digit places of earlier tokens, which "
+                                f"model.place_window={self.place_window} compares: decode without it (generate --no-cache)")
         reading = [n for n, r in plan.exits.items() if r.needs_readout]
         if reading:
             raise DecodingError(f"decoding with a cache cannot run the exit rule {plan.exits[reading[0]].kind} of "

@@ -10,7 +10,7 @@ from flax import nnx
 
 from loopformer.config import load_config
 from loopformer.data.sources import build_data
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, DecodingError
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.runs.restore import make_model
@@ -135,7 +135,55 @@ def test_cached_decoding_of_a_place_reading_model_equals_recomputing(scheme):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def _numbers(lengths, rng):
+    """BOS n_1 PLUS n_2 EQ n_3 (digits DIGITS, least significant first) with numbers of ``lengths``, and the
+    numbers' digits (to write the same low places into longer numbers)."""
+    nums = [rng.integers(DIGITS[0], DIGITS[1] + 1, n) for n in lengths]
+    return nums, lambda nums: jnp.asarray([[1, *nums[0], 3, *nums[1], 4, *nums[2]]], jnp.int32)
+
+
+def test_place_window_keeps_each_token_to_the_places_its_layers_reach():
+    """With model.place_window W a token attends only to tokens at most W digit places from its own, so after L
+    attention layers its output depends on places within L * W of it (non-digits sit at place 0): writing the
+    numbers 8 digits longer, or changing their digits past place 8, leaves every token at places 0..4 as it was
+    (4 layers: prelude, X's 2 blocks once, coda; W = 1), and without the window both change them."""
+    rng = np.random.default_rng(0)
+    nums, seq = _numbers([12, 12, 12], rng)
+    longer = [np.concatenate([n, rng.integers(DIGITS[0], DIGITS[1] + 1, 8)]) for n in nums]
+    changed = [np.concatenate([n[:8], rng.integers(DIGITS[0], DIGITS[1] + 1, 4)]) for n in nums]
+    plan = make_plan(["X"], {"X": 1})
+    for window, same in ((1, True), (0, False)):
+        model = small_model("model.position=coupled", f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]",
+                            f"model.place_window={window}")
+        base = _forward(model, seq(nums), plan)[0]
+        places = np.asarray(digit_places(seq(nums), DIGITS))[0]
+        near = np.flatnonzero(places <= 4)
+        for other in (longer, changed):
+            toks = seq(other)
+            far_places = np.asarray(digit_places(toks, DIGITS))[0]
+            got = _forward(model, toks, plan)[0]
+            # the same token at the same place: its index in the longer sequence moves by 8 per number before it
+            at = [int(np.flatnonzero((far_places == places[t]) & (np.cumsum(np.isin(np.asarray(toks[0]), [1, 3, 4]))
+                                                                  == np.cumsum(np.isin(np.asarray(seq(nums)[0]),
+                                                                                       [1, 3, 4]))[t]))[0])
+                  for t in near]
+            diff = float(jnp.abs(got[jnp.asarray(at)] - base[near]).max())
+            assert (diff < 1e-5) if same else (diff > 1e-3), (window, diff)
+
+
+def test_cached_decoding_refuses_a_place_window_in_one_line():
+    """A cache holds earlier tokens' keys by sequence position, not their places: decoding says so and names
+    the recompute path, before tracing anything."""
+    model = small_model("model.position=coupled", f"model.abacus_digits=[{DIGITS[0]}, {DIGITS[1]}]",
+                        "model.place_window=1")
+    with pytest.raises(DecodingError, match=r"model\.place_window=1 compares: decode without it \(generate --no-cache\)"):
+        model.check_decoding(make_plan(["X"], {"X": 2}))
+
+
 @pytest.mark.parametrize("overrides,message", [
+    (["model.place_window=2"], "model.place_window=2 compares digit places, which only model.position=abacus or "
+                               "coupled reads"),
+    (["model.position=coupled", "model.place_window=-1"], "model.place_window must be 0"),
     (["model.position_offset=4"], "model.position_offset=4 only moves abacus places: model.position=rope is "
                                   "shift-invariant"),
     (["model.abacus_digits=[3, 12]"], "model.abacus_digits=[3, 12] is read only by model.position=abacus or coupled"),
