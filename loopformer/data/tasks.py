@@ -501,7 +501,8 @@ class Addition(Task):
     after a place that does not (a + b <= 8: 9s), each ended by a place summing to anything but 9, in random
     order, with two random places before, between or after them. A run's answer digits then depend on a
     place up to d + 1 places back, and a run looks the same from inside whichever head it has, so no
-    shortcut of bounded reach solves it (``difficulty`` = d, ``depth`` d + 2, T = 2d + 8).
+    shortcut of bounded reach solves it (``difficulty`` = d, ``depth`` d + 2, T = 2d + 8). ``runs`` also
+    works with ``aligned`` (separate operands of 2d + 6 digits, T = 6d + 22, 24 with ``pad``).
 
     ``pad: true`` (next-token and aligned forms) writes each operand with one digit more than it has, a
     leading zero (which, reversed, comes last), as Cho et al. and Fan et al. write operands: the sum's last
@@ -519,7 +520,7 @@ class Addition(Task):
     aligned: bool = False
     width: int = 0  # > 0 (aligned only): W digits per operand, difficulty = the longest carry chain
     paired: bool = False  # one token per place holding both digits, every answer digit in one pass
-    runs: bool = False  # (paired only) difficulty = the length of a carry run and of a run without carry
+    runs: bool = False  # (paired or aligned) difficulty = the length of a carry run and of a run without carry
     pad: bool = False  # operands written with a leading zero, as long as the sum (not with paired)
 
     def __post_init__(self) -> None:
@@ -537,9 +538,10 @@ class Addition(Task):
         if self.paired and (self.aligned or self.width):
             raise DataError("data.task_args.paired is a one-pass form of its own (both digits of a place in one "
                             "token): drop aligned and width, or drop paired")
-        if self.runs and not self.paired:
-            raise DataError("data.task_args.runs (runs of places summing to 9 as the difficulty) is a paired form: "
-                            "add paired: true, or drop runs")
+        if self.runs and not (self.paired or self.aligned) or self.runs and self.width:
+            raise DataError("data.task_args.runs (runs of places summing to 9 as the difficulty) asks for every answer "
+                            "digit in one pass, with operands as long as the runs need: add paired: true or aligned: "
+                            "true, drop width; or drop runs")
 
     @property
     def difficulty_meaning(self) -> str:  # type: ignore[override]
@@ -576,7 +578,7 @@ class Addition(Task):
     def seq_len(self, max_difficulty: int) -> int:
         if self.paired:
             return self._places(max_difficulty) + 2
-        return 3 * (self.width or max_difficulty) + (4 if self.aligned else 3) + (2 if self.pad else 0)
+        return 3 * self._places(max_difficulty) + (4 if self.aligned else 3) + (2 if self.pad else 0)
 
     def _written(self, a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
         """The operands as the input writes them (reversed): with ``pad`` a leading zero each."""

@@ -15,6 +15,8 @@ CASES = [
     ("addition", {}, [1, 2, 5, 12], lambda d: d + 1),
     ("addition", {"paired": True}, [1, 2, 5, 12], lambda d: d + 1),
     ("addition", {"paired": True, "runs": True}, [1, 2, 5, 12], lambda d: 2 * d + 7),
+    ("addition", {"aligned": True, "runs": True}, [1, 2, 5, 12], lambda d: 2 * d + 7),
+    ("addition", {"aligned": True, "runs": True, "pad": True}, [1, 2, 5, 12], lambda d: 2 * d + 7),
     ("maze", {}, [1, 2, 5, 8, 16], lambda d: 2 * d),
     ("maze", {"rows": 3}, [1, 4, 9], lambda d: 3 * d),
     ("maze", {"rows": 1}, [1, 3, 10], lambda d: d),
@@ -54,6 +56,9 @@ def test_generator_matches_solver(name, kwargs, diffs, answer_len):
         if task.labels_aligned and name == "maze":  # a label at every room, none at the column separators
             np.testing.assert_array_equal(mask[:n], (inputs[:n] != task.SEP).astype(np.float32))
             assert (mask[n:] == 0).all() and set(targets[mask > 0]) <= {task.YES, task.NO}
+        elif name == "addition" and task.aligned:  # a label at every answer slot, the last tokens
+            np.testing.assert_array_equal(mask[:n], [0.0] * (n - answer_len(d)) + [1.0] * answer_len(d))
+            assert (inputs[n - answer_len(d):n] == task.SLOT).all() and (mask[n:] == 0).all()
         elif task.labels_aligned:  # a label at every input position after BOS, none in the inputs
             np.testing.assert_array_equal(mask[:n], [0.0] + [1.0] * (n - 1))
             assert (mask[n:] == 0).all() and (targets[1:n] != PAD).all()
@@ -376,6 +381,23 @@ def test_paired_addition_with_runs_as_the_difficulty():
     assert orders == {True, False} and starts >= {1, 2, 3}  # either run first, after 0, 1 or 2 random places
     with pytest.raises(DataError, match="runs .* add paired: true"):
         make_task("addition", runs=True)
+    with pytest.raises(DataError, match="runs .* drop width"):
+        make_task("addition", aligned=True, width=32, runs=True)
+
+
+def test_aligned_addition_with_runs_writes_the_paired_examples_operands_apart():
+    """``runs`` with ``aligned``: the same a and b as the paired form draws from one seed, written as separate
+    operands of 2d + 6 digits (and a leading zero with ``pad``), every answer digit labelled at its slot."""
+    paired, apart = make_task("addition", paired=True, runs=True), make_task("addition", aligned=True, runs=True,
+                                                                             pad=True)
+    assert apart.seq_len(8) == 3 * 22 + 6 and apart.max_place(16) == 39
+    for d in (1, 4, 16):
+        ex_p = paired.example(np.random.default_rng(d), d, paired.seq_len(16))
+        ex_a = apart.example(np.random.default_rng(d), d, apart.seq_len(16))
+        a, b = apart.parse(ex_a["inputs"])
+        assert (a[:-1], b[:-1]) == paired.parse(ex_p["inputs"]) and a[-1] == b[-1] == 0
+        assert apart.answer(ex_a) == paired.answer(ex_p) == apart.solve(ex_a["inputs"])
+        assert apart.depth(ex_a["inputs"]) == paired.depth(ex_p["inputs"])
     with pytest.raises(DataError, match="paired is a one-pass form .* drop aligned and width"):
         make_task("addition", paired=True, aligned=True)
 
