@@ -114,8 +114,9 @@ class YAMLSize(Refused):
     """A document whose aliases expand past any config (a YAML "billion laughs"), or hold themselves."""
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping, naming the key and both lines."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (`DuplicateKey`), naming the key and both lines:
+    a config's, and a run's own config.yaml edited by hand (where the last value won with no word)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -129,6 +130,10 @@ class _StrictLoader(yaml.SafeLoader):
                     raise DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
                 seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+class _StrictLoader(UniqueKeyLoader):
+    """`UniqueKeyLoader` that keeps the text of a number YAML reads in another form (`_Spelled`)."""
 
 
 class _Spelled(str):
