@@ -199,6 +199,12 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     half.mkdir()
     (half / "train-00000.array_record").write_bytes(b"")
     assert "meta.json is missing" in error(tmp_path, [half], "data.format=arrayrecord")
+    # #27 pass 20: a file that data.paths names twice (itself twice, or a folder and a file in it) was read twice,
+    # every document of it doubled, with no word
+    a = two / "a.txt"
+    assert error(tmp_path, [a, a]) == (f"data.paths: '{a}' names {a} twice, and its documents would be read twice; "
+                                       f"name each file once")
+    assert error(tmp_path, [two, two / "*.txt"]).startswith(f"data.paths: '{two}' and '{two}/*.txt' name {a} twice")
 
 
 def test_settings_prepare_read_must_match_its_corpus(tmp_path):
