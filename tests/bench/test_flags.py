@@ -114,6 +114,8 @@ CASES = [
     ("seeds", ["--config", "a.yaml", "--config", "b.yaml"], "--config is given twice; give it once"),
     ("think_longer", ["--seeds", "1", "--seeds", "2"], "--seeds is given twice; give it once"),
     ("loop_overhead", ["--skip", "compile", "--skip", "sweep"], "--skip is given twice; give it once"),
+    # the twentieth pass: shares without 1 never ran the rows and tokens past the largest buffer (silently wrong)
+    ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': give comma-separated shares >= 1, 1 among"),
 ]
 
 
