@@ -379,6 +379,18 @@ def test_a_second_prepare_on_one_out_names_the_first(tmp_path):
     assert (out / "meta.json").is_file()
 
 
+def test_prepare_inside_a_run_is_refused(tmp_path):
+    """#27 pass 20: prepare --out RUN/checkpoints/9 wrote the corpus where every command read it as the run's corrupt
+    step 9 (advising to delete it) and the trainer prunes it; export, convert and import refused such an --out."""
+    path, _ = corpus(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match=rf"^--out {run}/checkpoints/9 is inside the run {run}; write it outside"):
+        prepare_corpus(cfg_for(tmp_path, [path]), run / "checkpoints" / "9", progress=False)
+    assert not (run / "checkpoints" / "9").exists()
+
+
 def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
     """Issue #17.7: prepare into a read-only directory gave a raw PermissionError."""
     path, _ = corpus(tmp_path)
