@@ -65,7 +65,7 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
         raise DataError("data.paths is empty: name the corpus files, e.g. data.paths=['corpus/*.txt'] "
                         "(or data.paths=['asset:kjv_genesis_exodus.txt'] for the shipped text)")
     out: list[Path] = []
-    by: dict[Path, str] = {}  # each file's first pattern
+    by: dict[Path, tuple[str, Path]] = {}  # each file's first pattern and path
     for pattern in patterns:
         if pattern.startswith(ASSET_PREFIX):
             _once(asset_path(pattern[len(ASSET_PREFIX):]), pattern, by, out)
@@ -92,14 +92,16 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
     return out
 
 
-def _once(path: Path, pattern: str, by: dict[Path, str], out: list[Path]) -> None:
-    """Add ``path`` (matched by ``pattern``) to ``out``; DataError when an earlier pattern matched it."""
+def _once(path: Path, pattern: str, by: dict[Path, tuple[str, Path]], out: list[Path]) -> None:
+    """Add ``path`` (matched by ``pattern``) to ``out``; DataError when it, or a link to its file, was matched before."""
     key = path.resolve()
     if key in by:
-        both = f"'{pattern}' names" if by[key] == pattern else f"'{by[key]}' and '{pattern}' name"
-        raise DataError(f"data.paths: {both} {path} twice, and its documents would be read twice; name each file "
-                        f"once")
-    by[key] = pattern
+        first, seen = by[key]
+        both = f"'{pattern}' names" if first == pattern else f"'{first}' and '{pattern}' name"
+        what = str(path) if seen == path else f"one file twice ({seen} and {path})"
+        raise DataError(f"data.paths: {both} {what}{' twice' if seen == path else ''}, and its documents would be "
+                        f"read twice; name each file once")
+    by[key] = (pattern, path)
     out.append(path)
 
 

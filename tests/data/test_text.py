@@ -205,6 +205,8 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     assert error(tmp_path, [a, a]) == (f"data.paths: '{a}' names {a} twice, and its documents would be read twice; "
                                        f"name each file once")
     assert error(tmp_path, [two, two / "*.txt"]).startswith(f"data.paths: '{two}' and '{two}/*.txt' name {a} twice")
+    (two / "link.txt").symlink_to(a)  # a folder holding a link to one of its files
+    assert error(tmp_path, [two]).startswith(f"data.paths: '{two}' names one file twice ({a} and {two / 'link.txt'})")
 
 
 def test_settings_prepare_read_must_match_its_corpus(tmp_path):
