@@ -635,12 +635,18 @@ def main() -> int:
     if args.replot:
         saved = out / "think_longer.json"
         if not saved.is_file():
-            p.error(f"--replot: {saved} does not exist; run the benchmark with --out {out} first")
-        doc = json.loads(saved.read_text())
-        results = doc["tasks"]
-        for name, result in results.items():  # files written before loop_range was recorded lack it
-            result.setdefault("loop_range", loop_range(result["loops"]))
-            result["verdict"] = verdict(result, name)
+            p.error(f"--replot: {saved} {'is a folder' if saved.is_dir() else 'does not exist'}; run the benchmark "
+                    f"with --out {out} first")
+        try:  # a file cut short or of another shape was a traceback (JSONDecodeError, KeyError, TypeError)
+            doc = json.loads(saved.read_text())
+            results = doc["tasks"]
+            for name, result in results.items():  # files written before loop_range was recorded lack it
+                result.setdefault("loop_range", loop_range(result["loops"]))
+                result["verdict"] = verdict(result, name)
+                markdown(name, result)  # reads every field the tables need
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            p.error(f"--replot: {saved} is not a result of this script ({type(e).__name__}: {e}); run the benchmark "
+                    f"with --out {out} again")
     else:
         for name in names:
             ablations = tuple(m for m in models(TASKS[name], ablate=True) if m.startswith("looped-no-"))

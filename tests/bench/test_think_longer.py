@@ -262,3 +262,17 @@ def test_every_task_and_model_is_checked_before_any_training(argv, message, monk
     with pytest.raises(SystemExit) as info:
         think_longer.main()
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,why", [('{"tasks": ', "JSONDecodeError"), ("[]", "TypeError"), ("{}", "KeyError: 'tasks'"),
+                                      ('{"tasks": {"maze": {"rows": []}}}', "KeyError")])
+def test_replot_of_a_damaged_result_file_is_one_line(text, why, tmp_path, monkeypatch, capsys):
+    """#27 pass 20: --replot of a think_longer.json cut short or of another shape was a traceback."""
+    (tmp_path / "think_longer.json").write_text(text)
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", "--replot", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        think_longer.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"error: --replot: {tmp_path / 'think_longer.json'} is not a result of this script ({why}" in err
+    assert (tmp_path / "think_longer.json").read_text() == text  # left as it was
