@@ -304,6 +304,25 @@ def write_out(path: Path, text: str, shown: str) -> None:
         raise AnalysisError(f"--out {path}: cannot write it ({e.strerror or e}); the results are {shown}") from None
 
 
+def read_wall(record: Path) -> float:
+    """The training seconds a run's wall record holds (0 when it has none); AnalysisError for a damaged one (a
+    record cut short by a kill was a JSONDecodeError traceback when the benchmark was run again)."""
+    if not record.is_file():
+        return 0.0
+    try:
+        return float(json.loads(record.read_text())["train_wall_s"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnalysisError(f"{record} is damaged ({type(e).__name__}: {e}); delete it, and the run's training time "
+                            f"is counted from its next training") from None
+
+
+def write_wall(record: Path, spent: float, steps: int) -> None:
+    """Write a run's wall record whole (a temporary file renamed over it): a kill leaves the old one or the new."""
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps({"train_wall_s": spent, "steps": steps}))
+    tmp.replace(record)
+
+
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """``title`` over a Markdown table of ``rows`` (numbers formatted by `_fmt`)."""
     return title + "\n" + format_table(header, [[_fmt(c) for c in r] for r in rows], markdown=True)

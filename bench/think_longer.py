@@ -271,7 +271,7 @@ def train_timed(cfg: Config) -> float:
     """Train (or resume) one run; returns the wall seconds its training has taken in all. The total is
     kept in the run directory, so a rerun over finished runs reports their training time, not 0."""
     record = cfg.run_dir / WALL_RECORD
-    spent = json.loads(record.read_text())["train_wall_s"] if record.is_file() else 0.0
+    spent = C.read_wall(record)
     ckpts = cfg.run_dir / "checkpoints"
     done = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
     t0 = time.time()
@@ -279,7 +279,7 @@ def train_timed(cfg: Config) -> float:
         train(cfg)
     if done < cfg.train.steps or not record.is_file():  # this call trained (or nothing was recorded)
         spent += time.time() - t0
-        record.write_text(json.dumps({"train_wall_s": spent, "steps": cfg.train.steps}))
+        C.write_wall(record, spent, cfg.train.steps)
     return spent
 
 
