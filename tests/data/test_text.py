@@ -141,6 +141,10 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
             np.testing.assert_array_equal(x["targets"], y["targets"])
     with pytest.raises(DataError, match="already exists; pass --force"):
         prepare_corpus(cfg_for(tmp_path, [path], *extra), out, progress=False)
+    # #27 pass 20: beside other paths its shards were read as text ("not UTF-8 text; convert it with iconv")
+    with pytest.raises(DataError, match=rf"^data.paths: {out} is a corpus written by `loopformer prepare`, which is "
+                                        r"read alone; make it the only entry of data.paths"):
+        build_data(cfg_for(tmp_path, [out, path], *extra))
 
 
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
