@@ -109,6 +109,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every seed")
     args = p.parse_args()
     C.at_least(p, args, {"--seeds": 1})
+    C.at_most(p, args, {"--seeds": C.SEEDS})  # 99999999999 trained seed after seed, its results written never
     for key, flag in (("seed", "--seeds"), ("run.dir", "--out")):
         given = next((o for o in args.overrides if o.split("=")[0].strip() == key), None)
         if given:  # each seed's run sets both: the override was accepted and not used

@@ -116,6 +116,7 @@ CASES = [
     ("loop_overhead", ["--skip", "compile", "--skip", "sweep"], "--skip is given twice; give it once"),
     # the twentieth pass: shares without 1 never ran the rows and tokens past the largest buffer (silently wrong)
     ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': give comma-separated shares >= 1, 1 among"),
+    ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "99999999999"], "--seeds 99999999999: at most 1,000"),
 ]
 
 
