@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,18 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"malformed override '{item}': write key=value, e.g. train.steps=200")
         out.append((key.strip(), _parse_value(text)))
     return out
+
+
+def repeated_override(overrides: Sequence[str]) -> str | None:
+    """Why a command line's ``key=value`` overrides cannot all be honoured (two set one key: the last won with no
+    word), or None. Said of the user's own list: a script that layers its settings over theirs calls `load_config`."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in seen:
+            return f"{seen[key]} and {item} both set {key}; give it once (the last one would win with no word)"
+        seen[key] = item
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

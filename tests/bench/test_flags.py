@@ -117,6 +117,10 @@ CASES = [
     # the twentieth pass: shares without 1 never ran the rows and tokens past the largest buffer (silently wrong)
     ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': give comma-separated shares >= 1, 1 among"),
     ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "99999999999"], "--seeds 99999999999: at most 1,000"),
+    ("seeds", ["--config", "configs/quickstart.yaml", "train.steps=2", "train.steps=3"],  # the last one won
+     "train.steps=2 and train.steps=3 both set train.steps; give it once"),
+    ("recipe_cost", ["--config", "configs/quickstart.yaml", "train.ema=0.9", "train.ema=0.99"],
+     "train.ema=0.9 and train.ema=0.99 both set train.ema; give it once"),
 ]
 
 
