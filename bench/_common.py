@@ -25,6 +25,7 @@ from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
+from loopformer.runs.layout import RunDir, outside_runs  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
 SIZES: dict[str, dict[str, Any]] = {
@@ -77,7 +78,17 @@ def out_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} (permission denied)")
     if path.exists() and not os.access(path, os.W_OK):  # a traceback after the work, which was lost with it
         raise argparse.ArgumentTypeError(f"{text} is read-only for this user; make it writable or name another file")
-    return path
+    return _outside_runs(path)
+
+
+def _outside_runs(path: Path) -> Path:
+    """``path`` unless a run directory holds it: a file there replaced the run's own (config.yaml, metrics.jsonl) or,
+    in checkpoints/, was replaced by a checkpoint of its name; a folder was refused by the first training, naming
+    run.dir / run.name, which the user never gave."""
+    try:
+        return outside_runs(path)
+    except LoopformerError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--out ")) from None
 
 
 def out_folder(text: str) -> Path:
@@ -99,7 +110,10 @@ def out_folder(text: str) -> Path:
     if fixed:
         raise argparse.ArgumentTypeError(f"{text}: {fixed.name} is read-only for this user, and the results are "
                                          f"written there; make it writable or choose another folder")
-    return path
+    if RunDir(path).holds_run:  # its runs would be written inside it
+        raise argparse.ArgumentTypeError(f"{text} is a run directory; give a folder outside any run for the runs and "
+                                         f"results")
+    return _outside_runs(path)
 
 
 def folder(text: str) -> Path:
@@ -288,6 +302,25 @@ def write_out(path: Path, text: str, shown: str) -> None:
         path.write_text(text)
     except OSError as e:
         raise AnalysisError(f"--out {path}: cannot write it ({e.strerror or e}); the results are {shown}") from None
+
+
+def read_wall(record: Path) -> float:
+    """The training seconds a run's wall record holds (0 when it has none); AnalysisError for a damaged one (a
+    record cut short by a kill was a JSONDecodeError traceback when the benchmark was run again)."""
+    if not record.is_file():
+        return 0.0
+    try:
+        return float(json.loads(record.read_text())["train_wall_s"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnalysisError(f"{record} is damaged ({type(e).__name__}: {e}); delete it, and the run's training time "
+                            f"is counted from its next training") from None
+
+
+def write_wall(record: Path, spent: float, steps: int) -> None:
+    """Write a run's wall record whole (a temporary file renamed over it): a kill leaves the old one or the new."""
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps({"train_wall_s": spent, "steps": steps}))
+    tmp.replace(record)
 
 
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

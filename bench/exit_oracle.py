@@ -187,9 +187,9 @@ def compact_shares(p: C.ArgumentParser, text: str) -> tuple[float, ...]:
         shares = tuple(float(v) for v in text.split(","))
     except ValueError:
         shares = ()
-    if not shares or not all(np.isfinite(x) and x >= 1 for x in shares):
-        p.error(f"--compact-shares {text!r}: give comma-separated shares >= 1 (1: the whole batch, 2: half its rows "
-                f"and tokens, ...), e.g. 1,2,4,8")
+    if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or 1 not in shares:
+        p.error(f"--compact-shares {text!r}: give comma-separated shares >= 1, 1 among them (1: the whole batch, 2: "
+                f"half its rows and tokens, ...), e.g. 1,2,4,8")
     C.once(p, "--compact-shares", [f"{x:g}" for x in shares])
     return shares
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import load_config  # noqa: E402
+from loopformer.config.load import repeated_override  # noqa: E402
 from loopformer.data.sources import build_data  # noqa: E402
 from loopformer.runs.restore import make_model  # noqa: E402
 from loopformer.train.optim import make_optimizer  # noqa: E402
@@ -77,6 +78,8 @@ def main() -> int:
     p.add_argument("overrides", nargs="+", metavar="key=value", help="the change whose cost is measured")
     args = p.parse_args()
     C.at_least(p, args, {"--steps": 1, "--rounds": 1})
+    if repeated_override(args.overrides):  # the last one would win with no word
+        p.error(repeated_override(args.overrides))
     doc = measure(args.config, args.overrides, args.steps, args.rounds)
     print(json.dumps(doc) if args.json else
           f"{args.config}: base {doc['base_ms']:.1f} ms/step, with {' '.join(args.overrides)} "

@@ -74,13 +74,13 @@ def config(model: str, steps: int, out: Path) -> Config:
 def train_timed(cfg: Config) -> float:
     """Train (or resume) a run; its total training wall time, kept in the run directory."""
     record = cfg.run_dir / "routing_train_wall.json"
-    spent = json.loads(record.read_text())["train_wall_s"] if record.is_file() else 0.0
+    spent = C.read_wall(record)
     t0 = time.time()
     with contextlib.redirect_stdout(sys.stderr):
         result = train(cfg)
     if result.step >= cfg.train.steps and (not record.is_file() or time.time() - t0 > 5):
         spent += time.time() - t0
-        record.write_text(json.dumps({"train_wall_s": spent, "steps": cfg.train.steps}))
+        C.write_wall(record, spent, cfg.train.steps)
     return spent
 
 

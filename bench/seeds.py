@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.config import load_config  # noqa: E402
+from loopformer.config.load import repeated_override  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.train.trainer import train  # noqa: E402
 
@@ -109,6 +110,9 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every seed")
     args = p.parse_args()
     C.at_least(p, args, {"--seeds": 1})
+    if repeated_override(args.overrides):  # the last one would win with no word
+        p.error(repeated_override(args.overrides))
+    C.at_most(p, args, {"--seeds": C.SEEDS})  # 99999999999 trained seed after seed, its results written never
     for key, flag in (("seed", "--seeds"), ("run.dir", "--out")):
         given = next((o for o in args.overrides if o.split("=")[0].strip() == key), None)
         if given:  # each seed's run sets both: the override was accepted and not used

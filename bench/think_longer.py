@@ -295,7 +295,7 @@ def train_timed(cfg: Config) -> float:
     """Train (or resume) one run; returns the wall seconds its training has taken in all. The total is
     kept in the run directory, so a rerun over finished runs reports their training time, not 0."""
     record = cfg.run_dir / WALL_RECORD
-    spent = json.loads(record.read_text())["train_wall_s"] if record.is_file() else 0.0
+    spent = C.read_wall(record)
     ckpts = cfg.run_dir / "checkpoints"
     done = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
     t0 = time.time()
@@ -303,7 +303,7 @@ def train_timed(cfg: Config) -> float:
         train(cfg)
     if done < cfg.train.steps or not record.is_file():  # this call trained (or nothing was recorded)
         spent += time.time() - t0
-        record.write_text(json.dumps({"train_wall_s": spent, "steps": cfg.train.steps}))
+        C.write_wall(record, spent, cfg.train.steps)
     return spent
 
 
@@ -660,12 +660,18 @@ def main() -> int:
     if args.replot:
         saved = out / "think_longer.json"
         if not saved.is_file():
-            p.error(f"--replot: {saved} does not exist; run the benchmark with --out {out} first")
-        doc = json.loads(saved.read_text())
-        results = doc["tasks"]
-        for name, result in results.items():  # files written before loop_range was recorded lack it
-            result.setdefault("loop_range", loop_range(result["loops"]))
-            result["verdict"] = verdict(result, name)
+            p.error(f"--replot: {saved} {'is a folder' if saved.is_dir() else 'does not exist'}; run the benchmark "
+                    f"with --out {out} first")
+        try:  # a file cut short or of another shape was a traceback (JSONDecodeError, KeyError, TypeError)
+            doc = json.loads(saved.read_text())
+            results = doc["tasks"]
+            for name, result in results.items():  # files written before loop_range was recorded lack it
+                result.setdefault("loop_range", loop_range(result["loops"]))
+                result["verdict"] = verdict(result, name)
+                markdown(name, result)  # reads every field the tables need
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            p.error(f"--replot: {saved} is not a result of this script ({type(e).__name__}: {e}); run the benchmark "
+                    f"with --out {out} again")
     else:
         for name in names:
             ablations = tuple(m for m in models(TASKS[name], ablate=True) if m.startswith("looped-no-"))

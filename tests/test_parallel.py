@@ -223,9 +223,15 @@ def test_all_meshes_match_single_device():
     assert "checkpoint (8, 1, 1) -> (2, 2, 2): restored and continued" in out
 
 
+def layered(base: list[str], *extra: str) -> list[str]:
+    """``base`` with ``extra`` in place of its own settings of their keys: a command line refuses a key given twice."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)
+
+
 # The tiny config with a 32-entry vocabulary, trained on a data=2 x fsdp=2 mesh.
-MESHED = [*TINY, "model.vocab_size=32", "data.eval_splits={train: [1, 2]}", "train.log_every=1",
-          "train.eval_every=100", "train.checkpoint_every=2", "mesh.data=2", "mesh.fsdp=2"]
+MESHED = layered(TINY, "model.vocab_size=32", "data.eval_splits={train: [1, 2]}", "train.log_every=1",
+                 "train.eval_every=100", "train.checkpoint_every=2", "mesh.data=2", "mesh.fsdp=2")
 
 
 def free_port() -> int:
@@ -236,8 +242,8 @@ def free_port() -> int:
 
 def launch_two(tmp_path: Path, *overrides: str) -> list[subprocess.CompletedProcess]:
     port = free_port()
-    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.yaml", *MESHED, f"run.dir={tmp_path}",
-           "run.name=mp", *overrides]
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.yaml",
+           *layered(MESHED, f"run.dir={tmp_path}", "run.name=mp", *overrides)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=subprocess_env(2, LOOPFORMER_COORDINATOR=f"127.0.0.1:{port}",
                                                  LOOPFORMER_NUM_PROCESSES="2", LOOPFORMER_PROCESS_ID=str(i)))

@@ -154,6 +154,12 @@ def _main(argv: list[str] | None) -> int:
             args.overrides += extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from loopformer.config.load import repeated_override
+
+        twice = repeated_override(getattr(args, "overrides", None) or [])
+        if twice:
+            print(f"error: {twice}", file=sys.stderr)
+            return 2
         examples = getattr(args, "examples", None)
         if examples is not None and examples > MAX_EVAL_EXAMPLES:
             print(f"error: --examples {examples}: at most {MAX_EVAL_EXAMPLES:,} per split (they are all built in "

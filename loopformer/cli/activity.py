@@ -50,6 +50,6 @@ def activity_command(args: argparse.Namespace) -> int:
                "examples_per_split": counts, "on_fraction": activity.ON_FRACTION, "on_threshold": thresholds,
                "rows": rows, "examples": examples, "files": files}
         return doc, "\n".join([tables.header_line(info, run.step, tables.scored(counts)),
-                               tables.activity_table(rows, thresholds, info, args.mode), "wrote " + ", ".join(files)])
+                               tables.activity_table(rows, thresholds, info, args.mode, loops), "wrote " + ", ".join(files)])
 
     return emit(args, body)

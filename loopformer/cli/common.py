@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from loopformer.errors import AnalysisError, PlanError
+from loopformer.errors import AnalysisError, DataError, PlanError
 from loopformer.model import plan
 from loopformer.runs.layout import replace_file, special
 from loopformer.runs.log import log
@@ -116,8 +116,22 @@ def probe_sets(args: argparse.Namespace, run: Any) -> dict[str, list[Any]] | Non
                             f"the synthetic task '{run.info.cfg.data.task}'")
     fmt = run.info.cfg.data.prompt_format
     probes = read_probes(args.probe)[: args.examples]  # --examples: the first N probes (a file holds tens)
-    return run.check_fits({PROBE_SPLIT: probe_batches(probes, lambda text: prompt_ids(tokenizer, text, fmt),
-                                                      tokenizer.encode, min(16, len(probes)))})
+
+    def prompt(text: str) -> list[int]:
+        try:
+            return prompt_ids(tokenizer, text, fmt)
+        except PlanError as e:  # it named --prompt, a flag not given
+            raise DataError(f"--probe {args.probe}: the prompt {text!r}{str(e).removeprefix('--prompt')}") from None
+
+    def answer(text: str) -> list[int]:
+        dropped = tokenizer.unencodable(text) if hasattr(tokenizer, "unencodable") else []
+        if dropped:  # the answer scored would not be the one given
+            raise DataError(f"--probe {args.probe}: the answer {text!r}: the run's tokenizer has no token for "
+                            f"{', '.join(map(repr, dropped[:5]))} and no unknown token, so they would be dropped "
+                            f"silently; leave them out of the answer")
+        return tokenizer.encode(text)
+
+    return run.check_fits({PROBE_SPLIT: probe_batches(probes, prompt, answer, min(16, len(probes)))})
 
 
 def exit_flags(p: argparse.ArgumentParser, *, many: bool, compact: bool = True) -> None:

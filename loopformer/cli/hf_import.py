@@ -39,6 +39,8 @@ def _fixed(key: str, folder: Path) -> str | None:
         return f"an imported run's tokenizer is {folder / TOKENIZER}, the one the weights were trained with"
     if keys[:2] == ["data", "task"]:
         return "an imported run is a text run (data.task=text), its data the --data files"
+    if keys[:2] == ["data", "paths"]:  # it replaced --data's files with no word
+        return "--data names the imported run's text (data.paths); give the files with --data"
     if keys[0] == "run":
         return "--out names the imported run's directory"
     return None

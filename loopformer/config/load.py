@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,9 @@ class YAMLSize(Refused):
     """A document whose aliases expand past any config (a YAML "billion laughs"), or hold themselves."""
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping, naming the key and both lines."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (`DuplicateKey`), naming the key and both lines:
+    a config's, and a run's own config.yaml edited by hand (where the last value won with no word)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -129,6 +131,10 @@ class _StrictLoader(yaml.SafeLoader):
                     raise DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
                 seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+class _StrictLoader(UniqueKeyLoader):
+    """`UniqueKeyLoader` that keeps the text of a number YAML reads in another form (`_Spelled`)."""
 
 
 class _Spelled(str):
@@ -266,6 +272,18 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"malformed override '{item}': write key=value, e.g. train.steps=200")
         out.append((key.strip(), _parse_value(text)))
     return out
+
+
+def repeated_override(overrides: Sequence[str]) -> str | None:
+    """Why a command line's ``key=value`` overrides cannot all be honoured (two set one key: the last won with no
+    word), or None. Said of the user's own list: a script that layers its settings over theirs calls `load_config`."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in seen:
+            return f"{seen[key]} and {item} both set {key}; give it once (the last one would win with no word)"
+        seen[key] = item
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -557,7 +557,8 @@ class MixtureEntry:
         _check(bool(self.task), f"{path}.task: name the entry's task, e.g. {{task: prefix_parity, weight: 1}}")
         _check(bool(self.name) and SPLIT_SEP not in self.name and "." not in self.name,
                f"{path}.name: '{self.name}' must be non-empty without '{SPLIT_SEP}' or '.' (it prefixes split names)")
-        _check(math.isfinite(self.weight) and self.weight > 0, f"{path}.weight must be > 0, got {self.weight}")
+        _check(math.isfinite(self.weight) and self.weight > 0,
+               f"{path}.weight must be a finite number > 0, got {self.weight}")
         if self.task == "text":
             _check(len(self.paths) >= 1, f"{path}.paths: name the corpus of a text entry, e.g. "
                    f"paths: ['asset:kjv_genesis_exodus.txt']")

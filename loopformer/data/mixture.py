@@ -242,9 +242,9 @@ class MixtureSource(DataSource):
                 e.text.save(run_dir)
 
     def describe(self) -> str:
-        total = sum(e.weight for e in self.cfg.data.mixture)
-        parts = [f"{e.cfg.name} ({e.cfg.task}, {100 * e.cfg.weight / total:.0f}% of examples, ids "
-                 f"{o}..{o + e.vocab_size - 1}, T {e.seq_len()})" for e, o in zip(self.entries, self.offsets, strict=True)]
+        shares = np.diff(self.cumulative, prepend=0.0)  # the draw's own shares (a sum of the weights may be inf)
+        parts = [f"{e.cfg.name} ({e.cfg.task}, {100 * share:.0f}% of examples, ids {o}..{o + e.vocab_size - 1}, T "
+                 f"{e.seq_len()})" for e, o, share in zip(self.entries, self.offsets, shares, strict=True)]
         return f"mixture of {len(parts)} tasks: " + "; ".join(parts) + f"; vocab {self.vocab_size}, seq_len {self.seq_len}"
 
 

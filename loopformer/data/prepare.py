@@ -61,7 +61,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.errors import DataError
-from loopformer.runs.layout import dead_siblings, unwritable_target
+from loopformer.runs.layout import dead_siblings, outside_runs, unwritable_target
 from loopformer.runs.lock import exclusive, in_use
 from loopformer.runs.log import progress_bar
 
@@ -236,6 +236,7 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
         raise DataError(f"data.paths names a prepared corpus ({d.paths[0]}): point it at the raw text files")
     check_sizes(chunk_tokens, shard_tokens)
     out = Path(out).expanduser()
+    outside_runs(out)  # in a run's checkpoints/ the corpus was read as a corrupt step, and pruned with them
     paths = expand_paths(d.paths)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -216,7 +216,11 @@ def prepared_dir(cfg: Config) -> Path | None:
         if nearest.is_dir() and not os.access(nearest, os.R_OK | os.X_OK):
             raise DataError(f"data.paths: this user may not read the folder {nearest}; make it readable (chmod -R u+rX "
                             f"{shlex.quote(str(nearest))})")
-    looks_prepared = len(paths) == 1 and (paths[0].name == META_FILE or (paths[0] / META_FILE).is_file())
+    prepared = [p for p in paths if p.name == META_FILE or (p / META_FILE).is_file()]
+    if d.format == "auto" and prepared and len(paths) > 1:  # its shards were read as text: "not UTF-8; iconv it"
+        raise DataError(f"data.paths: {prepared[0]} is a corpus written by `loopformer prepare`, which is read alone; "
+                        f"make it the only entry of data.paths, or name the raw text files instead")
+    looks_prepared = len(paths) == 1 and bool(prepared)
     if d.format == "arrayrecord" or (d.format == "auto" and looks_prepared):
         if len(paths) != 1:
             raise DataError(f"data.format=arrayrecord reads one directory made by `loopformer prepare`; "

@@ -59,14 +59,16 @@ def asset_path(name: str) -> Path:
 
 def expand_paths(patterns: Sequence[str]) -> list[Path]:
     """Files named by ``data.paths``: ``asset:NAME``, plain paths, globs (``**`` recurses) and
-    directories (their files, recursively), each expansion sorted; DataError if one matches nothing."""
+    directories (their files, recursively), each expansion sorted; DataError if one matches nothing, or a file is
+    matched twice (its documents were read twice, with no word)."""
     if not patterns:
         raise DataError("data.paths is empty: name the corpus files, e.g. data.paths=['corpus/*.txt'] "
                         "(or data.paths=['asset:kjv_genesis_exodus.txt'] for the shipped text)")
     out: list[Path] = []
+    by: dict[Path, tuple[str, Path]] = {}  # each file's first pattern and path
     for pattern in patterns:
         if pattern.startswith(ASSET_PREFIX):
-            out.append(asset_path(pattern[len(ASSET_PREFIX):]))
+            _once(asset_path(pattern[len(ASSET_PREFIX):]), pattern, by, out)
             continue
         expanded = Path(pattern).expanduser()
         if glob.has_magic(pattern):
@@ -85,8 +87,22 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
             what = "glob" if glob.has_magic(pattern) else "path"
             raise DataError(f"data.paths: {what} '{pattern}' matches no file (relative paths are read from "
                             f"{Path.cwd()}); fix the path or run from the directory it is relative to")
-        out.extend(found)
+        for path in found:
+            _once(path, pattern, by, out)
     return out
+
+
+def _once(path: Path, pattern: str, by: dict[Path, tuple[str, Path]], out: list[Path]) -> None:
+    """Add ``path`` (matched by ``pattern``) to ``out``; DataError when it, or a link to its file, was matched before."""
+    key = path.resolve()
+    if key in by:
+        first, seen = by[key]
+        both = f"'{pattern}' names" if first == pattern else f"'{first}' and '{pattern}' name"
+        what = str(path) if seen == path else f"one file twice ({seen} and {path})"
+        raise DataError(f"data.paths: {both} {what}{' twice' if seen == path else ''}, and its documents would be "
+                        f"read twice; name each file once")
+    by[key] = (pattern, path)
+    out.append(path)
 
 
 def file_format(path: Path, fmt: str) -> str:

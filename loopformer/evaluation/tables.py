@@ -213,10 +213,12 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
     replace_file(path, text.getvalue().encode("utf-8"))
 
 
-def activity_table(rows: Sequence[Row], thresholds: Mapping[str, float], info: RunInfo, mode: str) -> str:
-    """Per split and circuit: on-rate, mean write norm, mean Δloss when the circuit is removed."""
+def activity_table(rows: Sequence[Row], thresholds: Mapping[str, float], info: RunInfo, mode: str,
+                   loops: Mapping[str, int] | None = None) -> str:
+    """Per split and circuit at ``loops`` (None: the eval_loops): on-rate, mean write norm, mean Δloss when the
+    circuit is removed."""
     what = "zeros" if mode == "zero" else "its mean output"
-    lines = [f"circuit activity at loops {loops_str(info.defaults)}: on = write norm ||g·out|| above 10% of the "
+    lines = [f"circuit activity at loops {loops_str(info.full_loops(loops))}: on = write norm ||g·out|| above 10% of the "
              f"split's largest per-circuit median write norm; Δloss = CE with the circuit removed ({mode}: "
              f"{what}) - CE, per answer token"]
     body = [[split_label(info, r["split"]), r["circuit"], pct(r["on_rate"]), f"{r['mean_write_norm']:.4g}",

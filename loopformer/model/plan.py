@@ -36,7 +36,7 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    give the same logits
     compact_shares                 static: the buffer sizes of compacted inference, as shares s >= 1 of the batch's
                                    rows and of the sequence (caps ceil(B / s) by ceil(T / s), one compiled branch per
-                                   pair); default COMPACT_SHARES, read when the plan is made; a masked plan
+                                   pair), 1 among them; default COMPACT_SHARES, read when the plan is made; a masked plan
                                    (compact False) keeps none, so its program does not depend on them
     schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
                                    in this order, -1 entries skipped (`loopformer.model.schedule`); every
@@ -280,6 +280,9 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
     if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or len(set(shares)) < len(shares):
         raise PlanError(f"compact_shares {list(shares)}: give distinct shares of at least 1, e.g. 1, 2, 4, 8 (a buffer of "
                         f"the whole batch, of half its rows and tokens, ...)")
+    if 1 not in shares:  # the largest buffer is then smaller than the batch: the tokens past it were never run
+        raise PlanError(f"compact_shares {list(shares)}: include 1 (a buffer of the whole batch, for the iterations "
+                        f"where every token runs), e.g. 1, {', '.join(f'{x:g}' for x in shares)}")
     if compact is False:
         shares = ()  # masked: no buffers, and no separate program per setting of them
     return Plan(loops={c: jnp.asarray(loops[c], jnp.int32) for c in circuits},

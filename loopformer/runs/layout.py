@@ -204,6 +204,13 @@ def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> 
     return None
 
 
+def not_a_folder(path: Path) -> Path | None:
+    """``path``, or the nearest of its parents that exists, when that is a file (or a pipe or a device): no folder
+    can be made there (mkdir said "File exists" or "Not a directory", which named no file)."""
+    nearest = next((p for p in (path, *path.parents) if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (this process counts as not: an earlier call in it writes no more)."""
     if pid == os.getpid():

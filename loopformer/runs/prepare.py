@@ -14,7 +14,7 @@ import jax
 
 from loopformer.config import ARCHITECTURE, SCHEDULE, TASK, Change, Config, circuit_label, config_changes, config_from_dict
 from loopformer.errors import CheckpointError, ConfigError
-from loopformer.runs.layout import WRITE_PROBE, RunDir, outside_runs, read_only, special
+from loopformer.runs.layout import WRITE_PROBE, RunDir, not_a_folder, outside_runs, read_only, special
 from loopformer.runs.read import read_config_dict
 
 
@@ -65,6 +65,10 @@ def make_run_dir(cfg: Config) -> Path:
     # inside another run, its checkpoints/ above all, the run was read as a corrupt checkpoint of that one (with
     # advice to delete it) or pruned with its checkpoints
     outside_runs(run_dir, "run.dir / run.name")
+    blocked = not_a_folder(run_dir)
+    if blocked:  # mkdir's "File exists" or "Not a directory" named no file
+        raise ConfigError(f"run.dir / run.name: {blocked} is a file, not a directory; set run.dir=<a directory> or "
+                          f"run.name=<another name>")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f"{WRITE_PROBE}{jax.process_index()}"

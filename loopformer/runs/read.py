@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from loopformer.config import Config, config_from_dict
+from loopformer.config.load import DuplicateKey, UniqueKeyLoader
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import AnalysisError, CheckpointError
 from loopformer.model.plan import resolve_loops
@@ -33,10 +34,12 @@ def read_config_dict(path: Path, run_dir: Path) -> dict[str, Any]:
     """The config file ``path`` of run ``run_dir`` as a dict; CheckpointError when it is corrupt or
     comes from an older layout."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as e:  # a binary or re-encoded file: yaml never sees it
         raise CheckpointError(f"{path} is corrupt (not UTF-8 text: bad byte at offset {e.start}); delete {run_dir} "
                               f"to start over") from None
+    except DuplicateKey as e:  # edited by hand: the last value won with no word (a config given to train is refused)
+        raise CheckpointError(f"{path}: {e}") from None
     except yaml.YAMLError:
         raise CheckpointError(f"{path} is corrupt (not YAML); delete {run_dir} to start over") from None
     if not isinstance(data, dict):

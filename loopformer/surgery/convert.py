@@ -66,17 +66,22 @@ def parse_range(text: str, flag: str) -> tuple[int, int]:
 
 
 def parse_layers(items: Iterable[str], flag: str = "--drop") -> frozenset[int]:
-    """Layer indices from ``["4:10", "12", "14,15"]`` (ranges are half-open)."""
+    """Layer indices from ``["4:10", "12", "14,15"]`` (ranges are half-open); a layer named twice is refused, as a
+    repeated entry of every list flag is."""
     out: set[int] = set()
     for item in items:
         for part in str(item).split(","):
             if ":" in part:
                 a, b = parse_range(part, flag)
-                out |= set(range(a, b))
+                layers = set(range(a, b))
             elif part.strip().isdigit():
-                out.add(int(part))
+                layers = {int(part)}
             else:
                 raise ConfigError(f"{flag} {item}: write layer indices or ranges START:END, e.g. {flag} 4:10")
+            if out & layers:
+                named = " ".join(f"{flag} {i}" for i in items)
+                raise ConfigError(f"{named} names layer {min(out & layers)} twice; give each layer once")
+            out |= layers
     return frozenset(out)
 
 

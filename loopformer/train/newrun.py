@@ -20,7 +20,7 @@ from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
-from loopformer.runs.layout import RunDir, dead_siblings, outside_runs, unwritable_target
+from loopformer.runs.layout import RunDir, dead_siblings, not_a_folder, outside_runs, unwritable_target
 from loopformer.runs.log import log
 from loopformer.runs.prepare import write_config
 from loopformer.train.optim import make_optimizer
@@ -39,6 +39,10 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
     problem = unwritable_target(path, "run", "run")
     if problem:
         raise ConfigError(problem)
+    blocked = not_a_folder(path)
+    if blocked:  # refused before any weight is read: the write failed after them as "Not a directory"
+        where = "" if blocked == path else f": {blocked}"
+        raise ConfigError(f"--out {out}{where} is a file, not a directory; choose another --out")
     return outside_runs(path)
 
 

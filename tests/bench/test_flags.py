@@ -114,6 +114,13 @@ CASES = [
     ("seeds", ["--config", "a.yaml", "--config", "b.yaml"], "--config is given twice; give it once"),
     ("think_longer", ["--seeds", "1", "--seeds", "2"], "--seeds is given twice; give it once"),
     ("loop_overhead", ["--skip", "compile", "--skip", "sweep"], "--skip is given twice; give it once"),
+    # the twentieth pass: shares without 1 never ran the rows and tokens past the largest buffer (silently wrong)
+    ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': give comma-separated shares >= 1, 1 among"),
+    ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "99999999999"], "--seeds 99999999999: at most 1,000"),
+    ("seeds", ["--config", "configs/quickstart.yaml", "train.steps=2", "train.steps=3"],  # the last one won
+     "train.steps=2 and train.steps=3 both set train.steps; give it once"),
+    ("recipe_cost", ["--config", "configs/quickstart.yaml", "train.ema=0.9", "train.ema=0.99"],
+     "train.ema=0.9 and train.ema=0.99 both set train.ema; give it once"),
 ]
 
 
@@ -140,6 +147,28 @@ def test_adaptive_out_that_is_a_file(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         script("adaptive").main()
     assert info.value.code == 2 and f"--out: {tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,where,message", [
+    ("compact", "run/config.yaml", "is inside the run"),  # the JSON replaced the run's config
+    ("compact", "run/checkpoints/7", "is inside the run"),  # a checkpoint of step 7 replaced the results
+    ("seeds", "run", "is a run directory; give a folder outside any run"),  # these two named run.dir / run.name,
+    ("adaptive", "run/sub", "is inside the run"),  # refused by the first training
+])
+def test_an_out_inside_a_run_is_refused_before_any_work(name, where, message, tmp_path, monkeypatch, capsys):
+    """#27 pass 20: a bench script's --out inside a run directory."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    module = script(name)
+    for attr in HEAVY:
+        if callable(getattr(module, attr, None)):
+            monkeypatch.setattr(module, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    config = ["--config", "configs/quickstart.yaml"] if name == "seeds" else []
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *config, "--out", str(tmp_path / where)])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    assert info.value.code == 2 and f"argument --out: {tmp_path / where} {message}" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_text() == "seed: 0\n" and not (tmp_path / "run" / "sub").exists()
 
 
 def test_adaptive_steps_none_is_the_default_and_a_number_is_used(monkeypatch, tmp_path):

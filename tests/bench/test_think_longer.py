@@ -171,6 +171,24 @@ def test_train_time_survives_a_rerun(tmp_path, monkeypatch):
     assert more >= first + 0.2  # continued training adds to it
 
 
+def test_a_damaged_wall_record_is_one_line(tmp_path, monkeypatch):
+    """#27 pass 20: a wall record cut short (a kill while it was written) was a JSONDecodeError traceback when the
+    benchmark ran again; it is now written whole (renamed into place) and a damaged one is named."""
+    from loopformer.config import load_config
+    from loopformer.errors import AnalysisError
+
+    monkeypatch.setattr(think_longer, "train", lambda cfg: pytest.fail("trained before the refusal"))
+    cfg = load_config(think_longer.BASE, [f"run.dir={tmp_path}", "train.steps=10"])
+    record = cfg.run_dir / think_longer.WALL_RECORD
+    record.parent.mkdir(parents=True)
+    record.write_text('{"train_wa')
+    with pytest.raises(AnalysisError, match=rf"^{record} is damaged \(JSONDecodeError: .*\); delete it, and the run's "
+                                            r"training time is counted from its next training$"):
+        think_longer.train_timed(cfg)
+    think_longer.C.write_wall(record, 1.5, 10)
+    assert think_longer.C.read_wall(record) == 1.5 and [p.name for p in record.parent.iterdir()] == [record.name]
+
+
 def test_the_default_suite_covers_the_issues_tasks():
     """The default run has a setting for each task the suite must have: prefix sums, p-hop, addition, a
     graph task (a maze); every entry is a setting, and each task appears once."""
@@ -262,3 +280,17 @@ def test_every_task_and_model_is_checked_before_any_training(argv, message, monk
     with pytest.raises(SystemExit) as info:
         think_longer.main()
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,why", [('{"tasks": ', "JSONDecodeError"), ("[]", "TypeError"), ("{}", "KeyError: 'tasks'"),
+                                      ('{"tasks": {"maze": {"rows": []}}}', "KeyError")])
+def test_replot_of_a_damaged_result_file_is_one_line(text, why, tmp_path, monkeypatch, capsys):
+    """#27 pass 20: --replot of a think_longer.json cut short or of another shape was a traceback."""
+    (tmp_path / "think_longer.json").write_text(text)
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", "--replot", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        think_longer.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"error: --replot: {tmp_path / 'think_longer.json'} is not a result of this script ({why}" in err
+    assert (tmp_path / "think_longer.json").read_text() == text  # left as it was

@@ -35,6 +35,13 @@ def test_activity_on_a_single_task_run(run_dir, capsys):
     assert "hard [4]" in table and "on-rate" in table and "mean Δloss" in table
 
 
+def test_the_table_names_the_loops_given(run_dir, capsys):
+    """#27 pass 20: `activity --loops X=3` measured at X=3 (its JSON said so) under a table headed "circuit activity
+    at loops X=2 Y=3", the run's eval_loops."""
+    assert main(["activity", "--run", str(run_dir), "--examples", "4", "--split", "hard", "--loops", "X=3"]) == 0
+    assert "circuit activity at loops X=3 Y=3:" in capsys.readouterr().out
+
+
 def test_activity_on_a_text_run(text_run_dir, capsys):
     doc = run_json(capsys, "activity", "--run", str(text_run_dir), "--examples", "4", "--split", "val")
     check(doc, ["val"], ["X"])

@@ -673,6 +673,27 @@ def test_outputs_inside_a_run_are_refused_and_step_0_is_a_step(run_dir, capsys):
     assert "positive integer" not in err and "step 0" in err
 
 
+def test_an_out_or_run_dir_that_is_a_file_is_named_before_any_work(tmp_path, run_dir, capsys):
+    """#27 pass 20: convert or import --out FILE failed after reading the weights as "writing the run failed (Not a
+    directory)", --out FILE/sub as "cannot write to FILE (File exists)", and train with run.name naming a file as
+    "run.dir: cannot write to FILE (File exists)"; prepare and export named the file."""
+    from loopformer.config import load_config
+    from loopformer.errors import ConfigError
+    from loopformer.runs.prepare import make_run_dir
+    from loopformer.train.newrun import out_dir
+
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    with pytest.raises(ConfigError, match=rf"^--out {file} is a file, not a directory; choose another --out$"):
+        out_dir(str(file))
+    with pytest.raises(ConfigError, match=rf"^--out {file}/sub: {file} is a file, not a directory; choose another"):
+        out_dir(str(file / "sub"))
+    for overrides in ([f"run.dir={tmp_path}", "run.name=notes.txt"], [f"run.dir={file}", "run.name=x"]):
+        with pytest.raises(ConfigError, match=rf"^run.dir / run.name: {file} is a file, not a directory; set run.dir="):
+            make_run_dir(load_config(None, overrides))
+    assert file.read_text() == "mine"
+
+
 def test_generate_defaults_to_the_first_split_with_answers(tmp_path):
     """A mixture whose text entry comes first: `generate` without --example-split refused "--example-split
     kjv/val: a text entry's windows have no answers", a flag not given; it answers the first task split (issue 27

@@ -220,6 +220,8 @@ def test_import_keeps_the_overrides_it_honours(imported):
     # #27 pass 8: run.name / run.dir were accepted and dropped (the run went to --out)
     ("run.name=x", "--out names the imported run's directory"),
     ("run.dir=/tmp", "--out names the imported run's directory"),
+    # #27 pass 20: data.paths replaced --data's files (given or the default) with no word
+    ("data.paths=[a.txt]", "--data names the imported run's text (data.paths); give the files with --data"),
 ])
 def test_import_refuses_overrides_the_folder_fixes(folder, tmp_path, capsys, monkeypatch, override, why):
     monkeypatch.setattr(hf_import, "import_folder", unreachable)  # refused before the weights are read

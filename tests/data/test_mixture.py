@@ -64,6 +64,7 @@ def test_huge_weights_keep_their_shares():
     src = build_data(mixture(PARITY + ", weight: 1e308}", MAZE + ", weight: 1e308}"))
     tasks = np.array([src.entry_at(0, i) for i in range(2000)])
     assert abs(tasks.mean() - 0.5) < 0.05
+    assert "prefix_parity (prefix_parity, 50% of examples" in src.describe()  # #27 pass 20: the log said "nan%"
 
 
 def test_resume_and_shards():

@@ -45,3 +45,30 @@ def test_batches_mask_exactly_the_answer():
     np.testing.assert_array_equal(batch["mask"][0, :5], [0, 0, 1, 1, 0])  # targets c, d
     np.testing.assert_array_equal(batch["mask"][1, :5], [0, 0, 0, 1, 0])  # target w
     assert batch["segment_ids"].sum() == 4 + 4
+
+
+def test_a_probe_the_tokenizer_cannot_encode_is_named(tmp_path):
+    """#27 pass 20: a probe whose prompt encodes to no tokens (an imported tokenizer adds no BOS) was refused as
+    "--prompt encodes to no tokens", a flag not given; an answer's characters the tokenizer has no token for (and
+    no unknown token) were dropped, and a shorter answer scored, with no word."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
+
+    from loopformer.cli.common import probe_sets
+    from loopformer.data.tokenizers import HFTokenizer
+
+    bpe = HFTokenizer(HF(models.BPE(vocab={"a": 0, "b": 1, "</s>": 2, "ab": 3}, merges=[("a", "b")])), "file", "t.json")
+    run = SimpleNamespace(info=SimpleNamespace(data=bpe, path=tmp_path, cfg=SimpleNamespace(
+        data=SimpleNamespace(prompt_format="tokenizer"))), check_fits=lambda sets: sets)
+    probe = tmp_path / "p.jsonl"
+    args = SimpleNamespace(probe=str(probe), split=None, examples=10)
+    probe.write_text('{"prompt": "a", "answer": "ab"}\n')
+    assert probe_sets(args, run)["probe"][0]["mask"].sum() == 1  # "ab" is one token
+    for line, message in (('{"prompt": "", "answer": "b"}', r"the prompt '' encodes to no tokens; give a non-empty"),
+                          ('{"prompt": "a", "answer": "b日"}', r"the answer 'b日': the run's tokenizer has no token for "
+                                                              r"'日' and no unknown token, so they would be dropped")):
+        probe.write_text(line + "\n")
+        with pytest.raises(DataError, match=rf"^--probe {probe}: {message}"):
+            probe_sets(args, run)

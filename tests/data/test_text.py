@@ -141,6 +141,10 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
             np.testing.assert_array_equal(x["targets"], y["targets"])
     with pytest.raises(DataError, match="already exists; pass --force"):
         prepare_corpus(cfg_for(tmp_path, [path], *extra), out, progress=False)
+    # #27 pass 20: beside other paths its shards were read as text ("not UTF-8 text; convert it with iconv")
+    with pytest.raises(DataError, match=rf"^data.paths: {out} is a corpus written by `loopformer prepare`, which is "
+                                        r"read alone; make it the only entry of data.paths"):
+        build_data(cfg_for(tmp_path, [out, path], *extra))
 
 
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
@@ -199,6 +203,14 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     half.mkdir()
     (half / "train-00000.array_record").write_bytes(b"")
     assert "meta.json is missing" in error(tmp_path, [half], "data.format=arrayrecord")
+    # #27 pass 20: a file that data.paths names twice (itself twice, or a folder and a file in it) was read twice,
+    # every document of it doubled, with no word
+    a = two / "a.txt"
+    assert error(tmp_path, [a, a]) == (f"data.paths: '{a}' names {a} twice, and its documents would be read twice; "
+                                       f"name each file once")
+    assert error(tmp_path, [two, two / "*.txt"]).startswith(f"data.paths: '{two}' and '{two}/*.txt' name {a} twice")
+    (two / "link.txt").symlink_to(a)  # a folder holding a link to one of its files
+    assert error(tmp_path, [two]).startswith(f"data.paths: '{two}' names one file twice ({a} and {two / 'link.txt'})")
 
 
 def test_settings_prepare_read_must_match_its_corpus(tmp_path):
@@ -371,6 +383,18 @@ def test_a_second_prepare_on_one_out_names_the_first(tmp_path):
     assert not out.exists()
     prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)  # once it is done, the next one runs
     assert (out / "meta.json").is_file()
+
+
+def test_prepare_inside_a_run_is_refused(tmp_path):
+    """#27 pass 20: prepare --out RUN/checkpoints/9 wrote the corpus where every command read it as the run's corrupt
+    step 9 (advising to delete it) and the trainer prunes it; export, convert and import refused such an --out."""
+    path, _ = corpus(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match=rf"^--out {run}/checkpoints/9 is inside the run {run}; write it outside"):
+        prepare_corpus(cfg_for(tmp_path, [path]), run / "checkpoints" / "9", progress=False)
+    assert not (run / "checkpoints" / "9").exists()
 
 
 def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):

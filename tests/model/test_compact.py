@@ -103,6 +103,14 @@ def test_shares_below_one_repeated_or_none_are_refused(shares):
         make_plan(["X"], {"X": 2}, compact_shares=shares)
 
 
+@pytest.mark.parametrize("shares", [(2,), (2, 4, 8), (1.5, 3)])
+def test_shares_without_one_are_refused(shares):
+    """#27 pass 20: without 1 the largest buffer was smaller than the batch, and the rows and tokens past it were
+    never run (a smaller loss, mean loops below the rule's, computed loops below the mean)."""
+    with pytest.raises(PlanError, match=r"^compact_shares .*: include 1 \(a buffer of the whole batch"):
+        make_plan(["X"], {"X": 2}, compact_shares=shares)
+
+
 def test_deeper_circuits_and_fixed_counts_run_masked():
     """A two-block circuit's frozen token has later-layer keys and values that depend on its running
     neighbours, so it is never compacted; nor is a fixed count (every token runs every iteration)."""

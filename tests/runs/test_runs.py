@@ -43,6 +43,15 @@ def test_a_run_config_that_is_a_fifo_or_a_folder_is_named_so(tmp_path, kind):
         load_run_config(tmp_path)
 
 
+def test_a_run_config_edited_to_give_a_key_twice_is_refused(run_dir, tmp_path):
+    """#27 pass 20: a run's config.yaml edited by hand to give a key twice was read with the last value winning (eval
+    of `seed: 0 ... seed: 1` scored other examples without a word), where a config given to train is refused."""
+    path = tmp_path / "config.yaml"
+    path.write_text((run_dir / "config.yaml").read_text() + "seed: 1\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml: key 'seed' is given twice \(lines \d+ and \d+\); keep one$"):
+        load_run_config(tmp_path)
+
+
 def test_one_log_to_stderr_and_the_trainer_logs_to_stdout(capsys):
     log("analysis")
     with log_to("stdout"):

@@ -104,6 +104,10 @@ def test_parsing():
     assert parse_layers(["4:6", "9,11"]) == {4, 5, 9, 11}
     with pytest.raises(ConfigError, match="START < END"):
         parse_range("4:2", "--core")
+    # #27 pass 20: a layer named twice was merged with no word, where every other list flag refuses a repeat
+    for items, layer in ((["3,3"], 3), (["0:3", "2"], 2), (["4:6,5:7"], 5)):
+        with pytest.raises(ConfigError, match=rf"^--drop .* names layer {layer} twice; give each layer once$"):
+            parse_layers(items)
 
 
 def test_a_folder_without_weights_is_one_clear_error(tmp_path):

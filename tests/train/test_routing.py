@@ -149,7 +149,8 @@ def test_no_route_is_no_routing():
     ([mixture(", route: [X]"), "model.stages.0.circuits.X.halting.kind=ouro"], r"circuit X has a halting head"),
     ([mixture(", name: maze")], r"two entries are named 'maze'"),
     (["data.mixture=[]"], r"data.task=mixture needs data.mixture"),
-    ([mixture(", weight: 0")], r"data.mixture.prefix_parity.weight must be > 0"),
+    ([mixture(", weight: 0")], r"data.mixture.prefix_parity.weight must be a finite number > 0, got 0"),
+    ([mixture(", weight: .inf")], r"weight must be a finite number > 0, got inf"),  # #27 pass 20: "must be > 0, got inf"
 ])
 def test_bad_routes_and_mixtures(extra, message):
     with pytest.raises(ConfigError, match=message):
