@@ -255,6 +255,12 @@ def test_targets_need_every_seed_and_the_margin(second_seed, meets):
     text = squash(think_longer.markdown("prefix_parity", {**result, "loops": "uniform(8, 16)", "seeds": 2}))
     assert f"| looped | 2x | 99.0 @24 | {100 * second_seed:.1f} @24 |" in text
     assert ("Target (every seed" in text) and (("): met" in text) is meets)
+    # without the equal-compute model the better baseline is unknown: the target is not judged, whatever it shows
+    alone = [r for r in rows if r["model"] != "equal_compute"]
+    v = think_longer.verdict({**result, "rows": alone, "selected": think_longer.select(alone)}, "prefix_parity")
+    assert v["meets_targets"] is None and v["margin_points"] is None
+    text = squash(think_longer.markdown("prefix_parity", {**result, "rows": alone, "loops": "uniform(8, 16)", "seeds": 2}))
+    assert "): not judged: equal_compute not run (" in text
 
 
 def test_ablation_models_drop_one_recipe_entry_each():
