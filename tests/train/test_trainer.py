@@ -23,6 +23,7 @@ from loopformer.config import load_config
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.layout import RunDir
+from loopformer.runs.prepare import resume_changes
 from loopformer.runs.restore import restore_params
 from loopformer.runs.scalars import read_metrics, read_tensorboard_scalars
 from loopformer.train import trainer
@@ -207,6 +208,19 @@ def test_refuses_to_resume_a_different_architecture_or_task(tmp_path, trained_ru
         train(trained_config(tmp_path, "d", "train.steps=6", "data.task_args={num_nodes: 6, num_symbols: 6}"))
     # Changing only the training length is a continuation, not a different run.
     assert train(trained_config(tmp_path, "d", "train.steps=6")).step == 6
+
+
+def test_a_task_argument_given_at_its_default_is_the_same_task(tmp_path, trained_run):
+    """#27 pass 21: a task argument written at its default (pointer_chase's edge_tokens: false; addition's width: 0)
+    is the task the run trained, where a resume refused it as "a different task (data.task_args.edge_tokens: None ->
+    False)"; a real change is still refused."""
+    run_dir = copy_run(trained_run, tmp_path, "t")
+    args = "data.task_args={num_nodes: 5, num_symbols: 6, edge_tokens: %s}"
+    same = trained_config(tmp_path, "t", "train.steps=6", args % "false")
+    assert not [c for c in resume_changes(same, run_dir) if c.path.startswith("data.")]
+    other = trained_config(tmp_path, "t", "train.steps=6", args % "true")
+    with pytest.raises(CheckpointError, match=r"different task \(data.task_args.edge_tokens: False -> True\)"):
+        resume_changes(other, run_dir)
 
 
 def test_resume_may_change_the_loop_schedule(tmp_path, capsys, trained_run):
