@@ -6,9 +6,10 @@ this table says which place goes wrong.
         [--seeds 1] [--digits 8,12,16,32] [--examples 256] [--json] [--out FILE]
 
 DIR is the --out of `bench/think_longer.py` that trained the models. Each (seed, model, digits) is scored on a set
-of its own ("places/D", drawn from the seed), at the model's sweep unit (looped: the setting's training mean and
-twice it; baselines: 1). Prints a table and with --json one document
-{"setting", "rows": [{"seed", "model", "digits", "loops", "exact", "places": [accuracy of place 1 .. D + 1]}]}.
+of its own ("places/D", drawn from the seed; D is the setting's difficulty, the digit count except in
+addition_chain, a carry chain, and the runs settings, a run's length), at the model's sweep unit (looped: the
+setting's training mean and twice it; baselines: 1). Prints a table and with --json one document
+{"setting", "rows": [{"seed", "model", "digits", "loops", "exact", "places": [accuracy of each answer place]}]}.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     C.fits_memory(p, "--digits", max(digits), lambda d: scores_bytes(args.examples, task.seq_len(d), heads),
                   f"attention over {args.examples:,} examples of {task.seq_len(max(digits)):,} tokens", "lower --examples")
     rows = run(args.setting, args.runs, models, args.seeds, digits, args.examples)
-    width = max(digits) + 1
+    # the answer's places: D + 1 of D-digit operands, but more where the difficulty is not the digit count
+    # (addition_chain's carry chain, the runs settings' run length; a header of D + 1 columns was a traceback)
+    width = max(len(r["places"]) for r in rows)
     print(format_table(["seed", "model", "digits", "loops", "exact %"] + [f"p{i}" for i in range(1, width + 1)],
                        [[r["seed"], r["model"], r["digits"], r["loops"], f"{100 * r['exact']:.1f}",
                          *(f"{100 * a:.0f}" for a in r["places"]), *([""] * (width - len(r["places"])))]

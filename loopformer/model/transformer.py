@@ -221,7 +221,7 @@ class LoopedTransformer(nnx.Module):
             raise DecodingError("decoding with a cache runs the layers in their order (no layer schedule)")
         if self.place_window:
             raise DecodingError(f"decoding with a cache does not keep the digit places of earlier tokens, which "
-                                f"model.place_window={self.place_window} compares: decode without it (generate --no-cache)")
+                                f"model.place_window={self.place_window} compares")  # the command line adds the fix
         reading = [n for n, r in plan.exits.items() if r.needs_readout]
         if reading:
             raise DecodingError(f"decoding with a cache cannot run the exit rule {plan.exits[reading[0]].kind} of "

@@ -5,10 +5,12 @@ run's history of settings (`record_changes`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -41,7 +43,7 @@ def resume_changes(cfg: Config, run_dir: Path) -> list[Change]:
     old = read_config_dict(saved, run_dir)
     with contextlib.suppress(ConfigError):  # fields added since the run was written compare at their defaults
         old = config_from_dict(old).to_dict()
-    changes = config_changes(old, cfg.to_dict())
+    changes = config_changes(_task_defaults(old), _task_defaults(cfg.to_dict()))
     refused = [c for c in changes if c.part in (ARCHITECTURE, TASK)]
     if refused:
         what = "architecture" if refused[0].part == ARCHITECTURE else "task"
@@ -49,6 +51,28 @@ def resume_changes(cfg: Config, run_dir: Path) -> list[Change]:
             f"{run_dir} holds a run with a different {what} ({refused[0]}); resume it with its own {what}, "
             f"or pick a new run.name (or delete {run_dir}) to start fresh")
     return changes
+
+
+def _task_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a dict) with each synthetic task's ``task_args`` (the run's and its mixture entries') holding every
+    argument, the defaults filled in: an argument given at its default (addition's ``width: 0``) or left out is the
+    same task (a resume refused it as a different one)."""
+    from loopformer.data.tasks import TASKS
+
+    def filled(entry: dict[str, Any]) -> dict[str, Any]:
+        cls, args = TASKS.get(entry.get("task")), entry.get("task_args")
+        if cls is None or not isinstance(args, dict):
+            return entry
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        return {**entry, "task_args": {**defaults, **args}}
+
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return config
+    data = filled(data)
+    if isinstance(data.get("mixture"), list):
+        data["mixture"] = [filled(e) if isinstance(e, dict) else e for e in data["mixture"]]
+    return {**config, "data": data}
 
 
 def describe_change(change: Change) -> str:

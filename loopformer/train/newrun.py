@@ -99,7 +99,9 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
                               ) from None
     except CheckpointError as e:  # a disk too full for the checkpoint: said of --out, not of the temporary folder
         _discard(tmp)
-        why = str(e).replace(str(tmp), str(run_dir))
+        # said of --out, and the disk named by its parent: the folders in the error are gone when it is read (its `df
+        # -h FOLDER` said "No such file or directory")
+        why = str(e).replace(str(RunDir(tmp).checkpoints), str(run_dir.parent)).replace(str(tmp), str(run_dir))
         if why.startswith(f"--out {run_dir}: "):  # the parent's own error above: said once
             why = why.removeprefix(f"--out {run_dir}: ")
         raise CheckpointError(f"--out {run_dir}: {why}; nothing was written") from None

@@ -21,3 +21,14 @@ def test_place_accuracy_reads_each_answer_position_in_order_and_skips_padding_ro
     exact, acc = places.place_accuracy(pred, {"mask": mask, "targets": targets})
     assert exact == 1 / 3
     np.testing.assert_allclose(acc, [2 / 3, 1.0, 2 / 3])
+
+
+def test_the_table_holds_every_answer_place_where_the_difficulty_is_not_the_digit_count(tmp_path, monkeypatch, capsys):
+    """#27 pass 21: addition_runs_coupled's difficulty d is a run's length, its answers 2d + 7 places: the table had
+    d + 1 columns and failed with a ValueError traceback after every model was scored."""
+    rows = [{"seed": 0, "model": m, "digits": 2, "loops": 1, "exact": 0.5, "places": [1.0] * 11}
+            for m in ("looped", "equal_params")]
+    monkeypatch.setattr(places, "run", lambda *a: rows)
+    assert places.main(["--setting", "addition_runs_coupled", "--runs", str(tmp_path), "--digits", "2"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert [h for h in header if h.startswith("p")] == [f"p{i}" for i in range(1, 12)]

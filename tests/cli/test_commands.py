@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from loopformer.cli import main
 from loopformer.evaluation.tables import sweep_table
 from loopformer.runs.read import read_run
 from loopformer.runs.scalars import read_tensorboard_scalars
-from tests.conftest import EXAMPLES, STEP, make_run, tiny_config
+from tests.conftest import EXAMPLES, ROOT, STEP, make_run, tiny_config
 
 ROW_KEYS = {"split": str, "loops": dict, "ablated": list, "loss": float, "accuracy": float, "examples": int}
 
@@ -797,3 +798,28 @@ def test_a_file_this_user_may_not_read_is_one_line(run_dir, text_run_dir, tmp_pa
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: {path}: Permission denied for this user; make it "
                                                         f"readable (and writable, where the command writes), or copy "
                                                         f"it where this user may")
+
+
+DOCUMENTED_RUNS = {"runs/quickstart": "run_dir", "runs/text_bytes": "text_run_dir"}
+
+
+def _documented_exit_commands() -> list[str]:
+    """Every `loopformer ... --exit` line of README.md and docs/ on a run the fixtures stand in for."""
+    lines = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            line = line.split(" # ")[0].strip()
+            if line.startswith("loopformer ") and "--exit" in line and any(r + " " in line for r in DOCUMENTED_RUNS):
+                lines.append(line)
+    return sorted(set(lines))
+
+
+@pytest.mark.parametrize("line", _documented_exit_commands())
+def test_documented_exit_commands_run_as_written(line, request, capsys):
+    """#27 pass 21: the docs' exit examples run as written (a sweep giving --exit twice for one circuit and a kl
+    exit in generate's default cached decoding were refused: each now says what works)."""
+    argv = shlex.split(line)[1:]
+    for name, fixture in DOCUMENTED_RUNS.items():
+        argv = [str(request.getfixturevalue(fixture)) if a == name else a for a in argv]
+    small = ["--max-new-tokens", "2"] if argv[0] == "generate" else ["--examples", "8"]
+    assert main([*argv, *small]) == 0, capsys.readouterr().err

@@ -55,3 +55,15 @@ def test_on_rate_threshold():
     assert x == {"split": "s", "circuit": "X", "on_rate": pytest.approx(2 / 3), "mean_write_norm": pytest.approx(20.5 / 3),
                  "mean_ablation_delta_loss": pytest.approx(2.0)}
     assert y["on_rate"] == pytest.approx(2 / 3) and y["mean_ablation_delta_loss"] == 0.0
+
+
+def test_the_plot_of_one_circuit_whose_tokens_are_partly_on(run):
+    """#27 pass 21: `activity` on a run of one routed circuit (some tokens skipped, so partly on) failed drawing the
+    outline of the tokens on: matplotlib's contour needs 2 x 2 cells ("Input z must be at least a (2, 2) shaped
+    array"). Those tokens are now marked one by one."""
+    from loopformer.evaluation import plots
+
+    example = {"split": "train", "index": 0, "write_norm": {"X": [0.0, 1.0, 0.0, 2.0]}, "answer": [0, 1, 1, 1],
+               "delta_loss": {"X": [0.0, 0.1, -0.2, 0.3]}}
+    png = plots.activity([example], {"train": 0.5}, run.info, 7)
+    assert png.startswith(b"\x89PNG")
