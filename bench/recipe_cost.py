@@ -78,8 +78,9 @@ def main() -> int:
     p.add_argument("overrides", nargs="+", metavar="key=value", help="the change whose cost is measured")
     args = p.parse_args()
     C.at_least(p, args, {"--steps": 1, "--rounds": 1})
-    if repeated_override(args.overrides):  # the last one would win with no word
-        p.error(repeated_override(args.overrides))
+    twice = repeated_override(args.overrides)
+    if twice:  # the last one would win with no word
+        p.error(twice)
     doc = measure(args.config, args.overrides, args.steps, args.rounds)
     print(json.dumps(doc) if args.json else
           f"{args.config}: base {doc['base_ms']:.1f} ms/step, with {' '.join(args.overrides)} "

@@ -110,8 +110,9 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every seed")
     args = p.parse_args()
     C.at_least(p, args, {"--seeds": 1})
-    if repeated_override(args.overrides):  # the last one would win with no word
-        p.error(repeated_override(args.overrides))
+    twice = repeated_override(args.overrides)
+    if twice:  # the last one would win with no word
+        p.error(twice)
     C.at_most(p, args, {"--seeds": C.SEEDS})  # 99999999999 trained seed after seed, its results written never
     for key, flag in (("seed", "--seeds"), ("run.dir", "--out")):
         given = next((o for o in args.overrides if o.split("=")[0].strip() == key), None)

@@ -538,7 +538,7 @@ class Addition(Task):
         if self.paired and (self.aligned or self.width):
             raise DataError("data.task_args.paired is a one-pass form of its own (both digits of a place in one "
                             "token): drop aligned and width, or drop paired")
-        if self.runs and not (self.paired or self.aligned) or self.runs and self.width:
+        if self.runs and (self.width or not (self.paired or self.aligned)):
             raise DataError("data.task_args.runs (runs of places summing to 9 as the difficulty) asks for every answer "
                             "digit in one pass, with operands as long as the runs need: add paired: true or aligned: "
                             "true, drop width; or drop runs")

@@ -209,11 +209,12 @@ def activity(examples: Sequence[Mapping[str, Any]], thresholds: Mapping[str, flo
         delta = np.where(answer[None], np.asarray([ex["delta_loss"][c] for c in circuits], float), np.nan)
         im = ax_w.imshow(norms, aspect="auto", cmap="viridis", interpolation="nearest")
         on = norms > thresholds[ex["split"]]
-        if on.any() and not on.all() and min(on.shape) >= 2:
-            ax_w.contour(on.astype(float), levels=[0.5], colors="w", linewidths=0.6)
-        elif on.any() and not on.all():  # a contour needs 2 x 2 cells: one circuit (a routed one) was a TypeError
-            ys, xs = np.nonzero(on)
-            ax_w.scatter(xs, ys, s=6, c="w", marker="o")
+        if on.any() and not on.all():
+            if min(on.shape) >= 2:
+                ax_w.contour(on.astype(float), levels=[0.5], colors="w", linewidths=0.6)
+            else:  # a contour needs 2 x 2 cells: one circuit (a routed one) was a TypeError
+                ys, xs = np.nonzero(on)
+                ax_w.scatter(xs, ys, s=6, c="w", marker="o")
         fig.colorbar(im, ax=ax_w, pad=0.01).ax.tick_params(labelsize=7)
         span = max(float(np.nanmax(np.abs(delta))) if answer.any() else 0.0, 1e-6)
         im = ax_d.imshow(delta, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -span, span),

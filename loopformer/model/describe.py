@@ -57,7 +57,8 @@ def _position(cfg: ModelConfig) -> str:
     """The position scheme when it is not RoPE: ``  position=abacus (places 1..127, offset U{0..32})``."""
     if cfg.position == "rope":
         return ""
-    near = f", attention within {cfg.place_window} place" + ("s" if cfg.place_window > 1 else "") if cfg.place_window else ""
+    near = (f", attention within {cfg.place_window} place{'s' if cfg.place_window > 1 else ''}" if cfg.place_window
+            else "")
     if cfg.position == "coupled":
         return f"  position=coupled (RoPE over each digit's place in its number{near})"
     if not cfg.places:
