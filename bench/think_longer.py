@@ -293,17 +293,22 @@ WALL_RECORD = "think_longer_train_wall.json"
 
 def train_timed(cfg: Config) -> float:
     """Train (or resume) one run; returns the wall seconds its training has taken in all. The total is
-    kept in the run directory, so a rerun over finished runs reports their training time, not 0."""
+    kept in the run directory, so a rerun over finished runs reports their training time, not 0, and a
+    run stopped part way and resumed reports both parts (the steps after its last checkpoint count twice:
+    they were trained twice)."""
     record = cfg.run_dir / WALL_RECORD
     spent = C.read_wall(record)
     ckpts = cfg.run_dir / "checkpoints"
     done = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
     t0 = time.time()
-    with contextlib.redirect_stdout(sys.stderr):
-        train(cfg)
-    if done < cfg.train.steps or not record.is_file():  # this call trained (or nothing was recorded)
-        spent += time.time() - t0
-        C.write_wall(record, spent, cfg.train.steps)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            train(cfg)
+    finally:  # a training stopped part way (Ctrl-C, SIGTERM, an error) counts too: its resume adds to it
+        # this call trained (or nothing was recorded); no run folder: it stopped before it began
+        if (done < cfg.train.steps or not record.is_file()) and cfg.run_dir.is_dir():
+            spent += time.time() - t0
+            C.write_wall(record, spent, cfg.train.steps)
     return spent
 
 

@@ -171,6 +171,30 @@ def test_train_time_survives_a_rerun(tmp_path, monkeypatch):
     assert more >= first + 0.2  # continued training adds to it
 
 
+def test_a_stopped_training_counts_its_time(tmp_path, monkeypatch):
+    """A training stopped part way (Ctrl-C, SIGTERM) kept no time: its resume reported the last part alone."""
+    import time
+
+    from loopformer.config import load_config
+
+    def stopped(cfg):
+        cfg.run_dir.mkdir(parents=True)
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(think_longer, "train", stopped)
+    cfg = load_config(think_longer.BASE, [f"run.dir={tmp_path}", "train.steps=10"])
+    with pytest.raises(KeyboardInterrupt):
+        think_longer.train_timed(cfg)
+    monkeypatch.setattr(think_longer, "train", lambda cfg: pytest.fail("trained"))
+    with pytest.raises(pytest.fail.Exception):  # a refusal before the run folder exists writes no record
+        think_longer.train_timed(load_config(think_longer.BASE, [f"run.dir={tmp_path}/other", "train.steps=10"]))
+    assert not (tmp_path / "other").exists()
+    assert think_longer.C.read_wall(cfg.run_dir / think_longer.WALL_RECORD) >= 0.2
+    monkeypatch.setattr(think_longer, "train", lambda cfg: (cfg.run_dir / "checkpoints" / "10").mkdir(parents=True))
+    assert think_longer.train_timed(cfg) >= 0.2  # the resume adds its own time to the stopped part's
+
+
 def test_a_damaged_wall_record_is_one_line(tmp_path, monkeypatch):
     """#27 pass 20: a wall record cut short (a kill while it was written) was a JSONDecodeError traceback when the
     benchmark ran again; it is now written whole (renamed into place) and a damaged one is named."""
