@@ -127,6 +127,10 @@ def folder(text: str) -> Path:
 EXAMPLES = (MAX_EVAL_EXAMPLES, "each set is built in memory first")
 STEPS = (MAX_STEPS, "the step counter is a 32-bit integer")
 SEEDS = (1000, "seeds 0..N-1, each trained or drawn in turn")
+# the timing scripts' repetition counts (#27 pass 22: 11 digits ran until stopped): a timing needs tens of steps and a
+# few rounds; past these it adds hours, not precision
+TIMED_STEPS = (10_000, "timed steps; a timing needs tens")
+REPS = (100, "timed repetitions, each the whole measurement again; a few are kept the best of")
 
 
 def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:

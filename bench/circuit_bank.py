@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed train steps per round")
     args = p.parse_args()
     C.at_least(p, args, {"--circuits": 1, "--rounds": 1, "--steps": 1})  # 0 rounds or steps: an empty min() / 0 division
+    C.at_most(p, args, {"--rounds": C.REPS, "--steps": C.TIMED_STEPS})
     size = dict(C.SIZES[args.size])
     try:
         cfg = bank_config(size, args.circuits)

@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--compact-only", action="store_true", help="measure only compacted against masked decoding")
     args = p.parse_args()
     C.at_least(p, args, {"--loops": 1, "--reps": 1, "--recompute-max": 0})
-    C.at_most(p, args, {"--loops": (MAX_LOOPS, "the loop limit")})
+    C.at_most(p, args, {"--loops": (MAX_LOOPS, "the loop limit"), "--reps": C.REPS})
     news, batches = C.int_list(p, "--new", args.new), C.int_list(p, "--batch", args.batch)
     compact_batches = C.int_list(p, "--compact-batch", args.compact_batch)
     unused = [f"--{d.replace('_', '-')}" for d in ("run", "new", "batch", "loops", "recompute_max")

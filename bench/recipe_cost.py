@@ -78,6 +78,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="+", metavar="key=value", help="the change whose cost is measured")
     args = p.parse_args()
     C.at_least(p, args, {"--steps": 1, "--rounds": 1})
+    C.at_most(p, args, {"--steps": C.TIMED_STEPS, "--rounds": C.REPS})
     twice = repeated_override(args.overrides)
     if twice:  # the last one would win with no word
         p.error(twice)

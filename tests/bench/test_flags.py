@@ -121,6 +121,19 @@ CASES = [
      "train.steps=2 and train.steps=3 both set train.steps; give it once"),
     ("recipe_cost", ["--config", "configs/quickstart.yaml", "train.ema=0.9", "train.ema=0.99"],
      "train.ema=0.9 and train.ema=0.99 both set train.ema; give it once"),
+    # the twenty-second pass: the timing scripts' repetition counts had no bound (11 digits ran until stopped)
+    ("mfu", ["--steps", "99999999999"], "--steps 99999999999: at most 10,000 (timed steps"),
+    ("circuit_bank", ["--steps", "10001"], "--steps 10001: at most 10,000 (timed steps"),
+    ("circuit_bank", ["--rounds", "99999999999"], "--rounds 99999999999: at most 100 (timed repetitions"),
+    ("loop_overhead", ["--steps", "99999999999"], "--steps 99999999999: at most 10,000 (timed steps"),
+    ("loop_overhead", ["--rounds", "101"], "--rounds 101: at most 100 (timed repetitions"),
+    ("recipe_cost", ["--config", "configs/quickstart.yaml", "--steps", "99999999999", "train.ema=0.99"],
+     "--steps 99999999999: at most 10,000 (timed steps"),
+    ("recipe_cost", ["--config", "configs/quickstart.yaml", "--rounds", "99999999999", "train.ema=0.99"],
+     "--rounds 99999999999: at most 100 (timed repetitions"),
+    ("step_profile", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
+    ("compact", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
+    ("decode", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
 ]
 
 
