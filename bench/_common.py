@@ -299,13 +299,21 @@ def report(out: Path, stem: str, doc: dict[str, Any], text: str, as_json: bool) 
 
 
 def write_out(path: Path, text: str, shown: str) -> None:
-    """Write a script's document to ``--out``; a failure (a full disk, a file made read-only meanwhile) is one
-    AnalysisError naming it (a traceback after the work), the document being ``shown`` elsewhere."""
+    """Write a script's document to ``--out`` whole, through a temporary file beside it renamed into place (a full
+    disk truncated the earlier document and left half of the new one, which --replot then read: #27 pass 22); a
+    failure (a full disk, a file made read-only meanwhile) is one AnalysisError naming it (a traceback after the
+    work), the document being ``shown`` elsewhere and the earlier one left as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError("the file is read-only")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except OSError as e:
         raise AnalysisError(f"--out {path}: cannot write it ({e.strerror or e}); the results are {shown}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_wall(record: Path) -> float:

@@ -336,3 +336,22 @@ def test_an_out_file_that_cannot_be_written_after_the_work_is_one_line(monkeypat
                                               r"results are printed above$"):
         script("circuit_bank").C.emit({"a": 1}, ["table"], argparse.Namespace(json=False, out=tmp_path / "r.json"))
     assert capsys.readouterr().out == "table\n"
+
+
+def test_an_out_file_a_full_disk_cuts_keeps_the_earlier_document(monkeypatch, tmp_path):
+    """#27 pass 22: a disk that filled while --out was written truncated the earlier document and left half of the
+    new one (which `think_longer.py --replot` then read); it is now written beside it and renamed into place."""
+    import errno
+
+    out = tmp_path / "think_longer.json"
+    out.write_text('{"earlier": 1}')
+    real = Path.write_text
+
+    def half(self, text, *a, **k):
+        real(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(LoopformerError, match=r"cannot write it \(No space left on device\)"):
+        script("circuit_bank").C.write_out(out, '{"new": 2, "rows": []}', "printed above")
+    assert out.read_text() == '{"earlier": 1}' and [p.name for p in tmp_path.iterdir()] == ["think_longer.json"]
