@@ -117,9 +117,12 @@ def out_folder(text: str) -> Path:
 
 
 def folder(text: str) -> Path:
-    """An argparse type: a folder to read; an empty string is refused (``Path("")`` is the current directory)."""
+    """An argparse type: a folder to read; an empty string is refused (``Path("")`` is the current directory), and so
+    is a file (its runs were looked for under it, and the fix said to train into it)."""
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; name the folder that holds the runs")
     return Path(text)
 
 # Upper bounds of `at_most` for the flags several scripts share: past them the library refused the setting naming its

@@ -134,6 +134,9 @@ CASES = [
     ("step_profile", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
     ("compact", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
     ("decode", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
+    # a folder to read that is a file: its runs were looked for under it, and the fix said to train into it
+    ("addition_places", ["--runs", str(BENCH / "_common.py")],
+     "argument --runs: " + str(BENCH / "_common.py") + " is a file, not a directory; name the folder that holds"),
 ]
 
 
@@ -355,3 +358,27 @@ def test_an_out_file_a_full_disk_cuts_keeps_the_earlier_document(monkeypatch, tm
     with pytest.raises(LoopformerError, match=r"cannot write it \(No space left on device\)"):
         script("circuit_bank").C.write_out(out, '{"new": 2, "rows": []}', "printed above")
     assert out.read_text() == '{"earlier": 1}' and [p.name for p in tmp_path.iterdir()] == ["think_longer.json"]
+
+
+@pytest.mark.parametrize("where,message", [
+    ("", "argument --out: '': name the folder"),  # read the runs under the current directory
+    ("file", "is a file, not a directory; name the folder that holds the runs"),
+    ("empty", "no trained run at"),  # status 1 without "error:", the second setting's after the first was scored
+])
+def test_maze_shortcut_out_without_the_runs_is_one_line_before_any_work(where, message, monkeypatch, capsys,
+                                                                         tmp_path):
+    """#27 pass 22: maze_shortcut.py's --out (think_longer's runs) is read: '' or a file is argparse's line, and a
+    missing run of any --tasks entry is one `error:` line before the first is scored."""
+    module = script("maze_shortcut")
+    monkeypatch.setattr(module, "check", lambda *a, **k: pytest.fail("a setting was scored before the refusal"))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    out = str(tmp_path / where) if where else ""
+    monkeypatch.setattr(sys, "argv", ["maze_shortcut.py", "--tasks", "maze_exit,maze3", "--out", out])
+    if where == "empty":
+        with pytest.raises(LoopformerError, match=f"^--out {tmp_path / 'empty'}: no trained run at .*maze_exit-looped"):
+            module.main()
+        return
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    assert info.value.code == 2 and message in capsys.readouterr().err
