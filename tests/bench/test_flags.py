@@ -134,6 +134,9 @@ CASES = [
     ("step_profile", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
     ("compact", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
     ("decode", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
+    ("gate_stage", ["--extra", "99999999999"],  # refused by the library after stage I had trained
+     "--extra 99999999999: at most 2,147,482,147 (the continuations train to stage I's 1,500 steps + --extra, and "
+     "the step counter is a 32-bit integer)"),
     # a folder to read that is a file: its runs were looked for under it, and the fix said to train into it
     ("addition_places", ["--runs", str(BENCH / "_common.py")],
      "argument --runs: " + str(BENCH / "_common.py") + " is a file, not a directory; name the folder that holds"),
