@@ -58,7 +58,8 @@ CASES = [
     ("recipe_cost", ["--config", "configs/quickstart.yaml", "--rounds", "0", "train.ema=0.99"],
      "--rounds must be >= 1, got 0"),
     ("rys_screen", ["--run", "runs/none", "--examples", "0"], "--examples must be >= 1, got 0"),
-    ("rys_screen", ["--run", "runs/none", "--screen", "-1"], "--screen must be >= 0, got -1"),
+    ("rys_screen", ["--run", "runs/none", "--screen", "-1"], "--screen must be >= 1, got -1"),
+    ("rys_screen", ["--run", "runs/none", "--screen", "0"], "--screen must be >= 1, got 0"),  # a traceback (pass 22)
     ("rys_screen", ["--run", "runs/none", "--repeats", "0,1"], "--repeats '0,1': give comma-separated whole numbers"),
     ("step_profile", ["--reps", "0"], "--reps must be >= 1, got 0"),
     ("step_profile", ["--loops", "4,,8"], "--loops '4,,8': give comma-separated whole numbers >= 1"),
