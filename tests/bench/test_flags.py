@@ -386,3 +386,24 @@ def test_maze_shortcut_out_without_the_runs_is_one_line_before_any_work(where, m
     with pytest.raises(SystemExit) as info:
         module.main()
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_recipe_cost_times_the_changed_config_on_its_own_batches(monkeypatch):
+    """#27 pass 22: the changed step ran on the base config's batches, so a data setting (data.batch_size=128) was
+    timed as no change at all; each config's step now gets its own config's batches."""
+    module = script("recipe_cost")
+    seen = {"base": set(), "changed": set()}
+
+    def stepper(config, overrides):
+        name = "changed" if overrides else "base"
+
+        def step(state, batch):
+            seen[name].add(batch)
+            return state, {"loss": module.jax.numpy.zeros(())}
+
+        return step, None, iter(f"{name}-batch{i}" for i in range(100))
+
+    monkeypatch.setattr(module, "_stepper", stepper)
+    doc = module.measure("configs/quickstart.yaml", ["data.batch_size=128"], 2, 1)
+    assert doc["steps"] == 2 and seen == {"base": {"base-batch0", "base-batch1"},
+                                          "changed": {"changed-batch0", "changed-batch1"}}
