@@ -47,6 +47,7 @@ CASES = [
     ("decode", ["--new", ""], "--new '': give comma-separated whole numbers >= 1"),
     ("decode", ["--new", "64,x"], "--new '64,x': give comma-separated whole numbers >= 1"),
     ("decode", ["--batch", "1,0"], "--batch '1,0': give comma-separated whole numbers >= 1"),
+    ("decode", ["--run", ""], "--run '': name the trained text run"),  # measured the random weights (pass 22)
     ("gate_stage", ["--seeds", "0"], "--seeds must be >= 1, got 0"),
     ("gate_stage", ["--extra", "0"], "--extra must be >= 1, got 0"),
     ("gate_stage", ["--examples", "-1"], "--examples must be >= 1, got -1"),
@@ -237,6 +238,9 @@ def test_as_a_script_no_traceback(name, argv, message):
      "needs about 268.2 GiB, more than half of this machine's 8 GiB; at most --batch 14,913,080 fits"),
     ("decode", ["--new", "1000000000", "--batch", "1"], "--new 1000000000: the key/value cache of 1 x 1,000,000,016 "
      "tokens at 3 loops needs about 7,629.4 GiB, more than half of this machine's 8 GiB; at most --new"),
+    ("decode", ["--compact-batch", "99999999999"],  # found by XLA after the policy rows (pass 22)
+     "--compact-batch 99999999999: the key/value cache of 99,999,999,999 prompts at 8 loops needs about"),
+    ("decode", ["--compact-only", "--compact-batch", "8,99999999999"], "at most --compact-batch"),
 ])
 def test_a_size_past_memory_names_the_flag_and_the_largest_that_fits(name, argv, message, monkeypatch, capsys):
     """#27 fifteenth pass: a size whose attention or key/value cache cannot fit was an out-of-memory traceback from
