@@ -126,6 +126,8 @@ CASES = [
     # the twenty-second pass: the timing scripts' repetition counts had no bound (11 digits ran until stopped)
     ("mfu", ["--steps", "99999999999"], "--steps 99999999999: at most 10,000 (timed steps"),
     ("circuit_bank", ["--steps", "10001"], "--steps 10001: at most 10,000 (timed steps"),
+    ("circuit_bank", ["--circuits", "99999999999"],  # a hang: a config of 1e11 entries was built first
+     "--circuits 99999999999: at most 32 (each circuit is d_model 64 / C wide, at least 2)"),
     ("circuit_bank", ["--rounds", "99999999999"], "--rounds 99999999999: at most 100 (timed repetitions"),
     ("loop_overhead", ["--steps", "99999999999"], "--steps 99999999999: at most 10,000 (timed steps"),
     ("loop_overhead", ["--rounds", "101"], "--rounds 101: at most 100 (timed repetitions"),
