@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from loopformer.errors import CheckpointError
-from loopformer.runs.layout import OLDER_LAYOUT, read_only, unreadable
+from loopformer.runs.layout import OLDER_LAYOUT, misnamed_step, read_only, unreadable
 
 PyTree = Any
 
@@ -276,6 +276,8 @@ class Checkpoints:
         """
         steps = self.all_steps()
         if not steps:
+            if self.directory.is_dir():
+                misnamed_step(self.directory)
             raise CheckpointError(
                 f"no checkpoint in {self.directory}: train first, or point --run at a run directory"
             )
