@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -18,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loopformer.cli import FLAGS_GIVEN, single_flags  # noqa: E402
+from loopformer.cli import FLAGS_GIVEN, _on_signal, single_flags  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
@@ -26,6 +27,7 @@ from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
 from loopformer.runs.layout import RunDir, outside_runs  # noqa: E402
+from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
 SIZES: dict[str, dict[str, Any]] = {
@@ -203,17 +205,21 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a bench script's ``main`` and exit with its code; a setting the library refuses (a
     `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2;
     Ctrl-C is "interrupted", exit 130, without the interpreter's teardown (as `loopformer` ends: a Ctrl-C during
-    a compile printed a traceback, then the teardown crashed under XLA's compiler threads, status 139)."""
+    a compile printed a traceback, then the teardown crashed under XLA's compiler threads, status 139); SIGTERM (a
+    scheduler, `timeout`) unwinds the same way, "terminated", exit 143, so a training inside finishes its checkpoint
+    and releases its lock (the process vanished without a word, #27 pass 22)."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _on_signal)
     try:
         code = main()
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated) as e:
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(143 if isinstance(e, Terminated) else 130)
     sys.exit(code)
 
 

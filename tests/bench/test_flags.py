@@ -268,6 +268,17 @@ def test_ctrl_c_in_a_bench_script_is_one_line_and_status_130():
     assert done.returncode == 130 and done.stderr == "interrupted\n", done.stderr
 
 
+def test_sigterm_to_a_bench_script_is_one_line_and_status_143():
+    """#27 pass 22: SIGTERM (a scheduler, `timeout`) ended a bench script without a word, a training inside it mid-save;
+    it unwinds as Ctrl-C does."""
+    code = ("import os, signal, sys, time; sys.path.insert(0, 'bench'); import _common as C\n"
+            "def main():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
+            "C.run_main(main)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=BENCH.parent)
+    assert done.returncode == 143 and done.stderr == "terminated\n", done.stderr
+
+
 def test_decode_run_of_a_task_is_refused_before_any_work(run_dir, monkeypatch, capsys):
     """#27 pass 16: bench/decode.py --run of a synthetic-task run (or a missing one) failed at the exit rows, after
     every policy row had been timed (minutes); --compact-only with --run measured random weights."""
