@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -18,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loopformer.cli import FLAGS_GIVEN, single_flags  # noqa: E402
+from loopformer.cli import FLAGS_GIVEN, _on_signal, single_flags  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
@@ -26,6 +27,7 @@ from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
 from loopformer.runs.layout import RunDir, outside_runs  # noqa: E402
+from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
 SIZES: dict[str, dict[str, Any]] = {
@@ -117,9 +119,12 @@ def out_folder(text: str) -> Path:
 
 
 def folder(text: str) -> Path:
-    """An argparse type: a folder to read; an empty string is refused (``Path("")`` is the current directory)."""
+    """An argparse type: a folder to read; an empty string is refused (``Path("")`` is the current directory), and so
+    is a file (its runs were looked for under it, and the fix said to train into it)."""
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; name the folder that holds the runs")
     return Path(text)
 
 # Upper bounds of `at_most` for the flags several scripts share: past them the library refused the setting naming its
@@ -127,6 +132,10 @@ def folder(text: str) -> Path:
 EXAMPLES = (MAX_EVAL_EXAMPLES, "each set is built in memory first")
 STEPS = (MAX_STEPS, "the step counter is a 32-bit integer")
 SEEDS = (1000, "seeds 0..N-1, each trained or drawn in turn")
+# the timing scripts' repetition counts (#27 pass 22: 11 digits ran until stopped): a timing needs tens of steps and a
+# few rounds; past these it adds hours, not precision
+TIMED_STEPS = (10_000, "timed steps; a timing needs tens")
+REPS = (100, "timed repetitions, each the whole measurement again; a few are kept the best of")
 
 
 def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
@@ -196,17 +205,21 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a bench script's ``main`` and exit with its code; a setting the library refuses (a
     `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2;
     Ctrl-C is "interrupted", exit 130, without the interpreter's teardown (as `loopformer` ends: a Ctrl-C during
-    a compile printed a traceback, then the teardown crashed under XLA's compiler threads, status 139)."""
+    a compile printed a traceback, then the teardown crashed under XLA's compiler threads, status 139); SIGTERM (a
+    scheduler, `timeout`) unwinds the same way, "terminated", exit 143, so a training inside finishes its checkpoint
+    and releases its lock (the process vanished without a word, #27 pass 22)."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _on_signal)
     try:
         code = main()
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated) as e:
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(143 if isinstance(e, Terminated) else 130)
     sys.exit(code)
 
 
@@ -295,13 +308,21 @@ def report(out: Path, stem: str, doc: dict[str, Any], text: str, as_json: bool) 
 
 
 def write_out(path: Path, text: str, shown: str) -> None:
-    """Write a script's document to ``--out``; a failure (a full disk, a file made read-only meanwhile) is one
-    AnalysisError naming it (a traceback after the work), the document being ``shown`` elsewhere."""
+    """Write a script's document to ``--out`` whole, through a temporary file beside it renamed into place (a full
+    disk truncated the earlier document and left half of the new one, which --replot then read: #27 pass 22); a
+    failure (a full disk, a file made read-only meanwhile) is one AnalysisError naming it (a traceback after the
+    work), the document being ``shown`` elsewhere and the earlier one left as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError("the file is read-only")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except OSError as e:
         raise AnalysisError(f"--out {path}: cannot write it ({e.strerror or e}); the results are {shown}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_wall(record: Path) -> float:

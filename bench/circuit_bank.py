@@ -59,7 +59,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed train steps per round")
     args = p.parse_args()
     C.at_least(p, args, {"--circuits": 1, "--rounds": 1, "--steps": 1})  # 0 rounds or steps: an empty min() / 0 division
+    C.at_most(p, args, {"--rounds": C.REPS, "--steps": C.TIMED_STEPS})
     size = dict(C.SIZES[args.size])
+    # each circuit is d_model / C wide: 11 digits built a config of 1e11 entries before the library could refuse it
+    # (a hang, #27 pass 22)
+    C.at_most(p, args, {"--circuits": (size["d_model"] // 2, f"each circuit is d_model {size['d_model']} / C wide, "
+                                                              f"at least 2")})
     try:
         cfg = bank_config(size, args.circuits)
     except LoopformerError as e:  # circuits that do not split d_model into widths the heads divide

@@ -57,6 +57,7 @@ def main() -> None:
     args = p.parse_args()
     # every flag before the model is built: 0 or a negative was the library's traceback (--reps 0: an empty min())
     C.at_least(p, args, {"--batch": 1, "--max-bits": 1, "--reps": 1, "--width": 0})
+    C.at_most(p, args, {"--reps": C.REPS})
     wide = [] if not args.width else [
         f"model.d_model={args.width + args.width // 2}", f"model.stages.0.circuits.X.width={args.width}",
         f"model.stages.0.circuits.Y.width={args.width // 2}"]

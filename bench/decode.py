@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--compact-only", action="store_true", help="measure only compacted against masked decoding")
     args = p.parse_args()
     C.at_least(p, args, {"--loops": 1, "--reps": 1, "--recompute-max": 0})
-    C.at_most(p, args, {"--loops": (MAX_LOOPS, "the loop limit")})
+    C.at_most(p, args, {"--loops": (MAX_LOOPS, "the loop limit"), "--reps": C.REPS})
     news, batches = C.int_list(p, "--new", args.new), C.int_list(p, "--batch", args.batch)
     compact_batches = C.int_list(p, "--compact-batch", args.compact_batch)
     unused = [f"--{d.replace('_', '-')}" for d in ("run", "new", "batch", "loops", "recompute_max")
@@ -97,14 +97,23 @@ def main() -> None:
     if args.compact_only and unused:  # accepted and not read: the rows were of random weights, whatever --run said
         p.error(f"--compact-only measures its own rows alone (random weights, {EXIT_NEW} new tokens, batches "
                 f"--compact-batch), so {' and '.join(unused)} would not be used; drop them, or drop --compact-only")
-    if args.run:  # before the policy rows (minutes): a run that is missing or not a text run failed after them
+    # before the policy rows (minutes): a run that is missing or not a text run failed after them; --run '' (an unset
+    # variable) is refused there too (it measured the random weights, as if no --run had been given)
+    if args.run == "":
+        p.error("--run '': name the trained text run (e.g. runs/text_bytes), or leave --run out to measure the "
+                "random weights")
+    if args.run:
         info = read_run(args.run)
         if not info.is_text:
             p.error(f"--run {args.run}: a text run is needed (its val split gives the prompts), and it trains on "
                     f"the task '{info.cfg.data.task}'")
+    exit_model = compact_model()  # a huge --compact-batch was found after the policy rows (minutes), by XLA
+    per_exit = exit_model.empty_cache(1, 1, CachePolicy.parse("full"), {"X": EXIT_CAP}).nbytes_per_token()
+    C.fits_memory(p, "--compact-batch", max(compact_batches), lambda b: b * per_exit * (PROMPT + EXIT_NEW),
+                  f"the key/value cache of {max(compact_batches):,} prompts at {EXIT_CAP} loops")
     if args.compact_only:
         result = {"bench": "decode", "env": C.environment(), "prompt_tokens": PROMPT,
-                  "compact": compact_rows(compact_batches, args)}
+                  "compact": compact_rows(compact_batches, args, exit_model)}
         C.emit(result, [compact_table(result["compact"])], args)
         return
     model = random_model()
@@ -172,7 +181,7 @@ def main() -> None:
                          else f"weights of {args.run}; prompts from its val split)"),
                       ["exit", "batch", "tokens/s", "mean loops per token"],
                       [[r["exit"], r["batch"], r["tokens_per_s"], r["mean_loops"]] for r in result["exits"]])]
-    result["compact"] = compact_rows(compact_batches, args)
+    result["compact"] = compact_rows(compact_batches, args, exit_model)
     C.emit(result, [*tables, compact_table(result["compact"])], args)
 
 
@@ -207,12 +216,16 @@ def exit_rows(model: Any, graphdef: Any, params: Any, args: Any) -> list[dict]:
     return rows
 
 
-def compact_rows(batches: list[int], args: Any) -> list[dict]:
-    """Masked (compact off) against compacted (on) cached decoding with exits, on a one-block circuit (the
-    text_bytes.yaml shape with X of depth 1, random weights), EXIT_NEW greedy tokens capped at EXIT_CAP loops."""
+def compact_model() -> Any:
+    """The model of `compact_rows`: the text_bytes.yaml shape with X of depth 1, random weights."""
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "text_bytes.yaml",
                       ["model.stages.0.circuits.X.depth=1"]).model
-    model = C.random_kernels(build_model(cfg, 259, 0))
+    return C.random_kernels(build_model(cfg, 259, 0))
+
+
+def compact_rows(batches: list[int], args: Any, model: Any) -> list[dict]:
+    """Masked (compact off) against compacted (on) cached decoding with exits, on a one-block circuit
+    (`compact_model`), EXIT_NEW greedy tokens capped at EXIT_CAP loops."""
     graphdef, params = nnx.graphdef(model), nnx.state(model)
     rows = []
     for batch in batches:

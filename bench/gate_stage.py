@@ -153,6 +153,11 @@ def main() -> int:
     if unknown or not tasks:
         ap.error(f"--tasks: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(TASKS)}")
     C.once(ap, "--tasks", tasks)
+    # each continuation trains to stage I's steps + --extra: past the step counter the library refused it only after
+    # stage I had trained (#27 pass 22)
+    base = max(load_config(ROOT / "configs" / "adaptive" / f"{TASKS[t]}_halting.yaml").train.steps for t in tasks)
+    C.at_most(ap, args, {"--extra": (C.STEPS[0] - base, f"the continuations train to stage I's {base:,} steps + "
+                                                         f"--extra, and {C.STEPS[1]}")})
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"tasks": {}, "setting": {"quantiles": QUANTILES, "cap": CAP, "fixed": FIXED, "extra": args.extra,
                                        "seeds": args.seeds, "examples": args.examples}}

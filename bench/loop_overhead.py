@@ -223,6 +223,7 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "compile", "sweep"])
     args = p.parse_args()
     C.at_least(p, args, {"--rounds": 1, "--steps": 1})
+    C.at_most(p, args, {"--rounds": C.REPS, "--steps": C.TIMED_STEPS})
     C.once(p, "--skip", args.skip)
     if len(args.skip) == 3:  # a document of the environment alone, status 0
         p.error("--skip throughput compile sweep leaves nothing to measure; skip at most two")

@@ -14,11 +14,13 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
+from loopformer.errors import AnalysisError
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.runs.restore import restore_params
 
@@ -38,10 +40,7 @@ def erase_start(inputs: np.ndarray, room: int) -> np.ndarray:
 
 def check(name: str, out: Path, examples: int) -> list[dict]:
     setting = think_longer.TASKS[name]
-    cfg = think_longer.config(name, "looped", setting.steps[1], out, examples)
-    if not (cfg.run_dir / "checkpoints").is_dir():
-        raise SystemExit(f"no trained run at {cfg.run_dir}; train it first with "
-                         f"`python bench/think_longer.py --tasks {name} --out {out}`")
+    cfg = trained(name, out, examples)
     data = build_data(cfg)
     model, params, _ = restore_params(cfg, data=data)
     task, evaluator = data.task, evaluator_for(model)
@@ -56,10 +55,21 @@ def check(name: str, out: Path, examples: int) -> list[dict]:
     return rows
 
 
+def trained(name: str, out: Path, examples: int) -> Any:
+    """The config of ``name``'s looped run under ``out``; AnalysisError (one ``error:`` line, exit 2) when it has not
+    been trained (it was status 1 without "error:", and a second setting's was found after the first was scored)."""
+    cfg = think_longer.config(name, "looped", think_longer.TASKS[name].steps[1], out, examples)
+    if not (cfg.run_dir / "checkpoints").is_dir():
+        raise AnalysisError(f"--out {out}: no trained run at {cfg.run_dir}; train it first with "
+                            f"`python bench/think_longer.py --tasks {name} --out {out}`")
+    return cfg
+
+
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="maze_exit", help="comma-separated maze settings of think_longer")
-    p.add_argument("--out", default="bench_runs/think_longer", help="think_longer's --out holding the runs")
+    p.add_argument("--out", type=C.folder, default="bench_runs/think_longer",
+                   help="think_longer's --out holding the runs")
     p.add_argument("--examples", type=int, default=256, help="eval examples per split (think_longer's: 256)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args()
@@ -72,6 +82,8 @@ def main() -> int:
         if name not in mazes:
             p.error(f"{name!r} is not a maze setting of think_longer; choose from {', '.join(mazes)}")
     C.once(p, "--tasks", names)  # scored and reported twice
+    for name in names:  # every run before the first is scored
+        trained(name, Path(args.out), args.examples)
     for name in names:
         rows += check(name, Path(args.out), args.examples)
     if args.json:

@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed train steps (after one compile step)")
     args = p.parse_args()
     C.at_least(p, args, {"--steps": 1})  # 0: a division by zero after the compile
+    C.at_most(p, args, {"--steps": C.TIMED_STEPS})
     size = dict(C.SIZES[args.size])
     t_start = time.perf_counter()
     result: dict[str, Any] = {"bench": "mfu", "size": args.size, "preset": size, "env": C.environment()}

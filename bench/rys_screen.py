@@ -1,8 +1,8 @@
 """Does screening keep `rys` right while making it fast? One run, both ways, on a trained plain run.
 
 Screened (the default of `loopformer rys`): every setting on the first ``--screen`` examples of each split,
-the 5 best and the unmodified model rescored on all ``--examples``. Full (``--screen 0``): every setting on
-every example. Per split: the wall time of each, and the best setting and top 5 of each by the full
+the 5 best and the unmodified model rescored on all ``--examples``. Full (rys's ``--screen 0``): every setting
+on every example. Per split: the wall time of each, and the best setting and top 5 of each by the full
 examples' scores.
 
     python bench/rys_screen.py --run runs/plain_parity [--repeats 1,2,3] [--examples 2500] [--screen 256]
@@ -37,7 +37,9 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=2500)
     p.add_argument("--screen", type=int, default=256)
     args = p.parse_args()
-    C.at_least(p, args, {"--examples": 1, "--screen": 0})  # --screen 0: the full scan only
+    # --screen 0 (rys's "no screening") left the screened scan no examples: a ValueError traceback from max() after the
+    # run was loaded (#27 pass 22); the script compares a screen against the full scan, which it runs anyway
+    C.at_least(p, args, {"--examples": 1, "--screen": 1})
     C.at_most(p, args, {"--examples": C.EXAMPLES})  # (it built 1e11 examples without end)
     repeats = C.int_list(p, "--repeats", args.repeats, maximum=(MAX_REPEATS, "rys's limit: each adds the block's "
                                                                  "layers to every schedule"))

@@ -188,6 +188,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (best kept)")
     args = p.parse_args()
     C.at_least(p, args, {"--reps": 1})
+    C.at_most(p, args, {"--reps": C.REPS})
     loops = C.int_list(p, "--loops", args.loops, maximum=(MAX_LOOPS, "the loop limit"))
     s = PRESETS[args.size]
     result: dict[str, Any] = {"bench": "step_profile", "preset": args.size, "shape": s, "env": C.environment()}

@@ -252,11 +252,16 @@ def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+_CHECKPOINT_READ = "_read_array_index_and_device_put"  # orbax's coroutine reading one array of a checkpoint
+
+
 def _quiet_noise() -> None:
     """What a stopped or failed command leaves behind prints no tracebacks above its one line: the checkpoint
     library's I/O threads calling back into an event loop that the unwinding (a signal, a disk that filled) closed
     ("RuntimeError: Event loop is closed", once per pending write), and a signal's own exception where Python drops
-    it ("Exception ignored in: <function _xla_gc_callback>": the signal is recorded, `stop`, and reported).
+    it ("Exception ignored in: <function _xla_gc_callback>": the signal is recorded, `stop`, and reported), and the
+    reads of a checkpoint's other arrays left pending when one failed (a truncated array file: the step is reported
+    corrupt in one line, then each pending read printed a 30-line TensorStore traceback as it was collected).
     Installed for the whole process by the console script, and by the first signal in any other caller (tests).
     Every other error prints as before."""
     if getattr(sys.excepthook, "quiet_after_stop", False):
@@ -272,7 +277,8 @@ def _quiet_noise() -> None:
 
     def unraisable(info: object) -> None:
         error = getattr(info, "exc_value", None)
-        if not (closed_loop(error) or isinstance(error, (KeyboardInterrupt, Terminated))):
+        pending_read = getattr(getattr(info, "object", None), "__name__", "") == _CHECKPOINT_READ
+        if not (closed_loop(error) or pending_read or isinstance(error, (KeyboardInterrupt, Terminated))):
             unraisable_hook(info)
 
     hook.quiet_after_stop = True  # type: ignore[attr-defined]

@@ -172,9 +172,13 @@ def _generate_text(args: argparse.Namespace, run: LoadedRun, settings: list[dict
     outs = []
     for loops in settings:
         if args.no_cache:
-            new = generate_batch(_logits(run, args.exits, args.compact_plan), run.params, [ids], loops, args.max_new_tokens,
-                                 seed=args.seed, sampling=sampling)[0]
-            mean_loops = {}
+            ran: dict[str, np.ndarray] = {}
+            new = generate_batch(_logits(run, args.exits, args.compact_plan, used=True), run.params, [ids], loops,
+                                 args.max_new_tokens, seed=args.seed, sampling=sampling, ran=ran)[0]
+            # over the new tokens up to and including the first stop, as cached decoding's lengths count them
+            # (no mean loops were reported here: the line showed the rule beside the caps alone)
+            n = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
+            mean_loops = {c: float(v[0, :n].mean()) for c, v in ran.items()}
         else:
             decoder = decoder_for(run.model, args.policy, args.continuous)
             out = decoder(run.params, [ids], loops, args.max_new_tokens, sampling, eos_id=stops,
@@ -330,7 +334,8 @@ def _mixture_view(run: LoadedRun, split: str, logits_fn: Any, parts: list[dict])
     return entry.task, logits, [data.untag(b) for b in parts]
 
 
-def _logits(run: LoadedRun, exits: dict[str, Any], compact: bool | None = None) -> Any:
-    """The evaluator's logits function, with the exit rules and --compact bound in."""
-    return lambda params, tokens, loops, segments=None: run.evaluator.logits(params, tokens, loops, segments, exits,
-                                                                             compact)
+def _logits(run: LoadedRun, exits: dict[str, Any], compact: bool | None = None, used: bool = False) -> Any:
+    """The evaluator's logits function, with the exit rules and --compact bound in (``used``: it returns the
+    iterations each position ran beside the logits, `Evaluator.logits_used`)."""
+    fn = run.evaluator.logits_used if used else run.evaluator.logits
+    return lambda params, tokens, loops, segments=None: fn(params, tokens, loops, segments, exits, compact)

@@ -479,8 +479,9 @@ class ModelConfig:
         seen: set[str] = set()
         for s, stage in enumerate(m.stages):
             _check(len(stage.circuits) >= 1, f"model.stages.{s}.circuits: a stage needs at least one circuit")
-            for c in stage.circuits:
-                p = f"model.stages.{s}.circuits.{c.name}"
+            for i, c in enumerate(stage.circuits):
+                # by its name where it has one (an empty or dotted name made "circuits..name" / "circuits.a.b.name")
+                p = f"model.stages.{s}.circuits.{c.name if c.name.isidentifier() else i}"
                 c.validate(p)
                 _check(c.name not in seen, f"{p}.name: circuit name '{c.name}' is used twice; names must be unique")
                 seen.add(c.name)

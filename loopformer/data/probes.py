@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from loopformer.data.tasks import pack_answer
-from loopformer.data.text import ASSET_PREFIX, asset_path
+from loopformer.data.text import ASSET_PREFIX, RepeatedKey, asset_path, json_line
 from loopformer.errors import DataError
 
 Probe = tuple[str, str]
@@ -40,7 +40,7 @@ def read_probes(path: str | Path) -> list[Probe]:
         raise DataError(f"--probe {path}: {what} (a JSONL file of {{\"prompt\": ..., \"answer\": ...}} lines, "
                         f"or asset:{ARITHMETIC})")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a leading BOM (Notepad) was "not a JSON object"
     except UnicodeDecodeError as e:
         raise DataError(f"--probe {path}: not UTF-8 text (bad byte at offset {e.start})") from None
     probes = []
@@ -48,7 +48,9 @@ def read_probes(path: str | Path) -> list[Probe]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_line(line)
+        except RepeatedKey as e:
+            raise DataError(f"{p}:{i}: key '{e}' is given twice; keep one") from None
         except json.JSONDecodeError:
             raise DataError(f"{p}:{i}: not a JSON object") from None
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str)

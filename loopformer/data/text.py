@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -112,6 +112,25 @@ def file_format(path: Path, fmt: str) -> str:
     return "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text"
 
 
+class RepeatedKey(ValueError):
+    """A JSON object that gives one key twice: `json.loads` keeps the last value, with no word."""
+
+
+def json_line(line: str) -> Any:
+    """One line of a JSONL file (a corpus record, a probe) as `json.loads` reads it; RepeatedKey (the key) for an object
+    that gives a key twice (a probe's second "answer" replaced the first silently, #27 pass 22; YAML configs refuse
+    it too)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise RepeatedKey(key)
+            out[key] = value
+        return out
+
+    return json.loads(line, object_pairs_hook=pairs)
+
+
 def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
@@ -136,12 +155,14 @@ def iter_documents(paths: Sequence[Path], fmt: str = "auto", text_field: str = "
                             f"data.paths at the directory `loopformer prepare` wrote")
         text = _read_text(path)
         count = 0
-        if kind == "jsonl":
-            for line_no, line in enumerate(text.splitlines(), 1):
+        if kind == "jsonl":  # past a leading BOM (Notepad's UTF-8): its first line was "not a JSON object"
+            for line_no, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json_line(line)
+                except RepeatedKey as e:
+                    raise DataError(f"{path}:{line_no}: key '{e}' is given twice in one record; keep one") from None
                 except json.JSONDecodeError:
                     raise DataError(f"{path}:{line_no}: not a JSON object; each line of a .jsonl file must be "
                                     f"one JSON object (or set data.format=text)") from None

@@ -74,8 +74,15 @@ class Evaluator:
             self.compiles += 1
             return nnx.merge(self.graphdef, params)(tokens_BT, plan, segment_ids_BT=segment_ids_BT)[0]
 
+        def logits_used_fn(params: Any, tokens_BT: Array, plan: Plan,
+                           segment_ids_BT: Array | None) -> tuple[Array, dict[str, Array]]:
+            self.compiles += 1
+            logits, diag = nnx.merge(self.graphdef, params)(tokens_BT, plan, segment_ids_BT=segment_ids_BT)
+            return logits, loops_used(diag, plan, tokens_BT.shape)
+
         self._sums, self._means, self._trace = jax.jit(sums_fn), jax.jit(means_fn), jax.jit(trace_fn)
         self._correct, self._logits = jax.jit(correct_fn), jax.jit(logits_fn)
+        self._logits_used = jax.jit(logits_used_fn)
         self._examples = jax.jit(examples_fn)
 
     def plan(self, loops: Mapping[str, int], ablate: Sequence[str] = (), fill: Array | np.ndarray | None = None,
@@ -187,6 +194,14 @@ class Evaluator:
         `Plan.compact`."""
         return self._logits(params, tokens_BT, make_plan(self.names, loops, exits=exits, compact=compact),
                             segment_ids_BT)
+
+    def logits_used(self, params: Any, tokens_BT: Array, loops: Mapping[str, int],
+                    segment_ids_BT: Array | None = None, exits: Mapping[str, Any] | None = None,
+                    compact: bool | None = None) -> tuple[Array, dict[str, Array]]:
+        """`logits` and {circuit: float32 [B, T]}, the iterations each position ran (`loops_used`): what an exit
+        rule left of the caps (generate --no-cache reports it per new token, as cached decoding does)."""
+        return self._logits_used(params, tokens_BT, make_plan(self.names, loops, exits=exits, compact=compact),
+                                 segment_ids_BT)
 
 
 def _valid(batch: Batch) -> Array:

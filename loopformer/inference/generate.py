@@ -66,13 +66,15 @@ def logits_fn(model: LoopedTransformer) -> LogitsFn:
 
 def generate_batch(logits_fn: LogitsFn, params: Any, prompts: Sequence[Sequence[int]], loops: Mapping[str, int],
                    max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                   sampling: Sampling | None = None) -> list[list[int]]:
+                   sampling: Sampling | None = None, ran: dict[str, np.ndarray] | None = None) -> list[list[int]]:
     """Append ``max_new_tokens`` tokens to each prompt (all decoded together) with every circuit at
     ``loops``; returns the new tokens.
 
     temperature 0 is greedy (argmax); > 0 samples (``sampling`` adds top-k / top-p, as
     `loopformer.inference.decode.sample`) with a key derived from ``seed``. Each new token costs one full
     forward over [B, L]: the reference for the cached `loopformer.inference.decode.Decoder`.
+    ``ran`` (a dict, filled in): ``logits_fn`` then returns (logits, {circuit: iterations [B, L]}) and ``ran`` gets
+    {circuit: float [B, max_new_tokens]}, the iterations that produced each new token (`Generated.loops`).
     """
     sampling = sampling or Sampling(temperature=temperature)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -88,6 +90,11 @@ def generate_batch(logits_fn: LogitsFn, params: Any, prompts: Sequence[Sequence[
     key = jax.random.key(seed)
     for t in range(max_new_tokens):
         logits = logits_fn(params, jnp.asarray(buf), loops, None)  # [B, L, V]
+        if ran is not None:
+            logits, used = logits
+            for n, u in used.items():  # the position that predicts new token t
+                ran.setdefault(n, np.zeros((len(prompts), max_new_tokens), np.float32))[:, t] = \
+                    np.asarray(u)[rows, lengths + t - 1]
         nxt = sample(logits[rows, lengths + t - 1], jax.random.fold_in(key, t), sampling)
         buf[rows, lengths + t] = np.asarray(nxt)
     return [buf[i, lengths[i] : lengths[i] + max_new_tokens].tolist() for i in rows]

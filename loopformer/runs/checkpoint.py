@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from loopformer.errors import CheckpointError
-from loopformer.runs.layout import OLDER_LAYOUT, read_only, unreadable
+from loopformer.runs.layout import OLDER_LAYOUT, misnamed_step, read_only, unreadable
 
 PyTree = Any
 
@@ -276,6 +276,8 @@ class Checkpoints:
         """
         steps = self.all_steps()
         if not steps:
+            if self.directory.is_dir():
+                misnamed_step(self.directory)
             raise CheckpointError(
                 f"no checkpoint in {self.directory}: train first, or point --run at a run directory"
             )
@@ -294,7 +296,7 @@ class Checkpoints:
             except CheckpointError:
                 if not self._removed(at):
                     raise
-            steps = sorted(self._manager.all_steps(read=True))
+            steps = sorted(self._disk_steps())
             if step is not None or not steps:
                 break
         raise CheckpointError(f"checkpoint step {at} in {self.directory} was removed while it was read (a trainer of this "
@@ -302,11 +304,17 @@ class Checkpoints:
                               + (f"read one it keeps (--step {steps[-1]}), or " if step is not None and steps else "")
                               + "run the command again")
 
+    def _disk_steps(self) -> list[int]:
+        """The finished steps on disk now (the manager's list read again; ``all_steps(read=True)`` logged a deprecation
+        warning above every corrupt-checkpoint refusal's one line)."""
+        self._manager.reload()
+        return list(self._manager.all_steps())
+
     def _removed(self, step: int) -> bool:
         """Whether checkpoint ``step`` is gone from disk, or going: while a newer step has appeared (a trainer saved it
         and is pruning this one) its removal is given a moment."""
         step_dir = self.directory / str(step)
-        if step_dir.exists() and max(self._manager.all_steps(read=True), default=step) > step:
+        if step_dir.exists() and max(self._disk_steps(), default=step) > step:
             time.sleep(0.5)
         return not step_dir.exists()
 

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopformer.errors import AnalysisError, ConfigError
+from loopformer.errors import AnalysisError, CheckpointError, ConfigError
 
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
@@ -93,12 +93,28 @@ class RunDir:
         nowhere) named like a step is none: `inspect` listed it, and a resume to its step left config.yaml as it was,
         taking it for a rerun that trains nothing."""
         ckpt = self.checkpoints
-        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()) if ckpt.is_dir() else []
+        if not ckpt.is_dir():
+            return []
+        misnamed_step(ckpt)
+        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir())
 
     def trained_to(self) -> int | None:
         """The newest checkpoint step on disk, or None."""
         steps = self.checkpoint_steps()
         return steps[-1] if steps else None
+
+
+def misnamed_step(checkpoints: Path) -> None:
+    """CheckpointError for a folder of ``checkpoints`` named like a step but not as the checkpoint library names one
+    (``03``, other scripts' digits): the library saw no checkpoint in it ("no checkpoint: train first") while a
+    resume took it for one, trained from scratch and replaced the run's metrics (#27 pass 22)."""
+    odd = next((p for p in sorted(checkpoints.iterdir()) if p.name.isdigit() and p.is_dir() and p.name != str(int(p.name))),
+               None)
+    if odd is not None:
+        plain = odd.with_name(str(int(odd.name)))
+        raise CheckpointError(f"{odd} is named like checkpoint step {int(odd.name)}, but the checkpoint library reads a "
+                              f"step only by its plain number, so it is no checkpoint; rename it (mv {odd} {plain})"
+                              + (", or remove one of the two" if plain.exists() else "") + " to resume from it")
 
 
 def special(path: Path) -> str | None:

@@ -131,7 +131,8 @@ def as_flags(recipe: Recipe) -> Iterator[None]:
     try:
         yield
     except ConfigError as e:
-        circuit_field = rf"model\.stages\.0\.circuits\.{re.escape(recipe.name)}\.(\w+)"
+        # (a name that is no identifier is named by its index)
+        circuit_field = rf"model\.stages\.0\.circuits\.(?:{re.escape(recipe.name)}|0)\.(\w+)"
         raise ConfigError(re.sub(circuit_field, lambda m: RECIPE_FLAGS.get(m.group(1), m.group(0)), str(e))) from None
 
 

@@ -43,7 +43,24 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
     if blocked:  # refused before any weight is read: the write failed after them as "Not a directory"
         where = "" if blocked == path else f": {blocked}"
         raise ConfigError(f"--out {out}{where} is a file, not a directory; choose another --out")
+    if beside is not None and path.resolve() == beside.resolve():  # its line said to delete it: the source run
+        raise ConfigError(f"--out {out} is the run being converted (--run); name a new directory for the looped run, "
+                          f"e.g. --out {beside.name}-looped")
+    taken = _occupied(path)
+    if taken:  # before any weight is read (it was found after them, by write_run)
+        raise CheckpointError(taken)
     return outside_runs(path)
+
+
+def _occupied(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot take a new run (it holds one, or anything else), or None."""
+    if RunDir(run_dir).checkpoint_steps():
+        return f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {run_dir})"
+    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if held:  # never overwrite a config.yaml or anything else a user keeps there
+        return (f"{run_dir} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pick another "
+                f"--out, or an empty or new directory")
+    return None
 
 
 def point_at(cfg: Config, run_dir: Path) -> Config:
@@ -61,12 +78,9 @@ def write_run(cfg: Config, params: Any, data: DataSource | None = None, *, step:
     The run is written into a temporary sibling (``.NAME.partial-PID``) renamed into place when complete, so
     a full disk, a read-only parent, Ctrl-C or SIGTERM leave no half-written run (and one clear line)."""
     run_dir = cfg.run_dir
-    if RunDir(run_dir).checkpoint_steps():
-        raise CheckpointError(f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {run_dir})")
-    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    if held:  # never overwrite a config.yaml or anything else a user keeps there
-        raise CheckpointError(f"{run_dir} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
-                              f"pick another --out, or an empty or new directory")
+    taken = _occupied(run_dir)
+    if taken:
+        raise CheckpointError(taken)
     data = data if data is not None else build_data(cfg)
     state = init_state(jax.tree.map(jnp.asarray, params), make_optimizer(cfg.train), ema=cfg.train.ema > 0)
     state["step"] = jnp.asarray(step, jnp.int32)

@@ -47,6 +47,7 @@ CASES = [
     ("decode", ["--new", ""], "--new '': give comma-separated whole numbers >= 1"),
     ("decode", ["--new", "64,x"], "--new '64,x': give comma-separated whole numbers >= 1"),
     ("decode", ["--batch", "1,0"], "--batch '1,0': give comma-separated whole numbers >= 1"),
+    ("decode", ["--run", ""], "--run '': name the trained text run"),  # measured the random weights (pass 22)
     ("gate_stage", ["--seeds", "0"], "--seeds must be >= 1, got 0"),
     ("gate_stage", ["--extra", "0"], "--extra must be >= 1, got 0"),
     ("gate_stage", ["--examples", "-1"], "--examples must be >= 1, got -1"),
@@ -58,7 +59,8 @@ CASES = [
     ("recipe_cost", ["--config", "configs/quickstart.yaml", "--rounds", "0", "train.ema=0.99"],
      "--rounds must be >= 1, got 0"),
     ("rys_screen", ["--run", "runs/none", "--examples", "0"], "--examples must be >= 1, got 0"),
-    ("rys_screen", ["--run", "runs/none", "--screen", "-1"], "--screen must be >= 0, got -1"),
+    ("rys_screen", ["--run", "runs/none", "--screen", "-1"], "--screen must be >= 1, got -1"),
+    ("rys_screen", ["--run", "runs/none", "--screen", "0"], "--screen must be >= 1, got 0"),  # a traceback (pass 22)
     ("rys_screen", ["--run", "runs/none", "--repeats", "0,1"], "--repeats '0,1': give comma-separated whole numbers"),
     ("step_profile", ["--reps", "0"], "--reps must be >= 1, got 0"),
     ("step_profile", ["--loops", "4,,8"], "--loops '4,,8': give comma-separated whole numbers >= 1"),
@@ -121,6 +123,27 @@ CASES = [
      "train.steps=2 and train.steps=3 both set train.steps; give it once"),
     ("recipe_cost", ["--config", "configs/quickstart.yaml", "train.ema=0.9", "train.ema=0.99"],
      "train.ema=0.9 and train.ema=0.99 both set train.ema; give it once"),
+    # the twenty-second pass: the timing scripts' repetition counts had no bound (11 digits ran until stopped)
+    ("mfu", ["--steps", "99999999999"], "--steps 99999999999: at most 10,000 (timed steps"),
+    ("circuit_bank", ["--steps", "10001"], "--steps 10001: at most 10,000 (timed steps"),
+    ("circuit_bank", ["--circuits", "99999999999"],  # a hang: a config of 1e11 entries was built first
+     "--circuits 99999999999: at most 32 (each circuit is d_model 64 / C wide, at least 2)"),
+    ("circuit_bank", ["--rounds", "99999999999"], "--rounds 99999999999: at most 100 (timed repetitions"),
+    ("loop_overhead", ["--steps", "99999999999"], "--steps 99999999999: at most 10,000 (timed steps"),
+    ("loop_overhead", ["--rounds", "101"], "--rounds 101: at most 100 (timed repetitions"),
+    ("recipe_cost", ["--config", "configs/quickstart.yaml", "--steps", "99999999999", "train.ema=0.99"],
+     "--steps 99999999999: at most 10,000 (timed steps"),
+    ("recipe_cost", ["--config", "configs/quickstart.yaml", "--rounds", "99999999999", "train.ema=0.99"],
+     "--rounds 99999999999: at most 100 (timed repetitions"),
+    ("step_profile", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
+    ("compact", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
+    ("decode", ["--reps", "99999999999"], "--reps 99999999999: at most 100 (timed repetitions"),
+    ("gate_stage", ["--extra", "99999999999"],  # refused by the library after stage I had trained
+     "--extra 99999999999: at most 2,147,482,147 (the continuations train to stage I's 1,500 steps + --extra, and "
+     "the step counter is a 32-bit integer)"),
+    # a folder to read that is a file: its runs were looked for under it, and the fix said to train into it
+    ("addition_places", ["--runs", str(BENCH / "_common.py")],
+     "argument --runs: " + str(BENCH / "_common.py") + " is a file, not a directory; name the folder that holds"),
 ]
 
 
@@ -217,6 +240,9 @@ def test_as_a_script_no_traceback(name, argv, message):
      "needs about 268.2 GiB, more than half of this machine's 8 GiB; at most --batch 14,913,080 fits"),
     ("decode", ["--new", "1000000000", "--batch", "1"], "--new 1000000000: the key/value cache of 1 x 1,000,000,016 "
      "tokens at 3 loops needs about 7,629.4 GiB, more than half of this machine's 8 GiB; at most --new"),
+    ("decode", ["--compact-batch", "99999999999"],  # found by XLA after the policy rows (pass 22)
+     "--compact-batch 99999999999: the key/value cache of 99,999,999,999 prompts at 8 loops needs about"),
+    ("decode", ["--compact-only", "--compact-batch", "8,99999999999"], "at most --compact-batch"),
 ])
 def test_a_size_past_memory_names_the_flag_and_the_largest_that_fits(name, argv, message, monkeypatch, capsys):
     """#27 fifteenth pass: a size whose attention or key/value cache cannot fit was an out-of-memory traceback from
@@ -240,6 +266,17 @@ def test_ctrl_c_in_a_bench_script_is_one_line_and_status_130():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=BENCH.parent)
     assert done.returncode == 130 and done.stderr == "interrupted\n", done.stderr
+
+
+def test_sigterm_to_a_bench_script_is_one_line_and_status_143():
+    """#27 pass 22: SIGTERM (a scheduler, `timeout`) ended a bench script without a word, a training inside it mid-save;
+    it unwinds as Ctrl-C does."""
+    code = ("import os, signal, sys, time; sys.path.insert(0, 'bench'); import _common as C\n"
+            "def main():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
+            "C.run_main(main)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=BENCH.parent)
+    assert done.returncode == 143 and done.stderr == "terminated\n", done.stderr
 
 
 def test_decode_run_of_a_task_is_refused_before_any_work(run_dir, monkeypatch, capsys):
@@ -323,3 +360,67 @@ def test_an_out_file_that_cannot_be_written_after_the_work_is_one_line(monkeypat
                                               r"results are printed above$"):
         script("circuit_bank").C.emit({"a": 1}, ["table"], argparse.Namespace(json=False, out=tmp_path / "r.json"))
     assert capsys.readouterr().out == "table\n"
+
+
+def test_an_out_file_a_full_disk_cuts_keeps_the_earlier_document(monkeypatch, tmp_path):
+    """#27 pass 22: a disk that filled while --out was written truncated the earlier document and left half of the
+    new one (which `think_longer.py --replot` then read); it is now written beside it and renamed into place."""
+    import errno
+
+    out = tmp_path / "think_longer.json"
+    out.write_text('{"earlier": 1}')
+    real = Path.write_text
+
+    def half(self, text, *a, **k):
+        real(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(LoopformerError, match=r"cannot write it \(No space left on device\)"):
+        script("circuit_bank").C.write_out(out, '{"new": 2, "rows": []}', "printed above")
+    assert out.read_text() == '{"earlier": 1}' and [p.name for p in tmp_path.iterdir()] == ["think_longer.json"]
+
+
+@pytest.mark.parametrize("where,message", [
+    ("", "argument --out: '': name the folder"),  # read the runs under the current directory
+    ("file", "is a file, not a directory; name the folder that holds the runs"),
+    ("empty", "no trained run at"),  # status 1 without "error:", the second setting's after the first was scored
+])
+def test_maze_shortcut_out_without_the_runs_is_one_line_before_any_work(where, message, monkeypatch, capsys,
+                                                                         tmp_path):
+    """#27 pass 22: maze_shortcut.py's --out (think_longer's runs) is read: '' or a file is argparse's line, and a
+    missing run of any --tasks entry is one `error:` line before the first is scored."""
+    module = script("maze_shortcut")
+    monkeypatch.setattr(module, "check", lambda *a, **k: pytest.fail("a setting was scored before the refusal"))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    out = str(tmp_path / where) if where else ""
+    monkeypatch.setattr(sys, "argv", ["maze_shortcut.py", "--tasks", "maze_exit,maze3", "--out", out])
+    if where == "empty":
+        with pytest.raises(LoopformerError, match=f"^--out {tmp_path / 'empty'}: no trained run at .*maze_exit-looped"):
+            module.main()
+        return
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_recipe_cost_times_the_changed_config_on_its_own_batches(monkeypatch):
+    """#27 pass 22: the changed step ran on the base config's batches, so a data setting (data.batch_size=128) was
+    timed as no change at all; each config's step now gets its own config's batches."""
+    module = script("recipe_cost")
+    seen = {"base": set(), "changed": set()}
+
+    def stepper(config, overrides):
+        name = "changed" if overrides else "base"
+
+        def step(state, batch):
+            seen[name].add(batch)
+            return state, {"loss": module.jax.numpy.zeros(())}
+
+        return step, None, iter(f"{name}-batch{i}" for i in range(100))
+
+    monkeypatch.setattr(module, "_stepper", stepper)
+    doc = module.measure("configs/quickstart.yaml", ["data.batch_size=128"], 2, 1)
+    assert doc["steps"] == 2 and seen == {"base": {"base-batch0", "base-batch1"},
+                                          "changed": {"changed-batch0", "changed-batch1"}}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from loopformer.data.tasks import make_task
+from loopformer.errors import AnalysisError
 
 spec = importlib.util.spec_from_file_location("maze_shortcut", Path(__file__).parents[2] / "bench" / "maze_shortcut.py")
 maze_shortcut = importlib.util.module_from_spec(spec)
@@ -34,5 +35,5 @@ def test_a_setting_that_is_not_a_maze_is_refused(monkeypatch, capsys):
 
 
 def test_a_missing_run_says_how_to_train_it(tmp_path):
-    with pytest.raises(SystemExit, match="think_longer.py --tasks maze_exit"):
+    with pytest.raises(AnalysisError, match="think_longer.py --tasks maze_exit"):  # one `error:` line, status 2
         maze_shortcut.check("maze_exit", tmp_path, 16)

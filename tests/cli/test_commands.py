@@ -169,6 +169,14 @@ def test_generate_with_exit_says_the_rule_beside_the_cap(run_dir, text_run_dir, 
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--max-new-tokens", "2", "--exit",
                  "latent_diff:0.1"]) == 0
     assert re.match(r"\[X=\d+; X exits by latent_diff:0.1, [\d.]+ loops per token\] In", capsys.readouterr().out)
+    # --no-cache reports them too, computed as the cached path does (#27 pass 22: it showed the rule and the cap alone)
+    exit_args = ["generate", "--run", str(text_run_dir), "--prompt", "In", "--max-new-tokens", "3", "--exit",
+                 "latent_diff:0.1"]
+    cached, recomputed = run_json(capsys, *exit_args), run_json(capsys, *exit_args, "--no-cache")
+    assert recomputed["generations"][0]["tokens"] == cached["generations"][0]["tokens"]
+    assert recomputed["generations"][0]["mean_loops"] == pytest.approx(cached["generations"][0]["mean_loops"])
+    assert main([*exit_args, "--no-cache"]) == 0
+    assert re.match(r"\[X=\d+; X exits by latent_diff:0.1, [\d.]+ loops per token\] In", capsys.readouterr().out)
 
 
 def test_task_answers_decode_with_the_cache_as_the_recompute_path_does(run_dir, capsys):

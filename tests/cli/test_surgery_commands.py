@@ -83,6 +83,7 @@ def test_rys_errors(plain_run, capsys):
 
 @pytest.mark.parametrize(("flags", "line"), [
     (["--name", ""], "error: --name: '' must be an identifier (letters, digits, _)"),
+    (["--name", "a.b"], "error: --name: 'a.b' must be an identifier (letters, digits, _)"),  # pass 22
     (["--loops", "fixed(0)"], "error: --loops: fixed(n) needs an integer n >= 1, got 0.0"),
     (["--loops", "uniform(8, 16)", "--max-loops", "4"], "error: --max-loops=4 is below counts that loops=uniform(8, 16) "
      "draws (up to 16): they would be clamped to 4, silently changing the training distribution; raise max_loops to "
@@ -128,6 +129,15 @@ def test_convert_is_the_plain_model_at_one_loop_and_the_duplication_at_two(plain
     assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", str(kept)]) == 2
     assert "kept is not empty (config.yaml); pick another --out" in capsys.readouterr().err
     assert (kept / "config.yaml").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == ["config.yaml"]
+    # #27 pass 22: --out naming the run being converted said to delete it (rm -r the source), after reading its weights;
+    # an --out that holds a run is refused before any weight is read
+    for out in (str(plain_run), plain_run.name):
+        assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == (f"error: --out {out} is the run being converted (--run); name a new directory for the "
+                               f"looped run, e.g. --out {plain_run.name}-looped") and "loaded" not in err
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", "plain_conv"]) == 2
+    assert "loaded" not in capsys.readouterr().err
 
 
 @pytest.mark.slow

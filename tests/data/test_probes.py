@@ -72,3 +72,18 @@ def test_a_probe_the_tokenizer_cannot_encode_is_named(tmp_path):
         probe.write_text(line + "\n")
         with pytest.raises(DataError, match=rf"^--probe {probe}: {message}"):
             probe_sets(args, run)
+
+
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    """#27 pass 22: a probe file saved with a BOM (Notepad's UTF-8) was refused as "1: not a JSON object"."""
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "b"}\r\n{"prompt": "c", "answer": "d"}\r\n')
+    assert read_probes(p) == [("a", "b"), ("c", "d")]
+
+
+def test_a_key_given_twice_is_one_line(tmp_path):
+    """#27 pass 22: {"prompt": "a", "answer": "b", "answer": "c"} was scored against "c", with no word."""
+    p = tmp_path / "twice.jsonl"
+    p.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": "b", "answer": "c"}\n')
+    with pytest.raises(DataError, match=r"twice.jsonl:2: key 'answer' is given twice; keep one$"):
+        read_probes(p)

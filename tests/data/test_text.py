@@ -443,3 +443,15 @@ def test_a_corpus_folder_this_user_may_not_enter(tmp_path, monkeypatch, pattern)
                         and real(p, mode, **k))
     assert error(tmp_path, [tmp_path / pattern] if pattern else [tmp_path]) == (
         f"data.paths: this user may not read the folder {tmp_path}; make it readable (chmod -R u+rX {tmp_path})")
+
+
+def test_a_jsonl_corpus_with_a_byte_order_mark_is_read_past_it(tmp_path):
+    """#27 pass 22: a .jsonl corpus saved with a BOM (Notepad's UTF-8) was refused as "1: not a JSON object"."""
+    from loopformer.data.text import iter_documents
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert list(iter_documents([path])) == ["first", "second"]
+    path.write_text('{"text": "first", "text": "second"}\n')  # the last one won, with no word
+    with pytest.raises(DataError, match=r"bom.jsonl:1: key 'text' is given twice in one record; keep one$"):
+        list(iter_documents([path]))

@@ -12,6 +12,7 @@ from flax import nnx
 
 from loopformer.config import load_config
 from loopformer.errors import PlanError
+from loopformer.evaluation.evaluator import loops_used
 from loopformer.inference.decode import Decoder, Sampling, sample
 from loopformer.inference.generate import generate_batch, logits_fn, until_eos
 from loopformer.model.plan import make_plan
@@ -222,8 +223,20 @@ def test_compacted_greedy_decoding_gives_the_same_tokens():
                          PROMPTS, {"X": 12}, 16)
     assert on.tokens.tolist() == off.tokens.tolist() == ref
     np.testing.assert_array_equal(on.loops["X"], off.loops["X"])
+    # the recompute path's iterations per new token (`ran`, #27 pass 22): those of cached decoding
+    forward_used = jax.jit(lambda p, t, plan: _with_used(nnx.merge(nnx.graphdef(m), p)(t, plan), plan, t.shape))
+    ran = {}
+    again = generate_batch(lambda p, t, loops, seg=None: forward_used(p, t, make_plan(names, loops, exits=exits)),
+                           params, PROMPTS, {"X": 12}, 16, ran=ran)
+    assert again == ref and set(ran) == {"X"}
+    np.testing.assert_array_equal(ran["X"], on.loops["X"])
     assert len(np.unique(on.loops["X"])) > 1
     assert on.computed["X"] < off.computed["X"]
+
+
+def _with_used(out, plan, shape):
+    logits, diag = out
+    return logits, loops_used(diag, plan, shape)
 
 
 def test_continuous_thinking_starts_from_the_last_state(model):

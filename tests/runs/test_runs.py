@@ -133,3 +133,16 @@ def test_a_file_named_like_a_step_is_no_checkpoint(tmp_path):
     (layout.checkpoints / "6").write_text("x")
     (layout.checkpoints / "8").symlink_to(tmp_path / "nowhere")
     assert layout.checkpoint_steps() == [4] and layout.trained_to() == 4
+
+
+@pytest.mark.parametrize("name", ["03", "\u0663"])  # a leading zero, an Arabic-Indic 3
+def test_a_folder_named_like_a_step_but_not_plainly_is_one_line(tmp_path, name):
+    """#27 pass 22: `checkpoints/03` was step 3 to a resume (its config compared) and no checkpoint to the library, so
+    the resume trained from scratch and replaced the run's metrics, and `eval` said "no checkpoint: train first"."""
+    layout = RunDir(tmp_path)
+    (layout.checkpoints / name).mkdir(parents=True)
+    match = rf"checkpoints/{name} is named like checkpoint step 3, but .* rename it \(mv .*/{name} .*/checkpoints/3\)"
+    with pytest.raises(CheckpointError, match=match):
+        layout.checkpoint_steps()
+    with pytest.raises(CheckpointError, match=match):
+        Checkpoints(layout.checkpoints).restore({})
