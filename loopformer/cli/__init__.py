@@ -191,6 +191,15 @@ def _main(argv: list[str] | None) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except FileNotFoundError:
+        if not _cwd_gone():
+            raise
+        # a relative path (the default run.dir `runs`, `--run ../x`) under a folder deleted after the shell entered
+        # it: Python cannot resolve it (os.getcwd), which was a traceback from pathlib or posixpath
+        print("error: the current directory no longer exists (it was deleted or moved after the shell entered it), "
+              "so a relative path cannot be resolved; cd to a directory that exists, or give absolute paths",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader of stdout exited (`| head -1`): stop as a pipe's writer does, no traceback
         _drop_stdout()
         with contextlib.suppress(OSError):
@@ -207,6 +216,14 @@ def _main(argv: list[str] | None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stop.clear()  # reported above: a later command or training in this process (tests, a notebook) starts clean
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 FLAGS_GIVEN = "_flags_given"  # in the namespace while parsing: the single-value flags seen so far

@@ -831,3 +831,19 @@ def test_documented_exit_commands_run_as_written(line, request, capsys):
         argv = [str(request.getfixturevalue(fixture)) if a == name else a for a in argv]
     small = ["--max-new-tokens", "2"] if argv[0] == "generate" else ["--examples", "8"]
     assert main([*argv, *small]) == 0, capsys.readouterr().err
+
+
+def test_a_deleted_current_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    """A relative path under a folder deleted after the shell entered it (`cd x; rm -r ../x`): Python cannot resolve
+    it (os.getcwd), which was a FileNotFoundError traceback from pathlib (`train`'s default run.dir `runs`) or
+    posixpath (`eval --run ../r`)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (tmp_path / "r").mkdir()  # found (`..` of the deleted folder still leads up), then resolved: the traceback
+    (tmp_path / "r" / "config.yaml").write_text(tiny_config(tmp_path).to_yaml())
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    for argv in (["eval", "--run", "../r"], ["train", "-c", str(ROOT / "configs" / "quickstart.yaml")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: the current directory no longer exists") and "Traceback" not in err
