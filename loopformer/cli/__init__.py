@@ -89,11 +89,20 @@ def _import_commands() -> None:
         for name in MODULES:
             importlib.import_module(f"loopformer.cli.{name}")
     except ValueError as e:
-        found = (re.search(r"for JAX flag (\w+)", str(e)) or re.search(r"for environment '(\w+)'", str(e)))
-        if found is None:
+        problem = jax_variable_refused(e)
+        if problem is None:
             raise
-        var = found.group(1).upper()
-        raise ConfigError(f"{var}={os.environ.get(var, '')!r}: JAX refuses it ({e}); fix or unset {var}") from None
+        raise ConfigError(problem) from None
+
+
+def jax_variable_refused(e: ValueError) -> str | None:
+    """The line for a ValueError that ``import jax`` raised over an environment variable it reads, naming the
+    variable (the bench scripts use it too); None for any other ValueError."""
+    found = re.search(r"for JAX flag (\w+)", str(e)) or re.search(r"for environment '(\w+)'", str(e))
+    if found is None:
+        return None
+    var = found.group(1).upper()
+    return f"{var}={os.environ.get(var, '')!r}: JAX refuses it ({e}); fix or unset {var}"
 
 
 def _check_platforms() -> None:
