@@ -14,12 +14,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import jax
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loopformer.cli import FLAGS_GIVEN, _on_signal, single_flags  # noqa: E402
+from loopformer.cli import FLAGS_GIVEN, _check_platforms, _on_signal, jax_variable_refused, single_flags  # noqa: E402
+
+try:  # a JAX variable that JAX refuses as it is imported (JAX_ENABLE_X64=maybe): one line, as `loopformer` says it
+    import jax
+except ValueError as _e:
+    if jax_variable_refused(_e) is None:
+        raise
+    print(f"error: {jax_variable_refused(_e)}", file=sys.stderr)
+    sys.exit(2)
+import numpy as np  # noqa: E402
+
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
@@ -211,6 +218,7 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
         signal.signal(signal.SIGTERM, _on_signal)
     try:
+        _check_platforms()  # JAX_PLATFORMS or XLA_FLAGS that JAX cannot start: one line, before any work
         code = main()
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -80,12 +81,38 @@ class _Guarded:
         return getattr(self._stream, name)
 
 
+def _import_commands() -> None:
+    """Import every command's module (each registers its command, and imports JAX). An environment variable that
+    JAX reads as it is imported (``JAX_ENABLE_X64=maybe``, ``JAX_DEFAULT_MATMUL_PRECISION=bogus``) is one line
+    naming it (it was a ValueError traceback through ``import jax``)."""
+    try:
+        for name in MODULES:
+            importlib.import_module(f"loopformer.cli.{name}")
+    except ValueError as e:
+        problem = jax_variable_refused(e)
+        if problem is None:
+            raise
+        raise ConfigError(problem) from None
+
+
+def jax_variable_refused(e: ValueError) -> str | None:
+    """The line for a ValueError that ``import jax`` raised over an environment variable it reads, naming the
+    variable (the bench scripts use it too); None for any other ValueError."""
+    found = re.search(r"for JAX flag (\w+)", str(e)) or re.search(r"for environment '(\w+)'", str(e))
+    if found is None:
+        return None
+    var = found.group(1).upper()
+    return f"{var}={os.environ.get(var, '')!r}: JAX refuses it ({e}); fix or unset {var}"
+
+
 def _check_platforms() -> None:
     """ConfigError (one line) when ``JAX_PLATFORMS`` names a platform JAX cannot start here (``gpu`` on a machine
     without one, a typo): the first JAX call of the command raised it as pages of traceback, after `train` had made
-    its run directory. Checked only when the variable is set (starting the backend is what checks it)."""
+    its run directory; the same for ``XLA_FLAGS`` that the backend refuses (a device count of 0). Checked only when
+    one of them is set (starting the backend is what checks it)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
-    if not platforms:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not (platforms or flags):
         return
     import jax
 
@@ -97,6 +124,10 @@ def _check_platforms() -> None:
         jax.devices()
     except Exception as e:  # RuntimeError; an AssertionError inside JAX for `cuda` without its plugin
         why = str(e).split(" (set JAX_PLATFORMS")[0].strip() or f"{type(e).__name__} in JAX's backend setup"
+        if not platforms:  # e.g. --xla_force_host_platform_device_count=0: "Could not determine process_index"
+            why = why.split(" (you may need")[0]
+            raise ConfigError(f"XLA_FLAGS={flags!r}: JAX cannot start its backend with these flags ({why}); fix or "
+                              f"unset XLA_FLAGS") from None
         raise ConfigError(f"JAX_PLATFORMS={platforms!r}: JAX cannot start it on this machine ({why}); unset "
                           f"JAX_PLATFORMS to use what the machine has (or name one it has, e.g. JAX_PLATFORMS=cpu)"
                           ) from None
@@ -136,8 +167,7 @@ def _main(argv: list[str] | None) -> int:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
                 if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}
     try:
-        for name in MODULES:
-            importlib.import_module(f"loopformer.cli.{name}")  # each registers its command (and imports JAX)
+        _import_commands()
         stop.check()  # a signal whose exception an import swallowed: "interrupted", not a traceback or a full run
         from loopformer.cli.common import COMMANDS
         from loopformer.config.schema import MAX_EVAL_EXAMPLES
@@ -191,6 +221,15 @@ def _main(argv: list[str] | None) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except FileNotFoundError:
+        if not _cwd_gone():
+            raise
+        # a relative path (the default run.dir `runs`, `--run ../x`) under a folder deleted after the shell entered
+        # it: Python cannot resolve it (os.getcwd), which was a traceback from pathlib or posixpath
+        print("error: the current directory no longer exists (it was deleted or moved after the shell entered it), "
+              "so a relative path cannot be resolved; cd to a directory that exists, or give absolute paths",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader of stdout exited (`| head -1`): stop as a pipe's writer does, no traceback
         _drop_stdout()
         with contextlib.suppress(OSError):
@@ -207,6 +246,14 @@ def _main(argv: list[str] | None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stop.clear()  # reported above: a later command or training in this process (tests, a notebook) starts clean
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 FLAGS_GIVEN = "_flags_given"  # in the namespace while parsing: the single-value flags seen so far

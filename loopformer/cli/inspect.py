@@ -47,7 +47,7 @@ def _history(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             record = None
         changes = record.get("changes") if isinstance(record, dict) else None
-        if not (isinstance(record.get("step") if record else None, int) and isinstance(changes, list)
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(changes, list)
                 and all(isinstance(c, dict) and {"path", "old", "new"} <= c.keys() for c in changes)):
             raise AnalysisError(f"{path}:{number}: not a record of the run's changes ({{\"step\": N, \"changes\": "
                                 f"[{{\"path\", \"old\", \"new\"}}, ...]}}); {fix}")

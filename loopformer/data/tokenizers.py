@@ -188,6 +188,9 @@ class HFTokenizer(Tokenizer):
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     """A byte-level BPE of at most ``vocab_size`` tokens (3 specials + 256 bytes + merges) learned from
     ``texts``; deterministic for the same texts. Pairs seen once are not merged."""
+    if isinstance(texts, (str, bytes)):  # each character was a document: a BPE without merges, with no word
+        raise DataError("train_bpe: texts is one string; pass a list of documents, e.g. train_bpe([text], "
+                        f"{vocab_size}) (a string is read character by character, which learns no merges)")
     if vocab_size <= BYTE_VOCAB:
         raise DataError(f"data.vocab_size={vocab_size} is too small for data.tokenizer=bpe: it needs >= "
                         f"{BYTE_VOCAB + 1} (3 specials + 256 bytes + merges); raise it, or use data.tokenizer=bytes")

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -155,5 +156,11 @@ def record_changes(run_dir: Path, step: int, changes: list[Change]) -> None:
     if not changes or jax.process_index() != 0:
         return
     line = {"step": step, "changes": [{"path": c.path, "old": c.old, "new": c.new, "part": c.part} for c in changes]}
-    with open(RunDir(run_dir).changes, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+    path = RunDir(run_dir).changes
+    torn = False  # a last line cut short (a kill or a full disk mid-append): this record went onto its end, unreadable
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(("\n" if torn else "") + json.dumps(line) + "\n")

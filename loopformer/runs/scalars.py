@@ -30,8 +30,9 @@ class MetricsWriter:
 
     Resuming a run appends to metrics.jsonl and starts a new event file; with ``resume_step`` (the step
     training restarts from) the lines of later steps, logged before a crash and about to be trained
-    again, are dropped first, so no step appears twice. With `enabled=False` (non-main processes) every
-    call is a no-op and nothing is written.
+    again, are dropped first, and the event file starts with a session start at the next step (tensorboard then
+    drops the earlier files' points of later steps), so no step appears twice. With `enabled=False` (non-main
+    processes) every call is a no-op and nothing is written.
     """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
@@ -46,6 +47,12 @@ class MetricsWriter:
             self._jsonl = open(RunDir(self.run_dir).metrics, "a", encoding="utf-8")  # noqa: SIM115
             self._tb = EventFileWriter(str(RunDir(self.run_dir).tb), flush_secs=30)
             _quiet_writer_thread()
+            if resume_step is not None:
+                # tensorboard drops the points of later steps that an earlier process logged (a crash after its last
+                # checkpoint: a trajectory that was lost and is trained again) only at a session start: without it
+                # those steps showed two values, and the lost run's points between the logged ones stayed
+                start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+                self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Logs `values` (names like "train/loss", "eval/2x/accuracy") at `step`."""

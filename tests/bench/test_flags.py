@@ -232,6 +232,21 @@ def test_as_a_script_no_traceback(name, argv, message):
     assert done.stderr.strip().splitlines()[-1] == message
 
 
+@pytest.mark.parametrize("env,message", [
+    ({"JAX_ENABLE_X64": "maybe"}, "error: JAX_ENABLE_X64='maybe': JAX refuses it ("),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=0"}, "error: XLA_FLAGS='--xla_force_host_platform_device_"
+                                                                "count=0': JAX cannot start its backend"),
+])
+def test_a_jax_variable_jax_refuses_is_one_line_in_a_bench_script(env, message):
+    """#27 pass 23: a ValueError traceback through `import jax`, or a RuntimeError one from the first JAX call."""
+    import os
+
+    environ = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, **env}
+    done = subprocess.run([sys.executable, str(BENCH / "mfu.py"), "--steps", "2"], capture_output=True, text=True,
+                          timeout=120, env=environ)
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+
+
 @pytest.mark.parametrize("name,argv,message", [
     # 8 GiB: half of it holds 64 x 965^2 scores of 4 heads (72 bytes a pair), strings of up to 964 bits
     ("compact", ["--max-bits", "4000"], "--max-bits 4000: attention over 64 strings of 4,001 tokens needs about "

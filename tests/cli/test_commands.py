@@ -721,9 +721,11 @@ def test_generate_defaults_to_the_first_split_with_answers(tmp_path):
         _first_answered(SimpleNamespace(path=tmp_path, data=data, splits=["kjv/val"]))
 
 
-@pytest.mark.parametrize("line", ['{"step": 3, "changes": [garbage', '{"step": 4, "changes": [1]}', "[]"])
+@pytest.mark.parametrize("line", ['{"step": 3, "changes": [garbage', '{"step": 4, "changes": [1]}', "[]", "[1, 2, 3]",
+                                  '"text"'])
 def test_inspect_names_a_damaged_line_of_config_changes(run_dir, tmp_path, capsys, line):
-    """#27 pass 11: a config_changes.jsonl line edited by hand was a JSONDecodeError (or KeyError) traceback."""
+    """#27 pass 11: a config_changes.jsonl line edited by hand was a JSONDecodeError (or KeyError) traceback; pass 23:
+    a line holding a list or a string other than [] was an AttributeError traceback."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "config_changes.jsonl").write_text(line + "\n")
@@ -831,3 +833,19 @@ def test_documented_exit_commands_run_as_written(line, request, capsys):
         argv = [str(request.getfixturevalue(fixture)) if a == name else a for a in argv]
     small = ["--max-new-tokens", "2"] if argv[0] == "generate" else ["--examples", "8"]
     assert main([*argv, *small]) == 0, capsys.readouterr().err
+
+
+def test_a_deleted_current_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    """A relative path under a folder deleted after the shell entered it (`cd x; rm -r ../x`): Python cannot resolve
+    it (os.getcwd), which was a FileNotFoundError traceback from pathlib (`train`'s default run.dir `runs`) or
+    posixpath (`eval --run ../r`)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (tmp_path / "r").mkdir()  # found (`..` of the deleted folder still leads up), then resolved: the traceback
+    (tmp_path / "r" / "config.yaml").write_text(tiny_config(tmp_path).to_yaml())
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    for argv in (["eval", "--run", "../r"], ["train", "-c", str(ROOT / "configs" / "quickstart.yaml")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: the current directory no longer exists") and "Traceback" not in err

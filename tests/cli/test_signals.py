@@ -147,3 +147,20 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path, platforms):
     assert done.stderr.strip().endswith("unset JAX_PLATFORMS to use what the machine has (or name one it has, e.g. "
                                         "JAX_PLATFORMS=cpu)") and done.stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("env, start", [
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=0"}, "error: XLA_FLAGS='--xla_force_host_platform_device"
+                                                                "_count=0': JAX cannot start its backend with these "
+                                                                "flags ("),
+    ({"JAX_DEFAULT_MATMUL_PRECISION": "bogus"}, "error: JAX_DEFAULT_MATMUL_PRECISION='bogus': JAX refuses it ("),
+    ({"JAX_ENABLE_X64": "maybe"}, "error: JAX_ENABLE_X64='maybe': JAX refuses it ("),
+])
+def test_a_jax_variable_jax_refuses_is_one_line(tmp_path, env, start):
+    """#27 pass 23: a JAX setting read from the environment as JAX is imported (a typo) was a ValueError traceback
+    through `import jax`; a device count of 0 in XLA_FLAGS a RuntimeError traceback from the first JAX call."""
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, **env}
+    done = subprocess.run([sys.executable, "-m", "loopformer", "train", "-c", "configs/quickstart.yaml",
+                           f"run.dir={tmp_path}", "run.name=r"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and done.stderr.startswith(start) and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "r").exists()

@@ -88,6 +88,14 @@ def test_trained_bpe_round_trips_and_is_deterministic(tmp_path):
         train_bpe(texts, vocab_size=259)
 
 
+def test_train_bpe_refuses_one_string_for_its_documents():
+    """docs/surgery.md calls train_bpe([text], 512); train_bpe(text, 512) read each character as a document and
+    returned a BPE without a single merge, with no word."""
+    for texts in ("hello world hello world", b"hello world"):
+        with pytest.raises(DataError, match=r"texts is one string; pass a list of documents, e.g. train_bpe\(\[text\]"):
+            train_bpe(texts, 300)
+
+
 def test_bpe_training_leaves_the_main_thread_free_for_a_ctrl_c():
     """Python runs signal handlers on the main thread between its own steps, so a Ctrl-C during the tokenizers
     library's training (Rust, up to minutes) waited for it to end. The training runs on a worker thread (where

@@ -146,3 +146,24 @@ def test_a_folder_named_like_a_step_but_not_plainly_is_one_line(tmp_path, name):
         layout.checkpoint_steps()
     with pytest.raises(CheckpointError, match=match):
         Checkpoints(layout.checkpoints).restore({})
+
+
+def test_a_resume_after_a_torn_change_record_keeps_its_own(tmp_path):
+    """#27 pass 23: config_changes.jsonl cut mid-line (a kill or a full disk while a resume appended): the next
+    resume's record was written onto the end of the torn line, so it was lost with it (and `inspect` refused the
+    line). It now starts on a line of its own; the torn line is still named by `inspect`."""
+    import json
+
+    from loopformer.config import Change
+    from loopformer.runs.prepare import record_changes
+
+    path = RunDir(tmp_path).changes
+    path.write_text('{"step": 2, "changes": [{"path": "train.steps", "old": 2, "new": 5, "part": "setting"}]}\n'
+                    '{"step": 5, "changes": [{"path": "train.st', encoding="utf-8")
+    record_changes(tmp_path, 7, [Change("train.steps", 5, 9, "setting")])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and lines[1] == '{"step": 5, "changes": [{"path": "train.st'
+    assert json.loads(lines[2]) == {"step": 7, "changes": [{"path": "train.steps", "old": 5, "new": 9,
+                                                             "part": "setting"}]}
+    record_changes(tmp_path, 9, [Change("train.steps", 9, 11, "setting")])  # a whole file: no blank line
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 4

@@ -54,6 +54,24 @@ def test_resume_appends(tmp_path):
     assert read_tensorboard_scalars(tmp_path) == {"loss": [(1, 3.0), (2, 2.0)]}
 
 
+def test_a_resume_drops_the_lost_steps_from_tensorboard_too(tmp_path):
+    """#27 pass 23: a trainer killed after its last checkpoint (step 2) had logged steps 3-5; the resume trains them
+    again. metrics.jsonl dropped them, but tensorboard (event files "brain.Event:2") drops a file's later points only
+    at a session start: steps 4 showed two values, and the lost run's 3 and 5 stayed between the new ones."""
+    import time
+
+    with MetricsWriter(tmp_path) as writer:
+        for step in range(1, 6):
+            writer.scalars(step, {"train/loss": float(step)})
+    time.sleep(1.1)  # a new event file (its name has the second it was made)
+    with MetricsWriter(tmp_path, resume_step=2) as writer:
+        writer.scalars(4, {"train/loss": 40.0})
+        writer.scalars(6, {"train/loss": 60.0})
+    points = [(step, v) for step, v in read_tensorboard_scalars(tmp_path)["train/loss"]]
+    assert points == [(1, 1.0), (2, 2.0), (4, 40.0), (6, 60.0)]
+    assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path)] == points
+
+
 def test_tensorboard_values_are_float32(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         writer.scalars(0, {"lr": 1e-3})
