@@ -151,8 +151,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
                 + f" = {fixed} (the -1 axis needs a whole number); choose sizes whose product divides {num_devices}")
         sizes[fills[0]] = num_devices // fixed
     elif fixed != num_devices:
+        there = "is 1 device" if num_devices == 1 else f"are {num_devices} devices"
         raise ConfigError(f"mesh: data x fsdp x tensor = {cfg.data} x {cfg.fsdp} x {cfg.tensor} = {fixed}, but "
-                          f"there are {num_devices} devices; make the product {num_devices} or set one axis to -1")
+                          f"there {there}; make the product {num_devices} or set one axis to -1")
     return sizes[0], sizes[1], sizes[2]
 
 

@@ -245,7 +245,8 @@ class MixtureSource(DataSource):
         shares = np.diff(self.cumulative, prepend=0.0)  # the draw's own shares (a sum of the weights may be inf)
         parts = [f"{e.cfg.name} ({e.cfg.task}, {100 * share:.0f}% of examples, ids {o}..{o + e.vocab_size - 1}, T "
                  f"{e.seq_len()})" for e, o, share in zip(self.entries, self.offsets, shares, strict=True)]
-        return f"mixture of {len(parts)} tasks: " + "; ".join(parts) + f"; vocab {self.vocab_size}, seq_len {self.seq_len}"
+        tasks = "1 task" if len(parts) == 1 else f"{len(parts)} tasks"
+        return f"mixture of {tasks}: " + "; ".join(parts) + f"; vocab {self.vocab_size}, seq_len {self.seq_len}"
 
 
 def _example_at(source: MixtureSource, seed: int, index: int) -> Batch:
