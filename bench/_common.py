@@ -21,9 +21,10 @@ from loopformer.cli import FLAGS_GIVEN, _check_platforms, _on_signal, jax_variab
 try:  # a JAX variable that JAX refuses as it is imported (JAX_ENABLE_X64=maybe): one line, as `loopformer` says it
     import jax
 except ValueError as _e:
-    if jax_variable_refused(_e) is None:
+    _refused = jax_variable_refused(_e)
+    if _refused is None:
         raise
-    print(f"error: {jax_variable_refused(_e)}", file=sys.stderr)
+    print(f"error: {_refused}", file=sys.stderr)
     sys.exit(2)
 import numpy as np  # noqa: E402
 

@@ -49,6 +49,7 @@ from loopformer.data.sources import build_data
 from loopformer.data.tasks import make_task
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
+from loopformer.runs.layout import RunDir
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 
@@ -298,8 +299,7 @@ def train_timed(cfg: Config) -> float:
     they were trained twice)."""
     record = cfg.run_dir / WALL_RECORD
     spent = C.read_wall(record)
-    ckpts = cfg.run_dir / "checkpoints"
-    done = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
+    done = RunDir(cfg.run_dir).trained_to() or 0
     t0 = time.time()
     try:
         with contextlib.redirect_stdout(sys.stderr):

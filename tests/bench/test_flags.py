@@ -273,25 +273,19 @@ def test_a_size_past_memory_names_the_flag_and_the_largest_that_fits(name, argv,
     assert info.value.code == 2 and "Traceback" not in err and message in err.splitlines()[-1], err
 
 
-def test_ctrl_c_in_a_bench_script_is_one_line_and_status_130():
-    """A Ctrl-C printed a KeyboardInterrupt traceback (during a compile, then a crash in the teardown: -11)."""
-    code = ("import sys; sys.path.insert(0, 'bench'); import _common as C\n"
-            "def main():\n    raise KeyboardInterrupt\n"
-            "C.run_main(main)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+@pytest.mark.parametrize("stop, code, line", [
+    ("raise KeyboardInterrupt", 130, "interrupted"),  # a traceback (during a compile, then a crash in the teardown)
+    ("os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)", 143, "terminated"),  # #27 pass 22: no word at all
+])
+def test_a_stopped_bench_script_is_one_line_and_its_status(stop, code, line):
+    """Ctrl-C printed a KeyboardInterrupt traceback; SIGTERM (a scheduler, `timeout`) ended a script without a word, a
+    training inside it mid-save. Both unwind to one line."""
+    script_text = ("import os, signal, sys, time; sys.path.insert(0, 'bench'); import _common as C\n"
+                   f"def main():\n    {stop}\n"
+                   "C.run_main(main)")
+    done = subprocess.run([sys.executable, "-c", script_text], capture_output=True, text=True, timeout=120,
                           cwd=BENCH.parent)
-    assert done.returncode == 130 and done.stderr == "interrupted\n", done.stderr
-
-
-def test_sigterm_to_a_bench_script_is_one_line_and_status_143():
-    """#27 pass 22: SIGTERM (a scheduler, `timeout`) ended a bench script without a word, a training inside it mid-save;
-    it unwinds as Ctrl-C does."""
-    code = ("import os, signal, sys, time; sys.path.insert(0, 'bench'); import _common as C\n"
-            "def main():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
-            "C.run_main(main)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=BENCH.parent)
-    assert done.returncode == 143 and done.stderr == "terminated\n", done.stderr
+    assert done.returncode == code and done.stderr == f"{line}\n", done.stderr
 
 
 def test_decode_run_of_a_task_is_refused_before_any_work(run_dir, monkeypatch, capsys):
