@@ -10,6 +10,8 @@ ends with the bar's verdict at 2x (gain of the best count >= m over m, margin ov
 
     python bench/think_longer.py [--quick] [--json] [--tasks maze,p_hop] [--seeds N] [--models looped] [--out DIR]
     python bench/think_longer.py --floor --tasks NAME   # what a setting gives away, before training on it
+    python bench/think_longer.py --tasks NAME --seeds 2 --first-seed 1 --out B   # seeds 1-2 only, e.g. in a second session
+    python bench/think_longer.py --merge A/think_longer.json B/think_longer.json --out C   # seeds 0-2, one verdict
 
 Honest selection: every difficulty has two held-out sets from the same generator, "val" and "test"
 (different examples). The loop count reported for a difficulty is the one with the best validation
@@ -316,13 +318,14 @@ SPLITS = ("val", "test")  # held-out sets per difficulty: loop counts are chosen
 
 
 def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
-             model_names: tuple[str, ...] = MODELS) -> dict:
-    """Train and evaluate ``model_names`` over ``seeds``: rows of test and validation accuracy at every
-    count (looped models) or at 1 (baselines), the selection on val and the fixed rule."""
+             model_names: tuple[str, ...] = MODELS, first_seed: int = 0) -> dict:
+    """Train and evaluate ``model_names`` over seeds ``first_seed .. first_seed + seeds - 1``: rows of test and
+    validation accuracy at every count (looped models) or at 1 (baselines), the selection on val and the fixed
+    rule."""
     setting = TASKS[name]
     steps = setting.steps[0 if quick else 1]
     rows, solved_at, floors = [], {split: [] for split in setting.splits}, {split: [] for split in setting.splits}
-    for seed, model_name in itertools.product(range(seeds), model_names):
+    for seed, model_name in itertools.product(range(first_seed, first_seed + seeds), model_names):
         cfg = config(name, model_name, steps, out, examples, seed)
         wall = train_timed(cfg)
         data = build_data(cfg)
@@ -356,7 +359,84 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
             "recipe": {k: list(v) for k, v in setting.recipe}, "steps": steps, "seeds": seeds, "rows": rows,
             "selected": select(rows), "rule": fixed_rule(rows, setting),
             "depth": {s: depth_summary(pairs, setting.train_loops) for s, pairs in solved_at.items() if pairs},
+            # the (depth, smallest solving count; None: never) pairs themselves, so that records of disjoint seeds
+            # join into the same summary (`merge`)
+            "depth_pairs": {s: [[d, None if f == np.inf else f] for d, f in pairs] for s, pairs in solved_at.items()
+                            if pairs},
             "floor": {s: {k: float(np.mean([f[k] for f in fs])) for k in fs[0]} for s, fs in floors.items() if fs}}
+
+
+MUST_MATCH = ("train_loops", "loops", "recipe", "steps")  # a record's settings: records to join agree on them
+
+
+def merge(docs: dict[str, dict]) -> dict:
+    """One document from ``docs`` (name -> think_longer.json document), each scoring disjoint seeds of the same
+    settings: a bench run split over sessions (``--first-seed``), e.g. seed 0 in one and seeds 1-2 in another.
+    Rows, fixed-rule rows and wall times are joined; what each split gives away is averaged over all seeds; the
+    depth summary is recomputed from the records' depth pairs (records without them: its means are weighted by
+    seeds, its median slack, which does not join, is dropped); the selection and the verdict are those of the
+    joined rows. Raises ValueError naming the record and the field that disagree."""
+    if len(docs) < 2:
+        raise ValueError("give two records or more to join")
+    quick = {bool(d.get("quick")) for d in docs.values()}
+    if len(quick) > 1:
+        raise ValueError("the records mix --quick runs with full runs; join records of one kind")
+    tasks: dict[str, dict] = {}
+    for name in dict.fromkeys(n for d in docs.values() for n in d["tasks"]):
+        parts = [(src, d["tasks"][name]) for src, d in docs.items() if name in d["tasks"]]
+        first_src, first = parts[0]
+        seen: dict[int, str] = {}
+        for src, part in parts:
+            for key in MUST_MATCH:
+                if part.get(key) != first.get(key):
+                    raise ValueError(f"{name}: {src} has {key} {part.get(key)!r}, {first_src} has {first.get(key)!r}; "
+                                     f"join records of the same settings")
+            models = sorted({r["model"] for r in part["rows"]})
+            if models != sorted({r["model"] for r in first["rows"]}):
+                raise ValueError(f"{name}: {src} scores the models {','.join(models)}, {first_src} others; every seed "
+                                 f"needs the same models for the bar (--models)")
+            for seed in sorted({r.get("seed", 0) for r in part["rows"]}):
+                if seed in seen:
+                    raise ValueError(f"{name}: seed {seed} is in both {seen[seed]} and {src}; join records of "
+                                     f"disjoint seeds")
+                seen[seed] = src
+        rows = sorted((r for _, part in parts for r in part["rows"]), key=lambda r: r.get("seed", 0))
+        weights = [len({r.get("seed", 0) for r in part["rows"]}) for _, part in parts]
+        merged = {k: first[k] for k in (*MUST_MATCH, "loop_range") if k in first}
+        merged |= {"seeds": len(seen), "rows": rows, "selected": select(rows),
+                   "rule": sorted((r for _, part in parts for r in part.get("rule", [])), key=lambda r: r["seed"])}
+        depth = merge_depth([part for _, part in parts], weights, first["train_loops"])
+        if depth:
+            merged["depth"] = depth
+        if all("depth_pairs" in part for _, part in parts):
+            merged["depth_pairs"] = {s: [p for _, part in parts for p in part["depth_pairs"].get(s, [])]
+                                     for s in depth}
+        splits = [s for s in first.get("floor", {}) if all(s in part.get("floor", {}) for _, part in parts)]
+        if splits:
+            merged["floor"] = {s: {k: float(np.average([part["floor"][s][k] for _, part in parts], weights=weights))
+                                   for k in first["floor"][s]} for s in splits}
+        tasks[name] = merged
+    return {"tasks": tasks, "quick": quick.pop(), "seeds": max(t["seeds"] for t in tasks.values()),
+            "wall_s": sum(d.get("wall_s", 0.0) for d in docs.values()), "merged_from": list(docs)}
+
+
+def merge_depth(parts: list[dict], weights: list[int], m: int) -> dict:
+    """The depth summary of the joined ``parts`` (task results; ``weights``: their seed counts): recomputed from
+    their depth pairs where every part has them; otherwise joined from the summaries, each seed's examples
+    counted once (means weighted by seeds, the max and the slack range over all), the median slack dropped."""
+    splits = [s for s in parts[0].get("depth", {}) if all(s in p.get("depth", {}) for p in parts)]
+    if all("depth_pairs" in p for p in parts):
+        return {s: depth_summary([(d, np.inf if f is None else f) for p in parts for d, f in p["depth_pairs"][s]], m)
+                for s in splits if all(s in p["depth_pairs"] for p in parts)}
+    out = {}
+    for s in splits:
+        ds = [p["depth"][s] for p in parts]
+        ranges = [d["slack_range"] for d in ds if d["slack_range"] is not None]
+        out[s] = {k: float(np.average([d[k] for d in ds], weights=weights))
+                  for k in ("mean", "within_train_loops", "unsolved")}
+        out[s] |= {"max": max(d["max"] for d in ds), "median_slack": None,
+                   "slack_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None}
+    return out
 
 
 def select(rows: list[dict]) -> list[dict]:
@@ -626,19 +706,30 @@ def main() -> int:
     p.add_argument("--floor", action="store_true", help="train nothing: print what each difficulty of --tasks gives "
                    "away without a model (a constant answer's test accuracy, the share of fixed answer positions), "
                    "to check a setting before its first run")
+    p.add_argument("--first-seed", type=int, default=0, help="with --seeds N, train seeds K..K+N-1 instead of "
+                   "0..N-1: a run split over sessions, each part scored on its own, then joined with --merge")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="RECORD", help="train nothing: join "
+                   "think_longer.json records of the same settings and disjoint seeds into --out's record, tables and "
+                   "verdict (the rows of every seed together; nothing is rescored)")
     p.add_argument("--ablate", action="store_true", help="also train the looped model once per entry of its task's "
                    "recipe with that entry switched off (models looped-no-NAME), every seed")
     args = p.parse_args()
-    C.at_least(p, args, {"--seeds": 1})
+    C.at_least(p, args, {"--seeds": 1, "--first-seed": 0})
     C.at_most(p, args, {"--seeds": C.SEEDS})  # --floor drew every seed's examples: 1e20 hung
+    if args.first_seed + args.seeds > C.SEEDS[0]:
+        p.error(f"--first-seed {args.first_seed} with --seeds {args.seeds}: seeds up to {C.SEEDS[0] - 1} only")
     # flags the chosen mode does not read were accepted and ignored (--floor trains and writes nothing, --replot
     # redraws --out's results as they are)
-    unread = {"--floor": ("--replot", "--ablate", "--models", "--out"),
-              "--replot": ("--ablate", "--quick", "--models", "--seeds", "--tasks")}
+    unread = {"--floor": ("--replot", "--ablate", "--models", "--out", "--first-seed", "--merge"),
+              "--replot": ("--ablate", "--quick", "--models", "--seeds", "--tasks", "--first-seed", "--merge"),
+              "--merge": ("--ablate", "--quick", "--models", "--seeds", "--tasks", "--first-seed")}
+    def dest(flag: str) -> str:  # --first-seed -> first_seed
+        return flag[2:].replace("-", "_")
+
     for mode, flags in unread.items():
         # (as strings: argparse passes a string default through the flag's type, --out's Path, get_default does not)
-        given = [f for f in flags if str(getattr(args, f[2:])) != str(p.get_default(f[2:]))] \
-            if getattr(args, mode[2:]) else []
+        given = [f for f in flags if str(getattr(args, dest(f))) != str(p.get_default(dest(f)))] \
+            if getattr(args, dest(mode)) else []
         if given:
             p.error(f"{mode} reads none of {' and '.join(given)}; drop them, or drop {mode}")
     examples = 64 if args.quick else 256
@@ -665,7 +756,34 @@ def main() -> int:
         if args.json:
             print(json.dumps({"floor": floors, "examples": examples, "seeds": args.seeds}))
         return 0
-    if args.replot:
+    if args.merge:
+        docs = {}
+        for path in args.merge:
+            if not path.is_file():
+                p.error(f"--merge: {path} {'is a folder' if path.is_dir() else 'does not exist'}; give the "
+                        f"think_longer.json records to join")
+            if path.resolve() == (out / "think_longer.json").resolve():
+                p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
+            try:  # each must be a whole record of this script
+                doc = json.loads(path.read_text())
+                if not isinstance(doc.get("tasks"), dict) or not all(isinstance(r.get("rows"), list)
+                                                                    for r in doc["tasks"].values()):
+                    raise TypeError("no tasks with rows")
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                p.error(f"--merge: {path} is not a result of this script ({type(e).__name__}: {e})")
+            if str(path) in docs:
+                p.error(f"--merge names {path} twice; give each record once")
+            docs[str(path)] = doc
+        try:
+            doc = merge(docs)
+            results = doc["tasks"]
+            for name, result in results.items():
+                result["verdict"] = verdict(result, name)
+                markdown(name, result)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            p.error(f"--merge: {e}" if isinstance(e, ValueError) else
+                    f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
+    elif args.replot:
         saved = out / "think_longer.json"
         if not saved.is_file():
             p.error(f"--replot: {saved} {'is a folder' if saved.is_dir() else 'does not exist'}; run the benchmark "
@@ -684,9 +802,10 @@ def main() -> int:
         for name in names:
             ablations = tuple(m for m in models(TASKS[name], ablate=True) if m.startswith("looped-no-"))
             results[name] = run_task(name, args.quick, out, examples, args.seeds,
-                                     model_names + (ablations if args.ablate else ()))
+                                     model_names + (ablations if args.ablate else ()), args.first_seed)
             results[name]["verdict"] = verdict(results[name], name)
-        doc = {"tasks": results, "quick": args.quick, "seeds": args.seeds, "wall_s": time.time() - t0}
+        doc = {"tasks": results, "quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
+               "wall_s": time.time() - t0}
     out.mkdir(parents=True, exist_ok=True)
     (out / "think_longer.json").write_text(json.dumps(doc, indent=1))
     text = "\n\n".join(markdown(n, r) for n, r in results.items())

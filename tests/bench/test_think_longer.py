@@ -324,3 +324,99 @@ def test_replot_of_a_damaged_result_file_is_one_line(text, why, tmp_path, monkey
     assert info.value.code == 2 and "Traceback" not in err
     assert f"error: --replot: {tmp_path / 'think_longer.json'} is not a result of this script ({why}" in err
     assert (tmp_path / "think_longer.json").read_text() == text  # left as it was
+
+
+def part(seeds: list[int], looped_2x: float, pairs: list[list] | None = None, steps: int = 1500) -> dict:
+    """A task's record over ``seeds``, as `run_task` writes it: every model at 2x, a floor and a depth."""
+    rows = []
+    for seed in seeds:
+        rows += held_out({12: 0.1, 24: looped_2x}, {12: 0.1, 24: looped_2x}, seed=seed)
+        rows += held_out({1: 0.5}, {1: 0.5}, seed=seed, model="equal_params")
+        rows += held_out({1: 0.6}, {1: 0.6}, seed=seed, model="equal_compute")
+    pairs = pairs if pairs is not None else [[16, 24], [16, None]]
+    record = {"train_loops": 12, "loops": "uniform(8, 16)", "loop_range": [8, 16], "recipe": {}, "steps": steps,
+              "seeds": len(seeds), "rows": rows, "selected": think_longer.select(rows),
+              "rule": [{"seed": s, "model": "looped", "difficulty": "2x", "loops": 24, "test_accuracy": looped_2x}
+                       for s in seeds],
+              "floor": {"2x": {"constant_accuracy": 0.1 * len(seeds), "fixed_positions": 0.0}},
+              "depth": {"2x": think_longer.depth_summary([(d, float("inf") if f is None else f) for d, f in pairs],
+                                                         12)},
+              "depth_pairs": {"2x": pairs}}
+    return {"tasks": {"prefix_parity": record}, "quick": False, "seeds": len(seeds), "wall_s": 10.0}
+
+
+def test_merge_joins_disjoint_seeds_into_the_record_of_all_of_them():
+    """Seed 0 scored in one session, seeds 1-2 in another: the joined record has every seed's rows, the selection
+    and verdict of all three (the minimum over seeds is seed 0's 80 %), the floor averaged over the three seeds and
+    the depth summary of all their pairs."""
+    a, b = part([0], 0.8, [[16, 24], [16, None]]), part([1, 2], 1.0, [[16, 20], [18, 24], [20, 28], [16, 24]])
+    doc = think_longer.merge({"A": a, "B": b})
+    r = doc["tasks"]["prefix_parity"]
+    assert r["seeds"] == 3 and doc["seeds"] == 3 and doc["wall_s"] == 20.0 and doc["merged_from"] == ["A", "B"]
+    assert sorted({row["seed"] for row in r["rows"]}) == [0, 1, 2] and len(r["rows"]) == 3 * len(a["tasks"][
+        "prefix_parity"]["rows"])
+    assert [s["test_accuracy"] for s in r["selected"] if s["model"] == "looped"] == [0.8, 1.0, 1.0]
+    assert [x["seed"] for x in r["rule"]] == [0, 1, 2]
+    v = think_longer.verdict(r, "prefix_parity")
+    assert v["selected"]["2x"]["min"] == pytest.approx(0.8) and v["selected"]["2x"]["mean"] == pytest.approx(14 / 15)
+    assert v["selected"]["2x"]["min_margin_points"] == pytest.approx(20.0)  # against equal_compute's 60 %
+    # the floor is the mean over seeds: seed 0's 0.1 once, seeds 1-2's 0.2 (their mean) twice
+    assert r["floor"]["2x"]["constant_accuracy"] == pytest.approx((0.1 + 2 * 0.2) / 3)
+    every = [(16, 24), (16, float("inf")), (16, 20), (18, 24), (20, 28), (16, 24)]
+    assert r["depth"]["2x"] == think_longer.depth_summary(every, 12)
+    assert "mean (min–max) over 3 seeds" in think_longer.markdown("prefix_parity", r)
+
+
+def test_merge_without_depth_pairs_weights_the_summaries_by_seeds():
+    """A record written before the depth pairs were kept: means weighted by seed count, the max and slack range over
+    both, the median slack (which does not join) dropped."""
+    a, b = part([0], 0.8, [[16, 24], [16, None]]), part([1, 2], 1.0, [[18, 20], [20, 30]])
+    del a["tasks"]["prefix_parity"]["depth_pairs"]
+    d = think_longer.merge({"A": a, "B": b})["tasks"]["prefix_parity"]["depth"]["2x"]
+    assert d["mean"] == pytest.approx((16 + 2 * 19) / 3) and d["max"] == 20 and d["median_slack"] is None
+    assert d["unsolved"] == pytest.approx(0.5 / 3) and d["slack_range"] == [2.0, 10.0]
+    assert "depth_pairs" not in think_longer.merge({"A": a, "B": b})["tasks"]["prefix_parity"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda b: b["tasks"]["prefix_parity"].update(steps=999), "B has steps 999, A has 1500"),
+    (lambda b: [r.update(seed=0) for r in b["tasks"]["prefix_parity"]["rows"]], "seed 0 is in both A and B"),
+    (lambda b: b["tasks"]["prefix_parity"].update(rows=[r for r in b["tasks"]["prefix_parity"]["rows"]
+                                                        if r["model"] != "equal_compute"]),
+     "B scores the models equal_params,looped, A others"),
+    (lambda b: b.update(quick=True), "mix --quick runs with full runs"),
+])
+def test_merge_refuses_records_that_do_not_join(change, message):
+    a, b = part([0], 0.8), part([1], 1.0)
+    change(b)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        think_longer.merge({"A": a, "B": b})
+
+
+def test_merge_mode_writes_the_joined_record(tmp_path, monkeypatch, capsys):
+    """--merge A B --out C: C's think_longer.{json,md,png} hold all seeds; bad input is one line each."""
+    import json
+
+    for name, doc in (("a.json", part([0], 0.8)), ("b.json", part([1, 2], 1.0))):
+        (tmp_path / name).write_text(json.dumps(doc))
+    (tmp_path / "bad.json").write_text('{"tasks": ')
+    monkeypatch.setattr(think_longer, "train", lambda cfg: pytest.fail("--merge trains nothing"))
+    a, b, out = str(tmp_path / "a.json"), str(tmp_path / "b.json"), tmp_path / "c"
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", "--merge", a, b, "--out", str(out)])
+    assert think_longer.main() == 0
+    joined = json.loads((out / "think_longer.json").read_text())
+    assert joined["seeds"] == 3 and joined["tasks"]["prefix_parity"]["verdict"]["selected"]["2x"]["min"] == 0.8
+    assert "over 3 seeds" in (out / "think_longer.md").read_text()
+    assert (out / "think_longer_prefix_parity.png").read_bytes().startswith(b"\x89PNG")
+    for argv, why in ((["--merge", a, str(tmp_path / "nope.json")], "nope.json does not exist"),
+                      (["--merge", a, str(tmp_path / "bad.json")], "bad.json is not a result of this script"),
+                      (["--merge", a, a], "names " + a + " twice"),
+                      (["--merge", a, b, "--seeds", "3"], "--merge reads none of --seeds"),
+                      (["--merge", a, str(out / "think_longer.json"), "--out", str(out)], "is --out's own record"),
+                      (["--merge", a], "give two records or more"),
+                      (["--tasks", "prefix_parity", "--first-seed", "999", "--seeds", "2"], "seeds up to 999 only")):
+        monkeypatch.setattr(sys, "argv", ["think_longer.py", *argv])
+        with pytest.raises(SystemExit) as info:
+            think_longer.main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and why in err and "Traceback" not in err, (argv, err)
