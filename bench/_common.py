@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loopformer.cli import FLAGS_GIVEN, _check_platforms, _on_signal, jax_variable_refused, single_flags  # noqa: E402
+from loopformer.cli import FLAGS_GIVEN, check_platforms, jax_variable_refused, on_signal, single_flags  # noqa: E402
 
 try:  # a JAX variable that JAX refuses as it is imported (JAX_ENABLE_X64=maybe): one line, as `loopformer` says it
     import jax
@@ -217,9 +217,9 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     scheduler, `timeout`) unwinds the same way, "terminated", exit 143, so a training inside finishes its checkpoint
     and releases its lock (the process vanished without a word, #27 pass 22)."""
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
     try:
-        _check_platforms()  # JAX_PLATFORMS or XLA_FLAGS that JAX cannot start: one line, before any work
+        check_platforms()  # JAX_PLATFORMS or XLA_FLAGS that JAX cannot start: one line, before any work
         code = main()
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -52,9 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from loopformer.errors import PlanError
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.flops import FlopCounter
-from loopformer.model.plan import COMPACT_SHARES, make_plan
+from loopformer.model.plan import COMPACT_SHARES, checked_shares, make_plan
 from loopformer.model.transformer import forward_batch
 from loopformer.runs.log import progress
 
@@ -183,15 +184,11 @@ def markdown(name: str, result: dict) -> str:
 
 def compact_shares(p: C.ArgumentParser, text: str) -> tuple[float, ...]:
     """``--compact-shares 1,1.5,2``: distinct finite numbers >= 1, or argparse's one error line naming the flag."""
-    try:
-        shares = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        shares = ()
-    if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or 1 not in shares:
-        p.error(f"--compact-shares {text!r}: give comma-separated shares >= 1, 1 among them (1: the whole batch, 2: "
-                f"half its rows and tokens, ...), e.g. 1,2,4,8")
-    C.once(p, "--compact-shares", [f"{x:g}" for x in shares])
-    return shares
+    try:  # the library's own check (`make_plan` runs it too), named by the flag
+        return checked_shares([float(v) for v in text.split(",")])
+    except (ValueError, PlanError) as e:
+        why = str(e).split(": ", 1)[1] if isinstance(e, PlanError) else "give comma-separated numbers, e.g. 1,2,4,8"
+        p.error(f"--compact-shares {text!r}: {why}")
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
 from loopformer.errors import AnalysisError
 from loopformer.evaluation.evaluator import evaluator_for
+from loopformer.runs.layout import RunDir
 from loopformer.runs.restore import restore_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,7 +60,7 @@ def trained(name: str, out: Path, examples: int) -> Any:
     """The config of ``name``'s looped run under ``out``; AnalysisError (one ``error:`` line, exit 2) when it has not
     been trained (it was status 1 without "error:", and a second setting's was found after the first was scored)."""
     cfg = think_longer.config(name, "looped", think_longer.TASKS[name].steps[1], out, examples)
-    if not (cfg.run_dir / "checkpoints").is_dir():
+    if RunDir(cfg.run_dir).trained_to() is None:  # no checkpoint (an empty checkpoints/: killed before its first)
         raise AnalysisError(f"--out {out}: no trained run at {cfg.run_dir}; train it first with "
                             f"`python bench/think_longer.py --tasks {name} --out {out}`")
     return cfg

@@ -105,7 +105,7 @@ def jax_variable_refused(e: ValueError) -> str | None:
     return f"{var}={os.environ.get(var, '')!r}: JAX refuses it ({e}); fix or unset {var}"
 
 
-def _check_platforms() -> None:
+def check_platforms() -> None:
     """ConfigError (one line) when ``JAX_PLATFORMS`` names a platform JAX cannot start here (``gpu`` on a machine
     without one, a typo): the first JAX call of the command raised it as pages of traceback, after `train` had made
     its run directory; the same for ``XLA_FLAGS`` that the backend refuses (a device count of 0). Checked only when
@@ -164,7 +164,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     main_thread = threading.current_thread() is threading.main_thread()
     # (a signal the parent set to be ignored, e.g. SIGINT of a background job, stays ignored)
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
                 if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         _import_commands()
@@ -195,7 +195,7 @@ def _main(argv: list[str] | None) -> int:
             print(f"error: --examples {examples}: at most {MAX_EVAL_EXAMPLES:,} per split (they are all built in "
                   f"memory first); 10,000 already gives ±1% at 95%", file=sys.stderr)
             return 2
-        _check_platforms()
+        check_platforms()
         code = COMMANDS[args.command][2](args)
         signum = stop.requested()
         if signum is not None:  # its exception was swallowed where Python cannot raise it (a gc callback)
@@ -286,7 +286,7 @@ def single_flags(parser: argparse.ArgumentParser) -> None:
     parser.register("action", "store", _StoreOnce)
 
 
-def _on_signal(signum: int, frame: object) -> None:
+def on_signal(signum: int, frame: object) -> None:
     """SIGTERM raises `Terminated`, SIGINT KeyboardInterrupt, to unwind the command. The signal is remembered, in
     case Python swallows the exception (it does in gc callbacks), and the usual handling is back, so a second
     SIGTERM ends the process at once and a second Ctrl-C interrupts again."""

@@ -247,6 +247,19 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
     return out
 
 
+def checked_shares(shares: Sequence[float]) -> tuple[float, ...]:
+    """Compaction's buffer sizes as shares of the batch's rows and tokens (1: the whole batch, 2: half, ...): distinct
+    finite numbers >= 1, 1 among them; else PlanError naming the list and the fix."""
+    shares = tuple(float(x) for x in shares)
+    if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or len(set(shares)) < len(shares):
+        raise PlanError(f"compact_shares {list(shares)}: give distinct shares of at least 1, e.g. 1, 2, 4, 8 (a buffer of "
+                        f"the whole batch, of half its rows and tokens, ...)")
+    if 1 not in shares:  # the largest buffer is then smaller than the batch: the tokens past it were never run
+        raise PlanError(f"compact_shares {list(shares)}: include 1 (a buffer of the whole batch, for the iterations "
+                        f"where every token runs), e.g. 1, {', '.join(f'{x:g}' for x in shares)}")
+    return shares
+
+
 def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, ablate: Sequence[str] = (),
               fills: Mapping[str, Array] | Array | None = None, key: Array | None = None,
               backprop: Mapping[str, int] | None = None, trace_len: int = 0, collect_means: bool = False,
@@ -276,13 +289,7 @@ def make_plan(circuits: Sequence[str], loops: Mapping[str, int | Array], *, abla
         raise PlanError(f"layer schedule for '{bad[0]}': only the plain stacks prelude and coda take one")
     if fills is not None and not isinstance(fills, Mapping):
         fills = {c: jnp.asarray(fills)[i] for i, c in enumerate(circuits)}
-    shares = COMPACT_SHARES if compact_shares is None else tuple(float(x) for x in compact_shares)
-    if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or len(set(shares)) < len(shares):
-        raise PlanError(f"compact_shares {list(shares)}: give distinct shares of at least 1, e.g. 1, 2, 4, 8 (a buffer of "
-                        f"the whole batch, of half its rows and tokens, ...)")
-    if 1 not in shares:  # the largest buffer is then smaller than the batch: the tokens past it were never run
-        raise PlanError(f"compact_shares {list(shares)}: include 1 (a buffer of the whole batch, for the iterations "
-                        f"where every token runs), e.g. 1, {', '.join(f'{x:g}' for x in shares)}")
+    shares = COMPACT_SHARES if compact_shares is None else checked_shares(compact_shares)
     if compact is False:
         shares = ()  # masked: no buffers, and no separate program per setting of them
     return Plan(loops={c: jnp.asarray(loops[c], jnp.int32) for c in circuits},

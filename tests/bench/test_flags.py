@@ -117,7 +117,9 @@ CASES = [
     ("think_longer", ["--seeds", "1", "--seeds", "2"], "--seeds is given twice; give it once"),
     ("loop_overhead", ["--skip", "compile", "--skip", "sweep"], "--skip is given twice; give it once"),
     # the twentieth pass: shares without 1 never ran the rows and tokens past the largest buffer (silently wrong)
-    ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': give comma-separated shares >= 1, 1 among"),
+    ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': include 1 (a buffer of the whole batch"),
+    ("exit_oracle", ["--compact-shares", "1,2,2"], "--compact-shares '1,2,2': give distinct shares of at least 1"),
+    ("exit_oracle", ["--compact-shares", "1,x"], "--compact-shares '1,x': give comma-separated numbers"),
     ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "99999999999"], "--seeds 99999999999: at most 1,000"),
     ("seeds", ["--config", "configs/quickstart.yaml", "train.steps=2", "train.steps=3"],  # the last one won
      "train.steps=2 and train.steps=3 both set train.steps; give it once"),

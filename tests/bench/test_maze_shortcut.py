@@ -37,3 +37,12 @@ def test_a_setting_that_is_not_a_maze_is_refused(monkeypatch, capsys):
 def test_a_missing_run_says_how_to_train_it(tmp_path):
     with pytest.raises(AnalysisError, match="think_longer.py --tasks maze_exit"):  # one `error:` line, status 2
         maze_shortcut.check("maze_exit", tmp_path, 16)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_untrained(tmp_path):
+    """An empty checkpoints/ (a training killed before its first save) is no trained run: it read as one, and the
+    checkpoint library's error came after the first setting was scored."""
+    cfg = maze_shortcut.think_longer.config("maze_exit", "looped", 1500, tmp_path, 16)
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(AnalysisError, match="no trained run at .*think_longer.py --tasks maze_exit"):
+        maze_shortcut.check("maze_exit", tmp_path, 16)
