@@ -52,6 +52,13 @@ def test_a_run_config_edited_to_give_a_key_twice_is_refused(run_dir, tmp_path):
         load_run_config(tmp_path)
 
 
+def test_a_run_config_nested_too_deeply_is_named_corrupt(run_dir, tmp_path):
+    """#27 pass 24: a run's config.yaml edited to nest a value 5,000 levels deep was a RecursionError traceback."""
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text() + "x: " + "[" * 5000 + "\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml is corrupt \(nested too deeply to read\); delete "):
+        load_run_config(tmp_path)
+
+
 def test_one_log_to_stderr_and_the_trainer_logs_to_stdout(capsys):
     log("analysis")
     with log_to("stdout"):
