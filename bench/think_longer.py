@@ -353,8 +353,8 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
                         solved_at[split] += list(zip(depths, first.tolist(), strict=True))
         print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
         # the rows so far, rewritten after every model: a run stopped part-way keeps what it measured
-        partial = out / f"{name}.rows.partial.json"
-        partial.write_text(json.dumps({"task": name, "steps": steps, "rows": rows}))
+        C.write_out(out / f"{name}.rows.partial.json", json.dumps({"task": name, "steps": steps, "rows": rows}),
+                    "in its runs, which a rerun with this --out scores again")
     return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
             "recipe": {k: list(v) for k, v in setting.recipe}, "steps": steps, "seeds": seeds, "rows": rows,
             "selected": select(rows), "rule": fixed_rule(rows, setting),
@@ -806,17 +806,19 @@ def main() -> int:
             results[name]["verdict"] = verdict(results[name], name)
         doc = {"tasks": results, "quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
                "wall_s": time.time() - t0}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "think_longer.json").write_text(json.dumps(doc, indent=1))
     text = "\n\n".join(markdown(n, r) for n, r in results.items())
-    (out / "think_longer.md").write_text(text + "\n")
-    for name, result in results.items():
-        (out / f"think_longer_{name}.png").write_bytes(plot(name, result))
-    if args.json:
+    if args.json:  # printed first: a write that fails (a full disk) is one line, and the results are above it
         print(text, file=sys.stderr)
-        print(json.dumps(doc))
+        print(json.dumps(doc), flush=True)
     else:
-        print(text)
+        print(text, flush=True)
+    # each file whole (a temporary file renamed into place): written in place, a full disk tore the earlier record
+    # (--replot's own, --merge's --out) and was a traceback after the training (#27 pass 24)
+    C.write_out(out / "think_longer.json", json.dumps(doc, indent=1), "printed above")
+    C.write_out(out / "think_longer.md", text + "\n", "printed above")
+    for name, result in results.items():
+        C.write_out(out / f"think_longer_{name}.png", plot(name, result), "not drawn (the tables are printed above)")
+    if not args.json:
         print(f"\nwall time {doc['wall_s']:.0f}s; results in {out}/think_longer.{{md,json}}")
     return 0
 
