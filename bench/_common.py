@@ -28,6 +28,7 @@ except ValueError as _e:
     sys.exit(2)
 import numpy as np  # noqa: E402
 
+from loopformer import jsontext  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
 from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
@@ -316,17 +317,22 @@ def report(out: Path, stem: str, doc: dict[str, Any], text: str, as_json: bool) 
     write_out(out / f"{stem}.md", text + "\n", "printed above")
 
 
-def write_out(path: Path, text: str, shown: str) -> None:
-    """Write a script's document to ``--out`` whole, through a temporary file beside it renamed into place (a full
-    disk truncated the earlier document and left half of the new one, which --replot then read: #27 pass 22); a
-    failure (a full disk, a file made read-only meanwhile) is one AnalysisError naming it (a traceback after the
-    work), the document being ``shown`` elsewhere and the earlier one left as it was."""
+def write_out(path: Path, text: str | bytes, shown: str) -> None:
+    """Write a script's document (``text``; bytes: a plot) to ``--out`` whole, through a temporary file beside it
+    renamed into place (a full disk truncated the earlier document and left half of the new one, which --replot then
+    read: #27 pass 22); a failure (a full disk, a file made read-only meanwhile) is one AnalysisError naming it (a
+    traceback after the work), the document being ``shown`` elsewhere and the earlier one left as it was. Every file
+    a script writes into its --out goes through here (think_longer.py, routing.py, gate_stage.py and adaptive.py
+    wrote some in place: a traceback after hours of training, the earlier record torn, #27 pass 24)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not os.access(path, os.W_OK):
             raise PermissionError("the file is read-only")
-        tmp.write_text(text)
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
         raise AnalysisError(f"--out {path}: cannot write it ({e.strerror or e}); the results are {shown}") from None
@@ -340,7 +346,7 @@ def read_wall(record: Path) -> float:
     if not record.is_file():
         return 0.0
     try:
-        return float(json.loads(record.read_text())["train_wall_s"])
+        return float(jsontext.loads(record.read_text())["train_wall_s"])
     except (ValueError, KeyError, TypeError) as e:
         raise AnalysisError(f"{record} is damaged ({type(e).__name__}: {e}); delete it, and the run's training time "
                             f"is counted from its next training") from None

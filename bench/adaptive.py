@@ -227,8 +227,9 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
             else:
                 vpolicies = [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
             rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, vpolicies, seed, compact)
-        (out / f"adaptive_{name}.rows.partial.json").write_text(json.dumps(
-            [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]))
+        C.write_out(out / f"adaptive_{name}.rows.partial.json", json.dumps(
+            [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]),
+            "in its runs, which a rerun with this --out scores again")
     spearman(rows, depths)
     selected = select(rows)
     return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": m,
@@ -394,7 +395,7 @@ def main() -> int:
                          else run_task(name, out, args.examples, args.seeds, args.steps, compact))
         results[name]["wall_s"] = time.time() - t
         if name != "text":
-            (out / f"adaptive_{name}.png").write_bytes(pareto(name, results[name]))
+            C.write_out(out / f"adaptive_{name}.png", pareto(name, results[name]), "not drawn (the tables follow)")
     doc = {"tasks": results, "compact": args.compact, "wall_s": time.time() - t0}
     C.report(out, "adaptive", doc, "\n\n".join(markdown(n, r) for n, r in results.items()), args.json)
     return 0

@@ -166,11 +166,12 @@ def main() -> int:
         for seed in range(args.seeds):
             for model, cfg in runs(task, seed, args.out, args.extra, args.examples).items():
                 rows += evaluate(cfg, model, seed, args.examples)
-                (args.out / f"{task}.rows.partial.json").write_text(json.dumps(rows))
+                C.write_out(args.out / f"{task}.rows.partial.json", json.dumps(rows),
+                            "in its runs, which a rerun with this --out scores again")
         result["tasks"][task] = {"rows": rows, "selected": select(rows)}
         md = markdown(task, result["tasks"][task])
-        (args.out / f"{task}.md").write_text(md + "\n")
-        print(md, file=sys.stderr if args.json else sys.stdout)
+        print(md, file=sys.stderr if args.json else sys.stdout, flush=True)
+        C.write_out(args.out / f"{task}.md", md + "\n", "printed above")  # whole (#27 pass 24)
     if args.json:
         print(json.dumps(result, indent=1))
     return 0

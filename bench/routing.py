@@ -175,14 +175,14 @@ def main() -> int:
         if name in results:
             doc["verdict" if name == "routed" else f"verdict_{name}"] = verdict(results, name)
     text = markdown(doc)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "routing.json").write_text(json.dumps(doc, indent=1))
-    (out / "routing.md").write_text(text + "\n")
-    if args.json:
+    if args.json:  # printed first: a write that fails (a full disk) is one line, and the results are above it
         print(text, file=sys.stderr)
-        print(json.dumps(doc))
+        print(json.dumps(doc), flush=True)
     else:
-        print(text)
+        print(text, flush=True)
+    C.write_out(out / "routing.json", json.dumps(doc, indent=1), "printed above")  # whole (#27 pass 24)
+    C.write_out(out / "routing.md", text + "\n", "printed above")
+    if not args.json:
         print(f"\nwall time {doc['wall_s']:.0f}s; results in {out}/routing.{{md,json}}")
     return 0
 

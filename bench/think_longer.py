@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loopformer import jsontext
 from loopformer.config import Config, LoopDistribution, load_config
 from loopformer.data.pipeline import eval_batches
 from loopformer.data.sources import build_data
@@ -353,8 +354,8 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
                         solved_at[split] += list(zip(depths, first.tolist(), strict=True))
         print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
         # the rows so far, rewritten after every model: a run stopped part-way keeps what it measured
-        partial = out / f"{name}.rows.partial.json"
-        partial.write_text(json.dumps({"task": name, "steps": steps, "rows": rows}))
+        C.write_out(out / f"{name}.rows.partial.json", json.dumps({"task": name, "steps": steps, "rows": rows}),
+                    "in its runs, which a rerun with this --out scores again")
     return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
             "recipe": {k: list(v) for k, v in setting.recipe}, "steps": steps, "seeds": seeds, "rows": rows,
             "selected": select(rows), "rule": fixed_rule(rows, setting),
@@ -367,6 +368,49 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
 
 
 MUST_MATCH = ("train_loops", "loops", "recipe", "steps")  # a record's settings: records to join agree on them
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"it holds {name}, which this script never writes (an accuracy is a number in [0, 1])")
+
+
+def read_record(path: Path) -> dict:
+    """The think_longer.json record at ``path`` (``--merge``, ``--replot``), its rows checked: OSError when it cannot
+    be read; TypeError or ValueError saying what in it no run of this script writes (a NaN, a string for a number, an
+    accuracy past 1, a document nested past Python's limit), where a row with a NaN accuracy was joined into a verdict
+    and a deeply nested file was a RecursionError traceback (#27 pass 24)."""
+    doc = jsontext.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    if not isinstance(doc, dict):
+        raise TypeError("the top level is not a JSON object")
+    tasks = doc["tasks"]
+    if not isinstance(tasks, dict) or not all(isinstance(r, dict) and isinstance(r.get("rows"), list)
+                                              for r in tasks.values()):
+        raise TypeError("no tasks with rows")
+    for name, result in tasks.items():
+        for i, row in enumerate(result["rows"]):
+            if not isinstance(row, dict):
+                raise TypeError(f"{name}: row {i} is not a JSON object")
+            bad = next(((field, why) for field, why, ok in (
+                ("model", "a model's name", isinstance(row.get("model"), str)),
+                ("difficulty", "a split's name", isinstance(row.get("difficulty"), str)),
+                ("split", "val or test", row.get("split", "test") in SPLITS),
+                ("loops", "a whole number >= 1", _whole(row.get("loops"), 1)),
+                ("seed", "a whole number >= 0", _whole(row.get("seed", 0), 0)),
+                ("accuracy", "a number in [0, 1]", isinstance(row.get("accuracy"), int | float)
+                 and not isinstance(row.get("accuracy"), bool) and 0 <= row["accuracy"] <= 1)) if not ok), None)
+            if bad:
+                raise ValueError(f"{name}: row {i} has {bad[0]} {row.get(bad[0])!r}, where a run of this script writes "
+                                 f"{bad[1]}")
+    return doc
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _scored(rows: list[dict], seed: int) -> set[tuple]:
+    """What seed ``seed`` of ``rows`` was scored at: (model, difficulty, held-out set, loops)."""
+    return {(r["model"], r["difficulty"], r.get("split", "test"), r["loops"]) for r in rows if r.get("seed", 0) == seed}
 
 
 def merge(docs: dict[str, dict]) -> dict:
@@ -400,6 +444,20 @@ def merge(docs: dict[str, dict]) -> dict:
                     raise ValueError(f"{name}: seed {seed} is in both {seen[seed]} and {src}; join records of "
                                      f"disjoint seeds")
                 seen[seed] = src
+                # every seed scored at the same difficulties and loop counts: a cell or a difficulty that one record
+                # alone holds was shown as the mean "over N seeds" and could decide the verdict (#27 pass 24)
+                base_seed = min(r.get("seed", 0) for r in first["rows"])
+                mine, base = _scored(part["rows"], seed), _scored(first["rows"], base_seed)
+                if mine != base:
+                    odd = min(mine ^ base, key=str)
+                    model, difficulty, held_out, n = odd
+                    has, lacks = f"{src} (seed {seed})", f"{first_src} (seed {base_seed})"
+                    if odd in base:
+                        has, lacks = lacks, has
+                    raise ValueError(f"{name}: {has} scores {model} on {difficulty} ({held_out}) at {n} "
+                                     f"loop{'s' * (n != 1)} and {lacks} does not; every seed must be scored at the "
+                                     f"same difficulties and loop counts (records of other settings, or of another "
+                                     f"version of them, do not join)")
         rows = sorted((r for _, part in parts for r in part["rows"]), key=lambda r: r.get("seed", 0))
         weights = [len({r.get("seed", 0) for r in part["rows"]}) for _, part in parts]
         merged = {k: first[k] for k in (*MUST_MATCH, "loop_range") if k in first}
@@ -688,6 +746,28 @@ def plot(name: str, result: dict) -> bytes:
     return buf.getvalue()
 
 
+def seeds_replaced(record: Path, names: list[str], seeds: range) -> str | None:
+    """Which seeds of ``names`` the record at ``record`` (an --out's think_longer.json) holds that a run of ``seeds``
+    would not score again, as "seed 0 of prefix_parity"; None when none (or no readable record). The run replaces the
+    record: a second session's --first-seed into the first's --out replaced the first's record with no word (#27 pass
+    24; its runs stay, and only scoring them all again wrote it back)."""
+    try:
+        tasks = read_record(record)["tasks"] if record.is_file() else {}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # damaged: nothing in it to lose
+    lost = {name: sorted({r.get("seed", 0) for r in tasks[name]["rows"]} - set(seeds)) for name in names
+            if name in tasks}
+    lost = {name: s for name, s in lost.items() if s}
+    return "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(map(str, s))} of {name}" for name, s in lost.items()) or None
+
+
+def _not_a_file(path: Path) -> str:
+    """What a record path that is not a regular file is (a FIFO or /dev/null was "does not exist")."""
+    if path.is_symlink() and not path.exists():
+        return "is a symlink that leads nowhere (or in a loop)"
+    return "does not exist" if not path.exists() else "is a folder" if path.is_dir() else "is a pipe or a device"
+
+
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help="small budgets (120 training steps per model, 60 for the "
@@ -760,16 +840,14 @@ def main() -> int:
         docs = {}
         for path in args.merge:
             if not path.is_file():
-                p.error(f"--merge: {path} {'is a folder' if path.is_dir() else 'does not exist'}; give the "
-                        f"think_longer.json records to join")
+                p.error(f"--merge: {path} {_not_a_file(path)}; give the think_longer.json records to join")
             if path.resolve() == (out / "think_longer.json").resolve():
                 p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
             try:  # each must be a whole record of this script
-                doc = json.loads(path.read_text())
-                if not isinstance(doc.get("tasks"), dict) or not all(isinstance(r.get("rows"), list)
-                                                                    for r in doc["tasks"].values()):
-                    raise TypeError("no tasks with rows")
-            except (OSError, ValueError, TypeError, AttributeError) as e:
+                doc = read_record(path)
+            except OSError as e:
+                p.error(f"--merge: cannot read {path} ({e.strerror or e})")
+            except (ValueError, TypeError, KeyError) as e:
                 p.error(f"--merge: {path} is not a result of this script ({type(e).__name__}: {e})")
             if str(path) in docs:
                 p.error(f"--merge names {path} twice; give each record once")
@@ -786,19 +864,25 @@ def main() -> int:
     elif args.replot:
         saved = out / "think_longer.json"
         if not saved.is_file():
-            p.error(f"--replot: {saved} {'is a folder' if saved.is_dir() else 'does not exist'}; run the benchmark "
-                    f"with --out {out} first")
+            p.error(f"--replot: {saved} {_not_a_file(saved)}; run the benchmark with --out {out} first")
         try:  # a file cut short or of another shape was a traceback (JSONDecodeError, KeyError, TypeError)
-            doc = json.loads(saved.read_text())
+            doc = read_record(saved)
             results = doc["tasks"]
             for name, result in results.items():  # files written before loop_range was recorded lack it
                 result.setdefault("loop_range", loop_range(result["loops"]))
                 result["verdict"] = verdict(result, name)
                 markdown(name, result)  # reads every field the tables need
+        except OSError as e:
+            p.error(f"--replot: cannot read {saved} ({e.strerror or e})")
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             p.error(f"--replot: {saved} is not a result of this script ({type(e).__name__}: {e}); run the benchmark "
                     f"with --out {out} again")
     else:
+        kept = seeds_replaced(out / "think_longer.json", names, range(args.first_seed, args.first_seed + args.seeds))
+        if kept:
+            p.error(f"--out {out} holds a think_longer.json with {kept}, which this run (seeds {args.first_seed}.."
+                    f"{args.first_seed + args.seeds - 1}) does not score, and its record replaces that one; move "
+                    f"{out / 'think_longer.json'} aside (then join the two with --merge), or choose another --out")
         for name in names:
             ablations = tuple(m for m in models(TASKS[name], ablate=True) if m.startswith("looped-no-"))
             results[name] = run_task(name, args.quick, out, examples, args.seeds,
@@ -806,17 +890,19 @@ def main() -> int:
             results[name]["verdict"] = verdict(results[name], name)
         doc = {"tasks": results, "quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
                "wall_s": time.time() - t0}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "think_longer.json").write_text(json.dumps(doc, indent=1))
     text = "\n\n".join(markdown(n, r) for n, r in results.items())
-    (out / "think_longer.md").write_text(text + "\n")
-    for name, result in results.items():
-        (out / f"think_longer_{name}.png").write_bytes(plot(name, result))
-    if args.json:
+    if args.json:  # printed first: a write that fails (a full disk) is one line, and the results are above it
         print(text, file=sys.stderr)
-        print(json.dumps(doc))
+        print(json.dumps(doc), flush=True)
     else:
-        print(text)
+        print(text, flush=True)
+    # each file whole (a temporary file renamed into place): written in place, a full disk tore the earlier record
+    # (--replot's own, --merge's --out) and was a traceback after the training (#27 pass 24)
+    C.write_out(out / "think_longer.json", json.dumps(doc, indent=1), "printed above")
+    C.write_out(out / "think_longer.md", text + "\n", "printed above")
+    for name, result in results.items():
+        C.write_out(out / f"think_longer_{name}.png", plot(name, result), "not drawn (the tables are printed above)")
+    if not args.json:
         print(f"\nwall time {doc['wall_s']:.0f}s; results in {out}/think_longer.{{md,json}}")
     return 0
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from loopformer import jsontext
 from loopformer.errors import AnalysisError, DataError, PlanError
 from loopformer.model import plan
 from loopformer.runs.layout import replace_file, special
@@ -306,7 +307,7 @@ def _recover(run_dir: Path) -> None:
     journal = run_dir / _JOURNAL
     _check_journal(journal)
     try:
-        entry = json.loads(journal.read_text(encoding="utf-8"))
+        entry = jsontext.loads(journal.read_text(encoding="utf-8"))
         kept, new, command = dict(entry["kept"]), list(entry["new"]), str(entry["command"])
         if not all(_OUTPUT.fullmatch(p) for p in [*kept, *new]) or not all(
                 re.fullmatch(rf"\.{re.escape(p)}\.\d+\.old", k) for p, k in kept.items()):

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from loopformer import jsontext
 from loopformer.cli.common import command, emit, run_flags
 from loopformer.config import CircuitArch, CircuitBehaviour, LoopSchedule
 from loopformer.errors import AnalysisError
@@ -43,7 +44,7 @@ def _history(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = jsontext.loads(line)
         except json.JSONDecodeError:
             record = None
         changes = record.get("changes") if isinstance(record, dict) else None

@@ -170,6 +170,14 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:float", _number)
 MAX_YAML_VALUES = 100_000  # a config holds hundreds; aliases (*a) can repeat a node far past any real one
 
 
+class YAMLDepth(Refused):
+    """A document nested past Python's recursion limit (``[[[[...``): PyYAML composes nodes recursively."""
+
+    def __init__(self) -> None:
+        super().__init__("its lists or mappings are nested inside each other too deeply to read (a config nests a "
+                         "few levels); write it flat")
+
+
 def _yaml(text: str) -> Any:
     loader = _StrictLoader(text)
     try:
@@ -178,6 +186,8 @@ def _yaml(text: str) -> Any:
             return None
         _expanded(node, {}, set())
         return loader.construct_document(node)
+    except RecursionError:  # a config file or an override of 5,000 '[' was a RecursionError traceback (#27 pass 24)
+        raise YAMLDepth() from None
     finally:
         loader.dispose()
 

@@ -518,6 +518,15 @@ def _check_paths(paths: list[str], key: str) -> None:
     """An empty entry of a corpus's paths reads as the current directory: every file under it would be read."""
     _check(all(p.strip() for p in paths), f"{key}: {paths} holds an empty path, which would read every file under "
            f"the current directory; name the corpus (files, globs or a directory)")
+    for p in paths:
+        _check_no_nul(p, key)
+
+
+def _check_no_nul(path: str, key: str) -> None:
+    """A path (or a name in one) holding a NUL byte, which no file system allows: YAML writes it as "\\0", and it
+    reached the first open or mkdir as a ValueError traceback ("embedded null byte"), after the run was set up."""
+    _check("\0" not in path, f"{key}: {path!r} holds a NUL byte (\\0), which no file or folder name can hold; "
+           f"remove it")
 
 
 def _check_split_names(key: str, splits: dict[str, list[int]]) -> None:
@@ -699,6 +708,7 @@ class DataConfig:
         _one_of(d.format, TEXT_FORMATS, "data.format")
         _check(d.tokenizer in TOKENIZER_KINDS or d.tokenizer.endswith(".json"),
                f"data.tokenizer: '{d.tokenizer}' is not bytes, bpe or a path to a tokenizer.json")
+        _check_no_nul(d.tokenizer, "data.tokenizer")
         _one_of(d.prompt_format, PROMPT_FORMATS, "data.prompt_format")
         _check(isinstance(d.stop_ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                     for i in d.stop_ids),
@@ -837,6 +847,8 @@ class RunConfig:
     def validate(self) -> None:
         _check(self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
                f"run.name must be a plain directory name, got '{self.name}'")
+        for key in ("name", "dir"):  # a YAML "\0" reached mkdir: a ValueError traceback (#27 pass 24)
+            _check_no_nul(getattr(self, key), f"run.{key}")
         # orbax reads a checkpoint path as a glob pattern: a run under a [ or ] saves checkpoints it cannot read back
         where = str(Path(self.dir).expanduser().absolute() / self.name)
         _check(not any(ch in where for ch in "[]"), f"run.name / run.dir: the run directory {where} has a '[' or ']', "

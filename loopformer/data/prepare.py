@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from loopformer import jsontext
 from loopformer.config import Config
 from loopformer.data.sources import (
     META_VERSION,
@@ -194,7 +195,7 @@ def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], forc
         raise DataError(f"data.paths reads {inside[0]} from inside --out {out}: replacing {out} would delete the "
                         f"corpus; write the prepared corpus to another --out")
     try:
-        meta = json.loads((out / META_FILE).read_text())
+        meta = jsontext.loads((out / META_FILE).read_text())
         files = [f for s in SPLITS for f in meta["splits"][s]["files"]]
         assert meta["version"] == META_VERSION and all(isinstance(f, str) for f in files)
     except (OSError, ValueError, KeyError, TypeError, AssertionError):

@@ -28,6 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from loopformer import jsontext
 from loopformer.config import Config, load_config
 from loopformer.data import pipeline
 from loopformer.data.tasks import TASKS, Task, make_task
@@ -236,14 +237,12 @@ def prepared_dir(cfg: Config) -> Path | None:
 
 
 def read_meta(root: Path) -> dict[str, Any]:
-    import json
-
     hidden = unreadable(root / META_FILE)
     if hidden:  # "run prepare again" would rebuild a corpus that is whole
         raise DataError(f"{hidden}: this user may not read it; make the prepared corpus readable (chmod -R u+rX "
                         f"{shlex.quote(str(root))})")
     try:
-        meta = json.loads((root / META_FILE).read_text())
+        meta = jsontext.loads((root / META_FILE).read_text())
     except (OSError, ValueError):
         raise DataError(f"{root / META_FILE} is unreadable; run `loopformer prepare` again") from None
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:

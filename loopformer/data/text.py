@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from loopformer import jsontext
 from loopformer.data.tokenizers import Tokenizer
 from loopformer.errors import DataError
 
@@ -128,7 +129,7 @@ def json_line(line: str) -> Any:
             out[key] = value
         return out
 
-    return json.loads(line, object_pairs_hook=pairs)
+    return jsontext.loads(line, object_pairs_hook=pairs)
 
 
 def _read_text(path: Path) -> str:

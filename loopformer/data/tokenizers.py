@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import tokenizers as hf
 
+from loopformer import jsontext
 from loopformer.errors import DataError
 
 PAD, BOS, EOS = 0, 1, 2
@@ -239,7 +240,7 @@ def tokenizer_from_json(text: str, where: str = "tokenizer.json", setting: str |
     fix = (f"point {setting} at a Hugging Face tokenizer.json (or use bytes / bpe)" if setting
            else "delete it to rebuild it (a run trained on it needs a fresh run)")
     try:
-        data = json.loads(text)
+        data = jsontext.loads(text)
     except json.JSONDecodeError:
         raise DataError(f"{where} is not JSON, so not a tokenizer.json; {fix}") from None
     if isinstance(data, dict) and data.get("kind") == "bytes":

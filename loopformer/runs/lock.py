@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 
+from loopformer import jsontext
 from loopformer.errors import ConfigError
 from loopformer.runs.layout import RunDir, read_only, special
 from loopformer.runs.log import log
@@ -49,7 +50,7 @@ def exclusive(path: Path, busy: str, *, unlocked_note: str | None = None, remove
         except BlockingIOError:
             holder = ""
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not one this module wrote
-                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                info = jsontext.loads(os.pread(fd, 4096, 0) or b"{}")
                 holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
             raise ConfigError(busy.replace("{holder}", holder)) from None
         except OSError as e:

@@ -110,11 +110,29 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def anchor_paths(cfg: Config) -> None:
+    """Make the relative entries of ``cfg``'s corpus paths (``data.paths``, a mixture entry's ``paths``) absolute, from
+    the current directory, in place: a run's config.yaml held them as given, so a later command run from another
+    directory read the file of that name there, another corpus, with no word (`eval` scored it, a resume trained on
+    it, the config unchanged; #27 pass 24). ``asset:`` names and absolute paths stay as they are; ``~`` is expanded."""
+    from loopformer.data.text import ASSET_PREFIX
+
+    def anchored(paths: list[str]) -> list[str]:
+        return [p if p.startswith(ASSET_PREFIX) or not p.strip() else str(Path(p).expanduser().absolute())
+                for p in paths]
+
+    cfg.data.paths = anchored(cfg.data.paths)
+    for entry in cfg.data.mixture:
+        entry.paths = anchored(entry.paths)
+
+
 def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Change]]:
     """Create the run directory (`make_run_dir`), check a resume against the run's config
     (`resume_changes`) and, with ``write``, write the new config (`write_config`). Returns the directory
     and the changes. The trainer writes later, once the data, model and checkpoint have accepted the new
-    config: a resume that fails on them leaves the run's config.yaml as it was."""
+    config: a resume that fails on them leaves the run's config.yaml as it was. The corpus paths are made absolute
+    first (`anchor_paths`): a resume from another directory with the same relative paths is then a change."""
+    anchor_paths(cfg)
     run_dir = make_run_dir(cfg)
     changes = resume_changes(cfg, run_dir)
     layout = RunDir(run_dir)
@@ -143,6 +161,7 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
 def write_config(cfg: Config, run_dir: Path) -> None:
     """Write ``cfg`` as the run's config.yaml (atomically), unless the run is already trained to train.steps
     (a rerun that trains nothing leaves config.yaml as it was)."""
+    anchor_paths(cfg)
     done = RunDir(run_dir).trained_to()
     if jax.process_index() == 0 and not (done is not None and done >= cfg.train.steps):
         saved = RunDir(run_dir).config

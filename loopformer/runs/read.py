@@ -40,6 +40,8 @@ def read_config_dict(path: Path, run_dir: Path) -> dict[str, Any]:
                               f"to start over") from None
     except DuplicateKey as e:  # edited by hand: the last value won with no word (a config given to train is refused)
         raise CheckpointError(f"{path}: {e}") from None
+    except RecursionError:  # nested past Python's limit (edited by hand): a traceback (#27 pass 24)
+        raise CheckpointError(f"{path} is corrupt (nested too deeply to read); delete {run_dir} to start over") from None
     except yaml.YAMLError:
         raise CheckpointError(f"{path} is corrupt (not YAML); delete {run_dir} to start over") from None
     if not isinstance(data, dict):

@@ -18,6 +18,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer import event_file_writer
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from loopformer import jsontext
 from loopformer.errors import CheckpointError
 from loopformer.runs.layout import RunDir
 
@@ -146,7 +147,7 @@ def _records(path: Path) -> tuple[str, list[tuple[str, dict | None]]]:
     parsed: list[tuple[str, dict | None]] = []
     for i, line in enumerate(lines):
         try:
-            record = json.loads(line)
+            record = jsontext.loads(line)
         except json.JSONDecodeError:
             record = None
         if isinstance(record, dict) and isinstance(record.get("step"), int):

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from loopformer import jsontext
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.model.transformer import build_model
@@ -68,7 +69,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"--hf {folder}: this user may not read {hidden.name}; make it readable (chmod -R u+rX "
                               f"{shlex.quote(str(folder))})")
     try:
-        spec = json.loads((folder / CONFIG).read_text())
+        spec = jsontext.loads((folder / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{folder / CONFIG} is not valid JSON ({e})") from None
     if not isinstance(spec, dict):
@@ -98,7 +99,7 @@ def stop_ids(folder: str | Path, vocab: int) -> list[int]:
     if not path.is_file():
         return []
     try:
-        spec = json.loads(path.read_text())
+        spec = jsontext.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); fix or remove it") from None
     ids = spec.get("eos_token_id") if isinstance(spec, dict) else None

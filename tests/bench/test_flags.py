@@ -373,23 +373,29 @@ def test_an_out_file_that_cannot_be_written_after_the_work_is_one_line(monkeypat
     assert capsys.readouterr().out == "table\n"
 
 
-def test_an_out_file_a_full_disk_cuts_keeps_the_earlier_document(monkeypatch, tmp_path):
+@pytest.mark.parametrize("doc", ['{"new": 2, "rows": []}', b"\x89PNG new plot"])
+def test_an_out_file_a_full_disk_cuts_keeps_the_earlier_document(doc, monkeypatch, tmp_path):
     """#27 pass 22: a disk that filled while --out was written truncated the earlier document and left half of the
-    new one (which `think_longer.py --replot` then read); it is now written beside it and renamed into place."""
+    new one (which `think_longer.py --replot` then read); it is now written beside it and renamed into place. Pass 24:
+    plots (bytes) too, for the scripts that wrote theirs in place."""
     import errno
 
     out = tmp_path / "think_longer.json"
     out.write_text('{"earlier": 1}')
-    real = Path.write_text
+    real, real_bytes = Path.write_text, Path.write_bytes
 
     def half(self, text, *a, **k):
-        real(self, text[: len(text) // 2])
+        (real if isinstance(text, str) else real_bytes)(self, text[: len(text) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", half)
+    monkeypatch.setattr(Path, "write_bytes", half)
     with pytest.raises(LoopformerError, match=r"cannot write it \(No space left on device\)"):
-        script("circuit_bank").C.write_out(out, '{"new": 2, "rows": []}', "printed above")
+        script("circuit_bank").C.write_out(out, doc, "printed above")
     assert out.read_text() == '{"earlier": 1}' and [p.name for p in tmp_path.iterdir()] == ["think_longer.json"]
+    monkeypatch.undo()
+    script("circuit_bank").C.write_out(out, doc, "printed above")
+    assert out.read_bytes() == (doc if isinstance(doc, bytes) else doc.encode())
 
 
 @pytest.mark.parametrize("where,message", [

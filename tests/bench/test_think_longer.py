@@ -385,6 +385,16 @@ def test_merge_without_depth_pairs_weights_the_summaries_by_seeds():
                                                         if r["model"] != "equal_compute"]),
      "B scores the models equal_params,looped, A others"),
     (lambda b: b.update(quick=True), "mix --quick runs with full runs"),
+    # #27 pass 24: a difficulty or a loop count that one record alone scores was shown as the mean "over 2 seeds" of
+    # one seed, and a count only seed 1 had (48 loops at 100 %) became the verdict's best
+    (lambda b: b["tasks"]["prefix_parity"]["rows"].extend(
+        dict(r, loops=48, accuracy=1.0) for r in list(b["tasks"]["prefix_parity"]["rows"])
+        if r["model"] == "looped" and r["loops"] == 24),
+     "B (seed 1) scores looped on 2x (test) at 48 loops and A (seed 0) does not; every seed must be scored at the same "
+     "difficulties and loop counts"),
+    (lambda b: b["tasks"]["prefix_parity"].update(rows=[r for r in b["tasks"]["prefix_parity"]["rows"]
+                                                        if r["loops"] != 24]),
+     "A (seed 0) scores looped on 2x (test) at 24 loops and B (seed 1) does not"),
 ])
 def test_merge_refuses_records_that_do_not_join(change, message):
     a, b = part([0], 0.8), part([1], 1.0)
@@ -420,3 +430,135 @@ def test_merge_mode_writes_the_joined_record(tmp_path, monkeypatch, capsys):
             think_longer.main()
         err = capsys.readouterr().err
         assert info.value.code == 2 and why in err and "Traceback" not in err, (argv, err)
+
+
+def test_merged_seeds_give_the_record_of_scoring_them_at_once():
+    """#27 pass 24: seeds 0-2 scored in one run, or in parts of any order joined by --merge, give the same tables,
+    selection, fixed rule, depth summary, floor and verdict."""
+    import random
+
+    rng = random.Random(1)
+    setting = think_longer.TASKS["prefix_parity"]
+    rows = {s: [{"difficulty": d, "split": h, "model": m, "loops": n, "accuracy": rng.random(), "seed": s}
+                for d in ("train", "2x", "4x") for h in ("val", "test")
+                for m, counts in (("looped", setting.counts()), ("equal_params", [1]), ("equal_compute", [1]))
+                for n in counts] for s in range(3)}
+    pairs = {s: [[rng.randint(10, 20), rng.choice([None, 12, 24])] for _ in range(20)] for s in range(3)}
+    floor = {s: rng.random() for s in range(3)}
+
+    def record(seeds):
+        r = [row for s in seeds for row in rows[s]]
+        p = [pair for s in seeds for pair in pairs[s]]
+        task = {"train_loops": 12, "loops": setting.loops, "loop_range": [8, 16], "recipe": {}, "steps": 1500,
+                "seeds": len(seeds), "rows": r, "selected": think_longer.select(r),
+                "rule": think_longer.fixed_rule(r, setting), "depth_pairs": {"2x": p},
+                "depth": {"2x": think_longer.depth_summary([(d, float("inf") if f is None else f) for d, f in p], 12)},
+                "floor": {"2x": {"constant_accuracy": sum(floor[s] for s in seeds) / len(seeds), "fixed_positions": 0.0}}}
+        return {"tasks": {"prefix_parity": task}, "quick": False, "seeds": len(seeds), "wall_s": 1.0}
+
+    whole = record([0, 1, 2])["tasks"]["prefix_parity"]
+    for parts in ([[0], [1, 2]], [[1, 2], [0]], [[2], [0], [1]]):
+        joined = think_longer.merge({f"R{i}": record(seeds) for i, seeds in enumerate(parts)})["tasks"]["prefix_parity"]
+        assert think_longer.verdict(joined, "prefix_parity") == think_longer.verdict(whole, "prefix_parity")
+        assert think_longer.markdown("prefix_parity", joined) == think_longer.markdown("prefix_parity", whole)
+        assert (joined["selected"], joined["rule"], joined["depth"]) == (whole["selected"], whole["rule"], whole["depth"])
+        assert joined["floor"]["2x"]["constant_accuracy"] == pytest.approx(whole["floor"]["2x"]["constant_accuracy"])
+
+
+@pytest.mark.parametrize("mode", ["--merge", "--replot"])
+@pytest.mark.parametrize("damage,why", [
+    (lambda row: row.update(accuracy=float("nan")), "(ValueError: it holds NaN, which this script never writes"),
+    (lambda row: row.update(accuracy="0.5"), "(ValueError: prefix_parity: row 0 has accuracy '0.5', where a run of "
+                                             "this script writes a number in [0, 1])"),
+    (lambda row: row.update(accuracy=1.5), "row 0 has accuracy 1.5, where"),
+    (lambda row: row.update(seed=1.0), "row 0 has seed 1.0, where a run of this script writes a whole number >= 0"),
+    (lambda row: row.update(loops=0), "row 0 has loops 0, where a run of this script writes a whole number >= 1"),
+    (lambda row: row.update(split="dev"), "row 0 has split 'dev', where a run of this script writes val or test"),
+    (None, "(JSONDecodeError: nested too deeply"),
+])
+def test_a_record_no_run_of_the_script_writes_is_one_line(mode, damage, why, tmp_path, monkeypatch, capsys):
+    """#27 pass 24: a record with a NaN accuracy (or a string, or one past 1) was joined into a verdict computed on it,
+    and written back with NaN (not JSON); one nested past Python's recursion limit was a RecursionError traceback."""
+    import json
+
+    doc = part([0], 0.8)
+    if damage:
+        damage(doc["tasks"]["prefix_parity"]["rows"][0])
+    text = json.dumps(doc) if damage else '{"tasks": ' + "[" * 100000
+    (tmp_path / "a").mkdir()
+    record = tmp_path / "a" / "think_longer.json"
+    record.write_text(text)
+    (tmp_path / "b.json").write_text(json.dumps(part([1], 0.9)))
+    argv = (["--merge", str(record), str(tmp_path / "b.json"), "--out", str(tmp_path / "c")] if mode == "--merge"
+            else ["--replot", "--out", str(tmp_path / "a")])
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        think_longer.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"error: {mode}: {record} is not a result of this script (" in err and why in err, err
+    assert record.read_text() == text and not (tmp_path / "c").exists()  # nothing written
+
+
+def test_a_record_that_is_a_pipe_or_leads_nowhere_is_named_so(tmp_path, monkeypatch, capsys):
+    """#27 pass 24: --merge of a FIFO, /dev/null or a dangling symlink said "does not exist"."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for path, said in ((tmp_path / "fifo", "is a pipe or a device"), (Path("/dev/null"), "is a pipe or a device"),
+                       (tmp_path / "link", "is a symlink that leads nowhere (or in a loop)")):
+        monkeypatch.setattr(sys, "argv", ["think_longer.py", "--merge", str(path), str(path), "--out", str(tmp_path)])
+        with pytest.raises(SystemExit):
+            think_longer.main()
+        assert f"error: --merge: {path} {said}; give the think_longer.json records" in capsys.readouterr().err
+
+
+def test_a_session_into_an_out_holding_other_seeds_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """#27 pass 24: a second session's --first-seed 1 --seeds 2 into the first's --out replaced seed 0's record with
+    its own, with no word (the runs stay; the record of seed 0 was gone, and with it the --merge the split is for)."""
+    import json
+
+    (tmp_path / "think_longer.json").write_text(json.dumps(part([0], 0.8)))
+    monkeypatch.setattr(think_longer, "run_task", lambda *a, **k: pytest.fail("trained before the refusal"))
+    argv = ["--tasks", "prefix_parity", "--seeds", "2", "--first-seed", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        think_longer.main()
+    assert info.value.code == 2 and (f"error: --out {tmp_path} holds a think_longer.json with seed 0 of prefix_parity, "
+                                     f"which this run (seeds 1..2) does not score, and its record replaces that one; "
+                                     f"move {tmp_path / 'think_longer.json'} aside") in capsys.readouterr().err
+    # a run that scores every seed of the record again (or of other tasks only) replaces it, as before
+    assert think_longer.seeds_replaced(tmp_path / "think_longer.json", ["prefix_parity"], range(0, 3)) is None
+    assert think_longer.seeds_replaced(tmp_path / "think_longer.json", ["maze3"], range(1, 3)) is None
+
+
+def test_a_full_disk_keeps_the_earlier_record_and_is_one_line(tmp_path, monkeypatch, capsys):
+    """#27 pass 24: think_longer.py wrote its record in place (not through `write_out`, as the other scripts since
+    pass 22): a full disk tore the earlier record (--replot's own, --merge's --out) and was an OSError traceback
+    after the work; now the earlier record stays, the tables are printed first, and the line names the file."""
+    import errno
+    import json
+
+    from loopformer.errors import LoopformerError
+
+    for name, doc in (("a.json", part([0], 0.8)), ("b.json", part([1, 2], 1.0))):
+        (tmp_path / name).write_text(json.dumps(doc))
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "think_longer.json").write_text('{"earlier": 1}')
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        real(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                      "--out", str(out)])
+    with pytest.raises(LoopformerError, match=rf"^--out {out / 'think_longer.json'}: cannot write it \(No space left "
+                                              r"on device\); the results are printed above$"):
+        think_longer.main()
+    assert "over 3 seeds" in capsys.readouterr().out  # the tables, printed before the write
+    assert (out / "think_longer.json").read_text() == '{"earlier": 1}' and sorted(p.name for p in out.iterdir()) == [
+        "think_longer.json"]

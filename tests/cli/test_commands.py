@@ -722,10 +722,11 @@ def test_generate_defaults_to_the_first_split_with_answers(tmp_path):
 
 
 @pytest.mark.parametrize("line", ['{"step": 3, "changes": [garbage', '{"step": 4, "changes": [1]}', "[]", "[1, 2, 3]",
-                                  '"text"'])
+                                  '"text"', "[" * 5000])
 def test_inspect_names_a_damaged_line_of_config_changes(run_dir, tmp_path, capsys, line):
     """#27 pass 11: a config_changes.jsonl line edited by hand was a JSONDecodeError (or KeyError) traceback; pass 23:
-    a line holding a list or a string other than [] was an AttributeError traceback."""
+    a line holding a list or a string other than [] was an AttributeError traceback; pass 24: a line nested 5,000
+    levels deep was a RecursionError traceback (`loopformer.jsontext`)."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "config_changes.jsonl").write_text(line + "\n")

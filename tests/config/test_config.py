@@ -127,6 +127,13 @@ def test_run_dir_reads_a_tilde_as_the_home_directory():
     assert cfg.run_dir == Path.home() / "runs" / "qs"
 
 
+def test_an_override_nested_too_deeply_is_one_line():
+    """#27 pass 24: an override value of 3,000 '[' was a RecursionError traceback from PyYAML's composer."""
+    with pytest.raises(ConfigError, match=r"^override value '\[\[\[.*': its lists or mappings are nested inside each "
+                                          r"other too deeply to read \(a config nests a few levels\); write it flat$"):
+        load_config(None, ["seed=" + "[" * 3000])
+
+
 def test_a_blank_override_value_is_kept_as_given():
     """#27 pass 10: a value of only whitespace was read as "", so data.doc_separator=<tab> kept each file whole."""
     assert load_config("configs/text_bytes.yaml", ["data.doc_separator=\t"]).data.doc_separator == "\t"

@@ -12,6 +12,7 @@ from loopformer.errors import DataError
     ('{"prompt": "a", "answer": ""}\n', r"p.jsonl:1: a probe is .* with a non-empty answer"),
     ('{"prompt": "a"}\n', r"p.jsonl:1: a probe is"),
     ("\n\n", r"the file holds no probes"),
+    ('{"prompt": "a", "answer": "b"}\n' + "[" * 100000 + "\n", r"p.jsonl:2: not a JSON object"),  # #27 pass 24
 ])
 def test_bad_probe_files_are_one_line(tmp_path, text, message):
     (tmp_path / "p.jsonl").write_text(text)

@@ -2,6 +2,7 @@
 its optimizer state."""
 
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from loopformer.runs.layout import RunDir
 from loopformer.runs.log import log, log_to
 from loopformer.runs.read import load_run_config
 from loopformer.runs.restore import abstract_model, restore_params
-from tests.conftest import STEP
+from tests.conftest import STEP, make_run
 
 
 def test_the_layout_names_every_file(tmp_path):
@@ -50,6 +51,43 @@ def test_a_run_config_edited_to_give_a_key_twice_is_refused(run_dir, tmp_path):
     path.write_text((run_dir / "config.yaml").read_text() + "seed: 1\n")
     with pytest.raises(CheckpointError, match=r"config.yaml: key 'seed' is given twice \(lines \d+ and \d+\); keep one$"):
         load_run_config(tmp_path)
+
+
+def test_a_run_config_nested_too_deeply_is_named_corrupt(run_dir, tmp_path):
+    """#27 pass 24: a run's config.yaml edited to nest a value 5,000 levels deep was a RecursionError traceback."""
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text() + "x: " + "[" * 5000 + "\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml is corrupt \(nested too deeply to read\); delete "):
+        load_run_config(tmp_path)
+
+
+def test_a_run_keeps_its_corpus_paths_absolute(tmp_path, monkeypatch):
+    """#27 pass 24: a run trained on data.paths=[c.txt] kept 'c.txt' in its config.yaml, so `eval --run` from another
+    directory holding a c.txt scored that corpus, and a resume from there trained on it, with no word (the config
+    unchanged). The run now keeps the absolute path; a resume from elsewhere with the relative one is a change."""
+    from loopformer.config import load_config
+    from loopformer.runs.prepare import anchor_paths, resume_changes
+
+    first, other = tmp_path / "a", tmp_path / "b"
+    for folder, words in ((first, "alpha beta gamma"), (other, "zz qq xx")):
+        folder.mkdir()
+        (folder / "c.txt").write_text("\n\n".join(f"{words} {i} " * 20 for i in range(40)))
+    root = Path(__file__).parents[2]
+    settings = [f"run.dir={tmp_path / 'runs'}", "run.name=rel", "data.paths=[c.txt]", "data.seq_len=16",
+                "model.d_model=16", "model.heads=2", "model.stages.0.circuits.X.width=16",
+                "model.stages.0.circuits.X.heads=2"]
+    monkeypatch.chdir(first)
+    run = make_run(load_config(root / "configs" / "text_bytes.yaml", settings))
+    assert load_run_config(run).data.paths == [str(first / "c.txt")]
+    monkeypatch.chdir(other)
+    assert load_run_config(run).data.paths == [str(first / "c.txt")]  # what any command reads, from anywhere
+    cfg = load_config(root / "configs" / "text_bytes.yaml", settings)
+    anchor_paths(cfg)  # as prepare_run_dir does before it compares
+    assert cfg.data.paths == [str(other / "c.txt")]
+    assert [(c.path, c.old, c.new) for c in resume_changes(cfg, run)] == [
+        ("data.paths", [str(first / "c.txt")], [str(other / "c.txt")])]
+    keep = load_config(root / "configs" / "text_bytes.yaml", ["data.paths=['asset:kjv_genesis_exodus.txt', '/x/y.txt']"])
+    anchor_paths(keep)
+    assert keep.data.paths == ["asset:kjv_genesis_exodus.txt", "/x/y.txt"]
 
 
 def test_one_log_to_stderr_and_the_trainer_logs_to_stdout(capsys):

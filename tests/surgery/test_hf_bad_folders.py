@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from loopformer.cli import main
 from loopformer.data.tokenizers import train_bpe
 from loopformer.errors import CheckpointError
-from loopformer.surgery.hf import import_folder
+from loopformer.surgery.hf import import_folder, stop_ids
 
 D, F, LAYERS, HEADS = 16, 32, 2, 2
 
@@ -69,6 +69,16 @@ def test_a_broken_folder_is_one_line(tmp_path, kwargs, message):
     folder = write_folder(tmp_path / "bad", **kwargs)
     with pytest.raises(CheckpointError, match=message):
         import_folder(folder)
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_a_json_file_nested_too_deeply_is_one_line(tmp_path, name):
+    """#27 pass 24: a config.json (or generation_config.json) nested past Python's recursion limit was a RecursionError
+    traceback; it is malformed JSON like any other (`loopformer.jsontext`)."""
+    folder = write_folder(tmp_path / "bad")
+    (folder / name).write_text("[" * 100000)
+    with pytest.raises(CheckpointError, match=rf"{name} is not valid JSON \(nested too deeply"):
+        import_folder(folder) if name == "config.json" else stop_ids(folder, 300)
 
 
 def test_a_tensor_in_two_safetensors_files_is_one_line(tmp_path):
