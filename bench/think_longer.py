@@ -811,7 +811,7 @@ def main() -> int:
         given = [f for f in flags if str(getattr(args, dest(f))) != str(p.get_default(dest(f)))] \
             if getattr(args, dest(mode)) else []
         if given:
-            p.error(f"{mode} reads none of {' and '.join(given)}; drop them, or drop {mode}")
+            p.error(f"{mode} reads none of {' and '.join(given)}; drop {'them' if len(given) > 1 else 'it'}, or drop {mode}")
     examples = 64 if args.quick else 256
     model_names = tuple(args.models.split(","))
     if not model_names or not set(model_names) <= set(MODELS) or "looped" not in model_names:

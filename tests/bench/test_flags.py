@@ -104,6 +104,7 @@ CASES = [
     ("think_longer", ["--floor", "--seeds", "99999999999999999999"], "--seeds 99999999999999999999: at most 1,000"),  # hung
     ("think_longer", ["--floor", "--ablate"], "--floor reads none of --ablate and --out; drop them, or drop --floor"),
     ("think_longer", ["--floor", "--replot"], "--floor reads none of --replot and --out"),
+    ("think_longer", ["--replot", "--first-seed", "1"], "--replot reads none of --first-seed; drop it, or drop --replot"),
     ("think_longer", ["--replot", "--tasks", "maze3", "--seeds", "3"],
      "--replot reads none of --seeds and --tasks; drop them, or drop --replot"),
     # the eighteenth pass: an --out folder that cannot be written was refused by the first training, naming run.dir
