@@ -429,6 +429,8 @@ def merge(docs: dict[str, dict]) -> dict:
     for name in dict.fromkeys(n for d in docs.values() for n in d["tasks"]):
         parts = [(src, d["tasks"][name]) for src, d in docs.items() if name in d["tasks"]]
         first_src, first = parts[0]
+        base_seed = min(r.get("seed", 0) for r in first["rows"])  # what every seed must be scored at: the first's
+        base = _scored(first["rows"], base_seed)
         seen: dict[int, str] = {}
         for src, part in parts:
             for key in MUST_MATCH:
@@ -446,8 +448,7 @@ def merge(docs: dict[str, dict]) -> dict:
                 seen[seed] = src
                 # every seed scored at the same difficulties and loop counts: a cell or a difficulty that one record
                 # alone holds was shown as the mean "over N seeds" and could decide the verdict (#27 pass 24)
-                base_seed = min(r.get("seed", 0) for r in first["rows"])
-                mine, base = _scored(part["rows"], seed), _scored(first["rows"], base_seed)
+                mine = _scored(part["rows"], seed)
                 if mine != base:
                     odd = min(mine ^ base, key=str)
                     model, difficulty, held_out, n = odd
@@ -843,15 +844,14 @@ def main() -> int:
                 p.error(f"--merge: {path} {_not_a_file(path)}; give the think_longer.json records to join")
             if path.resolve() == (out / "think_longer.json").resolve():
                 p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
+            if str(path) in docs:
+                p.error(f"--merge names {path} twice; give each record once")
             try:  # each must be a whole record of this script
-                doc = read_record(path)
+                docs[str(path)] = read_record(path)
             except OSError as e:
                 p.error(f"--merge: cannot read {path} ({e.strerror or e})")
             except (ValueError, TypeError, KeyError) as e:
                 p.error(f"--merge: {path} is not a result of this script ({type(e).__name__}: {e})")
-            if str(path) in docs:
-                p.error(f"--merge names {path} twice; give each record once")
-            docs[str(path)] = doc
         try:
             doc = merge(docs)
             results = doc["tasks"]
