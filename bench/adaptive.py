@@ -28,6 +28,14 @@ falls), runs ``<task>-{router,halting}_per_difficulty-seed<S>``; the router is s
 rounds (4m added with it: the best fixed counts at 2x were 3m-4m). The JSON records their loop overrides
 (``variant_loops``).
 
+A stop rule that waits for the tokens before each token (declared 2026-12-06 15:40 UTC, before its first run, after
+``bench/exit_oracle.py`` showed that a token whose own answer is right is not done: later tokens still read its
+state): ``prefix_diff`` (`loopformer.variants.exits.PrefixDiff`) stops a token once latent_diff's test holds for it
+and for every token before it in its row, at the thresholds 0.01, 0.003, 0.001, 3e-4 and 1e-4; latent_diff gets
+3e-4 and 1e-4 beside its earlier five, since at 0.001 it stopped too early on every parity seed. ``--models`` (same
+date) scores a subset of the three models (the looped model always: the best fixed count is its), for a rescoring
+of new policies that leaves the trained variants' earlier rows standing; the JSON records which (``models``).
+
 Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
 token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
 (`loopformer.flops`: the forward outside the loops, the executed iterations, for kl / entropy_diff
@@ -46,7 +54,8 @@ accurate on val). Both are reported on test. The bar (#25), at 2x on test for ev
 selection is within 1 point of the best fixed count's accuracy, at <= 0.6x its FLOPs per token, <= 0.7x
 its wall-clock per token, with Spearman >= 0.6.
 
-    python bench/adaptive.py [--tasks prefix_parity,maze3,text] [--seeds 3] [--json] [--out DIR] [--examples N]
+    python bench/adaptive.py [--tasks prefix_parity,maze3,text] [--seeds 3] [--models looped,halting,router]
+                             [--json] [--out DIR] [--examples N] [--compact auto|on|off]
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
 Poisson-lognormal loops and a state norm), bits per byte vs mean loops per policy on the val split.
@@ -92,7 +101,9 @@ sys.modules["think_longer"] = think_longer
 _spec.loader.exec_module(think_longer)
 
 TASKS = {"prefix_parity": "parity", "maze3": "maze3"}  # think_longer setting -> configs/adaptive/<name>_*.yaml
-EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001), "kl": (1e-3, 1e-4, 1e-5), "entropy_diff": (1e-3, 1e-4, 1e-5)}
+EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4), "kl": (1e-3, 1e-4, 1e-5),
+         "entropy_diff": (1e-3, 1e-4, 1e-5), "prefix_diff": (0.01, 0.003, 0.001, 3e-4, 1e-4)}
+MODELS = ("looped", "halting", "router")
 QUANTILES = (0.3, 0.5, 0.7, 0.9)
 TEXT_FIXED = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 TEXT_EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003), "kl": (1e-2, 1e-3, 1e-4)}
@@ -121,7 +132,8 @@ def trained(cfg, out: Path):  # noqa: ANN001, ANN201
 
 
 def family(policy: str) -> str:
-    """fixed | auto | latent_diff | kl | entropy_diff | learned | router | halting model (its fixed count)."""
+    """fixed | auto | latent_diff | kl | entropy_diff | prefix_diff | learned | router | halting model (its fixed
+    count)."""
     return policy.split(":")[0].split(" (")[0].split(",")[0]
 
 
@@ -192,7 +204,7 @@ def spearman(rows: list[dict], depths: dict) -> None:
 
 
 def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
-             compact: bool | None = None) -> dict:
+             compact: bool | None = None, models: tuple[str, ...] = MODELS) -> dict:
     setting = think_longer.TASKS[name]
     m = setting.train_loops
     cap = 8 * m
@@ -213,7 +225,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
         policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}, None)
                      for kind, values in EXITS.items() for eps in values]
         rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
-        for variant in ("halting", "router"):
+        for variant in (v for v in ("halting", "router") if v in models):
             extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
             tag = f"{variant}_per_difficulty" if variant_loops else variant
             vcfg = load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
@@ -233,7 +245,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
     spearman(rows, depths)
     selected = select(rows)
     return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": m,
-            "variant_loops": variant_loops,
+            "variant_loops": variant_loops, "models": list(models),
             "seeds": seeds, "steps": steps,
             "depth": {f"{d}/{s}": {"mean": float(np.mean(np.concatenate([v for (_, d2, s2), v in depths.items()
                                                                           if (d2, s2) == (d, s)]))),
@@ -241,7 +253,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                       for d in setting.splits for s in SPLITS}}
 
 
-NON_FIXED = ("latent_diff", "kl", "entropy_diff", "learned", "router")
+NON_FIXED = ("latent_diff", "kl", "entropy_diff", "prefix_diff", "learned", "router")
 
 
 def select(rows: list[dict]) -> list[dict]:
@@ -345,7 +357,8 @@ def pareto(name: str, result: dict) -> bytes:
     splits = list(dict.fromkeys(r["difficulty"] for r in rows))
     fig = Figure(figsize=(4.2 * len(splits), 3.8))
     styles = {"fixed": ("o-", "k"), "auto": ("P", "C5"), "latent_diff": ("s", "C0"), "kl": ("^", "C1"),
-              "entropy_diff": ("v", "C2"), "learned": ("D", "C3"), "router": ("*", "C4"), "halting model": ("x", "C3")}
+              "entropy_diff": ("v", "C2"), "prefix_diff": ("h", "C6"), "learned": ("D", "C3"), "router": ("*", "C4"),
+              "halting model": ("x", "C3")}
     for i, split in enumerate(splits):
         ax = fig.add_subplot(1, len(splits), i + 1)
         for fam, (marker, colour) in styles.items():
@@ -371,6 +384,9 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every model (default 3; >= 1)")
     p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
                    "config's; a smaller number is a smoke run of the pipeline, not results)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated models to train and score per seed: looped (always), halting, router "
+                        "(default all three)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
                    help="how policies whose tokens stop at different iterations run: auto (default, the library's: "
@@ -385,6 +401,11 @@ def main() -> int:
     if unknown:  # after the others had trained (hours)
         p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join([*TASKS, 'text'])}")
     C.once(p, "--tasks", names)  # trained once, scored and reported twice
+    models = tuple(args.models.split(","))
+    if [m for m in models if m not in MODELS] or "looped" not in models:
+        p.error(f"--models {args.models}: give a comma-separated list of {', '.join(MODELS)} that includes looped "
+                f"(the best fixed count every policy is compared with is the looped model's)")
+    C.once(p, "--models", list(models))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()
@@ -392,7 +413,7 @@ def main() -> int:
         t = time.time()
         compact = COMPACT[args.compact]
         results[name] = (run_text(out, args.steps, compact) if name == "text"
-                         else run_task(name, out, args.examples, args.seeds, args.steps, compact))
+                         else run_task(name, out, args.examples, args.seeds, args.steps, compact, models))
         results[name]["wall_s"] = time.time() - t
         if name != "text":
             C.write_out(out / f"adaptive_{name}.png", pareto(name, results[name]), "not drawn (the tables follow)")

@@ -232,7 +232,9 @@ def _recomputed_why(info: Any, args: argparse.Namespace) -> str | None:
             f"task '{cfg.data.task}' labels every input position (no answer is decoded token by token)"
             if info.data.task.labels_aligned else
             "an exit rule reads the output every iteration (kl, entropy_diff)"
-            if any(rule.needs_readout for rule in args.exits.values()) else None)
+            if any(rule.needs_readout for rule in args.exits.values()) else
+            "an exit rule waits for the tokens before each token (prefix_diff)"
+            if any(rule.reads_earlier for rule in args.exits.values()) else None)
 
 
 def _refuse_text_flags(args: argparse.Namespace, info: Any) -> None:

@@ -227,6 +227,11 @@ class LoopedTransformer(nnx.Module):
             raise DecodingError(f"decoding with a cache cannot run the exit rule {plan.exits[reading[0]].kind} of "
                                 f"circuit {reading[0]}: it reads the output through the layers after the circuit, whose "
                                 f"cache holds earlier tokens at their final iteration, not at each of its iterations")
+        waiting = [n for n, r in plan.exits.items() if r.reads_earlier]
+        if waiting:
+            raise DecodingError(f"decoding with a cache cannot run the exit rule {plan.exits[waiting[0]].kind} of "
+                                f"circuit {waiting[0]}: a token waits for the tokens before it, and the cache does not "
+                                f"keep the iteration at which each earlier token stopped")
         if any(stage.routed for stage in self.stages):
             raise DecodingError("decoding with a cache does not run routed banks (a token's iterations move between "
                                 "circuits, so no iteration owns a cache slot)")

@@ -9,6 +9,8 @@ The plan's loop count of the circuit is the cap (``max_loops``).
                         rest of the model after each iteration (Huginn: 5e-4 .. 1e-3)
     entropy_diff:EPS    |H(p_i) - H(p_{i-1})| < EPS (same readout)
     patience:K          the top-1 prediction (same readout) unchanged for K iterations in a row (PABEE)
+    prefix_diff:EPS     latent_diff's test holds for the token and for every token before it in its row
+                        (causal models: a token stops only once everything it reads has settled)
     learned:q=Q         a circuit trained with a halting head: its halting kind's stop test
                         (ouro / pondernet: the exit CDF 1 - prod_{j<=i} (1 - lambda_j) reaches Q)
 
@@ -63,6 +65,7 @@ class ExitRule:
     kind: ClassVar[str] = ""
     needs_readout: ClassVar[bool] = False  # reads the model's output distribution after every iteration
     needs_head: ClassVar[bool] = False  # reads the circuit's halting head
+    reads_earlier: ClassVar[bool] = False  # a token's stop depends on the states of the tokens before it
     prefix: ClassVar[str] = ""  # written before the threshold: KIND:PREFIX VALUE (learned:q=0.5)
     placeholder: ClassVar[str] = "EPS"
     at_most_one: ClassVar[bool] = False  # threshold in (0, 1]
@@ -272,3 +275,24 @@ class Patience(_OutputChange):
         top = jnp.argmax(self._logits(probe, h), axis=-1)
         streak = jnp.where(top == prev, streak + 1.0, 0.0)
         return streak >= self.threshold, (top, streak)
+
+
+@register_exit("prefix_diff")
+class PrefixDiff(ExitRule):
+    """prefix_diff:EPS: a token stops after iteration i when latent_diff's test holds for it and for every token
+    before it in its row (tokens that stopped earlier hold still, so they pass):
+    fire_t = AND_{s <= t} ||h_s,i - h_s,i-1|| / ||h_s,i|| < EPS.
+
+    Why: a token's own state can settle before what it reads from earlier tokens has reached it (on prefix
+    parity a bit's state is still waiting for the carry; `bench/exit_oracle.py` found that even stopping each
+    token where its own answer turns right solves almost nothing), so latent_diff stops tokens too early. In a
+    causal model the tokens before t are all it reads: once they and t hold still, nothing t reads changes.
+    For causal models only (`exit_caps`); packed documents wait for the earlier documents of their row too,
+    which costs iterations, not answers. Cached decoding does not keep when earlier tokens stopped, so it refuses
+    this rule (`Transformer.check_decoding`); evaluation and the recompute path run it."""
+
+    reads_earlier = True
+
+    def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
+        settled = (latent_change(h_prev, h) < self.threshold).astype(jnp.int32)  # [..., T]
+        return jax.lax.cummin(settled, axis=settled.ndim - 1) > 0, state

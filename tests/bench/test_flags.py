@@ -33,6 +33,10 @@ CASES = [
     ("adaptive", ["--steps", "-5"], "--steps must be >= 1, got -5"),
     ("adaptive", ["--tasks", "prefix_parity,typo"], "unknown task 'typo' in --tasks"),
     ("adaptive", ["--tasks", "maze3,maze3"], "--tasks names maze3 twice"),
+    ("adaptive", ["--models", "router"], "--models router: give a comma-separated list of looped, halting, router that "
+                                          "includes looped"),
+    ("adaptive", ["--models", "looped,gate"], "--models looped,gate: give a comma-separated list"),
+    ("adaptive", ["--models", "looped,looped"], "--models names looped twice"),
     ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),
     ("compact", ["--width", "-3"], "--width must be >= 0, got -3"),

@@ -12,7 +12,7 @@ from flax import nnx
 from loopformer.config import CircuitConfig, HaltingConfig, ModelConfig, RouterConfig, StageConfig
 from loopformer.errors import PlanError
 from loopformer.model.loop import iterate
-from loopformer.model.plan import make_plan
+from loopformer.model.plan import exit_caps, make_plan
 from loopformer.model.transformer import build_model
 from loopformer.variants import halting
 from loopformer.variants.exits import ExitRule, exit_rule
@@ -130,6 +130,7 @@ def test_per_token_training_needs_a_bound():
 
 @pytest.mark.parametrize("text,rule", [
     ("latent_diff:0.01", exit_rule("latent_diff", 0.01)), ("kl:0.0005,min=2", exit_rule("kl", 5e-4, 2)),
+    ("prefix_diff:0.003,every=2", exit_rule("prefix_diff", 3e-3, 1, 2)),
     ("entropy_diff:0.001,every=2", exit_rule("entropy_diff", 1e-3, 1, 2)), ("learned:q=0.5", exit_rule("learned", 0.5))])
 def test_exit_rules_parse_and_print(text, rule):
     assert ExitRule.parse(text) == rule and str(rule) == text
@@ -168,6 +169,56 @@ def test_latent_diff_exit_stops_each_token_at_its_first_small_change():
         h = h_new
     np.testing.assert_array_equal(diag.circuits["X"].used, first)
     assert first.min() >= 1 and first.max() <= 8
+
+
+def _reference_exits(model, toks, n, fires):
+    """Every token's exit iteration by a plain Python loop over the circuit's masked iterations: after iteration
+    i the tokens still running take their new state, ``fires(h_prev, h)`` [B, T] says which may stop."""
+    from loopformer.model.circuit import Context
+    from loopformer.model.layers import run_stack
+
+    circuit = model.stages[0].circuits["X"]
+    pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+    x = run_stack(model.prelude, model.embed(toks), pos, None)
+    e, h = circuit.begin(model.stages[0].norm(x), None)
+    active, used = np.ones(toks.shape, bool), np.zeros(toks.shape, int)
+    for i in range(1, n + 1):
+        h_new = jnp.where(jnp.asarray(active)[..., None], circuit.iteration(h, e, Context(pos, None, None))[0], h)
+        used += active
+        active &= ~np.asarray(fires(h, h_new)) & (i < n)
+        h = h_new
+    return used
+
+
+def test_prefix_diff_stops_a_token_once_it_and_every_earlier_token_have_settled():
+    """Window 3 (tokens read their neighbours): a token stops after the first iteration at which its own relative
+    change and that of every token before it are below eps, frozen tokens holding still; a hand-run loop gives
+    the same counts, which never fall along a row, and latent_diff stops some tokens earlier."""
+    model = randomize_writes(build_model(one_circuit(window=3, state_norm=False), VOCAB, 0))
+    gd, st = nnx.split(model)
+    toks = tokens(t=9)
+    eps = 0.2  # tokens stop at iterations 5 and 6 by latent_diff here
+
+    def settled(h_prev, h):
+        return np.asarray(jnp.linalg.norm(h - h_prev, axis=-1) / jnp.linalg.norm(h, axis=-1)) < eps
+
+    used = np.asarray(run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"prefix_diff:{eps}"}))[1]
+                      .circuits["X"].used)
+    ref = _reference_exits(model, toks, 8, lambda hp, h: np.logical_and.accumulate(settled(hp, h), axis=-1))
+    np.testing.assert_array_equal(used, ref)
+    assert (np.diff(used, axis=-1) >= 0).all() and len(np.unique(used)) > 1
+    own = np.asarray(run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"latent_diff:{eps}"}))[1]
+                     .circuits["X"].used)
+    np.testing.assert_array_equal(own, _reference_exits(model, toks, 8, settled))
+    assert (own < used).any()
+
+
+def test_prefix_diff_needs_a_causal_model():
+    cfg = dataclasses.replace(one_circuit(window=3), causal=False)
+    with pytest.raises(PlanError, match="^exit X=prefix_diff:0.1: the rule waits for the tokens before each token, "
+                                        "but the model is bidirectional"):
+        exit_caps(cfg, {"X": exit_rule("prefix_diff", 0.1)}, {"X": 4})
+    assert exit_caps(one_circuit(window=3), {"X": exit_rule("prefix_diff", 0.1)}, {"X": 4}) == {"X": 4}
 
 
 def test_exit_thresholds_share_one_program():
@@ -522,7 +573,6 @@ def test_router_learns_through_the_selection(kind):
 def test_an_exit_rule_is_refused_on_a_routed_stage():
     """The router decides when each token of a routed stage stops (`Bank._routed` reads no exit rule): an exit
     rule there would be reported and never applied, so it is refused in one line."""
-    from loopformer.model.plan import exit_caps
     from loopformer.variants.exits import exit_rule
 
     with pytest.raises(PlanError, match="^exit X=latent_diff:0.1: circuit X is in a routed stage, whose router "
