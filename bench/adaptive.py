@@ -28,11 +28,13 @@ falls), runs ``<task>-{router,halting}_per_difficulty-seed<S>``; the router is s
 rounds (4m added with it: the best fixed counts at 2x were 3m-4m). The JSON records their loop overrides
 (``variant_loops``).
 
-A stop rule that waits for the tokens before each token (declared 2026-12-06 15:40 UTC, before its first run, after
+A stop rule that waits for the tokens before each token (declared 2026-12-06 15:10 UTC, before its first run, after
 ``bench/exit_oracle.py`` showed that a token whose own answer is right is not done: later tokens still read its
-state): ``prefix_diff`` (`loopformer.variants.exits.PrefixDiff`) stops a token once latent_diff's test holds for it
-and for every token before it in its row, at the thresholds 0.01, 0.003, 0.001, 3e-4 and 1e-4; latent_diff gets
-3e-4 and 1e-4 beside its earlier five, since at 0.001 it stopped too early on every parity seed. ``--models`` (same
+state): ``context_diff`` (`loopformer.variants.exits.ContextDiff`) stops a token once latent_diff's test holds for it
+and for every token that can reach it (on parity's causal model the tokens before it, so tokens stop in sequence
+order; on maze3's bidirectional one its whole row, so each maze stops as a whole), at the thresholds 0.01, 0.003,
+0.001, 3e-4 and 1e-4; latent_diff gets 3e-4 and 1e-4 beside its earlier five, since at 0.001 it stopped too early on
+every parity seed. ``--models`` (same
 date) scores a subset of the three models (the looped model always: the best fixed count is its), for a rescoring
 of new policies that leaves the trained variants' earlier rows standing; the JSON records which (``models``).
 
@@ -102,7 +104,7 @@ _spec.loader.exec_module(think_longer)
 
 TASKS = {"prefix_parity": "parity", "maze3": "maze3"}  # think_longer setting -> configs/adaptive/<name>_*.yaml
 EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4), "kl": (1e-3, 1e-4, 1e-5),
-         "entropy_diff": (1e-3, 1e-4, 1e-5), "prefix_diff": (0.01, 0.003, 0.001, 3e-4, 1e-4)}
+         "entropy_diff": (1e-3, 1e-4, 1e-5), "context_diff": (0.01, 0.003, 0.001, 3e-4, 1e-4)}
 MODELS = ("looped", "halting", "router")
 QUANTILES = (0.3, 0.5, 0.7, 0.9)
 TEXT_FIXED = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
@@ -132,7 +134,7 @@ def trained(cfg, out: Path):  # noqa: ANN001, ANN201
 
 
 def family(policy: str) -> str:
-    """fixed | auto | latent_diff | kl | entropy_diff | prefix_diff | learned | router | halting model (its fixed
+    """fixed | auto | latent_diff | kl | entropy_diff | context_diff | learned | router | halting model (its fixed
     count)."""
     return policy.split(":")[0].split(" (")[0].split(",")[0]
 
@@ -253,7 +255,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                       for d in setting.splits for s in SPLITS}}
 
 
-NON_FIXED = ("latent_diff", "kl", "entropy_diff", "prefix_diff", "learned", "router")
+NON_FIXED = ("latent_diff", "kl", "entropy_diff", "context_diff", "learned", "router")
 
 
 def select(rows: list[dict]) -> list[dict]:
@@ -357,7 +359,7 @@ def pareto(name: str, result: dict) -> bytes:
     splits = list(dict.fromkeys(r["difficulty"] for r in rows))
     fig = Figure(figsize=(4.2 * len(splits), 3.8))
     styles = {"fixed": ("o-", "k"), "auto": ("P", "C5"), "latent_diff": ("s", "C0"), "kl": ("^", "C1"),
-              "entropy_diff": ("v", "C2"), "prefix_diff": ("h", "C6"), "learned": ("D", "C3"), "router": ("*", "C4"),
+              "entropy_diff": ("v", "C2"), "context_diff": ("h", "C6"), "learned": ("D", "C3"), "router": ("*", "C4"),
               "halting model": ("x", "C3")}
     for i, split in enumerate(splits):
         ax = fig.add_subplot(1, len(splits), i + 1)

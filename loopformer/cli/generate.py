@@ -233,7 +233,7 @@ def _recomputed_why(info: Any, args: argparse.Namespace) -> str | None:
             if info.data.task.labels_aligned else
             "an exit rule reads the output every iteration (kl, entropy_diff)"
             if any(rule.needs_readout for rule in args.exits.values()) else
-            "an exit rule waits for the tokens before each token (prefix_diff)"
+            "an exit rule waits for the tokens before each token (context_diff)"
             if any(rule.reads_earlier for rule in args.exits.values()) else None)
 
 

@@ -135,6 +135,10 @@ class _Probe(NamedTuple):
     def halt_prob(self, h: Array) -> Array:
         return self.circuit.halt_prob(h)
 
+    @property
+    def causal(self) -> bool:
+        return self.circuit.blocks.attn.causal
+
 
 class Circuit(nnx.Module):
     """One circuit's weights: ``blocks`` [D, ...] (a stack of D blocks of width w), ``read`` (io:

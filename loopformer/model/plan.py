@@ -231,10 +231,6 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
         if c in routed:
             raise PlanError(f"exit {c}={rule}: circuit {c} is in a routed stage, whose router decides when each token "
                             f"stops; drop --exit (its loop count caps the router's rounds)")
-        if rule.reads_earlier and not model.causal:
-            raise PlanError(f"exit {c}={rule}: the rule waits for the tokens before each token, but the model is "
-                            f"bidirectional (model.causal: false), so every token also reads later ones; use "
-                            f"latent_diff")
         if rule.needs_head and not cfg.halting.has_head:
             raise PlanError(f"exit {c}={rule}: circuit {c} was trained without a halting head (halting.kind: none); "
                             f"use latent_diff, kl or entropy_diff for it")

@@ -9,8 +9,8 @@ The plan's loop count of the circuit is the cap (``max_loops``).
                         rest of the model after each iteration (Huginn: 5e-4 .. 1e-3)
     entropy_diff:EPS    |H(p_i) - H(p_{i-1})| < EPS (same readout)
     patience:K          the top-1 prediction (same readout) unchanged for K iterations in a row (PABEE)
-    prefix_diff:EPS     latent_diff's test holds for the token and for every token before it in its row
-                        (causal models: a token stops only once everything it reads has settled)
+    context_diff:EPS    latent_diff's test holds for the token and for every token that can reach it (the
+                        tokens before it in a causal model, its whole row in a bidirectional one)
     learned:q=Q         a circuit trained with a halting head: its halting kind's stop test
                         (ouro / pondernet: the exit CDF 1 - prod_{j<=i} (1 - lambda_j) reaches Q)
 
@@ -42,12 +42,14 @@ EXITS: Registry = Registry("exit rule")
 class Probe(Protocol):
     """What a rule may read of the circuit it stops: its write of a state (``emit(h)`` [..., O]), the
     model's logits given that write (``readout``; None when the model cannot read out here), its halting
-    head (``halt_prob(h)`` [...], and ``halting`` the kind), the cap ``n`` and the write's width."""
+    head (``halt_prob(h)`` [...], and ``halting`` the kind), the cap ``n``, the write's width and whether its
+    attention is causal."""
 
     n: Array
     out_width: int
     halting: Halting
     readout: Any
+    causal: bool
 
     def emit(self, h: Array) -> Array: ...
 
@@ -277,22 +279,26 @@ class Patience(_OutputChange):
         return streak >= self.threshold, (top, streak)
 
 
-@register_exit("prefix_diff")
-class PrefixDiff(ExitRule):
-    """prefix_diff:EPS: a token stops after iteration i when latent_diff's test holds for it and for every token
-    before it in its row (tokens that stopped earlier hold still, so they pass):
-    fire_t = AND_{s <= t} ||h_s,i - h_s,i-1|| / ||h_s,i|| < EPS.
+@register_exit("context_diff")
+class ContextDiff(ExitRule):
+    """context_diff:EPS: a token stops after iteration i when latent_diff's test holds for it and for every token
+    whose state can reach it: the tokens before it in a causal model, every token of its row in a bidirectional
+    one (windowed attention included: through the iterations a window passes everything on). Tokens that stopped
+    earlier hold still, so they pass: fire_t = AND_{s in reach(t)} ||h_s,i - h_s,i-1|| / ||h_s,i|| < EPS.
 
-    Why: a token's own state can settle before what it reads from earlier tokens has reached it (on prefix
-    parity a bit's state is still waiting for the carry; `bench/exit_oracle.py` found that even stopping each
-    token where its own answer turns right solves almost nothing), so latent_diff stops tokens too early. In a
-    causal model the tokens before t are all it reads: once they and t hold still, nothing t reads changes.
-    For causal models only (`exit_caps`); packed documents wait for the earlier documents of their row too,
-    which costs iterations, not answers. Cached decoding does not keep when earlier tokens stopped, so it refuses
-    this rule (`Transformer.check_decoding`); evaluation and the recompute path run it."""
+    Why: a token's own state can settle before what it reads from other tokens has reached it (on prefix parity a
+    bit's state is still waiting for the carry; `bench/exit_oracle.py` found that even stopping each token where
+    its own answer turns right solves almost nothing), so latent_diff stops tokens too early. Once every token
+    that can reach t and t itself hold still, they all stop together and nothing t reads changes again. In a
+    causal model tokens stop in sequence order; in a bidirectional one each row stops as a whole. Packed documents
+    wait for the other documents of their row too, which costs iterations, not answers. Cached decoding does not
+    keep when earlier tokens stopped, so it refuses this rule (`Transformer.check_decoding`); evaluation and the
+    recompute path run it."""
 
     reads_earlier = True
 
     def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
-        settled = (latent_change(h_prev, h) < self.threshold).astype(jnp.int32)  # [..., T]
-        return jax.lax.cummin(settled, axis=settled.ndim - 1) > 0, state
+        settled = latent_change(h_prev, h) < self.threshold  # [..., T]
+        if not probe.causal:
+            return jnp.broadcast_to(jnp.all(settled, axis=-1, keepdims=True), settled.shape), state
+        return jax.lax.cummin(settled.astype(jnp.int32), axis=settled.ndim - 1) > 0, state

@@ -570,21 +570,21 @@ def test_eval_and_sweep_with_exits(run_dir, capsys):
     assert [p["loops"] for p in doc["examples"][0]["predictions"]] == [{"X": 8, "Y": 3}]
 
 
-def test_prefix_diff_from_the_command_line(run_dir, text_run_dir, capsys):
-    """#25: prefix_diff in eval (every token waits for the tokens before it: never fewer loops than latent_diff),
+def test_context_diff_from_the_command_line(run_dir, text_run_dir, capsys):
+    """#25: context_diff in eval (every token waits for the tokens before it: never fewer loops than latent_diff),
     on a task run's answers (the recompute path) and refused with the cache on a text prompt."""
     rows = [run_json(capsys, "eval", "--run", str(run_dir), "--split", "hard", "--exit", f"X={k}:0.05")["rows"][0]
-            for k in ("latent_diff", "prefix_diff")]
-    assert rows[1]["exit"]["X"] == "prefix_diff:0.05" and rows[1]["mean_loops"]["X"] >= rows[0]["mean_loops"]["X"]
+            for k in ("latent_diff", "context_diff")]
+    assert rows[1]["exit"]["X"] == "context_diff:0.05" and rows[1]["mean_loops"]["X"] >= rows[0]["mean_loops"]["X"]
     doc = run_json(capsys, "generate", "--run", str(run_dir), "--example-split", "hard", "--count", "2",
-                   "--exit", "X=prefix_diff:0.05", "--max-loops", "8")
-    assert doc["exit"] == {"X": "prefix_diff:0.05"} and doc["cache"] is None
+                   "--exit", "X=context_diff:0.05", "--max-loops", "8")
+    assert doc["exit"] == {"X": "context_diff:0.05"} and doc["cache"] is None
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--max-new-tokens", "2", "--exit",
-                 "prefix_diff:0.1"]) == 2
+                 "context_diff:0.1"]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loaded ")]
-    assert len(err) == 1 and "cannot run the exit rule prefix_diff" in err[0] and "use --no-cache" in err[0], err
+    assert len(err) == 1 and "cannot run the exit rule context_diff" in err[0] and "use --no-cache" in err[0], err
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--max-new-tokens", "2", "--exit",
-                 "prefix_diff:0.1", "--no-cache"]) == 0
+                 "context_diff:0.1", "--no-cache"]) == 0
 
 
 @pytest.mark.parametrize("argv, message", [

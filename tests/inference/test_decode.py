@@ -143,9 +143,9 @@ def test_exits_while_decoding(model):
     assert float(tight.loops["X"].mean()) > 5
     with pytest.raises(PlanError, match="cannot run the exit rule kl of circuit X: it reads the output"):
         dec(params, PROMPTS, {"X": 6}, 10, exits={"X": "kl:1e-3"})
-    with pytest.raises(PlanError, match="cannot run the exit rule prefix_diff of circuit X: a token waits for the "
+    with pytest.raises(PlanError, match="cannot run the exit rule context_diff of circuit X: a token waits for the "
                                         "tokens before it"):
-        dec(params, PROMPTS, {"X": 6}, 10, exits={"X": "prefix_diff:1e-3"})
+        dec(params, PROMPTS, {"X": 6}, 10, exits={"X": "context_diff:1e-3"})
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -12,7 +12,7 @@ from flax import nnx
 from loopformer.config import CircuitConfig, HaltingConfig, ModelConfig, RouterConfig, StageConfig
 from loopformer.errors import PlanError
 from loopformer.model.loop import iterate
-from loopformer.model.plan import exit_caps, make_plan
+from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from loopformer.variants import halting
 from loopformer.variants.exits import ExitRule, exit_rule
@@ -130,7 +130,7 @@ def test_per_token_training_needs_a_bound():
 
 @pytest.mark.parametrize("text,rule", [
     ("latent_diff:0.01", exit_rule("latent_diff", 0.01)), ("kl:0.0005,min=2", exit_rule("kl", 5e-4, 2)),
-    ("prefix_diff:0.003,every=2", exit_rule("prefix_diff", 3e-3, 1, 2)),
+    ("context_diff:0.003,every=2", exit_rule("context_diff", 3e-3, 1, 2)),
     ("entropy_diff:0.001,every=2", exit_rule("entropy_diff", 1e-3, 1, 2)), ("learned:q=0.5", exit_rule("learned", 0.5))])
 def test_exit_rules_parse_and_print(text, rule):
     assert ExitRule.parse(text) == rule and str(rule) == text
@@ -190,7 +190,7 @@ def _reference_exits(model, toks, n, fires):
     return used
 
 
-def test_prefix_diff_stops_a_token_once_it_and_every_earlier_token_have_settled():
+def test_context_diff_stops_a_token_once_it_and_every_earlier_token_have_settled():
     """Window 3 (tokens read their neighbours): a token stops after the first iteration at which its own relative
     change and that of every token before it are below eps, frozen tokens holding still; a hand-run loop gives
     the same counts, which never fall along a row, and latent_diff stops some tokens earlier."""
@@ -202,7 +202,7 @@ def test_prefix_diff_stops_a_token_once_it_and_every_earlier_token_have_settled(
     def settled(h_prev, h):
         return np.asarray(jnp.linalg.norm(h - h_prev, axis=-1) / jnp.linalg.norm(h, axis=-1)) < eps
 
-    used = np.asarray(run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"prefix_diff:{eps}"}))[1]
+    used = np.asarray(run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"context_diff:{eps}"}))[1]
                       .circuits["X"].used)
     ref = _reference_exits(model, toks, 8, lambda hp, h: np.logical_and.accumulate(settled(hp, h), axis=-1))
     np.testing.assert_array_equal(used, ref)
@@ -213,12 +213,23 @@ def test_prefix_diff_stops_a_token_once_it_and_every_earlier_token_have_settled(
     assert (own < used).any()
 
 
-def test_prefix_diff_needs_a_causal_model():
-    cfg = dataclasses.replace(one_circuit(window=3), causal=False)
-    with pytest.raises(PlanError, match="^exit X=prefix_diff:0.1: the rule waits for the tokens before each token, "
-                                        "but the model is bidirectional"):
-        exit_caps(cfg, {"X": exit_rule("prefix_diff", 0.1)}, {"X": 4})
-    assert exit_caps(one_circuit(window=3), {"X": exit_rule("prefix_diff", 0.1)}, {"X": 4}) == {"X": 4}
+def test_context_diff_stops_each_row_of_a_bidirectional_model_as_a_whole():
+    """Bidirectional: every token can reach every other, so a row stops at the first iteration at which all of
+    its tokens have settled (the hand-run loop's count), and each row at its own."""
+    cfg = dataclasses.replace(one_circuit(window=3, state_norm=False), causal=False)
+    model = randomize_writes(build_model(cfg, VOCAB, 0))
+    gd, st = nnx.split(model)
+    toks = tokens(b=4, t=9)
+    eps = 0.2
+
+    def row_settled(h_prev, h):
+        small = np.asarray(jnp.linalg.norm(h - h_prev, axis=-1) / jnp.linalg.norm(h, axis=-1)) < eps
+        return np.broadcast_to(small.all(axis=-1, keepdims=True), small.shape)
+
+    used = np.asarray(run(gd, st, toks, make_plan(["X"], {"X": 8}, exits={"X": f"context_diff:{eps}"}))[1]
+                      .circuits["X"].used)
+    np.testing.assert_array_equal(used, _reference_exits(model, toks, 8, row_settled))
+    assert (used == used[:, :1]).all()  # one count per row
 
 
 def test_exit_thresholds_share_one_program():
@@ -573,6 +584,7 @@ def test_router_learns_through_the_selection(kind):
 def test_an_exit_rule_is_refused_on_a_routed_stage():
     """The router decides when each token of a routed stage stops (`Bank._routed` reads no exit rule): an exit
     rule there would be reported and never applied, so it is refused in one line."""
+    from loopformer.model.plan import exit_caps
     from loopformer.variants.exits import exit_rule
 
     with pytest.raises(PlanError, match="^exit X=latent_diff:0.1: circuit X is in a routed stage, whose router "

@@ -58,12 +58,17 @@ def test_compacted_exits_give_the_masked_logits(overrides, eps):
     assert float(cc) < float(cm)
 
 
-def test_compacted_prefix_diff_gives_the_masked_logits():
-    """prefix_diff stops tokens in sequence order: the buffer gathers the running tail of each row."""
-    model = _model()
-    (lc, uc, cc), (lm, um, cm) = _both(model, _tokens(), loops={"X": 16}, exits={"X": "prefix_diff:0.02"})
+@pytest.mark.parametrize("causal", [True, False])
+def test_compacted_context_diff_gives_the_masked_logits(causal):
+    """context_diff stops tokens in sequence order (causal: the buffer gathers each row's running tail) or whole
+    rows (bidirectional: the buffer gathers the running rows)."""
+    model = _model(f"model.causal={str(causal).lower()}")
+    (lc, uc, cc), (lm, um, cm) = _both(model, _tokens(B=3 if causal else 6), loops={"X": 16},
+                                       exits={"X": "context_diff:0.02"})
     used = np.asarray(um)
-    assert len(np.unique(used)) > 2 and used.min() < 16 and (np.diff(used, axis=-1) >= 0).all()
+    assert len(np.unique(used)) > 1 and used.min() < 16 and (np.diff(used, axis=-1) >= 0).all()
+    if not causal:
+        assert (used == used[:, :1]).all()
     np.testing.assert_array_equal(np.asarray(uc), used)
     np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
     assert float(cc) < float(cm)

@@ -178,7 +178,7 @@ def test_no_position_scheme_ignores_positions_and_rope_does_not():
 
 
 def test_exit_rules_registered():
-    assert EXITS.names()[:6] == ("latent_diff", "kl", "entropy_diff", "learned", "patience", "prefix_diff")
+    assert EXITS.names()[:6] == ("latent_diff", "kl", "entropy_diff", "learned", "patience", "context_diff")
     assert isinstance(ExitRule.parse("latent_diff:0.1,min=2"), LatentDiff)
 
 
