@@ -34,7 +34,10 @@ state): ``context_diff`` (`loopformer.variants.exits.ContextDiff`) stops a token
 and for every token that can reach it (on parity's causal model the tokens before it, so tokens stop in sequence
 order; on maze3's bidirectional one its whole row, so each maze stops as a whole), at the thresholds 0.01, 0.003,
 0.001, 3e-4 and 1e-4; latent_diff gets 3e-4 and 1e-4 beside its earlier five, since at 0.001 it stopped too early on
-every parity seed. ``--models`` (same
+every parity seed. context_diff is scored twice: with the library's compaction buffers (shares 1, 2, 4, 8 of the
+batch's rows and tokens) and, as its own family ``context_diff/fine``, with exit_oracle's finer ones (1, 1.5, 2, 3,
+4, 6, 8, 16; `Plan.compact_shares`), since a row's running tail, which shrinks token by token, fits the coarse
+buffers loosely (both declared with the rule, before either ran). ``--models`` (same
 date) scores a subset of the three models (the looped model always: the best fixed count is its), for a rescoring
 of new policies that leaves the trained variants' earlier rows standing; the JSON records which (``models``).
 
@@ -106,6 +109,7 @@ TASKS = {"prefix_parity": "parity", "maze3": "maze3"}  # think_longer setting ->
 EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4), "kl": (1e-3, 1e-4, 1e-5),
          "entropy_diff": (1e-3, 1e-4, 1e-5), "context_diff": (0.01, 0.003, 0.001, 3e-4, 1e-4)}
 MODELS = ("looped", "halting", "router")
+FINE_SHARES = (1, 1.5, 2, 3, 4, 6, 8, 16)  # exit_oracle's finer compaction buffers, for context_diff/fine
 QUANTILES = (0.3, 0.5, 0.7, 0.9)
 TEXT_FIXED = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 TEXT_EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003), "kl": (1e-2, 1e-3, 1e-4)}
@@ -140,14 +144,14 @@ def family(policy: str) -> str:
 
 
 def measure(ev, params, batches: list, cfg, vocab: int, loops: dict, exits: dict | None,  # noqa: ANN001
-            rules: dict | None = None, compact: bool | None = None) -> dict:
+            rules: dict | None = None, compact: bool | None = None, shares: tuple[float, ...] | None = None) -> dict:
     """One policy on one held-out set: accuracy, loops, executed work and time per token, per-instance loops;
     ``compact``: `Plan.compact` (None: the library's default)."""
-    ev.examples(params, batches[:1], loops, exits or None, rules, compact)  # compile (and warm) outside the timing
+    ev.examples(params, batches[:1], loops, exits or None, rules, compact, shares)  # compile (and warm) untimed
     seconds = []
     for _ in range(TIMINGS):  # the faster of two passes: the machine is shared
         t0 = time.perf_counter()
-        ex = ev.examples(params, batches, loops, exits or None, rules, compact)
+        ex = ev.examples(params, batches, loops, exits or None, rules, compact, shares)
         seconds.append(time.perf_counter() - t0)
     seconds = min(seconds)
     hist = ex["histogram"]["X"]
@@ -176,11 +180,12 @@ def score_model(model_name: str, cfg, model, params, data, sets: dict, policies:
                 compact: bool | None = None) -> list[dict]:
     ev = evaluator_for(model)
     rows = []
-    for policy, loops, exits, rules in policies:
+    for policy, loops, exits, rules, *shares in policies:
         # tokens may stop at different iterations (exits, the difficulty rule, the router): --compact applies
         stops = bool(exits) or bool(rules) or model_name == "router"
         for (difficulty, split), batches in sets.items():
-            m = measure(ev, params, batches, cfg, model.vocab_size, loops, exits, rules, compact if stops else None)
+            m = measure(ev, params, batches, cfg, model.vocab_size, loops, exits, rules, compact if stops else None,
+                        shares[0] if shares else None)
             rows.append({"seed": seed, "model": model_name, "policy": policy, "family": family(policy),
                          "difficulty": difficulty, "split": split, "cap": loops["X"], **m})
         test = [r for r in rows[-len(sets):] if r["split"] == "test"]
@@ -220,12 +225,14 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
         for (d, s), bs in sets.items():
             depths[(seed, d, s)] = np.asarray([data.task.depth(x) for b in bs
                                                for x, msk in zip(b["inputs"], b["mask"], strict=True) if msk.sum()])
-        policies = [(f"fixed:{n}", {"X": n}, None, None) for n in setting.counts()]
+        policies: list[tuple] = [(f"fixed:{n}", {"X": n}, None, None) for n in setting.counts()]
         rules = difficulty_rules(cfg.model, ["X"])
         if rules:
             policies.append(("auto (difficulty rule)", {"X": cap}, None, rules))
         policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}, None)
                      for kind, values in EXITS.items() for eps in values]
+        policies += [(f"context_diff/fine:{eps:g}", {"X": cap}, {"X": exit_rule("context_diff", eps)}, None, FINE_SHARES)
+                     for eps in EXITS["context_diff"]]  # compacted under --compact on (auto: masked at batch 64)
         rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
         for variant in (v for v in ("halting", "router") if v in models):
             extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
@@ -255,7 +262,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                       for d in setting.splits for s in SPLITS}}
 
 
-NON_FIXED = ("latent_diff", "kl", "entropy_diff", "context_diff", "learned", "router")
+NON_FIXED = ("latent_diff", "kl", "entropy_diff", "context_diff", "context_diff/fine", "learned", "router")
 
 
 def select(rows: list[dict]) -> list[dict]:
@@ -359,8 +366,8 @@ def pareto(name: str, result: dict) -> bytes:
     splits = list(dict.fromkeys(r["difficulty"] for r in rows))
     fig = Figure(figsize=(4.2 * len(splits), 3.8))
     styles = {"fixed": ("o-", "k"), "auto": ("P", "C5"), "latent_diff": ("s", "C0"), "kl": ("^", "C1"),
-              "entropy_diff": ("v", "C2"), "context_diff": ("h", "C6"), "learned": ("D", "C3"), "router": ("*", "C4"),
-              "halting model": ("x", "C3")}
+              "entropy_diff": ("v", "C2"), "context_diff": ("h", "C6"), "context_diff/fine": ("H", "C7"),
+              "learned": ("D", "C3"), "router": ("*", "C4"), "halting model": ("x", "C3")}
     for i, split in enumerate(splits):
         ax = fig.add_subplot(1, len(splits), i + 1)
         for fam, (marker, colour) in styles.items():
