@@ -280,8 +280,20 @@ def summary(times: Sequence[float]) -> dict[str, float]:
 
 
 def environment() -> dict[str, Any]:
+    """What a record's numbers depend on beside the code: the numeric libraries' versions and the machine. A trained
+    model is not reproducible across them: the same commit and seed trained prefix_parity's seed 0 to a model that
+    solves 2x strings under jax 0.10.1 and to one that does not under 0.10.2 (their losses part by step 250)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
     d = jax.devices()[0]
-    return {"jax": jax.__version__, "backend": d.platform, "device_kind": d.device_kind,
+    return {"jax": jax.__version__, **{n: installed(n) for n in ("jaxlib", "flax", "optax", "numpy")},
+            "backend": d.platform, "device_kind": d.device_kind,
             "device_count": jax.device_count(), "host_cpus": os.cpu_count(), "python": platform.python_version(),
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
@@ -312,6 +324,7 @@ def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) ->
 def report(out: Path, stem: str, doc: dict[str, Any], text: str, as_json: bool) -> None:
     """A folder script's results: printed (``as_json``: the document on one line, else the Markdown ``text``), then
     written to ``out``/<stem>.json (indented) and <stem>.md, each by `write_out`."""
+    doc = {**doc, "environment": doc.get("environment") or environment()}
     print(json.dumps(doc) if as_json else text, flush=True)
     write_out(out / f"{stem}.json", json.dumps(doc, indent=1), "printed above")
     write_out(out / f"{stem}.md", text + "\n", "printed above")

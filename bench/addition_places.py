@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                        [[r["seed"], r["model"], r["digits"], r["loops"], f"{100 * r['exact']:.1f}",
                          *(f"{100 * a:.0f}" for a in r["places"]), *([""] * (width - len(r["places"])))]
                         for r in rows]), file=sys.stderr if args.json else sys.stdout)
-    doc = {"setting": args.setting, "rows": rows}
+    doc = {"setting": args.setting, "rows": rows, "environment": C.environment()}
     if args.out:
         C.write_out(args.out, json.dumps(doc, indent=1), "in the table above")
     if args.json:

@@ -170,7 +170,8 @@ def main() -> int:
         wall = train_timed(cfg)
         results[model] = {**measure(cfg, examples, act), "train_wall_s": wall}
         print(f"[routing] {model}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
-    doc = {"models": results, "steps": steps, "examples": examples, "quick": args.quick, "wall_s": time.time() - t0}
+    doc = {"models": results, "steps": steps, "examples": examples, "quick": args.quick, "wall_s": time.time() - t0,
+           "environment": C.environment()}
     for name in ROUTED:
         if name in results:
             doc["verdict" if name == "routed" else f"verdict_{name}"] = verdict(results, name)

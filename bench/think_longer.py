@@ -889,7 +889,7 @@ def main() -> int:
                                      model_names + (ablations if args.ablate else ()), args.first_seed)
             results[name]["verdict"] = verdict(results[name], name)
         doc = {"tasks": results, "quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
-               "wall_s": time.time() - t0}
+               "wall_s": time.time() - t0, "environment": C.environment()}
     text = "\n\n".join(markdown(n, r) for n, r in results.items())
     if args.json:  # printed first: a write that fails (a full disk) is one line, and the results are above it
         print(text, file=sys.stderr)
