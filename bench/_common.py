@@ -293,9 +293,21 @@ def environment() -> dict[str, Any]:
 
     d = jax.devices()[0]
     return {"jax": jax.__version__, **{n: installed(n) for n in ("jaxlib", "flax", "optax", "numpy")},
-            "backend": d.platform, "device_kind": d.device_kind,
+            "backend": d.platform, "device_kind": d.device_kind, "cpu": _cpu_model(),
             "device_count": jax.device_count(), "host_cpus": os.cpu_count(), "python": platform.python_version(),
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def _cpu_model() -> str | None:
+    """The host CPU's model name and whether it has AVX-512 (XLA's CPU code, and so a CPU-trained model, depends on
+    the vector instructions it finds); None where /proc/cpuinfo is not there."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or None
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return f"{name or 'unknown'}{', avx512' if 'avx512f' in flags.split() else ''}"
 
 
 def peak(size: dict[str, Any]) -> dict[str, Any]:
