@@ -415,6 +415,9 @@ def main() -> int:
         p.error(f"--models {args.models}: give a comma-separated list of {', '.join(MODELS)} that includes looped "
                 f"(the best fixed count every policy is compared with is the looped model's)")
     C.once(p, "--models", list(models))
+    if models != MODELS and not any(n in TASKS for n in names):  # text trains its one model: the flag did nothing
+        p.error(f"--models chooses among the models of {', '.join(TASKS)}; --tasks {args.tasks} trains none of them, "
+                f"so drop --models")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()

@@ -37,6 +37,7 @@ CASES = [
                                           "includes looped"),
     ("adaptive", ["--models", "looped,gate"], "--models looped,gate: give a comma-separated list"),
     ("adaptive", ["--models", "looped,looped"], "--models names looped twice"),
+    ("adaptive", ["--models", "looped", "--tasks", "text"], "--tasks text trains none of them, so drop --models"),
     ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),
     ("compact", ["--width", "-3"], "--width must be >= 0, got -3"),
