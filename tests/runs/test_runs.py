@@ -2,6 +2,7 @@
 its optimizer state."""
 
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -88,6 +89,36 @@ def test_a_run_keeps_its_corpus_paths_absolute(tmp_path, monkeypatch):
     keep = load_config(root / "configs" / "text_bytes.yaml", ["data.paths=['asset:kjv_genesis_exodus.txt', '/x/y.txt']"])
     anchor_paths(keep)
     assert keep.data.paths == ["asset:kjv_genesis_exodus.txt", "/x/y.txt"]
+
+
+def test_a_run_trained_before_with_a_relative_corpus_path_is_named_not_read_from_here(tmp_path, monkeypatch, capsys):
+    """#27 pass 24's leftover: a run trained before its corpus paths were kept absolute holds data.paths=[c.txt] (or a
+    mixture entry's); every command read the c.txt of the current directory, another corpus from another directory,
+    with no word. Its directory is not recorded, so every command that reads the run names the path and the fix, and
+    so does `train -c RUN/config.yaml` (an override of data.paths is the user's own, relative to here)."""
+    from loopformer.cli import main
+    from loopformer.config import load_config
+
+    root = Path(__file__).parents[2]
+    (tmp_path / "c.txt").write_text("\n\n".join(f"alpha beta {i} " * 20 for i in range(40)))
+    monkeypatch.chdir(tmp_path)
+    settings = [f"run.dir={tmp_path / 'runs'}", "run.name=old", "data.paths=[c.txt]", "data.seq_len=16",
+                "model.d_model=16", "model.heads=2", "model.stages.0.circuits.X.width=16",
+                "model.stages.0.circuits.X.heads=2"]
+    run = make_run(load_config(root / "configs" / "text_bytes.yaml", settings))
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(tmp_path / "c.txt"), "c.txt"))  # as an older version wrote it
+    line = (rf"^{re.escape(str(config))}: data.paths holds 'c.txt', a path relative to the directory the run was "
+            rf"trained from, which the run does not record .*; edit it to the corpus's absolute path \(e.g. "
+            rf"{re.escape(str(tmp_path / 'c.txt'))} if that was the current directory\)$")
+    with pytest.raises(CheckpointError, match=line):
+        load_run_config(run)
+    for argv in (["eval", "--run", str(run)], ["inspect", "--run", str(run)], ["train", "-c", str(config)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(line, err[0].removeprefix("error: ")), (argv, err)
+    config.write_text(config.read_text().replace("- c.txt", f"- {tmp_path / 'c.txt'}"))  # the fix the line gives
+    assert load_run_config(run).data.paths == [str(tmp_path / "c.txt")]
 
 
 def test_one_log_to_stderr_and_the_trainer_logs_to_stdout(capsys):
