@@ -425,6 +425,14 @@ def merge(docs: dict[str, dict]) -> dict:
     quick = {bool(d.get("quick")) for d in docs.values()}
     if len(quick) > 1:
         raise ValueError("the records mix --quick runs with full runs; join records of one kind")
+    for src, doc in docs.items():
+        # a record sharing no task with the others is not a part of their run: the join wrote one document of both,
+        # its "seeds" the larger count (#27 pass 24's leftover); tasks of one record only beside shared ones join
+        others = {n for other, d in docs.items() if other != src for n in d["tasks"]}
+        if not others & set(doc["tasks"]):
+            raise ValueError(f"{src} scores {', '.join(doc['tasks'])} and the other records "
+                             f"{', '.join(sorted(others))}: no task in common; --merge joins disjoint seeds of the "
+                             f"same task (keep the records apart)")
     tasks: dict[str, dict] = {}
     for name in dict.fromkeys(n for d in docs.values() for n in d["tasks"]):
         parts = [(src, d["tasks"][name]) for src, d in docs.items() if name in d["tasks"]]
