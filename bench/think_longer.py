@@ -52,7 +52,7 @@ from loopformer.data.sources import build_data
 from loopformer.data.tasks import make_task
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
-from loopformer.runs.layout import RunDir
+from loopformer.runs.layout import RunDir, not_a_file
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 
@@ -770,13 +770,6 @@ def seeds_replaced(record: Path, names: list[str], seeds: range) -> str | None:
     return "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(map(str, s))} of {name}" for name, s in lost.items()) or None
 
 
-def _not_a_file(path: Path) -> str:
-    """What a record path that is not a regular file is (a FIFO or /dev/null was "does not exist")."""
-    if path.is_symlink() and not path.exists():
-        return "is a symlink that leads nowhere (or in a loop)"
-    return "does not exist" if not path.exists() else "is a folder" if path.is_dir() else "is a pipe or a device"
-
-
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help="small budgets (120 training steps per model, 60 for the "
@@ -848,8 +841,8 @@ def main() -> int:
     if args.merge:
         docs = {}
         for path in args.merge:
-            if not path.is_file():
-                p.error(f"--merge: {path} {_not_a_file(path)}; give the think_longer.json records to join")
+            if not_a_file(path):
+                p.error(f"--merge: {path} {not_a_file(path)}; give the think_longer.json records to join")
             if path.resolve() == (out / "think_longer.json").resolve():
                 p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
             if str(path) in docs:
@@ -871,8 +864,8 @@ def main() -> int:
                     f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
     elif args.replot:
         saved = out / "think_longer.json"
-        if not saved.is_file():
-            p.error(f"--replot: {saved} {_not_a_file(saved)}; run the benchmark with --out {out} first")
+        if not_a_file(saved):
+            p.error(f"--replot: {saved} {not_a_file(saved)}; run the benchmark with --out {out} first")
         try:  # a file cut short or of another shape was a traceback (JSONDecodeError, KeyError, TypeError)
             doc = read_record(saved)
             results = doc["tasks"]

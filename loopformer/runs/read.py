@@ -18,7 +18,7 @@ from loopformer.config.load import DuplicateKey, UniqueKeyLoader
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import AnalysisError, CheckpointError
 from loopformer.model.plan import resolve_loops
-from loopformer.runs.layout import OLDER_LAYOUT, RunDir, special
+from loopformer.runs.layout import OLDER_LAYOUT, RunDir, not_a_file, special
 
 
 def _older_layout(data: Any) -> bool:
@@ -163,10 +163,9 @@ def read_run(path: str | Path) -> RunInfo:
         raise AnalysisError("--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart")
     path = Path(path)
     if not os.path.isdir(path):  # (Path.is_dir raises on a name too long for the filesystem)
-        what = ("a symlink that leads nowhere (or in a loop)" if os.path.islink(path) else
-                "a file, not a directory" if os.path.exists(path) else "no such directory")  # (a file was "no such")
+        what = not_a_file(path) or "is a file, not a folder"  # (a file was "no such directory")
         outer = _enclosing_run(path) if os.path.exists(path) else None
-        raise AnalysisError(f"--run {path}: {what} (point --run at " + (f"the run that holds it, {outer})" if outer else
+        raise AnalysisError(f"--run {path} {what} (point --run at " + (f"the run that holds it, {outer})" if outer else
                             "a directory made by `loopformer train`, e.g. runs/quickstart)"))
     if not os.access(path, os.R_OK | os.X_OK):  # the PermissionError named config.yaml, not the folder
         raise AnalysisError(f"--run {path}: this user may not read the folder; make it readable (chmod -R u+rX "

@@ -236,3 +236,38 @@ def test_a_resume_after_a_torn_change_record_keeps_its_own(tmp_path):
                                                              "part": "setting"}]}
     record_changes(tmp_path, 9, [Change("train.steps", 9, 11, "setting")])  # a whole file: no blank line
     assert len(path.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_every_reader_names_what_is_there_in_one_wording(tmp_path):
+    """#27 pass 24's leftover: "a path that is not a file" was worded in five places, five ways ("a directory", "not a
+    regular file", "a pipe or a device, not a file", "no such file", "config file not found"); one helper
+    (runs.layout.not_a_file) now words it for the config loader, --probe, data.paths, --run and the run's own files."""
+    from loopformer.config import load_config
+    from loopformer.data.probes import read_probes
+    from loopformer.data.text import expand_paths
+    from loopformer.errors import LoopformerError
+    from loopformer.runs.layout import not_a_file, special
+    from loopformer.runs.read import read_run
+
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    kinds = {"folder": "is a folder", "fifo": "is a pipe or a device",
+             "link": "is a symlink that leads nowhere (or in a loop)", "missing": "does not exist"}
+    assert not_a_file(tmp_path / "file") is None and special(tmp_path / "missing") is None
+    for name, kind in kinds.items():
+        path = tmp_path / name
+        assert not_a_file(path) == kind
+        assert special(path) == (None if name == "missing" else kind.removeprefix("is "))
+        for read, shown in ((load_config, f"config file {path} {kind}; "), (read_probes, f"--probe {path} {kind} ("),
+                            (read_run, f"--run {path} {kind} (" if name != "folder" else None),
+                            (lambda p: expand_paths([str(p)]),
+                             f"data.paths: '{path}' {kind}; " if name in ("fifo", "link") else None)):
+            if shown is None:  # a folder is what --run wants, and a corpus's files; a missing corpus path is a glob's
+                continue
+            with pytest.raises(LoopformerError) as info:
+                read(path)
+            assert shown in str(info.value), (name, str(info.value))
+    with pytest.raises(LoopformerError, match=rf"^--run {tmp_path / 'file'} is a file, not a folder \(point --run"):
+        read_run(tmp_path / "file")
