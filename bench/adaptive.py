@@ -367,8 +367,9 @@ def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
     p.add_argument("--out", type=C.out_folder, default="bench_runs/adaptive", help="run directories and results")
-    p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every model (default 3; >= 1)")
+    p.add_argument("--examples", type=int, help="eval examples per held-out set of a task (default 256, "
+                   "think_longer's)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 of every task's models (default 3; >= 1)")
     p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
                    "config's; a smaller number is a smoke run of the pipeline, not results)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -385,6 +386,12 @@ def main() -> int:
     if unknown:  # after the others had trained (hours)
         p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join([*TASKS, 'text'])}")
     C.once(p, "--tasks", names)  # trained once, scored and reported twice
+    given = [f for f in ("--seeds", "--examples") if getattr(args, f[2:]) is not None]
+    if names == ["text"] and given:  # one model of one seed, scored on its config's val windows: accepted and ignored
+        p.error(f"--tasks text reads none of {' and '.join(given)} (one model, scored on the val windows of "
+                f"configs/adaptive/text_ponder.yaml); drop {'them' if len(given) > 1 else 'it'}")
+    args.seeds = 3 if args.seeds is None else args.seeds
+    args.examples = 256 if args.examples is None else args.examples
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()

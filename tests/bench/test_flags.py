@@ -33,6 +33,11 @@ CASES = [
     ("adaptive", ["--steps", "-5"], "--steps must be >= 1, got -5"),
     ("adaptive", ["--tasks", "prefix_parity,typo"], "unknown task 'typo' in --tasks"),
     ("adaptive", ["--tasks", "maze3,maze3"], "--tasks names maze3 twice"),
+    # #27 pass 25: the text model is one seed scored on its config's val windows: both were accepted and ignored
+    ("adaptive", ["--tasks", "text", "--seeds", "2"], "--tasks text reads none of --seeds (one model, scored on the val "
+     "windows of configs/adaptive/text_ponder.yaml); drop it"),
+    ("adaptive", ["--tasks", "text", "--seeds", "3", "--examples", "64"], "--tasks text reads none of --seeds and "
+     "--examples"),
     ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),
     ("compact", ["--width", "-3"], "--width must be >= 0, got -3"),
