@@ -386,6 +386,20 @@ def test_an_empty_probe_is_refused(text_run_dir, capsys, command):
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "rys"])
+def test_a_probe_file_is_checked_before_the_weights_are_read(text_run_dir, tmp_path, capsys, monkeypatch, command):
+    """#27 pass 25: a --probe file that is missing or malformed (or --probe with --split) was refused after the run's
+    weights were loaded (a "loaded ... at step" line above the error; minutes for a large run)."""
+    for module in ("eval", "rys"):
+        monkeypatch.setattr(f"loopformer.cli.{module}.load_run", lambda *a, **k: pytest.fail("the weights were read"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n')
+    for argv, message in (([str(tmp_path / "none.jsonl")], "does not exist"), ([str(tmp_path / "bad.jsonl")], "bad.jsonl"),
+                          (["asset:probes_arithmetic.jsonl", "--split", "val"], "give either --probe FILE or --split")):
+        assert main([command, "--run", str(text_run_dir), "--probe", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["eval", "--run", ""], "--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart"),
     (["import", "--hf", "", "--out", "x"], "--hf '': name a local Hugging Face model folder (config.json, "
