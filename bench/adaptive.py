@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -227,7 +226,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
             else:
                 vpolicies = [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
             rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, vpolicies, seed, compact)
-        C.write_out(out / f"adaptive_{name}.rows.partial.json", json.dumps(
+        C.write_out(out / f"adaptive_{name}.rows.partial.json", C.dumps(
             [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]),
             "in its runs, which a rerun with this --out scores again")
     spearman(rows, depths)

@@ -354,7 +354,7 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
                         solved_at[split] += list(zip(depths, first.tolist(), strict=True))
         print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
         # the rows so far, rewritten after every model: a run stopped part-way keeps what it measured
-        C.write_out(out / f"{name}.rows.partial.json", json.dumps({"task": name, "steps": steps, "rows": rows}),
+        C.write_out(out / f"{name}.rows.partial.json", C.dumps({"task": name, "steps": steps, "rows": rows}),
                     "in its runs, which a rerun with this --out scores again")
     return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
             "recipe": {k: list(v) for k, v in setting.recipe}, "steps": steps, "seeds": seeds, "rows": rows,
@@ -836,7 +836,7 @@ def main() -> int:
                              markdown=True)
         print(table, file=sys.stderr if args.json else sys.stdout)
         if args.json:
-            print(json.dumps({"floor": floors, "examples": examples, "seeds": args.seeds}))
+            print(C.dumps({"floor": floors, "examples": examples, "seeds": args.seeds}))
         return 0
     if args.merge:
         docs = {}
@@ -894,12 +894,12 @@ def main() -> int:
     text = "\n\n".join(markdown(n, r) for n, r in results.items())
     if args.json:  # printed first: a write that fails (a full disk) is one line, and the results are above it
         print(text, file=sys.stderr)
-        print(json.dumps(doc), flush=True)
+        print(C.dumps(doc), flush=True)
     else:
         print(text, flush=True)
     # each file whole (a temporary file renamed into place): written in place, a full disk tore the earlier record
     # (--replot's own, --merge's --out) and was a traceback after the training (#27 pass 24)
-    C.write_out(out / "think_longer.json", json.dumps(doc, indent=1), "printed above")
+    C.write_out(out / "think_longer.json", C.dumps(doc, indent=1), "printed above")
     C.write_out(out / "think_longer.md", text + "\n", "printed above")
     for name, result in results.items():
         C.write_out(out / f"think_longer_{name}.png", plot(name, result), "not drawn (the tables are printed above)")
