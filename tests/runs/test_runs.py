@@ -271,3 +271,12 @@ def test_every_reader_names_what_is_there_in_one_wording(tmp_path):
             assert shown in str(info.value), (name, str(info.value))
     with pytest.raises(LoopformerError, match=rf"^--run {tmp_path / 'file'} is a file, not a folder \(point --run"):
         read_run(tmp_path / "file")
+
+
+def test_a_run_config_that_is_a_dangling_symlink_is_named_so(tmp_path):
+    """#27 pass 25: a run whose config.yaml is a symlink to nothing was "config.yaml is missing (train first ...)"."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(CheckpointError, match=r"config.yaml is a symlink that leads nowhere \(or in a loop\), not the "
+                                              r"run's config file; put the run's config.yaml back$"):
+        load_run_config(tmp_path)

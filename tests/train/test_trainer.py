@@ -149,6 +149,21 @@ def test_a_run_file_that_is_a_fifo_is_one_line_before_training(tmp_path, trained
     assert RunDir(run_dir).checkpoint_steps() == [2, 4]
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config_changes.jsonl"])
+def test_a_run_file_that_is_a_dangling_symlink_is_one_line_before_training(tmp_path, trained_run, name):
+    """#27 pass 25: a resume where metrics.jsonl was a symlink to nothing rewrote config.yaml, then was a
+    FileNotFoundError traceback from the metrics writer (runs.layout.special names a dangling link now)."""
+    run_dir = copy_run(trained_run, tmp_path, "dangling")
+    path = run_dir / name
+    path.unlink(missing_ok=True)
+    path.symlink_to(tmp_path / "gone" / name)
+    config = (run_dir / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=rf"{name} is a symlink that leads nowhere \(or in a loop\), where the run "
+                                              rf"keeps its {name} \(a file\); move it aside"):
+        train(trained_config(tmp_path, "dangling", "train.steps=6"))
+    assert RunDir(run_dir).checkpoint_steps() == [2, 4] and (run_dir / "config.yaml").read_text() == config
+
+
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
 def test_a_lock_file_that_is_a_fifo_or_a_folder_is_one_line(tmp_path, kind):
     """#27 pass 16: a .train.lock that is a FIFO was a traceback (OSError EINVAL, writing the holder), a folder
