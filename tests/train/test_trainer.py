@@ -149,17 +149,18 @@ def test_a_run_file_that_is_a_fifo_is_one_line_before_training(tmp_path, trained
     assert RunDir(run_dir).checkpoint_steps() == [2, 4]
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "config_changes.jsonl"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config_changes.jsonl", "tb"])
 def test_a_run_file_that_is_a_dangling_symlink_is_one_line_before_training(tmp_path, trained_run, name):
     """#27 pass 25: a resume where metrics.jsonl was a symlink to nothing rewrote config.yaml, then was a
-    FileNotFoundError traceback from the metrics writer (runs.layout.special names a dangling link now)."""
+    FileNotFoundError traceback from the metrics writer; a dangling tb, a traceback from its mkdir (a dangling link
+    is now named as a FIFO or a folder there is)."""
     run_dir = copy_run(trained_run, tmp_path, "dangling")
     path = run_dir / name
-    path.unlink(missing_ok=True)
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     path.symlink_to(tmp_path / "gone" / name)
-    config = (run_dir / "config.yaml").read_text()
+    config, kind = (run_dir / "config.yaml").read_text(), "folder" if name == "tb" else "file"
     with pytest.raises(CheckpointError, match=rf"{name} is a symlink that leads nowhere \(or in a loop\), where the run "
-                                              rf"keeps its {name} \(a file\); move it aside"):
+                                              rf"keeps its {name} \(a {kind}\); move it aside"):
         train(trained_config(tmp_path, "dangling", "train.steps=6"))
     assert RunDir(run_dir).checkpoint_steps() == [2, 4] and (run_dir / "config.yaml").read_text() == config
 
