@@ -322,9 +322,27 @@ def peak(size: dict[str, Any]) -> dict[str, Any]:
             "measured_matmul_flops": measured}
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with each number that is not finite (NumPy's included) made None, through dicts, lists and tuples."""
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
+def dumps(doc: Any, **kwargs: Any) -> str:
+    """The JSON text of a result document that every JSON reader takes: a number that is not finite (a part without
+    matmuls has no ceiling, an undefined ratio) is null. `json.dumps` wrote NaN and Infinity, which are not JSON (jq,
+    a browser and this project's own record readers refuse them; #27 pass 25). NumPy numbers are plain numbers."""
+    return json.dumps(_finite(doc), allow_nan=False, **kwargs)
+
+
 def emit(result: dict[str, Any], tables: list[str], args: argparse.Namespace) -> None:
     """Print the result (``--json``: the document, else the tables), then write the document to ``--out``."""
-    doc = json.dumps(result, indent=1, default=float)
+    doc = dumps(result, indent=1, default=float)
     if args.json:
         print(doc, flush=True)
     else:
@@ -337,8 +355,8 @@ def report(out: Path, stem: str, doc: dict[str, Any], text: str, as_json: bool) 
     """A folder script's results: printed (``as_json``: the document on one line, else the Markdown ``text``), then
     written to ``out``/<stem>.json (indented) and <stem>.md, each by `write_out`."""
     doc = {**doc, "environment": doc.get("environment") or environment()}
-    print(json.dumps(doc) if as_json else text, flush=True)
-    write_out(out / f"{stem}.json", json.dumps(doc, indent=1), "printed above")
+    print(dumps(doc) if as_json else text, flush=True)
+    write_out(out / f"{stem}.json", dumps(doc, indent=1), "printed above")
     write_out(out / f"{stem}.md", text + "\n", "printed above")
 
 

@@ -75,7 +75,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -248,7 +247,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
             else:
                 vpolicies = [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
             rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, vpolicies, seed, compact)
-        C.write_out(out / f"adaptive_{name}.rows.partial.json", json.dumps(
+        C.write_out(out / f"adaptive_{name}.rows.partial.json", C.dumps(
             [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]),
             "in its runs, which a rerun with this --out scores again")
     spearman(rows, depths)
@@ -389,8 +388,9 @@ def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
     p.add_argument("--out", type=C.out_folder, default="bench_runs/adaptive", help="run directories and results")
-    p.add_argument("--examples", type=int, default=256, help="eval examples per held-out set (think_longer's: 256)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every model (default 3; >= 1)")
+    p.add_argument("--examples", type=int, help="eval examples per held-out set of a task (default 256, "
+                   "think_longer's)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 of every task's models (default 3; >= 1)")
     p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
                    "config's; a smaller number is a smoke run of the pipeline, not results)")
     p.add_argument("--models", default=",".join(MODELS),
@@ -418,6 +418,12 @@ def main() -> int:
     if models != MODELS and not any(n in TASKS for n in names):  # text trains its one model: the flag did nothing
         p.error(f"--models chooses among the models of {', '.join(TASKS)}; --tasks {args.tasks} trains none of them, "
                 f"so drop --models")
+    given = [f for f in ("--seeds", "--examples") if getattr(args, f[2:]) is not None]
+    if names == ["text"] and given:  # one model of one seed, scored on its config's val windows: accepted and ignored
+        p.error(f"--tasks text reads none of {' and '.join(given)} (one model, scored on the val windows of "
+                f"configs/adaptive/text_ponder.yaml); drop {'them' if len(given) > 1 else 'it'}")
+    args.seeds = 3 if args.seeds is None else args.seeds
+    args.examples = 256 if args.examples is None else args.examples
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()

@@ -14,7 +14,6 @@ setting's training mean and twice it; baselines: 1). Prints a table and with --j
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -105,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                         for r in rows]), file=sys.stderr if args.json else sys.stdout)
     doc = {"setting": args.setting, "rows": rows, "environment": C.environment()}
     if args.out:
-        C.write_out(args.out, json.dumps(doc, indent=1), "in the table above")
+        C.write_out(args.out, C.dumps(doc, indent=1), "in the table above")
     if args.json:
-        print(json.dumps(doc))
+        print(C.dumps(doc))
     return 0
 
 

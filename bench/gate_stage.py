@@ -23,7 +23,6 @@ JSON: {"tasks": {T: {"rows": [{"seed", "model", "policy", "difficulty", "split",
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import sys
 import time
@@ -166,14 +165,14 @@ def main() -> int:
         for seed in range(args.seeds):
             for model, cfg in runs(task, seed, args.out, args.extra, args.examples).items():
                 rows += evaluate(cfg, model, seed, args.examples)
-                C.write_out(args.out / f"{task}.rows.partial.json", json.dumps(rows),
+                C.write_out(args.out / f"{task}.rows.partial.json", C.dumps(rows),
                             "in its runs, which a rerun with this --out scores again")
         result["tasks"][task] = {"rows": rows, "selected": select(rows)}
         md = markdown(task, result["tasks"][task])
         print(md, file=sys.stderr if args.json else sys.stdout, flush=True)
         C.write_out(args.out / f"{task}.md", md + "\n", "printed above")  # whole (#27 pass 24)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(C.dumps(result, indent=1))
     return 0
 
 

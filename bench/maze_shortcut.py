@@ -11,7 +11,6 @@ from the maze alone (e.g. labelling a small closed-in pocket NO and the rest YES
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,7 @@ def main() -> int:
     for name in names:
         rows += check(name, Path(args.out), args.examples)
     if args.json:
-        print(json.dumps({"rows": rows}))
+        print(C.dumps({"rows": rows}))
         return 0
     print("| setting | split | loops | exact match with S | S erased |\n|---|---|---|---|---|")
     for r in rows:

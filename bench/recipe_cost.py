@@ -13,7 +13,6 @@ JSON: {"config": str, "overrides": [str], "steps": int, "rounds": int, "base_ms"
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,7 @@ def main() -> int:
     if twice:  # the last one would win with no word
         p.error(twice)
     doc = measure(args.config, args.overrides, args.steps, args.rounds)
-    print(json.dumps(doc) if args.json else
+    print(C.dumps(doc) if args.json else
           f"{args.config}: base {doc['base_ms']:.1f} ms/step, with {' '.join(args.overrides)} "
           f"{doc['changed_ms']:.1f} ms/step: {doc['ratio']:.2f}x (median of {args.rounds} blocks of {args.steps} steps)")
     return 0

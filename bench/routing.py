@@ -29,7 +29,6 @@ model cannot have it, so the shipped corpus does not fit this model.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -178,10 +177,10 @@ def main() -> int:
     text = markdown(doc)
     if args.json:  # printed first: a write that fails (a full disk) is one line, and the results are above it
         print(text, file=sys.stderr)
-        print(json.dumps(doc), flush=True)
+        print(C.dumps(doc), flush=True)
     else:
         print(text, flush=True)
-    C.write_out(out / "routing.json", json.dumps(doc, indent=1), "printed above")  # whole (#27 pass 24)
+    C.write_out(out / "routing.json", C.dumps(doc, indent=1), "printed above")  # whole (#27 pass 24)
     C.write_out(out / "routing.md", text + "\n", "printed above")
     if not args.json:
         print(f"\nwall time {doc['wall_s']:.0f}s; results in {out}/routing.{{md,json}}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -196,7 +195,7 @@ def main() -> int:
            "settings": {k: {kk: vv for kk, vv in v.items()} for k, v in SETTINGS.items()}, "rows": rows,
            "scan": extra, "winner": wins, "wall_s": wall}
     if args.json:
-        print(json.dumps(doc, default=str))
+        print(C.dumps(doc, default=str))
     else:
         buf = io.StringIO()
         print(markdown(doc), file=buf)

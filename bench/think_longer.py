@@ -52,7 +52,7 @@ from loopformer.data.sources import build_data
 from loopformer.data.tasks import make_task
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.evaluation.tables import format_table
-from loopformer.runs.layout import RunDir
+from loopformer.runs.layout import RunDir, not_a_file
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 
@@ -363,7 +363,7 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
                         solved_at[split] += list(zip(depths, first.tolist(), strict=True))
         print(f"[{name}] {model_name} seed {seed}: trained {steps} steps in {wall:.0f}s", file=sys.stderr)
         # the rows so far, rewritten after every model: a run stopped part-way keeps what it measured
-        C.write_out(out / f"{name}.rows.partial.json", json.dumps({"task": name, "steps": steps, "rows": rows}),
+        C.write_out(out / f"{name}.rows.partial.json", C.dumps({"task": name, "steps": steps, "rows": rows}),
                     "in its runs, which a rerun with this --out scores again")
     return {"train_loops": setting.train_loops, "loops": setting.loops, "loop_range": loop_range(setting.loops),
             "recipe": {k: list(v) for k, v in setting.recipe}, "steps": steps, "seeds": seeds, "rows": rows,
@@ -434,6 +434,14 @@ def merge(docs: dict[str, dict]) -> dict:
     quick = {bool(d.get("quick")) for d in docs.values()}
     if len(quick) > 1:
         raise ValueError("the records mix --quick runs with full runs; join records of one kind")
+    for src, doc in docs.items():
+        # a record sharing no task with the others is not a part of their run: the join wrote one document of both,
+        # its "seeds" the larger count (#27 pass 24's leftover); tasks of one record only beside shared ones join
+        others = {n for other, d in docs.items() if other != src for n in d["tasks"]}
+        if not others & set(doc["tasks"]):
+            raise ValueError(f"{src} scores {', '.join(doc['tasks'])} and the other records "
+                             f"{', '.join(sorted(others))}: no task in common; --merge joins disjoint seeds of the "
+                             f"same task (keep the records apart)")
     tasks: dict[str, dict] = {}
     for name in dict.fromkeys(n for d in docs.values() for n in d["tasks"]):
         parts = [(src, d["tasks"][name]) for src, d in docs.items() if name in d["tasks"]]
@@ -771,13 +779,6 @@ def seeds_replaced(record: Path, names: list[str], seeds: range) -> str | None:
     return "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(map(str, s))} of {name}" for name, s in lost.items()) or None
 
 
-def _not_a_file(path: Path) -> str:
-    """What a record path that is not a regular file is (a FIFO or /dev/null was "does not exist")."""
-    if path.is_symlink() and not path.exists():
-        return "is a symlink that leads nowhere (or in a loop)"
-    return "does not exist" if not path.exists() else "is a folder" if path.is_dir() else "is a pipe or a device"
-
-
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help="small budgets (120 training steps per model, 60 for the "
@@ -844,13 +845,13 @@ def main() -> int:
                              markdown=True)
         print(table, file=sys.stderr if args.json else sys.stdout)
         if args.json:
-            print(json.dumps({"floor": floors, "examples": examples, "seeds": args.seeds}))
+            print(C.dumps({"floor": floors, "examples": examples, "seeds": args.seeds}))
         return 0
     if args.merge:
         docs = {}
         for path in args.merge:
-            if not path.is_file():
-                p.error(f"--merge: {path} {_not_a_file(path)}; give the think_longer.json records to join")
+            if not_a_file(path):
+                p.error(f"--merge: {path} {not_a_file(path)}; give the think_longer.json records to join")
             if path.resolve() == (out / "think_longer.json").resolve():
                 p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
             if str(path) in docs:
@@ -872,8 +873,8 @@ def main() -> int:
                     f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
     elif args.replot:
         saved = out / "think_longer.json"
-        if not saved.is_file():
-            p.error(f"--replot: {saved} {_not_a_file(saved)}; run the benchmark with --out {out} first")
+        if not_a_file(saved):
+            p.error(f"--replot: {saved} {not_a_file(saved)}; run the benchmark with --out {out} first")
         try:  # a file cut short or of another shape was a traceback (JSONDecodeError, KeyError, TypeError)
             doc = read_record(saved)
             results = doc["tasks"]
@@ -902,12 +903,12 @@ def main() -> int:
     text = "\n\n".join(markdown(n, r) for n, r in results.items())
     if args.json:  # printed first: a write that fails (a full disk) is one line, and the results are above it
         print(text, file=sys.stderr)
-        print(json.dumps(doc), flush=True)
+        print(C.dumps(doc), flush=True)
     else:
         print(text, flush=True)
     # each file whole (a temporary file renamed into place): written in place, a full disk tore the earlier record
     # (--replot's own, --merge's --out) and was a traceback after the training (#27 pass 24)
-    C.write_out(out / "think_longer.json", json.dumps(doc, indent=1), "printed above")
+    C.write_out(out / "think_longer.json", C.dumps(doc, indent=1), "printed above")
     C.write_out(out / "think_longer.md", text + "\n", "printed above")
     for name, result in results.items():
         C.write_out(out / f"think_longer_{name}.png", plot(name, result), "not drawn (the tables are printed above)")

@@ -4,9 +4,44 @@ The CLI catches `LoopformerError`, prints `error: <message>` and exits with stat
 never sees a stack trace from deep inside JAX for a mistake they made.
 """
 
+from __future__ import annotations
+
+import re
+
+LONG = 500  # a value longer than this in a message was pasted whole (a path is rarely longer): cut to SHOWN characters
+SHOWN = 80
+_LIST = re.compile(rf"\[[^\[\]\n]{{{LONG - 1},}}\]|\{{[^{{}}\n]{{{LONG - 1},}}\}}")  # a list or mapping, flat
+_WORD = re.compile(rf"\S{{{LONG + 1},}}")  # a run without spaces: a string, a path, a name
+_TAIL = re.compile(r"(['\"]?)([;,.:)\]}]*)$")
+
+
+def shorten(message: str) -> str:
+    """``message`` with each list or mapping, and each word, of more than `LONG` characters cut to its first `SHOWN`,
+    ``…`` and its length: an override whose 3,000-character value was refused quoted it whole, one line of 3,000
+    characters (#27 pass 24's leftover). Closing quotes, brackets and punctuation stay; values, paths and names of
+    usual lengths are untouched."""
+
+    def cut_list(match: re.Match[str]) -> str:
+        span = match.group(0)
+        return f"{span[:SHOWN]}…{span[-1]} ({len(span):,} characters)"
+
+    def cut_word(match: re.Match[str]) -> str:
+        word = match.group(0)
+        tail = _TAIL.search(word)
+        quote, punct = (tail.group(1), tail.group(2)) if tail else ("", "")
+        return f"{word[:SHOWN]}…{quote} ({len(word) - len(punct):,} characters){punct}"
+
+    return _WORD.sub(cut_word, _LIST.sub(cut_list, message))
+
 
 class LoopformerError(Exception):
-    """Base class for errors caused by user input (configs, files, flags)."""
+    """Base class for errors caused by user input (configs, files, flags). Its message is `shorten`ed: every
+    message, in the CLI's one line and to a library caller, shows a long value by its start and length."""
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str):
+            args = (shorten(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class ConfigError(LoopformerError):

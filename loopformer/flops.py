@@ -187,11 +187,16 @@ def measure_matmul_flops(size: int = 2048, dtype: str = "float32", reps: int = 5
 
 
 PEAK_ENV = "LOOPFORMER_PEAK_FLOPS"
+# No device JAX runs on is slower than this (one CPU core does ~1e10): a peak below it is a unit slip (989 meant as
+# TFLOP/s) or a typo, and its MFU would be past 100 % by orders of magnitude, infinite at 1e-320 (written to
+# metrics.jsonl as `Infinity`, which is not JSON; #27 pass 24's leftover).
+PEAK_FLOOR = 1e6
 
 
 def peak_override() -> float | None:
     """``LOOPFORMER_PEAK_FLOPS`` (FLOP/s per device), or None when unset; ConfigError for anything but a finite number
-    > 0 (it was a ValueError or ZeroDivisionError traceback at the first logged step, or a negative MFU)."""
+    >= `PEAK_FLOOR` (it was a ValueError or ZeroDivisionError traceback at the first logged step, a negative MFU, or
+    an infinite one)."""
     text = os.environ.get(PEAK_ENV)
     if not text:
         return None
@@ -202,6 +207,10 @@ def peak_override() -> float | None:
     if not 0 < value < math.inf:
         raise ConfigError(f"environment variable {PEAK_ENV}={text!r} must be a finite number of FLOP/s per device > 0, "
                           f"e.g. 9.89e14 (or unset it: the peak is then the datasheet's or measured)")
+    if value < PEAK_FLOOR:
+        raise ConfigError(f"environment variable {PEAK_ENV}={text!r} is below {PEAK_FLOOR:.0e} FLOP/s per device, "
+                          f"slower than any device (it is in FLOP/s, not TFLOP/s: 989 TFLOP/s is 9.89e14); give the "
+                          f"device's peak, e.g. 9.89e14, or unset it")
     return value
 
 

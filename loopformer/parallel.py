@@ -102,6 +102,10 @@ def distributed_request() -> dict[str, Any] | None:
     if (_env_int("SLURM_NTASKS") or 1) > 1 and "SLURM_STEP_NODELIST" in os.environ:
         return {}
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    empty = next((i for i, h in enumerate(hosts.split(","), 1) if not h.strip()), None) if "," in hosts else None
+    if empty:  # 'a,' asked for several processes, of which one has no host: JAX's runtime then waits for it
+        raise ConfigError(f"environment variable TPU_WORKER_HOSTNAMES={hosts!r} has an empty entry (number {empty}); "
+                          f"list each worker's host once, comma-separated (e.g. w0,w1), or unset it for one process")
     if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return {}
     return None

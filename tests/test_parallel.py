@@ -178,6 +178,16 @@ def test_distributed_request(monkeypatch):
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[01-02]")
     assert parallel.distributed_request() == {}
     assert not jax.distributed.is_initialized()
+    monkeypatch.delenv("SLURM_NTASKS")
+    for hosts, entry in (("a,", 2), (",a", 1), ("a,,b", 2), ("a, ", 2)):  # #27 pass 24's leftover: asked for processes
+        monkeypatch.setenv("TPU_WORKER_HOSTNAMES", hosts)
+        with pytest.raises(ConfigError, match=rf"^environment variable TPU_WORKER_HOSTNAMES='{hosts}' has an empty "
+                                              rf"entry \(number {entry}\); list each worker's host once"):
+            parallel.distributed_request()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
+    assert parallel.distributed_request() == {}
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0")
+    assert parallel.distributed_request() is None
 
 
 def test_distributed_on_where_jax_finds_no_cluster(monkeypatch):

@@ -101,22 +101,34 @@ def probe_flag(p: argparse.ArgumentParser) -> None:
                         "and greedy exact match")
 
 
+def check_probe(args: argparse.Namespace, info: Any) -> list[tuple[str, str]]:
+    """``--probe``'s probes (the first --examples), checked against the run ``info`` before its weights are read (a
+    task run, --split beside it, or a bad file was refused after they were loaded, #27 pass 25); [] without it."""
+    if not getattr(args, "probe", None):
+        return []
+    from loopformer.data.probes import read_probes
+    from loopformer.inference.generate import tokenizer_of
+
+    if getattr(args, "split", None):
+        raise AnalysisError("give either --probe FILE or --split NAME: a probe file replaces the eval splits")
+    if tokenizer_of(info.data) is None:
+        raise AnalysisError(f"--probe needs a text run (prompts and answers are text), but {info.path} trains on the "
+                            f"synthetic task '{info.cfg.data.task}'; drop --probe (the task's splits are scored "
+                            f"without it)")
+    return read_probes(args.probe)[: args.examples]  # --examples: the first N probes (a file holds tens)
+
+
 def probe_sets(args: argparse.Namespace, run: Any) -> dict[str, list[Any]] | None:
     """``{"probe": batches}`` of ``--probe`` for a loaded text run (`loopformer.data.probes`), or None without it."""
     if not getattr(args, "probe", None):
         return None
-    from loopformer.data.probes import probe_batches, read_probes
+    from loopformer.data.probes import probe_batches
     from loopformer.evaluation.run import PROBE_SPLIT
     from loopformer.inference.generate import prompt_ids, tokenizer_of
 
-    if getattr(args, "split", None):
-        raise AnalysisError("give either --probe FILE or --split NAME: a probe file replaces the eval splits")
+    probes = check_probe(args, run.info)
     tokenizer = tokenizer_of(run.info.data)
-    if tokenizer is None:
-        raise AnalysisError(f"--probe needs a text run (prompts and answers are text), but {run.info.path} trains on "
-                            f"the synthetic task '{run.info.cfg.data.task}'")
     fmt = run.info.cfg.data.prompt_format
-    probes = read_probes(args.probe)[: args.examples]  # --examples: the first N probes (a file holds tens)
 
     def prompt(text: str) -> list[int]:
         try:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from loopformer.cli.common import (
+    check_probe,
     command,
     compact_choice,
     compact_note,
@@ -58,6 +59,7 @@ def auto_rules(model: ModelConfig, auto: list[str], loops: dict[str, int]) -> di
 def eval_command(args: argparse.Namespace) -> int:
     def body() -> tuple[dict[str, Any], str]:
         info = read_run(args.run)
+        check_probe(args, info)
         splits = [] if args.probe else info.select_splits(args.split)
         specs, auto = split_auto(args.loops, info.circuits)
         loops = {c: v[0] for c, v in parse_loops(specs, info.circuits, grid=False).items()}

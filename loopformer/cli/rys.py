@@ -7,7 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loopformer.cli.common import check_writable, command, emit, one_set, probe_flag, probe_sets, run_flags, write_png
+from loopformer.cli.common import (
+    check_probe,
+    check_writable,
+    command,
+    emit,
+    one_set,
+    probe_flag,
+    probe_sets,
+    run_flags,
+    write_png,
+)
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, rys, tables
 from loopformer.evaluation.run import PROBE_SPLIT, load_run
@@ -127,6 +137,7 @@ def rys_command(args: argparse.Namespace) -> int:
         stack = args.stack or ("prelude" if info.cfg.model.prelude else "coda")
         layers = rys.stack_layers(info, stack)
         check_writable(info.path, "rys.csv and rys_<split>.png", _outputs(info))
+        check_probe(args, info)
         splits = [] if args.probe else info.select_splits(args.split)
         run = load_run(info, args.step, raw=args.raw_weights)
         eval_sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)

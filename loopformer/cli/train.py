@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loopformer.cli.common import command
 from loopformer.errors import ConfigError
 from loopformer.runs.layout import CONFIG_FILE, RunDir
+
+if TYPE_CHECKING:
+    from loopformer.config import Config
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +34,18 @@ def check_own_run(config: str | None, run_dir: Path, overrides: Sequence[str] = 
                           f"run.dir={home.parent} run.name={home.name} to train this copy")
 
 
+def check_run_paths(config: str | None, cfg: Config, overrides: Sequence[str] = ()) -> None:
+    """CheckpointError when ``config`` is a run's own config.yaml holding a relative corpus path (a run trained before
+    its paths were kept absolute): it was read from the current directory, another directory's file of that name
+    when the resume runs elsewhere. A path given as an override is the user's, relative to here."""
+    from loopformer.runs.read import refuse_relative_corpus
+
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if (config and Path(config).name == CONFIG_FILE and RunDir(Path(config).expanduser().absolute().parent).holds_run
+            and not given & {"data", "data.paths", "data.mixture"}):
+        refuse_relative_corpus(cfg, Path(config))
+
+
 @command("train", "train a config from scratch, or resume its run directory", _args)
 def train_command(args: argparse.Namespace) -> int:
     from loopformer.config import load_config
@@ -40,5 +56,6 @@ def train_command(args: argparse.Namespace) -> int:
                           "over the defaults, e.g. run.name=mine)")
     cfg = load_config(args.config, args.overrides)
     check_own_run(args.config, cfg.run_dir, args.overrides)
+    check_run_paths(args.config, cfg, args.overrides)
     train(cfg)
     return 0

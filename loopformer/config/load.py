@@ -20,6 +20,7 @@ import yaml
 
 from loopformer.config.schema import ARCHITECTURE, BEHAVIOUR, CIRCUIT_PARTS, SCHEDULE, Config, ModelConfig
 from loopformer.errors import ConfigError
+from loopformer.runs.layout import not_a_file
 
 TASK = "task"  # the data a run learns: a resume must keep it, like the architecture
 SETTING = "setting"  # everything else (training, evaluation, data order): may change on resume
@@ -301,16 +302,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = Config().to_dict()
     if path is not None:
         p = Path(path)
-        if str(path) and p.exists() and not p.is_file():  # a FIFO is not read: with no writer it would wait forever
-            kind = "a directory" if p.is_dir() else "a pipe or a device, not a file"
-            raise ConfigError(f"config file {path} is {kind}; pass --config with a path to a YAML file, e.g. "
-                              f"configs/quickstart.yaml")
-        if not p.is_file() and str(path) and p.is_symlink():  # it is there: "not found" sent the user looking for it
-            raise ConfigError(f"config file {path} is a symlink that leads nowhere (or in a loop); pass --config with a "
-                              f"path to a YAML file, e.g. configs/quickstart.yaml")
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {str(path) or repr('')} (pass --config with a path to a YAML file, "
-                              f"e.g. configs/quickstart.yaml)")
+        kind = not_a_file(p) if str(path) else "does not exist"  # (Path('') is the current directory)
+        if kind:  # a FIFO is not read: with no writer it would wait forever
+            raise ConfigError(f"config file {str(path) or repr('')} {kind}; pass --config with a path to a YAML file, "
+                              f"e.g. configs/quickstart.yaml")
         raw = p.read_bytes()
         try:
             text = raw.decode("utf-8")

@@ -22,6 +22,7 @@ import numpy as np
 from loopformer.data.tasks import pack_answer
 from loopformer.data.text import ASSET_PREFIX, RepeatedKey, asset_path, json_line
 from loopformer.errors import DataError
+from loopformer.runs.layout import not_a_file
 
 Probe = tuple[str, str]
 ARITHMETIC = "probes_arithmetic.jsonl"
@@ -34,10 +35,9 @@ def read_probes(path: str | Path) -> list[Probe]:
         p = asset_path(text_path[len(ASSET_PREFIX):]) if text_path.startswith(ASSET_PREFIX) else Path(path).expanduser()
     except DataError:
         p = Path(text_path)  # not a shipped asset: the line below says so
-    if not p.is_file():
-        what = ("a directory" if p.is_dir() else "not a regular file" if p.exists()
-                else "a symlink that leads nowhere (or in a loop)" if p.is_symlink() else "no such file")
-        raise DataError(f"--probe {path}: {what} (a JSONL file of {{\"prompt\": ..., \"answer\": ...}} lines, "
+    what = not_a_file(p)
+    if what:
+        raise DataError(f"--probe {path} {what} (a JSONL file of {{\"prompt\": ..., \"answer\": ...}} lines, "
                         f"or asset:{ARITHMETIC})")
     try:
         lines = p.read_text(encoding="utf-8-sig").splitlines()  # a leading BOM (Notepad) was "not a JSON object"

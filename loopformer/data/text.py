@@ -33,6 +33,7 @@ import numpy as np
 from loopformer import jsontext
 from loopformer.data.tokenizers import Tokenizer
 from loopformer.errors import DataError
+from loopformer.runs.layout import not_a_file
 
 SPLITS = ("train", "val")
 ASSET_PREFIX = "asset:"
@@ -79,11 +80,9 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(expanded).parts))
         else:
             found = [expanded] if expanded.is_file() else []
-            if expanded.exists() and not found:  # /dev/zero, a FIFO: there, but no corpus (a FIFO is not opened)
-                raise DataError(f"data.paths: '{pattern}' is a pipe or a device, not a file; name the corpus files")
-            if expanded.is_symlink() and not found:  # there: "matches no file" sent the user looking for it
-                raise DataError(f"data.paths: '{pattern}' is a symlink that leads nowhere (or in a loop); name the "
-                                f"corpus files")
+            what = not_a_file(expanded)
+            if what and what != "does not exist":  # /dev/zero, a FIFO (not opened), a dangling link: there, no corpus
+                raise DataError(f"data.paths: '{pattern}' {what}; name the corpus files")
         if not found:
             what = "glob" if glob.has_magic(pattern) else "path"
             raise DataError(f"data.paths: {what} '{pattern}' matches no file (relative paths are read from "

@@ -117,12 +117,32 @@ def misnamed_step(checkpoints: Path) -> None:
                               + (", or remove one of the two" if plain.exists() else "") + " to resume from it")
 
 
-def special(path: Path) -> str | None:
-    """What ``path`` is when it exists but is not a regular file ("a folder", "a pipe or a device"), else None.
-    Checked before a run's file is opened: a FIFO with no writer blocks the reader forever."""
-    if path.is_file() or not path.exists():
+DANGLING = "a symlink that leads nowhere (or in a loop)"
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """What is at ``path`` where a file is wanted and none is, worded to follow the path in a message: "is a folder",
+    "is a pipe or a device", "is a symlink that leads nowhere (or in a loop)" or "does not exist"; None for a regular
+    file (or a link to one). The one wording of the commands, the config loader, the probe and corpus readers and the
+    bench scripts (each had its own: #27 pass 24's leftover). A FIFO is named and never opened (with no writer it
+    blocks its reader forever); a dangling link is there ("not found" sent the user looking for it). The os.path tests
+    answer a name too long for the filesystem as absent (pathlib's raised)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
         return None
-    return "a folder" if path.is_dir() else "a pipe or a device"
+    if os.path.isdir(path):
+        return "is a folder"
+    if os.path.exists(path):
+        return "is a pipe or a device"
+    return f"is {DANGLING}" if os.path.islink(path) else "does not exist"
+
+
+def special(path: Path) -> str | None:
+    """What ``path`` is when something is there but no regular file ("a folder", "a pipe or a device", "a symlink that
+    leads nowhere (or in a loop)"; `not_a_file`), else None. Checked before a run's file is opened: a FIFO with no
+    writer blocks the reader forever, and a dangling link was written through or called missing."""
+    kind = not_a_file(path)
+    return None if kind in (None, "does not exist") else kind.removeprefix("is ")
 
 
 def unreadable(*paths: Path) -> Path | None:
@@ -213,7 +233,7 @@ def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> 
     except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
         dangling = True
     if dangling:
-        return f"{flag} {out} is a symlink that leads nowhere (or in a loop); remove it or choose another {flag}"
+        return f"{flag} {out} is {DANGLING}; remove it or choose another {flag}"
     if mount_point(out):
         return (f"{flag} {out} is a mount point, and the {what} is written beside it and renamed into place; give a "
                 f"folder inside it, e.g. {flag} {out / child}")

@@ -17,7 +17,7 @@ import jax
 
 from loopformer.config import ARCHITECTURE, SCHEDULE, TASK, Change, Config, circuit_label, config_changes, config_from_dict
 from loopformer.errors import CheckpointError, ConfigError
-from loopformer.runs.layout import WRITE_PROBE, RunDir, not_a_folder, outside_runs, read_only, special
+from loopformer.runs.layout import DANGLING, WRITE_PROBE, RunDir, not_a_folder, outside_runs, read_only, special
 from loopformer.runs.read import read_config_dict
 
 
@@ -139,7 +139,9 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
     for path, folder in ((layout.checkpoints, True), (layout.tb, True), (layout.metrics, False),
                          (layout.changes, False), (layout.tokenizer, False), (layout.final_sweep, False)):
         # each would fail as a traceback where the trainer writes it, and a FIFO would block it forever
-        kind = ("a file" if path.exists() and not path.is_dir() else None) if folder else special(path)
+        # (a dangling link where a folder goes made its mkdir a FileExistsError traceback: #27 pass 25)
+        kind = ("a file" if path.exists() and not path.is_dir() else
+                DANGLING if path.is_symlink() and not path.exists() else None) if folder else special(path)
         if kind:
             raise CheckpointError(f"{path} is {kind}, where the run keeps its {path.name} "
                                   f"(a {'folder' if folder else 'file'}); move it aside, or pick a new run.name")

@@ -18,7 +18,7 @@ from loopformer.config.load import DuplicateKey, UniqueKeyLoader
 from loopformer.data.sources import DataSource, build_data
 from loopformer.errors import AnalysisError, CheckpointError
 from loopformer.model.plan import resolve_loops
-from loopformer.runs.layout import OLDER_LAYOUT, RunDir, special
+from loopformer.runs.layout import OLDER_LAYOUT, RunDir, not_a_file, special
 
 
 def _older_layout(data: Any) -> bool:
@@ -57,8 +57,37 @@ def _enclosing_run(path: Path) -> Path | None:
                 None)
 
 
+def relative_corpus_paths(cfg: Config) -> list[tuple[str, str]]:
+    """The corpus paths of ``cfg`` that are relative (not ``asset:`` names, not absolute, not ``~/...``), each with
+    its setting (``data.paths``, ``data.mixture.N.paths``): the file each names depends on the current directory."""
+    from loopformer.data.text import ASSET_PREFIX
+
+    def relative(p: str) -> bool:
+        return bool(p.strip()) and not p.startswith(ASSET_PREFIX) and not Path(p).expanduser().is_absolute()
+
+    found = [("data.paths", p) for p in cfg.data.paths if relative(p)]
+    for i, entry in enumerate(cfg.data.mixture):
+        found += [(f"data.mixture.{i}.paths", p) for p in entry.paths if relative(p)]
+    return found
+
+
+def refuse_relative_corpus(cfg: Config, path: Path) -> None:
+    """CheckpointError naming the first relative corpus path of a run's config ``path``: a run trained before its
+    corpus paths were kept absolute (#27 pass 24) holds them as given, relative to a directory it does not record,
+    and was read from the current directory: another directory's file of that name, with no word (pass 24's
+    leftover). Which directory was meant is not known here, so the user says it, once, in the file."""
+    relative = relative_corpus_paths(cfg)
+    if relative:
+        key, entry = relative[0]
+        raise CheckpointError(f"{path}: {key} holds {entry!r}, a path relative to the directory the run was trained "
+                              f"from, which the run does not record (a run trained before 0.4 kept paths as given); "
+                              f"edit it to the corpus's absolute path (e.g. {Path(entry).absolute()} if that was "
+                              f"the current directory)")
+
+
 def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved config of an existing run (for the analysis commands)."""
+    """The resolved config of an existing run (for the analysis commands); CheckpointError for a relative corpus path
+    (`refuse_relative_corpus`)."""
     run_dir = Path(run_dir)
     path = RunDir(run_dir).config
     kind = special(path)
@@ -69,7 +98,9 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise CheckpointError(f"no run at {run_dir}: {path} is missing (" + (
             f"{run_dir} lies inside the run {outer}: point --run at it)" if outer else
             "train first, or point --run at a directory made by `loopformer train`)"))
-    return config_from_dict(read_config_dict(path, run_dir))
+    cfg = config_from_dict(read_config_dict(path, run_dir))
+    refuse_relative_corpus(cfg, path)
+    return cfg
 
 
 @dataclass
@@ -132,10 +163,9 @@ def read_run(path: str | Path) -> RunInfo:
         raise AnalysisError("--run '': name a run directory made by `loopformer train`, e.g. runs/quickstart")
     path = Path(path)
     if not os.path.isdir(path):  # (Path.is_dir raises on a name too long for the filesystem)
-        what = ("a symlink that leads nowhere (or in a loop)" if os.path.islink(path) else
-                "a file, not a directory" if os.path.exists(path) else "no such directory")  # (a file was "no such")
+        what = not_a_file(path) or "is a file, not a folder"  # (a file was "no such directory")
         outer = _enclosing_run(path) if os.path.exists(path) else None
-        raise AnalysisError(f"--run {path}: {what} (point --run at " + (f"the run that holds it, {outer})" if outer else
+        raise AnalysisError(f"--run {path} {what} (point --run at " + (f"the run that holds it, {outer})" if outer else
                             "a directory made by `loopformer train`, e.g. runs/quickstart)"))
     if not os.access(path, os.R_OK | os.X_OK):  # the PermissionError named config.yaml, not the folder
         raise AnalysisError(f"--run {path}: this user may not read the folder; make it readable (chmod -R u+rX "

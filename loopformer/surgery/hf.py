@@ -37,7 +37,7 @@ from loopformer import jsontext
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.model.transformer import build_model
-from loopformer.runs.layout import unreadable
+from loopformer.runs.layout import not_a_file, unreadable
 from loopformer.surgery.naming import fill
 from loopformer.variants.position import ROPE_SCALINGS, RopeScaling
 
@@ -51,10 +51,11 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError("--hf '': name a local Hugging Face model folder (config.json, *.safetensors, "
                               "tokenizer.json)")
     folder = Path(folder)
-    if not folder.is_dir():  # (a file, e.g. the folder's config.json, was "no such directory")
-        what = f"a file, not a directory (point it at the folder that holds it, {folder.parent}" if folder.exists() \
-            else "no such directory (point it at a local Hugging Face model folder"
-        raise CheckpointError(f"--hf {folder}: {what} with config.json, *.safetensors and tokenizer.json)")
+    if not os.path.isdir(folder):  # (a file, e.g. the folder's config.json, and a dangling link were "no such directory")
+        what = not_a_file(folder)  # runs.layout's one wording (#27 pass 25)
+        what = (f"{what} (point it at a local Hugging Face model folder" if what else
+                f"is a file, not a folder (point it at the folder that holds it, {folder.parent}")
+        raise CheckpointError(f"--hf {folder} {what} with config.json, *.safetensors and tokenizer.json)")
     if not os.access(folder, os.R_OK | os.X_OK):  # its files' checks were a PermissionError traceback
         raise CheckpointError(f"--hf {folder}: this user may not read the folder; make it readable (chmod -R u+rX "
                               f"{shlex.quote(str(folder))})")

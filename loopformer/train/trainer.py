@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import shlex
 import shutil
 import time
@@ -32,7 +33,7 @@ from loopformer.data.text import META_FILE
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
 from loopformer.evaluation.tables import format_table, score, score_name
-from loopformer.flops import FlopCounter, peak_flops, peak_override
+from loopformer.flops import PEAK_ENV, FlopCounter, peak_flops, peak_override
 from loopformer.metrics import text_metrics
 from loopformer.model.attend import attention_overflow, memory_bytes, scores_bytes
 from loopformer.model.describe import describe
@@ -370,6 +371,7 @@ class _Loop:
     circuits: list[str]
     result: TrainResult
     defaults: dict[str, int] = field(init=False)
+    mfu_warned: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.defaults = resolve_loops({c.name: c.eval_loops for c in self.cfg.model.circuits()})
@@ -443,11 +445,16 @@ class _Loop:
         if bytes_per_token.get("train"):  # text: at the train eval windows' bytes per token
             scalars["train/bits_per_byte"] = scalars["train/loss"] / bytes_per_token["train"] / math.log(2)
         loops_seen = np.asarray(jax.device_get(window.loops), np.float64).reshape(window.steps, len(self.circuits))
-        peak, _ = peak_flops(cfg.model.compute_dtype)
+        peak, source = peak_flops(cfg.model.compute_dtype)
         # the gate stage runs the LM forward only (no gradient reaches its weights)
         count = self.flop_counter.forward if cfg.train.stage == "gate" else self.flop_counter.train
         step_flops = float(np.sum(count(loops_seen)))
         scalars["train/mfu"] = step_flops * cfg.data.batch_size * seq_len / max(elapsed, 1e-9) / peak
+        if scalars["train/mfu"] > 1 and source == PEAK_ENV and not self.mfu_warned:
+            # past 100 % only a peak given below the device's own can give (a measured one varies with the load)
+            self.mfu_warned = True
+            log(f"warning: train/mfu is {scalars['train/mfu']:.3g} (past 100 %): {PEAK_ENV}={os.environ[PEAK_ENV]} "
+                f"is below what this device does; give its peak per device in FLOP/s, or unset it")
         return scalars
 
     def evaluate(self, state: State, step: int) -> None:

@@ -78,7 +78,8 @@ class ExitRule:
         """``latent_diff:0.01``, ``kl:5e-4,min=2``, ``learned:q=0.5,every=2``; PlanError naming the forms."""
         forms = ", ".join(EXITS.get(n).form() for n in EXITS.names())
         forms = f"{forms}, optionally followed by ,min=N and ,every=K"
-        m = re.fullmatch(r"\s*(\w+)\s*:\s*(?:(\w+)\s*=\s*)?([-+\d.eE]+)\s*((?:,\s*\w+\s*=\s*\d+\s*)*)", text or "")
+        # the threshold as any word, so that nan, inf or a typo is named as a number (they were "not one of" the forms)
+        m = re.fullmatch(r"\s*(\w+)\s*:\s*(?:(\w+)\s*=\s*)?([-+\w.]+)\s*((?:,\s*\w+\s*=\s*\d+\s*)*)", text or "")
         if not m or m.group(1) not in EXITS:
             raise PlanError(f"exit rule '{text}' is not one of {forms}")
         cls = EXITS.get(m.group(1))

@@ -38,6 +38,11 @@ CASES = [
     ("adaptive", ["--models", "looped,gate"], "--models looped,gate: give a comma-separated list"),
     ("adaptive", ["--models", "looped,looped"], "--models names looped twice"),
     ("adaptive", ["--models", "looped", "--tasks", "text"], "--tasks text trains none of them, so drop --models"),
+    # #27 pass 25: the text model is one seed scored on its config's val windows: both were accepted and ignored
+    ("adaptive", ["--tasks", "text", "--seeds", "2"], "--tasks text reads none of --seeds (one model, scored on the val "
+     "windows of configs/adaptive/text_ponder.yaml); drop it"),
+    ("adaptive", ["--tasks", "text", "--seeds", "3", "--examples", "64"], "--tasks text reads none of --seeds and "
+     "--examples"),
     ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),
     ("compact", ["--width", "-3"], "--width must be >= 0, got -3"),
@@ -447,3 +452,31 @@ def test_recipe_cost_times_the_changed_config_on_its_own_batches(monkeypatch):
     doc = module.measure("configs/quickstart.yaml", ["data.batch_size=128"], 2, 1)
     assert doc["steps"] == 2 and seen == {"base": {"base-batch0", "base-batch1"},
                                           "changed": {"changed-batch0", "changed-batch1"}}
+
+
+def test_result_documents_are_strict_json(tmp_path, capsys):
+    """#27 pass 25: bench/step_profile.py wrote "ceiling_ms": NaN for a part without matmuls (its committed result
+    held three), which is not JSON (jq, a browser and this project's record readers refuse it); every bench script's
+    document now goes through _common.dumps, where a number that is not finite is null."""
+    import argparse
+    import json
+
+    import numpy as np
+
+    common = script("_common")
+    doc = {"a": float("nan"), "b": [np.float32("inf"), 1.5, (np.float64("-inf"),)], "c": np.int64(3), "d": None}
+    assert common.dumps(doc) == '{"a": null, "b": [null, 1.5, [null]], "c": 3, "d": null}'
+    out = tmp_path / "profile.json"
+    common.emit({"parts": [{"part": "RMSNorm", "ceiling_ms": float("nan")}]}, ["table"], argparse.Namespace(
+        json=True, out=out))
+
+    def strict(token):
+        raise ValueError(token)
+
+    assert json.loads(capsys.readouterr().out, parse_constant=strict)["parts"][0]["ceiling_ms"] is None
+    assert json.loads(out.read_text(), parse_constant=strict)["parts"][0]["ceiling_ms"] is None
+    for path in BENCH.glob("*.py"):  # documents are written by dumps alone (think_longer's overrides are no document)
+        calls = [line for line in path.read_text().splitlines() if "json.dumps(" in line and "data." not in line]
+        assert path.name == "_common.py" or not calls, (path.name, calls)
+    for path in (BENCH / "results").glob("*.json"):
+        json.loads(path.read_text(), parse_constant=strict)

@@ -56,5 +56,5 @@ def test_a_bad_config_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(script), "--config", str(tmp_path / "none.yaml")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: config file not found: {tmp_path / 'none.yaml'} (pass --config with a path to a YAML file, e.g. "
-        f"configs/quickstart.yaml)"]
+        f"error: config file {tmp_path / 'none.yaml'} does not exist; pass --config with a path to a YAML file, e.g. "
+        f"configs/quickstart.yaml"]

@@ -395,6 +395,10 @@ def test_merge_without_depth_pairs_weights_the_summaries_by_seeds():
     (lambda b: b["tasks"]["prefix_parity"].update(rows=[r for r in b["tasks"]["prefix_parity"]["rows"]
                                                         if r["loops"] != 24]),
      "A (seed 0) scores looped on 2x (test) at 24 loops and B (seed 1) does not"),
+    # #27 pass 24's leftover: records of no common task were written as one document of both
+    (lambda b: b.update(tasks={"maze": b["tasks"]["prefix_parity"]}),
+     "A scores prefix_parity and the other records maze: no task in common; --merge joins disjoint seeds of the same "
+     "task"),
 ])
 def test_merge_refuses_records_that_do_not_join(change, message):
     a, b = part([0], 0.8), part([1], 1.0)

@@ -328,10 +328,10 @@ def no_checkpoint_run(run_dir, tmp_path_factory):
     (["generate", "--example-split", "nope"], "no eval split 'nope'"),
     (["eval", "--step", "99"], f"no checkpoint for step 99 in .*: available steps are {STEP}"),
     (["generate", "--prompt", "hello"], "trains on the synthetic task 'pointer_chase'.*use --example-split"),
-    (["eval", "@missing"], "--run .*: no such directory"),
+    (["eval", "@missing"], "--run .* does not exist \\(point --run at"),
     (["ablate", "@untrained"], "no checkpoint in .*untrained/checkpoints: train first"),
     # #27 pass 19: a file was "no such directory", and a run's checkpoints/ "train first"
-    (["inspect", "@config"], r"--run .*/config.yaml: a file, not a directory \(point --run at the run that holds it, "),
+    (["inspect", "@config"], r"--run .*/config.yaml is a file, not a folder \(point --run at the run that holds it, "),
     (["inspect", "@checkpoints"], r"checkpoints/config.yaml is missing \(.*checkpoints lies inside the run .*: point "
                                   r"--run at it\)$"),
 ])
@@ -353,7 +353,7 @@ def test_a_run_that_is_a_symlink_loop_is_named_so(tmp_path, capsys):
     """#27 pass 17: a --run symlink in a loop (or to nothing) was "no such directory": it is there."""
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     assert main(["eval", "--run", str(tmp_path / "loop")]) == 2
-    assert "--run " + str(tmp_path / "loop") + ": a symlink that leads nowhere (or in a loop)" in capsys.readouterr().err
+    assert "--run " + str(tmp_path / "loop") + " is a symlink that leads nowhere (or in a loop)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, flag", [(["train", "-c", "a.yaml", "-c", "b.yaml"], "--config/-c"),
@@ -384,6 +384,20 @@ def test_an_empty_probe_is_refused(text_run_dir, capsys, command):
     assert info.value.code == 2
     assert "argument --probe: expected a probe file (e.g. asset:probes_arithmetic.jsonl), got ''" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "rys"])
+def test_a_probe_file_is_checked_before_the_weights_are_read(text_run_dir, tmp_path, capsys, monkeypatch, command):
+    """#27 pass 25: a --probe file that is missing or malformed (or --probe with --split) was refused after the run's
+    weights were loaded (a "loaded ... at step" line above the error; minutes for a large run)."""
+    for module in ("eval", "rys"):
+        monkeypatch.setattr(f"loopformer.cli.{module}.load_run", lambda *a, **k: pytest.fail("the weights were read"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n')
+    for argv, message in (([str(tmp_path / "none.jsonl")], "does not exist"), ([str(tmp_path / "bad.jsonl")], "bad.jsonl"),
+                          (["asset:probes_arithmetic.jsonl", "--split", "val"], "give either --probe FILE or --split")):
+        assert main([command, "--run", str(text_run_dir), "--probe", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -21,19 +21,19 @@ def test_bad_probe_files_are_one_line(tmp_path, text, message):
 
 
 def test_missing_files_and_assets(tmp_path):
-    with pytest.raises(DataError, match=r"--probe .*nope.jsonl: no such file"):
+    with pytest.raises(DataError, match=r"--probe .*nope.jsonl does not exist \(a JSONL file"):
         read_probes(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match=r"--probe asset:nope.jsonl: no such file"):
+    with pytest.raises(DataError, match=r"--probe asset:nope.jsonl does not exist"):
         read_probes("asset:nope.jsonl")
 
 
 def test_a_folder_or_a_device_is_named_as_such(tmp_path):  # #27 pass 8: both said "no such file"
-    with pytest.raises(DataError, match=r"--probe .*: a directory \(a JSONL file"):
+    with pytest.raises(DataError, match=r"--probe .* is a folder \(a JSONL file"):
         read_probes(tmp_path)
-    with pytest.raises(DataError, match=r"--probe /dev/null: not a regular file"):
+    with pytest.raises(DataError, match=r"--probe /dev/null is a pipe or a device"):
         read_probes("/dev/null")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    with pytest.raises(DataError, match=r"--probe .*loop: a symlink that leads nowhere \(or in a loop\)"):
+    with pytest.raises(DataError, match=r"--probe .*loop is a symlink that leads nowhere \(or in a loop\)"):
         read_probes(tmp_path / "loop")
 
 

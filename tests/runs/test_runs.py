@@ -2,6 +2,7 @@
 its optimizer state."""
 
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -88,6 +89,36 @@ def test_a_run_keeps_its_corpus_paths_absolute(tmp_path, monkeypatch):
     keep = load_config(root / "configs" / "text_bytes.yaml", ["data.paths=['asset:kjv_genesis_exodus.txt', '/x/y.txt']"])
     anchor_paths(keep)
     assert keep.data.paths == ["asset:kjv_genesis_exodus.txt", "/x/y.txt"]
+
+
+def test_a_run_trained_before_with_a_relative_corpus_path_is_named_not_read_from_here(tmp_path, monkeypatch, capsys):
+    """#27 pass 24's leftover: a run trained before its corpus paths were kept absolute holds data.paths=[c.txt] (or a
+    mixture entry's); every command read the c.txt of the current directory, another corpus from another directory,
+    with no word. Its directory is not recorded, so every command that reads the run names the path and the fix, and
+    so does `train -c RUN/config.yaml` (an override of data.paths is the user's own, relative to here)."""
+    from loopformer.cli import main
+    from loopformer.config import load_config
+
+    root = Path(__file__).parents[2]
+    (tmp_path / "c.txt").write_text("\n\n".join(f"alpha beta {i} " * 20 for i in range(40)))
+    monkeypatch.chdir(tmp_path)
+    settings = [f"run.dir={tmp_path / 'runs'}", "run.name=old", "data.paths=[c.txt]", "data.seq_len=16",
+                "model.d_model=16", "model.heads=2", "model.stages.0.circuits.X.width=16",
+                "model.stages.0.circuits.X.heads=2"]
+    run = make_run(load_config(root / "configs" / "text_bytes.yaml", settings))
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(tmp_path / "c.txt"), "c.txt"))  # as an older version wrote it
+    line = (rf"^{re.escape(str(config))}: data.paths holds 'c.txt', a path relative to the directory the run was "
+            rf"trained from, which the run does not record .*; edit it to the corpus's absolute path \(e.g. "
+            rf"{re.escape(str(tmp_path / 'c.txt'))} if that was the current directory\)$")
+    with pytest.raises(CheckpointError, match=line):
+        load_run_config(run)
+    for argv in (["eval", "--run", str(run)], ["inspect", "--run", str(run)], ["train", "-c", str(config)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(line, err[0].removeprefix("error: ")), (argv, err)
+    config.write_text(config.read_text().replace("- c.txt", f"- {tmp_path / 'c.txt'}"))  # the fix the line gives
+    assert load_run_config(run).data.paths == [str(tmp_path / "c.txt")]
 
 
 def test_one_log_to_stderr_and_the_trainer_logs_to_stdout(capsys):
@@ -205,3 +236,47 @@ def test_a_resume_after_a_torn_change_record_keeps_its_own(tmp_path):
                                                              "part": "setting"}]}
     record_changes(tmp_path, 9, [Change("train.steps", 9, 11, "setting")])  # a whole file: no blank line
     assert len(path.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_every_reader_names_what_is_there_in_one_wording(tmp_path):
+    """#27 pass 24's leftover: "a path that is not a file" was worded in five places, five ways ("a directory", "not a
+    regular file", "a pipe or a device, not a file", "no such file", "config file not found"); one helper
+    (runs.layout.not_a_file) now words it for the config loader, --probe, data.paths, --run and the run's own files."""
+    from loopformer.config import load_config
+    from loopformer.data.probes import read_probes
+    from loopformer.data.text import expand_paths
+    from loopformer.errors import LoopformerError
+    from loopformer.runs.layout import not_a_file, special
+    from loopformer.runs.read import read_run
+
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    kinds = {"folder": "is a folder", "fifo": "is a pipe or a device",
+             "link": "is a symlink that leads nowhere (or in a loop)", "missing": "does not exist"}
+    assert not_a_file(tmp_path / "file") is None and special(tmp_path / "missing") is None
+    for name, kind in kinds.items():
+        path = tmp_path / name
+        assert not_a_file(path) == kind
+        assert special(path) == (None if name == "missing" else kind.removeprefix("is "))
+        for read, shown in ((load_config, f"config file {path} {kind}; "), (read_probes, f"--probe {path} {kind} ("),
+                            (read_run, f"--run {path} {kind} (" if name != "folder" else None),
+                            (lambda p: expand_paths([str(p)]),
+                             f"data.paths: '{path}' {kind}; " if name in ("fifo", "link") else None)):
+            if shown is None:  # a folder is what --run wants, and a corpus's files; a missing corpus path is a glob's
+                continue
+            with pytest.raises(LoopformerError) as info:
+                read(path)
+            assert shown in str(info.value), (name, str(info.value))
+    with pytest.raises(LoopformerError, match=rf"^--run {tmp_path / 'file'} is a file, not a folder \(point --run"):
+        read_run(tmp_path / "file")
+
+
+def test_a_run_config_that_is_a_dangling_symlink_is_named_so(tmp_path):
+    """#27 pass 25: a run whose config.yaml is a symlink to nothing was "config.yaml is missing (train first ...)"."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(CheckpointError, match=r"config.yaml is a symlink that leads nowhere \(or in a loop\), not the "
+                                              r"run's config file; put the run's config.yaml back$"):
+        load_run_config(tmp_path)

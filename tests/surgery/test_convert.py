@@ -114,8 +114,11 @@ def test_a_folder_without_weights_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="safetensors"):
         import_folder(tmp_path)
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError, match=r"nope does not exist \(point it at a local Hugging Face model folder"):
         import_folder(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match=r"config.json: a file, not a directory \(point it at the folder that "
+    with pytest.raises(CheckpointError, match=r"config.json is a file, not a folder \(point it at the folder that "
                        r"holds it, "):  # #27 pass 19: it was "no such directory"
         import_folder(tmp_path / "config.json")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # #27 pass 25: it is there; it was "no such directory"
+    with pytest.raises(CheckpointError, match=r"link is a symlink that leads nowhere \(or in a loop\) \(point it at"):
+        import_folder(tmp_path / "link")

@@ -21,6 +21,7 @@ import yaml
 
 from loopformer.config import load_config
 from loopformer.errors import CheckpointError, ConfigError
+from loopformer.flops import peak_flops
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.layout import RunDir
 from loopformer.runs.restore import restore_params
@@ -146,6 +147,22 @@ def test_a_run_file_that_is_a_fifo_is_one_line_before_training(tmp_path, trained
     with pytest.raises(CheckpointError, match=rf"{name} is a pipe or a device, where the run keeps its {name} \(a file"):
         train(trained_config(tmp_path, "fifo", "train.steps=6"))
     assert RunDir(run_dir).checkpoint_steps() == [2, 4]
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config_changes.jsonl", "tb"])
+def test_a_run_file_that_is_a_dangling_symlink_is_one_line_before_training(tmp_path, trained_run, name):
+    """#27 pass 25: a resume where metrics.jsonl was a symlink to nothing rewrote config.yaml, then was a
+    FileNotFoundError traceback from the metrics writer; a dangling tb, a traceback from its mkdir (a dangling link
+    is now named as a FIFO or a folder there is)."""
+    run_dir = copy_run(trained_run, tmp_path, "dangling")
+    path = run_dir / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    path.symlink_to(tmp_path / "gone" / name)
+    config, kind = (run_dir / "config.yaml").read_text(), "folder" if name == "tb" else "file"
+    with pytest.raises(CheckpointError, match=rf"{name} is a symlink that leads nowhere \(or in a loop\), where the run "
+                                              rf"keeps its {name} \(a {kind}\); move it aside"):
+        train(trained_config(tmp_path, "dangling", "train.steps=6"))
+    assert RunDir(run_dir).checkpoint_steps() == [2, 4] and (run_dir / "config.yaml").read_text() == config
 
 
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
@@ -652,6 +669,38 @@ def test_a_bad_peak_flops_setting_is_refused_before_the_run_is_written(value, tm
                                           r"number of FLOP/s per device > 0"):
         train(tiny_config(tmp_path, "peak"))
     assert not (tmp_path / "peak").exists()
+
+
+@pytest.mark.parametrize("value", ["1e-320", "989", "5e5"])
+def test_a_peak_flops_below_any_device_is_refused_before_the_run_is_written(value, tmp_path, monkeypatch):
+    """#27 pass 24's leftover: LOOPFORMER_PEAK_FLOPS=1e-320 is a finite number > 0, and the MFU it gave was infinite,
+    written to metrics.jsonl as `Infinity` (not JSON); 989 (TFLOP/s meant) gave an MFU of thousands."""
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", value)
+    with pytest.raises(ConfigError, match=rf"^environment variable LOOPFORMER_PEAK_FLOPS='{value}' is below 1e\+06 "
+                                          r"FLOP/s per device, slower than any device \(it is in FLOP/s, not TFLOP/s"):
+        train(tiny_config(tmp_path, "peak"))
+    assert not (tmp_path / "peak").exists()
+
+
+def test_an_mfu_past_100_percent_is_finite_json_and_warned_once(tmp_path, monkeypatch, capsys):
+    """#27 pass 24's leftover: a peak below the device's own (but above the floor) gives an MFU past 1; each record of
+    metrics.jsonl stays strict JSON, and the trainer says once that the peak is too low."""
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", "1e6")
+    peak_flops.cache_clear()
+    try:
+        train(tiny_config(tmp_path, "mfu", "train.steps=2", "train.log_every=1", "train.eval_every=0",
+                          "eval.sweep_loops=[]"))
+    finally:
+        peak_flops.cache_clear()
+
+    def strict(token):
+        raise ValueError(token)
+
+    lines = (tmp_path / "mfu" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["train/mfu"]) for r in records)
+    out = capsys.readouterr().out
+    assert out.count("warning: train/mfu is") == 1 and "LOOPFORMER_PEAK_FLOPS=1e6 is below what this device does" in out
 
 
 @pytest.mark.parametrize("part", ["checkpoints", "checkpoints/4", "tb", "metrics.jsonl", "config.yaml",
