@@ -222,16 +222,12 @@ class LoopedTransformer(nnx.Module):
         if self.place_window:
             raise DecodingError(f"decoding with a cache does not keep the digit places of earlier tokens, which "
                                 f"model.place_window={self.place_window} compares")  # the command line adds the fix
-        reading = [n for n, r in plan.exits.items() if r.needs_readout]
-        if reading:
-            raise DecodingError(f"decoding with a cache cannot run the exit rule {plan.exits[reading[0]].kind} of "
-                                f"circuit {reading[0]}: it reads the output through the layers after the circuit, whose "
-                                f"cache holds earlier tokens at their final iteration, not at each of its iterations")
-        waiting = [n for n, r in plan.exits.items() if r.reads_earlier]
-        if waiting:
-            raise DecodingError(f"decoding with a cache cannot run the exit rule {plan.exits[waiting[0]].kind} of "
-                                f"circuit {waiting[0]}: a token waits for the tokens before it, and the cache does not "
-                                f"keep the iteration at which each earlier token stopped")
+        # the rules that read the output first, as the refusals were ordered before `ExitRule.uncached` held them
+        refused = sorted((n for n, r in plan.exits.items() if r.uncached), key=lambda n: not plan.exits[n].needs_readout)
+        if refused:
+            rule = plan.exits[refused[0]]
+            raise DecodingError(f"decoding with a cache cannot run the exit rule {rule.kind} of circuit {refused[0]}: "
+                                f"{rule.uncached}")
         if any(stage.routed for stage in self.stages):
             raise DecodingError("decoding with a cache does not run routed banks (a token's iterations move between "
                                 "circuits, so no iteration owns a cache slot)")

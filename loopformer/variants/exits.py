@@ -68,6 +68,7 @@ class ExitRule:
     needs_readout: ClassVar[bool] = False  # reads the model's output distribution after every iteration
     needs_head: ClassVar[bool] = False  # reads the circuit's halting head
     reads_earlier: ClassVar[bool] = False  # a token's stop depends on the states of the tokens before it
+    uncached: ClassVar[str] = ""  # why cached decoding cannot run the rule ("" when it can; `check_decoding`)
     prefix: ClassVar[str] = ""  # written before the threshold: KIND:PREFIX VALUE (learned:q=0.5)
     placeholder: ClassVar[str] = "EPS"
     at_most_one: ClassVar[bool] = False  # threshold in (0, 1]
@@ -204,6 +205,8 @@ class _OutputChange(ExitRule):
     """Rules on the next-token distribution read out after every iteration."""
 
     needs_readout = True
+    uncached = ("it reads the output through the layers after the circuit, whose cache holds earlier tokens at their "
+                "final iteration, not at each of its iterations")
 
     def change(self, logits: Array, prev: Array) -> Array:
         raise NotImplementedError
@@ -297,6 +300,8 @@ class ContextDiff(ExitRule):
     recompute path run it."""
 
     reads_earlier = True
+    uncached = "a token waits for the tokens before it, and the cache does not keep the iteration at which each " \
+               "earlier token stopped"
 
     def stop(self, probe: Probe, i: Array, h_prev: Array, h: Array, active: Array, state: Any) -> tuple[Array, Any]:
         settled = latent_change(h_prev, h) < self.threshold  # [..., T]
