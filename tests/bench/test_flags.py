@@ -37,7 +37,8 @@ CASES = [
                                           "includes looped"),
     ("adaptive", ["--models", "looped,gate"], "--models looped,gate: give a comma-separated list"),
     ("adaptive", ["--models", "looped,looped"], "--models names looped twice"),
-    ("adaptive", ["--models", "looped", "--tasks", "text"], "--tasks text trains none of them, so drop --models"),
+    ("adaptive", ["--models", "looped", "--tasks", "text"], "--tasks text reads none of --models (one model, scored on "
+     "the val windows of configs/adaptive/text_ponder.yaml); drop it"),
     # #27 pass 25: the text model is one seed scored on its config's val windows: both were accepted and ignored
     ("adaptive", ["--tasks", "text", "--seeds", "2"], "--tasks text reads none of --seeds (one model, scored on the val "
      "windows of configs/adaptive/text_ponder.yaml); drop it"),
