@@ -41,6 +41,10 @@ buffers loosely (both declared with the rule, before either ran). ``--models`` (
 date) scores a subset of the three models (the looped model always: the best fixed count is its), for a rescoring
 of new policies that leaves the trained variants' earlier rows standing; the JSON records which (``models``).
 
+``--tasks prefix_parity_settle`` (declared 2026-12-06 18:16 UTC, before its first run): think_longer's setting of that
+name, the parity recipe with the settling loss (``train.settle``), scored as prefix_parity is; its halting and router
+variants would train without the loss (``--models looped`` scores its looped model alone).
+
 Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
 token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
 (`loopformer.flops`: the forward outside the loops, the executed iterations, for kl / entropy_diff
@@ -104,7 +108,8 @@ think_longer = importlib.util.module_from_spec(_spec)
 sys.modules["think_longer"] = think_longer
 _spec.loader.exec_module(think_longer)
 
-TASKS = {"prefix_parity": "parity", "maze3": "maze3"}  # think_longer setting -> configs/adaptive/<name>_*.yaml
+# think_longer setting -> configs/adaptive/<name>_*.yaml
+TASKS = {"prefix_parity": "parity", "maze3": "maze3", "prefix_parity_settle": "parity"}
 EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4), "kl": (1e-3, 1e-4, 1e-5),
          "entropy_diff": (1e-3, 1e-4, 1e-5), "context_diff": (0.01, 0.003, 0.001, 3e-4, 1e-4)}
 MODELS = ("looped", "halting", "router")

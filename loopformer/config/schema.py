@@ -783,8 +783,15 @@ class TrainConfig:
     # of the last W iterations of one circuit (n, n - 1, ..., n - W + 1; W <= its backprop, so each carries
     # gradient), so the answer is asked for before the last iteration and must stay right after it.
     iteration_loss: int = 0  # W; 0 = off (1: exactly the plain loss)
-    # the circuit it reads; empty: the one circuit whose training count varies (or the one that loops)
+    # the circuit it reads (and train.settle); empty: the one circuit whose training count varies (or the one that loops)
     iteration_loss_circuit: str = ""
+    # Settling loss (after Anil et al. 2022's path independence and Bai et al. 2021's fixed-point regularity): a
+    # second forward pass runs that circuit settle_loops times (gradient through its last iterations, as in
+    # training) and adds SETTLE * the mean over the real tokens of ||h_N - h_{N-1}||^2 / ||h_N||^2, the squared
+    # relative change of its state over iteration N (what exit rules latent_diff and context_diff test), so that
+    # the loop comes to rest past the counts it trains at instead of drifting or cycling there.
+    settle: float = 0.0  # the weight; 0 = off
+    settle_loops: int = 0  # N; 0: twice the circuit's largest training count
     # all: every parameter trains on the model's objective | gate: Ouro's stage II, only the halting head
     # trains (on the per-step loss improvement, halting.gate_k / gate_gamma), every other parameter frozen
     stage: str = "all"
@@ -819,6 +826,13 @@ class TrainConfig:
         _check(isinstance(t.iteration_loss, int) and not isinstance(t.iteration_loss, bool) and t.iteration_loss >= 0,
                f"train.iteration_loss (iterations whose loss is averaged, W) must be an integer >= 0 (0: off), "
                f"got {t.iteration_loss!r}")
+        _check(0 <= t.settle < math.inf, f"train.settle (the weight of the settling loss) must be a finite number >= 0 "
+               f"(0: off), e.g. train.settle=10; got {t.settle}")
+        _check_f32(t.settle, "train.settle")
+        _check(isinstance(t.settle_loops, int) and not isinstance(t.settle_loops, bool)
+               and (t.settle_loops == 0 or 2 <= t.settle_loops <= MAX_LOOPS),
+               f"train.settle_loops (the count at which the settling loss is read) must be an integer in 2..{MAX_LOOPS} "
+               f"or 0 (twice the circuit's largest training count), got {t.settle_loops!r}")
         _check(t.stage in TRAIN_STAGES, f"train.stage must be one of {', '.join(TRAIN_STAGES)}, got {t.stage!r}")
 
 
@@ -953,37 +967,63 @@ class Config:
 
     def iteration_window(self) -> tuple[str, int] | None:
         """(circuit, W) of the loss at each of the last W iterations (train.iteration_loss), or None when off.
-        The circuit is train.iteration_loss_circuit, or the one whose training count varies, or the one that
-        loops (ConfigError when that is not exactly one)."""
+        The circuit is `_iterated_circuit`."""
         W = self.train.iteration_loss
-        if not W:
-            return None
+        return None if not W else (self._iterated_circuit("train.iteration_loss"), W)
+
+    def settle_term(self) -> tuple[str, int, float] | None:
+        """(circuit, N, weight) of the settling loss (train.settle, train.settle_loops), or None when off. The
+        circuit is `_iterated_circuit`."""
+        t = self.train
+        return None if not t.settle else (self._iterated_circuit("train.settle"), t.settle_loops, t.settle)
+
+    def _iterated_circuit(self, field: str) -> str:
+        """The circuit whose iterations ``field`` reads: train.iteration_loss_circuit, or the one whose training
+        count varies, or the one that loops (ConfigError when that is not exactly one)."""
         if self.train.iteration_loss_circuit:
-            return self.train.iteration_loss_circuit, W
+            return self.train.iteration_loss_circuit
         names = self._looping_circuits()
-        _check(len(names) == 1, f"train.iteration_loss: it reads one circuit's iterations, and "
+        _check(len(names) == 1, f"{field}: it reads one circuit's iterations, and "
                f"{'no circuit loops' if not names else 'circuits ' + ', '.join(names) + ' all loop'}; "
-               + ("set train.iteration_loss=0" if not names else f"name one: train.iteration_loss_circuit={names[0]}"))
-        return names[0], W
+               + (f"set {field}=0" if not names else f"name one: train.iteration_loss_circuit={names[0]}"))
+        return names[0]
+
+    def _iterations_read_why(self) -> str:
+        """Why no term may read a circuit's last iterations (it has its own loss over them), or ""."""
+        return ("a circuit has a halting head" if self.model.halting_circuit() is not None else
+                "a stage has a router" if any(s.router.routes for s in self.model.stages) else
+                "data.mixture routes gradients" if self.data.routed else
+                "train.progressive is on" if self.train.progressive else
+                "train.stage=gate" if self.train.stage == "gate" else "")
 
     def _validate_iteration_loss(self) -> None:
-        if not self.train.iteration_loss:  # (the circuit may stay named: train.iteration_loss=0 turns it off)
-            return
+        """train.iteration_loss and train.settle: the circuit they read, and the iterations with gradient."""
         names = [c.name for c in self.model.circuits()]
         name = self.train.iteration_loss_circuit
+        on = [f for f in ("iteration_loss", "settle") if getattr(self.train, f)]
+        if not on:  # (the circuit may stay named: both terms off)
+            return
         _check(not name or name in names, f"train.iteration_loss_circuit: '{name}' is not a circuit; circuits are "
-               f"{', '.join(names) or 'none'}; name one, or turn the loss off with train.iteration_loss=0")
-        name, W = self.iteration_window()
-        k = self.model.circuit(name).backprop
-        _check(k >= W, f"train.iteration_loss={W}: the window must lie in circuit {name}'s iterations with gradient "
-               f"(its backprop, {k}); use train.iteration_loss<={k} or raise its backprop")
-        why = ("a circuit has a halting head" if self.model.halting_circuit() is not None else
-               "a stage has a router" if any(s.router.routes for s in self.model.stages) else
-               "data.mixture routes gradients" if self.data.routed else
-               "train.progressive is on" if self.train.progressive else
-               "train.stage=gate" if self.train.stage == "gate" else "")
-        _check(not why, f"train.iteration_loss reads the logits after each of the last iterations, but {why} (it has "
-               f"its own loss over the iterations); set train.iteration_loss=0")
+               f"{', '.join(names) or 'none'}; name one, or turn " + " and ".join(f"train.{f}=0" for f in on))
+        if self.train.iteration_loss:
+            name, W = self.iteration_window()
+            k = self.model.circuit(name).backprop
+            _check(k >= W, f"train.iteration_loss={W}: the window must lie in circuit {name}'s iterations with gradient "
+                   f"(its backprop, {k}); use train.iteration_loss<={k} or raise its backprop")
+            why = self._iterations_read_why()
+            _check(not why, f"train.iteration_loss reads the logits after each of the last iterations, but {why} (it "
+                   f"has its own loss over the iterations); set train.iteration_loss=0")
+        if self.train.settle:
+            name, N, _ = self.settle_term()
+            k = self.model.circuit(name).backprop
+            _check(N >= 2, f"train.settle={self.train.settle} needs train.settle_loops, the count at which circuit "
+                   f"{name}'s state must be at rest, e.g. twice its max_loops "
+                   f"(train.settle_loops={2 * self.model.circuit(name).max_loops})")
+            _check(k >= 2, f"train.settle compares circuit {name}'s last two iterations, which need gradient (its "
+                   f"backprop is {k}); raise {name}'s backprop to 2 or more")
+            why = self._iterations_read_why()
+            _check(not why, f"train.settle reads the states of the last iterations, but {why} (it has its own loss "
+                   f"over the iterations); set train.settle=0")
 
     def _validate_per_difficulty(self) -> None:
         """per_difficulty loops read each example's difficulty: a synthetic task, and max_loops reaching the

@@ -43,7 +43,7 @@ from loopformer.model.loop import Until, iterate, iterate_traced, iterate_until,
 from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
 from loopformer.variants.cache import CachePolicy
-from loopformer.variants.exits import ExitRule, exit_rule
+from loopformer.variants.exits import ExitRule, exit_rule, latent_change_sq
 from loopformer.variants.halting import Halting
 from loopformer.variants.state import INITS, INJECTIONS
 
@@ -84,7 +84,8 @@ class CircuitOut(NamedTuple):
     ``trace`` [trace_len, 3]; ``used`` [B, T] iterations per token; with a halting head and a stash,
     ``steps`` [L, B, T, O] the write of every iteration, ``exit_p`` [L, B, T] and the head's
     ``exit_lambda`` [L, B, T], ``ponder`` [B, T] (ACT); with a window of W (`CircuitPlan.window`), ``steps``
-    [W, B, T, O] the writes of iterations n, n - 1, ..., n - W + 1;
+    [W, B, T, O] the writes of iterations n, n - 1, ..., n - W + 1 and (W >= 2) ``settle`` [B, T] the squared relative
+    change of the state over iteration n, ||h_n - h_{n-1}||^2 / ||h_n||^2 (0 where n < 2; with gradient);
     when decoding, ``cache`` its keys and values with the chunk stored and ``state`` [B, t, w] the final
     states; in inference, ``computed`` [] the token-iterations its blocks executed (masked: every token of
     the batch at every iteration the loop ran; compacted: the gathered buffer's size at each; when decoding,
@@ -103,6 +104,7 @@ class CircuitOut(NamedTuple):
     computed: Array | None = None
     exit_lambda: Array | None = None
     scored: Array | None = None
+    settle: Array | None = None
 
 
 # Compacted inference (in buffers of `Plan.compact_shares`) by default only in batches of at least this many tokens:
@@ -240,9 +242,10 @@ class Circuit(nnx.Module):
         if run.exit is None and run.stash and self.halting.has_head:  # training a halting circuit
             return self._stashed(step, consts, h0, n, run.backprop, run.stash)
         if run.exit is None and run.window:  # training with a loss after each of the last W iterations
-            h, states, _ = iterate_window(step, consts, h0, n, run.backprop, run.window, bound=run.bound)
+            h, states, valid = iterate_window(step, consts, h0, n, run.backprop, run.window, bound=run.bound)
+            settle = None if run.window < 2 else jnp.where(valid[1], latent_change_sq(states[1], states[0]), 0.0)
             return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32),
-                              steps=self.emit(states, e))
+                              steps=self.emit(states, e), settle=settle)
         if run.exit is None and run.backprop:
             if self.halting.mixes_output:
                 raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
@@ -565,7 +568,7 @@ class Bank(nnx.Module):
 
     def _report(self, name: str, res: CircuitOut, contrib: Array, ctx: Context, plan: Plan) -> CircuitReport:
         return CircuitReport(trace=res.trace, used=res.used, exit_p=res.exit_p, ponder=res.ponder, computed=res.computed,
-                             exit_lambda=res.exit_lambda, scored=res.scored,
+                             exit_lambda=res.exit_lambda, scored=res.scored, settle=res.settle,
                              mean_out=_mean_over(contrib, ctx.valid_BT) if plan.collect_means else None,
                              write_norm=_write_norm(res.out, plan.gates[name]) if plan.collect_norms else None)
 

@@ -152,7 +152,7 @@ class CircuitPlan:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["trace", "mean_out", "used", "exit_p", "ponder", "write_norm", "computed",
-                                "exit_lambda", "scored"],
+                                "exit_lambda", "scored", "settle"],
                    meta_fields=[])
 @dataclass(frozen=True)
 class CircuitReport:
@@ -163,7 +163,9 @@ class CircuitReport:
     lambda_t and ``ponder`` [B, T] ACT's N + R;
     ``write_norm`` [B, T] ||g_c * out_c|| at each token when the plan collects norms (its on-indicator);
     ``computed`` [] in inference, the token-iterations its blocks executed over the batch (padding included;
-    `CircuitOut.computed`); ``scored`` [] in inference of a routed bank, the token-rounds its router scored."""
+    `CircuitOut.computed`); ``scored`` [] in inference of a routed bank, the token-rounds its router scored;
+    ``settle`` [B, T] in training with a window of 2 or more, its state's squared relative change over its last
+    iteration (`CircuitOut.settle`)."""
 
     trace: Array | None = None
     mean_out: Array | None = None
@@ -174,6 +176,7 @@ class CircuitReport:
     computed: Array | None = None
     exit_lambda: Array | None = None
     scored: Array | None = None
+    settle: Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits", "aux_loss", "step_logits"],

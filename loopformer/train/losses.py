@@ -29,13 +29,13 @@ def halting_terms(diag: Diagnostics, name: str, rule: Halting, batch: dict[str, 
     return rule.loss(report.exit_p, report.used, report.ponder, diag.step_logits, batch, n, *progress, scale)
 
 
-def iteration_terms(diag: Diagnostics, batch: dict[str, Array], n: Array, scale: Array | float
+def iteration_terms(diag: Diagnostics, batch: dict[str, Array], n: Array, scale: Array | float, W: int | None = None
                     ) -> tuple[Array, dict[str, Array]]:
     """(the loss at each of a circuit's last W iterations, sums for logging): per answer token, the mean CE of
-    the logits after iterations n, n - 1, ..., n - W + 1 (``diag.step_logits`` [W, B, T, V], row j after
-    iteration n - j) over the rows with n - j >= 1; summed over the answer tokens times ``scale``. ``n`` is
-    the circuit's count, int32 [] or per token [B, T]. With W = 1 it is the plain CE."""
-    logits = diag.step_logits
+    the logits after iterations n, n - 1, ..., n - W + 1 (``diag.step_logits`` [>= W, B, T, V], row j after
+    iteration n - j; W None: all its rows) over the rows with n - j >= 1; summed over the answer tokens times
+    ``scale``. ``n`` is the circuit's count, int32 [] or per token [B, T]. With W = 1 it is the plain CE."""
+    logits = diag.step_logits[:W]
     W = logits.shape[0]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"][None])  # [W, B, T]
     j = jnp.arange(W).reshape((W,) + (1,) * (ce.ndim - 1))
@@ -43,6 +43,19 @@ def iteration_terms(diag: Diagnostics, batch: dict[str, Array], n: Array, scale:
     per_token = jnp.sum(ce * valid, axis=0) / jnp.maximum(jnp.sum(jnp.broadcast_to(valid, ce.shape), axis=0), 1.0)
     total = jnp.sum(per_token * batch["mask"].astype(ce.dtype))
     return total * scale, {"iteration_loss": total * scale}
+
+
+def settle_terms(diag: Diagnostics, name: str, batch: dict[str, Array], weight: float, micro_batches: int
+                 ) -> tuple[Array, dict[str, Array]]:
+    """(the settling loss, sums for logging): ``weight`` times the mean over the micro-batch's real tokens
+    (``segment_ids`` > 0; all without them) of circuit ``name``'s ||h_n - h_{n-1}||^2 / ||h_n||^2
+    (``diag.circuits[name].settle`` [B, T]), divided by ``micro_batches`` so that their terms add up to the
+    mean over the batch's micro-batches. Unlike the CE it reads every real token, prompt included: an exit rule
+    that waits for what a token reads (context_diff) waits for the prompt's states too."""
+    change = diag.circuits[name].settle
+    real = (batch["segment_ids"] > 0 if "segment_ids" in batch else jnp.ones(change.shape, bool)).astype(change.dtype)
+    mean = jnp.sum(change * real) / jnp.maximum(jnp.sum(real), 1.0) / micro_batches
+    return weight * mean, {"settle": mean}
 
 
 def gate_terms(diag: Diagnostics, name: str, rule: Halting, batch: dict[str, Array], n: Array,

@@ -28,7 +28,7 @@ from loopformer.metrics import answer_sums
 from loopformer.model.loop import sample_loops
 from loopformer.model.plan import Plan, make_plan
 from loopformer.model.transformer import forward_batch
-from loopformer.train.losses import gate_leaves, gate_terms, halting_terms, iteration_terms
+from loopformer.train.losses import gate_leaves, gate_terms, halting_terms, iteration_terms, settle_terms
 from loopformer.train.optim import learning_rate_schedule
 from loopformer.train.routing import Routing, freeze, routed_grads
 
@@ -62,6 +62,7 @@ class StepSettings:
     ema: float = 0.0  # decay of the EMA weights (train.ema; 0: off): the state's "ema" follows the params
     stage: str = "all"  # train.stage: "gate" trains only the halting head, on Ouro's stage II objective
     iteration_loss: tuple[str, int] | None = None  # (circuit, W): the loss at each of its last W iterations
+    settle: tuple[str, int, float] | None = None  # (circuit, N, weight): the settling loss at count N (train.settle)
 
     @classmethod
     def of(cls, cfg: Config) -> StepSettings:
@@ -69,7 +70,7 @@ class StepSettings:
         return cls(cfg.model, learning_rate_schedule(cfg.train), cfg.seed, cfg.train.grad_accum, cfg.train.steps,
                    Routing.of(cfg), progressive=cfg.train.progressive,
                    progressive_circuits=tuple(cfg.progressive_circuits()), ema=cfg.train.ema, stage=cfg.train.stage,
-                   iteration_loss=cfg.iteration_window())
+                   iteration_loss=cfg.iteration_window(), settle=cfg.settle_term())
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,22 @@ def progressive_plan(plan: Plan, circuits: tuple[str, ...], key: Array) -> Plan:
     return dataclasses.replace(plan, loops=loops, grads=grads)
 
 
+def settle_plan(plan: Plan, name: str, count: int) -> Plan:
+    """The settling loss's pass (train.settle): ``plan`` with circuit ``name`` at the one count ``count`` for
+    every token (not the step's counts: per difficulty, or sampled), keeping its last two states (a window of
+    2, within its truncation depth: gradient through its last iterations, the earlier ones run without)."""
+    return dataclasses.replace(plan, loops={**plan.loops, name: jnp.asarray(count, jnp.int32)}, windows=((name, 2),),
+                               by_difficulty=tuple(d for d in plan.by_difficulty if d[0] != name))
+
+
 @dataclass(frozen=True)
 class _Objective:
     """One step's objective on a micro-batch: the answer tokens' cross-entropy normalised by the answer
     tokens of the *whole* batch (so micro-batch gradients add up to the full-batch mean's exactly),
     plus the halting circuit's and the routers' terms; with the plan's window (train.iteration_loss), the
-    CE averaged over the circuit's last W iterations instead."""
+    CE averaged over the circuit's last W iterations instead; with ``settle`` (circuit, N, weight), plus the
+    weight times the mean squared change of that circuit's state over iteration N of a second pass
+    (`settle_plan`)."""
 
     graphdef: nnx.GraphDef
     plan: Plan
@@ -140,6 +151,7 @@ class _Objective:
     grad_accum: int
     progressive: tuple[float, tuple[str, ...], Array | None] = (0.0, (), None)  # (alpha, circuits, key)
     gate: Any = None  # train.stage=gate: the halting head's leaves (`gate_leaves`); the rest get no gradient
+    settle: tuple[str, int, float] | None = None  # (circuit, N, weight): train.settle
 
     def loss(self, p: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
         """(the objective, sums for the metrics). With the progressive loss, the objective is
@@ -162,6 +174,11 @@ class _Objective:
         for name, _ in plan.windows:  # the metrics' loss stays the final iteration's
             objective, logs = iteration_terms(diag, mb, plan.loops[name], 1.0 / total_tokens)
             sums = sums | logs
+        if self.settle is not None:
+            name, count, weight = self.settle
+            far = forward_batch(model, mb, settle_plan(self.plan, name, count))[1]
+            term, logs = settle_terms(far, name, mb, weight, self.grad_accum)
+            objective, sums = objective + term, sums | logs
         if self.gate is not None:
             term, logs = gate_terms(diag, halting.name, halting.halting.rule(), mb, plan.loops[halting.name],
                                     1.0 / total_tokens)
@@ -248,7 +265,7 @@ def _metrics(sums: dict[str, Array], grads: Any, updates: Any, loops: dict[str, 
     if objective_terms:
         metrics["objective"], metrics["aux_loss"] = sums["objective"], sums["aux_loss"]
     metrics.update({f"halting/{k[8:]}": v / tokens for k, v in sums.items() if k.startswith("halting_")})
-    for key in ("progressive_loss", "iteration_loss"):
+    for key in ("progressive_loss", "iteration_loss", "settle"):
         if key in sums:
             metrics[key] = sums[key]
     metrics.update({f"loops/{n}": v for n, v in loops.items()})
@@ -290,11 +307,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
                        jax.random.fold_in(jax.random.fold_in(jax.random.key(PROGRESSIVE_KEY), settings.seed), step))
         gate = gate_leaves(state["params"], halting.name) if settings.stage == "gate" else None
         objective = _Objective(graphdef, plan, halting, (step, settings.total_steps), total_tokens,
-                               settings.grad_accum, progressive, gate)
+                               settings.grad_accum, progressive, gate, settings.settle)
         grads, sums = _gradients(objective, state["params"], micro, settings.routing, state_shardings)
         new_state, updates = _update(tx, state, grads, settings.routing, settings.ema, gate)
         metrics = _metrics(sums, grads, updates, loops, settings.lr_schedule(step),
-                           halting is not None or bool(loop_plan.bound) or bool(loop_plan.windows))
+                           halting is not None or bool(loop_plan.bound) or bool(loop_plan.windows)
+                           or settings.settle is not None)
         return new_state, metrics
 
     if state_shardings is None:

@@ -184,6 +184,13 @@ def latent_change(h_prev: Array, h: Array) -> Array:
     return jnp.linalg.norm(h - h_prev, axis=-1) / jnp.maximum(jnp.linalg.norm(h, axis=-1), 1e-12)
 
 
+def latent_change_sq(h_prev: Array, h: Array) -> Array:
+    """[...]: ||h - h_prev||^2 / ||h||^2 per token, in float32: `latent_change` squared, which has a gradient
+    where the state does not change (the settling loss, train.settle)."""
+    h, h_prev = h.astype(jnp.float32), h_prev.astype(jnp.float32)
+    return jnp.sum(jnp.square(h - h_prev), axis=-1) / jnp.maximum(jnp.sum(jnp.square(h), axis=-1), 1e-24)
+
+
 def kl_divergence(logits: Array, prev_logits: Array) -> Array:
     """[...]: KL(p || p_prev) of two logit arrays over their last axis."""
     lp, lq = jax.nn.log_softmax(logits.astype(jnp.float32)), jax.nn.log_softmax(prev_logits.astype(jnp.float32))

@@ -25,12 +25,13 @@ from loopformer.errors import ConfigError, PlanError
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.metrics import answer_sums
 from loopformer.model.loop import iterate, iterate_window
-from loopformer.model.plan import Diagnostics, difficulty_rules, make_plan
+from loopformer.model.plan import CircuitReport, Diagnostics, difficulty_rules, make_plan
 from loopformer.model.transformer import forward_batch
 from loopformer.runs.restore import make_model
-from loopformer.train.losses import iteration_terms
+from loopformer.train.losses import iteration_terms, settle_terms
 from loopformer.train.optim import make_optimizer
 from loopformer.train.step import StepSettings, _Objective, init_state, make_train_step, progressive_plan
+from loopformer.variants.exits import latent_change, latent_change_sq
 from tests.conftest import TASK_DEFAULTS, tiny_config
 
 X = "model.stages.0.circuits.X"
@@ -236,6 +237,101 @@ def test_iteration_loss_config_is_checked(tmp_path):
         tiny_config(tmp_path, "f", "train.iteration_loss=1", "train.progressive=0.5")
     with pytest.raises(ConfigError, match="must be an integer >= 0"):
         tiny_config(tmp_path, "g", "train.iteration_loss=-1")
+
+
+# ----------------------------------------------------------------------------- settling loss
+
+
+def test_the_settling_change_is_latent_diffs_squared_with_a_gradient_at_rest():
+    """latent_change_sq = latent_change^2 (what latent_diff / context_diff test), and where the state does not
+    change its gradient is 0, not NaN (the norm's is undefined there)."""
+    h_prev, h = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    np.testing.assert_allclose(latent_change_sq(h_prev, h), latent_change(h_prev, h) ** 2, rtol=1e-5)
+    g = jax.grad(lambda a: latent_change_sq(a, h).sum())(h)
+    assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) == 0.0
+
+
+def test_settle_terms_are_the_weighted_mean_over_real_tokens():
+    """weight * mean over the real tokens (segment_ids > 0, prompt included) / micro-batches, by hand."""
+    change = jnp.array([[0.1, 0.3, 5.0], [0.2, 0.0, 0.4]])
+    diag = Diagnostics(circuits={"X": CircuitReport(settle=change)})
+    batch = {"segment_ids": jnp.array([[1, 1, 0], [1, 1, 1]]), "mask": jnp.array([[0, 1, 0], [0, 0, 1]])}
+    term, logs = settle_terms(diag, "X", batch, 2.0, 4)
+    mean = (0.1 + 0.3 + 0.2 + 0.0 + 0.4) / 5
+    assert float(logs["settle"]) == pytest.approx(mean / 4, rel=1e-6)
+    assert float(term) == pytest.approx(2.0 * mean / 4, rel=1e-6)
+    term, _ = settle_terms(diag, "X", {"mask": batch["mask"]}, 1.0, 1)  # no segment ids: every token is real
+    assert float(term) == pytest.approx(float(change.mean()), rel=1e-6)
+
+
+def test_the_settling_loss_adds_its_term_read_at_its_own_count(run):
+    """With train.settle = (X, N, s), the objective is the plain CE + s * the mean over real tokens of X's squared
+    state change over iteration N of a pass at count N (whichever count the step trains at); that change is the
+    same whichever window keeps it, 0 at N = 1, and the metrics' loss is the step's own."""
+    graphdef = nnx.graphdef(run.model)
+    batch = jax.tree.map(jnp.asarray, run.eval_sets(["train"], 8)["train"][0])
+    total = batch["mask"].sum()
+    plan = make_plan(["X", "Y"], {"X": 2, "Y": 3}, backprop={"X": 3, "Y": 1})
+
+    def objective(settle):
+        obj = _Objective(graphdef, plan, None, (jnp.int32(0), 1), total, 1, settle=settle)
+        value, sums = jax.jit(obj.loss)(run.params, batch)
+        return float(value), sums
+
+    def change(n, W):
+        far = make_plan(["X", "Y"], {"X": n, "Y": 3}, backprop={"X": 3, "Y": 1}, windows={"X": W})
+        return jax.jit(lambda p: forward_batch(nnx.merge(graphdef, p), batch, far)[1])(run.params).circuits["X"].settle
+
+    plain, sums0 = objective(None)
+    assert float(sums0["loss_sum"]) == pytest.approx(plain, rel=1e-6) and "settle" not in sums0
+    value, sums = objective(("X", 5, 0.5))
+    at5 = change(5, 2)
+    real = batch["segment_ids"] > 0 if "segment_ids" in batch else jnp.ones(at5.shape, bool)
+    mean = float(jnp.sum(jnp.where(real, at5, 0.0)) / real.sum())
+    assert mean > 1e-6  # the run's X still moves at 5: the term is a real check
+    assert value == pytest.approx(plain + 0.5 * mean, rel=1e-5)
+    assert float(sums["settle"]) == pytest.approx(mean, rel=1e-5)
+    assert float(sums["loss_sum"]) == pytest.approx(plain, rel=1e-6)  # the step's count (2), not N
+    np.testing.assert_allclose(change(5, 3), at5, rtol=1e-5, atol=1e-8)
+    assert float(jnp.abs(change(1, 2)).max()) == 0.0
+    assert float(jnp.abs(change(4, 2) - at5).max()) > 1e-7  # read at N: another count changes it
+
+
+def test_settle_config_is_checked(tmp_path):
+    """train.settle reads the varying circuit at train.settle_loops (required), needs its backprop >= 2, and is
+    refused where the iteration loss is (the progressive loss) and when not finite or < 0."""
+    assert tiny_config(tmp_path, "a", "train.settle=0.1", "train.settle_loops=8",
+                       f"{X}.backprop=2").settle_term() == ("X", 8, 0.1)
+    assert tiny_config(tmp_path, "a").settle_term() is None
+    with pytest.raises(ConfigError, match=r"train.settle=0.1 needs train.settle_loops.*e.g. twice its max_loops"):
+        tiny_config(tmp_path, "b", "train.settle=0.1", f"{X}.backprop=2")
+    with pytest.raises(ConfigError, match=r"train.settle compares circuit X's last two iterations.*backprop is 1"):
+        tiny_config(tmp_path, "c", "train.settle=0.1", "train.settle_loops=8")
+    with pytest.raises(ConfigError, match="train.settle reads .* but train.progressive is on.*; set train.settle=0"):
+        tiny_config(tmp_path, "d", "train.settle=0.1", "train.settle_loops=8", f"{X}.backprop=2", "train.progressive=0.5")
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="train.settle .* must be a finite number >= 0"):
+            tiny_config(tmp_path, "e", f"train.settle={bad}")
+    for bad in ("1", "-2", "100000", "2.5"):
+        with pytest.raises(ConfigError, match="train.settle_loops"):
+            tiny_config(tmp_path, "g", f"train.settle_loops={bad}")
+    with pytest.raises(ConfigError, match="train.settle: .*circuits X, Y all loop; name one: "
+                                          "train.iteration_loss_circuit=X"):
+        tiny_config(tmp_path, "f", "train.settle=0.1", "train.settle_loops=8", f"{X}.loops=fixed(3)", f"{X}.backprop=2")
+
+
+@pytest.mark.slow  # two train steps to compile; CI runs it with the slow tests
+def test_the_settling_loss_trains_and_logs(tmp_path):
+    """A train step with train.settle reports the same loss as one without and logs settle, with counts sampled
+    or per difficulty."""
+    for extra in ((f"{X}.backprop=2",), (f"{X}.loops=per_difficulty(1, 1)", f"{X}.backprop=2", f"{X}.max_loops=3")):
+        base = tiny_config(tmp_path, "s0", *extra)
+        batch = next(build_data(base).train_iterator(8, 0))
+        _, m0 = _one_step(base, batch)
+        _, ms = _one_step(tiny_config(tmp_path, "s1", *extra, "train.settle=2", "train.settle_loops=6"), batch)
+        assert float(ms["loss"]) == pytest.approx(float(m0["loss"]), rel=1e-6)
+        assert float(ms["objective"]) == pytest.approx(float(ms["loss"]) + 2 * float(ms["settle"]), rel=1e-5)
+        assert float(ms["settle"]) > 0 and "settle" not in m0 and np.isfinite(float(ms["grad_norm"]))
 
 
 @pytest.mark.slow  # two train steps to compile; CI runs it with the slow tests
