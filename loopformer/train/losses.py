@@ -3,7 +3,8 @@ tokens. Each halting kind defines its own (`loopformer.variants.halting`); route
 forward pass's auxiliary loss.
 
 Every term is a sum over the batch's answer tokens scaled by ``scale`` (1 / the whole batch's answer
-tokens), so micro-batches add up to the full-batch mean exactly.
+tokens), so micro-batches add up to the full-batch mean exactly; the settling loss, which reads every real token,
+is a mean per micro-batch divided by their number (as the routers' terms are).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ def halting_terms(diag: Diagnostics, name: str, rule: Halting, batch: dict[str, 
     return rule.loss(report.exit_p, report.used, report.ponder, diag.step_logits, batch, n, *progress, scale)
 
 
-def iteration_terms(diag: Diagnostics, batch: dict[str, Array], n: Array, scale: Array | float, W: int | None = None
+def iteration_terms(diag: Diagnostics, batch: dict[str, Array], n: Array, scale: Array | float
                     ) -> tuple[Array, dict[str, Array]]:
     """(the loss at each of a circuit's last W iterations, sums for logging): per answer token, the mean CE of
-    the logits after iterations n, n - 1, ..., n - W + 1 (``diag.step_logits`` [>= W, B, T, V], row j after
-    iteration n - j; W None: all its rows) over the rows with n - j >= 1; summed over the answer tokens times
-    ``scale``. ``n`` is the circuit's count, int32 [] or per token [B, T]. With W = 1 it is the plain CE."""
-    logits = diag.step_logits[:W]
+    the logits after iterations n, n - 1, ..., n - W + 1 (``diag.step_logits`` [W, B, T, V], row j after
+    iteration n - j) over the rows with n - j >= 1; summed over the answer tokens times ``scale``. ``n`` is
+    the circuit's count, int32 [] or per token [B, T]. With W = 1 it is the plain CE."""
+    logits = diag.step_logits
     W = logits.shape[0]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"][None])  # [W, B, T]
     j = jnp.arange(W).reshape((W,) + (1,) * (ce.ndim - 1))
