@@ -262,6 +262,12 @@ TASKS["prefix_parity_settle"] = dataclasses.replace(
     TASKS["prefix_parity"], task="prefix_parity",
     recipe=(*TASKS["prefix_parity"].recipe, ("settle", ("train.settle=1", "train.settle_loops=40"))))
 
+# prefix_parity trained twice as long (3,000 steps; the learning-rate schedule spans them), nothing else changed.
+# Declared 2026-12-06 18:36 UTC, before its first run, after nine parity runs under jax 0.10.2 (three recipes, three
+# seeds each: the records think_longer_prefix_parity_{jax0102,iteration_loss,settle}_3seeds_cpu) in which the five
+# that met the bar solved 100 % of the training lengths' test strings and the four that did not solved 95.3-99.6 %.
+TASKS["prefix_parity_long"] = dataclasses.replace(TASKS["prefix_parity"], task="prefix_parity", steps=(120, 3000))
+
 SUITE = ("prefix_parity", "maze3", "pointer_chase", "p_hop", "addition")
 
 
@@ -631,7 +637,7 @@ TARGETS = {"prefix_parity": {"2x": 0.95, "4x": 0.90}, "maze3": {"2x": 0.90}, "ad
            "addition_runs": {"2x": 0.90}, "addition_coupled": {"2x": 0.90},
            "addition_aligned_coupled": {"2x": 0.90}, "addition_place_window": {"2x": 0.90},
            "addition_runs_coupled": {"2x": 0.90}, "prefix_parity_iteration_loss": {"2x": 0.95, "4x": 0.90},
-           "prefix_parity_settle": {"2x": 0.95, "4x": 0.90}}
+           "prefix_parity_settle": {"2x": 0.95, "4x": 0.90}, "prefix_parity_long": {"2x": 0.95, "4x": 0.90}}
 MARGIN = 30.0
 
 
