@@ -113,6 +113,11 @@ class CircuitOut(NamedTuple):
 COMPACT_MIN_TOKENS = 4096
 
 
+# A flat compaction buffer gathers each token's row of keys and values ([N, T, K, H] in float32, keys and values):
+# buffers that would take more than this are left out (the row-by-token buffers need no such copy)
+FLAT_KV_BYTES = 64 * 2**20
+
+
 def _compacts(choice: bool | None, B: int, T: int) -> bool:
     """Whether inference over [B, T] tokens compacts: `Plan.compact` when given, else the batch's size."""
     return B * T >= COMPACT_MIN_TOKENS if choice is None else choice
@@ -311,8 +316,12 @@ class Circuit(nnx.Module):
         """The compacted iteration: ``step(consts, i, h, (kv, computed, chunk), fresh)``. The fresh tokens (those
         that ran the previous iteration) are gathered into an [R, c] buffer: the R rows that hold any, then
         in each the fresh tokens in sequence order, R and c the smallest of B / ``shares`` and
-        T / ``shares`` that hold them (R = B or c = T gathers nothing along that axis). They run the block
-        over their rows' keys and values ``kv`` (each token's, from its current state), storing their own.
+        T / ``shares`` that hold them (R = B or c = T gathers nothing along that axis); or, in evaluation,
+        into a flat buffer of N tokens from any rows, N the smallest of B T / ``shares`` that holds them, when
+        that is smaller (rows whose running tails differ in length: the [R, c] buffer pads every row to the
+        longest) and its gathered keys and values ([N, T, K, H], each token reads its own row's) stay under
+        FLAT_KV_BYTES. They run the block over their rows' keys and values ``kv`` (each token's, from its
+        current state), storing their own.
         Tokens that stopped in the previous iteration run once more this way, which stores the keys and values
         of their final state; their new state is discarded by the loop.
 
@@ -362,8 +371,27 @@ class Circuit(nnx.Module):
                                                                for b, b_r in zip(kv, kv_r, strict=True))
             return run
 
-        branches = [gathered(R, c) for R in row_caps for c in tok_caps]
-        sizes = jnp.asarray([R * c for R in row_caps for c in tok_caps], jnp.float32)
+        def flat(N: int) -> Callable:
+            def run(consts: tuple[Any, Array], h: Array, kv: KV, fresh: Array, dec: tuple) -> tuple[Array, KV]:
+                del dec  # evaluation only
+                circuit = nnx.merge(graphdef, consts[0])
+                at = _select(fresh.reshape(-1), N)  # [N], B * T in empty slots
+                rows, idx = at // T, jnp.where(at < B * T, at % T, T)  # empty: row B, index T (scatters drop)
+                take = lambda a: a[jnp.minimum(rows, B - 1), jnp.minimum(idx, T - 1)]  # noqa: E731
+                mask = None if seg is None else take(seg)[:, None, None]  # [N, 1, 1, T]
+                x = circuit.injection(circuit, take(h)[:, None], take(consts[1])[:, None])
+                x, kv = stack_layers(circuit.blocks)[0].flat(x, take(ctx.rotary)[:, None], rows, idx, kv, mask)
+                x = (circuit.loop_norm(x) if hasattr(circuit, "loop_norm") else x).astype(h.dtype)
+                return h.at[rows, idx].set(x[:, 0], mode="drop"), kv
+            return run
+
+        attn = self.blocks.attn
+        flat_caps = [] if cache is not None else sorted(
+            N for N in {math.ceil(B * T / share) for share in shares}
+            if N < B * T and 2 * N * T * attn.kv_heads * attn.head_dim * 4 <= FLAT_KV_BYTES)
+        grid = [R * c for R in row_caps for c in tok_caps]
+        branches = [gathered(R, c) for R in row_caps for c in tok_caps] + [flat(N) for N in flat_caps]
+        sizes = jnp.asarray(grid + flat_caps, jnp.float32)
         policy = None if ctx.decoding is None else ctx.decoding.policy
 
         def step(consts: tuple[Any, Array], i: Array, h: Array, side: tuple, fresh: Array) -> tuple[Array, tuple]:
@@ -372,6 +400,10 @@ class Circuit(nnx.Module):
             r = jnp.sum(jnp.asarray(row_caps) < jnp.sum(per_row > 0))
             t = jnp.sum(jnp.asarray(tok_caps) < jnp.max(per_row))
             which = r * len(tok_caps) + t
+            if flat_caps:  # the smallest flat buffer that holds every fresh token, where it is smaller
+                f = jnp.sum(jnp.asarray(flat_caps) < jnp.sum(per_row))
+                smaller = (f < len(flat_caps)) & (sizes[len(grid) + jnp.minimum(f, len(flat_caps) - 1)] < sizes[which])
+                which = jnp.where(smaller, len(grid) + f, which)
             dec = ()
             if cache is not None:  # one block: one layer of cache and chunk
                 slot, writes = policy.slot(i), policy.writes(i)

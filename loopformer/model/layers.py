@@ -198,6 +198,25 @@ class Attention(nnx.Module):
         return self.out(y.reshape(B, c, W)), kv
 
 
+    def flat(self, x_N1W: Array, positions_N1: Array, rows_N: Array, index_N: Array, kv: tuple[Array, Array],
+             mask_N11T: Array | None) -> tuple[Array, tuple[Array, Array]]:
+        """Attention of N gathered tokens taken from any rows: token n is row ``rows_N`` [N], sequence index
+        ``index_N`` [N] of the batch whose keys and values are ``kv`` ([B, T, K, H] each); an empty slot has row B
+        and index T. First every gathered token's fresh keys and values are written into ``kv``, so each query
+        sees the other gathered tokens' new ones, then each attends over its own row's ([N, T, K, H] gathered),
+        with causality and the window on sequence indices and ``mask_N11T`` its row of the segment mask, as
+        `compact` does for whole rows. Returns (output [N, 1, W], the updated keys and values)."""
+        N, _, W = x_N1W.shape
+        B, T = kv[0].shape[:2]
+        q, k, v = self._qkv(x_N1W, positions_N1)
+        kv = tuple(buf.at[rows_N, index_N].set(new[:, 0].astype(buf.dtype), mode="drop")
+                   for buf, new in zip(kv, (k, v), strict=True))
+        own = tuple(buf[jnp.minimum(rows_N, B - 1)].astype(q.dtype) for buf in kv)
+        y = attend(q, *own, mask=mask_N11T, causal=self.causal, window=self._span, impl="einsum",
+                   q_pos=jnp.minimum(index_N, T - 1)[:, None], k_pos=jnp.broadcast_to(jnp.arange(T), (N, T)))
+        return self.out(y.reshape(N, 1, W)), kv
+
+
 class MLP(nnx.Module):
     """GELU MLP (W -> F -> W) or SwiGLU (gate * up, F hidden)."""
 
@@ -251,6 +270,12 @@ class Block(nnx.Module):
         a, kv = self.attn.compact(self.attn_norm(x_BcW), positions_Bc, index_Bc, kv, write_Bc, mask_B1cT, earlier,
                                   shared)
         return self._mlp(x_BcW + (self.attn_post_norm(a) if self.sandwich else a)), kv
+
+    def flat(self, x_N1W: Array, positions_N1: Array, rows_N: Array, index_N: Array, kv: tuple[Array, Array],
+             mask_N11T: Array | None) -> tuple[Array, tuple[Array, Array]]:
+        """The block on N gathered tokens of any rows (`Attention.flat`)."""
+        a, kv = self.attn.flat(self.attn_norm(x_N1W), positions_N1, rows_N, index_N, kv, mask_N11T)
+        return self._mlp(x_N1W + (self.attn_post_norm(a) if self.sandwich else a)), kv
 
     def _mlp(self, x_BTW: Array) -> Array:
         m = self.mlp(self.mlp_norm(x_BTW))

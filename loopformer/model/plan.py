@@ -36,7 +36,8 @@ fields (truncation depths, trace length, whether to collect means) choose the pr
                                    give the same logits
     compact_shares                 static: the buffer sizes of compacted inference, as shares s >= 1 of the batch's
                                    rows and of the sequence (caps ceil(B / s) by ceil(T / s), one compiled branch per
-                                   pair), 1 among them; default COMPACT_SHARES, read when the plan is made; a masked plan
+                                   pair; in evaluation also flat buffers of ceil(B T / s) tokens), 1 among them;
+                                   default COMPACT_SHARES, read when the plan is made; a masked plan
                                    (compact False) keeps none, so its program does not depend on them
     schedules {stack: int32 [S]}   layer schedules of the plain stacks ("prelude", "coda"): the layers run
                                    in this order, -1 entries skipped (`loopformer.model.schedule`); every

@@ -139,6 +139,23 @@ def test_deeper_circuits_and_fixed_counts_run_masked():
     assert float(cc) == 5 * tokens.size
 
 
+def test_a_flat_buffer_gathers_running_tokens_of_uneven_rows():
+    """Hand count: B = 4, T = 8; row 0 runs 6 iterations on every token, rows 1-3 on token 0 only (and row 2 on
+    token 5, in its second packed document), the others 1. Iterations 3-6 have 12 running tokens: rows by tokens
+    would take 4 x 8 (row 0's 8 pad the others); the flat buffers of 32 / s tokens (32, 16, 8, 4) take 16, each
+    token attending over its own row's keys and values, within its document and causally: the logits are the
+    masked loop's."""
+    model = _model()
+    counts = jnp.ones((4, 8), jnp.int32).at[0].set(6).at[1:, 0].set(6).at[2, 5].set(6)
+    segments = jnp.asarray([[1] * 8, [1] * 8, [1] * 4 + [2] * 4, [1] * 8], jnp.int32)
+    (lc, uc, cc), (lm, um, cm) = _both(model, _tokens(4, 8), segments, loops={"X": counts},
+                                       compact_shares=(1, 2, 4, 8))
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(uc), np.asarray(um))
+    assert float(cc) == 32 + 32 + 4 * 16
+    assert float(cm) == 6 * 32
+
+
 def test_rows_that_have_stopped_leave_the_buffer():
     """Hand count: B = 4, T = 8, one count per row (1, 1, 1, 6), as loops per difficulty give. Iterations 1-2
     compute every row (iteration 2 stores the final keys and values of the rows that stopped); iterations 3-6
