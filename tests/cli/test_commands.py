@@ -601,6 +601,19 @@ def test_context_diff_from_the_command_line(run_dir, text_run_dir, capsys):
                  "context_diff:0.1", "--no-cache"]) == 0
 
 
+@pytest.mark.parametrize("extra, named", [(["--cache", "last"], "--cache"), (["--continuous"], "--continuous"),
+                                          (["--cache", "ring:2", "--continuous"], "--cache and --continuous")])
+def test_a_rule_cached_decoding_cannot_run_names_the_cache_flags_to_drop(text_run_dir, capsys, extra, named):
+    """#27 pass 26: beside --cache or --continuous the line said "use --no-cache", and --no-cache beside them is
+    refused in turn (they would do nothing): the fix it gave was a second error. It now says what --no-cache
+    replaces."""
+    argv = ["generate", "--run", str(text_run_dir), "--prompt", "In", "--max-new-tokens", "2"]
+    for rule in ("context_diff:0.1", "patience:2"):
+        assert main([*argv, "--exit", rule, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: decoding with a cache cannot run the exit rule {rule.split(':')[0]} of circuit X")
+        assert err.endswith(f"; use --no-cache in place of {named} (recomputes the prefix every token)"), err
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--exit", "kl:1e-3"], "kl reads the model's output .* name it, e.g. --exit X=kl:1e-3"),
     (["eval", "--exit", "learned:q=0.5"], "circuit X was trained without a halting head"),
