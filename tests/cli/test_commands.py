@@ -629,12 +629,19 @@ def test_exit_errors(run_dir, capsys, argv, message):
 
 
 def test_rys_on_a_looped_run_says_what_it_scanned(run_dir, tmp_path, capsys):
-    """Issue #27: on a looped run rys scans a plain stack's layers, and says so (not "best of 1 settings")."""
+    """Issue #27: on a looped run rys scans a plain stack's layers, and says so (not "best of 1 settings"); it names
+    the other stack only when that has layers (#27 pass 26: "--stack coda scans the other stack" on a run without a
+    coda, where --stack coda is refused)."""
     copy = shutil.copytree(run_dir, tmp_path / "looped")  # rys writes rys.csv into the run: not the shared one
     doc = run_json(capsys, "rys", "--run", str(copy), "--split", "train")
     assert doc["stack"] == "prelude" and doc["layers"] == 1
     assert "a looped run: rys duplicates layers of its plain prelude, not its circuits X, Y" in doc["note"]
-    assert "--stack coda" in doc["note"] and "loopformer convert" in doc["note"]
+    assert "--stack" not in doc["note"] and "loopformer convert" in doc["note"]  # model.coda: 0
+    assert main(["rys", "--run", str(copy), "--stack", "coda"]) == 2
+    assert "has no coda layers to duplicate" in capsys.readouterr().err
+    both = make_run(tiny_config(tmp_path, "both", "model.coda=1"))
+    doc = run_json(capsys, "rys", "--run", str(both), "--split", "train")
+    assert "which loop already; --stack coda scans the other stack, and `loopformer convert`" in doc["note"]
 
 
 def test_probe_scores_the_answers_against_a_reference(text_run_dir, tmp_path, capsys):
