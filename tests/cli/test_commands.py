@@ -219,6 +219,12 @@ def test_compact_is_refused_where_it_chooses_nothing_and_kept_for_act(tmp_path):
     with pytest.raises(PlanError, match="none can"):
         compact_choice(on, act, [], halting=False)
     assert compact_note(SimpleNamespace(compact="auto"), deep, []) == {}
+    # #27 pass 26: "(or --loops X=auto)" was named on runs without a rule per difficulty, where it is refused
+    with pytest.raises(PlanError, match=r"none can: add --exit, or drop --compact$"):
+        compact_choice(on, deep, [])
+    per = SimpleNamespace(cfg=tiny_config(tmp_path, "per", "model.stages.0.circuits.Y.loops=per_difficulty(1, 1)"))
+    with pytest.raises(PlanError, match=r"none can: add --exit \(or --loops Y=auto\), or drop --compact$"):
+        compact_choice(on, per, [])
 
 
 @pytest.mark.parametrize("argv,message", [
