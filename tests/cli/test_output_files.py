@@ -199,6 +199,9 @@ def test_a_sweep_whose_tensorboard_run_cannot_be_written_keeps_the_earlier_sweep
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(sweep_cli, "MetricsWriter", Full)
+    dead = tb.parent / ".X.tmp-999999999"  # of a sweep killed outright (kill -9) while it wrote: removed by the next
+    (dead / "tb").mkdir(parents=True)
+    (dead / "metrics.jsonl").write_text("{}\n")
     capsys.readouterr()
     assert main([*args[:-1], "16"]) == 2
     err = capsys.readouterr().err
