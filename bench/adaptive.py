@@ -39,7 +39,9 @@ batch's rows and tokens) and, as its own family ``context_diff/fine``, with exit
 4, 6, 8, 16; `Plan.compact_shares`), since a row's running tail, which shrinks token by token, fits the coarse
 buffers loosely (both declared with the rule, before either ran). ``--models`` (same
 date) scores a subset of the three models (the looped model always: the best fixed count is its), for a rescoring
-of new policies that leaves the trained variants' earlier rows standing; the JSON records which (``models``).
+of new policies that leaves the trained variants' earlier rows standing; the JSON records which (``models``). A run
+into an --out whose adaptive.json holds rows it would not score again (other models or seeds of its tasks) is refused
+before training: it would replace that record (move it aside first).
 
 ``--tasks prefix_parity_settle`` (declared 2026-12-06 18:16 UTC, before its first run): think_longer's setting of that
 name, the parity recipe with the settling loss (``train.settle``), scored as prefix_parity is; its halting and router
@@ -86,6 +88,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from loopformer import jsontext
 from loopformer.cli.common import COMPACT
 from loopformer.config import load_config
 from loopformer.data.pipeline import eval_batches
@@ -389,6 +392,27 @@ def pareto(name: str, result: dict) -> bytes:
     return buf.getvalue()
 
 
+def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds: int) -> str | None:
+    """Which models and seeds of the tasks ``names`` the record at ``record`` (an --out's adaptive.json) holds that a
+    run of ``models`` over seeds 0..``seeds`` - 1 would not score again, as "halting (seeds 0, 1) of prefix_parity"; None
+    when none (or no readable record). The run replaces the record: ``--models looped`` into the --out of a full run
+    (the rescoring --models is for, where the runs are) dropped its halting and router rows with no word (#27 pass
+    26), as think_longer.py's --first-seed dropped seeds (`think_longer.seeds_replaced`). exit_oracle.py's rows (of the
+    looped model, without a model field) are read so too."""
+    lost = []
+    try:
+        tasks = jsontext.loads(record.read_text(encoding="utf-8"))["tasks"] if record.is_file() else {}
+        for name in (n for n in names if n in tasks and n != "text"):
+            gone: dict[str, list[str]] = {}
+            for model, seed in sorted({(r.get("model", "looped"), int(r["seed"])) for r in tasks[name]["rows"]}):
+                if model not in models or not 0 <= seed < seeds:
+                    gone.setdefault(model, []).append(str(seed))
+            lost += [f"{m} (seed{'s' * (len(s) > 1)} {', '.join(s)}) of {name}" for m, s in gone.items()]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # damaged: nothing in it to lose
+    return "; ".join(lost) or None
+
+
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
@@ -427,6 +451,11 @@ def main() -> int:
     args.seeds = 3 if args.seeds is None else args.seeds
     args.examples = 256 if args.examples is None else args.examples
     out = Path(args.out)
+    kept = rows_replaced(out / "adaptive.json", names, models, args.seeds)
+    if kept:
+        p.error(f"--out {out} holds an adaptive.json with rows of {kept}, which this run (--models "
+                f"{','.join(models)}, seeds 0..{args.seeds - 1}) does not score, and its record replaces that one; move "
+                f"{out / 'adaptive.json'} aside, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()
     for name in names:

@@ -211,11 +211,17 @@ def main() -> int:
     C.once(p, "--tasks", names)
     shares = None if args.compact_shares is None else compact_shares(p, args.compact_shares)
     out = Path(args.out)
+    stem = "exit_oracle" if shares is None else "exit_oracle_shares"
+    kept = adaptive.rows_replaced(out / f"{stem}.json", names, ("looped",), args.seeds)
+    if kept:  # a rerun with fewer --seeds replaced the record of more with no word (#27 pass 26)
+        p.error(f"--out {out} holds an {stem}.json with rows of {kept}, which this run (seeds 0..{args.seeds - 1}) "
+                f"does not score, and its record replaces that one; move {out / f'{stem}.json'} aside, or choose "
+                f"another --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = {n: run_task(n, out, args.examples, args.seeds, shares) for n in names}
     doc = {"tasks": results, "compact_shares": list(shares or COMPACT_SHARES), "wall_s": time.time() - t0}
-    C.report(out, "exit_oracle" if shares is None else "exit_oracle_shares", doc,
+    C.report(out, stem, doc,
              "\n\n".join(markdown(n, r) for n, r in results.items()), args.json)
     return 0
 

@@ -443,7 +443,8 @@ def _scored(rows: list[dict], seed: int) -> set[tuple]:
 def merge(docs: dict[str, dict]) -> dict:
     """One document from ``docs`` (name -> think_longer.json document), each scoring disjoint seeds of the same
     settings: a bench run split over sessions (``--first-seed``), e.g. seed 0 in one and seeds 1-2 in another.
-    Rows, fixed-rule rows and wall times are joined; what each split gives away is averaged over all seeds; the
+    Rows, fixed-rule rows and wall times are joined, and each record's ``environment`` is kept under its name; what
+    each split gives away is averaged over all seeds; the
     depth summary is recomputed from the records' depth pairs (records without them: its means are weighted by
     seeds, its median slack, which does not join, is dropped); the selection and the verdict are those of the
     joined rows. Raises ValueError naming the record and the field that disagree."""
@@ -510,8 +511,11 @@ def merge(docs: dict[str, dict]) -> dict:
             merged["floor"] = {s: {k: float(np.average([part["floor"][s][k] for _, part in parts], weights=weights))
                                    for k in first["floor"][s]} for s in splits}
         tasks[name] = merged
+    # each record's install (`C.environment`), under its name: a trained model depends on it, and the joined record
+    # carried none (#27 pass 26: seeds of two installs joined with no trace of either)
     return {"tasks": tasks, "quick": quick.pop(), "seeds": max(t["seeds"] for t in tasks.values()),
-            "wall_s": sum(d.get("wall_s", 0.0) for d in docs.values()), "merged_from": list(docs)}
+            "wall_s": sum(d.get("wall_s", 0.0) for d in docs.values()), "merged_from": list(docs),
+            "environment": {src: d.get("environment") for src, d in docs.items()}}
 
 
 def merge_depth(parts: list[dict], weights: list[int], m: int) -> dict:

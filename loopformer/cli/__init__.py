@@ -208,7 +208,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DecodingError as e:  # the model layer says why; the command line knows the way around it
-        print(f"error: {e}; use --no-cache (recomputes the prefix every token)", file=sys.stderr)
+        # in place of the cached-decoding flags given: --no-cache beside them is refused in turn (#27 pass 26)
+        given = [flag for flag, on in (("--cache", getattr(args, "cache", None) is not None),
+                                       ("--continuous", getattr(args, "continuous", False))) if on]
+        instead = f" in place of {' and '.join(given)}" if given else ""
+        print(f"error: {e}; use --no-cache{instead} (recomputes the prefix every token)", file=sys.stderr)
         return 2
     except LoopformerError as e:
         print(f"error: {e}", file=sys.stderr)

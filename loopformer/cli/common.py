@@ -185,15 +185,19 @@ def compact_note(args: argparse.Namespace, info: Any, stopping: Iterable[str], r
 
 
 def compact_choice(args: argparse.Namespace, info: Any, stopping: Iterable[str],
-                   how: str = "--exit (or --loops X=auto)", *, halting: bool = True, routed: bool = False) -> bool | None:
+                   how: str | None = None, *, halting: bool = True, routed: bool = False) -> bool | None:
     """``Plan.compact`` from --compact; PlanError when it is forced but no token can stop early (``stopping``: the
     circuits given an exit rule or a count per example; with ``halting``, ACT circuits too, which stop by their own
-    rule; ``how``: what would make them stop, in this command), or when every circuit that can is of several
-    blocks (only a one-block circuit is compacted: on and off ran the same masked program)."""
+    rule; ``how``: what would make them stop, in this command; None: --exit, or --loops C=auto where a circuit C has
+    a rule per difficulty), or when every circuit that can is of several blocks (only a one-block circuit is
+    compacted: on and off ran the same masked program)."""
     if args.compact == "auto":
         return None
     model = info.cfg.model
     stopping = _stopping(info, stopping, halting, routed)
+    if how is None:  # "--loops X=auto" was named on runs without such a rule, where it is refused (#27 pass 26)
+        rules = list(plan.difficulty_rules(model))
+        how = "--exit" + (f" (or --loops {rules[0]}=auto)" if rules else "")
     if not stopping:
         raise PlanError(f"--compact {args.compact} chooses how tokens that stopped early are run, and none can: "
                         f"add {how}, or drop --compact")

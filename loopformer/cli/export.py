@@ -58,7 +58,9 @@ def export_command(args: argparse.Namespace) -> int:
         layers = len({k.split(".")[2] for k in tensors if k.startswith("model.layers.")})
         config = hf_config(info.cfg.model, run.model.vocab_size, layers, tokenizer_of(info.data),
                            max(info.cfg.data.seq_len, 2048))
-        out = write_folder(out, config, tensors, tokenizer_json)
+        # a run that trains each document as BOS ids EOS puts BOS before its prompts: so must the folder's tokenizer
+        bos = tokenizer_of(info.data).bos_id if info.cfg.data.prompt_format == "documents" else None
+        out = write_folder(out, config, tensors, tokenizer_json, bos)
         log(f"wrote {out}")
         doc = {**run.provenance(), "out": str(out), "loops": loops, "layers": layers,
                "model_type": config["model_type"], "files": sorted(p.name for p in out.iterdir())}

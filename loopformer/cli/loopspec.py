@@ -124,6 +124,9 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
     if max_loops is not None and max_loops > MAX_LOOPS:
         raise PlanError(f"--max-loops {max_loops}: loop count {max_loops} is above the limit of {MAX_LOOPS}")
     if not specs:
+        if max_loops is not None and not circuits:  # --exit and --loops, the fixes below, are refused there too
+            raise PlanError(f"--max-loops {max_loops} caps the circuits that exit, and this run has no looped circuits; "
+                            f"drop --max-loops")
         if max_loops is not None:
             raise PlanError(f"--max-loops {max_loops} caps the circuits that exit, and no --exit is given; add --exit "
                             f"RULE, or give a fixed count with --loops")

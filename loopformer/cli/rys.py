@@ -161,9 +161,11 @@ def rys_command(args: argparse.Namespace) -> int:
         scanned = f"duplicating blocks of the {layers} {stack} layer{'s' if layers > 1 else ''}, repeats {args.repeats}"
         if info.circuits:  # a looped run: only its plain stacks have layers to duplicate
             other = "coda" if stack == "prelude" else "prelude"
+            # only a stack with layers: --stack coda on a run without a coda is refused (#27 pass 26)
+            hint = f"--stack {other} scans the other stack, and " if getattr(info.cfg.model, other) else ""
             scanned += (f" (a looped run: rys duplicates layers of its plain {stack}, not its circuits "
-                        f"{', '.join(info.circuits)}, which loop already; --stack {other} scans the other stack, and "
-                        f"`loopformer convert` loops a block of a plain model)")
+                        f"{', '.join(info.circuits)}, which loop already; {hint}`loopformer convert` loops a block of "
+                        f"a plain model)")
             doc["note"] = scanned
         evaluations = len(rows) + len(baseline) + (len(best_rows) + len(best_base) if screening else 0)
         text = "\n".join([_header(info, run.step, best_base, args.probe), scanned,

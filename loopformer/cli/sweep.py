@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,15 @@ from loopformer.cli.common import (
     write_png,
 )
 from loopformer.cli.loopspec import parse_exits, parse_loops
-from loopformer.errors import PlanError
+from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, sweep, tables
 from loopformer.evaluation.run import LoadedRun, load_run
+from loopformer.runs.layout import dead_siblings
 from loopformer.runs.log import log, progress
 from loopformer.runs.read import read_run
 from loopformer.runs.scalars import MetricsWriter
 
+TB_WRITTEN = re.compile(r"metrics\.jsonl|tb")  # what a sweep's tensorboard run holds (`_log_tensorboard`)
 MAX_SETTINGS = 4096  # grid points per split (64 x 64): more would run for hours, and 10,000 x 10,000 filled memory
 
 
@@ -52,20 +56,33 @@ def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str,
     previous sweep of those circuits, so repeated sweeps never pile up points): scalars
     ``sweep/<split>/{accuracy,loss}`` at step = loop count of the first circuit (two circuits: one
     curve per count n of the second, ``.../accuracy/<b>=<n>``), and the plots at the checkpoint's step.
-    Kept apart from ``<run>/tb`` because its steps are loop counts, not training steps."""
+    Kept apart from ``<run>/tb`` because its steps are loop counts, not training steps. Written whole into a
+    temporary sibling renamed into place (in place, a disk that filled was a traceback from tensorboard's writer
+    after the earlier sweep's run was deleted, #27 pass 26): AnalysisError naming it, the earlier run kept."""
     names = list(grid)
     out = run.info.path / "sweeps" / "_".join(names)
-    shutil.rmtree(out, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    for leftover in dead_siblings(out, ("tmp",), TB_WRITTEN):  # of a sweep killed with kill -9 while it wrote
+        shutil.rmtree(leftover, ignore_errors=True)
     by_step: dict[int, dict[str, float]] = {}
     for r in rows:
         suffix = "" if len(names) == 1 else f"/{names[1]}={r['loops'][names[1]]}"
         for k in ("accuracy", "loss"):
             by_step.setdefault(r["loops"][names[0]], {})[f"sweep/{r['split']}/{k}{suffix}"] = r[k]
-    with MetricsWriter(out) as writer:
-        for n in sorted(by_step):
-            writer.scalars(n, by_step[n])
-        for name, png in pngs.items():
-            writer.image(run.step, f"sweep/{name}", png)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with MetricsWriter(tmp) as writer:
+            for n in sorted(by_step):
+                writer.scalars(n, by_step[n])
+            for name, png in pngs.items():
+                writer.image(run.step, f"sweep/{name}", png)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except OSError as e:
+        raise AnalysisError(f"cannot write {out} ({e.strerror or e}): make it and its folder writable (or free disk "
+                            f"space) and run the command again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"logged the sweep to {out} (tensorboard --logdir {run.info.path})")
     return out
 
@@ -110,7 +127,7 @@ def sweep_command(args: argparse.Namespace) -> int:
             tables.write_csv(info.path / "sweep.csv", rows)
             files = [str(info.path / "sweep.csv")] + [write_png(info.path / f"sweep_{k}.png", v) for k, v in pngs.items()]
             _remove_stale_plots(info, set(pngs))
-        tb_dir = _log_tensorboard(run, rows, grid, pngs)
+            tb_dir = _log_tensorboard(run, rows, grid, pngs)  # in the set: a failure puts the earlier files back
         doc = {**run.provenance(), "grid": grid, "rows": rows, "convergence": conv,
                "convergence_summary": summary, "compiles": compiles, "files": files, "tensorboard": str(tb_dir)
                } | compact_note(args, info, [])

@@ -225,8 +225,9 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
               max_loops: int | None = None) -> dict[str, int]:
     """``loops`` with every exiting circuit at its cap: ``max_loops`` if given, else its count in ``loops``
     if it has one, else the larger of its max_loops and eval_loops (a halting head was trained up to its
-    max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head, or any rule in
-    a routed stage, whose router decides when each token stops) or that could stop no token (min / every past
+    max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head, a rule other than
+    learned on an ACT circuit, whose write mixes its iterations', or any rule in a routed stage, whose router decides
+    when each token stops) or that could stop no token (min / every past
     the cap)."""
     out = dict(loops)
     routed = {c.name for s in model.stages if s.router.routes for c in s.circuits}
@@ -238,6 +239,11 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
         if rule.needs_head and not cfg.halting.has_head:
             raise PlanError(f"exit {c}={rule}: circuit {c} was trained without a halting head (halting.kind: none); "
                             f"use latent_diff, kl or entropy_diff for it")
+        if cfg.halting.rule().mixes_output and not rule.needs_head:  # it wrote the last state: another function
+            raise PlanError(f"exit {c}={rule}: circuit {c} halts by {cfg.halting.kind}, which writes the mixture of its "
+                            f"iterations' writes weighted by its halting probabilities; this rule would stop its tokens "
+                            f"and write their last state instead, which it was not trained to write; use "
+                            f"learned:q=Q (its own halting, up to the cap)")
         if max_loops and c in loops and loops[c] != max_loops:  # one of the two would be silently dropped
             raise PlanError(f"--loops {c}={loops[c]} and --max-loops {max_loops} both cap circuit {c}, which exits by "
                             f"a rule; give one")

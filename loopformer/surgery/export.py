@@ -191,13 +191,33 @@ def check_space(out: Path, need: int) -> None:
                               f"space (df -h {shlex.quote(str(parent))}), lower --loops, or choose another --out")
 
 
-def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray], tokenizer_json: Path) -> Path:
+def prompt_tokenizer(text: str, bos: int | None) -> str:
+    """The run's tokenizer.json ``text`` as the folder holds it: with ``bos`` (the id a run with
+    data.prompt_format=documents puts before every document and every prompt), a post-processor that puts it before
+    every text encoded with special tokens, so that transformers and `loopformer import` (prompt_format tokenizer)
+    encode a prompt as `generate` on the run does. The file was copied as it was, without one: the exported model
+    got prompts without the BOS it was trained with, and continued them otherwise (#27 pass 26)."""
+    if bos is None:
+        return text
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(text)
+    name = tok.id_to_token(bos)
+    tok.post_processor = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A {name}:1 $B:1",
+                                                       special_tokens=[(name, bos)])
+    return tok.to_str()
+
+
+def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarray], tokenizer_json: Path,
+                 bos: int | None = None) -> Path:
     """Write the folder atomically (a temporary sibling renamed into place); CheckpointError if ``out`` holds
-    anything, cannot be written, or its disk has too little space for the tensors and the tokenizer."""
+    anything, cannot be written, or its disk has too little space for the tensors and the tokenizer (``bos``: the
+    run's prompt BOS, written into the tokenizer's post-processor: `prompt_tokenizer`)."""
     from safetensors.numpy import save_file
 
     check_out(out)
-    check_space(out, sum(v.nbytes for v in tensors.values()) + tokenizer_json.stat().st_size)
+    tokenizer = prompt_tokenizer(tokenizer_json.read_text(encoding="utf-8"), bos)
+    check_space(out, sum(v.nbytes for v in tensors.values()) + len(tokenizer.encode("utf-8")))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +230,7 @@ def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         # safetensors writes it readable by its owner only (0600): give it config.json's mode, the umask's
         os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
-        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        (tmp / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)

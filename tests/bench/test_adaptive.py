@@ -74,3 +74,27 @@ def test_spearman_pools_difficulties_per_policy_and_split():
     assert rs[0]["depth_spearman"] == pytest.approx(want) and rs[1]["depth_spearman"] == pytest.approx(want)
     assert rs[2]["depth_spearman"] is None  # a fixed count does not vary
     assert all("instance_loops" not in r for r in rs)
+
+
+def test_a_run_into_an_out_holding_rows_it_does_not_score_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """#27 pass 26: --models looped (the rescoring --models is for) into the --out of a full run replaced its
+    adaptive.json, and with it the halting and router rows, with no word."""
+    import json
+
+    rows = [{"seed": s, "model": m, "policy": "p"} for s in (0, 1) for m in ("looped", "halting", "router")]
+    (tmp_path / "adaptive.json").write_text(json.dumps({"tasks": {"prefix_parity": {"rows": rows}}}))
+    monkeypatch.setattr(adaptive, "run_task", lambda *a, **k: pytest.fail("trained before the refusal"))
+    argv = ["--tasks", "prefix_parity", "--models", "looped,router", "--seeds", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        adaptive.main()
+    assert info.value.code == 2 and (f"error: --out {tmp_path} holds an adaptive.json with rows of halting (seeds 0, 1) "
+                                     f"of prefix_parity; looped (seed 1) of prefix_parity; router (seed 1) of "
+                                     f"prefix_parity, which this run (--models looped,router, seeds 0..0) does not "
+                                     f"score") in capsys.readouterr().err
+    record = tmp_path / "adaptive.json"
+    # a run that scores every row again, of other tasks only, or beside a damaged record replaces it, as before
+    assert adaptive.rows_replaced(record, ["prefix_parity"], adaptive.MODELS, 2) is None
+    assert adaptive.rows_replaced(record, ["maze3"], ("looped",), 1) is None
+    record.write_text("{")
+    assert adaptive.rows_replaced(record, ["prefix_parity"], ("looped",), 1) is None

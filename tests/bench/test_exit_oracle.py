@@ -1,10 +1,12 @@
 """The exit oracle's stops (bench/exit_oracle.py): the first count from which a token stays right."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 spec = importlib.util.spec_from_file_location("exit_oracle_bench", Path(__file__).parents[2] / "bench" / "exit_oracle.py")
 oracle = importlib.util.module_from_spec(spec)
@@ -25,3 +27,22 @@ def test_a_token_stops_at_the_first_count_from_which_it_stays_right_up_to_the_be
     np.testing.assert_array_equal(oracle.oracle_counts(right, mask, 4), [[1, 2, 3, 3, 4]])
     # a token wrong at the best count runs it
     np.testing.assert_array_equal(oracle.oracle_counts(right, np.ones((1, 5)), 2), [[1, 2, 2, 2, 2]])
+
+
+def test_a_run_into_an_out_holding_seeds_it_does_not_score_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """#27 pass 26: --seeds 1 into the --out of a 3-seed run replaced its exit_oracle.json with no word (the
+    compact-shares record, exit_oracle_shares.json, is its own)."""
+    rows = [{"seed": s, "difficulty": "2x"} for s in range(3)]
+    (tmp_path / "exit_oracle.json").write_text(json.dumps({"tasks": {"prefix_parity": {"rows": rows}}}))
+    monkeypatch.setattr(oracle, "run_task", lambda *a, **k: pytest.fail("trained before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["exit_oracle.py", "--tasks", "prefix_parity", "--seeds", "1", "--out",
+                                      str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        oracle.main()
+    assert info.value.code == 2 and (f"error: --out {tmp_path} holds an exit_oracle.json with rows of looped (seeds 1, "
+                                     f"2) of prefix_parity, which this run (seeds 0..0) does not score") in \
+        capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["exit_oracle.py", "--tasks", "prefix_parity", "--seeds", "1", "--out",
+                                      str(tmp_path), "--compact-shares", "1,2"])
+    with pytest.raises(pytest.fail.Exception, match="trained before the refusal"):
+        oracle.main()

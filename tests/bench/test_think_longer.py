@@ -367,6 +367,18 @@ def test_merge_joins_disjoint_seeds_into_the_record_of_all_of_them():
     assert "mean (min–max) over 3 seeds" in think_longer.markdown("prefix_parity", r)
 
 
+def test_merge_keeps_each_records_environment():
+    """#27 pass 26: records carry their install (a trained model depends on it), and the joined record of two
+    sessions carried none: which seeds were trained under which jax was lost. Each is kept under its record's name
+    (a record written before the install was recorded: null)."""
+    a, b = part([0], 0.8), part([1, 2], 1.0)
+    a["environment"] = {"jax": "0.10.1", "backend": "cpu"}
+    b["environment"] = {"jax": "0.10.2", "backend": "cpu"}
+    doc = think_longer.merge({"A": a, "B": b, "C": part([3], 1.0)})
+    assert doc["environment"] == {"A": {"jax": "0.10.1", "backend": "cpu"}, "B": {"jax": "0.10.2", "backend": "cpu"},
+                                  "C": None}
+    assert think_longer.merge({"AB": doc, "D": part([4], 1.0)})["environment"]["AB"] == doc["environment"]
+
 def test_merge_without_depth_pairs_weights_the_summaries_by_seeds():
     """A record written before the depth pairs were kept: means weighted by seed count, the max and slack range over
     both, the median slack (which does not join) dropped."""

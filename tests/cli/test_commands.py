@@ -219,6 +219,12 @@ def test_compact_is_refused_where_it_chooses_nothing_and_kept_for_act(tmp_path):
     with pytest.raises(PlanError, match="none can"):
         compact_choice(on, act, [], halting=False)
     assert compact_note(SimpleNamespace(compact="auto"), deep, []) == {}
+    # #27 pass 26: "(or --loops X=auto)" was named on runs without a rule per difficulty, where it is refused
+    with pytest.raises(PlanError, match=r"none can: add --exit, or drop --compact$"):
+        compact_choice(on, deep, [])
+    per = SimpleNamespace(cfg=tiny_config(tmp_path, "per", "model.stages.0.circuits.Y.loops=per_difficulty(1, 1)"))
+    with pytest.raises(PlanError, match=r"none can: add --exit \(or --loops Y=auto\), or drop --compact$"):
+        compact_choice(on, per, [])
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -601,6 +607,19 @@ def test_context_diff_from_the_command_line(run_dir, text_run_dir, capsys):
                  "context_diff:0.1", "--no-cache"]) == 0
 
 
+@pytest.mark.parametrize("extra, named", [(["--cache", "last"], "--cache"), (["--continuous"], "--continuous"),
+                                          (["--cache", "ring:2", "--continuous"], "--cache and --continuous")])
+def test_a_rule_cached_decoding_cannot_run_names_the_cache_flags_to_drop(text_run_dir, capsys, extra, named):
+    """#27 pass 26: beside --cache or --continuous the line said "use --no-cache", and --no-cache beside them is
+    refused in turn (they would do nothing): the fix it gave was a second error. It now says what --no-cache
+    replaces."""
+    argv = ["generate", "--run", str(text_run_dir), "--prompt", "In", "--max-new-tokens", "2"]
+    for rule in ("context_diff:0.1", "patience:2"):
+        assert main([*argv, "--exit", rule, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: decoding with a cache cannot run the exit rule {rule.split(':')[0]} of circuit X")
+        assert err.endswith(f"; use --no-cache in place of {named} (recomputes the prefix every token)"), err
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--exit", "kl:1e-3"], "kl reads the model's output .* name it, e.g. --exit X=kl:1e-3"),
     (["eval", "--exit", "learned:q=0.5"], "circuit X was trained without a halting head"),
@@ -616,12 +635,19 @@ def test_exit_errors(run_dir, capsys, argv, message):
 
 
 def test_rys_on_a_looped_run_says_what_it_scanned(run_dir, tmp_path, capsys):
-    """Issue #27: on a looped run rys scans a plain stack's layers, and says so (not "best of 1 settings")."""
+    """Issue #27: on a looped run rys scans a plain stack's layers, and says so (not "best of 1 settings"); it names
+    the other stack only when that has layers (#27 pass 26: "--stack coda scans the other stack" on a run without a
+    coda, where --stack coda is refused)."""
     copy = shutil.copytree(run_dir, tmp_path / "looped")  # rys writes rys.csv into the run: not the shared one
     doc = run_json(capsys, "rys", "--run", str(copy), "--split", "train")
     assert doc["stack"] == "prelude" and doc["layers"] == 1
     assert "a looped run: rys duplicates layers of its plain prelude, not its circuits X, Y" in doc["note"]
-    assert "--stack coda" in doc["note"] and "loopformer convert" in doc["note"]
+    assert "--stack" not in doc["note"] and "loopformer convert" in doc["note"]  # model.coda: 0
+    assert main(["rys", "--run", str(copy), "--stack", "coda"]) == 2
+    assert "has no coda layers to duplicate" in capsys.readouterr().err
+    both = make_run(tiny_config(tmp_path, "both", "model.coda=1"))
+    doc = run_json(capsys, "rys", "--run", str(both), "--split", "train")
+    assert "which loop already; --stack coda scans the other stack, and `loopformer convert`" in doc["note"]
 
 
 def test_probe_scores_the_answers_against_a_reference(text_run_dir, tmp_path, capsys):

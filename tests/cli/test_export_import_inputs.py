@@ -330,3 +330,30 @@ def test_import_of_a_folder_this_user_may_not_read(folder, tmp_path, capsys, mon
     what = name or "the folder"
     assert error_line(capsys) == f"error: --hf {hf}: this user may not read {what}; make it readable (chmod -R u+rX {hf})"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_exported_run_encodes_a_prompt_as_the_run_does(tmp_path, capsys):
+    """#27 pass 26: a run trains each document as BOS ids EOS and `generate` puts BOS before a prompt; export copied
+    its tokenizer.json as it was, so transformers and the imported run (prompt_format tokenizer) encoded a prompt
+    without it, and the round trip's continuation differed from the run's with no word (the logits of one input
+    matched). The folder's tokenizer now puts BOS in front, as the run does; an imported run's is kept as it was."""
+    from loopformer.data.tokenizers import read_tokenizer
+    from loopformer.inference.generate import prompt_ids, tokenizer_of
+    from tests.conftest import make_run
+
+    cfg = load_config("configs/text_bytes.yaml", [
+        f"run.dir={tmp_path}", "run.name=bpe", "data.tokenizer=bpe", "data.vocab_size=300", "data.seq_len=32",
+        "model.mlp=swiglu", "model.d_model=16", "model.heads=2", "model.stages=[]", "model.prelude=1"])
+    run = make_run(cfg)
+    prompt = "And God said"
+    for source, out in ((run, tmp_path / "hf"), (tmp_path / "back", tmp_path / "hf_again")):
+        info = read_run(source)
+        want = prompt_ids(tokenizer_of(info.data), prompt, info.cfg.data.prompt_format)
+        assert main(["export", "--run", str(source), "--out", str(out)]) == 0
+        assert read_tokenizer(out / "tokenizer.json").encode_prompt(prompt) == want  # transformers' encoding
+        if source == run:
+            assert want[0] == tokenizer_of(info.data).bos_id
+            assert main(["import", "--hf", str(out), "--out", str(tmp_path / "back")]) == 0
+            back = read_run(tmp_path / "back")
+            assert prompt_ids(tokenizer_of(back.data), prompt, back.cfg.data.prompt_format) == want
+    capsys.readouterr()

@@ -180,6 +180,37 @@ def test_ablate_activity_and_sweep_files_are_one_set(looped_run, capsys, monkeyp
     assert contents(looped_run, names) == old and hidden(looped_run) == []  # the csv of 16 examples is gone too
 
 
+def test_a_sweep_whose_tensorboard_run_cannot_be_written_keeps_the_earlier_sweep(looped_run, capsys, monkeypatch):
+    """#27 pass 26: a disk that filled while `sweep` wrote its tensorboard run (sweeps/X, after the CSV and plots) was
+    a traceback from tensorboard's writer, with the earlier sweep's run deleted and the new CSV beside it. Now one
+    line naming the folder; the earlier sweep's files and tensorboard run stay, and nothing temporary is left."""
+    import errno
+
+    from loopformer.runs.scalars import MetricsWriter
+
+    args = ["sweep", "--loops", "X=1,2", "--run", str(looped_run), "--examples", "8"]
+    names = ["sweep.csv", "sweep_X.png", "sweep_convergence.png"]
+    assert main(args) == 0
+    old, tb = contents(looped_run, names), looped_run / "sweeps" / "X"
+    old_tb = sorted(str(p.relative_to(tb)) for p in tb.rglob("*"))
+
+    class Full(MetricsWriter):
+        def image(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sweep_cli, "MetricsWriter", Full)
+    dead = tb.parent / ".X.tmp-999999999"  # of a sweep killed outright (kill -9) while it wrote: removed by the next
+    (dead / "tb").mkdir(parents=True)
+    (dead / "metrics.jsonl").write_text("{}\n")
+    capsys.readouterr()
+    assert main([*args[:-1], "16"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: cannot write {tb} (No space left on device): make it and its folder writable (or free disk space) "
+        f"and run the command again")
+    assert contents(looped_run, names) == old and hidden(looped_run) == [] and hidden(tb.parent) == []
+    assert sorted(str(p.relative_to(tb)) for p in tb.rglob("*")) == old_tb
+
 def test_a_set_killed_outright_part_way_is_put_back_by_the_next_command(tmp_path):
     """kill -9 (or a lost machine) while a command replaced its files left a mix of the old and new set: the
     journal it wrote first names what to put back, and the next command to write a set does so before its own."""

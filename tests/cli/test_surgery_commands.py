@@ -74,6 +74,12 @@ def test_activity_on_a_plain_model_is_one_line(plain_run, capsys):
     assert main(["eval", "--run", str(plain_run), "--exit", "latent_diff:0.1"]) == 2  # #27.8: not ignored
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == "error: --exit latent_diff:0.1: this run has no looped circuits, so nothing can exit; drop --exit"
+    # #27 pass 26: --max-loops alone said to add --exit or --loops, both refused on a run without circuits
+    for argv in (["eval"], ["sweep", "--loops", "X=1:2"], ["generate"]):
+        assert main([*argv, "--run", str(plain_run), "--max-loops", "4"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == ("error: --max-loops 4 caps the circuits that exit, and this run has no looped circuits; drop "
+                        "--max-loops")
 
 
 def test_rys_errors(plain_run, capsys):

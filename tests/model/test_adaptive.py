@@ -354,6 +354,23 @@ def test_act_evaluates_with_its_own_halting():
     np.testing.assert_allclose(stashed.ponder, want + remainder, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rule", ["latent_diff:0.1", "kl:0.001", "context_diff:0.05", "patience:2"])
+def test_a_rule_other_than_learned_is_refused_on_an_act_circuit(rule):
+    """#27 pass 26: ACT writes the mixture of its iterations' writes; under another exit rule its circuit wrote its
+    tokens' last state, a function it was not trained as (eval, sweep and generate reported it with no word). Its own
+    halting (learned:q) runs, and the rules run on a circuit whose write is its last state (ouro)."""
+    from loopformer.model.plan import exit_caps
+    from loopformer.variants.exits import ExitRule
+
+    act, ouro = one_circuit(halting_kind="act"), one_circuit(halting_kind="ouro")
+    with pytest.raises(PlanError, match=rf"^exit X={rule}: circuit X halts by act, which writes the mixture of its "
+                                        r"iterations' writes weighted by its halting probabilities; this rule would "
+                                        r"stop its tokens and write their last state instead"):
+        exit_caps(act, {"X": ExitRule.parse(rule)}, {})
+    assert exit_caps(act, {"X": ExitRule.parse("learned:q=0.5")}, {}) == {"X": 8}
+    assert exit_caps(ouro, {"X": ExitRule.parse(rule)}, {}) == {"X": 8}
+
+
 # ----------------------------------------------------------------------------- routers
 
 
