@@ -65,8 +65,8 @@ accurate on val). Both are reported on test. The bar (#25), at 2x on test for ev
 selection is within 1 point of the best fixed count's accuracy, at <= 0.6x its FLOPs per token, <= 0.7x
 its wall-clock per token, with Spearman >= 0.6.
 
-    python bench/adaptive.py [--tasks prefix_parity,maze3,text] [--seeds 3] [--models looped,halting,router]
-                             [--json] [--out DIR] [--examples N] [--compact auto|on|off]
+    python bench/adaptive.py [--tasks prefix_parity,maze3,prefix_parity_settle,text] [--seeds 3]
+                             [--models looped,halting,router] [--json] [--out DIR] [--examples N] [--compact auto|on|off]
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
 Poisson-lognormal loops and a state norm), bits per byte vs mean loops per policy on the val split.
@@ -415,7 +415,7 @@ def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds
 
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
-    p.add_argument("--tasks", default="prefix_parity,maze3", help="comma-separated: prefix_parity, maze3, text")
+    p.add_argument("--tasks", default="prefix_parity,maze3", help=f"comma-separated: {', '.join([*TASKS, 'text'])}")
     p.add_argument("--out", type=C.out_folder, default="bench_runs/adaptive", help="run directories and results")
     p.add_argument("--examples", type=int, help="eval examples per held-out set of a task (default 256, "
                    "think_longer's)")
