@@ -1004,7 +1004,7 @@ class Config:
         if not on:  # (the circuit may stay named: both terms off)
             return
         _check(not name or name in names, f"train.iteration_loss_circuit: '{name}' is not a circuit; circuits are "
-               f"{', '.join(names) or 'none'}; name one, or turn " + " and ".join(f"train.{f}=0" for f in on))
+               f"{', '.join(names) or 'none'}; name one, or turn the terms off: " + " ".join(f"train.{f}=0" for f in on))
         if self.train.iteration_loss:
             name, W = self.iteration_window()
             k = self.model.circuit(name).backprop
