@@ -791,7 +791,7 @@ class TrainConfig:
     # relative change of its state over iteration N (what exit rules latent_diff and context_diff test), so that
     # the loop comes to rest past the counts it trains at instead of drifting or cycling there.
     settle: float = 0.0  # the weight; 0 = off
-    settle_loops: int = 0  # N; 0: twice the circuit's largest training count
+    settle_loops: int = 0  # N; 0: unset (train.settle needs one, e.g. twice the circuit's max_loops)
     # all: every parameter trains on the model's objective | gate: Ouro's stage II, only the halting head
     # trains (on the per-step loss improvement, halting.gate_k / gate_gamma), every other parameter frozen
     stage: str = "all"
@@ -832,7 +832,7 @@ class TrainConfig:
         _check(isinstance(t.settle_loops, int) and not isinstance(t.settle_loops, bool)
                and (t.settle_loops == 0 or 2 <= t.settle_loops <= MAX_LOOPS),
                f"train.settle_loops (the count at which the settling loss is read) must be an integer in 2..{MAX_LOOPS} "
-               f"or 0 (twice the circuit's largest training count), got {t.settle_loops!r}")
+               f"or 0 (unset), got {t.settle_loops!r}")
         _check(t.stage in TRAIN_STAGES, f"train.stage must be one of {', '.join(TRAIN_STAGES)}, got {t.stage!r}")
 
 

@@ -129,9 +129,9 @@ def progressive_plan(plan: Plan, circuits: tuple[str, ...], key: Array) -> Plan:
 def settle_plan(plan: Plan, name: str, count: int) -> Plan:
     """The settling loss's pass (train.settle): ``plan`` with circuit ``name`` at the one count ``count`` for
     every token (not the step's counts: per difficulty, or sampled), keeping its last two states (a window of
-    2, within its truncation depth: gradient through its last iterations, the earlier ones run without)."""
-    return dataclasses.replace(plan, loops={**plan.loops, name: jnp.asarray(count, jnp.int32)}, windows=((name, 2),),
-                               by_difficulty=tuple(d for d in plan.by_difficulty if d[0] != name))
+    2, within its truncation depth: gradient through its last iterations, the earlier ones run without).
+    ``plan`` must have its counts resolved (`Plan.for_batch`), as `progressive_plan`'s."""
+    return dataclasses.replace(plan, loops={**plan.loops, name: jnp.asarray(count, jnp.int32)}, windows=((name, 2),))
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class _Objective:
             sums = sums | logs
         if self.settle is not None:
             name, count, weight = self.settle
-            far = forward_batch(model, mb, settle_plan(self.plan, name, count))[1]
+            far = forward_batch(model, mb, settle_plan(plan, name, count))[1]
             term, logs = settle_terms(far, name, mb, weight, self.grad_accum)
             objective, sums = objective + term, sums | logs
         if self.gate is not None:
