@@ -388,7 +388,7 @@ class Circuit(nnx.Module):
         attn = self.blocks.attn
         flat_caps = [] if cache is not None else sorted(
             N for N in {math.ceil(B * T / share) for share in shares}
-            if N < B * T and 2 * N * T * attn.kv_heads * attn.head_dim * 4 <= FLAT_KV_BYTES)
+            if N < B * T and 2 * N * attn.flat_span(T) * attn.kv_heads * attn.head_dim * 4 <= FLAT_KV_BYTES)
         grid = [R * c for R in row_caps for c in tok_caps]
         branches = [gathered(R, c) for R in row_caps for c in tok_caps] + [flat(N) for N in flat_caps]
         sizes = jnp.asarray(grid + flat_caps, jnp.float32)

@@ -205,16 +205,33 @@ class Attention(nnx.Module):
         and index T. First every gathered token's fresh keys and values are written into ``kv``, so each query
         sees the other gathered tokens' new ones, then each attends over its own row's ([N, T, K, H] gathered),
         with causality and the window on sequence indices and ``mask_N11T`` its row of the segment mask, as
-        `compact` does for whole rows. Returns (output [N, 1, W], the updated keys and values)."""
+        `compact` does for whole rows. With a window narrower than the row, each token reads only the S =
+        `flat_span` keys around it ([N, S, K, H]: a window-2 model's tokens read 2 keys, not the row's T).
+        Returns (output [N, 1, W], the updated keys and values)."""
         N, _, W = x_N1W.shape
         B, T = kv[0].shape[:2]
         q, k, v = self._qkv(x_N1W, positions_N1)
         kv = tuple(buf.at[rows_N, index_N].set(new[:, 0].astype(buf.dtype), mode="drop")
                    for buf, new in zip(kv, (k, v), strict=True))
-        own = tuple(buf[jnp.minimum(rows_N, B - 1)].astype(q.dtype) for buf in kv)
+        r, q_pos = jnp.minimum(rows_N, B - 1), jnp.minimum(index_N, T - 1)[:, None]
+        S = self.flat_span(T)
+        if S == T:
+            k_pos = jnp.broadcast_to(jnp.arange(T), (N, T))
+            own = tuple(buf[r].astype(q.dtype) for buf in kv)
+        else:  # the window's keys: sequence indices q - left .. q + right, those off the row never visible
+            left = self._span[0]
+            k_pos = q_pos - left + jnp.arange(S)  # [N, S]
+            at = r[:, None], jnp.clip(k_pos, 0, T - 1)
+            own = tuple(buf[at].astype(q.dtype) for buf in kv)
+            mask_N11T = None if mask_N11T is None else jnp.take_along_axis(mask_N11T[:, 0, 0], at[1], axis=-1)[:, None, None]
+            k_pos = jnp.where((k_pos >= 0) & (k_pos < T), k_pos, -2 * T)  # -2T: past any window's reach
         y = attend(q, *own, mask=mask_N11T, causal=self.causal, window=self._span, impl="einsum",
-                   q_pos=jnp.minimum(index_N, T - 1)[:, None], k_pos=jnp.broadcast_to(jnp.arange(T), (N, T)))
+                   q_pos=q_pos, k_pos=k_pos)
         return self.out(y.reshape(N, 1, W)), kv
+
+    def flat_span(self, T: int) -> int:
+        """How many keys of its row one token of a flat buffer reads: the window's span, at most T."""
+        return T if self._span is None else min(T, self._span[0] + self._span[1] + 1)
 
 
 class MLP(nnx.Module):

@@ -12,6 +12,7 @@ from flax import nnx
 from loopformer.config import load_config
 from loopformer.errors import PlanError
 from loopformer.model.plan import make_plan
+from loopformer.model.layers import stack_layers
 from loopformer.model.transformer import build_model
 from tests.model.test_model import randomize_writes
 
@@ -139,13 +140,19 @@ def test_deeper_circuits_and_fixed_counts_run_masked():
     assert float(cc) == 5 * tokens.size
 
 
-def test_a_flat_buffer_gathers_running_tokens_of_uneven_rows():
+@pytest.mark.parametrize("overrides,span", [
+    ((), 8),
+    ((f"{X}.window=3",), 3),  # each token reads its 3-key window, not its row: index 5 of row 2 not index 3
+    (("model.causal=false", f"{X}.window=2"), 3),  # one key each side
+], ids=["causal", "window-3", "bidirectional-window-2"])
+def test_a_flat_buffer_gathers_running_tokens_of_uneven_rows(overrides, span):
     """Hand count: B = 4, T = 8; row 0 runs 6 iterations on every token, rows 1-3 on token 0 only (and row 2 on
     token 5, in its second packed document), the others 1. Iterations 3-6 have 12 running tokens: rows by tokens
     would take 4 x 8 (row 0's 8 pad the others); the flat buffers of 32 / s tokens (32, 16, 8, 4) take 16, each
-    token attending over its own row's keys and values, within its document and causally: the logits are the
-    masked loop's."""
-    model = _model()
+    token attending over its own row's keys and values (a windowed circuit's, the ``span`` keys around it),
+    within its document and causally: the logits are the masked loop's."""
+    model = _model(*overrides)
+    assert stack_layers(model.stages[0].circuits["X"].blocks)[0].attn.flat_span(8) == span
     counts = jnp.ones((4, 8), jnp.int32).at[0].set(6).at[1:, 0].set(6).at[2, 5].set(6)
     segments = jnp.asarray([[1] * 8, [1] * 8, [1] * 4 + [2] * 4, [1] * 8], jnp.int32)
     (lc, uc, cc), (lm, um, cm) = _both(model, _tokens(4, 8), segments, loops={"X": counts},
