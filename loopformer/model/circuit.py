@@ -39,7 +39,7 @@ from loopformer.config.schema import CircuitConfig, RouterConfig
 from loopformer.errors import DecodingError, PlanError
 from loopformer.model.cache import store
 from loopformer.model.layers import Block, BlockSettings, normal_init, run_stack, stack_layers, stacked, zeros_init
-from loopformer.model.loop import Until, iterate, iterate_traced, iterate_until, iterate_window
+from loopformer.model.loop import Phase, Until, iterate, iterate_traced, iterate_until, iterate_window, phase_switch
 from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
 from loopformer.variants.cache import CachePolicy
@@ -297,7 +297,8 @@ class Circuit(nnx.Module):
         computed = loop.side[1] if compact else loop.ran.astype(jnp.float32) * B * T
         if cache is None:
             return CircuitOut(out, used=used, computed=computed)
-        cache, filled = self._store(step, consts, loop, n, ctx, cache, early=rule is not None, compact=compact)
+        cache, filled = self._store(phase_switch(step) if compact else step, consts, loop, n, ctx, cache,
+                                    early=rule is not None, compact=compact)
         return CircuitOut(out, used=used, cache=cache, state=loop.h, computed=computed + filled)
 
     @property
@@ -312,14 +313,17 @@ class Circuit(nnx.Module):
         return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
     def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context, shares: tuple[float, ...],
-                      cache: tuple[KV, ...] | None = None) -> Callable:
-        """The compacted iteration: ``step(consts, i, h, (kv, computed, chunk), fresh)``. The fresh tokens (those
+                      cache: tuple[KV, ...] | None = None) -> list[Phase]:
+        """The compacted iteration, one `Phase` per buffer size, largest first (`iterate_until` runs each while
+        no smaller one holds the fresh tokens; `phase_switch` picks one for a single iteration); each phase's
+        step is ``step(consts, i, h, (kv, computed, chunk), fresh)``. The fresh tokens (those
         that ran the previous iteration) are gathered into an [R, c] buffer: the R rows that hold any, then
         in each the fresh tokens in sequence order, R and c the smallest of B / ``shares`` and
         T / ``shares`` that hold them (R = B or c = T gathers nothing along that axis); or, in evaluation,
         into a flat buffer of N tokens from any rows, N the smallest of B T / ``shares`` that holds them, when
         that is smaller (rows whose running tails differ in length: the [R, c] buffer pads every row to the
-        longest) and its gathered keys and values ([N, T, K, H], each token reads its own row's) stay under
+        longest) and its gathered keys and values ([N, S, K, H], each token reads its own row's: S = T, or a
+        windowed circuit's span) stay under
         FLAT_KV_BYTES. They run the block over their rows' keys and values ``kv`` (each token's, from its
         current state), storing their own.
         Tokens that stopped in the previous iteration run once more this way, which stores the keys and values
@@ -389,35 +393,39 @@ class Circuit(nnx.Module):
         flat_caps = [] if cache is not None else sorted(
             N for N in {math.ceil(B * T / share) for share in shares}
             if N < B * T and 2 * N * attn.flat_span(T) * attn.kv_heads * attn.head_dim * 4 <= FLAT_KV_BYTES)
-        grid = [R * c for R in row_caps for c in tok_caps]
-        branches = [gathered(R, c) for R in row_caps for c in tok_caps] + [flat(N) for N in flat_caps]
-        sizes = jnp.asarray(grid + flat_caps, jnp.float32)
         policy = None if ctx.decoding is None else ctx.decoding.policy
 
-        def step(consts: tuple[Any, Array], i: Array, h: Array, side: tuple, fresh: Array) -> tuple[Array, tuple]:
-            kv, computed, chunk = side
-            per_row = jnp.sum(fresh, axis=-1)
-            r = jnp.sum(jnp.asarray(row_caps) < jnp.sum(per_row > 0))
-            t = jnp.sum(jnp.asarray(tok_caps) < jnp.max(per_row))
-            which = r * len(tok_caps) + t
-            if flat_caps:  # the smallest flat buffer that holds every fresh token, where it is smaller
-                f = jnp.sum(jnp.asarray(flat_caps) < jnp.sum(per_row))
-                smaller = (f < len(flat_caps)) & (sizes[len(grid) + jnp.minimum(f, len(flat_caps) - 1)] < sizes[which])
-                which = jnp.where(smaller, len(grid) + f, which)
-            dec = ()
-            if cache is not None:  # one block: one layer of cache and chunk
-                slot, writes = policy.slot(i), policy.writes(i)
-                at = lambda a: jax.lax.dynamic_index_in_dim(a, slot, 0, False)  # noqa: E731
-                (k_c, v_c), = cache
-                (k_b, v_b), = chunk
-                dec = (at(k_c), at(v_c), at(k_b), at(v_b), ~writes)
-            h, kv = jax.lax.switch(which, branches, consts, h, kv, fresh, dec)
-            if cache is not None:
-                chunk = (tuple(jax.lax.dynamic_update_index_in_dim(b, jnp.where(writes, f.astype(b.dtype), at(b)), slot, 0)
-                               for b, f in zip(chunk[0], kv, strict=True)),)
-            return h, (kv, computed + sizes[which], chunk)
+        def phase(run: Callable, size: int) -> Callable:
+            def step(consts: tuple[Any, Array], i: Array, h: Array, side: tuple, fresh: Array) -> tuple[Array, tuple]:
+                kv, computed, chunk = side
+                dec = ()
+                if cache is not None:  # one block: one layer of cache and chunk
+                    slot, writes = policy.slot(i), policy.writes(i)
+                    at = lambda a: jax.lax.dynamic_index_in_dim(a, slot, 0, False)  # noqa: E731
+                    (k_c, v_c), = cache
+                    (k_b, v_b), = chunk
+                    dec = (at(k_c), at(v_c), at(k_b), at(v_b), ~writes)
+                h, kv = run(consts, h, kv, fresh, dec)
+                if cache is not None:
+                    put = lambda b, f: jnp.where(writes, f.astype(b.dtype), at(b))  # noqa: E731
+                    chunk = (tuple(jax.lax.dynamic_update_index_in_dim(b, put(b, f), slot, 0)
+                                   for b, f in zip(chunk[0], kv, strict=True)),)
+                return h, (kv, computed + size, chunk)
+            return step
 
-        return step
+        def rows_by_tokens(R: int, c: int) -> Phase:
+            def fits(fresh: Array) -> Array:
+                per_row = jnp.sum(fresh, axis=-1)
+                return (jnp.sum(per_row > 0) <= R) & (jnp.max(per_row) <= c)
+            return Phase(phase(gathered(R, c), R * c), fits)
+
+        def tokens(N: int) -> Phase:
+            return Phase(phase(flat(N), N), lambda fresh: jnp.sum(fresh) <= N)
+
+        # largest first; at equal sizes rows by tokens first (they copy no keys and values per token)
+        buffers = sorted([(R * c, 0, R, c) for R in row_caps for c in tok_caps] + [(N, 1, 0, N) for N in flat_caps],
+                         key=lambda b: (-b[0], b[1]))
+        return [tokens(N) if is_flat else rows_by_tokens(R, N) for _, is_flat, R, N in buffers]
 
     def _chunk(self, cache: tuple[KV, ...], h0: Array) -> tuple[KV, ...]:
         """Per layer, a [S, B, t, K, H] buffer for the chunk's keys and values of each slot."""
@@ -752,7 +760,7 @@ class Bank(nnx.Module):
         their final state, which every later round reads. The masked rounds' outputs (test). Returns
         ((h,), used [1, B, T], the auxiliary loss summed over rounds, token-iterations executed, rounds run)."""
         circuit = self.circuits[self.names[0]]
-        step = circuit._compact_step(graphdef, ctx, shares)
+        step = phase_switch(circuit._compact_step(graphdef, ctx, shares))
         hs0, active0, used0, aux0 = carry0
 
         def cond(c: tuple) -> Array:

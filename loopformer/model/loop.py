@@ -13,7 +13,7 @@ With k = 0 the whole loop is a fori_loop (inference: any n in 1..1000, one progr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -195,6 +195,25 @@ CachedStepFn = Callable[[PyTree, Array, Array, PyTree, Array], tuple[Array, PyTr
 StopFn = Callable[[Array, Array, Array, Array, PyTree], tuple[Array, PyTree]]
 
 
+class Phase(NamedTuple):
+    """One static buffer of a compacted loop: ``step`` (a `CachedStepFn`) runs an iteration on the fresh tokens
+    gathered into it; ``fits(fresh) -> bool []`` whether it holds them all."""
+
+    step: CachedStepFn
+    fits: Callable[[Array], Array]
+
+
+def phase_switch(phases: Sequence[Phase]) -> CachedStepFn:
+    """One step that runs the last of ``phases`` (largest buffer first) whose buffer holds the fresh tokens,
+    chosen by `lax.switch`: for a single iteration outside `iterate_until` (a decoding cache's fill, a routed
+    bank's rounds). The first phase must hold any fresh set."""
+    def step(consts: PyTree, i: Array, h: Array, side: PyTree, fresh: Array) -> tuple[Array, PyTree]:
+        fits = jnp.stack([p.fits(fresh) for p in phases])
+        which = len(phases) - 1 - jnp.argmax(fits[::-1])
+        return jax.lax.switch(which, [p.step for p in phases], consts, i, h, side, fresh)
+    return step
+
+
 class Until(NamedTuple):
     """An inference loop's result: the final states h [..., W], ``used`` [...] float32 iterations each token
     ran, the stop rule's final state, the side state the step carried (a decoding chunk's keys and values),
@@ -210,7 +229,7 @@ class Until(NamedTuple):
     fresh: Array
 
 
-def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, stop: StopFn | None = None,
+def iterate_until(step: CachedStepFn | Sequence[Phase], consts: PyTree, h0: Array, n: Array, *, stop: StopFn | None = None,
                   state0: PyTree = (), due: Callable[[Array], Array] | None = None, side0: PyTree = (),
                   active0: Array | None = None) -> Until:
     """Inference (no gradient): iterate every token until its stop rule fires or it reaches its count.
@@ -228,32 +247,45 @@ def iterate_until(step: CachedStepFn, consts: PyTree, h0: Array, n: Array, *, st
     from then on (copy-forward: its neighbours read the keys and values of its frozen state). ``active0``
     (default all) are the tokens that run at all (evaluation leaves padding out: no real token reads it).
     The loop ends when no token runs. Without a stop rule and with one count, it is a plain ``fori_loop``.
+
+    ``step`` may instead be phases (compacted inference: the largest buffer first, the first holding any fresh
+    set): one ``while_loop`` per phase, each running while no later phase's buffer holds the fresh tokens. The
+    fresh set only shrinks, so the buffers shrink with it, and no iteration pays for a `lax.switch` (XLA copies
+    a conditional's carried state, keys and values included, in and out at every iteration).
     """
     n = jnp.asarray(n, jnp.int32)
     everyone = jnp.ones(h0.shape[:-1], bool)
-    if stop is None and n.ndim == 0 and active0 is None:
-        h, side = jax.lax.fori_loop(0, n, lambda i, c: step(consts, i, *c, everyone), (h0, side0))
+    phases = [Phase(step, lambda fresh: jnp.ones((), bool))] if callable(step) else list(step)
+    if stop is None and n.ndim == 0 and active0 is None:  # every token runs every iteration: the first phase
+        h, side = jax.lax.fori_loop(0, n, lambda i, c: phases[0].step(consts, i, *c, everyone), (h0, side0))
         return Until(h, jnp.broadcast_to(n.astype(jnp.float32), h0.shape[:-1]), state0, side, n, everyone)
     due = due or (lambda i: jnp.ones((), bool))
     n_max = jnp.max(n)
 
-    def cond(c: tuple) -> Array:
-        return (c[0] < n_max) & jnp.any(c[2])
+    def run(j: int, c: tuple) -> tuple:
+        def cond(c: tuple) -> Array:
+            go = (c[0] < n_max) & jnp.any(c[2])
+            later = [p.fits(c[3]) for p in phases[j + 1:]]  # a smaller buffer holds the fresh tokens: move on
+            return go & ~jnp.any(jnp.stack(later)) if later else go
 
-    def body(c: tuple) -> tuple:
-        i, h, active, fresh, used, state, side = c
-        new, side = step(consts, i, h, side, fresh)
-        h_next = jnp.where(active[..., None], new, h)
-        used = used + active.astype(jnp.float32)
-        ran = active
-        if stop is not None:
-            fire, state = stop(i + 1, h, h_next, active, state)
-            active = active & ~(fire & due(i + 1))
-        return i + 1, h_next, active & (i + 1 < n), ran, used, state, side
+        def body(c: tuple) -> tuple:
+            i, h, active, fresh, used, state, side = c
+            new, side = phases[j].step(consts, i, h, side, fresh)
+            h_next = jnp.where(active[..., None], new, h)
+            used = used + active.astype(jnp.float32)
+            ran = active
+            if stop is not None:
+                fire, state = stop(i + 1, h, h_next, active, state)
+                active = active & ~(fire & due(i + 1))
+            return i + 1, h_next, active & (i + 1 < n), ran, used, state, side
+
+        return jax.lax.while_loop(cond, body, c)
 
     active = everyone if active0 is None else active0 & (n > 0)
     c = (jnp.zeros((), jnp.int32), h0, active, everyone, jnp.zeros(h0.shape[:-1], jnp.float32), state0, side0)
-    ran, h, _, fresh, used, state, side = jax.lax.while_loop(cond, body, c)
+    for j in range(len(phases)):
+        c = run(j, c)
+    ran, h, _, fresh, used, state, side = c
     return Until(h, used, state, side, ran, fresh)
 
 

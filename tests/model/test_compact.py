@@ -11,8 +11,8 @@ from flax import nnx
 
 from loopformer.config import load_config
 from loopformer.errors import PlanError
-from loopformer.model.plan import make_plan
 from loopformer.model.layers import stack_layers
+from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
 from tests.model.test_model import randomize_writes
 

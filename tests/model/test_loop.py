@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loopformer.config import LoopDistribution
-from loopformer.model.loop import iterate, iterate_traced, sample_count, sample_loops
+from loopformer.model.loop import Phase, iterate, iterate_traced, iterate_until, phase_switch, sample_count, sample_loops
 
 
 def _step(consts, h):
@@ -143,3 +143,32 @@ def test_trace_statistics_skip_padding():
     cos = [(np.sum(u[0].sum(0) ** 2) - 5) / 20, (np.sum(u[1, :4].sum(0) ** 2) - 4) / 12]
     got = np.asarray(state_stats(jnp.concatenate([h0, junk0], 1), jnp.concatenate([h1, junk1], 1), ragged))
     assert got[2] == pytest.approx(np.mean(cos), rel=1e-5)
+
+
+def test_phases_shrink_with_the_running_tokens():
+    """Phases (compacted inference): per-token counts 1, 2, 5 and 9 on four tokens, buffers of 4, 3, 2 and 1 tokens
+    whose step records its size; the 2-token one says it holds at most 1 (as a rows-by-tokens buffer may not hold
+    a set of its size). Fresh tokens per iteration: 4, 4 (the first ran iteration 1), 3, 2, 2, 2 (the 2-token
+    buffer says no: the 3-token one runs), then 1, 1, 1. The states are a single step's loop's, and
+    `phase_switch` picks the last buffer that holds a fresh set."""
+    w, e = _consts()
+    consts = (w, jax.random.normal(jax.random.key(2), (4, 8)))
+    h0 = jax.random.normal(jax.random.key(1), (4, 8))
+    n = jnp.asarray([1, 2, 5, 9], jnp.int32)
+
+    def phase(size, fits):
+        def step(consts, i, h, side, fresh):
+            return _step(consts, h), side + size
+        return Phase(step, fits)
+
+    phases = [phase(4, lambda f: jnp.ones((), bool)), phase(3, lambda f: jnp.sum(f) <= 3),
+              phase(2, lambda f: jnp.sum(f) <= 1), phase(1, lambda f: jnp.sum(f) <= 1)]
+    loop = jax.jit(lambda h: iterate_until(phases, consts, h, n, side0=jnp.zeros((), jnp.int32)))(h0)
+    one = iterate_until(phases[0].step, consts, h0, n, side0=jnp.zeros((), jnp.int32))
+    assert int(loop.side) == 4 + 4 + 3 + 3 + 3 + 3 + 1 + 1 + 1
+    assert int(one.side) == 4 * 9  # every iteration in the largest buffer
+    np.testing.assert_allclose(np.asarray(loop.h), np.asarray(one.h), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(loop.used), [1, 2, 5, 9])
+    pick = phase_switch(phases)
+    for fresh, size in (([1, 1, 1, 1], 4), ([0, 1, 1, 1], 3), ([0, 0, 0, 1], 1)):
+        assert int(pick(consts, 0, h0, jnp.zeros((), jnp.int32), jnp.asarray(fresh, bool))[1]) == size
