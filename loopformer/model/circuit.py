@@ -422,9 +422,10 @@ class Circuit(nnx.Module):
         def tokens(N: int) -> Phase:
             return Phase(phase(flat(N), N), lambda fresh: jnp.sum(fresh) <= N)
 
-        # largest first; at equal sizes rows by tokens first (they copy no keys and values per token)
+        # largest first; at equal sizes rows by tokens last, so that they run wherever they hold the fresh tokens
+        # (a flat buffer holds any set a rows-by-tokens one of its size holds, and copies keys and values per token)
         buffers = sorted([(R * c, 0, R, c) for R in row_caps for c in tok_caps] + [(N, 1, 0, N) for N in flat_caps],
-                         key=lambda b: (-b[0], b[1]))
+                         key=lambda b: (-b[0], -b[1]))
         return [tokens(N) if is_flat else rows_by_tokens(R, N) for _, is_flat, R, N in buffers]
 
     def _chunk(self, cache: tuple[KV, ...], h0: Array) -> tuple[KV, ...]:
