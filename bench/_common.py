@@ -210,6 +210,24 @@ def fits_memory(p: argparse.ArgumentParser, flag: str, value: int, need: Callabl
             f"{memory / 2**30:.0f} GiB; {fit}")
 
 
+def rows_dropped(tasks: Mapping[str, Any], names: Sequence[str], kept: Callable[[dict], bool],
+                 model: Callable[[dict], str | None] = lambda row: None) -> str | None:
+    """Which rows of the record's ``tasks`` (of the tasks ``names``) a run that writes the record anew would not
+    score again (``kept`` false), by task and model and seed: "seeds 0, 1 of maze3", or with ``model``
+    "halting (seed 2) of maze3"; None when none. `think_longer.py` and `adaptive.py` (and `exit_oracle.py`) refuse
+    such a run: it replaced the record with no word (#27 passes 24 and 26)."""
+    lost = []
+    for name in (n for n in names if n in tasks):
+        gone: dict[str | None, list[int]] = {}
+        for m, seed in sorted({(model(r), int(r.get("seed", 0))) for r in tasks[name]["rows"] if not kept(r)},
+                              key=lambda ms: (ms[0] or "", ms[1])):
+            gone.setdefault(m, []).append(seed)
+        for m, seeds in gone.items():
+            s = f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+            lost.append(f"{s} of {name}" if m is None else f"{m} ({s}) of {name}")
+    return "; ".join(lost) or None
+
+
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a bench script's ``main`` and exit with its code; a setting the library refuses (a
     `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2;

@@ -397,20 +397,15 @@ def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds
     run of ``models`` over seeds 0..``seeds`` - 1 would not score again, as "halting (seeds 0, 1) of prefix_parity"; None
     when none (or no readable record). The run replaces the record: ``--models looped`` into the --out of a full run
     (the rescoring --models is for, where the runs are) dropped its halting and router rows with no word (#27 pass
-    26), as think_longer.py's --first-seed dropped seeds (`think_longer.seeds_replaced`). exit_oracle.py's rows (of the
+    26), as think_longer.py's --first-seed dropped seeds (both read by `_common.rows_dropped`). exit_oracle.py's rows (of the
     looped model, without a model field) are read so too."""
-    lost = []
     try:
         tasks = jsontext.loads(record.read_text(encoding="utf-8"))["tasks"] if record.is_file() else {}
-        for name in (n for n in names if n in tasks and n != "text"):
-            gone: dict[str, list[str]] = {}
-            for model, seed in sorted({(r.get("model", "looped"), int(r["seed"])) for r in tasks[name]["rows"]}):
-                if model not in models or not 0 <= seed < seeds:
-                    gone.setdefault(model, []).append(str(seed))
-            lost += [f"{m} (seed{'s' * (len(s) > 1)} {', '.join(s)}) of {name}" for m, s in gone.items()]
+        return C.rows_dropped(tasks, [n for n in names if n != "text"],
+                              lambda r: r.get("model", "looped") in models and 0 <= int(r["seed"]) < seeds,
+                              lambda r: r.get("model", "looped"))
     except (OSError, ValueError, TypeError, KeyError):
         return None  # damaged: nothing in it to lose
-    return "; ".join(lost) or None
 
 
 def main() -> int:

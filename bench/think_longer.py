@@ -796,10 +796,7 @@ def seeds_replaced(record: Path, names: list[str], seeds: range) -> str | None:
         tasks = read_record(record)["tasks"] if record.is_file() else {}
     except (OSError, ValueError, TypeError, KeyError):
         return None  # damaged: nothing in it to lose
-    lost = {name: sorted({r.get("seed", 0) for r in tasks[name]["rows"]} - set(seeds)) for name in names
-            if name in tasks}
-    lost = {name: s for name, s in lost.items() if s}
-    return "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(map(str, s))} of {name}" for name, s in lost.items()) or None
+    return C.rows_dropped(tasks, names, lambda r: r.get("seed", 0) in seeds)
 
 
 def main() -> int:
