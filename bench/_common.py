@@ -312,8 +312,10 @@ def environment() -> dict[str, Any]:
     d = jax.devices()[0]
     return {"jax": jax.__version__, **{n: installed(n) for n in ("jaxlib", "flax", "optax", "numpy")},
             "backend": d.platform, "device_kind": d.device_kind, "cpu": _cpu_model(),
-            "device_count": jax.device_count(), "host_cpus": os.cpu_count(), "python": platform.python_version(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "device_count": jax.device_count(), "host_cpus": os.cpu_count(),
+            # the cores this process may run on (taskset, a container's cpuset): XLA's CPU threads use these
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def _cpu_model() -> str | None:

@@ -481,3 +481,19 @@ def test_result_documents_are_strict_json(tmp_path, capsys):
         assert path.name == "_common.py" or not calls, (path.name, calls)
     for path in (BENCH / "results").glob("*.json"):
         json.loads(path.read_text(), parse_constant=strict)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_a_record_says_how_many_cores_it_ran_on():
+    """A record's environment names the cores the process could use beside the host's: a run under `taskset -c 0`
+    on a 2-core host reported host_cpus 2, and its wall-clock ratios (which depend on XLA's CPU threads) read as a
+    2-core run's."""
+    import os
+    common = script("_common")
+    every = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(every)})
+        assert common.environment()["usable_cpus"] == 1
+    finally:
+        os.sched_setaffinity(0, every)
+    assert common.environment()["usable_cpus"] == len(every)
