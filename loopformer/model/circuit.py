@@ -39,7 +39,16 @@ from loopformer.config.schema import CircuitConfig, RouterConfig
 from loopformer.errors import DecodingError, PlanError
 from loopformer.model.cache import store
 from loopformer.model.layers import Block, BlockSettings, normal_init, run_stack, stack_layers, stacked, zeros_init
-from loopformer.model.loop import Phase, Until, iterate, iterate_traced, iterate_until, iterate_window, phase_switch
+from loopformer.model.loop import (
+    Phase,
+    Until,
+    iterate,
+    iterate_traced,
+    iterate_until,
+    iterate_window,
+    phase_switch,
+    while_phases,
+)
 from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
 from loopformer.variants.cache import CachePolicy
@@ -314,7 +323,7 @@ class Circuit(nnx.Module):
 
     def _compact_step(self, graphdef: nnx.GraphDef, ctx: Context, shares: tuple[float, ...],
                       cache: tuple[KV, ...] | None = None) -> list[Phase]:
-        """The compacted iteration, one `Phase` per buffer size, largest first (`iterate_until` runs each while
+        """The compacted iteration, one `Phase` per buffer size, largest first (`while_phases` runs each while
         no smaller one holds the fresh tokens; `phase_switch` picks one for a single iteration); each phase's
         step is ``step(consts, i, h, (kv, computed, chunk), fresh)``. The fresh tokens (those
         that ran the previous iteration) are gathered into an [R, c] buffer: the R rows that hold any, then
@@ -588,7 +597,7 @@ class Bank(nnx.Module):
         """Interchangeable circuits under one vmap (their weights stacked)."""
         graphdef = nnx.graphdef(self.circuits[members[0]])
         states = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(self.circuits[n]) for n in members])
-        # never compacted: under vmap, lax.switch runs every branch
+        # never compacted: under vmap every member would run each phase as long as the slowest needs it
         runs = jax.tree.map(lambda *xs: jnp.stack(xs), *[dataclasses.replace(self._run(plan, n), compact=False)
                                                          for n in members])
 
@@ -761,13 +770,12 @@ class Bank(nnx.Module):
         their final state, which every later round reads. The masked rounds' outputs (test). Returns
         ((h,), used [1, B, T], the auxiliary loss summed over rounds, token-iterations executed, rounds run)."""
         circuit = self.circuits[self.names[0]]
-        step = phase_switch(circuit._compact_step(graphdef, ctx, shares))
         hs0, active0, used0, aux0 = carry0
 
         def cond(c: tuple) -> Array:
             return (c[0] < rounds) & jnp.any(c[2])
 
-        def body(c: tuple) -> tuple:
+        def body(step: Callable, c: tuple) -> tuple:
             r, h, active, used, aux, side, fresh = c
             router = nnx.merge(router_gd, consts[2])
             sel, _, still, loss = router(stream(consts, (h,)), r < loops, active, ctx.valid_BT, r, False)
@@ -777,7 +785,8 @@ class Bank(nnx.Module):
 
         side0 = (circuit._kv_buffers(hs0[0]), jnp.zeros((), jnp.float32), ())
         c0 = (jnp.zeros((), jnp.int32), hs0[0], active0, used0, aux0, side0, jnp.ones(active0.shape, bool))
-        ran, h, _, used, aux, side, _ = jax.lax.while_loop(cond, body, c0)
+        ran, h, _, used, aux, side, _ = while_phases(circuit._compact_step(graphdef, ctx, shares), cond, body, c0,
+                                                     lambda c: c[6])
         return (h,), used, aux, side[1], ran
 
 

@@ -203,10 +203,28 @@ class Phase(NamedTuple):
     fits: Callable[[Array], Array]
 
 
+def while_phases(phases: Sequence[Phase], cond: Callable[[PyTree], Array],
+                 body: Callable[[CachedStepFn, PyTree], PyTree], carry: PyTree,
+                 fresh: Callable[[PyTree], Array]) -> PyTree:
+    """``while cond(carry): carry = body(step, carry)``, in ``phases`` (largest buffer first; the first holds any
+    fresh set): one ``while_loop`` per phase with its ``step``, each running while no later phase's buffer holds
+    the fresh tokens ``fresh(carry)``, which only shrink. The loop of `iterate_until` and of a routed bank's
+    compacted rounds."""
+    for j, phase in enumerate(phases):
+        later = [p.fits for p in phases[j + 1:]]
+
+        def go(c: PyTree, later: list = later) -> Array:  # a smaller buffer holds the fresh tokens: move on
+            f = fresh(c)
+            return cond(c) & ~jnp.any(jnp.stack([fits(f) for fits in later])) if later else cond(c)
+
+        carry = jax.lax.while_loop(go, lambda c, step=phase.step: body(step, c), carry)
+    return carry
+
+
 def phase_switch(phases: Sequence[Phase]) -> CachedStepFn:
     """One step that runs the last of ``phases`` (largest buffer first) whose buffer holds the fresh tokens,
-    chosen by `lax.switch`: for a single iteration outside `iterate_until` (a decoding cache's fill, a routed
-    bank's rounds). The first phase must hold any fresh set."""
+    chosen by `lax.switch`: for a single iteration outside a loop (the one that completes a decoding cache's
+    fill). The first phase must hold any fresh set."""
     def step(consts: PyTree, i: Array, h: Array, side: PyTree, fresh: Array) -> tuple[Array, PyTree]:
         fits = jnp.stack([p.fits(fresh) for p in phases])
         which = len(phases) - 1 - jnp.argmax(fits[::-1])
@@ -262,30 +280,23 @@ def iterate_until(step: CachedStepFn | Sequence[Phase], consts: PyTree, h0: Arra
     due = due or (lambda i: jnp.ones((), bool))
     n_max = jnp.max(n)
 
-    def run(j: int, c: tuple) -> tuple:
-        def cond(c: tuple) -> Array:
-            go = (c[0] < n_max) & jnp.any(c[2])
-            later = [p.fits(c[3]) for p in phases[j + 1:]]  # a smaller buffer holds the fresh tokens: move on
-            return go & ~jnp.any(jnp.stack(later)) if later else go
+    def cond(c: tuple) -> Array:
+        return (c[0] < n_max) & jnp.any(c[2])
 
-        def body(c: tuple) -> tuple:
-            i, h, active, fresh, used, state, side = c
-            new, side = phases[j].step(consts, i, h, side, fresh)
-            h_next = jnp.where(active[..., None], new, h)
-            used = used + active.astype(jnp.float32)
-            ran = active
-            if stop is not None:
-                fire, state = stop(i + 1, h, h_next, active, state)
-                active = active & ~(fire & due(i + 1))
-            return i + 1, h_next, active & (i + 1 < n), ran, used, state, side
-
-        return jax.lax.while_loop(cond, body, c)
+    def body(step: CachedStepFn, c: tuple) -> tuple:
+        i, h, active, fresh, used, state, side = c
+        new, side = step(consts, i, h, side, fresh)
+        h_next = jnp.where(active[..., None], new, h)
+        used = used + active.astype(jnp.float32)
+        ran = active
+        if stop is not None:
+            fire, state = stop(i + 1, h, h_next, active, state)
+            active = active & ~(fire & due(i + 1))
+        return i + 1, h_next, active & (i + 1 < n), ran, used, state, side
 
     active = everyone if active0 is None else active0 & (n > 0)
     c = (jnp.zeros((), jnp.int32), h0, active, everyone, jnp.zeros(h0.shape[:-1], jnp.float32), state0, side0)
-    for j in range(len(phases)):
-        c = run(j, c)
-    ran, h, _, fresh, used, state, side = c
+    ran, h, _, fresh, used, state, side = while_phases(phases, cond, body, c, lambda c: c[3])
     return Until(h, used, state, side, ran, fresh)
 
 
