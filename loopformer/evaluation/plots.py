@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from loopformer.evaluation.run import Row
 from loopformer.evaluation.sweep import verdict
-from loopformer.evaluation.tables import split_label
+from loopformer.evaluation.tables import caps_note, split_label
 from loopformer.runs.read import RunInfo
 
 DPI = 110
@@ -187,7 +187,7 @@ def ablation(rows: Sequence[Row], info: RunInfo, step: int) -> bytes:
     fig.supxlabel(f"setting: '-X' = circuit X removed, 'only X' = every other circuit removed, 'none' = all removed "
                   f"({mode} ablation: a removed circuit outputs {what})", fontsize=9)
     loops = ", ".join(f"{c}={n}" for c, n in info.defaults.items())
-    fig.suptitle(_title(info, step, f"circuit ablation at loops {loops}"))
+    fig.suptitle(_title(info, step, f"circuit ablation at loops {loops}{caps_note(info.cfg.model, info.circuits)}"))
     return _png(fig)
 
 
