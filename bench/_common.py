@@ -210,6 +210,23 @@ def fits_memory(p: argparse.ArgumentParser, flag: str, value: int, need: Callabl
             f"{memory / 2**30:.0f} GiB; {fit}")
 
 
+# The library's fixes for a run directory name run.dir / run.name, which a bench script sets from --out (seeds.py
+# refuses them as overrides, the others take none): there the fix is another --out (#27 pass 27: "set
+# run.dir=<a disk with room>", followed, was refused in turn).
+RUN_DIR_FIXES = (("set run.dir=<a disk with room>", "give --out a folder on a disk with room"),
+                 ("set run.dir=<a directory> or run.name=<another name>", "give another --out"),
+                 ("set run.dir=<a writable directory> or run.name=<another name>", "give another --out"),
+                 ("set run.name=<another name> to start a separate run", "give another --out to start a separate run"),
+                 ("or pick a new run.name", "or give another --out"))
+
+
+def bench_fix(message: str) -> str:
+    """A library refusal's ``message`` with its run.dir / run.name fixes given as this script's --out."""
+    for library, bench in RUN_DIR_FIXES:
+        message = message.replace(library, bench)
+    return message
+
+
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a bench script's ``main`` and exit with its code; a setting the library refuses (a
     `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2;
@@ -223,7 +240,7 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         check_platforms()  # JAX_PLATFORMS or XLA_FLAGS that JAX cannot start: one line, before any work
         code = main()
     except LoopformerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {bench_fix(str(e))}", file=sys.stderr)
         code = 2
     except (KeyboardInterrupt, Terminated) as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)

@@ -235,6 +235,33 @@ def test_run_main_prints_a_library_error_in_one_line(capsys):
     assert info.value.code == 0
 
 
+def test_a_library_fix_naming_run_dir_names_out_in_a_bench_script(tmp_path, monkeypatch, capsys):
+    """#27 pass 27: a bench script puts its runs under --out and sets run.dir itself, so the library's "set
+    run.dir=<a disk with room>" (a full disk) was refused when followed (seeds.py: "use --out instead"; the others take
+    no overrides); a bench script names --out instead. A run folder under --out that is a file, end to end."""
+    from loopformer.errors import CheckpointError
+
+    common = script("_common")
+
+    def full():
+        raise CheckpointError("/x/t-seed0 has 0.1 MiB free and one checkpoint of this run takes 1.1 MiB; free some "
+                              "space (df -h /x) or set run.dir=<a disk with room>, then train again")
+
+    with pytest.raises(SystemExit):
+        common.run_main(full)
+    assert capsys.readouterr().err.splitlines() == [
+        "error: /x/t-seed0 has 0.1 MiB free and one checkpoint of this run takes 1.1 MiB; free some space (df -h /x) "
+        "or give --out a folder on a disk with room, then train again"]
+    (tmp_path / "quickstart-seed0").write_text("not a run")
+    monkeypatch.setattr(sys, "argv", ["seeds.py", "--config", "configs/quickstart.yaml", "--seeds", "1", "--out",
+                                      str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        common.run_main(script("seeds").main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: run.dir / run.name: {tmp_path}/quickstart-seed0 is a file, not a directory; give another --out")
+
+
 @pytest.mark.parametrize("name,argv,message", [
     ("adaptive", ["--seeds", "0"], "adaptive.py: error: --seeds must be >= 1, got 0"),
     ("compact", ["--reps", "0"], "compact.py: error: --reps must be >= 1, got 0"),
