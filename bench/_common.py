@@ -35,7 +35,7 @@ from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
-from loopformer.runs.layout import RunDir, outside_runs  # noqa: E402
+from loopformer.runs.layout import RunDir, not_a_file, outside_runs  # noqa: E402
 from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -82,6 +82,9 @@ def out_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it, e.g. {path / 'result.json'}")
+    if not_a_file(path) == "is a pipe or a device":  # /dev/null, a FIFO: the rename into place replaced it by a file
+        raise argparse.ArgumentTypeError(f"{text} is a pipe or a device; name a regular file (--json prints the "
+                                         f"document on stdout)")
     parent = next(a for a in path.absolute().parents if a.exists())  # the nearest one there (/ always is)
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
@@ -384,6 +387,8 @@ def write_out(path: Path, text: str | bytes, shown: str) -> None:
     traceback after the work), the document being ``shown`` elsewhere and the earlier one left as it was. Every file
     a script writes into its --out goes through here (think_longer.py, routing.py, gate_stage.py and adaptive.py
     wrote some in place: a traceback after hours of training, the earlier record torn, #27 pass 24)."""
+    if path.is_symlink():  # the file it leads to: the rename replaced the link by a file, the one it named kept as it was
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

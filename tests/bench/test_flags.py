@@ -412,6 +412,27 @@ def test_an_out_file_that_cannot_be_written_after_the_work_is_one_line(monkeypat
     assert capsys.readouterr().out == "table\n"
 
 
+def test_an_out_that_is_a_link_a_pipe_or_a_device(tmp_path):
+    """#27 pass 27: the rename into place replaced an --out symlink by a file, the file it led to kept as it was (the
+    result read from it the earlier one), and would replace a FIFO or /dev/null (as root) the same way: a link's
+    target is written, the link kept; a pipe or a device is refused before any work."""
+    import argparse
+    import os
+
+    C = script("circuit_bank").C
+    target, link = tmp_path / "results" / "r.json", tmp_path / "r.json"
+    target.parent.mkdir()
+    target.write_text('{"earlier": 1}')
+    link.symlink_to(target)
+    C.write_out(C.out_file(str(link)), '{"new": 2}', "printed above")
+    assert link.is_symlink() and target.read_text() == '{"new": 2}'
+    os.mkfifo(tmp_path / "fifo")
+    for special in (tmp_path / "fifo", Path("/dev/null")):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^{special} is a pipe or a device; name a regular file "
+                                                             rf"\(--json prints the document on stdout\)$"):
+            C.out_file(str(special))
+
+
 @pytest.mark.parametrize("doc", ['{"new": 2, "rows": []}', b"\x89PNG new plot"])
 def test_an_out_file_a_full_disk_cuts_keeps_the_earlier_document(doc, monkeypatch, tmp_path):
     """#27 pass 22: a disk that filled while --out was written truncated the earlier document and left half of the
