@@ -296,7 +296,7 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
             for path in paths:
                 with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
                     if path in saved:  # (a link to the same file is left in place: `finally` removes it)
-                        os.replace(saved[path], path)
+                        os.replace(saved[path], os.path.realpath(path))  # a symlink's file (`replace_file`)
                     elif path not in kept:
                         path.unlink(missing_ok=True)  # a new file where the earlier scan had none
             raise
@@ -357,7 +357,7 @@ def _keep(path: Path, keep: Path, name: str) -> Path:
     keep.unlink(missing_ok=True)
     try:
         try:
-            os.link(path, keep)
+            os.link(os.path.realpath(path), keep)  # a symlink's file: the link itself kept nothing to put back
         except OSError:
             shutil.copy2(path, keep)
     except OSError as e:

@@ -211,6 +211,28 @@ def test_a_sweep_whose_tensorboard_run_cannot_be_written_keeps_the_earlier_sweep
     assert contents(looped_run, names) == old and hidden(looped_run) == [] and hidden(tb.parent) == []
     assert sorted(str(p.relative_to(tb)) for p in tb.rglob("*")) == old_tb
 
+def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp_path):
+    """#27 pass 27: a run's sweep.csv kept as a symlink (to a shared folder) was replaced by a file, and the file it
+    led to kept the earlier sweep with no word; the file it leads to is now written, the link kept, and a set that
+    fails part way puts that file's earlier content back."""
+    from loopformer.cli.common import one_set
+    from loopformer.runs.layout import replace_file
+
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    run.mkdir()
+    shared.mkdir()
+    (shared / "sweep.csv").write_text("old csv")
+    (run / "sweep.csv").symlink_to(shared / "sweep.csv")
+    with pytest.raises(KeyboardInterrupt), one_set(run, [run / "sweep.csv"], "sweep"):
+        replace_file(run / "sweep.csv", b"half of a set")
+        raise KeyboardInterrupt
+    assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "old csv"
+    with one_set(run, [run / "sweep.csv"], "sweep"):
+        replace_file(run / "sweep.csv", b"new csv")
+    assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "new csv"
+    assert hidden(run) == [] and hidden(shared) == []
+
+
 def test_a_set_killed_outright_part_way_is_put_back_by_the_next_command(tmp_path):
     """kill -9 (or a lost machine) while a command replaced its files left a mix of the old and new set: the
     journal it wrote first names what to put back, and the next command to write a set does so before its own."""
