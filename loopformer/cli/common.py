@@ -253,6 +253,10 @@ def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
         if path.exists() and not os.access(path, os.W_OK):
             raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
                                 f"has no such file); make it writable, or copy the run (cp -r) and pass --run COPY")
+        target = Path(os.path.realpath(path)).parent if path.is_symlink() and path.exists() else None
+        if target is not None and not os.access(target, os.W_OK | os.X_OK):  # `replace_file` writes beside the file
+            raise AnalysisError(f"{path} is a symlink into {target}, which is not writable, and this command replaces "
+                                f"the file it leads to; make that folder writable, or put a copy of the file in its place")
 
 
 def write_png(path: Path, png: bytes) -> str:

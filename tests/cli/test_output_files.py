@@ -211,10 +211,10 @@ def test_a_sweep_whose_tensorboard_run_cannot_be_written_keeps_the_earlier_sweep
     assert contents(looped_run, names) == old and hidden(looped_run) == [] and hidden(tb.parent) == []
     assert sorted(str(p.relative_to(tb)) for p in tb.rglob("*")) == old_tb
 
-def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp_path):
+def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp_path, monkeypatch):
     """#27 pass 27: a run's sweep.csv kept as a symlink (to a shared folder) was replaced by a file, and the file it
-    led to kept the earlier sweep with no word; the file it leads to is now written, the link kept, and a set that
-    fails part way puts that file's earlier content back."""
+    led to kept the earlier sweep with no word; the file it leads to is now written, the link kept, a set that
+    fails part way puts that file's earlier content back, and a folder it cannot be written in is found first."""
     from loopformer.cli.common import one_set
     from loopformer.runs.layout import replace_file
 
@@ -231,6 +231,12 @@ def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp
         replace_file(run / "sweep.csv", b"new csv")
     assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "new csv"
     assert hidden(run) == [] and hidden(shared) == []
+    from loopformer.cli.common import check_writable
+
+    real = os.access  # a read-only folder (chmod does not stop root): found before the work, as a read-only file is
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != str(shared))
+    with pytest.raises(AnalysisError, match=rf"^{run}/sweep.csv is a symlink into {shared}, which is not writable"):
+        check_writable(run, "sweep.csv", [run / "sweep.csv"])
 
 
 def test_a_set_killed_outright_part_way_is_put_back_by_the_next_command(tmp_path):
