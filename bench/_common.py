@@ -105,6 +105,23 @@ def _outside_runs(path: Path) -> Path:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--out ")) from None
 
 
+# The library's fixes for a run directory name run.dir / run.name, which a bench script sets from --out (seeds.py
+# refuses them as overrides, the others take none): there the fix is another --out (#27 pass 27: "set
+# run.dir=<a disk with room>", followed, was refused in turn).
+RUN_DIR_FIXES = (("set run.dir=<a disk with room>", "give --out a folder on a disk with room"),
+                 ("set run.dir=<a directory> or run.name=<another name>", "give another --out"),
+                 ("set run.dir=<a writable directory> or run.name=<another name>", "give another --out"),
+                 ("set run.name=<another name> to start a separate run", "give another --out to start a separate run"),
+                 ("or pick a new run.name", "or give another --out"))
+
+
+def bench_fix(message: str) -> str:
+    """A library refusal's ``message`` with its run.dir / run.name fixes given as this script's --out."""
+    for library, bench in RUN_DIR_FIXES:
+        message = message.replace(library, bench)
+    return message
+
+
 def out_folder(text: str) -> Path:
     """An argparse type: the folder a script writes its runs and results into, checked before any work (a folder this
     user may not write was refused by the first training, naming run.dir, which the user never gave; a read-only
@@ -211,23 +228,6 @@ def fits_memory(p: argparse.ArgumentParser, flag: str, value: int, need: Callabl
     fit = f"at most {flag} {lo:,} fits" if lo else f"not even {flag} 1 fits{otherwise and '; ' + otherwise}"
     p.error(f"{flag} {value}: {what} needs about {need(value) / 2**30:,.1f} GiB, more than half of this machine's "
             f"{memory / 2**30:.0f} GiB; {fit}")
-
-
-# The library's fixes for a run directory name run.dir / run.name, which a bench script sets from --out (seeds.py
-# refuses them as overrides, the others take none): there the fix is another --out (#27 pass 27: "set
-# run.dir=<a disk with room>", followed, was refused in turn).
-RUN_DIR_FIXES = (("set run.dir=<a disk with room>", "give --out a folder on a disk with room"),
-                 ("set run.dir=<a directory> or run.name=<another name>", "give another --out"),
-                 ("set run.dir=<a writable directory> or run.name=<another name>", "give another --out"),
-                 ("set run.name=<another name> to start a separate run", "give another --out to start a separate run"),
-                 ("or pick a new run.name", "or give another --out"))
-
-
-def bench_fix(message: str) -> str:
-    """A library refusal's ``message`` with its run.dir / run.name fixes given as this script's --out."""
-    for library, bench in RUN_DIR_FIXES:
-        message = message.replace(library, bench)
-    return message
 
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:
