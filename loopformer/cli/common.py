@@ -340,7 +340,7 @@ def _recover(run_dir: Path) -> None:
     if entry is not None:
         for path, keep in kept.items():
             if (run_dir / keep).is_file():
-                os.replace(run_dir / keep, run_dir / path)
+                os.replace(run_dir / keep, os.path.realpath(run_dir / path))  # a symlink's file, as `one_set` does
         for path in new:
             (run_dir / path).unlink(missing_ok=True)
         journal.unlink()

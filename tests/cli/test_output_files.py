@@ -231,6 +231,12 @@ def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp
         replace_file(run / "sweep.csv", b"new csv")
     assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "new csv"
     assert hidden(run) == [] and hidden(shared) == []
+    (run / ".analysis-set.json").write_text(json.dumps({"command": "sweep", "pid": 1, "new": [],
+                                                        "kept": {"sweep.csv": ".sweep.csv.1.old"}}))
+    (run / ".sweep.csv.1.old").write_text("kept csv")  # as a kill -9 part way leaves them
+    with one_set(run, [], "ablate"):
+        pass
+    assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "kept csv"
     from loopformer.cli.common import check_writable
 
     real = os.access  # a read-only folder (chmod does not stop root): found before the work, as a read-only file is
