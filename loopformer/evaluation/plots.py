@@ -76,7 +76,7 @@ def sweep_1d(rows: Sequence[Row], circuit: str, info: RunInfo, step: int) -> byt
     ax_acc.legend(fontsize=8)
     others = {c: n for c, n in info.defaults.items() if c != circuit}
     fixed = f" ({', '.join(f'{c}={n}' for c, n in others.items())} fixed)" if others else ""
-    fig.suptitle(_title(info, step, f"sweep of {circuit}{fixed}"))
+    fig.suptitle(_title(info, step, f"sweep of {circuit}{fixed}{caps_note(info.cfg.model, info.circuits)}"))
     return _png(fig)
 
 
@@ -116,7 +116,7 @@ def sweep_2d(rows: Sequence[Row], grid: Mapping[str, Sequence[int]], info: RunIn
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=8, facecolor="0.6")
     fig.colorbar(image, ax=list(axes), label="accuracy (% exact match)")
-    fig.suptitle(_title(info, step, f"accuracy over {a} × {b} loop counts"))
+    fig.suptitle(_title(info, step, f"accuracy over {a} × {b} loop counts{caps_note(info.cfg.model, info.circuits)}"))
     return _png(fig)
 
 
