@@ -92,6 +92,8 @@ def out_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} (permission denied)")
     if path.exists() and not os.access(path, os.W_OK):  # a traceback after the work, which was lost with it
         raise argparse.ArgumentTypeError(f"{text} is read-only for this user; make it writable or name another file")
+    if path.is_symlink():  # `write_out` writes the file it leads to: that one must not be a run's either
+        _outside_runs(Path(os.path.realpath(path)))
     return _outside_runs(path)
 
 
@@ -144,6 +146,8 @@ def out_folder(text: str) -> Path:
     if RunDir(path).holds_run:  # its runs would be written inside it
         raise argparse.ArgumentTypeError(f"{text} is a run directory; give a folder outside any run for the runs and "
                                          f"results")
+    if path.is_symlink():  # its files are written where it leads
+        _outside_runs(Path(os.path.realpath(path)))
     return _outside_runs(path)
 
 

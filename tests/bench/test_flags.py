@@ -426,6 +426,14 @@ def test_an_out_that_is_a_link_a_pipe_or_a_device(tmp_path):
     link.symlink_to(target)
     C.write_out(C.out_file(str(link)), '{"new": 2}', "printed above")
     assert link.is_symlink() and target.read_text() == '{"new": 2}'
+    run = tmp_path / "run"  # a link into a run: its own file would be replaced
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "into_run.json").symlink_to(run / "config.yaml")
+    (tmp_path / "into_checkpoints").symlink_to(run / "checkpoints")
+    for check, link in ((C.out_file, "into_run.json"), (C.out_folder, "into_checkpoints")):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"is inside the run .*run; write it outside any run"):
+            check(str(tmp_path / link))
     os.mkfifo(tmp_path / "fifo")
     for special in (tmp_path / "fifo", Path("/dev/null")):
         with pytest.raises(argparse.ArgumentTypeError, match=rf"^{special} is a pipe or a device; name a regular file "
