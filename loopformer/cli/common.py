@@ -315,7 +315,7 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
 def _check_journal(journal: Path) -> None:
     """AnalysisError when the journal's name holds something `one_set` never writes: a FIFO blocked its read
     forever, a folder was a traceback where the journal is removed."""
-    kind = special(journal)
+    kind = special(journal) or ("a symlink" if journal.is_symlink() else None)  # written through, it would land elsewhere
     if kind:
         raise AnalysisError(f"{journal} is {kind}, where sweep, ablate, activity and rys keep the journal of the "
                             f"files they are replacing; remove it")

@@ -239,6 +239,12 @@ def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp
     assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "kept csv"
     from loopformer.cli.common import check_writable
 
+    (run / ".analysis-set.json").symlink_to(shared / "sweep.csv")  # the journal is never written through a link
+    with pytest.raises(AnalysisError, match=r"analysis-set.json is a symlink, where sweep, ablate, activity and rys "
+                                            r"keep the journal"):
+        check_writable(run, "sweep.csv", [run / "sweep.csv"])
+    (run / ".analysis-set.json").unlink()
+
     real = os.access  # a read-only folder (chmod does not stop root): found before the work, as a read-only file is
     monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != str(shared))
     with pytest.raises(AnalysisError, match=rf"^{run}/sweep.csv is a symlink into {shared}, which is not writable"):
