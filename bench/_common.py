@@ -35,7 +35,7 @@ from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
-from loopformer.runs.layout import RunDir, outside_runs  # noqa: E402
+from loopformer.runs.layout import RunDir, not_a_file, outside_runs  # noqa: E402
 from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -82,6 +82,9 @@ def out_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it, e.g. {path / 'result.json'}")
+    if not_a_file(path) == "is a pipe or a device":  # /dev/null, a FIFO: the rename into place replaced it by a file
+        raise argparse.ArgumentTypeError(f"{text} is a pipe or a device; name a regular file (--json prints the "
+                                         f"document on stdout)")
     parent = next(a for a in path.absolute().parents if a.exists())  # the nearest one there (/ always is)
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
@@ -89,6 +92,8 @@ def out_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} (permission denied)")
     if path.exists() and not os.access(path, os.W_OK):  # a traceback after the work, which was lost with it
         raise argparse.ArgumentTypeError(f"{text} is read-only for this user; make it writable or name another file")
+    if path.is_symlink():  # `write_out` writes the file it leads to: that one must not be a run's either
+        _outside_runs(Path(os.path.realpath(path)))
     return _outside_runs(path)
 
 
@@ -100,6 +105,23 @@ def _outside_runs(path: Path) -> Path:
         return outside_runs(path)
     except LoopformerError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--out ")) from None
+
+
+# The library's fixes for a run directory name run.dir / run.name, which a bench script sets from --out (seeds.py
+# refuses them as overrides, the others take none): there the fix is another --out (#27 pass 27: "set
+# run.dir=<a disk with room>", followed, was refused in turn).
+RUN_DIR_FIXES = (("set run.dir=<a disk with room>", "give --out a folder on a disk with room"),
+                 ("set run.dir=<a directory> or run.name=<another name>", "give another --out"),
+                 ("set run.dir=<a writable directory> or run.name=<another name>", "give another --out"),
+                 ("set run.name=<another name> to start a separate run", "give another --out to start a separate run"),
+                 ("or pick a new run.name", "or give another --out"))
+
+
+def bench_fix(message: str) -> str:
+    """A library refusal's ``message`` with its run.dir / run.name fixes given as this script's --out."""
+    for library, bench in RUN_DIR_FIXES:
+        message = message.replace(library, bench)
+    return message
 
 
 def out_folder(text: str) -> Path:
@@ -124,6 +146,8 @@ def out_folder(text: str) -> Path:
     if RunDir(path).holds_run:  # its runs would be written inside it
         raise argparse.ArgumentTypeError(f"{text} is a run directory; give a folder outside any run for the runs and "
                                          f"results")
+    if path.is_symlink():  # its files are written where it leads
+        _outside_runs(Path(os.path.realpath(path)))
     return _outside_runs(path)
 
 
@@ -241,7 +265,7 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         check_platforms()  # JAX_PLATFORMS or XLA_FLAGS that JAX cannot start: one line, before any work
         code = main()
     except LoopformerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {bench_fix(str(e))}", file=sys.stderr)
         code = 2
     except (KeyboardInterrupt, Terminated) as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
@@ -387,6 +411,8 @@ def write_out(path: Path, text: str | bytes, shown: str) -> None:
     traceback after the work), the document being ``shown`` elsewhere and the earlier one left as it was. Every file
     a script writes into its --out goes through here (think_longer.py, routing.py, gate_stage.py and adaptive.py
     wrote some in place: a traceback after hours of training, the earlier record torn, #27 pass 24)."""
+    if path.is_symlink():  # the file it leads to: the rename replaced the link by a file, the one it named kept as it was
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,10 @@ def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
         if path.exists() and not os.access(path, os.W_OK):
             raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
                                 f"has no such file); make it writable, or copy the run (cp -r) and pass --run COPY")
+        target = Path(os.path.realpath(path)).parent if path.is_symlink() and path.exists() else None
+        if target is not None and not os.access(target, os.W_OK | os.X_OK):  # `replace_file` writes beside the file
+            raise AnalysisError(f"{path} is a symlink into {target}, which is not writable, and this command replaces "
+                                f"the file it leads to; make that folder writable, or put a copy of the file in its place")
 
 
 def write_png(path: Path, png: bytes) -> str:
@@ -296,7 +300,7 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
             for path in paths:
                 with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
                     if path in saved:  # (a link to the same file is left in place: `finally` removes it)
-                        os.replace(saved[path], path)
+                        os.replace(saved[path], os.path.realpath(path))  # a symlink's file (`replace_file`)
                     elif path not in kept:
                         path.unlink(missing_ok=True)  # a new file where the earlier scan had none
             raise
@@ -311,7 +315,7 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
 def _check_journal(journal: Path) -> None:
     """AnalysisError when the journal's name holds something `one_set` never writes: a FIFO blocked its read
     forever, a folder was a traceback where the journal is removed."""
-    kind = special(journal)
+    kind = special(journal) or ("a symlink" if journal.is_symlink() else None)  # written through, it would land elsewhere
     if kind:
         raise AnalysisError(f"{journal} is {kind}, where sweep, ablate, activity and rys keep the journal of the "
                             f"files they are replacing; remove it")
@@ -336,7 +340,7 @@ def _recover(run_dir: Path) -> None:
     if entry is not None:
         for path, keep in kept.items():
             if (run_dir / keep).is_file():
-                os.replace(run_dir / keep, run_dir / path)
+                os.replace(run_dir / keep, os.path.realpath(run_dir / path))  # a symlink's file, as `one_set` does
         for path in new:
             (run_dir / path).unlink(missing_ok=True)
         journal.unlink()
@@ -357,7 +361,7 @@ def _keep(path: Path, keep: Path, name: str) -> Path:
     keep.unlink(missing_ok=True)
     try:
         try:
-            os.link(path, keep)
+            os.link(os.path.realpath(path), keep)  # a symlink's file: the link itself kept nothing to put back
         except OSError:
             shutil.copy2(path, keep)
     except OSError as e:

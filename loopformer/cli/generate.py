@@ -300,7 +300,7 @@ def _answer_examples(args: argparse.Namespace, run: LoadedRun, settings: list[di
     how = ("answers read in one forward pass (argmax at each labelled position)" if aligned else
            "answers decoded greedily, token by token from the prompt (not teacher-forced)")
     head = (f"{info.path} @ step {run.step} · task {info.cfg.data.task} · split {tables.split_label(info, split)} · "
-            f"{how}" + _exit_note(args.exits))
+            f"{how}" + (_exit_note(args.exits) or tables.caps_note(info.cfg.model, info.circuits, " · {}")))
     return doc, head + "\n" + _format_examples(examples)
 
 

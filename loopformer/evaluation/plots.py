@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from loopformer.evaluation.run import Row
 from loopformer.evaluation.sweep import verdict
-from loopformer.evaluation.tables import split_label
+from loopformer.evaluation.tables import caps_note, split_label
 from loopformer.runs.read import RunInfo
 
 DPI = 110
@@ -76,7 +76,7 @@ def sweep_1d(rows: Sequence[Row], circuit: str, info: RunInfo, step: int) -> byt
     ax_acc.legend(fontsize=8)
     others = {c: n for c, n in info.defaults.items() if c != circuit}
     fixed = f" ({', '.join(f'{c}={n}' for c, n in others.items())} fixed)" if others else ""
-    fig.suptitle(_title(info, step, f"sweep of {circuit}{fixed}"))
+    fig.suptitle(_title(info, step, f"sweep of {circuit}{fixed}{caps_note(info.cfg.model, info.circuits)}"))
     return _png(fig)
 
 
@@ -116,7 +116,7 @@ def sweep_2d(rows: Sequence[Row], grid: Mapping[str, Sequence[int]], info: RunIn
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=8, facecolor="0.6")
     fig.colorbar(image, ax=list(axes), label="accuracy (% exact match)")
-    fig.suptitle(_title(info, step, f"accuracy over {a} × {b} loop counts"))
+    fig.suptitle(_title(info, step, f"accuracy over {a} × {b} loop counts{caps_note(info.cfg.model, info.circuits)}"))
     return _png(fig)
 
 
@@ -187,7 +187,7 @@ def ablation(rows: Sequence[Row], info: RunInfo, step: int) -> bytes:
     fig.supxlabel(f"setting: '-X' = circuit X removed, 'only X' = every other circuit removed, 'none' = all removed "
                   f"({mode} ablation: a removed circuit outputs {what})", fontsize=9)
     loops = ", ".join(f"{c}={n}" for c, n in info.defaults.items())
-    fig.suptitle(_title(info, step, f"circuit ablation at loops {loops}"))
+    fig.suptitle(_title(info, step, f"circuit ablation at loops {loops}{caps_note(info.cfg.model, info.circuits)}"))
     return _png(fig)
 
 

@@ -66,6 +66,14 @@ def loops_str(loops: Mapping[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in loops.items()) or "no loops"
 
 
+def caps_note(model: Any, names: Sequence[str], form: str = " ({})") -> str:
+    """``form`` holding "ACT halts X's tokens by its head: the counts are caps" for the circuits of ``names``
+    that halt their tokens themselves in every evaluation (ACT, `Circuit.__call__`), else "": a header's "at
+    loops X=8" read as 8 iterations where ACT ran 3.5 on average (eval's "loops (caps)" column said so)."""
+    halting = [c for c in names if model.circuit(c).halting.rule().mixes_output]
+    return form.format(f"ACT halts {' and '.join(halting)}'s tokens by its head: the counts are caps") if halting else ""
+
+
 def split_label(info: RunInfo, split: str) -> str:
     rng = info.splits.get(split)  # None: text, or a probe set
     if rng is None:
@@ -137,7 +145,7 @@ def ablation_table(rows: Sequence[Row], info: RunInfo) -> str:
     mode = rows[0]["mode"] if rows else "zero"
     what = "zeros" if mode == "zero" else "its mean output over the split"
     lines = [f"ablation ({mode}: a removed circuit's output is replaced by {what}); "
-             f"loops {loops_str(info.defaults)}; Δ vs baseline"]
+             f"loops {loops_str(info.defaults)}{caps_note(info.cfg.model, info.circuits)}; Δ vs baseline"]
     # text splits: bits per byte (a window's exact match is 0 with or without a circuit); task splits: accuracy
     delta = lambda r: (f"{r['delta_bits_per_byte']:+.4f}" if "delta_bits_per_byte" in r else
                        f"{100 * r['delta_accuracy']:+.1f}")
@@ -155,7 +163,8 @@ def sweep_table(rows: Sequence[Row], grid: Mapping[str, Sequence[int]], info: Ru
     splits = list(dict.fromkeys(r["split"] for r in rows))
     fixed = {c: n for c, n in info.defaults.items() if c not in grid}
     notes = [f"{c}: trained on {info.training_label(c)}, default {info.defaults[c]} (*)" for c in names]
-    head = f"sweep over {' × '.join(names)} loops" + (f" ({loops_str(fixed)} fixed)" if fixed else "")
+    head = (f"sweep over {' × '.join(names)} loops" + (f" ({loops_str(fixed)} fixed)" if fixed else "")
+            + caps_note(info.cfg.model, info.circuits))
     lines = [head + "; " + "; ".join(notes)]
     at = {(r["split"], tuple(r["loops"][c] for c in names)): r for r in rows}
     star = lambda c, n: f"{n}*" if n == info.defaults[c] else f"{n} "
@@ -218,7 +227,8 @@ def activity_table(rows: Sequence[Row], thresholds: Mapping[str, float], info: R
     """Per split and circuit at ``loops`` (None: the eval_loops): on-rate, mean write norm, mean Δloss when the
     circuit is removed."""
     what = "zeros" if mode == "zero" else "its mean output"
-    lines = [f"circuit activity at loops {loops_str(info.full_loops(loops))}: on = write norm ||g·out|| above 10% of the "
+    lines = [f"circuit activity at loops {loops_str(info.full_loops(loops))}{caps_note(info.cfg.model, info.circuits)}"
+             f": on = write norm ||g·out|| above 10% of the "
              f"split's largest per-circuit median write norm; Δloss = CE with the circuit removed ({mode}: "
              f"{what}) - CE, per answer token"]
     body = [[split_label(info, r["split"]), r["circuit"], pct(r["on_rate"]), f"{r['mean_write_norm']:.4g}",

@@ -163,9 +163,11 @@ def read_only(*paths: Path) -> Path | None:
 
 
 def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it, renamed into place: a kill leaves the old file
-    or the new one, never half of one. AnalysisError naming a file that cannot be written (read-only, which a
-    rename would get past, a full disk, a folder in its place)."""
+    """Write ``data`` to ``path`` (a symlink: the file it leads to) through a temporary file beside it, renamed into
+    place: a kill leaves the old file or the new one, never half of one. AnalysisError naming a file that cannot be
+    written (read-only, which a rename would get past, a full disk, a folder in its place)."""
+    if path.is_symlink():  # the file it leads to (the rename replaced the link by a file, the one it named kept stale)
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename stays on one filesystem
     try:
         if path.exists() and not os.access(path, os.W_OK):

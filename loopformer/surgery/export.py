@@ -215,6 +215,8 @@ def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
     run's prompt BOS, written into the tokenizer's post-processor: `prompt_tokenizer`)."""
     from safetensors.numpy import save_file
 
+    if out.is_symlink():  # the folder it leads to: the rename into place failed on the link, "Not a directory"
+        out = Path(os.path.realpath(out))
     check_out(out)
     tokenizer = prompt_tokenizer(tokenizer_json.read_text(encoding="utf-8"), bos)
     check_space(out, sum(v.nbytes for v in tensors.values()) + len(tokenizer.encode("utf-8")))

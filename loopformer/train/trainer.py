@@ -32,7 +32,7 @@ from loopformer.data.sources import TEXT_TASK, DataSource, build_data, prepared_
 from loopformer.data.text import META_FILE
 from loopformer.errors import CheckpointError, ConfigError
 from loopformer.evaluation.evaluator import Evaluator, evaluator_for
-from loopformer.evaluation.tables import format_table, score, score_name
+from loopformer.evaluation.tables import caps_note, format_table, score, score_name
 from loopformer.flops import PEAK_ENV, FlopCounter, peak_flops, peak_override
 from loopformer.metrics import text_metrics
 from loopformer.model.attend import attention_overflow, memory_bytes, scores_bytes
@@ -538,6 +538,7 @@ def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
                                                                                          "text splits)")
     ranges = cfg.data.split_ranges()
     title = (f"{what} vs loop count ({who} at n; training mean {', '.join(map(str, means))}"
+             + caps_note(cfg.model, [c.name for c in cfg.model.circuits()], "; {}")
              + ("; difficulty [lo, hi] per split)" if any(ranges.get(s) for s in splits) else ")"))
     header = ["loops"] + [f"{s} {tuple(ranges[s])}" if ranges.get(s) else s for s in splits]
     cells = [[n] + [score(value[(n, s)]) for s in splits] for n in counts]

@@ -235,6 +235,33 @@ def test_run_main_prints_a_library_error_in_one_line(capsys):
     assert info.value.code == 0
 
 
+def test_a_library_fix_naming_run_dir_names_out_in_a_bench_script(tmp_path, monkeypatch, capsys):
+    """#27 pass 27: a bench script puts its runs under --out and sets run.dir itself, so the library's "set
+    run.dir=<a disk with room>" (a full disk) was refused when followed (seeds.py: "use --out instead"; the others take
+    no overrides); a bench script names --out instead. A run folder under --out that is a file, end to end."""
+    from loopformer.errors import CheckpointError
+
+    common = script("_common")
+
+    def full():
+        raise CheckpointError("/x/t-seed0 has 0.1 MiB free and one checkpoint of this run takes 1.1 MiB; free some "
+                              "space (df -h /x) or set run.dir=<a disk with room>, then train again")
+
+    with pytest.raises(SystemExit):
+        common.run_main(full)
+    assert capsys.readouterr().err.splitlines() == [
+        "error: /x/t-seed0 has 0.1 MiB free and one checkpoint of this run takes 1.1 MiB; free some space (df -h /x) "
+        "or give --out a folder on a disk with room, then train again"]
+    (tmp_path / "quickstart-seed0").write_text("not a run")
+    monkeypatch.setattr(sys, "argv", ["seeds.py", "--config", "configs/quickstart.yaml", "--seeds", "1", "--out",
+                                      str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        common.run_main(script("seeds").main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: run.dir / run.name: {tmp_path}/quickstart-seed0 is a file, not a directory; give another --out")
+
+
 @pytest.mark.parametrize("name,argv,message", [
     ("adaptive", ["--seeds", "0"], "adaptive.py: error: --seeds must be >= 1, got 0"),
     ("compact", ["--reps", "0"], "compact.py: error: --reps must be >= 1, got 0"),
@@ -383,6 +410,35 @@ def test_an_out_file_that_cannot_be_written_after_the_work_is_one_line(monkeypat
                                               r"results are printed above$"):
         script("circuit_bank").C.emit({"a": 1}, ["table"], argparse.Namespace(json=False, out=tmp_path / "r.json"))
     assert capsys.readouterr().out == "table\n"
+
+
+def test_an_out_that_is_a_link_a_pipe_or_a_device(tmp_path):
+    """#27 pass 27: the rename into place replaced an --out symlink by a file, the file it led to kept as it was (the
+    result read from it the earlier one), and would replace a FIFO or /dev/null (as root) the same way: a link's
+    target is written, the link kept; a pipe or a device is refused before any work."""
+    import argparse
+    import os
+
+    C = script("circuit_bank").C
+    target, link = tmp_path / "results" / "r.json", tmp_path / "r.json"
+    target.parent.mkdir()
+    target.write_text('{"earlier": 1}')
+    link.symlink_to(target)
+    C.write_out(C.out_file(str(link)), '{"new": 2}', "printed above")
+    assert link.is_symlink() and target.read_text() == '{"new": 2}'
+    run = tmp_path / "run"  # a link into a run: its own file would be replaced
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "into_run.json").symlink_to(run / "config.yaml")
+    (tmp_path / "into_checkpoints").symlink_to(run / "checkpoints")
+    for check, link in ((C.out_file, "into_run.json"), (C.out_folder, "into_checkpoints")):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"is inside the run .*run; write it outside any run"):
+            check(str(tmp_path / link))
+    os.mkfifo(tmp_path / "fifo")
+    for special in (tmp_path / "fifo", Path("/dev/null")):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^{special} is a pipe or a device; name a regular file "
+                                                             rf"\(--json prints the document on stdout\)$"):
+            C.out_file(str(special))
 
 
 @pytest.mark.parametrize("doc", ['{"new": 2, "rows": []}', b"\x89PNG new plot"])

@@ -907,3 +907,13 @@ def test_a_deleted_current_directory_is_one_line(tmp_path, monkeypatch, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: the current directory no longer exists") and "Traceback" not in err
+
+
+def test_generate_on_an_act_circuit_says_its_count_is_a_cap(tmp_path, capsys):
+    """#27 pass 27: generate's answers on an ACT circuit were labelled "X=3" (its count) where ACT's head stops each
+    token earlier, as activity, ablate and sweep said "at loops X=3": the header says the counts are caps."""
+    run = make_run(tiny_config(tmp_path, "act", "model.stages.0.circuits.X.halting={kind: act}",
+                               "model.stages.0.circuits.X.backprop=3"))
+    assert main(["generate", "--run", str(run), "--count", "1"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.endswith(" · ACT halts X's tokens by its head: the counts are caps"), head

@@ -129,6 +129,17 @@ def test_export_checks_out_before_any_weight_is_read(imported, tmp_path, capsys,
     assert (full / "kept").read_text() == afile.read_text() == "mine" and not list(ro.iterdir())
 
 
+def test_export_into_a_symlink_to_an_empty_folder_writes_the_folder(imported, tmp_path, capsys):
+    """#27 pass 27: export --out LINK, LINK leading to an empty folder, read the weights and then said "writing the
+    folder failed (Not a directory)" (renaming onto the link), where import and convert write the folder it leads to;
+    export now does too, the link kept."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "hf")
+    assert main(["export", "--run", str(imported), "--out", str(tmp_path / "link")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "hf" / "model.safetensors").is_file()
+
+
 def test_an_out_that_is_a_symlink_loop_is_one_line(imported, folder, tmp_path, capsys, monkeypatch):
     """#27 pass 8: convert, import and prepare were an OSError traceback ("Too many levels of symbolic links"),
     export said "writing the folder failed (Not a directory)" after reading the weights. A dangling link is

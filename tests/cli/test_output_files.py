@@ -211,6 +211,46 @@ def test_a_sweep_whose_tensorboard_run_cannot_be_written_keeps_the_earlier_sweep
     assert contents(looped_run, names) == old and hidden(looped_run) == [] and hidden(tb.parent) == []
     assert sorted(str(p.relative_to(tb)) for p in tb.rglob("*")) == old_tb
 
+def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp_path, monkeypatch):
+    """#27 pass 27: a run's sweep.csv kept as a symlink (to a shared folder) was replaced by a file, and the file it
+    led to kept the earlier sweep with no word; the file it leads to is now written, the link kept, a set that
+    fails part way puts that file's earlier content back, and a folder it cannot be written in is found first."""
+    from loopformer.cli.common import one_set
+    from loopformer.runs.layout import replace_file
+
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    run.mkdir()
+    shared.mkdir()
+    (shared / "sweep.csv").write_text("old csv")
+    (run / "sweep.csv").symlink_to(shared / "sweep.csv")
+    with pytest.raises(KeyboardInterrupt), one_set(run, [run / "sweep.csv"], "sweep"):
+        replace_file(run / "sweep.csv", b"half of a set")
+        raise KeyboardInterrupt
+    assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "old csv"
+    with one_set(run, [run / "sweep.csv"], "sweep"):
+        replace_file(run / "sweep.csv", b"new csv")
+    assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "new csv"
+    assert hidden(run) == [] and hidden(shared) == []
+    (run / ".analysis-set.json").write_text(json.dumps({"command": "sweep", "pid": 1, "new": [],
+                                                        "kept": {"sweep.csv": ".sweep.csv.1.old"}}))
+    (run / ".sweep.csv.1.old").write_text("kept csv")  # as a kill -9 part way leaves them
+    with one_set(run, [], "ablate"):
+        pass
+    assert (run / "sweep.csv").is_symlink() and (shared / "sweep.csv").read_text() == "kept csv"
+    from loopformer.cli.common import check_writable
+
+    (run / ".analysis-set.json").symlink_to(shared / "sweep.csv")  # the journal is never written through a link
+    with pytest.raises(AnalysisError, match=r"analysis-set.json is a symlink, where sweep, ablate, activity and rys "
+                                            r"keep the journal"):
+        check_writable(run, "sweep.csv", [run / "sweep.csv"])
+    (run / ".analysis-set.json").unlink()
+
+    real = os.access  # a read-only folder (chmod does not stop root): found before the work, as a read-only file is
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.fspath(p) != str(shared))
+    with pytest.raises(AnalysisError, match=rf"^{run}/sweep.csv is a symlink into {shared}, which is not writable"):
+        check_writable(run, "sweep.csv", [run / "sweep.csv"])
+
+
 def test_a_set_killed_outright_part_way_is_put_back_by_the_next_command(tmp_path):
     """kill -9 (or a lost machine) while a command replaced its files left a mix of the old and new set: the
     journal it wrote first names what to put back, and the next command to write a set does so before its own."""

@@ -59,7 +59,8 @@ def test_ablation_of_a_text_split_shows_bits_per_byte():
 
     from loopformer.evaluation.tables import ablation_table
 
-    info = SimpleNamespace(defaults={"X": 5}, splits={"train": [1, 4]})
+    info = SimpleNamespace(defaults={"X": 5}, splits={"train": [1, 4]}, cfg=SimpleNamespace(model=None),
+                           circuits=[])
     row = lambda split, label, loss, acc, **text: {"split": split, "label": label, "kept": ["X"] if label == "baseline"
                                                   else [], "loss": loss, "accuracy": acc, "mode": "zero", **text}
     text = [row("val", "baseline", 5.0, 0.0, bits_per_byte=7.5, delta_bits_per_byte=0.0),
@@ -72,6 +73,34 @@ def test_ablation_of_a_text_split_shows_bits_per_byte():
     mixed = ablation_table(text + task, info).splitlines()
     assert "accuracy / bits/byte" in mixed[1]
     assert "7.7500" in mixed[4] and "+0.2500" in mixed[4] and "25.0%" in mixed[6] and "-25.0" in mixed[6]
+
+
+def test_headers_name_an_act_circuits_count_a_cap():
+    """#27 pass 27: on an ACT circuit `activity`, `ablate`, `sweep` and the final sweep said "at loops X=8" (the
+    count every token ran, read as written) where ACT's head halts each token earlier (3.5 on average): they now say
+    the count is a cap; a circuit without ACT's halting keeps the plain header."""
+    from types import SimpleNamespace
+
+    from loopformer.config import load_config
+    from loopformer.evaluation.tables import ablation_table, activity_table, sweep_table
+    from loopformer.train.trainer import format_sweep_table
+
+    circuit = ("model.stages=[{circuits: [{name: X, depth: 1, width: 16, heads: 2, loops: 'uniform(2, 8)', "
+               "max_loops: 8, eval_loops: 8, backprop: 4%s}]}]")
+    note = "ACT halts X's tokens by its head: the counts are caps"
+    for halting, noted in ((", halting: {kind: act}", True), ("", False)):
+        cfg = load_config(None, ["model.d_model=16", "model.heads=2", circuit % halting, "data.task=prefix_parity"])
+        info = SimpleNamespace(cfg=cfg, circuits=["X"], defaults={"X": 8}, splits={"train": (1, 4)},
+                               full_loops=lambda loops=None: {"X": 8}, training_label=lambda c: "uniform(2, 8)")
+        row = {"split": "train", "loss": 1.0, "accuracy": 0.5, "token_accuracy": 0.5}
+        ablation = ablation_table([{**row, "label": "baseline", "kept": ["X"], "mode": "zero", "delta_loss": 0.0,
+                                    "delta_accuracy": 0.0}], info)
+        activity = activity_table([{**row, "circuit": "X", "on_rate": 1.0, "mean_write_norm": 1.0,
+                                    "mean_ablation_delta_loss": 0.1}], {"train": 0.1}, info, "zero")
+        sweep = sweep_table([{**row, "loops": {"X": n}} for n in (2, 8)], {"X": [2, 8]}, info)
+        final = format_sweep_table([{**row, "loops": n} for n in (2, 8)], cfg)
+        for text in (ablation, activity, sweep, final):
+            assert (note in text.splitlines()[0]) is noted, text
 
 
 def test_eval_shows_the_rounds_a_router_or_a_rule_ran_beside_its_caps():
