@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -61,7 +62,12 @@ def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str,
     after the earlier sweep's run was deleted, #27 pass 26): AnalysisError naming it, the earlier run kept."""
     names = list(grid)
     out = run.info.path / "sweeps" / "_".join(names)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp, old = (out.with_name(f".{out.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    for leftover in dead_siblings(out, ("old",), TB_WRITTEN):  # a sweep killed between its two renames below
+        if out.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:  # the earlier run, set aside: put it back
+            leftover.rename(out)
     for leftover in dead_siblings(out, ("tmp",), TB_WRITTEN):  # of a sweep killed with kill -9 while it wrote
         shutil.rmtree(leftover, ignore_errors=True)
     by_step: dict[int, dict[str, float]] = {}
@@ -76,9 +82,15 @@ def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str,
                 writer.scalars(n, by_step[n])
             for name, png in pngs.items():
                 writer.image(run.step, f"sweep/{name}", png)
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():  # set aside, not deleted: at every instant one whole run (the earlier or the new) has a name
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
+        if old.exists() and not out.exists():
+            with contextlib.suppress(OSError):
+                old.rename(out)
         raise AnalysisError(f"cannot write {out} ({e.strerror or e}): make it and its folder writable (or free disk "
                             f"space) and run the command again") from None
     finally:

@@ -211,6 +211,34 @@ def test_a_sweep_whose_tensorboard_run_cannot_be_written_keeps_the_earlier_sweep
     assert contents(looped_run, names) == old and hidden(looped_run) == [] and hidden(tb.parent) == []
     assert sorted(str(p.relative_to(tb)) for p in tb.rglob("*")) == old_tb
 
+def test_a_sweep_killed_between_its_renames_keeps_the_earlier_tensorboard_run(looped_run, capsys, monkeypatch):
+    """#27 pass 27 left a `kill -9` between deleting the earlier sweeps/X and renaming the new one in: the earlier run
+    was lost. It is now set aside first (``.X.old-PID``); a set-aside run of a dead sweep is put back when no X is
+    there (here: the next sweep then fails, and the earlier run stays), and removed when the new X is in place."""
+    import errno
+
+    from loopformer.runs.scalars import MetricsWriter
+
+    args = ["sweep", "--loops", "X=1,2", "--run", str(looped_run), "--examples", "8"]
+    assert main(args) == 0
+    tb = looped_run / "sweeps" / "X"
+    old_tb = sorted(str(p.relative_to(tb)) for p in tb.rglob("*"))
+    aside = tb.parent / ".X.old-999999999"
+    tb.rename(aside)  # killed after setting the earlier run aside, before the new one was renamed in
+
+    class Full(MetricsWriter):
+        def image(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep_cli, "MetricsWriter", Full)
+        assert main(args) == 2
+    assert sorted(str(p.relative_to(tb)) for p in tb.rglob("*")) == old_tb and hidden(tb.parent) == []
+    shutil.copytree(tb, aside)  # killed after the new run was renamed in: the set-aside one goes
+    capsys.readouterr()
+    assert main(args) == 0 and tb.is_dir() and hidden(tb.parent) == []
+
+
 def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp_path, monkeypatch):
     """#27 pass 27: a run's sweep.csv kept as a symlink (to a shared folder) was replaced by a file, and the file it
     led to kept the earlier sweep with no word; the file it leads to is now written, the link kept, a set that
