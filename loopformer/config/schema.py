@@ -379,6 +379,11 @@ class ModelConfig:
     def circuit(self, name: str) -> CircuitConfig:
         return next(c for c in self.circuits() if c.name == name)
 
+    def circuit_field(self, name: str, field: str) -> str:
+        """The override path of circuit ``name``'s ``field``: model.stages.S.circuits.NAME.FIELD."""
+        s = next(i for i, stage in enumerate(self.stages) if any(c.name == name for c in stage.circuits))
+        return f"model.stages.{s}.circuits.{name}.{field}"
+
     @property
     def max_heads(self) -> int:
         """The most attention heads of any block (prelude, coda or a circuit's): what bounds attention's memory."""
@@ -1009,7 +1014,8 @@ class Config:
             name, W = self.iteration_window()
             k = self.model.circuit(name).backprop
             _check(k >= W, f"train.iteration_loss={W}: the window must lie in circuit {name}'s iterations with gradient "
-                   f"(its backprop, {k}); use train.iteration_loss<={k} or raise its backprop")
+                   f"(its backprop, {k}); use train.iteration_loss<={k} or raise "
+                   f"{self.model.circuit_field(name, 'backprop')}")
             why = self._iterations_read_why()
             _check(not why, f"train.iteration_loss reads the logits after each of the last iterations, but {why} (it "
                    f"has its own loss over the iterations); set train.iteration_loss=0")
@@ -1020,7 +1026,7 @@ class Config:
                    f"{name}'s state must be at rest, e.g. twice its max_loops "
                    f"(train.settle_loops={2 * self.model.circuit(name).max_loops})")
             _check(k >= 2, f"train.settle compares circuit {name}'s last two iterations, which need gradient (its "
-                   f"backprop is {k}); raise {name}'s backprop to 2 or more")
+                   f"backprop is {k}); raise {self.model.circuit_field(name, 'backprop')} to 2 or more")
             why = self._iterations_read_why()
             _check(not why, f"train.settle reads the states of the last iterations, but {why} (it has its own loss "
                    f"over the iterations); set train.settle=0")

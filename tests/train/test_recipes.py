@@ -226,7 +226,8 @@ def test_iteration_loss_is_the_mean_ce_over_the_window(tmp_path, run):
 def test_iteration_loss_config_is_checked(tmp_path):
     assert tiny_config(tmp_path, "a", "train.iteration_loss=1").iteration_window() == ("X", 1)  # X varies
     assert tiny_config(tmp_path, "a").iteration_window() is None
-    with pytest.raises(ConfigError, match=r"train.iteration_loss=3: .* backprop, 1\); use train.iteration_loss<=1"):
+    with pytest.raises(ConfigError, match=r"train.iteration_loss=3: .* backprop, 1\); use train.iteration_loss<=1 or "
+                                         r"raise model\.stages\.0\.circuits\.X\.backprop$"):
         tiny_config(tmp_path, "b", "train.iteration_loss=3")
     with pytest.raises(ConfigError, match="circuits X, Y all loop; name one: train.iteration_loss_circuit=X"):
         tiny_config(tmp_path, "c", "train.iteration_loss=1", f"{X}.loops=fixed(3)")
@@ -305,7 +306,8 @@ def test_settle_config_is_checked(tmp_path):
     assert tiny_config(tmp_path, "a").settle_term() is None
     with pytest.raises(ConfigError, match=r"train.settle=0.1 needs train.settle_loops.*e.g. twice its max_loops"):
         tiny_config(tmp_path, "b", "train.settle=0.1", f"{X}.backprop=2")
-    with pytest.raises(ConfigError, match=r"train.settle compares circuit X's last two iterations.*backprop is 1"):
+    with pytest.raises(ConfigError, match=r"train.settle compares circuit X's last two iterations.*backprop is 1\); "
+                                         r"raise model\.stages\.0\.circuits\.X\.backprop to 2 or more"):
         tiny_config(tmp_path, "c", "train.settle=0.1", "train.settle_loops=8")
     with pytest.raises(ConfigError, match="train.settle reads .* but train.progressive is on.*; set train.settle=0"):
         tiny_config(tmp_path, "d", "train.settle=0.1", "train.settle_loops=8", f"{X}.backprop=2", "train.progressive=0.5")
