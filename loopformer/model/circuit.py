@@ -122,8 +122,9 @@ class CircuitOut(NamedTuple):
 COMPACT_MIN_TOKENS = 4096
 
 
-# A flat compaction buffer gathers each token's row of keys and values ([N, T, K, H] in float32, keys and values):
-# buffers that would take more than this are left out (the row-by-token buffers need no such copy)
+# A flat compaction buffer gathers each token's row of keys and values ([N, S, K, H] in float32, keys and values; S
+# the row's T or a windowed circuit's span): buffers that would take more than this are left out (the row-by-token
+# buffers need no such copy)
 FLAT_KV_BYTES = 64 * 2**20
 
 
@@ -202,7 +203,11 @@ class Circuit(nnx.Module):
             x = run_stack(self.blocks, x, ctx.rotary, ctx.mask)
         else:
             x, chunk = self._cached_stack(x, ctx, i, cache, chunk)
-        return (self.loop_norm(x) if hasattr(self, "loop_norm") else x), chunk
+        return self.state_norm(x), chunk
+
+    def state_norm(self, x: Array) -> Array:
+        """x after the state norm (RMSNorm, state_norm: true), or x where the circuit has none."""
+        return self.loop_norm(x) if hasattr(self, "loop_norm") else x
 
     def _cached_stack(self, x: Array, ctx: Context, i: Array, cache: tuple[KV, ...], chunk: tuple[KV, ...]
                       ) -> tuple[Array, tuple[KV, ...]]:
@@ -373,7 +378,7 @@ class Circuit(nnx.Module):
                     shared = (take(k_s), take(v_s), use)
                 x = circuit.injection(circuit, h_c, e_c)
                 x, kv_r = stack_layers(circuit.blocks)[0].compact(x, pos_c, idx, kv_r, write, mask, earlier, shared)
-                x = (circuit.loop_norm(x) if hasattr(circuit, "loop_norm") else x).astype(h.dtype)
+                x = circuit.state_norm(x).astype(h.dtype)
                 if idx is None:
                     h_r = jnp.where(write[..., None], x, h_r)
                 else:
@@ -394,7 +399,7 @@ class Circuit(nnx.Module):
                 mask = None if seg is None else take(seg)[:, None, None]  # [N, 1, 1, T]
                 x = circuit.injection(circuit, take(h)[:, None], take(consts[1])[:, None])
                 x, kv = stack_layers(circuit.blocks)[0].flat(x, take(ctx.rotary)[:, None], rows, idx, kv, mask)
-                x = (circuit.loop_norm(x) if hasattr(circuit, "loop_norm") else x).astype(h.dtype)
+                x = circuit.state_norm(x).astype(h.dtype)
                 return h.at[rows, idx].set(x[:, 0], mode="drop"), kv
             return run
 
@@ -433,9 +438,9 @@ class Circuit(nnx.Module):
 
         # largest first; at equal sizes rows by tokens last, so that they run wherever they hold the fresh tokens
         # (a flat buffer holds any set a rows-by-tokens one of its size holds, and copies keys and values per token)
-        buffers = sorted([(R * c, 0, R, c) for R in row_caps for c in tok_caps] + [(N, 1, 0, N) for N in flat_caps],
-                         key=lambda b: (-b[0], -b[1]))
-        return [tokens(N) if is_flat else rows_by_tokens(R, N) for _, is_flat, R, N in buffers]
+        buffers = [(R * c, 0, rows_by_tokens(R, c)) for R in row_caps for c in tok_caps] + \
+                  [(N, 1, tokens(N)) for N in flat_caps]
+        return [phase for *_, phase in sorted(buffers, key=lambda b: (-b[0], -b[1]))]
 
     def _chunk(self, cache: tuple[KV, ...], h0: Array) -> tuple[KV, ...]:
         """Per layer, a [S, B, t, K, H] buffer for the chunk's keys and values of each slot."""
