@@ -173,3 +173,37 @@ def test_rows_that_have_stopped_leave_the_buffer():
     np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
     assert float(cc) == 32 + 32 + 4 * 8
     assert float(cm) == 6 * 32
+
+
+def _while_loops(jaxpr) -> int:  # noqa: ANN001
+    """The `while` primitives in a jaxpr, nested ones included: compacted inference runs one per phase."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "while"
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            count += _while_loops(sub)
+    return count
+
+
+@pytest.mark.parametrize("flat_bytes,phases", [(None, 4), (0, 12)], ids=["flat", "rows-by-tokens"])
+def test_rows_by_tokens_buffers_only_where_no_flat_buffer_goes(monkeypatch, flat_bytes, phases):
+    """B = 4, T = 8, shares 1, 2, 4, 8. Flat buffers of 16, 8 and 4 tokens hold any fresh set a rows-by-tokens
+    buffer of their size holds, so evaluation compiles 4 phases (the whole batch and the three), not the 12
+    rows-by-tokens ones (R of 4, 2, 1 by c of 8, 4, 2, 1); where no flat buffer may go (FLAT_KV_BYTES, here 0)
+    the rows-by-tokens buffers run, and both give the masked loop's logits: one count per row (1, 1, 1, 6), so
+    iterations 3-6 run row 3 alone, in 8 tokens either way."""
+    import loopformer.model.circuit as circuit
+
+    if flat_bytes is not None:
+        monkeypatch.setattr(circuit, "FLAT_KV_BYTES", flat_bytes)
+    _run.clear_cache()  # FLAT_KV_BYTES is read when the program is traced
+    model = _model()
+    graphdef, params = nnx.split(model)
+    counts = jnp.asarray([[1] * 8, [1] * 8, [1] * 8, [6] * 8], jnp.int32)
+    plan = make_plan(["X"], compact=True, loops={"X": counts}, compact_shares=(1, 2, 4, 8))
+    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(_tokens(4, 8), plan))(params)
+    assert _while_loops(jaxpr.jaxpr) == phases
+    (lc, _, cc), (lm, _, _) = _both(model, _tokens(4, 8), loops={"X": counts}, compact_shares=(1, 2, 4, 8))
+    _run.clear_cache()
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=1e-5)
+    assert float(cc) == 32 + 32 + 4 * 8
