@@ -438,7 +438,7 @@ class Circuit(nnx.Module):
 
         # A flat buffer holds any fresh set a rows-by-tokens one of its size holds, so at and below the largest flat
         # buffer rows by tokens only add programs: on a parity model (batch 64 x 17, shares 1, 2, 4, 8) 19 phases
-        # compiled in 22 s where these 4 compile in 4, at the same time per token. Rows by tokens remain above it:
+        # compiled in 22 s where the 5 left compile in 7, at the same time per token. Rows by tokens remain above it:
         # in decoding (its chunks have no flat buffers) and where a flat buffer's per-token copy of keys and values
         # would pass FLAT_KV_BYTES. Largest first.
         top = max(flat_caps, default=0)
