@@ -7,8 +7,8 @@ data). Reports the median milliseconds per step of each and their ratio (changed
 
     python bench/recipe_cost.py --config configs/quickstart.yaml [--steps 20] [--rounds 5] [--json] key=value ...
 
-JSON: {"config": str, "overrides": [str], "steps": int, "rounds": int, "base_ms": float, "changed_ms": float,
-       "ratio": float, "base_rounds_ms": [float], "changed_rounds_ms": [float]}
+JSON: {"config": str, "overrides": [str], "env": {...} (versions, device, CPUs), "steps": int, "rounds": int,
+       "base_ms": float, "changed_ms": float, "ratio": float, "base_rounds_ms": [float], "changed_rounds_ms": [float]}
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def measure(config: str, overrides: list[str], steps: int, rounds: int) -> dict:
         s_changed, ms = time_steps(changed, s_changed, changed_batches, steps)
         changed_ms.append(ms)
     b, c = float(np.median(base_ms)), float(np.median(changed_ms))
-    return {"config": config, "overrides": overrides, "steps": steps, "rounds": rounds, "base_ms": b,
+    return {"config": config, "overrides": overrides, "env": C.environment(), "steps": steps, "rounds": rounds,
+            "base_ms": b,
             "changed_ms": c, "ratio": c / b, "base_rounds_ms": base_ms, "changed_rounds_ms": changed_ms}
 
 

@@ -474,3 +474,50 @@ def test_curriculum_config(tmp_path):
         tiny_config(tmp_path, "d", "data.curriculum=[{until: 5, difficulty: [1, 1]}, {until: 3, difficulty: [1, 2]}]")
     with pytest.raises(ConfigError, match=r"data.curriculum.0.difficulty \[1, 9\] reaches above"):
         tiny_config(tmp_path, "e", "data.curriculum=[{until: 5, difficulty: [1, 9]}]")
+
+
+@pytest.mark.parametrize("n,g,bound", [([6, 2, 5], None, 8), ([6, 2, 5], [2, 2, 4], 8), ([9, 0, 3], None, 8),
+                                       ([3, 1, 2], None, 3)],
+                         ids=["counts", "depths", "past-the-bound-and-zero", "bound-under-k"])
+def test_counts_per_example_end_together_with_the_same_states_and_gradients(n, g, bound):
+    """iterate(per_example=True) ends every token's count at the bound, where the default starts them together:
+    the rows here read nothing of each other, so each row's state and its gradients (weights and h0) must be the
+    same either way, truncation, traced depths, a count past the bound and a count of 0 included."""
+    consts, h0 = _consts(), jax.random.normal(jax.random.key(1), (3, 8))
+    n = jnp.array(n, jnp.int32)
+    g = None if g is None else jnp.array(g, jnp.int32)
+    weights = jax.random.normal(jax.random.key(2), (3, 8))
+
+    def loss(c, h, per_example):
+        return jnp.sum(iterate(_step, c, h, n, 4, bound=bound, grad=g, per_example=per_example) * weights)
+
+    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    got, ref = run(consts, h0, True), run(consts, h0, False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(got[1][1]).sum()) > 0 or int(jnp.min(n)) > 4  # h0's gradient path where n <= k
+
+
+@pytest.mark.parametrize("n,bound", [([6, 2, 5], 8), ([1, 8, 3], 8), ([2, 1, 2], 2)],
+                         ids=["counts", "a count of 1 and one at the bound", "bound-under-the-window"])
+def test_a_window_of_states_is_the_same_when_counts_end_together(n, bound):
+    """iterate_window(per_example=True) (the iteration loss and the settling loss under loops per difficulty):
+    the same final states, the same last-3 states where valid, the same validity, and the same gradients of a
+    loss on the valid states, as when the counts start together."""
+    consts, h0 = _consts(), jax.random.normal(jax.random.key(1), (3, 8))
+    n = jnp.array(n, jnp.int32)
+    weights = jax.random.normal(jax.random.key(2), (3, 3, 8))
+
+    def run(c, h, per_example):
+        last, states, valid = iterate_window(_step, c, h, n, 4, 3, bound=bound, per_example=per_example)
+        return jnp.sum(jnp.where(valid[..., None], states, 0.0) * weights) + jnp.sum(last), (last, states, valid)
+
+    f = jax.jit(jax.value_and_grad(run, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (_, (last, states, valid)), grads = f(consts, h0, True)
+    (_, (last_ref, states_ref, valid_ref)), grads_ref = f(consts, h0, False)
+    np.testing.assert_array_equal(valid, valid_ref)
+    np.testing.assert_allclose(last, last_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.where(valid[..., None], states, 0), np.where(valid_ref[..., None], states_ref, 0),
+                               rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
