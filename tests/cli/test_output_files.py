@@ -239,6 +239,28 @@ def test_a_sweep_killed_between_its_renames_keeps_the_earlier_tensorboard_run(lo
     assert main(args) == 0 and tb.is_dir() and hidden(tb.parent) == []
 
 
+def test_a_sweeps_folder_that_is_a_symlink_is_written_through(tmp_path):
+    """#27 pass 28: a run's sweeps/X kept as a symlink (to a shared disk) was replaced by a folder, the folder it led
+    to kept the earlier sweep with no word, and the link, set aside as .X.old-PID, stayed beside it for good (rmtree
+    refuses a link; the next sweep skips links). The folder it leads to is now written, the link kept, as
+    sweep.csv's file is."""
+    import types
+
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    (run / "sweeps").mkdir(parents=True)
+    shared.mkdir()
+    fake = types.SimpleNamespace(info=types.SimpleNamespace(path=run), step=4)
+    rows = [{"split": "train", "loops": {"X": n}, "accuracy": 0.5, "loss": 1.0} for n in (1, 2)]
+    sweep_cli._log_tensorboard(fake, rows, {"X": [1, 2]}, {})
+    (run / "sweeps" / "X").rename(shared / "X")
+    (run / "sweeps" / "X").symlink_to(shared / "X")
+    earlier = (shared / "X" / "metrics.jsonl").read_text()
+    rows[0]["accuracy"] = 0.25
+    assert sweep_cli._log_tensorboard(fake, rows, {"X": [1, 2]}, {}) == shared / "X"
+    assert (run / "sweeps" / "X").is_symlink() and os.listdir(run / "sweeps") == ["X"] and hidden(shared) == []
+    assert (shared / "X" / "metrics.jsonl").read_text() != earlier and "0.25" in (shared / "X" / "metrics.jsonl").read_text()
+
+
 def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp_path, monkeypatch):
     """#27 pass 27: a run's sweep.csv kept as a symlink (to a shared folder) was replaced by a file, and the file it
     led to kept the earlier sweep with no word; the file it leads to is now written, the link kept, a set that
