@@ -250,6 +250,12 @@ def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
                             f"copy the run (cp -r {shlex.quote(str(run))} {copy}) and pass --run {copy}") from None
     _check_journal(Path(run) / _JOURNAL)  # before the work: it is read when the new set is written
     for path in files:
+        kind = special(path) if _OUTPUT.fullmatch(path.name) else None  # (not the folders of a sweep's runs)
+        if kind in ("a folder", "a pipe or a device"):  # a folder failed after the work, naming free space; a FIFO (or
+            # /dev/null through a link) was replaced by a file (#27 pass 28)
+            where = f"{path} (a symlink to {os.path.realpath(path)})" if path.is_symlink() else str(path)
+            raise AnalysisError(f"{where} is {kind}, where this command writes its {path.name} (a file, replaced "
+                                f"whole); move it aside and run the command again")
         if path.exists() and not os.access(path, os.W_OK):
             raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
                                 f"has no such file); make it writable, or copy the run (cp -r) and pass --run COPY")

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 
 import pytest
 
@@ -237,6 +238,30 @@ def test_a_sweep_killed_between_its_renames_keeps_the_earlier_tensorboard_run(lo
     shutil.copytree(tb, aside)  # killed after the new run was renamed in: the set-aside one goes
     capsys.readouterr()
     assert main(args) == 0 and tb.is_dir() and hidden(tb.parent) == []
+
+
+def test_an_output_that_is_a_folder_a_pipe_or_a_link_to_one_is_refused_before_the_work(tmp_path):
+    """#27 pass 28: a FIFO named sweep.csv, or a link to one (or to /dev/null), was replaced by a regular file (through
+    the link: the pipe elsewhere, /dev/null as root); a folder there (or a link to one) failed after the work, saying
+    to make the run writable or free disk space. Each is now refused before the work, naming what is there."""
+    from loopformer.cli.common import check_writable
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.mkfifo(elsewhere / "pipe")
+    makers = [("a folder", lambda p: p.mkdir()), ("a pipe or a device", lambda p: os.mkfifo(p)),
+              ("a pipe or a device", lambda p: p.symlink_to(elsewhere / "pipe")),
+              ("a folder", lambda p: p.symlink_to(elsewhere))]
+    for i, (kind, make) in enumerate(makers):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        make(run / "sweep.csv")
+        with pytest.raises(AnalysisError, match=rf"sweep.csv.* is {kind}, where this command writes its "
+                                                r"sweep.csv \(a file, replaced whole\); move it aside"):
+            check_writable(run, "sweep.csv", [run / "sweep.csv", run / "sweeps"])
+    assert stat.S_ISFIFO(os.stat(elsewhere / "pipe").st_mode)
+    (tmp_path / "run4" / "sweeps").mkdir(parents=True)  # a sweep's runs are folders: not refused
+    check_writable(tmp_path / "run4", "sweep.csv", [tmp_path / "run4" / "sweep.csv", tmp_path / "run4" / "sweeps"])
 
 
 def test_a_sweeps_folder_that_is_a_symlink_is_written_through(tmp_path):
