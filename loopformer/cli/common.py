@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -304,9 +305,9 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
             yield
         except BaseException:
             for path in paths:
-                with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
+                with contextlib.suppress(OSError, AnalysisError):  # best effort: the error that got here is reported
                     if path in saved:  # (a link to the same file is left in place: `finally` removes it)
-                        os.replace(saved[path], os.path.realpath(path))  # a symlink's file (`replace_file`)
+                        _put_back(saved[path], path)
                     elif path not in kept:
                         path.unlink(missing_ok=True)  # a new file where the earlier scan had none
             raise
@@ -346,7 +347,7 @@ def _recover(run_dir: Path) -> None:
     if entry is not None:
         for path, keep in kept.items():
             if (run_dir / keep).is_file():
-                os.replace(run_dir / keep, os.path.realpath(run_dir / path))  # a symlink's file, as `one_set` does
+                _put_back(run_dir / keep, run_dir / path)
         for path in new:
             (run_dir / path).unlink(missing_ok=True)
         journal.unlink()
@@ -355,6 +356,21 @@ def _recover(run_dir: Path) -> None:
     for leftover in run_dir.iterdir():
         if _KEPT.fullmatch(leftover.name) and leftover.is_file():
             leftover.unlink(missing_ok=True)
+
+
+def _put_back(keep: Path, path: Path) -> None:
+    """Put the kept copy ``keep`` back as ``path`` (a symlink: the file it leads to, as `replace_file` writes it): a
+    rename, or, where that file is on another disk than the run (a link to a shared folder), a copy written whole
+    beside it: the rename failed ("Invalid cross-device link"), so a set that failed part way kept the linked file's
+    new content, the earlier one deleted, and the put-back after a kill -9 was a traceback in every later command."""
+    target = Path(os.path.realpath(path))
+    try:
+        os.replace(keep, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        replace_file(target, keep.read_bytes())
+        keep.unlink(missing_ok=True)
 
 
 def _kept_name(path: Path) -> Path:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -262,6 +263,45 @@ def test_an_output_that_is_a_folder_a_pipe_or_a_link_to_one_is_refused_before_th
     assert stat.S_ISFIFO(os.stat(elsewhere / "pipe").st_mode)
     (tmp_path / "run4" / "sweeps").mkdir(parents=True)  # a sweep's runs are folders: not refused
     check_writable(tmp_path / "run4", "sweep.csv", [tmp_path / "run4" / "sweep.csv", tmp_path / "run4" / "sweeps"])
+
+
+def test_a_linked_output_on_another_disk_is_put_back(tmp_path, monkeypatch):
+    """#27 pass 28: sweep.csv linked into a folder on another disk than the run: the kept copy (in the run) could not
+    be renamed back onto the file ("Invalid cross-device link"), so a set that failed part way left the linked file
+    with the new content beside the earlier plots, the earlier content deleted, and after a kill -9 the put-back was
+    an OSError traceback in every later command. The copy is now written back whole beside the file."""
+    import errno
+
+    from loopformer.cli import common
+    from loopformer.cli.common import one_set
+    from loopformer.runs.layout import replace_file
+
+    run, shared = tmp_path / "run", tmp_path / "shared"  # "another disk": a rename between the two fails
+    run.mkdir()
+    shared.mkdir()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if {Path(src).parent.name, Path(dst).parent.name} == {"run", "shared"}:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", replace)
+    (shared / "sweep.csv").write_text("old csv")
+    (run / "sweep.csv").symlink_to(shared / "sweep.csv")
+    (run / "sweep_X.png").write_bytes(b"old png")
+    with pytest.raises(KeyboardInterrupt), one_set(run, [run / "sweep.csv", run / "sweep_X.png"], "sweep"):
+        replace_file(run / "sweep.csv", b"new csv")
+        raise KeyboardInterrupt
+    assert (shared / "sweep.csv").read_text() == "old csv" and (run / "sweep.csv").is_symlink()
+    assert hidden(run) == [] and hidden(shared) == []
+    (run / ".sweep.csv.999999999.old").write_text("old csv")  # a sweep killed (kill -9) after writing the file
+    (shared / "sweep.csv").write_text("new csv")
+    (run / ".analysis-set.json").write_text(json.dumps({"command": "sweep", "pid": 999999999, "new": [],
+                                                        "kept": {"sweep.csv": ".sweep.csv.999999999.old"}}))
+    with one_set(run, [run / "sweep.csv"], "sweep"):
+        assert (shared / "sweep.csv").read_text() == "old csv"
+    assert hidden(run) == [] and hidden(shared) == []
 
 
 def test_a_sweeps_folder_that_is_a_symlink_is_written_through(tmp_path):
