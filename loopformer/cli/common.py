@@ -260,7 +260,10 @@ def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
         if path.exists() and not os.access(path, os.W_OK):
             raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
                                 f"has no such file); make it writable, or copy the run (cp -r) and pass --run COPY")
-        target = Path(os.path.realpath(path)).parent if path.is_symlink() and path.exists() else None
+        target = Path(os.path.realpath(path)).parent if path.is_symlink() else None
+        if target is not None and not target.is_dir():  # a link to nowhere: written through, failing after the work
+            raise AnalysisError(f"{path} is a symlink into {target}, which does not exist, and this command writes the "
+                                f"file it leads to; make that folder, or remove the link")
         if target is not None and not os.access(target, os.W_OK | os.X_OK):  # `replace_file` writes beside the file
             raise AnalysisError(f"{path} is a symlink into {target}, which is not writable, and this command replaces "
                                 f"the file it leads to; make that folder writable, or put a copy of the file in its place")

@@ -304,6 +304,26 @@ def test_a_linked_output_on_another_disk_is_put_back(tmp_path, monkeypatch):
     assert hidden(run) == [] and hidden(shared) == []
 
 
+def test_an_output_linked_into_a_folder_that_does_not_exist_is_refused_before_the_work(tmp_path):
+    """#27 pass 28: sweep.csv linked to a file in a folder that does not exist passed the check (a dangling link was
+    not looked through), and the write failed after the work, saying to make the file writable or free disk space.
+    It is now refused before the work; the fix, followed, writes the file through the link."""
+    from loopformer.cli.common import check_writable, one_set
+    from loopformer.runs.layout import replace_file
+
+    run, gone = tmp_path / "run", tmp_path / "gone"
+    run.mkdir()
+    (run / "sweep.csv").symlink_to(gone / "sweep.csv")
+    with pytest.raises(AnalysisError, match=r"sweep.csv is a symlink into .*gone, which does not exist, and this "
+                                            r"command writes the file it leads to; make that folder, or remove the link"):
+        check_writable(run, "sweep.csv", [run / "sweep.csv"])
+    gone.mkdir()
+    check_writable(run, "sweep.csv", [run / "sweep.csv"])
+    with one_set(run, [run / "sweep.csv"], "sweep"):
+        replace_file(run / "sweep.csv", b"new csv")
+    assert (gone / "sweep.csv").read_bytes() == b"new csv" and (run / "sweep.csv").is_symlink()
+
+
 def test_a_sweeps_folder_that_is_a_symlink_is_written_through(tmp_path):
     """#27 pass 28: a run's sweeps/X kept as a symlink (to a shared disk) was replaced by a folder, the folder it led
     to kept the earlier sweep with no word, and the link, set aside as .X.old-PID, stayed beside it for good (rmtree
