@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -250,10 +251,19 @@ def check_writable(run: Path, writes: str, files: Sequence[Path] = ()) -> None:
                             f"copy the run (cp -r {shlex.quote(str(run))} {copy}) and pass --run {copy}") from None
     _check_journal(Path(run) / _JOURNAL)  # before the work: it is read when the new set is written
     for path in files:
+        kind = special(path) if _OUTPUT.fullmatch(path.name) else None  # (not the folders of a sweep's runs)
+        if kind in ("a folder", "a pipe or a device"):  # a folder failed after the work, naming free space; a FIFO (or
+            # /dev/null through a link) was replaced by a file (#27 pass 28)
+            where = f"{path} (a symlink to {os.path.realpath(path)})" if path.is_symlink() else str(path)
+            raise AnalysisError(f"{where} is {kind}, where this command writes its {path.name} (a file, replaced "
+                                f"whole); move it aside and run the command again")
         if path.exists() and not os.access(path, os.W_OK):
             raise AnalysisError(f"{path} is read-only, and this command replaces it (or removes it, where its new set "
                                 f"has no such file); make it writable, or copy the run (cp -r) and pass --run COPY")
-        target = Path(os.path.realpath(path)).parent if path.is_symlink() and path.exists() else None
+        target = Path(os.path.realpath(path)).parent if path.is_symlink() else None
+        if target is not None and not target.is_dir():  # a link to nowhere: written through, failing after the work
+            raise AnalysisError(f"{path} is a symlink into {target}, which does not exist, and this command writes the "
+                                f"file it leads to; make that folder, or remove the link")
         if target is not None and not os.access(target, os.W_OK | os.X_OK):  # `replace_file` writes beside the file
             raise AnalysisError(f"{path} is a symlink into {target}, which is not writable, and this command replaces "
                                 f"the file it leads to; make that folder writable, or put a copy of the file in its place")
@@ -298,9 +308,9 @@ def one_set(run_dir: Path, paths: Sequence[Path], name: str) -> Iterator[None]:
             yield
         except BaseException:
             for path in paths:
-                with contextlib.suppress(OSError):  # best effort: the error that got here is the one to report
+                with contextlib.suppress(OSError, AnalysisError):  # best effort: the error that got here is reported
                     if path in saved:  # (a link to the same file is left in place: `finally` removes it)
-                        os.replace(saved[path], os.path.realpath(path))  # a symlink's file (`replace_file`)
+                        _put_back(saved[path], path)
                     elif path not in kept:
                         path.unlink(missing_ok=True)  # a new file where the earlier scan had none
             raise
@@ -340,7 +350,7 @@ def _recover(run_dir: Path) -> None:
     if entry is not None:
         for path, keep in kept.items():
             if (run_dir / keep).is_file():
-                os.replace(run_dir / keep, os.path.realpath(run_dir / path))  # a symlink's file, as `one_set` does
+                _put_back(run_dir / keep, run_dir / path)
         for path in new:
             (run_dir / path).unlink(missing_ok=True)
         journal.unlink()
@@ -349,6 +359,21 @@ def _recover(run_dir: Path) -> None:
     for leftover in run_dir.iterdir():
         if _KEPT.fullmatch(leftover.name) and leftover.is_file():
             leftover.unlink(missing_ok=True)
+
+
+def _put_back(keep: Path, path: Path) -> None:
+    """Put the kept copy ``keep`` back as ``path`` (a symlink: the file it leads to, as `replace_file` writes it): a
+    rename, or, where that file is on another disk than the run (a link to a shared folder), a copy written whole
+    beside it: the rename failed ("Invalid cross-device link"), so a set that failed part way kept the linked file's
+    new content, the earlier one deleted, and the put-back after a kill -9 was a traceback in every later command."""
+    target = Path(os.path.realpath(path))
+    try:
+        os.replace(keep, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        replace_file(target, keep.read_bytes())
+        keep.unlink(missing_ok=True)
 
 
 def _kept_name(path: Path) -> Path:

@@ -1024,7 +1024,7 @@ class Config:
             k = self.model.circuit(name).backprop
             _check(N >= 2, f"train.settle={self.train.settle} needs train.settle_loops, the count at which circuit "
                    f"{name}'s state must be at rest, e.g. twice its max_loops "
-                   f"(train.settle_loops={2 * self.model.circuit(name).max_loops})")
+                   f"(train.settle_loops={min(2 * self.model.circuit(name).max_loops, MAX_LOOPS)})")
             _check(k >= 2, f"train.settle compares circuit {name}'s last two iterations, which need gradient (its "
                    f"backprop is {k}); raise {self.model.circuit_field(name, 'backprop')} to 2 or more")
             why = self._iterations_read_why()

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from loopformer.errors import PlanError
 from loopformer.variants.halting import Halting
@@ -37,6 +38,9 @@ from loopformer.variants.registry import Registry
 
 Array = jax.Array
 EXITS: Registry = Registry("exit rule")
+
+# the thresholds a rule can compare against: it compares in float32, where smaller ones are 0 and larger ones infinite
+FLOAT32_RANGE = (float(np.finfo(np.float32).smallest_subnormal), float(np.finfo(np.float32).max))
 
 
 class Probe(Protocol):
@@ -101,6 +105,12 @@ class ExitRule:
         if not (0 < threshold < math.inf and (not cls.at_most_one or threshold <= 1)):  # 1e400 reads as inf
             raise PlanError(f"exit rule '{text}': the threshold must be a finite number > 0"
                             + (" and <= 1" if cls.at_most_one else ""))
+        with np.errstate(over="ignore"):  # 1e39 was read as inf (a JAX warning), 1e-50 as 0
+            in_float32 = float(np.float32(threshold))
+        if not 0 < in_float32 < math.inf:
+            raise PlanError(f"exit rule '{text}': the threshold must be between {FLOAT32_RANGE[0]:.1e} and "
+                            f"{FLOAT32_RANGE[1]:.1e}: the rules compare in float32, where {m.group(3)} is "
+                            f"{'infinite' if threshold > 1 else '0'}")
         if cls.whole and threshold != int(threshold):
             raise PlanError(f"exit rule '{text}': {cls.placeholder} counts iterations; give a whole number")
         rule = cls(threshold, options.get("min", 1), options.get("every", 1))

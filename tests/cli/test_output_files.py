@@ -7,6 +7,8 @@ import fcntl
 import json
 import os
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -237,6 +239,111 @@ def test_a_sweep_killed_between_its_renames_keeps_the_earlier_tensorboard_run(lo
     shutil.copytree(tb, aside)  # killed after the new run was renamed in: the set-aside one goes
     capsys.readouterr()
     assert main(args) == 0 and tb.is_dir() and hidden(tb.parent) == []
+
+
+def test_an_output_that_is_a_folder_a_pipe_or_a_link_to_one_is_refused_before_the_work(tmp_path):
+    """#27 pass 28: a FIFO named sweep.csv, or a link to one (or to /dev/null), was replaced by a regular file (through
+    the link: the pipe elsewhere, /dev/null as root); a folder there (or a link to one) failed after the work, saying
+    to make the run writable or free disk space. Each is now refused before the work, naming what is there."""
+    from loopformer.cli.common import check_writable
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.mkfifo(elsewhere / "pipe")
+    makers = [("a folder", lambda p: p.mkdir()), ("a pipe or a device", lambda p: os.mkfifo(p)),
+              ("a pipe or a device", lambda p: p.symlink_to(elsewhere / "pipe")),
+              ("a folder", lambda p: p.symlink_to(elsewhere))]
+    for i, (kind, make) in enumerate(makers):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        make(run / "sweep.csv")
+        with pytest.raises(AnalysisError, match=rf"sweep.csv.* is {kind}, where this command writes its "
+                                                r"sweep.csv \(a file, replaced whole\); move it aside"):
+            check_writable(run, "sweep.csv", [run / "sweep.csv", run / "sweeps"])
+    assert stat.S_ISFIFO(os.stat(elsewhere / "pipe").st_mode)
+    (tmp_path / "run4" / "sweeps").mkdir(parents=True)  # a sweep's runs are folders: not refused
+    check_writable(tmp_path / "run4", "sweep.csv", [tmp_path / "run4" / "sweep.csv", tmp_path / "run4" / "sweeps"])
+
+
+def test_a_linked_output_on_another_disk_is_put_back(tmp_path, monkeypatch):
+    """#27 pass 28: sweep.csv linked into a folder on another disk than the run: the kept copy (in the run) could not
+    be renamed back onto the file ("Invalid cross-device link"), so a set that failed part way left the linked file
+    with the new content beside the earlier plots, the earlier content deleted, and after a kill -9 the put-back was
+    an OSError traceback in every later command. The copy is now written back whole beside the file."""
+    import errno
+
+    from loopformer.cli import common
+    from loopformer.cli.common import one_set
+    from loopformer.runs.layout import replace_file
+
+    run, shared = tmp_path / "run", tmp_path / "shared"  # "another disk": a rename between the two fails
+    run.mkdir()
+    shared.mkdir()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if {Path(src).parent.name, Path(dst).parent.name} == {"run", "shared"}:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", replace)
+    (shared / "sweep.csv").write_text("old csv")
+    (run / "sweep.csv").symlink_to(shared / "sweep.csv")
+    (run / "sweep_X.png").write_bytes(b"old png")
+    with pytest.raises(KeyboardInterrupt), one_set(run, [run / "sweep.csv", run / "sweep_X.png"], "sweep"):
+        replace_file(run / "sweep.csv", b"new csv")
+        raise KeyboardInterrupt
+    assert (shared / "sweep.csv").read_text() == "old csv" and (run / "sweep.csv").is_symlink()
+    assert hidden(run) == [] and hidden(shared) == []
+    (run / ".sweep.csv.999999999.old").write_text("old csv")  # a sweep killed (kill -9) after writing the file
+    (shared / "sweep.csv").write_text("new csv")
+    (run / ".analysis-set.json").write_text(json.dumps({"command": "sweep", "pid": 999999999, "new": [],
+                                                        "kept": {"sweep.csv": ".sweep.csv.999999999.old"}}))
+    with one_set(run, [run / "sweep.csv"], "sweep"):
+        assert (shared / "sweep.csv").read_text() == "old csv"
+    assert hidden(run) == [] and hidden(shared) == []
+
+
+def test_an_output_linked_into_a_folder_that_does_not_exist_is_refused_before_the_work(tmp_path):
+    """#27 pass 28: sweep.csv linked to a file in a folder that does not exist passed the check (a dangling link was
+    not looked through), and the write failed after the work, saying to make the file writable or free disk space.
+    It is now refused before the work; the fix, followed, writes the file through the link."""
+    from loopformer.cli.common import check_writable, one_set
+    from loopformer.runs.layout import replace_file
+
+    run, gone = tmp_path / "run", tmp_path / "gone"
+    run.mkdir()
+    (run / "sweep.csv").symlink_to(gone / "sweep.csv")
+    with pytest.raises(AnalysisError, match=r"sweep.csv is a symlink into .*gone, which does not exist, and this "
+                                            r"command writes the file it leads to; make that folder, or remove the link"):
+        check_writable(run, "sweep.csv", [run / "sweep.csv"])
+    gone.mkdir()
+    check_writable(run, "sweep.csv", [run / "sweep.csv"])
+    with one_set(run, [run / "sweep.csv"], "sweep"):
+        replace_file(run / "sweep.csv", b"new csv")
+    assert (gone / "sweep.csv").read_bytes() == b"new csv" and (run / "sweep.csv").is_symlink()
+
+
+def test_a_sweeps_folder_that_is_a_symlink_is_written_through(tmp_path):
+    """#27 pass 28: a run's sweeps/X kept as a symlink (to a shared disk) was replaced by a folder, the folder it led
+    to kept the earlier sweep with no word, and the link, set aside as .X.old-PID, stayed beside it for good (rmtree
+    refuses a link; the next sweep skips links). The folder it leads to is now written, the link kept, as
+    sweep.csv's file is."""
+    import types
+
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    (run / "sweeps").mkdir(parents=True)
+    shared.mkdir()
+    fake = types.SimpleNamespace(info=types.SimpleNamespace(path=run), step=4)
+    rows = [{"split": "train", "loops": {"X": n}, "accuracy": 0.5, "loss": 1.0} for n in (1, 2)]
+    sweep_cli._log_tensorboard(fake, rows, {"X": [1, 2]}, {})
+    (run / "sweeps" / "X").rename(shared / "X")
+    (run / "sweeps" / "X").symlink_to(shared / "X")
+    earlier = (shared / "X" / "metrics.jsonl").read_text()
+    rows[0]["accuracy"] = 0.25
+    assert sweep_cli._log_tensorboard(fake, rows, {"X": [1, 2]}, {}) == shared / "X"
+    assert (run / "sweeps" / "X").is_symlink() and os.listdir(run / "sweeps") == ["X"] and hidden(shared) == []
+    assert (shared / "X" / "metrics.jsonl").read_text() != earlier and "0.25" in (shared / "X" / "metrics.jsonl").read_text()
 
 
 def test_an_output_that_is_a_symlink_is_written_through_and_put_back_through(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ curriculum's stream is a function of (seed, index) that follows its stages.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -320,6 +321,12 @@ def test_settle_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="train.settle: .*circuits X, Y all loop; name one: "
                                           "train.iteration_loss_circuit=X"):
         tiny_config(tmp_path, "f", "train.settle=0.1", "train.settle_loops=8", f"{X}.loops=fixed(3)", f"{X}.backprop=2")
+    # #27 pass 28: the settle_loops it names is within the limit (twice a max_loops of 6000, 12000, was refused in turn)
+    with pytest.raises(ConfigError, match=r"e.g. twice its max_loops \(train.settle_loops=10000\)$") as named:
+        tiny_config(tmp_path, "h", "train.settle=0.1", f"{X}.backprop=2", f"{X}.max_loops=6000")
+    fix = re.search(r"\((train.settle_loops=\d+)\)$", str(named.value)).group(1)
+    assert tiny_config(tmp_path, "h", "train.settle=0.1", f"{X}.backprop=2", f"{X}.max_loops=6000",
+                       fix).settle_term() == ("X", 10000, 0.1)
 
 
 @pytest.mark.slow  # two train steps to compile; CI runs it with the slow tests
