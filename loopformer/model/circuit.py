@@ -261,16 +261,14 @@ class Circuit(nnx.Module):
         if run.exit is None and run.stash and self.halting.has_head:  # training a halting circuit
             return self._stashed(step, consts, h0, n, run.backprop, run.stash)
         if run.exit is None and run.window:  # training with a loss after each of the last W iterations
-            h, states, valid = iterate_window(step, consts, h0, n, run.backprop, run.window, bound=run.bound,
-                                              per_example=run.per_example)
+            h, states, valid = iterate_window(step, consts, h0, n, run.backprop, run.window, bound=run.bound)
             settle = None if run.window < 2 else jnp.where(valid[1], latent_change_sq(states[1], states[0]), 0.0)
             return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32),
                               steps=self.emit(states, e), settle=settle)
         if run.exit is None and run.backprop:
             if self.halting.mixes_output:
                 raise PlanError("a halting circuit needs plan.stash (its loop's length bound) outside exits")
-            h = iterate(step, consts, h0, n, run.backprop, bound=run.bound, grad=run.grad,  # truncated backprop
-                        per_example=run.per_example)
+            h = iterate(step, consts, h0, n, run.backprop, bound=run.bound, grad=run.grad)  # truncated backprop
             return CircuitOut(self.emit(h, e), used=None if jnp.ndim(n) == 0 else jnp.asarray(n, jnp.float32))
         return self._infer(graphdef, consts, h0, n, run.exit, readout, ctx, cache, run.compact,
                            shares=run.compact_shares)

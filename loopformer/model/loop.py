@@ -48,7 +48,7 @@ StepFn = Callable[[PyTree, Array], Array]
 
 
 def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound: int = 0,
-            stash: int = 0, grad: Array | None = None, per_example: bool = False) -> Array | tuple[Array, Array]:
+            stash: int = 0, grad: Array | None = None) -> Array | tuple[Array, Array]:
     """h_n = step^n(h0), with gradient through the last ``min(n, k)`` steps only (``min(n, k, grad)`` with
     ``grad``).
 
@@ -67,10 +67,6 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound:
         count per token (k > 0), L is the bound and rows past a token's count repeat its h_n.
       grad: traced iterations with gradient (like n: a scalar or one per token), at most k: the progressive
         loss's random truncation (k stays the static scan length). None: k.
-      per_example: per-token counts (k > 0, no stash) that tokens reading each other share (one count per
-        example, whose tokens read only each other: `Plan.per_example`). The loop then ends every count at the
-        bound instead of starting them together (`_ending_together`): the same states, and only the last k
-        iterations carry a backward pass.
     """
     n = jnp.asarray(n, jnp.int32)
     if grad is not None and (stash or k == 0):
@@ -80,8 +76,6 @@ def iterate(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, *, bound:
             if k == 0 or grad is not None:
                 raise ValueError("a stash with one count per token needs k > 0 and no traced gradient depth")
             return _iterate_per_token(step, consts, h0, n, k, stash, emit=True)
-        if per_example and k > 0:
-            return _ending_together(step, consts, h0, n, k, bound, grad)
         return _iterate_per_token(step, consts, h0, n, k, bound, grad)
     if grad is not None:
         g = jnp.clip(jnp.asarray(grad, jnp.int32), 1, k)
@@ -171,60 +165,19 @@ def _iterate_per_token(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int
     return (h, ys) if emit else h
 
 
-def _ending_together(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, bound: int,
-                     grad: Array | None = None, emit: bool = False) -> Array | tuple[Array, Array]:
-    """`_iterate_per_token` (k > 0) for counts that every two tokens reading each other share: token t runs
-    iterations bound - n_t .. bound - 1 and holds h0 before, so every count ends at the bound. A token then reads
-    its neighbours at the same iteration of their shared count as when all counts start at 0, so the states are
-    the same; and each token's gradient window, its last min(n_t, k) iterations (min(n_t, k, grad_t) with
-    ``grad``), lies within the bound's last k. The first bound - k iterations therefore run in a ``fori_loop``
-    without gradient, and only the last k in a checkpointed ``scan``, where starting the counts together needs
-    a backward pass through all ``bound`` iterations (the windows start at different iterations). ``emit`` also
-    returns the scan's states [min(bound, k), ...]: row i is every token's state after iteration
-    max(bound - k, 0) + i (its initial state where that is before the token's first)."""
-    def keep(active: Array, new: Array, old: Array) -> Array:
-        return jnp.where(active[..., None], new, old)
-
-    if bound < 1:
-        raise ValueError("per-token loop counts with gradient (k > 0) need a static bound on the counts")
-    start = bound - jnp.clip(n, 0, bound)  # token t's first iteration
-    depth = k if grad is None else jnp.clip(jnp.asarray(grad, jnp.int32), 1, k)
-    free = max(bound - k, 0)  # iterations no token takes gradient through
-    consts_ng = jax.lax.stop_gradient(consts)
-    h = jax.lax.fori_loop(0, free, lambda i, h: keep(i >= start, step(consts_ng, h), h), jax.lax.stop_gradient(h0))
-    h = keep(start < free, h, h0)  # h0's gradient path where a token ran nothing without gradient
-    body = jax.checkpoint(step)
-
-    def grad_step(h: Array, i: Array) -> tuple[Array, Array | None]:
-        new = body(consts, h)
-        new = keep(i >= bound - depth, new, jax.lax.stop_gradient(new))
-        h = keep(i >= start, new, h)
-        return h, (h if emit else None)
-
-    h, ys = jax.lax.scan(grad_step, h, jnp.arange(free, bound))
-    return (h, ys) if emit else h
-
-
 def iterate_window(step: StepFn, consts: PyTree, h0: Array, n: Array, k: int, window: int, *,
-                   bound: int = 0, per_example: bool = False) -> tuple[Array, Array, Array]:
+                   bound: int = 0) -> tuple[Array, Array, Array]:
     """`iterate` with gradient through the last min(n, k) steps, also returning the last ``window`` states:
     (h_n, states [window, ...h0.shape] with row j = h_{n - j}, valid [window, ...h0.shape[:-1]] bool: n - j >= 1).
 
     Rows past a token's first iteration (n - j < 1) hold h_1 and are not valid. Because window <= k, every
     valid row lies in the part with gradient: row j carries gradient through iterations n - k + 1 .. n - j
     (Yang et al. 2024's loss window under truncated backprop). ``n`` is a scalar, or one count per token with
-    ``bound`` (static, the largest count) as in `iterate`, and ``per_example`` as there (every count ends at the
-    bound, so every token's h_n is the scan's last row).
+    ``bound`` (static, the largest count) as in `iterate`.
     """
     if not 1 <= window <= k:
         raise ValueError(f"a window of {window} states needs 1 <= window <= k (the gradient depth, {k})")
     n = jnp.asarray(n, jnp.int32)
-    if n.ndim and per_example:
-        h, ys = _ending_together(step, consts, h0, n, k, bound, emit=True)
-        j = jnp.arange(window).reshape((window,) + (1,) * (h0.ndim - 1))
-        valid = jnp.broadcast_to(jnp.minimum(n, bound) - j >= 1, (window, *h0.shape[:-1]))
-        rows = jnp.maximum(ys.shape[0] - 1 - j, 0)  # the row of h_{n - j}: valid rows are >= 0 (n <= the rows)
-        return h, ys[rows.reshape(window)], valid
     if n.ndim:
         h, ys = _iterate_per_token(step, consts, h0, n, k, bound, emit=True)
         last = jnp.minimum(n, bound) - 1  # each token's row of h_n

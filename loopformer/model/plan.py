@@ -74,8 +74,7 @@ COMPACT_SHARES = (1, 2, 4, 8)
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["loops", "gates", "fills", "key", "exits", "schedules", "grads"],
                    meta_fields=["backprop", "trace_len", "collect_means", "stash", "bound", "collect_norms",
-                                "by_difficulty", "position_offset", "compact", "windows", "compact_shares",
-                                "per_example"])
+                                "by_difficulty", "position_offset", "compact", "windows", "compact_shares"])
 @dataclass(frozen=True)
 class Plan:
     loops: Mapping[str, Array]
@@ -96,9 +95,6 @@ class Plan:
     compact: bool | None = None
     windows: tuple[tuple[str, int], ...] = ()
     compact_shares: tuple[float, ...] = field(default_factory=lambda: COMPACT_SHARES)
-    # circuits whose per-token counts are one per example (resolved by `for_batch`): tokens that read each other share
-    # a count, so a training loop may end every example's iterations together (`loop.iterate`'s ``per_example``)
-    per_example: tuple[str, ...] = ()
 
     def for_batch(self, difficulty_BT: Array | None) -> Plan:
         """This plan with its per-difficulty counts resolved from a batch's ``difficulty`` [B, T] (int32;
@@ -112,8 +108,7 @@ class Plan:
         loops = dict(self.loops)
         for name, a, b, cap in self.by_difficulty:
             loops[name] = PerDifficulty(a, b, cap=cap).counts(difficulty_BT)
-        return dataclasses.replace(self, loops=loops, by_difficulty=(),
-                                   per_example=tuple(name for name, *_ in self.by_difficulty))
+        return dataclasses.replace(self, loops=loops, by_difficulty=())
 
     @property
     def training(self) -> bool:
@@ -130,19 +125,18 @@ class Plan:
         """How to run one circuit (its PRNG ``key`` folded from the plan's by the caller)."""
         return CircuitPlan(self.loops[name], key, self.exit_of(name), self.truncation(name), self.trace_len,
                            self.stash, self.bound, self.grads.get(name), self.compact, dict(self.windows).get(name, 0),
-                           self.compact_shares, name in self.per_example)
+                           self.compact_shares)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["loops", "key", "exit", "grad"],
-                   meta_fields=["backprop", "trace_len", "stash", "bound", "compact", "window", "compact_shares",
-                                "per_example"])
+                   meta_fields=["backprop", "trace_len", "stash", "bound", "compact", "window", "compact_shares"])
 @dataclass(frozen=True)
 class CircuitPlan:
     """One circuit's part of a `Plan`: its count ``loops`` (int32 [] or per token [B, T]; the cap under an exit
     rule), PRNG ``key``, ``exit`` rule, the static truncation depth, trace length, stash and bound, and
     ``grad`` (None, or the traced iterations <= backprop that carry gradient), whether inference may
-    compact (`Plan.compact`, in buffers of `Plan.compact_shares`), ``window`` (training: report the last W states;
-    `Plan.windows`) and ``per_example`` (`Plan.per_example`)."""
+    compact (`Plan.compact`, in buffers of `Plan.compact_shares`), and ``window`` (training: report the last W states;
+    `Plan.windows`)."""
 
     loops: Array
     key: Array
@@ -155,7 +149,6 @@ class CircuitPlan:
     compact: bool | None = None
     window: int = 0
     compact_shares: tuple[float, ...] = field(default_factory=lambda: COMPACT_SHARES)
-    per_example: bool = False
 
 
 @functools.partial(jax.tree_util.register_dataclass,

@@ -123,9 +123,7 @@ def progressive_plan(plan: Plan, circuits: tuple[str, ...], key: Array) -> Plan:
         room = jnp.minimum(n - n_free, plan.truncation(name))
         g = 1 + jnp.floor(u_grad * room).astype(jnp.int32)  # 1 .. room
         loops[name], grads[name] = n_free + g, g
-    # drawn per token, the counts differ within an example: its loop keeps the counts' common start
-    per_example = tuple(name for name in plan.per_example if name not in circuits)
-    return dataclasses.replace(plan, loops=loops, grads=grads, per_example=per_example)
+    return dataclasses.replace(plan, loops=loops, grads=grads)
 
 
 def settle_plan(plan: Plan, name: str, count: int) -> Plan:

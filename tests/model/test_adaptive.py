@@ -120,44 +120,6 @@ def test_equal_per_token_counts_are_the_scalar_loop():
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal,window", [(True, 0), (False, 0), (True, 2)],
-                         ids=["causal", "bidirectional", "causal-last-2-states"])
-def test_counts_per_example_train_as_when_they_start_together(causal, window):
-    """Loops per difficulty (`Plan.for_batch`): one count per example, whose tokens read only each other (window
-    3 here, and padding in its own segment), so the training loop ends every count at the bound
-    (`Plan.per_example`) and runs the iterations before the last k without gradient. Logits and every
-    parameter's gradient equal those of the loop that starts the counts together (the same plan without
-    ``per_example``), with rows at 3, 6 and 8 iterations, one of them padded; and so are the logits of the last
-    ``window`` states (the iteration loss's, `Plan.windows`)."""
-    gd, st = model_of(dataclasses.replace(one_circuit(window=3), causal=causal))
-    toks = tokens(3, 7)
-    seg = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2, [1] * 7], jnp.int32)
-    difficulty = jnp.asarray([1, 4, 5], jnp.int32)[:, None] * (seg > 0)
-    plan = make_plan(["X"], {"X": 8}, backprop={"X": 2}, bound=8, by_difficulty={"X": (1.0, 2.0, 8)},
-                     windows={"X": window} if window else None)
-    plan = plan.for_batch(difficulty)
-    assert plan.per_example == ("X",)
-    together = dataclasses.replace(plan, per_example=())
-    select = (seg > 0).astype(jnp.float32)
-
-    @jax.jit
-    def value_and_grad(s, p):
-        def loss(s):
-            logits, diag = nnx.merge(gd, s)(toks, p, segment_ids_BT=seg)
-            if window:  # the logits after each of the last W iterations [W, B, T, V]
-                logits = diag.step_logits
-            return jnp.sum(jnp.sum(logits ** 2, -1) * select), logits
-        return jax.value_and_grad(loss, has_aux=True)(s)
-
-    (_, got_logits), got = value_and_grad(st, plan)
-    (_, want_logits), want = value_and_grad(st, together)
-    assert got_logits.shape == ((window,) if window else ()) + (*toks.shape, VOCAB)
-    real = np.broadcast_to(np.asarray(seg > 0)[..., None], got_logits.shape)
-    np.testing.assert_allclose(np.asarray(got_logits)[real], np.asarray(want_logits)[real], rtol=1e-5, atol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-
-
 def test_per_token_training_needs_a_bound():
     with pytest.raises(ValueError, match="static bound"):
         iterate(lambda c, h: h, (), jnp.zeros((2, 3, 4)), jnp.ones((2, 3), jnp.int32), 2)
