@@ -35,7 +35,7 @@ from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
-from loopformer.runs.layout import RunDir, not_a_file, outside_runs  # noqa: E402
+from loopformer.runs.layout import RunDir, not_a_file, outside_runs, through_link  # noqa: E402
 from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -93,7 +93,7 @@ def out_file(text: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):  # a traceback after the work, which was lost with it
         raise argparse.ArgumentTypeError(f"{text} is read-only for this user; make it writable or name another file")
     if path.is_symlink():  # `write_out` writes the file it leads to: that one must not be a run's either
-        _outside_runs(Path(os.path.realpath(path)))
+        _outside_runs(through_link(path))
     return _outside_runs(path)
 
 
@@ -147,7 +147,7 @@ def out_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a run directory; give a folder outside any run for the runs and "
                                          f"results")
     if path.is_symlink():  # its files are written where it leads
-        _outside_runs(Path(os.path.realpath(path)))
+        _outside_runs(through_link(path))
     return _outside_runs(path)
 
 
@@ -411,8 +411,7 @@ def write_out(path: Path, text: str | bytes, shown: str) -> None:
     traceback after the work), the document being ``shown`` elsewhere and the earlier one left as it was. Every file
     a script writes into its --out goes through here (think_longer.py, routing.py, gate_stage.py and adaptive.py
     wrote some in place: a traceback after hours of training, the earlier record torn, #27 pass 24)."""
-    if path.is_symlink():  # the file it leads to: the rename replaced the link by a file, the one it named kept as it was
-        path = Path(os.path.realpath(path))
+    path = through_link(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

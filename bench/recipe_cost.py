@@ -68,8 +68,7 @@ def measure(config: str, overrides: list[str], steps: int, rounds: int) -> dict:
         changed_ms.append(ms)
     b, c = float(np.median(base_ms)), float(np.median(changed_ms))
     return {"config": config, "overrides": overrides, "env": C.environment(), "steps": steps, "rounds": rounds,
-            "base_ms": b,
-            "changed_ms": c, "ratio": c / b, "base_rounds_ms": base_ms, "changed_rounds_ms": changed_ms}
+            "base_ms": b, "changed_ms": c, "ratio": c / b, "base_rounds_ms": base_ms, "changed_rounds_ms": changed_ms}
 
 
 def main() -> int:

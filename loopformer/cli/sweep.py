@@ -27,7 +27,7 @@ from loopformer.cli.loopspec import parse_exits, parse_loops
 from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, sweep, tables
 from loopformer.evaluation.run import LoadedRun, load_run
-from loopformer.runs.layout import dead_siblings
+from loopformer.runs.layout import dead_siblings, through_link
 from loopformer.runs.log import log, progress
 from loopformer.runs.read import read_run
 from loopformer.runs.scalars import MetricsWriter
@@ -62,8 +62,7 @@ def _log_tensorboard(run: LoadedRun, rows: list[dict[str, Any]], grid: dict[str,
     after the earlier sweep's run was deleted, #27 pass 26): AnalysisError naming it, the earlier run kept."""
     names = list(grid)
     out = run.info.path / "sweeps" / "_".join(names)
-    if out.is_symlink():  # the folder it leads to (a shared disk): renamed onto, the link became a folder, the one it
-        out = Path(os.path.realpath(out))  # named kept the earlier run, and the link set aside stayed (#27 pass 28)
+    out = through_link(out)  # a link to a shared disk: renamed onto, it became a folder and its set-aside link stayed
     tmp, old = (out.with_name(f".{out.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
     for leftover in dead_siblings(out, ("old",), TB_WRITTEN):  # a sweep killed between its two renames below
         if out.exists():

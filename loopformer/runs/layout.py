@@ -162,12 +162,18 @@ def read_only(*paths: Path) -> Path | None:
     return next((p for p in paths if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))), None)
 
 
+def through_link(path: Path) -> Path:
+    """Where a write to ``path`` lands: the file or folder a symlink leads to, else ``path``. A write renamed into place
+    onto the link itself would replace the link, and what it named would keep the earlier content with no word
+    (`replace_file`, a sweep's tensorboard run, `export`'s folder, a bench script's --out: #27 passes 27 and 28)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` (a symlink: the file it leads to) through a temporary file beside it, renamed into
     place: a kill leaves the old file or the new one, never half of one. AnalysisError naming a file that cannot be
     written (read-only, which a rename would get past, a full disk, a folder in its place)."""
-    if path.is_symlink():  # the file it leads to (the rename replaced the link by a file, the one it named kept stale)
-        path = Path(os.path.realpath(path))
+    path = through_link(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename stays on one filesystem
     try:
         if path.exists() and not os.access(path, os.W_OK):

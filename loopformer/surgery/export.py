@@ -37,7 +37,7 @@ import numpy as np
 
 from loopformer.config.schema import ModelConfig
 from loopformer.errors import CheckpointError
-from loopformer.runs.layout import dead_siblings, unwritable_target
+from loopformer.runs.layout import dead_siblings, through_link, unwritable_target
 from loopformer.runs.log import log
 from loopformer.surgery.naming import circuit_prefix, flat
 
@@ -215,8 +215,7 @@ def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
     run's prompt BOS, written into the tokenizer's post-processor: `prompt_tokenizer`)."""
     from safetensors.numpy import save_file
 
-    if out.is_symlink():  # the folder it leads to: the rename into place failed on the link, "Not a directory"
-        out = Path(os.path.realpath(out))
+    out = through_link(out)  # the rename into place failed on a link: "Not a directory"
     check_out(out)
     tokenizer = prompt_tokenizer(tokenizer_json.read_text(encoding="utf-8"), bos)
     check_space(out, sum(v.nbytes for v in tensors.values()) + len(tokenizer.encode("utf-8")))
