@@ -45,7 +45,9 @@ before training: it would replace that record (move it aside first).
 
 ``--tasks prefix_parity_settle`` (declared 2026-12-06 18:16 UTC, before its first run): think_longer's setting of that
 name, the parity recipe with the settling loss (``train.settle``), scored as prefix_parity is; its halting and router
-variants would train without the loss (``--models looped`` scores its looped model alone).
+variants would train without the loss (``--models looped`` scores its looped model alone). ``--tasks maze3_settle``
+(declared 2026-12-07 02:40 UTC, before its first run): think_longer's setting of that name, maze3's recipe with the
+same settling loss, scored as maze3 is (``--models looped``, as above).
 
 Columns per row: exact-match accuracy; mean loops per real token; executed token-iterations per real
 token (``computed_loops``: tokens that wait for the batch's slowest count); executed FLOPs per token
@@ -65,7 +67,7 @@ accurate on val). Both are reported on test. The bar (#25), at 2x on test for ev
 selection is within 1 point of the best fixed count's accuracy, at <= 0.6x its FLOPs per token, <= 0.7x
 its wall-clock per token, with Spearman >= 0.6.
 
-    python bench/adaptive.py [--tasks prefix_parity,maze3,prefix_parity_settle,text] [--seeds 3]
+    python bench/adaptive.py [--tasks prefix_parity,maze3,prefix_parity_settle,maze3_settle,text] [--seeds 3]
                              [--models looped,halting,router] [--json] [--out DIR] [--examples N] [--compact auto|on|off]
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
@@ -112,7 +114,7 @@ sys.modules["think_longer"] = think_longer
 _spec.loader.exec_module(think_longer)
 
 # think_longer setting -> configs/adaptive/<name>_*.yaml
-TASKS = {"prefix_parity": "parity", "maze3": "maze3", "prefix_parity_settle": "parity"}
+TASKS = {"prefix_parity": "parity", "maze3": "maze3", "prefix_parity_settle": "parity", "maze3_settle": "maze3"}
 EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4), "kl": (1e-3, 1e-4, 1e-5),
          "entropy_diff": (1e-3, 1e-4, 1e-5), "context_diff": (0.01, 0.003, 0.001, 3e-4, 1e-4)}
 MODELS = ("looped", "halting", "router")
