@@ -69,6 +69,8 @@ its wall-clock per token, with Spearman >= 0.6.
 
     python bench/adaptive.py [--tasks prefix_parity,maze3,prefix_parity_settle,maze3_settle,text] [--seeds 3]
                              [--models looped,halting,router] [--json] [--out DIR] [--examples N] [--compact auto|on|off]
+                             [--first-seed K]
+    python bench/adaptive.py --merge A/adaptive.json B/adaptive.json --out C   # seeds of both, one bar
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
 Poisson-lognormal loops and a state norm), bits per byte vs mean loops per policy on the val split.
@@ -100,6 +102,7 @@ from loopformer.evaluation.tables import format_table
 from loopformer.flops import FlopCounter
 from loopformer.metrics import text_metrics
 from loopformer.model.plan import difficulty_rules
+from loopformer.runs.layout import not_a_file
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 from loopformer.variants.exits import exit_rule
@@ -220,14 +223,15 @@ def spearman(rows: list[dict], depths: dict) -> None:
 
 
 def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
-             compact: bool | None = None, models: tuple[str, ...] = MODELS) -> dict:
+             compact: bool | None = None, models: tuple[str, ...] = MODELS, first_seed: int = 0) -> dict:
+    """Train (or reuse) and score the task's ``models`` over seeds ``first_seed .. first_seed + seeds - 1``."""
     setting = think_longer.TASKS[name]
     m = setting.train_loops
     cap = 8 * m
     steps = setting.steps[1] if steps is None else steps
     rows, depths = [], {}
     variant_loops = [o for entry, overrides in setting.recipe if entry in VARIANT_RECIPE for o in overrides]
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         cfg = think_longer.config(name, "looped", steps, out, examples, seed)
         model, params, data = trained(cfg, out)
         sets = held_out(data.task, setting, examples, seed)
@@ -264,7 +268,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
     selected = select(rows)
     return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": m,
             "variant_loops": variant_loops, "models": list(models),
-            "seeds": seeds, "steps": steps,
+            "seeds": seeds, "first_seed": first_seed, "steps": steps,
             "depth": {f"{d}/{s}": {"mean": float(np.mean(np.concatenate([v for (_, d2, s2), v in depths.items()
                                                                           if (d2, s2) == (d, s)]))),
                                    "max": int(max(v.max() for (_, d2, s2), v in depths.items() if (d2, s2) == (d, s)))}
@@ -368,10 +372,12 @@ def markdown(name: str, result: dict) -> str:
 
 
 def pareto(name: str, result: dict) -> bytes:
-    """PNG: test accuracy vs executed FLOPs per token at each difficulty (seed 0), one marker per family."""
+    """PNG: test accuracy vs executed FLOPs per token at each difficulty (the first seed scored), one marker per
+    family."""
     from matplotlib.figure import Figure
 
-    rows = [r for r in result["rows"] if r["split"] == "test" and r["seed"] == 0]
+    first = min(r["seed"] for r in result["rows"])
+    rows = [r for r in result["rows"] if r["split"] == "test" and r["seed"] == first]
     splits = list(dict.fromkeys(r["difficulty"] for r in rows))
     fig = Figure(figsize=(4.2 * len(splits), 3.8))
     styles = {"fixed": ("o-", "k"), "auto": ("P", "C5"), "latent_diff": ("s", "C0"), "kl": ("^", "C1"),
@@ -386,7 +392,7 @@ def pareto(name: str, result: dict) -> bytes:
                 ax.plot(*zip(*pts, strict=True), marker, color=colour, label=fam, ms=5)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter("{x:g}")
-        ax.set(xlabel="executed MFLOP per token", ylabel="exact match (%)", title=f"{name}: {split} (test, seed 0)",
+        ax.set(xlabel="executed MFLOP per token", ylabel="exact match (%)", title=f"{name}: {split} (test, seed {first})",
                ylim=(-3, 103))
     fig.axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     buf = io.BytesIO()
@@ -394,20 +400,128 @@ def pareto(name: str, result: dict) -> bytes:
     return buf.getvalue()
 
 
-def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds: int) -> str | None:
+def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds: int | range) -> str | None:
     """Which models and seeds of the tasks ``names`` the record at ``record`` (an --out's adaptive.json) holds that a
-    run of ``models`` over seeds 0..``seeds`` - 1 would not score again, as "halting (seeds 0, 1) of prefix_parity"; None
-    when none (or no readable record). The run replaces the record: ``--models looped`` into the --out of a full run
-    (the rescoring --models is for, where the runs are) dropped its halting and router rows with no word (#27 pass
-    26), as think_longer.py's --first-seed dropped seeds (both read by `_common.rows_dropped`). exit_oracle.py's rows (of the
-    looped model, without a model field) are read so too."""
+    run of ``models`` over ``seeds`` (a count N: seeds 0..N-1) would not score again, as "halting (seeds 0, 1) of
+    prefix_parity"; None when none (or no readable record). The run replaces the record: ``--models looped`` into the
+    --out of a full run (the rescoring --models is for, where the runs are) dropped its halting and router rows with
+    no word (#27 pass 26), as think_longer.py's --first-seed dropped seeds (both read by `_common.rows_dropped`).
+    exit_oracle.py's rows (of the looped model, without a model field) are read so too."""
     try:
         tasks = jsontext.loads(record.read_text(encoding="utf-8"))["tasks"] if record.is_file() else {}
+        scored = range(seeds) if isinstance(seeds, int) else seeds
         return C.rows_dropped(tasks, [n for n in names if n != "text"],
-                              lambda r: r.get("model", "looped") in models and 0 <= int(r["seed"]) < seeds,
+                              lambda r: r.get("model", "looped") in models and int(r["seed"]) in scored,
                               lambda r: r.get("model", "looped"))
     except (OSError, ValueError, TypeError, KeyError):
         return None  # damaged: nothing in it to lose
+
+
+ROW_FIELDS = (("seed", "a whole number >= 0", lambda v: _whole(v, 0)),
+              ("difficulty", "a split's name", lambda v: isinstance(v, str)),
+              ("split", "val or test", lambda v: v in SPLITS),
+              ("model", "a model's name", lambda v: v in MODELS),
+              ("policy", "a policy's name", lambda v: isinstance(v, str)),
+              ("family", "a family's name", lambda v: isinstance(v, str)),
+              ("accuracy", "a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+              ("mean_loops", "a number >= 0", lambda v: _number(v) and v >= 0),
+              ("flops_per_token", "a number > 0", lambda v: _number(v) and v > 0),
+              ("seconds_per_token", "a number > 0", lambda v: _number(v) and v > 0),
+              ("cap", "a whole number >= 1", lambda v: _whole(v, 1)),
+              ("depth_spearman", "a number in [-1, 1] or null", lambda v: v is None or _number(v) and -1 <= v <= 1))
+# what every record of one --merge must share per task (the settings its rows were scored under)
+MUST_MATCH = ("cap", "train_loops", "variant_loops", "models", "steps")
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_record(path: Path) -> dict:
+    """The adaptive.json record at ``path`` (``--merge``), its rows checked: OSError when it cannot be read; TypeError
+    or ValueError saying what in it no run of this script writes (a NaN, a string for a number, an accuracy past 1)."""
+    doc = jsontext.loads(path.read_text(encoding="utf-8"), parse_constant=C.no_json_constant)
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict) or not doc["tasks"]:
+        raise TypeError("the top level is not a JSON object with tasks")
+    for name, result in doc["tasks"].items():
+        if name == "text":
+            raise ValueError("it holds --tasks text (one model of one seed), which has no seeds to join")
+        if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not result["rows"]:
+            raise TypeError(f"{name}: no rows")
+        for i, row in enumerate(result["rows"]):
+            if not isinstance(row, dict):
+                raise TypeError(f"{name}: row {i} is not a JSON object")
+            bad = next(((f, why) for f, why, ok in ROW_FIELDS if not ok(row.get(f))), None)
+            if bad:
+                raise ValueError(f"{name}: row {i} has {bad[0]} {row.get(bad[0])!r}, where a run of this script writes "
+                                 f"{bad[1]}")
+    return doc
+
+
+def _scored(rows: list[dict], seed: int) -> set[tuple]:
+    """What seed ``seed`` of ``rows`` was scored at: (model, policy, difficulty, held-out set)."""
+    return {(r["model"], r["policy"], r["difficulty"], r["split"]) for r in rows if r["seed"] == seed}
+
+
+def merge(docs: dict[str, dict]) -> dict:
+    """One record from ``docs`` (name -> adaptive.json document), each scoring disjoint seeds of the same tasks with
+    the same settings: a bench run split over processes or sessions (``--first-seed``), e.g. seeds 0-1 in one and
+    seed 2 in another. Rows and wall times are joined and each record's ``environment`` is kept under its name; the
+    selection and the bar are those of the joined rows (each seed's rows, Spearman included, are its own); the depth
+    summary's means are weighted by seeds, its maxima taken over all. Raises ValueError naming the record and the
+    field that disagree."""
+    if len(docs) < 2:
+        raise ValueError("give two records or more to join")
+    (first_src, first), *rest = docs.items()
+    for src, doc in rest:
+        if doc.get("compact") != first.get("compact"):
+            raise ValueError(f"{src} was scored with --compact {doc.get('compact')}, {first_src} with --compact "
+                             f"{first.get('compact')}: their FLOPs and times do not compare; join records of one")
+        if list(doc["tasks"]) != list(first["tasks"]):
+            raise ValueError(f"{src} scores --tasks {','.join(doc['tasks'])}, {first_src} --tasks "
+                             f"{','.join(first['tasks'])}; join records of the same tasks")
+    tasks: dict[str, dict] = {}
+    for name in first["tasks"]:
+        parts = [(src, d["tasks"][name]) for src, d in docs.items()]
+        base_seed = min(r["seed"] for r in first["tasks"][name]["rows"])
+        base = _scored(first["tasks"][name]["rows"], base_seed)
+        seen: dict[int, str] = {}
+        for src, part in parts:
+            for key in MUST_MATCH:
+                if part.get(key) != first["tasks"][name].get(key):
+                    raise ValueError(f"{name}: {src} has {key} {part.get(key)!r}, {first_src} has "
+                                     f"{first['tasks'][name].get(key)!r}; join records of the same settings")
+            for seed in sorted({r["seed"] for r in part["rows"]}):
+                if seed in seen:
+                    raise ValueError(f"{name}: seed {seed} is in both {seen[seed]} and {src}; join records of disjoint "
+                                     f"seeds")
+                seen[seed] = src
+                mine = _scored(part["rows"], seed)
+                if mine != base:  # a policy one seed alone has could decide the bar for it
+                    odd = min(mine ^ base, key=str)
+                    has, lacks = f"{src} (seed {seed})", f"{first_src} (seed {base_seed})"
+                    if odd in base:
+                        has, lacks = lacks, has
+                    raise ValueError(f"{name}: {has} scores {odd[0]} {odd[1]} on {odd[2]} ({odd[3]}) and {lacks} does "
+                                     f"not; every seed must be scored with the same policies (records of other "
+                                     f"settings or versions of this script do not join)")
+        rows = sorted((r for _, part in parts for r in part["rows"]), key=lambda r: r["seed"])
+        weights = [len({r["seed"] for r in part["rows"]}) for _, part in parts]
+        selected = select(rows)
+        merged = {k: first["tasks"][name][k] for k in MUST_MATCH}
+        merged |= {"rows": rows, "selected": selected, "bar": bar(selected, len(seen)), "seeds": len(seen),
+                   "first_seed": min(seen), "wall_s": sum(part.get("wall_s", 0.0) for _, part in parts)}
+        splits = [s for s in first["tasks"][name].get("depth", {}) if all(s in p.get("depth", {}) for _, p in parts)]
+        merged["depth"] = {s: {"mean": float(np.average([p["depth"][s]["mean"] for _, p in parts], weights=weights)),
+                               "max": max(p["depth"][s]["max"] for _, p in parts)} for s in splits}
+        tasks[name] = merged
+    return {"tasks": tasks, "compact": first.get("compact"),
+            "wall_s": sum(d.get("wall_s", 0.0) for d in docs.values()), "merged_from": list(docs),
+            "environment": {src: d.get("environment") for src, d in docs.items()}}
 
 
 def main() -> int:
@@ -417,6 +531,11 @@ def main() -> int:
     p.add_argument("--examples", type=int, help="eval examples per held-out set of a task (default 256, "
                    "think_longer's)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 of every task's models (default 3; >= 1)")
+    p.add_argument("--first-seed", type=int, help="with --seeds N, seeds K..K+N-1 instead of 0..N-1: a run split "
+                   "over processes or sessions, each part into its own --out, then joined with --merge")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="RECORD", help="train and score nothing: join "
+                   "adaptive.json records of the same tasks and settings and disjoint seeds into --out's record, "
+                   "tables and bar (the rows of every seed together; nothing is rescored)")
     p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
                    "config's; a smaller number is a smoke run of the pipeline, not results)")
     p.add_argument("--models",
@@ -429,8 +548,10 @@ def main() -> int:
     args = p.parse_args()
     # every flag before any training: --seeds 0 crashed after nothing trained (an empty concatenate), --examples 0
     # was the library's traceback, --steps 0 trained each model its default steps
-    C.at_least(p, args, {"--seeds": 1, "--examples": 1, "--steps": 1})
+    C.at_least(p, args, {"--seeds": 1, "--examples": 1, "--steps": 1, "--first-seed": 0})
     C.at_most(p, args, {"--seeds": C.SEEDS, "--examples": C.EXAMPLES, "--steps": C.STEPS})
+    if args.merge:
+        return merge_main(p, args)
     names = args.tasks.split(",")
     unknown = [n for n in names if n not in (*TASKS, "text")]  # all of them: a typo in the last was refused
     if unknown:  # after the others had trained (hours)
@@ -441,30 +562,72 @@ def main() -> int:
         p.error(f"--models {args.models}: give a comma-separated list of {', '.join(MODELS)} that includes looped "
                 f"(the best fixed count every policy is compared with is the looped model's)")
     C.once(p, "--models", list(models))
-    given = [f for f in ("--seeds", "--examples", "--models") if getattr(args, f[2:]) is not None]
+    given = [f for f in ("--seeds", "--first-seed", "--examples", "--models")
+             if getattr(args, f[2:].replace("-", "_")) is not None]
     if names == ["text"] and given:  # one model of one seed, scored on its config's val windows: accepted and ignored
         p.error(f"--tasks text reads none of {' and '.join(given)} (one model, scored on the val windows of "
                 f"configs/adaptive/text_ponder.yaml); drop {'them' if len(given) > 1 else 'it'}")
     args.seeds = 3 if args.seeds is None else args.seeds
+    first_seed = args.first_seed or 0
+    if first_seed + args.seeds > C.SEEDS[0]:
+        p.error(f"--first-seed {first_seed} with --seeds {args.seeds}: seeds up to {C.SEEDS[0] - 1} only")
+    seeds = range(first_seed, first_seed + args.seeds)
     args.examples = 256 if args.examples is None else args.examples
     out = Path(args.out)
-    kept = rows_replaced(out / "adaptive.json", names, models, args.seeds)
+    kept = rows_replaced(out / "adaptive.json", names, models, seeds)
     if kept:
         p.error(f"--out {out} holds an adaptive.json with rows of {kept}, which this run (--models "
-                f"{','.join(models)}, seeds 0..{args.seeds - 1}) does not score, and its record replaces that one; move "
-                f"{out / 'adaptive.json'} aside, or choose another --out")
+                f"{','.join(models)}, seeds {seeds[0]}..{seeds[-1]}) does not score, and its record replaces that one; "
+                f"move {out / 'adaptive.json'} aside (then join the two with --merge), or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()
     for name in names:
         t = time.time()
         compact = COMPACT[args.compact]
         results[name] = (run_text(out, args.steps, compact) if name == "text"
-                         else run_task(name, out, args.examples, args.seeds, args.steps, compact, models))
+                         else run_task(name, out, args.examples, args.seeds, args.steps, compact, models, first_seed))
         results[name]["wall_s"] = time.time() - t
         if name != "text":
             C.write_out(out / f"adaptive_{name}.png", pareto(name, results[name]), "not drawn (the tables follow)")
     doc = {"tasks": results, "compact": args.compact, "wall_s": time.time() - t0}
     C.report(out, "adaptive", doc, "\n\n".join(markdown(n, r) for n, r in results.items()), args.json)
+    return 0
+
+
+def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
+    """``--merge A B ... --out C``: C's adaptive.{json,md} and plots from the joined records (`merge`)."""
+    defaults = {"--tasks": "prefix_parity,maze3", "--compact": "auto"}
+    given = [f for f in ("--tasks", "--seeds", "--first-seed", "--models", "--examples", "--steps", "--compact")
+             if getattr(args, f[2:].replace("-", "_")) not in (None, defaults.get(f))]
+    if given:  # the records say what they scored; these were accepted and ignored
+        p.error(f"--merge reads none of {' and '.join(given)} (the records say what they scored); drop "
+                f"{'them' if len(given) > 1 else 'it'}")
+    out = Path(args.out)
+    docs = {}
+    for path in args.merge:
+        if not_a_file(path):
+            p.error(f"--merge: {path} {not_a_file(path)}; give the adaptive.json records to join")
+        if path.resolve() == (out / "adaptive.json").resolve():
+            p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
+        if str(path) in docs:
+            p.error(f"--merge names {path} twice; give each record once")
+        try:
+            docs[str(path)] = read_record(path)
+        except OSError as e:
+            p.error(f"--merge: cannot read {path} ({e.strerror or e})")
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--merge: {path} is not a result of this script ({type(e).__name__}: {e})")
+    try:
+        doc = merge(docs)
+        text = "\n\n".join(markdown(n, r) for n, r in doc["tasks"].items())
+    except ValueError as e:
+        p.error(f"--merge: {e}")
+    except (KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+        p.error(f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, result in doc["tasks"].items():
+        C.write_out(out / f"adaptive_{name}.png", pareto(name, result), "not drawn (the tables follow)")
+    C.report(out, "adaptive", doc, text, args.json)
     return 0
 
 

@@ -409,16 +409,12 @@ def run_task(name: str, quick: bool, out: Path, examples: int, seeds: int = 1,
 MUST_MATCH = ("train_loops", "loops", "recipe", "steps")  # a record's settings: records to join agree on them
 
 
-def _no_constant(name: str) -> float:
-    raise ValueError(f"it holds {name}, which this script never writes (an accuracy is a number in [0, 1])")
-
-
 def read_record(path: Path) -> dict:
     """The think_longer.json record at ``path`` (``--merge``, ``--replot``), its rows checked: OSError when it cannot
     be read; TypeError or ValueError saying what in it no run of this script writes (a NaN, a string for a number, an
     accuracy past 1, a document nested past Python's limit), where a row with a NaN accuracy was joined into a verdict
     and a deeply nested file was a RecursionError traceback (#27 pass 24)."""
-    doc = jsontext.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    doc = jsontext.loads(path.read_text(encoding="utf-8"), parse_constant=C.no_json_constant)
     if not isinstance(doc, dict):
         raise TypeError("the top level is not a JSON object")
     tasks = doc["tasks"]

@@ -98,3 +98,106 @@ def test_a_run_into_an_out_holding_rows_it_does_not_score_is_refused_before_trai
     assert adaptive.rows_replaced(record, ["maze3"], ("looped",), 1) is None
     record.write_text("{")
     assert adaptive.rows_replaced(record, ["prefix_parity"], ("looped",), 1) is None
+
+
+def record(seeds, compact="on", cap=96, policies=None, depth_mean=10.0, depth_max=20, env="A"):
+    """An adaptive.json document over ``seeds``, as `run_task` and `main` write it (2x rows only)."""
+    rows = [dict(r, seed=s) for s in seeds for r in rows_2x()
+            if policies is None or r["policy"] in policies]
+    result = {"rows": rows, "selected": adaptive.select(rows), "cap": cap, "train_loops": 12, "variant_loops": [],
+              "models": ["looped", "router"], "steps": 1500, "seeds": len(seeds), "first_seed": min(seeds),
+              "wall_s": 10.0, "depth": {"2x/test": {"mean": depth_mean, "max": depth_max}}}
+    result["bar"] = adaptive.bar(result["selected"], len(seeds))
+    return {"tasks": {"maze3": result}, "compact": compact, "wall_s": 10.0, "environment": {"jax": env}}
+
+
+def test_merge_joins_disjoint_seeds_and_judges_the_bar_over_all_of_them():
+    """A run split over processes (--first-seed) joins into the record one process would have written."""
+    a, b = record([0, 1], depth_mean=10.0, depth_max=20), record([2], depth_mean=13.0, depth_max=25, env="B")
+    doc = adaptive.merge({"A": a, "B": b})
+    t = doc["tasks"]["maze3"]
+    assert [r["seed"] for r in t["rows"]] == [0] * 16 + [1] * 16 + [2] * 16
+    assert t["seeds"] == 3 and t["first_seed"] == 0 and t["wall_s"] == 20.0 and doc["wall_s"] == 20.0
+    assert t["bar"] == {"holds": True, "passing": {0: ["latent_diff"], 1: ["latent_diff"], 2: ["latent_diff"]}}
+    assert t["depth"]["2x/test"] == {"mean": pytest.approx((2 * 10.0 + 13.0) / 3), "max": 25}
+    assert doc["environment"] == {"A": {"jax": "A"}, "B": {"jax": "B"}} and doc["merged_from"] == ["A", "B"]
+    assert doc["compact"] == "on"
+    # one seed that fails takes the bar with it
+    c = record([2])
+    for r in c["tasks"]["maze3"]["rows"]:
+        if r["policy"] == "latent_diff:0.01" and r["split"] == "test":
+            r["seconds_per_token"] = 0.8  # 0.8x the best fixed count's time: over 0.7x
+    assert adaptive.merge({"A": a, "C": c})["tasks"]["maze3"]["bar"] == {
+        "holds": False, "passing": {0: ["latent_diff"], 1: ["latent_diff"], 2: []}}
+
+
+@pytest.mark.parametrize("b, message", [
+    (record([1]), "maze3: seed 1 is in both A and B; join records of disjoint seeds"),
+    (record([2], compact="auto"), "B was scored with --compact auto, A with --compact on"),
+    (record([2], cap=48), "maze3: B has cap 48, A has 96; join records of the same settings"),
+    (record([2], policies={"fixed:12", "fixed:24", "fixed:48", "latent_diff:0.01"}),
+     "maze3: A (seed 0) scores looped latent_diff:0.001 on 2x (test) and B (seed 2) does not"),
+    ({"tasks": {"prefix_parity": record([2])["tasks"]["maze3"]}, "compact": "on"},
+     "B scores --tasks prefix_parity, A --tasks maze3; join records of the same tasks"),
+])
+def test_merge_refuses_records_that_do_not_join(b, message):
+    with pytest.raises(ValueError) as info:
+        adaptive.merge({"A": record([0, 1]), "B": b})
+    assert message in str(info.value)
+
+
+def test_merge_mode_writes_the_joined_record_and_refuses_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
+    import json
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(record([0, 1])))
+    b.write_text(json.dumps(record([2])))
+    out = tmp_path / "joined"
+    monkeypatch.setattr(adaptive, "run_task", lambda *a, **k: pytest.fail("--merge scores nothing"))
+    monkeypatch.setattr(adaptive, "trained", lambda *a, **k: pytest.fail("--merge trains nothing"))
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--merge", str(a), str(b), "--out", str(out)])
+    assert adaptive.main() == 0
+    doc = json.loads((out / "adaptive.json").read_text())
+    assert doc["tasks"]["maze3"]["seeds"] == 3 and doc["tasks"]["maze3"]["bar"]["holds"] is True
+    assert "the bar holds at 2x on every seed (seed 0: latent_diff; seed 1: latent_diff; seed 2: latent_diff)" in (
+        out / "adaptive.md").read_text()
+    assert (out / "adaptive_maze3.png").stat().st_size > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"tasks": {"maze3": {"rows": [dict(rows_2x()[0], accuracy=float("nan"))]}}}))
+    text = tmp_path / "text.json"
+    text.write_text(json.dumps({"tasks": {"text": {"rows": [{"policy": "fixed:1"}]}}}))
+    for argv, why in ((["--merge", str(a), str(tmp_path / "nope.json")], "nope.json does not exist"),
+                      (["--merge", str(a), str(bad)], "bad.json is not a result of this script (ValueError: it holds "
+                                                      "NaN"),
+                      (["--merge", str(a), str(text)], "it holds --tasks text (one model of one seed)"),
+                      (["--merge", str(a), str(a)], f"--merge names {a} twice"),
+                      (["--merge", str(a)], "--merge: give two records or more to join"),
+                      (["--merge", str(a), str(a.parent / "joined" / "adaptive.json"), "--out", str(out)],
+                       "is --out's own record"),
+                      (["--merge", str(a), str(b), "--seeds", "3", "--compact", "on"],
+                       "--merge reads none of --seeds and --compact (the records say what they scored); drop them")):
+        monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
+        with pytest.raises(SystemExit) as info:
+            adaptive.main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and why in err and "Traceback" not in err, (argv, err)
+
+
+def test_first_seed_scores_seeds_from_it_and_guards_only_those(tmp_path, monkeypatch):
+    """--first-seed 2 --seeds 1 scores seed 2 alone; an --out whose record holds seed 2 only is replaced, one holding
+    seed 0 is refused (its rows would be lost)."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(adaptive, "run_task", lambda *a, **k: calls.append((a, k)) or record([2])["tasks"]["maze3"])
+    monkeypatch.setattr(adaptive, "pareto", lambda *a, **k: b"")
+    argv = ["--tasks", "maze3", "--models", "looped", "--seeds", "1", "--first-seed", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
+    assert adaptive.main() == 0
+    (args, _), = calls
+    assert args[3] == 1 and args[-1] == 2  # seeds, first_seed
+    held = tmp_path / "adaptive.json"
+    assert adaptive.rows_replaced(held, ["maze3"], ("looped", "router"), range(2, 3)) is None
+    held.write_text(json.dumps(record([0])))
+    assert adaptive.rows_replaced(held, ["maze3"], ("looped", "router"), range(2, 3)) == "looped (seed 0) of maze3; " \
+        "router (seed 0) of maze3"

@@ -44,6 +44,9 @@ CASES = [
      "windows of configs/adaptive/text_ponder.yaml); drop it"),
     ("adaptive", ["--tasks", "text", "--seeds", "3", "--examples", "64"], "--tasks text reads none of --seeds and "
      "--examples"),
+    ("adaptive", ["--first-seed", "-1"], "--first-seed must be >= 0, got -1"),
+    ("adaptive", ["--first-seed", "999", "--seeds", "3"], "--first-seed 999 with --seeds 3: seeds up to 999 only"),
+    ("adaptive", ["--tasks", "text", "--first-seed", "1"], "--tasks text reads none of --first-seed"),
     ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),
     ("compact", ["--width", "-3"], "--width must be >= 0, got -3"),
