@@ -27,6 +27,19 @@ MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare",
            "export")
 
 
+def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.ArgumentParser]) -> str:
+    """argparse's "unrecognized arguments" line, and where a flag given is another command's (`inspect --step 2`:
+    inspect reads no weights), which commands take it."""
+    line = f"unrecognized arguments: {' '.join(extra)}"
+    flag = next((e.split("=")[0] for e in extra if e.startswith("--")), None)
+    takers = [name for name, sp in parsers.items() if name != command
+              for a in sp._actions if flag in a.option_strings]  # noqa: SLF001 (argparse keeps them only there)
+    if takers:
+        line += (f" (loopformer {command} takes no {flag}; {', '.join(takers)} "
+                 f"{'take' if len(takers) > 1 else 'takes'} it: see loopformer {command} --help)")
+    return line
+
+
 def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
     """Run one command; its exit status. ``process`` (default: when ``argv`` is None, i.e. the console script):
     this call is the whole process, so an interrupted command ends it at once (`_end_process`)."""
@@ -183,7 +196,8 @@ def _main(argv: list[str] | None) -> int:
                 "=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            # the command's own usage and name, as argparse gives for its other errors
+            sub.choices[args.command].error(_unrecognized(extra, args.command, sub.choices))
         from loopformer.config.load import repeated_override
 
         twice = repeated_override(getattr(args, "overrides", None) or [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ from loopformer.model.attend import attention_overflow, memory_bytes
 from loopformer.model.plan import MAX_LOOPS
 from loopformer.runs.read import read_run
 from loopformer.variants.cache import CachePolicy
+from loopformer.variants.exits import refuse_uncached
 
 MAX_SETTINGS = 16
 MAX_TEMPERATURE = 1e30  # logits are divided by it in float32: 1e300 was inf (numpy's overflow warning on stderr)
@@ -127,6 +129,8 @@ def generate_command(args: argparse.Namespace) -> int:
                 raise AnalysisError(f"--count sets how many examples of a synthetic task are answered; {info.path} "
                                     f"trains on text and continues the one --prompt: drop --count")
             args.max_new_tokens = args.max_new_tokens or 64
+            if not args.no_cache:  # before the checkpoint is read (the model layer refused it after, "loaded ..." above)
+                refuse_uncached(exits)
             return _generate_text(args, load_run(info, args.step, raw=args.raw_weights), settings)
         if args.prompt is not None:
             what = ("a mixture (its entries' token ids share one vocabulary, so no one tokenizer encodes a prompt)"
@@ -137,7 +141,7 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--count {args.count}: generate shows at most {MAX_COUNT} examples (use `loopformer "
                                 f"eval --examples N` to score more)")
         if args.example_split is not None and args.example_split not in info.splits:
-            raise AnalysisError(f"--example-split {args.example_split}: this run has no eval split "
+            raise AnalysisError(f"--example-split {shlex.quote(args.example_split)}: this run has no eval split "
                                 f"'{args.example_split}'; its splits are {', '.join(info.splits)}")
         _refuse_text_flags(args, info)
         split = args.example_split or _first_answered(info)

@@ -147,7 +147,9 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         kind, colon, values = body.partition(":")
         if not colon:
             raise PlanError(f"malformed {flag}: write {exit_forms()}")
-        parts = [p.strip() for p in values.split(",") if p.strip()]
+        parts = [p.strip() for p in values.split(",")]
+        if "" in parts:  # an empty item was dropped: `context_diff:0.01,,min=2` read as if one comma were there
+            raise PlanError(f"{flag}: an empty item between commas; remove the extra comma (write {exit_forms()})")
         options = [p for p in parts if p.split("=")[0].strip() in ("min", "every")]
         thresholds = [p for p in parts if p not in options]
         unknown = [p for p in thresholds if "=" in p and not (kind.strip() == "learned" and p.startswith("q="))]

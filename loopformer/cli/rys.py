@@ -30,6 +30,8 @@ MAX_REPEATS = 64  # far past the 1-3 extra runs the duplication experiments use;
 
 
 def _repeats(text: str) -> list[int]:
+    if "" in (x.strip() for x in text.split(",")) and text.strip():  # 1,,2 was read as 1,2
+        raise argparse.ArgumentTypeError(f"an empty item between commas in '{text}'; write counts like 1,2,3")
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:

@@ -24,6 +24,7 @@ from loopformer.model.circuit import Bank, Context, Decoding
 from loopformer.model.layers import Block, BlockSettings, attention_mask, normal_init, run_stack, run_stack_cached, stacked
 from loopformer.model.plan import Diagnostics, Plan
 from loopformer.variants.cache import CachePolicy
+from loopformer.variants.exits import refuse_uncached
 from loopformer.variants.position import POSITIONS, digit_places
 
 Array = jax.Array
@@ -222,12 +223,7 @@ class LoopedTransformer(nnx.Module):
         if self.place_window:
             raise DecodingError(f"decoding with a cache does not keep the digit places of earlier tokens, which "
                                 f"model.place_window={self.place_window} compares")  # the command line adds the fix
-        # the rules that read the output first, as the refusals were ordered before `ExitRule.uncached` held them
-        refused = sorted((n for n, r in plan.exits.items() if r.uncached), key=lambda n: not plan.exits[n].needs_readout)
-        if refused:
-            rule = plan.exits[refused[0]]
-            raise DecodingError(f"decoding with a cache cannot run the exit rule {rule.kind} of circuit {refused[0]}: "
-                                f"{rule.uncached}")
+        refuse_uncached(plan.exits)
         if any(stage.routed for stage in self.stages):
             raise DecodingError("decoding with a cache does not run routed banks (a token's iterations move between "
                                 "circuits, so no iteration owns a cache slot)")

@@ -144,7 +144,7 @@ class RunInfo:
             if name not in self.splits:
                 key = "data.mixture" if self.cfg.data.mixture else "data.eval_splits"
                 where = "" if self.is_text else f" ({key} in {RunDir(self.path).config})"
-                raise AnalysisError(f"--split {name}: this run has no eval split '{name}'; its splits are "
+                raise AnalysisError(f"--split {shlex.quote(name)}: this run has no eval split '{name}'; its splits are "
                                     f"{', '.join(self.splits)}{where}")
         twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
         if twice is not None:  # it was run once and reported once, as if given once: say so rather than guess

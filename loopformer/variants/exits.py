@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopformer.errors import PlanError
+from loopformer.errors import DecodingError, PlanError
 from loopformer.variants.halting import Halting
 from loopformer.variants.loops import MAX_LOOPS
 from loopformer.variants.registry import Registry
@@ -159,6 +159,17 @@ class ExitRule:
 def exit_rule(kind: str, threshold: float | Array, min_loops: int = 1, check_every: int = 1) -> ExitRule:
     """The rule registered as ``kind`` (PlanError naming the kinds if none)."""
     return EXITS.get(kind, "exit rule", PlanError)(threshold, min_loops, check_every)
+
+
+def refuse_uncached(exits: dict[str, ExitRule]) -> None:
+    """DecodingError (one line) for the first rule of ``exits`` (circuit -> rule) that cached decoding cannot run
+    (`ExitRule.uncached`; the rules that read the output first). `LoopedTransformer.check_decoding` calls it, and
+    `generate` before it reads a checkpoint."""
+    refused = sorted((n for n, r in exits.items() if r.uncached), key=lambda n: not exits[n].needs_readout)
+    if refused:
+        rule = exits[refused[0]]
+        raise DecodingError(f"decoding with a cache cannot run the exit rule {rule.kind} of circuit {refused[0]}: "
+                            f"{rule.uncached}")
 
 
 def register_exit(name: str) -> Any:
