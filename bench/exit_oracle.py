@@ -31,6 +31,13 @@ model of ``bench/adaptive.py`` (think_longer's run, trained if missing) at 2x, o
   (the rest: the iteration that stores a stopped token's keys and values, and BOS held to N). Results go to
   ``exit_oracle_shares.{md,json}`` in ``--out``.
 
+- **row oracle** (declared 2026-12-07 03:00 UTC, before its first run, after the maze3 context_diff record showed
+  that stopping each maze as a whole, which context_diff does on the bidirectional model, saved nothing on seed 0):
+  every token of a row (a maze, a string) stops at the row's count, the first n <= N from which every answer of
+  the row is right at every count up to N (the largest of its tokens' oracle counts; a row wrong at N runs N). The
+  rows do not read each other, so its accuracy is N's by construction (measured all the same, compacted), and its
+  no-slack ratio is the least any stop that ends whole rows, knowing the labels, could reach at N's accuracy.
+
 Columns: test accuracy, mean loops per real token, executed token-iterations per real token, executed FLOPs per
 token (`loopformer.flops`, as bench/adaptive.py counts them) and their ratio to N's, wall-clock per token at
 batch 64 (the faster of two passes) and its ratio.
@@ -95,6 +102,14 @@ def oracle_counts(right_nNT: np.ndarray, mask_NT: np.ndarray, best: int) -> np.n
     return np.where(mask_NT > 0, first, best).astype(np.int32)
 
 
+def row_counts(first_NT: np.ndarray, mask_NT: np.ndarray) -> np.ndarray:
+    """int [N, T]: every token of a row at the row's count, the largest ``first_NT`` over its answered tokens
+    (``mask_NT`` > 0); a row without answers keeps its tokens' counts."""
+    answered = mask_NT > 0
+    row = np.where(answered, first_NT, 0).max(1, keepdims=True)
+    return np.where(answered.any(1, keepdims=True), np.broadcast_to(row, first_NT.shape), first_NT).astype(np.int32)
+
+
 def scored(ev, params, batches: list, cfg, vocab: int, loops: list[dict], compact: bool | None,  # noqa: ANN001
            shares: tuple[float, ...] | None = None) -> dict:
     """Accuracy, loops, executed work, FLOPs and time per token of per-batch ``loops`` on ``batches`` (compacted in
@@ -132,12 +147,13 @@ def run_task(name: str, out: Path, examples: int, seeds: int, shares: tuple[floa
         counts = setting.counts()
         acc = {n: float(ev.correct(params, sets["val"], {"X": n}).mean()) for n in counts}
         best = max(counts, key=lambda n: (acc[n], -n))
-        orc, margins = {}, {}
+        orc, margins = {}, {}  # orc: the row oracle's per-batch counts per split
         for split in adaptive.SPLITS:  # the oracle reads each set's own labels
             batches = sets[split]
             mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
             first = oracle_counts(right_by_count(model, params, batches, best), mask, best)
             cut = np.cumsum([len(b["inputs"]) for b in batches])[:-1]
+            orc[split] = [{"X": jnp.asarray(o)} for o in np.split(row_counts(first, mask), cut)]
             for k in MARGINS:
                 per_batch = np.split(np.where(mask > 0, np.minimum(first + k, best), best), cut)
                 margins[(split, k)] = [{"X": jnp.asarray(o)} for o in per_batch]
@@ -150,6 +166,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, shares: tuple[floa
         fixed = scored(ev, params, batches, cfg, model.vocab_size, [{"X": best}] * len(batches), None)
         orc = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", 0)], True, shares)
         orck = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", k)], True, shares)
+        rows_ = scored(ev, params, batches, cfg, model.vocab_size, orc["test"], True, shares)
         row = {"seed": seed, "difficulty": DIFFICULTY, "best_fixed": best, "best_fixed_val_accuracy": acc[best],
                "fixed": fixed, "oracle": orc,
                "no_slack_ratio": orc["mean_loops"] / best,
@@ -158,21 +175,28 @@ def run_task(name: str, out: Path, examples: int, seeds: int, shares: tuple[floa
                "margin": k, "margin_val_accuracy": val, "oracle_margin": orck,
                "margin_no_slack_ratio": orck["mean_loops"] / best,
                "margin_flops_ratio": orck["flops_per_token"] / fixed["flops_per_token"],
-               "margin_time_ratio": orck["seconds_per_token"] / fixed["seconds_per_token"]}
+               "margin_time_ratio": orck["seconds_per_token"] / fixed["seconds_per_token"],
+               "row_oracle": rows_, "row_no_slack_ratio": rows_["mean_loops"] / best,
+               "row_flops_ratio": rows_["flops_per_token"] / fixed["flops_per_token"],
+               "row_time_ratio": rows_["seconds_per_token"] / fixed["seconds_per_token"]}
         rows.append(row)
         adaptive.log(f"[{name} seed {seed}] fixed {best}: {100 * fixed['accuracy']:.1f} %; oracle "
                      f"{100 * orc['accuracy']:.1f} % @ {orc['mean_loops']:.1f} loops, FLOPs {row['flops_ratio']:.2f}x; "
                      f"oracle + {k}: {100 * orck['accuracy']:.1f} % @ {orck['mean_loops']:.1f} loops, "
                      f"{orck['computed_loops']:.1f} executed, FLOPs {row['margin_flops_ratio']:.2f}x, "
-                     f"time {row['margin_time_ratio']:.2f}x, no slack {row['margin_no_slack_ratio']:.2f}x")
+                     f"time {row['margin_time_ratio']:.2f}x, no slack {row['margin_no_slack_ratio']:.2f}x; row oracle "
+                     f"{100 * rows_['accuracy']:.1f} % @ {rows_['mean_loops']:.1f} loops, FLOPs "
+                     f"{row['row_flops_ratio']:.2f}x, no slack {row['row_no_slack_ratio']:.2f}x")
     return {"rows": rows}
 
 
 def markdown(name: str, result: dict) -> str:
     rows = []
     for r in result["rows"]:
-        for label, o, pre in (("oracle", r["oracle"], ""), (f"oracle + {r['margin']} (val)", r["oracle_margin"],
-                                                            "margin_")):
+        stops = [("oracle", r["oracle"], ""), (f"oracle + {r['margin']} (val)", r["oracle_margin"], "margin_")]
+        if "row_oracle" in r:  # records written before it was declared lack it
+            stops.append(("row oracle", r["row_oracle"], "row_"))
+        for label, o, pre in stops:
             rows.append([r["seed"], f"{r['best_fixed']}: {100 * r['fixed']['accuracy']:.1f}", label,
                          f"{100 * o['accuracy']:.1f}", f"{o['mean_loops']:.1f}", f"{o['computed_loops']:.1f}",
                          f"{r[pre + 'flops_ratio']:.2f}", f"{r[pre + 'time_ratio']:.2f}",

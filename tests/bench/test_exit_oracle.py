@@ -29,6 +29,14 @@ def test_a_token_stops_at_the_first_count_from_which_it_stays_right_up_to_the_be
     np.testing.assert_array_equal(oracle.oracle_counts(right, np.ones((1, 5)), 2), [[1, 2, 2, 2, 2]])
 
 
+def test_the_row_oracle_stops_every_token_of_a_row_at_its_latest_answer():
+    first = np.array([[1, 2, 3, 3, 4],    # answers at 0..3 (the BOS-like token 4 has none): the row at 3
+                      [5, 1, 1, 2, 2],    # token 0 has no answer: its 5 does not count, the row at 2
+                      [4, 4, 1, 1, 1]])   # no answers: the tokens keep their counts
+    mask = np.array([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(oracle.row_counts(first, mask), [[3] * 5, [2] * 5, [4, 4, 1, 1, 1]])
+
+
 def test_a_run_into_an_out_holding_seeds_it_does_not_score_is_refused_before_training(tmp_path, monkeypatch, capsys):
     """#27 pass 26: --seeds 1 into the --out of a 3-seed run replaced its exit_oracle.json with no word (the
     compact-shares record, exit_oracle_shares.json, is its own)."""
