@@ -147,13 +147,13 @@ def run_task(name: str, out: Path, examples: int, seeds: int, shares: tuple[floa
         counts = setting.counts()
         acc = {n: float(ev.correct(params, sets["val"], {"X": n}).mean()) for n in counts}
         best = max(counts, key=lambda n: (acc[n], -n))
-        orc, margins = {}, {}  # orc: the row oracle's per-batch counts per split
+        row_loops, margins = {}, {}  # the row oracle's and the margins' per-batch counts, per split
         for split in adaptive.SPLITS:  # the oracle reads each set's own labels
             batches = sets[split]
             mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
             first = oracle_counts(right_by_count(model, params, batches, best), mask, best)
             cut = np.cumsum([len(b["inputs"]) for b in batches])[:-1]
-            orc[split] = [{"X": jnp.asarray(o)} for o in np.split(row_counts(first, mask), cut)]
+            row_loops[split] = [{"X": jnp.asarray(o)} for o in np.split(row_counts(first, mask), cut)]
             for k in MARGINS:
                 per_batch = np.split(np.where(mask > 0, np.minimum(first + k, best), best), cut)
                 margins[(split, k)] = [{"X": jnp.asarray(o)} for o in per_batch]
@@ -166,7 +166,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, shares: tuple[floa
         fixed = scored(ev, params, batches, cfg, model.vocab_size, [{"X": best}] * len(batches), None)
         orc = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", 0)], True, shares)
         orck = scored(ev, params, batches, cfg, model.vocab_size, margins[("test", k)], True, shares)
-        rows_ = scored(ev, params, batches, cfg, model.vocab_size, orc["test"], True, shares)
+        rows_ = scored(ev, params, batches, cfg, model.vocab_size, row_loops["test"], True, shares)
         row = {"seed": seed, "difficulty": DIFFICULTY, "best_fixed": best, "best_fixed_val_accuracy": acc[best],
                "fixed": fixed, "oracle": orc,
                "no_slack_ratio": orc["mean_loops"] / best,
