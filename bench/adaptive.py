@@ -87,6 +87,7 @@ import importlib.util
 import io
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -400,7 +401,7 @@ def pareto(name: str, result: dict) -> bytes:
     return buf.getvalue()
 
 
-def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds: int | range) -> str | None:
+def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds: int | Collection[int]) -> str | None:
     """Which models and seeds of the tasks ``names`` the record at ``record`` (an --out's adaptive.json) holds that a
     run of ``models`` over ``seeds`` (a count N: seeds 0..N-1) would not score again, as "halting (seeds 0, 1) of
     prefix_parity"; None when none (or no readable record). The run replaces the record: ``--models looped`` into the
@@ -481,7 +482,7 @@ def merge(docs: dict[str, dict]) -> dict:
         if doc.get("compact") != first.get("compact"):
             raise ValueError(f"{src} was scored with --compact {doc.get('compact')}, {first_src} with --compact "
                              f"{first.get('compact')}: their FLOPs and times do not compare; join records of one")
-        if list(doc["tasks"]) != list(first["tasks"]):
+        if set(doc["tasks"]) != set(first["tasks"]):  # (in any order: --tasks maze3,prefix_parity is the same run)
             raise ValueError(f"{src} scores --tasks {','.join(doc['tasks'])}, {first_src} --tasks "
                              f"{','.join(first['tasks'])}; join records of the same tasks")
     tasks: dict[str, dict] = {}
@@ -624,6 +625,14 @@ def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
         p.error(f"--merge: {e}")
     except (KeyError, TypeError, IndexError, ZeroDivisionError) as e:
         p.error(f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
+    # --out's own record is replaced: one holding seeds (or models) the joined record lacks, e.g. the full run the
+    # parts were meant to join, was lost with no word, which a scoring run into that --out refuses (#27 pass 29)
+    models = tuple({m for t in doc["tasks"].values() for m in t["models"]})
+    kept = rows_replaced(out / "adaptive.json", list(doc["tasks"]), models,
+                         {r["seed"] for t in doc["tasks"].values() for r in t["rows"]})
+    if kept:
+        p.error(f"--out {out} holds an adaptive.json with rows of {kept}, which the joined record does not hold, and "
+                f"the joined record replaces that one; add it to --merge, move it aside, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     for name, result in doc["tasks"].items():
         C.write_out(out / f"adaptive_{name}.png", pareto(name, result), "not drawn (the tables follow)")

@@ -41,6 +41,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -796,7 +797,7 @@ def plot(name: str, result: dict) -> bytes:
     return buf.getvalue()
 
 
-def seeds_replaced(record: Path, names: list[str], seeds: range) -> str | None:
+def seeds_replaced(record: Path, names: list[str], seeds: Collection[int]) -> str | None:
     """Which seeds of ``names`` the record at ``record`` (an --out's think_longer.json) holds that a run of ``seeds``
     would not score again, as "seed 0 of prefix_parity"; None when none (or no readable record). The run replaces the
     record: a second session's --first-seed into the first's --out replaced the first's record with no word (#27 pass
@@ -900,6 +901,13 @@ def main() -> int:
         except (ValueError, KeyError, TypeError, IndexError) as e:
             p.error(f"--merge: {e}" if isinstance(e, ValueError) else
                     f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
+        # --out's own record is replaced: one holding seeds the joined record lacks was lost with no word, which a
+        # training run into that --out refuses (#27 pass 29)
+        kept = seeds_replaced(out / "think_longer.json", list(results),
+                              {r.get("seed", 0) for result in results.values() for r in result["rows"]})
+        if kept:
+            p.error(f"--out {out} holds a think_longer.json with {kept}, which the joined record does not hold, and "
+                    f"the joined record replaces that one; add it to --merge, move it aside, or choose another --out")
     elif args.replot:
         saved = out / "think_longer.json"
         if not_a_file(saved):

@@ -31,7 +31,8 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     """argparse's "unrecognized arguments" line, and where a flag given is another command's (`inspect --step 2`:
     inspect reads no weights), which commands take it."""
     line = f"unrecognized arguments: {' '.join(extra)}"
-    flag = next((e.split("=")[0] for e in extra if e.startswith("--")), None)
+    # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
+    flag = next((e.split("=")[0] for e in extra if e.startswith("-") and e != "--"), None)
     takers = [name for name, sp in parsers.items() if name != command
               for a in sp._actions if flag in a.option_strings]  # noqa: SLF001 (argparse keeps them only there)
     if takers:

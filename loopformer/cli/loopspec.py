@@ -148,8 +148,9 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         if not colon:
             raise PlanError(f"malformed {flag}: write {exit_forms()}")
         parts = [p.strip() for p in values.split(",")]
-        if "" in parts:  # an empty item was dropped: `context_diff:0.01,,min=2` read as if one comma were there
+        if len(parts) > 1 and "" in parts:  # an empty item was dropped: `context_diff:0.01,,min=2` read as one comma
             raise PlanError(f"{flag}: an empty item between commas; remove the extra comma (write {exit_forms()})")
+        parts = [p for p in parts if p]  # `latent_diff:` has no comma to remove: "no threshold" below
         options = [p for p in parts if p.split("=")[0].strip() in ("min", "every")]
         thresholds = [p for p in parts if p not in options]
         unknown = [p for p in thresholds if "=" in p and not (kind.strip() == "learned" and p.startswith("q="))]

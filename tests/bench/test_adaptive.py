@@ -201,3 +201,36 @@ def test_first_seed_scores_seeds_from_it_and_guards_only_those(tmp_path, monkeyp
     held.write_text(json.dumps(record([0])))
     assert adaptive.rows_replaced(held, ["maze3"], ("looped", "router"), range(2, 3)) == "looped (seed 0) of maze3; " \
         "router (seed 0) of maze3"
+
+
+def test_merge_into_an_out_holding_seeds_it_does_not_join_is_refused(tmp_path, monkeypatch, capsys):
+    """#27 pass 29: --merge replaced --out's adaptive.json with no word, as a scoring run into that --out is refused
+    for (the full record of seeds 0-4 was lost under the join of seeds 0-2); the same join again is written."""
+    import json
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out"
+    a.write_text(json.dumps(record([0, 1])))
+    b.write_text(json.dumps(record([2])))
+    out.mkdir()
+    (out / "adaptive.json").write_text(full := json.dumps(record([0, 1, 2, 3, 4])))
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--merge", str(a), str(b), "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        adaptive.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert (f"--out {out} holds an adaptive.json with rows of looped (seeds 3, 4) of maze3; router (seeds 3, 4) of "
+            f"maze3, which the joined record does not hold") in err
+    assert (out / "adaptive.json").read_text() == full and sorted(p.name for p in out.iterdir()) == ["adaptive.json"]
+    (out / "adaptive.json").write_text(json.dumps(record([0, 1, 2])))  # an earlier join of the same records
+    assert adaptive.main() == 0 and json.loads((out / "adaptive.json").read_text())["tasks"]["maze3"]["seeds"] == 3
+
+
+def test_merge_joins_records_of_the_same_tasks_in_another_order():
+    """#27 pass 29: --tasks maze3,prefix_parity and --tasks prefix_parity,maze3 are one benchmark; their records were
+    refused as "not the same tasks"."""
+    a, b = record([0, 1]), record([2])
+    a["tasks"]["prefix_parity"] = a["tasks"]["maze3"]
+    b["tasks"] = {"prefix_parity": b["tasks"]["maze3"], "maze3": b["tasks"]["maze3"]}
+    doc = adaptive.merge({"A": a, "B": b})
+    assert list(doc["tasks"]) == ["maze3", "prefix_parity"]
+    assert all(t["seeds"] == 3 for t in doc["tasks"].values())

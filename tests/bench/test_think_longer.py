@@ -448,6 +448,27 @@ def test_merge_mode_writes_the_joined_record(tmp_path, monkeypatch, capsys):
         assert info.value.code == 2 and why in err and "Traceback" not in err, (argv, err)
 
 
+def test_merge_into_an_out_holding_seeds_it_does_not_join_is_refused(tmp_path, monkeypatch, capsys):
+    """#27 pass 29: --merge replaced --out's think_longer.json with no word, as a training run into that --out is
+    refused for (a record of seeds 0-3 was lost under the join of seeds 0-2)."""
+    import json
+
+    for name, doc in (("a.json", part([0], 0.8)), ("b.json", part([1, 2], 1.0))):
+        (tmp_path / name).write_text(json.dumps(doc))
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "think_longer.json").write_text(full := json.dumps(part([0, 1, 2, 3], 1.0)))
+    monkeypatch.setattr(think_longer, "train", lambda cfg: pytest.fail("--merge trains nothing"))
+    monkeypatch.setattr(sys, "argv", ["think_longer.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        think_longer.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"--out {out} holds a think_longer.json with seed 3 of prefix_parity, which the joined record does not" in err
+    assert (out / "think_longer.json").read_text() == full
+
+
 def test_merged_seeds_give_the_record_of_scoring_them_at_once():
     """#27 pass 24: seeds 0-2 scored in one run, or in parts of any order joined by --merge, give the same tables,
     selection, fixed rule, depth summary, floor and verdict."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loopformer.cli.loopspec import geometric_grid, parse_counts, parse_loops
+from loopformer.cli.loopspec import geometric_grid, parse_counts, parse_exits, parse_loops
 from loopformer.errors import PlanError
 
 
@@ -45,3 +45,17 @@ def test_parse_loops():
         parse_loops(["X=1", "X=2"], ["X"], grid=True)
     with pytest.raises(PlanError, match="one count per circuit; use `loopformer sweep`"):
         parse_loops(["X=1:8"], ["X"], grid=False)
+
+
+@pytest.mark.parametrize("spec, message", [
+    # #27 pass 29: nothing after the colon has no comma to remove; pass 28's leftover fix said to remove one
+    ("X=latent_diff:", "malformed --exit X=latent_diff:: no threshold; write "),
+    ("X=latent_diff: ", "malformed --exit X=latent_diff: : no threshold; write "),
+    ("X=context_diff:0.01,,min=2", "--exit X=context_diff:0.01,,min=2: an empty item between commas; remove the extra "
+                                   "comma"),
+    ("X=latent_diff:,", "--exit X=latent_diff:,: an empty item between commas"),
+])
+def test_parse_exits_names_what_is_missing(spec, message):
+    with pytest.raises(PlanError) as info:
+        parse_exits([spec], ["X", "Y"], many=True)
+    assert str(info.value).startswith(message), str(info.value)

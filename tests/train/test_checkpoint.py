@@ -354,6 +354,23 @@ def test_a_disk_too_full_is_one_line_before_anything_is_written(tmp_path, monkey
         assert ckpts.all_steps() == [7]
 
 
+def test_a_disk_too_full_names_the_save_still_in_flight_as_intact(tmp_path, monkeypatch):
+    """#27 pass 29: a trainer whose disk filled named its checkpoints "up to step 4" intact while the save of step 6
+    was still being written, and finished it as it closed: the refusal waits for that save and names it."""
+    state = make_state()
+    with Checkpoints(tmp_path / "ckpt", async_save=False) as ckpts:
+        ckpts.save(4, state)
+        ckpts.save(6, state)
+        finished = []  # the save of 6 reads as in flight until the library is waited on
+        monkeypatch.setattr(ckpts._manager, "is_saving_in_progress", lambda: not finished)
+        real_wait = ckpts._manager.wait_until_finished
+        monkeypatch.setattr(ckpts._manager, "wait_until_finished", lambda: finished.append(1) or real_wait())
+        real = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5000))
+        with pytest.raises(CheckpointError, match=r"\(the checkpoints there, up to step 6, are intact\)$"):
+            ckpts.save(8, state)
+
+
 def test_a_file_system_error_mid_write_is_one_line(tmp_path, monkeypatch):
     """What the free-space check cannot foresee (another writer filling the disk, a quota) arrives from the
     checkpoint library as a ValueError wrapping tensorstore's message: one line with the OS's reason."""
