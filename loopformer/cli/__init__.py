@@ -33,8 +33,9 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     line = f"unrecognized arguments: {' '.join(extra)}"
     # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
     flag = next((e.split("=")[0] for e in extra if e.startswith("-") and e != "--"), None)
-    takers = [name for name, sp in parsers.items() if name != command
-              for a in sp._actions if flag in a.option_strings]  # noqa: SLF001 (argparse keeps them only there)
+    # sorted: the parsers' order is the order the commands' modules were first imported in, which tests change
+    takers = sorted({name for name, sp in parsers.items() if name != command
+                     for a in sp._actions if flag in a.option_strings})  # noqa: SLF001 (argparse keeps them only there)
     if takers:
         line += (f" (loopformer {command} takes no {flag}; {', '.join(takers)} "
                  f"{'take' if len(takers) > 1 else 'takes'} it: see loopformer {command} --help)")

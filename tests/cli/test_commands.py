@@ -319,12 +319,12 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
 @pytest.mark.parametrize("argv, line", [
     # #27 pass 28's leftovers: inspect reads no weights, and the line did not say --step is another command's
     (["inspect", "--run", "runs/x", "--step", "2"], "loopformer inspect: error: unrecognized arguments: --step 2 "
-     "(loopformer inspect takes no --step; eval, ablate, sweep, generate, activity, rys, convert, export take it: see "
+     "(loopformer inspect takes no --step; ablate, activity, convert, eval, export, generate, rys, sweep take it: see "
      "loopformer inspect --help)"),
     (["inspect", "--run", "runs/x", "--stepp", "2"], "loopformer inspect: error: unrecognized arguments: --stepp 2"),
     # #27 pass 29: a short flag of another command named none (`eval -c cfg.yaml`: train's config)
     (["eval", "--run", "runs/x", "-c", "cfg.yaml"], "loopformer eval: error: unrecognized arguments: -c cfg.yaml "
-     "(loopformer eval takes no -c; train, prepare take it: see loopformer eval --help)"),
+     "(loopformer eval takes no -c; prepare, train take it: see loopformer eval --help)"),
     (["rys", "--run", "runs/x", "--repeats", "1,,2"], "loopformer rys: error: argument --repeats: an empty item "
      "between commas in '1,,2'; write counts like 1,2,3"),  # read as 1,2
 ])
