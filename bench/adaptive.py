@@ -460,6 +460,9 @@ def read_record(path: Path) -> dict:
             if bad:
                 raise ValueError(f"{name}: row {i} has {bad[0]} {row.get(bad[0])!r}, where a run of this script writes "
                                  f"{bad[1]}")
+    if doc.get("compact") not in COMPACT:  # (a join then said "--compact None")
+        raise ValueError(f"it has compact {doc.get('compact')!r}, where a run of this script writes one of "
+                         f"{', '.join(COMPACT)}")
     return doc
 
 

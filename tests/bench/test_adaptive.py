@@ -164,12 +164,17 @@ def test_merge_mode_writes_the_joined_record_and_refuses_bad_input_in_one_line(t
     assert (out / "adaptive_maze3.png").stat().st_size > 0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"tasks": {"maze3": {"rows": [dict(rows_2x()[0], accuracy=float("nan"))]}}}))
+    no_compact = tmp_path / "no_compact.json"
+    no_compact.write_text(json.dumps({k: v for k, v in record([2]).items() if k != "compact"}))
     text = tmp_path / "text.json"
     text.write_text(json.dumps({"tasks": {"text": {"rows": [{"policy": "fixed:1"}]}}}))
     for argv, why in ((["--merge", str(a), str(tmp_path / "nope.json")], "nope.json does not exist"),
                       (["--merge", str(a), str(bad)], "bad.json is not a result of this script (ValueError: it holds "
                                                       "NaN"),
                       (["--merge", str(a), str(text)], "it holds --tasks text (one model of one seed)"),
+                      (["--merge", str(a), str(no_compact)], "no_compact.json is not a result of this script "
+                                                             "(ValueError: it has compact None, where a run of this "
+                                                             "script writes one of auto, on, off)"),
                       (["--merge", str(a), str(a)], f"--merge names {a} twice"),
                       (["--merge", str(a)], "--merge: give two records or more to join"),
                       (["--merge", str(a), str(a.parent / "joined" / "adaptive.json"), "--out", str(out)],
