@@ -258,6 +258,38 @@ def no_json_constant(name: str) -> float:
     raise ValueError(f"it holds {name}, which this script never writes (an accuracy is a number in [0, 1])")
 
 
+def whole_number(value: object, least: int) -> bool:
+    """Whether a record's field is an int >= ``least`` (not a bool, which JSON's true would be)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_number(value: object) -> bool:
+    """Whether a record's field is an int or a float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def merge_records(p: argparse.ArgumentParser, paths: Sequence[Path], own: Path,
+                  read: Callable[[Path], dict]) -> dict[str, dict]:
+    """``--merge``'s records, path -> document, each read by ``read`` (a script's record reader: OSError, or
+    ValueError / TypeError / KeyError for what no run of the script writes); argparse's one error line for a record
+    that is missing, --out's own (``own``, which the joined record replaces), named twice or not the script's."""
+    docs: dict[str, dict] = {}
+    for path in paths:
+        if not_a_file(path):
+            p.error(f"--merge: {path} {not_a_file(path)}; give the {own.name} records to join")
+        if path.resolve() == own.resolve():
+            p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
+        if str(path) in docs:
+            p.error(f"--merge names {path} twice; give each record once")
+        try:  # each must be a whole record of the script
+            docs[str(path)] = read(path)
+        except OSError as e:
+            p.error(f"--merge: cannot read {path} ({e.strerror or e})")
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--merge: {path} is not a result of this script ({type(e).__name__}: {e})")
+    return docs
+
+
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a bench script's ``main`` and exit with its code; a setting the library refuses (a
     `LoopformerError`: a bad config or override, an --out that is a file) is its one line on stderr, exit 2;

@@ -103,7 +103,6 @@ from loopformer.evaluation.tables import format_table
 from loopformer.flops import FlopCounter
 from loopformer.metrics import text_metrics
 from loopformer.model.plan import difficulty_rules
-from loopformer.runs.layout import not_a_file
 from loopformer.runs.restore import restore_params
 from loopformer.train.trainer import train
 from loopformer.variants.exits import exit_rule
@@ -418,28 +417,21 @@ def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds
         return None  # damaged: nothing in it to lose
 
 
-ROW_FIELDS = (("seed", "a whole number >= 0", lambda v: _whole(v, 0)),
+ROW_FIELDS = (("seed", "a whole number >= 0", lambda v: C.whole_number(v, 0)),
               ("difficulty", "a split's name", lambda v: isinstance(v, str)),
               ("split", "val or test", lambda v: v in SPLITS),
               ("model", "a model's name", lambda v: v in MODELS),
               ("policy", "a policy's name", lambda v: isinstance(v, str)),
               ("family", "a family's name", lambda v: isinstance(v, str)),
-              ("accuracy", "a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
-              ("mean_loops", "a number >= 0", lambda v: _number(v) and v >= 0),
-              ("flops_per_token", "a number > 0", lambda v: _number(v) and v > 0),
-              ("seconds_per_token", "a number > 0", lambda v: _number(v) and v > 0),
-              ("cap", "a whole number >= 1", lambda v: _whole(v, 1)),
-              ("depth_spearman", "a number in [-1, 1] or null", lambda v: v is None or _number(v) and -1 <= v <= 1))
+              ("accuracy", "a number in [0, 1]", lambda v: C.is_number(v) and 0 <= v <= 1),
+              ("mean_loops", "a number >= 0", lambda v: C.is_number(v) and v >= 0),
+              ("flops_per_token", "a number > 0", lambda v: C.is_number(v) and v > 0),
+              ("seconds_per_token", "a number > 0", lambda v: C.is_number(v) and v > 0),
+              ("cap", "a whole number >= 1", lambda v: C.whole_number(v, 1)),
+              ("depth_spearman", "a number in [-1, 1] or null",
+               lambda v: v is None or C.is_number(v) and -1 <= v <= 1))
 # what every record of one --merge must share per task (the settings its rows were scored under)
 MUST_MATCH = ("cap", "train_loops", "variant_loops", "models", "steps")
-
-
-def _whole(value: object, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def read_record(path: Path) -> dict:
@@ -607,20 +599,7 @@ def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
         p.error(f"--merge reads none of {' and '.join(given)} (the records say what they scored); drop "
                 f"{'them' if len(given) > 1 else 'it'}")
     out = Path(args.out)
-    docs = {}
-    for path in args.merge:
-        if not_a_file(path):
-            p.error(f"--merge: {path} {not_a_file(path)}; give the adaptive.json records to join")
-        if path.resolve() == (out / "adaptive.json").resolve():
-            p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
-        if str(path) in docs:
-            p.error(f"--merge names {path} twice; give each record once")
-        try:
-            docs[str(path)] = read_record(path)
-        except OSError as e:
-            p.error(f"--merge: cannot read {path} ({e.strerror or e})")
-        except (ValueError, TypeError, KeyError) as e:
-            p.error(f"--merge: {path} is not a result of this script ({type(e).__name__}: {e})")
+    docs = C.merge_records(p, args.merge, out / "adaptive.json", read_record)
     try:
         doc = merge(docs)
         text = "\n\n".join(markdown(n, r) for n, r in doc["tasks"].items())

@@ -430,18 +430,14 @@ def read_record(path: Path) -> dict:
                 ("model", "a model's name", isinstance(row.get("model"), str)),
                 ("difficulty", "a split's name", isinstance(row.get("difficulty"), str)),
                 ("split", "val or test", row.get("split", "test") in SPLITS),
-                ("loops", "a whole number >= 1", _whole(row.get("loops"), 1)),
-                ("seed", "a whole number >= 0", _whole(row.get("seed", 0), 0)),
-                ("accuracy", "a number in [0, 1]", isinstance(row.get("accuracy"), int | float)
-                 and not isinstance(row.get("accuracy"), bool) and 0 <= row["accuracy"] <= 1)) if not ok), None)
+                ("loops", "a whole number >= 1", C.whole_number(row.get("loops"), 1)),
+                ("seed", "a whole number >= 0", C.whole_number(row.get("seed", 0), 0)),
+                ("accuracy", "a number in [0, 1]", C.is_number(row.get("accuracy")) and 0 <= row["accuracy"] <= 1))
+                if not ok), None)
             if bad:
                 raise ValueError(f"{name}: row {i} has {bad[0]} {row.get(bad[0])!r}, where a run of this script writes "
                                  f"{bad[1]}")
     return doc
-
-
-def _whole(value: object, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _scored(rows: list[dict], seed: int) -> set[tuple]:
@@ -878,20 +874,7 @@ def main() -> int:
             print(C.dumps({"floor": floors, "examples": examples, "seeds": args.seeds}))
         return 0
     if args.merge:
-        docs = {}
-        for path in args.merge:
-            if not_a_file(path):
-                p.error(f"--merge: {path} {not_a_file(path)}; give the think_longer.json records to join")
-            if path.resolve() == (out / "think_longer.json").resolve():
-                p.error(f"--merge: {path} is --out's own record, which the joined record replaces; choose another --out")
-            if str(path) in docs:
-                p.error(f"--merge names {path} twice; give each record once")
-            try:  # each must be a whole record of this script
-                docs[str(path)] = read_record(path)
-            except OSError as e:
-                p.error(f"--merge: cannot read {path} ({e.strerror or e})")
-            except (ValueError, TypeError, KeyError) as e:
-                p.error(f"--merge: {path} is not a result of this script ({type(e).__name__}: {e})")
+        docs = C.merge_records(p, args.merge, out / "think_longer.json", read_record)
         try:
             doc = merge(docs)
             results = doc["tasks"]
