@@ -222,6 +222,19 @@ def spearman(rows: list[dict], depths: dict) -> None:
             del r["instance_loops"]
 
 
+def variant_config(name: str, variant: str, seed: int, out: Path, examples: int, steps: int):  # noqa: ANN201
+    """The config of task ``name``'s ``variant`` ("halting" | "router") model of ``seed``, trained with the looped
+    model's ``VARIANT_RECIPE`` entries (run ``<name>-<variant>[_per_difficulty]-seed<S>`` in ``out``)."""
+    setting = think_longer.TASKS[name]
+    variant_loops = [o for entry, overrides in setting.recipe if entry in VARIANT_RECIPE for o in overrides]
+    extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
+    tag = f"{variant}_per_difficulty" if variant_loops else variant
+    return load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
+                       [f"seed={seed}", f"run.dir={out}", f"run.name={name}-{tag}-seed{seed}",
+                        f"data.eval_examples={examples}", f"train.steps={steps}", "train.eval_every=0",
+                        "train.checkpoint_every=100000", *extra, *variant_loops])
+
+
 def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
              compact: bool | None = None, models: tuple[str, ...] = MODELS, first_seed: int = 0) -> dict:
     """Train (or reuse) and score the task's ``models`` over seeds ``first_seed .. first_seed + seeds - 1``."""
@@ -248,12 +261,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                      for eps in EXITS["context_diff"]]  # compacted under --compact on (auto: masked at batch 64)
         rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
         for variant in (v for v in ("halting", "router") if v in models):
-            extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
-            tag = f"{variant}_per_difficulty" if variant_loops else variant
-            vcfg = load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
-                               [f"seed={seed}", f"run.dir={out}", f"run.name={name}-{tag}-seed{seed}",
-                                f"data.eval_examples={examples}", f"train.steps={steps}", "train.eval_every=0",
-                                "train.checkpoint_every=100000", *extra, *variant_loops])
+            vcfg = variant_config(name, variant, seed, out, examples, steps)
             vmodel, vparams, vdata = trained(vcfg, out)
             if variant == "halting":
                 vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES]
