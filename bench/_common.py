@@ -59,9 +59,13 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         single_flags(self)
 
+    given: frozenset[str] = frozenset()  # the single-value flags (dests) the last parse read from the command line
+
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         parsed, extra = super().parse_known_args(args, namespace)
-        vars(parsed).pop(FLAGS_GIVEN, None)
+        # kept: a flag given at its default value (`--merge ... --compact auto`) is still given, and a mode that does
+        # not read it refuses it as it refuses any other value (#27 pass 29)
+        self.given = frozenset(vars(parsed).pop(FLAGS_GIVEN, ()))
         return parsed, extra
 
 
@@ -266,6 +270,17 @@ def whole_number(value: object, least: int) -> bool:
 def is_number(value: object) -> bool:
     """Whether a record's field is an int or a float (not a bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def repeated_row(rows: Sequence[dict], key: Callable[[dict], tuple]) -> str | None:
+    """Where two of a record's ``rows`` have the same ``key`` (what a run scores once: a hand-edited or concatenated
+    record, whose rows a join counted twice in the selection): "rows I and J are both KEY", else None."""
+    first: dict[tuple, int] = {}
+    for i, row in enumerate(rows):
+        j = first.setdefault(key(row), i)
+        if j != i:
+            return f"rows {j} and {i} are both {', '.join(map(str, key(row)))}"
+    return None
 
 
 def merge_records(p: argparse.ArgumentParser, paths: Sequence[Path], own: Path,

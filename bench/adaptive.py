@@ -460,6 +460,10 @@ def read_record(path: Path) -> dict:
             if bad:
                 raise ValueError(f"{name}: row {i} has {bad[0]} {row.get(bad[0])!r}, where a run of this script writes "
                                  f"{bad[1]}")
+        twice = C.repeated_row(result["rows"], lambda r: (f"seed {r['seed']}", r["model"], r["policy"],
+                                                          r["difficulty"], r["split"]))
+        if twice:  # (a join counted both in the selection; #27 pass 29)
+            raise ValueError(f"{name}: {twice}, where a run of this script scores each once")
     if doc.get("compact") not in COMPACT:  # (a join then said "--compact None")
         raise ValueError(f"it has compact {doc.get('compact')!r}, where a run of this script writes one of "
                          f"{', '.join(COMPACT)}")
@@ -600,9 +604,8 @@ def main() -> int:
 
 def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
     """``--merge A B ... --out C``: C's adaptive.{json,md} and plots from the joined records (`merge`)."""
-    defaults = {"--tasks": "prefix_parity,maze3", "--compact": "auto"}
     given = [f for f in ("--tasks", "--seeds", "--first-seed", "--models", "--examples", "--steps", "--compact")
-             if getattr(args, f[2:].replace("-", "_")) not in (None, defaults.get(f))]
+             if f[2:].replace("-", "_") in p.given]  # at its default value too (`--compact auto`)
     if given:  # the records say what they scored; these were accepted and ignored
         p.error(f"--merge reads none of {' and '.join(given)} (the records say what they scored); drop "
                 f"{'them' if len(given) > 1 else 'it'}")

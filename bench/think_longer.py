@@ -437,6 +437,10 @@ def read_record(path: Path) -> dict:
             if bad:
                 raise ValueError(f"{name}: row {i} has {bad[0]} {row.get(bad[0])!r}, where a run of this script writes "
                                  f"{bad[1]}")
+        twice = C.repeated_row(result["rows"], lambda r: (f"seed {r.get('seed', 0)}", r["model"], r["difficulty"],
+                                                          r.get("split", "test"), f"{r['loops']} loops"))
+        if twice:  # (a join averaged both into the seed's mean; #27 pass 29)
+            raise ValueError(f"{name}: {twice}, where a run of this script scores each once")
     return doc
 
 
@@ -845,7 +849,8 @@ def main() -> int:
 
     for mode, flags in unread.items():
         # (as strings: argparse passes a string default through the flag's type, --out's Path, get_default does not)
-        given = [f for f in flags if str(getattr(args, dest(f))) != str(p.get_default(dest(f)))] \
+        # at its default value too (`--merge ... --tasks prefix_parity,...`): p.given holds every flag that was given
+        given = [f for f in flags if dest(f) in p.given or str(getattr(args, dest(f))) != str(p.get_default(dest(f)))] \
             if getattr(args, dest(mode)) else []
         if given:
             p.error(f"{mode} reads none of {' and '.join(given)}; drop {'them' if len(given) > 1 else 'it'}, or drop {mode}")

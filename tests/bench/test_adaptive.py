@@ -180,7 +180,10 @@ def test_merge_mode_writes_the_joined_record_and_refuses_bad_input_in_one_line(t
                       (["--merge", str(a), str(a.parent / "joined" / "adaptive.json"), "--out", str(out)],
                        "is --out's own record"),
                       (["--merge", str(a), str(b), "--seeds", "3", "--compact", "on"],
-                       "--merge reads none of --seeds and --compact (the records say what they scored); drop them")):
+                       "--merge reads none of --seeds and --compact (the records say what they scored); drop them"),
+                      # given at their defaults they were accepted and ignored (#27 pass 29)
+                      (["--merge", str(a), str(b), "--tasks", "prefix_parity,maze3", "--compact", "auto"],
+                       "--merge reads none of --tasks and --compact")):
         monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
         with pytest.raises(SystemExit) as info:
             adaptive.main()
@@ -239,3 +242,23 @@ def test_merge_joins_records_of_the_same_tasks_in_another_order():
     doc = adaptive.merge({"A": a, "B": b})
     assert list(doc["tasks"]) == ["maze3", "prefix_parity"]
     assert all(t["seeds"] == 3 for t in doc["tasks"].values())
+
+
+def test_a_record_with_a_row_scored_twice_is_refused(tmp_path):
+    """A hand-edited or concatenated record whose seed holds one row twice joined, and the selection read both
+    (#27 pass 29); a run scores each (seed, model, policy, difficulty, held-out set) once."""
+    import json
+
+    doc = record([0])
+    rows = doc["tasks"]["maze3"]["rows"]
+    rows.append(dict(rows[3]))
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError) as info:
+        adaptive.read_record(path)
+    r = rows[3]
+    assert str(info.value) == (f"maze3: rows 3 and {len(rows) - 1} are both seed 0, {r['model']}, {r['policy']}, "
+                               f"{r['difficulty']}, {r['split']}, where a run of this script scores each once")
+    rows.pop()  # the same rows under another seed are not a repeat
+    path.write_text(json.dumps(doc))
+    assert adaptive.read_record(path)["tasks"]["maze3"]["rows"] == rows

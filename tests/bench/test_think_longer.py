@@ -438,6 +438,9 @@ def test_merge_mode_writes_the_joined_record(tmp_path, monkeypatch, capsys):
                       (["--merge", a, str(tmp_path / "bad.json")], "bad.json is not a result of this script"),
                       (["--merge", a, a], "names " + a + " twice"),
                       (["--merge", a, b, "--seeds", "3"], "--merge reads none of --seeds"),
+                      # at their defaults too (#27 pass 29: accepted and ignored)
+                      (["--merge", a, b, "--seeds", "1", "--first-seed", "0"], "--merge reads none of --seeds and "
+                       "--first-seed"),
                       (["--merge", a, str(out / "think_longer.json"), "--out", str(out)], "is --out's own record"),
                       (["--merge", a], "give two records or more"),
                       (["--tasks", "prefix_parity", "--first-seed", "999", "--seeds", "2"], "seeds up to 999 only")):
@@ -599,3 +602,21 @@ def test_a_full_disk_keeps_the_earlier_record_and_is_one_line(tmp_path, monkeypa
     assert "over 3 seeds" in capsys.readouterr().out  # the tables, printed before the write
     assert (out / "think_longer.json").read_text() == '{"earlier": 1}' and sorted(p.name for p in out.iterdir()) == [
         "think_longer.json"]
+
+
+def test_a_record_with_a_row_scored_twice_is_refused(tmp_path):
+    """A record whose seed holds one (model, difficulty, held-out set, loops) twice joined, and that seed's mean read
+    both (#27 pass 29)."""
+    import json
+
+    doc = part([0], 0.8)
+    rows = doc["tasks"]["prefix_parity"]["rows"]
+    rows.append(dict(rows[0]))
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"prefix_parity: rows 0 and {len(rows) - 1} are both seed 0, looped, "
+                                         rf"\S+, \w+, \d+ loops, where a run of this script scores each once"):
+        think_longer.read_record(path)
+    rows[-1]["seed"] = 1
+    path.write_text(json.dumps(doc))
+    assert think_longer.read_record(path) == doc
