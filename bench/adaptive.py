@@ -26,7 +26,11 @@ their X takes the looped model's ``per_difficulty`` recipe entry (for the router
 rounds, which it may stop earlier; for the halting head it is where the rest of each token's exit distribution
 falls), runs ``<task>-{router,halting}_per_difficulty-seed<S>``; the router is scored at caps m, 2m, 4m and 8m
 rounds (4m added with it: the best fixed counts at 2x were 3m-4m). The JSON records their loop overrides
-(``variant_loops``).
+(``variant_loops``). ``--variant-loops config`` (declared 2026-12-07 06:36 UTC, before its first run, after the maze3
+router trained with the recipe's counts solved 66.4 % of seed 0's 2x mazes at every cap from 24 up, running to its
+cap, where the one trained with ``uniform(8, 16)`` had met the bar on that seed under the earlier install) trains
+them with their configs' own loops again, runs ``<task>-{router,halting}-seed<S>``; everything else is as above.
+Records of the two do not join (``variant_loops`` differs).
 
 A stop rule that waits for the tokens before each token (declared 2026-12-06 15:10 UTC, before its first run, after
 ``bench/exit_oracle.py`` showed that a token whose own answer is right is not done: later tokens still read its
@@ -69,7 +73,7 @@ its wall-clock per token, with Spearman >= 0.6.
 
     python bench/adaptive.py [--tasks prefix_parity,maze3,prefix_parity_settle,maze3_settle,text] [--seeds 3]
                              [--models looped,halting,router] [--json] [--out DIR] [--examples N] [--compact auto|on|off]
-                             [--first-seed K]
+                             [--first-seed K] [--variant-loops recipe|config]
     python bench/adaptive.py --merge A/adaptive.json B/adaptive.json --out C   # seeds of both, one bar
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
@@ -130,6 +134,7 @@ BATCH = 64  # wall-clock per token is measured at batch 64
 TIMINGS = 2  # passes per policy and set; the faster one is reported
 ROUTER_BACKPROP = 4  # the router's states carry gradient through its last 4 rounds, as the loops' (backprop 4)
 VARIANT_RECIPE = ("per_difficulty",)  # the looped model's recipe entries the halting and router models train with too
+VARIANT_LOOPS = ("recipe", "config")  # --variant-loops: with VARIANT_RECIPE, or their configs' own loops
 # the bar (#25): within 1 point of the best fixed count, <= 0.6x its FLOPs, <= 0.7x its time, Spearman >= 0.6
 WITHIN, FLOPS_RATIO, TIME_RATIO, SPEARMAN = 0.01, 0.6, 0.7, 0.6
 
@@ -222,11 +227,20 @@ def spearman(rows: list[dict], depths: dict) -> None:
             del r["instance_loops"]
 
 
-def variant_config(name: str, variant: str, seed: int, out: Path, examples: int, steps: int):  # noqa: ANN201
-    """The config of task ``name``'s ``variant`` ("halting" | "router") model of ``seed``, trained with the looped
-    model's ``VARIANT_RECIPE`` entries (run ``<name>-<variant>[_per_difficulty]-seed<S>`` in ``out``)."""
-    setting = think_longer.TASKS[name]
-    variant_loops = [o for entry, overrides in setting.recipe if entry in VARIANT_RECIPE for o in overrides]
+def recipe_loops(name: str, loops: str = "recipe") -> list[str]:
+    """The loop overrides task ``name``'s halting and router models train with: the looped model's
+    ``VARIANT_RECIPE`` entries (``loops="recipe"``), or none (``"config"``: their configs' own loops)."""
+    if loops not in VARIANT_LOOPS:
+        raise ValueError(f"variant loops {loops!r}: choose from {', '.join(VARIANT_LOOPS)}")
+    recipe = think_longer.TASKS[name].recipe if loops == "recipe" else ()
+    return [o for entry, overrides in recipe if entry in VARIANT_RECIPE for o in overrides]
+
+
+def variant_config(name: str, variant: str, seed: int, out: Path, examples: int, steps: int,  # noqa: ANN201
+                   loops: str = "recipe"):
+    """The config of task ``name``'s ``variant`` ("halting" | "router") model of ``seed``, trained with
+    `recipe_loops` (run ``<name>-<variant>[_per_difficulty]-seed<S>`` in ``out``)."""
+    variant_loops = recipe_loops(name, loops)
     extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
     tag = f"{variant}_per_difficulty" if variant_loops else variant
     return load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
@@ -236,14 +250,15 @@ def variant_config(name: str, variant: str, seed: int, out: Path, examples: int,
 
 
 def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
-             compact: bool | None = None, models: tuple[str, ...] = MODELS, first_seed: int = 0) -> dict:
+             compact: bool | None = None, models: tuple[str, ...] = MODELS, first_seed: int = 0,
+             loops: str = "recipe") -> dict:
     """Train (or reuse) and score the task's ``models`` over seeds ``first_seed .. first_seed + seeds - 1``."""
     setting = think_longer.TASKS[name]
     m = setting.train_loops
     cap = 8 * m
     steps = setting.steps[1] if steps is None else steps
     rows, depths = [], {}
-    variant_loops = [o for entry, overrides in setting.recipe if entry in VARIANT_RECIPE for o in overrides]
+    variant_loops = recipe_loops(name, loops)
     for seed in range(first_seed, first_seed + seeds):
         cfg = think_longer.config(name, "looped", steps, out, examples, seed)
         model, params, data = trained(cfg, out)
@@ -261,7 +276,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
                      for eps in EXITS["context_diff"]]  # compacted under --compact on (auto: masked at batch 64)
         rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
         for variant in (v for v in ("halting", "router") if v in models):
-            vcfg = variant_config(name, variant, seed, out, examples, steps)
+            vcfg = variant_config(name, variant, seed, out, examples, steps, loops)
             vmodel, vparams, vdata = trained(vcfg, out)
             if variant == "halting":
                 vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES]
@@ -550,6 +565,9 @@ def main() -> int:
                    help="comma-separated models to train and score per seed: looped (always), halting, router "
                         "(default all three)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--variant-loops", choices=VARIANT_LOOPS, help="the loops the halting and router models train "
+                   "with: recipe (default: the looped model's per-difficulty entry) or config (their configs' own, "
+                   "uniform(8, 16))")
     p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
                    help="how policies whose tokens stop at different iterations run: auto (default, the library's: "
                         "masked below 4,096 tokens a batch), on (compacted: only the running tokens), off (masked)")
@@ -570,11 +588,14 @@ def main() -> int:
         p.error(f"--models {args.models}: give a comma-separated list of {', '.join(MODELS)} that includes looped "
                 f"(the best fixed count every policy is compared with is the looped model's)")
     C.once(p, "--models", list(models))
-    given = [f for f in ("--seeds", "--first-seed", "--examples", "--models")
+    given = [f for f in ("--seeds", "--first-seed", "--examples", "--models", "--variant-loops")
              if getattr(args, f[2:].replace("-", "_")) is not None]
     if names == ["text"] and given:  # one model of one seed, scored on its config's val windows: accepted and ignored
         p.error(f"--tasks text reads none of {' and '.join(given)} (one model, scored on the val windows of "
                 f"configs/adaptive/text_ponder.yaml); drop {'them' if len(given) > 1 else 'it'}")
+    if args.variant_loops and not {"halting", "router"} & set(models):
+        p.error(f"--variant-loops sets how the halting and router models train, and --models {','.join(models)} "
+                f"trains neither; drop it, or add halting or router to --models")
     args.seeds = 3 if args.seeds is None else args.seeds
     first_seed = args.first_seed or 0
     if first_seed + args.seeds > C.SEEDS[0]:
@@ -593,7 +614,8 @@ def main() -> int:
         t = time.time()
         compact = COMPACT[args.compact]
         results[name] = (run_text(out, args.steps, compact) if name == "text"
-                         else run_task(name, out, args.examples, args.seeds, args.steps, compact, models, first_seed))
+                         else run_task(name, out, args.examples, args.seeds, args.steps, compact, models, first_seed,
+                                       args.variant_loops or "recipe"))
         results[name]["wall_s"] = time.time() - t
         if name != "text":
             C.write_out(out / f"adaptive_{name}.png", pareto(name, results[name]), "not drawn (the tables follow)")
@@ -604,7 +626,8 @@ def main() -> int:
 
 def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
     """``--merge A B ... --out C``: C's adaptive.{json,md} and plots from the joined records (`merge`)."""
-    given = [f for f in ("--tasks", "--seeds", "--first-seed", "--models", "--examples", "--steps", "--compact")
+    given = [f for f in ("--tasks", "--seeds", "--first-seed", "--models", "--examples", "--steps", "--compact",
+                         "--variant-loops")
              if f[2:].replace("-", "_") in p.given]  # at its default value too (`--compact auto`)
     if given:  # the records say what they scored; these were accepted and ignored
         p.error(f"--merge reads none of {' and '.join(given)} (the records say what they scored); drop "

@@ -183,7 +183,8 @@ def test_merge_mode_writes_the_joined_record_and_refuses_bad_input_in_one_line(t
                        "--merge reads none of --seeds and --compact (the records say what they scored); drop them"),
                       # given at their defaults they were accepted and ignored (#27 pass 29)
                       (["--merge", str(a), str(b), "--tasks", "prefix_parity,maze3", "--compact", "auto"],
-                       "--merge reads none of --tasks and --compact")):
+                       "--merge reads none of --tasks and --compact"),
+                      (["--merge", str(a), str(b), "--variant-loops", "recipe"], "--merge reads none of --variant-loops")):
         monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
         with pytest.raises(SystemExit) as info:
             adaptive.main()
@@ -203,7 +204,7 @@ def test_first_seed_scores_seeds_from_it_and_guards_only_those(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
     assert adaptive.main() == 0
     (args, _), = calls
-    assert args[3] == 1 and args[-1] == 2  # seeds, first_seed
+    assert args[3] == 1 and args[-2:] == (2, "recipe")  # seeds, first_seed, variant loops
     held = tmp_path / "adaptive.json"
     assert adaptive.rows_replaced(held, ["maze3"], ("looped", "router"), range(2, 3)) is None
     held.write_text(json.dumps(record([0])))
@@ -262,3 +263,23 @@ def test_a_record_with_a_row_scored_twice_is_refused(tmp_path):
     rows.pop()  # the same rows under another seed are not a repeat
     path.write_text(json.dumps(doc))
     assert adaptive.read_record(path)["tasks"]["maze3"]["rows"] == rows
+
+
+def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_configs_loops(tmp_path):
+    """--variant-loops recipe gives maze3's router the looped model's per-difficulty counts (run *_per_difficulty);
+    config leaves its config's uniform(8, 16); the records of the two differ in variant_loops, so they do not join."""
+    recipe = adaptive.variant_config("maze3", "router", 1, tmp_path, 32, 10)
+    config = adaptive.variant_config("maze3", "router", 1, tmp_path, 32, 10, "config")
+    x = {c.run.name: c.model.stages[0].circuits[0] for c in (recipe, config)}
+    assert x["maze3-router_per_difficulty-seed1"].loops == "per_difficulty(2, 4)"
+    assert x["maze3-router_per_difficulty-seed1"].max_loops == 20
+    assert x["maze3-router-seed1"].loops == "uniform(8, 16)" and x["maze3-router-seed1"].max_loops == 16
+    for cfg in (recipe, config):  # the rest is the same: steps, seed, the router's truncated backprop
+        assert (cfg.seed, cfg.train.steps, cfg.model.stages[0].router.backprop) == (1, 10, adaptive.ROUTER_BACKPROP)
+    assert adaptive.recipe_loops("maze3", "config") == [] and adaptive.recipe_loops("maze3") != []
+    with pytest.raises(ValueError, match="variant loops 'uniform': choose from recipe, config"):
+        adaptive.recipe_loops("maze3", "uniform")
+    a, b = record([0]), record([1])
+    b["tasks"]["maze3"]["variant_loops"] = adaptive.recipe_loops("maze3")
+    with pytest.raises(ValueError, match="variant_loops"):
+        adaptive.merge({"A": a, "B": b})

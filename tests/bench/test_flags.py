@@ -47,6 +47,10 @@ CASES = [
     ("adaptive", ["--first-seed", "-1"], "--first-seed must be >= 0, got -1"),
     ("adaptive", ["--first-seed", "999", "--seeds", "3"], "--first-seed 999 with --seeds 3: seeds up to 999 only"),
     ("adaptive", ["--tasks", "text", "--first-seed", "1"], "--tasks text reads none of --first-seed"),
+    ("adaptive", ["--models", "looped", "--variant-loops", "config"], "--variant-loops sets how the halting and router "
+     "models train, and --models looped trains neither; drop it, or add halting or router to --models"),
+    ("adaptive", ["--tasks", "text", "--variant-loops", "recipe"], "--tasks text reads none of --variant-loops"),
+    ("adaptive", ["--variant-loops", "uniform"], "argument --variant-loops: invalid choice: 'uniform'"),
     ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),
     ("compact", ["--width", "-3"], "--width must be >= 0, got -3"),
