@@ -256,6 +256,19 @@ def rows_dropped(tasks: Mapping[str, Any], names: Sequence[str], kept: Callable[
     return "; ".join(lost) or None
 
 
+def trained_past(p: argparse.ArgumentParser, cfgs: Sequence[Any], how: str) -> None:
+    """Refuse, before any training, a run of ``cfgs`` (the configs a script trains and scores) that its --out holds
+    trained past the config's train.steps (``how``: what set them, e.g. "--steps 5"): the trainer only said "already
+    trained" on stderr, and the script scored the run as it is under a record naming the smaller count (a --quick or
+    --steps smoke run into the --out of a full one, #27 pass 30). A run trained to fewer steps resumes, as before."""
+    for cfg in cfgs:
+        done = RunDir(cfg.run_dir).trained_to()
+        if done is not None and done > cfg.train.steps:
+            p.error(f"--out {cfg.run_dir.parent}: its run {cfg.run_dir.name} is trained to step {done:,}, past the "
+                    f"{cfg.train.steps:,} steps this run trains it to ({how}), and would be scored as it is under a "
+                    f"record of {cfg.train.steps:,} steps; choose another --out")
+
+
 def no_json_constant(name: str) -> float:
     """``parse_constant`` for a bench record: NaN and Infinity are refused (ValueError) where Python's json reads them
     as numbers, since no bench script writes them (a NaN accuracy was joined into a verdict, #27 pass 24)."""

@@ -211,6 +211,48 @@ def test_an_out_inside_a_run_is_refused_before_any_work(name, where, message, tm
     assert (tmp_path / "run" / "config.yaml").read_text() == "seed: 0\n" and not (tmp_path / "run" / "sub").exists()
 
 
+@pytest.mark.parametrize("name,argv,run,how", [
+    ("adaptive", ["--steps", "5", "--tasks", "prefix_parity", "--seeds", "1"], "prefix_parity-looped", "--steps 5"),
+    ("adaptive", ["--steps", "5", "--tasks", "prefix_parity", "--seeds", "1"], "prefix_parity-router_per_difficulty-seed0",
+     "--steps 5"),
+    ("adaptive", ["--tasks", "text", "--steps", "5"], "text_ponder", "--steps 5"),
+    ("think_longer", ["--quick", "--tasks", "prefix_parity", "--models", "looped"], "prefix_parity-looped", "--quick"),
+    ("routing", ["--quick", "--models", "routed"], "routing-routed", "--quick"),
+    ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "1", "train.steps=5"], "quickstart-seed0",
+     "the config's train.steps"),
+    ("gate_stage", ["--tasks", "prefix_parity", "--extra", "1"], "prefix_parity-s0-stage2", "--extra 1"),
+])
+def test_a_run_trained_past_the_steps_is_refused_before_any_work(name, argv, run, how, monkeypatch, capsys, tmp_path):
+    """#27 pass 30: a smoke run (--steps 5, --quick) into the --out of a longer one: the trainer said "already
+    trained", and the script scored the longer run under a record naming the smaller count."""
+    module = script(name)
+    for attr in HEAVY:
+        if callable(getattr(module, attr, None)):
+            monkeypatch.setattr(module, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    (tmp_path / "out" / run / "checkpoints" / "9000").mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert f"--out {tmp_path / 'out'}: its run {run} is trained to step 9,000, past the " in err and how in err, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [run]
+
+
+def test_gate_stage_trains_on_a_continuation_short_of_its_steps(monkeypatch, tmp_path):
+    """#27 pass 30: a continuation was trained only when its folder was new: one stopped part way (or of a smaller
+    --extra) was scored as it was."""
+    gate = script("gate_stage")
+    base, cfgs = gate.configs("prefix_parity", 0, tmp_path, 1, 16)
+    (base.run_dir / "checkpoints" / str(base.train.steps)).mkdir(parents=True)
+    (cfgs["stage I"].run_dir / "checkpoints" / str(base.train.steps + 1)).mkdir(parents=True)  # done
+    (cfgs["stage II"].run_dir / "checkpoints" / str(base.train.steps)).mkdir(parents=True)  # stopped at the copy
+    trained = []
+    monkeypatch.setattr(gate, "_train", lambda cfg: trained.append(cfg.run.name) or 0.0)
+    assert gate.runs("prefix_parity", 0, tmp_path, 1, 16).keys() == {"stage I", "stage II"}
+    assert trained == ["prefix_parity-s0-stage2"]
+
+
 def test_adaptive_steps_none_is_the_default_and_a_number_is_used(monkeypatch, tmp_path):
     """`steps or default` made --steps 0 train the default; only None (flag absent) means the default now."""
     adaptive = script("adaptive")
