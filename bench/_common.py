@@ -269,6 +269,24 @@ def trained_past(p: argparse.ArgumentParser, cfgs: Sequence[Any], how: str) -> N
                     f"record of {cfg.train.steps:,} steps; choose another --out")
 
 
+def tasks_replaced(p: argparse.ArgumentParser, record: Path, names: Sequence[str]) -> None:
+    """Refuse, before any work, a run (or join) of the tasks ``names`` into an --out whose ``record`` (adaptive.json,
+    think_longer.json, exit_oracle.json) holds results of other tasks: its record replaced that one, and they were lost
+    with no word (`exit_oracle.py --tasks maze3`, then `--tasks prefix_parity` over the same runs, #27 pass 30). A
+    damaged record has nothing in it to lose. --merge cannot join records of other tasks: the fix is to move it aside
+    (the runs stay in --out and are reused)."""
+    try:
+        tasks = jsontext.loads(record.read_text(encoding="utf-8"))["tasks"] if record.is_file() else {}
+        others = [n for n in tasks if n not in names]
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if others:
+        article = "an" if record.name[0] in "aeiou" else "a"
+        p.error(f"--out {record.parent} holds {article} {record.name} with the results of {', '.join(others)}, which "
+                f"this run ({', '.join(names)}) does not score, and its record replaces that one; move {record} aside "
+                f"(the runs in --out stay, and are reused), or choose another --out")
+
+
 def no_json_constant(name: str) -> float:
     """``parse_constant`` for a bench record: NaN and Infinity are refused (ValueError) where Python's json reads them
     as numbers, since no bench script writes them (a NaN accuracy was joined into a verdict, #27 pass 24)."""

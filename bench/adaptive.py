@@ -602,6 +602,7 @@ def main() -> int:
     seeds = range(first_seed, first_seed + args.seeds)
     args.examples = 256 if args.examples is None else args.examples
     out = Path(args.out)
+    C.tasks_replaced(p, out / "adaptive.json", names)
     kept = rows_replaced(out / "adaptive.json", names, models, seeds)
     if kept:
         p.error(f"--out {out} holds an adaptive.json with rows of {kept}, which this run (--models "
@@ -644,6 +645,7 @@ def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
     # --out's own record is replaced: one holding seeds (or models) the joined record lacks, e.g. the full run the
     # parts were meant to join, was lost with no word, which a scoring run into that --out refuses (#27 pass 29)
     models = tuple({m for t in doc["tasks"].values() for m in t["models"]})
+    C.tasks_replaced(p, out / "adaptive.json", list(doc["tasks"]))
     kept = rows_replaced(out / "adaptive.json", list(doc["tasks"]), models,
                          {r["seed"] for t in doc["tasks"].values() for r in t["rows"]})
     if kept:

@@ -891,6 +891,7 @@ def main() -> int:
                     f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
         # --out's own record is replaced: one holding seeds the joined record lacks was lost with no word, which a
         # training run into that --out refuses (#27 pass 29)
+        C.tasks_replaced(p, out / "think_longer.json", list(results))
         kept = seeds_replaced(out / "think_longer.json", list(results),
                               {r.get("seed", 0) for result in results.values() for r in result["rows"]})
         if kept:
@@ -913,6 +914,7 @@ def main() -> int:
             p.error(f"--replot: {saved} is not a result of this script ({type(e).__name__}: {e}); run the benchmark "
                     f"with --out {out} again")
     else:
+        C.tasks_replaced(p, out / "think_longer.json", names)
         kept = seeds_replaced(out / "think_longer.json", names, range(args.first_seed, args.first_seed + args.seeds))
         if kept:
             p.error(f"--out {out} holds a think_longer.json with {kept}, which this run (seeds {args.first_seed}.."

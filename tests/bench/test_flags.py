@@ -239,6 +239,38 @@ def test_a_run_trained_past_the_steps_is_refused_before_any_work(name, argv, run
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [run]
 
 
+@pytest.mark.parametrize("name,argv,stem", [
+    ("adaptive", ["--tasks", "maze3", "--seeds", "1"], "adaptive"),
+    ("exit_oracle", ["--tasks", "maze3", "--seeds", "1"], "exit_oracle"),
+    ("exit_oracle", ["--tasks", "maze3", "--seeds", "1", "--compact-shares", "1,2"], "exit_oracle_shares"),
+    ("think_longer", ["--tasks", "maze3", "--models", "looped"], "think_longer"),
+])
+def test_a_run_into_an_out_holding_another_tasks_record_is_refused_before_any_work(name, argv, stem, monkeypatch,
+                                                                                   capsys, tmp_path):
+    """#27 pass 30: a run of --tasks maze3 into the --out holding prefix_parity's record (the runs of both, reused)
+    replaced that record by maze3's with no word."""
+    import json
+
+    module = script(name)
+    for attr in HEAVY:
+        if callable(getattr(module, attr, None)):
+            monkeypatch.setattr(module, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = json.dumps({"tasks": {"prefix_parity": {"rows": [{"seed": 0, "accuracy": 1.0}]}}})
+    (out / f"{stem}.json").write_text(earlier)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    article = "a" if name == "think_longer" else "an"
+    assert (f"--out {out} holds {article} {stem}.json with the results of prefix_parity, which this run (maze3) does not "
+            f"score, and its record replaces that one; move {out / (stem + '.json')} aside (the runs in --out stay, "
+            f"and are reused), or choose another --out") in err, err
+    assert (out / f"{stem}.json").read_text() == earlier
+
+
 def test_gate_stage_trains_on_a_continuation_short_of_its_steps(monkeypatch, tmp_path):
     """#27 pass 30: a continuation was trained only when its folder was new: one stopped part way (or of a smaller
     --extra) was scored as it was."""
