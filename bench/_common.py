@@ -35,7 +35,7 @@ from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
-from loopformer.runs.layout import RunDir, not_a_file, outside_runs, through_link  # noqa: E402
+from loopformer.runs.layout import DANGLING, RunDir, not_a_file, outside_runs, through_link  # noqa: E402
 from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -89,6 +89,7 @@ def out_file(text: str) -> Path:
     if not_a_file(path) == "is a pipe or a device":  # /dev/null, a FIFO: the rename into place replaced it by a file
         raise argparse.ArgumentTypeError(f"{text} is a pipe or a device; name a regular file (--json prints the "
                                          f"document on stdout)")
+    _no_dangling_link(text, path.absolute().parents)
     parent = next(a for a in path.absolute().parents if a.exists())  # the nearest one there (/ always is)
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
@@ -99,6 +100,14 @@ def out_file(text: str) -> Path:
     if path.is_symlink():  # `write_out` writes the file it leads to: that one must not be a run's either
         _outside_runs(through_link(path))
     return _outside_runs(path)
+
+
+def _no_dangling_link(text: str, paths: Sequence[Path]) -> None:
+    """Refuse an --out that is, or lies under, a symlink that leads nowhere: making the folder there was a
+    FileExistsError traceback (a folder --out), or a refusal after the work (a file --out; #27 pass 30)."""
+    link = next((a for a in paths if a.is_symlink() and not a.exists()), None)
+    if link is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {link} is {DANGLING}; remove it, or choose another --out")
 
 
 def _outside_runs(path: Path) -> Path:
@@ -137,6 +146,7 @@ def out_folder(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; give a directory for the runs and results")
+    _no_dangling_link(text, (path.absolute(), *path.absolute().parents))
     nearest = next(a for a in (path.absolute(), *path.absolute().parents) if a.exists())
     if not nearest.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {nearest} is a file, not a directory")

@@ -518,6 +518,27 @@ def test_an_out_that_is_a_link_a_pipe_or_a_device(tmp_path):
             C.out_file(str(special))
 
 
+def test_an_out_at_or_under_a_dangling_link_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """#27 pass 30: a folder --out that is a symlink to nowhere (or under one) was a FileExistsError traceback from
+    making it; a file --out under one was refused after the work."""
+    import argparse
+
+    C = script("circuit_bank").C
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")
+    for check, out in ((C.out_folder, "dl"), (C.out_folder, "dl/x"), (C.out_file, "dl/r.json")):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^{tmp_path}/{out}: {tmp_path}/dl is a symlink that "
+                                                             rf"leads nowhere \(or in a loop\); remove it, or choose "
+                                                             rf"another --out$"):
+            check(str(tmp_path / out))
+    module = script("exit_oracle")
+    monkeypatch.setattr(module.adaptive, "trained", lambda *a, **k: pytest.fail("trained before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["exit_oracle.py", "--seeds", "1", "--out", str(tmp_path / "dl")])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and "is a symlink that leads nowhere" in err, err
+
+
 @pytest.mark.parametrize("doc", ['{"new": 2, "rows": []}', b"\x89PNG new plot"])
 def test_an_out_file_a_full_disk_cuts_keeps_the_earlier_document(doc, monkeypatch, tmp_path):
     """#27 pass 22: a disk that filled while --out was written truncated the earlier document and left half of the
