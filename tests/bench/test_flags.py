@@ -271,6 +271,49 @@ def test_a_run_into_an_out_holding_another_tasks_record_is_refused_before_any_wo
     assert (out / f"{stem}.json").read_text() == earlier
 
 
+def test_surgery_stops_when_its_conversion_fails_and_reuses_an_earlier_one(monkeypatch, tmp_path):
+    """#27 pass 30: `loopformer convert`'s exit status was ignored: a rerun into the same --out printed its "already
+    holds a run" error and went on, and a Ctrl-C or SIGTERM during the conversion went on to the next stage."""
+    from loopformer.runs.stop import Terminated
+
+    surgery = script("surgery")
+    calls = []
+    for code, raised in ((130, KeyboardInterrupt), (143, Terminated), (2, SystemExit)):
+        monkeypatch.setattr(surgery, "cli", lambda argv, code=code: calls.append(argv) or code)
+        with pytest.raises(raised):
+            surgery.converted(tmp_path / "parity_plain", tmp_path / "parity_converted", "uniform(1, 6)")
+    assert calls[0][calls[0].index("--out") + 1] == "parity_converted"
+    (tmp_path / "parity_converted").mkdir()
+    (tmp_path / "parity_converted" / "config.yaml").write_text("seed: 0\n")
+    monkeypatch.setattr(surgery, "cli", lambda argv: pytest.fail("converted again"))
+    surgery.converted(tmp_path / "parity_plain", tmp_path / "parity_converted", "uniform(1, 6)")
+
+
+@pytest.mark.parametrize("smoke,trained,message", [
+    (True, 1500, "its run parity_plain is trained to step 1,500, past the 15 steps this run trains it to (--smoke)"),
+    (False, 15, "parity_converted was converted from parity_plain before the 1,500 steps this run (the full steps, "
+                "without --smoke) trains it to; remove it (rm -r "),
+])
+def test_surgery_refuses_runs_of_the_other_mode_before_any_work(smoke, trained, message, monkeypatch, capsys,
+                                                                 tmp_path):
+    """#27 pass 30: --smoke into the --out of a full run scored the full runs as the smoke run's; a full run into a
+    --smoke run's --out scored the conversion of the smoke model (the converted run was reused)."""
+    import shutil
+
+    surgery = script("surgery")
+    monkeypatch.setattr(surgery, "run_setting", lambda *a, **k: pytest.fail("run_setting ran before the refusal"))
+    out = tmp_path / "out"
+    (out / "parity_plain" / "checkpoints" / str(trained)).mkdir(parents=True)
+    (out / "parity_converted").mkdir()
+    shutil.copy(BENCH.parent / "configs" / "plain_parity.yaml", out / "parity_converted" / "config.yaml")
+    monkeypatch.setattr(sys, "argv", ["surgery.py", "--only", "parity", *(["--smoke"] if smoke else []),
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        surgery.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and message in err, err
+
+
 def test_gate_stage_trains_on_a_continuation_short_of_its_steps(monkeypatch, tmp_path):
     """#27 pass 30: a continuation was trained only when its folder was new: one stopped part way (or of a smaller
     --extra) was scored as it was."""
