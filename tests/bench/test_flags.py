@@ -314,6 +314,27 @@ def test_surgery_refuses_runs_of_the_other_mode_before_any_work(smoke, trained, 
     assert info.value.code == 2 and "Traceback" not in err and message in err, err
 
 
+def test_routing_models_into_the_out_of_more_models_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    """#27 pass 30: --models routed into the --out of a run of all three replaced its routing.json, and the other two
+    models' results, with no word (as adaptive.py's --models did before pass 26)."""
+    import json
+
+    routing = script("routing")
+    for attr in HEAVY:
+        if callable(getattr(routing, attr, None)):
+            monkeypatch.setattr(routing, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "routing.json").write_text(earlier := json.dumps({"models": {m: {} for m in routing.MODELS}}))
+    monkeypatch.setattr(sys, "argv", ["routing.py", "--models", "routed", "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        routing.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and (f"--out {out} holds a routing.json with the results of unrouted, routed_shared, "
+                                     f"which this run (--models routed) does not score") in err, err
+    assert (out / "routing.json").read_text() == earlier
+
+
 def test_gate_stage_trains_on_a_continuation_short_of_its_steps(monkeypatch, tmp_path):
     """#27 pass 30: a continuation was trained only when its folder was new: one stopped part way (or of a smaller
     --extra) was scored as it was."""
