@@ -77,7 +77,8 @@ def configs(task: str, seed: int, out: Path, extra: int, examples: int) -> tuple
 def runs(task: str, seed: int, out: Path, extra: int, examples: int) -> dict[str, object]:
     """Stage I for the config's steps, then the two continuations: {"stage I": cfg, "stage II": cfg}."""
     base, cfgs = configs(task, seed, out, extra, examples)
-    if RunDir(base.run_dir).trained_to() is None:
+    # trained on when short of its steps: a stage I stopped part way was copied into both continuations as it was
+    if (RunDir(base.run_dir).trained_to() or 0) < base.train.steps:  # (#27 pass 30)
         log(f"[{task} seed {seed}] stage I, {base.train.steps} steps: {_train(base):.0f}s")
     for model, cfg in cfgs.items():
         if not cfg.run_dir.exists():

@@ -347,6 +347,10 @@ def test_gate_stage_trains_on_a_continuation_short_of_its_steps(monkeypatch, tmp
     monkeypatch.setattr(gate, "_train", lambda cfg: trained.append(cfg.run.name) or 0.0)
     assert gate.runs("prefix_parity", 0, tmp_path, 1, 16).keys() == {"stage I", "stage II"}
     assert trained == ["prefix_parity-s0-stage2"]
+    (base.run_dir / "checkpoints" / str(base.train.steps)).rename(base.run_dir / "checkpoints" / "500")
+    trained.clear()  # a stage I stopped part way is trained on before the continuations are copied from it
+    gate.runs("prefix_parity", 0, tmp_path, 1, 16)
+    assert trained[0] == "prefix_parity-s0-stage1"
 
 
 def test_adaptive_steps_none_is_the_default_and_a_number_is_used(monkeypatch, tmp_path):
