@@ -35,7 +35,7 @@ from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
-from loopformer.runs.layout import RunDir, not_a_file, outside_runs, through_link  # noqa: E402
+from loopformer.runs.layout import DANGLING, RunDir, not_a_file, outside_runs, through_link  # noqa: E402
 from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -89,6 +89,7 @@ def out_file(text: str) -> Path:
     if not_a_file(path) == "is a pipe or a device":  # /dev/null, a FIFO: the rename into place replaced it by a file
         raise argparse.ArgumentTypeError(f"{text} is a pipe or a device; name a regular file (--json prints the "
                                          f"document on stdout)")
+    _no_dangling_link(text, path.absolute().parents)
     parent = next(a for a in path.absolute().parents if a.exists())  # the nearest one there (/ always is)
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
@@ -99,6 +100,14 @@ def out_file(text: str) -> Path:
     if path.is_symlink():  # `write_out` writes the file it leads to: that one must not be a run's either
         _outside_runs(through_link(path))
     return _outside_runs(path)
+
+
+def _no_dangling_link(text: str, paths: Sequence[Path]) -> None:
+    """Refuse an --out that is, or lies under, a symlink that leads nowhere: making the folder there was a
+    FileExistsError traceback (a folder --out), or a refusal after the work (a file --out; #27 pass 30)."""
+    link = next((a for a in paths if a.is_symlink() and not a.exists()), None)
+    if link is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {link} is {DANGLING}; remove it, or choose another --out")
 
 
 def _outside_runs(path: Path) -> Path:
@@ -137,6 +146,7 @@ def out_folder(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; give a directory for the runs and results")
+    _no_dangling_link(text, (path.absolute(), *path.absolute().parents))
     nearest = next(a for a in (path.absolute(), *path.absolute().parents) if a.exists())
     if not nearest.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {nearest} is a file, not a directory")
@@ -254,6 +264,37 @@ def rows_dropped(tasks: Mapping[str, Any], names: Sequence[str], kept: Callable[
             s = f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
             lost.append(f"{s} of {name}" if m is None else f"{m} ({s}) of {name}")
     return "; ".join(lost) or None
+
+
+def trained_past(p: argparse.ArgumentParser, cfgs: Sequence[Any], how: str) -> None:
+    """Refuse, before any training, a run of ``cfgs`` (the configs a script trains and scores) that its --out holds
+    trained past the config's train.steps (``how``: what set them, e.g. "--steps 5"): the trainer only said "already
+    trained" on stderr, and the script scored the run as it is under a record naming the smaller count (a --quick or
+    --steps smoke run into the --out of a full one, #27 pass 30). A run trained to fewer steps resumes, as before."""
+    for cfg in cfgs:
+        done = RunDir(cfg.run_dir).trained_to()
+        if done is not None and done > cfg.train.steps:
+            p.error(f"--out {cfg.run_dir.parent}: its run {cfg.run_dir.name} is trained to step {done:,}, past the "
+                    f"{cfg.train.steps:,} steps this run trains it to ({how}), and would be scored as it is under a "
+                    f"record of {cfg.train.steps:,} steps; choose another --out")
+
+
+def tasks_replaced(p: argparse.ArgumentParser, record: Path, names: Sequence[str]) -> None:
+    """Refuse, before any work, a run (or join) of the tasks ``names`` into an --out whose ``record`` (adaptive.json,
+    think_longer.json, exit_oracle.json) holds results of other tasks: its record replaced that one, and they were lost
+    with no word (`exit_oracle.py --tasks maze3`, then `--tasks prefix_parity` over the same runs, #27 pass 30). A
+    damaged record has nothing in it to lose. --merge cannot join records of other tasks: the fix is to move it aside
+    (the runs stay in --out and are reused)."""
+    try:
+        tasks = jsontext.loads(record.read_text(encoding="utf-8"))["tasks"] if record.is_file() else {}
+        others = [n for n in tasks if n not in names]
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if others:
+        article = "an" if record.name[0] in "aeiou" else "a"
+        p.error(f"--out {record.parent} holds {article} {record.name} with the results of {', '.join(others)}, which "
+                f"this run ({', '.join(names)}) does not score, and its record replaces that one; move {record} aside "
+                f"(the runs in --out stay, and are reused), or choose another --out")
 
 
 def no_json_constant(name: str) -> float:

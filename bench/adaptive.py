@@ -347,10 +347,30 @@ def bar(selected: list[dict], seeds: int) -> dict:
     return {"holds": len(per_seed) == seeds and all(per_seed.values()), "passing": per_seed}
 
 
+def text_config(out: Path, steps: int | None = None):  # noqa: ANN201
+    """The text task's one run (configs/adaptive/text_ponder.yaml at ``steps``; None: the config's)."""
+    return load_config(ROOT / "configs" / "adaptive" / "text_ponder.yaml",
+                       [f"run.dir={out}", "run.name=text_ponder", "eval.sweep_loops=[]"]
+                       + ([f"train.steps={steps}"] if steps is not None else []))
+
+
+def planned(names: list[str], out: Path, examples: int, seeds: range, steps: int | None,
+            models: tuple[str, ...]) -> list:
+    """The config of every run a scoring of ``names`` trains (or reuses), as `run_task` and `run_text` build them."""
+    cfgs = []
+    for name in names:
+        if name == "text":
+            cfgs.append(text_config(out, steps))
+            continue
+        task_steps = think_longer.TASKS[name].steps[1] if steps is None else steps
+        for seed in seeds:
+            cfgs.append(think_longer.config(name, "looped", task_steps, out, examples, seed))
+            cfgs += [variant_config(name, v, seed, out, examples, task_steps) for v in ("halting", "router") if v in models]
+    return cfgs
+
+
 def run_text(out: Path, steps: int | None = None, compact: bool | None = None) -> dict:
-    cfg = load_config(ROOT / "configs" / "adaptive" / "text_ponder.yaml",
-                      [f"run.dir={out}", "run.name=text_ponder", "eval.sweep_loops=[]"]
-                      + ([f"train.steps={steps}"] if steps is not None else []))
+    cfg = text_config(out, steps)
     model, params, data = trained(cfg, out)
     sets = data.eval_sets(["val"])
     bpt = data.bytes_per_token(sets["val"])
@@ -603,11 +623,15 @@ def main() -> int:
     seeds = range(first_seed, first_seed + args.seeds)
     args.examples = 256 if args.examples is None else args.examples
     out = Path(args.out)
+    C.tasks_replaced(p, out / "adaptive.json", names)
     kept = rows_replaced(out / "adaptive.json", names, models, seeds)
     if kept:
         p.error(f"--out {out} holds an adaptive.json with rows of {kept}, which this run (--models "
                 f"{','.join(models)}, seeds {seeds[0]}..{seeds[-1]}) does not score, and its record replaces that one; "
                 f"move {out / 'adaptive.json'} aside (then join the two with --merge), or choose another --out")
+    # a run --out holds trained past --steps was scored as it is, under a record of --steps (#27 pass 30)
+    C.trained_past(p, planned(names, out, args.examples, seeds, args.steps, models),
+                   f"--steps {args.steps}" if args.steps is not None else "each task's full steps, without --steps")
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()
     for name in names:
@@ -644,6 +668,7 @@ def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
     # --out's own record is replaced: one holding seeds (or models) the joined record lacks, e.g. the full run the
     # parts were meant to join, was lost with no word, which a scoring run into that --out refuses (#27 pass 29)
     models = tuple({m for t in doc["tasks"].values() for m in t["models"]})
+    C.tasks_replaced(p, out / "adaptive.json", list(doc["tasks"]))
     kept = rows_replaced(out / "adaptive.json", list(doc["tasks"]), models,
                          {r["seed"] for t in doc["tasks"].values() for r in t["rows"]})
     if kept:

@@ -236,6 +236,7 @@ def main() -> int:
     shares = None if args.compact_shares is None else compact_shares(p, args.compact_shares)
     out = Path(args.out)
     stem = "exit_oracle" if shares is None else "exit_oracle_shares"
+    C.tasks_replaced(p, out / f"{stem}.json", names)
     kept = adaptive.rows_replaced(out / f"{stem}.json", names, ("looped",), args.seeds)
     if kept:  # a rerun with fewer --seeds replaced the record of more with no word (#27 pass 26)
         p.error(f"--out {out} holds an {stem}.json with rows of {kept}, which this run (seeds 0..{args.seeds - 1}) "

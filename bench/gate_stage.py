@@ -59,24 +59,34 @@ def _train(cfg) -> float:  # noqa: ANN001
     return time.time() - t0
 
 
-def runs(task: str, seed: int, out: Path, extra: int, examples: int) -> dict[str, object]:
-    """Stage I for the config's steps, then the two continuations: {"stage I": cfg, "stage II": cfg}."""
+def configs(task: str, seed: int, out: Path, extra: int, examples: int) -> tuple[object, dict[str, object]]:
+    """Stage I's config and the two continuations': (base, {"stage I": cfg, "stage II": cfg})."""
     path = ROOT / "configs" / "adaptive" / f"{TASKS[task]}_halting.yaml"
     common = [f"run.dir={out}", f"seed={seed}", "train.eval_every=0", f"data.eval_examples={examples}",
               "eval.sweep_loops=[]"]
     base = load_config(path, [*common, f"run.name={task}-s{seed}-stage1"])
-    if RunDir(base.run_dir).trained_to() is None:
-        log(f"[{task} seed {seed}] stage I, {base.train.steps} steps: {_train(base):.0f}s")
     total = base.train.steps + extra
     cfgs = {}
     for model, over in (("stage I", []), ("stage II", ["train.stage=gate"])):
         name = f"{task}-s{seed}-{'stage1-more' if model == 'stage I' else 'stage2'}"
-        cfg = load_config(path, [*common, f"run.name={name}", f"train.steps={total}",
-                                 f"train.checkpoint_every={total}", *over])
+        cfgs[model] = load_config(path, [*common, f"run.name={name}", f"train.steps={total}",
+                                         f"train.checkpoint_every={total}", *over])
+    return base, cfgs
+
+
+def runs(task: str, seed: int, out: Path, extra: int, examples: int) -> dict[str, object]:
+    """Stage I for the config's steps, then the two continuations: {"stage I": cfg, "stage II": cfg}."""
+    base, cfgs = configs(task, seed, out, extra, examples)
+    # trained on when short of its steps: a stage I stopped part way was copied into both continuations as it was
+    if (RunDir(base.run_dir).trained_to() or 0) < base.train.steps:  # (#27 pass 30)
+        log(f"[{task} seed {seed}] stage I, {base.train.steps} steps: {_train(base):.0f}s")
+    for model, cfg in cfgs.items():
         if not cfg.run_dir.exists():
             shutil.copytree(base.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns("lock*", "*.lock"))
+        # trained on when short of stage I + --extra: a continuation stopped part way, or one of a smaller --extra,
+        # was scored as it was (it was trained only when its folder was new, #27 pass 30)
+        if (RunDir(cfg.run_dir).trained_to() or 0) < cfg.train.steps:
             log(f"[{task} seed {seed}] {model}, {extra} more steps: {_train(cfg):.0f}s")
-        cfgs[model] = cfg
     return cfgs
 
 
@@ -157,6 +167,10 @@ def main() -> int:
     base = max(load_config(ROOT / "configs" / "adaptive" / f"{TASKS[t]}_halting.yaml").train.steps for t in tasks)
     C.at_most(ap, args, {"--extra": (C.STEPS[0] - base, f"the continuations train to stage I's {base:,} steps + "
                                                          f"--extra, and {C.STEPS[1]}")})
+    # a continuation trained past stage I + --extra (a larger --extra before) was scored as it is (#27 pass 30)
+    C.trained_past(ap, [cfg for task in tasks for seed in range(args.seeds)
+                        for cfg in configs(task, seed, args.out, args.extra, args.examples)[1].values()],
+                   f"stage I's steps + --extra {args.extra}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"tasks": {}, "setting": {"quantiles": QUANTILES, "cap": CAP, "fixed": FIXED, "extra": args.extra,
                                        "seeds": args.seeds, "examples": args.examples}}

@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from loopformer import jsontext
 from loopformer.config import Config, load_config
 from loopformer.evaluation.activity import activity
 from loopformer.evaluation.run import load_run
@@ -145,6 +146,16 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def models_dropped(record: Path, models: list[str]) -> list[str]:
+    """The models whose results the routing.json at ``record`` holds and a run of ``models`` would not score again
+    (none for a damaged record: nothing in it to lose)."""
+    try:
+        held = jsontext.loads(record.read_text(encoding="utf-8"))["models"] if record.is_file() else {}
+        return [m for m in held if m not in models]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+
+
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--quick", action="store_true", help=f"{STEPS[0]} steps per model and {EXAMPLES[0]} examples: "
@@ -162,6 +173,14 @@ def main() -> int:
     steps, examples, act = (STEPS[0], EXAMPLES[0], ACTIVITY_EXAMPLES[0]) if args.quick else (
         STEPS[1], EXAMPLES[1], ACTIVITY_EXAMPLES[1])
     out = Path(args.out)
+    dropped = models_dropped(out / "routing.json", models)
+    if dropped:  # its record replaced that one: those models' results were lost with no word (#27 pass 30)
+        p.error(f"--out {out} holds a routing.json with the results of {', '.join(dropped)}, which this run (--models "
+                f"{','.join(models)}) does not score, and its record replaces that one; add them to --models (their "
+                f"runs are reused), move {out / 'routing.json'} aside, or choose another --out")
+    # a run --out holds trained past these steps was scored as it is, under a record of them (#27 pass 30)
+    C.trained_past(p, [config(model, steps, out) for model in models],
+                   "--quick" if args.quick else "the full steps, without --quick")
     t0 = time.time()
     results = {}
     for model in models:

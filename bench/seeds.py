@@ -31,11 +31,17 @@ from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.train.trainer import train  # noqa: E402
 
 
+def seed_configs(config: str, seeds: int, out: Path, overrides: list[str]) -> list:
+    """The run config of every seed (run ``<run.name>-seed<s>`` under ``out``)."""
+    base = load_config(config, overrides)
+    return [load_config(config, [*overrides, f"seed={seed}", f"run.dir={out}", f"run.name={base.run.name}-seed{seed}"])
+            for seed in range(seeds)]
+
+
 def run_seeds(config: str, seeds: int, out: Path, overrides: list[str]) -> dict:
     base = load_config(config, overrides)
     rows, wall = [], {}
-    for seed in range(seeds):
-        cfg = load_config(config, [*overrides, f"seed={seed}", f"run.dir={out}", f"run.name={base.run.name}-seed{seed}"])
+    for seed, cfg in enumerate(seed_configs(config, seeds, out, overrides)):
         t0 = time.time()
         with contextlib.redirect_stdout(sys.stderr):
             result = train(cfg)
@@ -120,6 +126,9 @@ def main() -> int:
             p.error(f"{given}: every seed's run sets {key} (seeds 0..N-1 under --out); use {flag} instead")
     if not load_config(args.config, args.overrides).eval.sweep_loops:
         p.error(f"{args.config} has no eval.sweep_loops: nothing to tabulate (set eval.sweep_loops=[1,4,16])")
+    # a finished run is read back: one trained past train.steps was swept as it is, under its steps (#27 pass 30)
+    C.trained_past(p, seed_configs(args.config, args.seeds, Path(args.out), args.overrides),
+                   "the config's train.steps, with the overrides")
     doc = run_seeds(args.config, args.seeds, Path(args.out), args.overrides)
     C.report(Path(args.out), "seeds", doc, markdown(doc), args.json)
     return 0

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,7 +43,9 @@ from loopformer.evaluation import rys  # noqa: E402
 from loopformer.evaluation.run import load_run  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.model.schedule import duplication, longest, padded  # noqa: E402
+from loopformer.runs.layout import RunDir  # noqa: E402
 from loopformer.runs.read import read_run  # noqa: E402
+from loopformer.runs.stop import Terminated  # noqa: E402
 from loopformer.train.trainer import train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,6 +113,23 @@ def _smoke(s: dict[str, Any]) -> dict[str, Any]:
             "convert": {**s["convert"], "steps": 2}}
 
 
+def converted(plain_dir: Path, target: Path, loops: str) -> None:
+    """``loopformer convert`` of the plain run into ``target`` (beside it), unless an earlier run of the script
+    converted it there (reused, as the plain and looped runs are). The command's exit status was ignored: a rerun
+    printed convert's "already holds a run" error and went on, and a Ctrl-C or SIGTERM during the conversion went on
+    to the next stage (#27 pass 30); now a failure ends the script with convert's line and status."""
+    if (target / "config.yaml").is_file():
+        return
+    code = _quiet(cli, ["convert", "--run", str(plain_dir), "--core", f"{CORE[0]}:{CORE[1]}", "--out", target.name,
+                        "--inject", "concat", "--loops", loops, "--max-loops", "64"])
+    if code == 130:
+        raise KeyboardInterrupt
+    if code == 128 + signal.SIGTERM:
+        raise Terminated
+    if code:
+        raise SystemExit(code)  # convert printed its one line
+
+
 def run_setting(name: str, out: Path, smoke: bool = False
                 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
     s = _smoke(SETTINGS[name]) if smoke else SETTINGS[name]
@@ -133,8 +154,7 @@ def run_setting(name: str, out: Path, smoke: bool = False
     # converted and trained on
     conv = f"{name}_converted"
     c = s["convert"]
-    _quiet(cli, ["convert", "--run", str(plain_dir), "--core", f"{CORE[0]}:{CORE[1]}", "--out", conv,
-                 "--inject", "concat", "--loops", c["loops"], "--max-loops", "64"])
+    converted(plain_dir, out / conv, c["loops"])
     conv_cfg = out / conv / "config.yaml"
     _, wall[f"{name}/converted"] = _train(str(conv_cfg), [f"train.steps={c['steps']}", f"train.lr={c['lr']}",
                                                           "train.warmup_steps=20", "train.eval_every=0",
@@ -176,6 +196,27 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def checked(p: Any, names: list[str], out: Path, smoke: bool) -> None:
+    """Refuse, before any work, an --out whose runs this run would score as they are under other steps (a --smoke run
+    into the --out of a full one: the trainer said "already trained"), or whose converted run was made from the plain
+    run before this run trains it on (a full run into a --smoke run's --out scored the conversion of the smoke model;
+    #27 pass 30)."""
+    how = "--smoke" if smoke else "the full steps, without --smoke"
+    for name in names:
+        s = _smoke(SETTINGS[name]) if smoke else SETTINGS[name]
+        plain, looped = (load_config(ROOT / s["config"], [f"run.dir={out}", f"run.name={name}_{m}", *s[m]])
+                         for m in ("plain", "looped"))
+        conv = out / f"{name}_converted"
+        cfgs = [plain, looped]
+        if (conv / "config.yaml").is_file():
+            cfgs.append(load_config(conv / "config.yaml", [f"train.steps={s['convert']['steps']}"]))
+            if (RunDir(plain.run_dir).trained_to() or 0) < plain.train.steps:
+                p.error(f"--out {out}: {conv.name} was converted from {name}_plain before the {plain.train.steps:,} "
+                        f"steps this run ({how}) trains it to; remove it (rm -r {shlex.quote(str(conv))}) to convert "
+                        f"it again, or choose another --out")
+        C.trained_past(p, cfgs, how)
+
+
 def main() -> int:
     p = C.ArgumentParser(description=C.about(__doc__))
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -183,16 +224,20 @@ def main() -> int:
     p.add_argument("--only", choices=sorted(SETTINGS), action="append", help="run only these settings")
     p.add_argument("--smoke", action="store_true", help="a few steps per model: checks the script, measures nothing")
     args = p.parse_args()
+    names = args.only or list(SETTINGS)
+    checked(p, names, args.out, args.smoke)
     rows, extra, wall, wins = [], {}, {}, {}
-    for name in args.only or list(SETTINGS):
+    for name in names:
         r, e, w = run_setting(name, args.out, args.smoke)
         rows += r
         extra[name], wall = e, {**wall, **w}
         s = SETTINGS[name]
         wins[name] = winner(r, name, s["select"], s["metric"])
         print(f"{name}: done ({sum(v for k, v in w.items() if k.startswith(name)):.0f}s)", file=sys.stderr, flush=True)
-    doc = {"command": "python bench/surgery.py" + (" --only " + " --only ".join(args.only) if args.only else ""),
-           "settings": {k: {kk: vv for kk, vv in v.items()} for k, v in SETTINGS.items()}, "rows": rows,
+    # a --smoke record named neither --smoke nor its settings: it read as the full one (#27 pass 30)
+    doc = {"command": "python bench/surgery.py" + (" --only " + " --only ".join(args.only) if args.only else "")
+           + (" --smoke" if args.smoke else ""), "smoke": args.smoke,
+           "settings": {k: dict(_smoke(v) if args.smoke else v) for k, v in SETTINGS.items()}, "rows": rows,
            "scan": extra, "winner": wins, "wall_s": wall}
     if args.json:
         print(C.dumps(doc, default=str))

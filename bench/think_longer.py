@@ -891,6 +891,7 @@ def main() -> int:
                     f"--merge: a record is not a result of this script ({type(e).__name__}: {e})")
         # --out's own record is replaced: one holding seeds the joined record lacks was lost with no word, which a
         # training run into that --out refuses (#27 pass 29)
+        C.tasks_replaced(p, out / "think_longer.json", list(results))
         kept = seeds_replaced(out / "think_longer.json", list(results),
                               {r.get("seed", 0) for result in results.values() for r in result["rows"]})
         if kept:
@@ -913,15 +914,21 @@ def main() -> int:
             p.error(f"--replot: {saved} is not a result of this script ({type(e).__name__}: {e}); run the benchmark "
                     f"with --out {out} again")
     else:
+        C.tasks_replaced(p, out / "think_longer.json", names)
         kept = seeds_replaced(out / "think_longer.json", names, range(args.first_seed, args.first_seed + args.seeds))
         if kept:
             p.error(f"--out {out} holds a think_longer.json with {kept}, which this run (seeds {args.first_seed}.."
                     f"{args.first_seed + args.seeds - 1}) does not score, and its record replaces that one; move "
                     f"{out / 'think_longer.json'} aside (then join the two with --merge), or choose another --out")
+        trained = {name: model_names + (tuple(m for m in models(TASKS[name], ablate=True) if m.startswith("looped-no-"))
+                                        if args.ablate else ()) for name in names}
+        # a run --out holds trained past these steps was scored as it is, under a record of them (#27 pass 30)
+        C.trained_past(p, [config(name, m, TASKS[name].steps[0 if args.quick else 1], out, examples, seed)
+                           for name, ms in trained.items() for m in ms
+                           for seed in range(args.first_seed, args.first_seed + args.seeds)],
+                       "--quick" if args.quick else "the full steps, without --quick")
         for name in names:
-            ablations = tuple(m for m in models(TASKS[name], ablate=True) if m.startswith("looped-no-"))
-            results[name] = run_task(name, args.quick, out, examples, args.seeds,
-                                     model_names + (ablations if args.ablate else ()), args.first_seed)
+            results[name] = run_task(name, args.quick, out, examples, args.seeds, trained[name], args.first_seed)
             results[name]["verdict"] = verdict(results[name], name)
         doc = {"tasks": results, "quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
                "wall_s": time.time() - t0, "environment": C.environment()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 
 from loopformer.cli.common import command
@@ -47,5 +48,5 @@ def prepare_command(args: argparse.Namespace) -> int:
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {info['bytes']:,} bytes "
               f"in {len(info['files'])} shard(s)")
     print(f"wrote {args.out} ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) in {time.time() - t0:.1f}s; "
-          f"train with data.paths=[{args.out}]")
+          f"train with {shlex.quote(f'data.paths=[{args.out}]')}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,9 +30,11 @@ def check_own_run(config: str | None, run_dir: Path, overrides: Sequence[str] = 
     home = Path(config).expanduser().absolute().parent
     if (Path(config).name == CONFIG_FILE and RunDir(home).holds_run
             and home.resolve() != run_dir.expanduser().absolute().resolve()):
+        # quoted for the shell: `run.name=my run` pasted as shown was two words, and the second was refused
+        settings = " ".join(shlex.quote(s) for s in (f"run.dir={home.parent}", f"run.name={home.name}"))
         raise ConfigError(f"--config {config} is the config of the run in {home}, but its run.dir / run.name name "
                           f"{run_dir} (a copied or moved run?); training would resume that one. Add "
-                          f"run.dir={home.parent} run.name={home.name} to train this copy")
+                          f"{settings} to train this copy")
 
 
 def check_run_paths(config: str | None, cfg: Config, overrides: Sequence[str] = ()) -> None:

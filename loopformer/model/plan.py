@@ -227,7 +227,7 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
     if it has one, else the larger of its max_loops and eval_loops (a halting head was trained up to its
     max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head, a rule other than
     learned on an ACT circuit, whose write mixes its iterations', or any rule in a routed stage, whose router decides
-    when each token stops) or that could stop no token (min / every past
+    when each token stops) or that could stop no token (min / every at or past
     the cap)."""
     out = dict(loops)
     routed = {c.name for s in model.stages if s.router.routes for c in s.circuits}
@@ -249,9 +249,13 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
                             f"a rule; give one")
         out[c] = max_loops or loops.get(c) or max(cfg.max_loops, cfg.eval_loops)
         first = rule.first_stop()
-        if first > out[c]:  # every token ran to the cap, as if no rule were given
-            raise PlanError(f"exit {c}={rule}: the rule can first stop a token after iteration {first}, past circuit "
-                            f"{c}'s cap of {out[c]} loops, so no token could stop by it; lower "
+        # every token ran to the cap, as if no rule were given: a first stop at the cap too, where every token stops
+        # anyway (`min=20` under a cap of 20 was accepted and did nothing, #27 pass 30)
+        if first >= out[c]:
+            where = "past" if first > out[c] else "at"
+            raise PlanError(f"exit {c}={rule}: the rule can first stop a token after iteration {first}, {where} circuit "
+                            f"{c}'s cap of {out[c]} loops, so no token could stop by it"
+                            f"{' before the cap, where every token stops' if first == out[c] else ''}; lower "
                             f"{'K, ' if rule.whole else ''}min or every, or raise the cap "
                             f"({f'--loops {c}=N' if c in loops and not max_loops else '--max-loops N'})")
     return out

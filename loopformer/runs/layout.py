@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +113,9 @@ def misnamed_step(checkpoints: Path) -> None:
                None)
     if odd is not None:
         plain = odd.with_name(str(int(odd.name)))
+        mv = f"mv {shlex.quote(str(odd))} {shlex.quote(str(plain))}"  # quoted: a run folder may hold a space
         raise CheckpointError(f"{odd} is named like checkpoint step {int(odd.name)}, but the checkpoint library reads a "
-                              f"step only by its plain number, so it is no checkpoint; rename it (mv {odd} {plain})"
+                              f"step only by its plain number, so it is no checkpoint; rename it ({mv})"
                               + (", or remove one of the two" if plain.exists() else "") + " to resume from it")
 
 

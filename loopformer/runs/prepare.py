@@ -27,9 +27,10 @@ def resume_changes(cfg: Config, run_dir: Path) -> list[Change]:
     layout = RunDir(run_dir)
     orphans = [p.name for p in (layout.metrics, layout.tb) if p.exists()]
     if orphans and not layout.checkpoints.exists():  # a crash before the first save leaves checkpoints/ empty, not gone
+        mv = f"mv {shlex.quote(str(run_dir))} {shlex.quote(f'{run_dir}.old')}"  # quoted: the folder may hold a space
         raise CheckpointError(
             f"{run_dir} holds {' and '.join(orphans)} of an earlier run but no checkpoints/ to resume from (deleted?); "
-            f"training it again would mix the two runs' metrics. Move them aside (mv {run_dir} {run_dir}.old) or pick "
+            f"training it again would mix the two runs' metrics. Move them aside ({mv}) or pick "
             f"a new run.name")
     saved = layout.config
     steps = layout.checkpoint_steps()

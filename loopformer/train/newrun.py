@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
 def _occupied(run_dir: Path) -> str | None:
     """Why ``run_dir`` cannot take a new run (it holds one, or anything else), or None."""
     if RunDir(run_dir).checkpoint_steps():
-        return f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {run_dir})"
+        return f"{run_dir} already holds a run; pick another --out, or delete it (rm -r {shlex.quote(str(run_dir))})"
     held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     if held:  # never overwrite a config.yaml or anything else a user keeps there
         return (f"{run_dir} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pick another "

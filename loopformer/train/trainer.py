@@ -485,6 +485,8 @@ class _Loop:
         if halting is None or halting.halting.rule().mixes_output:
             return {}
         rule = {halting.name: exit_rule("learned", halting.halting.rule().default_q())}
+        if rule[halting.name].first_stop() >= max(halting.max_loops, halting.eval_loops):
+            return {}  # a cap of 1: no token can stop before it (`exit_caps` refuses the rule there)
         caps = self.defaults | exit_caps(self.cfg.model, rule, {})  # the same cap as eval --exit
         scalars = {}
         for split, batches in self.evals.sets.items():

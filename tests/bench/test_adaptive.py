@@ -234,6 +234,26 @@ def test_merge_into_an_out_holding_seeds_it_does_not_join_is_refused(tmp_path, m
     assert adaptive.main() == 0 and json.loads((out / "adaptive.json").read_text())["tasks"]["maze3"]["seeds"] == 3
 
 
+def test_merge_into_an_out_holding_another_tasks_record_is_refused(tmp_path, monkeypatch, capsys):
+    """#27 pass 30: --merge of maze3's records into an --out whose adaptive.json is prefix_parity's replaced it."""
+    import json
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out"
+    a.write_text(json.dumps(record([0, 1])))
+    b.write_text(json.dumps(record([2])))
+    out.mkdir()
+    other = record([0, 1, 2])
+    other["tasks"] = {"prefix_parity": other["tasks"]["maze3"]}
+    (out / "adaptive.json").write_text(earlier := json.dumps(other))
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--merge", str(a), str(b), "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        adaptive.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "holds an adaptive.json with the results of prefix_parity, which this run (maze3) does not score" in err
+    assert (out / "adaptive.json").read_text() == earlier and sorted(p.name for p in out.iterdir()) == ["adaptive.json"]
+
+
 def test_merge_joins_records_of_the_same_tasks_in_another_order():
     """#27 pass 29: --tasks maze3,prefix_parity and --tasks prefix_parity,maze3 are one benchmark; their records were
     refused as "not the same tasks"."""

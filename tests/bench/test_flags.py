@@ -215,6 +215,148 @@ def test_an_out_inside_a_run_is_refused_before_any_work(name, where, message, tm
     assert (tmp_path / "run" / "config.yaml").read_text() == "seed: 0\n" and not (tmp_path / "run" / "sub").exists()
 
 
+@pytest.mark.parametrize("name,argv,run,how", [
+    ("adaptive", ["--steps", "5", "--tasks", "prefix_parity", "--seeds", "1"], "prefix_parity-looped", "--steps 5"),
+    ("adaptive", ["--steps", "5", "--tasks", "prefix_parity", "--seeds", "1"], "prefix_parity-router_per_difficulty-seed0",
+     "--steps 5"),
+    ("adaptive", ["--tasks", "text", "--steps", "5"], "text_ponder", "--steps 5"),
+    ("think_longer", ["--quick", "--tasks", "prefix_parity", "--models", "looped"], "prefix_parity-looped", "--quick"),
+    ("routing", ["--quick", "--models", "routed"], "routing-routed", "--quick"),
+    ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "1", "train.steps=5"], "quickstart-seed0",
+     "the config's train.steps"),
+    ("gate_stage", ["--tasks", "prefix_parity", "--extra", "1"], "prefix_parity-s0-stage2", "--extra 1"),
+])
+def test_a_run_trained_past_the_steps_is_refused_before_any_work(name, argv, run, how, monkeypatch, capsys, tmp_path):
+    """#27 pass 30: a smoke run (--steps 5, --quick) into the --out of a longer one: the trainer said "already
+    trained", and the script scored the longer run under a record naming the smaller count."""
+    module = script(name)
+    for attr in HEAVY:
+        if callable(getattr(module, attr, None)):
+            monkeypatch.setattr(module, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    (tmp_path / "out" / run / "checkpoints" / "9000").mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert f"--out {tmp_path / 'out'}: its run {run} is trained to step 9,000, past the " in err and how in err, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [run]
+
+
+@pytest.mark.parametrize("name,argv,stem", [
+    ("adaptive", ["--tasks", "maze3", "--seeds", "1"], "adaptive"),
+    ("exit_oracle", ["--tasks", "maze3", "--seeds", "1"], "exit_oracle"),
+    ("exit_oracle", ["--tasks", "maze3", "--seeds", "1", "--compact-shares", "1,2"], "exit_oracle_shares"),
+    ("think_longer", ["--tasks", "maze3", "--models", "looped"], "think_longer"),
+])
+def test_a_run_into_an_out_holding_another_tasks_record_is_refused_before_any_work(name, argv, stem, monkeypatch,
+                                                                                   capsys, tmp_path):
+    """#27 pass 30: a run of --tasks maze3 into the --out holding prefix_parity's record (the runs of both, reused)
+    replaced that record by maze3's with no word."""
+    import json
+
+    module = script(name)
+    for attr in HEAVY:
+        if callable(getattr(module, attr, None)):
+            monkeypatch.setattr(module, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = json.dumps({"tasks": {"prefix_parity": {"rows": [{"seed": 0, "accuracy": 1.0}]}}})
+    (out / f"{stem}.json").write_text(earlier)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    article = "a" if name == "think_longer" else "an"
+    assert (f"--out {out} holds {article} {stem}.json with the results of prefix_parity, which this run (maze3) does not "
+            f"score, and its record replaces that one; move {out / (stem + '.json')} aside (the runs in --out stay, "
+            f"and are reused), or choose another --out") in err, err
+    assert (out / f"{stem}.json").read_text() == earlier
+
+
+def test_surgery_stops_when_its_conversion_fails_and_reuses_an_earlier_one(monkeypatch, tmp_path):
+    """#27 pass 30: `loopformer convert`'s exit status was ignored: a rerun into the same --out printed its "already
+    holds a run" error and went on, and a Ctrl-C or SIGTERM during the conversion went on to the next stage."""
+    from loopformer.runs.stop import Terminated
+
+    surgery = script("surgery")
+    calls = []
+    for code, raised in ((130, KeyboardInterrupt), (143, Terminated), (2, SystemExit)):
+        monkeypatch.setattr(surgery, "cli", lambda argv, code=code: calls.append(argv) or code)
+        with pytest.raises(raised):
+            surgery.converted(tmp_path / "parity_plain", tmp_path / "parity_converted", "uniform(1, 6)")
+    assert calls[0][calls[0].index("--out") + 1] == "parity_converted"
+    (tmp_path / "parity_converted").mkdir()
+    (tmp_path / "parity_converted" / "config.yaml").write_text("seed: 0\n")
+    monkeypatch.setattr(surgery, "cli", lambda argv: pytest.fail("converted again"))
+    surgery.converted(tmp_path / "parity_plain", tmp_path / "parity_converted", "uniform(1, 6)")
+
+
+@pytest.mark.parametrize("smoke,trained,message", [
+    (True, 1500, "its run parity_plain is trained to step 1,500, past the 15 steps this run trains it to (--smoke)"),
+    (False, 15, "parity_converted was converted from parity_plain before the 1,500 steps this run (the full steps, "
+                "without --smoke) trains it to; remove it (rm -r "),
+])
+def test_surgery_refuses_runs_of_the_other_mode_before_any_work(smoke, trained, message, monkeypatch, capsys,
+                                                                 tmp_path):
+    """#27 pass 30: --smoke into the --out of a full run scored the full runs as the smoke run's; a full run into a
+    --smoke run's --out scored the conversion of the smoke model (the converted run was reused)."""
+    import shutil
+
+    surgery = script("surgery")
+    monkeypatch.setattr(surgery, "run_setting", lambda *a, **k: pytest.fail("run_setting ran before the refusal"))
+    out = tmp_path / "out"
+    (out / "parity_plain" / "checkpoints" / str(trained)).mkdir(parents=True)
+    (out / "parity_converted").mkdir()
+    shutil.copy(BENCH.parent / "configs" / "plain_parity.yaml", out / "parity_converted" / "config.yaml")
+    monkeypatch.setattr(sys, "argv", ["surgery.py", "--only", "parity", *(["--smoke"] if smoke else []),
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        surgery.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and message in err, err
+
+
+def test_routing_models_into_the_out_of_more_models_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    """#27 pass 30: --models routed into the --out of a run of all three replaced its routing.json, and the other two
+    models' results, with no word (as adaptive.py's --models did before pass 26)."""
+    import json
+
+    routing = script("routing")
+    for attr in HEAVY:
+        if callable(getattr(routing, attr, None)):
+            monkeypatch.setattr(routing, attr, lambda *a, attr=attr, **k: pytest.fail(f"{attr} ran before the refusal"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "routing.json").write_text(earlier := json.dumps({"models": {m: {} for m in routing.MODELS}}))
+    monkeypatch.setattr(sys, "argv", ["routing.py", "--models", "routed", "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        routing.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and (f"--out {out} holds a routing.json with the results of unrouted, routed_shared, "
+                                     f"which this run (--models routed) does not score") in err, err
+    assert (out / "routing.json").read_text() == earlier
+
+
+def test_gate_stage_trains_on_a_continuation_short_of_its_steps(monkeypatch, tmp_path):
+    """#27 pass 30: a continuation was trained only when its folder was new: one stopped part way (or of a smaller
+    --extra) was scored as it was."""
+    gate = script("gate_stage")
+    base, cfgs = gate.configs("prefix_parity", 0, tmp_path, 1, 16)
+    (base.run_dir / "checkpoints" / str(base.train.steps)).mkdir(parents=True)
+    (cfgs["stage I"].run_dir / "checkpoints" / str(base.train.steps + 1)).mkdir(parents=True)  # done
+    (cfgs["stage II"].run_dir / "checkpoints" / str(base.train.steps)).mkdir(parents=True)  # stopped at the copy
+    trained = []
+    monkeypatch.setattr(gate, "_train", lambda cfg: trained.append(cfg.run.name) or 0.0)
+    assert gate.runs("prefix_parity", 0, tmp_path, 1, 16).keys() == {"stage I", "stage II"}
+    assert trained == ["prefix_parity-s0-stage2"]
+    (base.run_dir / "checkpoints" / str(base.train.steps)).rename(base.run_dir / "checkpoints" / "500")
+    trained.clear()  # a stage I stopped part way is trained on before the continuations are copied from it
+    gate.runs("prefix_parity", 0, tmp_path, 1, 16)
+    assert trained[0] == "prefix_parity-s0-stage1"
+
+
 def test_adaptive_steps_none_is_the_default_and_a_number_is_used(monkeypatch, tmp_path):
     """`steps or default` made --steps 0 train the default; only None (flag absent) means the default now."""
     adaptive = script("adaptive")
@@ -446,6 +588,27 @@ def test_an_out_that_is_a_link_a_pipe_or_a_device(tmp_path):
         with pytest.raises(argparse.ArgumentTypeError, match=rf"^{special} is a pipe or a device; name a regular file "
                                                              rf"\(--json prints the document on stdout\)$"):
             C.out_file(str(special))
+
+
+def test_an_out_at_or_under_a_dangling_link_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """#27 pass 30: a folder --out that is a symlink to nowhere (or under one) was a FileExistsError traceback from
+    making it; a file --out under one was refused after the work."""
+    import argparse
+
+    C = script("circuit_bank").C
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")
+    for check, out in ((C.out_folder, "dl"), (C.out_folder, "dl/x"), (C.out_file, "dl/r.json")):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^{tmp_path}/{out}: {tmp_path}/dl is a symlink that "
+                                                             rf"leads nowhere \(or in a loop\); remove it, or choose "
+                                                             rf"another --out$"):
+            check(str(tmp_path / out))
+    module = script("exit_oracle")
+    monkeypatch.setattr(module.adaptive, "trained", lambda *a, **k: pytest.fail("trained before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["exit_oracle.py", "--seeds", "1", "--out", str(tmp_path / "dl")])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and "is a symlink that leads nowhere" in err, err
 
 
 @pytest.mark.parametrize("doc", ['{"new": 2, "rows": []}', b"\x89PNG new plot"])

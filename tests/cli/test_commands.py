@@ -744,6 +744,24 @@ def test_a_runs_config_is_a_template_for_a_run_the_settings_name(run_dir, tmp_pa
         check_own_run(config, tmp_path / "new", ["train.steps=9"])
 
 
+def test_a_copied_runs_fix_is_quoted_for_the_shell(run_dir, tmp_path):
+    """#27 pass 30: a copy named with a space (`my run`) was told to add `run.name=my run`, two words in a shell, the
+    second refused; the settings are quoted, and followed they name the copy."""
+    import shlex
+
+    from loopformer.cli.train import check_own_run
+    from loopformer.config import load_config
+    from loopformer.errors import ConfigError
+
+    copy = shutil.copytree(run_dir, tmp_path / "my run")
+    with pytest.raises(ConfigError) as info:
+        check_own_run(str(copy / "config.yaml"), run_dir, [])
+    assert f"Add run.dir={tmp_path} 'run.name=my run' to train this copy" in str(info.value)
+    fix = shlex.split(str(info.value).split("Add ")[1].removesuffix(" to train this copy"))
+    assert load_config(copy / "config.yaml", fix).run_dir == copy
+    check_own_run(str(copy / "config.yaml"), copy, fix)
+
+
 def test_outputs_inside_a_run_are_refused_and_step_0_is_a_step(run_dir, capsys):
     """A folder written into a run can be read as a checkpoint or pruned with them; --step 0 names the only
     checkpoint of an imported or converted run (it was refused as not positive)."""

@@ -210,7 +210,7 @@ def test_a_folder_named_like_a_step_but_not_plainly_is_one_line(tmp_path, name):
     the resume trained from scratch and replaced the run's metrics, and `eval` said "no checkpoint: train first"."""
     layout = RunDir(tmp_path)
     (layout.checkpoints / name).mkdir(parents=True)
-    match = rf"checkpoints/{name} is named like checkpoint step 3, but .* rename it \(mv .*/{name} .*/checkpoints/3\)"
+    match = rf"checkpoints/{name} is named like checkpoint step 3, but .* rename it \(mv .*/{name}'? .*/checkpoints/3\)"
     with pytest.raises(CheckpointError, match=match):
         layout.checkpoint_steps()
     with pytest.raises(CheckpointError, match=match):
@@ -280,3 +280,25 @@ def test_a_run_config_that_is_a_dangling_symlink_is_named_so(tmp_path):
     with pytest.raises(CheckpointError, match=r"config.yaml is a symlink that leads nowhere \(or in a loop\), not the "
                                               r"run's config file; put the run's config.yaml back$"):
         load_run_config(tmp_path)
+
+
+def test_the_shell_commands_a_fix_names_are_quoted(tmp_path):
+    """#27 pass 30: a fix's `mv` / `rm -r` named a run folder with a space unquoted: pasted, `rm -r /x/my run` removed
+    /x/my and ./run, and `mv` named three paths."""
+    from loopformer.config import load_config
+    from loopformer.runs.prepare import resume_changes
+    from loopformer.train.newrun import _occupied
+
+    run = tmp_path / "my run"
+    (run / "checkpoints" / "03").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as info:
+        RunDir(run).checkpoint_steps()
+    assert f"(mv '{run}/checkpoints/03' '{run}/checkpoints/3')" in str(info.value)
+    (run / "checkpoints" / "03").rename(run / "checkpoints" / "3")
+    assert f"(rm -r '{run}')" in _occupied(run)
+    orphan = tmp_path / "old run"
+    orphan.mkdir()
+    (orphan / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError) as info:
+        resume_changes(load_config(None, []), orphan)
+    assert f"(mv '{orphan}' '{orphan}.old')" in str(info.value)
