@@ -355,7 +355,7 @@ def text_config(out: Path, steps: int | None = None):  # noqa: ANN201
 
 
 def planned(names: list[str], out: Path, examples: int, seeds: range, steps: int | None,
-            models: tuple[str, ...]) -> list:
+            models: tuple[str, ...], loops: str = "recipe") -> list:
     """The config of every run a scoring of ``names`` trains (or reuses), as `run_task` and `run_text` build them."""
     cfgs = []
     for name in names:
@@ -365,7 +365,8 @@ def planned(names: list[str], out: Path, examples: int, seeds: range, steps: int
         task_steps = think_longer.TASKS[name].steps[1] if steps is None else steps
         for seed in seeds:
             cfgs.append(think_longer.config(name, "looped", task_steps, out, examples, seed))
-            cfgs += [variant_config(name, v, seed, out, examples, task_steps) for v in ("halting", "router") if v in models]
+            cfgs += [variant_config(name, v, seed, out, examples, task_steps, loops)
+                     for v in ("halting", "router") if v in models]
     return cfgs
 
 
@@ -630,7 +631,7 @@ def main() -> int:
                 f"{','.join(models)}, seeds {seeds[0]}..{seeds[-1]}) does not score, and its record replaces that one; "
                 f"move {out / 'adaptive.json'} aside (then join the two with --merge), or choose another --out")
     # a run --out holds trained past --steps was scored as it is, under a record of --steps (#27 pass 30)
-    C.trained_past(p, planned(names, out, args.examples, seeds, args.steps, models),
+    C.trained_past(p, planned(names, out, args.examples, seeds, args.steps, models, args.variant_loops or "recipe"),
                    f"--steps {args.steps}" if args.steps is not None else "each task's full steps, without --steps")
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()

@@ -297,6 +297,10 @@ def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_config
     for cfg in (recipe, config):  # the rest is the same: steps, seed, the router's truncated backprop
         assert (cfg.seed, cfg.train.steps, cfg.model.stages[0].router.backprop) == (1, 10, adaptive.ROUTER_BACKPROP)
     assert adaptive.recipe_loops("maze3", "config") == [] and adaptive.recipe_loops("maze3") != []
+    # the runs checked before any work (trained past the steps) are the ones these loops train
+    names = {c.run.name for c in adaptive.planned(["maze3"], tmp_path, 32, range(1, 2), 10, ("looped", "router"),
+                                                  "config")}
+    assert names == {"maze3-looped-seed1", "maze3-router-seed1"}
     with pytest.raises(ValueError, match="variant loops 'uniform': choose from recipe, config"):
         adaptive.recipe_loops("maze3", "uniform")
     a, b = record([0]), record([1])
