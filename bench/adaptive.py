@@ -27,10 +27,10 @@ rounds, which it may stop earlier; for the halting head it is where the rest of 
 falls), runs ``<task>-{router,halting}_per_difficulty-seed<S>``; the router is scored at caps m, 2m, 4m and 8m
 rounds (4m added with it: the best fixed counts at 2x were 3m-4m). The JSON records their loop overrides
 (``variant_loops``). ``--variant-loops config`` (declared 2026-12-07 06:36 UTC, before its first run, after the maze3
-router trained with the recipe's counts solved 66.4 % of seed 0's 2x mazes at every cap from 24 up, running to its
-cap, where the one trained with ``uniform(8, 16)`` had met the bar on that seed under the earlier install) trains
-them with their configs' own loops again, runs ``<task>-{router,halting}-seed<S>``; everything else is as above.
-Records of the two do not join (``variant_loops`` differs).
+router trained with the recipe's counts solved 66.4 % of seed 0's 2x mazes at every cap from 24 up, its rounds
+growing with the cap, where the one trained with ``uniform(8, 16)`` had met the bar on that seed under the earlier
+install) trains them with their configs' own loops again, runs ``<task>-{router,halting}-seed<S>``; everything
+else is as above. Records of the two do not join (``variant_loops`` differs).
 
 A stop rule that waits for the tokens before each token (declared 2026-12-06 15:10 UTC, before its first run, after
 ``bench/exit_oracle.py`` showed that a token whose own answer is right is not done: later tokens still read its
