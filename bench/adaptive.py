@@ -260,7 +260,8 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
     rows, depths = [], {}
     variant_loops = recipe_loops(name, loops)
     for seed in range(first_seed, first_seed + seeds):
-        cfg = think_longer.config(name, "looped", steps, out, examples, seed)
+        variants = seed_configs(name, out, examples, seed, steps, models, loops)
+        cfg = variants.pop("looped")
         model, params, data = trained(cfg, out)
         sets = held_out(data.task, setting, examples, seed)
         for (d, s), bs in sets.items():
@@ -275,8 +276,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
         policies += [(f"context_diff/fine:{eps:g}", {"X": cap}, {"X": exit_rule("context_diff", eps)}, None, FINE_SHARES)
                      for eps in EXITS["context_diff"]]  # compacted under --compact on (auto: masked at batch 64)
         rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
-        for variant in (v for v in ("halting", "router") if v in models):
-            vcfg = variant_config(name, variant, seed, out, examples, steps, loops)
+        for variant, vcfg in variants.items():
             vmodel, vparams, vdata = trained(vcfg, out)
             if variant == "halting":
                 vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES]
@@ -364,10 +364,17 @@ def planned(names: list[str], out: Path, examples: int, seeds: range, steps: int
             continue
         task_steps = think_longer.TASKS[name].steps[1] if steps is None else steps
         for seed in seeds:
-            cfgs.append(think_longer.config(name, "looped", task_steps, out, examples, seed))
-            cfgs += [variant_config(name, v, seed, out, examples, task_steps, loops)
-                     for v in ("halting", "router") if v in models]
+            cfgs += seed_configs(name, out, examples, seed, task_steps, models, loops).values()
     return cfgs
+
+
+def seed_configs(name: str, out: Path, examples: int, seed: int, steps: int, models: tuple[str, ...],
+                 loops: str = "recipe") -> dict:
+    """{"looped": its config, then "halting" / "router" where ``models`` names them}: the runs of one seed of task
+    ``name`` (one builder for `run_task` and `planned`)."""
+    cfgs = {"looped": think_longer.config(name, "looped", steps, out, examples, seed)}
+    return cfgs | {v: variant_config(name, v, seed, out, examples, steps, loops) for v in ("halting", "router")
+                   if v in models}
 
 
 def run_text(out: Path, steps: int | None = None, compact: bool | None = None) -> dict:

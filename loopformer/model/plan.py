@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopformer.config.schema import MAX_LOOPS, ModelConfig
+from loopformer.config.schema import MAX_LOOPS, CircuitConfig, ModelConfig
 from loopformer.errors import PlanError
 from loopformer.variants.exits import ExitRule
 from loopformer.variants.loops import PerDifficulty
@@ -221,6 +221,12 @@ def difficulty_rules(model: ModelConfig, circuits: Sequence[str] | None = None,
     return out
 
 
+def default_exit_cap(circuit: CircuitConfig) -> int:
+    """The cap of an exiting circuit given no count: the larger of its max_loops and eval_loops (a halting head was
+    trained up to its max_loops)."""
+    return max(circuit.max_loops, circuit.eval_loops)
+
+
 def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[str, int],
               max_loops: int | None = None) -> dict[str, int]:
     """``loops`` with every exiting circuit at its cap: ``max_loops`` if given, else its count in ``loops``
@@ -247,7 +253,7 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
         if max_loops and c in loops and loops[c] != max_loops:  # one of the two would be silently dropped
             raise PlanError(f"--loops {c}={loops[c]} and --max-loops {max_loops} both cap circuit {c}, which exits by "
                             f"a rule; give one")
-        out[c] = max_loops or loops.get(c) or max(cfg.max_loops, cfg.eval_loops)
+        out[c] = max_loops or loops.get(c) or default_exit_cap(cfg)
         first = rule.first_stop()
         # every token ran to the cap, as if no rule were given: a first stop at the cap too, where every token stops
         # anyway (`min=20` under a cap of 20 was accepted and did nothing, #27 pass 30)
@@ -266,8 +272,8 @@ def checked_shares(shares: Sequence[float]) -> tuple[float, ...]:
     finite numbers >= 1, 1 among them; else PlanError naming the list and the fix."""
     shares = tuple(float(x) for x in shares)
     if not shares or not all(np.isfinite(x) and x >= 1 for x in shares) or len(set(shares)) < len(shares):
-        raise PlanError(f"compact_shares {list(shares)}: give distinct shares of at least 1, e.g. 1, 2, 4, 8 (a buffer of "
-                        f"the whole batch, of half its rows and tokens, ...)")
+        raise PlanError(f"compact_shares {list(shares)}: give distinct finite shares of at least 1, e.g. 1, 2, 4, 8 (a "
+                        f"buffer of the whole batch, of half its rows and tokens, ...)")
     if 1 not in shares:  # the largest buffer is then smaller than the batch: the tokens past it were never run
         raise PlanError(f"compact_shares {list(shares)}: include 1 (a buffer of the whole batch, for the iterations "
                         f"where every token runs), e.g. 1, {', '.join(f'{x:g}' for x in shares)}")

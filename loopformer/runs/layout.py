@@ -250,11 +250,14 @@ def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> 
     return None
 
 
-def not_a_folder(path: Path) -> Path | None:
-    """``path``, or the nearest of its parents that exists, when that is a file (or a pipe or a device): no folder
-    can be made there (mkdir said "File exists" or "Not a directory", which named no file)."""
-    nearest = next((p for p in (path, *path.parents) if p.exists()), None)
-    return nearest if nearest is not None and not nearest.is_dir() else None
+def not_a_folder(path: Path) -> tuple[Path, str] | None:
+    """(``path`` or the nearest of its parents that is there, what it is) when that is no folder: "a file" (or a pipe
+    or a device) or `DANGLING`, where no folder can be made (mkdir said "File exists" or "Not a directory", which
+    named neither the file nor the link); None when the nearest is a folder."""
+    nearest = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if nearest is None or nearest.is_dir():
+        return None
+    return nearest, DANGLING if not nearest.exists() else "a file"
 
 
 def process_alive(pid: int) -> bool:

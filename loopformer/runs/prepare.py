@@ -92,9 +92,9 @@ def make_run_dir(cfg: Config) -> Path:
     # advice to delete it) or pruned with its checkpoints
     outside_runs(run_dir, "run.dir / run.name")
     blocked = not_a_folder(run_dir)
-    if blocked:  # mkdir's "File exists" or "Not a directory" named no file
-        raise ConfigError(f"run.dir / run.name: {blocked} is a file, not a directory; set run.dir=<a directory> or "
-                          f"run.name=<another name>")
+    if blocked:  # mkdir's "File exists" or "Not a directory" named neither the file nor the link
+        raise ConfigError(f"run.dir / run.name: {blocked[0]} is {blocked[1]}, not a directory; set "
+                          f"run.dir=<a directory> or run.name=<another name>")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f"{WRITE_PROBE}{jax.process_index()}"

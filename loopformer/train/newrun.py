@@ -42,8 +42,8 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
         raise ConfigError(problem)
     blocked = not_a_folder(path)
     if blocked:  # refused before any weight is read: the write failed after them as "Not a directory"
-        where = "" if blocked == path else f": {blocked}"
-        raise ConfigError(f"--out {out}{where} is a file, not a directory; choose another --out")
+        where = "" if blocked[0] == path else f": {blocked[0]}"
+        raise ConfigError(f"--out {out}{where} is {blocked[1]}, not a directory; choose another --out")
     if beside is not None and path.resolve() == beside.resolve():  # its line said to delete it: the source run
         raise ConfigError(f"--out {out} is the run being converted (--run); name a new directory for the looped run, "
                           f"e.g. --out {beside.name}-looped")

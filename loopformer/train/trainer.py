@@ -37,7 +37,7 @@ from loopformer.flops import PEAK_ENV, FlopCounter, peak_flops, peak_override
 from loopformer.metrics import text_metrics
 from loopformer.model.attend import attention_overflow, memory_bytes, scores_bytes
 from loopformer.model.describe import describe
-from loopformer.model.plan import difficulty_rules, exit_caps, resolve_loops
+from loopformer.model.plan import default_exit_cap, difficulty_rules, exit_caps, resolve_loops
 from loopformer.model.transformer import LoopedTransformer
 from loopformer.runs import stop
 from loopformer.runs.checkpoint import Checkpoints, abstract_like
@@ -485,7 +485,7 @@ class _Loop:
         if halting is None or halting.halting.rule().mixes_output:
             return {}
         rule = {halting.name: exit_rule("learned", halting.halting.rule().default_q())}
-        if rule[halting.name].first_stop() >= max(halting.max_loops, halting.eval_loops):
+        if rule[halting.name].first_stop() >= default_exit_cap(halting):
             return {}  # a cap of 1: no token can stop before it (`exit_caps` refuses the rule there)
         caps = self.defaults | exit_caps(self.cfg.model, rule, {})  # the same cap as eval --exit
         scalars = {}

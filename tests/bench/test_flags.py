@@ -137,7 +137,7 @@ CASES = [
     ("loop_overhead", ["--skip", "compile", "--skip", "sweep"], "--skip is given twice; give it once"),
     # the twentieth pass: shares without 1 never ran the rows and tokens past the largest buffer (silently wrong)
     ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': include 1 (a buffer of the whole batch"),
-    ("exit_oracle", ["--compact-shares", "1,2,2"], "--compact-shares '1,2,2': give distinct shares of at least 1"),
+    ("exit_oracle", ["--compact-shares", "1,2,2"], "--compact-shares '1,2,2': give distinct finite shares of at least 1"),
     ("exit_oracle", ["--compact-shares", "1,x"], "--compact-shares '1,x': give comma-separated numbers"),
     ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "99999999999"], "--seeds 99999999999: at most 1,000"),
     ("seeds", ["--config", "configs/quickstart.yaml", "train.steps=2", "train.steps=3"],  # the last one won

@@ -796,6 +796,16 @@ def test_an_out_or_run_dir_that_is_a_file_is_named_before_any_work(tmp_path, run
         with pytest.raises(ConfigError, match=rf"^run.dir / run.name: {file} is a file, not a directory; set run.dir="):
             make_run_dir(load_config(None, overrides))
     assert file.read_text() == "mine"
+    # #27 pass 30: a dangling link on the way was "cannot write to ... (File exists)", naming no link
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "nowhere")
+    for overrides in ([f"run.dir={tmp_path}", "run.name=gone"], [f"run.dir={link}", "run.name=x"]):
+        with pytest.raises(ConfigError, match=rf"^run.dir / run.name: {link} is a symlink that leads nowhere \(or in "
+                                              rf"a loop\), not a directory; set run.dir="):
+            make_run_dir(load_config(None, overrides))
+    with pytest.raises(ConfigError, match=rf"^--out {link}/sub: {link} is a symlink that leads nowhere"):
+        out_dir(str(link / "sub"))
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 def test_generate_defaults_to_the_first_split_with_answers(tmp_path):

@@ -114,9 +114,9 @@ def test_finer_shares_fit_the_running_tokens_closer():
     assert float(cc) == B * (16 + 16 + 4 * 11)
 
 
-@pytest.mark.parametrize("shares", [(0.5, 1), (1, 1), (), (1, float("nan"))])
+@pytest.mark.parametrize("shares", [(0.5, 1), (1, 1), (), (1, float("nan")), (1, float("inf"))])
 def test_shares_below_one_repeated_or_none_are_refused(shares):
-    with pytest.raises(PlanError, match=r"^compact_shares .*: give distinct shares of at least 1"):
+    with pytest.raises(PlanError, match=r"^compact_shares .*: give distinct finite shares of at least 1"):
         make_plan(["X"], {"X": 2}, compact_shares=shares)
 
 
