@@ -468,6 +468,34 @@ def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds
         return None  # damaged: nothing in it to lose
 
 
+def loops_of(name: str, variant_loops: list[str]) -> str:
+    """The --variant-loops value whose overrides (a record's ``variant_loops``) task ``name``'s variants trained
+    with ("recipe" | "config"; a record written before the field, 2026-12-05, trained them with their configs')."""
+    return next((v for v in VARIANT_LOOPS if recipe_loops(name, v) == variant_loops), "config")
+
+
+def variants_replaced(record: Path, loops: dict[str, list[str]]) -> str | None:
+    """Which tasks' halting and router rows the record at ``record`` (an --out's adaptive.json) holds of models trained
+    with other loops than ``loops`` (task -> the variant_loops a run or join writes for it), as "halting and router
+    (--variant-loops recipe) of maze3"; None when none (or no readable record). Their rows carry the same model names,
+    so `rows_replaced` took them for the rows the run scores again, and a --variant-loops config run into the
+    --out of a recipe run (both default to bench_runs/adaptive) replaced them with no word (#27 pass 31); the runs
+    differ (``*_per_difficulty``) and stay."""
+    try:
+        tasks = jsontext.loads(record.read_text(encoding="utf-8"))["tasks"] if record.is_file() else {}
+        held = []
+        for name, mine in loops.items():
+            if name not in tasks or name == "text":
+                continue
+            theirs = tasks[name].get("variant_loops", [])
+            models = sorted({r["model"] for r in tasks[name]["rows"] if r.get("model") in ("halting", "router")})
+            if models and theirs != mine:
+                held.append(f"{' and '.join(models)} (--variant-loops {loops_of(name, theirs)}) of {name}")
+        return "; ".join(held) or None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # damaged: nothing in it to lose
+
+
 ROW_FIELDS = (("seed", "a whole number >= 0", lambda v: C.whole_number(v, 0)),
               ("difficulty", "a split's name", lambda v: isinstance(v, str)),
               ("split", "val or test", lambda v: v in SPLITS),
@@ -637,8 +665,14 @@ def main() -> int:
         p.error(f"--out {out} holds an adaptive.json with rows of {kept}, which this run (--models "
                 f"{','.join(models)}, seeds {seeds[0]}..{seeds[-1]}) does not score, and its record replaces that one; "
                 f"move {out / 'adaptive.json'} aside (then join the two with --merge), or choose another --out")
+    loops = args.variant_loops or "recipe"
+    held = variants_replaced(out / "adaptive.json", {n: recipe_loops(n, loops) for n in names if n != "text"})
+    if held:
+        p.error(f"--out {out} holds an adaptive.json with rows of {held}, models other than the ones this run "
+                f"(--variant-loops {loops}) scores under those names, and its record replaces that one; move "
+                f"{out / 'adaptive.json'} aside (the runs in --out stay, and are reused), or choose another --out")
     # a run --out holds trained past --steps was scored as it is, under a record of --steps (#27 pass 30)
-    C.trained_past(p, planned(names, out, args.examples, seeds, args.steps, models, args.variant_loops or "recipe"),
+    C.trained_past(p, planned(names, out, args.examples, seeds, args.steps, models, loops),
                    f"--steps {args.steps}" if args.steps is not None else "each task's full steps, without --steps")
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.time()
@@ -647,7 +681,7 @@ def main() -> int:
         compact = COMPACT[args.compact]
         results[name] = (run_text(out, args.steps, compact) if name == "text"
                          else run_task(name, out, args.examples, args.seeds, args.steps, compact, models, first_seed,
-                                       args.variant_loops or "recipe"))
+                                       loops))
         results[name]["wall_s"] = time.time() - t
         if name != "text":
             C.write_out(out / f"adaptive_{name}.png", pareto(name, results[name]), "not drawn (the tables follow)")
@@ -682,6 +716,10 @@ def merge_main(p: C.ArgumentParser, args) -> int:  # noqa: ANN001
     if kept:
         p.error(f"--out {out} holds an adaptive.json with rows of {kept}, which the joined record does not hold, and "
                 f"the joined record replaces that one; add it to --merge, move it aside, or choose another --out")
+    held = variants_replaced(out / "adaptive.json", {n: t["variant_loops"] for n, t in doc["tasks"].items()})
+    if held:
+        p.error(f"--out {out} holds an adaptive.json with rows of {held}, models other than the joined record's under "
+                f"those names, and the joined record replaces that one; move it aside, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     for name, result in doc["tasks"].items():
         C.write_out(out / f"adaptive_{name}.png", pareto(name, result), "not drawn (the tables follow)")

@@ -307,3 +307,49 @@ def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_config
     b["tasks"]["maze3"]["variant_loops"] = adaptive.recipe_loops("maze3")
     with pytest.raises(ValueError, match="variant_loops"):
         adaptive.merge({"A": a, "B": b})
+
+
+def test_a_run_of_other_variant_loops_into_an_out_holding_their_rows_is_refused(tmp_path, monkeypatch, capsys):
+    """#27 pass 31: --variant-loops config into the --out of a recipe run (both default to bench_runs/adaptive)
+    replaced its record, and with it the rows of the halting and router models trained with the recipe's counts,
+    with no word: the rows carry the same model names, so they read as the rows the run scores again."""
+    import json
+
+    recipe = record([0, 1, 2])
+    recipe["tasks"]["maze3"]["variant_loops"] = adaptive.recipe_loops("maze3")
+    held = tmp_path / "adaptive.json"
+    held.write_text(earlier := json.dumps(recipe))
+    monkeypatch.setattr(adaptive, "run_task", lambda *a, **k: pytest.fail("trained before the refusal"))
+    argv = ["--tasks", "maze3", "--models", "looped,router", "--variant-loops", "config", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        adaptive.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert (f"--out {tmp_path} holds an adaptive.json with rows of router (--variant-loops recipe) of maze3, models "
+            f"other than the ones this run (--variant-loops config) scores under those names") in err
+    assert held.read_text() == earlier
+    # the same loops (recipe, by default) rescore them; a record without the field (before it) trained with config's
+    assert adaptive.variants_replaced(held, {"maze3": adaptive.recipe_loops("maze3")}) is None
+    del recipe["tasks"]["maze3"]["variant_loops"]
+    held.write_text(json.dumps(recipe))
+    assert adaptive.variants_replaced(held, {"maze3": []}) is None
+    assert adaptive.variants_replaced(held, {"maze3": adaptive.recipe_loops("maze3")}) == \
+        "router (--variant-loops config) of maze3"
+    # a looped-only record, another task, or a damaged record has no variant rows to lose
+    held.write_text(json.dumps(record([0], policies={"fixed:24"})))
+    assert adaptive.variants_replaced(held, {"maze3": adaptive.recipe_loops("maze3")}) is None
+    assert adaptive.variants_replaced(held, {"prefix_parity": []}) is None
+    held.write_text("{")
+    assert adaptive.variants_replaced(held, {"maze3": []}) is None
+    # --merge of config records into the --out of a recipe record: refused the same way
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(record([0, 1])))
+    b.write_text(json.dumps(record([2])))
+    held.write_text(earlier)
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--merge", str(a), str(b), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        adaptive.main()
+    assert info.value.code == 2 and "rows of router (--variant-loops recipe) of maze3, models other than the joined " \
+        "record's" in capsys.readouterr().err
+    assert held.read_text() == earlier
