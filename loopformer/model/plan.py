@@ -231,9 +231,9 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
               max_loops: int | None = None) -> dict[str, int]:
     """``loops`` with every exiting circuit at its cap: ``max_loops`` if given, else its count in ``loops``
     if it has one, else the larger of its max_loops and eval_loops (a halting head was trained up to its
-    max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head, a rule other than
-    learned on an ACT circuit, whose write mixes its iterations', or any rule in a routed stage, whose router decides
-    when each token stops) or that could stop no token (min / every at or past
+    max_loops). PlanError for a rule the circuit cannot run (learned:q without a halting head; on an ACT circuit, whose
+    write mixes its iterations' up to its halting, a rule other than learned, or learned with min / every; any rule in
+    a routed stage, whose router decides when each token stops) or that could stop no token (min / every at or past
     the cap)."""
     out = dict(loops)
     routed = {c.name for s in model.stages if s.router.routes for c in s.circuits}
@@ -250,6 +250,13 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
                             f"iterations' writes weighted by its halting probabilities; this rule would stop its tokens "
                             f"and write their last state instead, which it was not trained to write; use "
                             f"learned:q=Q (its own halting, up to the cap)")
+        if cfg.halting.rule().mixes_output and (rule.min_loops > 1 or rule.check_every > 1):
+            # its halting gives a token the whole remaining mass where that mass reaches q; kept running past there,
+            # each later iteration got the remainder again: weights 1, 0.4, 0.1 (sum 1.5) under min=3 (#27 pass 31)
+            raise PlanError(f"exit {c}={rule}: circuit {c} halts by {cfg.halting.kind}, which writes the mixture of "
+                            f"its iterations' writes up to where its halting mass reaches q; min= and every= would run "
+                            f"its tokens past that point, and their writes would weigh more than the whole mass (not a "
+                            f"mixture); drop min= and every= (learned:q=Q: its own halting, up to the cap)")
         if max_loops and c in loops and loops[c] != max_loops:  # one of the two would be silently dropped
             raise PlanError(f"--loops {c}={loops[c]} and --max-loops {max_loops} both cap circuit {c}, which exits by "
                             f"a rule; give one")

@@ -371,6 +371,29 @@ def test_a_rule_other_than_learned_is_refused_on_an_act_circuit(rule):
     assert exit_caps(ouro, {"X": ExitRule.parse(rule)}, {}) == {"X": 8}
 
 
+@pytest.mark.parametrize("rule", ["learned:q=0.5,min=3", "learned:q=0.5,every=2", "learned:q=0.9,min=2,every=3"])
+def test_learned_with_min_or_every_is_refused_on_an_act_circuit(rule):
+    """#27 pass 31: ACT gives a token the whole remaining halting mass where its mass reaches q; kept running by
+    min= or every=, each later iteration got the remainder again, so its write weighed its iterations' writes by
+    more than the whole mass (1, 0.4, 0.1 under min=3 for halting probabilities 0.6, 0.3, 0.3), in eval, sweep and
+    generate with no word. A circuit whose write is its last state (ouro) runs them."""
+    from loopformer.model.plan import exit_caps
+
+    h = HaltingConfig(kind="act").rule()
+    state = h.exit_init((1,), 1, jnp.float32)
+    for i, lam in enumerate((0.6, 0.3, 0.3), 1):  # the weights the loop gave under min=3 (writes 1, 10, 100)
+        _, state = h.exit_step(jnp.asarray(i), jnp.asarray(8), jnp.asarray([lam]), jnp.asarray([1.0]), state,
+                               lambda i=i: jnp.full((1, 1), 10.0 ** (i - 1)), 0.5)
+    assert float(state[1][0, 0]) == pytest.approx(15.0, rel=1e-5)  # 1 * 1 + 0.4 * 10 + 0.1 * 100: not a mixture
+    act, ouro = one_circuit(halting_kind="act"), one_circuit(halting_kind="ouro")
+    with pytest.raises(PlanError, match=rf"^exit X={rule}: circuit X halts by act, which writes the mixture of its "
+                                        r"iterations' writes up to where its halting mass reaches q; min= and every= "
+                                        r"would run its tokens past that point.* drop min= and every= \(learned:q=Q: its "
+                                        r"own halting, up to the cap\)$"):
+        exit_caps(act, {"X": ExitRule.parse(rule)}, {})
+    assert exit_caps(ouro, {"X": ExitRule.parse(rule)}, {}) == {"X": 8}
+
+
 # ----------------------------------------------------------------------------- routers
 
 
