@@ -124,7 +124,8 @@ DANGLING = "a symlink that leads nowhere (or in a loop)"
 
 def not_a_file(path: str | Path) -> str | None:
     """What is at ``path`` where a file is wanted and none is, worded to follow the path in a message: "is a folder",
-    "is a pipe or a device", "is a symlink that leads nowhere (or in a loop)" or "does not exist"; None for a regular
+    "is a pipe or a device", "is a symlink that leads nowhere (or in a loop)", "cannot be reached: this user may not
+    open FOLDER (...)" (`unopened_parent`) or "does not exist"; None for a regular
     file (or a link to one). The one wording of the commands, the config loader, the probe and corpus readers and the
     bench scripts (each had its own: #27 pass 24's leftover). A FIFO is named and never opened (with no writer it
     blocks its reader forever); a dangling link is there ("not found" sent the user looking for it). The os.path tests
@@ -136,7 +137,21 @@ def not_a_file(path: str | Path) -> str | None:
         return "is a folder"
     if os.path.exists(path):
         return "is a pipe or a device"
-    return f"is {DANGLING}" if os.path.islink(path) else "does not exist"
+    if os.path.islink(path):
+        return f"is {DANGLING}"
+    closed = unopened_parent(path)
+    return (f"cannot be reached: this user may not open {closed} (chmod u+rx {shlex.quote(closed)})" if closed
+            else "does not exist")
+
+
+def unopened_parent(path: str | Path) -> str | None:
+    """The nearest folder on ``path``'s way that is there and that this user may not open (no execute permission),
+    or None: what hides a path another user made (``--run`` of a run behind such a folder "does not exist", and the
+    fix named was to point --run at a run, which it is; #27 pass 31)."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    return parent if os.path.isdir(parent) and not os.access(parent, os.X_OK) else None
 
 
 def special(path: Path) -> str | None:

@@ -165,6 +165,8 @@ def read_run(path: str | Path) -> RunInfo:
     if not os.path.isdir(path):  # (Path.is_dir raises on a name too long for the filesystem)
         what = not_a_file(path) or "is a file, not a folder"  # (a file was "no such directory")
         outer = _enclosing_run(path) if os.path.exists(path) else None
+        if what.startswith("cannot be reached"):  # it may well be a run: the fix is the permission, not another path
+            raise AnalysisError(f"--run {path} {what}, or copy the run where this user may")
         raise AnalysisError(f"--run {path} {what} (point --run at " + (f"the run that holds it, {outer})" if outer else
                             "a directory made by `loopformer train`, e.g. runs/quickstart)"))
     if not os.access(path, os.R_OK | os.X_OK):  # the PermissionError named config.yaml, not the folder

@@ -887,6 +887,30 @@ def test_a_run_folder_this_user_may_not_read_is_named(run_dir, capsys, monkeypat
                                        f"(chmod -R u+rX {run_dir})\n")
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's permission override")
+def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
+    """#27 pass 31, as a user other than root (a folder on the way chmod 000): `--run` of a run behind it said it
+    "does not exist" (point --run at a directory made by `loopformer train`, which it is), as did `--config` of its
+    config.yaml: the folder is named, with its fix. Run as root without the capabilities that override permissions."""
+    run = tmp_path / "closed" / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    code = ("import sys; from loopformer.cli import main; sys.exit(main([sys.argv[1], sys.argv[2], sys.argv[3]]))")
+    os.chmod(tmp_path / "closed", 0)
+    try:
+        done = [subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
+                                "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                for argv in (["eval", "--run", str(run)], ["train", "--config", str(run / "config.yaml")])]
+    finally:
+        os.chmod(tmp_path / "closed", 0o755)
+    reach = f"cannot be reached: this user may not open {tmp_path / 'closed'} (chmod u+rx {tmp_path / 'closed'})"
+    assert done[0].returncode == 2
+    assert done[0].stderr == f"error: --run {run} {reach}, or copy the run where this user may\n"
+    assert done[1].returncode == 2 and done[1].stderr == (
+        f"error: config file {run / 'config.yaml'} {reach}; pass --config with a path to a YAML file, e.g. "
+        f"configs/quickstart.yaml\n")
+
+
 @pytest.mark.parametrize("target", ["config", "run_config", "probe"])
 def test_a_file_this_user_may_not_read_is_one_line(run_dir, text_run_dir, tmp_path, capsys, monkeypatch, target):
     """#27 pass 18, as a user other than root (chmod 000): an unreadable --config, run config.yaml or --probe was a
