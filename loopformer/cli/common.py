@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from loopformer import jsontext
 from loopformer.errors import AnalysisError, DataError, PlanError
@@ -329,6 +329,19 @@ def _check_journal(journal: Path) -> None:
     if kind:
         raise AnalysisError(f"{journal} is {kind}, where sweep, ablate, activity and rys keep the journal of the "
                             f"files they are replacing; remove it")
+    if journal.is_file() and not os.access(journal, os.R_OK):
+        _unreadable_journal(journal)
+
+
+def _unreadable_journal(journal: Path) -> NoReturn:
+    """AnalysisError for a journal this user may not read (another user's command, killed while writing its set,
+    left it with their umask): it was taken for a damaged one and removed, and the earlier files it named, kept
+    aside, were deleted as leftovers, leaving that command's half-written set in their place (#27 pass 31)."""
+    q = shlex.quote(str(journal))
+    raise AnalysisError(f"{journal} cannot be read by this user: it names the files another sweep, ablate, activity or "
+                        f"rys is replacing, or was when it was killed, kept aside to be put back; make it readable "
+                        f"(chmod u+r {q}) and run the command again, or, once no such command runs, remove it (rm {q}) "
+                        f"to keep the files as they are")
 
 
 def _recover(run_dir: Path) -> None:
@@ -344,6 +357,8 @@ def _recover(run_dir: Path) -> None:
             raise ValueError("names files no set holds")  # edited by hand or copied: put back and remove nothing
     except FileNotFoundError:
         entry = None
+    except PermissionError:  # whole, for all this user knows: put back nothing and remove nothing
+        _unreadable_journal(journal)
     except (OSError, ValueError, KeyError, TypeError):  # not one `one_set` wrote (it writes whole files): ignored
         entry = None
         journal.unlink(missing_ok=True)

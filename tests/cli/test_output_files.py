@@ -488,3 +488,39 @@ def test_rys_plots_of_a_mixture_split(tmp_path):
     assert files == [str(tmp_path / "rys.csv"), str(tmp_path / "rys_parity_train.png"), str(tmp_path / "rys_maze_train.png")]
     rys_cli._write(info, rows[:1], {"parity/train": b"png"})  # the plot of a split no longer scanned is removed
     assert sorted(p.name for p in tmp_path.glob("rys*")) == ["rys.csv", "rys_parity_train.png"]
+
+
+def test_a_journal_this_user_may_not_read_is_one_line_and_removes_nothing(tmp_path, monkeypatch):
+    """#27 pass 31, as a user other than root: a journal another user's command left (killed while it replaced its
+    set; their umask made it unreadable here) was taken for a damaged one: removed, and the earlier files it named,
+    kept aside, deleted as leftovers, so that command's half-written sweep.csv stayed in place of the earlier one."""
+    from pathlib import Path
+
+    from loopformer.cli.common import check_writable, one_set
+    from loopformer.errors import AnalysisError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "sweep.csv").write_text("half of a new csv")
+    (run / ".sweep.csv.999.old").write_text("old csv")
+    journal = run / ".analysis-set.json"
+    journal.write_text(json.dumps({"command": "sweep", "pid": 999, "kept": {"sweep.csv": ".sweep.csv.999.old"},
+                                   "new": []}))
+    real_access, real_read = os.access, Path.read_text
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: not (Path(p) == journal and mode & os.R_OK)
+                        and real_access(p, mode, **k))
+    with pytest.raises(AnalysisError, match=rf"^{journal} cannot be read by this user: it names the files another "
+                                            rf"sweep, .* make it readable \(chmod u\+r {journal}\) and run the command "
+                                            rf"again, or, once no such command runs, remove it \(rm {journal}\)"):
+        check_writable(run, "ablation.csv")  # before the work
+    monkeypatch.setattr(os, "access", real_access)  # made unreadable during the work: found at the write
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if self == journal else real_read(self, *a, **k))
+    with pytest.raises(AnalysisError, match="cannot be read by this user"), one_set(run, [run / "ablation.csv"],
+                                                                                     "ablate"):
+        pytest.fail("wrote its set")
+    assert sorted(p.name for p in run.iterdir()) == [".analysis-set.json", ".sweep.csv.999.old", "sweep.csv"]
+    monkeypatch.undo()  # readable again: the earlier set is put back
+    with one_set(run, [run / "ablation.csv"], "ablate"):
+        (run / "ablation.csv").write_text("ablation")
+    assert (run / "sweep.csv").read_text() == "old csv" and not journal.exists()
