@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
 import sys
@@ -35,7 +36,14 @@ from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
-from loopformer.runs.layout import DANGLING, RunDir, not_a_file, outside_runs, through_link  # noqa: E402
+from loopformer.runs.layout import (  # noqa: E402
+    DANGLING,
+    RunDir,
+    not_a_file,
+    outside_runs,
+    through_link,
+    unopened_parent,
+)
 from loopformer.runs.stop import Terminated  # noqa: E402
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
@@ -83,6 +91,7 @@ def out_file(text: str) -> Path:
     traceback when the document was written at the end, and the results were lost with it)."""
     if not text:
         raise argparse.ArgumentTypeError("'': name the file to write")
+    _reachable(text)
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it, e.g. {path / 'result.json'}")
@@ -108,6 +117,15 @@ def _no_dangling_link(text: str, paths: Sequence[Path]) -> None:
     link = next((a for a in paths if a.is_symlink() and not a.exists()), None)
     if link is not None:
         raise argparse.ArgumentTypeError(f"{text}: {link} is {DANGLING}; remove it, or choose another --out")
+
+
+def _reachable(text: str) -> None:
+    """Refuse a folder behind one this user may not open (another user's, chmod 000 on the way): its checks were a
+    PermissionError traceback, in every bench script (#27 pass 31)."""
+    closed = unopened_parent(text)
+    if closed is not None:
+        raise argparse.ArgumentTypeError(f"{text}: this user may not open {closed}; make it readable (chmod u+rx "
+                                         f"{shlex.quote(closed)}), or choose another folder")
 
 
 def _outside_runs(path: Path) -> Path:
@@ -143,6 +161,7 @@ def out_folder(text: str) -> Path:
     result file in it was a traceback after the work)."""
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder to write")
+    _reachable(text)
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; give a directory for the runs and results")
@@ -170,6 +189,7 @@ def folder(text: str) -> Path:
     is a file (its runs were looked for under it, and the fix said to train into it)."""
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder")
+    _reachable(text)
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; name the folder that holds the runs")
     return Path(text)

@@ -3,6 +3,8 @@ any training or model building; a setting the library refuses is one line too, n
 
 import functools
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -609,6 +611,33 @@ def test_an_out_at_or_under_a_dangling_link_is_refused_before_any_work(tmp_path,
         module.main()
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err and "is a symlink that leads nowhere" in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="drops root's permission override")
+def test_an_out_behind_a_folder_this_user_may_not_open_is_one_line(tmp_path):
+    """#27 pass 31, as a user other than root (a folder on the way chmod 000): a bench script's --out (or --run)
+    behind it was a PermissionError traceback from its checks. Run as root without the capabilities that override
+    permissions."""
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    code = ("import argparse, sys; sys.path.insert(0, 'bench'); import _common as C\n"
+            "for check, text in ((C.out_folder, sys.argv[1]), (C.out_file, sys.argv[2]), (C.folder, sys.argv[1])):\n"
+            "    try:\n"
+            "        check(text)\n"
+            "    except argparse.ArgumentTypeError as e:\n"
+            "        print(e)\n")
+    os.chmod(closed, 0)
+    try:
+        done = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
+                               "-c", code, str(closed / "out"), str(closed / "r.json")], capture_output=True, text=True,
+                              timeout=300, cwd=BENCH.parent)
+    finally:
+        os.chmod(closed, 0o755)
+    fix = f"this user may not open {closed}; make it readable (chmod u+rx {closed}), or choose another folder"
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.splitlines() == [f"{closed / 'out'}: {fix}", f"{closed / 'r.json'}: {fix}",
+                                        f"{closed / 'out'}: {fix}"]
 
 
 @pytest.mark.parametrize("doc", ['{"new": 2, "rows": []}', b"\x89PNG new plot"])
