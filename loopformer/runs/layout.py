@@ -257,8 +257,9 @@ def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> 
         out.resolve()
     except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a symlink loop
         dangling = True
-    if dangling:
-        return f"{flag} {out} is {DANGLING}; remove it or choose another {flag}"
+    if dangling:  # the link may be a folder on the way: a loop there failed to resolve as ``out`` (#27 pass 31)
+        link = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), out)
+        return f"{flag} {out}{'' if link == out else f': {link}'} is {DANGLING}; remove it or choose another {flag}"
     if mount_point(out):
         return (f"{flag} {out} is a mount point, and the {what} is written beside it and renamed into place; give a "
                 f"folder inside it, e.g. {flag} {out / child}")

@@ -806,6 +806,15 @@ def test_an_out_or_run_dir_that_is_a_file_is_named_before_any_work(tmp_path, run
     with pytest.raises(ConfigError, match=rf"^--out {link}/sub: {link} is a symlink that leads nowhere"):
         out_dir(str(link / "sub"))
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+    # #27 pass 31: a link in a loop on the way was named as --out itself ("--out loopa/sub is a symlink ...; remove
+    # it"), which is no link: `rm loopa/sub` failed
+    (tmp_path / "loopa").symlink_to(tmp_path / "loopb")
+    (tmp_path / "loopb").symlink_to(tmp_path / "loopa")
+    with pytest.raises(ConfigError, match=rf"^--out {tmp_path}/loopa/sub: {tmp_path}/loopa is a symlink that leads "
+                                          rf"nowhere \(or in a loop\); remove it or choose another --out$"):
+        out_dir(str(tmp_path / "loopa" / "sub"))
+    with pytest.raises(ConfigError, match=rf"^--out {tmp_path}/loopa is a symlink that leads nowhere"):
+        out_dir(str(tmp_path / "loopa"))
 
 
 def test_generate_defaults_to_the_first_split_with_answers(tmp_path):
