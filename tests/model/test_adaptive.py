@@ -394,6 +394,25 @@ def test_learned_with_min_or_every_is_refused_on_an_act_circuit(rule):
     assert exit_caps(ouro, {"X": ExitRule.parse(rule)}, {}) == {"X": 8}
 
 
+def test_learned_without_a_circuit_on_a_model_of_two_names_the_circuit_with_the_head():
+    """#27 pass 31: `--exit learned:q=0.5` (every circuit) on a model whose X has a halting head and Y none was refused
+    for Y, naming latent_diff, kl or entropy_diff as the fix, where the rule was meant for X: it names X."""
+    from loopformer.model.plan import exit_caps
+
+    cfg = one_circuit(halting_kind="ouro")
+    x = cfg.stages[0].circuits[0]
+    y = dataclasses.replace(x, name="Y", halting=HaltingConfig())
+    cfg = dataclasses.replace(cfg, d_model=32, stages=[StageConfig([x, y])])
+    rule = ExitRule.parse("learned:q=0.5")
+    with pytest.raises(PlanError, match=r"^exit learned:q=0.5 on circuits X, Y \(an --exit without a circuit applies "
+                                        r"to every circuit\): only circuit X has a halting head for it to read; name "
+                                        r"it, e.g. --exit X=learned:q=0.5$"):
+        exit_caps(cfg, {"X": rule, "Y": rule}, {})
+    assert exit_caps(cfg, {"X": rule}, {}) == {"X": 8}
+    with pytest.raises(PlanError, match="^exit Y=learned:q=0.5: circuit Y was trained without a halting head"):
+        exit_caps(cfg, {"Y": rule}, {})
+
+
 # ----------------------------------------------------------------------------- routers
 
 
