@@ -151,9 +151,13 @@ def prepare_run_dir(cfg: Config, *, write: bool = True) -> tuple[Path, list[Chan
     ckpt_folders = sorted(p for p in layout.checkpoints.rglob("*") if p.is_dir()) if layout.checkpoints.is_dir() else []
     fixed = read_only(layout.config, layout.changes, layout.metrics, layout.tokenizer, layout.final_sweep, layout.tb,
                       layout.checkpoints, *ckpt_folders)
-    if fixed:
-        raise CheckpointError(f"{fixed} is read-only for this user, and training writes it; make it writable (chmod -R "
-                              f"u+w {shlex.quote(str(run_dir))}) to train the run on, or pick a new run.name")
+    if fixed:  # one this user may not read either (chmod 000) was "read-only", and the u+w it named left it unreadable
+        unread = not os.access(fixed, os.R_OK | (os.X_OK if fixed.is_dir() else 0))
+        what, mode = ("cannot be read or written by this user, and training reads and writes it; make it readable "
+                      "and writable", "u+rwX") if unread else ("is read-only for this user, and training writes it; make "
+                                                               "it writable", "u+w")
+        raise CheckpointError(f"{fixed} {what} (chmod -R {mode} {shlex.quote(str(run_dir))}) to train the run on, or "
+                              f"pick a new run.name")
     # checkpoints/ exists from the start, so that metrics without it mean a deleted run (resume_changes)
     layout.checkpoints.mkdir(exist_ok=True)
     if write:

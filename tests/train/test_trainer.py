@@ -723,6 +723,23 @@ def test_a_read_only_part_of_a_run_is_refused_before_any_training(tmp_path, monk
     assert RunDir(run).checkpoint_steps() == steps and (run / "final_sweep.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("part", ["checkpoints/4", "metrics.jsonl", "tokenizer.json"])
+def test_a_part_of_a_run_this_user_may_not_read_names_a_fix_that_reads_it(tmp_path, monkeypatch, trained_run, part):
+    """#27 pass 31, as a user other than root (chmod 000): an unreadable checkpoint step, metrics.jsonl or tokenizer.json
+    was "read-only ... make it writable (chmod -R u+w RUN)", which left it unreadable: the fix makes it readable too."""
+    from pathlib import Path
+
+    run = copy_run(trained_run, tmp_path, "ro")
+    (run / "tokenizer.json").write_text("{}")
+    closed, real = run / part, os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != closed and real(p, mode, **k))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(closed))} cannot be read or written by this user, and "
+                                              rf"training reads and writes it; make it readable and writable \(chmod -R "
+                                              rf"u\+rwX {re.escape(str(run))}\) to train the run on, or pick a new "
+                                              rf"run.name$"):
+        train(trained_config(tmp_path, "ro", "train.steps=8"))
+
+
 def test_a_checkpoint_folder_made_read_only_mid_run_is_one_line(tmp_path, monkeypatch, trained_run):
     """#27 pass 18: a save into a read-only checkpoints/ waited forever for the checkpoint library's failed writer."""
     from pathlib import Path
