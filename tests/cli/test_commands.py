@@ -904,12 +904,14 @@ def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
     run = tmp_path / "closed" / "run"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 0\n")
-    code = ("import sys; from loopformer.cli import main; sys.exit(main([sys.argv[1], sys.argv[2], sys.argv[3]]))")
+    code = "import sys; from loopformer.cli import main; sys.exit(main(sys.argv[1:]))"
     os.chmod(tmp_path / "closed", 0)
     try:
         done = [subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
                                 "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
-                for argv in (["eval", "--run", str(run)], ["train", "--config", str(run / "config.yaml")])]
+                for argv in (["eval", "--run", str(run)], ["train", "--config", str(run / "config.yaml")],
+                             ["train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                              f"run.dir={tmp_path / 'closed' / 'runs'}"])]
     finally:
         os.chmod(tmp_path / "closed", 0o755)
     reach = f"cannot be reached: this user may not open {tmp_path / 'closed'} (chmod u+rx {tmp_path / 'closed'})"
@@ -918,6 +920,10 @@ def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
     assert done[1].returncode == 2 and done[1].stderr == (
         f"error: config file {run / 'config.yaml'} {reach}; pass --config with a path to a YAML file, e.g. "
         f"configs/quickstart.yaml\n")
+    # a path a command makes behind it (run.dir) was "RUN: Permission denied for this user; make it readable"
+    assert done[2].returncode == 2 and done[2].stderr == (
+        f"error: {tmp_path / 'closed' / 'runs' / 'quickstart'}: this user may not open {tmp_path / 'closed'} on its "
+        f"way; make it readable (chmod u+rx {tmp_path / 'closed'}), or use a path outside it\n")
 
 
 @pytest.mark.parametrize("target", ["config", "run_config", "probe"])
