@@ -237,7 +237,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except PermissionError as e:  # a file or folder this user may not read or write (root may, so it went unseen)
         what = e.filename or "a file the command needs"
-        closed = unopened_parent(e.filename) if e.filename else None
+        closed = unopened_parent(e.filename) if isinstance(e.filename, str) and e.filename else None
         if closed:  # the path may not even be there: "make it readable" named a file behind it (#27 pass 31)
             print(f"error: {what}: this user may not open {closed} on its way; make it readable (chmod u+rx "
                   f"{shlex.quote(closed)}), or use a path outside it", file=sys.stderr)
