@@ -89,6 +89,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import sys
 import time
 from collections.abc import Collection
@@ -468,10 +469,20 @@ def rows_replaced(record: Path, names: list[str], models: tuple[str, ...], seeds
         return None  # damaged: nothing in it to lose
 
 
-def loops_of(name: str, variant_loops: list[str]) -> str:
-    """The --variant-loops value whose overrides (a record's ``variant_loops``) task ``name``'s variants trained
-    with ("recipe" | "config"; a record written before the field, 2026-12-05, trained them with their configs')."""
-    return next((v for v in VARIANT_LOOPS if recipe_loops(name, v) == variant_loops), "config")
+_ABSENT = object()  # a record's task without variant_loops (written before the field)
+
+
+def loops_of(name: str, variant_loops: object) -> str:
+    """How a record's ``variant_loops`` (the overrides task ``name``'s variants trained with) reads in a line:
+    "--variant-loops recipe" | "--variant-loops config" (a record written before the field, 2026-12-05, trained them
+    with their configs'), else "variant_loops VALUE, which no --variant-loops value writes" (null, a string, other
+    overrides: a record edited or written by another version was called "--variant-loops config", and a config run
+    into its --out was refused for replacing config rows with its own; #27 pass 32)."""
+    if variant_loops is _ABSENT:
+        return "--variant-loops config"
+    match = next((v for v in VARIANT_LOOPS if recipe_loops(name, v) == variant_loops), None)
+    return (f"--variant-loops {match}" if match
+            else f"variant_loops {json.dumps(variant_loops)}, which no --variant-loops value writes")
 
 
 def variants_replaced(record: Path, loops: dict[str, list[str]]) -> str | None:
@@ -487,10 +498,10 @@ def variants_replaced(record: Path, loops: dict[str, list[str]]) -> str | None:
         for name, mine in loops.items():
             if name not in tasks or name == "text":
                 continue
-            theirs = tasks[name].get("variant_loops", [])
+            theirs = tasks[name].get("variant_loops", _ABSENT)
             models = sorted({r["model"] for r in tasks[name]["rows"] if r.get("model") in ("halting", "router")})
-            if models and theirs != mine:
-                held.append(f"{' and '.join(models)} (--variant-loops {loops_of(name, theirs)}) of {name}")
+            if models and ([] if theirs is _ABSENT else theirs) != mine:
+                held.append(f"{' and '.join(models)} ({loops_of(name, theirs)}) of {name}")
         return "; ".join(held) or None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None  # damaged: nothing in it to lose

@@ -309,6 +309,24 @@ def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_config
         adaptive.merge({"A": a, "B": b})
 
 
+def test_a_record_of_variant_loops_no_flag_writes_is_named_as_it_is(tmp_path):
+    """#27 pass 32: a record whose variant_loops neither --variant-loops value writes (null, a string, other
+    overrides: edited, or of another version) was named "--variant-loops config", and a config run into its --out
+    was refused for holding rows of --variant-loops config, the value it was run with: the line names the value."""
+    import json
+
+    held = tmp_path / "adaptive.json"
+    for value, shown in ((None, "null"), ("abc", '"abc"'), ([1, 2], "[1, 2]"), (["data.x=1"], '["data.x=1"]')):
+        doc = record([0])
+        doc["tasks"]["maze3"]["variant_loops"] = value
+        held.write_text(json.dumps(doc))
+        for mine in ([], adaptive.recipe_loops("maze3")):
+            assert adaptive.variants_replaced(held, {"maze3": mine}) == \
+                f"router (variant_loops {shown}, which no --variant-loops value writes) of maze3"
+    assert adaptive.loops_of("maze3", []) == "--variant-loops config"
+    assert adaptive.loops_of("maze3", adaptive.recipe_loops("maze3")) == "--variant-loops recipe"
+
+
 def test_a_run_of_other_variant_loops_into_an_out_holding_their_rows_is_refused(tmp_path, monkeypatch, capsys):
     """#27 pass 31: --variant-loops config into the --out of a recipe run (both default to bench_runs/adaptive)
     replaced its record, and with it the rows of the halting and router models trained with the recipe's counts,
