@@ -89,7 +89,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import sys
 import time
 from collections.abc import Collection
@@ -482,7 +481,7 @@ def loops_of(name: str, variant_loops: object) -> str:
         return "--variant-loops config"
     match = next((v for v in VARIANT_LOOPS if recipe_loops(name, v) == variant_loops), None)
     return (f"--variant-loops {match}" if match
-            else f"variant_loops {json.dumps(variant_loops)}, which no --variant-loops value writes")
+            else f"variant_loops {C.dumps(variant_loops)}, which no --variant-loops value writes")
 
 
 def variants_replaced(record: Path, loops: dict[str, list[str]]) -> str | None:

@@ -145,13 +145,21 @@ def not_a_file(path: str | Path) -> str | None:
 
 
 def unopened_parent(path: str | Path) -> str | None:
-    """The nearest folder on ``path``'s way that is there and that this user may not open (no execute permission),
+    """The first folder on ``path``'s way that is there and that this user may not open (no execute permission),
     or None: what hides a path another user made (``--run`` of a run behind such a folder "does not exist", and the
-    fix named was to point --run at a run, which it is; #27 pass 31)."""
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
-    while not os.path.exists(parent) and parent != os.path.dirname(parent):
-        parent = os.path.dirname(parent)
-    return parent if os.path.isdir(parent) and not os.access(parent, os.X_OK) else None
+    fix named was to point --run at a run, which it is; #27 pass 31). The way is walked as the system walks it, one
+    name at a time: ``closed/../run`` passes through ``closed`` (the normalized path, ``run``, does not, and that
+    path was called missing; #27 pass 32). The folder is named by its real path (a link on the way resolved)."""
+    path = os.path.expanduser(os.fspath(path))
+    head, names = ("/", path.split("/")[1:]) if os.path.isabs(path) else (os.getcwd(), path.split("/"))
+    names = [n for n in names if n not in ("", ".")]
+    for name in names[:-1]:  # the path itself is no folder on its way
+        if os.path.isdir(head) and not os.access(head, os.X_OK):
+            return os.path.realpath(head)
+        head = os.path.join(head, name)
+        if not os.path.lexists(head):
+            return None
+    return os.path.realpath(head) if names and os.path.isdir(head) and not os.access(head, os.X_OK) else None
 
 
 def special(path: Path) -> str | None:
@@ -308,7 +316,13 @@ def dead_siblings(out: Path, kinds: tuple[str, ...], written: re.Pattern[str]) -
 
 def outside_runs(out: Path, flag: str = "--out") -> Path:
     """``out`` when no run directory (config.yaml beside checkpoints/) holds it; ConfigError otherwise: a folder
-    written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them."""
+    written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them. An ``out`` behind
+    a folder this user may not open is named with it (its parents' checks raised on it, and the line named a
+    config.yaml there the user never gave: ``export --out closed/a/hf`` named ``closed/a/config.yaml``; #27 pass 32)."""
+    closed = unopened_parent(out)
+    if closed:
+        raise ConfigError(f"{flag} {out} cannot be reached: this user may not open {closed} on its way; make it "
+                          f"readable (chmod u+rx {shlex.quote(closed)}), or choose another {flag}")
     for parent in out.expanduser().absolute().parents:
         if RunDir(parent).holds_run:
             raise ConfigError(f"{flag} {out} is inside the run {parent}; write it outside any run directory (a folder "

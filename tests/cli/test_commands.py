@@ -926,6 +926,30 @@ def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
         f"way; make it readable (chmod u+rx {tmp_path / 'closed'}), or use a path outside it\n")
 
 
+def test_a_path_through_a_folder_this_user_may_not_open_by_dot_dot_is_named(tmp_path):
+    """#27 pass 32, as a user other than root: `--run closed/../run` passes through `closed` (the system walks the
+    path one name at a time), and the check of the normalized path (`run`) called it "does not exist"; `export --out
+    closed/a/hf` named `closed/a/config.yaml`, a file the user never gave. Both name the folder and its chmod."""
+    (tmp_path / "closed").mkdir()
+    (tmp_path / "run").mkdir()
+    code = "import sys; from loopformer.cli import main; sys.exit(main(sys.argv[1:]))"
+    os.chmod(tmp_path / "closed", 0)
+    try:
+        done = [subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
+                                "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                for argv in (["eval", "--run", "closed/../run"], ["export", "--run", "run", "--out", "closed/a/hf"])]
+    finally:
+        os.chmod(tmp_path / "closed", 0o755)
+    closed = tmp_path / "closed"
+    assert done[0].returncode == 2 and done[0].stderr == (
+        f"error: --run closed/../run cannot be reached: this user may not open {closed} (chmod u+rx {closed}), or copy "
+        f"the run where this user may\n")
+    assert done[1].returncode == 2 and done[1].stderr == (
+        f"error: --out closed/a/hf cannot be reached: this user may not open {closed} on its way; make it readable "
+        f"(chmod u+rx {closed}), or choose another --out\n")
+
+
 @pytest.mark.parametrize("target", ["config", "run_config", "probe"])
 def test_a_file_this_user_may_not_read_is_one_line(run_dir, text_run_dir, tmp_path, capsys, monkeypatch, target):
     """#27 pass 18, as a user other than root (chmod 000): an unreadable --config, run config.yaml or --probe was a
