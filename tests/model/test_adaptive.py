@@ -413,6 +413,25 @@ def test_learned_without_a_circuit_on_a_model_of_two_names_the_circuit_with_the_
         exit_caps(cfg, {"Y": rule}, {})
 
 
+
+def test_learned_named_for_each_of_two_circuits_names_the_one_without_a_head():
+    """#27 pass 32: `--exit X=learned:q=0.5 --exit Y=learned:q=0.5`, a rule named for each circuit, was told "an
+    --exit without a circuit applies to every circuit" (none was given): the line names Y, which has no head."""
+    from loopformer.cli.loopspec import parse_exits
+    from loopformer.model.plan import exit_caps
+
+    cfg = one_circuit(halting_kind="ouro")
+    x = cfg.stages[0].circuits[0]
+    y = dataclasses.replace(x, name="Y", halting=HaltingConfig())
+    cfg = dataclasses.replace(cfg, d_model=32, stages=[StageConfig([x, y])])
+    [named] = parse_exits(["X=learned:q=0.5", "Y=learned:q=0.5"], ["X", "Y"], many=False)
+    with pytest.raises(PlanError, match="^exit Y=learned:q=0.5: circuit Y was trained without a halting head"):
+        exit_caps(cfg, named, {})
+    [every] = parse_exits(["learned:q=0.5"], ["X", "Y"], many=False)
+    with pytest.raises(PlanError, match=r"^exit learned:q=0.5 on circuits X, Y \(an --exit without a circuit"):
+        exit_caps(cfg, every, {})
+
+
 # ----------------------------------------------------------------------------- routers
 
 
