@@ -621,6 +621,7 @@ def test_an_out_behind_a_folder_this_user_may_not_open_is_one_line(tmp_path):
     permissions."""
     closed = tmp_path / "closed"
     closed.mkdir()
+    (tmp_path / "open").mkdir()
     code = ("import argparse, sys; sys.path.insert(0, 'bench'); import _common as C\n"
             "for check, text in ((C.out_folder, sys.argv[1]), (C.out_file, sys.argv[2]), (C.folder, sys.argv[1])):\n"
             "    try:\n"
@@ -638,6 +639,18 @@ def test_an_out_behind_a_folder_this_user_may_not_open_is_one_line(tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.splitlines() == [f"{closed / 'out'}: {fix}", f"{closed / 'r.json'}: {fix}",
                                         f"{closed / 'out'}: {fix}"]
+    # #27 pass 32: a path that passes through it by `..` (closed/../open/out) was the traceback still: the check
+    # walked the normalized path (open/out), which does not pass through it
+    os.chmod(closed, 0)
+    try:
+        done = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
+                               "-c", code, f"{closed}/../open/out", f"{closed}/../open/r.json"], capture_output=True,
+                              text=True, timeout=300, cwd=BENCH.parent)
+    finally:
+        os.chmod(closed, 0o755)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.splitlines() == [f"{closed}/../open/out: {fix}", f"{closed}/../open/r.json: {fix}",
+                                        f"{closed}/../open/out: {fix}"]
 
 
 @pytest.mark.parametrize("doc", ['{"new": 2, "rows": []}', b"\x89PNG new plot"])
