@@ -896,7 +896,25 @@ def test_a_run_folder_this_user_may_not_read_is_named(run_dir, capsys, monkeypat
                                        f"(chmod -R u+rX {run_dir})\n")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's permission override")
+AS_ANOTHER_USER = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                                     reason="drops root's permission override")
+
+
+def _as_another_user(closed, argvs, cwd):  # noqa: ANN001, ANN202
+    """`loopformer` with each of ``argvs`` (from ``cwd``), run as root without the capabilities that override
+    permissions, so that it meets ``closed``, chmod 000 meanwhile, as another user does."""
+    code = "import sys; from loopformer.cli import main; sys.exit(main(sys.argv[1:]))"
+    os.chmod(closed, 0)
+    try:
+        return [subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
+                                "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=cwd,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                for argv in argvs]
+    finally:
+        os.chmod(closed, 0o755)
+
+
+@AS_ANOTHER_USER
 def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
     """#27 pass 31, as a user other than root (a folder on the way chmod 000): `--run` of a run behind it said it
     "does not exist" (point --run at a directory made by `loopformer train`, which it is), as did `--config` of its
@@ -904,16 +922,10 @@ def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
     run = tmp_path / "closed" / "run"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 0\n")
-    code = "import sys; from loopformer.cli import main; sys.exit(main(sys.argv[1:]))"
-    os.chmod(tmp_path / "closed", 0)
-    try:
-        done = [subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
-                                "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
-                for argv in (["eval", "--run", str(run)], ["train", "--config", str(run / "config.yaml")],
-                             ["train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                              f"run.dir={tmp_path / 'closed' / 'runs'}"])]
-    finally:
-        os.chmod(tmp_path / "closed", 0o755)
+    done = _as_another_user(tmp_path / "closed", (["eval", "--run", str(run)],
+                                                  ["train", "--config", str(run / "config.yaml")],
+                                                  ["train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                                                   f"run.dir={tmp_path / 'closed' / 'runs'}"]), ROOT)
     reach = f"cannot be reached: this user may not open {tmp_path / 'closed'} (chmod u+rx {tmp_path / 'closed'})"
     assert done[0].returncode == 2
     assert done[0].stderr == f"error: --run {run} {reach}, or copy the run where this user may\n"
@@ -926,21 +938,15 @@ def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
         f"way; make it readable (chmod u+rx {tmp_path / 'closed'}), or use a path outside it\n")
 
 
+@AS_ANOTHER_USER
 def test_a_path_through_a_folder_this_user_may_not_open_by_dot_dot_is_named(tmp_path):
     """#27 pass 32, as a user other than root: `--run closed/../run` passes through `closed` (the system walks the
     path one name at a time), and the check of the normalized path (`run`) called it "does not exist"; `export --out
     closed/a/hf` named `closed/a/config.yaml`, a file the user never gave. Both name the folder and its chmod."""
     (tmp_path / "closed").mkdir()
     (tmp_path / "run").mkdir()
-    code = "import sys; from loopformer.cli import main; sys.exit(main(sys.argv[1:]))"
-    os.chmod(tmp_path / "closed", 0)
-    try:
-        done = [subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
-                                "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-                for argv in (["eval", "--run", "closed/../run"], ["export", "--run", "run", "--out", "closed/a/hf"])]
-    finally:
-        os.chmod(tmp_path / "closed", 0o755)
+    done = _as_another_user(tmp_path / "closed", (["eval", "--run", "closed/../run"],
+                                                  ["export", "--run", "run", "--out", "closed/a/hf"]), tmp_path)
     closed = tmp_path / "closed"
     assert done[0].returncode == 2 and done[0].stderr == (
         f"error: --run closed/../run cannot be reached: this user may not open {closed} (chmod u+rx {closed}), or copy "
