@@ -76,6 +76,16 @@ def test_spearman_pools_difficulties_per_policy_and_split():
     assert all("instance_loops" not in r for r in rs)
 
 
+def refused(monkeypatch, capsys, *argv: str) -> str:
+    """`adaptive.py ARGV`'s error output, after checking that it exits 2 with no traceback."""
+    monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        adaptive.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, (argv, err)
+    return err
+
+
 def test_a_run_into_an_out_holding_rows_it_does_not_score_is_refused_before_training(tmp_path, monkeypatch, capsys):
     """#27 pass 26: --models looped (the rescoring --models is for) into the --out of a full run replaced its
     adaptive.json, and with it the halting and router rows, with no word."""
@@ -85,13 +95,9 @@ def test_a_run_into_an_out_holding_rows_it_does_not_score_is_refused_before_trai
     (tmp_path / "adaptive.json").write_text(json.dumps({"tasks": {"prefix_parity": {"rows": rows}}}))
     monkeypatch.setattr(adaptive, "run_task", lambda *a, **k: pytest.fail("trained before the refusal"))
     argv = ["--tasks", "prefix_parity", "--models", "looped,router", "--seeds", "1", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
-    with pytest.raises(SystemExit) as info:
-        adaptive.main()
-    assert info.value.code == 2 and (f"error: --out {tmp_path} holds an adaptive.json with rows of halting (seeds 0, 1) "
-                                     f"of prefix_parity; looped (seed 1) of prefix_parity; router (seed 1) of "
-                                     f"prefix_parity, which this run (--models looped,router, seeds 0..0) does not "
-                                     f"score") in capsys.readouterr().err
+    assert (f"error: --out {tmp_path} holds an adaptive.json with rows of halting (seeds 0, 1) of prefix_parity; "
+            f"looped (seed 1) of prefix_parity; router (seed 1) of prefix_parity, which this run (--models "
+            f"looped,router, seeds 0..0) does not score") in refused(monkeypatch, capsys, *argv)
     record = tmp_path / "adaptive.json"
     # a run that scores every row again, of other tasks only, or beside a damaged record replaces it, as before
     assert adaptive.rows_replaced(record, ["prefix_parity"], adaptive.MODELS, 2) is None
@@ -185,11 +191,8 @@ def test_merge_mode_writes_the_joined_record_and_refuses_bad_input_in_one_line(t
                       (["--merge", str(a), str(b), "--tasks", "prefix_parity,maze3", "--compact", "auto"],
                        "--merge reads none of --tasks and --compact"),
                       (["--merge", str(a), str(b), "--variant-loops", "recipe"], "--merge reads none of --variant-loops")):
-        monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
-        with pytest.raises(SystemExit) as info:
-            adaptive.main()
-        err = capsys.readouterr().err
-        assert info.value.code == 2 and why in err and "Traceback" not in err, (argv, err)
+        err = refused(monkeypatch, capsys, *argv)
+        assert why in err, (argv, err)
 
 
 def test_first_seed_scores_seeds_from_it_and_guards_only_those(tmp_path, monkeypatch):
@@ -222,11 +225,7 @@ def test_merge_into_an_out_holding_seeds_it_does_not_join_is_refused(tmp_path, m
     b.write_text(json.dumps(record([2])))
     out.mkdir()
     (out / "adaptive.json").write_text(full := json.dumps(record([0, 1, 2, 3, 4])))
-    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--merge", str(a), str(b), "--out", str(out)])
-    with pytest.raises(SystemExit) as info:
-        adaptive.main()
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err
+    err = refused(monkeypatch, capsys, "--merge", str(a), str(b), "--out", str(out))
     assert (f"--out {out} holds an adaptive.json with rows of looped (seeds 3, 4) of maze3; router (seeds 3, 4) of "
             f"maze3, which the joined record does not hold") in err
     assert (out / "adaptive.json").read_text() == full and sorted(p.name for p in out.iterdir()) == ["adaptive.json"]
@@ -245,11 +244,7 @@ def test_merge_into_an_out_holding_another_tasks_record_is_refused(tmp_path, mon
     other = record([0, 1, 2])
     other["tasks"] = {"prefix_parity": other["tasks"]["maze3"]}
     (out / "adaptive.json").write_text(earlier := json.dumps(other))
-    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--merge", str(a), str(b), "--out", str(out)])
-    with pytest.raises(SystemExit) as info:
-        adaptive.main()
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err
+    err = refused(monkeypatch, capsys, "--merge", str(a), str(b), "--out", str(out))
     assert "holds an adaptive.json with the results of prefix_parity, which this run (maze3) does not score" in err
     assert (out / "adaptive.json").read_text() == earlier and sorted(p.name for p in out.iterdir()) == ["adaptive.json"]
 
@@ -339,11 +334,7 @@ def test_a_run_of_other_variant_loops_into_an_out_holding_their_rows_is_refused(
     held.write_text(earlier := json.dumps(recipe))
     monkeypatch.setattr(adaptive, "run_task", lambda *a, **k: pytest.fail("trained before the refusal"))
     argv = ["--tasks", "maze3", "--models", "looped,router", "--variant-loops", "config", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", ["adaptive.py", *argv])
-    with pytest.raises(SystemExit) as info:
-        adaptive.main()
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err
+    err = refused(monkeypatch, capsys, *argv)
     assert (f"--out {tmp_path} holds an adaptive.json with rows of router (--variant-loops recipe) of maze3, models "
             f"other than the ones this run (--variant-loops config) scores under those names") in err
     assert held.read_text() == earlier
@@ -365,9 +356,6 @@ def test_a_run_of_other_variant_loops_into_an_out_holding_their_rows_is_refused(
     a.write_text(json.dumps(record([0, 1])))
     b.write_text(json.dumps(record([2])))
     held.write_text(earlier)
-    monkeypatch.setattr(sys, "argv", ["adaptive.py", "--merge", str(a), str(b), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit) as info:
-        adaptive.main()
-    assert info.value.code == 2 and "rows of router (--variant-loops recipe) of maze3, models other than the joined " \
-        "record's" in capsys.readouterr().err
+    assert "rows of router (--variant-loops recipe) of maze3, models other than the joined record's" in refused(
+        monkeypatch, capsys, "--merge", str(a), str(b), "--out", str(tmp_path))
     assert held.read_text() == earlier
