@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import signal
 import statistics
 import sys
@@ -42,7 +41,7 @@ from loopformer.runs.layout import (  # noqa: E402
     not_a_file,
     outside_runs,
     through_link,
-    unopened_parent,
+    unreachable,
 )
 from loopformer.runs.stop import Terminated  # noqa: E402
 
@@ -122,10 +121,9 @@ def _no_dangling_link(text: str, paths: Sequence[Path]) -> None:
 def _reachable(text: str) -> None:
     """Refuse a folder behind one this user may not open (another user's, chmod 000 on the way): its checks were a
     PermissionError traceback, in every bench script (#27 pass 31)."""
-    closed = unopened_parent(text)
+    closed = unreachable(text)
     if closed is not None:
-        raise argparse.ArgumentTypeError(f"{text}: this user may not open {closed}; make it readable (chmod u+rx "
-                                         f"{shlex.quote(closed)}), or choose another folder")
+        raise argparse.ArgumentTypeError(f"{text} {closed}, or choose another folder")
 
 
 def _outside_runs(path: Path) -> Path:

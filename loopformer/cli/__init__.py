@@ -14,7 +14,6 @@ import contextlib
 import importlib
 import os
 import re
-import shlex
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 
 from loopformer.errors import ConfigError, DecodingError, LoopformerError, OutputError
 from loopformer.runs import stop
-from loopformer.runs.layout import unopened_parent
+from loopformer.runs.layout import unreachable
 from loopformer.runs.stop import Terminated
 
 MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare", "activity", "rys", "convert", "hf_import",
@@ -237,10 +236,9 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except PermissionError as e:  # a file or folder this user may not read or write (root may, so it went unseen)
         what = e.filename or "a file the command needs"
-        closed = unopened_parent(e.filename) if isinstance(e.filename, str) and e.filename else None
+        closed = unreachable(e.filename) if isinstance(e.filename, str) and e.filename else None
         if closed:  # the path may not even be there: "make it readable" named a file behind it (#27 pass 31)
-            print(f"error: {what}: this user may not open {closed} on its way; make it readable (chmod u+rx "
-                  f"{shlex.quote(closed)}), or use a path outside it", file=sys.stderr)
+            print(f"error: {what} {closed}, or use a path outside it", file=sys.stderr)
             return 2
         print(f"error: {what}: {e.strerror or 'permission denied'} for this user; make it readable (and writable, "
               f"where the command writes), or copy it where this user may", file=sys.stderr)

@@ -115,12 +115,13 @@ def exit_forms() -> str:
             f"latent_diff:0.01, X=kl:5e-4, learned:q=0.5; sweep: latent_diff:0.1,0.03,0.01)")
 
 
-def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool, max_loops: int | None = None
-                ) -> list[dict[str, ExitRule]]:
+def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool, max_loops: int | None = None,
+                heads: Sequence[str] = ()) -> list[dict[str, ExitRule]]:
     """``--exit`` flags -> one {circuit: rule} per threshold (the flags' thresholds in order; several
     only with ``many``, for sweeps). A rule without a circuit applies to every circuit; kl and
-    entropy_diff read the model's output, so without a name they need a one-circuit model. PlanError for
-    ``--max-loops`` (``max_loops``) without an exit, a run with no circuits, or a circuit given two rules."""
+    entropy_diff read the model's output, so without a name they need a one-circuit model, as learned needs one
+    where only some circuits have a halting head (``heads``). PlanError for ``--max-loops`` (``max_loops``) without an
+    exit, a run with no circuits, or a circuit given two rules."""
     if max_loops is not None and max_loops > MAX_LOOPS:
         raise PlanError(f"--max-loops {max_loops}: loop count {max_loops} is above the limit of {MAX_LOOPS}")
     if not specs:
@@ -168,6 +169,14 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         if rules[0].needs_readout and len(targets) > 1:
             raise PlanError(f"{flag}: {kind} reads the model's output after every iteration, for one circuit at a "
                             f"time; name it, e.g. --exit {circuits[0]}={body}")
+        headless = [c for c in targets if c not in heads]
+        if rules[0].needs_head and len(targets) > 1 and heads and headless:
+            # the circuit without a head was refused with latent_diff as its fix, where the rule was meant for the
+            # one with it (#27 pass 31); told here, where it is known that no circuit was named (#27 pass 32 told
+            # the two apart by the rule objects' identity)
+            have = f"circuit {heads[0]} has" if len(heads) == 1 else f"circuits {', '.join(heads)} have"
+            raise PlanError(f"{flag} applies to every circuit ({', '.join(targets)}), and only {have} a halting head "
+                            f"for it to read; name it, e.g. --exit {heads[0]}={body}")
         for earlier, (done, _) in zip(specs, per_flag, strict=False):
             twice = [c for c in targets if c in done]
             if twice:

@@ -184,7 +184,7 @@ def _remove_stale_plots(info: Any, written: set[str]) -> None:
 
 def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tuple[dict[str, Any], str]:
     """A row per split and exit threshold, at the caps (--max-loops, --loops, or each circuit's max_loops)."""
-    settings = parse_exits(args.exit, info.circuits, many=True, max_loops=args.max_loops)
+    settings = parse_exits(args.exit, info.circuits, many=True, max_loops=args.max_loops, heads=info.heads)
     loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False, single=(
         "with --exit, --loops gives each circuit one count, its cap; a range of counts is a sweep without --exit")).items()}
     compact = compact_choice(args, info, [c for s in settings for c in s])

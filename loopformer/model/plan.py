@@ -237,16 +237,6 @@ def exit_caps(model: ModelConfig, exits: Mapping[str, ExitRule], loops: Mapping[
     the cap)."""
     out = dict(loops)
     routed = {c.name for s in model.stages if s.router.routes for c in s.circuits}
-    learned, head = [c for c, rule in exits.items() if rule.needs_head], model.halting_circuit()
-    one_flag = len({id(exits[c]) for c in learned}) == 1  # `parse_exits` gives a flag's circuits one rule object
-    if len(learned) > 1 and head is not None and head.name in learned and one_flag:  # at most one circuit has a head
-        # `--exit learned:q=0.5` (every circuit) was refused for the circuit without one, naming latent_diff as the
-        # fix, where the rule was meant for the one with it (#27 pass 31); a rule named for each circuit
-        # (`--exit X=learned:q=0.5 --exit Y=learned:q=0.5`) was told it had none and falls to the line for Y below
-        # (#27 pass 32)
-        raise PlanError(f"exit {exits[head.name]} on circuits {', '.join(learned)} (an --exit without a circuit applies "
-                        f"to every circuit): only circuit {head.name} has a halting head for it to read; name it, e.g. "
-                        f"--exit {head.name}={exits[head.name]}")
     for c, rule in exits.items():
         cfg = model.circuit(c)
         if c in routed:

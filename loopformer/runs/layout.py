@@ -124,8 +124,8 @@ DANGLING = "a symlink that leads nowhere (or in a loop)"
 
 def not_a_file(path: str | Path) -> str | None:
     """What is at ``path`` where a file is wanted and none is, worded to follow the path in a message: "is a folder",
-    "is a pipe or a device", "is a symlink that leads nowhere (or in a loop)", "cannot be reached: this user may not
-    open FOLDER (...)" (`unopened_parent`) or "does not exist"; None for a regular
+    "is a pipe or a device", "is a symlink that leads nowhere (or in a loop)", "cannot be reached: ..." (`unreachable`)
+    or "does not exist"; None for a regular
     file (or a link to one). The one wording of the commands, the config loader, the probe and corpus readers and the
     bench scripts (each had its own: #27 pass 24's leftover). A FIFO is named and never opened (with no writer it
     blocks its reader forever); a dangling link is there ("not found" sent the user looking for it). The os.path tests
@@ -139,9 +139,17 @@ def not_a_file(path: str | Path) -> str | None:
         return "is a pipe or a device"
     if os.path.islink(path):
         return f"is {DANGLING}"
+    return unreachable(path) or "does not exist"
+
+
+def unreachable(path: str | Path) -> str | None:
+    """"cannot be reached: this user may not open FOLDER on its way; make it readable (chmod u+rx FOLDER)" for the
+    first folder on ``path``'s way this user may not open (`unopened_parent`), worded to follow the path in a line
+    (callers add their other way out: ", or choose another --out"); None when the way is open. The one wording of
+    the commands, the config loader and the bench scripts (four lines had each their own)."""
     closed = unopened_parent(path)
-    return (f"cannot be reached: this user may not open {closed} (chmod u+rx {shlex.quote(closed)})" if closed
-            else "does not exist")
+    return (f"cannot be reached: this user may not open {closed} on its way; make it readable "
+            f"(chmod u+rx {shlex.quote(closed)})" if closed else None)
 
 
 def unopened_parent(path: str | Path) -> str | None:
@@ -319,10 +327,9 @@ def outside_runs(out: Path, flag: str = "--out") -> Path:
     written inside a run is read as one of its checkpoints, or deleted when the trainer prunes them. An ``out`` behind
     a folder this user may not open is named with it (its parents' checks raised on it, and the line named a
     config.yaml there the user never gave: ``export --out closed/a/hf`` named ``closed/a/config.yaml``; #27 pass 32)."""
-    closed = unopened_parent(out)
+    closed = unreachable(out)
     if closed:
-        raise ConfigError(f"{flag} {out} cannot be reached: this user may not open {closed} on its way; make it "
-                          f"readable (chmod u+rx {shlex.quote(closed)}), or choose another {flag}")
+        raise ConfigError(f"{flag} {out} {closed}, or choose another {flag}")
     for parent in out.expanduser().absolute().parents:
         if RunDir(parent).holds_run:
             raise ConfigError(f"{flag} {out} is inside the run {parent}; write it outside any run directory (a folder "

@@ -112,10 +112,12 @@ class RunInfo:
     cfg: Config
     data: DataSource
     circuits: list[str] = field(init=False)
+    heads: list[str] = field(init=False)  # the circuits with a learned halting head (at most one)
     defaults: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.circuits = [c.name for c in self.cfg.model.circuits()]
+        self.heads = [c.name for c in self.cfg.model.circuits() if c.halting.has_head]
         self.defaults = {c.name: c.eval_loops for c in self.cfg.model.circuits()}
 
     @property

@@ -926,7 +926,8 @@ def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
                                                   ["train", "--config", str(run / "config.yaml")],
                                                   ["train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
                                                    f"run.dir={tmp_path / 'closed' / 'runs'}"]), ROOT)
-    reach = f"cannot be reached: this user may not open {tmp_path / 'closed'} (chmod u+rx {tmp_path / 'closed'})"
+    closed = tmp_path / "closed"
+    reach = f"cannot be reached: this user may not open {closed} on its way; make it readable (chmod u+rx {closed})"
     assert done[0].returncode == 2
     assert done[0].stderr == f"error: --run {run} {reach}, or copy the run where this user may\n"
     assert done[1].returncode == 2 and done[1].stderr == (
@@ -934,8 +935,7 @@ def test_a_run_behind_a_folder_this_user_may_not_open_is_named(tmp_path):
         f"configs/quickstart.yaml\n")
     # a path a command makes behind it (run.dir) was "RUN: Permission denied for this user; make it readable"
     assert done[2].returncode == 2 and done[2].stderr == (
-        f"error: {tmp_path / 'closed' / 'runs' / 'quickstart'}: this user may not open {tmp_path / 'closed'} on its "
-        f"way; make it readable (chmod u+rx {tmp_path / 'closed'}), or use a path outside it\n")
+        f"error: {closed / 'runs' / 'quickstart'} {reach}, or use a path outside it\n")
 
 
 @AS_ANOTHER_USER
@@ -949,8 +949,8 @@ def test_a_path_through_a_folder_this_user_may_not_open_by_dot_dot_is_named(tmp_
                                                   ["export", "--run", "run", "--out", "closed/a/hf"]), tmp_path)
     closed = tmp_path / "closed"
     assert done[0].returncode == 2 and done[0].stderr == (
-        f"error: --run closed/../run cannot be reached: this user may not open {closed} (chmod u+rx {closed}), or copy "
-        f"the run where this user may\n")
+        f"error: --run closed/../run cannot be reached: this user may not open {closed} on its way; make it readable "
+        f"(chmod u+rx {closed}), or copy the run where this user may\n")
     assert done[1].returncode == 2 and done[1].stderr == (
         f"error: --out closed/a/hf cannot be reached: this user may not open {closed} on its way; make it readable "
         f"(chmod u+rx {closed}), or choose another --out\n")

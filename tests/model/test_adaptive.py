@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -396,27 +397,37 @@ def test_learned_with_min_or_every_is_refused_on_an_act_circuit(rule):
 
 def test_learned_without_a_circuit_on_a_model_of_two_names_the_circuit_with_the_head():
     """#27 pass 31: `--exit learned:q=0.5` (every circuit) on a model whose X has a halting head and Y none was refused
-    for Y, naming latent_diff, kl or entropy_diff as the fix, where the rule was meant for X: it names X."""
+    for Y, naming latent_diff, kl or entropy_diff as the fix, where the rule was meant for X: it names X. The
+    commands read which circuits have a head from the run (`RunInfo.heads`)."""
+    from loopformer.cli.loopspec import parse_exits
+    from loopformer.config import Config
     from loopformer.model.plan import exit_caps
+    from loopformer.runs.read import RunInfo
 
     cfg = one_circuit(halting_kind="ouro")
     x = cfg.stages[0].circuits[0]
     y = dataclasses.replace(x, name="Y", halting=HaltingConfig())
     cfg = dataclasses.replace(cfg, d_model=32, stages=[StageConfig([x, y])])
-    rule = ExitRule.parse("learned:q=0.5")
-    with pytest.raises(PlanError, match=r"^exit learned:q=0.5 on circuits X, Y \(an --exit without a circuit applies "
-                                        r"to every circuit\): only circuit X has a halting head for it to read; name "
-                                        r"it, e.g. --exit X=learned:q=0.5$"):
-        exit_caps(cfg, {"X": rule, "Y": rule}, {})
-    assert exit_caps(cfg, {"X": rule}, {}) == {"X": 8}
+    info = RunInfo(Path("run"), Config(model=cfg), data=None)
+    assert (info.circuits, info.heads) == (["X", "Y"], ["X"])
+    with pytest.raises(PlanError, match=r"^--exit learned:q=0.5 applies to every circuit \(X, Y\), and only circuit X "
+                                        r"has a halting head for it to read; name it, e.g. --exit X=learned:q=0.5$"):
+        parse_exits(["learned:q=0.5"], info.circuits, many=False, heads=info.heads)
+    [x_only] = parse_exits(["X=learned:q=0.5"], info.circuits, many=False, heads=info.heads)
+    assert exit_caps(cfg, x_only, {}) == {"X": 8}
+    [y_only] = parse_exits(["Y=learned:q=0.5"], info.circuits, many=False, heads=info.heads)
     with pytest.raises(PlanError, match="^exit Y=learned:q=0.5: circuit Y was trained without a halting head"):
-        exit_caps(cfg, {"Y": rule}, {})
-
+        exit_caps(cfg, y_only, {})
+    # a one-circuit model, or one whose every circuit has a head: the rule without a circuit is that circuit's
+    [one] = parse_exits(["learned:q=0.5"], ["X"], many=False, heads=["X"])
+    assert exit_caps(one_circuit(halting_kind="ouro"), one, {}) == {"X": 8}
 
 
 def test_learned_named_for_each_of_two_circuits_names_the_one_without_a_head():
     """#27 pass 32: `--exit X=learned:q=0.5 --exit Y=learned:q=0.5`, a rule named for each circuit, was told "an
-    --exit without a circuit applies to every circuit" (none was given): the line names Y, which has no head."""
+    --exit without a circuit applies to every circuit" (none was given): the line names Y, which has no head. An
+    --exit without a circuit is told by `parse_exits`, which knows no circuit was named (it was told apart by the
+    rule objects' identity)."""
     from loopformer.cli.loopspec import parse_exits
     from loopformer.model.plan import exit_caps
 
@@ -427,9 +438,12 @@ def test_learned_named_for_each_of_two_circuits_names_the_one_without_a_head():
     [named] = parse_exits(["X=learned:q=0.5", "Y=learned:q=0.5"], ["X", "Y"], many=False)
     with pytest.raises(PlanError, match="^exit Y=learned:q=0.5: circuit Y was trained without a halting head"):
         exit_caps(cfg, named, {})
-    [every] = parse_exits(["learned:q=0.5"], ["X", "Y"], many=False)
-    with pytest.raises(PlanError, match=r"^exit learned:q=0.5 on circuits X, Y \(an --exit without a circuit"):
-        exit_caps(cfg, every, {})
+    with pytest.raises(PlanError, match=r"^--exit learned:q=0.5 applies to every circuit \(X, Y\), and only circuit X "
+                                        r"has a halting head for it to read; name it, e.g. --exit X=learned:q=0.5$"):
+        parse_exits(["learned:q=0.5"], ["X", "Y"], many=False, heads=["X"])
+    [named] = parse_exits(["X=learned:q=0.5", "Y=learned:q=0.5"], ["X", "Y"], many=False, heads=["X"])
+    with pytest.raises(PlanError, match="^exit Y=learned:q=0.5: circuit Y was trained"):  # named: Y's own line
+        exit_caps(cfg, named, {})
 
 
 # ----------------------------------------------------------------------------- routers
