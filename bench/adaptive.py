@@ -161,12 +161,13 @@ def family(policy: str) -> str:
 
 
 def measure(ev, params, batches: list, cfg, vocab: int, loops: dict, exits: dict | None,  # noqa: ANN001
-            rules: dict | None = None, compact: bool | None = None, shares: tuple[float, ...] | None = None) -> dict:
-    """One policy on one held-out set: accuracy, loops, executed work and time per token, per-instance loops;
-    ``compact``: `Plan.compact` (None: the library's default)."""
+            rules: dict | None = None, compact: bool | None = None, shares: tuple[float, ...] | None = None,
+            timings: int = TIMINGS) -> dict:
+    """One policy on one held-out set: accuracy, loops, executed work and time per token (the fastest of ``timings``
+    passes), per-instance loops; ``compact``: `Plan.compact` (None: the library's default)."""
     ev.examples(params, batches[:1], loops, exits or None, rules, compact, shares)  # compile (and warm) untimed
     seconds = []
-    for _ in range(TIMINGS):  # the faster of two passes: the machine is shared
+    for _ in range(timings):  # the faster of two passes: the machine is shared
         t0 = time.perf_counter()
         ex = ev.examples(params, batches, loops, exits or None, rules, compact, shares)
         seconds.append(time.perf_counter() - t0)
@@ -249,13 +250,34 @@ def variant_config(name: str, variant: str, seed: int, out: Path, examples: int,
                         "train.checkpoint_every=100000", *extra, *variant_loops])
 
 
+def policies(name: str, model_name: str, cfg) -> list[tuple]:  # noqa: ANN001
+    """Task ``name``'s policies for model ``model_name`` (module docstring), each (policy, loops, exits, rules[,
+    compaction shares]): the looped model's fixed counts, difficulty rule and exits, the halting model's quantiles
+    and its fixed count m, the router's caps m, 2m, 4m and 8m (m: the task's training count, 8m the exits' cap)."""
+    setting = think_longer.TASKS[name]
+    m = setting.train_loops
+    cap = 8 * m
+    if model_name == "halting":
+        return [*((f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES),
+                (f"halting model, fixed:{m}", {"X": m}, None, None)]
+    if model_name == "router":
+        return [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
+    out: list[tuple] = [(f"fixed:{n}", {"X": n}, None, None) for n in setting.counts()]
+    rules = difficulty_rules(cfg.model, ["X"])
+    if rules:
+        out.append(("auto (difficulty rule)", {"X": cap}, None, rules))
+    out += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}, None)
+            for kind, values in EXITS.items() for eps in values]
+    return out + [(f"context_diff/fine:{eps:g}", {"X": cap}, {"X": exit_rule("context_diff", eps)}, None, FINE_SHARES)
+                  for eps in EXITS["context_diff"]]  # compacted under --compact on (auto: masked at batch 64)
+
+
 def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
              compact: bool | None = None, models: tuple[str, ...] = MODELS, first_seed: int = 0,
              loops: str = "recipe") -> dict:
     """Train (or reuse) and score the task's ``models`` over seeds ``first_seed .. first_seed + seeds - 1``."""
     setting = think_longer.TASKS[name]
-    m = setting.train_loops
-    cap = 8 * m
+    cap = 8 * setting.train_loops
     steps = setting.steps[1] if steps is None else steps
     rows, depths = [], {}
     variant_loops = recipe_loops(name, loops)
@@ -267,29 +289,17 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
         for (d, s), bs in sets.items():
             depths[(seed, d, s)] = np.asarray([data.task.depth(x) for b in bs
                                                for x, msk in zip(b["inputs"], b["mask"], strict=True) if msk.sum()])
-        policies: list[tuple] = [(f"fixed:{n}", {"X": n}, None, None) for n in setting.counts()]
-        rules = difficulty_rules(cfg.model, ["X"])
-        if rules:
-            policies.append(("auto (difficulty rule)", {"X": cap}, None, rules))
-        policies += [(f"{kind}:{eps:g}", {"X": cap}, {"X": exit_rule(kind, eps)}, None)
-                     for kind, values in EXITS.items() for eps in values]
-        policies += [(f"context_diff/fine:{eps:g}", {"X": cap}, {"X": exit_rule("context_diff", eps)}, None, FINE_SHARES)
-                     for eps in EXITS["context_diff"]]  # compacted under --compact on (auto: masked at batch 64)
-        rows += score_model("looped", cfg, model, params, data, sets, policies, seed, compact)
+        rows += score_model("looped", cfg, model, params, data, sets, policies(name, "looped", cfg), seed, compact)
         for variant, vcfg in variants.items():
             vmodel, vparams, vdata = trained(vcfg, out)
-            if variant == "halting":
-                vpolicies = [(f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES]
-                vpolicies.append((f"halting model, fixed:{m}", {"X": m}, None, None))
-            else:
-                vpolicies = [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
-            rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, vpolicies, seed, compact)
+            rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, policies(name, variant, vcfg), seed,
+                                compact)
         C.write_out(out / f"adaptive_{name}.rows.partial.json", C.dumps(
             [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]),
             "in its runs, which a rerun with this --out scores again")
     spearman(rows, depths)
     selected = select(rows)
-    return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": m,
+    return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": setting.train_loops,
             "variant_loops": variant_loops, "models": list(models),
             "seeds": seeds, "first_seed": first_seed, "steps": steps,
             "depth": {f"{d}/{s}": {"mean": float(np.mean(np.concatenate([v for (_, d2, s2), v in depths.items()
