@@ -91,21 +91,28 @@ def policy_spec(name: str, model_name: str, cfg, policy: str) -> tuple:  # noqa:
     return found[0]
 
 
+def runs_of(name: str, result: dict, folder: Path, examples: int, seed: int) -> dict:
+    """adaptive.py's configs of seed ``seed`` of the record's task ``name`` in ``folder``; ValueError unless each run
+    is there, trained to the record's steps."""
+    loops = "recipe" if result.get("variant_loops") else "config"
+    cfgs = A.seed_configs(name, folder, examples, seed, result["steps"], tuple(result["models"]), loops)
+    for cfg in cfgs.values():
+        done = RunDir(cfg.run_dir).trained_to()
+        if done != result["steps"]:
+            raise ValueError(f"{name} seed {seed}: the run {cfg.run_dir} is "
+                             f"{'missing' if done is None else f'trained to step {done}'}, where the record "
+                             f"scored step {result['steps']}; give the --out the record was written in")
+    return cfgs
+
+
 def retime_task(name: str, result: dict, folder: Path, compact: bool | None, examples: int, rounds: int) -> dict:
     """One task of a record: the paired rows and bars of its seeds at 2x (module docstring)."""
     setting = A.think_longer.TASKS[name]
-    loops = "recipe" if result.get("variant_loops") else "config"
     rows, recorded_rows = [], {(r["seed"], r["difficulty"], r["split"], r["model"], r["policy"]): r
                                for r in result["rows"]}
     for entry in (e for e in result["selected"] if e["difficulty"] == DIFFICULTY):
         seed = entry["seed"]
-        cfgs = A.seed_configs(name, folder, examples, seed, result["steps"], tuple(result["models"]), loops)
-        for cfg in cfgs.values():
-            done = RunDir(cfg.run_dir).trained_to()
-            if done != result["steps"]:
-                raise ValueError(f"{name} seed {seed}: the run {cfg.run_dir} is "
-                                 f"{'missing' if done is None else f'trained to step {done}'}, where the record "
-                                 f"scored step {result['steps']}; give the --out the record was written in")
+        cfgs = runs_of(name, result, folder, examples, seed)
         models = {}
         chosen = {"fixed": ("looped", entry["best_fixed"]["policy"])}
         chosen |= {fam: (next(r["model"] for r in result["rows"] if r["policy"] == f["policy"]), f["policy"])
@@ -125,15 +132,16 @@ def retime_task(name: str, result: dict, folder: Path, compact: bool | None, exa
             stops = bool(exits) or bool(rules) or model_name == "router"
             cfg = cfgs[model_name]
 
+            recorded = recorded_rows[(seed, DIFFICULTY, "test", model_name, policy)]
+
             def one(ev=ev, params=params, cfg=cfg, model=model, loops_=loops_, exits=exits, rules=rules,  # noqa: ANN001
-                    stops=stops, shares=shares, batches=batches) -> dict:
-                return A.measure(ev, params, batches, cfg, model.vocab_size, loops_, exits, rules,
-                                 compact if stops else None, shares[0] if shares else None, timings=1)
+                    stops=stops, shares=shares, batches=batches, policy=policy, recorded=recorded) -> dict:
+                got = A.measure(ev, params, batches, cfg, model.vocab_size, loops_, exits, rules,
+                                compact if stops else None, shares[0] if shares else None, timings=1)
+                check_same(name, policy, recorded, got)  # at its first pass, not after every round
+                return got
             passes[fam] = one
         timed = rounds_of(passes, rounds)
-        for fam, (model_name, policy) in chosen.items():
-            for got in timed[fam]:
-                check_same(name, policy, recorded_rows[(seed, DIFFICULTY, "test", model_name, policy)], got)
         fixed_seconds = [t["seconds_per_token"] for t in timed["fixed"]]
         A.log(f"[{name} seed {seed}] fixed {entry['best_fixed']['policy']}: "
               f"{1e6 * min(fixed_seconds):.1f} us (recorded {1e6 * entry['best_fixed']['test_seconds']:.1f})")
@@ -204,6 +212,13 @@ def main() -> int:
             p.error(f"--records {folder}: cannot read its adaptive.json ({e.strerror or e})")
         except (ValueError, TypeError, KeyError) as e:
             p.error(f"--records {folder}: its adaptive.json is not a result of adaptive.py ({type(e).__name__}: {e})")
+    for folder, record in records.items():  # every run before any timing (minutes each)
+        try:
+            for name, t in record["tasks"].items():
+                for e in (e for e in t["selected"] if e["difficulty"] == DIFFICULTY):
+                    runs_of(name, t, Path(folder), args.examples or 256, e["seed"])
+        except ValueError as e:
+            p.error(f"--records {folder}: {e}")
     docs = {}
     for folder, record in records.items():
         compact = A.COMPACT[record.get("compact", "auto")]

@@ -102,3 +102,27 @@ def test_a_folder_without_a_record_is_one_line(monkeypatch, capsys, tmp_path):
     assert info.value.code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].endswith(f"--records {tmp_path}: its adaptive.json does not exist; give an "
                                          f"adaptive.py --out")
+
+
+def test_a_record_whose_runs_are_missing_is_refused_before_any_timing(monkeypatch, capsys, tmp_path):
+    """Every record's runs are checked first: a later record without its runs was refused after the earlier ones
+    had been timed (minutes each)."""
+    import json
+
+    rows = record_rows()
+    result = {"rows": rows, "selected": A.select(rows), "steps": 10, "models": ["looped", "router"],
+              "variant_loops": [], "cap": 96, "train_loops": 12}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adaptive.json").write_text(json.dumps({"tasks": {"maze3": result}, "compact": "on"}))
+    monkeypatch.setattr(paired_time.RunDir, "trained_to", lambda self: 10 if "/a/" in str(self.path) else None)
+    monkeypatch.setattr(paired_time, "retime_task", lambda *a, **k: pytest.fail("timed before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["paired_time.py", "--records", str(tmp_path / "a"), str(tmp_path / "b"),
+                                      "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as info:
+        paired_time.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].endswith(f"--records {tmp_path / 'b'}: maze3 seed 0: the run {tmp_path / 'b'}/"
+                                         f"maze3-looped is missing, where the record scored step 10; give the --out "
+                                         f"the record was written in")
