@@ -16,7 +16,15 @@ from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loopformer.cli import FLAGS_GIVEN, check_platforms, jax_variable_refused, on_signal, single_flags  # noqa: E402
+from loopformer.cli import (  # noqa: E402
+    CWD_GONE,
+    FLAGS_GIVEN,
+    check_platforms,
+    cwd_gone,
+    jax_variable_refused,
+    on_signal,
+    single_flags,
+)
 
 try:  # a JAX variable that JAX refuses as it is imported (JAX_ENABLE_X64=maybe): one line, as `loopformer` says it
     import jax
@@ -378,6 +386,13 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         code = main()
     except LoopformerError as e:
         print(f"error: {bench_fix(str(e))}", file=sys.stderr)
+        code = 2
+    except FileNotFoundError:
+        if not cwd_gone():
+            raise
+        # a relative --out or --run under a folder deleted after the shell entered it: the checks of --out resolve it
+        # (os.getcwd), which was a FileNotFoundError traceback (#27 pass 33), as in the commands since pass 23
+        print(f"error: {CWD_GONE}", file=sys.stderr)
         code = 2
     except (KeyboardInterrupt, Terminated) as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)

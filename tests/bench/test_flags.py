@@ -386,6 +386,28 @@ def test_run_main_prints_a_library_error_in_one_line(capsys):
     assert info.value.code == 0
 
 
+@pytest.mark.parametrize(("name", "argv"), [("decode", ["--out", "r.json"]), ("exit_oracle", ["--out", "out"]),
+                                            ("seeds", ["--config", "c.yaml"])])
+def test_a_deleted_current_directory_is_one_line_in_a_bench_script(name, argv, tmp_path, monkeypatch, capsys):
+    """#27 pass 33: a relative --out (or --config) under a folder deleted after the shell entered it (`cd x; rm -r
+    ../x`) was a FileNotFoundError traceback from the checks of --out (os.getcwd), before any work; the commands have
+    said it in one line since pass 23."""
+    common = script("_common")
+    module = script(name)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        common.run_main(module.main)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert err.splitlines() == ["error: the current directory no longer exists (it was deleted or moved after the "
+                                "shell entered it), so a relative path cannot be resolved; cd to a directory that "
+                                "exists, or give absolute paths"]
+
+
 def test_a_library_fix_naming_run_dir_names_out_in_a_bench_script(tmp_path, monkeypatch, capsys):
     """#27 pass 27: a bench script puts its runs under --out and sets run.dir itself, so the library's "set
     run.dir=<a disk with room>" (a full disk) was refused when followed (seeds.py: "use --out instead"; the others take
