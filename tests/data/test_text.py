@@ -145,6 +145,13 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
     with pytest.raises(DataError, match=rf"^data.paths: {out} is a corpus written by `loopformer prepare`, which is "
                                         r"read alone; make it the only entry of data.paths"):
         build_data(cfg_for(tmp_path, [out, path], *extra))
+    # #27 pass 33: alone, under data.format=text or jsonl, its shards were read as text too, and the line said to
+    # convert a shard with iconv
+    for fmt in ("text", "jsonl"):
+        with pytest.raises(DataError, match=rf"^data.paths: {out} is a corpus written by `loopformer prepare` "
+                                            rf"\(ArrayRecord shards, not {fmt}\), and data.format={fmt} would read its "
+                                            rf"files as {fmt}; set data.format=auto \(or arrayrecord\)"):
+            build_data(cfg_for(tmp_path, [out], *extra, f"data.format={fmt}"))
 
 
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
