@@ -85,6 +85,11 @@ def describe_change(change: Change) -> str:
     return f"{label}: {change.old!r} -> {change.new!r}"
 
 
+# the files that mark a folder another command wrote (`prepare --out`, `export --out`), which no run holds
+FOREIGN_FOLDERS = (("meta.json", "a corpus written by `loopformer prepare`"),
+                   ("config.json", "a Hugging Face model folder"))
+
+
 def make_run_dir(cfg: Config) -> Path:
     """Create the run directory; ConfigError with the fix if it cannot be written."""
     run_dir = cfg.run_dir
@@ -95,6 +100,13 @@ def make_run_dir(cfg: Config) -> Path:
     if blocked:  # mkdir's "File exists" or "Not a directory" named neither the file nor the link
         raise ConfigError(f"run.dir / run.name: {blocked[0]} is {blocked[1]}, not a directory; set "
                           f"run.dir=<a directory> or run.name=<another name>")
+    # a folder another command wrote, where a run writes its own tokenizer.json: it replaced a prepared corpus's (whose
+    # shards then read as another tokenizer's ids) or an exported model's, with no word (#27 pass 33)
+    foreign = next(((name, what) for name, what in FOREIGN_FOLDERS if (run_dir / name).is_file()), None)
+    if foreign is not None and not RunDir(run_dir).holds_run:
+        raise ConfigError(f"run.dir / run.name: {run_dir} holds {foreign[1]} ({foreign[0]}), not a run, and a run "
+                          f"writes its tokenizer.json, checkpoints and metrics there; set run.dir=<a directory> or "
+                          f"run.name=<another name>")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f"{WRITE_PROBE}{jax.process_index()}"

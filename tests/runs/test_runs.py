@@ -302,3 +302,24 @@ def test_the_shell_commands_a_fix_names_are_quoted(tmp_path):
     with pytest.raises(CheckpointError) as info:
         resume_changes(load_config(None, []), orphan)
     assert f"(mv '{orphan}' '{orphan}.old')" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "what"), [("meta.json", "a corpus written by `loopformer prepare`"),
+                                            ("config.json", "a Hugging Face model folder")])
+def test_a_run_into_a_prepared_corpus_or_an_exported_folder_is_refused(tmp_path, name, what):
+    """#27 pass 33: `train run.name=CORPUS` (a folder `prepare --out` or `export --out` wrote) trained into it and
+    replaced its tokenizer.json with the run's, with no word: the corpus's shards then read as another tokenizer's
+    ids. Refused before anything is written; the folder's files are as they were."""
+    from loopformer.errors import ConfigError
+    from loopformer.runs.prepare import make_run_dir
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "corpus")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / name).write_text("{}")
+    (cfg.run_dir / "tokenizer.json").write_text("theirs")
+    with pytest.raises(ConfigError, match=rf"^run.dir / run.name: {cfg.run_dir} holds {re.escape(what)} \({name}\), "
+                                          rf"not a run, .* set run.dir=<a directory> or run.name=<another name>$"):
+        make_run_dir(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == sorted([name, "tokenizer.json"])
+    assert (cfg.run_dir / "tokenizer.json").read_text() == "theirs"
