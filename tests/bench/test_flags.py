@@ -108,6 +108,11 @@ CASES = [
     ("loop_overhead", ["--skip", "compile", "compile"], "--skip names compile twice; give each once"),
     ("loop_overhead", ["--skip", "throughput", "compile", "sweep"],
      "--skip throughput compile sweep leaves nothing to measure; skip at most two"),  # wrote an empty document
+    # #27 pass 33: only the throughput timing reads them, and they were accepted and ignored beside its --skip
+    ("loop_overhead", ["--skip", "throughput", "--rounds", "9"], "--rounds sets the throughput timing alone, and "
+     "--skip throughput skips it, so it would not be used; drop it, or measure the throughput"),
+    ("loop_overhead", ["--skip", "throughput", "sweep", "--steps", "3", "--rounds", "5"], "--rounds and --steps set "
+     "the throughput timing alone, and --skip throughput skips it, so they would not be used"),
     ("decode", ["--compact-only", "--new", "4", "--loops", "2"],  # the rows were random weights' at 256 tokens
      "--compact-only measures its own rows alone (random weights, 256 new tokens, batches --compact-batch), so --new "
      "and --loops would not be used; drop them, or drop --compact-only"),
@@ -513,6 +518,27 @@ def test_decode_run_of_a_task_is_refused_before_any_work(run_dir, monkeypatch, c
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"--run {run_dir}: a text run is needed (its val split gives the prompts), and " \
         f"it trains on the task 'pointer_chase'" in err, err
+
+
+def test_decode_run_without_circuits_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """#27 pass 33: bench/decode.py --run of a text run without circuits (model.stages: []) was an IndexError traceback
+    at the exit rows, after every policy row had been timed."""
+    from loopformer.config import load_config
+    from loopformer.runs.prepare import prepare_run_dir
+    from tests.conftest import TASK_DEFAULTS, TINY
+
+    (tmp_path / "c.txt").write_text("and it was so. " * 40)
+    cfg = load_config(None, [*TINY, *TASK_DEFAULTS, "model.stages=[]", "data.task=text",
+                             f"data.paths=[{tmp_path}/c.txt]", "data.seq_len=16", f"run.dir={tmp_path}", "run.name=p"])
+    prepare_run_dir(cfg)
+    module = script("decode")
+    monkeypatch.setattr(module, "random_model", lambda: pytest.fail("random_model ran before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--run", str(cfg.run_dir)])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--run {cfg.run_dir}: a run with a looped circuit is needed (its tokens' exits " \
+        f"are measured), and it has none (model.stages: [])" in err, err
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")))
