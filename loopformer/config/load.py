@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from loopformer.config.schema import ARCHITECTURE, BEHAVIOUR, CIRCUIT_PARTS, SCHEDULE, Config, ModelConfig
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, not_utf8
 from loopformer.runs.layout import not_a_file
 
 TASK = "task"  # the data a run learns: a resume must keep it, like the architecture
@@ -272,17 +272,10 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i])}' is a value, not a mapping")
 
 
-def _not_utf8(text: str) -> str | None:
-    """The first byte of ``text`` that is not UTF-8 (Python keeps such a byte of a command line as a lone surrogate),
-    as ``\\xff``; None for UTF-8 text."""
-    bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
-    return None if bad is None else f"\\x{ord(bad) - 0xDC00:02x}"
-
-
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
-        byte = _not_utf8(item)
+        byte = not_utf8(item)
         if byte:  # run.name=$'r\xff' trained until tensorboard's writer raised UnicodeEncodeError, and a path in
             # data.paths was "expected a list" (#27 pass 33)
             shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

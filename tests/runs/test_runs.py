@@ -323,3 +323,29 @@ def test_a_run_into_a_prepared_corpus_or_an_exported_folder_is_refused(tmp_path,
         make_run_dir(cfg)
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == sorted([name, "tokenizer.json"])
     assert (cfg.run_dir / "tokenizer.json").read_text() == "theirs"
+
+
+def test_a_run_path_that_is_not_utf8_is_one_line(tmp_path, run_dir):
+    """#27 pass 33: the checkpoint library cannot open a path holding a byte that is not UTF-8 (a folder renamed
+    `q$'\\xff'`, a Latin-1 name): `--run` of such a run called its step corrupt, with the fix `rm -r` of the intact
+    checkpoint and two tracebacks; `convert` / `import --out` there raised 70 tracebacks after reading the weights, and
+    a config naming it trained until tensorboard's writer raised. Each is one line naming the byte."""
+    import shutil
+
+    from loopformer.errors import AnalysisError, ConfigError
+    from loopformer.runs.read import read_run
+    from loopformer.train.newrun import out_dir
+    from tests.conftest import tiny_config
+
+    moved = Path(os.fsdecode(bytes(tmp_path) + b"/q\xff"))
+    shutil.copytree(run_dir, moved)
+    with pytest.raises(AnalysisError, match=r"^--run .*/q\\xff: its path holds the byte \\xff, which is not UTF-8 "
+                                            r"text, and the checkpoint library cannot open such a path; rename"):
+        read_run(moved)
+    with pytest.raises(ConfigError, match=r"^--out .*/n\\xe9 holds the byte \\xe9, which is not UTF-8 text"):
+        out_dir(os.fsdecode(bytes(tmp_path) + b"/n\xe9"))
+    assert not Path(os.fsdecode(bytes(tmp_path) + b"/n\xe9")).exists()
+    cfg = tiny_config(tmp_path, "r")
+    cfg.run.name = os.fsdecode(b"r\xff")  # as a config file's "r\uDCFF" reads (an override is refused before)
+    with pytest.raises(ConfigError, match=r"^run.name / run.dir: the run directory .*/r\\xff holds the byte \\xff"):
+        cfg.run.validate()
