@@ -413,6 +413,30 @@ def test_a_deleted_current_directory_is_one_line_in_a_bench_script(name, argv, t
                                 "exists, or give absolute paths"]
 
 
+def test_an_out_the_checkpoint_library_cannot_open_names_out(tmp_path, monkeypatch, capsys):
+    """#27 pass 33: a bench --out holding a byte that is not UTF-8 (`--out $'o\\xff'`) was refused as the override
+    `run.dir=o\\xff`, which the user never gave, and one with a '[' as "run.name / run.dir: ... rename it": each names
+    --out (argparse's line) before any work."""
+    import argparse
+
+    common = script("_common")
+    for text, line in ((os.fsdecode(bytes(tmp_path) + b"/o\xff"), r"/o\\xff holds the byte \\xff, which is not UTF-8 "
+                        r"text, and the checkpoint library cannot open the runs there; choose another folder$"),
+                       (f"{tmp_path}/o[1]", r"/o\[1\]: its path has a '\[' or '\]', which the checkpoint library "
+                        r"reads as a pattern")):
+        with pytest.raises(argparse.ArgumentTypeError, match=line):
+            common.out_folder(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="holds the byte"):
+        common.folder(os.fsdecode(bytes(tmp_path) + b"/o\xff"))
+    common.folder(f"{tmp_path}/o[1]")  # reading runs there works: only a save reads the path as a pattern
+    monkeypatch.setattr(sys, "argv", ["seeds.py", "--config", "configs/quickstart.yaml", "--seeds", "1", "--out",
+                                      f"{tmp_path}/o[1]"])
+    with pytest.raises(SystemExit) as info:
+        common.run_main(script("seeds").main)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --out:" in err and "run.dir" not in err, err
+
+
 def test_a_library_fix_naming_run_dir_names_out_in_a_bench_script(tmp_path, monkeypatch, capsys):
     """#27 pass 27: a bench script puts its runs under --out and sets run.dir itself, so the library's "set
     run.dir=<a disk with room>" (a full disk) was refused when followed (seeds.py: "use --out instead"; the others take
