@@ -42,6 +42,9 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
         shown = out.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise ConfigError(f"--out {shown} holds the byte {byte}, which is not UTF-8 text, and the checkpoint library "
                           f"cannot write such a path; name it in UTF-8")
+    if any(ch in str(path.absolute()) for ch in "[]"):  # convert found it after reading the weights, naming run.dir
+        raise ConfigError(f"--out {out}: the run directory {path.absolute()} has a '[' or ']', which the checkpoint "
+                          f"library reads as a pattern (its checkpoints could not be read back); choose another --out")
     problem = unwritable_target(path, "run", "run")
     if problem:
         raise ConfigError(problem)

@@ -146,6 +146,15 @@ def test_convert_is_the_plain_model_at_one_loop_and_the_duplication_at_two(plain
     assert "loaded" not in capsys.readouterr().err
 
 
+def test_convert_out_with_a_bracket_is_refused_before_the_weights_are_read(plain_run, capsys):
+    """#27 pass 33: `convert --out 'x[1]'` read the weights, then was refused as "run.name / run.dir: ... has a '['"
+    (settings the user never gave); it names --out before any weight is read."""
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", str(plain_run.parent / "x[1]")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {plain_run.parent / 'x[1]'}: the run directory" in err and "loaded" not in err, err
+    assert "choose another --out" in err and not (plain_run.parent / "x[1]").exists()
+
+
 def test_convert_with_drop_does_not_claim_the_plain_models_function(plain_run, capsys):
     """#27 pass 33: `convert --drop` said "at 1 loop it computes what the plain model did", and the dropped layers
     change it (the loss at 1 loop differs): the line names the dropped layers."""
