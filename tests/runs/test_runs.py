@@ -318,11 +318,19 @@ def test_a_run_into_a_prepared_corpus_or_an_exported_folder_is_refused(tmp_path,
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / name).write_text("{}")
     (cfg.run_dir / "tokenizer.json").write_text("theirs")
-    with pytest.raises(ConfigError, match=rf"^run.dir / run.name: {cfg.run_dir} holds {re.escape(what)} \({name}\), "
+    with pytest.raises(ConfigError, match=rf"^run.dir / run.name: {cfg.run_dir} is {re.escape(what)} \({name}\), "
                                           rf"not a run, .* set run.dir=<a directory> or run.name=<another name>$"):
         make_run_dir(cfg)
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == sorted([name, "tokenizer.json"])
     assert (cfg.run_dir / "tokenizer.json").read_text() == "theirs"
+    # --run of it said "config.yaml is missing (train first ...)", and training into it is what is refused above
+    from loopformer.runs.read import read_run
+
+    fix = {"meta.json": f"train a run on it (data.paths=[{cfg.run_dir}])",
+           "config.json": f"import it (loopformer import --hf {cfg.run_dir} --out runs/NAME)"}[name]
+    with pytest.raises(CheckpointError, match=rf"^no run at {cfg.run_dir}: it is {re.escape(what)} \({name}\), not a "
+                                              rf"run; {re.escape(fix)}, and point --run at that run$"):
+        read_run(cfg.run_dir)
 
 
 def test_a_run_path_that_is_not_utf8_is_one_line(tmp_path, run_dir):
