@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from loopformer import jsontext  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
-from loopformer.errors import AnalysisError, LoopformerError, not_utf8  # noqa: E402
+from loopformer.errors import AnalysisError, LoopformerError, not_utf8, printable  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
@@ -140,7 +140,7 @@ def _checkpoint_path(text: str, *, pattern: bool) -> None:
     run.name, or an override run.dir=... the user never gave (#27 pass 33)."""
     byte = not_utf8(text)
     if byte:
-        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        shown = printable(text)
         raise argparse.ArgumentTypeError(f"{shown} holds the byte {byte}, which is not UTF-8 text, and the checkpoint "
                                          f"library cannot open the runs there; choose another folder")
     if pattern and any(ch in str(Path(text).absolute()) for ch in "[]"):

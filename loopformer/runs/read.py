@@ -16,7 +16,7 @@ import yaml
 from loopformer.config import Config, config_from_dict
 from loopformer.config.load import DuplicateKey, UniqueKeyLoader
 from loopformer.data.sources import DataSource, build_data
-from loopformer.errors import AnalysisError, CheckpointError, not_utf8
+from loopformer.errors import AnalysisError, CheckpointError, not_utf8, printable
 from loopformer.model.plan import resolve_loops
 from loopformer.runs.layout import FOREIGN_FOLDERS, OLDER_LAYOUT, RunDir, not_a_file, special
 
@@ -181,7 +181,7 @@ def read_run(path: str | Path) -> RunInfo:
                             f"{shlex.quote(str(path))})")
     byte = not_utf8(str(path.resolve()))
     if byte:  # its steps were "corrupt ... delete it (rm -r ...)", with the checkpoint library's tracebacks (#27 pass 33)
-        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        shown = printable(path)
         raise AnalysisError(f"--run {shown}: its path holds the byte {byte}, which is not UTF-8 text, and the checkpoint "
                             f"library cannot open such a path; rename the folder in UTF-8 (its checkpoints are intact)")
     cfg = load_run_config(path)
