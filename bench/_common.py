@@ -16,7 +16,15 @@ from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loopformer.cli import FLAGS_GIVEN, check_platforms, jax_variable_refused, on_signal, single_flags  # noqa: E402
+from loopformer.cli import (  # noqa: E402
+    CWD_GONE,
+    FLAGS_GIVEN,
+    check_platforms,
+    cwd_gone,
+    jax_variable_refused,
+    on_signal,
+    single_flags,
+)
 
 try:  # a JAX variable that JAX refuses as it is imported (JAX_ENABLE_X64=maybe): one line, as `loopformer` says it
     import jax
@@ -31,7 +39,7 @@ import numpy as np  # noqa: E402
 from loopformer import jsontext  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
-from loopformer.errors import AnalysisError, LoopformerError  # noqa: E402
+from loopformer.errors import AnalysisError, LoopformerError, not_utf8, printable  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
@@ -126,6 +134,20 @@ def _reachable(text: str) -> None:
         raise argparse.ArgumentTypeError(f"{text} {closed}, or choose another folder")
 
 
+def _checkpoint_path(text: str, *, pattern: bool) -> None:
+    """Refuse a folder whose runs the checkpoint library cannot open: a byte that is not UTF-8 in its path, and (where
+    runs are trained, ``pattern``) a '[' or ']', which it reads as a pattern. The library's refusals named run.dir /
+    run.name, or an override run.dir=... the user never gave (#27 pass 33)."""
+    byte = not_utf8(text)
+    if byte:
+        shown = printable(text)
+        raise argparse.ArgumentTypeError(f"{shown} holds the byte {byte}, which is not UTF-8 text, and the checkpoint "
+                                         f"library cannot open the runs there; choose another folder")
+    if pattern and any(ch in str(Path(text).absolute()) for ch in "[]"):
+        raise argparse.ArgumentTypeError(f"{text}: its path has a '[' or ']', which the checkpoint library reads as a "
+                                         f"pattern (the runs' checkpoints could not be read back); choose another folder")
+
+
 def _outside_runs(path: Path) -> Path:
     """``path`` unless a run directory holds it: a file there replaced the run's own (config.yaml, metrics.jsonl) or,
     in checkpoints/, was replaced by a checkpoint of its name; a folder was refused by the first training, naming
@@ -160,6 +182,7 @@ def out_folder(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder to write")
     _reachable(text)
+    _checkpoint_path(text, pattern=True)
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; give a directory for the runs and results")
@@ -188,6 +211,7 @@ def folder(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("'': name the folder")
     _reachable(text)
+    _checkpoint_path(text, pattern=False)
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a directory; name the folder that holds the runs")
     return Path(text)
@@ -378,6 +402,13 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         code = main()
     except LoopformerError as e:
         print(f"error: {bench_fix(str(e))}", file=sys.stderr)
+        code = 2
+    except FileNotFoundError:
+        if not cwd_gone():
+            raise
+        # a relative --out or --run under a folder deleted after the shell entered it: the checks of --out resolve it
+        # (os.getcwd), which was a FileNotFoundError traceback (#27 pass 33), as in the commands since pass 23
+        print(f"error: {CWD_GONE}", file=sys.stderr)
         code = 2
     except (KeyboardInterrupt, Terminated) as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)

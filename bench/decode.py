@@ -107,6 +107,12 @@ def main() -> None:
         if not info.is_text:
             p.error(f"--run {args.run}: a text run is needed (its val split gives the prompts), and it trains on "
                     f"the task '{info.cfg.data.task}'")
+        if not info.circuits:  # an IndexError traceback at the exit rows, after every policy row (#27 pass 33)
+            p.error(f"--run {args.run}: a run with a looped circuit is needed (its tokens' exits are measured), and "
+                    f"it has none (model.stages: [])")
+        if info.cfg.data.seq_len < PROMPT:  # its windows were cut into shorter prompts, recorded as PROMPT tokens
+            p.error(f"--run {args.run}: its windows (data.seq_len {info.cfg.data.seq_len}) are shorter than the "
+                    f"{PROMPT}-token prompts measured; give a run with data.seq_len >= {PROMPT}")
     exit_model = compact_model()  # a huge --compact-batch was found after the policy rows (minutes), by XLA
     per_exit = exit_model.empty_cache(1, 1, CachePolicy.parse("full"), {"X": EXIT_CAP}).nbytes_per_token()
     C.fits_memory(p, "--compact-batch", max(compact_batches), lambda b: b * per_exit * (PROMPT + EXIT_NEW),
@@ -199,7 +205,12 @@ def exit_rows(model: Any, graphdef: Any, params: Any, args: Any) -> list[dict]:
         run = load_run(read_run(args.run))
         model, params, circuit = run.model, run.params, run.info.circuits[0]
         graphdef = nnx.graphdef(model)
-        val = run.eval_sets(["val"], 8)["val"][0]["inputs"]
+        # the val windows of every batch (a run's eval batches may hold fewer than 8: an IndexError, #27 pass 33)
+        val = np.concatenate([np.asarray(b["inputs"])[np.asarray(b["mask"]).sum(-1) > 0]
+                              for b in run.eval_sets(["val"], 8)["val"]])
+        if len(val) < 8:
+            raise C.AnalysisError(f"--run {args.run}: its val split holds {len(val)} windows, and the exit rows "
+                                  f"take prompts from 8")
     for batch in (1, 8):
         ps = prompts(batch) if not args.run else [[int(t) for t in val[i, :PROMPT]] for i in range(batch)]
         dec = Decoder(graphdef, model.circuit_names, "full")

@@ -227,6 +227,11 @@ def main() -> None:
     C.once(p, "--skip", args.skip)
     if len(args.skip) == 3:  # a document of the environment alone, status 0
         p.error("--skip throughput compile sweep leaves nothing to measure; skip at most two")
+    unread = [f"--{d}" for d in ("rounds", "steps") if d in p.given]
+    if "throughput" in args.skip and unread:  # accepted and not read (#27 pass 33)
+        p.error(f"{' and '.join(unread)} set{'s' if len(unread) == 1 else ''} the throughput timing alone, and --skip "
+                f"throughput skips it, so {'it' if len(unread) == 1 else 'they'} would not be used; drop "
+                f"{'it' if len(unread) == 1 else 'them'}, or measure the throughput")
     size = dict(C.SIZES[args.size])
     t_start = time.perf_counter()
     result: dict[str, Any] = {"bench": "loop_overhead", "size": args.size, "preset": size, "env": C.environment()}

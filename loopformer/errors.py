@@ -15,6 +15,19 @@ _WORD = re.compile(rf"\S{{{LONG + 1},}}")  # a run without spaces: a string, a p
 _TAIL = re.compile(r"(['\"]?)([;,.:)\]}]*)$")
 
 
+def not_utf8(text: str) -> str | None:
+    """The first byte of ``text`` that is not UTF-8, as ``\\xff`` (Python keeps such a byte of a command line or a file
+    name as a lone surrogate, which the checkpoint library and tensorboard cannot encode), or None for UTF-8 text."""
+    bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+    return None if bad is None else f"\\x{ord(bad) - 0xDC00:02x}"
+
+
+def printable(text: object) -> str:
+    """``text`` (or a path) with each byte that is not UTF-8 written as ``\\xff`` (`not_utf8`): a line naming it can
+    be printed (the lone surrogate Python keeps cannot be encoded)."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def shorten(message: str) -> str:
     """``message`` with each list or mapping, and each word, of more than `LONG` characters cut to its first `SHOWN`,
     ``…`` and its length: an override whose 3,000-character value was refused quoted it whole, one line of 3,000

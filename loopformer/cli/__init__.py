@@ -247,13 +247,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except FileNotFoundError:
-        if not _cwd_gone():
+        if not cwd_gone():
             raise
         # a relative path (the default run.dir `runs`, `--run ../x`) under a folder deleted after the shell entered
         # it: Python cannot resolve it (os.getcwd), which was a traceback from pathlib or posixpath
-        print("error: the current directory no longer exists (it was deleted or moved after the shell entered it), "
-              "so a relative path cannot be resolved; cd to a directory that exists, or give absolute paths",
-              file=sys.stderr)
+        print(f"error: {CWD_GONE}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout exited (`| head -1`): stop as a pipe's writer does, no traceback
         _drop_stdout()
@@ -273,7 +271,13 @@ def _main(argv: list[str] | None) -> int:
         stop.clear()  # reported above: a later command or training in this process (tests, a notebook) starts clean
 
 
-def _cwd_gone() -> bool:
+CWD_GONE = ("the current directory no longer exists (it was deleted or moved after the shell entered it), so a "
+            "relative path cannot be resolved; cd to a directory that exists, or give absolute paths")
+
+
+def cwd_gone() -> bool:
+    """Whether the current directory was deleted (or moved) after the process entered it: a FileNotFoundError then may
+    come from resolving a relative path (`CWD_GONE` says so), in the commands and the bench scripts."""
     try:
         os.getcwd()
     except FileNotFoundError:

@@ -76,7 +76,10 @@ def convert_command(args: argparse.Namespace) -> int:
             f"converted {info.path} @ step {run.step} into {out}:",
             f"  prelude layers {pre or '-'} · core {c.name} = layers {core} looped (train {c.loops}, eval "
             f"{c.eval_loops}) · coda layers {post or '-'}" + (f" · dropped {sorted(recipe.drop)}" if recipe.drop else ""),
-            f"  at 1 loop it computes what the plain model did; train on with: {train}"])
+            # with --drop it is another model: the line said it computes the plain one's (#27 pass 33)
+            "  at 1 loop it computes what the plain model did"
+            + (f" without layers {sorted(recipe.drop)} (dropped: not the same function)" if recipe.drop else "")
+            + f"; train on with: {train}"])
         return doc, text
 
     return emit(args, body)

@@ -135,6 +135,10 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
     if not circuits:
         raise PlanError(f"--exit {specs[0]}: this run has no looped circuits, so nothing can exit; drop --exit")
     per_flag = []
+    # a rule without a circuit that must name one, told once every flag is read: beside `--exit X=latent_diff:0.1`
+    # the circuit it would name (X) has a rule, and "name it, e.g. --exit X=learned:q=0.5" was refused in turn as
+    # two rules for X, the line that answers them both (#27 pass 33)
+    unnamed: PlanError | None = None
     for spec in specs:
         flag = f"--exit {spec}"
         name, sep, rest = spec.partition("=")
@@ -167,16 +171,16 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         if twice is not None:  # evaluated and written twice (pass 7), then merged with no word (as a list repeats)
             raise PlanError(f"{flag} lists the threshold {twice} twice; give each once")
         if rules[0].needs_readout and len(targets) > 1:
-            raise PlanError(f"{flag}: {kind} reads the model's output after every iteration, for one circuit at a "
-                            f"time; name it, e.g. --exit {circuits[0]}={body}")
+            unnamed = unnamed or PlanError(f"{flag}: {kind} reads the model's output after every iteration, for one "
+                                           f"circuit at a time; name it, e.g. --exit {circuits[0]}={body}")
         headless = [c for c in targets if c not in heads]
         if rules[0].needs_head and len(targets) > 1 and heads and headless:
             # the circuit without a head was refused with latent_diff as its fix, where the rule was meant for the
             # one with it (#27 pass 31); told here, where it is known that no circuit was named (#27 pass 32 told
             # the two apart by the rule objects' identity)
             have = f"circuit {heads[0]} has" if len(heads) == 1 else f"circuits {', '.join(heads)} have"
-            raise PlanError(f"{flag} applies to every circuit ({', '.join(targets)}), and only {have} a halting head "
-                            f"for it to read; name it, e.g. --exit {heads[0]}={body}")
+            unnamed = unnamed or PlanError(f"{flag} applies to every circuit ({', '.join(targets)}), and only {have} "
+                                           f"a halting head for it to read; name it, e.g. --exit {heads[0]}={body}")
         for earlier, (done, _) in zip(specs, per_flag, strict=False):
             twice = [c for c in targets if c in done]
             if twice:
@@ -186,6 +190,8 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
             raise PlanError(f"{flag}: min={rules[0].min_loops} is above --max-loops {max_loops}, so no token could stop "
                             f"by the rule; lower min or raise --max-loops")
         per_flag.append((targets, rules))
+    if unnamed is not None:
+        raise unnamed
     count = max(len(r) for _, r in per_flag)
     if count > 1 and not many:
         raise PlanError("--exit: this command takes one threshold per rule; use `loopformer sweep` to compare thresholds")

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from loopformer.config.schema import ARCHITECTURE, BEHAVIOUR, CIRCUIT_PARTS, SCHEDULE, Config, ModelConfig
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, not_utf8, printable
 from loopformer.runs.layout import not_a_file
 
 TASK = "task"  # the data a run learns: a resume must keep it, like the architecture
@@ -275,6 +275,13 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
+        byte = not_utf8(item)
+        if byte:  # run.name=$'r\xff' trained until tensorboard's writer raised UnicodeEncodeError, and a path in
+            # data.paths was "expected a list" (#27 pass 33)
+            shown = printable(item)
+            raise ConfigError(f"override '{shown}' holds the byte {byte}, which is not UTF-8 text (a name in another "
+                              f"encoding?); a run's settings are UTF-8 text: write it in UTF-8 (rename the file or "
+                              f"folder it names)")
         key, sep, text = item.partition("=")
         if not sep or not key.strip() or " " in key.strip():
             if item.endswith((".yaml", ".yml")) or Path(item).is_file():  # the config without its flag

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, not_utf8, printable
 from loopformer.runs.layout import too_long
 from loopformer.variants.halting import HALTINGS, Halting
 from loopformer.variants.loops import MAX_LOOPS, LoopDistribution
@@ -872,6 +872,10 @@ class RunConfig:
         where = str(Path(self.dir).expanduser().absolute() / self.name)
         _check(not any(ch in where for ch in "[]"), f"run.name / run.dir: the run directory {where} has a '[' or ']', "
                f"which the checkpoint library reads as a pattern (its checkpoints could not be read back); rename it")
+        byte = not_utf8(where)  # the checkpoint library cannot open it: a traceback per array (#27 pass 33)
+        shown = printable(where)
+        _check(byte is None, f"run.name / run.dir: the run directory {shown} holds the byte {byte}, which is not UTF-8 "
+               f"text, and the checkpoint library cannot open such a path; rename it in UTF-8")
         long = too_long(Path(where), "run.name / run.dir")
         _check(long is None, long or "")
 

@@ -61,7 +61,7 @@ from loopformer.data.text import (
     split_of,
     training_text,
 )
-from loopformer.errors import DataError
+from loopformer.errors import DataError, not_utf8, printable
 from loopformer.runs.layout import dead_siblings, outside_runs, unwritable_target
 from loopformer.runs.lock import exclusive, in_use
 from loopformer.runs.log import progress_bar
@@ -173,6 +173,11 @@ def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], forc
     problem = unwritable_target(out, "corpus", "corpus")
     if problem:
         raise DataError(problem)
+    byte = not_utf8(str(out.absolute()))
+    if byte:  # ArrayRecord's writer took it as a TypeError traceback (#27 pass 33)
+        shown = printable(out)
+        raise DataError(f"--out {shown} holds the byte {byte}, which is not UTF-8 text, and the shards' writer (and "
+                        f"reader) cannot take such a path; name it in UTF-8")
     where = out.resolve()
     for pattern in patterns:
         folder = Path(pattern).expanduser()

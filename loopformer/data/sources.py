@@ -221,6 +221,11 @@ def prepared_dir(cfg: Config) -> Path | None:
     if d.format == "auto" and prepared and len(paths) > 1:  # its shards were read as text: "not UTF-8; iconv it"
         raise DataError(f"data.paths: {prepared[0]} is a corpus written by `loopformer prepare`, which is read alone; "
                         f"make it the only entry of data.paths, or name the raw text files instead")
+    shards = [p for p in prepared if p.is_dir() and any(f.suffix in ARRAYRECORD_SUFFIXES for f in p.iterdir())]
+    if d.format in ("text", "jsonl") and shards:  # its shards were read as text: "not UTF-8; iconv it" (#27 pass 33)
+        raise DataError(f"data.paths: {shards[0]} is a corpus written by `loopformer prepare` (ArrayRecord shards, not "
+                        f"{d.format}), and data.format={d.format} would read its files as {d.format}; set "
+                        f"data.format=auto (or arrayrecord), or name the raw files instead")
     looks_prepared = len(paths) == 1 and bool(prepared)
     if d.format == "arrayrecord" or (d.format == "auto" and looks_prepared):
         if len(paths) != 1:

@@ -121,6 +121,13 @@ def misnamed_step(checkpoints: Path) -> None:
 
 DANGLING = "a symlink that leads nowhere (or in a loop)"
 
+# the files that mark a folder another command wrote (`prepare --out`, `export --out`), which no run holds: what it
+# is, and how a run is made of it (`--run` of one said "train first", and a run trained into it replaced its
+# tokenizer.json; #27 pass 33)
+FOREIGN_FOLDERS = (("meta.json", "a corpus written by `loopformer prepare`", "train a run on it (data.paths=[{}])"),
+                   ("config.json", "a Hugging Face model folder", "import it (loopformer import --hf {} --out "
+                                                                  "runs/NAME)"))
+
 
 def not_a_file(path: str | Path) -> str | None:
     """What is at ``path`` where a file is wanted and none is, worded to follow the path in a message: "is a folder",

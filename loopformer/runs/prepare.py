@@ -17,7 +17,16 @@ import jax
 
 from loopformer.config import ARCHITECTURE, SCHEDULE, TASK, Change, Config, circuit_label, config_changes, config_from_dict
 from loopformer.errors import CheckpointError, ConfigError
-from loopformer.runs.layout import DANGLING, WRITE_PROBE, RunDir, not_a_folder, outside_runs, read_only, special
+from loopformer.runs.layout import (
+    DANGLING,
+    FOREIGN_FOLDERS,
+    WRITE_PROBE,
+    RunDir,
+    not_a_folder,
+    outside_runs,
+    read_only,
+    special,
+)
 from loopformer.runs.read import read_config_dict
 
 
@@ -95,6 +104,13 @@ def make_run_dir(cfg: Config) -> Path:
     if blocked:  # mkdir's "File exists" or "Not a directory" named neither the file nor the link
         raise ConfigError(f"run.dir / run.name: {blocked[0]} is {blocked[1]}, not a directory; set "
                           f"run.dir=<a directory> or run.name=<another name>")
+    # a folder another command wrote, where a run writes its own tokenizer.json: it replaced a prepared corpus's (whose
+    # shards then read as another tokenizer's ids) or an exported model's, with no word (#27 pass 33)
+    foreign = next(((name, what) for name, what, _ in FOREIGN_FOLDERS if (run_dir / name).is_file()), None)
+    if foreign is not None and not RunDir(run_dir).holds_run:
+        raise ConfigError(f"run.dir / run.name: {run_dir} is {foreign[1]} ({foreign[0]}), not a run, and a run "
+                          f"writes its tokenizer.json, checkpoints and metrics there; set run.dir=<a directory> or "
+                          f"run.name=<another name>")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f"{WRITE_PROBE}{jax.process_index()}"

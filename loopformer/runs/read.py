@@ -16,9 +16,9 @@ import yaml
 from loopformer.config import Config, config_from_dict
 from loopformer.config.load import DuplicateKey, UniqueKeyLoader
 from loopformer.data.sources import DataSource, build_data
-from loopformer.errors import AnalysisError, CheckpointError
+from loopformer.errors import AnalysisError, CheckpointError, not_utf8, printable
 from loopformer.model.plan import resolve_loops
-from loopformer.runs.layout import OLDER_LAYOUT, RunDir, not_a_file, special
+from loopformer.runs.layout import FOREIGN_FOLDERS, OLDER_LAYOUT, RunDir, not_a_file, special
 
 
 def _older_layout(data: Any) -> bool:
@@ -93,6 +93,11 @@ def load_run_config(run_dir: str | Path) -> Config:
     kind = special(path)
     if kind:  # a FIFO would block the read forever; either was called missing
         raise CheckpointError(f"{path} is {kind}, not the run's config file; put the run's config.yaml back")
+    foreign = next((f for f in FOREIGN_FOLDERS if (run_dir / f[0]).is_file()), None)
+    if not path.is_file() and foreign:  # "train first" trained into it, which is refused: it is not a run's folder
+        name, what, fix = foreign
+        raise CheckpointError(f"no run at {run_dir}: it is {what} ({name}), not a run; "
+                              f"{fix.format(shlex.quote(str(run_dir)))}, and point --run at that run")
     if not path.is_file():
         outer = _enclosing_run(run_dir)
         raise CheckpointError(f"no run at {run_dir}: {path} is missing (" + (
@@ -174,6 +179,11 @@ def read_run(path: str | Path) -> RunInfo:
     if not os.access(path, os.R_OK | os.X_OK):  # the PermissionError named config.yaml, not the folder
         raise AnalysisError(f"--run {path}: this user may not read the folder; make it readable (chmod -R u+rX "
                             f"{shlex.quote(str(path))})")
+    byte = not_utf8(str(path.resolve()))
+    if byte:  # its steps were "corrupt ... delete it (rm -r ...)", with the checkpoint library's tracebacks (#27 pass 33)
+        shown = printable(path)
+        raise AnalysisError(f"--run {shown}: its path holds the byte {byte}, which is not UTF-8 text, and the checkpoint "
+                            f"library cannot open such a path; rename the folder in UTF-8 (its checkpoints are intact)")
     cfg = load_run_config(path)
     cfg.run.dir, cfg.run.name = str(path.resolve().parent), path.resolve().name
     return RunInfo(path, cfg, build_data(cfg))

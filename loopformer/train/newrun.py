@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from loopformer.config import Config
 from loopformer.data.sources import DataSource, build_data
-from loopformer.errors import CheckpointError, ConfigError
+from loopformer.errors import CheckpointError, ConfigError, not_utf8, printable
 from loopformer.runs.checkpoint import Checkpoints
 from loopformer.runs.layout import RunDir, dead_siblings, not_a_folder, outside_runs, unwritable_target
 from loopformer.runs.log import log
@@ -37,6 +37,14 @@ def out_dir(out: str, beside: Path | None = None) -> Path:
         raise ConfigError(f"--out {out!r}: name the new run's directory, e.g. --out runs/NAME (it is created)")
     path = Path(out)
     path = beside.parent / out if beside is not None and len(path.parts) == 1 else path
+    byte = not_utf8(str(path.absolute()))
+    if byte:  # the checkpoint library's save raised 70 tracebacks after the weights were read (#27 pass 33)
+        shown = printable(out)
+        raise ConfigError(f"--out {shown} holds the byte {byte}, which is not UTF-8 text, and the checkpoint library "
+                          f"cannot write such a path; name it in UTF-8")
+    if any(ch in str(path.absolute()) for ch in "[]"):  # convert found it after reading the weights, naming run.dir
+        raise ConfigError(f"--out {out}: the run directory {path.absolute()} has a '[' or ']', which the checkpoint "
+                          f"library reads as a pattern (its checkpoints could not be read back); choose another --out")
     problem = unwritable_target(path, "run", "run")
     if problem:
         raise ConfigError(problem)

@@ -191,6 +191,11 @@ class _Initial:
 def _initial(cfg: Config, source: DataSource, mesh: jax.sharding.Mesh) -> _Initial:
     """The model of ``cfg`` (described in the log) and its initial train state, sharded on ``mesh``."""
     model = make_model(cfg, source)
+    beyond = [i for i in cfg.data.stop_ids if i >= model.vocab_size]
+    if beyond:  # only `generate` reads them, and it refused them after the training (#27 pass 33)
+        raise ConfigError(f"data.stop_ids {beyond} are not token ids of this model (vocabulary {model.vocab_size}), so "
+                          f"`generate` could never stop at them; give ids below {model.vocab_size}, or [] (the "
+                          f"tokenizer's end-of-text)")
     counts = model.param_counts()
     log(describe(cfg.model, model.vocab_size, counts))
     graphdef, params = nnx.split(model)

@@ -108,6 +108,11 @@ CASES = [
     ("loop_overhead", ["--skip", "compile", "compile"], "--skip names compile twice; give each once"),
     ("loop_overhead", ["--skip", "throughput", "compile", "sweep"],
      "--skip throughput compile sweep leaves nothing to measure; skip at most two"),  # wrote an empty document
+    # #27 pass 33: only the throughput timing reads them, and they were accepted and ignored beside its --skip
+    ("loop_overhead", ["--skip", "throughput", "--rounds", "9"], "--rounds sets the throughput timing alone, and "
+     "--skip throughput skips it, so it would not be used; drop it, or measure the throughput"),
+    ("loop_overhead", ["--skip", "throughput", "sweep", "--steps", "3", "--rounds", "5"], "--rounds and --steps set "
+     "the throughput timing alone, and --skip throughput skips it, so they would not be used"),
     ("decode", ["--compact-only", "--new", "4", "--loops", "2"],  # the rows were random weights' at 256 tokens
      "--compact-only measures its own rows alone (random weights, 256 new tokens, batches --compact-batch), so --new "
      "and --loops would not be used; drop them, or drop --compact-only"),
@@ -386,6 +391,52 @@ def test_run_main_prints_a_library_error_in_one_line(capsys):
     assert info.value.code == 0
 
 
+@pytest.mark.parametrize(("name", "argv"), [("decode", ["--out", "r.json"]), ("exit_oracle", ["--out", "out"]),
+                                            ("seeds", ["--config", "c.yaml"])])
+def test_a_deleted_current_directory_is_one_line_in_a_bench_script(name, argv, tmp_path, monkeypatch, capsys):
+    """#27 pass 33: a relative --out (or --config) under a folder deleted after the shell entered it (`cd x; rm -r
+    ../x`) was a FileNotFoundError traceback from the checks of --out (os.getcwd), before any work; the commands have
+    said it in one line since pass 23."""
+    common = script("_common")
+    module = script(name)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        common.run_main(module.main)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert err.splitlines() == ["error: the current directory no longer exists (it was deleted or moved after the "
+                                "shell entered it), so a relative path cannot be resolved; cd to a directory that "
+                                "exists, or give absolute paths"]
+
+
+def test_an_out_the_checkpoint_library_cannot_open_names_out(tmp_path, monkeypatch, capsys):
+    """#27 pass 33: a bench --out holding a byte that is not UTF-8 (`--out $'o\\xff'`) was refused as the override
+    `run.dir=o\\xff`, which the user never gave, and one with a '[' as "run.name / run.dir: ... rename it": each names
+    --out (argparse's line) before any work."""
+    import argparse
+
+    common = script("_common")
+    for text, line in ((os.fsdecode(bytes(tmp_path) + b"/o\xff"), r"/o\\xff holds the byte \\xff, which is not UTF-8 "
+                        r"text, and the checkpoint library cannot open the runs there; choose another folder$"),
+                       (f"{tmp_path}/o[1]", r"/o\[1\]: its path has a '\[' or '\]', which the checkpoint library "
+                        r"reads as a pattern")):
+        with pytest.raises(argparse.ArgumentTypeError, match=line):
+            common.out_folder(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="holds the byte"):
+        common.folder(os.fsdecode(bytes(tmp_path) + b"/o\xff"))
+    common.folder(f"{tmp_path}/o[1]")  # reading runs there works: only a save reads the path as a pattern
+    monkeypatch.setattr(sys, "argv", ["seeds.py", "--config", "configs/quickstart.yaml", "--seeds", "1", "--out",
+                                      f"{tmp_path}/o[1]"])
+    with pytest.raises(SystemExit) as info:
+        common.run_main(script("seeds").main)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --out:" in err and "run.dir" not in err, err
+
+
 def test_a_library_fix_naming_run_dir_names_out_in_a_bench_script(tmp_path, monkeypatch, capsys):
     """#27 pass 27: a bench script puts its runs under --out and sets run.dir itself, so the library's "set
     run.dir=<a disk with room>" (a full disk) was refused when followed (seeds.py: "use --out instead"; the others take
@@ -491,6 +542,27 @@ def test_decode_run_of_a_task_is_refused_before_any_work(run_dir, monkeypatch, c
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"--run {run_dir}: a text run is needed (its val split gives the prompts), and " \
         f"it trains on the task 'pointer_chase'" in err, err
+
+
+def test_decode_run_without_circuits_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """#27 pass 33: bench/decode.py --run of a text run without circuits (model.stages: []) was an IndexError traceback
+    at the exit rows, after every policy row had been timed."""
+    from loopformer.config import load_config
+    from loopformer.runs.prepare import prepare_run_dir
+    from tests.conftest import TASK_DEFAULTS, TINY
+
+    (tmp_path / "c.txt").write_text("and it was so. " * 40)
+    cfg = load_config(None, [*TINY, *TASK_DEFAULTS, "model.stages=[]", "data.task=text",
+                             f"data.paths=[{tmp_path}/c.txt]", "data.seq_len=16", f"run.dir={tmp_path}", "run.name=p"])
+    prepare_run_dir(cfg)
+    module = script("decode")
+    monkeypatch.setattr(module, "random_model", lambda: pytest.fail("random_model ran before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--run", str(cfg.run_dir)])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--run {cfg.run_dir}: a run with a looped circuit is needed (its tokens' exits " \
+        f"are measured), and it has none (model.stages: [])" in err, err
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")))

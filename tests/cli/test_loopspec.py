@@ -59,3 +59,16 @@ def test_parse_exits_names_what_is_missing(spec, message):
     with pytest.raises(PlanError) as info:
         parse_exits([spec], ["X", "Y"], many=True)
     assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("specs", [["X=latent_diff:0.1", "learned:q=0.5"], ["learned:q=0.5", "X=latent_diff:0.1"],
+                                   ["X=latent_diff:0.1", "kl:0.1"], ["kl:0.1", "X=latent_diff:0.1"]])
+def test_a_rule_without_a_circuit_beside_a_named_one_is_told_as_two_rules_for_it(specs):
+    """#27 pass 33: `--exit X=latent_diff:0.1 --exit learned:q=0.5` on a model whose X alone has a halting head was told
+    "name it, e.g. --exit X=learned:q=0.5", refused in turn as two rules for X (kl without a circuit the same): the
+    rule without a circuit sets X's too, which is the line."""
+    with pytest.raises(PlanError, match=r"both set circuit X's rule; pass one --exit per circuit$"):
+        parse_exits(specs, ["X", "Y"], many=False, heads=["X"])
+    # alone, each still names the circuit to give it
+    with pytest.raises(PlanError, match=r"name it, e.g. --exit X="):
+        parse_exits([s for s in specs if not s.startswith("X=")], ["X", "Y"], many=False, heads=["X"])

@@ -146,6 +146,30 @@ def test_convert_is_the_plain_model_at_one_loop_and_the_duplication_at_two(plain
     assert "loaded" not in capsys.readouterr().err
 
 
+def test_convert_out_with_a_bracket_is_refused_before_the_weights_are_read(plain_run, capsys):
+    """#27 pass 33: `convert --out 'x[1]'` read the weights, then was refused as "run.name / run.dir: ... has a '['"
+    (settings the user never gave); it names --out before any weight is read."""
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", str(plain_run.parent / "x[1]")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {plain_run.parent / 'x[1]'}: the run directory" in err and "loaded" not in err, err
+    assert "choose another --out" in err and not (plain_run.parent / "x[1]").exists()
+
+
+def test_convert_with_drop_does_not_claim_the_plain_models_function(plain_run, capsys):
+    """#27 pass 33: `convert --drop` said "at 1 loop it computes what the plain model did", and the dropped layers
+    change it (the loss at 1 loop differs): the line names the dropped layers."""
+    out = plain_run.parent / "plain_dropped"
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--drop", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "at 1 loop it computes what the plain model did without layers [1] (dropped: not the same function); " \
+           "train on with" in text
+    plain = cli_json(capsys, "eval", "--run", str(plain_run), "--examples", "40")["rows"]
+    one = cli_json(capsys, "eval", "--run", str(out), "--examples", "40", "--loops", "X=1")["rows"]
+    assert one[0]["loss"] != pytest.approx(plain[0]["loss"], abs=1e-5)
+    assert main(["convert", "--run", str(plain_run), "--core", "2:4", "--out", str(plain_run.parent / "kept1")]) == 0
+    assert "at 1 loop it computes what the plain model did; train on with" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_a_plain_model_trains_and_its_conversion_trains_on(tmp_path, capsys):
     """model.stages: [] trains like any config; a converted run resumes from its step 0 with a new loop

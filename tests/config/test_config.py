@@ -262,3 +262,14 @@ def test_a_long_refused_value_is_shown_by_its_start_and_length(override, shown):
     kept = "p" * 488  # the word run.name='...'; is 500 characters
     assert str(ConfigError(f"run.name={kept!r}; keep")) == f"run.name={kept!r}; keep"
     assert str(ConfigError(f"a {'q' * 501}.")) == f"a {'q' * 80}… (501 characters)."
+
+
+@pytest.mark.parametrize("override", [b"run.name=r\xff", b"data.paths=[/x/d\xe9/c.txt]", b"run.dir=/tmp/\xc3"])
+def test_an_override_that_is_not_utf8_is_named(override):
+    """#27 pass 33: a command line's byte that is not UTF-8 (`run.name=$'r\\xff'`, a Latin-1 folder name) reached the
+    run as a lone surrogate: training wrote the run's folder and config.yaml, then tensorboard's writer raised a
+    UnicodeEncodeError traceback; in data.paths it was "expected a list". One line names the byte."""
+    text = os.fsdecode(override)
+    byte = next(f"\\x{b:02x}" for b in override if b >= 0x80)
+    with pytest.raises(ConfigError, match=rf"^override '.*' holds the byte {re.escape(byte)}, which is not UTF-8 text"):
+        load_config("configs/quickstart.yaml", [text])

@@ -145,6 +145,13 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
     with pytest.raises(DataError, match=rf"^data.paths: {out} is a corpus written by `loopformer prepare`, which is "
                                         r"read alone; make it the only entry of data.paths"):
         build_data(cfg_for(tmp_path, [out, path], *extra))
+    # #27 pass 33: alone, under data.format=text or jsonl, its shards were read as text too, and the line said to
+    # convert a shard with iconv
+    for fmt in ("text", "jsonl"):
+        with pytest.raises(DataError, match=rf"^data.paths: {out} is a corpus written by `loopformer prepare` "
+                                            rf"\(ArrayRecord shards, not {fmt}\), and data.format={fmt} would read its "
+                                            rf"files as {fmt}; set data.format=auto \(or arrayrecord\)"):
+            build_data(cfg_for(tmp_path, [out], *extra, f"data.format={fmt}"))
 
 
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
@@ -456,3 +463,13 @@ def test_a_jsonl_corpus_with_a_byte_order_mark_is_read_past_it(tmp_path):
     path.write_text('{"text": "first", "text": "second"}\n')  # the last one won, with no word
     with pytest.raises(DataError, match=r"bom.jsonl:1: key 'text' is given twice in one record; keep one$"):
         list(iter_documents([path]))
+
+
+def test_prepare_out_that_is_not_utf8_is_one_line(tmp_path):
+    """#27 pass 33: `prepare --out $'pr\\xff'` was a TypeError traceback from ArrayRecord's writer, which takes only
+    UTF-8 paths; one line names the byte, and nothing is written."""
+    path, _ = corpus(tmp_path)
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/pr\xff"))
+    with pytest.raises(DataError, match=r"^--out .*/pr\\xff holds the byte \\xff, which is not UTF-8 text"):
+        prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]

@@ -82,6 +82,17 @@ def test_text_run_resumes_exactly(tmp_path):
     assert load_tokenizer(straight.run_dir).to_str() == load_tokenizer(resumed.run_dir).to_str()
 
 
+def test_stop_ids_past_the_vocabulary_are_refused_before_training(tmp_path):
+    """#27 pass 33: data.stop_ids=[1000] on a byte run (vocabulary 259) trained, and `generate` refused the run after
+    it ("not token ids of this model ... edit data.stop_ids in config.yaml"); training refuses it first and writes
+    nothing."""
+    cfg = load_config(None, [*text_args(tmp_path), "run.name=a", "train.steps=2", "data.stop_ids=[3, 1000]"])
+    with pytest.raises(ConfigError, match=r"^data.stop_ids \[1000\] are not token ids of this model \(vocabulary 259\), "
+                                          r"so `generate` could never stop at them; give ids below 259, or \[\]"):
+        train(cfg)
+    assert not (tmp_path / "runs" / "a").exists()
+
+
 def test_a_sequence_whose_attention_cannot_fit_is_one_line(tmp_path, run):
     """data.seq_len=200000 ran out of memory with a traceback at the first step (training) or batch (every
     analysis command, e.g. a run imported with a huge seq_len): refused first, with how long a sequence fits."""

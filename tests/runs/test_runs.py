@@ -302,3 +302,58 @@ def test_the_shell_commands_a_fix_names_are_quoted(tmp_path):
     with pytest.raises(CheckpointError) as info:
         resume_changes(load_config(None, []), orphan)
     assert f"(mv '{orphan}' '{orphan}.old')" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "what"), [("meta.json", "a corpus written by `loopformer prepare`"),
+                                            ("config.json", "a Hugging Face model folder")])
+def test_a_run_into_a_prepared_corpus_or_an_exported_folder_is_refused(tmp_path, name, what):
+    """#27 pass 33: `train run.name=CORPUS` (a folder `prepare --out` or `export --out` wrote) trained into it and
+    replaced its tokenizer.json with the run's, with no word: the corpus's shards then read as another tokenizer's
+    ids. Refused before anything is written; the folder's files are as they were."""
+    from loopformer.errors import ConfigError
+    from loopformer.runs.prepare import make_run_dir
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "corpus")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / name).write_text("{}")
+    (cfg.run_dir / "tokenizer.json").write_text("theirs")
+    with pytest.raises(ConfigError, match=rf"^run.dir / run.name: {cfg.run_dir} is {re.escape(what)} \({name}\), "
+                                          rf"not a run, .* set run.dir=<a directory> or run.name=<another name>$"):
+        make_run_dir(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == sorted([name, "tokenizer.json"])
+    assert (cfg.run_dir / "tokenizer.json").read_text() == "theirs"
+    # --run of it said "config.yaml is missing (train first ...)", and training into it is what is refused above
+    from loopformer.runs.read import read_run
+
+    fix = {"meta.json": f"train a run on it (data.paths=[{cfg.run_dir}])",
+           "config.json": f"import it (loopformer import --hf {cfg.run_dir} --out runs/NAME)"}[name]
+    with pytest.raises(CheckpointError, match=rf"^no run at {cfg.run_dir}: it is {re.escape(what)} \({name}\), not a "
+                                              rf"run; {re.escape(fix)}, and point --run at that run$"):
+        read_run(cfg.run_dir)
+
+
+def test_a_run_path_that_is_not_utf8_is_one_line(tmp_path, run_dir):
+    """#27 pass 33: the checkpoint library cannot open a path holding a byte that is not UTF-8 (a folder renamed
+    `q$'\\xff'`, a Latin-1 name): `--run` of such a run called its step corrupt, with the fix `rm -r` of the intact
+    checkpoint and two tracebacks; `convert` / `import --out` there raised 70 tracebacks after reading the weights, and
+    a config naming it trained until tensorboard's writer raised. Each is one line naming the byte."""
+    import shutil
+
+    from loopformer.errors import AnalysisError, ConfigError
+    from loopformer.runs.read import read_run
+    from loopformer.train.newrun import out_dir
+    from tests.conftest import tiny_config
+
+    moved = Path(os.fsdecode(bytes(tmp_path) + b"/q\xff"))
+    shutil.copytree(run_dir, moved)
+    with pytest.raises(AnalysisError, match=r"^--run .*/q\\xff: its path holds the byte \\xff, which is not UTF-8 "
+                                            r"text, and the checkpoint library cannot open such a path; rename"):
+        read_run(moved)
+    with pytest.raises(ConfigError, match=r"^--out .*/n\\xe9 holds the byte \\xe9, which is not UTF-8 text"):
+        out_dir(os.fsdecode(bytes(tmp_path) + b"/n\xe9"))
+    assert not Path(os.fsdecode(bytes(tmp_path) + b"/n\xe9")).exists()
+    cfg = tiny_config(tmp_path, "r")
+    cfg.run.name = os.fsdecode(b"r\xff")  # as a config file's "r\uDCFF" reads (an override is refused before)
+    with pytest.raises(ConfigError, match=r"^run.name / run.dir: the run directory .*/r\\xff holds the byte \\xff"):
+        cfg.run.validate()
