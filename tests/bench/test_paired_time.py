@@ -126,3 +126,17 @@ def test_a_record_whose_runs_are_missing_is_refused_before_any_timing(monkeypatc
     assert err.splitlines()[-1].endswith(f"--records {tmp_path / 'b'}: maze3 seed 0: the run {tmp_path / 'b'}/"
                                          f"maze3-looped is missing, where the record scored step 10; give the --out "
                                          f"the record was written in")
+
+
+def test_the_table_shows_both_ratios_and_both_verdicts(monkeypatch):
+    rows = record_rows()
+    result = {"rows": rows, "selected": A.select(rows), "steps": 10, "models": ["looped", "router"],
+              "variant_loops": []}
+    fake_runs(monkeypatch, {36: [1.0, 1.1], 24: [0.7, 0.6]})
+    doc = {"rec": {"tasks": {"maze3": paired_time.retime_task("maze3", result, Path("/nonexistent"), True, 256, 2)}}}
+    text = paired_time.markdown(doc)
+    row = next(line for line in text.splitlines() if "router (cap 24)" in line)
+    assert [c.strip() for c in row.strip("|").split("|")] == ["rec", "maze3", "0", "router: router (cap 24)", "fixed:36",
+                                                            "600000.0 (1000000.0)", "0.600 (0.710)", "0.53", "0.80",
+                                                            "yes (no)"]
+    assert text.endswith("- rec maze3: paired seed 0: router (recorded seed 0: none)")
