@@ -64,6 +64,13 @@ passes after one warm-up batch; all policies of a seed timed in one process); an
 correlation between each instance's loops and its ``Task.depth``, the instances of all difficulties of
 that split pooled.
 
+The bar's time ratios are timed in alternation (declared 2026-12-07 12:15 UTC, before the first run with it, after
+``bench/paired_time.py`` found the same fixed count's time moving by a fifth between scorings minutes apart): once a
+seed's models are scored, its 2x selections (chosen on val as below) and its best fixed count are timed again on the
+2x test set, ``PAIRED_ROUNDS`` rounds of one pass each, in turn, the order reversed every other round; each one's
+time is its fastest round, and a selection's time ratio is that over the fixed count's (``paired``, per seed and
+family, in the JSON). The rows keep the first timing; the selection's ``recorded_time_ratio`` is the ratio of those.
+
 Selection, per (seed, difficulty): the best fixed count is the one with the best val accuracy (ties: the
 fewest loops); per non-fixed family (each exit kind, the learned gate, the router) the setting with the
 fewest val FLOPs among those within 1 point of the best fixed count's val accuracy (else its most
@@ -81,17 +88,19 @@ Poisson-lognormal loops and a state norm), bits per byte vs mean loops per polic
 
 JSON: {"tasks": {NAME: {"rows": [{"seed", "difficulty", "split", "policy", "family", "model", "accuracy",
 "mean_loops", "computed_loops", "scored_rounds", "flops_per_token", "seconds_per_token", "depth_spearman"}],
-"selected": [...], "bar": {...}}}}; tables (Markdown) and a Pareto plot per task in --out.
+"selected": [...], "bar": {...}, "paired": {SEED: {FAMILY: {"policy", "fixed", "seconds", "fixed_seconds",
+"time_ratio"}}}, "paired_rounds"}}}; tables (Markdown) and a Pareto plot per task in --out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +141,7 @@ TEXT_EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003), "kl": (1e-2, 1e-3, 1e-4)}
 SPLITS = think_longer.SPLITS  # its held-out sets: settings are chosen on val, reported on test
 BATCH = 64  # wall-clock per token is measured at batch 64
 TIMINGS = 2  # passes per policy and set; the faster one is reported
+PAIRED_ROUNDS = 5  # the bar's time ratios: each 2x selection and its best fixed count, timed in alternation
 ROUTER_BACKPROP = 4  # the router's states carry gradient through its last 4 rounds, as the loops' (backprop 4)
 VARIANT_RECIPE = ("per_difficulty",)  # the looped model's recipe entries the halting and router models train with too
 VARIANT_LOOPS = ("recipe", "config")  # --variant-loops: with VARIANT_RECIPE, or their configs' own loops
@@ -279,7 +289,7 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
     setting = think_longer.TASKS[name]
     cap = 8 * setting.train_loops
     steps = setting.steps[1] if steps is None else steps
-    rows, depths = [], {}
+    rows, depths, paired = [], {}, {}
     variant_loops = recipe_loops(name, loops)
     for seed in range(first_seed, first_seed + seeds):
         variants = seed_configs(name, out, examples, seed, steps, models, loops)
@@ -290,16 +300,21 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
             depths[(seed, d, s)] = np.asarray([data.task.depth(x) for b in bs
                                                for x, msk in zip(b["inputs"], b["mask"], strict=True) if msk.sum()])
         rows += score_model("looped", cfg, model, params, data, sets, policies(name, "looped", cfg), seed, compact)
+        runs = {"looped": (cfg, model, params)}
         for variant, vcfg in variants.items():
             vmodel, vparams, vdata = trained(vcfg, out)
             rows += score_model(variant, vcfg, vmodel, vparams, vdata, sets, policies(name, variant, vcfg), seed,
                                 compact)
+            runs[variant] = (vcfg, vmodel, vparams)
+        paired[str(seed)] = paired_times(name, [r for r in rows if r["seed"] == seed], runs, sets[("2x", "test")],
+                                         compact)
         C.write_out(out / f"adaptive_{name}.rows.partial.json", C.dumps(
             [{k: v for k, v in r.items() if k != "instance_loops"} for r in rows]),
             "in its runs, which a rerun with this --out scores again")
     spearman(rows, depths)
-    selected = select(rows)
-    return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "cap": cap, "train_loops": setting.train_loops,
+    selected = select(rows, paired)
+    return {"rows": rows, "selected": selected, "bar": bar(selected, seeds), "paired": paired,
+            "paired_rounds": PAIRED_ROUNDS, "cap": cap, "train_loops": setting.train_loops,
             "variant_loops": variant_loops, "models": list(models),
             "seeds": seeds, "first_seed": first_seed, "steps": steps,
             "depth": {f"{d}/{s}": {"mean": float(np.mean(np.concatenate([v for (_, d2, s2), v in depths.items()
@@ -311,9 +326,11 @@ def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None 
 NON_FIXED = ("latent_diff", "kl", "entropy_diff", "context_diff", "context_diff/fine", "learned", "router")
 
 
-def select(rows: list[dict]) -> list[dict]:
+def select(rows: list[dict], paired: dict | None = None) -> list[dict]:
     """Per (seed, difficulty): the best fixed count and each non-fixed family's setting, chosen on val (module
-    docstring), with their test rows and the test ratios to the best fixed count."""
+    docstring), with their test rows and the test ratios to the best fixed count; at 2x a family's ``time_ratio`` is
+    its paired one where ``paired`` (str(seed) -> family -> `paired_times`'s entry) holds it for the same policy, the
+    rows' own kept as ``recorded_time_ratio``."""
     at = {(r["seed"], r["difficulty"], r["split"], r["model"], r["policy"]): r for r in rows}
     out = []
     for seed, difficulty in dict.fromkeys((r["seed"], r["difficulty"]) for r in rows):
@@ -336,13 +353,54 @@ def select(rows: list[dict]) -> list[dict]:
                                       "flops_ratio": t["flops_per_token"] / fx_test["flops_per_token"],
                                       "time_ratio": t["seconds_per_token"] / fx_test["seconds_per_token"],
                                       "accuracy_gap": t["accuracy"] - fx_test["accuracy"]}
+            timed = (paired or {}).get(str(seed), {}).get(fam)
+            if difficulty == "2x" and timed and timed["policy"] == pick["policy"] and timed["fixed"] == fx["policy"]:
+                f = entry["families"][fam]
+                f["recorded_time_ratio"], f["time_ratio"] = f["time_ratio"], timed["time_ratio"]
         out.append(entry)
     return out
 
 
+def rounds_of(passes: dict[str, Callable[[], dict]], rounds: int) -> dict[str, list[dict]]:
+    """Every pass of ``passes`` once per round, ``rounds`` times, in turn, the order reversed every other round (a
+    machine that slows down part way weighs on every policy alike): name -> its rounds' results."""
+    out: dict[str, list[dict]] = {name: [] for name in passes}
+    names = list(passes)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            out[name].append(passes[name]())
+    return out
+
+
+def paired_times(name: str, seed_rows: list[dict], runs: dict, batches: list, compact: bool | None,
+                 rounds: int = PAIRED_ROUNDS) -> dict[str, dict]:
+    """One seed's 2x selections (chosen on val from ``seed_rows``) and its best fixed count timed in alternation on the
+    2x test ``batches`` (`rounds_of`; ``runs``: model name -> (cfg, model, params)): family -> {"policy", "fixed",
+    "seconds", "fixed_seconds", "time_ratio"} (fastest round over the fixed count's fastest)."""
+    entry = next(e for e in select(seed_rows) if e["difficulty"] == "2x")
+    model_of = {r["policy"]: r["model"] for r in seed_rows}
+    chosen = {"fixed": entry["best_fixed"]["policy"]} | {fam: f["policy"] for fam, f in entry["families"].items()}
+    evaluators, passes = {}, {}
+    for fam, policy in chosen.items():
+        model_name = model_of[policy]
+        cfg, model, params = runs[model_name]
+        evaluators.setdefault(model_name, evaluator_for(model))
+        _, loops, exits, rules, *shares = next(p for p in policies(name, model_name, cfg) if p[0] == policy)
+        stops = bool(exits) or bool(rules) or model_name == "router"
+        passes[fam] = functools.partial(measure, evaluators[model_name], params, batches, cfg, model.vocab_size, loops,
+                                        exits, rules, compact if stops else None, shares[0] if shares else None,
+                                        timings=1)
+    timed = {fam: [t["seconds_per_token"] for t in ts] for fam, ts in rounds_of(passes, rounds).items()}
+    log(f"  seed {entry['seed']} paired at 2x: " + ", ".join(
+        f"{chosen[fam]} {min(timed[fam]) / min(timed['fixed']):.3f}x" for fam in entry["families"]))
+    return {fam: {"policy": chosen[fam], "fixed": chosen["fixed"], "seconds": timed[fam],
+                  "fixed_seconds": timed["fixed"], "time_ratio": min(timed[fam]) / min(timed["fixed"])}
+            for fam in entry["families"]}
+
+
 def _test(r: dict) -> dict:
     return {"test_accuracy": r["accuracy"], "test_mean_loops": r["mean_loops"], "test_flops": r["flops_per_token"],
-            "test_seconds": r["seconds_per_token"], "test_spearman": r["depth_spearman"]}
+            "test_seconds": r["seconds_per_token"], "test_spearman": r.get("depth_spearman")}  # (after `spearman`)
 
 
 def passes(f: dict) -> bool:
@@ -423,13 +481,17 @@ def markdown(name: str, result: dict) -> str:
             rho = f["test_spearman"]
             body.append(["", "", f["policy"], f"{100 * f['test_accuracy']:.1f}", f"{f['test_mean_loops']:.1f}",
                          f"{f['test_flops'] / 1e6:.2f}", f"{1e6 * f['test_seconds']:.0f}", f"{f['flops_ratio']:.2f}",
-                         f"{f['time_ratio']:.2f}", "-" if rho is None else f"{rho:.2f}",
+                         f"{f['time_ratio']:.2f}" + (f" ({f['recorded_time_ratio']:.2f})" if "recorded_time_ratio" in f
+                                                     else ""), "-" if rho is None else f"{rho:.2f}",
                          ("yes" if passes(f) else "no") if e["difficulty"] == "2x" else ""])
     b = result["bar"]
     verdict = ("the bar holds at 2x on every seed" if b["holds"] else "the bar does not hold at 2x on every seed") + (
         " (" + "; ".join(f"seed {s}: {', '.join(v) or 'none'}" for s, v in b["passing"].items()) + ")")
+    paired = any("recorded_time_ratio" in f for e in result["selected"] for f in e["families"].values())
+    note = ("\n\nAt 2x the time ratio is timed in alternation with the best fixed count (the first timing's in "
+            "brackets)" if paired else "")
     return (f"### {name}: per seed and difficulty, the best fixed count and each family's setting chosen on val, "
-            f"on test\n\n" + format_table(head, body, markdown=True) + "\n\n" + verdict)
+            f"on test\n\n" + format_table(head, body, markdown=True) + "\n\n" + verdict + note)
 
 
 def pareto(name: str, result: dict) -> bytes:
@@ -530,7 +592,7 @@ ROW_FIELDS = (("seed", "a whole number >= 0", lambda v: C.whole_number(v, 0)),
               ("depth_spearman", "a number in [-1, 1] or null",
                lambda v: v is None or C.is_number(v) and -1 <= v <= 1))
 # what every record of one --merge must share per task (the settings its rows were scored under)
-MUST_MATCH = ("cap", "train_loops", "variant_loops", "models", "steps")
+MUST_MATCH = ("cap", "train_loops", "variant_loops", "models", "steps", "paired_rounds")
 
 
 def read_record(path: Path) -> dict:
@@ -610,9 +672,11 @@ def merge(docs: dict[str, dict]) -> dict:
                                      f"settings or versions of this script do not join)")
         rows = sorted((r for _, part in parts for r in part["rows"]), key=lambda r: r["seed"])
         weights = [len({r["seed"] for r in part["rows"]}) for _, part in parts]
-        selected = select(rows)
-        merged = {k: first["tasks"][name][k] for k in MUST_MATCH}
-        merged |= {"rows": rows, "selected": selected, "bar": bar(selected, len(seen)), "seeds": len(seen),
+        paired = {seed: v for _, part in parts for seed, v in (part.get("paired") or {}).items()}
+        selected = select(rows, paired)
+        merged = {k: first["tasks"][name].get(k) for k in MUST_MATCH}
+        merged |= {"rows": rows, "selected": selected, "bar": bar(selected, len(seen)), "paired": paired,
+                   "seeds": len(seen),
                    "first_seed": min(seen), "wall_s": sum(part.get("wall_s", 0.0) for _, part in parts)}
         splits = [s for s in first["tasks"][name].get("depth", {}) if all(s in p.get("depth", {}) for _, p in parts)]
         merged["depth"] = {s: {"mean": float(np.average([p["depth"][s]["mean"] for _, p in parts], weights=weights)),

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,17 +57,6 @@ _spec.loader.exec_module(A)
 
 DIFFICULTY = "2x"  # the bar's
 ROUNDS = 5
-
-
-def rounds_of(passes: dict[str, Callable[[], dict]], rounds: int) -> dict[str, list[dict]]:
-    """Every pass of ``passes`` once per round, ``rounds`` times, in turn, the order reversed every other round (a
-    machine that slows down part way weighs on every policy alike): name -> its rounds' results."""
-    out: dict[str, list[dict]] = {name: [] for name in passes}
-    names = list(passes)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            out[name].append(passes[name]())
-    return out
 
 
 def paired_ratio(seconds: Sequence[float], fixed_seconds: Sequence[float]) -> float:
@@ -141,7 +130,7 @@ def retime_task(name: str, result: dict, folder: Path, compact: bool | None, exa
                 check_same(name, policy, recorded, got)  # at its first pass, not after every round
                 return got
             passes[fam] = one
-        timed = rounds_of(passes, rounds)
+        timed = A.rounds_of(passes, rounds)
         fixed_seconds = [t["seconds_per_token"] for t in timed["fixed"]]
         A.log(f"[{name} seed {seed}] fixed {entry['best_fixed']['policy']}: "
               f"{1e6 * min(fixed_seconds):.1f} us (recorded {1e6 * entry['best_fixed']['test_seconds']:.1f})")

@@ -359,3 +359,63 @@ def test_a_run_of_other_variant_loops_into_an_out_holding_their_rows_is_refused(
     assert "rows of router (--variant-loops recipe) of maze3, models other than the joined record's" in refused(
         monkeypatch, capsys, "--merge", str(a), str(b), "--out", str(tmp_path))
     assert held.read_text() == earlier
+
+
+def paired_entry(ratio, policy="latent_diff:0.01", fixed="fixed:24"):
+    return {"policy": policy, "fixed": fixed, "seconds": [ratio], "fixed_seconds": [1.0], "time_ratio": ratio}
+
+
+def test_the_bar_reads_the_time_ratio_timed_in_alternation():
+    """Declared 2026-12-07 12:15 UTC: at 2x a selection's time ratio is the one timed in alternation with its best
+    fixed count (`paired_times`); the rows' own is kept as recorded_time_ratio. A paired entry of another policy or
+    fixed count (a record edited, or of another selection) is not read."""
+    rows = rows_2x()
+    (entry,) = adaptive.select(rows, {"0": {"latent_diff": paired_entry(0.75)}})
+    ld = entry["families"]["latent_diff"]
+    assert ld["time_ratio"] == 0.75 and ld["recorded_time_ratio"] == pytest.approx(0.6)
+    assert not adaptive.passes(ld) and "recorded_time_ratio" not in entry["families"]["router"]
+    for stale in (paired_entry(0.75, policy="latent_diff:0.1"), paired_entry(0.75, fixed="fixed:48")):
+        (entry,) = adaptive.select(rows, {"0": {"latent_diff": stale}})
+        assert entry["families"]["latent_diff"]["time_ratio"] == pytest.approx(0.6)
+    four = [dict(r, difficulty="4x") for r in rows]  # only the bar's difficulty is paired
+    (entry,) = adaptive.select(four, {"0": {"latent_diff": paired_entry(0.75)}})
+    assert entry["families"]["latent_diff"]["time_ratio"] == pytest.approx(0.6)
+
+
+def test_paired_times_time_each_selection_against_the_best_fixed_count_in_alternation(monkeypatch):
+    # as `run_task` has them after a seed is scored: Spearman is computed over every seed afterwards (a KeyError)
+    rows = [{k: v for k, v in r.items() if k != "depth_spearman"} for r in rows_2x()]
+    calls, times = [], {24: [1.0, 0.9, 1.2], 10: [0.5, 0.7, 0.45], 96: [0.8, 0.8, 0.8]}
+
+    def measure(ev, params, batches, cfg, vocab, loops, exits, rules, compact, shares, timings):
+        assert (ev, timings, batches) == (f"ev {params}", 1, ["2x/test"])
+        n = loops["X"] if exits is None else 10  # latent_diff:0.01's cap is 96: tell it by its rule
+        calls.append(n)
+        return {"seconds_per_token": times[n].pop(0)}
+
+    monkeypatch.setattr(adaptive, "measure", measure)
+    monkeypatch.setattr(adaptive, "evaluator_for", lambda model: f"ev {model}")
+    monkeypatch.setattr(adaptive, "policies", lambda name, model, cfg: [
+        ("fixed:24", {"X": 24}, None, None), ("latent_diff:0.01", {"X": 96}, {"X": "rule"}, None),
+        ("router (cap 96)", {"X": 96}, None, None)])
+    # a model's params are its name, which its (fake) evaluator is named by: each policy runs on its own model
+    runs = {m: (None, type("M", (), {"vocab_size": 9, "__str__": lambda self, m=m: m})(), m) for m in ("looped", "router")}
+    out = adaptive.paired_times("maze3", rows, runs, ["2x/test"], True, rounds=3)
+    assert calls == [24, 10, 96, 96, 10, 24, 24, 10, 96]
+    assert out["latent_diff"] == {"policy": "latent_diff:0.01", "fixed": "fixed:24", "seconds": [0.5, 0.7, 0.45],
+                                  "fixed_seconds": [1.0, 0.9, 1.2], "time_ratio": pytest.approx(0.5)}
+    assert out["router"]["time_ratio"] == pytest.approx(0.8 / 0.9) and set(out) == {"latent_diff", "router"}
+
+
+def test_merge_joins_the_paired_timings_and_refuses_records_timed_otherwise():
+    a, b = record([0, 1]), record([2])
+    for doc, seeds in ((a, (0, 1)), (b, (2,))):
+        doc["tasks"]["maze3"]["paired"] = {str(s): {"latent_diff": paired_entry(0.75)} for s in seeds}
+        doc["tasks"]["maze3"]["paired_rounds"] = 5
+    t = adaptive.merge({"A": a, "B": b})["tasks"]["maze3"]
+    assert set(t["paired"]) == {"0", "1", "2"} and t["paired_rounds"] == 5
+    assert t["bar"] == {"holds": False, "passing": {0: [], 1: [], 2: []}}  # 0.75x the time: over 0.7x
+    assert "(0.60)" in adaptive.markdown("maze3", t) and "timed in alternation" in adaptive.markdown("maze3", t)
+    with pytest.raises(ValueError, match="maze3: B has paired_rounds None, A has 5; join records of the same "
+                                         "settings"):
+        adaptive.merge({"A": a, "B": record([2])})

@@ -17,7 +17,7 @@ A = paired_time.A
 def test_rounds_alternate_their_order_and_the_ratio_is_of_the_fastest_rounds():
     calls = []
     passes = {n: (lambda n=n: calls.append(n) or {"n": n}) for n in ("fixed", "router", "kl")}
-    out = paired_time.rounds_of(passes, 3)
+    out = A.rounds_of(passes, 3)
     assert calls == ["fixed", "router", "kl", "kl", "router", "fixed", "fixed", "router", "kl"]
     assert out["kl"] == [{"n": "kl"}] * 3
     assert paired_time.paired_ratio([3.0, 2.0, 2.5], [4.0, 5.0, 4.5]) == pytest.approx(0.5)
