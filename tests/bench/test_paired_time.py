@@ -85,7 +85,8 @@ def test_runs_that_do_not_give_the_record_s_numbers_are_refused(monkeypatch):
               "variant_loops": []}
     fake_runs(monkeypatch, {36: [1.0], 24: [0.7]}, accuracy={24: 0.5})
     with pytest.raises(ValueError, match=r"^maze3 seed 0 router \(cap 24\): accuracy 0.5 where the record has 0.98; "
-                                         r"the runs beside the record are not the ones it scored$"):
+                                         r"the runs beside the record are not the ones it scored, or --examples is "
+                                         r"not the count it scored \(adaptive.py's --examples, default 256\)$"):
         paired_time.retime_task("maze3", result, Path("/nonexistent"), True, 256, 1)
     fake_runs(monkeypatch, {36: [1.0], 24: [0.7]})
     monkeypatch.setattr(paired_time.RunDir, "trained_to", lambda self: None)
@@ -126,3 +127,35 @@ def test_a_record_whose_runs_are_missing_is_refused_before_any_timing(monkeypatc
     assert err.splitlines()[-1].endswith(f"--records {tmp_path / 'b'}: maze3 seed 0: the run {tmp_path / 'b'}/"
                                          f"maze3-looped is missing, where the record scored step 10; give the --out "
                                          f"the record was written in")
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda t: t.pop("selected"), "maze3: its selected entries are not the ones its rows give"),
+    (lambda t: t.update(selected="x"), "maze3: its selected entries are not the ones its rows give"),
+    (lambda t: t.pop("steps"), "maze3: it has steps None, where a run of adaptive.py writes a whole number >= 1"),
+    (lambda t: t.pop("models"), "maze3: it has models None, where a run of adaptive.py writes a list of looped, "
+                                "halting, router that includes looped (a record written before adaptive.py kept them)"),
+    (lambda t: t.update(rows=[r for r in t["rows"] if r["split"] == "val"]), "maze3: its rows give no selection"),
+    ("task", "it holds task 'nosuch', not one of adaptive.py's"),
+])
+def test_a_damaged_or_foreign_record_is_one_line(monkeypatch, capsys, tmp_path, edit, says):
+    """A record without its selection, steps or models, or of a task adaptive.py does not score, was a KeyError or
+    TypeError traceback (read_record checks the rows alone; #27 pass 34)."""
+    import json
+
+    rows = record_rows()
+    result = {"rows": rows, "selected": A.select(rows), "steps": 10, "models": ["looped", "router"],
+              "variant_loops": [], "cap": 96, "train_loops": 12}
+    name = "maze3"
+    if edit == "task":
+        name = "nosuch"
+    else:
+        edit(result)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "adaptive.json").write_text(json.dumps({"tasks": {name: result}, "compact": "on"}))
+    monkeypatch.setattr(sys, "argv", ["paired_time.py", "--records", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as info:
+        paired_time.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"--records {tmp_path / 'r'}: its adaptive.json is not a result of adaptive.py (ValueError: {says}" in err
