@@ -217,6 +217,11 @@ def prepared_dir(cfg: Config) -> Path | None:
         if nearest.is_dir() and not os.access(nearest, os.R_OK | os.X_OK):
             raise DataError(f"data.paths: this user may not read the folder {nearest}; make it readable (chmod -R u+rX "
                             f"{shlex.quote(str(nearest))})")
+    shard = next((p for p in paths if p.suffix in ARRAYRECORD_SUFFIXES and p.is_file()), None)
+    if shard:  # it was read as text: "not UTF-8 text; convert it with iconv" (#27 pass 34)
+        fix = (f"name its folder, data.paths=[{shard.parent}]" if (shard.parent / META_FILE).is_file()
+               else "name the folder `loopformer prepare` wrote, or the raw text files")
+        raise DataError(f"data.paths: {shard} is an ArrayRecord shard of a prepared corpus, not text; {fix}")
     prepared = [p for p in paths if p.name == META_FILE or (p / META_FILE).is_file()]
     if d.format == "auto" and prepared and len(paths) > 1:  # its shards were read as text: "not UTF-8; iconv it"
         raise DataError(f"data.paths: {prepared[0]} is a corpus written by `loopformer prepare`, which is read alone; "

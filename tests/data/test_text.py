@@ -152,6 +152,12 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
                                             rf"\(ArrayRecord shards, not {fmt}\), and data.format={fmt} would read its "
                                             rf"files as {fmt}; set data.format=auto \(or arrayrecord\)"):
             build_data(cfg_for(tmp_path, [out], *extra, f"data.format={fmt}"))
+    # #27 pass 34: one of its shards named as a path was read as text, and the line said to convert it with iconv
+    shard = sorted(out.glob("train-*"))[0]
+    for paths in ([shard], [path, shard]):
+        with pytest.raises(DataError, match=rf"^data.paths: {shard} is an ArrayRecord shard of a prepared corpus, "
+                                            rf"not text; name its folder, data.paths=\[{out}\]$"):
+            build_data(cfg_for(tmp_path, paths, *extra))
 
 
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
