@@ -208,6 +208,30 @@ def _check_splits(splits: Sequence[str] | None, valid: list[str]) -> list[str]:
     return list(dict.fromkeys(splits)) if splits else valid
 
 
+OPEN_FILES_SPARE = 256  # files a process keeps open besides a prepared corpus's shards (libraries, checkpoints, logs)
+
+
+def room_for_shards(root: Path, count: int, tokens: int, chunk: int) -> None:
+    """Let this process hold ``count`` shards of the prepared corpus ``root`` open at once (the ArrayRecord reader keeps
+    each open): its soft limit on open files is raised to the hard one where that is needed and allows; DataError
+    naming the shards and the --shard-tokens that fits where it does not (`prepare --shard-tokens 1` wrote thousands
+    of shards, and training on them was a RuntimeError traceback, "Too many open files", at the first batch; #27 pass
+    34)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = count + OPEN_FILES_SPARE
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return
+    fits = max(chunk, -(-tokens // max(1, hard - OPEN_FILES_SPARE)))
+    raise DataError(f"{root}: its {count:,} shards are more files than this process may open at once ({hard:,}, "
+                    f"`ulimit -Hn`, less {OPEN_FILES_SPARE} for the rest); prepare it again with fewer, e.g. "
+                    f"--shard-tokens {fits:,} or more")
+
+
 def prepared_dir(cfg: Config) -> Path | None:
     """The directory written by `loopformer prepare` that ``data.paths`` names, or None for raw files."""
     d = cfg.data
@@ -450,6 +474,8 @@ class TextSource(DataSource):
             self._tokenizer = self._resolve_tokenizer()
         self.split_kind = meta.get("split", HASH_SPLIT)
         self._streams = {}
+        room_for_shards(root, sum(len(meta["splits"][s]["files"]) for s in SPLITS),
+                        sum(meta["splits"][s]["tokens"] for s in SPLITS), meta["chunk_tokens"])
         for split in SPLITS:
             info = meta["splits"][split]
             files = [root / f for f in info["files"]]

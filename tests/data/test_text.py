@@ -160,6 +160,30 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
             build_data(cfg_for(tmp_path, paths, *extra))
 
 
+def test_a_prepared_corpus_of_more_shards_than_files_may_be_open_is_read_or_named(tmp_path, monkeypatch):
+    """#27 pass 34: `prepare --chunk-tokens 1 --shard-tokens 1` wrote thousands of shards, and training on them was a
+    RuntimeError traceback ("Too many open files") from the ArrayRecord reader at the first batch: the soft limit is
+    raised to the hard one where that is enough, else one line names the shards and a --shard-tokens that fits."""
+    import resource
+
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    meta = prepare_corpus(cfg_for(tmp_path, [path]), out, chunk_tokens=64, shard_tokens=256, progress=False)
+    shards = sum(len(meta["splits"][s]["files"]) for s in ("train", "val"))
+    raised = []
+    monkeypatch.setattr(resource, "setrlimit", lambda what, limits: raised.append(limits))
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (shards, 100_000))
+    next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+    assert raised == [(100_000, 100_000)]
+    out = tmp_path / "again"  # (a corpus's streams are opened once per process)
+    prepare_corpus(cfg_for(tmp_path, [path]), out, chunk_tokens=64, shard_tokens=256, progress=False)
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (shards, shards + 100))
+    with pytest.raises(DataError, match=rf"^{out}: its {shards} shards are more files than this process may open at "
+                                        rf"once \({shards + 100}, `ulimit -Hn`, less 256 for the rest\); prepare it "
+                                        r"again with fewer, e.g. --shard-tokens [0-9,]+ or more$"):
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
     path, _ = corpus(tmp_path)
     cfg = cfg_for(tmp_path, [path])
