@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,28 @@ def test_a_prepared_corpus_of_more_shards_than_files_may_be_open_is_read_or_name
                                         rf"once \({shards + 100}, `ulimit -Hn`, less 256 for the rest\); prepare it "
                                         r"again with fewer, e.g. --shard-tokens [0-9,]+ or more$"):
         next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_shard_of_a_prepared_corpus_is_one_line(tmp_path, damage):
+    """#27 pass 34: a shard cut or overwritten after `prepare` wrote it was a RuntimeError traceback from the
+    ArrayRecord library ("file should be at least 64KB big", "chunk data hash mismatch") in train, eval and resumes."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    shard = sorted(out.glob("train-*"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "cut":
+        data = data[:10]
+    else:
+        for i in range(1000, len(data) - 1000, 997):
+            data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError) as info:
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+    line = str(info.value).splitlines()[0]  # (grain adds a note below an error raised under its iterator)
+    assert re.fullmatch(rf"{out}: a shard of this prepared corpus cannot be read \(.+\); it was changed after "
+                        r"`loopformer prepare` wrote it: prepare it again \(--force replaces it\)", line), line
 
 
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
