@@ -53,7 +53,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, read_tokenizer, tokenizer_kind, train_bpe
-from loopformer.errors import ConfigError, DataError
+from loopformer.errors import ConfigError, DataError, shorten
 from loopformer.runs.layout import CONFIG_FILE, TOKENIZER_FILE, RunDir, unreadable
 from loopformer.runs.log import log
 
@@ -282,7 +282,37 @@ def read_meta(root: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise DataError(f"{root / META_FILE}: not a loopformer prepared corpus of version {META_VERSION}; "
                         f"run `loopformer prepare` again")
+    bad = _meta_field(meta)
+    if bad:  # a ZeroDivisionError, TypeError, KeyError or ValueError traceback from the reader (#27 pass 34)
+        raise DataError(f"{root / META_FILE}: {bad[0]} is {shorten(repr(bad[1]))}, which `loopformer prepare` never "
+                        f"writes (edited by hand?); run `loopformer prepare` again")
     return meta
+
+
+def _meta_field(meta: dict[str, Any]) -> tuple[str, Any] | None:
+    """The first field of a prepared corpus's ``meta`` that the reader reads and `loopformer prepare` never writes so
+    (name, value), or None."""
+    def whole(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not whole(meta.get("chunk_tokens"), 1):
+        return "chunk_tokens", meta.get("chunk_tokens")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return "dtype", meta.get("dtype")
+    splits = meta.get("splits")
+    for split in SPLITS:
+        info = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(info, dict):
+            return f"splits.{split}", info
+        files = info.get("files")
+        if (not isinstance(files, list) or not files
+                or not all(isinstance(f, str) and f == Path(f).name and Path(f).suffix in ARRAYRECORD_SUFFIXES
+                           for f in files)):
+            return f"splits.{split}.files", files
+        for key in ("documents", "tokens", "bytes"):
+            if not whole(info.get(key), 0):
+                return f"splits.{split}.{key}", info.get(key)
+    return None
 
 
 def make_tokenizer(cfg: Config, train_docs: Iterable[str]) -> Tokenizer:

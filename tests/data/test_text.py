@@ -185,6 +185,29 @@ def test_a_prepared_corpus_of_more_shards_than_files_may_be_open_is_read_or_name
         next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
 
 
+@pytest.mark.parametrize(("key", "value"), [("chunk_tokens", 0), ("chunk_tokens", "a"), ("dtype", "bogus"),
+                                            ("dtype", "float64"), ("splits.train.files", []), ("splits.val", None),
+                                            ("splits.train.files", ["../x/train-00000-of-00001.array_record"]),
+                                            ("splits.train.tokens", -1), ("splits.val.tokens", True)])
+def test_a_meta_json_edited_by_hand_is_one_line(tmp_path, key, value):
+    """#27 pass 34: a prepared corpus's meta.json with a field prepare never writes (chunk_tokens 0 or a string, an
+    unknown dtype, no shard files, no val split) was a ZeroDivisionError, ValueError, TypeError or KeyError traceback
+    (a file of another folder was read)."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    *parents, last = key.split(".")
+    at = meta
+    for k in parents:
+        at = at[k]
+    at[last] = value
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"^{out}/meta.json: {key} is {re.escape(repr(value))}, which `loopformer "
+                                        r"prepare` never writes \(edited by hand\?\); run `loopformer prepare` again$"):
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
 @pytest.mark.parametrize("damage", ["cut", "flipped"])
 def test_a_damaged_shard_of_a_prepared_corpus_is_one_line(tmp_path, damage):
     """#27 pass 34: a shard cut or overwritten after `prepare` wrote it was a RuntimeError traceback from the
