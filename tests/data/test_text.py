@@ -208,6 +208,23 @@ def test_a_meta_json_edited_by_hand_is_one_line(tmp_path, key, value):
         next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
 
 
+@pytest.mark.parametrize("damage", ["garbage", "deleted"])
+def test_a_prepared_corpus_s_damaged_tokenizer_names_prepare_as_the_fix(tmp_path, damage):
+    """#27 pass 34: a prepared corpus's tokenizer.json that is not JSON said "delete it to rebuild it" (a run's fix),
+    and deleted it was "no such file": `prepare --force` rebuilds it."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    if damage == "garbage":
+        (out / "tokenizer.json").write_text("garbage")
+    else:
+        (out / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match=r"; prepare the corpus again \(`loopformer prepare --force` replaces it\)$"):
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+    prepare_corpus(cfg_for(tmp_path, [path]), out, force=True, progress=False)
+    next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
 @pytest.mark.parametrize("damage", ["cut", "flipped"])
 def test_a_damaged_shard_of_a_prepared_corpus_is_one_line(tmp_path, damage):
     """#27 pass 34: a shard cut or overwritten after `prepare` wrote it was a RuntimeError traceback from the
