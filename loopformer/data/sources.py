@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import glob
 import os
 import shlex
 import time
@@ -241,7 +242,8 @@ def prepared_dir(cfg: Config) -> Path | None:
         if nearest.is_dir() and not os.access(nearest, os.R_OK | os.X_OK):
             raise DataError(f"data.paths: this user may not read the folder {nearest}; make it readable (chmod -R u+rX "
                             f"{shlex.quote(str(nearest))})")
-    shard = next((p for p in paths if p.suffix in ARRAYRECORD_SUFFIXES and p.is_file()), None)
+    shard = next((Path(f) for p in paths if p.suffix in ARRAYRECORD_SUFFIXES
+                  for f in sorted(glob.glob(str(p)))[:1] if Path(f).is_file()), None)  # a file or a pattern
     if shard:  # it was read as text: "not UTF-8 text; convert it with iconv" (#27 pass 34)
         fix = (f"name its folder, data.paths=[{shard.parent}]" if (shard.parent / META_FILE).is_file()
                else "name the folder `loopformer prepare` wrote, or the raw text files")
@@ -261,6 +263,10 @@ def prepared_dir(cfg: Config) -> Path | None:
             raise DataError(f"data.format=arrayrecord reads one directory made by `loopformer prepare`; "
                             f"data.paths names {len(paths)}")
         root = paths[0].parent if paths[0].name == META_FILE else paths[0]
+        if root.is_file():  # its fix was `prepare --out` that file (#27 pass 34)
+            raise DataError(f"{root}: not a prepared corpus but a file, and data.format=arrayrecord reads the folder "
+                            f"`loopformer prepare --out DIR` writes; set data.format=auto to read it as text, or "
+                            f"prepare it and name DIR in data.paths")
         if not (root / META_FILE).is_file():
             hint = (" (it holds ArrayRecord files but no meta.json: an interrupted prepare?)"
                     if root.is_dir() and any(p.suffix in ARRAYRECORD_SUFFIXES for p in root.iterdir()) else "")

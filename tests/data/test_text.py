@@ -155,7 +155,7 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
             build_data(cfg_for(tmp_path, [out], *extra, f"data.format={fmt}"))
     # #27 pass 34: one of its shards named as a path was read as text, and the line said to convert it with iconv
     shard = sorted(out.glob("train-*"))[0]
-    for paths in ([shard], [path, shard]):
+    for paths in ([shard], [path, shard], [out / "train-*.array_record"]):  # (a pattern too)
         with pytest.raises(DataError, match=rf"^data.paths: {shard} is an ArrayRecord shard of a prepared corpus, "
                                             rf"not text; name its folder, data.paths=\[{out}\]$"):
             build_data(cfg_for(tmp_path, paths, *extra))
@@ -206,6 +206,14 @@ def test_a_meta_json_edited_by_hand_is_one_line(tmp_path, key, value):
     with pytest.raises(DataError, match=rf"^{out}/meta.json: {key} is {re.escape(repr(value))}, which `loopformer "
                                         r"prepare` never writes \(edited by hand\?\); run `loopformer prepare` again$"):
         next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
+def test_arrayrecord_format_of_a_text_file_does_not_say_to_prepare_into_it(tmp_path):
+    """#27 pass 34: data.format=arrayrecord of a text file said "run `loopformer prepare --out FILE`", the file."""
+    path, _ = corpus(tmp_path)
+    with pytest.raises(DataError, match=rf"^{path}: not a prepared corpus but a file, and data.format=arrayrecord "
+                                        r"reads the folder `loopformer prepare --out DIR` writes; set data.format=auto"):
+        next(build_data(cfg_for(tmp_path, [path], "data.format=arrayrecord")).train_iterator(4, seed=1))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "deleted"])
