@@ -82,6 +82,8 @@ CASES = [
     ("rys_screen", ["--run", "runs/none", "--screen", "-1"], "--screen must be >= 1, got -1"),
     ("rys_screen", ["--run", "runs/none", "--screen", "0"], "--screen must be >= 1, got 0"),  # a traceback (pass 22)
     ("rys_screen", ["--run", "runs/none", "--repeats", "0,1"], "--repeats '0,1': give comma-separated whole numbers"),
+    # #27 pass 34: a byte that is not UTF-8 was written '\udcff'
+    ("rys_screen", ["--run", "runs/none", "--repeats", "1,\udcff"], "--repeats '1,\\xff': give comma-separated whole"),
     ("step_profile", ["--reps", "0"], "--reps must be >= 1, got 0"),
     ("step_profile", ["--loops", "4,,8"], "--loops '4,,8': give comma-separated whole numbers >= 1"),
     ("maze_shortcut", ["--examples", "0"], "--examples must be >= 1, got 0"),
@@ -838,6 +840,23 @@ def test_a_record_says_how_many_cores_it_ran_on():
     finally:
         os.sched_setaffinity(0, every)
     assert common.environment()["usable_cpus"] == len(every)
+
+
+def test_run_main_writes_a_byte_that_is_not_utf8_as_an_escape(monkeypatch):
+    """#27 pass 34: a bench script's lines quoting a byte that is not UTF-8 bare wrote it '\\udcff' on stderr."""
+    import io
+
+    common = script("_common")
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace")
+    monkeypatch.setattr(sys, "stderr", stream)
+
+    def main():
+        raise LoopformerError("--run r\udcff does not exist")
+
+    with pytest.raises(SystemExit):
+        common.run_main(main)
+    stream.flush()
+    assert stream.buffer.getvalue() == b"error: --run r\\xff does not exist\n"
 
 
 def test_rys_screen_overlap_is_out_of_the_settings_there_are(monkeypatch, capsys):
