@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,7 +40,7 @@ import numpy as np  # noqa: E402
 from loopformer import jsontext  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
-from loopformer.errors import AnalysisError, LoopformerError, not_utf8, printable  # noqa: E402
+from loopformer.errors import BYTES, AnalysisError, LoopformerError, not_utf8, printable  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
@@ -263,12 +264,13 @@ def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1,
     except ValueError:
         values = []
     if not values or min(values) < minimum:
-        p.error(f"{flag} {text!r}: give comma-separated whole numbers >= {minimum}, e.g. {minimum},{minimum + 1}")
+        p.error(f"{flag} '{printable(text)}': give comma-separated whole numbers >= {minimum}, e.g. "
+                f"{minimum},{minimum + 1}")
     twice = sorted({v for v in values if values.count(v) > 1})
     if twice:
-        p.error(f"{flag} {text!r}: {twice[0]} is given twice; give each once")
+        p.error(f"{flag} '{printable(text)}': {twice[0]} is given twice; give each once")
     if maximum is not None and max(values) > maximum[0]:
-        p.error(f"{flag} {text!r}: {max(values)} is above {maximum[0]:,} ({maximum[1]})")
+        p.error(f"{flag} '{printable(text)}': {max(values)} is above {maximum[0]:,} ({maximum[1]})")
     return values
 
 
@@ -397,6 +399,9 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     and releases its lock (the process vanished without a word, #27 pass 22)."""
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
         signal.signal(signal.SIGTERM, on_signal)
+    # a byte that is not UTF-8 as ``\xff`` in every line, argparse's too, as the commands write it (#27 pass 34)
+    with contextlib.suppress(AttributeError, ValueError, TypeError):
+        sys.stderr.reconfigure(errors=BYTES)
     try:
         check_platforms()  # JAX_PLATFORMS or XLA_FLAGS that JAX cannot start: one line, before any work
         code = main()

@@ -69,7 +69,33 @@ def check_same(name: str, policy: str, recorded: dict, got: dict) -> None:
     for key in ("accuracy", "flops_per_token"):
         if abs(got[key] - recorded[key]) > 1e-9 * max(1.0, abs(recorded[key])):
             raise ValueError(f"{name} seed {recorded['seed']} {policy}: {key} {got[key]:.6g} where the record has "
-                             f"{recorded[key]:.6g}; the runs beside the record are not the ones it scored")
+                             f"{recorded[key]:.6g}; the runs beside the record are not the ones it scored, or --examples "
+                             f"is not the count it scored (adaptive.py's --examples, default 256)")
+
+
+def check_record(doc: dict) -> None:
+    """ValueError naming what in an adaptive.json (read by ``adaptive.read_record``, which checks its rows) this script
+    reads and no run of adaptive.py writes: a task it does not score, steps or models missing or of another kind, a
+    selection its rows do not give (a record edited by hand, or written before adaptive.py kept them, was a KeyError
+    or TypeError traceback; #27 pass 34)."""
+    for name, t in doc["tasks"].items():
+        if name not in A.TASKS:
+            raise ValueError(f"it holds task {name!r}, not one of adaptive.py's ({', '.join(A.TASKS)})")
+        if not C.whole_number(t.get("steps"), 1):
+            raise ValueError(f"{name}: it has steps {t.get('steps')!r}, where a run of adaptive.py writes a whole "
+                             f"number >= 1")
+        models = t.get("models")
+        if not isinstance(models, list) or "looped" not in models or any(m not in A.MODELS for m in models):
+            raise ValueError(f"{name}: it has models {models!r}, where a run of adaptive.py writes a list of "
+                             f"{', '.join(A.MODELS)} that includes looped"
+                             + (" (a record written before adaptive.py kept them)" if models is None else ""))
+        try:
+            selected = A.select(t["rows"], t.get("paired"))  # (adaptive.py's own paired timing, where it has one)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{name}: its rows give no selection (each seed's val and test rows of the looped "
+                             f"model's fixed counts and of each policy: {type(e).__name__} {e})") from None
+        if t.get("selected") != selected:
+            raise ValueError(f"{name}: its selected entries are not the ones its rows give")
 
 
 def policy_spec(name: str, model_name: str, cfg, policy: str) -> tuple:  # noqa: ANN001
@@ -197,6 +223,7 @@ def main() -> int:
             p.error(f"--records {folder}: its adaptive.json {C.not_a_file(path)}; give an adaptive.py --out")
         try:
             records[str(folder)] = A.read_record(path)
+            check_record(records[str(folder)])
         except OSError as e:
             p.error(f"--records {folder}: cannot read its adaptive.json ({e.strerror or e})")
         except (ValueError, TypeError, KeyError) as e:

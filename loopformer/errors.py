@@ -6,6 +6,7 @@ never sees a stack trace from deep inside JAX for a mistake they made.
 
 from __future__ import annotations
 
+import codecs
 import re
 
 LONG = 500  # a value longer than this in a message was pasted whole (a path is rarely longer): cut to SHOWN characters
@@ -20,6 +21,22 @@ def not_utf8(text: str) -> str | None:
     name as a lone surrogate, which the checkpoint library and tensorboard cannot encode), or None for UTF-8 text."""
     bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
     return None if bad is None else f"\\x{ord(bad) - 0xDC00:02x}"
+
+
+BYTES = "loopformer.bytes"  # a codec error handler: ``printable``'s escapes for a stream (`cli._escape_unencodable`)
+
+
+def _bytes_escape(error: UnicodeError) -> tuple[str, int]:
+    """Each byte that is not UTF-8 (a lone surrogate) as ``\\xff``, as `printable` writes it; any other character the
+    stream cannot encode as ``backslashreplace`` writes it."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start:error.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c.encode("ascii", "backslashreplace")
+                   .decode("ascii") for c in text), error.end
+
+
+codecs.register_error(BYTES, _bytes_escape)
 
 
 def printable(text: object) -> str:

@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from loopformer.errors import ConfigError, DecodingError, LoopformerError, OutputError
+from loopformer.errors import BYTES, ConfigError, DecodingError, LoopformerError, OutputError
 from loopformer.runs import stop
 from loopformer.runs.layout import unreachable
 from loopformer.runs.stop import Terminated
@@ -69,6 +69,10 @@ def _escape_unencodable() -> None:
         with contextlib.suppress(AttributeError, LookupError, ValueError, TypeError):
             if codecs.lookup(stream.encoding).name != "utf-8":
                 stream.reconfigure(errors="backslashreplace")
+    # a byte of a path or flag that is not UTF-8 as ``\xff`` (`errors.printable`) in every line, argparse's too: it
+    # was written as ``\udcff``, a character the user never typed (#27 pass 34)
+    with contextlib.suppress(AttributeError, ValueError, TypeError):
+        sys.stderr.reconfigure(errors=BYTES)
 
 
 class _Guarded:

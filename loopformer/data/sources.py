@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import glob
 import os
 import shlex
 import time
@@ -53,7 +54,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, read_tokenizer, tokenizer_kind, train_bpe
-from loopformer.errors import ConfigError, DataError
+from loopformer.errors import ConfigError, DataError, shorten
 from loopformer.runs.layout import CONFIG_FILE, TOKENIZER_FILE, RunDir, unreadable
 from loopformer.runs.log import log
 
@@ -208,6 +209,30 @@ def _check_splits(splits: Sequence[str] | None, valid: list[str]) -> list[str]:
     return list(dict.fromkeys(splits)) if splits else valid
 
 
+OPEN_FILES_SPARE = 256  # files a process keeps open besides a prepared corpus's shards (libraries, checkpoints, logs)
+
+
+def room_for_shards(root: Path, count: int, tokens: int, chunk: int) -> None:
+    """Let this process hold ``count`` shards of the prepared corpus ``root`` open at once (the ArrayRecord reader keeps
+    each open): its soft limit on open files is raised to the hard one where that is needed and allows; DataError
+    naming the shards and the --shard-tokens that fits where it does not (`prepare --shard-tokens 1` wrote thousands
+    of shards, and training on them was a RuntimeError traceback, "Too many open files", at the first batch; #27 pass
+    34)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = count + OPEN_FILES_SPARE
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return
+    fits = max(chunk, -(-tokens // max(1, hard - OPEN_FILES_SPARE)))
+    raise DataError(f"{root}: its {count:,} shards are more files than this process may open at once ({hard:,}, "
+                    f"`ulimit -Hn`, less {OPEN_FILES_SPARE} for the rest); prepare it again with fewer, e.g. "
+                    f"--shard-tokens {fits:,} or more")
+
+
 def prepared_dir(cfg: Config) -> Path | None:
     """The directory written by `loopformer prepare` that ``data.paths`` names, or None for raw files."""
     d = cfg.data
@@ -217,6 +242,12 @@ def prepared_dir(cfg: Config) -> Path | None:
         if nearest.is_dir() and not os.access(nearest, os.R_OK | os.X_OK):
             raise DataError(f"data.paths: this user may not read the folder {nearest}; make it readable (chmod -R u+rX "
                             f"{shlex.quote(str(nearest))})")
+    shard = next((Path(f) for p in paths if p.suffix in ARRAYRECORD_SUFFIXES
+                  for f in sorted(glob.glob(str(p)))[:1] if Path(f).is_file()), None)  # a file or a pattern
+    if shard:  # it was read as text: "not UTF-8 text; convert it with iconv" (#27 pass 34)
+        fix = (f"name its folder, data.paths=[{shard.parent}]" if (shard.parent / META_FILE).is_file()
+               else "name the folder `loopformer prepare` wrote, or the raw text files")
+        raise DataError(f"data.paths: {shard} is an ArrayRecord shard of a prepared corpus, not text; {fix}")
     prepared = [p for p in paths if p.name == META_FILE or (p / META_FILE).is_file()]
     if d.format == "auto" and prepared and len(paths) > 1:  # its shards were read as text: "not UTF-8; iconv it"
         raise DataError(f"data.paths: {prepared[0]} is a corpus written by `loopformer prepare`, which is read alone; "
@@ -232,6 +263,10 @@ def prepared_dir(cfg: Config) -> Path | None:
             raise DataError(f"data.format=arrayrecord reads one directory made by `loopformer prepare`; "
                             f"data.paths names {len(paths)}")
         root = paths[0].parent if paths[0].name == META_FILE else paths[0]
+        if root.is_file():  # its fix was `prepare --out` that file (#27 pass 34)
+            raise DataError(f"{root}: not a prepared corpus but a file, and data.format=arrayrecord reads the folder "
+                            f"`loopformer prepare --out DIR` writes; set data.format=auto to read it as text, or "
+                            f"prepare it and name DIR in data.paths")
         if not (root / META_FILE).is_file():
             hint = (" (it holds ArrayRecord files but no meta.json: an interrupted prepare?)"
                     if root.is_dir() and any(p.suffix in ARRAYRECORD_SUFFIXES for p in root.iterdir()) else "")
@@ -253,7 +288,37 @@ def read_meta(root: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise DataError(f"{root / META_FILE}: not a loopformer prepared corpus of version {META_VERSION}; "
                         f"run `loopformer prepare` again")
+    bad = _meta_field(meta)
+    if bad:  # a ZeroDivisionError, TypeError, KeyError or ValueError traceback from the reader (#27 pass 34)
+        raise DataError(f"{root / META_FILE}: {bad[0]} is {shorten(repr(bad[1]))}, which `loopformer prepare` never "
+                        f"writes (edited by hand?); run `loopformer prepare` again")
     return meta
+
+
+def _meta_field(meta: dict[str, Any]) -> tuple[str, Any] | None:
+    """The first field of a prepared corpus's ``meta`` that the reader reads and `loopformer prepare` never writes so
+    (name, value), or None."""
+    def whole(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not whole(meta.get("chunk_tokens"), 1):
+        return "chunk_tokens", meta.get("chunk_tokens")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return "dtype", meta.get("dtype")
+    splits = meta.get("splits")
+    for split in SPLITS:
+        info = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(info, dict):
+            return f"splits.{split}", info
+        files = info.get("files")
+        if (not isinstance(files, list) or not files
+                or not all(isinstance(f, str) and f == Path(f).name and Path(f).suffix in ARRAYRECORD_SUFFIXES
+                           for f in files)):
+            return f"splits.{split}.files", files
+        for key in ("documents", "tokens", "bytes"):
+            if not whole(info.get(key), 0):
+                return f"splits.{split}.{key}", info.get(key)
+    return None
 
 
 def make_tokenizer(cfg: Config, train_docs: Iterable[str]) -> Tokenizer:
@@ -445,6 +510,8 @@ class TextSource(DataSource):
             self._tokenizer = self._resolve_tokenizer()
         self.split_kind = meta.get("split", HASH_SPLIT)
         self._streams = {}
+        room_for_shards(root, sum(len(meta["splits"][s]["files"]) for s in SPLITS),
+                        sum(meta["splits"][s]["tokens"] for s in SPLITS), meta["chunk_tokens"])
         for split in SPLITS:
             info = meta["splits"][split]
             files = [root / f for f in info["files"]]

@@ -253,14 +253,23 @@ class ArrayRecordStream:
     def __init__(self, files: Sequence[Path], num_tokens: int, chunk: int, dtype: str):
         import grain
 
-        self.source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+        where = files[0].parent if files else "the prepared directory"
+        self.where = where
+        try:
+            self.source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+        except RuntimeError as e:  # a shard cut or overwritten: the ArrayRecord library's traceback (#27 pass 34)
+            raise self.damaged(e) from None
         self.num_tokens, self.chunk = int(num_tokens), int(chunk)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         expected = math.ceil(self.num_tokens / self.chunk)
         if len(self.source) != expected:
-            where = files[0].parent if files else "the prepared directory"
             raise DataError(f"{where}: the shards hold {len(self.source)} records but {META_FILE} says "
                             f"{expected}; the data is incomplete: run `loopformer prepare` again")
+
+    def damaged(self, error: RuntimeError) -> DataError:
+        """The one line for a shard the ArrayRecord library cannot read (``error``, its message)."""
+        return DataError(f"{self.where}: a shard of this prepared corpus cannot be read ({error}); it was changed "
+                         f"after `loopformer prepare` wrote it: prepare it again (--force replaces it)")
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -270,7 +279,10 @@ class ArrayRecordStream:
         if stop <= start:
             return np.zeros(0, np.int32)
         first, last = start // self.chunk, (stop - 1) // self.chunk
-        records = self.source.__getitems__(list(range(first, last + 1)))
+        try:
+            records = self.source.__getitems__(list(range(first, last + 1)))
+        except RuntimeError as e:
+            raise self.damaged(e) from None
         tokens = np.concatenate([np.frombuffer(r, self.dtype) for r in records])
         offset = first * self.chunk
         return tokens[start - offset : stop - offset].astype(np.int32)

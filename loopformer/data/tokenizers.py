@@ -234,11 +234,16 @@ def _is_our_bpe(data: dict) -> bool:
             and pre.get("type") == "ByteLevel")
 
 
-def tokenizer_from_json(text: str, where: str = "tokenizer.json", setting: str | None = None) -> Tokenizer:
+CORPUS_FIX = "prepare the corpus again (`loopformer prepare --force` replaces it)"
+
+
+def tokenizer_from_json(text: str, where: str = "tokenizer.json", setting: str | None = None,
+                        fix: str | None = None) -> Tokenizer:
     """The tokenizer a ``tokenizer.json``'s text describes; DataError naming ``where`` on anything else.
-    ``setting`` (e.g. "data.tokenizer") names the config field the file came from, for the fix."""
-    fix = (f"point {setting} at a Hugging Face tokenizer.json (or use bytes / bpe)" if setting
-           else "delete it to rebuild it (a run trained on it needs a fresh run)")
+    ``setting`` (e.g. "data.tokenizer") names the config field the file came from, for the fix; ``fix`` replaces
+    the fix (a prepared corpus's file, `CORPUS_FIX`)."""
+    fix = fix or (f"point {setting} at a Hugging Face tokenizer.json (or use bytes / bpe)" if setting
+                  else "delete it to rebuild it (a run trained on it needs a fresh run)")
     try:
         data = jsontext.loads(text)
     except json.JSONDecodeError:
@@ -261,13 +266,17 @@ def tokenizer_from_json(text: str, where: str = "tokenizer.json", setting: str |
 def read_tokenizer(path: str | Path, setting: str | None = None) -> Tokenizer:
     """Load a ``tokenizer.json``: one saved with a run or a prepared corpus, or (``setting`` = the config
     field naming it) a user's Hugging Face file."""
+    from loopformer.data.text import META_FILE
+
     path = Path(path).expanduser()
     where = f"{setting}={path}" if setting else str(path)
+    # a prepared corpus's own file: deleting it does not rebuild it ("no such file"; #27 pass 34)
+    corpus = not setting and (path.parent / META_FILE).is_file()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{where}: no such file" + (f"; point {setting} at a tokenizer.json (or use bytes / bpe)"
-                                                    if setting else "")) from None
+                                                    if setting else f"; {CORPUS_FIX}" if corpus else "")) from None
     except IsADirectoryError:
         raise DataError(f"{where} is a directory; point it at the tokenizer.json inside") from None
     except UnicodeDecodeError:
@@ -275,4 +284,4 @@ def read_tokenizer(path: str | Path, setting: str | None = None) -> Tokenizer:
                         f"converted to tokenizer.json first)") from None
     except OSError as e:
         raise DataError(f"{where}: cannot read it ({e.strerror})") from None
-    return tokenizer_from_json(text, where, setting)
+    return tokenizer_from_json(text, where, setting, CORPUS_FIX if corpus else None)

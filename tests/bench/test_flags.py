@@ -82,6 +82,8 @@ CASES = [
     ("rys_screen", ["--run", "runs/none", "--screen", "-1"], "--screen must be >= 1, got -1"),
     ("rys_screen", ["--run", "runs/none", "--screen", "0"], "--screen must be >= 1, got 0"),  # a traceback (pass 22)
     ("rys_screen", ["--run", "runs/none", "--repeats", "0,1"], "--repeats '0,1': give comma-separated whole numbers"),
+    # #27 pass 34: a byte that is not UTF-8 was written '\udcff'
+    ("rys_screen", ["--run", "runs/none", "--repeats", "1,\udcff"], "--repeats '1,\\xff': give comma-separated whole"),
     ("step_profile", ["--reps", "0"], "--reps must be >= 1, got 0"),
     ("step_profile", ["--loops", "4,,8"], "--loops '4,,8': give comma-separated whole numbers >= 1"),
     ("maze_shortcut", ["--examples", "0"], "--examples must be >= 1, got 0"),
@@ -838,3 +840,41 @@ def test_a_record_says_how_many_cores_it_ran_on():
     finally:
         os.sched_setaffinity(0, every)
     assert common.environment()["usable_cpus"] == len(every)
+
+
+def test_run_main_writes_a_byte_that_is_not_utf8_as_an_escape(monkeypatch):
+    """#27 pass 34: a bench script's lines quoting a byte that is not UTF-8 bare wrote it '\\udcff' on stderr."""
+    import io
+
+    common = script("_common")
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace")
+    monkeypatch.setattr(sys, "stderr", stream)
+
+    def main():
+        raise LoopformerError("--run r\udcff does not exist")
+
+    with pytest.raises(SystemExit):
+        common.run_main(main)
+    stream.flush()
+    assert stream.buffer.getvalue() == b"error: --run r\\xff does not exist\n"
+
+
+def test_rys_screen_overlap_is_out_of_the_settings_there_are(monkeypatch, capsys):
+    """#27 pass 34: on a run of fewer than 5 settings per split the top-5 overlap was written "1/5" where the screen
+    found the whole top (of one): out of the top's length."""
+    mod = script("rys_screen")
+    rows = [{"split": "train", "start": 0, "end": 1, "repeats": 2, "accuracy": 1.0, "loss": 0.1}]
+    row = mod.compare("train", rows, rows)
+    assert (row["top_overlap"], row["top_full"]) == (1, [(0, 1, 2)])
+    monkeypatch.setattr(mod, "read_run", lambda run: type("Info", (), {"path": run, "is_text": False,
+                                                                       "select_splits": lambda self, s: None})())
+    sets = {"train": [{"inputs": None}]}
+    monkeypatch.setattr(mod, "load_run", lambda info: type("Run", (), {"eval_sets": lambda self, s, n: sets,
+                                                                       "row": lambda self, s, b: None})())
+    monkeypatch.setattr(mod.rys, "scan", lambda run, sets, stack, repeats: (rows, [{"split": "train"}]))
+    monkeypatch.setattr(mod.rys, "rescore", lambda run, sets, stack, screened, top: (rows, [{"split": "train"}]))
+    monkeypatch.setattr(mod.rys, "screen", lambda sets, n: sets)
+    monkeypatch.setattr(sys, "argv", ["rys_screen.py", "--run", "runs/x", "--repeats", "2"])
+    mod.main()
+    out = capsys.readouterr().out
+    assert "1/1" in out and "1/5" not in out

@@ -85,7 +85,8 @@ def test_runs_that_do_not_give_the_record_s_numbers_are_refused(monkeypatch):
               "variant_loops": []}
     fake_runs(monkeypatch, {36: [1.0], 24: [0.7]}, accuracy={24: 0.5})
     with pytest.raises(ValueError, match=r"^maze3 seed 0 router \(cap 24\): accuracy 0.5 where the record has 0.98; "
-                                         r"the runs beside the record are not the ones it scored$"):
+                                         r"the runs beside the record are not the ones it scored, or --examples is "
+                                         r"not the count it scored \(adaptive.py's --examples, default 256\)$"):
         paired_time.retime_task("maze3", result, Path("/nonexistent"), True, 256, 1)
     fake_runs(monkeypatch, {36: [1.0], 24: [0.7]})
     monkeypatch.setattr(paired_time.RunDir, "trained_to", lambda self: None)
@@ -140,3 +141,49 @@ def test_the_table_shows_both_ratios_and_both_verdicts(monkeypatch):
                                                             "600000.0 (1000000.0)", "0.600 (0.710)", "0.53", "0.80",
                                                             "yes (no)"]
     assert text.endswith("- rec maze3: paired seed 0: router (recorded seed 0: none)")
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda t: t.pop("selected"), "maze3: its selected entries are not the ones its rows give"),
+    (lambda t: t.update(selected="x"), "maze3: its selected entries are not the ones its rows give"),
+    (lambda t: t.pop("steps"), "maze3: it has steps None, where a run of adaptive.py writes a whole number >= 1"),
+    (lambda t: t.pop("models"), "maze3: it has models None, where a run of adaptive.py writes a list of looped, "
+                                "halting, router that includes looped (a record written before adaptive.py kept them)"),
+    (lambda t: t.update(rows=[r for r in t["rows"] if r["split"] == "val"]), "maze3: its rows give no selection"),
+    ("task", "it holds task 'nosuch', not one of adaptive.py's"),
+])
+def test_a_damaged_or_foreign_record_is_one_line(monkeypatch, capsys, tmp_path, edit, says):
+    """A record without its selection, steps or models, or of a task adaptive.py does not score, was a KeyError or
+    TypeError traceback (read_record checks the rows alone; #27 pass 34)."""
+    import json
+
+    rows = record_rows()
+    result = {"rows": rows, "selected": A.select(rows), "steps": 10, "models": ["looped", "router"],
+              "variant_loops": [], "cap": 96, "train_loops": 12}
+    name = "maze3"
+    if edit == "task":
+        name = "nosuch"
+    else:
+        edit(result)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "adaptive.json").write_text(json.dumps({"tasks": {name: result}, "compact": "on"}))
+    monkeypatch.setattr(sys, "argv", ["paired_time.py", "--records", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as info:
+        paired_time.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"--records {tmp_path / 'r'}: its adaptive.json is not a result of adaptive.py (ValueError: {says}" in err
+
+
+def test_a_record_with_adaptive_py_s_own_paired_timing_is_read():
+    """A record of adaptive.py since its selections are timed in alternation: its selection reads its `paired`
+    ratios, and the check compares it with the one its rows and those timings give (it was refused as edited)."""
+    rows = record_rows()
+    paired = {"0": {"router": {"policy": "router (cap 24)", "fixed": "fixed:36", "seconds": [0.5], "fixed_seconds": [1.0],
+                               "time_ratio": 0.5}}}
+    result = {"rows": rows, "selected": A.select(rows, paired), "steps": 10, "models": ["looped", "router"],
+              "variant_loops": [], "paired": paired}
+    assert result["selected"][0]["families"]["router"]["time_ratio"] == 0.5
+    paired_time.check_record({"tasks": {"maze3": result}})
+    with pytest.raises(ValueError, match="its selected entries are not the ones its rows give"):
+        paired_time.check_record({"tasks": {"maze3": dict(result, paired={})}})

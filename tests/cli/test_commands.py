@@ -582,6 +582,25 @@ def test_a_terminal_that_cannot_encode_gets_escapes_not_a_traceback():
     assert "\\xb11%" in done.stdout
 
 
+def test_a_byte_that_is_not_utf8_is_written_as_an_escape_in_every_line(monkeypatch):
+    """#27 pass 34: a path or flag value holding a byte that is not UTF-8 (`train -c $'c\\xff.yaml'`, argparse's
+    lines) was written as ``\\udcff`` on stderr, a character the user never typed; `errors.printable` writes ``\\xff``
+    (and lines that use it were already so)."""
+    import io
+
+    from loopformer import cli
+    from loopformer.errors import printable
+
+    for encoding, expected in (("utf-8", b"c\\xff\xc2\xb1.yaml\n"), ("ascii", b"c\\xff\\xb1.yaml\n")):
+        stream = io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors="backslashreplace")
+        monkeypatch.setattr(sys, "stderr", stream)
+        cli._escape_unencodable()
+        print("c\udcff\u00b1.yaml", file=sys.stderr)
+        stream.flush()
+        assert stream.buffer.getvalue() == expected
+    assert printable("c\udcff.yaml") == "c\\xff.yaml"
+
+
 def test_eval_and_sweep_with_exits(run_dir, capsys):
     doc = run_json(capsys, "eval", "--run", str(run_dir), "--exit", "latent_diff:0.05", "--max-loops", "16",
                    "--split", "hard")

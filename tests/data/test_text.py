@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,106 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
                                             rf"\(ArrayRecord shards, not {fmt}\), and data.format={fmt} would read its "
                                             rf"files as {fmt}; set data.format=auto \(or arrayrecord\)"):
             build_data(cfg_for(tmp_path, [out], *extra, f"data.format={fmt}"))
+    # #27 pass 34: one of its shards named as a path was read as text, and the line said to convert it with iconv
+    shard = sorted(out.glob("train-*"))[0]
+    for paths in ([shard], [path, shard], [out / "train-*.array_record"]):  # (a pattern too)
+        with pytest.raises(DataError, match=rf"^data.paths: {shard} is an ArrayRecord shard of a prepared corpus, "
+                                            rf"not text; name its folder, data.paths=\[{out}\]$"):
+            build_data(cfg_for(tmp_path, paths, *extra))
+
+
+def test_a_prepared_corpus_of_more_shards_than_files_may_be_open_is_read_or_named(tmp_path, monkeypatch):
+    """#27 pass 34: `prepare --chunk-tokens 1 --shard-tokens 1` wrote thousands of shards, and training on them was a
+    RuntimeError traceback ("Too many open files") from the ArrayRecord reader at the first batch: the soft limit is
+    raised to the hard one where that is enough, else one line names the shards and a --shard-tokens that fits."""
+    import resource
+
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    meta = prepare_corpus(cfg_for(tmp_path, [path]), out, chunk_tokens=64, shard_tokens=256, progress=False)
+    shards = sum(len(meta["splits"][s]["files"]) for s in ("train", "val"))
+    raised = []
+    monkeypatch.setattr(resource, "setrlimit", lambda what, limits: raised.append(limits))
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (shards, 100_000))
+    next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+    assert raised == [(100_000, 100_000)]
+    out = tmp_path / "again"  # (a corpus's streams are opened once per process)
+    prepare_corpus(cfg_for(tmp_path, [path]), out, chunk_tokens=64, shard_tokens=256, progress=False)
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (shards, shards + 100))
+    with pytest.raises(DataError, match=rf"^{out}: its {shards} shards are more files than this process may open at "
+                                        rf"once \({shards + 100}, `ulimit -Hn`, less 256 for the rest\); prepare it "
+                                        r"again with fewer, e.g. --shard-tokens [0-9,]+ or more$"):
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
+@pytest.mark.parametrize(("key", "value"), [("chunk_tokens", 0), ("chunk_tokens", "a"), ("dtype", "bogus"),
+                                            ("dtype", "float64"), ("splits.train.files", []), ("splits.val", None),
+                                            ("splits.train.files", ["../x/train-00000-of-00001.array_record"]),
+                                            ("splits.train.tokens", -1), ("splits.val.tokens", True)])
+def test_a_meta_json_edited_by_hand_is_one_line(tmp_path, key, value):
+    """#27 pass 34: a prepared corpus's meta.json with a field prepare never writes (chunk_tokens 0 or a string, an
+    unknown dtype, no shard files, no val split) was a ZeroDivisionError, ValueError, TypeError or KeyError traceback
+    (a file of another folder was read)."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    *parents, last = key.split(".")
+    at = meta
+    for k in parents:
+        at = at[k]
+    at[last] = value
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"^{out}/meta.json: {key} is {re.escape(repr(value))}, which `loopformer "
+                                        r"prepare` never writes \(edited by hand\?\); run `loopformer prepare` again$"):
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
+def test_arrayrecord_format_of_a_text_file_does_not_say_to_prepare_into_it(tmp_path):
+    """#27 pass 34: data.format=arrayrecord of a text file said "run `loopformer prepare --out FILE`", the file."""
+    path, _ = corpus(tmp_path)
+    with pytest.raises(DataError, match=rf"^{path}: not a prepared corpus but a file, and data.format=arrayrecord "
+                                        r"reads the folder `loopformer prepare --out DIR` writes; set data.format=auto"):
+        next(build_data(cfg_for(tmp_path, [path], "data.format=arrayrecord")).train_iterator(4, seed=1))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "deleted"])
+def test_a_prepared_corpus_s_damaged_tokenizer_names_prepare_as_the_fix(tmp_path, damage):
+    """#27 pass 34: a prepared corpus's tokenizer.json that is not JSON said "delete it to rebuild it" (a run's fix),
+    and deleted it was "no such file": `prepare --force` rebuilds it."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    if damage == "garbage":
+        (out / "tokenizer.json").write_text("garbage")
+    else:
+        (out / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match=r"; prepare the corpus again \(`loopformer prepare --force` replaces it\)$"):
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+    prepare_corpus(cfg_for(tmp_path, [path]), out, force=True, progress=False)
+    next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_shard_of_a_prepared_corpus_is_one_line(tmp_path, damage):
+    """#27 pass 34: a shard cut or overwritten after `prepare` wrote it was a RuntimeError traceback from the
+    ArrayRecord library ("file should be at least 64KB big", "chunk data hash mismatch") in train, eval and resumes."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    shard = sorted(out.glob("train-*"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "cut":
+        data = data[:10]
+    else:
+        for i in range(1000, len(data) - 1000, 997):
+            data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError) as info:
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+    line = str(info.value).splitlines()[0]  # (grain adds a note below an error raised under its iterator)
+    assert re.fullmatch(rf"{out}: a shard of this prepared corpus cannot be read \(.+\); it was changed after "
+                        r"`loopformer prepare` wrote it: prepare it again \(--force replaces it\)", line), line
 
 
 def test_metrics_and_tokenizer_of_a_config(tmp_path):
