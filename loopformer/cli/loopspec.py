@@ -159,6 +159,11 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         options = [p for p in parts if p.split("=")[0].strip() in ("min", "every")]
         thresholds = [p for p in parts if p not in options]
         unknown = [p for p in thresholds if "=" in p and not (kind.strip() == "learned" and p.startswith("q="))]
+        named = next((p for p in unknown if p.split("=")[0].strip() in circuits), None)
+        if named is not None:  # `--exit X=latent_diff:0.01,Y=latent_diff:0.01` was "unknown option 'Y'" (#27 pass 34)
+            other = named.split("=")[0].strip()
+            raise PlanError(f"{flag}: '{named}' names circuit {other} inside one --exit; give each circuit its own "
+                            f"--exit, e.g. --exit {spec.replace(',' + named, '', 1)} --exit {named}")
         if unknown:
             raise PlanError(f"{flag}: unknown option '{unknown[0].split('=')[0].strip()}' (the options are min=N and "
                             f"every=K)")
