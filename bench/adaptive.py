@@ -617,10 +617,55 @@ def read_record(path: Path) -> dict:
                                                           r["difficulty"], r["split"]))
         if twice:  # (a join counted both in the selection; #27 pass 29)
             raise ValueError(f"{name}: {twice}, where a run of this script scores each once")
+        check_paired(name, result)
     if doc.get("compact") not in COMPACT:  # (a join then said "--compact None")
         raise ValueError(f"it has compact {doc.get('compact')!r}, where a run of this script writes one of "
                          f"{', '.join(COMPACT)}")
     return doc
+
+
+def _timings(value: object) -> bool:
+    """Whether a paired entry's ``seconds`` / ``fixed_seconds`` is what `paired_times` writes: a list of numbers > 0."""
+    return isinstance(value, list) and bool(value) and all(C.is_number(v) and v > 0 for v in value)
+
+
+def check_paired(name: str, result: dict) -> None:
+    """TypeError or ValueError naming what in task ``name``'s ``paired`` timings or ``paired_rounds`` no run of this
+    script writes (`run_task`): a string or list for the section or a seed's entry was an AttributeError traceback in
+    ``--merge`` and ``paired_time.py``, and a time ratio of 0 or below passed the bar (#27 pass 35). A record written
+    before adaptive.py paired its timings has neither."""
+    paired, rounds = result.get("paired"), result.get("paired_rounds")
+    if paired is None and rounds is None:
+        return
+    if not C.whole_number(rounds, 1):
+        raise ValueError(f"{name}: it has paired_rounds {rounds!r}, where a run of this script writes a whole number "
+                         f">= 1 (with its paired timings)")
+    if not isinstance(paired, dict):
+        raise TypeError(f"{name}: its paired timings are a {type(paired).__name__}, where a run of this script "
+                        f"writes a JSON object of seeds")
+    seeds = {str(r["seed"]) for r in result["rows"]}
+    for seed, families in paired.items():
+        if seed not in seeds:
+            raise ValueError(f"{name}: it has paired timings of seed {seed!r}, which its rows do not score")
+        if not isinstance(families, dict):
+            raise TypeError(f"{name}: seed {seed}'s paired timings are not a JSON object of families")
+        for fam, e in families.items():
+            where = f"{name}: seed {seed}'s paired timing of {fam!r}"
+            if fam not in NON_FIXED:
+                raise ValueError(f"{where}: not a family this script times ({', '.join(NON_FIXED)})")
+            if not isinstance(e, dict):
+                raise TypeError(f"{where} is not a JSON object")
+            bad = next((f for f in ("policy", "fixed") if not isinstance(e.get(f), str)), None)
+            bad = bad or next((f for f in ("seconds", "fixed_seconds")
+                               if not _timings(e.get(f)) or len(e[f]) != rounds), None)
+            if bad:
+                raise ValueError(f"{where} has {bad} {e.get(bad)!r}, where a run of this script writes "
+                                 + ("a policy's name" if bad in ("policy", "fixed")
+                                    else f"paired_rounds ({rounds}) numbers > 0"))
+            ratio = min(e["seconds"]) / min(e["fixed_seconds"])
+            if not C.is_number(e.get("time_ratio")) or abs(e["time_ratio"] - ratio) > 1e-9 * ratio:
+                raise ValueError(f"{where} has time_ratio {e.get('time_ratio')!r}, where its seconds give {ratio:.6g} "
+                                 f"(the fastest round over the fixed count's fastest)")
 
 
 def _scored(rows: list[dict], seed: int) -> set[tuple]:

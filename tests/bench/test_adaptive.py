@@ -419,3 +419,42 @@ def test_merge_joins_the_paired_timings_and_refuses_records_timed_otherwise():
     with pytest.raises(ValueError, match="maze3: B has paired_rounds None, A has 5; join records of the same "
                                          "settings"):
         adaptive.merge({"A": a, "B": record([2])})
+
+
+@pytest.mark.parametrize("paired, rounds, why", [
+    ("abc", 1, "TypeError: maze3: its paired timings are a str, where a run of this script writes a JSON object of "
+               "seeds"),
+    ([1, 2], 1, "its paired timings are a list"),
+    ({"0": "abc"}, 1, "seed 0's paired timings are not a JSON object of families"),
+    ({"0": {"latent_diff": "abc"}}, 1, "seed 0's paired timing of 'latent_diff' is not a JSON object"),
+    ({"0": {"latent_diff": {"fixed": "fixed:24", "time_ratio": 0.5}}}, 1, "has policy None"),
+    ({"0": {"latent_diff": dict(paired_entry(0.75), time_ratio="a")}}, 1, "has time_ratio 'a', where its seconds "
+                                                                           "give 0.75"),
+    ({"0": {"latent_diff": dict(paired_entry(0.75), time_ratio=-1)}}, 1, "has time_ratio -1"),  # passed the bar
+    ({"0": {"latent_diff": dict(paired_entry(0.75), seconds=[0])}}, 1, "has seconds [0]"),
+    ({"0": {"latent_diff": paired_entry(0.75)}}, 5, "has seconds [0.75], where a run of this script writes "
+                                                    "paired_rounds (5) numbers > 0"),
+    ({"0": {"bogus": paired_entry(0.75)}}, 1, "paired timing of 'bogus': not a family this script times"),
+    ({"7": {"latent_diff": paired_entry(0.75)}}, 1, "paired timings of seed '7', which its rows do not score"),
+    ({"0": {"latent_diff": paired_entry(0.75)}}, 0, "it has paired_rounds 0, where a run of this script writes a "
+                                                    "whole number >= 1"),
+    ({"0": {"latent_diff": paired_entry(0.75)}}, "5", "it has paired_rounds '5'"),
+    ({"0": {"latent_diff": paired_entry(0.75)}}, None, "it has paired_rounds None"),
+])
+def test_a_paired_section_edited_by_hand_is_one_line(tmp_path, monkeypatch, capsys, paired, rounds, why):
+    """A record's paired timings damaged by hand (a string or list for the section or a seed's entry: AttributeError
+    tracebacks in --merge and paired_time.py; a time ratio of -1 or 0 passed the bar) or paired_rounds of another kind
+    are one line naming the field (#27 pass 35)."""
+    import json
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(record([2])))
+    doc = record([0])
+    doc["tasks"]["maze3"] |= {"paired": paired, "paired_rounds": rounds}
+    b.write_text(json.dumps(doc))
+    err = refused(monkeypatch, capsys, "--merge", str(a), str(b), "--out", str(tmp_path / "out"))
+    assert f"{b} is not a result of this script" in err and why in err, err
+    assert "Traceback" not in err and not (tmp_path / "out" / "adaptive.json").exists()
+    doc["tasks"]["maze3"] |= {"paired": {"0": {"latent_diff": paired_entry(0.75)}}, "paired_rounds": 1}
+    b.write_text(json.dumps(doc))
+    assert adaptive.read_record(b)["tasks"]["maze3"]["paired_rounds"] == 1  # as a run of this script writes it
