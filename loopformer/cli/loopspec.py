@@ -115,6 +115,31 @@ def exit_forms() -> str:
             f"latent_diff:0.01, X=kl:5e-4, learned:q=0.5; sweep: latent_diff:0.1,0.03,0.01)")
 
 
+def _split_exit(flag: str, spec: str, named: str, circuits: Sequence[str], targets: Sequence[str]) -> str:
+    """The line for one ``--exit`` that names circuits inside it (``X=RULE,min=2,Y=RULE,min=3``): the flags meant, one
+    per circuit, each with the options written after its rule (the suggestion gave X every flag's options, ``min=2,
+    min=3``), or the circuit named twice or with no rule (the suggestion was refused in turn; #27 pass 35)."""
+    names = "|".join(re.escape(c) for c in sorted(circuits, key=len, reverse=True))
+    pieces = [p.strip() for p in re.split(rf",\s*(?=(?:{names})\s*=)", spec)]
+    given = [(p.partition("=")[0].strip(), p) for p in pieces[1:]]
+    first = pieces[0] if len(targets) == 1 else None
+    if first is None:  # a rule without a circuit first: it is meant for the circuits the others do not name
+        rest = [c for c in circuits if c not in {c for c, _ in given}]
+        given = [(c, f"{c}={pieces[0]}") for c in rest] + given
+    else:
+        given = [(targets[0], first), *given]
+    seen: dict[str, str] = {}
+    for circuit, piece in given:
+        if circuit in seen:
+            return (f"{flag}: circuit {circuit} is given two rules ('{seen[circuit]}' and '{piece}'); a circuit takes "
+                    f"one rule, one --exit per circuit")
+        seen[circuit] = piece
+        if not piece.partition("=")[2].strip():
+            return f"{flag}: '{piece}' names circuit {circuit} with no rule; give it one in its own --exit, or drop it"
+    return (f"{flag}: '{named}' names circuit {named.split('=')[0].strip()} inside one --exit; give each circuit its "
+            f"own --exit, e.g. " + " ".join(f"--exit {piece}" for _, piece in given))
+
+
 def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool, max_loops: int | None = None,
                 heads: Sequence[str] = ()) -> list[dict[str, ExitRule]]:
     """``--exit`` flags -> one {circuit: rule} per threshold (the flags' thresholds in order; several
@@ -161,9 +186,7 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         unknown = [p for p in thresholds if "=" in p and not (kind.strip() == "learned" and p.startswith("q="))]
         named = next((p for p in unknown if p.split("=")[0].strip() in circuits), None)
         if named is not None:  # `--exit X=latent_diff:0.01,Y=latent_diff:0.01` was "unknown option 'Y'" (#27 pass 34)
-            other = named.split("=")[0].strip()
-            raise PlanError(f"{flag}: '{named}' names circuit {other} inside one --exit; give each circuit its own "
-                            f"--exit, e.g. --exit {spec.replace(',' + named, '', 1)} --exit {named}")
+            raise PlanError(_split_exit(flag, spec, named, circuits, targets))
         if unknown:
             raise PlanError(f"{flag}: unknown option '{unknown[0].split('=')[0].strip()}' (the options are min=N and "
                             f"every=K)")

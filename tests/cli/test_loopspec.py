@@ -72,3 +72,25 @@ def test_a_rule_without_a_circuit_beside_a_named_one_is_told_as_two_rules_for_it
     # alone, each still names the circuit to give it
     with pytest.raises(PlanError, match=r"name it, e.g. --exit X="):
         parse_exits([s for s in specs if not s.startswith("X=")], ["X", "Y"], many=False, heads=["X"])
+
+
+@pytest.mark.parametrize("spec, message", [
+    # each circuit's options are the ones written after its rule (X was given both: `--exit X=...,min=2,min=3`)
+    ("X=latent_diff:0.1,min=2,Y=kl:0.1,min=3", "give each circuit its own --exit, e.g. --exit X=latent_diff:0.1,min=2 "
+                                               "--exit Y=kl:0.1,min=3"),
+    ("X=latent_diff:0.1,Y=latent_diff:0.2,min=2", "e.g. --exit X=latent_diff:0.1 --exit Y=latent_diff:0.2,min=2"),
+    # a rule without a circuit is the other circuits' (`--exit latent_diff:0.1 --exit Y=...` sets Y twice)
+    ("latent_diff:0.1, Y=kl:0.1", "e.g. --exit X=latent_diff:0.1 --exit Y=kl:0.1"),
+    # the flags suggested were refused in turn: two rules for X, and a rule `Y=`
+    ("X=latent_diff:0.1,X=kl:0.1", "circuit X is given two rules ('X=latent_diff:0.1' and 'X=kl:0.1'); a circuit "
+                                   "takes one rule, one --exit per circuit"),
+    ("X=latent_diff:0.1,Y=", "'Y=' names circuit Y with no rule; give it one in its own --exit, or drop it"),
+])
+def test_one_exit_naming_several_circuits_suggests_flags_that_run(spec, message):
+    """#27 pass 35: the flags the line suggests for `--exit X=RULE,Y=RULE` are each accepted."""
+    with pytest.raises(PlanError) as info:
+        parse_exits([spec], ["X", "Y"], many=True)
+    assert str(info.value).startswith(f"--exit {spec}: ") and str(info.value).endswith(message), str(info.value)
+    flags = str(info.value).partition("e.g. ")[2].split("--exit ")[1:]
+    if flags:
+        assert parse_exits([f.strip() for f in flags], ["X", "Y"], many=True)
