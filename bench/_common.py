@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -76,6 +77,12 @@ class ArgumentParser(argparse.ArgumentParser):
         single_flags(self)
 
     given: frozenset[str] = frozenset()  # the single-value flags (dests) the last parse read from the command line
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's ``error``, a byte that is not UTF-8 written ``\\xff`` where the line quotes it with ``repr``
+        (argparse's "invalid int value: '\\udcff'", a script's "unknown task 'maze\\udcff'"), as `errors.BYTES`
+        writes it where a line quotes it bare (#27 pass 35)."""
+        super().error(re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", message))
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         parsed, extra = super().parse_known_args(args, namespace)

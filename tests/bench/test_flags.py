@@ -878,3 +878,16 @@ def test_rys_screen_overlap_is_out_of_the_settings_there_are(monkeypatch, capsys
     mod.main()
     out = capsys.readouterr().out
     assert "1/1" in out and "1/5" not in out
+
+
+def test_a_byte_that_is_not_utf8_quoted_by_repr_is_written_as_an_escape(monkeypatch, capsys):
+    """#27 pass 35: argparse's "invalid int value" and the scripts' "unknown task" quote the value with repr, which
+    wrote a byte that is not UTF-8 '\\udcff' (the commands write '\\xff')."""
+    for name, argv, line in (("paired_time", ["--records", "r", "--rounds", "\udcff"],
+                              "argument --rounds: invalid int value: '\\xff'"),
+                             ("adaptive", ["--tasks", "maze\udcff"], "unknown task 'maze\\xff' in --tasks")):
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+        with pytest.raises(SystemExit):
+            script(name).main()
+        err = capsys.readouterr().err
+        assert line in err and "udc" not in err, err
