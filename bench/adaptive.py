@@ -282,6 +282,14 @@ def policies(name: str, model_name: str, cfg) -> list[tuple]:  # noqa: ANN001
                   for eps in EXITS["context_diff"]]  # compacted under --compact on (auto: masked at batch 64)
 
 
+def policy_spec(name: str, model_name: str, cfg, policy: str) -> tuple:  # noqa: ANN001
+    """`policies`' (policy, loops, exits, rules[, shares]) for ``policy`` of ``model_name``."""
+    found = [p for p in policies(name, model_name, cfg) if p[0] == policy]
+    if not found:
+        raise ValueError(f"{name}: the record's policy {policy!r} ({model_name}) is not one adaptive.py scores")
+    return found[0]
+
+
 def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
              compact: bool | None = None, models: tuple[str, ...] = MODELS, first_seed: int = 0,
              loops: str = "recipe") -> dict:
@@ -373,10 +381,11 @@ def rounds_of(passes: dict[str, Callable[[], dict]], rounds: int) -> dict[str, l
 
 
 def paired_times(name: str, seed_rows: list[dict], runs: dict, batches: list, compact: bool | None,
-                 rounds: int = PAIRED_ROUNDS) -> dict[str, dict]:
+                 rounds: int = PAIRED_ROUNDS, check: Callable[[str, str, dict], None] | None = None) -> dict[str, dict]:
     """One seed's 2x selections (chosen on val from ``seed_rows``) and its best fixed count timed in alternation on the
     2x test ``batches`` (`rounds_of`; ``runs``: model name -> (cfg, model, params)): family -> {"policy", "fixed",
-    "seconds", "fixed_seconds", "time_ratio"} (fastest round over the fixed count's fastest)."""
+    "seconds", "fixed_seconds", "time_ratio"} (fastest round over the fixed count's fastest). ``check(model, policy,
+    result)`` sees each pass's result (`bench/paired_time.py` compares it with a stored record's)."""
     entry = next(e for e in select(seed_rows) if e["difficulty"] == "2x")
     model_of = {r["policy"]: r["model"] for r in seed_rows}
     chosen = {"fixed": entry["best_fixed"]["policy"]} | {fam: f["policy"] for fam, f in entry["families"].items()}
@@ -385,17 +394,23 @@ def paired_times(name: str, seed_rows: list[dict], runs: dict, batches: list, co
         model_name = model_of[policy]
         cfg, model, params = runs[model_name]
         evaluators.setdefault(model_name, evaluator_for(model))
-        _, loops, exits, rules, *shares = next(p for p in policies(name, model_name, cfg) if p[0] == policy)
+        _, loops, exits, rules, *shares = policy_spec(name, model_name, cfg, policy)
         stops = bool(exits) or bool(rules) or model_name == "router"
-        passes[fam] = functools.partial(measure, evaluators[model_name], params, batches, cfg, model.vocab_size, loops,
-                                        exits, rules, compact if stops else None, shares[0] if shares else None,
-                                        timings=1)
+        one = functools.partial(measure, evaluators[model_name], params, batches, cfg, model.vocab_size, loops, exits,
+                                rules, compact if stops else None, shares[0] if shares else None, timings=1)
+        passes[fam] = one if check is None else functools.partial(_checked, one, check, model_name, policy)
     timed = {fam: [t["seconds_per_token"] for t in ts] for fam, ts in rounds_of(passes, rounds).items()}
     log(f"  seed {entry['seed']} paired at 2x: " + ", ".join(
         f"{chosen[fam]} {min(timed[fam]) / min(timed['fixed']):.3f}x" for fam in entry["families"]))
     return {fam: {"policy": chosen[fam], "fixed": chosen["fixed"], "seconds": timed[fam],
                   "fixed_seconds": timed["fixed"], "time_ratio": min(timed[fam]) / min(timed["fixed"])}
             for fam in entry["families"]}
+
+
+def _checked(one: Callable[[], dict], check: Callable[[str, str, dict], None], model_name: str, policy: str) -> dict:
+    got = one()
+    check(model_name, policy, got)
+    return got
 
 
 def _test(r: dict) -> dict:

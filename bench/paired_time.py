@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loopformer.data.pipeline import eval_batches  # noqa: E402
-from loopformer.evaluation.evaluator import evaluator_for  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.runs.layout import RunDir  # noqa: E402
 from loopformer.runs.restore import restore_params  # noqa: E402
@@ -98,14 +97,6 @@ def check_record(doc: dict) -> None:
             raise ValueError(f"{name}: its selected entries are not the ones its rows give")
 
 
-def policy_spec(name: str, model_name: str, cfg, policy: str) -> tuple:  # noqa: ANN001
-    """adaptive.py's (policy, loops, exits, rules[, shares]) for ``policy`` of ``model_name``."""
-    found = [p for p in A.policies(name, model_name, cfg) if p[0] == policy]
-    if not found:
-        raise ValueError(f"{name}: the record's policy {policy!r} ({model_name}) is not one adaptive.py scores")
-    return found[0]
-
-
 def runs_of(name: str, result: dict, folder: Path, examples: int, seed: int) -> dict:
     """adaptive.py's configs of seed ``seed`` of the record's task ``name`` in ``folder``; ValueError unless each run
     is there, trained to the record's steps."""
@@ -121,56 +112,36 @@ def runs_of(name: str, result: dict, folder: Path, examples: int, seed: int) -> 
 
 
 def retime_task(name: str, result: dict, folder: Path, compact: bool | None, examples: int, rounds: int) -> dict:
-    """One task of a record: the paired rows and bars of its seeds at 2x (module docstring)."""
+    """One task of a record: the paired rows and bars of its seeds at 2x (module docstring), timed by adaptive.py's
+    own `paired_times`, each pass checked against the record's row (at its first pass, not after every round)."""
     setting = A.think_longer.TASKS[name]
     rows, recorded_rows = [], {(r["seed"], r["difficulty"], r["split"], r["model"], r["policy"]): r
                                for r in result["rows"]}
     for entry in (e for e in result["selected"] if e["difficulty"] == DIFFICULTY):
         seed = entry["seed"]
-        cfgs = runs_of(name, result, folder, examples, seed)
-        models = {}
-        chosen = {"fixed": ("looped", entry["best_fixed"]["policy"])}
-        chosen |= {fam: (next(r["model"] for r in result["rows"] if r["policy"] == f["policy"]), f["policy"])
-                   for fam, f in entry["families"].items()}
-        batches, passes = None, {}
-        for fam, (model_name, policy) in chosen.items():
-            if model_name not in models:
-                with contextlib.redirect_stdout(sys.stderr):
-                    data = A.build_data(cfgs[model_name])
-                    model, params, _ = restore_params(cfgs[model_name], data=data)
-                models[model_name] = (model, params, data, evaluator_for(model))
-            model, params, data, ev = models[model_name]
-            if batches is None:
-                batches = eval_batches(data.task, f"{DIFFICULTY}/test", tuple(setting.splits[DIFFICULTY]), examples,
-                                       A.BATCH, seed)
-            _, loops_, exits, rules, *shares = policy_spec(name, model_name, cfgs[model_name], policy)
-            stops = bool(exits) or bool(rules) or model_name == "router"
-            cfg = cfgs[model_name]
+        runs, data = {}, None
+        for model_name, cfg in runs_of(name, result, folder, examples, seed).items():
+            with contextlib.redirect_stdout(sys.stderr):
+                data = A.build_data(cfg)
+                model, params, _ = restore_params(cfg, data=data)
+            runs[model_name] = (cfg, model, params)
+        batches = eval_batches(data.task, f"{DIFFICULTY}/test", tuple(setting.splits[DIFFICULTY]), examples, A.BATCH,
+                               seed)
 
-            recorded = recorded_rows[(seed, DIFFICULTY, "test", model_name, policy)]
+        def check(model_name: str, policy: str, got: dict, seed: int = seed) -> None:
+            check_same(name, policy, recorded_rows[(seed, DIFFICULTY, "test", model_name, policy)], got)
 
-            def one(ev=ev, params=params, cfg=cfg, model=model, loops_=loops_, exits=exits, rules=rules,  # noqa: ANN001
-                    stops=stops, shares=shares, batches=batches, policy=policy, recorded=recorded) -> dict:
-                got = A.measure(ev, params, batches, cfg, model.vocab_size, loops_, exits, rules,
-                                compact if stops else None, shares[0] if shares else None, timings=1)
-                check_same(name, policy, recorded, got)  # at its first pass, not after every round
-                return got
-            passes[fam] = one
-        timed = A.rounds_of(passes, rounds)
-        fixed_seconds = [t["seconds_per_token"] for t in timed["fixed"]]
-        A.log(f"[{name} seed {seed}] fixed {entry['best_fixed']['policy']}: "
-              f"{1e6 * min(fixed_seconds):.1f} us (recorded {1e6 * entry['best_fixed']['test_seconds']:.1f})")
+        timed = A.paired_times(name, [r for r in result["rows"] if r["seed"] == seed], runs, batches, compact, rounds,
+                               check)
         for fam, f in entry["families"].items():
-            seconds = [t["seconds_per_token"] for t in timed[fam]]
-            paired = dict(f, time_ratio=paired_ratio(seconds, fixed_seconds))
+            t = timed[fam]
+            paired = dict(f, time_ratio=paired_ratio(t["seconds"], t["fixed_seconds"]))
             rows.append({"seed": seed, "difficulty": DIFFICULTY, "family": fam, "policy": f["policy"],
-                         "fixed": entry["best_fixed"]["policy"], "seconds": seconds, "fixed_seconds": fixed_seconds,
-                         "time_ratio": paired["time_ratio"], "recorded_time_ratio": f["time_ratio"],
-                         "flops_ratio": f["flops_ratio"], "accuracy_gap": f["accuracy_gap"],
-                         "test_spearman": f["test_spearman"], "passes_recorded": A.passes(f),
-                         "passes_paired": A.passes(paired)})
-            A.log(f"  {fam} {f['policy']}: {1e6 * min(seconds):.1f} us, ratio {paired['time_ratio']:.3f} "
-                  f"(recorded {f['time_ratio']:.3f})")
+                         "fixed": entry["best_fixed"]["policy"], "seconds": t["seconds"],
+                         "fixed_seconds": t["fixed_seconds"], "time_ratio": paired["time_ratio"],
+                         "recorded_time_ratio": f["time_ratio"], "flops_ratio": f["flops_ratio"],
+                         "accuracy_gap": f["accuracy_gap"], "test_spearman": f["test_spearman"],
+                         "passes_recorded": A.passes(f), "passes_paired": A.passes(paired)})
     seeds = sorted({r["seed"] for r in rows})
     return {"rows": rows, "bar": bar(rows, seeds, "passes_paired"), "recorded_bar": bar(rows, seeds, "passes_recorded")}
 

@@ -25,12 +25,12 @@ def test_rounds_alternate_their_order_and_the_ratio_is_of_the_fastest_rounds():
 
 def test_the_policies_are_adaptive_py_s_own():
     cfg = A.seed_configs("maze3", Path("/nonexistent"), 256, 0, 10, ("looped", "router"), "config")
-    assert paired_time.policy_spec("maze3", "router", cfg["router"], "router (cap 24)")[1] == {"X": 24}
-    fine = paired_time.policy_spec("maze3", "looped", cfg["looped"], "context_diff/fine:0.01")
+    assert A.policy_spec("maze3", "router", cfg["router"], "router (cap 24)")[1] == {"X": 24}
+    fine = A.policy_spec("maze3", "looped", cfg["looped"], "context_diff/fine:0.01")
     assert fine[1] == {"X": 96} and fine[4] == A.FINE_SHARES
-    assert paired_time.policy_spec("maze3", "looped", cfg["looped"], "fixed:36")[1:] == ({"X": 36}, None, None)
+    assert A.policy_spec("maze3", "looped", cfg["looped"], "fixed:36")[1:] == ({"X": 36}, None, None)
     with pytest.raises(ValueError, match="'fixed:1000' \\(looped\\) is not one adaptive.py scores"):
-        paired_time.policy_spec("maze3", "looped", cfg["looped"], "fixed:1000")
+        A.policy_spec("maze3", "looped", cfg["looped"], "fixed:1000")
 
 
 def record_rows():
@@ -58,7 +58,7 @@ def fake_runs(monkeypatch, seconds: dict, accuracy: dict | None = None):
     monkeypatch.setattr(A, "measure", measure)
     monkeypatch.setattr(A, "build_data", lambda cfg: type("Data", (), {"task": "maze3"})())
     monkeypatch.setattr(paired_time, "restore_params", lambda cfg, data: (type("M", (), {"vocab_size": 9})(), {}, 10))
-    monkeypatch.setattr(paired_time, "evaluator_for", lambda model: None)
+    monkeypatch.setattr(A, "evaluator_for", lambda model: None)
     monkeypatch.setattr(paired_time, "eval_batches", lambda task, split, rng, n, batch, seed: [split])
     monkeypatch.setattr(paired_time.RunDir, "trained_to", lambda self: 10)
 
