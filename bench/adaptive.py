@@ -32,6 +32,15 @@ growing with the cap, where the one trained with ``uniform(8, 16)`` had met the 
 install) trains them with their configs' own loops again, runs ``<task>-{router,halting}-seed<S>``; everything
 else is as above. Records of the two do not join (``variant_loops`` differs).
 
+``--models ...,router_config`` (declared 2026-12-07 13:50 UTC, before its first run, after the two maze3 router records
+above failed on different seeds: the router trained with the recipe's counts learned no stop on seed 0, the one
+trained with ``uniform(8, 16)`` ran against the maze's steps on seed 2) trains both routers per seed: ``router`` with
+``--variant-loops`` (the recipe's counts by default) and ``router_config`` with its config's own loops (runs
+``<task>-router-seed<S>``, policies ``router, config loops (cap N)``). Both are the one family ``router``: which
+training loops a router is used with is a setting chosen on val with its cap, by the rule below, as an exit's
+threshold is. The router family then has two trainings per seed where the looped model has one (twice its
+training budget, each training the looped model's steps); the record says so. Not in the default ``--models``.
+
 A stop rule that waits for the tokens before each token (declared 2026-12-06 15:10 UTC, before its first run, after
 ``bench/exit_oracle.py`` showed that a token whose own answer is right is not done: later tokens still read its
 state): ``context_diff`` (`loopformer.variants.exits.ContextDiff`) stops a token once latent_diff's test holds for it
@@ -133,7 +142,8 @@ _spec.loader.exec_module(think_longer)
 TASKS = {"prefix_parity": "parity", "maze3": "maze3", "prefix_parity_settle": "parity", "maze3_settle": "maze3"}
 EXITS = {"latent_diff": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4), "kl": (1e-3, 1e-4, 1e-5),
          "entropy_diff": (1e-3, 1e-4, 1e-5), "context_diff": (0.01, 0.003, 0.001, 3e-4, 1e-4)}
-MODELS = ("looped", "halting", "router")
+MODELS = ("looped", "halting", "router", "router_config")
+DEFAULT_MODELS = MODELS[:3]  # router_config: opt-in (module docstring)
 FINE_SHARES = (1, 1.5, 2, 3, 4, 6, 8, 16)  # exit_oracle's finer compaction buffers, for context_diff/fine
 QUANTILES = (0.3, 0.5, 0.7, 0.9)
 TEXT_FIXED = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
@@ -162,6 +172,11 @@ def trained(cfg, out: Path):  # noqa: ANN001, ANN201
     data = build_data(cfg)
     model, params, _ = restore_params(cfg, data=data)
     return model, params, data
+
+
+def routed(model_name: str) -> bool:
+    """Whether ``model_name`` is one of the routers ("router", "router_config"), whose tokens may stop at any round."""
+    return model_name in ("router", "router_config")
 
 
 def family(policy: str) -> str:
@@ -210,7 +225,7 @@ def score_model(model_name: str, cfg, model, params, data, sets: dict, policies:
     rows = []
     for policy, loops, exits, rules, *shares in policies:
         # tokens may stop at different iterations (exits, the difficulty rule, the router): --compact applies
-        stops = bool(exits) or bool(rules) or model_name == "router"
+        stops = bool(exits) or bool(rules) or routed(model_name)
         for (difficulty, split), batches in sets.items():
             m = measure(ev, params, batches, cfg, model.vocab_size, loops, exits, rules, compact if stops else None,
                         shares[0] if shares else None)
@@ -272,6 +287,8 @@ def policies(name: str, model_name: str, cfg) -> list[tuple]:  # noqa: ANN001
                 (f"halting model, fixed:{m}", {"X": m}, None, None)]
     if model_name == "router":
         return [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
+    if model_name == "router_config":  # the same family as "router": which training loops is a setting chosen on val
+        return [(f"router, config loops (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
     out: list[tuple] = [(f"fixed:{n}", {"X": n}, None, None) for n in setting.counts()]
     rules = difficulty_rules(cfg.model, ["X"])
     if rules:
@@ -291,7 +308,7 @@ def policy_spec(name: str, model_name: str, cfg, policy: str) -> tuple:  # noqa:
 
 
 def run_task(name: str, out: Path, examples: int, seeds: int, steps: int | None = None,
-             compact: bool | None = None, models: tuple[str, ...] = MODELS, first_seed: int = 0,
+             compact: bool | None = None, models: tuple[str, ...] = DEFAULT_MODELS, first_seed: int = 0,
              loops: str = "recipe") -> dict:
     """Train (or reuse) and score the task's ``models`` over seeds ``first_seed .. first_seed + seeds - 1``."""
     setting = think_longer.TASKS[name]
@@ -395,7 +412,7 @@ def paired_times(name: str, seed_rows: list[dict], runs: dict, batches: list, co
         cfg, model, params = runs[model_name]
         evaluators.setdefault(model_name, evaluator_for(model))
         _, loops, exits, rules, *shares = policy_spec(name, model_name, cfg, policy)
-        stops = bool(exits) or bool(rules) or model_name == "router"
+        stops = bool(exits) or bool(rules) or routed(model_name)
         one = functools.partial(measure, evaluators[model_name], params, batches, cfg, model.vocab_size, loops, exits,
                                 rules, compact if stops else None, shares[0] if shares else None, timings=1)
         passes[fam] = one if check is None else functools.partial(_checked, one, check, model_name, policy)
@@ -456,8 +473,11 @@ def seed_configs(name: str, out: Path, examples: int, seed: int, steps: int, mod
     """{"looped": its config, then "halting" / "router" where ``models`` names them}: the runs of one seed of task
     ``name`` (one builder for `run_task` and `planned`)."""
     cfgs = {"looped": think_longer.config(name, "looped", steps, out, examples, seed)}
-    return cfgs | {v: variant_config(name, v, seed, out, examples, steps, loops) for v in ("halting", "router")
-                   if v in models}
+    cfgs |= {v: variant_config(name, v, seed, out, examples, steps, loops) for v in ("halting", "router")
+             if v in models}
+    if "router_config" in models:
+        cfgs["router_config"] = variant_config(name, "router", seed, out, examples, steps, "config")
+    return cfgs
 
 
 def run_text(out: Path, steps: int | None = None, compact: bool | None = None) -> dict:
@@ -762,8 +782,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="training steps of every model, >= 1 (default: think_longer's / the "
                    "config's; a smaller number is a smoke run of the pipeline, not results)")
     p.add_argument("--models",
-                   help="comma-separated models to train and score per seed: looped (always), halting, router "
-                        "(default all three)")
+                   help="comma-separated models to train and score per seed: looped (always), halting, router, "
+                        "router_config (the router trained with its config's loops whatever --variant-loops says; "
+                        "default looped,halting,router)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--variant-loops", choices=VARIANT_LOOPS, help="the loops the halting and router models train "
                    "with: recipe (default: the looped model's per-difficulty entry) or config (their configs' own, "
@@ -783,7 +804,7 @@ def main() -> int:
     if unknown:  # after the others had trained (hours)
         p.error(f"unknown task {unknown[0]!r} in --tasks; choose from {', '.join([*TASKS, 'text'])}")
     C.once(p, "--tasks", names)  # trained once, scored and reported twice
-    models = MODELS if args.models is None else tuple(args.models.split(","))
+    models = DEFAULT_MODELS if args.models is None else tuple(args.models.split(","))
     if [m for m in models if m not in MODELS] or "looped" not in models:
         p.error(f"--models {args.models}: give a comma-separated list of {', '.join(MODELS)} that includes looped "
                 f"(the best fixed count every policy is compared with is the looped model's)")
@@ -796,6 +817,9 @@ def main() -> int:
     if args.variant_loops and not {"halting", "router"} & set(models):
         p.error(f"--variant-loops sets how the halting and router models train, and --models {','.join(models)} "
                 f"trains neither; drop it, or add halting or router to --models")
+    if args.variant_loops == "config" and {"router", "router_config"} <= set(models):
+        p.error("--models router,router_config with --variant-loops config trains one router twice (router_config is "
+                "the router with its config's loops); drop router_config, or --variant-loops config")
     args.seeds = 3 if args.seeds is None else args.seeds
     first_seed = args.first_seed or 0
     if first_seed + args.seeds > C.SEEDS[0]:

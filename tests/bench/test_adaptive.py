@@ -304,6 +304,30 @@ def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_config
         adaptive.merge({"A": a, "B": b})
 
 
+def test_router_config_trains_a_second_router_whose_loops_are_a_setting_chosen_on_val(tmp_path):
+    """--models ...,router_config trains the router with its config's loops beside the one of --variant-loops; both
+    are the family "router", so which one (and its cap) is chosen on val like any setting, and reported on test."""
+    cfgs = adaptive.seed_configs("maze3", tmp_path, 32, 2, 10, ("looped", "router", "router_config"))
+    assert {k: c.run.name for k, c in cfgs.items()} == {
+        "looped": "maze3-looped-seed2", "router": "maze3-router_per_difficulty-seed2",
+        "router_config": "maze3-router-seed2"}
+    assert cfgs["router_config"].model.stages[0].circuits[0].loops == "uniform(8, 16)"
+    assert cfgs["router_config"].model.stages[0].router.backprop == adaptive.ROUTER_BACKPROP
+    names = [p[0] for p in adaptive.policies("maze3", "router_config", cfgs["router_config"])]
+    assert names == ["router, config loops (cap 12)", "router, config loops (cap 24)",
+                     "router, config loops (cap 48)", "router, config loops (cap 96)"]
+    assert {adaptive.family(n) for n in names} == {"router"}
+    assert adaptive.routed("router_config") and not adaptive.routed("halting")
+    rows = rows_2x() + [  # the config router comes within a point on val at fewer FLOPs than the recipe's
+        row("router, config loops (cap 24)", "val", 0.945, 9.0, model="router_config"),
+        row("router, config loops (cap 24)", "test", 0.93, 11.0, model="router_config"),
+        row("router, config loops (cap 96)", "val", 0.95, 20.0, model="router_config"),
+        row("router, config loops (cap 96)", "test", 0.99, 20.0, model="router_config")]
+    (entry,) = adaptive.select(rows)
+    assert entry["families"]["router"]["policy"] == "router, config loops (cap 24)"  # not cap 96, the best on test
+    assert entry["families"]["router"]["test_accuracy"] == 0.93
+
+
 def test_a_record_of_variant_loops_no_flag_writes_is_named_as_it_is(tmp_path):
     """#27 pass 32: a record whose variant_loops neither --variant-loops value writes (null, a string, other
     overrides: edited, or of another version) was named "--variant-loops config", and a config run into its --out

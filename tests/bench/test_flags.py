@@ -35,8 +35,10 @@ CASES = [
     ("adaptive", ["--steps", "-5"], "--steps must be >= 1, got -5"),
     ("adaptive", ["--tasks", "prefix_parity,typo"], "unknown task 'typo' in --tasks"),
     ("adaptive", ["--tasks", "maze3,maze3"], "--tasks names maze3 twice"),
-    ("adaptive", ["--models", "router"], "--models router: give a comma-separated list of looped, halting, router that "
-                                          "includes looped"),
+    ("adaptive", ["--models", "router"], "--models router: give a comma-separated list of looped, halting, router, "
+                                          "router_config that includes looped"),
+    ("adaptive", ["--models", "looped,router,router_config", "--variant-loops", "config"],
+     "--models router,router_config with --variant-loops config trains one router twice"),
     ("adaptive", ["--models", "looped,gate"], "--models looped,gate: give a comma-separated list"),
     ("adaptive", ["--models", "looped,looped"], "--models names looped twice"),
     ("adaptive", ["--models", "looped", "--tasks", "text"], "--tasks text reads none of --models (one model, scored on "

@@ -148,7 +148,8 @@ def test_the_table_shows_both_ratios_and_both_verdicts(monkeypatch):
     (lambda t: t.update(selected="x"), "maze3: its selected entries are not the ones its rows give"),
     (lambda t: t.pop("steps"), "maze3: it has steps None, where a run of adaptive.py writes a whole number >= 1"),
     (lambda t: t.pop("models"), "maze3: it has models None, where a run of adaptive.py writes a list of looped, "
-                                "halting, router that includes looped (a record written before adaptive.py kept them)"),
+                                "halting, router, router_config that includes looped (a record written before "
+                                "adaptive.py kept them)"),
     (lambda t: t.update(rows=[r for r in t["rows"] if r["split"] == "val"]), "maze3: its rows give no selection"),
     ("task", "it holds task 'nosuch', not one of adaptive.py's"),
 ])
