@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import sys
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loopformer.cli import (  # noqa: E402
     CWD_GONE,
     FLAGS_GIVEN,
+    Parser,
     check_platforms,
     cwd_gone,
     jax_variable_refused,
@@ -68,21 +68,16 @@ def about(doc: str) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
-class ArgumentParser(argparse.ArgumentParser):
+class ArgumentParser(Parser):
     """A script's parser: a single-value flag given twice is refused (`--steps 5 --steps 10` ran 10 with no word), as
-    loopformer's commands refuse it (`loopformer.cli.single_flags`)."""
+    loopformer's commands refuse it (`loopformer.cli.single_flags`); a byte that is not UTF-8 is written ``\\xff`` where
+    argparse or the script quotes it with ``repr`` (`loopformer.cli.Parser`, #27 pass 35)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         single_flags(self)
 
     given: frozenset[str] = frozenset()  # the single-value flags (dests) the last parse read from the command line
-
-    def error(self, message: str) -> NoReturn:
-        """argparse's ``error``, a byte that is not UTF-8 written ``\\xff`` where the line quotes it with ``repr``
-        (argparse's "invalid int value: '\\udcff'", a script's "unknown task 'maze\\udcff'"), as `errors.BYTES`
-        writes it where a line quotes it bare (#27 pass 35)."""
-        super().error(re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", message))
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         parsed, extra = super().parse_known_args(args, namespace)

@@ -45,6 +45,13 @@ def printable(text: object) -> str:
     return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def unescape_repr(message: str) -> str:
+    """``message`` with ``repr``'s escape of a byte that is not UTF-8 (``\\udcff``: the lone surrogate Python keeps for
+    it) written ``\\xff``, as `printable` writes it where a line quotes it bare (argparse's "invalid choice: '\\udcff'";
+    #27 passes 35 and 36)."""
+    return re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", message)
+
+
 def shorten(message: str) -> str:
     """``message`` with each list or mapping, and each word, of more than `LONG` characters cut to its first `SHOWN`,
     ``…`` and its length: an override whose 3,000-character value was refused quoted it whole, one line of 3,000

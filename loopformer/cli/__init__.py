@@ -17,9 +17,9 @@ import re
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
-from loopformer.errors import BYTES, ConfigError, DecodingError, LoopformerError, OutputError
+from loopformer.errors import BYTES, ConfigError, DecodingError, LoopformerError, OutputError, printable, unescape_repr
 from loopformer.runs import stop
 from loopformer.runs.layout import unreachable
 from loopformer.runs.stop import Terminated
@@ -192,7 +192,7 @@ def _main(argv: list[str] | None) -> int:
         from loopformer.cli.common import COMMANDS
         from loopformer.config.schema import MAX_EVAL_EXAMPLES
 
-        parser = argparse.ArgumentParser(prog="loopformer", description=__doc__.splitlines()[0])
+        parser = Parser(prog="loopformer", description=__doc__.splitlines()[0])
         sub = parser.add_subparsers(dest="command", required=True)
         for name, (help_text, add_args, _) in COMMANDS.items():
             _once(sub.add_parser(name, help=help_text, description=help_text), add_args)
@@ -310,6 +310,14 @@ def _once(parser: argparse.ArgumentParser, add_args: object) -> None:
     """Add a command's flags (``add_args``) to ``parser``, every single-value flag as `_StoreOnce` (`single_flags`)."""
     single_flags(parser)
     add_args(parser)  # type: ignore[operator]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, a byte that is not UTF-8 written ``\\xff`` where its lines quote a value with ``repr``
+    (`errors.unescape_repr`); its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(printable(unescape_repr(message)))  # (a value quoted bare, too: stderr without errors.BYTES)
 
 
 def single_flags(parser: argparse.ArgumentParser) -> None:

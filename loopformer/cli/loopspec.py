@@ -125,6 +125,10 @@ def _split_exit(flag: str, spec: str, named: str, circuits: Sequence[str], targe
     first = pieces[0] if len(targets) == 1 else None
     if first is None:  # a rule without a circuit first: it is meant for the circuits the others do not name
         rest = [c for c in circuits if c not in {c for c, _ in given}]
+        if not rest:  # the suggestion dropped it: every circuit named after it has a rule (#27 pass 36)
+            return (f"{flag}: '{pieces[0]}' names no circuit, and every circuit ({', '.join(circuits)}) is given its "
+                    f"own rule after it, so it would apply to none; drop it, and give each circuit its own --exit, "
+                    f"e.g. " + " ".join(f"--exit {piece}" for _, piece in given))
         given = [(c, f"{c}={pieces[0]}") for c in rest] + given
     else:
         given = [(targets[0], first), *given]

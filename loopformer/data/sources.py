@@ -53,7 +53,15 @@ from loopformer.data.text import (
     split_of,
     training_text,
 )
-from loopformer.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, read_tokenizer, tokenizer_kind, train_bpe
+from loopformer.data.tokenizers import (
+    CORPUS_FIX,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    read_tokenizer,
+    tokenizer_kind,
+    train_bpe,
+)
 from loopformer.errors import ConfigError, DataError, shorten
 from loopformer.runs.layout import CONFIG_FILE, TOKENIZER_FILE, RunDir, unreadable
 from loopformer.runs.log import log
@@ -495,6 +503,15 @@ class TextSource(DataSource):
         root = self.prepared
         assert root is not None
         meta = read_meta(root)
+        own = read_tokenizer(root / TOKENIZER_FILE)
+        if (meta.get("tokenizer"), meta.get("vocab_size")) != (own.kind, own.vocab_size) or (
+                token_dtype(own.vocab_size).name != meta["dtype"]):
+            # the shards hold the ids of the tokenizer meta.json names: another tokenizer.json (copied from another
+            # corpus) decodes them silently wrong, and ids past uint16 do not fit its shards (#27 pass 36)
+            raise DataError(f"{root / TOKENIZER_FILE} is a {own.kind} tokenizer of {own.vocab_size} tokens, where "
+                            f"{root / META_FILE} says its shards hold ids of a {meta.get('tokenizer')} tokenizer of "
+                            f"{meta.get('vocab_size')} tokens as {meta['dtype']} (one of them replaced or edited "
+                            f"by hand?); {CORPUS_FIX}")
         d = self.cfg.data
         if abs(float(meta.get("val_fraction", -1)) - d.val_fraction) > 1e-12:
             raise DataError(f"{root} was prepared with val_fraction={meta.get('val_fraction')} but "

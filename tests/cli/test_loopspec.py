@@ -81,6 +81,11 @@ def test_a_rule_without_a_circuit_beside_a_named_one_is_told_as_two_rules_for_it
     ("X=latent_diff:0.1,Y=latent_diff:0.2,min=2", "e.g. --exit X=latent_diff:0.1 --exit Y=latent_diff:0.2,min=2"),
     # a rule without a circuit is the other circuits' (`--exit latent_diff:0.1 --exit Y=...` sets Y twice)
     ("latent_diff:0.1, Y=kl:0.1", "e.g. --exit X=latent_diff:0.1 --exit Y=kl:0.1"),
+    # ... and with every circuit named after it, no circuit's: it was dropped from the flags without a word (pass 36)
+    ("kl:0.1,X=latent_diff:0.1,Y=latent_diff:0.2", "'kl:0.1' names no circuit, and every circuit (X, Y) is given its "
+                                                   "own rule after it, so it would apply to none; drop it, and give "
+                                                   "each circuit its own --exit, e.g. --exit X=latent_diff:0.1 --exit "
+                                                   "Y=latent_diff:0.2"),
     # the flags suggested were refused in turn: two rules for X, and a rule `Y=`
     ("X=latent_diff:0.1,X=kl:0.1", "circuit X is given two rules ('X=latent_diff:0.1' and 'X=kl:0.1'); a circuit "
                                    "takes one rule, one --exit per circuit"),

@@ -208,6 +208,30 @@ def test_a_meta_json_edited_by_hand_is_one_line(tmp_path, key, value):
         next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
 
 
+@pytest.mark.parametrize("damage", ["vocab_size", "tokenizer"])
+def test_a_corpus_whose_tokenizer_is_not_the_one_its_meta_names_is_one_line(tmp_path, damage):
+    """#27 pass 36: meta.json's vocab_size was not compared with the corpus's tokenizer.json, so a tokenizer.json
+    copied from another corpus (or a vocab_size edited by hand) decoded the shards' ids silently wrong."""
+    path, _ = corpus(tmp_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(cfg_for(tmp_path, [path]), out, progress=False)
+    if damage == "vocab_size":
+        meta = json.loads((out / "meta.json").read_text())
+        meta["vocab_size"] += 1
+        (out / "meta.json").write_text(json.dumps(meta))
+    else:
+        other = tmp_path / "other"
+        prepare_corpus(cfg_for(tmp_path, [path], "data.tokenizer=bpe", "data.vocab_size=300"), other, progress=False)
+        (out / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
+    with pytest.raises(DataError, match=rf"^{out}/tokenizer.json is a \w+ tokenizer of \d+ tokens, where "
+                                        rf"{out}/meta.json says its shards hold ids of a bytes tokenizer of \d+ tokens "
+                                        r"as uint16 \(one of them replaced or edited by hand\?\); prepare the corpus "
+                                        r"again \(`loopformer prepare --force` replaces it\)$"):
+        next(build_data(cfg_for(tmp_path, [out])).train_iterator(4, seed=1))
+    prepare_corpus(cfg_for(tmp_path, [path]), tmp_path / "whole", progress=False)  # an intact corpus still reads
+    next(build_data(cfg_for(tmp_path, [tmp_path / "whole"])).train_iterator(4, seed=1))
+
+
 def test_arrayrecord_format_of_a_text_file_does_not_say_to_prepare_into_it(tmp_path):
     """#27 pass 34: data.format=arrayrecord of a text file said "run `loopformer prepare --out FILE`", the file."""
     path, _ = corpus(tmp_path)
