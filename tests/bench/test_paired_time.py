@@ -31,6 +31,11 @@ def test_the_policies_are_adaptive_py_s_own():
     assert A.policy_spec("maze3", "looped", cfg["looped"], "fixed:36")[1:] == ({"X": 36}, None, None)
     with pytest.raises(ValueError, match="'fixed:1000' \\(looped\\) is not one adaptive.py scores"):
         A.policy_spec("maze3", "looped", cfg["looped"], "fixed:1000")
+    # a record of both routers (--models ...,router_config): the second one's runs and policies
+    cfgs = A.seed_configs("maze3", Path("/nonexistent"), 256, 0, 10, ("looped", "router", "router_config"))
+    assert cfgs["router_config"].run.name == "maze3-router-seed0"
+    assert A.policy_spec("maze3", "router_config", cfgs["router_config"], "router, config loops (cap 48)")[1] == {
+        "X": 48}
 
 
 def record_rows():
