@@ -816,7 +816,9 @@ def main() -> int:
                 f"configs/adaptive/text_ponder.yaml); drop {'them' if len(given) > 1 else 'it'}")
     if args.variant_loops and not {"halting", "router"} & set(models):
         p.error(f"--variant-loops sets how the halting and router models train, and --models {','.join(models)} "
-                f"trains neither; drop it, or add halting or router to --models")
+                f"trains neither" + (" (router_config trains with its config's loops whatever it says)"
+                                     if "router_config" in models else "")
+                + "; drop it, or add halting or router to --models")
     if args.variant_loops == "config" and {"router", "router_config"} <= set(models):
         p.error("--models router,router_config with --variant-loops config trains one router twice (router_config is "
                 "the router with its config's loops); drop router_config, or --variant-loops config")

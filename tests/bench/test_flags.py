@@ -39,6 +39,8 @@ CASES = [
                                           "router_config that includes looped"),
     ("adaptive", ["--models", "looped,router,router_config", "--variant-loops", "config"],
      "--models router,router_config with --variant-loops config trains one router twice"),
+    ("adaptive", ["--models", "looped,router_config", "--variant-loops", "config"], "--models looped,router_config "
+     "trains neither (router_config trains with its config's loops whatever it says); drop it, or add halting or router"),
     ("adaptive", ["--models", "looped,gate"], "--models looped,gate: give a comma-separated list"),
     ("adaptive", ["--models", "looped,looped"], "--models names looped twice"),
     ("adaptive", ["--models", "looped", "--tasks", "text"], "--tasks text reads none of --models (one model, scored on "
