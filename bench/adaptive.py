@@ -285,10 +285,9 @@ def policies(name: str, model_name: str, cfg) -> list[tuple]:  # noqa: ANN001
     if model_name == "halting":
         return [*((f"learned:q={q:g}", {"X": cap}, {"X": exit_rule("learned", q)}, None) for q in QUANTILES),
                 (f"halting model, fixed:{m}", {"X": m}, None, None)]
-    if model_name == "router":
-        return [(f"router (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
-    if model_name == "router_config":  # the same family as "router": which training loops is a setting chosen on val
-        return [(f"router, config loops (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
+    if routed(model_name):  # router_config is the family "router" too: its training loops, a setting chosen on val
+        label = "router" if model_name == "router" else "router, config loops"
+        return [(f"{label} (cap {n})", {"X": n}, None, None) for n in (m, 2 * m, 4 * m, cap)]
     out: list[tuple] = [(f"fixed:{n}", {"X": n}, None, None) for n in setting.counts()]
     rules = difficulty_rules(cfg.model, ["X"])
     if rules:
@@ -470,8 +469,8 @@ def planned(names: list[str], out: Path, examples: int, seeds: range, steps: int
 
 def seed_configs(name: str, out: Path, examples: int, seed: int, steps: int, models: tuple[str, ...],
                  loops: str = "recipe") -> dict:
-    """{"looped": its config, then "halting" / "router" where ``models`` names them}: the runs of one seed of task
-    ``name`` (one builder for `run_task` and `planned`)."""
+    """{"looped": its config, then "halting" / "router" / "router_config" (the router with its config's loops) where
+    ``models`` names them}: the runs of one seed of task ``name`` (one builder for `run_task` and `planned`)."""
     cfgs = {"looped": think_longer.config(name, "looped", steps, out, examples, seed)}
     cfgs |= {v: variant_config(name, v, seed, out, examples, steps, loops) for v in ("halting", "router")
              if v in models}

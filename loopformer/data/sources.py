@@ -390,16 +390,16 @@ class TextSource(DataSource):
             self._tokenizer = self._resolve_tokenizer()
         return self._tokenizer
 
-    def _resolve_tokenizer(self, train_docs: Sequence[str] | None = None) -> Tokenizer:
-        """The run's own tokenizer once it has a checkpoint, else the prepared corpus's, else bytes or
-        the data.tokenizer file, else a BPE trained on ``train_docs`` (the corpus's training split,
-        read on demand)."""
+    def _resolve_tokenizer(self, train_docs: Sequence[str] | None = None, corpus: Tokenizer | None = None) -> Tokenizer:
+        """The run's own tokenizer once it has a checkpoint, else the prepared corpus's (``corpus`` where it was read
+        already), else bytes or the data.tokenizer file, else a BPE trained on ``train_docs`` (the corpus's training
+        split, read on demand)."""
         run = RunDir(self.cfg.run_dir)
         run_file = run.tokenizer
         if run_file.is_file() and run.checkpoint_steps():
             return self._checked(read_tokenizer(run_file), run_file)
         if self.prepared is not None:
-            return self._checked(read_tokenizer(self.prepared / TOKENIZER_FILE), self.prepared / TOKENIZER_FILE)
+            return self._checked(corpus or read_tokenizer(self.prepared / TOKENIZER_FILE), self.prepared / TOKENIZER_FILE)
         if self.cfg.data.tokenizer != "bpe":
             return make_tokenizer(self.cfg, ())
         if train_docs is None:
@@ -524,7 +524,7 @@ class TextSource(DataSource):
             raise DataError(f"{root} was prepared with doc_separator={meta['doc_separator']!r} but "
                             f"data.doc_separator={d.doc_separator!r}; set it to match, or prepare again")
         if self._tokenizer is None:
-            self._tokenizer = self._resolve_tokenizer()
+            self._tokenizer = self._resolve_tokenizer(corpus=own)
         self.split_kind = meta.get("split", HASH_SPLIT)
         self._streams = {}
         room_for_shards(root, sum(len(meta["splits"][s]["files"]) for s in SPLITS),
