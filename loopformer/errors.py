@@ -49,7 +49,9 @@ def unescape_repr(message: str) -> str:
     """``message`` with ``repr``'s escape of a byte that is not UTF-8 (``\\udcff``: the lone surrogate Python keeps for
     it) written ``\\xff``, as `printable` writes it where a line quotes it bare (argparse's "invalid choice: '\\udcff'";
     #27 passes 35 and 36)."""
-    return re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", message)
+    # only an escape repr wrote: after an even run of backslashes (the user's own text `\udcff` is `\\udcff` in a
+    # repr, and was turned into `\\xff`, which they never typed; #27 pass 37)
+    return re.sub(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])", r"\1\\x\2", message)
 
 
 def shorten(message: str) -> str:

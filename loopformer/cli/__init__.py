@@ -37,9 +37,16 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     # sorted: the parsers' order is the order the commands' modules were first imported in, which tests change
     takers = sorted({name for name, sp in parsers.items() if name != command
                      for a in sp._actions if flag in a.option_strings})  # noqa: SLF001 (argparse keeps them only there)
+    # this command's own flag of a longer name (`generate --split 4x` means --example-split; the line named only
+    # the commands that take --split, #27 pass 37)
+    own = sorted({o for a in parsers[command]._actions for o in a.option_strings  # noqa: SLF001
+                  if flag and flag.startswith("--") and o.endswith("-" + flag[2:]) and o != flag})
     if takers:
-        line += (f" (loopformer {command} takes no {flag}; {', '.join(takers)} "
+        mean = f"did you mean {' or '.join(own)}? " if own else ""
+        line += (f" (loopformer {command} takes no {flag}; {mean}{', '.join(takers)} "
                  f"{'take' if len(takers) > 1 else 'takes'} it: see loopformer {command} --help)")
+    elif own:
+        line += f" (did you mean {' or '.join(own)}? see loopformer {command} --help)"
     return line
 
 

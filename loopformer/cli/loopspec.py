@@ -101,6 +101,14 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
         if counts.strip().lower() == AUTO:  # eval removes these first (split_auto)
             raise PlanError(f"{flag}: {AUTO} (each example at its training rule's count) is read by `loopformer eval` "
                             f"only; give this command a count, e.g. --loops {name}=8")
+        if "=" in counts:  # `--loops X=1:3,Y=1:2` was "'1:3,Y=1:2' is not a loop count", with no word of how to give Y
+            pieces = [p.strip() for p in re.split(r",\s*(?=[^,=]+=)", spec.strip())]
+            names = [p.partition("=")[0].strip() for p in pieces]
+            twice = next((n for n in names if names.count(n) > 1), None)
+            if twice is not None:
+                raise PlanError(f"{flag} names circuit '{twice}' twice; pass one --loops per circuit")
+            raise PlanError(f"{flag} gives several circuits in one flag; pass one --loops per circuit: "
+                            + " ".join(f"--loops {p}" for p in pieces))
         values = parse_counts(counts, flag)
         if not grid and len(values) > 1:
             raise PlanError(f"{flag}: {single}")

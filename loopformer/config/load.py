@@ -234,11 +234,30 @@ def _parse_value(text: str) -> Any:
     if not text.strip():
         return text  # "" or blank as given: data.doc_separator=$'\t' is a tab, not ""
     try:
-        return _yaml(text)
+        value = _yaml(text)
     except Refused as e:
         raise ConfigError(f"override value {text!r}: {e}") from None
     except yaml.YAMLError:
         return text
+    if "\n" in text or "\r" in text:
+        # YAML folds a line break inside a scalar into a space: run.name=$'a\nb' trained into runs/'a b' with no
+        # word (#27 pass 37). A value whose text is not in the override as typed was folded
+        folded = next((leaf for leaf in _string_leaves(value) if leaf not in text), None)
+        if folded is not None:
+            raise ConfigError(f"override value {text!r} holds a line break, which YAML reads as a space "
+                              f"({folded!r}); write the value on one line")
+    return value
+
+
+def _string_leaves(value: Any) -> list[str]:
+    """The strings in a parsed override value (nested lists and mappings, keys too)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _string_leaves(k) + _string_leaves(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _string_leaves(v)]
+    return []
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

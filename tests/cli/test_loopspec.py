@@ -45,6 +45,14 @@ def test_parse_loops():
         parse_loops(["X=1", "X=2"], ["X"], grid=True)
     with pytest.raises(PlanError, match="one count per circuit; use `loopformer sweep`"):
         parse_loops(["X=1:8"], ["X"], grid=False)
+    # #27 pass 37: two circuits in one flag were "'1:3,Y=1:2' is not a loop count", with no word of how to give Y
+    with pytest.raises(PlanError, match=r"^--loops X=1:3,Y=1:2 gives several circuits in one flag; pass one --loops "
+                                        r"per circuit: --loops X=1:3 --loops Y=1:2$"):
+        parse_loops(["X=1:3,Y=1:2"], ["X", "Y"], grid=True)
+    with pytest.raises(PlanError, match=r"^--loops X=1,2, Y=3 gives .*: --loops X=1,2 --loops Y=3$"):
+        parse_loops(["X=1,2, Y=3"], ["X", "Y"], grid=True)
+    with pytest.raises(PlanError, match=r"^--loops X=2,X=3 names circuit 'X' twice; pass one --loops per circuit$"):
+        parse_loops(["X=2,X=3"], ["X", "Y"], grid=False)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -105,6 +105,10 @@ BAD = [
     (["train.steps=\t5"], r"^train.steps: expected int, got '\\t5' \(it holds a tab, which YAML does not read as a "
      r"space: write spaces\)$"),
     (["data.eval_splits={a:\t[1, 2]}"], r"^data.eval_splits: expected a mapping, got .* \(it holds a tab"),
+    # #27 pass 37: YAML folds a line break into a space: run.name=$'a\nb' trained into runs/'a b' with no word
+    (["run.name=a\nb"], r"^override value 'a\\nb' holds a line break, which YAML reads as a space \('a b'\); write "
+     r"the value on one line$"),
+    (["data.paths=[x, y\n z]"], r"holds a line break, which YAML reads as a space \('y z'\)"),
     # #27 pass 11: a name past the filesystem's limits was a traceback ("File name too long") at the first file
     (["run.name=" + "n" * 256], r"^run.name / run.dir: the name n{24}\.\.\. is 256 bytes, and a name can be at most 255 "
      r"here; choose a shorter one$"),
