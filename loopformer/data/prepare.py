@@ -193,8 +193,10 @@ def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], forc
     if out.is_symlink() or not out.is_dir():  # said before "pass --force", which would refuse it too
         raise DataError(f"--out {out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a directory; "
                         f"choose another --out" + ("" if not force else f" ({refuse})"))
-    if not force:
-        raise DataError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    # what --force would refuse is said without it too: a folder of the user's was told "already exists; pass --force
+    # to replace it", and --force then refused it (#27 pass 37; pass 9 mended the same for a file)
+    mine = refuse if force else (f"choose another --out, or remove {out} yourself (--force replaces only a directory "
+                                 f"written by `loopformer prepare`)")
     inside = [p for p in sources if where in p.resolve().parents]
     if inside:
         raise DataError(f"data.paths reads {inside[0]} from inside --out {out}: replacing {out} would delete the "
@@ -205,12 +207,14 @@ def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], forc
         assert meta["version"] == META_VERSION and all(isinstance(f, str) for f in files)
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise DataError(f"{out} is not a corpus written by `loopformer prepare` (no {META_FILE} of version "
-                        f"{META_VERSION}); {refuse}") from None
+                        f"{META_VERSION}); {mine}") from None
     ours = {META_FILE, TOKENIZER_FILE, *files}
     extra = sorted(e.name for e in out.iterdir() if e.name not in ours or not e.is_file() or e.is_symlink())
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise DataError(f"{out} holds {extra[0]}{more}, which `loopformer prepare` did not write; {refuse}")
+        raise DataError(f"{out} holds {extra[0]}{more}, which `loopformer prepare` did not write; {mine}")
+    if not force:
+        raise DataError(f"{out} already holds a prepared corpus; pass --force to replace it, or choose another --out")
     return sorted(e.name for e in out.iterdir())
 
 

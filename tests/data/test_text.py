@@ -140,7 +140,7 @@ def test_prepare_arrayrecord_gives_the_same_batches(tmp_path, tokenizer):
     for split, batches in raw.eval_sets().items():
         for x, y in zip(batches, prepared.eval_sets()[split], strict=True):
             np.testing.assert_array_equal(x["targets"], y["targets"])
-    with pytest.raises(DataError, match="already exists; pass --force"):
+    with pytest.raises(DataError, match="already holds a prepared corpus; pass --force"):
         prepare_corpus(cfg_for(tmp_path, [path], *extra), out, progress=False)
     # #27 pass 20: beside other paths its shards were read as text ("not UTF-8 text; convert it with iconv")
     with pytest.raises(DataError, match=rf"^data.paths: {out} is a corpus written by `loopformer prepare`, which is "
@@ -368,7 +368,7 @@ def test_prepare_command_line(tmp_path, capsys):
     assert main(args) == 0
     # quoted for the shell (its brackets are a glob; #27 pass 30)
     assert (out / "meta.json").is_file() and f"train with 'data.paths=[{out}]'" in capsys.readouterr().out
-    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main(args) == 2 and "already holds a prepared corpus" in capsys.readouterr().err
     assert main(["prepare", "--out", str(tmp_path / "q"), "data.task=text", "data.paths=[/no/such/*.txt]"]) == 2
     assert "matches no file" in capsys.readouterr().err and not (tmp_path / "q").exists()
 
@@ -448,6 +448,14 @@ def test_prepare_force_deletes_nothing_it_did_not_write(tmp_path):
     (other / "todo.txt").write_text("mine")
     with pytest.raises(DataError, match=r"notes is not a corpus written by `loopformer prepare` \(no meta.json"):
         prepare_corpus(cfg, other, force=True, progress=False)
+    # #27 pass 37: without --force a folder of the user's (or one holding the corpus) was told "already exists; pass
+    # --force to replace it", which --force then refused
+    with pytest.raises(DataError, match=r"notes is not a corpus written by `loopformer prepare` \(no meta.json of "
+                                        r"version 1\); choose another --out, or remove .*notes yourself \(--force "
+                                        r"replaces only"):
+        prepare_corpus(cfg, other, progress=False)
+    with pytest.raises(DataError, match=r"data.paths reads .*corpus.txt from inside --out .*data: replacing"):
+        prepare_corpus(cfg, data, progress=False)
     plain = tmp_path / "plain.bin"
     plain.write_text("x")
     with pytest.raises(DataError, match=r"plain.bin is a file, not a directory; choose another --out \(--force "
