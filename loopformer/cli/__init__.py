@@ -40,7 +40,8 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     # this command's own flag of a longer name (`generate --split 4x` means --example-split; the line named only
     # the commands that take --split, #27 pass 37)
     own = sorted({o for a in parsers[command]._actions for o in a.option_strings  # noqa: SLF001
-                  if flag and flag.startswith("--") and o.endswith("-" + flag[2:]) and o != flag})
+                  if flag and flag.startswith("--") and o.startswith("--") and o != flag
+                  and (o.endswith("-" + flag[2:]) or flag.endswith("-" + o[2:]))})
     if takers:
         mean = f"did you mean {' or '.join(own)}? " if own else ""
         line += (f" (loopformer {command} takes no {flag}; {mean}{', '.join(takers)} "

@@ -329,6 +329,9 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
     (["generate", "--run", "runs/x", "--split", "4x"], "loopformer generate: error: unrecognized arguments: --split 4x "
      "(loopformer generate takes no --split; did you mean --example-split? ablate, activity, eval, rys, sweep take it: "
      "see loopformer generate --help)"),
+    (["eval", "--run", "runs/x", "--example-split", "2x"], "loopformer eval: error: unrecognized arguments: "
+     "--example-split 2x (loopformer eval takes no --example-split; did you mean --split? generate takes it: see "
+     "loopformer eval --help)"),
     (["rys", "--run", "runs/x", "--repeats", "1,,2"], "loopformer rys: error: argument --repeats: an empty item "
      "between commas in '1,,2'; write counts like 1,2,3"),  # read as 1,2
 ])
