@@ -280,6 +280,8 @@ class PointerChase(Task):
 
     def _name(self, t: int) -> str:
         i = t - self.FIRST
+        if i < 0:  # a wrong prediction (PAD, SEP, QUERY, EQ): _NAMES[-4] showed EQ as the node '9' (#27 pass 38)
+            return f"<{int(t)}>"
         return _NAMES[i] if i < len(_NAMES) else f"<{i}>"
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
@@ -453,7 +455,10 @@ class PHop(Task):
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
         x, p = self.parse(inputs)
-        name = lambda t: _NAMES[26 + t - self.FIRST] if t - self.FIRST < 36 else f"<{t - self.FIRST}>"
+        # a token below the symbols (a wrong prediction: PAD, BOS, EQ) as its id: _NAMES[26 - 3] showed PAD as the
+        # symbol 'X' (#27 pass 38)
+        name = lambda t: (f"<{int(t)}>" if t < self.FIRST else _NAMES[26 + t - self.FIRST] if t - self.FIRST < 36
+                          else f"<{t - self.FIRST}>")
         ans = name(answer[0]) if answer else "?"
         return f"{''.join(map(name, x))} | hop{p} = {ans}"
 
@@ -876,13 +881,15 @@ class Maze(Task):
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
         """Rows of rooms: S = start, rooms joined by '-' (open right); under a room '|' = open down;
-        with an answer, '#' marks rooms reachable from the start, '.' the others."""
+        with an answer, '#' marks rooms reachable from the start (YES), '.' the others (NO) and '?' a room whose
+        answer token is neither (a wrong prediction: it was drawn '.', an answer the model never gave; #27 pass 38)."""
         right, down, (sr, sc) = self.parse(inputs)
         h, d = right.shape
-        mark = None if answer is None else np.asarray(answer).reshape(d, h).T == self.YES
+        marks = {self.YES: "#", self.NO: "."}
+        mark = None if answer is None else np.asarray(answer).reshape(d, h).T
         lines = []
         for r in range(h):
-            cells = ["S" if (r, c) == (sr, sc) else ("o" if mark is None else "#" if mark[r, c] else ".")
+            cells = ["S" if (r, c) == (sr, sc) else ("o" if mark is None else marks.get(int(mark[r, c]), "?"))
                      for c in range(d)]
             lines.append("".join(cells[c] + ("-" if right[r, c] else " ") for c in range(d)).rstrip())
             if r + 1 < h:

@@ -257,6 +257,24 @@ def test_a_wrong_token_renders_as_its_id_not_as_a_digit():
     assert par.render(ex["inputs"], [3, 1, 5]).endswith(" | 0<1><5>")
 
 
+def test_a_wrong_token_renders_as_no_symbol_or_room_mark_it_is_not():
+    """#27 pass 38: `generate` showed pointer_chase's EQ token as the node '9' (``_NAMES[-1]``), p_hop's PAD as the
+    symbol 'X', and a maze room whose predicted token is a room token as '.' (an unreachable room, an answer the
+    model never gave)."""
+    chase = make_task("pointer_chase")
+    ex = chase.example(np.random.default_rng(0), 2, chase.seq_len(2))
+    assert chase.render(ex["inputs"], [chase.EQ]).endswith(f" = <{chase.EQ}>")
+    hop = make_task("p_hop")
+    ex = hop.example(np.random.default_rng(0), 2, hop.seq_len(2))
+    assert hop.render(ex["inputs"], [0]).endswith(" = <0>")
+    assert hop.render(ex["inputs"], [hop.FIRST]).endswith(" = a")  # the first symbol, as before
+    maze = make_task("maze", rows=2)
+    ex = maze.example(np.random.default_rng(0), 3, maze.seq_len(3))
+    text = maze.render(ex["inputs"], [5] * 6)
+    assert text.count("?") == 5 and "." not in text and "#" not in text  # the start stays S
+    assert maze.render(ex["inputs"], [maze.NO] * 6).count(".") == 5
+
+
 def test_aligned_addition_asks_for_every_digit_in_one_pass():
     """``aligned: true``: the answer's d + 1 places are SLOT tokens in the input, labelled with c's digits;
     the next-token form's examples are unchanged, and depth is the longest carry chain + 1."""
