@@ -126,10 +126,13 @@ class MixtureSource(DataSource):
     def eval_seq_len(self) -> int:
         return max(e.eval_seq_len() for e in self.entries)
 
-    def length_settings(self) -> tuple[str, str]:
-        """The settings of the entries with the longest training and eval sequences."""
+    def length_settings(self, longest: int | None = None) -> tuple[str, str]:
+        """The settings of the entries with the longest training and eval sequences (an entry's task_args where its
+        shortest example, at difficulty 1, is longer than ``longest``: lowering its difficulties cannot help)."""
         def setting(e: _Entry, key: str) -> str:
-            return f"data.mixture.{e.cfg.name}.{key}" if e.task is not None else "data.seq_len"
+            if e.task is None:
+                return "data.seq_len"
+            return f"data.mixture.{e.cfg.name}.{'task_args' if longest is not None and e.task.seq_len(1) > longest else key}"
 
         return (setting(max(self.entries, key=lambda e: e.seq_len()), "train_difficulty"),
                 setting(max(self.entries, key=lambda e: e.eval_seq_len()), "eval_splits"))

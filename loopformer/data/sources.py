@@ -127,8 +127,9 @@ class DataSource(abc.ABC):
         """The longest sequence of an eval split (a synthetic task's eval range may reach past training's)."""
         return self.seq_len
 
-    def length_settings(self) -> tuple[str, str]:
-        """The settings that set ``seq_len`` and ``eval_seq_len``, for a refusal to name."""
+    def length_settings(self, longest: int | None = None) -> tuple[str, str]:
+        """The settings that set ``seq_len`` and ``eval_seq_len``, for a refusal to name (``longest``: the most
+        tokens that fit, where not even one sequence does)."""
         return "data.seq_len", "data.seq_len"
 
 
@@ -170,10 +171,13 @@ class TaskSource(DataSource):
     def eval_seq_len(self) -> int:
         return max(self.task.seq_len(hi) for _, hi in self.cfg.data.eval_splits.values())
 
-    def length_settings(self) -> tuple[str, str]:
+    def length_settings(self, longest: int | None = None) -> tuple[str, str]:
         # a length no difficulty changes is set by the task's arguments (addition's width): lowering the
-        # difficulties, as the refusal said, changed nothing
-        fixed = self.cfg.data.task_args and self.task.seq_len(1) == max(self.seq_len, self.eval_seq_len)
+        # difficulties, as the refusal said, changed nothing; nor where the shortest example, at difficulty 1, is
+        # longer than ``longest`` (maze's rows: 100,000,000 was "lower data.train_difficulty" at [1, 1]; #27 pass 38)
+        floor = self.task.seq_len(1)
+        fixed = self.cfg.data.task_args and (floor == max(self.seq_len, self.eval_seq_len)
+                                             or (longest is not None and floor > longest))
         return ("data.task_args", "data.task_args") if fixed else ("data.train_difficulty", "data.eval_splits")
 
     @property

@@ -597,22 +597,29 @@ def test_a_disk_that_fills_while_metrics_are_written_is_one_line(tmp_path, monke
     # an eval split's range past training's: its examples were built (a traceback from numpy at 20 digits, else
     # an out-of-memory one at the first evaluation) and nothing checked their length
     (["data.eval_splits={train: [1, 2], long: [1, 99999999999999999999]}"],
-     r"^data.eval_splits \(sequences of [\d,]{27} tokens\): attention over .* lower data.eval_splits or "
-     r"data.eval_batch_size$"),
+     r"^data.eval_splits \(sequences of [\d,]{27} tokens\): attention over .* lower data.eval_splits$"),
     (["data.eval_splits={train: [1, 2], long: [1, 5000]}", "data.eval_batch_size=100000000"],
      r"^data.eval_batch_size=100000000: attention over 5,00\d tokens in batches of 100,000,000 .* at 5,00\d tokens "
      r"\(data.eval_splits\) at most [\d,]+ fit: lower data.eval_batch_size$"),
     ([*TASK_DEFAULTS, "model.causal=false", "data.task=mixture", "data.mixture=[{task: prefix_parity, eval_splits: {a: [1, "
       "99999999999999999999]}}, {task: maze, task_args: {rows: 2}, train_difficulty: [1, 3], eval_splits: {t: [1, 3]}}]"],
      r"^data.mixture.prefix_parity.eval_splits \(sequences of [\d,]{27} tokens\): .* lower "
-     r"data.mixture.prefix_parity.eval_splits or data.eval_batch_size$"),
+     r"data.mixture.prefix_parity.eval_splits$"),
     # a task's length is its difficulty: the line named data.seq_len, which a task refuses
     (["data.train_difficulty=[1, 100000]"],
-     r"^data.train_difficulty \(sequences of [\d,]+ tokens\): .* lower data.train_difficulty or data.batch_size"),
+     r"^data.train_difficulty \(sequences of [\d,]+ tokens\): .* lower data.train_difficulty$"),
     # #27 pass 12: a length the task's arguments set (addition's width) blamed data.train_difficulty, already [1, 4]
     (["data.task=addition", "data.task_args={aligned: true, width: 1000000}", "data.train_difficulty=[1, 4]",
       "data.eval_splits={train: [1, 4]}"],
-     r"^data.task_args \(sequences of 3,000,004 tokens\): .* lower data.task_args or data.batch_size"),
+     r"^data.task_args \(sequences of 3,000,004 tokens\): .* lower data.task_args$"),
+    # #27 pass 38: a maze of 100,000,000 rows is too long at difficulty 1 (its task_args set it): the line said "lower
+    # data.train_difficulty or data.batch_size" at [1, 1] and a batch of 1; not even one sequence fits, so no batch
+    (["data.task=maze", "data.task_args={rows: 100000000}", "data.train_difficulty=[1, 1]", "data.batch_size=1",
+      "data.eval_splits={train: [1, 4]}"],
+     r"^data.task_args \(sequences of 100,000,001 tokens\): .* lower data.task_args$"),
+    ([*TASK_DEFAULTS, "model.causal=false", "data.task=mixture", "data.mixture=[{task: prefix_parity}, {task: maze, "
+      "task_args: {rows: 100000000}, train_difficulty: [1, 1], eval_splits: {t: [1, 1]}}]"],
+     r"^data.mixture.maze.task_args \(sequences of 100,000,001 tokens\): .* lower data.mixture.maze.task_args$"),
 ])
 def test_a_task_whose_sequences_cannot_fit_names_its_difficulty(tmp_path, settings, message):
     """#27 pass 7."""
