@@ -67,10 +67,12 @@ def inspect_run(path: str) -> dict[str, Any]:
     circuits = {}
     for s, stage in enumerate(cfg.model.stages):
         for c in stage.circuits:
-            dist = c.distribution()
             circuits[c.name] = {"stage": s, **_fields(c, CircuitArch), **_fields(c, CircuitBehaviour),
                                 "params": counts[c.name], "schedule": _fields(c, LoopSchedule),
-                                "training_mean": dist.mean(), "typical_range": list(dist.typical_range()),
+                                # from the run's difficulties where the count follows them (per_difficulty: the
+                                # distribution alone said [its count at 1, max_loops]; #27 pass 38)
+                                "training_mean": info.training_mean(c.name),
+                                "typical_range": list(info.training_range(c.name)),
                                 # the stage's router decides each token's rounds (it was left out of the document)
                                 "router": dataclasses.asdict(stage.router) if stage.router.routes else None}
     history = _history(RunDir(info.path).changes)

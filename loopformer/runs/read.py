@@ -21,6 +21,19 @@ from loopformer.model.plan import resolve_loops
 from loopformer.runs.layout import FOREIGN_FOLDERS, OLDER_LAYOUT, RunDir, not_a_file, special
 
 
+def _training_difficulties(cfg: Config) -> list[tuple[tuple[int, int], float]]:
+    """The difficulty ranges training draws from, each with its share ([] for text): the task's
+    data.train_difficulty (and its curriculum's ranges, share 0), or a mixture's task entries' by weight."""
+    d = cfg.data
+    if d.mixture:
+        return [((int(e.train_difficulty[0]), int(e.train_difficulty[1])), float(e.weight)) for e in d.mixture
+                if e.task != "text"]
+    if d.task == "text":
+        return []
+    return ([((int(d.train_difficulty[0]), int(d.train_difficulty[1])), 1.0)]
+            + [((int(c.difficulty[0]), int(c.difficulty[1])), 0.0) for c in d.curriculum])
+
+
 def _older_layout(data: Any) -> bool:
     """Whether a config dict was written before circuits were stored by name (0.1: read/write fields)."""
     try:
@@ -137,8 +150,31 @@ class RunInfo:
         return {k: (int(ranges[k][0]), int(ranges[k][1])) if ranges.get(k) else None for k in self.data.split_names}
 
     def training_range(self, circuit: str) -> tuple[int, int]:
-        """The loop counts circuit ``circuit`` typically saw in training: [lo, hi] of its distribution."""
-        return self.cfg.model.circuit(circuit).distribution().typical_range()
+        """The loop counts circuit ``circuit`` typically saw in training: [lo, hi] of its distribution; a
+        per_difficulty circuit's, the counts of the training difficulties (its distribution alone, unknown without
+        the data, says [count at difficulty 1, max_loops]: a max_loops raised past the training range's top count,
+        e.g. as the cap of exits, was reported by inspect and shaded on the sweep plots as trained; #27 pass 38)."""
+        dist = self.cfg.model.circuit(circuit).distribution()
+        ranges = [lo_hi for lo_hi, _ in _training_difficulties(self.cfg)]
+        if not dist.per_example or not ranges:
+            return dist.typical_range()
+        return min(dist.at(lo) for lo, _ in ranges), min(max(dist.at(hi) for _, hi in ranges), dist.cap)
+
+    def training_mean(self, circuit: str) -> float | None:
+        """The mean loop count of circuit ``circuit`` in training (a per_difficulty circuit's over its difficulties,
+        drawn uniformly, weighted by a mixture's entries; None under a difficulty curriculum, whose ranges change
+        with the step)."""
+        dist = self.cfg.model.circuit(circuit).distribution()
+        ranges = _training_difficulties(self.cfg)
+        if not dist.per_example or not ranges:
+            return dist.mean()
+        if self.cfg.data.curriculum:
+            return None
+        if not 0 < sum(w for _, w in ranges) < float("inf"):  # (weights of 1e308 sum to inf)
+            ranges = [(r, 1.0) for r, _ in ranges]
+        total = sum(w for _, w in ranges)
+        return sum(w * sum(min(dist.at(d), dist.cap) for d in range(lo, hi + 1)) / (hi - lo + 1)
+                   for (lo, hi), w in ranges) / total
 
     def training_label(self, circuit: str) -> str:
         return str(self.cfg.model.circuit(circuit).distribution())

@@ -357,3 +357,32 @@ def test_a_run_path_that_is_not_utf8_is_one_line(tmp_path, run_dir):
     cfg.run.name = os.fsdecode(b"r\xff")  # as a config file's "r\uDCFF" reads (an override is refused before)
     with pytest.raises(ConfigError, match=r"^run.name / run.dir: the run directory .*/r\\xff holds the byte \\xff"):
         cfg.run.validate()
+
+
+def test_inspect_reports_a_per_difficulty_circuits_counts_of_its_training_difficulties(tmp_path):
+    """#27 pass 38: a per_difficulty circuit's training range and mean were its distribution's, [count at difficulty
+    1, max_loops] and their midpoint: the quickstart's X (2d + 4 over difficulties 1..4: 6..12, mean 9) with
+    max_loops 64 (the cap of its exits) was reported trained on 6..64, mean 35, and the sweep plots shaded that."""
+    from loopformer.cli.inspect import inspect_run
+    from loopformer.config import load_config
+    from loopformer.runs.prepare import write_config
+    from loopformer.runs.read import read_run
+
+    cfg = load_config("configs/quickstart.yaml", [f"run.dir={tmp_path}", "run.name=r", "data.train_difficulty=[1, 4]",
+                                                  "model.stages.0.circuits.0.max_loops=64"])
+    cfg.run_dir.mkdir(parents=True)
+    write_config(cfg, cfg.run_dir)
+    doc = inspect_run(str(cfg.run_dir))
+    x, y = doc["circuits"]["X"], doc["circuits"]["Y"]
+    assert (x["typical_range"], x["training_mean"]) == ([6, 12], 9.0)
+    assert (y["typical_range"], y["training_mean"]) == ([2, 2], 2.0)  # fixed(2): its distribution's, as before
+    assert read_run(str(cfg.run_dir)).training_range("X") == (6, 12)
+    mixed = load_config("configs/routing.yaml", [f"run.dir={tmp_path}", "run.name=m",
+                                                 "model.stages.0.circuits.0.loops=per_difficulty(1, 1)",
+                                                 "model.stages.0.circuits.0.max_loops=30",
+                                                 "data.mixture.maze.train_difficulty=[2, 3]",
+                                                 "data.mixture.maze.weight=3"])
+    mixed.run_dir.mkdir(parents=True)
+    write_config(mixed, mixed.run_dir)
+    x = inspect_run(str(mixed.run_dir))["circuits"]["X"]
+    assert x["typical_range"] == [2, 9] and x["training_mean"] == (1 * 5.5 + 3 * 3.5) / 4  # parity 1..8, maze 2..3
