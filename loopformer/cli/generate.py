@@ -120,6 +120,12 @@ def generate_command(args: argparse.Namespace) -> int:
         # --compact applies to it where the answers (or --no-cache's prefixes) are recomputed (it was refused as
         # "none can" stop, though eval compacts the same pass)
         args.routed = args.no_cache or (not info.is_text and _recomputed_why(info, args) is not None)
+        if (args.compact != "auto" and not args.routed and not compact_note(args, info, exits)
+                and compact_note(args, info, exits, routed=True)):
+            # "none can: add --exit" was said of a routed stage, whose --exit is refused in turn (#27 pass 38)
+            raise AnalysisError(f"--compact {args.compact}: cached decoding does not compact a routed stage (its "
+                                f"router stops tokens in a forward pass); add --no-cache (each prefix recomputed, "
+                                f"compacted), or drop --compact")
         args.compact_plan = compact_choice(args, info, exits, how="--exit", routed=args.routed)
         if info.is_text:
             if args.prompt is None:

@@ -112,6 +112,12 @@ def sweep_command(args: argparse.Namespace) -> int:
         if args.exit:
             return _sweep_exits(args, info, splits)
         parse_exits(None, info.circuits, many=True, max_loops=args.max_loops)  # --max-loops needs --exit
+        if args.compact != "auto" and compact_note(args, info, [], routed=True):
+            # a routed stage's or an ACT circuit's tokens stop early in a loop sweep too, which runs them as eval does
+            # by default: "none can: add --exit" was said of them, and --exit is refused on a routed stage (#27 pass 38)
+            raise PlanError(f"--compact {args.compact}: a sweep over loop counts runs the tokens that stop early as "
+                            f"`loopformer eval` does by default (by batch size), and takes --compact only with --exit; "
+                            f"drop --compact (or evaluate one count with `loopformer eval --compact {args.compact}`)")
         compact_choice(args, info, [], how="--exit", halting=False)  # --compact too (not passed on here)
         if not args.loops:
             raise PlanError("sweep needs --loops CIRCUIT=A:B (loop counts) or --exit RULE (exit thresholds)")

@@ -107,8 +107,15 @@ def test_eval_of_a_one_circuit_router_takes_compact(tmp_path, capsys):
     # forward pass, which compacts the bank; cached decoding never compacts a routed bank, and still refuses it
     gen = run_json(capsys, "generate", "--run", str(run_dir), "--no-cache", "--compact", "on", "--count", "1")
     assert gen["compact"] == "on"
+    # #27 pass 38: cached decoding and a loop sweep said "none can: add --exit", and --exit is refused on a routed
+    # stage; each names the fix that runs
     assert main(["generate", "--run", str(run_dir), "--compact", "on", "--count", "1"]) == 2
-    assert "none can" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().endswith("cached decoding does not compact a routed stage (its router stops "
+                                                     "tokens in a forward pass); add --no-cache (each prefix "
+                                                     "recomputed, compacted), or drop --compact")
+    assert main(["sweep", "--run", str(run_dir), "--loops", "X=1:2", "--compact", "on"]) == 2
+    assert "takes --compact only with --exit; drop --compact (or evaluate one count with `loopformer eval --compact " \
+        "on`)" in capsys.readouterr().err
 
 
 def test_a_sweep_below_the_default_count_reports_nothing_at_it(run_dir, capsys):
