@@ -813,7 +813,9 @@ class Maze(Task):
             else:  # the start's region keeps >= half the rooms, the other >= a quarter
                 kept = [len(r) for r in regions]
                 ok = [i for i, k in enumerate(kept) if k >= n // 2 and n - k >= max(1, n // 4)]
-                ok = ok or [int(np.argmax(kept))]
+                # one room (rows 1, difficulty 1) has no passage to close: argmax of no regions was a ValueError
+                # traceback (#27 pass 38)
+                ok = ok or ([int(np.argmax(kept))] if kept else [])
             if tree:
                 del tree[ok[int(rng.integers(len(ok)))]]
             return tree, start

@@ -463,3 +463,15 @@ def test_bad_task_args(name, kwargs, needle):
 def test_impossible_difficulty(name, lo, hi, needle):
     with pytest.raises(DataError, match=needle):
         make_task(name).validate_difficulty(lo, hi)
+
+
+@pytest.mark.parametrize("args", [{"rows": 1, "entrance": True}, {"rows": 1}, {"rows": 2, "entrance": True},
+                                  {"rows": 2, "exit": True}])
+def test_a_maze_of_one_column_is_made_at_every_row_count(args):
+    """#27 pass 38: a one-row maze with an entrance (configs/maze3.yaml with data.task_args.rows=1) at difficulty 1 is one
+    room, with no passage to close: a ValueError traceback ("argmax of an empty sequence") building the eval split."""
+    task = make_task("maze", **args)
+    for d in (1, 2, 3):
+        ex = task.example(np.random.default_rng(d), d, task.seq_len(3))
+        assert len(task.answer(ex)) == task.rows * d and task.answer(ex)  # every room labelled, the start reachable
+        assert task.render(ex["inputs"], task.answer(ex)).count("S") == 1
