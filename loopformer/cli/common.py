@@ -200,6 +200,12 @@ def compact_choice(args: argparse.Namespace, info: Any, stopping: Iterable[str],
         rules = list(plan.difficulty_rules(model))
         how = "--exit" + (f" (or --loops {rules[0]}=auto)" if rules else "")
     if not stopping:
+        if model.circuits() and all(s.router.routes for s in model.stages if s.circuits):
+            # every circuit is in a routed stage, where --exit is refused: "add --exit" was a fix refused in turn
+            # (#27 pass 38)
+            raise PlanError(f"--compact {args.compact} chooses how tokens that stopped early are run, and none can: "
+                            f"every circuit is in a routed stage, whose bank of several circuits is never compacted "
+                            f"(its router stops the tokens); drop --compact")
         raise PlanError(f"--compact {args.compact} chooses how tokens that stopped early are run, and none can: "
                         f"add {how}, or drop --compact")
     depths = {c: model.circuit(c).depth for c in stopping}
