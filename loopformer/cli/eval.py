@@ -64,7 +64,8 @@ def eval_command(args: argparse.Namespace) -> int:
         specs, auto = split_auto(args.loops, info.circuits)
         loops = {c: v[0] for c, v in parse_loops(specs, info.circuits, grid=False).items()}
         rules = auto_rules(info.cfg.model, auto, loops)
-        exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops, heads=info.heads) or [{}])[0]
+        exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops, heads=info.heads,
+                             routed=info.routed) or [{}])[0]
         both = [c for c in rules if c in exits]
         if both:
             raise PlanError(f"--loops {both[0]}=auto and --exit for {both[0]}: an exit rule sets its own counts; "

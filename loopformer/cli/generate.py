@@ -113,7 +113,8 @@ def generate_command(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--no-cache recomputes the whole prefix for every token, so {given} (settings of "
                                 f"cached decoding) would do nothing; drop one or the other")
         args.policy = CachePolicy.parse("full" if args.cache is None else args.cache)  # --cache '' is no policy
-        exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops, heads=info.heads) or [{}])[0]
+        exits = (parse_exits(args.exit, info.circuits, many=False, max_loops=args.max_loops, heads=info.heads,
+                             routed=info.routed) or [{}])[0]
         settings = [info.full_loops(exit_caps(info, exits, args.max_loops, p)) for p in points]
         args.exits = exits
         # a routed bank stops tokens by its router, and is compacted in a forward pass, not in cached decoding:

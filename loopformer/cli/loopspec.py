@@ -153,18 +153,23 @@ def _split_exit(flag: str, spec: str, named: str, circuits: Sequence[str], targe
 
 
 def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: bool, max_loops: int | None = None,
-                heads: Sequence[str] = ()) -> list[dict[str, ExitRule]]:
+                heads: Sequence[str] = (), routed: Sequence[str] = ()) -> list[dict[str, ExitRule]]:
     """``--exit`` flags -> one {circuit: rule} per threshold (the flags' thresholds in order; several
     only with ``many``, for sweeps). A rule without a circuit applies to every circuit; kl and
     entropy_diff read the model's output, so without a name they need a one-circuit model, as learned needs one
     where only some circuits have a halting head (``heads``). PlanError for ``--max-loops`` (``max_loops``) without an
-    exit, a run with no circuits, or a circuit given two rules."""
+    exit, a run with no circuits, or a circuit given two rules (``routed``: circuits that take no exit rule)."""
     if max_loops is not None and max_loops > MAX_LOOPS:
         raise PlanError(f"--max-loops {max_loops}: loop count {max_loops} is above the limit of {MAX_LOOPS}")
     if not specs:
         if max_loops is not None and not circuits:  # --exit and --loops, the fixes below, are refused there too
             raise PlanError(f"--max-loops {max_loops} caps the circuits that exit, and this run has no looped circuits; "
                             f"drop --max-loops")
+        if max_loops is not None and set(circuits) <= set(routed):  # (``routed``: circuits of routed stages)
+            # --exit is refused on a routed stage: "add --exit RULE" was a fix refused in turn (#27 pass 38)
+            raise PlanError(f"--max-loops {max_loops} caps the circuits that exit, and every circuit is in a routed "
+                            f"stage, whose router stops its tokens; cap its rounds with --loops (e.g. --loops "
+                            f"{circuits[0]}={max_loops}), or drop --max-loops")
         if max_loops is not None:
             raise PlanError(f"--max-loops {max_loops} caps the circuits that exit, and no --exit is given; add --exit "
                             f"RULE, or give a fixed count with --loops")

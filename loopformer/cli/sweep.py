@@ -111,7 +111,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         splits = info.select_splits(args.split)
         if args.exit:
             return _sweep_exits(args, info, splits)
-        parse_exits(None, info.circuits, many=True, max_loops=args.max_loops)  # --max-loops needs --exit
+        parse_exits(None, info.circuits, many=True, max_loops=args.max_loops, routed=info.routed)  # --max-loops needs --exit
         if args.compact != "auto" and compact_note(args, info, [], routed=True):
             # a routed stage's or an ACT circuit's tokens stop early in a loop sweep too, which runs them as eval does
             # by default: "none can: add --exit" was said of them, and --exit is refused on a routed stage (#27 pass 38)
@@ -190,7 +190,8 @@ def _remove_stale_plots(info: Any, written: set[str]) -> None:
 
 def _sweep_exits(args: argparse.Namespace, info: Any, splits: list[str]) -> tuple[dict[str, Any], str]:
     """A row per split and exit threshold, at the caps (--max-loops, --loops, or each circuit's max_loops)."""
-    settings = parse_exits(args.exit, info.circuits, many=True, max_loops=args.max_loops, heads=info.heads)
+    settings = parse_exits(args.exit, info.circuits, many=True, max_loops=args.max_loops, heads=info.heads,
+                           routed=info.routed)
     loops = {c: v[0] for c, v in parse_loops(args.loops, info.circuits, grid=False, single=(
         "with --exit, --loops gives each circuit one count, its cap; a range of counts is a sweep without --exit")).items()}
     compact = compact_choice(args, info, [c for s in settings for c in s])

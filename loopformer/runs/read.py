@@ -131,11 +131,13 @@ class RunInfo:
     data: DataSource
     circuits: list[str] = field(init=False)
     heads: list[str] = field(init=False)  # the circuits with a learned halting head (at most one)
+    routed: list[str] = field(init=False)  # the circuits of routed stages (their router stops tokens: no --exit)
     defaults: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.circuits = [c.name for c in self.cfg.model.circuits()]
         self.heads = [c.name for c in self.cfg.model.circuits() if c.halting.has_head]
+        self.routed = [c.name for s in self.cfg.model.stages if s.router.routes for c in s.circuits]
         self.defaults = {c.name: c.eval_loops for c in self.cfg.model.circuits()}
 
     @property

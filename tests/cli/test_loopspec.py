@@ -107,3 +107,14 @@ def test_one_exit_naming_several_circuits_suggests_flags_that_run(spec, message)
     flags = str(info.value).partition("e.g. ")[2].split("--exit ")[1:]
     if flags:
         assert parse_exits([f.strip() for f in flags], ["X", "Y"], many=True)
+
+
+def test_max_loops_without_exit_on_a_routed_run_names_the_fix_that_runs():
+    """#27 pass 38: on a run whose every circuit is in a routed stage, --max-loops without --exit said "add --exit RULE",
+    which a routed stage refuses in turn; --loops caps its router's rounds."""
+    with pytest.raises(PlanError, match=r"^--max-loops 8 caps the circuits that exit, and every circuit is in a routed "
+                                        r"stage, whose router stops its tokens; cap its rounds with --loops \(e.g. "
+                                        r"--loops X=8\), or drop --max-loops$"):
+        parse_exits(None, ["X"], many=False, max_loops=8, routed=["X"])
+    with pytest.raises(PlanError, match="add --exit RULE"):  # a circuit outside the routed stage can exit
+        parse_exits(None, ["X", "Y"], many=False, max_loops=8, routed=["X"])
