@@ -1064,6 +1064,31 @@ def test_documented_exit_commands_run_as_written(line, request, capsys):
     assert main([*argv, *small]) == 0, capsys.readouterr().err
 
 
+def _config_header_commands() -> list[str]:
+    """Every `loopformer ...` command in a shipped config's comments (in backquotes or alone on a line) on a run the
+    fixtures stand in for."""
+    lines = []
+    for config in sorted((ROOT / "configs").rglob("*.yaml")):
+        comments = " ".join(line.lstrip()[1:] for line in config.read_text().splitlines() if line.lstrip().startswith("#"))
+        spans = re.findall(r"`(loopformer [^`]+)`", comments) or re.findall(r"(loopformer [^`#]+)", comments)
+        for span in spans:
+            for command in span.split(" && "):
+                if any(r + " " in command + " " for r in DOCUMENTED_RUNS):
+                    lines.append(command.strip())
+    return sorted(set(lines))
+
+
+@pytest.mark.parametrize("line", _config_header_commands())
+def test_config_header_commands_run_as_written(line, request, capsys):
+    """#27 pass 39: configs/text_bytes.yaml's header said `loopformer sweep --run runs/text_bytes`, which is refused
+    (sweep needs --loops or --exit): the header's commands run as written."""
+    argv = shlex.split(line)[1:]
+    for name, fixture in DOCUMENTED_RUNS.items():
+        argv = [str(request.getfixturevalue(fixture)) if a == name else a for a in argv]
+    small = ["--max-new-tokens", "2"] if argv[0] == "generate" else ["--examples", "8"]
+    assert main([*argv, *small]) == 0, capsys.readouterr().err
+
+
 def test_a_deleted_current_directory_is_one_line(tmp_path, monkeypatch, capsys):
     """A relative path under a folder deleted after the shell entered it (`cd x; rm -r ../x`): Python cannot resolve
     it (os.getcwd), which was a FileNotFoundError traceback from pathlib (`train`'s default run.dir `runs`) or

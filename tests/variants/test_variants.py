@@ -219,3 +219,18 @@ def test_exit_rule_kinds_have_distinct_tree_structures():
     for k in kinds:
         kind_of(exit_rule(k, 1.0), jnp.zeros(()))
     assert calls == kinds  # each kind traced its own program
+
+
+def test_extending_md_quotes_the_rules_as_they_are():
+    """#27 pass 39: docs/extending.md shows patience and PonderNet as "all of it", but its patience lacked `whole` and
+    `earliest` (added since) and PonderNet its `reads`: every line of its Python blocks is a line of the source."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    source = {line.strip() for f in ("exits.py", "halting.py")
+              for line in (root / "loopformer" / "variants" / f).read_text().splitlines()}
+    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "extending.md").read_text(), re.S)
+    assert blocks
+    missing = [line for block in blocks for line in block.splitlines() if line.strip() not in source]
+    assert not missing, missing
