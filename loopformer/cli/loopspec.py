@@ -102,8 +102,13 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
             raise PlanError(f"{flag}: {AUTO} (each example at its training rule's count) is read by `loopformer eval` "
                             f"only; give this command a count, e.g. --loops {name}=8")
         if "=" in counts:  # `--loops X=1:3,Y=1:2` was "'1:3,Y=1:2' is not a loop count", with no word of how to give Y
-            pieces = [p.strip() for p in re.split(r",\s*(?=[^,=]+=)", spec.strip())]
+            # (the commas between them dropped, and names checked first: `X=2,,Y=3` suggested `--loops X=2,`, and
+            # `Z=4` on a run without Z a flag refused in turn)
+            pieces = [p.strip().strip(",").strip() for p in re.split(r",[\s,]*(?=[^,=]+=)", spec.strip())]
             names = [p.partition("=")[0].strip() for p in pieces]
+            unknown = next((n for n in names if n not in circuits), None)
+            if unknown is not None:
+                raise PlanError(f"unknown circuit '{unknown}' in {flag}; {circuits_phrase(circuits)}")
             twice = next((n for n in names if names.count(n) > 1), None)
             if twice is not None:
                 raise PlanError(f"{flag} names circuit '{twice}' twice; pass one --loops per circuit")

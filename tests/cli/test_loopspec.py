@@ -53,6 +53,11 @@ def test_parse_loops():
         parse_loops(["X=1,2, Y=3"], ["X", "Y"], grid=True)
     with pytest.raises(PlanError, match=r"^--loops X=2,X=3 names circuit 'X' twice; pass one --loops per circuit$"):
         parse_loops(["X=2,X=3"], ["X", "Y"], grid=False)
+    # each flag the line names runs: no comma left on a count, no circuit the run does not have
+    with pytest.raises(PlanError, match=r"^--loops X=2,,Y=3 gives .*: --loops X=2 --loops Y=3$"):
+        parse_loops(["X=2,,Y=3"], ["X", "Y"], grid=False)
+    with pytest.raises(PlanError, match=r"^unknown circuit 'Z' in --loops X=2,Z=4; this run's circuits are X, Y$"):
+        parse_loops(["X=2,Z=4"], ["X", "Y"], grid=False)
 
 
 @pytest.mark.parametrize("spec, message", [
