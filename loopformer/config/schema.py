@@ -1035,11 +1035,19 @@ class Config:
             _check(not why, f"train.settle reads the states of the last iterations, but {why} (it has its own loss "
                    f"over the iterations); set train.settle=0")
 
+    def training_ranges(self) -> list[tuple[tuple[int, int], float]]:
+        """The difficulty ranges training draws from, each with its weight ([] for text): data.train_difficulty, or
+        a mixture's task entries' by their weights (a curriculum's earlier ranges not included)."""
+        d = self.data
+        if d.mixture:
+            return [((int(e.train_difficulty[0]), int(e.train_difficulty[1])), float(e.weight)) for e in d.mixture
+                    if e.task != "text"]
+        return [] if d.task == "text" else [((int(d.train_difficulty[0]), int(d.train_difficulty[1])), 1.0)]
+
     def _validate_per_difficulty(self) -> None:
         """per_difficulty loops read each example's difficulty: a synthetic task, and max_loops reaching the
         largest training count."""
-        his = ([e.train_difficulty[1] for e in self.data.mixture if e.task != "text"] if self.data.mixture else
-               [] if self.data.task == "text" else [self.data.train_difficulty[1]])
+        his = [hi for (_, hi), _ in self.training_ranges()]
         for s, stage in enumerate(self.model.stages):
             for c in stage.circuits:
                 dist = c.distribution()

@@ -22,16 +22,11 @@ from loopformer.runs.layout import FOREIGN_FOLDERS, OLDER_LAYOUT, RunDir, not_a_
 
 
 def _training_difficulties(cfg: Config) -> list[tuple[tuple[int, int], float]]:
-    """The difficulty ranges training draws from, each with its share ([] for text): the task's
-    data.train_difficulty (and its curriculum's ranges, share 0), or a mixture's task entries' by weight."""
-    d = cfg.data
-    if d.mixture:
-        return [((int(e.train_difficulty[0]), int(e.train_difficulty[1])), float(e.weight)) for e in d.mixture
-                if e.task != "text"]
-    if d.task == "text":
-        return []
-    return ([((int(d.train_difficulty[0]), int(d.train_difficulty[1])), 1.0)]
-            + [((int(c.difficulty[0]), int(c.difficulty[1])), 0.0) for c in d.curriculum])
+    """The difficulty ranges training draws from, each with its share: `Config.training_ranges`, and a single task's
+    curriculum's earlier ranges at share 0."""
+    single = not cfg.data.mixture and cfg.data.task != "text"
+    return cfg.training_ranges() + [((int(c.difficulty[0]), int(c.difficulty[1])), 0.0)
+                                    for c in (cfg.data.curriculum if single else [])]
 
 
 def _older_layout(data: Any) -> bool:

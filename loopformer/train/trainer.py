@@ -337,7 +337,6 @@ def _check_attention_fits(cfg: Config, source: DataSource, mesh: jax.sharding.Me
     examples are built."""
     heads, dp = cfg.model.max_heads, parallel.data_parallel_size(mesh)
     micro = max(cfg.data.batch_size // cfg.train.grad_accum // dp, 1)
-    longest = math.isqrt(memory_bytes() // 2 // scores_bytes(1, 1, heads))  # tokens of one sequence that fit
     for rows, what, seq_len, setting in ((micro, "data.batch_size", source.seq_len, 0),
                                          (cfg.data.eval_batch_size, "data.eval_batch_size", source.eval_seq_len, 1)):
         too_big = attention_overflow(rows, seq_len, heads)
@@ -348,6 +347,7 @@ def _check_attention_fits(cfg: Config, source: DataSource, mesh: jax.sharding.Me
         if fit < 1:  # not even one sequence: the length is what to lower (a batch of one does not fit either: the
             # line said "or data.batch_size", and a task's length at difficulty 1 was "lower data.train_difficulty"
             # where only its task_args set it; #27 pass 38)
+            longest = math.isqrt(memory_bytes() // 2 // scores_bytes(1, 1, heads))  # tokens of one sequence that fit
             length = source.length_settings(longest)[setting]
             where = f"{length}={seq_len}" if length == "data.seq_len" else f"{length} (sequences of {seq_len:,} tokens)"
             raise ConfigError(f"{where}: {too_big}; lower {length}")
