@@ -32,6 +32,16 @@ growing with the cap, where the one trained with ``uniform(8, 16)`` had met the 
 install) trains them with their configs' own loops again, runs ``<task>-{router,halting}-seed<S>``; everything
 else is as above. Records of the two do not join (``variant_loops`` differs).
 
+``--variant-loops full`` (declared 2026-12-07 19:50 UTC, before its first run) trains the router with the looped
+model's whole recipe: its per-difficulty counts and its loss at each of the last 4 iterations (``train.iteration_loss=4``),
+read on a routed bank at its last 4 rounds (a token that exited earlier holds its exit's state in all four), runs
+``<task>-router_full-seed<S>`` (``--models looped,router``: a halting head has its own loss over the iterations). Why:
+a diagnosis on val (2026-12-07, of the maze3 routers of the two-router record, not a record) found that the routers
+that learned no stop are wrong on the 2x mazes' unreachable rooms (37.5 % of them on seed 0's recipe router at cap
+48, 7.5 % on seed 2's config router, 0-0.1 % of the reachable ones), which run to the cap, while the routers that
+learned a stop exit the reachable rooms early and keep the unreachable ones right to the cap: the states that run on
+drift, and the looped model, which does not drift, is trained with this loss. Everything else is as ``recipe``.
+
 ``--models ...,router_config`` (declared 2026-12-07 13:50 UTC, before its first run, after the two maze3 router records
 above failed on different seeds: the router trained with the recipe's counts learned no stop on seed 0, the one
 trained with ``uniform(8, 16)`` ran against the maze's steps on seed 2) trains both routers per seed: ``router`` with
@@ -89,7 +99,7 @@ its wall-clock per token, with Spearman >= 0.6.
 
     python bench/adaptive.py [--tasks prefix_parity,maze3,prefix_parity_settle,maze3_settle,text] [--seeds 3]
                              [--models looped,halting,router] [--json] [--out DIR] [--examples N] [--compact auto|on|off]
-                             [--first-seed K] [--variant-loops recipe|config]
+                             [--first-seed K] [--variant-loops recipe|config|full]
     python bench/adaptive.py --merge A/adaptive.json B/adaptive.json --out C   # seeds of both, one bar
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
@@ -153,8 +163,12 @@ BATCH = 64  # wall-clock per token is measured at batch 64
 TIMINGS = 2  # passes per policy and set; the faster one is reported
 PAIRED_ROUNDS = 5  # the bar's time ratios: each 2x selection and its best fixed count, timed in alternation
 ROUTER_BACKPROP = 4  # the router's states carry gradient through its last 4 rounds, as the loops' (backprop 4)
-VARIANT_RECIPE = ("per_difficulty",)  # the looped model's recipe entries the halting and router models train with too
-VARIANT_LOOPS = ("recipe", "config")  # --variant-loops: with VARIANT_RECIPE, or their configs' own loops
+# --variant-loops: the looped model's recipe entries the halting and router models train with too, and the tag of
+# their runs (<task>-<variant><tag>-seed<S>): recipe (its counts per difficulty), config (their configs' own loops),
+# full (the router alone: its counts and its loss at each of the last 4 iterations, as the bank's last 4 rounds)
+VARIANT_RECIPES = {"recipe": (("per_difficulty",), "_per_difficulty"), "config": ((), ""),
+                   "full": (("per_difficulty", "iteration_loss"), "_full")}
+VARIANT_LOOPS = tuple(VARIANT_RECIPES)
 # the bar (#25): within 1 point of the best fixed count, <= 0.6x its FLOPs, <= 0.7x its time, Spearman >= 0.6
 WITHIN, FLOPS_RATIO, TIME_RATIO, SPEARMAN = 0.01, 0.6, 0.7, 0.6
 
@@ -255,20 +269,21 @@ def spearman(rows: list[dict], depths: dict) -> None:
 
 def recipe_loops(name: str, loops: str = "recipe") -> list[str]:
     """The loop overrides task ``name``'s halting and router models train with: the looped model's
-    ``VARIANT_RECIPE`` entries (``loops="recipe"``), or none (``"config"``: their configs' own loops)."""
+    `VARIANT_RECIPES` entries for ``loops``: recipe (its counts per difficulty), config (none: their configs' own
+    loops) or full (its counts and its loss at each of the last 4 iterations)."""
     if loops not in VARIANT_LOOPS:
         raise ValueError(f"variant loops {loops!r}: choose from {', '.join(VARIANT_LOOPS)}")
-    recipe = think_longer.TASKS[name].recipe if loops == "recipe" else ()
-    return [o for entry, overrides in recipe if entry in VARIANT_RECIPE for o in overrides]
+    entries = VARIANT_RECIPES[loops][0]
+    return [o for entry, overrides in think_longer.TASKS[name].recipe if entry in entries for o in overrides]
 
 
 def variant_config(name: str, variant: str, seed: int, out: Path, examples: int, steps: int,  # noqa: ANN201
                    loops: str = "recipe"):
     """The config of task ``name``'s ``variant`` ("halting" | "router") model of ``seed``, trained with
-    `recipe_loops` (run ``<name>-<variant>[_per_difficulty]-seed<S>`` in ``out``)."""
+    `recipe_loops` (run ``<name>-<variant>[_per_difficulty|_full]-seed<S>`` in ``out``)."""
     variant_loops = recipe_loops(name, loops)
     extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
-    tag = f"{variant}_per_difficulty" if variant_loops else variant
+    tag = variant + VARIANT_RECIPES[loops][1]
     return load_config(ROOT / "configs" / "adaptive" / f"{TASKS[name]}_{variant}.yaml",
                        [f"seed={seed}", f"run.dir={out}", f"run.name={name}-{tag}-seed{seed}",
                         f"data.eval_examples={examples}", f"train.steps={steps}", "train.eval_every=0",
@@ -786,8 +801,9 @@ def main() -> int:
                         "default looped,halting,router)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--variant-loops", choices=VARIANT_LOOPS, help="the loops the halting and router models train "
-                   "with: recipe (default: the looped model's per-difficulty entry) or config (their configs' own, "
-                   "uniform(8, 16))")
+                   "with: recipe (default: the looped model's per-difficulty entry), config (their configs' own, "
+                   "uniform(8, 16)) or full (the router alone: the per-difficulty entry and the looped model's loss at "
+                   "each of its last 4 iterations, read at the bank's last 4 rounds)")
     p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
                    help="how policies whose tokens stop at different iterations run: auto (default, the library's: "
                         "masked below 4,096 tokens a batch), on (compacted: only the running tokens), off (masked)")
@@ -818,6 +834,9 @@ def main() -> int:
                 f"trains neither" + (" (router_config trains with its config's loops whatever it says)"
                                      if "router_config" in models else "")
                 + "; drop it, or add halting or router to --models")
+    if args.variant_loops == "full" and "halting" in models:
+        p.error("--variant-loops full trains the router with the looped model's loss at each of its last iterations, "
+                "which a halting head replaces with its own; drop halting from --models (e.g. --models looped,router)")
     if args.variant_loops == "config" and {"router", "router_config"} <= set(models):
         p.error("--models router,router_config with --variant-loops config trains one router twice (router_config is "
                 "the router with its config's loops); drop router_config, or --variant-loops config")

@@ -997,10 +997,13 @@ class Config:
                + (f"set {field}=0" if not names else f"name one: train.iteration_loss_circuit={names[0]}"))
         return names[0]
 
-    def _iterations_read_why(self) -> str:
-        """Why no term may read a circuit's last iterations (it has its own loss over them), or ""."""
+    def _iterations_read_why(self, routed: str = "") -> str:
+        """Why no term may read a circuit's last iterations (it has its own loss over them), or "". ``routed``: the
+        circuit whose iterations the term reads may be a routed bank's (the iteration loss reads the bank's last
+        rounds); a router in any other stage is refused."""
+        routers = [[c.name for c in s.circuits] for s in self.model.stages if s.router.routes]
         return ("a circuit has a halting head" if self.model.halting_circuit() is not None else
-                "a stage has a router" if any(s.router.routes for s in self.model.stages) else
+                "a stage has a router" if routers and not (routed and all(routed in r for r in routers)) else
                 "data.mixture routes gradients" if self.data.routed else
                 "train.progressive is on" if self.train.progressive else
                 "train.stage=gate" if self.train.stage == "gate" else "")
@@ -1016,11 +1019,20 @@ class Config:
                f"{', '.join(names) or 'none'}; name one, or turn the terms off: " + " ".join(f"train.{f}=0" for f in on))
         if self.train.iteration_loss:
             name, W = self.iteration_window()
-            k = self.model.circuit(name).backprop
-            _check(k >= W, f"train.iteration_loss={W}: the window must lie in circuit {name}'s iterations with gradient "
-                   f"(its backprop, {k}); use train.iteration_loss<={k} or raise "
-                   f"{self.model.circuit_field(name, 'backprop')}")
-            why = self._iterations_read_why()
+            routed = [(i, s.router) for i, s in enumerate(self.model.stages) if s.router.routes
+                      and name in [c.name for c in s.circuits]]
+            if routed:  # a routed bank's last W rounds: its router's truncation, per token (0: every round)
+                i, router = routed[0]
+                k, where = router.backprop or W, f"model.stages.{i}.router.backprop"
+                _check(k >= W, f"train.iteration_loss={W}: the window must lie in the rounds with gradient of circuit "
+                       f"{name}'s routed stage ({where}={k}); use train.iteration_loss<={k}, or raise {where} (0: every "
+                       f"round)")
+            else:
+                k = self.model.circuit(name).backprop
+                _check(k >= W, f"train.iteration_loss={W}: the window must lie in circuit {name}'s iterations with "
+                       f"gradient (its backprop, {k}); use train.iteration_loss<={k} or raise "
+                       f"{self.model.circuit_field(name, 'backprop')}")
+            why = self._iterations_read_why(routed=name)
             _check(not why, f"train.iteration_loss reads the logits after each of the last iterations, but {why} (it "
                    f"has its own loss over the iterations); set train.iteration_loss=0")
         if self.train.settle:

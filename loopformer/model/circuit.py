@@ -536,7 +536,8 @@ class BankLayout:
 class BankOut(NamedTuple):
     """A bank's run: the stream ``x`` after it [B, T, D], a report per circuit, the routers' auxiliary loss
     [], for a halting circuit with a stash the stream after each of its iterations [L, B, T, D] (a
-    windowed circuit: after each of its last W), else None, and when decoding each circuit's cache and
+    windowed circuit: after each of its last W; a routed bank in training with a windowed circuit: after each of
+    its last W rounds), else None, and when decoding each circuit's cache and
     final states [B, t, w]."""
 
     x: Array
@@ -683,7 +684,8 @@ class Bank(nnx.Module):
         next iteration (circuit c is eligible while r < n_c) or exit; a circuit's state changes only for
         the tokens it runs (copy-forward). Training runs ``plan.bound`` rounds in a checkpointed scan, the
         states carrying gradient through every round, or with ``router.backprop`` k through the last k (a
-        loop's truncation); evaluation runs exactly the rounds needed."""
+        loop's truncation), and with a window (train.iteration_loss) also reports the stream after each of its
+        last W rounds; evaluation runs exactly the rounds needed."""
         names = self.names
         xn = self.norm(x_BTD)
         # [C, B, T]: each circuit's count per token (per_difficulty loops give each token its own)
@@ -717,6 +719,7 @@ class Bank(nnx.Module):
         carry0 = (tuple(h for _, h in starts), active0, jnp.zeros((len(names), *x_BTD.shape[:2]), jnp.float32),
                   jnp.zeros((), jnp.float32))
         rounds = jnp.max(loops)
+        streams = None
         if plan.training:
             if plan.bound < 1:
                 raise PlanError("training a routed bank needs plan.bound (the most rounds) to set its scan length")
@@ -737,16 +740,21 @@ class Bank(nnx.Module):
                 used0 = jax.lax.scan(probe, jax.lax.stop_gradient(carry0), jnp.arange(plan.bound))[0][2]
                 ran = jax.lax.stop_gradient(used0.sum(0))  # [B, T] rounds each token ran (one circuit a round)
 
-            def scan_step(carry: tuple, r: Array) -> tuple[tuple, None]:
+            window = max((dict(plan.windows).get(n, 0) for n in names), default=0)
+
+            def scan_step(carry: tuple, r: Array) -> tuple[tuple, tuple | None]:
                 if k:
                     # the state a token enters round ran - k with is a constant (none before its first round)
                     cut = ((r <= ran - k) & (r > 0))[..., None]
                     carry = (jax.tree.map(lambda h: jnp.where(cut, jax.lax.stop_gradient(h), h), carry[0]),
                              *carry[1:])
                 new = body(consts, carry, r)
-                return jax.tree.map(lambda a, b: jnp.where(r < rounds, a, b), new, carry), None
+                new = jax.tree.map(lambda a, b: jnp.where(r < rounds, a, b), new, carry)
+                return new, (new[0] if window else None)  # with a window: the states after every round
 
-            hs, _, used, aux = jax.lax.scan(scan_step, carry0, jnp.arange(plan.bound))[0]
+            (hs, _, used, aux), ys = jax.lax.scan(scan_step, carry0, jnp.arange(plan.bound))
+            if window:  # train.iteration_loss: the stream after each of the bank's last W rounds
+                streams = _last_rounds(stream, consts, ys, rounds, window)
         else:  # stop as soon as every token has exited (padding never runs: it does not hold the loop open)
             if ctx.valid_BT is not None:
                 carry0 = (carry0[0], ctx.valid_BT, *carry0[2:])
@@ -768,7 +776,8 @@ class Bank(nnx.Module):
         reports = {n: self._report(n, CircuitOut(writes[n], used=used[i], computed=None if plan.training else computed,
                                                  scored=None if plan.training else scored), contribs[n], ctx, plan)
                    for i, n in enumerate(names)}
-        return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32))
+        return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32),
+                       streams)
 
     def _routed_compact(self, graphdef: nnx.GraphDef, router_gd: nnx.GraphDef, stream: Callable, consts: Any,
                         carry0: tuple, loops: Array, rounds: Array, ctx: Context, shares: tuple[float, ...]) -> tuple:
@@ -821,3 +830,15 @@ def _mean_over(out_BTD: Array, valid_BT: Array | None) -> Array:
     out = out_BTD.astype(jnp.float32)
     w = jnp.ones(out.shape[:2], jnp.float32) if valid_BT is None else valid_BT.astype(jnp.float32)
     return (out * w[..., None]).sum((0, 1)) / jnp.maximum(w.sum(), 1.0)
+
+
+def _last_rounds(stream: Callable, consts: Any, ys: tuple[Array, ...], rounds: Array, window: int) -> Array:
+    """[W, B, T, D]: the stream after rounds R - 1, R - 2, ..., R - W of a routed bank's training scan (R =
+    ``rounds``; ``ys``: each circuit's states after every round of the scan, [bound, B, T, w]). A token that
+    exited earlier holds its last state in every row, so its rows are its exit's stream; a row before the first
+    round (R - 1 - j < 0) holds the states after round 0, which `loopformer.train.losses.iteration_terms` leaves
+    out (a token's count n <= R, and it reads row j only where n - j >= 1)."""
+    j = jnp.arange(window)
+    rows = jnp.maximum(rounds - 1 - j, 0)  # [W]
+    states = tuple(jnp.take(y, rows, axis=0) for y in ys)  # each [W, B, T, w]
+    return jax.vmap(lambda hs: stream(consts, hs))(states)

@@ -296,6 +296,12 @@ def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_config
     names = {c.run.name for c in adaptive.planned(["maze3"], tmp_path, 32, range(1, 2), 10, ("looped", "router"),
                                                   "config")}
     assert names == {"maze3-looped-seed1", "maze3-router-seed1"}
+    # full: the counts and the looped model's loss at each of the last 4 iterations (the router's last 4 rounds)
+    full = adaptive.variant_config("maze3", "router", 1, tmp_path, 32, 10, "full")
+    assert full.run.name == "maze3-router_full-seed1" and full.iteration_window() == ("X", 4)
+    assert full.model.stages[0].circuits[0].loops == "per_difficulty(2, 4)"
+    assert recipe.iteration_window() is None and config.iteration_window() is None
+    assert adaptive.loops_of("maze3", adaptive.recipe_loops("maze3", "full")) == "--variant-loops full"
     with pytest.raises(ValueError, match="variant loops 'uniform': choose from recipe, config"):
         adaptive.recipe_loops("maze3", "uniform")
     a, b = record([0]), record([1])

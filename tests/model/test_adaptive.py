@@ -538,6 +538,47 @@ def test_a_routed_bank_truncates_each_token_at_its_own_last_rounds():
         assert same == equal
 
 
+def test_a_routed_banks_window_is_the_loops_window():
+    """train.iteration_loss on a routed bank reads the stream after each of its last W rounds: a router forced to
+    pick X every round is X's loop, so its step logits (values and gradients) are the windowed loop's; a router whose
+    tokens exit at many rounds gives each exited token its exit's stream in every row."""
+    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=5, max_loops=6, backprop=4)
+    plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
+    routed = dataclasses.replace(plain, stages=[StageConfig([x], router=RouterConfig(kind="token_choice", backprop=4))])
+    gd, st = model_of(routed)
+    st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(st["stages"][0]["router"]["score"]["kernel"].value)
+    st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([50.0, 0.0])  # always X, never exit
+    pgd, pst = nnx.split(build_model(plain, VOCAB, 0))
+    nnx.update(pst, nnx.State({k_: v for k_, v in st.items() if k_ != "stages"}))
+    pst["stages"][0]["circuits"] = st["stages"][0]["circuits"]
+    toks = tokens()
+    for n in (5, 2):  # 2 < W: rows before the first round hold round 0's states (the loss leaves them out)
+        plan = make_plan(["X"], {"X": n}, backprop={"X": 4}, bound=6, windows={"X": 3})
+
+        def step_logits(g, s, p=plan, n=n):
+            return jax.grad(lambda s_: jnp.sum(run(g, s_, toks, p)[1].step_logits[: min(n, 3)] ** 2))(s), \
+                run(g, s, toks, p)[1].step_logits
+
+        (got_g, got), (want_g, want) = step_logits(gd, st), step_logits(pgd, pst)
+        assert got.shape == (3, *toks.shape, VOCAB)
+        np.testing.assert_allclose(got[: min(n, 3)], want[: min(n, 3)], rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(got_g["stages"][0]["circuits"]), jax.tree.leaves(want_g["stages"][0]["circuits"]),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # tokens that exit early: every row of the window is their final logits
+    st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 1.0])
+    st["stages"][0]["router"]["score"]["kernel"].value = model_of(routed)[1]["stages"][0]["router"]["score"]["kernel"].value
+    plan = make_plan(["X"], {"X": 6}, backprop={"X": 4}, bound=6, windows={"X": 3})
+    logits, diag = run(gd, st, tokens(b=4), plan)
+    ran = np.asarray(diag.circuits["X"].used)
+    early = ran < int(ran.max()) - 2  # exited before the window's first round
+    assert early.any() and (~early).any()
+    for j in range(3):
+        np.testing.assert_allclose(np.asarray(diag.step_logits[j])[early], np.asarray(logits)[early], rtol=1e-5,
+                                   atol=1e-5)
+    np.testing.assert_allclose(diag.step_logits[0], logits, rtol=1e-5, atol=1e-5)  # row 0: after the last round
+
+
 def routed_model(kind, capacities, exit_bias, **x):
     """A bidirectional model whose one stage is X (width 16, window 3, up to 8 rounds) under a ``kind`` router:
     expert choice with ``capacities``, token choice with the exit's bias at ``exit_bias`` (tokens exit at many

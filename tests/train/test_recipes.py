@@ -18,7 +18,7 @@ from flax import nnx
 
 from loopformer.cli.eval import auto_rules
 from loopformer.cli.loopspec import split_auto
-from loopformer.config import LoopDistribution
+from loopformer.config import LoopDistribution, load_config
 from loopformer.data import pipeline
 from loopformer.data.sources import build_data
 from loopformer.data.tasks import make_task
@@ -239,6 +239,22 @@ def test_iteration_loss_config_is_checked(tmp_path):
         tiny_config(tmp_path, "f", "train.iteration_loss=1", "train.progressive=0.5")
     with pytest.raises(ConfigError, match="must be an integer >= 0"):
         tiny_config(tmp_path, "g", "train.iteration_loss=-1")
+
+
+def test_iteration_loss_on_a_routed_stage_reads_its_rounds(tmp_path):
+    """On a routed circuit the window is the bank's last W rounds: it must lie in the router's truncation
+    (router.backprop; 0 is every round); the settling loss stays refused there, and a router in another stage too."""
+    router = "configs/adaptive/maze3_router.yaml"
+    on = ("train.iteration_loss=4", "train.iteration_loss_circuit=X")
+    for backprop in (4, 0):
+        cfg = load_config(router, [*on, f"model.stages.0.router.backprop={backprop}", f"run.dir={tmp_path}"])
+        assert cfg.iteration_window() == ("X", 4)
+    with pytest.raises(ConfigError, match=r"train.iteration_loss=4: the window must lie in the rounds with gradient "
+                                         r"of circuit X's routed stage \(model.stages.0.router.backprop=2\); use "
+                                         r"train.iteration_loss<=2, or raise model.stages.0.router.backprop"):
+        load_config(router, [*on, "model.stages.0.router.backprop=2", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="train.settle reads .* but a stage has a router"):
+        load_config(router, ["train.settle=1", "train.settle_loops=32", f"run.dir={tmp_path}"])
 
 
 # ----------------------------------------------------------------------------- settling loss
