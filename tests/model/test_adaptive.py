@@ -487,21 +487,30 @@ def test_forced_routes():
         np.testing.assert_array_equal(diag.circuits["Y"].used, 0)
 
 
+def forced_x(k, router_backprop, forced=True):
+    """((graphdef, state) of X (up to 6 rounds, backprop k) under a token-choice router with router.backprop
+    ``router_backprop``, forced to pick X every round unless not ``forced``; (graphdef, state) of the same model
+    without the router, with the same weights): the routed bank is then X's loop."""
+    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=5, max_loops=6, backprop=k)
+    plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
+    router = RouterConfig(kind="token_choice", backprop=router_backprop)
+    gd, st = model_of(dataclasses.replace(plain, stages=[StageConfig([x], router=router)]))
+    if forced:
+        st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(
+            st["stages"][0]["router"]["score"]["kernel"].value)
+        st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([50.0, 0.0])  # always X, never exit
+    pgd, pst = nnx.split(build_model(plain, VOCAB, 0))
+    nnx.update(pst, nnx.State({k_: v for k_, v in st.items() if k_ != "stages"}))
+    pst["stages"][0]["circuits"] = st["stages"][0]["circuits"]
+    return (gd, st), (pgd, pst)
+
+
 @pytest.mark.parametrize(("router_backprop", "k"), [(2, 2), (0, 5)])
 def test_a_routed_bank_truncates_backprop_as_a_loop_does(router_backprop, k):
     """A router forced to pick X every round is X's loop; trained with router.backprop k, its circuit gets the
     gradient of the loop's last k iterations, exactly as the unrouted loop's truncation gives it (0: every
     round, the loop's whole gradient)."""
-    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=5, max_loops=6, backprop=k)
-    plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
-    router = RouterConfig(kind="token_choice", backprop=router_backprop)
-    routed = dataclasses.replace(plain, stages=[StageConfig([x], router=router)])
-    gd, st = model_of(routed)
-    st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(st["stages"][0]["router"]["score"]["kernel"].value)
-    st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([50.0, 0.0])  # always X, never exit
-    pgd, pst = nnx.split(build_model(plain, VOCAB, 0))
-    nnx.update(pst, nnx.State({k_: v for k_, v in st.items() if k_ != "stages"}))
-    pst["stages"][0]["circuits"] = st["stages"][0]["circuits"]
+    (gd, st), (pgd, pst) = forced_x(k, router_backprop)
     got = _grads(gd, st, tokens(), make_plan(["X"], {"X": 5}, backprop={"X": k}, bound=6))
     want = _grads(pgd, pst, tokens(), make_plan(["X"], {"X": 5}, backprop={"X": k}))
     for a, b in zip(jax.tree.leaves(got["stages"][0]["circuits"]), jax.tree.leaves(want["stages"][0]["circuits"]),
@@ -542,15 +551,7 @@ def test_a_routed_banks_window_is_the_loops_window():
     """train.iteration_loss on a routed bank reads the stream after each of its last W rounds: a router forced to
     pick X every round is X's loop, so its step logits (values and gradients) are the windowed loop's; a router whose
     tokens exit at many rounds gives each exited token its exit's stream in every row."""
-    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=5, max_loops=6, backprop=4)
-    plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
-    routed = dataclasses.replace(plain, stages=[StageConfig([x], router=RouterConfig(kind="token_choice", backprop=4))])
-    gd, st = model_of(routed)
-    st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(st["stages"][0]["router"]["score"]["kernel"].value)
-    st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([50.0, 0.0])  # always X, never exit
-    pgd, pst = nnx.split(build_model(plain, VOCAB, 0))
-    nnx.update(pst, nnx.State({k_: v for k_, v in st.items() if k_ != "stages"}))
-    pst["stages"][0]["circuits"] = st["stages"][0]["circuits"]
+    (gd, st), (pgd, pst) = forced_x(4, 4)
     toks = tokens()
     for n in (5, 2):  # 2 < W: rows before the first round hold round 0's states (the loss leaves them out)
         plan = make_plan(["X"], {"X": n}, backprop={"X": 4}, bound=6, windows={"X": 3})
@@ -567,7 +568,8 @@ def test_a_routed_banks_window_is_the_loops_window():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # tokens that exit early: every row of the window is their final logits
     st["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 1.0])
-    st["stages"][0]["router"]["score"]["kernel"].value = model_of(routed)[1]["stages"][0]["router"]["score"]["kernel"].value
+    st["stages"][0]["router"]["score"]["kernel"].value = forced_x(4, 4, forced=False)[0][1]["stages"][0]["router"][
+        "score"]["kernel"].value
     plan = make_plan(["X"], {"X": 6}, backprop={"X": 4}, bound=6, windows={"X": 3})
     logits, diag = run(gd, st, tokens(b=4), plan)
     ran = np.asarray(diag.circuits["X"].used)
