@@ -318,7 +318,10 @@ def repeated_override(overrides: Sequence[str]) -> str | None:
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key in seen:
-            return f"{seen[key]} and {item} both set {key}; give it once (the last one would win with no word)"
+            # quoted where one holds a line break or a tab: the one line was broken in two, and `train.steps=4\n`
+            # beside `train.steps=4` read as the same override given twice (#27 pass 40)
+            first, second = (o if o.isprintable() else repr(o) for o in (seen[key], item))
+            return f"{first} and {second} both set {key}; give it once (the last one would win with no word)"
         seen[key] = item
     return None
 
