@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from loopformer.errors import BYTES, ConfigError, DecodingError, LoopformerError, OutputError, printable, unescape_repr
@@ -28,10 +29,15 @@ MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare",
            "export")
 
 
-def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.ArgumentParser]) -> str:
+def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.ArgumentParser],
+                  argv: Sequence[str] = ()) -> str:
     """argparse's "unrecognized arguments" line, and where a flag given is another command's (`inspect --step 2`:
-    inspect reads no weights), which commands take it."""
+    inspect reads no weights), which commands take it; where a value follows a flag's value (`--loops X=2 Y=3`,
+    ``--split 2x 4x``), that the flag takes one."""
     line = f"unrecognized arguments: {' '.join(extra)}"
+    second = _second_value(extra, parsers[command], argv)
+    if second:
+        return f"{line} ({second}; see loopformer {command} --help)"
     # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
     flag = next((e.split("=")[0] for e in extra if e.startswith("-") and e != "--"), None)
     # sorted: the parsers' order is the order the commands' modules were first imported in, which tests change
@@ -49,6 +55,27 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     elif own:
         line += f" (did you mean {' or '.join(own)}? see loopformer {command} --help)"
     return line
+
+
+def _second_value(extra: list[str], parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """Where the first unrecognized argument that is no flag is a second value of the flag before it: what it takes
+    (the line named the value alone: `--loops X=2 Y=3` said "unrecognized arguments: Y=3"; #27 pass 40)."""
+    value = next((e for e in extra if not e.startswith("-")), None)
+    if value is None or value not in argv:
+        return None
+    i = list(argv).index(value)
+    if i >= 1 and argv[i - 1].startswith("--") and "=" in argv[i - 1]:  # --loops=X=2 Y=3
+        flag, _, given = argv[i - 1].partition("=")
+    elif i >= 2 and not argv[i - 1].startswith("-"):
+        flag, given = argv[i - 2], argv[i - 1]
+    else:
+        return None
+    action = next((a for a in parser._actions if flag in a.option_strings), None)  # noqa: SLF001
+    if action is None or action.nargs is not None or not action.option_strings:
+        return None
+    if isinstance(action, argparse._AppendAction):  # noqa: SLF001 (argparse names the kind only there)
+        return f"{flag} takes one value; give it once per value: {flag} {given} {flag} {value}"
+    return f"{flag} takes one value"
 
 
 def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
@@ -212,7 +239,8 @@ def _main(argv: list[str] | None) -> int:
             args.overrides += extra
         elif extra:
             # the command's own usage and name, as argparse gives for its other errors
-            sub.choices[args.command].error(_unrecognized(extra, args.command, sub.choices))
+            sub.choices[args.command].error(_unrecognized(extra, args.command, sub.choices,
+                                                          sys.argv[1:] if argv is None else argv))
         from loopformer.config.load import repeated_override
 
         twice = repeated_override(getattr(args, "overrides", None) or [])

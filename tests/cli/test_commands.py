@@ -346,6 +346,13 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
      "loopformer eval --help)"),
     (["rys", "--run", "runs/x", "--repeats", "1,,2"], "loopformer rys: error: argument --repeats: an empty item "
      "between commas in '1,,2'; write counts like 1,2,3"),  # read as 1,2
+    # #27 pass 40: a second value after a flag's value was named alone ("unrecognized arguments: Y=3")
+    (["eval", "--run", "runs/x", "--loops", "X=2", "Y=3"], "loopformer eval: error: unrecognized arguments: Y=3 "
+     "(--loops takes one value; give it once per value: --loops X=2 --loops Y=3; see loopformer eval --help)"),
+    (["sweep", "--run", "runs/x", "--split=2x", "4x"], "loopformer sweep: error: unrecognized arguments: 4x "
+     "(--split takes one value; give it once per value: --split 2x --split 4x; see loopformer sweep --help)"),
+    (["eval", "--run", "runs/a", "runs/b"], "loopformer eval: error: unrecognized arguments: runs/b (--run takes one "
+     "value; see loopformer eval --help)"),
 ])
 def test_argparse_refusals_say_what_was_meant(argv, line, capsys):
     with pytest.raises(SystemExit) as info:
