@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import difflib
 import importlib
 import os
 import re
@@ -20,7 +21,17 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from loopformer.errors import BYTES, ConfigError, DecodingError, LoopformerError, OutputError, printable, unescape_repr
+from loopformer.errors import (
+    BYTES,
+    DASHES,
+    ConfigError,
+    DecodingError,
+    LoopformerError,
+    OutputError,
+    plain_flag,
+    printable,
+    unescape_repr,
+)
 from loopformer.runs import stop
 from loopformer.runs.layout import unreachable
 from loopformer.runs.stop import Terminated
@@ -39,7 +50,13 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     if second:
         return f"{line} ({second}; see loopformer {command} --help)"
     # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
-    flag = next((e.split("=")[0] for e in extra if e.startswith("-") and e != "--"), None)
+    typed = next((e.split("=")[0] for e in extra if e[:1] in "-" + DASHES and e != "--"), None)
+    flag = None if typed is None else plain_flag(typed)
+    # a flag of this command typed with a typographic dash, one dash, in capitals or a letter off (`—loops` pasted
+    # from a page, `-loops`, `--Loops`, `--splits`): the line named none (#27 pass 40)
+    mine = sorted(o for a in parsers[command]._actions for o in a.option_strings)  # noqa: SLF001
+    if flag != typed and flag in mine:
+        return f"{line} (did you mean {flag}? see loopformer {command} --help)"
     # sorted: the parsers' order is the order the commands' modules were first imported in, which tests change
     takers = sorted({name for name, sp in parsers.items() if name != command
                      for a in sp._actions if flag in a.option_strings})  # noqa: SLF001 (argparse keeps them only there)
@@ -48,6 +65,8 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     own = sorted({o for a in parsers[command]._actions for o in a.option_strings  # noqa: SLF001
                   if flag and flag.startswith("--") and o.startswith("--") and o != flag
                   and (o.endswith("-" + flag[2:]) or flag.endswith("-" + o[2:]))})
+    if flag and flag.startswith("--") and not takers and not own:
+        own = difflib.get_close_matches(flag, [o for o in mine if o.startswith("--")], n=1, cutoff=0.8)
     if takers:
         mean = f"did you mean {' or '.join(own)}? " if own else ""
         line += (f" (loopformer {command} takes no {flag}; {mean}{', '.join(takers)} "
@@ -60,7 +79,7 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
 def _second_value(extra: list[str], parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
     """Where the first unrecognized argument that is no flag is a second value of the flag before it: what it takes
     (the line named the value alone: `--loops X=2 Y=3` said "unrecognized arguments: Y=3"; #27 pass 40)."""
-    value = next((e for e in extra if not e.startswith("-")), None)
+    value = next((e for e in extra if e[:1] not in "-" + DASHES), None)
     if value is None or value not in argv:
         return None
     i = list(argv).index(value)

@@ -353,6 +353,18 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
      "(--split takes one value; give it once per value: --split 2x --split 4x; see loopformer sweep --help)"),
     (["eval", "--run", "runs/a", "runs/b"], "loopformer eval: error: unrecognized arguments: runs/b (--run takes one "
      "value; see loopformer eval --help)"),
+    # #27 pass 40: a flag pasted with a typographic dash, typed with one dash, in capitals or a letter off named no flag
+    # (and `—loops X=2` after --run was taken for a second value of --run)
+    (["eval", "--run", "runs/x", "\u2014loops", "X=2"], "loopformer eval: error: unrecognized arguments: \u2014loops X=2 "
+     "(did you mean --loops? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "-loops", "X=2"], "loopformer eval: error: unrecognized arguments: -loops X=2 (did you "
+     "mean --loops? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--Loops", "X=2"], "loopformer eval: error: unrecognized arguments: --Loops X=2 (did "
+     "you mean --loops? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--exampels", "8"], "loopformer eval: error: unrecognized arguments: --exampels 8 (did "
+     "you mean --examples? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "\u2013c", "x.yaml"], "loopformer eval: error: unrecognized arguments: \u2013c x.yaml "
+     "(loopformer eval takes no -c; prepare, train take it: see loopformer eval --help)"),
 ])
 def test_argparse_refusals_say_what_was_meant(argv, line, capsys):
     with pytest.raises(SystemExit) as info:
