@@ -93,6 +93,8 @@ def _second_value(extra: list[str], parser: argparse.ArgumentParser, argv: Seque
     if action is None or action.nargs is not None or not action.option_strings:
         return None
     if isinstance(action, argparse._AppendAction):  # noqa: SLF001 (argparse names the kind only there)
+        if ("=" in value) != ("=" in given):  # `--split 2x X=3`: X=3 is no split, but meant for another flag
+            return None
         return f"{flag} takes one value; give it once per value: {flag} {given} {flag} {value}"
     return f"{flag} takes one value"
 

@@ -353,6 +353,7 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
      "(--split takes one value; give it once per value: --split 2x --split 4x; see loopformer sweep --help)"),
     (["eval", "--run", "runs/a", "runs/b"], "loopformer eval: error: unrecognized arguments: runs/b (--run takes one "
      "value; see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--split", "2x", "X=3"], "loopformer eval: error: unrecognized arguments: X=3"),
     # #27 pass 40: a flag pasted with a typographic dash, typed with one dash, in capitals or a letter off named no flag
     # (and `—loops X=2` after --run was taken for a second value of --run)
     (["eval", "--run", "runs/x", "\u2014loops", "X=2"], "loopformer eval: error: unrecognized arguments: \u2014loops X=2 "
