@@ -50,7 +50,7 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     if second:
         return f"{line} ({second}; see loopformer {command} --help)"
     # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
-    typed = next((e.split("=")[0] for e in extra if e[:1] in "-" + DASHES and e != "--"), None)
+    typed = next((e.split("=")[0] for e in extra if e[:1] and e[:1] in "-" + DASHES and e != "--"), None)
     flag = None if typed is None else plain_flag(typed)
     # a flag of this command typed with a typographic dash, one dash, in capitals or a letter off (`—loops` pasted
     # from a page, `-loops`, `--Loops`, `--splits`): the line named none (#27 pass 40)

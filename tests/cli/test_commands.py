@@ -354,6 +354,8 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
     (["eval", "--run", "runs/a", "runs/b"], "loopformer eval: error: unrecognized arguments: runs/b (--run takes one "
      "value; see loopformer eval --help)"),
     (["eval", "--run", "runs/x", "--split", "2x", "X=3"], "loopformer eval: error: unrecognized arguments: X=3"),
+    (["eval", "--run", "runs/x", "", "--exampels", "8"], "loopformer eval: error: unrecognized arguments:  --exampels 8 "
+     "(did you mean --examples? see loopformer eval --help)"),  # an empty argument before it is no flag
     # #27 pass 40: a flag pasted with a typographic dash, typed with one dash, in capitals or a letter off named no flag
     # (and `—loops X=2` after --run was taken for a second value of --run)
     (["eval", "--run", "runs/x", "\u2014loops", "X=2"], "loopformer eval: error: unrecognized arguments: \u2014loops X=2 "
