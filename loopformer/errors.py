@@ -39,6 +39,15 @@ def _bytes_escape(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error(BYTES, _bytes_escape)
 
 
+DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"  # hyphens, en and em dashes, minus: a flag pasted from a page
+
+
+def plain_flag(flag: str) -> str:
+    """``flag`` as a flag is typed: ``—loops``, ``-loops`` and ``--Loops`` as ``--loops``, ``–c`` as ``-c``."""
+    name = flag.lstrip("-" + DASHES)
+    return flag if not name else "-" + name if len(name) == 1 else "--" + name.lower()
+
+
 def printable(text: object) -> str:
     """``text`` (or a path) with each byte that is not UTF-8 written as ``\\xff`` (`not_utf8`): a line naming it can
     be printed (the lone surrogate Python keeps cannot be encoded)."""

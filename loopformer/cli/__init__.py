@@ -11,15 +11,27 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import difflib
 import importlib
 import os
 import re
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from loopformer.errors import BYTES, ConfigError, DecodingError, LoopformerError, OutputError, printable, unescape_repr
+from loopformer.errors import (
+    BYTES,
+    DASHES,
+    ConfigError,
+    DecodingError,
+    LoopformerError,
+    OutputError,
+    plain_flag,
+    printable,
+    unescape_repr,
+)
 from loopformer.runs import stop
 from loopformer.runs.layout import unreachable
 from loopformer.runs.stop import Terminated
@@ -28,12 +40,23 @@ MODULES = ("train", "eval", "ablate", "sweep", "generate", "inspect", "prepare",
            "export")
 
 
-def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.ArgumentParser]) -> str:
+def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.ArgumentParser],
+                  argv: Sequence[str] = ()) -> str:
     """argparse's "unrecognized arguments" line, and where a flag given is another command's (`inspect --step 2`:
-    inspect reads no weights), which commands take it."""
+    inspect reads no weights), which commands take it; where a value follows a flag's value (`--loops X=2 Y=3`,
+    ``--split 2x 4x``), that the flag takes one."""
     line = f"unrecognized arguments: {' '.join(extra)}"
+    second = _second_value(extra, parsers[command], argv)
+    if second:
+        return f"{line} ({second}; see loopformer {command} --help)"
     # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
-    flag = next((e.split("=")[0] for e in extra if e.startswith("-") and e != "--"), None)
+    typed = next((e.split("=")[0] for e in extra if e[:1] and e[:1] in "-" + DASHES and e != "--"), None)
+    flag = None if typed is None else plain_flag(typed)
+    # a flag of this command typed with a typographic dash, one dash, in capitals or a letter off (`—loops` pasted
+    # from a page, `-loops`, `--Loops`, `--splits`): the line named none (#27 pass 40)
+    mine = sorted(o for a in parsers[command]._actions for o in a.option_strings)  # noqa: SLF001
+    if flag != typed and flag in mine:
+        return f"{line} (did you mean {flag}? see loopformer {command} --help)"
     # sorted: the parsers' order is the order the commands' modules were first imported in, which tests change
     takers = sorted({name for name, sp in parsers.items() if name != command
                      for a in sp._actions if flag in a.option_strings})  # noqa: SLF001 (argparse keeps them only there)
@@ -42,6 +65,8 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     own = sorted({o for a in parsers[command]._actions for o in a.option_strings  # noqa: SLF001
                   if flag and flag.startswith("--") and o.startswith("--") and o != flag
                   and (o.endswith("-" + flag[2:]) or flag.endswith("-" + o[2:]))})
+    if flag and flag.startswith("--") and not takers and not own:
+        own = difflib.get_close_matches(flag, [o for o in mine if o.startswith("--")], n=1, cutoff=0.8)
     if takers:
         mean = f"did you mean {' or '.join(own)}? " if own else ""
         line += (f" (loopformer {command} takes no {flag}; {mean}{', '.join(takers)} "
@@ -49,6 +74,29 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     elif own:
         line += f" (did you mean {' or '.join(own)}? see loopformer {command} --help)"
     return line
+
+
+def _second_value(extra: list[str], parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """Where the first unrecognized argument that is no flag is a second value of the flag before it: what it takes
+    (the line named the value alone: `--loops X=2 Y=3` said "unrecognized arguments: Y=3"; #27 pass 40)."""
+    value = next((e for e in extra if e[:1] not in "-" + DASHES), None)
+    if value is None or value not in argv:
+        return None
+    i = list(argv).index(value)
+    if i >= 1 and argv[i - 1].startswith("--") and "=" in argv[i - 1]:  # --loops=X=2 Y=3
+        flag, _, given = argv[i - 1].partition("=")
+    elif i >= 2 and not argv[i - 1].startswith("-"):
+        flag, given = argv[i - 2], argv[i - 1]
+    else:
+        return None
+    action = next((a for a in parser._actions if flag in a.option_strings), None)  # noqa: SLF001
+    if action is None or action.nargs is not None or not action.option_strings:
+        return None
+    if isinstance(action, argparse._AppendAction):  # noqa: SLF001 (argparse names the kind only there)
+        if ("=" in value) != ("=" in given):  # `--split 2x X=3`: X=3 is no split, but meant for another flag
+            return None
+        return f"{flag} takes one value; give it once per value: {flag} {given} {flag} {value}"
+    return f"{flag} takes one value"
 
 
 def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
@@ -212,7 +260,8 @@ def _main(argv: list[str] | None) -> int:
             args.overrides += extra
         elif extra:
             # the command's own usage and name, as argparse gives for its other errors
-            sub.choices[args.command].error(_unrecognized(extra, args.command, sub.choices))
+            sub.choices[args.command].error(_unrecognized(extra, args.command, sub.choices,
+                                                          sys.argv[1:] if argv is None else argv))
         from loopformer.config.load import repeated_override
 
         twice = repeated_override(getattr(args, "overrides", None) or [])

@@ -101,10 +101,12 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
         if counts.strip().lower() == AUTO:  # eval removes these first (split_auto)
             raise PlanError(f"{flag}: {AUTO} (each example at its training rule's count) is read by `loopformer eval` "
                             f"only; give this command a count, e.g. --loops {name}=8")
-        if "=" in counts:  # `--loops X=1:3,Y=1:2` was "'1:3,Y=1:2' is not a loop count", with no word of how to give Y
-            # (the commas between them dropped, and names checked first: `X=2,,Y=3` suggested `--loops X=2,`, and
-            # `Z=4` on a run without Z a flag refused in turn)
-            pieces = [p.strip().strip(",").strip() for p in re.split(r",[\s,]*(?=[^,=]+=)", spec.strip())]
+        # several circuits in one flag: `--loops X=1:3,Y=1:2` was "'1:3,Y=1:2' is not a loop count", with no word of
+        # how to give Y (the commas between them dropped, and names checked first: `X=2,,Y=3` suggested `--loops X=2,`,
+        # and `Z=4` on a run without Z a flag refused in turn); a semicolon or a space between them too (`X=2;Y=3`
+        # suggested `--loops X=2;Y=3`, the flag given; `X==2`, one circuit, was called several; #27 pass 40)
+        pieces = [p.strip(" \t,;") for p in re.split(r"[,;\s][\s,;]*(?=[^,;\s=]+=)", spec.strip())]
+        if len(pieces) > 1:
             names = [p.partition("=")[0].strip() for p in pieces]
             unknown = next((n for n in names if n not in circuits), None)
             if unknown is not None:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from loopformer.config.schema import ARCHITECTURE, BEHAVIOUR, CIRCUIT_PARTS, SCHEDULE, Config, ModelConfig
-from loopformer.errors import ConfigError, not_utf8, printable
+from loopformer.errors import DASHES, ConfigError, not_utf8, plain_flag, printable
 from loopformer.runs.layout import not_a_file
 
 TASK = "task"  # the data a run learns: a resume must keep it, like the architecture
@@ -306,6 +306,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             if item.endswith((".yaml", ".yml")) or Path(item).is_file():  # the config without its flag
                 raise ConfigError(f"'{item}' is a config file, not a key=value override: give it with --config "
                                   f"(e.g. loopformer train -c {item})")
+            if item[:1] in DASHES:  # `train –c cfg.yaml`, the flag pasted from a page, was "write key=value"
+                raise ConfigError(f"'{item}' starts with '{item[0]}', a dash that is not a hyphen (pasted from a "
+                                  f"page?); type the flag with hyphens: {plain_flag(item.split('=')[0])}")
             raise ConfigError(f"malformed override '{item}': write key=value, e.g. train.steps=200")
         out.append((key.strip(), _parse_value(text)))
     return out
@@ -318,7 +321,10 @@ def repeated_override(overrides: Sequence[str]) -> str | None:
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key in seen:
-            return f"{seen[key]} and {item} both set {key}; give it once (the last one would win with no word)"
+            # quoted where one holds a line break or a tab: the one line was broken in two, and `train.steps=4\n`
+            # beside `train.steps=4` read as the same override given twice (#27 pass 40)
+            first, second = (o if o.isprintable() else repr(o) for o in (seen[key], item))
+            return f"{first} and {second} both set {key}; give it once (the last one would win with no word)"
         seen[key] = item
     return None
 

@@ -62,7 +62,7 @@ from loopformer.data.text import (
     training_text,
 )
 from loopformer.errors import DataError, not_utf8, printable
-from loopformer.runs.layout import dead_siblings, outside_runs, unwritable_target
+from loopformer.runs.layout import dead_siblings, not_a_folder, outside_runs, unwritable_target
 from loopformer.runs.lock import exclusive, in_use
 from loopformer.runs.log import progress_bar
 
@@ -248,6 +248,10 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
     out = Path(out).expanduser()
     outside_runs(out)  # in a run's checkpoints/ the corpus was read as a corrupt step, and pruned with them
     paths = expand_paths(d.paths)
+    blocked = not_a_folder(out.parent)
+    if blocked:  # mkdir's "File exists" named neither the file nor what to do (#27 pass 40)
+        raise DataError(f"--out {out}: {blocked[0]} is {blocked[1]}, not a directory; choose an --out whose parents "
+                        f"are directories")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -455,10 +455,11 @@ class PHop(Task):
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
         x, p = self.parse(inputs)
-        # a token below the symbols (a wrong prediction: PAD, BOS, EQ) as its id: _NAMES[26 - 3] showed PAD as the
-        # symbol 'X' (#27 pass 38)
-        name = lambda t: (f"<{int(t)}>" if t < self.FIRST else _NAMES[26 + t - self.FIRST] if t - self.FIRST < 36
-                          else f"<{t - self.FIRST}>")
+        # a token that is no symbol (a wrong prediction: PAD, BOS, EQ below them, a hop token H_p above) as its id:
+        # _NAMES[26 - 3] showed PAD as the symbol 'X' (#27 pass 38), and H_1 of a 4-symbol alphabet as the symbol
+        # 'e', which the alphabet a-d does not hold (#27 pass 40)
+        name = lambda t: (f"<{int(t)}>" if not self.FIRST <= t < self.FIRST + self.alphabet
+                          else _NAMES[26 + t - self.FIRST] if t - self.FIRST < 36 else f"<{t - self.FIRST}>")
         ans = name(answer[0]) if answer else "?"
         return f"{''.join(map(name, x))} | hop{p} = {ans}"
 

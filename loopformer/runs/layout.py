@@ -286,6 +286,14 @@ def unwritable_target(out: Path, what: str, child: str, flag: str = "--out") -> 
     if mount_point(out):
         return (f"{flag} {out} is a mount point, and the {what} is written beside it and renamed into place; give a "
                 f"folder inside it, e.g. {flag} {out / child}")
+    try:
+        here = out.resolve() == Path.cwd().resolve()
+    except OSError:  # the current directory was deleted: `CWD_GONE` says so where a path is used
+        here = False
+    if here:  # `export --out .` was a StopIteration traceback, `prepare --out .` "not a corpus, remove . yourself", and
+        # the current directory by its full name was renamed over, the shell left in a removed folder (#27 pass 40)
+        return (f"{flag} {out} is the current directory, and the {what} is written beside it and renamed into place "
+                f"(the shell would be left in a removed folder); name a new folder, e.g. {flag} {child}")
     return None
 
 

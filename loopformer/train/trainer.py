@@ -541,8 +541,12 @@ def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     counts = list(dict.fromkeys(r["loops"] for r in rows))
     swept = [c for c in cfg.model.circuits() if not cfg.eval.sweep_circuits or c.name in cfg.eval.sweep_circuits]
-    means = sorted({str(c.distribution()) if c.distribution().per_example else str(round(c.distribution().mean(), 1))
-                    for c in swept})
+    labels = {c.name: str(c.distribution()) if c.distribution().per_example else str(round(c.distribution().mean(), 1))
+              for c in swept}
+    # one value where they agree; else each circuit's by name (they were sorted as text without names: circuits A, B,
+    # C of means 5, 2 and 1 read "training mean 1.0, 2.0, 5.0", A's as 1.0; #27 pass 40)
+    means = (list(labels.values())[:1] if len(set(labels.values())) == 1
+             else [f"{name} {label}" for name, label in labels.items()])
     who = "every circuit" if len(swept) == len(cfg.model.circuits()) else "+".join(c.name for c in swept)
     value = {(r["loops"], r["split"]): r for r in rows}
     what = {"bits/byte": "bits per byte", "accuracy": "accuracy"}.get(score_name(rows), "accuracy (bits per byte on "

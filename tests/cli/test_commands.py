@@ -346,6 +346,28 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
      "loopformer eval --help)"),
     (["rys", "--run", "runs/x", "--repeats", "1,,2"], "loopformer rys: error: argument --repeats: an empty item "
      "between commas in '1,,2'; write counts like 1,2,3"),  # read as 1,2
+    # #27 pass 40: a second value after a flag's value was named alone ("unrecognized arguments: Y=3")
+    (["eval", "--run", "runs/x", "--loops", "X=2", "Y=3"], "loopformer eval: error: unrecognized arguments: Y=3 "
+     "(--loops takes one value; give it once per value: --loops X=2 --loops Y=3; see loopformer eval --help)"),
+    (["sweep", "--run", "runs/x", "--split=2x", "4x"], "loopformer sweep: error: unrecognized arguments: 4x "
+     "(--split takes one value; give it once per value: --split 2x --split 4x; see loopformer sweep --help)"),
+    (["eval", "--run", "runs/a", "runs/b"], "loopformer eval: error: unrecognized arguments: runs/b (--run takes one "
+     "value; see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--split", "2x", "X=3"], "loopformer eval: error: unrecognized arguments: X=3"),
+    (["eval", "--run", "runs/x", "", "--exampels", "8"], "loopformer eval: error: unrecognized arguments:  --exampels 8 "
+     "(did you mean --examples? see loopformer eval --help)"),  # an empty argument before it is no flag
+    # #27 pass 40: a flag pasted with a typographic dash, typed with one dash, in capitals or a letter off named no flag
+    # (and `—loops X=2` after --run was taken for a second value of --run)
+    (["eval", "--run", "runs/x", "\u2014loops", "X=2"], "loopformer eval: error: unrecognized arguments: \u2014loops X=2 "
+     "(did you mean --loops? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "-loops", "X=2"], "loopformer eval: error: unrecognized arguments: -loops X=2 (did you "
+     "mean --loops? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--Loops", "X=2"], "loopformer eval: error: unrecognized arguments: --Loops X=2 (did "
+     "you mean --loops? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--exampels", "8"], "loopformer eval: error: unrecognized arguments: --exampels 8 (did "
+     "you mean --examples? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "\u2013c", "x.yaml"], "loopformer eval: error: unrecognized arguments: \u2013c x.yaml "
+     "(loopformer eval takes no -c; prepare, train take it: see loopformer eval --help)"),
 ])
 def test_argparse_refusals_say_what_was_meant(argv, line, capsys):
     with pytest.raises(SystemExit) as info:

@@ -190,6 +190,33 @@ def test_an_out_that_is_a_mount_point_is_refused_before_the_work(imported, folde
     assert not list(mount.iterdir())
 
 
+def test_an_out_that_is_the_current_directory_is_refused_before_the_work(imported, folder, tmp_path, capsys,
+                                                                         monkeypatch):
+    """#27 pass 40: `export --out .` in an empty current directory was a StopIteration traceback, `prepare --out .`
+    "not a corpus written by prepare; remove . yourself", and the current directory by another name (its full path,
+    ../here) was renamed over, the shell left in a removed folder. One line now, naming a new folder."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(export_cli, "load_run", unreachable)
+    monkeypatch.setattr(hf_import, "import_folder", unreachable)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("In the beginning.\n\n" * 20)
+    for argv, out, what, child in [
+        (["export", "--run", str(imported), "--out"], ".", "folder", "hf"),
+        (["export", "--run", str(imported), "--out"], str(here), "folder", "hf"),
+        (["convert", "--run", str(imported), "--core", "0:1", "--out"], str(here), "run", "run"),
+        (["import", "--hf", str(folder), "--out"], "../here", "run", "run"),
+        (["prepare", "data.task=text", f"data.paths=[{str(corpus)!r}]", "--out"], ".", "corpus", "corpus"),
+        (["prepare", "data.task=text", f"data.paths=[{str(corpus)!r}]", "--out"], "../here", "corpus", "corpus"),
+    ]:
+        assert main([*argv, out]) == 2, argv
+        assert error_line(capsys) == (f"error: --out {out} is the current directory, and the {what} is written beside "
+                                      f"it and renamed into place (the shell would be left in a removed folder); name "
+                                      f"a new folder, e.g. --out {child}"), argv
+    assert not list(here.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "here"]
+
+
 def test_mount_point_of_the_root_a_folder_and_a_file():
     from loopformer.runs.layout import mount_point
 

@@ -58,6 +58,12 @@ def test_parse_loops():
         parse_loops(["X=2,,Y=3"], ["X", "Y"], grid=False)
     with pytest.raises(PlanError, match=r"^unknown circuit 'Z' in --loops X=2,Z=4; this run's circuits are X, Y$"):
         parse_loops(["X=2,Z=4"], ["X", "Y"], grid=False)
+    # #27 pass 40: a semicolon or a space between them was suggested back as the flag given; `X==2` is one circuit
+    for spec in ("X=2;Y=3", "X=2 Y=3", "X=2; Y=3"):
+        with pytest.raises(PlanError, match=rf"^--loops {spec} gives .*: --loops X=2 --loops Y=3$"):
+            parse_loops([spec], ["X", "Y"], grid=False)
+    with pytest.raises(PlanError, match=r"^malformed --loops X==2: '=2' is not a loop count"):
+        parse_loops(["X==2"], ["X", "Y"], grid=False)
 
 
 @pytest.mark.parametrize("spec, message", [

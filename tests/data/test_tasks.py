@@ -268,6 +268,9 @@ def test_a_wrong_token_renders_as_no_symbol_or_room_mark_it_is_not():
     ex = hop.example(np.random.default_rng(0), 2, hop.seq_len(2))
     assert hop.render(ex["inputs"], [0]).endswith(" = <0>")
     assert hop.render(ex["inputs"], [hop.FIRST]).endswith(" = a")  # the first symbol, as before
+    # #27 pass 40: a hop token (above the symbols) showed as the symbol 'e', past the alphabet a-d
+    assert hop.render(ex["inputs"], [hop._hop_token(1)]).endswith(f" = <{hop._hop_token(1)}>")
+    assert hop.render(ex["inputs"], [hop.FIRST + hop.alphabet - 1]).endswith(" = d")
     maze = make_task("maze", rows=2)
     ex = maze.example(np.random.default_rng(0), 3, maze.seq_len(3))
     text = maze.render(ex["inputs"], [5] * 6)

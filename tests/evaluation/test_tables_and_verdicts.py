@@ -52,6 +52,22 @@ def test_a_mixture_of_text_and_a_task_shows_each_splits_own_metric_in_either_ord
         assert "2.4000" in one and "25.0%" in one and "0.0%" not in one
 
 
+def test_the_final_sweeps_title_names_each_circuits_training_mean():
+    """#27 pass 40: the means of the circuits swept were sorted as text without their names (A, B, C of means 5, 2
+    and 1 read "training mean 1.0, 2.0, 5.0", A's as 1.0); where they differ each is named, where they agree one."""
+    from loopformer.config import load_config
+    from loopformer.train.trainer import format_sweep_table
+
+    circuit = "{name: %s, depth: 1, width: 16, heads: 2, loops: '%s', max_loops: 16, eval_loops: 2, backprop: 1}"
+    rows = [{"loops": 2, "split": "train", "accuracy": 0.5}]
+    for loops, title in ((("fixed(5)", "fixed(2)", "fixed(1)"), "training mean A 5.0, B 2.0, C 1.0;"),
+                         (("fixed(2)", "uniform(1, 3)", "fixed(2)"), "training mean 2.0;")):
+        stage = ", ".join(circuit % (n, dist) for n, dist in zip("ABC", loops, strict=True))
+        cfg = load_config(None, ["model.d_model=48", "model.heads=2", f"model.stages=[{{circuits: [{stage}]}}]",
+                                 "data.task=prefix_parity"])
+        assert title in format_sweep_table(rows, cfg).splitlines()[0]
+
+
 def test_ablation_of_a_text_split_shows_bits_per_byte():
     """#27 pass 17: `ablate` on a text run showed "accuracy 0.0%" and "Δacc +0.0" (a window's exact match) for
     every setting, whatever the circuit did; text splits now show bits per byte and its change, task splits accuracy."""
