@@ -89,17 +89,11 @@ def score(run: Path, cap: int, difficulty: str, split: str, examples: int) -> di
     sets = A.held_out(data.task, A.think_longer.TASKS["maze3"], examples, cfg.seed)
     ev = evaluator_for(model)
     (name,) = [c.name for c in cfg.model.circuits()]
-    total = {k: {"rooms": 0, "wrong": 0, "stops": 0.0} for k in KINDS} | {"mazes": 0, "right": 0}
-    for b in sets[(difficulty, split)]:
-        logits, used = ev.logits_used(params, b["inputs"], {name: cap}, b["segment_ids"], compact=True)
-        got = tally(data.task, np.asarray(b["inputs"]), np.asarray(b["targets"]), np.asarray(logits).argmax(-1),
-                    np.asarray(used[name]))
-        for k, v in got.items():
-            if isinstance(v, dict):
-                for f in v:
-                    total[k][f] += v[f]
-            else:
-                total[k] += v
+    batches = sets[(difficulty, split)]
+    runs = [ev.logits_used(params, b["inputs"], {name: cap}, b["segment_ids"], compact=True) for b in batches]
+    total = tally(data.task, *(np.concatenate([np.asarray(b[k]) for b in batches]) for k in ("inputs", "targets")),
+                  np.concatenate([np.asarray(logits).argmax(-1) for logits, _ in runs]),
+                  np.concatenate([np.asarray(used[name]) for _, used in runs]))
     return {"seed": cfg.seed, "accuracy": total["right"] / max(total["mazes"], 1), "mazes": total["mazes"],
             "kinds": {k: {"rooms": total[k]["rooms"], "wrong": total[k]["wrong"] / max(total[k]["rooms"], 1),
                           "mean_stop": total[k]["stops"] / max(total[k]["rooms"], 1)} for k in KINDS}}

@@ -379,10 +379,13 @@ class ModelConfig:
     def circuit(self, name: str) -> CircuitConfig:
         return next(c for c in self.circuits() if c.name == name)
 
+    def stage_of(self, name: str) -> int:
+        """The index S of the stage that holds circuit ``name``."""
+        return next(i for i, stage in enumerate(self.stages) if any(c.name == name for c in stage.circuits))
+
     def circuit_field(self, name: str, field: str) -> str:
         """The override path of circuit ``name``'s ``field``: model.stages.S.circuits.NAME.FIELD."""
-        s = next(i for i, stage in enumerate(self.stages) if any(c.name == name for c in stage.circuits))
-        return f"model.stages.{s}.circuits.{name}.{field}"
+        return f"model.stages.{self.stage_of(name)}.circuits.{name}.{field}"
 
     @property
     def max_heads(self) -> int:
@@ -1019,10 +1022,9 @@ class Config:
                f"{', '.join(names) or 'none'}; name one, or turn the terms off: " + " ".join(f"train.{f}=0" for f in on))
         if self.train.iteration_loss:
             name, W = self.iteration_window()
-            routed = [(i, s.router) for i, s in enumerate(self.model.stages) if s.router.routes
-                      and name in [c.name for c in s.circuits]]
-            if routed:  # a routed bank's last W rounds: its router's truncation, per token (0: every round)
-                i, router = routed[0]
+            i = self.model.stage_of(name)
+            router = self.model.stages[i].router
+            if router.routes:  # a routed bank's last W rounds: its router's truncation, per token (0: every round)
                 k, where = router.backprop or W, f"model.stages.{i}.router.backprop"
                 _check(k >= W, f"train.iteration_loss={W}: the window must lie in the rounds with gradient of circuit "
                        f"{name}'s routed stage ({where}={k}); use train.iteration_loss<={k}, or raise {where} (0: every "

@@ -556,9 +556,13 @@ def test_a_routed_banks_window_is_the_loops_window():
     for n in (5, 2):  # 2 < W: rows before the first round hold round 0's states (the loss leaves them out)
         plan = make_plan(["X"], {"X": n}, backprop={"X": 4}, bound=6, windows={"X": 3})
 
-        def step_logits(g, s, p=plan, n=n):
-            return jax.grad(lambda s_: jnp.sum(run(g, s_, toks, p)[1].step_logits[: min(n, 3)] ** 2))(s), \
-                run(g, s, toks, p)[1].step_logits
+        def step_logits(g, s, p=plan, n=n):  # (gradient of the valid rows' squares, the step logits)
+            def f(s_):
+                rows = run(g, s_, toks, p)[1].step_logits
+                return jnp.sum(rows[: min(n, 3)] ** 2), rows
+
+            grads, rows = jax.grad(f, has_aux=True)(s)
+            return grads, rows
 
         (got_g, got), (want_g, want) = step_logits(gd, st), step_logits(pgd, pst)
         assert got.shape == (3, *toks.shape, VOCAB)
