@@ -42,6 +42,13 @@ that learned no stop are wrong on the 2x mazes' unreachable rooms (37.5 % of the
 learned a stop exit the reachable rooms early and keep the unreachable ones right to the cap: the states that run on
 drift, and the looped model, which does not drift, is trained with this loss. Everything else is as ``recipe``.
 
+``--variant-loops own`` (declared 2026-12-07 22:45 UTC, before its first run, after ``full``'s three-seed record
+learned no stop) is ``full`` with the loss read where the looped model reads it: at each token's own last 4 rounds
+(``router.window=own``; a loop's window reads each token's last 4 iterations h_{n-j}), runs
+``<task>-router_own-seed<S>``. Under ``full`` a room that exits at round m, or whose count ends before the bank's,
+is scored 4 times at its exit's state; read at its own rounds it is asked to be right over the 4 rounds before it
+exits, as the looped model is asked over its last 4 iterations. Everything else is as ``full``.
+
 ``--models ...,router_config`` (declared 2026-12-07 13:50 UTC, before its first run, after the two maze3 router records
 above failed on different seeds: the router trained with the recipe's counts learned no stop on seed 0, the one
 trained with ``uniform(8, 16)`` ran against the maze's steps on seed 2) trains both routers per seed: ``router`` with
@@ -166,8 +173,12 @@ ROUTER_BACKPROP = 4  # the router's states carry gradient through its last 4 rou
 # --variant-loops: the looped model's recipe entries the halting and router models train with too, and the tag of
 # their runs (<task>-<variant><tag>-seed<S>): recipe (its counts per difficulty), config (their configs' own loops),
 # full (the router alone: its counts and its loss at each of the last 4 iterations, as the bank's last 4 rounds)
-VARIANT_RECIPES = {"recipe": (("per_difficulty",), "_per_difficulty"), "config": ((), ""),
-                   "full": (("per_difficulty", "iteration_loss"), "_full")}
+# own (as full, the loss read at each token's own last 4 rounds: router.window=own); the third entry: the router's own
+# overrides beside the recipe's
+VARIANT_RECIPES = {"recipe": (("per_difficulty",), "_per_difficulty", ()), "config": ((), "", ()),
+                   "full": (("per_difficulty", "iteration_loss"), "_full", ()),
+                   "own": (("per_difficulty", "iteration_loss"), "_own", ("model.stages.0.router.window=own",))}
+WINDOWED = ("full", "own")  # the --variant-loops values with the looped model's loss over its last iterations
 VARIANT_LOOPS = tuple(VARIANT_RECIPES)
 # the bar (#25): within 1 point of the best fixed count, <= 0.6x its FLOPs, <= 0.7x its time, Spearman >= 0.6
 WITHIN, FLOPS_RATIO, TIME_RATIO, SPEARMAN = 0.01, 0.6, 0.7, 0.6
@@ -270,17 +281,18 @@ def spearman(rows: list[dict], depths: dict) -> None:
 def recipe_loops(name: str, loops: str = "recipe") -> list[str]:
     """The loop overrides task ``name``'s halting and router models train with: the looped model's
     `VARIANT_RECIPES` entries for ``loops``: recipe (its counts per difficulty), config (none: their configs' own
-    loops) or full (its counts and its loss at each of the last 4 iterations)."""
+    loops), full (its counts and its loss at each of the last 4 iterations) or own (full, the loss read at each
+    token's own last 4 rounds)."""
     if loops not in VARIANT_LOOPS:
         raise ValueError(f"variant loops {loops!r}: choose from {', '.join(VARIANT_LOOPS)}")
-    entries = VARIANT_RECIPES[loops][0]
-    return [o for entry, overrides in think_longer.TASKS[name].recipe if entry in entries for o in overrides]
+    entries, _, own = VARIANT_RECIPES[loops]
+    return [o for entry, overrides in think_longer.TASKS[name].recipe if entry in entries for o in overrides] + list(own)
 
 
 def variant_config(name: str, variant: str, seed: int, out: Path, examples: int, steps: int,  # noqa: ANN201
                    loops: str = "recipe"):
     """The config of task ``name``'s ``variant`` ("halting" | "router") model of ``seed``, trained with
-    `recipe_loops` (run ``<name>-<variant>[_per_difficulty|_full]-seed<S>`` in ``out``)."""
+    `recipe_loops` (run ``<name>-<variant>[_per_difficulty|_full|_own]-seed<S>`` in ``out``)."""
     variant_loops = recipe_loops(name, loops)
     extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
     tag = variant + VARIANT_RECIPES[loops][1]
@@ -802,8 +814,9 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--variant-loops", choices=VARIANT_LOOPS, help="the loops the halting and router models train "
                    "with: recipe (default: the looped model's per-difficulty entry), config (their configs' own, "
-                   "uniform(8, 16)) or full (the router alone: the per-difficulty entry and the looped model's loss at "
-                   "each of its last 4 iterations, read at the bank's last 4 rounds)")
+                   "uniform(8, 16)), full (the router alone: the per-difficulty entry and the looped model's loss at "
+                   "each of its last 4 iterations, read at the bank's last 4 rounds) or own (full, read at each "
+                   "token's own last 4 rounds)")
     p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
                    help="how policies whose tokens stop at different iterations run: auto (default, the library's: "
                         "masked below 4,096 tokens a batch), on (compacted: only the running tokens), off (masked)")
@@ -834,9 +847,10 @@ def main() -> int:
                 f"trains neither" + (" (router_config trains with its config's loops whatever it says)"
                                      if "router_config" in models else "")
                 + "; drop it, or add halting or router to --models")
-    if args.variant_loops == "full" and "halting" in models:
-        p.error("--variant-loops full trains the router with the looped model's loss at each of its last iterations, "
-                "which a halting head replaces with its own; drop halting from --models (e.g. --models looped,router)")
+    if args.variant_loops in WINDOWED and "halting" in models:
+        p.error(f"--variant-loops {args.variant_loops} trains the router with the looped model's loss at each of its "
+                "last iterations, which a halting head replaces with its own; drop halting from --models (e.g. "
+                "--models looped,router)")
     if args.variant_loops == "config" and {"router", "router_config"} <= set(models):
         p.error("--models router,router_config with --variant-loops config trains one router twice (router_config is "
                 "the router with its config's loops); drop router_config, or --variant-loops config")

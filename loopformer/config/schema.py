@@ -167,6 +167,9 @@ class HaltingConfig:
         return self.kind in HALTINGS and HALTINGS.get(self.kind).has_head
 
 
+WINDOW_ROUNDS = ("bank", "own")  # router.window
+
+
 @dataclass
 class RouterConfig:
     """A router over a stage's circuits (`loopformer.variants.routing`): ``kind`` (and ``exit``) add its
@@ -184,9 +187,14 @@ class RouterConfig:
     # rounds whose states carry gradient: each token's last k rounds before it exits (the truncation a loop's
     # backprop is, per token); 0: every round
     backprop: int = 0
+    # the rounds train.iteration_loss reads on this bank: bank (its last W rounds; a token that stopped earlier
+    # holds its final state in each) | own (each token's own last W rounds, as a loop's window reads each
+    # token's last W iterations)
+    window: str = "bank"
 
     def validate(self, path: str) -> None:
         _one_of(self.kind, ROUTERS, f"{path}.kind")
+        _one_of(self.window, WINDOW_ROUNDS, f"{path}.window")
         # (past the loop limit it was an OverflowError traceback from JAX at the first step)
         _check(isinstance(self.backprop, int) and not isinstance(self.backprop, bool) and 0 <= self.backprop <= MAX_LOOPS,
                f"{path}.backprop (rounds with gradient; 0: every round) must be an integer in 0..{MAX_LOOPS}, got "
@@ -1016,10 +1024,19 @@ class Config:
         names = [c.name for c in self.model.circuits()]
         name = self.train.iteration_loss_circuit
         on = [f for f in ("iteration_loss", "settle") if getattr(self.train, f)]
-        if not on:  # (the circuit may stay named: both terms off)
+        # (the circuit may stay named: both terms off)
+        _check(not on or not name or name in names, f"train.iteration_loss_circuit: '{name}' is not a circuit; "
+               f"circuits are {', '.join(names) or 'none'}; name one, or turn the terms off: "
+               + " ".join(f"train.{f}=0" for f in on))
+        windowed = self.model.stage_of(self.iteration_window()[0]) if self.train.iteration_loss else None
+        for i, stage in enumerate(self.model.stages):  # a setting that nothing reads is refused, as elsewhere
+            _check(stage.router.window == "bank" or i == windowed,
+                   f"model.stages.{i}.router.window={stage.router.window} chooses the rounds train.iteration_loss "
+                   f"reads on this stage, but " + ("train.iteration_loss is off" if windowed is None else
+                                                   f"it reads circuit {self.iteration_window()[0]} of stage {windowed}")
+                   + "; drop it, or set train.iteration_loss (and train.iteration_loss_circuit)")
+        if not on:
             return
-        _check(not name or name in names, f"train.iteration_loss_circuit: '{name}' is not a circuit; circuits are "
-               f"{', '.join(names) or 'none'}; name one, or turn the terms off: " + " ".join(f"train.{f}=0" for f in on))
         if self.train.iteration_loss:
             name, W = self.iteration_window()
             i = self.model.stage_of(name)

@@ -546,6 +546,7 @@ class BankOut(NamedTuple):
     streams: Array | None = None
     caches: dict[str, tuple[KV, ...]] | None = None
     states: dict[str, Array] | None = None
+    stream_valid: Array | None = None  # [W, B, T]: the rows of ``streams`` a token's window reads (router.window=own)
 
 
 class Bank(nnx.Module):
@@ -719,7 +720,7 @@ class Bank(nnx.Module):
         carry0 = (tuple(h for _, h in starts), active0, jnp.zeros((len(names), *x_BTD.shape[:2]), jnp.float32),
                   jnp.zeros((), jnp.float32))
         rounds = jnp.max(loops)
-        streams = None
+        streams = valid = None
         if plan.training:
             if plan.bound < 1:
                 raise PlanError("training a routed bank needs plan.bound (the most rounds) to set its scan length")
@@ -753,7 +754,9 @@ class Bank(nnx.Module):
                 return new, (new[0] if window else None)  # with a window: the states after every round
 
             (hs, _, used, aux), ys = jax.lax.scan(scan_step, carry0, jnp.arange(plan.bound))
-            if window:  # train.iteration_loss: the stream after each of the bank's last W rounds
+            if window and self.router.rule.window == "own":  # after each of the token's own last W rounds
+                streams, valid = _own_rounds(stream, consts, ys, jax.lax.stop_gradient(used.sum(0)), window)
+            elif window:  # train.iteration_loss: the stream after each of the bank's last W rounds
                 streams = _last_rounds(stream, consts, ys, rounds, window)
         else:  # stop as soon as every token has exited (padding never runs: it does not hold the loop open)
             if ctx.valid_BT is not None:
@@ -777,7 +780,7 @@ class Bank(nnx.Module):
                                                  scored=None if plan.training else scored), contribs[n], ctx, plan)
                    for i, n in enumerate(names)}
         return BankOut(x_BTD + sum(contribs.values()), reports, aux / jnp.maximum(rounds, 1).astype(jnp.float32),
-                       streams)
+                       streams, stream_valid=valid)
 
     def _routed_compact(self, graphdef: nnx.GraphDef, router_gd: nnx.GraphDef, stream: Callable, consts: Any,
                         carry0: tuple, loops: Array, rounds: Array, ctx: Context, shares: tuple[float, ...]) -> tuple:
@@ -842,3 +845,18 @@ def _last_rounds(stream: Callable, consts: Any, ys: tuple[Array, ...], rounds: A
     rows = jnp.maximum(rounds - 1 - j, 0)  # [W]
     states = tuple(jnp.take(y, rows, axis=0) for y in ys)  # each [W, B, T, w]
     return jax.vmap(lambda hs: stream(consts, hs))(states)
+
+
+def _own_rounds(stream: Callable, consts: Any, ys: tuple[Array, ...], ran_BT: Array, window: int
+                ) -> tuple[Array, Array]:
+    """([W, B, T, D] the stream after each token's own rounds m - 1, m - 2, ..., m - W of a routed bank's
+    training scan, m = ``ran_BT`` the rounds it ran (one circuit a round, rounds 0 .. m - 1); valid [W, B, T]:
+    m - j >= 1, or j = 0). A loop's window (`loopformer.model.loop.iterate_window`) read at the rounds a token
+    ran rather than at the bank's last W (`_last_rounds`), so that a token that stops at round m is asked to be
+    right over its last W rounds, not W times at its exit. A token that ran no round (it exited at round 0)
+    reads its state after round 0, which is its initial state, once."""
+    j = jnp.arange(window)[:, None, None]
+    ran = jnp.asarray(ran_BT, jnp.int32)[None]
+    rows = jnp.maximum(ran - 1 - j, 0)  # [W, B, T]
+    states = tuple(jnp.take_along_axis(y, rows[..., None], axis=0) for y in ys)  # each [W, B, T, w]
+    return jax.vmap(lambda hs: stream(consts, hs))(states), (ran - j >= 1) | (j == 0)

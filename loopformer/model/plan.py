@@ -180,18 +180,22 @@ class CircuitReport:
     settle: Array | None = None
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["circuits", "aux_loss", "step_logits"],
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["circuits", "aux_loss", "step_logits", "step_valid"],
                    meta_fields=[])
 @dataclass(frozen=True)
 class Diagnostics:
     """The forward pass's report: one `CircuitReport` per circuit name; ``aux_loss`` [] the routers'
     auxiliary losses (0 without a router); ``step_logits`` [L, B, T, V] the logits after every iteration
     of an ouro / pondernet halting circuit when the plan stashes (for its per-step loss), or after each of
-    the last W iterations of a circuit the plan windows (`Plan.windows`, row j: iteration n - j)."""
+    the last W iterations of a circuit the plan windows (`Plan.windows`, row j: iteration n - j);
+    ``step_valid`` [W, B, T] the rows each token's window reads where its count does not say (a routed bank's
+    own rounds, router.window=own), else None (rows with n - j >= 1)."""
 
     circuits: dict[str, CircuitReport] = field(default_factory=dict)
     aux_loss: Array | float = 0.0
     step_logits: Array | None = None
+    step_valid: Array | None = None
 
 
 def resolve_loops(defaults: Mapping[str, int], loops: Mapping[str, int] | None = None) -> dict[str, int]:

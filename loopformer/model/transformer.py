@@ -120,7 +120,7 @@ class LoopedTransformer(nnx.Module):
             places = jnp.where(places > 0, places + offset_B[:, None], 0)
         x = self._stack(self.prelude, self._embed(tokens_BT, places if self.abacus is not None else None), ctx,
                         plan.schedules.get("prelude"))[0]
-        reports, aux, step_logits = {}, jnp.zeros((), jnp.float32), None
+        reports, aux, step_logits, step_valid = {}, jnp.zeros((), jnp.float32), None, None
         readouts = any(r.needs_readout for r in plan.exits.values())
         for s, stage in enumerate(self.stages):
             readout = (lambda xs, s=s: self._rest(xs, s + 1, ctx, plan)) if readouts else None
@@ -130,7 +130,8 @@ class LoopedTransformer(nnx.Module):
             aux = aux + res.aux_loss
             if res.streams is not None and not self._mixes(stage):  # per-step losses: logits after every step
                 step_logits = jax.vmap(lambda xs, s=s: self._rest(xs, s + 1, ctx, plan))(res.streams)
-        return self._rest(x, len(self.stages), ctx, plan), Diagnostics(reports, aux, step_logits)
+                step_valid = res.stream_valid
+        return self._rest(x, len(self.stages), ctx, plan), Diagnostics(reports, aux, step_logits, step_valid)
 
     def _mask(self, segment_ids_BT: Array | None, places_BT: Array | None) -> Array | None:
         """[B, 1, T, T] attention mask: within each segment, and with ``place_window`` W only between tokens whose

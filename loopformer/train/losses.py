@@ -34,13 +34,15 @@ def iteration_terms(diag: Diagnostics, batch: dict[str, Array], n: Array, scale:
                     ) -> tuple[Array, dict[str, Array]]:
     """(the loss at each of a circuit's last W iterations, sums for logging): per answer token, the mean CE of
     the logits after iterations n, n - 1, ..., n - W + 1 (``diag.step_logits`` [W, B, T, V], row j after
-    iteration n - j) over the rows with n - j >= 1; summed over the answer tokens times ``scale``. ``n`` is
-    the circuit's count, int32 [] or per token [B, T]. With W = 1 it is the plain CE."""
+    iteration n - j) over the rows with n - j >= 1 (or ``diag.step_valid``'s rows, where the model reports
+    them: a routed bank's own rounds); summed over the answer tokens times ``scale``. ``n`` is the circuit's
+    count, int32 [] or per token [B, T]. With W = 1 it is the plain CE."""
     logits = diag.step_logits
     W = logits.shape[0]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"][None])  # [W, B, T]
     j = jnp.arange(W).reshape((W,) + (1,) * (ce.ndim - 1))
-    valid = (jnp.asarray(n, jnp.int32) - j >= 1).astype(ce.dtype)  # [W, ...] broadcast to [W, B, T]
+    rows = jnp.asarray(n, jnp.int32) - j >= 1 if diag.step_valid is None else diag.step_valid
+    valid = rows.astype(ce.dtype)  # [W, ...] broadcast to [W, B, T]
     per_token = jnp.sum(ce * valid, axis=0) / jnp.maximum(jnp.sum(jnp.broadcast_to(valid, ce.shape), axis=0), 1.0)
     total = jnp.sum(per_token * batch["mask"].astype(ce.dtype))
     return total * scale, {"iteration_loss": total * scale}

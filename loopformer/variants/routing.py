@@ -44,6 +44,7 @@ class RouterKind:
     compute: float = 0.0
     capacities: tuple[float, ...] = ()
     backprop: int = 0  # training: the states carry gradient through the last k rounds (0: every round)
+    window: str = "bank"  # the rounds train.iteration_loss reads: the bank's last W | each token's own last W
     rounds: int = 1  # the bank's largest max_loops (expert choice's default capacity schedule)
     kind: ClassVar[str] = ""
     routes: ClassVar[bool] = True
@@ -53,7 +54,8 @@ class RouterKind:
     def of(cfg: Any, where: str = "router.kind", rounds: int = 1) -> RouterKind:
         cls = ROUTERS.get(cfg.kind, where)
         return cls(exit=cfg.exit, capacity=cfg.capacity, balance=cfg.balance, aux=cfg.aux, compute=cfg.compute,
-                   capacities=tuple(cfg.capacities), backprop=cfg.backprop, rounds=max(int(rounds), 1))
+                   capacities=tuple(cfg.capacities), backprop=cfg.backprop, window=cfg.window,
+                   rounds=max(int(rounds), 1))
 
     def scores(self, circuits: int) -> int:
         """Outputs of the scoring layer for ``circuits`` circuits."""
@@ -85,7 +87,7 @@ class NoRouter(RouterKind):
 @ROUTERS.register("token_choice")
 @dataclass(frozen=True)
 class TokenChoice(RouterKind):
-    reads = ("exit", "balance", "compute", "backprop")
+    reads = ("exit", "balance", "compute", "backprop", "window")
 
     def scores(self, circuits: int) -> int:
         return circuits + int(self.exit)
@@ -119,7 +121,7 @@ class TokenChoice(RouterKind):
 @ROUTERS.register("expert_choice")
 @dataclass(frozen=True)
 class ExpertChoice(RouterKind):
-    reads = ("capacity", "capacities", "aux", "compute", "backprop")
+    reads = ("capacity", "capacities", "aux", "compute", "backprop", "window")
 
     def schedule(self) -> tuple[float, ...]:
         """c_r for r = 0, 1, ...: ``capacities``, or MoR's linear capacity (R - r) / R over R rounds."""

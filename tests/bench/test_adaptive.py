@@ -302,6 +302,12 @@ def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_config
     assert full.model.stages[0].circuits[0].loops == "per_difficulty(2, 4)"
     assert recipe.iteration_window() is None and config.iteration_window() is None
     assert adaptive.loops_of("maze3", adaptive.recipe_loops("maze3", "full")) == "--variant-loops full"
+    # own: full, read at each token's own last 4 rounds
+    own = adaptive.variant_config("maze3", "router", 1, tmp_path, 32, 10, "own")
+    assert own.run.name == "maze3-router_own-seed1" and own.iteration_window() == ("X", 4)
+    assert (own.model.stages[0].router.window, full.model.stages[0].router.window) == ("own", "bank")
+    assert own.model.stages[0].circuits[0].loops == "per_difficulty(2, 4)"
+    assert adaptive.loops_of("maze3", adaptive.recipe_loops("maze3", "own")) == "--variant-loops own"
     with pytest.raises(ValueError, match="variant loops 'uniform': choose from recipe, config"):
         adaptive.recipe_loops("maze3", "uniform")
     a, b = record([0]), record([1])

@@ -15,6 +15,7 @@ from loopformer.errors import PlanError
 from loopformer.model.loop import iterate
 from loopformer.model.plan import make_plan
 from loopformer.model.transformer import build_model
+from loopformer.train.losses import iteration_terms
 from loopformer.variants import halting
 from loopformer.variants.exits import ExitRule, exit_rule
 from tests.model.test_model import randomize_writes
@@ -487,13 +488,14 @@ def test_forced_routes():
         np.testing.assert_array_equal(diag.circuits["Y"].used, 0)
 
 
-def forced_x(k, router_backprop, forced=True):
+def forced_x(k, router_backprop, forced=True, window="bank"):
     """((graphdef, state) of X (up to 6 rounds, backprop k) under a token-choice router with router.backprop
-    ``router_backprop``, forced to pick X every round unless not ``forced``; (graphdef, state) of the same model
-    without the router, with the same weights): the routed bank is then X's loop."""
+    ``router_backprop`` and router.window ``window``, forced to pick X every round unless not ``forced``;
+    (graphdef, state) of the same model without the router, with the same weights): the routed bank is then X's
+    loop."""
     x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=True, eval_loops=5, max_loops=6, backprop=k)
     plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, stages=[StageConfig([x])])
-    router = RouterConfig(kind="token_choice", backprop=router_backprop)
+    router = RouterConfig(kind="token_choice", backprop=router_backprop, window=window)
     gd, st = model_of(dataclasses.replace(plain, stages=[StageConfig([x], router=router)]))
     if forced:
         st["stages"][0]["router"]["score"]["kernel"].value = jnp.zeros_like(
@@ -583,6 +585,49 @@ def test_a_routed_banks_window_is_the_loops_window():
         np.testing.assert_allclose(np.asarray(diag.step_logits[j])[early], np.asarray(logits)[early], rtol=1e-5,
                                    atol=1e-5)
     np.testing.assert_allclose(diag.step_logits[0], logits, rtol=1e-5, atol=1e-5)  # row 0: after the last round
+
+
+def test_a_routed_banks_own_window_is_the_loops_per_token_window():
+    """router.window=own: train.iteration_loss reads each token's own last W rounds, so a router forced to pick X
+    until each token's count is X's loop at those per-token counts, whose window reads h_{n - j} per token: the
+    iteration loss and its gradients are the loop's. The bank's rows (router.window=bank) give a token whose count
+    ends before the bank's last round its final logits in every row, so their loss differs; with early exits, row j
+    of a token is its stream after its own round m - 1 - j (m: the rounds it ran)."""
+    toks, W = tokens(), 3
+    n = jax.random.randint(jax.random.key(3), toks.shape, 1, 7).at[0, :2].set(jnp.asarray([1, 6]))  # 1..6, both ends
+    plan = make_plan(["X"], {"X": n}, backprop={"X": 4}, bound=6, windows={"X": W})
+    batch = {"targets": tokens(seed=1), "mask": jnp.ones(toks.shape)}
+
+    def loss(gd, st):
+        f = jax.jit(lambda s: iteration_terms(nnx.merge(gd, s)(toks, plan)[1], batch, n, 1.0)[0])
+        return jax.value_and_grad(f)(st)
+
+    (own, own_st), (pgd, pst) = forced_x(4, 4, window="own")
+    (got, got_g), (want, want_g) = loss(own, own_st), loss(pgd, pst)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_g["stages"][0]["circuits"]), jax.tree.leaves(want_g["stages"][0]["circuits"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    bank, bank_st = forced_x(4, 4)[0]
+    assert abs(float(loss(bank, bank_st)[0]) - float(want)) > 1e-3
+    # early exits: row j is the token's stream after its round m - 1 - j, and rows before its first round are unread
+    rnd = forced_x(4, 4, forced=False)[0][1]["stages"][0]["router"]["score"]["kernel"].value
+    for s_ in (own_st, bank_st):
+        s_["stages"][0]["router"]["score"]["bias"].value = jnp.asarray([0.0, 1.0])
+        s_["stages"][0]["router"]["score"]["kernel"].value = rnd
+    plan6 = make_plan(["X"], {"X": 6}, backprop={"X": 4}, bound=6, windows={"X": W})
+    mine, bank_diag = run(own, own_st, tokens(b=4), plan6)[1], run(bank, bank_st, tokens(b=4), plan6)[1]
+    m = np.asarray(mine.circuits["X"].used).astype(int)
+    assert len(set(m.ravel())) > 2 and m.min() < 2
+    np.testing.assert_array_equal(np.asarray(mine.step_valid), (m[None] - np.arange(W)[:, None, None] >= 1)
+                                  | (np.arange(W)[:, None, None] == 0))
+    np.testing.assert_allclose(mine.step_logits[0], bank_diag.step_logits[0], rtol=1e-5, atol=1e-5)  # the final
+    for j in range(1, W):  # the bank's row j is round R - 1 - j: a token's own round m - 1 - j where m = R
+        top = m == m.max()
+        np.testing.assert_allclose(np.asarray(mine.step_logits[j])[top], np.asarray(bank_diag.step_logits[j])[top],
+                                   rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(mine.step_logits[1])[(m >= 2) & (m < m.max())],
+                           np.asarray(mine.step_logits[0])[(m >= 2) & (m < m.max())], atol=1e-4)
 
 
 def routed_model(kind, capacities, exit_bias, **x):

@@ -255,6 +255,18 @@ def test_iteration_loss_on_a_routed_stage_reads_its_rounds(tmp_path):
         load_config(router, [*on, "model.stages.0.router.backprop=2", f"run.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="train.settle reads .* but a stage has a router"):
         load_config(router, ["train.settle=1", "train.settle_loops=32", f"run.dir={tmp_path}"])
+    # router.window=own reads each token's own rounds; a window nothing reads, or not a choice, is refused
+    own = "model.stages.0.router.window=own"
+    assert load_config(router, [*on, "model.stages.0.router.backprop=4", own, f"run.dir={tmp_path}"]
+                       ).model.stages[0].router.rule().window == "own"
+    with pytest.raises(ConfigError, match=r"model.stages.0.router.window=own chooses the rounds "
+                                         r"train.iteration_loss reads on this stage, but train.iteration_loss is off; "
+                                         r"drop it, or set train.iteration_loss"):
+        load_config(router, [own, f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"model.stages.0.router.window: 'last' is not one of bank, own"):
+        load_config(router, [*on, "model.stages.0.router.window=last", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"router.window"):  # a stage without a router: nothing reads it
+        load_config("configs/quickstart.yaml", ["train.iteration_loss=2", own, f"run.dir={tmp_path}"])
 
 
 # ----------------------------------------------------------------------------- settling loss
