@@ -198,6 +198,14 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
             targets = [name]
         else:
             body, targets = spec, list(circuits)
+        # several rules split by a semicolon or a space (`X=latent_diff:0.1;Y=kl:0.1`) named the option '0.1;Y' as
+        # unknown; read as the commas `_split_exit` answers with the flags meant (#27 pass 40's leftover, as --loops)
+        names = "|".join(re.escape(c) for c in sorted(circuits, key=len, reverse=True))
+        joined = re.sub(rf"[\s,]*[;\s][\s;,]*(?=(?:{names})\s*=)", ",", spec.strip())
+        if joined != re.sub(rf",\s*(?=(?:{names})\s*=)", ",", spec.strip()):
+            later = re.search(rf",\s*((?:{names})\s*=[^,]*)", joined)
+            if later is not None and ";" not in joined.replace(later.group(0), ""):
+                raise PlanError(_split_exit(flag, joined, later.group(1), circuits, targets))
         kind, colon, values = body.partition(":")
         if not colon:
             raise PlanError(f"malformed {flag}: write {exit_forms()}")

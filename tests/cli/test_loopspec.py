@@ -109,6 +109,10 @@ def test_a_rule_without_a_circuit_beside_a_named_one_is_told_as_two_rules_for_it
     ("X=latent_diff:0.1,X=kl:0.1", "circuit X is given two rules ('X=latent_diff:0.1' and 'X=kl:0.1'); a circuit "
                                    "takes one rule, one --exit per circuit"),
     ("X=latent_diff:0.1,Y=", "'Y=' names circuit Y with no rule; give it one in its own --exit, or drop it"),
+    # a semicolon or a space between the rules named the option '0.1;Y' as unknown (pass 40's leftover, as --loops)
+    ("X=latent_diff:0.1;Y=kl:0.1", "e.g. --exit X=latent_diff:0.1 --exit Y=kl:0.1"),
+    ("X=latent_diff:0.1 Y=kl:0.1", "e.g. --exit X=latent_diff:0.1 --exit Y=kl:0.1"),
+    ("latent_diff:0.1,min=2; Y=kl:0.1", "e.g. --exit X=latent_diff:0.1,min=2 --exit Y=kl:0.1"),
 ])
 def test_one_exit_naming_several_circuits_suggests_flags_that_run(spec, message):
     """#27 pass 35: the flags the line suggests for `--exit X=RULE,Y=RULE` are each accepted."""
