@@ -145,7 +145,7 @@ def rys_command(args: argparse.Namespace) -> int:
         eval_sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)
         before = run.evaluator.compiles
         subset = rys.screen(eval_sets, args.screen) if args.screen else eval_sets
-        screening = any(len(subset[s]) < len(eval_sets[s]) for s in eval_sets)
+        screening = any(rys.count_examples(subset[s]) < rys.count_examples(eval_sets[s]) for s in eval_sets)
         rows, baseline = rys.scan(run, subset if screening else eval_sets, stack, args.repeats)
         best_rows, best_base = rys.rescore(run, eval_sets, stack, rows, TOP) if screening else (rows, baseline)
         compiles = run.evaluator.compiles - before
