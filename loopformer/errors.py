@@ -23,6 +23,16 @@ def not_utf8(text: str) -> str | None:
     return None if bad is None else f"\\x{ord(bad) - 0xDC00:02x}"
 
 
+def foreign_digit(text: str) -> str | None:
+    """The phrase for the first digit of ``text`` that is not ASCII (``'٣' is a digit of another script (U+0663); ...``), or
+    None: Python's int() and float() read ``٣`` or ``３`` as 3, where a flag's number is meant to be written in 0-9
+    (#27 pass 40's leftover: `--loops X=٣` ran 3 loops)."""
+    bad = next((c for c in text if c.isdigit() and not "0" <= c <= "9"), None)
+    if bad is None:
+        return None
+    return f"'{bad}' is a digit of another script (U+{ord(bad):04X}); write ASCII digits 0-9"
+
+
 BYTES = "loopformer.bytes"  # a codec error handler: ``printable``'s escapes for a stream (`cli._escape_unencodable`)
 
 

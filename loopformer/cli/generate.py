@@ -18,7 +18,9 @@ from loopformer.cli.common import (
     emit,
     exit_caps,
     exit_flags,
+    integer,
     positive,
+    real,
     run_flags,
 )
 from loopformer.cli.loopspec import parse_exits, parse_loops
@@ -48,11 +50,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=positive, metavar="K", help="synthetic tasks: examples to show (default 4)")
     p.add_argument("--prompt", metavar="TEXT", help="text runs: continue this prompt")
     p.add_argument("--max-new-tokens", type=positive, metavar="N", help="--prompt: tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="--prompt: sample among the K likeliest (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    p.add_argument("--temperature", type=real, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
+    p.add_argument("--top-k", type=integer, default=0, metavar="K", help="--prompt: sample among the K likeliest (0 = all)")
+    p.add_argument("--top-p", type=real, default=1.0, metavar="P",
                    help="--prompt: sample among the likeliest tokens holding probability P (1 = all)")
-    p.add_argument("--seed", type=int, default=0, help="--prompt: sampling seed")
+    p.add_argument("--seed", type=integer, default=0, help="--prompt: sampling seed")
     p.add_argument("--cache", metavar="POLICY",
                    help="key/value cache of the loop iterations (text prompts; answers of causal tasks): full (exact), "
                         "last, ring:K or first (default full)")

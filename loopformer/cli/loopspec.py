@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from loopformer.errors import PlanError
+from loopformer.errors import PlanError, foreign_digit
 from loopformer.model.plan import MAX_LOOPS
 from loopformer.variants.exits import EXITS, ExitRule
 
@@ -29,7 +29,10 @@ def geometric_grid(lo: int, hi: int) -> list[int]:
 def parse_counts(text: str, flag: str) -> list[int]:
     """The loop counts of one spec (``16``, ``1:64``, ``1:64:4``, ``1,2,8``), sorted and unique."""
     text = text.strip()
-    if not re.fullmatch(r"-?\d+(\s*[:,]\s*-?\d+)*", text):
+    foreign = foreign_digit(text)
+    if foreign:  # `X=٣` ran 3 loops: Python's int() reads any script's digits (#27 pass 40's leftover)
+        raise PlanError(f"{flag}: {foreign}")  # (the flag shows the value)
+    if not re.fullmatch(r"-?[0-9]+(\s*[:,]\s*-?[0-9]+)*", text):
         raise PlanError(f"malformed {flag}: '{text}' is not a loop count; write {FORMS}")
     nums = [int(t) for t in re.split(r"[:,]", text)]
     # A:B:STEP's step is no loop count (X=1:3:0 was "loop counts must be >= 1, got 0")

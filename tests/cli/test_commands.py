@@ -368,6 +368,17 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
      "you mean --examples? see loopformer eval --help)"),
     (["eval", "--run", "runs/x", "\u2013c", "x.yaml"], "loopformer eval: error: unrecognized arguments: \u2013c x.yaml "
      "(loopformer eval takes no -c; prepare, train take it: see loopformer eval --help)"),
+    # #27 pass 40's leftover: Python's int() and float() read any script's digits (`--max-loops ٣` was 3)
+    (["eval", "--run", "runs/x", "--max-loops", "\u0663"], "loopformer eval: error: argument --max-loops: '\u0663' is a "
+     "digit of another script (U+0663); write ASCII digits 0-9"),
+    (["generate", "--run", "runs/x", "--temperature", "\u0660.5"], "loopformer generate: error: argument --temperature: "
+     "'\u0660.5': '\u0660' is a digit of another script (U+0660); write ASCII digits 0-9"),
+    (["generate", "--run", "runs/x", "--seed", "\uff13"], "loopformer generate: error: argument --seed: '\uff13' is a "
+     "digit of another script (U+FF13); write ASCII digits 0-9"),
+    (["rys", "--run", "runs/x", "--repeats", "1,\u0662"], "loopformer rys: error: argument --repeats: '1,\u0662': "
+     "'\u0662' is a digit of another script (U+0662); write ASCII digits 0-9"),
+    (["prepare", "-c", "x.yaml", "--out", "o", "--chunk-tokens", "\u0664"], "loopformer prepare: error: argument "
+     "--chunk-tokens: '\u0664' is a digit of another script (U+0664); write ASCII digits 0-9"),
 ])
 def test_argparse_refusals_say_what_was_meant(argv, line, capsys):
     with pytest.raises(SystemExit) as info:

@@ -133,3 +133,19 @@ def test_max_loops_without_exit_on_a_routed_run_names_the_fix_that_runs():
         parse_exits(None, ["X"], many=False, max_loops=8, routed=["X"])
     with pytest.raises(PlanError, match="add --exit RULE"):  # a circuit outside the routed stage can exit
         parse_exits(None, ["X", "Y"], many=False, max_loops=8, routed=["X"])
+
+
+@pytest.mark.parametrize("parse, text", [
+    ("loops", "fixed(\u0663)"), ("loops", "\u0663"), ("loops", "uniform(1, \uff13)"),
+    ("cache", "ring:\u0663"), ("exit", "latent_diff:0.1,every=\u0662"),
+])
+def test_a_digit_of_another_script_is_refused_everywhere_a_number_is_read(parse, text):
+    """#27 pass 40's leftover: Python's int() and float() read '٣' and '３' as 3, so `loops: fixed(٣)`, `--cache ring:٣`
+    and an exit's `every=٢` ran as if written in ASCII; each names the digit."""
+    from loopformer.variants.cache import CachePolicy
+    from loopformer.variants.exits import ExitRule
+    from loopformer.variants.loops import LoopDistribution
+
+    read = {"loops": LoopDistribution.parse, "cache": CachePolicy.parse, "exit": ExitRule.parse}[parse]
+    with pytest.raises((ValueError, PlanError), match=r"is a digit of another script \(U\+[0-9A-F]{4}\); write ASCII "):
+        read(text)
