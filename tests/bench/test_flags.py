@@ -89,6 +89,9 @@ CASES = [
     ("rys_screen", ["--run", "runs/none", "--repeats", "0,1"], "--repeats '0,1': give comma-separated whole numbers"),
     # #27 pass 34: a byte that is not UTF-8 was written '\udcff'
     ("rys_screen", ["--run", "runs/none", "--repeats", "1,\udcff"], "--repeats '1,\\xff': give comma-separated whole"),
+    # #27 pass 40's leftover: int('٣') is 3, so a digit of another script ran as its ASCII value
+    ("mfu", ["--steps", "\u0663"], "argument --steps: '\u0663' is a digit of another script (U+0663); write ASCII"),
+    ("decode", ["--new", "8,\u0664"], "--new '8,\u0664': '\u0664' is a digit of another script (U+0664)"),
     ("step_profile", ["--reps", "0"], "--reps must be >= 1, got 0"),
     ("step_profile", ["--loops", "4,,8"], "--loops '4,,8': give comma-separated whole numbers >= 1"),
     ("maze_shortcut", ["--examples", "0"], "--examples must be >= 1, got 0"),
