@@ -98,14 +98,14 @@ def generate_command(args: argparse.Namespace) -> int:
                 raise AnalysisError(f"--prompt is not UTF-8 text (byte 0x{bad.hex()} at character {e.start}); pass "
                                     f"the prompt in UTF-8") from None
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
-            raise AnalysisError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+            raise AnalysisError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature:g}")
         if args.temperature > MAX_TEMPERATURE:
             raise AnalysisError(f"--temperature {args.temperature:g} is past the largest, {MAX_TEMPERATURE:g} (from "
                                 f"about 100 on, every token is about equally likely)")
         if args.top_k < 0:  # (each was refused naming both flags)
             raise AnalysisError(f"--top-k must be >= 0 (0 = every token), got {args.top_k}")
         if not 0 < args.top_p <= 1:
-            raise AnalysisError(f"--top-p must be in (0, 1] (1 = every token), got {args.top_p}")
+            raise AnalysisError(f"--top-p must be in (0, 1] (1 = every token), got {args.top_p:g}")
         sampling = _given((("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)))
         if args.temperature == 0 and sampling and args.prompt is not None:
             raise AnalysisError(f"{sampling} set(s) how tokens are sampled, and --temperature 0 (the default) decodes "

@@ -133,7 +133,7 @@ class Fixed(LoopDistribution):
 
     def validate(self) -> None:
         if self.n < 1 or not _integers(self.n):
-            raise ValueError(f"fixed(n) needs an integer n >= 1, got {self.n}")
+            raise ValueError(f"fixed(n) needs an integer n >= 1, got {_fmt(self.n)}")
 
     def sample(self, key: Array) -> Array:
         return jnp.asarray(int(self.n), jnp.int32)
@@ -153,7 +153,7 @@ class Uniform(LoopDistribution):
 
     def validate(self) -> None:
         if not (1 <= self.a <= self.b and _integers(self.a, self.b)):
-            raise ValueError(f"uniform(a, b) needs integers 1 <= a <= b, got ({self.a}, {self.b})")
+            raise ValueError(f"uniform(a, b) needs integers 1 <= a <= b, got ({_fmt(self.a)}, {_fmt(self.b)})")
 
     def sample(self, key: Array) -> Array:
         return jax.random.randint(key, (), int(self.a), int(self.b) + 1, dtype=jnp.int32)

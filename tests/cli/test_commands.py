@@ -286,7 +286,7 @@ def test_text_run(text_run_dir, capsys):
         capsys.readouterr().err
     assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--count", "3"]) == 2  # was ignored
     assert "--count sets how many examples of a synthetic task are answered" in capsys.readouterr().err
-    for flag, value, message in (("--top-p", "0", "--top-p must be in (0, 1] (1 = every token), got 0.0"),
+    for flag, value, message in (("--top-p", "0", "--top-p must be in (0, 1] (1 = every token), got 0"),
                                  ("--top-k", "-1", "--top-k must be >= 0 (0 = every token), got -1")):
         # #27 pass 19: each was refused naming both flags ("--top-k must be >= 0 and --top-p in (0, 1]")
         assert main(["generate", "--run", str(text_run_dir), "--prompt", "In", "--temperature", "1", flag, value]) == 2

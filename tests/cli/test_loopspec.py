@@ -1,5 +1,7 @@
 """--loops parsing: grids, lists, ranges and the errors a user can make."""
 
+import re
+
 import pytest
 
 from loopformer.cli.loopspec import geometric_grid, parse_counts, parse_exits, parse_loops
@@ -149,3 +151,13 @@ def test_a_digit_of_another_script_is_refused_everywhere_a_number_is_read(parse,
     read = {"loops": LoopDistribution.parse, "cache": CachePolicy.parse, "exit": ExitRule.parse}[parse]
     with pytest.raises((ValueError, PlanError), match=r"is a digit of another script \(U\+[0-9A-F]{4}\); write ASCII "):
         read(text)
+
+
+@pytest.mark.parametrize("text, shown", [("fixed(0)", "got 0"), ("fixed(-0.0)", "got 0"), ("uniform(0, 3)", "got (0, 3)"),
+                                         ("fixed(2.5)", "got 2.5")])
+def test_a_loop_distribution_refused_shows_its_numbers_as_given(text, shown):
+    """#27 pass 40's leftover: `convert --loops fixed(0)` was "needs an integer n >= 1, got 0.0"."""
+    from loopformer.variants.loops import LoopDistribution
+
+    with pytest.raises(ValueError, match=rf", {re.escape(shown)}$"):
+        LoopDistribution.parse(text)

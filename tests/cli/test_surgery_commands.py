@@ -90,7 +90,7 @@ def test_rys_errors(plain_run, capsys):
 @pytest.mark.parametrize(("flags", "line"), [
     (["--name", ""], "error: --name: '' must be an identifier (letters, digits, _)"),
     (["--name", "a.b"], "error: --name: 'a.b' must be an identifier (letters, digits, _)"),  # pass 22
-    (["--loops", "fixed(0)"], "error: --loops: fixed(n) needs an integer n >= 1, got 0.0"),
+    (["--loops", "fixed(0)"], "error: --loops: fixed(n) needs an integer n >= 1, got 0"),
     (["--loops", "uniform(8, 16)", "--max-loops", "4"], "error: --max-loops=4 is below counts that loops=uniform(8, 16) "
      "draws (up to 16): they would be clamped to 4, silently changing the training distribution; raise max_loops to "
      ">= 16 or lower loops"),
