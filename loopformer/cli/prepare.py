@@ -40,7 +40,7 @@ def prepare_command(args: argparse.Namespace) -> int:
         if "." in key and key.split(".")[1] not in READS:  # data.seq_len: accepted and ignored
             raise ConfigError(f"{item}: prepare reads {', '.join(f'data.{k}' for k in READS)}; {key} is read when "
                               f"training on the prepared corpus, so here it would not be used; drop it")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, once=True)
     t0 = time.time()
     meta = prepare_corpus(cfg, args.out, force=args.force, chunk_tokens=args.chunk_tokens,
                           shard_tokens=args.shard_tokens, progress=True)

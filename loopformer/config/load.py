@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -260,35 +261,44 @@ def _string_leaves(value: Any) -> list[str]:
     return []
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> tuple[str | int, ...]:
     """Set ``a.b.0.c`` in a nested dict/list tree; a list of named items may be indexed by name
-    (``model.stages.0.circuits.X.eval_loops=16``)."""
+    (``model.stages.0.circuits.X.eval_loops=16``). Returns the path set, each list item by its index."""
     parts = dotted.split(".")
     node: Any = tree
+    path: list[str | int] = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
             # named items: circuits by name, mixture entries by name (which defaults to their task)
             names = [item.get("name") or item.get("task") for item in node if isinstance(item, dict)]
-            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            valid = f"0..{len(node) - 1}" + (f" or a name in {names}" if any(names) else "")
+            if re.fullmatch(r"-[0-9]+", part):  # `model.stages.-1` set the last stage, Python's way; an index that
+                # names a stage by two numbers (-1 and 0 of one stage) hid two overrides of one field (#27 pass 40's
+                # leftover)
+                raise ConfigError(f"override '{dotted}': '{where}' is a negative index; give {valid}")
+            # ASCII digits: '٠' was read as index 0 by int()
+            if re.fullmatch(r"[0-9]+", part) and int(part) < len(node):
                 idx = int(part)
             elif part in names:
                 idx = names.index(part)
             else:
-                raise ConfigError(f"override '{dotted}': '{where}' is not an index 0..{len(node) - 1}"
-                                  + (f" or a name in {names}" if any(names) else ""))
+                raise ConfigError(f"override '{dotted}': '{where}' is not an index {valid}")
+            path.append(idx)
             if last:
                 node[idx] = value
             else:
                 node = node[idx]
         elif isinstance(node, dict):
+            path.append(part)
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i])}' is a value, not a mapping")
+    return tuple(path)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -329,8 +339,12 @@ def repeated_override(overrides: Sequence[str]) -> str | None:
     return None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, then validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, once: bool = False) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then validate. With ``once`` (a user's own list), two
+    overrides of one field by other spellings (``circuits.X`` and ``circuits.0``, ``stages.0`` and ``stages.00``), or
+    one that replaces what an earlier one set (``model.stages.0.depth=3 model.stages=[...]``), are refused: the last
+    one won with no word (`repeated_override` sees the same spelling only). A script that layers its settings over
+    the user's leaves it off."""
     data: dict[str, Any] = Config().to_dict()
     if path is not None:
         p = Path(path)
@@ -360,8 +374,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, data, train, ...)")
         data = _merge(data, loaded)
+    done: list[tuple[tuple[str | int, ...], str]] = []
     for key, value in parse_overrides(overrides or []):
-        _set_path(data, key, value)
+        where = _set_path(data, key, value)
+        for path_set, earlier in done if once else ():
+            if where == path_set:
+                raise ConfigError(f"{earlier} and {key} both set {'.'.join(map(str, where))}; give it once (the last "
+                                  f"one would win with no word)")
+            if path_set[:len(where)] == where:
+                raise ConfigError(f"{key} replaces all of {'.'.join(map(str, where))}, and with it what {earlier} "
+                                  f"set before it (which would be lost with no word); give {earlier} after it, or "
+                                  f"drop one")
+        done.append((where, key))
     return config_from_dict(data)
 
 

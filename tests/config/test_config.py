@@ -277,3 +277,31 @@ def test_an_override_that_is_not_utf8_is_named(override):
     byte = next(f"\\x{b:02x}" for b in override if b >= 0x80)
     with pytest.raises(ConfigError, match=rf"^override '.*' holds the byte {re.escape(byte)}, which is not UTF-8 text"):
         load_config("configs/quickstart.yaml", [text])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # #27 pass 40's leftover: a negative index set the last stage, Python's way
+    (["model.stages.-1.circuits.0.depth=3"], r"^override 'model.stages.-1.circuits.0.depth': 'model.stages.-1' is a "
+                                             r"negative index; give 0..0$"),
+    (["model.stages.0.circuits.\u0660.depth=3"], r"'model.stages.0.circuits.\u0660' is not an index 0..1 or a name"),
+    # #27 pass 41: one field by two spellings (a name and an index, 0 and 00): the last one won with no word
+    (["model.stages.0.circuits.X.eval_loops=3", "model.stages.0.circuits.0.eval_loops=5"],
+     r"^model.stages.0.circuits.X.eval_loops and model.stages.0.circuits.0.eval_loops both set "
+     r"model.stages.0.circuits.0.eval_loops; give it once \(the last one would win with no word\)$"),
+    (["model.stages.0.circuits.0.depth=3", "model.stages.00.circuits.0.depth=4"], r"both set model.stages.0.circuits"),
+    # ... or a whole list or section after an override inside it, which it dropped
+    (["model.stages.0.circuits.X.eval_loops=3", "model.stages=[]"],
+     r"^model.stages replaces all of model.stages, and with it what model.stages.0.circuits.X.eval_loops set before "
+     r"it \(which would be lost with no word\); give model.stages.0.circuits.X.eval_loops after it, or drop one$"),
+    (["train.steps=7", "train={lr: 0.1}"], r"^train replaces all of train, and with it what train.steps set"),
+])
+def test_two_overrides_of_one_field_by_other_spellings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, overrides, once=True)
+
+
+def test_an_override_inside_a_list_given_after_the_list_is_kept():
+    cfg = load_config(QUICKSTART, ["data.eval_splits={a: [1, 2]}", "data.eval_splits.a=[1, 3]",
+                                                             "model.stages.0.circuits.X.eval_loops=3",
+                                                             "model.stages.0.circuits.Y.eval_loops=4"], once=True)
+    assert cfg.data.eval_splits == {"a": [1, 3]} and [c.eval_loops for c in cfg.model.circuits()] == [3, 4]
