@@ -265,6 +265,10 @@ def _refuse_text_flags(args: argparse.Namespace, info: Any) -> None:
     if why is not None and given:
         raise AnalysisError(f"{given} set(s) cached decoding, but this run's answers are recomputed ({why}); drop "
                             f"{given}")
+    why = _recomputed_why(info, args)
+    if args.no_cache and why is not None:  # accepted and changed nothing (#27 pass 40's leftover)
+        raise AnalysisError(f"--no-cache: this run's answers are recomputed in any case ({why}), so it would do "
+                            f"nothing; drop --no-cache")
 
 
 def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, settings: list[dict[str, int]]) -> None:
