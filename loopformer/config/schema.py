@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loopformer.errors import ConfigError, not_utf8, printable
 from loopformer.runs.layout import too_long
 from loopformer.variants.halting import HALTINGS, Halting
@@ -105,6 +107,19 @@ def _check_f32(value: float, key: str) -> None:
     blamed on train.lr)."""
     _check(not F32_MAX < abs(value) < math.inf, f"{key}={value:g} is past float32's largest number ({F32_MAX:.3g}) "
            f"and would be inf in training; lower it")
+
+
+def _check_in_f32(value: float, key: str, ok: Any, example: float) -> None:
+    """ConfigError for a ``value`` that ``ok`` accepts and that float32, the precision training computes in, rounds to
+    one it refuses: `train.lr=1e-320` is 0 (it trained nothing), `train.b2=0.9999999999999999` is 1 (the step was
+    10,000 times too small), `model.init_std=5e-324` is 0 (a model of zeros), `train.grad_clip=5e-324` clipped every
+    gradient to 0 (#27 pass 41)."""
+    if not (isinstance(value, int | float) and ok(value)):
+        return
+    with np.errstate(over="ignore", under="ignore"):
+        held = float(np.float32(value))
+    _check(ok(held), f"{key}={value!r} is {held:g} in float32, the precision training computes in, where {key} cannot "
+           f"be {held:g}; give a value float32 holds, e.g. {key}={example}")
 
 
 def _check_weights(cfg: Any, names: tuple[str, ...], path: str) -> None:
@@ -456,6 +471,8 @@ class ModelConfig:
         # whose every gradient is zero
         _check(0 < m.init_std <= 1, f"model.init_std (the weights' initial standard deviation) must be in (0, 1], "
                f"e.g. 0.02, got {m.init_std}")
+        _check_in_f32(m.init_std, "model.init_std", lambda v: 0 < v <= 1, 0.02)
+        _check_in_f32(m.norm_eps, "model.norm_eps", lambda v: 0 < v < math.inf, 1e-6)
         _check(1 < m.rope_base < math.inf, f"model.rope_base must be a finite number > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
         _check((m.d_model // m.heads) % 2 == 0,
@@ -811,6 +828,7 @@ class TrainConfig:
                    f"is a 32-bit integer), got {getattr(t, key)}")
         _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
         _check(0 < t.lr < math.inf, f"train.lr must be a finite number > 0, got {t.lr}")
+        _check_in_f32(t.lr, "train.lr", lambda v: 0 < v < math.inf, 1e-3)
         # AdamW's settings: out of range they train a NaN at the first step, blamed on train.lr, or (a negative
         # decay) grow the weights without a word
         _check(0 <= t.weight_decay < math.inf, f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
@@ -818,6 +836,7 @@ class TrainConfig:
         for key in ("b1", "b2"):
             _check(0 <= getattr(t, key) < 1, f"train.{key} (AdamW's moment decay) must be in [0, 1), e.g. "
                    f"{getattr(TrainConfig, key)}, got {getattr(t, key)}")
+            _check_in_f32(getattr(t, key), f"train.{key}", lambda v: 0 <= v < 1, getattr(TrainConfig, key))
         _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
         _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
@@ -827,6 +846,8 @@ class TrainConfig:
             _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0: no evaluation while training), got {t.eval_every}")
         _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+        if t.grad_clip > 0:  # (0 disables clipping; a clip that is 0 in float32 zeroed every gradient)
+            _check_in_f32(t.grad_clip, "train.grad_clip", lambda v: v > 0, 1.0)
         _check(t.ema == 0 or 0 < t.ema < 1, f"train.ema (the decay of the EMA weights) must be in (0, 1), e.g. "
                f"train.ema=0.999, or 0 to turn it off; got {t.ema}")
         _check(0 <= t.progressive <= 1, f"train.progressive (alpha of the progressive loss) must be in [0, 1], "

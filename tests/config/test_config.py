@@ -77,6 +77,15 @@ BAD = [
     (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full attention\) or 1..2,147,483,647 tokens"),
     (["model.window=-2"], r"model.window must be 0"),
     (["eval.sweep_circuits=[Z]"], r"eval.sweep_circuits: 'Z' is not a circuit; circuits are X, Y"),
+    # #27 pass 41: numbers float32 (training's precision) rounds to a refused value: lr 0 trained nothing, b2 1 made
+    # each step 10,000 times too small, a clip of 0 zeroed every gradient, init_std 0 was a model of zeros
+    (["train.lr=1e-320"], r"^train.lr=1e-320 is 0 in float32, the precision training computes in, where train.lr "
+                          r"cannot be 0; give a value float32 holds, e.g. train.lr=0.001$"),
+    (["train.lr=1e308"], r"^train.lr=1e\+308 is inf in float32"),
+    (["train.b2=0.9999999999999999"], r"^train.b2=0.9999999999999999 is 1 in float32, .*e.g. train.b2=0.95$"),
+    (["train.grad_clip=5e-324"], r"^train.grad_clip=5e-324 is 0 in float32"),
+    (["model.init_std=5e-324"], r"^model.init_std=5e-324 is 0 in float32"),
+    (["model.norm_eps=1e-50"], r"^model.norm_eps=1e-50 is 0 in float32"),
     (["model.stages.0.circuits.X.loops=uniform(8, 2)"], r"circuits.X.loops: uniform\(a, b\) needs"),
     (["model.stages.0.circuits.X.loops=many"], r"circuits.X.loops: 'many' is not a loop distribution"),
     (["model.stages.0.circuits.X.inject=mul"], r"circuits.X.inject: 'mul' is not one of add, concat, none"),
