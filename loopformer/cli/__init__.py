@@ -197,6 +197,9 @@ def check_platforms() -> None:
     if distributed_request() is not None:  # a multi-process run: the backend may start only after the trainer's
         return  # jax.distributed.initialize (parallel.initialize_distributed), so it is not started here
 
+    problem = xla_flags_refused(flags)
+    if problem:
+        raise ConfigError(problem)
     try:
         jax.devices()
     except Exception as e:  # RuntimeError; an AssertionError inside JAX for `cuda` without its plugin
@@ -208,6 +211,34 @@ def check_platforms() -> None:
         raise ConfigError(f"JAX_PLATFORMS={platforms!r}: JAX cannot start it on this machine ({why}); unset "
                           f"JAX_PLATFORMS to use what the machine has (or name one it has, e.g. JAX_PLATFORMS=cpu)"
                           ) from None
+
+
+_FLAGS_READ: set[str] = set()  # XLA_FLAGS values a child process has started XLA with (`xla_flags_refused`)
+
+
+def xla_flags_refused(flags: str) -> str | None:
+    """The line for ``XLA_FLAGS`` that XLA cannot parse (an unknown flag, a value of the wrong kind, a word without
+    ``--``, which it opens as a file), or None. XLA reads them as its backend starts and, on such flags, aborts the
+    process from C++: one "F... Unknown flag" line, or its 90-line flag list, status 1, no `error:` (#27 pass 41).
+    So a child process starts XLA's CPU backend with them first (about 2 s, once per process and value, only where
+    XLA_FLAGS is set and the backend is not started yet)."""
+    from jax._src import xla_bridge
+
+    if not flags or flags in _FLAGS_READ or xla_bridge.backends_are_initialized():
+        return None
+    import subprocess
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the flags are parsed the same by every backend
+    done = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                          text=True, errors="replace", timeout=600)
+    if done.returncode == 0:
+        _FLAGS_READ.add(flags)
+        return None
+    said = [m.group(2) for m in re.finditer(r"^([EF])\d{4} [\d:.]+\s+\d+ [^\]]+\] (.*)$", done.stderr, re.M)]
+    if not said:  # another failure (the check below names what it can)
+        return None
+    why = said[0].split(" (We assumed")[0]
+    return f"XLA_FLAGS={flags!r}: XLA refuses it ({why}); fix or unset XLA_FLAGS"
 
 
 def _drop_stdout() -> None:

@@ -489,6 +489,7 @@ def test_as_a_script_no_traceback(name, argv, message):
     ({"JAX_ENABLE_X64": "maybe"}, "error: JAX_ENABLE_X64='maybe': JAX refuses it ("),
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=0"}, "error: XLA_FLAGS='--xla_force_host_platform_device_"
                                                                 "count=0': JAX cannot start its backend"),
+    ({"XLA_FLAGS": "garbage"}, "error: XLA_FLAGS='garbage': XLA refuses it (Could not open file \"garbage\""),  # pass 41
 ])
 def test_a_jax_variable_jax_refuses_is_one_line_in_a_bench_script(env, message):
     """#27 pass 23: a ValueError traceback through `import jax`, or a RuntimeError one from the first JAX call."""
