@@ -23,6 +23,7 @@ from loopformer.cli import (  # noqa: E402
     Parser,
     check_platforms,
     cwd_gone,
+    home_from_passwd,
     jax_variable_refused,
     on_signal,
     single_flags,
@@ -54,6 +55,8 @@ from loopformer.runs.layout import (  # noqa: E402
     unreachable,
 )
 from loopformer.runs.stop import Terminated  # noqa: E402
+
+home_from_passwd()  # an empty or relative HOME made `--out ~/x` a folder at / (#27 pass 41)
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
 SIZES: dict[str, dict[str, Any]] = {

@@ -260,11 +260,22 @@ def _end_process(code: int) -> None:
     os._exit(code)
 
 
+def home_from_passwd() -> None:
+    """Drop a ``HOME`` that names no home directory (empty, or relative): `~` in a path (``run.dir=~/runs``,
+    ``--out ~/x``) then reads the user's home from the password database, as where HOME is unset. An empty HOME made
+    `~/x` the folder ``/x`` at the root of the file system, and a relative one a folder under the current directory,
+    with no word (#27 pass 41)."""
+    home = os.environ.get("HOME")
+    if home is not None and not os.path.isabs(home):
+        del os.environ["HOME"]
+
+
 def _main(argv: list[str] | None) -> int:
     # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C, so that a command's cleanup runs (temporary
     # folders removed, checkpoints finished, locks released) instead of the process vanishing mid-write. Installed
     # before the imports: a Ctrl-C there that JAX's gc callback swallowed let the command run to the end (status 0).
     stop.clear()
+    home_from_passwd()
     if sys.stdout is None:  # started with stdout closed (`>&-`): every print would be dropped, and the status 0
         if sys.stderr is not None:
             print("error: standard output is closed (`>&-`), so the command's tables, JSON and log would be lost; "

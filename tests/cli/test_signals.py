@@ -171,3 +171,21 @@ def test_a_jax_variable_jax_refuses_is_one_line(tmp_path, env, start):
                            f"run.dir={tmp_path}", "run.name=r"], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and done.stderr.startswith(start) and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("home", ["", "relative/home"])
+def test_a_home_that_names_no_home_directory_is_not_read_for_a_tilde(monkeypatch, home):
+    """#27 pass 41: with HOME='' `run.dir=~/x` trained into /x, at the root of the file system (and a relative HOME
+    under the current directory), with no word; `~` then reads the user's home from the password database."""
+    import pwd
+    from pathlib import Path
+
+    from loopformer.cli import home_from_passwd
+
+    monkeypatch.setenv("HOME", home)
+    home_from_passwd()
+    assert "HOME" not in os.environ
+    assert Path("~/x").expanduser() == Path(pwd.getpwuid(os.getuid()).pw_dir) / "x"
+    monkeypatch.setenv("HOME", "/somewhere")
+    home_from_passwd()
+    assert os.environ["HOME"] == "/somewhere"
