@@ -258,6 +258,9 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
     check_sizes(chunk_tokens, shard_tokens)
     out = Path(out).expanduser()
     outside_runs(out)  # in a run's checkpoints/ the corpus was read as a corrupt step, and pruned with them
+    problem = unwritable_target(out, "corpus", "corpus")  # before the lock beside it: a name past 255 bytes was
+    if problem:  # "cannot write to PARENT (File name too long); choose a writable --out" (#27 pass 41)
+        raise DataError(problem)
     try:
         outer = next((p for p in out.resolve().parents if is_prepared(p)), None)
     except (OSError, RuntimeError):  # a symlink loop: `unwritable_target` names it
