@@ -86,6 +86,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             pass
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
+    if tp is str and (value is None or isinstance(value, bool)):  # `run.name=yes` was "expected str, got True"
+        word = next((w for w in ("null", "true", "false") if str(value).lower() in (w, "none")), str(value))
+        raise ConfigError(f"{path}: expected text, got {word}, which YAML reads as a value (from null, ~, true, yes, "
+                          f"on, false, no, off); quote it to use it as text, e.g. {path}='\"{word}\"'")
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}")
     return value
@@ -141,15 +145,18 @@ class _StrictLoader(UniqueKeyLoader):
 
 class _Spelled(str):
     """A YAML number written in a form that ``str`` does not give back (``010`` is 8, ``12:30:00`` 45000, ``0x1F``,
-    ``1_000``, ``.inf``): its text, read as text by a string field (run.name=010 named the run 8), and the number."""
+    ``1_000``, ``.inf``), or a date (``2024-01-01``): its text, read as text by a string field (run.name=010 named the
+    run 8), and the value YAML reads."""
 
     number: int | float
 
 
 def _number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    read = yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else yaml.SafeLoader.construct_yaml_float
+    read = (yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else
+            yaml.SafeLoader.construct_yaml_timestamp if node.tag.endswith(":timestamp") else
+            yaml.SafeLoader.construct_yaml_float)
     value = read(loader, node)
-    if node.value == str(value):
+    if node.value == str(value) and not node.tag.endswith(":timestamp"):
         return value
     spelled = _Spelled(node.value)
     spelled.number = value
@@ -167,6 +174,8 @@ def _numbers(value: Any) -> Any:
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _number)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _number)
+# a date or time (run.name=2024-01-01) was refused as "expected str, got datetime.date(2024, 1, 1)" (#27 pass 41)
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _number)
 
 
 MAX_YAML_VALUES = 100_000  # a config holds hundreds; aliases (*a) can repeat a node far past any real one

@@ -154,7 +154,9 @@ def test_a_blank_override_value_is_kept_as_given():
     assert load_config("configs/text_bytes.yaml", ["data.doc_separator=\t"]).data.doc_separator == "\t"
 
 
-@pytest.mark.parametrize("text", ["010", "0x1F", "12:30:00", "1_000", "+5", "1.50", ".inf"])
+# a date (#27 pass 41): "run.name: expected str, got datetime.date(2024, 1, 1)"
+@pytest.mark.parametrize("text", ["010", "0x1F", "12:30:00", "1_000", "+5", "1.50", ".inf", "2024-01-01",
+                                  "2024-01-01T10:00:00"])
 def test_a_name_written_as_an_odd_number_is_kept_as_written(tmp_path, text):
     """#27 pass 14: YAML 1.1 reads 010 as 8, 12:30:00 as 45000 and 1_000 as 1000, so run.name=010 trained into runs/8
     (and a split named 010 was "8"); a string field now keeps the text, a number field the number."""
@@ -166,6 +168,14 @@ def test_a_name_written_as_an_odd_number_is_kept_as_written(tmp_path, text):
     assert (cfg.run.name, cfg.seed, cfg.train.steps, cfg.eval.sweep_loops) == (text, 16, 1000, [8, 750])
     assert load_config(path, ["data.task_args={width: 0x10}"]).data.task_args == {"width": 16}
     assert yaml.safe_load(cfg.to_yaml())["run"]["name"] == text  # saved quoted: the run reads back its own name
+
+
+@pytest.mark.parametrize("text, word", [("yes", "true"), ("off", "false"), ("~", "null")])
+def test_a_name_that_yaml_reads_as_a_value_says_to_quote_it(text, word):
+    """#27 pass 41: `run.name=yes` was "run.name: expected str, got True", with no word of the fix."""
+    with pytest.raises(ConfigError, match=rf"^run.name: expected text, got {word}, which YAML reads as a value .*; "
+                                          rf"quote it to use it as text, e.g. run.name='\"{word}\"'$"):
+        load_config(QUICKSTART, [f"run.name={text}"])
 
 
 def test_missing_and_malformed_files(tmp_path):
