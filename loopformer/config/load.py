@@ -127,8 +127,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        merges = 0
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys are the defaults the others override
+                merges += 1
+                line = key_node.start_mark.line + 1
+                if merges > 1:  # both were merged, the last one's keys winning, with no word (#27 pass 41)
+                    raise DuplicateKey(f"the merge key '<<' is given twice in one mapping (line {line}); merge "
+                                       f"several mappings with one key, <<: [*a, *b]")
+                self._merged_once(value_node, line)
                 continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
@@ -137,6 +144,26 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     raise DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
                 seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+    def _merged_once(self, value_node: yaml.Node, line: int) -> None:
+        """DuplicateKey for a key that two of the mappings a ``<<: [*a, *b]`` merges both give: YAML says the
+        earlier wins, and PyYAML let the later one win, with no word (#27 pass 41)."""
+        if not isinstance(value_node, yaml.SequenceNode):
+            return
+        where: dict[Any, int] = {}
+        for sub in value_node.value:
+            if not isinstance(sub, yaml.MappingNode):
+                continue  # PyYAML names it ("expected a mapping for merging")
+            for key_node, _ in sub.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                if key in where:
+                    raise DuplicateKey(f"key '{key}' is given by two of the mappings merged at line {line} (lines "
+                                       f"{where[key]} and {key_node.start_mark.line + 1}), and YAML readers differ "
+                                       f"on which wins; keep it in one")
+                where[key] = key_node.start_mark.line + 1
 
 
 class _StrictLoader(UniqueKeyLoader):
