@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,6 +510,13 @@ class ModelConfig:
                 p = f"model.stages.{s}.circuits.{c.name if c.name.isidentifier() else i}"
                 c.validate(p)
                 _check(c.name not in seen, f"{p}.name: circuit name '{c.name}' is used twice; names must be unique")
+                # two names that read the same (é as U+00E9 and as e + U+0301, Ｘ and X) were two circuits, and a flag
+                # naming one picked it by its code points (#27 pass 41)
+                twin = next((n for n in seen if unicodedata.normalize("NFKC", n)
+                             == unicodedata.normalize("NFKC", c.name)), None)
+                _check(twin is None, f"{p}.name: circuit name '{c.name}' reads as circuit {twin}'s (the same letters "
+                       f"in another Unicode form), so a flag or setting naming one could not be told from the other; "
+                       f"rename one")
                 seen.add(c.name)
             stage.router.validate(f"model.stages.{s}.router")
             rounds = max(c.max_loops for c in stage.circuits)

@@ -161,3 +161,13 @@ def test_a_loop_distribution_refused_shows_its_numbers_as_given(text, shown):
 
     with pytest.raises(ValueError, match=rf", {re.escape(shown)}$"):
         LoopDistribution.parse(text)
+
+
+def test_a_circuit_named_in_another_unicode_form_is_told_apart():
+    """#27 pass 41: "unknown circuit 'é' in --loops é=3; this run's circuits are é" named no difference (é typed as
+    U+00E9, the run's as e + U+0301)."""
+    with pytest.raises(PlanError, match=r"this run's circuits are e\u0301, Y, and '\u00e9' \(U\+00E9\) is circuit "
+                                        r"e\u0301 \(e U\+0301\) in another Unicode form: type it as the run writes it"):
+        parse_loops(["\u00e9=3"], ["e\u0301", "Y"], grid=False)
+    with pytest.raises(PlanError, match=r"^unknown circuit 'Z' in --loops Z=3; this run's circuits are X, Y$"):
+        parse_loops(["Z=3"], ["X", "Y"], grid=False)

@@ -77,6 +77,9 @@ BAD = [
     (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full attention\) or 1..2,147,483,647 tokens"),
     (["model.window=-2"], r"model.window must be 0"),
     (["eval.sweep_circuits=[Z]"], r"eval.sweep_circuits: 'Z' is not a circuit; circuits are X, Y"),
+    # #27 pass 41: two circuits whose names read the same (another Unicode form) were two circuits
+    (["model.stages.0.circuits.0.name=\uff38", "model.stages.0.circuits.1.name=X"],
+     r"circuits.X.name: circuit name 'X' reads as circuit \uff38's \(the same letters in another Unicode form\)"),
     # #27 pass 41: numbers float32 (training's precision) rounds to a refused value: lr 0 trained nothing, b2 1 made
     # each step 10,000 times too small, a clip of 0 zeroed every gradient, init_std 0 was a model of zeros
     (["train.lr=1e-320"], r"^train.lr=1e-320 is 0 in float32, the precision training computes in, where train.lr "
