@@ -182,6 +182,10 @@ CASES = [
     # a folder to read that is a file: its runs were looked for under it, and the fix said to train into it
     ("addition_places", ["--runs", str(BENCH / "_common.py")],
      "argument --runs: " + str(BENCH / "_common.py") + " is a file, not a directory; name the folder that holds"),
+    # #27 pass 41: a cap past the loop limit ran for hours (past SIGTERM: one compiled call), and one run named two ways
+    # was scored and reported twice
+    ("router_rooms", ["--runs", str(BENCH), "--cap", "10001"], "--cap 10001: at most 10,000 (the loop limit)"),
+    ("router_rooms", ["--runs", str(BENCH), str(BENCH / ".." / "bench")], f"--runs names {BENCH.resolve()} twice"),
 ]
 
 
