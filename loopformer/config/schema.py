@@ -1053,6 +1053,15 @@ class Config:
             name, W = self.iteration_window()
             i = self.model.stage_of(name)
             router = self.model.stages[i].router
+            # a window past the iterations that can run read nothing more, and kept the logits after each of its W
+            # (train.iteration_loss=5000 on a routed stage of 16 rounds: a 126 GB out-of-memory traceback; #27 pass 41)
+            cap = max(c.max_loops for c in self.model.stages[i].circuits) if router.routes else \
+                self.model.circuit(name).max_loops
+            what = f"circuit {name}'s routed stage runs at most {cap} rounds" if router.routes else \
+                f"circuit {name} runs at most {cap} iterations"
+            _check(cap >= W, f"train.iteration_loss={W}: {what} ({self.model.circuit_field(name, 'max_loops')}), so "
+                   f"a window past them reads nothing more, and keeps the logits after each of its {W}; use "
+                   f"train.iteration_loss<={cap}")
             if router.routes:  # a routed bank's last W rounds: its router's truncation, per token (0: every round)
                 k, where = router.backprop or W, f"model.stages.{i}.router.backprop"
                 _check(k >= W, f"train.iteration_loss={W}: the window must lie in the rounds with gradient of circuit "

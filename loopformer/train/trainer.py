@@ -359,6 +359,17 @@ def _check_attention_fits(cfg: Config, source: DataSource, mesh: jax.sharding.Me
                           f"{scores_bytes(rows, seq_len, heads) / 2**30:,.0f} GiB, more than half of this machine's "
                           f"{memory_bytes() / 2**30:.0f} GiB; at {seq_len:,} tokens ({length}) at most {total:,} fit: "
                           f"lower {what}{accum}")
+    window = cfg.iteration_window()
+    if window:  # the logits after each of the window's W iterations, with their softmax and gradient: an
+        # out-of-memory traceback at the first step (#27 pass 41)
+        W, vocab = window[1], source.vocab_size
+        need = 3 * 4 * W * micro * source.seq_len * vocab
+        if need > memory_bytes() // 2:
+            fit = max(memory_bytes() // 2 // (3 * 4 * micro * source.seq_len * vocab), 0)
+            raise ConfigError(f"train.iteration_loss={W}: the logits after each of the last {W} iterations ({micro:,} "
+                              f"rows of {source.seq_len:,} tokens over a vocabulary of {vocab:,}) need about "
+                              f"{need / 2**30:,.0f} GiB, more than half of this machine's {memory_bytes() / 2**30:.0f} "
+                              f"GiB; at most {fit:,} fit: lower train.iteration_loss (or data.batch_size)")
 
 
 @dataclass

@@ -77,6 +77,10 @@ BAD = [
     (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full attention\) or 1..2,147,483,647 tokens"),
     (["model.window=-2"], r"model.window must be 0"),
     (["eval.sweep_circuits=[Z]"], r"eval.sweep_circuits: 'Z' is not a circuit; circuits are X, Y"),
+    # #27 pass 41: a window past the iterations that run (a 126 GB out-of-memory traceback on a routed stage)
+    (["train.iteration_loss=30", "model.stages.0.circuits.X.backprop=40"],
+     r"^train.iteration_loss=30: circuit X runs at most 20 iterations \(model.stages.0.circuits.X.max_loops\), so a "
+     r"window past them reads nothing more, and keeps the logits after each of its 30; use train.iteration_loss<=20$"),
     # #27 pass 41: two circuits whose names read the same (another Unicode form) were two circuits
     (["model.stages.0.circuits.0.name=\uff38", "model.stages.0.circuits.1.name=X"],
      r"circuits.X.name: circuit name 'X' reads as circuit \uff38's \(the same letters in another Unicode form\)"),
