@@ -49,7 +49,9 @@ def _bytes_escape(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error(BYTES, _bytes_escape)
 
 
-DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"  # hyphens, en and em dashes, minus: a flag pasted from a page
+# hyphens, en and em dashes, minus, and the full-width and small hyphen-minus of a CJK input method (`－－loops` was
+# read as a second value of the flag before it, #27 pass 41): a flag pasted from a page
+DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\uff0d\ufe63"
 
 
 def plain_flag(flag: str) -> str:

@@ -50,12 +50,25 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     second = _second_value(extra, parsers[command], argv)
     if second:
         return f"{line} ({second}; see loopformer {command} --help)"
+    # a flag joined to its value by a space that is no separator (`--loops\u00a0X=2`, a no-break space pasted from a
+    # page): "did you mean --loops?" named the flag typed (#27 pass 41)
+    joined = next((e for e in extra if e[:1] in "-" + DASHES and _ODD_SPACE.search(e)), None)
+    if joined is not None:
+        odd = _ODD_SPACE.search(joined).group(0)
+        plain = " ".join(p for p in _ODD_SPACE.split(joined) if p)
+        return (f"{line} ({plain_flag(plain.split()[0])} is joined to what follows by U+{ord(odd):04X}, a space that "
+                f"does not separate arguments; type a plain space: {plain}; see loopformer {command} --help)")
     # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
     typed = next((e.split("=")[0] for e in extra if e[:1] and e[:1] in "-" + DASHES and e != "--"), None)
     flag = None if typed is None else plain_flag(typed)
+    mine = sorted(o for a in parsers[command]._actions for o in a.option_strings)  # noqa: SLF001
+    if flag == typed and flag in mine and "--" in extra:
+        # after `--`, which ends the flags, argparse reads a flag as a value: the line said this command "takes no
+        # --loops" (#27 pass 41)
+        return (f"{line} ({flag} comes after `--`, which ends the flags (what follows is read as values); drop the "
+                f"`--`; see loopformer {command} --help)")
     # a flag of this command typed with a typographic dash, one dash, in capitals or a letter off (`—loops` pasted
     # from a page, `-loops`, `--Loops`, `--splits`): the line named none (#27 pass 40)
-    mine = sorted(o for a in parsers[command]._actions for o in a.option_strings)  # noqa: SLF001
     if flag != typed and flag in mine:
         return f"{line} (did you mean {flag}? see loopformer {command} --help)"
     # sorted: the parsers' order is the order the commands' modules were first imported in, which tests change
@@ -75,6 +88,9 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     elif own:
         line += f" (did you mean {' or '.join(own)}? see loopformer {command} --help)"
     return line
+
+
+_ODD_SPACE = re.compile(r"[^\S ]|[\u200b-\u200d\u2060\ufeff]")  # a space other than ' ' (a tab, U+00A0), or a zero width
 
 
 def _second_value(extra: list[str], parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:

@@ -368,6 +368,16 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
      "you mean --examples? see loopformer eval --help)"),
     (["eval", "--run", "runs/x", "\u2013c", "x.yaml"], "loopformer eval: error: unrecognized arguments: \u2013c x.yaml "
      "(loopformer eval takes no -c; prepare, train take it: see loopformer eval --help)"),
+    # #27 pass 41: a full-width dash (a CJK input method) was read as a second value of the flag before it; a flag
+    # after `--` was one this command "takes no"; a flag joined to its value by a no-break space "did you mean" itself
+    (["eval", "--run", "runs/x", "--examples", "8", "\uff0d\uff0dloops", "X=2"], "loopformer eval: error: unrecognized "
+     "arguments: \uff0d\uff0dloops X=2 (did you mean --loops? see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--", "--loops", "X=2"], "loopformer eval: error: unrecognized arguments: -- --loops "
+     "X=2 (--loops comes after `--`, which ends the flags (what follows is read as values); drop the `--`; see "
+     "loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--loops\u00a0X=2"], "loopformer eval: error: unrecognized arguments: --loops\u00a0X=2 "
+     "(--loops is joined to what follows by U+00A0, a space that does not separate arguments; type a plain space: "
+     "--loops X=2; see loopformer eval --help)"),
     # #27 pass 40's leftover: Python's int() and float() read any script's digits (`--max-loops ٣` was 3)
     (["eval", "--run", "runs/x", "--max-loops", "\u0663"], "loopformer eval: error: argument --max-loops: '\u0663' is a "
      "digit of another script (U+0663); write ASCII digits 0-9"),
