@@ -837,6 +837,12 @@ def main() -> int:
     if args.variant_loops == "full" and "halting" in models:
         p.error("--variant-loops full trains the router with the looped model's loss at each of its last iterations, "
                 "which a halting head replaces with its own; drop halting from --models (e.g. --models looped,router)")
+    same = [n for n in names if n != "text" and recipe_loops(n, "full") == recipe_loops(n, "recipe")]
+    if args.variant_loops == "full" and same:  # it trained the recipe's router again, as a "_full" run and record
+        # whose variant_loops equal the recipe's (#27 pass 41)
+        p.error(f"--variant-loops full adds the looped model's loss at each of its last iterations, which the recipe "
+                f"of {', '.join(same)} does not use, so its router would train as --variant-loops recipe trains it; "
+                f"drop {'it' if len(same) == 1 else 'them'} from --tasks, or use --variant-loops recipe")
     if args.variant_loops == "config" and {"router", "router_config"} <= set(models):
         p.error("--models router,router_config with --variant-loops config trains one router twice (router_config is "
                 "the router with its config's loops); drop router_config, or --variant-loops config")

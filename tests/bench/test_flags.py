@@ -184,6 +184,10 @@ CASES = [
      "argument --runs: " + str(BENCH / "_common.py") + " is a file, not a directory; name the folder that holds"),
     # #27 pass 41: a cap past the loop limit ran for hours (past SIGTERM: one compiled call), and one run named two ways
     # was scored and reported twice
+    # #27 pass 41: it trained prefix_parity's router as the recipe does, as a "_full" run and record
+    ("adaptive", ["--tasks", "prefix_parity,maze3", "--models", "looped,router", "--variant-loops", "full"],
+     "--variant-loops full adds the looped model's loss at each of its last iterations, which the recipe of "
+     "prefix_parity does not use, so its router would train as --variant-loops recipe trains it; drop it from --tasks"),
     ("router_rooms", ["--runs", str(BENCH), "--cap", "10001"], "--cap 10001: at most 10,000 (the loop limit)"),
     ("router_rooms", ["--runs", str(BENCH), str(BENCH / ".." / "bench")], f"--runs names {BENCH.resolve()} twice"),
 ]
