@@ -23,6 +23,7 @@ from loopformer.cli import (  # noqa: E402
     Parser,
     check_platforms,
     cwd_gone,
+    home_from_passwd,
     jax_variable_refused,
     on_signal,
     single_flags,
@@ -41,7 +42,7 @@ import numpy as np  # noqa: E402
 from loopformer import jsontext  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
-from loopformer.errors import BYTES, AnalysisError, LoopformerError, not_utf8, printable  # noqa: E402
+from loopformer.errors import BYTES, AnalysisError, LoopformerError, foreign_digit, not_utf8, printable  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
@@ -54,6 +55,8 @@ from loopformer.runs.layout import (  # noqa: E402
     unreachable,
 )
 from loopformer.runs.stop import Terminated  # noqa: E402
+
+home_from_passwd()  # an empty or relative HOME made `--out ~/x` a folder at / (#27 pass 41)
 
 # Model presets: d_model, heads, vocab, sequence length, batch, loop count n, dtype, CPU matmul size.
 SIZES: dict[str, dict[str, Any]] = {
@@ -261,6 +264,8 @@ def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1,
     """A comma-separated list of distinct whole numbers >= ``minimum`` (``--loops 4,8,16``) and, with ``maximum``
     (value, why), at most that; anything else, an empty list or a number given twice (measured and reported twice)
     included, is argparse's one error line naming the flag (exit 2)."""
+    if foreign_digit(text):  # int('٣') is 3 (#27 pass 40's leftover)
+        p.error(f"{flag} '{printable(text)}': {foreign_digit(text)}")
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:

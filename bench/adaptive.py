@@ -851,6 +851,13 @@ def main() -> int:
         p.error(f"--variant-loops {args.variant_loops} trains the router with the looped model's loss at each of its "
                 "last iterations, which a halting head replaces with its own; drop halting from --models (e.g. "
                 "--models looped,router)")
+    same = [n for n in names if n != "text" and recipe_loops(n, "full") == recipe_loops(n, "recipe")]
+    if args.variant_loops in WINDOWED and same:  # full trained the recipe's router again, as a "_full" run and record
+        # whose variant_loops equal the recipe's (#27 pass 41); own's window would be refused with no loss to read
+        p.error(f"--variant-loops {args.variant_loops} adds the looped model's loss at each of its last iterations, "
+                f"which the recipe of {', '.join(same)} does not use, so its router would train as --variant-loops "
+                f"recipe trains it; drop {'it' if len(same) == 1 else 'them'} from --tasks, or use --variant-loops "
+                f"recipe")
     if args.variant_loops == "config" and {"router", "router_config"} <= set(models):
         p.error("--models router,router_config with --variant-loops config trains one router twice (router_config is "
                 "the router with its config's loops); drop router_config, or --variant-loops config")

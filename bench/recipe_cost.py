@@ -35,7 +35,7 @@ from loopformer.train.step import StepSettings, init_state, make_train_step  # n
 
 def _stepper(config: str, overrides: list[str]):
     """(the jitted train step, its initial state, the config's batches) for ``config`` with ``overrides``."""
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, once=True)
     data = build_data(cfg)
     graphdef, params = nnx.split(make_model(cfg, data))
     tx = make_optimizer(cfg.train)

@@ -31,6 +31,7 @@ import numpy as np
 
 from loopformer.data.sources import build_data
 from loopformer.evaluation.evaluator import evaluator_for
+from loopformer.model.plan import MAX_LOOPS
 from loopformer.runs.read import load_run_config
 from loopformer.runs.restore import restore_params
 
@@ -118,8 +119,10 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = p.parse_args()
     C.at_least(p, args, {"--cap": 1, "--examples": 1})
-    C.at_most(p, args, {"--examples": C.EXAMPLES})
-    C.once(p, "--runs", [str(r) for r in args.runs])
+    # a cap past the loop limit ran for hours, past SIGTERM (one compiled call); a run named two ways (mr, ./mr) was
+    # scored and reported twice (#27 pass 41)
+    C.at_most(p, args, {"--examples": C.EXAMPLES, "--cap": (MAX_LOOPS, "the loop limit")})
+    C.once(p, "--runs", [str(r.resolve()) for r in args.runs])
     difficulties = A.think_longer.TASKS["maze3"].splits
     if args.difficulty not in difficulties:
         p.error(f"--difficulty {args.difficulty}: choose from {', '.join(difficulties)}")

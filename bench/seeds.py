@@ -33,7 +33,7 @@ from loopformer.train.trainer import train  # noqa: E402
 
 def seed_configs(config: str, seeds: int, out: Path, overrides: list[str]) -> list:
     """The run config of every seed (run ``<run.name>-seed<s>`` under ``out``)."""
-    base = load_config(config, overrides)
+    base = load_config(config, overrides, once=True)
     return [load_config(config, [*overrides, f"seed={seed}", f"run.dir={out}", f"run.name={base.run.name}-seed{seed}"])
             for seed in range(seeds)]
 

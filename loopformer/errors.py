@@ -23,6 +23,16 @@ def not_utf8(text: str) -> str | None:
     return None if bad is None else f"\\x{ord(bad) - 0xDC00:02x}"
 
 
+def foreign_digit(text: str) -> str | None:
+    """The phrase for the first digit of ``text`` that is not ASCII (``'٣' is a digit of another script (U+0663); ...``), or
+    None: Python's int() and float() read ``٣`` or ``３`` as 3, where a flag's number is meant to be written in 0-9
+    (#27 pass 40's leftover: `--loops X=٣` ran 3 loops)."""
+    bad = next((c for c in text if c.isdigit() and not "0" <= c <= "9"), None)
+    if bad is None:
+        return None
+    return f"'{bad}' is a digit of another script (U+{ord(bad):04X}); write ASCII digits 0-9"
+
+
 BYTES = "loopformer.bytes"  # a codec error handler: ``printable``'s escapes for a stream (`cli._escape_unencodable`)
 
 
@@ -39,7 +49,9 @@ def _bytes_escape(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error(BYTES, _bytes_escape)
 
 
-DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"  # hyphens, en and em dashes, minus: a flag pasted from a page
+# hyphens, en and em dashes, minus, and the full-width and small hyphen-minus of a CJK input method (`－－loops` was
+# read as a second value of the flag before it, #27 pass 41): a flag pasted from a page
+DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\uff0d\ufe63"
 
 
 def plain_flag(flag: str) -> str:

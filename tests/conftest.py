@@ -48,6 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
             "--xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = f"{FAST_XLA} {os.environ.get('XLA_FLAGS', '')}".strip()  # flags you set come later and win
+# the commands the tests start would each check these flags in a child process (`xla_flags_refused`, ~2 s): the
+# suite's own start of the backend checks them once
+os.environ["LOOPFORMER_XLA_FLAGS_CHECKED"] = os.environ["XLA_FLAGS"]
 if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, if you set it, is used as it is
     jax.config.update("jax_compilation_cache_dir", str(ROOT / ".pytest_cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program, however quick

@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from loopformer.errors import (
@@ -28,6 +28,7 @@ from loopformer.errors import (
     DecodingError,
     LoopformerError,
     OutputError,
+    foreign_digit,
     plain_flag,
     printable,
     unescape_repr,
@@ -49,12 +50,25 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     second = _second_value(extra, parsers[command], argv)
     if second:
         return f"{line} ({second}; see loopformer {command} --help)"
+    # a flag joined to its value by a space that is no separator (`--loops\u00a0X=2`, a no-break space pasted from a
+    # page): "did you mean --loops?" named the flag typed (#27 pass 41)
+    joined = next((e for e in extra if e[:1] in "-" + DASHES and _ODD_SPACE.search(e)), None)
+    if joined is not None:
+        odd = _ODD_SPACE.search(joined).group(0)
+        plain = " ".join(p for p in _ODD_SPACE.split(joined) if p)
+        return (f"{line} ({plain_flag(plain.split()[0])} is joined to what follows by U+{ord(odd):04X}, a space that "
+                f"does not separate arguments; type a plain space: {plain}; see loopformer {command} --help)")
     # a short flag too: `eval -c cfg.yaml` is train's -c, as `eval --config` is train's --config
     typed = next((e.split("=")[0] for e in extra if e[:1] and e[:1] in "-" + DASHES and e != "--"), None)
     flag = None if typed is None else plain_flag(typed)
+    mine = sorted(o for a in parsers[command]._actions for o in a.option_strings)  # noqa: SLF001
+    if flag == typed and flag in mine and "--" in extra:
+        # after `--`, which ends the flags, argparse reads a flag as a value: the line said this command "takes no
+        # --loops" (#27 pass 41)
+        return (f"{line} ({flag} comes after `--`, which ends the flags (what follows is read as values); drop the "
+                f"`--`; see loopformer {command} --help)")
     # a flag of this command typed with a typographic dash, one dash, in capitals or a letter off (`—loops` pasted
     # from a page, `-loops`, `--Loops`, `--splits`): the line named none (#27 pass 40)
-    mine = sorted(o for a in parsers[command]._actions for o in a.option_strings)  # noqa: SLF001
     if flag != typed and flag in mine:
         return f"{line} (did you mean {flag}? see loopformer {command} --help)"
     # sorted: the parsers' order is the order the commands' modules were first imported in, which tests change
@@ -74,6 +88,9 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     elif own:
         line += f" (did you mean {' or '.join(own)}? see loopformer {command} --help)"
     return line
+
+
+_ODD_SPACE = re.compile(r"[^\S ]|[\u200b-\u200d\u2060\ufeff]")  # a space other than ' ' (a tab, U+00A0), or a zero width
 
 
 def _second_value(extra: list[str], parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
@@ -196,6 +213,9 @@ def check_platforms() -> None:
     if distributed_request() is not None:  # a multi-process run: the backend may start only after the trainer's
         return  # jax.distributed.initialize (parallel.initialize_distributed), so it is not started here
 
+    problem = xla_flags_refused(flags)
+    if problem:
+        raise ConfigError(problem)
     try:
         jax.devices()
     except Exception as e:  # RuntimeError; an AssertionError inside JAX for `cuda` without its plugin
@@ -207,6 +227,39 @@ def check_platforms() -> None:
         raise ConfigError(f"JAX_PLATFORMS={platforms!r}: JAX cannot start it on this machine ({why}); unset "
                           f"JAX_PLATFORMS to use what the machine has (or name one it has, e.g. JAX_PLATFORMS=cpu)"
                           ) from None
+
+
+_FLAGS_READ: set[str] = set()  # XLA_FLAGS values a child process has started XLA with (`xla_flags_refused`)
+# the XLA_FLAGS value a parent process has checked so (or a test harness sets): inherited, so a command's children
+# and a test suite's hundreds of commands do not each pay the check's child process
+FLAGS_CHECKED = "LOOPFORMER_XLA_FLAGS_CHECKED"
+
+
+def xla_flags_refused(flags: str) -> str | None:
+    """The line for ``XLA_FLAGS`` that XLA cannot parse (an unknown flag, a value of the wrong kind, a word without
+    ``--``, which it opens as a file), or None. XLA reads them as its backend starts and, on such flags, aborts the
+    process from C++: one "F... Unknown flag" line, or its 90-line flag list, status 1, no `error:` (#27 pass 41).
+    So a child process starts XLA's CPU backend with them first (about 2 s, once per process and value, only where
+    XLA_FLAGS is set, the backend is not started yet and no parent process checked the same value, `FLAGS_CHECKED`)."""
+    from jax._src import xla_bridge
+
+    if not flags or flags in _FLAGS_READ or os.environ.get(FLAGS_CHECKED) == flags or \
+            xla_bridge.backends_are_initialized():
+        return None
+    import subprocess
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the flags are parsed the same by every backend
+    done = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                          text=True, errors="replace", timeout=600)
+    if done.returncode == 0:
+        _FLAGS_READ.add(flags)
+        os.environ[FLAGS_CHECKED] = flags
+        return None
+    said = [m.group(2) for m in re.finditer(r"^([EF])\d{4} [\d:.]+\s+\d+ [^\]]+\] (.*)$", done.stderr, re.M)]
+    if not said:  # another failure (the check below names what it can)
+        return None
+    why = said[0].split(" (We assumed")[0]
+    return f"XLA_FLAGS={flags!r}: XLA refuses it ({why}); fix or unset XLA_FLAGS"
 
 
 def _drop_stdout() -> None:
@@ -228,11 +281,22 @@ def _end_process(code: int) -> None:
     os._exit(code)
 
 
+def home_from_passwd() -> None:
+    """Drop a ``HOME`` that names no home directory (empty, or relative): `~` in a path (``run.dir=~/runs``,
+    ``--out ~/x``) then reads the user's home from the password database, as where HOME is unset. An empty HOME made
+    `~/x` the folder ``/x`` at the root of the file system, and a relative one a folder under the current directory,
+    with no word (#27 pass 41)."""
+    home = os.environ.get("HOME")
+    if home is not None and not os.path.isabs(home):
+        del os.environ["HOME"]
+
+
 def _main(argv: list[str] | None) -> int:
     # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C, so that a command's cleanup runs (temporary
     # folders removed, checkpoints finished, locks released) instead of the process vanishing mid-write. Installed
     # before the imports: a Ctrl-C there that JAX's gc callback swallowed let the command run to the end (status 0).
     stop.clear()
+    home_from_passwd()
     if sys.stdout is None:  # started with stdout closed (`>&-`): every print would be dropped, and the status 0
         if sys.stderr is not None:
             print("error: standard output is closed (`>&-`), so the command's tables, JSON and log would be lost; "
@@ -375,6 +439,25 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         super().error(printable(unescape_repr(message)))  # (a value quoted bare, too: stderr without errors.BYTES)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if kwargs.get("type") in (int, float):  # the bench scripts' numbers: int('٣') is 3 (#27 pass 40's leftover)
+            kwargs["type"] = _ascii_number(kwargs["type"])
+        return super().add_argument(*args, **kwargs)
+
+
+def _ascii_number(kind: type) -> Callable[[str], Any]:
+    """``int`` or ``float`` as an argparse type that refuses a digit of another script (`errors.foreign_digit`);
+    argparse's own "invalid int value" for the rest (the function keeps the type's name)."""
+
+    def parse(text: str) -> Any:
+        foreign = foreign_digit(text)
+        if foreign:
+            raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def single_flags(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from loopformer import jsontext
-from loopformer.errors import AnalysisError, DataError, PlanError
+from loopformer.errors import AnalysisError, DataError, PlanError, foreign_digit
 from loopformer.model import plan
 from loopformer.runs.layout import replace_file, special
 from loopformer.runs.log import log
@@ -57,6 +57,9 @@ def _integer(lo: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer >= ``lo``, else "expected <what>, got ..."."""
 
     def parse(text: str) -> int:
+        foreign = foreign_digit(text)
+        if foreign:
+            raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
         try:
             value = int(text)
         except ValueError:
@@ -69,6 +72,18 @@ def _integer(lo: int, what: str) -> Callable[[str], int]:
 
 
 positive = _integer(1, "a positive integer")
+integer = _integer(-(2**63), "an integer")  # a flag's own range is checked where it is read
+
+
+def real(text: str) -> float:
+    """An argparse type: a number written in ASCII digits (float() reads '٠.٥' as 0.5)."""
+    foreign = foreign_digit(text)
+    if foreign:
+        raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 # --step: a checkpoint step, 0 included (the only checkpoint of an imported or converted run)
 step_number = _integer(0, "a checkpoint step (an integer >= 0)")
 

@@ -82,7 +82,7 @@ def eval_command(args: argparse.Namespace) -> int:
                 parts = [x.strip() for x in c.split(",")]
                 several = len(parts) > 1 and all(x in info.circuits for x in parts)  # --ablate X,Y: one flag each
                 hint = f"; to remove several, give --ablate once each: {' '.join(f'--ablate {x}' for x in parts)}"
-                raise PlanError(f"--ablate {c}: unknown circuit; {circuits_phrase(info.circuits)}"
+                raise PlanError(f"--ablate {c}: unknown circuit; {circuits_phrase(info.circuits, c)}"
                                 + (hint if several else ""))
             if ablated.count(c) > 1:
                 raise PlanError(f"--ablate {c} is given twice; pass each circuit once")

@@ -18,7 +18,9 @@ from loopformer.cli.common import (
     emit,
     exit_caps,
     exit_flags,
+    integer,
     positive,
+    real,
     run_flags,
 )
 from loopformer.cli.loopspec import parse_exits, parse_loops
@@ -48,11 +50,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=positive, metavar="K", help="synthetic tasks: examples to show (default 4)")
     p.add_argument("--prompt", metavar="TEXT", help="text runs: continue this prompt")
     p.add_argument("--max-new-tokens", type=positive, metavar="N", help="--prompt: tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="--prompt: sample among the K likeliest (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    p.add_argument("--temperature", type=real, default=0.0, help="--prompt: 0 = greedy (default), > 0 samples")
+    p.add_argument("--top-k", type=integer, default=0, metavar="K", help="--prompt: sample among the K likeliest (0 = all)")
+    p.add_argument("--top-p", type=real, default=1.0, metavar="P",
                    help="--prompt: sample among the likeliest tokens holding probability P (1 = all)")
-    p.add_argument("--seed", type=int, default=0, help="--prompt: sampling seed")
+    p.add_argument("--seed", type=integer, default=0, help="--prompt: sampling seed")
     p.add_argument("--cache", metavar="POLICY",
                    help="key/value cache of the loop iterations (text prompts; answers of causal tasks): full (exact), "
                         "last, ring:K or first (default full)")
@@ -96,14 +98,14 @@ def generate_command(args: argparse.Namespace) -> int:
                 raise AnalysisError(f"--prompt is not UTF-8 text (byte 0x{bad.hex()} at character {e.start}); pass "
                                     f"the prompt in UTF-8") from None
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
-            raise AnalysisError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+            raise AnalysisError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature:g}")
         if args.temperature > MAX_TEMPERATURE:
             raise AnalysisError(f"--temperature {args.temperature:g} is past the largest, {MAX_TEMPERATURE:g} (from "
                                 f"about 100 on, every token is about equally likely)")
         if args.top_k < 0:  # (each was refused naming both flags)
             raise AnalysisError(f"--top-k must be >= 0 (0 = every token), got {args.top_k}")
         if not 0 < args.top_p <= 1:
-            raise AnalysisError(f"--top-p must be in (0, 1] (1 = every token), got {args.top_p}")
+            raise AnalysisError(f"--top-p must be in (0, 1] (1 = every token), got {args.top_p:g}")
         sampling = _given((("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0), ("--seed", args.seed != 0)))
         if args.temperature == 0 and sampling and args.prompt is not None:
             raise AnalysisError(f"{sampling} set(s) how tokens are sampled, and --temperature 0 (the default) decodes "
@@ -263,6 +265,10 @@ def _refuse_text_flags(args: argparse.Namespace, info: Any) -> None:
     if why is not None and given:
         raise AnalysisError(f"{given} set(s) cached decoding, but this run's answers are recomputed ({why}); drop "
                             f"{given}")
+    why = _recomputed_why(info, args)
+    if args.no_cache and why is not None:  # accepted and changed nothing (#27 pass 40's leftover)
+        raise AnalysisError(f"--no-cache: this run's answers are recomputed in any case ({why}), so it would do "
+                            f"nothing; drop --no-cache")
 
 
 def _check_memory(args: argparse.Namespace, run: LoadedRun, prompt_len: int, settings: list[dict[str, int]]) -> None:

@@ -7,9 +7,10 @@ Every mistake raises `PlanError` with one line naming the flag and the accepted 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 
-from loopformer.errors import PlanError
+from loopformer.errors import PlanError, foreign_digit
 from loopformer.model.plan import MAX_LOOPS
 from loopformer.variants.exits import EXITS, ExitRule
 
@@ -29,7 +30,10 @@ def geometric_grid(lo: int, hi: int) -> list[int]:
 def parse_counts(text: str, flag: str) -> list[int]:
     """The loop counts of one spec (``16``, ``1:64``, ``1:64:4``, ``1,2,8``), sorted and unique."""
     text = text.strip()
-    if not re.fullmatch(r"-?\d+(\s*[:,]\s*-?\d+)*", text):
+    foreign = foreign_digit(text)
+    if foreign:  # `X=٣` ran 3 loops: Python's int() reads any script's digits (#27 pass 40's leftover)
+        raise PlanError(f"{flag}: {foreign}")  # (the flag shows the value)
+    if not re.fullmatch(r"-?[0-9]+(\s*[:,]\s*-?[0-9]+)*", text):
         raise PlanError(f"malformed {flag}: '{text}' is not a loop count; write {FORMS}")
     nums = [int(t) for t in re.split(r"[:,]", text)]
     # A:B:STEP's step is no loop count (X=1:3:0 was "loop counts must be >= 1, got 0")
@@ -59,10 +63,22 @@ def parse_counts(text: str, flag: str) -> list[int]:
 AUTO = "auto"  # --loops X=auto: each example its training rule's count (loops: per_difficulty(a, b))
 
 
-def circuits_phrase(circuits: Sequence[str]) -> str:
-    """The phrase naming a run's circuits ("this run's circuits are X, Y"), or saying it has none."""
-    return (f"this run's circuits are {', '.join(circuits)}" if circuits else
-            "this run has no circuits (a plain transformer: nothing loops)")
+def circuits_phrase(circuits: Sequence[str], name: str | None = None) -> str:
+    """The phrase naming a run's circuits ("this run's circuits are X, Y"), or saying it has none; with the unknown
+    ``name``, a circuit it matches in another Unicode form (`é` as e + U+0301): "unknown circuit 'é'; this run's
+    circuits are é" named no difference (#27 pass 41)."""
+    phrase = (f"this run's circuits are {', '.join(circuits)}" if circuits else
+              "this run has no circuits (a plain transformer: nothing loops)")
+    same = next((c for c in circuits if name is not None and unicodedata.normalize("NFKC", c)
+                 == unicodedata.normalize("NFKC", name)), None)
+    if same is None:
+        return phrase
+    return (f"{phrase}, and '{name}' ({_code_points(name)}) is circuit {same} ({_code_points(same)}) in another "
+            f"Unicode form: type it as the run writes it (copy it from `loopformer inspect`)")
+
+
+def _code_points(text: str) -> str:
+    return " ".join(f"U+{ord(c):04X}" if ord(c) > 127 else c for c in text)
 
 
 def split_auto(specs: Sequence[str] | None, circuits: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -72,7 +88,8 @@ def split_auto(specs: Sequence[str] | None, circuits: Sequence[str]) -> tuple[li
         name, sep, value = spec.partition("=")
         if sep and value.strip().lower() == AUTO:
             if name.strip() not in circuits:
-                raise PlanError(f"unknown circuit '{name.strip()}' in --loops {spec}; {circuits_phrase(circuits)}")
+                raise PlanError(f"unknown circuit '{name.strip()}' in --loops {spec}; "
+                               f"{circuits_phrase(circuits, name.strip())}")
             auto.append(name.strip())
         else:
             rest.append(spec)
@@ -95,7 +112,7 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
         if not sep or not name:
             raise PlanError(f"malformed {flag}: write {FORMS}")
         if name not in circuits:
-            raise PlanError(f"unknown circuit '{name}' in {flag}; {circuits_phrase(circuits)}")
+            raise PlanError(f"unknown circuit '{name}' in {flag}; {circuits_phrase(circuits, name)}")
         if name in out:
             raise PlanError(f"{flag}: circuit '{name}' is given twice; pass one --loops per circuit")
         if counts.strip().lower() == AUTO:  # eval removes these first (split_auto)
@@ -110,7 +127,7 @@ def parse_loops(specs: Sequence[str] | None, circuits: Sequence[str], *, grid: b
             names = [p.partition("=")[0].strip() for p in pieces]
             unknown = next((n for n in names if n not in circuits), None)
             if unknown is not None:
-                raise PlanError(f"unknown circuit '{unknown}' in {flag}; {circuits_phrase(circuits)}")
+                raise PlanError(f"unknown circuit '{unknown}' in {flag}; {circuits_phrase(circuits, unknown)}")
             twice = next((n for n in names if names.count(n) > 1), None)
             if twice is not None:
                 raise PlanError(f"{flag} names circuit '{twice}' twice; pass one --loops per circuit")
@@ -194,10 +211,18 @@ def parse_exits(specs: Sequence[str] | None, circuits: Sequence[str], *, many: b
         if sep and ":" not in name and name.strip() != "q":
             name, body = name.strip(), rest
             if name not in circuits:
-                raise PlanError(f"unknown circuit '{name}' in {flag}; {circuits_phrase(circuits)}")
+                raise PlanError(f"unknown circuit '{name}' in {flag}; {circuits_phrase(circuits, name)}")
             targets = [name]
         else:
             body, targets = spec, list(circuits)
+        # several rules split by a semicolon or a space (`X=latent_diff:0.1;Y=kl:0.1`) named the option '0.1;Y' as
+        # unknown; read as the commas `_split_exit` answers with the flags meant (#27 pass 40's leftover, as --loops)
+        names = "|".join(re.escape(c) for c in sorted(circuits, key=len, reverse=True))
+        joined = re.sub(rf"[\s,]*[;\s][\s;,]*(?=(?:{names})\s*=)", ",", spec.strip())
+        if joined != re.sub(rf",\s*(?=(?:{names})\s*=)", ",", spec.strip()):
+            later = re.search(rf",\s*((?:{names})\s*=[^,]*)", joined)
+            if later is not None and ";" not in joined.replace(later.group(0), ""):
+                raise PlanError(_split_exit(flag, joined, later.group(1), circuits, targets))
         kind, colon, values = body.partition(":")
         if not colon:
             raise PlanError(f"malformed {flag}: write {exit_forms()}")

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import time
 
-from loopformer.cli.common import command
+from loopformer.cli.common import command, integer
 from loopformer.data.prepare import CHUNK_TOKENS, SHARD_TOKENS, check_sizes
 from loopformer.errors import ConfigError
 
@@ -20,8 +20,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, help="directory to write (then train with data.paths=[DIR])")
     p.add_argument("--force", action="store_true", help="replace --out if it holds a corpus an earlier prepare wrote "
                                                          "(nothing else is ever deleted)")
-    p.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="tokens per ArrayRecord record")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--chunk-tokens", type=integer, default=CHUNK_TOKENS, help="tokens per ArrayRecord record")
+    p.add_argument("--shard-tokens", type=integer, default=SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.paths=[corpus/*.txt]")
 
 
@@ -40,7 +40,7 @@ def prepare_command(args: argparse.Namespace) -> int:
         if "." in key and key.split(".")[1] not in READS:  # data.seq_len: accepted and ignored
             raise ConfigError(f"{item}: prepare reads {', '.join(f'data.{k}' for k in READS)}; {key} is read when "
                               f"training on the prepared corpus, so here it would not be used; drop it")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, once=True)
     t0 = time.time()
     meta = prepare_corpus(cfg, args.out, force=args.force, chunk_tokens=args.chunk_tokens,
                           shard_tokens=args.shard_tokens, progress=True)

@@ -12,13 +12,14 @@ from loopformer.cli.common import (
     check_writable,
     command,
     emit,
+    integer,
     one_set,
     probe_flag,
     probe_sets,
     run_flags,
     write_png,
 )
-from loopformer.errors import AnalysisError, PlanError
+from loopformer.errors import AnalysisError, PlanError, foreign_digit
 from loopformer.evaluation import plots, rys, tables
 from loopformer.evaluation.run import PROBE_SPLIT, load_run
 from loopformer.runs.log import log
@@ -30,6 +31,9 @@ MAX_REPEATS = 64  # far past the 1-3 extra runs the duplication experiments use;
 
 
 def _repeats(text: str) -> list[int]:
+    foreign = foreign_digit(text)
+    if foreign:  # `--repeats ٢` scanned 2 (#27 pass 40's leftover)
+        raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
     if "" in (x.strip() for x in text.split(",")) and text.strip():  # 1,,2 was read as 1,2
         raise argparse.ArgumentTypeError(f"an empty item between commas in '{text}'; write counts like 1,2,3")
     try:
@@ -55,7 +59,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     probe_flag(p)
     p.add_argument("--repeats", type=_repeats, default=[1], metavar="R1,R2,...",
                    help="extra runs of the block (default 1: the block runs twice)")
-    p.add_argument("--screen", type=int, default=SCREEN, metavar="N",
+    p.add_argument("--screen", type=integer, default=SCREEN, metavar="N",
                    help=f"score every setting on the first N examples of each split, then the {TOP} best of each "
                         f"(and the unmodified model) on all --examples (default {SCREEN}; 0: every setting on all)")
 
@@ -145,7 +149,7 @@ def rys_command(args: argparse.Namespace) -> int:
         eval_sets = probe_sets(args, run) or run.eval_sets(splits, args.examples)
         before = run.evaluator.compiles
         subset = rys.screen(eval_sets, args.screen) if args.screen else eval_sets
-        screening = any(len(subset[s]) < len(eval_sets[s]) for s in eval_sets)
+        screening = any(rys.count_examples(subset[s]) < rys.count_examples(eval_sets[s]) for s in eval_sets)
         rows, baseline = rys.scan(run, subset if screening else eval_sets, stack, args.repeats)
         best_rows, best_base = rys.rescore(run, eval_sets, stack, rows, TOP) if screening else (rows, baseline)
         compiles = run.evaluator.compiles - before

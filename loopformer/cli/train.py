@@ -57,7 +57,7 @@ def train_command(args: argparse.Namespace) -> int:
     if not args.config and not args.overrides:  # it would train the defaults into runs/run, surely not what was meant
         raise ConfigError("train needs a config: loopformer train -c configs/quickstart.yaml (or key=value settings "
                           "over the defaults, e.g. run.name=mine)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, once=True)
     check_own_run(args.config, cfg.run_dir, args.overrides)
     check_run_paths(args.config, cfg, args.overrides)
     train(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -85,6 +86,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             pass
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
+    if tp is str and (value is None or isinstance(value, bool)):  # `run.name=yes` was "expected str, got True"
+        word = next((w for w in ("null", "true", "false") if str(value).lower() in (w, "none")), str(value))
+        raise ConfigError(f"{path}: expected text, got {word}, which YAML reads as a value (from null, ~, true, yes, "
+                          f"on, false, no, off); quote it to use it as text, e.g. {path}='\"{word}\"'")
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}")
     return value
@@ -122,8 +127,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        merges = 0
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys are the defaults the others override
+                merges += 1
+                line = key_node.start_mark.line + 1
+                if merges > 1:  # both were merged, the last one's keys winning, with no word (#27 pass 41)
+                    raise DuplicateKey(f"the merge key '<<' is given twice in one mapping (line {line}); merge "
+                                       f"several mappings with one key, <<: [*a, *b]")
+                self._merged_once(value_node, line)
                 continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
@@ -134,21 +146,44 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+    def _merged_once(self, value_node: yaml.Node, line: int) -> None:
+        """DuplicateKey for a key that two of the mappings a ``<<: [*a, *b]`` merges both give: YAML says the
+        earlier wins, and PyYAML let the later one win, with no word (#27 pass 41)."""
+        if not isinstance(value_node, yaml.SequenceNode):
+            return
+        where: dict[Any, int] = {}
+        for sub in value_node.value:
+            if not isinstance(sub, yaml.MappingNode):
+                continue  # PyYAML names it ("expected a mapping for merging")
+            for key_node, _ in sub.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                if key in where:
+                    raise DuplicateKey(f"key '{key}' is given by two of the mappings merged at line {line} (lines "
+                                       f"{where[key]} and {key_node.start_mark.line + 1}), and YAML readers differ "
+                                       f"on which wins; keep it in one")
+                where[key] = key_node.start_mark.line + 1
+
+
 class _StrictLoader(UniqueKeyLoader):
     """`UniqueKeyLoader` that keeps the text of a number YAML reads in another form (`_Spelled`)."""
 
 
 class _Spelled(str):
     """A YAML number written in a form that ``str`` does not give back (``010`` is 8, ``12:30:00`` 45000, ``0x1F``,
-    ``1_000``, ``.inf``): its text, read as text by a string field (run.name=010 named the run 8), and the number."""
+    ``1_000``, ``.inf``), or a date (``2024-01-01``): its text, read as text by a string field (run.name=010 named the
+    run 8), and the value YAML reads."""
 
     number: int | float
 
 
 def _number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    read = yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else yaml.SafeLoader.construct_yaml_float
+    read = (yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else
+            yaml.SafeLoader.construct_yaml_timestamp if node.tag.endswith(":timestamp") else
+            yaml.SafeLoader.construct_yaml_float)
     value = read(loader, node)
-    if node.value == str(value):
+    if node.value == str(value) and not node.tag.endswith(":timestamp"):
         return value
     spelled = _Spelled(node.value)
     spelled.number = value
@@ -166,6 +201,8 @@ def _numbers(value: Any) -> Any:
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _number)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _number)
+# a date or time (run.name=2024-01-01) was refused as "expected str, got datetime.date(2024, 1, 1)" (#27 pass 41)
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _number)
 
 
 MAX_YAML_VALUES = 100_000  # a config holds hundreds; aliases (*a) can repeat a node far past any real one
@@ -260,35 +297,44 @@ def _string_leaves(value: Any) -> list[str]:
     return []
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> tuple[str | int, ...]:
     """Set ``a.b.0.c`` in a nested dict/list tree; a list of named items may be indexed by name
-    (``model.stages.0.circuits.X.eval_loops=16``)."""
+    (``model.stages.0.circuits.X.eval_loops=16``). Returns the path set, each list item by its index."""
     parts = dotted.split(".")
     node: Any = tree
+    path: list[str | int] = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
             # named items: circuits by name, mixture entries by name (which defaults to their task)
             names = [item.get("name") or item.get("task") for item in node if isinstance(item, dict)]
-            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            valid = f"0..{len(node) - 1}" + (f" or a name in {names}" if any(names) else "")
+            if re.fullmatch(r"-[0-9]+", part):  # `model.stages.-1` set the last stage, Python's way; an index that
+                # names a stage by two numbers (-1 and 0 of one stage) hid two overrides of one field (#27 pass 40's
+                # leftover)
+                raise ConfigError(f"override '{dotted}': '{where}' is a negative index; give {valid}")
+            # ASCII digits: '٠' was read as index 0 by int()
+            if re.fullmatch(r"[0-9]+", part) and int(part) < len(node):
                 idx = int(part)
             elif part in names:
                 idx = names.index(part)
             else:
-                raise ConfigError(f"override '{dotted}': '{where}' is not an index 0..{len(node) - 1}"
-                                  + (f" or a name in {names}" if any(names) else ""))
+                raise ConfigError(f"override '{dotted}': '{where}' is not an index {valid}")
+            path.append(idx)
             if last:
                 node[idx] = value
             else:
                 node = node[idx]
         elif isinstance(node, dict):
+            path.append(part)
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i])}' is a value, not a mapping")
+    return tuple(path)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -329,8 +375,12 @@ def repeated_override(overrides: Sequence[str]) -> str | None:
     return None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, then validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, once: bool = False) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then validate. With ``once`` (a user's own list), two
+    overrides of one field by other spellings (``circuits.X`` and ``circuits.0``, ``stages.0`` and ``stages.00``), or
+    one that replaces what an earlier one set (``model.stages.0.depth=3 model.stages=[...]``), are refused: the last
+    one won with no word (`repeated_override` sees the same spelling only). A script that layers its settings over
+    the user's leaves it off."""
     data: dict[str, Any] = Config().to_dict()
     if path is not None:
         p = Path(path)
@@ -360,8 +410,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, data, train, ...)")
         data = _merge(data, loaded)
+    done: list[tuple[tuple[str | int, ...], str]] = []
     for key, value in parse_overrides(overrides or []):
-        _set_path(data, key, value)
+        where = _set_path(data, key, value)
+        for path_set, earlier in done if once else ():
+            if where == path_set:
+                raise ConfigError(f"{earlier} and {key} both set {'.'.join(map(str, where))}; give it once (the last "
+                                  f"one would win with no word)")
+            if path_set[:len(where)] == where:
+                raise ConfigError(f"{key} replaces all of {'.'.join(map(str, where))}, and with it what {earlier} "
+                                  f"set before it (which would be lost with no word); give {earlier} after it, or "
+                                  f"drop one")
+        done.append((where, key))
     return config_from_dict(data)
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from loopformer.errors import ConfigError, not_utf8, printable
 from loopformer.runs.layout import too_long
@@ -105,6 +108,19 @@ def _check_f32(value: float, key: str) -> None:
     blamed on train.lr)."""
     _check(not F32_MAX < abs(value) < math.inf, f"{key}={value:g} is past float32's largest number ({F32_MAX:.3g}) "
            f"and would be inf in training; lower it")
+
+
+def _check_in_f32(value: float, key: str, ok: Any, example: float) -> None:
+    """ConfigError for a ``value`` that ``ok`` accepts and that float32, the precision training computes in, rounds to
+    one it refuses: `train.lr=1e-320` is 0 (it trained nothing), `train.b2=0.9999999999999999` is 1 (the step was
+    10,000 times too small), `model.init_std=5e-324` is 0 (a model of zeros), `train.grad_clip=5e-324` clipped every
+    gradient to 0 (#27 pass 41)."""
+    if not (isinstance(value, int | float) and ok(value)):
+        return
+    with np.errstate(over="ignore", under="ignore"):
+        held = float(np.float32(value))
+    _check(ok(held), f"{key}={value!r} is {held:g} in float32, the precision training computes in, where {key} cannot "
+           f"be {held:g}; give a value float32 holds, e.g. {key}={example}")
 
 
 def _check_weights(cfg: Any, names: tuple[str, ...], path: str) -> None:
@@ -464,6 +480,8 @@ class ModelConfig:
         # whose every gradient is zero
         _check(0 < m.init_std <= 1, f"model.init_std (the weights' initial standard deviation) must be in (0, 1], "
                f"e.g. 0.02, got {m.init_std}")
+        _check_in_f32(m.init_std, "model.init_std", lambda v: 0 < v <= 1, 0.02)
+        _check_in_f32(m.norm_eps, "model.norm_eps", lambda v: 0 < v < math.inf, 1e-6)
         _check(1 < m.rope_base < math.inf, f"model.rope_base must be a finite number > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
         _check((m.d_model // m.heads) % 2 == 0,
@@ -500,6 +518,13 @@ class ModelConfig:
                 p = f"model.stages.{s}.circuits.{c.name if c.name.isidentifier() else i}"
                 c.validate(p)
                 _check(c.name not in seen, f"{p}.name: circuit name '{c.name}' is used twice; names must be unique")
+                # two names that read the same (é as U+00E9 and as e + U+0301, Ｘ and X) were two circuits, and a flag
+                # naming one picked it by its code points (#27 pass 41)
+                twin = next((n for n in seen if unicodedata.normalize("NFKC", n)
+                             == unicodedata.normalize("NFKC", c.name)), None)
+                _check(twin is None, f"{p}.name: circuit name '{c.name}' reads as circuit {twin}'s (the same letters "
+                       f"in another Unicode form), so a flag or setting naming one could not be told from the other; "
+                       f"rename one")
                 seen.add(c.name)
             stage.router.validate(f"model.stages.{s}.router")
             rounds = max(c.max_loops for c in stage.circuits)
@@ -819,6 +844,7 @@ class TrainConfig:
                    f"is a 32-bit integer), got {getattr(t, key)}")
         _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
         _check(0 < t.lr < math.inf, f"train.lr must be a finite number > 0, got {t.lr}")
+        _check_in_f32(t.lr, "train.lr", lambda v: 0 < v < math.inf, 1e-3)
         # AdamW's settings: out of range they train a NaN at the first step, blamed on train.lr, or (a negative
         # decay) grow the weights without a word
         _check(0 <= t.weight_decay < math.inf, f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
@@ -826,6 +852,7 @@ class TrainConfig:
         for key in ("b1", "b2"):
             _check(0 <= getattr(t, key) < 1, f"train.{key} (AdamW's moment decay) must be in [0, 1), e.g. "
                    f"{getattr(TrainConfig, key)}, got {getattr(t, key)}")
+            _check_in_f32(getattr(t, key), f"train.{key}", lambda v: 0 <= v < 1, getattr(TrainConfig, key))
         _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
         _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
@@ -835,6 +862,8 @@ class TrainConfig:
             _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0: no evaluation while training), got {t.eval_every}")
         _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+        if t.grad_clip > 0:  # (0 disables clipping; a clip that is 0 in float32 zeroed every gradient)
+            _check_in_f32(t.grad_clip, "train.grad_clip", lambda v: v > 0, 1.0)
         _check(t.ema == 0 or 0 < t.ema < 1, f"train.ema (the decay of the EMA weights) must be in (0, 1), e.g. "
                f"train.ema=0.999, or 0 to turn it off; got {t.ema}")
         _check(0 <= t.progressive <= 1, f"train.progressive (alpha of the progressive loss) must be in [0, 1], "
@@ -1041,6 +1070,15 @@ class Config:
             name, W = self.iteration_window()
             i = self.model.stage_of(name)
             router = self.model.stages[i].router
+            # a window past the iterations that can run read nothing more, and kept the logits after each of its W
+            # (train.iteration_loss=5000 on a routed stage of 16 rounds: a 126 GB out-of-memory traceback; #27 pass 41)
+            cap = max(c.max_loops for c in self.model.stages[i].circuits) if router.routes else \
+                self.model.circuit(name).max_loops
+            what = f"circuit {name}'s routed stage runs at most {cap} rounds" if router.routes else \
+                f"circuit {name} runs at most {cap} iterations"
+            _check(cap >= W, f"train.iteration_loss={W}: {what} ({self.model.circuit_field(name, 'max_loops')}), so "
+                   f"a window past them reads nothing more, and keeps the logits after each of its {W}; use "
+                   f"train.iteration_loss<={cap}")
             if router.routes:  # a routed bank's last W rounds: its router's truncation, per token (0: every round)
                 k, where = router.backprop or W, f"model.stages.{i}.router.backprop"
                 _check(k >= W, f"train.iteration_loss={W}: the window must lie in the rounds with gradient of circuit "

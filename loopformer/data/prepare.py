@@ -167,6 +167,17 @@ def clean_leftovers(out: Path) -> list[Path]:
     return removed
 
 
+def is_prepared(folder: Path) -> bool:
+    """Whether ``folder`` holds a corpus written by `loopformer prepare` (a ``meta.json`` of this version)."""
+    if not (folder / META_FILE).is_file():  # not opened when a pipe (it would block)
+        return False
+    try:
+        meta = jsontext.loads((folder / META_FILE).read_bytes())
+        return isinstance(meta, dict) and meta.get("version") == META_VERSION and isinstance(meta.get("splits"), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _check_out(out: Path, sources: Sequence[Path], patterns: Sequence[str], force: bool) -> list[str]:
     """DataError unless prepare may write ``out``; for an existing ``out`` (``force``), the names of the
     files it holds, every one written by prepare (so replacing it deletes nothing else)."""
@@ -247,6 +258,16 @@ def prepare_corpus(cfg: Config, out: str | Path, *, force: bool = False, chunk_t
     check_sizes(chunk_tokens, shard_tokens)
     out = Path(out).expanduser()
     outside_runs(out)  # in a run's checkpoints/ the corpus was read as a corrupt step, and pruned with them
+    problem = unwritable_target(out, "corpus", "corpus")  # before the lock beside it: a name past 255 bytes was
+    if problem:  # "cannot write to PARENT (File name too long); choose a writable --out" (#27 pass 41)
+        raise DataError(problem)
+    try:
+        outer = next((p for p in out.resolve().parents if is_prepared(p)), None)
+    except (OSError, RuntimeError):  # a symlink loop: `unwritable_target` names it
+        outer = None
+    if outer is not None:  # the outer corpus's --force then refused it as a folder prepare did not write (pass 40)
+        raise DataError(f"--out {out} is inside {outer}, a corpus written by `loopformer prepare`, which holds its own "
+                        f"files alone (its --force would refuse the folder); write the prepared corpus outside it")
     paths = expand_paths(d.paths)
     blocked = not_a_folder(out.parent)
     if blocked:  # mkdir's "File exists" named neither the file nor what to do (#27 pass 40)

@@ -279,10 +279,13 @@ class PointerChase(Task):
         return self._chase(inputs)[1]
 
     def _name(self, t: int) -> str:
-        i = t - self.FIRST
-        if i < 0:  # a wrong prediction (PAD, SEP, QUERY, EQ): _NAMES[-4] showed EQ as the node '9' (#27 pass 38)
+        i = int(t) - self.FIRST
+        # a wrong prediction that is no symbol shows as its token id: PAD, SEP, QUERY, EQ below them (_NAMES[-4] showed
+        # EQ as the node '9'; #27 pass 38) and, with edge_tokens, an edge token above them (it showed as the symbol 'g'
+        # of 32 symbols A-f, or as '<32>', a symbol's index in the token-id form; #27 pass 40's leftover, as p_hop)
+        if not 0 <= i < self.num_symbols:
             return f"<{int(t)}>"
-        return _NAMES[i] if i < len(_NAMES) else f"<{i}>"
+        return _NAMES[i] if i < len(_NAMES) else f"#{i}"  # a symbol past the 62 names: its index, no token id
 
     def render(self, inputs: np.ndarray, answer: list[int] | None = None) -> str:
         parent, q = self.parse(inputs)
@@ -457,9 +460,10 @@ class PHop(Task):
         x, p = self.parse(inputs)
         # a token that is no symbol (a wrong prediction: PAD, BOS, EQ below them, a hop token H_p above) as its id:
         # _NAMES[26 - 3] showed PAD as the symbol 'X' (#27 pass 38), and H_1 of a 4-symbol alphabet as the symbol
-        # 'e', which the alphabet a-d does not hold (#27 pass 40)
+        # 'e', which the alphabet a-d does not hold (#27 pass 40); a symbol past the 36 names as #i, its index (it was
+        # <i>, the form of a token id: #27 pass 40's leftover)
         name = lambda t: (f"<{int(t)}>" if not self.FIRST <= t < self.FIRST + self.alphabet
-                          else _NAMES[26 + t - self.FIRST] if t - self.FIRST < 36 else f"<{t - self.FIRST}>")
+                          else _NAMES[26 + t - self.FIRST] if t - self.FIRST < 36 else f"#{t - self.FIRST}")
         ans = name(answer[0]) if answer else "?"
         return f"{''.join(map(name, x))} | hop{p} = {ans}"
 

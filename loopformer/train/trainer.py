@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from loopformer import parallel
+from loopformer import jsontext, parallel
 from loopformer.config import Change, Config
 from loopformer.data.sources import TEXT_TASK, DataSource, build_data, prepared_dir
 from loopformer.data.text import META_FILE
@@ -359,6 +359,17 @@ def _check_attention_fits(cfg: Config, source: DataSource, mesh: jax.sharding.Me
                           f"{scores_bytes(rows, seq_len, heads) / 2**30:,.0f} GiB, more than half of this machine's "
                           f"{memory_bytes() / 2**30:.0f} GiB; at {seq_len:,} tokens ({length}) at most {total:,} fit: "
                           f"lower {what}{accum}")
+    window = cfg.iteration_window()
+    if window:  # the logits after each of the window's W iterations, with their softmax and gradient: an
+        # out-of-memory traceback at the first step (#27 pass 41)
+        W, vocab = window[1], source.vocab_size
+        need = 3 * 4 * W * micro * source.seq_len * vocab
+        if need > memory_bytes() // 2:
+            fit = max(memory_bytes() // 2 // (3 * 4 * micro * source.seq_len * vocab), 0)
+            raise ConfigError(f"train.iteration_loss={W}: the logits after each of the last {W} iterations ({micro:,} "
+                              f"rows of {source.seq_len:,} tokens over a vocabulary of {vocab:,}) need about "
+                              f"{need / 2**30:,.0f} GiB, more than half of this machine's {memory_bytes() / 2**30:.0f} "
+                              f"GiB; at most {fit:,} fit: lower train.iteration_loss (or data.batch_size)")
 
 
 @dataclass
@@ -429,7 +440,14 @@ class _Loop:
             self.result.sweep = final_sweep(self.evaluator, params, self.evals.sets, cfg,
                                             self.evals.bytes_per_token)
             if jax.process_index() == 0:
-                replace_file(RunDir(self.result.run_dir).final_sweep, json.dumps(self.result.sweep, indent=1).encode())
+                path = RunDir(self.result.run_dir).final_sweep
+                data = json.dumps(self.result.sweep, indent=1).encode()
+                # a run trained on here has new weights, and so a new sweep; a rerun that trains nothing says what its
+                # other eval settings replaced
+                earlier = replaced_sweep(path, self.result.sweep) if start >= cfg.train.steps else None
+                replace_file(path, data)
+                if earlier:
+                    log(earlier)
 
     def log_train(self, done: int, metrics: dict[str, Any], window: _Window) -> None:
         """Write the train scalars of step ``done`` and print the progress line."""
@@ -558,3 +576,27 @@ def format_sweep_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     header = ["loops"] + [f"{s} {tuple(ranges[s])}" if ranges.get(s) else s for s in splits]
     cells = [[n] + [score(value[(n, s)]) for s in splits] for n in counts]
     return title + "\n" + format_table(header, cells)
+
+
+def _sweep_held(rows: list[dict[str, Any]]) -> str:
+    """What a final sweep holds, in a few words: its loop counts and splits."""
+    loops = list(dict.fromkeys(str(r.get("loops")) for r in rows))
+    splits = list(dict.fromkeys(str(r.get("split")) for r in rows))
+    return f"loops {', '.join(loops)} on {', '.join(splits)}"
+
+
+def replaced_sweep(path: Path, rows: list[dict[str, Any]]) -> str | None:
+    """The line for a ``final_sweep.json`` that a rerun replaces with other rows, or None (no file, the same rows, or
+    an earlier file that is not a sweep). A rerun with other eval settings replaced it without a word (#27 pass 40's
+    leftover); the checkpoint is unchanged, so the line names what it held, and a rerun with the earlier settings
+    writes it back (the weights are the same), where a copy kept aside would be one more file to go stale."""
+    try:
+        old = jsontext.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, list) or not all(isinstance(r, dict) for r in old) or old == json.loads(json.dumps(rows)):
+        return None
+    was, now = _sweep_held(old), _sweep_held(rows)
+    what = f"it held {was}, now {now}" if was != now else f"its numbers changed ({now})"
+    return (f"replaced {path.name}: {what} (the eval settings of this rerun; the weights are unchanged, so a rerun "
+            f"with the earlier settings writes the earlier sweep back)")

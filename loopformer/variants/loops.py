@@ -23,6 +23,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from loopformer.errors import foreign_digit
 from loopformer.variants.registry import Registry
 
 MAX_LOOPS = 10_000  # the most iterations anything may ask for: far past anything useful; a typo of extra
@@ -44,6 +45,9 @@ class LoopDistribution:
     def parse(text: str | int, cap: int = 64) -> LoopDistribution:
         """``8``, ``"fixed(8)"``, ``"uniform(2, 8)"``, ``"poisson_lognormal(8, 0.5)"``; ValueError naming the forms."""
         forms = ", ".join(f"'{c.form()}'" for c in _classes())
+        foreign = foreign_digit(str(text))
+        if foreign:  # `fixed(٣)` and `٣` ran 3 loops (#27 pass 40's leftover)
+            raise ValueError(f"{text!r}: {foreign}")
         if isinstance(text, int | str) and not isinstance(text, bool) and str(text).strip().isdigit():
             text = f"fixed({int(text)})"
         m = re.fullmatch(r"\s*(\w+)\s*\(\s*([^()]*)\)\s*", str(text))
@@ -129,7 +133,7 @@ class Fixed(LoopDistribution):
 
     def validate(self) -> None:
         if self.n < 1 or not _integers(self.n):
-            raise ValueError(f"fixed(n) needs an integer n >= 1, got {self.n}")
+            raise ValueError(f"fixed(n) needs an integer n >= 1, got {_fmt(self.n)}")
 
     def sample(self, key: Array) -> Array:
         return jnp.asarray(int(self.n), jnp.int32)
@@ -149,7 +153,7 @@ class Uniform(LoopDistribution):
 
     def validate(self) -> None:
         if not (1 <= self.a <= self.b and _integers(self.a, self.b)):
-            raise ValueError(f"uniform(a, b) needs integers 1 <= a <= b, got ({self.a}, {self.b})")
+            raise ValueError(f"uniform(a, b) needs integers 1 <= a <= b, got ({_fmt(self.a)}, {_fmt(self.b)})")
 
     def sample(self, key: Array) -> Array:
         return jax.random.randint(key, (), int(self.a), int(self.b) + 1, dtype=jnp.int32)

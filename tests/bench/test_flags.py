@@ -90,6 +90,9 @@ CASES = [
     ("rys_screen", ["--run", "runs/none", "--repeats", "0,1"], "--repeats '0,1': give comma-separated whole numbers"),
     # #27 pass 34: a byte that is not UTF-8 was written '\udcff'
     ("rys_screen", ["--run", "runs/none", "--repeats", "1,\udcff"], "--repeats '1,\\xff': give comma-separated whole"),
+    # #27 pass 40's leftover: int('٣') is 3, so a digit of another script ran as its ASCII value
+    ("mfu", ["--steps", "\u0663"], "argument --steps: '\u0663' is a digit of another script (U+0663); write ASCII"),
+    ("decode", ["--new", "8,\u0664"], "--new '8,\u0664': '\u0664' is a digit of another script (U+0664)"),
     ("step_profile", ["--reps", "0"], "--reps must be >= 1, got 0"),
     ("step_profile", ["--loops", "4,,8"], "--loops '4,,8': give comma-separated whole numbers >= 1"),
     ("maze_shortcut", ["--examples", "0"], "--examples must be >= 1, got 0"),
@@ -180,6 +183,17 @@ CASES = [
     # a folder to read that is a file: its runs were looked for under it, and the fix said to train into it
     ("addition_places", ["--runs", str(BENCH / "_common.py")],
      "argument --runs: " + str(BENCH / "_common.py") + " is a file, not a directory; name the folder that holds"),
+    # #27 pass 41: a cap past the loop limit ran for hours (past SIGTERM: one compiled call), and one run named two ways
+    # was scored and reported twice
+    # #27 pass 41: it trained prefix_parity's router as the recipe does, as a "_full" run and record
+    ("adaptive", ["--tasks", "prefix_parity,maze3", "--models", "looped,router", "--variant-loops", "full"],
+     "--variant-loops full adds the looped model's loss at each of its last iterations, which the recipe of "
+     "prefix_parity does not use, so its router would train as --variant-loops recipe trains it; drop it from --tasks"),
+    ("adaptive", ["--tasks", "prefix_parity", "--models", "looped,router", "--variant-loops", "own"],
+     "--variant-loops own adds the looped model's loss at each of its last iterations, which the recipe of "
+     "prefix_parity does not use"),
+    ("router_rooms", ["--runs", str(BENCH), "--cap", "10001"], "--cap 10001: at most 10,000 (the loop limit)"),
+    ("router_rooms", ["--runs", str(BENCH), str(BENCH / ".." / "bench")], f"--runs names {BENCH.resolve()} twice"),
 ]
 
 
@@ -487,6 +501,7 @@ def test_as_a_script_no_traceback(name, argv, message):
     ({"JAX_ENABLE_X64": "maybe"}, "error: JAX_ENABLE_X64='maybe': JAX refuses it ("),
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=0"}, "error: XLA_FLAGS='--xla_force_host_platform_device_"
                                                                 "count=0': JAX cannot start its backend"),
+    ({"XLA_FLAGS": "garbage"}, "error: XLA_FLAGS='garbage': XLA refuses it (Could not open file \"garbage\""),  # pass 41
 ])
 def test_a_jax_variable_jax_refuses_is_one_line_in_a_bench_script(env, message):
     """#27 pass 23: a ValueError traceback through `import jax`, or a RuntimeError one from the first JAX call."""

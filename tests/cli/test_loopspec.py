@@ -1,5 +1,7 @@
 """--loops parsing: grids, lists, ranges and the errors a user can make."""
 
+import re
+
 import pytest
 
 from loopformer.cli.loopspec import geometric_grid, parse_counts, parse_exits, parse_loops
@@ -109,6 +111,10 @@ def test_a_rule_without_a_circuit_beside_a_named_one_is_told_as_two_rules_for_it
     ("X=latent_diff:0.1,X=kl:0.1", "circuit X is given two rules ('X=latent_diff:0.1' and 'X=kl:0.1'); a circuit "
                                    "takes one rule, one --exit per circuit"),
     ("X=latent_diff:0.1,Y=", "'Y=' names circuit Y with no rule; give it one in its own --exit, or drop it"),
+    # a semicolon or a space between the rules named the option '0.1;Y' as unknown (pass 40's leftover, as --loops)
+    ("X=latent_diff:0.1;Y=kl:0.1", "e.g. --exit X=latent_diff:0.1 --exit Y=kl:0.1"),
+    ("X=latent_diff:0.1 Y=kl:0.1", "e.g. --exit X=latent_diff:0.1 --exit Y=kl:0.1"),
+    ("latent_diff:0.1,min=2; Y=kl:0.1", "e.g. --exit X=latent_diff:0.1,min=2 --exit Y=kl:0.1"),
 ])
 def test_one_exit_naming_several_circuits_suggests_flags_that_run(spec, message):
     """#27 pass 35: the flags the line suggests for `--exit X=RULE,Y=RULE` are each accepted."""
@@ -129,3 +135,39 @@ def test_max_loops_without_exit_on_a_routed_run_names_the_fix_that_runs():
         parse_exits(None, ["X"], many=False, max_loops=8, routed=["X"])
     with pytest.raises(PlanError, match="add --exit RULE"):  # a circuit outside the routed stage can exit
         parse_exits(None, ["X", "Y"], many=False, max_loops=8, routed=["X"])
+
+
+@pytest.mark.parametrize("parse, text", [
+    ("loops", "fixed(\u0663)"), ("loops", "\u0663"), ("loops", "uniform(1, \uff13)"),
+    ("cache", "ring:\u0663"), ("exit", "latent_diff:0.1,every=\u0662"),
+])
+def test_a_digit_of_another_script_is_refused_everywhere_a_number_is_read(parse, text):
+    """#27 pass 40's leftover: Python's int() and float() read '٣' and '３' as 3, so `loops: fixed(٣)`, `--cache ring:٣`
+    and an exit's `every=٢` ran as if written in ASCII; each names the digit."""
+    from loopformer.variants.cache import CachePolicy
+    from loopformer.variants.exits import ExitRule
+    from loopformer.variants.loops import LoopDistribution
+
+    read = {"loops": LoopDistribution.parse, "cache": CachePolicy.parse, "exit": ExitRule.parse}[parse]
+    with pytest.raises((ValueError, PlanError), match=r"is a digit of another script \(U\+[0-9A-F]{4}\); write ASCII "):
+        read(text)
+
+
+@pytest.mark.parametrize("text, shown", [("fixed(0)", "got 0"), ("fixed(-0.0)", "got 0"), ("uniform(0, 3)", "got (0, 3)"),
+                                         ("fixed(2.5)", "got 2.5")])
+def test_a_loop_distribution_refused_shows_its_numbers_as_given(text, shown):
+    """#27 pass 40's leftover: `convert --loops fixed(0)` was "needs an integer n >= 1, got 0.0"."""
+    from loopformer.variants.loops import LoopDistribution
+
+    with pytest.raises(ValueError, match=rf", {re.escape(shown)}$"):
+        LoopDistribution.parse(text)
+
+
+def test_a_circuit_named_in_another_unicode_form_is_told_apart():
+    """#27 pass 41: "unknown circuit 'é' in --loops é=3; this run's circuits are é" named no difference (é typed as
+    U+00E9, the run's as e + U+0301)."""
+    with pytest.raises(PlanError, match=r"this run's circuits are e\u0301, Y, and '\u00e9' \(U\+00E9\) is circuit "
+                                        r"e\u0301 \(e U\+0301\) in another Unicode form: type it as the run writes it"):
+        parse_loops(["\u00e9=3"], ["e\u0301", "Y"], grid=False)
+    with pytest.raises(PlanError, match=r"^unknown circuit 'Z' in --loops Z=3; this run's circuits are X, Y$"):
+        parse_loops(["Z=3"], ["X", "Y"], grid=False)

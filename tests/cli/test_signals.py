@@ -155,6 +155,13 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path, platforms):
                                                                 "flags ("),
     ({"JAX_DEFAULT_MATMUL_PRECISION": "bogus"}, "error: JAX_DEFAULT_MATMUL_PRECISION='bogus': JAX refuses it ("),
     ({"JAX_ENABLE_X64": "maybe"}, "error: JAX_ENABLE_X64='maybe': JAX refuses it ("),
+    # #27 pass 41: XLA aborted the process from C++ (status 1: "F... Unknown flag in XLA_FLAGS", or a value of the
+    # wrong kind with its 90-line list of flags)
+    ({"XLA_FLAGS": "--xla_bogus_flag=1"}, "error: XLA_FLAGS='--xla_bogus_flag=1': XLA refuses it (Unknown flag in "
+                                          "XLA_FLAGS: --xla_bogus_flag=1); fix or unset XLA_FLAGS"),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=abc"}, "error: XLA_FLAGS='--xla_force_host_platform_device_"
+                                                                  "count=abc': XLA refuses it (Couldn't interpret value "
+                                                                  "abc for flag"),
 ])
 def test_a_jax_variable_jax_refuses_is_one_line(tmp_path, env, start):
     """#27 pass 23: a JAX setting read from the environment as JAX is imported (a typo) was a ValueError traceback
@@ -164,3 +171,21 @@ def test_a_jax_variable_jax_refuses_is_one_line(tmp_path, env, start):
                            f"run.dir={tmp_path}", "run.name=r"], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and done.stderr.startswith(start) and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("home", ["", "relative/home"])
+def test_a_home_that_names_no_home_directory_is_not_read_for_a_tilde(monkeypatch, home):
+    """#27 pass 41: with HOME='' `run.dir=~/x` trained into /x, at the root of the file system (and a relative HOME
+    under the current directory), with no word; `~` then reads the user's home from the password database."""
+    import pwd
+    from pathlib import Path
+
+    from loopformer.cli import home_from_passwd
+
+    monkeypatch.setenv("HOME", home)
+    home_from_passwd()
+    assert "HOME" not in os.environ
+    assert Path("~/x").expanduser() == Path(pwd.getpwuid(os.getuid()).pw_dir) / "x"
+    monkeypatch.setenv("HOME", "/somewhere")
+    home_from_passwd()
+    assert os.environ["HOME"] == "/somewhere"

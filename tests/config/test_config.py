@@ -77,6 +77,22 @@ BAD = [
     (["model.stages.0.circuits.X.window=-1"], r"circuits.X.window must be 0 \(full attention\) or 1..2,147,483,647 tokens"),
     (["model.window=-2"], r"model.window must be 0"),
     (["eval.sweep_circuits=[Z]"], r"eval.sweep_circuits: 'Z' is not a circuit; circuits are X, Y"),
+    # #27 pass 41: a window past the iterations that run (a 126 GB out-of-memory traceback on a routed stage)
+    (["train.iteration_loss=30", "model.stages.0.circuits.X.backprop=40"],
+     r"^train.iteration_loss=30: circuit X runs at most 20 iterations \(model.stages.0.circuits.X.max_loops\), so a "
+     r"window past them reads nothing more, and keeps the logits after each of its 30; use train.iteration_loss<=20$"),
+    # #27 pass 41: two circuits whose names read the same (another Unicode form) were two circuits
+    (["model.stages.0.circuits.0.name=\uff38", "model.stages.0.circuits.1.name=X"],
+     r"circuits.X.name: circuit name 'X' reads as circuit \uff38's \(the same letters in another Unicode form\)"),
+    # #27 pass 41: numbers float32 (training's precision) rounds to a refused value: lr 0 trained nothing, b2 1 made
+    # each step 10,000 times too small, a clip of 0 zeroed every gradient, init_std 0 was a model of zeros
+    (["train.lr=1e-320"], r"^train.lr=1e-320 is 0 in float32, the precision training computes in, where train.lr "
+                          r"cannot be 0; give a value float32 holds, e.g. train.lr=0.001$"),
+    (["train.lr=1e308"], r"^train.lr=1e\+308 is inf in float32"),
+    (["train.b2=0.9999999999999999"], r"^train.b2=0.9999999999999999 is 1 in float32, .*e.g. train.b2=0.95$"),
+    (["train.grad_clip=5e-324"], r"^train.grad_clip=5e-324 is 0 in float32"),
+    (["model.init_std=5e-324"], r"^model.init_std=5e-324 is 0 in float32"),
+    (["model.norm_eps=1e-50"], r"^model.norm_eps=1e-50 is 0 in float32"),
     (["model.stages.0.circuits.X.loops=uniform(8, 2)"], r"circuits.X.loops: uniform\(a, b\) needs"),
     (["model.stages.0.circuits.X.loops=many"], r"circuits.X.loops: 'many' is not a loop distribution"),
     (["model.stages.0.circuits.X.inject=mul"], r"circuits.X.inject: 'mul' is not one of add, concat, none"),
@@ -145,7 +161,9 @@ def test_a_blank_override_value_is_kept_as_given():
     assert load_config("configs/text_bytes.yaml", ["data.doc_separator=\t"]).data.doc_separator == "\t"
 
 
-@pytest.mark.parametrize("text", ["010", "0x1F", "12:30:00", "1_000", "+5", "1.50", ".inf"])
+# a date (#27 pass 41): "run.name: expected str, got datetime.date(2024, 1, 1)"
+@pytest.mark.parametrize("text", ["010", "0x1F", "12:30:00", "1_000", "+5", "1.50", ".inf", "2024-01-01",
+                                  "2024-01-01T10:00:00"])
 def test_a_name_written_as_an_odd_number_is_kept_as_written(tmp_path, text):
     """#27 pass 14: YAML 1.1 reads 010 as 8, 12:30:00 as 45000 and 1_000 as 1000, so run.name=010 trained into runs/8
     (and a split named 010 was "8"); a string field now keeps the text, a number field the number."""
@@ -157,6 +175,14 @@ def test_a_name_written_as_an_odd_number_is_kept_as_written(tmp_path, text):
     assert (cfg.run.name, cfg.seed, cfg.train.steps, cfg.eval.sweep_loops) == (text, 16, 1000, [8, 750])
     assert load_config(path, ["data.task_args={width: 0x10}"]).data.task_args == {"width": 16}
     assert yaml.safe_load(cfg.to_yaml())["run"]["name"] == text  # saved quoted: the run reads back its own name
+
+
+@pytest.mark.parametrize("text, word", [("yes", "true"), ("off", "false"), ("~", "null")])
+def test_a_name_that_yaml_reads_as_a_value_says_to_quote_it(text, word):
+    """#27 pass 41: `run.name=yes` was "run.name: expected str, got True", with no word of the fix."""
+    with pytest.raises(ConfigError, match=rf"^run.name: expected text, got {word}, which YAML reads as a value .*; "
+                                          rf"quote it to use it as text, e.g. run.name='\"{word}\"'$"):
+        load_config(QUICKSTART, [f"run.name={text}"])
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -277,3 +303,31 @@ def test_an_override_that_is_not_utf8_is_named(override):
     byte = next(f"\\x{b:02x}" for b in override if b >= 0x80)
     with pytest.raises(ConfigError, match=rf"^override '.*' holds the byte {re.escape(byte)}, which is not UTF-8 text"):
         load_config("configs/quickstart.yaml", [text])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # #27 pass 40's leftover: a negative index set the last stage, Python's way
+    (["model.stages.-1.circuits.0.depth=3"], r"^override 'model.stages.-1.circuits.0.depth': 'model.stages.-1' is a "
+                                             r"negative index; give 0..0$"),
+    (["model.stages.0.circuits.\u0660.depth=3"], r"'model.stages.0.circuits.\u0660' is not an index 0..1 or a name"),
+    # #27 pass 41: one field by two spellings (a name and an index, 0 and 00): the last one won with no word
+    (["model.stages.0.circuits.X.eval_loops=3", "model.stages.0.circuits.0.eval_loops=5"],
+     r"^model.stages.0.circuits.X.eval_loops and model.stages.0.circuits.0.eval_loops both set "
+     r"model.stages.0.circuits.0.eval_loops; give it once \(the last one would win with no word\)$"),
+    (["model.stages.0.circuits.0.depth=3", "model.stages.00.circuits.0.depth=4"], r"both set model.stages.0.circuits"),
+    # ... or a whole list or section after an override inside it, which it dropped
+    (["model.stages.0.circuits.X.eval_loops=3", "model.stages=[]"],
+     r"^model.stages replaces all of model.stages, and with it what model.stages.0.circuits.X.eval_loops set before "
+     r"it \(which would be lost with no word\); give model.stages.0.circuits.X.eval_loops after it, or drop one$"),
+    (["train.steps=7", "train={lr: 0.1}"], r"^train replaces all of train, and with it what train.steps set"),
+])
+def test_two_overrides_of_one_field_by_other_spellings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, overrides, once=True)
+
+
+def test_an_override_inside_a_list_given_after_the_list_is_kept():
+    cfg = load_config(QUICKSTART, ["data.eval_splits={a: [1, 2]}", "data.eval_splits.a=[1, 3]",
+                                                             "model.stages.0.circuits.X.eval_loops=3",
+                                                             "model.stages.0.circuits.Y.eval_loops=4"], once=True)
+    assert cfg.data.eval_splits == {"a": [1, 3]} and [c.eval_loops for c in cfg.model.circuits()] == [3, 4]

@@ -271,6 +271,18 @@ def test_a_wrong_token_renders_as_no_symbol_or_room_mark_it_is_not():
     # #27 pass 40: a hop token (above the symbols) showed as the symbol 'e', past the alphabet a-d
     assert hop.render(ex["inputs"], [hop._hop_token(1)]).endswith(f" = <{hop._hop_token(1)}>")
     assert hop.render(ex["inputs"], [hop.FIRST + hop.alphabet - 1]).endswith(" = d")
+    # #27 pass 40's leftover: `<i>` was both a token id and (past the names) a symbol's index; an edge token above
+    # pointer_chase's symbols showed as a symbol the task does not hold ('g' of A-f)
+    edges = make_task("pointer_chase", edge_tokens=True, num_nodes=4, num_symbols=4)
+    ex = edges.example(np.random.default_rng(0), 2, edges.seq_len(2))
+    assert edges.render(ex["inputs"], [edges.FIRST + 4]).endswith(f" = <{edges.FIRST + 4}>")
+    assert edges.render(ex["inputs"], [edges.FIRST + 3]).endswith(" = D")
+    many = make_task("p_hop", alphabet=40)
+    ex = many.example(np.random.default_rng(0), 2, many.seq_len(2))
+    assert many.render(ex["inputs"], [many.FIRST + 38]).endswith(" = #38")
+    wide = make_task("pointer_chase", num_nodes=4, num_symbols=70)
+    ex = wide.example(np.random.default_rng(0), 2, wide.seq_len(2))
+    assert wide.render(ex["inputs"], [wide.FIRST + 65]).endswith(" = #65")
     maze = make_task("maze", rows=2)
     ex = maze.example(np.random.default_rng(0), 3, maze.seq_len(3))
     text = maze.render(ex["inputs"], [5] * 6)

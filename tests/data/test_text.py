@@ -480,6 +480,10 @@ def test_prepare_force_deletes_nothing_it_did_not_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no .out.old-PID, no lock
     with pytest.raises(DataError, match=r"--out .*data/prepared is inside .*data, a directory data.paths reads"):
         prepare_corpus(cfg_for(tmp_path, [data]), data / "prepared", progress=False)
+    # a corpus inside a corpus: the outer one's --force then refused the folder (#27 pass 40's leftover)
+    with pytest.raises(DataError, match=r"^--out .*out/inner/c is inside .*out, a corpus written by `loopformer prepare`"):
+        prepare_corpus(cfg, out / "inner" / "c", progress=False)
+    assert not (out / "inner").exists()
 
 
 def test_leftovers_of_a_killed_prepare_are_cleaned_and_never_read(tmp_path):

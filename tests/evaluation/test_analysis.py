@@ -135,3 +135,18 @@ def test_per_example_pass_runs_compacted_when_asked(run, eval_sets):
     np.testing.assert_allclose(on["loops"]["X"], off["loops"]["X"])
     assert on["histogram"] == off["histogram"] and len(on["histogram"]["X"]) > 1  # tokens stop at different counts
     assert on["computed_loops"]["X"] < off["computed_loops"]["X"]
+
+
+def test_a_rys_screen_below_one_batch_scores_that_many_examples():
+    """#27 pass 40's leftover: `rys --screen 8` under an eval batch of 64 scored the whole batch; the examples past the
+    screen are masked out, as the padding rows are, so the screen scores 8 on the program the full scan compiles."""
+    from loopformer.evaluation import rys
+
+    mask = np.ones((4, 3), np.float32)
+    mask[3] = 0  # a padding row
+    batches = [{"inputs": np.zeros((4, 3), np.int32), "mask": mask}, {"inputs": np.zeros((4, 3), np.int32), "mask": mask}]
+    for n, counted, kept in ((2, 2, 1), (3, 3, 1), (4, 4, 2), (99, 6, 2)):
+        out = rys.screen({"s": batches}, n)["s"]
+        assert (rys.count_examples(out), len(out)) == (counted, kept)
+        assert all(np.shape(b["mask"]) == (4, 3) for b in out)
+    assert batches[0]["mask"][2].all()  # the caller's batch is not changed

@@ -786,3 +786,39 @@ def test_a_run_inside_another_run_is_refused(tmp_path, trained_run, inside):
                                           rf"run {re.escape(str(outer))}; write it outside any run directory"):
         train(tiny_config(outer / folder, name))
     assert sorted(p.name for p in (outer / "checkpoints").iterdir()) == before and not (outer / "inner").exists()
+
+
+def test_a_rerun_names_the_final_sweep_it_replaces(tmp_path):
+    """#27 pass 40's leftover: a rerun of a trained run with other eval settings replaced final_sweep.json without a
+    word; the line names what it held (the weights are unchanged: the earlier settings write it back)."""
+    from loopformer.train.trainer import replaced_sweep
+
+    path = tmp_path / "final_sweep.json"
+    old = [{"loops": 2, "split": "train", "accuracy": 0.5}, {"loops": "auto", "split": "train", "accuracy": 0.5}]
+    new = [{"loops": 3, "split": "train", "accuracy": 0.25}]
+    assert replaced_sweep(path, new) is None  # no earlier sweep
+    path.write_text(json.dumps(old))
+    assert replaced_sweep(path, old) is None  # the same sweep again
+    line = replaced_sweep(path, new)
+    assert line.startswith("replaced final_sweep.json: it held loops 2, auto on train, now loops 3 on train"), line
+    assert "its numbers changed" in replaced_sweep(path, [{**old[0], "accuracy": 0.75}, old[1]])
+    path.write_text("not json")
+    assert replaced_sweep(path, new) is None
+
+
+def test_an_iteration_loss_whose_logits_cannot_fit_is_one_line(tmp_path, monkeypatch):
+    """#27 pass 41: train.iteration_loss keeps the logits after each of its W iterations; past memory it was an
+    out-of-memory traceback at the first step (126 GB for W=5000, now refused past the circuit's max_loops too)."""
+    from loopformer.config import load_config
+    from loopformer.train import trainer as T
+
+    cfg = load_config("configs/text_bytes.yaml", ["data.seq_len=64", "train.iteration_loss=2", f"run.dir={tmp_path}",
+                                                  "run.name=w"])
+    rows = cfg.data.batch_size // cfg.train.grad_accum  # attention fits, the logits do not
+    monkeypatch.setattr(T, "memory_bytes", lambda: 2 * max(rows * 64 * 64 * (16 * cfg.model.max_heads + 8),
+                                                           rows * 64 * 256 * 12 * 2 // 2) + 2)
+    with pytest.raises(ConfigError, match=r"^train.iteration_loss=2: the logits after each of the last 2 iterations "
+                                          r"\(\d+ rows of 64 tokens over a vocabulary of \d+\) need about [\d,]+ GiB, "
+                                          r"more than half of .*; at most \d+ fit: lower train.iteration_loss"):
+        train(cfg)
+    assert not cfg.run_dir.exists()
