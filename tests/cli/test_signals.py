@@ -173,6 +173,23 @@ def test_a_jax_variable_jax_refuses_is_one_line(tmp_path, env, start):
     assert not (tmp_path / "r").exists()
 
 
+def test_xla_flags_a_parent_checked_are_not_checked_again(monkeypatch):
+    """The child process that checks XLA_FLAGS (~2 s) runs once per value down a tree of processes: a value a parent
+    checked (or the test harness set) is in LOOPFORMER_XLA_FLAGS_CHECKED, and a new value is checked and then put
+    there for the command's own children."""
+    import jax._src.xla_bridge as xb
+
+    from loopformer import cli
+
+    started = []
+    monkeypatch.setattr(xb, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: started.append(a) or types.SimpleNamespace(returncode=0))
+    monkeypatch.setenv(cli.FLAGS_CHECKED, "--xla_a=1")
+    assert cli.xla_flags_refused("--xla_a=1") is None and started == []
+    assert cli.xla_flags_refused("--xla_b=1") is None and len(started) == 1
+    assert os.environ[cli.FLAGS_CHECKED] == "--xla_b=1"
+
+
 @pytest.mark.parametrize("home", ["", "relative/home"])
 def test_a_home_that_names_no_home_directory_is_not_read_for_a_tilde(monkeypatch, home):
     """#27 pass 41: with HOME='' `run.dir=~/x` trained into /x, at the root of the file system (and a relative HOME
