@@ -446,14 +446,20 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
 
+def ascii_digits(text: str) -> None:
+    """ArgumentTypeError for a flag's value holding a digit of another script (`errors.foreign_digit`): int() and
+    float() read '٣' as 3."""
+    foreign = foreign_digit(text)
+    if foreign:
+        raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+
+
 def _ascii_number(kind: type) -> Callable[[str], Any]:
-    """``int`` or ``float`` as an argparse type that refuses a digit of another script (`errors.foreign_digit`);
-    argparse's own "invalid int value" for the rest (the function keeps the type's name)."""
+    """``int`` or ``float`` as an argparse type that refuses a digit of another script (`ascii_digits`); argparse's
+    own "invalid int value" for the rest (the function keeps the type's name)."""
 
     def parse(text: str) -> Any:
-        foreign = foreign_digit(text)
-        if foreign:
-            raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+        ascii_digits(text)
         return kind(text)
 
     parse.__name__ = kind.__name__

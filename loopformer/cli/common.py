@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from loopformer import jsontext
-from loopformer.errors import AnalysisError, DataError, PlanError, foreign_digit
+from loopformer.cli import ascii_digits
+from loopformer.errors import AnalysisError, DataError, PlanError
 from loopformer.model import plan
 from loopformer.runs.layout import replace_file, special
 from loopformer.runs.log import log
@@ -57,9 +58,7 @@ def _integer(lo: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer >= ``lo``, else "expected <what>, got ..."."""
 
     def parse(text: str) -> int:
-        foreign = foreign_digit(text)
-        if foreign:
-            raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+        ascii_digits(text)
         try:
             value = int(text)
         except ValueError:
@@ -77,9 +76,7 @@ integer = _integer(-(2**63), "an integer")  # a flag's own range is checked wher
 
 def real(text: str) -> float:
     """An argparse type: a number written in ASCII digits (float() reads '٠.٥' as 0.5)."""
-    foreign = foreign_digit(text)
-    if foreign:
-        raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+    ascii_digits(text)
     try:
         return float(text)
     except ValueError:

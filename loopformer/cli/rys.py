@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loopformer.cli import ascii_digits
 from loopformer.cli.common import (
     check_probe,
     check_writable,
@@ -19,7 +20,7 @@ from loopformer.cli.common import (
     run_flags,
     write_png,
 )
-from loopformer.errors import AnalysisError, PlanError, foreign_digit
+from loopformer.errors import AnalysisError, PlanError
 from loopformer.evaluation import plots, rys, tables
 from loopformer.evaluation.run import PROBE_SPLIT, load_run
 from loopformer.runs.log import log
@@ -31,9 +32,7 @@ MAX_REPEATS = 64  # far past the 1-3 extra runs the duplication experiments use;
 
 
 def _repeats(text: str) -> list[int]:
-    foreign = foreign_digit(text)
-    if foreign:  # `--repeats ٢` scanned 2 (#27 pass 40's leftover)
-        raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+    ascii_digits(text)  # `--repeats ٢` scanned 2 (#27 pass 40's leftover)
     if "" in (x.strip() for x in text.split(",")) and text.strip():  # 1,,2 was read as 1,2
         raise argparse.ArgumentTypeError(f"an empty item between commas in '{text}'; write counts like 1,2,3")
     try:

@@ -1057,17 +1057,18 @@ class Config:
         _check(not on or not name or name in names, f"train.iteration_loss_circuit: '{name}' is not a circuit; "
                f"circuits are {', '.join(names) or 'none'}; name one, or turn the terms off: "
                + " ".join(f"train.{f}=0" for f in on))
-        windowed = self.model.stage_of(self.iteration_window()[0]) if self.train.iteration_loss else None
+        window = self.iteration_window()
+        windowed = None if window is None else self.model.stage_of(window[0])
         for i, stage in enumerate(self.model.stages):  # a setting that nothing reads is refused, as elsewhere
             _check(stage.router.window == "bank" or i == windowed,
                    f"model.stages.{i}.router.window={stage.router.window} chooses the rounds train.iteration_loss "
-                   f"reads on this stage, but " + ("train.iteration_loss is off" if windowed is None else
-                                                   f"it reads circuit {self.iteration_window()[0]} of stage {windowed}")
+                   f"reads on this stage, but " + ("train.iteration_loss is off" if window is None else
+                                                   f"it reads circuit {window[0]} of stage {windowed}")
                    + "; drop it, or set train.iteration_loss (and train.iteration_loss_circuit)")
         if not on:
             return
-        if self.train.iteration_loss:
-            name, W = self.iteration_window()
+        if window is not None:
+            name, W = window
             i = self.model.stage_of(name)
             router = self.model.stages[i].router
             # a window past the iterations that can run read nothing more, and kept the logits after each of its W
