@@ -49,6 +49,16 @@ learned no stop) is ``full`` with the loss read where the looped model reads it:
 is scored 4 times at its exit's state; read at its own rounds it is asked to be right over the 4 rounds before it
 exits, as the looped model is asked over its last 4 iterations. Everything else is as ``full``.
 
+``--variant-loops sense`` (declared 2026-12-08 01:55 UTC, before its first run, after ``own``'s routers collapsed and a
+diagnosis (`bench/router_rooms.py`) had found that the maze3 routers which learned no stop lose the 2x mazes'
+unreachable rooms, which no local step confirms: only the end of the flood elsewhere in the maze says they are done,
+and a router that reads its own token's stream alone cannot see it) is ``recipe`` with a router that also reads how
+much the states still move (``router.inputs=[change,context]``, `loopformer.model.router.settling_inputs`): the log
+of its token's latent change over its last round, and the largest such change among the tokens that reach it (on
+maze3's bidirectional model its whole maze, as context_diff reads them), through a linear map into its scores that
+starts at zero. Runs ``<task>-router_sense-seed<S>``; the router alone (``--models looped,router``); everything else
+is as ``recipe`` (its counts, no loss over the last iterations). The inputs' FLOPs are counted with the router's.
+
 ``--models ...,router_config`` (declared 2026-12-07 13:50 UTC, before its first run, after the two maze3 router records
 above failed on different seeds: the router trained with the recipe's counts learned no stop on seed 0, the one
 trained with ``uniform(8, 16)`` ran against the maze's steps on seed 2) trains both routers per seed: ``router`` with
@@ -106,7 +116,7 @@ its wall-clock per token, with Spearman >= 0.6.
 
     python bench/adaptive.py [--tasks prefix_parity,maze3,prefix_parity_settle,maze3_settle,text] [--seeds 3]
                              [--models looped,halting,router] [--json] [--out DIR] [--examples N] [--compact auto|on|off]
-                             [--first-seed K] [--variant-loops recipe|config|full]
+                             [--first-seed K] [--variant-loops recipe|config|full|own|sense]
     python bench/adaptive.py --merge A/adaptive.json B/adaptive.json --out C   # seeds of both, one bar
 
 ``--tasks text``: ``configs/adaptive/text_ponder.yaml`` (the shipped text model trained with
@@ -173,12 +183,15 @@ ROUTER_BACKPROP = 4  # the router's states carry gradient through its last 4 rou
 # --variant-loops: the looped model's recipe entries the halting and router models train with too, and the tag of
 # their runs (<task>-<variant><tag>-seed<S>): recipe (its counts per difficulty), config (their configs' own loops),
 # full (the router alone: its counts and its loss at each of the last 4 iterations, as the bank's last 4 rounds)
-# own (as full, the loss read at each token's own last 4 rounds: router.window=own); the third entry: the router's own
-# overrides beside the recipe's
+# own (as full, the loss read at each token's own last 4 rounds: router.window=own), sense (the router alone: recipe,
+# the router reading how much the states still move: router.inputs); the third entry: the router's own overrides
+# beside the recipe's
 VARIANT_RECIPES = {"recipe": (("per_difficulty",), "_per_difficulty", ()), "config": ((), "", ()),
                    "full": (("per_difficulty", "iteration_loss"), "_full", ()),
-                   "own": (("per_difficulty", "iteration_loss"), "_own", ("model.stages.0.router.window=own",))}
+                   "own": (("per_difficulty", "iteration_loss"), "_own", ("model.stages.0.router.window=own",)),
+                   "sense": (("per_difficulty",), "_sense", ("model.stages.0.router.inputs=[change,context]",))}
 WINDOWED = ("full", "own")  # the --variant-loops values with the looped model's loss over its last iterations
+ROUTER_ONLY = (*WINDOWED, "sense")  # the --variant-loops values that train the router alone (no halting model)
 VARIANT_LOOPS = tuple(VARIANT_RECIPES)
 # the bar (#25): within 1 point of the best fixed count, <= 0.6x its FLOPs, <= 0.7x its time, Spearman >= 0.6
 WITHIN, FLOPS_RATIO, TIME_RATIO, SPEARMAN = 0.01, 0.6, 0.7, 0.6
@@ -281,8 +294,8 @@ def spearman(rows: list[dict], depths: dict) -> None:
 def recipe_loops(name: str, loops: str = "recipe") -> list[str]:
     """The loop overrides task ``name``'s halting and router models train with: the looped model's
     `VARIANT_RECIPES` entries for ``loops``: recipe (its counts per difficulty), config (none: their configs' own
-    loops), full (its counts and its loss at each of the last 4 iterations) or own (full, the loss read at each
-    token's own last 4 rounds)."""
+    loops), full (its counts and its loss at each of the last 4 iterations), own (full, the loss read at each
+    token's own last 4 rounds) or sense (its counts, the router reading how much the states move)."""
     if loops not in VARIANT_LOOPS:
         raise ValueError(f"variant loops {loops!r}: choose from {', '.join(VARIANT_LOOPS)}")
     entries, _, own = VARIANT_RECIPES[loops]
@@ -292,7 +305,7 @@ def recipe_loops(name: str, loops: str = "recipe") -> list[str]:
 def variant_config(name: str, variant: str, seed: int, out: Path, examples: int, steps: int,  # noqa: ANN201
                    loops: str = "recipe"):
     """The config of task ``name``'s ``variant`` ("halting" | "router") model of ``seed``, trained with
-    `recipe_loops` (run ``<name>-<variant>[_per_difficulty|_full|_own]-seed<S>`` in ``out``)."""
+    `recipe_loops` (run ``<name>-<variant>[_per_difficulty|_full|_own|_sense]-seed<S>`` in ``out``)."""
     variant_loops = recipe_loops(name, loops)
     extra = [f"model.stages.0.router.backprop={ROUTER_BACKPROP}"] if variant == "router" else []
     tag = variant + VARIANT_RECIPES[loops][1]
@@ -815,8 +828,8 @@ def main() -> int:
     p.add_argument("--variant-loops", choices=VARIANT_LOOPS, help="the loops the halting and router models train "
                    "with: recipe (default: the looped model's per-difficulty entry), config (their configs' own, "
                    "uniform(8, 16)), full (the router alone: the per-difficulty entry and the looped model's loss at "
-                   "each of its last 4 iterations, read at the bank's last 4 rounds) or own (full, read at each "
-                   "token's own last 4 rounds)")
+                   "each of its last 4 iterations, read at the bank's last 4 rounds), own (full, read at each "
+                   "token's own last 4 rounds) or sense (the router alone: recipe, reading how much the states move)")
     p.add_argument("--compact", choices=tuple(COMPACT), default="auto",
                    help="how policies whose tokens stop at different iterations run: auto (default, the library's: "
                         "masked below 4,096 tokens a batch), on (compacted: only the running tokens), off (masked)")
@@ -851,6 +864,9 @@ def main() -> int:
         p.error(f"--variant-loops {args.variant_loops} trains the router with the looped model's loss at each of its "
                 "last iterations, which a halting head replaces with its own; drop halting from --models (e.g. "
                 "--models looped,router)")
+    if args.variant_loops in ROUTER_ONLY and "halting" in models:
+        p.error(f"--variant-loops {args.variant_loops} sets the router's inputs, and a halting model has no router; "
+                "drop halting from --models (e.g. --models looped,router)")
     same = [n for n in names if n != "text" and recipe_loops(n, "full") == recipe_loops(n, "recipe")]
     if args.variant_loops in WINDOWED and same:  # full trained the recipe's router again, as a "_full" run and record
         # whose variant_loops equal the recipe's (#27 pass 41); own's window would be refused with no loss to read

@@ -127,12 +127,17 @@ class FlopCounter:
     def routing(self) -> float:
         """FLOPs per token of one round of the model's routed stage: each circuit's write into the stream and
         the router's scores (a linear map of the normed stream to one score per circuit, plus the exit), which
-        every token of the batch gets at every round the bank runs (0 without a router)."""
+        every token of the batch gets at every round the bank runs (0 without a router). With ``router.inputs``
+        also the latent change of the states (a difference, two squares and two sums over each circuit's width)
+        and the map of the F inputs to the scores."""
         for stage in self.cfg.stages:
             if stage.router.routes:
                 d = self.cfg.d_model
                 writes = sum(2.0 * c.width * (c.width if c.io == "slice" else d) for c in stage.circuits)
-                return writes + 2.0 * d * (len(stage.circuits) + int(stage.router.exit))
+                scores = len(stage.circuits) + int(stage.router.exit)
+                inputs = len(stage.router.inputs)
+                sensed = (5.0 * sum(c.width for c in stage.circuits) + (2.0 * scores + 1.0) * inputs) if inputs else 0.0
+                return writes + 2.0 * d * scores + sensed
         return 0.0
 
     def readout(self) -> float:

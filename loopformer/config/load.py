@@ -472,7 +472,7 @@ def part_of(path: str) -> str:
         if len(keys) >= 6:  # model.stages.S.circuits.C.field
             return CIRCUIT_PARTS.get(keys[5], ARCHITECTURE)
         if len(keys) >= 4 and keys[3] == "router":  # model.stages.S.router.field
-            return ARCHITECTURE if len(keys) == 4 or keys[4] in ("kind", "exit") else SETTING
+            return ARCHITECTURE if len(keys) == 4 or keys[4] in ("kind", "exit", "inputs") else SETTING
         return ARCHITECTURE  # a stage or circuit added, removed or reordered
     if keys[0] == "data" and len(keys) > 1 and keys[1] in ("task", "task_args", "tokenizer", "vocab_size"):
         return TASK  # vocab_size: a BPE run's tokenizer and embedding are built at it; a resume cannot change it

@@ -184,6 +184,7 @@ class HaltingConfig:
 
 
 WINDOW_ROUNDS = ("bank", "own")  # router.window
+ROUTER_INPUTS = ("change", "context")  # router.inputs
 
 
 @dataclass
@@ -207,10 +208,21 @@ class RouterConfig:
     # holds its final state in each) | own (each token's own last W rounds, as a loop's window reads each
     # token's last W iterations)
     window: str = "bank"
+    # what the router reads besides the normed stream (architecture: a linear map of them joins its scores):
+    # change (log10 of the token's latent change ||h_r - h_{r-1}|| / ||h_r|| over its last round) | context (the
+    # largest change among the tokens that can reach it: the tokens before it in a causal model, its whole row in a
+    # bidirectional one, as context_diff reads them)
+    inputs: list[str] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
         _one_of(self.kind, ROUTERS, f"{path}.kind")
         _one_of(self.window, WINDOW_ROUNDS, f"{path}.window")
+        _check(isinstance(self.inputs, list) and all(isinstance(i, str) for i in self.inputs),
+               f"{path}.inputs must be a list of {', '.join(ROUTER_INPUTS)}, got {self.inputs!r}")
+        for i in self.inputs:
+            _one_of(i, ROUTER_INPUTS, f"{path}.inputs")
+        twice = [i for i in self.inputs if self.inputs.count(i) > 1]
+        _check(not twice, f"{path}.inputs lists {twice[0]!r} twice: {self.inputs}; give each once" if twice else "")
         # (past the loop limit it was an OverflowError traceback from JAX at the first step)
         _check(isinstance(self.backprop, int) and not isinstance(self.backprop, bool) and 0 <= self.backprop <= MAX_LOOPS,
                f"{path}.backprop (rounds with gradient; 0: every round) must be an integer in 0..{MAX_LOOPS}, got "

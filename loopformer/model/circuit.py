@@ -705,9 +705,10 @@ class Bank(nnx.Module):
             return x
 
         def round_(cs: Any, carry: tuple, r: Array) -> tuple:
-            hs, active, used, aux = carry
+            hs, active, used, aux, change = carry
             router = nnx.merge(router_gd, cs[2])
-            sel, soft, still, loss = router(stream(cs, hs), r < loops, active, ctx.valid_BT, r, plan.training)
+            sel, soft, still, loss = router(stream(cs, hs), r < loops, active, ctx.valid_BT, r, plan.training,
+                                            change)
             new_hs = []
             for i in range(len(names)):
                 circuit = nnx.merge(graphdefs[i], cs[0][i])
@@ -715,10 +716,14 @@ class Bank(nnx.Module):
                 # straight-through: the hard choice in value, the soft state h + q (cand - h) in gradient
                 step = soft[i][..., None].astype(hs[i].dtype) * (cand - hs[i])
                 new_hs.append(jnp.where(sel[i][..., None], cand, hs[i]) + step)
-            return tuple(new_hs), still, used + sel.astype(jnp.float32), aux + loss
+            new_hs = tuple(new_hs)
+            change = None if change is None else _bank_change(hs, new_hs)
+            return new_hs, still, used + sel.astype(jnp.float32), aux + loss, change
 
+        # router.inputs: each token's latent change over its last round (none before round 0: it reads as moving)
+        change0 = jnp.ones(x_BTD.shape[:2], jnp.float32) if self.router.inputs else None
         carry0 = (tuple(h for _, h in starts), active0, jnp.zeros((len(names), *x_BTD.shape[:2]), jnp.float32),
-                  jnp.zeros((), jnp.float32))
+                  jnp.zeros((), jnp.float32), change0)
         rounds = jnp.max(loops)
         streams = valid = None
         if plan.training:
@@ -753,7 +758,7 @@ class Bank(nnx.Module):
                 new = jax.tree.map(lambda a, b: jnp.where(r < rounds, a, b), new, carry)
                 return new, (new[0] if window else None)  # with a window: the states after every round
 
-            (hs, _, used, aux), ys = jax.lax.scan(scan_step, carry0, jnp.arange(plan.bound))
+            (hs, _, used, aux, _), ys = jax.lax.scan(scan_step, carry0, jnp.arange(plan.bound))
             if window and self.router.rule.window == "own":  # after each of the token's own last W rounds
                 streams, valid = _own_rounds(stream, consts, ys, jax.lax.stop_gradient(used.sum(0)), window)
             elif window:  # train.iteration_loss: the stream after each of the bank's last W rounds
@@ -770,7 +775,7 @@ class Bank(nnx.Module):
                 def cond(c: tuple) -> Array:
                     return (c[0] < rounds) & jnp.any(c[1][1])
 
-                ran, (hs, _, used, aux) = jax.lax.while_loop(
+                ran, (hs, _, used, aux, _) = jax.lax.while_loop(
                     cond, lambda c: (c[0] + 1, round_(consts, c[1], c[0])), (jnp.zeros((), jnp.int32), carry0))
                 computed = ran.astype(jnp.float32) * B * T  # every circuit computes every token each round
             scored = ran.astype(jnp.float32) * B * T  # the router scores every token's stream each round
@@ -791,24 +796,33 @@ class Bank(nnx.Module):
         their final state, which every later round reads. The masked rounds' outputs (test). Returns
         ((h,), used [1, B, T], the auxiliary loss summed over rounds, token-iterations executed, rounds run)."""
         circuit = self.circuits[self.names[0]]
-        hs0, active0, used0, aux0 = carry0
+        hs0, active0, used0, aux0, change0 = carry0
 
         def cond(c: tuple) -> Array:
             return (c[0] < rounds) & jnp.any(c[2])
 
         def body(step: Callable, c: tuple) -> tuple:
-            r, h, active, used, aux, side, fresh = c
+            r, h, active, used, aux, side, fresh, change = c
             router = nnx.merge(router_gd, consts[2])
-            sel, _, still, loss = router(stream(consts, (h,)), r < loops, active, ctx.valid_BT, r, False)
+            sel, _, still, loss = router(stream(consts, (h,)), r < loops, active, ctx.valid_BT, r, False, change)
             new, side = step((consts[0][0], consts[1][0]), r, h, side, fresh)
-            h = jnp.where(sel[0][..., None], new, h)
-            return r + 1, h, still, used + sel.astype(jnp.float32), aux + loss, side, sel[0]
+            new_h = jnp.where(sel[0][..., None], new, h)
+            change = None if change is None else _bank_change((h,), (new_h,))
+            return r + 1, new_h, still, used + sel.astype(jnp.float32), aux + loss, side, sel[0], change
 
         side0 = (circuit._kv_buffers(hs0[0]), jnp.zeros((), jnp.float32), ())
-        c0 = (jnp.zeros((), jnp.int32), hs0[0], active0, used0, aux0, side0, jnp.ones(active0.shape, bool))
-        ran, h, _, used, aux, side, _ = while_phases(circuit._compact_step(graphdef, ctx, shares), cond, body, c0,
+        c0 = (jnp.zeros((), jnp.int32), hs0[0], active0, used0, aux0, side0, jnp.ones(active0.shape, bool), change0)
+        ran, h, _, used, aux, side, _, _ = while_phases(circuit._compact_step(graphdef, ctx, shares), cond, body, c0,
                                                      lambda c: c[6])
         return (h,), used, aux, side[1], ran
+
+
+def _bank_change(hs: tuple[Array, ...], new_hs: tuple[Array, ...]) -> Array:
+    """[B, T] float32, no gradient: a routed bank's latent change ||h' - h|| / ||h'|| per token over one round,
+    its circuits' states taken together (0 for a token no circuit ran)."""
+    d2 = sum(jnp.sum(jnp.square((n - h).astype(jnp.float32)), axis=-1) for h, n in zip(hs, new_hs, strict=True))
+    n2 = sum(jnp.sum(jnp.square(n.astype(jnp.float32)), axis=-1) for n in new_hs)
+    return jax.lax.stop_gradient(jnp.sqrt(d2) / jnp.maximum(jnp.sqrt(n2), 1e-12))
 
 
 def _select(mask: Array, cap: int) -> Array:

@@ -87,7 +87,7 @@ class NoRouter(RouterKind):
 @ROUTERS.register("token_choice")
 @dataclass(frozen=True)
 class TokenChoice(RouterKind):
-    reads = ("exit", "balance", "compute", "backprop", "window")
+    reads = ("exit", "balance", "compute", "backprop", "window", "inputs")
 
     def scores(self, circuits: int) -> int:
         return circuits + int(self.exit)
@@ -121,7 +121,7 @@ class TokenChoice(RouterKind):
 @ROUTERS.register("expert_choice")
 @dataclass(frozen=True)
 class ExpertChoice(RouterKind):
-    reads = ("capacity", "capacities", "aux", "compute", "backprop", "window")
+    reads = ("capacity", "capacities", "aux", "compute", "backprop", "window", "inputs")
 
     def schedule(self) -> tuple[float, ...]:
         """c_r for r = 0, 1, ...: ``capacities``, or MoR's linear capacity (R - r) / R over R rounds."""

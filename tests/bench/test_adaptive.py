@@ -308,6 +308,12 @@ def test_variant_loops_train_the_router_and_gate_with_the_recipe_or_their_config
     assert (own.model.stages[0].router.window, full.model.stages[0].router.window) == ("own", "bank")
     assert own.model.stages[0].circuits[0].loops == "per_difficulty(2, 4)"
     assert adaptive.loops_of("maze3", adaptive.recipe_loops("maze3", "own")) == "--variant-loops own"
+    # sense: the recipe's counts, the router reading how much the states move
+    sense = adaptive.variant_config("maze3", "router", 1, tmp_path, 32, 10, "sense")
+    assert sense.run.name == "maze3-router_sense-seed1" and sense.iteration_window() is None
+    assert sense.model.stages[0].router.inputs == ["change", "context"] and not own.model.stages[0].router.inputs
+    assert sense.model.stages[0].circuits[0].loops == "per_difficulty(2, 4)"
+    assert adaptive.loops_of("maze3", adaptive.recipe_loops("maze3", "sense")) == "--variant-loops sense"
     with pytest.raises(ValueError, match="variant loops 'uniform': choose from recipe, config"):
         adaptive.recipe_loops("maze3", "uniform")
     a, b = record([0]), record([1])

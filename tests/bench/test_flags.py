@@ -58,6 +58,8 @@ CASES = [
     ("adaptive", ["--tasks", "text", "--variant-loops", "recipe"], "--tasks text reads none of --variant-loops"),
     ("adaptive", ["--variant-loops", "full"], "--variant-loops full trains the router with the looped model's loss"),
     ("adaptive", ["--variant-loops", "own"], "--variant-loops own trains the router with the looped model's loss"),
+    ("adaptive", ["--variant-loops", "sense"], "--variant-loops sense sets the router's inputs, and a halting model "
+     "has no router; drop halting from --models"),
     ("adaptive", ["--variant-loops", "uniform"], "argument --variant-loops: invalid choice: 'uniform'"),
     ("compact", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("compact", ["--max-bits", "0"], "--max-bits must be >= 1, got 0"),

@@ -761,3 +761,72 @@ def test_an_exit_rule_is_refused_on_a_routed_stage():
     with pytest.raises(PlanError, match="^exit X=latent_diff:0.1: circuit X is in a routed stage, whose router "
                                         "decides when each token stops; drop --exit"):
         exit_caps(two_routed("token_choice"), {"X": exit_rule("latent_diff", 0.1)}, {"X": 4, "Y": 2})
+
+
+# ----------------------------------------------------------------------------- router inputs (settling)
+
+
+def test_settling_inputs_are_log_changes_and_their_reach():
+    """change: log10 of each token's latent change (floored at 1e-6); context: its largest over the real tokens
+    that reach the token (before it when causal, its whole row when not), as a hand loop computes them."""
+    from loopformer.model.router import settling_inputs
+
+    change = np.array([[0.5, 1e-3, 0.0, 2e-2, 1e-9], [1e-4, 0.3, 1e-5, 0.0, 0.1]], np.float32)
+    valid = np.array([[True] * 5, [True, True, True, True, False]])  # the last token of row 1 is padding
+    log = np.log10(np.maximum(change, 1e-6))
+    for causal in (True, False):
+        got = np.asarray(settling_inputs(("context", "change"), jnp.asarray(change), jnp.asarray(valid), causal))
+        assert got.shape == (2, 5, 2)
+        np.testing.assert_allclose(got[..., 1], log, rtol=1e-6)
+        for b in range(2):
+            for t in range(5):
+                reach = [s for s in range(5) if valid[b, s] and (s <= t or not causal)]
+                np.testing.assert_allclose(got[b, t, 0], max(log[b, s] for s in reach), rtol=1e-6)
+
+
+def sensing_router(causal, eps):
+    """((graphdef, state) of X (up to 8 rounds, window 3) under a token-choice router that reads ``context`` and is
+    set to run X while it is at least log10(eps) and exit below it; (graphdef, state) of the same model without the
+    router, with the same weights)."""
+    x = CircuitConfig(name="X", width=8, heads=2, window=3, state_norm=False, eval_loops=8, max_loops=8)
+    plain = ModelConfig(d_model=16, heads=2, prelude=1, coda=1, window=1, causal=causal, stages=[StageConfig([x])])
+    router = RouterConfig(kind="token_choice", inputs=["context"])
+    gd, st = model_of(dataclasses.replace(plain, stages=[StageConfig([x], router=router)]))
+    r = st["stages"][0]["router"]
+    r["score"]["kernel"].value = jnp.zeros_like(r["score"]["kernel"].value)
+    r["score"]["bias"].value = jnp.asarray([-np.log10(eps), 0.0])  # X scores context - log10(eps), exit 0
+    r["sense"]["kernel"].value = jnp.asarray([[1.0, 0.0]])
+    pgd, pst = nnx.split(build_model(plain, VOCAB, 0))
+    nnx.update(pst, nnx.State({k_: v for k_, v in st.items() if k_ != "stages"}))
+    pst["stages"][0]["circuits"] = st["stages"][0]["circuits"]
+    return (gd, st), (pgd, pst)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_router_reading_context_can_be_context_diff(causal):
+    """A router that reads ``context`` (router.inputs) and exits once it falls below log10(eps) stops every token
+    where context_diff:eps stops it on the same weights without the router: the same rounds per token and
+    logits, masked and compacted, tokens stopping at several rounds (causal) or by whole rows (bidirectional)."""
+    eps = 0.2 if causal else 0.18
+    (gd, st), (pgd, pst) = sensing_router(causal, eps)
+    toks = tokens(b=8, t=9)
+    ref_logits, ref = run(pgd, pst, toks, make_plan(["X"], {"X": 8}, exits={"X": f"context_diff:{eps}"}))
+    want = np.asarray(ref.circuits["X"].used)
+    assert len(np.unique(want)) > 1 and want.max() < 8  # the rule stops tokens at several rounds, before the cap
+    assert causal or (want == want[:, :1]).all()  # bidirectional: a row stops as a whole
+    for compact in (False, True):
+        logits, diag = run(gd, st, toks, make_plan(["X"], {"X": 8}, compact=compact))
+        np.testing.assert_array_equal(np.asarray(diag.circuits["X"].used), want, err_msg=f"compact={compact}")
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=f"compact={compact}")
+
+
+def test_a_router_learns_through_its_inputs():
+    """Training reads the inputs too: the loss has a gradient in the inputs' weights (the router's score of them),
+    and the training scan over plan.bound rounds gives inference's logits."""
+    (gd, st), _ = sensing_router(True, 0.2)
+    plan = make_plan(["X"], {"X": 6}, backprop={"X": 2}, bound=8)
+    grads = _grads(gd, st, tokens(), plan)
+    assert float(jnp.abs(grads["stages"][0]["router"]["sense"]["kernel"]).max()) > 0
+    train = run(gd, st, tokens(), plan)[0]
+    infer = run(gd, st, tokens(), dataclasses.replace(plan, backprop=(), bound=0))[0]
+    np.testing.assert_allclose(train, infer, rtol=1e-4, atol=1e-4)

@@ -262,7 +262,7 @@ def test_describe_names_a_stages_router_and_a_circuits_halting_head():
         kind="expert_choice", capacities=[1.0, 0.5], backprop=2))])
     text = describe(routed, VOCAB, build_model(routed, VOCAB, seed=0).param_counts())
     assert "stage 1: (X1)^3  router expert_choice (capacity 0.5, capacities [1.0, 0.5], aux 0.001, compute 0.0, " \
-           "backprop 2, window bank)" in text
+           "backprop 2, window bank, inputs [])" in text
     halting = dataclasses.replace(x, halting=HaltingConfig(kind="ouro"))
     cfg = ModelConfig(d_model=16, heads=2, stages=[StageConfig([halting])])
     assert "  halting ouro" in describe(cfg, VOCAB, build_model(cfg, VOCAB, seed=0).param_counts())
