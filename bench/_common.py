@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from loopformer import jsontext  # noqa: E402
 from loopformer.config import ModelConfig, load_config  # noqa: E402
 from loopformer.config.schema import MAX_EVAL_EXAMPLES, MAX_STEPS  # noqa: E402
-from loopformer.errors import BYTES, AnalysisError, LoopformerError, foreign_digit, not_utf8, printable  # noqa: E402
+from loopformer.errors import BYTES, AnalysisError, LoopformerError, not_utf8, printable, unplain_digits  # noqa: E402
 from loopformer.evaluation.tables import format_table  # noqa: E402
 from loopformer.flops import PEAK_ENV, datasheet_peak, measure_matmul_flops, peak_override  # noqa: E402
 from loopformer.model.attend import memory_bytes  # noqa: E402
@@ -264,8 +264,8 @@ def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1,
     """A comma-separated list of distinct whole numbers >= ``minimum`` (``--loops 4,8,16``) and, with ``maximum``
     (value, why), at most that; anything else, an empty list or a number given twice (measured and reported twice)
     included, is argparse's one error line naming the flag (exit 2)."""
-    if foreign_digit(text):  # int('٣') is 3 (#27 pass 40's leftover)
-        p.error(f"{flag} '{printable(text)}': {foreign_digit(text)}")
+    if unplain_digits(text):  # int('٣') is 3 (#27 pass 40's leftover)
+        p.error(f"{flag} '{printable(text)}': {unplain_digits(text)}")
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:

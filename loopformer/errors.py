@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import codecs
 import re
+import unicodedata
+from collections.abc import Sequence
 
 LONG = 500  # a value longer than this in a message was pasted whole (a path is rarely longer): cut to SHOWN characters
 SHOWN = 80
@@ -31,6 +33,33 @@ def foreign_digit(text: str) -> str | None:
     if bad is None:
         return None
     return f"'{bad}' is a digit of another script (U+{ord(bad):04X}); write ASCII digits 0-9"
+
+
+def invisible(args: Sequence[str], message: str = "") -> str:
+    """`` (... holds U+200B (ZERO WIDTH SPACE), a character that does not show; retype it without it)`` for the first
+    of ``args`` holding a format character (Unicode Cf: zero-width spaces and joiners, a byte-order mark, a soft
+    hyphen, direction marks), else "": appended to a command's error line, since the line quotes the argument as if
+    it were what the user typed and can name nothing wrong in what they see (`--loops X=2` with U+200B after it was
+    "'2' is not a loop count"; #27 pass 41's leftover). Only on an error: a prompt may hold a joiner on purpose.
+    "" too where ``message``, the line it would end, names the character already."""
+    for arg in args:
+        odd = next((c for c in str(arg) if unicodedata.category(c) == "Cf"), None)
+        if odd is not None and f"U+{ord(odd):04X}" not in message:
+            name = unicodedata.name(odd, "a format character")
+            shown = printable(arg).encode("ascii", "backslashreplace").decode("ascii")
+            return (f" ('{shown}' holds U+{ord(odd):04X} ({name}), a character that does not show; retype it "
+                    f"without it)")
+    return ""
+
+
+def unplain_digits(text: str) -> str | None:
+    """`foreign_digit`'s phrase, or for a number written with ``_`` between its digits (``1_0``) that it must be
+    written without (Python's int() and float() read ``1_0`` as 10: `--examples 1_0` scored 10 examples, `fixed(1_0)`
+    ran 10 loops; #27 pass 41's leftover), or None."""
+    grouped = re.search(r"[0-9][0-9.]*(?:_[0-9][0-9.]*)+", text)
+    if grouped is not None:
+        return f"'{grouped.group(0)}' is written with '_'; write the number's digits alone (e.g. 10, not 1_0)"
+    return foreign_digit(text)
 
 
 BYTES = "loopformer.bytes"  # a codec error handler: ``printable``'s escapes for a stream (`cli._escape_unencodable`)

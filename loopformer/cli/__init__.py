@@ -28,10 +28,11 @@ from loopformer.errors import (
     DecodingError,
     LoopformerError,
     OutputError,
-    foreign_digit,
+    invisible,
     plain_flag,
     printable,
     unescape_repr,
+    unplain_digits,
 )
 from loopformer.runs import stop
 from loopformer.runs.layout import unreachable
@@ -47,6 +48,12 @@ def _unrecognized(extra: list[str], command: str, parsers: dict[str, argparse.Ar
     inspect reads no weights), which commands take it; where a value follows a flag's value (`--loops X=2 Y=3`,
     ``--split 2x 4x``), that the flag takes one."""
     line = f"unrecognized arguments: {' '.join(extra)}"
+    # a space before `=` (`--loops X =2`): the value and what it sets were read as two arguments (#27 pass 41's leftover)
+    split = next((i for i, a in enumerate(argv) if i >= 1 and a in extra and a.startswith("=") and len(a) > 1
+                  and not argv[i - 1].startswith("-")), None)
+    if split is not None:
+        return (f"{line} (the space before '=' made {argv[split - 1]} and {argv[split]} two arguments; write "
+                f"{argv[split - 1]}{argv[split]}; see loopformer {command} --help)")
     second = _second_value(extra, parsers[command], argv)
     if second:
         return f"{line} ({second}; see loopformer {command} --help)"
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
     if whole:
         _quiet_noise()
         _escape_unencodable()
+        _second_signal_ends()
         if sys.stdout is not None:
             sys.stdout = _Guarded(sys.stdout)
     code = _main(argv)
@@ -132,6 +140,42 @@ def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     return code
+
+
+def _second_signal_ends() -> None:
+    """A second SIGTERM or Ctrl-C ends the process at once (status 143 / 130) while the first has not been answered.
+    Python runs a signal's handler only between its own instructions, so during one long compiled call (a loop of
+    10,000 iterations, a compile) a SIGTERM waited for the call to return, and so did every SIGTERM after it (#27
+    pass 41's leftover). A thread reads the signals from the interpreter's wakeup pipe as they arrive; once the
+    handler has run (`stop.requested`), the command's cleanup is under way and the handler's own rules hold. Ending
+    so is what SIGKILL does: checkpoints are written whole or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except (OSError, ValueError):  # no pipe left, or an embedding that owns the wakeup fd: signals as before
+        return
+    ends = {signal.SIGTERM: (143, "terminated"), signal.SIGINT: (130, "interrupted")}
+
+    def watch() -> None:
+        seen: dict[int, int] = {}
+        while True:
+            try:
+                got = os.read(read, 64)
+            except OSError:
+                return
+            for signum in got:
+                seen[signum] = seen.get(signum, 0) + 1
+                if signum in ends and seen[signum] >= 2 and stop.requested() is None:
+                    code, word = ends[signum]
+                    with contextlib.suppress(OSError):
+                        os.write(2, f"{word} at once (a second signal while the first waited for a compiled call to "
+                                    f"return; what was written before stands)\n".encode())
+                    os._exit(code)
+
+    threading.Thread(target=watch, name="loopformer-signals", daemon=True).start()
 
 
 def _escape_unencodable() -> None:
@@ -302,6 +346,8 @@ def _main(argv: list[str] | None) -> int:
             print("error: standard output is closed (`>&-`), so the command's tables, JSON and log would be lost; "
                   "send it to a file, or to /dev/null to discard it", file=sys.stderr)
         return 2
+    global ARGV
+    ARGV = argv
     main_thread = threading.current_thread() is threading.main_thread()
     # (a signal the parent set to be ignored, e.g. SIGINT of a background job, stays ignored)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -357,7 +403,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}; use --no-cache{instead} (recomputes the prefix every token)", file=sys.stderr)
         return 2
     except LoopformerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{invisible(sys.argv[1:] if argv is None else argv, str(e))}", file=sys.stderr)
         return 2
     except PermissionError as e:  # a file or folder this user may not read or write (root may, so it went unseen)
         what = e.filename or "a file the command needs"
@@ -433,12 +479,17 @@ def _once(parser: argparse.ArgumentParser, add_args: object) -> None:
     add_args(parser)  # type: ignore[operator]
 
 
+ARGV: list[str] | None = None  # the command line `main` runs (None: sys.argv's), which error lines look into
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, a byte that is not UTF-8 written ``\\xff`` where its lines quote a value with ``repr``
     (`errors.unescape_repr`); its subcommands' parsers are of this class too."""
 
     def error(self, message: str) -> NoReturn:
-        super().error(printable(unescape_repr(message)))  # (a value quoted bare, too: stderr without errors.BYTES)
+        # (a value quoted bare, too: stderr without errors.BYTES)
+        message = printable(unescape_repr(message))
+        super().error(message + invisible(sys.argv[1:] if ARGV is None else ARGV, message))
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         if kwargs.get("type") in (int, float):  # the bench scripts' numbers: int('٣') is 3 (#27 pass 40's leftover)
@@ -447,11 +498,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def ascii_digits(text: str) -> None:
-    """ArgumentTypeError for a flag's value holding a digit of another script (`errors.foreign_digit`): int() and
-    float() read '٣' as 3."""
-    foreign = foreign_digit(text)
+    """ArgumentTypeError for a flag's value holding a digit of another script or a '_' between digits
+    (`errors.unplain_digits`): int() and float() read '٣' as 3 and '1_0' as 10."""
+    foreign = unplain_digits(text)
     if foreign:
-        raise argparse.ArgumentTypeError(foreign if len(text.strip()) == 1 else f"'{text}': {foreign}")
+        whole = len(text.strip()) == 1 or foreign.startswith(f"'{text}'")
+        raise argparse.ArgumentTypeError(foreign if whole else f"'{text}': {foreign}")
 
 
 def _ascii_number(kind: type) -> Callable[[str], Any]:

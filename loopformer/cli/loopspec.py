@@ -10,7 +10,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from loopformer.errors import PlanError, foreign_digit
+from loopformer.errors import PlanError, unplain_digits
 from loopformer.model.plan import MAX_LOOPS
 from loopformer.variants.exits import EXITS, ExitRule
 
@@ -30,7 +30,7 @@ def geometric_grid(lo: int, hi: int) -> list[int]:
 def parse_counts(text: str, flag: str) -> list[int]:
     """The loop counts of one spec (``16``, ``1:64``, ``1:64:4``, ``1,2,8``), sorted and unique."""
     text = text.strip()
-    foreign = foreign_digit(text)
+    foreign = unplain_digits(text)
     if foreign:  # `X=٣` ran 3 loops: Python's int() reads any script's digits (#27 pass 40's leftover)
         raise PlanError(f"{flag}: {foreign}")  # (the flag shows the value)
     if not re.fullmatch(r"-?[0-9]+(\s*[:,]\s*-?[0-9]+)*", text):

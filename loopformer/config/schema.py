@@ -110,11 +110,19 @@ def _check_f32(value: float, key: str) -> None:
            f"and would be inf in training; lower it")
 
 
+def _check_range(value: float, key: str, ok: Any, message: str, example: float) -> None:
+    """ConfigError ``message`` unless ``ok(value)``, and (`_check_in_f32`) unless ``ok`` holds for it in float32 too:
+    one range, stated once, for the value given and the value trained with."""
+    _check(ok(value), message)
+    _check_in_f32(value, key, ok, example)
+
+
 def _check_in_f32(value: float, key: str, ok: Any, example: float) -> None:
     """ConfigError for a ``value`` that ``ok`` accepts and that float32, the precision training computes in, rounds to
     one it refuses: `train.lr=1e-320` is 0 (it trained nothing), `train.b2=0.9999999999999999` is 1 (the step was
     10,000 times too small), `model.init_std=5e-324` is 0 (a model of zeros), `train.grad_clip=5e-324` clipped every
-    gradient to 0 (#27 pass 41)."""
+    gradient to 0 (#27 pass 41), `train.ema=0.999999999` is 1 (the EMA weights never moved from the initial ones),
+    `halting.eps=1e-9` leaves 1 - eps at 1 (pass 41's leftover)."""
     if not (isinstance(value, int | float) and ok(value)):
         return
     with np.errstate(over="ignore", under="ignore"):
@@ -170,6 +178,11 @@ class HaltingConfig:
         _check_weights(self, ("beta", "beta_final", "tau"), path)
         _check(0 < self.prior < 1, f"{path}.prior must be in (0, 1), got {self.prior}")
         _check(0 < self.eps < 1, f"{path}.eps must be in (0, 1), got {self.eps}")
+        # act halts once the summed probabilities reach 1 - eps, computed in float32: where 1 - eps rounds to 1
+        # (eps below 6e-8) no token halts before its cap
+        _check(float(np.float32(1.0 - self.eps)) < 1, f"{path}.eps={self.eps:g} is below float32's resolution at 1 "
+               f"(1 - eps is 1 in float32, the precision the halting sums are computed in, so no token would halt "
+               f"before its cap); give eps >= 1e-7, e.g. {path}.eps=0.01")
         _check(0 < self.q <= 1, f"{path}.q must be in (0, 1], got {self.q}")
         _check_read(self, HALTINGS.get(self.kind).reads, path)
         self.rule().validate(path)
@@ -490,9 +503,8 @@ class ModelConfig:
         _check(0 < m.norm_eps < math.inf, f"model.norm_eps must be a finite number > 0, got {m.norm_eps}")
         # nan or 1e300 (inf in float32) diverged at step 1, blamed on train.lr; -1 trained as 1; 0 a model of zeros,
         # whose every gradient is zero
-        _check(0 < m.init_std <= 1, f"model.init_std (the weights' initial standard deviation) must be in (0, 1], "
-               f"e.g. 0.02, got {m.init_std}")
-        _check_in_f32(m.init_std, "model.init_std", lambda v: 0 < v <= 1, 0.02)
+        _check_range(m.init_std, "model.init_std", lambda v: 0 < v <= 1, f"model.init_std (the weights' initial "
+                     f"standard deviation) must be in (0, 1], e.g. 0.02, got {m.init_std}", 0.02)
         _check_in_f32(m.norm_eps, "model.norm_eps", lambda v: 0 < v < math.inf, 1e-6)
         _check(1 < m.rope_base < math.inf, f"model.rope_base must be a finite number > 1, got {m.rope_base}")
         _check(m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
@@ -855,16 +867,16 @@ class TrainConfig:
             _check(getattr(t, key) <= MAX_STEPS, f"train.{key} must be at most {MAX_STEPS:,} steps (the step counter "
                    f"is a 32-bit integer), got {getattr(t, key)}")
         _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
-        _check(0 < t.lr < math.inf, f"train.lr must be a finite number > 0, got {t.lr}")
-        _check_in_f32(t.lr, "train.lr", lambda v: 0 < v < math.inf, 1e-3)
+        _check_range(t.lr, "train.lr", lambda v: 0 < v < math.inf, f"train.lr must be a finite number > 0, got {t.lr}",
+                     1e-3)
         # AdamW's settings: out of range they train a NaN at the first step, blamed on train.lr, or (a negative
         # decay) grow the weights without a word
         _check(0 <= t.weight_decay < math.inf, f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
         _check_f32(t.weight_decay, "train.weight_decay")
         for key in ("b1", "b2"):
-            _check(0 <= getattr(t, key) < 1, f"train.{key} (AdamW's moment decay) must be in [0, 1), e.g. "
-                   f"{getattr(TrainConfig, key)}, got {getattr(t, key)}")
-            _check_in_f32(getattr(t, key), f"train.{key}", lambda v: 0 <= v < 1, getattr(TrainConfig, key))
+            _check_range(getattr(t, key), f"train.{key}", lambda v: 0 <= v < 1, f"train.{key} (AdamW's moment decay) "
+                         f"must be in [0, 1), e.g. {getattr(TrainConfig, key)}, got {getattr(t, key)}",
+                         getattr(TrainConfig, key))
         _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
         _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
@@ -878,8 +890,12 @@ class TrainConfig:
             _check_in_f32(t.grad_clip, "train.grad_clip", lambda v: v > 0, 1.0)
         _check(t.ema == 0 or 0 < t.ema < 1, f"train.ema (the decay of the EMA weights) must be in (0, 1), e.g. "
                f"train.ema=0.999, or 0 to turn it off; got {t.ema}")
+        if t.ema:  # (0 turns it off; a decay of 1 in float32 kept the initial weights, of 0 copied the params)
+            _check_in_f32(t.ema, "train.ema", lambda v: 0 < v < 1, 0.999)
         _check(0 <= t.progressive <= 1, f"train.progressive (alpha of the progressive loss) must be in [0, 1], "
                f"got {t.progressive}")
+        if t.progressive:  # (a subnormal alpha is 0 in float32: the plain objective, with the progressive checks on)
+            _check_in_f32(t.progressive, "train.progressive", lambda v: 0 < v <= 1, 0.5)
         _check(isinstance(t.iteration_loss, int) and not isinstance(t.iteration_loss, bool) and t.iteration_loss >= 0,
                f"train.iteration_loss (iterations whose loss is averaged, W) must be an integer >= 0 (0: off), "
                f"got {t.iteration_loss!r}")

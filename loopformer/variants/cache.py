@@ -22,7 +22,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from loopformer.errors import PlanError, foreign_digit
+from loopformer.errors import PlanError, unplain_digits
 from loopformer.variants.loops import MAX_LOOPS
 from loopformer.variants.registry import Registry
 
@@ -40,7 +40,7 @@ class CachePolicy:
     def parse(text: str) -> CachePolicy:
         """``full``, ``last``, ``first`` or ``ring:K``; PlanError naming the forms."""
         forms = ", ".join(POLICIES.get(n).form or n for n in POLICIES.names())
-        foreign = foreign_digit(text or "")
+        foreign = unplain_digits(text or "")
         if foreign:  # `ring:٣` kept 3 positions (#27 pass 40's leftover)
             raise PlanError(f"--cache {text}: {foreign}")
         m = re.fullmatch(r"\s*(\w+)(?::(-?\d+))?\s*", text or "")  # (ring:-1 was "not a cache policy")

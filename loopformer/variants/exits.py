@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopformer.errors import DecodingError, PlanError, foreign_digit
+from loopformer.errors import DecodingError, PlanError, unplain_digits
 from loopformer.variants.halting import Halting
 from loopformer.variants.loops import MAX_LOOPS
 from loopformer.variants.registry import Registry
@@ -83,7 +83,7 @@ class ExitRule:
         """``latent_diff:0.01``, ``kl:5e-4,min=2``, ``learned:q=0.5,every=2``; PlanError naming the forms."""
         forms = ", ".join(EXITS.get(n).form() for n in EXITS.names())
         forms = f"{forms}, optionally followed by ,min=N and ,every=K"
-        foreign = foreign_digit(text or "")
+        foreign = unplain_digits(text or "")
         if foreign:  # `latent_diff:٠.١` and `min=٢` were read as 0.1 and 2 (#27 pass 40's leftover)
             raise PlanError(f"exit rule '{text}': {foreign}")
         # the threshold as any word, so that nan, inf or a typo is named as a number (they were "not one of" the forms)

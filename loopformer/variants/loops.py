@@ -23,7 +23,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from loopformer.errors import foreign_digit
+from loopformer.errors import unplain_digits
 from loopformer.variants.registry import Registry
 
 MAX_LOOPS = 10_000  # the most iterations anything may ask for: far past anything useful; a typo of extra
@@ -45,7 +45,7 @@ class LoopDistribution:
     def parse(text: str | int, cap: int = 64) -> LoopDistribution:
         """``8``, ``"fixed(8)"``, ``"uniform(2, 8)"``, ``"poisson_lognormal(8, 0.5)"``; ValueError naming the forms."""
         forms = ", ".join(f"'{c.form()}'" for c in _classes())
-        foreign = foreign_digit(str(text))
+        foreign = unplain_digits(str(text))
         if foreign:  # `fixed(٣)` and `٣` ran 3 loops (#27 pass 40's leftover)
             raise ValueError(f"{text!r}: {foreign}")
         if isinstance(text, int | str) and not isinstance(text, bool) and str(text).strip().isdigit():

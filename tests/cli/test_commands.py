@@ -378,6 +378,18 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
     (["eval", "--run", "runs/x", "--loops\u00a0X=2"], "loopformer eval: error: unrecognized arguments: --loops\u00a0X=2 "
      "(--loops is joined to what follows by U+00A0, a space that does not separate arguments; type a plain space: "
      "--loops X=2; see loopformer eval --help)"),
+    # #27 pass 41's leftover: a space before `=` was "unrecognized arguments: =2" alone; a character that does not show
+    # (U+200B pasted after a value) was quoted as if the value were what the user sees
+    (["eval", "--run", "runs/x", "--loops", "X", "=2"], "loopformer eval: error: unrecognized arguments: =2 (the space "
+     "before '=' made X and =2 two arguments; write X=2; see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--compact", "on\u200b"], "loopformer eval: error: argument --compact: invalid choice: "
+     "'on\\u200b' (choose from 'auto', 'on', 'off') ('on\\u200b' holds U+200B (ZERO WIDTH SPACE), a character that does not "
+     "show; retype it without it)"),
+    (["eval", "--run", "runs/x", "--loops\u200bX=2"], "loopformer eval: error: unrecognized arguments: --loops\u200bX=2 "
+     "(--loops is joined to what follows by U+200B, a space that does not separate arguments; type a plain space: "
+     "--loops X=2; see loopformer eval --help)"),
+    (["eval", "--run", "runs/x", "--examples", "1_0"], "loopformer eval: error: argument --examples: '1_0' is written "
+     "with '_'; write the number's digits alone (e.g. 10, not 1_0)"),
     # #27 pass 40's leftover: Python's int() and float() read any script's digits (`--max-loops ٣` was 3)
     (["eval", "--run", "runs/x", "--max-loops", "\u0663"], "loopformer eval: error: argument --max-loops: '\u0663' is a "
      "digit of another script (U+0663); write ASCII digits 0-9"),

@@ -56,6 +56,41 @@ def test_an_interrupted_process_exits_without_the_interpreters_teardown(tmp_path
     assert "teardown ran" not in done.stdout  # os._exit: no atexit handlers, no runtime teardown
 
 
+def test_a_second_signal_ends_a_long_compiled_call_at_once(tmp_path):
+    """Python runs a signal's handler only between its own instructions: during one compiled call that runs for
+    minutes, SIGTERM (and a second, and a third) waited for it to return (#27 pass 41's leftover). The second signal
+    now ends the process at once, with the signal's status (Ctrl-C's path is the same, with 130)."""
+    sig, code, word = signal.SIGTERM, 143, "terminated"
+    script = ("import sys\n"
+              "import jax, jax.numpy as jnp\n"
+              "from loopformer.cli import main\n"
+              "import loopformer.cli.inspect\n"
+              "from loopformer.cli.common import COMMANDS\n"
+              "h, a, _ = COMMANDS['inspect']\n"
+              "def long_call(args):\n"
+              "    f = jax.jit(lambda x: jax.lax.fori_loop(0, 10**9, lambda i, v: jnp.sin(v) + 1.0, x))\n"
+              "    f = f.lower(jnp.zeros(256)).compile()\n"
+              "    print('ready', flush=True)\n"
+              "    f(jnp.zeros(256)).block_until_ready()\n"
+              "    return 0\n"
+              "COMMANDS['inspect'] = (h, a, long_call)\n"
+              f"sys.argv = ['loopformer', 'inspect', '--run', {str(tmp_path)!r}]\n"
+              "sys.exit(main())\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # inside the compiled call
+        child.send_signal(sig)
+        time.sleep(0.5)
+        assert child.poll() is None  # the first waits for the call, as Python's handlers do
+        child.send_signal(sig)
+        assert child.wait(timeout=30) == code
+        assert f"{word} at once (a second signal while the first waited" in child.stderr.read()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_signal_after_the_command_finished_keeps_its_status(tmp_path):
     """A signal that landed after the command had done its work (while the interpreter exits) gave 130 / 143
     with the output complete, as if it had been interrupted: the console script's status is the command's."""
