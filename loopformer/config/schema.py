@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from loopformer.errors import ConfigError, not_utf8, printable
+from loopformer.errors import ConfigError, lookalike, not_utf8, printable
 from loopformer.runs.layout import too_long
 from loopformer.variants.halting import HALTINGS, Halting
 from loopformer.variants.loops import MAX_LOOPS, LoopDistribution
@@ -76,7 +76,7 @@ def _check(ok: bool, msg: str) -> None:
 
 def _one_of(value: str, options: tuple[str, ...] | Registry, path: str) -> None:
     names = options.names() if isinstance(options, Registry) else options
-    _check(value in names, f"{path}: '{value}' is not one of {', '.join(names)}")
+    _check(value in names, f"{path}: '{value}' is not one of {', '.join(names)}{lookalike(value, names)}")
 
 
 # ----------------------------------------------------------------------------- circuits
