@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from loopformer.config import MeshConfig
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, unplain_digits
 
 PyTree = Any
 
@@ -59,6 +59,9 @@ def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value in (None, ""):
         return None
+    odd = unplain_digits(value)  # int() reads 1_6 and ٢ (#27 pass 42)
+    if odd:
+        raise ConfigError(f"environment variable {name}={value!r}: {odd}")
     try:
         return int(value)
     except ValueError:
