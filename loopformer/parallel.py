@@ -74,7 +74,7 @@ _OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "auto")
 def _check_address(name: str, value: str) -> None:
     """ConfigError unless ``value`` is HOST:PORT (without a port, jax.distributed raised an IndexError)."""
     host, _, port = value.rpartition(":")
-    if not (host and port.isdigit() and 0 < int(port) < 65536):
+    if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):  # ASCII: int() reads "٣"
         raise ConfigError(f"environment variable {name}={value!r} must be HOST:PORT, e.g. 10.0.0.1:1234")
 
 

@@ -316,6 +316,12 @@ def test_a_process_count_written_with_an_underscore_or_another_script_is_refused
         parallel._env_int("SLURM_NTASKS")
 
 
+def test_a_port_in_another_script_is_refused():
+    """#27 pass 42: int() read the port of LOOPFORMER_COORDINATOR=10.0.0.1:١٢٣٤ as 1234."""
+    with pytest.raises(ConfigError, match=r"must be HOST:PORT"):
+        parallel._check_address("LOOPFORMER_COORDINATOR", "10.0.0.1:\u0661\u0662\u0663\u0664")
+
+
 def test_a_peak_written_with_an_underscore_is_refused(monkeypatch):
     """#27 pass 42: float() read LOOPFORMER_PEAK_FLOPS=9.89e1_4 as 9.89e14."""
     from loopformer.flops import peak_override
