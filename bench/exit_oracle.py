@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from loopformer.errors import PlanError
+from loopformer.errors import PlanError, unplain_digits
 from loopformer.evaluation.evaluator import evaluator_for
 from loopformer.flops import FlopCounter
 from loopformer.model.plan import COMPACT_SHARES, checked_shares, make_plan
@@ -208,6 +208,8 @@ def markdown(name: str, result: dict) -> str:
 
 def compact_shares(p: C.ArgumentParser, text: str) -> tuple[float, ...]:
     """``--compact-shares 1,1.5,2``: distinct finite numbers >= 1, or argparse's one error line naming the flag."""
+    if unplain_digits(text):  # float() reads '1_0' as 10 and '٢' as 2 (#27 pass 42)
+        p.error(f"--compact-shares {text!r}: {unplain_digits(text)}")
     try:  # the library's own check (`make_plan` runs it too), named by the flag
         return checked_shares([float(v) for v in text.split(",")])
     except (ValueError, PlanError) as e:

@@ -52,6 +52,20 @@ def invisible(args: Sequence[str], message: str = "") -> str:
     return ""
 
 
+def lookalike(value: str, names: Sequence[str]) -> str:
+    """`` ('а' is U+0430 (CYRILLIC SMALL LETTER A), not an ASCII letter; retype it)`` for the first character of
+    ``value`` that is not ASCII where every one of ``names`` (the choices) is ASCII, else "": appended to a "not one
+    of" line, which quoted a look-alike (`inputs: [chаnge]` with a Cyrillic а, or a zero-width space pasted inside a
+    quoted value) as the very name it listed as a choice (#27 pass 42)."""
+    if not all(str(n).isascii() for n in names):
+        return ""
+    odd = next((c for c in str(value) if not c.isascii()), None)
+    if odd is None:
+        return ""
+    name = unicodedata.name(odd, "a character without a name")
+    return f" ('{odd}' is U+{ord(odd):04X} ({name}), which is not ASCII; retype the name)"
+
+
 def unplain_digits(text: str) -> str | None:
     """`foreign_digit`'s phrase, or for a number written with ``_`` between its digits (``1_0``) that it must be
     written without (Python's int() and float() read ``1_0`` as 10: `--examples 1_0` scored 10 examples, `fixed(1_0)`

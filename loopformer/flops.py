@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopformer.config import ModelConfig
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, unplain_digits
 
 # Dense (no sparsity) peak FLOP/s per JAX device from vendor datasheets: (bf16, fp32-matmul).
 # fp32 matmuls run as TF32 on NVIDIA (XLA's default precision) and as bf16 passes on TPU. A TPU v2/v3
@@ -205,6 +205,9 @@ def peak_override() -> float | None:
     text = os.environ.get(PEAK_ENV)
     if not text:
         return None
+    odd = unplain_digits(text)  # float() reads 9.89e1_4 and ٩e14 (#27 pass 42)
+    if odd:
+        raise ConfigError(f"environment variable {PEAK_ENV}={text!r}: {odd}")
     try:
         value = float(text)
     except ValueError:

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from loopformer.config import MeshConfig
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, unplain_digits
 
 PyTree = Any
 
@@ -59,6 +59,9 @@ def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value in (None, ""):
         return None
+    odd = unplain_digits(value)  # int() reads 1_6 and ٢ (#27 pass 42)
+    if odd:
+        raise ConfigError(f"environment variable {name}={value!r}: {odd}")
     try:
         return int(value)
     except ValueError:
@@ -71,7 +74,7 @@ _OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "auto")
 def _check_address(name: str, value: str) -> None:
     """ConfigError unless ``value`` is HOST:PORT (without a port, jax.distributed raised an IndexError)."""
     host, _, port = value.rpartition(":")
-    if not (host and port.isdigit() and 0 < int(port) < 65536):
+    if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):  # ASCII: int() reads "٣"
         raise ConfigError(f"environment variable {name}={value!r} must be HOST:PORT, e.g. 10.0.0.1:1234")
 
 

@@ -305,3 +305,27 @@ def test_two_processes_train_checkpoint_resume(tmp_path):
     from loopformer.runs.restore import restore_params
     _, params, step = restore_params(load_run_config(run))
     assert step == 6 and np.isfinite(np.asarray(params["embed"]["embedding"])).all()
+
+
+@pytest.mark.parametrize("value, phrase", [("1_6", r"'1_6' is written with '_'"),
+                                           ("\u0662", r"'\u0662' is a digit of another script \(U\+0662\)")])
+def test_a_process_count_written_with_an_underscore_or_another_script_is_refused(monkeypatch, value, phrase):
+    """#27 pass 42: int() read SLURM_NTASKS=1_6 as 16 and ٢ as 2 (numbers with '_' are refused everywhere else)."""
+    monkeypatch.setenv("SLURM_NTASKS", value)
+    with pytest.raises(ConfigError, match=rf"^environment variable SLURM_NTASKS='{value}': {phrase}"):
+        parallel._env_int("SLURM_NTASKS")
+
+
+def test_a_port_in_another_script_is_refused():
+    """#27 pass 42: int() read the port of LOOPFORMER_COORDINATOR=10.0.0.1:١٢٣٤ as 1234."""
+    with pytest.raises(ConfigError, match=r"must be HOST:PORT"):
+        parallel._check_address("LOOPFORMER_COORDINATOR", "10.0.0.1:\u0661\u0662\u0663\u0664")
+
+
+def test_a_peak_written_with_an_underscore_is_refused(monkeypatch):
+    """#27 pass 42: float() read LOOPFORMER_PEAK_FLOPS=9.89e1_4 as 9.89e14."""
+    from loopformer.flops import peak_override
+
+    monkeypatch.setenv("LOOPFORMER_PEAK_FLOPS", "9.89e1_4")
+    with pytest.raises(ConfigError, match=r"^environment variable LOOPFORMER_PEAK_FLOPS='9.89e1_4': '1_4' is written "):
+        peak_override()

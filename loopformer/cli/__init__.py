@@ -29,6 +29,7 @@ from loopformer.errors import (
     LoopformerError,
     OutputError,
     invisible,
+    lookalike,
     plain_flag,
     printable,
     unescape_repr,
@@ -489,6 +490,9 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # (a value quoted bare, too: stderr without errors.BYTES)
         message = printable(unescape_repr(message))
+        choice = re.search(r"invalid choice: '(.+?)' \(choose from (.+)\)$", message)
+        if choice:  # `--compact оn` with a Cyrillic о was refused as if it were not 'on' (#27 pass 42)
+            message += lookalike(choice.group(1), [choice.group(2)])
         super().error(message + invisible(sys.argv[1:] if ARGV is None else ARGV, message))
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:

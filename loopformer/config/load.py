@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from loopformer.config.schema import ARCHITECTURE, BEHAVIOUR, CIRCUIT_PARTS, SCHEDULE, Config, ModelConfig
-from loopformer.errors import DASHES, ConfigError, not_utf8, plain_flag, printable
+from loopformer.errors import DASHES, ConfigError, not_utf8, plain_flag, printable, unplain_digits
 from loopformer.runs.layout import not_a_file
 
 TASK = "task"  # the data a run learns: a resume must keep it, like the architecture
@@ -38,11 +38,27 @@ def _got(value: Any) -> str:
     return f"{value!r}" + (" (it holds a tab, which YAML does not read as a space: write spaces)" if tab else "")
 
 
+def _plain_number(value: _Spelled, path: str) -> int | float:
+    """The number a `_Spelled` value reads as, or ConfigError for the YAML 1.1 forms whose number is not the one
+    written (#27 pass 42: `train.steps=1_0` trained 10 steps where `fixed(1_0)` was refused, `010` read as octal 8,
+    `1:20` as base 60, 80); hexadecimal (`0x10`), a sign, trailing zeros and `.inf` read as written."""
+    text = str(value)
+    if "_" in text:
+        raise ConfigError(f"{path}: {unplain_digits(text) or repr(text) + ' is written with _'}")
+    if ":" in text:
+        raise ConfigError(f"{path}: '{text}' reads in YAML as a base-60 number ({value.number}); write the number "
+                          f"itself")
+    if re.fullmatch(r"[-+]?0[0-7]+", text):
+        raise ConfigError(f"{path}: '{text}' starts with 0, which YAML reads as an octal number ({value.number}); "
+                          f"write it without the leading 0")
+    return value.number
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check/convert one YAML value against a type annotation."""
     origin = typing.get_origin(tp)
     if isinstance(value, _Spelled) and origin not in (typing.Union, types.UnionType):  # each form of a union decides
-        return str(value) if tp is str else _convert(value.number, tp, path)  # the text for a string, else the number
+        return str(value) if tp is str else _convert(_plain_number(value, path), tp, path)  # the text, else the number
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
@@ -76,10 +92,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                               f"another word")
         return {str(k): _convert(v, item, f"{path}.{k}") for k, v in value.items()}
     if tp is Any:
-        return _numbers(value)
+        return _numbers(value, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
+        odd = unplain_digits(value)  # float() reads "1e-0_3" and "٣e-3" as numbers (#27 pass 42)
+        if odd:
+            raise ConfigError(f"{path}: {odd}")
         try:  # YAML 1.1 reads "3e-3" (no dot) as a string
             return float(value)
         except ValueError:
@@ -190,13 +209,14 @@ def _number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     return spelled
 
 
-def _numbers(value: Any) -> Any:
-    """``value`` with every `_Spelled` number the number it reads as (a free-form mapping keeps YAML's reading)."""
+def _numbers(value: Any, path: str) -> Any:
+    """``value`` (at ``path``) with every `_Spelled` number the number it reads as (a free-form mapping keeps YAML's
+    reading), or ConfigError for one `_plain_number` refuses."""
     if isinstance(value, _Spelled):
-        return value.number
+        return _plain_number(value, path)
     if isinstance(value, dict):
-        return {_numbers(k): _numbers(v) for k, v in value.items()}
-    return [_numbers(v) for v in value] if isinstance(value, list) else value
+        return {_numbers(k, path): _numbers(v, f"{path}.{k}") for k, v in value.items()}
+    return [_numbers(v, f"{path}.{i}") for i, v in enumerate(value)] if isinstance(value, list) else value
 
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _number)

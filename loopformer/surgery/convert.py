@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from loopformer.config.schema import CircuitConfig, ModelConfig, StageConfig
-from loopformer.errors import ConfigError
+from loopformer.errors import ConfigError, unplain_digits
 from loopformer.model.transformer import build_model
 from loopformer.surgery.naming import circuit_prefix, fill, flat
 
@@ -59,6 +59,9 @@ RECIPE_FLAGS = {"name": "--name", "loops": "--loops", "max_loops": "--max-loops"
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
     """``"B:C"`` -> (B, C)."""
+    odd = unplain_digits(text or "")  # a regex \d and int() read '٣' as 3 (#27 pass 42)
+    if odd:
+        raise ConfigError(f"{flag} {text}: {odd}")
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
     if not m or int(m.group(1)) >= int(m.group(2)):
         raise ConfigError(f"{flag} {text}: write a layer range START:END with START < END, e.g. {flag} 2:4")
@@ -74,6 +77,8 @@ def parse_layers(items: Iterable[str], flag: str = "--drop") -> frozenset[int]:
             if ":" in part:
                 a, b = parse_range(part, flag)
                 layers = set(range(a, b))
+            elif unplain_digits(part):  # isdigit() and int() read '٢' as 2 (#27 pass 42)
+                raise ConfigError(f"{flag} {item}: {unplain_digits(part)}")
             elif part.strip().isdigit():
                 layers = {int(part)}
             else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from loopformer.errors import ConfigError, LoopformerError
+from loopformer.errors import ConfigError, LoopformerError, lookalike
 
 T = TypeVar("T", bound=type)
 
@@ -53,5 +53,5 @@ class Registry(Generic[T]):
         """The class registered as ``name``; ``error`` (one line: ``where``, the name, the choices) if none."""
         if name not in self._classes:
             head = f"{where}: " if where else ""
-            raise error(f"{head}'{name}' is not one of {', '.join(self._classes)}")
+            raise error(f"{head}'{name}' is not one of {', '.join(self._classes)}{lookalike(name, self.names())}")
         return self._classes[name]

@@ -159,6 +159,8 @@ CASES = [
     ("exit_oracle", ["--compact-shares", "2,4"], "--compact-shares '2,4': include 1 (a buffer of the whole batch"),
     ("exit_oracle", ["--compact-shares", "1,2,2"], "--compact-shares '1,2,2': give distinct finite shares of at least 1"),
     ("exit_oracle", ["--compact-shares", "1,x"], "--compact-shares '1,x': give comma-separated numbers"),
+    # the forty-second pass: float() read '1_0' as 10
+    ("exit_oracle", ["--compact-shares", "1,1_0"], "--compact-shares '1,1_0': '1_0' is written with '_'"),
     ("seeds", ["--config", "configs/quickstart.yaml", "--seeds", "99999999999"], "--seeds 99999999999: at most 1,000"),
     ("seeds", ["--config", "configs/quickstart.yaml", "train.steps=2", "train.steps=3"],  # the last one won
      "train.steps=2 and train.steps=3 both set train.steps; give it once"),

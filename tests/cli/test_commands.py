@@ -388,6 +388,10 @@ def test_settings_after_a_flag_are_settings(monkeypatch, capsys):
     (["eval", "--run", "runs/x", "--loops\u200bX=2"], "loopformer eval: error: unrecognized arguments: --loops\u200bX=2 "
      "(--loops is joined to what follows by U+200B, a space that does not separate arguments; type a plain space: "
      "--loops X=2; see loopformer eval --help)"),
+    # #27 pass 42: a choice typed with a look-alike letter (Cyrillic о) was refused as if it were not what it shows
+    (["eval", "--run", "runs/x", "--compact", "\u043en"], "loopformer eval: error: argument --compact: invalid choice: "
+     "'\u043en' (choose from 'auto', 'on', 'off') ('\u043e' is U+043E (CYRILLIC SMALL LETTER O), which is not ASCII; "
+     "retype the name)"),
     (["eval", "--run", "runs/x", "--examples", "1_0"], "loopformer eval: error: argument --examples: '1_0' is written "
      "with '_'; write the number's digits alone (e.g. 10, not 1_0)"),
     # #27 pass 40's leftover: Python's int() and float() read any script's digits (`--max-loops ٣` was 3)

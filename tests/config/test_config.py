@@ -170,11 +170,28 @@ def test_a_name_written_as_an_odd_number_is_kept_as_written(tmp_path, text):
     cfg = load_config(QUICKSTART, [f"run.name={text}", f"data.eval_splits={{{text}: [1, 2]}}"])
     assert cfg.run.name == text and list(cfg.data.eval_splits) == [text]
     path = tmp_path / "c.yaml"
-    path.write_text(f"run: {{name: {text}}}\nseed: 0x10\ntrain: {{steps: 1_000}}\neval: {{sweep_loops: [010, 12:30]}}\n")
+    path.write_text(f"run: {{name: {text}}}\nseed: 0x10\ntrain: {{steps: +5}}\neval: {{sweep_loops: [0b11, 12]}}\n")
     cfg = load_config(path)
-    assert (cfg.run.name, cfg.seed, cfg.train.steps, cfg.eval.sweep_loops) == (text, 16, 1000, [8, 750])
+    assert (cfg.run.name, cfg.seed, cfg.train.steps, cfg.eval.sweep_loops) == (text, 16, 5, [3, 12])
     assert load_config(path, ["data.task_args={width: 0x10}"]).data.task_args == {"width": 16}
     assert yaml.safe_load(cfg.to_yaml())["run"]["name"] == text  # saved quoted: the run reads back its own name
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.steps=1_0", r"^train.steps: '1_0' is written with '_'; write the number's digits alone"),
+    ("eval.sweep_loops=[2, 010]", r"^eval.sweep_loops.1: '010' starts with 0, which YAML reads as an octal number "
+                                  r"\(8\); write it without the leading 0$"),
+    ("train.steps=1:20", r"^train.steps: '1:20' reads in YAML as a base-60 number \(80\); write the number itself$"),
+    ("train.lr=1e-0_3", r"^train.lr: '0_3' is written with '_'"),
+    ("train.lr=\u0663e-3", r"^train.lr: '\u0663' is a digit of another script \(U\+0663\)"),
+    ("data.task_args={rows: 0_3}", r"^data.task_args.rows: '0_3' is written with '_'"),
+])
+def test_a_number_setting_in_a_form_yaml_reads_as_another_number_is_refused(setting, message):
+    """#27 pass 42: a number setting read YAML 1.1's forms, so train.steps=1_0 trained 10 steps (where fixed(1_0) and
+    --examples 1_0 are refused), 010 was 8, 1:20 was 80; a float setting read '1e-0_3' and a digit of another script
+    with float(); hexadecimal, a sign and trailing zeros still read as written (above)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, [setting])
 
 
 @pytest.mark.parametrize("text, word", [("yes", "true"), ("off", "false"), ("~", "null")])

@@ -104,6 +104,11 @@ def test_parsing():
     assert parse_layers(["4:6", "9,11"]) == {4, 5, 9, 11}
     with pytest.raises(ConfigError, match="START < END"):
         parse_range("4:2", "--core")
+    # #27 pass 42: another script's digits read as layers (`--core ٣:٤` was layers 3 to 4, `--drop ٢` layer 2)
+    with pytest.raises(ConfigError, match=r"^--core \u0663:\u0664: '\u0663' is a digit of another script \(U\+0663\)"):
+        parse_range("\u0663:\u0664", "--core")
+    with pytest.raises(ConfigError, match=r"^--drop 1,\uff15: '\uff15' is a digit of another script \(U\+FF15\)"):
+        parse_layers(["1,\uff15"])
     # #27 pass 20: a layer named twice was merged with no word, where every other list flag refuses a repeat
     for items, layer in ((["3,3"], 3), (["0:3", "2"], 2), (["4:6,5:7"], 5)):
         with pytest.raises(ConfigError, match=rf"^--drop .* names layer {layer} twice; give each layer once$"):
