@@ -264,8 +264,8 @@ def int_list(p: argparse.ArgumentParser, flag: str, text: str, minimum: int = 1,
     """A comma-separated list of distinct whole numbers >= ``minimum`` (``--loops 4,8,16``) and, with ``maximum``
     (value, why), at most that; anything else, an empty list or a number given twice (measured and reported twice)
     included, is argparse's one error line naming the flag (exit 2)."""
-    if unplain_digits(text):  # int('٣') is 3 (#27 pass 40's leftover)
-        p.error(f"{flag} '{printable(text)}': {unplain_digits(text)}")
+    if odd := unplain_digits(text):  # int('٣') is 3 (#27 pass 40's leftover)
+        p.error(f"{flag} '{printable(text)}': {odd}")
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:

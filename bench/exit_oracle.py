@@ -208,8 +208,8 @@ def markdown(name: str, result: dict) -> str:
 
 def compact_shares(p: C.ArgumentParser, text: str) -> tuple[float, ...]:
     """``--compact-shares 1,1.5,2``: distinct finite numbers >= 1, or argparse's one error line naming the flag."""
-    if unplain_digits(text):  # float() reads '1_0' as 10 and '٢' as 2 (#27 pass 42)
-        p.error(f"--compact-shares {text!r}: {unplain_digits(text)}")
+    if odd := unplain_digits(text):  # float() reads '1_0' as 10 and '٢' as 2 (#27 pass 42)
+        p.error(f"--compact-shares {text!r}: {odd}")
     try:  # the library's own check (`make_plan` runs it too), named by the flag
         return checked_shares([float(v) for v in text.split(",")])
     except (ValueError, PlanError) as e:

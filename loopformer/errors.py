@@ -43,17 +43,29 @@ def invisible(args: Sequence[str], message: str = "") -> str:
     "'2' is not a loop count"; #27 pass 41's leftover). Only on an error: a prompt may hold a joiner on purpose.
     "" too where ``message``, the line it would end, names the character already."""
     for arg in args:
-        odd = next((c for c in str(arg) if unicodedata.category(c) == "Cf"), None)
+        odd = hidden_char(str(arg))
         if odd is not None and f"U+{ord(odd):04X}" not in message:
-            name = unicodedata.name(odd, "a format character")
-            shown = printable(arg).encode("ascii", "backslashreplace").decode("ascii")
-            return (f" ('{shown}' holds U+{ord(odd):04X} ({name}), a character that does not show; retype it "
-                    f"without it)")
+            return f" ('{escaped(arg)}' {holds(odd)}, a character that does not show; retype it without it)"
     return ""
 
 
+def hidden_char(text: str) -> str | None:
+    """The first format character of ``text`` (Unicode Cf: it does not show), or None."""
+    return next((c for c in text if unicodedata.category(c) == "Cf"), None)
+
+
+def escaped(text: object) -> str:
+    """``text`` in ASCII, every other character escaped (``qs\\u200b``): what does not show is shown."""
+    return printable(text).encode("ascii", "backslashreplace").decode("ascii")
+
+
+def holds(char: str) -> str:
+    """``holds U+200B (ZERO WIDTH SPACE)``."""
+    return f"holds U+{ord(char):04X} ({unicodedata.name(char, 'a format character')})"
+
+
 def lookalike(value: str, names: Sequence[str]) -> str:
-    """`` ('а' is U+0430 (CYRILLIC SMALL LETTER A), not an ASCII letter; retype it)`` for the first character of
+    """`` ('а' is U+0430 (CYRILLIC SMALL LETTER A), which is not ASCII; retype the name)`` for the first character of
     ``value`` that is not ASCII where every one of ``names`` (the choices) is ASCII, else "": appended to a "not one
     of" line, which quoted a look-alike (`inputs: [chаnge]` with a Cyrillic а, or a zero-width space pasted inside a
     quoted value) as the very name it listed as a choice (#27 pass 42)."""

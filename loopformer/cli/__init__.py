@@ -404,7 +404,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}; use --no-cache{instead} (recomputes the prefix every token)", file=sys.stderr)
         return 2
     except LoopformerError as e:
-        print(f"error: {e}{invisible(sys.argv[1:] if argv is None else argv, str(e))}", file=sys.stderr)
+        print(f"error: {e}{invisible(_command_line(), str(e))}", file=sys.stderr)
         return 2
     except PermissionError as e:  # a file or folder this user may not read or write (root may, so it went unseen)
         what = e.filename or "a file the command needs"
@@ -483,6 +483,11 @@ def _once(parser: argparse.ArgumentParser, add_args: object) -> None:
 ARGV: list[str] | None = None  # the command line `main` runs (None: sys.argv's), which error lines look into
 
 
+def _command_line() -> list[str]:
+    """The arguments of the command `main` runs (`ARGV`, else the process's own)."""
+    return sys.argv[1:] if ARGV is None else ARGV
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, a byte that is not UTF-8 written ``\\xff`` where its lines quote a value with ``repr``
     (`errors.unescape_repr`); its subcommands' parsers are of this class too."""
@@ -493,7 +498,7 @@ class Parser(argparse.ArgumentParser):
         choice = re.search(r"invalid choice: '(.+?)' \(choose from (.+)\)$", message)
         if choice:  # `--compact оn` with a Cyrillic о was refused as if it were not 'on' (#27 pass 42)
             message += lookalike(choice.group(1), [choice.group(2)])
-        super().error(message + invisible(sys.argv[1:] if ARGV is None else ARGV, message))
+        super().error(message + invisible(_command_line(), message))
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         if kwargs.get("type") in (int, float):  # the bench scripts' numbers: int('٣') is 3 (#27 pass 40's leftover)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from loopformer.errors import ConfigError, lookalike, not_utf8, printable
+from loopformer.errors import ConfigError, escaped, hidden_char, holds, lookalike, not_utf8, printable
 from loopformer.runs.layout import too_long
 from loopformer.variants.halting import HALTINGS, Halting
 from loopformer.variants.loops import MAX_LOOPS, LoopDistribution
@@ -938,10 +938,9 @@ class RunConfig:
             _check_no_nul(getattr(self, key), f"run.{key}")
         # a pasted zero-width space made a folder that lists as the name without it, which --run then could not find
         # (#27 pass 42): the run's name is new, so a character that does not show is refused before it is made
-        odd = next((c for c in self.name if unicodedata.category(c) == "Cf"), None)
-        _check(odd is None, f"run.name '{printable(self.name).encode('ascii', 'backslashreplace').decode('ascii')}' "
-               f"holds U+{ord(odd or ' '):04X} ({unicodedata.name(odd or ' ', 'a format character')}), a character "
-               f"that does not show: the run's folder would list as a name it is not; retype it without it")
+        odd = hidden_char(self.name)
+        _check(odd is None, f"run.name '{escaped(self.name)}' {holds(odd or ' ')}, a character that does not show: "
+               f"the run's folder would list as a name it is not; retype it without it")
         # orbax reads a checkpoint path as a glob pattern: a run under a [ or ] saves checkpoints it cannot read back
         where = str(Path(self.dir).expanduser().absolute() / self.name)
         _check(not any(ch in where for ch in "[]"), f"run.name / run.dir: the run directory {where} has a '[' or ']', "

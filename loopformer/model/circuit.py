@@ -52,7 +52,7 @@ from loopformer.model.loop import (
 from loopformer.model.plan import CircuitPlan, CircuitReport, Plan
 from loopformer.model.router import Router
 from loopformer.variants.cache import CachePolicy
-from loopformer.variants.exits import ExitRule, exit_rule, latent_change_sq
+from loopformer.variants.exits import ExitRule, exit_rule, latent_change, latent_change_sq
 from loopformer.variants.halting import Halting
 from loopformer.variants.state import INITS, INJECTIONS
 
@@ -818,11 +818,9 @@ class Bank(nnx.Module):
 
 
 def _bank_change(hs: tuple[Array, ...], new_hs: tuple[Array, ...]) -> Array:
-    """[B, T] float32, no gradient: a routed bank's latent change ||h' - h|| / ||h'|| per token over one round,
+    """[B, T] float32, no gradient: a routed bank's `latent_change` ||h' - h|| / ||h'|| per token over one round,
     its circuits' states taken together (0 for a token no circuit ran)."""
-    d2 = sum(jnp.sum(jnp.square((n - h).astype(jnp.float32)), axis=-1) for h, n in zip(hs, new_hs, strict=True))
-    n2 = sum(jnp.sum(jnp.square(n.astype(jnp.float32)), axis=-1) for n in new_hs)
-    return jax.lax.stop_gradient(jnp.sqrt(d2) / jnp.maximum(jnp.sqrt(n2), 1e-12))
+    return jax.lax.stop_gradient(latent_change(jnp.concatenate(hs, axis=-1), jnp.concatenate(new_hs, axis=-1)))
 
 
 def _select(mask: Array, cap: int) -> Array:

@@ -77,8 +77,8 @@ def parse_layers(items: Iterable[str], flag: str = "--drop") -> frozenset[int]:
             if ":" in part:
                 a, b = parse_range(part, flag)
                 layers = set(range(a, b))
-            elif unplain_digits(part):  # isdigit() and int() read '٢' as 2 (#27 pass 42)
-                raise ConfigError(f"{flag} {item}: {unplain_digits(part)}")
+            elif odd := unplain_digits(part):  # isdigit() and int() read '٢' as 2 (#27 pass 42)
+                raise ConfigError(f"{flag} {item}: {odd}")
             elif part.strip().isdigit():
                 layers = {int(part)}
             else:
